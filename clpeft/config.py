@@ -1,0 +1,286 @@
+"""YAML -> validated, typed run configuration.
+
+The top-level sections are fixed (``seed, scenario, backbone, strategy, train, eval, logging,
+out``). ``scenario``, ``backbone`` and ``strategy`` each carry a ``name`` that picks a class
+through :mod:`clpeft.registry`; their other keys are that class's parameters, validated
+against a schema generated from its typed ``__init__`` signature (or a pydantic model the
+class declares as ``Config``). Every mistake becomes one :class:`~clpeft.errors.UserError`
+line naming the key path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from clpeft import registry
+from clpeft.errors import UserError
+
+SECTIONS = ("seed", "scenario", "backbone", "strategy", "train", "eval", "logging", "out")
+NAMED_SECTIONS = {"scenario": registry.scenarios, "backbone": registry.backbones, "strategy": registry.strategies}
+# Constructor arguments the engine supplies itself; they are not config keys.
+INJECTED = {
+    "scenario": {"seed"},
+    "backbone": {"input_shape"},
+    "strategy": {"backbone"},
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(_Section):
+    """How every experience is trained (strategies may add their own keys)."""
+
+    epochs: int = Field(1, ge=1, description="passes over each experience's training data")
+    batch_size: int = Field(64, ge=1, description="training mini-batch size")
+    lr: float = Field(0.01, gt=0, description="learning rate of the default optimizer")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer, rebuilt at each experience")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: auto = on CUDA only")
+    compile: bool = Field(False, description="torch.compile the backbone (CUDA only)")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded from files")
+    feature_cache: Literal["disk", "memory", "off"] = Field(
+        "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
+    )
+
+
+class EvalConfig(_Section):
+    """How the accuracy matrix is measured."""
+
+    batch_size: int = Field(256, ge=1, description="evaluation batch size")
+    baseline: bool = Field(True, description="evaluate the untrained model first (needed for FWT)")
+
+
+class LoggingConfig(_Section):
+    """Where and how a run reports."""
+
+    tensorboard: bool = Field(True, description="write TensorBoard event files to <out>/tb")
+    progress: Literal["auto", "always", "never"] = Field(
+        "auto", description="progress bars; auto = only when stderr is a terminal"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="how many per-experience checkpoints to keep")
+
+
+_FIXED = {"train": TrainConfig, "eval": EvalConfig, "logging": LoggingConfig}
+
+
+@dataclass
+class ComponentSpec:
+    """A resolved ``scenario``/``backbone``/``strategy`` section."""
+
+    name: str
+    cls: type
+    params: dict[str, Any]
+
+    def build(self, **injected):
+        return self.cls(**injected, **self.params)
+
+
+@dataclass
+class RunConfig:
+    """A fully validated run configuration."""
+
+    seed: int
+    scenario: ComponentSpec
+    backbone: ComponentSpec
+    strategy: ComponentSpec
+    train: TrainConfig
+    eval: EvalConfig
+    logging: LoggingConfig
+    out: str | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        """The resolved config, every default filled in, as plain YAML-able data."""
+        d: dict[str, Any] = {"seed": self.seed}
+        for name in NAMED_SECTIONS:
+            spec: ComponentSpec = getattr(self, name)
+            d[name] = {"name": spec.name, **_plain(spec.params)}
+        for name in _FIXED:
+            d[name] = getattr(self, name).model_dump()
+        d["out"] = self.out
+        return d
+
+
+def _plain(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+def schema_of(cls: type, section: str) -> type[BaseModel]:
+    """The pydantic model of a registered class's parameters.
+
+    A class may declare ``Config`` (a pydantic model); otherwise the schema is generated from
+    the typed signature of ``__init__``, skipping the engine-injected arguments and ``**kwargs``.
+    Parameters without a default are required.
+    """
+    declared = getattr(cls, "Config", None)
+    if isinstance(declared, type) and issubclass(declared, BaseModel):
+        return declared
+    cached = cls.__dict__.get("_clpeft_schema")
+    if cached is not None:
+        return cached
+    sig = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotation: fall back to the raw ones
+        hints = {}
+    fields: dict[str, Any] = {}
+    for i, (pname, p) in enumerate(sig.parameters.items()):
+        if i == 0 or pname in INJECTED[section] or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        annotation = hints.get(pname, p.annotation)
+        if annotation is inspect.Parameter.empty:
+            annotation = Any if p.default is inspect.Parameter.empty or p.default is None else type(p.default)
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[pname] = (annotation, default)
+    model = create_model(
+        f"{cls.__name__}Config", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+    )
+    setattr(cls, "_clpeft_schema", model)
+    return model
+
+
+def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    """One line for the first pydantic error, naming the full key path."""
+    errors = exc.errors()
+    e = errors[0]
+    loc = [str(p) for p in e["loc"]]
+    path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        fields = _fields_at(model, loc[:-1])
+        return f"{path}: unknown key{close(loc[-1], fields)}; known keys: {', '.join(fields)}{more}"
+    if kind == "missing":
+        return f"{path}: missing required value{more}"
+    got = e.get("input")
+    return f"{path}: {e['msg'].lower()}, got {got!r}{more}"
+
+
+def close(name: str, options) -> str:
+    return registry.close_matches(name, options)
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        info = model.model_fields.get(part)
+        ann = getattr(info, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _validate(model: type[BaseModel], data: dict, prefix: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc, prefix, model)) from None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; malformed YAML is reported with its line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: malformed YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: malformed YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (``0.1``, ``true``, ``[1,2]``)."""
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key.sub=value, got '{item}'")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def resolve(data: dict, *, source: Path | None = None) -> RunConfig:
+    """Validate a config mapping into a :class:`RunConfig`."""
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown section{close(unknown[0], SECTIONS)}; sections are {', '.join(SECTIONS)}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed: expected an integer, got {seed!r}")
+    base_dir = source.parent if source else None
+    specs = {}
+    for section, reg in NAMED_SECTIONS.items():
+        raw = data.get(section)
+        if raw is None:
+            raise UserError(f"{section}: missing section (it needs at least 'name')")
+        if not isinstance(raw, dict):
+            raise UserError(f"{section}: expected a mapping with 'name', got {raw!r}")
+        params = dict(raw)
+        if "name" not in params:
+            raise UserError(f"{section}.name: missing required value")
+        name = params.pop("name")
+        cls = reg.get(name, key=f"{section}.name", base_dir=base_dir)
+        validated = _validate(schema_of(cls, section), params, section)
+        specs[section] = ComponentSpec(name, cls, dict(validated))
+        check = getattr(cls, "check_config", None)
+        if callable(check):
+            check(specs[section].params)
+    fixed = {}
+    for section, model in _FIXED.items():
+        raw = data.get(section) or {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{section}: expected a mapping, got {raw!r}")
+        fixed[section] = _validate(model, raw, section)
+    out = data.get("out")
+    if out is not None and not isinstance(out, str):
+        raise UserError(f"out: expected a directory path, got {out!r}")
+    return RunConfig(seed=seed, out=out, source=source, **specs, **fixed)
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    return resolve(apply_overrides(read_yaml(path), overrides or []), source=path)

@@ -1,0 +1,136 @@
+"""Continual-learning metrics computed from the accuracy matrix (pure numpy).
+
+``R[i, j]`` is the accuracy on experience ``j``'s test data after training on experience
+``i`` (``T x T``, every entry filled, ``j > i`` included). Accuracies are fractions in [0, 1].
+
+References:
+    * Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017
+      (ACC, BWT, FWT), https://arxiv.org/abs/1706.08840
+    * Chaudhry et al., "Riemannian Walk for Incremental Learning", ECCV 2018 (forgetting),
+      https://arxiv.org/abs/1801.10112
+    * Rebuffi et al., "iCaRL: Incremental Classifier and Representation Learning", CVPR 2017
+      (average incremental accuracy), https://arxiv.org/abs/1611.07725
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "summarize",
+    "acc_final",
+    "acc_seen",
+    "backward_transfer",
+    "forgetting",
+    "forward_transfer",
+]
+
+
+def _as_matrix(acc_matrix) -> np.ndarray:
+    R = np.asarray(acc_matrix, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(f"acc_matrix must be a non-empty square T x T matrix, got shape {R.shape}")
+    if not np.all(np.isfinite(R)):
+        bad = [tuple(int(v) for v in ij) for ij in np.argwhere(~np.isfinite(R))]
+        raise ValueError(f"acc_matrix has non-finite entries at {bad[:5]}; every R[i, j] must be filled")
+    if R.min() < 0.0 or R.max() > 1.0:
+        raise ValueError("acc_matrix entries must be fractions in [0, 1], not percentages")
+    return R
+
+
+def _as_vector(values, T: int, name: str, *, positive: bool = False) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != (T,):
+        raise ValueError(f"{name} must have one entry per experience ({T}), got shape {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} has non-finite entries")
+    if positive and np.any(v <= 0):
+        raise ValueError(f"{name} entries must be positive")
+    return v
+
+
+def acc_final(R: np.ndarray) -> float:
+    """Average accuracy after the last experience, ``mean_j R[T-1, j]`` (GEM's ACC)."""
+    return float(R[-1].mean())
+
+
+def acc_seen(R: np.ndarray, test_sizes: np.ndarray | None = None) -> list[float]:
+    """Accuracy on the experiences seen so far, after each step (iCaRL).
+
+    ``acc_seen[i] = sum_{j<=i} n_j R[i, j] / sum_{j<=i} n_j`` with ``n_j`` the test sizes
+    (equal weights when ``test_sizes`` is None), i.e. the accuracy on the pooled test data of
+    experiences ``0..i``.
+    """
+    T = R.shape[0]
+    n = np.ones(T) if test_sizes is None else test_sizes
+    return [float(np.dot(R[i, : i + 1], n[: i + 1]) / n[: i + 1].sum()) for i in range(T)]
+
+
+def backward_transfer(R: np.ndarray) -> float:
+    """GEM's BWT: ``1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j])`` (negative = forgetting)."""
+    T = R.shape[0]
+    if T < 2:
+        return 0.0
+    return float(np.mean(R[-1, :-1] - np.diag(R)[:-1]))
+
+
+def forgetting(R: np.ndarray) -> float:
+    """Average forgetting (Chaudhry et al., 2018, eq. 9-10).
+
+    ``1/(T-1) * sum_{j<T-1} (max_{l<T-1} R[l, j] - R[T-1, j])``. The maximum runs over every
+    earlier step ``l``, including those before ``j`` was trained, exactly as DESIGN.md defines it.
+    """
+    T = R.shape[0]
+    if T < 2:
+        return 0.0
+    best = R[:-1, :-1].max(axis=0)
+    return float(np.mean(best - R[-1, :-1]))
+
+
+def forward_transfer(R: np.ndarray, baseline: np.ndarray) -> float:
+    """GEM's FWT: ``1/(T-1) * sum_{j>=1} (R[j-1, j] - b_j)``, ``b`` = accuracy before training."""
+    T = R.shape[0]
+    if T < 2:
+        return 0.0
+    idx = np.arange(1, T)
+    return float(np.mean(R[idx - 1, idx] - baseline[1:]))
+
+
+def summarize(
+    acc_matrix: Sequence[Sequence[float]] | np.ndarray,
+    test_sizes: Sequence[int] | None = None,
+    baseline: Sequence[float] | None = None,
+) -> dict:
+    """All named metrics of a run from its accuracy matrix.
+
+    Args:
+        acc_matrix: ``R[i][j]``, accuracy on experience ``j`` after training on ``i`` (T x T).
+        test_sizes: number of test samples of each experience; weights ``acc_seen``.
+        baseline: accuracy of the model before any training on each experience; enables ``fwt``.
+
+    Returns:
+        ``acc_final``, ``acc_seen`` (list), ``acc_last``, ``acc_avg_incremental``, ``bwt``,
+        ``forgetting`` and, when ``baseline`` is given, ``fwt``. With ``T = 1`` the transfer and
+        forgetting terms are 0 (there is nothing to transfer to or forget).
+
+    Raises:
+        ValueError: a non-square matrix, a NaN/inf entry, values outside [0, 1] or vectors of
+            the wrong length. Missing entries are refused, never skipped.
+    """
+    R = _as_matrix(acc_matrix)
+    T = R.shape[0]
+    sizes = None if test_sizes is None else _as_vector(test_sizes, T, "test_sizes", positive=True)
+    seen = acc_seen(R, sizes)
+    out = {
+        "acc_final": acc_final(R),
+        "acc_seen": seen,
+        "acc_last": seen[-1],
+        "acc_avg_incremental": float(np.mean(seen)),
+        "bwt": backward_transfer(R),
+        "forgetting": forgetting(R),
+    }
+    if baseline is not None:
+        out["fwt"] = forward_transfer(R, _as_vector(baseline, T, "baseline"))
+    return out

@@ -1,0 +1,148 @@
+"""The strategy contract: every continual-learning method is a :class:`Strategy`.
+
+The engine owns the loop (experiences, epochs, optimizer steps, evaluation, checkpoints) and
+calls a fixed set of hooks. Each hook has a default, so a method overrides only what differs:
+
+========================  =================================================================
+hook                      default
+========================  =================================================================
+``before_experience``     grow the head to the classes seen so far
+``train_data``            the experience's training data
+``training_step``         cross-entropy of ``predict`` on the batch; returns the loss
+``after_experience``      nothing
+``predict``               ``head(embed(x))``: logits over every class seen so far
+``adapt``                 ``predict`` (no test-time adaptation)
+``param_groups``          every parameter with ``requires_grad``, at the run's learning rate
+``state_dict``            ``nn.Module`` state: parameters, buffers and components' extra state
+========================  =================================================================
+
+When the backbone is frozen the engine hands the strategy cached backbone *features* instead
+of raw inputs (``uses_features``), so call :meth:`embed`, not ``self.backbone``, to turn a
+batch into features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clpeft.backbones.base import Backbone
+from clpeft.components.heads import LinearHead
+from clpeft.data import Batch, DataView
+from clpeft.experience import Experience
+
+if TYPE_CHECKING:
+    from clpeft.engine import DataAccess
+
+HOOKS = frozenset({"before_experience", "after_experience"})
+
+
+class Strategy(nn.Module):
+    """Base class of continual-learning methods (subclass it and override hooks).
+
+    Args:
+        backbone: the feature extractor (``backbone.feature_dim`` sizes the head).
+
+    Class attributes:
+        supported_scenarios: scenario kinds the method handles; ``None`` means all.
+        frozen_features: ``True``/``False`` forces feature caching on/off; ``None`` (default)
+            caches exactly when the backbone is frozen.
+    """
+
+    supported_scenarios: ClassVar[tuple[str, ...] | None] = None
+    frozen_features: ClassVar[bool | None] = None
+    registered_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = [
+            name
+            for name in vars(cls)
+            if (name.startswith("before_") or name.startswith("after_")) and name not in HOOKS
+        ]
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__} defines {unknown}, which the engine never calls; "
+                f"the experience hooks are {sorted(HOOKS)}"
+            )
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = LinearHead(backbone.feature_dim)
+        self._data: DataAccess | None = None
+
+    # ------------------------------------------------------------------ engine services
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether batches carry cached backbone features instead of raw inputs."""
+        return self.backbone.frozen if self.frozen_features is None else self.frozen_features
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters(), torch.empty(0)).device
+
+    def attach(self, data: DataAccess) -> None:
+        """Called by the engine: gives the strategy access to batched (cached) data."""
+        self._data = data
+
+    def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False) -> Iterator[Batch]:
+        """Iterate over ``view`` as the engine does (features or raw inputs, on the device).
+
+        Use it for passes a method makes on its own: prototypes, Fisher information, statistics.
+        """
+        if self._data is None:
+            raise RuntimeError("the strategy is not attached to an engine yet")
+        return self._data.batches(view, batch_size=batch_size, shuffle=shuffle, uses_features=self.uses_features)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of a batch: ``x`` itself when it already holds cached features."""
+        return x if self.uses_features else self.backbone(x)
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_experience(self, exp: Experience) -> None:
+        """New classes / a new domain are known here. Default: grow the head."""
+        self.head.grow_to(exp.n_classes_seen)
+
+    def train_data(self, exp: Experience) -> DataView:
+        """The data trained on during ``exp`` (replay adds its memory here)."""
+        return exp.train
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        """Loss of one mini-batch; the engine does backward and the optimizer step."""
+        return F.cross_entropy(self.predict(batch.x), batch.y)
+
+    def after_experience(self, exp: Experience) -> None:
+        """After training on ``exp`` (classifier alignment, prototypes, memory update)."""
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over every class seen so far."""
+        return self.head(self.embed(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calling the strategy is ``predict`` (so ``torch.func.functional_call`` works on it)."""
+        return self.predict(x)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Test-time adaptation: an unlabeled batch in, logits out. Default: no adaptation."""
+        return self.predict(x)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups; override for per-module learning rates."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    # ------------------------------------------------------------------ reporting
+
+    def count_parameters(self) -> dict[str, int]:
+        """Trainable and total parameter counts."""
+        params = list(self.parameters())
+        return {
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "total": sum(p.numel() for p in params),
+        }

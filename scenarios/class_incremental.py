@@ -1,0 +1,155 @@
+"""Class-incremental streams: disjoint groups of classes, one group per experience.
+
+The protocol of iCaRL (Rebuffi et al., CVPR 2017, https://arxiv.org/abs/1611.07725) and of the
+pretrained-model benchmarks (e.g. 10 experiences of 10 classes on CIFAR-100; "B50" = a first
+experience of 50 classes, then equal groups). Labels are renumbered in the order classes
+appear in the stream, so the classes of experience ``i`` are always ``0..`` contiguous after
+those of experience ``i-1`` and a growing head needs no bookkeeping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clpeft.data import ArrayDataset, DataView
+from clpeft.errors import UserError
+from clpeft.experience import Experience, Scenario
+from clpeft.registry import register_scenario
+from clpeft.scenarios import datasets
+
+
+def _per_class_subset(targets: torch.Tensor, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most ``per_class`` samples of every class, sorted."""
+    if per_class is None:
+        return np.arange(len(targets))
+    y = targets.numpy()
+    keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep))
+
+
+@register_scenario("class_incremental")
+class ClassIncremental(Scenario):
+    """Class-incremental stream: each experience brings new classes (iCaRL protocol).
+
+    Args:
+        seed: run seed (subsampling draws from it).
+        dataset: ``sklearn_digits``, ``fashion_mnist`` (offline), ``mnist``, ``cifar10``, ``cifar100``.
+        n_experiences: number of experiences ``T``.
+        init_classes: classes in the first experience (B0 when None: all groups equal).
+        class_order: an explicit permutation of the class ids, or an integer seed for a random
+            one (1993 is the customary seed); None keeps the natural order.
+        train_per_class: keep at most this many training samples per class (seeded).
+        test_per_class: keep at most this many test samples per class (seeded).
+        root: where datasets live (and download to).
+        download: let torchvision download the data (needs internet).
+    """
+
+    kind = "class_incremental"
+
+    def __init__(
+        self,
+        seed: int,
+        dataset: str,
+        n_experiences: int,
+        init_classes: int | None = None,
+        class_order: list[int] | int | None = None,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        root: str = "~/.cache/clpeft/data",
+        download: bool = False,
+    ):
+        self.check_config(locals())
+        self.seed = seed
+        self.dataset = dataset
+        self.n_experiences = n_experiences
+        self.init_classes = init_classes
+        self.class_order = class_order
+        self.train_per_class = train_per_class
+        self.test_per_class = test_per_class
+        self.root = root
+        self.download = download
+        self.input_shape = ()
+        self.class_names = []
+
+    @staticmethod
+    def group_sizes(n_classes: int, n_experiences: int, init_classes: int | None) -> list[int]:
+        """Classes per experience; raises UserError when they do not divide evenly."""
+        if init_classes is None:
+            if n_classes % n_experiences:
+                raise UserError(
+                    f"{n_classes} classes do not split into {n_experiences} equal experiences; "
+                    f"choose a divisor of {n_classes} or set scenario.init_classes",
+                    key="scenario.n_experiences",
+                )
+            return [n_classes // n_experiences] * n_experiences
+        rest = n_classes - init_classes
+        if n_experiences == 1:
+            if rest:
+                raise UserError(f"one experience must hold all {n_classes} classes", key="scenario.init_classes")
+            return [init_classes]
+        if rest <= 0 or rest % (n_experiences - 1):
+            raise UserError(
+                f"the {rest} classes after the first {init_classes} do not split into {n_experiences - 1} equal experiences",
+                key="scenario.init_classes",
+            )
+        return [init_classes] + [rest // (n_experiences - 1)] * (n_experiences - 1)
+
+    @classmethod
+    def check_config(cls, p: dict) -> None:
+        """Checks that need no data: counts, divisibility, the class order."""
+        if p["dataset"] not in datasets.DATASETS:
+            datasets.load_dataset(p["dataset"], ".")  # raises the UserError with suggestions
+        C = datasets.n_classes(p["dataset"])
+        T = p["n_experiences"]
+        if T < 1:
+            raise UserError(f"expected at least 1 experience, got {T}", key="scenario.n_experiences")
+        if T > C:
+            raise UserError(f"{T} experiences but '{p['dataset']}' has only {C} classes", key="scenario.n_experiences")
+        if p.get("init_classes") is not None and not 0 < p["init_classes"] <= C:
+            raise UserError(f"must be between 1 and {C}, got {p['init_classes']}", key="scenario.init_classes")
+        for key in ("train_per_class", "test_per_class"):
+            if p.get(key) is not None and p[key] < 1:
+                raise UserError(f"must be at least 1, got {p[key]}", key=f"scenario.{key}")
+        order = p.get("class_order")
+        if isinstance(order, list) and sorted(order) != list(range(C)):
+            raise UserError(f"must be a permutation of 0..{C - 1}, got {order}", key="scenario.class_order")
+        cls.group_sizes(C, T, p.get("init_classes"))
+
+    def _order(self, n_classes: int) -> np.ndarray:
+        if isinstance(self.class_order, list):
+            return np.asarray(self.class_order)
+        if isinstance(self.class_order, int):
+            return np.random.default_rng(self.class_order).permutation(n_classes)
+        return np.arange(n_classes)
+
+    def experiences(self) -> list[Experience]:
+        train, test = datasets.load_dataset(self.dataset, self.root, self.download)
+        C = datasets.n_classes(self.dataset)
+        order = self._order(C)
+        mapping = torch.empty(C, dtype=torch.long)
+        mapping[torch.from_numpy(order)] = torch.arange(C)
+        names = [train.class_names[c] for c in order] if train.class_names else [str(c) for c in order]
+        train, test = train.relabel(mapping, names), test.relabel(mapping, names)
+        self.input_shape = tuple(train.inputs.shape[1:])
+        self.class_names = names
+        rng = np.random.default_rng(self.seed)
+        train_idx = _per_class_subset(train.targets, self.train_per_class, rng)
+        test_idx = _per_class_subset(test.targets, self.test_per_class, rng)
+        stream, first = [], 0
+        for i, size in enumerate(self.group_sizes(C, self.n_experiences, self.init_classes)):
+            classes = list(range(first, first + size))
+            first += size
+            stream.append(Experience(
+                index=i,
+                train=self._view(train, train_idx, classes),
+                test=self._view(test, test_idx, classes),
+                classes_in_this_experience=classes,
+                classes_seen_so_far=list(range(first)),
+            ))
+        return self.link(stream)
+
+    @staticmethod
+    def _view(ds: ArrayDataset, subset: np.ndarray, classes: list[int]) -> DataView:
+        mask = np.isin(ds.targets.numpy()[subset], classes)
+        return DataView.of(ds, subset[mask])

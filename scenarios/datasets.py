@@ -1,0 +1,107 @@
+"""Dataset loaders: raw ``uint8`` images in memory, one :class:`ArrayDataset` per split.
+
+Offline sources that work without internet:
+
+* ``sklearn_digits`` -- 1,797 8x8 digits bundled with scikit-learn (a fixed stratified
+  70/30 split, seed 0);
+* ``fashion_mnist`` -- from the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``), copied and gunzipped into ``root`` once.
+
+``mnist``, ``cifar10`` and ``cifar100`` load through torchvision from ``root`` and download
+there when ``download: true`` (needs internet).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clpeft.data import ArrayDataset
+from clpeft.errors import UserError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+Loader = Callable[[Path, bool], tuple[ArrayDataset, ArrayDataset]]
+
+
+def _digits(root: Path, download: bool):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = torch.from_numpy(np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    targets = torch.from_numpy(d.target)
+    tr, te = train_test_split(np.arange(len(targets)), test_size=0.3, random_state=0, stratify=d.target)
+    names = [str(c) for c in range(10)]
+    return (ArrayDataset(images[tr], targets[tr], "sklearn_digits/train", names),
+            ArrayDataset(images[te], targets[te], "sklearn_digits/test", names))
+
+
+def _stage_debian_fashion_mnist(raw: Path) -> None:
+    """Copy the Debian package's files into torchvision's layout, gunzipped."""
+    wanted = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if all((raw / w).exists() for w in wanted):
+        return
+    if not all((DEBIAN_FASHION_MNIST / f"{w}.gz").exists() for w in wanted):
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for w in wanted:
+        tmp = raw / f".{w}.tmp"
+        with gzip.open(DEBIAN_FASHION_MNIST / f"{w}.gz", "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.replace(raw / w)
+
+
+def _torchvision(cls_name: str, channels_last: bool) -> Loader:
+    def load(root: Path, download: bool):
+        import torchvision
+
+        cls = getattr(torchvision.datasets, cls_name)
+        if cls_name == "FashionMNIST":
+            _stage_debian_fashion_mnist(root / "FashionMNIST" / "raw")
+        try:
+            splits = [cls(str(root), train=train, download=download) for train in (True, False)]
+        except RuntimeError as exc:
+            hint = (
+                "install the Debian package with: apt-get install dataset-fashion-mnist"
+                if cls_name == "FashionMNIST"
+                else "set scenario.download: true (needs internet) or put the files there"
+            )
+            raise UserError(f"{cls_name} not found under {root} ({exc}); {hint}", key="scenario.dataset") from None
+        out = []
+        for split, ds in zip(("train", "test"), splits):
+            data = torch.as_tensor(np.asarray(ds.data))
+            data = data.permute(0, 3, 1, 2) if channels_last else data.unsqueeze(1)
+            out.append(ArrayDataset(data.contiguous(), torch.as_tensor(ds.targets), f"{cls_name.lower()}/{split}", list(ds.classes)))
+        return tuple(out)
+
+    return load
+
+
+DATASETS: dict[str, tuple[Loader, int]] = {
+    "sklearn_digits": (_digits, 10),
+    "fashion_mnist": (_torchvision("FashionMNIST", channels_last=False), 10),
+    "mnist": (_torchvision("MNIST", channels_last=False), 10),
+    "cifar10": (_torchvision("CIFAR10", channels_last=True), 10),
+    "cifar100": (_torchvision("CIFAR100", channels_last=True), 100),
+}
+
+
+def n_classes(name: str) -> int:
+    return DATASETS[name][1]
+
+
+def load_dataset(name: str, root: str | Path, download: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
+    """``(train, test)`` of a named dataset, raw images in memory."""
+    if name not in DATASETS:
+        from clpeft.registry import close_matches
+
+        raise UserError(f"unknown dataset '{name}'{close_matches(name, DATASETS)}; known: {', '.join(DATASETS)}", key="scenario.dataset")
+    loader, _ = DATASETS[name]
+    return loader(Path(root).expanduser(), download)

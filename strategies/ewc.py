@@ -1,0 +1,52 @@
+"""Elastic Weight Consolidation.
+
+Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017
+(https://arxiv.org/abs/1612.00796). After each experience the diagonal empirical Fisher
+information of the trainable parameters is recorded with the parameters themselves; training
+later adds ``lambda/2 * sum_i F_i (theta_i - theta*_i)^2`` (eq. 3). ``mode: online`` is online
+EWC (Schwarz et al., 2018) with decay ``gamma``.
+
+Paper symbols: ``lambda`` -> ``ewc_lambda``, ``gamma`` -> ``decay``.
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from clpeft.components.fisher import FisherPenalty, empirical_fisher
+from clpeft.data import Batch
+from clpeft.experience import Experience
+from clpeft.registry import register_strategy
+from clpeft.strategy import Strategy
+
+
+@register_strategy("ewc")
+class EWC(Strategy):
+    """Elastic Weight Consolidation: Fisher-weighted quadratic penalty towards past parameters (Kirkpatrick et al. 2017).
+
+    Args:
+        backbone: the feature extractor.
+        ewc_lambda: penalty strength ``lambda``.
+        mode: ``separate`` (one term per experience) or ``online`` (one decayed term).
+        decay: online EWC's ``gamma``.
+        fisher_batch_size: samples per vectorised per-sample-gradient pass.
+    """
+
+    def __init__(self, backbone, ewc_lambda: float = 100.0, mode: Literal["separate", "online"] = "separate",
+                 decay: float = 1.0, fisher_batch_size: int = 64):
+        super().__init__(backbone)
+        self.ewc_lambda = ewc_lambda
+        self.fisher_batch_size = fisher_batch_size
+        self.penalty = FisherPenalty(mode, decay)
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(self.predict(batch.x), batch.y)
+        if self.penalty.terms:
+            loss = loss + self.ewc_lambda / 2 * self.penalty(dict(self.named_parameters()))
+        return loss
+
+    def after_experience(self, exp: Experience) -> None:
+        batches = ((b.x, b.y) for b in self.batches(exp.train, self.fisher_batch_size))
+        fisher = empirical_fisher(self, batches, F.cross_entropy)
+        self.penalty.add({n: p for n, p in self.named_parameters() if n in fisher}, fisher)

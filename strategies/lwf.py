@@ -1,0 +1,57 @@
+"""Learning without Forgetting.
+
+Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017
+(https://arxiv.org/abs/1606.09282). Before each experience the current model is frozen as a
+teacher; training adds ``lambda_o * L_old``, a temperature-``T`` distillation of the teacher's
+outputs on the old classes, to the cross-entropy on the new data (eq. 2 of the paper).
+
+Paper symbols: ``lambda_o`` -> ``alpha``, ``T`` -> ``temperature``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from clpeft.components.distillation import distillation_loss, frozen_copy
+from clpeft.data import Batch
+from clpeft.experience import Experience
+from clpeft.registry import register_strategy
+from clpeft.strategy import Strategy
+
+
+@register_strategy("lwf")
+class LwF(Strategy):
+    """Learning without Forgetting: distil the previous model's outputs on old classes (Li & Hoiem 2016).
+
+    Args:
+        backbone: the feature extractor.
+        alpha: weight ``lambda_o`` of the distillation loss.
+        temperature: distillation temperature ``T``.
+    """
+
+    def __init__(self, backbone, alpha: float = 1.0, temperature: float = 2.0):
+        super().__init__(backbone)
+        self.alpha = alpha
+        self.temperature = temperature
+        self.teacher_head = None
+        self.teacher_backbone = None
+
+    def before_experience(self, exp: Experience) -> None:
+        if self.head.n_classes > 0:
+            self.teacher_head = frozen_copy(self.head)
+            if not self.uses_features and not self.backbone.frozen:
+                self.teacher_backbone = frozen_copy(self.backbone)
+        super().before_experience(exp)
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        logits = self.predict(batch.x)
+        loss = F.cross_entropy(logits, batch.y)
+        if self.teacher_head is not None:
+            with torch.no_grad():
+                teacher_features = self.teacher_backbone(batch.x) if self.teacher_backbone is not None else self.embed(batch.x)
+                old = self.teacher_head(teacher_features)
+            loss = loss + self.alpha * distillation_loss(logits, old, self.temperature)
+        return loss
+
+    def after_experience(self, exp: Experience) -> None:
+        self.teacher_head = None
+        self.teacher_backbone = None
