@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from clpeft import registry
 from clpeft.errors import UserError
@@ -51,6 +51,14 @@ class TrainConfig(_Section):
     feature_cache: Literal["disk", "memory", "off"] = Field(
         "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
     )
+
+    @field_validator("amp", "feature_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as False and `on` as True.
+        if value is False:
+            return "off"
+        return "auto" if value is True and cls is TrainConfig else value
 
 
 class EvalConfig(_Section):

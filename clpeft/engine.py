@@ -225,6 +225,7 @@ class Engine:
             if found is not None:
                 path, state = found
                 strategy.load_state_dict(state["strategy"])
+                strategy.refresh_input_mode()
                 strategy.to(self.device)
                 rows, timing, baseline = state["rows"], state["timing"], state["baseline"]
                 start = state["experience"] + 1
@@ -260,6 +261,7 @@ class Engine:
         train = self.cfg.train
         t0 = time.perf_counter()
         strategy.before_experience(exp)
+        strategy.refresh_input_mode()
         strategy.to(self.device)
         data = strategy.train_data(exp)
         optimizer = _make_optimizer(strategy.param_groups(train.lr), train)

@@ -151,7 +151,7 @@ def _qualified(cls: type) -> str:
 
 strategies: Registry = Registry("strategy", "clpeft.strategies", "clpeft.strategies")
 scenarios: Registry = Registry("scenario", "clpeft.scenarios", "clpeft.scenarios")
-backbones: Registry = Registry("backbone", "clpeft.backbones", "clpeft.backbones")
+backbones: Registry = Registry("backbone", "clpeft.backbones.builtin", "clpeft.backbones")
 
 register_strategy = strategies.register
 register_scenario = scenarios.register

@@ -75,13 +75,24 @@ class Strategy(nn.Module):
         self.backbone = backbone
         self.head = LinearHead(backbone.feature_dim)
         self._data: DataAccess | None = None
+        self._uses_features: bool | None = None
 
     # ------------------------------------------------------------------ engine services
 
     @property
     def uses_features(self) -> bool:
-        """Whether batches carry cached backbone features instead of raw inputs."""
-        return self.backbone.frozen if self.frozen_features is None else self.frozen_features
+        """Whether batches carry cached backbone features instead of raw inputs.
+
+        Decided once per experience (the engine calls :meth:`refresh_input_mode` after
+        ``before_experience``), since a method may unfreeze its backbone there.
+        """
+        if self._uses_features is None:
+            self._uses_features = self.backbone.frozen if self.frozen_features is None else self.frozen_features
+        return self._uses_features
+
+    def refresh_input_mode(self) -> None:
+        """Re-decide :attr:`uses_features` (after the backbone was frozen or unfrozen)."""
+        self._uses_features = None
 
     @property
     def device(self) -> torch.device:

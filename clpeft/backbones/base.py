@@ -46,7 +46,7 @@ class Backbone(nn.Module):
 
     def train(self, mode: bool = True) -> Backbone:
         # A frozen backbone stays in eval mode: its normalisation statistics must not drift.
-        return super().train(mode and not self.frozen)
+        return super().train(mode and not (mode and self.frozen))
 
     def describe(self) -> dict:
         """The settings that determine the features (name, weights, input size, ...)."""

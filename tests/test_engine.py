@@ -1,0 +1,181 @@
+"""The engine: accuracy matrix, run directory, orderings that must hold, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from clpeft import config
+from clpeft.engine import Engine
+from clpeft.errors import RunError
+
+
+def _run(cfg_dict, out, **kw):
+    return Engine(config.resolve(cfg_dict), out, device="cpu", **kw).run()
+
+
+def test_run_directory_and_matrix_match_an_independent_evaluation(tmp_path, digits_run):
+    digits_run["scenario"]["n_experiences"] = 3
+    digits_run["scenario"]["init_classes"] = 4
+    digits_run["logging"]["tensorboard"] = True
+    out = tmp_path / "run"
+    result = _run(digits_run, out)
+
+    for name in ("config.yaml", "metrics.json", "events.jsonl"):
+        assert (out / name).is_file()
+    assert any((out / "tb").iterdir())
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    R = np.array(result["acc_matrix"])
+    assert R.shape == (3, 3)
+    assert sum(result["test_sizes"]) == 540  # sklearn digits: 30% of 1,797
+    assert R[0, 1] == R[0, 2] == R[1, 2] == 0.0  # unseen classes cannot be predicted
+    assert set(result["metrics"]) >= {"acc_final", "acc_seen", "acc_last", "acc_avg_incremental", "bwt", "forgetting", "fwt"}
+    assert len(result["baseline"]) == 3 and all(0.0 <= b <= 0.5 for b in result["baseline"])
+    timing = result["timing"]["experiences"]
+    assert [t["experience"] for t in timing] == [0, 1, 2] and all(t["train_s"] > 0 and t["peak_memory_mb"] > 0 for t in timing)
+
+    # Recompute the last row from the final checkpoint with plain torch.
+    from clpeft import checkpoint
+
+    _, state = checkpoint.load_latest(out / "checkpoints")
+    cfg = config.resolve(digits_run)
+    engine = Engine(cfg, tmp_path / "scratch", device="cpu")
+    stream, strategy = engine._build()
+    strategy.load_state_dict(state["strategy"])
+    net = torch.nn.Sequential(strategy.backbone.net, torch.nn.Linear(64, 10))
+    net[1].weight.data, net[1].bias.data = strategy.head.weight.data, strategy.head.bias.data
+    for j, exp in enumerate(stream):
+        x, y = exp.test.load()
+        with torch.no_grad():
+            pred = net(x.flatten(1).float() / 255.0).argmax(1)
+        assert int((pred == y).sum()) / len(y) == pytest.approx(R[2, j], abs=1e-12)
+
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "experience_end"] == [0, 1, 2]
+
+
+def test_replay_forgets_less_than_finetune(tmp_path, digits_run):
+    finetune = _run(digits_run, tmp_path / "finetune")["metrics"]
+    digits_run["strategy"] = {"name": "replay", "mem_size": 200}
+    replay = _run(digits_run, tmp_path / "replay")["metrics"]
+    assert replay["forgetting"] < finetune["forgetting"] - 0.3
+    assert replay["acc_last"] > finetune["acc_last"] + 0.3
+
+
+def test_joint_beats_finetune(tmp_path, digits_run):
+    finetune = _run(digits_run, tmp_path / "finetune")["metrics"]
+    digits_run["strategy"] = {"name": "joint"}
+    joint = _run(digits_run, tmp_path / "joint")["metrics"]
+    assert joint["acc_last"] > 0.85 > finetune["acc_last"] + 0.5
+    assert joint["forgetting"] < 0.1
+
+
+def test_same_seed_same_matrix_other_seed_differs(tmp_path, digits_run):
+    digits_run["scenario"]["n_experiences"] = 2
+    a = _run(digits_run, tmp_path / "a")["acc_matrix"]
+    b = _run(digits_run, tmp_path / "b")["acc_matrix"]
+    digits_run["seed"] = 1
+    c = _run(digits_run, tmp_path / "c")["acc_matrix"]
+    assert a == b
+    assert a != c
+
+
+def test_existing_run_directory_needs_resume(tmp_path, digits_run, capsys):
+    digits_run["scenario"]["n_experiences"] = 2
+    _run(digits_run, tmp_path / "run")
+    from clpeft.errors import UserError
+
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        _run(digits_run, tmp_path / "run")
+    digits_run["train"]["lr"] = 0.1
+    with pytest.raises(UserError, match=r"config differs from the stored run \(train.lr: 0.05 -> 0.1\)"):
+        _run(digits_run, tmp_path / "run", resume=True)
+
+
+# ----------------------------------------------------------------------------- resume
+
+KILLER = textwrap.dedent('''
+    import os, signal
+    from clpeft import register_strategy
+    from clpeft.strategies.replay import Replay
+
+    @register_strategy("killable_replay")
+    class KillableReplay(Replay):
+        """Replay that SIGKILLs its own process at a chosen point (for resume tests)."""
+
+        def __init__(self, backbone, kill_at: list[int] | None = None, mem_size: int = 100):
+            super().__init__(backbone, mem_size=mem_size)
+            self.kill_at = kill_at  # [experience, training step] or [experience, -1] = during evaluation
+            self.exp, self.steps = -1, 0
+
+        def before_experience(self, exp):
+            super().before_experience(exp)
+            self.exp, self.steps = exp.index, 0
+
+        def training_step(self, batch):
+            self.steps += 1
+            if self.kill_at == [self.exp, self.steps]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().training_step(batch)
+
+        def predict(self, x):
+            if self.kill_at == [self.exp, -1] and not self.training:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().predict(x)
+''')
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "clpeft", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "freeze,kill_at",
+    [
+        (False, [2, 5]),
+        (True, [3, -1]),
+        pytest.param(True, [2, 5], marks=pytest.mark.slow),
+        pytest.param(False, [3, -1], marks=pytest.mark.slow),
+    ],
+    ids=["trainable-mid-epoch", "frozen-mid-evaluation", "frozen-mid-epoch", "trainable-mid-evaluation"],
+)
+def test_killed_run_resumes_to_the_same_matrix(tmp_path, digits_run, freeze, kill_at, monkeypatch):
+    (tmp_path / "killer.py").write_text(KILLER)
+    digits_run["strategy"] = {"name": "killer.py:KillableReplay"}
+    digits_run["backbone"]["freeze"] = freeze
+    digits_run["train"]["epochs"] = 2
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(digits_run))
+
+    monkeypatch.chdir(tmp_path)
+    _run(digits_run, tmp_path / "ref")  # the uninterrupted reference, in this process
+    killed = _cli("run", "run.yaml", "--out", "killed", "--device", "cpu", "--set", f"strategy.kill_at={kill_at}", cwd=tmp_path)
+    assert killed.returncode == -9  # SIGKILL
+    kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("exp_*.pt"))
+    assert kept[-1] == f"exp_{kill_at[0] - 1:03d}.pt"  # the last completed experience
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+
+    resumed = _cli("run", "killed", "--resume", "--force", "--set", "strategy.kill_at=null", "--device", "cpu", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from exp_" in resumed.stdout
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert a["acc_matrix"] == b["acc_matrix"]  # bitwise: JSON floats round-trip exactly
+    assert a["metrics"] == b["metrics"]
+
+
+def test_non_finite_loss_stops_with_the_experience_and_keeps_checkpoints(tmp_path, digits_run):
+    digits_run["scenario"]["n_experiences"] = 2
+    digits_run["train"]["lr"] = 1e30
+    digits_run["train"]["optimizer"] = "sgd"
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"non-finite loss .* at experience \d, epoch \d, step \d+; lower train.lr"):
+        _run(digits_run, out)
+    assert os.path.isdir(out) and not (out / "metrics.json").exists()
