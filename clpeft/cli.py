@@ -48,6 +48,11 @@ def _list(args) -> int:
     from clpeft import registry
     from clpeft.backbones.offline_weights import list_offline_weights
 
+    if args.markdown:
+        from clpeft.docs import config_reference
+
+        print(config_reference(), end="")
+        return 0
     for reg in (registry.strategies, registry.scenarios, registry.backbones):
         print(f"{reg.kind} names:")
         for name, cls in reg.items():
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate)
 
     lst = sub.add_parser("list", help="registered strategies, scenarios, backbones and offline weights")
+    lst.add_argument("--markdown", action="store_true", help="print the YAML reference of every section as Markdown")
     lst.set_defaults(func=_list)
 
     report = sub.add_parser("report", help="print a run's metrics and write acc_matrix.png")

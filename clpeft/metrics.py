@@ -40,7 +40,7 @@ def _as_matrix(acc_matrix) -> np.ndarray:
     return R
 
 
-def _as_vector(values, T: int, name: str, *, positive: bool = False) -> np.ndarray:
+def _as_vector(values, T: int, name: str, *, positive: bool = False, fraction: bool = False) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.shape != (T,):
         raise ValueError(f"{name} must have one entry per experience ({T}), got shape {v.shape}")
@@ -48,6 +48,8 @@ def _as_vector(values, T: int, name: str, *, positive: bool = False) -> np.ndarr
         raise ValueError(f"{name} has non-finite entries")
     if positive and np.any(v <= 0):
         raise ValueError(f"{name} entries must be positive")
+    if fraction and (v.min() < 0.0 or v.max() > 1.0):
+        raise ValueError(f"{name} entries must be fractions in [0, 1], not percentages")
     return v
 
 
@@ -132,5 +134,5 @@ def summarize(
         "forgetting": forgetting(R),
     }
     if baseline is not None:
-        out["fwt"] = forward_transfer(R, _as_vector(baseline, T, "baseline"))
+        out["fwt"] = forward_transfer(R, _as_vector(baseline, T, "baseline", fraction=True))
     return out

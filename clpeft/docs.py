@@ -1,0 +1,64 @@
+"""The YAML reference, generated from the config schemas and the classes' docstrings.
+
+README.md embeds :func:`config_reference` between two markers; ``tests/test_readme.py`` checks
+that the two agree, and ``clpeft list --markdown`` prints it afresh.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from pydantic import BaseModel
+
+from clpeft import config, registry
+
+
+def docstring_args(cls: type) -> dict[str, str]:
+    """``{name: description}`` from the Google-style ``Args:`` section of a class docstring."""
+    doc = inspect.getdoc(cls) or ""
+    match = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)+)", doc, re.M)
+    if not match:
+        return {}
+    out: dict[str, str] = {}
+    current = None
+    for line in match.group(1).splitlines():
+        item = re.match(r"^\s{4}(\w+)(?: \(.*?\))?:\s*(.*)$", line)
+        if item:
+            current = item.group(1)
+            out[current] = item.group(2).strip()
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    return out
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation)
+    return text.replace("typing.", "").replace("NoneType", "None").replace("|", "\\|")
+
+
+def _rows(model: type[BaseModel], help_text: dict[str, str]) -> list[str]:
+    rows = []
+    for name, info in model.model_fields.items():
+        default = "required" if info.is_required() else f"`{info.default!r}`"
+        text = info.description or help_text.get(name, "")
+        rows.append(f"| `{name}` | {_type_name(info.annotation)} | {default} | {text} |")
+    return rows
+
+
+def config_reference() -> str:
+    """Markdown tables of every config section and registered class."""
+    head = "| key | type | default | meaning |\n|---|---|---|---|"
+    parts = [
+        "Top level: `seed` (int, default 0), `out` (run directory, default `runs/<config>-<time>`), "
+        "and the sections below."
+    ]
+    for section, model in (("train", config.TrainConfig), ("eval", config.EvalConfig), ("logging", config.LoggingConfig)):
+        parts.append(f"#### `{section}`\n\n{head}\n" + "\n".join(_rows(model, {})))
+    for section, reg in config.NAMED_SECTIONS.items():
+        for name, cls in reg.items():
+            rows = _rows(config.schema_of(cls, section), docstring_args(cls))
+            body = f"{head}\n" + "\n".join(rows) if rows else "(no parameters)"
+            parts.append(f"#### `{section}: {{name: {name}}}` — {registry.describe(cls)}\n\n{body}")
+    return "\n\n".join(parts) + "\n"
