@@ -44,6 +44,8 @@ def save(directory: Path, experience: int, payload: dict, keep: int = 2) -> Path
     path = directory / f"exp_{experience:03d}.pt"
     _atomic_write(path, data)
     _atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    for stale in directory.glob(".exp_*.tmp*"):  # left by a write that was killed
+        stale.unlink(missing_ok=True)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)

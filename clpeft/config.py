@@ -172,7 +172,7 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> 
     """One line for the first pydantic error, naming the full key path."""
     errors = exc.errors()
     e = errors[0]
-    loc = [str(p) for p in e["loc"]]
+    loc = _user_path(model, e["loc"])
     path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     kind = e["type"]
@@ -183,6 +183,27 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> 
         return f"{path}: missing required value{more}"
     got = e.get("input")
     return f"{path}: {e['msg'].lower()}, got {got!r}{more}"
+
+
+def _user_path(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The part of a pydantic error location a user can write: field names and list indices.
+
+    Pydantic adds tags for union branches and validators (``list[int]``, ``function-after``);
+    they are not keys and are dropped.
+    """
+    path: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            path[-1] += f"[{part}]" if path else str(part)
+            continue
+        fields = current.model_fields if current is not None else {}
+        if part not in fields and not (current is not None and current.model_config.get("extra") == "forbid" and not path):
+            break
+        path.append(str(part))
+        ann = fields[part].annotation if part in fields else None
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return path or [str(loc[0])]
 
 
 def close(name: str, options) -> str:

@@ -67,7 +67,11 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """A digest of the name, inputs and labels: equal data, equal fingerprint."""
+        """A digest of the name, input shape and input bytes: equal data, equal fingerprint.
+
+        Labels are left out on purpose: a relabelled copy (a new class order) shares the
+        inputs and so the cached features.
+        """
         if self._fingerprint is None:
             h = hashlib.sha1(self.name.encode())
             inputs = self.inputs if isinstance(self.inputs, torch.Tensor) else torch.as_tensor(np.asarray(self.inputs))
@@ -134,6 +138,11 @@ class DataView:
     def load(self, positions=None):
         """Inputs and labels at ``positions`` (all when None), stacked into tensors."""
         view = self if positions is None else self.take(positions)
+        if not view.parts:
+            ds = self.parts[0][0] if self.parts else None
+            if ds is not None and hasattr(ds, "gather"):
+                return ds.gather(torch.empty(0, dtype=torch.long))
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
         xs, ys = [], []
         for ds, idx in view.parts:
             if hasattr(ds, "gather"):

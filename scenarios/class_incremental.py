@@ -120,7 +120,8 @@ class ClassIncremental(Scenario):
         if isinstance(self.class_order, list):
             return np.asarray(self.class_order)
         if isinstance(self.class_order, int):
-            return np.random.default_rng(self.class_order).permutation(n_classes)
+            # np.random.seed(s); np.random.permutation(C): the order PyCIL/PILOT papers report
+            return np.random.RandomState(self.class_order).permutation(n_classes)
         return np.arange(n_classes)
 
     def experiences(self) -> list[Experience]:

@@ -104,10 +104,8 @@ def test_existing_run_directory_needs_resume(tmp_path, digits_run, capsys):
 
 KILLER = textwrap.dedent('''
     import os, signal
-    from clpeft import register_strategy
     from clpeft.strategies.replay import Replay
 
-    @register_strategy("killable_replay")
     class KillableReplay(Replay):
         """Replay that SIGKILLs its own process at a chosen point (for resume tests)."""
 

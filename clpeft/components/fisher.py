@@ -88,7 +88,11 @@ class FisherPenalty(nn.Module):
         return total
 
     def get_extra_state(self) -> dict:
-        return {"terms": self.terms}
+        return {"terms": _copy_terms(self.terms)}
 
     def set_extra_state(self, state: dict) -> None:
-        self.terms = state["terms"]
+        self.terms = _copy_terms(state["terms"])
+
+
+def _copy_terms(terms):
+    return [{n: (a.clone(), f.clone()) for n, (a, f) in term.items()} for term in terms]

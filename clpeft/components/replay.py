@@ -7,7 +7,8 @@ Policies:
   https://arxiv.org/abs/1902.10486): every sample seen so far is in the buffer with
   probability ``capacity / n_seen``.
 * ``class_balanced`` -- an equal share of the capacity per class seen so far, filled with a
-  uniform random subset of each class (as Avalanche's ``ClassBalancedBuffer``); shares are
+  uniform random subset of each class (as Avalanche's ``ClassBalancedBuffer``); the remainder
+  of ``capacity / n_classes`` goes one slot each to the lowest class ids, and shares are
   re-balanced (old classes shrink) when new classes arrive.
 
 The buffer is an ``nn.Module`` whose content travels in the strategy's ``state_dict`` (as
@@ -78,9 +79,10 @@ class ReplayBuffer(nn.Module):
         all_items = torch.cat([self.items, items])
         all_labels = torch.cat([self.labels, labels])
         classes = torch.unique(all_labels)
-        share = self.capacity // max(len(classes), 1)
+        base, extra = divmod(self.capacity, max(len(classes), 1))
         keep = []
-        for c in classes.tolist():
+        for rank, c in enumerate(classes.tolist()):
+            share = base + (rank < extra)
             idx = torch.nonzero(all_labels == c).flatten()
             if len(idx) > share:
                 idx = idx[torch.randperm(len(idx), generator=generator)[:share]].sort().values
