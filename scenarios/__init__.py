@@ -1,3 +1,3 @@
 """Stream builders (installed as ``clpeft.scenarios``); importing this registers the built-ins."""
 
-from clpeft.scenarios import class_incremental  # noqa: F401
+from clpeft.scenarios import avalanche_stream, class_incremental  # noqa: F401
