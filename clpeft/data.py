@@ -155,6 +155,8 @@ class DataView:
             ys.append(y)
         if len(xs) == 1:
             return xs[0], ys[0]
+        if not isinstance(xs[0], torch.Tensor):  # e.g. lists of strings
+            return [item for x in xs for item in x], torch.cat(ys)
         return torch.cat(xs), torch.cat(ys)
 
 

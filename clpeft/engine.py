@@ -91,7 +91,7 @@ class DataAccess:
                 yield Batch(feats[pos], targets[pos])
             return
         for x, y in self._raw(view, chunks):
-            x = x.to(self.device, non_blocking=True)
+            x = _to_device(x, self.device)
             y = y.to(self.device, non_blocking=True)
             if uses_features:
                 with torch.no_grad(), self.autocast():
@@ -108,6 +108,11 @@ class DataAccess:
             pin_memory=self.device.type == "cuda",
         )
         yield from loader
+
+
+def _to_device(x, device: torch.device):
+    """Tensors move to the device; other inputs (lists of strings for text backbones) stay as they are."""
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
 
 class _ViewItems(torch.utils.data.Dataset):

@@ -98,7 +98,7 @@ class FeatureCache:
             pos = torch.arange(start, min(start + self.batch_size, len(indices)))
             x, _ = single.load(pos)
             with self.autocast():
-                f = self.backbone(x.to(self.device, non_blocking=True))
+                f = self.backbone(x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x)
             rows = indices[pos].numpy()
             store.values[rows] = f.float().cpu().numpy()
             self.computed += len(rows)
