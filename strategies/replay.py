@@ -8,7 +8,9 @@ memory is updated with the :class:`~clpeft.components.ReplayBuffer` policy.
 Paper symbols: memory size ``M`` -> ``mem_size``.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from clpeft.components import ReplayBuffer
 from clpeft.data import DataView
@@ -27,12 +29,13 @@ class Replay(Strategy):
         policy: ``reservoir`` sampling or a ``class_balanced`` memory.
     """
 
-    def __init__(self, backbone, mem_size: int = 200, policy: Literal["reservoir", "class_balanced"] = "reservoir"):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=0)] = 200,
+        policy: Literal["reservoir", "class_balanced"] = "reservoir",
+    ):
         super().__init__(backbone)
-        if mem_size < 0:
-            from clpeft.errors import UserError
-
-            raise UserError(f"must be >= 0, got {mem_size}", key="strategy.mem_size")
         self.buffer = ReplayBuffer(mem_size, policy)
 
     def train_data(self, exp: Experience) -> DataView:

@@ -53,7 +53,7 @@ class TimmBackbone(Backbone):
         img_size: int | None = None,
     ):
         super().__init__()
-        if model not in timm.list_models():
+        if not timm.is_model(model):  # accepts pretrained tags: vit_base_patch16_224.augreg_in21k
             from clpeft.registry import close_matches
 
             raise UserError(f"unknown timm model '{model}'{close_matches(model, timm.list_models())}", key="backbone.model")
@@ -62,7 +62,7 @@ class TimmBackbone(Backbone):
         self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size}
         if weights and not Path(weights).expanduser().exists():
             spec = offline_weights.get_offline_weights(weights)
-            if spec.model != model:
+            if spec.model != timm.models.split_model_name_tag(model)[0]:
                 raise UserError(
                     f"'{weights}' holds weights for '{spec.model}', not '{model}'; set backbone.model: {spec.model}",
                     key="backbone.weights",
