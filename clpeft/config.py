@@ -45,7 +45,7 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer, rebuilt at each experience")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
-    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: auto = on CUDA only")
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: auto = on CUDA, off on CPU; bf16 = required (CUDA only)")
     compile: bool = Field(False, description="torch.compile the backbone (CUDA only)")
     num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded from files")
     feature_cache: Literal["disk", "memory", "off"] = Field(

@@ -160,6 +160,9 @@ class Engine:
         self.device = resolve_device(device)
         self.resume = resume
         self.force = force
+        if cfg.train.amp == "bf16" and self.device.type != "cuda":
+            # bf16 matmuls on CPUs without native support die with SIGILL, not an exception.
+            raise UserError("bf16 autocast runs on CUDA only; use amp: auto (bf16 on CUDA, off on CPU) or off", key="train.amp")
         use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
 

@@ -177,3 +177,12 @@ def test_non_finite_loss_stops_with_the_experience_and_keeps_checkpoints(tmp_pat
     with pytest.raises(RunError, match=r"non-finite loss .* at experience \d, epoch \d, step \d+; lower train.lr"):
         _run(digits_run, out)
     assert os.path.isdir(out) and not (out / "metrics.json").exists()
+
+
+def test_bf16_on_cpu_is_refused_before_anything_runs(tmp_path, digits_run):
+    from clpeft.errors import UserError
+
+    digits_run["train"]["amp"] = "bf16"
+    with pytest.raises(UserError, match="train.amp: bf16 autocast runs on CUDA only"):
+        _run(digits_run, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

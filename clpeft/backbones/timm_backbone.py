@@ -14,8 +14,9 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
-from clpeft.backbones import offline_weights
+from clpeft.backbones import offline_weights, vit
 from clpeft.backbones.base import Backbone, ImagePreprocess
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
@@ -85,6 +86,23 @@ class TimmBackbone(Backbone):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @property
+    def promptable(self) -> bool:
+        """True when prompt tokens and prefixes can be injected (the model is a timm VisionTransformer)."""
+        return isinstance(self.net, VisionTransformer)
+
+    def forward_prompted(self, x: torch.Tensor, *, prompts=None, prefixes=None, pool: str = "default") -> torch.Tensor:
+        """Features of raw inputs ``x`` with prompt tokens / prefix key-values injected.
+
+        See :func:`clpeft.backbones.vit.forward_prompted`. With nothing injected it equals
+        ``self(x)``: the frozen features the feature cache holds, i.e. prompt methods' query.
+        """
+        return vit.forward_prompted(self.net, self.preprocess(x), prompts=prompts, prefixes=prefixes, pool=pool)
+
+    def count_passes(self) -> vit.ForwardPassCounter:
+        """Count forward passes (plain, prompted, feature cache): ``with bb.count_passes() as n: ...``."""
+        return vit.ForwardPassCounter(self.net)
 
     def describe(self) -> dict:
         return {"class": "timm", **self._settings, "size": self.preprocessor.size}
