@@ -166,11 +166,13 @@ class Batch:
 
     ``x`` holds raw inputs, or cached backbone features when the strategy trains on frozen
     features (see :attr:`clpeft.Strategy.uses_features`); ``y`` the labels (``None`` for
-    test-time adaptation).
+    test-time adaptation); ``features`` the cached frozen-backbone features of raw ``x`` when
+    the strategy asks for them (:attr:`clpeft.Strategy.needs_query`: prompt methods' query).
     """
 
     x: torch.Tensor
     y: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.x, self.y))

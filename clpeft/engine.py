@@ -79,24 +79,27 @@ class DataAccess:
         self.autocast = autocast or nullcontext
 
     def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False,
-                uses_features: bool = False, generator: torch.Generator | None = None) -> Iterator[Batch]:
+                uses_features: bool = False, with_query: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Mini-batches of ``view``: cached features (``uses_features``), or raw inputs, plus the
+        cached features as ``batch.features`` when ``with_query``."""
         bs = batch_size or self.batch_size
         order = torch.randperm(len(view), generator=generator) if shuffle else torch.arange(len(view))
         chunks = order.split(bs)
-        if uses_features and self.cache is not None:
-            feats = self.cache.features(view).to(self.device, non_blocking=True)
+        cached = self.cache.features(view).to(self.device) if self.cache and (uses_features or with_query) else None
+        if uses_features and cached is not None:
             targets = view.targets.to(self.device, non_blocking=True)
             for pos in chunks:
                 pos = pos.to(self.device)
-                yield Batch(feats[pos], targets[pos])
+                yield Batch(cached[pos], targets[pos])
             return
-        for x, y in self._raw(view, chunks):
+        for pos, (x, y) in zip(chunks, self._raw(view, chunks)):
             x = _to_device(x, self.device)
             y = y.to(self.device, non_blocking=True)
             if uses_features:
                 with torch.no_grad(), self.autocast():
                     x = self.backbone(x).float()
-            yield Batch(x, y)
+            yield Batch(x, y, cached[pos.to(self.device)] if cached is not None else None)
 
     def _raw(self, view: DataView, chunks):
         if self.num_workers == 0 or all(hasattr(ds, "gather") for ds, _ in view.parts):
@@ -202,8 +205,13 @@ class Engine:
         strategy.to(self.device)
         if cfg.train.compile and self.device.type == "cuda":
             backbone.forward_features = torch.compile(backbone.forward_features)
+        if strategy.needs_query and not backbone.frozen:
+            raise UserError(
+                f"strategy '{cfg.strategy.name}' keys on the frozen backbone's features; set backbone.freeze: true",
+                key="backbone.freeze",
+            )
         cache = None
-        if strategy.uses_features and cfg.train.feature_cache != "off":
+        if (strategy.uses_features or strategy.needs_query) and cfg.train.feature_cache != "off":
             directory = default_cache_dir() if cfg.train.feature_cache == "disk" else None
             cache = FeatureCache(backbone, self.device, cfg.eval.batch_size, directory, self.autocast)
         self.data = DataAccess(self.device, cache, backbone, cfg.train.batch_size, cfg.train.num_workers, self.autocast)
@@ -280,7 +288,8 @@ class Engine:
         for epoch in range(train.epochs if n_steps else 0):
             strategy.train()
             total, count = 0.0, 0
-            for batch in self.data.batches(data, train.batch_size, shuffle=True, uses_features=strategy.uses_features, generator=order):
+            for batch in self.data.batches(data, train.batch_size, shuffle=True, uses_features=strategy.uses_features,
+                                           with_query=strategy.needs_query, generator=order):
                 with self.autocast():
                     loss = strategy.training_step(batch)
                 if not torch.isfinite(loss):
@@ -304,9 +313,10 @@ class Engine:
     @torch.no_grad()
     def _accuracy(self, strategy: Strategy, view: DataView) -> float:
         correct = 0
-        for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features):
+        for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features,
+                                       with_query=strategy.needs_query):
             with self.autocast():
-                logits = strategy.predict(batch.x)
+                logits = strategy.predict(batch.x, query=batch.features) if batch.features is not None else strategy.predict(batch.x)
             if logits.shape[1] == 0:
                 continue
             correct += int((logits.argmax(dim=1) == batch.y).sum())

@@ -51,10 +51,14 @@ class Strategy(nn.Module):
         supported_scenarios: scenario kinds the method handles; ``None`` means all.
         frozen_features: ``True``/``False`` forces feature caching on/off; ``None`` (default)
             caches exactly when the backbone is frozen.
+        needs_query: batches carry raw inputs *and* the frozen backbone's cached features of
+            them in ``batch.features`` (the query of prompt-pool methods), and the engine calls
+            ``predict(x, query=features)``; one backbone pass per step instead of two.
     """
 
     supported_scenarios: ClassVar[tuple[str, ...] | None] = None
     frozen_features: ClassVar[bool | None] = None
+    needs_query: ClassVar[bool] = False
     registered_name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -109,7 +113,9 @@ class Strategy(nn.Module):
         """
         if self._data is None:
             raise RuntimeError("the strategy is not attached to an engine yet")
-        return self._data.batches(view, batch_size=batch_size, shuffle=shuffle, uses_features=self.uses_features)
+        return self._data.batches(
+            view, batch_size=batch_size, shuffle=shuffle, uses_features=self.uses_features, with_query=self.needs_query
+        )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features of a batch: ``x`` itself when it already holds cached features."""
