@@ -28,7 +28,8 @@ def _run(args) -> int:
         if args.resume:
             raise UserError("--resume needs the run directory: clpeft run RUN_DIR --resume (or --out RUN_DIR)")
         out = cfg.out or f"runs/{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = Engine(cfg, out, device=args.device, resume=args.resume, force=args.force).run()
+    result = Engine(cfg, out, device=args.device, resume=args.resume, force=args.force,
+                    deterministic=args.deterministic).run()
     print(f"\naccuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}")
     print(f"\n{format_metrics(result['metrics'])}")
     print(f"\nrun directory: {out}  (train {result['timing']['train_s']:.1f} s, eval {result['timing']['eval_s']:.1f} s)")
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the stored one")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    run.add_argument("--deterministic", action="store_true",
+                     help="only deterministic algorithms (bitwise-repeatable runs; some CUDA ops then raise)")
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check configs without running them")

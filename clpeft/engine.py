@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import resource
 import time
@@ -155,14 +156,19 @@ class Engine:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         resume: continue after the newest valid checkpoint in ``out_dir``.
         force: resume even if the stored config differs from ``cfg``.
+        deterministic: use only deterministic algorithms (``torch.use_deterministic_algorithms``);
+            on CUDA this also sets ``CUBLAS_WORKSPACE_CONFIG``. Operations without a
+            deterministic implementation then raise instead of silently varying.
     """
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, device: str = "auto", resume: bool = False, force: bool = False):
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, device: str = "auto", resume: bool = False,
+                 force: bool = False, deterministic: bool = False):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.device = resolve_device(device)
         self.resume = resume
         self.force = force
+        self.deterministic = deterministic
         if cfg.train.amp == "bf16" and self.device.type != "cuda":
             # bf16 matmuls on CPUs without native support die with SIGILL, not an exception.
             raise UserError("bf16 autocast runs on CUDA only; use amp: auto (bf16 on CUDA, off on CPU) or off", key="train.amp")
@@ -222,13 +228,20 @@ class Engine:
 
     def run(self) -> dict:
         """Run (or resume) the experiment; returns the content of ``metrics.json``."""
-        self._prepare_dir()
-        stream, strategy = self._build()
-        log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress)
+        previous = torch.are_deterministic_algorithms_enabled()
+        if self.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         try:
-            return self._run(stream, strategy, log)
+            self._prepare_dir()
+            stream, strategy = self._build()
+            log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress)
+            try:
+                return self._run(stream, strategy, log)
+            finally:
+                log.close()
         finally:
-            log.close()
+            torch.use_deterministic_algorithms(previous)
 
     def _run(self, stream: list[Experience], strategy: Strategy, log: RunLogger) -> dict:
         T = len(stream)

@@ -186,3 +186,17 @@ def test_bf16_on_cpu_is_refused_before_anything_runs(tmp_path, digits_run):
     with pytest.raises(UserError, match="train.amp: bf16 autocast runs on CUDA only"):
         _run(digits_run, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_deterministic_runs_give_identical_metrics_json(tmp_path, digits_run):
+    digits_run["scenario"]["n_experiences"] = 2
+    digits_run["strategy"] = {"name": "ewc"}  # per-sample gradients (vmap) must be deterministic too
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(digits_run))
+    outputs = []
+    for name in ("a", "b"):
+        proc = _cli("run", "run.yaml", "--out", name, "--device", "cpu", "--deterministic", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads((tmp_path / name / "metrics.json").read_text())
+        data.pop("timing")
+        outputs.append(data)
+    assert outputs[0] == outputs[1]
