@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -305,15 +306,16 @@ class Engine:
                                            with_query=strategy.needs_query, generator=order):
                 with self.autocast():
                     loss = strategy.training_step(batch)
-                if not torch.isfinite(loss):
+                value = loss.item()  # one device sync per step, used for the check and the log
+                if not math.isfinite(value):
                     raise RunError(
-                        f"non-finite loss ({loss.item()}) at experience {exp.index}, epoch {epoch}, step {step}; "
+                        f"non-finite loss ({value}) at experience {exp.index}, epoch {epoch}, step {step}; "
                         f"lower train.lr or check the data (checkpoints of earlier experiences are kept)"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(batch.y)
+                total += value * len(batch.y)
                 count += len(batch.y)
                 step += 1
                 bar.update(1)
