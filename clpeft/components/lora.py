@@ -1,0 +1,386 @@
+"""LoRA with a rank that can grow and shrink during training.
+
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022,
+https://arxiv.org/abs/2106.09685) adapts a frozen linear layer ``W`` as
+``y = W x + s * B A dropout(x)`` with ``A: (r, in)``, ``B: (out, r)`` and ``s = alpha / r``.
+:class:`LoRALinear` follows peft's ``tuners.lora.Linear`` (same initialisation, same forward, so
+outputs and gradients agree) and adds what dynamic-rank methods need:
+
+* :meth:`LoRALinear.grow` appends components (IncreLoRA, https://arxiv.org/abs/2308.12043);
+* :meth:`LoRALinear.prune` keeps the most important ones, scored as in PRILoRA (Benedek & Wolf,
+  "PRILoRA: Pruned and Rank-Increasing Low-Rank Adaptation", EACL 2024 Findings,
+  https://arxiv.org/abs/2401.11316) by weight magnitude times accumulated input statistics;
+* :func:`inject_lora` takes a per-layer rank schedule, including PRILoRA's ranks that grow
+  linearly with depth.
+
+**Scaling under growth.** ``s`` is fixed when the layer is built (``alpha / rank`` of that moment)
+and never changes; growing or pruning changes ``rank`` and with it :attr:`LoRALinear.alpha`
+(``= s * rank``). So ``delta_weight() == (alpha / rank) * B A`` always holds, the output is
+unchanged when zero-initialised components are added, and the kept components keep their
+learning dynamics. Saved adapters store this ``alpha``, so readers that compute ``alpha / r``
+(:mod:`clpeft.merging`, peft) recover ``s``.
+
+Adapters alone are saved with :func:`save_adapters` as safetensors, one ``<module>.lora_A``,
+``<module>.lora_B`` and ``<module>.lora_alpha`` per layer: the format
+:mod:`clpeft.merging.lora` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from clpeft.errors import UserError
+
+__all__ = [
+    "LoRALinear",
+    "inject_lora",
+    "layer_depths",
+    "layer_ranks",
+    "load_adapters",
+    "lora_layers",
+    "save_adapters",
+]
+
+_FORMAT = "clpeft.lora"
+_FACTORS = ("lora_A", "lora_B")
+
+
+def init_lora_a(a: torch.Tensor) -> torch.Tensor:
+    """peft's (and ``nn.Linear``'s) initialisation of ``A``, in place: kaiming-uniform, ``a=sqrt(5)``."""
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+def frozen(base: nn.Linear) -> nn.Linear:
+    """``base`` with its parameters frozen (checked to be an ``nn.Linear``)."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
+    return base.requires_grad_(False)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a low-rank update whose rank can change.
+
+    ``y = base_layer(x) + scaling * dropout(x) A^T B^T``; ``B`` starts at zero, ``A`` as in peft.
+
+    Importance tracking (PRILoRA): while :attr:`track_importance` is on, every forward adds the
+    input's per-feature mean square to a running mean (``input_sq_mean``, over all tokens seen
+    since the last :meth:`reset_importance`). :meth:`importance` scores component ``i`` as
+    ``||B[:, i]|| * ||A[i, :] * rms(x)||``, the root mean square of the component's contribution
+    to the output when input features are uncorrelated. PRILoRA scores single entries of ``A``
+    by ``|A_ij|`` times input feature ``j``'s (exponentially averaged) statistic and masks the
+    weak ones; here the same weight-times-input score ranks whole components, so pruning lowers
+    the rank, and the statistic is a plain running mean (reset it to forget old data).
+
+    Args:
+        base: the layer to adapt; frozen in place and kept as ``base_layer``.
+        rank: ``r``, the number of components (>= 1).
+        alpha: ``alpha``; the scaling ``alpha / r`` is fixed from here on (see the module docs).
+        dropout: dropout on the input of the low-rank path (peft's ``lora_dropout``).
+
+    Changing the rank replaces ``lora_A`` and ``lora_B`` by new parameters: rebuild the
+    optimizer afterwards. Loading a state dict resizes them to the stored rank.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise UserError(f"LoRA rank must be >= 1, got {rank}")
+        self.base_layer = frozen(base)
+        weight = base.weight
+        self.lora_A = nn.Parameter(init_lora_a(torch.empty(rank, base.in_features, device=weight.device)))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / rank
+        self.merged = False
+        self.track_importance = False
+        self.register_buffer("input_sq_mean", torch.zeros(base.in_features, device=weight.device))
+        self.register_buffer("input_count", torch.zeros((), dtype=torch.long, device=weight.device))
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def alpha(self) -> float:
+        """``alpha`` such that ``alpha / rank`` is the (fixed) scaling."""
+        return self.scaling * self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        if self.track_importance:
+            self._accumulate(x)
+        lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
+        delta = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling
+        return result + delta.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update of the base weight, ``(alpha / rank) * B A``, shape ``(out, in)``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    # ------------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``base_layer.weight``; forward then costs one ``nn.Linear``.
+
+        A no-op when already merged. Gradients no longer reach ``A`` and ``B`` while merged.
+        """
+        if not self.merged:
+            weight = self.base_layer.weight
+            weight += self.delta_weight().to(weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (a no-op when not merged)."""
+        if self.merged:
+            weight = self.base_layer.weight
+            weight -= self.delta_weight().to(weight.dtype)
+            self.merged = False
+
+    # ------------------------------------------------------------------ dynamic rank
+
+    @torch.no_grad()
+    def _accumulate(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        n = flat.shape[0]
+        total = self.input_count + n
+        batch_mean = flat.square().mean(0)
+        self.input_sq_mean += (batch_mean - self.input_sq_mean) * (n / total)
+        self.input_count.copy_(total)
+
+    def reset_importance(self) -> None:
+        """Forget the accumulated input statistics."""
+        self.input_sq_mean.zero_()
+        self.input_count.zero_()
+
+    @torch.no_grad()
+    def importance(self) -> torch.Tensor:
+        """PRILoRA importance of each component, shape ``(rank,)`` (see the class docs).
+
+        Without accumulated statistics every input feature counts equally (pure magnitude).
+        """
+        rms = self.input_sq_mean.sqrt() if self.input_count > 0 else torch.ones_like(self.input_sq_mean)
+        return self.lora_B.norm(dim=0) * (self.lora_A * rms).norm(dim=1)
+
+    def _set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.lora_A = nn.Parameter(a.contiguous(), requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(b.contiguous(), requires_grad=self.lora_B.requires_grad)
+
+    def _check_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"unmerge() before {action}: the merged base weight holds the current update")
+
+    @torch.no_grad()
+    def grow(self, k: int) -> None:
+        """Add ``k`` components (``A`` rows as at construction, ``B`` columns zero).
+
+        The output is unchanged: the new components contribute ``0`` and the scaling is fixed.
+        """
+        self._check_unmerged("grow()")
+        a, b = self.lora_A, self.lora_B
+        new_a = init_lora_a(torch.empty(k, a.shape[1], device=a.device, dtype=a.dtype))
+        self._set_factors(torch.cat([a, new_a]), torch.cat([b, b.new_zeros(b.shape[0], k)], dim=1))
+
+    @torch.no_grad()
+    def prune(self, keep: int) -> torch.Tensor:
+        """Keep the ``keep`` most important components (:meth:`importance`), in their order.
+
+        Returns:
+            The indices of the kept components (ascending).
+        """
+        self._check_unmerged("prune()")
+        if not 0 <= keep <= self.rank:
+            raise UserError(f"prune(keep={keep}) needs 0 <= keep <= rank ({self.rank})")
+        kept = self.importance().topk(keep).indices.sort().values
+        self._set_factors(self.lora_A[kept], self.lora_B[:, kept])
+        return kept
+
+    # ------------------------------------------------------------------ state
+
+    def load_factors(self, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+        """Replace ``A``, ``B`` (any rank) and set the scaling to ``alpha / rank``."""
+        self._check_unmerged("load_factors()")
+        if a.shape[1:] != self.lora_A.shape[1:] or b.shape != (self.lora_B.shape[0], a.shape[0]):
+            raise UserError(
+                f"LoRA factors of shapes A {list(a.shape)}, B {list(b.shape)} do not fit a layer "
+                f"with in_features={self.lora_A.shape[1]}, out_features={self.lora_B.shape[0]}"
+            )
+        like = self.lora_A
+        self._set_factors(a.to(like.device, like.dtype), b.to(like.device, like.dtype))
+        self.scaling = alpha / a.shape[0]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"scaling": self.scaling, "merged": self.merged}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.scaling = state["scaling"]
+        self.merged = state["merged"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = [state_dict.get(prefix + name) for name in _FACTORS]
+        if all(t is not None for t in stored) and stored[0].shape != self.lora_A.shape:
+            like = self.lora_A
+            self._set_factors(*(torch.empty_like(t, device=like.device, dtype=like.dtype) for t in stored))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+# ---------------------------------------------------------------------- injection
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` in ``model``, by module path, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def layer_depths(names: Sequence[str]) -> list[int]:
+    """Depth of each layer: the block index in its path, else its position in ``names``.
+
+    The block index is the first integer component of the module path (``blocks.3.attn.qkv``
+    -> 3, ``encoder.layer.5.attention.self.query`` -> 5, ``model.layers.2.self_attn.q_proj``
+    -> 2), so all layers of one block share a depth. When some name has no integer component
+    the position in ``names`` (module order) is used for every layer instead.
+    """
+    indices = [next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names]
+    return list(range(len(names))) if None in indices else indices
+
+
+def layer_ranks(
+    names: Sequence[str],
+    rank: int,
+    schedule: str | Sequence[int] = "constant",
+    max_rank: int | None = None,
+) -> list[int]:
+    """Per-layer ranks for the layers ``names`` (in module order).
+
+    Args:
+        names: module paths of the adapted layers.
+        rank: the rank (``constant``) or the rank of the shallowest layers (``linear``).
+        schedule: ``"constant"``; ``"linear"``, PRILoRA's ranks increasing linearly with
+            :func:`layer_depths` from ``rank`` (shallowest) to ``max_rank`` (deepest), rounded
+            half up; or an explicit list with one rank per layer.
+        max_rank: the rank of the deepest layers for ``"linear"``.
+    """
+    if not isinstance(schedule, str):
+        ranks = [int(r) for r in schedule]
+        if len(ranks) != len(names):
+            raise UserError(f"rank_schedule lists {len(ranks)} ranks for {len(names)} adapted layers")
+        return ranks
+    if schedule == "constant":
+        return [rank] * len(names)
+    if schedule != "linear":
+        raise UserError(f"unknown rank_schedule {schedule!r}; use 'constant', 'linear' or a list of ranks")
+    if max_rank is None:
+        raise UserError("rank_schedule 'linear' needs max_rank (the rank of the deepest layer)")
+    depths = layer_depths(names)
+    low, high = min(depths, default=0), max(depths, default=0)
+    span = max(high - low, 1)
+    return [math.floor(rank + (max_rank - rank) * (d - low) / span + 0.5) for d in depths]
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    *,
+    rank_schedule: str | Sequence[int] = "constant",
+    max_rank: int | None = None,
+    dropout: float = 0.0,
+) -> dict[str, LoRALinear]:
+    """Wrap the ``nn.Linear`` layers whose path ends with a target in :class:`LoRALinear`.
+
+    Targets are module-name suffixes: ``qkv``, ``proj``, ``fc1``, ``fc2`` for timm ViTs;
+    ``query``, ``value`` (BERT-like) or ``q_proj``, ``v_proj`` (LLaMA-like) for transformers;
+    a dotted suffix such as ``attn.proj`` narrows a match. Afterwards only parameters whose
+    name starts with ``lora_`` are trainable; unfreeze a head yourself.
+
+    Args:
+        model: modified in place.
+        targets: name suffixes of the layers to adapt.
+        rank, max_rank, rank_schedule: per-layer ranks, see :func:`layer_ranks`.
+        alpha: ``alpha`` of every layer (so the scaling ``alpha / r`` differs between layers
+            of different rank, as with peft's ``rank_pattern``).
+        dropout: dropout on the LoRA input.
+
+    Returns:
+        The new layers by module path, in module order.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(name, targets)]
+    if not names:
+        raise UserError(f"no nn.Linear layer of {type(model).__name__} ends with any of {list(targets)}")
+    layers = {}
+    for name, r in zip(names, layer_ranks(names, rank, rank_schedule, max_rank), strict=True):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        layers[name] = LoRALinear(getattr(owner, child), r, alpha, dropout)
+        setattr(owner, child, layers[name])
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.rpartition(".")[2].startswith("lora_"))
+    return layers
+
+
+# ---------------------------------------------------------------------- adapter files
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> None:
+    """Save every LoRA layer's ``A``, ``B`` and ``alpha`` (not the base model) as safetensors.
+
+    Keys are ``<module>.lora_A``, ``<module>.lora_B`` and ``<module>.lora_alpha`` (a float64
+    scalar); the metadata holds ``format`` and a JSON ``layers`` map of module to
+    ``{"rank", "alpha"}`` for readers that do not load tensors.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no LoRA layers to save")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+        tensors[f"{name}.lora_alpha"] = torch.tensor(layer.alpha, dtype=torch.float64)
+    summary = {name: {"rank": layer.rank, "alpha": layer.alpha} for name, layer in layers.items()}
+    save_file(tensors, str(path), metadata={"format": _FORMAT, "layers": json.dumps(summary)})
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> dict[str, LoRALinear]:
+    """Load a :func:`save_adapters` file into the LoRA layers of ``model`` (after :func:`inject_lora`).
+
+    Each layer takes the stored rank and alpha, whatever it had. The file and the model must
+    adapt the same modules.
+
+    Returns:
+        The model's LoRA layers by module path.
+    """
+    layers = lora_layers(model)
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("format") != _FORMAT:
+            raise UserError(f"{path} is not a clpeft LoRA adapter file (no format={_FORMAT!r} metadata)")
+        stored = {k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")}
+        if stored != set(layers):
+            raise UserError(
+                f"{path} does not fit the model: LoRA layers only in the file: {sorted(stored - set(layers))}, "
+                f"only in the model: {sorted(set(layers) - stored)}"
+            )
+        for name, layer in layers.items():
+            alpha = f.get_tensor(f"{name}.lora_alpha").item()
+            layer.load_factors(f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B"), alpha)
+    return layers

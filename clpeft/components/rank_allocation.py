@@ -1,0 +1,129 @@
+"""Spend a total rank budget on the layers that matter most, a few ranks at a time.
+
+IncreLoRA (Zhang et al., "IncreLoRA: Incremental Parameter Allocation Method for
+Parameter-Efficient Fine-tuning", arXiv 2023, https://arxiv.org/abs/2308.12043) starts every
+adapted layer at a small rank and, every few steps, adds rank to the layers with the highest
+importance score until the total rank reaches a budget. The score is AdaLoRA's smoothed
+sensitivity (Zhang et al., ICLR 2023, https://arxiv.org/abs/2303.10512): per parameter
+``I = |w * dL/dw|``, ``I_bar`` an exponential moving average of ``I`` (``beta1``), ``U_bar`` one
+of ``|I - I_bar|`` (``beta2``), ``s = I_bar * U_bar``; a layer's score is the mean of ``s``.
+IncreLoRA scores the entries of the update matrix; here the entries of the factors ``A`` and
+``B`` are scored (their gradients are at hand, and AdaLoRA scores factor entries too).
+
+Typical loop::
+
+    layers = inject_lora(model, ["qkv", "fc1"], rank=2, alpha=4)
+    allocator = RankAllocator(layers, budget=8 * len(layers))
+    for step, batch in enumerate(loader):
+        loss_fn(model, batch).backward()
+        allocator.update()                      # while the gradients are there
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % interval == interval - 1 and allocator.allocate():
+            optimizer = make_optimizer(model)   # grown layers have new parameters
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from clpeft.components.lora import LoRALinear
+from clpeft.errors import UserError
+
+__all__ = ["RankAllocator"]
+
+_FACTORS = ("lora_A", "lora_B")
+
+
+def _resized(state: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``state`` zero-padded to ``like``'s shape after growth; zeros when new or after pruning."""
+    fresh = torch.zeros_like(like, dtype=torch.float32)
+    if state is not None and all(s <= n for s, n in zip(state.shape, like.shape, strict=True)):
+        fresh[tuple(slice(0, s) for s in state.shape)] = state
+    return fresh
+
+
+class RankAllocator:
+    """IncreLoRA's incremental rank allocation over a set of :class:`LoRALinear` layers.
+
+    Args:
+        layers: the layers sharing the budget, by name (what :func:`inject_lora` returns).
+        budget: total rank (sum over layers) that :meth:`allocate` may reach.
+        top_k: how many of the highest-scoring layers grow per :meth:`allocate` call.
+        rank_step: ranks added to each chosen layer per call.
+        beta1: ``beta_1`` in AdaLoRA, the smoothing of the sensitivity ``I``.
+        beta2: ``beta_2`` in AdaLoRA, the smoothing of the uncertainty ``|I - I_bar|``.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, LoRALinear],
+        budget: int,
+        *,
+        top_k: int = 1,
+        rank_step: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+    ):
+        self.layers = dict(layers)
+        self.budget = budget
+        self.top_k = top_k
+        self.rank_step = rank_step
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self._state: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.total_rank > budget:
+            raise UserError(f"the layers already hold rank {self.total_rank}, more than the budget {budget}")
+
+    @property
+    def total_rank(self) -> int:
+        return sum(layer.rank for layer in self.layers.values())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current gradients into the smoothed scores (call after each backward)."""
+        for name, layer in self.layers.items():
+            for factor in _FACTORS:
+                param = getattr(layer, factor)
+                if param.grad is None:
+                    continue
+                i_bar, u_bar = self._state.get((name, factor), (None, None))
+                sensitivity = (param * param.grad).abs().float()
+                i_bar = _resized(i_bar, param).mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
+                u_bar = _resized(u_bar, param).mul_(self.beta2).add_((sensitivity - i_bar).abs(), alpha=1 - self.beta2)
+                self._state[name, factor] = (i_bar, u_bar)
+
+    def scores(self) -> dict[str, float]:
+        """Each layer's importance: the mean of ``I_bar * U_bar`` over its factor entries (0 if unseen)."""
+        scores = {}
+        for name, layer in self.layers.items():
+            total, count = 0.0, 0
+            for factor in _FACTORS:
+                param = getattr(layer, factor)
+                i_bar, u_bar = self._state.get((name, factor), (None, None))
+                if i_bar is not None:
+                    total += (_resized(i_bar, param) * _resized(u_bar, param)).sum().item()
+                count += param.numel()
+            scores[name] = total / max(count, 1)
+        return scores
+
+    def allocate(self) -> dict[str, int]:
+        """Grow the ``top_k`` highest-scoring layers by ``rank_step`` each, within the budget.
+
+        Returns:
+            Ranks added, by layer name (empty once the budget is used). Grown layers have new
+            ``lora_A``/``lora_B`` parameters, so rebuild the optimizer when this is not empty.
+        """
+        room = self.budget - self.total_rank
+        scores = self.scores()
+        grown = {}
+        for name in sorted(scores, key=scores.__getitem__, reverse=True)[: self.top_k]:
+            k = min(self.rank_step, room)
+            if k <= 0:
+                break
+            self.layers[name].grow(k)
+            grown[name] = k
+            room -= k
+        return grown
