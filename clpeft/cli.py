@@ -48,6 +48,7 @@ def _validate(args) -> int:
 def _list(args) -> int:
     from clpeft import registry
     from clpeft.backbones.offline_weights import list_offline_weights
+    from clpeft.backbones.text import list_text_weights
 
     if args.markdown:
         from clpeft.docs import config_reference
@@ -61,6 +62,8 @@ def _list(args) -> int:
     print("offline weights (backbone.weights):")
     for w in list_offline_weights():
         print(f"  {w.name:<24} {w.model}: {w.description}")
+    for w in list_text_weights():
+        print(f"  {w.name:<24} {w.kind}: {w.description}")
     return 0
 
 

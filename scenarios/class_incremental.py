@@ -34,7 +34,8 @@ class ClassIncremental(Scenario):
 
     Args:
         seed: run seed (subsampling draws from it).
-        dataset: ``sklearn_digits``, ``fashion_mnist`` (offline), ``mnist``, ``cifar10``, ``cifar100``.
+        dataset: ``sklearn_digits``, ``fashion_mnist``, ``chatterbot``, ``rotten_tomatoes`` (offline;
+            the last two are text), ``mnist``, ``cifar10``, ``cifar100``.
         n_experiences: number of experiences ``T``.
         init_classes: classes in the first experience (B0 when None: all groups equal).
         class_order: an explicit permutation of the class ids, or an integer seed for a random

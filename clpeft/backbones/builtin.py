@@ -1,3 +1,3 @@
 """Imports the built-in backbones so that they register themselves."""
 
-from clpeft.backbones import mlp, timm_backbone  # noqa: F401
+from clpeft.backbones import mlp, text, timm_backbone  # noqa: F401
