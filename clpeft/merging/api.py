@@ -1,0 +1,167 @@
+"""The two entry points: merge state dicts in memory, or stream checkpoints from disk to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from clpeft.errors import UserError
+from clpeft.merging.engine import MergeEngine
+from clpeft.merging.io import SafetensorsWriter, StateDictSource, atomic_output, open_checkpoint
+from clpeft.merging.lora import LoraAdapter, open_model
+from clpeft.merging.registry import get_method
+from clpeft.merging.report import MergeReport
+from clpeft.merging.rules import MergeRules, plan
+
+__all__ = ["merge", "merge_files"]
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def merge(
+    base: StateDict,
+    finetuned: Sequence[StateDict | LoraAdapter],
+    method: str,
+    *,
+    rules: MergeRules | Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge fine-tuned state dicts (or LoRA adapters) into their base, in memory.
+
+    Task vectors are ``finetuned[k] - base``; the method combines them tensor by tensor and
+    the result is ``base + merged task vector``, in the base's dtypes, on the CPU.
+
+    Args:
+        base: the pretrained state dict ``theta_0``.
+        finetuned: fine-tuned state dicts ``theta_k`` of the same architecture, or
+            :class:`~clpeft.merging.lora.LoraAdapter` objects (not mixed).
+        method: a registered merge method: ``task_arithmetic``, ``ties``, ``dare``, ``mean``,
+            ``adamerging`` (see :func:`~clpeft.merging.registry.list_methods`).
+        rules: which tensors to skip or copy from the base (:class:`MergeRules` or a dict).
+        device: where the arithmetic of tensor methods runs (``"cuda"`` keeps it on the GPU);
+            AdaMerging runs where the tensors and the forward function are.
+        seed: seed of random methods (DARE's drop masks).
+        **params: the method's parameters, e.g. ``scale=0.3`` or ``density=0.2``.
+
+    Returns:
+        The merged state dict. Tensors matched by ``rules.skip`` are left out.
+
+    Raises:
+        UserError: for an unknown method or parameter, mismatched or missing tensors,
+            or non-finite values; the message names the tensor and the model.
+
+    Example:
+        >>> merged = merge(base, [ft_a, ft_b], "ties", density=0.2, scale=1.0)
+    """
+    spec = get_method(method)
+    params = spec.validate(params)
+    rules = _rules(rules)
+    if spec.scope == "model":
+        return spec.fn(base, finetuned, rules=rules, **params).state_dict
+    device = _device(device)
+    base_source = StateDictSource(base, "the base state dict")
+    models = [m if isinstance(m, LoraAdapter) else StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
+    merged: dict[str, torch.Tensor] = {}
+    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed)
+    engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor.clone()))
+    return merged
+
+
+def merge_files(
+    base: str | os.PathLike,
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str,
+    *,
+    rules: MergeRules | Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    report: str | os.PathLike | None = None,
+    **params: Any,
+) -> MergeReport:
+    """Merge checkpoints on disk into one safetensors file, streaming tensor by tensor.
+
+    Peak memory stays near ``K + 2`` times the largest tensor, not ``K`` models: inputs are
+    read one tensor at a time with positioned reads, and the output is written as it is
+    computed. The output and the JSON report appear only when the whole merge succeeded.
+
+    Args:
+        base: the base checkpoint (file, shard index, directory or run directory).
+        models: fine-tuned checkpoints or LoRA adapters (peft adapter directories, or clpeft
+            adapter files); see :func:`~clpeft.merging.lora.open_model`.
+        out: the merged ``.safetensors`` file.
+        method: a merge method with tensor scope (``adamerging`` needs the model and data;
+            call :func:`clpeft.merging.adamerging` instead).
+        rules, device, seed, **params: as in :func:`merge`.
+        report: where to write the JSON merge report (default ``<out stem>.report.json``).
+
+    Returns:
+        The :class:`MergeReport` that was written.
+    """
+    spec = get_method(method)
+    if spec.scope != "tensor":
+        raise UserError(
+            f"'{method}' learns from the model's predictions, so it needs the model and data: "
+            f"call clpeft.merging.{method}() from Python",
+            key="method",
+        )
+    params = spec.validate(params)
+    rules = _rules(rules)
+    device = _device(device)
+    out = Path(out)
+    report_path = Path(report) if report is not None else out.with_name(f"{out.stem}.report.json")
+    with ExitStack() as stack:
+        base_source = stack.enter_context(open_checkpoint(base))
+        sources = []
+        for path in models:
+            model = open_model(path)
+            stack.callback((model.source if isinstance(model, LoraAdapter) else model).close)
+            sources.append(model)
+        jobs = plan(base_source, sources, rules)
+        result = MergeReport(method, params, str(base), [str(m) for m in models], str(device), seed)
+        metadata = {**base_source.metadata(), "clpeft_merge": json.dumps({"method": method, "parameters": params})}
+        start = time.perf_counter()
+        with atomic_output(out) as f:
+            writer = SafetensorsWriter(f, [(job.name, job.info) for job in jobs], metadata)
+            engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed)
+            result.tensors = engine.run(jobs, lambda job, tensor: writer.write(job.name, tensor))
+            writer.finish()
+            result.seconds = time.perf_counter() - start
+            with atomic_output(report_path) as r:
+                r.write(result.to_json().encode())
+    return result
+
+
+def _rules(rules: MergeRules | Mapping[str, Any] | None) -> MergeRules:
+    if rules is None:
+        return MergeRules()
+    if isinstance(rules, MergeRules):
+        return rules
+    try:
+        return MergeRules.model_validate(dict(rules))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise UserError(
+            f"{error['msg'].lower()} (rules: {', '.join(MergeRules.model_fields)})", key=f"rules.{where}"
+        ) from None
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"not a device: {device!r} ({exc})", key="device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA is not available on this machine; use device: cpu", key="device")
+    return device

@@ -1,0 +1,295 @@
+"""The merge engine: runs a tensor merge method over a checkpoint, tensor by tensor, on a device.
+
+For each output tensor the engine takes the base tensor and the K fine-tuned tensors,
+subtracts the base from each into one ``(K, N)`` buffer (the task vectors), computes the
+statistics of the merge report, calls the method, adds the base back and hands the result
+to a sink (a state dict, or the streaming safetensors writer). LoRA adapters supply their
+task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
+
+Memory: on the CPU the read buffers are allocated once, for the largest tensor, and reused,
+so peak memory stays near ``(K + 2)`` times the largest tensor plus the method's per-row
+temporaries, whatever the model size.
+
+Devices: the same code runs on CPU and CUDA. On CUDA the read buffers are pinned and each
+batch moves with one non-blocking copy per buffer, so consecutive small tensors (biases,
+norms) travel together (up to ``batch_bytes`` per input); statistics stay on the device
+until the batch is written, and the next batch is read from disk while the device computes
+the current one.
+
+In-memory and streaming merges run this same code on the same batches, so their results are
+equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clpeft.errors import UserError
+from clpeft.merging.io import TensorInfo, TensorSource
+from clpeft.merging.lora import LoraAdapter, merge_factors
+from clpeft.merging.registry import MergeMethod
+from clpeft.merging.report import TensorReport, pack_stats, sign_conflict, unpack_stats
+from clpeft.merging.rules import TensorJob
+
+__all__ = ["MergeEngine", "Sink"]
+
+Sink = Callable[[TensorJob, torch.Tensor], None]
+"""Receives each output tensor in job order; the tensor is only valid during the call."""
+
+_ALIGN = 64  # byte alignment of each tensor inside a packed transfer buffer
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
+    """The tensor stored at ``offset`` of a uint8 buffer."""
+    return buffer[offset : offset + info.nbytes].view(info.dtype).view(info.shape)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed that depends on the merge seed and the name, not on processing order."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Staged:
+    """One batch read into host buffers, and where each job's bytes sit in them."""
+
+    jobs: list[TensorJob]
+    base: torch.Tensor  # uint8 (bytes,)
+    models: torch.Tensor  # uint8 (K, bytes); K = 0 for LoRA merges
+    base_offsets: list[int]
+    model_offsets: list[int | None]  # None: the fine-tuned tensors are not read
+
+
+@dataclass
+class _InFlight:
+    """A computed batch whose outputs may still be copying back from the device."""
+
+    jobs: list[TensorJob]
+    outputs: list[torch.Tensor]
+    stats: list[torch.Tensor | None]
+    done: torch.cuda.Event | None
+
+
+class MergeEngine:
+    """Runs one tensor-scope merge method over a list of :class:`TensorJob`.
+
+    Args:
+        method: a registered method with ``scope == "tensor"``.
+        params: its validated parameters.
+        base: the base checkpoint.
+        models: the fine-tuned checkpoints, all full (:class:`TensorSource`) or all LoRA.
+        device: where the arithmetic runs.
+        seed: seeds the per-tensor generator of random methods (DARE).
+        batch_bytes: consecutive tensors are read and copied together up to this many bytes
+            per input; a larger tensor forms a batch of its own.
+    """
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        params: Mapping[str, Any],
+        base: TensorSource,
+        models: Sequence[TensorSource | LoraAdapter],
+        *,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        batch_bytes: int = 8 << 20,
+    ):
+        self.method = method
+        self.params = dict(params)
+        self.base = base
+        self.models = list(models)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.batch_bytes = batch_bytes
+        self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
+        self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
+        self._coefficients = (
+            method.coefficients(len(self.models), self.params) if method.linear and self._adapters else None
+        )
+        # Off the CPU each batch is copied to the device from fresh host buffers, pinned for CUDA.
+        self._transfer = self.device.type != "cpu"
+        self._pin = self.device.type == "cuda"
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self, jobs: Sequence[TensorJob], sink: Sink) -> list[TensorReport]:
+        """Merge every job and pass each output to ``sink`` in order; return the statistics.
+
+        Raises:
+            UserError: when a base or fine-tuned tensor holds NaN or infinity.
+        """
+        reports: list[TensorReport] = []
+        in_flight: deque[_InFlight] = deque()
+        lookahead = 1 if self._transfer else 0  # read batch i+1 while the device computes batch i
+        for batch in self._batches(jobs):
+            in_flight.append(self._compute(self._stage(batch)))
+            while len(in_flight) > lookahead:
+                reports += self._finish(in_flight.popleft(), sink)
+        while in_flight:
+            reports += self._finish(in_flight.popleft(), sink)
+        return reports
+
+    def _batches(self, jobs: Sequence[TensorJob]) -> Iterator[list[TensorJob]]:
+        batch: list[TensorJob] = []
+        size = 0
+        for job in jobs:
+            nbytes = _aligned(job.info.nbytes)
+            if batch and size + nbytes > self.batch_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(job)
+            size += nbytes
+        if batch:
+            yield batch
+
+    # ------------------------------------------------------------------ reading
+
+    def _host_buffer(self, role: str, nbytes: int) -> torch.Tensor:
+        """A uint8 host buffer. On the CPU one per role, grown and reused, so large buffers do
+        not page-fault on every tensor; off the CPU a fresh one per batch (pinned for CUDA; the
+        caching host allocator recycles it once its copies are done)."""
+        if self._transfer:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes]
+
+    def _stage(self, jobs: list[TensorJob]) -> _Staged:
+        """Read a batch: base tensors into one buffer, each fine-tuned model's into one row of another."""
+        base_offsets: list[int] = []
+        model_offsets: list[int | None] = []
+        base_size = model_size = 0
+        for job in jobs:
+            base_offsets.append(base_size)
+            base_size += _aligned(job.info.nbytes)
+            if job.merge and self._full:
+                model_offsets.append(model_size)
+                model_size += _aligned(max(m.info(job.name).nbytes for m in self._full))
+            else:
+                model_offsets.append(None)
+        base = self._host_buffer("base", base_size)
+        models = self._host_buffer("models", len(self._full) * model_size).view(len(self._full), model_size)
+        for job, base_offset, model_offset in zip(jobs, base_offsets, model_offsets):
+            self.base.read_into(job.name, base[base_offset : base_offset + job.info.nbytes])
+            if model_offset is not None:
+                for row, model in zip(models, self._full):
+                    model.read_into(job.name, row[model_offset : model_offset + model.info(job.name).nbytes])
+        return _Staged(jobs, base, models, base_offsets, model_offsets)
+
+    # ------------------------------------------------------------------ arithmetic
+
+    def _compute(self, staged: _Staged) -> _InFlight:
+        base = staged.base.to(self.device, non_blocking=True)  # one copy per buffer off the CPU
+        models = staged.models.to(self.device, non_blocking=True)
+        outputs: list[torch.Tensor] = []
+        stats: list[torch.Tensor | None] = []
+        for job, base_offset, model_offset in zip(staged.jobs, staged.base_offsets, staged.model_offsets):
+            if not job.merge:  # copied from the base: never leaves the host
+                outputs.append(_typed(staged.base, base_offset, job.info))
+                stats.append(None)
+                continue
+            rows = models[:, model_offset:] if model_offset is not None else models
+            merged, packed = self._merge(job, _typed(base, base_offset, job.info), rows)
+            outputs.append(self._to_host(merged))
+            stats.append(self._to_host(packed))
+        done = None
+        if self._pin:
+            done = torch.cuda.Event()
+            done.record()
+        return _InFlight(staged.jobs, outputs, stats, done)
+
+    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = torch.float64 if base_raw.dtype == torch.float64 else torch.float32
+        base = base_raw.reshape(-1).to(dtype)
+        if self._coefficients is not None:
+            delta, norms = merge_factors(self._adapters, job.name, self._coefficients, device=self.device, dtype=dtype)
+            conflict = base.new_tensor(math.nan)
+        else:
+            task_vectors = self._task_vectors(job, base, rows)
+            norms = torch.linalg.vector_norm(task_vectors, dim=1)
+            conflict = sign_conflict(task_vectors)
+            delta = self.method.fn(task_vectors, **self.params, **self._randomness(job))
+        merged = (base + delta).to(job.info.dtype).view(job.info.shape)
+        return merged, pack_stats(base, norms, conflict, delta)
+
+    def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``(K, N)`` task vectors in ``base``'s dtype, owned by the method (may be overwritten).
+
+        ``rows`` holds the fine-tuned tensors' bytes, one row per model, from its first column.
+        """
+        if self._adapters:
+            task_vectors = self._scratch(len(self._adapters), base.numel(), base.dtype)
+            for row, adapter in zip(task_vectors, self._adapters):
+                if job.name in adapter.layers:
+                    row.copy_(adapter.delta(job.name, device=self.device, dtype=base.dtype))
+                else:
+                    row.zero_()
+            return task_vectors
+        infos = [m.info(job.name) for m in self._full]
+        if all(info.dtype == base.dtype for info in infos):  # subtract in place in the read buffer
+            return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
+        task_vectors = self._scratch(len(self._full), base.numel(), base.dtype)
+        for row, raw, info in zip(task_vectors, rows, infos):
+            torch.sub(raw[: info.nbytes].view(info.dtype), base, out=row)
+        return task_vectors
+
+    def _scratch(self, rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A ``(rows, numel)`` work buffer, reused on the CPU like the read buffers."""
+        if self._transfer:
+            return torch.empty(rows, numel, device=self.device, dtype=dtype)
+        return self._host_buffer(f"scratch/{dtype}", rows * numel * dtype.itemsize).view(dtype).view(rows, numel)
+
+    def _randomness(self, job: TensorJob) -> dict[str, torch.Generator]:
+        if not self.method.uses_generator:
+            return {}
+        return {"generator": torch.Generator(device=self.device).manual_seed(_tensor_seed(self.seed, job.name))}
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._transfer:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._pin)
+        return host.copy_(tensor, non_blocking=True)
+
+    # ------------------------------------------------------------------ output
+
+    def _finish(self, flight: _InFlight, sink: Sink) -> list[TensorReport]:
+        if flight.done is not None:
+            flight.done.synchronize()
+        reports = []
+        for job, output, packed in zip(flight.jobs, flight.outputs, flight.stats):
+            if packed is None:
+                reports.append(TensorReport(job.name, list(job.info.shape), merged=False))
+            else:
+                values = packed.tolist()
+                self._check_finite(job.name, values)
+                reports.append(unpack_stats(job.name, job.info.shape, values))
+            sink(job, output)
+        return reports
+
+    def _check_finite(self, name: str, values: list[float]) -> None:
+        """Name the input whose tensor holds NaN or inf (its norm, or the base's, is not finite)."""
+        base_norm, norms = values[0], values[4:]
+        if not math.isfinite(base_norm):
+            culprit = f"the base {self.base.description}"
+        else:
+            culprit = next((m.description for m, norm in zip(self.models, norms) if not math.isfinite(norm)), None)
+        if culprit is not None:
+            raise UserError(
+                f"tensor '{name}' of {culprit} holds NaN or infinite values; fix or re-export that checkpoint, "
+                "or add the tensor to keep_base or skip"
+            )

@@ -1,0 +1,154 @@
+"""Merge-method registry: a typed function becomes a named, documented method.
+
+As in mergekit's ``@merge_method`` (``mergekit/merge_methods/easy_define.py``), a method is a
+plain function; the decorator records its name and paper, and builds the parameter schema
+from its keyword-only arguments, so a misspelled or ill-typed parameter is an error that
+names it instead of being silently ignored.
+
+Two scopes exist:
+
+* ``"tensor"`` methods map the stacked task vectors of one tensor to the merged task vector:
+  ``fn(task_vectors: Tensor[K, N], *, **params) -> Tensor[N]``. The engine calls them once
+  per tensor, on the merge device. They own ``task_vectors`` and may overwrite it (it is the
+  engine's read buffer: working in place saves a copy of K tensors); a keyword-only
+  ``generator: torch.Generator`` receives a generator seeded per tensor from the merge seed.
+* ``"model"`` methods need the whole model (e.g. AdaMerging runs it):
+  ``fn(base, finetuned, *, rules, **params)``; they work on in-memory state dicts only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from clpeft.errors import UserError
+from clpeft.registry import close_matches
+
+__all__ = ["MergeMethod", "get_method", "list_methods", "merge_method"]
+
+Scope = Literal["tensor", "model"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: registry name, equal to its module's file stem.
+        fn: the function (see the module docstring for the two signatures).
+        reference_url: the paper.
+        scope: "tensor" or "model".
+        linear: the merged task vector is a fixed linear combination of the task vectors,
+            ``sum_k c_k tau_k``; :meth:`coefficients` recovers ``c``. LoRA adapters then merge
+            straight from their factors.
+        uses_generator: the function takes a ``generator`` for its randomness.
+        schema: pydantic model of the parameters (``extra="forbid"``).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    reference_url: str
+    scope: Scope
+    linear: bool
+    uses_generator: bool
+    schema: type[BaseModel]
+
+    @property
+    def description(self) -> str:
+        """First line of the function's docstring."""
+        return (inspect.getdoc(self.fn) or "").strip().splitlines()[0]
+
+    @property
+    def parameters(self) -> list[str]:
+        return list(self.schema.model_fields)
+
+    def validate(self, params: Mapping[str, Any], *, key: str = "parameters") -> dict[str, Any]:
+        """Check parameter names and (for tensor methods) types; fill in the defaults.
+
+        Raises:
+            UserError: naming the parameter, with the closest spelling for an unknown one.
+        """
+        for name in params:
+            if name not in self.schema.model_fields:
+                raise UserError(
+                    f"unknown parameter of merge method '{self.name}'{close_matches(name, self.parameters)} "
+                    f"(its parameters: {', '.join(self.parameters) or 'none'})",
+                    key=f"{key}.{name}",
+                )
+        if self.scope == "model":  # callables and data loaders: no coercion, checked by the call
+            return dict(params)
+        try:
+            validated = self.schema.model_validate(dict(params))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            raise UserError(f"{error['msg'].lower()}, got {error.get('input')!r}", key=f"{key}.{where}") from None
+        return {name: getattr(validated, name) for name in self.schema.model_fields}
+
+    def coefficients(self, num_tasks: int, params: Mapping[str, Any]) -> list[float]:
+        """The ``c_k`` of a linear method: the method applied to the identity matrix."""
+        if not self.linear:
+            raise TypeError(f"merge method '{self.name}' is not linear")
+        return self.fn(torch.eye(num_tasks, dtype=torch.float64), **params).tolist()
+
+
+def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", linear: bool = False) -> Callable[[F], F]:
+    """Register ``fn`` as merge method ``name``.
+
+    Every keyword-only argument is a parameter and must be annotated (use
+    ``Annotated[float, Field(ge=0, description=...)]`` for ranges and help text naming the
+    paper's symbol). A duplicate name or an unannotated parameter fails at import time.
+    """
+
+    def decorator(fn: F) -> F:
+        if name in _METHODS and _METHODS[name].fn is not fn:
+            raise ValueError(f"merge method '{name}' is already registered by {_METHODS[name].fn.__module__}")
+        hints = typing.get_type_hints(fn, include_extras=True)
+        fields: dict[str, Any] = {}
+        uses_generator = False
+        for pname, p in inspect.signature(fn).parameters.items():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or (scope == "model" and pname == "rules"):
+                continue
+            if pname == "generator" and scope == "tensor":
+                uses_generator = True
+                continue
+            if pname not in hints:
+                raise TypeError(f"merge method '{name}': parameter '{pname}' needs a type annotation")
+            fields[pname] = (hints[pname], ... if p.default is inspect.Parameter.empty else p.default)
+        schema = create_model(
+            f"{name}_parameters", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+        )
+        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema)
+        return fn
+
+    return decorator
+
+
+def get_method(name: str, *, key: str = "method") -> MergeMethod:
+    """The registered method ``name``; an unknown name lists the close matches."""
+    _load_builtins()
+    if name not in _METHODS:
+        raise UserError(
+            f"unknown merge method '{name}'{close_matches(name, _METHODS)} (known: {', '.join(sorted(_METHODS))})",
+            key=key,
+        )
+    return _METHODS[name]
+
+
+def list_methods() -> list[MergeMethod]:
+    """Every registered merge method, sorted by name."""
+    _load_builtins()
+    return [_METHODS[n] for n in sorted(_METHODS)]
+
+
+def _load_builtins() -> None:
+    import clpeft.merging.methods  # noqa: F401  (registers the built-in methods)

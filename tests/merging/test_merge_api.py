@@ -1,0 +1,157 @@
+"""merge() and merge_files(): streaming equals in-memory, the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from clpeft.errors import UserError
+from clpeft.merging import merge, merge_files
+from clpeft.merging.engine import MergeEngine
+from clpeft.merging.io import StateDictSource
+from clpeft.merging.registry import get_method
+from clpeft.merging.rules import MergeRules, plan
+
+CASES = [
+    ("task_arithmetic", {"scale": 0.4, "weights": [1.0, 0.5, 2.0]}),
+    ("ties", {"density": 0.2}),
+    ("ties", {"density": 0.5, "trim": "topk"}),
+    ("dare", {"drop_rate": 0.7, "consensus": "ties"}),
+    ("mean", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_streaming_equals_in_memory_bitwise_and_reads_back_with_safe_open(
+    tmp_path, models, model_files, method, params
+):
+    base, finetuned = models
+    expected = merge(base, finetuned, method, seed=1, **params)
+    base_path, paths = model_files
+    report = merge_files(base_path, paths, tmp_path / "merged.safetensors", method, seed=1, **params)
+    with safe_open(tmp_path / "merged.safetensors", "pt") as f:
+        assert set(f.keys()) == set(expected)
+        for name, tensor in expected.items():
+            streamed = f.get_tensor(name)
+            assert streamed.dtype == tensor.dtype
+            assert torch.equal(streamed.view(-1).view(torch.uint8), tensor.view(-1).view(torch.uint8)), name
+    assert len(report.tensors) == len(expected)
+
+
+def test_merged_tensors_are_base_plus_merged_task_vector(models):
+    base, finetuned = models
+    merged = merge(base, finetuned, "task_arithmetic", scale=0.5)
+    name = "blocks.1.mlp.fc2.weight"
+    torch.testing.assert_close(
+        merged[name], base[name] + 0.5 * sum(m[name] - base[name] for m in finetuned), rtol=0, atol=1e-6
+    )
+    assert torch.equal(merged["bn.num_batches_tracked"], base["bn.num_batches_tracked"])  # integer buffer: the base's
+
+
+def test_report_json(tmp_path, model_files):
+    base_path, paths = model_files
+    merge_files(base_path, paths, tmp_path / "merged.safetensors", "ties", density=0.2)
+    report = json.loads((tmp_path / "merged.report.json").read_text())
+    assert report["method"] == "ties" and report["parameters"]["density"] == 0.2
+    tensors = {t["name"]: t for t in report["tensors"]}
+    fc1 = tensors["blocks.0.mlp.fc1.weight"]
+    assert fc1["merged"] and len(fc1["task_vector_norms"]) == 3
+    assert 0.05 < fc1["density"] < 0.5  # trimmed to 20% per task, union over 3 tasks minus conflicts
+    assert 0.3 < fc1["sign_conflict"] < 0.9  # independent noise: signs disagree often
+    assert tensors["bn.num_batches_tracked"]["merged"] is False
+    assert report["summary"]["copied_from_base"] == 1
+
+
+def test_transfer_path_packs_batches_and_gives_the_same_result(models):
+    """The device path (packed batches, one copy per batch, look-ahead) run on the CPU."""
+    base, finetuned = models
+    sources = [StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
+    base_source = StateDictSource(base, "base")
+    jobs = plan(base_source, sources, MergeRules())
+    results = []
+    for transfer in (False, True):
+        engine = MergeEngine(
+            get_method("ties"),
+            {"density": 0.3, "scale": 1.0, "weights": None, "trim": "threshold"},
+            base_source,
+            sources,
+            batch_bytes=4096,
+        )
+        engine._transfer = transfer
+        out = {}
+        engine.run(jobs, lambda job, t: out.__setitem__(job.name, t.clone()))
+        results.append(out)
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_rules_skip_and_keep_base(models):
+    base, finetuned = models
+    for m in finetuned:
+        m["head.weight"] = torch.randn(20, 16)  # task-specific heads with another number of classes
+    with pytest.raises(UserError, match=r"'head.weight' has shape \[20, 16\] in model 0 but \[10, 16\]"):
+        merge(base, finetuned, "ties")
+    merged = merge(base, finetuned, "ties", rules={"skip": ["head.weight"], "keep_base": ["head.*"]})
+    assert "head.weight" not in merged
+    assert torch.equal(merged["head.bias"], base["head.bias"])
+
+
+def test_missing_and_unexpected_tensors(models):
+    base, finetuned = models
+    del finetuned[1]["pos_embed"]
+    with pytest.raises(UserError, match="'pos_embed' is missing from model 1; add it to keep_base"):
+        merge(base, finetuned, "task_arithmetic")
+    merge(base, finetuned, "task_arithmetic", rules={"keep_base": ["pos_embed"]})
+    finetuned[2]["extra.weight"] = torch.zeros(3)
+    with pytest.raises(UserError, match="'extra.weight' of model 2 is not in the base"):
+        merge(base, finetuned, "task_arithmetic", rules={"keep_base": ["pos_embed"]})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_name_the_tensor_and_leave_no_output(tmp_path, models, bad):
+    base, finetuned = models
+    finetuned[2]["blocks.1.attn.proj.weight"][3, 4] = bad
+    with pytest.raises(UserError, match="'blocks.1.attn.proj.weight' of model 2 holds NaN"):
+        merge(base, finetuned, "ties")
+    save_file(base, tmp_path / "base.safetensors")
+    for i, m in enumerate(finetuned):
+        save_file(m, tmp_path / f"m{i}.safetensors")
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+    with pytest.raises(UserError, match=r"'blocks.1.attn.proj.weight' of .*m2.safetensors holds NaN"):
+        merge_files(tmp_path / "base.safetensors", paths, tmp_path / "out.safetensors", "task_arithmetic")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "base.safetensors",
+        "m0.safetensors",
+        "m1.safetensors",
+        "m2.safetensors",
+    ]
+
+
+def test_unreadable_or_truncated_input_leaves_no_output(tmp_path, model_files):
+    base_path, paths = model_files
+    paths[1].write_bytes(paths[1].read_bytes()[:-100])
+    with pytest.raises(UserError, match="finetuned_1.safetensors is truncated"):
+        merge_files(base_path, paths, tmp_path / "out.safetensors", "ties")
+    paths[1].write_bytes(b"\x00" * 3)
+    with pytest.raises(UserError, match="finetuned_1.safetensors is not a safetensors file"):
+        merge_files(base_path, paths, tmp_path / "out.safetensors", "ties")
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
+def test_bad_method_and_parameters(models, tmp_path):
+    base, finetuned = models
+    with pytest.raises(UserError, match="unknown merge method 'tie'; did you mean 'ties'"):
+        merge(base, finetuned, "tie")
+    with pytest.raises(UserError, match="parameters.densty: unknown parameter .* did you mean 'density'"):
+        merge(base, finetuned, "ties", densty=0.2)
+    with pytest.raises(UserError, match="parameters.density: input should be less than or equal to 1"):
+        merge(base, finetuned, "ties", density=2.0)
+    with pytest.raises(UserError, match="parameters.weights: has 2 entries for 3 models"):
+        merge(base, finetuned, "task_arithmetic", weights=[1.0, 2.0])
+    with pytest.raises(UserError, match="needs the model and data"):
+        merge_files(tmp_path / "b", [tmp_path / "m"], tmp_path / "o", "adamerging")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        merge(base, finetuned, "mean", device="cuda") if not torch.cuda.is_available() else pytest.skip("CUDA present")

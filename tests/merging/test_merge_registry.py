@@ -1,0 +1,62 @@
+"""A typed function becomes a merge method: schema, checks, and end-to-end use."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import pytest
+import torch
+from pydantic import Field
+
+from clpeft.errors import UserError
+from clpeft.merging import get_method, list_methods, merge, merge_method
+from clpeft.merging.registry import _METHODS
+
+
+@pytest.fixture
+def median_method():
+    @merge_method("test_median", reference_url="https://example.org/median")
+    def median(task_vectors: torch.Tensor, *, scale: Annotated[float, Field(gt=0)] = 1.0) -> torch.Tensor:
+        """Entry-wise median of the task vectors (a test method)."""
+        return task_vectors.median(dim=0).values * scale
+
+    yield get_method("test_median")
+    del _METHODS["test_median"]
+
+
+def test_a_registered_function_is_a_method(models, median_method):
+    assert median_method.parameters == ["scale"]
+    assert median_method.description == "Entry-wise median of the task vectors (a test method)."
+    assert "test_median" in [m.name for m in list_methods()]
+    base, finetuned = models
+    merged = merge(base, finetuned, "test_median", scale=2.0)
+    name = "blocks.0.attn.qkv.weight"
+    expected = base[name] + 2.0 * torch.stack([m[name] - base[name] for m in finetuned]).median(dim=0).values
+    torch.testing.assert_close(merged[name], expected)
+    with pytest.raises(UserError, match="parameters.scale: input should be greater than 0"):
+        merge(base, finetuned, "test_median", scale=-1.0)
+
+
+def test_registration_errors(median_method):
+    with pytest.raises(ValueError, match="already registered"):
+
+        @merge_method("test_median", reference_url="x")
+        def other(task_vectors: torch.Tensor) -> torch.Tensor:
+            return task_vectors.sum(0)
+
+    with pytest.raises(TypeError, match="'density' needs a type annotation"):
+
+        @merge_method("test_untyped", reference_url="x")
+        def untyped(task_vectors: torch.Tensor, *, density=0.5) -> torch.Tensor:
+            return task_vectors.sum(0)
+
+
+def test_builtins_cite_their_papers():
+    urls = {m.name: m.reference_url for m in list_methods()}
+    assert urls == {
+        "adamerging": "https://arxiv.org/abs/2310.02575",
+        "dare": "https://arxiv.org/abs/2311.03099",
+        "mean": "https://arxiv.org/abs/2203.05482",
+        "task_arithmetic": "https://arxiv.org/abs/2212.04089",
+        "ties": "https://arxiv.org/abs/2306.01708",
+    }
