@@ -239,3 +239,9 @@ def test_check_config_directly():
     with pytest.raises(UserError) as info:
         ClassIncremental(seed=0, dataset="fashoin_mnist", n_experiences=5)
     assert info.value.key == "scenario.dataset" and "'fashion_mnist'" in str(info.value)
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    with pytest.raises(UserError, match=r"scenario.dataset: FashionMNIST not found under .*apt-get install dataset-fashion-mnist"):
+        datasets.load_dataset("fashion_mnist", tmp_path / "empty-root")
