@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 
 import pytest
 import torch
@@ -31,3 +32,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def digits_run():
     """A fresh copy of a 5-experience digits run config (mlp backbone, finetune)."""
     return copy.deepcopy(DIGITS_RUN)
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """Refuse every outgoing connection and name lookup: proves a load is offline."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket.socket, "connect_ex", refuse)
+        mp.setattr(socket, "getaddrinfo", refuse)
+        yield

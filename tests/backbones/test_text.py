@@ -23,16 +23,7 @@ from clpeft.engine import Engine
 from clpeft.errors import UserError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_network():
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket.socket, "connect_ex", refuse)
-        mp.setattr(socket, "getaddrinfo", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")
