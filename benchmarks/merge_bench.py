@@ -1,0 +1,252 @@
+"""Streaming merge vs. the load-everything baseline: wall time, CPU time, peak RSS, equality.
+
+K synthetic fine-tunes of a ViT-B/16-shaped fp32 model (86.6M parameters, 12 blocks, width
+768, 1000-class head) are written as safetensors files. Each variant then runs in its own
+subprocess so that its peak resident memory (``VmHWM``) is its own:
+
+* ``baseline``: what users write today: ``safetensors.torch.load_file`` for every checkpoint,
+  then ``peft.utils.merge_utils`` per tensor, then ``save_file``;
+* ``clpeft``: :func:`clpeft.merging.merge_files` (positioned reads, in-place math, own
+  incremental writer).
+
+Timings cover the merge only (inputs on disk to output on disk), not interpreter start or
+imports; peak RSS is the whole process's (imports included, reported separately). Outputs
+are compared tensor by tensor. TIES runs twice for clpeft: with the default ``threshold``
+trim and with ``topk``, the convention peft uses (see clpeft/merging/methods/sparsify.py).
+
+Usage:
+    python benchmarks/merge_bench.py                 # full size, K = 8 (minutes; ~3.5 GB of files)
+    python benchmarks/merge_bench.py --size small    # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {"full": {"width": 768, "depth": 12, "classes": 1000}, "small": {"width": 192, "depth": 4, "classes": 100}}
+CASES = {  # name -> (variant, method, parameters)
+    "ta/baseline": ("baseline", "task_arithmetic", {"scale": 0.3}),
+    "ta/clpeft": ("clpeft", "task_arithmetic", {"scale": 0.3}),
+    "ties/baseline": ("baseline", "ties", {"density": 0.2, "scale": 1.0}),
+    "ties/clpeft": ("clpeft", "ties", {"density": 0.2, "scale": 1.0, "trim": "threshold"}),
+    "ties-topk/clpeft": ("clpeft", "ties", {"density": 0.2, "scale": 1.0, "trim": "topk"}),
+}
+
+
+def vit_shapes(width: int, depth: int, classes: int, patch: int = 16, tokens: int = 197) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a timm ``vit_base_patch16_224``-like model."""
+    shapes = {
+        "cls_token": (1, 1, width),
+        "pos_embed": (1, tokens, width),
+        "patch_embed.proj.weight": (width, 3, patch, patch),
+        "patch_embed.proj.bias": (width,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes |= {
+            b + "norm1.weight": (width,),
+            b + "norm1.bias": (width,),
+            b + "attn.qkv.weight": (3 * width, width),
+            b + "attn.qkv.bias": (3 * width,),
+            b + "attn.proj.weight": (width, width),
+            b + "attn.proj.bias": (width,),
+            b + "norm2.weight": (width,),
+            b + "norm2.bias": (width,),
+            b + "mlp.fc1.weight": (4 * width, width),
+            b + "mlp.fc1.bias": (4 * width,),
+            b + "mlp.fc2.weight": (width, 4 * width),
+            b + "mlp.fc2.bias": (width,),
+        }
+    return shapes | {
+        "norm.weight": (width,),
+        "norm.bias": (width,),
+        "head.weight": (classes, width),
+        "head.bias": (classes,),
+    }
+
+
+def write_models(directory: Path, size: str, k: int) -> tuple[Path, list[Path], int]:
+    """Base ~ N(0, 0.02); fine-tune j = base + N(0, 1e-3), all fp32 (so deltas carry fp32 rounding ties)."""
+    from safetensors.torch import save_file
+
+    shapes = vit_shapes(**SIZES[size])
+    generator = torch.Generator().manual_seed(0)
+    base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    base_path = directory / "base.safetensors"
+    save_file(base, base_path)
+    paths = []
+    for j in range(k):
+        finetuned = {name: t + torch.randn(t.shape, generator=generator) * 1e-3 for name, t in base.items()}
+        paths.append(directory / f"finetuned_{j}.safetensors")
+        save_file(finetuned, paths[-1])
+    return base_path, paths, sum(t.numel() for t in base.values())
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_baseline(
+    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str
+) -> tuple[float, float]:
+    from peft.utils import merge_utils
+    from safetensors.torch import load_file, save_file
+
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    base = load_file(base_path)
+    finetuned = [load_file(p) for p in paths]
+    scale = torch.full((len(paths),), float(params["scale"]))
+    merged = {}
+    for name, b in base.items():
+        task_vectors = [f[name] - b for f in finetuned]
+        if method == "ties":
+            delta = merge_utils.ties(task_vectors, scale, params["density"])
+        else:
+            delta = merge_utils.task_arithmetic(task_vectors, scale)
+        merged[name] = b + delta
+    save_file(merged, out)
+    return time.perf_counter() - start_wall, time.process_time() - start_cpu
+
+
+def run_clpeft(
+    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str
+) -> tuple[float, float]:
+    from clpeft.merging import merge_files
+
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    merge_files(base_path, paths, out, method, device=device, **params)
+    return time.perf_counter() - start_wall, time.process_time() - start_cpu
+
+
+def worker(case: str, threads: int, device: str, base: str, out: str, paths: list[str]) -> None:
+    """Run one case and print its measurements as one JSON line."""
+    if threads:
+        torch.set_num_threads(threads)
+    import_rss = _peak_rss_gib()
+    variant, method, params = CASES[case]
+    run = run_baseline if variant == "baseline" else run_clpeft
+    wall, cpu = run(base, paths, out, method, params, device)
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_gib": _peak_rss_gib(), "import_rss_gib": import_rss}))
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over
+    from the parent's image across fork + exec, so a child would inherit the driver's peak."""
+    status = Path("/proc/self/status").read_text()
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kib / 2**20
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Max |a - b| over all tensors, and the fractions of entries that differ at all and by more than 1e-6."""
+    from safetensors import safe_open
+
+    worst, differing, far, total = 0.0, 0, 0, 0
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        assert set(fa.keys()) == set(fb.keys()), "different tensor names"
+        for name in fa.keys():
+            difference = (fa.get_tensor(name) - fb.get_tensor(name)).abs()
+            worst = max(worst, float(difference.max()))
+            differing += int(torch.count_nonzero(difference))
+            far += int(torch.count_nonzero(difference > 1e-6))  # beyond fp32 rounding of ~0.02-sized weights
+            total += difference.numel()
+    return {"max_abs_diff": worst, "fraction_differing": differing / total, "fraction_beyond_rounding": far / total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--models", type=int, default=8, help="K, the number of fine-tunes")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per case, interleaved; the table shows the best")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in every variant (default: torch's default)"
+    )
+    parser.add_argument("--device", default="cpu", help="where clpeft merges (the baseline always runs on the CPU)")
+    parser.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary directory)")
+    args = parser.parse_args()
+
+    directory = Path(tempfile.mkdtemp(prefix="merge_bench_", dir=args.dir))
+    try:
+        t = time.perf_counter()
+        base, paths, numel = write_models(directory, args.size, args.models)
+        print(
+            f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in {time.perf_counter() - t:.0f} s"
+        )
+        runs: dict[str, list[dict]] = {case: [] for case in args.cases.split(",")}
+        load = [os.getloadavg()[0]]
+        for _ in range(args.repeats):
+            for case in runs:
+                out = directory / f"{case.replace('/', '_')}.safetensors"
+                command = [sys.executable, __file__, "--worker", case, str(args.threads), args.device, str(base)]
+                command += [str(out), *map(str, paths)]
+                env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+                done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+                if done.returncode:
+                    sys.exit(f"{case} failed:\n{done.stderr}")
+                runs[case].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(case, runs[case][-1], flush=True)
+        load.append(os.getloadavg()[0])
+        best = {
+            case: {
+                "wall_s": min(r["wall_s"] for r in rs),
+                "cpu_s": min(r["cpu_s"] for r in rs),
+                "peak_rss_gib": max(r["peak_rss_gib"] for r in rs),
+                "import_rss_gib": max(r["import_rss_gib"] for r in rs),
+            }
+            for case, rs in runs.items()
+        }
+        print_table(best, directory, args, load, traffic=(args.models + 2) * numel * 4)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def print_table(results: dict, directory: Path, args: argparse.Namespace, load: list[float], traffic: int) -> None:
+    """The results as a markdown table; ``traffic`` is the bytes read and written by one merge."""
+    threads = args.threads or torch.get_num_threads()
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads")
+    print(f"load average (1 min) before/after: {load[0]:.1f} / {load[1]:.1f}")
+    print(
+        f"command: python benchmarks/merge_bench.py --size {args.size} --models {args.models} "
+        f"--threads {args.threads} --repeats {args.repeats} --device {args.device}"
+    )
+    print(f"best of {args.repeats} runs per case (wall and CPU time minimised separately, peak RSS maximised)")
+    print(f"GB/s: the {traffic / 1e9:.2f} GB one merge reads and writes ((K + 2) models) per wall second\n")
+    columns = ["method", "variant", "wall s", "CPU s", "GB/s", "peak RSS GiB (after imports)", "speed-up wall / CPU"]
+    columns += ["RSS vs baseline", "vs baseline: max abs diff; entries differing; beyond 1e-6"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for case, r in results.items():
+        family, variant = case.split("/")
+        reference = results.get(f"{family.split('-')[0]}/baseline")
+        speedup = memory = equal = "-"
+        if variant != "baseline" and reference:
+            speedup = f"{reference['wall_s'] / r['wall_s']:.2f}x / {reference['cpu_s'] / r['cpu_s']:.2f}x"
+            memory = f"{r['peak_rss_gib'] / reference['peak_rss_gib']:.2f}x"
+            mine = directory / f"{case.replace('/', '_')}.safetensors"
+            theirs = directory / f"{family.split('-')[0]}_baseline.safetensors"
+            d = compare(mine, theirs)
+            equal = f"{d['max_abs_diff']:.1e}; {d['fraction_differing']:.2%}; {d['fraction_beyond_rounding']:.4%}"
+        rss = f"{r['peak_rss_gib']:.2f} ({r['import_rss_gib']:.2f})"
+        row = [family, variant, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{traffic / 1e9 / r['wall_s']:.2f}", rss]
+        print("| " + " | ".join([*row, speedup, memory, equal]) + " |")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:])
+    else:
+        main()
