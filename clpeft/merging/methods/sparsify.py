@@ -37,11 +37,11 @@ _SAMPLE = 1 << 14  # sample size used to bracket the k-th largest value on the C
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th largest entry of a 1-D CPU tensor (``1 <= k <= numel``), as a 0-d tensor.
 
-    ``torch.kthvalue`` selects over the whole tensor (~20 ns per entry on one CPU core). For
+    ``torch.kthvalue`` selects over the whole tensor (~15 ns per entry on one core here). For
     long tensors a systematic sample first brackets the answer between two sample values;
     entries above the bracket are only counted, and the selection runs on the few entries
-    inside it (about 2x faster overall). If the bracket misses (an unrepresentative sample)
-    the full selection runs instead, so the result is exact either way.
+    inside it (1.3-2x faster than ``kthvalue`` on ViT-B-sized rows). If the bracket misses (an
+    unrepresentative sample) the full selection runs instead, so the result is exact either way.
     """
     n = values.numel()
     if n <= 32 * _SAMPLE:
