@@ -11,7 +11,7 @@ from clpeft.errors import UserError
 
 
 def _run(args) -> int:
-    from clpeft import config
+    from clpeft import config, distributed
     from clpeft.engine import Engine
     from clpeft.report import format_domains, format_matrix, format_metrics
 
@@ -27,24 +27,31 @@ def _run(args) -> int:
             raise UserError("--resume needs the run directory: clpeft run RUN_DIR --resume (or --out RUN_DIR)")
         out = cfg.out or f"runs/{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     engine_kwargs = {"device": args.device, "force": args.force, "deterministic": args.deterministic}
+    world, _ = distributed.init_from_env(args.device)  # under torchrun: join the ranks before touching OUT
+    out = world.broadcast_object(out)  # one directory, even when it is named after the start time
+    say = print if world.is_main else _silent  # only rank 0 prints
     if cfg.seeds:
         from clpeft.report import format_seeds_summary
         from clpeft.seeds import SUMMARY_FILE, run_seeds
 
         def done(seed, result):
-            print(f"seed {seed}: acc_final {result['metrics'].get('acc_final', float('nan')):.4f}  ({Path(out) / f'seed_{seed}'})")
+            say(f"seed {seed}: acc_final {result['metrics'].get('acc_final', float('nan')):.4f}  ({Path(out) / f'seed_{seed}'})")
 
         summary = run_seeds(cfg, out, engine_kwargs, resume=args.resume, on_done=done)
-        print(f"\n{format_seeds_summary(summary)}\n\nrun directory: {out}  (summary in {Path(out) / SUMMARY_FILE})")
+        say(f"\n{format_seeds_summary(summary)}\n\nrun directory: {out}  (summary in {Path(out) / SUMMARY_FILE})")
         return 0
     result = Engine(cfg, out, resume=args.resume, **engine_kwargs).run()
     if "domains" in result:  # test-time adaptation: online error per domain, no matrix
-        print(f"\n{format_domains(result)}")
+        say(f"\n{format_domains(result)}")
     else:
-        print(f"\naccuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}")
-        print(f"\n{format_metrics(result['metrics'])}")
-    print(f"\nrun directory: {out}  (train {result['timing']['train_s']:.1f} s, eval {result['timing']['eval_s']:.1f} s)")
+        say(f"\naccuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}")
+        say(f"\n{format_metrics(result['metrics'])}")
+    say(f"\nrun directory: {out}  (train {result['timing']['train_s']:.1f} s, eval {result['timing']['eval_s']:.1f} s)")
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """``print`` on the non-zero ranks of a data-parallel run."""
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -208,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clpeft: interrupted; completed experiences are checkpointed (resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        from clpeft.distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from clpeft.data import Batch, DataView
+from clpeft.distributed import World
 from clpeft.feature_cache import FeatureCache
 
 
@@ -23,11 +24,13 @@ class DataAccess:
         autocast: mixed-precision context factory.
         cache_factory: builds the feature cache the first time features are needed
             (:meth:`refresh_cache`); ``None`` when caching is off.
+        world: this process's rank in a data-parallel run (:mod:`clpeft.distributed`).
     """
 
     def __init__(self, device, cache: FeatureCache | None, backbone, batch_size: int, num_workers: int = 0, autocast=None,
-                 cache_factory: Callable[[], FeatureCache] | None = None):
+                 cache_factory: Callable[[], FeatureCache] | None = None, world: World | None = None):
         self.device = device
+        self.world = world or World()
         self.cache = cache
         self._cache_factory = cache_factory
         self.backbone = backbone
@@ -53,13 +56,20 @@ class DataAccess:
 
     def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False,
                 uses_features: bool = False, with_query: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
+                generator: torch.Generator | None = None, shard: bool = False) -> Iterator[Batch]:
         """Mini-batches of ``view``: cached features (``uses_features``), or raw inputs, plus the
-        cached features as ``batch.features`` when ``with_query``."""
+        cached features as ``batch.features`` when ``with_query``.
+
+        ``shard=True`` in a data-parallel run: every rank draws the same order and batches of
+        ``batch_size`` (the global batch) and keeps positions ``rank, rank + world, ...`` of each;
+        a rank's share may be empty. Features are computed only for this rank's share.
+        """
         bs = batch_size or self.batch_size
         order = torch.randperm(len(view), generator=generator) if shuffle else torch.arange(len(view))
         chunks = order.split(bs)
-        cached = self.cache.features(view).to(self.device) if self.cache and (uses_features or with_query) else None
+        if shard:
+            chunks = [self.world.shard(c) for c in chunks]
+        cached = self._cached(view, chunks) if self.cache and (uses_features or with_query) else None
         if uses_features and cached is not None:
             targets = view.targets.to(self.device, non_blocking=True)
             for pos in chunks:
@@ -73,6 +83,16 @@ class DataAccess:
                 with torch.no_grad(), self.autocast():
                     x = self.backbone(x).float()
             yield Batch(x, y, cached[pos.to(self.device)] if cached is not None else None)
+
+    def _cached(self, view: DataView, chunks: list[torch.Tensor]) -> torch.Tensor:
+        """Cached features of ``view`` on the device; rows outside ``chunks`` stay zero when the
+        chunks hold only a rank's share (so other ranks' samples are never computed here)."""
+        if not self.world.active:
+            return self.cache.features(view).to(self.device)
+        mine = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long)
+        cached = torch.zeros(len(view), self.backbone.feature_dim)
+        cached[mine] = self.cache.features(view.take(mine))
+        return cached.to(self.device)
 
     def inputs(self, view: DataView, batch_size: int | None = None, uses_features: bool = False) -> Iterator[torch.Tensor]:
         """Unlabeled mini-batches of ``view`` in order (test-time adaptation): raw inputs on the

@@ -36,12 +36,18 @@ row: the online accuracy on each domain (there is no per-experience re-evaluatio
 
 A CUDA out-of-memory error becomes a :class:`~clpeft.errors.RunError` naming the batch size in
 use and the setting to lower.
+
+**Several processes** (``torchrun --nproc_per_node N -m clpeft run ...``): training is
+data-parallel (DistributedDataParallel over each rank's share of every global batch),
+evaluation is sharded with all-reduced counts, only rank 0 writes, and every rank resumes from
+the same checkpoint; :mod:`clpeft.distributed` lists what is synchronised.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -54,8 +60,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch import nn
 
-from clpeft import checkpoint, metrics
+from clpeft import checkpoint, distributed, metrics
 from clpeft.config import RunConfig
 from clpeft.data import DataView
 from clpeft.data_access import DataAccess
@@ -64,6 +71,17 @@ from clpeft.experience import Experience
 from clpeft.feature_cache import FeatureCache, default_cache_dir
 from clpeft.logging import RunLogger
 from clpeft.strategy import Strategy
+
+
+_DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters  # init_sync: torch >= 2.4
+
+
+def _ddp_options() -> dict:
+    """No state broadcast at construction or per forward: the ranks hold identical states
+    (checked after every experience) and buffers are combined after training."""
+    options = {"init_sync": False} if "init_sync" in _DDP_ARGS else {}
+    options["forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"] = False
+    return options
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -156,6 +174,7 @@ class Engine:
                  force: bool = False, deterministic: bool = False):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self.world, device = distributed.init_from_env(device)
         self.device = resolve_device(device)
         self.resume = resume
         self.force = force
@@ -180,8 +199,11 @@ class Engine:
                 raise UserError(f"--resume: the config differs from the stored run ({'; '.join(diff[:5])}); pass --force to resume anyway")
         elif checkpoint.list_checkpoints(self.out_dir / "checkpoints") or checkpoint.list_checkpoints(self.out_dir / "source"):
             raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.world.barrier()  # every rank has checked the directory before rank 0 writes to it
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.world.barrier()
 
     def _build(self) -> tuple[list[Experience], Strategy]:
         cfg = self.cfg
@@ -191,6 +213,9 @@ class Engine:
         if not stream:
             raise UserError("the scenario produced no experiences", key="scenario")
         self.scenario = scenario
+        if self.world.active and scenario.kind == "test_time_adaptation":
+            raise UserError("test-time adaptation adapts online, batch after batch, in one process; "
+                            "run it without torchrun", key="scenario.name")
         backbone = cfg.backbone.cls(input_shape=scenario.input_shape, **cfg.backbone.params)
         strategy = cfg.strategy.cls(backbone, **cfg.strategy.params)
         supported = strategy.supported_scenarios
@@ -210,12 +235,14 @@ class Engine:
         factory = None
         if cfg.train.feature_cache != "off":
             directory = default_cache_dir() if cfg.train.feature_cache == "disk" else None
+            if directory is not None and self.world.active:  # ranks never write the same memory-mapped file
+                directory = directory / f"rank{self.world.rank}"
 
             def factory():
                 return FeatureCache(backbone, self.device, cfg.eval.batch_size, directory, self.autocast)
 
         self.data = DataAccess(self.device, None, backbone, cfg.train.batch_size, cfg.train.num_workers, self.autocast,
-                               cache_factory=factory)
+                               cache_factory=factory, world=self.world)
         strategy.attach(self.data)
         return stream, strategy
 
@@ -230,8 +257,9 @@ class Engine:
         try:
             self._prepare_dir()
             stream, strategy = self._build()
-            self.scenario.save_artifacts(self.out_dir)
-            log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress)
+            if self.world.is_main:
+                self.scenario.save_artifacts(self.out_dir)
+            log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress, enabled=self.world.is_main)
             try:
                 return self._run(stream, strategy, log)
             finally:
@@ -278,10 +306,12 @@ class Engine:
             seen = float(np.average(row[: exp.index + 1], weights=[len(e.test) for e in stream[: exp.index + 1]]))
             log.event("experience_end", step=exp.index, acc_seen=seen, row=row, **{f"acc_exp{j}": a for j, a in enumerate(row)})
             log.print(f"experience {exp.index + 1}/{T}: acc on seen = {seen:.4f}  row = [{', '.join(f'{a:.3f}' for a in row)}]")
-            checkpoint.save(self.out_dir / "checkpoints", exp.index, {
-                "experience": exp.index, "strategy": strategy.state_dict(), "rows": rows,
-                "timing": timing, "baseline": baseline, "config": self.cfg.to_dict(),
-            }, keep=self.cfg.logging.keep_checkpoints)
+            distributed.check_consistent(self.world, strategy, f"experience {exp.index}")
+            if self.world.is_main:
+                checkpoint.save(self.out_dir / "checkpoints", exp.index, {
+                    "experience": exp.index, "strategy": strategy.state_dict(), "rows": rows,
+                    "timing": timing, "baseline": baseline, "config": self.cfg.to_dict(),
+                }, keep=self.cfg.logging.keep_checkpoints)
         return self._finish(rows, timing, baseline, stream, strategy, log)
 
     # ------------------------------------------------------------------ test-time adaptation
@@ -423,7 +453,9 @@ class Engine:
         return result
 
     def _write_result(self, result: dict, strategy: Strategy, log: RunLogger) -> None:
-        """``metrics.json`` (atomically), the final weights, and the scalar metrics as an event."""
+        """``metrics.json`` (atomically), the final weights, and the scalar metrics as an event (rank 0)."""
+        if not self.world.is_main:
+            return
         tmp = self.out_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(self.out_dir / "metrics.json")
@@ -441,6 +473,9 @@ class Engine:
         optimizer = _make_optimizer(strategy.param_groups(train.lr), train)
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, exp.index, "order"))
         n_steps = train.epochs * -(-len(data) // train.batch_size) if optimizer and len(data) else 0
+        step_fn = _training_step(strategy, self.world) if n_steps else None
+        if self.world.active:  # independent dropout/augmentation draws per rank (re-synchronised below)
+            seed_everything(derive_seed(self.cfg.seed, exp.index, "rank", self.world.rank))
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
                      if train.schedule == "cosine" and n_steps else None)
         bar = log.progress(n_steps, f"experience {exp.index + 1}")
@@ -448,12 +483,14 @@ class Engine:
         with _out_of_memory_hint(f"training on experience {exp.index}", "train.batch_size", train.batch_size):
             for epoch in range(train.epochs if n_steps else 0):
                 strategy.train()
+                strategy.epoch = epoch
                 total, count = 0.0, 0
-                for batch in self.data.batches(data, train.batch_size, shuffle=True, uses_features=strategy.uses_features,
-                                               with_query=strategy.needs_query, generator=order):
+                global_sizes = torch.arange(len(data)).split(train.batch_size)
+                for batch, chunk in zip(self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
+                                                          uses_features=strategy.uses_features, with_query=strategy.needs_query),
+                                        global_sizes):
                     with self.autocast():
-                        loss = strategy.training_step(batch)
-                    value = loss.item()  # one device sync per step, used for the check and the log
+                        loss, value, n = step_fn(batch, len(chunk))
                     if not math.isfinite(value):
                         raise RunError(
                             f"non-finite loss ({value}) at experience {exp.index}, epoch {epoch}, step {step}; "
@@ -466,33 +503,49 @@ class Engine:
                     optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
-                    total += value * len(batch.y)
-                    count += len(batch.y)
+                    total += value * n
+                    count += n
                     step += 1
                     bar.update(1)
                 log.event("train_epoch", step=exp.index * train.epochs + epoch, experience=exp.index, epoch=epoch, loss=total / max(count, 1))
         bar.close()
         strategy.eval()
+        self._synchronize(strategy)
+        seed_everything(derive_seed(self.cfg.seed, exp.index, "after"))  # the same random state on every rank
         strategy.after_experience(exp)
         return time.perf_counter() - t0, train.epochs * len(data) if n_steps else 0
 
+    def _synchronize(self, strategy: Strategy) -> None:
+        """Combine what training accumulated from local batches (see :mod:`clpeft.distributed`):
+        components' own statistics (``synchronize(world)``), then rank 0's buffers."""
+        for module in strategy.modules():
+            if module is not strategy and callable(getattr(module, "synchronize", None)):
+                module.synchronize(self.world)
+        distributed.broadcast_buffers(self.world, strategy)
+
     @torch.no_grad()
-    def _accuracy(self, strategy: Strategy, view: DataView) -> float:
+    def _correct(self, strategy: Strategy, view: DataView) -> int:
+        """Correct predictions on this rank's share of ``view``."""
         correct = 0
         for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features,
-                                       with_query=strategy.needs_query):
+                                       with_query=strategy.needs_query, shard=True):
+            if len(batch.y) == 0:
+                continue
             with self.autocast():
                 logits = strategy.predict(batch.x, query=batch.features) if batch.features is not None else strategy.predict(batch.x)
             if logits.shape[1] == 0:
                 continue
             correct += int((logits.argmax(dim=1) == batch.y).sum())
-        return correct / len(view)
+        return correct
 
     def _evaluate(self, strategy: Strategy, stream: list[Experience]) -> list[float]:
+        """Accuracy on every experience's test set (each rank scores its share; counts all-reduced)."""
         strategy.eval()
         self.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
         with _out_of_memory_hint("evaluating", "eval.batch_size", self.cfg.eval.batch_size):
-            return [self._accuracy(strategy, e.test) for e in stream]
+            correct = torch.tensor([self._correct(strategy, e.test) for e in stream], dtype=torch.float64)
+        self.world.all_reduce_sum(correct)
+        return [c / len(e.test) for c, e in zip(correct.tolist(), stream)]
 
     def _baseline(self, strategy: Strategy, stream: list[Experience]) -> list[float]:
         """Accuracy before any training: a copy of the strategy whose head is grown to every class.
@@ -537,6 +590,46 @@ class Engine:
 
             log.figure("acc_matrix", accuracy_matrix_figure(rows), step=len(rows))
         return result
+
+
+class _StepModule(nn.Module):
+    """The strategy's ``training_step`` as a module's forward: what DistributedDataParallel wraps."""
+
+    def __init__(self, strategy: Strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def forward(self, batch, weight: float) -> torch.Tensor:
+        if len(batch.y) == 0:  # an empty share of the last global batch: zero gradients to the all-reduce
+            return sum(p.sum() for p in self.strategy.parameters() if p.requires_grad) * 0.0
+        return self.strategy.training_step(batch) * weight
+
+
+def _training_step(strategy: Strategy, world: distributed.World):
+    """``step(batch, n_global) -> (loss to backpropagate, mean loss over the global batch, n_global)``.
+
+    In one process this is ``training_step``. With several ranks the strategy runs under
+    DistributedDataParallel (rebuilt per experience, since methods change what trains), the
+    local loss is weighted by ``n_local * world / n_global`` so that DDP's gradient average is
+    the global batch mean, and the reported loss is all-reduced.
+    """
+    if not world.active:
+
+        def step(batch, n_global):
+            loss = strategy.training_step(batch)
+            return loss, loss.item(), len(batch.y)  # one device sync per step: the NaN check and the log
+        return step
+    # a strategy may train a different subset of its parameters at each step (the selected
+    # prompts; LAE's frozen first epochs), hence the search for unused parameters
+    ddp = nn.parallel.DistributedDataParallel(_StepModule(strategy), find_unused_parameters=True, **_ddp_options())
+
+    def step(batch, n_global):
+        n_local = len(batch.y)
+        loss = ddp(batch, n_local * world.size / n_global)
+        weighted = loss.detach().double() * n_global / world.size  # = local mean loss * n_local
+        totals = world.all_reduce_sum(torch.stack([weighted.cpu(), torch.tensor(float(n_local), dtype=torch.float64)]))
+        return loss, float(totals[0] / totals[1]), n_global
+    return step
 
 
 def export_weights(strategy: Strategy, path: Path) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from clpeft import distributed
 from clpeft.config import RunConfig
 from clpeft.errors import UserError
 
@@ -89,12 +90,14 @@ def run_seeds(cfg: RunConfig, out: str | Path, engine_kwargs: dict, *, resume: b
     from clpeft.engine import Engine
 
     out = Path(out)
+    world = distributed.current()
     seeds = list(cfg.seeds or [cfg.seed])
-    out.mkdir(parents=True, exist_ok=True)
-    top = out / "config.yaml"
     if not resume and any(seed_dir(out, s).exists() for s in seeds):
         raise UserError(f"{out} already holds seed runs; pass --resume to continue them or choose another --out")
-    top.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    world.barrier()  # every rank has checked before rank 0 writes
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results = {}
     for seed in seeds:
         run_dir = seed_dir(out, seed)
@@ -107,9 +110,10 @@ def run_seeds(cfg: RunConfig, out: str | Path, engine_kwargs: dict, *, resume: b
         if on_done is not None:
             on_done(seed, results[seed])
     summary = summarize_runs(results)
-    tmp = out / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / SUMMARY_FILE)
+    if world.is_main:
+        tmp = out / f".{SUMMARY_FILE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / SUMMARY_FILE)
     return summary
 
 

@@ -18,7 +18,9 @@ hook                      default
 
 When the backbone is frozen the engine hands the strategy cached backbone *features* instead
 of raw inputs (``uses_features``), so call :meth:`embed`, not ``self.backbone``, to turn a
-batch into features.
+batch into features. During training ``self.epoch`` is the current epoch (0-based); under
+``torchrun`` a batch holds only this rank's share of the global batch, so count epochs or steps,
+never samples.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Strategy(nn.Module):
         self.head = LinearHead(backbone.feature_dim)
         self._data: DataAccess | None = None
         self._uses_features: bool | None = None
+        self.epoch = 0  # the engine sets the current training epoch (0-based) before each epoch
 
     # ------------------------------------------------------------------ engine services
 
@@ -112,16 +115,22 @@ class Strategy(nn.Module):
         """Called by the engine: gives the strategy access to batched (cached) data."""
         self._data = data
 
-    def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False) -> Iterator[Batch]:
+    def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False,
+                shard: bool = False) -> Iterator[Batch]:
         """Iterate over ``view`` as the engine does (features or raw inputs, on the device).
 
         Use it for passes a method makes on its own: prototypes, Fisher information, statistics.
+        ``shard=True`` yields only this rank's share of every batch in a data-parallel run (the
+        whole view in one process): the method must then combine the ranks' results itself,
+        e.g. with :meth:`ClassStatistics.gathered <clpeft.components.ClassStatistics.gathered>`.
         """
         if self._data is None:
             raise RuntimeError("the strategy is not attached to an engine yet")
-        return self._data.batches(
-            view, batch_size=batch_size, shuffle=shuffle, uses_features=self.uses_features, with_query=self.needs_query
+        batches = self._data.batches(
+            view, batch_size=batch_size, shuffle=shuffle, uses_features=self.uses_features, with_query=self.needs_query,
+            shard=shard,
         )
+        return (batch for batch in batches if len(batch.y))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features of a batch: ``x`` itself when it already holds cached features."""

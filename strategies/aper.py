@@ -149,8 +149,10 @@ class APER(Strategy):
             self.adapting = False
             self._set_trainable(False)
             self.adapted_done.fill_(True)
-        for batch in self.batches(exp.train):
-            self.stats.update(self.features(batch.x, batch.features), batch.y)
+        share = ClassStatistics(self.stats.dim, covariance="none").to(self.stats.mean.device)
+        for batch in self.batches(exp.train, shard=True):
+            share.update(self.features(batch.x, batch.features), batch.y)
+        self.stats.merge(share.gathered())
         self.stats.grow_to(exp.n_classes_seen)
         self.head.fit(self.stats)
 

@@ -82,15 +82,12 @@ class LAE(Strategy):
         self.ensemble = ensemble
         self.mask = ClassMask(train_mask)
         self._steps = 0
-        self._seen = 0
-        self._train_size = 0
         self._first = True
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
         self.mask.start(exp.classes_in_this_experience)
-        self._steps, self._seen = 0, 0
-        self._train_size = max(len(self.train_data(exp)), 1)
+        self._steps = 0
         self._first = not bool(self.has_offline)
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -100,11 +97,9 @@ class LAE(Strategy):
     def training_step(self, batch: Batch) -> torch.Tensor:
         if self._steps and not self._first:
             self.offline.update(LoRAFactors(self.lora))  # the EMA update for the previous step
-        epoch = self._seen // self._train_size
         for p in LoRAFactors(self.lora).parameters():
-            p.requires_grad_(self._first or epoch >= self.freeze_epochs)
+            p.requires_grad_(self._first or self.epoch >= self.freeze_epochs)
         self._steps += 1
-        self._seen += len(batch.y)
         return self.mask.loss(self.head(self.backbone(batch.x)), batch.y)
 
     def after_experience(self, exp: Experience) -> None:

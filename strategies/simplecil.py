@@ -129,9 +129,12 @@ class FrozenFeatureClassifier(Strategy):
 
     @torch.no_grad()
     def absorb(self, exp: Experience) -> None:
-        """One pass over the experience's training data into :attr:`stats`."""
-        for batch in self.batches(exp.train):
-            self.stats.update(self.transform(self.embed(batch.x)), batch.y)
+        """One pass over the experience's training data into :attr:`stats` (each rank of a
+        data-parallel run reads its share; the shares are gathered)."""
+        share = ClassStatistics(self.stats.dim, covariance=self.stats.mode).to(self.stats.mean.device)
+        for batch in self.batches(exp.train, shard=True):
+            share.update(self.transform(self.embed(batch.x)), batch.y)
+        self.stats.merge(share.gathered())
         self.stats.grow_to(exp.n_classes_seen)
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:

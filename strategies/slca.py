@@ -34,6 +34,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.class_statistics import ClassStatistics
 from clpeft.components.classifier_alignment import ClassifierAlignment
 from clpeft.components.heads import LinearHead
 from clpeft.components.prompted_classifier import ClassMask
@@ -101,8 +102,10 @@ class SLCA(Strategy):
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
-        for batch in self.batches(exp.train):
-            self.alignment.update(self.embed(batch.x).float(), batch.y, exp.index)
+        share = ClassStatistics(self.alignment.stats.dim, covariance="per_class").to(self.alignment.stats.mean.device)
+        for batch in self.batches(exp.train, shard=True):
+            share.update(self.embed(batch.x).float(), batch.y)
+        self.alignment.add(share.gathered(), exp.index)
         n_tasks = int(self.alignment.task_of_class.max()) + 1
         if self.align and n_tasks > 1:
             aligned = copy.deepcopy(self.head).requires_grad_(True)

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from clpeft.distributed import World, current
+
 CovarianceMode = Literal["none", "shared", "per_class"]
 
 
@@ -41,7 +43,8 @@ class ClassStatistics(nn.Module):
 
     Classes never seen have count 0, a zero mean and a zero scatter.
 
-    API: :meth:`update` (a batch), :meth:`merge` (another accumulator), :meth:`grow_to`;
+    API: :meth:`update` (a batch), :meth:`merge` (another accumulator), :meth:`gathered` (all
+    ranks' accumulators of a data-parallel run), :meth:`grow_to`;
     read-outs in float64: :meth:`means`, :meth:`class_sums`, :meth:`covariance` (one class),
     :meth:`shared_covariance` (pooled within-class), :meth:`total_covariance`, :meth:`gram`,
     :meth:`within_scatter`, :meth:`seen`; ``counts`` is the (C,) buffer of sample counts.
@@ -109,6 +112,25 @@ class ClassStatistics(nn.Module):
         scatter = other.scatter.to(self.mean.device)
         s_b = scatter[classes] if self.mode == "per_class" else scatter if self.mode == "shared" else None
         self._merge(classes, other.counts.to(self.mean.device)[classes], other.mean.to(self.mean.device)[classes], s_b)
+
+    @torch.no_grad()
+    def gathered(self, world: World | None = None) -> ClassStatistics:
+        """Every rank's accumulator merged in rank order (``self`` when there is one process).
+
+        Under ``torchrun`` each rank accumulates its share of an experience into a fresh
+        accumulator; this gathers the shares (float64, ``all_gather_object``) so that every rank
+        holds the statistics of the whole experience. Collective: every rank must call it.
+        """
+        world = world or current()
+        if not world.active:
+            return self
+        shares = world.all_gather_object({k: v.cpu() for k, v in self.state_dict().items()})
+        total = ClassStatistics(self.dim, covariance=self.mode).to(self.mean.device)
+        for share in shares:
+            part = ClassStatistics(self.dim, covariance=self.mode)
+            part.load_state_dict(share)
+            total.merge(part)
+        return total
 
     def _merge(self, classes: torch.Tensor, n_b: torch.Tensor, m_b: torch.Tensor, s_b: torch.Tensor | None) -> None:
         """Chan et al.'s pairwise update for the given classes: counts ``n_b``, means ``m_b`` and

@@ -70,10 +70,20 @@ class ClassifierAlignment(nn.Module):
     def update(self, features: torch.Tensor, labels: torch.Tensor, task: int) -> None:
         """Add a batch of features of classes seen in task ``task`` (0-based)."""
         self.stats.update(features, labels)
+        self._mark(labels.unique(), task)
+
+    @torch.no_grad()
+    def add(self, stats: ClassStatistics, task: int) -> None:
+        """Add a task's accumulated statistics (``per_class`` covariance), e.g. all ranks' shares
+        of an experience (:meth:`ClassStatistics.gathered`)."""
+        self.stats.merge(stats)
+        self._mark(torch.nonzero(stats.seen()).flatten(), task)
+
+    def _mark(self, classes: torch.Tensor, task: int) -> None:
         extra = self.stats.n_classes - len(self.task_of_class)
         if extra > 0:
             self.task_of_class = torch.cat([self.task_of_class, self.task_of_class.new_full((extra,), -1)])
-        self.task_of_class[labels.to(self.task_of_class.device)] = task
+        self.task_of_class[classes.to(self.task_of_class.device)] = task
 
     def sampling_means(self) -> torch.Tensor:
         """``mu_c`` scaled by the mean shrinkage of its task, (C, D) float64."""

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clpeft.distributed import World, current
+
 
 @dataclass
 class PromptSelection:
@@ -98,13 +100,21 @@ class PromptPool(nn.Module):
         # selections made while training, and h: their normalised counts before the current task
         self.register_buffer("counts", torch.zeros(pool_size))
         self.register_buffer("frequency", torch.zeros(pool_size))
+        # selections of this process not yet added to ``counts`` (see :meth:`synchronize`)
+        self.register_buffer("pending", torch.zeros(pool_size), persistent=False)
 
     @property
     def pool_size(self) -> int:
         return self.prompts.shape[0]
 
+    def synchronize(self, world: World) -> None:
+        """Add every rank's pending selections to ``counts`` (an all-reduced sum)."""
+        self.counts += world.all_reduce_sum(self.pending)
+        self.pending.zero_()
+
     def start_task(self) -> None:
         """Freeze the frequencies ``h`` of the tasks so far (call before training on a new task)."""
+        self.synchronize(current())
         total = self.counts.sum()
         self.frequency.copy_(self.counts / total if total > 0 else self.counts)
 
@@ -120,7 +130,7 @@ class PromptPool(nn.Module):
         """Select prompts for a batch of queries ``(B, Dk)``; ``train`` counts the selections."""
         indices = self.select(query, train)
         if train:
-            self.counts += torch.bincount(indices.flatten(), minlength=self.pool_size).to(self.counts)
+            self.pending += torch.bincount(indices.flatten(), minlength=self.pool_size).to(self.pending)
         keys = F.normalize(self.keys, dim=-1)[indices]  # (B, N, Dk)
         cos = (keys * F.normalize(query, dim=-1).to(keys.dtype).unsqueeze(1)).sum(-1)
         prompts = self.prompts[indices].flatten(1, 2)  # (B, N * L_p, D)
