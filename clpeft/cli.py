@@ -1,4 +1,4 @@
-"""``clpeft run | validate | list | compare | report | sweep | merge`` (also ``python -m clpeft``)."""
+"""``clpeft run | bench | validate | list | compare | report | sweep | merge`` (also ``python -m clpeft``)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def _run(args) -> int:
         say(f"\naccuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}")
         say(f"\n{format_metrics(result['metrics'])}")
     say(f"\nrun directory: {out}  (train {result['timing']['train_s']:.1f} s, eval {result['timing']['eval_s']:.1f} s)")
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    from clpeft import config
+    from clpeft.bench import bench, format_bench
+
+    result = bench(config.load(args.config, args.set), device=args.device, steps=args.steps, warmup=args.warmup)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
     return 0
 
 
@@ -157,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deterministic", action="store_true",
                      help="only deterministic algorithms (bitwise-repeatable runs; some CUDA ops then raise)")
     run.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="time a config's training step and evaluation here, and estimate the full run")
+    bench.add_argument("config")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.batch_size=64")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    bench.set_defaults(func=_bench)
 
     validate = sub.add_parser("validate", help="check configs without running them")
     validate.add_argument("config", nargs="+")

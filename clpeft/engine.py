@@ -104,7 +104,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer | None:
+def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer | None:
     groups = [g for g in groups if g["params"]]
     if not groups:
         return None
@@ -112,6 +112,15 @@ def _make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer | None:
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     cls = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None) -> None:
+    """Backward, optional gradient-norm clipping, one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    optimizer.step()
 
 
 @contextmanager
@@ -470,10 +479,10 @@ class Engine:
         strategy.refresh_input_mode()
         strategy.to(self.device)
         data = strategy.train_data(exp)
-        optimizer = _make_optimizer(strategy.param_groups(train.lr), train)
+        optimizer = make_optimizer(strategy.param_groups(train.lr), train)
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, exp.index, "order"))
         n_steps = train.epochs * -(-len(data) // train.batch_size) if optimizer and len(data) else 0
-        step_fn = _training_step(strategy, self.world) if n_steps else None
+        step_fn = training_step_fn(strategy, self.world) if n_steps else None
         if self.world.active:  # independent dropout/augmentation draws per rank (re-synchronised below)
             seed_everything(derive_seed(self.cfg.seed, exp.index, "rank", self.world.rank))
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
@@ -496,11 +505,7 @@ class Engine:
                             f"non-finite loss ({value}) at experience {exp.index}, epoch {epoch}, step {step}; "
                             f"lower train.lr or check the data (checkpoints of earlier experiences are kept)"
                         )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if train.clip_grad is not None:
-                        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train.clip_grad)
-                    optimizer.step()
+                    optimizer_step(optimizer, loss, train.clip_grad)
                     if scheduler is not None:
                         scheduler.step()
                     total += value * n
@@ -605,7 +610,7 @@ class _StepModule(nn.Module):
         return self.strategy.training_step(batch) * weight
 
 
-def _training_step(strategy: Strategy, world: distributed.World):
+def training_step_fn(strategy: Strategy, world: distributed.World):
     """``step(batch, n_global) -> (loss to backpropagate, mean loss over the global batch, n_global)``.
 
     In one process this is ``training_step``. With several ranks the strategy runs under

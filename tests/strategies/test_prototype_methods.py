@@ -40,7 +40,7 @@ def spy(monkeypatch):
     """Runs the engine and keeps what it built: the stream, the strategy, its data access,
     every optimizer it made and the backbone weights at the end of each experience."""
     record = {"optimizers": [], "backbone": [], "steps": 0}
-    build, make_optimizer = clpeft.engine.Engine._build, clpeft.engine._make_optimizer
+    build, make_optimizer = clpeft.engine.Engine._build, clpeft.engine.make_optimizer
     after, step = FrozenFeatureClassifier.after_experience, FrozenFeatureClassifier.training_step
 
     def spy_build(self):
@@ -57,7 +57,7 @@ def spy(monkeypatch):
         return step(self, batch)
 
     monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-    monkeypatch.setattr(clpeft.engine, "_make_optimizer", lambda *a: record["optimizers"].append(make_optimizer(*a)) or record["optimizers"][-1])
+    monkeypatch.setattr(clpeft.engine, "make_optimizer", lambda *a: record["optimizers"].append(make_optimizer(*a)) or record["optimizers"][-1])
     monkeypatch.setattr(FrozenFeatureClassifier, "after_experience", spy_after)
     monkeypatch.setattr(FrozenFeatureClassifier, "training_step", spy_step)
 

@@ -49,7 +49,7 @@ def spy(monkeypatch):
     """Runs the engine and keeps what it built (stream, strategy), every optimizer it made, and
     a snapshot of the strategy's state after every experience."""
     record = {}
-    build, make_optimizer = clpeft.engine.Engine._build, clpeft.engine._make_optimizer
+    build, make_optimizer = clpeft.engine.Engine._build, clpeft.engine.make_optimizer
 
     def spy_build(self):
         stream, strategy = build(self)
@@ -69,7 +69,7 @@ def spy(monkeypatch):
         return record["optimizers"][-1]
 
     monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-    monkeypatch.setattr(clpeft.engine, "_make_optimizer", spy_optimizer)
+    monkeypatch.setattr(clpeft.engine, "make_optimizer", spy_optimizer)
 
     def run(tmp_path, cfg, out="run"):
         record.update(optimizers=[], states=[], config=cfg)

@@ -1,0 +1,151 @@
+"""``clpeft bench CONFIG``: how fast a config trains and evaluates on this machine, before a run.
+
+The run is built exactly as ``clpeft run`` builds it (scenario, backbone, strategy, device,
+autocast, ``train.compile``, feature cache) but no run directory is written (a ``disk`` feature
+cache is filled as a run would fill it). On the first experience it times, each once:
+
+- the feature-cache pass over the training data (frozen backbones only);
+- ``warmup`` untimed and then ``steps`` timed optimizer steps (``training_step``, backward,
+  clipping, ``optimizer.step``), cycling over epochs if the experience is short;
+- ``after_experience`` (prototypes, statistics, alignment: the whole cost of closed-form methods);
+- one evaluation pass over the experience's test set.
+
+and extrapolates to the whole stream with the first experience's rates::
+
+    train_s ~ epochs * sum_i |train_i| / (train samples/s) + T * after_experience_s + cache pass of every experience
+    eval_s  ~ rows * sum_j |test_j| / (eval samples/s),   rows = T (+1 with eval.baseline)
+
+Replay memories and growing heads make later experiences somewhat slower than the estimate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from clpeft.config import RunConfig
+from clpeft.engine import Engine, _peak_memory_mb, make_optimizer, optimizer_step, training_step_fn
+from clpeft.errors import UserError
+
+
+@dataclass
+class BenchResult:
+    """What ``clpeft bench`` measured (rates in samples per second, times in seconds)."""
+
+    device: str
+    strategy: str
+    batch_size: int
+    steps: int
+    step_s: float | None  # median seconds per optimizer step (None: the method takes no gradient steps)
+    train_samples_per_s: float | None
+    cache_s: float | None  # feature-cache pass over the first experience's training data (None: no cache)
+    after_experience_s: float
+    eval_samples_per_s: float
+    peak_memory_mb: float
+    estimated_train_s: float
+    estimated_eval_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3) -> BenchResult:
+    """Measure ``cfg`` on this machine (see the module docstring); writes no run directory."""
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0 (got {steps} and {warmup})")
+    train = cfg.train
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(cfg, Path(tmp) / "bench", device=device)
+        stream, strategy = engine._build()
+    dev = engine.device
+    exp = stream[0]
+    strategy.before_experience(exp)
+    strategy.refresh_input_mode()
+    strategy.to(dev)
+    data = strategy.train_data(exp)
+
+    cache_s = None
+    if engine.data.cache is not None:
+        t0 = _clock(dev)
+        engine.data.cache.features(data)
+        cache_s = _clock(dev) - t0
+
+    optimizer = make_optimizer(strategy.param_groups(train.lr), train)
+    durations: list[float] = []
+    if optimizer is not None and len(data):
+        step = training_step_fn(strategy, engine.world)
+        strategy.train()
+        generator = torch.Generator().manual_seed(cfg.seed)
+        while len(durations) < warmup + steps:
+            for batch in engine.data.batches(data, train.batch_size, shuffle=True, generator=generator,
+                                             uses_features=strategy.uses_features, with_query=strategy.needs_query):
+                t0 = _clock(dev)
+                with engine.autocast():
+                    loss, _, _ = step(batch, len(batch.y))
+                optimizer_step(optimizer, loss, train.clip_grad)
+                durations.append((_clock(dev) - t0, len(batch.y)))
+                if len(durations) == warmup + steps:
+                    break
+        strategy.eval()
+    timed = durations[warmup:]
+
+    t0 = _clock(dev)
+    strategy.after_experience(exp)
+    after_s = _clock(dev) - t0
+
+    engine.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
+    t0 = _clock(dev)
+    engine._correct(strategy, exp.test)
+    eval_rate = len(exp.test) / max(_clock(dev) - t0, 1e-9)
+
+    step_s = statistics.median(d for d, _ in timed) if timed else None
+    train_rate = sum(n for _, n in timed) / sum(d for d, _ in timed) if timed else None
+    total_train = sum(len(e.train) for e in stream)
+    rows = len(stream) + (1 if cfg.eval.baseline else 0)
+    estimated_train = (train.epochs * total_train / train_rate if train_rate else 0.0) + len(stream) * after_s
+    if cache_s and len(data):
+        estimated_train += cache_s * total_train / len(data)
+    return BenchResult(
+        device=str(dev), strategy=cfg.strategy.name, batch_size=train.batch_size, steps=len(timed), step_s=step_s,
+        train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=eval_rate,
+        peak_memory_mb=_peak_memory_mb(dev), estimated_train_s=estimated_train,
+        estimated_eval_s=rows * sum(len(e.test) for e in stream) / eval_rate,
+    )
+
+
+def format_bench(result: BenchResult) -> str:
+    """The human-readable summary ``clpeft bench`` prints."""
+    lines = [f"strategy {result.strategy} on {result.device}, batch size {result.batch_size}"]
+    if result.step_s is None:
+        lines.append("training step         none (the method takes no gradient steps)")
+    else:
+        lines.append(f"training step         {result.step_s * 1e3:.1f} ms median over {result.steps} steps "
+                     f"({result.train_samples_per_s:.0f} samples/s)")
+    if result.cache_s is not None:
+        lines.append(f"feature cache         {result.cache_s:.2f} s for the first experience (once per sample)")
+    lines += [
+        f"after_experience      {result.after_experience_s:.2f} s",
+        f"evaluation            {result.eval_samples_per_s:.0f} samples/s",
+        f"peak memory           {result.peak_memory_mb:.0f} MB",
+        f"estimated full run    train {_duration(result.estimated_train_s)}, evaluation {_duration(result.estimated_eval_s)}",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
