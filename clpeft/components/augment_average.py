@@ -12,8 +12,8 @@ augmented images in one call and runs one forward under ``torch.func.vmap`` over
 augmentations, so BatchNorm layers that normalise with batch statistics still see each
 augmentation's batch separately: the result equals the loop's
 (:func:`augmentation_average_loop`, kept as the reference) up to float rounding. Stacking
-saves per-call overhead, which is what a GPU pays for; on a CPU the loop is faster (measured),
-so the default stacks on CUDA only.
+saves per-call overhead, which is what a GPU pays for; on a CPU the forward of one large batch
+is slower than ``N`` smaller ones (measured), so there only the augmentation is stacked.
 
 :class:`TTAugment` is CoTTA's CIFAR augmentation on tensors, with parameters drawn per image:
 brightness, contrast and gamma jitter, a random affine map (rotation, translation, scale) with
@@ -131,23 +131,27 @@ def augmentation_average(model: Callable[[torch.Tensor], torch.Tensor], x: torch
                          n: int, generator: torch.Generator | None = None, stacked: bool | None = None) -> torch.Tensor:
     """Mean of ``model``'s logits over ``n`` augmentations of ``x``.
 
-    ``stacked``: one augment call and one forward over all ``n * B`` images, vmapped over the
-    augmentations (per-augmentation batch statistics); rows ``i*B .. (i+1)*B`` of the drawn
+    ``stacked=True``: one augment call and one forward over all ``n * B`` images, vmapped over
+    the augmentations (per-augmentation batch statistics); rows ``i*B .. (i+1)*B`` of the drawn
     parameters are augmentation ``i``. ``False`` runs :func:`augmentation_average_loop` (same
-    draws, same result). ``None`` stacks on CUDA only: on a CPU the per-element cost of a
-    convolution grows with the batch once activations outgrow the caches:
-    ``benchmarks/tta_bench.py`` (``cnn`` backbone, 28x28 images, N = 16, one thread) measured the
-    stacked path 1.16x faster than the loop at B = 4 but 1.6x and 2.6x slower at B = 16 and 64.
+    draws, same result). ``None`` (default): the single forward on CUDA; on a CPU one augment
+    call over all ``n * B`` images, then one forward per augmentation, because there the cost of
+    a convolution per image grows with the batch once activations outgrow the caches:
+    ``benchmarks/tta_bench.py`` (``cnn`` backbone, 28x28 images, N = 16, one thread) measured
+    the single forward 1.16x faster than the loop at B = 4 but 1.6x and 2.6x slower at B = 16
+    and 64, while the stacked augmentation alone is 2-4x faster than the loop's.
     """
-    if stacked is None:
-        stacked = x.is_cuda
-    if not stacked:
-        return augmentation_average_loop(model, x, augment, n, generator)
     b = x.shape[0]
+    if stacked is False:
+        return augmentation_average_loop(model, x, augment, n, generator)
     params = _draw(x, augment, n, generator)
-    stacked = augment.apply(x.repeat(n, *([1] * (x.dim() - 1))), params)
-    logits = torch.func.vmap(model, randomness="different")(stacked.view(n, b, *x.shape[1:]))
-    return logits.mean(0)
+    images = augment.apply(x.repeat(n, *([1] * (x.dim() - 1))), params).view(n, b, *x.shape[1:])
+    if stacked or (stacked is None and x.is_cuda):
+        return torch.func.vmap(model, randomness="different")(images).mean(0)
+    total = model(images[0])
+    for i in range(1, n):
+        total = total + model(images[i])
+    return total / n
 
 
 def augmentation_average_loop(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, augment: TTAugment,

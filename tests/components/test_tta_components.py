@@ -87,9 +87,11 @@ def test_stacked_augmentation_average_equals_the_python_loop_with_batch_statisti
     augment = TTAugment(flip=0.5)
     with torch.no_grad():
         stacked = augmentation_average(model, x, augment, 8, torch.Generator().manual_seed(3), stacked=True)
+        cpu_default = augmentation_average(model, x, augment, 8, torch.Generator().manual_seed(3))  # stacked augment, looped forward
         loop = augmentation_average_loop(model, x, augment, 8, torch.Generator().manual_seed(3))
         plain = model(x)
     torch.testing.assert_close(stacked, loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_default, loop, rtol=1e-5, atol=1e-5)
     assert (stacked - plain).abs().max() > 1e-3  # the augmentations did something
     # per-augmentation statistics: one forward over all 48 images at once would differ
     with torch.no_grad():
