@@ -13,6 +13,7 @@ import importlib.util
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,3 +259,35 @@ def test_smollm_padding_gives_each_text_its_own_features(smollm, side, pooling):
     assert mask[0].tolist()[0 if side == "left" else -1] == 0  # the short text is padded on that side
     for i in range(2):
         torch.testing.assert_close(together[i], bb.encode([seqs[i]])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_simplecil_on_minilm_equals_numpy_cosine_prototypes(tmp_path):
+    """SimpleCIL on text: after the last experience, every test utterance goes to the class whose
+    mean training feature is nearest in cosine -- recomputed here in numpy from the cached MiniLM
+    features -- and that beats finetune's 0.30 on this stream by a wide margin."""
+    run = {
+        "seed": 0,
+        "scenario": {"name": "class_incremental", "dataset": "chatterbot", "n_experiences": 4, "class_order": 1993,
+                     "train_per_class": 12, "test_per_class": 10},
+        "backbone": {"name": "text_encoder", "weights": "minilm-l6", "freeze": True},
+        "strategy": {"name": "simplecil"},
+        "train": {"feature_cache": "memory"},
+        "eval": {"baseline": False},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
+    cfg = config.resolve(run)
+    engine = Engine(cfg, tmp_path / "run", device="cpu")
+    out = engine.run()
+    stream = cfg.scenario.cls(seed=cfg.seed, **cfg.scenario.params).experiences()
+    train = [engine.data.cache.features(e.train).double().numpy() for e in stream]
+    labels = [e.train.targets.numpy() for e in stream]
+    x, y = np.concatenate(train), np.concatenate(labels)
+    means = np.stack([x[y == c].mean(0) for c in range(12)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    expected = []
+    for e in stream:
+        f = engine.data.cache.features(e.test).double().numpy()
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
+        expected.append(float(((f @ means.T).argmax(1) == e.test.targets.numpy()).mean()))
+    np.testing.assert_allclose(out["acc_matrix"][-1], expected, atol=1e-12)
+    assert out["metrics"]["acc_last"] > 0.5, out["acc_matrix"]
