@@ -6,13 +6,16 @@ statistics of the merge report, calls the method, adds the base back and hands t
 to a sink (a state dict, or the streaming safetensors writer). LoRA adapters supply their
 task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 
-Memory: on the CPU the read buffers are allocated once, for the largest tensor, and reused,
-so peak memory stays near ``(K + 2)`` times the largest tensor plus the method's per-row
-temporaries, whatever the model size.
+Memory: on the CPU the inputs are read straight from memory maps of the files (no copy into
+a read buffer); each batch's pages leave the resident set once it is written, and the task
+vectors go to one work buffer allocated for the largest tensor and reused, so peak memory stays
+near ``(K + 2)`` times the largest tensor plus the method's per-row temporaries, whatever the
+model size.
 
-Devices: the same code runs on CPU and CUDA. On CUDA the read buffers are pinned and each
-batch moves with one non-blocking copy per buffer, so consecutive small tensors (biases,
-norms) travel together (up to ``batch_bytes`` per input); statistics stay on the device
+Devices: the same code runs on CPU and CUDA. Off the CPU each batch is packed into one host
+buffer per input (pinned for CUDA) and moves with one non-blocking copy per buffer, so
+consecutive small tensors (biases, norms) travel together (up to ``batch_bytes`` per input);
+statistics stay on the device
 until the batch is written, and the next batch is read from disk while the device computes
 the current one.
 
@@ -63,13 +66,11 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 @dataclass
 class _Staged:
-    """One batch read into host buffers, and where each job's bytes sit in them."""
+    """One batch of jobs and their bytes on the host (memory-mapped views, not copies)."""
 
     jobs: list[TensorJob]
-    base: torch.Tensor  # uint8 (bytes,)
-    models: torch.Tensor  # uint8 (K, bytes); K = 0 for LoRA merges
-    base_offsets: list[int]
-    model_offsets: list[int | None]  # None: the fine-tuned tensors are not read
+    bases: list[torch.Tensor]  # per job: the base tensor's bytes, uint8
+    models: list[list[torch.Tensor] | None]  # per job: each fine-tuned tensor's bytes (None: not read)
 
 
 @dataclass
@@ -170,41 +171,57 @@ class MergeEngine:
         return buffer[:nbytes]
 
     def _stage(self, jobs: list[TensorJob]) -> _Staged:
-        """Read a batch: base tensors into one buffer, each fine-tuned model's into one row of another."""
-        base_offsets: list[int] = []
-        model_offsets: list[int | None] = []
-        base_size = model_size = 0
+        """A batch's bytes: views of the sources (memory maps or in-memory tensors), no copy."""
+        return _Staged(
+            jobs,
+            [self.base.view(job.name) for job in jobs],
+            [[m.view(job.name) for m in self._full] if job.merge and self._full else None for job in jobs],
+        )
+
+    def _release(self, jobs: list[TensorJob]) -> None:
+        """Drop the sources' pages of a finished batch from the resident set."""
         for job in jobs:
+            self.base.release(job.name)
+            if job.merge:
+                for model in self._full:
+                    model.release(job.name)
+
+    def _to_device(self, staged: _Staged) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Pack the batch into one host buffer per input (pinned for CUDA), move each with one
+        non-blocking copy, and slice the device copies back per job: base bytes, and a
+        ``(K, bytes)`` block of fine-tuned bytes that the merge may overwrite."""
+        base_offsets, model_offsets = [], []
+        base_size = model_size = 0
+        for job, rows in zip(staged.jobs, staged.models):
             base_offsets.append(base_size)
             base_size += _aligned(job.info.nbytes)
-            if job.merge and self._full:
-                model_offsets.append(model_size)
-                model_size += _aligned(max(m.info(job.name).nbytes for m in self._full))
-            else:
-                model_offsets.append(None)
+            model_offsets.append(None if rows is None else model_size)
+            if rows is not None:
+                model_size += _aligned(max(r.numel() for r in rows))
         base = self._host_buffer("base", base_size)
         models = self._host_buffer("models", len(self._full) * model_size).view(len(self._full), model_size)
-        for job, base_offset, model_offset in zip(jobs, base_offsets, model_offsets):
-            self.base.read_into(job.name, base[base_offset : base_offset + job.info.nbytes])
-            if model_offset is not None:
-                for row, model in zip(models, self._full):
-                    model.read_into(job.name, row[model_offset : model_offset + model.info(job.name).nbytes])
-        return _Staged(jobs, base, models, base_offsets, model_offsets)
+        for job, view, rows, b_off, m_off in zip(staged.jobs, staged.bases, staged.models, base_offsets, model_offsets):
+            base[b_off : b_off + job.info.nbytes].copy_(view)
+            if rows is not None:
+                for row, raw in zip(models, rows):
+                    row[m_off : m_off + raw.numel()].copy_(raw)
+        self._release(staged.jobs)
+        base, models = base.to(self.device, non_blocking=True), models.to(self.device, non_blocking=True)
+        return ([base[o : o + job.info.nbytes] for job, o in zip(staged.jobs, base_offsets)],
+                [None if o is None else models[:, o:] for o in model_offsets])
 
     # ------------------------------------------------------------------ arithmetic
 
     def _compute(self, staged: _Staged) -> _InFlight:
-        base = staged.base.to(self.device, non_blocking=True)  # one copy per buffer off the CPU
-        models = staged.models.to(self.device, non_blocking=True)
+        bases, models = self._to_device(staged) if self._transfer else (staged.bases, staged.models)
         outputs: list[torch.Tensor] = []
         stats: list[torch.Tensor | None] = []
-        for job, base_offset, model_offset in zip(staged.jobs, staged.base_offsets, staged.model_offsets):
+        for job, host_base, base, rows in zip(staged.jobs, staged.bases, bases, models):
             if not job.merge:  # copied from the base: never leaves the host
-                outputs.append(_typed(staged.base, base_offset, job.info))
+                outputs.append(_typed(host_base, 0, job.info))
                 stats.append(None)
                 continue
-            rows = models[:, model_offset:] if model_offset is not None else models
-            merged, packed = self._merge(job, _typed(base, base_offset, job.info), rows)
+            merged, packed = self._merge(job, _typed(base, 0, job.info), rows)
             outputs.append(self._to_host(merged))
             stats.append(self._to_host(packed))
         done = None
@@ -213,7 +230,7 @@ class MergeEngine:
             done.record()
         return _InFlight(staged.jobs, outputs, stats, done)
 
-    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.float64 if base_raw.dtype == torch.float64 else torch.float32
         base = base_raw.reshape(-1).to(dtype)
         if self._coefficients is not None:
@@ -227,10 +244,11 @@ class MergeEngine:
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
 
-    def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows) -> torch.Tensor:
         """``(K, N)`` task vectors in ``base``'s dtype, owned by the method (may be overwritten).
 
-        ``rows`` holds the fine-tuned tensors' bytes, one row per model, from its first column.
+        ``rows`` holds the fine-tuned tensors' bytes, one per model: read-only source views
+        (a list), or a ``(K, bytes)`` device copy (a tensor) that may be overwritten in place.
         """
         if self._adapters:
             task_vectors = self._scratch(len(self._adapters), base.numel(), base.dtype)
@@ -241,7 +259,7 @@ class MergeEngine:
                     row.zero_()
             return task_vectors
         infos = [m.info(job.name) for m in self._full]
-        if all(info.dtype == base.dtype for info in infos):  # subtract in place in the read buffer
+        if isinstance(rows, torch.Tensor) and all(info.dtype == base.dtype for info in infos):  # in place in the copy
             return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
         task_vectors = self._scratch(len(self._full), base.numel(), base.dtype)
         for row, raw, info in zip(task_vectors, rows, infos):
@@ -279,6 +297,8 @@ class MergeEngine:
                 self._check_finite(job.name, values)
                 reports.append(unpack_stats(job.name, job.info.shape, values))
             sink(job, output)
+        if not self._transfer:  # off the CPU the views were released once copied
+            self._release(flight.jobs)
         return reports
 
     def _check_finite(self, name: str, values: list[float]) -> None:

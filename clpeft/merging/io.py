@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -96,8 +97,13 @@ class TensorSource(Protocol):
 
     def info(self, key: str) -> TensorInfo: ...
 
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Copy the bytes of ``key`` into ``out``, a contiguous CPU uint8 tensor of ``info(key).nbytes``."""
+    def view(self, key: str) -> torch.Tensor:
+        """The bytes of ``key`` as a flat CPU uint8 tensor, without copying where possible
+        (memory-mapped files, in-memory tensors). Read it, never write to it."""
+
+    def release(self, key: str) -> None:
+        """Done with :meth:`view` of ``key``: a memory-mapped source drops its pages from this
+        process's resident memory (they stay in the page cache)."""
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor ``key`` (a new CPU tensor, or the caller's own for in-memory sources)."""
@@ -126,8 +132,11 @@ class StateDictSource:
         t = self._tensors[key]
         return TensorInfo(t.dtype, tuple(t.shape))
 
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        out.copy_(self._tensors[key].detach().reshape(-1).view(torch.uint8))
+    def view(self, key: str) -> torch.Tensor:
+        return self._tensors[key].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+    def release(self, key: str) -> None:
+        """Nothing to release."""
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key].detach()
@@ -150,7 +159,9 @@ class SafetensorsSource:
     """A :class:`TensorSource` over one or several safetensors files (shards).
 
     Opening reads and validates the headers only: a truncated file or a malformed header is
-    reported at once, naming the file. Tensors are read on demand with positioned reads.
+    reported at once, naming the file. Tensors are read on demand from a private memory map of
+    each file (no copy through a read buffer; :meth:`release` drops a tensor's pages from the
+    resident set once it has been used, so memory stays near the tensors in flight).
     Use it as a context manager (or call :meth:`close`).
 
     Args:
@@ -162,6 +173,7 @@ class SafetensorsSource:
         self.paths = [Path(p) for p in paths]
         self.description = description or (str(self.paths[0]) if len(self.paths) == 1 else str(self.paths[0].parent))
         self._files: list[BinaryIO] = []
+        self._maps: dict[int, mmap.mmap] = {}
         self._entries: dict[str, _Entry] = {}
         self._metadata: dict[str, str] = {}
         try:
@@ -223,30 +235,40 @@ class SafetensorsSource:
     def info(self, key: str) -> TensorInfo:
         return self._entries[key].info
 
-    def read_into(self, key: str, out: torch.Tensor) -> None:
+    def _map(self, index: int) -> mmap.mmap:
+        if index not in self._maps:
+            # copy-on-write: a writable buffer for torch.frombuffer, and no write ever reaches the file
+            self._maps[index] = mmap.mmap(self._files[index].fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[index]
+
+    def view(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
-        f = self._files[entry.file]
-        view = memoryview(out.numpy()).cast("B")
-        f.seek(entry.offset)
-        filled = 0
-        while filled < len(view):
-            got = f.readinto(view[filled:])
-            if not got:
-                raise UserError(
-                    f"{self.paths[entry.file]} is truncated while reading tensor '{key}'; re-save or re-download it"
-                )
-            filled += got
+        if entry.info.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._map(entry.file), dtype=torch.uint8, count=entry.info.nbytes, offset=entry.offset)
+
+    def release(self, key: str) -> None:
+        entry = self._entries[key]
+        start = entry.offset - entry.offset % mmap.PAGESIZE
+        end = entry.offset + entry.info.nbytes
+        end -= end % mmap.PAGESIZE  # whole pages only: a neighbour's first page may still be in use
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map(entry.file).madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def read(self, key: str) -> torch.Tensor:
         info = self.info(key)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
-        self.read_into(key, out)
-        return out.view(info.dtype).view(info.shape)
+        return self.view(key).clone().view(info.dtype).view(info.shape)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 
     def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a tensor still views it: the map closes when that tensor is freed
+                pass
+        self._maps.clear()
         for f in self._files:
             f.close()
         self._files.clear()
