@@ -31,10 +31,9 @@ import torch
 from pydantic import Field
 
 from clpeft.components.fisher import FisherPenalty
+from clpeft.components.source_data import source_training_data
 from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta_losses import EATASampleFilter, batch_gradient_importance, entropy
-from clpeft.data import DataView
-from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -72,11 +71,6 @@ class EATA(Strategy):
         self.adaptation = OnlineAdaptation("norm", True, optimizer, lr, momentum)
         self.filter = EATASampleFilter(0.0, redundancy_margin)
         self.penalty = FisherPenalty()
-        self._source: DataView | None = None
-
-    def after_experience(self, exp: Experience) -> None:
-        if exp.train is not None:
-            self._source = exp.train  # the source training data: EATA's source-like samples
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
@@ -88,10 +82,7 @@ class EATA(Strategy):
         """Record the source parameters and their importance ``w`` (eq. 9)."""
         if self.fisher_alpha == 0:
             return
-        source = self._source or next((e.train for e in reversed(exp.past) if e.train is not None), None)
-        if source is None:
-            raise UserError("eata weighs its parameters on source data, and this run has none (the source model was "
-                            "loaded, not trained); set strategy.fisher_alpha: 0 (ETA)", key="strategy.fisher_alpha")
+        source = source_training_data(exp, "eata", "strategy.fisher_alpha: 0 (ETA)")
         subset = source.take(torch.randperm(len(source))[: self.fisher_size])
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         with torch.enable_grad():

@@ -9,7 +9,10 @@ smoothness prior (eq. 4), found by the fixed point ``z_i <- softmax(log p_i + su
 (:mod:`clpeft.components.laplacian_adjustment`). ``adapt`` returns ``log z`` as logits.
 
 The default affinity is the paper's kNN graph with ``k = 5`` (the authors' code also offers
-``rbf`` and ``linear``).
+``rbf`` and ``linear``; Döbler et al.'s TTA benchmark uses ``rbf``). ``batch_statistics: true``
+is a variant outside the paper: the features come from the backbone normalised with test-batch
+BatchNorm statistics (as ``bn_adapt``), for streams whose covariate shift leaves the source
+statistics' features too poor for a useful affinity graph.
 """
 
 from typing import Annotated, Literal
@@ -18,6 +21,8 @@ import torch
 from pydantic import Field
 
 from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
+from clpeft.components.test_time import OnlineAdaptation, classifier
+from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
 
@@ -31,21 +36,27 @@ class LAME(Strategy):
         affinity: ``knn``, ``rbf`` or ``linear`` affinity between test features.
         knn: neighbours ``k`` of the kNN graph (and of the rbf bandwidth).
         max_steps: maximum fixed-point iterations.
+        batch_statistics: normalise with test-batch BatchNorm statistics (not in the paper).
     """
 
     supported_scenarios = ("test_time_adaptation",)
     frozen_features = False
 
     def __init__(self, backbone, affinity: Literal["knn", "rbf", "linear"] = "knn", knn: Annotated[int, Field(ge=1)] = 5,
-                 max_steps: Annotated[int, Field(ge=1)] = 100):
+                 max_steps: Annotated[int, Field(ge=1)] = 100, batch_statistics: bool = False):
         super().__init__(backbone)
         self.affinity_kind = affinity
         self.knn = knn
         self.max_steps = max_steps
+        self.adaptation = OnlineAdaptation(params="none", batch_statistics=batch_statistics)
+
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        if exp.train is None:
+            self.adaptation.prepare(self, classifier(self.backbone, self.head))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.eval()
+        self.adaptation.begin_batch(self)
         with torch.no_grad():
             features = self.embed(x)
             probs = self.head(features).float().softmax(1)

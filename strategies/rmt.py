@@ -1,42 +1,61 @@
-"""RMT: the robust mean teacher's symmetric cross-entropy self-training.
+"""RMT: the robust mean teacher for continual and gradual test-time adaptation.
 
 Döbler et al., "Robust Mean Teacher for Continual and Gradual Test-Time Adaptation", CVPR 2023
-(https://arxiv.org/abs/2211.13081). A student learns from an EMA teacher with the symmetric
-cross-entropy (eq. 3, weighting of the authors' code, student ``p``, teacher ``q``)
+(https://arxiv.org/abs/2211.13081). A student adapts to each test batch under three losses,
+with the weighting of the authors' code (student ``p``, EMA teacher ``q``):
 
-    SCE(p, q) = -1/2 sum_c q_c log p_c - 1/2 sum_c p_c log q_c,
+* self-training (eq. 3): symmetric cross-entropy to the teacher on the batch and on one random
+  augmentation of it, ``1/2 SCE(p(x), q(x)) + 1/2 SCE(p(aug x), q(x))`` (weight ``lambda_ce_trg``);
+* contrastive (eq. 4): the features of ``x``, of ``aug x`` and the source prototype nearest to
+  ``x`` (cosine) are three views of one sample; a projection head (two linear layers, 128 wide)
+  maps them into the space of the multi-view contrastive loss, temperature 0.1 (``lambda_cont``);
+* source replay (section 3.4): cross-entropy on a labelled batch of the source training data
+  (``lambda_ce_src``).
 
-on the test batch and on one random augmentation of it (loss ``1/2 SCE(x) + 1/2 SCE(aug(x))``);
-the teacher follows by EMA, ``theta' <- alpha theta' + (1 - alpha) theta``; the prediction is the
-ensemble ``f(x) + f'(x)`` of student and teacher logits.
+Before adaptation the source prototypes (class means of the source features) are computed and
+the mean-teacher pair is warmed up on ``warmup_samples`` source images with the self-training
+loss, the learning rate ramping linearly to ``lr`` (section 3.3). The teacher follows the
+student by EMA, ``theta' <- alpha theta' + (1 - alpha) theta``; the prediction is the ensemble
+``f(x) + f'(x)`` of student and teacher logits. Defaults are the authors' CIFAR-10-C settings
+(Adam lr 1e-3, ``alpha`` 0.999, all parameters adapt, BatchNorm uses test-batch statistics,
+50,000 warm-up samples); they replay source batches of the test batch size, here
+``source_batch_size``. Without source data (a source model loaded from a checkpoint) set
+``lambda_cont``, ``lambda_ce_src`` and ``warmup_samples`` to 0: that leaves the self-training
+core. A stream that resets to the source model per domain redoes the warm-up each time.
 
-Implemented here: that self-training core (``lambda_ce_trg`` = 1). Omitted, and documented as
-such: the contrastive loss that pulls test features towards their nearest source-class
-prototype through a projection head, the replay of labelled source batches (``lambda_ce_src``),
-and the mean-teacher warm-up on source data before adaptation. Defaults are the authors'
-CIFAR-10-C settings (Adam lr 1e-3, ``alpha`` 0.999; all parameters adapt, BatchNorm uses
-test-batch statistics).
-
-Paper symbols: ``alpha`` -> ``ema_momentum``.
+Paper symbols: ``alpha`` -> ``ema_momentum``; the loss weights keep the code's names.
 """
 
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from clpeft.components.augment_average import TTAugment
+from clpeft.components.class_statistics import ClassStatistics
 from clpeft.components.ema import EMATeacher
-from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
-from clpeft.components.tta_losses import symmetric_cross_entropy
+from clpeft.components.source_data import SourceBatches, source_training_data
+from clpeft.components.test_time import (
+    OnlineAdaptation,
+    batch_norm_layers,
+    check_adaptable,
+    classifier,
+    use_batch_statistics,
+)
+from clpeft.components.tta_losses import multi_view_contrastive_loss, symmetric_cross_entropy
+from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
 
+NO_SOURCE_DATA = "strategy.lambda_cont: 0, strategy.lambda_ce_src: 0 and strategy.warmup_samples: 0"
+
 
 @register_strategy("rmt")
 class RMT(Strategy):
-    """Robust Mean Teacher: symmetric cross-entropy to an EMA teacher on clean and augmented views (Döbler et al. 2023).
+    """Robust Mean Teacher: self-training, prototype contrast and source replay (Döbler et al. 2023).
 
     Args:
         backbone: the source feature extractor.
@@ -46,6 +65,13 @@ class RMT(Strategy):
         params: ``all`` (RMT) or ``norm`` parameters adapt.
         ema_momentum: teacher momentum ``alpha``.
         flip: horizontal-flip probability of the augmentation (0 for digits-like data).
+        lambda_ce_trg: weight of the self-training loss.
+        lambda_cont: weight of the contrastive loss (0: no prototypes, no projection head).
+        lambda_ce_src: weight of the cross-entropy on replayed source batches (0: no replay).
+        warmup_samples: source images of the mean-teacher warm-up (0: none).
+        source_batch_size: batch size of the warm-up and of source replay.
+        temperature: temperature of the contrastive loss.
+        projection_dim: width of the projection head.
     """
 
     supported_scenarios = ("test_time_adaptation",)
@@ -53,27 +79,91 @@ class RMT(Strategy):
 
     def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
                  params: Literal["all", "norm"] = "all", ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
-                 flip: Annotated[float, Field(ge=0, le=1)] = 0.5):
+                 flip: Annotated[float, Field(ge=0, le=1)] = 0.5, lambda_ce_trg: Annotated[float, Field(ge=0)] = 1.0,
+                 lambda_cont: Annotated[float, Field(ge=0)] = 1.0, lambda_ce_src: Annotated[float, Field(ge=0)] = 1.0,
+                 warmup_samples: Annotated[int, Field(ge=0)] = 50000,
+                 source_batch_size: Annotated[int, Field(ge=1)] = 64,
+                 temperature: Annotated[float, Field(gt=0)] = 0.1, projection_dim: Annotated[int, Field(ge=1)] = 128):
         super().__init__(backbone)
         check_adaptable(backbone, params, "rmt")
+        self.lambda_ce_trg = lambda_ce_trg
+        self.lambda_cont = lambda_cont
+        self.lambda_ce_src = lambda_ce_src
+        self.warmup_samples = warmup_samples
+        self.temperature = temperature
         self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.augment = TTAugment(flip=flip)
+        self.source_batches = SourceBatches(source_batch_size)
+        self.prototypes = ClassStatistics(backbone.feature_dim, covariance="none")
+        d = backbone.feature_dim
+        self.projector = nn.Sequential(nn.Linear(d, projection_dim), nn.ReLU(), nn.Linear(projection_dim, projection_dim))
+
+    @property
+    def uses_source_data(self) -> bool:
+        return self.lambda_cont > 0 or self.lambda_ce_src > 0 or self.warmup_samples > 0
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head),
-                                    on_start=lambda: self.teacher.reset(classifier(self.backbone, self.head)))
+        if exp.train is not None:
+            return
+        source = source_training_data(exp, "rmt", NO_SOURCE_DATA) if self.uses_source_data else None
+        if source is not None:
+            self.source_batches.attach(source)
+        self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=lambda: self._start(source),
+                                extra=self.projector.parameters() if self.lambda_cont > 0 else ())
+
+    def _start(self, source: DataView | None) -> None:
+        """Teacher = source model; source prototypes; mean-teacher warm-up (sections 3.2-3.3)."""
+        self.teacher.reset(classifier(self.backbone, self.head))
+        use_batch_statistics(batch_norm_layers(self.teacher))
+        if source is None:
+            return
+        self.source_batches.start(source)
+        if self.lambda_cont > 0:
+            self.prototypes = ClassStatistics(self.backbone.feature_dim, self.head.n_classes, "none").to(self.device)
+            with torch.no_grad():
+                for batch in self.batches(source, self.source_batches.batch_size):
+                    self.prototypes.update(self.backbone(batch.x), batch.y)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        steps = self.warmup_samples // self.source_batches.batch_size
+        student = classifier(self.backbone, self.head)
+        for step in range(steps):
+            self.adaptation.optimizer.scale_lr((step + 1) / steps)
+            x = self.source_batches.next(self).x
+            with torch.no_grad():
+                target = self.teacher(x)
+            with torch.enable_grad():
+                self.adaptation.step(symmetric_cross_entropy(student(x), target).mean())
+            self.teacher.update(student)
+        if steps:
+            self.adaptation.optimizer.scale_lr(1.0)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)
-        student = classifier(self.backbone, self.head)
-        logits = student(x)
-        logits_aug = student(self.augment(x))
+        features = self.backbone(x)
+        features_aug = self.backbone(self.augment(x))
+        logits, logits_aug = self.head(features), self.head(features_aug)
         with torch.no_grad():
             target = self.teacher(x)
-        loss = 0.5 * symmetric_cross_entropy(logits, target).mean() + 0.5 * symmetric_cross_entropy(logits_aug, target).mean()
+        loss = self.lambda_ce_trg * (0.5 * symmetric_cross_entropy(logits, target)
+                                     + 0.5 * symmetric_cross_entropy(logits_aug, target)).mean()
+        if self.lambda_cont > 0:
+            loss = loss + self.lambda_cont * self._contrastive(features, features_aug)
+        if self.lambda_ce_src > 0:
+            batch = self.source_batches.next(self)
+            loss = loss + self.lambda_ce_src * F.cross_entropy(self.head(self.backbone(batch.x)), batch.y)
         self.adaptation.step(loss)
-        self.teacher.update(student)
-        return (logits.detach() + target)
+        self.teacher.update(classifier(self.backbone, self.head))
+        return logits.detach() + target
+
+    def _contrastive(self, features: torch.Tensor, features_aug: torch.Tensor) -> torch.Tensor:
+        """Eq. 4: nearest source prototype, test features and augmented features as three views."""
+        prototypes = self.prototypes.means().to(features.dtype)
+        with torch.no_grad():
+            nearest = (F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).T).argmax(1)
+        views = torch.stack([prototypes[nearest], features, features_aug], dim=1)
+        z = F.normalize(self.projector(views), dim=-1)
+        return multi_view_contrastive_loss(z, self.temperature)

@@ -26,9 +26,15 @@ from clpeft.components.prompt_pool import PromptPool, PromptSelection
 from clpeft.components.prompted_classifier import ClassMask, promptable_width, query_of
 from clpeft.components.rank_allocation import RankAllocator
 from clpeft.components.replay import ReplayBuffer
+from clpeft.components.source_data import SourceBatches, source_training_data
 from clpeft.components.stochastic_restore import StochasticRestore
 from clpeft.components.test_time import AdaptationOptimizer, OnlineAdaptation
-from clpeft.components.tta_losses import EATASampleFilter, entropy, symmetric_cross_entropy
+from clpeft.components.tta_losses import (
+    EATASampleFilter,
+    entropy,
+    multi_view_contrastive_loss,
+    symmetric_cross_entropy,
+)
 
 __all__ = [
     "Adapter",
@@ -56,6 +62,7 @@ __all__ = [
     "RankAllocator",
     "ReplayBuffer",
     "RidgeHead",
+    "SourceBatches",
     "StochasticRestore",
     "TTAugment",
     "augmentation_average",
@@ -65,6 +72,7 @@ __all__ = [
     "inject_lora",
     "inject_multi_lora",
     "laplacian_adjustment",
+    "multi_view_contrastive_loss",
     "layer_depths",
     "layer_ranks",
     "load_adapters",
@@ -76,5 +84,6 @@ __all__ = [
     "route",
     "save_adapters",
     "shared_weights_copy",
+    "source_training_data",
     "symmetric_cross_entropy",
 ]

@@ -21,7 +21,7 @@ of an adapting model equal those of its source model (a reset is a plain ``load_
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -130,6 +130,11 @@ class AdaptationOptimizer(nn.Module):
             self._optimizer.load_state_dict(self._pending)
             self._pending = None
 
+    def scale_lr(self, factor: float) -> None:
+        """Set the learning rate to ``factor * lr`` (a warm-up ramp; 1 restores it)."""
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.lr * factor
+
     def step(self, loss: torch.Tensor) -> None:
         """``backward`` of ``loss`` and one optimizer step (gradients cleared first)."""
         self._optimizer.zero_grad(set_to_none=True)
@@ -175,12 +180,14 @@ class OnlineAdaptation(nn.Module):
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
         self._norms: list[_BatchNorm] = []
 
-    def prepare(self, owner: nn.Module, model: nn.Module, on_start: Callable[[], None] | None = None) -> None:
+    def prepare(self, owner: nn.Module, model: nn.Module, on_start: Callable[[], None] | None = None,
+                extra: Iterable[nn.Parameter] = ()) -> None:
         """Configure ``model`` (owned by ``owner``, all of whose BatchNorm layers switch) for
-        adaptation. The first time (``model`` is still the source model) ``on_start`` runs after
-        the configuration: teachers copy the source model there, EATA weighs its parameters."""
+        adaptation; ``extra`` parameters outside ``model`` (RMT's projection head) are optimised
+        too. The first time (``model`` is still the source model) ``on_start`` runs after the
+        configuration: teachers copy the source model there, EATA weighs its parameters."""
         if self.params != "none":
-            self.optimizer.bind(adapted_parameters(model, self.params))
+            self.optimizer.bind(adapted_parameters(model, self.params) + list(extra))
         else:
             model.requires_grad_(False)
         owner.eval()
@@ -198,6 +205,11 @@ class OnlineAdaptation(nn.Module):
         if owner.training:
             owner.eval()
         use_batch_statistics(self._norms)
+
+    def scale_lr(self, factor: float) -> None:
+        """Set the learning rate to ``factor * lr`` (a warm-up ramp; 1 restores it)."""
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.lr * factor
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss``."""

@@ -5,6 +5,9 @@
 * Symmetric cross-entropy to a teacher (RMT, Döbler et al., CVPR 2023,
   https://arxiv.org/abs/2211.13081, eq. 3), with the weighting of the authors' code:
   ``-(1 - a) sum_c q_c log p_c - a sum_c p_c log q_c`` (student ``p``, teacher ``q``, ``a = 1/2``).
+* The multi-view contrastive loss RMT applies to a test image, its augmentation and its nearest
+  source prototype (Döbler et al., eq. 4, the supervised-contrastive loss of Khosla et al.,
+  NeurIPS 2020, eq. 2, with the views of one sample as its only positives).
 * EATA's sample selection and weighting (Niu et al., "Efficient Test-Time Model Adaptation
   without Forgetting", ICML 2022, https://arxiv.org/abs/2204.02610):
   reliable samples ``H(x) < E_0`` (eq. 3, ``E_0 = 0.4 ln C``), weighted by
@@ -35,6 +38,23 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 def symmetric_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Per-sample symmetric cross-entropy between student and teacher (RMT, eq. 3)."""
     return (1 - alpha) * soft_cross_entropy(student_logits, teacher_logits) + alpha * soft_cross_entropy(teacher_logits, student_logits)
+
+
+def multi_view_contrastive_loss(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Contrastive loss of ``V`` views of ``B`` samples, ``z`` of shape ``(B, V, D)``, L2-normalised.
+
+    Every view ``a`` is an anchor; the other views of its sample are its positives ``P(a)``, and
+    all ``BV - 1`` other views form the denominator:
+    ``-1/(BV) sum_a 1/|P(a)| sum_{p in P(a)} log(exp(z_a.z_p / t) / sum_{k != a} exp(z_a.z_k / t))``.
+    """
+    b, v, _ = z.shape
+    flat = z.transpose(0, 1).reshape(v * b, -1)
+    itself = torch.eye(v * b, dtype=torch.bool, device=z.device)
+    similarity = (flat @ flat.T / temperature).masked_fill(itself, float("-inf"))
+    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    sample = torch.arange(b, device=z.device).repeat(v)
+    positive = (sample[:, None] == sample[None, :]) & ~itself
+    return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
 
 
 class EATASampleFilter(nn.Module):

@@ -14,6 +14,7 @@ from clpeft.backbones.cnn import CNNBackbone
 from clpeft.components.augment_average import TTAugment, augmentation_average, augmentation_average_loop
 from clpeft.components.heads import LinearHead
 from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
+from clpeft.components.source_data import SourceBatches, source_training_data
 from clpeft.components.stochastic_restore import StochasticRestore
 from clpeft.components.test_time import (
     AdaptationOptimizer,
@@ -27,9 +28,12 @@ from clpeft.components.tta_losses import (
     EATASampleFilter,
     batch_gradient_importance,
     entropy,
+    multi_view_contrastive_loss,
     soft_cross_entropy,
     symmetric_cross_entropy,
 )
+from clpeft.data import ArrayDataset, DataView
+from clpeft.data_access import DataAccess
 from clpeft.errors import UserError
 
 
@@ -192,6 +196,64 @@ def test_entropy_soft_and_symmetric_cross_entropy_match_numpy():
     expected = 0.5 * -(np.exp(lt) * ls).sum(1) + 0.5 * -(np.exp(ls) * lt).sum(1)
     np.testing.assert_allclose(symmetric_cross_entropy(s, t).numpy(), expected)
     assert entropy(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))  # uniform: ln C
+
+
+def test_multi_view_contrastive_loss_matches_the_supcon_formula_written_as_loops():
+    """Khosla et al. 2020, eq. 2 with the views of a sample as its positives (RMT's eq. 4),
+    summed anchor by anchor in numpy."""
+    z = F.normalize(torch.randn(4, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    t = 0.1
+    views = [(i, a) for a in range(3) for i in range(4)]
+    total = 0.0
+    for i, a in views:
+        za = z[i, a].numpy()
+        denominator = sum(np.exp(za @ z[j, b].numpy() / t) for j, b in views if (j, b) != (i, a))
+        positives = [np.log(np.exp(za @ z[i, b].numpy() / t) / denominator) for b in range(3) if b != a]
+        total += -np.mean(positives)
+    np.testing.assert_allclose(multi_view_contrastive_loss(z, t).item(), total / len(views), rtol=1e-10)
+    aligned = F.normalize(torch.eye(4, 6, dtype=torch.float64), dim=1)[:, None].repeat(1, 3, 1)
+    assert multi_view_contrastive_loss(aligned, t) < multi_view_contrastive_loss(z, t)
+
+
+def _source_view(n: int = 10) -> DataView:
+    return DataView.of(ArrayDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n) % 2, "ids"))
+
+
+class _Loader(nn.Module):
+    """The part of a strategy :class:`SourceBatches` uses: ``batches`` as the engine loads them."""
+
+    def batches(self, view, batch_size):
+        return DataAccess(torch.device("cpu"), None, nn.Identity(), batch_size).batches(view, batch_size)
+
+
+def test_source_batches_visit_every_sample_once_per_epoch_and_resume_exactly():
+    torch.manual_seed(0)
+    stream = SourceBatches(batch_size=4)
+    stream.start(_source_view())
+    drawn = [stream.next(_Loader()).x[:, 0].long().tolist() for _ in range(6)]  # 2 epochs of 4 + 4 + 2
+    assert [len(b) for b in drawn] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(drawn[:3], [])) == list(range(10)) and sorted(sum(drawn[3:], [])) == list(range(10))
+    assert sum(drawn[:3], []) != sum(drawn[3:], [])  # a new order each epoch
+    saved = {k: v.clone() for k, v in stream.state_dict().items()}
+    continued = [stream.next(_Loader()).x.tolist() for _ in range(4)]
+    torch.manual_seed(1)  # the global generator does not matter once the stream has started
+    restored = SourceBatches(batch_size=4)
+    restored.load_state_dict(saved)
+    restored.attach(_source_view())
+    assert [restored.next(_Loader()).x.tolist() for _ in range(4)] == continued
+
+
+def test_source_training_data_comes_from_the_past_and_its_absence_names_the_fix():
+    from clpeft.experience import Experience
+
+    train = _source_view()
+    source = Experience(0, train, None, [0, 1], [0, 1])
+    tta = Experience(1, None, train, [], [0, 1])
+    tta.past = (source,)
+    assert source_training_data(tta, "rmt", "x: 0") is train
+    tta.past = (Experience(0, None, None, [0, 1], [0, 1]),)
+    with pytest.raises(UserError, match="rmt uses the source training data.*set x: 0"):
+        source_training_data(tta, "rmt", "x: 0")
 
 
 def test_eata_filter_selects_exactly_the_reliable_non_redundant_samples():

@@ -23,7 +23,7 @@ from clpeft.backbones.cnn import CNNBackbone
 from clpeft.components.augment_average import augmentation_average
 from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
 from clpeft.components.test_time import classifier
-from clpeft.components.tta_losses import entropy
+from clpeft.components.tta_losses import entropy, multi_view_contrastive_loss
 from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
@@ -56,10 +56,12 @@ def source():
     noisy = (x[1400:].float() + noise).clamp(0, 255).round().to(torch.uint8)
     train = DataView.of(ArrayDataset(x[:1400], y[:1400], "digits/train"))
     test = DataView.of(ArrayDataset(noisy, y[1400:], "digits/noisy"))
+    source_exp = Experience(0, train, None, list(range(10)), list(range(10)))
+    tta_exp = Experience(1, None, test, [], list(range(10)))
+    tta_exp.past = (source_exp,)  # as the engine links a stream
     return {
         "backbone": backbone.state_dict(), "head": model[1].state_dict(), "noisy": noisy, "y": y[1400:],
-        "source_exp": Experience(0, train, None, list(range(10)), list(range(10))),
-        "tta_exp": Experience(1, None, test, [], list(range(10))),
+        "source_exp": source_exp, "tta_exp": tta_exp,
     }
 
 
@@ -323,7 +325,7 @@ def test_cotta_averages_augmentations_when_the_anchor_is_unsure(source):
 
 
 def test_rmt_predicts_the_student_teacher_ensemble_and_updates_the_teacher(source):
-    s = _make("rmt", source, ema_momentum=0.5, flip=0.0)
+    s = _make("rmt", source, ema_momentum=0.5, flip=0.0, warmup_samples=128)
     x = _batches(source, 1)[0]
     snapshot = copy.deepcopy(s)
     snapshot.adaptation.begin_batch(snapshot)
@@ -332,6 +334,63 @@ def test_rmt_predicts_the_student_teacher_ensemble_and_updates_the_teacher(sourc
     out = _adapt(s, x)
     torch.testing.assert_close(out, expected)
     assert any(not torch.equal(a, b) for a, b in zip(s.teacher.parameters(), snapshot.teacher.parameters()))
+
+
+def _sce(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (q.softmax(1) * p.log_softmax(1)).sum(1) - 0.5 * (p.softmax(1) * q.log_softmax(1)).sum(1)
+
+
+def test_rmt_prototypes_are_the_source_models_class_means_and_warm_up_ramps_the_teacher(source):
+    s = _make("rmt", source, warmup_samples=5 * 64, lr=1e-3)
+    model = _source_model(source)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:  # RMT's source pass uses batch statistics, as at test time
+        m.track_running_stats, m.training = False, True
+    x, y = source["source_exp"].train.load()
+    with torch.no_grad():
+        feats = torch.cat([model[0](x[i:i + 64]) for i in range(0, len(x), 64)]).double()
+    expected = torch.stack([feats[y == c].mean(0) for c in range(10)])
+    torch.testing.assert_close(s.prototypes.means(), expected)
+    assert int(s.teacher.num_updates) == 5 and int(s.source_batches.drawn) == 5
+    assert s.adaptation.optimizer._optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    moved = [not torch.equal(p, source["backbone"][n]) for n, p in s.backbone.named_parameters()]
+    assert any(moved)  # warm-up trained the student before the first test batch
+    teacher = dict(s.teacher.model[0].named_parameters())
+    assert all(not torch.equal(teacher[n], p) for n, p in s.backbone.named_parameters() if not torch.equal(p, source["backbone"][n]))
+
+
+def test_rmt_loss_is_weighted_self_training_contrastive_and_source_cross_entropy(source, monkeypatch):
+    s = _make("rmt", source, warmup_samples=128, lambda_ce_trg=1.5, lambda_cont=0.7, lambda_ce_src=0.3)
+    s.augment = lambda images: images.flip(-1)
+    reference = copy.deepcopy(s)
+    losses = []
+    monkeypatch.setattr(s.adaptation, "step", lambda loss: losses.append(loss.detach()))
+    x = _batches(source, 1)[0]
+    _adapt(s, x)
+
+    r = reference
+    r.adaptation.begin_batch(r)
+    src = r.source_batches.next(r)
+    with torch.no_grad():
+        f, f_aug = r.backbone(x), r.backbone(x.flip(-1))
+        q = r.teacher(x)
+        self_training = (0.5 * _sce(r.head(f), q) + 0.5 * _sce(r.head(f_aug), q)).mean()
+        protos = r.prototypes.means().float()
+        nearest = torch.stack([F.cosine_similarity(protos, fi[None], dim=1).argmax() for fi in f])
+        z = F.normalize(r.projector(torch.stack([protos[nearest], f, f_aug], 1)), dim=-1)
+        contrastive = multi_view_contrastive_loss(z, 0.1)
+        source_ce = F.cross_entropy(r.head(r.backbone(src.x)), src.y)
+    torch.testing.assert_close(losses[0], 1.5 * self_training + 0.7 * contrastive + 0.3 * source_ce)
+    assert 0 < contrastive and 0 < source_ce
+
+
+def test_rmt_optimises_the_projection_head_with_the_model(source):
+    s = _make("rmt", source, warmup_samples=0)
+    head_before = copy.deepcopy(s.projector.state_dict())
+    _adapt(s, _batches(source, 1)[0])
+    assert all(not torch.equal(v, head_before[k]) for k, v in s.projector.state_dict().items())
+    core = _make("rmt", source, warmup_samples=0, lambda_cont=0.0, lambda_ce_src=0.0)
+    assert core.prototypes.n_classes == 0 and int(core.source_batches.drawn) == 0
 
 
 def test_lame_adjusts_source_outputs_without_updates(source):
@@ -345,6 +404,21 @@ def test_lame_adjusts_source_outputs_without_updates(source):
     torch.testing.assert_close(out.exp(), z, rtol=1e-4, atol=1e-6)
     assert all(torch.equal(v, source["backbone"][k]) for k, v in s.backbone.state_dict().items())
     assert (out.argmax(1) != model[1](feats).argmax(1)).any()
+
+
+def test_lame_with_batch_statistics_adjusts_the_outputs_of_test_batch_normalised_features(source):
+    s = _make("lame", source, knn=3, batch_statistics=True)
+    x = _batches(source, 1)[0]
+    out = _adapt(s, x)
+    model = _source_model(source).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.training = False, True
+    with torch.no_grad():
+        feats = model[0](x)
+        z = laplacian_adjustment(model[1](feats).softmax(1), affinity(feats, "knn", 3))
+    torch.testing.assert_close(out.exp(), z, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(v, source["backbone"][k]) for k, v in s.backbone.state_dict().items())
 
 
 def test_dual_teacher_predicts_with_the_teacher_on_duty_and_switches(source):
@@ -367,7 +441,7 @@ def test_dual_teacher_predicts_with_the_teacher_on_duty_and_switches(source):
 
 @pytest.mark.parametrize("name", ["tent", "eata", "cotta", "rmt", "dual_teacher"])
 def test_state_dict_round_trip_continues_identically(source, name):
-    params = {"fisher_size": 128} if name == "eata" else {}
+    params = {"eata": {"fisher_size": 128}, "rmt": {"warmup_samples": 128}}.get(name, {})
     s = _make(name, source, **params)
     batches = _batches(source, 3)
     for x in batches[:2]:
