@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from clpeft import registry
 from clpeft.errors import UserError
@@ -61,15 +61,29 @@ class TrainConfig(_Section):
         "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
     )
     clip_grad: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this before each step (None: off)")
-    schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="learning rate within each experience: constant, or cosine decay to 0 over its steps"
+    schedule: Literal["constant", "cosine", "multistep"] = Field(
+        "constant",
+        description="learning rate within each experience: constant, cosine decay to 0 over its steps, or "
+        "multistep (x gamma at each of milestones)",
     )
+    milestones: list[int] = Field([], description="multistep: epochs (0-based) from which the lr is multiplied by gamma once more")
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor applied at each milestone")
 
     @field_validator("lr")
     @classmethod
     def _lr_fits_float32(cls, value: float) -> float:
         if value > 1e30:
             raise ValueError("at most 1e30 (a larger step overflows float32 in the optimizer)")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_fit(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        epochs = info.data.get("epochs", 1)
+        if info.data.get("schedule") == "multistep" and not value:
+            raise ValueError("empty with schedule multistep; list the epochs at which the lr drops, e.g. [18]")
+        if value and (sorted(set(value)) != value or value[0] < 1 or value[-1] >= epochs):
+            raise ValueError(f"must increase strictly within 1..{epochs - 1} (train.epochs - 1)")
         return value
 
     @field_validator("amp", "feature_cache", mode="before")

@@ -209,6 +209,36 @@ def test_deterministic_runs_give_identical_metrics_json(tmp_path, digits_run):
     assert outputs[0] == outputs[1]
 
 
+def test_multistep_schedule_multiplies_the_lr_by_gamma_from_each_milestone_epoch(tmp_path, digits_run):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+    digits_run["scenario"]["n_experiences"] = 2
+    digits_run["train"].update(epochs=4, lr=0.2, schedule="multistep", milestones=[1, 3], gamma=0.5)
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    try:
+        _run(digits_run, tmp_path / "run")
+    finally:
+        handle.remove()
+    per_epoch = len(seen) // 8  # 2 experiences x 4 epochs of equal size; the schedule restarts per experience
+    expected = ([0.2] * per_epoch + [0.1] * 2 * per_epoch + [0.05] * per_epoch) * 2
+    assert per_epoch > 1 and seen == pytest.approx(expected, rel=1e-9)
+
+
+def test_multistep_milestones_are_checked_against_the_epochs(tmp_path, digits_run, capsys):
+    from clpeft.cli import main
+
+    digits_run["train"].update(epochs=4, schedule="multistep", milestones=[2, 4])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(digits_run))
+    assert main(["validate", str(path)]) == 2
+    assert "train.milestones: value error, must increase strictly within 1..3" in capsys.readouterr().err
+    digits_run["train"]["milestones"] = []
+    path.write_text(yaml.safe_dump(digits_run))
+    assert main(["validate", str(path)]) == 2
+    assert "train.milestones: value error, empty with schedule multistep" in capsys.readouterr().err
+
+
 def test_cosine_schedule_and_gradient_clipping_act_on_every_step(tmp_path, digits_run):
     """lr_t = lr/2 (1 + cos(pi t / T)) over each experience's T steps (Loshchilov & Hutter 2017),
     and every step sees a gradient of global norm <= clip_grad (while unclipped ones exceed it)."""
