@@ -2,7 +2,8 @@
 
 1. TTA: the offline Fashion-MNIST setup of ``configs/tta/fmnist_continual_*.yaml`` (continual
    mode, severity 5, the on-the-fly corruptions, the small BatchNorm ResNet), for every TTA
-   strategy, plus ``tent`` with ``scenario.reset_each_domain: true``. The source model is trained
+   strategy, plus the ablations of ``TTA_VARIANTS`` (``tent`` with ``scenario.reset_each_domain: true``,
+   RMT without its source-data terms, LAME and Dual Teacher variants). The source model is trained
    once (the ``source`` run) and every other run loads it through ``scenario.source_checkpoint``,
    so all methods adapt the same weights. Per method: mean online error, error per domain,
    ``timing.s_per_batch`` and wall time.
@@ -33,6 +34,15 @@ from clpeft.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TTA_METHODS = ["source", "bn_adapt", "tent", "eata", "cotta", "rmt", "lame", "dual_teacher"]
+# (label, strategy, strategy overrides, reset each domain): the ablations behind the table's notes
+TTA_VARIANTS = [
+    ("tent (reset)", "tent", {}, True),
+    ("rmt, self-training only", "rmt", {"lambda_cont": 0.0, "lambda_ce_src": 0.0, "warmup_samples": 0}, False),
+    ("lame, rbf affinity", "lame", {"affinity": "rbf"}, False),
+    ("lame, test-batch BN statistics", "lame", {"batch_statistics": True}, False),
+    ("dual_teacher, all parameters", "dual_teacher", {"params": "all"}, False),
+    ("dual_teacher, all parameters, lr 1e-4", "dual_teacher", {"params": "all", "lr": 1e-4}, False),
+]
 FSCIL_METHODS = ["fscil_proto", "simplecil", "finetune", "replay"]
 QUIET = {"tensorboard": False, "progress": "never"}
 
@@ -54,16 +64,16 @@ def tta_config(method: str, args) -> dict:
 def tta_table(args, out: Path) -> list[dict]:
     rows = []
     source_dir = out / "tta_source"
-    runs = [(m, False) for m in TTA_METHODS] + [("tent", True)]
-    for method, reset in runs:
+    runs = [(m, m, {}, False) for m in TTA_METHODS] + (TTA_VARIANTS if args.variants else [])
+    for i, (label, method, overrides, reset) in enumerate(runs):
         cfg = tta_config(method, args)
-        # every method adapts the one source model (eata still gets the clean source data for its Fisher)
+        cfg["strategy"].update(overrides)
+        # every method adapts the one source model (eata and rmt still get the clean source data)
         if method != "source":
             cfg["scenario"]["source_checkpoint"] = str(source_dir)
         if reset:
             cfg["scenario"]["reset_each_domain"] = True
-        label = method + (" (reset)" if reset else "")
-        run_dir = source_dir if method == "source" else out / f"tta_{method}{'_reset' if reset else ''}"
+        run_dir = source_dir if method == "source" else out / f"tta_{i:02d}_{method}"
         result, wall = run(cfg, run_dir)
         m = result["metrics"]
         same = None if method == "source" else same_source(source_dir, run_dir)
@@ -136,6 +146,8 @@ def main() -> None:
     parser.add_argument("--tta-test-per-class", type=int, default=200)
     parser.add_argument("--fscil-preset", default="fmnist_fscil_proto")
     parser.add_argument("--skip", choices=["tta", "fscil"], default=None)
+    parser.add_argument("--no-variants", dest="variants", action="store_false",
+                        help="leave out the ablation rows (TTA_VARIANTS)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
