@@ -66,7 +66,7 @@ class RMT(Strategy):
         ema_momentum: teacher momentum ``alpha``.
         flip: horizontal-flip probability of the augmentation (0 for digits-like data).
         lambda_ce_trg: weight of the self-training loss.
-        lambda_cont: weight of the contrastive loss (0: no prototypes, no projection head).
+        lambda_cont: weight of the contrastive loss (0: no prototypes; the projection head stays unused).
         lambda_ce_src: weight of the cross-entropy on replayed source batches (0: no replay).
         warmup_samples: source images of the mean-teacher warm-up (0: none).
         source_batch_size: batch size of the warm-up and of source replay.
