@@ -7,7 +7,7 @@ depend on the content):
 (a) CoTTA's augmentation-averaged teacher prediction over ``N`` augmentations with BatchNorm on
     batch statistics: ``stacked`` (:func:`clpeft.components.augment_average.augmentation_average`
     with ``stacked=True``: one augment call over ``N * B`` images and one ``vmap``-ed forward, the
-    CUDA default), ``CPU default`` (one augment call, then one forward per augmentation) against
+    CUDA default), ``CPU default`` (the same up to ``STACK_ON_CPU`` images, above it one augment call, then one forward per augmentation) against
     ``loop`` (the reference code's Python loop of ``N`` augment + forward calls,
     :func:`~clpeft.components.augment_average.augmentation_average_loop`). All draw the same
     augmentations; the largest difference from the loop's output is printed. Ratios = loop time

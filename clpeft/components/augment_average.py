@@ -127,6 +127,9 @@ def _draw(x: torch.Tensor, augment: TTAugment, n: int, generator: torch.Generato
     return augment.sample((n * x.shape[0], *x.shape[1:]), generator, x.device)
 
 
+STACK_ON_CPU = 32  # images (n * B) up to which one stacked forward beats per-augmentation forwards on a CPU
+
+
 def augmentation_average(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, augment: TTAugment,
                          n: int, generator: torch.Generator | None = None, stacked: bool | None = None) -> torch.Tensor:
     """Mean of ``model``'s logits over ``n`` augmentations of ``x``.
@@ -134,19 +137,21 @@ def augmentation_average(model: Callable[[torch.Tensor], torch.Tensor], x: torch
     ``stacked=True``: one augment call and one forward over all ``n * B`` images, vmapped over
     the augmentations (per-augmentation batch statistics); rows ``i*B .. (i+1)*B`` of the drawn
     parameters are augmentation ``i``. ``False`` runs :func:`augmentation_average_loop` (same
-    draws, same result). ``None`` (default): the single forward on CUDA; on a CPU one augment
-    call over all ``n * B`` images, then one forward per augmentation, because there the cost of
-    a convolution per image grows with the batch once activations outgrow the caches:
-    ``benchmarks/tta_bench.py`` (``cnn`` backbone, 28x28 images, N = 16, one thread) measured
-    the single forward 1.16x faster than the loop at B = 4 but 1.6x and 2.6x slower at B = 16
-    and 64, while the stacked augmentation alone is 2-4x faster than the loop's.
+    draws, same result). ``None`` (default): the single forward on CUDA, and on a CPU for at most
+    ``STACK_ON_CPU`` images in all; above that, on a CPU, one augment call over all ``n * B``
+    images, then one forward per augmentation, because there the cost of a convolution per image
+    grows with the batch once activations outgrow the caches: ``benchmarks/tta_bench.py``
+    (``cnn`` backbone, 28x28 images, N = 16, one thread) measured the single forward 1.8x and
+    1.5x faster than the loop at B = 1 and 2 (per-call overhead dominates), even at B = 4, and
+    1.6x and 2.6x slower at B = 16 and 64, while the stacked augmentation alone is 2-4x faster
+    than the loop's.
     """
     b = x.shape[0]
     if stacked is False:
         return augmentation_average_loop(model, x, augment, n, generator)
     params = _draw(x, augment, n, generator)
     images = augment.apply(x.repeat(n, *([1] * (x.dim() - 1))), params).view(n, b, *x.shape[1:])
-    if stacked or (stacked is None and x.is_cuda):
+    if stacked or (stacked is None and (x.is_cuda or n * b <= STACK_ON_CPU)):
         return torch.func.vmap(model, randomness="different")(images).mean(0)
     total = model(images[0])
     for i in range(1, n):
