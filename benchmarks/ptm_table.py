@@ -36,7 +36,7 @@ def method_config(method: str, args) -> dict:
     cfg = yaml.safe_load((CONFIGS / source / "fmnist_offline.yaml").read_text())
     if method == "finetune":
         cfg["strategy"] = {"name": "finetune"}
-        cfg["train"] = {"epochs": 3, "batch_size": 16, "lr": 0.01, "optimizer": "sgd"}
+        cfg["train"] = {"epochs": 10, "batch_size": 16, "lr": 0.01, "optimizer": "sgd"}
     cfg["seed"] = args.seed
     cfg["scenario"] = {"name": "class_incremental", "dataset": "fashion_mnist", "n_experiences": 5,
                        "train_per_class": args.train_per_class, "test_per_class": args.test_per_class}
