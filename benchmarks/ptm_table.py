@@ -7,6 +7,9 @@ bound; prints and writes a Markdown table of acc_last, acc_avg_incremental, forg
 and trainable parameters. Runs one after another in one process, so wall times are comparable when
 the machine is otherwise idle.
 
+A method named ``<method>+align`` runs the same config with ``strategy.align: true`` (SLCA's
+classifier alignment added to a prompt or LoRA method).
+
     OMP_NUM_THREADS=2 python benchmarks/ptm_table.py --out /tmp/ptm_table
     python benchmarks/ptm_table.py --methods simplecil,ranpac --train-per-class 10 --out /tmp/t  # a smoke run
 """
@@ -27,13 +30,19 @@ from clpeft.engine import Engine
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", "dualprompt", "coda_prompt",
-           "lora_cl", "lae", "merge_cl"]
+           "lora_cl", "lae", "merge_cl", "l2p+align", "dualprompt+align", "coda_prompt+align", "lora_cl+align",
+           "merge_cl+align"]
 
 
 def method_config(method: str, args) -> dict:
     """The method's offline config on the common stream (``finetune`` borrows simplecil's backbone)."""
+    method, _, variant = method.partition("+")
     source = "simplecil" if method == "finetune" else method
     cfg = yaml.safe_load((CONFIGS / source / "fmnist_offline.yaml").read_text())
+    if variant == "align":
+        cfg["strategy"]["align"] = True
+    elif variant:
+        raise SystemExit(f"unknown variant '+{variant}' in --methods: the only one is '+align'")
     if method == "finetune":
         cfg["strategy"] = {"name": "finetune"}
         cfg["train"] = {"epochs": 10, "batch_size": 16, "lr": 0.01, "optimizer": "sgd"}

@@ -30,6 +30,7 @@ import torch
 from pydantic import Field
 
 from clpeft.components.attention_prompt_pool import AttentionPromptPool
+from clpeft.components.classifier_alignment import AlignedHead
 from clpeft.components.prompted_classifier import ClassMask, check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
@@ -49,6 +50,9 @@ class CodaPrompt(Strategy):
         layers: the prompted layers.
         ortho_weight: ``mu``, weight of the orthogonality regulariser.
         train_mask: restrict the cross-entropy to the current experience's classes.
+        align: predict with a copy of the head re-trained after every experience on sampled
+            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
+            an addition to the paper).
     """
 
     needs_query = True
@@ -62,6 +66,7 @@ class CodaPrompt(Strategy):
         layers: list[Annotated[int, Field(ge=0)]] = [0, 1, 2, 3, 4],
         ortho_weight: Annotated[float, Field(ge=0)] = 0.0,
         train_mask: bool = True,
+        align: bool = False,
     ):
         self.check_config({"prompt_length": prompt_length})
         super().__init__(backbone)
@@ -70,6 +75,7 @@ class CodaPrompt(Strategy):
         self.prompt_components = AttentionPromptPool(layers, width, prompt_length, components_per_task, backbone.feature_dim)
         self.ortho_weight = ortho_weight
         self.mask = ClassMask(train_mask)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
@@ -86,18 +92,22 @@ class CodaPrompt(Strategy):
                             key="strategy.components_per_task") from None
         self.mask.start(exp.classes_in_this_experience)
 
-    def _logits(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.forward_prompted(x, prefixes=self.prompt_components(query)))
+    def _features(self, x: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor:
+        """The prefixed features the head reads; the plain frozen backbone's before the first experience."""
+        if not len(self.prompt_components.tasks):
+            return self.backbone(x)
+        return self.backbone.forward_prompted(x, prefixes=self.prompt_components(query_of(self.backbone, x, query)))
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        logits = self._logits(batch.x, query_of(self.backbone, batch.x, batch.features))
-        loss = self.mask.loss(logits, batch.y)
+        loss = self.mask.loss(self.head(self._features(batch.x, batch.features)), batch.y)
         if self.ortho_weight > 0:
             loss = loss + self.ortho_weight * self.prompt_components.orthogonality_loss()
         return loss
 
+    def after_experience(self, exp: Experience) -> None:
+        features = ((self._features(b.x, b.features), b.y) for b in self.batches(exp.train, shard=True))
+        self.aligned.update(self.head, features, exp.index)
+
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""
-        if not len(self.prompt_components.tasks):  # before the first experience: the plain frozen backbone
-            return self.head(self.backbone(x))
-        return self._logits(x, query_of(self.backbone, x, query))
+        return self.aligned(self._features(x, query), self.head)

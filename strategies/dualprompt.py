@@ -24,6 +24,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.classifier_alignment import AlignedHead
 from clpeft.components.prefix_prompt import PrefixPrompt
 from clpeft.components.prompted_classifier import ClassMask, check_layers, promptable_width, query_of
 from clpeft.data import Batch
@@ -49,6 +50,9 @@ class DualPrompt(Strategy):
             all its samples (official code; shares information across a test batch).
         copy_previous: start each task's E-prompt from the previous task's.
         train_mask: restrict the cross-entropy to the current experience's classes.
+        align: predict with a copy of the head re-trained after every experience on sampled
+            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
+            an addition to the paper).
     """
 
     needs_query = True
@@ -66,6 +70,7 @@ class DualPrompt(Strategy):
         batchwise_selection: bool = False,
         copy_previous: bool = True,
         train_mask: bool = True,
+        align: bool = False,
     ):
         self.check_config({"g_layers": g_layers, "e_layers": e_layers})
         super().__init__(backbone)
@@ -77,6 +82,7 @@ class DualPrompt(Strategy):
         self.matching_weight = matching_weight
         self.copy_previous = copy_previous
         self.mask = ClassMask(train_mask)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
         self.task = 0
 
     @classmethod
@@ -95,15 +101,19 @@ class DualPrompt(Strategy):
         self.prompt_prefix.start_task(exp.index, self.copy_previous)
         self.mask.start(exp.classes_in_this_experience)
 
-    def _logits(self, x: torch.Tensor, query: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        selection = self.prompt_prefix(query, task)
-        features = self.backbone.forward_prompted(x, prefixes=selection.prefixes)
-        return self.head(features), selection.matching_loss
+    def _features(self, x: torch.Tensor, query: torch.Tensor | None, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefixed features the head reads (E-prompt of ``task``, key-selected when ``None``) and the matching loss."""
+        selection = self.prompt_prefix(query_of(self.backbone, x, query), task)
+        return self.backbone.forward_prompted(x, prefixes=selection.prefixes), selection.matching_loss
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        logits, matching = self._logits(batch.x, query_of(self.backbone, batch.x, batch.features), self.task)
-        return self.mask.loss(logits, batch.y) + self.matching_weight * matching
+        features, matching = self._features(batch.x, batch.features, self.task)
+        return self.mask.loss(self.head(features), batch.y) + self.matching_weight * matching
+
+    def after_experience(self, exp: Experience) -> None:
+        features = ((self._features(b.x, b.features, None)[0], b.y) for b in self.batches(exp.train, shard=True))
+        self.aligned.update(self.head, features, exp.index)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far, with the key-selected E-prompt; ``query`` is the cached feature."""
-        return self._logits(x, query_of(self.backbone, x, query), None)[0]
+        return self.aligned(self._features(x, query, None)[0], self.head)

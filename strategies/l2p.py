@@ -22,6 +22,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.classifier_alignment import AlignedHead
 from clpeft.components.prompt_pool import PromptPool
 from clpeft.components.prompted_classifier import ClassMask, promptable_width, query_of
 from clpeft.data import Batch
@@ -46,6 +47,9 @@ class L2P(Strategy):
             the samples of a batch).
         diversity: weight training-time prompt selection by past prompt frequencies (eq. 4).
         train_mask: restrict the cross-entropy to the current experience's classes.
+        align: predict with a copy of the head re-trained after every experience on sampled
+            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
+            an addition to the paper).
     """
 
     needs_query = True
@@ -61,6 +65,7 @@ class L2P(Strategy):
         batchwise_selection: bool = False,
         diversity: bool = False,
         train_mask: bool = True,
+        align: bool = False,
     ):
         self.check_config({"pool_size": pool_size, "top_k": top_k})
         super().__init__(backbone)
@@ -69,6 +74,7 @@ class L2P(Strategy):
                                batchwise_selection, diversity)
         self.matching_weight = matching_weight
         self.mask = ClassMask(train_mask)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
@@ -81,16 +87,20 @@ class L2P(Strategy):
         self.mask.start(exp.classes_in_this_experience)
         self.prompt_pool.start_task()
 
-    def _logits(self, x: torch.Tensor, query: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        selection = self.prompt_pool(query, train=train)
+    def _features(self, x: torch.Tensor, query: torch.Tensor | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompted features the head reads, and the key-matching loss."""
+        selection = self.prompt_pool(query_of(self.backbone, x, query), train=train)
         pool = "prompt_mean" if selection.prompts.shape[1] else "default"
-        features = self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool)
-        return self.head(features), selection.matching_loss
+        return self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool), selection.matching_loss
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        logits, matching = self._logits(batch.x, query_of(self.backbone, batch.x, batch.features), train=True)
-        return self.mask.loss(logits, batch.y) + self.matching_weight * matching
+        features, matching = self._features(batch.x, batch.features, train=True)
+        return self.mask.loss(self.head(features), batch.y) + self.matching_weight * matching
+
+    def after_experience(self, exp: Experience) -> None:
+        features = ((self._features(b.x, b.features, train=False)[0], b.y) for b in self.batches(exp.train, shard=True))
+        self.aligned.update(self.head, features, exp.index)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""
-        return self._logits(x, query_of(self.backbone, x, query), train=False)[0]
+        return self.aligned(self._features(x, query, train=False)[0], self.head)

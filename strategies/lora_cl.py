@@ -38,6 +38,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from clpeft.components.classifier_alignment import AlignedHead
 from clpeft.components.lora import inject_lora, layer_ranks
 from clpeft.components.prompted_classifier import ClassMask
 from clpeft.components.rank_allocation import RankAllocator
@@ -65,6 +66,9 @@ class LoRACL(Strategy):
         old_updates: ``freeze`` past updates beside the base weight, or ``merge`` them into it.
         dropout: dropout on the LoRA input.
         train_mask: restrict the cross-entropy to the current experience's classes.
+        align: predict with a copy of the head re-trained after every experience on sampled
+            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
+            an addition to the paper).
     """
 
     frozen_features = False  # the backbone's output changes with every update
@@ -82,6 +86,7 @@ class LoRACL(Strategy):
         old_updates: Literal["freeze", "merge"] = "freeze",
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         train_mask: bool = True,
+        align: bool = False,
     ):
         self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank})
         super().__init__(backbone)
@@ -93,6 +98,7 @@ class LoRACL(Strategy):
         self.beta = beta
         self.old_updates = old_updates
         self.mask = ClassMask(train_mask)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
         self.allocator: RankAllocator | None = None
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
@@ -112,10 +118,10 @@ class LoRACL(Strategy):
     def training_step(self, batch: Batch) -> torch.Tensor:
         if self.allocator is not None:
             self.allocator.update()  # the previous step's gradients: the engine clears them after this call
-        return self.mask.loss(self.predict(batch.x), batch.y)
+        return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
 
     def after_experience(self, exp: Experience) -> None:
-        """Cut the update to the budget, then freeze or merge it and start the next one."""
+        """Cut the update to the budget, freeze or merge it and start the next one; then align."""
         if self.allocator is not None:
             self.allocator.update()  # the last step's gradients
             for name, keep in self.allocator.split(self.rank_budget).items():
@@ -123,3 +129,9 @@ class LoRACL(Strategy):
             self.allocator = None
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
+        features = ((self.embed(b.x), b.y) for b in self.batches(exp.train, shard=True))
+        self.aligned.update(self.head, features, exp.index)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the aligned head copy (with ``align``), else of the trained head."""
+        return self.aligned(self.embed(x), self.head)

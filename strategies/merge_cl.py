@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from clpeft.components.classifier_alignment import AlignedHead
 from clpeft.components.lora import inject_lora
 from clpeft.components.prompted_classifier import ClassMask
 from clpeft.data import Batch
@@ -56,6 +57,9 @@ class MergeCL(Strategy):
         rank: LoRA rank ``r`` with ``mode: lora``.
         alpha: LoRA ``alpha`` with ``mode: lora``.
         train_mask: restrict the cross-entropy to the current experience's classes.
+        align: predict with a copy of the head re-trained after every experience on sampled
+            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
+            an addition to the paper).
     """
 
     frozen_features = False  # the backbone is fine-tuned
@@ -72,6 +76,7 @@ class MergeCL(Strategy):
         rank: Annotated[int, Field(ge=1)] = 8,
         alpha: Annotated[float, Field(gt=0)] = 16.0,
         train_mask: bool = True,
+        align: bool = False,
     ):
         self.check_config({"method": method, "merge_params": merge_params})
         super().__init__(backbone)
@@ -82,6 +87,7 @@ class MergeCL(Strategy):
         self.start_from = start_from
         self.rank, self.alpha = rank, alpha
         self.mask = ClassMask(train_mask)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
         if mode == "lora":
             self.lora = inject_lora(backbone, targets, rank, alpha, key="strategy.targets")
         else:
@@ -118,11 +124,11 @@ class MergeCL(Strategy):
             self._start = {name: t.detach().clone() for name, t in self._weights().items()}
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.mask.loss(self.predict(batch.x), batch.y)
+        return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
-        """Store this experience's task vector and load the merge of all of them."""
+        """Store this experience's task vector, load the merge of all of them, then align the head on it."""
         if self.mode == "lora":
             vector = {}
             for name, layer in self.lora.items():
@@ -137,6 +143,12 @@ class MergeCL(Strategy):
         self.finetuned.append(vector)
         self._start = {}
         self._load(self.merged())
+        features = ((self.embed(b.x), b.y) for b in self.batches(exp.train, shard=True))
+        self.aligned.update(self.head, features, exp.index)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the aligned head copy (with ``align``), else of the trained head."""
+        return self.aligned(self.embed(x), self.head)
 
     def merged(self) -> dict[str, torch.Tensor]:
         """``theta_0 + M(tau_1, ..., tau_t)`` of the stored task vectors (the weights evaluated)."""

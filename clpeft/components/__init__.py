@@ -4,7 +4,7 @@ from clpeft.components.adapter import Adapter, ParallelAdapterBlock, inject_adap
 from clpeft.components.attention_prompt_pool import AttentionPromptPool
 from clpeft.components.augment_average import TTAugment, augmentation_average
 from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.classifier_alignment import ClassifierAlignment
+from clpeft.components.classifier_alignment import AlignedHead, ClassifierAlignment
 from clpeft.components.ema import DualTeacher, EMATeacher
 from clpeft.components.heads import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.laplacian_adjustment import laplacian_adjustment
@@ -39,6 +39,7 @@ from clpeft.components.tta_losses import (
 __all__ = [
     "Adapter",
     "AdaptationOptimizer",
+    "AlignedHead",
     "AttentionPromptPool",
     "ClassMask",
     "ClassStatistics",

@@ -22,15 +22,24 @@ re-trained on features sampled from all of them:
 
 Sampling draws from a ``torch.Generator`` (``x = mu + L z`` with ``Sigma = L L^T``), so a
 seeded generator gives the same features on every run.
+
+:class:`AlignedHead` packages the whole procedure for any strategy whose classifier is a
+:class:`~clpeft.components.heads.LinearHead`: SLCA, and the prompt/LoRA methods' optional
+``align`` (classifier alignment on top of a prompt method is what HiDe-Prompt, Wang et al.,
+NeurIPS 2023, https://arxiv.org/abs/2310.07234, builds on).
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clpeft.components.class_statistics import ClassStatistics
+from clpeft.components.heads import LinearHead
 
 
 class ClassifierAlignment(nn.Module):
@@ -162,3 +171,53 @@ class ClassifierAlignment(nn.Module):
     def extra_repr(self) -> str:
         return (f"samples_per_class={self.samples_per_class}, epochs={self.epochs}, lr={self.lr}, "
                 f"temperature={self.temperature}, mean_shrink={self.mean_shrink}, ridge={self.ridge}")
+
+
+class AlignedHead(nn.Module):
+    """A trained head's aligned copy, re-aligned after every experience (SLCA's ``fc.backup()`` /
+    ``fc.recall()``).
+
+    The strategy keeps training its own head on the current classes; after each experience
+    :meth:`update` stores the new classes' feature Gaussians and re-trains a fresh copy of the
+    trained head on samples of every seen class. :meth:`forward` predicts with that copy once it
+    covers every class of the trained head, with the trained head otherwise.
+
+    Args:
+        dim: feature dimension read by the head.
+        enabled: ``False`` makes :meth:`update` a no-op and :meth:`forward` the trained head.
+        **alignment: arguments of :class:`ClassifierAlignment` (SLCA's defaults otherwise).
+    """
+
+    def __init__(self, dim: int, enabled: bool = True, **alignment):
+        super().__init__()
+        self.enabled = enabled
+        self.alignment = ClassifierAlignment(dim, **alignment)
+        self.head = LinearHead(dim).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, trained: LinearHead, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], task: int) -> None:
+        """Add the statistics of an experience's ``(features, labels)`` batches and re-align.
+
+        In a data-parallel run each rank passes its share; the shares are gathered in rank
+        order (:meth:`ClassStatistics.gathered`). Sampling uses a seed drawn from torch's global
+        generator, which the engine seeds per experience.
+        """
+        if not self.enabled:
+            return
+        stats = self.alignment.stats
+        share = ClassStatistics(stats.dim, covariance="per_class").to(stats.mean.device)
+        for features, labels in batches:
+            share.update(features.float(), labels)
+        self.alignment.add(share.gathered(), task)
+        if int(self.alignment.task_of_class.max()) < 1:
+            return  # nothing to align after the first task
+        aligned = copy.deepcopy(trained).requires_grad_(True)
+        seed = int(torch.randint(2**62, (), dtype=torch.long))
+        self.alignment.align(aligned, torch.Generator(stats.mean.device).manual_seed(seed))
+        self.head.load_state_dict(aligned.state_dict())
+
+    def forward(self, features: torch.Tensor, trained: LinearHead) -> torch.Tensor:
+        """Logits of the aligned copy when it covers ``trained``'s classes, else of ``trained``."""
+        if self.enabled and self.head.n_classes == trained.n_classes:
+            return self.head(features)
+        return trained(features)

@@ -1,12 +1,15 @@
-"""ClassifierAlignment (SLCA) against numpy: stored statistics, sampling, logit normalisation, alignment."""
+"""ClassifierAlignment (SLCA) against numpy: stored statistics, sampling, logit normalisation, alignment;
+AlignedHead against ClassifierAlignment itself."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
-from clpeft.components.classifier_alignment import ClassifierAlignment
+from clpeft.components.classifier_alignment import AlignedHead, ClassifierAlignment
 from clpeft.components.heads import LinearHead
 
 D = 5
@@ -125,3 +128,55 @@ def test_alignment_needs_every_class_seen():
     ca.update(torch.randn(4, D), torch.tensor([0, 0, 2, 2]), 0)
     with pytest.raises(RuntimeError, match=r"classes \[1\]"):
         ca.sample(2)
+
+
+# ---------------------------------------------------------------------- AlignedHead
+
+
+def _batches(x, y, classes: list[int], size: int = 64):
+    idx = np.flatnonzero(np.isin(y, classes))
+    return [(torch.from_numpy(x[i]).float(), torch.from_numpy(y[i])) for i in np.array_split(idx, max(1, len(idx) // size))]
+
+
+def test_aligned_head_is_slcas_backup_and_recall_of_a_trained_head():
+    """After the first task nothing is aligned and the trained head predicts; after the second, the
+    prediction comes from a copy of the trained head aligned exactly as ClassifierAlignment.align
+    does with the seed drawn from the global generator; the trained head itself never changes."""
+    x, y = _gaussian_classes(4)
+    torch.manual_seed(0)
+    trained = LinearHead(D, 2)
+    wrapper = AlignedHead(D, samples_per_class=32, epochs=3)
+    wrapper.update(trained, _batches(x, y, [0, 1]), task=0)
+    probe = torch.from_numpy(x[::50]).float()
+    assert wrapper.head.n_classes == 0 and torch.equal(wrapper(probe, trained), trained(probe))
+
+    trained.grow_to(4)
+    before = copy.deepcopy(trained.state_dict())
+    reference = _fed(x, y, [[0, 1], [2, 3]], samples_per_class=32, epochs=3)
+    torch.manual_seed(7)
+    seed = int(torch.randint(2**62, (), dtype=torch.long))
+    expected = copy.deepcopy(trained).requires_grad_(True)
+    reference.align(expected, torch.Generator().manual_seed(seed))
+
+    torch.manual_seed(7)
+    wrapper.update(trained, _batches(x, y, [2, 3]), task=1)
+    assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+    torch.testing.assert_close(wrapper.head.weight, expected.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wrapper.head.bias, expected.bias, rtol=1e-5, atol=1e-6)
+    assert not wrapper.head.weight.requires_grad
+    assert torch.equal(wrapper(probe, trained), wrapper.head(probe))
+    trained.grow_to(6)  # a new experience's classes: the copy no longer covers the head
+    assert torch.equal(wrapper(probe, trained), trained(probe))
+
+
+def test_disabled_aligned_head_reads_no_data_and_predicts_with_the_trained_head():
+    def unreadable():
+        raise AssertionError("a disabled alignment must not compute features")
+        yield
+
+    trained = LinearHead(D, 4)
+    wrapper = AlignedHead(D, enabled=False)
+    for task in range(3):
+        wrapper.update(trained, unreadable(), task)
+    probe = torch.randn(7, D)
+    assert torch.equal(wrapper(probe, trained), trained(probe))

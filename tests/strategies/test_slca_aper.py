@@ -139,16 +139,16 @@ def test_slca_trains_the_unaligned_head_and_predicts_with_the_aligned_copy(tmp_p
     trained head's old rows get no gradient (class mask, no weight decay) and stay bitwise."""
     record = spy(tmp_path, slca_config(tmp_path))
     states, strategy = record["states"], record["strategy"]
-    assert states[0]["aligned_head.weight"].shape[0] == 0
+    assert states[0]["aligned.head.weight"].shape[0] == 0
     for i in range(1, 5):
         known = 2 * i
         assert torch.equal(states[i]["head.weight"][:known], states[i - 1]["head.weight"][:known])
-        assert states[i]["aligned_head.weight"].shape[0] == known + 2
-        assert not torch.equal(states[i]["aligned_head.weight"], states[i]["head.weight"])
+        assert states[i]["aligned.head.weight"].shape[0] == known + 2
+        assert not torch.equal(states[i]["aligned.head.weight"], states[i]["head.weight"])
     x, _ = _data(record, "test")
     with torch.no_grad():
         features = strategy.backbone(x)
-        assert torch.equal(strategy.predict(x), strategy.aligned_head(features))
+        assert torch.equal(strategy.predict(x), strategy.aligned.head(features))
 
 
 def test_slca_state_dict_into_a_fresh_strategy_gives_identical_predictions(tmp_path, spy):

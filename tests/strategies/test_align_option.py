@@ -1,0 +1,87 @@
+"""The ``align`` option of the prompt and LoRA strategies (SLCA's classifier alignment added on top).
+
+Each strategy runs the sklearn-digits stream twice, with and without ``align``: the trained
+head and everything else trained must come out bitwise equal (alignment only builds the copy
+that predicts), the copy must cover every class and be what ``predict`` reads, and on the MLP
+streams (where heads trained on two classes at a time are not calibrated against each other) it
+must raise the accuracy over all classes seen.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clpeft.config
+import clpeft.engine
+
+VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
+MLP = {"name": "mlp", "hidden": [64]}
+MLP_TARGETS = ["net.0"]
+METHODS = {
+    "l2p": ({"pool_size": 6, "prompt_length": 2, "top_k": 3}, VIT),
+    "dualprompt": ({"pool_size": 5, "g_length": 2, "e_length": 3, "g_layers": [0], "e_layers": [1, 2]}, VIT),
+    "coda_prompt": ({"components_per_task": 3, "prompt_length": 4, "layers": [0, 1, 2]}, VIT),
+    "lora_cl": ({"targets": MLP_TARGETS, "rank": 3}, MLP),
+    "merge_cl": ({"mode": "lora", "targets": MLP_TARGETS, "rank": 3}, MLP),
+}
+
+
+def _run(tmp_path, monkeypatch, name: str, align: bool, per_class: int = 8, epochs: int = 2):
+    params, backbone = METHODS[name]
+    built = {}
+    build = clpeft.engine.Engine._build
+
+    def spy_build(self):
+        stream, strategy = build(self)
+        built.update(strategy=strategy, stream=stream)
+        return stream, strategy
+
+    monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
+    cfg = clpeft.config.resolve({
+        "seed": 0,
+        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
+                     "train_per_class": per_class, "test_per_class": 10, "root": str(tmp_path / "data")},
+        "backbone": backbone,
+        "strategy": {"name": name, **params, "align": align},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "optimizer": "adam", "feature_cache": "memory"},
+        "eval": {"batch_size": 64, "baseline": False},
+        "logging": {"tensorboard": False, "progress": "never"},
+    })
+    result = clpeft.engine.Engine(cfg, tmp_path / f"{name}-{align}", device="cpu").run()
+    monkeypatch.setattr(clpeft.engine.Engine, "_build", build)
+    return result, built["strategy"], built["stream"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_alignment_changes_only_the_predicting_copy(tmp_path, monkeypatch, name):
+    _, plain, stream = _run(tmp_path, monkeypatch, name, align=False)
+    _, aligned, _ = _run(tmp_path, monkeypatch, name, align=True)
+    trained = {k: v for k, v in aligned.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
+    reference = {k: v for k, v in plain.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
+    assert trained.keys() == reference.keys()
+    assert [k for k in trained if not torch.equal(trained[k], reference[k])] == []
+    assert plain.aligned.head.n_classes == 0  # nothing is aligned (or stored) without the option
+    assert aligned.aligned.head.n_classes == aligned.head.n_classes == 10
+    assert not torch.equal(aligned.aligned.head.weight, aligned.head.weight)
+    x = torch.cat([exp.test.load()[0] for exp in stream])
+    queries = {"query": aligned.backbone(x)} if aligned.needs_query else {}
+    with torch.no_grad():
+        aligned.eval(), plain.eval()
+        rows = aligned.head.weight.clone(), aligned.head.bias.clone()
+        aligned.head.weight.copy_(aligned.aligned.head.weight)  # the trained head with the aligned rows...
+        aligned.head.bias.copy_(aligned.aligned.head.bias)
+        aligned.aligned.enabled = False  # ... and no alignment gives the aligned predictions
+        expected = aligned.predict(x, **queries)
+        aligned.aligned.enabled = True
+        aligned.head.weight.copy_(rows[0]), aligned.head.bias.copy_(rows[1])
+        assert torch.equal(aligned.predict(x, **queries), expected)
+        assert not torch.equal(expected, plain.predict(x, **queries))
+
+
+@pytest.mark.parametrize("name", ["lora_cl", "merge_cl"])
+def test_alignment_raises_the_accuracy_over_all_classes(tmp_path, monkeypatch, name):
+    plain, _, _ = _run(tmp_path, monkeypatch, name, align=False, per_class=40, epochs=3)
+    aligned, _, _ = _run(tmp_path, monkeypatch, name, align=True, per_class=40, epochs=3)
+    assert aligned["acc_matrix"][0] == plain["acc_matrix"][0]  # nothing to align after the first task
+    assert aligned["metrics"]["acc_last"] > plain["metrics"]["acc_last"] + 0.1
