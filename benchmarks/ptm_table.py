@@ -8,7 +8,8 @@ and trainable parameters. Runs one after another in one process, so wall times a
 the machine is otherwise idle.
 
 A method named ``<method>+align`` runs the same config with ``strategy.align: true`` (SLCA's
-classifier alignment added to a prompt or LoRA method).
+classifier alignment added to a prompt or LoRA method), ``<method>+sdc`` adds semantic drift
+compensation of the aligned statistics as well.
 
     OMP_NUM_THREADS=2 python benchmarks/ptm_table.py --out /tmp/ptm_table
     python benchmarks/ptm_table.py --methods simplecil,ranpac --train-per-class 10 --out /tmp/t  # a smoke run
@@ -30,19 +31,20 @@ from clpeft.engine import Engine
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", "dualprompt", "coda_prompt",
-           "lora_cl", "lae", "merge_cl", "l2p+align", "dualprompt+align", "coda_prompt+align", "lora_cl+align",
-           "merge_cl+align"]
+           "lora_cl", "lae", "merge_cl"]
+METHODS += [f"{m}+{v}" for v in ("align", "sdc") for m in ("l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl")]
+VARIANTS = {"align": {"align": True}, "sdc": {"align": True, "drift_compensation": True}}
 
 
 def method_config(method: str, args) -> dict:
     """The method's offline config on the common stream (``finetune`` borrows simplecil's backbone)."""
-    method, _, variant = method.partition("+")
+    method, *variants = method.split("+")
     source = "simplecil" if method == "finetune" else method
     cfg = yaml.safe_load((CONFIGS / source / "fmnist_offline.yaml").read_text())
-    if variant == "align":
-        cfg["strategy"]["align"] = True
-    elif variant:
-        raise SystemExit(f"unknown variant '+{variant}' in --methods: the only one is '+align'")
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant '+{variant}' in --methods: use one of {', '.join(VARIANTS)}")
+        cfg["strategy"].update(VARIANTS[variant])
     if method == "finetune":
         cfg["strategy"] = {"name": "finetune"}
         cfg["train"] = {"epochs": 10, "batch_size": 16, "lr": 0.01, "optimizer": "sgd"}

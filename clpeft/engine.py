@@ -4,7 +4,8 @@ For a stream of ``T`` experiences the engine
 
 1. evaluates the untrained model on every test set (the FWT baseline ``b``),
 2. for each experience ``i``: re-seeds from ``(seed, i)``, calls ``before_experience``,
-   trains on ``train_data`` for ``train.epochs`` epochs, calls ``after_experience``, evaluates
+   trains on ``train_data`` for ``train.epochs`` epochs, calls ``after_experience`` (both
+   hooks in eval mode, on the device), evaluates
    on **every** experience's test set (row ``R[i, :]``, future experiences included), and
    writes a checkpoint;
 3. writes ``metrics.json`` with :func:`clpeft.metrics.summarize` of ``R``.
@@ -490,9 +491,10 @@ class Engine:
     def _train_experience(self, strategy: Strategy, exp: Experience, log: RunLogger) -> tuple[float, int]:
         train = self.cfg.train
         t0 = time.perf_counter()
+        strategy.eval().to(self.device)  # hooks run in eval mode on the device (they may compute features)
         strategy.before_experience(exp)
         strategy.refresh_input_mode()
-        strategy.to(self.device)
+        strategy.to(self.device)  # what before_experience added
         data = strategy.train_data(exp)
         optimizer = make_optimizer(strategy.param_groups(train.lr), train)
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, exp.index, "order"))

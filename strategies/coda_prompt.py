@@ -53,6 +53,8 @@ class CodaPrompt(Strategy):
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
+        drift_compensation: with ``align``, move the stored class means by the drift of the
+            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
     needs_query = True
@@ -67,6 +69,7 @@ class CodaPrompt(Strategy):
         ortho_weight: Annotated[float, Field(ge=0)] = 0.0,
         train_mask: bool = True,
         align: bool = False,
+        drift_compensation: bool = False,
     ):
         self.check_config({"prompt_length": prompt_length})
         super().__init__(backbone)
@@ -75,7 +78,7 @@ class CodaPrompt(Strategy):
         self.prompt_components = AttentionPromptPool(layers, width, prompt_length, components_per_task, backbone.feature_dim)
         self.ortho_weight = ortho_weight
         self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
@@ -83,7 +86,13 @@ class CodaPrompt(Strategy):
             raise UserError(f"must be even (half prefix keys, half prefix values), got {params['prompt_length']}",
                             key="strategy.prompt_length")
 
+    def _head_inputs(self, exp: Experience):
+        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield (self._features(b.x, b.features), b.y)
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         super().before_experience(exp)
         try:
             self.prompt_components.add_task()
@@ -105,8 +114,7 @@ class CodaPrompt(Strategy):
         return loss
 
     def after_experience(self, exp: Experience) -> None:
-        features = ((self._features(b.x, b.features), b.y) for b in self.batches(exp.train, shard=True))
-        self.aligned.update(self.head, features, exp.index)
+        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""

@@ -53,6 +53,8 @@ class DualPrompt(Strategy):
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
+        drift_compensation: with ``align``, move the stored class means by the drift of the
+            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
     needs_query = True
@@ -71,6 +73,7 @@ class DualPrompt(Strategy):
         copy_previous: bool = True,
         train_mask: bool = True,
         align: bool = False,
+        drift_compensation: bool = False,
     ):
         self.check_config({"g_layers": g_layers, "e_layers": e_layers})
         super().__init__(backbone)
@@ -82,7 +85,7 @@ class DualPrompt(Strategy):
         self.matching_weight = matching_weight
         self.copy_previous = copy_previous
         self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         self.task = 0
 
     @classmethod
@@ -92,7 +95,13 @@ class DualPrompt(Strategy):
             raise UserError(f"layers {shared} would get both prompts; G- and E-prompt layers must differ",
                             key="strategy.e_layers")
 
+    def _head_inputs(self, exp: Experience):
+        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield (self._features(b.x, b.features, None)[0], b.y)
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         super().before_experience(exp)
         if exp.index >= self.prompt_prefix.pool_size:
             raise UserError(f"experience {exp.index + 1} needs its own E-prompt but the pool holds "
@@ -111,8 +120,7 @@ class DualPrompt(Strategy):
         return self.mask.loss(self.head(features), batch.y) + self.matching_weight * matching
 
     def after_experience(self, exp: Experience) -> None:
-        features = ((self._features(b.x, b.features, None)[0], b.y) for b in self.batches(exp.train, shard=True))
-        self.aligned.update(self.head, features, exp.index)
+        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far, with the key-selected E-prompt; ``query`` is the cached feature."""

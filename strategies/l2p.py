@@ -50,6 +50,8 @@ class L2P(Strategy):
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
+        drift_compensation: with ``align``, move the stored class means by the drift of the
+            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
     needs_query = True
@@ -66,6 +68,7 @@ class L2P(Strategy):
         diversity: bool = False,
         train_mask: bool = True,
         align: bool = False,
+        drift_compensation: bool = False,
     ):
         self.check_config({"pool_size": pool_size, "top_k": top_k})
         super().__init__(backbone)
@@ -74,7 +77,7 @@ class L2P(Strategy):
                                batchwise_selection, diversity)
         self.matching_weight = matching_weight
         self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
@@ -82,7 +85,13 @@ class L2P(Strategy):
             raise UserError(f"cannot select {params['top_k']} prompts from a pool of {params['pool_size']}",
                             key="strategy.top_k")
 
+    def _head_inputs(self, exp: Experience):
+        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield (self._features(b.x, b.features, train=False)[0], b.y)
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         super().before_experience(exp)
         self.mask.start(exp.classes_in_this_experience)
         self.prompt_pool.start_task()
@@ -98,8 +107,7 @@ class L2P(Strategy):
         return self.mask.loss(self.head(features), batch.y) + self.matching_weight * matching
 
     def after_experience(self, exp: Experience) -> None:
-        features = ((self._features(b.x, b.features, train=False)[0], b.y) for b in self.batches(exp.train, shard=True))
-        self.aligned.update(self.head, features, exp.index)
+        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""

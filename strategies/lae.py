@@ -26,6 +26,12 @@ The engine has no after-step hook, so the update for step ``k`` is made at the s
 ``after_experience``. Not reproduced: the official LoRA's learnable output scale (here the fixed
 ``alpha / rank``).
 
+``align`` (an addition to the paper) gives each expert its own aligned copy of the shared head,
+re-trained on sampled class-Gaussian features of that expert after every experience
+(:class:`~clpeft.components.classifier_alignment.AlignedHead`, SLCA's alignment), optionally with
+drift compensation of the stored means; the ensemble then takes the maximum over the aligned
+heads' softmax outputs.
+
 Paper symbols -> parameters: EMA momentum ``alpha`` -> ``ema_momentum``; LoRA rank ``r`` -> ``rank``.
 """
 
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
+from clpeft.components.classifier_alignment import AlignedHead
 from clpeft.components.ema import EMATeacher
 from clpeft.components.lora import LoRAFactors, inject_lora
 from clpeft.components.prompted_classifier import ClassMask
@@ -59,6 +66,11 @@ class LAE(Strategy):
             online module is frozen and only the head trains.
         ensemble: ``max`` (the paper), or one expert alone: ``online`` or ``offline``.
         train_mask: restrict the cross-entropy to the current experience's classes.
+        align: predict with copies of the head re-trained after every experience on sampled
+            class-Gaussian features, one per expert (SLCA's classifier alignment, ``AlignedHead``;
+            an addition to the paper).
+        drift_compensation: with ``align``, move the stored class means by the drift of the
+            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
     frozen_features = False  # the online module changes the backbone's output
@@ -73,6 +85,8 @@ class LAE(Strategy):
         freeze_epochs: Annotated[int, Field(ge=0)] = 3,
         ensemble: Literal["max", "online", "offline"] = "max",
         train_mask: bool = True,
+        align: bool = False,
+        drift_compensation: bool = False,
     ):
         super().__init__(backbone)
         self.lora = inject_lora(backbone, targets, rank, alpha, key="strategy.targets")
@@ -81,10 +95,22 @@ class LAE(Strategy):
         self.freeze_epochs = freeze_epochs
         self.ensemble = ensemble
         self.mask = ClassMask(train_mask)
+        self.aligned_online = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned_offline = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         self._steps = 0
         self._first = True
 
+    def _offline_features(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.backbone, self.offline.model.overrides(), (x,))
+
+    def _head_inputs(self, exp: Experience, expert):
+        """(an expert's features, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield expert(b.x), b.y
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned_online.track(self._head_inputs(exp, self.backbone))  # SDC (with drift_compensation)
+        self.aligned_offline.track(self._head_inputs(exp, self._offline_features))
         super().before_experience(exp)
         self.mask.start(exp.classes_in_this_experience)
         self._steps = 0
@@ -111,14 +137,16 @@ class LAE(Strategy):
             self.has_offline.fill_(True)
         elif self._steps:
             self.offline.update(online)  # the last step's update
+        self.aligned_online.update(self.head, self._head_inputs(exp, self.backbone), exp.index)
+        self.aligned_offline.update(self.head, self._head_inputs(exp, self._offline_features), exp.index)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the class-wise maximum of the two experts' softmax outputs."""
         use_offline = bool(self.has_offline) and self.ensemble != "online"
         if not use_offline:
-            return self.head(self.backbone(x))
-        offline = self.head(functional_call(self.backbone, self.offline.model.overrides(), (x,)))
+            return self.aligned_online(self.backbone(x), self.head)
+        offline = self.aligned_offline(self._offline_features(x), self.head)
         if self.ensemble == "offline":
             return offline
-        online = self.head(self.backbone(x))
+        online = self.aligned_online(self.backbone(x), self.head)
         return torch.maximum(F.softmax(online, dim=1), F.softmax(offline, dim=1)).log()

@@ -69,6 +69,8 @@ class LoRACL(Strategy):
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
+        drift_compensation: with ``align``, move the stored class means by the drift of the
+            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
     frozen_features = False  # the backbone's output changes with every update
@@ -87,6 +89,7 @@ class LoRACL(Strategy):
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         train_mask: bool = True,
         align: bool = False,
+        drift_compensation: bool = False,
     ):
         self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank})
         super().__init__(backbone)
@@ -98,7 +101,7 @@ class LoRACL(Strategy):
         self.beta = beta
         self.old_updates = old_updates
         self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         self.allocator: RankAllocator | None = None
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
@@ -108,7 +111,13 @@ class LoRACL(Strategy):
         if params.get("rank_schedule") == "linear" and params.get("max_rank") is None:
             raise UserError("rank_schedule 'linear' needs max_rank (the deepest layers' rank)", key="strategy.max_rank")
 
+    def _head_inputs(self, exp: Experience):
+        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield (self.embed(b.x), b.y)
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         super().before_experience(exp)
         self.mask.start(exp.classes_in_this_experience)
         if self.rank_budget is not None:
@@ -129,8 +138,7 @@ class LoRACL(Strategy):
             self.allocator = None
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
-        features = ((self.embed(b.x), b.y) for b in self.batches(exp.train, shard=True))
-        self.aligned.update(self.head, features, exp.index)
+        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head copy (with ``align``), else of the trained head."""

@@ -60,6 +60,8 @@ class MergeCL(Strategy):
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
+        drift_compensation: with ``align``, move the stored class means by the drift of the
+            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
     frozen_features = False  # the backbone is fine-tuned
@@ -77,6 +79,7 @@ class MergeCL(Strategy):
         alpha: Annotated[float, Field(gt=0)] = 16.0,
         train_mask: bool = True,
         align: bool = False,
+        drift_compensation: bool = False,
     ):
         self.check_config({"method": method, "merge_params": merge_params})
         super().__init__(backbone)
@@ -87,7 +90,7 @@ class MergeCL(Strategy):
         self.start_from = start_from
         self.rank, self.alpha = rank, alpha
         self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align)
+        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         if mode == "lora":
             self.lora = inject_lora(backbone, targets, rank, alpha, key="strategy.targets")
         else:
@@ -115,7 +118,13 @@ class MergeCL(Strategy):
         for name, weight in self._weights().items():
             weight.copy_(tensors[name])
 
+    def _head_inputs(self, exp: Experience):
+        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield (self.embed(b.x), b.y)
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         super().before_experience(exp)
         self.mask.start(exp.classes_in_this_experience)
         if self.start_from == "base":
@@ -143,8 +152,7 @@ class MergeCL(Strategy):
         self.finetuned.append(vector)
         self._start = {}
         self._load(self.merged())
-        features = ((self.embed(b.x), b.y) for b in self.batches(exp.train, shard=True))
-        self.aligned.update(self.head, features, exp.index)
+        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head copy (with ``align``), else of the trained head."""

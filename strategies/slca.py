@@ -55,6 +55,8 @@ class SLCA(Strategy):
         align_temperature: ``tau`` of the logit normalisation (``ca_with_logit_norm``); 0 turns it off.
         mean_shrink: the official code's shrinkage of older tasks' sampling means (0: none).
         train_mask: restrict the cross-entropy to the current task's classes.
+        drift_compensation: move the stored class means by the drift of the current task's
+            features before alignment (SDC, Yu et al. 2020; not in SLCA).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SLCA(Strategy):
         align_temperature: Annotated[float, Field(ge=0)] = 0.1,
         mean_shrink: Annotated[float, Field(ge=0, le=1)] = 0.1,
         train_mask: bool = True,
+        drift_compensation: bool = False,
     ):
         super().__init__(backbone)
         self.backbone_lr_scale = backbone_lr_scale
@@ -77,10 +80,16 @@ class SLCA(Strategy):
             backbone.freeze()
         self.aligned = AlignedHead(backbone.feature_dim, enabled=align, samples_per_class=align_samples,
                                    epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
-                                   mean_shrink=mean_shrink)
+                                   mean_shrink=mean_shrink, drift_compensation=drift_compensation)
         self.mask = ClassMask(train_mask)
 
+    def _head_inputs(self, exp: Experience):
+        """(features, labels) of ``exp``'s training data, this rank's share."""
+        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
+            yield (self.embed(b.x), b.y)
+
     def before_experience(self, exp: Experience) -> None:
+        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         known = self.head.n_classes
         super().before_experience(exp)
         with torch.no_grad():
@@ -97,8 +106,7 @@ class SLCA(Strategy):
         return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
 
     def after_experience(self, exp: Experience) -> None:
-        features = ((self.embed(batch.x), batch.y) for batch in self.batches(exp.train, shard=True))
-        self.aligned.update(self.head, features, exp.index)
+        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head once it covers every class seen, else of the trained head."""

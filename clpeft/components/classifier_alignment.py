@@ -26,7 +26,18 @@ seeded generator gives the same features on every run.
 :class:`AlignedHead` packages the whole procedure for any strategy whose classifier is a
 :class:`~clpeft.components.heads.LinearHead`: SLCA, and the prompt/LoRA methods' optional
 ``align`` (classifier alignment on top of a prompt method is what HiDe-Prompt, Wang et al.,
-NeurIPS 2023, https://arxiv.org/abs/2310.07234, builds on).
+NeurIPS 2023, https://arxiv.org/abs/2310.07234, builds on). Optionally it moves the stored means
+with the features (semantic drift compensation, Yu et al., "Semantic Drift Compensation for
+Class-Incremental Learning", CVPR 2020, https://arxiv.org/abs/2004.00440, eq. 8-9): the current
+experience's training features before (``z_i^{t-1}``) and after (``z_i^t``) training give every
+old class ``c`` the drift::
+
+    Delta_c = sum_i w_ic (z_i^t - z_i^{t-1}) / sum_i w_ic,
+    w_ic = exp(-||z_i^{t-1} - mu_c^{t-1}||^2 / (2 sigma^2)),
+
+and ``mu_c^t = mu_c^{t-1} + Delta_c``. The paper's ``sigma = 0.3`` is for unit-norm embeddings;
+here ``sigma = drift_sigma * mean_i ||z_i^{t-1}||`` so that it means the same for features of
+any scale. Covariances are not moved (as in the paper).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from torch import nn
 
 from clpeft.components.class_statistics import ClassStatistics
 from clpeft.components.heads import LinearHead
+from clpeft.distributed import current
 
 
 class ClassifierAlignment(nn.Module):
@@ -180,19 +192,46 @@ class AlignedHead(nn.Module):
     The strategy keeps training its own head on the current classes; after each experience
     :meth:`update` stores the new classes' feature Gaussians and re-trains a fresh copy of the
     trained head on samples of every seen class. :meth:`forward` predicts with that copy once it
-    covers every class of the trained head, with the trained head otherwise.
+    covers every class of the trained head, with the trained head otherwise. With drift
+    compensation the strategy also calls :meth:`track` before training on an experience, with
+    the same batches in the same order as it later passes to :meth:`update`.
 
     Args:
         dim: feature dimension read by the head.
-        enabled: ``False`` makes :meth:`update` a no-op and :meth:`forward` the trained head.
+        enabled: ``False`` makes :meth:`track` and :meth:`update` no-ops and :meth:`forward` the
+            trained head.
+        drift_compensation: move the stored means by SDC's estimated drift at every update.
+        drift_sigma: SDC's kernel width as a fraction of the mean feature norm.
         **alignment: arguments of :class:`ClassifierAlignment` (SLCA's defaults otherwise).
     """
 
-    def __init__(self, dim: int, enabled: bool = True, **alignment):
+    def __init__(self, dim: int, enabled: bool = True, drift_compensation: bool = False, drift_sigma: float = 0.3,
+                 **alignment):
         super().__init__()
         self.enabled = enabled
+        self.drift_compensation = drift_compensation
+        self.drift_sigma = drift_sigma
         self.alignment = ClassifierAlignment(dim, **alignment)
         self.head = LinearHead(dim).requires_grad_(False)
+        self._before: torch.Tensor | None = None  # z^{t-1} of the experience in training
+
+    @torch.no_grad()
+    def track(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Before training on an experience: keep its features under the current model (``z^{t-1}``).
+
+        Reads the batches only with drift compensation on and classes already stored."""
+        if self.enabled and self.drift_compensation and self.alignment.n_classes:
+            self._before = _gathered_rows([features.float() for features, _ in batches])
+
+    @torch.no_grad()
+    def drift(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """SDC's ``Delta_c`` of every stored class from the same samples' features before and
+        after training, (C, D) float64."""
+        before, after = before.double(), after.double()
+        sigma = self.drift_sigma * before.norm(dim=1).mean()
+        squared = torch.cdist(self.alignment.stats.mean, before).square_()
+        weights = torch.softmax(-squared / (2 * sigma**2), dim=1)  # w_ic / sum_i w_ic, without underflow
+        return weights @ (after - before)
 
     @torch.no_grad()
     def update(self, trained: LinearHead, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], task: int) -> None:
@@ -206,8 +245,19 @@ class AlignedHead(nn.Module):
             return
         stats = self.alignment.stats
         share = ClassStatistics(stats.dim, covariance="per_class").to(stats.mean.device)
+        after = []
         for features, labels in batches:
             share.update(features.float(), labels)
+            if self._before is not None:
+                after.append(features.float())
+        if self._before is not None:
+            after = _gathered_rows(after)
+            if after.shape != self._before.shape:
+                raise RuntimeError(f"drift compensation saw {len(self._before)} samples before training and "
+                                   f"{len(after)} after: track() and update() need the same batches")
+            seen = stats.seen()
+            stats.mean[seen] += self.drift(self._before, after)[seen]
+            self._before = None
         self.alignment.add(share.gathered(), task)
         if int(self.alignment.task_of_class.max()) < 1:
             return  # nothing to align after the first task
@@ -216,8 +266,21 @@ class AlignedHead(nn.Module):
         self.alignment.align(aligned, torch.Generator(stats.mean.device).manual_seed(seed))
         self.head.load_state_dict(aligned.state_dict())
 
+    def extra_repr(self) -> str:
+        drift = f", drift_sigma={self.drift_sigma}" if self.drift_compensation else ""
+        return f"enabled={self.enabled}, drift_compensation={self.drift_compensation}{drift}"
+
     def forward(self, features: torch.Tensor, trained: LinearHead) -> torch.Tensor:
         """Logits of the aligned copy when it covers ``trained``'s classes, else of ``trained``."""
         if self.enabled and self.head.n_classes == trained.n_classes:
             return self.head(features)
         return trained(features)
+
+
+def _gathered_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """This rank's row blocks concatenated, then every rank's in rank order (one process: its own)."""
+    world = current()
+    mine = torch.cat(parts) if parts else torch.zeros(0)
+    if not world.active:
+        return mine
+    return torch.cat([rows.to(mine.device) for rows in world.all_gather_object(mine.cpu())])

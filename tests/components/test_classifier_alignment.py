@@ -180,3 +180,67 @@ def test_disabled_aligned_head_reads_no_data_and_predicts_with_the_trained_head(
         wrapper.update(trained, unreadable(), task)
     probe = torch.randn(7, D)
     assert torch.equal(wrapper(probe, trained), trained(probe))
+
+
+def _sdc_numpy(means: np.ndarray, before: np.ndarray, after: np.ndarray, sigma: float) -> np.ndarray:
+    """Yu et al. 2020, eq. 8-9 written out: Gaussian weights of each sample around each old mean."""
+    drift = np.zeros_like(means)
+    for c, mu in enumerate(means):
+        w = np.array([np.exp(-np.sum((z - mu) ** 2) / (2 * sigma**2)) for z in before])
+        drift[c] = (w[:, None] * (after - before)).sum(0) / w.sum()
+    return drift
+
+
+def test_drift_compensation_moves_old_means_by_sdcs_weighted_displacement():
+    x, y = _gaussian_classes(4)
+    x = x / np.linalg.norm(x, axis=1).mean()  # unit-scale features, where exp() does not underflow in numpy
+    torch.manual_seed(0)
+    trained = LinearHead(D, 2)
+    wrapper = AlignedHead(D, drift_compensation=True, drift_sigma=0.5, samples_per_class=16, epochs=1)
+    wrapper.track(_batches(x, y, [0, 1]))  # nothing stored yet: nothing to compensate
+    wrapper.update(trained, _batches(x, y, [0, 1]), task=0)
+    old_means = wrapper.alignment.stats.means().numpy().copy()
+
+    rng = np.random.default_rng(1)
+    new = _batches(x, y, [2, 3])
+    before = np.concatenate([f.double().numpy() for f, _ in new])
+    moved = [(f + torch.from_numpy(rng.normal(0, 0.2, f.shape)).float(), labels) for f, labels in new]
+    after = np.concatenate([f.double().numpy() for f, _ in moved])
+    wrapper.track(new)
+    trained.grow_to(4)
+    wrapper.update(trained, moved, task=1)
+
+    sigma = 0.5 * np.linalg.norm(before, axis=1).mean()
+    expected = old_means + _sdc_numpy(old_means, before, after, sigma)
+    means = wrapper.alignment.stats.means().numpy()
+    np.testing.assert_allclose(means[:2], expected, rtol=1e-9, atol=1e-9)
+    new_means = [after[np.concatenate([lab.numpy() for _, lab in moved]) == c].mean(0) for c in (2, 3)]
+    np.testing.assert_allclose(means[2:], new_means, rtol=1e-6, atol=1e-6)  # new classes: their own features
+
+
+def test_a_translation_of_every_feature_moves_every_old_mean_by_it():
+    """Hand-worked: z^t = z^{t-1} + v for every sample gives Delta_c = v whatever the weights."""
+    x, y = _gaussian_classes(4)
+    v = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    wrapper = AlignedHead(D, drift_compensation=True, samples_per_class=8, epochs=1)
+    trained = LinearHead(D, 2)
+    wrapper.update(trained, _batches(x, y, [0, 1]), task=0)
+    old_means = wrapper.alignment.stats.means().clone()
+    new = _batches(x, y, [2, 3])
+    wrapper.track(new)
+    trained.grow_to(4)
+    wrapper.update(trained, [(f + v, labels) for f, labels in new], task=1)
+    # z + v is rounded to float32 (features of magnitude ~10: ulp ~1e-6)
+    torch.testing.assert_close(wrapper.alignment.stats.means()[:2], old_means + v.double(), rtol=0, atol=1e-5)
+
+
+def test_drift_compensation_needs_the_same_samples_before_and_after():
+    x, y = _gaussian_classes(4)
+    wrapper = AlignedHead(D, drift_compensation=True, samples_per_class=8, epochs=1)
+    trained = LinearHead(D, 2)
+    wrapper.update(trained, _batches(x, y, [0, 1]), task=0)
+    new = _batches(x, y, [2, 3])
+    wrapper.track(new)
+    trained.grow_to(4)
+    with pytest.raises(RuntimeError, match="same batches"):
+        wrapper.update(trained, new[:-1], task=1)

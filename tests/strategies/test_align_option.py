@@ -4,7 +4,8 @@ Each strategy runs the sklearn-digits stream twice, with and without ``align``: 
 head and everything else trained must come out bitwise equal (alignment only builds the copy
 that predicts), the copy must cover every class and be what ``predict`` reads, and on the MLP
 streams (where heads trained on two classes at a time are not calibrated against each other) it
-must raise the accuracy over all classes seen.
+must raise the accuracy over all classes seen. With ``drift_compensation`` (SDC) training is
+again untouched and only the stored means of earlier experiences' classes move.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ METHODS = {
     "lora_cl": ({"targets": MLP_TARGETS, "rank": 3}, MLP),
     "merge_cl": ({"mode": "lora", "targets": MLP_TARGETS, "rank": 3}, MLP),
 }
+LAE = ({"targets": MLP_TARGETS, "ema_momentum": 0.8, "freeze_epochs": 1}, MLP)
 
 
-def _run(tmp_path, monkeypatch, name: str, align: bool, per_class: int = 8, epochs: int = 2):
-    params, backbone = METHODS[name]
+def _run(tmp_path, monkeypatch, name: str, align: bool, per_class: int = 8, epochs: int = 2, **extra):
+    params, backbone = LAE if name == "lae" else METHODS[name]
     built = {}
     build = clpeft.engine.Engine._build
 
@@ -43,12 +45,12 @@ def _run(tmp_path, monkeypatch, name: str, align: bool, per_class: int = 8, epoc
         "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
                      "train_per_class": per_class, "test_per_class": 10, "root": str(tmp_path / "data")},
         "backbone": backbone,
-        "strategy": {"name": name, **params, "align": align},
+        "strategy": {"name": name, **params, "align": align, **extra},
         "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "optimizer": "adam", "feature_cache": "memory"},
         "eval": {"batch_size": 64, "baseline": False},
         "logging": {"tensorboard": False, "progress": "never"},
     })
-    result = clpeft.engine.Engine(cfg, tmp_path / f"{name}-{align}", device="cpu").run()
+    result = clpeft.engine.Engine(cfg, tmp_path / f"{name}-{align}-{len(extra)}", device="cpu").run()
     monkeypatch.setattr(clpeft.engine.Engine, "_build", build)
     return result, built["strategy"], built["stream"]
 
@@ -85,3 +87,33 @@ def test_alignment_raises_the_accuracy_over_all_classes(tmp_path, monkeypatch, n
     aligned, _, _ = _run(tmp_path, monkeypatch, name, align=True, per_class=40, epochs=3)
     assert aligned["acc_matrix"][0] == plain["acc_matrix"][0]  # nothing to align after the first task
     assert aligned["metrics"]["acc_last"] > plain["metrics"]["acc_last"] + 0.1
+
+
+@pytest.mark.parametrize("name", ["l2p", "lora_cl", "merge_cl"])
+def test_drift_compensation_moves_only_the_old_classes_stored_means(tmp_path, monkeypatch, name):
+    _, aligned, _ = _run(tmp_path, monkeypatch, name, align=True)
+    _, compensated, _ = _run(tmp_path, monkeypatch, name, align=True, drift_compensation=True)
+    trained = {k: v for k, v in compensated.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
+    reference = {k: v for k, v in aligned.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
+    assert [k for k in trained if not torch.equal(trained[k], reference[k])] == []  # training is untouched
+    moved, plain = compensated.aligned.alignment.stats, aligned.aligned.alignment.stats
+    assert torch.equal(moved.counts, plain.counts) and torch.equal(moved.scatter, plain.scatter)
+    assert torch.equal(moved.mean[8:], plain.mean[8:])  # the last experience's classes: their own features
+    shift = (moved.mean[:8] - plain.mean[:8]).norm(dim=1)
+    assert bool((shift > 1e-6).all()), shift  # every older class moved with the features
+
+
+def test_lae_aligns_one_head_copy_per_expert_and_ensembles_them(tmp_path, monkeypatch):
+    _, plain, stream = _run(tmp_path, monkeypatch, "lae", align=False)
+    _, aligned, _ = _run(tmp_path, monkeypatch, "lae", align=True, drift_compensation=True)
+    trained = {k: v for k, v in aligned.state_dict().items() if not k.startswith("aligned_") and isinstance(v, torch.Tensor)}
+    reference = {k: v for k, v in plain.state_dict().items() if not k.startswith("aligned_") and isinstance(v, torch.Tensor)}
+    assert [k for k in trained if not torch.equal(trained[k], reference[k])] == []
+    online, offline = aligned.aligned_online.head, aligned.aligned_offline.head
+    assert online.n_classes == offline.n_classes == 10 and not torch.equal(online.weight, offline.weight)
+    x = torch.cat([exp.test.load()[0] for exp in stream])
+    with torch.no_grad():
+        aligned.eval()
+        p_online = torch.softmax(online(aligned.backbone(x)), dim=1)
+        p_offline = torch.softmax(offline(aligned._offline_features(x)), dim=1)
+        assert torch.equal(aligned.predict(x), torch.maximum(p_online, p_offline).log())
