@@ -13,8 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import clpeft.config
-import clpeft.engine
 
 VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 MLP = {"name": "mlp", "hidden": [64]}
@@ -29,18 +27,9 @@ METHODS = {
 LAE = ({"targets": MLP_TARGETS, "ema_momentum": 0.8, "freeze_epochs": 1}, MLP)
 
 
-def _run(tmp_path, monkeypatch, name: str, align: bool, per_class: int = 8, epochs: int = 2, **extra):
+def _run(tmp_path, run_keeping, name: str, align: bool, per_class: int = 8, epochs: int = 2, **extra):
     params, backbone = LAE if name == "lae" else METHODS[name]
-    built = {}
-    build = clpeft.engine.Engine._build
-
-    def spy_build(self):
-        stream, strategy = build(self)
-        built.update(strategy=strategy, stream=stream)
-        return stream, strategy
-
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-    cfg = clpeft.config.resolve({
+    return run_keeping({
         "seed": 0,
         "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
                      "train_per_class": per_class, "test_per_class": 10, "root": str(tmp_path / "data")},
@@ -49,16 +38,13 @@ def _run(tmp_path, monkeypatch, name: str, align: bool, per_class: int = 8, epoc
         "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "optimizer": "adam", "feature_cache": "memory"},
         "eval": {"batch_size": 64, "baseline": False},
         "logging": {"tensorboard": False, "progress": "never"},
-    })
-    result = clpeft.engine.Engine(cfg, tmp_path / f"{name}-{align}-{len(extra)}", device="cpu").run()
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", build)
-    return result, built["strategy"], built["stream"]
+    }, tmp_path / f"{name}-{align}-{len(extra)}")
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_alignment_changes_only_the_predicting_copy(tmp_path, monkeypatch, name):
-    _, plain, stream = _run(tmp_path, monkeypatch, name, align=False)
-    _, aligned, _ = _run(tmp_path, monkeypatch, name, align=True)
+def test_alignment_changes_only_the_predicting_copy(tmp_path, run_keeping, name):
+    _, plain, stream = _run(tmp_path, run_keeping, name, align=False)
+    _, aligned, _ = _run(tmp_path, run_keeping, name, align=True)
     trained = {k: v for k, v in aligned.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
     reference = {k: v for k, v in plain.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
     assert trained.keys() == reference.keys()
@@ -82,17 +68,17 @@ def test_alignment_changes_only_the_predicting_copy(tmp_path, monkeypatch, name)
 
 
 @pytest.mark.parametrize("name", ["lora_cl", "merge_cl"])
-def test_alignment_raises_the_accuracy_over_all_classes(tmp_path, monkeypatch, name):
-    plain, _, _ = _run(tmp_path, monkeypatch, name, align=False, per_class=40, epochs=3)
-    aligned, _, _ = _run(tmp_path, monkeypatch, name, align=True, per_class=40, epochs=3)
+def test_alignment_raises_the_accuracy_over_all_classes(tmp_path, run_keeping, name):
+    plain, _, _ = _run(tmp_path, run_keeping, name, align=False, per_class=40, epochs=3)
+    aligned, _, _ = _run(tmp_path, run_keeping, name, align=True, per_class=40, epochs=3)
     assert aligned["acc_matrix"][0] == plain["acc_matrix"][0]  # nothing to align after the first task
     assert aligned["metrics"]["acc_last"] > plain["metrics"]["acc_last"] + 0.1
 
 
 @pytest.mark.parametrize("name", ["l2p", "lora_cl", "merge_cl"])
-def test_drift_compensation_moves_only_the_old_classes_stored_means(tmp_path, monkeypatch, name):
-    _, aligned, _ = _run(tmp_path, monkeypatch, name, align=True)
-    _, compensated, _ = _run(tmp_path, monkeypatch, name, align=True, drift_compensation=True)
+def test_drift_compensation_moves_only_the_old_classes_stored_means(tmp_path, run_keeping, name):
+    _, aligned, _ = _run(tmp_path, run_keeping, name, align=True)
+    _, compensated, _ = _run(tmp_path, run_keeping, name, align=True, drift_compensation=True)
     trained = {k: v for k, v in compensated.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
     reference = {k: v for k, v in aligned.state_dict().items() if not k.startswith("aligned.") and isinstance(v, torch.Tensor)}
     assert [k for k in trained if not torch.equal(trained[k], reference[k])] == []  # training is untouched
@@ -103,9 +89,9 @@ def test_drift_compensation_moves_only_the_old_classes_stored_means(tmp_path, mo
     assert bool((shift > 1e-6).all()), shift  # every older class moved with the features
 
 
-def test_lae_aligns_one_head_copy_per_expert_and_ensembles_them(tmp_path, monkeypatch):
-    _, plain, stream = _run(tmp_path, monkeypatch, "lae", align=False)
-    _, aligned, _ = _run(tmp_path, monkeypatch, "lae", align=True, drift_compensation=True)
+def test_lae_aligns_one_head_copy_per_expert_and_ensembles_them(tmp_path, run_keeping):
+    _, plain, stream = _run(tmp_path, run_keeping, "lae", align=False)
+    _, aligned, _ = _run(tmp_path, run_keeping, "lae", align=True, drift_compensation=True)
     trained = {k: v for k, v in aligned.state_dict().items() if not k.startswith("aligned_") and isinstance(v, torch.Tensor)}
     reference = {k: v for k, v in plain.state_dict().items() if not k.startswith("aligned_") and isinstance(v, torch.Tensor)}
     assert [k for k in trained if not torch.equal(trained[k], reference[k])] == []

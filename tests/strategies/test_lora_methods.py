@@ -43,21 +43,9 @@ def _config(tmp_path, strategy: dict, epochs: int = 2, hidden: tuple[int, ...] =
     }
 
 
-def _run(tmp_path, monkeypatch, strategy: dict, **kw):
+def _run(tmp_path, run_keeping, strategy: dict, **kw):
     """Run the stream; returns (metrics.json content, the trained strategy, the stream)."""
-    built = {}
-    build = clpeft.engine.Engine._build
-
-    def spy_build(self):
-        stream, s = build(self)
-        built.update(strategy=s, stream=stream)
-        return stream, s
-
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-    cfg = clpeft.config.resolve(_config(tmp_path, strategy, **kw))
-    result = clpeft.engine.Engine(cfg, tmp_path / f"run-{strategy['name']}", device="cpu").run()
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", build)
-    return result, built["strategy"], built["stream"]
+    return run_keeping(_config(tmp_path, strategy, **kw), tmp_path / f"run-{strategy['name']}")
 
 
 def _test_inputs(stream) -> torch.Tensor:
@@ -69,7 +57,7 @@ def _test_inputs(stream) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def test_lora_cl_trains_only_the_current_update_and_the_head(tmp_path, monkeypatch):
+def test_lora_cl_trains_only_the_current_update_and_the_head(tmp_path, monkeypatch, run_keeping):
     trained, frozen_after, groups = [], [], []
     after, param_groups = LoRACL.after_experience, LoRACL.param_groups
 
@@ -89,7 +77,7 @@ def test_lora_cl_trains_only_the_current_update_and_the_head(tmp_path, monkeypat
     base = {}
     monkeypatch.setattr(LoRACL, "param_groups", spy_groups)
     monkeypatch.setattr(LoRACL, "after_experience", spy_after)
-    _, strategy, _ = _run(tmp_path, monkeypatch, {"name": "lora_cl", "targets": TARGETS, "rank": 3, "alpha": 6.0})
+    _, strategy, _ = _run(tmp_path, run_keeping, {"name": "lora_cl", "targets": TARGETS, "rank": 3, "alpha": 6.0})
 
     assert len(groups) == 5 and all(got == want for got, want in groups)  # only A_t, B_t and the head
     for name, layer in strategy.lora.items():  # the base weights never move
@@ -105,7 +93,7 @@ def test_lora_cl_trains_only_the_current_update_and_the_head(tmp_path, monkeypat
     assert all(m.frozen_rank == 15 for m in strategy.lora.values())
 
 
-def test_lora_cl_merge_mode_equals_base_plus_the_sum_of_the_updates(tmp_path, monkeypatch):
+def test_lora_cl_merge_mode_equals_base_plus_the_sum_of_the_updates(tmp_path, monkeypatch, run_keeping):
     deltas, base = [], {}
     after = LoRACL.after_experience
 
@@ -117,7 +105,7 @@ def test_lora_cl_merge_mode_equals_base_plus_the_sum_of_the_updates(tmp_path, mo
         assert all(m.frozen_rank == 0 for m in self.lora.values())
 
     monkeypatch.setattr(LoRACL, "after_experience", spy_after)
-    _, strategy, _ = _run(tmp_path, monkeypatch,
+    _, strategy, _ = _run(tmp_path, run_keeping,
                           {"name": "lora_cl", "targets": TARGETS, "rank": 3, "old_updates": "merge"})
 
     for name, layer in strategy.lora.items():
@@ -141,7 +129,7 @@ def _prilora_importance(a: torch.Tensor, b: torch.Tensor, sq_mean: torch.Tensor)
     return np.linalg.norm(b, axis=0) * np.linalg.norm(a * rms, axis=1)
 
 
-def test_lora_cl_ranks_follow_the_schedule_and_the_budget_allocation(tmp_path, monkeypatch):
+def test_lora_cl_ranks_follow_the_schedule_and_the_budget_allocation(tmp_path, monkeypatch, run_keeping):
     budget = 5
     records, starts = [], []
     split, before = RankAllocator.split, LoRACL.before_experience
@@ -160,7 +148,7 @@ def test_lora_cl_ranks_follow_the_schedule_and_the_budget_allocation(tmp_path, m
 
     monkeypatch.setattr(RankAllocator, "split", spy_split)
     monkeypatch.setattr(LoRACL, "before_experience", spy_before)
-    _, strategy, _ = _run(tmp_path, monkeypatch, {
+    _, strategy, _ = _run(tmp_path, run_keeping, {
         "name": "lora_cl", "targets": TARGETS, "rank": 2, "max_rank": 6, "rank_schedule": "linear",
         "rank_budget": budget,
     })
@@ -205,7 +193,7 @@ def _online(self) -> dict[str, torch.Tensor]:
     return {f"{n}.{f}": getattr(m, f).detach().double().clone() for n, m in self.lora.items() for f in ("lora_A", "lora_B")}
 
 
-def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkeypatch):
+def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkeypatch, run_keeping):
     m, freeze_epochs = 0.8, 1
     trajectory: list[tuple[int, str, dict]] = []  # (experience, when, online factors)
     exp_index = {}
@@ -226,7 +214,7 @@ def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkey
     monkeypatch.setattr(LAE, "before_experience", spy_before)
     monkeypatch.setattr(LAE, "training_step", spy_step)
     monkeypatch.setattr(LAE, "after_experience", spy_after)
-    _, strategy, _ = _run(tmp_path, monkeypatch, {
+    _, strategy, _ = _run(tmp_path, run_keeping, {
         "name": "lae", "targets": TARGETS, "rank": 3, "alpha": 3.0, "ema_momentum": m, "freeze_epochs": freeze_epochs,
     })
 
@@ -252,8 +240,8 @@ def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkey
         assert any(not torch.equal(points[-1][k], points[0][k]) for k in o)  # ... and moves afterwards
 
 
-def test_lae_prediction_is_the_max_of_the_two_softmaxes(tmp_path, monkeypatch):
-    _, strategy, stream = _run(tmp_path, monkeypatch,
+def test_lae_prediction_is_the_max_of_the_two_softmaxes(tmp_path, run_keeping):
+    _, strategy, stream = _run(tmp_path, run_keeping,
                                {"name": "lae", "targets": TARGETS, "ema_momentum": 0.8, "freeze_epochs": 1})
     x = _test_inputs(stream)
     with torch.no_grad():
@@ -280,8 +268,8 @@ def test_lae_prediction_is_the_max_of_the_two_softmaxes(tmp_path, monkeypatch):
     ("lora", "ties", {"density": 0.5}, "merged"),
     ("full", "dare", {"drop_rate": 0.3}, "base"),
 ], ids=["lora-ta", "lora-ties-from-merged", "full-dare"])
-def test_merge_cl_evaluates_the_merge_of_its_stored_task_vectors(tmp_path, monkeypatch, mode, method, params, start_from):
-    _, strategy, stream = _run(tmp_path, monkeypatch, {
+def test_merge_cl_evaluates_the_merge_of_its_stored_task_vectors(tmp_path, mode, method, params, start_from, run_keeping):
+    _, strategy, stream = _run(tmp_path, run_keeping, {
         "name": "merge_cl", "mode": mode, "method": method, "merge_params": params, "start_from": start_from,
         "targets": TARGETS, "rank": 3, "merge_seed": 5,
     })
@@ -304,9 +292,9 @@ def test_merge_cl_evaluates_the_merge_of_its_stored_task_vectors(tmp_path, monke
         assert torch.equal(strategy.predict(x), strategy.head(fresh(x)))
 
 
-def test_merge_cl_task_arithmetic_of_lora_factors_by_hand(tmp_path, monkeypatch):
+def test_merge_cl_task_arithmetic_of_lora_factors_by_hand(tmp_path, run_keeping):
     scale = 0.7
-    _, strategy, _ = _run(tmp_path, monkeypatch, {
+    _, strategy, _ = _run(tmp_path, run_keeping, {
         "name": "merge_cl", "mode": "lora", "merge_params": {"scale": scale}, "targets": TARGETS, "rank": 3,
     })
     for name, layer in strategy.lora.items():
@@ -336,18 +324,18 @@ METHODS = {
 }
 
 
-def test_each_forgets_less_than_finetune(tmp_path, monkeypatch):
-    finetune, _, _ = _run(tmp_path, monkeypatch, {"name": "finetune"}, epochs=3, hidden=(64,))
+def test_each_forgets_less_than_finetune(tmp_path, run_keeping):
+    finetune, _, _ = _run(tmp_path, run_keeping, {"name": "finetune"}, epochs=3, hidden=(64,))
     base = finetune["metrics"]["forgetting"]
     assert base > 0.8  # the stream really is forgotten by plain fine-tuning
     for name, strategy in METHODS.items():
-        result, _, _ = _run(tmp_path, monkeypatch, {**strategy, "targets": ["net.0"]}, epochs=3, hidden=(64,))
+        result, _, _ = _run(tmp_path, run_keeping, {**strategy, "targets": ["net.0"]}, epochs=3, hidden=(64,))
         assert result["metrics"]["forgetting"] < base - 0.3, (name, result["metrics"]["forgetting"], base)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_state_dict_round_trip_into_a_fresh_strategy_gives_identical_predictions(tmp_path, monkeypatch, name):
-    _, strategy, stream = _run(tmp_path, monkeypatch, METHODS[name])
+def test_state_dict_round_trip_into_a_fresh_strategy_gives_identical_predictions(tmp_path, name, run_keeping):
+    _, strategy, stream = _run(tmp_path, run_keeping, METHODS[name])
     buf = io.BytesIO()
     torch.save(strategy.state_dict(), buf)  # as a checkpoint does
     cfg = clpeft.config.resolve(_config(tmp_path, METHODS[name]))
