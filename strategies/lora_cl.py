@@ -25,6 +25,14 @@ separable). The rank of each update is chosen by importance:
   IncreLoRA grows ranks *during* training; here the budget is applied once per experience,
   because the engine's optimizer lives for a whole experience and growing replaces parameters.
 
+``subspace: inflora`` makes the updates interference-free (Liang & Li, "InfLoRA:
+Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
+https://arxiv.org/abs/2404.00228): before each experience every layer's ``A_t`` is designed from
+the experience's inputs outside the subspace of earlier experiences' inputs and frozen, so only
+``B_t`` trains and old inputs pass the new update unchanged
+(:class:`~clpeft.components.input_subspace.InputSubspace`; the subspace grows by GPM's criterion
+after each experience).
+
 The cross-entropy covers the current experience's classes only (``train_mask``, as in the
 prompt-pool methods' official code), so old classes' head rows are not pushed down.
 
@@ -39,6 +47,7 @@ import torch
 from pydantic import Field
 
 from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.input_subspace import InputSubspace
 from clpeft.components.lora import inject_lora, layer_ranks
 from clpeft.components.prompted_classifier import ClassMask
 from clpeft.components.rank_allocation import RankAllocator
@@ -66,6 +75,10 @@ class LoRACL(Strategy):
         old_updates: ``freeze`` past updates beside the base weight, or ``merge`` them into it.
         dropout: dropout on the LoRA input.
         train_mask: restrict the cross-entropy to the current experience's classes.
+        subspace: ``none``, or ``inflora``: each update's ``A`` designed outside earlier
+            experiences' input subspace and frozen (InfLoRA).
+        subspace_threshold: GPM's ``epsilon`` for ``inflora``: the share of an experience's input
+            energy the subspace keeps (InfLoRA's schedule runs 0.95 -> 1.0).
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
@@ -88,6 +101,8 @@ class LoRACL(Strategy):
         old_updates: Literal["freeze", "merge"] = "freeze",
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         train_mask: bool = True,
+        subspace: Literal["none", "inflora"] = "none",
+        subspace_threshold: Annotated[float, Field(gt=0, le=1)] = 0.97,
         align: bool = False,
         drift_compensation: bool = False,
     ):
@@ -103,6 +118,7 @@ class LoRACL(Strategy):
         self.mask = ClassMask(train_mask)
         self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         self.allocator: RankAllocator | None = None
+        self.subspace = InputSubspace(self.lora, subspace_threshold) if subspace == "inflora" else None
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
 
@@ -110,6 +126,14 @@ class LoRACL(Strategy):
     def check_config(cls, params: dict) -> None:
         if params.get("rank_schedule") == "linear" and params.get("max_rank") is None:
             raise UserError("rank_schedule 'linear' needs max_rank (the deepest layers' rank)", key="strategy.max_rank")
+
+    def _input_covariances(self, exp: Experience) -> list[torch.Tensor]:
+        """Every adapted layer's mean ``x x^T`` over ``exp``'s training inputs (all ranks)."""
+        def run() -> None:
+            for b in self.batches(exp.train, shard=True):
+                self.embed(b.x)
+
+        return self.subspace.covariances(self.lora, run)
 
     def _head_inputs(self, exp: Experience):
         """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
@@ -120,6 +144,8 @@ class LoRACL(Strategy):
         self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
         super().before_experience(exp)
         self.mask.start(exp.classes_in_this_experience)
+        if self.subspace is not None:
+            self.subspace.design(self.lora, self._input_covariances(exp))
         if self.rank_budget is not None:
             total = sum(layer.rank for layer in self.lora.values())
             self.allocator = RankAllocator(self.lora, total, beta1=self.beta, beta2=self.beta)
@@ -136,6 +162,8 @@ class LoRACL(Strategy):
             for name, keep in self.allocator.split(self.rank_budget).items():
                 self.lora[name].prune(keep)
             self.allocator = None
+        if self.subspace is not None:
+            self.subspace.extend(self._input_covariances(exp))
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
         self.aligned.update(self.head, self._head_inputs(exp), exp.index)

@@ -7,6 +7,7 @@ from clpeft.components.class_statistics import ClassStatistics
 from clpeft.components.classifier_alignment import AlignedHead, ClassifierAlignment
 from clpeft.components.ema import DualTeacher, EMATeacher
 from clpeft.components.heads import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
+from clpeft.components.input_subspace import InputSubspace
 from clpeft.components.laplacian_adjustment import laplacian_adjustment
 from clpeft.components.lora import (
     LoRAFactors,
@@ -48,6 +49,7 @@ __all__ = [
     "DualTeacher",
     "EATASampleFilter",
     "EMATeacher",
+    "InputSubspace",
     "LDAHead",
     "LinearHead",
     "LoRAFactors",

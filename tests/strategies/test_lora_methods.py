@@ -93,6 +93,41 @@ def test_lora_cl_trains_only_the_current_update_and_the_head(tmp_path, monkeypat
     assert all(m.frozen_rank == 15 for m in strategy.lora.values())
 
 
+def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monkeypatch, run_keeping):
+    """InfLoRA: A_t is designed before the experience and never trained (only B_t and the head are
+    optimised), and the later updates' output on the first experience's inputs is a small fraction
+    of what unconstrained updates produce (first layer: its inputs are the raw images, so they are
+    the same in both runs)."""
+    groups = []
+    param_groups = LoRACL.param_groups
+
+    def spy_groups(self, lr):
+        out = param_groups(self, lr)
+        trainable = {id(p) for g in out for p in g["params"]}
+        groups.append((trainable, {id(m.lora_B) for m in self.lora.values()} | {id(p) for p in self.head.parameters()}))
+        return out
+
+    monkeypatch.setattr(LoRACL, "param_groups", spy_groups)
+    interference = {}
+    for subspace in ("none", "inflora"):
+        _, strategy, stream = _run(tmp_path / subspace, run_keeping, {
+            "name": "lora_cl", "targets": ["net.0"], "rank": 3, "subspace": subspace, "subspace_threshold": 0.99},
+            epochs=3, hidden=(64,))
+        layer = strategy.lora["net.0"]
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double()))
+        with torch.no_grad():
+            strategy.backbone(stream[0].train.load()[0])
+        handle.remove()
+        x = seen[0]
+        a, b, s = layer.frozen_A.double(), layer.frozen_B.double(), layer.frozen_scaling.double()
+        first = ((x @ a[:3].T) * s[:3]) @ b[:, :3].T
+        later = ((x @ a[3:].T) * s[3:]) @ b[:, 3:].T
+        interference[subspace] = float(later.square().sum() / first.square().sum())
+    assert all(got == want for got, want in groups[5:])  # the inflora run: only B_t and the head train
+    assert interference["inflora"] < 0.1 * interference["none"], interference
+
+
 def test_lora_cl_merge_mode_equals_base_plus_the_sum_of_the_updates(tmp_path, monkeypatch, run_keeping):
     deltas, base = [], {}
     after = LoRACL.after_experience

@@ -1,0 +1,124 @@
+"""Interference-free LoRA updates: each task's ``A`` outside the input subspace of earlier tasks.
+
+Liang & Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024
+(https://arxiv.org/abs/2404.00228; code: github.com/liangyanshuo/InfLoRA). For an adapted layer
+``y = W x + B_t A_t x``, fixing ``A_t`` and training only ``B_t`` confines the update to the row
+space of ``A_t``; if those rows are orthogonal to the inputs ``x`` that earlier tasks feed the
+layer, the update leaves their outputs unchanged. Per layer, :class:`InputSubspace` keeps an
+orthonormal basis ``M`` (``d x k``) of those inputs, as Gradient Projection Memory does (Saha,
+Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021, eq. 5-9):
+
+* :meth:`design`, before training task ``t``: with ``C_t`` the mean of ``x x^T`` over the task's
+  inputs, the top-``r`` left singular vectors ``U_r`` of ``(I - M M^T) C_t`` give
+  ``A_t = U_r^T / sqrt(3)`` (the official scale); ``A_t`` is frozen, ``B_t`` starts at zero;
+* :meth:`extend`, after training task ``t``: GPM's criterion adds the leading eigenvectors of
+  ``(I - M M^T) C_t (I - M M^T)`` to ``M`` until the energy of the task's inputs inside
+  ``span(M)`` reaches ``threshold`` of ``trace(C_t)`` (eigenvalues of ``C_t`` are the squared
+  singular values of the representation matrix GPM uses).
+
+Not reproduced: DualGPM's storage of the complement once ``M`` spans over half of ``d`` (an
+equivalent, cheaper representation), the official code's threshold schedule (``0.95 -> 1.0``
+over the known number of tasks; one ``threshold`` here) and its criterion on the squared
+eigenvalues of ``C_t`` (GPM's definition is used).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from clpeft.components.lora import LoRALinear
+from clpeft.distributed import current
+
+
+class InputSubspace(nn.Module):
+    """Per adapted layer, a basis ``M`` of earlier tasks' inputs; designs ``A`` outside it (InfLoRA).
+
+    Args:
+        layers: the adapted layers, by module path.
+        threshold: GPM's ``epsilon``: the fraction of a task's input energy that ``span(M)``
+            must hold after :meth:`extend`.
+
+    Buffers: ``basis_<i>`` (``d_i x k_i``, float64) per layer, part of the state dict
+    (loading resizes them).
+    """
+
+    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float = 0.97):
+        super().__init__()
+        self.paths = list(layers)
+        self.threshold = threshold
+        for i, layer in enumerate(layers.values()):
+            self.register_buffer(f"basis_{i}", torch.zeros(layer.base_layer.in_features, 0, dtype=torch.float64))
+
+    def basis(self, i: int) -> torch.Tensor:
+        return getattr(self, f"basis_{i}")
+
+    @staticmethod
+    @torch.no_grad()
+    def covariances(layers: Mapping[str, LoRALinear], run: Callable[[], None]) -> list[torch.Tensor]:
+        """``C = mean x x^T`` of every layer's inputs (float64) over what ``run()`` feeds the model;
+        summed over the ranks of a data-parallel run."""
+        sums = [torch.zeros(layer.base_layer.in_features, layer.base_layer.in_features, dtype=torch.float64,
+                            device=layer.lora_B.device) for layer in layers.values()]
+        counts = torch.zeros(len(sums), dtype=torch.float64)
+
+        def hook(i: int):
+            def accumulate(_module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sums[i].addmm_(x.T, x)
+                counts[i] += x.shape[0]
+            return accumulate
+
+        handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers.values())]
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        world = current()
+        for s in sums:
+            world.all_reduce_sum(s)
+        world.all_reduce_sum(counts)
+        return [s / max(float(n), 1.0) for s, n in zip(sums, counts.tolist())]
+
+    @torch.no_grad()
+    def design(self, layers: Mapping[str, LoRALinear], covariances: list[torch.Tensor]) -> None:
+        """Set and freeze every layer's current ``A`` to InfLoRA's design (``B`` is left as is)."""
+        for i, (layer, cov) in enumerate(zip(layers.values(), covariances, strict=True)):
+            basis = self.basis(i).to(cov.device)
+            projected = cov - basis @ (basis.T @ cov)
+            u = torch.linalg.svd(projected)[0][:, : layer.rank]
+            layer.lora_A = nn.Parameter((u.T / math.sqrt(3)).to(layer.lora_A), requires_grad=False)
+
+    @torch.no_grad()
+    def extend(self, covariances: list[torch.Tensor]) -> list[int]:
+        """GPM's update of every basis with a finished task's input covariance; returns the
+        number of directions added per layer."""
+        added = []
+        for i, cov in enumerate(covariances):
+            basis = self.basis(i).to(cov.device)
+            total = float(torch.trace(cov))
+            inside = float(torch.trace(basis.T @ cov @ basis)) if basis.shape[1] else 0.0
+            outside = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device) - basis @ basis.T
+            values, vectors = torch.linalg.eigh(outside @ cov @ outside)
+            values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+            needed = self.threshold * total - inside
+            k = 0 if needed <= 0 else int(torch.searchsorted(values.cumsum(0), values.new_tensor(needed))) + 1
+            k = min(k, cov.shape[0] - basis.shape[1])
+            setattr(self, f"basis_{i}", torch.cat([basis, vectors[:, :k]], dim=1).to(self.basis(i).device))
+            added.append(k)
+        return added
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for i in range(len(self.paths)):
+            stored = state_dict.get(f"{prefix}basis_{i}")
+            if stored is not None:
+                setattr(self, f"basis_{i}", torch.zeros_like(stored, device=self.basis(i).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        dims = ", ".join(f"{self.basis(i).shape[1]}/{self.basis(i).shape[0]}" for i in range(len(self.paths)))
+        return f"threshold={self.threshold}, basis dims: {dims}"

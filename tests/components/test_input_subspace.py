@@ -1,0 +1,103 @@
+"""InputSubspace (InfLoRA's A design, GPM's basis update) against hand-worked and numpy computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clpeft.components.input_subspace import InputSubspace
+from clpeft.components.lora import LoRALinear
+
+
+def _layers(d: int = 4, rank: int = 1, n: int = 1) -> dict[str, LoRALinear]:
+    torch.manual_seed(0)
+    return {f"l{i}": LoRALinear(nn.Linear(d, 3), rank=rank, alpha=1.0) for i in range(n)}
+
+
+def test_gpm_keeps_the_fewest_directions_that_reach_the_threshold_hand_worked():
+    layers = _layers()
+    subspace = InputSubspace(layers, threshold=0.7)
+    # eigenvalues 4, 3, 2, 1: 70% of the energy needs the first two directions
+    assert subspace.extend([torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))]) == [2]
+    np.testing.assert_array_equal(subspace.basis(0).numpy(), np.eye(4)[:, :2])
+    # a second task: 2 of its 10 units are inside span(e1, e2), so 5 more are needed: the e3 direction
+    assert subspace.extend([torch.diag(torch.tensor([1.0, 1.0, 5.0, 3.0], dtype=torch.float64))]) == [1]
+    np.testing.assert_allclose(np.abs(subspace.basis(0).numpy()), np.eye(4)[:, :3], atol=1e-12)
+    # a task already inside the subspace adds nothing
+    assert subspace.extend([torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64))]) == [0]
+
+
+def test_gpm_criterion_matches_numpy_on_a_random_covariance():
+    rng = np.random.default_rng(0)
+    d = 12
+    layers = _layers(d)
+    subspace = InputSubspace(layers, threshold=0.9)
+    first = rng.normal(size=(200, d)) @ np.diag(np.linspace(3, 0.1, d))
+    subspace.extend([torch.from_numpy(first.T @ first / 200)])
+    m = subspace.basis(0).numpy()
+    second = rng.normal(size=(200, d)) @ rng.normal(size=(d, d))
+    cov = second.T @ second / 200
+    k = subspace.extend([torch.from_numpy(cov)])[0]
+    # numpy: eigen-decompose the covariance outside span(M), add directions until 90% is inside
+    outside = np.eye(d) - m @ m.T
+    values = np.sort(np.clip(np.linalg.eigvalsh(outside @ cov @ outside), 0, None))[::-1]
+    inside = np.trace(m.T @ cov @ m)
+    energy = inside + np.concatenate([[0.0], np.cumsum(values)])
+    expected = int(np.argmax(energy >= 0.9 * np.trace(cov)))
+    assert k == expected and energy[k - 1] < 0.9 * np.trace(cov)
+    basis = subspace.basis(0).numpy()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-10)  # still orthonormal
+
+
+def test_designed_a_is_frozen_orthogonal_to_the_basis_and_spans_the_top_projected_directions():
+    rng = np.random.default_rng(1)
+    d, rank = 10, 3
+    layers = _layers(d, rank=rank)
+    subspace = InputSubspace(layers, threshold=0.8)
+    old = rng.normal(size=(300, d)) @ np.diag([5, 4, 3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    subspace.extend([torch.from_numpy(old.T @ old / 300)])
+    new = rng.normal(size=(300, d)) @ rng.normal(size=(d, d))
+    cov = new.T @ new / 300
+    subspace.design(layers, [torch.from_numpy(cov)])
+    a = layers["l0"].lora_A
+    assert not a.requires_grad and a.shape == (rank, d)
+    m = subspace.basis(0).numpy()
+    np.testing.assert_allclose(a.detach().double().numpy() @ m, 0, atol=1e-6)  # B A x = 0 for x in span(M)
+    np.testing.assert_allclose(a.detach().double().numpy() @ a.detach().double().numpy().T, np.eye(rank) / 3, atol=1e-6)
+    u = np.linalg.svd(cov - m @ (m.T @ cov))[0][:, :rank]
+    np.testing.assert_allclose(np.abs(a.detach().double().numpy() * math.sqrt(3)), np.abs(u.T), atol=1e-5)
+
+
+def test_covariances_are_the_mean_outer_product_of_each_layers_inputs():
+    layers = _layers(d=5, n=2)
+    first, second = layers["l0"], LoRALinear(nn.Linear(3, 2), rank=1, alpha=1.0)
+    model = nn.Sequential(first, nn.Tanh(), second)
+    xs = [torch.randn(7, 5), torch.randn(4, 5)]
+    covs = InputSubspace.covariances({"a": first, "b": second}, lambda: [model(x) for x in xs])
+    x = torch.cat(xs).double()
+    h = torch.tanh(first(torch.cat(xs))).double()
+    torch.testing.assert_close(covs[0], x.T @ x / 11)
+    torch.testing.assert_close(covs[1], h.T @ h / 11, rtol=1e-5, atol=1e-6)
+    assert not first._forward_pre_hooks and not second._forward_pre_hooks  # hooks removed
+
+
+def test_state_dict_round_trip_restores_the_bases():
+    layers = _layers()
+    subspace = InputSubspace(layers, threshold=0.7)
+    subspace.extend([torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))])
+    fresh = InputSubspace(_layers(), threshold=0.7)
+    fresh.load_state_dict(subspace.state_dict())
+    assert torch.equal(fresh.basis(0), subspace.basis(0))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.99])
+def test_a_higher_threshold_keeps_more_directions(threshold):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(100, 8)) @ np.diag(np.linspace(2, 0.2, 8))
+    subspace = InputSubspace(_layers(8), threshold=threshold)
+    k = subspace.extend([torch.from_numpy(x.T @ x / 100)])[0]
+    assert (k <= 4) if threshold == 0.5 else (k >= 7)
