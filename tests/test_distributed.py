@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from clpeft import checkpoint
-from clpeft.components import ClassStatistics, PromptPool
+from clpeft.components import AlignedHead, ClassStatistics, InputSubspace, LinearHead, LoRALinear, PromptPool
 from clpeft.distributed import World, check_consistent, current
 from clpeft.errors import RunError
 
@@ -156,7 +156,35 @@ def _divergence_is_named(world: World) -> None:
         check_consistent(world, model, "experience 1")
 
 
-@pytest.mark.parametrize("fn", [_gathered_statistics_equal_the_whole, _prompt_counts_are_summed, _divergence_is_named])
+def _input_covariances_and_drift_compensation_equal_the_whole(world: World) -> None:
+    """InfLoRA's covariances and SDC's drift from each rank's share equal the formulas on the whole data."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=generator)
+    layer = LoRALinear(torch.nn.Linear(4, 3), rank=1, alpha=1.0)
+    shard = world.shard(torch.arange(30))
+    covariance = InputSubspace.covariances({"l": layer}, lambda: layer(x[shard]))[0]
+    torch.testing.assert_close(covariance, x.double().T @ x.double() / 30, rtol=1e-12, atol=1e-12)
+
+    y = torch.arange(3).repeat(10)
+    moved = x + 0.3 * torch.randn(30, 4, generator=generator)
+    old, new = torch.nonzero(y < 2).flatten(), torch.nonzero(y == 2).flatten()
+    head = LinearHead(4, 2)
+    aligned = AlignedHead(4, drift_compensation=True, drift_sigma=0.5, samples_per_class=8, epochs=1)
+    aligned.update(head, [(x[world.shard(old)], y[world.shard(old)])], task=0)
+    aligned.track([(x[world.shard(new)], y[world.shard(new)])])
+    head.grow_to(3)
+    aligned.update(head, [(moved[world.shard(new)], y[world.shard(new)])], task=1)
+    # the whole data, by the formula: Gaussian weights of every new sample around each old mean
+    before, after = x[new].double(), moved[new].double()
+    sigma = 0.5 * before.norm(dim=1).mean()
+    means = torch.stack([x[y == c].double().mean(0) for c in (0, 1)])
+    weights = torch.softmax(-torch.cdist(means, before).square() / (2 * sigma**2), dim=1)
+    expected = torch.cat([means + weights @ (after - before), after.mean(0, keepdim=True)])
+    torch.testing.assert_close(aligned.alignment.stats.means(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [_gathered_statistics_equal_the_whole, _prompt_counts_are_summed, _divergence_is_named,
+                                _input_covariances_and_drift_compensation_equal_the_whole])
 def test_collectives_across_two_processes(tmp_path, fn):
     _in_two_processes(fn, tmp_path)
 
