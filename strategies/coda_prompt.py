@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from clpeft.components.attention_prompt_pool import AttentionPromptPool
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.prompted_classifier import ClassMask, check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
@@ -82,6 +82,7 @@ class CodaPrompt(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
         if params["prompt_length"] % 2:
             raise UserError(f"must be even (half prefix keys, half prefix values), got {params['prompt_length']}",
                             key="strategy.prompt_length")

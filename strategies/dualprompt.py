@@ -24,7 +24,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.prefix_prompt import PrefixPrompt
 from clpeft.components.prompted_classifier import ClassMask, check_layers, promptable_width, query_of
 from clpeft.data import Batch
@@ -90,6 +90,7 @@ class DualPrompt(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
         shared = sorted(set(params["g_layers"]) & set(params["e_layers"]))
         if shared:
             raise UserError(f"layers {shared} would get both prompts; G- and E-prompt layers must differ",

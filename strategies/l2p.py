@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.prompt_pool import PromptPool
 from clpeft.components.prompted_classifier import ClassMask, promptable_width, query_of
 from clpeft.data import Batch
@@ -81,6 +81,7 @@ class L2P(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
         if params["top_k"] > params["pool_size"]:
             raise UserError(f"cannot select {params['top_k']} prompts from a pool of {params['pool_size']}",
                             key="strategy.top_k")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.ema import EMATeacher
 from clpeft.components.lora import LoRAFactors, inject_lora
 from clpeft.components.prompted_classifier import ClassMask
@@ -107,6 +107,10 @@ class LAE(Strategy):
         """(an expert's features, labels) of ``exp``'s training data, this rank's share."""
         for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
             yield expert(b.x), b.y
+
+    @classmethod
+    def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
 
     def before_experience(self, exp: Experience) -> None:
         self.aligned_online.track(self._head_inputs(exp, self.backbone))  # SDC (with drift_compensation)

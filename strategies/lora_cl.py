@@ -46,7 +46,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.input_subspace import InputSubspace
 from clpeft.components.lora import inject_lora, layer_ranks
 from clpeft.components.prompted_classifier import ClassMask
@@ -124,6 +124,7 @@ class LoRACL(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
         if params.get("rank_schedule") == "linear" and params.get("max_rank") is None:
             raise UserError("rank_schedule 'linear' needs max_rank (the deepest layers' rank)", key="strategy.max_rank")
 

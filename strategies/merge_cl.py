@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.lora import inject_lora
 from clpeft.components.prompted_classifier import ClassMask
 from clpeft.data import Batch
@@ -101,6 +101,7 @@ class MergeCL(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
         merge_params = params.get("merge_params") or {}
         if "weights" in merge_params:
             raise UserError("per-model weights cannot be given: the number of task vectors grows with every experience",

@@ -33,7 +33,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead
+from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.prompted_classifier import ClassMask
 from clpeft.data import Batch
 from clpeft.experience import Experience
@@ -87,6 +87,10 @@ class SLCA(Strategy):
         """(features, labels) of ``exp``'s training data, this rank's share."""
         for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
             yield (self.embed(b.x), b.y)
+
+    @classmethod
+    def check_config(cls, params: dict) -> None:
+        check_alignment_options(params)
 
     def before_experience(self, exp: Experience) -> None:
         self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)

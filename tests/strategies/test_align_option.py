@@ -13,6 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import clpeft.config
+from clpeft.errors import UserError
+
 
 VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 MLP = {"name": "mlp", "hidden": [64]}
@@ -103,3 +106,14 @@ def test_lae_aligns_one_head_copy_per_expert_and_ensembles_them(tmp_path, run_ke
         p_online = torch.softmax(online(aligned.backbone(x)), dim=1)
         p_offline = torch.softmax(offline(aligned._offline_features(x)), dim=1)
         assert torch.equal(aligned.predict(x), torch.maximum(p_online, p_offline).log())
+
+
+@pytest.mark.parametrize("name", [*METHODS, "lae", "slca"])
+def test_drift_compensation_without_align_is_refused_naming_the_key(tmp_path, name):
+    params, backbone = LAE if name == "lae" else METHODS.get(name, ({}, MLP))
+    with pytest.raises(UserError, match=r"^strategy\.drift_compensation: needs align: true"):
+        clpeft.config.resolve({
+            "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5},
+            "backbone": backbone,
+            "strategy": {"name": name, **params, "align": False, "drift_compensation": True},
+        })
