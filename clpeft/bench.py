@@ -6,7 +6,7 @@ cache is filled as a run would fill it). On the first experience it times, each 
 
 - the feature-cache pass over the training data (frozen backbones only);
 - ``warmup`` untimed and then ``steps`` timed optimizer steps (``training_step``, backward,
-  clipping, ``optimizer.step``), cycling over epochs if the experience is short;
+  clipping, ``optimizer.step``, ``after_training_step``), cycling over epochs if the experience is short;
 - ``after_experience`` (prototypes, statistics, alignment: the whole cost of closed-form methods);
 - one evaluation pass over the experience's test set.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from clpeft.config import RunConfig
-from clpeft.engine import Engine, _peak_memory_mb, make_optimizer, optimizer_step, training_step_fn
+from clpeft.engine import Engine, _peak_memory_mb, carry_over, make_optimizer, optimizer_step, training_step_fn
 from clpeft.errors import UserError
 
 
@@ -85,6 +85,7 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
     durations: list[float] = []
     if optimizer is not None and len(data):
         step = training_step_fn(strategy, engine.world)
+        named = dict(strategy.named_parameters())
         strategy.train()
         generator = torch.Generator().manual_seed(cfg.seed)
         while len(durations) < warmup + steps:
@@ -94,6 +95,8 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
                 with engine.autocast():
                     loss, _, _ = step(batch, len(batch.y))
                 optimizer_step(optimizer, loss, train.clip_grad)
+                if strategy.after_training_step():
+                    named, step = carry_over(strategy, optimizer, named, engine.world)
                 durations.append((_clock(dev) - t0, len(batch.y)))
                 if len(durations) == warmup + steps:
                     break

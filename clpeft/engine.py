@@ -4,8 +4,9 @@ For a stream of ``T`` experiences the engine
 
 1. evaluates the untrained model on every test set (the FWT baseline ``b``),
 2. for each experience ``i``: re-seeds from ``(seed, i)``, calls ``before_experience``,
-   trains on ``train_data`` for ``train.epochs`` epochs, calls ``after_experience`` (both
-   hooks in eval mode, on the device), evaluates
+   trains on ``train_data`` for ``train.epochs`` epochs (``training_step``, backward, optimizer
+   step, ``after_training_step``), calls ``after_experience`` (both experience hooks in eval
+   mode, on the device), evaluates
    on **every** experience's test set (row ``R[i, :]``, future experiences included), and
    writes a checkpoint;
 3. writes ``metrics.json`` with :func:`clpeft.metrics.summarize` of ``R``.
@@ -71,6 +72,7 @@ from clpeft.errors import RunError, UserError
 from clpeft.experience import Experience
 from clpeft.feature_cache import FeatureCache, default_cache_dir
 from clpeft.logging import RunLogger
+from clpeft.resizing import replace_parameters
 from clpeft.strategy import Strategy
 
 
@@ -497,6 +499,7 @@ class Engine:
         strategy.to(self.device)  # what before_experience added
         data = strategy.train_data(exp)
         optimizer = make_optimizer(strategy.param_groups(train.lr), train)
+        named = dict(strategy.named_parameters())  # what after_training_step may replace
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, exp.index, "order"))
         steps_per_epoch = -(-len(data) // train.batch_size) if optimizer and len(data) else 0
         n_steps = train.epochs * steps_per_epoch
@@ -525,6 +528,8 @@ class Engine:
                     optimizer_step(optimizer, loss, train.clip_grad)
                     if scheduler is not None:
                         scheduler.step()
+                    if strategy.after_training_step():  # parameters replaced (a LoRA rank grown)
+                        named, step_fn = carry_over(strategy, optimizer, named, self.world)
                     total += value * n
                     count += n
                     step += 1
@@ -652,6 +657,19 @@ def training_step_fn(strategy: Strategy, world: distributed.World):
         totals = world.all_reduce_sum(torch.stack([weighted.cpu(), torch.tensor(float(n_local), dtype=torch.float64)]))
         return loss, float(totals[0] / totals[1]), n_global
     return step
+
+
+def carry_over(strategy: Strategy, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter],
+               world: distributed.World):
+    """After ``after_training_step`` replaced parameters: hand them to ``optimizer`` with their
+    predecessors' state and rebuild the step function (DDP's buckets follow the new parameters).
+
+    Returns:
+        (the named parameters now, the new step function).
+    """
+    current = dict(strategy.named_parameters())
+    replace_parameters(optimizer, named, current)
+    return current, training_step_fn(strategy, world)
 
 
 def export_weights(strategy: Strategy, path: Path) -> Path:

@@ -40,7 +40,7 @@ from clpeft.experience import Experience
 if TYPE_CHECKING:
     from clpeft.data_access import DataAccess
 
-HOOKS = frozenset({"before_experience", "after_experience"})
+HOOKS = frozenset({"before_experience", "after_experience", "after_training_step"})
 
 
 class Strategy(nn.Module):
@@ -73,7 +73,7 @@ class Strategy(nn.Module):
         if unknown:
             raise TypeError(
                 f"{cls.__name__} defines {unknown}, which the engine never calls; "
-                f"the experience hooks are {sorted(HOOKS)}"
+                f"the hooks are {sorted(HOOKS)}"
             )
 
     def __init__(self, backbone: Backbone):
@@ -149,6 +149,18 @@ class Strategy(nn.Module):
     def training_step(self, batch: Batch) -> torch.Tensor:
         """Loss of one mini-batch; the engine does backward and the optimizer step."""
         return F.cross_entropy(self.predict(batch.x), batch.y)
+
+    def after_training_step(self) -> bool:
+        """After each optimizer step, with the step's gradients still in place. Default: nothing.
+
+        Return True when trainable parameters were replaced by new ones under the same names (a
+        LoRA rank grown by importance, as in IncreLoRA): the engine then hands them to the
+        optimizer with their predecessors' state, zero-padded to the new sizes
+        (:func:`~clpeft.resizing.replace_parameters`) and, with several ranks, rebuilds the
+        DistributedDataParallel wrapper. Decisions taken here must be the same on every rank
+        (base them on the all-reduced gradients, not on a rank's own batch).
+        """
+        return False
 
     def after_experience(self, exp: Experience) -> None:
         """After training on ``exp`` (classifier alignment, prototypes, memory update)."""

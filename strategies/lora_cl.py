@@ -15,15 +15,22 @@ separable). The rank of each update is chosen by importance:
 * per-layer starting ranks follow PRILoRA's schedule (Benedek & Wolf, "PRILoRA: Pruned and
   Rank-Increasing Low-Rank Adaptation", EACL 2024 Findings, https://arxiv.org/abs/2401.11316):
   ``r_l`` grows linearly with depth from ``rank`` to ``max_rank`` (``rank_schedule: linear``);
-* with a ``rank_budget`` ``b``, the trained update is cut to ``sum_l r_l = b`` before it is
+* with a ``rank_budget`` ``b`` and ``grow_every`` ``T``, each update starts at those ranks and
+  grows during the experience as IncreLoRA does: every ``T`` optimizer steps (after
+  ``grow_warmup`` steps), the ``grow_layers`` layers with the highest importance gain
+  ``grow_rank`` components each, until ``sum_l r_l = b``
+  (:meth:`~clpeft.components.rank_allocation.RankAllocator.allocate`; the new components start
+  with ``B = 0`` and zero optimizer state, the existing ones keep theirs);
+* with a ``rank_budget`` ``b`` alone, the trained update is cut to ``sum_l r_l = b`` before it is
   retired: IncreLoRA's layer scores (Zhang et al., "IncreLoRA: Incremental Parameter Allocation
   Method for Parameter-Efficient Fine-tuning", 2023, https://arxiv.org/abs/2308.12043; AdaLoRA's
   smoothed sensitivity ``|w dL/dw|``, accumulated at every step) split ``b`` across the layers
   (:meth:`~clpeft.components.rank_allocation.RankAllocator.split`), and each layer keeps its most
   important components by PRILoRA's score, ``|B_i| |A_i * rms(x)|`` with input statistics
   gathered while training (:meth:`~clpeft.components.lora.LoRALinear.prune`).
-  IncreLoRA grows ranks *during* training; here the budget is applied once per experience,
-  because the engine's optimizer lives for a whole experience and growing replaces parameters.
+
+Not reproduced from IncreLoRA: its SVD form ``P diag(E) Q`` with orthogonality regulariser and
+"advance learning" of reserve components; here growth appends plain LoRA components.
 
 ``subspace: inflora`` makes the updates interference-free (Liang & Li, "InfLoRA:
 Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
@@ -38,7 +45,8 @@ prompt-pool methods' official code), so old classes' head rows are not pushed do
 
 Paper symbols -> parameters: ``r`` -> ``rank`` (``max_rank`` for PRILoRA's deepest layer),
 ``alpha`` -> ``alpha``, total rank budget ``b`` -> ``rank_budget``, ``beta_1, beta_2`` (AdaLoRA
-smoothing) -> ``beta``.
+smoothing) -> ``beta``, IncreLoRA's ``incre_interval``, ``init_warmup``, ``top_h`` and
+``incre_rank_num`` -> ``grow_every``, ``grow_warmup``, ``grow_layers``, ``grow_rank``.
 """
 
 from typing import Annotated, Literal
@@ -70,7 +78,13 @@ class LoRACL(Strategy):
         max_rank: the deepest layers' rank with ``rank_schedule: linear``.
         rank_schedule: ``constant`` or PRILoRA's ``linear`` increase with depth.
         alpha: LoRA ``alpha``; each update's scaling is ``alpha / r_l``.
-        rank_budget: total rank ``b`` kept of each experience's update (``None``: keep all).
+        rank_budget: total rank ``b`` of each experience's update: grown to with ``grow_every``,
+            else pruned to after training (``None``: keep the starting ranks).
+        grow_every: grow the most important layers every this many optimizer steps (IncreLoRA);
+            needs ``rank_budget``.
+        grow_warmup: optimizer steps of each experience before the first growth.
+        grow_layers: how many layers grow at a time.
+        grow_rank: components each of them gains.
         beta: AdaLoRA's smoothing ``beta_1 = beta_2`` of the layer scores.
         old_updates: ``freeze`` past updates beside the base weight, or ``merge`` them into it.
         dropout: dropout on the LoRA input.
@@ -97,6 +111,10 @@ class LoRACL(Strategy):
         rank_schedule: Literal["constant", "linear"] = "constant",
         alpha: Annotated[float, Field(gt=0)] = 8.0,
         rank_budget: Annotated[int, Field(ge=1)] | None = None,
+        grow_every: Annotated[int, Field(ge=1)] | None = None,
+        grow_warmup: Annotated[int, Field(ge=0)] = 0,
+        grow_layers: Annotated[int, Field(ge=1)] = 1,
+        grow_rank: Annotated[int, Field(ge=1)] = 1,
         beta: Annotated[float, Field(ge=0, lt=1)] = 0.85,
         old_updates: Literal["freeze", "merge"] = "freeze",
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
@@ -106,13 +124,19 @@ class LoRACL(Strategy):
         align: bool = False,
         drift_compensation: bool = False,
     ):
-        self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank})
+        self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank, "grow_every": grow_every,
+                           "rank_budget": rank_budget, "subspace": subspace})
         super().__init__(backbone)
         self.lora = inject_lora(backbone, targets, rank, alpha, rank_schedule=rank_schedule, max_rank=max_rank,
                                 dropout=dropout, key="strategy.targets")
         self.ranks = layer_ranks(list(self.lora), rank, rank_schedule, max_rank)
         self.alpha = alpha
         self.rank_budget = rank_budget
+        if grow_every is not None and sum(self.ranks) >= rank_budget:
+            raise UserError(f"grow_every: the updates start at total rank {sum(self.ranks)} over {len(self.ranks)} layers, "
+                            f"already at rank_budget {rank_budget}; raise rank_budget or lower rank", key="strategy.rank_budget")
+        self.growth = dict(every=grow_every, warmup=grow_warmup, layers=grow_layers, rank=grow_rank)
+        self.step = 0  # optimizer steps in this experience
         self.beta = beta
         self.old_updates = old_updates
         self.mask = ClassMask(train_mask)
@@ -127,6 +151,11 @@ class LoRACL(Strategy):
         check_alignment_options(params)
         if params.get("rank_schedule") == "linear" and params.get("max_rank") is None:
             raise UserError("rank_schedule 'linear' needs max_rank (the deepest layers' rank)", key="strategy.max_rank")
+        if params.get("grow_every") is not None and params.get("rank_budget") is None:
+            raise UserError("grow_every needs rank_budget (the total rank the updates grow to)", key="strategy.rank_budget")
+        if params.get("grow_every") is not None and params.get("subspace") == "inflora":
+            raise UserError("grow_every cannot grow InfLoRA updates (their A is designed before training); "
+                            "use subspace: none or drop grow_every", key="strategy.grow_every")
 
     def _input_covariances(self, exp: Experience) -> list[torch.Tensor]:
         """Every adapted layer's mean ``x x^T`` over ``exp``'s training inputs (all ranks)."""
@@ -147,19 +176,31 @@ class LoRACL(Strategy):
         self.mask.start(exp.classes_in_this_experience)
         if self.subspace is not None:
             self.subspace.design(self.lora, self._input_covariances(exp))
+        self.step = 0
+        if self.growth["every"]:  # drawn from the state the engine set for this experience: the same on every rank
+            self.growth_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         if self.rank_budget is not None:
-            total = sum(layer.rank for layer in self.lora.values())
-            self.allocator = RankAllocator(self.lora, total, beta1=self.beta, beta2=self.beta)
+            budget = self.rank_budget if self.growth["every"] else sum(layer.rank for layer in self.lora.values())
+            self.allocator = RankAllocator(self.lora, budget, top_k=self.growth["layers"], rank_step=self.growth["rank"],
+                                           beta1=self.beta, beta2=self.beta)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        if self.allocator is not None:
-            self.allocator.update()  # the previous step's gradients: the engine clears them after this call
         return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
+
+    def after_training_step(self) -> bool:
+        """Fold the step's gradients into the layer scores; grow on IncreLoRA's schedule."""
+        if self.allocator is None:
+            return False
+        self.allocator.update()
+        self.step += 1
+        every, warmup = self.growth["every"], self.growth["warmup"]
+        if every is None or self.step <= warmup or self.step % every:  # IncreLoRA's condition
+            return False
+        return bool(self.allocator.allocate(self.growth_rng))
 
     def after_experience(self, exp: Experience) -> None:
         """Cut the update to the budget, freeze or merge it and start the next one; then align."""
         if self.allocator is not None:
-            self.allocator.update()  # the last step's gradients
             for name, keep in self.allocator.split(self.rank_budget).items():
                 self.lora[name].prune(keep)
             self.allocator = None

@@ -30,6 +30,12 @@ from clpeft.errors import RunError
 TRAIN_PER_CLASS, BATCH = 25, 49  # 50 training samples per experience: global batches of 49 and 1
 TEST_PER_CLASS = 20
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+EXTRA = {  # lora_cl grows its ranks mid-experience (IncreLoRA): rank 1 -> 4 at steps 6, 12, 18 of 30
+    # (adapting one layer of a frozen random MLP: it learns less than finetune)
+    "replay": {"mem_size": 40},
+    "lora_cl": {"targets": ["net.0"], "rank": 1, "alpha": 1.0, "rank_budget": 4, "grow_every": 6,
+                "train_mask": False},
+}
 
 
 def _config(tmp_path: Path, strategy: str) -> Path:
@@ -38,7 +44,7 @@ def _config(tmp_path: Path, strategy: str) -> Path:
         "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
                      "train_per_class": TRAIN_PER_CLASS, "test_per_class": TEST_PER_CLASS},
         "backbone": {"name": "mlp", "hidden": [64]},
-        "strategy": {"name": strategy, **({"mem_size": 40} if strategy == "replay" else {})},
+        "strategy": {"name": strategy, **EXTRA.get(strategy, {})},
         "train": {"epochs": 15, "batch_size": BATCH, "lr": 0.1},
         "logging": {"tensorboard": False, "progress": "never", "keep_checkpoints": 5},
     }
@@ -66,12 +72,12 @@ def _pair(tmp_path: Path, strategy: str) -> tuple[np.ndarray, np.ndarray, Path]:
     return _matrix(single), _matrix(double), double
 
 
-@pytest.mark.parametrize("strategy", ["finetune", "replay"])
+@pytest.mark.parametrize("strategy", ["finetune", "replay", "lora_cl"])
 def test_two_processes_match_one_process(tmp_path, strategy):
     one, two, run_dir = _pair(tmp_path, strategy)
     assert one.shape == two.shape == (5, 5)
     assert np.abs(one - two).max() <= 1 / (2 * TEST_PER_CLASS) + 1e-12  # at most one test sample per cell
-    assert one.diagonal().mean() > 0.8  # a real, trained run (not two equally broken ones)
+    assert one.diagonal().mean() > (0.7 if strategy == "lora_cl" else 0.8)  # trained, not two equally broken runs
     # rank 0 alone wrote: one events file, one checkpoint per kept experience
     assert len(checkpoint.list_checkpoints(run_dir / "checkpoints")) >= 1
     assert (run_dir / "events.jsonl").read_text().count('"run_start"') == 1

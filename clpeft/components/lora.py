@@ -69,9 +69,9 @@ _FACTORS = ("lora_A", "lora_B")
 _FROZEN = ("frozen_A", "frozen_B", "frozen_scaling")
 
 
-def init_lora_a(a: torch.Tensor) -> torch.Tensor:
+def init_lora_a(a: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """peft's (and ``nn.Linear``'s) initialisation of ``A``, in place: kaiming-uniform, ``a=sqrt(5)``."""
-    return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
 
 
 def frozen(base: nn.Linear) -> nn.Linear:
@@ -107,7 +107,7 @@ class LoRALinear(nn.Module):
     component; they are applied to the input without dropout.
 
     Changing the rank replaces ``lora_A`` and ``lora_B`` by new parameters: rebuild the
-    optimizer afterwards. Loading a state dict resizes them (and the frozen buffers) to the
+    optimizer afterwards, or carry it over with :func:`~clpeft.resizing.replace_parameters`. Loading a state dict resizes them (and the frozen buffers) to the
     stored sizes.
     """
 
@@ -214,6 +214,16 @@ class LoRALinear(nn.Module):
         self.input_sq_mean += (batch_mean - self.input_sq_mean) * (n / total)
         self.input_count.copy_(total)
 
+    @torch.no_grad()
+    def synchronize(self, world) -> None:
+        """Merge the input statistics of every rank's share (count-weighted), as over the whole data."""
+        if world.active and self.track_importance:
+            count = self.input_count.double()
+            total = world.all_reduce_sum(self.input_sq_mean.double() * count)
+            count = world.all_reduce_sum(count.reshape(1))
+            self.input_sq_mean.copy_(total / count.clamp(min=1))
+            self.input_count.copy_(count[0].long())
+
     def reset_importance(self) -> None:
         """Forget the accumulated input statistics."""
         self.input_sq_mean.zero_()
@@ -237,14 +247,17 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"unmerge() before {action}: the merged base weight holds the current update")
 
     @torch.no_grad()
-    def grow(self, k: int) -> None:
+    def grow(self, k: int, generator: torch.Generator | None = None) -> None:
         """Add ``k`` components (``A`` rows as at construction, ``B`` columns zero).
 
         The output is unchanged: the new components contribute ``0`` and the scaling is fixed.
+        ``lora_A`` and ``lora_B`` become new, larger parameters; to train on with the same
+        optimizer, :func:`~clpeft.resizing.replace_parameters` moves its state over.
+        ``generator`` (a CPU one) draws the new rows, e.g. the same on every data-parallel rank.
         """
         self._check_unmerged("grow()")
         a, b = self.lora_A, self.lora_B
-        new_a = init_lora_a(torch.empty(k, a.shape[1], device=a.device, dtype=a.dtype))
+        new_a = init_lora_a(torch.empty(k, a.shape[1], dtype=a.dtype), generator).to(a.device)
         self._set_factors(torch.cat([a, new_a]), torch.cat([b, b.new_zeros(b.shape[0], k)], dim=1))
 
     @torch.no_grad()
@@ -343,8 +356,8 @@ class LoRAFactors(nn.Module):
     base layers. Its parameters are ``<i>.lora_A`` and ``<i>.lora_B`` for the ``i``-th layer;
     :meth:`overrides` names them as the adapted model does, for
     ``torch.func.functional_call(model, factors.overrides(), args)``. A deep copy holds copies
-    of the factors and keeps the names. Layers that grow or prune afterwards get new
-    parameters: build a new :class:`LoRAFactors` then.
+    of the factors and keeps the names. Build a new :class:`LoRAFactors` after layers grow or
+    prune (their factors change shape or identity).
 
     Args:
         layers: LoRA layers by module path (what :func:`inject_lora` returns).
@@ -433,19 +446,20 @@ def find_linear_targets(model: nn.Module, targets: Sequence[str], *, key: str | 
     a dotted suffix such as ``attn.proj`` or ``blocks.0.attn.qkv`` narrows a match.
 
     Raises:
-        UserError: (with ``key``, e.g. ``"strategy.targets"``) when nothing matches; the
-            message lists the model's linear layers.
+        UserError: (with ``key``, e.g. ``"strategy.targets"``) when a target matches no layer
+            (a typo would otherwise leave a layer silently unadapted); the message lists the
+            model's linear layers.
     """
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    names = [name for name in linears if _matches(name, targets)]
-    if not names:
+    unmatched = [t for t in targets if not any(_matches(name, [t]) for name in linears)]
+    if unmatched or not targets:
         shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
         raise UserError(
-            f"no nn.Linear layer of {type(model).__name__} ends with any of {list(targets)}; "
+            f"no nn.Linear layer of {type(model).__name__} ends with {unmatched or list(targets)}; "
             f"its linear layers are: {shown or 'none'}",
             key=key,
         )
-    return names
+    return [name for name in linears if _matches(name, targets)]
 
 
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -24,8 +24,9 @@ Typical loop::
         allocator.update()                      # while the gradients are there
         optimizer.step()
         optimizer.zero_grad()
+        before = dict(model.named_parameters())
         if step % interval == interval - 1 and allocator.allocate():
-            optimizer = make_optimizer(model)   # grown layers have new parameters
+            replace_parameters(optimizer, before, dict(model.named_parameters()))  # grown layers have new factors
 """
 
 from __future__ import annotations
@@ -36,18 +37,11 @@ import torch
 
 from clpeft.components.lora import LoRALinear
 from clpeft.errors import UserError
+from clpeft.resizing import zero_padded
 
 __all__ = ["RankAllocator"]
 
 _FACTORS = ("lora_A", "lora_B")
-
-
-def _resized(state: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``state`` zero-padded to ``like``'s shape after growth; zeros when new or after pruning."""
-    fresh = torch.zeros_like(like, dtype=torch.float32)
-    if state is not None and all(s <= n for s, n in zip(state.shape, like.shape, strict=True)):
-        fresh[tuple(slice(0, s) for s in state.shape)] = state
-    return fresh
 
 
 class RankAllocator:
@@ -96,8 +90,8 @@ class RankAllocator:
                     continue
                 i_bar, u_bar = self._state.get((name, factor), (None, None))
                 sensitivity = (param * param.grad).abs().float()
-                i_bar = _resized(i_bar, param).mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
-                u_bar = _resized(u_bar, param).mul_(self.beta2).add_((sensitivity - i_bar).abs(), alpha=1 - self.beta2)
+                i_bar = zero_padded(i_bar, param, torch.float32).mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
+                u_bar = zero_padded(u_bar, param, torch.float32).mul_(self.beta2).add_((sensitivity - i_bar).abs(), alpha=1 - self.beta2)
                 self._state[name, factor] = (i_bar, u_bar)
 
     def scores(self) -> dict[str, float]:
@@ -109,17 +103,20 @@ class RankAllocator:
                 param = getattr(layer, factor)
                 i_bar, u_bar = self._state.get((name, factor), (None, None))
                 if i_bar is not None:
-                    total += (_resized(i_bar, param) * _resized(u_bar, param)).sum().item()
+                    total += (zero_padded(i_bar, param, torch.float32) * zero_padded(u_bar, param, torch.float32)).sum().item()
                 count += param.numel()
             scores[name] = total / max(count, 1)
         return scores
 
-    def allocate(self) -> dict[str, int]:
+    def allocate(self, generator: torch.Generator | None = None) -> dict[str, int]:
         """Grow the ``top_k`` highest-scoring layers by ``rank_step`` each, within the budget.
+
+        ``generator`` draws the new ``A`` rows (:meth:`~clpeft.components.lora.LoRALinear.grow`).
 
         Returns:
             Ranks added, by layer name (empty once the budget is used). Grown layers have new
-            ``lora_A``/``lora_B`` parameters, so rebuild the optimizer when this is not empty.
+            ``lora_A``/``lora_B`` parameters: rebuild the optimizer, or carry it over with
+            :func:`~clpeft.resizing.replace_parameters`, when this is not empty.
         """
         room = self.budget - self.total_rank
         scores = self.scores()
@@ -128,7 +125,7 @@ class RankAllocator:
             k = min(self.rank_step, room)
             if k <= 0:
                 break
-            self.layers[name].grow(k)
+            self.layers[name].grow(k, generator)
             grown[name] = k
             room -= k
         return grown

@@ -10,6 +10,7 @@ quotient table, a hand-written task-arithmetic sum, a separate call of ``clpeft.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import numpy as np
@@ -210,6 +211,66 @@ def test_lora_cl_ranks_follow_the_schedule_and_the_budget_allocation(tmp_path, m
     assert sum(m.frozen_rank for m in strategy.lora.values()) == 5 * budget
 
 
+def test_lora_cl_grows_the_highest_scoring_layer_on_increloras_schedule(tmp_path, monkeypatch, run_keeping):
+    """Rank 1 per layer growing to a budget of 5, every 2 steps after 3 (12 steps per experience).
+
+    Growth happens in the middle of an experience, with the same optimizer: the grown components
+    must train (their ``B`` columns leave zero) and the model's output must not jump at a growth.
+    """
+    every, warmup, budget = 2, 3, 5
+    events, allocate = [], RankAllocator.allocate
+
+    def spy_allocate(self, generator):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(len(events)))
+        scores = self.scores()
+        before = strategy_of[0].predict(x)
+        grown = allocate(self, generator)
+        events.append({"scores": scores, "grown": grown, "jump": (strategy_of[0].predict(x) - before).abs().max().item()})
+        return grown
+
+    strategy_of = []
+    init = LoRACL.__init__
+
+    @functools.wraps(init)  # keeps the signature the config reads the parameters from
+    def spy_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        strategy_of.append(self)
+
+    steps_seen = []
+    hook = LoRACL.after_training_step
+
+    def spy_hook(self):
+        changed = hook(self)
+        steps_seen.append((self.step, changed, sum(m.rank for m in self.lora.values())))
+        return changed
+
+    monkeypatch.setattr(RankAllocator, "allocate", spy_allocate)
+    monkeypatch.setattr(LoRACL, "__init__", spy_init)
+    monkeypatch.setattr(LoRACL, "after_training_step", spy_hook)
+    _, strategy, _ = _run(tmp_path, run_keeping, {
+        "name": "lora_cl", "targets": TARGETS, "rank": 1, "rank_budget": budget,
+        "grow_every": every, "grow_warmup": warmup,
+    }, epochs=4)
+
+    per_experience = 4 * 3  # 48 samples in batches of 16, 4 epochs
+    assert len(steps_seen) == 5 * per_experience
+    for i in range(5):
+        exp_steps = steps_seen[i * per_experience:(i + 1) * per_experience]
+        assert [s for s, _, _ in exp_steps] == list(range(1, per_experience + 1))
+        grew_at = [s for s, changed, _ in exp_steps if changed]
+        assert grew_at == [4, 6, 8]  # step > warmup, step % every == 0, until the budget (2 + 3 = 5)
+        assert exp_steps[-1][2] == budget
+    assert len(events) == 5 * 5 and sum(bool(e["grown"]) for e in events) == 5 * 3  # steps 10, 12: budget spent
+    for event in events:
+        if event["grown"]:
+            (name,) = event["grown"]
+            assert event["scores"][name] == max(event["scores"].values())
+        assert event["jump"] < 1e-6  # B's new columns are zero: growing leaves the output unchanged
+    assert sum(m.frozen_rank for m in strategy.lora.values()) == 5 * budget  # five rank-5 updates, frozen
+    for layer in strategy.lora.values():  # every component trained, the grown ones included
+        assert (layer.frozen_B.abs().sum(0) > 0).all()
+
+
 def test_lora_cl_config_errors_name_the_key():
     from clpeft.backbones.mlp import MLPBackbone
 
@@ -217,6 +278,12 @@ def test_lora_cl_config_errors_name_the_key():
         LoRACL(MLPBackbone((8, 8), hidden=[16]))  # the default ViT targets are not in an MLP
     with pytest.raises(UserError, match="^strategy.max_rank"):
         LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], rank_schedule="linear")
+    with pytest.raises(UserError, match="^strategy.rank_budget: grow_every needs rank_budget"):
+        LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], grow_every=5)
+    with pytest.raises(UserError, match="^strategy.rank_budget: .*total rank 8 over 2 layers"):
+        LoRACL(MLPBackbone((8, 8), hidden=[16, 16]), targets=["net.0", "net.2"], grow_every=5, rank_budget=8)
+    with pytest.raises(UserError, match="^strategy.grow_every: .*InfLoRA"):
+        LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], grow_every=5, rank_budget=8, subspace="inflora")
 
 
 # --------------------------------------------------------------------------------------------
