@@ -9,8 +9,8 @@ the machine is otherwise idle.
 
 A method named ``<method>+align`` runs the same config with ``strategy.align: true`` (SLCA's
 classifier alignment added to a prompt or LoRA method), ``<method>+sdc`` adds semantic drift
-compensation of the aligned statistics as well, ``lora_cl+inflora`` InfLoRA's interference-free
-updates (variants combine: ``lora_cl+inflora+sdc``).
+compensation of the aligned statistics as well, ``lora_cl+nosubspace`` lora_cl without InfLoRA's
+interference-free updates, which its config turns on (variants combine: ``lora_cl+nosubspace+sdc``).
 
     OMP_NUM_THREADS=2 python benchmarks/ptm_table.py --out /tmp/ptm_table
     python benchmarks/ptm_table.py --methods simplecil,ranpac --train-per-class 10 --out /tmp/t  # a smoke run
@@ -34,8 +34,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", "dualprompt", "coda_prompt",
            "lora_cl", "lae", "merge_cl"]
 METHODS += [f"{m}+{v}" for v in ("align", "sdc") for m in ("l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl")]
-METHODS += ["lora_cl+inflora", "lora_cl+inflora+sdc"]
-VARIANTS = {"align": {"align": True}, "sdc": {"align": True, "drift_compensation": True}, "inflora": {"subspace": "inflora"}}
+METHODS += ["lora_cl+nosubspace", "lora_cl+nosubspace+align", "lora_cl+nosubspace+sdc"]
+VARIANTS = {"align": {"align": True}, "sdc": {"align": True, "drift_compensation": True}, "nosubspace": {"subspace": "none"}}
 
 
 def method_config(method: str, args) -> dict:
