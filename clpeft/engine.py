@@ -239,6 +239,8 @@ class Engine:
         stream = scenario.experiences()
         if not stream:
             raise UserError("the scenario produced no experiences", key="scenario")
+        for exp in stream:
+            exp.stream_length = len(stream)
         self.scenario = scenario
         if self.world.active and scenario.kind == "test_time_adaptation":
             raise UserError("test-time adaptation adapts online, batch after batch, in one process; "

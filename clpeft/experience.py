@@ -27,6 +27,8 @@ class Experience:
             (``"gaussian_noise@5"``, ``"sketch"``; ``"mixed"`` for a mixed-domain chunk).
         past: the earlier experiences of the stream, so a strategy can rebuild the data it
             stored (replay buffers keep positions into them, not copies).
+        stream_length: the number of experiences in the stream (set by the engine; ``None``
+            when unknown), for schedules over tasks such as InfLoRA's threshold.
     """
 
     index: int
@@ -39,6 +41,7 @@ class Experience:
     k_shot: int | None = None
     domain: str | None = None
     past: tuple[Experience, ...] = field(default=(), repr=False)
+    stream_length: int | None = None
 
     @property
     def n_classes_seen(self) -> int:

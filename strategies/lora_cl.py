@@ -92,7 +92,8 @@ class LoRACL(Strategy):
         subspace: ``none``, or ``inflora``: each update's ``A`` designed outside earlier
             experiences' input subspace and frozen (InfLoRA).
         subspace_threshold: GPM's ``epsilon`` for ``inflora``: the share of an experience's input
-            energy the subspace keeps (InfLoRA's schedule runs 0.95 -> 1.0).
+            energy the subspace keeps; or ``[lamb, lame]``, InfLoRA's schedule from ``lamb`` to
+            ``lame`` over the stream (``lamb + (lame - lamb) t / T`` after experience ``t``).
         align: predict with a copy of the head re-trained after every experience on sampled
             class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
             an addition to the paper).
@@ -120,7 +121,8 @@ class LoRACL(Strategy):
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         train_mask: bool = True,
         subspace: Literal["none", "inflora"] = "none",
-        subspace_threshold: Annotated[float, Field(gt=0, le=1)] = 0.97,
+        subspace_threshold: Annotated[float, Field(gt=0, le=1)] | tuple[Annotated[float, Field(gt=0, le=1)],
+                                                                        Annotated[float, Field(gt=0, le=1)]] = 0.97,
         align: bool = False,
         drift_compensation: bool = False,
     ):
@@ -205,7 +207,8 @@ class LoRACL(Strategy):
                 self.lora[name].prune(keep)
             self.allocator = None
         if self.subspace is not None:
-            self.subspace.extend(self._input_covariances(exp))
+            progress = exp.index / exp.stream_length if exp.stream_length else 0.0
+            self.subspace.extend(self._input_covariances(exp), progress)
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
         self.aligned.update(self.head, self._head_inputs(exp), exp.index)

@@ -16,9 +16,12 @@ Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021, eq. 
   ``span(M)`` reaches ``threshold`` of ``trace(C_t)`` (eigenvalues of ``C_t`` are the squared
   singular values of the representation matrix GPM uses).
 
+The threshold may follow the official code's schedule over the tasks, ``epsilon_t = lamb +
+(lame - lamb) t / T`` after task ``t`` of ``T`` (``threshold=(lamb, lame)``; e.g. ``(0.95, 1.0)``
+on CIFAR-100).
+
 Not reproduced: DualGPM's storage of the complement once ``M`` spans over half of ``d`` (an
-equivalent, cheaper representation), the official code's threshold schedule (``0.95 -> 1.0``
-over the known number of tasks; one ``threshold`` here) and its criterion on the squared
+equivalent, cheaper representation) and the official code's criterion on the squared
 eigenvalues of ``C_t`` (GPM's definition is used).
 """
 
@@ -40,13 +43,14 @@ class InputSubspace(nn.Module):
     Args:
         layers: the adapted layers, by module path.
         threshold: GPM's ``epsilon``: the fraction of a task's input energy that ``span(M)``
-            must hold after :meth:`extend`.
+            must hold after :meth:`extend`; or ``(start, end)``, interpolated by the ``progress``
+            :meth:`extend` is given (InfLoRA's ``lamb``, ``lame``).
 
     Buffers: ``basis_<i>`` (``d_i x k_i``, float64) per layer, part of the state dict
     (loading resizes them).
     """
 
-    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float = 0.97):
+    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float | tuple[float, float] = 0.97):
         super().__init__()
         self.paths = list(layers)
         self.threshold = threshold
@@ -94,9 +98,14 @@ class InputSubspace(nn.Module):
             layer.lora_A = nn.Parameter((u.T / math.sqrt(3)).to(layer.lora_A), requires_grad=False)
 
     @torch.no_grad()
-    def extend(self, covariances: list[torch.Tensor]) -> list[int]:
+    def extend(self, covariances: list[torch.Tensor], progress: float = 0.0) -> list[int]:
         """GPM's update of every basis with a finished task's input covariance; returns the
-        number of directions added per layer."""
+        number of directions added per layer.
+
+        ``progress``: ``t / T`` for task ``t`` of ``T``, where the threshold is a schedule.
+        """
+        start, end = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,) * 2
+        epsilon = start + (end - start) * progress
         added = []
         for i, cov in enumerate(covariances):
             basis = self.basis(i).to(cov.device)
@@ -105,7 +114,7 @@ class InputSubspace(nn.Module):
             outside = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device) - basis @ basis.T
             values, vectors = torch.linalg.eigh(outside @ cov @ outside)
             values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-            needed = self.threshold * total - inside
+            needed = epsilon * total - inside
             k = 0 if needed <= 0 else int(torch.searchsorted(values.cumsum(0), values.new_tensor(needed))) + 1
             k = min(k, cov.shape[0] - basis.shape[1])
             setattr(self, f"basis_{i}", torch.cat([basis, vectors[:, :k]], dim=1).to(self.basis(i).device))

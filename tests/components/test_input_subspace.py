@@ -31,6 +31,17 @@ def test_gpm_keeps_the_fewest_directions_that_reach_the_threshold_hand_worked():
     assert subspace.extend([torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64))]) == [0]
 
 
+def test_threshold_schedule_interpolates_from_lamb_to_lame_hand_worked():
+    """InfLoRA's epsilon_t = lamb + (lame - lamb) t / T: (0.5, 1.0) at t / T = 0.4 is 0.7."""
+    eigen = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    scheduled = InputSubspace(_layers(), threshold=(0.5, 1.0))
+    assert scheduled.extend([eigen], progress=0.0) == [2]  # 0.5 of 10 units: 4 + 3 (4 alone is short)
+    fresh = InputSubspace(_layers(), threshold=(0.5, 1.0))
+    assert fresh.extend([eigen], progress=0.4) == [2]  # 0.7: still 4 + 3
+    fresh = InputSubspace(_layers(), threshold=(0.5, 1.0))
+    assert fresh.extend([eigen], progress=0.8) == [3]  # 0.9: 4 + 3 + 2
+
+
 def test_gpm_criterion_matches_numpy_on_a_random_covariance():
     rng = np.random.default_rng(0)
     d = 12

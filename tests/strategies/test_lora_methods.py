@@ -129,6 +129,22 @@ def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monke
     assert interference["inflora"] < 0.1 * interference["none"], interference
 
 
+def test_lora_cl_inflora_threshold_schedule_runs_over_the_stream(tmp_path, monkeypatch, run_keeping):
+    """``subspace_threshold: [lamb, lame]``: after experience t of T the basis grows to lamb + (lame - lamb) t / T."""
+    from clpeft.components.input_subspace import InputSubspace
+
+    progress, extend = [], InputSubspace.extend
+
+    def spy_extend(self, covariances, progress_=0.0):
+        progress.append(progress_)
+        return extend(self, covariances, progress_)
+
+    monkeypatch.setattr(InputSubspace, "extend", spy_extend)
+    _run(tmp_path, run_keeping, {"name": "lora_cl", "targets": ["net.0"], "rank": 2, "subspace": "inflora",
+                                 "subspace_threshold": [0.9, 1.0]}, epochs=1)
+    assert progress == [0.0, 0.2, 0.4, 0.6, 0.8]
+
+
 def test_lora_cl_merge_mode_equals_base_plus_the_sum_of_the_updates(tmp_path, monkeypatch, run_keeping):
     deltas, base = [], {}
     after = LoRACL.after_experience
