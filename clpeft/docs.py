@@ -41,6 +41,9 @@ def _type_name(annotation) -> str:
         return _type_name(args[0]) + "".join(_bounds(m) for m in args[1:])
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in args)
+    if origin in (tuple, list, dict) and args:  # e.g. ``[float > 0 <= 1, float > 0 <= 1]`` for a pair
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"[{inner}]" if origin is tuple else f"{origin.__name__}[{inner}]"
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) and not args else None
     text = text or str(annotation)
     return text.replace("typing.", "").replace("NoneType", "None").replace("|", "\\|")

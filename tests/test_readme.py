@@ -38,3 +38,21 @@ def test_plugin_example_runs_from_a_file_path_and_beats_finetune(tmp_path, monke
     masked = Engine(cfg, tmp_path / "masked", device="cpu").run()["metrics"]
     # Masking old-class logits removes the head's bias towards the newest classes.
     assert masked["acc_last"] > base["acc_last"] + 0.2
+
+
+def test_reference_types_read_as_written_in_yaml():
+    """Bounds of nested types stay readable (no pydantic reprs): lists of bounded numbers, pairs, models."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, Field
+
+    from clpeft.docs import _type_name
+
+    class Domain(BaseModel):
+        name: str = ""
+
+    positive = Annotated[float, Field(gt=0, le=1)]
+    assert _type_name(list[Annotated[int, Field(ge=0)]]) == "list[int >= 0]"
+    assert _type_name(positive | tuple[positive, positive]) == "float > 0 <= 1 \\| [float > 0 <= 1, float > 0 <= 1]"
+    assert _type_name(list[Domain] | None) == "list[Domain] \\| None"
+    assert _type_name(dict[str, int]) == "dict[str, int]"
