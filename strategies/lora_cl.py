@@ -73,7 +73,8 @@ class LoRACL(Strategy):
     Args:
         backbone: a backbone with ``nn.Linear`` layers (timm ViT, text encoder, MLP).
         targets: module-name suffixes of the adapted linears (``qkv``, ``proj``, ``fc1``,
-            ``fc2`` for timm ViTs; ``query``, ``value`` for BERT-like encoders).
+            ``fc2`` for timm ViTs, ``qkv.q``/``qkv.k``/``qkv.v`` with ``backbone.split_qkv``;
+            ``query``, ``value`` for BERT-like encoders).
         rank: ``r`` of every update (the shallowest layers' with ``rank_schedule: linear``).
         max_rank: the deepest layers' rank with ``rank_schedule: linear``.
         rank_schedule: ``constant`` or PRILoRA's ``linear`` increase with depth.

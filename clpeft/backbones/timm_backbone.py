@@ -17,6 +17,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from clpeft.backbones import offline_weights, vit
+from clpeft.backbones.split_qkv import split_qkv as split_qkv_layers
 from clpeft.backbones.base import Backbone, ImagePreprocess
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
@@ -42,6 +43,9 @@ class TimmBackbone(Backbone):
         weights: a packaged offline weights name (``clpeft list`` shows them) or a checkpoint file.
         freeze: freeze every backbone parameter (features are then cached between epochs).
         img_size: input resolution; defaults to the weights' native size.
+        split_qkv: give each attention's query, key and value projections linears of their own
+            (``attn.qkv.q``, ``attn.qkv.k``, ``attn.qkv.v``), so LoRA can adapt them apart, e.g.
+            ``targets: [qkv.k, qkv.v]`` as in InfLoRA (:mod:`clpeft.backbones.split_qkv`).
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class TimmBackbone(Backbone):
         weights: str | None = None,
         freeze: bool = True,
         img_size: int | None = None,
+        split_qkv: bool = False,
     ):
         super().__init__()
         if not timm.is_model(model):  # accepts pretrained tags: vit_base_patch16_224.augreg_in21k
@@ -60,7 +65,8 @@ class TimmBackbone(Backbone):
             raise UserError(f"unknown timm model '{model}'{close_matches(model, timm.list_models())}", key="backbone.model")
         if pretrained and weights:
             raise UserError("give either 'pretrained: true' (hub) or 'weights' (offline), not both", key="backbone.weights")
-        self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size}
+        self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size,
+                          **({"split_qkv": True} if split_qkv else {})}  # the features' identity (cache key)
         if weights and not Path(weights).expanduser().exists():
             spec = offline_weights.get_offline_weights(weights)
             if spec.model != timm.models.split_model_name_tag(model)[0]:
@@ -78,6 +84,8 @@ class TimmBackbone(Backbone):
         size = img_size or cfg["input_size"][-1]
         self.preprocessor = ImagePreprocess(size, cfg["mean"], cfg["std"])
         self.feature_dim = self.net.num_features
+        if split_qkv and not split_qkv_layers(self.net):
+            raise UserError(f"'{model}' has no fused qkv projection to split; drop split_qkv", key="backbone.split_qkv")
         if freeze:
             self.freeze()
 
