@@ -140,6 +140,7 @@ class LoRACL(Strategy):
                             f"already at rank_budget {rank_budget}; raise rank_budget or lower rank", key="strategy.rank_budget")
         self.growth = dict(every=grow_every, warmup=grow_warmup, layers=grow_layers, rank=grow_rank)
         self.step = 0  # optimizer steps in this experience
+        self.growth_rng: torch.Generator | None = None  # draws grown components, seeded per experience
         self.beta = beta
         self.old_updates = old_updates
         self.mask = ClassMask(train_mask)
