@@ -25,8 +25,12 @@ def zero_padded(state: torch.Tensor | None, like: torch.Tensor, dtype: torch.dty
 
     Zeros when ``state`` is None or larger than ``like`` in some dimension (after pruning the
     positions no longer correspond to the same entries). ``dtype``: ``state``'s by default.
+    ``state`` itself (no copy) when it already has that shape, dtype and device: the common case
+    of a per-step update between growths.
     """
     dtype = dtype or (state.dtype if state is not None else like.dtype)
+    if state is not None and state.shape == like.shape and state.dtype == dtype and state.device == like.device:
+        return state
     fresh = torch.zeros(like.shape, dtype=dtype, device=like.device)
     if state is not None and state.dim() == like.dim() and all(s <= n for s, n in zip(state.shape, like.shape)):
         fresh[tuple(slice(0, s) for s in state.shape)] = state

@@ -65,6 +65,8 @@ from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
 
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
 
 @register_strategy("lora_cl")
 class LoRACL(Strategy):
@@ -122,8 +124,7 @@ class LoRACL(Strategy):
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         train_mask: bool = True,
         subspace: Literal["none", "inflora"] = "none",
-        subspace_threshold: Annotated[float, Field(gt=0, le=1)] | tuple[Annotated[float, Field(gt=0, le=1)],
-                                                                        Annotated[float, Field(gt=0, le=1)]] = 0.97,
+        subspace_threshold: Fraction | tuple[Fraction, Fraction] = 0.97,
         align: bool = False,
         drift_compensation: bool = False,
     ):

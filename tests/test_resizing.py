@@ -100,3 +100,9 @@ def test_a_lora_layer_grown_while_a_graph_is_alive_gets_gradients_of_its_new_sha
     (layer.base_layer(x) + x @ a.T @ b.T * layer.scaling).square().sum().backward()
     torch.testing.assert_close(layer.lora_A.grad, a.grad)
     torch.testing.assert_close(layer.lora_B.grad, b.grad)
+
+
+def test_zero_padded_returns_a_state_that_already_fits_without_copying():
+    state = torch.ones(2, 3)
+    assert zero_padded(state, torch.empty(2, 3)) is state
+    assert zero_padded(state, torch.empty(2, 3), torch.float64) is not state  # another dtype: a copy

@@ -107,8 +107,8 @@ class LoRALinear(nn.Module):
     component; they are applied to the input without dropout.
 
     Changing the rank replaces ``lora_A`` and ``lora_B`` by new parameters: rebuild the
-    optimizer afterwards, or carry it over with :func:`~clpeft.resizing.replace_parameters`. Loading a state dict resizes them (and the frozen buffers) to the
-    stored sizes.
+    optimizer afterwards, or carry it over with :func:`~clpeft.resizing.replace_parameters`.
+    Loading a state dict resizes them (and the frozen buffers) to the stored sizes.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):

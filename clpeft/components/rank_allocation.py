@@ -19,14 +19,16 @@ Typical loop::
 
     layers = inject_lora(model, ["qkv", "fc1"], rank=2, alpha=4)
     allocator = RankAllocator(layers, budget=8 * len(layers))
+    named = dict(model.named_parameters())
     for step, batch in enumerate(loader):
         loss_fn(model, batch).backward()
         allocator.update()                      # while the gradients are there
         optimizer.step()
         optimizer.zero_grad()
-        before = dict(model.named_parameters())
         if step % interval == interval - 1 and allocator.allocate():
-            replace_parameters(optimizer, before, dict(model.named_parameters()))  # grown layers have new factors
+            now = dict(model.named_parameters())  # grown layers have new factors
+            replace_parameters(optimizer, named, now)
+            named = now
 """
 
 from __future__ import annotations

@@ -30,3 +30,31 @@ def run_keeping(monkeypatch):
         return result, built["strategy"], built["stream"]
 
     return run
+
+
+@pytest.fixture
+def interrupted_then_resumed():
+    """``check(config, out_dir, at=2)`` -> (accuracy matrix of an uninterrupted run, that of a run
+    stopped by an interrupt at ``before_experience`` of experience ``at`` and resumed from its
+    checkpoints)."""
+
+    def check(config: dict, out_dir, at: int = 2):
+        cfg = clpeft.config.resolve(config)
+        full = clpeft.engine.Engine(cfg, out_dir / "full", device="cpu").run()["acc_matrix"]
+        engine = clpeft.engine.Engine(cfg, out_dir / "cut", device="cpu")
+        stream, strategy = engine._build()
+        before = strategy.before_experience
+
+        def stop(exp):
+            if exp.index == at:
+                raise KeyboardInterrupt
+            before(exp)
+
+        strategy.before_experience = stop
+        engine._build = lambda: (stream, strategy)
+        with pytest.raises(KeyboardInterrupt):
+            engine.run()
+        resumed = clpeft.engine.Engine(cfg, out_dir / "cut", device="cpu", resume=True).run()["acc_matrix"]
+        return full, resumed
+
+    return check

@@ -471,29 +471,8 @@ def test_state_dict_round_trip_into_a_fresh_strategy_gives_identical_predictions
     {"name": "lora_cl", "targets": TARGETS, "rank": 1, "rank_budget": 5, "grow_every": 2},
     {"name": "lora_cl", "targets": TARGETS, "rank": 2, "subspace": "inflora", "subspace_threshold": [0.9, 1.0]},
 ], ids=["increlora-growth", "inflora-schedule"])
-def test_lora_cl_interrupted_run_resumes_to_the_same_matrix(tmp_path, strategy):
+def test_lora_cl_interrupted_run_resumes_to_the_same_matrix(tmp_path, strategy, interrupted_then_resumed):
     """Grown frozen updates and GPM bases change shape from experience to experience; a resumed
     run must rebuild them from the checkpoint and continue exactly."""
-    full = clpeft.engine.Engine(clpeft.config.resolve(_config(tmp_path / "full", strategy)), tmp_path / "full" / "run",
-                                device="cpu").run()["acc_matrix"]
-    cfg = clpeft.config.resolve(_config(tmp_path / "cut", strategy))
-    engine = clpeft.engine.Engine(cfg, tmp_path / "cut" / "run", device="cpu")
-    build = engine._build
-
-    def build_and_stop_at_the_third():
-        stream, built = build()
-        before = built.before_experience
-
-        def stop(exp):
-            if exp.index == 2:
-                raise KeyboardInterrupt
-            before(exp)
-
-        built.before_experience = stop
-        return stream, built
-
-    engine._build = build_and_stop_at_the_third
-    with pytest.raises(KeyboardInterrupt):
-        engine.run()
-    resumed = clpeft.engine.Engine(cfg, tmp_path / "cut" / "run", device="cpu", resume=True).run()
-    assert resumed["acc_matrix"] == full
+    full, resumed = interrupted_then_resumed(_config(tmp_path, strategy), tmp_path)
+    assert resumed == full

@@ -217,24 +217,10 @@ def test_state_dict_round_trip_gives_identical_predictions(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, method):
+def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, method, interrupted_then_resumed):
     strategy = {**METHODS[method], "diversity": True} if method == "l2p" else METHODS[method]
-    engine, _ = _engine(tmp_path / "full", strategy)
-    full = engine.run()["acc_matrix"]
-    engine, built = _engine(tmp_path / "cut", strategy)
-    before = built.before_experience
-
-    def stop_at_third(exp):
-        if exp.index == 2:
-            raise KeyboardInterrupt
-        before(exp)
-
-    built.before_experience = stop_at_third
-    with pytest.raises(KeyboardInterrupt):
-        engine.run()
-    cfg = clpeft.config.resolve(_config(tmp_path / "cut", strategy))
-    resumed = clpeft.engine.Engine(cfg, tmp_path / "cut" / "run", device="cpu", resume=True).run()
-    assert resumed["acc_matrix"] == full
+    full, resumed = interrupted_then_resumed(_config(tmp_path, strategy), tmp_path)
+    assert resumed == full
 
 
 # --------------------------------------------------------------------------------------------
