@@ -294,6 +294,8 @@ def test_lora_cl_config_errors_name_the_key():
         LoRACL(MLPBackbone((8, 8), hidden=[16]))  # the default ViT targets are not in an MLP
     with pytest.raises(UserError, match="^strategy.max_rank"):
         LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], rank_schedule="linear")
+    with pytest.raises(UserError, match=r"^strategy.targets: .*ends with \['net.9'\]"):
+        LoRACL(MLPBackbone((8, 8), hidden=[16, 16]), targets=["net.0", "net.9"])  # one typo among valid targets
     with pytest.raises(UserError, match="^strategy.rank_budget: grow_every needs rank_budget"):
         LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], grow_every=5)
     with pytest.raises(UserError, match="^strategy.rank_budget: .*total rank 8 over 2 layers"):
