@@ -6,6 +6,12 @@ statistics of the merge report, calls the method, adds the base back and hands t
 to a sink (a state dict, or the streaming safetensors writer). LoRA adapters supply their
 task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 
+Linear methods (task arithmetic, mean) on the CPU never form a whole tensor's task vectors:
+they are formed, measured and combined one block of columns at a time while the block is in
+the CPU's caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three
+times (1.6x faster on the benchmark's K = 8 ViT-B; the methods that need whole task vectors,
+TIES' per-tensor trim and DARE's masks, use the buffer).
+
 Memory: on the CPU the inputs are read straight from memory maps of the files (no copy into
 a read buffer); each batch's pages leave the resident set once it is written, and the task
 vectors go to one work buffer allocated for the largest tensor and reused, so peak memory stays
@@ -38,7 +44,7 @@ from clpeft.errors import UserError
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
 from clpeft.merging.registry import MergeMethod
-from clpeft.merging.report import TensorReport, pack_stats, sign_conflict, unpack_stats
+from clpeft.merging.report import TensorReport, pack_stats, sample_entries, sign_conflict, unpack_stats
 from clpeft.merging.rules import TensorJob
 
 __all__ = ["MergeEngine", "Sink"]
@@ -47,6 +53,9 @@ Sink = Callable[[TensorJob, torch.Tensor], None]
 """Receives each output tensor in job order; the tensor is only valid during the call."""
 
 _ALIGN = 64  # byte alignment of each tensor inside a packed transfer buffer
+# Columns per block of the CPU linear path: K x 2^18 fp32 (8 MiB at K = 8) stays cached between
+# the subtraction, the norms and the weighted sum. 2^16-2^20 were measured; 2^18 was fastest.
+_BLOCK_COLUMNS = 1 << 18
 
 
 def _aligned(nbytes: int) -> int:
@@ -117,13 +126,11 @@ class MergeEngine:
         self.batch_bytes = batch_bytes
         self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
         self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
-        self._coefficients = (
-            method.coefficients(len(self.models), self.params) if method.linear and self._adapters else None
-        )
         # Off the CPU each batch is copied to the device from fresh host buffers, pinned for CUDA.
         self._transfer = self.device.type != "cpu"
         self._pin = self.device.type == "cuda"
         self._buffers: dict[str, torch.Tensor] = {}
+        self._coefficients_by_dtype: dict[torch.dtype, list[float]] = {}
 
     # ------------------------------------------------------------------ driver
 
@@ -233,9 +240,12 @@ class MergeEngine:
     def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.float64 if base_raw.dtype == torch.float64 else torch.float32
         base = base_raw.reshape(-1).to(dtype)
-        if self._coefficients is not None:
-            delta, norms = merge_factors(self._adapters, job.name, self._coefficients, device=self.device, dtype=dtype)
+        if self.method.linear and self._adapters:
+            coefficients = self._coefficients(dtype)
+            delta, norms = merge_factors(self._adapters, job.name, coefficients, device=self.device, dtype=dtype)
             conflict = base.new_tensor(math.nan)
+        elif self.method.linear and not self._transfer:
+            delta, norms, conflict = self._combine_in_blocks(job, base, rows)
         else:
             task_vectors = self._task_vectors(job, base, rows)
             norms = torch.linalg.vector_norm(task_vectors, dim=1)
@@ -243,6 +253,42 @@ class MergeEngine:
             delta = self.method.fn(task_vectors, **self.params, **self._randomness(job))
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
+
+    def _combine_in_blocks(
+        self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A linear method's ``sum_k c_k tau_k``, the norms ``||tau_k||`` and the sign conflict,
+        with the task vectors formed one cached block of columns at a time (host only).
+
+        The merged task vector is the method's weighted sum of the same task vectors; the norms
+        are summed over blocks in float64.
+        """
+        sources = [raw[: info.nbytes].view(info.dtype) for raw, info in zip(rows, self._infos(job))]
+        n, k = base.numel(), len(sources)
+        coefficients = torch.tensor(self._coefficients(base.dtype), dtype=base.dtype)
+        block = self._scratch(k, min(n, _BLOCK_COLUMNS), base.dtype)
+        delta = self._host_buffer(f"delta/{base.dtype}", n * base.dtype.itemsize).view(base.dtype)
+        starts = range(0, n, _BLOCK_COLUMNS)
+        block_norms = base.new_empty(len(starts), k)
+        for start, norms in zip(starts, block_norms):
+            stop = min(n, start + _BLOCK_COLUMNS)
+            task_vectors = block[:, : stop - start]
+            for row, source in zip(task_vectors, sources):
+                torch.sub(source[start:stop], base[start:stop], out=row)
+            torch.linalg.vector_norm(task_vectors, dim=1, out=norms)
+            torch.mv(task_vectors.T, coefficients, out=delta[start:stop])
+        norms = block_norms.double().square_().sum(dim=0).sqrt_().to(base.dtype)
+        sample = torch.stack([sample_entries(s, k) for s in sources]).to(base.dtype) - sample_entries(base, k)
+        return delta, norms, sign_conflict(sample)
+
+    def _coefficients(self, dtype: torch.dtype) -> list[float]:
+        """A linear method's ``c_k`` for task vectors of ``dtype``."""
+        if dtype not in self._coefficients_by_dtype:
+            self._coefficients_by_dtype[dtype] = self.method.coefficients(len(self.models), self.params, dtype)
+        return self._coefficients_by_dtype[dtype]
+
+    def _infos(self, job: TensorJob) -> list[TensorInfo]:
+        return [m.info(job.name) for m in self._full]
 
     def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows) -> torch.Tensor:
         """``(K, N)`` task vectors in ``base``'s dtype, owned by the method (may be overwritten).
@@ -258,7 +304,7 @@ class MergeEngine:
                 else:
                     row.zero_()
             return task_vectors
-        infos = [m.info(job.name) for m in self._full]
+        infos = self._infos(job)
         if isinstance(rows, torch.Tensor) and all(info.dtype == base.dtype for info in infos):  # in place in the copy
             return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
         task_vectors = self._scratch(len(self._full), base.numel(), base.dtype)

@@ -94,11 +94,14 @@ class MergeMethod:
             raise UserError(f"{error['msg'].lower()}, got {error.get('input')!r}", key=f"{key}.{where}") from None
         return {name: getattr(validated, name) for name in self.schema.model_fields}
 
-    def coefficients(self, num_tasks: int, params: Mapping[str, Any]) -> list[float]:
-        """The ``c_k`` of a linear method: the method applied to the identity matrix."""
+    def coefficients(
+        self, num_tasks: int, params: Mapping[str, Any], dtype: torch.dtype = torch.float64
+    ) -> list[float]:
+        """The ``c_k`` of a linear method: the method applied to the identity matrix, in ``dtype``
+        (the values the method itself uses on task vectors of that dtype)."""
         if not self.linear:
             raise TypeError(f"merge method '{self.name}' is not linear")
-        return self.fn(torch.eye(num_tasks, dtype=torch.float64), **params).tolist()
+        return self.fn(torch.eye(num_tasks, dtype=dtype), **params).tolist()
 
 
 def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", linear: bool = False) -> Callable[[F], F]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergeReport", "TensorReport", "pack_stats", "sign_conflict"]
+__all__ = ["MergeReport", "TensorReport", "pack_stats", "sample_entries", "sign_conflict"]
 
 # Sampled entries over all rows: below torch's parallel grain size (32768), so the statistic
 # never starts a parallel region (each costs milliseconds on a busy machine).
@@ -81,15 +81,24 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def sample_entries(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The entries of ``tensor``'s last dimension that the sign-conflict statistic of ``rows``
+    task vectors looks at: ``32768 / rows`` of them in evenly spaced runs of 64 (cache-friendly),
+    or all of a smaller tensor. Sampling commutes with subtraction, so the sample of the task
+    vectors is the samples of the fine-tuned tensors minus the base's."""
+    n = tensor.shape[-1]
+    per_row = max(_RUN, _SAMPLE // rows // _RUN * _RUN)
+    if n <= per_row:
+        return tensor
+    usable = n - n % _RUN
+    runs = tensor[..., :usable].unflatten(-1, (usable // _RUN, _RUN))
+    return runs[..., :: max(1, usable // per_row), :][..., : per_row // _RUN, :].flatten(-2)
+
+
 def sign_conflict(task_vectors: torch.Tensor) -> torch.Tensor:
     """Fraction of (sampled) entries where two rows have non-zero entries of opposite sign."""
-    k, n = task_vectors.shape
-    per_row = max(_RUN, _SAMPLE // k // _RUN * _RUN)
-    if n > per_row:  # evenly spaced runs of 64 entries (cache-friendly), as one small sample
-        usable = n - n % _RUN
-        runs = task_vectors[:, :usable].view(k, usable // _RUN, _RUN)
-        task_vectors = runs[:, :: max(1, usable // per_row)][:, : per_row // _RUN].reshape(k, -1)
-    return ((task_vectors.amax(dim=0) > 0) & (task_vectors.amin(dim=0) < 0)).to(task_vectors.dtype).mean()
+    sample = sample_entries(task_vectors, task_vectors.shape[0])
+    return ((sample.amax(dim=0) > 0) & (sample.amin(dim=0) < 0)).to(sample.dtype).mean()
 
 
 def pack_stats(base: torch.Tensor, norms: torch.Tensor, conflict: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from clpeft.errors import UserError
 from clpeft.merging import merge, merge_files
-from clpeft.merging.engine import MergeEngine
+from clpeft.merging.engine import _BLOCK_COLUMNS, MergeEngine
 from clpeft.merging.io import StateDictSource
 from clpeft.merging.registry import get_method
 from clpeft.merging.rules import MergeRules, plan
@@ -86,6 +86,45 @@ def test_transfer_path_packs_batches_and_gives_the_same_result(models):
         engine.run(jobs, lambda job, t: out.__setitem__(job.name, t.clone()))
         results.append(out)
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+@pytest.mark.parametrize(("method", "params"), [("task_arithmetic", {"scale": 0.3, "weights": [1.0, -0.5, 2.0]}), ("mean", {})])
+def test_linear_methods_in_column_blocks_equal_the_whole_tensor_path(method, params):
+    """On the CPU linear methods form the task vectors one block of columns at a time. A tensor of
+    several blocks (the last one partial) with bf16 fine-tunes over an fp32 base gives the merged
+    tensor of a float64 computation, and the report of the whole-tensor path (the device path,
+    run on the CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    n = 2 * _BLOCK_COLUMNS + 12345
+    base = {"w": torch.randn(n, generator=generator), "b": torch.randn(7, generator=generator)}
+    finetuned = [
+        {k: (v + 0.01 * torch.randn(v.shape, generator=generator)).to(torch.bfloat16) for k, v in base.items()}
+        for _ in range(3)
+    ]
+    spec = get_method(method)
+    params = spec.validate(params)
+    base_source = StateDictSource(base, "base")
+    sources = [StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
+    jobs = plan(base_source, sources, MergeRules())
+    outputs, reports = [], []
+    for transfer in (False, True):
+        engine = MergeEngine(spec, params, base_source, sources)
+        engine._transfer = transfer
+        out = {}
+        reports.append({r.name: r for r in engine.run(jobs, lambda job, t: out.__setitem__(job.name, t.clone()))})
+        outputs.append(out)
+    coefficients = torch.tensor(spec.coefficients(3, params), dtype=torch.float64)
+    for name, b in base.items():
+        task_vectors = torch.stack([m[name].double() - b.double() for m in finetuned])
+        expected = b.double() + coefficients @ task_vectors
+        for out in outputs:
+            torch.testing.assert_close(out[name].double(), expected, rtol=0, atol=1e-6)
+        blocked, whole = reports[0][name], reports[1][name]
+        for report in (blocked, whole):  # fp32 sums of squares over 2^19 entries: ~3e-6 relative
+            torch.testing.assert_close(report.task_vector_norms, task_vectors.norm(dim=1).tolist(), rtol=1e-5, atol=0)
+        assert blocked.sign_conflict == whole.sign_conflict and 0.5 < blocked.sign_conflict < 0.9
+        assert blocked.density == whole.density == 1.0
+        assert blocked.merged_norm == pytest.approx(whole.merged_norm, rel=1e-6)
 
 
 def test_rules_skip_and_keep_base(models):
