@@ -34,3 +34,23 @@ def test_python_dash_m_and_installed_subpackages():
     assert proc.stdout.strip() == "ok", proc.stderr
     proc = subprocess.run([sys.executable, "-m", "clpeft", "list"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and "replay" in proc.stdout and "efficientnet-lite0" in proc.stdout
+
+
+def test_top_level_names_load_on_first_use_and_merging_skips_the_training_stack():
+    code = (
+        "import sys, clpeft.merging\n"
+        "print(sorted(m for m in ('timm', 'torchvision', 'clpeft.strategy') if m in sys.modules))\n"
+        "from clpeft import Strategy, UserError, register_strategy\n"
+        "from clpeft.errors import UserError as direct\n"
+        "print(Strategy.__module__, UserError is direct, callable(register_strategy), 'timm' in sys.modules)\n"
+        "import clpeft\n"
+        "print(set(clpeft.__all__) <= set(dir(clpeft)))\n"
+        "try:\n    clpeft.Stratgy\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == [
+        "[]",
+        "clpeft.strategy True True True",
+        "True",
+        "module 'clpeft' has no attribute 'Stratgy'",
+    ], proc.stderr
