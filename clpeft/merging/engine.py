@@ -9,8 +9,8 @@ task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 Linear methods (task arithmetic, mean) on the CPU never form a whole tensor's task vectors:
 they are formed, measured and combined one block of columns at a time while the block is in
 the CPU's caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three
-times (1.6x faster on the benchmark's K = 8 ViT-B; the methods that need whole task vectors,
-TIES' per-tensor trim and DARE's masks, use the buffer).
+times (a K = 8 ViT-B task arithmetic runs 1.4x faster, benchmarks/RESULTS.md). TIES' per-tensor
+trim and DARE's masks need whole task vectors and use the buffer.
 
 Memory: on the CPU the inputs are read straight from memory maps of the files (no copy into
 a read buffer); each batch's pages leave the resident set once it is written, and the task
