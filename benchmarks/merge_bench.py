@@ -10,7 +10,8 @@ subprocess so that its peak resident memory (``VmHWM``) is its own:
   incremental writer).
 
 Timings cover the merge only (inputs on disk to output on disk), not interpreter start or
-imports; peak RSS is the whole process's (imports included, reported separately). Outputs
+imports. Before each case the driver calls ``sync``, so no case runs while the previous case's
+output is still being written back (each merge still pays for writing its own); peak RSS is the whole process's (imports included, reported separately). Outputs
 are compared tensor by tensor. TIES runs twice for clpeft: with the default ``threshold``
 trim and with ``topk``, the convention peft uses (see clpeft/merging/methods/sparsify.py).
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -135,8 +137,21 @@ def worker(case: str, threads: int, device: str, base: str, out: str, paths: lis
     import_rss = _peak_rss_gib()
     variant, method, params = CASES[case]
     run = run_baseline if variant == "baseline" else run_clpeft
+    before = resource.getrusage(resource.RUSAGE_SELF)
     wall, cpu = run(base, paths, out, method, params, device)
-    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_gib": _peak_rss_gib(), "import_rss_gib": import_rss}))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "system_s": after.ru_stime - before.ru_stime,  # kernel share: page faults, copies, writeback
+                "major_faults": after.ru_majflt - before.ru_majflt,  # pages that had to come from disk
+                "peak_rss_gib": _peak_rss_gib(),
+                "import_rss_gib": import_rss,
+            }
+        )
+    )
 
 
 def _peak_rss_gib() -> float:
@@ -194,6 +209,7 @@ def main() -> None:
                 command = [sys.executable, __file__, "--worker", case, str(args.threads), args.device, str(base)]
                 command += [str(out), *map(str, paths)]
                 env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+                os.sync()  # the previous case's output is on disk: no case runs during another's writeback
                 done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
                 if done.returncode:
                     sys.exit(f"{case} failed:\n{done.stderr}")
