@@ -9,7 +9,7 @@ task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 Linear methods (task arithmetic, mean) on the CPU never form a whole tensor's task vectors:
 they are formed, measured and combined one block of columns at a time while the block is in
 the CPU's caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three
-times (a K = 8 ViT-B task arithmetic runs 1.4x faster, benchmarks/RESULTS.md). TIES' per-tensor
+times (a K = 8 ViT-B task arithmetic ran 1.1-1.4x faster side by side, benchmarks/RESULTS.md). TIES' per-tensor
 trim and DARE's masks need whole task vectors and use the buffer.
 
 Memory: on the CPU the inputs are read straight from memory maps of the files (no copy into
