@@ -230,10 +230,36 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def copy_bandwidths(device: str, nbytes: int = 1 << 30) -> dict[str, float]:
+    """GB/s of the two copies a GPU merge's bytes take, measured here as references for its GB/s:
+    pinned host memory to the device, and device memory to device memory (bytes read plus
+    written, as the merge's traffic is counted). Best of 5 after a warm-up."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    source, target = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8, device=device)
+    result = {}
+    for name, copy, moved in [("host_to_device", lambda: source.copy_(host, non_blocking=True), nbytes),
+                              ("device_to_device", lambda: target.copy_(source), 2 * nbytes)]:
+        copy()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            copy()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        result[name] = moved / best / 1e9
+    return result
+
+
 def print_table(results: dict, directory: Path, args: argparse.Namespace, load: list[float], traffic: int) -> None:
     """The results as a markdown table; ``traffic`` is the bytes read and written by one merge."""
     threads = args.threads or torch.get_num_threads()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads")
+    if args.device.startswith("cuda"):
+        bandwidth = copy_bandwidths(args.device)
+        print(f"GPU: {torch.cuda.get_device_name(args.device)}; copies measured now: pinned host -> device "
+              f"{bandwidth['host_to_device']:.1f} GB/s, device -> device {bandwidth['device_to_device']:.0f} GB/s "
+              "(the merge's GB/s below divided by these is its share of each)")
     print(f"load average (1 min) before/after: {load[0]:.1f} / {load[1]:.1f}")
     print(
         f"command: python benchmarks/merge_bench.py --size {args.size} --models {args.models} "

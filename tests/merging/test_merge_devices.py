@@ -1,0 +1,73 @@
+"""Merging on every device this machine has: the CPU always, CUDA where present.
+
+On a lent GPU machine ``benchmarks/device_checks.sh`` runs this file; elsewhere the CUDA cases
+are skipped. Every case checks against a reference computed independently on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from clpeft.merging import merge, merge_files
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _floating(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in state.items() if t.is_floating_point()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_task_arithmetic_on_the_device_equals_a_float64_computation(device, models):
+    base, finetuned = models
+    weights = [1.0, 0.5, 2.0]
+    merged = merge(base, finetuned, "task_arithmetic", device=device, scale=0.4, weights=weights)
+    for name, b in _floating(base).items():
+        expected = b.double() + 0.4 * sum(w * (m[name].double() - b.double()) for w, m in zip(weights, finetuned))
+        assert merged[name].device.type == "cpu" and merged[name].dtype == b.dtype
+        torch.testing.assert_close(merged[name].double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trim", ["threshold", "topk"])
+def test_ties_on_the_device_equals_peft_on_the_cpu(device, trim, models):
+    base, finetuned = models
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    merged = merge(base, finetuned, "ties", device=device, density=0.3, weights=weights.tolist(), trim=trim)
+    for name, b in _floating(base).items():
+        expected = b + merge_utils.ties([m[name] - b for m in finetuned], weights, density=0.3)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.2}), ("dare", {"drop_rate": 0.5})])
+def test_streaming_on_the_device_equals_in_memory_on_the_device_bitwise(device, method, params, models, model_files, tmp_path):
+    """The packed, look-ahead transfer path (files) and the in-memory path agree bit for bit,
+    DARE's per-tensor drop masks included (drawn on the device from the same seeds)."""
+    base, finetuned = models
+    expected = merge(base, finetuned, method, device=device, seed=3, **params)
+    base_path, paths = model_files
+    merge_files(base_path, paths, tmp_path / "merged.safetensors", method, device=device, seed=3, **params)
+    from safetensors.torch import load_file
+
+    streamed = load_file(tmp_path / "merged.safetensors")
+    assert streamed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dare_keeps_the_expected_delta_on_the_device(device):
+    """E[DARE(tau)] = tau (Yu et al. 2024, eq. 2): the mean over 200 seeds of one entry's merge
+    is within 4 standard errors of the undropped task vector."""
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(2000)}
+    finetuned = [{"w": torch.randn(2000, generator=generator)}]
+    drop = 0.7
+    runs = torch.stack([merge(base, finetuned, "dare", device=device, seed=s, drop_rate=drop)["w"] for s in range(200)])
+    tau = finetuned[0]["w"]
+    standard_error = tau.abs() * (drop / (1 - drop)) ** 0.5 / 200**0.5
+    assert ((runs.mean(0) - tau).abs() <= 4 * standard_error + 1e-6).float().mean() > 0.999
+    assert ((runs == 0).float().mean() - drop).abs() < 0.01
