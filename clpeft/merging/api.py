@@ -39,7 +39,9 @@ def merge(
     """Merge fine-tuned state dicts (or LoRA adapters) into their base, in memory.
 
     Task vectors are ``finetuned[k] - base``; the method combines them tensor by tensor and
-    the result is ``base + merged task vector``, in the base's dtypes, on the CPU.
+    the result is ``base + merged task vector``, in the base's dtypes. It lives on ``device``
+    when every tensor of ``base`` is already there (state dicts on the GPU merge without
+    crossing to the host), else on the CPU.
 
     Args:
         base: the pretrained state dict ``theta_0``.
@@ -72,7 +74,8 @@ def merge(
     base_source = StateDictSource(base, "the base state dict")
     models = [m if isinstance(m, LoraAdapter) else StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
     merged: dict[str, torch.Tensor] = {}
-    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed)
+    resident = device.type != "cpu" and all(t.device == device for t in base.values())
+    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident)
     engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor.clone()))
     return merged
 
@@ -164,4 +167,6 @@ def _device(device: str | torch.device) -> torch.device:
         raise UserError(f"not a device: {device!r} ({exc})", key="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA is not available on this machine; use device: cpu", key="device")
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU, as tensors name it
+        device = torch.device("cuda", torch.cuda.current_device())
     return device

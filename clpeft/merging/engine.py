@@ -21,9 +21,10 @@ model size.
 Devices: the same code runs on CPU and CUDA. Off the CPU each batch is packed into one host
 buffer per input (pinned for CUDA) and moves with one non-blocking copy per buffer, so
 consecutive small tensors (biases, norms) travel together (up to ``batch_bytes`` per input);
-statistics stay on the device
-until the batch is written, and the next batch is read from disk while the device computes
-the current one.
+statistics stay on the device until the batch is written, and the next batch is read from
+disk while the device computes the current one. Batches whose tensors already live on the
+merge device (in-memory state dicts on the GPU) are not copied at all, and with
+``keep_on_device`` the merged tensors stay there too.
 
 In-memory and streaming merges run this same code on the same batches, so their results are
 equal bit for bit.
@@ -104,6 +105,7 @@ class MergeEngine:
         seed: seeds the per-tensor generator of random methods (DARE).
         batch_bytes: consecutive tensors are read and copied together up to this many bytes
             per input; a larger tensor forms a batch of its own.
+        keep_on_device: hand the sink the merged tensors on ``device`` instead of host copies.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class MergeEngine:
         device: torch.device | str = "cpu",
         seed: int = 0,
         batch_bytes: int = 8 << 20,
+        keep_on_device: bool = False,
     ):
         self.method = method
         self.params = dict(params)
@@ -124,6 +127,7 @@ class MergeEngine:
         self.device = torch.device(device)
         self.seed = seed
         self.batch_bytes = batch_bytes
+        self.keep_on_device = keep_on_device
         self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
         self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
         # Off the CPU each batch is copied to the device from fresh host buffers, pinned for CUDA.
@@ -178,12 +182,22 @@ class MergeEngine:
         return buffer[:nbytes]
 
     def _stage(self, jobs: list[TensorJob]) -> _Staged:
-        """A batch's bytes: views of the sources (memory maps or in-memory tensors), no copy."""
+        """A batch's bytes: views of the sources (memory maps or in-memory tensors), no copy
+        (except in-memory tensors on an accelerator for a CPU merge, which come to the host)."""
         return _Staged(
             jobs,
-            [self.base.view(job.name) for job in jobs],
-            [[m.view(job.name) for m in self._full] if job.merge and self._full else None for job in jobs],
+            [self._view(self.base, job) for job in jobs],
+            [[self._view(m, job) for m in self._full] if job.merge and self._full else None for job in jobs],
         )
+
+    def _view(self, source: TensorSource, job: TensorJob) -> torch.Tensor:
+        view = source.view(job.name)
+        return view.cpu() if not self._transfer and view.device.type != "cpu" else view
+
+    def _on_device(self, staged: _Staged) -> bool:
+        """Every tensor of the batch already lives on the merge device (so none is copied)."""
+        views = [*staged.bases, *(v for rows in staged.models if rows is not None for v in rows)]
+        return self.device.type != "cpu" and all(v.device == self.device for v in views)
 
     def _release(self, jobs: list[TensorJob]) -> None:
         """Drop the sources' pages of a finished batch from the resident set."""
@@ -220,16 +234,19 @@ class MergeEngine:
     # ------------------------------------------------------------------ arithmetic
 
     def _compute(self, staged: _Staged) -> _InFlight:
-        bases, models = self._to_device(staged) if self._transfer else (staged.bases, staged.models)
+        if self._transfer and not self._on_device(staged):
+            bases, models = self._to_device(staged)
+        else:
+            bases, models = staged.bases, staged.models
         outputs: list[torch.Tensor] = []
         stats: list[torch.Tensor | None] = []
-        for job, host_base, base, rows in zip(staged.jobs, staged.bases, bases, models):
-            if not job.merge:  # copied from the base: never leaves the host
-                outputs.append(_typed(host_base, 0, job.info))
+        for job, staged_base, base, rows in zip(staged.jobs, staged.bases, bases, models):
+            if not job.merge:  # the base's tensor, from where it was read
+                outputs.append(self._output(_typed(staged_base, 0, job.info)))
                 stats.append(None)
                 continue
             merged, packed = self._merge(job, _typed(base, 0, job.info), rows)
-            outputs.append(self._to_host(merged))
+            outputs.append(self._output(merged))
             stats.append(self._to_host(packed))
         done = None
         if self._pin:
@@ -323,8 +340,12 @@ class MergeEngine:
             return {}
         return {"generator": torch.Generator(device=self.device).manual_seed(_tensor_seed(self.seed, job.name))}
 
+    def _output(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An output as the sink receives it: on the host, or where it is with ``keep_on_device``."""
+        return tensor if self.keep_on_device else self._to_host(tensor)
+
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self._transfer:
+        if tensor.device.type == "cpu":
             return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._pin)
         return host.copy_(tensor, non_blocking=True)

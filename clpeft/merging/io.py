@@ -98,8 +98,9 @@ class TensorSource(Protocol):
     def info(self, key: str) -> TensorInfo: ...
 
     def view(self, key: str) -> torch.Tensor:
-        """The bytes of ``key`` as a flat CPU uint8 tensor, without copying where possible
-        (memory-mapped files, in-memory tensors). Read it, never write to it."""
+        """The bytes of ``key`` as a flat uint8 tensor, without copying where possible
+        (memory-mapped files, in-memory tensors), on the device the tensor lives on (the CPU
+        for files). Read it, never write to it."""
 
     def release(self, key: str) -> None:
         """Done with :meth:`view` of ``key``: a memory-mapped source drops its pages from this
@@ -133,7 +134,7 @@ class StateDictSource:
         return TensorInfo(t.dtype, tuple(t.shape))
 
     def view(self, key: str) -> torch.Tensor:
-        return self._tensors[key].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        return self._tensors[key].detach().contiguous().reshape(-1).view(torch.uint8)
 
     def release(self, key: str) -> None:
         """Nothing to release."""

@@ -71,3 +71,23 @@ def test_dare_keeps_the_expected_delta_on_the_device(device):
     standard_error = tau.abs() * (drop / (1 - drop)) ** 0.5 / 200**0.5
     assert ((runs.mean(0) - tau).abs() <= 4 * standard_error + 1e-6).float().mean() > 0.999
     assert ((runs == 0).float().mean() - drop).abs() < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_state_dicts_on_the_gpu_merge_there_and_stay_unchanged(models):
+    """GPU-resident inputs skip the host (no packing, no copies) and give the packed path's
+    result bit for bit, on the GPU; a CPU merge of them gives the CPU's result on the CPU."""
+    base, finetuned = models
+
+    def on_gpu(state):
+        return {name: t.cuda() for name, t in state.items()}
+
+    gpu_base, gpu_finetuned = on_gpu(base), [on_gpu(m) for m in finetuned]
+    for device, reference in [("cuda", merge(base, finetuned, "ties", device="cuda", density=0.3)),
+                              ("cpu", merge(base, finetuned, "ties", density=0.3))]:
+        merged = merge(gpu_base, gpu_finetuned, "ties", device=device, density=0.3)
+        for name, expected in reference.items():
+            assert merged[name].device.type == device, name
+            assert torch.equal(merged[name].cpu(), expected), name
+    for original, resident in zip([base, *finetuned], [gpu_base, *gpu_finetuned]):
+        assert all(torch.equal(resident[name].cpu(), t) for name, t in original.items())
