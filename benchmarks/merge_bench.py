@@ -7,7 +7,11 @@ subprocess so that its peak resident memory (``VmHWM``) is its own:
 * ``baseline``: what users write today: ``safetensors.torch.load_file`` for every checkpoint,
   then ``peft.utils.merge_utils`` per tensor, then ``save_file``;
 * ``clpeft``: :func:`clpeft.merging.merge_files` (positioned reads, in-place math, own
-  incremental writer).
+  incremental writer);
+* ``baseline-memory`` and ``clpeft-memory``: the same two with every checkpoint already in
+  ``--device`` memory (loaded before the clock starts, the output left there): peft per tensor
+  vs :func:`clpeft.merging.merge`. On a GPU this is the merge's own speed against the device's
+  memory bandwidth, with no disk or host copies in the way.
 
 Timings cover the merge only (inputs on disk to output on disk), not interpreter start or
 imports. Before each case the driver calls ``sync``, so no case runs while the previous case's
@@ -23,6 +27,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -43,7 +48,10 @@ CASES = {  # name -> (variant, method, parameters)
     "ties/baseline": ("baseline", "ties", {"density": 0.2, "scale": 1.0}),
     "ties/clpeft": ("clpeft", "ties", {"density": 0.2, "scale": 1.0, "trim": "threshold"}),
     "ties-topk/clpeft": ("clpeft", "ties", {"density": 0.2, "scale": 1.0, "trim": "topk"}),
+    "ta/baseline-memory": ("baseline-memory", "task_arithmetic", {"scale": 0.3}),
+    "ta/clpeft-memory": ("clpeft-memory", "task_arithmetic", {"scale": 0.3}),
 }
+DEFAULT_CASES = [case for case in CASES if not case.endswith("-memory")]
 
 
 def vit_shapes(width: int, depth: int, classes: int, patch: int = 16, tokens: int = 197) -> dict[str, tuple[int, ...]]:
@@ -98,16 +106,11 @@ def write_models(directory: Path, size: str, k: int) -> tuple[Path, list[Path], 
 # ----------------------------------------------------------------------------- workers
 
 
-def run_baseline(
-    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str
-) -> tuple[float, float]:
+def peft_merge(base: dict, finetuned: list[dict], method: str, params: dict) -> dict:
+    """``peft.utils.merge_utils`` per tensor, where the tensors are."""
     from peft.utils import merge_utils
-    from safetensors.torch import load_file, save_file
 
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    base = load_file(base_path)
-    finetuned = [load_file(p) for p in paths]
-    scale = torch.full((len(paths),), float(params["scale"]))
+    scale = torch.full((len(finetuned),), float(params["scale"]), device=next(iter(base.values())).device)
     merged = {}
     for name, b in base.items():
         task_vectors = [f[name] - b for f in finetuned]
@@ -116,8 +119,43 @@ def run_baseline(
         else:
             delta = merge_utils.task_arithmetic(task_vectors, scale)
         merged[name] = b + delta
-    save_file(merged, out)
+    return merged
+
+
+def run_baseline(
+    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str
+) -> tuple[float, float]:
+    from safetensors.torch import load_file, save_file
+
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    save_file(peft_merge(load_file(base_path), [load_file(p) for p in paths], method, params), out)
     return time.perf_counter() - start_wall, time.process_time() - start_cpu
+
+
+def run_in_memory(
+    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str, *, library: str
+) -> tuple[float, float]:
+    """Time one merge of checkpoints already in ``device`` memory; save the result untimed."""
+    from safetensors.torch import load_file, save_file
+
+    from clpeft.merging import merge
+
+    base, finetuned = load_file(base_path, device=device), [load_file(p, device=device) for p in paths]
+    _synchronize(device)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    if library == "peft":
+        merged = peft_merge(base, finetuned, method, params)
+    else:
+        merged = merge(base, finetuned, method, device=device, **params)
+    _synchronize(device)
+    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+    save_file({name: t.cpu() for name, t in merged.items()}, out)
+    return wall, cpu
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_clpeft(
@@ -136,7 +174,14 @@ def worker(case: str, threads: int, device: str, base: str, out: str, paths: lis
         torch.set_num_threads(threads)
     import_rss = _peak_rss_gib()
     variant, method, params = CASES[case]
-    run = run_baseline if variant == "baseline" else run_clpeft
+    if variant.startswith("baseline"):
+        import peft.utils.merge_utils  # noqa: F401  (imported before the clock starts, as clpeft is)
+    run = {
+        "baseline": run_baseline,
+        "clpeft": run_clpeft,
+        "baseline-memory": functools.partial(run_in_memory, library="peft"),
+        "clpeft-memory": functools.partial(run_in_memory, library="clpeft"),
+    }[variant]
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall, cpu = run(base, paths, out, method, params, device)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -185,7 +230,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--models", type=int, default=8, help="K, the number of fine-tunes")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument(
+        "--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {', '.join(CASES)}"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per case, interleaved; the table shows the best")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads in every variant (default: torch's default)"
@@ -273,13 +320,14 @@ def print_table(results: dict, directory: Path, args: argparse.Namespace, load: 
     print("|" + "---|" * len(columns))
     for case, r in results.items():
         family, variant = case.split("/")
-        reference = results.get(f"{family.split('-')[0]}/baseline")
+        baseline = f"{family.split('-')[0]}/{'baseline-memory' if variant.endswith('-memory') else 'baseline'}"
+        reference = results.get(baseline)
         speedup = memory = equal = "-"
-        if variant != "baseline" and reference:
+        if not variant.startswith("baseline") and reference:
             speedup = f"{reference['wall_s'] / r['wall_s']:.2f}x / {reference['cpu_s'] / r['cpu_s']:.2f}x"
             memory = f"{r['peak_rss_gib'] / reference['peak_rss_gib']:.2f}x"
             mine = directory / f"{case.replace('/', '_')}.safetensors"
-            theirs = directory / f"{family.split('-')[0]}_baseline.safetensors"
+            theirs = directory / f"{baseline.replace('/', '_')}.safetensors"
             d = compare(mine, theirs)
             equal = f"{d['max_abs_diff']:.1e}; {d['fraction_differing']:.2%}; {d['fraction_beyond_rounding']:.4%}"
         rss = f"{r['peak_rss_gib']:.2f} ({r['import_rss_gib']:.2f})"
