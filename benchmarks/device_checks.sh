@@ -8,8 +8,9 @@
 #
 # It runs the CUDA cases of the device tests (merging on the GPU against peft and float64
 # references; engine runs in fp32, bf16 autocast and torch.compile against the CPU's accuracy
-# matrices), then the GPU benchmarks: the streaming merge with its GB/s next to the copy
-# bandwidths measured in the same run, the LoRA training step and MultiLoRA serving. Logs land
+# matrices), then the GPU benchmarks: the merge from disk and of checkpoints already in GPU
+# memory (against peft per tensor there), with GB/s next to the copy bandwidths measured in
+# the same run, the LoRA training step and MultiLoRA serving. Logs land
 # under $OUT; the figures go into benchmarks/RESULTS.md with the date and these commands.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -31,6 +32,6 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the whole 
 
 step tests 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine_devices.py tests/merging/test_merge_devices.py
 step merge_bench 200 python3 benchmarks/merge_bench.py --size full --models 8 --device cuda --repeats 3 \
-  --cases ta/baseline,ta/clpeft,ties/clpeft,ties-topk/clpeft
+  --cases ta/baseline,ta/clpeft,ties/clpeft,ties-topk/clpeft,ta/baseline-memory,ta/clpeft-memory
 step lora_step_bench 60 python3 benchmarks/lora_step_bench.py --device cuda
 step multilora_bench 60 python3 benchmarks/multilora_bench.py --device cuda
