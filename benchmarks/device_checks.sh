@@ -30,8 +30,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the whole 
   echo "exit $?"; tail -n 14 "$out/$name.log"
 }
 
-step tests 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine_devices.py tests/merging/test_merge_devices.py
+step tests 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_engine_devices.py tests/merging/test_merge_devices.py \
+  tests/merging/test_merge_fused.py
 step merge_bench 200 python3 benchmarks/merge_bench.py --size full --models 8 --device cuda --repeats 3 \
-  --cases ta/baseline,ta/clpeft,ties/clpeft,ties-topk/clpeft,ta/baseline-memory,ta/clpeft-memory
+  --cases ta/baseline,ta/clpeft,ties/clpeft,ties-topk/clpeft,ta/baseline-memory,ta/clpeft-memory,ta/clpeft-memory-opbyop
 step lora_step_bench 60 python3 benchmarks/lora_step_bench.py --device cuda
 step multilora_bench 60 python3 benchmarks/multilora_bench.py --device cuda

@@ -11,7 +11,8 @@ subprocess so that its peak resident memory (``VmHWM``) is its own:
 * ``baseline-memory`` and ``clpeft-memory``: the same two with every checkpoint already in
   ``--device`` memory (loaded before the clock starts, the output left there): peft per tensor
   vs :func:`clpeft.merging.merge`. On a GPU this is the merge's own speed against the device's
-  memory bandwidth, with no disk or host copies in the way.
+  memory bandwidth, with no disk or host copies in the way; ``clpeft-memory-opbyop`` is the
+  same merge with the one-pass kernel for linear methods switched off (``CLPEFT_FUSED_MERGE=0``).
 
 Timings cover the merge only (inputs on disk to output on disk), not interpreter start or
 imports. Before each case the driver calls ``sync``, so no case runs while the previous case's
@@ -50,6 +51,7 @@ CASES = {  # name -> (variant, method, parameters)
     "ties-topk/clpeft": ("clpeft", "ties", {"density": 0.2, "scale": 1.0, "trim": "topk"}),
     "ta/baseline-memory": ("baseline-memory", "task_arithmetic", {"scale": 0.3}),
     "ta/clpeft-memory": ("clpeft-memory", "task_arithmetic", {"scale": 0.3}),
+    "ta/clpeft-memory-opbyop": ("clpeft-memory-opbyop", "task_arithmetic", {"scale": 0.3}),
 }
 DEFAULT_CASES = [case for case in CASES if not case.endswith("-memory")]
 
@@ -181,7 +183,10 @@ def worker(case: str, threads: int, device: str, base: str, out: str, paths: lis
         "clpeft": run_clpeft,
         "baseline-memory": functools.partial(run_in_memory, library="peft"),
         "clpeft-memory": functools.partial(run_in_memory, library="clpeft"),
+        "clpeft-memory-opbyop": functools.partial(run_in_memory, library="clpeft"),
     }[variant]
+    if variant.endswith("-opbyop"):  # the GPU's linear methods op by op instead of the one-pass kernel
+        os.environ["CLPEFT_FUSED_MERGE"] = "0"
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall, cpu = run(base, paths, out, method, params, device)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -320,7 +325,7 @@ def print_table(results: dict, directory: Path, args: argparse.Namespace, load: 
     print("|" + "---|" * len(columns))
     for case, r in results.items():
         family, variant = case.split("/")
-        baseline = f"{family.split('-')[0]}/{'baseline-memory' if variant.endswith('-memory') else 'baseline'}"
+        baseline = f"{family.split('-')[0]}/{'baseline-memory' if '-memory' in variant else 'baseline'}"
         reference = results.get(baseline)
         speedup = memory = equal = "-"
         if not variant.startswith("baseline") and reference:

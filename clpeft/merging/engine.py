@@ -45,7 +45,8 @@ from clpeft.errors import UserError
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
 from clpeft.merging.registry import MergeMethod
-from clpeft.merging.report import TensorReport, pack_stats, sample_entries, sign_conflict, unpack_stats
+from clpeft.merging import fused
+from clpeft.merging.report import TensorReport, pack_stats, pack_sums, sample_entries, sign_conflict, unpack_stats
 from clpeft.merging.rules import TensorJob
 
 __all__ = ["MergeEngine", "Sink"]
@@ -66,6 +67,13 @@ def _aligned(nbytes: int) -> int:
 def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
     """The tensor stored at ``offset`` of a uint8 buffer."""
     return buffer[offset : offset + info.nbytes].view(info.dtype).view(info.shape)
+
+
+def _sampled_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The report's sign conflict of the task vectors ``sources[k] - base``, from samples only."""
+    k = len(sources)
+    sample = torch.stack([sample_entries(s, k) for s in sources]).to(base.dtype) - sample_entries(base, k)
+    return sign_conflict(sample)
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -135,6 +143,7 @@ class MergeEngine:
         self._pin = self.device.type == "cuda"
         self._buffers: dict[str, torch.Tensor] = {}
         self._coefficients_by_dtype: dict[torch.dtype, list[float]] = {}
+        self._device_coefficients: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ driver
 
@@ -255,6 +264,10 @@ class MergeEngine:
         return _InFlight(staged.jobs, outputs, stats, done)
 
     def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method.linear and self._full and self._transfer:
+            sources = self._sources(job, rows)
+            if fused.supports(self.device, base_raw, sources):
+                return self._merge_fused(job, base_raw.reshape(-1), sources)
         dtype = torch.float64 if base_raw.dtype == torch.float64 else torch.float32
         base = base_raw.reshape(-1).to(dtype)
         if self.method.linear and self._adapters:
@@ -280,7 +293,7 @@ class MergeEngine:
         The merged task vector is the method's weighted sum of the same task vectors; the norms
         are summed over blocks in float64.
         """
-        sources = [raw[: info.nbytes].view(info.dtype) for raw, info in zip(rows, self._infos(job))]
+        sources = self._sources(job, rows)
         n, k = base.numel(), len(sources)
         coefficients = torch.tensor(self._coefficients(base.dtype), dtype=base.dtype)
         block = self._scratch(k, min(n, _BLOCK_COLUMNS), base.dtype)
@@ -295,8 +308,21 @@ class MergeEngine:
             torch.linalg.vector_norm(task_vectors, dim=1, out=norms)
             torch.mv(task_vectors.T, coefficients, out=delta[start:stop])
         norms = block_norms.double().square_().sum(dim=0).sqrt_().to(base.dtype)
-        sample = torch.stack([sample_entries(s, k) for s in sources]).to(base.dtype) - sample_entries(base, k)
-        return delta, norms, sign_conflict(sample)
+        return delta, norms, _sampled_conflict(base, sources)
+
+    def _merge_fused(
+        self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear method on the GPU in one pass (:mod:`~clpeft.merging.fused`)."""
+        if self._device_coefficients is None:
+            self._device_coefficients = torch.tensor(self._coefficients(torch.float32), device=self.device)
+        merged = torch.empty(job.info.shape, dtype=job.info.dtype, device=self.device)
+        sums = fused.linear_merge(base, sources, self._device_coefficients, merged.view(-1))
+        return merged, pack_sums(sums, _sampled_conflict(base.float(), sources), base.numel())
+
+    def _sources(self, job: TensorJob, rows) -> list[torch.Tensor]:
+        """The fine-tuned tensors of ``job``, flat and typed, from their bytes (views, no copy)."""
+        return [raw[: info.nbytes].view(info.dtype) for raw, info in zip(rows, self._infos(job))]
 
     def _coefficients(self, dtype: torch.dtype) -> list[float]:
         """A linear method's ``c_k`` for task vectors of ``dtype``."""

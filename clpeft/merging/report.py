@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergeReport", "TensorReport", "pack_stats", "sample_entries", "sign_conflict"]
+__all__ = ["MergeReport", "TensorReport", "pack_stats", "pack_sums", "sample_entries", "sign_conflict"]
 
 # Sampled entries over all rows: below torch's parallel grain size (32768), so the statistic
 # never starts a parallel region (each costs milliseconds on a busy machine).
@@ -112,6 +112,13 @@ def pack_stats(base: torch.Tensor, norms: torch.Tensor, conflict: torch.Tensor, 
         ]
     )
     return torch.cat([head, norms])
+
+
+def pack_sums(sums: torch.Tensor, conflict: torch.Tensor, numel: int) -> torch.Tensor:
+    """:func:`pack_stats`' layout from the sums :func:`~clpeft.merging.fused.linear_merge` returns:
+    ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]``."""
+    head = torch.stack([sums[0].sqrt(), conflict.to(sums.dtype), sums[1].sqrt(), sums[2] / max(numel, 1)])
+    return torch.cat([head, sums[3:].sqrt()])
 
 
 def unpack_stats(name: str, shape: Sequence[int], packed: Sequence[float]) -> TensorReport:
