@@ -6,11 +6,12 @@ statistics of the merge report, calls the method, adds the base back and hands t
 to a sink (a state dict, or the streaming safetensors writer). LoRA adapters supply their
 task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 
-Linear methods (task arithmetic, mean) on the CPU never form a whole tensor's task vectors:
+Linear methods (task arithmetic, mean) never form a whole tensor's task vectors. On the CPU
 they are formed, measured and combined one block of columns at a time while the block is in
-the CPU's caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three
-times (a K = 8 ViT-B task arithmetic ran 1.1-1.4x faster side by side, benchmarks/RESULTS.md). TIES' per-tensor
-trim and DARE's masks need whole task vectors and use the buffer.
+the caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three times
+(a K = 8 ViT-B task arithmetic ran 1.1-1.4x faster side by side, benchmarks/RESULTS.md); on
+CUDA one Triton kernel per tensor does the same in registers (:mod:`~clpeft.merging.fused`).
+TIES' per-tensor trim and DARE's masks need whole task vectors and use the buffer.
 
 Memory: on the CPU the inputs are read straight from memory maps of the files (no copy into
 a read buffer); each batch's pages leave the resident set once it is written, and the task
