@@ -265,6 +265,9 @@ class MergeEngine:
         return _InFlight(staged.jobs, outputs, stats, done)
 
     def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged tensor and its packed report statistics, by the first path that applies:
+        one kernel (linear method on CUDA), the LoRA factors (linear method, adapters), cached
+        blocks (linear method on the CPU), whole task vectors (any method)."""
         if self.method.linear and self._full and self._transfer:
             sources = self._sources(job, rows)
             if fused.supports(self.device, base_raw, sources):
