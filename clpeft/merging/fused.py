@@ -40,7 +40,7 @@ def supports(device: torch.device, base: torch.Tensor, sources: Sequence[torch.T
         and device.type == "cuda"
         and os.environ.get("CLPEFT_FUSED_MERGE", "1") != "0"
         and base.dtype in dtypes
-        and len({s.dtype for s in sources}) == 1
+        and len({s.dtype for s in sources}) == 1  # one dtype, and at least one model
         and sources[0].dtype in dtypes
         and base.numel() > 0
     )
