@@ -1,4 +1,4 @@
-"""README.md stays true: its YAML reference is current and its plug-in example runs."""
+"""README.md stays true: its YAML reference is current and its plug-in and merging examples run."""
 
 from __future__ import annotations
 
@@ -56,3 +56,28 @@ def test_reference_types_read_as_written_in_yaml():
     assert _type_name(positive | tuple[positive, positive]) == "float > 0 <= 1 \\| [float > 0 <= 1, float > 0 <= 1]"
     assert _type_name(list[Domain] | None) == "list[Domain] \\| None"
     assert _type_name(dict[str, int]) == "dict[str, int]"
+
+
+def test_merging_example_runs_on_real_files(tmp_path, monkeypatch):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    code = re.search(r"```python\n(.*?)```", _between("merge-example"), re.S).group(1)
+    generator = torch.Generator().manual_seed(0)
+    base = {"blocks.0.weight": torch.randn(8, 4, generator=generator), "head.weight": torch.randn(3, 4, generator=generator)}
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(2)]
+    for name, state in [("base", base), ("a", tuned[0]), ("b", tuned[1])]:
+        save_file(state, tmp_path / f"{name}.safetensors")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"base": base, "finetuned_a": tuned[0], "finetuned_b": tuned[1]}
+    exec(code, namespace)
+
+    assert namespace["merged"].keys() == base.keys()
+    report = json.loads((tmp_path / "merged.report.json").read_text())
+    assert [t["name"] for t in report["tensors"]] == ["blocks.0.weight"]  # the head is skipped
+    expected = base["blocks.0.weight"] + 0.3 * sum(t["blocks.0.weight"] - base["blocks.0.weight"] for t in tuned)
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")["blocks.0.weight"], expected, rtol=0, atol=1e-6)
