@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
+from tqdm.auto import tqdm
 
 from clpeft.errors import UserError
 from clpeft.merging.engine import MergeEngine
@@ -19,7 +21,7 @@ from clpeft.merging.io import SafetensorsWriter, StateDictSource, atomic_output,
 from clpeft.merging.lora import LoraAdapter, open_model
 from clpeft.merging.registry import get_method
 from clpeft.merging.report import MergeReport
-from clpeft.merging.rules import MergeRules, plan
+from clpeft.merging.rules import MergeRules, TensorJob, plan
 
 __all__ = ["merge", "merge_files"]
 
@@ -90,6 +92,7 @@ def merge_files(
     device: str | torch.device = "cpu",
     seed: int = 0,
     report: str | os.PathLike | None = None,
+    progress: Literal["auto", "always", "never"] = "auto",
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints on disk into one safetensors file, streaming tensor by tensor.
@@ -107,6 +110,7 @@ def merge_files(
             call :func:`clpeft.merging.adamerging` instead).
         rules, device, seed, **params: as in :func:`merge`.
         report: where to write the JSON merge report (default ``<out stem>.report.json``).
+        progress: a progress bar in bytes written, on stderr: ``auto`` when it is a terminal.
 
     Returns:
         The :class:`MergeReport` that was written.
@@ -134,10 +138,19 @@ def merge_files(
         result = MergeReport(method, params, str(base), [str(m) for m in models], str(device), seed)
         metadata = {**base_source.metadata(), "clpeft_merge": json.dumps({"method": method, "parameters": params})}
         start = time.perf_counter()
+        show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
+        bar = tqdm(total=sum(job.info.nbytes for job in jobs), desc=f"{method} merge", unit="B", unit_scale=True,
+                   disable=not show, dynamic_ncols=True, file=sys.stderr)
+        stack.callback(bar.close)
+
+        def write(job: TensorJob, tensor: torch.Tensor) -> None:
+            writer.write(job.name, tensor)
+            bar.update(job.info.nbytes)
+
         with atomic_output(out) as f:
             writer = SafetensorsWriter(f, [(job.name, job.info) for job in jobs], metadata)
             engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed)
-            result.tensors = engine.run(jobs, lambda job, tensor: writer.write(job.name, tensor))
+            result.tensors = engine.run(jobs, write)
             writer.finish()
             result.seconds = time.perf_counter() - start
             with atomic_output(report_path) as r:

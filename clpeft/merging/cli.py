@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         device=config.device,
         seed=config.seed,
         report=config.report,
+        progress=config.progress,
         **parameters,
     )
     summary = report.to_dict()["summary"]

@@ -17,7 +17,7 @@ flags, against the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,6 +42,7 @@ class MergeConfig(BaseModel):
     device: str = Field("cpu", description="cpu or cuda")
     seed: int = Field(0, description="seed of random methods (DARE)")
     rules: MergeRules = Field(default_factory=MergeRules, description="tensors to skip or copy from the base")
+    progress: Literal["auto", "always", "never"] = Field("auto", description="progress bar on stderr (auto: on a terminal)")
 
 
 def anchor_paths(data: dict[str, Any], directory: Path) -> dict[str, Any]:

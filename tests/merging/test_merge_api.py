@@ -52,6 +52,26 @@ def test_merged_tensors_are_base_plus_merged_task_vector(models):
     assert torch.equal(merged["bn.num_batches_tracked"], base["bn.num_batches_tracked"])  # integer buffer: the base's
 
 
+@pytest.mark.parametrize("progress", ["always", "never"])
+def test_progress_bar_counts_every_byte_written_on_stderr(tmp_path, model_files, capsys, progress):
+    base_path, paths = model_files
+    merge_files(base_path, paths, tmp_path / "merged.safetensors", "mean", progress=progress)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if progress == "never":
+        assert captured.err == ""
+    else:
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "merged.safetensors", "pt") as f:
+            total = sum(f.get_tensor(name).nbytes for name in f.keys())
+        from tqdm import tqdm
+
+        size = tqdm.format_sizeof(total)
+        last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+        assert last.startswith("mean merge: 100%") and f"{size}/{size}" in last, last
+
+
 def test_report_json(tmp_path, model_files):
     base_path, paths = model_files
     merge_files(base_path, paths, tmp_path / "merged.safetensors", "ties", density=0.2)
