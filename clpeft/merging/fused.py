@@ -10,8 +10,8 @@ statistics on the way (float64 atomics).
 The engine uses it for CUDA merges of linear methods when Triton is importable, the tensors are
 float32, float16 or bfloat16 and the fine-tuned tensors share one dtype; everything else takes
 the op-by-op path. ``CLPEFT_FUSED_MERGE=0`` switches it off (for side-by-side timings).
-The first merge in a fresh environment compiles the kernel (a second or two per number of
-models and dtype; Triton caches it on disk).
+The first merge in a fresh environment compiles the kernel, once per number of models and
+dtype (Triton caches it on disk).
 """
 
 from __future__ import annotations
