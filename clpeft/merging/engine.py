@@ -326,16 +326,14 @@ class MergeEngine:
 
     def _sources(self, job: TensorJob, rows) -> list[torch.Tensor]:
         """The fine-tuned tensors of ``job``, flat and typed, from their bytes (views, no copy)."""
-        return [raw[: info.nbytes].view(info.dtype) for raw, info in zip(rows, self._infos(job))]
+        infos = [m.info(job.name) for m in self._full]
+        return [raw[: info.nbytes].view(info.dtype) for raw, info in zip(rows, infos)]
 
     def _coefficients(self, dtype: torch.dtype) -> list[float]:
         """A linear method's ``c_k`` for task vectors of ``dtype``."""
         if dtype not in self._coefficients_by_dtype:
             self._coefficients_by_dtype[dtype] = self.method.coefficients(len(self.models), self.params, dtype)
         return self._coefficients_by_dtype[dtype]
-
-    def _infos(self, job: TensorJob) -> list[TensorInfo]:
-        return [m.info(job.name) for m in self._full]
 
     def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows) -> torch.Tensor:
         """``(K, N)`` task vectors in ``base``'s dtype, owned by the method (may be overwritten).
@@ -351,12 +349,12 @@ class MergeEngine:
                 else:
                     row.zero_()
             return task_vectors
-        infos = self._infos(job)
-        if isinstance(rows, torch.Tensor) and all(info.dtype == base.dtype for info in infos):  # in place in the copy
+        sources = self._sources(job, rows)
+        if isinstance(rows, torch.Tensor) and all(s.dtype == base.dtype for s in sources):  # in place in the copy
             return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
-        task_vectors = self._scratch(len(self._full), base.numel(), base.dtype)
-        for row, raw, info in zip(task_vectors, rows, infos):
-            torch.sub(raw[: info.nbytes].view(info.dtype), base, out=row)
+        task_vectors = self._scratch(len(sources), base.numel(), base.dtype)
+        for row, source in zip(task_vectors, sources):
+            torch.sub(source, base, out=row)
         return task_vectors
 
     def _scratch(self, rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
