@@ -77,6 +77,10 @@ from clpeft.strategy import Strategy
 
 
 _DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters  # init_sync: torch >= 2.4
+# What each kind of checkpoint must hold to be resumed from (one missing a key is skipped).
+_CIL_KEYS = ("experience", "strategy", "rows", "timing", "baseline")
+_SOURCE_KEYS = ("experience", "strategy", "timing")
+_TTA_KEYS = ("experience", "strategy", "correct", "counts", "timing")
 
 
 def _ddp_options() -> dict:
@@ -305,7 +309,7 @@ class Engine:
         baseline = None
         start = 0
         if self.resume:
-            found = self._load_latest(self.out_dir / "checkpoints", log)
+            found = self._load_latest(self.out_dir / "checkpoints", log, _CIL_KEYS)
             if found is not None:
                 path, state = found
                 strategy.load_state_dict(state["strategy"])
@@ -356,9 +360,9 @@ class Engine:
         ckpt_dir, source_dir = self.out_dir / "checkpoints", self.out_dir / "source"
         log.event("run_start", experiences=len(stream), device=str(self.device), strategy=self.cfg.strategy.name,
                   parameters=strategy.count_parameters())
-        found = self._load_latest(ckpt_dir, log) if self.resume else None
+        found = self._load_latest(ckpt_dir, log, _TTA_KEYS) if self.resume else None
         needs_source = found is None or scenario.reset_each_domain
-        source = self._load_latest(source_dir, log) if self.resume and needs_source else None
+        source = self._load_latest(source_dir, log, _SOURCE_KEYS) if self.resume and needs_source else None
         if found is not None:
             state = found[1]
             self._load_strategy(strategy, state["strategy"])
@@ -376,7 +380,7 @@ class Engine:
                                             "config": self.cfg.to_dict()}, keep=1)
         source_state = None
         if scenario.reset_each_domain:  # the saved source state, read once (a copy the adaptation cannot touch)
-            source_state = (source or self._load_latest(source_dir, log))[1]["strategy"]
+            source_state = (source or self._load_latest(source_dir, log, _SOURCE_KEYS))[1]["strategy"]
         for exp, scored in zip(facing[start:], stream[start - 1:]):
             seed_everything(derive_seed(self.cfg.seed, exp.index))
             if source_state is not None:
@@ -397,14 +401,14 @@ class Engine:
         return self._finish_tta(correct, counts, timing, stream, strategy, log)
 
     @staticmethod
-    def _load_latest(directory: Path, log: RunLogger) -> tuple[Path, dict] | None:
-        """The newest good checkpoint; every skipped one is logged and printed with the reason."""
+    def _load_latest(directory: Path, log: RunLogger, required: tuple[str, ...]) -> tuple[Path, dict] | None:
+        """The newest good checkpoint holding ``required``; every skipped one is logged and printed with the reason."""
 
         def skipped(path: Path, reason: str) -> None:
             log.event("checkpoint_skipped", file=str(path), reason=reason)
             log.print(f"skipped checkpoint {path.name}: {reason}; using an earlier one")
 
-        return checkpoint.load_latest(directory, on_skip=skipped)
+        return checkpoint.load_latest(directory, on_skip=skipped, required=required)
 
     def _source_phase(self, strategy: Strategy, source_exp: Experience, log: RunLogger) -> list[dict]:
         """Train the source model on clean data (experience 0), or load ``source_checkpoint``."""
