@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -225,13 +227,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere; a run keeps its completed checkpoints (resume with --resume)",
+    errno.EDQUOT: "free some space or write elsewhere; a run keeps its completed checkpoints (resume with --resume)",
+    errno.EROFS: "the file system is read-only: write elsewhere (--out)",
+    errno.EACCES: "no permission: write elsewhere (--out) or change the permissions",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EISDIR: "a file was expected here, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a file stands where a directory is needed: move it away",
+}
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``path: what happened; what to do`` for an error the operating system reported."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{where}{exc.strerror or exc}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except UserError as exc:
         print(f"clpeft: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `clpeft compare ... | head` closed the pipe: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
+    except OSError as exc:  # the machine, not clpeft: a full or read-only disk, a name too long, a directory
+        print(f"clpeft: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("clpeft: interrupted; completed experiences are checkpointed (resume with --resume)", file=sys.stderr)
         return 130

@@ -16,8 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from clpeft.config import read_text, read_yaml
 from clpeft.errors import UserError
 from clpeft.report import METRIC_NOTES
 from clpeft.seeds import DDOF, SUMMARY_FILE, summarize_runs
@@ -69,7 +68,7 @@ def load_result(run_dir: str | Path) -> RunResult:
         return RunResult(path, {config.get("seed"): _read_json(path / "metrics.json")}, config)
     summary = path / SUMMARY_FILE
     if summary.is_file():
-        seeds = json.loads(summary.read_text())["seeds"]
+        seeds = _read_json(summary, "seeds")["seeds"]
     else:
         seeds = sorted(int(p.name[5:]) for p in path.glob("seed_*") if p.name[5:].isdigit() and (p / "metrics.json").is_file())
     if not seeds:
@@ -77,14 +76,24 @@ def load_result(run_dir: str | Path) -> RunResult:
     return RunResult(path, {s: _read_json(path / f"seed_{s}" / "metrics.json") for s in seeds}, config)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, *required: str) -> dict:
+    """A results file of a run: a JSON object holding ``required`` (default: a metrics.json's keys)."""
     if not path.is_file():
         raise UserError(f"{path} is missing (did that seed finish?)")
-    return json.loads(path.read_text())
+    required = required or ("acc_matrix", "metrics")
+    try:
+        data = json.loads(read_text(path, "a clpeft results file"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                        f"re-run or --resume the run that wrote it") from None
+    missing = [key for key in required if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise UserError(f"{path}: not a clpeft results file (no {', '.join(missing)})")
+    return data
 
 
 def _read_yaml(path: Path) -> dict:
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return read_yaml(path) if path.is_file() else {}
 
 
 # ------------------------------------------------------------------ the table

@@ -12,18 +12,20 @@ float32) are refused anywhere in the config.
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from clpeft import registry
 from clpeft.errors import UserError
+from clpeft.safe_yaml import MalformedYAML, load_yaml
 
 SECTIONS = ("seed", "seeds", "scenario", "backbone", "strategy", "train", "eval", "logging", "out")
 NAMED_SECTIONS = {"scenario": registry.scenarios, "backbone": registry.backbones, "strategy": registry.strategies}
@@ -258,33 +260,80 @@ def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
 
 
 def _validate(model: type[BaseModel], data: dict, prefix: str) -> BaseModel:
+    hit = _bool_as_number(model, data, prefix)
+    if hit is not None:
+        raise UserError(f"{hit[0]}: expected a number, got the boolean {str(hit[1]).lower()}; write the number")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_error(exc, prefix, model)) from None
 
 
+def _bool_as_number(annotation, value, path: str) -> tuple[str, bool] | None:
+    """``(path, value)`` of a boolean given where only numbers are accepted, else ``None``.
+
+    Pydantic reads ``true`` as 1 for an ``int`` or ``float`` field (``epochs: true`` would train
+    one epoch); a config that means a number writes one.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _bool_as_number(args[0], value, path)
+    if isinstance(value, bool):
+        return None if _admits_bool(annotation) else (path, value)
+    if origin in (typing.Union, types.UnionType):  # wrong only if every branch says so
+        hits = [_bool_as_number(a, value, path) for a in args if a is not type(None)]
+        return hits[0] if all(hits) else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+        fields = annotation.model_fields
+        pairs = [(fields[k].annotation, v, f"{path}.{k}" if path else k) for k, v in value.items() if k in fields]
+    elif isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset, collections.abc.Sequence) and args:
+        fixed = origin is tuple and Ellipsis not in args and len(args) == len(value)
+        pairs = [(args[i] if fixed else args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif isinstance(value, dict) and origin in (dict, collections.abc.Mapping) and len(args) == 2:
+        pairs = [(args[1], v, f"{path}.{k}") for k, v in value.items()]
+    else:
+        return None
+    return next((hit for hit in (_bool_as_number(*pair) for pair in pairs) if hit), None)
+
+
+def _admits_bool(annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _admits_bool(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_bool(a) for a in args)
+    if origin is Literal:  # only a literal of numbers alone would take a boolean as a number
+        return not all(type(a) in (int, float) for a in args)
+    return annotation not in (int, float)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; malformed YAML is reported with its line and column."""
+    """Read a YAML mapping; every problem with the file is one :class:`UserError` naming it.
+
+    Malformed YAML is reported with its line and column; duplicate keys, alias bombs and
+    self-referring anchors are refused (:mod:`clpeft.safe_yaml`).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(f"{where}: malformed YAML: {exc.problem or exc}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: malformed YAML: {exc}") from None
+    data = load_yaml(read_text(path, "a YAML config"), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; a binary or otherwise encoded file is a one-line error."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        f"is it {what}?") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -294,13 +343,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key.strip():
             raise UserError(f"--set expects key.sub=value, got '{item}'")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = load_yaml(raw, f"--set {key}")
+        except MalformedYAML:  # not YAML: the text itself
             value = raw
         node = data
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section (`train:`)
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise UserError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
             node = child

@@ -37,6 +37,7 @@ __all__ = [
     "forward_transfer",
     "few_shot_summary",
     "tta_summary",
+    "scalar_metric_names",
 ]
 
 
@@ -207,3 +208,18 @@ def tta_summary(correct: Sequence[int], counts: Sequence[int]) -> dict:
         "error_mean": float(errors.mean()),
         "error_overall": float(1.0 - c.sum() / n.sum()),
     }
+
+
+def scalar_metric_names(kind: str, baseline: bool = True) -> list[str]:
+    """The scalar metrics a run of scenario ``kind`` reports (what ``sweep --metric`` may rank by).
+
+    Read off the summaries themselves on a two-step example, so the list cannot drift from them.
+    """
+    if kind == "test_time_adaptation":
+        summary = tta_summary([1, 1], [2, 2])
+    else:
+        R, sizes = [[1.0, 0.0], [0.5, 1.0]], [1, 1]
+        summary = summarize(R, sizes, [0.0, 0.0] if baseline else None)
+        if kind == "few_shot_class_incremental":
+            summary.update(few_shot_summary(R, sizes))
+    return [name for name, value in summary.items() if not isinstance(value, list)]

@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,11 +199,27 @@ class Registry(Generic[T]):
                     f"sys.path): install its helpers or put them on PYTHONPATH",
                     key=key,
                 ) from None
+            except (Exception, SystemExit) as exc:  # the plug-in's own error: one line, where it was raised
+                del sys.modules[module_name]
+                raise UserError(f"plug-in file {_raised_at(exc, path)}: {_plugin_failure(exc)}", key=key) from None
             except BaseException:
                 del sys.modules[module_name]
                 raise
             self._files[path] = module
         return self._files[path]
+
+
+def _raised_at(exc: BaseException, path: Path) -> str:
+    """``path:line`` of the innermost frame of ``exc`` in the plug-in file (``path`` if none)."""
+    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if Path(frame.filename) == path]
+    return f"{path}:{lines[-1]}" if lines else str(path)
+
+
+def _plugin_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return (f"it called sys.exit({exc.code!r}) while being imported; a plug-in module defines classes, "
+                f"it does not run a program")
+    return f"{type(exc).__name__} while importing it: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def import_user_module(target: str, key: str):
@@ -214,6 +231,8 @@ def import_user_module(target: str, key: str):
     with _without_implicit_path():
         try:
             return importlib.import_module(target)
+        except SystemExit as exc:
+            raise UserError(f"module '{target}': {_plugin_failure(exc)}", key=key) from None
         except (ImportError, ValueError, TypeError) as exc:  # ValueError/TypeError: '..x', 'a..b'
             raise UserError(
                 f"cannot import module '{target}' ({exc}); modules are found on PYTHONPATH and among installed "

@@ -22,10 +22,10 @@ import itertools
 import json
 from pathlib import Path
 
-import yaml
-
 from clpeft import config
 from clpeft.errors import UserError
+from clpeft.metrics import scalar_metric_names
+from clpeft.safe_yaml import load_yaml
 
 LOWER_IS_BETTER = {"forgetting", "error_mean"}
 DEFAULT_METRIC = "acc_last"
@@ -39,10 +39,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         key = key.strip()
         if not sep or not key:
             raise UserError(f"--grid expects key.sub=[v1,v2,...], got '{item}'")
-        try:
-            values = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise UserError(f"--grid {key}: cannot read the list {raw!r} ({exc})") from None
+        values = load_yaml(raw, f"--grid {key}")
         if not isinstance(values, list) or not values:
             raise UserError(f"--grid {key}: expected a non-empty list such as [0.01,0.001], got {raw!r}")
         if key in grid:
@@ -82,6 +79,14 @@ def _score(run_dir: Path, metric: str) -> dict:
     return {"mean": stat["mean"], "std": stat["std"], "wall_s": wall}
 
 
+def _check_metric(metric: str, cfg: config.RunConfig) -> None:
+    """Refuse, before anything trains, a ``--metric`` the configured runs will not report."""
+    known = scalar_metric_names(cfg.scenario.cls.kind, baseline=cfg.eval.baseline)
+    if metric not in known:
+        raise UserError(f"--metric {metric}: not a scalar metric of a {cfg.scenario.cls.kind} run "
+                        f"({', '.join(known)}){config.close(metric, known)}")
+
+
 def run_sweep(config_path: str | Path, grid: dict[str, list], out: str | Path, engine_kwargs: dict, *,
               overrides: list[str] | None = None, metric: str = DEFAULT_METRIC,
               tune_set: list[str] | None = None, eval_set: list[str] | None = None,
@@ -100,6 +105,8 @@ def run_sweep(config_path: str | Path, grid: dict[str, list], out: str | Path, e
     names = [point_name(i, p) for i, p in enumerate(points)]
     configs = [config.load(config_path, [*overrides, *(tune_set or []), *_overrides(p)]) for p in points]
     eval_configs = [config.load(config_path, [*overrides, *(eval_set or []), *_overrides(p)]) for p in points] if separate else None
+    for cfg in configs + (eval_configs or []):
+        _check_metric(metric, cfg)
     grid_dir = out / "tune" if separate else out
     if not resume and any((grid_dir / n).exists() for n in names):
         raise UserError(f"{grid_dir} already holds sweep points; pass --resume to continue or choose another --out")
