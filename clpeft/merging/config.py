@@ -16,6 +16,7 @@ flags, against the working directory.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,4 +86,5 @@ def resolve_config(data: dict[str, Any]) -> MergeConfig:
             raise UserError(
                 f"unknown key{close_matches(where.split('.')[-1], fields)} (known: {', '.join(fields)})", key=where
             ) from None
-        raise UserError(f"{error['msg'].lower()}, got {error.get('input')!r}", key=where) from None
+        got = reprlib.repr(error.get("input"))  # bounded: a YAML alias can make the value enormous
+        raise UserError(f"{error['msg'].lower()}, got {got}", key=where) from None

@@ -3,7 +3,8 @@
 As in mergekit's ``@merge_method`` (``mergekit/merge_methods/easy_define.py``), a method is a
 plain function; the decorator records its name and paper, and builds the parameter schema
 from its keyword-only arguments, so a misspelled or ill-typed parameter is an error that
-names it instead of being silently ignored.
+names it instead of being silently ignored. Float parameters must be finite: NaN or infinity
+as a coefficient turns every merged tensor into NaN.
 
 Two scopes exist:
 
@@ -19,6 +20,8 @@ Two scopes exist:
 from __future__ import annotations
 
 import inspect
+import math
+import reprlib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -84,14 +87,18 @@ class MergeMethod:
                     f"(its parameters: {', '.join(self.parameters) or 'none'})",
                     key=f"{key}.{name}",
                 )
-        if self.scope == "model":  # callables and data loaders: no coercion, checked by the call
+        if self.scope == "model":  # callables and data loaders: no coercion, checked by the call; floats finite
+            for name, value in params.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(f"input should be a finite number, got {value!r}", key=f"{key}.{name}")
             return dict(params)
         try:
             validated = self.schema.model_validate(dict(params))
         except ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(p) for p in error["loc"])
-            raise UserError(f"{error['msg'].lower()}, got {error.get('input')!r}", key=f"{key}.{where}") from None
+            got = reprlib.repr(error.get("input"))  # bounded: a YAML alias can make the value enormous
+            raise UserError(f"{error['msg'].lower()}, got {got}", key=f"{key}.{where}") from None
         return {name: getattr(validated, name) for name in self.schema.model_fields}
 
     def coefficients(
@@ -109,7 +116,8 @@ def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", line
 
     Every keyword-only argument is a parameter and must be annotated (use
     ``Annotated[float, Field(ge=0, description=...)]`` for ranges and help text naming the
-    paper's symbol). A duplicate name or an unannotated parameter fails at import time.
+    paper's symbol); NaN and infinity are refused for every float. A duplicate name or an
+    unannotated parameter fails at import time.
     """
 
     def decorator(fn: F) -> F:
@@ -128,7 +136,9 @@ def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", line
                 raise TypeError(f"merge method '{name}': parameter '{pname}' needs a type annotation")
             fields[pname] = (hints[pname], ... if p.default is inspect.Parameter.empty else p.default)
         schema = create_model(
-            f"{name}_parameters", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+            f"{name}_parameters",
+            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
+            **fields,
         )
         _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema)
         return fn
