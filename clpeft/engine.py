@@ -65,7 +65,7 @@ import yaml
 from torch import nn
 
 from clpeft import checkpoint, distributed, metrics
-from clpeft.config import RunConfig
+from clpeft.config import RunConfig, read_yaml
 from clpeft.data import DataView
 from clpeft.data_access import DataAccess
 from clpeft.errors import RunError, UserError
@@ -73,6 +73,7 @@ from clpeft.experience import Experience
 from clpeft.feature_cache import FeatureCache, default_cache_dir
 from clpeft.logging import RunLogger
 from clpeft.resizing import replace_parameters
+from clpeft.run_directory import RunLock, config_changes, fixed_changes, format_changes, run_files
 from clpeft.strategy import Strategy
 
 
@@ -204,12 +205,17 @@ class Engine:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, device: str = "auto", resume: bool = False,
                  force: bool = False, deterministic: bool = False):
         self.cfg = cfg
+        if not str(out_dir).strip():
+            raise UserError("--out is empty; name the run directory (an empty name would write into the current one)")
         self.out_dir = Path(out_dir)
         self.world, device = distributed.init_from_env(device)
         self.device = resolve_device(device)
         self.resume = resume
         self.force = force
         self.deterministic = deterministic
+        self._lock: RunLock | None = None
+        self._forced: list = []  # config changes accepted by --resume --force
+        self._stored_config: dict | None = None
         if cfg.train.amp == "bf16" and self.device.type != "cuda":
             # bf16 matmuls on CPUs without native support die with SIGILL, not an exception.
             raise UserError("bf16 autocast runs on CUDA only; use amp: auto (bf16 on CUDA, off on CPU) or off", key="train.amp")
@@ -219,22 +225,50 @@ class Engine:
     # ------------------------------------------------------------------ setup
 
     def _prepare_dir(self) -> None:
-        cfg_path = self.out_dir / "config.yaml"
+        """Lock OUT (rank 0), check it can take this run, and write ``config.yaml``.
+
+        A fresh run never writes over a run's files; a resumed one may differ from the stored
+        config only with ``--force``, never in its stream, and then the new config is written
+        only once the checkpoint has loaded (:meth:`_accept_forced_config`).
+        """
+        out = self.out_dir
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a directory; choose a directory for the run")
+        if self.world.is_main:
+            self._lock = RunLock(out)
+        cfg_path = out / "config.yaml"
         resolved = self.cfg.to_dict()
         if self.resume:
-            if not cfg_path.exists():
-                raise UserError(f"--resume: {self.out_dir} holds no run (no config.yaml); drop --resume to start one")
-            stored = yaml.safe_load(cfg_path.read_text())
-            diff = _diff(stored, resolved)
-            if diff and not self.force:
-                raise UserError(f"--resume: the config differs from the stored run ({'; '.join(diff[:5])}); pass --force to resume anyway")
-        elif checkpoint.list_checkpoints(self.out_dir / "checkpoints") or checkpoint.list_checkpoints(self.out_dir / "source"):
-            raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
+            if not cfg_path.is_file():
+                raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start one")
+            self._stored_config = read_yaml(cfg_path)
+            changes = config_changes(self._stored_config, resolved)
+            if changes and not self.force:
+                raise UserError(f"--resume: the config differs from the stored run ({format_changes(changes)}); "
+                                f"pass --force to resume anyway")
+            fixed = fixed_changes(changes)
+            if fixed:
+                raise UserError(f"--resume: the stored checkpoints belong to another stream ({format_changes(fixed)}); "
+                                f"not even --force changes that: start a new run with another --out")
+            self._forced = changes
+        else:
+            found = run_files(out)
+            if found:
+                raise UserError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                                f"or choose another --out")
         self.world.barrier()  # every rank has checked the directory before rank 0 writes to it
-        if self.world.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        if self.world.is_main and not self._forced:
+            _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
         self.world.barrier()
+
+    def _accept_forced_config(self, log: RunLogger) -> None:
+        """After a ``--resume --force`` loaded its checkpoint: record the changes, then store the new config."""
+        if not self._forced or not self.world.is_main:
+            return
+        log.event("config_forced", changes=[{"key": k, "stored": a, "now": b} for k, a, b in self._forced],
+                  previous=self._stored_config)
+        log.print(f"resumed with a changed config (--force): {format_changes(self._forced)}")
+        _write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _build(self) -> tuple[list[Experience], Strategy]:
         cfg = self.cfg
@@ -299,6 +333,8 @@ class Engine:
                 log.close()
         finally:
             torch.use_deterministic_algorithms(previous)
+            if self._lock is not None:
+                self._lock.release()
 
     def _run(self, stream: list[Experience], strategy: Strategy, log: RunLogger) -> dict:
         if self.scenario.kind == "test_time_adaptation":
@@ -312,13 +348,15 @@ class Engine:
             found = self._load_latest(self.out_dir / "checkpoints", log, _CIL_KEYS)
             if found is not None:
                 path, state = found
-                strategy.load_state_dict(state["strategy"])
-                strategy.refresh_input_mode()
-                strategy.to(self.device)
+                if state["experience"] >= T or len(state["rows"]) != state["experience"] + 1:
+                    raise UserError(f"{path} was taken after experience {state['experience']} of a stream with "
+                                    f"{len(state['rows'][-1]) if state['rows'] else '?'} experiences; this one has {T}")
+                self._load_strategy(strategy, state["strategy"], source=path)
                 rows, timing, baseline = state["rows"], state["timing"], state["baseline"]
                 start = state["experience"] + 1
                 log.event("resumed", checkpoint=path.name, next_experience=start)
                 log.print(f"resumed from {path.name}: continuing at experience {start}/{T}")
+            self._accept_forced_config(log)
         log.event("run_start", experiences=T, device=str(self.device), strategy=self.cfg.strategy.name,
                   parameters=strategy.count_parameters())
         if start == 0 and self.cfg.eval.baseline:
@@ -365,19 +403,23 @@ class Engine:
         source = self._load_latest(source_dir, log, _SOURCE_KEYS) if self.resume and needs_source else None
         if found is not None:
             state = found[1]
-            self._load_strategy(strategy, state["strategy"])
+            if state["experience"] > len(stream):
+                raise UserError(f"{found[0]} was taken after domain {state['experience']}; this stream has {len(stream)}")
+            self._load_strategy(strategy, state["strategy"], source=found[0])
             correct, counts, timing = state["correct"], state["counts"], state["timing"]
             start = state["experience"] + 1
             log.event("resumed", checkpoint=found[0].name, next_experience=start)
             log.print(f"resumed from {found[0].name}: continuing at domain {start}/{len(stream)}")
         elif source is not None:  # killed after the source phase, before the first domain ended
-            self._load_strategy(strategy, source[1]["strategy"])
+            self._load_strategy(strategy, source[1]["strategy"], source=source[0])
             correct, counts, timing, start = [], [], source[1]["timing"], 1
         else:
             correct, counts, start = [], [], 1
             timing = self._source_phase(strategy, source_exp, log)
             checkpoint.save(source_dir, 0, {"experience": 0, "strategy": strategy.state_dict(), "timing": timing,
                                             "config": self.cfg.to_dict()}, keep=1)
+        if self.resume:
+            self._accept_forced_config(log)
         source_state = None
         if scenario.reset_each_domain:  # the saved source state, read once (a copy the adaptation cannot touch)
             source_state = (source or self._load_latest(source_dir, log, _SOURCE_KEYS))[1]["strategy"]
@@ -443,10 +485,10 @@ class Engine:
         strategy.after_experience(exp)
         return scorer, time.perf_counter() - t0, n_batches
 
-    def _load_strategy(self, strategy: Strategy, state: dict, partial: bool = False) -> None:
+    def _load_strategy(self, strategy: Strategy, state: dict, partial: bool = False, source: Path | None = None) -> None:
         """Load a state (a checkpoint's, or the source's for a reset); ``partial`` accepts a state
         saved by another strategy (a source model trained with ``finetune``) as long as it holds
-        the backbone and head."""
+        the backbone and head. A ``source`` checkpoint that does not fit is a :class:`UserError`."""
         if partial:
             key = "scenario.source_checkpoint"
             try:
@@ -458,7 +500,12 @@ class Engine:
                 raise UserError(f"it lacks {needed[:3]}{'...' if len(needed) > 3 else ''}; it must come from a run with "
                                 f"the same backbone", key=key)
         else:
-            strategy.load_state_dict(state)
+            try:
+                strategy.load_state_dict(state)
+            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+                raise UserError(f"{source or 'the saved state'} does not fit the configured strategy ({first[:300]}); "
+                                f"resume with the config the run was started with") from None
         strategy.refresh_input_mode()
         strategy.to(self.device)
 
@@ -489,9 +536,7 @@ class Engine:
         """``metrics.json`` (atomically), the final weights, and the scalar metrics as an event (rank 0)."""
         if not self.world.is_main:
             return
-        tmp = self.out_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(self.out_dir / "metrics.json")
+        _write_atomic(self.out_dir / "metrics.json", json.dumps(result, indent=2))
         export_weights(strategy, self.out_dir / "model.safetensors")
         log.event("metrics", **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         log.hparams(self.cfg.to_dict(), result["metrics"])
@@ -695,6 +740,13 @@ def export_weights(strategy: Strategy, path: Path) -> Path:
     return path
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _read_source_checkpoint(path: Path) -> dict:
     """The strategy state in a checkpoint file, or in a run directory (its ``source/`` when it
     is a test-time-adaptation run, else the newest of its ``checkpoints/``)."""
@@ -725,15 +777,3 @@ def _copy_strategy(strategy: Strategy) -> Strategy:
         strategy._data = data
     fresh.attach(data)
     return fresh
-
-
-def _diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key), current.get(key)
-        path = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, path + ".")
-        elif a != b and key != "out":
-            out.append(f"{path}: {a!r} -> {b!r}")
-    return out

@@ -100,7 +100,7 @@ def test_existing_run_directory_needs_resume(tmp_path, digits_run, capsys):
     _run(digits_run, tmp_path / "run")
     from clpeft.errors import UserError
 
-    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+    with pytest.raises(UserError, match=r"already holds a run \(config.yaml, metrics.json, .*checkpoints\); pass --resume"):
         _run(digits_run, tmp_path / "run")
     digits_run["train"]["lr"] = 0.1
     with pytest.raises(UserError, match=r"config differs from the stored run \(train.lr: 0.05 -> 0.1\)"):
