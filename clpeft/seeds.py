@@ -24,6 +24,7 @@ import yaml
 from clpeft import distributed
 from clpeft.config import RunConfig
 from clpeft.errors import UserError
+from clpeft.run_directory import RunLock, run_files
 
 DDOF = 1
 SUMMARY_FILE = "seeds_summary.json"
@@ -87,17 +88,26 @@ def run_seeds(cfg: RunConfig, out: str | Path, engine_kwargs: dict, *, resume: b
     With ``resume``, finished seeds (a ``metrics.json``) are read back, started ones resumed
     from their checkpoints and the rest run. ``on_done(seed, result)`` is called after each seed.
     """
-    from clpeft.engine import Engine
-
     out = Path(out)
     world = distributed.current()
     seeds = list(cfg.seeds or [cfg.seed])
-    if not resume and any(seed_dir(out, s).exists() for s in seeds):
-        raise UserError(f"{out} already holds seed runs; pass --resume to continue them or choose another --out")
-    world.barrier()  # every rank has checked before rank 0 writes
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    lock = RunLock(out) if world.is_main else None  # the seed runs lock their own directories too
+    try:
+        if not resume and (run_files(out) or any(seed_dir(out, s).exists() for s in seeds)):
+            raise UserError(f"{out} already holds seed runs or a run; pass --resume to continue them or choose another --out")
+        world.barrier()  # every rank has checked before rank 0 writes
+        if world.is_main:
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return _run_each_seed(cfg, out, seeds, engine_kwargs, resume, on_done)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_each_seed(cfg: RunConfig, out: Path, seeds: list[int], engine_kwargs: dict, resume: bool, on_done) -> dict:
+    from clpeft.engine import Engine
+
+    world = distributed.current()
     results = {}
     for seed in seeds:
         run_dir = seed_dir(out, seed)

@@ -193,3 +193,20 @@ def test_a_file_where_checkpoints_belong_is_one_line(tmp_path, capsys, monkeypat
     out = tmp_path / "run"
     err = _one_line_error(capsys, main(["run", _config(tmp_path), "--out", str(out)]))
     assert f"{out / 'checkpoints'}: File exists; a file stands where a directory is needed" in err
+
+
+def test_a_multi_seed_directory_is_locked_and_never_written_over(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    lock = RunLock(out)
+    try:
+        err = _one_line_error(capsys, main(["run", _config(tmp_path), "--seeds", "0,1", "--out", str(out)]))
+    finally:
+        lock.release()
+    assert f"is in use by another clpeft run (pid {os.getpid()})" in err
+    single = tmp_path / "single"
+    assert main(["run", _config(tmp_path), "--out", str(single), "--set", "scenario.n_experiences=1",
+                 "--set", "scenario.init_classes=null"]) == 0
+    stored = (single / "config.yaml").read_text()
+    capsys.readouterr()
+    err = _one_line_error(capsys, main(["run", _config(tmp_path), "--seeds", "0,1", "--out", str(single)]))
+    assert "already holds seed runs or a run" in err and (single / "config.yaml").read_text() == stored
