@@ -29,16 +29,24 @@ merge device (in-memory state dicts on the GPU) are not copied at all, and with
 
 In-memory and streaming merges run this same code on the same batches, so their results are
 equal bit for bit.
+
+Finiteness: the report's statistics already prove most outputs finite at no extra cost (finite
+norms of the inputs and of the merged task vector, and ``||theta_0|| + ||tau_m||``, a bound on
+every entry, well inside the output dtype's range). Only a tensor they cannot vouch for is
+looked at again: an input holding NaN or inf is named, finite inputs that merge into NaN or inf
+(a huge ``scale``, a float16 overflow) are an error, and statistics that merely overflowed
+float32 (entries beyond ~1e18) are recomputed in float64.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import reprlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -75,6 +83,17 @@ def _sampled_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> to
     k = len(sources)
     sample = torch.stack([sample_entries(s, k) for s in sources]).to(base.dtype) - sample_entries(base, k)
     return sign_conflict(sample)
+
+
+def _finite_stats(values: list[float]) -> bool:
+    """Every packed statistic (:func:`~clpeft.merging.report.pack_stats`) but the sign conflict,
+    which is NaN for LoRA merges, is finite."""
+    return all(math.isfinite(v) for i, v in enumerate(values) if i != 1)
+
+
+def _surely_finite(values: list[float], dtype: torch.dtype) -> bool:
+    """Whether a merged tensor's packed statistics prove it finite (see the module docstring)."""
+    return _finite_stats(values) and values[0] + values[2] < torch.finfo(dtype).max / 2
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -268,23 +287,27 @@ class MergeEngine:
         """The merged tensor and its packed report statistics, by the first path that applies:
         one kernel (linear method on CUDA), the LoRA factors (linear method, adapters), cached
         blocks (linear method on the CPU), whole task vectors (any method)."""
-        if self.method.linear and self._full and self._transfer:
+        linear = self.method.linear and not job.average
+        if linear and self._full and self._transfer:
             sources = self._sources(job, rows)
             if fused.supports(self.device, base_raw, sources):
                 return self._merge_fused(job, base_raw.reshape(-1), sources)
         dtype = torch.float64 if base_raw.dtype == torch.float64 else torch.float32
         base = base_raw.reshape(-1).to(dtype)
-        if self.method.linear and self._adapters:
+        if linear and self._adapters:
             coefficients = self._coefficients(dtype)
             delta, norms = merge_factors(self._adapters, job.name, coefficients, device=self.device, dtype=dtype)
             conflict = base.new_tensor(math.nan)
-        elif self.method.linear and not self._transfer:
+        elif linear and not self._transfer:
             delta, norms, conflict = self._combine_in_blocks(job, base, rows)
         else:
             task_vectors = self._task_vectors(job, base, rows)
             norms = torch.linalg.vector_norm(task_vectors, dim=1)
             conflict = sign_conflict(task_vectors)
-            delta = self.method.fn(task_vectors, **self.params, **self._randomness(job))
+            if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
+                delta = task_vectors.mean(dim=0)
+            else:
+                delta = self.method.fn(task_vectors, **self.params, **self._randomness(job))
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
 
@@ -389,22 +412,62 @@ class MergeEngine:
                 reports.append(TensorReport(job.name, list(job.info.shape), merged=False))
             else:
                 values = packed.tolist()
-                self._check_finite(job.name, values)
+                if not _surely_finite(values, job.info.dtype):
+                    values = self._recheck(job, output, values)
+                if job.variance and bool((output < 0).any()):
+                    self._negative_variance(job)
                 reports.append(unpack_stats(job.name, job.info.shape, values))
             sink(job, output)
         if not self._transfer:  # off the CPU the views were released once copied
             self._release(flight.jobs)
         return reports
 
-    def _check_finite(self, name: str, values: list[float]) -> None:
-        """Name the input whose tensor holds NaN or inf (its norm, or the base's, is not finite)."""
-        base_norm, norms = values[0], values[4:]
-        if not math.isfinite(base_norm):
-            culprit = f"the base {self.base.description}"
-        else:
-            culprit = next((m.description for m, norm in zip(self.models, norms) if not math.isfinite(norm)), None)
-        if culprit is not None:
+    def _recheck(self, job: TensorJob, output: torch.Tensor, values: list[float]) -> list[float]:
+        """The statistics of a merged tensor that :func:`_surely_finite` could not vouch for.
+
+        Raises:
+            UserError: naming the input whose tensor holds NaN or inf, or, for finite inputs,
+                the merged tensor that came out NaN or inf.
+        """
+        if _finite_stats(values) and bool(output.isfinite().all()):
+            return values  # only the bound was loose
+        base = self.base.read(job.name).detach().to("cpu", torch.float64).reshape(-1)
+        if not base.isfinite().all():
+            self._non_finite_input(job.name, f"the base {self.base.description}")
+        norms = []
+        for model in self.models:
+            if not isinstance(model, LoraAdapter):
+                weights = model.read(job.name).detach().to("cpu", torch.float64).reshape(-1)
+            elif job.name in model.layers:
+                weights = base + model.delta(job.name, device=base.device, dtype=base.dtype)
+            else:
+                weights = base
+            if not weights.isfinite().all():
+                self._non_finite_input(job.name, model.description)
+            norms.append(torch.linalg.vector_norm(weights - base).item())
+        merged = output.detach().to("cpu", torch.float64).reshape(-1)
+        if not merged.isfinite().all():
+            params = ", ".join(f"{k}={reprlib.repr(v)}" for k, v in self.params.items())
             raise UserError(
-                f"tensor '{name}' of {culprit} holds NaN or infinite values; fix or re-export that checkpoint, "
-                "or add the tensor to keep_base or skip"
+                f"merging tensor '{job.name}' with {self.method.name} ({params or 'no parameters'}) gave NaN or "
+                f"infinite values from finite inputs: the result overflows {job.info.dtype}; lower scale or "
+                "weights, or add the tensor to keep_base or skip"
             )
+        delta = merged - base  # float64 statistics (of the rounded output) where float32 ones overflowed
+        density = torch.count_nonzero(delta).item() / max(delta.numel(), 1)
+        return [torch.linalg.vector_norm(base).item(), values[1], torch.linalg.vector_norm(delta).item(), density,
+                *norms]
+
+    def _non_finite_input(self, name: str, culprit: str) -> NoReturn:
+        raise UserError(
+            f"tensor '{name}' of {culprit} holds NaN or infinite values; fix or re-export that checkpoint, "
+            "or add the tensor to keep_base or skip"
+        )
+
+    def _negative_variance(self, job: TensorJob) -> NoReturn:
+        culprits = [m.description for m in self._full if bool((m.read(job.name) < 0).any())]
+        raise UserError(
+            f"tensor '{job.name}' is a variance (merged as the mean of the fine-tuned models' statistics) but came "
+            f"out negative: {', '.join(culprits) or 'a fine-tuned model'} holds negative values; fix or re-export "
+            "that checkpoint, or add the tensor to keep_base"
+        )

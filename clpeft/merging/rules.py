@@ -5,17 +5,25 @@ Every tensor of the base checkpoint gets one action:
 * ``skip``: left out of the output. For tensors that have no meaning once merged, such as
   task-specific classification heads (``skip: ["head.*"]``).
 * ``keep_base``: copied unmerged from the base. Chosen by a rule, and automatically for
-  integer and boolean tensors (buffers such as BatchNorm's ``num_batches_tracked``, position
-  ids) and for empty tensors.
-* ``merge``: everything else. Every full fine-tune must then hold the tensor with the base's
-  shape and a floating dtype; anything else is an error that names the tensor, the
-  checkpoint and the rule that would resolve it. Nothing is dropped or truncated silently:
-  a head with a different number of classes, or an embedding resized for new tokens, must
-  be named in a rule.
+  integer and boolean tensors (buffers such as position ids), for empty tensors and for
+  BatchNorm's ``num_batches_tracked`` (also when stored as a float).
+* ``average``: normalisation statistics, the buffers whose names end in ``running_mean``,
+  ``running_var`` (PyTorch's BatchNorm and InstanceNorm) or ``moving_mean``,
+  ``moving_variance`` (Keras exports). They are not weights, so they are never merged as task
+  vectors (scaled, trimmed or dropped: task arithmetic once turned a variance of 100 into -97,
+  issue 20); whatever the method, the output holds the plain mean of the fine-tuned models'
+  statistics, and a merged variance below zero is an error. The mean is only an estimate of
+  the merged model's statistics: recompute them on data where accuracy matters.
+* ``merge``: everything else, combined by the merge method. Every full fine-tune must then
+  hold the tensor (as for ``average``) with the base's shape and a floating dtype; anything
+  else is an error that names the tensor, the checkpoint and the rule that would resolve it.
+  Nothing is dropped or truncated silently: a head with a different number of classes, or an
+  embedding resized for new tokens, must be named in a rule.
 
 Rules are shell-style globs (:func:`fnmatch.fnmatchcase`) on tensor names; ``skip`` wins over
-``keep_base``. LoRA adapters only contribute to the layers they adapt; the base's other
-tensors are copied.
+``keep_base``, which wins over the built-in ``average`` (``keep_base: ["*.running_*"]`` keeps
+the base's statistics). LoRA adapters only contribute to the layers they adapt; the base's
+other tensors are copied.
 """
 
 from __future__ import annotations
@@ -33,7 +41,12 @@ from clpeft.merging.lora import LoraAdapter
 
 __all__ = ["MergeRules", "TensorJob", "plan"]
 
-Action = Literal["skip", "keep_base", "merge"]
+Action = Literal["skip", "keep_base", "average", "merge"]
+
+_COUNTERS = ("num_batches_tracked",)  # copied from the base
+_STATISTICS = ("running_mean", "running_var", "moving_mean", "moving_variance")  # averaged
+_VARIANCES = ("running_var", "moving_variance")  # averaged, and never negative
+_MERGED: frozenset[Action] = frozenset({"average", "merge"})  # actions that need every fine-tune's tensor
 
 
 class MergeRules(BaseModel):
@@ -50,18 +63,30 @@ class MergeRules(BaseModel):
         """The action for one base tensor."""
         if any(fnmatchcase(name, p) for p in self.skip):
             return "skip"
-        if any(fnmatchcase(name, p) for p in self.keep_base) or not info.dtype.is_floating_point or info.numel == 0:
+        if (
+            any(fnmatchcase(name, p) for p in self.keep_base)
+            or not info.dtype.is_floating_point
+            or info.numel == 0
+            or name.endswith(_COUNTERS)
+        ):
             return "keep_base"
-        return "merge"
+        return "average" if name.endswith(_STATISTICS) else "merge"
 
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: its name, the base's dtype and shape, and whether it is merged."""
+    """One output tensor: its name, the base's dtype and shape, whether it is merged, and whether
+    it is merged as the plain mean of the fine-tuned tensors instead of by the method."""
 
     name: str
     info: TensorInfo
     merge: bool
+    average: bool = False
+
+    @property
+    def variance(self) -> bool:
+        """A merged variance statistic: the output must not hold negative values."""
+        return self.average and self.name.endswith(_VARIANCES)
 
 
 def plan(base: TensorSource, models: Sequence[TensorSource | LoraAdapter], rules: MergeRules) -> list[TensorJob]:
@@ -89,11 +114,13 @@ def plan(base: TensorSource, models: Sequence[TensorSource | LoraAdapter], rules
         else:
             _check_full(model, base, actions, rules, base_keys)
     adapted = set().union(*(a.layers for a in adapters)) if adapters else base_keys
-    return [
-        TensorJob(name, base.info(name), action == "merge" and name in adapted)
-        for name, action in actions.items()
-        if action != "skip"
-    ]
+    jobs = []
+    for name, action in actions.items():
+        if action == "skip":
+            continue
+        merged = action in _MERGED and name in adapted
+        jobs.append(TensorJob(name, base.info(name), merged, average=merged and action == "average"))
+    return jobs
 
 
 def _check_full(
@@ -107,7 +134,7 @@ def _check_full(
                 f"if it is task-specific (e.g. a classification head) add a rule skip: ['{name}']"
             )
     for name, action in actions.items():
-        if action != "merge":
+        if action not in _MERGED:
             continue
         if name not in model_keys:
             raise UserError(
@@ -131,7 +158,7 @@ def _check_full(
 def _check_adapter(adapter: LoraAdapter, base: TensorSource, actions: dict[str, Action], rules: MergeRules) -> None:
     for name, key in adapter.other.items():
         action = actions[name] if name in actions else rules.action(name, adapter.source.info(key))
-        if action == "merge":
+        if action in _MERGED:
             raise UserError(
                 f"{adapter.description} holds a full tensor for '{name}' (modules_to_save?) besides its LoRA "
                 "factors; LoRA merging combines factors only: add it to skip or keep_base"
@@ -139,7 +166,7 @@ def _check_adapter(adapter: LoraAdapter, base: TensorSource, actions: dict[str, 
     for name in adapter.layers:
         if name not in actions:
             raise UserError(f"{adapter.description} adapts '{name}', which the base {base.description} lacks")
-        if actions[name] != "merge":
+        if actions[name] not in _MERGED:
             continue
         shape = adapter.delta_shape(name)
         if shape != base.info(name).shape:

@@ -11,7 +11,8 @@ unlabeled test batches of every task (the paper's surrogate for the unavailable 
 
     min_lambda  sum_k  mean_{x in B_k}  H(softmax(f_k(x; theta(lambda)))),   H(p) = -sum_c p_c log p_c.
 
-Every task keeps its own classification head ``f_k`` (heads are not merged). As in the
+Every task keeps its own classification head ``f_k`` (heads are not merged); normalisation
+statistics are averaged, not learned (:mod:`~clpeft.merging.rules`). As in the
 authors' code, the coefficients start at ``0.3``, are clamped to ``[0, 1]`` in the forward
 pass, and are trained with Adam (lr 1e-3, betas 0.9/0.999), one batch per task per step;
 the paper runs 500 steps with batches of 16.
@@ -107,8 +108,11 @@ def adamerging(
         )
     base_source = StateDictSource(base, "the base state dict")
     jobs = plan(base_source, [StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)], rules or MergeRules())
-    names = [job.name for job in jobs if job.merge]
+    names = [job.name for job in jobs if job.merge and not job.average]
     fixed = {job.name: base[job.name] for job in jobs if not job.merge}
+    for job in jobs:
+        if job.average:  # normalisation statistics: the fine-tunes' mean (rules)
+            fixed[job.name] = torch.stack([m[job.name].to(base[job.name].dtype) for m in finetuned]).mean(dim=0)
     task_vectors = {name: _task_vectors(name, base, finetuned) for name in names}
     device = next(iter(base.values())).device
     raw = torch.full(
