@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from clpeft.errors import UserError
+from clpeft.merging.header import DTYPES, parse_header
 
 __all__ = [
     "SafetensorsSource",
@@ -50,24 +51,7 @@ __all__ = [
     "open_checkpoint",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -199,35 +183,14 @@ class SafetensorsSource:
             raise UserError(
                 f"{path} is not a safetensors file or is truncated (header of {header_len} bytes in a {size}-byte file)"
             )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path} has a malformed safetensors header ({exc}); re-save or re-download it") from None
-        if not isinstance(header, dict):
-            raise UserError(f"{path} has a malformed safetensors header (not a JSON object)")
-        self._metadata.update(header.pop("__metadata__", None) or {})
         data_start = 8 + header_len
-        for name, spec in header.items():
-            try:
-                dtype = _DTYPES[spec["dtype"]]
-                shape = tuple(int(d) for d in spec["shape"])
-                begin, end = (int(x) for x in spec["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{path}: tensor '{name}' has a malformed header entry {spec!r}") from None
-            info = TensorInfo(dtype, shape)
-            if end - begin != info.nbytes:
-                raise UserError(
-                    f"{path}: tensor '{name}' declares {end - begin} bytes for shape {list(shape)} {spec['dtype']}"
-                )
-            if data_start + end > size:
-                raise UserError(
-                    f"{path} is truncated: tensor '{name}' ends at byte {data_start + end} but the file has "
-                    f"{size} bytes; re-save or re-download it"
-                )
+        metadata, entries = parse_header(path, f.read(header_len), size - data_start)
+        self._metadata.update(metadata)
+        for name, (dtype, shape, begin) in entries.items():
             if name in self._entries:
                 other = self.paths[self._entries[name].file]
                 raise UserError(f"tensor '{name}' occurs in two shards, {other} and {path}")
-            self._entries[name] = _Entry(info, index, data_start + begin)
+            self._entries[name] = _Entry(TensorInfo(dtype, shape), index, data_start + begin)
 
     def keys(self) -> list[str]:
         """Tensor names in file order (shard by shard, by data offset), for sequential reads."""
@@ -317,8 +280,10 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
 def _index_files(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{index} is not a safetensors shard index with a 'weight_map' ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
     return [index.parent / name for name in dict.fromkeys(weight_map.values())]
 
 

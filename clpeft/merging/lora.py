@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,8 @@ class LoraAdapter:
                 missing = ({"A", "B"} - set(keys)).pop()
                 raise UserError(f"{source.description}: LoRA layer '{module}' has no lora_{missing} factor")
             a_shape, b_shape = source.info(keys["A"]).shape, source.info(keys["B"]).shape
-            rank = a_shape[0]
-            if len(b_shape) < 2 or b_shape[1] != rank or math.prod(b_shape) != b_shape[0] * rank:
+            rank = a_shape[0] if a_shape else 0
+            if rank == 0 or len(b_shape) < 2 or b_shape[1] != rank or math.prod(b_shape) != b_shape[0] * rank:
                 raise UserError(
                     f"{source.description}: LoRA factors of '{module}' do not fit: lora_A {list(a_shape)}, "
                     f"lora_B {list(b_shape)} (expected lora_B of shape [out, {rank}])"
@@ -231,8 +232,12 @@ def _peft_scaling(config: Mapping[str, Any], module: str, rank: int, description
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     except KeyError as exc:
         raise UserError(f"{description}: adapter_config.json lacks {exc}") from None
+    except (AttributeError, re.error) as exc:  # a pattern table that is not an object, or not a regex
+        raise UserError(f"{description}: adapter_config.json has an unusable rank_pattern/alpha_pattern ({exc})") from None
     if r != rank:
-        raise UserError(f"{description}: lora_A of '{module}' has rank {rank} but adapter_config.json says r={r}")
+        raise UserError(f"{description}: lora_A of '{module}' has rank {rank} but adapter_config.json says r={reprlib.repr(r)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise UserError(f"{description}: adapter_config.json gives '{module}' lora_alpha={reprlib.repr(alpha)}, not a finite number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -249,8 +254,10 @@ def open_model(path: str | Path) -> SafetensorsSource | LoraAdapter:
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UserError(f"{config_file} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_file} must hold a JSON object (peft's LoraConfig)")
     source = open_checkpoint(path)
     if config is None and not is_lora(source):
         return source
