@@ -4,12 +4,15 @@ Features are keyed by ``(backbone identity, dataset fingerprint, sample index)``
 backbone identity digests its settings *and weights*, so a changed backbone never reads stale
 features. On disk, each (backbone, dataset) pair is a memory-mapped ``float32`` array plus a
 "done" mask; a sample's feature is flushed before its mask bit, so a killed run leaves only
-complete features behind and later runs (or a resumed one) reuse them.
+complete features behind and later runs (or a resumed one) reuse them. A file whose header,
+shape, dtype or size does not match (truncated, cut inside its header) is rebuilt with a
+warning naming the folder, never mapped as it is.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 
 from clpeft.backbones.base import Backbone
 from clpeft.data import DataView
+from clpeft.errors import UserError
 
 
 def default_cache_dir() -> Path:
@@ -25,21 +29,68 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CLPEFT_CACHE", Path.home() / ".cache" / "clpeft"))
 
 
+class _Damaged(Exception):
+    """A cache file that does not hold what this store expects (the message says how)."""
+
+
+def _mapped(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
+    """``path`` mapped read-write once its header, shape, dtype and size match exactly (numpy would
+    zero-extend a short file, whose missing rows ``done.npy`` may still call computed).
+
+    Raises:
+        _Damaged: they do not match.
+    """
+    from numpy.lib import format as npy
+
+    dtype = np.dtype(dtype)
+    with open(path, "rb") as f:
+        try:
+            version = npy.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise _Damaged(f"{path.name} has .npy version {version}")
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            found = read(f)
+        except (ValueError, EOFError, SyntaxError) as exc:
+            raise _Damaged(f"{path.name} has an unreadable header: {exc}") from None
+        offset = f.tell()
+    if found != (shape, False, dtype):
+        raise _Damaged(f"{path.name} holds {found[2]} {found[0]}{' (Fortran order)' if found[1] else ''}, "
+                       f"expected {dtype} {shape}")
+    size, expected = path.stat().st_size, offset + int(np.prod(shape)) * dtype.itemsize
+    if size != expected:
+        raise _Damaged(f"{path.name} is {size} bytes, expected {expected}")
+    return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
+
+
 class _Store:
+    """One (backbone, dataset) pair's features and done mask, in memory or memory-mapped files.
+
+    Files that do not match the expected shape, dtype and size are rebuilt with a warning
+    naming the folder; a folder or file that cannot be used at all is a :class:`UserError`.
+    """
+
     def __init__(self, n: int, dim: int, directory: Path | None):
         if directory is None:
             self.values = np.zeros((n, dim), dtype=np.float32)
             self.done = np.zeros(n, dtype=bool)
             return
-        directory.mkdir(parents=True, exist_ok=True)
         fpath, dpath = directory / "features.npy", directory / "done.npy"
-        if fpath.exists() and dpath.exists():
-            self.values = np.load(fpath, mmap_mode="r+")
-            self.done = np.load(dpath, mmap_mode="r+")
-            if self.values.shape == (n, dim) and self.done.shape == (n,):
-                return
-        self.values = np.lib.format.open_memmap(fpath, mode="w+", dtype=np.float32, shape=(n, dim))
-        self.done = np.lib.format.open_memmap(dpath, mode="w+", dtype=np.bool_, shape=(n,))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if fpath.exists() and dpath.exists():
+                try:
+                    self.values = _mapped(fpath, (n, dim), np.float32)
+                    self.done = _mapped(dpath, (n,), np.bool_)
+                    return
+                except _Damaged as exc:
+                    warnings.warn(f"feature cache {directory} is damaged ({exc}); rebuilding it", stacklevel=2)
+            # the mask first: until the features file is whole, no row is marked computed
+            self.done = np.lib.format.open_memmap(dpath, mode="w+", dtype=np.bool_, shape=(n,))
+            self.values = np.lib.format.open_memmap(fpath, mode="w+", dtype=np.float32, shape=(n, dim))
+        except OSError as exc:
+            where = exc.filename or directory
+            raise UserError(f"cannot use the feature cache at {where} ({exc.strerror or exc}); delete it, point "
+                            f"CLPEFT_CACHE at a writable folder, or set train.feature_cache: memory") from None
 
     def flush(self) -> None:
         for arr in (self.values, self.done):
