@@ -9,6 +9,7 @@ import torch
 
 from clpeft.data import Batch, DataView
 from clpeft.distributed import World
+from clpeft.errors import UserError
 from clpeft.feature_cache import FeatureCache
 
 
@@ -115,7 +116,18 @@ class DataAccess:
             _ViewItems(view), batch_sampler=[c.tolist() for c in chunks], num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        yield from loader
+        try:
+            yield from loader
+        except UserError as exc:
+            raise _unwrapped(exc) from None
+
+
+def _unwrapped(exc: UserError) -> UserError:
+    """The one-line error a DataLoader worker raised: torch re-raises it in this process with the
+    worker's traceback as its message, which ends ``<module>.<class>: <original message>``."""
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    text = str(exc)
+    return type(exc)(text.rpartition(marker)[2].strip()) if marker in text else exc
 
 
 def _to_device(x, device: torch.device):
