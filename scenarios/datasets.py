@@ -10,10 +10,12 @@ Offline sources that work without internet:
 ``mnist``, ``cifar10`` and ``cifar100`` load through torchvision from ``root`` and download
 there when ``download: true`` (needs internet).
 
-A user's own data (``root`` points at it; see :mod:`clpeft.scenarios.folder_datasets` and
-:mod:`clpeft.scenarios.text_datasets`): ``image_folder`` (a folder per class), ``npz``
-(arrays of images or precomputed features), ``jsonl``/``csv`` (text and label columns), and
-the layouts of ``imagenet_r``, ``cub200`` and ``mini_imagenet`` for users who have them.
+A user's own data (``root`` points at it; see :mod:`clpeft.scenarios.folder_datasets`,
+:mod:`clpeft.scenarios.array_datasets` and :mod:`clpeft.scenarios.text_datasets`):
+``image_folder`` (a folder per class), ``npz`` (arrays of images or precomputed features),
+``jsonl``/``csv`` (text and label columns), and the layouts of ``imagenet_r``, ``cub200`` and
+``mini_imagenet`` for users who have them. Their loaders check the files as they read them
+(:mod:`clpeft.scenarios.data_checks`), so bad data stops a run before training.
 
 A loader is ``loader(root, download, **options)``; its keyword-only parameters are the
 ``dataset_options`` a scenario accepts (``image_size``, ``test_fraction``, ``text_column``...),
@@ -35,7 +37,7 @@ import torch
 
 from clpeft.data import ArrayDataset
 from clpeft.errors import UserError
-from clpeft.scenarios import folder_datasets, text_datasets
+from clpeft.scenarios import array_datasets, folder_datasets, text_datasets
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -108,7 +110,7 @@ DATASETS: dict[str, tuple[Loader, int | None]] = {
     "rotten_tomatoes": (text_datasets.load_rotten_tomatoes, len(text_datasets.ROTTEN_TOMATOES_CLASSES)),
     # a user's own files under scenario.root (class count known once read)
     "image_folder": (folder_datasets.load_image_folder, None),
-    "npz": (folder_datasets.load_arrays, None),
+    "npz": (array_datasets.load_arrays, None),
     "jsonl": (text_datasets.load_text_file("jsonl"), None),
     "csv": (text_datasets.load_text_file("csv"), None),
     # published layouts, for users who have the files

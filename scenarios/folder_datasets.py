@@ -1,5 +1,5 @@
-"""A user's own image data: a folder per class, ``.npz``/``.npy`` arrays, and the layouts of
-ImageNet-R, CUB-200-2011 and mini-ImageNet.
+"""A user's own image data: a folder per class, and the layouts of ImageNet-R, CUB-200-2011 and
+mini-ImageNet (``.npz``/``.npy`` arrays: :mod:`clpeft.scenarios.array_datasets`).
 
 Every loader returns ``(train, test)`` datasets whose ``class_names`` come from the data (folder
 names, label values), for :func:`clpeft.scenarios.datasets.load_dataset`.
@@ -21,7 +21,6 @@ seed, so every seed of a multi-seed run sees the same test set.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import torch
 
 from clpeft.data import ArrayDataset
 from clpeft.errors import UserError
+from clpeft.scenarios import data_checks
 from clpeft.scenarios.text_datasets import split_positions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -53,7 +53,7 @@ def decode_image(path: str | Path, image_size: int, mode: str = "RGB") -> torch.
     Raises:
         UserError: the file cannot be read or decoded (the message names it).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
@@ -65,21 +65,45 @@ def decode_image(path: str | Path, image_size: int, mode: str = "RGB") -> torch.
             left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
             array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except _unreadable_image() as exc:
         raise UserError(f"cannot read image {path}: {exc}; delete or replace the file", key=_KEY) from None
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _check_header(path: str) -> None:
-    """Open (not decode) an image, so a broken file is named before training starts."""
-    from PIL import Image, UnidentifiedImageError
+def _unreadable_image() -> tuple[type[Exception], ...]:
+    """What PIL raises for a damaged file (``UnidentifiedImageError`` is an ``OSError``; a
+    decompression bomb, an image over twice ``Image.MAX_IMAGE_PIXELS``, is neither)."""
+    from PIL import Image
+
+    return OSError, ValueError, Image.DecompressionBombError
+
+
+#: The bytes a whole file of these formats ends with (a PNG's IEND chunk with its fixed CRC).
+_END_OF_IMAGE = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "GIF": b"\x3b"}
+
+
+def check_image_file(path: str, image_size: int, mode: str) -> None:
+    """Refuse a broken image before training without decoding it: the header must parse and a
+    PNG, JPEG or GIF must end with its end-of-image bytes (a truncated file does not). A file
+    that does not (e.g. with bytes appended after the image) is decoded once to decide. Damaged
+    pixel data inside an intact file, or a truncated file of another format, is found only when
+    the image is decoded.
+    """
+    from PIL import Image
 
     try:
-        with Image.open(path):
-            pass
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        with Image.open(path) as img:
+            end = _END_OF_IMAGE.get(img.format)
+        if end is None:
+            return
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - len(end)))
+            whole = f.read() == end
+    except _unreadable_image() as exc:
         raise UserError(f"cannot read image {path}: {exc}; delete or replace the file", key=_KEY) from None
+    if not whole:
+        decode_image(path, image_size, mode)
 
 
 class _LazyInputs:
@@ -154,7 +178,7 @@ def image_dataset(paths: Sequence[str], targets: Sequence[int], name: str, class
     eager = decode == "eager" or (decode == "auto" and len(paths) * channels * image_size**2 <= EAGER_LIMIT_BYTES)
     if not eager:
         for p in paths:
-            _check_header(p)
+            check_image_file(p, image_size, mode)
         return ImageFileDataset(paths, targets, name, class_names, image_size, mode)
     pixels = torch.empty((len(paths), channels, image_size, image_size), dtype=torch.uint8)
     for i, p in enumerate(paths):
@@ -181,7 +205,7 @@ def split_per_class(items_by_class: dict[str, list], test_fraction: float, seed:
 # ------------------------------------------------------------------ image folders
 
 
-def _require_dir(root: Path, what: str) -> Path:
+def require_dir(root: Path, what: str) -> Path:
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; {what}", key=_KEY)
     return root
@@ -219,6 +243,7 @@ def _from_folders(root: Path, name: str, image_size: int, test_fraction: float, 
         index = {c: i for i, c in enumerate(classes)}
         train = [(p, index[c]) for c, ps in train_files.items() for p in ps]
         test = [(p, index[c]) for c, ps in test_files.items() for p in ps]
+        data_checks.every_class_in_both([y for _, y in train], [y for _, y in test], classes, str(train_dir), str(test_dir))
     else:
         by_class = _class_folders(root)
         classes = list(by_class)
@@ -248,136 +273,16 @@ def load_image_folder(
 
     Class ``k`` is the ``k``-th folder name in sorted order.
     """
-    _check_split_options(image_size, test_fraction)
-    _require_dir(root, "set scenario.root to a folder with one subfolder of images per class")
+    check_split_options(image_size, test_fraction)
+    require_dir(root, "set scenario.root to a folder with one subfolder of images per class")
     return _from_folders(root, f"image_folder:{root}", image_size, test_fraction, split_seed, decode, mode)
 
 
-def _check_split_options(image_size: int, test_fraction: float) -> None:
+def check_split_options(image_size: int, test_fraction: float) -> None:
     if image_size < 1:
         raise UserError(f"must be at least 1, got {image_size}", key="scenario.dataset_options.image_size")
     if not 0 < test_fraction < 1:
         raise UserError(f"must be between 0 and 1 (exclusive), got {test_fraction}", key="scenario.dataset_options.test_fraction")
-
-
-# ------------------------------------------------------------------ arrays
-
-
-def _read_split_arrays(root: Path, split: str | None, inputs_key: str, labels_key: str):
-    """``(inputs, labels, source)`` from ``<split>.npz`` or ``<split>_<key>.npy`` (``root`` itself when split is None)."""
-    if split is None:
-        path = root
-    else:
-        path = root / f"{split}.npz"
-        if not path.is_file():
-            x_file, y_file = root / f"{split}_{inputs_key}.npy", root / f"{split}_{labels_key}.npy"
-            if not (x_file.is_file() and y_file.is_file()):
-                return None
-            return _load_npy(x_file), _load_npy(y_file), f"{x_file} and {y_file}", None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in (inputs_key, labels_key) if k not in data.files]
-            if missing:
-                raise UserError(f"{path} has no array '{missing[0]}' (it has {', '.join(data.files) or 'none'}); "
-                                f"set scenario.dataset_options.inputs_key / labels_key", key=_KEY)
-            names = [str(n) for n in data["class_names"]] if "class_names" in data.files else None
-            return data[inputs_key], data[labels_key], str(path), names
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}", key=_KEY) from None
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}", key=_KEY) from None
-
-
-def _as_inputs(x: np.ndarray, source: str) -> torch.Tensor:
-    """Images stay ``uint8`` (channels first); anything else becomes ``float32`` (features)."""
-    if x.ndim < 2:
-        raise UserError(f"{source}: inputs must have a sample axis and at least one more, got shape {x.shape}", key=_KEY)
-    if x.dtype == np.uint8:
-        if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-            x = x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-        elif x.ndim == 3:
-            x = x[:, None]
-        return torch.from_numpy(np.ascontiguousarray(x))
-    if not np.issubdtype(x.dtype, np.number):
-        raise UserError(f"{source}: inputs must be numeric, got dtype {x.dtype}", key=_KEY)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-
-def labels_to_ids(labels: Sequence, source: str, known: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Label values (ints or strings) -> ids ``0..C-1`` in sorted order, and the class names.
-
-    With ``known`` (the train split's names), test labels map onto those names.
-    """
-    values = np.asarray(labels)
-    if values.ndim != 1:
-        raise UserError(f"{source}: labels must be one value per sample, got shape {values.shape}", key=_KEY)
-    names = [str(v) for v in np.unique(values)] if known is None else known
-    if known is None and np.issubdtype(values.dtype, np.number):
-        names = [str(v) for v in sorted(np.unique(values).tolist())]
-    index = {n: i for i, n in enumerate(names)}
-    as_text = [str(v.item() if hasattr(v, "item") else v) for v in values]
-    unknown = sorted({t for t in as_text if t not in index})
-    if unknown:
-        raise UserError(f"{source}: labels {', '.join(unknown[:5])} do not occur in the training split", key=_KEY)
-    return np.asarray([index[t] for t in as_text], dtype=np.int64), names
-
-
-def load_arrays(
-    root: Path,
-    download: bool = False,
-    *,
-    inputs_key: str = "x",
-    labels_key: str = "y",
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-):
-    """Images (``uint8``) or precomputed features (any numeric dtype -> ``float32``) with labels.
-
-    ``root`` is one ``.npz`` file (split per class by ``test_fraction``), or a folder holding
-    ``train.npz`` and ``test.npz`` (or ``train_x.npy``, ``train_y.npy``, ``test_x.npy``,
-    ``test_y.npy``, with ``x``/``y`` = ``inputs_key``/``labels_key``). Labels may be integers or
-    strings; class ``k`` is the ``k``-th sorted label value, or ``class_names[k]`` when the
-    ``.npz`` stores a ``class_names`` array (then labels are the ids).
-    """
-    _check_split_options(1, test_fraction)
-    if root.is_file():
-        x, y, source, stored_names = _read_split_arrays(root, None, inputs_key, labels_key)
-        return _split_arrays(x, y, source, stored_names, test_fraction, split_seed, f"npz:{root}")
-    _require_dir(root, "set scenario.root to a .npz file or a folder of train/test arrays")
-    parts = {split: _read_split_arrays(root, split, inputs_key, labels_key) for split in ("train", "test")}
-    if any(p is None for p in parts.values()):
-        raise UserError(f"{root}: expected train.npz and test.npz (or train_{inputs_key}.npy, train_{labels_key}.npy, "
-                        f"test_{inputs_key}.npy, test_{labels_key}.npy)", key=_KEY)
-    out, names = [], None
-    for split, (x, y, source, stored) in parts.items():
-        _check_lengths(x, y, source)
-        ids, names = (np.asarray(y, dtype=np.int64), stored) if stored else labels_to_ids(y, source, names)
-        out.append(ArrayDataset(_as_inputs(x, source), torch.from_numpy(ids), f"npz:{root}/{split}", names))
-    return tuple(out)
-
-
-def _check_lengths(x, y, source: str) -> None:
-    if len(x) != len(y):
-        raise UserError(f"{source}: {len(x)} inputs but {len(y)} labels", key=_KEY)
-
-
-def _split_arrays(x, y, source, stored_names, test_fraction, seed, name):
-    _check_lengths(x, y, source)
-    ids, names = (np.asarray(y, dtype=np.int64), stored_names) if stored_names else labels_to_ids(y, source)
-    by_class = {n: np.flatnonzero(ids == k).tolist() for k, n in enumerate(names)}
-    train, test = split_per_class(by_class, test_fraction, seed)
-    inputs = _as_inputs(x, source)
-    labels = torch.from_numpy(ids)
-    out = []
-    for split, items in (("train", train), ("test", test)):
-        idx = torch.as_tensor(sorted(i for i, _ in items), dtype=torch.long)
-        out.append(ArrayDataset(inputs[idx], labels[idx], f"{name}/{split}", list(names)))
-    return tuple(out)
 
 
 # ------------------------------------------------------------------ published layouts
@@ -409,7 +314,7 @@ def load_imagenet_r(root: Path, download: bool = False, *, image_size: int = 224
     The folder of the release tar (``imagenet-r/<wnid>/*.jpg``), split per class 80/20 with
     ``split_seed`` as in L2P/CODA-Prompt/PILOT, or PILOT's ``train/`` and ``test/`` folders.
     """
-    _check_split_options(image_size, test_fraction)
+    check_split_options(image_size, test_fraction)
     base = _dataset_dir(root, ["imagenet-r"], ["n[0-9]*"], "ImageNet-R", "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar")
     return _expect_classes(_from_folders(base, "imagenet_r", image_size, test_fraction, split_seed, decode, "RGB"),
                            "imagenet_r", "ImageNet-R", base)
@@ -423,7 +328,7 @@ def load_cub200(root: Path, download: bool = False, *, image_size: int = 224, te
     ``images/<class>/``) with its official 5,994/5,794 split; or class folders (``train/`` and
     ``test/``, or one folder per class split by ``test_fraction``).
     """
-    _check_split_options(image_size, test_fraction)
+    check_split_options(image_size, test_fraction)
     base = _dataset_dir(root, ["CUB_200_2011", "cub200"], ["images.txt", "[0-9][0-9][0-9].*"], "CUB-200-2011",
                         "https://www.vision.caltech.edu/datasets/cub_200_2011/")
     if (base / "images.txt").is_file() and (base / "train_test_split.txt").is_file():
@@ -433,29 +338,42 @@ def load_cub200(root: Path, download: bool = False, *, image_size: int = 224, te
     return _expect_classes(datasets, "cub200", "CUB-200-2011", base)
 
 
-def _read_pairs(path: Path) -> dict[str, str]:
+def _read_pairs(path: Path) -> dict[str, tuple[str, str]]:
+    """``{image id: (value, "file:line")}`` of a CUB list file; a repeated id is refused."""
     if not path.is_file():
         raise UserError(f"{path} is missing; the CUB-200-2011 release has it next to images.txt", key=_KEY)
-    pairs = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    pairs: dict[str, tuple[str, str]] = {}
+    for n, line in enumerate(data_checks.read_text(path).splitlines(), 1):
         if line.strip():
             parts = line.split(maxsplit=1)
             if len(parts) != 2:
                 raise UserError(f"{path}:{n}: expected '<image id> <value>', got {line!r}", key=_KEY)
-            pairs[parts[0]] = parts[1].strip()
+            if parts[0] in pairs:
+                raise UserError(f"{path}:{n}: image id {parts[0]} appears twice (first at {pairs[parts[0]][1]})", key=_KEY)
+            pairs[parts[0]] = (parts[1].strip(), f"{path}:{n}")
     return pairs
 
 
 def _cub_official(base: Path, image_size: int, decode: str):
-    images, split = _read_pairs(base / "images.txt"), _read_pairs(base / "train_test_split.txt")
-    classes = sorted({rel.split("/")[0] for rel in images.values()})
+    images_dir, split_file = base / "images", base / "train_test_split.txt"
+    split = _read_pairs(split_file)
+    files = {image_id: (data_checks.inside(images_dir, rel, where), where)
+             for image_id, (rel, where) in _read_pairs(base / "images.txt").items()}
+    class_of = {image_id: path.relative_to(images_dir).parts[0] for image_id, (path, _) in files.items()}
+    classes = sorted(set(class_of.values()))
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, list] = {"train": [], "test": []}
-    for image_id, rel in sorted(images.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
-        path = base / "images" / rel
+    for image_id, (path, where) in sorted(files.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
         if not path.is_file():
-            raise UserError(f"{path} (listed in {base / 'images.txt'}) is missing", key=_KEY)
-        splits["train" if split.get(image_id) == "1" else "test"].append((str(path), index[rel.split("/")[0]]))
+            raise UserError(f"{path} (listed at {where}) is missing", key=_KEY)
+        if image_id not in split:
+            raise UserError(f"{split_file} has no line for image {image_id} (listed at {where})", key=_KEY)
+        is_train, split_at = split[image_id]
+        if is_train not in ("0", "1"):
+            raise UserError(f"{split_at}: expected 1 (train) or 0 (test) for image {image_id}, got '{is_train}'", key=_KEY)
+        splits["train" if is_train == "1" else "test"].append((str(path), index[class_of[image_id]]))
+    data_checks.every_class_in_both([y for _, y in splits["train"]], [y for _, y in splits["test"]], classes,
+                                    f"the training images of {split_file}", f"the test images of {split_file}")
     return _build_images(splits, classes, "cub200", image_size, "RGB", decode)
 
 
@@ -468,15 +386,15 @@ def load_mini_imagenet(root: Path, download: bool = False, *, image_size: int = 
     class split 500/100 (``test_fraction`` 1/6, seeded), the class-incremental protocol; or class
     folders (``train/`` and ``test/``, or one folder per class).
     """
-    _check_split_options(image_size, test_fraction)
+    check_split_options(image_size, test_fraction)
     base = _dataset_dir(root, ["mini-imagenet", "miniImageNet", "mini_imagenet"], ["train.csv", "n[0-9]*"], "mini-ImageNet",
                         "https://github.com/twitter-research/meta-learning-lstm (split files) and the ImageNet images")
     lists = [base / f"{s}.csv" for s in ("train", "val", "test")]
     if all(p.is_file() for p in lists):
         by_class: dict[str, list[str]] = {}
         for path in lists:
-            for filename, label in _csv_pairs(path, "filename", "label"):
-                by_class.setdefault(label, []).append(str(base / "images" / filename))
+            for filename, label, where in _csv_pairs(path, "filename", "label"):
+                by_class.setdefault(label, []).append(str(data_checks.inside(base / "images", filename, where)))
         by_class = dict(sorted(by_class.items()))
         missing = next((p for ps in by_class.values() for p in ps if not os.path.isfile(p)), None)
         if missing:
@@ -488,10 +406,10 @@ def load_mini_imagenet(root: Path, download: bool = False, *, image_size: int = 
     return _expect_classes(datasets, "mini_imagenet", "mini-ImageNet", base)
 
 
-def _csv_pairs(path: Path, first: str, second: str) -> list[tuple[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        for column in (first, second):
-            if column not in (reader.fieldnames or []):
-                raise UserError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or [])})", key=_KEY)
-        return [(row[first], row[second]) for row in reader]
+def _csv_pairs(path: Path, first: str, second: str) -> list[tuple[str, str, str]]:
+    """``(first, second, "file:line")`` of every row of a CSV list file."""
+    header, rows = data_checks.csv_rows(path)
+    for column in (first, second):
+        if column not in header:
+            raise UserError(f"{path}: no column '{column}' (columns: {', '.join(header)})", key=_KEY)
+    return [(row[first] or "", row[second] or "", f"{path}:{n}") for n, row in rows]

