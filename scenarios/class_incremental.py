@@ -31,6 +31,19 @@ def per_class_subset(targets: torch.Tensor, per_class: int | None, rng: np.rando
     return np.sort(np.concatenate(keep))
 
 
+def require_samples(stream: list[Experience], class_names: list[str]) -> None:
+    """Every experience has training and test samples (an empty test set cannot be scored).
+
+    Loaders already refuse a class missing from one split; this guards the stream itself.
+    """
+    for e in stream:
+        for part, view in (("training", e.train), ("test", e.test)):
+            if view is not None and len(view) == 0:
+                classes = ", ".join(class_names[c] for c in e.classes_in_this_experience)
+                raise UserError(f"experience {e.index} (classes {classes}) has no {part} samples; every class needs "
+                                f"training and test samples: check the data's splits", key="scenario.dataset")
+
+
 @register_scenario("class_incremental")
 class ClassIncremental(Scenario):
     """Class-incremental stream: each experience brings new classes (iCaRL protocol).
@@ -170,6 +183,7 @@ class ClassIncremental(Scenario):
                 classes_in_this_experience=classes,
                 classes_seen_so_far=list(range(first)),
             ))
+        require_samples(stream, names)
         return self.link(stream)
 
     @staticmethod

@@ -30,7 +30,7 @@ from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import register_scenario
 from clpeft.scenarios import datasets
-from clpeft.scenarios.class_incremental import per_class_subset
+from clpeft.scenarios.class_incremental import per_class_subset, require_samples
 
 SESSIONS_FILE = "fscil_sessions.json"
 FORMAT = 1
@@ -119,7 +119,7 @@ class FewShotClassIncremental(Scenario):
     def experiences(self) -> list[Experience]:
         train, test = datasets.load_dataset(self.dataset, self.root, self.download, self.dataset_options)
         C = datasets.n_classes(self.dataset) or len(train.class_names)
-        self.plan = self._read_plan(train) if self.sessions_file else self._draw_plan(train, test, C)
+        self.plan = self._read_plan(train, test, C) if self.sessions_file else self._draw_plan(train, test, C)
         order = np.asarray(self.plan["class_order"])
         mapping = torch.full((C,), -1, dtype=torch.long)
         mapping[torch.from_numpy(order)] = torch.arange(len(order))
@@ -138,6 +138,7 @@ class FewShotClassIncremental(Scenario):
                 classes_in_this_experience=classes, classes_seen_so_far=list(range(first)),
                 n_way=len(classes), k_shot=s["k_shot"],
             ))
+        require_samples(stream, names)
         return self.link(stream)
 
     def _draw_plan(self, train: ArrayDataset, test: ArrayDataset, C: int) -> dict:
@@ -172,26 +173,37 @@ class FewShotClassIncremental(Scenario):
         return {"format": FORMAT, "dataset": self.dataset, "seed": self.seed, "class_order": order.tolist(),
                 "sessions": plan, "test_indices": test_keep.tolist()}
 
-    def _read_plan(self, train: ArrayDataset) -> dict:
+    def _read_plan(self, train: ArrayDataset, test: ArrayDataset, C: int) -> dict:
         """A saved plan, checked against this scenario's shape and the data."""
         path = Path(self.sessions_file).expanduser()
         key = "scenario.sessions_file"
         try:
-            plan = json.loads(path.read_text())
+            plan = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read {path} ({exc})", key=key) from None
+        plan = plan if isinstance(plan, dict) else {}
         if plan.get("format") != FORMAT or plan.get("dataset") != self.dataset:
             raise UserError(f"{path} is a plan for dataset '{plan.get('dataset')}' (format {plan.get('format')}), "
                             f"not '{self.dataset}' (format {FORMAT})", key=key)
-        sessions = plan["sessions"]
-        shape = (len(sessions[0]["classes"]), [len(s["classes"]) for s in sessions[1:]], [s["k_shot"] for s in sessions[1:]])
+        try:
+            sessions = plan["sessions"]
+            shape = (len(sessions[0]["classes"]), [len(s["classes"]) for s in sessions[1:]], [s["k_shot"] for s in sessions[1:]])
+            order = np.asarray(plan["class_order"], dtype=np.int64)
+            test_idx = np.asarray(plan["test_indices"], dtype=np.int64)
+            train_idx = [np.asarray(s["train_indices"], dtype=np.int64) for s in sessions]
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise UserError(f"{path} is not a complete sessions plan ({type(exc).__name__}: {exc}); "
+                            f"use the {SESSIONS_FILE} a run wrote", key=key) from None
         wanted = (self.n_base, [self.n_way] * (len(sessions) - 1), [self.k_shot] * (len(sessions) - 1))
         if shape != wanted or (self.n_sessions is not None and self.n_sessions != len(sessions) - 1):
             raise UserError(f"{path} holds {shape[0]} base classes and sessions of {shape[1]} classes x {shape[2]} shots; "
                             f"set n_base, n_way, k_shot and n_sessions to match", key=key)
+        if order.ndim != 1 or len(np.unique(order)) != len(order) or not ((order >= 0) & (order < C)).all():
+            raise UserError(f"{path}: class_order must list distinct class ids of 0..{C - 1}", key=key)
+        if test_idx.ndim != 1 or not ((test_idx >= 0) & (test_idx < len(test))).all():
+            raise UserError(f"{path}: test_indices must lie in 0..{len(test) - 1}, this dataset's test split", key=key)
         y = train.targets.numpy()
-        for s in sessions:
-            idx = np.asarray(s["train_indices"], dtype=np.int64)
+        for s, idx in zip(sessions, train_idx):
             if len(idx) and (idx.min() < 0 or idx.max() >= len(y) or not np.isin(y[idx], s["classes"]).all()):
                 raise UserError(f"{path}: the indices of session {s['session']} do not match the classes of this "
                                 f"dataset's training split", key=key)

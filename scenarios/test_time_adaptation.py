@@ -45,7 +45,8 @@ from clpeft.data import DataView
 from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import close_matches, register_scenario
-from clpeft.scenarios import datasets
+from clpeft.scenarios import data_checks, datasets
+from clpeft.scenarios.array_datasets import load_npy
 from clpeft.scenarios.class_incremental import per_class_subset
 from clpeft.scenarios.corruptions import CORRUPTIONS, IMAGENET_C, CorruptedDataset, gather
 
@@ -267,7 +268,14 @@ class TestTimeAdaptation(Scenario):
             if not p.is_file():
                 raise UserError(f"{p} not found: the CIFAR-10-C layout is <root>/<corruption>.npy and <root>/labels.npy "
                                 f"(https://zenodo.org/record/2535967)", key="scenario.corrupted_root")
-        all_labels = np.load(labels)
+        key = "scenario.corrupted_root"
+        all_labels = data_checks.label_values(load_npy(labels, key=key), str(labels), key)
+        if all_labels.dtype.kind != "i" or not len(all_labels) or (all_labels < 0).any():
+            raise UserError(f"{labels}: expected one class id (0, 1, ...) per image", key=key)
+        images = load_npy(path, mmap_mode="r", key=key)  # header only; a truncated file is refused here
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(all_labels):
+            raise UserError(f"{path}: expected uint8 images (N, H, W, C) with N = {len(all_labels)}, the length of "
+                            f"{labels}; got {images.dtype} {images.shape}", key=key)
         block = len(all_labels) // 5  # 10,000: the CIFAR test set once per severity
         start = (severity - 1) * block
         targets = torch.from_numpy(all_labels[start: start + block].astype(np.int64))
