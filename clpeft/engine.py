@@ -630,8 +630,11 @@ class Engine:
 
         GEM's ``b`` (Lopez-Paz & Ranzato, 2017) is the accuracy of the model at random
         initialisation; the copy sees only ``before_experience`` for each experience (no data).
+        The head is grown from a seed of its own, so methods that build the same head from the
+        same seed share one baseline, whatever their constructors drew before.
         """
         rng = torch.get_rng_state()
+        torch.manual_seed(derive_seed(self.cfg.seed, "baseline"))
         fresh = _copy_strategy(strategy)
         for exp in stream:
             fresh.before_experience(exp)
@@ -642,7 +645,10 @@ class Engine:
 
     def _finish(self, rows, timing, baseline, stream, strategy: Strategy, log: RunLogger) -> dict:
         sizes = [len(e.test) for e in stream]
-        summary = metrics.summarize(rows, sizes, baseline)
+        measurable = metrics.transfer_is_measurable([e.classes_in_this_experience for e in stream])
+        summary = metrics.summarize(rows, sizes, baseline if measurable else None)
+        if baseline is not None and not measurable:
+            summary["fwt"] = None  # n/a: no experience's classes could be predicted before it was trained
         if self.scenario.kind == "few_shot_class_incremental":
             summary.update(metrics.few_shot_summary(rows, sizes))
             for i, acc in enumerate(summary["session_acc"]):

@@ -38,6 +38,7 @@ __all__ = [
     "few_shot_summary",
     "tta_summary",
     "scalar_metric_names",
+    "transfer_is_measurable",
 ]
 
 
@@ -83,32 +84,42 @@ def acc_seen(R: np.ndarray, test_sizes: np.ndarray | None = None) -> list[float]
     return [float(np.dot(R[i, : i + 1], n[: i + 1]) / n[: i + 1].sum()) for i in range(T)]
 
 
-def backward_transfer(R: np.ndarray) -> float:
-    """GEM's BWT: ``1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j])`` (negative = forgetting)."""
+def backward_transfer(R: np.ndarray) -> float | None:
+    """GEM's BWT: ``1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j])`` (negative = forgetting).
+
+    ``None`` (n/a) with one experience: there is nothing earlier to transfer to.
+    """
     T = R.shape[0]
     if T < 2:
-        return 0.0
+        return None
     return float(np.mean(R[-1, :-1] - np.diag(R)[:-1]))
 
 
-def forgetting(R: np.ndarray) -> float:
+def forgetting(R: np.ndarray) -> float | None:
     """Average forgetting (Chaudhry et al., 2018, eq. 9-10).
 
     ``1/(T-1) * sum_{j<T-1} (max_{l<T-1} R[l, j] - R[T-1, j])``. The maximum runs over every
     earlier step ``l``, including those before ``j`` was trained, exactly as DESIGN.md defines it.
+    ``None`` (n/a) with one experience.
     """
     T = R.shape[0]
     if T < 2:
-        return 0.0
+        return None
     best = R[:-1, :-1].max(axis=0)
     return float(np.mean(best - R[-1, :-1]))
 
 
-def forward_transfer(R: np.ndarray, baseline: np.ndarray) -> float:
-    """GEM's FWT: ``1/(T-1) * sum_{j>=1} (R[j-1, j] - b_j)``, ``b`` = accuracy before training."""
+def forward_transfer(R: np.ndarray, baseline: np.ndarray) -> float | None:
+    """GEM's FWT: ``1/(T-1) * sum_{j>=1} (R[j-1, j] - b_j)``, ``b`` = accuracy before training.
+
+    ``None`` (n/a) with one experience. It measures transfer only when an experience's classes
+    could be predicted before it was trained (a domain-incremental stream): in a class-incremental
+    stream ``R[j-1, j]`` scores classes the model has no output for yet, so the engine reports
+    ``fwt`` as n/a there (:func:`transfer_is_measurable`).
+    """
     T = R.shape[0]
     if T < 2:
-        return 0.0
+        return None
     idx = np.arange(1, T)
     return float(np.mean(R[idx - 1, idx] - baseline[1:]))
 
@@ -128,7 +139,7 @@ def summarize(
     Returns:
         ``acc_final``, ``acc_seen`` (list), ``acc_last``, ``acc_avg_incremental``, ``bwt``,
         ``forgetting`` and, when ``baseline`` is given, ``fwt``. With ``T = 1`` the transfer and
-        forgetting terms are 0 (there is nothing to transfer to or forget).
+        forgetting terms are ``None`` (n/a: there is nothing to transfer to or forget).
 
     Raises:
         ValueError: a non-square matrix, a NaN/inf entry, values outside [0, 1] or vectors of
@@ -219,7 +230,22 @@ def scalar_metric_names(kind: str, baseline: bool = True) -> list[str]:
         summary = tta_summary([1, 1], [2, 2])
     else:
         R, sizes = [[1.0, 0.0], [0.5, 1.0]], [1, 1]
-        summary = summarize(R, sizes, [0.0, 0.0] if baseline else None)
+        classes = [[0, 1], [0, 1]] if kind == "domain_incremental" else [[0], [1]]
+        summary = summarize(R, sizes, [0.0, 0.0] if baseline and transfer_is_measurable(classes) else None)
         if kind == "few_shot_class_incremental":
             summary.update(few_shot_summary(R, sizes))
     return [name for name, value in summary.items() if not isinstance(value, list)]
+
+
+def transfer_is_measurable(classes_per_experience: Sequence[Sequence[int]]) -> bool:
+    """Whether FWT can mean transfer: every experience after the first shares a class with those before.
+
+    Before training experience ``j`` a class-incremental model has no output for ``j``'s new
+    classes, so ``R[j-1, j] - b_j`` only measures how the untrained baseline guessed.
+    """
+    seen: set[int] = set()
+    for j, classes in enumerate(classes_per_experience):
+        if j and seen.isdisjoint(classes):
+            return False
+        seen.update(classes)
+    return True

@@ -65,7 +65,8 @@ def format_metrics(summary: dict) -> str:
     lines = []
     for key, note in METRIC_NOTES.items():
         if key in summary:
-            lines.append(f"{key:>20}  {summary[key]:+.4f}  {note}")
+            value = "    n/a" if summary[key] is None else f"{summary[key]:+.4f}"
+            lines.append(f"{key:>20}  {value}  {note}")
     return "\n".join(lines)
 
 
