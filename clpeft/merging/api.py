@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from clpeft.errors import UserError
 from clpeft.merging.engine import MergeEngine
-from clpeft.merging.io import SafetensorsWriter, StateDictSource, atomic_output, open_checkpoint
+from clpeft.merging.io import SafetensorsWriter, StateDictSource, open_checkpoint
 from clpeft.merging.lora import LoraAdapter, open_model
+from clpeft.merging.output import atomic_output, check_outputs
 from clpeft.merging.registry import get_method
 from clpeft.merging.report import MergeReport
 from clpeft.merging.rules import MergeRules, TensorJob, plan
@@ -99,7 +100,9 @@ def merge_files(
 
     Peak memory stays near ``K + 2`` times the largest tensor, not ``K`` models: inputs are
     read one tensor at a time with positioned reads, and the output is written as it is
-    computed. The output and the JSON report appear only when the whole merge succeeded.
+    computed. The output and the JSON report appear only when the whole merge succeeded, and
+    never replace an input or land inside an input directory
+    (:func:`~clpeft.merging.output.check_outputs`).
 
     Args:
         base: the base checkpoint (file, shard index, directory or run directory).
@@ -134,6 +137,9 @@ def merge_files(
             model = open_model(path)
             stack.callback((model.source if isinstance(model, LoraAdapter) else model).close)
             sources.append(model)
+        read = [Path(base), *map(Path, models), *base_source.paths]
+        read += [path for m in sources for path in (m.source if isinstance(m, LoraAdapter) else m).paths]
+        check_outputs({"out": out, "report": report_path}, read)
         jobs = plan(base_source, sources, rules)
         result = MergeReport(method, params, str(base), [str(m) for m in models], str(device), seed)
         metadata = {**base_source.metadata(), "clpeft_merge": json.dumps({"method": method, "parameters": params})}

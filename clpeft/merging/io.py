@@ -16,9 +16,9 @@ page cache instead.
 safetensors cannot append to a file, so :class:`SafetensorsWriter` writes the format itself:
 an 8-byte little-endian header length, the JSON header (padded with spaces to 8 bytes) and
 the tensors' bytes back to back in header order. The header is known before the first tensor
-is merged (shapes and dtypes come from the base), so nothing is ever rewritten. Output goes to
-a temporary file in the destination directory and is renamed into place only when every
-tensor was written; on any error the temporary file is removed.
+is merged (shapes and dtypes come from the base), so nothing is ever rewritten. It writes to
+a temporary file that is renamed into place only when every tensor was written
+(:func:`~clpeft.merging.output.atomic_output`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ import math
 import mmap
 import os
 import struct
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -39,6 +37,7 @@ import torch
 
 from clpeft.errors import UserError
 from clpeft.merging.header import DTYPES, parse_header
+from clpeft.merging.output import OutputFile
 
 __all__ = [
     "SafetensorsSource",
@@ -46,7 +45,6 @@ __all__ = [
     "StateDictSource",
     "TensorInfo",
     "TensorSource",
-    "atomic_output",
     "checkpoint_files",
     "open_checkpoint",
 ]
@@ -296,12 +294,14 @@ class SafetensorsWriter:
     """Writes a safetensors file tensor by tensor, in a fixed order known up front.
 
     Args:
-        file: an open binary file positioned at its start.
+        file: an open binary file positioned at its start (e.g. an :func:`~clpeft.merging.output.atomic_output`).
         tensors: (name, info) of every tensor, in the order :meth:`write` will be called.
         metadata: string -> string ``__metadata__`` entries.
     """
 
-    def __init__(self, file: BinaryIO, tensors: Sequence[tuple[str, TensorInfo]], metadata: Mapping[str, str]):
+    def __init__(
+        self, file: BinaryIO | OutputFile, tensors: Sequence[tuple[str, TensorInfo]], metadata: Mapping[str, str]
+    ):
         self._file = file
         self._expected = list(tensors)
         self._written = 0
@@ -337,22 +337,3 @@ class SafetensorsWriter:
             raise RuntimeError(
                 f"writer closed after {self._written} of {len(self._expected)} tensors (next: {missing})"
             )
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path``; rename it to ``path`` only if the block succeeds.
-
-    On any exception the temporary file is removed and ``path`` is left untouched, so a failed
-    merge never leaves a partial output behind. (Atomic against errors; no fsync is issued.)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

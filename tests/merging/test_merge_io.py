@@ -14,10 +14,10 @@ from clpeft.merging.io import (
     SafetensorsSource,
     SafetensorsWriter,
     TensorInfo,
-    atomic_output,
     checkpoint_files,
     open_checkpoint,
 )
+from clpeft.merging.output import atomic_output
 
 TENSORS = {
     "f32": torch.randn(5, 7),
