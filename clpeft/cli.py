@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clpeft: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clpeft: interrupted; completed experiences are checkpointed (resume with --resume)", file=sys.stderr)
+        if args.command == "merge":  # the output appears only once complete
+            print("clpeft: interrupted; no output written", file=sys.stderr)
+        else:
+            print("clpeft: interrupted; completed experiences are checkpointed (resume with --resume)", file=sys.stderr)
         return 130
     finally:
         from clpeft.distributed import shutdown

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from clpeft.config import apply_overrides, read_yaml
+from clpeft.errors import UserError
 from clpeft.merging.api import merge_files
 from clpeft.merging.config import anchor_paths, resolve_config
 from clpeft.merging.registry import get_method, list_methods
@@ -43,7 +44,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``clpeft merge``; returns the exit status."""
+    """Run ``clpeft merge``; returns the exit status.
+
+    A :class:`~clpeft.errors.UserError` leaves as one line: tensor names and paths come from
+    the user's files and may hold newlines or terminal escapes, which are shown escaped.
+    """
+    try:
+        return _run(args)
+    except UserError as exc:
+        exc.args = ("".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(exc)),)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     data = {}
     if args.config:
         data = anchor_paths(read_yaml(args.config), Path(args.config).resolve().parent)
