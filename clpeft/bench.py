@@ -16,10 +16,16 @@ and extrapolates to the whole stream with the first experience's rates::
     eval_s  ~ rows * sum_j |test_j| / (eval samples/s),   rows = T (+1 with eval.baseline)
 
 Replay memories and growing heads make later experiences somewhat slower than the estimate.
+
+A test-time-adaptation config times the source training as above (none with
+``source_checkpoint``) and then ``adapt`` on ``steps`` unlabeled batches of the first domain, in
+stream order (the first batch untimed when ``warmup > 0``); the evaluation estimate is every
+domain's test data at that rate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -31,6 +37,7 @@ import torch
 from clpeft.config import RunConfig
 from clpeft.engine import Engine, _peak_memory_mb, carry_over, make_optimizer, optimizer_step, training_step_fn
 from clpeft.errors import UserError
+from clpeft.experience import Experience
 
 
 @dataclass
@@ -49,6 +56,7 @@ class BenchResult:
     peak_memory_mb: float
     estimated_train_s: float
     estimated_eval_s: float
+    adapts_online: bool = False  # test-time adaptation: eval_samples_per_s is the rate of ``adapt``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,12 +72,88 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
     """Measure ``cfg`` on this machine (see the module docstring); writes no run directory."""
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0 (got {steps} and {warmup})")
-    train = cfg.train
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(cfg, Path(tmp) / "bench", device=device)
         stream, strategy = engine._build()
+    if engine.scenario.kind == "test_time_adaptation":
+        return _bench_adaptation(cfg, engine, stream, strategy, steps, warmup)
+    train = cfg.train
     dev = engine.device
     exp = stream[0]
+    data, cache_s, timed = _time_training(cfg, engine, strategy, exp, steps, warmup)
+
+    t0 = _clock(dev)
+    strategy.after_experience(exp)
+    after_s = _clock(dev) - t0
+
+    engine.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
+    t0 = _clock(dev)
+    engine._correct(strategy, exp.test)
+    eval_rate = len(exp.test) / max(_clock(dev) - t0, 1e-9)
+
+    step_s, train_rate = _rates(timed)
+    total_train = sum(len(e.train) for e in stream)
+    rows = len(stream) + (1 if cfg.eval.baseline else 0)
+    estimated_train = (train.epochs * total_train / train_rate if train_rate else 0.0) + len(stream) * after_s
+    if cache_s and len(data):
+        estimated_train += cache_s * total_train / len(data)
+    return BenchResult(
+        device=str(dev), strategy=cfg.strategy.name, batch_size=train.batch_size, steps=len(timed), step_s=step_s,
+        train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=eval_rate,
+        peak_memory_mb=_peak_memory_mb(dev), estimated_train_s=estimated_train,
+        estimated_eval_s=rows * sum(len(e.test) for e in stream) / eval_rate,
+    )
+
+
+def _bench_adaptation(cfg: RunConfig, engine: Engine, stream: list[Experience], strategy, steps: int,
+                      warmup: int) -> BenchResult:
+    """Test-time adaptation: the source training (unless ``source_checkpoint``), then ``adapt`` on
+    ``steps`` unlabeled batches of the first domain, in stream order, as the engine runs it."""
+    scenario, dev = engine.scenario, engine.device
+    classes = list(range(len(scenario.class_names)))
+    timed, after_s, train_rate, cache_s = [], 0.0, None, None
+    trains_source = scenario.source is not None and scenario.source_checkpoint is None
+    if trains_source:
+        source = Experience(0, scenario.source, None, classes, classes, domain="source")
+        _, cache_s, timed = _time_training(cfg, engine, strategy, source, steps, warmup)
+        t0 = _clock(dev)
+        strategy.after_experience(source)
+        after_s = _clock(dev) - t0
+    domain = stream[0]
+    strategy.eval()
+    strategy.before_experience(dataclasses.replace(domain, test=None))
+    strategy.refresh_input_mode()
+    strategy.to(dev)
+    untimed = min(warmup, 1)  # the stream is adapted to once, in order: at most its first batch goes untimed
+    seen, t0 = 0, None
+    for i, x in enumerate(engine.data.inputs(domain.test, cfg.train.batch_size, uses_features=strategy.uses_features)):
+        if i == untimed:
+            t0, seen = _clock(dev), 0
+        with torch.enable_grad(), engine.autocast():
+            strategy.adapt(x)
+        seen += len(x)
+        if i + 1 == untimed + steps:
+            break
+    adapt_rate = seen / max(_clock(dev) - t0, 1e-9) if t0 is not None else None
+    if adapt_rate is None:
+        raise UserError(f"domain {domain.domain} has too few test samples to time adaptation (need more than one batch)")
+    step_s, train_rate = _rates(timed)
+    estimated_train = (cfg.train.epochs * len(scenario.source) / train_rate + after_s) if train_rate else after_s
+    return BenchResult(
+        device=str(dev), strategy=cfg.strategy.name, batch_size=cfg.train.batch_size, steps=len(timed), step_s=step_s,
+        train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=adapt_rate,
+        peak_memory_mb=_peak_memory_mb(dev), estimated_train_s=estimated_train,
+        estimated_eval_s=sum(len(e.test) for e in stream) / adapt_rate, adapts_online=True,
+    )
+
+
+def _time_training(cfg: RunConfig, engine: Engine, strategy, exp: Experience, steps: int, warmup: int):
+    """Prepare ``exp`` as the engine does, fill the feature cache (timed), then time optimizer steps.
+
+    Returns the training data, the cache pass's seconds (None without a cache) and the timed
+    ``(seconds, samples)`` of every step after the ``warmup`` ones.
+    """
+    train, dev = cfg.train, engine.device
     strategy.before_experience(exp)
     strategy.refresh_input_mode()
     strategy.to(dev)
@@ -82,7 +166,7 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
         cache_s = _clock(dev) - t0
 
     optimizer = make_optimizer(strategy.param_groups(train.lr), train)
-    durations: list[float] = []
+    durations: list[tuple[float, int]] = []
     if optimizer is not None and len(data):
         step = training_step_fn(strategy, engine.world)
         named = dict(strategy.named_parameters())
@@ -101,30 +185,14 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
                 if len(durations) == warmup + steps:
                     break
         strategy.eval()
-    timed = durations[warmup:]
+    return data, cache_s, durations[warmup:]
 
-    t0 = _clock(dev)
-    strategy.after_experience(exp)
-    after_s = _clock(dev) - t0
 
-    engine.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
-    t0 = _clock(dev)
-    engine._correct(strategy, exp.test)
-    eval_rate = len(exp.test) / max(_clock(dev) - t0, 1e-9)
-
-    step_s = statistics.median(d for d, _ in timed) if timed else None
-    train_rate = sum(n for _, n in timed) / sum(d for d, _ in timed) if timed else None
-    total_train = sum(len(e.train) for e in stream)
-    rows = len(stream) + (1 if cfg.eval.baseline else 0)
-    estimated_train = (train.epochs * total_train / train_rate if train_rate else 0.0) + len(stream) * after_s
-    if cache_s and len(data):
-        estimated_train += cache_s * total_train / len(data)
-    return BenchResult(
-        device=str(dev), strategy=cfg.strategy.name, batch_size=train.batch_size, steps=len(timed), step_s=step_s,
-        train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=eval_rate,
-        peak_memory_mb=_peak_memory_mb(dev), estimated_train_s=estimated_train,
-        estimated_eval_s=rows * sum(len(e.test) for e in stream) / eval_rate,
-    )
+def _rates(timed: list[tuple[float, int]]) -> tuple[float | None, float | None]:
+    """Median seconds per step and samples per second (None for both without steps)."""
+    if not timed:
+        return None, None
+    return statistics.median(d for d, _ in timed), sum(n for _, n in timed) / sum(d for d, _ in timed)
 
 
 def format_bench(result: BenchResult) -> str:
@@ -137,9 +205,10 @@ def format_bench(result: BenchResult) -> str:
                      f"({result.train_samples_per_s:.0f} samples/s)")
     if result.cache_s is not None:
         lines.append(f"feature cache         {result.cache_s:.2f} s for the first experience (once per sample)")
+    scored = "adaptation (online)" if result.adapts_online else "evaluation         "
     lines += [
         f"after_experience      {result.after_experience_s:.2f} s",
-        f"evaluation            {result.eval_samples_per_s:.0f} samples/s",
+        f"{scored}   {result.eval_samples_per_s:.0f} samples/s",
         f"peak memory           {result.peak_memory_mb:.0f} MB",
         f"estimated full run    train {_duration(result.estimated_train_s)}, evaluation {_duration(result.estimated_eval_s)}",
     ]

@@ -60,3 +60,32 @@ def test_bench_cli_rejects_zero_steps_in_one_line(digits_run, tmp_path, capsys):
     assert main(["bench", str(path), "--steps", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["clpeft: error: --steps must be >= 1 and --warmup >= 0 (got 0 and 3)"]
+
+
+def test_bench_times_online_adaptation_on_a_test_time_adaptation_config(digits_run, monkeypatch):
+    """Was a TypeError (a TTA domain has no training data); now: source steps, then ``adapt`` batches."""
+    from clpeft.strategies.tent import Tent
+
+    calls = []
+    original = Tent.adapt
+
+    def slow_adapt(self, x):  # 20 ms per batch: the bench must see it
+        calls.append(len(x))
+        time.sleep(0.02)
+        return original(self, x)
+
+    monkeypatch.setattr(Tent, "adapt", slow_adapt)
+    digits_run["scenario"] = {"name": "test_time_adaptation", "dataset": "sklearn_digits", "test_per_class": 20,
+                              "corruptions": ["gaussian_noise", "fog"], "severity": 5}
+    digits_run["backbone"] = {"name": "cnn"}
+    digits_run["strategy"] = {"name": "tent"}
+    digits_run["train"].update(batch_size=16)
+    cfg = config.resolve(digits_run)
+    result = bench(cfg, device="cpu", steps=3, warmup=1)
+    assert result.adapts_online and result.steps == 3 and result.step_s > 0  # the source model's steps
+    assert calls == [16] * 4  # one untimed batch, then three timed, in stream order
+    assert result.eval_samples_per_s <= 16 / 0.02
+    scenario = cfg.scenario.cls(seed=cfg.seed, **cfg.scenario.params)
+    domains = scenario.experiences()
+    assert result.estimated_eval_s == pytest.approx(sum(len(d.test) for d in domains) / result.eval_samples_per_s)
+    assert "adaptation (online)" in format_bench(result)
