@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import importlib.util
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from clpeft.errors import UserError
@@ -246,8 +249,26 @@ def _describe_os_error(exc: OSError) -> str:
     return f"{where}{exc.strerror or exc}" + (f"; {hint}" if hint else "")
 
 
+def _clpeft_warning(message, category, filename, lineno, line=None) -> str:
+    """clpeft's own warnings (a skipped checkpoint, a rebuilt cache) as one line; others as Python shows them."""
+    if issubclass(category, UserWarning) and any(Path(filename).resolve().is_relative_to(d) for d in _own_dirs()):
+        return f"clpeft: warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+@functools.cache
+def _own_dirs() -> tuple[Path, ...]:
+    """The folders of clpeft and of its scenarios and strategies (installed apart in an editable install)."""
+    names = ("clpeft", "clpeft.scenarios", "clpeft.strategies")
+    return tuple(Path(loc).resolve() for name in names for loc in importlib.util.find_spec(name).submodule_search_locations)
+
+
+_python_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _clpeft_warning
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -271,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         from clpeft.distributed import shutdown
 
         shutdown()
+        warnings.formatwarning = _python_warning
 
 
 if __name__ == "__main__":

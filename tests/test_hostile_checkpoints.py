@@ -148,3 +148,18 @@ def test_every_plain_type_save_accepts_reads_back_equal(tmp_path):
     got = payload["strategy"]
     assert torch.equal(got["w"], state["w"]) and torch.equal(got["p"], state["p"])
     assert {k: v for k, v in got.items() if k not in ("w", "p")} == {k: v for k, v in state.items() if k not in ("w", "p")}
+
+
+def test_the_skip_warning_is_one_line_on_the_command_line(tmp_path, digits_run):
+    import subprocess
+    import sys
+
+    out, _ = _finished_run(tmp_path, digits_run)
+    _plant(out / "checkpoints" / "exp_002.pt", {"format": 1, "experience": 2, "strategy": {}, "x": _RunsCode(tmp_path / "P")})
+    done = subprocess.run([sys.executable, "-m", "clpeft", "run", str(out), "--resume", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "exp_002.pt" in line]
+    assert warned == [f"clpeft: warning: skipping exp_002.pt: unreadable: it asks to load 'posix.system', and clpeft "
+                      f"never runs code from a checkpoint; falling back to an earlier checkpoint ({out / 'checkpoints' / 'exp_002.pt'})"]
+    assert "warnings.warn" not in done.stderr and not (tmp_path / "P").exists()
