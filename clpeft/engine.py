@@ -492,13 +492,17 @@ class Engine:
         if partial:
             key = "scenario.source_checkpoint"
             try:
-                missing, _ = strategy.load_state_dict(state, strict=False)
+                missing, unused = strategy.load_state_dict(state, strict=False)
             except RuntimeError as exc:
                 raise UserError(f"it does not fit this backbone ({str(exc).splitlines()[1].strip()})", key=key) from None
             needed = [k for k in missing if k.startswith(("backbone.", "head."))]
             if needed:
                 raise UserError(f"it lacks {needed[:3]}{'...' if len(needed) > 3 else ''}; it must come from a run with "
                                 f"the same backbone", key=key)
+            foreign = [k for k in unused if k.startswith("backbone.")]
+            if foreign:  # e.g. a LoRA source's adapters: the backbone would run without them
+                raise UserError(f"its backbone holds {foreign[:3]}{'...' if len(foreign) > 3 else ''}, which this backbone "
+                                f"has no place for; it must come from a run with the same backbone settings", key=key)
         else:
             try:
                 strategy.load_state_dict(state)
@@ -733,7 +737,7 @@ def export_weights(strategy: Strategy, path: Path) -> Path:
     """Write the strategy's final tensors (parameters and buffers) as safetensors.
 
     This is what ``clpeft merge`` reads when given a run directory; names are the strategy's
-    ``state_dict`` keys (``backbone.model.blocks.0.attn.qkv.weight``, ``head.weight``, ...).
+    ``state_dict`` keys (``backbone.net.blocks.0.attn.qkv.weight``, ``head.weight``, ...).
     Non-tensor extra state (replay memories, statistics) stays in the checkpoints.
     """
     from safetensors.torch import save_file

@@ -163,3 +163,28 @@ def test_the_skip_warning_is_one_line_on_the_command_line(tmp_path, digits_run):
     assert warned == [f"clpeft: warning: skipping exp_002.pt: unreadable: it asks to load 'posix.system', and clpeft "
                       f"never runs code from a checkpoint; falling back to an earlier checkpoint ({out / 'checkpoints' / 'exp_002.pt'})"]
     assert "warnings.warn" not in done.stderr and not (tmp_path / "P").exists()
+
+
+def test_a_source_checkpoint_with_backbone_tensors_this_backbone_lacks_is_refused(tmp_path, capsys):
+    """A LoRA source's adapters (here: one extra backbone tensor) were dropped silently before."""
+    run = {
+        "seed": 0,
+        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"],
+                     "test_per_class": 10},
+        "backbone": {"name": "mlp", "hidden": [16]},
+        "strategy": {"name": "source"},
+        "train": {"epochs": 1},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(run))
+    assert main(["run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    payload, _ = checkpoint.read(checkpoint.list_checkpoints(tmp_path / "a" / "source")[-1])
+    payload["strategy"]["backbone.net.0.lora_A"] = torch.zeros(2, 64)
+    checkpoint.save(tmp_path / "planted", 0, payload)
+    run["scenario"]["source_checkpoint"] = str(tmp_path / "planted" / "exp_000.pt")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(run))
+    capsys.readouterr()
+    code = main(["run", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "b"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "its backbone holds ['backbone.net.0.lora_A'], which this backbone has no place for" in err
