@@ -63,7 +63,9 @@ def _entry(path: Path, name: str, spec: Any) -> tuple[torch.dtype, tuple[int, ..
     if not _naturals(shape):
         raise UserError(f"{where}: shape must be a list of non-negative integers, not {_BRIEF.repr(shape)}")
     if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
-        raise UserError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, not {_BRIEF.repr(offsets)}")
+        raise UserError(
+            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, not {_BRIEF.repr(offsets)}"
+        )
     declared = offsets[1] - offsets[0]
     nbytes = 0 if 0 in shape else DTYPES[dtype].itemsize
     for dim in shape:
@@ -108,7 +110,7 @@ def parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, str]
     except UnicodeDecodeError:
         raise UserError(f"{path} has a safetensors header that is not UTF-8 text; re-save or re-download it") from None
     except RecursionError:
-        raise UserError(f"{path} has a safetensors header nested too deeply to be one; re-save or re-download it") from None
+        raise UserError(f"{path} has a safetensors header nested too deeply; re-save or re-download it") from None
     except ValueError as exc:  # JSON syntax, or an integer too long to convert
         raise UserError(f"{path} has a malformed safetensors header ({exc}); re-save or re-download it") from None
     if not isinstance(header, dict):

@@ -233,11 +233,17 @@ def _peft_scaling(config: Mapping[str, Any], module: str, rank: int, description
     except KeyError as exc:
         raise UserError(f"{description}: adapter_config.json lacks {exc}") from None
     except (AttributeError, re.error) as exc:  # a pattern table that is not an object, or not a regex
-        raise UserError(f"{description}: adapter_config.json has an unusable rank_pattern/alpha_pattern ({exc})") from None
+        raise UserError(
+            f"{description}: adapter_config.json has an unusable rank_pattern/alpha_pattern ({exc})"
+        ) from None
     if r != rank:
-        raise UserError(f"{description}: lora_A of '{module}' has rank {rank} but adapter_config.json says r={reprlib.repr(r)}")
+        raise UserError(
+            f"{description}: lora_A of '{module}' has rank {rank} but adapter_config.json says r={reprlib.repr(r)}"
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise UserError(f"{description}: adapter_config.json gives '{module}' lora_alpha={reprlib.repr(alpha)}, not a finite number")
+        raise UserError(
+            f"{description}: adapter_config.json gives '{module}' lora_alpha={reprlib.repr(alpha)}, not a finite number"
+        )
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
