@@ -30,7 +30,7 @@ from clpeft.cli import main
 from clpeft.errors import UserError
 from clpeft.merging import adamerging, functional_forward, get_method, merge, merge_files
 from clpeft.merging.io import open_checkpoint
-from clpeft.merging.output import atomic_output
+from clpeft.merging.output import atomic_output, check_outputs
 
 BASE = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
 
@@ -195,6 +195,16 @@ def test_an_existing_directory_as_output_is_refused(pair, capsys, flag):
     err = fail(capsys, *ARGS, *out)
     assert "is a directory" in err
     assert list((pair / "d").iterdir()) == [] and not (pair / "m.safetensors").exists()
+
+
+def test_an_output_that_is_a_device_or_pipe_is_refused(pair, capsys):
+    """Guards (own case): renaming the merged file onto --out /dev/null (as root) replaced the device
+    node itself; a named pipe stands in for it here, so a regression cannot damage the machine."""
+    os.mkfifo(pair / "pipe")
+    err = fail(capsys, *ARGS, "--out", "pipe")
+    assert "not a regular file" in err and (pair / "pipe").is_fifo()
+    with pytest.raises(UserError, match="not a regular file"):
+        check_outputs({"out": Path("/dev/null")}, [])
 
 
 def test_an_output_inside_an_input_directory_is_refused(pair, capsys):

@@ -4,7 +4,8 @@
 a fine-tuned checkpoint for the merged file, whatever the spelling of the path (``./``, a
 symlink, a hard link), and a file written into an input directory becomes part of that
 checkpoint (a run directory resolves to the file, a directory of shards reads it as one more
-shard), so both are refused, as are outputs that are directories or the same file twice.
+shard), so both are refused, as are outputs that are directories, devices or pipes (a rename
+onto ``/dev/null`` replaces the device node) or the same file twice.
 
 :func:`atomic_output` writes a hidden temporary file next to the output and renames it into
 place only when the whole block succeeded. It is removed on any exception, on Ctrl-C, and on
@@ -58,6 +59,8 @@ def check_outputs(outputs: Mapping[str, Path], inputs: Sequence[Path]) -> None:
     for key, path in outputs.items():
         if path.is_dir():
             raise UserError(f"{path} is a directory; give a file name such as {path / 'merged.safetensors'}", key=key)
+        if path.exists() and not path.is_file():  # renaming onto /dev/null would replace the device itself
+            raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a file path", key=key)
         target = path.parent.resolve() / path.name  # where os.replace puts it
         for source in inputs:
             if _same_file(path, source):
