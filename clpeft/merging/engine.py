@@ -35,7 +35,7 @@ norms of the inputs and of the merged task vector, and ``||theta_0|| + ||tau_m||
 every entry, well inside the output dtype's range). Only a tensor they cannot vouch for is
 looked at again: an input holding NaN or inf is named, finite inputs that merge into NaN or inf
 (a huge ``scale``, a float16 overflow) are an error, and statistics that merely overflowed
-float32 (entries beyond ~1e18) are recomputed in float64.
+float32 (sums of squares past 3.4e38, e.g. entries of 1e20) are recomputed in float64.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ class MergeEngine:
         """Merge every job and pass each output to ``sink`` in order; return the statistics.
 
         Raises:
-            UserError: when a base or fine-tuned tensor holds NaN or infinity.
+            UserError: when a base or fine-tuned tensor holds NaN or infinity, when finite ones
+                merge into NaN or infinity, or when a merged variance statistic is negative.
         """
         reports: list[TensorReport] = []
         in_flight: deque[_InFlight] = deque()
