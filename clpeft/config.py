@@ -63,9 +63,11 @@ class TrainConfig(_Section):
         "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
     )
     clip_grad: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this before each step (None: off)")
-    schedule: Literal["constant", "cosine", "multistep"] = Field(
+    schedule: Literal["constant", "cosine", "quarter_cosine", "multistep"] = Field(
         "constant",
-        description="learning rate within each experience: constant, cosine decay to 0 over its steps, or "
+        description="learning rate within each experience: constant, cosine decay to 0 over its steps, "
+        "quarter_cosine (per epoch e: x cos(99 pi max(e - 1, 0) / (200 (epochs - 1))), CODA-Prompt's and "
+        "InfLoRA's official schedule), or "
         "multistep (x gamma at each of milestones)",
     )
     milestones: list[int] = Field([], description="multistep: epochs (0-based) from which the lr is multiplied by gamma once more")

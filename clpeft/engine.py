@@ -126,11 +126,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int
     """One experience's learning-rate schedule, stepped after every optimizer step (None: constant).
 
     ``cosine``: ``lr_t = lr/2 (1 + cos(pi t / T))`` over the experience's ``T`` steps (Loshchilov &
-    Hutter, ICLR 2017); ``multistep``: ``lr * gamma^m`` from the first step of each milestone epoch
-    on, ``m`` the milestones passed (SLCA's x0.1 at epoch 18 of 20).
+    Hutter, ICLR 2017); ``quarter_cosine``: ``lr * cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` for every
+    step of epoch ``e`` of ``E``, exactly what the ``CosineSchedule`` of CODA-Prompt's and InfLoRA's
+    code gives per epoch (it resets its counter after construction, so epochs 0 and 1 both run at
+    ``lr``; constant when ``E = 1``); ``multistep``: ``lr * gamma^m``
+    from the first step of each milestone epoch on, ``m`` the milestones passed (SLCA's x0.1 at
+    epoch 18 of 20).
     """
     if train.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs * steps_per_epoch)
+    if train.schedule == "quarter_cosine":
+        last = max(train.epochs - 1, 1)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: math.cos(99 * math.pi * max(t // steps_per_epoch - 1, 0) / (200 * last)))
     if train.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=[m * steps_per_epoch for m in train.milestones], gamma=train.gamma)
