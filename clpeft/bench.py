@@ -174,7 +174,8 @@ def _time_training(cfg: RunConfig, engine: Engine, strategy, exp: Experience, st
         generator = torch.Generator().manual_seed(cfg.seed)
         while len(durations) < warmup + steps:
             for batch in engine.data.batches(data, train.batch_size, shuffle=True, generator=generator,
-                                             uses_features=strategy.uses_features, with_query=strategy.needs_query):
+                                             uses_features=strategy.uses_features, with_query=strategy.needs_query,
+                                             augment=engine.augment):
                 t0 = _clock(dev)
                 with engine.autocast():
                     loss, _, _ = step(batch, len(batch.y))

@@ -71,6 +71,13 @@ class TrainConfig(_Section):
         "multistep (x gamma at each of milestones)",
     )
     milestones: list[int] = Field([], description="multistep: epochs (0-based) from which the lr is multiplied by gamma once more")
+    augment: str | list[dict[str, Any]] = Field(
+        "none",
+        description="training-time augmentation of raw images: none, crop_flip (L2P, DualPrompt, PILOT), crop_flip_coda "
+        "(CODA-Prompt), crop_flip_jitter (SLCA), or a list of torchvision.transforms.v2 steps such as "
+        "[{name: RandomCrop, size: 32, padding: 4}, {name: RandomHorizontalFlip}] (size: auto = the backbone's input "
+        "size); training batches then skip the feature cache",
+    )
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor applied at each milestone")
 
     @field_validator("lr")
@@ -88,6 +95,16 @@ class TrainConfig(_Section):
             raise ValueError("empty with schedule multistep; list the epochs at which the lr drops, e.g. [18]")
         if value and (sorted(set(value)) != value or value[0] < 1 or value[-1] >= epochs):
             raise ValueError(f"must increase strictly within 1..{epochs - 1} (train.epochs - 1)")
+        return value
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_known(cls, value):
+        from clpeft.augment import check_augment  # torchvision loads only when a config names augmentation
+
+        value = "none" if value is False or value is None else value
+        if isinstance(value, (str, list)):
+            check_augment(value)
         return value
 
     @field_validator("amp", "feature_cache", mode="before")
@@ -223,7 +240,8 @@ def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> 
     if kind == "missing":
         return f"{path}: missing required value{more}"
     got = e.get("input")
-    return f"{path}: {e['msg'].lower()}, got {got!r}{more}"
+    msg = e["msg"]
+    return f"{path}: {msg[:1].lower()}{msg[1:]}, got {got!r}{more}"  # keep names such as RandomCrop as written
 
 
 def _user_path(model: type[BaseModel], loc: tuple) -> list[str]:

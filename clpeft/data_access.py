@@ -57,19 +57,26 @@ class DataAccess:
 
     def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False,
                 uses_features: bool = False, with_query: bool = False,
-                generator: torch.Generator | None = None, shard: bool = False) -> Iterator[Batch]:
+                generator: torch.Generator | None = None, shard: bool = False,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Batch]:
         """Mini-batches of ``view``: cached features (``uses_features``), or raw inputs, plus the
         cached features as ``batch.features`` when ``with_query``.
 
         ``shard=True`` in a data-parallel run: every rank draws the same order and batches of
         ``batch_size`` (the global batch) and keeps positions ``rank, rank + world, ...`` of each;
         a rank's share may be empty. Features are computed only for this rank's share.
+
+        ``augment`` (training, :mod:`clpeft.augment`) transforms the raw inputs first; features and
+        queries are then those of the augmented inputs, computed here, never read from the cache.
         """
         bs = batch_size or self.batch_size
         order = torch.randperm(len(view), generator=generator) if shuffle else torch.arange(len(view))
         chunks = order.split(bs)
         if shard:
             chunks = [self.world.shard(c) for c in chunks]
+        if augment is not None:
+            yield from self._augmented(view, chunks, augment, uses_features, with_query)
+            return
         cached = self._cached(view, chunks) if self.cache and (uses_features or with_query) else None
         if uses_features and cached is not None:
             targets = view.targets.to(self.device, non_blocking=True)
@@ -84,6 +91,16 @@ class DataAccess:
                 with torch.no_grad(), self.autocast():
                     x = self.backbone(x).float()
             yield Batch(x, y, cached[pos.to(self.device)] if cached is not None else None)
+
+    def _augmented(self, view: DataView, chunks, augment, uses_features: bool, with_query: bool) -> Iterator[Batch]:
+        for x, y in self._raw(view, chunks):
+            x = augment(_to_device(x, self.device))
+            features = None
+            if uses_features or with_query:
+                with torch.no_grad(), self.autocast():
+                    features = self.backbone(x).float()
+            yield Batch(features if uses_features else x, y.to(self.device, non_blocking=True),
+                        features if with_query else None)
 
     def _cached(self, view: DataView, chunks: list[torch.Tensor]) -> torch.Tensor:
         """Cached features of ``view`` on the device; rows outside ``chunks`` stay zero when the

@@ -65,6 +65,7 @@ import yaml
 from torch import nn
 
 from clpeft import checkpoint, distributed, metrics
+from clpeft.augment import build_augment
 from clpeft.config import RunConfig, read_yaml
 from clpeft.data import DataView
 from clpeft.data_access import DataAccess
@@ -316,10 +317,23 @@ class Engine:
             def factory():
                 return FeatureCache(backbone, self.device, cfg.eval.batch_size, directory, self.autocast)
 
+        self.augment = self._build_augment(scenario, backbone)
         self.data = DataAccess(self.device, None, backbone, cfg.train.batch_size, cfg.train.num_workers, self.autocast,
                                cache_factory=factory, world=self.world)
         strategy.attach(self.data)
         return stream, strategy
+
+    def _build_augment(self, scenario, backbone):
+        """``train.augment`` as a batch function (None when off); images only, sized for the backbone."""
+        spec = self.cfg.train.augment
+        if spec == "none":
+            return None
+        shape = tuple(scenario.input_shape)
+        if len(shape) < 2:
+            raise UserError(f"train.augment transforms images, but this scenario's inputs have shape {shape}; "
+                            f"use augment: none", key="train.augment")
+        size = getattr(getattr(backbone, "preprocess", None), "size", None) or shape[-1]
+        return build_augment(spec, size)
 
     # ------------------------------------------------------------------ the loop
 
@@ -335,6 +349,9 @@ class Engine:
             if self.world.is_main:
                 self.scenario.save_artifacts(self.out_dir)
             log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress, enabled=self.world.is_main)
+            if self.augment is not None and strategy.backbone.frozen:
+                log.print(f"train.augment: {self.cfg.train.augment}; augmented training batches compute their features "
+                          f"every step (the feature cache serves evaluation only)")
             try:
                 return self._run(stream, strategy, log)
             finally:
@@ -579,7 +596,8 @@ class Engine:
                 total, count = 0.0, 0
                 global_sizes = torch.arange(len(data)).split(train.batch_size)
                 for batch, chunk in zip(self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
-                                                          uses_features=strategy.uses_features, with_query=strategy.needs_query),
+                                                          uses_features=strategy.uses_features, with_query=strategy.needs_query,
+                                                          augment=self.augment),
                                         global_sizes):
                     with self.autocast():
                         loss, value, n = step_fn(batch, len(chunk))

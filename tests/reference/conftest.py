@@ -102,3 +102,9 @@ def load_reference(folder: str, module: str, subdir: str = "",
 def _load_reference_fixture():
     """:func:`load_reference` (see the module docstring)."""
     return load_reference
+
+
+@pytest.fixture(scope="session", name="stub_module")
+def _stub_module_fixture():
+    """:func:`stub_module`, for the ``stubs`` of :func:`load_reference`."""
+    return stub_module
