@@ -23,9 +23,18 @@ one ``L_p * D`` vector), and the optional regulariser (eq. 6) keeps them near-or
     L_ortho(B) = mean((B B^T - I)^2)   for B in {P, K, A}, summed over layers
 
 (the official code's ``ortho_penalty``; it weighs the whole ``B`` while only the current task's
-rows receive gradient). The official code orthogonalises with classical Gram-Schmidt against
-trained rows that need not be orthogonal to each other any more; here the new rows are made
-exactly orthogonal to the span of all earlier rows.
+rows receive gradient).
+
+The initialisation draws what the official ``CodaPrompt.process_task_count`` draws: per layer the
+keys, then the attention vectors, then the prompts, one Gaussian vector per new row in the rows'
+dtype, so a seeded init repeats the official one. Its Gram-Schmidt is classical: each draw
+minus its projections on every earlier row, taken one by one. That is exact while the earlier
+rows are orthogonal (the first task's), but trained rows of earlier tasks are not, and then its
+new rows are orthogonal neither to them nor to each other. Here the draws
+lose their whole projection on the span of the earlier rows before they are orthonormalised
+(with Gram-Schmidt's signs), so the new rows are exactly orthogonal to the earlier ones, as
+the paper intends; with orthonormal earlier rows both give the same rows
+(``tests/reference/test_coda_prompt.py``).
 """
 
 from __future__ import annotations
@@ -39,17 +48,22 @@ from torch import nn
 def orthonormal_complement(existing: torch.Tensor, n_new: int) -> torch.Tensor:
     """``n_new`` unit rows orthogonal to each other and to every row of ``existing`` ``(n_old, d)``.
 
-    Gaussian draws with the span of ``existing`` projected out, then orthonormalised (QR is
-    Gram-Schmidt done stably). Needs ``n_old + n_new <= d``.
+    One Gaussian draw per new row, in ``existing``'s dtype (as the official code draws them),
+    with the span of ``existing`` projected out, then orthonormalised in float64 by QR with
+    Gram-Schmidt's signs (each row keeps a positive component along its own draw). Needs
+    ``n_old + n_new <= d``.
     """
     n_old, d = existing.shape
     if n_old + n_new > d:
         raise ValueError(f"{n_old} + {n_new} components cannot be orthogonal in {d} dimensions")
-    draws = torch.randn(n_new, d, device=existing.device, dtype=torch.float64)
+    draws = torch.stack([torch.randn(d, device=existing.device, dtype=existing.dtype) for _ in range(n_new)])
+    draws = draws.double()
     if n_old:
         basis = torch.linalg.qr(existing.detach().double().T).Q  # (d, n_old)
         draws = draws - (draws @ basis) @ basis.T
-    return torch.linalg.qr(draws.T).Q.T.to(existing.dtype)
+    q, r = torch.linalg.qr(draws.T)
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs).T.to(existing.dtype)
 
 
 def orthogonality_penalty(rows: torch.Tensor) -> torch.Tensor:
@@ -61,11 +75,12 @@ def orthogonality_penalty(rows: torch.Tensor) -> torch.Tensor:
 class _TaskComponents(nn.Module):
     """One task's components at every prompted layer: ``P`` (layer, n, L, D), ``K`` and ``A`` (layer, n, Dk)."""
 
-    def __init__(self, n_layers: int, n: int, length: int, embed_dim: int, key_dim: int, device=None):
+    def __init__(self, n_layers: int, n: int, length: int, embed_dim: int, key_dim: int, like: torch.Tensor | None):
         super().__init__()
-        self.prompts = nn.Parameter(torch.zeros(n_layers, n, length, embed_dim, device=device))
-        self.keys = nn.Parameter(torch.zeros(n_layers, n, key_dim, device=device))
-        self.attention = nn.Parameter(torch.zeros(n_layers, n, key_dim, device=device))
+        where = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        self.prompts = nn.Parameter(torch.zeros(n_layers, n, length, embed_dim, **where))
+        self.keys = nn.Parameter(torch.zeros(n_layers, n, key_dim, **where))
+        self.attention = nn.Parameter(torch.zeros(n_layers, n, key_dim, **where))
 
 
 class AttentionPromptPool(nn.Module):
@@ -95,23 +110,24 @@ class AttentionPromptPool(nn.Module):
     def n_components(self) -> int:
         return len(self.tasks) * self.components_per_task
 
-    def _new_task(self, device=None) -> _TaskComponents:
+    def _new_task(self) -> _TaskComponents:
+        """A zero block on the device and in the dtype of the earlier ones."""
+        like = self.tasks[0].prompts if len(self.tasks) else None
         return _TaskComponents(len(self.layers), self.components_per_task, self.length, self.embed_dim,
-                               self.key_dim, device)
+                               self.key_dim, like)
 
     @torch.no_grad()
     def add_task(self) -> None:
         """Freeze the components so far and add the next task's, orthonormal to all earlier ones."""
         for old in self.tasks:
             old.requires_grad_(False)
-        device = self.tasks[0].prompts.device if len(self.tasks) else None
-        new = self._new_task(device)
+        new = self._new_task()
         old_p, old_k, old_a = (self._stacked(name) for name in ("prompts", "keys", "attention"))
         n = self.components_per_task
-        for i in range(len(self.layers)):
-            new.prompts[i] = orthonormal_complement(old_p[i].flatten(1), n).view(n, self.length, self.embed_dim)
+        for i in range(len(self.layers)):  # the official order of draws: K, A, then P
             new.keys[i] = orthonormal_complement(old_k[i], n)
             new.attention[i] = orthonormal_complement(old_a[i], n)
+            new.prompts[i] = orthonormal_complement(old_p[i].flatten(1), n).view(n, self.length, self.embed_dim)
         self.tasks.append(new)
 
     def _stacked(self, name: str) -> torch.Tensor:
@@ -150,7 +166,6 @@ class AttentionPromptPool(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint taken after task t holds t + 1 blocks: build them before loading
         stored = {key[len(prefix):].split(".")[1] for key in state_dict if key.startswith(prefix + "tasks.")}
-        device = self.tasks[0].prompts.device if len(self.tasks) else None
         while len(self.tasks) < len(stored):
-            self.tasks.append(self._new_task(device))
+            self.tasks.append(self._new_task())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
