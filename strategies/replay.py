@@ -1,18 +1,24 @@
 """Experience replay with a fixed-size memory.
 
 Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019
-(https://arxiv.org/abs/1902.10486); Rebuffi et al., iCaRL, 2017, for class-balanced memories.
-Each experience trains on its own data concatenated with the memory; after the experience the
-memory is updated with the :class:`~clpeft.components.ReplayBuffer` policy.
+(https://arxiv.org/abs/1902.10486); Rebuffi et al., "iCaRL: Incremental Classifier and
+Representation Learning", CVPR 2017 (https://arxiv.org/abs/1611.07725), for class-balanced and
+herding-selected memories. Each experience trains on its own data concatenated with the memory
+(the union dataset of iCaRL and PyCIL/LAMDA-PILOT's ``replay``); after the experience the memory
+is updated with the :class:`~clpeft.components.ReplayBuffer` policy. ``herding`` selects on the
+backbone's features of the experience's training data, computed once after training (eval mode,
+no augmentation), as iCaRL does.
 
-Paper symbols: memory size ``M`` -> ``mem_size``.
+Paper symbols: memory size ``M`` (iCaRL's ``K``) -> ``mem_size``.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated
 
+import torch
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
+from clpeft.components.replay import Policy
 from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -26,14 +32,15 @@ class Replay(Strategy):
     Args:
         backbone: the feature extractor.
         mem_size: memory capacity ``M`` in samples.
-        policy: ``reservoir`` sampling or a ``class_balanced`` memory.
+        policy: ``reservoir`` sampling, a ``class_balanced`` random memory, or iCaRL's
+            ``herding`` (``M // classes seen`` exemplars per class, chosen on the features).
     """
 
     def __init__(
         self,
         backbone,
         mem_size: Annotated[int, Field(ge=0)] = 200,
-        policy: Literal["reservoir", "class_balanced"] = "reservoir",
+        policy: Policy = "reservoir",
     ):
         super().__init__(backbone)
         self.buffer = ReplayBuffer(mem_size, policy)
@@ -42,4 +49,11 @@ class Replay(Strategy):
         return exp.train + self.buffer.view(exp.past)
 
     def after_experience(self, exp: Experience) -> None:
-        self.buffer.update(exp)
+        features = self._features(exp.train) if self.buffer.policy == "herding" else None
+        self.buffer.update(exp, features=features)
+
+    @torch.no_grad()
+    def _features(self, view: DataView) -> torch.Tensor:
+        """Backbone features of every sample of ``view``, in its order."""
+        parts = [self.embed(batch.x).float().cpu() for batch in self.batches(view)]
+        return torch.cat(parts) if parts else torch.empty(0, self.backbone.feature_dim)

@@ -10,6 +10,13 @@ Policies:
   uniform random subset of each class (as Avalanche's ``ClassBalancedBuffer``); the remainder
   of ``capacity / n_classes`` goes one slot each to the lowest class ids, and shares are
   re-balanced (old classes shrink) when new classes arrive.
+* ``herding`` -- iCaRL's exemplar memory (Rebuffi et al., "iCaRL: Incremental Classifier and
+  Representation Learning", CVPR 2017, https://arxiv.org/abs/1611.07725): ``m = capacity //
+  n_classes`` exemplars per class seen so far. A new class's exemplars are chosen by herding
+  (:func:`herding_order`, Alg. 4) on the features of its training samples and stored in
+  selection order; an old class keeps the first ``m`` of its list (Alg. 5,
+  ReduceExemplarSet). The features come from the caller (the model after training on the
+  experience), so the component never runs a model.
 
 The buffer is an ``nn.Module`` whose content travels in the strategy's ``state_dict`` (as
 "extra state"), so a resumed run replays exactly the same samples.
@@ -25,7 +32,41 @@ from torch import nn
 from clpeft.data import DataView
 from clpeft.experience import Experience
 
-Policy = Literal["reservoir", "class_balanced"]
+Policy = Literal["reservoir", "class_balanced", "herding"]
+POLICIES = ("reservoir", "class_balanced", "herding")
+#: Added to a feature's norm before dividing (PILOT's ``EPSILON`` in ``models/base.py``).
+NORM_EPSILON = 1e-8
+
+
+def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
+    """The first ``min(m, N)`` exemplars chosen by herding, in the order they are chosen.
+
+    iCaRL, Alg. 4: with ``phi`` the L2-normalised features of one class and ``mu`` their mean,
+    exemplar ``k`` is ``argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||`` over the samples
+    not chosen yet (the first one on ties). Normalisation ``phi / (||phi|| + 1e-8)`` and the
+    un-renormalised class mean follow LAMDA-PILOT's ``_construct_exemplar`` (PyCIL); Mammoth's
+    ``fill_buffer`` makes the same choices. Computed in float64.
+
+    Args:
+        features: ``(N, D)`` features of one class's samples.
+        m: how many exemplars to choose.
+
+    Returns:
+        ``(min(m, N),)`` row indices into ``features``.
+    """
+    x = features.detach().to(torch.float64)
+    x = x / (x.norm(dim=1, keepdim=True) + NORM_EPSILON)
+    mean = x.mean(dim=0)
+    chosen = torch.zeros(len(x), dtype=torch.bool)
+    total = torch.zeros_like(mean)
+    order = []
+    for k in range(1, min(m, len(x)) + 1):
+        cost = (mean - (total + x) / k).norm(dim=1).masked_fill(chosen, float("inf"))
+        i = int(cost.argmin())
+        order.append(i)
+        chosen[i] = True
+        total += x[i]
+    return torch.tensor(order, dtype=torch.long)
 
 
 class ReplayBuffer(nn.Module):
@@ -33,14 +74,14 @@ class ReplayBuffer(nn.Module):
 
     Args:
         capacity: the most samples kept.
-        policy: ``"reservoir"`` or ``"class_balanced"``.
+        policy: ``"reservoir"``, ``"class_balanced"`` or ``"herding"``.
     """
 
     def __init__(self, capacity: int, policy: Policy = "reservoir"):
         super().__init__()
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
-        if policy not in ("reservoir", "class_balanced"):
+        if policy not in POLICIES:
             raise ValueError(f"unknown replay policy {policy!r}")
         self.capacity = capacity
         self.policy = policy
@@ -51,14 +92,26 @@ class ReplayBuffer(nn.Module):
     def __len__(self) -> int:
         return len(self.items)
 
-    def update(self, exp: Experience, generator: torch.Generator | None = None) -> None:
-        """Offer every training sample of ``exp`` to the buffer."""
+    def update(self, exp: Experience, generator: torch.Generator | None = None,
+               features: torch.Tensor | None = None) -> None:
+        """Offer every training sample of ``exp`` to the buffer.
+
+        Args:
+            exp: the experience just trained on.
+            generator: the random draws of ``reservoir`` and ``class_balanced``.
+            features: ``herding`` only (required there): ``(N, D)`` features of ``exp.train``'s
+                samples, in the view's order.
+        """
         labels = exp.train.targets
         items = torch.stack([torch.full((len(labels),), exp.index), torch.arange(len(labels))], dim=1)
         if self.policy == "reservoir":
             self._reservoir(items, labels, generator)
-        else:
+        elif self.policy == "class_balanced":
             self._class_balanced(items, labels, generator)
+        else:
+            if features is None or len(features) != len(labels):
+                raise ValueError(f"herding needs the features of the experience's {len(labels)} training samples")
+            self._herding(items, labels, features.cpu())
 
     def _reservoir(self, items, labels, generator) -> None:
         keep_items, keep_labels = list(self.items), list(self.labels)
@@ -89,6 +142,23 @@ class ReplayBuffer(nn.Module):
             keep.append(idx)
         keep = torch.cat(keep) if keep else torch.empty(0, dtype=torch.long)
         self._set(list(all_items[keep]), list(all_labels[keep]))
+
+    def _herding(self, items, labels, features) -> None:
+        self.n_seen += len(labels)
+        new_classes = torch.unique(labels)
+        old = ~torch.isin(self.labels, new_classes)  # a class met again is selected afresh
+        classes = torch.unique(torch.cat([self.labels[old], new_classes]))
+        m = self.capacity // max(len(classes), 1)
+        new, keep = set(new_classes.tolist()), []
+        for c in classes.tolist():
+            if c in new:
+                idx = torch.nonzero(labels == c).flatten()
+                chosen = idx[herding_order(features[idx], m)]
+                keep.append((items[chosen], labels[chosen]))
+            else:  # stored in selection order: the first m are the best m
+                chosen = torch.nonzero(self.labels == c).flatten()[:m]
+                keep.append((self.items[chosen], self.labels[chosen]))
+        self._set([r for rows, _ in keep for r in rows], [y for _, ys in keep for y in ys])
 
     def _set(self, items, labels) -> None:
         self.items = torch.stack(items) if items else torch.empty(0, 2, dtype=torch.long)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.replay import ReplayBuffer
+from clpeft.components.replay import ReplayBuffer, herding_order
 from clpeft.data import ArrayDataset, DataView
 from clpeft.experience import Experience, Scenario
 
@@ -315,3 +315,65 @@ def test_state_dict_of_a_later_update_does_not_change_an_earlier_snapshot():
     holder.buffer.update(exps[1], torch.Generator().manual_seed(1))
     assert torch.equal(snap["buffer._extra_state"]["items"], items)
     assert snap["buffer._extra_state"]["n_seen"] == 10
+
+
+# --------------------------------------------------------------------------------------------
+# herding (iCaRL): m = capacity // classes per class, chosen on features, old classes cut to a prefix
+# (equality with LAMDA-PILOT's and Mammoth's herding: tests/reference/test_herding.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _features_of(exp, table):
+    """The rows of ``table`` for the samples of ``exp.train`` (inputs are global ids)."""
+    return table[exp.train.load()[0]]
+
+
+def test_herding_needs_the_features_of_every_training_sample():
+    exps, _ = _stream([6])
+    buf = ReplayBuffer(4, "herding")
+    with pytest.raises(ValueError, match="herding needs the features"):
+        buf.update(exps[0])
+    with pytest.raises(ValueError, match="herding needs the features"):
+        buf.update(exps[0], features=torch.zeros(5, 3))
+
+
+def test_herding_keeps_m_per_class_in_selection_order_and_cuts_old_classes_to_a_prefix():
+    exps, ds = _stream([30, 30], labels_of=lambda k, n: [2 * k + i % 2 for i in range(n)])
+    table = torch.randn(60, 4, generator=torch.Generator().manual_seed(0))
+    buf = ReplayBuffer(13, "herding")
+    buf.update(exps[0], features=_features_of(exps[0], table))
+    first = {c: [i for i, y in zip(_global_ids(buf, exps), buf.labels.tolist()) if y == c] for c in (0, 1)}
+    assert [len(v) for v in first.values()] == [6, 6]  # 13 // 2, the remainder unused (iCaRL)
+    for c, ids in first.items():  # in selection order: the herding order of the class's samples
+        pool = torch.tensor([i for i in range(30) if ds.targets[i] == c])
+        assert ids == pool[herding_order(table[pool], 6)].tolist()
+    buf.update(exps[1], features=_features_of(exps[1], table))
+    second = {c: [i for i, y in zip(_global_ids(buf, exps), buf.labels.tolist()) if y == c] for c in range(4)}
+    assert [len(v) for v in second.values()] == [3, 3, 3, 3]
+    assert second[0] == first[0][:3] and second[1] == first[1][:3]
+    assert buf.n_seen == 60
+
+
+def test_herding_takes_every_sample_of_a_small_class_and_reselects_a_class_met_again():
+    exps, _ = _stream([3, 10, 10], labels_of=lambda k, n: [0] * n if k != 1 else [1] * n)
+    table = torch.randn(23, 4, generator=torch.Generator().manual_seed(1))
+    buf = ReplayBuffer(10, "herding")
+    buf.update(exps[0], features=_features_of(exps[0], table))
+    assert sorted(_global_ids(buf, exps)) == [0, 1, 2]  # fewer samples than m = 10
+    buf.update(exps[1], features=_features_of(exps[1], table))
+    assert Counter(buf.labels.tolist()) == {0: 3, 1: 5}
+    buf.update(exps[2], features=_features_of(exps[2], table))  # class 0 again: chosen from its new data
+    ids = _global_ids(buf, exps)
+    assert Counter(buf.labels.tolist()) == {0: 5, 1: 5}
+    assert all(i >= 13 for i, y in zip(ids, buf.labels.tolist()) if y == 0)
+
+
+def test_herding_state_round_trip():
+    exps, _ = _stream([20, 20], labels_of=lambda k, n: [2 * k + i % 2 for i in range(n)])
+    table = torch.randn(40, 4, generator=torch.Generator().manual_seed(2))
+    src, dst = _Holder(8, "herding"), _Holder(8, "herding")
+    src.buffer.update(exps[0], features=_features_of(exps[0], table))
+    dst.load_state_dict(src.state_dict())
+    for holder in (src, dst):
+        holder.buffer.update(exps[1], features=_features_of(exps[1], table))
+    assert torch.equal(dst.buffer.items, src.buffer.items) and dst.buffer.n_seen == 40

@@ -308,7 +308,7 @@ def test_joint_trains_on_the_union_of_all_experiences_so_far(tmp_path, monkeypat
         assert r["trained"] == EPOCHS * len(r["view"])  # the engine really trains on it
 
 
-@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced", "herding"])
 def test_replay_trains_on_the_experience_plus_the_memory(tmp_path, monkeypatch, policy):
     mem = 20
     record: list[dict] = []
@@ -331,6 +331,39 @@ def test_replay_trains_on_the_experience_plus_the_memory(tmp_path, monkeypatch, 
         if policy == "class_balanced" and i > 0:
             counts = torch.bincount(old, minlength=2 * i)[: 2 * i]
             assert counts.max() - counts.min() <= 1
+        if policy == "herding" and i > 0:  # iCaRL: mem // classes seen, for every class seen
+            assert torch.bincount(old, minlength=2 * i)[: 2 * i].tolist() == [mem // (2 * i)] * (2 * i)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable-backbone", "frozen-backbone"])
+def test_replay_herding_selects_on_the_trained_backbone_features(tmp_path, monkeypatch, frozen):
+    """The features handed to the buffer are the backbone's (cached when frozen) features of the
+    experience's training samples, in order, after training on it."""
+    from clpeft.components.replay import ReplayBuffer
+
+    checked = []
+    update = ReplayBuffer.update
+
+    def spy_update(self, exp, generator=None, features=None):
+        strategy = holder["strategy"]
+        with torch.no_grad():
+            x, _ = exp.train.load()
+            expected = strategy.backbone(x)
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+        checked.append(exp.index)
+        update(self, exp, generator, features)
+
+    holder = {}
+    after = Replay.after_experience
+
+    def spy_after(self, exp):
+        holder["strategy"] = self
+        after(self, exp)
+
+    monkeypatch.setattr(ReplayBuffer, "update", spy_update)
+    monkeypatch.setattr(Replay, "after_experience", spy_after)
+    _run(tmp_path, {"name": "replay", "mem_size": 20, "policy": "herding"}, frozen=frozen)
+    assert checked == [0, 1, 2, 3, 4]
 
 
 def test_finetune_trains_on_the_experience_only(tmp_path, monkeypatch):
