@@ -11,7 +11,14 @@ they are formed, measured and combined one block of columns at a time while the 
 the caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three times
 (a K = 8 ViT-B task arithmetic ran 1.1-1.4x faster side by side, benchmarks/RESULTS.md); on
 CUDA one Triton kernel per tensor does the same in registers (:mod:`~clpeft.merging.fused`).
-TIES' per-tensor trim and DARE's masks need whole task vectors and use the buffer.
+TIES' trim and DARE's masks need whole task vectors and use the buffer.
+
+Methods that need a statistic of the whole model first (TIES with ``trim_scope: model``, whose
+cut-off is one magnitude per task over the flattened model, as in the official code) get two
+passes: pass 1 streams every merged tensor's task vectors through the method's
+:class:`~clpeft.merging.registry.ModelStatistic` (as many sweeps as it asks for: two for a
+float32 model), holding only the statistic; pass 2 is the usual merge, tensor by tensor, with
+the statistic's result. Each sweep reads the inputs once more, in the same bounded memory.
 
 Memory: on the CPU the inputs are read straight from memory maps of the files (no copy into
 a read buffer); each batch's pages leave the resident set once it is written, and the task
@@ -53,7 +60,7 @@ import torch
 from clpeft.errors import UserError
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
-from clpeft.merging.registry import MergeMethod
+from clpeft.merging.registry import MergeMethod, ModelShape
 from clpeft.merging import fused
 from clpeft.merging.report import TensorReport, pack_stats, pack_sums, sample_entries, sign_conflict, unpack_stats
 from clpeft.merging.rules import TensorJob
@@ -94,6 +101,11 @@ def _finite_stats(values: list[float]) -> bool:
 def _surely_finite(values: list[float], dtype: torch.dtype) -> bool:
     """Whether a merged tensor's packed statistics prove it finite (see the module docstring)."""
     return _finite_stats(values) and values[0] + values[2] < torch.finfo(dtype).max / 2
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype task vectors are formed in: float64 for float64 tensors, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -164,6 +176,7 @@ class MergeEngine:
         self._buffers: dict[str, torch.Tensor] = {}
         self._coefficients_by_dtype: dict[torch.dtype, list[float]] = {}
         self._device_coefficients: torch.Tensor | None = None
+        self._model_statistic: dict[str, Any] = {}  # pass 1's result, for the method's model_statistic
 
     # ------------------------------------------------------------------ driver
 
@@ -174,6 +187,7 @@ class MergeEngine:
             UserError: when a base or fine-tuned tensor holds NaN or infinity, when finite ones
                 merge into NaN or infinity, or when a merged variance statistic is negative.
         """
+        self._model_statistic = self._whole_model_pass(jobs)
         reports: list[TensorReport] = []
         in_flight: deque[_InFlight] = deque()
         lookahead = 1 if self._transfer else 0  # read batch i+1 while the device computes batch i
@@ -184,6 +198,39 @@ class MergeEngine:
         while in_flight:
             reports += self._finish(in_flight.popleft(), sink)
         return reports
+
+    def _whole_model_pass(self, jobs: Sequence[TensorJob]) -> dict[str, Any]:
+        """Pass 1: the method's whole-model statistic, from every merged tensor's task vectors
+        (``{}`` for methods without one; see the module docstring)."""
+        factory = self.method.model_statistic
+        if factory is None:
+            return {}
+        merged = [job for job in jobs if job.merge and not job.average]
+        dtype = max((_work_dtype(job.info.dtype) for job in merged), key=lambda d: d.itemsize, default=torch.float32)
+        shape = ModelShape(sum(job.info.numel for job in merged), len(self.models), dtype, self.device)
+        statistic = factory(self.params, shape)
+        if statistic is None:
+            return {"model_statistic": None}
+        while statistic.wants_sweep():
+            for task_vectors in self._each_task_vectors(merged):
+                statistic.observe(task_vectors)
+            statistic.end_sweep()
+        return {"model_statistic": statistic.result()}
+
+    def _each_task_vectors(self, jobs: Sequence[TensorJob]) -> Iterator[torch.Tensor]:
+        """Each job's ``(K, N)`` task vectors in turn, read as the merge reads them (the buffer is
+        reused: each is valid until the next is requested)."""
+        for batch in self._batches(jobs):
+            staged = self._stage(batch)
+            if self._transfer and not self._on_device(staged):
+                bases, models = self._to_device(staged)
+            else:
+                bases, models = staged.bases, staged.models
+            for job, base, rows in zip(batch, bases, models):
+                base = _typed(base, 0, job.info).reshape(-1).to(_work_dtype(job.info.dtype))
+                yield self._task_vectors(job, base, rows)
+            if not self._transfer:  # off the CPU the views were released once copied
+                self._release(batch)
 
     def _batches(self, jobs: Sequence[TensorJob]) -> Iterator[list[TensorJob]]:
         batch: list[TensorJob] = []
@@ -293,7 +340,7 @@ class MergeEngine:
             sources = self._sources(job, rows)
             if fused.supports(self.device, base_raw, sources):
                 return self._merge_fused(job, base_raw.reshape(-1), sources)
-        dtype = torch.float64 if base_raw.dtype == torch.float64 else torch.float32
+        dtype = _work_dtype(base_raw.dtype)
         base = base_raw.reshape(-1).to(dtype)
         if linear and self._adapters:
             coefficients = self._coefficients(dtype)
@@ -308,7 +355,7 @@ class MergeEngine:
             if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
                 delta = task_vectors.mean(dim=0)
             else:
-                delta = self.method.fn(task_vectors, **self.params, **self._randomness(job))
+                delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic)
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
 

@@ -13,6 +13,11 @@ Two scopes exist:
   per tensor, on the merge device. They own ``task_vectors`` and may overwrite it (it is the
   engine's read buffer: working in place saves a copy of K tensors); a keyword-only
   ``generator: torch.Generator`` receives a generator seeded per tensor from the merge seed.
+  A method that needs a statistic of the whole model before it can merge any tensor (TIES'
+  trim over the flattened model) registers a ``model_statistic`` factory: the engine first
+  streams every merged tensor's task vectors through the :class:`ModelStatistic` it returns
+  (pass 1, as many sweeps as it asks for), then calls the method per tensor with the result
+  as the keyword-only argument ``model_statistic`` (pass 2).
 * ``"model"`` methods need the whole model (e.g. AdaMerging runs it):
   ``fn(base, finetuned, *, rules, **params)``; they work on in-memory state dicts only.
 """
@@ -25,7 +30,7 @@ import reprlib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -33,12 +38,49 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from clpeft.errors import UserError
 from clpeft.registry import close_matches
 
-__all__ = ["MergeMethod", "get_method", "list_methods", "merge_method"]
+__all__ = ["MergeMethod", "ModelShape", "ModelStatistic", "get_method", "list_methods", "merge_method"]
 
 Scope = Literal["tensor", "model"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _METHODS: dict[str, MergeMethod] = {}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a :class:`ModelStatistic` knows before its first sweep.
+
+    Attributes:
+        numel: entries of all merged tensors together (``N`` of the flattened model; tensors
+            copied from the base, skipped or averaged are not task vectors and not counted).
+        num_tasks: ``K``, the number of task vectors.
+        dtype: the task vectors' working dtype (float64 if any merged tensor is, else float32).
+        device: where the task vectors are formed.
+    """
+
+    numel: int
+    num_tasks: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class ModelStatistic(Protocol):
+    """A whole-model statistic computed by streaming every merged tensor's task vectors (pass 1)."""
+
+    def wants_sweep(self) -> bool:
+        """Whether another sweep over all merged tensors is needed."""
+
+    def observe(self, task_vectors: torch.Tensor) -> None:
+        """One tensor's ``(K, N_l)`` task vectors; the statistic may overwrite them."""
+
+    def end_sweep(self) -> None:
+        """Every merged tensor of this sweep has been observed."""
+
+    def result(self) -> Any:
+        """What the method receives as ``model_statistic`` in pass 2."""
+
+
+StatisticFactory = Callable[[Mapping[str, Any], ModelShape], ModelStatistic | None]
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,8 @@ class MergeMethod:
             straight from their factors.
         uses_generator: the function takes a ``generator`` for its randomness.
         schema: pydantic model of the parameters (``extra="forbid"``).
+        model_statistic: ``(params, shape) -> ModelStatistic | None`` for methods that need a
+            whole-model pass first (see the module docstring); None for the others.
     """
 
     name: str
@@ -64,6 +108,7 @@ class MergeMethod:
     linear: bool
     uses_generator: bool
     schema: type[BaseModel]
+    model_statistic: StatisticFactory | None = None
 
     @property
     def description(self) -> str:
@@ -111,12 +156,20 @@ class MergeMethod:
         return self.fn(torch.eye(num_tasks, dtype=dtype), **params).tolist()
 
 
-def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", linear: bool = False) -> Callable[[F], F]:
+def merge_method(
+    name: str,
+    *,
+    reference_url: str,
+    scope: Scope = "tensor",
+    linear: bool = False,
+    model_statistic: StatisticFactory | None = None,
+) -> Callable[[F], F]:
     """Register ``fn`` as merge method ``name``.
 
     Every keyword-only argument is a parameter and must be annotated (use
     ``Annotated[float, Field(ge=0, description=...)]`` for ranges and help text naming the
-    paper's symbol); NaN and infinity are refused for every float. A duplicate name or an
+    paper's symbol); NaN and infinity are refused for every float. ``generator`` and
+    ``model_statistic`` are filled in by the engine, not parameters. A duplicate name or an
     unannotated parameter fails at import time.
     """
 
@@ -132,6 +185,8 @@ def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", line
             if pname == "generator" and scope == "tensor":
                 uses_generator = True
                 continue
+            if pname == "model_statistic" and model_statistic is not None:
+                continue
             if pname not in hints:
                 raise TypeError(f"merge method '{name}': parameter '{pname}' needs a type annotation")
             fields[pname] = (hints[pname], ... if p.default is inspect.Parameter.empty else p.default)
@@ -140,7 +195,7 @@ def merge_method(name: str, *, reference_url: str, scope: Scope = "tensor", line
             __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
             **fields,
         )
-        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema)
+        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema, model_statistic)
         return fn
 
     return decorator

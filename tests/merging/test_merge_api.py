@@ -19,7 +19,8 @@ from clpeft.merging.rules import MergeRules, plan
 CASES = [
     ("task_arithmetic", {"scale": 0.4, "weights": [1.0, 0.5, 2.0]}),
     ("ties", {"density": 0.2}),
-    ("ties", {"density": 0.5, "trim": "topk"}),
+    ("ties", {"density": 0.5, "trim": "topk", "trim_scope": "tensor"}),
+    ("ties", {"density": 0.3, "trim_scope": "tensor", "disjoint": "sum"}),
     ("dare", {"drop_rate": 0.7, "consensus": "ties"}),
     ("mean", {}),
 ]
@@ -96,7 +97,7 @@ def test_transfer_path_packs_batches_and_gives_the_same_result(models):
     for transfer in (False, True):
         engine = MergeEngine(
             get_method("ties"),
-            {"density": 0.3, "scale": 1.0, "weights": None, "trim": "threshold"},
+            get_method("ties").validate({"density": 0.3}),  # trim_scope: model, so pass 1 takes this path too
             base_source,
             sources,
             batch_bytes=4096,

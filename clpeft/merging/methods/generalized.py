@@ -20,9 +20,13 @@ from pydantic import Field
 
 from clpeft.errors import UserError
 
-__all__ = ["Consensus", "Scale", "Weights", "combine", "task_coefficients"]
+__all__ = ["Consensus", "Disjoint", "Scale", "Weights", "combine", "task_coefficients"]
 
 Consensus = Literal["sum", "ties"]
+Disjoint = Annotated[
+    Literal["mean", "sum"],
+    Field(description="TIES' disjoint merge of the entries that agree with the elected sign: mean (the paper) or sum"),
+]
 Scale = Annotated[float, Field(description="lambda: scaling of the merged task vector")]
 Weights = Annotated[
     list[float] | None,
@@ -40,7 +44,9 @@ def task_coefficients(task_vectors: torch.Tensor, scale: float, weights: list[fl
     return torch.tensor(weights, dtype=task_vectors.dtype).mul_(scale).to(task_vectors.device, non_blocking=True)
 
 
-def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: Consensus) -> torch.Tensor:
+def combine(
+    task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: Consensus, disjoint: Disjoint = "mean"
+) -> torch.Tensor:
     """Combine ``(K, N)`` task vectors into one ``(N,)`` merged task vector.
 
     ``"sum"`` is task arithmetic (Ilharco et al., ICLR 2023, Section 2;
@@ -48,10 +54,15 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
 
     ``"ties"`` is TIES-Merging's "Elect" and "Disjoint Merge" (Yadav et al., NeurIPS 2023,
     Algorithm 1; https://arxiv.org/abs/2306.01708): the elected sign of each entry is the
-    sign of the total mass ``sum_k tau_k`` (coefficients not applied, as in peft); a zero
-    total elects ``+`` (peft's convention; the TIES reference code instead uses the
-    tensor's majority sign). Only entries that are non-zero and agree with the elected sign
-    contribute: ``tau_m = sum_{k in A} c_k tau_k / max(|A|, 1)``.
+    sign of the total mass ``sum_k tau_k`` (coefficients not applied, as in peft and the
+    official code). A zero total elects ``+`` (peft's convention). The official code
+    (``resolve_zero_signs``) elects the sign that most entries of the whole flattened model
+    elected; that needs one more pass over the model and changes a result only where non-zero
+    entries cancel exactly (``+a`` and ``-a``), so clpeft keeps ``+`` (a deliberate difference,
+    tests/reference/test_merging.py). Only entries that are non-zero and agree with the elected sign
+    contribute: ``tau_m = sum_{k in A} c_k tau_k / max(|A|, 1)`` (``disjoint="mean"``, the
+    paper's), or without the division (``disjoint="sum"``: ``merge_func="dis-sum"`` of the
+    official code, which AdaMerging's TIES baseline ``main_ties_merging.py`` runs).
 
     The TIES path overwrites ``task_vectors``. It flips every entry to the elected sign and
     clamps the disagreeing ones to zero; a product with ``+-1`` is exact, so this equals the
@@ -61,6 +72,8 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
         return coefficients @ task_vectors
     sign = torch.where(task_vectors.sum(dim=0) >= 0, 1.0, -1.0).to(task_vectors.dtype)
     agreeing = task_vectors.mul_(sign).clamp_(min=0)
+    if disjoint == "sum":
+        return (coefficients @ agreeing).mul_(sign)
     # |A| per entry; summing bytes is ~7x faster than count_nonzero(dim=0) on the CPU
     count_dtype = torch.uint8 if task_vectors.shape[0] < 256 else torch.int32
     count = (agreeing > 0).view(torch.uint8).sum(dim=0, dtype=count_dtype).clamp_(min=1)

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Trim", "drop_and_rescale_", "kth_largest", "random_keep_mask", "trim_by_magnitude_"]
+__all__ = ["Trim", "drop_and_rescale_", "kth_largest", "random_keep_mask", "trim_below_", "trim_by_magnitude_"]
 
 Trim = Literal["threshold", "topk"]
 
@@ -64,10 +64,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 def trim_by_magnitude_(task_vectors: torch.Tensor, density: float, trim: Trim = "threshold") -> torch.Tensor:
     """Zero all but the largest-magnitude ``density`` fraction of each row, in place.
 
-    On the CPU rows are trimmed one at a time through one reused row of magnitudes, and the
-    cut is ``hardshrink`` (zero where ``|x| <= lambda``) with ``lambda`` the float just below the
-    threshold, which is ``|x| < threshold`` exactly and ~7x faster than a masked fill. On other
-    devices all rows go at once, without synchronising with the host.
+    On the CPU rows are trimmed one at a time through one reused row of magnitudes (the cut is
+    :func:`trim_below_`'s); on other devices all rows go at once, without synchronising with
+    the host. This is the trim of one tensor on its own (``trim_scope: tensor``, peft's way);
+    TIES' official code trims over the whole model (:mod:`~clpeft.merging.methods.model_trim`).
 
     Args:
         task_vectors: ``(K, N)``; each row is trimmed on its own.
@@ -94,9 +94,45 @@ def trim_by_magnitude_(task_vectors: torch.Tensor, density: float, trim: Trim = 
         return task_vectors.masked_fill_(magnitudes < magnitudes.kthvalue(n - k + 1, dim=1, keepdim=True).values, 0)
     magnitude = torch.empty_like(task_vectors[0])
     for row in task_vectors:
-        threshold = kth_largest(torch.abs(row, out=magnitude), k)
-        torch.hardshrink(row, torch.nextafter(threshold, torch.zeros_like(threshold)).item(), out=row)
+        _hardshrink_below_(row, kth_largest(torch.abs(row, out=magnitude), k))
     return task_vectors
+
+
+def trim_below_(task_vectors: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Zero every entry of row ``t`` whose magnitude is below ``thresholds[t]``, in place.
+
+    The thresholds may come in a wider dtype than the rows (a float64 threshold of a model that
+    mixes float64 and float32 tensors); each is rounded up to the rows' dtype, which keeps
+    exactly the entries at or above the wide value.
+
+    Args:
+        task_vectors: ``(K, N)``.
+        thresholds: ``(K,)`` magnitudes (``+inf`` zeroes a row, 0 keeps it whole).
+
+    Returns:
+        ``task_vectors``.
+    """
+    thresholds = _rounded_up(thresholds.to(task_vectors.device), task_vectors.dtype)
+    if task_vectors.device.type != "cpu":
+        return task_vectors.masked_fill_(task_vectors.abs() < thresholds[:, None], 0)
+    for row, threshold in zip(task_vectors, thresholds):
+        _hardshrink_below_(row, threshold)
+    return task_vectors
+
+
+def _hardshrink_below_(row: torch.Tensor, threshold: torch.Tensor) -> None:
+    """``row[|row| < threshold] = 0`` as ``hardshrink`` (zero where ``|x| <= lambda``) with ``lambda``
+    the float just below the threshold: exact, and ~7x faster than a masked fill on the CPU."""
+    torch.hardshrink(row, torch.nextafter(threshold, torch.zeros_like(threshold)).item(), out=row)
+
+
+def _rounded_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest ``dtype`` numbers at or above ``values`` (for ``x >= value`` tests on ``dtype`` x)."""
+    narrow = values.to(dtype)
+    if narrow.dtype == values.dtype:
+        return narrow
+    below = narrow.to(values.dtype) < values
+    return torch.where(below, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
 
 
 def random_keep_mask(

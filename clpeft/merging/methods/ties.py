@@ -8,26 +8,59 @@ https://arxiv.org/abs/2306.01708, Algorithm 1:
 3. Disjoint merge: average only the entries that agree with the elected sign;
 4. ``theta = theta_0 + lambda * tau_m``.
 
-The conventions for ties at the trim cut-off and for a zero total mass are documented in
-:mod:`~clpeft.merging.methods.sparsify` and :func:`~clpeft.merging.methods.generalized.combine`;
-with ``trim="topk"`` the result equals ``peft.utils.merge_utils.ties``.
+Trim scope. The official code (``ties-merging/src/utils/merge_utils.py``, and AdaMerging's
+``ties_merging_utils.py``) flattens the whole model into one vector per task and keeps its top
+``k`` (``trim_scope: model``, the default, streamed exactly by
+:mod:`~clpeft.merging.methods.model_trim`); peft and mergekit trim each tensor on its own
+(``trim_scope: tensor``; with ``trim: topk`` the result then equals ``peft.utils.merge_utils.ties``).
+Both keep ``floor(density * N)`` entries of each task vector (``N`` the whole model's or the
+tensor's size) plus any tied with the last; the official ``topk_values_mask`` keeps one more
+(its ``kthvalue(N - floor(density * N))`` cut-off is the ``floor(density * N) + 1``-th largest
+entry), one entry per task in a whole model, a deliberate difference.
+
+Defaults. ``density`` 0.2 is the official ``topk20`` (TIES README; ``K = 20`` in AdaMerging's
+``main_ties_merging.py``). ``scale`` (lambda) 1 is the paper's value without a validation set;
+the official command searches lambda in 0.8-2.5 on validation data (``linear+0.8+2.51+0.1``, the
+TIES README): ``clpeft merge --search scale=0.8:2.5:0.1 --on CONFIG`` does the same.
+AdaMerging's TIES baseline instead sums the agreeing entries (``disjoint: sum``) at lambda 0.3.
+The zero-mass sign convention is documented in :func:`~clpeft.merging.methods.generalized.combine`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 
-from clpeft.merging.methods.generalized import Scale, Weights, combine, task_coefficients
-from clpeft.merging.methods.sparsify import Trim, trim_by_magnitude_
-from clpeft.merging.registry import merge_method
+from clpeft.errors import UserError
+from clpeft.merging.methods.generalized import Disjoint, Scale, Weights, combine, task_coefficients
+from clpeft.merging.methods.model_trim import KthLargestMagnitude
+from clpeft.merging.methods.sparsify import Trim, trim_below_, trim_by_magnitude_
+from clpeft.merging.registry import ModelShape, merge_method
 
 Density = Annotated[float, Field(ge=0.0, le=1.0, description="k: fraction of each task vector kept by magnitude")]
+TrimScope = Annotated[
+    Literal["model", "tensor"],
+    Field(description="trim each task vector over the whole model (the official code) or each tensor apart (peft)"),
+]
 
 
-@merge_method("ties", reference_url="https://arxiv.org/abs/2306.01708")
+def _model_thresholds(params: Mapping[str, Any], shape: ModelShape) -> KthLargestMagnitude | None:
+    """Pass 1 of ``trim_scope: model``: each task's k-th largest magnitude over the whole model."""
+    if params["trim_scope"] == "tensor":
+        return None
+    if params["trim"] == "topk":
+        raise UserError(
+            "trim: topk keeps exactly k entries of each tensor (peft's convention) and needs trim_scope: tensor; "
+            "with trim_scope: model use trim: threshold",
+            key="parameters.trim",
+        )
+    return KthLargestMagnitude(int(params["density"] * shape.numel), shape)
+
+
+@merge_method("ties", reference_url="https://arxiv.org/abs/2306.01708", model_statistic=_model_thresholds)
 def ties(
     task_vectors: torch.Tensor,
     *,
@@ -35,7 +68,18 @@ def ties(
     scale: Scale = 1.0,
     weights: Weights = None,
     trim: Trim = "threshold",
+    trim_scope: TrimScope = "model",
+    disjoint: Disjoint = "mean",
+    model_statistic: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """TIES-Merging: trim to the top-k magnitudes, elect signs, disjoint mean (Yadav et al., NeurIPS 2023)."""
-    trim_by_magnitude_(task_vectors, density, trim)
-    return combine(task_vectors, task_coefficients(task_vectors, scale, weights), "ties")
+    """TIES-Merging: trim to the top-k magnitudes, elect signs, disjoint mean (Yadav et al., NeurIPS 2023).
+
+    ``model_statistic`` holds the whole model's per-task thresholds (``trim_scope: model``, given
+    by the engine); without it the tensor is trimmed on its own (a direct call on one tensor
+    treats that tensor as the whole model).
+    """
+    if model_statistic is None:
+        trim_by_magnitude_(task_vectors, density, trim)
+    else:
+        trim_below_(task_vectors, model_statistic)
+    return combine(task_vectors, task_coefficients(task_vectors, scale, weights), "ties", disjoint)

@@ -1,0 +1,161 @@
+"""TIES' trim over the whole model: the streamed radix selection and the two-pass merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clpeft.errors import UserError
+from clpeft.merging import LoraAdapter, merge
+from clpeft.merging.methods.model_trim import KthLargestMagnitude
+from clpeft.merging.registry import ModelShape
+
+
+def select(blocks: list[torch.Tensor], k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Run the statistic over ``blocks`` (each ``(K, n_l)``) as the engine does; copies are fed."""
+    shape = ModelShape(sum(b.shape[1] for b in blocks), blocks[0].shape[0], dtype, torch.device("cpu"))
+    statistic = KthLargestMagnitude(k, shape)
+    while statistic.wants_sweep():
+        for block in blocks:
+            statistic.observe(block.clone())
+        statistic.end_sweep()
+    return statistic.result()
+
+
+def kth_largest_by_sorting(blocks: list[torch.Tensor], k: int) -> torch.Tensor:
+    flat = torch.cat(blocks, dim=1).abs().to(torch.float64)
+    return flat.sort(dim=1, descending=True).values[:, k - 1]
+
+
+BLOCKS = {
+    "gaussian": lambda g: [torch.randn(3, n, generator=g) * s for n, s in [(700, 1e-3), (50, 1.0), (3000, 1e-2)]],
+    "ties and zeros": lambda g: [torch.randint(-4, 5, (3, n), generator=g).float() / 8 for n in (500, 64, 1200)],
+    "float64": lambda g: [torch.randn(2, n, generator=g, dtype=torch.float64) for n in (900, 33)],
+    "tiny and huge": lambda g: [torch.tensor([[1e-30, -3e30, 0.0, 2e-38, 7.0], [5e-45, 1e38, -1e-20, 1.0, 0.0]])],
+}
+
+
+@pytest.mark.parametrize("make", BLOCKS.values(), ids=BLOCKS.keys())
+@pytest.mark.parametrize("fraction", [0.0001, 0.2, 0.5, 0.97])
+def test_kth_largest_magnitude_is_exact(make, fraction):
+    blocks = make(torch.Generator().manual_seed(0))
+    n = sum(b.shape[1] for b in blocks)
+    k = max(1, int(fraction * n))
+    found = select(blocks, k, blocks[0].dtype)
+    assert found.dtype == blocks[0].dtype
+    assert torch.equal(found.double(), kth_largest_by_sorting(blocks, k))
+
+
+def test_float32_takes_two_sweeps_float64_four_and_extremes_none():
+    def sweeps(k: int, dtype: torch.dtype) -> int:
+        statistic = KthLargestMagnitude(k, ModelShape(10, 1, dtype, torch.device("cpu")))
+        count = 0
+        while statistic.wants_sweep():
+            statistic.observe(torch.arange(10, dtype=dtype)[None])
+            statistic.end_sweep()
+            count += 1
+        return count
+
+    assert (sweeps(3, torch.float32), sweeps(3, torch.float64)) == (2, 4)
+    assert sweeps(0, torch.float32) == sweeps(10, torch.float32) == 0
+    assert KthLargestMagnitude(0, ModelShape(10, 2, torch.float32, torch.device("cpu"))).result().tolist() == [
+        float("inf")
+    ] * 2  # keep nothing
+    assert KthLargestMagnitude(10, ModelShape(10, 2, torch.float32, torch.device("cpu"))).result().tolist() == [0.0] * 2
+
+
+def flattened_ties(base: dict, finetuned: list[dict], names: list[str], density: float, scale: float) -> dict:
+    """TIES by hand on the concatenated task vectors of ``names`` (Yadav et al., Algorithm 1)."""
+    flat = torch.stack([torch.cat([(m[n] - base[n]).double().reshape(-1) for n in names]) for m in finetuned])
+    k = int(density * flat.shape[1])
+    threshold = flat.abs().sort(dim=1, descending=True).values[:, k - 1 : k]
+    trimmed = flat * (flat.abs() >= threshold)
+    sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = trimmed * (torch.sign(trimmed) == sign)
+    merged = scale * agree.sum(0) / (agree != 0).sum(0).clamp(min=1)
+    out, start = {}, 0
+    for n in names:
+        out[n] = base[n].double() + merged[start : start + base[n].numel()].view(base[n].shape)
+        start += base[n].numel()
+    return out
+
+
+def test_model_scope_trims_the_flattened_model_and_differs_from_tensor_scope(models):
+    """The default: one cut-off per task over every merged tensor (not per tensor)."""
+    base, finetuned = models
+    for m, gain in zip(finetuned, (1.0, 3.0, 0.3)):  # tensors of different magnitude: the scopes then disagree
+        name = "blocks.0.mlp.fc1.weight"
+        m[name] = base[name] + gain * (m[name] - base[name])
+    merged = merge(base, finetuned, "ties", density=0.2, scale=0.7)
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    expected = flattened_ties(base, finetuned, names, 0.2, 0.7)
+    for name in names:
+        torch.testing.assert_close(merged[name].double(), expected[name], rtol=0, atol=1e-6)
+    per_tensor = merge(base, finetuned, "ties", density=0.2, scale=0.7, trim_scope="tensor")
+    assert not torch.equal(per_tensor["blocks.0.mlp.fc1.weight"], merged["blocks.0.mlp.fc1.weight"])
+
+
+def test_model_scope_counts_only_merged_tensors(models):
+    """Skipped and base-kept tensors are no task vectors: the cut-off is over the merged ones only."""
+    base, finetuned = models
+    rules = {"skip": ["head.*"], "keep_base": ["pos_embed", "cls_token"]}
+    merged = merge(base, finetuned, "ties", density=0.3, rules=rules)
+    names = [n for n, t in base.items() if t.is_floating_point() and not n.startswith("head") and n not in rules["keep_base"]]
+    expected = flattened_ties(base, finetuned, names, 0.3, 1.0)
+    for name in names:
+        torch.testing.assert_close(merged[name].double(), expected[name], rtol=0, atol=1e-6)
+    assert torch.equal(merged["pos_embed"], base["pos_embed"]) and "head.weight" not in merged
+
+
+def test_model_scope_on_lora_adapters_uses_the_dense_deltas_of_the_adapted_layers(models):
+    base, _ = models
+    generator = torch.Generator().manual_seed(3)
+    adapted = ["blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight"]
+    adapters, finetuned = [], []
+    for _ in range(3):
+        factors = {}
+        for name in adapted:
+            out_features, in_features = base[name].shape
+            factors[name.removesuffix(".weight") + ".lora_A"] = torch.randn(2, in_features, generator=generator)
+            factors[name.removesuffix(".weight") + ".lora_B"] = torch.randn(out_features, 2, generator=generator)
+        adapter = LoraAdapter.from_state_dict(factors, alpha=2.0)
+        adapters.append(adapter)
+        delta = {n: adapter.delta(n, device=torch.device("cpu"), dtype=torch.float64).view(base[n].shape) for n in adapted}
+        finetuned.append({n: base[n].double() + delta[n] for n in adapted})
+    merged = merge(base, adapters, "ties", density=0.25)
+    expected = flattened_ties(base, finetuned, adapted, 0.25, 1.0)
+    for name in adapted:
+        torch.testing.assert_close(merged[name].double(), expected[name], rtol=0, atol=1e-5)
+
+
+def test_disjoint_sum_skips_the_division(models):
+    base, finetuned = models
+    mean = merge(base, finetuned, "ties", density=1.0, trim_scope="tensor")
+    summed = merge(base, finetuned, "ties", density=1.0, trim_scope="tensor", disjoint="sum")
+    name = "blocks.1.attn.proj.weight"
+    tv = torch.stack([m[name] - base[name] for m in finetuned])
+    sign = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
+    agree = tv * (torch.sign(tv) == sign)
+    torch.testing.assert_close(summed[name], base[name] + agree.sum(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean[name], base[name] + agree.sum(0) / (agree != 0).sum(0).clamp(min=1), rtol=0, atol=1e-6)
+
+
+def test_topk_convention_needs_tensor_scope(models):
+    base, finetuned = models
+    with pytest.raises(UserError, match="^parameters.trim: trim: topk .* needs trim_scope: tensor"):
+        merge(base, finetuned, "ties", trim="topk")
+    merge(base, finetuned, "ties", trim="topk", trim_scope="tensor")
+
+
+def test_a_model_mixing_float64_and_float32_tensors_trims_exactly(models):
+    """The cut-off is selected in float64 and rounded up for float32 rows: the same entries survive."""
+    base, finetuned = models
+    name = "blocks.0.attn.proj.weight"
+    base = {**base, name: base[name].double()}
+    finetuned = [{**m, name: m[name].double()} for m in finetuned]
+    merged = merge(base, finetuned, "ties", density=0.2)
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    expected = flattened_ties(base, finetuned, names, 0.2, 1.0)
+    for n in names:
+        torch.testing.assert_close(merged[n].double(), expected[n], rtol=0, atol=1e-6)
+    assert merged[name].dtype == torch.float64
