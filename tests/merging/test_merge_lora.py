@@ -66,7 +66,8 @@ def test_linear_merge_from_factors_equals_merging_the_dense_deltas(adapters, met
 
 
 @pytest.mark.parametrize(
-    ("method", "params"), [("ties", {"density": 0.3}), ("dare", {"drop_rate": 0.5, "consensus": "ties"})]
+    ("method", "params"),
+    [("ties", {"density": 0.3, "trim_scope": "tensor"}), ("dare", {"drop_rate": 0.5, "consensus": "ties"})],
 )
 def test_ties_and_dare_on_adapters_use_each_layers_dense_deltas(adapters, method, params):
     base, loras = adapters
@@ -125,7 +126,8 @@ def test_peft_adapter_equals_peft_merge_and_unload(tmp_path, use_rslora):
     expected = peft_model.merge_and_unload().state_dict()
     save_file(base, tmp_path / "base.safetensors")
 
-    merge_files(tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", "task_arithmetic")
+    merge_files(tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", "task_arithmetic",
+                scale=1.0)  # one adapter, added whole: merge_and_unload
     merged = load_file(tmp_path / "out.safetensors")
     assert merged.keys() == expected.keys()
     for name in expected:
