@@ -12,10 +12,17 @@ unlabeled test batches of every task (the paper's surrogate for the unavailable 
     min_lambda  sum_k  mean_{x in B_k}  H(softmax(f_k(x; theta(lambda)))),   H(p) = -sum_c p_c log p_c.
 
 Every task keeps its own classification head ``f_k`` (heads are not merged); normalisation
-statistics are averaged, not learned (:mod:`~clpeft.merging.rules`). As in the
-authors' code, the coefficients start at ``0.3``, are clamped to ``[0, 1]`` in the forward
-pass, and are trained with Adam (lr 1e-3, betas 0.9/0.999), one batch per task per step;
-the paper runs 500 steps with batches of 16.
+statistics are averaged, not learned (:mod:`~clpeft.merging.rules`).
+
+As in the authors' code (``main_task_wise_adamerging.py``, ``main_layer_wise_adamerging.py``;
+tests/reference/test_merging.py runs their training loop next to this one): the coefficients
+start at the prior ``0.3``, are clamped to ``[0, 1]`` in the forward pass (the base keeps
+coefficient 1), and are trained with Adam (lr 1e-3, betas 0.9/0.999, no weight decay) for
+500 steps. Each step builds a new shuffled loader per task and takes its first two batches
+of 16 (``if i > 0: break``); the objective is the sum over tasks and batches of each batch's
+mean entropy, and one Adam step follows. Here every step starts a new pass over each loader
+(``fresh_pass``) and takes its first ``batches`` batches: give shuffling loaders with batches
+of 16 to draw as the reference does.
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ def adamerging(
     init: float = 0.3,
     steps: int = 500,
     lr: float = 1e-3,
+    batches: int = 2,
+    fresh_pass: bool = True,
     rules: MergeRules | None = None,
 ) -> AdaMergingResult:
     """AdaMerging: task- or layer-wise coefficients learned by entropy minimisation (Yang et al., ICLR 2024).
@@ -91,17 +100,25 @@ def adamerging(
         base: the pretrained state dict ``theta_0``.
         finetuned: the fine-tuned state dicts ``theta_k``.
         forward: runs the model on a batch with task ``k``'s head (see :func:`functional_forward`).
-        loaders: one iterable of unlabeled batches per model, in the same order; a batch may
-            be ``(inputs, labels)``, whose labels are ignored. Iterables are restarted when exhausted.
+        loaders: one iterable of unlabeled batches per model, in the same order (shuffling
+            loaders with batches of 16, as the reference's); a batch may be ``(inputs, labels)``,
+            whose labels are ignored.
         granularity: ``"layer"`` (one ``lambda_k^l`` per tensor) or ``"task"`` (one ``lambda_k``).
-        init: initial coefficients (the paper's prior, 0.3).
-        steps: optimisation steps (500 in the paper).
-        lr: Adam learning rate (1e-3 in the paper).
+        init: initial coefficients (the reference's prior, 0.3).
+        steps: optimisation steps (500 in the reference).
+        lr: Adam learning rate (1e-3 in the reference).
+        batches: batches of each task per step, their mean entropies summed (2 in the reference;
+            a loader with fewer gives what it has).
+        fresh_pass: start a new pass over every loader at each step, as the reference's new
+            loader per step does (a shuffling loader then draws fresh batches every step);
+            ``False`` continues where the last step stopped and restarts an exhausted loader.
         rules: tensors to skip or keep from the base, as for every method.
 
     Returns:
         The merged state dict, the learned coefficients and the entropy curve.
     """
+    if not isinstance(batches, int) or batches < 1:
+        raise UserError(f"should be a whole number of batches >= 1, got {batches!r}", key="batches")
     if len(loaders) != len(finetuned):
         raise UserError(
             f"got {len(loaders)} data loaders for {len(finetuned)} models; give one per model", key="loaders"
@@ -127,11 +144,13 @@ def adamerging(
             state[name] = base[name] + torch.tensordot(c, task_vectors[name], dims=1)
         return state
 
-    batches = [_endless(loader, device) for loader in loaders]
+    draws = [_Draws(loader, batches, fresh_pass, device) for loader in loaders]
     history = []
     for _ in range(steps):
         state = merged(raw.clamp(0.0, 1.0))
-        loss = sum(entropy(forward(state, task, next(it))).mean() for task, it in enumerate(batches))
+        loss = sum(
+            entropy(forward(state, task, inputs)).mean() for task, draw in enumerate(draws) for inputs in draw.next()
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -155,13 +174,31 @@ def _task_vectors(
     return stacked
 
 
-def _endless(loader: Iterable[Any], device: torch.device) -> Iterator[Any]:
-    """Inputs of every batch of ``loader``, restarting it when it runs out."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
+class _Draws:
+    """The inputs one task contributes to each step: ``count`` batches of ``loader``."""
+
+    def __init__(self, loader: Iterable[Any], count: int, fresh_pass: bool, device: torch.device):
+        self.loader, self.count, self.fresh_pass, self.device = loader, count, fresh_pass, device
+        self._pass: Iterator[Any] | None = None
+
+    def next(self) -> list[Any]:
+        """A fresh pass's first ``count`` batches (``fresh_pass``), or the next ``count`` ones."""
+        if self.fresh_pass or self._pass is None:
+            self._pass = iter(self.loader)
+        taken: list[Any] = []
+        restarted = self.fresh_pass
+        while len(taken) < self.count:
+            batch = next(self._pass, _END)
+            if batch is _END:
+                if restarted:  # a fresh pass ran out: fewer batches than count (the reference's too)
+                    break
+                self._pass, restarted = iter(self.loader), True
+                continue
             inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            yield inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
-        if empty:
+            taken.append(inputs.to(self.device) if isinstance(inputs, torch.Tensor) else inputs)
+        if not taken:
             raise UserError("a data loader given to adamerging yields no batches", key="loaders")
+        return taken
+
+
+_END = object()
