@@ -7,6 +7,7 @@ import errno
 import functools
 import importlib.util
 import os
+import re
 import sys
 import time
 import warnings
@@ -30,7 +31,7 @@ def _run(args) -> int:
     if out is None:
         if args.resume:
             raise UserError("--resume needs the run directory: clpeft run RUN_DIR --resume (or --out RUN_DIR)")
-        out = cfg.out or f"runs/{target.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = cfg.out or f"runs/{target.stem}-{_method_name(cfg.strategy.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     engine_kwargs = {"device": args.device, "force": args.force, "deterministic": args.deterministic}
     world, _ = distributed.init_from_env(args.device)  # under torchrun: join the ranks before touching OUT
     out = world.broadcast_object(out)  # one directory, even when it is named after the start time
@@ -64,6 +65,11 @@ def _bench(args) -> int:
     result = bench(config.load(args.config, args.set), device=args.device, steps=args.steps, warmup=args.warmup)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
     return 0
+
+
+def _method_name(name: str) -> str:
+    """A strategy name fit for a directory: ``l2p``, or the class of a plug-in ``path/my.py:MyMethod``."""
+    return re.sub(r"[^\w.-]", "_", name.rpartition(":")[2])
 
 
 def _silent(*args, **kwargs) -> None:
@@ -164,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a continual-learning experiment from a YAML config")
     run.add_argument("config", help="YAML config (or a run directory with --resume)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=0.1")
-    run.add_argument("--out", help="run directory (default runs/<config>-<timestamp>)")
+    run.add_argument("--out", help="run directory (default runs/<config>-<strategy>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
     run.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the stored one")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -77,7 +77,7 @@ def config_reference() -> str:
     """Markdown tables of every config section and registered class."""
     head = "| key | type | default | meaning |\n|---|---|---|---|"
     parts = [
-        "Top level: `seed` (int, default 0), `out` (run directory, default `runs/<config>-<time>`), "
+        "Top level: `seed` (int, default 0), `out` (run directory, default `runs/<config>-<strategy>-<time>`), "
         "and the sections below."
     ]
     for section, model in (("train", config.TrainConfig), ("eval", config.EvalConfig), ("logging", config.LoggingConfig)):

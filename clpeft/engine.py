@@ -73,6 +73,7 @@ from clpeft.errors import RunError, UserError
 from clpeft.experience import Experience
 from clpeft.feature_cache import FeatureCache, default_cache_dir
 from clpeft.logging import RunLogger
+from clpeft.provenance import provenance
 from clpeft.resizing import replace_parameters
 from clpeft.run_directory import RunLock, config_changes, fixed_changes, format_changes, run_files
 from clpeft.strategy import Strategy
@@ -246,7 +247,7 @@ class Engine:
         if self.world.is_main:
             self._lock = RunLock(out)
         cfg_path = out / "config.yaml"
-        resolved = self.cfg.to_dict()
+        resolved = self._resolved_config()
         if self.resume:
             if not cfg_path.is_file():
                 raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start one")
@@ -270,6 +271,10 @@ class Engine:
             _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
         self.world.barrier()
 
+    def _resolved_config(self) -> dict:
+        """The config as run: every default filled in, and ``out`` the directory actually written."""
+        return {**self.cfg.to_dict(), "out": str(self.out_dir)}
+
     def _accept_forced_config(self, log: RunLogger) -> None:
         """After a ``--resume --force`` loaded its checkpoint: record the changes, then store the new config."""
         if not self._forced or not self.world.is_main:
@@ -277,7 +282,7 @@ class Engine:
         log.event("config_forced", changes=[{"key": k, "stored": a, "now": b} for k, a, b in self._forced],
                   previous=self._stored_config)
         log.print(f"resumed with a changed config (--force): {format_changes(self._forced)}")
-        _write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        _write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self._resolved_config(), sort_keys=False))
 
     def _build(self) -> tuple[list[Experience], Strategy]:
         cfg = self.cfg
@@ -406,7 +411,7 @@ class Engine:
             if self.world.is_main:
                 checkpoint.save(self.out_dir / "checkpoints", exp.index, {
                     "experience": exp.index, "strategy": strategy.state_dict(), "rows": rows,
-                    "timing": timing, "baseline": baseline, "config": self.cfg.to_dict(),
+                    "timing": timing, "baseline": baseline, "config": self._resolved_config(),
                 }, keep=self.cfg.logging.keep_checkpoints)
         return self._finish(rows, timing, baseline, stream, strategy, log)
 
@@ -442,7 +447,7 @@ class Engine:
             correct, counts, start = [], [], 1
             timing = self._source_phase(strategy, source_exp, log)
             checkpoint.save(source_dir, 0, {"experience": 0, "strategy": strategy.state_dict(), "timing": timing,
-                                            "config": self.cfg.to_dict()}, keep=1)
+                                            "config": self._resolved_config()}, keep=1)
         if self.resume:
             self._accept_forced_config(log)
         source_state = None
@@ -463,7 +468,7 @@ class Engine:
             log.print(f"domain {exp.index}/{len(stream)} ({exp.domain}): online error = {error:.4f}")
             checkpoint.save(ckpt_dir, exp.index, {
                 "experience": exp.index, "strategy": strategy.state_dict(), "correct": correct, "counts": counts,
-                "timing": timing, "config": self.cfg.to_dict(),
+                "timing": timing, "config": self._resolved_config(),
             }, keep=self.cfg.logging.keep_checkpoints)
         return self._finish_tta(correct, counts, timing, stream, strategy, log)
 
@@ -556,6 +561,7 @@ class Engine:
                 "peak_memory_mb": max(t["peak_memory_mb"] for t in timing),
             },
             "parameters": strategy.count_parameters(),
+            "provenance": provenance(self.device),
             "class_names": self.scenario.class_names,
         }
         self._write_result(result, strategy, log)
@@ -696,6 +702,7 @@ class Engine:
                 "peak_memory_mb": max(t["peak_memory_mb"] for t in timing),
             },
             "parameters": strategy.count_parameters(),
+            "provenance": provenance(self.device),
             "class_names": getattr(self.scenario, "class_names", None),
         }
         self._write_result(result, strategy, log)
