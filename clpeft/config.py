@@ -59,6 +59,8 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: auto = on CUDA, off on CPU; bf16 = required (CUDA only)")
     compile: bool = Field(False, description="torch.compile the backbone (CUDA only)")
     num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded from files")
+    drop_last: bool = Field(False, description="skip each epoch's last, smaller batch (as the official loaders of "
+                            "CODA-Prompt and PILOT's coda_prompt do)")
     feature_cache: Literal["disk", "memory", "off"] = Field(
         "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
     )

@@ -587,7 +587,8 @@ class Engine:
         optimizer = make_optimizer(strategy.param_groups(train.lr), train)
         named = dict(strategy.named_parameters())  # what after_training_step may replace
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, exp.index, "order"))
-        steps_per_epoch = -(-len(data) // train.batch_size) if optimizer and len(data) else 0
+        full, partial = divmod(len(data), train.batch_size) if optimizer else (0, 0)
+        steps_per_epoch = full + (1 if partial and not train.drop_last else 0)
         n_steps = train.epochs * steps_per_epoch
         step_fn = training_step_fn(strategy, self.world) if n_steps else None
         if self.world.active:  # independent dropout/augmentation draws per rank (re-synchronised below)
@@ -600,11 +601,11 @@ class Engine:
                 strategy.train()
                 strategy.epoch = epoch
                 total, count = 0.0, 0
-                global_sizes = torch.arange(len(data)).split(train.batch_size)
-                for batch, chunk in zip(self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
-                                                          uses_features=strategy.uses_features, with_query=strategy.needs_query,
-                                                          augment=self.augment),
-                                        global_sizes):
+                global_sizes = torch.arange(len(data)).split(train.batch_size)[:steps_per_epoch]
+                batches = self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
+                                            uses_features=strategy.uses_features, with_query=strategy.needs_query,
+                                            augment=self.augment)
+                for chunk, batch in zip(global_sizes, batches):  # global_sizes first: a dropped batch is never loaded
                     with self.autocast():
                         loss, value, n = step_fn(batch, len(chunk))
                     if not math.isfinite(value):

@@ -270,3 +270,20 @@ def test_cosine_schedule_and_gradient_clipping_act_on_every_step(tmp_path, digit
     assert all(lr == 0.5 for lr, _ in plain)
     assert max(norm for _, norm in seen) <= 0.05 * (1 + 1e-5)
     assert max(norm for _, norm in plain) > 0.05
+
+
+def test_drop_last_skips_each_epochs_smaller_batch(tmp_path, digits_run, monkeypatch):
+    """``train.drop_last``: as a DataLoader with ``drop_last=True``, every step sees a full batch."""
+    from clpeft.strategy import Strategy
+
+    sizes = []
+    original = Strategy.training_step
+    monkeypatch.setattr(Strategy, "training_step", lambda self, batch: sizes.append(len(batch.y)) or original(self, batch))
+    digits_run["scenario"]["n_experiences"] = 1
+    digits_run["train"].update(epochs=2, batch_size=100)
+    n_train = 1257  # sklearn digits' training split
+    _run({**digits_run, "train": {**digits_run["train"], "drop_last": True}}, tmp_path / "dropped")
+    assert sizes == [100] * (2 * (n_train // 100))
+    sizes.clear()
+    _run(digits_run, tmp_path / "kept")
+    assert sizes == ([100] * (n_train // 100) + [n_train % 100]) * 2
