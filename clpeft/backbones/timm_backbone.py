@@ -17,9 +17,11 @@ Weights come from one of three places:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import timm
 import torch
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
 from clpeft.backbones import offline_weights, vit, weights_file
@@ -55,6 +57,15 @@ class TimmBackbone(Backbone):
         split_qkv: give each attention's query, key and value projections linears of their own
             (``attn.qkv.q``, ``attn.qkv.k``, ``attn.qkv.v``), so LoRA can adapt them apart, e.g.
             ``targets: [qkv.k, qkv.v]`` as in InfLoRA (:mod:`clpeft.backbones.split_qkv`).
+        mean: per-channel mean subtracted from the [0, 1] image (give ``std`` with it); default:
+            the weights' own (timm's pretrained config). ``[0, 0, 0]`` with ``std: [1, 1, 1]``
+            feeds [0, 1] images unnormalised, as the official code of L2P, DualPrompt,
+            CODA-Prompt and LAMDA-PILOT's SimpleCIL/APER/RanPAC does.
+        std: per-channel divisor after ``mean``; default: the weights' own.
+        crop_pct: resize an input of another size so its shorter side is ``img_size / crop_pct``
+            (bicubic), then centre-crop ``img_size``: the evaluation transform of timm and of the
+            official L2P/DualPrompt code (``0.875``: ``Resize(256) + CenterCrop(224)``); default:
+            resize straight to ``img_size`` (bilinear).
     """
 
     def __init__(
@@ -66,6 +77,9 @@ class TimmBackbone(Backbone):
         freeze: bool = True,
         img_size: int | None = None,
         split_qkv: bool = False,
+        mean: list[float] | None = None,
+        std: list[Annotated[float, Field(gt=0)]] | None = None,
+        crop_pct: Annotated[float, Field(gt=0, le=1)] | None = None,
     ):
         super().__init__()
         if not timm.is_model(model):  # accepts pretrained tags: vit_base_patch16_224.augreg_in21k
@@ -74,8 +88,11 @@ class TimmBackbone(Backbone):
             raise UserError(f"unknown timm model '{model}'{close_matches(model, timm.list_models())}", key="backbone.model")
         if pretrained and weights:
             raise UserError("give either 'pretrained: true' (hub) or 'weights' (offline), not both", key="backbone.weights")
+        self.check_config({"mean": mean, "std": std})
+        scaling = {"mean": mean, "std": std, "crop_pct": crop_pct}
         self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size,
-                          **({"split_qkv": True} if split_qkv else {})}  # the features' identity (cache key)
+                          **({"split_qkv": True} if split_qkv else {}),
+                          **{k: v for k, v in scaling.items() if v is not None}}  # the features' identity (cache key)
         is_file = bool(weights) and Path(weights).expanduser().exists()
         file, tensors, from_run = weights_file.read(weights) if is_file else (None, {}, False)
         if weights and not is_file:
@@ -94,7 +111,11 @@ class TimmBackbone(Backbone):
                                      ignore=classifier_names(self.net), fix=fix)
         cfg = timm.data.resolve_data_config(model=self.net)
         size = img_size or cfg["input_size"][-1]
-        self.preprocessor = ImagePreprocess(size, cfg["mean"], cfg["std"])
+        mean, std = (cfg["mean"], cfg["std"]) if mean is None else (mean, std)
+        if not len(mean) == len(std) == cfg["input_size"][0]:
+            raise UserError(f"mean and std need {cfg['input_size'][0]} values each (one per input channel), "
+                            f"got {len(mean)} and {len(std)}", key="backbone.mean")
+        self.preprocessor = ImagePreprocess(size, mean, std, crop_pct=crop_pct)
         self.feature_dim = self.net.num_features
         if split_qkv and not split_qkv_layers(self.net):
             raise UserError(f"'{model}' has no fused qkv projection to split; drop split_qkv", key="backbone.split_qkv")
@@ -102,6 +123,13 @@ class TimmBackbone(Backbone):
             weights_file.load_strict(self, tensors, file, shown=weights_file.RUN_PREFIX, fix=weights_file.RUN_FIX)
         if freeze:
             self.freeze()
+
+    @classmethod
+    def check_config(cls, params: dict) -> None:
+        mean, std = params.get("mean"), params.get("std")
+        if (mean is None) != (std is None):
+            raise UserError("give mean and std together (or neither: the weights' own)",
+                            key="backbone.mean" if mean is None else "backbone.std")
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return self.preprocessor(x)
@@ -114,13 +142,15 @@ class TimmBackbone(Backbone):
         """True when prompt tokens and prefixes can be injected (the model is a timm VisionTransformer)."""
         return isinstance(self.net, VisionTransformer)
 
-    def forward_prompted(self, x: torch.Tensor, *, prompts=None, prefixes=None, pool: str = "default") -> torch.Tensor:
+    def forward_prompted(self, x: torch.Tensor, *, prompts=None, prefixes=None, pool: str = "default",
+                         prompt_position: str = "none") -> torch.Tensor:
         """Features of raw inputs ``x`` with prompt tokens / prefix key-values injected.
 
         See :func:`clpeft.backbones.vit.forward_prompted`. With nothing injected it equals
         ``self(x)``: the frozen features the feature cache holds, i.e. prompt methods' query.
         """
-        return vit.forward_prompted(self.net, self.preprocess(x), prompts=prompts, prefixes=prefixes, pool=pool)
+        return vit.forward_prompted(self.net, self.preprocess(x), prompts=prompts, prefixes=prefixes, pool=pool,
+                                    prompt_position=prompt_position)
 
     def count_passes(self) -> vit.ForwardPassCounter:
         """Count forward passes (plain, prompted, feature cache): ``with bb.count_passes() as n: ...``."""
