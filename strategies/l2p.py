@@ -10,18 +10,28 @@ after the last block (the official ``head_type='prompt'``). The loss is eq. 5::
     L = CE(f(x_p), y) + lambda * sum_{s_i in K_x} gamma(q(x), k_{s_i}),   gamma = 1 - cos
 
 with the cross-entropy over the current experience's classes (the official ``train_mask``).
-Prompt tokens get no position embedding here; the official port gives them the frozen [CLS]
-position embedding, a constant offset the learnable prompts absorb.
+As in the official port (JH-LEE-KR/l2p-pytorch) the prompt tokens carry the frozen [CLS]
+position embedding (``prompt_position: cls``); the official code subtracts
+``lambda * sum cos`` instead of adding ``lambda * sum (1 - cos)``: the loss is ``lambda * N``
+higher here, the gradients are the same (``tests/reference/test_l2p.py``).
+
+**Batch-wise selection leaks task identity at test time.** With ``batchwise_selection`` (the
+official ``batchwise_prompt``) the ``N`` prompts chosen most often in a batch serve all of its
+samples. Test batches hold one experience's images (each experience is scored on its own), so
+the majority vote pools evidence from same-task images: a sample's prediction depends on its
+batch mates, and larger test batches help more. The published configs keep it, with the official
+evaluation batch size (16); everything else selects per sample (the default).
 
 Paper symbols -> parameters: ``M`` -> ``pool_size``, ``L_p`` -> ``prompt_length``,
 ``N`` -> ``top_k``, ``lambda`` -> ``matching_weight``.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
+from clpeft.backbones.vit import class_token_position
 from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
 from clpeft.components.prompt_pool import PromptPool
 from clpeft.components.prompted_classifier import ClassMask, promptable_width, query_of
@@ -43,8 +53,10 @@ class L2P(Strategy):
         top_k: ``N``, prompts selected per input.
         matching_weight: ``lambda``, weight of the key-matching loss.
         batchwise_selection: use the ``N`` prompts chosen most often in the batch for all its
-            samples (the official code's default; at test time this shares information across
-            the samples of a batch).
+            samples (the official ``batchwise_prompt``; at test time it shares task evidence
+            across the single-experience test batch, see the module docstring).
+        prompt_position: position embedding of the prompt tokens: ``cls``, the class token's
+            (official code), or ``none``.
         diversity: weight training-time prompt selection by past prompt frequencies (eq. 4).
         train_mask: restrict the cross-entropy to the current experience's classes.
         align: predict with a copy of the head re-trained after every experience on sampled
@@ -65,6 +77,7 @@ class L2P(Strategy):
         top_k: Annotated[int, Field(ge=1)] = 5,
         matching_weight: Annotated[float, Field(ge=0)] = 0.1,
         batchwise_selection: bool = False,
+        prompt_position: Literal["cls", "none"] = "cls",
         diversity: bool = False,
         train_mask: bool = True,
         align: bool = False,
@@ -76,6 +89,12 @@ class L2P(Strategy):
         self.prompt_pool = PromptPool(pool_size, prompt_length, width, top_k, backbone.feature_dim,
                                batchwise_selection, diversity)
         self.matching_weight = matching_weight
+        if prompt_position == "cls":
+            try:
+                class_token_position(backbone.net)
+            except ValueError as error:
+                raise UserError(f"{error}; set prompt_position: none", key="strategy.prompt_position") from None
+        self.prompt_position = prompt_position
         self.mask = ClassMask(train_mask)
         self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
 
@@ -101,7 +120,9 @@ class L2P(Strategy):
         """The prompted features the head reads, and the key-matching loss."""
         selection = self.prompt_pool(query_of(self.backbone, x, query), train=train)
         pool = "prompt_mean" if selection.prompts.shape[1] else "default"
-        return self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool), selection.matching_loss
+        features = self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool,
+                                                  prompt_position=self.prompt_position)
+        return features, selection.matching_loss
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         features, matching = self._features(batch.x, batch.features, train=True)

@@ -45,6 +45,8 @@ from torch.utils.checkpoint import checkpoint
 
 Pool = Literal["default", "cls", "avg", "prompt_mean", "tokens"]
 POOLS: tuple[str, ...] = ("default", "cls", "avg", "prompt_mean", "tokens")
+#: Position embedding of prompt tokens: none, or the class token's (L2P's official code).
+PromptPosition = Literal["none", "cls"]
 
 #: Prompt tokens: one tensor (inserted at the input, layer 0) or ``{layer: tensor}``.
 Prompts = torch.Tensor | Mapping[int, torch.Tensor]
@@ -59,6 +61,7 @@ def forward_prompted(
     prompts: Prompts | None = None,
     prefixes: Prefixes | None = None,
     pool: Pool = "default",
+    prompt_position: PromptPosition = "none",
 ) -> torch.Tensor:
     """Pre-logits features of a timm ViT with prompt tokens and prefix key/values injected.
 
@@ -70,7 +73,8 @@ def forward_prompted(
             embedding width. A tensor is inserted before the first block (L2P, shallow VPT).
             A mapping ``{layer: tokens}`` inserts them before block ``layer``; a later layer's
             tokens *replace* the prompt tokens present at that point (deep VPT). Prompt
-            tokens get no position embedding and sit right after the class/register tokens.
+            tokens sit right after the class/register tokens; their position embedding is
+            ``prompt_position``'s.
         prefixes: ``{layer: (keys, values)}``, each ``(B, L_p, D_attn)`` or ``(L_p, D_attn)``
             with ``D_attn = num_heads * head_dim`` (the embedding width for timm ViTs), e.g. a
             ``(2, B, L_p, D_attn)`` tensor. Block ``layer`` attends with ``K = [keys; K]`` and
@@ -90,6 +94,11 @@ def forward_prompted(
 
             ``"cls"``, ``"avg"`` and ``"prompt_mean"`` then apply ``model.fc_norm`` and
             ``model.head_drop`` as timm does after its pooling.
+        prompt_position: ``"none"``: prompt tokens get no position embedding; ``"cls"``: each
+            gets the class token's, as in L2P's official code (JH-LEE-KR/l2p-pytorch, whose
+            ``resize_pos_embed`` expands the pretrained [CLS] position embedding over the prompt
+            positions). The offset is a constant: it shifts the prompts' effective
+            initialisation, not their gradients.
 
     Returns:
         ``(B, D)`` features (``(B, N, D)`` for ``pool="tokens"``).
@@ -98,12 +107,13 @@ def forward_prompted(
         TypeError: ``model`` is not a timm ``VisionTransformer``, or a block that gets a prefix
             is not a standard timm ``Block`` with ``Attention``.
         ValueError: a layer index out of range, a width or batch size that does not fit, or a
-            pool that needs what is missing (``"prompt_mean"`` without prompts, ``"cls"``
-            without a class token).
+            pool or prompt position that needs what is missing (``"prompt_mean"`` without
+            prompts, ``"cls"`` without a class token or its position embedding).
     """
     prompt_at = _prompt_layers(prompts)
     prefix_at = {layer: tuple(pair) for layer, pair in (prefixes or {}).items()}
     _check(model, x.shape[0], prompt_at, prefix_at, pool)
+    offset = class_token_position(model) if prompt_position == "cls" else None
     # timm's forward_features, with a hook between blocks
     x = model.patch_embed(x)
     x = model._pos_embed(x)
@@ -113,7 +123,8 @@ def forward_prompted(
     use_checkpoint = model.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
     for i, block in enumerate(model.blocks):
         if i in prompt_at:
-            tokens = _batched(prompt_at[i], x.shape[0]).to(x.dtype)
+            tokens = _batched(prompt_at[i], x.shape[0])
+            tokens = (tokens if offset is None else tokens + offset).to(x.dtype)
             if tokens.shape[1] or n_prompt:
                 x = torch.cat([x[:, :start], tokens, x[:, start + n_prompt :]], dim=1)
                 n_prompt = tokens.shape[1]
@@ -140,6 +151,18 @@ def query_features(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
         x: preprocessed model input ``(B, C, H, W)``.
     """
     return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def class_token_position(model: VisionTransformer) -> torch.Tensor:
+    """``(D,)`` position embedding of the class token (what L2P's official code gives its prompts).
+
+    Raises:
+        ValueError: the model has no class token, or no position embedding for it
+            (``no_embed_class``, no ``pos_embed``).
+    """
+    if not model.has_class_token or model.no_embed_class or model.pos_embed is None:
+        raise ValueError("prompt_position 'cls' needs a model whose class token has a position embedding")
+    return model.pos_embed[0, 0]
 
 
 def block_with_prefix(block: Block, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ Options:
   during the previous tasks, ``argmin sum_i gamma(q(x), k_{s_i}) * h_{s_i}`` (eq. 4), so rarely
   used prompts are preferred. Inference uses eq. 3 unchanged.
 * **batch-wise selection** (official code's ``batchwise_prompt``): the ``N`` prompts chosen
-  most often within the batch are used for every sample. Note that when a test batch holds one
-  experience's data, this shares information across its samples.
+  most often within the batch are used for every sample. When a test batch holds one
+  experience's data (as in the official evaluation and clpeft's), this pools task evidence
+  across its samples: a sample's prediction depends on its batch mates.
 
 Initialisation as in the official code: prompts and keys uniform in ``[-1, 1]``.
 """
@@ -63,7 +64,9 @@ def cosine_distance(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def batchwise_majority(indices: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` indices chosen most often in a ``(B, N)`` batch of choices, for every row.
 
-    Ties go to the smaller index (the official code's ``unique`` + ``topk`` on sorted ids).
+    Ties go to the smaller index. The official code takes ``topk`` of the vote counts of the
+    sorted ids, which leaves the order of ties to torch (unspecified, and different on CPU and
+    CUDA): where the ``k``-th and ``k+1``-th counts tie, it may choose other prompts.
     """
     ids, counts = torch.unique(indices, return_counts=True, sorted=True)
     if len(ids) < k:  # fewer distinct choices than slots: the official code pads with the smallest id

@@ -245,6 +245,7 @@ def test_l2p_loss_is_masked_cross_entropy_plus_lambda_times_one_minus_cosine():
     cos = _cos(_np(query), _np(strategy.prompt_pool.keys))
     idx = np.argsort(-cos, axis=1, kind="stable")[:, :2]
     prompts = torch.stack([torch.cat([strategy.prompt_pool.prompts[i] for i in row]) for row in idx])
+    prompts = prompts + strategy.backbone.net.pos_embed[0, 0]  # the [CLS] position, as the official port
     with torch.no_grad():
         features = strategy.backbone.forward_prompted(x, prompts=prompts, pool="prompt_mean")
     logits = _np(features) @ _np(strategy.head.weight).T + _np(strategy.head.bias)
