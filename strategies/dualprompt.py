@@ -12,7 +12,25 @@ nearest key is used. The loss is eq. 4::
 
 with the cross-entropy over the current experience's classes (the official ``train_mask``);
 the classifier reads the [CLS] token (``head_type='token'``). As in the official code a new
-task's E-prompt starts as a copy of the previous one (``shared_prompt_pool``).
+task's E-prompt starts as a copy of the previous one (``shared_prompt_pool``). The official code
+subtracts ``lambda * cos`` instead of adding ``lambda * (1 - cos)``: the loss is ``lambda``
+higher here, the gradients are the same (``tests/reference/test_dualprompt.py``).
+
+Two deliberate differences from the official port (JH-LEE-KR/dualprompt-pytorch):
+
+* its E-prompt lookup reshapes ``(layers, key/value, B, ...)`` to ``(layers, B, key/value, ...)``
+  without permuting, so within a batch of ``B`` the first half of the samples get the key prefix
+  as both keys and values and the second half the value prefix, and with per-sample selection a
+  sample attends to other samples' E-prompts (dualprompt-pytorch issue #8, mammoth issues #56,
+  #65). clpeft gives every sample its own E-prompt's keys and values, as the paper describes;
+* at test time it chooses among all ``pool_size`` keys, untrained ones included; clpeft among the
+  keys of the tasks trained so far (see :class:`~clpeft.components.prefix_prompt.PrefixPrompt`).
+
+**Batch-wise selection leaks task identity at test time.** With ``batchwise_selection`` (the
+official CIFAR-100 ``batchwise_prompt``) the E-prompt chosen most often in a test batch serves
+all of it; test batches hold one experience's images, so the vote pools task evidence across the
+batch. The published CIFAR-100 config keeps it with the official evaluation batch size (24);
+everything else selects per sample (the default).
 
 Paper symbols -> parameters: ``L_g`` -> ``g_length``, ``start_g..end_g`` -> ``g_layers``,
 ``L_e`` -> ``e_length``, ``start_e..end_e`` -> ``e_layers``, ``M`` (E-prompts) -> ``pool_size``,
@@ -47,7 +65,8 @@ class DualPrompt(Strategy):
         e_layers: layers that get the E-prompt.
         matching_weight: ``lambda``, weight of the key-matching loss.
         batchwise_selection: at test time, use the E-prompt chosen most often in the batch for
-            all its samples (official code; shares information across a test batch).
+            all its samples (the official CIFAR-100 ``batchwise_prompt``; it shares task evidence
+            across the single-experience test batch, see the module docstring).
         copy_previous: start each task's E-prompt from the previous task's.
         train_mask: restrict the cross-entropy to the current experience's classes.
         align: predict with a copy of the head re-trained after every experience on sampled

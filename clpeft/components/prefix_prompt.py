@@ -21,7 +21,10 @@ As in the official code (google-research/l2p, JH-LEE-KR/dualprompt-pytorch) prom
 initialised uniformly in ``[-1, 1]``, keys and values are separate parameters, and a new task's
 E-prompt may start as a copy of the previous task's (``shared_prompt_pool``, see
 :meth:`PrefixPrompt.start_task`). Unlike the official code, inference chooses among the keys of
-the tasks trained so far only (untrained keys are random and carry nothing).
+the tasks trained so far only (untrained keys are random and carry nothing; at ViT-B's width a
+random key is nearly orthogonal to every query, so the official code practically never picks one
+either), and every sample gets its own E-prompt's keys and values (the official PyTorch port's
+E-prompt reshape mixes them across the batch; see :mod:`clpeft.strategies.dualprompt`).
 """
 
 from __future__ import annotations
