@@ -77,11 +77,7 @@ def _official_pair(port, strategy: DualPrompt):
     net, args = strategy.backbone.net, port.args
     args.size = strategy.prompt_prefix.pool_size
     original = official_model(port.vt, net, args, prompted=False)
-    model = official_model(
-        port.vt, net, args, prompted=True, use_g_prompt=args.use_g_prompt, g_prompt_length=args.g_prompt_length,
-        g_prompt_layer_idx=args.g_prompt_layer_idx, use_prefix_tune_for_g_prompt=args.use_prefix_tune_for_g_prompt,
-        use_e_prompt=args.use_e_prompt, e_prompt_layer_idx=args.e_prompt_layer_idx,
-        use_prefix_tune_for_e_prompt=args.use_prefix_tune_for_e_prompt, same_key_value=args.same_key_value)
+    model = _official_prompted(port, net)
     p = strategy.prompt_prefix
     heads = net.blocks[0].attn.num_heads
     with torch.no_grad():  # clpeft (task, layer, k/v, L, D) <-> port (layer, k/v, task, L, heads, D / heads)
@@ -93,6 +89,16 @@ def _official_pair(port, strategy: DualPrompt):
         model.head.bias.copy_(strategy.head.bias)
     freeze_as_official(model, original, args)
     return original.eval(), model
+
+
+def _official_prompted(port, net):
+    """The port's prompted ``model`` as ``main.py`` creates it, with ``net``'s backbone weights."""
+    args = port.args
+    return official_model(
+        port.vt, net, args, prompted=True, use_g_prompt=args.use_g_prompt, g_prompt_length=args.g_prompt_length,
+        g_prompt_layer_idx=args.g_prompt_layer_idx, use_prefix_tune_for_g_prompt=args.use_prefix_tune_for_g_prompt,
+        use_e_prompt=args.use_e_prompt, e_prompt_layer_idx=args.e_prompt_layer_idx,
+        use_prefix_tune_for_e_prompt=args.use_prefix_tune_for_e_prompt, same_key_value=args.same_key_value)
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -311,3 +317,25 @@ def test_inference_chooses_among_trained_keys_only(port):
     with torch.no_grad():
         assert model.e_prompt(torch.zeros(1, 3, 64), cls_features=query)["prompt_idx"].tolist() == [[2]]
         assert strategy.prompt_prefix(query).tasks.tolist() == [0]
+
+
+
+def test_prompt_and_key_initialisation_is_the_ports(port):
+    """The port's G-prompt, E-prompts and keys and PrefixPrompt's are drawn alike: uniform on [-1, 1]. Two-sample
+    Kolmogorov-Smirnov test per tensor (thousands of values), fixed seeds, p > 0.01.
+
+    Mutation checked: E-prompts drawn from U(-0.5, 0.5) fails here.
+    """
+    from scipy.stats import ks_2samp
+
+    ours = _clpeft_dualprompt(pool_size=10, seed=1)
+    port.args.size = 10
+    torch.manual_seed(2)
+    official = _official_prompted(port, ours.backbone.net)
+    p, heads = ours.prompt_prefix, ours.backbone.net.blocks[0].attn.num_heads
+    pairs = ((official.g_prompt, p.g_prompt.unflatten(-1, (heads, -1))),
+             (official.e_prompt.prompt, p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5)),
+             (official.e_prompt.prompt_key, p.e_keys))
+    for theirs, mine in pairs:
+        assert theirs.shape == mine.shape and mine.abs().max() <= 1
+        assert ks_2samp(theirs.detach().flatten().numpy(), mine.detach().flatten().numpy()).pvalue > 0.01

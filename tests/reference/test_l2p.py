@@ -355,3 +355,24 @@ def test_batchwise_selection_shares_a_test_batchs_task_evidence(port):
     assert not torch.allclose(alone, in_batch, atol=1e-4)
     torch.testing.assert_close(alone, official_alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(in_batch, official_in_batch, atol=1e-5, rtol=0)
+
+
+def test_prompt_and_key_initialisation_is_the_ports(load_reference):
+    """prompt.Prompt and PromptPool draw prompts and keys alike: uniform on [-1, 1] (the port's prompt_init and
+    prompt_key_init 'uniform'). Two-sample Kolmogorov-Smirnov test on 25,600 values each, fixed seeds, p > 0.01.
+
+    Mutation checked: keys drawn from U(-0.5, 0.5) fails here.
+    """
+    from scipy.stats import ks_2samp
+
+    from clpeft.components.prompt_pool import PromptPool
+
+    torch.manual_seed(0)
+    with load_reference("l2p-pytorch", "prompt") as ref:
+        official = ref.Prompt(length=5, embed_dim=256, embedding_key="cls", prompt_init="uniform", prompt_pool=True,
+                              prompt_key=True, pool_size=20, top_k=5, prompt_key_init="uniform")
+    torch.manual_seed(1)
+    ours = PromptPool(20, 5, 256, 5)
+    for theirs, mine in ((official.prompt, ours.prompts), (official.prompt_key, ours.keys)):
+        assert theirs.shape == mine.shape and mine.abs().max() <= 1
+        assert ks_2samp(theirs.detach().flatten().numpy(), mine.detach().flatten().numpy()).pvalue > 0.01
