@@ -6,6 +6,13 @@ information of the trainable parameters is recorded with the parameters themselv
 later adds ``lambda/2 * sum_i F_i (theta_i - theta*_i)^2`` (eq. 3). ``mode: online`` is online
 EWC (Schwarz et al., 2018) with decay ``gamma``.
 
+The Fisher is the per-sample empirical Fisher (mean of squared per-sample gradients of the
+cross-entropy, :func:`~clpeft.components.fisher.empirical_fisher`). Against Avalanche's
+``EWCPlugin`` (``tests/reference/test_avalanche_baselines.py``): clpeft's ``ewc_lambda`` is twice
+Avalanche's (Avalanche and Mammoth's ``ewc_on`` drop the paper's 1/2), and Avalanche squares
+mini-batch gradients, an estimate that shrinks with the batch size; with those two accounted
+for, training is identical in both modes.
+
 Paper symbols: ``lambda`` -> ``ewc_lambda``, ``gamma`` -> ``decay``.
 """
 

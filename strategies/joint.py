@@ -1,8 +1,9 @@
 """Joint training on everything seen so far: the usual upper bound.
 
 At experience ``i`` the model trains on the union of the training data of experiences
-``0..i`` (the "cumulative" upper bound of Avalanche and Mammoth's ``joint``), so row ``i`` of
-the accuracy matrix is what a non-continual learner reaches on the same classes.
+``0..i`` (the "cumulative" upper bound of Avalanche and Mammoth's ``joint``; training equals
+Avalanche's ``Cumulative``, ``tests/reference/test_avalanche_baselines.py``), so row ``i`` of the
+accuracy matrix is what a non-continual learner reaches on the same classes.
 """
 
 from clpeft.data import DataView

@@ -3,7 +3,10 @@
 Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017
 (https://arxiv.org/abs/1606.09282). Before each experience the current model is frozen as a
 teacher; training adds ``lambda_o * L_old``, a temperature-``T`` distillation of the teacher's
-outputs on the old classes, to the cross-entropy on the new data (eq. 2 of the paper).
+outputs on the old classes, to the cross-entropy on the new data (eq. 2 of the paper; no
+``T^2`` factor, as in the paper, Avalanche's ``LwFPlugin`` and Mammoth's ``lwf``). Training equals
+Avalanche's ``LwFPlugin`` with the same ``alpha`` and ``temperature``
+(``tests/reference/test_avalanche_baselines.py``).
 
 Paper symbols: ``lambda_o`` -> ``alpha``, ``T`` -> ``temperature``.
 """

@@ -5,7 +5,11 @@ Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019
 Representation Learning", CVPR 2017 (https://arxiv.org/abs/1611.07725), for class-balanced and
 herding-selected memories. Each experience trains on its own data concatenated with the memory
 (the union dataset of iCaRL and PyCIL/LAMDA-PILOT's ``replay``); after the experience the memory
-is updated with the :class:`~clpeft.components.ReplayBuffer` policy. ``herding`` selects on the
+is updated with the :class:`~clpeft.components.ReplayBuffer` policy. Avalanche's ``ReplayPlugin``
+and Mammoth's ``er`` instead pair each batch of the experience with a batch of the memory: other
+steps and batch compositions (``tests/reference/test_avalanche_baselines.py`` shows it, and that
+clpeft's training equals Avalanche's ``Naive`` on the union and its ``class_balanced`` memory
+sizes equal Avalanche's ``ClassBalancedBuffer``). ``herding`` selects on the
 backbone's features of the experience's training data, computed once after training (eval mode,
 no augmentation), as iCaRL does.
 

@@ -71,11 +71,11 @@ def _cross_entropy(logits, y):
 
 
 def _distillation(student, teacher, T):
-    """T^2 * mean_b KL(softmax(t/T) || softmax(s[:, :n]/T))  (Hinton et al. 2015)."""
+    """mean_b KL(softmax(t/T) || softmax(s[:, :n]/T))  (Li & Hoiem 2016, eq. 2; no T^2)."""
     n = teacher.shape[1]
     log_q = _log_softmax(teacher / T)
     log_p = _log_softmax(student[:, :n] / T)
-    return float(T**2 * (np.exp(log_q) * (log_q - log_p)).sum(axis=1).mean())
+    return float((np.exp(log_q) * (log_q - log_p)).sum(axis=1).mean())
 
 
 def _linear(features, head):
