@@ -11,7 +11,10 @@ outputs and gradients agree) and adds what dynamic-rank methods need:
   "PRILoRA: Pruned and Rank-Increasing Low-Rank Adaptation", EACL 2024 Findings,
   https://arxiv.org/abs/2401.11316) by weight magnitude times accumulated input statistics;
 * :func:`inject_lora` takes a per-layer rank schedule, including PRILoRA's ranks that grow
-  linearly with depth.
+  linearly with depth;
+* ``learnable_scale`` multiplies the update by a trained scalar ``lora_scale`` (starting at 1),
+  as LAE's LoRA does (Gao et al., ICCV 2023, https://arxiv.org/abs/2303.10070: its ``Scaler``
+  with ``scale: null``): ``y = W x + lora_scale * s * B A dropout(x)``.
 
 **Scaling under growth.** ``s`` is fixed when the layer is built (``alpha / rank`` of that moment)
 and never changes; growing or pruning changes ``rank`` and with it :attr:`LoRALinear.alpha`
@@ -101,6 +104,9 @@ class LoRALinear(nn.Module):
         rank: ``r``, the number of components (>= 1).
         alpha: ``alpha``; the scaling ``alpha / r`` is fixed from here on (see the module docs).
         dropout: dropout on the input of the low-rank path (peft's ``lora_dropout``).
+        learnable_scale: multiply the current update by a trained scalar ``lora_scale``
+            (initially 1); freezing or merging the update folds it into the frozen factors or the
+            weight, and the next update starts again at 1.
 
     Past updates (:meth:`new_update` with ``old="freeze"``) live in the buffers ``frozen_A``
     ``(R, in)``, ``frozen_B`` ``(out, R)`` and ``frozen_scaling`` ``(R,)``, one scaling per
@@ -111,7 +117,7 @@ class LoRALinear(nn.Module):
     Loading a state dict resizes them (and the frozen buffers) to the stored sizes.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, learnable_scale: bool = False):
         super().__init__()
         if rank < 1:
             raise UserError(f"LoRA rank must be >= 1, got {rank}")
@@ -121,6 +127,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / rank
+        self.lora_scale = nn.Parameter(torch.ones((), device=weight.device)) if learnable_scale else None
         self.merged = False
         self.track_importance = False
         self.register_buffer("input_sq_mean", torch.zeros(base.in_features, device=weight.device))
@@ -151,14 +158,21 @@ class LoRALinear(nn.Module):
             self._accumulate(x)
         lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
         delta = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling
+        if self.lora_scale is not None:
+            delta = delta * self.lora_scale
         if self.frozen_rank:
             past = F.linear(x.to(self.frozen_A.dtype), self.frozen_A) * self.frozen_scaling
             delta = delta + F.linear(past, self.frozen_B)
         return result + delta.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The current update of the base weight, ``(alpha / rank) * B A``, shape ``(out, in)``."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        """The current update of the base weight, ``(alpha / rank) * B A`` (times a learnable ``lora_scale``),
+        shape ``(out, in)``."""
+        return (self._scaled_b() @ self.lora_A) * self.scaling
+
+    def _scaled_b(self) -> torch.Tensor:
+        """``B``, times ``lora_scale`` where it is learnable."""
+        return self.lora_B if self.lora_scale is None else self.lora_B * self.lora_scale
 
     def frozen_delta_weight(self) -> torch.Tensor:
         """The frozen past updates together, ``sum_k s_k B_k A_k``, shape ``(out, in)``."""
@@ -167,15 +181,17 @@ class LoRALinear(nn.Module):
     def combined_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(A, B, alpha)`` of one update equal to the frozen ones plus the current one.
 
-        ``A = [frozen_A; lora_A]``, ``B = [frozen_B * frozen_scaling / s, lora_B]`` and
-        ``alpha = s (R + r)``, so ``(alpha / rank) B A`` is the layer's whole update. Without
-        frozen components these are the current factors themselves.
+        ``A = [frozen_A; lora_A]``, ``B = [frozen_B * frozen_scaling / s, lora_B]`` (``lora_B``
+        times ``lora_scale`` where it is learnable) and ``alpha = s (R + r)``, so
+        ``(alpha / rank) B A`` is the layer's whole update. Without frozen components these are
+        the current factors themselves.
         """
+        current_b = self._scaled_b().detach()
         if not self.frozen_rank:
-            return self.lora_A.detach(), self.lora_B.detach(), self.alpha
+            return self.lora_A.detach(), current_b, self.alpha
         b_frozen = self.frozen_B * (self.frozen_scaling / self.scaling)
         a = torch.cat([self.frozen_A, self.lora_A.detach()])
-        b = torch.cat([b_frozen, self.lora_B.detach()], dim=1)
+        b = torch.cat([b_frozen, current_b], dim=1)
         return a, b, self.scaling * a.shape[0]
 
     # ------------------------------------------------------------------ merging
@@ -294,7 +310,7 @@ class LoRALinear(nn.Module):
         if old == "freeze" and self.rank:
             scaling = self.frozen_scaling.new_full((self.rank,), self.scaling)
             self.frozen_A = torch.cat([self.frozen_A, self.lora_A.to(self.frozen_A.dtype)])
-            self.frozen_B = torch.cat([self.frozen_B, self.lora_B.to(self.frozen_B.dtype)], dim=1)
+            self.frozen_B = torch.cat([self.frozen_B, self._scaled_b().to(self.frozen_B.dtype)], dim=1)
             self.frozen_scaling = torch.cat([self.frozen_scaling, scaling])
         elif old == "merge":
             weight = self.base_layer.weight
@@ -307,7 +323,14 @@ class LoRALinear(nn.Module):
             self.lora_B.new_zeros(self.lora_B.shape[0], rank),
         )
         self.scaling = alpha / rank
+        self._reset_scale()
         self.reset_importance()
+
+    def _reset_scale(self) -> None:
+        """A fresh ``lora_scale`` of 1 (a new parameter, as the factors are) where it is learnable."""
+        if self.lora_scale is not None:
+            trainable = self.lora_scale.requires_grad
+            self.lora_scale = nn.Parameter(torch.ones_like(self.lora_scale), requires_grad=trainable)
 
     # ------------------------------------------------------------------ state
 
@@ -322,6 +345,7 @@ class LoRALinear(nn.Module):
         like = self.lora_A
         self._set_factors(a.to(like.device, like.dtype), b.to(like.device, like.dtype))
         self.scaling = alpha / a.shape[0]
+        self._reset_scale()  # the loaded B holds the whole update
         self.frozen_A = self.frozen_A[:0]
         self.frozen_B = self.frozen_B[:, :0]
         self.frozen_scaling = self.frozen_scaling[:0]
@@ -346,14 +370,16 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         frozen = f", frozen_rank={self.frozen_rank}" if self.frozen_rank else ""
-        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}{frozen}, merged={self.merged}"
+        learnable = ", learnable_scale=True" if self.lora_scale is not None else ""
+        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}{learnable}{frozen}, merged={self.merged}"
 
 
 class LoRAFactors(nn.Module):
     """The current factors of some LoRA layers as one module, sharing their parameters.
 
     What an EMA teacher or a second copy of an adapter needs: the factors alone, without the
-    base layers. Its parameters are ``<i>.lora_A`` and ``<i>.lora_B`` for the ``i``-th layer;
+    base layers. Its parameters are ``<i>.lora_A`` and ``<i>.lora_B`` (and ``<i>.lora_scale`` where
+    it is learnable) for the ``i``-th layer;
     :meth:`overrides` names them as the adapted model does, for
     ``torch.func.functional_call(model, factors.overrides(), args)``. A deep copy holds copies
     of the factors and keeps the names. Build a new :class:`LoRAFactors` after layers grow or
@@ -370,14 +396,16 @@ class LoRAFactors(nn.Module):
             holder = nn.Module()
             holder.lora_A = layer.lora_A
             holder.lora_B = layer.lora_B
+            if layer.lora_scale is not None:
+                holder.lora_scale = layer.lora_scale
             self.add_module(str(i), holder)
 
     def overrides(self) -> dict[str, torch.Tensor]:
-        """``{"<path>.lora_A": tensor, "<path>.lora_B": tensor}`` for every layer."""
+        """``{"<path>.lora_A": tensor, "<path>.lora_B": tensor, ...}`` for every layer."""
         return {
-            f"{path}.{factor}": getattr(self.get_submodule(str(i)), factor)
+            f"{path}.{name}": param
             for i, path in enumerate(self.paths)
-            for factor in _FACTORS
+            for name, param in self.get_submodule(str(i)).named_parameters()
         }
 
 
@@ -477,6 +505,7 @@ def inject_lora(
     rank_schedule: str | Sequence[int] = "constant",
     max_rank: int | None = None,
     dropout: float = 0.0,
+    learnable_scale: bool = False,
     key: str | None = None,
 ) -> dict[str, LoRALinear]:
     """Wrap the ``nn.Linear`` layers whose path ends with a target in :class:`LoRALinear`.
@@ -491,6 +520,7 @@ def inject_lora(
         alpha: ``alpha`` of every layer (so the scaling ``alpha / r`` differs between layers
             of different rank, as with peft's ``rank_pattern``).
         dropout: dropout on the LoRA input.
+        learnable_scale: give every layer a trained scalar ``lora_scale`` (LAE).
         key: the config key named by errors (e.g. ``"strategy.targets"``).
 
     Returns:
@@ -499,7 +529,7 @@ def inject_lora(
     names = find_linear_targets(model, targets, key=key)
     layers = {}
     for name, r in zip(names, layer_ranks(names, rank, rank_schedule, max_rank), strict=True):
-        layers[name] = LoRALinear(model.get_submodule(name), r, alpha, dropout)
+        layers[name] = LoRALinear(model.get_submodule(name), r, alpha, dropout, learnable_scale)
         replace_module(model, name, layers[name])
     for name, param in model.named_parameters():
         param.requires_grad_(name.rpartition(".")[2].startswith("lora_"))

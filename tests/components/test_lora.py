@@ -437,3 +437,87 @@ def test_frozen_updates_round_trip_through_state_dict_and_adapter_files(tmp_path
 def test_inject_lora_names_the_config_key_and_the_linear_layers():
     with pytest.raises(UserError, match=r"^strategy\.targets: .*its linear layers are: fc"):
         inject_lora(_OneLinear(nn.Linear(3, 2)), ["qkv"], rank=1, alpha=1, key="strategy.targets")
+
+
+# ---------------------------------------------------------------------- learnable scale (LAE)
+
+
+def _scaled_layer(scale: float = 1.7) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = _trained(LoRALinear(nn.Linear(10, 7), rank=3, alpha=6.0, learnable_scale=True))
+    with torch.no_grad():
+        layer.lora_scale.fill_(scale)
+    return layer
+
+
+def test_learnable_scale_multiplies_the_update_and_trains():
+    """``y = W x + lora_scale * (alpha / r) B A x``; ``d y / d lora_scale`` is the unscaled update."""
+    layer = _scaled_layer()
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} >= {"lora_A", "lora_B", "lora_scale"}
+    x = torch.randn(5, 10)
+    unscaled = x @ ((layer.lora_B @ layer.lora_A) * 2.0).T
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 1.7 * unscaled, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.delta_weight(), 1.7 * 2.0 * layer.lora_B @ layer.lora_A, rtol=0, atol=1e-6)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.lora_scale.grad, unscaled.sum().detach(), rtol=1e-5, atol=1e-5)
+    assert "learnable_scale=True" in repr(layer)
+    assert LoRALinear(nn.Linear(3, 2), rank=1, alpha=1.0).lora_scale is None  # off by default
+
+
+@pytest.mark.parametrize("old", ["freeze", "merge"])
+def test_learnable_scale_is_folded_into_a_retired_update_and_restarts_at_one(old):
+    layer = _scaled_layer()
+    x = torch.randn(4, 10)
+    before = layer(x).detach()
+    a, b, alpha = layer.combined_factors()
+    torch.testing.assert_close(x @ ((alpha / a.shape[0]) * b @ a).T, before - layer.base_layer(x), rtol=0, atol=1e-5)
+    layer.new_update(2, alpha=4.0, old=old)
+    assert layer.lora_scale.item() == 1.0 and layer.lora_scale.requires_grad
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)  # new B = 0: the output is kept
+
+
+def test_learnable_scale_survives_state_dict_merge_and_adapter_files(tmp_path):
+    model = _vit()
+    layers = inject_lora(model, ["qkv"], rank=2, alpha=2, learnable_scale=True)
+    for i, layer in enumerate(layers.values()):
+        _trained(layer, seed=i).lora_B.data.mul_(0.05)
+        layer.lora_scale.data.fill_(0.5 + i)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    fresh = _vit()
+    inject_lora(fresh, ["qkv"], rank=2, alpha=2, learnable_scale=True)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), expected)
+    for layer in layers.values():
+        layer.merge()
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    for layer in layers.values():
+        layer.unmerge()
+    path = tmp_path / "scaled.safetensors"
+    save_adapters(model, path)  # B carries the scale
+    other = _vit()
+    inject_lora(other, ["qkv"], rank=1, alpha=1, learnable_scale=True)
+    load_adapters(other, path)
+    assert all(m.lora_scale.item() == 1.0 for m in lora_layers(other).values())
+    torch.testing.assert_close(other(x), expected, rtol=0, atol=1e-5)
+
+
+def test_lora_factors_share_and_override_the_learnable_scale():
+    from torch.func import functional_call
+
+    from clpeft.components.lora import LoRAFactors
+
+    model = _vit()
+    layers = inject_lora(model, ["blocks.0.attn.qkv"], rank=2, alpha=2, learnable_scale=True)
+    _trained(layers["blocks.0.attn.qkv"])
+    factors = LoRAFactors(layers)
+    assert {n for n, _ in factors.named_parameters()} == {"0.lora_A", "0.lora_B", "0.lora_scale"}
+    assert factors.get_submodule("0").lora_scale is layers["blocks.0.attn.qkv"].lora_scale
+    copy_ = copy.deepcopy(factors)
+    copy_.get_submodule("0").lora_scale.data.fill_(0.0)  # a copy whose update is switched off
+    x = torch.randn(2, 3, 32, 32)
+    layers["blocks.0.attn.qkv"].lora_B.data.zero_()
+    plain = model(x)
+    _trained(layers["blocks.0.attn.qkv"])
+    assert not torch.allclose(model(x), plain)
+    torch.testing.assert_close(functional_call(model, copy_.overrides(), (x,)), plain, rtol=0, atol=1e-6)
