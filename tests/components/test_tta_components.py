@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.backbones.cnn import CNNBackbone
-from clpeft.components.augment_average import TTAugment, augmentation_average, augmentation_average_loop
+from clpeft.components.augment_average import augmentation_average, augmentation_average_loop
 from clpeft.components.heads import LinearHead
 from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
 from clpeft.components.source_data import SourceBatches, source_training_data
@@ -24,6 +24,7 @@ from clpeft.components.test_time import (
     classifier,
     use_batch_statistics,
 )
+from clpeft.components.tta_augment import TTAugment
 from clpeft.components.tta_losses import (
     EATASampleFilter,
     batch_gradient_importance,
@@ -99,24 +100,35 @@ def test_stacked_augmentation_average_equals_the_python_loop_with_batch_statisti
     assert (stacked - plain).abs().max() > 1e-3  # the augmentations did something
     # per-augmentation statistics: one forward over all 48 images at once would differ
     with torch.no_grad():
-        pooled = model(augment.apply(x.repeat(8, 1, 1, 1), augment.sample((48, 1, 12, 12), torch.Generator().manual_seed(3))))
+        pooled = model(augment.apply(x, augment.sample(8, x.shape, torch.Generator().manual_seed(3))))
     assert (pooled.view(8, 6, -1).mean(0) - loop).abs().max() > 1e-4
 
 
-def test_augment_keeps_dtype_and_range_and_is_identity_with_trivial_ranges():
+def test_augment_returns_floats_in_range_and_is_identity_with_trivial_ranges():
     x = _images(4)
-    identity = TTAugment(rotate=0, translate=0, scale=(1, 1), brightness=(1, 1), contrast=(1, 1), gamma=(1, 1),
-                         blur_sigma=(1e-3, 1e-3), flip=0.0, noise_std=0.0)
-    out = identity(x, torch.Generator().manual_seed(0))
-    assert out.dtype == torch.uint8 and torch.equal(out, x)
-    flipped = TTAugment(rotate=0, translate=0, scale=(1, 1), brightness=(1, 1), contrast=(1, 1), gamma=(1, 1),
-                        blur_sigma=(1e-3, 1e-3), flip=1.0, noise_std=0.0)(x)
-    assert torch.equal(flipped, x.flip(-1))
+    trivial = dict(rotate=0, translate=0, scale=(1, 1), brightness=(1, 1), contrast=(1, 1), saturation=(1, 1),
+                   hue=(0, 0), gamma=(1, 1), blur_sigma=(1e-3, 1e-3), noise_std=0.0)
+    out = TTAugment(flip=0.0, **trivial)(x, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32  # never re-quantised to uint8
+    torch.testing.assert_close(out, x.float() / 255, rtol=0, atol=1e-5)
+    flipped = TTAugment(flip=1.0, **trivial)(x)
+    torch.testing.assert_close(flipped, x.flip(-1).float() / 255, rtol=0, atol=1e-5)
     f = TTAugment()(x.float() / 255, torch.Generator().manual_seed(1))
     assert f.dtype == torch.float32 and f.min() >= 0 and f.max() <= 1
     a = TTAugment()(x, torch.Generator().manual_seed(2))
     b = TTAugment()(x, torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert torch.equal(a, b) and (a - x.float() / 255).abs().max() > 0.05
+
+
+def test_augment_draws_one_set_of_parameters_per_batch():
+    """Every image of a batch gets the same augmentation (the reference transforms the batch
+    tensor): with flips, shifts and colour, augmenting a batch of one image repeated equals
+    augmenting that image alone up to the per-pixel noise, which is drawn per pixel."""
+    x = _images(1).repeat(3, 1, 1, 1)
+    out = TTAugment(noise_std=0.0)(x, torch.Generator().manual_seed(4))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    params = TTAugment().sample(5, (3, 1, 12, 12), torch.Generator().manual_seed(0))
+    assert params["angle"].shape == (5,) and params["noise"].shape == (5, 3, 1, 12, 12)
 
 
 # ------------------------------------------------------------------ batch statistics
