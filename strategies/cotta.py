@@ -5,15 +5,22 @@ Wang et al., "Continual Test-Time Domain Adaptation", CVPR 2022
 
 1. pseudo-label from the EMA teacher, ``y' = f'(x)``; when the source (anchor) model's mean
    confidence ``mean_i max_c f_0(x_i)_c`` is below ``p_th`` the teacher's predictions on ``N``
-   random augmentations are averaged instead (eq. 3-4, :func:`augmentation_average`);
-2. student step on the soft cross-entropy ``-sum_c y'_c log f(x)_c`` (eq. 2);
+   random augmentations are averaged instead (eq. 3-4, :func:`augmentation_average` with the
+   authors' augmentation :class:`TTAugment`, one draw per augmentation for the whole batch);
+2. student step on the soft cross-entropy ``-sum_c y'_c log f(x)_c`` (eq. 2; ``loss:
+   symmetric`` is the half-half symmetric version the benchmark's code uses on ImageNet);
 3. teacher update ``theta' <- alpha theta' + (1 - alpha) theta`` (eq. 1, :class:`EMATeacher`);
-4. stochastic restore: each trainable weight element is reset to its source value with
+4. stochastic restore: each adapted weight element is reset to its source value with
    probability ``p`` (eq. 5-6, :class:`StochasticRestore`).
 
-The prediction returned is the teacher's (``y'``). All parameters adapt; BatchNorm layers of
+The prediction returned is the teacher's (``y'``). Every layer's weight and bias adapts (as the
+reference code: a ViT's class token and position embedding stay fixed); BatchNorm layers of
 student, teacher and anchor use test-batch statistics. Defaults are the authors' CIFAR-10-C
-settings (Adam lr 1e-3, ``alpha`` 0.999, ``p`` 0.01, ``p_th`` 0.92, ``N`` 32).
+settings (``cfgs/cifar10_c/cotta.yaml`` of Döbler et al.'s benchmark and of CoTTA's code: Adam
+lr 1e-3, ``alpha`` 0.999, ``p`` 0.01, ``p_th`` 0.92, ``N`` 32); their ImageNet-C settings are
+SGD lr 0.01, ``p`` 0.001, ``p_th`` 0.1 and the symmetric loss. The authors' original CIFAR code
+also augments when the anchor is confident (and discards the result): the same updates, other
+random draws.
 
 Paper symbols: ``alpha`` -> ``ema_momentum``, ``p`` -> ``restore_p``, ``p_th`` ->
 ``confidence_threshold``, ``N`` -> ``n_augmentations``.
@@ -24,12 +31,13 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.augment_average import TTAugment, augmentation_average
+from clpeft.components.augment_average import augmentation_average
 from clpeft.components.distillation import frozen_copy
 from clpeft.components.ema import EMATeacher
 from clpeft.components.stochastic_restore import StochasticRestore
 from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
-from clpeft.components.tta_losses import soft_cross_entropy
+from clpeft.components.tta_augment import TTAugment
+from clpeft.components.tta_losses import soft_cross_entropy, symmetric_cross_entropy
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -44,12 +52,13 @@ class CoTTA(Strategy):
         lr: learning rate of the test-time optimizer.
         optimizer: ``adam`` or ``sgd``.
         momentum: SGD momentum or Adam's beta1.
-        params: ``all`` (CoTTA) or ``norm`` parameters adapt.
+        params: ``all`` (every weight and bias: CoTTA) or ``norm`` parameters adapt.
         ema_momentum: teacher momentum ``alpha``.
         restore_p: restore probability ``p``.
         confidence_threshold: ``p_th``: augmentation averaging below this anchor confidence.
         n_augmentations: ``N``.
         flip: horizontal-flip probability of the augmentations (0 for digits-like data).
+        loss: ``cross_entropy`` to the teacher (CIFAR code) or ``symmetric`` (ImageNet code).
     """
 
     supported_scenarios = ("test_time_adaptation",)
@@ -59,7 +68,8 @@ class CoTTA(Strategy):
                  params: Literal["all", "norm"] = "all", ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
                  restore_p: Annotated[float, Field(ge=0, le=1)] = 0.01,
                  confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.92,
-                 n_augmentations: Annotated[int, Field(ge=1)] = 32, flip: Annotated[float, Field(ge=0, le=1)] = 0.5):
+                 n_augmentations: Annotated[int, Field(ge=1)] = 32, flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
+                 loss: Literal["cross_entropy", "symmetric"] = "cross_entropy"):
         super().__init__(backbone)
         check_adaptable(backbone, params, "cotta")
         self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
@@ -69,6 +79,7 @@ class CoTTA(Strategy):
         self.confidence_threshold = confidence_threshold
         self.n_augmentations = n_augmentations
         self.augment = TTAugment(flip=flip)
+        self.loss = loss
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
@@ -90,7 +101,10 @@ class CoTTA(Strategy):
                 target = augmentation_average(self.teacher, x, self.augment, self.n_augmentations)
             else:
                 target = self.teacher(x)
-        self.adaptation.step(soft_cross_entropy(logits, target).mean())
+        if self.loss == "symmetric":
+            self.adaptation.step(symmetric_cross_entropy(logits, target).mean())
+        else:
+            self.adaptation.step(soft_cross_entropy(logits, target).mean())
         self.teacher.update(student)
         self.restore(student, self.anchor)
         return target

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.augment_average import TTAugment
+from clpeft.components.tta_augment import TTAugment
 from clpeft.components.ema import DualTeacher
 from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
 from clpeft.experience import Experience
@@ -48,7 +48,7 @@ class DualTeacherTTA(Strategy):
         lr: learning rate of the test-time optimizer.
         optimizer: ``adam`` or ``sgd``.
         momentum: SGD momentum or Adam's beta1.
-        params: ``norm`` (norm layers' affine parameters) or ``all`` parameters adapt.
+        params: ``norm`` (norm layers' affine parameters) or ``all`` (every weight and bias) adapt.
         ema_momentum: ``alpha`` of the teacher on duty.
         period: batches per shift.
         n_teachers: teachers in the rotation (2 in the paper).

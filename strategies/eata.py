@@ -10,9 +10,12 @@ parameters, restricted to reliable, non-redundant samples and regularised toward
 * non-redundant: ``|cos(m, p(x))| < epsilon`` against the moving average ``m`` of selected
   predictions (eq. 4-5);
 * ``w`` (eq. 9): importance of each adapted parameter, measured once on ``fisher_size``
-  source-like samples (the source training data here) with the model's own pseudo-labels,
-  as the mean squared mini-batch gradient of the authors' code (see
-  :func:`clpeft.components.tta_losses.batch_gradient_importance`); ``theta^o`` the source values.
+  source-like samples (a random subset of the source training data here, without training
+  augmentation, as the reference's source loader) with the model's own pseudo-labels, as the
+  mean squared mini-batch gradient of the authors' code (see
+  :func:`clpeft.components.tta_losses.batch_gradient_importance`), in mini-batches of the test
+  batch size (``train.batch_size``) like the reference's, with the test-time BatchNorm
+  (test-batch statistics); ``theta^o`` the source values.
 
 The loss is averaged over the selected samples and no step is taken when none is selected.
 Defaults are those of the CIFAR-10-C benchmark by Döbler et al.
@@ -52,7 +55,7 @@ class EATA(Strategy):
         redundancy_margin: ``epsilon`` of the cosine-similarity filter.
         fisher_alpha: ``beta``, weight of the Fisher regulariser (0: ETA).
         fisher_size: source samples used to weigh the parameters.
-        fisher_batch_size: mini-batch size of that pass.
+        fisher_batch_size: mini-batch size of that pass (default: the test batch size, as the reference).
     """
 
     supported_scenarios = ("test_time_adaptation",)
@@ -61,7 +64,7 @@ class EATA(Strategy):
     def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
                  entropy_factor: Annotated[float, Field(gt=0)] = 0.4, redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
                  fisher_alpha: Annotated[float, Field(ge=0)] = 1.0, fisher_size: Annotated[int, Field(ge=1)] = 2000,
-                 fisher_batch_size: Annotated[int, Field(ge=1)] = 64):
+                 fisher_batch_size: Annotated[int, Field(ge=1)] | None = None):
         super().__init__(backbone)
         check_adaptable(backbone, "norm", "eata")
         self.entropy_factor = entropy_factor

@@ -8,11 +8,13 @@ smoothness prior (eq. 4), found by the fixed point ``z_i <- softmax(log p_i + su
 (eq. 7) on an affinity ``W`` of the L2-normalised backbone features
 (:mod:`clpeft.components.laplacian_adjustment`). ``adapt`` returns ``log z`` as logits.
 
-The default affinity is the paper's kNN graph with ``k = 5`` (the authors' code also offers
-``rbf`` and ``linear``; Döbler et al.'s TTA benchmark uses ``rbf``). ``batch_statistics: true``
-is a variant outside the paper: the features come from the backbone normalised with test-batch
-BatchNorm statistics (as ``bn_adapt``), for streams whose covariate shift leaves the source
-statistics' features too poor for a useful affinity graph.
+The default affinity is that of the authors' code and of Döbler et al.'s benchmark
+(``LAME.AFFINITY: rbf``, ``KNN: 5``, ``FORCE_SYMMETRY: False`` in its ``conf.py``): ``rbf``,
+whose bandwidth is the mean distance to the ``knn``-th nearest feature (the point itself
+included); ``knn`` (a k-nearest-neighbour graph) and ``linear`` are the alternatives.
+``batch_statistics: true`` is a variant outside the paper: the features come from the backbone
+normalised with test-batch BatchNorm statistics (as ``bn_adapt``), for streams whose covariate
+shift leaves the source statistics' features too poor for a useful affinity graph.
 """
 
 from typing import Annotated, Literal
@@ -42,7 +44,7 @@ class LAME(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     frozen_features = False
 
-    def __init__(self, backbone, affinity: Literal["knn", "rbf", "linear"] = "knn", knn: Annotated[int, Field(ge=1)] = 5,
+    def __init__(self, backbone, affinity: Literal["knn", "rbf", "linear"] = "rbf", knn: Annotated[int, Field(ge=1)] = 5,
                  max_steps: Annotated[int, Field(ge=1)] = 100, batch_statistics: bool = False):
         super().__init__(backbone)
         self.affinity_kind = affinity

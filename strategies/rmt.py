@@ -12,16 +12,23 @@ with the weighting of the authors' code (student ``p``, EMA teacher ``q``):
 * source replay (section 3.4): cross-entropy on a labelled batch of the source training data
   (``lambda_ce_src``).
 
-Before adaptation the source prototypes (class means of the source features) are computed and
-the mean-teacher pair is warmed up on ``warmup_samples`` source images with the self-training
-loss, the learning rate ramping linearly to ``lr`` (section 3.3). The teacher follows the
-student by EMA, ``theta' <- alpha theta' + (1 - alpha) theta``; the prediction is the ensemble
-``f(x) + f'(x)`` of student and teacher logits. Defaults are the authors' CIFAR-10-C settings
-(Adam lr 1e-3, ``alpha`` 0.999, all parameters adapt, BatchNorm uses test-batch statistics,
-50,000 warm-up samples); they replay source batches of the test batch size, here
-``source_batch_size``. Without source data (a source model loaded from a checkpoint) set
-``lambda_cont``, ``lambda_ce_src`` and ``warmup_samples`` to 0: that leaves the self-training
-core. A stream that resets to the source model per domain redoes the warm-up each time.
+Before adaptation the source prototypes (class means of the source features, over one
+shuffled pass of the source data) are computed and the mean-teacher pair is warmed up on
+``warmup_samples // source_batch_size`` source batches with the symmetric cross-entropy of the
+student to the teacher, the learning rate ramping linearly to ``lr`` (section 3.3); the
+optimizer keeps its state afterwards. The teacher follows the student by EMA,
+``theta' <- alpha theta' + (1 - alpha) theta``; the prediction is the ensemble ``f(x) + f'(x)``
+of student and teacher logits. The augmentation is CoTTA's (:class:`TTAugment`).
+
+Defaults are the authors' CIFAR-10-C settings (``cfgs/cifar10_c/rmt.yaml`` and ``conf.py`` of
+Döbler et al.'s benchmark: Adam lr 1e-3, ``alpha`` 0.999, every weight and bias adapts,
+BatchNorm uses test-batch statistics, 50,000 warm-up samples, every loss weight 1); as there,
+source batches (prototypes, warm-up, replay) have the test batch size (``train.batch_size``)
+unless ``source_batch_size`` says otherwise, and are read without training augmentation. Without
+source data (a source model loaded from a checkpoint) set ``lambda_cont``, ``lambda_ce_src`` and
+``warmup_samples`` to 0: that leaves the self-training core. A stream that resets to the source
+model per domain redoes the prototypes and the warm-up each time; the reference resets to its
+warmed-up state instead (the same procedure on other source batches).
 
 Paper symbols: ``alpha`` -> ``ema_momentum``; the loss weights keep the code's names.
 """
@@ -33,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.augment_average import TTAugment
+from clpeft.components.tta_augment import TTAugment
 from clpeft.components.class_statistics import ClassStatistics
 from clpeft.components.ema import EMATeacher
 from clpeft.components.source_data import SourceBatches, source_training_data
@@ -62,14 +69,14 @@ class RMT(Strategy):
         lr: learning rate of the test-time optimizer.
         optimizer: ``adam`` or ``sgd``.
         momentum: SGD momentum or Adam's beta1.
-        params: ``all`` (RMT) or ``norm`` parameters adapt.
+        params: ``all`` (every weight and bias: RMT) or ``norm`` parameters adapt.
         ema_momentum: teacher momentum ``alpha``.
         flip: horizontal-flip probability of the augmentation (0 for digits-like data).
         lambda_ce_trg: weight of the self-training loss.
         lambda_cont: weight of the contrastive loss (0: no prototypes; the projection head stays unused).
         lambda_ce_src: weight of the cross-entropy on replayed source batches (0: no replay).
         warmup_samples: source images of the mean-teacher warm-up (0: none).
-        source_batch_size: batch size of the warm-up and of source replay.
+        source_batch_size: batch size of the prototype pass, the warm-up and source replay (default: the test batch size).
         temperature: temperature of the contrastive loss.
         projection_dim: width of the projection head.
     """
@@ -82,7 +89,7 @@ class RMT(Strategy):
                  flip: Annotated[float, Field(ge=0, le=1)] = 0.5, lambda_ce_trg: Annotated[float, Field(ge=0)] = 1.0,
                  lambda_cont: Annotated[float, Field(ge=0)] = 1.0, lambda_ce_src: Annotated[float, Field(ge=0)] = 1.0,
                  warmup_samples: Annotated[int, Field(ge=0)] = 50000,
-                 source_batch_size: Annotated[int, Field(ge=1)] = 64,
+                 source_batch_size: Annotated[int, Field(ge=1)] | None = None,
                  temperature: Annotated[float, Field(gt=0)] = 0.1, projection_dim: Annotated[int, Field(ge=1)] = 128):
         super().__init__(backbone)
         check_adaptable(backbone, params, "rmt")
@@ -94,6 +101,7 @@ class RMT(Strategy):
         self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.augment = TTAugment(flip=flip)
+        self.source_batch_size = source_batch_size
         self.source_batches = SourceBatches(source_batch_size)
         self.prototypes = ClassStatistics(backbone.feature_dim, covariance="none")
         d = backbone.feature_dim
@@ -109,6 +117,7 @@ class RMT(Strategy):
             return
         source = source_training_data(exp, "rmt", NO_SOURCE_DATA) if self.uses_source_data else None
         if source is not None:
+            self.source_batches.batch_size = self.source_batch_size or self._data.batch_size
             self.source_batches.attach(source)
         self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=lambda: self._start(source),
                                 extra=self.projector.parameters() if self.lambda_cont > 0 else ())
@@ -123,7 +132,7 @@ class RMT(Strategy):
         if self.lambda_cont > 0:
             self.prototypes = ClassStatistics(self.backbone.feature_dim, self.head.n_classes, "none").to(self.device)
             with torch.no_grad():
-                for batch in self.batches(source, self.source_batches.batch_size):
+                for batch in self.batches(source, self.source_batches.batch_size, shuffle=True):
                     self.prototypes.update(self.backbone(batch.x), batch.y)
         self._warm_up()
 

@@ -33,7 +33,7 @@ class Tent(Strategy):
         lr: learning rate of the test-time optimizer.
         optimizer: ``adam`` (the authors' CIFAR setting) or ``sgd`` (ImageNet: lr 2.5e-4).
         momentum: SGD momentum or Adam's beta1.
-        params: ``norm`` (Tent) or ``all`` parameters.
+        params: ``norm`` (Tent) or ``all`` (every weight and bias).
     """
 
     supported_scenarios = ("test_time_adaptation",)

@@ -31,7 +31,7 @@ def affinity(features: torch.Tensor, kind: Literal["knn", "rbf", "linear"] = "kn
     if kind == "linear":
         return x @ x.T
     n = x.shape[0]
-    dist = torch.cdist(x, x)
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # exact: self-distance 0
     if kind == "knn":
         k = min(knn + 1, n)
         neighbours = dist.topk(k, dim=1, largest=False).indices[:, 1:]

@@ -36,7 +36,8 @@ class SourceBatches(nn.Module):
     """An endless stream of shuffled source batches whose position is part of the ``state_dict``.
 
     Args:
-        batch_size: samples per batch (the last batch of an epoch may be smaller).
+        batch_size: samples per batch (the last batch of an epoch may be smaller); ``None`` until
+            the owner sets ``batch_size`` (RMT: to the test batch size, once the engine is attached).
 
     Epoch ``e`` visits the data in the order ``randperm(n)`` drawn from a generator seeded with
     ``seed + e``; ``seed`` is drawn from torch's global generator when the stream starts, so a run
@@ -44,7 +45,7 @@ class SourceBatches(nn.Module):
     saved one stopped.
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int | None = None):
         super().__init__()
         self.batch_size = batch_size
         self.register_buffer("seed", torch.zeros((), dtype=torch.long))
@@ -65,8 +66,8 @@ class SourceBatches(nn.Module):
 
     def next(self, owner) -> Batch:
         """The next batch, loaded as ``owner.batches`` loads data (features or inputs, on its device)."""
-        if self._data is None:
-            raise RuntimeError("SourceBatches.next before start/attach")
+        if self._data is None or self.batch_size is None:
+            raise RuntimeError("SourceBatches.next before start/attach and a batch size")
         per_epoch = math.ceil(len(self._data) / self.batch_size)
         epoch, index = divmod(int(self.drawn), per_epoch)
         key = (int(self.seed), epoch)

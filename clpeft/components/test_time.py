@@ -59,22 +59,21 @@ def adapted_parameters(model: nn.Module, which: Literal["norm", "all"]) -> list[
     """Make only the adapted parameters trainable and return them (in ``named_parameters`` order).
 
     ``norm``: the affine weight and bias of BatchNorm/LayerNorm/GroupNorm layers (Tent);
-    ``all``: every parameter (CoTTA, RMT).
+    ``all``: the weight and bias of every layer (CoTTA, RMT). As in the reference code
+    (``collect_params`` of Döbler et al.'s benchmark and of CoTTA), parameters under other names
+    stay fixed: a ViT's class token and position embedding, LayerScale's ``gamma``.
     """
-    if which == "all":
-        model.requires_grad_(True)
-        return list(model.parameters())
     model.requires_grad_(False)
     chosen = []
     for module in model.modules():
-        if isinstance(module, NORM_TYPES):
+        if which == "all" or isinstance(module, NORM_TYPES):
             for name in ("weight", "bias"):
-                p = getattr(module, name, None)
-                if isinstance(p, nn.Parameter):
+                p = module._parameters.get(name)
+                if p is not None:
                     p.requires_grad_(True)
                     chosen.append(p)
     if not chosen:
-        raise ValueError("the model has no normalisation layer with affine parameters to adapt")
+        raise ValueError(f"the model has no {'normalisation layer with affine ' if which == 'norm' else ''}parameters to adapt")
     ids = {id(p) for p in chosen}
     return [p for p in model.parameters() if id(p) in ids]
 
@@ -94,7 +93,8 @@ class AdaptationOptimizer(nn.Module):
     """The optimizer a TTA method steps inside ``adapt``; its state is part of ``state_dict``.
 
     Args:
-        optimizer: ``adam`` (Tent, CoTTA, RMT on CIFAR) or ``sgd`` (EATA on ImageNet).
+        optimizer: ``adam`` (every method on CIFAR) or ``sgd`` (ImageNet); SGD uses Nesterov
+            momentum without dampening, as Döbler et al.'s benchmark and Tent's code do.
         lr: learning rate.
         momentum: SGD momentum, or Adam's ``beta1`` (``beta2`` is 0.999).
         weight_decay: L2 penalty.
@@ -123,7 +123,8 @@ class AdaptationOptimizer(nn.Module):
         if self._optimizer is not None and [id(p) for p in self._optimizer.param_groups[0]["params"]] == [id(p) for p in params]:
             return
         if self.kind == "sgd":
-            self._optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            self._optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                              nesterov=self.momentum > 0)
         else:
             self._optimizer = torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay)
         if self._pending is not None:
@@ -205,11 +206,6 @@ class OnlineAdaptation(nn.Module):
         if owner.training:
             owner.eval()
         use_batch_statistics(self._norms)
-
-    def scale_lr(self, factor: float) -> None:
-        """Set the learning rate to ``factor * lr`` (a warm-up ramp; 1 restores it)."""
-        for group in self._optimizer.param_groups:
-            group["lr"] = self.lr * factor
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss``."""

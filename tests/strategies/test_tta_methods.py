@@ -28,6 +28,7 @@ from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
 from clpeft.registry import strategies
+from clpeft.strategy import Strategy
 
 WIDTHS = [16, 32]
 TTA_METHODS = ["source", "bn_adapt", "tent", "eata", "cotta", "rmt", "lame", "dual_teacher"]
@@ -340,15 +341,27 @@ def _sce(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return -0.5 * (q.softmax(1) * p.log_softmax(1)).sum(1) - 0.5 * (p.softmax(1) * q.log_softmax(1)).sum(1)
 
 
-def test_rmt_prototypes_are_the_source_models_class_means_and_warm_up_ramps_the_teacher(source):
+def test_rmt_prototypes_are_the_source_models_class_means_and_warm_up_ramps_the_teacher(source, monkeypatch):
+    passes = []  # the prototype pass: shuffled batches of the source data, as the reference's loader
+    batches = Strategy.batches
+
+    def recording(self, view, batch_size=None, shuffle=False, shard=False):
+        for batch in batches(self, view, batch_size, shuffle, shard):
+            if shuffle:
+                passes.append(batch)
+            yield batch
+
+    monkeypatch.setattr(Strategy, "batches", recording)
     s = _make("rmt", source, warmup_samples=5 * 64, lr=1e-3)
     model = _source_model(source)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:  # RMT's source pass uses batch statistics, as at test time
         m.track_running_stats, m.training = False, True
-    x, y = source["source_exp"].train.load()
+    x, y = torch.cat([b.x for b in passes]), torch.cat([b.y for b in passes])
+    assert len(passes) == math.ceil(1400 / 64) and len(y) == 1400
+    assert not torch.equal(y, source["source_exp"].train.load()[1])  # shuffled
     with torch.no_grad():
-        feats = torch.cat([model[0](x[i:i + 64]) for i in range(0, len(x), 64)]).double()
+        feats = torch.cat([model[0](b.x) for b in passes]).double()
     expected = torch.stack([feats[y == c].mean(0) for c in range(10)])
     torch.testing.assert_close(s.prototypes.means(), expected)
     assert int(s.teacher.num_updates) == 5 and int(s.source_batches.drawn) == 5
@@ -394,7 +407,7 @@ def test_rmt_optimises_the_projection_head_with_the_model(source):
 
 
 def test_lame_adjusts_source_outputs_without_updates(source):
-    s = _make("lame", source, knn=3)
+    s = _make("lame", source, affinity="knn", knn=3)
     x = _batches(source, 1)[0]
     out = _adapt(s, x)
     model = _source_model(source).eval()
@@ -407,7 +420,7 @@ def test_lame_adjusts_source_outputs_without_updates(source):
 
 
 def test_lame_with_batch_statistics_adjusts_the_outputs_of_test_batch_normalised_features(source):
-    s = _make("lame", source, knn=3, batch_statistics=True)
+    s = _make("lame", source, affinity="knn", knn=3, batch_statistics=True)
     x = _batches(source, 1)[0]
     out = _adapt(s, x)
     model = _source_model(source).eval()
