@@ -37,8 +37,11 @@ Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
 https://arxiv.org/abs/2404.00228): before each experience every layer's ``A_t`` is designed from
 the experience's inputs outside the subspace of earlier experiences' inputs and frozen, so only
 ``B_t`` trains and old inputs pass the new update unchanged
-(:class:`~clpeft.components.input_subspace.InputSubspace`; the subspace grows by GPM's criterion
-after each experience).
+(:class:`~clpeft.components.input_subspace.InputSubspace`). After each experience the subspace
+grows by the official code's rule (``update_DualGPM``: the energy of the *squared* eigenvalues of
+the input covariance); ``subspace: gpm`` designs ``A_t`` the same way but grows the subspace by
+GPM's definition (the eigenvalues themselves), which keeps far more directions at the same
+threshold. ``tests/reference/test_inflora.py`` runs the official ``_train`` beside this strategy.
 
 The cross-entropy covers the current experience's classes only (``train_mask``, as in the
 prompt-pool methods' official code), so old classes' head rows are not pushed down.
@@ -46,7 +49,8 @@ prompt-pool methods' official code), so old classes' head rows are not pushed do
 Paper symbols -> parameters: ``r`` -> ``rank`` (``max_rank`` for PRILoRA's deepest layer),
 ``alpha`` -> ``alpha``, total rank budget ``b`` -> ``rank_budget``, ``beta_1, beta_2`` (AdaLoRA
 smoothing) -> ``beta``, IncreLoRA's ``incre_interval``, ``init_warmup``, ``top_h`` and
-``incre_rank_num`` -> ``grow_every``, ``grow_warmup``, ``grow_layers``, ``grow_rank``.
+``incre_rank_num`` -> ``grow_every``, ``grow_warmup``, ``grow_layers``, ``grow_rank``; InfLoRA's
+``lamb``, ``lame`` -> ``subspace_threshold: [lamb, lame]``.
 """
 
 from typing import Annotated, Literal
@@ -92,9 +96,11 @@ class LoRACL(Strategy):
         old_updates: ``freeze`` past updates beside the base weight, or ``merge`` them into it.
         dropout: dropout on the LoRA input.
         train_mask: restrict the cross-entropy to the current experience's classes.
-        subspace: ``none``, or ``inflora``: each update's ``A`` designed outside earlier
-            experiences' input subspace and frozen (InfLoRA).
-        subspace_threshold: GPM's ``epsilon`` for ``inflora``: the share of an experience's input
+        subspace: ``none``; ``inflora``: each update's ``A`` designed outside earlier
+            experiences' input subspace and frozen, the subspace grown by the official
+            ``update_DualGPM`` (squared eigenvalues of the input covariance); ``gpm``: the same
+            design, the subspace grown by GPM's criterion (its eigenvalues).
+        subspace_threshold: ``epsilon`` for ``inflora``/``gpm``: the share of an experience's input
             energy the subspace keeps; or ``[lamb, lame]``, InfLoRA's schedule from ``lamb`` to
             ``lame`` over the stream (``lamb + (lame - lamb) t / T`` after experience ``t``).
         align: predict with a copy of the head re-trained after every experience on sampled
@@ -123,7 +129,7 @@ class LoRACL(Strategy):
         old_updates: Literal["freeze", "merge"] = "freeze",
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         train_mask: bool = True,
-        subspace: Literal["none", "inflora"] = "none",
+        subspace: Literal["none", "inflora", "gpm"] = "none",
         subspace_threshold: Fraction | tuple[Fraction, Fraction] = 0.97,
         align: bool = False,
         drift_compensation: bool = False,
@@ -147,7 +153,7 @@ class LoRACL(Strategy):
         self.mask = ClassMask(train_mask)
         self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         self.allocator: RankAllocator | None = None
-        self.subspace = InputSubspace(self.lora, subspace_threshold) if subspace == "inflora" else None
+        self.subspace = None if subspace == "none" else InputSubspace(self.lora, subspace_threshold, criterion=subspace)
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
 
@@ -158,7 +164,7 @@ class LoRACL(Strategy):
             raise UserError("rank_schedule 'linear' needs max_rank (the deepest layers' rank)", key="strategy.max_rank")
         if params.get("grow_every") is not None and params.get("rank_budget") is None:
             raise UserError("grow_every needs rank_budget (the total rank the updates grow to)", key="strategy.rank_budget")
-        if params.get("grow_every") is not None and params.get("subspace") == "inflora":
+        if params.get("grow_every") is not None and params.get("subspace", "none") != "none":
             raise UserError("grow_every cannot grow InfLoRA updates (their A is designed before training); "
                             "use subspace: none or drop grow_every", key="strategy.grow_every")
 

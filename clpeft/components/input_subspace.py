@@ -11,30 +11,45 @@ Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021, eq. 
 * :meth:`design`, before training task ``t``: with ``C_t`` the mean of ``x x^T`` over the task's
   inputs, the top-``r`` left singular vectors ``U_r`` of ``(I - M M^T) C_t`` give
   ``A_t = U_r^T / sqrt(3)`` (the official scale); ``A_t`` is frozen, ``B_t`` starts at zero;
-* :meth:`extend`, after training task ``t``: GPM's criterion adds the leading eigenvectors of
-  ``(I - M M^T) C_t (I - M M^T)`` to ``M`` until the energy of the task's inputs inside
-  ``span(M)`` reaches ``threshold`` of ``trace(C_t)`` (eigenvalues of ``C_t`` are the squared
-  singular values of the representation matrix GPM uses).
+* :meth:`extend`, after training task ``t``: GPM's criterion with a representation matrix ``R``
+  adds the leading left singular vectors of ``(I - M M^T) R`` to ``M`` until the energy of ``R``
+  inside ``span(M)`` reaches ``threshold`` of ``||R||_F^2``. Two representations:
+
+  - ``criterion="inflora"`` (default), the official ``update_DualGPM``: ``R = C_t`` itself, so
+    the energies are the *squared* eigenvalues of ``C_t`` (it squares the singular values of
+    the covariance it stores). After the first task it keeps the directions whose cumulative
+    share stays *below* the threshold (at least one; ``np.sum(np.cumsum(ratio) < threshold)``,
+    also in the file's GPM-derived ``update_GPM``), one fewer than the paper's rule; later tasks
+    add the fewest directions that reach it.
+  - ``criterion="gpm"``: GPM's definition, ``R`` the matrix of the inputs (``R R^T = C_t``), so
+    the energies are the eigenvalues of ``C_t``, and every task adds the fewest directions that
+    reach the threshold (eq. 5 and 9). The eigenvalues of a covariance decay more slowly than
+    their squares, so at the same threshold this protects many more directions.
 
 The threshold may follow the official code's schedule over the tasks, ``epsilon_t = lamb +
 (lame - lamb) t / T`` after task ``t`` of ``T`` (``threshold=(lamb, lame)``; e.g. ``(0.95, 1.0)``
 on CIFAR-100).
 
-Not reproduced: DualGPM's storage of the complement once ``M`` spans over half of ``d`` (an
-equivalent, cheaper representation) and the official code's criterion on the squared
-eigenvalues of ``C_t`` (GPM's definition is used).
+Kept apart from the official code on purpose (``tests/reference/test_inflora.py`` shows both):
+DualGPM stores the complement of ``span(M)`` once ``M`` spans over half of ``d`` (``retain``); here
+``M`` is always stored (the same projection, one representation). And where the first task's
+basis spans half of ``d`` or more, the official code labels ``M`` itself as the complement and then
+fails its own check (``assert``); here ``M`` is kept as selected.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import torch
 from torch import nn
 
 from clpeft.components.lora import LoRALinear
 from clpeft.distributed import current
+
+Criterion = Literal["inflora", "gpm"]
 
 
 class InputSubspace(nn.Module):
@@ -45,15 +60,20 @@ class InputSubspace(nn.Module):
         threshold: GPM's ``epsilon``: the fraction of a task's input energy that ``span(M)``
             must hold after :meth:`extend`; or ``(start, end)``, interpolated by the ``progress``
             :meth:`extend` is given (InfLoRA's ``lamb``, ``lame``).
+        criterion: how :meth:`extend` measures energy: ``inflora`` (the official code: squared
+            eigenvalues of the covariance) or ``gpm`` (GPM's definition: its eigenvalues); see
+            the module docs.
 
     Buffers: ``basis_<i>`` (``d_i x k_i``, float64) per layer, part of the state dict
     (loading resizes them).
     """
 
-    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float | tuple[float, float] = 0.97):
+    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float | tuple[float, float] = 0.97,
+                 criterion: Criterion = "inflora"):
         super().__init__()
         self.paths = list(layers)
         self.threshold = threshold
+        self.criterion = criterion
         for i, layer in enumerate(layers.values()):
             self.register_buffer(f"basis_{i}", torch.zeros(layer.base_layer.in_features, 0, dtype=torch.float64))
 
@@ -99,8 +119,8 @@ class InputSubspace(nn.Module):
 
     @torch.no_grad()
     def extend(self, covariances: list[torch.Tensor], progress: float = 0.0) -> list[int]:
-        """GPM's update of every basis with a finished task's input covariance; returns the
-        number of directions added per layer.
+        """GPM's update of every basis with a finished task's input covariance, by :attr:`criterion`;
+        returns the number of directions added per layer.
 
         ``progress``: ``t / T`` for task ``t`` of ``T``, where the threshold is a schedule.
         """
@@ -109,17 +129,24 @@ class InputSubspace(nn.Module):
         added = []
         for i, cov in enumerate(covariances):
             basis = self.basis(i).to(cov.device)
-            total = float(torch.trace(cov))
-            inside = float(torch.trace(basis.T @ cov @ basis)) if basis.shape[1] else 0.0
+            gram = cov @ cov if self.criterion == "inflora" else cov  # R R^T of the representation R
+            total = float(torch.trace(gram))
+            inside = float(torch.trace(basis.T @ gram @ basis)) if basis.shape[1] else 0.0
             outside = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device) - basis @ basis.T
-            values, vectors = torch.linalg.eigh(outside @ cov @ outside)
+            values, vectors = torch.linalg.eigh(outside @ gram @ outside)  # left singular vectors of (I - M M^T) R
             values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-            needed = epsilon * total - inside
-            k = 0 if needed <= 0 else int(torch.searchsorted(values.cumsum(0), values.new_tensor(needed))) + 1
+            k = self._directions(values, epsilon * total - inside, first=not basis.shape[1])
             k = min(k, cov.shape[0] - basis.shape[1])
             setattr(self, f"basis_{i}", torch.cat([basis, vectors[:, :k]], dim=1).to(self.basis(i).device))
             added.append(k)
         return added
+
+    def _directions(self, values: torch.Tensor, needed: float, first: bool) -> int:
+        """How many of the leading ``values`` (energies, descending) :meth:`extend` adds to cover ``needed``."""
+        below = int(torch.searchsorted(values.cumsum(0), values.new_tensor(needed)))  # prefixes still short of it
+        if first and self.criterion == "inflora":
+            return max(below, 1)  # the official first task: one fewer, at least one
+        return 0 if needed <= 0 else below + 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for i in range(len(self.paths)):
@@ -130,4 +157,4 @@ class InputSubspace(nn.Module):
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{self.basis(i).shape[1]}/{self.basis(i).shape[0]}" for i in range(len(self.paths)))
-        return f"threshold={self.threshold}, basis dims: {dims}"
+        return f"threshold={self.threshold}, criterion={self.criterion}, basis dims: {dims}"

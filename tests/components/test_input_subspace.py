@@ -1,4 +1,7 @@
-"""InputSubspace (InfLoRA's A design, GPM's basis update) against hand-worked and numpy computations."""
+"""InputSubspace (InfLoRA's A design; the official and GPM's basis updates) against hand-worked and numpy computations.
+
+The official code itself is run beside it in ``tests/reference/test_inflora.py``.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def _layers(d: int = 4, rank: int = 1, n: int = 1) -> dict[str, LoRALinear]:
 
 def test_gpm_keeps_the_fewest_directions_that_reach_the_threshold_hand_worked():
     layers = _layers()
-    subspace = InputSubspace(layers, threshold=0.7)
+    subspace = InputSubspace(layers, threshold=0.7, criterion="gpm")
     # eigenvalues 4, 3, 2, 1: 70% of the energy needs the first two directions
     assert subspace.extend([torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))]) == [2]
     np.testing.assert_array_equal(subspace.basis(0).numpy(), np.eye(4)[:, :2])
@@ -31,14 +34,33 @@ def test_gpm_keeps_the_fewest_directions_that_reach_the_threshold_hand_worked():
     assert subspace.extend([torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64))]) == [0]
 
 
+def test_official_rule_squares_the_eigenvalues_hand_worked():
+    """``criterion="inflora"`` (the default, ``update_DualGPM``): energies are squared eigenvalues.
+
+    Eigenvalues 4, 3, 2, 1 -> energies 16, 9, 4, 1 of 30. After the first task at 0.7 the
+    official count is the prefixes still below 0.7: 16/30 = 0.53 only, so 1 direction (GPM's
+    rule on the plain eigenvalues: 2). A second task then adds the fewest reaching the threshold.
+    """
+    subspace = InputSubspace(_layers(), threshold=0.7)
+    assert subspace.criterion == "inflora"
+    assert subspace.extend([torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))]) == [1]
+    np.testing.assert_array_equal(subspace.basis(0).numpy(), np.eye(4)[:, :1])
+    # energies 1, 1, 25, 9 of 36; 1 inside span(e1); 0.7 * 36 = 25.2 needs e3 (26) -> 1 direction
+    assert subspace.extend([torch.diag(torch.tensor([1.0, 1.0, 5.0, 3.0], dtype=torch.float64))]) == [1]
+    np.testing.assert_allclose(np.abs(subspace.basis(0).numpy()), np.eye(4)[:, [0, 2]], atol=1e-12)
+    # at least one direction after the first task, even when the first share already passes
+    first_only = InputSubspace(_layers(), threshold=0.5)
+    assert first_only.extend([torch.diag(torch.tensor([9.0, 1.0, 1.0, 1.0], dtype=torch.float64))]) == [1]
+
+
 def test_threshold_schedule_interpolates_from_lamb_to_lame_hand_worked():
     """InfLoRA's epsilon_t = lamb + (lame - lamb) t / T: (0.5, 1.0) at t / T = 0.4 is 0.7."""
     eigen = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
-    scheduled = InputSubspace(_layers(), threshold=(0.5, 1.0))
+    scheduled = InputSubspace(_layers(), threshold=(0.5, 1.0), criterion="gpm")
     assert scheduled.extend([eigen], progress=0.0) == [2]  # 0.5 of 10 units: 4 + 3 (4 alone is short)
-    fresh = InputSubspace(_layers(), threshold=(0.5, 1.0))
+    fresh = InputSubspace(_layers(), threshold=(0.5, 1.0), criterion="gpm")
     assert fresh.extend([eigen], progress=0.4) == [2]  # 0.7: still 4 + 3
-    fresh = InputSubspace(_layers(), threshold=(0.5, 1.0))
+    fresh = InputSubspace(_layers(), threshold=(0.5, 1.0), criterion="gpm")
     assert fresh.extend([eigen], progress=0.8) == [3]  # 0.9: 4 + 3 + 2
 
 
@@ -46,7 +68,7 @@ def test_gpm_criterion_matches_numpy_on_a_random_covariance():
     rng = np.random.default_rng(0)
     d = 12
     layers = _layers(d)
-    subspace = InputSubspace(layers, threshold=0.9)
+    subspace = InputSubspace(layers, threshold=0.9, criterion="gpm")
     first = rng.normal(size=(200, d)) @ np.diag(np.linspace(3, 0.1, d))
     subspace.extend([torch.from_numpy(first.T @ first / 200)])
     m = subspace.basis(0).numpy()
@@ -109,6 +131,6 @@ def test_state_dict_round_trip_restores_the_bases():
 def test_a_higher_threshold_keeps_more_directions(threshold):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(100, 8)) @ np.diag(np.linspace(2, 0.2, 8))
-    subspace = InputSubspace(_layers(8), threshold=threshold)
+    subspace = InputSubspace(_layers(8), threshold=threshold, criterion="gpm")
     k = subspace.extend([torch.from_numpy(x.T @ x / 100)])[0]
     assert (k <= 4) if threshold == 0.5 else (k >= 7)

@@ -98,7 +98,12 @@ def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monke
     """InfLoRA: A_t is designed before the experience and never trained (only B_t and the head are
     optimised), and the later updates' output on the first experience's inputs is a small fraction
     of what unconstrained updates produce (first layer: its inputs are the raw images, so they are
-    the same in both runs)."""
+    the same in both runs).
+
+    Both growth rules of the subspace: GPM's (``subspace: gpm``, eigenvalues of the covariance) at
+    0.99, and the official one (``inflora``, their squares) at 0.999: squaring concentrates the
+    energy in the leading directions, so the official rule needs the higher threshold to protect
+    as much of these raw-pixel inputs."""
     groups = []
     param_groups = LoRACL.param_groups
 
@@ -110,9 +115,9 @@ def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monke
 
     monkeypatch.setattr(LoRACL, "param_groups", spy_groups)
     interference = {}
-    for subspace in ("none", "inflora"):
+    for subspace, threshold in (("none", 0.99), ("gpm", 0.99), ("inflora", 0.999)):
         _, strategy, stream = _run(tmp_path / subspace, run_keeping, {
-            "name": "lora_cl", "targets": ["net.0"], "rank": 3, "subspace": subspace, "subspace_threshold": 0.99},
+            "name": "lora_cl", "targets": ["net.0"], "rank": 3, "subspace": subspace, "subspace_threshold": threshold},
             epochs=3, hidden=(64,))
         layer = strategy.lora["net.0"]
         seen = []
@@ -125,7 +130,8 @@ def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monke
         first = ((x @ a[:3].T) * s[:3]) @ b[:, :3].T
         later = ((x @ a[3:].T) * s[3:]) @ b[:, 3:].T
         interference[subspace] = float(later.square().sum() / first.square().sum())
-    assert all(got == want for got, want in groups[5:])  # the inflora run: only B_t and the head train
+    assert all(got == want for got, want in groups[5:])  # the gpm and inflora runs: only B_t and the head train
+    assert interference["gpm"] < 0.1 * interference["none"], interference
     assert interference["inflora"] < 0.1 * interference["none"], interference
 
 
@@ -310,7 +316,9 @@ def test_lora_cl_config_errors_name_the_key():
 
 
 def _online(self) -> dict[str, torch.Tensor]:
-    return {f"{n}.{f}": getattr(m, f).detach().double().clone() for n, m in self.lora.items() for f in ("lora_A", "lora_B")}
+    """The online module: every adapted layer's factors and learnable scale."""
+    return {f"{n}.{f}": getattr(m, f).detach().double().clone() for n, m in self.lora.items()
+            for f in ("lora_A", "lora_B", "lora_scale") if getattr(m, f) is not None}
 
 
 def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkeypatch, run_keeping):
@@ -367,10 +375,9 @@ def test_lae_prediction_is_the_max_of_the_two_softmaxes(tmp_path, run_keeping):
     with torch.no_grad():
         online = strategy.head(strategy.backbone(x))
         off_model = copy.deepcopy(strategy.backbone)
-        for name, layer in strategy.lora.items():
-            target = off_model.get_submodule(name)
-            target.lora_A.copy_(strategy.offline.model.overrides()[f"{name}.lora_A"])
-            target.lora_B.copy_(strategy.offline.model.overrides()[f"{name}.lora_B"])
+        for key, value in strategy.offline.model.overrides().items():  # factors (and learnable scales)
+            path, _, factor = key.rpartition(".")
+            getattr(off_model.get_submodule(path), factor).copy_(value)
         offline = strategy.head(off_model(x))
         expected = np.maximum(torch.softmax(online, 1).numpy(), torch.softmax(offline, 1).numpy())
         got = strategy.predict(x).exp().numpy()
