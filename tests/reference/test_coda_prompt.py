@@ -410,7 +410,8 @@ def test_published_configs_are_the_official_setup(ref, ours, config, script, n_c
     ``models/zoo.py``: layers ``[0..4]`` and timm 0.4.12's ``vit_base_patch16_224`` weights (its
     ``requirements.txt`` pins that timm), which are augreg's IN-21k pretrained, IN-1k fine-tuned
     ViT-B/16: ``vit_base_patch16_224.augreg_in21k_ft_in1k`` in today's timm; from
-    ``dataloaders/utils.py``: the training crop and flip, and float32 (no autocast). The script's single
+    ``dataloaders/utils.py``: the training crop and flip, unnormalised [0, 1] inputs and ImageNet-R's test crop;
+    from its trainer: ``drop_last``; and float32 (no autocast). The script's single
     repeat has seed 0, which keeps the classes in their natural order. Mutation checked: lr 0.002
     in the YAML fails it.
     """
@@ -424,6 +425,10 @@ def test_published_configs_are_the_official_setup(ref, ours, config, script, n_c
     assert official["schedule_type"] == "cosine" and train.schedule == "quarter_cosine"
     assert train.amp == "off"  # the official runs train in float32
     assert train.augment == "crop_flip_coda"  # its train transform (tests/reference/test_augment.py)
+    assert train.drop_last  # its trainer: DataLoader(..., shuffle=True, drop_last=True)
+    assert (backbone["mean"], backbone["std"]) == ([0, 0, 0], [1, 1, 1])  # dataloaders/utils.py: mean 0, std 1
+    if n_classes == 200:  # ImageNet-R: Resize(256) + CenterCrop(224) at test time
+        assert backbone["crop_pct"] == 0.875 and scenario["dataset_options"]["image_size"] == 256
     param = torch.nn.Parameter(torch.zeros(1))
     assert make_optimizer([{"params": [param]}], train).defaults["betas"] == (official["momentum"], 0.999)
     assert official["first_split_size"] == official["other_split_size"] == n_classes // scenario["n_experiences"]
