@@ -1,4 +1,4 @@
-"""``clpeft run | bench | validate | list | compare | report | sweep | merge`` (also ``python -m clpeft``)."""
+"""``clpeft run | bench | validate | list | compare | report | sweep | reproduce | merge`` (also ``python -m clpeft``)."""
 
 from __future__ import annotations
 
@@ -163,6 +163,23 @@ def _sweep(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from clpeft.reproduce import configs_dir, format_outcomes, load_setups, render_markdown, reproduce, select
+
+    directory = configs_dir(args.configs)
+    setups = select(load_setups(directory), args.names)
+    if args.markdown:
+        print(render_markdown(setups), end="")
+        return 0
+    if args.list:
+        for setup in setups:
+            print(f"{setup.name:<36} {setup.status}")
+        return 0
+    outcomes = reproduce(setups, directory, Path(args.data_root).expanduser(), Path(args.out), device=args.device)
+    print(format_outcomes(outcomes))
+    return 0 if all(o.missing is None for o in outcomes) else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clpeft", description="Continual learning on pretrained models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sweep.add_argument("--deterministic", action="store_true")
     sweep.set_defaults(func=_sweep)
+
+    reproduce = sub.add_parser("reproduce", help="run published setups and print the papers' numbers beside clpeft's")
+    reproduce.add_argument("names", nargs="*", default=["all"], help="setups (e.g. l2p/cifar100_10t, or l2p for all of L2P's); all by default")
+    reproduce.add_argument("--data-root", default="~/data", help="where the datasets are (becomes scenario.root; default ~/data)")
+    reproduce.add_argument("--out", default="runs/reproduce", help="run directories, one per setup (resumed if present)")
+    reproduce.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    reproduce.add_argument("--configs", help="the configs folder holding published_setups.yaml (default ./configs)")
+    reproduce.add_argument("--list", action="store_true", help="list the setups and their status")
+    reproduce.add_argument("--markdown", action="store_true", help="print docs/published_setups.md")
+    reproduce.set_defaults(func=_reproduce)
 
     try:
         from clpeft.merging import cli as merge_cli
