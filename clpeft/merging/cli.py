@@ -3,6 +3,8 @@
 A YAML file (see :mod:`clpeft.merging.config`) describes a merge; flags fill in or override
 its values for one-off use, so ``clpeft merge --base b.safetensors --models a.safetensors
 c.safetensors --method ties --set density=0.2 --out m.safetensors`` needs no file at all.
+``--search scale=0.3:1.5:0.1 --on CONFIG`` merges once per value, scores each merge with a run of
+the clpeft config ``CONFIG`` and writes the best (:mod:`clpeft.merging.search`).
 A user's mistake raises :class:`~clpeft.errors.UserError`, which the main CLI prints as one
 line with exit status 2.
 """
@@ -17,6 +19,7 @@ from clpeft.errors import UserError
 from clpeft.merging.api import merge_files
 from clpeft.merging.config import anchor_paths, resolve_config
 from clpeft.merging.registry import get_method, list_methods
+from clpeft.merging.search import parse_search, search_merge
 
 __all__ = ["configure_parser", "run"]
 
@@ -41,6 +44,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a value, e.g. density=0.2"
     )
+    parser.add_argument(
+        "--search",
+        metavar="KEY=START:STOP:STEP",
+        help="merge once per value (STOP included; or KEY=V1,V2,...), score each with --on, write the best",
+    )
+    parser.add_argument(
+        "--on",
+        metavar="CONFIG",
+        help="clpeft run config that scores each merge of --search: its scenario's test data (use a validation "
+        "split), its backbone loading the merge as backbone.weights, its strategy (e.g. simplecil); score: acc_last",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,22 +77,43 @@ def _run(args: argparse.Namespace) -> int:
     flags = {"base": args.base, "models": args.models, "method": args.method, "out": args.out, "device": args.device}
     data |= {key: value for key, value in flags.items() if value is not None}
     config = resolve_config(apply_overrides(data, args.set))
-    parameters = get_method(config.method).validate(config.parameters)
-    report = merge_files(
-        config.base,
-        config.models,
-        config.out,
-        config.method,
-        rules=config.rules,
-        device=config.device,
-        seed=config.seed,
-        report=config.report,
-        progress=config.progress,
-        **parameters,
-    )
+    if (args.search is None) != (args.on is None):
+        raise UserError("--search and --on go together: --search KEY=START:STOP:STEP --on CONFIG")
+
+    def merge(out: Path, report: Path | None, **parameters):
+        return merge_files(config.base, config.models, out, config.method, rules=config.rules, device=config.device,
+                           seed=config.seed, report=report, progress=config.progress, **parameters)
+
+    if args.search is None:
+        report = merge(config.out, config.report, **get_method(config.method).validate(config.parameters))
+    else:
+        report = _search(config, merge, *parse_search(args.search), Path(args.on))
     summary = report.to_dict()["summary"]
     print(
         f"merged {len(config.models)} models with {config.method} into {config.out} in {report.seconds:.1f} s: "
         f"{summary['merged']} tensors merged, {summary['copied_from_base']} copied from the base"
     )
     return 0
+
+
+def _search(config, merge, parameter: str, values: list[float], on: Path):
+    """Run the search, print its table, return the final merge's report."""
+    report_path = config.report or config.out.with_name(f"{config.out.stem}.report.json")
+    search_path = config.out.with_name(f"{config.out.stem}.search.json")
+    report, result = search_merge(
+        merge,
+        method=config.method,
+        params=config.parameters,
+        parameter=parameter,
+        values=values,
+        on=on,
+        out=config.out,
+        outputs={"out": config.out, "report": report_path, "search": search_path},
+        inputs=[config.base, *config.models],
+        device=config.device,
+    )
+    print(f"| {parameter} | {result.metric} |\n|---|---|")
+    for row in result.table:
+        print(f"| {row[parameter]:g} | {row[result.metric]:.4f} |{' best' if row[parameter] == result.best else ''}")
+    print(f"best {parameter} = {result.best:g} (table in {search_path})")
+    return report
