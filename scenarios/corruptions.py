@@ -1,352 +1,313 @@
-"""Common corruptions as deterministic, batched torch transforms (severities 1-5).
+"""Common corruptions applied on the fly: the 15 of ImageNet-C plus two extras, severities 1-5.
 
 Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
-Perturbations", ICLR 2019 (https://arxiv.org/abs/1903.12261). The constants are those of the
-authors' CIFAR-10-C generator (``make_cifar_c.py``), defined for 32x32 images; spatial ones
-(blur radii, displacements) are scaled by ``max(H, W) / 32`` for larger images, so that a
-corruption looks alike at any resolution (images up to 32 pixels use them as they are). Every function here works on a float batch ``(N, C, H, W)`` in [0, 1], any
-channel count; :func:`corrupt` takes and returns ``uint8`` images.
-
-**Determinism.** The random draws of sample ``i`` come from its own generator, seeded from
-``(seed, corruption, severity, i)``: a sample gets the same corruption in any batch, in any
-order, in every run with that seed, and different noise under another seed or severity.
-
-Implemented (14 of ImageNet-C's 15, plus two of its extra corruptions):
+Perturbations", ICLR 2019 (https://arxiv.org/abs/1903.12261). Each corruption computes what the
+authors' generators compute (hendrycks/robustness, ``ImageNet-C/create_c/make_*_c.py``), with
+the constants of the generator chosen for the image size (``constants``, see
+:mod:`clpeft.scenarios.corruption_constants`: CIFAR-10-C's up to 45 px, Tiny-ImageNet-C's up to
+119 px, ImageNet-C's above), and truncates to ``uint8`` as they do (``np.uint8(...)``).
 
 ==========  ==========================================================================
 noise       ``gaussian_noise``, ``shot_noise`` (Poisson), ``impulse_noise`` (salt and
             pepper per value), ``speckle_noise`` (extra)
-blur        ``defocus_blur`` (anti-aliased disk), ``glass_blur`` (blur, local pixel
-            swaps, blur), ``motion_blur``, ``zoom_blur``, ``gaussian_blur`` (extra)
-weather     ``snow``, ``fog`` (diamond-square plasma fractal), ``brightness``
+blur        ``defocus_blur``, ``glass_blur``, ``motion_blur``, ``zoom_blur``,
+            ``gaussian_blur`` (extra)
+weather     ``snow``, ``frost``, ``fog`` (diamond-square plasma fractal), ``brightness``
 digital     ``contrast``, ``elastic_transform``, ``pixelate``, ``jpeg_compression``
 ==========  ==========================================================================
 
-Differences from the reference (which uses PIL, OpenCV, scikit-image and ImageMagick):
-``motion_blur`` and the snow streaks use ImageMagick's one-sided Gaussian line kernel rebuilt
-in torch; ``pixelate`` is PIL's BOX resize written as resampling matrices (equal to PIL up to
-its intermediate rounding); borders are replicated; ``brightness`` adds to the HSV value
-channel in closed form (``x * V'/V``); results are rounded, not truncated, to ``uint8``.
-``jpeg_compression`` is PIL's JPEG round trip, as in the reference. ``frost``
-(blends photographs of frost shipped with ImageNet-C) is not available on the fly: use the
-CIFAR-10-C/ImageNet-C files for it (:mod:`clpeft.scenarios.test_time_adaptation`).
+**Determinism.** Image ``i`` draws from its own ``np.random.RandomState(sample_seed(seed,
+corruption, severity, i))``, with the reference's numpy calls in the reference's order (the
+reference draws them from numpy's global state): a sample gets the same corruption in any batch,
+in any order, in every run with that seed, and seeding numpy's global state with
+:func:`sample_seed` before calling the reference reproduces it.
+
+**Where clpeft follows another implementation than the reference's** (what the tests in
+``tests/reference/test_corruptions.py`` compare, and to what tolerance, is stated there):
+
+* ``motion_blur`` and ``snow``'s streaks: the reference calls ImageMagick's
+  ``MagickMotionBlurImage`` through Wand; clpeft computes ImageMagick's kernel as the
+  ``imagecorruptions`` package rebuilds it in numpy (one-sided Gaussian taps along a line) and
+  rounds to ``uint8`` as ImageMagick's 8-bit output does (``imagecorruptions`` truncates).
+* ``impulse_noise``: scikit-image 0.14's ``random_noise(mode='s&p')``, which drew two
+  ``np.random.choice`` masks from numpy's global state (scikit-image 0.19 and later draw from a
+  ``Generator``).
+* ``elastic_transform``'s affine warp: OpenCV 5's ``warpAffine`` (float coordinates; OpenCV 3,
+  which made the published files, rounded them to 1/32 pixel).
+* ``frost``: the photographs ship in ``clpeft/scenarios/frost/`` (Apache-2.0, see its NOTICE);
+  an image larger than the shrunk photograph (only at sizes a reference never made) crops from
+  the photograph enlarged to 1.1 times the image, as ``imagecorruptions`` does.
+* Images that are not RGB: ``brightness`` adds to the value (``imagecorruptions``), ``snow``
+  takes the image as its own grey level, ``frost`` blends the photograph's luminance (0.2989,
+  0.587, 0.114); the other corruptions treat every channel alike.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import io
 from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
-Generators = list[torch.Generator]
+from clpeft.scenarios import corruption_ops as ops
+from clpeft.scenarios.corruption_constants import (
+    CONSTANTS, ELASTIC_SIZE_FACTOR, FROST_SCALE, ConstantChoice, constant_set)
 
 #: The 15 corruptions of ImageNet-C / CIFAR-10-C in the order of the continual TTA benchmarks
-#: (Wang et al., CoTTA, CVPR 2022).
+#: (Wang et al., CoTTA, CVPR 2022; ``CORRUPTION.TYPE`` of mariodoebler/test-time-adaptation).
 IMAGENET_C = [
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
     "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 ]
 
+FROST_DIR = Path(__file__).resolve().parent / "frost"
+#: The photographs ``np.random.randint(5)`` picks from (the reference lists a sixth it never draws).
+FROST_PHOTOS = ["frost1", "frost2", "frost3", "frost4", "frost5"]
+_FROST_SUFFIX = {"frost1": ".png", "frost2": ".png", "frost3": ".png", "frost4": ".jpg", "frost5": ".jpg"}
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _randn(gens: Generators, shape) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens])
-
-
-def _rand(gens: Generators, shape) -> torch.Tensor:
-    return torch.stack([torch.rand(shape, generator=g) for g in gens])
+States = list[np.random.RandomState]
 
 
-def _scale(x: torch.Tensor) -> float:
-    """Spatial constants are for 32x32 images: multiply them by this (1 up to 32 pixels)."""
-    return max(1.0, max(x.shape[-2:]) / 32.0)
-
-
-def _depthwise(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Correlate every channel of sample ``n`` with ``kernels[n]`` (or one shared ``(k, k)``
-    kernel), borders replicated."""
-    N, C, H, W = x.shape
-    if kernels.dim() == 2:
-        kernels = kernels.expand(N, *kernels.shape)
-    kh, kw = kernels.shape[-2:]
-    padded = F.pad(x.reshape(1, N * C, H, W), (kw // 2, kw // 2, kh // 2, kh // 2), mode="replicate")
-    weight = kernels.repeat_interleave(C, dim=0).unsqueeze(1).to(x.dtype)
-    return F.conv2d(padded, weight, groups=N * C).reshape(N, C, H, W)
-
-
-def _gaussian_kernel1d(sigma: float, radius: int) -> torch.Tensor:
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur (scikit-image's ``gaussian``, borders replicated)."""
-    if sigma <= 0:
-        return x
-    k = _gaussian_kernel1d(sigma, max(1, int(truncate * sigma + 0.5)))
-    return _depthwise(_depthwise(x, k.view(1, -1)), k.view(-1, 1))
-
-
-def _zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Zoom into the centre by ``factor`` keeping the size (the reference's ``clipped_zoom``)."""
-    theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]], dtype=x.dtype).expand(len(x), 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def _line_kernels(radius: float, sigma: float, angles: torch.Tensor) -> torch.Tensor:
-    """ImageMagick's motion-blur kernel: one-sided Gaussian weights along a line at ``angle``.
-
-    Tap ``i = 0..2r`` has weight ``exp(-i^2 / (2 sigma^2))`` and reads the pixel at offset
-    ``round(i cos a), round(i sin a)``; weights sum to 1.
-    """
-    r = max(1, int(math.ceil(radius)))
-    taps = torch.arange(0, 2 * r + 1, dtype=torch.float32)
-    weights = torch.exp(-(taps**2) / (2 * sigma**2))
-    weights = weights / weights.sum()
-    rad = torch.deg2rad(angles.float()).unsqueeze(1)
-    dx = torch.round(taps * torch.cos(rad)).long() + 2 * r
-    dy = torch.round(taps * torch.sin(rad)).long() + 2 * r
-    kernels = torch.zeros(len(angles), 4 * r + 1, 4 * r + 1)
-    for n in range(len(angles)):
-        kernels[n].index_put_((dy[n], dx[n]), weights, accumulate=True)
-    return kernels
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] != 3:
-        return x.mean(dim=1, keepdim=True)
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
-
-
-def _plasma(gens: Generators, size: int, decay: float) -> torch.Tensor:
-    """Diamond-square plasma fractals ``(N, size, size)`` in [0, 1] (the reference's fog)."""
-    N = len(gens)
-    m = torch.zeros(N, size, size, dtype=torch.float64)
-    step, wibble = size, 100.0
-
-    def wibbled(a: torch.Tensor) -> torch.Tensor:
-        noise = torch.stack([torch.rand(a.shape[1:], generator=g, dtype=torch.float64) for g in gens])
-        return a / 4 + wibble * (noise * 2 * wibble - wibble)
-
-    while step >= 2:
-        h = step // 2
-        corners = m[:, 0:size:step, 0:size:step]
-        squares = corners + corners.roll(-1, 1)
-        squares = squares + squares.roll(-1, 2)
-        m[:, h:size:step, h:size:step] = wibbled(squares)
-        centres = m[:, h:size:step, h:size:step]
-        corners = m[:, 0:size:step, 0:size:step]
-        m[:, 0:size:step, h:size:step] = wibbled(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
-        m[:, h:size:step, 0:size:step] = wibbled(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
-        step //= 2
-        wibble /= decay
-    m = m - m.amin(dim=(1, 2), keepdim=True)
-    return (m / m.amax(dim=(1, 2), keepdim=True)).float()
+def _to_255(x: np.ndarray) -> np.ndarray:
+    """``np.clip(x, 0, 1) * 255``, the reference's last step before ``np.uint8``."""
+    return np.clip(x, 0, 1) * 255
 
 
 # ----------------------------------------------------------------------------- noise
 
 
-def gaussian_noise(x, severity, gens):
-    c = [0.04, 0.06, 0.08, 0.09, 0.10][severity - 1]
-    return x + c * _randn(gens, x.shape[1:])
+def gaussian_noise(u, c, states, constants):
+    x = u / 255.
+    return _to_255(x + np.stack([s.normal(size=x.shape[1:], scale=c) for s in states]))
 
 
-def shot_noise(x, severity, gens):
-    c = [500, 250, 100, 75, 50][severity - 1]
-    return torch.stack([torch.poisson(xi * c, generator=g) for xi, g in zip(x, gens)]) / c
+def shot_noise(u, c, states, constants):
+    x = u / 255.
+    return _to_255(np.stack([s.poisson(xi * c) for xi, s in zip(x, states)]) / float(c))
 
 
-def impulse_noise(x, severity, gens):
-    c = [0.01, 0.02, 0.03, 0.05, 0.07][severity - 1]
-    u = _rand(gens, (2, *x.shape[1:]))
-    return torch.where(u[:, 0] < c, (u[:, 1] < 0.5).to(x.dtype), x)
+def impulse_noise(u, c, states, constants):
+    """scikit-image 0.14's ``random_noise(x, mode='s&p', amount=c)``: a value flips with
+    probability ``c``, to 1 or 0 with equal odds (two ``np.random.choice`` draws, in this order)."""
+    x = u / 255.
+    for xi, s in zip(x, states):
+        flipped = s.choice([True, False], size=xi.shape, p=[c, 1 - c])
+        salted = s.choice([True, False], size=xi.shape, p=[0.5, 0.5])
+        xi[flipped & salted] = 1
+        xi[flipped & ~salted] = 0
+    return _to_255(x)
 
 
-def speckle_noise(x, severity, gens):
-    c = [0.06, 0.1, 0.12, 0.16, 0.2][severity - 1]
-    return x + x * c * _randn(gens, x.shape[1:])
+def speckle_noise(u, c, states, constants):
+    x = u / 255.
+    return _to_255(x + x * np.stack([s.normal(size=x.shape[1:], scale=c) for s in states]))
 
 
 # ----------------------------------------------------------------------------- blur
 
 
-def gaussian_blur(x, severity, gens):
-    c = [0.4, 0.6, 0.7, 0.8, 1.0][severity - 1]
-    return _gaussian_blur(x, c * _scale(x))
+def gaussian_blur(u, c, states, constants):
+    return _to_255(ops.gaussian_filter(u / 255., c))
 
 
-def defocus_blur(x, severity, gens):
-    radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][severity - 1]
-    radius *= _scale(x)
-    span = max(8, int(math.ceil(radius)))
-    t = torch.arange(-span, span + 1, dtype=torch.float32)
-    disk = ((t.view(-1, 1) ** 2 + t.view(1, -1) ** 2) <= radius**2).float()
-    disk = disk / disk.sum()
-    k = _gaussian_kernel1d(alias, 1 if radius <= 8 else 2)  # the reference's 3x3 (5x5) anti-aliasing blur
-    disk = F.conv2d(disk.view(1, 1, *disk.shape), (k.view(-1, 1) * k.view(1, -1)).view(1, 1, len(k), len(k)),
-                    padding=len(k) // 2)[0, 0]
-    rows = torch.nonzero(disk.abs().sum(1) > 0).flatten()
-    lo, hi = int(rows.min()), int(rows.max())
-    half = max(span - lo, hi - span)
-    return _depthwise(x, disk[span - half: span + half + 1, span - half: span + half + 1])
+def defocus_blur(u, c, states, constants):
+    radius, alias_blur = c
+    return _to_255(ops.filter2d(u / 255., ops.disk_kernel(radius, alias_blur)))
 
 
-def glass_blur(x, severity, gens):
-    sigma, delta, iterations = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][severity - 1]
-    s = _scale(x)
-    delta = max(1, round(delta * s))
-    x = torch.round(_gaussian_blur(x, sigma * s).clamp(0, 1) * 255) / 255
-    N, C, H, W = x.shape
-    # The swaps depend only on the draws: follow where every pixel goes, then move them in one gather.
-    rows, cols = range(H - delta, delta, -1), range(W - delta, delta, -1)
-    shifts = np.stack([torch.randint(-delta, delta, (iterations, len(rows), len(cols), 2), generator=g).numpy()
-                       for g in gens])
-    offsets = shifts[..., 0] * W + shifts[..., 1]
-    where = np.tile(np.arange(H * W), (N, 1))
-    n = np.arange(N)
-    for it in range(iterations):
-        for a, h in enumerate(rows):
-            for b, w in enumerate(cols):
-                here = h * W + w
-                there = here + offsets[:, it, a, b]
-                where[:, here], where[n, there] = where[n, there], where[:, here].copy()
-    index = torch.from_numpy(where).unsqueeze(1).expand(N, C, H * W)
-    return _gaussian_blur(x.flatten(2).gather(2, index).view(N, C, H, W), sigma * s)
+def glass_blur(u, c, states, constants):
+    """Blur, move pixels locally, blur (sigma, max_delta, iterations = ``c``).
+
+    The reference's "swap" ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` does not swap: numpy
+    evaluates the right side to two *views*, writes the first into ``x[h, w]``, and then writes
+    ``x[h, w]``'s new value, ``x[h', w']``'s own, back into ``x[h', w']``. Each step therefore
+    *copies* pixel ``(h + dy, w + dx)`` into ``(h, w)``, and later steps read the copies. clpeft
+    does exactly that, over the rows ``H - delta .. delta + 1`` and columns ``W - delta .. delta + 1``
+    from the bottom right, one ``randint(-delta, delta, size=2)`` = ``(dx, dy)`` per pixel: a row
+    at a time (reads of other rows see their current values; reads further right in the same row,
+    already overwritten, follow the chain of copies by pointer jumping).
+    """
+    sigma, delta, iterations = c
+    x = (ops.gaussian_filter(u / 255., sigma) * 255).astype(np.uint8)
+    n, h, w, _ = x.shape
+    rows, cols = np.arange(h - delta, delta, -1), np.arange(w - delta, delta, -1)
+    draws = np.stack([s.randint(-delta, delta, size=(iterations * len(rows), len(cols), 2)) for s in states])
+    source = np.tile(np.arange(h * w).reshape(h, w), (n, 1, 1))  # which original pixel each pixel now holds
+    batch, position = np.arange(n)[:, None], np.arange(len(cols))
+    for step in range(iterations * len(rows)):
+        row = rows[step % len(rows)]
+        dx, dy = draws[:, step, :, 0], draws[:, step, :, 1]
+        read_col = cols + dx
+        moved = source[batch, row + dy, read_col]
+        written = (dy == 0) & (dx > 0) & (read_col <= w - delta)  # reads a pixel of this row already copied into
+        pointer = np.where(written, (w - delta) - read_col, position)
+        for _ in range(max(1, len(cols)).bit_length()):
+            pointer = np.take_along_axis(pointer, pointer, axis=1)
+        source[:, row, cols] = np.take_along_axis(moved, pointer, axis=1)
+    moved = np.take_along_axis(x.reshape(n, h * w, -1), source.reshape(n, h * w, 1), axis=1).reshape(x.shape)
+    return _to_255(ops.gaussian_filter(moved / 255., sigma))
 
 
-def motion_blur(x, severity, gens):
-    radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][severity - 1]
-    s = _scale(x)
-    angles = torch.stack([torch.rand((), generator=g) for g in gens]) * 90 - 45
-    return _depthwise(x, _line_kernels(radius * s, sigma * s, angles))
+def motion_blur(u, c, states, constants):
+    radius, sigma = c
+    angles = np.array([s.uniform(-45, 45) for s in states])
+    return np.floor(np.clip(ops.motion_blur(u, radius, sigma, angles), 0, 255) + 0.5)
 
 
-def zoom_blur(x, severity, gens):
-    top = [1.06, 1.11, 1.16, 1.21, 1.26][severity - 1]
-    factors = np.arange(1, top, 0.01)
-    out = x.clone()
-    for f in factors:
-        out += _zoom(x, float(f))
-    return out / (len(factors) + 1)
+def zoom_blur(u, c, states, constants):
+    x = (u / 255.).astype(np.float32)
+    factors = np.arange(*c)
+    out = np.zeros_like(x)
+    for factor in factors:
+        out += ops.clipped_zoom(x, factor)
+    return _to_255((x + out) / (len(factors) + 1))
 
 
 # ----------------------------------------------------------------------------- weather
 
 
-def snow(x, severity, gens):
-    loc, scale, zoom, threshold, radius, sigma, mix = [
-        (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
-    ][severity - 1]
-    s = _scale(x)
-    layer = _zoom(loc + scale * _randn(gens, (1, *x.shape[-2:])), zoom)
-    layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp(0, 1)
-    layer = torch.round(layer * 255) / 255
-    angles = torch.stack([torch.rand((), generator=g) for g in gens]) * 90 - 135
-    layer = _depthwise(layer, _line_kernels(radius * s, sigma * s, angles))
-    x = mix * x + (1 - mix) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
-    return x + layer + layer.flip(-1, -2)
+def _grey(x: np.ndarray) -> np.ndarray:
+    """OpenCV's ``cvtColor(x, COLOR_RGB2GRAY)`` of float32 RGB images (the image itself if grey)."""
+    if x.shape[-1] != 3:
+        return x.mean(axis=-1, keepdims=True, dtype=np.float32)
+    return (x[..., 0:1] * np.float32(0.299) + x[..., 1:2] * np.float32(0.587)) + x[..., 2:3] * np.float32(0.114)
 
 
-def fog(x, severity, gens):
-    c, decay = [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)][severity - 1]
-    H, W = x.shape[-2:]
-    size = max(32, 1 << (max(H, W) - 1).bit_length())
-    peak = x.amax(dim=(1, 2, 3), keepdim=True)
-    x = x + c * _plasma(gens, size, decay)[:, None, :H, :W]
-    return x * peak / (peak + c)
+def snow(u, c, states, constants):
+    loc, scale, zoom, threshold, radius, sigma, mix = c
+    n, h, w, _ = u.shape
+    x = u.astype(np.float32) / 255.
+    layer = ops.clipped_zoom(np.stack([s.normal(size=(h, w), loc=loc, scale=scale) for s in states])[..., None], zoom)
+    layer[layer < threshold] = 0
+    layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # the reference's greyscale PNG for ImageMagick
+    angles = np.array([s.uniform(-135, -45) for s in states])
+    layer = np.floor(np.clip(ops.motion_blur(layer, radius, sigma, angles), 0, 255) + 0.5) / 255.
+    x = mix * x + (1 - mix) * np.maximum(x, _grey(x) * 1.5 + 0.5)
+    return _to_255(x + layer + layer[:, ::-1, ::-1])
 
 
-def brightness(x, severity, gens):
-    c = [0.05, 0.1, 0.15, 0.2, 0.3][severity - 1]
-    if x.shape[1] != 3:
-        return x + c
-    value = x.amax(dim=1, keepdim=True)
-    brighter = (value + c).clamp(0, 1)
-    return torch.where(value > 0, x * brighter / value.clamp_min(1e-12), brighter.expand_as(x))
+@lru_cache(maxsize=None)
+def frost_photo(name: str, scale: str | None) -> np.ndarray:
+    """A frost photograph as the reference reads it, ``uint8`` RGB ``(H, W, 3)``: the original, or
+    shrunk by OpenCV by 0.2 (``scale="020"``) or 0.3 (``"030"``), shipped as PNG (see NOTICE)."""
+    path = FROST_DIR / (f"{name}_scale{scale}.png" if scale else name + _FROST_SUFFIX[name])
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _frost_crop(photo: np.ndarray, h: int, w: int, state: np.random.RandomState) -> np.ndarray:
+    if photo.shape[0] <= h or photo.shape[1] <= w:  # an image larger than any a reference made
+        factor = 1.1 * max(h / photo.shape[0], w / photo.shape[1], 1.0)
+        size = (int(np.ceil(photo.shape[1] * factor)), int(np.ceil(photo.shape[0] * factor)))
+        photo = np.asarray(Image.fromarray(photo).resize(size, Image.BICUBIC))
+    top, left = state.randint(0, photo.shape[0] - h), state.randint(0, photo.shape[1] - w)
+    return photo[top: top + h, left: left + w]
+
+
+def frost(u, c, states, constants):
+    """``c[0] x + c[1] frost``: a random crop of one of five frost photographs (drawn as the
+    reference draws them: the photograph, then the top row, then the left column)."""
+    n, h, w, channels = u.shape
+    crops = []
+    for s in states:
+        photo = frost_photo(FROST_PHOTOS[s.randint(5)], FROST_SCALE[constants])
+        crops.append(_frost_crop(photo, h, w, s))
+    layer = np.stack(crops)
+    if channels != 3:
+        layer = np.dot(layer, [0.2989, 0.5870, 0.1140])[..., None]
+    return np.clip(c[0] * u + c[1] * layer, 0, 255)
+
+
+def fog(u, c, states, constants):
+    strength, decay = c
+    n, h, w, _ = u.shape
+    x = u / 255.
+    peak = x.max(axis=(1, 2, 3), keepdims=True)
+    mapsize = 1 << (max(h, w) - 1).bit_length()
+    x = x + strength * np.stack([ops.plasma_fractal(s, mapsize, decay)[:h, :w] for s in states])[..., None]
+    return _to_255(x * peak / (peak + strength))
+
+
+def brightness(u, c, states, constants):
+    x = u / 255.
+    if x.shape[-1] != 3:
+        return _to_255(x + c)
+    hsv = ops.rgb_to_hsv(x)
+    hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
+    return _to_255(ops.hsv_to_rgb(hsv))
 
 
 # ----------------------------------------------------------------------------- digital
 
 
-def contrast(x, severity, gens):
-    c = [0.75, 0.5, 0.4, 0.3, 0.15][severity - 1]
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    return (x - mean) * c + mean
+def contrast(u, c, states, constants):
+    x = u / 255.
+    means = np.stack([xi.mean(axis=(0, 1), keepdims=True) for xi in x])  # numpy's own summation order
+    return _to_255((x - means) * c + means)
 
 
-def elastic_transform(x, severity, gens):
-    alpha, sigma, affine = [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)][severity - 1]
-    N, _, H, W = x.shape
-    size = max(H, W)
-    centre = torch.tensor([W // 2, H // 2], dtype=torch.float32)
-    square = min(H, W) // 3
-    src = torch.stack([centre + square, centre + torch.tensor([square, -square]), centre - square])
-    draws = _rand(gens, (3 * 2 + 2 * H * W,))
-    dst = src + (draws[:, :6].view(N, 3, 2) * 2 - 1) * affine * size
-    # the affine map with M src_k = dst_k, applied as cv2.warpAffine: out(p) = in(M^-1 p)
-    ones = torch.ones(3, 1)
-    M = torch.linalg.solve(torch.cat([src, ones], 1), dst).transpose(1, 2)  # (N, 2, 3)
-    A_inv = torch.linalg.inv(M[:, :, :2])
-    field = draws[:, 6:].view(N, 2, H, W) * 2 - 1
-    field = _gaussian_blur(field, sigma * size, truncate=3) * alpha * size if sigma > 0 else field * alpha * size
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    p = torch.stack([xs + field[:, 0], ys + field[:, 1]], dim=-1)  # (N, H, W, 2) as (x, y)
-    q = torch.einsum("nij,nhwj->nhwi", A_inv, p - M[:, None, None, :, 2])
-    grid = torch.stack([2 * q[..., 0] / max(W - 1, 1) - 1, 2 * q[..., 1] / max(H - 1, 1) - 1], dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+def elastic_transform(u, c, states, constants):
+    """A random affine warp, then a smoothed random displacement field (Simard et al. 2003)."""
+    n, h, w, _ = u.shape
+    numerator, denominator = ELASTIC_SIZE_FACTOR[constants]
+    size = max(h, w) * numerator / denominator
+    alpha, sigma, shift = (size * k for k in c)
+    x = u.astype(np.float32) / 255.
+    centre = np.float32((h, w)) // 2
+    square = min(h, w) // 3
+    src = np.float32([centre + square, [centre[0] + square, centre[1] - square], centre - square])
+    maps, fields = [], []
+    for s in states:
+        maps.append(ops.affine_from_points(src, src + s.uniform(-shift, shift, size=src.shape).astype(np.float32)))
+        fields.append([s.uniform(-1, 1, size=(h, w)), s.uniform(-1, 1, size=(h, w))])
+    x = ops.warp_affine(x, np.stack(maps))
+    fields = np.array(fields)  # (N, 2, H, W): dx, dy
+    fields = (ops.gaussian_filter(fields.transpose(0, 2, 3, 1), sigma, mode="reflect", truncate=3) * alpha)
+    fields = fields.astype(np.float32)
+    rows = np.arange(h)[None, :, None] + fields[..., 1]
+    cols = np.arange(w)[None, None, :] + fields[..., 0]
+    return _to_255(ops.sample_linear(x, rows, cols))
 
 
-def _box_resampling(n_in: int, n_out: int) -> torch.Tensor:
-    """PIL's BOX resize along one axis as an ``(n_out, n_in)`` matrix: output pixel ``j``
-    averages the input pixels whose centres fall in its box (the nearest one when enlarging)."""
-    scale = n_in / n_out
-    width = max(scale, 1.0)
-    centres = (torch.arange(n_out, dtype=torch.float64).unsqueeze(1) + 0.5) * scale
-    t = (torch.arange(n_in, dtype=torch.float64).unsqueeze(0) + 0.5 - centres) / width
-    weights = ((t >= -0.5) & (t < 0.5)).double()
-    return (weights / weights.sum(dim=1, keepdim=True)).float()
+def _pil_images(u: np.ndarray):
+    """Each image as PIL images: one RGB image, or one ``L`` image per channel."""
+    for image in u:
+        yield [Image.fromarray(image)] if image.shape[-1] == 3 else [Image.fromarray(ch) for ch in image.transpose(2, 0, 1)]
 
 
-def pixelate(x, severity, gens):
-    c = [0.95, 0.9, 0.85, 0.75, 0.65][severity - 1]
-    H, W = x.shape[-2:]
-    h, w = max(1, int(H * c)), max(1, int(W * c))
-    small = torch.einsum("ih,nchw,jw->ncij", _box_resampling(H, h), x, _box_resampling(W, w))
-    return torch.einsum("ih,nchw,jw->ncij", _box_resampling(h, H), small, _box_resampling(w, W))
+def _from_pil(parts: list) -> np.ndarray:
+    arrays = [np.asarray(p) for p in parts]
+    return arrays[0] if arrays[0].ndim == 3 else np.stack(arrays, axis=-1)
 
 
-def jpeg_compression(x, severity, gens):
-    import io
+def pixelate(u, c, states, constants):
+    """PIL's BOX shrink to ``int(side * c)`` and BOX enlarge back."""
+    n, h, w, _ = u.shape
+    return np.stack([_from_pil([p.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX) for p in parts])
+                     for parts in _pil_images(u)])
 
-    from PIL import Image
 
-    quality = [80, 65, 58, 50, 40][severity - 1]
-    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = []
-    for image in pixels:
+def jpeg_compression(u, c, states, constants):
+    """PIL's JPEG round trip at quality ``c``."""
+    def round_trip(image):
         buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(buffer)).reshape(image.shape))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+        image.save(buffer, "JPEG", quality=c)
+        return Image.open(buffer)
+
+    return np.stack([_from_pil([round_trip(p) for p in parts]) for parts in _pil_images(u)])
 
 
-Corruption = Callable[[torch.Tensor, int, Generators], torch.Tensor]
+Corruption = Callable[[np.ndarray, object, States, str], np.ndarray]
 
 CORRUPTIONS: dict[str, Corruption] = {f.__name__: f for f in (
     gaussian_noise, shot_noise, impulse_noise, speckle_noise,
     defocus_blur, glass_blur, motion_blur, zoom_blur, gaussian_blur,
-    snow, fog, brightness,
+    snow, frost, fog, brightness,
     contrast, elastic_transform, pixelate, jpeg_compression,
 )}
 
@@ -354,22 +315,14 @@ CORRUPTIONS: dict[str, Corruption] = {f.__name__: f for f in (
 # ----------------------------------------------------------------------------- public API
 
 
-def _base_seed(seed: int, name: str, severity: int) -> int:
-    digest = hashlib.sha256(repr((seed, name, severity)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def sample_seed(seed: int, name: str, severity: int, index: int) -> list[int]:
+    """The seed (two 32-bit words) of sample ``index``'s ``np.random.RandomState``."""
+    digest = hashlib.sha256(repr((seed, name, severity, int(index))).encode()).digest()
+    return [int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")]
 
 
-def sample_generators(seed: int, name: str, severity: int, indices) -> Generators:
-    """One generator per sample index, seeded from ``(seed, name, severity, index)``."""
-    base = _base_seed(seed, name, severity)
-    gens = []
-    for i in torch.as_tensor(indices).tolist():
-        mixed = (base ^ ((i + 1) * 0x9E3779B97F4A7C15)) & (2**63 - 1)
-        gens.append(torch.Generator().manual_seed(mixed))
-    return gens
-
-
-def corrupt(images: torch.Tensor, name: str, severity: int, seed: int, indices) -> torch.Tensor:
+def corrupt(images: torch.Tensor, name: str, severity: int, seed: int, indices,
+            constants: ConstantChoice = "auto") -> torch.Tensor:
     """``uint8`` images ``(N, C, H, W)`` (or ``(N, H, W)``) corrupted as sample ``indices[n]``.
 
     Args:
@@ -377,7 +330,9 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int, indices) 
         name: a key of :data:`CORRUPTIONS`.
         severity: 1 (mild) to 5 (severe).
         seed: with ``name``, ``severity`` and the index, seeds each sample's random draws.
-        indices: the dataset index of every image (the noise is a function of it).
+        indices: the dataset index of every image (the draws are a function of it).
+        constants: ``cifar``, ``tinyimagenet``, ``imagenet``, or ``auto`` (by the image size, see
+            :func:`~clpeft.scenarios.corruption_constants.constant_set`).
     """
     if name not in CORRUPTIONS:
         raise KeyError(f"unknown corruption '{name}'; known: {', '.join(CORRUPTIONS)}")
@@ -386,9 +341,11 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int, indices) 
     if len(images) == 0:
         return images
     flat = images.dim() == 3
-    x = (images.unsqueeze(1) if flat else images).float() / 255
-    out = CORRUPTIONS[name](x, severity, sample_generators(seed, name, severity, indices))
-    out = torch.round(out.clamp(0, 1) * 255).to(torch.uint8)
+    x = (images.unsqueeze(1) if flat else images).permute(0, 2, 3, 1).contiguous().numpy()
+    chosen = constant_set(constants, x.shape[1], x.shape[2])
+    states = [np.random.RandomState(sample_seed(seed, name, severity, i)) for i in torch.as_tensor(indices).tolist()]
+    out = CORRUPTIONS[name](x, CONSTANTS[chosen][name][severity - 1], states, chosen)
+    out = torch.from_numpy(np.asarray(out).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
     return out.squeeze(1) if flat else out
 
 
@@ -452,13 +409,16 @@ class CorruptedDataset(TransformedDataset):
         corruption: a key of :data:`CORRUPTIONS`.
         severity: 1..5.
         seed: seeds the per-sample draws (see :func:`corrupt`).
+        constants: whose constants (see :func:`corrupt`).
     """
 
-    def __init__(self, base, corruption: str, severity: int, seed: int):
+    def __init__(self, base, corruption: str, severity: int, seed: int, constants: ConstantChoice = "auto"):
         if corruption not in CORRUPTIONS:
             raise KeyError(f"unknown corruption '{corruption}'")
         self.corruption = corruption
         self.severity = severity
         self.seed = seed
-        super().__init__(base, lambda x, indices: corrupt(x, corruption, severity, seed, indices),
-                         f"{corruption}@{severity}", key=f"{corruption}|{severity}|{seed}")
+        self.constants = constants
+        # "robustness": the reference-equal implementation; features cached from an earlier one are not reused
+        super().__init__(base, lambda x, indices: corrupt(x, corruption, severity, seed, indices, constants),
+                         f"{corruption}@{severity}", key=f"{corruption}|{severity}|{seed}|{constants}|robustness")

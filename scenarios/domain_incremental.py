@@ -10,7 +10,8 @@ NeurIPS 2022, https://arxiv.org/abs/2207.12819). Each entry of ``domains`` is on
 * ``{rotation: 45}``: the scenario's ``dataset`` rotated by that many degrees (bilinear);
 * ``{permutation: true}``: its pixels shuffled by a fixed permutation (seeded by the run seed
   and the domain's position);
-* ``{corruption: fog, severity: 3}``: a corruption of :mod:`clpeft.scenarios.corruptions`;
+* ``{corruption: fog, severity: 3}``: a corruption of :mod:`clpeft.scenarios.corruptions`
+  (with the constants ``corruption_constants`` names);
 * ``{}``: the scenario's ``dataset`` unchanged.
 
 Transforms are applied on the fly, per batch. Avalanche's domain benchmarks (CORe50 NI,
@@ -34,6 +35,7 @@ from clpeft.experience import Experience, Scenario
 from clpeft.registry import close_matches, register_scenario
 from clpeft.scenarios import datasets
 from clpeft.scenarios.class_incremental import per_class_subset
+from clpeft.scenarios.corruption_constants import ConstantChoice
 from clpeft.scenarios.corruptions import CORRUPTIONS, CorruptedDataset, TransformedDataset
 
 
@@ -121,6 +123,10 @@ class DomainIncremental(Scenario):
         root: where datasets live (also the default ``root`` of dataset domains).
         download: let torchvision download the data (needs internet).
         dataset_options: ``dataset``'s own settings, as in ``class_incremental``.
+        corruption_constants: whose constants the corruption domains use: ``cifar`` (CIFAR-10-C's
+            generator), ``tinyimagenet`` (Tiny-ImageNet-C's), ``imagenet`` (ImageNet-C's), or
+            ``auto``: by the longer image side, CIFAR-10-C's up to 45 px, Tiny-ImageNet-C's from 46
+            to 119 px, ImageNet-C's from 120 px.
     """
 
     kind = "domain_incremental"
@@ -135,9 +141,11 @@ class DomainIncremental(Scenario):
         root: str = "~/.cache/clpeft/data",
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
+        corruption_constants: ConstantChoice = "auto",
     ):
         self.check_config(locals())
         self.seed = seed
+        self.corruption_constants = corruption_constants
         self.domains = [Domain.model_validate(d) for d in domains]
         self.dataset = dataset
         self.train_per_class = train_per_class
@@ -191,7 +199,8 @@ class DomainIncremental(Scenario):
             raise UserError(f"'{self.dataset}' is not an image dataset; rotations, permutations and corruptions need images",
                             key=f"scenario.domains[{i}]")
         if domain.corruption is not None:
-            return tuple(CorruptedDataset(ds, domain.corruption, domain.severity, self.seed) for ds in (train, test))
+            return tuple(CorruptedDataset(ds, domain.corruption, domain.severity, self.seed, self.corruption_constants)
+                         for ds in (train, test))
         if domain.rotation is not None:
             fn = _rotate(domain.rotation)
         else:

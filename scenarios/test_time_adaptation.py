@@ -21,7 +21,9 @@ corruption's samples shuffled together, cut into experiences of ``chunk_size``, 
 ``"mixed"``). Every domain holds the same test images, as CIFAR-10-C does.
 
 Corrupted data comes from :mod:`clpeft.scenarios.corruptions` applied on the fly to any image
-dataset, or from the published files for users who have them (``corrupted_root``):
+dataset (all 15 corruptions, equal to the published generators with the constants of CIFAR-10-C,
+Tiny-ImageNet-C or ImageNet-C, ``corruption_constants``), or from the published files for users
+who have them (``corrupted_root``):
 
 * ``cifar_c`` (CIFAR-10-C / CIFAR-100-C): ``<corrupted_root>/<corruption>.npy`` holding
   ``(50000, 32, 32, 3)`` ``uint8`` images, severities 1..5 in five equal blocks (10,000 each),
@@ -48,6 +50,7 @@ from clpeft.registry import close_matches, register_scenario
 from clpeft.scenarios import data_checks, datasets
 from clpeft.scenarios.array_datasets import load_npy
 from clpeft.scenarios.class_incremental import per_class_subset
+from clpeft.scenarios.corruption_constants import ConstantChoice
 from clpeft.scenarios.corruptions import CORRUPTIONS, IMAGENET_C, CorruptedDataset, gather
 
 GRADUAL_SEVERITIES = [1, 2, 3, 4, 5, 4, 3, 2, 1]
@@ -129,8 +132,8 @@ class TestTimeAdaptation(Scenario):
         seed: run seed (subsampling, the mixed order and the corruption noise draw from it).
         dataset: the clean data: its training split trains the source model, its test split is
             corrupted on the fly (not needed with both ``corrupted_root`` and ``source_checkpoint``).
-        corruptions: the domain sequence; default: the ImageNet-C order of every corruption
-            available (``frost`` only from files).
+        corruptions: the domain sequence; default: the 15 ImageNet-C corruptions in the order of
+            the continual TTA benchmarks (CoTTA; ``CORRUPTION.TYPE`` of mariodoebler/test-time-adaptation).
         severity: 1..5 (``continual`` and ``mixed``; ``gradual`` runs 1..5..1).
         mode: ``continual``, ``gradual`` or ``mixed``.
         reset_each_domain: restore the source model at the start of every domain (Tent's
@@ -143,6 +146,11 @@ class TestTimeAdaptation(Scenario):
         corrupted_root: read corrupted images from the published files here instead of
             corrupting on the fly.
         corrupted_layout: ``cifar_c`` (CIFAR-10-C/100-C ``.npy``) or ``imagenet_c`` (folders).
+        corruption_constants: whose constants corrupt on the fly: ``cifar`` (CIFAR-10-C's
+            generator), ``tinyimagenet`` (Tiny-ImageNet-C's), ``imagenet`` (ImageNet-C's), or
+            ``auto``: by the longer image side, CIFAR-10-C's up to 45 px, Tiny-ImageNet-C's from 46
+            to 119 px (e.g. 96, 112), ImageNet-C's from 120 px (the nearest native size, 32, 64 or
+            224, on a log scale).
         root: where ``dataset`` lives (and downloads to).
         download: let torchvision download ``dataset`` (needs internet).
         dataset_options: ``dataset``'s own settings, as in ``class_incremental``.
@@ -164,6 +172,7 @@ class TestTimeAdaptation(Scenario):
         test_per_class: Annotated[int, Field(ge=1)] | None = None,
         corrupted_root: str | None = None,
         corrupted_layout: Literal["cifar_c", "imagenet_c"] = "cifar_c",
+        corruption_constants: ConstantChoice = "auto",
         root: str = "~/.cache/clpeft/data",
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
@@ -171,7 +180,7 @@ class TestTimeAdaptation(Scenario):
         self.check_config(locals())
         self.seed = seed
         self.dataset = dataset
-        self.corruptions = corruptions or self.available(corrupted_root)
+        self.corruptions = corruptions or list(IMAGENET_C)
         self.severity = severity
         self.mode = mode
         self.reset_each_domain = reset_each_domain
@@ -181,6 +190,7 @@ class TestTimeAdaptation(Scenario):
         self.test_per_class = test_per_class
         self.corrupted_root = corrupted_root
         self.corrupted_layout = corrupted_layout
+        self.corruption_constants = corruption_constants
         self.root = root
         self.download = download
         self.dataset_options = dataset_options
@@ -188,20 +198,14 @@ class TestTimeAdaptation(Scenario):
         self.input_shape = ()
         self.class_names = []
 
-    @staticmethod
-    def available(corrupted_root: str | None) -> list[str]:
-        """Corruptions in ImageNet-C order: all 15 from files, those of :data:`CORRUPTIONS` on the fly."""
-        return list(IMAGENET_C) if corrupted_root else [c for c in IMAGENET_C if c in CORRUPTIONS]
-
     @classmethod
     def check_config(cls, p: dict) -> None:
         files = p.get("corrupted_root") is not None
-        known = set(IMAGENET_C) | set(CORRUPTIONS) if files else set(CORRUPTIONS)
+        known = set(CORRUPTIONS)
         for i, name in enumerate(p.get("corruptions") or []):
             if name not in known:
-                hint = ("frost blends ImageNet-C's frost photographs: it is available from the published files "
-                        "(scenario.corrupted_root)") if name == "frost" else f"known: {', '.join(sorted(known))}"
-                raise UserError(f"unknown corruption '{name}'{close_matches(name, known)}; {hint}", key=f"scenario.corruptions[{i}]")
+                raise UserError(f"unknown corruption '{name}'{close_matches(name, known)}; known: {', '.join(sorted(known))}",
+                                key=f"scenario.corruptions[{i}]")
         if p.get("corruptions") == []:
             raise UserError("expected at least one corruption", key="scenario.corruptions")
         if p.get("dataset") is None:
@@ -245,7 +249,8 @@ class TestTimeAdaptation(Scenario):
             raise UserError(f"'{self.dataset}' is not a dataset of uint8 images; corruptions apply to images only",
                             key="scenario.dataset")
         keep = torch.as_tensor(per_class_subset(test.targets, self.test_per_class, rng))
-        return [(f"{c}@{s}", DataView.of(CorruptedDataset(test, c, s, self.seed), keep)) for c, s in self._schedule()]
+        return [(f"{c}@{s}", DataView.of(CorruptedDataset(test, c, s, self.seed, self.corruption_constants), keep))
+                for c, s in self._schedule()]
 
     def _from_files(self, rng) -> list[tuple[str, DataView]]:
         root = Path(self.corrupted_root).expanduser()

@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,3 +56,64 @@ def test_top_level_names_load_on_first_use_and_merging_skips_the_training_stack(
         "True",
         "module 'clpeft' has no attribute 'Stratgy'",
     ], proc.stderr
+
+
+def test_the_frost_photographs_and_their_licence_are_package_data():
+    """frost corrupts on the fly from ImageNet-C's photographs: a wheel must carry them, their
+    Apache-2.0 LICENSE and the NOTICE naming hendrycks/robustness (pyproject's package-data)."""
+    import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["clpeft.scenarios"]
+    folder = ROOT / "scenarios" / "frost"
+    files = sorted(p.relative_to(folder.parent).as_posix() for p in folder.iterdir())
+    assert {"frost/LICENSE", "frost/NOTICE"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files), files
+    notice = (folder / "NOTICE").read_text()
+    assert "hendrycks/robustness" in notice and "Apache License 2.0" in notice
+    assert "Apache License" in (folder / "LICENSE").read_text()
+    from clpeft.scenarios import corruptions
+
+    for name in corruptions.FROST_PHOTOS:
+        for scale in (None, "020", "030"):
+            assert corruptions.frost_photo(name, scale).ndim == 3
+
+
+@pytest.mark.slow
+def test_a_built_wheel_holds_the_frost_photographs(tmp_path):
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("clpeft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"clpeft/scenarios/frost/{p.name}" for p in (ROOT / "scenarios" / "frost").iterdir()}
+    assert expected <= names and "clpeft/scenarios/frost/NOTICE" in names
+
+
+def test_the_fscil_session_lists_and_their_licence_are_package_data():
+    """session_lists: cec reads TOPIC/CEC's lists from scenarios/fscil_sessions/: a wheel must carry
+    them, CEC's MIT LICENSE and the NOTICE naming icoz69/CEC-CVPR2021 (pyproject's package-data)."""
+    import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["clpeft.scenarios"]
+    folder = ROOT / "scenarios" / "fscil_sessions"
+    files = sorted(p.relative_to(folder.parent).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert {"fscil_sessions/LICENSE", "fscil_sessions/NOTICE", "fscil_sessions/mini_imagenet/train.csv"} <= set(files)
+    assert len(files) == 2 + 9 + 11 + 9 + 2  # LICENSE, NOTICE; cifar100, cub200, mini_imagenet sessions; mini's split
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files), files
+    notice = (folder / "NOTICE").read_text()
+    assert "icoz69/CEC-CVPR2021" in notice and "MIT License" in notice
+    assert "MIT License" in (folder / "LICENSE").read_text()
+
+
+@pytest.mark.slow
+def test_a_built_wheel_holds_the_fscil_session_lists(tmp_path):
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("clpeft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    folder = ROOT / "scenarios" / "fscil_sessions"
+    expected = {f"clpeft/scenarios/{p.relative_to(folder.parent).as_posix()}" for p in folder.rglob("*") if p.is_file()}
+    assert expected <= names and "clpeft/scenarios/fscil_sessions/NOTICE" in names
