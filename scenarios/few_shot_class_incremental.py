@@ -8,8 +8,11 @@ test data of all classes seen so far. The standard protocols, for users with the
 * CIFAR-100 and miniImageNet: 60 base classes, then 8 sessions of 5-way 5-shot;
 * CUB-200-2011: 100 base classes, then 10 sessions of 10-way 5-shot.
 
-TOPIC/CEC ship fixed index lists for these splits; here the shots are drawn once per seed
-(classes in their natural order unless ``class_order`` says otherwise) and written to
+``session_lists: cec`` (the default for these three datasets) uses the fixed lists of TOPIC and
+CEC that the published numbers come from (:mod:`clpeft.scenarios.cec_sessions`; mini-ImageNet
+then takes CEC's fixed train/test split, ``dataset_options.split: cec``). ``session_lists:
+random`` (the default elsewhere) draws the shots once per seed (classes in their natural order
+unless ``class_order`` says otherwise). Either way the stream is written to
 ``fscil_sessions.json`` in the run directory, so a run can be audited and its exact stream
 replayed with ``sessions_file``. Labels are renumbered in stream order, as in
 ``class_incremental``.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from clpeft.data import ArrayDataset, DataView
 from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import register_scenario
-from clpeft.scenarios import datasets
+from clpeft.scenarios import cec_sessions, datasets
 from clpeft.scenarios.class_incremental import per_class_subset, require_samples
 
 SESSIONS_FILE = "fscil_sessions.json"
@@ -52,6 +55,10 @@ class FewShotClassIncremental(Scenario):
         base_per_class: keep at most this many base-session training samples per class.
         test_per_class: keep at most this many test samples per class.
         sessions_file: replay the classes and sample indices of a ``fscil_sessions.json``.
+        session_lists: ``cec``: the fixed session lists of TOPIC/CEC (classes, base data, shots
+            and test data as CEC's official code reads them; ``cifar100``, ``mini_imagenet``,
+            ``cub200`` only, with their protocols' ``n_base``/``n_way``/``k_shot``); ``random``:
+            shots drawn from the seed. Default: ``cec`` for those three datasets, else ``random``.
         root: where datasets live (and download to); for a user's own data, the folder.
         download: let torchvision download the data (needs internet).
         dataset_options: the dataset's own settings, as in ``class_incremental``.
@@ -71,6 +78,7 @@ class FewShotClassIncremental(Scenario):
         base_per_class: Annotated[int, Field(ge=1)] | None = None,
         test_per_class: Annotated[int, Field(ge=1)] | None = None,
         sessions_file: str | None = None,
+        session_lists: Literal["cec", "random"] | None = None,
         root: str = "~/.cache/clpeft/data",
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
@@ -83,6 +91,7 @@ class FewShotClassIncremental(Scenario):
         self.base_per_class = base_per_class
         self.test_per_class = test_per_class
         self.sessions_file = sessions_file
+        self.session_lists = self.resolve_session_lists(locals())
         self.root = root
         self.download = download
         self.dataset_options = dataset_options
@@ -96,6 +105,35 @@ class FewShotClassIncremental(Scenario):
         C = datasets.n_classes(p["dataset"])
         if C is not None:
             cls.check_counts(C, p)
+        cls.resolve_session_lists(p)
+
+    @staticmethod
+    def resolve_session_lists(p: dict) -> str:
+        """``cec`` or ``random`` (see ``session_lists``), checked against the other settings."""
+        dataset, lists = p["dataset"], p.get("session_lists")
+        if lists is None:
+            lists = "cec" if dataset in cec_sessions.PROTOCOLS and p.get("sessions_file") is None else "random"
+        if lists == "random":
+            return lists
+        key = "scenario.session_lists"
+        if dataset not in cec_sessions.PROTOCOLS:
+            raise UserError(f"CEC has session lists for {', '.join(cec_sessions.PROTOCOLS)} only, not '{dataset}'; "
+                            f"set session_lists: random", key=key)
+        n_base, n_way, k_shot, n_sessions = cec_sessions.PROTOCOLS[dataset]
+        why = (f"(CEC's lists for {dataset}: {n_base} base classes, then {n_sessions} sessions of {n_way}-way {k_shot}-shot; "
+               f"session_lists: cec is the default for {dataset}); set session_lists: random to draw other sessions")
+        for name, value in (("n_base", n_base), ("n_way", n_way), ("k_shot", k_shot)):
+            if p[name] != value:
+                raise UserError(f"must be {value} with CEC's session lists {why}", key=f"scenario.{name}")
+        if p.get("n_sessions") is not None and p["n_sessions"] > n_sessions:
+            raise UserError(f"at most {n_sessions} with CEC's session lists {why}", key="scenario.n_sessions")
+        for name in ("class_order", "base_per_class", "test_per_class", "sessions_file"):
+            if p.get(name) is not None:
+                raise UserError(f"the fixed lists set the classes and samples {why}", key=f"scenario.{name}")
+        split = (p.get("dataset_options") or {}).get("split", "cec")
+        if dataset == "mini_imagenet" and split != "cec":
+            raise UserError(f"CEC's lists index CEC's train/test split (split: cec) {why}", key="scenario.dataset_options.split")
+        return lists
 
     @staticmethod
     def check_counts(C: int, p: dict) -> int:
@@ -117,9 +155,17 @@ class FewShotClassIncremental(Scenario):
     # ------------------------------------------------------------------ the stream
 
     def experiences(self) -> list[Experience]:
-        train, test = datasets.load_dataset(self.dataset, self.root, self.download, self.dataset_options)
+        options = self.dataset_options
+        if self.session_lists == "cec" and self.dataset == "mini_imagenet":
+            options = {**(options or {}), "split": "cec"}
+        train, test = datasets.load_dataset(self.dataset, self.root, self.download, options)
         C = datasets.n_classes(self.dataset) or len(train.class_names)
-        self.plan = self._read_plan(train, test, C) if self.sessions_file else self._draw_plan(train, test, C)
+        if self.sessions_file:
+            self.plan = self._read_plan(train, test, C)
+        elif self.session_lists == "cec":
+            self.plan = self._cec_plan(train, test)
+        else:
+            self.plan = self._draw_plan(train, test, C)
         order = np.asarray(self.plan["class_order"])
         mapping = torch.full((C,), -1, dtype=torch.long)
         mapping[torch.from_numpy(order)] = torch.arange(len(order))
@@ -140,6 +186,14 @@ class FewShotClassIncremental(Scenario):
             ))
         require_samples(stream, names)
         return self.link(stream)
+
+    def _cec_plan(self, train: ArrayDataset, test: ArrayDataset) -> dict:
+        """CEC's sessions (:mod:`~clpeft.scenarios.cec_sessions`), checked against the data."""
+        n_sessions = self.n_sessions if self.n_sessions is not None else cec_sessions.PROTOCOLS[self.dataset][3]
+        keys = cec_sessions.training_keys(self.dataset, Path(self.root).expanduser())
+        order, sessions, test_idx = cec_sessions.plan(self.dataset, train.targets.numpy(), test.targets.numpy(), keys, n_sessions)
+        return {"format": FORMAT, "dataset": self.dataset, "seed": self.seed, "session_lists": "cec",
+                "class_order": order, "sessions": sessions, "test_indices": test_idx}
 
     def _draw_plan(self, train: ArrayDataset, test: ArrayDataset, C: int) -> dict:
         """Classes, shots and test subset, drawn once from the seed."""
@@ -185,6 +239,10 @@ class FewShotClassIncremental(Scenario):
         if plan.get("format") != FORMAT or plan.get("dataset") != self.dataset:
             raise UserError(f"{path} is a plan for dataset '{plan.get('dataset')}' (format {plan.get('format')}), "
                             f"not '{self.dataset}' (format {FORMAT})", key=key)
+        if plan.get("session_lists") == "cec" and self.dataset == "mini_imagenet" and \
+                (self.dataset_options or {}).get("split") != "cec":
+            raise UserError(f"{path} holds CEC's sessions, which index CEC's train/test split; "
+                            f"set dataset_options: {{split: cec}}", key=key)
         try:
             sessions = plan["sessions"]
             shape = (len(sessions[0]["classes"]), [len(s["classes"]) for s in sessions[1:]], [s["k_shot"] for s in sessions[1:]])

@@ -355,6 +355,13 @@ def _read_pairs(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def _cub_official(base: Path, image_size: int, decode: str):
+    classes, splits = _cub_release_split(base)
+    return _build_images(splits, classes, "cub200", image_size, "RGB", decode)
+
+
+def _cub_release_split(base: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Class folder names and ``{"train"/"test": [(path, label)]}`` of the release files, in
+    image-id order (the order of CEC's and TOPIC's CUB loaders)."""
     images_dir, split_file = base / "images", base / "train_test_split.txt"
     split = _read_pairs(split_file)
     files = {image_id: (data_checks.inside(images_dir, rel, where), where)
@@ -374,21 +381,45 @@ def _cub_official(base: Path, image_size: int, decode: str):
         splits["train" if is_train == "1" else "test"].append((str(path), index[class_of[image_id]]))
     data_checks.every_class_in_both([y for _, y in splits["train"]], [y for _, y in splits["test"]], classes,
                                     f"the training images of {split_file}", f"the test images of {split_file}")
-    return _build_images(splits, classes, "cub200", image_size, "RGB", decode)
+    return classes, splits
+
+
+def cub200_training_files(root: Path) -> list[str]:
+    """``<class folder>/<file>`` of every training image of the CUB-200-2011 release under
+    ``root``, in the order of :func:`load_cub200`'s training split (image-id order).
+
+    Raises:
+        UserError: ``root`` does not hold the release files (``images.txt``, ``train_test_split.txt``).
+    """
+    base = _dataset_dir(root, ["CUB_200_2011", "cub200"], ["images.txt", "[0-9][0-9][0-9].*"], "CUB-200-2011",
+                        "https://www.vision.caltech.edu/datasets/cub_200_2011/")
+    if not ((base / "images.txt").is_file() and (base / "train_test_split.txt").is_file()):
+        raise UserError(f"{base} has no images.txt and train_test_split.txt: the CUB-200-2011 release files are "
+                        f"needed to place the fixed session lists in its split", key=_KEY)
+    _, splits = _cub_release_split(base)
+    return ["/".join(Path(path).parts[-2:]) for path, _ in splits["train"]]
 
 
 def load_mini_imagenet(root: Path, download: bool = False, *, image_size: int = 84, test_fraction: float = 1 / 6,
-                       split_seed: int = 0, decode: Decode = "auto"):
+                       split_seed: int = 0, decode: Decode = "auto", split: Literal["pooled", "cec"] = "pooled"):
     """mini-ImageNet (Vinyals et al., 2016): 100 classes of 600 images, 84x84 by custom.
 
-    Either Ravi & Larochelle's split files (``train.csv``, ``val.csv``, ``test.csv`` with
-    ``filename,label`` rows, images in ``images/``): their 64/16/20 classes are pooled and every
-    class split 500/100 (``test_fraction`` 1/6, seeded), the class-incremental protocol; or class
-    folders (``train/`` and ``test/``, or one folder per class).
+    ``split: pooled``: Ravi & Larochelle's split files (``train.csv``, ``val.csv``, ``test.csv``
+    with ``filename,label`` rows, images in ``images/``): their 64/16/20 classes are pooled and
+    every class split 500/100 (``test_fraction`` 1/6, seeded), the class-incremental protocol; or
+    class folders (``train/`` and ``test/``, or one folder per class).
+
+    ``split: cec``: the fixed 500/100 split of the few-shot class-incremental protocol, the
+    ``train.csv``/``test.csv`` that TOPIC and CEC (icoz69/CEC-CVPR2021) use, shipped with clpeft
+    (``fscil_sessions/mini_imagenet/``): images from ``images/`` (Ravi's folder, or CEC's
+    ``miniimagenet/images``), classes in sorted WordNet-id order, every split in the CSV's row order.
     """
     check_split_options(image_size, test_fraction)
-    base = _dataset_dir(root, ["mini-imagenet", "miniImageNet", "mini_imagenet"], ["train.csv", "n[0-9]*"], "mini-ImageNet",
-                        "https://github.com/twitter-research/meta-learning-lstm (split files) and the ImageNet images")
+    base = _dataset_dir(root, ["mini-imagenet", "miniImageNet", "mini_imagenet", "miniimagenet"], ["train.csv", "n[0-9]*", "images"],
+                        "mini-ImageNet", "https://github.com/twitter-research/meta-learning-lstm (split files) and the ImageNet images")
+    if split == "cec":
+        datasets = _mini_imagenet_cec(base, image_size, decode)
+        return _expect_classes(datasets, "mini_imagenet", "mini-ImageNet", base)
     lists = [base / f"{s}.csv" for s in ("train", "val", "test")]
     if all(p.is_file() for p in lists):
         by_class: dict[str, list[str]] = {}
@@ -404,6 +435,29 @@ def load_mini_imagenet(root: Path, download: bool = False, *, image_size: int = 
     else:
         datasets = _from_folders(base, "mini_imagenet", image_size, test_fraction, split_seed, decode, "RGB")
     return _expect_classes(datasets, "mini_imagenet", "mini-ImageNet", base)
+
+
+#: TOPIC/CEC's mini-ImageNet split files, shipped with clpeft (see fscil_sessions/NOTICE).
+CEC_MINI_IMAGENET = Path(__file__).resolve().parent / "fscil_sessions" / "mini_imagenet"
+
+
+def mini_imagenet_cec_rows(part: str) -> list[tuple[str, str, str]]:
+    """``(filename, wnid, "file:line")`` of CEC's ``train.csv`` or ``test.csv`` (``part``), in row order."""
+    return _csv_pairs(CEC_MINI_IMAGENET / f"{part}.csv", "filename", "label")
+
+
+def _mini_imagenet_cec(base: Path, image_size: int, decode: str):
+    images = base / "images"
+    require_dir(images, "split: cec reads the images from the images/ folder of mini-ImageNet")
+    rows = {part: mini_imagenet_cec_rows(part) for part in ("train", "test")}
+    classes = sorted({wnid for _, wnid, _ in rows["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {part: [(str(data_checks.inside(images, name, where)), index[wnid]) for name, wnid, where in part_rows]
+              for part, part_rows in rows.items()}
+    missing = next((p for items in splits.values() for p, _ in items if not os.path.isfile(p)), None)
+    if missing:
+        raise UserError(f"{missing} (listed in CEC's mini-ImageNet split) is missing from {images}", key=_KEY)
+    return _build_images(splits, classes, "mini_imagenet", image_size, "RGB", decode)
 
 
 def _csv_pairs(path: Path, first: str, second: str) -> list[tuple[str, str, str]]:

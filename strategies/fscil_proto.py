@@ -5,22 +5,29 @@ The "strong base training, then frozen features and class prototypes" recipe tha
 (https://arxiv.org/abs/2104.03047, the decoupled baseline) and Zhou et al., "Forward Compatible
 Few-Shot Class-Incremental Learning", CVPR 2022 (https://arxiv.org/abs/2203.06953) build on:
 
-1. session 0 (the base classes, all their data): the backbone and a linear head train with
-   cross-entropy in the engine's normal loop;
+1. session 0 (the base classes, all their data): the backbone and a cosine classifier
+   ``logit_c = s * cos(phi(x), w_c)`` (weights ``w_c`` without bias, ``s`` fixed) train with
+   cross-entropy in the engine's normal loop -- CEC's decoupled-cosine baseline, ``-project base
+   -base_mode ft_cos`` (``MYNET.forward_metric`` in its ``models/base/Network.py``);
 2. after it the backbone is frozen and every class ``c`` is represented by its prototype, the
-   mean feature ``mu_c = 1/|D_c| sum_{x in D_c} phi(x)`` (base classes from their full data,
-   each novel class from its ``k`` shots, no training in later sessions);
+   mean feature ``mu_c = 1/|D_c| sum_{x in D_c} phi(x)`` (base classes from their full data, as
+   CEC's ``replace_base_fc``; each novel class from its ``k`` shots, as ``update_fc_avg``; no
+   training in later sessions: ``-new_mode avg_cos``);
 3. prediction is the cosine classifier ``logit_c = s * cos(phi(x), mu_c)``.
 
-Paper symbols: ``s`` -> ``scale``.
+``base_head: linear`` trains the base session with a linear head (with bias) instead. CEC keeps
+the base-session epoch with the best *test* accuracy; clpeft keeps the last epoch (no model
+selection on the test set).
+
+Paper symbols: ``s`` (CEC's ``temperature``, 16) -> ``scale``.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import LinearHead, PrototypeHead
+from clpeft.components.heads import CosineHead, LinearHead, PrototypeHead
 from clpeft.registry import register_strategy
 from clpeft.strategies.simplecil import FrozenFeatureClassifier
 
@@ -29,21 +36,25 @@ from clpeft.strategies.simplecil import FrozenFeatureClassifier
 class FSCILPrototypes(FrozenFeatureClassifier):
     """Few-shot CIL: base-session training, then a frozen backbone and cosine class prototypes (Zhang et al. 2021).
 
-    The base session trains the whole backbone with a linear head (first-session adaptation of
-    :class:`~clpeft.strategies.simplecil.FrozenFeatureClassifier`); every session then adds the
-    class means of its data to a cosine :class:`~clpeft.components.PrototypeHead`.
+    The base session trains the whole backbone with a cosine classifier (first-session
+    adaptation of :class:`~clpeft.strategies.simplecil.FrozenFeatureClassifier`); every session
+    then adds the class means of its data to a cosine :class:`~clpeft.components.PrototypeHead`.
 
     Args:
         backbone: the feature extractor (trainable: it is trained on the base session).
-        scale: temperature ``s`` of the cosine logits.
+        scale: temperature ``s`` of the cosine logits (CEC's ``-temperature 16``), in training and prediction.
+        base_head: the classifier trained with the backbone on the base session: ``cosine``
+            (``s * cos``, no bias, CEC's ``ft_cos`` baseline) or ``linear`` (with bias).
     """
 
     supported_scenarios = ("few_shot_class_incremental",)
 
-    def __init__(self, backbone, scale: Annotated[float, Field(gt=0)] = 16.0):
+    def __init__(self, backbone, scale: Annotated[float, Field(gt=0)] = 16.0,
+                 base_head: Literal["cosine", "linear"] = "cosine"):
         dim = backbone.feature_dim
+        head = CosineHead(dim, scale=scale, learn_scale=False) if base_head == "cosine" else LinearHead(dim)
         super().__init__(backbone, PrototypeHead(dim, metric="cosine", scale=scale), ClassStatistics(dim, covariance="none"),
-                         adapt="full", adapt_head=LinearHead(dim))
+                         adapt="full", adapt_head=head)
 
     @property
     def prototypes(self):

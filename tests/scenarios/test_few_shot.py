@@ -87,3 +87,44 @@ def test_config_mistakes_name_the_key(scenario, message):
            "backbone": {"name": "mlp"}, "strategy": {"name": "finetune"}}
     with pytest.raises(UserError, match=message):
         config.resolve(cfg)
+
+
+# ------------------------------------------------------------------ session_lists: cec | random
+# (equality with CEC's lists and loaders: tests/reference/test_fscil.py)
+
+CIFAR = {"dataset": "cifar100", "n_base": 60, "n_way": 5, "k_shot": 5}
+
+
+def test_session_lists_default_to_cec_where_cec_has_lists_and_random_elsewhere():
+    assert FewShotClassIncremental(seed=0, **DIGITS).session_lists == "random"
+    for dataset, shape in (("cifar100", (60, 5, 5)), ("mini_imagenet", (60, 5, 5)), ("cub200", (100, 10, 5))):
+        scenario = FewShotClassIncremental(seed=0, dataset=dataset, **dict(zip(("n_base", "n_way", "k_shot"), shape)))
+        assert scenario.session_lists == "cec"
+    assert FewShotClassIncremental(seed=0, session_lists="random", **CIFAR).session_lists == "random"
+    # a sessions file is replayed as it is
+    assert FewShotClassIncremental(seed=0, sessions_file="plan.json", **CIFAR).session_lists == "random"
+
+
+def test_cec_lists_on_another_dataset_name_the_option():
+    with pytest.raises(UserError, match="scenario.session_lists") as info:
+        FewShotClassIncremental(seed=0, session_lists="cec", **DIGITS)
+    assert "cifar100, mini_imagenet, cub200 only" in str(info.value) and "session_lists: random" in str(info.value)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"n_base": 50}, "n_base"), ({"n_way": 10}, "n_way"), ({"k_shot": 1}, "k_shot"), ({"class_order": 1993}, "class_order"),
+    ({"base_per_class": 100}, "base_per_class"), ({"test_per_class": 10}, "test_per_class"),
+])
+def test_settings_the_cec_lists_fix_are_refused_with_them_and_taken_when_drawing(change, key):
+    with pytest.raises(UserError, match=f"scenario.{key}") as info:
+        FewShotClassIncremental(seed=0, **{**CIFAR, **change})
+    assert "set session_lists: random" in str(info.value)
+    FewShotClassIncremental(seed=0, session_lists="random", **{**CIFAR, **change})
+
+
+def test_the_yaml_config_reports_a_cec_conflict_in_one_line():
+    cfg = {"scenario": {"name": "few_shot_class_incremental", **CIFAR, "n_base": 50},
+           "backbone": {"name": "mlp"}, "strategy": {"name": "fscil_proto"}}
+    with pytest.raises(UserError, match="scenario.n_base") as info:
+        config.resolve(cfg)
+    assert "\n" not in str(info.value)
