@@ -35,6 +35,10 @@ Where clpeft deliberately differs from Avalanche, the test shows the difference:
   ``Naive`` on that union (shown); the class-balanced memory's per-class sizes equal Avalanche's
   ``ClassBalancedBuffer`` (shown).
 
+* **LwF's heads**: Avalanche's ``LwFPlugin`` also distils every head of a multi-head
+  (task-incremental) model; clpeft has one growing head (class-incremental), the case compared
+  here, where Avalanche distils the previously seen units exactly as clpeft does.
+
 LwF matched Avalanche only after a fix: clpeft multiplied the distillation by ``T^2`` (Hinton et
 al.), which neither the LwF paper (eq. 2), Avalanche nor Mammoth does.
 

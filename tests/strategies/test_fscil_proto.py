@@ -148,3 +148,23 @@ def test_through_the_engine_base_classes_survive_the_few_shot_sessions(tmp_path)
     assert R.shape == (3, 3)
     assert R[0, 0] > 0.9 and R[2, 0] > R[0, 0] - 0.1  # base accuracy barely moves
     assert R[1, 1] > 0.4 and R[2, 2] > 0.3  # each session's novel classes from 5 shots (chance: 1/8, 1/10)
+
+
+def test_the_base_session_trains_a_fixed_scale_cosine_classifier_by_default():
+    """CEC's decoupled-cosine baseline (``-base_mode ft_cos -temperature 16``): logits
+    ``s * cos(phi(x), w_c)``, no bias, ``s`` fixed; ``base_head: linear`` keeps a linear head.
+    (Equality with CEC's training loop: tests/reference/test_fscil.py.)"""
+    from clpeft.components.heads import CosineHead, LinearHead
+
+    s = _new()
+    assert isinstance(s.adapt_head, CosineHead) and not isinstance(s.adapt_head.scale, torch.nn.Parameter)
+    s.before_experience(Experience(0, None, None, [0, 1, 2], [0, 1, 2]))
+    names = {n for n, p in s.named_parameters() if p.requires_grad and n.startswith("adapt_head")}
+    assert names == {"adapt_head.weight"}  # no bias, no trainable scale
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    features = s.backbone(x)
+    expected = 16.0 * torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(s.adapt_head.weight, dim=1).T
+    torch.testing.assert_close(s.predict(x), expected)
+    torch.manual_seed(0)
+    linear = strategies.get("fscil_proto")(CNNBackbone((1, 8, 8), widths=[16, 32]), base_head="linear")
+    assert isinstance(linear.adapt_head, LinearHead)
