@@ -2,12 +2,17 @@
 
 Gao et al., "A Unified Continual Learning Framework with General Parameter-Efficient Tuning",
 ICCV 2023 (https://arxiv.org/abs/2303.10070; code: github.com/gqk/LAE). The frozen backbone
-carries a PET module, here LoRA on the target linears (the paper's LoRA variant adapts the key
-and value projections of blocks 0-4: ``targets: [blocks.0.attn.qkv, ..., blocks.4.attn.qkv]``
-adapts the whole qkv projection of those blocks):
+carries a PET module, here LoRA on the target linears. The official LoRA variant (``KVLoRA``)
+adapts the key and value projections of blocks 0-4, each with its own rank-5 ``B A`` and a
+learnable output scale starting at 1: with ``backbone.split_qkv`` that is
+``targets: [blocks.0.attn.qkv.k, blocks.0.attn.qkv.v, ..., blocks.4.attn.qkv.v]``, ``alpha = rank``
+and ``learnable_scale: true`` (``configs/lae/``; ``tests/reference/test_lae.py`` runs the official
+module beside this one):
 
 * **Learning** -- the *online* module ``theta_on`` and the head train on each experience with the
-  cross-entropy restricted to the experience's classes (the official ``output[:, n_old:]``).
+  cross-entropy restricted to the experience's classes (the official ``output[:, n_old:]``); new
+  head rows start as the official ``SimpleHead.weights_init`` sets them, ``N(0, 0.001^2)`` weights
+  and zero biases.
   Adaptation-speed calibration: from the second experience on, the online module is frozen for
   the first ``freeze_epochs`` epochs, so the new head rows catch up before the module moves
   (``num_freeze_epochs`` in the official code).
@@ -21,10 +26,8 @@ adapts the whole qkv projection of those blocks):
   class-wise maximum of their softmax outputs, ``max(softmax(f_on(x)), softmax(f_off(x)))``
   (the official ``eval_epoch``); ``predict`` returns its logarithm.
 
-The engine has no after-step hook, so the update for step ``k`` is made at the start of step
-``k + 1`` (the online factors are untouched in between) and the last one in
-``after_experience``. Not reproduced: the official LoRA's learnable output scale (here the fixed
-``alpha / rank``).
+The EMA update follows every optimizer step (``after_training_step``, the official
+``post_train_step``), the frozen first epochs included.
 
 ``align`` (an addition to the paper) gives each expert its own aligned copy of the shared head,
 re-trained on sampled class-Gaussian features of that expert after every experience
@@ -32,7 +35,8 @@ re-trained on sampled class-Gaussian features of that expert after every experie
 drift compensation of the stored means; the ensemble then takes the maximum over the aligned
 heads' softmax outputs.
 
-Paper symbols -> parameters: EMA momentum ``alpha`` -> ``ema_momentum``; LoRA rank ``r`` -> ``rank``.
+Paper symbols -> parameters: EMA momentum ``alpha`` -> ``ema_momentum``; LoRA rank ``r`` -> ``rank``;
+the official ``num_freeze_epochs`` -> ``freeze_epochs``, ``pet_kwargs.scale: null`` -> ``learnable_scale: true``.
 """
 
 from typing import Annotated, Literal
@@ -60,7 +64,9 @@ class LAE(Strategy):
         backbone: a backbone with ``nn.Linear`` layers (timm ViT, text encoder, MLP).
         targets: module-name suffixes of the adapted linears.
         rank: LoRA rank ``r`` (5 in the paper).
-        alpha: LoRA ``alpha``; the scaling is ``alpha / rank`` (1 in the paper's setup).
+        alpha: LoRA ``alpha``; the fixed scaling is ``alpha / rank`` (1 in the official code).
+        learnable_scale: multiply each adapted layer's update by a trained scalar, starting at 1
+            (the official ``KVLoRA``'s ``Scaler``), kept in the EMA like the factors.
         ema_momentum: ``m`` of the offline module's EMA (0.9999 in the official configs).
         freeze_epochs: epochs at the start of every experience after the first in which the
             online module is frozen and only the head trains.
@@ -81,6 +87,7 @@ class LAE(Strategy):
         targets: list[str] = ["qkv"],
         rank: Annotated[int, Field(ge=1)] = 5,
         alpha: Annotated[float, Field(gt=0)] = 5.0,
+        learnable_scale: bool = True,
         ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.9999,
         freeze_epochs: Annotated[int, Field(ge=0)] = 3,
         ensemble: Literal["max", "online", "offline"] = "max",
@@ -89,7 +96,7 @@ class LAE(Strategy):
         drift_compensation: bool = False,
     ):
         super().__init__(backbone)
-        self.lora = inject_lora(backbone, targets, rank, alpha, key="strategy.targets")
+        self.lora = inject_lora(backbone, targets, rank, alpha, learnable_scale=learnable_scale, key="strategy.targets")
         self.offline = EMATeacher(LoRAFactors(self.lora), ema_momentum)
         self.register_buffer("has_offline", torch.zeros((), dtype=torch.bool))
         self.freeze_epochs = freeze_epochs
@@ -97,8 +104,6 @@ class LAE(Strategy):
         self.mask = ClassMask(train_mask)
         self.aligned_online = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
         self.aligned_offline = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
-        self._steps = 0
-        self._first = True
 
     def _offline_features(self, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.backbone, self.offline.model.overrides(), (x,))
@@ -115,32 +120,35 @@ class LAE(Strategy):
     def before_experience(self, exp: Experience) -> None:
         self.aligned_online.track(self._head_inputs(exp, self.backbone))  # SDC (with drift_compensation)
         self.aligned_offline.track(self._head_inputs(exp, self._offline_features))
+        known = self.head.n_classes
         super().before_experience(exp)
+        with torch.no_grad():  # the official SimpleHead.weights_init of the new classifier
+            torch.nn.init.normal_(self.head.weight[known:], std=0.001)
+            self.head.bias[known:].zero_()
         self.mask.start(exp.classes_in_this_experience)
-        self._steps = 0
-        self._first = not bool(self.has_offline)
 
     def param_groups(self, lr: float) -> list[dict]:
         # the online factors are listed even while frozen for the first epochs
         return [{"params": [*LoRAFactors(self.lora).parameters(), *self.head.parameters()], "lr": lr}]
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        if self._steps and not self._first:
-            self.offline.update(LoRAFactors(self.lora))  # the EMA update for the previous step
-        for p in LoRAFactors(self.lora).parameters():
-            p.requires_grad_(self._first or self.epoch >= self.freeze_epochs)
-        self._steps += 1
+        for p in LoRAFactors(self.lora).parameters():  # frozen for the first epochs of later experiences
+            p.requires_grad_(not bool(self.has_offline) or self.epoch >= self.freeze_epochs)
         return self.mask.loss(self.head(self.backbone(batch.x)), batch.y)
+
+    def after_training_step(self) -> bool:
+        """Accumulation: the offline module's EMA step towards the online one (from the second experience on)."""
+        if bool(self.has_offline):
+            self.offline.update(LoRAFactors(self.lora))
+        return False
 
     def after_experience(self, exp: Experience) -> None:
         online = LoRAFactors(self.lora)
         for p in online.parameters():
             p.requires_grad_(True)
-        if self._first:
+        if not bool(self.has_offline):
             self.offline.reset(online)  # Accumulation starts from the first experience's module
             self.has_offline.fill_(True)
-        elif self._steps:
-            self.offline.update(online)  # the last step's update
         self.aligned_online.update(self.head, self._head_inputs(exp, self.backbone), exp.index)
         self.aligned_offline.update(self.head, self._head_inputs(exp, self._offline_features), exp.index)
 
