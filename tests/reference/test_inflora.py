@@ -44,12 +44,15 @@ from __future__ import annotations
 import importlib
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from torch import nn
 
+import clpeft.config
 from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.components.input_subspace import InputSubspace
 from clpeft.components.lora import LoRALinear
@@ -66,6 +69,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 WIDTH, DEPTH, RANK, TASKS, CLASSES = 64, 6, 3, 3, 2  # test_vit; InfLoRA's rank; tasks; classes per task
 PER_CLASS, BATCH, EPOCHS, LR = 6, 4, 3, 1e-3
 TARGETS = ["qkv.k", "qkv.v"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lora_cl"
 
 
 def _numpy_1(stub_module) -> types.ModuleType:
@@ -367,3 +371,45 @@ def test_official_update_fails_where_the_first_task_spans_over_half_the_width(re
     assert learner.project_type == ["retain"] and learner.feature_list[0].shape[1] > d / 2
     subspace = InputSubspace({"l": LoRALinear(nn.Linear(d, 4), rank=1, alpha=1.0)}, threshold=0.8)
     assert subspace.extend([torch.from_numpy(mat).double()]) == [learner.feature_list[0].shape[1]]
+
+
+# ------------------------------------------------------------------------------------ published configs
+
+# configs/cifar100_inflora.json and configs/mimg10_inflora.json of liangyanshuo/InfLoRA at the pinned
+# commit (the JSON files are not in the reference folder): init_epoch = epochs, init_lr = lrate,
+# batch_size, rank, lamb, lame, optim "adam", weight decay 0, init_cls = increment, shuffle false.
+OFFICIAL_CONFIGS = {
+    "cifar100_10t.yaml": dict(epochs=20, lr=0.0005, batch_size=128, rank=10, lamb=0.95, lame=1.0, per_task=10, n_classes=100),
+    "imagenet_r_10t.yaml": dict(epochs=50, lr=0.0005, batch_size=128, rank=10, lamb=0.98, lame=1.0, per_task=20, n_classes=200),
+}
+
+
+@pytest.mark.parametrize("ours", sorted(OFFICIAL_CONFIGS))
+def test_published_configs_are_the_official_setup(ref, ours):
+    """``configs/lora_cl/{cifar100,imagenet_r}_10t.yaml`` hold what the official JSON configs run.
+
+    The JSON values above; from ``methods/inflora.py``: Adam with betas (0.9, 0.999) and its
+    per-epoch ``CosineSchedule`` (clpeft's ``quarter_cosine``), LoRA on k and v only (``Attention_LoRA``),
+    no scaling (``B A`` added as is: ``alpha = rank``); from ``models/sinet_inflora.py``:
+    ``vit_base_patch16_224_in21k``, whose weights (``models/vit_inflora.py``'s ``default_cfgs``) are
+    augreg's IN-21k checkpoint, ``vit_base_patch16_224.augreg_in21k`` in today's timm; from its
+    ``utils/data.py`` (official repository): [0, 1] inputs (``Normalize(0, 1)``), training
+    RandomResizedCrop(224) + flip, testing Resize(224) on CIFAR-100 and Resize(256) + CenterCrop(224)
+    on ImageNet-R; float32. Mutation checked: ``subspace_threshold: [0.9, 1.0]`` in the YAML fails it.
+    """
+    official = OFFICIAL_CONFIGS[ours]
+    cfg = clpeft.config.load(CONFIGS / ours)
+    train, strategy, scenario, backbone = cfg.train, cfg.strategy.params, cfg.scenario.params, cfg.backbone.params
+    assert (train.epochs, train.lr, train.batch_size) == (official["epochs"], official["lr"], official["batch_size"])
+    assert (train.optimizer, train.weight_decay, train.schedule) == ("adam", 0.0, "quarter_cosine")
+    param = nn.Parameter(torch.zeros(1))
+    assert make_optimizer([{"params": [param]}], train).defaults["betas"] == (0.9, 0.999)
+    assert not train.drop_last and train.amp == "off" and train.augment == "crop_flip_coda"
+    assert strategy["rank"] == official["rank"] == strategy["alpha"]
+    assert strategy["subspace"] == "inflora" and tuple(strategy["subspace_threshold"]) == (official["lamb"], official["lame"])
+    assert strategy["targets"] == TARGETS and backbone["split_qkv"] and strategy["old_updates"] == "freeze"
+    assert scenario["n_experiences"] == official["n_classes"] // official["per_task"] and scenario.get("class_order") is None
+    assert (backbone["mean"], backbone["std"]) == ([0, 0, 0], [1, 1, 1])
+    assert backbone.get("crop_pct") == (0.875 if official["n_classes"] == 200 else None)
+    assert backbone["model"] == "vit_base_patch16_224.augreg_in21k" and backbone["pretrained"]
+    assert timm.models.get_pretrained_cfg(backbone["model"]).url == ref.vit.default_cfgs["vit_base_patch16_224_in21k"]["url"]
