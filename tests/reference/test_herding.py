@@ -26,7 +26,6 @@ class instead of the first.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
