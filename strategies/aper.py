@@ -22,9 +22,11 @@ backbone pass per sample where PILOT's two-branch network pays two. The adapter 
 variants inject into a copy of the backbone that shares its weights
 (:func:`~clpeft.components.adapter.shared_weights_copy`), so no weight is stored twice.
 
-Differences from the official code: VPT prompts start from VPT's uniform initialisation
-(Jia et al., 2022) instead of zeros; the adaptation's learning-rate schedule (cosine annealing
-in PILOT) is the engine's constant rate.
+Checked against PILOT's ``models/aper_adapter.py`` and ``backbone/vpt.py`` in
+``tests/reference/test_pilot.py``: the adapter steps, prototypes and logits, and the VPT
+features (PILOT's prompts start at zero, as here; VPT's paper draws them uniformly). The one
+difference: the adaptation's cosine learning-rate schedule (``train.schedule: cosine``) is
+stepped per optimizer step here, per epoch in PILOT.
 
 Paper symbols -> parameters: adapter bottleneck ``r`` -> ``adapter_bottleneck``, its scale
 ``s`` -> ``adapter_scale``; prompt length ``p`` -> ``prompt_length``.
@@ -32,7 +34,6 @@ Paper symbols -> parameters: adapter bottleneck ``r`` -> ``adapter_bottleneck``,
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -91,8 +92,7 @@ class APER(Strategy):
         if peft == "vpt":
             width = promptable_width(backbone, "aper (peft: vpt)")
             layers = len(backbone.net.blocks) if vpt_type == "deep" else 1
-            bound = math.sqrt(6.0 / (3 * math.prod(backbone.net.patch_embed.patch_size) + width))
-            self.prompt_tokens = nn.Parameter(torch.empty(layers, prompt_length, width).uniform_(-bound, bound))
+            self.prompt_tokens = nn.Parameter(torch.zeros(layers, prompt_length, width))
         else:
             self.adapted = shared_weights_copy(backbone)
             if peft == "adapter":

@@ -13,6 +13,10 @@ for Class-Incremental Learning", ICCV 2023 (https://arxiv.org/abs/2303.13199).
    pooled within-class covariance of textbook LDA, and ``shrinkage`` adds sklearn-style
    shrinkage towards a scaled identity.
 
+Checked against the authors' ``methods/cil_trainer.py`` (``base_train``) and ``utils.py``
+(``compute_lda_head``) in ``tests/reference/test_fsa.py``: the weights after the first
+session's Adam steps, and the LDA logits after every experience.
+
 Paper symbols: shrinkage/regulariser of the covariance -> ``ridge`` (and ``shrinkage``).
 """
 
@@ -35,7 +39,8 @@ class FSALDA(FrozenFeatureClassifier):
     Args:
         backbone: the feature extractor.
         adapt: what the first experience fine-tunes: the ``full`` body (the paper), its
-            ``last_blocks``, or ``none`` (LDA on the pre-trained features).
+            ``last_blocks``, AdaptFormer ``adapter`` s in a ViT's blocks, or ``none`` (LDA on
+            the pre-trained features).
         adapt_blocks: blocks fine-tuned by ``last_blocks``.
         dropout: dropout before the linear head during adaptation.
         covariance: ``total`` (covariance of all features, the authors' code) or pooled ``within``-class.

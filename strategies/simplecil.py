@@ -8,9 +8,14 @@ weights are replaced by the prototypes). Nothing is trained, so the engine runs 
 optimizer step; each experience costs one pass over its (cached) features.
 
 This module also holds :class:`FrozenFeatureClassifier`, the recipe SimpleCIL shares with
-APER's "adapt once" variant (same paper), RanPAC and FSA: optionally adapt the backbone on
-the first experience, then freeze it, accumulate per-class feature statistics and set a
-closed-form head from them after every experience.
+RanPAC and FSA: optionally adapt the backbone on the first experience, then freeze it,
+accumulate per-class feature statistics and set a closed-form head from them after every
+experience.
+
+Checked against LAMDA-PILOT's ``models/simplecil.py`` (``tests/reference/test_pilot.py``): the
+prototypes are the class means of the frozen features of the training images (PILOT takes them
+with the test transform, as the engine's un-augmented statistics pass does), the logits the
+cosine similarities of PILOT's ``CosineLinear`` (its ``sigma`` is 1: nothing trains).
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from clpeft.components.adapter import inject_adapters
 from clpeft.components.class_statistics import ClassStatistics
 from clpeft.components.heads import PrototypeHead
+from clpeft.components.prompted_classifier import promptable_width
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
 
-AdaptPart = Literal["none", "full", "last_blocks"]
+AdaptPart = Literal["none", "full", "last_blocks", "adapter"]
 
 
 class FrozenFeatureClassifier(Strategy):
@@ -40,7 +47,11 @@ class FrozenFeatureClassifier(Strategy):
       ``adapt_head`` train with cross-entropy in the engine's loop (``'full'``: the whole
       backbone; ``'last_blocks'``: the last ``adapt_blocks`` of ``backbone.net.blocks`` for
       timm ViTs/EfficientNets, else the last ``adapt_blocks`` modules holding parameters,
-      plus every parameter after them such as the final norm). After it everything is frozen.
+      plus every parameter after them such as the final norm; ``'adapter'``: AdaptFormer
+      adapters injected into every block of a timm ViT, bottleneck ``adapter_bottleneck``,
+      scale 0.1, dropout 0.1, zero output at the start, as in RanPAC's and LAMDA-PILOT's
+      ``vit_adapter.py``; they stay in the backbone, so later features are the adapted ones).
+      After it everything is frozen.
     * every experience then ends with one pass over its training data:
       :meth:`transform` of the frozen features goes into :attr:`stats`, and :meth:`fit_head`
       sets :attr:`head` in closed form. With nothing trainable the engine makes no step.
@@ -57,10 +68,12 @@ class FrozenFeatureClassifier(Strategy):
         adapt_blocks: how many final blocks ``'last_blocks'`` fine-tunes.
         adapt_head: the head trained with the backbone during adaptation.
         dropout: dropout on the features before ``adapt_head``.
+        adapter_bottleneck: the adapters' hidden width for ``'adapter'`` (PILOT's ``ffn_num``).
     """
 
     def __init__(self, backbone, head: nn.Module, stats: ClassStatistics, adapt: AdaptPart = "none",
-                 adapt_blocks: int = 1, adapt_head: nn.Module | None = None, dropout: float = 0.0):
+                 adapt_blocks: int = 1, adapt_head: nn.Module | None = None, dropout: float = 0.0,
+                 adapter_bottleneck: int = 64):
         super().__init__(backbone)
         self.head = head
         self.stats = stats
@@ -69,12 +82,18 @@ class FrozenFeatureClassifier(Strategy):
         self.adapt_head = adapt_head
         self.adapt_dropout = nn.Dropout(dropout)
         self.adapting = False
+        self.adapters: dict[str, nn.Module] = {}
+        if adapt == "adapter":
+            promptable_width(backbone, f"{self.registered_name} (adapt: adapter)")
+            self.adapters = inject_adapters(backbone.net, adapter_bottleneck, scale=0.1, dropout=0.1)
         self.backbone.freeze()
         self._set_adapted_trainable(adapt != "none")
 
     # ------------------------------------------------------------------ adaptation
 
     def _adapted_parameters(self) -> list[nn.Parameter]:
+        if self.adapt == "adapter":
+            return [p for adapter in self.adapters.values() for p in adapter.parameters()]
         params = list(self.backbone.parameters())
         if self.adapt == "full":
             return params

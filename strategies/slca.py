@@ -6,9 +6,11 @@ github.com/GengDavid/SLCA).
 
 * **Slow learner** -- the whole pre-trained backbone trains with a learning rate ``x0.01``
   of the head's (``bcb_lrscale`` in the official code): ``lr_backbone = lr * backbone_lr_scale``.
-  The head trains on the current task's classes only (cross-entropy on ``logits[:, known:]``,
-  older heads frozen); new rows start as in the official ``SimpleContinualLinear``
-  (truncated normal, std 0.02, bias 0).
+  The head trains on the current task's classes only (cross-entropy on ``logits[:, known:]``);
+  older rows stay exactly as they were (the official code freezes the older heads, so neither
+  gradient nor weight decay reaches them: here they are put back after every optimizer step);
+  new rows start as in the official ``SimpleContinualLinear`` (truncated normal, std 0.02,
+  bias 0).
 * **Classifier alignment** -- after each task, every new class's feature mean and covariance
   are computed once (eval mode, no gradient) and kept; from the second task on, a copy of the
   head is re-trained on features sampled from every seen class's Gaussian with logit
@@ -18,8 +20,14 @@ github.com/GengDavid/SLCA).
 
 ``backbone_lr_scale: 0`` freezes the backbone (the official ``fix_bcb``): features are then
 cached. The first stage's learning-rate decay (x0.1 at epoch 18 of 20) is the configs'
-``train.schedule: multistep``. Not reproduced: weight decay also reaches the frozen old head
-rows (they get no gradient, only the decay).
+``train.schedule: multistep``. The official ViT-B/16 (``convs/vits.py``
+``vit_base_patch16_224_in21k``) replaces the pre-trained final LayerNorm by a fresh one
+(weight 1, bias 0, eps 1e-5): ``reset_final_norm: true``.
+
+Checked against the official ``models/slca.py`` in ``tests/reference/test_slca.py``: the
+optimizer groups and the weights after the slow learner's steps over two tasks, the class
+means and covariances, and the aligned head after the alignment epochs given the same sampled
+features and shuffles.
 
 Paper symbols -> parameters: backbone learning-rate scale -> ``backbone_lr_scale``; sampled
 features per class -> ``align_samples``; logit-normalisation temperature ``tau`` ->
@@ -32,9 +40,10 @@ from typing import Annotated
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.prompted_classifier import ClassMask
+from clpeft.components.prompted_classifier import ClassMask, promptable_width
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -57,6 +66,8 @@ class SLCA(Strategy):
         train_mask: restrict the cross-entropy to the current task's classes.
         drift_compensation: move the stored class means by the drift of the current task's
             features before alignment (SDC, Yu et al. 2020; not in SLCA).
+        reset_final_norm: replace a timm ViT's pre-trained final LayerNorm by a fresh one, as
+            the official code's backbone does.
     """
 
     def __init__(
@@ -71,8 +82,11 @@ class SLCA(Strategy):
         mean_shrink: Annotated[float, Field(ge=0, le=1)] = 0.1,
         train_mask: bool = True,
         drift_compensation: bool = False,
+        reset_final_norm: bool = False,
     ):
         super().__init__(backbone)
+        if reset_final_norm:
+            backbone.net.norm = nn.LayerNorm(promptable_width(backbone, "slca (reset_final_norm)"))
         self.backbone_lr_scale = backbone_lr_scale
         if backbone_lr_scale > 0:
             backbone.requires_grad_(True)
@@ -82,6 +96,7 @@ class SLCA(Strategy):
                                    epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
                                    mean_shrink=mean_shrink, drift_compensation=drift_compensation)
         self.mask = ClassMask(train_mask)
+        self._old_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the frozen head rows while training
 
     def _head_inputs(self, exp: Experience):
         """(features, labels) of ``exp``'s training data, this rank's share."""
@@ -99,6 +114,7 @@ class SLCA(Strategy):
         with torch.no_grad():
             torch.nn.init.trunc_normal_(self.head.weight[known:], std=0.02)
             self.head.bias[known:] = 0.0
+        self._old_rows = (self.head.weight[:known].detach().clone(), self.head.bias[:known].detach().clone())
         self.mask.start(exp.classes_in_this_experience)
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -109,7 +125,16 @@ class SLCA(Strategy):
     def training_step(self, batch: Batch) -> torch.Tensor:
         return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
 
+    @torch.no_grad()
+    def after_training_step(self) -> bool:
+        """Put the older classes' rows back: the step's weight decay (and momentum) moved them."""
+        weight, bias = self._old_rows
+        self.head.weight[: len(weight)] = weight
+        self.head.bias[: len(bias)] = bias
+        return False
+
     def after_experience(self, exp: Experience) -> None:
+        self._old_rows = None
         self.aligned.update(self.head, self._head_inputs(exp), exp.index)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -148,14 +148,17 @@ class ClassifierAlignment(nn.Module):
 
     def align(self, head: nn.Module, generator: torch.Generator | None = None) -> list[float]:
         """Re-train ``head`` (in place) on sampled features of every class; returns the mean
-        loss of each epoch. ``head`` must output one logit per class of the statistics."""
+        loss of each epoch. ``head`` must output one logit per class of the statistics.
+
+        Runs in float32 with autocast off, also when called under a bf16 autocast (as the
+        official code trains it)."""
         self._require_all_seen()
         params = [p for p in head.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
         factors = torch.linalg.cholesky(self.sampling_covariances())
         losses = []
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(self.stats.mean.device.type, enabled=False):
             for _ in range(self.epochs):
                 x, y = self.sample(self.samples_per_class, generator, factors)
                 batches = torch.randperm(len(y), generator=generator, device=y.device).split(self.samples_per_class)

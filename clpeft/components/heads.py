@@ -278,9 +278,25 @@ class RidgeHead(_ClosedFormHead):
     RanPAC's decorrelated class prototypes (McDonnell et al., NeurIPS 2023, arXiv:2307.02251,
     eq. 4): ``G = sum_i h_i h_i^T`` is the Gram matrix of the (projected) features and
     ``C = sum_i h_i y_i^T`` holds the per-class feature sums (one-hot targets ``y``).
+
+    ``metric='linear'`` gives eq. 4's ``h^T w_c`` (the authors' RanPAC/RanPAC code);
+    ``metric='cosine'`` gives ``cos(h, w_c)``, what LAMDA-PILOT's ``models/ranpac.py`` computes,
+    because it puts ``W`` into a ``CosineLinear`` layer that normalises its input and weights
+    (times a learned ``sigma > 0``, which changes no prediction).
+
+    Args:
+        in_features: feature dimension.
+        n_classes: initial number of classes.
+        metric: ``linear`` or ``cosine``.
     """
 
     _class_buffers = ("weight",)
+
+    def __init__(self, in_features: int, n_classes: int = 0, metric: str = "linear"):
+        if metric not in ("linear", "cosine"):
+            raise ValueError(f"metric must be 'linear' or 'cosine', not {metric!r}")
+        super().__init__(in_features, n_classes)
+        self.metric = metric
 
     @torch.no_grad()
     def fit(self, gram: torch.Tensor, class_sums: torch.Tensor, ridge: float) -> None:
@@ -292,7 +308,12 @@ class RidgeHead(_ClosedFormHead):
         self.weight[: len(sums)] = torch.linalg.solve(g + ridge * eye, sums.T).T
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.metric == "cosine":
+            return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
         return x @ self.weight.T
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, metric={self.metric!r}"
 
 
 def ridge_by_holdout(fit_gram: torch.Tensor, fit_sums: torch.Tensor, val_gram: torch.Tensor, val_sums: torch.Tensor,

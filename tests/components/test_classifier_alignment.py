@@ -244,3 +244,27 @@ def test_drift_compensation_needs_the_same_samples_before_and_after():
     trained.grow_to(4)
     with pytest.raises(RuntimeError, match="same batches"):
         wrapper.update(trained, new[:-1], task=1)
+
+
+def test_statistics_and_alignment_under_bf16_autocast_equal_those_without():
+    """Called under a bf16 autocast (the engine's ``train.amp`` on a GPU), the stored Gaussians
+    stay float64 and equal, and the alignment trains the head in float32 exactly as without it.
+    Mutation checked: dropping ``torch.autocast(..., enabled=False)`` from ``align`` fails it
+    (the head's logits become bf16)."""
+    x, y = _gaussian_classes(4, n=200)
+    runs = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ca = _fed(x, y, [[0, 1], [2, 3]], samples_per_class=32, epochs=3)
+            torch.manual_seed(0)
+            head = LinearHead(D, 4)
+            losses = ca.align(head, torch.Generator().manual_seed(0))
+        runs.append((ca.state_dict(), head.state_dict(), losses))
+    (stats, head, losses), (stats_bf16, head_bf16, losses_bf16) = runs
+    for key, value in stats.items():
+        assert stats_bf16[key].dtype == value.dtype
+        torch.testing.assert_close(stats_bf16[key], value, rtol=1e-12, atol=1e-12)
+    for key, value in head.items():
+        assert head_bf16[key].dtype == torch.float32
+        torch.testing.assert_close(head_bf16[key], value, rtol=1e-6, atol=1e-7)
+    assert losses_bf16 == pytest.approx(losses, rel=1e-6)

@@ -144,6 +144,52 @@ def test_ridge_head_and_holdout_choice_equal_numpy(data):
     np.testing.assert_allclose(head(torch.tensor(x)).numpy(), x @ w, rtol=1e-9, atol=1e-9)
 
 
+def test_ridge_head_cosine_read_out_is_pilots_cosine_linear(data):
+    """``metric='cosine'``: LAMDA-PILOT's RanPAC puts ``W`` into a ``CosineLinear``: logits
+    ``cos(x, w_c)``; ``linear`` is eq. 4's ``x^T w_c``. Same weights either way."""
+    x, y = data
+    stats = _fed(x, y, "shared")
+    linear, cosine = RidgeHead(D), RidgeHead(D, metric="cosine")
+    for head in (linear, cosine):
+        head.fit(stats.gram(), stats.class_sums(), 1.0)
+    assert torch.equal(linear.weight, cosine.weight)
+    w = linear.weight.numpy()
+    expected = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(cosine(torch.tensor(x)).numpy(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(linear(torch.tensor(x)).numpy(), x @ w.T, rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_and_closed_form_heads_under_bf16_autocast_equal_float32(data):
+    """Fed and fitted under a bf16 autocast (the engine's ``train.amp`` on a GPU), the statistics
+    stay float64 and equal, and the closed-form heads' weights and float32 logits are the same:
+    accumulation and solves are float64, which autocast never casts, and the heads' forward
+    turns autocast off as well. Mutation checked: accumulating ``ClassStatistics.update`` in
+    float32 fails it (its scatter matmul then runs in bf16)."""
+    x, y = data
+    features = torch.tensor(x, dtype=torch.float32)
+    runs = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            stats = {mode: _fed(x, y, mode) for mode in ("none", "shared", "per_class")}
+            heads = [PrototypeHead(D), LDAHead(D, ridge=1.0), RidgeHead(D), RidgeHead(D, metric="cosine")]
+            heads[0].fit(stats["none"])
+            heads[1].fit(stats["shared"].means(), stats["shared"].total_covariance())
+            ridge, _ = ridge_by_holdout(stats["shared"].gram(), stats["shared"].class_sums(), stats["per_class"].gram(),
+                                        stats["per_class"].class_sums(), float(N), [0.1, 1.0, 10.0])
+            for head in heads[2:]:
+                head.fit(stats["shared"].gram(), stats["shared"].class_sums(), ridge)
+            logits = [head(features) for head in heads]
+        runs.append(([s.state_dict() for s in stats.values()] + [h.state_dict() for h in heads], logits))
+    (states, logits), (states_bf16, logits_bf16) = runs
+    for state, state_bf16 in zip(states, states_bf16):
+        for key, value in state.items():
+            assert state_bf16[key].dtype == value.dtype == torch.float64
+            torch.testing.assert_close(state_bf16[key], value, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(logits_bf16, logits):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make", [
     lambda: CosineHead(D, C), lambda: PrototypeHead(D, C), lambda: LDAHead(D, C, ridge=1.0), lambda: RidgeHead(D, C),
 ])

@@ -13,6 +13,12 @@ import torch
 
 import clpeft.config
 import clpeft.engine
+import clpeft.registry
+from clpeft.backbones.mlp import MLPBackbone
+from clpeft.data import ArrayDataset, DataView
+from clpeft.data_access import DataAccess
+from clpeft.experience import Experience
+from clpeft.feature_cache import FeatureCache
 from clpeft.strategies.simplecil import FrozenFeatureClassifier
 
 METHODS = {
@@ -22,12 +28,16 @@ METHODS = {
 }
 
 
-def _config(tmp_path, strategy: dict, **logging) -> clpeft.config.RunConfig:
+MLP = {"name": "mlp", "hidden": [64, 32], "freeze": True}
+VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
+
+
+def _config(tmp_path, strategy: dict, backbone: dict = MLP, **logging) -> clpeft.config.RunConfig:
     return clpeft.config.resolve({
         "seed": 0,
         "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
                      "train_per_class": 60, "test_per_class": 20, "root": str(tmp_path / "data")},
-        "backbone": {"name": "mlp", "hidden": [64, 32], "freeze": True},
+        "backbone": backbone,
         "strategy": strategy,
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "feature_cache": "memory"},
         "eval": {"batch_size": 256, "baseline": False},
@@ -61,9 +71,9 @@ def spy(monkeypatch):
     monkeypatch.setattr(FrozenFeatureClassifier, "after_experience", spy_after)
     monkeypatch.setattr(FrozenFeatureClassifier, "training_step", spy_step)
 
-    def run(tmp_path, strategy: dict, out="run", **kw):
+    def run(tmp_path, strategy: dict, out="run", backbone: dict = MLP, **kw):
         record.update(optimizers=[], backbone=[], steps=0)
-        record["result"] = clpeft.engine.Engine(_config(tmp_path, strategy, **kw), tmp_path / out, device="cpu").run()
+        record["result"] = clpeft.engine.Engine(_config(tmp_path, strategy, backbone, **kw), tmp_path / out, device="cpu").run()
         return record
 
     return run
@@ -187,3 +197,66 @@ def test_resume_gives_the_same_accuracy_matrix(tmp_path, spy, name):
     resumed = clpeft.engine.Engine(_config(tmp_path, METHODS[name], keep_checkpoints=5), run, device="cpu", resume=True).run()
     assert resumed["acc_matrix"] == reference
 
+
+
+def test_ranpac_adapter_phase_trains_only_the_adapters_in_the_first_experience(tmp_path, spy):
+    """RanPAC's headline phase 1 (``adapt: adapter``): AdaptFormer adapters in every block of the
+    ViT train during the first experience only; no other backbone weight ever moves; afterwards
+    the frozen adapted backbone's features come from the cache, and a fresh strategy loading the
+    state predicts the same."""
+    strategy_cfg = {"name": "ranpac", "projection_dim": 64, "adapt": "adapter", "adapter_bottleneck": 8}
+    record = spy(tmp_path, strategy_cfg, backbone=VIT)
+    assert record["optimizers"][0] is not None and record["optimizers"][1:] == [None] * 4
+    first, *later = record["backbone"]
+    adapters = [k for k in first if ".adapter." in k]
+    assert len(adapters) == 4 * 6 and set(first) == set(record["initial"])  # down/up weight and bias in 6 blocks
+    assert any(not torch.equal(first[k], record["initial"][k]) for k in adapters)
+    assert all(torch.equal(first[k], record["initial"][k]) for k in first if k not in adapters)
+    for state in later:
+        assert all(torch.equal(state[k], v) for k, v in first.items())
+    strategy = record["strategy"]
+    assert strategy.uses_features and record["result"]["parameters"]["trainable"] == 0
+    cfg = _config(tmp_path, strategy_cfg, VIT)
+    torch.manual_seed(123)
+    fresh = cfg.strategy.cls(cfg.backbone.cls(input_shape=record["input_shape"], **cfg.backbone.params), **cfg.strategy.params)
+    fresh.load_state_dict(strategy.state_dict())
+    fresh.eval().refresh_input_mode()
+    x, _ = record["stream"][0].test.load(torch.arange(len(record["stream"][0].test)))
+    with torch.no_grad():
+        assert torch.equal(strategy.predict(strategy.backbone(x)), fresh.predict(fresh.backbone(x)))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_statistics_passes_under_bf16_autocast_equal_those_without(name):
+    """The statistics (class means, RanPAC's Gram matrix and sums, LDA's covariance) and the
+    closed-form heads come out the same (float64, to 1e-12 relative) when ``after_experience``
+    runs under a bf16 autocast, as it may on a GPU with ``train.amp``: features come from the
+    cache in float32, accumulation is float64, RanPAC's projection and the heads turn autocast
+    off. Mutation checked: RanPAC's ``transform`` without its ``torch.autocast(..., enabled=False)``
+    block fails it (the projection then runs in bf16)."""
+    g = torch.Generator().manual_seed(0)
+    stream = []
+    for task in range(2):
+        y = torch.arange(2 * task, 2 * task + 2).repeat_interleave(30)
+        x = torch.randn(len(y), 16, generator=g) + y[:, None].float()
+        stream.append(Experience(task, DataView.of(ArrayDataset(x, y, f"t{task}")), None, [2 * task, 2 * task + 1],
+                                 list(range(2 * task + 2))))
+    runs = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        params = {**METHODS[name], "adapt": "none"} if name == "fsa_lda" else METHODS[name]
+        strategy = clpeft.registry.strategies.get(name)(MLPBackbone((16,), hidden=[32], freeze=True),
+                                                        **{k: v for k, v in params.items() if k != "name"})
+        cache = FeatureCache(strategy.backbone, torch.device("cpu"), 64)
+        strategy.attach(DataAccess(torch.device("cpu"), cache, strategy.backbone, 16))
+        for exp in stream:
+            cache.features(exp.train)  # computed in float32, as the engine's cache stores them
+            strategy.eval().before_experience(exp)
+            torch.manual_seed(1)  # RanPAC's holdout split
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                strategy.after_experience(exp)
+        runs.append({k: v for k, v in strategy.state_dict().items() if k.startswith(("stats.", "head.", "ridge"))})
+    plain, under_autocast = runs
+    for key, value in plain.items():
+        assert under_autocast[key].dtype == value.dtype == torch.float64, key
+        torch.testing.assert_close(under_autocast[key], value, rtol=1e-12, atol=1e-12, msg=key)

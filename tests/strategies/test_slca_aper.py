@@ -16,8 +16,10 @@ import torch
 
 import clpeft.config
 import clpeft.engine
+from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.backbones.vit import ForwardPassCounter
 from clpeft.components.lora import lora_layers
+from clpeft.strategies.slca import SLCA
 
 VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 MLP = {"name": "mlp", "hidden": [64], "freeze": False}
@@ -136,8 +138,11 @@ def test_slca_backbone_group_learns_at_one_hundredth_of_the_rate(tmp_path, spy):
 
 def test_slca_trains_the_unaligned_head_and_predicts_with_the_aligned_copy(tmp_path, spy):
     """The official fc.backup()/fc.recall(): alignment changes only the predicting copy; the
-    trained head's old rows get no gradient (class mask, no weight decay) and stay bitwise."""
-    record = spy(tmp_path, slca_config(tmp_path))
+    trained head's old rows get no gradient (class mask) and, as the official frozen older heads,
+    no weight decay either: they stay bitwise (checked with a weight decay of 5e-4)."""
+    cfg = slca_config(tmp_path)
+    cfg.train.weight_decay = 5e-4
+    record = spy(tmp_path, cfg)
     states, strategy = record["states"], record["strategy"]
     assert states[0]["aligned.head.weight"].shape[0] == 0
     for i in range(1, 5):
@@ -149,6 +154,25 @@ def test_slca_trains_the_unaligned_head_and_predicts_with_the_aligned_copy(tmp_p
     with torch.no_grad():
         features = strategy.backbone(x)
         assert torch.equal(strategy.predict(x), strategy.aligned.head(features))
+
+
+def test_slca_reset_final_norm_is_the_official_fresh_layer_norm():
+    """``reset_final_norm``: the official ViT (GengDavid/SLCA ``convs/vits.py``) swaps the
+    pre-trained final LayerNorm for ``nn.LayerNorm(768)``: weight 1, bias 0, eps 1e-5, trained
+    with the backbone; the features are that norm of the class token."""
+    torch.manual_seed(0)
+    backbone = TimmBackbone((3, 32, 32), model="test_vit", img_size=32, freeze=False)
+    with torch.no_grad():
+        backbone.net.norm.weight.uniform_(0.5, 1.5)  # not the identity, as a pre-trained norm
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = backbone.net.blocks(backbone.net._pos_embed(backbone.net.patch_embed(backbone.preprocess(x))))
+    strategy = SLCA(backbone, reset_final_norm=True)
+    norm = strategy.backbone.net.norm
+    assert isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-5 and norm.weight.requires_grad
+    assert torch.equal(norm.weight, torch.ones(64)) and torch.equal(norm.bias, torch.zeros(64))
+    with torch.no_grad():
+        torch.testing.assert_close(strategy.backbone(x), torch.nn.functional.layer_norm(tokens[:, 0], (64,), eps=1e-5))
 
 
 def test_slca_state_dict_into_a_fresh_strategy_gives_identical_predictions(tmp_path, spy):
