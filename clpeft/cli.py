@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except UserError as exc:
-        print(f"clpeft: error: {exc}", file=sys.stderr)
+        for message in getattr(exc, "messages", [str(exc)]):
+            print(f"clpeft: error: {message}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `clpeft compare ... | head` closed the pipe: stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from clpeft import registry
-from clpeft.errors import UserError
+from clpeft.errors import UserError, UserErrors
 from clpeft.safe_yaml import MalformedYAML, load_yaml
 
 SECTIONS = ("seed", "seeds", "scenario", "backbone", "strategy", "train", "eval", "logging", "out")
@@ -228,22 +229,23 @@ def schema_of(cls: type, section: str) -> type[BaseModel]:
     return model
 
 
-def _format_error(exc: ValidationError, prefix: str, model: type[BaseModel]) -> str:
-    """One line for the first pydantic error, naming the full key path."""
-    errors = exc.errors()
-    e = errors[0]
+def _format_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[str]:
+    """One line per pydantic error, each naming the full key path."""
+    return [_format_one(e, prefix, model) for e in exc.errors()]
+
+
+def _format_one(e, prefix: str, model: type[BaseModel]) -> str:
     loc = _user_path(model, e["loc"])
     path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     kind = e["type"]
     if kind == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        return f"{path}: unknown key{close(loc[-1], fields)}; known keys: {', '.join(fields)}{more}"
+        return f"{path}: unknown key{close(loc[-1], fields)}; known keys: {', '.join(fields)}"
     if kind == "missing":
-        return f"{path}: missing required value{more}"
+        return f"{path}: missing required value"
     got = e.get("input")
     msg = e["msg"]
-    return f"{path}: {msg[:1].lower()}{msg[1:]}, got {got!r}{more}"  # keep names such as RandomCrop as written
+    return f"{path}: {msg[:1].lower()}{msg[1:]}, got {got!r}"  # keep names such as RandomCrop as written
 
 
 def _user_path(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -288,7 +290,7 @@ def _validate(model: type[BaseModel], data: dict, prefix: str) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_error(exc, prefix, model)) from None
+        raise UserErrors.of([UserError(m) for m in _format_errors(exc, prefix, model)]) from None
 
 
 def _bool_as_number(annotation, value, path: str) -> tuple[str, bool] | None:
@@ -381,44 +383,84 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def resolve(data: dict, *, source: Path | None = None) -> RunConfig:
-    """Validate a config mapping into a :class:`RunConfig`."""
+def resolve(data: dict, *, source: Path | None = None, switched: dict[str, str] | None = None) -> RunConfig:
+    """Validate a config mapping into a :class:`RunConfig`.
+
+    Every section is checked even after one fails, so one call reports every mistake
+    (:class:`~clpeft.errors.UserErrors`). ``switched`` maps a section whose ``name`` an override
+    changed to its name before: keys of that old class which the new one lacks are dropped, with
+    a notice on stderr, instead of being reported as unknown.
+
+    Raises:
+        UserError: the config's mistakes, all of them.
+    """
+    errors: list[UserError] = []
     unknown = [k for k in data if k not in SECTIONS]
-    if unknown:
-        raise UserError(f"{unknown[0]}: unknown section{close(unknown[0], SECTIONS)}; sections are {', '.join(SECTIONS)}")
+    for key in unknown:
+        errors.append(UserError(f"{key}: unknown section{close(key, SECTIONS)}; sections are {', '.join(SECTIONS)}"))
     _check_numbers(data, "")
-    seed = data.get("seed", 0)
+    seed, seeds = data.get("seed", 0), None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= INT_RANGE[1]:
-        raise UserError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
-    seeds = _check_seeds(data.get("seeds"))
+        errors.append(UserError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}"))
+    try:
+        seeds = _check_seeds(data.get("seeds"))
+    except UserError as exc:
+        errors.append(exc)
     base_dir = source.parent if source else None
-    specs = {}
+    specs, fixed = {}, {}
     for section, reg in NAMED_SECTIONS.items():
-        raw = data.get(section)
-        if raw is None:
-            raise UserError(f"{section}: missing section (it needs at least 'name')")
-        if not isinstance(raw, dict):
-            raise UserError(f"{section}: expected a mapping with 'name', got {raw!r}")
-        params = dict(raw)
-        if "name" not in params:
-            raise UserError(f"{section}.name: missing required value")
-        name = params.pop("name")
-        cls = reg.get(name, key=f"{section}.name", base_dir=base_dir)
-        validated = _validate(schema_of(cls, section), params, section)
-        specs[section] = ComponentSpec(name, cls, dict(validated))
-        check = getattr(cls, "check_config", None)
-        if callable(check):
-            check(specs[section].params)
-    fixed = {}
+        try:
+            specs[section] = _named_section(section, reg, data.get(section), base_dir, (switched or {}).get(section))
+        except UserError as exc:
+            errors.append(exc)
     for section, model in _FIXED.items():
         raw = data.get(section) or {}
-        if not isinstance(raw, dict):
-            raise UserError(f"{section}: expected a mapping, got {raw!r}")
-        fixed[section] = _validate(model, raw, section)
+        try:
+            if not isinstance(raw, dict):
+                raise UserError(f"{section}: expected a mapping, got {raw!r}")
+            fixed[section] = _validate(model, raw, section)
+        except UserError as exc:
+            errors.append(exc)
     out = data.get("out")
     if out is not None and not isinstance(out, str):
-        raise UserError(f"out: expected a directory path, got {out!r}")
+        errors.append(UserError(f"out: expected a directory path, got {out!r}"))
+    if errors:
+        raise UserErrors.of(errors)
     return RunConfig(seed=seed, seeds=seeds, out=out, source=source, **specs, **fixed)
+
+
+def _named_section(section: str, reg, raw, base_dir: Path | None, switched_from: str | None) -> ComponentSpec:
+    """One ``scenario``/``backbone``/``strategy`` section: its class, its validated parameters, its checks."""
+    if raw is None:
+        raise UserError(f"{section}: missing section (it needs at least 'name')")
+    if not isinstance(raw, dict):
+        raise UserError(f"{section}: expected a mapping with 'name', got {raw!r}")
+    params = dict(raw)
+    if "name" not in params:
+        raise UserError(f"{section}.name: missing required value")
+    name = params.pop("name")
+    cls = reg.get(name, key=f"{section}.name", base_dir=base_dir)
+    schema = schema_of(cls, section)
+    if switched_from is not None:
+        params = _drop_keys_of(switched_from, reg, schema, params, section, base_dir)
+    spec = ComponentSpec(name, cls, dict(_validate(schema, params, section)))
+    check = getattr(cls, "check_config", None)
+    if callable(check):
+        check(spec.params)
+    return spec
+
+
+def _drop_keys_of(old_name: str, reg, schema: type[BaseModel], params: dict, section: str, base_dir: Path | None) -> dict:
+    """``params`` without the keys that belong to ``old_name``'s class and not to ``schema`` (a notice each)."""
+    try:
+        old_fields = schema_of(reg.get(old_name, key=f"{section}.name", base_dir=base_dir), section).model_fields
+    except UserError:
+        return params
+    dropped = [k for k in params if k in old_fields and k not in schema.model_fields]
+    if dropped:
+        print(f"clpeft: note: {section}.name changed from {old_name}: dropped its keys {', '.join(dropped)} "
+              f"(set the whole section to keep control: --set '{section}={{name: ...}}')", file=sys.stderr)
+    return {k: v for k, v in params.items() if k not in dropped}
 
 
 def _check_numbers(value, path: str) -> None:
@@ -451,6 +493,15 @@ def _check_seeds(seeds) -> list[int] | None:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a YAML config file."""
+    """Read, override and validate a YAML config file.
+
+    An override that changes a section's ``name`` (``--set strategy.name=finetune`` on a replay
+    config) drops the old class's keys the new one lacks, with a notice (see :func:`resolve`).
+    """
     path = Path(path)
-    return resolve(apply_overrides(read_yaml(path), overrides or []), source=path)
+    data = read_yaml(path)
+    before = {s: data[s].get("name") for s in NAMED_SECTIONS if isinstance(data.get(s), dict)}
+    data = apply_overrides(data, overrides or [])
+    switched = {s: old for s, old in before.items() if isinstance(data.get(s), dict) and data[s].get("name") != old
+                and any(o.strip().startswith(f"{s}.name=") for o in overrides or [])}
+    return resolve(data, source=path, switched=switched)

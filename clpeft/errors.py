@@ -2,7 +2,8 @@
 
 A :class:`UserError` is printed by the CLI as a single line (no traceback) and exits with
 status 2. Raise it for anything the user can fix: a bad config value, a missing file, an
-uninstalled optional package. The message names the problem and the fix.
+uninstalled optional package. The message names the problem and the fix. :class:`UserErrors`
+carries several problems found at once (every mistake of a config): one line each.
 """
 
 
@@ -23,3 +24,18 @@ class RunError(UserError):
     """
 
     exit_code = 1
+
+
+class UserErrors(UserError):
+    """Several mistakes found at once; the CLI prints each on its own line (exit code 2)."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        more = len(self.messages) - 1
+        super().__init__(self.messages[0] + (f" (and {more} more problem{'s' * (more > 1)}, listed apart)" if more else ""))
+
+    @classmethod
+    def of(cls, errors: list[UserError]) -> UserError:
+        """One error for all of ``errors`` (itself when there is one)."""
+        messages = [m for e in errors for m in getattr(e, "messages", [str(e)])]
+        return errors[0] if len(messages) == 1 else cls(messages)

@@ -197,23 +197,26 @@ def _check_case(mode: str, mutations: list[tuple[str, object]]) -> None:
                     T = len(result["acc_matrix"])
                     assert T >= 1 and all(len(row) == T and all(0 <= a <= 1 for a in row) for row in result["acc_matrix"])
             return
-        assert err.count("\n") == 1, f"{mutations!r}: stderr is not one line:\n{err}"
+        lines = err.splitlines()
+        assert err.endswith("\n") and lines, f"{mutations!r}: stderr:\n{err}"
         if code == 1 and mode == "run" and "non-finite loss" in err:
+            assert len(lines) == 1, f"{mutations!r}: a stopped run is one line:\n{err}"
             TALLY[mode]["diverged (exit 1)"] += 1
             return
         assert code == 2, f"{mutations!r}: exit {code}: {err}"
-        match = ERROR.match(err)
-        assert match, f"{mutations!r}: the error does not start with a key path: {err}"
         changed = {p.split(".")[0] for p, _ in mutations}
         allowed = changed if mode == "validate" else changed | set(SECTION_NAMES)  # a run also checks across sections
-        assert match["section"] in allowed, f"{mutations!r}: the error names '{match['section']}', not what changed: {err}"
+        for line in lines:  # every mistake on a line of its own, each naming what changed
+            match = ERROR.match(line + "\n")
+            assert match, f"{mutations!r}: an error line does not start with a key path: {line}"
+            assert match["section"] in allowed, f"{mutations!r}: the error names '{match['section']}', not what changed: {line}"
         TALLY[mode]["rejected (exit 2)"] += 1
 
 
 def _report(mode: str) -> None:
     tally = TALLY[mode]
     print(f"\nconfig fuzz ({mode}): {sum(tally.values())} cases tried: "
-          + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + "; no traceback, every rejection one line")
+          + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + "; no traceback, every problem one line naming its key")
 
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], database=None)

@@ -176,3 +176,34 @@ def test_a_closed_pipe_ends_compare_quietly(finished_run):
     reader.stdout.close()  # what `| head -0` does
     err = reader.stderr.read().decode()
     assert reader.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_every_mistake_of_a_config_is_reported_in_one_run(tmp_path, capsys):
+    """Issue 20: validate reported only the first problem and '(+1 more)'; now each on its own line."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**RUN, "backbone": {"name": "mlp", "widht": 3}, "train": {"lr": -1, "epochs": 0},
+                                    "evalu": {}}))
+    assert main(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "clpeft: error: evalu: unknown section; did you mean 'eval'?; sections are seed, seeds, scenario, backbone, "
+        "strategy, train, eval, logging, out",
+        "clpeft: error: backbone.widht: unknown key; did you mean 'weights'?; known keys: hidden, freeze, scale, weights",
+        "clpeft: error: train.epochs: input should be greater than or equal to 1, got 0",
+        "clpeft: error: train.lr: input should be greater than 0, got -1",
+    ]
+
+
+def test_switching_the_strategy_by_set_drops_the_old_strategys_keys_with_a_notice(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**RUN, "strategy": {"name": "replay", "mem_size": 20, "policy": "reservoir"}}))
+    assert main(["validate", str(path), "--set", "strategy.name=finetune"]) == 0  # was: unknown key mem_size
+    assert ("clpeft: note: strategy.name changed from replay: dropped its keys mem_size, policy (set the whole section "
+            "to keep control: --set 'strategy={name: ...}')") in capsys.readouterr().err
+    # a key that belongs to neither strategy is still an error, and without --set nothing is dropped
+    path.write_text(yaml.safe_dump({**RUN, "strategy": {"name": "replay", "mem_sise": 20}}))
+    assert main(["validate", str(path), "--set", "strategy.name=finetune"]) == 2
+    assert "strategy.mem_sise: unknown key" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**RUN, "strategy": {"name": "finetune", "mem_size": 20}}))
+    assert main(["validate", str(path)]) == 2
+    assert "strategy.mem_size: unknown key" in capsys.readouterr().err
