@@ -56,6 +56,7 @@ class TrainConfig(_Section):
     lr: float = Field(0.01, gt=0, description="learning rate of the default optimizer")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer, rebuilt at each experience")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum (CEC's FSCIL training; needs momentum > 0)")
     weight_decay: float = Field(0.0, ge=0, le=1e6, description="L2 weight decay")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: auto = on CUDA, off on CPU; bf16 = required (CUDA only)")
     compile: bool = Field(False, description="torch.compile the backbone (CUDA only)")
@@ -88,6 +89,13 @@ class TrainConfig(_Section):
     def _lr_fits_float32(cls, value: float) -> float:
         if value > 1e30:
             raise ValueError("at most 1e30 (a larger step overflows float32 in the optimizer)")
+        return value
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("momentum", 0.9) == 0:
+            raise ValueError("Nesterov momentum needs train.momentum > 0")
         return value
 
     @field_validator("milestones")

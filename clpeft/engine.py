@@ -119,7 +119,8 @@ def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer | None:
     if not groups:
         return None
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                               nesterov=train.nesterov)
     cls = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
 

@@ -287,3 +287,24 @@ def test_drop_last_skips_each_epochs_smaller_batch(tmp_path, digits_run, monkeyp
     sizes.clear()
     _run(digits_run, tmp_path / "kept")
     assert sizes == ([100] * (n_train // 100) + [n_train % 100]) * 2
+
+
+def test_nesterov_sgd_is_torchs(tmp_path):
+    """``train.nesterov``: the optimizer the engine builds steps as ``torch.optim.SGD(nesterov=True)``."""
+    from clpeft.config import TrainConfig
+    from clpeft.engine import make_optimizer
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5)), None
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = make_optimizer([{"params": [a]}], TrainConfig(lr=0.1, momentum=0.9, nesterov=True))
+    theirs = torch.optim.SGD([b], lr=0.1, momentum=0.9, nesterov=True)
+    plain = make_optimizer([{"params": [c := torch.nn.Parameter(a.detach().clone())]}], TrainConfig(lr=0.1, momentum=0.9))
+    for _ in range(3):
+        for p, opt in ((a, ours), (b, theirs), (c, plain)):
+            opt.zero_grad()
+            (p ** 3).sum().backward()
+            opt.step()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="Nesterov momentum needs train.momentum > 0"):
+        TrainConfig(momentum=0.0, nesterov=True)
