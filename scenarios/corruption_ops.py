@@ -9,6 +9,8 @@ to one level).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.ndimage as ndi
 from scipy.fft import next_fast_len
@@ -138,19 +140,18 @@ def motion_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray) 
     taps = np.arange(width)
     kernel = np.exp(-taps**2 / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
     kernel = kernel / np.sum(kernel)
-    point_y, point_x = width * np.sin(np.deg2rad(angles)), width * np.cos(np.deg2rad(angles))
-    hypot = np.hypot(point_y, point_x)
-    batch = np.arange(n)[:, None, None]
-    out = np.zeros(x.shape, dtype=np.float32)
-    active = np.ones(n, dtype=bool)
-    for i in range(width):
-        dy = -np.ceil(i * point_y / hypot - 0.5).astype(np.int64)
-        dx = -np.ceil(i * point_x / hypot - 0.5).astype(np.int64)
-        active &= (np.abs(dy) < h) & (np.abs(dx) < w)
-        rows = np.clip(np.arange(h)[None, :] - dy[:, None], 0, h - 1)
-        cols = np.clip(np.arange(w)[None, :] - dx[:, None], 0, w - 1)
-        weight = np.where(active, kernel[i], 0.0)[:, None, None, None]
-        out = out + weight * x[batch, rows[:, :, None], cols[:, None, :]]
+    padded = np.pad(x, ((0, 0), (width, width), (width, width), (0, 0)), mode="edge")
+    out = np.empty(x.shape)
+    for k, angle in enumerate(angles):
+        point_y, point_x = width * np.sin(np.deg2rad(angle)), width * np.cos(np.deg2rad(angle))
+        hypot = math.hypot(point_y, point_x)
+        blurred = np.zeros(x.shape[1:], dtype=np.float32)
+        for i in range(width):
+            dy, dx = -math.ceil(i * point_y / hypot - 0.5), -math.ceil(i * point_x / hypot - 0.5)
+            if abs(dy) >= h or abs(dx) >= w:
+                break
+            blurred = blurred + kernel[i] * padded[k, width - dy: width - dy + h, width - dx: width - dx + w]
+        out[k] = blurred
     return out
 
 

@@ -37,6 +37,9 @@ in any order, in every run with that seed, and seeding numpy's global state with
 * ``frost``: the photographs ship in ``clpeft/scenarios/frost/`` (Apache-2.0, see its NOTICE);
   an image larger than the shrunk photograph (only at sizes a reference never made) crops from
   the photograph enlarged to 1.1 times the image, as ``imagecorruptions`` does.
+* The saved files: CIFAR-10-C's ``.npy`` hold the generator's output as is, but the published
+  Tiny-ImageNet-C and ImageNet-C images were saved as JPEG (quality 85) after corrupting; on the
+  fly there is no such re-encoding (read the published files with ``corrupted_root`` for that).
 * Images that are not RGB: ``brightness`` adds to the value (``imagecorruptions``), ``snow``
   takes the image as its own grey level, ``frost`` blends the photograph's luminance (0.2989,
   0.587, 0.114); the other corruptions treat every channel alike.

@@ -260,10 +260,10 @@ def test_the_15_corruptions_equal_the_reference_at_every_severity(constants):
 
 @pytest.mark.parametrize("name", C.IMAGENET_C)
 def test_imagenet_c_corruptions_equal_the_reference_at_224(name):
-    """Each of the 15 at ImageNet-C's 224 px, one image, severities 1 and 5 (all five: slow sweep)."""
+    """Each of the 15 at ImageNet-C's 224 px, one image, severity 5 (all five: the slow sweep)."""
     images = natural_images(1, 224, seed=224)
     with reference("imagenet") as ref_functions:
-        for severity in (1, 5):
+        for severity in (5,):
             ours, theirs = run_both(ref_functions, name, severity, "imagenet", images, [7])
             assert_equal_to_reference(name, ours, theirs, f"imagenet {name}@{severity}")
 
