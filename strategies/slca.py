@@ -8,7 +8,8 @@ github.com/GengDavid/SLCA).
   of the head's (``bcb_lrscale`` in the official code): ``lr_backbone = lr * backbone_lr_scale``.
   The head trains on the current task's classes only (cross-entropy on ``logits[:, known:]``);
   older rows stay exactly as they were (the official code freezes the older heads, so neither
-  gradient nor weight decay reaches them: here they are put back after every optimizer step);
+  gradient nor weight decay reaches them: here they are put back after every optimizer step;
+  ``train_mask: false`` trains every row on all logits instead);
   new rows start as in the official ``SimpleContinualLinear`` (truncated normal, std 0.02,
   bias 0).
 * **Classifier alignment** -- after each task, every new class's feature mean and covariance
@@ -63,7 +64,8 @@ class SLCA(Strategy):
         align_lr: SGD learning rate of the alignment.
         align_temperature: ``tau`` of the logit normalisation (``ca_with_logit_norm``); 0 turns it off.
         mean_shrink: the official code's shrinkage of older tasks' sampling means (0: none).
-        train_mask: restrict the cross-entropy to the current task's classes.
+        train_mask: restrict the cross-entropy to the current task's classes and keep the older
+            rows fixed (the official code); ``false`` trains every row on all logits.
         drift_compensation: move the stored class means by the drift of the current task's
             features before alignment (SDC, Yu et al. 2020; not in SLCA).
         reset_final_norm: replace a timm ViT's pre-trained final LayerNorm by a fresh one, as
@@ -114,7 +116,8 @@ class SLCA(Strategy):
         with torch.no_grad():
             torch.nn.init.trunc_normal_(self.head.weight[known:], std=0.02)
             self.head.bias[known:] = 0.0
-        self._old_rows = (self.head.weight[:known].detach().clone(), self.head.bias[:known].detach().clone())
+        if self.mask.enabled:
+            self._old_rows = (self.head.weight[:known].detach().clone(), self.head.bias[:known].detach().clone())
         self.mask.start(exp.classes_in_this_experience)
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -128,6 +131,8 @@ class SLCA(Strategy):
     @torch.no_grad()
     def after_training_step(self) -> bool:
         """Put the older classes' rows back: the step's weight decay (and momentum) moved them."""
+        if self._old_rows is None:
+            return False
         weight, bias = self._old_rows
         self.head.weight[: len(weight)] = weight
         self.head.bias[: len(bias)] = bias
