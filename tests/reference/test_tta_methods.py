@@ -24,11 +24,12 @@ run the same operations in a different order (EMA as ``foreach`` ops, the augmen
 float64, the blur as two 1-D passes: up to 3e-6 apart per pixel), and Adam's first step moves an
 element by ``lr g / (|g| + 1e-8)``: an element whose gradient is within float noise of zero
 moves by a noise-dependent part of ``lr = 1e-3`` on either side (seen: one of 12,288 weights of
-a ViT MLP, 5.7e-5, under CoTTA). So up to 0.2 % of a tensor's elements may differ by more, within
-``NOISE`` (a few steps of ``lr``); a changed constant moves nearly every element by about a
-step. On the ViT the bias of the attention keys has a zero gradient (softmax ignores a constant
-added to every key's score), so Adam moves all of it by float noise: it is only bounded. Fisher
-weights and prototypes ``rtol 1e-5``; augmented pixels ``atol 2e-5``; random draws exactly equal.
+a ViT MLP, 5.7e-5, under CoTTA; two of 576 conv weights against the original CoTTA). So up to 4
+or 0.5 % of a tensor's elements may differ by more, within ``NOISE`` (a few steps of ``lr``); a
+changed constant moves nearly every element by about a step. On the ViT the bias of the
+attention keys has a zero gradient (softmax ignores a constant added to every key's score), so
+Adam moves all of it by float noise: it is only bounded. Fisher weights and prototypes
+``rtol 1e-5``; augmented pixels ``atol 2e-5``; random draws exactly equal.
 
 Mutations checked once (each fails a test here, named in its docstring): constants and
 defaults of every method, the augmentation's operations, ranges and draws, the order of CoTTA's
@@ -212,7 +213,7 @@ def _named(strategy) -> dict[str, torch.Tensor]:
 
 def _assert_same_parameters(ours: dict, theirs: dict, source: dict | None = None) -> None:
     """Equal parameters (both dicts keyed like ``Sequential(backbone, head)``) up to Adam's float
-    noise (see the module docstring: at most 0.2 % of a tensor's elements, by at most ``NOISE``);
+    noise (see the module docstring: at most 4 or 0.5 % of a tensor's elements, by at most ``NOISE``);
     with ``source`` also the same set of parameters moved away from it."""
     assert ours.keys() == theirs.keys()
     for name, p in ours.items():
@@ -222,7 +223,7 @@ def _assert_same_parameters(ours: dict, theirs: dict, source: dict | None = None
             assert (p[d:2 * d] - q[d:2 * d]).abs().max() <= NOISE, name
             p, q = torch.cat([p[:d], p[2 * d:]]), torch.cat([q[:d], q[2 * d:]])
         off = (p - q).abs() > CLOSE["atol"] + CLOSE["rtol"] * q.abs()
-        assert int(off.sum()) <= max(1, p.numel() // 500) and (p - q).abs().max() <= NOISE, (name, int(off.sum()))
+        assert int(off.sum()) <= max(4, p.numel() // 200) and (p - q).abs().max() <= NOISE, (name, int(off.sum()))
     if source is not None:
         moved = {n for n, p in ours.items() if not torch.equal(p, source[n])}
         assert moved == {n for n, p in theirs.items() if not torch.equal(p, source[n])} and moved
