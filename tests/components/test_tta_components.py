@@ -169,6 +169,18 @@ def test_adapted_parameters_norm_selects_exactly_the_batchnorm_affine_params():
         check_adaptable(nn.Sequential(nn.Linear(2, 2)), "norm", "tent")
 
 
+def test_adapted_parameters_all_is_every_weight_and_bias_not_tokens_or_embeddings():
+    """As the reference's ``collect_params``: a ViT's class token and position embedding stay fixed."""
+    from clpeft.backbones.timm_backbone import TimmBackbone
+
+    torch.manual_seed(0)
+    vit = TimmBackbone((3, 32, 32), model="test_vit", img_size=32, freeze=False)
+    chosen = {id(p) for p in adapted_parameters(vit, "all")}
+    names = {n for n, p in vit.named_parameters() if id(p) in chosen}
+    assert names == {n for n, _ in vit.named_parameters() if n.endswith((".weight", ".bias"))}
+    assert {n for n, p in vit.named_parameters() if not p.requires_grad} == {"net.cls_token", "net.pos_embed"}
+
+
 def test_adaptation_optimizer_state_round_trips_and_source_state_clears_it():
     model = _net()
     params = adapted_parameters(model, "norm")
