@@ -43,6 +43,24 @@ def test_ties_on_the_device_equals_peft_on_the_cpu(device, trim, models):
         torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_over_the_whole_model_on_the_device_equals_a_float64_computation(device, models):
+    """``trim_scope: model``: pass 1's radix selection runs where the merge does (bincount on the GPU);
+    the cut-off is each task's k-th largest magnitude over every merged tensor."""
+    base, finetuned = models
+    merged = merge(base, finetuned, "ties", device=device, density=0.2, scale=0.5)
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    flat = torch.stack([torch.cat([(m[n] - base[n]).reshape(-1) for n in names]) for m in finetuned]).double()
+    k = int(0.2 * flat.shape[1])
+    trimmed = flat * (flat.abs() >= flat.abs().sort(dim=1, descending=True).values[:, k - 1 : k])
+    sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = trimmed * (torch.sign(trimmed) == sign)
+    delta = (0.5 * agree.sum(0) / (agree != 0).sum(0).clamp(min=1)).split([base[n].numel() for n in names])
+    for name, d in zip(names, delta):
+        torch.testing.assert_close(merged[name].double(), base[name].double() + d.view(base[name].shape),
+                                   rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", [CUDA])  # the CPU's: test_merge_api.py, streaming equals in-memory
 @pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.2}), ("dare", {"drop_rate": 0.5})])
 def test_streaming_on_the_device_equals_in_memory_on_the_device_bitwise(device, method, params, models, model_files, tmp_path):
