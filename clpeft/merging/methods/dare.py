@@ -5,7 +5,10 @@ Free Lunch", ICML 2024, https://arxiv.org/abs/2311.03099, Section 3: each entry 
 vector is dropped with probability ``p`` and the rest are multiplied by ``1 / (1 - p)``, which
 keeps the expected task vector; the sparsified vectors are then merged by task arithmetic
 (``consensus="sum"``, peft's ``dare_linear``) or by TIES' sign election and disjoint mean
-(``consensus="ties"``, peft's ``dare_ties``, without TIES' magnitude trim).
+(``consensus="ties"``, peft's ``dare_ties``, without TIES' magnitude trim, so TIES'
+``trim_scope`` has no counterpart here: each entry is dropped on its own, whatever the scope).
+The paper's expectation ``E[tau_hat] = tau`` and the survivors' ``tau / (1 - p)`` are checked by
+fixed-seed statistical tests (tests/reference/test_merging.py).
 
 The drop mask is drawn from a generator the engine seeds from the merge seed and the tensor's
 name, so a merge is reproducible and independent of the order tensors are processed in; CPU
