@@ -9,7 +9,7 @@ those of experience ``i-1`` and a growing head needs no bookkeeping.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -56,8 +56,9 @@ class ClassIncremental(Scenario):
             ``mini_imagenet`` (their published layouts under ``root``).
         n_experiences: number of experiences ``T``.
         init_classes: classes in the first experience (B0 when None: all groups equal).
-        class_order: an explicit permutation of the class ids, or an integer seed for a random
-            one (1993 is the customary seed); None keeps the natural order.
+        class_order: an explicit permutation of the class ids, an integer seed for a random one
+            (1993 is the customary seed), or ``random``: the run's own ``seed``, so each of ``--seeds``
+            gets its own order (PyCIL/PILOT's repeated runs); None keeps the natural order.
         train_per_class: keep at most this many training samples per class (seeded).
         test_per_class: keep at most this many test samples per class (seeded).
         root: where datasets live (and download to); for a user's own data, the folder or file.
@@ -74,7 +75,7 @@ class ClassIncremental(Scenario):
         dataset: str,
         n_experiences: int,
         init_classes: int | None = None,
-        class_order: list[int] | Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None,
+        class_order: list[int] | Annotated[int, Field(ge=0, le=2**32 - 1)] | Literal["random"] | None = None,
         train_per_class: int | None = None,
         test_per_class: int | None = None,
         root: str = "~/.cache/clpeft/data",
@@ -152,9 +153,10 @@ class ClassIncremental(Scenario):
     def _order(self, n_classes: int) -> np.ndarray:
         if isinstance(self.class_order, list):
             return np.asarray(self.class_order)
-        if isinstance(self.class_order, int):
+        if self.class_order is not None:
             # np.random.seed(s); np.random.permutation(C): the order PyCIL/PILOT papers report
-            return np.random.RandomState(self.class_order).permutation(n_classes)
+            seed = self.seed if self.class_order == "random" else self.class_order
+            return np.random.RandomState(seed % 2**32).permutation(n_classes)
         return np.arange(n_classes)
 
     def experiences(self) -> list[Experience]:

@@ -245,3 +245,22 @@ def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
     with pytest.raises(UserError, match=r"scenario.dataset: FashionMNIST not found under .*apt-get install dataset-fashion-mnist"):
         datasets.load_dataset("fashion_mnist", tmp_path / "empty-root")
+
+
+def test_class_order_random_follows_the_runs_seed():
+    """``class_order: random``: PyCIL's ``np.random.seed(seed); permutation(C)`` with the run's seed (one order per seed)."""
+    import numpy as np
+
+    from clpeft.scenarios.class_incremental import ClassIncremental
+
+    def order(seed, class_order):  # the digits in the order the stream presents them (ids are relabelled 0..9)
+        scenario = ClassIncremental(seed=seed, dataset="sklearn_digits", n_experiences=5, class_order=class_order)
+        scenario.experiences()
+        return [int(name) for name in scenario.class_names]
+
+    orders = {seed: order(seed, "random") for seed in (0, 1, 1993)}
+    for seed, got in orders.items():
+        np.random.seed(seed)
+        assert got == np.random.permutation(10).tolist()
+    assert len({tuple(o) for o in orders.values()}) == 3
+    assert order(5, 1993) == orders[1993]  # an integer still fixes the order whatever the run's seed
