@@ -1,4 +1,10 @@
-"""TIES' trim over the whole model: the streamed radix selection and the two-pass merge."""
+"""TIES' trim over the whole model: the streamed radix selection and the two-pass merge.
+
+Mutations checked once: the chosen digit off by one in ``KthLargestMagnitude.end_sweep`` (20 tests
+fail); the cut-off rounded to nearest instead of up for float32 rows in ``trim_below_`` (the last
+test fails). Counting entries below the prefix as digit 0 (``clamp_(0, ...)``) is an equivalent
+mutant: digit 0 is examined last, so its count never changes which digit reaches the rank.
+"""
 
 from __future__ import annotations
 
@@ -159,3 +165,13 @@ def test_a_model_mixing_float64_and_float32_tensors_trims_exactly(models):
     for n in names:
         torch.testing.assert_close(merged[n].double(), expected[n], rtol=0, atol=1e-6)
     assert merged[name].dtype == torch.float64
+
+
+def test_a_float64_cut_off_is_rounded_up_for_float32_tensors():
+    """The 2nd largest magnitude, 1 + 2^-30, lives in a float64 tensor; the float32 tensor's 1.0 is
+    below it and must go (rounding the cut-off to the nearest float32, 1.0, would keep it)."""
+    cut = 1.0 + 2.0**-30
+    base = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(2)}
+    finetuned = [{"a": torch.tensor([cut, 3.0], dtype=torch.float64), "b": torch.tensor([1.0, 0.5])}]
+    merged = merge(base, finetuned, "ties", density=0.5)  # k = 2 of 4 entries
+    assert merged["a"].tolist() == [cut, 3.0] and merged["b"].tolist() == [0.0, 0.0]
