@@ -100,10 +100,22 @@ def _seed_overrides(args) -> list[str]:
 
 def _validate(args) -> int:
     from clpeft import config
+    from clpeft.engine import Engine
+    from clpeft.errors import UserErrors
 
+    failed: list[UserError] = []
+    named = len(args.config) > 1  # with several configs, each problem names its file
     for path in args.config:
-        cfg = config.load(path, args.set)
+        try:
+            cfg = config.load(path, args.set)
+            if not args.config_only:  # the data, the weights, the strategy: all a run checks before training
+                Engine(cfg, Path(path).parent / ".clpeft-validate", device="cpu").check()
+        except UserError as exc:
+            failed.extend(UserError(f"{path}: {m}" if named else m) for m in getattr(exc, "messages", [str(exc)]))
+            continue
         print(f"{path}: ok (scenario {cfg.scenario.name}, backbone {cfg.backbone.name}, strategy {cfg.strategy.name})")
+    if failed:
+        raise UserErrors.of(failed)
     return 0
 
 
@@ -206,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(func=_bench)
 
-    validate = sub.add_parser("validate", help="check configs without running them")
+    validate = sub.add_parser("validate", help="check configs without training: values, data, weights, strategy")
     validate.add_argument("config", nargs="+")
     validate.add_argument("--set", action="append", metavar="KEY=VALUE")
+    validate.add_argument("--config-only", action="store_true",
+                          help="check the YAML alone (types, names, values), not its data, weights and strategy")
     validate.set_defaults(func=_validate)
 
     lst = sub.add_parser("list", help="registered strategies, scenarios, backbones and offline weights")

@@ -285,6 +285,15 @@ class Engine:
         log.print(f"resumed with a changed config (--force): {format_changes(self._forced)}")
         _write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self._resolved_config(), sort_keys=False))
 
+    def check(self) -> None:
+        """Build everything a run needs (its data, the backbone with its weights, the strategy, the
+        checks across sections) without training or writing anything: what ``clpeft validate`` does.
+
+        Raises:
+            UserError: what ``run`` would stop on before training.
+        """
+        self._build()
+
     def _build(self) -> tuple[list[Experience], Strategy]:
         cfg = self.cfg
         seed_everything(cfg.seed)

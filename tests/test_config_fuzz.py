@@ -182,7 +182,7 @@ def _check_case(mode: str, mutations: list[tuple[str, object]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        args = ["validate", str(path)] if mode == "validate" else ["run", str(path), "--out", f"{tmp}/run", "--device", "cpu"]
+        args = ["validate", str(path), "--config-only"] if mode == "validate" else ["run", str(path), "--out", f"{tmp}/run", "--device", "cpu"]
         try:
             code, err = _cli(args)
         except BaseException as exc:  # what the user would see as a traceback

@@ -18,4 +18,35 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
 def test_shipped_config_validates(path, capsys):
-    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert main(["validate", str(path), "--config-only"]) == 0, capsys.readouterr().err
+
+
+def test_validate_builds_what_a_run_builds_and_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    """Issue 20: validate passed configs that run then rejected (missing data root, classes that do not
+    split, a missing weights package); it now builds the data, backbone and strategy, without training."""
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["validate", str(root / "baselines" / "digits_replay.yaml")]) == 0  # offline: data and model here
+    capsys.readouterr()
+    run = yaml.safe_load((root / "baselines" / "digits_replay.yaml").read_text())
+    cases = {
+        "no data": ({"name": "class_incremental", "dataset": "image_folder", "root": str(tmp_path / "absent"),
+                     "n_experiences": 2}, "scenario.root"),
+        "does not split": ({"name": "class_incremental", "dataset": "npz", "root": str(tmp_path / "three.npz"),
+                            "n_experiences": 2}, "do not split into 2 equal experiences"),
+    }
+    import numpy as np
+
+    np.savez(tmp_path / "three.npz", x=np.random.default_rng(0).normal(size=(30, 4)).astype("float32"),
+             y=np.repeat(np.arange(3), 10))
+    for name, (scenario, message) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        path.write_text(yaml.safe_dump({**run, "scenario": scenario, "backbone": {"name": "mlp", "scale": 1.0}}))
+        assert main(["validate", str(path), "--config-only"]) == 0, name  # the YAML alone is fine ...
+        capsys.readouterr()
+        assert main(["validate", str(path)]) == 2, name  # ... what it needs is not
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (name, err)
+    assert not any(p.name == ".clpeft-validate" for p in tmp_path.rglob("*"))  # nothing written
