@@ -46,9 +46,9 @@ def zoom_linear(x: np.ndarray, factor: float) -> np.ndarray:
     v = x.astype(np.float64, copy=False)
     out = np.zeros((n, out_h, out_w, c))
     for rows, wr in axis(h, out_h):
-        picked_rows = v.take(rows, axis=1)
+        weighted_rows = v.take(rows, axis=1) * wr[None, :, None, None]  # (value * row weight) * column weight
         for cols, wc in axis(w, out_w):
-            out += (picked_rows.take(cols, axis=2) * wr[None, :, None, None]) * wc[None, None, :, None]
+            out += weighted_rows.take(cols, axis=2) * wc[None, None, :, None]
     return out.astype(x.dtype)
 
 

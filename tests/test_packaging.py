@@ -80,9 +80,16 @@ def test_the_frost_photographs_and_their_licence_are_package_data():
 
 @pytest.mark.slow
 def test_a_built_wheel_holds_the_frost_photographs(tmp_path):
+    """Built from a copy of the sources (setuptools builds in the source tree)."""
+    import shutil
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "src"
+    for name in ("clpeft", "scenarios", "strategies"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path)
     (wheel,) = tmp_path.glob("clpeft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
