@@ -239,7 +239,8 @@ def test_aper_adapter_session_prototypes_and_logits_equal_pilots(pilot, monkeypa
         nn.Module.__init__(net)
         pretrained = copy.deepcopy(backbone.net).eval()
         pretrained.out_dim = WIDTH
-        net.backbone, net.backbones, net.model_type, net._device, net.args = nn.Identity(), nn.ModuleList([pretrained]), "vit", "cpu", learner.args
+        net.backbone, net.backbones = nn.Identity(), nn.ModuleList([pretrained])
+        net.model_type, net._device, net.args = "vit", "cpu", learner.args
         net.backbones.append(learner._network.backbone)
         net._feature_dim = 2 * WIDTH
         net.fc = net.generate_fc(net._feature_dim, learner.args["init_cls"])

@@ -73,7 +73,8 @@ def spy(monkeypatch):
 
     def run(tmp_path, strategy: dict, out="run", backbone: dict = MLP, **kw):
         record.update(optimizers=[], backbone=[], steps=0)
-        record["result"] = clpeft.engine.Engine(_config(tmp_path, strategy, backbone, **kw), tmp_path / out, device="cpu").run()
+        cfg = _config(tmp_path, strategy, backbone, **kw)
+        record["result"] = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu").run()
         return record
 
     return run
