@@ -179,7 +179,7 @@ def _time_training(cfg: RunConfig, engine: Engine, strategy, exp: Experience, st
                 t0 = _clock(dev)
                 with engine.autocast():
                     loss, _, _ = step(batch, len(batch.y))
-                optimizer_step(optimizer, loss, train.clip_grad)
+                optimizer_step(optimizer, loss, train.clip_grad, strategy.after_backward)
                 if strategy.after_training_step():
                     named, step = carry_over(strategy, optimizer, named, engine.world)
                 durations.append((_clock(dev) - t0, len(batch.y)))

@@ -172,12 +172,15 @@ class Batch:
     ``x`` holds raw inputs, or cached backbone features when the strategy trains on frozen
     features (see :attr:`clpeft.Strategy.uses_features`); ``y`` the labels (``None`` for
     test-time adaptation); ``features`` the cached frozen-backbone features of raw ``x`` when
-    the strategy asks for them (:attr:`clpeft.Strategy.needs_query`: prompt methods' query).
+    the strategy asks for them (:attr:`clpeft.Strategy.needs_query`: prompt methods' query);
+    ``index`` the samples' positions in the view being iterated (during training: the view
+    ``train_data`` returned), e.g. to offer them to a replay memory batch by batch.
     """
 
     x: torch.Tensor
     y: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    index: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.x, self.y))

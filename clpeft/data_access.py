@@ -81,8 +81,8 @@ class DataAccess:
         if uses_features and cached is not None:
             targets = view.targets.to(self.device, non_blocking=True)
             for pos in chunks:
-                pos = pos.to(self.device)
-                yield Batch(cached[pos], targets[pos])
+                on_device = pos.to(self.device)
+                yield Batch(cached[on_device], targets[on_device], index=pos)
             return
         for pos, (x, y) in zip(chunks, self._raw(view, chunks)):
             x = _to_device(x, self.device)
@@ -90,17 +90,17 @@ class DataAccess:
             if uses_features:
                 with torch.no_grad(), self.autocast():
                     x = self.backbone(x).float()
-            yield Batch(x, y, cached[pos.to(self.device)] if cached is not None else None)
+            yield Batch(x, y, cached[pos.to(self.device)] if cached is not None else None, index=pos)
 
     def _augmented(self, view: DataView, chunks, augment, uses_features: bool, with_query: bool) -> Iterator[Batch]:
-        for x, y in self._raw(view, chunks):
+        for pos, (x, y) in zip(chunks, self._raw(view, chunks)):
             x = augment(_to_device(x, self.device))
             features = None
             if uses_features or with_query:
                 with torch.no_grad(), self.autocast():
                     features = self.backbone(x).float()
             yield Batch(features if uses_features else x, y.to(self.device, non_blocking=True),
-                        features if with_query else None)
+                        features if with_query else None, index=pos)
 
     def _cached(self, view: DataView, chunks: list[torch.Tensor]) -> torch.Tensor:
         """Cached features of ``view`` on the device; rows outside ``chunks`` stay zero when the

@@ -56,6 +56,7 @@ import os
 import random
 import resource
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -148,10 +149,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int
     return None
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None) -> None:
-    """Backward, optional gradient-norm clipping, one optimizer step."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None,
+                   after_backward: Callable[[], None] | None = None) -> None:
+    """Backward, ``after_backward`` (the strategy's hook: gradients in place), optional gradient-norm
+    clipping, one optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     if clip_grad is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     optimizer.step()
@@ -406,7 +411,9 @@ class Engine:
             seed_everything(derive_seed(self.cfg.seed, exp.index))
             train_s, n_samples = self._train_experience(strategy, exp, log)
             t0 = time.perf_counter()
+            strategy.before_evaluation(exp)
             row = self._evaluate(strategy, stream)
+            strategy.after_evaluation(exp, row)
             eval_s = time.perf_counter() - t0
             rows.append(row)
             timing.append({
@@ -610,6 +617,7 @@ class Engine:
             for epoch in range(train.epochs if n_steps else 0):
                 strategy.train()
                 strategy.epoch = epoch
+                strategy.before_epoch(exp, epoch)
                 total, count = 0.0, 0
                 global_sizes = torch.arange(len(data)).split(train.batch_size)[:steps_per_epoch]
                 batches = self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
@@ -623,7 +631,7 @@ class Engine:
                             f"non-finite loss ({value}) at experience {exp.index}, epoch {epoch}, step {step}; "
                             f"lower train.lr or check the data (checkpoints of earlier experiences are kept)"
                         )
-                    optimizer_step(optimizer, loss, train.clip_grad)
+                    optimizer_step(optimizer, loss, train.clip_grad, strategy.after_backward)
                     if scheduler is not None:
                         scheduler.step()
                     if strategy.after_training_step():  # parameters replaced (a LoRA rank grown)
@@ -633,6 +641,7 @@ class Engine:
                     step += 1
                     bar.update(1)
                 log.event("train_epoch", step=exp.index * train.epochs + epoch, experience=exp.index, epoch=epoch, loss=total / max(count, 1))
+                strategy.after_epoch(exp, epoch)
         bar.close()
         strategy.eval()
         self._synchronize(strategy)

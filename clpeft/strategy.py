@@ -4,15 +4,21 @@ The engine owns the loop (experiences, epochs, optimizer steps, evaluation, chec
 calls a fixed set of hooks. Each hook has a default, so a method overrides only what differs:
 
 ========================  =================================================================
-hook                      default
+hook (in the order called) default
 ========================  =================================================================
 ``before_experience``     grow the head to the classes seen so far
 ``train_data``            the experience's training data
-``training_step``         cross-entropy of ``predict`` on the batch; returns the loss
-``after_experience``      nothing
-``predict``               ``head(embed(x))``: logits over every class seen so far
-``adapt``                 ``predict`` (no test-time adaptation)
 ``param_groups``          every parameter with ``requires_grad``, at the run's learning rate
+``before_epoch``          nothing (each epoch: ``(exp, epoch)``)
+``training_step``         cross-entropy of ``predict`` on the batch; returns the loss
+``after_backward``        nothing (gradients in place, before clipping and the optimizer step)
+``after_training_step``   nothing; True when parameters were replaced (see below)
+``after_epoch``           nothing (each epoch: ``(exp, epoch)``)
+``after_experience``      nothing (prototypes, statistics, memory updates)
+``before_evaluation``     nothing (``exp``: the experience just trained)
+``predict``               ``head(embed(x))``: logits over every class seen so far
+``after_evaluation``      nothing (``exp`` and the row of accuracies just measured)
+``adapt``                 ``predict`` (test-time adaptation, instead of the training hooks)
 ``state_dict``            ``nn.Module`` state: parameters, buffers and components' extra state
 ========================  =================================================================
 
@@ -40,7 +46,8 @@ from clpeft.experience import Experience
 if TYPE_CHECKING:
     from clpeft.data_access import DataAccess
 
-HOOKS = frozenset({"before_experience", "after_experience", "after_training_step"})
+HOOKS = frozenset({"before_experience", "before_epoch", "after_backward", "after_training_step", "after_epoch",
+                   "after_experience", "before_evaluation", "after_evaluation"})
 
 
 class Strategy(nn.Module):
@@ -162,8 +169,25 @@ class Strategy(nn.Module):
         """
         return False
 
+    def before_epoch(self, exp: Experience, epoch: int) -> None:
+        """At the start of every training epoch of ``exp`` (``self.epoch`` is already ``epoch``)."""
+
+    def after_backward(self) -> None:
+        """After each backward pass, with the gradients in place, before clipping and the optimizer
+        step: project or mask gradients here (A-GEM, GEM). Under ``torchrun`` the gradients are
+        already averaged over the ranks."""
+
+    def after_epoch(self, exp: Experience, epoch: int) -> None:
+        """At the end of every training epoch of ``exp``."""
+
     def after_experience(self, exp: Experience) -> None:
         """After training on ``exp`` (classifier alignment, prototypes, memory update)."""
+
+    def before_evaluation(self, exp: Experience) -> None:
+        """Before the accuracy on every experience's test data is measured after training ``exp``."""
+
+    def after_evaluation(self, exp: Experience, row: list[float]) -> None:
+        """After that evaluation; ``row[j]`` is the accuracy on experience ``j``'s test data."""
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over every class seen so far."""

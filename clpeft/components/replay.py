@@ -18,6 +18,11 @@ Policies:
   ReduceExemplarSet). The features come from the caller (the model after training on the
   experience), so the component never runs a model.
 
+Whole experiences are offered with :meth:`ReplayBuffer.update` (after training on them); single
+batches with :meth:`ReplayBuffer.add` (reservoir sampling over the stream as it is trained on,
+as ER, ER-ACE and DER do), and :meth:`ReplayBuffer.sample` draws a random mini-batch of the
+memory as a view.
+
 The buffer is an ``nn.Module`` whose content travels in the strategy's ``state_dict`` (as
 "extra state"), so a resumed run replays exactly the same samples.
 """
@@ -113,6 +118,26 @@ class ReplayBuffer(nn.Module):
                 raise ValueError(f"herding needs the features of the experience's {len(labels)} training samples")
             self._herding(items, labels, features.cpu())
 
+    def add(self, exp: Experience, positions: torch.Tensor, labels: torch.Tensor,
+            generator: torch.Generator | None = None) -> None:
+        """Offer one batch of ``exp``'s training samples (``batch.index``, ``batch.y``) by reservoir sampling.
+
+        Every sample offered so far stays in the memory with probability ``capacity / n_seen``
+        (a sample offered again in a later epoch counts again, as in Mammoth's buffer).
+        """
+        if self.policy != "reservoir":
+            raise ValueError(f"add() samples a stream by reservoir; a {self.policy} buffer is filled with update()")
+        positions, labels = positions.detach().cpu().long(), labels.detach().cpu().long()
+        items = torch.stack([torch.full_like(positions, exp.index), positions], dim=1)
+        self._reservoir(items, labels, generator)
+
+    def sample(self, n: int, past: tuple[Experience, ...] | list[Experience],
+               generator: torch.Generator | None = None) -> DataView:
+        """``min(n, len(self))`` stored samples drawn uniformly without replacement, as a view over
+        the training data of ``past`` (include the current experience when it may hold them)."""
+        chosen = torch.randperm(len(self), generator=generator)[: min(n, len(self))]
+        return self._view_of(self.items[chosen], past)
+
     def _reservoir(self, items, labels, generator) -> None:
         keep_items, keep_labels = list(self.items), list(self.labels)
         for row, label in zip(items, labels):
@@ -166,11 +191,14 @@ class ReplayBuffer(nn.Module):
 
     def view(self, past: tuple[Experience, ...] | list[Experience]) -> DataView:
         """The stored samples as a view over the training data of ``past`` experiences."""
+        return self._view_of(self.items, past)
+
+    @staticmethod
+    def _view_of(items: torch.Tensor, past) -> DataView:
         by_index = {e.index: e for e in past}
         view = DataView([])
-        for e_index in torch.unique(self.items[:, 0]).tolist():
-            positions = self.items[self.items[:, 0] == e_index, 1]
-            view = view + by_index[e_index].train.take(positions)
+        for e_index in torch.unique(items[:, 0]).tolist():
+            view = view + by_index[e_index].train.take(items[items[:, 0] == e_index, 1])
         return view
 
     def get_extra_state(self) -> dict:
