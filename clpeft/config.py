@@ -67,9 +67,10 @@ class TrainConfig(_Section):
         "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
     )
     clip_grad: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this before each step (None: off)")
-    schedule: Literal["constant", "cosine", "quarter_cosine", "multistep"] = Field(
+    schedule: Literal["constant", "cosine", "cosine_epoch", "quarter_cosine", "multistep"] = Field(
         "constant",
-        description="learning rate within each experience: constant, cosine decay to 0 over its steps, "
+        description="learning rate within each experience: constant, cosine decay to 0 over its steps, cosine_epoch "
+        "(cosine to min_lr stepped once per epoch, LAMDA-PILOT's CosineAnnealingLR), "
         "quarter_cosine (per epoch e: x cos(99 pi max(e - 1, 0) / (200 (epochs - 1))), CODA-Prompt's and "
         "InfLoRA's official schedule), or "
         "multistep (x gamma at each of milestones)",
@@ -83,6 +84,7 @@ class TrainConfig(_Section):
         "size); training batches then skip the feature cache",
     )
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor applied at each milestone")
+    min_lr: float = Field(0.0, ge=0, description="cosine_epoch: the learning rate the cosine ends at (eta_min)")
 
     @field_validator("lr")
     @classmethod

@@ -48,6 +48,7 @@ the same checkpoint; :mod:`clpeft.distributed` lists what is synchronised.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -133,12 +134,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int
     Hutter, ICLR 2017); ``quarter_cosine``: ``lr * cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` for every
     step of epoch ``e`` of ``E``, exactly what the ``CosineSchedule`` of CODA-Prompt's and InfLoRA's
     code gives per epoch (it resets its counter after construction, so epochs 0 and 1 both run at
-    ``lr``; constant when ``E = 1``); ``multistep``: ``lr * gamma^m``
+    ``lr``; constant when ``E = 1``); ``cosine_epoch``: ``min_lr + (lr - min_lr) (1 + cos(pi e / E)) / 2``
+    for every step of epoch ``e`` (``CosineAnnealingLR(T_max=E, eta_min=min_lr)`` stepped once per
+    epoch, as LAMDA-PILOT's trainers); ``multistep``: ``lr * gamma^m``
     from the first step of each milestone epoch on, ``m`` the milestones passed (SLCA's x0.1 at
     epoch 18 of 20).
     """
     if train.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs * steps_per_epoch)
+    if train.schedule == "cosine_epoch":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            functools.partial(_cosine_epoch, base=group["lr"], floor=train.min_lr, epochs=train.epochs,
+                              steps_per_epoch=steps_per_epoch) for group in optimizer.param_groups])
     if train.schedule == "quarter_cosine":
         last = max(train.epochs - 1, 1)
         return torch.optim.lr_scheduler.LambdaLR(
@@ -147,6 +154,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int
         return torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=[m * steps_per_epoch for m in train.milestones], gamma=train.gamma)
     return None
+
+
+def _cosine_epoch(t: int, base: float, floor: float, epochs: int, steps_per_epoch: int) -> float:
+    """The factor on ``base`` at step ``t`` of the ``cosine_epoch`` schedule (see :func:`make_scheduler`)."""
+    lr = floor + (base - floor) * (1 + math.cos(math.pi * (t // steps_per_epoch) / epochs)) / 2
+    return lr / base
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None,

@@ -308,3 +308,27 @@ def test_nesterov_sgd_is_torchs(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match="Nesterov momentum needs train.momentum > 0"):
         TrainConfig(momentum=0.0, nesterov=True)
+
+
+@pytest.mark.parametrize(("epochs", "steps", "min_lr"), [(20, 3, 0.0), (5, 2, 1e-8), (1, 4, 0.0)])
+def test_cosine_epoch_is_cosine_annealing_stepped_per_epoch(epochs, steps, min_lr):
+    """``schedule: cosine_epoch``: every step of epoch ``e`` at ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)``'s
+    rate after ``e`` epoch steps (LAMDA-PILOT's APER and RanPAC trainers), per parameter group (two base rates)."""
+    from clpeft.config import TrainConfig
+    from clpeft.engine import make_optimizer, make_scheduler
+
+    cfg = TrainConfig(epochs=epochs, lr=0.1, schedule="cosine_epoch", min_lr=min_lr)
+    groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},  # noqa: E731
+                      {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.001}]
+    ours = make_optimizer(groups(), cfg)
+    scheduler = make_scheduler(ours, cfg, steps)
+    theirs = torch.optim.SGD(groups(), lr=0.1, momentum=0.9)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=epochs, eta_min=min_lr)
+    for _ in range(epochs):
+        for _ in range(steps):
+            for a, b in zip(ours.param_groups, theirs.param_groups):
+                assert a["lr"] == pytest.approx(b["lr"], rel=1e-12, abs=1e-15)
+            ours.step()
+            scheduler.step()
+        theirs.step()
+        reference.step()
