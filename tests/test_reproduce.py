@@ -27,7 +27,9 @@ def test_every_setup_names_a_valid_config_and_existing_tests():
     for setup in setups:
         config.load(CONFIGS / setup.config)  # valid as written
         for test in setup.proven_equal:
-            assert (ROOT / test.split("::")[0]).is_file(), (setup.name, test)
+            file, _, name = test.partition("::")
+            assert (ROOT / file).is_file(), (setup.name, test)
+            assert not name or f"def {name}(" in (ROOT / file).read_text(), (setup.name, test)
         if setup.reported is not None:
             assert 0 < setup.reported.value <= 1 and setup.reported.source
 

@@ -1,7 +1,7 @@
 """ER-ACE as a plug-in: experience replay with the asymmetric cross-entropy.
 
 Caccia et al., "New Insights on Reducing Abrupt Representation Change in Online Continual
-Learning", ICLR 2022 (https://arxiv.org/abs/2104.05025), eq. 3: the incoming batch's
+Learning", ICLR 2022, eq. 3: the incoming batch's
 cross-entropy is taken over the classes present in that batch only (logits of other classes
 masked), so new classes do not push old ones' logits down; the replayed batch's over every class
 seen. The memory is a reservoir over the stream, offered each batch as it is trained on.

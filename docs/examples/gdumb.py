@@ -1,7 +1,7 @@
 """GDumb as a plug-in: a class-balanced memory, and a model retrained from scratch on it alone.
 
 Prabhu et al., "GDumb: A Simple Approach that Questions Our Progress in Continual Learning",
-ECCV 2020 (https://www.robots.ox.ac.uk/~tvg/publications/2020/gdumb.pdf): the sampler keeps the
+ECCV 2020: the sampler keeps the
 memory balanced over the classes seen (here ``ReplayBuffer``'s ``class_balanced`` policy, a
 random subset per class), and before every evaluation the learner is reset to its initial weights
 and trained only on the memory. Two hooks do it: ``train_data`` returns the memory, and
