@@ -42,7 +42,8 @@ def augmentation_average(model: Callable[[torch.Tensor], torch.Tensor], x: torch
     caches: ``benchmarks/tta_bench.py`` (``cnn`` backbone, 28x28 images, N = 16, one thread)
     measured the single forward 1.8x and 1.5x faster than the loop at B = 1 and 2 (per-call
     overhead dominates), even at B = 4, and 1.6x and 2.6x slower at B = 16 and 64, while the
-    stacked augmentation alone is 2-4x faster than the loop's.
+    stacked augmentation alone is 1.5x, 2.6x and 5.7x faster than ``N`` calls at B = 64, 16 and 4
+    (one 28x28 channel, minima of 5, one thread, 2026-12-06).
     """
     b = x.shape[0]
     if stacked is False:
