@@ -510,3 +510,25 @@ def test_huge_values_are_quoted_briefly(pair, capsys, setting):
     structure can be enormous)."""
     err = fail(capsys, *ARGS, "--out", "m.safetensors", "--set", setting)
     assert len(err) < 400
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_merge_output_gets_the_umasks_mode_not_0600(tmp_path, umask):
+    """Issue 20: merge outputs were 0600 (mkstemp's mode) whatever the umask; now as any file the user writes."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from clpeft.merging import merge_files
+
+    base = {"w": torch.zeros(3)}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({"w": torch.ones(3)}, str(tmp_path / "a.safetensors"))
+    old = os.umask(umask)
+    try:
+        merge_files(tmp_path / "b.safetensors", [tmp_path / "a.safetensors"], tmp_path / "m.safetensors", "task_arithmetic")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask

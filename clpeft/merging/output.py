@@ -153,6 +153,13 @@ class OutputFile:
         return len(data)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[OutputFile]:
     """A temporary file next to ``path``, renamed to ``path`` only if the block succeeds.
@@ -170,6 +177,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[OutputFile]:
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(path)
             fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_SUFFIX, dir=path.parent)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the output private to its writer
         except OSError as exc:
             raise _write_error(path, exc) from None
         with suppress(OSError):  # best effort: some network file systems have no locks
