@@ -185,8 +185,9 @@ def plasma_fractal(state: np.random.RandomState, mapsize: int, decay: float) -> 
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     """scikit-image's ``rgb2hsv`` (same operations; ties go to blue, then green, then red)."""
-    value = rgb.max(-1)
-    delta = np.ptp(rgb, axis=-1)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = np.maximum(np.maximum(r, g), b)  # rgb.max(-1) and np.ptp(rgb, -1), without slow 3-wide reductions
+    delta = value - np.minimum(np.minimum(r, g), b)
     with np.errstate(invalid="ignore", divide="ignore"):
         saturation = np.where(delta == 0, 0.0, delta / value)
         hue = np.zeros_like(value)
@@ -199,7 +200,7 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """scikit-image's ``hsv2rgb`` (same operations)."""
+    """scikit-image's ``hsv2rgb`` (same operations; each channel picked by the hue's sextant)."""
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     sector = np.floor(h * 6)
     f = h * 6 - sector
@@ -207,9 +208,8 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     q = v * (1 - f * s)
     t = v * (1 - (1 - f) * s)
     sector = sector.astype(np.uint8) % 6
-    table = np.stack([np.stack(rgb, axis=-1) for rgb in
-                      ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    return np.take_along_axis(table, sector[None, ..., None].repeat(3, axis=-1), axis=0)[0]
+    return np.stack([np.choose(sector, (v, q, p, p, t, v)), np.choose(sector, (t, v, v, q, p, p)),
+                     np.choose(sector, (p, p, t, v, v, q))], axis=-1)
 
 
 def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
