@@ -136,6 +136,17 @@ class EvalConfig(_Section):
     baseline: bool = Field(True, description="evaluate the untrained model first (needed for FWT)")
 
 
+class WandbConfig(_Section):
+    """A Weights & Biases run fed with the run's events (needs the ``wandb`` extra)."""
+
+    project: str = Field(description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user (default: yours)")
+    name: str | None = Field(None, description="the run's name (default: the run directory's name)")
+    tags: list[str] = Field([], description="tags of the run")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline writes under <out>/wandb for `wandb sync` later")
+
+
 class LoggingConfig(_Section):
     """Where and how a run reports."""
 
@@ -144,6 +155,7 @@ class LoggingConfig(_Section):
         "auto", description="progress bars; auto = only when stderr is a terminal"
     )
     keep_checkpoints: int = Field(2, ge=1, description="how many per-experience checkpoints to keep")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases: {project: ..., mode: offline}")
 
 
 _FIXED = {"train": TrainConfig, "eval": EvalConfig, "logging": LoggingConfig}

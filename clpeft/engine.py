@@ -381,7 +381,8 @@ class Engine:
             stream, strategy = self._build()
             if self.world.is_main:
                 self.scenario.save_artifacts(self.out_dir)
-            log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress, enabled=self.world.is_main)
+            log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress, enabled=self.world.is_main,
+                            wandb=self.cfg.logging.wandb, config=self._resolved_config())
             if self.augment is not None and strategy.backbone.frozen:
                 log.print(f"train.augment: {self.cfg.train.augment}; augmented training batches compute their features "
                           f"every step (the feature cache serves evaluation only)")

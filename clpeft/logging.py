@@ -6,6 +6,8 @@ writes TensorBoard's HParams summary (the flattened config as hyperparameters, t
 metrics as ``hparams/<metric>``), so the runs of a sweep can be filtered and sorted in the HParams
 tab when TensorBoard is pointed at their common parent (``tensorboard --logdir sweep_dir``).
 Progress bars (tqdm) go to stderr and are shown only when it is a terminal, unless forced.
+With ``wandb`` settings every event and the final metrics also go to Weights & Biases
+(:mod:`clpeft.wandb_logger`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ class RunLogger:
         enabled: ``False`` on non-zero ranks of a distributed run: nothing is written.
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True, progress: str = "auto", enabled: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, progress: str = "auto", enabled: bool = True,
+                 wandb=None, config: dict | None = None):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.show_progress = enabled and (progress == "always" or (progress == "auto" and sys.stderr.isatty()))
+        self._wandb = None
+        if enabled and wandb is not None:
+            from clpeft.wandb_logger import WandbSink
+
+            self._wandb = WandbSink(self.out_dir, wandb, config or {})
         self._events = open(self.out_dir / "events.jsonl", "a") if enabled else None
         self._tb = None
         if enabled and tensorboard:
@@ -47,6 +55,8 @@ class RunLogger:
         record = {"event": kind, "time": time.time(), **({"step": step} if step is not None else {}), **fields}
         self._events.write(json.dumps(record, default=_jsonable) + "\n")
         self._events.flush()
+        if self._wandb is not None:
+            self._wandb.log(kind, step, fields)
         if self._tb is not None:
             for name, value in fields.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -72,6 +82,8 @@ class RunLogger:
         Lists and ``None`` become strings (HParams takes numbers, strings and booleans only);
         list metrics (``acc_seen``) are left out.
         """
+        if self._wandb is not None:
+            self._wandb.summary(metrics)
         if self._tb is None:
             return
         from torch.utils.tensorboard.summary import hparams
@@ -95,6 +107,8 @@ class RunLogger:
             tqdm.write(message, file=sys.stdout)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
         if self._events is not None:
             self._events.close()
         if self._tb is not None:
