@@ -1,7 +1,7 @@
 """Time every corruption on one batch of uint8 images: ``python benchmarks/corruption_bench.py``.
 
 Usage: ``python benchmarks/corruption_bench.py [--batch 256] [--sizes 32 224] [--severity 5]
-[--old PATH]``. ``--old`` times a second copy of ``corruptions.py`` (e.g. the previous commit's,
+[--names NAME ...] [--old PATH]``. ``--old`` times a second copy of ``corruptions.py`` (e.g. the previous commit's,
 ``git show HEAD~1:scenarios/corruptions.py > /tmp/old_corruptions.py``) on the same batch.
 Seconds per batch, best of ``--repeats``.
 """
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--names", nargs="+", default=corruptions.IMAGENET_C)
     parser.add_argument("--old")
     args = parser.parse_args()
     old = _load(args.old) if args.old else None
@@ -49,7 +50,7 @@ def main() -> None:
     for size in args.sizes:
         images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, generator=generator)
         indices = torch.arange(args.batch)
-        for name in corruptions.IMAGENET_C:
+        for name in args.names:
             new = _best(lambda: corruptions.corrupt(images, name, args.severity, 0, indices), args.repeats)
             row = f"| {size} | {name} | {new:.3f} |"
             if old:
