@@ -122,11 +122,15 @@ class TrainConfig(_Section):
 
     @field_validator("amp", "feature_cache", mode="before")
     @classmethod
-    def _yaml_off(cls, value):
+    def _yaml_off(cls, value, info: ValidationInfo):
         # YAML 1.1 reads a bare `off` as False and `on` as True.
         if value is False:
             return "off"
-        return "auto" if value is True and cls is TrainConfig else value
+        if value is True:
+            if info.field_name == "amp":
+                return "auto"
+            raise ValueError("YAML reads on/yes/true as a boolean; write disk, memory or off")
+        return value
 
 
 class EvalConfig(_Section):
@@ -170,6 +174,7 @@ class ComponentSpec:
     params: dict[str, Any]
 
     def build(self, **injected):
+        """The configured object; ``injected`` are the arguments the engine supplies (:data:`INJECTED`)."""
         return self.cls(**injected, **self.params)
 
 

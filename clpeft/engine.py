@@ -73,8 +73,9 @@ from clpeft.data import DataView
 from clpeft.data_access import DataAccess
 from clpeft.errors import RunError, UserError
 from clpeft.experience import Experience
-from clpeft.feature_cache import FeatureCache, default_cache_dir
+from clpeft.feature_cache import FeatureCache
 from clpeft.logging import RunLogger
+from clpeft.paths import cache_root
 from clpeft.provenance import provenance
 from clpeft.resizing import replace_parameters
 from clpeft.run_directory import RunLock, config_changes, fixed_changes, format_changes, run_files
@@ -315,7 +316,7 @@ class Engine:
     def _build(self) -> tuple[list[Experience], Strategy]:
         cfg = self.cfg
         seed_everything(cfg.seed)
-        scenario = cfg.scenario.cls(seed=cfg.seed, **cfg.scenario.params)
+        scenario = cfg.scenario.build(seed=cfg.seed)
         stream = scenario.experiences()
         if not stream:
             raise UserError("the scenario produced no experiences", key="scenario")
@@ -325,8 +326,8 @@ class Engine:
         if self.world.active and scenario.kind == "test_time_adaptation":
             raise UserError("test-time adaptation adapts online, batch after batch, in one process; "
                             "run it without torchrun", key="scenario.name")
-        backbone = cfg.backbone.cls(input_shape=scenario.input_shape, **cfg.backbone.params)
-        strategy = cfg.strategy.cls(backbone, **cfg.strategy.params)
+        backbone = cfg.backbone.build(input_shape=scenario.input_shape)
+        strategy = cfg.strategy.build(backbone=backbone)
         supported = strategy.supported_scenarios
         if supported is not None and scenario.kind not in supported:
             raise UserError(
@@ -343,7 +344,7 @@ class Engine:
             )
         factory = None
         if cfg.train.feature_cache != "off":
-            directory = default_cache_dir() if cfg.train.feature_cache == "disk" else None
+            directory = cache_root() if cfg.train.feature_cache == "disk" else None
             if directory is not None and self.world.active:  # ranks never write the same memory-mapped file
                 directory = directory / f"rank{self.world.rank}"
 

@@ -11,7 +11,6 @@ warning naming the folder, never mapped as it is.
 
 from __future__ import annotations
 
-import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,11 +21,6 @@ import torch
 from clpeft.backbones.base import Backbone
 from clpeft.data import DataView
 from clpeft.errors import UserError
-
-
-def default_cache_dir() -> Path:
-    """``$CLPEFT_CACHE`` or ``~/.cache/clpeft``."""
-    return Path(os.environ.get("CLPEFT_CACHE", Path.home() / ".cache" / "clpeft"))
 
 
 class _Damaged(Exception):

@@ -16,7 +16,6 @@ when there is one run):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,6 @@ METRIC_NOTES = {
     "fwt": "1/(T-1) sum_j>=1 R[j-1,j] - b_j (GEM)",
     "error_mean": "mean over domains of the test-time-adaptation error",
 }
-
-
-def load_run(run_dir: str | Path) -> dict:
-    """The ``metrics.json`` of a finished run."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no metrics.json (is it a finished run directory?)")
-    return json.loads(path.read_text())
 
 
 def format_matrix(rows) -> str:

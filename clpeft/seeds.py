@@ -139,9 +139,3 @@ def run_config(cfg: RunConfig, out: str | Path, engine_kwargs: dict, *, resume: 
         run_seeds(cfg, out, engine_kwargs, resume=resume)
     elif not (resume and (out / "metrics.json").is_file()):
         Engine(cfg, out, resume=resume and (out / "config.yaml").is_file(), **engine_kwargs).run()
-
-
-def load_summary(run_dir: str | Path) -> dict | None:
-    """``seeds_summary.json`` of a multi-seed directory, or None for a single run."""
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -40,7 +40,6 @@ from clpeft.errors import UserError
 from clpeft.scenarios import array_datasets, folder_datasets, text_datasets
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 Loader = Callable[..., tuple[ArrayDataset, ArrayDataset]]
 

@@ -12,7 +12,8 @@ import torch
 
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.data import ArrayDataset, DataView
-from clpeft.feature_cache import FeatureCache, default_cache_dir
+from clpeft.feature_cache import FeatureCache
+from clpeft.paths import cache_root
 
 CPU = torch.device("cpu")
 
@@ -40,7 +41,7 @@ def _direct(backbone, view) -> torch.Tensor:
 
 
 def test_default_cache_dir_follows_env(tmp_path):
-    assert default_cache_dir() == tmp_path / "env-cache"
+    assert cache_root() == tmp_path / "env-cache"
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

@@ -207,3 +207,13 @@ def test_switching_the_strategy_by_set_drops_the_old_strategys_keys_with_a_notic
     path.write_text(yaml.safe_dump({**RUN, "strategy": {"name": "finetune", "mem_size": 20}}))
     assert main(["validate", str(path)]) == 2
     assert "strategy.mem_size: unknown key" in capsys.readouterr().err
+
+
+def test_feature_cache_on_names_what_yaml_did(tmp_path, capsys):
+    """Issue 21: ``feature_cache: on`` was reported as "got 'auto'" (YAML's on is true, mapped as amp's)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(RUN) + "")
+    assert main(["validate", str(path), "--config-only", "--set", "train.feature_cache=on"]) == 2
+    err = capsys.readouterr().err
+    assert "train.feature_cache: value error, YAML reads on/yes/true as a boolean; write disk, memory or off" in err
+    assert main(["validate", str(path), "--config-only", "--set", "train.amp=on"]) == 0  # amp: on means auto

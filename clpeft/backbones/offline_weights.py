@@ -40,6 +40,7 @@ from clpeft.backbones.onnx_to_timm import onnx_to_timm
 from clpeft.backbones.timm_checkpoint import classifier_names, fit_pos_embed
 from clpeft.backbones.weights_file import load_strict
 from clpeft.errors import UserError
+from clpeft.paths import weights_cache_dir
 from clpeft.registry import close_matches
 
 _log = logging.getLogger(__name__)
@@ -187,12 +188,6 @@ def packaged_file(name: str) -> Path:
     return path
 
 
-def default_cache_dir() -> Path:
-    """``$CLPEFT_CACHE/weights`` if that variable is set, else ``~/.cache/clpeft/weights``."""
-    root = os.environ.get("CLPEFT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "clpeft") / "weights"
-
-
 def _source_tag(w: OfflineWeights, source: Path) -> str:
     """The installed package's version (its file size if pip metadata is absent), for cache names."""
     try:
@@ -210,14 +205,14 @@ def offline_weights_file(name: str, cache_dir: str | Path | None = None) -> Path
 
     Args:
         name: a table entry, e.g. ``"efficientnet-lite0"``.
-        cache_dir: where converted files live; default :func:`default_cache_dir`.
+        cache_dir: where converted files live; default :func:`clpeft.paths.weights_cache_dir`.
 
     Raises:
         UserError: unknown name, package not installed, or a converter dependency missing.
     """
     w = get_offline_weights(name)
     source = packaged_file(name)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
     target = cache / f"{w.name}-{_source_tag(w, source)}.safetensors"
     if target.is_file():
         return target

@@ -44,6 +44,7 @@ from pydantic import Field
 from clpeft.backbones.base import Backbone
 from clpeft.backbones.weights_file import first_names
 from clpeft.errors import UserError
+from clpeft.paths import weights_cache_dir
 from clpeft.registry import close_matches, register_backbone
 
 _log = logging.getLogger(__name__)
@@ -99,12 +100,6 @@ def list_text_weights() -> list[TextWeights]:
     return list(TEXT_WEIGHTS.values())
 
 
-def default_cache_dir() -> Path:
-    """``$CLPEFT_CACHE/weights`` if that variable is set, else ``~/.cache/clpeft/weights``."""
-    root = os.environ.get("CLPEFT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "clpeft") / "weights"
-
-
 def packaged_path(name: str) -> Path:
     """Where the installed package keeps the entry's model directory or GGUF file.
 
@@ -154,7 +149,7 @@ def text_weights_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     if source.is_dir():
         return source
     w = TEXT_WEIGHTS[name]
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
     try:
         tag = importlib.metadata.version(w.package)
     except importlib.metadata.PackageNotFoundError:

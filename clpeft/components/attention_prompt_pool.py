@@ -106,10 +106,6 @@ class AttentionPromptPool(nn.Module):
         self.key_dim = key_dim or embed_dim
         self.tasks = nn.ModuleList()
 
-    @property
-    def n_components(self) -> int:
-        return len(self.tasks) * self.components_per_task
-
     def _new_task(self) -> _TaskComponents:
         """A zero block on the device and in the dtype of the earlier ones."""
         like = self.tasks[0].prompts if len(self.tasks) else None
