@@ -51,7 +51,9 @@ class _Section(BaseModel):
 class TrainConfig(_Section):
     """How every experience is trained (strategies may add their own keys)."""
 
-    epochs: int = Field(1, ge=1, description="passes over each experience's training data")
+    epochs: int = Field(1, ge=1, description="passes over each experience's training data (the defaults are for "
+                        "quick checks; published configs set the papers' values, and a run with under 10 optimizer "
+                        "steps in an experience says so)")
     batch_size: int = Field(64, ge=1, description="training mini-batch size")
     lr: float = Field(0.01, gt=0, description="learning rate of the default optimizer")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer, rebuilt at each experience")

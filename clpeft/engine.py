@@ -83,6 +83,8 @@ from clpeft.strategy import Strategy
 
 
 _DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters  # init_sync: torch >= 2.4
+# Fewer optimizer steps than this in an experience that trains draw a one-line warning.
+FEW_STEPS = 10
 # What each kind of checkpoint must hold to be resumed from (one missing a key is skipped).
 _CIL_KEYS = ("experience", "strategy", "rows", "timing", "baseline")
 _SOURCE_KEYS = ("experience", "strategy", "timing")
@@ -626,6 +628,11 @@ class Engine:
         if self.world.active:  # independent dropout/augmentation draws per rank (re-synchronised below)
             seed_everything(derive_seed(self.cfg.seed, exp.index, "rank", self.world.rank))
         scheduler = make_scheduler(optimizer, train, steps_per_epoch) if n_steps else None
+        if 0 < n_steps < FEW_STEPS:
+            log.event("few_steps", step=exp.index, steps=n_steps)
+            log.print(f"warning: experience {exp.index} trains for only {n_steps} optimizer steps ({train.epochs} epoch(s) "
+                      f"x {steps_per_epoch} batches of {train.batch_size}); its numbers may be those of a barely trained "
+                      f"model: raise train.epochs or lower train.batch_size")
         bar = log.progress(n_steps, f"experience {exp.index + 1}")
         step = 0
         with _out_of_memory_hint(f"training on experience {exp.index}", "train.batch_size", train.batch_size):

@@ -332,3 +332,15 @@ def test_cosine_epoch_is_cosine_annealing_stepped_per_epoch(epochs, steps, min_l
             scheduler.step()
         theirs.step()
         reference.step()
+
+
+def test_an_experience_with_too_few_optimizer_steps_is_warned_about(tmp_path, digits_run, capsys):
+    """Issue 21: a minimal config trained 4 steps per experience and reported an untrained model silently."""
+    digits_run["scenario"]["n_experiences"] = 5
+    digits_run["train"].update(epochs=1, batch_size=64)
+    _run(digits_run, tmp_path / "few")
+    out = capsys.readouterr().out
+    assert "warning: experience 0 trains for only 4 optimizer steps (1 epoch(s) x 4 batches of 64)" in out
+    digits_run["train"].update(epochs=3, batch_size=32)  # 8 batches x 3 epochs = 24 steps
+    _run(digits_run, tmp_path / "enough")
+    assert "optimizer steps" not in capsys.readouterr().out
