@@ -12,7 +12,7 @@ subprocess so that its peak resident memory (``VmHWM``) is its own:
   ``--device`` memory (loaded before the clock starts, the output left there): peft per tensor
   vs :func:`clpeft.merging.merge`. On a GPU this is the merge's own speed against the device's
   memory bandwidth, with no disk or host copies in the way; ``clpeft-memory-opbyop`` is the
-  same merge with the one-pass kernel for linear methods switched off (``CLPEFT_FUSED_MERGE=0``).
+  same merge with the one-pass kernel for linear methods switched off (``merge(..., fused=False)``).
 
 TIES runs three ways for clpeft: ``ties/clpeft`` with the default ``trim_scope: model`` (the
 official code's trim over the whole flattened model: a streamed two-sweep threshold selection,
@@ -143,7 +143,8 @@ def run_baseline(
 
 
 def run_in_memory(
-    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str, *, library: str
+    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str, *, library: str,
+    fused: bool = True
 ) -> tuple[float, float]:
     """Time one merge of checkpoints already in ``device`` memory; save the result untimed."""
     from safetensors.torch import load_file, save_file
@@ -156,7 +157,7 @@ def run_in_memory(
     if library == "peft":
         merged = peft_merge(base, finetuned, method, params)
     else:
-        merged = merge(base, finetuned, method, device=device, **params)
+        merged = merge(base, finetuned, method, device=device, fused=fused, **params)
     _synchronize(device)
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     save_file({name: t.cpu() for name, t in merged.items()}, out)
@@ -191,10 +192,8 @@ def worker(case: str, threads: int, device: str, base: str, out: str, paths: lis
         "clpeft": run_clpeft,
         "baseline-memory": functools.partial(run_in_memory, library="peft"),
         "clpeft-memory": functools.partial(run_in_memory, library="clpeft"),
-        "clpeft-memory-opbyop": functools.partial(run_in_memory, library="clpeft"),
+        "clpeft-memory-opbyop": functools.partial(run_in_memory, library="clpeft", fused=False),
     }[variant]
-    if variant.endswith("-opbyop"):  # the GPU's linear methods op by op instead of the one-pass kernel
-        os.environ["CLPEFT_FUSED_MERGE"] = "0"
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall, cpu = run(base, paths, out, method, params, device)
     after = resource.getrusage(resource.RUSAGE_SELF)

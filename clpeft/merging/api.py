@@ -37,6 +37,7 @@ def merge(
     rules: MergeRules | Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    fused: bool = True,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts (or LoRA adapters) into their base, in memory.
@@ -56,6 +57,8 @@ def merge(
         device: where the arithmetic of tensor methods runs (``"cuda"`` keeps it on the GPU);
             AdaMerging runs where the tensors and the forward function are.
         seed: seed of random methods (DARE's drop masks).
+        fused: on CUDA, merge linear methods with the one-pass Triton kernel (``False``: op by op,
+            for side-by-side timings); no effect elsewhere.
         **params: the method's parameters, e.g. ``scale=0.3`` or ``density=0.2``.
 
     Returns:
@@ -78,7 +81,8 @@ def merge(
     models = [m if isinstance(m, LoraAdapter) else StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
     merged: dict[str, torch.Tensor] = {}
     resident = device.type != "cpu" and all(t.device == device for t in base.values())
-    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident)
+    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident,
+                         fused=fused)
     engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor.clone()))
     return merged
 
@@ -94,6 +98,7 @@ def merge_files(
     seed: int = 0,
     report: str | os.PathLike | None = None,
     progress: Literal["auto", "always", "never"] = "auto",
+    fused: bool = True,
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints on disk into one safetensors file, streaming tensor by tensor.
@@ -111,7 +116,7 @@ def merge_files(
         out: the merged ``.safetensors`` file.
         method: a merge method with tensor scope (``adamerging`` needs the model and data;
             call :func:`clpeft.merging.adamerging` instead).
-        rules, device, seed, **params: as in :func:`merge`.
+        rules, device, seed, fused, **params: as in :func:`merge`.
         report: where to write the JSON merge report (default ``<out stem>.report.json``).
         progress: a progress bar in bytes written, on stderr: ``auto`` when it is a terminal.
 
@@ -155,7 +160,7 @@ def merge_files(
 
         with atomic_output(out) as f:
             writer = SafetensorsWriter(f, [(job.name, job.info) for job in jobs], metadata)
-            engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed)
+            engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed, fused=fused)
             result.tensors = engine.run(jobs, write)
             writer.finish()
             result.seconds = time.perf_counter() - start

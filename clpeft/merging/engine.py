@@ -146,6 +146,8 @@ class MergeEngine:
         batch_bytes: consecutive tensors are read and copied together up to this many bytes
             per input; a larger tensor forms a batch of its own.
         keep_on_device: hand the sink the merged tensors on ``device`` instead of host copies.
+        fused: merge linear methods on CUDA with the one-pass kernel (:mod:`clpeft.merging.fused`);
+            ``False`` forms them op by op (for side-by-side timings).
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class MergeEngine:
         seed: int = 0,
         batch_bytes: int = 8 << 20,
         keep_on_device: bool = False,
+        fused: bool = True,
     ):
         self.method = method
         self.params = dict(params)
@@ -168,6 +171,7 @@ class MergeEngine:
         self.seed = seed
         self.batch_bytes = batch_bytes
         self.keep_on_device = keep_on_device
+        self.fused = fused
         self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
         self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
         # Off the CPU each batch is copied to the device from fresh host buffers, pinned for CUDA.
@@ -338,7 +342,7 @@ class MergeEngine:
         linear = self.method.linear and not job.average
         if linear and self._full and self._transfer:
             sources = self._sources(job, rows)
-            if fused.supports(self.device, base_raw, sources):
+            if self.fused and fused.supports(self.device, base_raw, sources):
                 return self._merge_fused(job, base_raw.reshape(-1), sources)
         dtype = _work_dtype(base_raw.dtype)
         base = base_raw.reshape(-1).to(dtype)

@@ -9,14 +9,13 @@ statistics on the way (float64 atomics).
 
 The engine uses it for CUDA merges of linear methods when Triton is importable, the tensors are
 float32, float16 or bfloat16 and the fine-tuned tensors share one dtype; everything else takes
-the op-by-op path. ``CLPEFT_FUSED_MERGE=0`` switches it off (for side-by-side timings).
+the op-by-op path. ``merge(..., fused=False)`` switches it off (for side-by-side timings).
 The first merge in a fresh environment compiles the kernel, once per number of models and
 dtype (Triton caches it on disk).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -38,7 +37,6 @@ def supports(device: torch.device, base: torch.Tensor, sources: Sequence[torch.T
     return (
         triton is not None
         and device.type == "cuda"
-        and os.environ.get("CLPEFT_FUSED_MERGE", "1") != "0"
         and base.dtype in dtypes
         and len({s.dtype for s in sources}) == 1  # one dtype, and at least one model
         and sources[0].dtype in dtypes

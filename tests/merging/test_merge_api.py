@@ -215,3 +215,30 @@ def test_bad_method_and_parameters(models, tmp_path):
         merge_files(tmp_path / "b", [tmp_path / "m"], tmp_path / "o", "adamerging")
     with pytest.raises(UserError, match="CUDA is not available"):
         merge(base, finetuned, "mean", device="cuda") if not torch.cuda.is_available() else pytest.skip("CUDA present")
+
+
+def test_fused_false_keeps_linear_merges_off_the_one_pass_kernel(monkeypatch):
+    """``fused`` is a parameter (was the CLPEFT_FUSED_MERGE environment switch): with the kernel's
+    conditions forced true, ``fused=True`` takes it and ``fused=False`` merges op by op, equally."""
+    import torch
+
+    from clpeft.merging import fused, merge
+    from clpeft.merging.engine import MergeEngine
+
+    calls = []
+    monkeypatch.setattr(fused, "supports", lambda device, base, sources: True)
+    monkeypatch.setattr(fused, "linear_merge", lambda *args: calls.append(1) or (_ for _ in ()).throw(RuntimeError("kernel")))
+    init = MergeEngine.__init__
+
+    def on_the_device_path(self, *args, **kwargs):  # the device path, on the CPU
+        init(self, *args, **kwargs)
+        self._transfer = True
+
+    monkeypatch.setattr(MergeEngine, "__init__", on_the_device_path)
+    base = {"w": torch.zeros(4, 4)}
+    finetuned = [{"w": torch.ones(4, 4)}, {"w": 2 * torch.ones(4, 4)}]
+    merged = merge(base, finetuned, "task_arithmetic", scale=0.5, fused=False)
+    assert calls == [] and torch.equal(merged["w"], torch.full((4, 4), 1.5))
+    with pytest.raises(RuntimeError, match="kernel"):
+        merge(base, finetuned, "task_arithmetic", scale=0.5, fused=True)
+    assert calls == [1]
