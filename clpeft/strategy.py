@@ -31,6 +31,7 @@ never samples.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
@@ -82,6 +83,9 @@ class Strategy(nn.Module):
                 f"{cls.__name__} defines {unknown}, which the engine never calls; "
                 f"the hooks are {sorted(HOOKS)}"
             )
+        if cls.needs_query and "query" not in inspect.signature(cls.predict).parameters:
+            raise TypeError(f"{cls.__name__} sets needs_query, so the engine calls predict(x, query=...); "
+                            f"give its predict a query argument")
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -189,8 +193,13 @@ class Strategy(nn.Module):
     def after_evaluation(self, exp: Experience, row: list[float]) -> None:
         """After that evaluation; ``row[j]`` is the accuracy on experience ``j``'s test data."""
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits over every class seen so far."""
+    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over every class seen so far.
+
+        ``query`` is passed only to a strategy with ``needs_query = True``: the frozen backbone's
+        cached features of ``x`` (the query of a prompt pool). Such a strategy must accept it; the
+        others may keep the one-argument form, which the engine then uses.
+        """
         return self.head(self.embed(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,23 @@ def test_gdumb_example_trains_on_its_memory_alone_from_the_initial_weights(tmp_p
     first, *later = starts.values()
     assert len(later) == 4 and all(all(a.equal(b) for a, b in zip(first, w)) for w in later)  # the initial weights
     assert result["metrics"]["acc_last"] > 0.5
+
+
+def test_a_query_strategy_without_a_query_argument_is_refused_at_definition():
+    """Issue 21: the engine calls ``predict(x, query=...)`` for ``needs_query`` strategies; the contract says so."""
+    from clpeft import Strategy
+
+    with pytest.raises(TypeError, match="sets needs_query, so the engine calls predict"):
+        class Forgetful(Strategy):  # noqa: F841
+            needs_query = True
+
+            def predict(self, x):
+                return x
+
+    class Fine(Strategy):
+        needs_query = True
+
+        def predict(self, x, query=None):
+            return x
+
+    assert Fine.needs_query
