@@ -12,8 +12,15 @@ REGISTRY = "published_setups.yaml"  # the list of published setups (tests/test_r
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name != REGISTRY)
 
 
-def test_configs_exist():
-    assert len(CONFIGS) >= 4
+def test_every_method_folder_has_a_config_that_runs_offline():
+    """The parametrised test below would pass on an empty list: every configs/<folder>/ must be seen,
+    and each must hold a config that runs on this machine's offline data (digits, Fashion-MNIST, text)."""
+    folders = sorted({p.parent.name for p in CONFIGS if p.parent.name != "configs"})
+    expected = sorted(d.name for d in (Path(__file__).resolve().parents[1] / "configs").iterdir() if d.is_dir())
+    assert folders == expected and len(folders) >= 15
+    offline = ("offline", "digits", "fmnist", "chatterbot", "rotten")
+    for folder in folders:
+        assert any(any(w in p.stem for w in offline) for p in CONFIGS if p.parent.name == folder), folder
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
