@@ -13,6 +13,8 @@
 
 Per-class counts may be shrunk from the shipped configs (``--tta-train-per-class``,
 ``--tta-test-per-class``) to fit a CPU budget; every other setting is read from the YAML files.
+``--reuse`` reads back the TTA runs already finished in ``--out`` (their wall time is then not
+known) and resumes an interrupted one from its last finished domain.
 
     OMP_NUM_THREADS=2 python benchmarks/tta_fscil_tables.py --out /tmp/tta_fscil
 """
@@ -61,6 +63,18 @@ def tta_config(method: str, args) -> dict:
     return cfg
 
 
+def tta_run(cfg: dict, run_dir: Path, reuse: bool) -> tuple[dict, float | None]:
+    """``run``, or with ``reuse`` a finished run's metrics.json (wall time None) or an interrupted run resumed."""
+    if reuse and (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text()), None
+    if not (reuse and (run_dir / "config.yaml").is_file()):
+        return run(cfg, run_dir)
+    t0 = time.perf_counter()
+    # force: a setting that only changed its default since the run began (training-only) does not stop it
+    result = Engine(config.resolve(cfg), run_dir, device="cpu", resume=True, force=True).run()
+    return result, time.perf_counter() - t0
+
+
 def tta_table(args, out: Path) -> list[dict]:
     rows = []
     source_dir = out / "tta_source"
@@ -74,14 +88,14 @@ def tta_table(args, out: Path) -> list[dict]:
         if reset:
             cfg["scenario"]["reset_each_domain"] = True
         run_dir = source_dir if method == "source" else out / f"tta_{i:02d}_{method}"
-        result, wall = run(cfg, run_dir)
+        result, wall = tta_run(cfg, run_dir, args.reuse)
         m = result["metrics"]
         same = None if method == "source" else same_source(source_dir, run_dir)
         rows.append({"method": label, "same_source": same, "error_mean": m["error_mean"], "error_per_domain": m["error_per_domain"],
                      "domains": result["domains"], "s_per_batch": result["timing"]["s_per_batch"],
                      "train_s": result["timing"]["train_s"], "wall_s": wall})
         print(f"[tta] {label:16s} mean error {m['error_mean']:.4f}  s/batch {result['timing']['s_per_batch']:.4f}  "
-              f"wall {wall:.1f}s  same source weights: {same}", flush=True)
+              f"wall {_seconds(wall)}s  same source weights: {same}", flush=True)
     return rows
 
 
@@ -91,6 +105,10 @@ def same_source(reference: Path, run_dir: Path) -> bool:
     got = checkpoint.load_latest(run_dir / "source")[1]["strategy"]
     keys = [k for k in ref if k.startswith(("backbone.", "head."))]
     return all(k in got and torch.equal(ref[k], got[k]) for k in keys)
+
+
+def _seconds(wall: float | None) -> str:
+    return "-" if wall is None else f"{wall:.1f}"
 
 
 def fscil_table(args, out: Path) -> list[dict]:
@@ -122,7 +140,7 @@ def markdown(tta: list[dict], fscil: list[dict]) -> str:
                   "|---" * (len(domains) + 4) + "|"]
         for r in tta:
             per = " | ".join(f"{e:.3f}" for e in r["error_per_domain"])
-            lines.append(f"| {r['method']} | **{r['error_mean']:.4f}** | {per} | {r['s_per_batch']:.4f} | {r['wall_s']:.1f} |")
+            lines.append(f"| {r['method']} | **{r['error_mean']:.4f}** | {per} | {r['s_per_batch']:.4f} | {_seconds(r['wall_s'])} |")
         lines.append("")
     if fscil:
         n = max(len(r.get("session_acc") or []) for r in fscil)
@@ -148,6 +166,8 @@ def main() -> None:
     parser.add_argument("--skip", choices=["tta", "fscil"], default=None)
     parser.add_argument("--no-variants", dest="variants", action="store_false",
                         help="leave out the ablation rows (TTA_VARIANTS)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read back finished TTA runs in --out and resume an interrupted one")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
