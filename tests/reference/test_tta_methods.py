@@ -636,7 +636,8 @@ def test_rmt_equals_the_reference(bench, monkeypatch, tmp_path, kind):
 def test_lame_equals_the_reference(bench, kind, affinity):
     """The Laplacian-adjusted probabilities of three batches, source normalisation statistics,
     for each affinity of the benchmark (``LAME.AFFINITY``; ``KNN`` 5; rbf's bandwidth the mean
-    distance to the 5th nearest feature, itself included). Mutations checked: rbf bandwidth from
+    distance to the 5th nearest feature, itself included: ``LAME.SIGMA`` is passed to the
+    reference's ``rbf_affinity`` but never read, so clpeft has no such option). Mutations checked: rbf bandwidth from
     the 6th distance, the kNN graph including the point itself, linear affinity of unnormalised features."""
     model = _source_model(kind, head_scale=3.0)
     strategy = _clpeft("lame", kind, model, affinity=affinity.lower())
