@@ -238,8 +238,11 @@ def filter2d(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     n, h, w, c = x.shape
     kh, kw = kernel.shape
     ph, pw = kh // 2, kw // 2
-    planes = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    padded = torch.nn.functional.pad(planes, (pw, pw, ph, ph), mode="reflect")
+    # (indices rather than torch's reflect pad, which refuses pads as wide as the image: a
+    # 17-tap kernel on 8 px digits reflects more than once, as OpenCV's borderInterpolate does)
+    rows = _reflect101_index(np.arange(-ph, h + ph), h)
+    cols = _reflect101_index(np.arange(-pw, w + pw), w)
+    padded = torch.from_numpy(np.ascontiguousarray(x[:, rows][:, :, cols].transpose(0, 3, 1, 2)))
     size = (next_fast_len(padded.shape[-2], real=True), next_fast_len(padded.shape[-1], real=True))
     # (zero-padded to a fast FFT size: the kept window never wraps around)
     flipped = torch.from_numpy(kernel[::-1, ::-1].astype(np.float64).copy())

@@ -327,3 +327,15 @@ def test_fogs_plasma_fractal_is_the_references_bit_for_bit(constants):
             np.random.seed([5, 6])
             expected = ref_functions["plasma_fractal"](mapsize=mapsize, wibbledecay=decay)
             assert np.array_equal(C.ops.plasma_fractal(np.random.RandomState([5, 6]), mapsize, decay), expected)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (5, 9), (1, 4), (32, 32)])
+def test_filter2d_reflects_borders_wider_than_the_image_as_opencv(size):
+    """A 17-tap (here 21-tap) kernel on 8 px digits pads by more than the image: the border
+    reflects more than once (OpenCV's ``borderInterpolate`` for ``BORDER_REFLECT_101``), which
+    torch's reflect pad refuses; clpeft's filter equals ``cv2.filter2D`` there too."""
+    x = np.random.default_rng(0).random((2, *size, 3))
+    kernel = C.ops.disk_kernel(10, 0.5)
+    expected = np.stack([np.stack([cv2.filter2D(image[..., c], -1, kernel.astype(np.float64)) for c in range(3)], -1)
+                         for image in x])
+    np.testing.assert_allclose(C.ops.filter2d(x, kernel), expected, rtol=0, atol=1e-12)
