@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from clpeft.errors import UserError
+from clpeft.plots import accuracy_matrix_figure, curves_figure, pyplot
 
 METRIC_NOTES = {
     "acc_final": "mean_j R[T-1, j] (GEM ACC)",
@@ -72,68 +73,15 @@ def format_seeds_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def accuracy_matrix_figure(rows, title: str | None = None):
-    """A heatmap of ``R[i, j]`` with the values written in the cells."""
-    plt = _pyplot()
-    R = np.asarray(rows, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * R.shape[1], 0.8 + 0.6 * R.shape[0]))
-    im = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
-    for (i, j), v in np.ndenumerate(R):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xlabel("evaluated on experience j")
-    ax.set_ylabel("after training experience i")
-    ax.set_xticks(range(R.shape[1]))
-    ax.set_yticks(range(R.shape[0]))
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
 def forgetting_curve(rows) -> list[float]:
     """``F_i`` for ``i = 1..T-1``: ``1/i sum_{j<i} (max_{l<i} R[l, j] - R[i, j])`` (Chaudhry et al., 2018)."""
     R = np.asarray(rows, dtype=float)
     return [float(np.mean(R[:i, :i].max(axis=0) - R[i, :i])) for i in range(1, R.shape[0])]
 
 
-def curves_figure(curves: dict[str, list[list[float]]], ylabel: str, first_step: int = 0):
-    """One line per run (mean over its seeds, band of ± one sample std) against the experience index."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, per_seed in curves.items():
-        a = np.asarray(per_seed, dtype=float)
-        if a.size == 0 or a.shape[1] == 0:
-            continue
-        x = np.arange(first_step, first_step + a.shape[1])
-        mean = a.mean(axis=0)
-        ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={len(a)})" if len(a) > 1 else label)
-        if len(a) > 1:
-            std = a.std(axis=0, ddof=1)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("after training experience i")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
