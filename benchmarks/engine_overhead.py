@@ -23,7 +23,7 @@ bitwise-equal weights (checked): nobody skips work. Avalanche shuffles with its 
 so its accuracy is close, not equal.
 
 Timed: training only -- per experience, from head growth / optimizer set-up to the last optimizer
-step (clpeft: ``Engine._train_experience``; Avalanche: ``strategy.train(exp)``). Evaluation,
+step (clpeft: ``Run.train_experience``; Avalanche: ``strategy.train(exp)``). Evaluation,
 checkpoints and data loading are outside the timed region (clpeft's whole ``Engine.run`` is
 reported apart). After one untimed warm-up run of each variant, every variant runs
 ``--repeats`` times, the order rotating each round so machine noise hits all of them. The table
@@ -119,7 +119,7 @@ class Stream:
 
     def __init__(self, cfg: dict, args):
         from clpeft import config
-        from clpeft.engine import derive_seed, seed_everything
+        from clpeft.seeding import derive_seed, seed_everything
 
         run_cfg = config.resolve(cfg)
         scenario = run_cfg.scenario.build(seed=run_cfg.seed)
@@ -221,29 +221,25 @@ def run_clpeft(stream: Stream, args, cfg: dict, workdir: str) -> dict:
     from clpeft import config
     from clpeft.engine import Engine
 
-    class TimedEngine(Engine):
-        """The stock engine; this subclass only times ``_train_experience`` and keeps the strategy."""
-
-        def _build(self):
-            built = super()._build()
-            self.strategy = built[1]
-            return built
-
-        def _train_experience(self, strategy, exp, log):
-            with clock():
-                return super()._train_experience(strategy, exp, log)
-
     clock = Clock()
     out_dir = tempfile.mkdtemp(prefix="clpeft-run-", dir=workdir)
     try:
-        engine = TimedEngine(config.resolve(cfg), out_dir, device="cpu")
+        engine = Engine(config.resolve(cfg), out_dir, device="cpu")
+        built = engine.build()
+        train_experience = built.train_experience
+
+        def timed(exp, log):  # the stock engine, with only its training phase timed
+            with clock():
+                return train_experience(exp, log)
+
+        built.train_experience = timed
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the engine prints a line per experience
-            result = engine.run()
+            result = engine.run(built)
         run_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    s = engine.strategy
+    s = built.strategy
     s.eval()
     net = s.backbone.net
     forward = lambda xb: s.head(net(xb))  # noqa: E731 -- same weights, fed the /255 tensors

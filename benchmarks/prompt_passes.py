@@ -70,10 +70,10 @@ def measure(strategy: dict, pilot_style: bool, root: str) -> dict:
         cls = cfg.strategy.cls
         cfg.strategy.cls = type(f"PilotStyle{cls.__name__}", (cls,), {"needs_query": False})
     engine = Engine(cfg, tempfile.mkdtemp(prefix="prompt_passes_"), device="cpu")
-    stream, built = engine._build()
-    engine._build = lambda: (stream, built)
+    run = engine.build()
+    built = run.strategy
     counts = {"steps": 0, "step_passes": 0, "trained": 0, "train_images": 0}
-    step, train_experience = built.training_step, engine._train_experience
+    step, train_experience = built.training_step, run.train_experience
 
     def counted_step(batch):
         before = passes.calls
@@ -83,16 +83,16 @@ def measure(strategy: dict, pilot_style: bool, root: str) -> dict:
         counts["trained"] += len(batch.y)
         return loss
 
-    def counted_experience(strategy, exp, log):
+    def counted_experience(exp, log):
         before = passes.samples
-        out = train_experience(strategy, exp, log)
+        out = train_experience(exp, log)
         counts["train_images"] += passes.samples - before
         return out
 
-    built.training_step, engine._train_experience = counted_step, counted_experience
+    built.training_step, run.train_experience = counted_step, counted_experience
     with built.backbone.count_passes() as passes, contextlib.redirect_stdout(io.StringIO()):
         t0 = time.perf_counter()
-        result = engine.run()
+        result = engine.run(run)
         counts["wall_s"] = time.perf_counter() - t0
     counts["run_images"] = passes.samples
     counts["acc_last"] = result["metrics"]["acc_last"]

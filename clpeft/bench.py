@@ -5,8 +5,9 @@ autocast, ``train.compile``, feature cache) but no run directory is written (a `
 cache is filled as a run would fill it). On the first experience it times, each once:
 
 - the feature-cache pass over the training data (frozen backbones only);
-- ``warmup`` untimed and then ``steps`` timed optimizer steps (``training_step``, backward,
-  clipping, ``optimizer.step``, ``after_training_step``), cycling over epochs if the experience is short;
+- ``warmup`` untimed and then ``steps`` timed optimizer steps of the engine's own loop
+  (:meth:`clpeft.run.Run.fit`: ``training_step``, backward, clipping, ``optimizer.step``,
+  ``after_training_step``), within the configured epochs;
 - ``after_experience`` (prototypes, statistics, alignment: the whole cost of closed-form methods);
 - one evaluation pass over the experience's test set.
 
@@ -35,7 +36,9 @@ from pathlib import Path
 import torch
 
 from clpeft.config import RunConfig
-from clpeft.engine import Engine, _peak_memory_mb, carry_over, make_optimizer, optimizer_step, training_step_fn
+from clpeft.engine import Engine
+from clpeft.logging import RunLogger
+from clpeft.run import Run, peak_memory_mb
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 
@@ -73,22 +76,17 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0 (got {steps} and {warmup})")
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(cfg, Path(tmp) / "bench", device=device)
-        stream, strategy = engine._build()
-    if engine.scenario.kind == "test_time_adaptation":
-        return _bench_adaptation(cfg, engine, stream, strategy, steps, warmup)
-    train = cfg.train
-    dev = engine.device
-    exp = stream[0]
-    data, cache_s, timed = _time_training(cfg, engine, strategy, exp, steps, warmup)
+        run = Engine(cfg, Path(tmp) / "bench", device=device).build()
+        log = RunLogger(Path(tmp), tensorboard=False, progress="never", enabled=False)
+        if run.scenario.kind == "test_time_adaptation":
+            return _bench_adaptation(run, log, steps, warmup)
+        train, dev, stream = cfg.train, run.device, run.stream
+        exp = stream[0]
+        data, cache_s, timed, after_s = _time_training(run, log, exp, steps, warmup)
 
+    run.data.refresh_cache(run.strategy.uses_features or run.strategy.needs_query, rekey=False)
     t0 = _clock(dev)
-    strategy.after_experience(exp)
-    after_s = _clock(dev) - t0
-
-    engine.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
-    t0 = _clock(dev)
-    engine._correct(strategy, exp.test)
+    run.correct(exp.test)
     eval_rate = len(exp.test) / max(_clock(dev) - t0, 1e-9)
 
     step_s, train_rate = _rates(timed)
@@ -100,36 +98,31 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
     return BenchResult(
         device=str(dev), strategy=cfg.strategy.name, batch_size=train.batch_size, steps=len(timed), step_s=step_s,
         train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=eval_rate,
-        peak_memory_mb=_peak_memory_mb(dev), estimated_train_s=estimated_train,
+        peak_memory_mb=peak_memory_mb(dev), estimated_train_s=estimated_train,
         estimated_eval_s=rows * sum(len(e.test) for e in stream) / eval_rate,
     )
 
 
-def _bench_adaptation(cfg: RunConfig, engine: Engine, stream: list[Experience], strategy, steps: int,
-                      warmup: int) -> BenchResult:
+def _bench_adaptation(run: Run, log: RunLogger, steps: int, warmup: int) -> BenchResult:
     """Test-time adaptation: the source training (unless ``source_checkpoint``), then ``adapt`` on
     ``steps`` unlabeled batches of the first domain, in stream order, as the engine runs it."""
-    scenario, dev = engine.scenario, engine.device
+    cfg, scenario, dev, strategy = run.cfg, run.scenario, run.device, run.strategy
     classes = list(range(len(scenario.class_names)))
     timed, after_s, train_rate, cache_s = [], 0.0, None, None
-    trains_source = scenario.source is not None and scenario.source_checkpoint is None
-    if trains_source:
+    if scenario.source is not None and scenario.source_checkpoint is None:
         source = Experience(0, scenario.source, None, classes, classes, domain="source")
-        _, cache_s, timed = _time_training(cfg, engine, strategy, source, steps, warmup)
-        t0 = _clock(dev)
-        strategy.after_experience(source)
-        after_s = _clock(dev) - t0
-    domain = stream[0]
+        _, cache_s, timed, after_s = _time_training(run, log, source, steps, warmup)
+    domain = run.stream[0]
     strategy.eval()
     strategy.before_experience(dataclasses.replace(domain, test=None))
     strategy.refresh_input_mode()
     strategy.to(dev)
     untimed = min(warmup, 1)  # the stream is adapted to once, in order: at most its first batch goes untimed
     seen, t0 = 0, None
-    for i, x in enumerate(engine.data.inputs(domain.test, cfg.train.batch_size, uses_features=strategy.uses_features)):
+    for i, x in enumerate(run.data.inputs(domain.test, cfg.train.batch_size, uses_features=strategy.uses_features)):
         if i == untimed:
             t0, seen = _clock(dev), 0
-        with torch.enable_grad(), engine.autocast():
+        with torch.enable_grad(), run.autocast():
             strategy.adapt(x)
         seen += len(x)
         if i + 1 == untimed + steps:
@@ -142,51 +135,29 @@ def _bench_adaptation(cfg: RunConfig, engine: Engine, stream: list[Experience], 
     return BenchResult(
         device=str(dev), strategy=cfg.strategy.name, batch_size=cfg.train.batch_size, steps=len(timed), step_s=step_s,
         train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=adapt_rate,
-        peak_memory_mb=_peak_memory_mb(dev), estimated_train_s=estimated_train,
-        estimated_eval_s=sum(len(e.test) for e in stream) / adapt_rate, adapts_online=True,
+        peak_memory_mb=peak_memory_mb(dev), estimated_train_s=estimated_train,
+        estimated_eval_s=sum(len(e.test) for e in run.stream) / adapt_rate, adapts_online=True,
     )
 
 
-def _time_training(cfg: RunConfig, engine: Engine, strategy, exp: Experience, steps: int, warmup: int):
-    """Prepare ``exp`` as the engine does, fill the feature cache (timed), then time optimizer steps.
+def _time_training(run: Run, log: RunLogger, exp: Experience, steps: int, warmup: int):
+    """The engine's own phases on ``exp``, timed: :meth:`Run.prepare`, the feature-cache pass, the
+    first ``warmup + steps`` optimizer steps of :meth:`Run.fit`, :meth:`Run.conclude`.
 
-    Returns the training data, the cache pass's seconds (None without a cache) and the timed
-    ``(seconds, samples)`` of every step after the ``warmup`` ones.
+    Returns the training data, the cache pass's seconds (None without a cache), the timed
+    ``(seconds, samples)`` of every step after the ``warmup`` ones, and the conclusion's seconds.
     """
-    train, dev = cfg.train, engine.device
-    strategy.before_experience(exp)
-    strategy.refresh_input_mode()
-    strategy.to(dev)
-    data = strategy.train_data(exp)
-
+    data = run.prepare(exp)
     cache_s = None
-    if engine.data.cache is not None:
-        t0 = _clock(dev)
-        engine.data.cache.features(data)
-        cache_s = _clock(dev) - t0
-
-    optimizer = make_optimizer(strategy.param_groups(train.lr), train)
+    if run.data.cache is not None:
+        t0 = _clock(run.device)
+        run.data.cache.features(data)
+        cache_s = _clock(run.device) - t0
     durations: list[tuple[float, int]] = []
-    if optimizer is not None and len(data):
-        step = training_step_fn(strategy, engine.world)
-        named = dict(strategy.named_parameters())
-        strategy.train()
-        generator = torch.Generator().manual_seed(cfg.seed)
-        while len(durations) < warmup + steps:
-            for batch in engine.data.batches(data, train.batch_size, shuffle=True, generator=generator,
-                                             uses_features=strategy.uses_features, with_query=strategy.needs_query,
-                                             augment=engine.augment):
-                t0 = _clock(dev)
-                with engine.autocast():
-                    loss, _, _ = step(batch, len(batch.y))
-                optimizer_step(optimizer, loss, train.clip_grad, strategy.after_backward)
-                if strategy.after_training_step():
-                    named, step = carry_over(strategy, optimizer, named, engine.world)
-                durations.append((_clock(dev) - t0, len(batch.y)))
-                if len(durations) == warmup + steps:
-                    break
-        strategy.eval()
-    return data, cache_s, durations[warmup:]
+    run.fit(exp, data, log, max_steps=warmup + steps, on_step=lambda seconds, n: durations.append((seconds, n)))
+    t0 = _clock(run.device)
+    run.conclude(exp)
+    return data, cache_s, durations[warmup:], _clock(run.device) - t0
 
 
 def _rates(timed: list[tuple[float, int]]) -> tuple[float | None, float | None]:

@@ -39,6 +39,10 @@ row: the online accuracy on each domain (there is no per-experience re-evaluatio
 A CUDA out-of-memory error becomes a :class:`~clpeft.errors.RunError` naming the batch size in
 use and the setting to lower.
 
+The engine owns the run directory and the order of things; :class:`clpeft.run.Run` (what
+:meth:`Engine.build` returns) holds the built stream and strategy and performs the steps:
+training (:mod:`clpeft.training`), evaluation, online adaptation.
+
 **Several processes** (``torchrun --nproc_per_node N -m clpeft run ...``): training is
 data-parallel (DistributedDataParallel over each rank's share of every global batch),
 evaluation is sharded with all-reduced counts, only rank 0 writes, and every rank resumes from
@@ -48,176 +52,32 @@ the same checkpoint; :mod:`clpeft.distributed` lists what is synchronised.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import inspect
 import json
-import math
 import os
-import random
-import resource
 import time
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from torch import nn
 
 from clpeft import checkpoint, distributed, metrics
-from clpeft.augment import build_augment
-from clpeft.config import RunConfig, read_yaml
-from clpeft.data import DataView
-from clpeft.data_access import DataAccess
-from clpeft.errors import RunError, UserError
+from clpeft.config import RunConfig
+from clpeft.errors import UserError
 from clpeft.experience import Experience
-from clpeft.feature_cache import FeatureCache
 from clpeft.logging import RunLogger
-from clpeft.paths import cache_root
 from clpeft.provenance import provenance
-from clpeft.resizing import replace_parameters
-from clpeft.run_directory import RunLock, config_changes, fixed_changes, format_changes, run_files
-from clpeft.strategy import Strategy
+from clpeft.run import Run, build_run, peak_memory_mb, resolve_device
+from clpeft.run_directory import Prepared, export_weights, format_changes, prepare, read_source_checkpoint, write_atomic
+from clpeft.seeding import derive_seed, seed_everything
 
+__all__ = ["Engine"]
 
-_DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters  # init_sync: torch >= 2.4
-# Fewer optimizer steps than this in an experience that trains draw a one-line warning.
-FEW_STEPS = 10
 # What each kind of checkpoint must hold to be resumed from (one missing a key is skipped).
 _CIL_KEYS = ("experience", "strategy", "rows", "timing", "baseline")
 _SOURCE_KEYS = ("experience", "strategy", "timing")
 _TTA_KEYS = ("experience", "strategy", "correct", "counts", "timing")
-
-
-def _ddp_options() -> dict:
-    """No state broadcast at construction or per forward: the ranks hold identical states
-    (checked after every experience) and buffers are combined after training."""
-    options = {"init_sync": False} if "init_sync" in _DDP_ARGS else {}
-    options["forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"] = False
-    return options
-
-
-def derive_seed(seed: int, *keys) -> int:
-    """A 63-bit seed derived from ``seed`` and ``keys`` (stable across processes)."""
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
-
-
-def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer | None:
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        return None
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-                               nesterov=train.nesterov)
-    cls = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int):
-    """One experience's learning-rate schedule, stepped after every optimizer step (None: constant).
-
-    ``cosine``: ``lr_t = lr/2 (1 + cos(pi t / T))`` over the experience's ``T`` steps (Loshchilov &
-    Hutter, ICLR 2017); ``quarter_cosine``: ``lr * cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` for every
-    step of epoch ``e`` of ``E``, exactly what the ``CosineSchedule`` of CODA-Prompt's and InfLoRA's
-    code gives per epoch (it resets its counter after construction, so epochs 0 and 1 both run at
-    ``lr``; constant when ``E = 1``); ``cosine_epoch``: ``min_lr + (lr - min_lr) (1 + cos(pi e / E)) / 2``
-    for every step of epoch ``e`` (``CosineAnnealingLR(T_max=E, eta_min=min_lr)`` stepped once per
-    epoch, as LAMDA-PILOT's trainers); ``multistep``: ``lr * gamma^m``
-    from the first step of each milestone epoch on, ``m`` the milestones passed (SLCA's x0.1 at
-    epoch 18 of 20).
-    """
-    if train.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs * steps_per_epoch)
-    if train.schedule == "cosine_epoch":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            functools.partial(_cosine_epoch, base=group["lr"], floor=train.min_lr, epochs=train.epochs,
-                              steps_per_epoch=steps_per_epoch) for group in optimizer.param_groups])
-    if train.schedule == "quarter_cosine":
-        last = max(train.epochs - 1, 1)
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: math.cos(99 * math.pi * max(t // steps_per_epoch - 1, 0) / (200 * last)))
-    if train.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[m * steps_per_epoch for m in train.milestones], gamma=train.gamma)
-    return None
-
-
-def _cosine_epoch(t: int, base: float, floor: float, epochs: int, steps_per_epoch: int) -> float:
-    """The factor on ``base`` at step ``t`` of the ``cosine_epoch`` schedule (see :func:`make_scheduler`)."""
-    lr = floor + (base - floor) * (1 + math.cos(math.pi * (t // steps_per_epoch) / epochs)) / 2
-    return lr / base
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None,
-                   after_backward: Callable[[], None] | None = None) -> None:
-    """Backward, ``after_backward`` (the strategy's hook: gradients in place), optional gradient-norm
-    clipping, one optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if after_backward is not None:
-        after_backward()
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-    optimizer.step()
-
-
-@contextmanager
-def _out_of_memory_hint(doing: str, key: str, batch_size: int):
-    """Turn CUDA out-of-memory into a RunError that names the batch size to lower."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise RunError(
-            f"CUDA out of memory while {doing} with {key}={batch_size}; lower {key} (e.g. --set {key}={max(1, batch_size // 2)}) "
-            f"or use a smaller model or image size (checkpoints of completed experiences are kept)"
-        ) from None
-
-
-class OnlineScorer:
-    """Scores the online predictions of a test-time-adaptation domain.
-
-    The only reader of the domain's labels: they are taken from the view here and never leave.
-    Batches must come in the view's order, as :meth:`DataAccess.inputs` yields them.
-    """
-
-    def __init__(self, view: DataView, device: torch.device):
-        self.labels = view.targets.to(device)
-        self.correct = 0
-        self.count = 0
-
-    def update(self, logits: torch.Tensor) -> None:
-        """Add one batch's predictions (``argmax`` of the logits)."""
-        labels = self.labels[self.count : self.count + len(logits)]
-        if logits.dim() != 2 or len(labels) != len(logits):
-            raise RunError(f"adapt returned logits of shape {tuple(logits.shape)} for a batch of {len(labels)} inputs; "
-                           f"it must return (batch, classes) logits, one row per input, in order")
-        self.correct += int((logits.argmax(dim=1) == labels).sum())
-        self.count += len(labels)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Engine:
@@ -245,9 +105,8 @@ class Engine:
         self.resume = resume
         self.force = force
         self.deterministic = deterministic
-        self._lock: RunLock | None = None
-        self._forced: list = []  # config changes accepted by --resume --force
-        self._stored_config: dict | None = None
+        self.built: Run | None = None  # the run being (or last) driven by :meth:`run`
+        self._prepared = Prepared()
         if cfg.train.amp == "bf16" and self.device.type != "cuda":
             # bf16 matmuls on CPUs without native support die with SIGILL, not an exception.
             raise UserError("bf16 autocast runs on CUDA only; use amp: auto (bf16 on CUDA, off on CPU) or off", key="train.amp")
@@ -256,42 +115,18 @@ class Engine:
 
     # ------------------------------------------------------------------ setup
 
-    def _prepare_dir(self) -> None:
-        """Lock OUT (rank 0), check it can take this run, and write ``config.yaml``.
+    def build(self) -> Run:
+        """The run this config describes: its stream, and its strategy attached to the data (nothing
+        written). Step it yourself (:class:`~clpeft.run.Run`), or pass it to :meth:`run`.
 
-        A fresh run never writes over a run's files; a resumed one may differ from the stored
-        config only with ``--force``, never in its stream, and then the new config is written
-        only once the checkpoint has loaded (:meth:`_accept_forced_config`).
+        Raises:
+            UserError: what ``run`` would stop on before training (data, weights, cross-section checks).
         """
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a directory; choose a directory for the run")
-        if self.world.is_main:
-            self._lock = RunLock(out)
-        cfg_path = out / "config.yaml"
-        resolved = self._resolved_config()
-        if self.resume:
-            if not cfg_path.is_file():
-                raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start one")
-            self._stored_config = read_yaml(cfg_path)
-            changes = config_changes(self._stored_config, resolved)
-            if changes and not self.force:
-                raise UserError(f"--resume: the config differs from the stored run ({format_changes(changes)}); "
-                                f"pass --force to resume anyway")
-            fixed = fixed_changes(changes)
-            if fixed:
-                raise UserError(f"--resume: the stored checkpoints belong to another stream ({format_changes(fixed)}); "
-                                f"not even --force changes that: start a new run with another --out")
-            self._forced = changes
-        else:
-            found = run_files(out)
-            if found:
-                raise UserError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it "
-                                f"or choose another --out")
-        self.world.barrier()  # every rank has checked the directory before rank 0 writes to it
-        if self.world.is_main and not self._forced:
-            _write_atomic(cfg_path, yaml.safe_dump(resolved, sort_keys=False))
-        self.world.barrier()
+        return build_run(self.cfg, self.device, self.world, self.autocast)
+
+    def check(self) -> None:
+        """Build everything a run needs without training or writing anything: what ``clpeft validate`` does."""
+        self.build()
 
     def _resolved_config(self) -> dict:
         """The config as run: every default filled in, and ``out`` the directory actually written."""
@@ -299,108 +134,50 @@ class Engine:
 
     def _accept_forced_config(self, log: RunLogger) -> None:
         """After a ``--resume --force`` loaded its checkpoint: record the changes, then store the new config."""
-        if not self._forced or not self.world.is_main:
+        forced = self._prepared.forced
+        if not forced or not self.world.is_main:
             return
-        log.event("config_forced", changes=[{"key": k, "stored": a, "now": b} for k, a, b in self._forced],
-                  previous=self._stored_config)
-        log.print(f"resumed with a changed config (--force): {format_changes(self._forced)}")
-        _write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self._resolved_config(), sort_keys=False))
-
-    def check(self) -> None:
-        """Build everything a run needs (its data, the backbone with its weights, the strategy, the
-        checks across sections) without training or writing anything: what ``clpeft validate`` does.
-
-        Raises:
-            UserError: what ``run`` would stop on before training.
-        """
-        self._build()
-
-    def _build(self) -> tuple[list[Experience], Strategy]:
-        cfg = self.cfg
-        seed_everything(cfg.seed)
-        scenario = cfg.scenario.build(seed=cfg.seed)
-        stream = scenario.experiences()
-        if not stream:
-            raise UserError("the scenario produced no experiences", key="scenario")
-        for exp in stream:
-            exp.stream_length = len(stream)
-        self.scenario = scenario
-        if self.world.active and scenario.kind == "test_time_adaptation":
-            raise UserError("test-time adaptation adapts online, batch after batch, in one process; "
-                            "run it without torchrun", key="scenario.name")
-        backbone = cfg.backbone.build(input_shape=scenario.input_shape)
-        strategy = cfg.strategy.build(backbone=backbone)
-        supported = strategy.supported_scenarios
-        if supported is not None and scenario.kind not in supported:
-            raise UserError(
-                f"strategy '{cfg.strategy.name}' supports {list(supported)} scenarios, not '{scenario.kind}'",
-                key="strategy.name",
-            )
-        strategy.to(self.device)
-        if cfg.train.compile and self.device.type == "cuda":
-            backbone.forward_features = torch.compile(backbone.forward_features)
-        if strategy.needs_query and not backbone.frozen:
-            raise UserError(
-                f"strategy '{cfg.strategy.name}' keys on the frozen backbone's features; set backbone.freeze: true",
-                key="backbone.freeze",
-            )
-        factory = None
-        if cfg.train.feature_cache != "off":
-            directory = cache_root() if cfg.train.feature_cache == "disk" else None
-            if directory is not None and self.world.active:  # ranks never write the same memory-mapped file
-                directory = directory / f"rank{self.world.rank}"
-
-            def factory():
-                return FeatureCache(backbone, self.device, cfg.eval.batch_size, directory, self.autocast)
-
-        self.augment = self._build_augment(scenario, backbone)
-        self.data = DataAccess(self.device, None, backbone, cfg.train.batch_size, cfg.train.num_workers, self.autocast,
-                               cache_factory=factory, world=self.world)
-        strategy.attach(self.data)
-        return stream, strategy
-
-    def _build_augment(self, scenario, backbone):
-        """``train.augment`` as a batch function (None when off); images only, sized for the backbone."""
-        spec = self.cfg.train.augment
-        if spec == "none":
-            return None
-        shape = tuple(scenario.input_shape)
-        if len(shape) < 2:
-            raise UserError(f"train.augment transforms images, but this scenario's inputs have shape {shape}; "
-                            f"use augment: none", key="train.augment")
-        size = getattr(getattr(backbone, "preprocess", None), "size", None) or shape[-1]
-        return build_augment(spec, size)
+        log.event("config_forced", changes=[{"key": k, "stored": a, "now": b} for k, a, b in forced],
+                  previous=self._prepared.stored)
+        log.print(f"resumed with a changed config (--force): {format_changes(forced)}")
+        write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self._resolved_config(), sort_keys=False))
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> dict:
-        """Run (or resume) the experiment; returns the content of ``metrics.json``."""
+    def run(self, built: Run | None = None) -> dict:
+        """Run (or resume) the experiment; returns the content of ``metrics.json``.
+
+        ``built`` is a run from :meth:`build` to drive instead of building one (a test may wrap
+        its strategy's hooks first).
+        """
         previous = torch.are_deterministic_algorithms_enabled()
         if self.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         try:
-            self._prepare_dir()
-            stream, strategy = self._build()
+            self._prepared = prepare(self.out_dir, self._resolved_config(), self.world, resume=self.resume,
+                                     force=self.force)
+            self.built = built or self.build()
             if self.world.is_main:
-                self.scenario.save_artifacts(self.out_dir)
+                self.built.scenario.save_artifacts(self.out_dir)
             log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress, enabled=self.world.is_main,
                             wandb=self.cfg.logging.wandb, config=self._resolved_config())
-            if self.augment is not None and strategy.backbone.frozen:
+            if self.built.augment is not None and self.built.strategy.backbone.frozen:
                 log.print(f"train.augment: {self.cfg.train.augment}; augmented training batches compute their features "
                           f"every step (the feature cache serves evaluation only)")
             try:
-                return self._run(stream, strategy, log)
+                if self.built.scenario.kind == "test_time_adaptation":
+                    return self._run_tta(self.built, log)
+                return self._run(self.built, log)
             finally:
                 log.close()
         finally:
             torch.use_deterministic_algorithms(previous)
-            if self._lock is not None:
-                self._lock.release()
+            if self._prepared.lock is not None:
+                self._prepared.lock.release()
 
-    def _run(self, stream: list[Experience], strategy: Strategy, log: RunLogger) -> dict:
-        if self.scenario.kind == "test_time_adaptation":
-            return self._run_tta(stream, strategy, log)
+    def _run(self, run: Run, log: RunLogger) -> dict:
+        stream, strategy = run.stream, run.strategy
         T = len(stream)
         rows: list[list[float]] = []
         timing: list[dict] = []
@@ -413,7 +190,7 @@ class Engine:
                 if state["experience"] >= T or len(state["rows"]) != state["experience"] + 1:
                     raise UserError(f"{path} was taken after experience {state['experience']} of a stream with "
                                     f"{len(state['rows'][-1]) if state['rows'] else '?'} experiences; this one has {T}")
-                self._load_strategy(strategy, state["strategy"], source=path)
+                run.load_strategy(state["strategy"], source=path)
                 rows, timing, baseline = state["rows"], state["timing"], state["baseline"]
                 start = state["experience"] + 1
                 log.event("resumed", checkpoint=path.name, next_experience=start)
@@ -422,21 +199,21 @@ class Engine:
         log.event("run_start", experiences=T, device=str(self.device), strategy=self.cfg.strategy.name,
                   parameters=strategy.count_parameters())
         if start == 0 and self.cfg.eval.baseline:
-            baseline = self._baseline(strategy, stream)
+            baseline = run.baseline()
             log.event("baseline", accuracy=baseline)
         for exp in stream[start:]:
             seed_everything(derive_seed(self.cfg.seed, exp.index))
-            train_s, n_samples = self._train_experience(strategy, exp, log)
+            train_s, n_samples = run.train_experience(exp, log)
             t0 = time.perf_counter()
             strategy.before_evaluation(exp)
-            row = self._evaluate(strategy, stream)
+            row = run.evaluate()
             strategy.after_evaluation(exp, row)
             eval_s = time.perf_counter() - t0
             rows.append(row)
             timing.append({
                 "experience": exp.index, "train_s": train_s, "eval_s": eval_s,
                 "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
-                "peak_memory_mb": _peak_memory_mb(self.device),
+                "peak_memory_mb": peak_memory_mb(self.device),
             })
             seen = float(np.average(row[: exp.index + 1], weights=[len(e.test) for e in stream[: exp.index + 1]]))
             log.event("experience_end", step=exp.index, acc_seen=seen, row=row, **{f"acc_exp{j}": a for j, a in enumerate(row)})
@@ -447,13 +224,13 @@ class Engine:
                     "experience": exp.index, "strategy": strategy.state_dict(), "rows": rows,
                     "timing": timing, "baseline": baseline, "config": self._resolved_config(),
                 }, keep=self.cfg.logging.keep_checkpoints)
-        return self._finish(rows, timing, baseline, stream, strategy, log)
+        return self._finish(run, rows, timing, baseline, log)
 
     # ------------------------------------------------------------------ test-time adaptation
 
-    def _run_tta(self, stream: list[Experience], strategy: Strategy, log: RunLogger) -> dict:
+    def _run_tta(self, run: Run, log: RunLogger) -> dict:
         """Source phase, then online adaptation domain by domain (see the module docstring)."""
-        scenario = self.scenario
+        scenario, stream, strategy = run.scenario, run.stream, run.strategy
         classes = list(range(len(scenario.class_names)))
         source_exp = Experience(0, scenario.source, None, classes, classes, domain="source")
         facing = [source_exp]  # what the strategy's hooks see: no test data, so no labels
@@ -469,17 +246,17 @@ class Engine:
             state = found[1]
             if state["experience"] > len(stream):
                 raise UserError(f"{found[0]} was taken after domain {state['experience']}; this stream has {len(stream)}")
-            self._load_strategy(strategy, state["strategy"], source=found[0])
+            run.load_strategy(state["strategy"], source=found[0])
             correct, counts, timing = state["correct"], state["counts"], state["timing"]
             start = state["experience"] + 1
             log.event("resumed", checkpoint=found[0].name, next_experience=start)
             log.print(f"resumed from {found[0].name}: continuing at domain {start}/{len(stream)}")
         elif source is not None:  # killed after the source phase, before the first domain ended
-            self._load_strategy(strategy, source[1]["strategy"], source=source[0])
+            run.load_strategy(source[1]["strategy"], source=source[0])
             correct, counts, timing, start = [], [], source[1]["timing"], 1
         else:
             correct, counts, start = [], [], 1
-            timing = self._source_phase(strategy, source_exp, log)
+            timing = self._source_phase(run, source_exp, log)
             checkpoint.save(source_dir, 0, {"experience": 0, "strategy": strategy.state_dict(), "timing": timing,
                                             "config": self._resolved_config()}, keep=1)
         if self.resume:
@@ -490,13 +267,13 @@ class Engine:
         for exp, scored in zip(facing[start:], stream[start - 1:]):
             seed_everything(derive_seed(self.cfg.seed, exp.index))
             if source_state is not None:
-                self._load_strategy(strategy, source_state)
-            scorer, seconds, n_batches = self._adapt_domain(strategy, exp, scored.test)
+                run.load_strategy(source_state)
+            scorer, seconds, n_batches = run.adapt_domain(exp, scored.test)
             correct.append(scorer.correct)
             counts.append(scorer.count)
             timing.append({"experience": exp.index, "domain": exp.domain, "adapt_s": seconds, "batches": n_batches,
                            "samples_per_s": scorer.count / seconds if seconds > 0 else None,
-                           "peak_memory_mb": _peak_memory_mb(self.device)})
+                           "peak_memory_mb": peak_memory_mb(self.device)})
             error = 1.0 - scorer.correct / scorer.count
             log.event("domain_end", step=exp.index, domain=exp.domain, error=error, accuracy=1.0 - error)
             log.print(f"domain {exp.index}/{len(stream)} ({exp.domain}): online error = {error:.4f}")
@@ -504,7 +281,7 @@ class Engine:
                 "experience": exp.index, "strategy": strategy.state_dict(), "correct": correct, "counts": counts,
                 "timing": timing, "config": self._resolved_config(),
             }, keep=self.cfg.logging.keep_checkpoints)
-        return self._finish_tta(correct, counts, timing, stream, strategy, log)
+        return self._finish_tta(run, correct, counts, timing, log)
 
     @staticmethod
     def _load_latest(directory: Path, log: RunLogger, required: tuple[str, ...]) -> tuple[Path, dict] | None:
@@ -516,75 +293,28 @@ class Engine:
 
         return checkpoint.load_latest(directory, on_skip=skipped, required=required)
 
-    def _source_phase(self, strategy: Strategy, source_exp: Experience, log: RunLogger) -> list[dict]:
+    def _source_phase(self, run: Run, source_exp: Experience, log: RunLogger) -> list[dict]:
         """Train the source model on clean data (experience 0), or load ``source_checkpoint``."""
-        path = self.scenario.source_checkpoint
+        path = run.scenario.source_checkpoint
         if path is not None:
-            self._load_strategy(strategy, _read_source_checkpoint(Path(path).expanduser()), partial=True)
+            run.load_strategy(read_source_checkpoint(Path(path).expanduser()), partial=True)
             log.event("source_loaded", path=str(path))
-            return [{"experience": 0, "domain": "source", "train_s": 0.0, "peak_memory_mb": _peak_memory_mb(self.device)}]
+            return [{"experience": 0, "domain": "source", "train_s": 0.0, "peak_memory_mb": peak_memory_mb(self.device)}]
         seed_everything(derive_seed(self.cfg.seed, 0))
-        train_s, n_samples = self._train_experience(strategy, source_exp, log)
+        train_s, n_samples = run.train_experience(source_exp, log)
         log.event("source_trained", step=0, train_s=train_s)
         return [{"experience": 0, "domain": "source", "train_s": train_s,
                  "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
-                 "peak_memory_mb": _peak_memory_mb(self.device)}]
+                 "peak_memory_mb": peak_memory_mb(self.device)}]
 
-    def _adapt_domain(self, strategy: Strategy, exp: Experience, view: DataView) -> tuple[OnlineScorer, float, int]:
-        """One domain: ``adapt`` on every unlabeled batch in order, each prediction scored online."""
-        t0 = time.perf_counter()
-        strategy.eval()
-        strategy.before_experience(exp)
-        strategy.refresh_input_mode()
-        strategy.to(self.device)
-        scorer = OnlineScorer(view, self.device)
-        batch_size = self.cfg.train.batch_size
-        n_batches = 0
-        with _out_of_memory_hint(f"adapting to domain {exp.index} ({exp.domain})", "train.batch_size", batch_size):
-            for x in self.data.inputs(view, batch_size, uses_features=strategy.uses_features):
-                with torch.enable_grad(), self.autocast():
-                    logits = strategy.adapt(x)
-                scorer.update(logits.detach())
-                n_batches += 1
-        strategy.after_experience(exp)
-        return scorer, time.perf_counter() - t0, n_batches
-
-    def _load_strategy(self, strategy: Strategy, state: dict, partial: bool = False, source: Path | None = None) -> None:
-        """Load a state (a checkpoint's, or the source's for a reset); ``partial`` accepts a state
-        saved by another strategy (a source model trained with ``finetune``) as long as it holds
-        the backbone and head. A ``source`` checkpoint that does not fit is a :class:`UserError`."""
-        if partial:
-            key = "scenario.source_checkpoint"
-            try:
-                missing, unused = strategy.load_state_dict(state, strict=False)
-            except RuntimeError as exc:
-                raise UserError(f"it does not fit this backbone ({str(exc).splitlines()[1].strip()})", key=key) from None
-            needed = [k for k in missing if k.startswith(("backbone.", "head."))]
-            if needed:
-                raise UserError(f"it lacks {needed[:3]}{'...' if len(needed) > 3 else ''}; it must come from a run with "
-                                f"the same backbone", key=key)
-            foreign = [k for k in unused if k.startswith("backbone.")]
-            if foreign:  # e.g. a LoRA source's adapters: the backbone would run without them
-                raise UserError(f"its backbone holds {foreign[:3]}{'...' if len(foreign) > 3 else ''}, which this backbone "
-                                f"has no place for; it must come from a run with the same backbone settings", key=key)
-        else:
-            try:
-                strategy.load_state_dict(state)
-            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-                first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-                raise UserError(f"{source or 'the saved state'} does not fit the configured strategy ({first[:300]}); "
-                                f"resume with the config the run was started with") from None
-        strategy.refresh_input_mode()
-        strategy.to(self.device)
-
-    def _finish_tta(self, correct, counts, timing, stream, strategy: Strategy, log: RunLogger) -> dict:
+    def _finish_tta(self, run: Run, correct, counts, timing, log: RunLogger) -> dict:
         summary = metrics.tta_summary(correct, counts)
         adapt = [t for t in timing if "adapt_s" in t]
         adapt_s = sum(t["adapt_s"] for t in adapt)
         result = {
             "acc_matrix": [[c / n for c, n in zip(correct, counts)]],
             "test_sizes": list(counts),
-            "domains": [e.domain for e in stream],
+            "domains": [e.domain for e in run.stream],
             "baseline": None,
             "metrics": summary,
             "timing": {
@@ -594,140 +324,30 @@ class Engine:
                 "s_per_batch": adapt_s / max(sum(t["batches"] for t in adapt), 1),
                 "peak_memory_mb": max(t["peak_memory_mb"] for t in timing),
             },
-            "parameters": strategy.count_parameters(),
+            "parameters": run.strategy.count_parameters(),
             "provenance": provenance(self.device),
-            "class_names": self.scenario.class_names,
+            "class_names": run.scenario.class_names,
         }
-        self._write_result(result, strategy, log)
+        self._write_result(result, run.strategy, log)
         return result
 
-    def _write_result(self, result: dict, strategy: Strategy, log: RunLogger) -> None:
+    def _write_result(self, result: dict, strategy, log: RunLogger) -> None:
         """``metrics.json`` (atomically), the final weights, and the scalar metrics as an event (rank 0)."""
         if not self.world.is_main:
             return
-        _write_atomic(self.out_dir / "metrics.json", json.dumps(result, indent=2))
+        write_atomic(self.out_dir / "metrics.json", json.dumps(result, indent=2))
         export_weights(strategy, self.out_dir / "model.safetensors")
         log.event("metrics", **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         log.hparams(self.cfg.to_dict(), result["metrics"])
 
-    def _train_experience(self, strategy: Strategy, exp: Experience, log: RunLogger) -> tuple[float, int]:
-        train = self.cfg.train
-        t0 = time.perf_counter()
-        strategy.eval().to(self.device)  # hooks run in eval mode on the device (they may compute features)
-        strategy.before_experience(exp)
-        strategy.refresh_input_mode()
-        strategy.to(self.device)  # what before_experience added
-        data = strategy.train_data(exp)
-        optimizer = make_optimizer(strategy.param_groups(train.lr), train)
-        named = dict(strategy.named_parameters())  # what after_training_step may replace
-        order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, exp.index, "order"))
-        full, partial = divmod(len(data), train.batch_size) if optimizer else (0, 0)
-        steps_per_epoch = full + (1 if partial and not train.drop_last else 0)
-        n_steps = train.epochs * steps_per_epoch
-        step_fn = training_step_fn(strategy, self.world) if n_steps else None
-        if self.world.active:  # independent dropout/augmentation draws per rank (re-synchronised below)
-            seed_everything(derive_seed(self.cfg.seed, exp.index, "rank", self.world.rank))
-        scheduler = make_scheduler(optimizer, train, steps_per_epoch) if n_steps else None
-        if 0 < n_steps < FEW_STEPS:
-            log.event("few_steps", step=exp.index, steps=n_steps)
-            log.print(f"warning: experience {exp.index} trains for only {n_steps} optimizer steps ({train.epochs} epoch(s) "
-                      f"x {steps_per_epoch} batches of {train.batch_size}); its numbers may be those of a barely trained "
-                      f"model: raise train.epochs or lower train.batch_size")
-        bar = log.progress(n_steps, f"experience {exp.index + 1}")
-        step = 0
-        with _out_of_memory_hint(f"training on experience {exp.index}", "train.batch_size", train.batch_size):
-            for epoch in range(train.epochs if n_steps else 0):
-                strategy.train()
-                strategy.epoch = epoch
-                strategy.before_epoch(exp, epoch)
-                total, count = 0.0, 0
-                global_sizes = torch.arange(len(data)).split(train.batch_size)[:steps_per_epoch]
-                batches = self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
-                                            uses_features=strategy.uses_features, with_query=strategy.needs_query,
-                                            augment=self.augment)
-                for chunk, batch in zip(global_sizes, batches):  # global_sizes first: a dropped batch is never loaded
-                    with self.autocast():
-                        loss, value, n = step_fn(batch, len(chunk))
-                    if not math.isfinite(value):
-                        raise RunError(
-                            f"non-finite loss ({value}) at experience {exp.index}, epoch {epoch}, step {step}; "
-                            f"lower train.lr or check the data (checkpoints of earlier experiences are kept)"
-                        )
-                    optimizer_step(optimizer, loss, train.clip_grad, strategy.after_backward)
-                    if scheduler is not None:
-                        scheduler.step()
-                    if strategy.after_training_step():  # parameters replaced (a LoRA rank grown)
-                        named, step_fn = carry_over(strategy, optimizer, named, self.world)
-                    total += value * n
-                    count += n
-                    step += 1
-                    bar.update(1)
-                log.event("train_epoch", step=exp.index * train.epochs + epoch, experience=exp.index, epoch=epoch, loss=total / max(count, 1))
-                strategy.after_epoch(exp, epoch)
-        bar.close()
-        strategy.eval()
-        self._synchronize(strategy)
-        seed_everything(derive_seed(self.cfg.seed, exp.index, "after"))  # the same random state on every rank
-        strategy.after_experience(exp)
-        return time.perf_counter() - t0, train.epochs * len(data) if n_steps else 0
-
-    def _synchronize(self, strategy: Strategy) -> None:
-        """Combine what training accumulated from local batches (see :mod:`clpeft.distributed`):
-        components' own statistics (``synchronize(world)``), then rank 0's buffers."""
-        for module in strategy.modules():
-            if module is not strategy and callable(getattr(module, "synchronize", None)):
-                module.synchronize(self.world)
-        distributed.broadcast_buffers(self.world, strategy)
-
-    @torch.no_grad()
-    def _correct(self, strategy: Strategy, view: DataView) -> int:
-        """Correct predictions on this rank's share of ``view``."""
-        correct = 0
-        for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features,
-                                       with_query=strategy.needs_query, shard=True):
-            if len(batch.y) == 0:
-                continue
-            with self.autocast():
-                logits = strategy.predict(batch.x, query=batch.features) if batch.features is not None else strategy.predict(batch.x)
-            if logits.shape[1] == 0:
-                continue
-            correct += int((logits.argmax(dim=1) == batch.y).sum())
-        return correct
-
-    def _evaluate(self, strategy: Strategy, stream: list[Experience]) -> list[float]:
-        """Accuracy on every experience's test set (each rank scores its share; counts all-reduced)."""
-        strategy.eval()
-        self.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
-        with _out_of_memory_hint("evaluating", "eval.batch_size", self.cfg.eval.batch_size):
-            correct = torch.tensor([self._correct(strategy, e.test) for e in stream], dtype=torch.float64)
-        self.world.all_reduce_sum(correct)
-        return [c / len(e.test) for c, e in zip(correct.tolist(), stream)]
-
-    def _baseline(self, strategy: Strategy, stream: list[Experience]) -> list[float]:
-        """Accuracy before any training: a copy of the strategy whose head is grown to every class.
-
-        GEM's ``b`` (Lopez-Paz & Ranzato, 2017) is the accuracy of the model at random
-        initialisation; the copy sees only ``before_experience`` for each experience (no data).
-        The head is grown from a seed of its own, so methods that build the same head from the
-        same seed share one baseline, whatever their constructors drew before.
-        """
-        rng = torch.get_rng_state()
-        torch.manual_seed(derive_seed(self.cfg.seed, "baseline"))
-        fresh = _copy_strategy(strategy)
-        for exp in stream:
-            fresh.before_experience(exp)
-        fresh.to(self.device)
-        acc = self._evaluate(fresh, stream)
-        torch.set_rng_state(rng)
-        return acc
-
-    def _finish(self, rows, timing, baseline, stream, strategy: Strategy, log: RunLogger) -> dict:
+    def _finish(self, run: Run, rows, timing, baseline, log: RunLogger) -> dict:
+        stream = run.stream
         sizes = [len(e.test) for e in stream]
         measurable = metrics.transfer_is_measurable([e.classes_in_this_experience for e in stream])
         summary = metrics.summarize(rows, sizes, baseline if measurable else None)
         if baseline is not None and not measurable:
             summary["fwt"] = None  # n/a: no experience's classes could be predicted before it was trained
-        if self.scenario.kind == "few_shot_class_incremental":
+        if run.scenario.kind == "few_shot_class_incremental":
             summary.update(metrics.few_shot_summary(rows, sizes))
             for i, acc in enumerate(summary["session_acc"]):
                 novel = {} if i == 0 else {k: summary[k][i - 1] for k in ("base_acc", "novel_acc", "harmonic_mean")}
@@ -743,122 +363,13 @@ class Engine:
                 "eval_s": sum(t["eval_s"] for t in timing),
                 "peak_memory_mb": max(t["peak_memory_mb"] for t in timing),
             },
-            "parameters": strategy.count_parameters(),
+            "parameters": run.strategy.count_parameters(),
             "provenance": provenance(self.device),
-            "class_names": getattr(self.scenario, "class_names", None),
+            "class_names": getattr(run.scenario, "class_names", None),
         }
-        self._write_result(result, strategy, log)
+        self._write_result(result, run.strategy, log)
         if log.tensorboard:
-            from clpeft.report import accuracy_matrix_figure
+            from clpeft.plots import accuracy_matrix_figure
 
             log.figure("acc_matrix", accuracy_matrix_figure(rows), step=len(rows))
         return result
-
-
-class _StepModule(nn.Module):
-    """The strategy's ``training_step`` as a module's forward: what DistributedDataParallel wraps."""
-
-    def __init__(self, strategy: Strategy):
-        super().__init__()
-        self.strategy = strategy
-
-    def forward(self, batch, weight: float) -> torch.Tensor:
-        if len(batch.y) == 0:  # an empty share of the last global batch: zero gradients to the all-reduce
-            return sum(p.sum() for p in self.strategy.parameters() if p.requires_grad) * 0.0
-        return self.strategy.training_step(batch) * weight
-
-
-def training_step_fn(strategy: Strategy, world: distributed.World):
-    """``step(batch, n_global) -> (loss to backpropagate, mean loss over the global batch, n_global)``.
-
-    In one process this is ``training_step``. With several ranks the strategy runs under
-    DistributedDataParallel (rebuilt per experience, since methods change what trains), the
-    local loss is weighted by ``n_local * world / n_global`` so that DDP's gradient average is
-    the global batch mean, and the reported loss is all-reduced.
-    """
-    if not world.active:
-
-        def step(batch, n_global):
-            loss = strategy.training_step(batch)
-            return loss, loss.item(), len(batch.y)  # one device sync per step: the NaN check and the log
-        return step
-    # a strategy may train a different subset of its parameters at each step (the selected
-    # prompts; LAE's frozen first epochs), hence the search for unused parameters
-    ddp = nn.parallel.DistributedDataParallel(_StepModule(strategy), find_unused_parameters=True, **_ddp_options())
-
-    def step(batch, n_global):
-        n_local = len(batch.y)
-        loss = ddp(batch, n_local * world.size / n_global)
-        weighted = loss.detach().double() * n_global / world.size  # = local mean loss * n_local
-        totals = world.all_reduce_sum(torch.stack([weighted.cpu(), torch.tensor(float(n_local), dtype=torch.float64)]))
-        return loss, float(totals[0] / totals[1]), n_global
-    return step
-
-
-def carry_over(strategy: Strategy, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter],
-               world: distributed.World):
-    """After ``after_training_step`` replaced parameters: hand them to ``optimizer`` with their
-    predecessors' state and rebuild the step function (DDP's buckets follow the new parameters).
-
-    Returns:
-        (the named parameters now, the new step function).
-    """
-    current = dict(strategy.named_parameters())
-    replace_parameters(optimizer, named, current)
-    return current, training_step_fn(strategy, world)
-
-
-def export_weights(strategy: Strategy, path: Path) -> Path:
-    """Write the strategy's final tensors (parameters and buffers) as safetensors.
-
-    This is what ``clpeft merge`` reads when given a run directory; names are the strategy's
-    ``state_dict`` keys (``backbone.net.blocks.0.attn.qkv.weight``, ``head.weight``, ...).
-    Non-tensor extra state (replay memories, statistics) stays in the checkpoints.
-    """
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in strategy.state_dict().items()
-               if isinstance(v, torch.Tensor)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "clpeft"})
-    tmp.replace(path)
-    return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _read_source_checkpoint(path: Path) -> dict:
-    """The strategy state in a checkpoint file, or in a run directory (its ``source/`` when it
-    is a test-time-adaptation run, else the newest of its ``checkpoints/``)."""
-    key = "scenario.source_checkpoint"
-    if path.is_dir():
-        for sub in ("source", "checkpoints"):
-            found = checkpoint.load_latest(path / sub)
-            if found is not None:
-                return found[1]["strategy"]
-        raise UserError(f"{path} holds no checkpoint (expected source/ or checkpoints/ of a clpeft run)", key=key)
-    if not path.is_file():
-        raise UserError(f"{path} not found: give a clpeft run directory or one of its checkpoints/exp_*.pt", key=key)
-    payload, problem = checkpoint.read(path)
-    if problem is not None:
-        raise UserError(f"{path}: {problem}", key=key)
-    if "strategy" not in payload:
-        raise UserError(f"{path} is not a clpeft checkpoint of a run (it holds no strategy state)", key=key)
-    return payload["strategy"]
-
-
-def _copy_strategy(strategy: Strategy) -> Strategy:
-    import copy
-
-    data, strategy._data = strategy._data, None
-    try:
-        fresh = copy.deepcopy(strategy)
-    finally:
-        strategy._data = data
-    fresh.attach(data)
-    return fresh

@@ -17,6 +17,7 @@ from clpeft import config
 from clpeft.cli import main
 from clpeft.engine import Engine
 from clpeft.feature_cache import FeatureCache
+from clpeft.run import Run
 from clpeft.strategy import Strategy
 
 
@@ -41,14 +42,14 @@ def test_augmented_training_batches_bypass_the_cache_and_evaluation_uses_it(digi
         cache_calls[phase["now"]] += 1
         return original_features(self, view)
 
-    def spy_evaluate(self, strategy, stream):
+    def spy_evaluate(self, strategy=None):
         phase["now"] = "eval"
-        return evaluate(self, strategy, stream)
+        return evaluate(self, strategy)
 
-    evaluate = Engine._evaluate
+    evaluate = Run.evaluate
     monkeypatch.setattr(Strategy, "training_step", spy_step)
     monkeypatch.setattr(FeatureCache, "features", spy_features)
-    monkeypatch.setattr(Engine, "_evaluate", spy_evaluate)
+    monkeypatch.setattr(Run, "evaluate", spy_evaluate)
     cfg = config.resolve(_frozen(digits_run, "crop_flip"))
     Engine(cfg, tmp_path / "run", device="cpu").run()
     assert seen and all(x.shape[1] == 64 for x in seen)  # features of the frozen MLP, computed per step

@@ -47,8 +47,8 @@ def test_run_directory_and_matrix_match_an_independent_evaluation(tmp_path, digi
 
     _, state = checkpoint.load_latest(out / "checkpoints")
     cfg = config.resolve(digits_run)
-    engine = Engine(cfg, tmp_path / "scratch", device="cpu")
-    stream, strategy = engine._build()
+    built = Engine(cfg, tmp_path / "scratch", device="cpu").build()
+    stream, strategy = built.stream, built.strategy
     strategy.load_state_dict(state["strategy"])
     net = torch.nn.Sequential(strategy.backbone.net, torch.nn.Linear(64, 10))
     net[1].weight.data, net[1].bias.data = strategy.head.weight.data, strategy.head.bias.data
@@ -292,7 +292,7 @@ def test_drop_last_skips_each_epochs_smaller_batch(tmp_path, digits_run, monkeyp
 def test_nesterov_sgd_is_torchs(tmp_path):
     """``train.nesterov``: the optimizer the engine builds steps as ``torch.optim.SGD(nesterov=True)``."""
     from clpeft.config import TrainConfig
-    from clpeft.engine import make_optimizer
+    from clpeft.training import make_optimizer
 
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(5)), None
@@ -315,7 +315,7 @@ def test_cosine_epoch_is_cosine_annealing_stepped_per_epoch(epochs, steps, min_l
     """``schedule: cosine_epoch``: every step of epoch ``e`` at ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)``'s
     rate after ``e`` epoch steps (LAMDA-PILOT's APER and RanPAC trainers), per parameter group (two base rates)."""
     from clpeft.config import TrainConfig
-    from clpeft.engine import make_optimizer, make_scheduler
+    from clpeft.training import make_optimizer, make_scheduler
 
     cfg = TrainConfig(epochs=epochs, lr=0.1, schedule="cosine_epoch", min_lr=min_lr)
     groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},  # noqa: E731

@@ -51,11 +51,11 @@ def query_run(digits_run, monkeypatch):
 
 def test_one_backbone_pass_per_training_step(tmp_path, query_run):
     engine = Engine(config.resolve(query_run), tmp_path / "run", device="cpu")
-    stream, strategy = engine._build()
+    built = engine.build()
+    stream, strategy = built.stream, built.strategy
     calls = []
     strategy.backbone.register_forward_hook(lambda *a: calls.append(1))
-    engine._build = lambda: (stream, strategy)
-    result = engine.run()
+    result = engine.run(built)
     assert QueryGated.checked
     train_cfg = engine.cfg.train
     steps = sum(train_cfg.epochs * math.ceil(len(e.train) / train_cfg.batch_size) for e in stream)

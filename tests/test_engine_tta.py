@@ -12,7 +12,8 @@ import torch
 
 from clpeft import Strategy, checkpoint, config
 from clpeft.data import DataView
-from clpeft.engine import Engine, OnlineScorer
+from clpeft.engine import Engine
+from clpeft.run import OnlineScorer
 from clpeft.errors import RunError, UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.scenarios import corruptions

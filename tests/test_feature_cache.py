@@ -183,7 +183,7 @@ def test_a_backbone_adapted_then_frozen_is_served_features_of_its_adapted_weight
         engine = Engine(config.resolve(digits_run), tmp_path / mode, device="cpu")
         results[mode] = engine.run()["acc_matrix"]
         if mode == "disk":
-            cache = engine.data.cache
+            cache = engine.built.data.cache
             assert cache is not None and cache.computed > 0
-            assert cache._identity == engine.data.backbone.identity()  # keyed by the adapted weights
+            assert cache._identity == engine.built.data.backbone.identity()  # keyed by the adapted weights
     assert results["disk"] == results["off"]

@@ -180,17 +180,17 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_to_the_same_matrix(tm
 
 
 def test_a_file_where_checkpoints_belong_is_one_line(tmp_path, capsys, monkeypatch):
-    from clpeft.engine import Engine
+    from clpeft.run import Run
 
-    real = Engine._train_experience
+    real = Run.train_experience
+    out = tmp_path / "run"
 
-    def train_then_block(self, strategy, exp, log):  # something puts a file where checkpoints/ goes
-        result = real(self, strategy, exp, log)
-        (self.out_dir / "checkpoints").write_text("not a directory")
+    def train_then_block(self, exp, log):  # something puts a file where checkpoints/ goes
+        result = real(self, exp, log)
+        (out / "checkpoints").write_text("not a directory")
         return result
 
-    monkeypatch.setattr(Engine, "_train_experience", train_then_block)
-    out = tmp_path / "run"
+    monkeypatch.setattr(Run, "train_experience", train_then_block)
     err = _one_line_error(capsys, main(["run", _config(tmp_path), "--out", str(out)]))
     assert f"{out / 'checkpoints'}: File exists; a file stands where a directory is needed" in err
 

@@ -312,6 +312,6 @@ def test_domains_from_several_image_folders(tmp_path, capsys):
     from clpeft import config
     from clpeft.engine import Engine
 
-    stream, _ = Engine(config.resolve(data), tmp_path / "scratch", device="cpu")._build()
+    stream = Engine(config.resolve(data), tmp_path / "scratch", device="cpu").build().stream
     day, night = (exp.test.load()[0] for exp in stream)
     assert torch.equal(night, 255 - day)  # the same files, split the same way, inverted

@@ -191,7 +191,7 @@ def test_config_runs_class_incremental_chatterbot_through_the_engine(tmp_path):
     assert out["metrics"]["acc_last"] > 0.45, R
     assert min(R[i][i] for i in range(4)) > 0.4, R  # each new group of topics is learned
     # features were computed once per sample: 12 train + 10 test utterances of each topic
-    assert engine.data.cache.computed == 12 * (12 + 10)
+    assert engine.built.data.cache.computed == 12 * (12 + 10)
 
 
 # ------------------------------------------------------------------ SmolLM2 (slow)
@@ -279,14 +279,14 @@ def test_simplecil_on_minilm_equals_numpy_cosine_prototypes(tmp_path):
     engine = Engine(cfg, tmp_path / "run", device="cpu")
     out = engine.run()
     stream = cfg.scenario.cls(seed=cfg.seed, **cfg.scenario.params).experiences()
-    train = [engine.data.cache.features(e.train).double().numpy() for e in stream]
+    train = [engine.built.data.cache.features(e.train).double().numpy() for e in stream]
     labels = [e.train.targets.numpy() for e in stream]
     x, y = np.concatenate(train), np.concatenate(labels)
     means = np.stack([x[y == c].mean(0) for c in range(12)])
     means /= np.linalg.norm(means, axis=1, keepdims=True)
     expected = []
     for e in stream:
-        f = engine.data.cache.features(e.test).double().numpy()
+        f = engine.built.data.cache.features(e.test).double().numpy()
         f /= np.linalg.norm(f, axis=1, keepdims=True)
         expected.append(float(((f @ means.T).argmax(1) == e.test.targets.numpy()).mean()))
     np.testing.assert_allclose(out["acc_matrix"][-1], expected, atol=1e-12)

@@ -31,7 +31,7 @@ import torch
 from timm.models import _builder, _manipulate
 
 from clpeft.data import Batch
-from clpeft.engine import make_optimizer, optimizer_step
+from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
 
 

@@ -39,7 +39,7 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.components.attention_prompt_pool import AttentionPromptPool
 from clpeft.config import TrainConfig
 from clpeft.data import Batch
-from clpeft.engine import make_optimizer, make_scheduler, optimizer_step
+from clpeft.training import make_optimizer, make_scheduler, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.coda_prompt import CodaPrompt
 

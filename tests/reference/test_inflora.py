@@ -59,7 +59,7 @@ from clpeft.components.lora import LoRALinear
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.engine import make_optimizer, make_scheduler, optimizer_step
+from clpeft.training import make_optimizer, make_scheduler, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.lora_cl import LoRACL
 

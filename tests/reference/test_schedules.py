@@ -8,7 +8,7 @@ counter to -1 after construction, so epochs 0 and 1 both train at the full rate 
 at ``lr * cos(99 pi (e - 1) / (200 (K - 1)))``. clpeft steps its scheduler after every optimizer
 step; the learning rate of every step must be the reference's for that step's epoch.
 Tolerance: 1e-12 (the same float64 formula). Mutation checks (done once): 99 -> 100, or dropping the
-one-epoch lag, in ``clpeft.engine.make_scheduler`` fails the first test.
+one-epoch lag, in ``clpeft.training.make_scheduler`` fails the first test.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clpeft.config import TrainConfig
-from clpeft.engine import make_scheduler
+from clpeft.training import make_scheduler
 
 
 def _per_step_lrs(epochs: int, steps_per_epoch: int) -> list[float]:

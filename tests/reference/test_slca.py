@@ -42,7 +42,7 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.engine import make_optimizer, optimizer_step
+from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.slca import SLCA
 

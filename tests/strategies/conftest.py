@@ -9,25 +9,14 @@ import clpeft.engine
 
 
 @pytest.fixture
-def run_keeping(monkeypatch):
+def run_keeping():
     """``run(config, out_dir)`` runs the engine on the CPU; returns (metrics.json content, the
     strategy it trained, its stream)."""
 
     def run(config: dict, out_dir):
-        built = {}
-        build = clpeft.engine.Engine._build
-
-        def spy_build(self):
-            stream, strategy = build(self)
-            built.update(strategy=strategy, stream=stream)
-            return stream, strategy
-
-        monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-        try:
-            result = clpeft.engine.Engine(clpeft.config.resolve(config), out_dir, device="cpu").run()
-        finally:
-            monkeypatch.setattr(clpeft.engine.Engine, "_build", build)
-        return result, built["strategy"], built["stream"]
+        engine = clpeft.engine.Engine(clpeft.config.resolve(config), out_dir, device="cpu")
+        result = engine.run()
+        return result, engine.built.strategy, engine.built.stream
 
     return run
 
@@ -42,7 +31,8 @@ def interrupted_then_resumed():
         cfg = clpeft.config.resolve(config)
         full = clpeft.engine.Engine(cfg, out_dir / "full", device="cpu").run()["acc_matrix"]
         engine = clpeft.engine.Engine(cfg, out_dir / "cut", device="cpu")
-        stream, strategy = engine._build()
+        built = engine.build()
+        strategy = built.strategy
         before = strategy.before_experience
 
         def stop(exp):
@@ -51,9 +41,8 @@ def interrupted_then_resumed():
             before(exp)
 
         strategy.before_experience = stop
-        engine._build = lambda: (stream, strategy)
         with pytest.raises(KeyboardInterrupt):
-            engine.run()
+            engine.run(built)
         resumed = clpeft.engine.Engine(cfg, out_dir / "cut", device="cpu", resume=True).run()["acc_matrix"]
         return full, resumed
 

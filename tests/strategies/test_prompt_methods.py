@@ -48,11 +48,11 @@ def _config(tmp_path, strategy: dict, feature_cache: str = "memory") -> dict:
 
 
 def _engine(tmp_path, strategy: dict, **kw):
-    """An engine and the very strategy object it will run (so tests can spy on it)."""
+    """An engine, its built run and the very strategy object the run trains (so tests can spy on it);
+    run it with ``engine.run(built)``."""
     engine = clpeft.engine.Engine(clpeft.config.resolve(_config(tmp_path, strategy, **kw)), tmp_path / "run", device="cpu")
-    stream, built = engine._build()
-    engine._build = lambda: (stream, built)
-    return engine, built
+    built = engine.build()
+    return engine, built, built.strategy
 
 
 def _backbone(seed: int = 0) -> TimmBackbone:
@@ -90,7 +90,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_one_backbone_pass_per_step_frozen_backbone_bitwise_and_prompts_learn(tmp_path, method):
-    engine, strategy = _engine(tmp_path, METHODS[method])
+    engine, built, strategy = _engine(tmp_path, METHODS[method])
     backbone_before = copy.deepcopy(strategy.backbone.state_dict())
     steps, in_step_passes, checked = [], [], []
     step = strategy.training_step
@@ -107,7 +107,7 @@ def test_one_backbone_pass_per_step_frozen_backbone_bitwise_and_prompts_learn(tm
 
     strategy.training_step = counted
     with strategy.backbone.count_passes() as passes:
-        result = engine.run()
+        result = engine.run(built)
     assert checked == [True]
     assert len(steps) == 5 * EPOCHS * -(-2 * PER_CLASS // BATCH)
     assert sum(in_step_passes) / len(steps) <= 1.1 and set(in_step_passes) == {1}
@@ -120,7 +120,7 @@ def test_one_backbone_pass_per_step_frozen_backbone_bitwise_and_prompts_learn(tm
 
 def test_without_the_cache_the_query_costs_a_second_pass(tmp_path):
     """The counter can tell: PILOT-style code recomputes the query, two passes per step."""
-    engine, strategy = _engine(tmp_path, METHODS["l2p"], feature_cache="off")
+    engine, built, strategy = _engine(tmp_path, METHODS["l2p"], feature_cache="off")
     per_step = []
     step = strategy.training_step
 
@@ -133,12 +133,12 @@ def test_without_the_cache_the_query_costs_a_second_pass(tmp_path):
 
     strategy.training_step = counted
     with strategy.backbone.count_passes() as passes:
-        engine.run()
+        engine.run(built)
     assert set(per_step) == {2}
 
 
 def test_coda_components_of_past_tasks_do_not_change(tmp_path):
-    engine, strategy = _engine(tmp_path, METHODS["coda_prompt"])
+    engine, built, strategy = _engine(tmp_path, METHODS["coda_prompt"])
     at_start, at_end = [], []
     before, after = strategy.before_experience, strategy.after_experience
 
@@ -151,7 +151,7 @@ def test_coda_components_of_past_tasks_do_not_change(tmp_path):
         at_end.append(copy.deepcopy(strategy.prompt_components.state_dict()))
 
     strategy.before_experience, strategy.after_experience = spy_before, spy_after
-    engine.run()
+    engine.run(built)
     assert len(strategy.prompt_components.tasks) == 5
     final = strategy.prompt_components.state_dict()
     for t in range(5):
@@ -165,7 +165,7 @@ def test_coda_components_of_past_tasks_do_not_change(tmp_path):
 
 
 def test_dualprompt_trains_the_true_tasks_e_prompt_and_infers_with_the_nearest_key(tmp_path, monkeypatch):
-    engine, strategy = _engine(tmp_path, METHODS["dualprompt"])
+    engine, built, strategy = _engine(tmp_path, METHODS["dualprompt"])
     calls = []
     forward = PrefixPrompt.forward
 
@@ -184,7 +184,7 @@ def test_dualprompt_trains_the_true_tasks_e_prompt_and_infers_with_the_nearest_k
         snapshots.append(copy.deepcopy(strategy.prompt_prefix.state_dict()))
 
     strategy.after_experience = spy_after
-    engine.run()
+    engine.run(built)
     training = [c for c in calls if c["training"]]
     inference = [c for c in calls if not c["training"]]
     assert training and inference
@@ -202,8 +202,8 @@ def test_dualprompt_trains_the_true_tasks_e_prompt_and_infers_with_the_nearest_k
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_state_dict_round_trip_gives_identical_predictions(tmp_path, method):
-    engine, strategy = _engine(tmp_path, METHODS[method])
-    engine.run()
+    engine, built, strategy = _engine(tmp_path, METHODS[method])
+    engine.run(built)
     params = {k: v for k, v in METHODS[method].items() if k != "name"}
     fresh = CLASSES[method](_backbone(seed=123), **params)
     fresh.load_state_dict(copy.deepcopy(strategy.state_dict()))

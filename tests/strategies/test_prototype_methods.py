@@ -13,6 +13,7 @@ import torch
 
 import clpeft.config
 import clpeft.engine
+import clpeft.run
 import clpeft.registry
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.data import ArrayDataset, DataView
@@ -50,13 +51,8 @@ def spy(monkeypatch):
     """Runs the engine and keeps what it built: the stream, the strategy, its data access,
     every optimizer it made and the backbone weights at the end of each experience."""
     record = {"optimizers": [], "backbone": [], "steps": 0}
-    build, make_optimizer = clpeft.engine.Engine._build, clpeft.engine.make_optimizer
+    make_optimizer = clpeft.run.make_optimizer
     after, step = FrozenFeatureClassifier.after_experience, FrozenFeatureClassifier.training_step
-
-    def spy_build(self):
-        stream, strategy = build(self)
-        record.update(stream=stream, strategy=strategy, input_shape=self.scenario.input_shape, initial=_backbone_state(strategy))
-        return stream, strategy
 
     def spy_after(self, exp):
         after(self, exp)
@@ -66,15 +62,18 @@ def spy(monkeypatch):
         record["steps"] += 1
         return step(self, batch)
 
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-    monkeypatch.setattr(clpeft.engine, "make_optimizer", lambda *a: record["optimizers"].append(make_optimizer(*a)) or record["optimizers"][-1])
+    monkeypatch.setattr(clpeft.run, "make_optimizer", lambda *a: record["optimizers"].append(make_optimizer(*a)) or record["optimizers"][-1])
     monkeypatch.setattr(FrozenFeatureClassifier, "after_experience", spy_after)
     monkeypatch.setattr(FrozenFeatureClassifier, "training_step", spy_step)
 
     def run(tmp_path, strategy: dict, out="run", backbone: dict = MLP, **kw):
         record.update(optimizers=[], backbone=[], steps=0)
         cfg = _config(tmp_path, strategy, backbone, **kw)
-        record["result"] = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu").run()
+        engine = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu")
+        built = engine.build()
+        record.update(stream=built.stream, strategy=built.strategy, input_shape=built.scenario.input_shape,
+                      initial=_backbone_state(built.strategy))
+        record["result"] = engine.run(built)
         return record
 
     return run

@@ -16,6 +16,7 @@ import torch
 
 import clpeft.config
 import clpeft.engine
+import clpeft.run
 from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.backbones.vit import ForwardPassCounter
 from clpeft.components.lora import lora_layers
@@ -51,11 +52,20 @@ def spy(monkeypatch):
     """Runs the engine and keeps what it built (stream, strategy), every optimizer it made, and
     a snapshot of the strategy's state after every experience."""
     record = {}
-    build, make_optimizer = clpeft.engine.Engine._build, clpeft.engine.make_optimizer
+    make_optimizer = clpeft.run.make_optimizer
 
-    def spy_build(self):
-        stream, strategy = build(self)
-        record.update(stream=stream, strategy=strategy, input_shape=self.scenario.input_shape,
+    def spy_optimizer(groups, train):
+        record["optimizers"].append(make_optimizer(groups, train))
+        return record["optimizers"][-1]
+
+    monkeypatch.setattr(clpeft.run, "make_optimizer", spy_optimizer)
+
+    def run(tmp_path, cfg, out="run", on_build=None):
+        record.update(optimizers=[], states=[], config=cfg)
+        engine = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu")
+        built = engine.build()
+        strategy = built.strategy
+        record.update(stream=built.stream, strategy=strategy, input_shape=built.scenario.input_shape,
                       initial=_snapshot(strategy))
         after = strategy.after_experience
 
@@ -64,18 +74,9 @@ def spy(monkeypatch):
             record["states"].append(_snapshot(strategy))
 
         strategy.after_experience = spy_after
-        return stream, strategy
-
-    def spy_optimizer(groups, train):
-        record["optimizers"].append(make_optimizer(groups, train))
-        return record["optimizers"][-1]
-
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", spy_build)
-    monkeypatch.setattr(clpeft.engine, "make_optimizer", spy_optimizer)
-
-    def run(tmp_path, cfg, out="run"):
-        record.update(optimizers=[], states=[], config=cfg)
-        record["result"] = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu").run()
+        if on_build is not None:
+            on_build(built)
+        record["result"] = engine.run(built)
         return record
 
     return run
@@ -214,15 +215,12 @@ def test_aper_runs_the_pretrained_model_once_per_sample_and_the_adapted_one_only
     the adaptation steps, once per training sample for the prototypes, once per test sample per
     evaluation -- not twice, as a two-branch network recomputing both would."""
     counters = {}
-    build = clpeft.engine.Engine._build
 
-    def counting_build(self):
-        stream, strategy = build(self)
-        counters.update(pretrained=ForwardPassCounter(strategy.backbone.net), adapted=ForwardPassCounter(strategy.adapted.net))
-        return stream, strategy
+    def count(built):
+        counters.update(pretrained=ForwardPassCounter(built.strategy.backbone.net),
+                        adapted=ForwardPassCounter(built.strategy.adapted.net))
 
-    monkeypatch.setattr(clpeft.engine.Engine, "_build", counting_build)
-    record = spy(tmp_path, aper_config(tmp_path, peft="adapter"))
+    record = spy(tmp_path, aper_config(tmp_path, peft="adapter"), on_build=count)
     stream = record["stream"]
     n_train, n_test = sum(len(e.train) for e in stream), sum(len(e.test) for e in stream)
     assert counters["pretrained"].samples == n_train + n_test
