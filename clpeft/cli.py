@@ -19,7 +19,7 @@ from clpeft.errors import UserError
 def _run(args) -> int:
     from clpeft import config, distributed
     from clpeft.engine import Engine
-    from clpeft.report import format_domains, format_matrix, format_metrics
+    from clpeft.tools.report import format_domains, format_matrix, format_metrics
 
     target = Path(args.config)
     out = args.out
@@ -37,8 +37,9 @@ def _run(args) -> int:
     out = world.broadcast_object(out)  # one directory, even when it is named after the start time
     say = print if world.is_main else _silent  # only rank 0 prints
     if cfg.seeds:
-        from clpeft.report import format_seeds_summary
-        from clpeft.seeds import SUMMARY_FILE, run_seeds
+        from clpeft.tools.report import format_seeds_summary
+        from clpeft.tools.seed_summary import SUMMARY_FILE
+        from clpeft.tools.seeds import run_seeds
 
         def done(seed, result):
             say(f"seed {seed}: acc_final {result['metrics'].get('acc_final', float('nan')):.4f}  ({Path(out) / f'seed_{seed}'})")
@@ -60,7 +61,7 @@ def _bench(args) -> int:
     import json
 
     from clpeft import config
-    from clpeft.bench import bench, format_bench
+    from clpeft.tools.bench import bench, format_bench
 
     result = bench(config.load(args.config, args.set), device=args.device, steps=args.steps, warmup=args.warmup)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
@@ -125,7 +126,7 @@ def _list(args) -> int:
     from clpeft.backbones.text import list_text_weights
 
     if args.markdown:
-        from clpeft.docs import config_reference
+        from clpeft.tools.docs import config_reference
 
         print(config_reference(), end="")
         return 0
@@ -142,7 +143,7 @@ def _list(args) -> int:
 
 
 def _report(args) -> int:
-    from clpeft.report import write_report
+    from clpeft.tools.report import write_report
 
     text, out = write_report(args.run_dir, args.out)
     print(text)
@@ -151,7 +152,7 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from clpeft.compare import compare
+    from clpeft.tools.compare import compare
 
     markdown, table = compare(args.run_dir, percent=not args.fraction)
     print(markdown)
@@ -162,7 +163,7 @@ def _compare(args) -> int:
 
 
 def _sweep(args) -> int:
-    from clpeft.sweep import format_sweep, parse_grid, run_sweep
+    from clpeft.tools.sweep import format_sweep, parse_grid, run_sweep
 
     grid = parse_grid(args.grid or [])
     out = args.out or f"runs/sweep-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -176,7 +177,7 @@ def _sweep(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from clpeft.reproduce import configs_dir, format_outcomes, load_setups, render_markdown, reproduce, select
+    from clpeft.tools.reproduce import configs_dir, format_outcomes, load_setups, render_markdown, reproduce, select
 
     directory = configs_dir(args.configs)
     setups = select(load_setups(directory), args.names)
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--fraction", action="store_true", help="metrics as fractions in [0, 1] instead of percent")
     cmp.set_defaults(func=_compare)
 
-    from clpeft.sweep import DEFAULT_METRIC
+    from clpeft.tools.sweep import DEFAULT_METRIC
 
     sweep = sub.add_parser("sweep", help="a grid of runs; tune on one stream, evaluate the best point on another")
     sweep.add_argument("config")

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from clpeft import config
-from clpeft.bench import bench, format_bench
+from clpeft.tools.bench import bench, format_bench
 from clpeft.cli import main
 from clpeft.strategy import Strategy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from clpeft import config
-from clpeft.docs import config_reference
+from clpeft.tools.docs import config_reference
 from clpeft.engine import Engine
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -46,7 +46,7 @@ def test_reference_types_read_as_written_in_yaml():
 
     from pydantic import BaseModel, Field
 
-    from clpeft.docs import _type_name
+    from clpeft.tools.docs import _type_name
 
     class Domain(BaseModel):
         name: str = ""

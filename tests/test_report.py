@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from clpeft.cli import main
-from clpeft.report import forgetting_curve
+from clpeft.tools.report import forgetting_curve
 
 DIGITS = {
     "seed": 0,

@@ -10,7 +10,7 @@ import yaml
 
 from clpeft import config
 from clpeft.cli import main
-from clpeft.reproduce import load_setups, render_markdown
+from clpeft.tools.reproduce import load_setups, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from clpeft.cli import main
-from clpeft.seeds import DDOF, mean_std
+from clpeft.tools.seed_summary import DDOF, mean_std
 
 
 def _config(tmp_path, digits_run, **extra) -> str:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from clpeft.cli import main
-from clpeft.sweep import grid_points, parse_grid
+from clpeft.tools.sweep import grid_points, parse_grid
 
 DIGITS = {
     "seed": 0,

@@ -10,8 +10,8 @@ when there is one run):
 * ``forgetting.png``: average forgetting after each experience ``i >= 1``,
   ``F_i = 1/i sum_{j<i} (max_{l<i} R[l, j] - R[i, j])`` (Chaudhry et al., 2018), whose last value
   is the run's ``forgetting`` metric;
-* ``report.html``: the comparison table (:mod:`clpeft.compare`), the plots embedded as base64
-  data URIs and every accuracy matrix, in one file that opens anywhere.
+* ``report.html``: the comparison table (:mod:`clpeft.tools.compare`), the plots embedded as
+  base64 data URIs and every accuracy matrix, in one file that opens anywhere.
 """
 
 from __future__ import annotations
@@ -22,16 +22,8 @@ import numpy as np
 
 from clpeft.errors import UserError
 from clpeft.plots import accuracy_matrix_figure, curves_figure, pyplot
-
-METRIC_NOTES = {
-    "acc_final": "mean_j R[T-1, j] (GEM ACC)",
-    "acc_last": "accuracy on all seen test data after the last experience",
-    "acc_avg_incremental": "mean over steps of acc on seen data (iCaRL)",
-    "bwt": "1/(T-1) sum_j<T-1 R[T-1,j] - R[j,j] (GEM)",
-    "forgetting": "1/(T-1) sum_j<T-1 max_l<T-1 R[l,j] - R[T-1,j] (Chaudhry 2018)",
-    "fwt": "1/(T-1) sum_j>=1 R[j-1,j] - b_j (GEM)",
-    "error_mean": "mean over domains of the test-time-adaptation error",
-}
+from clpeft.tools import compare, html_report
+from clpeft.tools.results import METRIC_NOTES, load_result
 
 
 def format_matrix(rows) -> str:
@@ -86,12 +78,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_plots(results, out: Path) -> dict[str, Path]:
-    """The PNGs of the module docstring for ``results`` (:class:`clpeft.compare.RunResult`), by name."""
+    """The PNGs of the module docstring for ``results`` (:class:`clpeft.tools.results.RunResult`), by name."""
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for r in results:
         name = "acc_matrix" if len(results) == 1 else f"acc_matrix_{_safe(r.label)}"
-        matrices = np.asarray([run["acc_matrix"] for run in r.runs.values()], dtype=float)
+        matrices = r.accuracy_matrices()
         title = f"{r.label}: mean of {len(matrices)} seeds" if len(matrices) > 1 else r.label
         paths[name] = _save(accuracy_matrix_figure(matrices.mean(axis=0), title), out / f"{name}.png")
     seen = {r.label: [run["metrics"]["acc_seen"] for run in r.runs.values()] for r in results if _has(r, "acc_seen")}
@@ -116,10 +108,8 @@ def write_report(run_dirs, out: str | Path | None = None) -> tuple[str, Path]:
 
     ``out`` defaults to the run directory when there is one run.
     """
-    from clpeft import compare, html_report
-
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    results = [compare.load_result(d) for d in run_dirs]
+    results = [load_result(d) for d in run_dirs]
     if out is None:
         if len(results) > 1:
             raise UserError("several runs: choose the report folder with --out DIR")

@@ -6,10 +6,8 @@
     OUT/seed_0/ ... seed_2/    one ordinary run directory per seed (resumable on its own)
     OUT/seeds_summary.json     mean and std over seeds of every metric
 
-The standard deviation is the **sample** standard deviation, ``numpy.std(values, ddof=1)``
-(:data:`DDOF`), as in most continual-learning papers' "mean ± std over 3 runs"; with a single
-seed it is ``null``. List metrics (``acc_seen``, ``error_per_domain``) and the accuracy matrix
-are averaged elementwise.
+The summary's statistics (sample standard deviation, elementwise means of list metrics) are
+:mod:`clpeft.tools.seed_summary`'s.
 """
 
 from __future__ import annotations
@@ -18,68 +16,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from clpeft import distributed
 from clpeft.config import RunConfig
 from clpeft.errors import UserError
-from clpeft.run_directory import RunLock, run_files
-
-DDOF = 1
-SUMMARY_FILE = "seeds_summary.json"
-TIMING_KEYS = ("train_s", "eval_s", "peak_memory_mb")
-
-
-def seed_dir(out: str | Path, seed: int) -> Path:
-    return Path(out) / f"seed_{seed}"
-
-
-def mean_std(values) -> dict:
-    """``{"mean", "std", "values"}`` of scalars or equal-shape lists (elementwise), ``std`` with :data:`DDOF`."""
-    a = np.asarray(values, dtype=np.float64)
-    std = a.std(axis=0, ddof=DDOF) if len(a) > DDOF else None
-    return {
-        "mean": a.mean(axis=0).tolist(),
-        "std": None if std is None else std.tolist(),
-        "values": a.tolist(),
-    }
-
-
-def summarize_runs(runs: dict[int, dict]) -> dict:
-    """The ``seeds_summary.json`` content of ``{seed: metrics.json content}``.
-
-    Metrics present in every run are summarised; list metrics must have equal lengths.
-    """
-    seeds = sorted(runs)
-    results = [runs[s] for s in seeds]
-    keys = [k for k in results[0]["metrics"] if all(k in r["metrics"] for r in results)]
-    metrics = {}
-    for key in keys:
-        values = [r["metrics"][key] for r in results]
-        if any(v is None for v in values):
-            continue
-        if isinstance(values[0], list) and len({len(v) for v in values}) > 1:
-            raise UserError(f"metric '{key}' has different lengths across seeds {seeds}; the seeds ran different streams")
-        metrics[key] = mean_std(values)
-    timing = {k: mean_std([r["timing"][k] for r in results]) for k in TIMING_KEYS
-              if all(k in r.get("timing", {}) for r in results)}
-    out = {
-        "seeds": seeds,
-        "runs": [seed_dir(".", s).name for s in seeds],
-        "ddof": DDOF,
-        "std": f"sample standard deviation over seeds, numpy.std(ddof={DDOF})",
-        "metrics": metrics,
-        "timing": timing,
-    }
-    shapes = {np.shape(r.get("acc_matrix")) for r in results}
-    if len(shapes) == 1 and results[0].get("acc_matrix"):
-        out["acc_matrix"] = mean_std([r["acc_matrix"] for r in results])
-    if all("parameters" in r for r in results):
-        out["parameters"] = results[0]["parameters"]
-    if results[0].get("class_names"):
-        out["class_names"] = results[0]["class_names"]
-    return out
+from clpeft.run_directory import RunLock, run_files, write_atomic
+from clpeft.tools.results import read_results_file
+from clpeft.tools.seed_summary import SUMMARY_FILE, seed_dir, summarize_runs
 
 
 def run_seeds(cfg: RunConfig, out: str | Path, engine_kwargs: dict, *, resume: bool = False, on_done=None) -> dict:
@@ -112,7 +56,7 @@ def _run_each_seed(cfg: RunConfig, out: Path, seeds: list[int], engine_kwargs: d
     for seed in seeds:
         run_dir = seed_dir(out, seed)
         if resume and (run_dir / "metrics.json").is_file():
-            results[seed] = json.loads((run_dir / "metrics.json").read_text())
+            results[seed] = read_results_file(run_dir / "metrics.json")
         else:
             single = dataclasses.replace(cfg, seed=seed, seeds=None, out=None)
             started = resume and (run_dir / "config.yaml").is_file()
@@ -121,9 +65,7 @@ def _run_each_seed(cfg: RunConfig, out: Path, seeds: list[int], engine_kwargs: d
             on_done(seed, results[seed])
     summary = summarize_runs(results)
     if world.is_main:
-        tmp = out / f".{SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / SUMMARY_FILE)
+        write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,9 +1,9 @@
 """``clpeft compare RUN_DIR ...``: one table of methods x metrics, as Markdown and CSV.
 
 A run directory is a single run (``metrics.json``) or a multi-seed directory
-(``seed_<n>/metrics.json``, see :mod:`clpeft.seeds`). Each row gives, over the seeds, the mean
-± sample std (``ddof=1``) of every metric, the wall time (train + eval seconds), the trainable
-and total parameter counts and the peak memory. Accuracy-type metrics are shown in percent
+(``seed_<n>/metrics.json``, read by :mod:`clpeft.tools.results`). Each row gives, over the
+seeds, the mean ± sample std (``ddof=1``) of every metric, the wall time (train + eval seconds),
+the trainable and total parameter counts and the peak memory. Accuracy-type metrics are shown in percent
 unless ``percent=False``. Below the table, the definitions of the metrics used (the formulas of
 :mod:`clpeft.metrics`, with their papers) are printed, so a pasted table says what it measures.
 """
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from clpeft.config import read_text, read_yaml
-from clpeft.errors import UserError
-from clpeft.report import METRIC_NOTES
-from clpeft.seeds import DDOF, SUMMARY_FILE, summarize_runs
+from clpeft.tools.results import METRIC_NOTES, RunResult, load_result
+from clpeft.tools.seed_summary import DDOF, mean_std
 
 #: Scalar metrics in table order; a column appears when some run has it.
 METRIC_COLUMNS = ("acc_final", "acc_last", "acc_avg_incremental", "bwt", "forgetting", "fwt", "error_mean")
@@ -29,74 +25,6 @@ REFERENCES = (
     "Chaudhry et al., Riemannian Walk, ECCV 2018 (forgetting)",
     "Rebuffi et al., iCaRL, CVPR 2017 (average incremental accuracy)",
 )
-
-
-@dataclass
-class RunResult:
-    """One run directory: the ``metrics.json`` of each of its seeds, and its config."""
-
-    path: Path
-    runs: dict[int | None, dict]
-    config: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.path.resolve().name
-
-    @property
-    def method(self) -> str:
-        return str((self.config.get("strategy") or {}).get("name", "?"))
-
-    @property
-    def seeds(self) -> list:
-        return list(self.runs)
-
-    def summary(self) -> dict:
-        """Mean/std over seeds (:func:`clpeft.seeds.summarize_runs`)."""
-        return summarize_runs({i: r for i, r in enumerate(self.runs.values())})
-
-
-def load_result(run_dir: str | Path) -> RunResult:
-    """A single-run or multi-seed directory.
-
-    Raises:
-        UserError: neither ``metrics.json`` nor finished ``seed_<n>/`` runs are there.
-    """
-    path = Path(run_dir)
-    config = _read_yaml(path / "config.yaml")
-    if (path / "metrics.json").is_file():
-        return RunResult(path, {config.get("seed"): _read_json(path / "metrics.json")}, config)
-    summary = path / SUMMARY_FILE
-    if summary.is_file():
-        seeds = _read_json(summary, "seeds")["seeds"]
-    else:
-        seeds = sorted(int(p.name[5:]) for p in path.glob("seed_*") if p.name[5:].isdigit() and (p / "metrics.json").is_file())
-    if not seeds:
-        raise UserError(f"{path}: no metrics.json and no finished seed_<n>/ runs (is it a finished run directory?)")
-    return RunResult(path, {s: _read_json(path / f"seed_{s}" / "metrics.json") for s in seeds}, config)
-
-
-def _read_json(path: Path, *required: str) -> dict:
-    """A results file of a run: a JSON object holding ``required`` (default: a metrics.json's keys)."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing (did that seed finish?)")
-    required = required or ("acc_matrix", "metrics")
-    try:
-        data = json.loads(read_text(path, "a clpeft results file"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-                        f"re-run or --resume the run that wrote it") from None
-    missing = [key for key in required if not isinstance(data, dict) or key not in data]
-    if missing:
-        raise UserError(f"{path}: not a clpeft results file (no {', '.join(missing)})")
-    return data
-
-
-def _read_yaml(path: Path) -> dict:
-    return read_yaml(path) if path.is_file() else {}
-
-
-# ------------------------------------------------------------------ the table
 
 
 def comparison_rows(results: list[RunResult], percent: bool = True) -> tuple[list[str], list[dict]]:
@@ -121,8 +49,6 @@ def comparison_rows(results: list[RunResult], percent: bool = True) -> tuple[lis
 
 
 def _stat(values: list[float]) -> tuple[float, float | None]:
-    from clpeft.seeds import mean_std
-
     s = mean_std(values)
     return s["mean"], s["std"]
 

@@ -26,6 +26,7 @@ from clpeft import config
 from clpeft.errors import UserError
 from clpeft.metrics import scalar_metric_names
 from clpeft.safe_yaml import load_yaml
+from clpeft.tools.results import load_result
 
 LOWER_IS_BETTER = {"forgetting", "error_mean"}
 DEFAULT_METRIC = "acc_last"
@@ -68,8 +69,6 @@ def _overrides(point: dict) -> list[str]:
 
 
 def _score(run_dir: Path, metric: str) -> dict:
-    from clpeft.compare import load_result
-
     summary = load_result(run_dir).summary()
     stat = summary["metrics"].get(metric)
     if stat is None or isinstance(stat["mean"], list):
@@ -96,7 +95,7 @@ def run_sweep(config_path: str | Path, grid: dict[str, list], out: str | Path, e
     Every config is validated before anything runs. ``on_point(name, score)`` is called after
     each grid point. Returns (and writes) the sweep summary.
     """
-    from clpeft.seeds import run_config
+    from clpeft.tools.seeds import run_config  # torch: not at import, `clpeft --help` imports this module
 
     out = Path(out)
     overrides = list(overrides or [])

@@ -10,7 +10,7 @@ import base64
 import html
 from pathlib import Path
 
-import numpy as np
+from clpeft.tools import compare
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -50,7 +50,7 @@ def _figure(path: Path, caption: str) -> str:
 
 
 def _matrix_section(result) -> str:
-    matrices = np.asarray([run["acc_matrix"] for run in result.runs.values()], dtype=float)
+    matrices = result.accuracy_matrices()
     mean = matrices.mean(axis=0)
     T = mean.shape[1]
     rows = [[f"exp{i}", *[f"{v:.3f}" for v in row]] for i, row in enumerate(mean)]
@@ -62,9 +62,7 @@ def _matrix_section(result) -> str:
 
 
 def render(results, images: dict[str, Path], title: str = "clpeft report") -> str:
-    """The whole page for ``results`` (:class:`clpeft.compare.RunResult`) and their plot files."""
-    from clpeft import compare
-
+    """The whole page for ``results`` (:class:`clpeft.tools.results.RunResult`) and their plot files."""
     metrics, rows = compare.comparison_rows(results)
     header, body = _markdown_table(compare.to_markdown(metrics, rows))
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in compare.definitions(metrics))
