@@ -1,4 +1,4 @@
-"""README.md stays true: its YAML reference is current and its plug-in and merging examples run."""
+"""README.md stays true: it links the YAML reference, and its plug-in and merging examples run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import yaml
 
 from clpeft import config
-from clpeft.tools.docs import config_reference
 from clpeft.engine import Engine
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -20,8 +19,9 @@ def _between(name: str) -> str:
     return match.group(1)
 
 
-def test_yaml_reference_matches_the_schemas():
-    assert _between("config-reference") == config_reference(), "regenerate with: clpeft list --markdown"
+def test_the_yaml_reference_is_linked():
+    assert "](docs/config_reference.md)" in README.read_text()
+    assert (README.parent / "docs" / "config_reference.md").is_file()
 
 
 def test_plugin_example_runs_from_a_file_path_and_beats_finetune(tmp_path, monkeypatch, digits_run):
@@ -38,24 +38,6 @@ def test_plugin_example_runs_from_a_file_path_and_beats_finetune(tmp_path, monke
     masked = Engine(cfg, tmp_path / "masked", device="cpu").run()["metrics"]
     # Masking old-class logits removes the head's bias towards the newest classes.
     assert masked["acc_last"] > base["acc_last"] + 0.2
-
-
-def test_reference_types_read_as_written_in_yaml():
-    """Bounds of nested types stay readable (no pydantic reprs): lists of bounded numbers, pairs, models."""
-    from typing import Annotated
-
-    from pydantic import BaseModel, Field
-
-    from clpeft.tools.docs import _type_name
-
-    class Domain(BaseModel):
-        name: str = ""
-
-    positive = Annotated[float, Field(gt=0, le=1)]
-    assert _type_name(list[Annotated[int, Field(ge=0)]]) == "list[int >= 0]"
-    assert _type_name(positive | tuple[positive, positive]) == "float > 0 <= 1 \\| [float > 0 <= 1, float > 0 <= 1]"
-    assert _type_name(list[Domain] | None) == "list[Domain] \\| None"
-    assert _type_name(dict[str, int]) == "dict[str, int]"
 
 
 def test_merging_example_runs_on_real_files(tmp_path, monkeypatch):

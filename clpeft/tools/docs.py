@@ -1,7 +1,8 @@
 """The YAML reference, generated from the config schemas and the classes' docstrings.
 
-README.md embeds :func:`config_reference` between two markers; ``tests/test_readme.py`` checks
-that the two agree, and ``clpeft list --markdown`` prints it afresh.
+``docs/config_reference.md`` is :func:`config_reference`'s page, written by
+``clpeft list --markdown > docs/config_reference.md``; ``tests/test_config_reference.py`` checks
+that the two agree.
 """
 
 from __future__ import annotations
@@ -73,10 +74,20 @@ def _rows(model: type[BaseModel], help_text: dict[str, str]) -> list[str]:
     return rows
 
 
+_INTRO = """# YAML reference
+
+Every key of a run config: the sections, then every registered scenario, backbone and strategy
+with its own parameters. Generated from the schemas and the classes' docstrings
+(`clpeft list --markdown > docs/config_reference.md`; `tests/test_config_reference.py` checks it
+is current). The defaults let a config run quickly as a check; the configs under `configs/` that
+mirror a paper set that paper's values (`docs/published_setups.md`)."""
+
+
 def config_reference() -> str:
-    """Markdown tables of every config section and registered class."""
+    """The Markdown page: tables of every config section and registered class."""
     head = "| key | type | default | meaning |\n|---|---|---|---|"
     parts = [
+        _INTRO,
         "Top level: `seed` (int, default 0), `out` (run directory, default `runs/<config>-<strategy>-<time>`), "
         "and the sections below."
     ]
