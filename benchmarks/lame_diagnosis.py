@@ -31,9 +31,9 @@ import torch
 import yaml
 
 from clpeft import checkpoint, config
-from clpeft.components.heads import LinearHead
-from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.test_time import batch_norm_layers, use_batch_statistics
+from clpeft.components.heads.classifiers import LinearHead
+from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
+from clpeft.components.tta.online_adaptation import batch_norm_layers, use_batch_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from clpeft.components.lora import LoRALinear  # noqa: E402
-from clpeft.components.multi_lora import MultiLoRALinear  # noqa: E402
+from clpeft.components.lora.batched import MultiLoRALinear  # noqa: E402
 
 
 class _OneLinear(nn.Module):

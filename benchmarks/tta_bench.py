@@ -5,11 +5,11 @@ widths 16/32/64) and 28x28 ``uint8`` images (Fashion-MNIST-shaped random pixels:
 depend on the content):
 
 (a) CoTTA's augmentation-averaged teacher prediction over ``N`` augmentations with BatchNorm on
-    batch statistics: ``stacked`` (:func:`clpeft.components.augment_average.augmentation_average`
+    batch statistics: ``stacked`` (:func:`clpeft.components.tta.augment_average.augmentation_average`
     with ``stacked=True``: one augment call over ``N * B`` images and one ``vmap``-ed forward, the
     CUDA default), ``CPU default`` (the same up to ``STACK_ON_CPU`` images, above it one augment call, then one forward per augmentation) against
     ``loop`` (the reference code's Python loop of ``N`` augment + forward calls,
-    :func:`~clpeft.components.augment_average.augmentation_average_loop`). All draw the same
+    :func:`~clpeft.components.tta.augment_average.augmentation_average_loop`). All draw the same
     augmentations; the largest difference from the loop's output is printed. Ratios = loop time
     / variant time (> 1: the variant is faster).
 
@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from clpeft.backbones.cnn import CNNBackbone
-from clpeft.components.augment_average import TTAugment, augmentation_average, augmentation_average_loop
-from clpeft.components.test_time import batch_norm_layers, classifier, use_batch_statistics
+from clpeft.components.tta.augment_average import TTAugment, augmentation_average, augmentation_average_loop
+from clpeft.components.tta.online_adaptation import batch_norm_layers, classifier, use_batch_statistics
 from clpeft.experience import Experience
 from clpeft.strategies.tent import Tent
 

@@ -15,11 +15,11 @@ order of floating-point sums:
 - **training loss** (logged, and checked for NaN/inf on every rank): all-reduced sum of
   ``loss * n_rank`` and ``n_rank``.
 - **evaluation**: each rank scores its share of every test set; correct counts are all-reduced.
-- **class statistics** (:class:`~clpeft.components.class_statistics.ClassStatistics`: counts,
+- **class statistics** (:class:`~clpeft.components.heads.class_statistics.ClassStatistics`: counts,
   means, scatter; SimpleCIL, FSA-LDA, fscil_proto, APER, SLCA's alignment): each rank
   accumulates its share of the experience, then every rank gathers all shares and merges them in
   rank order (:meth:`ClassStatistics.gathered`).
-- **prompt-selection counts** (:class:`~clpeft.components.prompt_pool.PromptPool`, L2P's
+- **prompt-selection counts** (:class:`~clpeft.components.prompts.prompt_pool.PromptPool`, L2P's
   diversity frequencies): all-reduced sum after each experience.
 - **buffers** changed by training on local batches (BatchNorm running statistics): rank 0's
   values are broadcast after each experience, as DDP's ``broadcast_buffers`` does.

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.backbones.base import Backbone
-from clpeft.components.heads import LinearHead
+from clpeft.components.heads.classifiers import LinearHead
 from clpeft.data import Batch, DataView
 from clpeft.experience import Experience
 

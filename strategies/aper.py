@@ -13,14 +13,14 @@ code: LAMDA-PILOT ``models/aper_adapter.py``, ``aper_vpt.py``).
 2. **Merge**: every sample is embedded as ``[phi(x), phi*(x)]`` (concatenation) and
    class ``i``'s prototype is its mean embedding ``p_i`` (eq. 3, over all of its training
    samples); predictions are ``cos([phi(x), phi*(x)], p_i)`` (a
-   :class:`~clpeft.components.heads.PrototypeHead`), updated after every experience.
+   :class:`~clpeft.components.heads.classifiers.PrototypeHead`), updated after every experience.
 
 After the first experience nothing trains (the engine makes no optimizer step). ``phi`` is
 the engine's backbone, untouched and frozen, so its features come from the feature cache
 (served with the raw inputs, as prompt methods get their query); only ``phi*`` runs: one
 backbone pass per sample where PILOT's two-branch network pays two. The adapter and LoRA
 variants inject into a copy of the backbone that shares its weights
-(:func:`~clpeft.components.adapter.shared_weights_copy`), so no weight is stored twice.
+(:func:`~clpeft.components.lora.parallel_adapter.shared_weights_copy`), so no weight is stored twice.
 
 Checked against PILOT's ``models/aper_adapter.py`` and ``backbone/vpt.py`` in
 ``tests/reference/test_pilot.py``: the adapter steps, prototypes and logits, and the VPT
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.adapter import inject_adapters, shared_weights_copy
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import CosineHead, PrototypeHead
+from clpeft.components.lora.parallel_adapter import inject_adapters, shared_weights_copy
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import CosineHead, PrototypeHead
 from clpeft.components.lora import inject_lora
-from clpeft.components.prompted_classifier import promptable_width, query_of
+from clpeft.components.prompts.prompted import promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

@@ -14,7 +14,7 @@ changes; the running statistics are left untouched.
 
 import torch
 
-from clpeft.components.test_time import OnlineAdaptation, classifier
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, classifier
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy

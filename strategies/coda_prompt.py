@@ -3,7 +3,7 @@
 Smith et al., "CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free
 Continual Learning", CVPR 2023 (https://arxiv.org/abs/2211.13218). Instead of selecting prompts,
 each prompted layer of a frozen ViT gets a prompt assembled from components
-(:class:`~clpeft.components.attention_prompt_pool.AttentionPromptPool`), weighted by the cosine
+(:class:`~clpeft.components.prompts.attention_prompt_pool.AttentionPromptPool`), weighted by the cosine
 between the attended query and each component's key (eqs. 3-5)::
 
     alpha_m = cos(q(x) * A_m, K_m),   p = sum_m alpha_m P_m
@@ -29,9 +29,10 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.attention_prompt_pool import AttentionPromptPool
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.prompted_classifier import ClassMask, check_layers, promptable_width, query_of
+from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

@@ -11,7 +11,7 @@ consistency loss, averaged over the whole batch):
 After every student step only the teacher on duty follows by EMA, with the ramp
 ``alpha_t = min(alpha, 1 - 1/(t + 1))`` restarted at each shift, and the teachers switch every
 ``period`` batches (every epoch in the paper; a test stream is seen once, so a shift is a
-number of batches here) — see :class:`clpeft.components.ema.DualTeacher`. The prediction is
+number of batches here) — see :class:`clpeft.components.regularization.ema.DualTeacher`. The prediction is
 the teacher on duty's. CoTTA's random augmentation (:class:`TTAugment`) stands in for the
 paper's strong colour jitter + random grayscale. The paper's CutMix/ClassMix supervised terms need labels and are not
 part of the test-time version.
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.tta_augment import TTAugment
-from clpeft.components.ema import DualTeacher
-from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.augment import TTAugment
+from clpeft.components.regularization.ema import DualTeacher
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy

@@ -2,7 +2,7 @@
 
 Wang et al., "DualPrompt: Complementary Prompting for Rehearsal-free Continual Learning",
 ECCV 2022 (https://arxiv.org/abs/2204.04799). A frozen ViT gets two kinds of prefix prompts
-(:class:`~clpeft.components.prefix_prompt.PrefixPrompt`): a task-shared G-prompt at the early
+(:class:`~clpeft.components.prompts.prefix_prompt.PrefixPrompt`): a task-shared G-prompt at the early
 layers ``start_g..end_g`` and a task-specific E-prompt at the layers ``start_e..end_e``. Training
 on task ``t`` uses E-prompt ``e_t`` and pulls its key towards the query ``q(x)`` (the frozen
 model's [CLS] feature, taken from the feature cache); at test time the E-prompt with the
@@ -24,7 +24,7 @@ Two deliberate differences from the official port (JH-LEE-KR/dualprompt-pytorch)
   sample attends to other samples' E-prompts (dualprompt-pytorch issue #8, mammoth issues #56,
   #65). clpeft gives every sample its own E-prompt's keys and values, as the paper describes;
 * at test time it chooses among all ``pool_size`` keys, untrained ones included; clpeft among the
-  keys of the tasks trained so far (see :class:`~clpeft.components.prefix_prompt.PrefixPrompt`).
+  keys of the tasks trained so far (see :class:`~clpeft.components.prompts.prefix_prompt.PrefixPrompt`).
 
 **Batch-wise selection leaks task identity at test time.** With ``batchwise_selection`` (the
 official CIFAR-100 ``batchwise_prompt``) the E-prompt chosen most often in a test batch serves
@@ -42,9 +42,10 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.prefix_prompt import PrefixPrompt
-from clpeft.components.prompted_classifier import ClassMask, check_layers, promptable_width, query_of
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.prompts.prefix_prompt import PrefixPrompt
+from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

@@ -13,7 +13,7 @@ parameters, restricted to reliable, non-redundant samples and regularised toward
   source-like samples (a random subset of the source training data here, without training
   augmentation, as the reference's source loader) with the model's own pseudo-labels, as the
   mean squared mini-batch gradient of the authors' code (see
-  :func:`clpeft.components.tta_losses.batch_gradient_importance`), in mini-batches of the test
+  :func:`clpeft.components.tta.losses.batch_gradient_importance`), in mini-batches of the test
   batch size (``train.batch_size``) like the reference's, with the test-time BatchNorm
   (test-batch statistics); ``theta^o`` the source values.
 
@@ -33,10 +33,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.fisher import FisherPenalty
-from clpeft.components.source_data import source_training_data
-from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
-from clpeft.components.tta_losses import EATASampleFilter, batch_gradient_importance, entropy
+from clpeft.components.regularization.fisher import FisherPenalty
+from clpeft.components.tta.source_data import source_training_data
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.losses import EATASampleFilter, batch_gradient_importance, entropy
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy

@@ -26,8 +26,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import LDAHead, LinearHead
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import LDAHead, LinearHead
 from clpeft.registry import register_strategy
 from clpeft.strategies.simplecil import AdaptPart, FrozenFeatureClassifier
 

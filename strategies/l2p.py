@@ -2,7 +2,7 @@
 
 Wang et al., "Learning to Prompt for Continual Learning", CVPR 2022
 (https://arxiv.org/abs/2112.08654). A frozen ViT is instructed by prompts drawn from a pool
-(:class:`~clpeft.components.prompt_pool.PromptPool`): the ``N`` prompts whose keys are nearest
+(:class:`~clpeft.components.prompts.prompt_pool.PromptPool`): the ``N`` prompts whose keys are nearest
 (cosine) to the query ``q(x)`` -- the frozen model's [CLS] feature, taken from the feature cache
 -- are prepended to the patch tokens, and the classifier reads the mean of the prompt tokens
 after the last block (the official ``head_type='prompt'``). The loss is eq. 5::
@@ -32,9 +32,10 @@ import torch
 from pydantic import Field
 
 from clpeft.backbones.vit import class_token_position
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.prompt_pool import PromptPool
-from clpeft.components.prompted_classifier import ClassMask, promptable_width, query_of
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.prompts.prompt_pool import PromptPool
+from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.prompts.prompted import promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

@@ -18,7 +18,7 @@ module beside this one):
   (``num_freeze_epochs`` in the official code).
 * **Accumulation** -- after the first experience the *offline* module starts as a copy of the
   online one; after every later optimizer step it follows it by an exponential moving average
-  (:class:`~clpeft.components.ema.EMATeacher`)::
+  (:class:`~clpeft.components.regularization.ema.EMATeacher`)::
 
       theta_off <- m * theta_off + (1 - m) * theta_on          (m -> ema_momentum)
 
@@ -31,7 +31,7 @@ The EMA update follows every optimizer step (``after_training_step``, the offici
 
 ``align`` (an addition to the paper) gives each expert its own aligned copy of the shared head,
 re-trained on sampled class-Gaussian features of that expert after every experience
-(:class:`~clpeft.components.classifier_alignment.AlignedHead`, SLCA's alignment), optionally with
+(:class:`~clpeft.components.heads.alignment.AlignedHead`, SLCA's alignment), optionally with
 drift compensation of the stored means; the ensemble then takes the maximum over the aligned
 heads' softmax outputs.
 
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.ema import EMATeacher
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.regularization.ema import EMATeacher
 from clpeft.components.lora import LoRAFactors, inject_lora
-from clpeft.components.prompted_classifier import ClassMask
+from clpeft.components.heads.class_mask import ClassMask
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

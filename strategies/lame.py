@@ -6,7 +6,7 @@ normalisation statistics; for each test batch its probabilities ``p`` are replac
 Laplacian-regularised assignments ``z`` that maximise the batch likelihood under a manifold
 smoothness prior (eq. 4), found by the fixed point ``z_i <- softmax(log p_i + sum_j w_ij z_j)``
 (eq. 7) on an affinity ``W`` of the L2-normalised backbone features
-(:mod:`clpeft.components.laplacian_adjustment`). ``adapt`` returns ``log z`` as logits.
+(:mod:`clpeft.components.tta.laplacian_adjustment`). ``adapt`` returns ``log z`` as logits.
 
 The default affinity is that of the authors' code and of Döbler et al.'s benchmark
 (``LAME.AFFINITY: rbf``, ``KNN: 5``, ``FORCE_SYMMETRY: False`` in its ``conf.py``): ``rbf``,
@@ -22,8 +22,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.test_time import OnlineAdaptation, classifier
+from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, classifier
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy

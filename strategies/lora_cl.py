@@ -19,13 +19,13 @@ separable). The rank of each update is chosen by importance:
   grows during the experience as IncreLoRA does: every ``T`` optimizer steps (after
   ``grow_warmup`` steps), the ``grow_layers`` layers with the highest importance gain
   ``grow_rank`` components each, until ``sum_l r_l = b``
-  (:meth:`~clpeft.components.rank_allocation.RankAllocator.allocate`; the new components start
+  (:meth:`~clpeft.components.lora.rank_allocation.RankAllocator.allocate`; the new components start
   with ``B = 0`` and zero optimizer state, the existing ones keep theirs);
 * with a ``rank_budget`` ``b`` alone, the trained update is cut to ``sum_l r_l = b`` before it is
   retired: IncreLoRA's layer scores (Zhang et al., "IncreLoRA: Incremental Parameter Allocation
   Method for Parameter-Efficient Fine-tuning", 2023, https://arxiv.org/abs/2308.12043; AdaLoRA's
   smoothed sensitivity ``|w dL/dw|``, accumulated at every step) split ``b`` across the layers
-  (:meth:`~clpeft.components.rank_allocation.RankAllocator.split`), and each layer keeps its most
+  (:meth:`~clpeft.components.lora.rank_allocation.RankAllocator.split`), and each layer keeps its most
   important components by PRILoRA's score, ``|B_i| |A_i * rms(x)|`` with input statistics
   gathered while training (:meth:`~clpeft.components.lora.LoRALinear.prune`).
 
@@ -37,7 +37,7 @@ Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
 https://arxiv.org/abs/2404.00228): before each experience every layer's ``A_t`` is designed from
 the experience's inputs outside the subspace of earlier experiences' inputs and frozen, so only
 ``B_t`` trains and old inputs pass the new update unchanged
-(:class:`~clpeft.components.input_subspace.InputSubspace`). After each experience the subspace
+(:class:`~clpeft.components.lora.input_subspace.InputSubspace`). After each experience the subspace
 grows by the official code's rule (``update_DualGPM``: the energy of the *squared* eigenvalues of
 the input covariance); ``subspace: gpm`` designs ``A_t`` the same way but grows the subspace by
 GPM's definition (the eigenvalues themselves), which keeps far more directions at the same
@@ -58,11 +58,11 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.input_subspace import InputSubspace
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import inject_lora, layer_ranks
-from clpeft.components.prompted_classifier import ClassMask
-from clpeft.components.rank_allocation import RankAllocator
+from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.lora.rank_allocation import RankAllocator
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

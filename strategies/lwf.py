@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.distillation import distillation_loss, frozen_copy
+from clpeft.components.regularization.distillation import distillation_loss, frozen_copy
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

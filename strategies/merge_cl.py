@@ -30,9 +30,9 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
 from clpeft.components.lora import inject_lora
-from clpeft.components.prompted_classifier import ClassMask
+from clpeft.components.heads.class_mask import ClassMask
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import CosineHead, RidgeHead, ridge_by_holdout
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import CosineHead, RidgeHead, ridge_by_holdout
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategies.simplecil import AdaptPart, FrozenFeatureClassifier

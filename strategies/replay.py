@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
-from clpeft.components.replay import Policy
+from clpeft.components.memory.replay import Policy
 from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

@@ -40,18 +40,18 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.tta_augment import TTAugment
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.ema import EMATeacher
-from clpeft.components.source_data import SourceBatches, source_training_data
-from clpeft.components.test_time import (
+from clpeft.components.tta.augment import TTAugment
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.regularization.ema import EMATeacher
+from clpeft.components.tta.source_data import SourceBatches, source_training_data
+from clpeft.components.tta.online_adaptation import (
     OnlineAdaptation,
     batch_norm_layers,
     check_adaptable,
     classifier,
     use_batch_statistics,
 )
-from clpeft.components.tta_losses import multi_view_contrastive_loss, symmetric_cross_entropy
+from clpeft.components.tta.losses import multi_view_contrastive_loss, symmetric_cross_entropy
 from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.adapter import inject_adapters
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import PrototypeHead
-from clpeft.components.prompted_classifier import promptable_width
+from clpeft.components.lora.parallel_adapter import inject_adapters
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import PrototypeHead
+from clpeft.components.prompts.prompted import promptable_width
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

@@ -15,7 +15,7 @@ github.com/GengDavid/SLCA).
 * **Classifier alignment** -- after each task, every new class's feature mean and covariance
   are computed once (eval mode, no gradient) and kept; from the second task on, a copy of the
   head is re-trained on features sampled from every seen class's Gaussian with logit
-  normalisation (:class:`~clpeft.components.classifier_alignment.AlignedHead`).
+  normalisation (:class:`~clpeft.components.heads.alignment.AlignedHead`).
   The aligned copy predicts; the next task trains the unaligned head (the official
   ``fc.backup()`` / ``fc.recall()``), and each alignment starts again from it.
 
@@ -43,8 +43,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.classifier_alignment import AlignedHead, check_alignment_options
-from clpeft.components.prompted_classifier import ClassMask, promptable_width
+from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.prompts.prompted import promptable_width
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

@@ -17,8 +17,8 @@ from typing import Literal
 
 import torch
 
-from clpeft.components.test_time import OnlineAdaptation, check_adaptable, classifier
-from clpeft.components.tta_losses import entropy
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.losses import entropy
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy

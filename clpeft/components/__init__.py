@@ -1,40 +1,77 @@
-"""Reusable building blocks; each works alone and never imports the engine or strategies."""
+"""Reusable building blocks, grouped by family; each works alone and never imports the engine or strategies.
 
-from clpeft.components.adapter import Adapter, ParallelAdapterBlock, inject_adapters, shared_weights_copy
-from clpeft.components.attention_prompt_pool import AttentionPromptPool
-from clpeft.components.augment_average import TTAugment, augmentation_average
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.classifier_alignment import AlignedHead, ClassifierAlignment
-from clpeft.components.ema import DualTeacher, EMATeacher
-from clpeft.components.heads import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
-from clpeft.components.input_subspace import InputSubspace
-from clpeft.components.laplacian_adjustment import laplacian_adjustment
+* :mod:`~clpeft.components.prompts`: L2P, DualPrompt and CODA-Prompt pools;
+* :mod:`~clpeft.components.lora`: dynamic-rank LoRA, batched LoRA, rank budgets, input subspaces, adapters;
+* :mod:`~clpeft.components.heads`: classifier heads, class statistics, classifier alignment, the class mask;
+* :mod:`~clpeft.components.tta`: the test-time adaptation loop, losses, augmentations, restore;
+* :mod:`~clpeft.components.memory`: replay buffers;
+* :mod:`~clpeft.components.regularization`: distillation, EMA teachers, the EWC penalty.
+
+Every public name is importable from here (``from clpeft.components import LoRALinear``).
+"""
+
+from clpeft.components.heads import (
+    AlignedHead,
+    ClassifierAlignment,
+    ClassMask,
+    ClassStatistics,
+    CosineHead,
+    LDAHead,
+    LinearHead,
+    PrototypeHead,
+    ridge_by_holdout,
+    RidgeHead,
+)
 from clpeft.components.lora import (
-    LoRAFactors,
-    LoRALinear,
+    Adapter,
     find_linear_targets,
+    inject_adapters,
     inject_lora,
+    inject_multi_lora,
+    InputSubspace,
     layer_depths,
     layer_ranks,
     load_adapters,
     lora_layers,
+    LoRAFactors,
+    LoRALinear,
+    MultiLoRALinear,
+    ParallelAdapterBlock,
+    RankAllocator,
     replace_module,
+    route,
     save_adapters,
+    shared_weights_copy,
 )
-from clpeft.components.multi_lora import MultiLoRALinear, inject_multi_lora, route
-from clpeft.components.prefix_prompt import PrefixPrompt, PrefixSelection
-from clpeft.components.prompt_pool import PromptPool, PromptSelection
-from clpeft.components.prompted_classifier import ClassMask, promptable_width, query_of
-from clpeft.components.rank_allocation import RankAllocator
-from clpeft.components.replay import ReplayBuffer
-from clpeft.components.source_data import SourceBatches, source_training_data
-from clpeft.components.stochastic_restore import StochasticRestore
-from clpeft.components.test_time import AdaptationOptimizer, OnlineAdaptation
-from clpeft.components.tta_losses import (
+from clpeft.components.memory import (
+    ReplayBuffer,
+)
+from clpeft.components.prompts import (
+    AttentionPromptPool,
+    PrefixPrompt,
+    PrefixSelection,
+    promptable_width,
+    PromptPool,
+    PromptSelection,
+    query_of,
+)
+from clpeft.components.regularization import (
+    DualTeacher,
+    EMATeacher,
+)
+from clpeft.components.tta import (
+    AdaptationOptimizer,
+    augmentation_average,
     EATASampleFilter,
     entropy,
+    laplacian_adjustment,
     multi_view_contrastive_loss,
+    OnlineAdaptation,
+    source_training_data,
+    SourceBatches,
+    StochasticRestore,
     symmetric_cross_entropy,
+    TTAugment,
 )
 
 __all__ = [

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 
 import clpeft.config
 from clpeft.backbones.cnn import CNNBackbone
-from clpeft.components.heads import LinearHead
+from clpeft.components.heads.classifiers import LinearHead
 from clpeft.errors import UserError
 from clpeft.registry import backbones
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from clpeft.components.adapter import Adapter, ParallelAdapterBlock, inject_adapters, shared_weights_copy
+from clpeft.components.lora.parallel_adapter import Adapter, ParallelAdapterBlock, inject_adapters, shared_weights_copy
 
 
 def _vit():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clpeft.components.classifier_alignment import AlignedHead, ClassifierAlignment
-from clpeft.components.heads import LinearHead
+from clpeft.components.heads.alignment import AlignedHead, ClassifierAlignment
+from clpeft.components.heads.classifiers import LinearHead
 
 D = 5
 

@@ -1,4 +1,4 @@
-"""Tests for ``clpeft.components.distillation``.
+"""Tests for ``clpeft.components.regularization.distillation``.
 
 Reference: Li & Hoiem (LwF, 2016), eq. 2, after Hinton et al. (2015), section 2: the old-task
 loss is the KL divergence between the temperature-``T`` softmaxes of teacher and student (no
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.distillation import distillation_loss, frozen_copy
+from clpeft.components.regularization.distillation import distillation_loss, frozen_copy
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.ema import DualTeacher, EMATeacher
+from clpeft.components.regularization.ema import DualTeacher, EMATeacher
 
 
 def _net(seed: int = 0) -> nn.Module:

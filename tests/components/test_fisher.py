@@ -1,4 +1,4 @@
-"""Tests for ``clpeft.components.fisher``: the empirical Fisher and the EWC penalty.
+"""Tests for ``clpeft.components.regularization.fisher``: the empirical Fisher and the EWC penalty.
 
 References: Kirkpatrick et al. (2017), eq. 3, and Schwarz et al. (2018) for online EWC
 (``F* <- gamma F* + F_new``, anchored at the latest parameters). Expected values come from a
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clpeft.components.fisher import FisherPenalty, empirical_fisher
+from clpeft.components.regularization.fisher import FisherPenalty, empirical_fisher
 
 
 def _model(seed=0) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tests for ``clpeft.components.heads.LinearHead``.
+"""Tests for ``clpeft.components.heads.classifiers.LinearHead``.
 
 The head is the one piece of state that changes shape during a run, so the checks are about
 shape changes: growing must not touch what was learned, loading a checkpoint must resize a
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.heads import LinearHead
+from clpeft.components.heads.classifiers import LinearHead
 
 
 def _trained_head(in_features=6, n_classes=3, seed=0) -> LinearHead:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.input_subspace import InputSubspace
+from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import LoRALinear
 
 

@@ -1,4 +1,4 @@
-"""Tests for whole-model adapter routing: ``inject_multi_lora`` + ``route`` in ``clpeft.components.multi_lora``.
+"""Tests for whole-model adapter routing: ``inject_multi_lora`` + ``route`` in ``clpeft.components.lora.batched``.
 
 The reference for a mixed batch through a whole ViT is N separate models, each with only its own
 LoRA adapter merged into the weights: every sample must come out of the multi-adapter model as
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clpeft.components.lora import LoRALinear, inject_lora, lora_layers
-from clpeft.components.multi_lora import MultiLoRALinear, inject_multi_lora, route
+from clpeft.components.lora.batched import MultiLoRALinear, inject_multi_lora, route
 from clpeft.errors import UserError
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]

@@ -1,4 +1,4 @@
-"""Tests for ``clpeft.components.multi_lora.MultiLoRALinear``.
+"""Tests for ``clpeft.components.lora.batched.MultiLoRALinear``.
 
 The batched computation must equal the obvious loop (per adapter: select its samples, apply
 it, scatter back) in outputs and in the gradients of every factor and of the input, and a stack
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.components.lora import LoRALinear
-from clpeft.components.multi_lora import MultiLoRALinear
+from clpeft.components.lora.batched import MultiLoRALinear
 from clpeft.errors import UserError
 
 

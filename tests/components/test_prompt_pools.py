@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from clpeft.components.attention_prompt_pool import AttentionPromptPool, orthonormal_complement
-from clpeft.components.prefix_prompt import PrefixPrompt
-from clpeft.components.prompt_pool import PromptPool
+from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool, orthonormal_complement
+from clpeft.components.prompts.prefix_prompt import PrefixPrompt
+from clpeft.components.prompts.prompt_pool import PromptPool
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import CosineHead, LDAHead, PrototypeHead, RidgeHead, ridge_by_holdout
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import CosineHead, LDAHead, PrototypeHead, RidgeHead, ridge_by_holdout
 
 D, C, N = 6, 4, 300
 

@@ -1,4 +1,4 @@
-"""Tests for ``clpeft.components.rank_allocation.RankAllocator`` (IncreLoRA).
+"""Tests for ``clpeft.components.lora.rank_allocation.RankAllocator`` (IncreLoRA).
 
 Two layers, of which only one affects the loss: every rank of the budget must go to that one,
 the budget must never be exceeded, growth must not change the model's output, and the smoothed
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clpeft.components.lora import LoRALinear
-from clpeft.components.rank_allocation import RankAllocator
+from clpeft.components.lora.rank_allocation import RankAllocator
 from clpeft.errors import UserError
 
 

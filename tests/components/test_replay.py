@@ -1,4 +1,4 @@
-"""Tests for ``clpeft.components.replay.ReplayBuffer``.
+"""Tests for ``clpeft.components.memory.replay.ReplayBuffer``.
 
 The buffer stores ``(experience index, position)`` rows; these tests build small synthetic
 streams whose inputs encode a global sample id (``x[i] == i``), so what the buffer hands back
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.replay import ReplayBuffer, herding_order
+from clpeft.components.memory.replay import ReplayBuffer, herding_order
 from clpeft.data import ArrayDataset, DataView
 from clpeft.experience import Experience, Scenario
 
@@ -384,7 +384,7 @@ def test_add_is_reservoir_sampling_over_the_batches_of_a_stream():
     over 2,000 seeded streams each of 100 positions is kept 20 +- 4 sigma percent of the time."""
     import torch
 
-    from clpeft.components.replay import ReplayBuffer
+    from clpeft.components.memory.replay import ReplayBuffer
     from clpeft.data import ArrayDataset, DataView
     from clpeft.experience import Experience
 

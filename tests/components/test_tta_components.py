@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.backbones.cnn import CNNBackbone
-from clpeft.components.augment_average import augmentation_average, augmentation_average_loop
-from clpeft.components.heads import LinearHead
-from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.source_data import SourceBatches, source_training_data
-from clpeft.components.stochastic_restore import StochasticRestore
-from clpeft.components.test_time import (
+from clpeft.components.tta.augment_average import augmentation_average, augmentation_average_loop
+from clpeft.components.heads.classifiers import LinearHead
+from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
+from clpeft.components.tta.source_data import SourceBatches, source_training_data
+from clpeft.components.tta.stochastic_restore import StochasticRestore
+from clpeft.components.tta.online_adaptation import (
     AdaptationOptimizer,
     adapted_parameters,
     batch_norm_layers,
@@ -24,8 +24,8 @@ from clpeft.components.test_time import (
     classifier,
     use_batch_statistics,
 )
-from clpeft.components.tta_augment import TTAugment
-from clpeft.components.tta_losses import (
+from clpeft.components.tta.augment import TTAugment
+from clpeft.components.tta.losses import (
     EATASampleFilter,
     batch_gradient_importance,
     entropy,

@@ -289,7 +289,7 @@ def test_ewc_equals_avalanche_with_twice_the_lambda_and_per_sample_fisher(tmp_pa
 def test_ewc_fisher_is_per_sample_avalanche_squares_batch_gradients(tmp_path, monkeypatch):
     from avalanche.training.plugins import EWCPlugin
 
-    from clpeft.components.fisher import empirical_fisher
+    from clpeft.components.regularization.fisher import empirical_fisher
 
     record = run_clpeft(tmp_path, monkeypatch, Finetune, {"name": "finetune"})
     model = record.strategy  # calling a strategy is predict(): logits over the classes seen

@@ -36,7 +36,7 @@ from torch import nn
 import clpeft.config
 from clpeft.backbones import vit as clpeft_vit
 from clpeft.backbones.timm_backbone import TimmBackbone
-from clpeft.components.attention_prompt_pool import AttentionPromptPool
+from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
 from clpeft.config import TrainConfig
 from clpeft.data import Batch
 from clpeft.training import make_optimizer, make_scheduler, optimizer_step

@@ -209,7 +209,7 @@ def test_e_prompt_selection_and_pull_constraint_equal(port, batchwise):
 
 
 def _prefix_like(official, batchwise: bool):
-    from clpeft.components.prefix_prompt import PrefixPrompt
+    from clpeft.components.prompts.prefix_prompt import PrefixPrompt
 
     layers, _, pool, length, heads, head_dim = official.prompt.shape
     ours = PrefixPrompt(heads * head_dim, pool, g_layers=[], e_layers=list(range(layers)), e_length=length,

@@ -1,6 +1,6 @@
 """Herding exemplar selection (iCaRL, Rebuffi et al. 2017, Alg. 4 and 5) against the official code.
 
-clpeft's ``ReplayBuffer(policy="herding")`` (``clpeft/components/replay.py``) is compared with
+clpeft's ``ReplayBuffer(policy="herding")`` (``clpeft/components/memory/replay.py``) is compared with
 
 * LAMDA-PILOT (PyCIL) ``models/base.py``: ``BaseLearner.build_rehearsal_memory`` ->
   ``_reduce_exemplar`` + ``_construct_exemplar`` (the code behind PILOT's iCaRL/replay numbers);
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clpeft.components.replay import ReplayBuffer, herding_order
+from clpeft.components.memory.replay import ReplayBuffer, herding_order
 from clpeft.data import ArrayDataset, DataView
 from clpeft.experience import Experience, Scenario
 

@@ -54,7 +54,7 @@ from torch import nn
 
 import clpeft.config
 from clpeft.backbones.timm_backbone import TimmBackbone
-from clpeft.components.input_subspace import InputSubspace
+from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import LoRALinear
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView

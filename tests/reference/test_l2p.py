@@ -244,7 +244,7 @@ def test_prompt_selection_and_pull_constraint_equal(load_reference, batchwise):
 
 
 def _pool_like(official, batchwise: bool):
-    from clpeft.components.prompt_pool import PromptPool
+    from clpeft.components.prompts.prompt_pool import PromptPool
 
     pool = PromptPool(official.pool_size, official.length, official.prompt.shape[-1], official.top_k, batchwise=batchwise)
     with torch.no_grad():
@@ -365,7 +365,7 @@ def test_prompt_and_key_initialisation_is_the_ports(load_reference):
     """
     from scipy.stats import ks_2samp
 
-    from clpeft.components.prompt_pool import PromptPool
+    from clpeft.components.prompts.prompt_pool import PromptPool
 
     torch.manual_seed(0)
     with load_reference("l2p-pytorch", "prompt") as ref:

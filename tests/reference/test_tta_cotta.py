@@ -30,7 +30,7 @@ import pytest
 import torch
 from torchvision.transforms import InterpolationMode
 
-from clpeft.components.tta_augment import TTAugment
+from clpeft.components.tta.augment import TTAugment
 
 from .conftest import ref_dir, stub_module
 from .test_tta_methods import (

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import clpeft.config
 import clpeft.engine
 from clpeft.backbones.mlp import MLPBackbone
-from clpeft.components.fisher import FisherPenalty
+from clpeft.components.regularization.fisher import FisherPenalty
 from clpeft.data import Batch, DataView
 from clpeft.experience import Experience
 from clpeft.strategies.ewc import EWC
@@ -339,7 +339,7 @@ def test_replay_trains_on_the_experience_plus_the_memory(tmp_path, monkeypatch, 
 def test_replay_herding_selects_on_the_trained_backbone_features(tmp_path, monkeypatch, frozen):
     """The features handed to the buffer are the backbone's (cached when frozen) features of the
     experience's training samples, in order, after training on it."""
-    from clpeft.components.replay import ReplayBuffer
+    from clpeft.components.memory.replay import ReplayBuffer
 
     checked = []
     update = ReplayBuffer.update

@@ -154,7 +154,7 @@ def test_the_base_session_trains_a_fixed_scale_cosine_classifier_by_default():
     """CEC's decoupled-cosine baseline (``-base_mode ft_cos -temperature 16``): logits
     ``s * cos(phi(x), w_c)``, no bias, ``s`` fixed; ``base_head: linear`` keeps a linear head.
     (Equality with CEC's training loop: tests/reference/test_fscil.py.)"""
-    from clpeft.components.heads import CosineHead, LinearHead
+    from clpeft.components.heads.classifiers import CosineHead, LinearHead
 
     s = _new()
     assert isinstance(s.adapt_head, CosineHead) and not isinstance(s.adapt_head.scale, torch.nn.Parameter)

@@ -19,7 +19,7 @@ import torch
 
 import clpeft.config
 import clpeft.engine
-from clpeft.components.rank_allocation import RankAllocator
+from clpeft.components.lora.rank_allocation import RankAllocator
 from clpeft.errors import UserError
 from clpeft.merging import LoraAdapter, merge
 from clpeft.strategies.lae import LAE
@@ -137,7 +137,7 @@ def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monke
 
 def test_lora_cl_inflora_threshold_schedule_runs_over_the_stream(tmp_path, monkeypatch, run_keeping):
     """``subspace_threshold: [lamb, lame]``: after experience t of T the basis grows to lamb + (lame - lamb) t / T."""
-    from clpeft.components.input_subspace import InputSubspace
+    from clpeft.components.lora.input_subspace import InputSubspace
 
     progress, extend = [], InputSubspace.extend
 

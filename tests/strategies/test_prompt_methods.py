@@ -17,7 +17,7 @@ import clpeft.config
 import clpeft.engine
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.backbones.timm_backbone import TimmBackbone
-from clpeft.components.prefix_prompt import PrefixPrompt
+from clpeft.components.prompts.prefix_prompt import PrefixPrompt
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience

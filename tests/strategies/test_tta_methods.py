@@ -20,10 +20,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from clpeft.backbones.cnn import CNNBackbone
-from clpeft.components.augment_average import augmentation_average
-from clpeft.components.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.test_time import classifier
-from clpeft.components.tta_losses import entropy, multi_view_contrastive_loss
+from clpeft.components.tta.augment_average import augmentation_average
+from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
+from clpeft.components.tta.online_adaptation import classifier
+from clpeft.components.tta.losses import entropy, multi_view_contrastive_loss
 from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience

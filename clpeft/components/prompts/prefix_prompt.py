@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clpeft.components.prompt_pool import batchwise_majority, cosine_distance
+from clpeft.components.prompts.prompt_pool import batchwise_majority, cosine_distance
 
 
 @dataclass

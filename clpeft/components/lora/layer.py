@@ -10,7 +10,7 @@ outputs and gradients agree) and adds what dynamic-rank methods need:
 * :meth:`LoRALinear.prune` keeps the most important ones, scored as in PRILoRA (Benedek & Wolf,
   "PRILoRA: Pruned and Rank-Increasing Low-Rank Adaptation", EACL 2024 Findings,
   https://arxiv.org/abs/2401.11316) by weight magnitude times accumulated input statistics;
-* :func:`inject_lora` takes a per-layer rank schedule, including PRILoRA's ranks that grow
+* :func:`~clpeft.components.lora.injection.inject_lora` takes a per-layer rank schedule, including PRILoRA's ranks that grow
   linearly with depth;
 * ``learnable_scale`` multiplies the update by a trained scalar ``lora_scale`` (starting at 1),
   as LAE's LoRA does (Gao et al., ICCV 2023, https://arxiv.org/abs/2303.10070: its ``Scaler``
@@ -32,7 +32,7 @@ the base weight, and a fresh update (``B = 0``: the output is unchanged) takes i
 
     y = W x + sum_{k past} s_k B_k A_k x + s B A dropout(x)
 
-Adapters alone are saved with :func:`save_adapters` as safetensors, one ``<module>.lora_A``,
+Adapters alone are saved with :func:`~clpeft.components.lora.files.save_adapters` as safetensors, one ``<module>.lora_A``,
 ``<module>.lora_B`` and ``<module>.lora_alpha`` per layer: the format
 :mod:`clpeft.merging.lora` reads. Frozen updates are folded into those factors
 (:meth:`LoRALinear.combined_factors`), so a file always holds a layer's whole update.
@@ -40,34 +40,18 @@ Adapters alone are saved with :func:`save_adapters` as safetensors, one ``<modul
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from clpeft.errors import UserError
 
-__all__ = [
-    "LoRAFactors",
-    "LoRALinear",
-    "find_linear_targets",
-    "inject_lora",
-    "layer_depths",
-    "layer_ranks",
-    "load_adapters",
-    "lora_layers",
-    "replace_module",
-    "save_adapters",
-]
+__all__ = ["LoRAFactors", "LoRALinear", "frozen", "init_lora_a"]
 
-_FORMAT = "clpeft.lora"
 _FACTORS = ("lora_A", "lora_B")
 _FROZEN = ("frozen_A", "frozen_B", "frozen_scaling")
 
@@ -407,181 +391,3 @@ class LoRAFactors(nn.Module):
             for i, path in enumerate(self.paths)
             for name, param in self.get_submodule(str(i)).named_parameters()
         }
-
-
-# ---------------------------------------------------------------------- injection
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every :class:`LoRALinear` in ``model``, by module path, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def layer_depths(names: Sequence[str]) -> list[int]:
-    """Depth of each layer: the block index in its path, else its position in ``names``.
-
-    The block index is the first integer component of the module path (``blocks.3.attn.qkv``
-    -> 3, ``encoder.layer.5.attention.self.query`` -> 5, ``model.layers.2.self_attn.q_proj``
-    -> 2), so all layers of one block share a depth. When some name has no integer component
-    the position in ``names`` (module order) is used for every layer instead.
-    """
-    indices = [next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names]
-    return list(range(len(names))) if None in indices else indices
-
-
-def layer_ranks(
-    names: Sequence[str],
-    rank: int,
-    schedule: str | Sequence[int] = "constant",
-    max_rank: int | None = None,
-) -> list[int]:
-    """Per-layer ranks for the layers ``names`` (in module order).
-
-    Args:
-        names: module paths of the adapted layers.
-        rank: the rank (``constant``) or the rank of the shallowest layers (``linear``).
-        schedule: ``"constant"``; ``"linear"``, PRILoRA's ranks increasing linearly with
-            :func:`layer_depths` from ``rank`` (shallowest) to ``max_rank`` (deepest), rounded
-            half up; or an explicit list with one rank per layer.
-        max_rank: the rank of the deepest layers for ``"linear"``.
-    """
-    if not isinstance(schedule, str):
-        ranks = [int(r) for r in schedule]
-        if len(ranks) != len(names):
-            raise UserError(f"rank_schedule lists {len(ranks)} ranks for {len(names)} adapted layers")
-        return ranks
-    if schedule == "constant":
-        return [rank] * len(names)
-    if schedule != "linear":
-        raise UserError(f"unknown rank_schedule {schedule!r}; use 'constant', 'linear' or a list of ranks")
-    if max_rank is None:
-        raise UserError("rank_schedule 'linear' needs max_rank (the rank of the deepest layer)")
-    depths = layer_depths(names)
-    low, high = min(depths, default=0), max(depths, default=0)
-    span = max(high - low, 1)
-    return [math.floor(rank + (max_rank - rank) * (d - low) / span + 0.5) for d in depths]
-
-
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def find_linear_targets(model: nn.Module, targets: Sequence[str], *, key: str | None = None) -> list[str]:
-    """Paths of the ``nn.Linear`` layers of ``model`` whose path ends with one of ``targets``.
-
-    Targets are module-name suffixes: ``qkv``, ``proj``, ``fc1``, ``fc2`` for timm ViTs;
-    ``query``, ``value`` (BERT-like) or ``q_proj``, ``v_proj`` (LLaMA-like) for transformers;
-    a dotted suffix such as ``attn.proj`` or ``blocks.0.attn.qkv`` narrows a match.
-
-    Raises:
-        UserError: (with ``key``, e.g. ``"strategy.targets"``) when a target matches no layer
-            (a typo would otherwise leave a layer silently unadapted); the message lists the
-            model's linear layers.
-    """
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unmatched = [t for t in targets if not any(_matches(name, [t]) for name in linears)]
-    if unmatched or not targets:
-        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
-        raise UserError(
-            f"no nn.Linear layer of {type(model).__name__} ends with {unmatched or list(targets)}; "
-            f"its linear layers are: {shown or 'none'}",
-            key=key,
-        )
-    return [name for name in linears if _matches(name, targets)]
-
-
-def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path`` inside ``model`` (in place)."""
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def inject_lora(
-    model: nn.Module,
-    targets: Sequence[str],
-    rank: int,
-    alpha: float,
-    *,
-    rank_schedule: str | Sequence[int] = "constant",
-    max_rank: int | None = None,
-    dropout: float = 0.0,
-    learnable_scale: bool = False,
-    key: str | None = None,
-) -> dict[str, LoRALinear]:
-    """Wrap the ``nn.Linear`` layers whose path ends with a target in :class:`LoRALinear`.
-
-    Targets are matched by :func:`find_linear_targets`. Afterwards only parameters whose
-    name starts with ``lora_`` are trainable; unfreeze a head yourself.
-
-    Args:
-        model: modified in place.
-        targets: name suffixes of the layers to adapt.
-        rank, max_rank, rank_schedule: per-layer ranks, see :func:`layer_ranks`.
-        alpha: ``alpha`` of every layer (so the scaling ``alpha / r`` differs between layers
-            of different rank, as with peft's ``rank_pattern``).
-        dropout: dropout on the LoRA input.
-        learnable_scale: give every layer a trained scalar ``lora_scale`` (LAE).
-        key: the config key named by errors (e.g. ``"strategy.targets"``).
-
-    Returns:
-        The new layers by module path, in module order.
-    """
-    names = find_linear_targets(model, targets, key=key)
-    layers = {}
-    for name, r in zip(names, layer_ranks(names, rank, rank_schedule, max_rank), strict=True):
-        layers[name] = LoRALinear(model.get_submodule(name), r, alpha, dropout, learnable_scale)
-        replace_module(model, name, layers[name])
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.rpartition(".")[2].startswith("lora_"))
-    return layers
-
-
-# ---------------------------------------------------------------------- adapter files
-
-
-def save_adapters(model: nn.Module, path: str | Path) -> None:
-    """Save every LoRA layer's ``A``, ``B`` and ``alpha`` (not the base model) as safetensors.
-
-    A layer with frozen past updates is saved as one update equal to all of them together
-    (:meth:`LoRALinear.combined_factors`).
-
-    Keys are ``<module>.lora_A``, ``<module>.lora_B`` and ``<module>.lora_alpha`` (a float64
-    scalar); the metadata holds ``format`` and a JSON ``layers`` map of module to
-    ``{"rank", "alpha"}`` for readers that do not load tensors.
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise UserError(f"{type(model).__name__} has no LoRA layers to save")
-    tensors, summary = {}, {}
-    for name, layer in layers.items():
-        a, b, alpha = layer.combined_factors()
-        tensors[f"{name}.lora_A"] = a.cpu().contiguous()
-        tensors[f"{name}.lora_B"] = b.cpu().contiguous()
-        tensors[f"{name}.lora_alpha"] = torch.tensor(alpha, dtype=torch.float64)
-        summary[name] = {"rank": a.shape[0], "alpha": alpha}
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "layers": json.dumps(summary)})
-
-
-def load_adapters(model: nn.Module, path: str | Path) -> dict[str, LoRALinear]:
-    """Load a :func:`save_adapters` file into the LoRA layers of ``model`` (after :func:`inject_lora`).
-
-    Each layer takes the stored rank and alpha, whatever it had (the stored update replaces
-    its frozen ones too). The file and the model must adapt the same modules.
-
-    Returns:
-        The model's LoRA layers by module path.
-    """
-    layers = lora_layers(model)
-    with safe_open(str(path), framework="pt") as f:
-        if (f.metadata() or {}).get("format") != _FORMAT:
-            raise UserError(f"{path} is not a clpeft LoRA adapter file (no format={_FORMAT!r} metadata)")
-        stored = {k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")}
-        if stored != set(layers):
-            raise UserError(
-                f"{path} does not fit the model: LoRA layers only in the file: {sorted(stored - set(layers))}, "
-                f"only in the model: {sorted(set(layers) - stored)}"
-            )
-        for name, layer in layers.items():
-            alpha = f.get_tensor(f"{name}.lora_alpha").item()
-            layer.load_factors(f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B"), alpha)
-    return layers

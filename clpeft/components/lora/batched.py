@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clpeft.components.lora import LoRALinear, find_linear_targets, frozen, init_lora_a, replace_module
+from clpeft.components.lora.injection import find_linear_targets, replace_module
+from clpeft.components.lora.layer import LoRALinear, frozen, init_lora_a
 from clpeft.errors import UserError
 
 __all__ = ["MultiLoRALinear", "inject_multi_lora", "route"]

@@ -24,7 +24,7 @@ Sampling draws from a ``torch.Generator`` (``x = mu + L z`` with ``Sigma = L L^T
 seeded generator gives the same features on every run.
 
 :class:`AlignedHead` packages the whole procedure for any strategy whose classifier is a
-:class:`~clpeft.components.heads.LinearHead`: SLCA, and the prompt/LoRA methods' optional
+:class:`~clpeft.components.heads.classifiers.LinearHead`: SLCA, and the prompt/LoRA methods' optional
 ``align`` (classifier alignment on top of a prompt method is what HiDe-Prompt, Wang et al.,
 NeurIPS 2023, https://arxiv.org/abs/2310.07234, builds on). Optionally it moves the stored means
 with the features (semantic drift compensation, Yu et al., "Semantic Drift Compensation for
@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clpeft.components.class_statistics import ClassStatistics
-from clpeft.components.heads import LinearHead
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import LinearHead
 from clpeft.distributed import current
 from clpeft.errors import UserError
 

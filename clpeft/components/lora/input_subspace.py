@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clpeft.components.lora import LoRALinear
+from clpeft.components.lora.layer import LoRALinear
 from clpeft.distributed import current
 
 Criterion = Literal["inflora", "gpm"]

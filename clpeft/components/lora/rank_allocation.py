@@ -37,7 +37,7 @@ from collections.abc import Mapping
 
 import torch
 
-from clpeft.components.lora import LoRALinear
+from clpeft.components.lora.layer import LoRALinear
 from clpeft.errors import UserError
 from clpeft.resizing import zero_padded
 

@@ -28,7 +28,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from clpeft.components.lora import replace_module
+from clpeft.components.lora.injection import replace_module
 
 
 class Adapter(nn.Module):

@@ -7,7 +7,7 @@ predictions on ``N`` random augmentations of the test batch,
     y'_aug = 1/N sum_{i=1..N} f_teacher(aug_i(x)),
 
 (used when the source model's mean confidence is below a threshold), with CoTTA's augmentation
-:class:`~clpeft.components.tta_augment.TTAugment` (one draw per augmentation for the whole
+:class:`~clpeft.components.tta.augment.TTAugment` (one draw per augmentation for the whole
 batch). The reference code runs a Python loop of ``N`` augment + forward calls;
 :func:`augmentation_average` builds all ``N * B`` augmented images in one call and runs one
 forward under ``torch.func.vmap`` over the ``N`` augmentations, so BatchNorm layers that
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from clpeft.components.tta_augment import TTAugment
+from clpeft.components.tta.augment import TTAugment
 
 STACK_ON_CPU = 32  # images (n * B) up to which one stacked forward beats per-augmentation forwards on a CPU
 

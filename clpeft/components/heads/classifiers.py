@@ -202,7 +202,7 @@ class PrototypeHead(_ClosedFormHead):
         self.prototypes[classes.to(self.prototypes.device)] = prototypes.to(self.prototypes)
 
     def fit(self, stats) -> None:
-        """Prototypes := class means of a :class:`~clpeft.components.class_statistics.ClassStatistics`
+        """Prototypes := class means of a :class:`~clpeft.components.heads.class_statistics.ClassStatistics`
         (classes it has seen; the other rows are left as they are)."""
         seen = torch.nonzero(stats.seen()).flatten()
         self.set_prototypes(stats.means()[seen], seen)

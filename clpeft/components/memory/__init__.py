@@ -1,0 +1,7 @@
+"""What a learner keeps of past data: replay buffers of positions (reservoir, class-balanced, herding)."""
+
+from clpeft.components.memory.replay import ReplayBuffer
+
+__all__ = [
+    "ReplayBuffer",
+]

@@ -1,0 +1,16 @@
+"""Prompt pools on a frozen ViT: L2P's key-query pool, DualPrompt's prefix G/E-prompts, CODA-Prompt's attention-weighted components, and what they share (the query, the promptable-backbone check)."""
+
+from clpeft.components.prompts.prompt_pool import PromptPool, PromptSelection
+from clpeft.components.prompts.prefix_prompt import PrefixPrompt, PrefixSelection
+from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
+from clpeft.components.prompts.prompted import promptable_width, query_of
+
+__all__ = [
+    "AttentionPromptPool",
+    "PrefixPrompt",
+    "PrefixSelection",
+    "promptable_width",
+    "PromptPool",
+    "PromptSelection",
+    "query_of",
+]
