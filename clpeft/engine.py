@@ -14,6 +14,11 @@ For a stream of ``T`` experiences the engine
 Re-seeding per experience makes ``--resume`` exact: a resumed run continues from the last
 checkpoint with the same random state an uninterrupted run had at that point.
 
+**Online streams** (a scenario with ``online: true``; :meth:`Engine._run_online`) are learned in
+one pass, in training units (the experiences, or task-free chunks), with anytime evaluation
+between optimizer steps and the accuracy-matrix row at every experience's end; see
+:mod:`clpeft.online`.
+
 Few-shot class-incremental streams run the same loop; ``metrics.json`` adds the session
 metrics of :func:`clpeft.metrics.few_shot_summary`. A scenario's :meth:`save_artifacts` writes
 its own files into the run directory (the drawn few-shot indices).
@@ -67,6 +72,7 @@ from clpeft.config import RunConfig
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.logging import RunLogger
+from clpeft.online import OnlinePlan, plan_online
 from clpeft.provenance import provenance
 from clpeft.run import Run, build_run, peak_memory_mb, resolve_device
 from clpeft.run_directory import Prepared, export_weights, format_changes, prepare, read_source_checkpoint, write_atomic
@@ -78,6 +84,7 @@ __all__ = ["Engine"]
 _CIL_KEYS = ("experience", "strategy", "rows", "timing", "baseline")
 _SOURCE_KEYS = ("experience", "strategy", "timing")
 _TTA_KEYS = ("experience", "strategy", "correct", "counts", "timing")
+_ONLINE_KEYS = ("experience", "strategy", "rows", "curve", "timing", "baseline")
 
 
 class Engine:
@@ -168,6 +175,8 @@ class Engine:
             try:
                 if self.built.scenario.kind == "test_time_adaptation":
                     return self._run_tta(self.built, log)
+                if self.built.scenario.online is not None:
+                    return self._run_online(self.built, log)
                 return self._run(self.built, log)
             finally:
                 log.close()
@@ -225,6 +234,91 @@ class Engine:
                     "timing": timing, "baseline": baseline, "config": self._resolved_config(),
                 }, keep=self.cfg.logging.keep_checkpoints)
         return self._finish(run, rows, timing, baseline, log)
+
+    # ------------------------------------------------------------------ online streams
+
+    def _run_online(self, run: Run, log: RunLogger) -> dict:
+        """One pass over the stream in training units, with anytime evaluation (:mod:`clpeft.online`)."""
+        protocol, strategy = run.scenario.online, run.strategy
+        plan = plan_online(run.stream, protocol, self.cfg.train.batch_size)
+        rows, curve, timing, baseline, start = [], [], [], None, 0
+        if self.resume:
+            found = self._load_latest(self.out_dir / "checkpoints", log, _ONLINE_KEYS)
+            if found is not None:
+                path, state = found
+                if state["experience"] >= len(plan.units):
+                    raise UserError(f"{path} was taken after training unit {state['experience']}; this online stream "
+                                    f"has {len(plan.units)}")
+                run.load_strategy(state["strategy"], source=path)
+                rows, curve, timing, baseline = state["rows"], state["curve"], state["timing"], state["baseline"]
+                start = state["experience"] + 1
+                log.event("resumed", checkpoint=path.name, next_experience=start)
+                log.print(f"resumed from {path.name}: continuing at training unit {start}/{len(plan.units)}")
+            self._accept_forced_config(log)
+        log.event("run_start", experiences=len(run.stream), units=len(plan.units), stream_samples=plan.n_samples,
+                  device=str(self.device), strategy=self.cfg.strategy.name, parameters=strategy.count_parameters())
+        if start == 0 and self.cfg.eval.baseline:
+            baseline = run.baseline()
+            log.event("baseline", accuracy=baseline)
+        for unit, (a, b) in zip(plan.units[start:], plan.spans[start:]):
+            seed_everything(derive_seed(self.cfg.seed, unit.index))
+            pending = plan.points_in(a, b)
+            eval_s = 0.0
+
+            def evaluate_until(position: int) -> None:
+                nonlocal eval_s
+                t = time.perf_counter()
+                while pending and pending[0] <= position:
+                    self._online_point(run, plan, pending.pop(0), unit, rows, curve, log)
+                eval_s += time.perf_counter() - t
+
+            def after_step(trained: int) -> None:  # points strictly inside the unit, between two steps
+                position = min(a + (b - a) * trained // n_view, b - 1)
+                if pending and pending[0] <= position:
+                    with run.training_paused():
+                        evaluate_until(position)
+
+            t0 = time.perf_counter()
+            data = run.prepare(unit)
+            n_view = max(len(data), 1)  # after_step's position: the pass over data, mapped onto [a, b)
+            run.fit(unit, data, log, after_step=after_step, warn_few_steps=False)
+            run.conclude(unit)
+            train_s = time.perf_counter() - t0 - eval_s
+            evaluate_until(b)
+            timing.append({"experience": unit.index, "stream_samples": b - a, "train_s": train_s, "eval_s": eval_s,
+                           "train_samples_per_s": (b - a) / train_s if train_s > 0 else None,
+                           "peak_memory_mb": peak_memory_mb(self.device)})
+            if self.world.is_main:
+                checkpoint.save(self.out_dir / "checkpoints", unit.index, {
+                    "experience": unit.index, "strategy": strategy.state_dict(), "rows": rows, "curve": curve,
+                    "timing": timing, "baseline": baseline, "config": self._resolved_config(),
+                }, keep=self.cfg.logging.keep_checkpoints)
+        online = metrics.anytime_summary(curve, plan.n_samples, sum(t["train_s"] for t in timing))
+        log.print(f"online: A_auc = {online['a_auc'] if online['a_auc'] is None else round(online['a_auc'], 4)} over "
+                  f"{len(curve)} evaluation points, {plan.n_samples} stream samples")
+        return self._finish(run, rows, timing, baseline, log, extra_metrics=online)
+
+    def _online_point(self, run: Run, plan: OnlinePlan, position: int, unit: Experience, rows: list, curve: list,
+                      log: RunLogger) -> None:
+        """Evaluate at stream ``position``: the anytime accuracy and/or, at an experience's end, its matrix row."""
+        if position in plan.eval_points:
+            accuracy = run.accuracy(plan.seen_test(position))
+            curve.append([position, accuracy])
+            log.event("anytime", step=position, samples=position, accuracy=accuracy)
+        if position in plan.task_ends:
+            exp = run.stream[plan.task_ends.index(position)]
+            facing = not run.scenario.online.task_free  # the strategy knows of this evaluation
+            if facing:
+                run.strategy.before_evaluation(unit)
+            row = run.evaluate()
+            if facing:
+                run.strategy.after_evaluation(unit, row)
+            rows.append(row)
+            seen = float(np.average(row[: exp.index + 1], weights=[len(e.test) for e in run.stream[: exp.index + 1]]))
+            log.event("experience_end", step=exp.index, acc_seen=seen, row=row, samples=position,
+                      **{f"acc_exp{j}": acc for j, acc in enumerate(row)})
+            log.print(f"experience {exp.index + 1}/{len(run.stream)} (after {position} stream samples): acc on seen = "
+                      f"{seen:.4f}  row = [{', '.join(f'{acc:.3f}' for acc in row)}]")
 
     # ------------------------------------------------------------------ test-time adaptation
 
@@ -340,7 +434,7 @@ class Engine:
         log.event("metrics", **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         log.hparams(self.cfg.to_dict(), result["metrics"])
 
-    def _finish(self, run: Run, rows, timing, baseline, log: RunLogger) -> dict:
+    def _finish(self, run: Run, rows, timing, baseline, log: RunLogger, extra_metrics: dict | None = None) -> dict:
         stream = run.stream
         sizes = [len(e.test) for e in stream]
         measurable = metrics.transfer_is_measurable([e.classes_in_this_experience for e in stream])
@@ -352,6 +446,7 @@ class Engine:
             for i, acc in enumerate(summary["session_acc"]):
                 novel = {} if i == 0 else {k: summary[k][i - 1] for k in ("base_acc", "novel_acc", "harmonic_mean")}
                 log.event("session", step=i, acc=acc, **novel)
+        summary.update(extra_metrics or {})
         result = {
             "acc_matrix": rows,
             "test_sizes": sizes,

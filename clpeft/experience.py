@@ -49,6 +49,21 @@ class Experience:
         return max(self.classes_seen_so_far) + 1 if self.classes_seen_so_far else 0
 
 
+@dataclass(frozen=True)
+class OnlineProtocol:
+    """How an online stream is run (a scenario's ``online: true``; see :mod:`clpeft.online`).
+
+    Attributes:
+        eval_every: stream samples between anytime-accuracy evaluations (Koh et al. 2022's
+            ``eval_period``).
+        task_free: hide the experiences' boundaries from the strategy: it sees the stream as
+            chunks that end at evaluation points and at batches bringing a class never seen.
+    """
+
+    eval_every: int
+    task_free: bool = False
+
+
 class Scenario(ABC):
     """Turns data into a stream of experiences. No training logic lives here.
 
@@ -62,9 +77,14 @@ class Scenario(ABC):
     ``source_checkpoint`` names a checkpoint to load) and ``reset_each_domain``; its experiences
     are the domains ``1..D`` (``train`` None, ``test`` the domain's data, ``domain`` its name),
     experience 0 being the source phase the engine runs (see :mod:`clpeft.engine`).
+
+    :attr:`online` is set (an :class:`OnlineProtocol`) when the stream is to be learned online:
+    each training sample once, in the order the experiences' ``train`` views list them (the
+    stream is their concatenation), with anytime evaluation (:mod:`clpeft.online`).
     """
 
     kind: ClassVar[str] = "class_incremental"
+    online: OnlineProtocol | None = None
     class_names: list[str]
     input_shape: tuple[int, ...]
 

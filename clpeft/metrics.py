@@ -16,10 +16,13 @@ References:
       https://arxiv.org/abs/2207.09963
     * Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization", ICLR 2021 (error
       per corruption and its mean), https://arxiv.org/abs/2006.10726
+    * Koh et al., "Online Continual Learning on Class Incremental Blurry Task Configuration with
+      Anytime Inference", ICLR 2022 (anytime accuracy and its area under the curve, ``A_auc``),
+      https://arxiv.org/abs/2110.10031
 
 Few-shot class-incremental runs add :func:`few_shot_summary` to :func:`summarize`;
 test-time-adaptation runs report :func:`tta_summary` instead (their "matrix" is one row of
-online accuracies, not ``T x T``).
+online accuracies, not ``T x T``). Online streams add :func:`anytime_summary`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ __all__ = [
     "forward_transfer",
     "few_shot_summary",
     "tta_summary",
+    "anytime_summary",
+    "area_under_accuracy",
     "scalar_metric_names",
     "transfer_is_measurable",
 ]
@@ -221,8 +226,47 @@ def tta_summary(correct: Sequence[int], counts: Sequence[int]) -> dict:
     }
 
 
-def scalar_metric_names(kind: str, baseline: bool = True) -> list[str]:
-    """The scalar metrics a run of scenario ``kind`` reports (what ``sweep --metric`` may rank by).
+def area_under_accuracy(samples: Sequence[int], accuracy: Sequence[float]) -> float | None:
+    """``A_auc`` of Koh et al. 2022: ``sum_i f(n_i) (n_i - n_{i-1})`` normalised by ``n_K``.
+
+    ``f(n_i)`` is the anytime accuracy measured after ``n_i`` stream samples (``n_0 = 0``). The
+    paper writes ``A_auc = sum_i f(i dn) dn``; its code (naver-ai/i-Blurry ``main.py``) reports the
+    mean of ``f`` over the points ``dn, 2 dn, ...``, which is that sum divided by ``K dn`` and is
+    what this returns for evenly spaced points: a fraction in [0, 1]. None without points.
+    """
+    n = np.asarray(samples, dtype=np.float64)
+    f = np.asarray(accuracy, dtype=np.float64)
+    if n.shape != f.shape or n.ndim != 1:
+        raise ValueError(f"samples and accuracy must be equal-length lists, got {n.shape} and {f.shape}")
+    if len(n) == 0:
+        return None
+    widths = np.diff(n, prepend=0.0)
+    if np.any(widths <= 0):
+        raise ValueError(f"sample counts must increase from above 0, got {list(samples)}")
+    return float(np.sum(f * widths) / n[-1])
+
+
+def anytime_summary(curve: Sequence[Sequence[float]], n_samples: int, train_s: float) -> dict:
+    """Online metrics from the anytime-accuracy curve ``[[samples seen, accuracy], ...]``.
+
+    Keys: ``a_auc`` (:func:`area_under_accuracy`), ``acc_anytime_last`` (the curve's last point),
+    ``anytime_curve`` (the points), ``stream_samples`` and ``samples_per_s`` (stream samples per
+    second of training, evaluation excluded; None when no time was measured).
+    """
+    samples = [int(p[0]) for p in curve]
+    accuracy = [float(p[1]) for p in curve]
+    return {
+        "a_auc": area_under_accuracy(samples, accuracy),
+        "acc_anytime_last": accuracy[-1] if accuracy else None,
+        "anytime_curve": [[n, a] for n, a in zip(samples, accuracy)],
+        "stream_samples": int(n_samples),
+        "samples_per_s": n_samples / train_s if train_s > 0 else None,
+    }
+
+
+def scalar_metric_names(kind: str, baseline: bool = True, online: bool = False) -> list[str]:
+    """The scalar metrics a run of scenario ``kind`` reports (what ``sweep --metric`` may rank by);
+    ``online``: a run of an online stream, which adds :func:`anytime_summary`'s.
 
     Read off the summaries themselves on a two-step example, so the list cannot drift from them.
     """
@@ -234,6 +278,8 @@ def scalar_metric_names(kind: str, baseline: bool = True) -> list[str]:
         summary = summarize(R, sizes, [0.0, 0.0] if baseline and transfer_is_measurable(classes) else None)
         if kind == "few_shot_class_incremental":
             summary.update(few_shot_summary(R, sizes))
+        if online:
+            summary.update(anytime_summary([[1, 1.0]], 1, 1.0))
     return [name for name, value in summary.items() if not isinstance(value, list)]
 
 

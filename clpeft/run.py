@@ -21,7 +21,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,11 +124,15 @@ class Run:
         return strategy.train_data(exp)
 
     def fit(self, exp: Experience, data: DataView, log: RunLogger, *, max_steps: int | None = None,
-            on_step: Callable[[float, int], None] | None = None) -> int:
+            on_step: Callable[[float, int], None] | None = None,
+            after_step: Callable[[int], None] | None = None, warn_few_steps: bool = True) -> int:
         """The epochs of optimizer steps on ``data``; returns the training samples seen.
 
         ``max_steps`` stops early and ``on_step(seconds, samples)`` is told each step's duration
         (with a device sync on CUDA): ``clpeft bench`` times this loop, not a copy of it.
+        ``after_step(samples)`` is told, after each step, the samples of ``data`` trained on so
+        far in the experience (global batches; online evaluation points hang on it).
+        ``warn_few_steps: False`` drops the few-steps warning (online chunks are short on purpose).
         """
         strategy, train = self.strategy, self.cfg.train
         optimizer = make_optimizer(strategy.param_groups(train.lr), train)
@@ -143,13 +147,13 @@ class Run:
         if self.world.active:  # independent dropout/augmentation draws per rank (re-synchronised below)
             seed_everything(derive_seed(self.cfg.seed, exp.index, "rank", self.world.rank))
         scheduler = make_scheduler(optimizer, train, steps_per_epoch)
-        if n_steps < FEW_STEPS:
+        if n_steps < FEW_STEPS and warn_few_steps:
             log.event("few_steps", step=exp.index, steps=n_steps)
             log.print(f"warning: experience {exp.index} trains for only {n_steps} optimizer steps ({train.epochs} epoch(s) "
                       f"x {steps_per_epoch} batches of {train.batch_size}); its numbers may be those of a barely trained "
                       f"model: raise train.epochs or lower train.batch_size")
         bar = log.progress(n_steps, f"experience {exp.index + 1}")
-        step = 0
+        step = trained = 0
         with out_of_memory_hint(f"training on experience {exp.index}", "train.batch_size", train.batch_size):
             for epoch in range(train.epochs):
                 strategy.train()
@@ -176,6 +180,9 @@ class Run:
                         named, step_fn = carry_over(strategy, optimizer, named, self.world)
                     if on_step:
                         on_step(self._clock() - t0, len(batch.y))
+                    trained += len(chunk)
+                    if after_step:
+                        after_step(trained)
                     total += value * n
                     count += n
                     step += 1
@@ -216,6 +223,28 @@ class Run:
             correct = torch.tensor([self.correct(e.test, strategy) for e in self.stream], dtype=torch.float64)
         self.world.all_reduce_sum(correct)
         return [c / len(e.test) for c, e in zip(correct.tolist(), self.stream)]
+
+    def accuracy(self, view: DataView) -> float:
+        """Accuracy on ``view`` (each rank scores its share; counts all-reduced)."""
+        self.strategy.eval()
+        self.data.refresh_cache(self.strategy.uses_features or self.strategy.needs_query, rekey=False)
+        with out_of_memory_hint("evaluating", "eval.batch_size", self.cfg.eval.batch_size):
+            correct = torch.tensor([float(self.correct(view))], dtype=torch.float64)
+        self.world.all_reduce_sum(correct)
+        return float(correct[0]) / len(view) if len(view) else 0.0
+
+    @contextmanager
+    def training_paused(self):
+        """Evaluate between two optimizer steps: the random state and every module's train/eval
+        mode are restored afterwards, so the pause leaves training exactly as it was."""
+        modes = [(module, module.training) for module in self.strategy.modules()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                yield
+            finally:
+                for module, training in modes:
+                    module.training = training
 
     @torch.no_grad()
     def correct(self, view: DataView, strategy: Strategy | None = None) -> int:
@@ -326,6 +355,8 @@ def build_run(cfg: RunConfig, device: torch.device, world: distributed.World, au
     if world.active and scenario.kind == "test_time_adaptation":
         raise UserError("test-time adaptation adapts online, batch after batch, in one process; "
                         "run it without torchrun", key="scenario.name")
+    if scenario.online is not None:
+        _check_online(cfg, world)
     backbone = cfg.backbone.build(input_shape=scenario.input_shape)
     strategy = cfg.strategy.build(backbone=backbone)
     supported = strategy.supported_scenarios
@@ -342,6 +373,18 @@ def build_run(cfg: RunConfig, device: torch.device, world: distributed.World, au
                       cache_factory=_cache_factory(cfg, backbone, device, world, autocast), world=world)
     strategy.attach(data)
     return Run(cfg, device, world, scenario, stream, strategy, data, _augment(cfg, scenario, backbone), autocast)
+
+
+def _check_online(cfg: RunConfig, world: distributed.World) -> None:
+    """An online stream is learned in one pass, in one process."""
+    if cfg.train.epochs != 1:
+        raise UserError(f"scenario.online learns each sample once: set train.epochs: 1 (got {cfg.train.epochs})",
+                        key="train.epochs")
+    if cfg.train.drop_last:
+        raise UserError("scenario.online learns every sample: set train.drop_last: false", key="train.drop_last")
+    if world.active:
+        raise UserError("online streams evaluate between optimizer steps in one process; run them without torchrun",
+                        key="scenario.online")
 
 
 def _cache_factory(cfg: RunConfig, backbone, device: torch.device, world: distributed.World, autocast):

@@ -20,6 +20,7 @@ from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import register_scenario
 from clpeft.scenarios import datasets
+from clpeft.scenarios.online import Blurry, blurry_split, check_online, first_appearance_order, online_protocol
 
 
 def per_class_subset(targets: torch.Tensor, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -65,6 +66,13 @@ class ClassIncremental(Scenario):
         download: let torchvision download the data (needs internet).
         dataset_options: the dataset's own settings, e.g. ``{image_size: 64, test_fraction: 0.2}``
             for ``image_folder`` or ``{text_column: review}`` for ``jsonl``/``csv``.
+        online: learn the stream in one pass (:mod:`clpeft.online`): each experience's training
+            samples in a seeded random order, labels renumbered in order of first appearance.
+        eval_every: stream samples between anytime-accuracy evaluations (online only).
+        task_free: hide the experiences' boundaries from the strategy (online only; see
+            :mod:`clpeft.online` for what it sees instead).
+        blurry: i-Blurry-N-M class mixing, ``{disjoint: N, blurry: M}`` in percent (online only;
+            defined in :mod:`clpeft.scenarios.online`).
     """
 
     kind = "class_incremental"
@@ -81,8 +89,14 @@ class ClassIncremental(Scenario):
         root: str = "~/.cache/clpeft/data",
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
+        online: bool = False,
+        eval_every: int = 100,
+        task_free: bool = False,
+        blurry: Blurry | None = None,
     ):
         self.check_config(locals())
+        self.online = online_protocol(online, eval_every, task_free)
+        self.blurry = Blurry.model_validate(blurry) if isinstance(blurry, dict) else blurry
         self.seed = seed
         self.dataset = dataset
         self.n_experiences = n_experiences
@@ -127,6 +141,7 @@ class ClassIncremental(Scenario):
         then run in :meth:`experiences`.
         """
         datasets.check_options(p["dataset"], p.get("dataset_options"))  # also rejects unknown datasets
+        check_online(p)
         T = p["n_experiences"]
         if T < 1:
             raise UserError(f"expected at least 1 experience, got {T}", key="scenario.n_experiences")
@@ -174,17 +189,34 @@ class ClassIncremental(Scenario):
         rng = np.random.default_rng(self.seed)
         train_idx = per_class_subset(train.targets, self.train_per_class, rng)
         test_idx = per_class_subset(test.targets, self.test_per_class, rng)
-        stream, first = [], 0
-        for i, size in enumerate(self.group_sizes(C, self.n_experiences, self.init_classes)):
-            classes = list(range(first, first + size))
-            first += size
-            stream.append(Experience(
-                index=i,
-                train=self._view(train, train_idx, classes),
-                test=self._view(test, test_idx, classes),
-                classes_in_this_experience=classes,
-                classes_seen_so_far=list(range(first)),
-            ))
+        sizes = self.group_sizes(C, self.n_experiences, self.init_classes)
+        groups = [list(range(a, a + n)) for a, n in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes)]
+        if self.online is not None:
+            return self._online_stream(train, test, train_idx, test_idx, groups, rng)
+        stream = [Experience(index=i, train=self._view(train, train_idx, classes), test=self._view(test, test_idx, classes),
+                             classes_in_this_experience=classes, classes_seen_so_far=list(range(classes[-1] + 1)))
+                  for i, classes in enumerate(groups)]
+        require_samples(stream, self.class_names)
+        return self.link(stream)
+
+    def _online_stream(self, train: ArrayDataset, test: ArrayDataset, train_idx: np.ndarray, test_idx: np.ndarray,
+                       groups: list[list[int]], rng: np.random.Generator) -> list[Experience]:
+        """The online stream: the (blurry) split in stream order, labels renumbered by first appearance."""
+        positions = blurry_split(train.targets.numpy()[train_idx], groups, self.blurry, rng)
+        order = [train_idx[p] for p in positions]
+        mapping = first_appearance_order(train.targets, order, len(self.class_names))
+        names = [""] * len(self.class_names)
+        for old, new in enumerate(mapping.tolist()):
+            names[new] = self.class_names[old]
+        self.class_names = names
+        train, test = train.relabel(mapping, names), test.relabel(mapping, names)
+        stream, seen = [], set()
+        for i, (idx, group) in enumerate(zip(order, groups)):
+            present = sorted(set(train.targets[torch.as_tensor(idx, dtype=torch.long)].tolist()))
+            seen.update(present)
+            stream.append(Experience(index=i, train=DataView.of(train, idx),
+                                     test=self._view(test, test_idx, mapping[group].tolist()),
+                                     classes_in_this_experience=present, classes_seen_so_far=sorted(seen)))
         require_samples(stream, names)
         return self.link(stream)
 

@@ -37,6 +37,7 @@ from clpeft.scenarios import datasets
 from clpeft.scenarios.class_incremental import per_class_subset
 from clpeft.scenarios.corruption_constants import ConstantChoice
 from clpeft.scenarios.corruptions import CORRUPTIONS, CorruptedDataset, TransformedDataset
+from clpeft.scenarios.online import check_online, online_protocol
 
 
 class Domain(BaseModel):
@@ -127,6 +128,10 @@ class DomainIncremental(Scenario):
             generator), ``tinyimagenet`` (Tiny-ImageNet-C's), ``imagenet`` (ImageNet-C's), or
             ``auto``: by the longer image side, CIFAR-10-C's up to 45 px, Tiny-ImageNet-C's from 46
             to 119 px, ImageNet-C's from 120 px.
+        online: learn the domains in one pass (:mod:`clpeft.online`), each domain's training
+            samples in a seeded random order.
+        eval_every: stream samples between anytime-accuracy evaluations (online only).
+        task_free: hide the domains' boundaries from the strategy (online only).
     """
 
     kind = "domain_incremental"
@@ -142,8 +147,12 @@ class DomainIncremental(Scenario):
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
         corruption_constants: ConstantChoice = "auto",
+        online: bool = False,
+        eval_every: int = 100,
+        task_free: bool = False,
     ):
         self.check_config(locals())
+        self.online = online_protocol(online, eval_every, task_free)
         self.seed = seed
         self.corruption_constants = corruption_constants
         self.domains = [Domain.model_validate(d) for d in domains]
@@ -169,6 +178,7 @@ class DomainIncremental(Scenario):
                 datasets.check_options(d.dataset, d.dataset_options)
         if p.get("dataset") is not None:
             datasets.check_options(p["dataset"], p.get("dataset_options"))
+        check_online(p, blurry_allowed=False)
 
     def experiences(self) -> list[Experience]:
         base = None
@@ -179,7 +189,10 @@ class DomainIncremental(Scenario):
         for i, domain in enumerate(self.domains):
             train, test = self._domain_data(i, domain, base)
             self._check_label_space(i, domain, train)
-            train_view = DataView.of(train, per_class_subset(train.targets, self.train_per_class, rng))
+            train_idx = per_class_subset(train.targets, self.train_per_class, rng)
+            if self.online is not None:  # the stream's order within the domain
+                train_idx = rng.permutation(train_idx)
+            train_view = DataView.of(train, train_idx)
             test_view = DataView.of(test, per_class_subset(test.targets, self.test_per_class, rng))
             present = sorted(int(c) for c in train_view.targets.unique())
             seen |= set(present)
