@@ -47,8 +47,10 @@ from clpeft.experience import Experience
 if TYPE_CHECKING:
     from clpeft.data_access import DataAccess
 
-HOOKS = frozenset({"before_experience", "before_epoch", "after_backward", "after_training_step", "after_epoch",
-                   "after_experience", "before_evaluation", "after_evaluation"})
+# The before_/after_ hooks: events around the engine's loop. The work methods (training_step,
+# predict, adapt, ...) are not in it; a before_/after_ method outside it is refused.
+EVENT_HOOKS = frozenset({"before_experience", "before_epoch", "after_backward", "after_training_step", "after_epoch",
+                         "after_experience", "before_evaluation", "after_evaluation"})
 
 
 class Strategy(nn.Module):
@@ -59,15 +61,17 @@ class Strategy(nn.Module):
 
     Class attributes:
         supported_scenarios: scenario kinds the method handles; ``None`` means all.
-        frozen_features: ``True``/``False`` forces feature caching on/off; ``None`` (default)
-            caches exactly when the backbone is frozen.
+        cache_features: may the engine hand the strategy cached backbone features instead of
+            raw inputs? ``True``/``False`` forces it; ``None`` (default) caches exactly when the
+            backbone is frozen. A frozen backbone whose output the method changes (prompts,
+            LoRA updates) sets ``False``.
         needs_query: batches carry raw inputs *and* the frozen backbone's cached features of
             them in ``batch.features`` (the query of prompt-pool methods), and the engine calls
             ``predict(x, query=features)``; one backbone pass per step instead of two.
     """
 
     supported_scenarios: ClassVar[tuple[str, ...] | None] = None
-    frozen_features: ClassVar[bool | None] = None
+    cache_features: ClassVar[bool | None] = None
     needs_query: ClassVar[bool] = False
     registered_name: ClassVar[str] = ""
 
@@ -76,13 +80,15 @@ class Strategy(nn.Module):
         unknown = [
             name
             for name in vars(cls)
-            if (name.startswith("before_") or name.startswith("after_")) and name not in HOOKS
+            if (name.startswith("before_") or name.startswith("after_")) and name not in EVENT_HOOKS
         ]
         if unknown:
             raise TypeError(
                 f"{cls.__name__} defines {unknown}, which the engine never calls; "
-                f"the hooks are {sorted(HOOKS)}"
+                f"the hooks are {sorted(EVENT_HOOKS)}"
             )
+        if "frozen_features" in vars(cls):  # the attribute's former name
+            raise TypeError(f"{cls.__name__} sets frozen_features, which is now called cache_features; rename it")
         if cls.needs_query and "query" not in inspect.signature(cls.predict).parameters:
             raise TypeError(f"{cls.__name__} sets needs_query, so the engine calls predict(x, query=...); "
                             f"give its predict a query argument")
@@ -105,7 +111,7 @@ class Strategy(nn.Module):
         ``before_experience``), since a method may unfreeze its backbone there.
         """
         if self._uses_features is None:
-            self._uses_features = self.backbone.frozen if self.frozen_features is None else self.frozen_features
+            self._uses_features = self.backbone.frozen if self.cache_features is None else self.cache_features
         return self._uses_features
 
     def refresh_input_mode(self) -> None:

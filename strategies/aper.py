@@ -70,7 +70,7 @@ class APER(Strategy):
     """
 
     needs_query = True  # the pre-trained features phi(x), from the feature cache
-    frozen_features = False  # raw inputs for the adapted model phi*
+    cache_features = False  # raw inputs for the adapted model phi*
 
     def __init__(
         self,

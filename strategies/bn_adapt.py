@@ -29,7 +29,7 @@ class BNAdapt(Strategy):
     """
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
 
     def __init__(self, backbone):
         super().__init__(backbone)

@@ -59,7 +59,7 @@ class CodaPrompt(Strategy):
     """
 
     needs_query = True
-    frozen_features = False  # raw images for the prompted pass; the cached features are the query
+    cache_features = False  # raw images for the prompted pass; the cached features are the query
 
     def __init__(
         self,

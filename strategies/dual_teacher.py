@@ -57,7 +57,7 @@ class DualTeacherTTA(Strategy):
     """
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
 
     def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
                  params: Literal["all", "norm"] = "norm", ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99,

@@ -78,7 +78,7 @@ class DualPrompt(Strategy):
     """
 
     needs_query = True
-    frozen_features = False  # raw images for the prompted pass; the cached features are the query
+    cache_features = False  # raw images for the prompted pass; the cached features are the query
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ class EATA(Strategy):
     """
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
 
     def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
                  entropy_factor: Annotated[float, Field(gt=0)] = 0.4, redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,

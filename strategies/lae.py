@@ -79,7 +79,7 @@ class LAE(Strategy):
             current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
-    frozen_features = False  # the online module changes the backbone's output
+    cache_features = False  # the online module changes the backbone's output
 
     def __init__(
         self,

@@ -42,7 +42,7 @@ class LAME(Strategy):
     """
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
 
     def __init__(self, backbone, affinity: Literal["knn", "rbf", "linear"] = "rbf", knn: Annotated[int, Field(ge=1)] = 5,
                  max_steps: Annotated[int, Field(ge=1)] = 100, batch_statistics: bool = False):

@@ -110,7 +110,7 @@ class LoRACL(Strategy):
             current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
-    frozen_features = False  # the backbone's output changes with every update
+    cache_features = False  # the backbone's output changes with every update
 
     def __init__(
         self,

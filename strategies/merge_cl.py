@@ -64,7 +64,7 @@ class MergeCL(Strategy):
             current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
     """
 
-    frozen_features = False  # the backbone is fine-tuned
+    cache_features = False  # the backbone is fine-tuned
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ class Source(Strategy):
     """
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

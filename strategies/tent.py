@@ -37,7 +37,7 @@ class Tent(Strategy):
     """
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
 
     def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam",
                  momentum: float = 0.9, params: Literal["norm", "all"] = "norm"):

@@ -17,7 +17,7 @@ class QueryGated(Strategy):
     """A toy prompt-style method: a query from the frozen features gates the features of a second path."""
 
     needs_query = True
-    frozen_features = False
+    cache_features = False
     checked = False
 
     def __init__(self, backbone):

@@ -111,7 +111,7 @@ class NosyAdapter(Strategy):
     records what it sees, and tries to read labels from everything it is handed."""
 
     supported_scenarios = ("test_time_adaptation",)
-    frozen_features = False
+    cache_features = False
     record: dict = {}
 
     def __init__(self, backbone, lr: float = 0.05, kill_at: list[int] | None = None):

@@ -85,7 +85,7 @@ def test_hooks_run_in_the_documented_order(tmp_path):
 
 
 def test_the_docs_page_lists_every_hook():
-    from clpeft.strategy import HOOKS
+    from clpeft.strategy import EVENT_HOOKS as HOOKS
 
     page = (ROOT / "docs" / "strategy_api.md").read_text()
     table = set(re.findall(r"^\| `(\w+)` \|", page, re.M))
@@ -137,3 +137,17 @@ def test_a_query_strategy_without_a_query_argument_is_refused_at_definition():
             return x
 
     assert Fine.needs_query
+
+
+def test_the_former_name_of_cache_features_is_refused_naming_the_new_one():
+    """Issue 21: ``frozen_features`` read as "the backbone is frozen"; it means "may the engine cache features"."""
+    from clpeft import Strategy
+
+    with pytest.raises(TypeError, match=r"^Old sets frozen_features, which is now called cache_features; rename it$"):
+        class Old(Strategy):  # noqa: F841
+            frozen_features = False
+
+    class New(Strategy):
+        cache_features = False
+
+    assert New.cache_features is False and Strategy.cache_features is None
