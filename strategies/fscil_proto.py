@@ -29,16 +29,16 @@ from pydantic import Field
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LinearHead, PrototypeHead
 from clpeft.registry import register_strategy
-from clpeft.strategies.simplecil import FrozenFeatureClassifier
+from clpeft.components.heads.frozen_feature_classifier import FrozenFeatureClassifier
 
 
 @register_strategy("fscil_proto")
 class FSCILPrototypes(FrozenFeatureClassifier):
     """Few-shot CIL: base-session training, then a frozen backbone and cosine class prototypes (Zhang et al. 2021).
 
-    The base session trains the whole backbone with a cosine classifier (first-session
-    adaptation of :class:`~clpeft.strategies.simplecil.FrozenFeatureClassifier`); every session
-    then adds the class means of its data to a cosine :class:`~clpeft.components.PrototypeHead`.
+    The base session trains the whole backbone with a cosine classifier (first-session adaptation
+    of :class:`~clpeft.components.heads.frozen_feature_classifier.FrozenFeatureClassifier`);
+    every session then adds the class means of its data to a cosine :class:`~clpeft.components.PrototypeHead`.
 
     Args:
         backbone: the feature extractor (trainable: it is trained on the base session).

@@ -7,8 +7,9 @@ code: RanPAC/RanPAC ``RanPAC.py`` and LAMDA-PILOT ``models/ranpac.py``).
 1. phase 1 (``adapt``): on the first experience, train a parameter-efficient module with a
    cosine head, then freeze it: ``adapter`` = AdaptFormer adapters in every block (bottleneck
    64, scale 0.1), the paper's and PILOT's headline method; or the last blocks / the whole
-   backbone (see :class:`~clpeft.strategies.simplecil.FrozenFeatureClassifier`); ``none`` is
-   the paper's no-phase-1 ablation ("ncm" rows of the authors' argument files);
+   backbone (see
+   :class:`~clpeft.components.heads.frozen_feature_classifier.FrozenFeatureClassifier`);
+   ``none`` is the paper's no-phase-1 ablation ("ncm" rows of the authors' argument files);
 2. project every frozen feature ``f`` (dimension ``L``) to ``h = phi(f^T W)`` with a fixed
    Gaussian ``W`` (``L x M``, entries N(0, 1)) and ``phi`` = ReLU (eq. 5);
 3. accumulate ``G = sum h h^T`` and ``C = sum h y^T`` over every experience (one-hot ``y``)
@@ -41,7 +42,7 @@ from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, RidgeHead, ridge_by_holdout
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
-from clpeft.strategies.simplecil import AdaptPart, FrozenFeatureClassifier
+from clpeft.components.heads.frozen_feature_classifier import AdaptPart, FrozenFeatureClassifier
 
 PAPER_RIDGES = (10.0 ** np.arange(-8, 9)).tolist()  # the official list, bit for bit (10^-5 is 9.999999999999999e-06)
 

@@ -20,7 +20,7 @@ from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
 from clpeft.feature_cache import FeatureCache
-from clpeft.strategies.simplecil import FrozenFeatureClassifier
+from clpeft.components.heads.frozen_feature_classifier import FrozenFeatureClassifier
 
 METHODS = {
     "simplecil": {"name": "simplecil"},
