@@ -122,6 +122,16 @@ def test_run_reports_the_anytime_curve_and_its_area(tmp_path, digits_run):
     assert len(plan.seen_test(100)) == len(built.stream[0].test)
 
 
+def test_evaluating_more_often_does_not_change_training(tmp_path, digits_run):
+    digits_run["strategy"] = {"name": "replay", "mem_size": 100}
+    digits_run["backbone"] = {"name": "cnn", "widths": [8, 16]}  # BatchNorm: the train mode must come back
+    sparse = _engine(_online(digits_run, train_per_class=60), tmp_path / "sparse").run()
+    digits_run["scenario"]["eval_every"] = 30
+    dense = _engine(digits_run, tmp_path / "dense").run()
+    assert dense["acc_matrix"] == sparse["acc_matrix"]
+    assert len(dense["metrics"]["anytime_curve"]) > 3 * len(sparse["metrics"]["anytime_curve"])
+
+
 def test_online_replay_forgets_less_than_online_finetune(tmp_path, digits_run):
     finetune = _engine(_online(digits_run), tmp_path / "ft").run()["metrics"]
     digits_run["strategy"] = {"name": "replay", "mem_size": 200}
