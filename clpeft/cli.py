@@ -267,14 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--markdown", action="store_true", help="print docs/published_setups.md")
     reproduce.set_defaults(func=_reproduce)
 
-    try:
-        from clpeft.merging import cli as merge_cli
-    except ImportError:
-        merge_cli = None
-    if merge_cli is not None:
-        merge = sub.add_parser("merge", help="merge fine-tuned checkpoints (task arithmetic, TIES, DARE, ...)")
-        merge_cli.configure_parser(merge)
-        merge.set_defaults(func=merge_cli.run)
+    from clpeft.tools import merge_cli
+
+    merge = sub.add_parser("merge", help="merge fine-tuned checkpoints (task arithmetic, TIES, DARE, ...)")
+    merge_cli.configure_parser(merge)
+    merge.set_defaults(func=merge_cli.run)
     return parser
 
 

@@ -68,12 +68,6 @@ RULES = [
     Rule("scenarios never import strategies", ("clpeft.scenarios",), (STRATEGIES,)),
 ]
 
-# Known crossings, each waiting for its fix; the test fails once one is gone, so the list only shrinks.
-KNOWN = {
-    # `clpeft merge --search` scores each candidate merge with a clpeft run (a user tool living in
-    # merging): it should take the scoring run as a callable from the command line instead.
-    ("clpeft.merging.search", "clpeft.engine"),
-}
 
 
 def within(name: str, packages: tuple[str, ...]) -> bool:
@@ -137,20 +131,8 @@ def edges() -> list[Edge]:
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name.replace(" ", "_"))
 def test_no_import_crosses_a_layer(rule, edges):
-    crossings = [e for e in rule.violations(edges) if (e.module, _target_module(e)) not in KNOWN]
+    crossings = rule.violations(edges)
     assert not crossings, f"{rule.name}, but:\n" + "\n".join(f"  {e}" for e in crossings)
-
-
-def test_known_crossings_still_exist(edges):
-    """A fixed crossing leaves :data:`KNOWN`, so it cannot come back unnoticed."""
-    present = {(e.module, _target_module(e)) for rule in RULES for e in rule.violations(edges)}
-    assert KNOWN <= present, f"fixed, remove from KNOWN: {sorted(KNOWN - present)}"
-
-
-def _target_module(edge: Edge) -> str:
-    """The forbidden package ``edge`` reaches (``clpeft.engine`` for ``clpeft.engine.Engine``)."""
-    forbidden = {p for rule in RULES for p in rule.forbidden}
-    return max((p for p in forbidden if within(edge.target, (p,))), key=len)
 
 
 def test_the_scan_sees_every_layer_and_lazy_imports(edges):

@@ -93,13 +93,13 @@ def search_merge(
     params: Mapping[str, Any],
     parameter: str,
     values: list[float],
+    score: Callable[[Path, Path], dict],
     on: str | Path,
     out: Path,
     outputs: Mapping[str, Path],
     inputs: list[Path],
-    device: str,
 ) -> tuple[Any, SearchResult]:
-    """Score every value of ``parameter`` by a run of config ``on``; merge the best into ``out``.
+    """Score every value of ``parameter`` by ``score``; merge the best into ``out``.
 
     Args:
         merge: ``merge(out, report, **params)`` writes one merge and its report and returns the
@@ -108,11 +108,14 @@ def search_merge(
         params: the method's other parameters.
         parameter: the searched parameter, e.g. ``scale``.
         values: its grid.
-        on: the run config that scores each merge.
+        score: ``score(candidate, scratch)`` evaluates the merged weights file ``candidate`` (a
+            run of the config ``on``, writing under the directory ``scratch``) and returns the
+            run's result (``metrics`` with ``acc_last``, ``acc_matrix``). The command line
+            passes a clpeft run (:mod:`clpeft.tools.merge_cli`), so merging never runs the engine.
+        on: the run config that scores each merge (recorded in the table).
         out: the final merged file (candidates are written beside it, then removed).
         outputs: every file the search writes (``out``, ``report``, ``search``), checked first.
         inputs: every file the merge reads (for the same check).
-        device: where the scoring runs run.
 
     Returns:
         The final merge's report and the search's table.
@@ -130,18 +133,13 @@ def search_merge(
     for value in values:
         spec.validate({**params, parameter: value}, key="--search")
     check_outputs(outputs, inputs)
-    from clpeft import config
-    from clpeft.engine import Engine
-
     result = SearchResult(parameter, str(on))
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.search-", dir=out.parent))
     try:
         for i, value in enumerate(values):
             candidate = scratch / f"candidate_{i}.safetensors"
             merge(candidate, scratch / f"candidate_{i}.report.json", **{**params, parameter: value})
-            overrides = [f"backbone.weights={json.dumps(str(candidate))}", "seeds=null", "eval.baseline=false",
-                         "logging.tensorboard=false", "logging.progress=never"]
-            run = Engine(config.load(on, overrides), scratch / f"run_{i}", device=device).run()
+            run = score(candidate, scratch / f"run_{i}")
             result.table.append({parameter: value, METRIC: run["metrics"][METRIC], "acc_matrix": run["acc_matrix"]})
             for path in scratch.iterdir():  # one candidate on disk at a time
                 shutil.rmtree(path) if path.is_dir() else path.unlink()

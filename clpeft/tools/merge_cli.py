@@ -4,7 +4,7 @@ A YAML file (see :mod:`clpeft.merging.config`) describes a merge; flags fill in 
 its values for one-off use, so ``clpeft merge --base b.safetensors --models a.safetensors
 c.safetensors --method ties --set density=0.2 --out m.safetensors`` needs no file at all.
 ``--search scale=0.3:1.5:0.1 --on CONFIG`` merges once per value, scores each merge with a run of
-the clpeft config ``CONFIG`` and writes the best (:mod:`clpeft.merging.search`).
+the clpeft config ``CONFIG`` and writes the best (:mod:`clpeft.merging.search`, scored by :func:`_score`).
 A user's mistake raises :class:`~clpeft.errors.UserError`, which the main CLI prints as one
 line with exit status 2.
 """
@@ -12,6 +12,7 @@ line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from clpeft.config import apply_overrides, read_yaml
@@ -106,14 +107,25 @@ def _search(config, merge, parameter: str, values: list[float], on: Path):
         params=config.parameters,
         parameter=parameter,
         values=values,
+        score=lambda candidate, scratch: _score(on, candidate, scratch, config.device),
         on=on,
         out=config.out,
         outputs={"out": config.out, "report": report_path, "search": search_path},
         inputs=[config.base, *config.models],
-        device=config.device,
     )
     print(f"| {parameter} | {result.metric} |\n|---|---|")
     for row in result.table:
         print(f"| {row[parameter]:g} | {row[result.metric]:.4f} |{' best' if row[parameter] == result.best else ''}")
     print(f"best {parameter} = {result.best:g} (table in {search_path})")
     return report
+
+
+def _score(on: Path, weights: Path, out: Path, device: str) -> dict:
+    """A clpeft run of config ``on`` evaluating ``weights`` as its backbone (no baseline, no logs),
+    as ``clpeft run ON --set backbone.weights=WEIGHTS`` evaluates a merge."""
+    from clpeft.config import load  # (the engine only for --search: a plain merge never loads it)
+    from clpeft.engine import Engine
+
+    overrides = [f"backbone.weights={json.dumps(str(weights))}", "seeds=null", "eval.baseline=false",
+                 "logging.tensorboard=false", "logging.progress=never"]
+    return Engine(load(on, overrides), out, device=device).run()

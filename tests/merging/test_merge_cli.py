@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from clpeft.errors import UserError
-from clpeft.merging import cli, merge
+from clpeft.merging import merge
+from clpeft.tools import merge_cli as cli
 
 
 def run(*argv: str) -> int:
