@@ -33,7 +33,7 @@ class BNAdapt(Strategy):
 
     def __init__(self, backbone):
         super().__init__(backbone)
-        self.adaptation = OnlineAdaptation(params="none", batch_statistics=True)
+        self.adaptation = OnlineAdaptation(None)
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)

@@ -36,10 +36,12 @@ from clpeft.components.regularization.distillation import frozen_copy
 from clpeft.components.regularization.ema import EMATeacher
 from clpeft.components.tta.stochastic_restore import StochasticRestore
 from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.losses import soft_cross_entropy, symmetric_cross_entropy
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -49,10 +51,7 @@ class CoTTA(Strategy):
 
     Args:
         backbone: the source feature extractor.
-        lr: learning rate of the test-time optimizer.
-        optimizer: ``adam`` or ``sgd``.
-        momentum: SGD momentum or Adam's beta1.
-        params: ``all`` (every weight and bias: CoTTA) or ``norm`` parameters adapt.
+        online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...); CoTTA adapts every weight and bias (``params: all``).
         ema_momentum: teacher momentum ``alpha``.
         restore_p: restore probability ``p``.
         confidence_threshold: ``p_th``: augmentation averaging below this anchor confidence.
@@ -64,15 +63,16 @@ class CoTTA(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
-                 params: Literal["all", "norm"] = "all", ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
+    @flat_options
+    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(params="all"),
+                 ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
                  restore_p: Annotated[float, Field(ge=0, le=1)] = 0.01,
                  confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.92,
                  n_augmentations: Annotated[int, Field(ge=1)] = 32, flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
                  loss: Literal["cross_entropy", "symmetric"] = "cross_entropy"):
         super().__init__(backbone)
-        check_adaptable(backbone, params, "cotta")
-        self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
+        check_adaptable(backbone, online.params, "cotta")
+        self.adaptation = OnlineAdaptation(online)
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.anchor = frozen_copy(classifier(backbone, self.head))
         self.restore = StochasticRestore(restore_p)

@@ -25,7 +25,7 @@ domain to 0.51 on the last, which the source model gets 0.29 wrong; 0.315 with `
 Paper symbols: ``alpha`` -> ``ema_momentum`` (0.99), ``tau`` -> ``confidence_threshold`` (0.95).
 """
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,10 @@ from pydantic import Field
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.regularization.ema import DualTeacher
 from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -45,10 +47,7 @@ class DualTeacherTTA(Strategy):
 
     Args:
         backbone: the source feature extractor.
-        lr: learning rate of the test-time optimizer.
-        optimizer: ``adam`` or ``sgd``.
-        momentum: SGD momentum or Adam's beta1.
-        params: ``norm`` (norm layers' affine parameters) or ``all`` (every weight and bias) adapt.
+        online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
         ema_momentum: ``alpha`` of the teacher on duty.
         period: batches per shift.
         n_teachers: teachers in the rotation (2 in the paper).
@@ -59,14 +58,15 @@ class DualTeacherTTA(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
-                 params: Literal["all", "norm"] = "norm", ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99,
+    @flat_options
+    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
+                 ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99,
                  period: Annotated[int, Field(ge=1)] = 50, n_teachers: Annotated[int, Field(ge=1)] = 2,
                  confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.95,
                  flip: Annotated[float, Field(ge=0, le=1)] = 0.5):
         super().__init__(backbone)
-        check_adaptable(backbone, params, "dual_teacher")
-        self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
+        check_adaptable(backbone, online.params, "dual_teacher")
+        self.adaptation = OnlineAdaptation(online)
         self.teachers = DualTeacher(classifier(backbone, self.head), ema_momentum, period, n_teachers)
         self.confidence_threshold = confidence_threshold
         self.augment = TTAugment(flip=flip)

@@ -28,17 +28,19 @@ Paper symbols: ``E_0 / ln C`` -> ``entropy_factor``, ``epsilon`` -> ``redundancy
 """
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
 from clpeft.components.regularization.fisher import FisherPenalty
-from clpeft.components.tta.source_data import source_training_data
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.losses import EATASampleFilter, batch_gradient_importance, entropy
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.source_data import source_training_data
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -48,9 +50,7 @@ class EATA(Strategy):
 
     Args:
         backbone: a feature extractor with normalisation layers.
-        lr: learning rate of the test-time optimizer.
-        optimizer: ``adam`` or ``sgd``.
-        momentum: SGD momentum or Adam's beta1.
+        online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
         entropy_factor: ``E_0 = entropy_factor * ln C``.
         redundancy_margin: ``epsilon`` of the cosine-similarity filter.
         fisher_alpha: ``beta``, weight of the Fisher regulariser (0: ETA).
@@ -61,17 +61,18 @@ class EATA(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
+    @flat_options
+    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
                  entropy_factor: Annotated[float, Field(gt=0)] = 0.4, redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
                  fisher_alpha: Annotated[float, Field(ge=0)] = 1.0, fisher_size: Annotated[int, Field(ge=1)] = 2000,
                  fisher_batch_size: Annotated[int, Field(ge=1)] | None = None):
         super().__init__(backbone)
-        check_adaptable(backbone, "norm", "eata")
+        check_adaptable(backbone, online.params, "eata")
         self.entropy_factor = entropy_factor
         self.fisher_alpha = fisher_alpha
         self.fisher_size = fisher_size
         self.fisher_batch_size = fisher_batch_size
-        self.adaptation = OnlineAdaptation("norm", True, optimizer, lr, momentum)
+        self.adaptation = OnlineAdaptation(online)
         self.filter = EATASampleFilter(0.0, redundancy_margin)
         self.penalty = FisherPenalty()
 

@@ -50,7 +50,7 @@ class LAME(Strategy):
         self.affinity_kind = affinity
         self.knn = knn
         self.max_steps = max_steps
-        self.adaptation = OnlineAdaptation(params="none", batch_statistics=batch_statistics)
+        self.adaptation = OnlineAdaptation(None, batch_statistics)
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)

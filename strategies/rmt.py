@@ -33,7 +33,7 @@ warmed-up state instead (the same procedure on other source batches).
 Paper symbols: ``alpha`` -> ``ema_momentum``; the loss weights keep the code's names.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,11 @@ from clpeft.components.tta.online_adaptation import (
     use_batch_statistics,
 )
 from clpeft.components.tta.losses import multi_view_contrastive_loss, symmetric_cross_entropy
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 NO_SOURCE_DATA = "strategy.lambda_cont: 0, strategy.lambda_ce_src: 0 and strategy.warmup_samples: 0"
@@ -66,10 +68,7 @@ class RMT(Strategy):
 
     Args:
         backbone: the source feature extractor.
-        lr: learning rate of the test-time optimizer.
-        optimizer: ``adam`` or ``sgd``.
-        momentum: SGD momentum or Adam's beta1.
-        params: ``all`` (every weight and bias: RMT) or ``norm`` parameters adapt.
+        online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...); RMT adapts every weight and bias (``params: all``).
         ema_momentum: teacher momentum ``alpha``.
         flip: horizontal-flip probability of the augmentation (0 for digits-like data).
         lambda_ce_trg: weight of the self-training loss.
@@ -84,21 +83,22 @@ class RMT(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9,
-                 params: Literal["all", "norm"] = "all", ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
+    @flat_options
+    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(params="all"),
+                 ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
                  flip: Annotated[float, Field(ge=0, le=1)] = 0.5, lambda_ce_trg: Annotated[float, Field(ge=0)] = 1.0,
                  lambda_cont: Annotated[float, Field(ge=0)] = 1.0, lambda_ce_src: Annotated[float, Field(ge=0)] = 1.0,
                  warmup_samples: Annotated[int, Field(ge=0)] = 50000,
                  source_batch_size: Annotated[int, Field(ge=1)] | None = None,
                  temperature: Annotated[float, Field(gt=0)] = 0.1, projection_dim: Annotated[int, Field(ge=1)] = 128):
         super().__init__(backbone)
-        check_adaptable(backbone, params, "rmt")
+        check_adaptable(backbone, online.params, "rmt")
         self.lambda_ce_trg = lambda_ce_trg
         self.lambda_cont = lambda_cont
         self.lambda_ce_src = lambda_ce_src
         self.warmup_samples = warmup_samples
         self.temperature = temperature
-        self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
+        self.adaptation = OnlineAdaptation(online)
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.augment = TTAugment(flip=flip)
         self.source_batch_size = source_batch_size

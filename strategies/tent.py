@@ -8,19 +8,20 @@ batch statistics and takes one optimizer step on the mean prediction entropy (eq
 
 updating only the channel-wise affine parameters ``gamma``, ``beta`` of the norm layers
 (section 3.2). The returned prediction is the one computed before the step, as in the
-authors' code. Defaults are the authors' CIFAR-10-C settings (Adam, lr 1e-3, beta1 0.9).
+authors' code. Defaults are the authors' CIFAR-10-C settings (Adam, lr 1e-3, beta1 0.9; their
+ImageNet setting is ``optimizer: sgd``, ``lr: 2.5e-4``).
 
 Paper symbols: ``gamma, beta`` -> the adapted parameters (``params: norm``).
 """
 
-from typing import Literal
-
 import torch
 
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.losses import entropy
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -30,20 +31,17 @@ class Tent(Strategy):
 
     Args:
         backbone: a feature extractor with normalisation layers (BatchNorm for batch statistics).
-        lr: learning rate of the test-time optimizer.
-        optimizer: ``adam`` (the authors' CIFAR setting) or ``sgd`` (ImageNet: lr 2.5e-4).
-        momentum: SGD momentum or Adam's beta1.
-        params: ``norm`` (Tent) or ``all`` (every weight and bias).
+        online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
     """
 
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam",
-                 momentum: float = 0.9, params: Literal["norm", "all"] = "norm"):
+    @flat_options
+    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions()):
         super().__init__(backbone)
-        check_adaptable(backbone, params, "tent")
-        self.adaptation = OnlineAdaptation(params, True, optimizer, lr, momentum)
+        check_adaptable(backbone, online.params, "tent")
+        self.adaptation = OnlineAdaptation(online)
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)

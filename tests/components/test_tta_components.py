@@ -18,6 +18,7 @@ from clpeft.components.tta.source_data import SourceBatches, source_training_dat
 from clpeft.components.tta.stochastic_restore import StochasticRestore
 from clpeft.components.tta.online_adaptation import (
     AdaptationOptimizer,
+    OnlineAdaptation,
     adapted_parameters,
     batch_norm_layers,
     check_adaptable,
@@ -25,6 +26,7 @@ from clpeft.components.tta.online_adaptation import (
     use_batch_statistics,
 )
 from clpeft.components.tta.augment import TTAugment
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.losses import (
     EATASampleFilter,
     batch_gradient_importance,
@@ -202,6 +204,36 @@ def test_adaptation_optimizer_state_round_trips_and_source_state_clears_it():
         assert torch.equal(a, b)
     opt.set_extra_state(source_state)
     assert len(opt._optimizer.state) == 0
+
+
+def test_adaptation_options_configure_the_optimizer_once_for_every_method():
+    """One options object sets the torch optimizer (SGD: Nesterov, no dampening; Adam: betas
+    (momentum, 0.999)), weight decay included, and ``None`` updates nothing."""
+    model = _net()
+    sgd = OnlineAdaptation(AdaptationOptions(optimizer="sgd", lr=0.05, momentum=0.5, weight_decay=0.1, params="all"))
+    sgd.prepare(model, model)
+    group = sgd.optimizer._optimizer.param_groups[0]
+    assert isinstance(sgd.optimizer._optimizer, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"], group["dampening"]) == (0.05, 0.5, 0.1, True, 0)
+    assert len(group["params"]) == len(list(model.parameters()))
+    plain_sgd = OnlineAdaptation(AdaptationOptions(optimizer="sgd", momentum=0.0))
+    plain_sgd.prepare(model, model)
+    assert plain_sgd.optimizer._optimizer.param_groups[0]["nesterov"] is False  # torch refuses Nesterov without momentum
+    adam = OnlineAdaptation(AdaptationOptions(momentum=0.8))
+    adam.prepare(model, model)
+    group = adam.optimizer._optimizer.param_groups[0]
+    assert group["betas"] == (0.8, 0.999) and len(group["params"]) == 2 * len(batch_norm_layers(model))
+    frozen = OnlineAdaptation(None)
+    frozen.prepare(model, model)
+    assert not frozen.optimizer.bound and not any(p.requires_grad for p in model.parameters())
+    assert set(frozen.state_dict()) == set(adam.state_dict())  # one checkpoint layout for every TTA method
+
+
+@pytest.mark.parametrize("field, value", [("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1e-4),
+                                          ("optimizer", "adamw"), ("params", "none")])
+def test_adaptation_options_refuse_values_the_optimizer_cannot_take(field, value):
+    with pytest.raises(ValueError, match=field):
+        AdaptationOptions(**{field: value})
 
 
 # ------------------------------------------------------------------ losses and EATA's filters

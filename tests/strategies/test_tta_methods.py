@@ -121,6 +121,33 @@ def test_norm_methods_refuse_a_backbone_without_norm_layers():
         strategies.get("tent")(MLPBackbone((1, 8, 8), hidden=[8]))
 
 
+GRADIENT_METHODS = {"tent": "norm", "eata": "norm", "cotta": "all", "rmt": "all", "dual_teacher": "norm"}
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_shared_optimizer_options_are_flat_keys_built_into_one_options_object(name):
+    """YAML's flat keys (and Python's keywords) become the method's AdaptationOptions: the method's own
+    defaults where unset, one validation for every method."""
+    import clpeft.config
+    from clpeft.errors import UserError
+
+    cls = strategies.get(name)
+    fields = clpeft.config.schema_of(cls, "strategy").model_fields
+    assert {"optimizer", "lr", "momentum", "weight_decay", "params"} <= set(fields)
+    assert fields["params"].default == GRADIENT_METHODS[name]
+    spec = clpeft.config.resolve({"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"}, "backbone": {"name": "cnn"},
+                                  "strategy": {"name": name, "optimizer": "sgd", "lr": 0.02, "weight_decay": 1e-4}}).strategy
+    strategy = spec.build(backbone=CNNBackbone((1, 8, 8), widths=WIDTHS))
+    optimizer = strategy.adaptation.optimizer
+    assert (optimizer.kind, optimizer.lr, optimizer.momentum, optimizer.weight_decay) == ("sgd", 0.02, 0.9, 1e-4)
+    assert strategy.adaptation.params == GRADIENT_METHODS[name]
+    with pytest.raises(UserError, match="strategy.momentum: input should be less than 1"):
+        clpeft.config.resolve({"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"}, "backbone": {"name": "cnn"},
+                               "strategy": {"name": name, "momentum": 1.5}})
+    with pytest.raises(UserError, match="^lr: input should be greater than 0"):
+        cls(CNNBackbone((1, 8, 8), widths=WIDTHS), lr=-1.0)
+
+
 # ------------------------------------------------------------------ source, bn_adapt
 
 

@@ -1,5 +1,6 @@
-"""Test-time adaptation machinery: the online adaptation loop and its optimizer, TTA losses and sample filters, CoTTA's augmentations and stochastic restore, LAME's Laplacian adjustment, labelled source data inside a test stream."""
+"""Test-time adaptation machinery: the online adaptation loop, its optimizer and shared options, TTA losses and sample filters, CoTTA's augmentations and stochastic restore, LAME's Laplacian adjustment, labelled source data inside a test stream."""
 
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.online_adaptation import AdaptationOptimizer, OnlineAdaptation
 from clpeft.components.tta.losses import EATASampleFilter, entropy, multi_view_contrastive_loss, symmetric_cross_entropy
 from clpeft.components.tta.augment import TTAugment
@@ -10,6 +11,7 @@ from clpeft.components.tta.source_data import SourceBatches, source_training_dat
 
 __all__ = [
     "AdaptationOptimizer",
+    "AdaptationOptions",
     "augmentation_average",
     "EATASampleFilter",
     "entropy",

@@ -10,8 +10,10 @@ Entropy Minimization", ICLR 2021 (https://arxiv.org/abs/2006.10726), section 3:
 * the method runs its own optimizer steps inside ``adapt`` (:class:`AdaptationOptimizer`),
   whose state travels in the strategy's ``state_dict`` (resume, reset to source).
 
-:class:`OnlineAdaptation` bundles the three; a strategy calls :meth:`OnlineAdaptation.prepare`
-when a test-time experience begins and :meth:`OnlineAdaptation.begin_batch` in ``adapt``.
+:class:`OnlineAdaptation` bundles the three, configured by the options every such method shares
+(:class:`~clpeft.components.tta.options.AdaptationOptions`); a strategy calls
+:meth:`OnlineAdaptation.prepare` when a test-time experience begins and
+:meth:`OnlineAdaptation.begin_batch` in ``adapt``.
 
 BatchNorm is switched with ``track_running_stats = False`` and train mode on the norm layers
 only; unlike the reference code the running statistics are kept, so the ``state_dict`` keys
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from clpeft.components.tta.options import AdaptationOptions
 from clpeft.errors import UserError
 
 NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -162,22 +165,22 @@ class OnlineAdaptation(nn.Module):
     """The per-strategy TTA setup: which parameters adapt, batch statistics, the optimizer.
 
     Args:
-        params: ``norm`` (norm-layer affine parameters), ``all``, or ``none`` (no updates).
+        options: the optimizer and the adapted parameters (:class:`AdaptationOptions`); ``None``
+            updates no parameter (test-batch statistics alone, or LAME's output adjustment).
         batch_statistics: BatchNorm layers use test-batch statistics (``False``: source ones).
-        optimizer, lr, momentum, weight_decay: see :class:`AdaptationOptimizer`.
 
     ``started`` (a buffer, so it is saved and restored with the strategy) records whether
     adaptation has begun: a strategy initialises its teachers from the source model the
     first time, and a restored source state starts over.
     """
 
-    def __init__(self, params: Literal["norm", "all", "none"] = "norm", batch_statistics: bool = True,
-                 optimizer: Literal["adam", "sgd"] = "adam", lr: float = 1e-3, momentum: float = 0.9,
-                 weight_decay: float = 0.0):
+    def __init__(self, options: AdaptationOptions | None, batch_statistics: bool = True):
         super().__init__()
-        self.params = params
+        self.params = options.params if options is not None else "none"
         self.batch_statistics = batch_statistics
-        self.optimizer = AdaptationOptimizer(optimizer, lr, momentum, weight_decay)
+        # never stepped without options, but its (empty) state keeps every TTA checkpoint's keys alike
+        o = options or AdaptationOptions()
+        self.optimizer = AdaptationOptimizer(o.optimizer, o.lr, o.momentum, o.weight_decay)
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
         self._norms: list[_BatchNorm] = []
 
