@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -135,6 +136,20 @@ def test_a_sweep_metric_no_run_reports_is_refused_before_training(tmp_path, caps
     assert "--metric acc_lats: not a scalar metric of a class_incremental run (acc_final, acc_last," in err
     assert err.endswith("; did you mean 'acc_last'?\n")
     assert not (tmp_path / "sw").exists()  # nothing trained
+
+
+def test_a_sweep_over_online_runs_may_pick_a_auc_and_others_may_not(tmp_path, capsys):
+    """A_auc exists only for online streams: the early check knows which runs report it."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(RUN))
+    err = _one_line_error(capsys, main(["sweep", str(path), "--grid", "train.lr=[0.1]", "--metric", "a_auc",
+                                        "--out", str(tmp_path / "sw")]))
+    assert "--metric a_auc: not a scalar metric of a class_incremental run" in err
+    from clpeft import config
+    from clpeft.tools.sweep import _check_metric
+
+    online = config.load(Path(__file__).resolve().parents[1] / "configs" / "online" / "digits_blurry_replay.yaml")
+    _check_metric("a_auc", online)  # accepted: no error
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,8 @@ def _score(run_dir: Path, metric: str) -> dict:
 
 def _check_metric(metric: str, cfg: config.RunConfig) -> None:
     """Refuse, before anything trains, a ``--metric`` the configured runs will not report."""
-    known = scalar_metric_names(cfg.scenario.cls.kind, baseline=cfg.eval.baseline)
+    known = scalar_metric_names(cfg.scenario.cls.kind, baseline=cfg.eval.baseline,
+                                online=bool(cfg.scenario.params.get("online", False)))
     if metric not in known:
         raise UserError(f"--metric {metric}: not a scalar metric of a {cfg.scenario.cls.kind} run "
                         f"({', '.join(known)}){config.close(metric, known)}")
