@@ -121,7 +121,9 @@ def model_from_signature(name: str, fn: Callable, *, skip: Container[str] = (), 
     """
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # an unresolvable annotation: the raw ones
+    except Exception:  # an unresolvable annotation: the raw ones (an error where annotations are required)
+        if owner is not None:
+            raise
         hints = {}
     fields: dict[str, Any] = {}
     for pname, p in inspect.signature(fn).parameters.items():

@@ -2,9 +2,10 @@
 
 As in mergekit's ``@merge_method`` (``mergekit/merge_methods/easy_define.py``), a method is a
 plain function; the decorator records its name and paper, and builds the parameter schema
-from its keyword-only arguments, so a misspelled or ill-typed parameter is an error that
-names it instead of being silently ignored. Float parameters must be finite: NaN or infinity
-as a coefficient turns every merged tensor into NaN.
+from its keyword-only arguments with :mod:`clpeft.schema` (the builder of the run config's
+sections too), so a misspelled or ill-typed parameter is an error that names it instead of
+being silently ignored. Float parameters must be finite: NaN or infinity as a coefficient
+turns every merged tensor into NaN.
 
 Two scopes exist:
 
@@ -26,15 +27,14 @@ from __future__ import annotations
 
 import inspect
 import math
-import reprlib
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel
 
+from clpeft import schema
 from clpeft.errors import UserError
 from clpeft.registry import close_matches
 
@@ -125,26 +125,19 @@ class MergeMethod:
         Raises:
             UserError: naming the parameter, with the closest spelling for an unknown one.
         """
-        for name in params:
-            if name not in self.schema.model_fields:
-                raise UserError(
-                    f"unknown parameter of merge method '{self.name}'{close_matches(name, self.parameters)} "
-                    f"(its parameters: {', '.join(self.parameters) or 'none'})",
-                    key=f"{key}.{name}",
-                )
         if self.scope == "model":  # callables and data loaders: no coercion, checked by the call; floats finite
             for name, value in params.items():
+                if name not in self.schema.model_fields:
+                    raise UserError(self._unknown(f"{key}.{name}", name, self.parameters))
                 if isinstance(value, float) and not math.isfinite(value):
                     raise UserError(f"input should be a finite number, got {value!r}", key=f"{key}.{name}")
             return dict(params)
-        try:
-            validated = self.schema.model_validate(dict(params))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            got = reprlib.repr(error.get("input"))  # bounded: a YAML alias can make the value enormous
-            raise UserError(f"{error['msg'].lower()}, got {got}", key=f"{key}.{where}") from None
+        validated = schema.validate(self.schema, dict(params), key, unknown=self._unknown)
         return {name: getattr(validated, name) for name in self.schema.model_fields}
+
+    def _unknown(self, path: str, name: str, known: list[str]) -> str:
+        return (f"{path}: unknown parameter of merge method '{self.name}'{close_matches(name, known)} "
+                f"(its parameters: {', '.join(known) or 'none'})")
 
     def coefficients(
         self, num_tasks: int, params: Mapping[str, Any], dtype: torch.dtype = torch.float64
@@ -176,26 +169,14 @@ def merge_method(
     def decorator(fn: F) -> F:
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"merge method '{name}' is already registered by {_METHODS[name].fn.__module__}")
-        hints = typing.get_type_hints(fn, include_extras=True)
-        fields: dict[str, Any] = {}
-        uses_generator = False
-        for pname, p in inspect.signature(fn).parameters.items():
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY or (scope == "model" and pname == "rules"):
-                continue
-            if pname == "generator" and scope == "tensor":
-                uses_generator = True
-                continue
-            if pname == "model_statistic" and model_statistic is not None:
-                continue
-            if pname not in hints:
-                raise TypeError(f"merge method '{name}': parameter '{pname}' needs a type annotation")
-            fields[pname] = (hints[pname], ... if p.default is inspect.Parameter.empty else p.default)
-        schema = create_model(
-            f"{name}_parameters",
-            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
-            **fields,
-        )
-        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema, model_statistic)
+        engine_supplied = {"rules"} if scope == "model" else {"generator"}
+        if model_statistic is not None:
+            engine_supplied.add("model_statistic")
+        keywords = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        uses_generator = scope == "tensor" and "generator" in keywords
+        schema_model = schema.model_from_signature(f"{name}_parameters", fn, skip=engine_supplied, keyword_only=True,
+                                                   owner=f"merge method '{name}'")
+        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema_model, model_statistic)
         return fn
 
     return decorator

@@ -60,3 +60,19 @@ def test_builtins_cite_their_papers():
         "task_arithmetic": "https://arxiv.org/abs/2212.04089",
         "ties": "https://arxiv.org/abs/2306.01708",
     }
+
+
+def test_parameters_are_checked_as_run_config_keys_are(median_method):
+    """One schema module (clpeft.schema) for both: a boolean is not a number, and every mistake is a line."""
+    from clpeft.errors import UserErrors
+
+    with pytest.raises(UserError, match="^parameters.scale: expected a number, got the boolean true; write the number$"):
+        median_method.validate({"scale": True})
+    with pytest.raises(UserErrors) as info:
+        median_method.validate({"scale": -1.0, "scael": 2.0}, key="merge.parameters")
+    assert info.value.messages == [
+        "merge.parameters.scale: input should be greater than 0, got -1.0",
+        "merge.parameters.scael: unknown parameter of merge method 'test_median'; did you mean 'scale'? "
+        "(its parameters: scale)",
+    ]
+    assert median_method.validate({"scale": "2"}) == {"scale": 2.0}  # YAML text coerced as a config's
