@@ -9,7 +9,10 @@ For a stream of ``T`` experiences the engine
    mode, on the device), evaluates
    on **every** experience's test set (row ``R[i, :]``, future experiences included), and
    writes a checkpoint;
-3. writes ``metrics.json`` with :func:`clpeft.metrics.summarize` of ``R``.
+3. writes ``metrics.json`` with :func:`clpeft.metrics.summarize` of ``R`` and, from the last
+   evaluation, ``final_confusion[true][predicted]`` (counts over every test set; files written
+   before it lack the key). ``timing`` keeps the feature cache's one-off fill (``cache_s``,
+   per experience and in total) apart from ``train_s`` and ``eval_s``, which exclude it.
 
 Re-seeding per experience makes ``--resume`` exact: a resumed run continues from the last
 checkpoint with the same random state an uninterrupted run had at that point.
@@ -207,23 +210,30 @@ class Engine:
             self._accept_forced_config(log)
         log.event("run_start", experiences=T, device=str(self.device), strategy=self.cfg.strategy.name,
                   parameters=strategy.count_parameters())
+        cache_mark = run.cache_seconds()  # the baseline's feature-cache fill counts with experience 0's
         if start == 0 and self.cfg.eval.baseline:
             baseline = run.baseline()
             log.event("baseline", accuracy=baseline)
+        confusion = None
         for exp in stream[start:]:
             seed_everything(derive_seed(self.cfg.seed, exp.index))
+            before = run.cache_seconds()
             train_s, n_samples = run.train_experience(exp, log)
-            t0 = time.perf_counter()
+            train_s -= run.cache_seconds() - before
+            t0, before = time.perf_counter(), run.cache_seconds()
+            if exp.index == T - 1:  # the last evaluation also counts (true, predicted) class pairs
+                confusion = torch.zeros(run.n_classes, run.n_classes, dtype=torch.float64)
             strategy.before_evaluation(exp)
-            row = run.evaluate()
+            row = run.evaluate(confusion=confusion)
             strategy.after_evaluation(exp, row)
-            eval_s = time.perf_counter() - t0
+            eval_s = time.perf_counter() - t0 - (run.cache_seconds() - before)
             rows.append(row)
             timing.append({
-                "experience": exp.index, "train_s": train_s, "eval_s": eval_s,
+                "experience": exp.index, "train_s": train_s, "eval_s": eval_s, "cache_s": run.cache_seconds() - cache_mark,
                 "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
                 "peak_memory_mb": peak_memory_mb(self.device),
             })
+            cache_mark = run.cache_seconds()
             seen = float(np.average(row[: exp.index + 1], weights=[len(e.test) for e in stream[: exp.index + 1]]))
             log.event("experience_end", step=exp.index, acc_seen=seen, row=row, **{f"acc_exp{j}": a for j, a in enumerate(row)})
             log.print(f"experience {exp.index + 1}/{T}: acc on seen = {seen:.4f}  row = [{', '.join(f'{a:.3f}' for a in row)}]")
@@ -233,7 +243,7 @@ class Engine:
                     "experience": exp.index, "strategy": strategy.state_dict(), "rows": rows,
                     "timing": timing, "baseline": baseline, "config": self._resolved_config(),
                 }, keep=self.cfg.logging.keep_checkpoints)
-        return self._finish(run, rows, timing, baseline, log)
+        return self._finish(run, rows, timing, baseline, log, confusion=confusion)
 
     # ------------------------------------------------------------------ online streams
 
@@ -257,6 +267,7 @@ class Engine:
             self._accept_forced_config(log)
         log.event("run_start", experiences=len(run.stream), units=len(plan.units), stream_samples=plan.n_samples,
                   device=str(self.device), strategy=self.cfg.strategy.name, parameters=strategy.count_parameters())
+        cache_mark = run.cache_seconds()  # the baseline's feature-cache fill counts with the first unit's
         if start == 0 and self.cfg.eval.baseline:
             baseline = run.baseline()
             log.event("baseline", accuracy=baseline)
@@ -267,10 +278,10 @@ class Engine:
 
             def evaluate_until(position: int) -> None:
                 nonlocal eval_s
-                t = time.perf_counter()
+                t, cached = time.perf_counter(), run.cache_seconds()
                 while pending and pending[0] <= position:
                     self._online_point(run, plan, pending.pop(0), unit, rows, curve, log)
-                eval_s += time.perf_counter() - t
+                eval_s += time.perf_counter() - t - (run.cache_seconds() - cached)
 
             def after_step(trained: int) -> None:  # points strictly inside the unit, between two steps
                 position = min(a + (b - a) * trained // n_view, b - 1)
@@ -278,16 +289,18 @@ class Engine:
                     with run.training_paused():
                         evaluate_until(position)
 
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), run.cache_seconds()
             data = run.prepare(unit)
             n_view = max(len(data), 1)  # after_step's position: the pass over data, mapped onto [a, b)
             run.fit(unit, data, log, after_step=after_step, warn_few_steps=False)
             run.conclude(unit)
-            train_s = time.perf_counter() - t0 - eval_s
+            train_s = time.perf_counter() - t0 - eval_s - (run.cache_seconds() - before)
             evaluate_until(b)
             timing.append({"experience": unit.index, "stream_samples": b - a, "train_s": train_s, "eval_s": eval_s,
+                           "cache_s": run.cache_seconds() - cache_mark,
                            "train_samples_per_s": (b - a) / train_s if train_s > 0 else None,
                            "peak_memory_mb": peak_memory_mb(self.device)})
+            cache_mark = run.cache_seconds()
             if self.world.is_main:
                 checkpoint.save(self.out_dir / "checkpoints", unit.index, {
                     "experience": unit.index, "strategy": strategy.state_dict(), "rows": rows, "curve": curve,
@@ -434,7 +447,8 @@ class Engine:
         log.event("metrics", **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         log.hparams(self.cfg.to_dict(), result["metrics"])
 
-    def _finish(self, run: Run, rows, timing, baseline, log: RunLogger, extra_metrics: dict | None = None) -> dict:
+    def _finish(self, run: Run, rows, timing, baseline, log: RunLogger, extra_metrics: dict | None = None,
+                confusion: torch.Tensor | None = None) -> dict:
         stream = run.stream
         sizes = [len(e.test) for e in stream]
         measurable = metrics.transfer_is_measurable([e.classes_in_this_experience for e in stream])
@@ -456,12 +470,15 @@ class Engine:
                 "experiences": timing,
                 "train_s": sum(t["train_s"] for t in timing),
                 "eval_s": sum(t["eval_s"] for t in timing),
+                "cache_s": sum(t.get("cache_s", 0.0) for t in timing),
                 "peak_memory_mb": max(t["peak_memory_mb"] for t in timing),
             },
             "parameters": run.strategy.count_parameters(),
             "provenance": provenance(self.device),
             "class_names": getattr(run.scenario, "class_names", None),
         }
+        if confusion is not None:  # final_confusion[true][predicted]: counts over every test set after the last step
+            result["final_confusion"] = confusion.round().long().tolist()
         self._write_result(result, run.strategy, log)
         if log.tensorboard:
             from clpeft.plots import accuracy_matrix_figure

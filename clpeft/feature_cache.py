@@ -11,6 +11,7 @@ warning naming the folder, never mapped as it is.
 
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -113,6 +114,7 @@ class FeatureCache:
         self._identity = backbone.identity()
         self._stores: dict[str, _Store] = {}
         self.computed = 0  # samples passed through the backbone (for tests and reports)
+        self.seconds = 0.0  # time spent computing them: the one-off fill, reported apart from training
 
     def refresh_identity(self) -> None:
         """Re-key to the backbone's current weights (after a method adapted and re-froze it)."""
@@ -140,6 +142,7 @@ class FeatureCache:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _compute(self, dataset, store: _Store, indices: torch.Tensor, progress) -> None:
+        began = time.perf_counter()  # features reach the CPU below, so no device sync is needed
         was_training = self.backbone.training
         self.backbone.eval()
         single = DataView.of(dataset, indices)
@@ -157,3 +160,4 @@ class FeatureCache:
         store.done[indices.numpy()] = True
         store.flush()
         self.backbone.train(was_training)
+        self.seconds += time.perf_counter() - began

@@ -214,15 +214,30 @@ class Run:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, strategy: Strategy | None = None) -> list[float]:
-        """Accuracy on every experience's test set (each rank scores its share; counts all-reduced)."""
+    def evaluate(self, strategy: Strategy | None = None, confusion: torch.Tensor | None = None) -> list[float]:
+        """Accuracy on every experience's test set (each rank scores its share; counts all-reduced).
+
+        ``confusion``, a ``(C, C)`` float64 tensor of zeros (:meth:`n_classes`), receives in the
+        same pass the count of each (true class, predicted class) pair over all the test sets.
+        """
         strategy = strategy or self.strategy
         strategy.eval()
         self.data.refresh_cache(strategy.uses_features or strategy.needs_query, rekey=False)
         with out_of_memory_hint("evaluating", "eval.batch_size", self.cfg.eval.batch_size):
-            correct = torch.tensor([self.correct(e.test, strategy) for e in self.stream], dtype=torch.float64)
+            correct = torch.tensor([self.correct(e.test, strategy, confusion) for e in self.stream], dtype=torch.float64)
         self.world.all_reduce_sum(correct)
+        if confusion is not None:
+            self.world.all_reduce_sum(confusion)
         return [c / len(e.test) for c, e in zip(correct.tolist(), self.stream)]
+
+    @property
+    def n_classes(self) -> int:
+        """The number of classes in the stream (labels are ``0..n_classes-1``)."""
+        return 1 + max(c for e in self.stream for c in e.classes_seen_so_far)
+
+    def cache_seconds(self) -> float:
+        """Seconds the feature cache has spent computing features so far (0 without one)."""
+        return self.data.cache.seconds if self.data.cache is not None else 0.0
 
     def accuracy(self, view: DataView) -> float:
         """Accuracy on ``view`` (each rank scores its share; counts all-reduced)."""
@@ -247,8 +262,9 @@ class Run:
                     module.training = training
 
     @torch.no_grad()
-    def correct(self, view: DataView, strategy: Strategy | None = None) -> int:
-        """Correct predictions on this rank's share of ``view``."""
+    def correct(self, view: DataView, strategy: Strategy | None = None, confusion: torch.Tensor | None = None) -> int:
+        """Correct predictions on this rank's share of ``view``; ``confusion[true, predicted]`` counts
+        them when given (a prediction outside its columns, which no head makes, is left out)."""
         strategy = strategy or self.strategy
         correct = 0
         for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features,
@@ -259,7 +275,12 @@ class Run:
                 logits = strategy.predict(batch.x, query=batch.features) if batch.features is not None else strategy.predict(batch.x)
             if logits.shape[1] == 0:
                 continue
-            correct += int((logits.argmax(dim=1) == batch.y).sum())
+            predicted = logits.argmax(dim=1)
+            correct += int((predicted == batch.y).sum())
+            if confusion is not None:
+                inside = predicted < confusion.shape[1]
+                pairs = (batch.y[inside].cpu(), predicted[inside].cpu())
+                confusion.index_put_(pairs, torch.ones(len(pairs[0]), dtype=confusion.dtype), accumulate=True)
         return correct
 
     def baseline(self) -> list[float]:
