@@ -186,9 +186,10 @@ def _format_one(e, prefix: str, model: type[BaseModel], unknown) -> str:
         return unknown(path, loc[-1], _fields_at(model, loc[:-1]))
     if kind == "missing":
         return f"{path}: missing required value"
-    msg = e["msg"].removeprefix("Value error, ")
+    msg = e["msg"]
     got = reprlib.repr(e.get("input"))  # bounded: a YAML alias can make a value enormous
     if not loc:  # a rule spanning fields: its message names them
+        msg = msg.removeprefix("Value error, ")
         return f"{path}: {msg}" if path else msg
     return f"{path}: {msg[:1].lower()}{msg[1:]}, got {got}"  # keep names such as RandomCrop as written
 
