@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from clpeft import registry
 from clpeft.errors import UserError, UserErrors
 from clpeft.safe_yaml import MalformedYAML, load_yaml
+from clpeft.schema import model_from_signature
 
 SECTIONS = ("seed", "seeds", "scenario", "backbone", "strategy", "train", "eval", "logging", "out")
 NAMED_SECTIONS = {"scenario": registry.scenarios, "backbone": registry.backbones, "strategy": registry.strategies}
@@ -226,8 +227,10 @@ def schema_of(cls: type, section: str) -> type[BaseModel]:
     """The pydantic model of a registered class's parameters.
 
     A class may declare ``Config`` (a pydantic model); otherwise the schema is generated from
-    the typed signature of ``__init__``, skipping the engine-injected arguments and ``**kwargs``.
-    Parameters without a default are required.
+    the typed signature of ``__init__`` (:func:`clpeft.schema.model_from_signature`: options
+    blocks of :func:`~clpeft.schema.flat_options` as flat keys, built so their rules apply),
+    skipping the engine-injected arguments and ``**kwargs``. Parameters without a default are
+    required.
     """
     declared = getattr(cls, "Config", None)
     if isinstance(declared, type) and issubclass(declared, BaseModel):
@@ -235,25 +238,8 @@ def schema_of(cls: type, section: str) -> type[BaseModel]:
     cached = cls.__dict__.get("_clpeft_schema")
     if cached is not None:
         return cached
-    sig = inspect.signature(cls.__init__)
-    try:
-        hints = typing.get_type_hints(cls.__init__, include_extras=True)
-    except Exception:  # unresolvable annotation: fall back to the raw ones
-        hints = {}
-    fields: dict[str, Any] = {}
-    for i, (pname, p) in enumerate(sig.parameters.items()):
-        if i == 0 or pname in INJECTED[section] or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
-        annotation = hints.get(pname, p.annotation)
-        if annotation is inspect.Parameter.empty:
-            annotation = Any if p.default is inspect.Parameter.empty or p.default is None else type(p.default)
-        default = ... if p.default is inspect.Parameter.empty else p.default
-        fields[pname] = (annotation, default)
-    model = create_model(
-        f"{cls.__name__}Config",
-        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
-        **fields,
-    )
+    this = next(iter(inspect.signature(cls.__init__).parameters))  # ``self``
+    model = model_from_signature(f"{cls.__name__}Config", cls.__init__, skip={this, *INJECTED[section]})
     setattr(cls, "_clpeft_schema", model)
     return model
 
