@@ -19,7 +19,7 @@ from clpeft.errors import UserError
 def _run(args) -> int:
     from clpeft import config, distributed
     from clpeft.engine import Engine
-    from clpeft.tools.report import format_domains, format_matrix, format_metrics
+    from clpeft.tools.report import format_run
 
     target = Path(args.config)
     out = args.out
@@ -48,12 +48,10 @@ def _run(args) -> int:
         say(f"\n{format_seeds_summary(summary)}\n\nrun directory: {out}  (summary in {Path(out) / SUMMARY_FILE})")
         return 0
     result = Engine(cfg, out, resume=args.resume, **engine_kwargs).run()
-    if "domains" in result:  # test-time adaptation: online error per domain, no matrix
-        say(f"\n{format_domains(result)}")
-    else:
-        say(f"\naccuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}")
-        say(f"\n{format_metrics(result['metrics'])}")
-    say(f"\nrun directory: {out}  (train {result['timing']['train_s']:.1f} s, eval {result['timing']['eval_s']:.1f} s)")
+    say(f"\n{format_run(result)}")  # as fits the scenario: per domain, per session, old/new, per class
+    timing = result["timing"]
+    cache = f", feature cache fill {timing['cache_s']:.1f} s" if timing.get("cache_s") else ""
+    say(f"\nrun directory: {out}  (train {timing['train_s']:.1f} s, eval {timing['eval_s']:.1f} s{cache})")
     return 0
 
 

@@ -37,7 +37,8 @@ def accuracy_matrix_figure(rows, title: str | None = None):
     return fig
 
 
-def curves_figure(curves: dict[str, list[list[float]]], ylabel: str, first_step: int = 0):
+def curves_figure(curves: dict[str, list[list[float]]], ylabel: str, first_step: int = 0,
+                  xlabel: str = "after training experience i"):
     """One line per run (mean over its seeds, band of ± one sample std) against the experience index."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -54,8 +55,69 @@ def curves_figure(curves: dict[str, list[list[float]]], ylabel: str, first_step:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("after training experience i")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def domain_errors_figure(domains: list[str], errors: dict[str, list[float]]):
+    """Grouped bars: the error on each domain (tick labels: the domain names), one bar per run."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(domains) * max(len(errors), 1) + 1.5), 4.0))
+    width = 0.8 / max(len(errors), 1)
+    x = np.arange(len(domains))
+    for k, (label, values) in enumerate(errors.items()):
+        ax.bar(x + (k - (len(errors) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(domains, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("online error")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(counts, class_names: list[str] | None = None, title: str | None = None, max_ticks: int = 40):
+    """The confusion matrix normalised per true class (rows), class names on the axes up to ``max_ticks`` classes."""
+    plt = pyplot()
+    C = np.asarray(counts, dtype=float)
+    rates = C / np.maximum(C.sum(axis=1, keepdims=True), 1.0)
+    side = min(2.5 + 0.3 * len(C), 12.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    im = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues")
+    if len(C) <= max_ticks:
+        names = class_names if class_names and len(class_names) == len(C) else [str(k) for k in range(len(C))]
+        ax.set_xticks(range(len(C)))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(C)))
+        ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_figure(accuracy: dict[str, list[float | None]], class_names: list[str] | None = None, max_ticks: int = 40):
+    """Accuracy on each class at the end of the run, one line of markers per run."""
+    plt = pyplot()
+    n = max(len(a) for a in accuracy.values())
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.25 * n + 1.5), 3.6))
+    for label, values in accuracy.items():
+        ax.plot(range(len(values)), [np.nan if v is None else v for v in values], marker="o", markersize=3,
+                linestyle="none" if n > 1 else "-", label=label)
+    if n <= max_ticks:
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(class_names if class_names and len(class_names) == n else range(n), rotation=90, fontsize=7)
+    ax.set_xlabel("class (stream order)")
+    ax.set_ylabel("accuracy at the end")
+    ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

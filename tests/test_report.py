@@ -77,7 +77,8 @@ def test_html_report_renders_with_every_image_loaded(runs, tmp_path):
     page = (out / "report.html").read_text()
     assert "src=\"data:image/png;base64," in page and "<link" not in page and "src=\"http" not in page
     pngs = {p.name: Image.open(p).size for p in out.glob("*.png")}
-    assert set(pngs) == {"acc_matrix_ft.png", "acc_matrix_ms.png", "acc_seen.png", "forgetting.png"}
+    assert set(pngs) == {"acc_matrix_ft.png", "acc_matrix_ms.png", "acc_seen.png", "forgetting.png", "old_new.png",
+                         "confusion_ft.png", "confusion_ms.png", "per_class.png"}
     # the page as it is, plus one broken image: the probe must tell them apart
     probe_page = tmp_path / "probe.html"
     probe_page.write_text(page.replace("</body>", BROKEN_IMAGE + PROBE + "</body>"))
