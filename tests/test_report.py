@@ -1,4 +1,5 @@
-"""``clpeft report``: PNG plots, and a self-contained HTML page whose images load in a browser.
+"""``clpeft report``: PNG plots, and a self-contained HTML page whose images load in a browser,
+for a class-incremental, a test-time-adaptation and a few-shot class-incremental run.
 
 Independent references: the PNG sizes read with PIL, the forgetting curve worked by hand and
 against ``metrics.json``'s ``forgetting``, and Chromium (headless) decoding every embedded image.
@@ -79,8 +80,15 @@ def test_html_report_renders_with_every_image_loaded(runs, tmp_path):
     pngs = {p.name: Image.open(p).size for p in out.glob("*.png")}
     assert set(pngs) == {"acc_matrix_ft.png", "acc_matrix_ms.png", "acc_seen.png", "forgetting.png", "old_new.png",
                          "confusion_ft.png", "confusion_ms.png", "per_class.png"}
-    # the page as it is, plus one broken image: the probe must tell them apart
-    probe_page = tmp_path / "probe.html"
+    _assert_every_image_decodes(page, pngs, tmp_path)
+    # the comparison table holds both runs with their numbers
+    ms = [json.loads((runs / "ms" / f"seed_{s}" / "metrics.json").read_text())["metrics"]["acc_final"] for s in (0, 1)]
+    assert f"{100 * np.mean(ms):.2f} ± {100 * np.std(ms, ddof=1):.2f}" in page
+
+
+def _assert_every_image_decodes(page: str, pngs: dict, tmp_path) -> None:
+    """Chromium loads ``page``: every plot decodes at its PNG size (and a broken image, added, does not)."""
+    probe_page = tmp_path / "probe.html"  # the page as it is, plus one broken image: the probe must tell them apart
     probe_page.write_text(page.replace("</body>", BROKEN_IMAGE + PROBE + "</body>"))
     dom = subprocess.run(
         [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -93,6 +101,25 @@ def test_html_report_renders_with_every_image_loaded(runs, tmp_path):
     assert len(sizes) == len(pngs) + 1
     assert sorted(sizes[:-1]) == sorted(pngs.values())  # every plot decoded at its PNG size
     assert sizes[-1] == (0, 0)  # the broken one did not
-    # the comparison table holds both runs with their numbers
-    ms = [json.loads((runs / "ms" / f"seed_{s}" / "metrics.json").read_text())["metrics"]["acc_final"] for s in (0, 1)]
-    assert f"{100 * np.mean(ms):.2f} ± {100 * np.std(ms, ddof=1):.2f}" in page
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium: apt-get install chromium (Debian package) to run this test")
+def test_tta_and_fscil_reports_render_with_every_image_loaded(tmp_path):
+    tta = {**DIGITS, "backbone": {"name": "cnn", "widths": [8, 16]}, "strategy": {"name": "tent"},
+           "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["fog", "contrast"],
+                        "severity": 3, "train_per_class": 16, "test_per_class": 8}}
+    fscil = {**DIGITS, "scenario": {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 4,
+                                    "n_way": 3, "k_shot": 5}}
+    for name, cfg in (("tta", tta), ("fscil", fscil)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+        assert main(["report", str(tmp_path / name)]) == 0
+        page = (tmp_path / name / "report.html").read_text()
+        pngs = {p.name: Image.open(p).size for p in (tmp_path / name).glob("*.png")}
+        expected = {"tta": {"domain_errors.png"},
+                    "fscil": {"acc_matrix.png", "forgetting.png", "sessions.png", "base_novel.png", "confusion.png",
+                              "per_class.png"}}[name]
+        assert set(pngs) == expected
+        _assert_every_image_decodes(page, pngs, tmp_path)
+        section = {"tta": "Online error per domain (%)", "fscil": "Few-shot sessions (%)"}[name]
+        assert f"<h2>{section}</h2>" in page
