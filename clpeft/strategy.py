@@ -63,11 +63,12 @@ class Strategy(nn.Module):
         supported_scenarios: scenario kinds the method handles; ``None`` means all.
         cache_features: may the engine hand the strategy cached backbone features instead of
             raw inputs? ``True``/``False`` forces it; ``None`` (default) caches exactly when the
-            backbone is frozen. A frozen backbone whose output the method changes (prompts,
-            LoRA updates) sets ``False``.
+            backbone is frozen. A frozen backbone whose output the method changes (LoRA updates,
+            an EMA expert) sets ``False``.
         needs_query: batches carry raw inputs *and* the frozen backbone's cached features of
             them in ``batch.features`` (the query of prompt-pool methods), and the engine calls
-            ``predict(x, query=features)``; one backbone pass per step instead of two.
+            ``predict(x, query=features)``; one backbone pass per step instead of two. Raw
+            inputs, so it implies ``cache_features = False`` (setting ``True`` is refused).
     """
 
     supported_scenarios: ClassVar[tuple[str, ...] | None] = None
@@ -89,6 +90,8 @@ class Strategy(nn.Module):
             )
         if "frozen_features" in vars(cls):  # the attribute's former name
             raise TypeError(f"{cls.__name__} sets frozen_features, which is now called cache_features; rename it")
+        if cls.needs_query and cls.cache_features:
+            raise TypeError(f"{cls.__name__} sets needs_query, so its batches hold raw inputs; drop cache_features = True")
         if cls.needs_query and "query" not in inspect.signature(cls.predict).parameters:
             raise TypeError(f"{cls.__name__} sets needs_query, so the engine calls predict(x, query=...); "
                             f"give its predict a query argument")
@@ -111,7 +114,8 @@ class Strategy(nn.Module):
         ``before_experience``), since a method may unfreeze its backbone there.
         """
         if self._uses_features is None:
-            self._uses_features = self.backbone.frozen if self.cache_features is None else self.cache_features
+            cache = self.backbone.frozen if self.cache_features is None else self.cache_features
+            self._uses_features = cache and not self.needs_query  # a query method reads raw inputs
         return self._uses_features
 
     def refresh_input_mode(self) -> None:

@@ -107,7 +107,7 @@ def test_gdumb_example_trains_on_its_memory_alone_from_the_initial_weights(tmp_p
 
     def spy(self, batch):
         sizes.append(len(batch.y))
-        starts.setdefault(id(self.head), [p.detach().clone() for p in self.backbone.parameters()])  # each head's first step
+        starts.setdefault(self.head, [p.detach().clone() for p in self.backbone.parameters()])  # each head's first step (the key keeps it alive: no reused id)
         return original(self, batch)
 
     monkeypatch.setattr(Strategy, "training_step", spy)
@@ -151,3 +151,26 @@ def test_the_former_name_of_cache_features_is_refused_naming_the_new_one():
         cache_features = False
 
     assert New.cache_features is False and Strategy.cache_features is None
+
+
+def test_a_query_strategy_reads_raw_inputs_even_on_a_frozen_backbone():
+    """``needs_query`` batches hold raw ``x`` (the query is the cached features): it implies ``cache_features = False``."""
+    from clpeft import Strategy
+    from clpeft.backbones.mlp import MLPBackbone
+
+    class Prompted(Strategy):
+        needs_query = True
+
+        def predict(self, x, query=None):
+            return x
+
+    backbone = MLPBackbone((8, 8), hidden=[16])
+    backbone.freeze()
+    assert not Prompted(backbone).uses_features and Strategy(backbone).uses_features
+    with pytest.raises(TypeError, match="sets needs_query, so its batches hold raw inputs; drop cache_features = True"):
+        class Contradictory(Strategy):  # noqa: F841
+            needs_query = True
+            cache_features = True
+
+            def predict(self, x, query=None):
+                return x
