@@ -30,13 +30,13 @@ import torch
 from pydantic import Field
 
 from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
-from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -50,17 +50,13 @@ class CodaPrompt(Strategy):
         prompt_length: ``L_p``, even: ``L_p / 2`` prefix keys and ``L_p / 2`` prefix values.
         layers: the prompted layers.
         ortho_weight: ``mu``, weight of the orthogonality regulariser.
-        train_mask: restrict the cross-entropy to the current experience's classes.
-        align: predict with a copy of the head re-trained after every experience on sampled
-            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
-            an addition to the paper).
-        drift_compensation: with ``align``, move the stored class means by the drift of the
-            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
+        head_options: flat keys ``train_mask`` (the official code masks the earlier tasks' classes:
+            the same set), ``align`` and ``drift_compensation``: :class:`~clpeft.components.heads.HeadOptions`.
     """
 
     needs_query = True
-    cache_features = False  # raw images for the prompted pass; the cached features are the query
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -68,9 +64,7 @@ class CodaPrompt(Strategy):
         prompt_length: Annotated[int, Field(ge=2)] = 8,
         layers: list[Annotated[int, Field(ge=0)]] = [0, 1, 2, 3, 4],
         ortho_weight: Annotated[float, Field(ge=0)] = 0.0,
-        train_mask: bool = True,
-        align: bool = False,
-        drift_compensation: bool = False,
+        head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"prompt_length": prompt_length})
         super().__init__(backbone)
@@ -78,30 +72,25 @@ class CodaPrompt(Strategy):
         check_layers(backbone, layers, "strategy.layers")
         self.prompt_components = AttentionPromptPool(layers, width, prompt_length, components_per_task, backbone.feature_dim)
         self.ortho_weight = ortho_weight
-        self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned = HeadTraining(backbone.feature_dim, head_options)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
         if params["prompt_length"] % 2:
             raise UserError(f"must be even (half prefix keys, half prefix values), got {params['prompt_length']}",
                             key="strategy.prompt_length")
 
-    def _head_inputs(self, exp: Experience):
-        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield (self._features(b.x, b.features), b.y)
+    def _head_features(self, batch: Batch) -> torch.Tensor:
+        return self._features(batch.x, batch.features)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
+        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         try:
             self.prompt_components.add_task()
         except ValueError as err:
             raise UserError(f"{err}; lower it so that experiences x components fit the feature width",
                             key="strategy.components_per_task") from None
-        self.mask.start(exp.classes_in_this_experience)
 
     def _features(self, x: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor:
         """The prefixed features the head reads; the plain frozen backbone's before the first experience."""
@@ -110,13 +99,13 @@ class CodaPrompt(Strategy):
         return self.backbone.forward_prompted(x, prefixes=self.prompt_components(query_of(self.backbone, x, query)))
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        loss = self.mask.loss(self.head(self._features(batch.x, batch.features)), batch.y)
+        loss = self.aligned.loss(self.head(self._features(batch.x, batch.features)), batch.y)
         if self.ortho_weight > 0:
             loss = loss + self.ortho_weight * self.prompt_components.orthogonality_loss()
         return loss
 
     def after_experience(self, exp: Experience) -> None:
-        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
+        self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""

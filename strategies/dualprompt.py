@@ -42,14 +42,14 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.prompts.prefix_prompt import PrefixPrompt
-from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -69,17 +69,14 @@ class DualPrompt(Strategy):
             all its samples (the official CIFAR-100 ``batchwise_prompt``; it shares task evidence
             across the single-experience test batch, see the module docstring).
         copy_previous: start each task's E-prompt from the previous task's.
-        train_mask: restrict the cross-entropy to the current experience's classes.
-        align: predict with a copy of the head re-trained after every experience on sampled
-            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
-            an addition to the paper).
-        drift_compensation: with ``align``, move the stored class means by the drift of the
-            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
+        head_options: flat keys ``train_mask`` (the official code's), ``align`` (classifier
+            alignment on DualPrompt, as HiDe-Prompt builds on) and ``drift_compensation``:
+            :class:`~clpeft.components.heads.HeadOptions`.
     """
 
     needs_query = True
-    cache_features = False  # raw images for the prompted pass; the cached features are the query
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -91,9 +88,7 @@ class DualPrompt(Strategy):
         matching_weight: Annotated[float, Field(ge=0)] = 1.0,
         batchwise_selection: bool = False,
         copy_previous: bool = True,
-        train_mask: bool = True,
-        align: bool = False,
-        drift_compensation: bool = False,
+        head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"g_layers": g_layers, "e_layers": e_layers})
         super().__init__(backbone)
@@ -104,32 +99,28 @@ class DualPrompt(Strategy):
                                    backbone.feature_dim, batchwise_selection)
         self.matching_weight = matching_weight
         self.copy_previous = copy_previous
-        self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned = HeadTraining(backbone.feature_dim, head_options)
         self.task = 0
 
     @classmethod
     def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
         shared = sorted(set(params["g_layers"]) & set(params["e_layers"]))
         if shared:
             raise UserError(f"layers {shared} would get both prompts; G- and E-prompt layers must differ",
                             key="strategy.e_layers")
 
-    def _head_inputs(self, exp: Experience):
-        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield (self._features(b.x, b.features, None)[0], b.y)
+    def _head_features(self, batch: Batch) -> torch.Tensor:
+        """The prefixed features the head reads, the E-prompt key-selected as at test time."""
+        return self._features(batch.x, batch.features, None)[0]
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
+        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         if exp.index >= self.prompt_prefix.pool_size:
             raise UserError(f"experience {exp.index + 1} needs its own E-prompt but the pool holds "
                             f"{self.prompt_prefix.pool_size}; set it to the number of experiences", key="strategy.pool_size")
         self.task = exp.index
         self.prompt_prefix.start_task(exp.index, self.copy_previous)
-        self.mask.start(exp.classes_in_this_experience)
 
     def _features(self, x: torch.Tensor, query: torch.Tensor | None, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefixed features the head reads (E-prompt of ``task``, key-selected when ``None``) and the matching loss."""
@@ -138,10 +129,10 @@ class DualPrompt(Strategy):
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         features, matching = self._features(batch.x, batch.features, self.task)
-        return self.mask.loss(self.head(features), batch.y) + self.matching_weight * matching
+        return self.aligned.loss(self.head(features), batch.y) + self.matching_weight * matching
 
     def after_experience(self, exp: Experience) -> None:
-        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
+        self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far, with the key-selected E-prompt; ``query`` is the cached feature."""

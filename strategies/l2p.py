@@ -32,14 +32,14 @@ import torch
 from pydantic import Field
 
 from clpeft.backbones.vit import class_token_position
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.prompts.prompt_pool import PromptPool
-from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.prompts.prompted import promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -59,17 +59,13 @@ class L2P(Strategy):
         prompt_position: position embedding of the prompt tokens: ``cls``, the class token's
             (official code), or ``none``.
         diversity: weight training-time prompt selection by past prompt frequencies (eq. 4).
-        train_mask: restrict the cross-entropy to the current experience's classes.
-        align: predict with a copy of the head re-trained after every experience on sampled
-            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
-            an addition to the paper).
-        drift_compensation: with ``align``, move the stored class means by the drift of the
-            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
+        head_options: flat keys ``train_mask`` (the official code's), ``align`` and
+            ``drift_compensation`` (additions to the paper): :class:`~clpeft.components.heads.HeadOptions`.
     """
 
     needs_query = True
-    cache_features = False  # raw images for the prompted pass; the cached features are the query
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -80,9 +76,7 @@ class L2P(Strategy):
         batchwise_selection: bool = False,
         prompt_position: Literal["cls", "none"] = "cls",
         diversity: bool = False,
-        train_mask: bool = True,
-        align: bool = False,
-        drift_compensation: bool = False,
+        head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"pool_size": pool_size, "top_k": top_k})
         super().__init__(backbone)
@@ -96,25 +90,21 @@ class L2P(Strategy):
             except ValueError as error:
                 raise UserError(f"{error}; set prompt_position: none", key="strategy.prompt_position") from None
         self.prompt_position = prompt_position
-        self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned = HeadTraining(backbone.feature_dim, head_options)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
         if params["top_k"] > params["pool_size"]:
             raise UserError(f"cannot select {params['top_k']} prompts from a pool of {params['pool_size']}",
                             key="strategy.top_k")
 
-    def _head_inputs(self, exp: Experience):
-        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield (self._features(b.x, b.features, train=False)[0], b.y)
+    def _head_features(self, batch: Batch) -> torch.Tensor:
+        """The prompted features the head reads, prompts selected as at test time."""
+        return self._features(batch.x, batch.features, train=False)[0]
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
+        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
-        self.mask.start(exp.classes_in_this_experience)
         self.prompt_pool.start_task()
 
     def _features(self, x: torch.Tensor, query: torch.Tensor | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +117,10 @@ class L2P(Strategy):
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         features, matching = self._features(batch.x, batch.features, train=True)
-        return self.mask.loss(self.head(features), batch.y) + self.matching_weight * matching
+        return self.aligned.loss(self.head(features), batch.y) + self.matching_weight * matching
 
     def after_experience(self, exp: Experience) -> None:
-        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
+        self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""

@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.regularization.ema import EMATeacher
 from clpeft.components.lora import LoRAFactors, inject_lora
-from clpeft.components.heads.class_mask import ClassMask
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -71,16 +71,14 @@ class LAE(Strategy):
         freeze_epochs: epochs at the start of every experience after the first in which the
             online module is frozen and only the head trains.
         ensemble: ``max`` (the paper), or one expert alone: ``online`` or ``offline``.
-        train_mask: restrict the cross-entropy to the current experience's classes.
-        align: predict with copies of the head re-trained after every experience on sampled
-            class-Gaussian features, one per expert (SLCA's classifier alignment, ``AlignedHead``;
-            an addition to the paper).
-        drift_compensation: with ``align``, move the stored class means by the drift of the
-            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
+        head_options: the classifier-side options, written as the flat keys ``train_mask``,
+            ``align`` (one aligned copy of the head per expert) and ``drift_compensation``
+            (:class:`~clpeft.components.heads.HeadOptions`).
     """
 
     cache_features = False  # the online module changes the backbone's output
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -91,9 +89,7 @@ class LAE(Strategy):
         ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.9999,
         freeze_epochs: Annotated[int, Field(ge=0)] = 3,
         ensemble: Literal["max", "online", "offline"] = "max",
-        train_mask: bool = True,
-        align: bool = False,
-        drift_compensation: bool = False,
+        head_options: HeadOptions = HeadOptions(),
     ):
         super().__init__(backbone)
         self.lora = inject_lora(backbone, targets, rank, alpha, learnable_scale=learnable_scale, key="strategy.targets")
@@ -101,31 +97,26 @@ class LAE(Strategy):
         self.register_buffer("has_offline", torch.zeros((), dtype=torch.bool))
         self.freeze_epochs = freeze_epochs
         self.ensemble = ensemble
-        self.mask = ClassMask(train_mask)
-        self.aligned_online = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
-        self.aligned_offline = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned_online = HeadTraining(backbone.feature_dim, head_options)  # its mask trains the shared head
+        self.aligned_offline = HeadTraining(backbone.feature_dim, head_options)
 
     def _offline_features(self, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.backbone, self.offline.model.overrides(), (x,))
 
-    def _head_inputs(self, exp: Experience, expert):
-        """(an expert's features, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield expert(b.x), b.y
+    def _online_head_features(self, batch: Batch) -> torch.Tensor:
+        return self.backbone(batch.x)
 
-    @classmethod
-    def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
+    def _offline_head_features(self, batch: Batch) -> torch.Tensor:
+        return self._offline_features(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned_online.track(self._head_inputs(exp, self.backbone))  # SDC (with drift_compensation)
-        self.aligned_offline.track(self._head_inputs(exp, self._offline_features))
+        self.aligned_online.start(exp, self.batches, self._online_head_features)
+        self.aligned_offline.start(exp, self.batches, self._offline_head_features)
         known = self.head.n_classes
         super().before_experience(exp)
         with torch.no_grad():  # the official SimpleHead.weights_init of the new classifier
             torch.nn.init.normal_(self.head.weight[known:], std=0.001)
             self.head.bias[known:].zero_()
-        self.mask.start(exp.classes_in_this_experience)
 
     def param_groups(self, lr: float) -> list[dict]:
         # the online factors are listed even while frozen for the first epochs
@@ -134,7 +125,7 @@ class LAE(Strategy):
     def training_step(self, batch: Batch) -> torch.Tensor:
         for p in LoRAFactors(self.lora).parameters():  # frozen for the first epochs of later experiences
             p.requires_grad_(not bool(self.has_offline) or self.epoch >= self.freeze_epochs)
-        return self.mask.loss(self.head(self.backbone(batch.x)), batch.y)
+        return self.aligned_online.loss(self.head(self.backbone(batch.x)), batch.y)
 
     def after_training_step(self) -> bool:
         """Accumulation: the offline module's EMA step towards the online one (from the second experience on)."""
@@ -149,8 +140,8 @@ class LAE(Strategy):
         if not bool(self.has_offline):
             self.offline.reset(online)  # Accumulation starts from the first experience's module
             self.has_offline.fill_(True)
-        self.aligned_online.update(self.head, self._head_inputs(exp, self.backbone), exp.index)
-        self.aligned_offline.update(self.head, self._head_inputs(exp, self._offline_features), exp.index)
+        self.aligned_online.finish(self.head, exp, self.batches, self._online_head_features)
+        self.aligned_offline.finish(self.head, exp, self.batches, self._offline_head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the class-wise maximum of the two experts' softmax outputs."""

@@ -58,15 +58,15 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import inject_lora, layer_ranks
-from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.lora.rank_allocation import RankAllocator
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -95,7 +95,6 @@ class LoRACL(Strategy):
         beta: AdaLoRA's smoothing ``beta_1 = beta_2`` of the layer scores.
         old_updates: ``freeze`` past updates beside the base weight, or ``merge`` them into it.
         dropout: dropout on the LoRA input.
-        train_mask: restrict the cross-entropy to the current experience's classes.
         subspace: ``none``; ``inflora``: each update's ``A`` designed outside earlier
             experiences' input subspace and frozen, the subspace grown by the official
             ``update_DualGPM`` (squared eigenvalues of the input covariance); ``gpm``: the same
@@ -103,15 +102,14 @@ class LoRACL(Strategy):
         subspace_threshold: ``epsilon`` for ``inflora``/``gpm``: the share of an experience's input
             energy the subspace keeps; or ``[lamb, lame]``, InfLoRA's schedule from ``lamb`` to
             ``lame`` over the stream (``lamb + (lame - lamb) t / T`` after experience ``t``).
-        align: predict with a copy of the head re-trained after every experience on sampled
-            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
-            an addition to the paper).
-        drift_compensation: with ``align``, move the stored class means by the drift of the
-            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
+        head_options: flat keys ``train_mask``, ``align`` (with ``subspace: inflora``: InfLoRA + CA,
+            the authors' ``cifar100_infloraca.json``) and ``drift_compensation``:
+            :class:`~clpeft.components.heads.HeadOptions`.
     """
 
     cache_features = False  # the backbone's output changes with every update
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -128,11 +126,9 @@ class LoRACL(Strategy):
         beta: Annotated[float, Field(ge=0, lt=1)] = 0.85,
         old_updates: Literal["freeze", "merge"] = "freeze",
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
-        train_mask: bool = True,
         subspace: Literal["none", "inflora", "gpm"] = "none",
         subspace_threshold: Fraction | tuple[Fraction, Fraction] = 0.97,
-        align: bool = False,
-        drift_compensation: bool = False,
+        head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank, "grow_every": grow_every,
                            "rank_budget": rank_budget, "subspace": subspace})
@@ -150,8 +146,7 @@ class LoRACL(Strategy):
         self.growth_rng: torch.Generator | None = None  # draws grown components, seeded per experience
         self.beta = beta
         self.old_updates = old_updates
-        self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned = HeadTraining(backbone.feature_dim, head_options)
         self.allocator: RankAllocator | None = None
         self.subspace = None if subspace == "none" else InputSubspace(self.lora, subspace_threshold, criterion=subspace)
         for layer in self.lora.values():
@@ -159,7 +154,6 @@ class LoRACL(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
         if params.get("rank_schedule") == "linear" and params.get("max_rank") is None:
             raise UserError("rank_schedule 'linear' needs max_rank (the deepest layers' rank)", key="strategy.max_rank")
         if params.get("grow_every") is not None and params.get("rank_budget") is None:
@@ -176,15 +170,12 @@ class LoRACL(Strategy):
 
         return self.subspace.covariances(self.lora, run)
 
-    def _head_inputs(self, exp: Experience):
-        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield (self.embed(b.x), b.y)
+    def _head_features(self, batch: Batch) -> torch.Tensor:
+        return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
+        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
-        self.mask.start(exp.classes_in_this_experience)
         if self.subspace is not None:
             self.subspace.design(self.lora, self._input_covariances(exp))
         self.step = 0
@@ -196,7 +187,7 @@ class LoRACL(Strategy):
                                            beta1=self.beta, beta2=self.beta)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
+        return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
     def after_training_step(self) -> bool:
         """Fold the step's gradients into the layer scores; grow on IncreLoRA's schedule."""
@@ -220,7 +211,7 @@ class LoRACL(Strategy):
             self.subspace.extend(self._input_covariances(exp), progress)
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
-        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
+        self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head copy (with ``align``), else of the trained head."""

@@ -30,14 +30,14 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora
-from clpeft.components.heads.class_mask import ClassMask
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.merging import LoraAdapter, get_method, merge
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -56,16 +56,13 @@ class MergeCL(Strategy):
         targets: adapted linears with ``mode: lora`` (module-name suffixes).
         rank: LoRA rank ``r`` with ``mode: lora``.
         alpha: LoRA ``alpha`` with ``mode: lora``.
-        train_mask: restrict the cross-entropy to the current experience's classes.
-        align: predict with a copy of the head re-trained after every experience on sampled
-            class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``;
-            an addition to the paper).
-        drift_compensation: with ``align``, move the stored class means by the drift of the
-            current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).
+        head_options: flat keys ``train_mask``, ``align`` (re-aligned on the merged model's
+            features) and ``drift_compensation``: :class:`~clpeft.components.heads.HeadOptions`.
     """
 
     cache_features = False  # the backbone is fine-tuned
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -77,9 +74,7 @@ class MergeCL(Strategy):
         targets: list[str] = ["qkv", "proj", "fc1", "fc2"],
         rank: Annotated[int, Field(ge=1)] = 8,
         alpha: Annotated[float, Field(gt=0)] = 16.0,
-        train_mask: bool = True,
-        align: bool = False,
-        drift_compensation: bool = False,
+        head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"method": method, "merge_params": merge_params})
         super().__init__(backbone)
@@ -89,8 +84,7 @@ class MergeCL(Strategy):
         self.merge_seed = merge_seed
         self.start_from = start_from
         self.rank, self.alpha = rank, alpha
-        self.mask = ClassMask(train_mask)
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, drift_compensation=drift_compensation)
+        self.aligned = HeadTraining(backbone.feature_dim, head_options)
         if mode == "lora":
             self.lora = inject_lora(backbone, targets, rank, alpha, key="strategy.targets")
         else:
@@ -101,7 +95,6 @@ class MergeCL(Strategy):
 
     @classmethod
     def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
         merge_params = params.get("merge_params") or {}
         if "weights" in merge_params:
             raise UserError("per-model weights cannot be given: the number of task vectors grows with every experience",
@@ -119,22 +112,19 @@ class MergeCL(Strategy):
         for name, weight in self._weights().items():
             weight.copy_(tensors[name])
 
-    def _head_inputs(self, exp: Experience):
-        """(features the head reads, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield (self.embed(b.x), b.y)
+    def _head_features(self, batch: Batch) -> torch.Tensor:
+        return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
+        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
-        self.mask.start(exp.classes_in_this_experience)
         if self.start_from == "base":
             self._load(self.base)
         if self.mode == "full":
             self._start = {name: t.detach().clone() for name, t in self._weights().items()}
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
+        return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -153,7 +143,7 @@ class MergeCL(Strategy):
         self.finetuned.append(vector)
         self._start = {}
         self._load(self.merged())
-        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
+        self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head copy (with ``align``), else of the trained head."""

@@ -43,12 +43,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.heads.alignment import AlignedHead, check_alignment_options
-from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.prompts.prompted import promptable_width
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -59,33 +59,32 @@ class SLCA(Strategy):
     Args:
         backbone: the pre-trained feature extractor (unfrozen unless ``backbone_lr_scale`` is 0).
         backbone_lr_scale: the backbone's learning rate as a fraction of ``train.lr``.
-        align: re-train the head on sampled features after every task but the first.
         align_epochs: alignment epochs (``ca_epochs``).
         align_samples: features sampled per class and epoch (``num_sampled_pcls``).
         align_lr: SGD learning rate of the alignment.
         align_temperature: ``tau`` of the logit normalisation (``ca_with_logit_norm``); 0 turns it off.
         mean_shrink: the official code's shrinkage of older tasks' sampling means (0: none).
-        train_mask: restrict the cross-entropy to the current task's classes and keep the older
-            rows fixed (the official code); ``false`` trains every row on all logits.
-        drift_compensation: move the stored class means by the drift of the current task's
-            features before alignment (SDC, Yu et al. 2020; not in SLCA).
+        head_options: ``train_mask`` (the current task's classes only, older rows kept fixed, as
+            the official code; ``false`` trains every row on all logits), ``align`` (on: re-train
+            the head on sampled features after every task but the first) and
+            ``drift_compensation`` (SDC, not in SLCA), as flat keys
+            (:class:`~clpeft.components.heads.HeadOptions`).
         reset_final_norm: replace a timm ViT's pre-trained final LayerNorm by a fresh one, as
             the official code's backbone does.
     """
 
+    @flat_options
     def __init__(
         self,
         backbone,
         backbone_lr_scale: Annotated[float, Field(ge=0)] = 0.01,
-        align: bool = True,
         align_epochs: Annotated[int, Field(ge=1)] = 5,
         align_samples: Annotated[int, Field(ge=1)] = 256,
         align_lr: Annotated[float, Field(gt=0)] = 0.01,
         align_temperature: Annotated[float, Field(ge=0)] = 0.1,
         mean_shrink: Annotated[float, Field(ge=0, le=1)] = 0.1,
-        train_mask: bool = True,
-        drift_compensation: bool = False,
         reset_final_norm: bool = False,
+        head_options: HeadOptions = HeadOptions(align=True),
     ):
         super().__init__(backbone)
         if reset_final_norm:
@@ -95,31 +94,23 @@ class SLCA(Strategy):
             backbone.requires_grad_(True)
         else:
             backbone.freeze()
-        self.aligned = AlignedHead(backbone.feature_dim, enabled=align, samples_per_class=align_samples,
-                                   epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
-                                   mean_shrink=mean_shrink, drift_compensation=drift_compensation)
-        self.mask = ClassMask(train_mask)
+        self.aligned = HeadTraining(backbone.feature_dim, head_options, samples_per_class=align_samples,
+                                    epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
+                                    mean_shrink=mean_shrink)
         self._old_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the frozen head rows while training
 
-    def _head_inputs(self, exp: Experience):
-        """(features, labels) of ``exp``'s training data, this rank's share."""
-        for b in self.batches(exp.train, shard=True):  # lazily: read only when consumed
-            yield (self.embed(b.x), b.y)
-
-    @classmethod
-    def check_config(cls, params: dict) -> None:
-        check_alignment_options(params)
+    def _head_features(self, batch: Batch) -> torch.Tensor:
+        return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.track(self._head_inputs(exp))  # SDC's features before training (with drift_compensation)
+        self.aligned.start(exp, self.batches, self._head_features)
         known = self.head.n_classes
         super().before_experience(exp)
         with torch.no_grad():
             torch.nn.init.trunc_normal_(self.head.weight[known:], std=0.02)
             self.head.bias[known:] = 0.0
-        if self.mask.enabled:
+        if self.aligned.mask.enabled:
             self._old_rows = (self.head.weight[:known].detach().clone(), self.head.bias[:known].detach().clone())
-        self.mask.start(exp.classes_in_this_experience)
 
     def param_groups(self, lr: float) -> list[dict]:
         """The slow learner: backbone at ``lr * backbone_lr_scale``, head at ``lr``."""
@@ -127,7 +118,7 @@ class SLCA(Strategy):
         return [{"params": backbone, "lr": lr * self.backbone_lr_scale}, {"params": list(self.head.parameters()), "lr": lr}]
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.mask.loss(self.head(self.embed(batch.x)), batch.y)
+        return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
     @torch.no_grad()
     def after_training_step(self) -> bool:
@@ -141,7 +132,7 @@ class SLCA(Strategy):
 
     def after_experience(self, exp: Experience) -> None:
         self._old_rows = None
-        self.aligned.update(self.head, self._head_inputs(exp), exp.index)
+        self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head once it covers every class seen, else of the trained head."""

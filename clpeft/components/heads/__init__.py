@@ -1,9 +1,14 @@
-"""Classifier heads and what trains them: growing linear/cosine heads, closed-form prototype/LDA/ridge heads, per-class feature statistics, SLCA's classifier alignment, the training-time class mask."""
+"""Classifier heads and what trains them: growing linear/cosine heads, closed-form prototype/LDA/ridge heads, per-class feature statistics, SLCA's classifier alignment, the training-time class mask, and the head options strategies share (:class:`HeadOptions`, applied by :class:`HeadTraining`).
+
+The closed-form-head strategy base, :class:`~clpeft.components.heads.frozen_feature_classifier.FrozenFeatureClassifier`,
+is imported from its module: it subclasses :class:`clpeft.Strategy`, whose module imports this package.
+"""
 
 from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.alignment import AlignedHead, ClassifierAlignment
 from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 
 __all__ = [
     "AlignedHead",
@@ -11,6 +16,8 @@ __all__ = [
     "ClassMask",
     "ClassStatistics",
     "CosineHead",
+    "HeadOptions",
+    "HeadTraining",
     "LDAHead",
     "LinearHead",
     "PrototypeHead",

@@ -43,7 +43,7 @@ any scale. Covariances are not moved (as in the paper).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,6 @@ from torch import nn
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import LinearHead
 from clpeft.distributed import current
-from clpeft.errors import UserError
 
 
 class ClassifierAlignment(nn.Module):
@@ -187,13 +186,6 @@ class ClassifierAlignment(nn.Module):
     def extra_repr(self) -> str:
         return (f"samples_per_class={self.samples_per_class}, epochs={self.epochs}, lr={self.lr}, "
                 f"temperature={self.temperature}, mean_shrink={self.mean_shrink}, ridge={self.ridge}")
-
-
-def check_alignment_options(params: Mapping) -> None:
-    """For a strategy's ``check_config``: ``drift_compensation`` without ``align`` would do nothing."""
-    if params.get("drift_compensation") and not params.get("align", True):
-        raise UserError("needs align: true (it moves the class statistics that the alignment samples from)",
-                        key="strategy.drift_compensation")
 
 
 class AlignedHead(nn.Module):
