@@ -5,29 +5,27 @@ logging, out``); ``seeds`` optionally lists several seeds to repeat the run with
 ``backbone`` and ``strategy`` each carry a ``name`` that picks a class through
 :mod:`clpeft.registry`; their other keys are that class's parameters, validated against a
 schema generated from its typed ``__init__`` signature (or a pydantic model the class declares
-as ``Config``). Every mistake becomes one :class:`~clpeft.errors.UserError` line naming the
+as ``Config``). Schemas are built and checked by :mod:`clpeft.schema`, as merge methods'
+parameters are: every mistake becomes one :class:`~clpeft.errors.UserError` line naming the
 key path; numbers torch cannot hold (integers beyond 64 bits, non-finite floats, floats beyond
 float32) are refused anywhere in the config.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import inspect
 import math
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from clpeft import registry
 from clpeft.errors import UserError, UserErrors
 from clpeft.safe_yaml import MalformedYAML, load_yaml
-from clpeft.schema import model_from_signature
+from clpeft.schema import model_from_signature, validate
 
 SECTIONS = ("seed", "seeds", "scenario", "backbone", "strategy", "train", "eval", "logging", "out")
 NAMED_SECTIONS = {"scenario": registry.scenarios, "backbone": registry.backbones, "strategy": registry.strategies}
@@ -244,106 +242,8 @@ def schema_of(cls: type, section: str) -> type[BaseModel]:
     return model
 
 
-def _format_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[str]:
-    """One line per pydantic error, each naming the full key path."""
-    return [_format_one(e, prefix, model) for e in exc.errors()]
-
-
-def _format_one(e, prefix: str, model: type[BaseModel]) -> str:
-    loc = _user_path(model, e["loc"])
-    path = ".".join([prefix, *loc]) if prefix else ".".join(loc)
-    kind = e["type"]
-    if kind == "extra_forbidden":
-        fields = _fields_at(model, loc[:-1])
-        return f"{path}: unknown key{close(loc[-1], fields)}; known keys: {', '.join(fields)}"
-    if kind == "missing":
-        return f"{path}: missing required value"
-    got = e.get("input")
-    msg = e["msg"]
-    return f"{path}: {msg[:1].lower()}{msg[1:]}, got {got!r}"  # keep names such as RandomCrop as written
-
-
-def _user_path(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The part of a pydantic error location a user can write: field names and list indices.
-
-    Pydantic adds tags for union branches and validators (``list[int]``, ``function-after``);
-    they are not keys and are dropped.
-    """
-    path: list[str] = []
-    current: type[BaseModel] | None = model
-    for part in loc:
-        if isinstance(part, int):
-            path[-1] += f"[{part}]" if path else str(part)
-            continue
-        fields = current.model_fields if current is not None else {}
-        if part not in fields and not (current is not None and current.model_config.get("extra") == "forbid" and not path):
-            break
-        path.append(str(part))
-        ann = fields[part].annotation if part in fields else None
-        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return path or [str(loc[0])]
-
-
 def close(name: str, options) -> str:
     return registry.close_matches(name, options)
-
-
-def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
-    for part in loc:
-        info = model.model_fields.get(part)
-        ann = getattr(info, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _validate(model: type[BaseModel], data: dict, prefix: str) -> BaseModel:
-    hit = _bool_as_number(model, data, prefix)
-    if hit is not None:
-        raise UserError(f"{hit[0]}: expected a number, got the boolean {str(hit[1]).lower()}; write the number")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise UserErrors.of([UserError(m) for m in _format_errors(exc, prefix, model)]) from None
-
-
-def _bool_as_number(annotation, value, path: str) -> tuple[str, bool] | None:
-    """``(path, value)`` of a boolean given where only numbers are accepted, else ``None``.
-
-    Pydantic reads ``true`` as 1 for an ``int`` or ``float`` field (``epochs: true`` would train
-    one epoch); a config that means a number writes one.
-    """
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _bool_as_number(args[0], value, path)
-    if isinstance(value, bool):
-        return None if _admits_bool(annotation) else (path, value)
-    if origin in (typing.Union, types.UnionType):  # wrong only if every branch says so
-        hits = [_bool_as_number(a, value, path) for a in args if a is not type(None)]
-        return hits[0] if all(hits) else None
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
-        fields = annotation.model_fields
-        pairs = [(fields[k].annotation, v, f"{path}.{k}" if path else k) for k, v in value.items() if k in fields]
-    elif isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset, collections.abc.Sequence) and args:
-        fixed = origin is tuple and Ellipsis not in args and len(args) == len(value)
-        pairs = [(args[i] if fixed else args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    elif isinstance(value, dict) and origin in (dict, collections.abc.Mapping) and len(args) == 2:
-        pairs = [(args[1], v, f"{path}.{k}") for k, v in value.items()]
-    else:
-        return None
-    return next((hit for hit in (_bool_as_number(*pair) for pair in pairs) if hit), None)
-
-
-def _admits_bool(annotation) -> bool:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _admits_bool(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return any(_admits_bool(a) for a in args)
-    if origin is Literal:  # only a literal of numbers alone would take a boolean as a number
-        return not all(type(a) in (int, float) for a in args)
-    return annotation not in (int, float)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -433,7 +333,7 @@ def resolve(data: dict, *, source: Path | None = None, switched: dict[str, str] 
         try:
             if not isinstance(raw, dict):
                 raise UserError(f"{section}: expected a mapping, got {raw!r}")
-            fixed[section] = _validate(model, raw, section)
+            fixed[section] = validate(model, raw, section)
         except UserError as exc:
             errors.append(exc)
     out = data.get("out")
@@ -458,7 +358,7 @@ def _named_section(section: str, reg, raw, base_dir: Path | None, switched_from:
     schema = schema_of(cls, section)
     if switched_from is not None:
         params = _drop_keys_of(switched_from, reg, schema, params, section, base_dir)
-    spec = ComponentSpec(name, cls, dict(_validate(schema, params, section)))
+    spec = ComponentSpec(name, cls, dict(validate(schema, params, section)))
     check = getattr(cls, "check_config", None)
     if callable(check):
         check(spec.params)
