@@ -122,3 +122,28 @@ def per_class_figure(accuracy: dict[str, list[float | None]], class_names: list[
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def anytime_figure(curves: dict[str, list[list[list[float]]]]):
+    """Anytime accuracy against the stream samples seen (online streams), one line per run.
+
+    ``curves[label]`` holds each seed's points ``[[samples seen, accuracy], ...]``; the line is
+    their mean at the points all seeds share (one stream, one ``eval_every``: all of them).
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, per_seed in curves.items():
+        common = sorted(set.intersection(*(set(int(n) for n, _ in seed) for seed in per_seed)))
+        if not common:
+            continue
+        by_seed = [dict((int(n), a) for n, a in seed) for seed in per_seed]
+        mean = [float(np.mean([s[n] for s in by_seed])) for n in common]
+        ax.plot(common, mean, label=f"{label} (n={len(per_seed)})" if len(per_seed) > 1 else label)
+    ax.set_xlabel("stream samples seen")
+    ax.set_ylabel("anytime accuracy (seen classes)")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+

@@ -235,3 +235,41 @@ def test_compare_shows_the_cache_fill_apart_from_the_wall_time(cil_runs, tmp_pat
             for line in text.splitlines() if line.startswith(("| first ", "| second "))}
     assert (rows["first"][wall], rows["first"][cache]) == ("1.2", "71.2")
     assert (rows["second"][wall], rows["second"][cache]) == ("1.2", "–")
+
+
+# ---------------------------------------------------------------- online streams
+
+@pytest.fixture(scope="module")
+def online_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("online")
+    scenario = {**CIL, "n_experiences": 2, "init_classes": None, "online": True, "eval_every": 150}
+    return [_run(tmp, name, scenario, {"name": name, **({"mem_size": 100} if name == "replay" else {})},
+                 extra=("--set", "train.batch_size=10")) for name in ("finetune", "replay")]
+
+
+def test_compare_and_report_show_the_online_metrics_and_the_anytime_curve(online_runs, tmp_path, monkeypatch, capsys):
+    """A_auc, the last anytime accuracy and the throughput are compare columns (from metrics.json);
+    ``anytime.png`` draws each run's anytime curve at its own sample counts."""
+    assert main(["compare", *map(str, online_runs), "--csv", str(tmp_path / "table.csv")]) == 0
+    header, *lines = [line.split(",") for line in (tmp_path / "table.csv").read_text().strip().splitlines()]
+    for run_dir, line in zip(online_runs, lines):
+        m = _metrics(run_dir)["metrics"]
+        row = dict(zip(header, line))
+        assert float(row["a_auc_mean"]) == pytest.approx(100 * m["a_auc"], abs=1e-3)
+        assert float(row["acc_anytime_last_mean"]) == pytest.approx(100 * m["acc_anytime_last"], abs=1e-3)
+        assert float(row["samples_per_s_mean"]) == pytest.approx(m["samples_per_s"], rel=1e-3)
+    drawn = {}
+    figure = report.anytime_figure
+
+    def recording(curves):
+        fig = figure(curves)
+        drawn["lines"] = {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()}
+        return fig
+
+    monkeypatch.setattr(report, "anytime_figure", recording)
+    assert main(["report", *map(str, online_runs), "--out", str(tmp_path)]) == 0
+    expected = {f"{name}, seed 0": _metrics(d)["metrics"]["anytime_curve"] for name, d in zip(("finetune", "replay"), online_runs)}
+    assert set(drawn["lines"]) == set(expected)
+    for label, points in expected.items():
+        assert np.allclose(drawn["lines"][label], points)
+    assert (tmp_path / "anytime.png").is_file()

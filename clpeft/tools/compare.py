@@ -25,8 +25,9 @@ from clpeft.tools.seed_summary import DDOF, mean_std
 
 #: Scalar metrics in table order; a column appears when some run has it.
 METRIC_COLUMNS = ("acc_final", "acc_last", "acc_avg_incremental", "bwt", "forgetting", "fwt", "session_acc_mean",
-                  "base_acc_last", "novel_acc_last", "harmonic_mean_last", "error_mean")
-PERCENT_METRICS = set(METRIC_COLUMNS)
+                  "base_acc_last", "novel_acc_last", "harmonic_mean_last", "error_mean", "a_auc",
+                  "acc_anytime_last", "samples_per_s")
+PERCENT_METRICS = set(METRIC_COLUMNS) - {"samples_per_s"}
 REFERENCES = (
     "Lopez-Paz & Ranzato, Gradient Episodic Memory, NeurIPS 2017 (ACC, BWT, FWT)",
     "Chaudhry et al., Riemannian Walk, ECCV 2018 (forgetting)",

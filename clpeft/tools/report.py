@@ -16,6 +16,8 @@ when there is one run):
 * ``confusion.png`` / ``confusion_<run>.png`` and ``per_class.png``: the confusion matrix and the
   accuracy on each class after the last step (runs whose ``metrics.json`` has ``final_confusion``;
   summed over seeds);
+* ``anytime.png`` (online streams): the anytime accuracy on the classes seen so far against the
+  stream samples seen, one line per run, whose normalised area is ``a_auc`` (Koh et al., 2022);
 * ``domain_errors.png`` (test-time adaptation): the online error on each domain, the corruption
   names on the axis, one bar per run (continual and reset side by side);
 * ``report.html``: the comparison table (:mod:`clpeft.tools.compare`), the tables of each
@@ -34,6 +36,7 @@ import numpy as np
 from clpeft.errors import UserError
 from clpeft.plots import (
     accuracy_matrix_figure,
+    anytime_figure,
     confusion_figure,
     curves_figure,
     domain_errors_figure,
@@ -78,8 +81,9 @@ def format_metrics(summary: dict) -> str:
     lines = []
     for key, note in METRIC_NOTES.items():
         if key in summary:
-            value = "    n/a" if summary[key] is None else f"{summary[key]:+.4f}"
-            lines.append(f"{key:>20}  {value}  {note}")
+            value = summary[key]
+            shown = "    n/a" if value is None else (f"{value:7.1f}" if key == "samples_per_s" else f"{value:+.4f}")
+            lines.append(f"{key:>20}  {shown}  {note}")
     return "\n".join(lines)
 
 
@@ -180,6 +184,10 @@ def write_plots(results, out: Path) -> dict[str, Path]:
     forget = {names[id(r)]: [forgetting_curve(run["acc_matrix"]) for run in r.runs.values()] for r in incremental}
     if any(np.size(c) for c in forget.values()):
         paths["forgetting"] = _save(curves_figure(forget, "average forgetting F_i", first_step=1), out / "forgetting.png")
+    anytime = {names[id(r)]: [run["metrics"]["anytime_curve"] for run in r.runs.values()] for r in incremental
+               if _has(r, "anytime_curve")}
+    if anytime:
+        paths["anytime"] = _save(anytime_figure(anytime), out / "anytime.png")
     paths.update(_old_new_plots(incremental, names, out))
     paths.update(_end_of_run_plots(incremental, names, out))
     tta = [r for r in results if r.kind == TTA]
