@@ -7,7 +7,8 @@ later adds ``lambda/2 * sum_i F_i (theta_i - theta*_i)^2`` (eq. 3). ``mode: onli
 EWC (Schwarz et al., 2018) with decay ``gamma``.
 
 The Fisher is the per-sample empirical Fisher (mean of squared per-sample gradients of the
-cross-entropy, :func:`~clpeft.components.regularization.fisher.empirical_fisher`). Against Avalanche's
+cross-entropy, :func:`~clpeft.components.regularization.fisher.empirical_fisher`); the penalty is the
+:class:`~clpeft.components.regularization.quadratic_penalty.QuadraticPenalty` SI and MAS share. Against Avalanche's
 ``EWCPlugin`` (``tests/reference/test_avalanche_baselines.py``): clpeft's ``ewc_lambda`` is twice
 Avalanche's (Avalanche and Mammoth's ``ewc_on`` drop the paper's 1/2), and Avalanche squares
 mini-batch gradients, an estimate that shrinks with the batch size; with those two accounted
@@ -21,7 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from clpeft.components.regularization.fisher import FisherPenalty, empirical_fisher
+from clpeft.components.regularization.fisher import empirical_fisher
+from clpeft.components.regularization.quadratic_penalty import QuadraticPenalty
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -45,7 +47,7 @@ class EWC(Strategy):
         super().__init__(backbone)
         self.ewc_lambda = ewc_lambda
         self.fisher_batch_size = fisher_batch_size
-        self.penalty = FisherPenalty(mode, decay)
+        self.penalty = QuadraticPenalty(mode, decay)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         loss = F.cross_entropy(self.predict(batch.x), batch.y)
