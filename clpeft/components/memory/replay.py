@@ -21,7 +21,8 @@ Policies:
 Whole experiences are offered with :meth:`ReplayBuffer.update` (after training on them); single
 batches with :meth:`ReplayBuffer.add` (reservoir sampling over the stream as it is trained on,
 as ER, ER-ACE and DER do), and :meth:`ReplayBuffer.sample` draws a random mini-batch of the
-memory as a view.
+memory as a view (:meth:`ReplayBuffer.draw` and :meth:`ReplayBuffer.at` the same in two steps,
+keeping the slots, for what is stored beside the samples: DER's logits).
 
 The buffer is an ``nn.Module`` whose content travels in the strategy's ``state_dict`` (as
 "extra state"), so a resumed run replays exactly the same samples.
@@ -119,38 +120,58 @@ class ReplayBuffer(nn.Module):
             self._herding(items, labels, features.cpu())
 
     def add(self, exp: Experience, positions: torch.Tensor, labels: torch.Tensor,
-            generator: torch.Generator | None = None) -> None:
+            generator: torch.Generator | None = None) -> torch.Tensor:
         """Offer one batch of ``exp``'s training samples (``batch.index``, ``batch.y``) by reservoir sampling.
 
         Every sample offered so far stays in the memory with probability ``capacity / n_seen``
         (a sample offered again in a later epoch counts again, as in Mammoth's buffer).
+
+        Returns:
+            for each offered sample, the slot it was written to, or -1 (what travels with a
+            sample, such as DER's logits, is stored at the same slot; a later sample of the
+            batch may overwrite an earlier one's slot).
         """
         if self.policy != "reservoir":
             raise ValueError(f"add() samples a stream by reservoir; a {self.policy} buffer is filled with update()")
         positions, labels = positions.detach().cpu().long(), labels.detach().cpu().long()
         items = torch.stack([torch.full_like(positions, exp.index), positions], dim=1)
-        self._reservoir(items, labels, generator)
+        return self._reservoir(items, labels, generator)
 
     def sample(self, n: int, past: tuple[Experience, ...] | list[Experience],
                generator: torch.Generator | None = None) -> DataView:
         """``min(n, len(self))`` stored samples drawn uniformly without replacement, as a view over
         the training data of ``past`` (include the current experience when it may hold them)."""
-        chosen = torch.randperm(len(self), generator=generator)[: min(n, len(self))]
-        return self._view_of(self.items[chosen], past)
+        return self._view_of(self.items[self.draw(n, generator)], past)
 
-    def _reservoir(self, items, labels, generator) -> None:
+    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``min(n, len(self))`` distinct slots drawn uniformly: the draw :meth:`sample` makes."""
+        return torch.randperm(len(self), generator=generator)[: min(n, len(self))]
+
+    def at(self, slots: torch.Tensor, past: tuple[Experience, ...] | list[Experience]) -> DataView:
+        """The samples stored in ``slots``, in that order, as a view over the training data of ``past``."""
+        by_index = {e.index: e for e in past}
+        view = DataView([])
+        for e_index, position in self.items[slots].tolist():
+            view = view + by_index[e_index].train.take([position])
+        return view
+
+    def _reservoir(self, items, labels, generator) -> torch.Tensor:
         keep_items, keep_labels = list(self.items), list(self.labels)
-        for row, label in zip(items, labels):
+        slots = torch.full((len(items),), -1, dtype=torch.long)
+        for i, (row, label) in enumerate(zip(items, labels)):
             self.n_seen += 1
             if len(keep_items) < self.capacity:
+                slots[i] = len(keep_items)
                 keep_items.append(row)
                 keep_labels.append(label)
                 continue
             j = int(torch.randint(self.n_seen, (1,), generator=generator))
             if j < self.capacity:
+                slots[i] = j
                 keep_items[j] = row
                 keep_labels[j] = label
         self._set(keep_items, keep_labels)
+        return slots
 
     def _class_balanced(self, items, labels, generator) -> None:
         self.n_seen += len(labels)
