@@ -59,8 +59,8 @@ warnings.filterwarnings("ignore")  # Avalanche's import-time and deprecation war
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 VARIANTS = ("plain", "clpeft", "avalanche", "avalanche_lean")
 OPTIONAL = ("plain_index_select",)  # run only when named in --variants

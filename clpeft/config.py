@@ -238,7 +238,7 @@ def schema_of(cls: type, section: str) -> type[BaseModel]:
         return cached
     this = next(iter(inspect.signature(cls.__init__).parameters))  # ``self``
     model = model_from_signature(f"{cls.__name__}Config", cls.__init__, skip={this, *INJECTED[section]})
-    setattr(cls, "_clpeft_schema", model)
+    cls._clpeft_schema = model
     return model
 
 

@@ -276,16 +276,17 @@ class Engine:
             pending = plan.points_in(a, b)
             eval_s = 0.0
 
+            # (the two closures read this iteration's variables, and run only within it)
             def evaluate_until(position: int) -> None:
                 nonlocal eval_s
                 t, cached = time.perf_counter(), run.cache_seconds()
-                while pending and pending[0] <= position:
-                    self._online_point(run, plan, pending.pop(0), unit, rows, curve, log)
+                while pending and pending[0] <= position:  # noqa: B023
+                    self._online_point(run, plan, pending.pop(0), unit, rows, curve, log)  # noqa: B023
                 eval_s += time.perf_counter() - t - (run.cache_seconds() - cached)
 
             def after_step(trained: int) -> None:  # points strictly inside the unit, between two steps
-                position = min(a + (b - a) * trained // n_view, b - 1)
-                if pending and pending[0] <= position:
+                position = min(a + (b - a) * trained // n_view, b - 1)  # noqa: B023
+                if pending and pending[0] <= position:  # noqa: B023
                     with run.training_paused():
                         evaluate_until(position)
 

@@ -92,7 +92,7 @@ class Scenario(ABC):
     def experiences(self) -> list[Experience]:
         """The whole stream, in order. Called once per run."""
 
-    def save_artifacts(self, out_dir: Path) -> None:
+    def save_artifacts(self, out_dir: Path) -> None:  # noqa: B027 (an optional hook: doing nothing is the default)
         """Write what a run needs to be audited or reproduced (e.g. the drawn sample indices)
         into the run directory. Called by the engine once the stream is built; default: nothing."""
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +58,7 @@ import torch
 from PIL import Image
 
 from clpeft.scenarios import corruption_ops as ops
-from clpeft.scenarios.corruption_constants import (
-    CONSTANTS, ELASTIC_SIZE_FACTOR, FROST_SCALE, ConstantChoice, constant_set)
+from clpeft.scenarios.corruption_constants import CONSTANTS, ELASTIC_SIZE_FACTOR, FROST_SCALE, ConstantChoice, constant_set
 
 #: The 15 corruptions of ImageNet-C / CIFAR-10-C in the order of the continual TTA benchmarks
 #: (Wang et al., CoTTA, CVPR 2022; ``CORRUPTION.TYPE`` of mariodoebler/test-time-adaptation).
@@ -194,7 +193,7 @@ def snow(u, c, states, constants):
     return _to_255(x + layer + layer[:, ::-1, ::-1])
 
 
-@lru_cache(maxsize=None)
+@cache
 def frost_photo(name: str, scale: str | None) -> np.ndarray:
     """A frost photograph as the reference reads it, ``uint8`` RGB ``(H, W, 3)``: the original, or
     shrunk by OpenCV by 0.2 (``scale="020"``) or 0.3 (``"030"``), shipped as PNG (see NOTICE)."""

@@ -52,7 +52,7 @@ def check_online(p: dict, blurry_allowed: bool = True) -> None:
     if not p.get("online"):
         for key in ("task_free", "blurry"):
             if p.get(key):
-                raise UserError(f"applies to online streams only; set scenario.online: true or remove it", key=f"scenario.{key}")
+                raise UserError("applies to online streams only; set scenario.online: true or remove it", key=f"scenario.{key}")
         return
     if p.get("eval_every", 1) < 1:
         raise UserError(f"must be at least 1 sample, got {p['eval_every']}", key="scenario.eval_every")

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.lora.parallel_adapter import inject_adapters, shared_weights_copy
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, PrototypeHead
 from clpeft.components.lora import inject_lora
+from clpeft.components.lora.parallel_adapter import inject_adapters, shared_weights_copy
 from clpeft.components.prompts.prompted import promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.experience import Experience

@@ -29,8 +29,8 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
 from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.data import Batch
 from clpeft.errors import UserError

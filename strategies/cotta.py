@@ -31,14 +31,14 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from clpeft.components.tta.augment_average import augmentation_average
 from clpeft.components.regularization.distillation import frozen_copy
 from clpeft.components.regularization.ema import EMATeacher
-from clpeft.components.tta.stochastic_restore import StochasticRestore
+from clpeft.components.tta.augment import TTAugment
+from clpeft.components.tta.augment_average import augmentation_average
+from clpeft.components.tta.losses import soft_cross_entropy, symmetric_cross_entropy
 from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.options import AdaptationOptions
-from clpeft.components.tta.augment import TTAugment
-from clpeft.components.tta.losses import soft_cross_entropy, symmetric_cross_entropy
+from clpeft.components.tta.stochastic_restore import StochasticRestore
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.tta.augment import TTAugment
 from clpeft.components.regularization.ema import DualTeacher
+from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.experience import Experience

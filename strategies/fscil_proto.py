@@ -28,8 +28,8 @@ from pydantic import Field
 
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LinearHead, PrototypeHead
-from clpeft.registry import register_strategy
 from clpeft.components.heads.frozen_feature_classifier import FrozenFeatureClassifier
+from clpeft.registry import register_strategy
 
 
 @register_strategy("fscil_proto")

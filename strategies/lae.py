@@ -47,8 +47,8 @@ from pydantic import Field
 from torch.func import functional_call
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
-from clpeft.components.regularization.ema import EMATeacher
 from clpeft.components.lora import LoRAFactors, inject_lora
+from clpeft.components.regularization.ema import EMATeacher
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

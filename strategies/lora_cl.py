@@ -59,8 +59,8 @@ import torch
 from pydantic import Field
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
-from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import inject_lora, layer_ranks
+from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora.rank_allocation import RankAllocator
 from clpeft.data import Batch
 from clpeft.errors import UserError

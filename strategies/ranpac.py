@@ -40,9 +40,9 @@ from pydantic import Field
 
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, RidgeHead, ridge_by_holdout
+from clpeft.components.heads.frozen_feature_classifier import AdaptPart, FrozenFeatureClassifier
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
-from clpeft.components.heads.frozen_feature_classifier import AdaptPart, FrozenFeatureClassifier
 
 PAPER_RIDGES = (10.0 ** np.arange(-8, 9)).tolist()  # the official list, bit for bit (10^-5 is 9.999999999999999e-06)
 

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from clpeft.components.tta.augment import TTAugment
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.regularization.ema import EMATeacher
-from clpeft.components.tta.source_data import SourceBatches, source_training_data
+from clpeft.components.tta.augment import TTAugment
+from clpeft.components.tta.losses import multi_view_contrastive_loss, symmetric_cross_entropy
 from clpeft.components.tta.online_adaptation import (
     OnlineAdaptation,
     batch_norm_layers,
@@ -51,8 +51,8 @@ from clpeft.components.tta.online_adaptation import (
     classifier,
     use_batch_statistics,
 )
-from clpeft.components.tta.losses import multi_view_contrastive_loss, symmetric_cross_entropy
 from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.source_data import SourceBatches, source_training_data
 from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy

@@ -7,10 +7,7 @@ run stays repeatable and resumable, and one-line errors for configs it cannot se
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 import yaml
 
 from clpeft import config
@@ -42,9 +39,9 @@ def test_augmented_training_batches_bypass_the_cache_and_evaluation_uses_it(digi
         cache_calls[phase["now"]] += 1
         return original_features(self, view)
 
-    def spy_evaluate(self, strategy=None):
+    def spy_evaluate(self, *args, **kwargs):
         phase["now"] = "eval"
-        return evaluate(self, strategy)
+        return evaluate(self, *args, **kwargs)
 
     evaluate = Run.evaluate
     monkeypatch.setattr(Strategy, "training_step", spy_step)

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from clpeft import config
-from clpeft.tools.bench import bench, format_bench
 from clpeft.cli import main
 from clpeft.strategy import Strategy
+from clpeft.tools.bench import bench, format_bench
 
 
 def _stream_sizes(cfg):

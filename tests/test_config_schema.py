@@ -26,9 +26,12 @@ class Steps(Options):
         return self
 
 
+SGD_STEPS = Steps(optimizer="sgd")
+
+
 class Method:
     @flat_options
-    def __init__(self, backbone, steps: Steps = Steps(optimizer="sgd"), alpha: Annotated[int, Field(ge=1)] = 2):
+    def __init__(self, backbone, steps: Steps = SGD_STEPS, alpha: Annotated[int, Field(ge=1)] = 2):
         self.backbone, self.steps, self.alpha = backbone, steps, alpha
 
 

@@ -13,9 +13,9 @@ import torch
 from clpeft import Strategy, checkpoint, config
 from clpeft.data import DataView
 from clpeft.engine import Engine
-from clpeft.run import OnlineScorer
 from clpeft.errors import RunError, UserError
 from clpeft.experience import Experience, Scenario
+from clpeft.run import OnlineScorer
 from clpeft.scenarios import corruptions
 from clpeft.scenarios.datasets import load_dataset
 
@@ -103,7 +103,7 @@ def _probe_labels(exp: Experience) -> None:
     for e in (exp, *exp.past):
         for view in (e.test,):
             if view is not None:
-                view.targets  # a sentinel raises LabelLeak here
+                _ = view.targets  # a sentinel raises LabelLeak here
 
 
 class NosyAdapter(Strategy):
@@ -166,7 +166,7 @@ def test_labels_never_reach_the_strategy_and_the_scorer_counts_its_predictions(t
     domains = SentinelStream.domains
     assert [d.reads for d in domains] == [1, 1]  # the scorer read each domain's labels once
     with pytest.raises(LabelLeak):
-        domains[0].targets  # and anyone else is refused
+        _ = domains[0].targets  # and anyone else is refused
     with pytest.raises(LabelLeak):
         len(domains[0].gather(torch.tensor([0]))[1])
     # the strategy saw every test input once, in order, unlabeled

@@ -8,7 +8,6 @@ Each test failed on the code before the fix (a hang, a traceback, or a silent co
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time

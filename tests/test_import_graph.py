@@ -17,11 +17,11 @@ A failure names the module, its file and line, and the import.
 from __future__ import annotations
 
 import ast
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = "clpeft.tools"

@@ -496,7 +496,7 @@ def _reference(R, sizes=None, baseline=None):
     if T > 1:
         ref["bwt"] = sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
         ref["forgetting"] = sum(
-            max(R[l][j] for l in range(T - 1)) - R[T - 1][j] for j in range(T - 1)
+            max(R[i][j] for i in range(T - 1)) - R[T - 1][j] for j in range(T - 1)
         ) / (T - 1)
     if baseline is not None:
         ref["fwt"] = (

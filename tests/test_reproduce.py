@@ -45,7 +45,7 @@ def test_a_setup_that_cannot_run_here_says_what_is_missing_in_one_line(tmp_path,
     assert main([*argv, "--out", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data")]) == 2
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| l2p/")]
     assert [r.split(" | ")[0] for r in rows] == ["| l2p/cifar100_10t", "| l2p/imagenet_r_10t"]
-    assert all(f"not run: " in r and reason in r for r in rows), rows
+    assert all("not run: " in r and reason in r for r in rows), rows
     assert not (tmp_path / "runs").exists()  # nothing started
 
 

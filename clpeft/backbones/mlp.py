@@ -14,7 +14,6 @@ from clpeft.backbones.base import Backbone
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
 
-
 MAX_WEIGHTS = 2**31  # 8 GiB of fp32: beyond this a toy backbone is a typo
 
 

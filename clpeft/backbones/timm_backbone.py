@@ -25,9 +25,9 @@ from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
 from clpeft.backbones import offline_weights, vit, weights_file
-from clpeft.backbones.timm_checkpoint import classifier_names, fit_pos_embed
-from clpeft.backbones.split_qkv import split_qkv as split_qkv_layers
 from clpeft.backbones.base import Backbone, ImagePreprocess
+from clpeft.backbones.split_qkv import split_qkv as split_qkv_layers
+from clpeft.backbones.timm_checkpoint import classifier_names, fit_pos_embed
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
 

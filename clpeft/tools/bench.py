@@ -37,10 +37,10 @@ import torch
 
 from clpeft.config import RunConfig
 from clpeft.engine import Engine
-from clpeft.logging import RunLogger
-from clpeft.run import Run, peak_memory_mb
 from clpeft.errors import UserError
 from clpeft.experience import Experience
+from clpeft.logging import RunLogger
+from clpeft.run import Run, peak_memory_mb
 
 
 @dataclass

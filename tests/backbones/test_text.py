@@ -23,7 +23,6 @@ from clpeft.backbones.text import CausalLM, TextEncoder, pool
 from clpeft.engine import Engine
 from clpeft.errors import UserError
 
-
 pytestmark = pytest.mark.usefixtures("no_network")
 
 

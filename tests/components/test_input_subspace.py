@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import LoRALinear
+from clpeft.components.lora.input_subspace import InputSubspace
 
 
 def _layers(d: int = 4, rank: int = 1, n: int = 1) -> dict[str, LoRALinear]:

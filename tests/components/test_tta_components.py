@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.backbones.cnn import CNNBackbone
-from clpeft.components.tta.augment_average import augmentation_average, augmentation_average_loop
 from clpeft.components.heads.classifiers import LinearHead
+from clpeft.components.tta.augment import TTAugment
+from clpeft.components.tta.augment_average import augmentation_average, augmentation_average_loop
 from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.tta.source_data import SourceBatches, source_training_data
-from clpeft.components.tta.stochastic_restore import StochasticRestore
+from clpeft.components.tta.losses import (
+    EATASampleFilter,
+    batch_gradient_importance,
+    entropy,
+    multi_view_contrastive_loss,
+    soft_cross_entropy,
+    symmetric_cross_entropy,
+)
 from clpeft.components.tta.online_adaptation import (
     AdaptationOptimizer,
     OnlineAdaptation,
@@ -25,16 +32,9 @@ from clpeft.components.tta.online_adaptation import (
     classifier,
     use_batch_statistics,
 )
-from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.options import AdaptationOptions
-from clpeft.components.tta.losses import (
-    EATASampleFilter,
-    batch_gradient_importance,
-    entropy,
-    multi_view_contrastive_loss,
-    soft_cross_entropy,
-    symmetric_cross_entropy,
-)
+from clpeft.components.tta.source_data import SourceBatches, source_training_data
+from clpeft.components.tta.stochastic_restore import StochasticRestore
 from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.errors import UserError

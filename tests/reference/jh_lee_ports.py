@@ -31,8 +31,8 @@ import torch
 from timm.models import _builder, _manipulate
 
 from clpeft.data import Batch
-from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
+from clpeft.training import make_optimizer, optimizer_step
 
 
 class _Meter:

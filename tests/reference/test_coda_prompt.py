@@ -39,9 +39,9 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
 from clpeft.config import TrainConfig
 from clpeft.data import Batch
-from clpeft.training import make_optimizer, make_scheduler, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.coda_prompt import CodaPrompt
+from clpeft.training import make_optimizer, make_scheduler, optimizer_step
 
 WIDTH, LENGTH, PER_TASK, TASKS = 64, 8, 3, 2  # test_vit's width; L_p; components per task; tasks
 LAYERS = [0, 1, 2, 3, 4]  # the official e_layers (fixed in its CodaPrompt._init_smart)

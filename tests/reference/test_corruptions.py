@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 
 from clpeft.scenarios import corruptions as C
-from clpeft.scenarios.corruption_constants import CONSTANTS, constant_set
+from clpeft.scenarios.corruption_constants import CONSTANTS
 
 from .conftest import load_reference, ref_dir, stub_module
 

@@ -39,9 +39,18 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.backbones.vit import prefix_attention
 from clpeft.strategies.dualprompt import DualPrompt
 
-from .conftest import load_reference as _load_reference
-from .jh_lee_ports import (capture_logits, freeze_as_official, official_accuracies, official_args, official_losses,
-                           official_model, port_stubs, scale_lr, task_stream, train_clpeft)
+from .jh_lee_ports import (
+    capture_logits,
+    freeze_as_official,
+    official_accuracies,
+    official_args,
+    official_losses,
+    official_model,
+    port_stubs,
+    scale_lr,
+    task_stream,
+    train_clpeft,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dualprompt"
 IMG, CLASSES_PER_TASK = 48, 3

@@ -33,9 +33,9 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.fsa_lda import FSALDA
+from clpeft.training import make_optimizer, optimizer_step
 
 PER_CLASS, BATCH, TASK_SIZE, LR = 12, 8, 2, 1e-3
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fsa_lda"

@@ -54,14 +54,14 @@ from torch import nn
 
 import clpeft.config
 from clpeft.backbones.timm_backbone import TimmBackbone
-from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora import LoRALinear
+from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.training import make_optimizer, make_scheduler, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.lora_cl import LoRACL
+from clpeft.training import make_optimizer, make_scheduler, optimizer_step
 
 # numpy 2 on the reference's np.dot of torch tensors (the official environment had numpy 1)
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")

@@ -43,8 +43,18 @@ from clpeft.strategies.l2p import L2P
 
 from .conftest import load_reference as _load_reference
 from .conftest import ref_dir
-from .jh_lee_ports import (capture_logits, freeze_as_official, official_accuracies, official_args, official_losses,
-                           official_model, port_stubs, scale_lr, task_stream, train_clpeft)
+from .jh_lee_ports import (
+    capture_logits,
+    freeze_as_official,
+    official_accuracies,
+    official_args,
+    official_losses,
+    official_model,
+    port_stubs,
+    scale_lr,
+    task_stream,
+    train_clpeft,
+)
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "l2p" / "cifar100_10t.yaml"
 IMG, CLASSES_PER_TASK = 48, 3

@@ -57,9 +57,9 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.lae import LAE
+from clpeft.training import make_optimizer, optimizer_step
 
 WIDTH, RANK, TASKS, CLASSES = 64, 5, 3, 2  # test_vit's width; the official rank; tasks; classes per task
 BLOCKS = [0, 1, 2, 3, 4]  # the official adapt_blocks

@@ -43,11 +43,11 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.aper import APER
 from clpeft.strategies.ranpac import RanPAC
 from clpeft.strategies.simplecil import SimpleCIL
+from clpeft.training import make_optimizer, optimizer_step
 
 WIDTH, BOTTLENECK, PER_CLASS, BATCH = 64, 8, 12, 8
 TASKS = [[0, 1], [2, 3]]

@@ -42,9 +42,9 @@ from clpeft.backbones.timm_backbone import TimmBackbone
 from clpeft.config import TrainConfig
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
-from clpeft.training import make_optimizer, optimizer_step
 from clpeft.experience import Experience
 from clpeft.strategies.slca import SLCA
+from clpeft.training import make_optimizer, optimizer_step
 
 WIDTH, PER_CLASS, BATCH, TASK_SIZE, TASKS = 64, 80, 32, 2, 2
 LR, WEIGHT_DECAY = 0.01, 5e-4

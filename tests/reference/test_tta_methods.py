@@ -51,11 +51,11 @@ from torch import nn
 
 from clpeft.backbones.cnn import CNNBackbone
 from clpeft.backbones.timm_backbone import TimmBackbone
-from clpeft.components.tta.augment_average import augmentation_average
 from clpeft.components.heads.classifiers import LinearHead
-from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.augment import TTAugment
+from clpeft.components.tta.augment_average import augmentation_average
 from clpeft.components.tta.losses import entropy, multi_view_contrastive_loss, soft_cross_entropy, symmetric_cross_entropy
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience

@@ -16,7 +16,6 @@ import torch
 import clpeft.config
 from clpeft.errors import UserError
 
-
 VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 MLP = {"name": "mlp", "hidden": [64]}
 MLP_TARGETS = ["net.0"]

@@ -412,7 +412,7 @@ def test_merge_cl_evaluates_the_merge_of_its_stored_task_vectors(tmp_path, mode,
     # the evaluated model is that backbone: a plain copy with the merged weights predicts the same
     fresh = copy.deepcopy(strategy.backbone)
     if mode == "lora":
-        for name, layer in strategy.lora.items():
+        for layer in strategy.lora.values():
             assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))  # no LoRA path on top
     x = _test_inputs(stream)
     with torch.no_grad():

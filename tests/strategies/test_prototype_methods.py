@@ -13,14 +13,14 @@ import torch
 
 import clpeft.config
 import clpeft.engine
-import clpeft.run
 import clpeft.registry
+import clpeft.run
 from clpeft.backbones.mlp import MLPBackbone
+from clpeft.components.heads.frozen_feature_classifier import FrozenFeatureClassifier
 from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
 from clpeft.feature_cache import FeatureCache
-from clpeft.components.heads.frozen_feature_classifier import FrozenFeatureClassifier
 
 METHODS = {
     "simplecil": {"name": "simplecil"},

@@ -22,8 +22,8 @@ from torch import nn
 from clpeft.backbones.cnn import CNNBackbone
 from clpeft.components.tta.augment_average import augmentation_average
 from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.losses import entropy, multi_view_contrastive_loss
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.data import ArrayDataset, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
@@ -328,7 +328,7 @@ def test_cotta_restore_one_returns_the_student_to_the_source_bitwise(source):
     for n, p in s.backbone.named_parameters():
         assert torch.equal(p, source["backbone"][n])
     # the teacher learned from the student before the restore (same as without restore)
-    for (n, a), (_, b) in zip(s.teacher.named_parameters(), free.teacher.named_parameters()):
+    for (_, a), (_, b) in zip(s.teacher.named_parameters(), free.teacher.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert any(not torch.equal(p, source["backbone"][n[len("model.0."):]])
                for n, p in s.teacher.named_parameters() if n.startswith("model.0."))
@@ -384,7 +384,7 @@ def test_rmt_prototypes_are_the_source_models_class_means_and_warm_up_ramps_the_
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:  # RMT's source pass uses batch statistics, as at test time
         m.track_running_stats, m.training = False, True
-    x, y = torch.cat([b.x for b in passes]), torch.cat([b.y for b in passes])
+    y = torch.cat([b.y for b in passes])
     assert len(passes) == math.ceil(1400 / 64) and len(y) == 1400
     assert not torch.equal(y, source["source_exp"].train.load()[1])  # shuffled
     with torch.no_grad():

@@ -4,10 +4,10 @@ The closed-form-head strategy base, :class:`~clpeft.components.heads.frozen_feat
 is imported from its module: it subclasses :class:`clpeft.Strategy`, whose module imports this package.
 """
 
-from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
-from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.alignment import AlignedHead, ClassifierAlignment
 from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.heads.class_statistics import ClassStatistics
+from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 
 __all__ = [

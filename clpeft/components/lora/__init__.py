@@ -1,12 +1,12 @@
 """Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
 
-from clpeft.components.lora.layer import LoRAFactors, LoRALinear
-from clpeft.components.lora.injection import find_linear_targets, inject_lora, layer_depths, layer_ranks, lora_layers, replace_module
-from clpeft.components.lora.files import load_adapters, save_adapters
 from clpeft.components.lora.batched import MultiLoRALinear, inject_multi_lora, route
-from clpeft.components.lora.rank_allocation import RankAllocator
+from clpeft.components.lora.files import load_adapters, save_adapters
+from clpeft.components.lora.injection import find_linear_targets, inject_lora, layer_depths, layer_ranks, lora_layers, replace_module
 from clpeft.components.lora.input_subspace import InputSubspace
+from clpeft.components.lora.layer import LoRAFactors, LoRALinear
 from clpeft.components.lora.parallel_adapter import Adapter, ParallelAdapterBlock, inject_adapters, shared_weights_copy
+from clpeft.components.lora.rank_allocation import RankAllocator
 
 __all__ = [
     "Adapter",

@@ -16,6 +16,7 @@ from torch import nn
 from clpeft.components.lora.layer import LoRALinear
 from clpeft.errors import UserError
 
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` in ``model``, by module path, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
