@@ -1,0 +1,102 @@
+"""iCaRL: Incremental Classifier and Representation Learning.
+
+Rebuffi et al., CVPR 2017 (https://arxiv.org/abs/1611.07725). Each experience trains on its data
+plus a memory of exemplars, with the previous model's outputs on the old classes as targets
+(Alg. 3); afterwards ``m = M // classes seen`` exemplars per class are kept, a new class's chosen
+by herding on the current features (Alg. 4, :class:`~clpeft.components.ReplayBuffer`'s
+``herding`` policy) and an old class's cut to its first ``m`` (Alg. 5). Classification is by the
+nearest mean of exemplars, recomputed with the current model after every experience (Alg. 1,
+:class:`~clpeft.components.heads.nearest_mean_of_exemplars.NearestMeanOfExemplars`); the trained
+linear head only serves the loss.
+
+``loss``:
+
+* ``bce`` (the paper, Alg. 3, and Mammoth's ``models/icarl.py``): sigmoid binary cross-entropy on
+  every seen class's output, averaged over samples and outputs, with one-hot targets for the new
+  classes and the old model's sigmoid outputs for the old ones.
+* ``ce`` (LAMDA-PILOT / PyCIL ``models/icarl.py``): cross-entropy over the seen classes plus the
+  temperature-``T`` distillation of the old model's outputs on the old classes (no ``T^2``
+  factor; PILOT's soft cross-entropy minus the teacher's entropy, a constant: the same gradients).
+
+Mammoth adds ``opt_wd * sum theta^2`` to the loss (weight decay ``2 opt_wd`` of the optimizer,
+``train.weight_decay`` here) and averages the class means of images and their horizontal flips
+(an image-only addition, left out). ``tests/reference/test_classic_cil.py`` checks both losses,
+the parameters after training and the exemplar means and predictions against the references.
+
+Paper symbols: memory size ``K`` -> ``mem_size``; PILOT's ``T`` -> ``temperature``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from clpeft.components import ReplayBuffer
+from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
+from clpeft.components.regularization.distillation import distillation_loss
+from clpeft.components.regularization.previous_model import PreviousModel
+from clpeft.data import Batch, DataView
+from clpeft.experience import Experience
+from clpeft.registry import register_strategy
+from clpeft.strategy import Strategy
+
+
+@register_strategy("icarl")
+class ICaRL(Strategy):
+    """iCaRL: herding exemplars, distillation and a nearest-mean-of-exemplars classifier (Rebuffi et al. 2017).
+
+    Args:
+        backbone: the feature extractor.
+        mem_size: exemplar memory ``K`` in samples.
+        loss: ``bce`` (the paper's, Mammoth's) or ``ce`` (cross-entropy plus distillation, PILOT's).
+        temperature: distillation temperature ``T`` of the ``ce`` loss.
+    """
+
+    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=1)] = 2000, loss: Literal["bce", "ce"] = "bce",
+                 temperature: Annotated[float, Field(gt=0)] = 2.0):
+        super().__init__(backbone)
+        self.memory = ReplayBuffer(mem_size, "herding")
+        self.means = NearestMeanOfExemplars(backbone.feature_dim)
+        self.loss = loss
+        self.temperature = temperature
+        self.teacher: PreviousModel | None = None
+
+    def before_experience(self, exp: Experience) -> None:
+        self.teacher = PreviousModel.of(self)  # before the head grows
+        super().before_experience(exp)
+
+    def train_data(self, exp: Experience) -> DataView:
+        return exp.train + self.memory.view(exp.past)
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        features = self.embed(batch.x)
+        logits = self.head(features)
+        old = None if self.teacher is None else self.teacher(batch.x, features)
+        if self.loss == "bce":
+            targets = F.one_hot(batch.y, logits.shape[1]).to(logits.dtype)
+            if old is not None:
+                targets[:, : old.shape[1]] = torch.sigmoid(old)
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        loss = F.cross_entropy(logits, batch.y)
+        return loss if old is None else loss + distillation_loss(logits, old, self.temperature)
+
+    def after_experience(self, exp: Experience) -> None:
+        self.teacher = None
+        self.memory.update(exp, features=self._features(exp.train)[0])
+        self.means.grow_to(exp.n_classes_seen)  # a class without exemplars keeps a zero mean
+        self.means.fit(*self._features(self.memory.view((*exp.past, exp))))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the nearest mean of exemplars (the classes' means as of the last experience)."""
+        return self.means(self.embed(x))
+
+    @torch.no_grad()
+    def _features(self, view: DataView) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of every sample of ``view``, in its order (eval mode, no augmentation)."""
+        pairs = [(self.embed(b.x).float().cpu(), b.y.cpu()) for b in self.batches(view)]
+        if not pairs:
+            return torch.empty(0, self.backbone.feature_dim), torch.empty(0, dtype=torch.long)
+        return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
