@@ -34,16 +34,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from clpeft.strategies.agem import AGEM
-from clpeft.strategies.derpp import DERpp
-from clpeft.strategies.er_ace import ERACE
-from clpeft.strategies.gdumb import GDumb
 from torch import nn
 
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
+from clpeft.strategies.agem import AGEM
+from clpeft.strategies.derpp import DERpp
+from clpeft.strategies.er_ace import ERACE
+from clpeft.strategies.gdumb import GDumb
 
 from .conftest import load_reference, ref_dir, stub_module
 

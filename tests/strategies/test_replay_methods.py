@@ -2,8 +2,9 @@
 
 Step-by-step equality with Mammoth is ``tests/reference/test_mammoth_replay.py``; here:
 
-* each forgets less than fine-tuning on the same stream, on a trainable MLP and CNN and on a frozen
-  backbone's cached features (the path of the pretrained backbones); A-GEM on rotated digits
+* each forgets less than fine-tuning on the same stream, on a trainable MLP and CNN and on frozen
+  backbones' cached features (a frozen MLP, and a tiny ViT through the timm wrapper that the
+  pretrained backbones use); A-GEM on rotated digits
   (domain-incremental, its paper's Rotated/Permuted MNIST protocol), since in class-incremental
   streams it is known to stay near fine-tuning (Buzzega et al. 2020, Table 2);
 * A-GEM's update never points against the memory's gradient, and equals eq. 11 of the paper;
@@ -19,13 +20,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from clpeft.strategies.agem import AGEM, project
-from clpeft.strategies.gdumb import GDumb
 
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
+from clpeft.strategies.agem import AGEM, project
+from clpeft.strategies.gdumb import GDumb
 
 METHODS = ["er_ace", "derpp", "gdumb"]
 
@@ -48,7 +49,12 @@ BACKBONES = {
     "trainable-cnn": ({"name": "cnn", "widths": [8, 16]}, {"epochs": 5}),
     # a frozen backbone trains a linear head on cached features: more, faster steps
     "frozen-features": ({"name": "mlp", "hidden": [64], "freeze": True}, {"epochs": 10, "lr": 0.2}),
+    # the pretrained backbones' wrapper (timm), frozen, on a tiny random ViT
+    "frozen-vit": ({"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}, {"epochs": 10, "lr": 0.2}),
 }
+# how much more final accuracy than fine-tuning each must reach (random ViT features are weak for
+# ER-ACE's cosine head: 0.40 against fine-tuning's 0.17)
+MARGIN = {"trainable-mlp": 0.3, "trainable-cnn": 0.3, "frozen-features": 0.3, "frozen-vit": 0.15}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,7 @@ def test_forgets_less_than_finetune(tmp_path, run_keeping, finetune_results, met
     assert strategy.uses_features == backbone.startswith("frozen")
     assert finetune["forgetting"] > 0.6  # the stream does make fine-tuning forget
     assert mine["forgetting"] < finetune["forgetting"] - 0.3, (mine, finetune)
-    assert mine["acc_final"] > finetune["acc_final"] + 0.3, (mine, finetune)
+    assert mine["acc_final"] > finetune["acc_final"] + MARGIN[backbone], (mine, finetune)
 
 
 def _rotated_digits(tmp_path, strategy: dict, frozen: bool) -> dict:
