@@ -9,7 +9,8 @@ every import counts, at the top, inside a function (lazy) or under ``TYPE_CHECKI
 - components never import strategies, the engine, a run or the training step (timm's ``layers/``
   never import ``models/``);
 - merging never imports the engine, a run, the training step or strategies;
-- scenarios never import strategies.
+- scenarios never import strategies;
+- strategies never import other strategies: what two methods share is a component.
 
 A failure names the module, its file and line, and the import.
 """
@@ -66,6 +67,7 @@ RULES = [
     Rule("components never import strategies or the engine", ("clpeft.components",), (STRATEGIES, *ENGINE)),
     Rule("merging never imports the engine or strategies", ("clpeft.merging",), (STRATEGIES, *ENGINE)),
     Rule("scenarios never import strategies", ("clpeft.scenarios",), (STRATEGIES,)),
+    Rule("strategies never import strategies (shared logic lives in a component)", (STRATEGIES,), (STRATEGIES,)),
 ]
 
 
