@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
+from clpeft.distributed import launched_size
+from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -51,6 +53,9 @@ class AGEM(Strategy):
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  minibatch_size: Annotated[int, Field(ge=1)] = 32,
                  policy: Literal["reservoir", "class_balanced"] = "reservoir"):
+        if launched_size() > 1:
+            raise UserError("agem runs in one process: its reference gradient is computed after the backward pass, outside "
+                            "the ranks' gradient averaging; start it without torchrun", key="strategy.name")
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, policy)
         self.minibatch_size = minibatch_size

@@ -25,6 +25,8 @@ from pydantic import Field
 from clpeft.components import ReplayBuffer
 from clpeft.components.memory.logits import LogitsStore
 from clpeft.data import Batch
+from clpeft.distributed import launched_size
+from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -45,6 +47,9 @@ class DERpp(Strategy):
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  minibatch_size: Annotated[int, Field(ge=1)] = 32, alpha: Annotated[float, Field(ge=0)] = 0.1,
                  beta: Annotated[float, Field(ge=0)] = 0.5):
+        if launched_size() > 1:
+            raise UserError("derpp runs in one process: each rank would offer its share of a batch to its own reservoir with "
+                            "its own draws, so the ranks' memories would differ; start it without torchrun", key="strategy.name")
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, "reservoir")
         self.logits = LogitsStore(mem_size)

@@ -22,6 +22,8 @@ from pydantic import Field
 
 from clpeft.components import CosineHead, ReplayBuffer
 from clpeft.data import Batch
+from clpeft.distributed import launched_size
+from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -45,6 +47,9 @@ class ERACE(Strategy):
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  minibatch_size: Annotated[int, Field(ge=1)] = 32, task_free: bool = False,
                  head: Literal["cosine", "linear"] = "cosine"):
+        if launched_size() > 1:
+            raise UserError("er_ace runs in one process: each rank would offer its share of a batch to its own reservoir with "
+                            "its own draws, so the ranks' memories would differ; start it without torchrun", key="strategy.name")
         super().__init__(backbone)
         if head == "cosine":
             self.head = CosineHead(backbone.feature_dim, scale=COSINE_SCALE, learn_scale=False)

@@ -8,7 +8,8 @@ memory only: ``before_experience`` adds the experience to the memory, restores t
 initial weights (the pretrained ones, or the random initialisation of a CNN/MLP) and draws a
 fresh head, and ``train_data`` is the memory. ``policy: reservoir`` is Mammoth's ``gdumb``
 memory (a reservoir over the stream, equal slot by slot: ``tests/reference/test_mammoth_replay.py``,
-which also checks the training on the memory against Mammoth's ``fit_buffer``).
+which also checks the training on the memory against Mammoth's ``fit_buffer``). The memory is
+filled before training, from the seed every rank shares, so ``torchrun`` gives one process's results.
 
 How the memory is fitted is the run's ``train`` section. Mammoth fits once, after the last task,
 for 256 epochs of SGD with a one-epoch warm-up at ``maxlr / 10`` then cosine warm restarts from

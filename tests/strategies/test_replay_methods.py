@@ -10,22 +10,34 @@ Step-by-step equality with Mammoth is ``tests/reference/test_mammoth_replay.py``
 * A-GEM's update never points against the memory's gradient, and equals eq. 11 of the paper;
 * GDumb trains on its memory alone, from the initial weights, each experience;
 * a run interrupted and resumed gives the uninterrupted run's accuracy matrix (the memories,
-  DER's logits and ER-ACE's largest label travel in the checkpoint).
+  DER's logits and ER-ACE's largest label travel in the checkpoint);
+* under ``torchrun`` ER-ACE, DER++ and A-GEM refuse in one line with the reason (their memories or
+  reference gradients would differ between ranks), and GDumb in two processes equals one (slow).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
+from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.strategies.agem import AGEM, project
+from clpeft.strategies.derpp import DERpp
+from clpeft.strategies.er_ace import ERACE
 from clpeft.strategies.gdumb import GDumb
 
 METHODS = ["er_ace", "derpp", "gdumb"]
@@ -217,3 +229,54 @@ def test_interrupted_and_resumed_run_gives_the_same_matrix(tmp_path, interrupted
     cfg = _class_incremental(tmp_path, {"name": method, "mem_size": 40}, {"name": "mlp", "hidden": [32]}, epochs=2)
     full, resumed = interrupted_then_resumed(cfg, tmp_path, at=3)
     assert resumed == full
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [ERACE, DERpp, AGEM])
+def test_methods_whose_ranks_would_diverge_refuse_torchrun_in_one_line(monkeypatch, cls):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; strategies are built before training starts
+    with pytest.raises(UserError) as refused:
+        cls(MLPBackbone(input_shape=(4,), hidden=[4]))
+    message = str(refused.value)
+    assert message.startswith(f"strategy.name: {cls.registered_name} runs in one process") and "without torchrun" in message
+    assert "\n" not in message and refused.value.exit_code == 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cls(MLPBackbone(input_shape=(4,), hidden=[4]))
+
+
+@pytest.mark.slow
+def test_er_ace_under_torchrun_exits_2_with_the_reason_on_every_rank(tmp_path):
+    config = tmp_path / "er_ace.yaml"
+    config.write_text(yaml.safe_dump(_class_incremental(tmp_path, {"name": "er_ace"}, {"name": "mlp", "hidden": [8]})))
+    done = _cli_run(config, tmp_path / "run", nproc=2)
+    assert done.returncode != 0
+    assert done.stderr.count("clpeft: error: strategy.name: er_ace runs in one process") == 2, done.stderr[-2000:]
+    assert "exitcode  : 2" in done.stderr and "/clpeft/" not in done.stderr  # no traceback through clpeft's code
+
+
+def _cli_run(config: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "clpeft", "run", str(config), "--out", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_gdumb_in_two_processes_matches_one_process(tmp_path):
+    """GDumb's memory is filled before training from the per-experience seed every rank shares, so
+    data-parallel training on it gives one process's accuracy matrix."""
+    config = tmp_path / "gdumb.yaml"
+    cfg = _class_incremental(tmp_path, {"name": "gdumb", "mem_size": 40}, {"name": "mlp", "hidden": [64]},
+                             epochs=15, batch_size=49, lr=0.1)
+    config.write_text(yaml.safe_dump(cfg))
+    matrices = []
+    for nproc in (1, 2):
+        done = _cli_run(config, tmp_path / f"run{nproc}", nproc)
+        assert done.returncode == 0, done.stderr[-2000:]
+        matrices.append(json.loads((tmp_path / f"run{nproc}" / "metrics.json").read_text())["acc_matrix"])
+    np.testing.assert_allclose(matrices[1], matrices[0], atol=1e-6)
+    assert np.mean(np.diagonal(matrices[0])) > 0.7
