@@ -50,6 +50,8 @@ class AGEM(Strategy):
         policy: how the memory keeps past samples: ``reservoir`` (Mammoth's) or ``class_balanced``.
     """
 
+    supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
+
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  minibatch_size: Annotated[int, Field(ge=1)] = 32,
                  policy: Literal["reservoir", "class_balanced"] = "reservoir"):

@@ -44,6 +44,8 @@ class DERpp(Strategy):
         beta: weight ``beta`` of the replayed cross-entropy; 0 is DER.
     """
 
+    supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
+
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  minibatch_size: Annotated[int, Field(ge=1)] = 32, alpha: Annotated[float, Field(ge=0)] = 0.1,
                  beta: Annotated[float, Field(ge=0)] = 0.5):

@@ -44,6 +44,8 @@ class ERACE(Strategy):
         head: the official ``cosine`` classifier (scale 10) or a ``linear`` one.
     """
 
+    supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
+
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  minibatch_size: Annotated[int, Field(ge=1)] = 32, task_free: bool = False,
                  head: Literal["cosine", "linear"] = "cosine"):

@@ -40,6 +40,8 @@ class GDumb(Strategy):
         policy: the paper's ``class_balanced`` memory or Mammoth's ``reservoir``.
     """
 
+    supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
+
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
                  policy: Literal["class_balanced", "reservoir"] = "class_balanced"):
         super().__init__(backbone)

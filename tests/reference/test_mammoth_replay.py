@@ -273,6 +273,9 @@ def test_derpp_defaults_are_mammoths_best_arguments():
     options = inspect.signature(DERpp).parameters
     assert (options["mem_size"].default, options["minibatch_size"].default) == (200, 32)
     assert (options["alpha"].default, options["beta"].default) == (0.1, 0.5)
+    # A-GEM and ER-ACE: the replayed batch of Mammoth's best arguments for Seq-CIFAR-10 (32)
+    assert inspect.signature(AGEM).parameters["minibatch_size"].default == 32
+    assert inspect.signature(ERACE).parameters["minibatch_size"].default == 32
 
 
 # --------------------------------------------------------------------------------------------
