@@ -11,8 +11,10 @@ For a stream of ``T`` experiences the engine
    writes a checkpoint;
 3. writes ``metrics.json`` with :func:`clpeft.metrics.summarize` of ``R`` and, from the last
    evaluation, ``final_confusion[true][predicted]`` (counts over every test set; files written
-   before it lack the key). ``timing`` keeps the feature cache's one-off fill (``cache_s``,
-   per experience and in total) apart from ``train_s`` and ``eval_s``, which exclude it.
+   before it lack the key, and so does a run whose strategy scores its own outputs, such as
+   generated text: :meth:`clpeft.run.Run.correct`). ``timing`` keeps the feature cache's
+   one-off fill (``cache_s``, per experience and in total) apart from ``train_s`` and
+   ``eval_s``, which exclude it.
 
 Re-seeding per experience makes ``--resume`` exact: a resumed run continues from the last
 checkpoint with the same random state an uninterrupted run had at that point.
@@ -221,7 +223,7 @@ class Engine:
             train_s, n_samples = run.train_experience(exp, log)
             train_s -= run.cache_seconds() - before
             t0, before = time.perf_counter(), run.cache_seconds()
-            if exp.index == T - 1:  # the last evaluation also counts (true, predicted) class pairs
+            if exp.index == T - 1 and not run.scores_itself:  # the last evaluation also counts (true, predicted) class pairs
                 confusion = torch.zeros(run.n_classes, run.n_classes, dtype=torch.float64)
             strategy.before_evaluation(exp)
             row = run.evaluate(confusion=confusion)

@@ -261,15 +261,30 @@ class Run:
                 for module, training in modes:
                     module.training = training
 
+    @property
+    def scores_itself(self) -> bool:
+        """Whether the strategy scores its own outputs (:meth:`correct`): no classes predicted, no confusion."""
+        return callable(getattr(self.strategy, "score", None))
+
     @torch.no_grad()
-    def correct(self, view: DataView, strategy: Strategy | None = None, confusion: torch.Tensor | None = None) -> int:
+    def correct(self, view: DataView, strategy: Strategy | None = None, confusion: torch.Tensor | None = None) -> float:
         """Correct predictions on this rank's share of ``view``; ``confusion[true, predicted]`` counts
-        them when given (a prediction outside its columns, which no head makes, is left out)."""
+        them when given (a prediction outside its columns, which no head makes, is left out).
+
+        A strategy with a ``score(batch)`` method scores its own outputs instead (generated text,
+        say): it returns one score in [0, 1] per sample, and their sum counts as the correct
+        predictions (so the accuracy is the mean score); ``confusion`` is then left untouched.
+        """
         strategy = strategy or self.strategy
+        scorer = getattr(strategy, "score", None)
         correct = 0
         for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features,
                                        with_query=strategy.needs_query, shard=True):
             if len(batch.y) == 0:
+                continue
+            if callable(scorer):
+                with self.autocast():
+                    correct += float(scorer(batch).double().sum())
                 continue
             with self.autocast():
                 logits = strategy.predict(batch.x, query=batch.features) if batch.features is not None else strategy.predict(batch.x)
