@@ -15,8 +15,10 @@ experience's classes are learnt, that a test-time method adapts (and ``source`` 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import textwrap
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -34,6 +36,9 @@ VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 CNN = {"name": "cnn", "widths": [8, 16]}
 LORA_TARGETS = ["net.0"]  # the MLP's first linear layer
 
+TINY_LLAMA = {"name": "generative_lm", "weights": "tiny-llama"}  # _config writes the tiny Llama under the run's root
+INSTRUCTIONS = {"name": "instruction_incremental", "tasks": [{"task": "reverse", "train": 16, "test": 8, "max_new_tokens": 4},
+                                                             {"task": "caesar", "train": 16, "test": 8, "max_new_tokens": 4}]}
 CLASS_INCREMENTAL = {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2,
                      "train_per_class": 16, "test_per_class": 8}
 FEW_SHOT = {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 5, "n_way": 5, "k_shot": 5,
@@ -87,6 +92,7 @@ STRATEGIES: dict[str, Smoke] = {
     "slca": Smoke({"name": "slca", "align_epochs": 1, "align_samples": 16}),
     "simplecil": Smoke({"name": "simplecil"}, FROZEN_MLP, change="state"),
     "ranpac": Smoke({"name": "ranpac", "projection_dim": 64}, FROZEN_MLP, change="state"),
+    "fecam": Smoke({"name": "fecam"}, FROZEN_MLP, change="state"),
     "fsa_lda": Smoke({"name": "fsa_lda"}),
     "aper": Smoke({"name": "aper", "adapter_bottleneck": 4}, VIT),
     "l2p": Smoke({"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2}, VIT,
@@ -107,14 +113,28 @@ STRATEGIES: dict[str, Smoke] = {
     "dual_teacher": _tta({"name": "dual_teacher", "period": 2}),
     "rmt": _tta({"name": "rmt", "warmup_samples": 32, "projection_dim": 16}),
     "lame": _tta({"name": "lame", "knn": 3}, change="outputs"),
+    "seq_finetune": Smoke({"name": "seq_finetune", "rank": 2}, TINY_LLAMA, INSTRUCTIONS,
+                          learns="answers are scored by exact match, where chance is not 1/classes; "
+                                 "tests/llm/test_seq_finetune.py shows a task learnt and forgotten"),
 }
+
+
+def _tiny_llama(root: Path) -> Path:
+    """The tiny random Llama of tests/llm/tiny_llama.py, written once under ``root``."""
+    directory = root / "tiny_llama"
+    if not directory.is_dir():
+        spec = importlib.util.spec_from_file_location("tiny_llama", Path(__file__).parent / "llm" / "tiny_llama.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.save_tiny_llama(directory)
+    return directory
 
 
 def _config(smoke: Smoke, root) -> dict:
     return {
         "seed": 0,
         "scenario": {**smoke.scenario, **({"root": str(root)} if "dataset" in smoke.scenario else {})},
-        "backbone": smoke.backbone,
+        "backbone": {**TINY_LLAMA, "weights": str(_tiny_llama(root))} if smoke.backbone is TINY_LLAMA else smoke.backbone,
         "strategy": smoke.strategy,
         "train": {"epochs": smoke.epochs, "batch_size": 16, "lr": 0.01, "optimizer": "adam"},
         "eval": {"batch_size": 128, "baseline": False},
@@ -232,7 +252,10 @@ SCENARIOS: dict[str, tuple[dict, int]] = {
                             "test_per_class": 8, "domains": [{}, {"rotation": 90}]}, 2),
     "test_time_adaptation": (TEST_TIME, 2),
     "avalanche": ({"name": "avalanche", "benchmark": "smoke_digits_bench:make", "kwargs": {"n_experiences": 2}}, 2),
+    "instruction_incremental": (INSTRUCTIONS, 2),
 }
+# scenario -> the strategy and backbone its stream runs with (default: finetune on an MLP, a CNN for TTA)
+SCENARIO_RUNS = {"instruction_incremental": STRATEGIES["seq_finetune"]}
 
 
 def test_every_scenario_has_a_smoke_config():
@@ -247,7 +270,9 @@ def test_scenario_yields_its_stream_and_runs(name, tmp_path, monkeypatch):
     (tmp_path / "smoke_digits_bench.py").write_text(AVALANCHE_BENCH)
     monkeypatch.syspath_prepend(str(tmp_path))
     section, n_experiences = SCENARIOS[name]
-    smoke = Smoke({"name": "finetune"}, CNN if section is TEST_TIME else MLP, section, epochs=1)
+    run = SCENARIO_RUNS.get(name)
+    smoke = Smoke(run.strategy if run else {"name": "finetune"}, run.backbone if run else CNN if section is TEST_TIME else MLP,
+                  section, epochs=1)
     engine = clpeft.engine.Engine(clpeft.config.resolve(_config(smoke, tmp_path / "data")), tmp_path / "run",
                                   device="cpu")
     built = engine.build()
