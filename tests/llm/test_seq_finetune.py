@@ -1,0 +1,70 @@
+"""seq_finetune on a tiny random Llama through the real engine: the matrix is each task's mean score,
+the first task is learnt and then forgotten, resume repeats the matrix."""
+
+import numpy as np
+import pytest
+import torch
+
+import clpeft.config
+from clpeft.data import Batch
+from clpeft.engine import Engine
+from clpeft.instructions import Instruction
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def _config(tasks, weights, epochs=6, **strategy):
+    return clpeft.config.resolve({
+        "seed": 0,
+        "scenario": {"name": "instruction_incremental", "tasks": tasks},
+        "backbone": {"name": "generative_lm", "weights": str(weights)},
+        "strategy": {"name": "seq_finetune", "targets": TARGETS, "rank": 4, **strategy},
+        "train": {"epochs": epochs, "batch_size": 8, "lr": 0.01, "optimizer": "adam"},
+        "eval": {"batch_size": 32, "baseline": True},
+        "logging": {"tensorboard": False, "progress": "never"},
+    })
+
+
+def test_two_tasks_fill_the_matrix_learn_forget_and_resume(tiny_lm, two_tasks, tmp_path):
+    cfg = _config([{"jsonl": str(p), "max_new_tokens": 4} for p in two_tasks], tiny_lm)
+    engine = Engine(cfg, tmp_path / "run", device="cpu")
+    result = engine.run()
+    R, baseline = np.asarray(result["acc_matrix"]), result["baseline"]
+    assert R.shape == (2, 2) and baseline == [0.0, 0.0]  # the random model answers neither task
+    assert R[0, 0] == 1.0 and R[1, 1] >= 0.8  # each task is learnt ...
+    assert R[1, 0] <= 0.2  # ... and plain fine-tuning on "ba" forgets "ab"
+    metrics = result["metrics"]
+    assert metrics["forgetting"] == pytest.approx(R[0, 0] - R[1, 0]) and metrics["bwt"] == pytest.approx(R[1, 0] - R[0, 0])
+    assert metrics["fwt"] == pytest.approx(R[0, 1] - baseline[1])
+    assert "final_confusion" not in result  # no classes are predicted
+
+    # the last row is the exact-match rate of the trained model's greedy answers, recomputed here
+    strategy = engine.built.strategy
+    for j, exp in enumerate(engine.built.stream):
+        examples = exp.test.load()[0]
+        answers = strategy.backbone.generate([e.prompt for e in examples], 4, ["\n"])
+        assert np.mean([a == e.target for a, e in zip(answers, examples)]) == pytest.approx(R[1, j])
+
+    for lost in (tmp_path / "run" / "checkpoints").glob("exp_001.pt*"):  # killed during the second task
+        lost.unlink()
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert Engine(cfg, tmp_path / "run", device="cpu", resume=True).run()["acc_matrix"] == result["acc_matrix"]
+
+
+def test_score_applies_each_examples_metric(tiny_lm, monkeypatch):
+    from clpeft.backbones.generative_lm import GenerativeLM
+    from clpeft.strategies.seq_finetune import SeqFinetune
+
+    strategy = SeqFinetune(GenerativeLM(weights=str(tiny_lm)), targets=["q_proj"], rank=2)
+    examples = [Instruction("a", "85", "exact_match"), Instruction("b", "the cat sat", "rouge_l"),
+                Instruction("c", "negative", "label_words", ("positive", "negative"))]
+    calls = []
+
+    def generate(prompts, max_new_tokens, stop):
+        calls.append((prompts, max_new_tokens, stop))
+        return [" 85", "cat the", "Negative."]
+
+    monkeypatch.setattr(strategy.backbone, "generate", generate)
+    scores = strategy.score(Batch(examples, torch.zeros(3, dtype=torch.long)))
+    assert scores.tolist() == pytest.approx([1.0, 0.4, 1.0])
+    assert calls == [(["a", "b", "c"], 16, ["\n"])]
