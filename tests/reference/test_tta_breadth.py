@@ -1,0 +1,281 @@
+"""clpeft's SAR, RDumb and DeYO against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
+
+The benchmark's ``classification/methods/{sar,eata,deyo}.py`` (RDumb is its EATA with
+``cfgs/<dataset>/rdumb.yaml``: no Fisher term, ``MODEL.RESET_AFTER_NUM_UPDATES``) run next to
+clpeft's strategies on the tiny networks, weights, batches and configs of
+``test_tta_methods.py`` (whose helpers this file uses): a BatchNorm CNN and timm's ``test_vit``
+with LayerNorm, 3 x 32 x 32 images, ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py``. Random
+draws (DeYO's patch order) are made identical by seeding torch's generator before each batch on
+both sides.
+
+Compared after every batch: the prediction, and the method's state (SAR's moving loss ``e_m``,
+EATA's moving probability vector); after the last batch every parameter and the optimizer state.
+Tolerances are those of ``test_tta_methods.py`` (``CLOSE``, Adam's float noise bounded by
+``NOISE``). Mutations checked once are named in each test's docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import types
+
+import pytest
+import torch
+
+from clpeft.components.tta.lower_norm_layers import lower_norm_layers
+from clpeft.components.tta.object_destruction import destroy_objects
+from clpeft.registry import strategies
+
+from .conftest import ref_dir, stub_module
+from .test_tta_methods import (
+    BATCH,
+    CLASSES,
+    CLOSE,
+    SUBDIR,
+    _adapt,
+    _assert_same_optimizer_state,
+    _assert_same_parameters,
+    _cfg,
+    _clpeft,
+    _float,
+    _images,
+    _named,
+    _package,
+    _params,
+    _reference_model,
+    _source_model,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+
+@pytest.fixture
+def bench(load_reference):
+    """The benchmark's ``conf`` and the methods ``sar``, ``eata``, ``deyo`` (stubs as in
+    ``test_tta_methods.py``; EATA without a Fisher term never asks for source data)."""
+    root = ref_dir("test-time-adaptation") / SUBDIR
+    pytest.importorskip("yacs", reason="the benchmark's configs need yacs (pip install -e .[dev])")
+    stubs = {
+        "methods": _package("methods", root / "methods"),
+        "utils": _package("utils", root / "utils"),
+        "models": _package("models"),
+        "models.model": stub_module("models.model", ResNetDomainNet126=type("ResNetDomainNet126", (), {})),
+        "datasets": _package("datasets"),
+        "datasets.data_loading": stub_module("datasets.data_loading", get_source_loader=None),
+        "iopath": _package("iopath"),
+        "iopath.common": _package("iopath.common"),
+        "iopath.common.file_io": stub_module("iopath.common.file_io", g_pathmgr=None),
+    }
+    with load_reference("test-time-adaptation", "conf", SUBDIR, stubs=stubs) as conf:
+        ns = types.SimpleNamespace(root=root, conf=conf)
+        for name in ("sar", "eata"):
+            setattr(ns, name, importlib.import_module(f"methods.{name}"))
+        ns.deyo = importlib.import_module("methods.deyo") if importlib.util.find_spec("einops") else None
+        yield ns
+
+
+def _defaults(name: str) -> dict:
+    signature = inspect.signature(strategies.get(name).__init__)
+    return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _run(strategy, ref, seeds, images) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Both sides on the same batches, torch's generator seeded alike before each."""
+    outputs = []
+    for seed, x in zip(seeds, images):
+        torch.manual_seed(seed)
+        ours = _adapt(strategy, x)
+        torch.manual_seed(seed)
+        outputs.append((ours, ref(_float(x))))
+    return outputs
+
+
+def _assert_same_end_state(strategy, ref, model) -> None:
+    """Parameters (moved from the source alike) and optimizer state (SAM's: its base SGD's)."""
+    ours, theirs = _named(strategy), dict(ref.model.named_parameters())
+    _assert_same_parameters(ours, theirs, _params(model))
+    optimizer = getattr(ref.optimizer, "base_optimizer", ref.optimizer)
+    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, optimizer, theirs)
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_defaults_are_the_cifar10_c_configs(bench):
+    """SAR, RDumb and DeYO's defaults are ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py`` (SAR's
+    optimizer: its code's SGD with ``OPTIM.MOMENTUM``, whatever ``OPTIM.METHOD`` says)."""
+    sar, rdumb, deyo = (_cfg(bench, m) for m in ("sar", "rdumb", "deyo"))
+    assert _defaults("sar") == {"optimizer": "sgd", "lr": sar.OPTIM.LR, "momentum": sar.OPTIM.MOMENTUM, "weight_decay": 0.0,
+                                "params": "norm", "entropy_factor": sar.EATA.MARGIN_E0,
+                                "reset_constant": sar.SAR.RESET_CONSTANT_EM, "rho": 0.05}
+    assert inspect.signature(bench.sar.SAM.__init__).parameters["rho"].default == 0.05
+    assert rdumb.MODEL.ADAPTATION == "eata" and rdumb.EATA.FISHER_ALPHA == 0.0
+    assert _defaults("rdumb") == {"optimizer": "adam", "lr": rdumb.OPTIM.LR, "momentum": rdumb.OPTIM.BETA,
+                                  "weight_decay": rdumb.OPTIM.WD, "params": "norm", "entropy_factor": rdumb.EATA.MARGIN_E0,
+                                  "redundancy_margin": rdumb.EATA.D_MARGIN,
+                                  "reset_every": rdumb.MODEL.RESET_AFTER_NUM_UPDATES}
+    assert _defaults("deyo") == {"optimizer": "adam", "lr": deyo.OPTIM.LR, "momentum": deyo.OPTIM.BETA,
+                                 "weight_decay": deyo.OPTIM.WD, "params": "norm", "margin_factor": deyo.DEYO.MARGIN,
+                                 "entropy_factor": deyo.EATA.MARGIN_E0, "plpd_threshold": deyo.DEYO.PLPD,
+                                 "reweight_entropy": deyo.DEYO.REWEIGHT_ENT, "reweight_plpd": deyo.DEYO.REWEIGHT_PLPD,
+                                 "destruction": "patch", "patch_len": deyo.DEYO.PATCH_LEN,
+                                 "occlusion_size": deyo.DEYO.OCCLUSION_SIZE, "occlusion_row": deyo.DEYO.ROW_START,
+                                 "occlusion_column": deyo.DEYO.COLUMN_START}
+    assert deyo.DEYO.AUG_TYPE == "patch"
+    for cfg in (sar, rdumb, deyo):
+        assert cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
+
+
+# ------------------------------------------------------------------ sar
+
+
+@pytest.mark.parametrize(("kind", "head_scale", "recovers"), [("cnn", 6.0, False), ("vit", 6.0, False), ("cnn", 12.0, True)])
+def test_sar_equals_the_reference(bench, kind, head_scale, recovers):
+    """Four batches with the CIFAR-10-C config: the pre-update predictions, the moving loss
+    ``e_m`` after each batch, the parameters and SGD's momentum buffers. A sharper head makes the
+    loss fall below ``e_0 = 0.2``: model and optimizer recover to the source (checked: equal to
+    the source right after) and ``e_m`` starts over, while SGD keeps its momentum (the reference's
+    SAM restores only its own state). Mutations checked: the second loss not re-filtered,
+    Nesterov momentum, ``rho`` 0.1, the EMA's first value 0 instead of the loss, momentum cleared
+    at recovery."""
+    model = _source_model(kind, head_scale)
+    strategy = _clpeft("sar", kind, model)
+    ref = bench.sar.SAR(_cfg(bench, "sar"), _reference_model(model), CLASSES)
+    assert math.isclose(strategy.margin, ref.margin_e0)
+    recoveries = 0
+    for i in range(4):
+        x = _images(BATCH, 110 + i)
+        torch.testing.assert_close(_adapt(strategy, x), ref(_float(x)), **CLOSE)
+        if ref.ema is None:
+            assert torch.isnan(strategy.loss_ema)
+            recoveries += 1
+            assert all(torch.equal(p, _params(model)[n]) for n, p in _named(strategy).items())
+        else:
+            assert strategy.loss_ema.item() == pytest.approx(ref.ema, rel=1e-5)
+    assert (recoveries > 0) == recovers
+    ours, theirs = _named(strategy), dict(ref.model.named_parameters())
+    _assert_same_parameters(ours, theirs, None if recovers else _params(model))
+    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer.base_optimizer, theirs)
+
+
+def test_sar_adapts_the_norm_layers_below_the_top_layers(bench):
+    """On a ViT grown to 12 blocks (module names ``blocks.9`` .. ``blocks.11``), the layers SAR and
+    DeYO adapt are exactly the reference's ``collect_params``, in order. Mutation checked:
+    ``blocks.1`` instead of ``blocks.10`` (drops blocks 1 and 10 .. 19)."""
+    model = _source_model("vit")
+    blocks = model[0].net.blocks
+    while len(blocks) < 12:
+        blocks.append(type(blocks[0])(dim=blocks[0].norm1.normalized_shape[0], num_heads=blocks[0].attn.num_heads))
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours = [names[id(p)] for m in lower_norm_layers(model) for p in (m.weight, m.bias)]
+    ref = bench.sar.SAR(_cfg(bench, "sar"), _reference_model(model), CLASSES)
+    _, theirs = ref.collect_params()
+    assert ours == theirs and not any(".blocks.9." in n or ".blocks.11." in n for n in ours)
+    assert any(".blocks.8." in n for n in ours) and "0.net.norm.weight" in ours
+
+
+# ------------------------------------------------------------------ rdumb
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_rdumb_equals_the_references_eata_with_resets(bench, kind):
+    """``cfgs/cifar10_c/rdumb.yaml`` with resets every 2 updates, five batches: predictions,
+    EATA's moving probability vector (cleared at each reset), parameters (the source right after
+    a reset) and Adam's state after the last. Mutations checked: counting only batches with a
+    step, keeping the probability vector over a reset, keeping Adam's moments."""
+    model = _source_model(kind, head_scale=60.0, centred=True)
+    strategy = _clpeft("rdumb", kind, model, reset_every=2)
+    ref = bench.eata.EATA(_cfg(bench, "rdumb", **{"MODEL.RESET_AFTER_NUM_UPDATES": 2}), _reference_model(model), CLASSES)
+    steps = 0
+    for i in range(5):
+        x = _images(BATCH, 120 + i)
+        torch.testing.assert_close(_adapt(strategy, x), ref(_float(x)), **CLOSE)
+        if ref.current_model_probs is None:
+            assert strategy.filter.moving_probs is None
+            assert all(torch.equal(p, _params(model)[n]) for n, p in _named(strategy).items())
+        else:
+            torch.testing.assert_close(strategy.filter.moving_probs, ref.current_model_probs, **CLOSE)
+        steps += int(ref.optimizer.state != {})
+    assert int(strategy.steps) == 5 and steps >= 1
+    _assert_same_end_state(strategy, ref, model)
+
+
+# ------------------------------------------------------------------ deyo
+
+
+def test_object_destruction_equals_the_references_transformations(bench):
+    """Patch shuffling (divisible and not: bilinear antialiased resizes), pixel shuffling and the
+    occlusion window of the reference's ``DeYO.loss_calculation``, seeded alike: equal images.
+    Mutations checked: patches permuted row-major instead of column-major, one order per batch."""
+    if bench.deyo is None:
+        pytest.skip("the reference's DeYO needs einops")
+    import torchvision
+    from einops import rearrange
+
+    def reference(x, kind, patch_len=4, size=8, row=4, column=6):  # the reference's lines, outside its loss
+        if kind == "occ":
+            mean = x.view(x.shape[0], x.shape[1], -1).mean(dim=2).unsqueeze(-1).unsqueeze(-1)
+            x = x.clone()
+            x[:, :, row:row + size, column:column + size] = mean.expand(-1, -1, size, size)
+            return x
+        if kind == "pixel":
+            x = rearrange(x, 'b c h w -> b c (h w)')[:, :, torch.randperm(x.shape[-1] * x.shape[-2])]
+            return rearrange(x, 'b c (ps1 ps2) -> b c ps1 ps2', ps1=x.shape[-1] and int(math.sqrt(x.shape[-1])))
+        side = (x.shape[-1] // patch_len) * patch_len
+        x = torchvision.transforms.Resize((side, side))(x)
+        x = rearrange(x, 'b c (ps1 h) (ps2 w) -> b (ps1 ps2) c h w', ps1=patch_len, ps2=patch_len)
+        perm = torch.argsort(torch.rand(x.shape[0], x.shape[1]), dim=-1)
+        x = x[torch.arange(x.shape[0]).unsqueeze(-1), perm]
+        x = rearrange(x, 'b (ps1 ps2) c h w -> b c (ps1 h) (ps2 w)', ps1=patch_len, ps2=patch_len)
+        return torchvision.transforms.Resize((x.shape[-1] * 0 + original, original))(x)
+
+    source = inspect.getsource(bench.deyo.DeYO.loss_calculation)
+    assert "torch.rand(x_prime.shape[0], x_prime.shape[1])" in source and "torch.randperm(x_prime.shape[-1])" in source
+    for original, patch_len in [(32, 4), (30, 4), (28, 3)]:
+        x = torch.rand(5, 3, original, original, generator=torch.Generator().manual_seed(original))
+        torch.manual_seed(1)
+        expected = reference(x, "patch", patch_len)
+        torch.manual_seed(1)
+        torch.testing.assert_close(destroy_objects(x, "patch", patch_len), expected, rtol=0, atol=1e-6)
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(2)
+    expected = reference(x, "pixel")
+    torch.manual_seed(2)
+    assert torch.equal(destroy_objects(x, "pixel"), expected)
+    got = destroy_objects(x, "occlusion", occlusion_size=8, occlusion_row=4, occlusion_column=6)
+    torch.testing.assert_close(got, reference(x, "occ"), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("kind", "options"), [
+    ("cnn", {}),
+    ("vit", {}),
+    ("cnn", {"DEYO.AUG_TYPE": "pixel", "DEYO.REWEIGHT_ENT": False}),
+    ("cnn", {"DEYO.AUG_TYPE": "occ", "DEYO.OCCLUSION_SIZE": 16, "DEYO.ROW_START": 8, "DEYO.COLUMN_START": 4,
+             "DEYO.REWEIGHT_PLPD": False}),
+])
+def test_deyo_equals_the_reference(bench, monkeypatch, kind, options):
+    """Four batches with the CIFAR-10-C config (and the pixel and occlusion transformations, each
+    weight switched off once): predictions, parameters and Adam's state; some samples, not all,
+    pass the entropy filter, and some of them the PLPD filter (on the CNN: 6 and 4 of the first batch). Mutations checked: PLPD from the destroyed image's
+    own prediction, the entropy weight without ``E_0``, ``tau_Ent`` ``0.4 ln C``, BatchNorm of the
+    destroyed images on the whole batch."""
+    if bench.deyo is None:
+        pytest.skip("the reference's DeYO needs einops")
+    aug = {"patch": "patch", "pixel": "pixel", "occ": "occlusion"}
+    cfg = _cfg(bench, "deyo", **options)
+    params = {"destruction": aug[cfg.DEYO.AUG_TYPE], "reweight_entropy": cfg.DEYO.REWEIGHT_ENT,
+              "reweight_plpd": cfg.DEYO.REWEIGHT_PLPD, "occlusion_size": cfg.DEYO.OCCLUSION_SIZE,
+              "occlusion_row": cfg.DEYO.ROW_START, "occlusion_column": cfg.DEYO.COLUMN_START}
+    model = _source_model(kind, head_scale=16.0, centred=True) if kind == "cnn" else _source_model(kind, head_scale=8.0)
+    strategy = _clpeft("deyo", kind, model, **params)
+    ref = bench.deyo.DeYO(cfg, _reference_model(model), CLASSES)
+    kept = []  # samples past the entropy filter, per batch
+    monkeypatch.setitem(type(strategy).adapt.__globals__, "destroy_objects",
+                        lambda x, **kw: (kept.append(len(x)), destroy_objects(x, **kw))[1])
+    for ours, theirs in _run(strategy, ref, range(130, 134), [_images(BATCH, 130 + i) for i in range(4)]):
+        torch.testing.assert_close(ours, theirs, **CLOSE)
+    assert len(kept) == 4 and 0 < sum(kept) < 4 * BATCH, kept
+    _assert_same_end_state(strategy, ref, model)

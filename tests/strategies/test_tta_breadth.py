@@ -1,0 +1,236 @@
+"""SAR, RDumb and DeYO driven through their hooks on the digits source model of ``test_tta_methods.py``.
+
+The source model (a small BatchNorm CNN trained on clean scikit-learn digits) and the noisy test
+stream are that file's fixture. Checked here against independent computations: SAM's step
+written out with ``torch.func`` (SAR), DeYO's loss from the strategy's components applied by hand;
+and behaviours: each method lowers the source model's error, RDumb returns to the source every
+``T`` steps (across domains), SAR recovers from a collapse, a saved state resumes identically and
+a loaded source state starts over.
+"""
+# ruff: noqa: F811  (the tests request the imported module fixture ``source`` by name)
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_tta_methods import _adapt, _batches, _is_bn, _make, source  # noqa: F401  (source: that module's fixture)
+from torch.func import functional_call
+
+from clpeft.backbones.mlp import MLPBackbone
+from clpeft.components.tta.losses import entropy
+from clpeft.components.tta.object_destruction import destroy_objects
+from clpeft.components.tta.online_adaptation import classifier
+from clpeft.errors import UserError
+from clpeft.registry import strategies
+
+METHODS = ["sar", "rdumb", "deyo"]
+
+
+def _params(strategy) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in classifier(strategy.backbone, strategy.head).named_parameters()}
+
+
+def _source_params(source) -> dict[str, torch.Tensor]:
+    return {**{f"0.{k}": v for k, v in source["backbone"].items()}, **{f"1.{k}": v for k, v in source["head"].items()}}
+
+
+def _at_source(strategy, source) -> bool:
+    expected = _source_params(source)
+    return all(torch.equal(p, expected[n]) for n, p in _params(strategy).items())
+
+
+# ------------------------------------------------------------------ contract
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declares_tta_cites_the_paper_and_refuses_a_backbone_without_norm_layers(name):
+    cls = strategies.get(name)
+    assert cls.supported_scenarios == ("test_time_adaptation",)
+    first = cls.__doc__.strip().splitlines()[0]
+    assert any(ch.isdigit() for ch in first) and "(" in first
+    with pytest.raises(UserError, match="normalisation layers"):
+        cls(MLPBackbone((1, 8, 8), hidden=[8]))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_adaptation_lowers_the_error_of_the_source_model_on_the_noisy_stream(source, name):
+    """Six batches of 64 noisy digits, continual: fewer mistakes than the unadapted model."""
+    errors = {}
+    for method in ["source", name]:
+        s = _make(method, source)
+        errors[method] = sum(int((_adapt(s, x).argmax(1) != source["y"][i * 64:(i + 1) * 64]).sum())
+                             for i, x in enumerate(_batches(source, 6))) / (6 * 64)
+    assert errors[name] < errors["source"], errors
+
+
+# ------------------------------------------------------------------ sar
+
+
+def test_sar_step_is_sharpness_aware_sgd_on_the_reliable_entropy(source):
+    """One batch: the prediction before the step, and the weights after it equal SAM written out
+    (the gradient of the reliable samples' mean entropy at ``w``, ``e = rho g / ||g||``, the
+    gradient at ``w + e`` of the mean over those still reliable there, one SGD step, momentum
+    buffer = that gradient), with only the BatchNorm affine parameters moving."""
+    s = _make("sar", source, lr=0.05, rho=0.5, reset_constant=0.0)
+    x = _batches(source, 1)[0]
+    net = copy.deepcopy(classifier(s.backbone, s.head))
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    w = {n: p.detach().clone() for n, p in net.named_parameters()}
+    margin = 0.4 * math.log(10)
+
+    def entropies(weights):
+        return entropy(functional_call(net, weights, (x,)))
+
+    h = entropies(w)
+    reliable = h < margin
+    assert 0 < int(reliable.sum()) < len(x)
+    first = {n: w[n].clone().requires_grad_(n in names) for n in w}
+    g = torch.autograd.grad(entropies(first)[reliable].mean(), [first[n] for n in names])
+    norm = torch.stack([t.norm() for t in g]).norm()
+    perturbed = {n: w[n].clone() for n in w}
+    for n, t in zip(names, g):
+        perturbed[n] = (perturbed[n] + 0.5 * t / (norm + 1e-12)).requires_grad_(True)
+    h2 = entropies(perturbed)[reliable]
+    g2 = torch.autograd.grad(h2[h2 < margin].mean(), [perturbed[n] for n in names])
+    expected = {n: w[n] - 0.05 * t for n, t in zip(names, g2)}
+
+    out = _adapt(s, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, functional_call(net, w, (x,)))
+    after = _params(s)
+    for n in w:
+        torch.testing.assert_close(after[n], expected.get(n, w[n]), rtol=1e-5, atol=1e-7)
+    assert set(names) == {f"0.{n}" for n, _ in s.backbone.named_parameters() if _is_bn(n)}
+    assert s.loss_ema.item() == pytest.approx(h2[h2 < margin].mean().item(), rel=1e-5)
+
+
+def test_sar_recovers_the_source_model_after_a_collapse(source):
+    """After two batches (``e_m`` about 0.19, above ``e_0 = 0.15``) the model collapses to
+    overconfident predictions (its head scaled by 50: entropies near 0); ``e_m`` decays below
+    ``e_0`` within a few batches and the whole model, head included, is the source model again,
+    ``e_m`` starting over. With ``e_0 = 0`` the same stream never recovers."""
+
+    def run(reset_constant):
+        s = _make("sar", source, lr=0.05, reset_constant=reset_constant)
+        emas = []
+        for i, x in enumerate(_batches(source, 10, 32)):
+            if i == 2:
+                assert s.loss_ema > 0.15 and not _at_source(s, source)
+                with torch.no_grad():
+                    s.head.weight.mul_(50)
+            _adapt(s, x)
+            emas.append(s.loss_ema.item())
+            if math.isnan(emas[-1]):
+                break
+        return s, emas
+
+    s, emas = run(0.15)
+    assert math.isnan(emas[-1]) and 3 < len(emas) < 10 and _at_source(s, source), emas
+    never, emas = run(0.0)
+    assert len(emas) == 10 and emas[-1] < 0.1 and not _at_source(never, source), emas
+
+
+# ------------------------------------------------------------------ rdumb
+
+
+def test_rdumb_returns_to_the_source_every_t_steps_across_domains(source):
+    """``T = 3``: after steps 1-2 the model has moved, after step 3 it is the source model with a
+    fresh optimizer and no moving probability vector; the count goes on in the next domain
+    (``before_experience`` again), so the next reset comes after step 6."""
+    s = _make("rdumb", source, reset_every=3, lr=1e-2, redundancy_margin=1.0)
+    batches = _batches(source, 6)
+    for i, x in enumerate(batches):
+        if i == 4:
+            s.before_experience(source["tta_exp"])  # a new domain of the stream
+        _adapt(s, x)
+        at_source = _at_source(s, source)
+        assert at_source == (i in (2, 5)), i
+        if at_source:
+            assert s.filter.moving_probs is None and not s.adaptation.optimizer.get_extra_state()["optimizer"]["state"]
+    assert int(s.steps) == 6
+
+
+# ------------------------------------------------------------------ deyo
+
+
+def test_deyo_loss_is_the_plpd_and_entropy_weighted_entropy_of_the_kept_samples(source, monkeypatch):
+    """The loss of each batch equals the strategy's own components applied by hand (entropy
+    filter, the destroyed images' prediction, PLPD filter, weights ``exp(E_0 - H) + exp(PLPD)``),
+    with the same patch order drawn."""
+    s = _make("deyo", source, lr=1e-2)
+    losses = []
+    step = s.adaptation.step
+    monkeypatch.setattr(s.adaptation, "step", lambda loss: (losses.append(loss.item()), step(loss)))
+    expected = []
+    for i, x in enumerate(_batches(source, 3)):
+        probe = copy.deepcopy(s)
+        with torch.no_grad():
+            logits = probe.predict(x)
+            h = entropy(logits)
+            kept = h < 0.5 * math.log(10)
+            torch.manual_seed(i)
+            destroyed = probe.predict(destroy_objects(x[kept].float() / 255)).softmax(1)
+            p = logits[kept].softmax(1)
+            label = p.argmax(1, keepdim=True)
+            plpd = (p.gather(1, label) - destroyed.gather(1, label)).view(-1)
+            passed = plpd > 0.2
+            hk = h[kept][passed]
+            weight = torch.exp(0.4 * math.log(10) - hk) + torch.exp(plpd[passed])
+        if passed.any():
+            expected.append((hk * weight).mean().item())
+        torch.manual_seed(i)
+        _adapt(s, x)
+    assert len(losses) == len(expected) >= 2
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_deyo_takes_no_step_when_no_prediction_depends_on_the_object(source):
+    s = _make("deyo", source, plpd_threshold=1.0)
+    for x in _batches(source, 2):
+        _adapt(s, x)
+    assert _at_source(s, source)
+
+
+# ------------------------------------------------------------------ state
+
+
+@pytest.mark.parametrize(("name", "params"), [("sar", {"lr": 0.05}), ("rdumb", {"reset_every": 3}), ("deyo", {})])
+def test_state_dict_round_trip_continues_identically(source, name, params):
+    """Saved after two batches and loaded into a fresh strategy: the third and fourth batches
+    give the same predictions and states (RDumb's reset after step 3 and SAR's recovery included)."""
+    s = _make(name, source, **params)
+    batches = _batches(source, 4)
+    for x in batches[:2]:
+        _adapt(s, x)
+    restored = _make(name, source, start=False, **params)
+    restored.load_state_dict(copy.deepcopy(s.state_dict()))
+    restored.before_experience(source["tta_exp"])
+    for i, x in enumerate(batches[2:]):
+        torch.manual_seed(i)
+        a = _adapt(s, x)
+        torch.manual_seed(i)
+        assert torch.equal(a, _adapt(restored, x))
+    for (n, p), (_, q) in zip(s.state_dict().items(), restored.state_dict().items()):
+        if isinstance(p, torch.Tensor):
+            assert torch.equal(p, q) or (p.isnan().all() and q.isnan().all()), n
+
+
+@pytest.mark.parametrize("name", ["sar", "rdumb"])
+def test_loading_the_source_state_restarts_from_the_source(source, name):
+    """What ``reset_each_domain`` does between domains: the source state loaded (its reset
+    snapshot and counters included) gives a fresh start, identical to a new strategy's."""
+    s = _make(name, source, start=False, reset_every=2) if name == "rdumb" else _make(name, source, start=False)
+    source_state = copy.deepcopy(s.state_dict())
+    s.before_experience(source["tta_exp"])
+    batches = _batches(source, 3)
+    for x in batches[:2]:
+        _adapt(s, x)
+    s.load_state_dict(source_state)
+    s.before_experience(source["tta_exp"])
+    fresh = _make(name, source, reset_every=2) if name == "rdumb" else _make(name, source)
+    for x in batches[1:]:
+        assert torch.equal(_adapt(s, x), _adapt(fresh, x))
+    assert _at_source(s, source) == _at_source(fresh, source)
