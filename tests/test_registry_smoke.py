@@ -113,6 +113,9 @@ STRATEGIES: dict[str, Smoke] = {
     "dual_teacher": _tta({"name": "dual_teacher", "period": 2}),
     "rmt": _tta({"name": "rmt", "warmup_samples": 32, "projection_dim": 16}),
     "lame": _tta({"name": "lame", "knn": 3}, change="outputs"),
+    "sar": _tta({"name": "sar"}),
+    "rdumb": _tta({"name": "rdumb", "reset_every": 3}),
+    "deyo": _tta({"name": "deyo", "patch_len": 2}),
     "seq_finetune": Smoke({"name": "seq_finetune", "rank": 2}, TINY_LLAMA, INSTRUCTIONS,
                           learns="answers are scored by exact match, where chance is not 1/classes; "
                                  "tests/llm/test_seq_finetune.py shows a task learnt and forgotten"),
