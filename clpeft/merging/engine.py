@@ -11,7 +11,9 @@ they are formed, measured and combined one block of columns at a time while the 
 the caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three times
 (a K = 8 ViT-B task arithmetic ran 1.1-1.4x faster side by side, benchmarks/RESULTS.md); on
 CUDA one Triton kernel per tensor does the same in registers (:mod:`~clpeft.merging.fused`).
-TIES' trim and DARE's masks need whole task vectors and use the buffer.
+TIES' trim and DARE's masks need whole task vectors and use the buffer. On the CPU, bf16 and
+fp16 inputs are converted to float32 once per block and never computed on in their own dtype
+(:mod:`~clpeft.merging.blocks`).
 
 Methods that need a statistic of the whole model first (TIES with ``trim_scope: model``, whose
 cut-off is one magnitude per task over the flattened model, as in the official code) get two
@@ -58,10 +60,11 @@ from typing import Any, NoReturn
 import torch
 
 from clpeft.errors import UserError
+from clpeft.merging import fused
+from clpeft.merging.blocks import BLOCK_COLUMNS, combine_linear, compute_dtype, subtract_rows
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
 from clpeft.merging.registry import MergeMethod, ModelShape
-from clpeft.merging import fused
 from clpeft.merging.report import TensorReport, pack_stats, pack_sums, sample_entries, sign_conflict, unpack_stats
 from clpeft.merging.rules import TensorJob
 
@@ -71,9 +74,6 @@ Sink = Callable[[TensorJob, torch.Tensor], None]
 """Receives each output tensor in job order; the tensor is only valid during the call."""
 
 _ALIGN = 64  # byte alignment of each tensor inside a packed transfer buffer
-# Columns per block of the CPU linear path: K x 2^18 fp32 (8 MiB at K = 8) stays cached between
-# the subtraction, the norms and the weighted sum. 2^16-2^20 were measured; 2^18 was fastest.
-_BLOCK_COLUMNS = 1 << 18
 
 
 def _aligned(nbytes: int) -> int:
@@ -86,9 +86,10 @@ def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
 
 
 def _sampled_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The report's sign conflict of the task vectors ``sources[k] - base``, from samples only."""
-    k = len(sources)
-    sample = torch.stack([sample_entries(s, k) for s in sources]).to(base.dtype) - sample_entries(base, k)
+    """The report's sign conflict of the task vectors ``sources[k] - base``, from samples only
+    (converted to the compute dtype before any arithmetic)."""
+    k, dtype = len(sources), compute_dtype(base.dtype)
+    sample = torch.stack([sample_entries(s, k).to(dtype) for s in sources]) - sample_entries(base, k).to(dtype)
     return sign_conflict(sample)
 
 
@@ -101,11 +102,6 @@ def _finite_stats(values: list[float]) -> bool:
 def _surely_finite(values: list[float], dtype: torch.dtype) -> bool:
     """Whether a merged tensor's packed statistics prove it finite (see the module docstring)."""
     return _finite_stats(values) and values[0] + values[2] < torch.finfo(dtype).max / 2
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype task vectors are formed in: float64 for float64 tensors, float32 for the rest."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -210,7 +206,7 @@ class MergeEngine:
         if factory is None:
             return {}
         merged = [job for job in jobs if job.merge and not job.average]
-        dtype = max((_work_dtype(job.info.dtype) for job in merged), key=lambda d: d.itemsize, default=torch.float32)
+        dtype = max((compute_dtype(job.info.dtype) for job in merged), key=lambda d: d.itemsize, default=torch.float32)
         shape = ModelShape(sum(job.info.numel for job in merged), len(self.models), dtype, self.device)
         statistic = factory(self.params, shape)
         if statistic is None:
@@ -231,7 +227,7 @@ class MergeEngine:
             else:
                 bases, models = staged.bases, staged.models
             for job, base, rows in zip(batch, bases, models):
-                base = _typed(base, 0, job.info).reshape(-1).to(_work_dtype(job.info.dtype))
+                base = _typed(base, 0, job.info).reshape(-1).to(compute_dtype(job.info.dtype))
                 yield self._task_vectors(job, base, rows)
             if not self._transfer:  # off the CPU the views were released once copied
                 self._release(batch)
@@ -344,14 +340,14 @@ class MergeEngine:
             sources = self._sources(job, rows)
             if self.fused and fused.supports(self.device, base_raw, sources):
                 return self._merge_fused(job, base_raw.reshape(-1), sources)
-        dtype = _work_dtype(base_raw.dtype)
+        dtype = compute_dtype(base_raw.dtype)
+        if linear and self._full and not self._transfer:
+            return self._combine_in_blocks(job, base_raw.reshape(-1), rows)
         base = base_raw.reshape(-1).to(dtype)
         if linear and self._adapters:
             coefficients = self._coefficients(dtype)
             delta, norms = merge_factors(self._adapters, job.name, coefficients, device=self.device, dtype=dtype)
             conflict = base.new_tensor(math.nan)
-        elif linear and not self._transfer:
-            delta, norms, conflict = self._combine_in_blocks(job, base, rows)
         else:
             task_vectors = self._task_vectors(job, base, rows)
             norms = torch.linalg.vector_norm(task_vectors, dim=1)
@@ -365,29 +361,16 @@ class MergeEngine:
 
     def _combine_in_blocks(
         self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A linear method's ``sum_k c_k tau_k``, the norms ``||tau_k||`` and the sign conflict,
-        with the task vectors formed one cached block of columns at a time (host only).
-
-        The merged task vector is the method's weighted sum of the same task vectors; the norms
-        are summed over blocks in float64.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear method on the host, one cached block of columns at a time
+        (:func:`~clpeft.merging.blocks.combine_linear`)."""
         sources = self._sources(job, rows)
-        n, k = base.numel(), len(sources)
-        coefficients = torch.tensor(self._coefficients(base.dtype), dtype=base.dtype)
-        block = self._scratch(k, min(n, _BLOCK_COLUMNS), base.dtype)
-        delta = self._host_buffer(f"delta/{base.dtype}", n * base.dtype.itemsize).view(base.dtype)
-        starts = range(0, n, _BLOCK_COLUMNS)
-        block_norms = base.new_empty(len(starts), k)
-        for start, norms in zip(starts, block_norms):
-            stop = min(n, start + _BLOCK_COLUMNS)
-            task_vectors = block[:, : stop - start]
-            for row, source in zip(task_vectors, sources):
-                torch.sub(source[start:stop], base[start:stop], out=row)
-            torch.linalg.vector_norm(task_vectors, dim=1, out=norms)
-            torch.mv(task_vectors.T, coefficients, out=delta[start:stop])
-        norms = block_norms.double().square_().sum(dim=0).sqrt_().to(base.dtype)
-        return delta, norms, _sampled_conflict(base, sources)
+        dtype = compute_dtype(base.dtype)
+        coefficients = torch.tensor(self._coefficients(dtype), dtype=dtype)
+        scratch = self._scratch(len(sources) + 2, min(base.numel(), BLOCK_COLUMNS), dtype)
+        merged = torch.empty(job.info.shape, dtype=job.info.dtype)
+        sums = combine_linear(base, sources, coefficients, merged.view(-1), scratch)
+        return merged, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
 
     def _merge_fused(
         self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]
@@ -397,7 +380,7 @@ class MergeEngine:
             self._device_coefficients = torch.tensor(self._coefficients(torch.float32), device=self.device)
         merged = torch.empty(job.info.shape, dtype=job.info.dtype, device=self.device)
         sums = fused.linear_merge(base, sources, self._device_coefficients, merged.view(-1))
-        return merged, pack_sums(sums, _sampled_conflict(base.float(), sources), base.numel())
+        return merged, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
 
     def _sources(self, job: TensorJob, rows) -> list[torch.Tensor]:
         """The fine-tuned tensors of ``job``, flat and typed, from their bytes (views, no copy)."""
@@ -428,6 +411,8 @@ class MergeEngine:
         if isinstance(rows, torch.Tensor) and all(s.dtype == base.dtype for s in sources):  # in place in the copy
             return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
         task_vectors = self._scratch(len(sources), base.numel(), base.dtype)
+        if not self._transfer:  # the host converts each block once (a GPU converts as it subtracts)
+            return subtract_rows(task_vectors, sources, base)
         for row, source in zip(task_vectors, sources):
             torch.sub(source, base, out=row)
         return task_vectors
