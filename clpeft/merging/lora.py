@@ -16,10 +16,15 @@ Two on-disk formats are read:
 * peft: ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` and
   ``...lora_B.weight``, and ``adapter_config.json`` with ``r``, ``lora_alpha`` and optionally
   ``use_rslora``, ``rank_pattern``, ``alpha_pattern``. DoRA and ``fan_in_fan_out`` adapters
-  are rejected (DoRA's magnitude vector makes the delta non-linear in the factors).
+  are rejected (DoRA's magnitude vector makes the delta non-linear in the factors), and so are
+  other peft types such as VeRA (its shared projections are sliced by the base layers' shapes,
+  which an adapter alone does not give).
 * clpeft: ``<module>.lora_A`` and ``<module>.lora_B``; ``alpha`` from a scalar tensor
   ``<module>.lora_alpha``, else the ``alpha`` argument, else the file's ``lora_alpha``
-  metadata; ``r`` is the number of rows of ``A``.
+  metadata; ``r`` is the number of rows of ``A``. Every adapter kind of
+  :mod:`clpeft.components.lora` is saved this way (VeRA and LoRA-XS updates as their equivalent
+  LoRA factors, PiSSA updates with their start), so they merge as LoRA; DoRA files, which add a
+  ``<module>.lora_magnitude_vector``, are rejected as peft's are.
 
 Either way the adapted base tensor is ``<module>.weight``. Convolutions follow peft:
 ``A: (r, in, kh, kw)``, ``B: (out, r, 1, 1)``, delta ``(out, in, kh, kw)``.
@@ -51,6 +56,7 @@ _FACTOR_SUFFIXES = (
     (".lora_B", "B"),
 )
 _ALPHA_SUFFIX = ".lora_alpha"
+_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
 
 @dataclass(frozen=True)
@@ -109,10 +115,15 @@ class LoraAdapter:
             config: peft's ``adapter_config.json`` contents; None for clpeft's format.
             alpha: ``alpha`` for clpeft adapters without per-module ``lora_alpha`` tensors.
         """
+        if config is not None and config.get("peft_type", "LORA") != "LORA":
+            raise UserError(f"{source.description} is a peft {reprlib.repr(config['peft_type'])} adapter; merging reads LoRA "
+                            "adapters (clpeft's save_adapters stores VeRA layers as LoRA factors)")
         factors: dict[str, dict[str, str]] = {}
         alphas: dict[str, str] = {}
         other: dict[str, str] = {}
         for key in source.keys():
+            if key.endswith((_MAGNITUDE_SUFFIX, _MAGNITUDE_SUFFIX + ".weight")):
+                raise UserError(f"{source.description} is a DoRA adapter; its magnitude vector cannot be merged as a task vector")
             parsed = _parse_factor(key)
             if parsed is not None:
                 factors.setdefault(parsed[0], {})[parsed[1]] = key
