@@ -1,15 +1,22 @@
-"""Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
+"""Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), the LoRA family's adapter kinds (DoRA, PiSSA, VeRA, LoRA-XS), batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
 
 from clpeft.components.lora.batched import MultiLoRALinear, inject_multi_lora, route
-from clpeft.components.lora.files import load_adapters, save_adapters
+from clpeft.components.lora.dora import DoRALinear
+from clpeft.components.lora.files import load_adapters, save_adapters, save_peft_adapter
 from clpeft.components.lora.injection import find_linear_targets, inject_lora, layer_depths, layer_ranks, lora_layers, replace_module
 from clpeft.components.lora.input_subspace import InputSubspace
+from clpeft.components.lora.kinds import ADAPTER_KINDS, check_adapter
 from clpeft.components.lora.layer import LoRAFactors, LoRALinear
+from clpeft.components.lora.lora_xs import LoRAXSLinear
 from clpeft.components.lora.parallel_adapter import Adapter, ParallelAdapterBlock, inject_adapters, shared_weights_copy
 from clpeft.components.lora.rank_allocation import RankAllocator
+from clpeft.components.lora.vera import VeRALinear
 
 __all__ = [
+    "ADAPTER_KINDS",
     "Adapter",
+    "check_adapter",
+    "DoRALinear",
     "find_linear_targets",
     "inject_adapters",
     "inject_lora",
@@ -21,11 +28,14 @@ __all__ = [
     "lora_layers",
     "LoRAFactors",
     "LoRALinear",
+    "LoRAXSLinear",
     "MultiLoRALinear",
     "ParallelAdapterBlock",
     "RankAllocator",
     "replace_module",
     "route",
     "save_adapters",
+    "save_peft_adapter",
     "shared_weights_copy",
+    "VeRALinear",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from clpeft.components.lora.kinds import adapter_layers
 from clpeft.components.lora.layer import LoRALinear
 from clpeft.errors import UserError
 
@@ -111,9 +112,12 @@ def inject_lora(
     max_rank: int | None = None,
     dropout: float = 0.0,
     learnable_scale: bool = False,
+    kind: str = "lora",
+    init: str = "default",
+    projection_seed: int = 0,
     key: str | None = None,
 ) -> dict[str, LoRALinear]:
-    """Wrap the ``nn.Linear`` layers whose path ends with a target in :class:`LoRALinear`.
+    """Wrap the ``nn.Linear`` layers whose path ends with a target in :class:`LoRALinear` (or another adapter kind).
 
     Targets are matched by :func:`find_linear_targets`. Afterwards only parameters whose
     name starts with ``lora_`` are trainable; unfreeze a head yourself.
@@ -126,16 +130,21 @@ def inject_lora(
             of different rank, as with peft's ``rank_pattern``).
         dropout: dropout on the LoRA input.
         learnable_scale: give every layer a trained scalar ``lora_scale`` (LAE).
+        kind: the adapter kind, one of :data:`~clpeft.components.lora.kinds.ADAPTER_KINDS`
+            (``lora``, ``dora``, ``pissa``, ``vera``, ``lora_xs``).
+        init: ``default`` or ``pissa`` (PiSSA's start for ``lora`` and ``dora`` layers).
+        projection_seed: seed of VeRA's shared projections (peft's ``projection_prng_key``).
         key: the config key named by errors (e.g. ``"strategy.targets"``).
 
     Returns:
         The new layers by module path, in module order.
     """
     names = find_linear_targets(model, targets, key=key)
-    layers = {}
-    for name, r in zip(names, layer_ranks(names, rank, rank_schedule, max_rank), strict=True):
-        layers[name] = LoRALinear(model.get_submodule(name), r, alpha, dropout, learnable_scale)
-        replace_module(model, name, layers[name])
+    ranks = layer_ranks(names, rank, rank_schedule, max_rank)
+    layers = adapter_layers(kind, {name: model.get_submodule(name) for name in names}, ranks, alpha, dropout=dropout,
+                            learnable_scale=learnable_scale, init=init, projection_seed=projection_seed, key=key)
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
     for name, param in model.named_parameters():
         param.requires_grad_(name.rpartition(".")[2].startswith("lora_"))
     return layers

@@ -32,6 +32,16 @@ the base weight, and a fresh update (``B = 0``: the output is unchanged) takes i
 
     y = W x + sum_{k past} s_k B_k A_k x + s B A dropout(x)
 
+**Adapter kinds.** Other adapters of the LoRA family are subclasses that change how the current
+update is parametrised and keep everything else (frozen updates, merging, files, importance):
+DoRA (:mod:`~clpeft.components.lora.dora`), VeRA (:mod:`~clpeft.components.lora.vera`) and
+LoRA-XS (:mod:`~clpeft.components.lora.lora_xs`); :mod:`~clpeft.components.lora.kinds` builds
+them by name. ``init="pissa"`` starts an update at the weight's principal components (PiSSA,
+:mod:`~clpeft.components.lora.pissa`): the layer keeps the base weight as it is and subtracts
+the starting product with *start components*, frozen components that belong to the current
+update (they are merged or discarded with it, and become ordinary frozen components when it is
+frozen), so ``W + frozen + s B A`` equals peft's residual weight plus ``s B A``.
+
 Adapters alone are saved with :func:`~clpeft.components.lora.files.save_adapters` as safetensors, one ``<module>.lora_A``,
 ``<module>.lora_B`` and ``<module>.lora_alpha`` per layer: the format
 :mod:`clpeft.merging.lora` reads. Frozen updates are folded into those factors
@@ -48,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clpeft.components.lora.pissa import principal_factors
 from clpeft.errors import UserError
 
 __all__ = ["LoRAFactors", "LoRALinear", "frozen", "init_lora_a"]
 
-_FACTORS = ("lora_A", "lora_B")
-_FROZEN = ("frozen_A", "frozen_B", "frozen_scaling")
+INITS = ("default", "pissa")
 
 
 def init_lora_a(a: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -91,6 +101,9 @@ class LoRALinear(nn.Module):
         learnable_scale: multiply the current update by a trained scalar ``lora_scale``
             (initially 1); freezing or merging the update folds it into the frozen factors or the
             weight, and the next update starts again at 1.
+        init: ``default`` (peft's: kaiming-uniform ``A``, zero ``B``) or ``pissa`` (every
+            update starts at the principal components of the layer's current weight, see the
+            module docs).
 
     Past updates (:meth:`new_update` with ``old="freeze"``) live in the buffers ``frozen_A``
     ``(R, in)``, ``frozen_B`` ``(out, R)`` and ``frozen_scaling`` ``(R,)``, one scaling per
@@ -101,10 +114,13 @@ class LoRALinear(nn.Module):
     Loading a state dict resizes them (and the frozen buffers) to the stored sizes.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, learnable_scale: bool = False):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, learnable_scale: bool = False,
+                 init: Literal["default", "pissa"] = "default"):
         super().__init__()
         if rank < 1:
             raise UserError(f"LoRA rank must be >= 1, got {rank}")
+        if init not in INITS:
+            raise UserError(f"unknown LoRA init {init!r}; use one of {', '.join(INITS)}")
         self.base_layer = frozen(base)
         weight = base.weight
         self.lora_A = nn.Parameter(init_lora_a(torch.empty(rank, base.in_features, device=weight.device)))
@@ -119,6 +135,15 @@ class LoRALinear(nn.Module):
         self.register_buffer("frozen_A", torch.zeros(0, base.in_features, device=weight.device))
         self.register_buffer("frozen_B", torch.zeros(base.out_features, 0, device=weight.device))
         self.register_buffer("frozen_scaling", torch.zeros(0, device=weight.device))
+        self.init = init
+        self.start_rank = 0  # the last frozen components that undo the current update's (PiSSA) start
+        if init == "pissa":
+            self._start_principal()
+
+    @property
+    def kind(self) -> str:
+        """The adapter kind's name (:mod:`~clpeft.components.lora.kinds`)."""
+        return "pissa" if self.init == "pissa" else "lora"
 
     @property
     def rank(self) -> int:
@@ -140,19 +165,39 @@ class LoRALinear(nn.Module):
             return result
         if self.track_importance and self.training:
             self._accumulate(x)
-        lora_x = self.lora_dropout(x).to(self.lora_A.dtype)
-        delta = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling
-        if self.lora_scale is not None:
-            delta = delta * self.lora_scale
+        delta = self._current_output(self.lora_dropout(x).to(self.lora_A.dtype))
         if self.frozen_rank:
-            past = F.linear(x.to(self.frozen_A.dtype), self.frozen_A) * self.frozen_scaling
-            delta = delta + F.linear(past, self.frozen_B)
+            delta = delta + self._frozen_output(x)
         return result + delta.to(result.dtype)
+
+    def _current_output(self, lora_x: torch.Tensor) -> torch.Tensor:
+        """The current update applied to the (dropped-out) input: ``s B A x``."""
+        delta = F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling
+        return delta if self.lora_scale is None else delta * self.lora_scale
+
+    def _frozen_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen updates applied to the input (no dropout): ``sum_k s_k B_k A_k x``."""
+        past = F.linear(x.to(self.frozen_A.dtype), self.frozen_A) * self.frozen_scaling
+        return F.linear(past, self.frozen_B)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the current update, ``delta_weight() == scaling * B @ A`` (differentiable).
+
+        For LoRA the factors themselves, ``B`` times a learnable ``lora_scale``; kinds that
+        parametrise the update differently return their equivalent low-rank factors.
+        """
+        return self.lora_A, self._scaled_b()
 
     def delta_weight(self) -> torch.Tensor:
         """The current update of the base weight, ``(alpha / rank) * B A`` (times a learnable ``lora_scale``),
         shape ``(out, in)``."""
-        return (self._scaled_b() @ self.lora_A) * self.scaling
+        a, b = self.factors()
+        return (b @ a) * self.scaling
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W`` plus the frozen updates in float32: the weight the current update starts from."""
+        weight = self.base_layer.weight.detach().float()
+        return weight + self.frozen_delta_weight().float() if self.frozen_rank else weight
 
     def _scaled_b(self) -> torch.Tensor:
         """``B``, times ``lora_scale`` where it is learnable."""
@@ -170,12 +215,12 @@ class LoRALinear(nn.Module):
         ``(alpha / rank) B A`` is the layer's whole update. Without frozen components these are
         the current factors themselves.
         """
-        current_b = self._scaled_b().detach()
+        a, b = (t.detach() for t in self.factors())
         if not self.frozen_rank:
-            return self.lora_A.detach(), current_b, self.alpha
+            return a, b, self.alpha
         b_frozen = self.frozen_B * (self.frozen_scaling / self.scaling)
-        a = torch.cat([self.frozen_A, self.lora_A.detach()])
-        b = torch.cat([b_frozen, current_b], dim=1)
+        a = torch.cat([self.frozen_A, a])
+        b = torch.cat([b_frozen, b], dim=1)
         return a, b, self.scaling * a.shape[0]
 
     # ------------------------------------------------------------------ merging
@@ -239,8 +284,19 @@ class LoRALinear(nn.Module):
         return self.lora_B.norm(dim=0) * (self.lora_A * rms).norm(dim=1)
 
     def _set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.lora_A = nn.Parameter(a.contiguous(), requires_grad=self.lora_A.requires_grad)
-        self.lora_B = nn.Parameter(b.contiguous(), requires_grad=self.lora_B.requires_grad)
+        self._replace("lora_A", a)
+        self._replace("lora_B", b)
+
+    def _replace(self, name: str, value: torch.Tensor) -> None:
+        """Set parameter or buffer ``name`` to ``value`` (a new parameter keeps ``requires_grad``)."""
+        old = getattr(self, name)
+        if isinstance(old, nn.Parameter):
+            setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+        else:
+            setattr(self, name, value.contiguous())
+
+    def _refuse(self, action: str, reason: str) -> None:
+        raise UserError(f"{action} is not defined for {self.kind} adapters: {reason}")
 
     def _check_unmerged(self, action: str) -> None:
         if self.merged:
@@ -268,6 +324,8 @@ class LoRALinear(nn.Module):
             The indices of the kept components (ascending).
         """
         self._check_unmerged("prune()")
+        if self.start_rank:
+            self._refuse("prune()", "a PiSSA update starts at the weight's principal components, not at zero")
         if not 0 <= keep <= self.rank:
             raise UserError(f"prune(keep={keep}) needs 0 <= keep <= rank ({self.rank})")
         kept = self.importance().topk(keep).indices.sort().values
@@ -291,16 +349,27 @@ class LoRALinear(nn.Module):
         self._check_unmerged("new_update()")
         if rank < 1:
             raise UserError(f"LoRA rank must be >= 1, got {rank}")
-        if old == "freeze" and self.rank:
-            scaling = self.frozen_scaling.new_full((self.rank,), self.scaling)
-            self.frozen_A = torch.cat([self.frozen_A, self.lora_A.to(self.frozen_A.dtype)])
-            self.frozen_B = torch.cat([self.frozen_B, self._scaled_b().to(self.frozen_B.dtype)], dim=1)
-            self.frozen_scaling = torch.cat([self.frozen_scaling, scaling])
-        elif old == "merge":
-            weight = self.base_layer.weight
-            weight += self.delta_weight().to(weight.dtype)
-        elif old not in ("freeze", "discard"):
+        if old not in ("freeze", "merge", "discard"):
             raise UserError(f"unknown old={old!r}; use 'freeze', 'merge' or 'discard'")
+        self._retire(old)
+        self._start_update(rank, alpha)
+        self.reset_importance()
+
+    def _retire(self, old: str) -> None:
+        """Freeze, merge or discard the current update (with its start components)."""
+        if old == "freeze":
+            if self.rank:
+                a, b = self.factors()
+                self._append_frozen(a, b, self.scaling)
+            self.start_rank = 0  # the start components now belong to a frozen update
+            return
+        if old == "merge":
+            weight = self.base_layer.weight
+            weight += (self.delta_weight() + self._start_delta()).to(weight.dtype)
+        self._drop_start()
+
+    def _start_update(self, rank: int, alpha: float) -> None:
+        """A fresh current update of ``rank`` components: ``B = 0`` (or PiSSA's start), scaling ``alpha / rank``."""
         a = self.lora_A
         self._set_factors(
             init_lora_a(torch.empty(rank, a.shape[1], device=a.device, dtype=a.dtype)),
@@ -308,7 +377,37 @@ class LoRALinear(nn.Module):
         )
         self.scaling = alpha / rank
         self._reset_scale()
-        self.reset_importance()
+        if self.init == "pissa":
+            self._start_principal()
+
+    def _start_principal(self) -> None:
+        """PiSSA: the update's factors become the current weight's principal components, which
+        start components subtract again (the output is unchanged)."""
+        a, b = principal_factors(self.effective_weight(), self.rank, self.scaling)
+        like = self.lora_A
+        self._set_factors(a.to(like), b.to(like))
+        self._append_frozen(a, -b, self.scaling)
+        self.start_rank = self.rank
+
+    def _append_frozen(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        like = self.frozen_A
+        self.frozen_A = torch.cat([like, a.detach().to(like.dtype)])
+        self.frozen_B = torch.cat([self.frozen_B, b.detach().to(like.dtype)], dim=1)
+        self.frozen_scaling = torch.cat([self.frozen_scaling, self.frozen_scaling.new_full((a.shape[0],), scaling)])
+
+    def _start_delta(self) -> torch.Tensor:
+        """The start components' part of the weight update (zero without a PiSSA start)."""
+        k = self.start_rank
+        if not k:
+            return self.lora_B.new_zeros(())
+        return (self.frozen_B[:, -k:] * self.frozen_scaling[-k:]) @ self.frozen_A[-k:]
+
+    def _drop_start(self) -> None:
+        keep = self.frozen_rank - self.start_rank
+        self.frozen_A = self.frozen_A[:keep]
+        self.frozen_B = self.frozen_B[:, :keep]
+        self.frozen_scaling = self.frozen_scaling[:keep]
+        self.start_rank = 0
 
     def _reset_scale(self) -> None:
         """A fresh ``lora_scale`` of 1 (a new parameter, as the factors are) where it is learnable."""
@@ -333,37 +432,49 @@ class LoRALinear(nn.Module):
         self.frozen_A = self.frozen_A[:0]
         self.frozen_B = self.frozen_B[:, :0]
         self.frozen_scaling = self.frozen_scaling[:0]
+        self.start_rank = 0
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """What an adapter file stores for this layer, by key suffix: ``lora_A``, ``lora_B`` and
+        ``lora_alpha`` of :meth:`combined_factors` (the whole update as one LoRA update)."""
+        a, b, alpha = self.combined_factors()
+        return {"lora_A": a, "lora_B": b, "lora_alpha": torch.tensor(alpha, dtype=torch.float64)}
+
+    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take the update stored by :meth:`adapter_tensors` (any rank)."""
+        self.load_factors(tensors["lora_A"], tensors["lora_B"], tensors["lora_alpha"].item())
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"scaling": self.scaling, "merged": self.merged}
+        return {"scaling": self.scaling, "merged": self.merged, "start_rank": self.start_rank}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.scaling = state["scaling"]
         self.merged = state["merged"]
+        self.start_rank = state.get("start_rank", 0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        stored = [state_dict.get(prefix + name) for name in _FACTORS]
-        if all(t is not None for t in stored) and stored[0].shape != self.lora_A.shape:
-            like = self.lora_A
-            self._set_factors(*(torch.empty_like(t, device=like.device, dtype=like.dtype) for t in stored))
-        for name in _FROZEN:
-            t, own = state_dict.get(prefix + name), getattr(self, name)
-            if t is not None and t.shape != own.shape:
-                setattr(self, name, torch.empty_like(t, device=own.device, dtype=own.dtype))
+        # resize the factors and frozen buffers (whatever the kind) to the stored sizes
+        for name, own in [*self._parameters.items(), *self._buffers.items()]:
+            t = state_dict.get(prefix + name)
+            if own is not None and t is not None and t.shape != own.shape:
+                self._replace(name, torch.empty_like(t, device=own.device, dtype=own.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         frozen = f", frozen_rank={self.frozen_rank}" if self.frozen_rank else ""
         learnable = ", learnable_scale=True" if self.lora_scale is not None else ""
-        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}{learnable}{frozen}, merged={self.merged}"
+        init = f", init={self.init}" if self.init != "default" else ""
+        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}{init}{learnable}{frozen}, merged={self.merged}"
 
 
 class LoRAFactors(nn.Module):
     """The current factors of some LoRA layers as one module, sharing their parameters.
 
     What an EMA teacher or a second copy of an adapter needs: the factors alone, without the
-    base layers. Its parameters are ``<i>.lora_A`` and ``<i>.lora_B`` (and ``<i>.lora_scale`` where
-    it is learnable) for the ``i``-th layer;
+    base layers. Its parameters are the ``i``-th layer's own parameters under ``<i>.<name>``:
+    ``lora_A`` and ``lora_B`` (and ``lora_scale`` where it is learnable) for LoRA, and each
+    kind's trained tensors for the others (DoRA's magnitude, VeRA's scaling vectors, LoRA-XS's
+    ``R``);
     :meth:`overrides` names them as the adapted model does, for
     ``torch.func.functional_call(model, factors.overrides(), args)``. A deep copy holds copies
     of the factors and keeps the names. Build a new :class:`LoRAFactors` after layers grow or
@@ -378,10 +489,8 @@ class LoRAFactors(nn.Module):
         self.paths = list(layers)
         for i, layer in enumerate(layers.values()):
             holder = nn.Module()
-            holder.lora_A = layer.lora_A
-            holder.lora_B = layer.lora_B
-            if layer.lora_scale is not None:
-                holder.lora_scale = layer.lora_scale
+            for name, param in layer.named_parameters(recurse=False):
+                setattr(holder, name, param)
             self.add_module(str(i), holder)
 
     def overrides(self) -> dict[str, torch.Tensor]:
