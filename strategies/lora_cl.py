@@ -61,6 +61,7 @@ from pydantic import Field
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora, layer_ranks
 from clpeft.components.lora.input_subspace import InputSubspace
+from clpeft.components.lora.kinds import AdapterKind, check_adapter
 from clpeft.components.lora.rank_allocation import RankAllocator
 from clpeft.data import Batch
 from clpeft.errors import UserError
@@ -102,6 +103,8 @@ class LoRACL(Strategy):
         subspace_threshold: ``epsilon`` for ``inflora``/``gpm``: the share of an experience's input
             energy the subspace keeps; or ``[lamb, lame]``, InfLoRA's schedule from ``lamb`` to
             ``lame`` over the stream (``lamb + (lame - lamb) t / T`` after experience ``t``).
+        adapter: the adapter kind of every update: ``lora``, ``dora``, ``pissa``, ``vera`` or
+            ``lora_xs`` (:mod:`clpeft.components.lora.kinds`).
         head_options: flat keys ``train_mask``, ``align`` (with ``subspace: inflora``: InfLoRA + CA,
             the authors' ``cifar100_infloraca.json``) and ``drift_compensation``:
             :class:`~clpeft.components.heads.HeadOptions`.
@@ -128,13 +131,14 @@ class LoRACL(Strategy):
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         subspace: Literal["none", "inflora", "gpm"] = "none",
         subspace_threshold: Fraction | tuple[Fraction, Fraction] = 0.97,
+        adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank, "grow_every": grow_every,
-                           "rank_budget": rank_budget, "subspace": subspace})
+                           "rank_budget": rank_budget, "subspace": subspace, "adapter": adapter, "old_updates": old_updates})
         super().__init__(backbone)
         self.lora = inject_lora(backbone, targets, rank, alpha, rank_schedule=rank_schedule, max_rank=max_rank,
-                                dropout=dropout, key="strategy.targets")
+                                dropout=dropout, kind=adapter, key="strategy.targets")
         self.ranks = layer_ranks(list(self.lora), rank, rank_schedule, max_rank)
         self.alpha = alpha
         self.rank_budget = rank_budget
@@ -161,6 +165,9 @@ class LoRACL(Strategy):
         if params.get("grow_every") is not None and params.get("subspace", "none") != "none":
             raise UserError("grow_every cannot grow InfLoRA updates (their A is designed before training); "
                             "use subspace: none or drop grow_every", key="strategy.grow_every")
+        check_adapter(params.get("adapter", "lora"), key="strategy.adapter", grow=params.get("grow_every") is not None,
+                      prune=params.get("rank_budget") is not None, design_a=params.get("subspace", "none") != "none",
+                      freeze=params.get("old_updates", "freeze") == "freeze")
 
     def _input_covariances(self, exp: Experience) -> list[torch.Tensor]:
         """Every adapted layer's mean ``x x^T`` over ``exp``'s training inputs (all ranks)."""
