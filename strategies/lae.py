@@ -48,6 +48,7 @@ from torch.func import functional_call
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import LoRAFactors, inject_lora
+from clpeft.components.lora.kinds import AdapterKind, check_adapter
 from clpeft.components.regularization.ema import EMATeacher
 from clpeft.data import Batch
 from clpeft.experience import Experience
@@ -71,6 +72,9 @@ class LAE(Strategy):
         freeze_epochs: epochs at the start of every experience after the first in which the
             online module is frozen and only the head trains.
         ensemble: ``max`` (the paper), or one expert alone: ``online`` or ``offline``.
+        adapter: the adapter kind: ``lora``, ``dora``, ``pissa``, ``vera`` or ``lora_xs``
+            (:mod:`clpeft.components.lora.kinds`; ``vera`` and ``lora_xs`` need
+            ``learnable_scale: false``); the EMA covers each kind's trained tensors.
         head_options: the classifier-side options, written as the flat keys ``train_mask``,
             ``align`` (one aligned copy of the head per expert) and ``drift_compensation``
             (:class:`~clpeft.components.heads.HeadOptions`).
@@ -89,10 +93,13 @@ class LAE(Strategy):
         ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.9999,
         freeze_epochs: Annotated[int, Field(ge=0)] = 3,
         ensemble: Literal["max", "online", "offline"] = "max",
+        adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
     ):
+        check_adapter(adapter, learnable_scale=learnable_scale, key="strategy.adapter")
         super().__init__(backbone)
-        self.lora = inject_lora(backbone, targets, rank, alpha, learnable_scale=learnable_scale, key="strategy.targets")
+        self.lora = inject_lora(backbone, targets, rank, alpha, learnable_scale=learnable_scale, kind=adapter,
+                                key="strategy.targets")
         self.offline = EMATeacher(LoRAFactors(self.lora), ema_momentum)
         self.register_buffer("has_offline", torch.zeros((), dtype=torch.bool))
         self.freeze_epochs = freeze_epochs
