@@ -32,6 +32,7 @@ from pydantic import Field
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora
+from clpeft.components.lora.kinds import AdapterKind, check_adapter
 from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.experience import Experience
@@ -56,6 +57,8 @@ class MergeCL(Strategy):
         targets: adapted linears with ``mode: lora`` (module-name suffixes).
         rank: LoRA rank ``r`` with ``mode: lora``.
         alpha: LoRA ``alpha`` with ``mode: lora``.
+        adapter: the adapter kind with ``mode: lora``: ``lora``, ``pissa``, ``vera`` or ``lora_xs``
+            (:mod:`clpeft.components.lora.kinds`); each task vector is its update as LoRA factors.
         head_options: flat keys ``train_mask``, ``align`` (re-aligned on the merged model's
             features) and ``drift_compensation``: :class:`~clpeft.components.heads.HeadOptions`.
     """
@@ -74,9 +77,10 @@ class MergeCL(Strategy):
         targets: list[str] = ["qkv", "proj", "fc1", "fc2"],
         rank: Annotated[int, Field(ge=1)] = 8,
         alpha: Annotated[float, Field(gt=0)] = 16.0,
+        adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
     ):
-        self.check_config({"method": method, "merge_params": merge_params})
+        self.check_config({"method": method, "merge_params": merge_params, "mode": mode, "adapter": adapter})
         super().__init__(backbone)
         self.mode = mode
         self.method = method
@@ -86,7 +90,7 @@ class MergeCL(Strategy):
         self.rank, self.alpha = rank, alpha
         self.aligned = HeadTraining(backbone.feature_dim, head_options)
         if mode == "lora":
-            self.lora = inject_lora(backbone, targets, rank, alpha, key="strategy.targets")
+            self.lora = inject_lora(backbone, targets, rank, alpha, kind=adapter, key="strategy.targets")
         else:
             backbone.requires_grad_(True)
         self.base = {name: t.detach().clone() for name, t in self._weights().items()}
@@ -100,6 +104,7 @@ class MergeCL(Strategy):
             raise UserError("per-model weights cannot be given: the number of task vectors grows with every experience",
                             key="strategy.merge_params.weights")
         get_method(params.get("method", "task_arithmetic")).validate(merge_params, key="strategy.merge_params")
+        check_adapter(params.get("adapter", "lora"), low_rank=params.get("mode", "lora") == "lora", key="strategy.adapter")
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """The merged tensors, named as in the plain backbone: every parameter, or the adapted weights."""
@@ -132,9 +137,7 @@ class MergeCL(Strategy):
         if self.mode == "lora":
             vector = {}
             for name, layer in self.lora.items():
-                vector[f"{name}.lora_A"] = layer.lora_A.detach().cpu().clone()
-                vector[f"{name}.lora_B"] = layer.lora_B.detach().cpu().clone()
-                vector[f"{name}.lora_alpha"] = torch.tensor(layer.alpha, dtype=torch.float64)
+                vector.update({f"{name}.{key}": t.detach().cpu().clone() for key, t in layer.adapter_tensors().items()})
                 layer.new_update(self.rank, self.alpha, old="discard")
         elif self.start_from == "base":
             vector = {name: t.detach().cpu().clone() for name, t in self._weights().items()}
