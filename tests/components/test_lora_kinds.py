@@ -236,6 +236,61 @@ def test_lora_xs_follows_the_papers_formula():
     torch.testing.assert_close(layer.delta_weight(), 2.0 * u[:, :4] @ r.detach() @ (s[:4, None] * vh[:4]), **TOL)
 
 
+def _two_dimensional_inputs(n: int = 256) -> torch.Tensor:
+    """Inputs with two well-separated principal directions (and a little noise), nonzero mean."""
+    gen = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=gen))[0]
+    return torch.randn(n, 16, generator=gen) * torch.tensor([3.0, 1.5] + [0.01] * 14) @ rotation + 0.3
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_eva_equals_peft_components_ranks_and_scaling(peft, whiten):
+    from clpeft.components.lora.eva import eva_init
+
+    base, x = _base(), _two_dimensional_inputs()
+    with torch.no_grad():  # a saturating first layer: b's inputs spread over more directions than a's
+        base.a.weight.mul_(5)
+    config = peft.LoraConfig(r=3, lora_alpha=6.0, target_modules=["a", "b"], init_lora_weights="eva",
+                             eva_config=peft.EvaConfig(rho=2.0, whiten=whiten))
+    theirs = _peft_copy(peft, base, config)
+    peft.initialize_lora_eva_weights(theirs, dataloader=[x], forward_fn=lambda model, inputs: model(inputs),
+                                     prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False)
+    ours = copy.deepcopy(base)
+    layers = inject_lora(ours, ["a", "b"], 3, 6.0)
+    ranks = eva_init(layers, lambda: ours(x), whiten=whiten)
+    assert ranks == {"a": 2, "b": 4}  # the budget of 3 + 3 follows the explained variance
+    for path, layer in layers.items():
+        module = theirs.base_model.model.get_submodule(path)
+        expected = module.lora_A["default"].weight
+        if whiten:  # peft's incremental PCA saw the one batch twice (its convergence check), so its singular
+            expected = expected * 2**0.25  # values are sqrt(2) ours and its whitened rows 2^(-1/4) ours
+        torch.testing.assert_close(layer.lora_A, expected, rtol=0, atol=1e-4)
+        assert layer.rank == ranks[path] and layer.scaling == pytest.approx(module.scaling["default"])
+        assert torch.equal(layer.lora_B, torch.zeros(layer.lora_B.shape))
+    torch.testing.assert_close(ours(x), base(x), **TOL)
+
+
+def test_eva_components_are_the_centred_inputs_right_singular_vectors():
+    from clpeft.components.lora.eva import eva_init
+
+    x = _two_dimensional_inputs()
+    layer = LoRALinear(nn.Linear(16, 4), 3, 3.0)
+    eva_init({"fc": layer}, lambda: layer(x), rho=1.0)
+    _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    torch.testing.assert_close(layer.lora_A.abs(), vh[:3].abs(), rtol=0, atol=1e-5)
+    assert (layer.lora_A.gather(1, layer.lora_A.abs().argmax(1, keepdim=True)) > 0).all()
+    assert layer.rank == 3 and layer.scaling == 1.0
+
+
+@pytest.mark.parametrize("kind", ["pissa", "vera", "lora_xs"])
+def test_eva_is_refused_where_the_kind_sets_a(kind):
+    from clpeft.components.lora.eva import eva_init
+
+    _, model = _adapted(kind, train=False)
+    with pytest.raises(UserError, match=f"^start_from\\(\\) is not defined for {kind} adapters"):
+        eva_init(lora_layers(model), lambda: model(_two_dimensional_inputs()))
+
+
 def test_parameter_counts_per_kind():
     counts = {}
     for kind in ADAPTER_KINDS:

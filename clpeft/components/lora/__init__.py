@@ -1,7 +1,8 @@
-"""Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), the LoRA family's adapter kinds (DoRA, PiSSA, VeRA, LoRA-XS), batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
+"""Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), the LoRA family's adapter kinds (DoRA, PiSSA, VeRA, LoRA-XS) and EVA's data-driven start, batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
 
 from clpeft.components.lora.batched import MultiLoRALinear, inject_multi_lora, route
 from clpeft.components.lora.dora import DoRALinear
+from clpeft.components.lora.eva import eva_init
 from clpeft.components.lora.files import load_adapters, save_adapters, save_peft_adapter
 from clpeft.components.lora.injection import find_linear_targets, inject_lora, layer_depths, layer_ranks, lora_layers, replace_module
 from clpeft.components.lora.input_subspace import InputSubspace
@@ -17,6 +18,7 @@ __all__ = [
     "Adapter",
     "check_adapter",
     "DoRALinear",
+    "eva_init",
     "find_linear_targets",
     "inject_adapters",
     "inject_lora",

@@ -409,6 +409,21 @@ class LoRALinear(nn.Module):
         self.frozen_scaling = self.frozen_scaling[:keep]
         self.start_rank = 0
 
+    @torch.no_grad()
+    def start_from(self, a: torch.Tensor, scaling: float) -> None:
+        """Restart the current update at ``A = a`` (any number of rows, also 0), ``B = 0``, scaling ``scaling``.
+
+        A data-driven start such as EVA's (:mod:`~clpeft.components.lora.eva`); the output is
+        unchanged and the frozen updates are kept.
+        """
+        self._check_unmerged("start_from()")
+        if self.start_rank or self.kind not in ("lora", "dora"):
+            self._refuse("start_from()", "its A is set by the kind or by PiSSA")
+        like = self.lora_A
+        self._set_factors(a.to(like), self.lora_B.new_zeros(self.lora_B.shape[0], a.shape[0]))
+        self.scaling = scaling
+        self._reset_scale()
+
     def _reset_scale(self) -> None:
         """A fresh ``lora_scale`` of 1 (a new parameter, as the factors are) where it is learnable."""
         if self.lora_scale is not None:
