@@ -8,6 +8,9 @@ adapter ViT given clpeft's weights key by key. Compared over two tasks:
 * FeCAM (``models/fecam.py``): the first session's adapter and cosine-head SGD steps, the class
   means, the shrunk and normalised covariances (through their pseudo-inverses) and the
   Mahalanobis distances;
+* EASE (``models/ease.py``, ``backbone/vit_ease.py``, ``EaseCosineLinear``): each task's adapter and
+  cosine-classifier SGD steps (same dropout draws), the prototypes of every subspace with the
+  complemented ones, the ensemble's logits, and the passes through the blocks each side makes;
 * the published configs against ``exps/*.json``.
 """
 
@@ -18,19 +21,26 @@ import inspect
 import json
 import types
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from torch import nn
 
 import clpeft.config
+from clpeft.strategies.ease import EASE
 from clpeft.strategies.fecam import FeCAM
 
 from .test_pilot import (
+    BATCH,
     BOTTLENECK,
     CONFIGS,
+    LR,
     TASKS,
+    WEIGHT_DECAY,
+    WIDTH,
     _attached,
     _backbone,
     _close,
@@ -58,7 +68,7 @@ def pilot(load_reference):
         with load_reference("pilot", "models.fecam", stubs={"timm.models.layers.weight_init": weight_init}) as fecam:
             yield types.SimpleNamespace(
                 fecam=fecam, **{name.rpartition(".")[2]: importlib.import_module(name) for name in (
-                    "utils.inc_net", "backbone.vit_adapter")},
+                    "models.ease", "utils.inc_net", "backbone.vit_adapter", "backbone.vit_ease")},
                 root=Path(fecam.__file__).parents[1])
 
 
@@ -148,3 +158,154 @@ def test_fecam_published_configs_are_pilots_setup(pilot, dataset, exps):
     assert (train.schedule, train.min_lr) == ("cosine_epoch", official["min_lr"]) == ("cosine_epoch", 0)
     assert {k: strategy[k] for k in PILOT_FECAM} == PILOT_FECAM
     assert strategy["adapt"] == "adapter" and strategy["adapter_bottleneck"] == official["ffn_num"]
+
+
+# ---------------------------------------------------------------------------------- EASE
+
+PILOT_EASE = {"use_init_ptm": False, "use_diagonal": False, "use_old_data": False, "moni_adam": False, "use_reweight": True,
+              "recalc_sim": True, "alpha": 0.1, "beta": 0}
+
+
+def _pilot_ease_vit(pilot, backbone) -> nn.Module:
+    """PILOT's ``vit_ease.VisionTransformer`` with ``backbone``'s (pre-trained) weights, frozen but its adapters."""
+    config = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
+                                   ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=BOTTLENECK,
+                                   d_model=WIDTH, vpt_on=False, vpt_num=0, _device="cpu")
+    net = pilot.vit_ease.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=WIDTH, depth=6, num_heads=2, mlp_ratio=3, qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0, global_pool=False, drop_path_rate=0.0,
+        tuning_config=config)
+    missing, unexpected = net.load_state_dict(_pilot_keys(backbone.net.state_dict()), strict=False)
+    assert not unexpected and all(k.startswith("cur_adapter.") for k in missing)
+    for name, p in net.named_parameters():  # the factory's "freeze all but the adapter"
+        p.requires_grad = name in missing
+    net.out_dim = WIDTH
+    return net.eval()
+
+
+def _ease_learner(pilot, vit: nn.Module):
+    """PILOT's EASE ``Learner`` and ``EaseNet`` around ``vit``, without their ``__init__``: ease.json's settings."""
+    net = pilot.inc_net.EaseNet.__new__(pilot.inc_net.EaseNet)
+    nn.Module.__init__(net)
+    args = {"optimizer": "sgd", "scheduler": "cosine", "init_epochs": 1, "later_epochs": 1, "init_lr": LR, "later_lr": LR,
+            "adapter_num": -1, **PILOT_EASE}
+    net.backbone, net.args, net.fc, net._device, net._cur_task, net.out_dim = vit, args, None, "cpu", -1, WIDTH
+    net.inc = net.init_cls = len(TASKS[0])
+    net.use_init_ptm, net.alpha, net.beta = False, args["alpha"], args["beta"]
+    learner = pilot.ease.Learner.__new__(pilot.ease.Learner)
+    learner._network, learner._device, learner._cur_task, learner._known_classes, learner.args = net, "cpu", -1, 0, args
+    learner.batch_size, learner.weight_decay, learner.min_lr = BATCH, WEIGHT_DECAY, 0.0
+    learner.init_cls = learner.inc = len(TASKS[0])
+    learner.use_exemplars, learner.use_init_ptm, learner.use_diagonal = False, False, False
+    learner.recalc_sim, learner.alpha, learner.beta, learner.moni_adam, learner.adapter_num = True, 0.1, 0, False, -1
+    return learner
+
+
+class _BlockPasses:
+    """Counts calls of a ViT's last block (passes through the blocks) and the samples they carry."""
+
+    def __init__(self, block: nn.Module):
+        self.calls = self.samples = 0
+        block.register_forward_hook(self._count)
+
+    def _count(self, module, args, output):
+        self.calls += 1
+        self.samples += int(args[0].shape[0])
+
+    def take(self) -> tuple[int, int]:
+        counts, self.calls, self.samples = (self.calls, self.samples), 0, 0
+        return counts
+
+
+def test_ease_adapters_prototypes_complements_and_logits_equal_pilots_in_fewer_passes(pilot, monkeypatch):
+    """EASE over two tasks: PILOT's adapter steps, subspace prototypes, complement and ensemble logits.
+
+    Each task trains fresh adapters (bottleneck 8, scale 0.1, dropout 0.1 with the same draws) and
+    a new cosine classifier over its own classes for one epoch with PILOT's SGD; clpeft's new
+    adapters and classifier are copied into PILOT's (it draws its own at ``after_task``). Then both
+    sides take the prototypes of every subspace (task 1: the complement of task 0's classes in
+    subspace 1, PILOT's ``solve_sim_reset``), and the test inputs' logits (PILOT's
+    ``forward_reweight``, alpha 0.1) are compared before PILOT's ``after_task``, as its trainer
+    evaluates (``forward_reweight`` hard-codes ViT-B's width 768 as a default argument: the test
+    sets it to the tiny ViT's). Passes through the blocks: PILOT loops over the adapter sets, clpeft runs them as
+    one batch (the same samples). Tolerances: 1e-4 relative. Mutations checked: ``alpha`` 0.1 ->
+    0.2, the complement's softmax over dim 0, and its similarity measured in the new subspace
+    instead of the old class's own each fail it (``recompute_complements: false`` gives the same
+    numbers with one old task; ``tests/strategies/test_pilot_breadth.py`` tells them apart).
+    """
+    reweight = pilot.inc_net.EaseCosineLinear.forward_reweight
+    monkeypatch.setattr(reweight, "__defaults__", tuple(WIDTH if v == 768 else v for v in reweight.__defaults__))
+    backbone = _backbone()
+    strategy = _attached(EASE(backbone, adapter_bottleneck=BOTTLENECK))
+    learner = _ease_learner(pilot, _pilot_ease_vit(pilot, backbone))
+    network, vit = learner._network, learner._network.backbone
+    theirs, ours = _BlockPasses(vit.blocks[-1]), _BlockPasses(strategy.adapted.net.blocks[-1])
+    x = _test_inputs()
+    for task in range(len(TASKS)):
+        exp = _experience(task)
+        strategy.before_experience(exp)
+        if task:
+            learner.after_task()  # freezes its adapters and draws new ones
+        learner._cur_task, learner._total_classes = task, 2 * (task + 1)
+        network.update_fc(learner._total_classes)
+        with torch.no_grad():
+            for adapter, bank in zip(vit.cur_adapter, strategy.banks, strict=True):
+                adapter.load_state_dict(bank.current.state_dict())
+            network.proxy_fc.weight.copy_(strategy.head.weight)
+        xt, yt = _task_data(task)
+        _train_steps(strategy, exp)
+        torch.manual_seed(5)
+        learner._train(_loader(backbone, xt, yt), None)
+        for adapter, bank in zip(vit.cur_adapter, strategy.banks, strict=True):
+            for key, value in adapter.state_dict().items():
+                _close(bank.current.state_dict()[key], value)
+        _close(strategy.head.weight, network.proxy_fc.weight)
+        _close(strategy.head.scale, network.proxy_fc.sigma[0])
+        assert theirs.take() == ours.take() == (-(-len(yt) // BATCH), len(yt))  # one pass per step on both sides
+
+        strategy.after_experience(exp)
+        learner.train_dataset_for_protonet = types.SimpleNamespace(labels=yt.numpy())
+        learner.replace_fc(_loader(backbone, xt, yt))
+        n, batches = task + 1, -(-len(yt) // BATCH)
+        assert theirs.take() == (n * batches, n * len(yt)) and ours.take() == (batches, n * len(yt))
+        _close(strategy.prototypes.reshape(len(strategy.prototypes), -1), network.fc.weight)
+        with torch.no_grad():
+            logits = network.eval()(backbone.preprocess(x), test=True)["logits"]
+            assert theirs.take() == (n, n * len(x))
+            _close(_predict(strategy, x), logits)
+            assert ours.take() == (1, n * len(x))
+
+
+@pytest.mark.parametrize("dataset, exps, tasks", [("cifar100", "ease.json", 20), ("cifar100", "ease.json", 10),
+                                                  ("imagenet_r", "ease_inr.json", 10)])
+def test_ease_published_configs_are_pilots_setup(pilot, dataset, exps, tasks):
+    """``configs/ease/{cifar100_20t,cifar100_10t,imagenet_r_10t}.yaml`` hold what ``exps/ease*.json`` runs.
+
+    From the JSON: the adapters (``ffn_num``), epochs and lr (``init_*`` = ``later_*``: one value
+    each), batch size, weight decay, the cosine schedule to ``min_lr`` 0, SGD, ``alpha``,
+    ``recalc_sim`` and the ablations off (``use_init_ptm``, ``use_diagonal``, ``use_old_data``,
+    ``moni_adam``; ``use_reweight`` on); tasks from ``init_cls`` = ``increment`` (CIFAR-100: B0
+    Inc5, 20 tasks; ``cifar100_10t`` is B0 Inc10, the other methods' split, with the same
+    settings); the backbone and images as the adapter methods' configs (``vit_base_patch16_224``
+    in ``vit_ease.py``). Mutation checked: ``alpha: 0.2`` in a config fails it.
+    """
+    official = json.loads((pilot.root / "exps" / exps).read_text())
+    cfg = clpeft.config.load(CONFIGS / "ease" / f"{dataset}_{tasks}t.yaml")
+    train, strategy, scenario, backbone = cfg.train, cfg.strategy.params, cfg.scenario.params, cfg.backbone.params
+    classes = {"cifar100": 100, "imagenet_r": 200}[dataset]
+    assert official["init_cls"] == official["increment"] and scenario["n_experiences"] == tasks
+    assert tasks == classes // official["increment"] or (dataset, tasks) == ("cifar100", 10)
+    assert scenario["class_order"] == official["seed"][0] == 1993
+    assert official["backbone_type"] == "vit_base_patch16_224_ease"
+    assert 'timm.create_model("vit_base_patch16_224", pretrained=True' in inspect.getsource(pilot.vit_ease)
+    assert backbone["model"] == "vit_base_patch16_224.augreg_in21k_ft_in1k" and backbone["pretrained"]
+    assert (backbone["mean"], backbone["std"], backbone["crop_pct"]) == ([0, 0, 0], [1, 1, 1], 0.875)
+    assert train.amp == "off" and train.augment == "crop_flip"
+    assert train.epochs == official["init_epochs"] == official["later_epochs"]
+    assert train.lr == official["init_lr"] == official["later_lr"]
+    assert (train.optimizer, train.momentum, official["optimizer"]) == ("sgd", 0.9, "sgd")
+    assert (train.batch_size, train.weight_decay) == (official["batch_size"], official["weight_decay"])
+    assert (train.schedule, train.min_lr, official["scheduler"]) == ("cosine_epoch", official["min_lr"], "cosine")
+    assert {k: official[k] for k in PILOT_EASE} == PILOT_EASE
+    assert strategy["adapter_bottleneck"] == official["ffn_num"] and strategy.get("alpha", 0.1) == official["alpha"]
+    assert strategy.get("recompute_complements", True) == official["recalc_sim"]
