@@ -61,7 +61,7 @@ def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torc
 def combine_linear(
     base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor,
     scratch: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Write ``base + sum_k coefficients[k] (sources[k] - base)`` into ``out``, block by block.
 
     Args:
@@ -77,7 +77,7 @@ def combine_linear(
     """
     n, k = base.numel(), len(sources)
     starts = range(0, n, BLOCK_COLUMNS)
-    norms = scratch.new_zeros(len(starts), 3 + k)  # per block: ||theta_0||, ||tau_m||, (unused), ||tau_k||
+    norms = scratch.new_zeros(len(starts), 3 + k)  # per block: ||theta_0||, ||tau_m||, 0 (the count's slot), ||tau_k||
     nonzero = 0
     for start, block_norms in zip(starts, norms):
         stop = min(n, start + BLOCK_COLUMNS)
