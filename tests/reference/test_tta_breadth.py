@@ -1,6 +1,6 @@
-"""clpeft's SAR, RDumb and DeYO against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
+"""clpeft's SAR, RDumb, DeYO and MEMO against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
 
-The benchmark's ``classification/methods/{sar,eata,deyo}.py`` (RDumb is its EATA with
+The benchmark's ``classification/methods/{sar,eata,deyo,memo}.py`` (RDumb is its EATA with
 ``cfgs/<dataset>/rdumb.yaml``: no Fisher term, ``MODEL.RESET_AFTER_NUM_UPDATES``) run next to
 clpeft's strategies on the tiny networks, weights, batches and configs of
 ``test_tta_methods.py`` (whose helpers this file uses): a BatchNorm CNN and timm's ``test_vit``
@@ -16,6 +16,7 @@ Tolerances are those of ``test_tta_methods.py`` (``CLOSE``, Adam's float noise b
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -24,9 +25,12 @@ import types
 
 import pytest
 import torch
+from torch import nn
 
+from clpeft.components.tta.augmix import AugMix
 from clpeft.components.tta.lower_norm_layers import lower_norm_layers
 from clpeft.components.tta.object_destruction import destroy_objects
+from clpeft.components.tta.prior_batch_norm import PriorBatchNorm
 from clpeft.registry import strategies
 
 from .conftest import ref_dir, stub_module
@@ -54,13 +58,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 @pytest.fixture
 def bench(load_reference):
-    """The benchmark's ``conf`` and the methods ``sar``, ``eata``, ``deyo`` (stubs as in
+    """The benchmark's ``conf``, the methods ``sar``, ``eata``, ``deyo``, ``memo`` and its AugMix (stubs as in
     ``test_tta_methods.py``; EATA without a Fisher term never asks for source data)."""
     root = ref_dir("test-time-adaptation") / SUBDIR
     pytest.importorskip("yacs", reason="the benchmark's configs need yacs (pip install -e .[dev])")
     stubs = {
         "methods": _package("methods", root / "methods"),
         "utils": _package("utils", root / "utils"),
+        "augmentations": _package("augmentations", root / "augmentations"),
         "models": _package("models"),
         "models.model": stub_module("models.model", ResNetDomainNet126=type("ResNetDomainNet126", (), {})),
         "datasets": _package("datasets"),
@@ -71,8 +76,9 @@ def bench(load_reference):
     }
     with load_reference("test-time-adaptation", "conf", SUBDIR, stubs=stubs) as conf:
         ns = types.SimpleNamespace(root=root, conf=conf)
-        for name in ("sar", "eata"):
+        for name in ("sar", "eata", "memo"):
             setattr(ns, name, importlib.import_module(f"methods.{name}"))
+        ns.augmix = importlib.import_module("augmentations.transforms_augmix")
         ns.deyo = importlib.import_module("methods.deyo") if importlib.util.find_spec("einops") else None
         yield ns
 
@@ -279,3 +285,105 @@ def test_deyo_equals_the_reference(bench, monkeypatch, kind, options):
         torch.testing.assert_close(ours, theirs, **CLOSE)
     assert len(kept) == 4 and 0 < sum(kept) < 4 * BATCH, kept
     _assert_same_end_state(strategy, ref, model)
+
+
+# ------------------------------------------------------------------ memo
+
+
+def _pil(image: torch.Tensor):
+    from torchvision.transforms import functional
+
+    return functional.to_pil_image(image)
+
+
+@pytest.mark.parametrize(("channels", "size", "preaugment", "severity"), [
+    (3, 32, "crop", 1), (1, 32, "crop", 1), (1, 28, "resized_crop", 1), (3, 24, "resized_crop", 1), (3, 32, "crop", 3),
+])
+def test_augmix_views_equal_the_references_augmenter(bench, channels, size, preaugment, severity):
+    """Seeded alike (torch's generator for the pre-augmentation, numpy's for the chains), the views
+    of ``AugMix`` equal ``AugMixAugmenter``'s (``cifar10_c`` at 32 pixels: pad-and-crop; other
+    sizes: random resized crop; severity 1, MEMO's, and 3), the image itself first; both leave
+    numpy's generator in the same state. Mutations checked: translate by ``size / 4``, chains of 1-4 operations, the mix weight
+    ``m`` on the chains instead of the original."""
+    import numpy as np
+    from torchvision import transforms
+
+    g = torch.Generator().manual_seed(size)
+    image = (torch.rand(channels, size, size, generator=g) * 255).round().to(torch.uint8)
+    name = "cifar10_c" if preaugment == "crop" and size == 32 else "imagenet_c"
+    augmenter = bench.augmix.AugMixAugmenter(None, transforms.ToTensor(), name, n_views=6, use_augmix=True,
+                                             severity=severity)
+    augmenter.img_size = size
+    torch.manual_seed(4)
+    np.random.seed(4)
+    expected = torch.stack(augmenter(_pil(image[0] if channels == 1 else image)))
+    after = np.random.uniform()
+    torch.manual_seed(4)
+    augmix = AugMix(preaugment, severity)
+    augmix.seed(4)
+    got = augmix.views(image, 6)
+    assert augmix.rng.uniform() == after
+    torch.testing.assert_close(got, expected.view_as(got), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_prior_batch_norm_equals_alpha_batch_norm(bench, alpha):
+    """``PriorBatchNorm`` on a BatchNorm layer with source statistics equals the reference's
+    ``AlphaBatchNorm`` wrapping it (outputs and input gradients), on few values per channel
+    (3 x 3 pixels of one image: the unbiased variance matters). Mutation checked: the biased variance."""
+    torch.manual_seed(0)
+    layer = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    reference = importlib.import_module("methods.bn").AlphaBatchNorm(copy.deepcopy(layer), alpha)
+    PriorBatchNorm(alpha).attach([layer])
+    for shape in [(1, 4, 3, 3), (5, 4, 2, 2)]:
+        x = torch.randn(shape, requires_grad=True)
+        ours, theirs = layer(x), reference(x)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        g = torch.randn(shape)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0], rtol=1e-6, atol=1e-6)
+
+
+def _memo_views(bench, image: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """The reference's input for one test point: its AugMix views from the data loader's transform."""
+    import numpy as np
+    from torchvision import transforms
+
+    augmenter = bench.augmix.AugMixAugmenter(None, transforms.ToTensor(), "cifar10_c", n_views=n, use_augmix=True)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return [v.unsqueeze(0) for v in augmenter(_pil(image))]
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_memo_equals_the_reference(bench, kind):
+    """Three test points, one at a time (``cfgs/cifar10_c/memo.yaml``: batch size 1, episodic, SGD
+    lr 0.005, BatchNorm with the source prior ``alpha = 0.1``), 8 AugMix views each on both sides:
+    each point's prediction, and after the last point every parameter (the reference's
+    ``AlphaBatchNorm`` wraps the CNN's layers: its names without ``.layer``) and the momentum
+    buffer. Mutations checked: no reset between points, the mean entropy of the views instead of the marginal's (the
+    biased variance hides in this tolerance: :func:`test_prior_batch_norm_equals_alpha_batch_norm`)."""
+    import re
+
+    model = _source_model(kind, head_scale=3.0)
+    strategy = _clpeft("memo", kind, model, n_augmentations=8)
+    cfg = _cfg(bench, "memo", **{"TEST.BATCH_SIZE": 1, "TEST.N_AUGMENTATIONS": 8})
+    assert cfg.MODEL.EPISODIC and cfg.BN.ALPHA == strategy.prior.alpha
+    ref = bench.memo.MEMO(cfg, _reference_model(model), CLASSES)
+    images = _images(3, 140)
+    for i, image in enumerate(images):
+        torch.manual_seed(150 + i)
+        strategy.augmix.seed(150 + i)
+        ours = _adapt(strategy, image[None])
+        theirs = ref(_memo_views(bench, image, 8, 150 + i))
+        torch.testing.assert_close(ours, theirs, **CLOSE)
+    ours = _named(strategy)
+    theirs = {re.sub(r"\.layer\.(weight|bias)$", r".\1", n): p for n, p in ref.model.named_parameters()}
+    _assert_same_parameters(ours, theirs, _params(model))
+    names = {id(p): re.sub(r"\.layer\.(weight|bias)$", r".\1", n) for n, p in ref.model.named_parameters()}
+    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer,
+                                 {names[id(p)]: p for p in ref.model.parameters()})
