@@ -99,6 +99,7 @@ STRATEGIES: dict[str, Smoke] = {
     "fecam": Smoke({"name": "fecam"}, FROZEN_MLP, change="state"),
     "fsa_lda": Smoke({"name": "fsa_lda"}),
     "aper": Smoke({"name": "aper", "adapter_bottleneck": 4}, VIT),
+    "ease": Smoke({"name": "ease", "adapter_bottleneck": 4}, VIT, change="state"),
     "l2p": Smoke({"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2}, VIT,
                  learns="L2P's head reads the prompt tokens' mean, which a random-init test_vit leaves nearly "
                         "constant across inputs (relative std ~0.05): chance accuracy at any lr/epochs tried"),
@@ -120,6 +121,7 @@ STRATEGIES: dict[str, Smoke] = {
     "sar": _tta({"name": "sar"}),
     "rdumb": _tta({"name": "rdumb", "reset_every": 3}),
     "deyo": _tta({"name": "deyo", "patch_len": 2}),
+    "memo": _tta({"name": "memo", "n_augmentations": 2}),
     "seq_finetune": Smoke({"name": "seq_finetune", "rank": 2}, TINY_LLAMA, INSTRUCTIONS,
                           learns="answers are scored by exact match, where chance is not 1/classes; "
                                  "tests/llm/test_seq_finetune.py shows a task learnt and forgotten"),
