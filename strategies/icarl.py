@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
-from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
+from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars, labelled_features
 from clpeft.components.regularization.distillation import distillation_loss
 from clpeft.components.regularization.previous_model import PreviousModel
 from clpeft.data import Batch, DataView
@@ -93,10 +93,6 @@ class ICaRL(Strategy):
         """Logits of the nearest mean of exemplars (the classes' means as of the last experience)."""
         return self.means(self.embed(x))
 
-    @torch.no_grad()
     def _features(self, view: DataView) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of every sample of ``view``, in its order (eval mode, no augmentation)."""
-        pairs = [(self.embed(b.x).float().cpu(), b.y.cpu()) for b in self.batches(view)]
-        if not pairs:
-            return torch.empty(0, self.backbone.feature_dim), torch.empty(0, dtype=torch.long)
-        return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
+        return labelled_features(self.batches(view), self.embed, self.backbone.feature_dim)

@@ -11,16 +11,30 @@ negative squared distances (PILOT's ``cdist(..., "sqeuclidean")``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import nn
 
 from clpeft.components.heads.classifiers import PrototypeHead
 from clpeft.components.memory.replay import NORM_EPSILON
+from clpeft.data import Batch
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """``x / (||x|| + 1e-8)`` row by row (PILOT's normalisation of features)."""
     return x / (x.norm(dim=1, keepdim=True) + NORM_EPSILON)
+
+
+@torch.no_grad()
+def labelled_features(batches: Iterable[Batch], embed: Callable[[torch.Tensor], torch.Tensor],
+                      dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 CPU features (``embed(batch.x)``) and labels of every batch, in order: what herding and
+    the exemplar means are computed on (a strategy passes ``self.batches(view)`` and ``self.embed``)."""
+    pairs = [(embed(b.x).float().cpu(), b.y.cpu()) for b in batches]
+    if not pairs:
+        return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
+    return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
 class NearestMeanOfExemplars(PrototypeHead):
