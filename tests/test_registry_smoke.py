@@ -93,6 +93,7 @@ STRATEGIES: dict[str, Smoke] = {
     "icarl": Smoke({"name": "icarl", "mem_size": 20}),
     "si": Smoke({"name": "si", "c": 0.1}),
     "mas": Smoke({"name": "mas", "lambda_reg": 0.1}),
+    "wa": Smoke({"name": "wa", "mem_size": 20}),
     "slca": Smoke({"name": "slca", "align_epochs": 1, "align_samples": 16}),
     "simplecil": Smoke({"name": "simplecil"}, FROZEN_MLP, change="state"),
     "ranpac": Smoke({"name": "ranpac", "projection_dim": 64}, FROZEN_MLP, change="state"),
