@@ -116,6 +116,6 @@ def builtin_task(name: str, n: int, seed: int, max_new_tokens: int) -> list[Inst
     if name == "rotten_tomatoes":
         return rotten_tomatoes_task(n, seed, max_new_tokens)
     if name not in GENERATORS:
-        raise UserError(f"unknown task '{name}'{close_matches(name, BUILTIN_TASKS)}; built-in tasks: "
-                        f"{', '.join(BUILTIN_TASKS)}", key="scenario.tasks")
+        raise UserError(f"unknown task '{name}'{close_matches(name, BUILTIN_TASKS)} (built-in tasks: "
+                        f"{', '.join(BUILTIN_TASKS)}; or give your own as jsonl)", key="scenario.tasks")
     return generated_task(name, n, seed, max_new_tokens)

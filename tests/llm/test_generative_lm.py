@@ -46,6 +46,7 @@ def test_a_long_pair_keeps_its_answer_and_the_end_of_its_prompt(tiny_lm):
     ids, _, labels = lm.training_batch([Instruction("abcdefghij", "xyz")])
     assert ids[0].tolist() == _ids(lm, "hij\n") + _ids(lm, "xyz") + [lm.eos_id]
     assert (labels[0] != IGNORE).sum() == 4
+    assert lm.generate(["abcdefghij"], 6) == lm.generate(["defghij"], 6)  # the prompt's last 8 tokens: "defghij\n"
 
 
 def test_the_chat_template_wraps_the_prompt(tiny_chat_lm, tiny_lm):
