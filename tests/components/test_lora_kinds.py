@@ -1,7 +1,7 @@
-"""Tests for the LoRA family's adapter kinds: DoRA, PiSSA, VeRA, LoRA-XS.
+"""Tests for the LoRA family's adapter kinds: DoRA, PiSSA, VeRA, LoRA-XS, AdaLoRA; EVA's start.
 
 The references are peft's own layers (``use_dora``, ``init_lora_weights="pissa"``,
-``VeraConfig``) on identical copies of the base layers with the same trained tensors: outputs,
+``VeraConfig``, ``AdaLoraConfig`` with its ``RankAllocator``, ``initialize_lora_eva_weights``) on identical copies of the base layers with the same trained tensors: outputs,
 gradients and merged weights to 1e-5; saved peft adapter directories are loaded by
 ``peft.PeftModel.from_pretrained`` onto the untouched base model. LoRA-XS, which peft lacks, is
 checked against its paper's formula computed from ``torch.linalg.svd`` here. Growth, pruning,
@@ -12,6 +12,7 @@ or for their one-line refusal.
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -236,6 +237,79 @@ def test_lora_xs_follows_the_papers_formula():
     torch.testing.assert_close(layer.delta_weight(), 2.0 * u[:, :4] @ r.detach() @ (s[:4, None] * vh[:4]), **TOL)
 
 
+_ADALORA = {"lora_A": "lora_A.default", "lora_E": "lora_E.default", "lora_B": "lora_B.default"}
+
+
+def _adalora_pair(peft, **config):
+    base, ours = _adapted("adalora", dropout=config.get("lora_dropout", 0.0))
+    theirs = _peft_copy(peft, base, peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6.0, target_modules=["a", "b"],
+                                                        **{"total_step": 10, **config}))
+    _copy_into_peft(ours, theirs, _ADALORA)
+    return base, ours, theirs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_adalora_equals_peft_forward_gradients_and_merge(peft, dropout):
+    _, ours, theirs = _adalora_pair(peft, lora_dropout=dropout)
+    _compare(ours, theirs, _ADALORA)
+    merged = theirs.merge_and_unload()
+    for layer in lora_layers(ours).values():
+        layer.merge()
+    torch.testing.assert_close(ours.b.base_layer.weight, merged.b.weight, **TOL)
+
+
+def test_adalora_starts_as_peft_does():
+    layer = inject_lora(_base(), ["a"], 4, 8.0, kind="adalora")["a"]
+    assert torch.equal(layer.lora_E, torch.zeros(4, 1)) and 0.01 < layer.lora_A.std() < 0.03
+    assert layer.scaling == pytest.approx(8.0 / (4 + 1e-5))
+
+
+class _WithLoss(nn.Module):
+    """Returns an object with ``.loss``, to which peft's AdaLoRA adds its orthogonal penalty."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.a, self.b = inner.a, inner.b
+
+    def forward(self, x):
+        return types.SimpleNamespace(loss=self.b(torch.tanh(self.a(x))).sum() * 0)
+
+
+def test_adalora_orthogonal_penalty_equals_peft(peft):
+    from clpeft.components.lora.adalora import orthogonal_penalty
+
+    base, ours = _adapted("adalora")
+    theirs = _peft_copy(peft, _WithLoss(base), peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6.0, orth_reg_weight=0.7,
+                                                                 target_modules=["a", "b"], total_step=10))
+    _copy_into_peft(ours, theirs, _ADALORA)
+    expected = theirs.base_model(torch.randn(2, 16)).loss / 0.7  # AdaLoraModel.forward adds it
+    torch.testing.assert_close(orthogonal_penalty(lora_layers(ours)), expected, **TOL)
+
+
+def test_adalora_allocator_masks_as_peft_does(peft):
+    from clpeft.components.lora.adalora import AdaLoRAAllocator
+
+    _, ours, theirs = _adalora_pair(peft, tinit=1, tfinal=2, deltaT=1, total_step=8)
+    allocator = AdaLoRAAllocator(lora_layers(ours), target_rank=2, total_step=8, tinit=1, tfinal=2, delta_t=1)
+    opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    opt_theirs = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    masked = []
+    for step in range(1, 7):
+        x = torch.randn(8, 16, generator=gen)
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        allocator.step(step)
+        theirs.base_model.update_and_allocate(step)
+        for path, layer in lora_layers(ours).items():
+            peft_e = theirs.base_model.model.get_submodule(path).lora_E["default"]
+            torch.testing.assert_close(layer.lora_E, peft_e, **TOL)
+        masked.append(sum(int((layer.lora_E == 0).sum()) for layer in lora_layers(ours).values()))
+    assert masked[0] == 0 and masked[-1] == 6 - 4  # the budget falls from 3 + 3 to target_r = 2 per layer
+
+
 def _two_dimensional_inputs(n: int = 256) -> torch.Tensor:
     """Inputs with two well-separated principal directions (and a little noise), nonzero mean."""
     gen = torch.Generator().manual_seed(0)
@@ -297,7 +371,8 @@ def test_parameter_counts_per_kind():
         _, model = _adapted(kind, rank=3)
         counts[kind] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = 3 * (16 + 12) + 3 * (12 + 20)
-    assert counts == {"lora": lora, "pissa": lora, "dora": lora + 12 + 20, "vera": (3 + 12) + (3 + 20), "lora_xs": 2 * 9}
+    assert counts == {"lora": lora, "pissa": lora, "dora": lora + 12 + 20, "vera": (3 + 12) + (3 + 20), "lora_xs": 2 * 9,
+                      "adalora": lora + 2 * 3}
 
 
 # ---------------------------------------------------------------------- adapter files
@@ -325,7 +400,7 @@ def test_vera_with_frozen_updates_is_saved_as_peft_lora(peft, tmp_path):
     torch.testing.assert_close(loaded(x), ours.eval()(x), **TOL)
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "pissa"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "pissa", "adalora"])
 def test_save_load_adapters_round_trip(tmp_path, kind):
     _, ours = _adapted(kind)
     save_adapters(ours, tmp_path / "a.safetensors")
@@ -344,7 +419,7 @@ def test_loading_lora_factors_into_vera_or_lora_xs_is_refused(tmp_path, kind):
         load_adapters(ours, tmp_path / "a.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["lora", "pissa", "vera", "lora_xs"])
+@pytest.mark.parametrize("kind", ["lora", "pissa", "vera", "lora_xs", "adalora"])
 def test_adapter_files_merge_to_the_layers_whole_update(tmp_path, kind):
     from clpeft.merging.lora import open_model
 
@@ -378,7 +453,7 @@ def test_merging_refuses_peft_vera_directories_in_one_line(peft, tmp_path):
 # ---------------------------------------------------------------------- dynamic rank and updates
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "pissa", "lora_xs"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "pissa", "lora_xs", "adalora"])
 def test_grow_keeps_the_output(kind):
     _, model = _adapted(kind)
     x = torch.randn(4, 16)
@@ -418,7 +493,7 @@ def test_undefined_rank_changes_are_refused_in_one_line(kind, action):
         check_adapter(kind, **{action: True})
 
 
-@pytest.mark.parametrize("kind", ["lora", "pissa", "vera", "lora_xs"])
+@pytest.mark.parametrize("kind", ["lora", "pissa", "vera", "lora_xs", "adalora"])
 @pytest.mark.parametrize("old", ["freeze", "merge"])
 def test_new_update_keeps_the_output_and_the_file_holds_the_whole_update(tmp_path, kind, old):
     base, model = _adapted(kind)
@@ -462,7 +537,7 @@ def test_pissa_discard_drops_the_start_with_the_update():
 def test_state_dict_round_trip_into_a_fresh_model(kind):
     _, model = _adapted(kind)
     for layer in lora_layers(model).values():
-        if kind in ("lora", "dora", "lora_xs"):
+        if kind in ("lora", "dora", "lora_xs", "adalora"):
             layer.grow(1)
         if kind != "dora":
             layer.new_update(layer.rank, 6.0, old="freeze")
@@ -490,7 +565,7 @@ def test_lora_factors_hold_each_kinds_trained_tensors(kind):
 
 
 def test_kind_options_are_checked_in_one_line():
-    with pytest.raises(UserError, match="unknown adapter kind 'lorax'; use one of lora, dora, pissa, vera, lora_xs"):
+    with pytest.raises(UserError, match="unknown adapter kind 'lorax'; use one of lora, dora, pissa, vera, lora_xs, adalora"):
         inject_lora(_base(), ["a"], 2, 2.0, kind="lorax")
     with pytest.raises(UserError, match="learnable_scale is not defined for vera"):
         inject_lora(_base(), ["a"], 2, 2.0, kind="vera", learnable_scale=True)

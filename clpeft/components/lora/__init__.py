@@ -1,5 +1,6 @@
-"""Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), the LoRA family's adapter kinds (DoRA, PiSSA, VeRA, LoRA-XS) and EVA's data-driven start, batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
+"""Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), the LoRA family's adapter kinds (DoRA, PiSSA, VeRA, LoRA-XS, AdaLoRA) and EVA's data-driven start, batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
 
+from clpeft.components.lora.adalora import AdaLoRAAllocator, AdaLoRALinear, orthogonal_penalty
 from clpeft.components.lora.batched import MultiLoRALinear, inject_multi_lora, route
 from clpeft.components.lora.dora import DoRALinear
 from clpeft.components.lora.eva import eva_init
@@ -15,6 +16,8 @@ from clpeft.components.lora.vera import VeRALinear
 
 __all__ = [
     "ADAPTER_KINDS",
+    "AdaLoRAAllocator",
+    "AdaLoRALinear",
     "Adapter",
     "check_adapter",
     "DoRALinear",
@@ -32,6 +35,7 @@ __all__ = [
     "LoRALinear",
     "LoRAXSLinear",
     "MultiLoRALinear",
+    "orthogonal_penalty",
     "ParallelAdapterBlock",
     "RankAllocator",
     "replace_module",

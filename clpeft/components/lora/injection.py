@@ -131,7 +131,7 @@ def inject_lora(
         dropout: dropout on the LoRA input.
         learnable_scale: give every layer a trained scalar ``lora_scale`` (LAE).
         kind: the adapter kind, one of :data:`~clpeft.components.lora.kinds.ADAPTER_KINDS`
-            (``lora``, ``dora``, ``pissa``, ``vera``, ``lora_xs``).
+            (``lora``, ``dora``, ``pissa``, ``vera``, ``lora_xs``, ``adalora``).
         init: ``default`` or ``pissa`` (PiSSA's start for ``lora`` and ``dora`` layers).
         projection_seed: seed of VeRA's shared projections (peft's ``projection_prng_key``).
         key: the config key named by errors (e.g. ``"strategy.targets"``).

@@ -4,7 +4,8 @@
 (:class:`~clpeft.components.lora.dora.DoRALinear`), ``pissa`` (LoRA whose updates start at the
 weight's principal components, :mod:`~clpeft.components.lora.pissa`), ``vera``
 (:class:`~clpeft.components.lora.vera.VeRALinear`) and ``lora_xs``
-(:class:`~clpeft.components.lora.lora_xs.LoRAXSLinear`). All are ``LoRALinear`` layers, so
+(:class:`~clpeft.components.lora.lora_xs.LoRAXSLinear`) and ``adalora`` (SVD-form updates,
+:class:`~clpeft.components.lora.adalora.AdaLoRALinear`). All are ``LoRALinear`` layers, so
 everything that takes LoRA layers (frozen and merged updates, adapter files, merging, EMA
 copies) takes them; :func:`check_adapter` refuses, in one line, what a kind does not define.
 """
@@ -16,6 +17,7 @@ from typing import Literal, get_args
 
 from torch import nn
 
+from clpeft.components.lora.adalora import AdaLoRALinear
 from clpeft.components.lora.dora import DoRALinear
 from clpeft.components.lora.layer import LoRALinear
 from clpeft.components.lora.lora_xs import LoRAXSLinear
@@ -24,7 +26,7 @@ from clpeft.errors import UserError
 
 __all__ = ["ADAPTER_KINDS", "AdapterKind", "adapter_layers", "check_adapter"]
 
-AdapterKind = Literal["lora", "dora", "pissa", "vera", "lora_xs"]
+AdapterKind = Literal["lora", "dora", "pissa", "vera", "lora_xs", "adalora"]
 ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 
 # what each operation needs, and the kinds that lack it (with the reason)
@@ -35,9 +37,11 @@ _UNDEFINED = {
               "lora_xs": "its r x r matrix R mixes the components"},
     "design_a": {"pissa": "PiSSA sets A to the weight's principal components",
                  "vera": "A is VeRA's shared random projection",
-                 "lora_xs": "A comes from the weight's SVD"},
+                 "lora_xs": "A comes from the weight's SVD",
+                 "adalora": "A is the trained right factor of its SVD form"},
     "learnable_scale": {"vera": "the scaling vectors already scale the update",
-                        "lora_xs": "R already scales the update"},
+                        "lora_xs": "R already scales the update",
+                        "adalora": "its singular values already scale the update"},
     "layer_ranks": {"vera": "every layer uses the rank of the shared projections"},
     "freeze": {"dora": "its magnitude rescales the whole weight; use old_updates: merge"},
     "low_rank": {"dora": "its magnitude rescales whole weight rows, so its update is not low-rank"},
@@ -97,6 +101,8 @@ def adapter_layers(
     for (name, base), rank in zip(bases.items(), ranks, strict=True):
         if kind == "lora_xs":
             layers[name] = LoRAXSLinear(base, rank, alpha, dropout)
+        elif kind == "adalora":
+            layers[name] = AdaLoRALinear(base, rank, alpha, dropout)
         else:
             cls = DoRALinear if kind == "dora" else LoRALinear
             layers[name] = cls(base, rank, alpha, dropout, learnable_scale, "pissa" if kind == "pissa" else init)
