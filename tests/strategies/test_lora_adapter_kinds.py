@@ -24,7 +24,8 @@ from clpeft.strategies.lora_cl import LoRACL
 from clpeft.strategies.merge_cl import MergeCL
 
 TARGETS = ["net.0", "net.2"]
-CLASSES = {"lora": "LoRALinear", "pissa": "LoRALinear", "dora": "DoRALinear", "vera": "VeRALinear", "lora_xs": "LoRAXSLinear"}
+CLASSES = {"lora": "LoRALinear", "pissa": "LoRALinear", "dora": "DoRALinear", "vera": "VeRALinear", "lora_xs": "LoRAXSLinear",
+           "adalora": "AdaLoRALinear"}
 
 
 def _config(tmp_path, strategy: dict) -> dict:
@@ -69,7 +70,7 @@ def test_lora_cl_trains_each_kinds_tensors_and_resumes_from_its_state(tmp_path, 
     _round_trip_predicts_the_same(tmp_path, cfg, strategy, stream)
 
 
-@pytest.mark.parametrize("kind", ["lora", "pissa", "vera", "lora_xs"])
+@pytest.mark.parametrize("kind", ["lora", "pissa", "vera", "lora_xs", "adalora"])
 def test_merge_cl_stores_each_layers_whole_update_as_its_task_vector(tmp_path, kind, monkeypatch, run_keeping):
     updates, after = [], MergeCL.after_experience
 
