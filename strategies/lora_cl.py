@@ -103,8 +103,9 @@ class LoRACL(Strategy):
         subspace_threshold: ``epsilon`` for ``inflora``/``gpm``: the share of an experience's input
             energy the subspace keeps; or ``[lamb, lame]``, InfLoRA's schedule from ``lamb`` to
             ``lame`` over the stream (``lamb + (lame - lamb) t / T`` after experience ``t``).
-        adapter: the adapter kind of every update: ``lora``, ``dora``, ``pissa``, ``vera`` or
-            ``lora_xs`` (:mod:`clpeft.components.lora.kinds`).
+        adapter: the adapter kind of every update: ``lora``, ``dora``, ``pissa``, ``vera``,
+            ``lora_xs`` or ``adalora`` (SVD-form updates; the rank options above allocate their
+            ranks) (:mod:`clpeft.components.lora.kinds`).
         head_options: flat keys ``train_mask``, ``align`` (with ``subspace: inflora``: InfLoRA + CA,
             the authors' ``cifar100_infloraca.json``) and ``drift_compensation``:
             :class:`~clpeft.components.heads.HeadOptions`.
