@@ -72,9 +72,9 @@ class LAE(Strategy):
         freeze_epochs: epochs at the start of every experience after the first in which the
             online module is frozen and only the head trains.
         ensemble: ``max`` (the paper), or one expert alone: ``online`` or ``offline``.
-        adapter: the adapter kind: ``lora``, ``dora``, ``pissa``, ``vera`` or ``lora_xs``
-            (:mod:`clpeft.components.lora.kinds`; ``vera`` and ``lora_xs`` need
-            ``learnable_scale: false``); the EMA covers each kind's trained tensors.
+        adapter: the adapter kind: ``lora``, ``dora``, ``pissa``, ``vera``, ``lora_xs`` or
+            ``adalora`` (:mod:`clpeft.components.lora.kinds`; ``vera``, ``lora_xs`` and ``adalora``
+            need ``learnable_scale: false``); the EMA covers each kind's trained tensors.
         head_options: the classifier-side options, written as the flat keys ``train_mask``,
             ``align`` (one aligned copy of the head per expert) and ``drift_compensation``
             (:class:`~clpeft.components.heads.HeadOptions`).
