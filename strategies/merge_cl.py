@@ -57,7 +57,7 @@ class MergeCL(Strategy):
         targets: adapted linears with ``mode: lora`` (module-name suffixes).
         rank: LoRA rank ``r`` with ``mode: lora``.
         alpha: LoRA ``alpha`` with ``mode: lora``.
-        adapter: the adapter kind with ``mode: lora``: ``lora``, ``pissa``, ``vera`` or ``lora_xs``
+        adapter: the adapter kind with ``mode: lora``: ``lora``, ``pissa``, ``vera``, ``lora_xs`` or ``adalora``
             (:mod:`clpeft.components.lora.kinds`); each task vector is its update as LoRA factors.
         head_options: flat keys ``train_mask``, ``align`` (re-aligned on the merged model's
             features) and ``drift_compensation``: :class:`~clpeft.components.heads.HeadOptions`.
