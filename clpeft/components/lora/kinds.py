@@ -3,9 +3,11 @@
 ``lora`` (:class:`~clpeft.components.lora.LoRALinear`), ``dora``
 (:class:`~clpeft.components.lora.dora.DoRALinear`), ``pissa`` (LoRA whose updates start at the
 weight's principal components, :mod:`~clpeft.components.lora.pissa`), ``vera``
-(:class:`~clpeft.components.lora.vera.VeRALinear`) and ``lora_xs``
+(:class:`~clpeft.components.lora.vera.VeRALinear`), ``lora_xs``
 (:class:`~clpeft.components.lora.lora_xs.LoRAXSLinear`) and ``adalora`` (SVD-form updates,
-:class:`~clpeft.components.lora.adalora.AdaLoRALinear`). All are ``LoRALinear`` layers, so
+:class:`~clpeft.components.lora.adalora.AdaLoRALinear`; its budget schedule is
+:class:`~clpeft.components.lora.adalora.AdaLoRAAllocator`). EVA's data-driven start of ``lora``
+and ``dora`` updates is :func:`~clpeft.components.lora.eva.eva_init`. All are ``LoRALinear`` layers, so
 everything that takes LoRA layers (frozen and merged updates, adapter files, merging, EMA
 copies) takes them; :func:`check_adapter` refuses, in one line, what a kind does not define.
 """
