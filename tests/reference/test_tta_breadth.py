@@ -1,6 +1,6 @@
-"""clpeft's SAR, RDumb, DeYO and MEMO against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
+"""clpeft's SAR, RDumb, DeYO, MEMO and bn_adapt's prior and EMA statistics against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
 
-The benchmark's ``classification/methods/{sar,eata,deyo,memo}.py`` (RDumb is its EATA with
+The benchmark's ``classification/methods/{sar,eata,deyo,memo,norm}.py`` (RDumb is its EATA with
 ``cfgs/<dataset>/rdumb.yaml``: no Fisher term, ``MODEL.RESET_AFTER_NUM_UPDATES``) run next to
 clpeft's strategies on the tiny networks, weights, batches and configs of
 ``test_tta_methods.py`` (whose helpers this file uses): a BatchNorm CNN and timm's ``test_vit``
@@ -30,6 +30,7 @@ from torch import nn
 from clpeft.components.tta.augmix import AugMix
 from clpeft.components.tta.lower_norm_layers import lower_norm_layers
 from clpeft.components.tta.object_destruction import destroy_objects
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.prior_batch_norm import PriorBatchNorm
 from clpeft.registry import strategies
 
@@ -58,7 +59,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 @pytest.fixture
 def bench(load_reference):
-    """The benchmark's ``conf``, the methods ``sar``, ``eata``, ``deyo``, ``memo`` and its AugMix (stubs as in
+    """The benchmark's ``conf``, the methods ``sar``, ``eata``, ``deyo``, ``memo``, ``norm`` and its AugMix (stubs as in
     ``test_tta_methods.py``; EATA without a Fisher term never asks for source data)."""
     root = ref_dir("test-time-adaptation") / SUBDIR
     pytest.importorskip("yacs", reason="the benchmark's configs need yacs (pip install -e .[dev])")
@@ -76,7 +77,7 @@ def bench(load_reference):
     }
     with load_reference("test-time-adaptation", "conf", SUBDIR, stubs=stubs) as conf:
         ns = types.SimpleNamespace(root=root, conf=conf)
-        for name in ("sar", "eata", "memo"):
+        for name in ("sar", "eata", "memo", "norm"):
             setattr(ns, name, importlib.import_module(f"methods.{name}"))
         ns.augmix = importlib.import_module("augmentations.transforms_augmix")
         ns.deyo = importlib.import_module("methods.deyo") if importlib.util.find_spec("einops") else None
@@ -387,3 +388,42 @@ def test_memo_equals_the_reference(bench, kind):
     names = {id(p): re.sub(r"\.layer\.(weight|bias)$", r".\1", n) for n, p in ref.model.named_parameters()}
     _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer,
                                  {names[id(p)]: p for p in ref.model.parameters()})
+
+
+# ------------------------------------------------------------------ bn_adapt statistics
+
+
+@pytest.mark.parametrize(("statistics", "batch"), [("alpha", 1), ("alpha", 4), ("ema", BATCH)])
+def test_bn_adapt_statistics_equal_norm_alpha_and_norm_ema(bench, statistics, batch):
+    """``statistics: alpha`` = ``BNAlpha`` (``cfgs/cifar10_c/norm_alpha.yaml``: ``BN.ALPHA`` 0.1,
+    test batches of one image; and of four) and ``statistics: ema`` = ``BNEMA``
+    (``norm_ema.yaml``): the predictions of three batches, and for ``ema`` the running statistics
+    after them, on a CNN whose source statistics differ from the test batches'. Mutations
+    checked: ``alpha`` on the source side of the mix, ``ema`` without the update."""
+    model = _source_model("cnn", head_scale=3.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    cfg = _cfg(bench, f"norm_{statistics}", **{"TEST.BATCH_SIZE": batch})
+    strategy = _clpeft("bn_adapt", "cnn", model, statistics=statistics, alpha=cfg.BN.ALPHA)
+    assert cfg.BN.ALPHA == _defaults("bn_adapt")["alpha"]
+    reference_model = _reference_model(model)
+    # clpeft's Backbone.train keeps a backbone without trainable parameters in eval mode; the
+    # benchmark's models are plain modules whose train() BNEMA relies on
+    reference_model[0].train = types.MethodType(nn.Module.train, reference_model[0])
+    ref = {"alpha": bench.norm.BNAlpha, "ema": bench.norm.BNEMA}[statistics](cfg, reference_model, CLASSES)
+    source_out = None
+    for i in range(3):
+        x = _images(batch, 160 + i)
+        out = _adapt(strategy, x)
+        torch.testing.assert_close(out, ref(_float(x)), **CLOSE, msg=lambda m: f"batch {i}: {m}")
+        with torch.no_grad():
+            source_out = model.eval()(_float(x))
+    assert (out - source_out).abs().max() > 1e-3, i  # the test statistics mattered
+    if statistics == "ema":
+        theirs = ref.model.model.state_dict()
+        for name, buffer in classifier(strategy.backbone, strategy.head).named_buffers():
+            torch.testing.assert_close(buffer.float(), theirs[name].float(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(strategy.backbone.stem[1].running_mean, model[0].stem[1].running_mean)

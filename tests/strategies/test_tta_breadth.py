@@ -242,6 +242,49 @@ def test_memo_step_minimises_the_marginal_entropy_of_the_views(source, monkeypat
     assert float(-(after * after.log()).sum()) < losses[0]
 
 
+# ------------------------------------------------------------------ bn_adapt statistics
+
+
+def _predictions(strategy, source, n: int = 6, size: int = 64) -> torch.Tensor:
+    return torch.cat([_adapt(strategy, x) for x in _batches(source, n, size)])
+
+
+def test_bn_adapt_alpha_spans_source_and_batch_statistics_and_ema_moves_the_running_ones(source):
+    """``alpha: 0`` predicts as the source model, ``alpha: 1`` as BatchNorm on each batch's
+    statistics (up to the unbiased variance); ``ema`` changes the running statistics a little
+    per batch (momentum 0.1 from the source's) and a loaded source state undoes it; every
+    variant makes fewer mistakes than the source model on the noisy digits."""
+    y = source["y"][:6 * 64]
+    errors = {}
+    for name, params in [("source", {}), ("batch", {}), ("alpha_0", {"statistics": "alpha", "alpha": 0.0}),
+                         ("alpha_1", {"statistics": "alpha", "alpha": 1.0}), ("alpha", {"statistics": "alpha"}),
+                         ("ema", {"statistics": "ema"})]:
+        s = _make("source" if name == "source" else "bn_adapt", source, **params)
+        out = _predictions(s, source)
+        errors[name] = float((out.argmax(1) != y).float().mean())
+        if name == "source":
+            source_out = out
+        if name == "batch":
+            batch_out = out
+        if name == "alpha_0":
+            torch.testing.assert_close(out, source_out)
+        if name == "alpha_1":
+            torch.testing.assert_close(out, batch_out, rtol=0.05, atol=0.05)
+            assert (out.argmax(1) == batch_out.argmax(1)).float().mean() > 0.97
+    for name in ("batch", "alpha", "ema"):
+        assert errors[name] < errors["source"], errors
+    s = _make("bn_adapt", source, start=False, statistics="ema")
+    source_state = copy.deepcopy(s.state_dict())
+    s.before_experience(source["tta_exp"])
+    mean = s.backbone.stem[1].running_mean
+    before = mean.clone()
+    _adapt(s, _batches(source, 1)[0])
+    moved = (mean - before).abs().max()
+    assert 0 < moved < 0.2 * before.abs().max() + 0.1
+    s.load_state_dict(source_state)
+    assert torch.equal(s.backbone.stem[1].running_mean, before)
+
+
 # ------------------------------------------------------------------ state
 
 
