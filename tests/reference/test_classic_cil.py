@@ -8,6 +8,9 @@
   loss values); the exemplar lists, the class means and the nearest-mean predictions against
   PILOT's ``BaseLearner`` (``build_rehearsal_memory``, ``_class_means``, ``_eval_nme``) on the same
   network; the defaults against ``exps/icarl.json``.
+* **BiC** (``strategies/bic.py``) against Mammoth's ``models/bic.py``: the parameters after the
+  second experience's steps (``observe``: ``(1 - lambda) CE + lambda T^2`` distillation), and
+  ``alpha, beta`` fitted on the same validation batches (``end_task``).
 * **SI** (``strategies/si.py``) against Mammoth's ``models/si.py`` (``observe``/``end_task``): the loss
   of every step, ``Omega`` and every parameter after each of two experiences.
 * **MAS** (``strategies/mas.py``) against Avalanche's ``MASPlugin`` (``before_backward``,
@@ -22,7 +25,8 @@ classes each, in the same order. Where the reference has every class's output fr
 namespaces holding what their methods read, so no reference dataset or training loop is involved.
 
 Tolerances: float32 on both sides, same operations: ``atol=1e-6`` (parameters, losses), ``1e-5``
-relative for ``Omega`` (a quotient of small differences). Mutations checked to fail here: iCaRL's
+relative for ``Omega`` (a quotient of small differences). Mutations checked to fail here: BiC's distillation without ``T^2``; the correction
+fitted as ``alpha (o + beta)``; iCaRL's
 old targets taken from the logits instead of their sigmoid, or the old model's targets on all
 columns; PILOT's distillation with a ``T^2`` factor; the NME without renormalising the class
 mean; SI's path integral with the total loss's gradient (penalty included) or without the clipping;
@@ -44,9 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.backbones.mlp import MLPBackbone
+from clpeft.components.heads.bias_correction import BiasCorrection
 from clpeft.data import ArrayDataset, Batch, DataView
 from clpeft.data_access import DataAccess
 from clpeft.experience import Experience
+from clpeft.strategies.bic import BiC
 from clpeft.strategies.icarl import ICaRL
 from clpeft.strategies.mas import MAS
 from clpeft.strategies.si import SI
@@ -262,6 +268,57 @@ def test_icarl_defaults_are_pilots():
         exp = json.load(f)
     defaults = {n: p.default for n, p in inspect.signature(ICaRL).parameters.items()}
     assert (defaults["mem_size"], defaults["temperature"]) == (exp["memory_size"], exp["T"])
+
+
+# --------------------------------------------------------------------------------------------
+# BiC
+# --------------------------------------------------------------------------------------------
+
+
+def _mammoth_loss(outputs, labels, reduction="mean"):
+    return F.cross_entropy(outputs, labels, reduction=reduction)
+
+
+def test_bic_training_equals_mammoth():
+    stream = _stream()
+    strategy = _strategy(BiC, mem_size=8, temperature=3.0)
+    _train_experience(strategy, stream[0])
+    strategy.before_experience(stream[1])
+    teacher = strategy.teacher
+    net = _copy_net(strategy)
+    old_net = nn.Sequential(copy.deepcopy(teacher.backbone.net), _copy_net(strategy, teacher.head)[1])
+    with load_reference("mammoth", "models.bic", stubs=_mammoth_stubs()) as ref:
+        observer = types.SimpleNamespace(
+            net=net, old_net=old_net, opt=torch.optim.SGD(net.parameters(), lr=LR), loss=_mammoth_loss, current_task=1,
+            cpt=2, lamda=1 / 2, args=types.SimpleNamespace(temp=3.0, wd_reg=None, distill_after_bic=True))
+        optimizer = torch.optim.SGD(_trainable(strategy), lr=LR)
+        for positions, x, y in _batches(stream[1]):
+            _step(strategy, optimizer, positions, x, y)
+            ref.BiC.observe(observer, x, y, x)
+    _assert_same_parameters(strategy, net)
+
+
+def test_bic_bias_correction_equals_mammoth():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, N_CLASSES))
+    val = [(torch.randn(5, 6) * 2, torch.randint(N_CLASSES, (5,))) for _ in range(4)]
+    epochs = 30
+    mine = BiasCorrection()
+    with torch.no_grad():
+        mine.fit(lambda: [(net(x), y) for x, y in val], 2, N_CLASSES, epochs)
+    with load_reference("mammoth", "models.bic", stubs=_mammoth_stubs()) as ref:
+        observer = types.SimpleNamespace(
+            net=net, current_task=1, n_past_classes=2, n_seen_classes=N_CLASSES, loss=F.cross_entropy,
+            device=torch.device("cpu"), val_loader=val, args=types.SimpleNamespace(bic_epochs=epochs),
+            forward=lambda x: net(x).clone(), evaluate_bias=lambda prefix: None, build_buffer=lambda dataset: None)
+        ref.BiC.end_task(observer, types.SimpleNamespace(evaluate=lambda model, dataset: None))
+    beta, alpha = observer.corr_factors.detach()
+    assert (float(alpha), float(beta)) != (1.0, 0.0)
+    torch.testing.assert_close((mine.alpha, mine.beta), (alpha, beta), **ATOL)
+    logits = net(val[0][0]).detach()
+    corrected = mine(logits)
+    assert torch.equal(corrected[:, :2], logits[:, :2])
+    torch.testing.assert_close(corrected[:, 2:], logits[:, 2:] * alpha + beta, **ATOL)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The classic class-incremental methods (iCaRL, SI, MAS, WA) through the engine, on a trainable and a frozen MLP.
+"""The classic class-incremental methods (iCaRL, SI, MAS, WA, BiC) through the engine, on a trainable and a frozen MLP.
 
 Tiny offline streams of scikit-learn digits. What each test shows could fail:
 
@@ -11,6 +11,9 @@ Tiny offline streams of scikit-learn digits. What each test shows could fail:
 * **WA's defining property**: after each experience the new classes' weight vectors are rescaled
   by one factor to the old ones' mean norm, the rest untouched; the head stays non-negative; its
   loss equals a numpy computation of eq. 3. WA forgets less than fine-tuning on a trainable MLP.
+* **BiC's defining property**: the validation set is held out of training and balanced over the
+  classes seen; the fitted correction changes only the latest classes' logits, by ``alpha o + beta``.
+  BiC forgets less than fine-tuning on a trainable MLP.
 * **iCaRL's defining property**: its predictions are the nearest mean of exemplars, recomputed
   here in numpy from the memory's samples and the final backbone, and so are the accuracies the
   engine recorded.
@@ -36,7 +39,8 @@ METHODS = {  # name -> (strategy section, stream it is compared on)
     "si": ({"name": "si", "c": 10.0}, DOMAIN_INCREMENTAL),
     "mas": ({"name": "mas", "lambda_reg": 1.0}, DOMAIN_INCREMENTAL),
 }
-RESUMED = {**METHODS, "wa": ({"name": "wa", "mem_size": 40}, CLASS_INCREMENTAL)}
+RESUMED = {**METHODS, "wa": ({"name": "wa", "mem_size": 40}, CLASS_INCREMENTAL),
+           "bic": ({"name": "bic", "mem_size": 40, "bias_epochs": 5}, CLASS_INCREMENTAL)}
 BACKBONES = {"trainable": False, "frozen": True}
 
 
@@ -204,3 +208,59 @@ def test_wa_forgets_less_than_finetune(tmp_path, run_keeping):
     wa, _, _ = run_keeping(configs["wa"], tmp_path / "wa")
     finetune, _, _ = run_keeping(configs["finetune"], tmp_path / "finetune")
     assert wa["metrics"]["forgetting"] < finetune["metrics"]["forgetting"] - 0.3, (wa["metrics"], finetune["metrics"])
+
+
+# --------------------------------------------------------------------------------------------
+# BiC
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_bic_corrects_only_the_new_classes_from_a_held_out_balanced_set(backbone, tmp_path, run_keeping, monkeypatch):
+    """From the second experience on: the validation set is held out of training and has the same
+    number of samples of every class seen; after training, the predictions are the head's logits with
+    only the latest classes' columns mapped to ``alpha o + beta`` (fitted: not the identity)."""
+    from clpeft.strategies.bic import BiC
+
+    seen, train_data, after = [], BiC.train_data, BiC.after_experience
+
+    def spy_train_data(self, exp):
+        data = train_data(self, exp)
+        if self.validation is not None:
+            held, trained = self.validation.load()[0].flatten(1), data.load()[0].flatten(1)
+            assert not (held[:, None] == trained[None]).all(-1).any(), "a validation sample is trained on"
+            counts = torch.bincount(self.validation.targets)
+            assert len(counts) == exp.n_classes_seen and len(set(counts.tolist())) == 1, counts
+        return data
+
+    def spy_after(self, exp):
+        n_old = 0 if self.teacher is None else self.teacher.head.n_classes
+        after(self, exp)
+        x = exp.train.load()[0][:16]
+        with torch.no_grad():
+            raw, predicted = self.head(self.backbone(x)), self.correction(self.head(self.backbone(x)))
+        seen.append((n_old, self.head.n_classes, float(self.correction.alpha), float(self.correction.beta), raw, predicted))
+
+    monkeypatch.setattr(BiC, "train_data", spy_train_data)
+    monkeypatch.setattr(BiC, "after_experience", spy_after)
+    config = _config({"name": "bic", "mem_size": 60, "bias_epochs": 20}, CLASS_INCREMENTAL, BACKBONES[backbone],
+                     tmp_path / "data")
+    run_keeping(config, tmp_path / "run")
+    assert len(seen) == 5
+    for n_old, n_seen, alpha, beta, raw, predicted in seen:
+        if n_old == 0:
+            assert torch.equal(predicted, raw)
+            continue
+        assert (alpha, beta) != (1.0, 0.0)
+        assert torch.equal(predicted[:, :n_old], raw[:, :n_old])
+        torch.testing.assert_close(predicted[:, n_old:n_seen], alpha * raw[:, n_old:n_seen] + beta)
+
+
+def test_bic_forgets_less_than_finetune(tmp_path, run_keeping):
+    """Trainable MLP. On frozen random features BiC's linear head, whose cross-entropy weighs 1 - n/(n+m),
+    keeps little of the old classes (the correction test above runs it there)."""
+    scenario = CLASS_INCREMENTAL
+    bic, _, _ = run_keeping(_config({"name": "bic", "mem_size": 100, "bias_epochs": 50}, scenario, False,
+                                    tmp_path / "data"), tmp_path / "bic")
+    finetune, _, _ = run_keeping(_config({"name": "finetune"}, scenario, False, tmp_path / "data"), tmp_path / "finetune")
+    assert bic["metrics"]["forgetting"] < finetune["metrics"]["forgetting"] - 0.3, (bic["metrics"], finetune["metrics"])
