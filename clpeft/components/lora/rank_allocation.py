@@ -38,8 +38,8 @@ from collections.abc import Mapping
 import torch
 
 from clpeft.components.lora.layer import LoRALinear
+from clpeft.components.lora.sensitivity import SmoothedSensitivity
 from clpeft.errors import UserError
-from clpeft.resizing import zero_padded
 
 __all__ = ["RankAllocator"]
 
@@ -72,9 +72,7 @@ class RankAllocator:
         self.budget = budget
         self.top_k = top_k
         self.rank_step = rank_step
-        self.beta1 = beta1
-        self.beta2 = beta2
-        self._state: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sensitivity = SmoothedSensitivity(beta1, beta2)
         if self.total_rank > budget:
             raise UserError(f"the layers already hold rank {self.total_rank}, more than the budget {budget}")
 
@@ -87,27 +85,15 @@ class RankAllocator:
         """Fold the current gradients into the smoothed scores (call after each backward)."""
         for name, layer in self.layers.items():
             for factor in _FACTORS:
-                param = getattr(layer, factor)
-                if param.grad is None:
-                    continue
-                i_bar, u_bar = self._state.get((name, factor), (None, None))
-                sensitivity = (param * param.grad).abs().float()
-                i_bar = zero_padded(i_bar, param, torch.float32).mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
-                u_bar = zero_padded(u_bar, param, torch.float32).mul_(self.beta2).add_((sensitivity - i_bar).abs(), alpha=1 - self.beta2)
-                self._state[name, factor] = (i_bar, u_bar)
+                self.sensitivity.update((name, factor), getattr(layer, factor))
 
     def scores(self) -> dict[str, float]:
         """Each layer's importance: the mean of ``I_bar * U_bar`` over its factor entries (0 if unseen)."""
         scores = {}
         for name, layer in self.layers.items():
-            total, count = 0.0, 0
-            for factor in _FACTORS:
-                param = getattr(layer, factor)
-                i_bar, u_bar = self._state.get((name, factor), (None, None))
-                if i_bar is not None:
-                    total += (zero_padded(i_bar, param, torch.float32) * zero_padded(u_bar, param, torch.float32)).sum().item()
-                count += param.numel()
-            scores[name] = total / max(count, 1)
+            params = [getattr(layer, factor) for factor in _FACTORS]
+            total = sum(self.sensitivity.score((name, f), p).sum().item() for f, p in zip(_FACTORS, params))
+            scores[name] = total / max(sum(p.numel() for p in params), 1)
         return scores
 
     def allocate(self, generator: torch.Generator | None = None) -> dict[str, int]:

@@ -4,8 +4,8 @@ AdaLoRA (Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-
 ICLR 2023, https://arxiv.org/abs/2303.10512, eq. 8-10): per entry ``I = |w * dL/dw|``,
 ``I_bar = beta1 I_bar + (1 - beta1) I``, ``U_bar = beta2 U_bar + (1 - beta2) |I - I_bar|`` and the
 score ``s = I_bar * U_bar``. :class:`~clpeft.components.lora.adalora.AdaLoRAAllocator` scores its
-triplets with it. (:class:`~clpeft.components.lora.RankAllocator` computes the same recursion on
-``A`` and ``B``; it belongs on this class too.) Parameters may change shape between updates
+triplets with it, :class:`~clpeft.components.lora.RankAllocator` (IncreLoRA's growth, budget splits)
+its layers' ``A`` and ``B``. Parameters may change shape between updates
 (grown or pruned layers): the state is zero-padded or cut to the parameter's shape.
 """
 
