@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components import ReplayBuffer
 from clpeft.components.heads.bias_correction import BiasCorrection
 from clpeft.components.heads.nearest_mean_of_exemplars import labelled_features
 from clpeft.components.memory.replay import Policy
 from clpeft.components.regularization.distillation import distillation_loss
-from clpeft.components.regularization.previous_model import PreviousModel
+from clpeft.components.regularization.exemplar_distillation import ExemplarDistillation
 from clpeft.data import Batch, DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -65,31 +64,30 @@ class BiC(Strategy):
                  temperature: Annotated[float, Field(gt=0)] = 2.0, bias_epochs: Annotated[int, Field(ge=0)] = 250,
                  bias_batch_size: Annotated[int, Field(ge=1)] = 32, distill_corrected: bool = True):
         super().__init__(backbone)
-        self.memory = ReplayBuffer(mem_size, policy)
+        self.rehearsal = ExemplarDistillation(mem_size, policy)
         self.correction = BiasCorrection()
         self.val_fraction = val_fraction
         self.temperature = temperature
         self.bias_epochs = bias_epochs
         self.bias_batch_size = bias_batch_size
         self.distill_corrected = distill_corrected
-        self.teacher: PreviousModel | None = None
         self.teacher_correction: BiasCorrection | None = None
         self.validation: DataView | None = None
 
     def before_experience(self, exp: Experience) -> None:
-        self.teacher = PreviousModel.of(self)  # before the head grows
-        if self.teacher is not None and self.distill_corrected:
+        self.rehearsal.start(self)
+        if self.rehearsal.n_old and self.distill_corrected:
             self.teacher_correction = copy.deepcopy(self.correction)
         self.correction.fit(lambda: (), 0, 0, epochs=0)  # no correction while training
         super().before_experience(exp)
 
     def train_data(self, exp: Experience) -> DataView:
-        data = exp.train + self.memory.view(exp.past)
-        if self.teacher is None:
+        data = self.rehearsal.data(exp)
+        if not self.rehearsal.n_old:
             self.validation = None
             return data
         labels = data.targets
-        old = self.memory.labels
+        old = self.rehearsal.memory.labels
         k = max(1, round(self.val_fraction * int(torch.bincount(old).masked_select(torch.bincount(old) > 0).min())))
         held = torch.cat([idx[torch.randperm(len(idx))[:k]] for c in torch.unique(labels).tolist()
                           for idx in [torch.nonzero(labels == c).flatten()]])
@@ -99,25 +97,20 @@ class BiC(Strategy):
         return data.take(torch.nonzero(kept).flatten())
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        features = self.embed(batch.x)
-        logits = self.head(features)
-        ce = F.cross_entropy(logits, batch.y)
-        if self.teacher is None:
-            return ce
-        old = self.teacher(batch.x, features)
+        logits, old = self.rehearsal.outputs(self, batch)
+        if old is None:
+            return F.cross_entropy(logits, batch.y)
         if self.teacher_correction is not None:
             old = self.teacher_correction(old)
         share = old.shape[1] / logits.shape[1]  # lambda = n / (n + m)
-        return (1 - share) * ce + share * self.temperature**2 * distillation_loss(logits, old, self.temperature)
+        distillation = self.temperature**2 * distillation_loss(logits, old, self.temperature)
+        return (1 - share) * F.cross_entropy(logits, batch.y) + share * distillation
 
     def after_experience(self, exp: Experience) -> None:
         if self.validation is not None:
-            self.correction.fit(self._validation_batches(), self.teacher.head.n_classes, self.head.n_classes,
-                                self.bias_epochs)
-        self.teacher = self.teacher_correction = self.validation = None
-        herding = self.memory.policy == "herding"
-        features = labelled_features(self.batches(exp.train), self.embed, self.backbone.feature_dim)[0] if herding else None
-        self.memory.update(exp, features=features)
+            self.correction.fit(self._validation_batches(), self.rehearsal.n_old, self.head.n_classes, self.bias_epochs)
+        self.teacher_correction = self.validation = None
+        self.rehearsal.finish(self, exp)
 
     def _validation_batches(self):
         """Each call: one shuffled epoch of ``(uncorrected logits, labels)`` of the validation set."""

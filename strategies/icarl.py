@@ -4,7 +4,8 @@ Rebuffi et al., CVPR 2017 (https://arxiv.org/abs/1611.07725). Each experience tr
 plus a memory of exemplars, with the previous model's outputs on the old classes as targets
 (Alg. 3); afterwards ``m = M // classes seen`` exemplars per class are kept, a new class's chosen
 by herding on the current features (Alg. 4, :class:`~clpeft.components.ReplayBuffer`'s
-``herding`` policy) and an old class's cut to its first ``m`` (Alg. 5). Classification is by the
+``herding`` policy; memory and teacher are
+:class:`~clpeft.components.regularization.exemplar_distillation.ExemplarDistillation`) and an old class's cut to its first ``m`` (Alg. 5). Classification is by the
 nearest mean of exemplars, recomputed with the current model after every experience (Alg. 1,
 :class:`~clpeft.components.heads.nearest_mean_of_exemplars.NearestMeanOfExemplars`); the trained
 linear head only serves the loss.
@@ -34,10 +35,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components import ReplayBuffer
 from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars, labelled_features
 from clpeft.components.regularization.distillation import distillation_loss
-from clpeft.components.regularization.previous_model import PreviousModel
+from clpeft.components.regularization.exemplar_distillation import ExemplarDistillation
 from clpeft.data import Batch, DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -58,23 +58,20 @@ class ICaRL(Strategy):
     def __init__(self, backbone, mem_size: Annotated[int, Field(ge=1)] = 2000, loss: Literal["bce", "ce"] = "bce",
                  temperature: Annotated[float, Field(gt=0)] = 2.0):
         super().__init__(backbone)
-        self.memory = ReplayBuffer(mem_size, "herding")
+        self.rehearsal = ExemplarDistillation(mem_size)
         self.means = NearestMeanOfExemplars(backbone.feature_dim)
         self.loss = loss
         self.temperature = temperature
-        self.teacher: PreviousModel | None = None
 
     def before_experience(self, exp: Experience) -> None:
-        self.teacher = PreviousModel.of(self)  # before the head grows
+        self.rehearsal.start(self)
         super().before_experience(exp)
 
     def train_data(self, exp: Experience) -> DataView:
-        return exp.train + self.memory.view(exp.past)
+        return self.rehearsal.data(exp)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        features = self.embed(batch.x)
-        logits = self.head(features)
-        old = None if self.teacher is None else self.teacher(batch.x, features)
+        logits, old = self.rehearsal.outputs(self, batch)
         if self.loss == "bce":
             targets = F.one_hot(batch.y, logits.shape[1]).to(logits.dtype)
             if old is not None:
@@ -84,15 +81,11 @@ class ICaRL(Strategy):
         return loss if old is None else loss + distillation_loss(logits, old, self.temperature)
 
     def after_experience(self, exp: Experience) -> None:
-        self.teacher = None
-        self.memory.update(exp, features=self._features(exp.train)[0])
+        self.rehearsal.finish(self, exp)
         self.means.grow_to(exp.n_classes_seen)  # a class without exemplars keeps a zero mean
-        self.means.fit(*self._features(self.memory.view((*exp.past, exp))))
+        view = self.rehearsal.memory.view((*exp.past, exp))
+        self.means.fit(*labelled_features(self.batches(view), self.embed, self.backbone.feature_dim))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the nearest mean of exemplars (the classes' means as of the last experience)."""
         return self.means(self.embed(x))
-
-    def _features(self, view: DataView) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of every sample of ``view``, in its order (eval mode, no augmentation)."""
-        return labelled_features(self.batches(view), self.embed, self.backbone.feature_dim)

@@ -26,11 +26,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components import ReplayBuffer
-from clpeft.components.heads.nearest_mean_of_exemplars import labelled_features
 from clpeft.components.heads.weight_aligning import align_weights, clip_weights
 from clpeft.components.regularization.distillation import distillation_loss
-from clpeft.components.regularization.previous_model import PreviousModel
+from clpeft.components.regularization.exemplar_distillation import ExemplarDistillation
 from clpeft.data import Batch, DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -55,29 +53,24 @@ class WA(Strategy):
                  temperature: Annotated[float, Field(gt=0)] = 2.0,
                  kd_weight: Annotated[float, Field(ge=0)] | None = 2.0, clip: bool = True):
         super().__init__(backbone)
-        self.memory = ReplayBuffer(mem_size, "herding")
+        self.rehearsal = ExemplarDistillation(mem_size)
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.clip = clip
-        self.teacher: PreviousModel | None = None
-
-    def before_experience(self, exp: Experience) -> None:
-        self.teacher = PreviousModel.of(self)  # before the head grows
-        super().before_experience(exp)
 
     def train_data(self, exp: Experience) -> DataView:
-        return exp.train + self.memory.view(exp.past)
+        return self.rehearsal.data(exp)
+
+    def before_experience(self, exp: Experience) -> None:
+        self.rehearsal.start(self)
+        super().before_experience(exp)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        features = self.embed(batch.x)
-        logits = self.head(features)
+        logits, old = self.rehearsal.outputs(self, batch)
         ce = F.cross_entropy(logits, batch.y)
-        if self.teacher is None:
-            return ce
-        old = self.teacher(batch.x, features)
-        kd = distillation_loss(logits, old, self.temperature)
-        if self.kd_weight is not None:
-            return ce + self.kd_weight * kd
+        kd = 0.0 if old is None else distillation_loss(logits, old, self.temperature)
+        if self.kd_weight is not None or old is None:
+            return ce + (self.kd_weight or 0.0) * kd
         share = old.shape[1] / logits.shape[1]  # lambda = n / (n + m)
         return (1 - share) * ce + share * kd
 
@@ -87,8 +80,5 @@ class WA(Strategy):
         return False
 
     def after_experience(self, exp: Experience) -> None:
-        n_old = 0 if self.teacher is None else self.teacher.head.n_classes
-        self.teacher = None
-        align_weights(self.head.weight.data, n_old)
-        features, _ = labelled_features(self.batches(exp.train), self.embed, self.backbone.feature_dim)
-        self.memory.update(exp, features=features)
+        align_weights(self.head.weight.data, self.rehearsal.n_old)
+        self.rehearsal.finish(self, exp)

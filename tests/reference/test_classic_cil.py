@@ -173,7 +173,7 @@ def _icarl_after_first(loss: str, mem_size: int = 8):
 
 def test_icarl_bce_equals_mammoth():
     strategy, stream = _icarl_after_first("bce")
-    teacher = strategy.teacher
+    teacher = strategy.rehearsal.teacher
     assert teacher is not None and teacher.head.n_classes == 2 and strategy.head.n_classes == N_CLASSES
     net = _copy_net(strategy)
     old_net = nn.Sequential(copy.deepcopy(teacher.backbone.net), _copy_net(strategy, teacher.head)[1])
@@ -210,7 +210,7 @@ class _PilotNet(nn.Module):
 
 def test_icarl_ce_equals_pilot(monkeypatch):
     strategy, stream = _icarl_after_first("ce")
-    teacher = strategy.teacher
+    teacher = strategy.rehearsal.teacher
     net = _copy_net(strategy)
     old = _copy_net(strategy, teacher.head)
     old[0] = copy.deepcopy(teacher.backbone.net)
@@ -249,8 +249,8 @@ def test_icarl_exemplars_means_and_nme_predictions_equal_pilot(monkeypatch):
             learner.build_rehearsal_memory(manager, learner.samples_per_class)
             learner._known_classes = learner._total_classes
 
-            ids = torch.stack([stream[e].train.parts[0][1][p] for e, p in strategy.memory.items.tolist()])
-            mine = {c: ids[strategy.memory.labels == c].tolist() for c in range(learner._total_classes)}
+            ids = torch.stack([stream[e].train.parts[0][1][p] for e, p in strategy.rehearsal.memory.items.tolist()])
+            mine = {c: ids[strategy.rehearsal.memory.labels == c].tolist() for c in range(learner._total_classes)}
             theirs_ids, theirs_y = learner._data_memory.astype(int), learner._targets_memory.astype(int)
             assert mine == {c: theirs_ids[theirs_y == c].tolist() for c in range(learner._total_classes)}
             torch.testing.assert_close(strategy.means.prototypes, torch.from_numpy(learner._class_means),
@@ -260,7 +260,7 @@ def test_icarl_exemplars_means_and_nme_predictions_equal_pilot(monkeypatch):
             predicted, _ = learner._eval_nme(loader, learner._class_means)
             with torch.no_grad():
                 assert torch.equal(strategy.predict(inputs).argmax(1), torch.from_numpy(predicted[:, 0]))
-    assert len(strategy.memory) == 8 and learner.samples_per_class == 2  # 10 // 4 per class
+    assert len(strategy.rehearsal.memory) == 8 and learner.samples_per_class == 2  # 10 // 4 per class
 
 
 def test_icarl_defaults_are_pilots():
@@ -284,7 +284,7 @@ def test_bic_training_equals_mammoth():
     strategy = _strategy(BiC, mem_size=8, temperature=3.0)
     _train_experience(strategy, stream[0])
     strategy.before_experience(stream[1])
-    teacher = strategy.teacher
+    teacher = strategy.rehearsal.teacher
     net = _copy_net(strategy)
     old_net = nn.Sequential(copy.deepcopy(teacher.backbone.net), _copy_net(strategy, teacher.head)[1])
     with load_reference("mammoth", "models.bic", stubs=_mammoth_stubs()) as ref:

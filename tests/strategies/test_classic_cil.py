@@ -86,8 +86,8 @@ def _nme_predictions(features: np.ndarray, exemplar_features: np.ndarray, exempl
 def test_icarl_predicts_the_nearest_mean_of_exemplars(backbone, tmp_path, run_keeping):
     config = _config({"name": "icarl", "mem_size": 60}, CLASS_INCREMENTAL, BACKBONES[backbone], tmp_path / "data")
     result, strategy, stream = run_keeping(config, tmp_path / "run")
-    assert len(strategy.memory) == 60 and torch.bincount(strategy.memory.labels).tolist() == [6] * 10
-    x_memory, y_memory = strategy.memory.view(stream).load()
+    assert len(strategy.rehearsal.memory) == 60 and torch.bincount(strategy.rehearsal.memory.labels).tolist() == [6] * 10
+    x_memory, y_memory = strategy.rehearsal.memory.view(stream).load()
     with torch.no_grad():
         exemplars = strategy.backbone(x_memory).double().numpy()
         accuracies = []
@@ -131,18 +131,18 @@ def test_wa_aligns_new_norms_to_old_clips_and_weighs_its_loss(backbone, tmp_path
     after, step, after_step = WA.after_experience, WA.training_step, WA.after_training_step
 
     def spy_after(self, exp):
-        n_old = 0 if self.teacher is None else self.teacher.head.n_classes
+        n_old = self.rehearsal.n_old
         before = (self.head.weight.detach().clone(), self.head.bias.detach().clone())
         after(self, exp)
         aligned.append((n_old, *before, self.head.weight.detach().clone(), self.head.bias.detach().clone()))
 
     def spy_step(self, batch):
         loss = step(self, batch)
-        if self.teacher is not None:
+        if self.rehearsal.teacher is not None:
             with torch.no_grad():
                 features = self.embed(batch.x)
                 logits = self.head(features).double().numpy()
-                old = self.teacher(batch.x, features).double().numpy()
+                old = self.rehearsal.teacher(batch.x, features).double().numpy()
             y = batch.y.numpy()
             ce = -_log_softmax(logits)[np.arange(len(y)), y].mean()
             log_q, log_p = _log_softmax(old / T), _log_softmax(logits[:, : old.shape[1]] / T)
@@ -183,13 +183,13 @@ def test_wa_pycil_loss_is_ce_plus_weighted_distillation():
     torch.manual_seed(0)
     strategy = WA(MLPBackbone(input_shape=(6,), hidden=[8], scale=1.0), kd_weight=3.0, temperature=1.5)
     strategy.head.grow_to(3)
-    strategy.teacher = PreviousModel(strategy.head)
-    strategy.teacher.head.bias.data += torch.tensor([0.5, -1.0, 0.2])  # a teacher that differs
+    strategy.rehearsal.teacher = PreviousModel(strategy.head)
+    strategy.rehearsal.teacher.head.bias.data += torch.tensor([0.5, -1.0, 0.2])  # a teacher that differs
     strategy.head.grow_to(5)
     x, y = torch.randn(7, 6), torch.tensor([0, 1, 2, 3, 4, 3, 4])
     with torch.no_grad():
         logits = strategy.head(strategy.backbone(x)).double().numpy()
-        old = strategy.teacher.head(strategy.backbone(x)).double().numpy()
+        old = strategy.rehearsal.teacher.head(strategy.backbone(x)).double().numpy()
     ce = -_log_softmax(logits)[np.arange(7), y.numpy()].mean()
     log_q, log_p = _log_softmax(old / 1.5), _log_softmax(logits[:, :3] / 1.5)
     expected = ce + 3.0 * (np.exp(log_q) * (log_q - log_p)).sum(1).mean()
@@ -234,7 +234,7 @@ def test_bic_corrects_only_the_new_classes_from_a_held_out_balanced_set(backbone
         return data
 
     def spy_after(self, exp):
-        n_old = 0 if self.teacher is None else self.teacher.head.n_classes
+        n_old = self.rehearsal.n_old
         after(self, exp)
         x = exp.train.load()[0][:16]
         with torch.no_grad():
