@@ -45,8 +45,9 @@ from clpeft.strategy import Strategy
 
 @register_strategy("bic")
 class BiC(Strategy):
-    """BiC: distillation and exemplars, then an affine correction of the new classes' logits fitted on
-    a held-out balanced set (Wu et al. 2019).
+    """BiC: exemplars, distillation and a bias correction of the new classes' logits (Wu et al. 2019).
+
+    The correction ``alpha o + beta`` is fitted on a held-out class-balanced validation set.
 
     Args:
         backbone: the feature extractor.

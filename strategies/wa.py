@@ -37,8 +37,9 @@ from clpeft.strategy import Strategy
 
 @register_strategy("wa")
 class WA(Strategy):
-    """Weight Aligning: distillation, exemplars, non-negative head weights and new-class weights
-    rescaled to the old classes' norm (Zhao et al. 2020).
+    """Weight Aligning: exemplars, distillation and new-class weights rescaled to the old norm (Zhao et al. 2020).
+
+    The head's weights are also clipped to be non-negative after every step.
 
     Args:
         backbone: the feature extractor.
