@@ -11,11 +11,14 @@ adapter ViT given clpeft's weights key by key. Compared over two tasks:
 * EASE (``models/ease.py``, ``backbone/vit_ease.py``, ``EaseCosineLinear``): each task's adapter and
   cosine-classifier SGD steps (same dropout draws), the prototypes of every subspace with the
   complemented ones, the ensemble's logits, and the passes through the blocks each side makes;
+* CoFiMA (``models/cofima.py``): the slow learner's SGD steps over two tasks, both tasks' Fishers
+  (``getFisherDiagonal``) and the Fisher-weighted average of the backbones (``interpolate_weights``);
 * the published configs against ``exps/*.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 import clpeft.config
+from clpeft.strategies.cofima import CoFiMA
 from clpeft.strategies.ease import EASE
 from clpeft.strategies.fecam import FeCAM
 
@@ -68,7 +72,7 @@ def pilot(load_reference):
         with load_reference("pilot", "models.fecam", stubs={"timm.models.layers.weight_init": weight_init}) as fecam:
             yield types.SimpleNamespace(
                 fecam=fecam, **{name.rpartition(".")[2]: importlib.import_module(name) for name in (
-                    "models.ease", "utils.inc_net", "backbone.vit_adapter", "backbone.vit_ease")},
+                    "models.ease", "models.cofima", "utils.inc_net", "backbone.vit_adapter", "backbone.vit_ease")},
                 root=Path(fecam.__file__).parents[1])
 
 
@@ -309,3 +313,115 @@ def test_ease_published_configs_are_pilots_setup(pilot, dataset, exps, tasks):
     assert {k: official[k] for k in PILOT_EASE} == PILOT_EASE
     assert strategy["adapter_bottleneck"] == official["ffn_num"] and strategy.get("alpha", 0.1) == official["alpha"]
     assert strategy.get("recompute_complements", True) == official["recalc_sim"]
+
+
+# ---------------------------------------------------------------------------------- CoFiMA
+
+
+def _cofima_learner(pilot, backbone):
+    """PILOT's CoFiMA ``Learner`` and ``SLCANet`` around a copy of ``backbone``'s ViT, without their ``__init__``."""
+    net = pilot.inc_net.SLCANet.__new__(pilot.inc_net.SLCANet)
+    nn.Module.__init__(net)
+    vit = copy.deepcopy(backbone.net).train()
+    vit.out_dim = WIDTH
+    net.backbone, net.fc, net.old_fc, net._device, net.model_type = vit, None, None, "cpu", "vit"
+    learner = pilot.cofima.Learner.__new__(pilot.cofima.Learner)
+    learner._network, learner._device, learner._multiple_gpus, learner.task_sizes = net, "cpu", [], []
+    learner._cur_task, learner._known_classes, learner.batch_size, learner.epochs = -1, 0, BATCH, 1
+    learner.lrate, learner.lrate_decay, learner.weight_decay, learner.milestones = LR, 0.1, WEIGHT_DECAY, [18]
+    learner.bcb_lrscale, learner.fix_bcb, learner.fisher_weighting, learner.wt_lambda = 0.01, False, True, 0.4
+    learner.prev_nets, learner.fisher_mat = [], []
+    learner._compute_accuracy = lambda *a: 0.0
+    return learner
+
+
+def _backbone_part(state: dict) -> dict:
+    """PILOT's ``backbone.*`` entries under clpeft's backbone names (``net.*``)."""
+    return {"net." + k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def test_cofima_slow_learner_fishers_and_averaged_backbone_equal_pilots(pilot):
+    """CoFiMA over two tasks: PILOT's stage-1 SGD steps, the Fishers and the Fisher-weighted average.
+
+    Each task trains the whole ViT at ``lr x 0.01`` and the new head rows at ``lr`` for one epoch
+    (SGD, momentum 0.9, weight decay; PILOT's ``_stage1_training``, its first milestone far away)
+    from the same new rows. Then both sides take the Fisher of the trained model (clipped at
+    1e-4) over the task's batches in the same order and, at task 1, average the backbone with
+    task 0's (lambda 0.4). Only the backbone is compared after averaging: PILOT also averages the
+    head, as the strategy's docstring explains. Tolerances: 1e-4 relative (the Fishers, squares of float32
+    gradients where a few components cancel: 5e-3 relative, 1e-10 absolute, a millionth of the
+    1e-4 clip; each tensor's sum: 1e-4 relative). Mutations checked: ``merge_weight`` 0.4 -> 0.6, the Fisher of the batch's summed
+    instead of mean loss, and the kept Fisher taken after averaging each fail it.
+    """
+    backbone = _backbone()
+    strategy = _attached(CoFiMA(backbone))
+    learner = _cofima_learner(pilot, backbone)
+    network = learner._network
+    for task in range(len(TASKS)):
+        exp = _experience(task)
+        strategy.before_experience(exp)
+        learner._cur_task, learner._total_classes = task, 2 * (task + 1)
+        network.update_fc(len(TASKS[task]))
+        with torch.no_grad():
+            network.fc.heads[-1][0].weight.copy_(strategy.head.weight[2 * task:])
+            network.fc.heads[-1][0].bias.copy_(strategy.head.bias[2 * task:])
+        loader = _loader(backbone, *_task_data(task))
+        _train_steps(strategy, exp)
+        learner._stage1_training(loader, None)
+        ours = dict(strategy.backbone.state_dict())
+        for key, value in _backbone_part(network.state_dict()).items():
+            _close(ours[key], value)
+        _close(strategy.head.weight, torch.cat([head[0].weight for head in network.fc.heads]))
+
+        network.fc.backup()
+        learner.fisher_mat.append(learner.getFisherDiagonal(loader, learner.optimizer))
+        if task:
+            theta = pilot.cofima.interpolate_weights(learner.prev_nets[-1], network.state_dict(), alpha=0.4, fisher=True,
+                                                     fisher_mat=learner.fisher_mat[-2:])
+            network.load_state_dict(theta, strict=True)
+        strategy.after_experience(exp)
+        fisher = strategy.previous_fisher.tensors()  # kept for the next task's average
+        for key, value in _backbone_part(learner.fisher_mat[-1]).items():
+            _close(fisher[key], value, rtol=5e-3, atol=1e-10)
+            _close(fisher[key].sum(), value.sum(), rtol=1e-4)
+        for key, value in _backbone_part(network.state_dict()).items():
+            _close(strategy.backbone.state_dict()[key], value)
+        learner.prev_nets.append(copy.deepcopy(network.state_dict()))
+        network.fc.recall()  # its after_task (which also logs the memory size)
+        learner._known_classes = learner._total_classes
+
+
+@pytest.mark.parametrize("dataset, exps", [("cifar100", "cofima.json"), ("imagenet_r", "cofima_inr.json")])
+def test_cofima_published_configs_are_pilots_setup(pilot, dataset, exps):
+    """``configs/cofima/{cifar100,imagenet_r}_10t.yaml`` hold what ``exps/cofima*.json`` runs.
+
+    From the JSON: tasks, epochs, SGD lr (``lrate``), batch size, weight decay, the step decay
+    (``milestones``, ``lrate_decay``), ``ca_epochs``, ``ca_with_logit_norm``, ``fisher_weighting``
+    and ``wt_lambda``; from ``models/cofima.py``: ``bcb_lrscale`` 1/100, ``fishermax`` 1e-4, the
+    alignment's lr (``lrate``), 256 samples per class and its mean shrinkage 0.1; the plain
+    ``vit_base_patch16_224`` (no final-norm reset) and PILOT's images and class order.
+    Mutation checked: ``merge_weight: 0.5`` in a config fails it.
+    """
+    official = json.loads((pilot.root / "exps" / exps).read_text())
+    source = inspect.getsource(pilot.cofima)
+    assert pilot.cofima.fishermax == 1e-4 and "self.bcb_lrscale = 1.0/100" in source
+    assert "num_sampled_pcls = 256" in source and "decay = (t_id+1)/(self._cur_task+1)*0.1" in source
+    assert "'lr': self.lrate" in source[source.index("def _stage2_compact_classifier"):]
+    cfg = clpeft.config.load(CONFIGS / "cofima" / f"{dataset}_10t.yaml")
+    train, strategy, scenario, backbone = cfg.train, cfg.strategy.params, cfg.scenario.params, cfg.backbone.params
+    assert official["init_cls"] == official["increment"] == {"cifar100": 100, "imagenet_r": 200}[dataset] // scenario["n_experiences"]
+    assert scenario["class_order"] == official["seed"][0] == 1993
+    assert official["backbone_type"] == "vit_base_patch16_224"
+    assert backbone["model"] == "vit_base_patch16_224.augreg_in21k_ft_in1k" and backbone["pretrained"]
+    assert not backbone.get("freeze", False)
+    assert (backbone["mean"], backbone["std"], backbone["crop_pct"]) == ([0, 0, 0], [1, 1, 1], 0.875)
+    assert train.amp == "off" and train.augment == "crop_flip"
+    assert (train.epochs, train.lr, train.batch_size, train.weight_decay) == (
+        official["epochs"], official["lrate"], official["batch_size"], official["weight_decay"])
+    assert (train.optimizer, train.momentum) == ("sgd", 0.9)
+    assert (train.schedule, train.milestones, train.gamma) == ("multistep", official["milestones"], official["lrate_decay"])
+    params = {"backbone_lr_scale": 0.01, "merge_weight": official["wt_lambda"], "fisher_weighting": official["fisher_weighting"],
+              "fisher_max": 1e-4, "align_epochs": official["ca_epochs"], "align_lr": official["lrate"],
+              "align_temperature": official["ca_with_logit_norm"], "align_samples": 256, "mean_shrink": 0.1}
+    defaults = {k: v.default for k, v in inspect.signature(CoFiMA).parameters.items() if k in params}
+    assert {k: strategy.get(k, defaults[k]) for k in params} == params
