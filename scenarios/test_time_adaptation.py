@@ -18,7 +18,11 @@ The stream, as the engine runs it (see :mod:`clpeft.engine`):
 Modes: ``continual`` (each corruption at ``severity``, in the given order), ``gradual`` (each
 corruption at severities 1, 2, 3, 4, 5, 4, 3, 2, 1: RMT's gradual setting), ``mixed`` (every
 corruption's samples shuffled together, cut into experiences of ``chunk_size``, domain
-``"mixed"``). Every domain holds the same test images, as CIFAR-10-C does.
+``"mixed"``). Every domain holds the same test images, as CIFAR-10-C does. ``label_shift:
+dirichlet`` orders each domain's samples (or, in ``mixed`` mode, the mixture) so that labels are
+temporally correlated, the non-i.i.d. stream of NOTE (Gong et al. 2022) as Döbler et al.'s
+benchmark samples it (:func:`clpeft.scenarios.label_shift.dirichlet_order`, concentration
+``dirichlet_concentration``).
 
 Corrupted data comes from :mod:`clpeft.scenarios.corruptions` applied on the fly to any image
 dataset (all 15 corruptions, equal to the published generators with the constants of CIFAR-10-C,
@@ -52,6 +56,7 @@ from clpeft.scenarios.array_datasets import load_npy
 from clpeft.scenarios.class_incremental import per_class_subset
 from clpeft.scenarios.corruption_constants import ConstantChoice
 from clpeft.scenarios.corruptions import CORRUPTIONS, IMAGENET_C, CorruptedDataset, gather
+from clpeft.scenarios.label_shift import dirichlet_order
 
 GRADUAL_SEVERITIES = [1, 2, 3, 4, 5, 4, 3, 2, 1]
 
@@ -154,6 +159,11 @@ class TestTimeAdaptation(Scenario):
         root: where ``dataset`` lives (and downloads to).
         download: let torchvision download ``dataset`` (needs internet).
         dataset_options: ``dataset``'s own settings, as in ``class_incremental``.
+        label_shift: ``none`` (each domain in the dataset's order after subsampling; ``mixed``: a
+            random permutation) or ``dirichlet`` (temporally correlated labels, class-imbalanced
+            at any moment: NOTE's non-i.i.d. stream, the benchmark's ``correlated`` settings).
+        dirichlet_concentration: ``delta`` of the Dirichlet ordering; small values give long runs
+            of one class, large ones approach an i.i.d. order.
     """
 
     kind = "test_time_adaptation"
@@ -176,6 +186,8 @@ class TestTimeAdaptation(Scenario):
         root: str = "~/.cache/clpeft/data",
         download: bool = False,
         dataset_options: dict[str, Any] | None = None,
+        label_shift: Literal["none", "dirichlet"] = "none",
+        dirichlet_concentration: Annotated[float, Field(gt=0)] = 0.1,
     ):
         self.check_config(locals())
         self.seed = seed
@@ -194,6 +206,8 @@ class TestTimeAdaptation(Scenario):
         self.root = root
         self.download = download
         self.dataset_options = dataset_options
+        self.label_shift = label_shift
+        self.dirichlet_concentration = dirichlet_concentration
         self.source: DataView | None = None
         self.input_shape = ()
         self.class_names = []
@@ -231,6 +245,8 @@ class TestTimeAdaptation(Scenario):
             domains = self._from_files(rng)
         if self.mode == "mixed":
             domains = self._mixed(domains, rng)
+        elif self.label_shift == "dirichlet":
+            domains = [(name, self._correlated(view, rng)) for name, view in domains]
         first = domains[0][1]
         self.input_shape = tuple(first.load([0])[0].shape[1:])
         seen = list(range(len(self.class_names)))
@@ -302,7 +318,19 @@ class TestTimeAdaptation(Scenario):
             targets += [k] * len(files)
         return image_dataset(paths, targets, f"imagenet_c/{corruption}@{severity}", classes, 224, "RGB", "lazy")
 
+    def _correlated(self, view: DataView, rng) -> DataView:
+        """``view`` in a Dirichlet order of its labels."""
+        return view.take(dirichlet_order(view.targets.numpy(), self.dirichlet_concentration, _legacy(rng)))
+
     def _mixed(self, domains: list[tuple[str, DataView]], rng) -> list[tuple[str, DataView]]:
         mixture = _DomainMixture([view.parts[0] for _, view in domains])
-        order = torch.as_tensor(rng.permutation(len(mixture)))
+        if self.label_shift == "dirichlet":
+            order = torch.as_tensor(dirichlet_order(mixture.targets.numpy(), self.dirichlet_concentration, _legacy(rng)))
+        else:
+            order = torch.as_tensor(rng.permutation(len(mixture)))
         return [("mixed", DataView.of(mixture, chunk)) for chunk in order.split(self.chunk_size)]
+
+
+def _legacy(rng: np.random.Generator) -> np.random.RandomState:
+    """A legacy numpy generator seeded from ``rng`` (the Dirichlet ordering draws as the reference does)."""
+    return np.random.RandomState(int(rng.integers(2**32)))

@@ -1,4 +1,4 @@
-"""clpeft's SAR, RDumb, DeYO, MEMO and bn_adapt's prior and EMA statistics against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
+"""clpeft's SAR, RDumb, DeYO, MEMO, bn_adapt's prior and EMA statistics and the Dirichlet label shift against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
 
 The benchmark's ``classification/methods/{sar,eata,deyo,memo,norm}.py`` (RDumb is its EATA with
 ``cfgs/<dataset>/rdumb.yaml``: no Fisher term, ``MODEL.RESET_AFTER_NUM_UPDATES``) run next to
@@ -33,6 +33,7 @@ from clpeft.components.tta.object_destruction import destroy_objects
 from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.prior_batch_norm import PriorBatchNorm
 from clpeft.registry import strategies
+from clpeft.scenarios.label_shift import dirichlet_order
 
 from .conftest import ref_dir, stub_module
 from .test_tta_methods import (
@@ -427,3 +428,42 @@ def test_bn_adapt_statistics_equal_norm_alpha_and_norm_ema(bench, statistics, ba
         for name, buffer in classifier(strategy.backbone, strategy.head).named_buffers():
             torch.testing.assert_close(buffer.float(), theirs[name].float(), rtol=1e-5, atol=1e-6)
         assert not torch.equal(strategy.backbone.stem[1].running_mean, model[0].stem[1].running_mean)
+
+
+# ------------------------------------------------------------------ label shift
+
+
+def _sort_by_dirichlet():
+    """The benchmark's ``sort_by_dirichlet`` (``datasets/data_loading.py``), compiled alone: the
+    module imports every dataset class of the benchmark, the function only numpy and time."""
+    import ast
+    import logging
+    import time
+
+    import numpy as np
+
+    path = ref_dir("test-time-adaptation") / SUBDIR / "datasets" / "data_loading.py"
+    tree = ast.parse(path.read_text())
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "sort_by_dirichlet")
+    namespace = {"np": np, "time": time, "logger": logging.getLogger("reference")}
+    exec(compile(ast.Module([function], []), str(path), "exec"), namespace)
+    return namespace["sort_by_dirichlet"]
+
+
+@pytest.mark.parametrize(("delta", "classes", "per_class"), [(0.01, 10, 30), (0.1, 10, 30), (1.0, 5, 40), (1.0, 3, 12)])
+def test_dirichlet_order_equals_sort_by_dirichlet(delta, classes, per_class):
+    """Seeded alike (numpy's global generator for the reference, a ``RandomState`` here), the
+    label-shift order is the reference's sequence of samples, redraws until every chunk holds 10
+    samples included (48 rounds at 0.01, 4 at 0.1). Mutations checked: chunks balanced at
+    ``N / C`` with ``<=``, the class groups of a chunk in label order."""
+    import numpy as np
+
+    sort_by_dirichlet = _sort_by_dirichlet()
+    labels = np.repeat(np.arange(classes), per_class)
+    np.random.default_rng(classes).shuffle(labels)
+    samples = [(f"image_{i}", int(y)) for i, y in enumerate(labels)]
+    np.random.seed(5)
+    expected = [int(name.split("_")[1]) for name, _ in sort_by_dirichlet(delta, samples)]
+    rng = np.random.RandomState(5)
+    assert dirichlet_order(labels, delta, rng).tolist() == expected
+    assert rng.uniform() == np.random.uniform()  # the same number of draws
