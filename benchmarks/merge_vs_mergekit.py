@@ -1,0 +1,319 @@
+"""clpeft vs mergekit on Llama-shaped checkpoints: wall time, peak RSS, accuracy, copy bandwidth.
+
+K synthetic fine-tunes of a Llama-shaped model (``--size full``: 134M parameters, hidden 768,
+12 layers, intermediate 2048, vocabulary 32000, untied head) are written once in float32 and
+once in bfloat16 as transformers-style directories (``config.json`` + ``model.safetensors``).
+Fine-tune ``k`` is ``base + N(0, 1e-3)`` over a ``N(0, 0.02)`` base, rounded to the dtype.
+
+Cases, each in its own subprocess so that its peak resident memory (``VmHWM``) is its own, and
+run in interleaved order (every case once, then every case again) so that a change in the
+shared machine's load hits all of them alike:
+
+* ``mergekit``: ``mergekit.merge.run_merge`` with ``lazy_unpickle`` (``mergekit-yaml
+  --lazy-unpickle``) on the CPU, output dtype = input dtype;
+* ``clpeft``: :func:`clpeft.merging.merge_files`, file to file;
+* ``clpeft-memory`` (task arithmetic only): :func:`clpeft.merging.merge` on checkpoints loaded
+  before the clock starts: the merge's own speed, compared with the copy bandwidth below;
+* ``clpeft-other``: ``clpeft`` run from another checkout (``--other-clpeft DIR``, e.g. a
+  ``git archive`` of an older commit), for before/after timings in the same run.
+
+Methods: task arithmetic (``lambda = 0.3``: mergekit ``weight: 0.3`` per model) and TIES
+(density 0.2, ``lambda = 1``; mergekit ``weight: 1``, its default ``normalize: true``, i.e.
+the disjoint mean; clpeft ``trim_scope: tensor``, mergekit's per-tensor trim).
+
+Printed in the same run: the machine's copy bandwidth (one thread, ``torch`` copy of a 512 MiB
+buffer, bytes read plus written per second, best of 5), the 1-minute load average before each
+measured run, and, per method and dtype, the entries of layer 0 that differ from a float64
+computation on the same inputs rounded once to the output dtype (TIES' float64 reference trims
+with clpeft's threshold convention, so mergekit's ``topk`` convention shows up there as well).
+
+mergekit is a benchmark extra (``pip install -e .[bench]``); without it the mergekit cases are
+skipped, or point ``--mergekit-python`` at an interpreter that has it.
+
+Usage:
+    python benchmarks/merge_vs_mergekit.py --models 4 --repeats 3      # ~10 minutes, ~4 GB of files
+    python benchmarks/merge_vs_mergekit.py --size small --repeats 1    # seconds
+    mkdir /tmp/before && git archive <commit> clpeft strategies scenarios | tar -x -C /tmp/before
+    python benchmarks/merge_vs_mergekit.py --tools clpeft,clpeft-other --other-clpeft /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {  # Llama shapes; "full" is 134M parameters
+    "full": {"hidden": 768, "layers": 12, "intermediate": 2048, "vocab": 32000},
+    "small": {"hidden": 128, "layers": 2, "intermediate": 344, "vocab": 1000},
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+METHODS = {  # name -> (clpeft method and parameters, mergekit method, per-model and global parameters)
+    "task_arithmetic": (("task_arithmetic", {"scale": 0.3}), ("task_arithmetic", {"weight": 0.3}, {})),
+    "ties": (("ties", {"density": 0.2, "scale": 1.0, "trim_scope": "tensor"}),
+             ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True})),
+}
+TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-other"]
+
+
+def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of ``LlamaForCausalLM`` (multi-head attention, untied head)."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + f"self_attn.{n}.weight": (hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        shapes |= {p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                   p + "mlp.down_proj.weight": (hidden, intermediate),
+                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+    return shapes | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+
+
+def write_models(directory: Path, size: str, k: int) -> dict[str, tuple[Path, list[Path]]]:
+    """Base and K fine-tunes per dtype, each a directory with config.json and model.safetensors."""
+    from safetensors.torch import save_file
+
+    dims = SIZES[size]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
+              "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
+              "num_attention_heads": dims["hidden"] // 64, "num_key_value_heads": dims["hidden"] // 64,
+              "vocab_size": dims["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "hidden_act": "silu"}
+    generator = torch.Generator().manual_seed(0)
+    base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in llama_shapes(**dims).items()}
+    states = [base] + [{n: t + torch.randn(t.shape, generator=generator) * 1e-3 for n, t in base.items()}
+                       for _ in range(k)]
+    models = {}
+    for dtype_name, dtype in DTYPES.items():
+        paths = []
+        for i, state in enumerate(states):
+            path = directory / dtype_name / ("base" if i == 0 else f"finetuned_{i - 1}")
+            path.mkdir(parents=True)
+            (path / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}))
+            save_file({n: t.to(dtype).contiguous() for n, t in state.items()}, path / "model.safetensors",
+                      metadata={"format": "pt"})
+            paths.append(path)
+        models[dtype_name] = (paths[0], paths[1:])
+    return models
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_mergekit(base: Path, paths: list[Path], out: Path, method: str, dtype: str) -> None:
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    name, per_model, global_params = METHODS[method][1]
+    config = {"merge_method": name, "base_model": str(base), "dtype": dtype, "parameters": global_params,
+              "models": [{"model": str(p), "parameters": per_model} for p in paths]}
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config)))
+    options = MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False, quiet=True)
+    run_merge(merge_config, str(out), options)
+
+
+def run_clpeft(base: Path, paths: list[Path], out: Path, method: str, dtype: str) -> None:
+    from clpeft.merging import merge_files
+
+    name, params = METHODS[method][0]
+    out.mkdir()
+    merge_files(base, paths, out / "model.safetensors", name, **params)
+
+
+def worker(tool: str, method: str, dtype: str, out: str, base: str, paths: list[str]) -> None:
+    """Run one case and print its measurements as one JSON line (imports are not timed)."""
+    base_path, model_paths, out_path = Path(base), [Path(p) for p in paths], Path(out)
+    if tool == "mergekit":
+        import mergekit.merge  # noqa: F401
+        run = run_mergekit
+    elif tool in ("clpeft", "clpeft-other"):
+        import clpeft.merging  # noqa: F401
+        run = run_clpeft
+    else:
+        return _memory_worker(method, base_path, model_paths, out_path)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    run(base_path, model_paths, out_path, method, dtype)
+    _report(time.perf_counter() - start_wall, time.process_time() - start_cpu)
+
+
+def _memory_worker(method: str, base: Path, paths: list[Path], out: Path) -> None:
+    """clpeft's in-memory merge of checkpoints loaded before the clock starts; saved untimed."""
+    from safetensors.torch import load_file, save_file
+
+    from clpeft.merging import merge
+
+    name, params = METHODS[method][0]
+    loaded = [load_file(p / "model.safetensors") for p in [base, *paths]]
+    for state in loaded:  # fault the pages in: the clock measures the merge, not the first touch
+        for t in state.values():
+            t.view(-1)[:: 1024].sum()
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    merged = merge(loaded[0], loaded[1:], name, **params)
+    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+    out.mkdir()
+    save_file(merged, out / "model.safetensors")
+    _report(wall, cpu)
+
+
+def _report(wall: float, cpu: float) -> None:
+    status = Path("/proc/self/status").read_text()
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_gib": kib / 2**20}))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def copy_bandwidth(nbytes: int = 512 << 20) -> float:
+    """GB/s of a one-thread memory copy (bytes read plus written), best of 5 after a warm-up."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source, target = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return 2 * nbytes / best / 1e9
+
+
+def reference_errors(method: str, base: Path, paths: list[Path], out: Path) -> tuple[int, int]:
+    """Entries of layer 0 where ``out`` differs from a float64 merge of the same inputs rounded
+    once to the output dtype, and the number of entries compared."""
+    from safetensors import safe_open
+
+    from clpeft.merging.registry import get_method
+
+    name, params = METHODS[method][0]
+    spec = get_method(name)
+    params = spec.validate(params)
+    outputs = {}
+    for file in sorted(out.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            outputs |= {n: f.get_tensor(n) for n in f.keys() if n.startswith("model.layers.0.")}
+    files = [safe_open(p / "model.safetensors", "pt") for p in [base, *paths]]
+    wrong = total = 0
+    for tensor_name, merged in outputs.items():
+        b = files[0].get_tensor(tensor_name)
+        flat = b.double().reshape(-1)
+        task_vectors = torch.stack([f.get_tensor(tensor_name).double().reshape(-1) - flat for f in files[1:]])
+        kwargs = {k: v for k, v in params.items() if k != "trim_scope"}
+        expected = (flat + spec.fn(task_vectors, **kwargs)).to(b.dtype)
+        wrong += int(torch.count_nonzero(merged.reshape(-1).to(b.dtype) != expected))
+        total += expected.numel()
+    return wrong, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--models", type=int, default=4, help="K, the number of fine-tunes")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per case; the table shows the best")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {', '.join(DTYPES)}")
+    parser.add_argument("--tools", default="mergekit,clpeft,clpeft-memory", help=f"comma-separated subset of {', '.join(TOOLS)}")
+    parser.add_argument("--mergekit-python", default=sys.executable, help="interpreter that can import mergekit")
+    parser.add_argument("--other-clpeft", type=Path, help="checkout whose clpeft the clpeft-other tool runs")
+    parser.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary directory)")
+    args = parser.parse_args()
+
+    tools = args.tools.split(",")
+    if "mergekit" in tools and subprocess.run([args.mergekit_python, "-c", "import mergekit"]).returncode:
+        print("mergekit is not importable: its cases are skipped (pip install -e .[bench], or --mergekit-python)")
+        tools.remove("mergekit")
+    if "clpeft-other" in tools and args.other_clpeft is None:
+        parser.error("the clpeft-other tool needs --other-clpeft DIR")
+    directory = Path(tempfile.mkdtemp(prefix="merge_vs_mergekit_", dir=args.dir))
+    try:
+        t = time.perf_counter()
+        models = write_models(directory, args.size, args.models)
+        numel = sum(torch.Size(s).numel() for s in llama_shapes(**SIZES[args.size]).values())
+        print(f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in float32 and bfloat16 "
+              f"in {time.perf_counter() - t:.0f} s")
+        bandwidth = [copy_bandwidth()]
+        cases = [(tool, method, dtype) for method in args.methods.split(",") for dtype in args.dtypes.split(",")
+                 for tool in tools if tool != "clpeft-memory" or method == "task_arithmetic"]
+        runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+        for repeat in range(args.repeats):
+            for case in cases:
+                tool, method, dtype = case
+                base, paths = models[dtype]
+                out = directory / "out" / f"{tool}_{method}_{dtype}_{repeat}"
+                out.parent.mkdir(exist_ok=True)
+                python = args.mergekit_python if tool == "mergekit" else sys.executable
+                command = [python, __file__, "--worker", tool, method, dtype, str(out), str(base), *map(str, paths)]
+                root = args.other_clpeft if tool == "clpeft-other" else Path(__file__).resolve().parents[1]
+                env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+                os.sync()  # no case runs during the previous case's writeback
+                load = os.getloadavg()[0]
+                done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+                if done.returncode:
+                    sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
+                runs[case].append({**json.loads(done.stdout.strip().splitlines()[-1]), "load": load, "out": out})
+                print(*case, {k: round(v, 2) for k, v in runs[case][-1].items() if k != "out"}, flush=True)
+                if repeat < args.repeats - 1:
+                    shutil.rmtree(out)
+        bandwidth.append(copy_bandwidth())
+        print_table(runs, models, args, numel, bandwidth)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, bandwidth: list[float]) -> None:
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"copy bandwidth (1 thread, read + written): {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after")
+    print(f"command: python benchmarks/merge_vs_mergekit.py --size {args.size} --models {args.models} "
+          f"--repeats {args.repeats}")
+    print(f"best of {args.repeats} interleaved runs; load = median 1-minute load average before the runs; "
+          f"GB/s = the (K + 2) x {numel / 1e6:.1f}M entries read and written per wall second\n")
+    columns = ["method", "dtype", "tool", "wall s", "CPU s", "GB/s", "peak RSS GiB", "load",
+               "vs mergekit (clpeft: vs clpeft-other): wall / CPU speed-up, RSS ratio", "layer-0 entries off float64 ref"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for (tool, method, dtype), rs in runs.items():
+        wall, cpu = min(r["wall_s"] for r in rs), min(r["cpu_s"] for r in rs)
+        rss = max(r["peak_rss_gib"] for r in rs)
+        traffic = (args.models + 2) * numel * DTYPES[dtype].itemsize
+        other = runs.get(("clpeft-other" if tool == "clpeft" else "mergekit", method, dtype))
+        versus = "-"
+        if other and tool not in ("mergekit", "clpeft-other"):
+            versus = (f"{min(r['wall_s'] for r in other) / wall:.2f}x / {min(r['cpu_s'] for r in other) / cpu:.2f}x / "
+                      f"{rss / max(r['peak_rss_gib'] for r in other):.2f}x")
+        base, paths = models[dtype]
+        wrong, total = reference_errors(method, base, paths, rs[-1]["out"])
+        row = [method, dtype, tool, f"{wall:.2f}", f"{cpu:.2f}", f"{traffic / 1e9 / wall:.2f}", f"{rss:.2f}",
+               f"{statistics.median(r['load'] for r in rs):.1f}", versus, f"{wrong:,} of {total:,}"]
+        print("| " + " | ".join(row) + " |")
+    for method in sorted({m for _, m, _ in runs}):
+        cases = {d: runs[("clpeft", method, d)] for d in DTYPES if ("clpeft", method, d) in runs}
+        if len(cases) == 2:
+            ratio = {key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2
+                     for key in ("wall_s", "cpu_s")}  # bf16 moves half the bytes
+            print(f"\n{method}: clpeft bfloat16 / float32 speed per byte (file to file): "
+                  f"{ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
+    for dtype in DTYPES:
+        memory = runs.get(("clpeft-memory", "task_arithmetic", dtype))
+        if memory:
+            gbs = (args.models + 2) * numel * DTYPES[dtype].itemsize / min(r["wall_s"] for r in memory) / 1e9
+            print(f"task arithmetic in memory, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:])
+    else:
+        main()
