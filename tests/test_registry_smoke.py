@@ -96,6 +96,7 @@ STRATEGIES: dict[str, Smoke] = {
     "wa": Smoke({"name": "wa", "mem_size": 20}),
     "bic": Smoke({"name": "bic", "mem_size": 20, "bias_epochs": 5}),
     "slca": Smoke({"name": "slca", "align_epochs": 1, "align_samples": 16}),
+    "cofima": Smoke({"name": "cofima", "align_epochs": 1, "align_samples": 16}),
     "simplecil": Smoke({"name": "simplecil"}, FROZEN_MLP, change="state"),
     "ranpac": Smoke({"name": "ranpac", "projection_dim": 64}, FROZEN_MLP, change="state"),
     "fecam": Smoke({"name": "fecam"}, FROZEN_MLP, change="state"),
