@@ -276,8 +276,9 @@ def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(f"copy bandwidth (1 thread, read + written): {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after")
+    other = f" --other-clpeft {args.other_clpeft}" if args.other_clpeft else ""
     print(f"command: python benchmarks/merge_vs_mergekit.py --size {args.size} --models {args.models} "
-          f"--repeats {args.repeats}")
+          f"--repeats {args.repeats} --methods {args.methods} --dtypes {args.dtypes} --tools {args.tools}{other}")
     print(f"best of {args.repeats} interleaved runs; load = median 1-minute load average before the runs; "
           f"GB/s = the (K + 2) x {numel / 1e6:.1f}M entries read and written per wall second\n")
     columns = ["method", "dtype", "tool", "wall s", "CPU s", "GB/s", "peak RSS GiB", "load",
