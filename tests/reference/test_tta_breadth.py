@@ -78,7 +78,7 @@ def bench(load_reference):
     }
     with load_reference("test-time-adaptation", "conf", SUBDIR, stubs=stubs) as conf:
         ns = types.SimpleNamespace(root=root, conf=conf)
-        for name in ("sar", "eata", "memo", "norm"):
+        for name in ("sar", "eata", "memo", "norm", "rotta"):
             setattr(ns, name, importlib.import_module(f"methods.{name}"))
         ns.augmix = importlib.import_module("augmentations.transforms_augmix")
         ns.deyo = importlib.import_module("methods.deyo") if importlib.util.find_spec("einops") else None
@@ -113,7 +113,7 @@ def _assert_same_end_state(strategy, ref, model) -> None:
 
 
 def test_defaults_are_the_cifar10_c_configs(bench):
-    """SAR, RDumb and DeYO's defaults are ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py`` (SAR's
+    """SAR, RDumb, DeYO, MEMO and RoTTA's defaults are ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py`` (SAR's
     optimizer: its code's SGD with ``OPTIM.MOMENTUM``, whatever ``OPTIM.METHOD`` says)."""
     sar, rdumb, deyo = (_cfg(bench, m) for m in ("sar", "rdumb", "deyo"))
     assert _defaults("sar") == {"optimizer": "sgd", "lr": sar.OPTIM.LR, "momentum": sar.OPTIM.MOMENTUM, "weight_decay": 0.0,
@@ -133,7 +133,17 @@ def test_defaults_are_the_cifar10_c_configs(bench):
                                  "occlusion_size": deyo.DEYO.OCCLUSION_SIZE, "occlusion_row": deyo.DEYO.ROW_START,
                                  "occlusion_column": deyo.DEYO.COLUMN_START}
     assert deyo.DEYO.AUG_TYPE == "patch"
-    for cfg in (sar, rdumb, deyo):
+    memo, rotta = _cfg(bench, "memo"), _cfg(bench, "rotta")
+    assert _defaults("memo") == {"optimizer": memo.OPTIM.METHOD.lower(), "lr": memo.OPTIM.LR, "momentum": memo.OPTIM.MOMENTUM,
+                                 "weight_decay": memo.OPTIM.WD, "params": "all", "n_augmentations": memo.TEST.N_AUGMENTATIONS,
+                                 "alpha": memo.BN.ALPHA, "preaugment": "crop", "severity": 1.0}
+    assert memo.MODEL.EPISODIC and memo.OPTIM.NESTEROV and memo.OPTIM.DAMPENING == 0.0
+    assert _defaults("rotta") == {"optimizer": "adam", "lr": rotta.OPTIM.LR, "momentum": rotta.OPTIM.BETA,
+                                  "weight_decay": rotta.OPTIM.WD, "params": "norm", "memory_size": rotta.ROTTA.MEMORY_SIZE,
+                                  "update_frequency": rotta.ROTTA.UPDATE_FREQUENCY, "nu": rotta.ROTTA.NU,
+                                  "alpha": rotta.ROTTA.ALPHA, "lambda_t": rotta.ROTTA.LAMBDA_T, "lambda_u": rotta.ROTTA.LAMBDA_U,
+                                  "flip": 0.5}
+    for cfg in (sar, rdumb, deyo, rotta):
         assert cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
 
 
@@ -467,3 +477,48 @@ def test_dirichlet_order_equals_sort_by_dirichlet(delta, classes, per_class):
     rng = np.random.RandomState(5)
     assert dirichlet_order(labels, delta, rng).tolist() == expected
     assert rng.uniform() == np.random.uniform()  # the same number of draws
+
+
+# ------------------------------------------------------------------ rotta
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_rotta_equals_the_reference(bench, kind):
+    """Three batches of 16 with the CIFAR-10-C config and a memory of 8 samples updated every 8
+    (so two updates per batch): the teacher's predictions, the memory (pseudo-labels, ages),
+    student, teacher, their robust BatchNorm statistics and Adam's state. The reference's
+    ``forward_and_adapt`` calls ``loss_calculation(x)``, which takes no argument (a ``TypeError``
+    on every update outside mixed precision): the shim drops the argument. Mutations checked:
+    timeliness weight ``exp(-a)`` alone, the biased variance made unbiased, the teacher's
+    statistics copied from the student (the memory's rules: ``tests/strategies/test_tta_breadth.py``)."""
+    import re
+
+    model = _source_model(kind, head_scale=3.0)
+    options = {"ROTTA.MEMORY_SIZE": 8, "ROTTA.UPDATE_FREQUENCY": 8}
+    strategy = _clpeft("rotta", kind, model, memory_size=8, update_frequency=8)
+    reference_model = _reference_model(model)
+    # as for BNEMA: the benchmark's teacher is a plain module that train() switches (clpeft's
+    # Backbone.train keeps a backbone without trainable parameters, such as a teacher, in eval mode)
+    reference_model[0].train = types.MethodType(nn.Module.train, reference_model[0])
+    ref = bench.rotta.RoTTA(_cfg(bench, "rotta", **options), reference_model, CLASSES)
+    ref.loss_calculation = lambda *_: bench.rotta.RoTTA.loss_calculation(ref)
+    for i in range(3):
+        x = _images(BATCH, 170 + i)
+        torch.manual_seed(180 + i)
+        ours = _adapt(strategy, x)
+        torch.manual_seed(180 + i)
+        torch.testing.assert_close(ours, ref(_float(x)), **CLOSE, msg=lambda m: f"batch {i}: {m}")
+        theirs = [(c, item.age) for c, items in enumerate(ref.mem.data) for item in items]
+        assert [(c, a) for c, items in enumerate(strategy.memory.items) for _, _, a in items] == theirs
+    ours = _named(strategy)
+    theirs = dict(ref.model.named_parameters())
+    _assert_same_parameters(ours, theirs, _params(model))
+    _assert_same_parameters(dict(strategy.teacher.model.named_parameters()), dict(ref.model_ema.named_parameters()))
+    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer, theirs)
+    for ours_net, theirs_net in [(classifier(strategy.backbone, strategy.head), ref.model), (strategy.teacher.model, ref.model_ema)]:
+        buffers = {re.sub(r"running_(mean|var)$", r"source_\1", n): b for n, b in ours_net.named_buffers() if "running" in n}
+        theirs_buffers = {n: b for n, b in theirs_net.named_buffers() if "source_" in n}
+        assert buffers.keys() == theirs_buffers.keys()
+        assert not torch.equal(buffers["0.stem.1.source_mean"], model[0].stem[1].running_mean) if kind == "cnn" else not buffers
+        for name, b in buffers.items():
+            torch.testing.assert_close(b, theirs_buffers[name], rtol=1e-5, atol=1e-6)
