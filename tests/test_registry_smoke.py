@@ -125,6 +125,7 @@ STRATEGIES: dict[str, Smoke] = {
     "rdumb": _tta({"name": "rdumb", "reset_every": 3}),
     "deyo": _tta({"name": "deyo", "patch_len": 2}),
     "memo": _tta({"name": "memo", "n_augmentations": 2}),
+    "rotta": _tta({"name": "rotta", "memory_size": 8, "update_frequency": 8, "flip": 0.0}),
     "seq_finetune": Smoke({"name": "seq_finetune", "rank": 2}, TINY_LLAMA, INSTRUCTIONS,
                           learns="answers are scored by exact match, where chance is not 1/classes; "
                                  "tests/llm/test_seq_finetune.py shows a task learnt and forgotten"),
