@@ -5,21 +5,30 @@ is imported from its module: it subclasses :class:`clpeft.Strategy`, whose modul
 """
 
 from clpeft.components.heads.alignment import AlignedHead, ClassifierAlignment
+from clpeft.components.heads.bias_correction import BiasCorrection
 from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.mahalanobis import MahalanobisHead
+from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
+from clpeft.components.heads.weight_aligning import align_weights, clip_weights
 
 __all__ = [
+    "align_weights",
     "AlignedHead",
+    "BiasCorrection",
     "ClassifierAlignment",
     "ClassMask",
     "ClassStatistics",
+    "clip_weights",
     "CosineHead",
     "HeadOptions",
     "HeadTraining",
     "LDAHead",
     "LinearHead",
+    "MahalanobisHead",
+    "NearestMeanOfExemplars",
     "PrototypeHead",
     "ridge_by_holdout",
     "RidgeHead",

@@ -1,6 +1,7 @@
 """Low-rank and bottleneck modules on frozen layers: dynamic-rank LoRA (layer, injection, adapter files), the LoRA family's adapter kinds (DoRA, PiSSA, VeRA, LoRA-XS, AdaLoRA) and EVA's data-driven start, batched per-sample LoRA, rank budgets (IncreLoRA/AdaLoRA), InfLoRA/GPM input subspaces, AdaptFormer parallel adapters."""
 
 from clpeft.components.lora.adalora import AdaLoRAAllocator, AdaLoRALinear, orthogonal_penalty
+from clpeft.components.lora.adapter_bank import AdapterBank
 from clpeft.components.lora.batched import MultiLoRALinear, inject_multi_lora, route
 from clpeft.components.lora.dora import DoRALinear
 from clpeft.components.lora.eva import eva_init
@@ -12,13 +13,15 @@ from clpeft.components.lora.layer import LoRAFactors, LoRALinear
 from clpeft.components.lora.lora_xs import LoRAXSLinear
 from clpeft.components.lora.parallel_adapter import Adapter, ParallelAdapterBlock, inject_adapters, shared_weights_copy
 from clpeft.components.lora.rank_allocation import RankAllocator
+from clpeft.components.lora.sensitivity import SmoothedSensitivity
 from clpeft.components.lora.vera import VeRALinear
 
 __all__ = [
-    "ADAPTER_KINDS",
     "AdaLoRAAllocator",
     "AdaLoRALinear",
     "Adapter",
+    "ADAPTER_KINDS",
+    "AdapterBank",
     "check_adapter",
     "DoRALinear",
     "eva_init",
@@ -43,5 +46,6 @@ __all__ = [
     "save_adapters",
     "save_peft_adapter",
     "shared_weights_copy",
+    "SmoothedSensitivity",
     "VeRALinear",
 ]

@@ -1,7 +1,9 @@
 """What a learner keeps of past data: replay buffers of positions (reservoir, class-balanced, herding)."""
 
+from clpeft.components.memory.logits import LogitsStore
 from clpeft.components.memory.replay import ReplayBuffer
 
 __all__ = [
+    "LogitsStore",
     "ReplayBuffer",
 ]
