@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
-from clpeft.components.heads.slow_learner import new_rows_truncated_normal, slow_learner_groups
+from clpeft.components.heads.slow_learner import SlowLearnerHead, slow_learner_groups
 from clpeft.components.regularization.fisher_averaging import TensorSnapshot, batch_fisher, fisher_weighted_average
 from clpeft.data import Batch
 from clpeft.experience import Experience
@@ -95,15 +95,14 @@ class CoFiMA(Strategy):
                                     mean_shrink=mean_shrink)
         self.previous = TensorSnapshot()  # the previous task's averaged backbone
         self.previous_fisher = TensorSnapshot()  # its Fisher (taken before it was averaged)
-        self._old_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows = SlowLearnerHead()
 
     def _head_features(self, batch: Batch) -> torch.Tensor:
         return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
         self.aligned.start(exp, self.batches, self._head_features)
-        rows = new_rows_truncated_normal(self.head, exp.n_classes_seen)
-        self._old_rows = rows if self.aligned.mask.enabled else None
+        self.rows.start(self.head, exp.n_classes_seen, hold_old_rows=self.aligned.mask.enabled)
 
     def param_groups(self, lr: float) -> list[dict]:
         """The slow learner: backbone at ``lr * backbone_lr_scale``, head at ``lr``."""
@@ -112,13 +111,9 @@ class CoFiMA(Strategy):
     def training_step(self, batch: Batch) -> torch.Tensor:
         return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
-    @torch.no_grad()
     def after_training_step(self) -> bool:
         """Put the older classes' rows back: the step's weight decay (and momentum) moved them."""
-        if self._old_rows is not None:
-            weight, bias = self._old_rows
-            self.head.weight[: len(weight)] = weight
-            self.head.bias[: len(bias)] = bias
+        self.rows.restore(self.head)
         return False
 
     def fisher(self, exp: Experience) -> dict[str, torch.Tensor]:
@@ -133,7 +128,7 @@ class CoFiMA(Strategy):
         return fisher
 
     def after_experience(self, exp: Experience) -> None:
-        self._old_rows = None
+        self.rows.finish()
         current = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
         fisher = self.fisher(exp) if self.fisher_weighting else None
         if not self.previous.is_empty():

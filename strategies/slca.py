@@ -44,6 +44,7 @@ from pydantic import Field
 from torch import nn
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.slow_learner import SlowLearnerHead, slow_learner_groups
 from clpeft.components.prompts.prompted import promptable_width
 from clpeft.data import Batch
 from clpeft.experience import Experience
@@ -97,41 +98,29 @@ class SLCA(Strategy):
         self.aligned = HeadTraining(backbone.feature_dim, head_options, samples_per_class=align_samples,
                                     epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
                                     mean_shrink=mean_shrink)
-        self._old_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the frozen head rows while training
+        self.rows = SlowLearnerHead()
 
     def _head_features(self, batch: Batch) -> torch.Tensor:
         return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
         self.aligned.start(exp, self.batches, self._head_features)
-        known = self.head.n_classes
-        super().before_experience(exp)
-        with torch.no_grad():
-            torch.nn.init.trunc_normal_(self.head.weight[known:], std=0.02)
-            self.head.bias[known:] = 0.0
-        if self.aligned.mask.enabled:
-            self._old_rows = (self.head.weight[:known].detach().clone(), self.head.bias[:known].detach().clone())
+        self.rows.start(self.head, exp.n_classes_seen, hold_old_rows=self.aligned.mask.enabled)
 
     def param_groups(self, lr: float) -> list[dict]:
         """The slow learner: backbone at ``lr * backbone_lr_scale``, head at ``lr``."""
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        return [{"params": backbone, "lr": lr * self.backbone_lr_scale}, {"params": list(self.head.parameters()), "lr": lr}]
+        return slow_learner_groups(self.backbone, self.head, lr, self.backbone_lr_scale)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
-    @torch.no_grad()
     def after_training_step(self) -> bool:
         """Put the older classes' rows back: the step's weight decay (and momentum) moved them."""
-        if self._old_rows is None:
-            return False
-        weight, bias = self._old_rows
-        self.head.weight[: len(weight)] = weight
-        self.head.bias[: len(bias)] = bias
+        self.rows.restore(self.head)
         return False
 
     def after_experience(self, exp: Experience) -> None:
-        self._old_rows = None
+        self.rows.finish()
         self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
