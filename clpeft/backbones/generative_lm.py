@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.backbones.base import Backbone
-from clpeft.backbones.text import TEXT_WEIGHTS, pool, text_weights_dir
+from clpeft.backbones.text import TEXT_WEIGHTS, pool, text_weights_source
 from clpeft.errors import UserError
 from clpeft.instructions import Instruction
 from clpeft.registry import close_matches, register_backbone
@@ -54,14 +54,7 @@ def load_causal_lm(weights: str, cache_dir: str | Path | None = None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if weights in TEXT_WEIGHTS:
-        if TEXT_WEIGHTS[weights].kind != "causal_lm":
-            raise UserError(f"'{weights}' is a {TEXT_WEIGHTS[weights].kind} model, not a decoder LLM", key=_KEY)
-        source, local = str(text_weights_dir(weights, cache_dir)), True
-    elif Path(weights).expanduser().is_dir():
-        source, local = str(Path(weights).expanduser()), True
-    else:
-        source, local = weights, False
+    source, local = text_weights_source(weights, "causal_lm", cache_dir, "generative_lm needs a decoder LLM (a causal_lm model)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model, info = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, output_loading_info=True)

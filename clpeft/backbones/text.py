@@ -197,6 +197,20 @@ def _check_loaded(model, info: dict, weights: str) -> None:
                         "model directory (config.json, weights, tokenizer)", key=_KEY)
 
 
+def text_weights_source(weights: str, kind: str, cache_dir: str | Path | None, fix: str) -> tuple[str, bool]:
+    """Where transformers loads ``weights`` from, and whether offline: a packaged name (its cached
+    directory; a packaged model of another ``kind`` is refused, ``fix`` saying what to do), a local
+    directory, or a hub id."""
+    if weights in TEXT_WEIGHTS:
+        found = TEXT_WEIGHTS[weights].kind
+        if found != kind:
+            raise UserError(f"'{weights}' is a {found} model; {fix}", key=_KEY)
+        return str(text_weights_dir(weights, cache_dir)), True
+    if Path(weights).expanduser().is_dir():
+        return str(Path(weights).expanduser()), True
+    return weights, False
+
+
 def load_text_model(weights: str, kind: str, cache_dir: str | Path | None = None):
     """``(model, tokenizer)`` from a packaged name, a local directory or a hub id; float32 (unless quantised), eval mode.
 
@@ -205,15 +219,8 @@ def load_text_model(weights: str, kind: str, cache_dir: str | Path | None = None
     """
     from transformers import AutoModel, AutoTokenizer
 
-    if weights in TEXT_WEIGHTS:
-        w = TEXT_WEIGHTS[weights]
-        if w.kind != kind:
-            raise UserError(f"'{weights}' is a {w.kind} model; use backbone.name: {w.kind}", key=_KEY)
-        source, local = str(text_weights_dir(weights, cache_dir)), True
-    elif Path(weights).expanduser().is_dir():
-        source, local = str(Path(weights).expanduser()), True
-    else:
-        source, local = weights, False
+    source, local = text_weights_source(weights, kind, cache_dir, f"use backbone.name: {TEXT_WEIGHTS[weights].kind}"
+                                        if weights in TEXT_WEIGHTS else "")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model, info = AutoModel.from_pretrained(source, local_files_only=local, output_loading_info=True,

@@ -87,3 +87,11 @@ def test_stop_strings_cut_the_answer(lm):
 def test_images_are_refused(tiny_lm):
     with pytest.raises(UserError, match="instruction_incremental"):
         GenerativeLM(input_shape=(3, 32, 32), weights=str(tiny_lm))
+
+
+def test_a_packaged_model_of_another_kind_is_refused_by_name():
+    """``minilm-l6`` is a sentence encoder: the generative backbone names its kind and what it needs."""
+    from clpeft.backbones.generative_lm import load_causal_lm
+
+    with pytest.raises(UserError, match="'minilm-l6' is a text_encoder model; generative_lm needs a decoder LLM"):
+        load_causal_lm("minilm-l6")
