@@ -257,3 +257,11 @@ def test_resume_mid_stream_gives_the_same_results(tmp_path, digits_run, spy_file
     drop = ("samples_per_s",)
     assert {k: v for k, v in resumed["metrics"].items() if k not in drop} == \
         {k: v for k, v in reference["metrics"].items() if k not in drop}
+
+
+@pytest.mark.parametrize("name,floor", [("er_ace", 0.5), ("derpp", 0.4), ("gdumb", 0.4)])
+def test_built_in_replay_methods_run_on_a_task_free_blurry_stream(tmp_path, digits_run, name, floor):
+    """Issue 20's online protocol with the built-in ER-ACE, DER++ and GDumb (finetune: A_auc 0.23)."""
+    digits_run["strategy"] = {"name": name, "mem_size": 200}
+    result = _engine(_online(digits_run, task_free=True, blurry={"disjoint": 50, "blurry": 10}), tmp_path / "run").run()
+    assert len(result["acc_matrix"]) == 5 and result["metrics"]["a_auc"] > floor
