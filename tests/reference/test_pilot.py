@@ -23,6 +23,7 @@ the adapters trainable; the test does the same to the ViT it builds directly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -55,18 +56,27 @@ LR, WEIGHT_DECAY = 0.01, 5e-4
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.fixture
-def pilot(load_reference):
-    """PILOT's ``models.{simplecil,aper_adapter,ranpac}``, ``utils.inc_net``, ``backbone.{vit_adapter,vpt}``."""
+@contextlib.contextmanager
+def pilot_modules(load_reference, anchor: str, others: tuple[str, ...]):
+    """PILOT's ``anchor`` module and ``others`` as one namespace (by their last name, plus ``root``),
+    with the shims its old timm imports need."""
     weight_init = types.ModuleType("timm.models.layers.weight_init")
     weight_init.trunc_normal_ = timm.layers.trunc_normal_
     with warnings.catch_warnings():  # its timm.models.layers / registry imports are deprecated
         warnings.simplefilter("ignore", FutureWarning)
-        with load_reference("pilot", "models.ranpac", stubs={"timm.models.layers.weight_init": weight_init}) as ranpac:
+        with load_reference("pilot", anchor, stubs={"timm.models.layers.weight_init": weight_init}) as first:
             yield types.SimpleNamespace(
-                ranpac=ranpac, **{name.rpartition(".")[2]: importlib.import_module(name) for name in (
-                    "models.simplecil", "models.aper_adapter", "utils.inc_net", "backbone.vit_adapter", "backbone.vpt")},
-                root=Path(ranpac.__file__).parents[1])
+                **{anchor.rpartition(".")[2]: first},
+                **{name.rpartition(".")[2]: importlib.import_module(name) for name in others},
+                root=Path(first.__file__).parents[1])
+
+
+@pytest.fixture
+def pilot(load_reference):
+    """PILOT's ``models.{simplecil,aper_adapter,ranpac}``, ``utils.inc_net``, ``backbone.{vit_adapter,vpt}``."""
+    with pilot_modules(load_reference, "models.ranpac", ("models.simplecil", "models.aper_adapter", "utils.inc_net",
+                                                          "backbone.vit_adapter", "backbone.vpt")) as modules:
+        yield modules
 
 
 # ---------------------------------------------------------------------------------- both sides' pieces

@@ -19,16 +19,12 @@ adapter ViT given clpeft's weights key by key. Compared over two tasks:
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import json
 import types
-import warnings
 from functools import partial
-from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -59,21 +55,16 @@ from .test_pilot import (
     _task_data,
     _test_inputs,
     _train_steps,
+    pilot_modules,
 )
 
 
 @pytest.fixture
 def pilot(load_reference):
     """PILOT's ``models.{fecam,ease,cofima}``, ``utils.inc_net``, ``backbone.{vit_adapter,vit_ease}``."""
-    weight_init = types.ModuleType("timm.models.layers.weight_init")
-    weight_init.trunc_normal_ = timm.layers.trunc_normal_
-    with warnings.catch_warnings():  # its timm.models.layers / registry imports are deprecated
-        warnings.simplefilter("ignore", FutureWarning)
-        with load_reference("pilot", "models.fecam", stubs={"timm.models.layers.weight_init": weight_init}) as fecam:
-            yield types.SimpleNamespace(
-                fecam=fecam, **{name.rpartition(".")[2]: importlib.import_module(name) for name in (
-                    "models.ease", "models.cofima", "utils.inc_net", "backbone.vit_adapter", "backbone.vit_ease")},
-                root=Path(fecam.__file__).parents[1])
+    with pilot_modules(load_reference, "models.fecam", ("models.ease", "models.cofima", "utils.inc_net",
+                                                         "backbone.vit_adapter", "backbone.vit_ease")) as modules:
+        yield modules
 
 
 # ---------------------------------------------------------------------------------- FeCAM
