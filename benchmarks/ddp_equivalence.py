@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-STREAM = {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 9,
-          "test_per_class": 5}
+STREAM = {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 9, "test_per_class": 5}
 VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.01, "optimizer": "adam"}
 
@@ -51,11 +50,14 @@ CASES = {
 
 
 def _run(config: Path, out: Path, nproc: int) -> tuple[float, str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    done = subprocess.run([*launcher, "-m", "clpeft", "run", str(config), "--out", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [*launcher, "-m", "clpeft", "run", str(config), "--out", str(out), "--device", "cpu"], capture_output=True, text=True, env=env
+    )
     error = "" if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
     return time.perf_counter() - t0, error
 
@@ -68,17 +70,28 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = [w for w in args.only.split(",") if w]
-    rows = ["| strategy | backbone | acc_last 1 proc | acc_last 2 procs | max abs diff of the matrix | seconds 1 / 2 procs |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| strategy | backbone | acc_last 1 proc | acc_last 2 procs | max abs diff of the matrix | seconds 1 / 2 procs |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, (strategy, backbone, train) in CASES.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "")
         config = out / f"{slug}.yaml"
-        config.write_text(yaml.safe_dump({
-            "seed": 0, "scenario": STREAM, "backbone": backbone, "strategy": strategy, "train": {**TRAIN, **train},
-            "eval": {"batch_size": 16, "baseline": False}, "logging": {"tensorboard": False, "progress": "never"},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "seed": 0,
+                    "scenario": STREAM,
+                    "backbone": backbone,
+                    "strategy": strategy,
+                    "train": {**TRAIN, **train},
+                    "eval": {"batch_size": 16, "baseline": False},
+                    "logging": {"tensorboard": False, "progress": "never"},
+                }
+            )
+        )
         results, seconds = [], []
         for nproc in (1, 2):
             run_dir = out / f"{slug}-{nproc}"
@@ -93,8 +106,10 @@ def main() -> None:
             rows.append(f"| {name} | {backbone['name']} | failed | | | |")
             continue
         a, b = (np.array(r["acc_matrix"]) for r in results)
-        row = (f"| {name} | {backbone.get('model', backbone['name'])} | {results[0]['metrics']['acc_last']:.3f} | "
-               f"{results[1]['metrics']['acc_last']:.3f} | {np.abs(a - b).max():.3f} | {seconds[0]:.0f} / {seconds[1]:.0f} |")
+        row = (
+            f"| {name} | {backbone.get('model', backbone['name'])} | {results[0]['metrics']['acc_last']:.3f} | "
+            f"{results[1]['metrics']['acc_last']:.3f} | {np.abs(a - b).max():.3f} | {seconds[0]:.0f} / {seconds[1]:.0f} |"
+        )
         rows.append(row)
         print(row, flush=True)
     table = "\n".join(rows)

@@ -74,8 +74,12 @@ def main() -> None:
         x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
         counts = {}
         last = vit.blocks[-1]
-        hook = last.register_forward_hook(lambda m, a, o: counts.__setitem__("calls", counts.get("calls", 0) + 1) or
-                                          counts.__setitem__("samples", counts.get("samples", 0) + a[0].shape[0]))
+        hook = last.register_forward_hook(
+            lambda m, a, o: (
+                counts.__setitem__("calls", counts.get("calls", 0) + 1)
+                or counts.__setitem__("samples", counts.get("samples", 0) + a[0].shape[0])
+            )
+        )
         stats = {}
         for name, run in (("loop", _loop), ("batched", _batched)):
             counts.clear()
@@ -91,8 +95,10 @@ def main() -> None:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 stats[name]["times"].append(time.perf_counter() - t0)
-        cells = [f"{s['calls']}, {s['samples']}, {statistics.median(s['times']):.3f} / {min(s['times']):.3f}"
-                 for s in (stats["loop"], stats["batched"])]
+        cells = [
+            f"{s['calls']}, {s['samples']}, {statistics.median(s['times']):.3f} / {min(s['times']):.3f}"
+            for s in (stats["loop"], stats["batched"])
+        ]
         speed = statistics.median(stats["loop"]["times"]) / statistics.median(stats["batched"]["times"])
         print(f"{n:4d} | {cells[0]} | {cells[1]} | {speed:.2f}x")
 

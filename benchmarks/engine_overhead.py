@@ -72,12 +72,24 @@ OPTIONAL = ("plain_index_select",)  # run only when named in --variants
 def make_config(args, data_root: str) -> dict:
     return {
         "seed": args.seed,
-        "scenario": {"name": "class_incremental", "dataset": args.dataset, "n_experiences": args.experiences,
-                     "train_per_class": args.train_per_class, "root": data_root},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": args.dataset,
+            "n_experiences": args.experiences,
+            "train_per_class": args.train_per_class,
+            "root": data_root,
+        },
         "backbone": {"name": "mlp", "hidden": [args.hidden]},
         "strategy": {"name": "finetune"},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "sgd",
-                  "momentum": 0.0, "amp": "off", "num_workers": 0},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "optimizer": "sgd",
+            "momentum": 0.0,
+            "amp": "off",
+            "num_workers": 0,
+        },
         "eval": {"batch_size": 256, "baseline": False},
         "logging": {"tensorboard": False, "progress": "never", "keep_checkpoints": 1},
     }
@@ -210,8 +222,7 @@ def run_plain(stream: Stream, args, index_select: bool = False) -> dict:
     body.eval()
     acc_all, acc_last = final_accuracy(lambda xb: head(body(xb)), stream)
     weights = [p.detach().clone() for p in (*body.parameters(), *head.parameters())]
-    return {"train_s": clock.wall, "cpu_s": clock.cpu, "laps": clock.laps,
-            "acc_all": acc_all, "acc_last": acc_last, "weights": weights}
+    return {"train_s": clock.wall, "cpu_s": clock.cpu, "laps": clock.laps, "acc_all": acc_all, "acc_last": acc_last, "weights": weights}
 
 
 # ----------------------------------------------------------------------------- (b) clpeft
@@ -249,8 +260,16 @@ def run_clpeft(stream: Stream, args, cfg: dict, workdir: str) -> dict:
     sizes = result["test_sizes"]
     engine_acc = sum(a * n for a, n in zip(row, sizes)) / sum(sizes)
     weights = [p.detach().clone() for p in (*net.parameters(), s.head.weight, s.head.bias)]
-    return {"train_s": clock.wall, "cpu_s": clock.cpu, "laps": clock.laps, "run_s": run_s,
-            "acc_all": acc_all, "acc_last": acc_last, "engine_acc_all": engine_acc, "weights": weights}
+    return {
+        "train_s": clock.wall,
+        "cpu_s": clock.cpu,
+        "laps": clock.laps,
+        "run_s": run_s,
+        "acc_all": acc_all,
+        "acc_last": acc_last,
+        "engine_acc_all": engine_acc,
+        "weights": weights,
+    }
 
 
 # ----------------------------------------------------------------------------- (c) Avalanche
@@ -288,9 +307,16 @@ def run_avalanche(stream: Stream, args, lean: bool) -> dict:
     with contextlib.redirect_stdout(sink):  # InteractiveLogger prints progress bars to stdout
         evaluator = EvaluationPlugin(loggers=[]) if lean else default_evaluator()
         strategy = Naive(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0),
-            criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size, train_epochs=args.epochs,
-            eval_mb_size=256, device="cpu", plugins=[SameHeadInit()], evaluator=evaluator, eval_every=-1,
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0),
+            criterion=nn.CrossEntropyLoss(),
+            train_mb_size=args.batch_size,
+            train_epochs=args.epochs,
+            eval_mb_size=256,
+            device="cpu",
+            plugins=[SameHeadInit()],
+            evaluator=evaluator,
+            eval_every=-1,
         )
         clock = Clock()
         for exp in bench.train_stream:
@@ -300,8 +326,7 @@ def run_avalanche(stream: Stream, args, lean: bool) -> dict:
         sink.close()
     model.eval()
     acc_all, acc_last = final_accuracy(model, stream)
-    return {"train_s": clock.wall, "cpu_s": clock.cpu, "laps": clock.laps,
-            "acc_all": acc_all, "acc_last": acc_last}
+    return {"train_s": clock.wall, "cpu_s": clock.cpu, "laps": clock.laps, "acc_all": acc_all, "acc_last": acc_last}
 
 
 # ----------------------------------------------------------------------------- main
@@ -321,8 +346,10 @@ def profile_runs(runners: dict, variants: list[str], top: int) -> None:
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf).strip_dirs()
         total = stats.total_tt
-        print(f"\n=== cProfile of the training regions of one {name} run: {total:.3f} s profiled "
-              f"({res['train_s']:.3f} s wall with the profiler on; profiling inflates Python-heavy code) ===")
+        print(
+            f"\n=== cProfile of the training regions of one {name} run: {total:.3f} s profiled "
+            f"({res['train_s']:.3f} s wall with the profiler on; profiling inflates Python-heavy code) ==="
+        )
         stats.sort_stats("tottime").print_stats(top)
         if name != "plain":
             stats.sort_stats("cumulative").print_stats(top)
@@ -346,8 +373,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS + OPTIONAL}")
-    p.add_argument("--profile", action="store_true",
-                   help="also cProfile the training regions of one run of each variant")
+    p.add_argument("--profile", action="store_true", help="also cProfile the training regions of one run of each variant")
     p.add_argument("--profile-top", type=int, default=25)
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -364,12 +390,14 @@ def main(argv=None) -> int:
         cfg = make_config(args, data_root)
         stream = Stream(cfg, args)
         expected_steps = stream.steps(args.epochs, args.batch_size)
-        print(f"engine overhead: {args.dataset}, {len(stream.train)} experiences, "
-              f"{sum(len(y) for _, y in stream.train)} train samples, mlp {stream.in_dim}->{args.hidden}->grow, "
-              f"{args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr}, {expected_steps} optimizer steps; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{platform.machine()} ({os.cpu_count()} CPUs), "
-              f"python {platform.python_version()}; load average {_load()}")
+        print(
+            f"engine overhead: {args.dataset}, {len(stream.train)} experiences, "
+            f"{sum(len(y) for _, y in stream.train)} train samples, mlp {stream.in_dim}->{args.hidden}->grow, "
+            f"{args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr}, {expected_steps} optimizer steps; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.machine()} ({os.cpu_count()} CPUs), "
+            f"python {platform.python_version()}; load average {_load()}"
+        )
 
         runners = {
             "plain": lambda: run_plain(stream, args),
@@ -383,8 +411,7 @@ def main(argv=None) -> int:
         steps_made: dict[str, int] = {}
         for v in variants:
             count = [0]
-            handle = register_optimizer_step_post_hook(
-                lambda *a, count=count: count.__setitem__(0, count[0] + 1))
+            handle = register_optimizer_step_post_hook(lambda *a, count=count: count.__setitem__(0, count[0] + 1))
             try:
                 runners[v]()
             finally:
@@ -392,7 +419,7 @@ def main(argv=None) -> int:
             steps_made[v] = count[0]
         results: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.repeats):
-            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
                 results[v].append(runners[v]())
             times = "  ".join(f"{v} {results[v][-1]['train_s']:.3f}s" for v in variants)
@@ -407,8 +434,7 @@ def main(argv=None) -> int:
         if "clpeft" in variants:
             a, b = results["plain"][0]["weights"], results["clpeft"][0]["weights"]
             max_diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
-            print(f"plain vs clpeft final weights: max |diff| = {max_diff:.3g}"
-                  + ("  (bitwise equal)" if max_diff == 0 else ""))
+            print(f"plain vs clpeft final weights: max |diff| = {max_diff:.3g}" + ("  (bitwise equal)" if max_diff == 0 else ""))
             e = results["clpeft"][0]
             if abs(e["engine_acc_all"] - e["acc_all"]) > 1e-9:
                 raise SystemExit(f"clpeft engine accuracy {e['engine_acc_all']} != recomputed {e['acc_all']}")
@@ -428,24 +454,31 @@ def main(argv=None) -> int:
         def paired(v):
             return statistics.median(a["train_s"] / b["train_s"] for a, b in zip(results[v], results["plain"]))
 
-        print(f"\ntraining time, wall clock, {args.repeats} interleaved repeats (evaluation excluded); "
-              f"ratios against plain")
-        print("| variant | median s | best s | floor s | ratio of medians | ratio of bests | ratio of floors "
-              "| median per-round ratio | CPU-time ratio (medians) | acc, all 10 classes | acc, last experience |")
+        print(f"\ntraining time, wall clock, {args.repeats} interleaved repeats (evaluation excluded); ratios against plain")
+        print(
+            "| variant | median s | best s | floor s | ratio of medians | ratio of bests | ratio of floors "
+            "| median per-round ratio | CPU-time ratio (medians) | acc, all 10 classes | acc, last experience |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for v in variants:
             accs = results[v][-1]
-            print(f"| {v} | {med(v):.3f} | {best(v):.3f} | {floor(v):.3f} | {med(v) / med('plain'):.3f} "
-                  f"| {best(v) / best('plain'):.3f} | {floor(v) / floor('plain'):.3f} | {paired(v):.3f} "
-                  f"| {med(v, 'cpu_s') / med('plain', 'cpu_s'):.3f} | {accs['acc_all']:.4f} | {accs['acc_last']:.4f} |")
+            print(
+                f"| {v} | {med(v):.3f} | {best(v):.3f} | {floor(v):.3f} | {med(v) / med('plain'):.3f} "
+                f"| {best(v) / best('plain'):.3f} | {floor(v) / floor('plain'):.3f} | {paired(v):.3f} "
+                f"| {med(v, 'cpu_s') / med('plain', 'cpu_s'):.3f} | {accs['acc_all']:.4f} | {accs['acc_last']:.4f} |"
+            )
         if "clpeft" in variants:
-            print(f"\nclpeft / plain: {floor('clpeft') / floor('plain'):.3f} (floors), "
-                  f"{paired('clpeft'):.3f} (median per-round ratio); goal <= 1.05")
+            print(
+                f"\nclpeft / plain: {floor('clpeft') / floor('plain'):.3f} (floors), "
+                f"{paired('clpeft'):.3f} (median per-round ratio); goal <= 1.05"
+            )
             runs = [res["run_s"] for res in results["clpeft"]]
             evals = [res["run_s"] - res["train_s"] for res in results["clpeft"]]
-            print(f"\nclpeft whole Engine.run (incl. data load, per-experience evaluation of all test sets, "
-                  f"checkpoints): median {statistics.median(runs):.3f} s, of which outside training "
-                  f"{statistics.median(evals):.3f} s")
+            print(
+                f"\nclpeft whole Engine.run (incl. data load, per-experience evaluation of all test sets, "
+                f"checkpoints): median {statistics.median(runs):.3f} s, of which outside training "
+                f"{statistics.median(evals):.3f} s"
+            )
         if args.profile:
             profile_runs(runners, variants, args.profile_top)
     finally:

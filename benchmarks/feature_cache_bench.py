@@ -26,9 +26,14 @@ def run(cache: str, args, root: str) -> tuple[float, list]:
 
     cfg = {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "fashion_mnist", "n_experiences": 5,
-                     "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
-                     "root": os.path.join(root, "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "fashion_mnist",
+            "n_experiences": 5,
+            "train_per_class": args.train_per_class,
+            "test_per_class": args.test_per_class,
+            "root": os.path.join(root, "data"),
+        },
         "backbone": {"name": "timm", "model": "tf_efficientnet_lite0", "weights": "efficientnet-lite0", "img_size": 112},
         "strategy": {"name": "finetune"},
         "train": {"epochs": args.epochs, "batch_size": 32, "lr": 0.01, "feature_cache": cache},
@@ -55,8 +60,10 @@ def main() -> None:
         with_cache, r_cache = run("memory", args, root + "/b")
         without, r_off = run("off", args, root + "/c")
     diff = float(np.abs(np.array(r_cache) - np.array(r_off)).max())
-    print(f"load average: {os.getloadavg()[0]:.1f}; {args.epochs} epochs, {args.train_per_class} train / "
-          f"{args.test_per_class} test images per class, {args.threads} threads")
+    print(
+        f"load average: {os.getloadavg()[0]:.1f}; {args.epochs} epochs, {args.train_per_class} train / "
+        f"{args.test_per_class} test images per class, {args.threads} threads"
+    )
     print("| feature cache | wall s |\n|---|---|")
     print(f"| memory (once per sample) | {with_cache:.1f} |\n| off (every batch) | {without:.1f} |")
     print(f"speed-up: {without / with_cache:.1f}x; max |accuracy difference| between the two matrices: {diff:.4f}")

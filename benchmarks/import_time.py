@@ -20,7 +20,9 @@ import time
 VARIANTS = {
     "import clpeft.merging (lazy)": [sys.executable, "-c", "import clpeft.merging"],
     "import clpeft.merging (eager: + clpeft.data, clpeft.strategy)": [
-        sys.executable, "-c", "import clpeft.data, clpeft.strategy, clpeft.merging"
+        sys.executable,
+        "-c",
+        "import clpeft.data, clpeft.strategy, clpeft.merging",
     ],
     "clpeft merge --help (lazy)": [sys.executable, "-m", "clpeft", "merge", "--help"],
 }

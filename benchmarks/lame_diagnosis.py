@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def source_model(cfg, run_dir: Path, input_shape) -> tuple[torch.nn.Module, torch.nn.Module]:
     state = checkpoint.load_latest(run_dir / "source")[1]["strategy"]
     backbone = cfg.backbone.cls(input_shape=input_shape, **cfg.backbone.params)
-    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     head = LinearHead(backbone.feature_dim, state["head.weight"].shape[0])
-    head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+    head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
     return backbone.eval(), head.eval()
 
 
@@ -51,7 +51,7 @@ def source_model(cfg, run_dir: Path, input_shape) -> tuple[torch.nn.Module, torc
 def diagnose(backbone, head, x: torch.Tensor, y: torch.Tensor, k: int, batch_size: int) -> dict[str, float]:
     counts = dict(n=0, model_wrong=0, lame_wrong=0, fixed=0, broken=0, pure=0.0)
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         features = backbone(xb)
         probs = head(features).softmax(1)
         kernel = affinity(features, "knn", k)
@@ -65,8 +65,13 @@ def diagnose(backbone, head, x: torch.Tensor, y: torch.Tensor, k: int, batch_siz
         same = (yb[:, None] == yb[None, :]).float()
         counts["pure"] += float(((kernel * same).sum(1) / kernel.sum(1).clamp_min(1)).sum())
     n = counts.pop("n")
-    return {"model error": counts["model_wrong"] / n, "LAME error": counts["lame_wrong"] / n,
-            "kNN purity": counts["pure"] / n, "fixed": counts["fixed"] / n, "broken": counts["broken"] / n}
+    return {
+        "model error": counts["model_wrong"] / n,
+        "LAME error": counts["lame_wrong"] / n,
+        "kNN purity": counts["pure"] / n,
+        "fixed": counts["fixed"] / n,
+        "broken": counts["broken"] / n,
+    }
 
 
 def main() -> None:
@@ -100,12 +105,13 @@ def main() -> None:
                     totals[key] = totals.get(key, 0.0) + value / len(domains)
             rows.append((statistics, order, totals))
             print(statistics, order, {k: round(v, 4) for k, v in totals.items()}, flush=True)
-    print(f"\n| BatchNorm statistics | stream order | model error | LAME error (kNN, k = {args.knn}) | kNN purity | "
-          "fixed | broken |")
+    print(f"\n| BatchNorm statistics | stream order | model error | LAME error (kNN, k = {args.knn}) | kNN purity | fixed | broken |")
     print("|---|---|---|---|---|---|---|")
     for statistics, order, t in rows:
-        print(f"| {statistics} | {order} | {t['model error']:.3f} | {t['LAME error']:.3f} | {t['kNN purity']:.3f} | "
-              f"{t['fixed']:.3f} | {t['broken']:.3f} |")
+        print(
+            f"| {statistics} | {order} | {t['model error']:.3f} | {t['LAME error']:.3f} | {t['kNN purity']:.3f} | "
+            f"{t['fixed']:.3f} | {t['broken']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

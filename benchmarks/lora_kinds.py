@@ -72,21 +72,25 @@ def main() -> None:
             _step(*built[kind][:3], x, y)
     times = {kind: [] for kind in ADAPTER_KINDS}
     for r in range(args.repeats):
-        order = ADAPTER_KINDS[r % len(ADAPTER_KINDS):] + ADAPTER_KINDS[: r % len(ADAPTER_KINDS)]
+        order = ADAPTER_KINDS[r % len(ADAPTER_KINDS) :] + ADAPTER_KINDS[: r % len(ADAPTER_KINDS)]
         for kind in order:
             times[kind].append(_step(*built[kind][:3], x, y))
 
     tokens = (args.img_size // 14) ** 2 + 1
-    print(f"{datetime.date.today()}  {platform.machine()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"ViT-S/14 at {args.img_size} px ({tokens} tokens), batch {args.batch}, rank {args.rank} on {' '.join(args.targets)}, "
-          f"{args.repeats} rounds")
+    print(
+        f"{datetime.date.today()}  {platform.machine()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+        f"ViT-S/14 at {args.img_size} px ({tokens} tokens), batch {args.batch}, rank {args.rank} on {' '.join(args.targets)}, "
+        f"{args.repeats} rounds"
+    )
     print("| kind | trainable parameters | vs LoRA | step, median s (min) | step vs LoRA (medians) | building the adapters, s |")
     print("|---|---|---|---|---|---|")
     lora_params, lora_time = built["lora"][4], statistics.median(times["lora"])
     for kind in ADAPTER_KINDS:
         params, med = built[kind][4], statistics.median(times[kind])
-        print(f"| {kind} | {params:,} | {params / lora_params:.3f} | {med:.3f} ({min(times[kind]):.3f}) | "
-              f"{med / lora_time:.2f} | {built[kind][3]:.2f} |")
+        print(
+            f"| {kind} | {params:,} | {params / lora_params:.3f} | {med:.3f} ({min(times[kind]):.3f}) | "
+            f"{med / lora_time:.2f} | {built[kind][3]:.2f} |"
+        )
 
 
 if __name__ == "__main__":

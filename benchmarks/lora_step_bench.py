@@ -79,7 +79,7 @@ def _rounds(variants: dict[str, Callable[[], None]], warmup: int, repeats: int, 
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(_time(variants[name], device))
     return times
@@ -131,25 +131,39 @@ def main() -> None:
 
     started = time.perf_counter()
     lora.train()
-    train = _rounds({
-        "frozen backbone + head step": lambda: _frozen_step(base, heads["frozen"], opts["frozen"], x, y),
-        "LoRA step": lambda: _lora_step(lora, heads["lora"], opts["lora"], x, y),
-    }, args.warmup, args.repeats, device)
+    train = _rounds(
+        {
+            "frozen backbone + head step": lambda: _frozen_step(base, heads["frozen"], opts["frozen"], x, y),
+            "LoRA step": lambda: _lora_step(lora, heads["lora"], opts["lora"], x, y),
+        },
+        args.warmup,
+        args.repeats,
+        device,
+    )
     lora.eval()
-    infer = _rounds({
-        "base forward": lambda: _forward(base, x),
-        "LoRA unmerged forward": lambda: _forward(lora, x),
-        "LoRA merged forward": lambda: _forward(merged, x),
-    }, args.warmup, args.repeats, device)
+    infer = _rounds(
+        {
+            "base forward": lambda: _forward(base, x),
+            "LoRA unmerged forward": lambda: _forward(lora, x),
+            "LoRA merged forward": lambda: _forward(merged, x),
+        },
+        args.warmup,
+        args.repeats,
+        device,
+    )
     seconds = time.perf_counter() - started
 
     n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    print(f"- Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.platform()}), device {device}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"- Model: vit_small_patch14_dinov2 at {args.img_size} px ({(args.img_size // 14) ** 2 + 1} tokens), batch "
-          f"{args.batch}; LoRA rank {args.rank} on {', '.join(args.targets)} ({len(lora_layers(lora))} layers, "
-          f"{n_lora:,} trainable factors); merged vs unmerged outputs differ by {check:.1e} at most.")
+    print(
+        f"- Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.platform()}), device {device}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, timm {timm.__version__}."
+    )
+    print(
+        f"- Model: vit_small_patch14_dinov2 at {args.img_size} px ({(args.img_size // 14) ** 2 + 1} tokens), batch "
+        f"{args.batch}; LoRA rank {args.rank} on {', '.join(args.targets)} ({len(lora_layers(lora))} layers, "
+        f"{n_lora:,} trainable factors); merged vs unmerged outputs differ by {check:.1e} at most."
+    )
     print(f"- {args.warmup} warm-up calls per variant, {args.repeats} interleaved rounds; timed part took {seconds:.0f} s.\n")
     print("### Training step\n")
     print(_table(train, "frozen backbone + head step"))

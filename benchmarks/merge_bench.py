@@ -132,9 +132,7 @@ def peft_merge(base: dict, finetuned: list[dict], method: str, params: dict) -> 
     return merged
 
 
-def run_baseline(
-    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str
-) -> tuple[float, float]:
+def run_baseline(base_path: str, paths: list[str], out: str, method: str, params: dict, device: str) -> tuple[float, float]:
     from safetensors.torch import load_file, save_file
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -143,8 +141,7 @@ def run_baseline(
 
 
 def run_in_memory(
-    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str, *, library: str,
-    fused: bool = True
+    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str, *, library: str, fused: bool = True
 ) -> tuple[float, float]:
     """Time one merge of checkpoints already in ``device`` memory; save the result untimed."""
     from safetensors.torch import load_file, save_file
@@ -169,9 +166,7 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_clpeft(
-    base_path: str, paths: list[str], out: str, method: str, params: dict, device: str
-) -> tuple[float, float]:
+def run_clpeft(base_path: str, paths: list[str], out: str, method: str, params: dict, device: str) -> tuple[float, float]:
     from clpeft.merging import merge_files
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -242,13 +237,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--models", type=int, default=8, help="K, the number of fine-tunes")
-    parser.add_argument(
-        "--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {', '.join(CASES)}"
-    )
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case, interleaved; the table shows the best")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads in every variant (default: torch's default)"
-    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in every variant (default: torch's default)")
     parser.add_argument("--device", default="cpu", help="where clpeft merges (the baseline always runs on the CPU)")
     parser.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary directory)")
     args = parser.parse_args()
@@ -257,9 +248,7 @@ def main() -> None:
     try:
         t = time.perf_counter()
         base, paths, numel = write_models(directory, args.size, args.models)
-        print(
-            f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in {time.perf_counter() - t:.0f} s"
-        )
+        print(f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in {time.perf_counter() - t:.0f} s")
         runs: dict[str, list[dict]] = {case: [] for case in args.cases.split(",")}
         load = [os.getloadavg()[0]]
         for _ in range(args.repeats):
@@ -296,8 +285,10 @@ def copy_bandwidths(device: str, nbytes: int = 1 << 30) -> dict[str, float]:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     source, target = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8, device=device)
     result = {}
-    for name, copy, moved in [("host_to_device", lambda: source.copy_(host, non_blocking=True), nbytes),
-                              ("device_to_device", lambda: target.copy_(source), 2 * nbytes)]:
+    for name, copy, moved in [
+        ("host_to_device", lambda: source.copy_(host, non_blocking=True), nbytes),
+        ("device_to_device", lambda: target.copy_(source), 2 * nbytes),
+    ]:
         copy()
         torch.cuda.synchronize()
         best = float("inf")
@@ -316,9 +307,11 @@ def print_table(results: dict, directory: Path, args: argparse.Namespace, load: 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads")
     if args.device.startswith("cuda"):
         bandwidth = copy_bandwidths(args.device)
-        print(f"GPU: {torch.cuda.get_device_name(args.device)}; copies measured now: pinned host -> device "
-              f"{bandwidth['host_to_device']:.1f} GB/s, device -> device {bandwidth['device_to_device']:.0f} GB/s "
-              "(the merge's GB/s below divided by these is its share of each)")
+        print(
+            f"GPU: {torch.cuda.get_device_name(args.device)}; copies measured now: pinned host -> device "
+            f"{bandwidth['host_to_device']:.1f} GB/s, device -> device {bandwidth['device_to_device']:.0f} GB/s "
+            "(the merge's GB/s below divided by these is its share of each)"
+        )
     print(f"load average (1 min) before/after: {load[0]:.1f} / {load[1]:.1f}")
     print(
         f"command: python benchmarks/merge_bench.py --size {args.size} --models {args.models} "
@@ -347,8 +340,10 @@ def print_table(results: dict, directory: Path, args: argparse.Namespace, load: 
         print("| " + " | ".join([*row, speedup, memory, equal]) + " |")
     model, tensor = results.get("ties/clpeft"), results.get("ties-tensor/clpeft")
     if model and tensor:
-        print(f"\nTIES trim_scope model vs tensor: wall {model['wall_s'] / tensor['wall_s']:.2f}x, "
-              f"CPU {model['cpu_s'] / tensor['cpu_s']:.2f}x, peak RSS {model['peak_rss_gib'] / tensor['peak_rss_gib']:.2f}x")
+        print(
+            f"\nTIES trim_scope model vs tensor: wall {model['wall_s'] / tensor['wall_s']:.2f}x, "
+            f"CPU {model['cpu_s'] / tensor['cpu_s']:.2f}x, peak RSS {model['peak_rss_gib'] / tensor['peak_rss_gib']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

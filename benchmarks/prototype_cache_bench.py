@@ -38,9 +38,14 @@ def run(strategy: dict, cache: str, args, root: str) -> tuple[float, list]:
 
     cfg = {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "fashion_mnist", "n_experiences": 5,
-                     "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
-                     "root": os.path.join(root, "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "fashion_mnist",
+            "n_experiences": 5,
+            "train_per_class": args.train_per_class,
+            "test_per_class": args.test_per_class,
+            "root": os.path.join(root, "data"),
+        },
         "backbone": {"name": "timm", "model": "tf_efficientnet_lite0", "weights": "efficientnet-lite0", "img_size": args.img_size},
         "strategy": strategy,
         "train": {"epochs": 1, "batch_size": 16, "lr": 1e-4, "optimizer": "adam", "feature_cache": cache},
@@ -72,8 +77,10 @@ def main() -> None:
             without, r_off = run(METHODS[name], "off", args, root)
             rows.append((name, with_cache, without, float(np.abs(np.array(r_cache) - np.array(r_off)).max())))
             print(f"{name}: {with_cache:.1f} s with the cache, {without:.1f} s without", flush=True)
-    print(f"load average: {os.getloadavg()[0]:.1f}; {args.train_per_class} train / {args.test_per_class} test "
-          f"images per class, {args.img_size} px, {args.threads} threads")
+    print(
+        f"load average: {os.getloadavg()[0]:.1f}; {args.train_per_class} train / {args.test_per_class} test "
+        f"images per class, {args.img_size} px, {args.threads} threads"
+    )
     print("| method | cache: memory, s | cache: off, s | ratio | max abs acc diff |\n|---|---|---|---|---|")
     for name, with_cache, without, diff in rows:
         print(f"| {name} | {with_cache:.1f} | {without:.1f} | {without / with_cache:.2f}x | {diff:.4f} |")

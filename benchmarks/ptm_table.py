@@ -31,8 +31,7 @@ from clpeft import config
 from clpeft.engine import Engine
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", "dualprompt", "coda_prompt",
-           "lora_cl", "lae", "merge_cl"]
+METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl"]
 METHODS += [f"{m}+{v}" for v in ("align", "sdc") for m in ("l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl")]
 METHODS += ["lora_cl+nosubspace", "lora_cl+nosubspace+align", "lora_cl+nosubspace+sdc"]
 VARIANTS = {"align": {"align": True}, "sdc": {"align": True, "drift_compensation": True}, "nosubspace": {"subspace": "none"}}
@@ -51,8 +50,13 @@ def method_config(method: str, args) -> dict:
         cfg["strategy"] = {"name": "finetune"}
         cfg["train"] = {"epochs": 10, "batch_size": 16, "lr": 0.01, "optimizer": "sgd"}
     cfg["seed"] = args.seed
-    cfg["scenario"] = {"name": "class_incremental", "dataset": "fashion_mnist", "n_experiences": 5,
-                       "train_per_class": args.train_per_class, "test_per_class": args.test_per_class}
+    cfg["scenario"] = {
+        "name": "class_incremental",
+        "dataset": "fashion_mnist",
+        "n_experiences": 5,
+        "train_per_class": args.train_per_class,
+        "test_per_class": args.test_per_class,
+    }
     cfg["logging"] = {"tensorboard": False, "progress": "never"}
     return cfg
 
@@ -62,16 +66,23 @@ def run(method: str, args) -> dict:
     t0 = time.perf_counter()
     result = Engine(config.resolve(cfg), args.out / method, device="cpu").run()
     m = result["metrics"]
-    return {"method": method, "acc_last": m["acc_last"], "acc_avg_incremental": m["acc_avg_incremental"],
-            "forgetting": m["forgetting"], "wall_s": time.perf_counter() - t0,
-            "trainable": result["parameters"]["trainable"]}
+    return {
+        "method": method,
+        "acc_last": m["acc_last"],
+        "acc_avg_incremental": m["acc_avg_incremental"],
+        "forgetting": m["forgetting"],
+        "wall_s": time.perf_counter() - t0,
+        "trainable": result["parameters"]["trainable"],
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | acc_last | acc_avg_incremental | forgetting | wall s | trainable parameters |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['acc_last']:.3f} | {r['acc_avg_incremental']:.3f} | {r['forgetting']:.3f} | "
-              f"{r['wall_s']:.0f} | {r['trainable']:,} |" for r in rows]
+    lines = ["| method | acc_last | acc_avg_incremental | forgetting | wall s | trainable parameters |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['method']} | {r['acc_last']:.3f} | {r['acc_avg_incremental']:.3f} | {r['forgetting']:.3f} | "
+        f"{r['wall_s']:.0f} | {r['trainable']:,} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

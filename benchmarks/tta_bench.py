@@ -76,12 +76,20 @@ def bench_augmentation(batch_sizes: list[int], n: int, repeats: int) -> list[dic
             diff = max(float((variants[k]() - variants["loop"]()).abs().max()) for k in ("stacked", "cpu_default"))
             times = {k: [] for k in variants}
             for r in range(repeats):
-                for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+                for k in list(variants) if r % 2 == 0 else list(reversed(variants)):
                     times[k].append(_timed(variants[k]))
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"B": b, "stacked_s": med["stacked"], "cpu_default_s": med["cpu_default"], "loop_s": med["loop"],
-                     "ratio": med["loop"] / med["stacked"], "ratio_default": med["loop"] / med["cpu_default"],
-                     "max_abs_diff": diff})
+        rows.append(
+            {
+                "B": b,
+                "stacked_s": med["stacked"],
+                "cpu_default_s": med["cpu_default"],
+                "loop_s": med["loop"],
+                "ratio": med["loop"] / med["stacked"],
+                "ratio_default": med["loop"] / med["cpu_default"],
+                "max_abs_diff": diff,
+            }
+        )
     return rows
 
 
@@ -140,13 +148,18 @@ def bench_tent(batch_size: int, n_batches: int, repeats: int, lr: float = 1e-3) 
         raise AssertionError(f"tent and the plain loop disagree (max parameter difference {worst})")
     times = {"clpeft": [], "plain": []}
     for r in range(repeats):
-        for k, fn in ([("clpeft", run_clpeft), ("plain", run_plain)] if r % 2 == 0 else
-                      [("plain", run_plain), ("clpeft", run_clpeft)]):
+        for k, fn in [("clpeft", run_clpeft), ("plain", run_plain)] if r % 2 == 0 else [("plain", run_plain), ("clpeft", run_clpeft)]:
             times[k].append(fn()[0])
     images = batch_size * n_batches
     ips = {k: images / statistics.median(v) for k, v in times.items()}
-    return {"B": batch_size, "batches": n_batches, "clpeft_img_s": ips["clpeft"], "plain_img_s": ips["plain"],
-            "overhead": ips["plain"] / ips["clpeft"], "max_param_diff": worst}
+    return {
+        "B": batch_size,
+        "batches": n_batches,
+        "clpeft_img_s": ips["clpeft"],
+        "plain_img_s": ips["plain"],
+        "overhead": ips["plain"] / ips["clpeft"],
+        "max_param_diff": worst,
+    }
 
 
 def main() -> None:
@@ -159,15 +172,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-          f"cnn widths {WIDTHS}, images {SHAPE}, medians of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
+        f"cnn widths {WIDTHS}, images {SHAPE}, medians of {args.repeats}"
+    )
 
     print(f"\n(a) augmentation averaging, N = {args.n_augmentations}")
     print("| B | stacked (s) | CPU default (s) | loop (s) | loop / stacked | loop / CPU default | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for row in bench_augmentation([int(b) for b in args.batch_sizes.split(",")], args.n_augmentations, args.repeats):
-        print(f"| {row['B']} | {row['stacked_s']:.3f} | {row['cpu_default_s']:.3f} | {row['loop_s']:.3f} | {row['ratio']:.2f}x | "
-              f"{row['ratio_default']:.2f}x | {row['max_abs_diff']:.1e} |")
+        print(
+            f"| {row['B']} | {row['stacked_s']:.3f} | {row['cpu_default_s']:.3f} | {row['loop_s']:.3f} | {row['ratio']:.2f}x | "
+            f"{row['ratio_default']:.2f}x | {row['max_abs_diff']:.1e} |"
+        )
 
     row = bench_tent(args.tent_batch_size, args.tent_batches, args.repeats)
     print(f"\n(b) tent, {row['batches']} batches of {row['B']}")

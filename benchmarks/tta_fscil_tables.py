@@ -91,11 +91,23 @@ def tta_table(args, out: Path) -> list[dict]:
         result, wall = tta_run(cfg, run_dir, args.reuse)
         m = result["metrics"]
         same = None if method == "source" else same_source(source_dir, run_dir)
-        rows.append({"method": label, "same_source": same, "error_mean": m["error_mean"], "error_per_domain": m["error_per_domain"],
-                     "domains": result["domains"], "s_per_batch": result["timing"]["s_per_batch"],
-                     "train_s": result["timing"]["train_s"], "wall_s": wall})
-        print(f"[tta] {label:16s} mean error {m['error_mean']:.4f}  s/batch {result['timing']['s_per_batch']:.4f}  "
-              f"wall {_seconds(wall)}s  same source weights: {same}", flush=True)
+        rows.append(
+            {
+                "method": label,
+                "same_source": same,
+                "error_mean": m["error_mean"],
+                "error_per_domain": m["error_per_domain"],
+                "domains": result["domains"],
+                "s_per_batch": result["timing"]["s_per_batch"],
+                "train_s": result["timing"]["train_s"],
+                "wall_s": wall,
+            }
+        )
+        print(
+            f"[tta] {label:16s} mean error {m['error_mean']:.4f}  s/batch {result['timing']['s_per_batch']:.4f}  "
+            f"wall {_seconds(wall)}s  same source weights: {same}",
+            flush=True,
+        )
     return rows
 
 
@@ -124,11 +136,13 @@ def fscil_table(args, out: Path) -> list[dict]:
             rows.append({"method": method, "error": str(exc)})
             continue
         m = result["metrics"]
-        keys = ["session_acc", "session_acc_mean", "performance_drop", "base_acc_last", "novel_acc_last",
-                "harmonic_mean_last"]
+        keys = ["session_acc", "session_acc_mean", "performance_drop", "base_acc_last", "novel_acc_last", "harmonic_mean_last"]
         rows.append({"method": method, "wall_s": wall, **{k: m.get(k) for k in keys}})
-        print(f"[fscil] {method:12s} sessions {[round(a, 3) for a in m['session_acc']]}  "
-              f"H {m.get('harmonic_mean_last', float('nan')):.3f}  wall {wall:.1f}s", flush=True)
+        print(
+            f"[fscil] {method:12s} sessions {[round(a, 3) for a in m['session_acc']]}  "
+            f"H {m.get('harmonic_mean_last', float('nan')):.3f}  wall {wall:.1f}s",
+            flush=True,
+        )
     return rows
 
 
@@ -136,24 +150,30 @@ def markdown(tta: list[dict], fscil: list[dict]) -> str:
     lines = []
     if tta:
         domains = tta[0]["domains"]
-        lines += ["| method | mean error | " + " | ".join(d.split("@")[0] for d in domains) + " | s/batch | wall s |",
-                  "|---" * (len(domains) + 4) + "|"]
+        lines += [
+            "| method | mean error | " + " | ".join(d.split("@")[0] for d in domains) + " | s/batch | wall s |",
+            "|---" * (len(domains) + 4) + "|",
+        ]
         for r in tta:
             per = " | ".join(f"{e:.3f}" for e in r["error_per_domain"])
             lines.append(f"| {r['method']} | **{r['error_mean']:.4f}** | {per} | {r['s_per_batch']:.4f} | {_seconds(r['wall_s'])} |")
         lines.append("")
     if fscil:
         n = max(len(r.get("session_acc") or []) for r in fscil)
-        lines += ["| method | " + " | ".join(f"S{i}" for i in range(n)) + " | mean | drop | base (last) | novel (last) "
-                  "| H (last) | wall s |", "|---" * (n + 7) + "|"]
+        lines += [
+            "| method | " + " | ".join(f"S{i}" for i in range(n)) + " | mean | drop | base (last) | novel (last) | H (last) | wall s |",
+            "|---" * (n + 7) + "|",
+        ]
         for r in fscil:
             if "error" in r:
                 lines.append(f"| {r['method']} | failed: {r['error']} |")
                 continue
             sess = " | ".join(f"{a:.3f}" for a in r["session_acc"])
-            lines.append(f"| {r['method']} | {sess} | {r['session_acc_mean']:.3f} | {r['performance_drop']:.3f} | "
-                         f"{r['base_acc_last']:.3f} | {r['novel_acc_last']:.3f} | {r['harmonic_mean_last']:.3f} | "
-                         f"{r['wall_s']:.1f} |")
+            lines.append(
+                f"| {r['method']} | {sess} | {r['session_acc_mean']:.3f} | {r['performance_drop']:.3f} | "
+                f"{r['base_acc_last']:.3f} | {r['novel_acc_last']:.3f} | {r['harmonic_mean_last']:.3f} | "
+                f"{r['wall_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -164,10 +184,8 @@ def main() -> None:
     parser.add_argument("--tta-test-per-class", type=int, default=200)
     parser.add_argument("--fscil-preset", default="fmnist_fscil_proto")
     parser.add_argument("--skip", choices=["tta", "fscil"], default=None)
-    parser.add_argument("--no-variants", dest="variants", action="store_false",
-                        help="leave out the ablation rows (TTA_VARIANTS)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="read back finished TTA runs in --out and resume an interrupted one")
+    parser.add_argument("--no-variants", dest="variants", action="store_false", help="leave out the ablation rows (TTA_VARIANTS)")
+    parser.add_argument("--reuse", action="store_true", help="read back finished TTA runs in --out and resume an interrupted one")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -76,8 +76,11 @@ def check_augment(spec: str | list[dict[str, Any]]) -> None:
         return
     for i, step in enumerate(spec):
         name = step.get("name")
-        known = [n for n, obj in vars(v2).items() if isinstance(obj, type) and issubclass(obj, v2.Transform)
-                 and not n.startswith("_") and n not in _NOT_AUGMENTATIONS]
+        known = [
+            n
+            for n, obj in vars(v2).items()
+            if isinstance(obj, type) and issubclass(obj, v2.Transform) and not n.startswith("_") and n not in _NOT_AUGMENTATIONS
+        ]
         if name not in known:
             raise ValueError(f"step {i}: {name!r} is not a torchvision.transforms.v2 augmentation{close_matches(str(name), known)}")
         try:
@@ -104,8 +107,10 @@ def build_augment(spec: str | list[dict[str, Any]], size: int | None) -> Callabl
         images = [compose(image) for image in x]
         out = torch.stack(images) if len({im.shape for im in images}) == 1 else None
         if out is None:
-            raise ValueError(f"train.augment gave images of different sizes {sorted({tuple(im.shape) for im in images})}; "
-                             f"end the list with a step of a fixed size (e.g. RandomResizedCrop or Resize)")
+            raise ValueError(
+                f"train.augment gave images of different sizes {sorted({tuple(im.shape) for im in images})}; "
+                f"end the list with a step of a fixed size (e.g. RandomResizedCrop or Resize)"
+            )
         return out.float() / 255.0 if out.dtype == torch.uint8 else out.float()
 
     return augment

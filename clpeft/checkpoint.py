@@ -41,8 +41,9 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"exp_(\d+)\.pt$")
 # What torch.load(weights_only=True) reads back without importing anything the file names. Types
 # are matched exactly: a numpy float is a float subclass, yet it pickles as a numpy global.
-_PLAIN_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, bool, int, float, complex, str, bytes, type(None),
-                           torch.Size, torch.dtype, torch.device})
+_PLAIN_LEAVES = frozenset(
+    {torch.Tensor, torch.nn.Parameter, bool, int, float, complex, str, bytes, type(None), torch.Size, torch.dtype, torch.device}
+)
 _PLAIN_CONTAINERS = frozenset({list, tuple, set, dict, OrderedDict})
 
 
@@ -124,8 +125,9 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load_latest(directory: Path, on_skip: Callable[[Path, str], None] | None = None,
-                required: Iterable[str] = ("experience", "strategy")) -> tuple[Path, dict] | None:
+def load_latest(
+    directory: Path, on_skip: Callable[[Path, str], None] | None = None, required: Iterable[str] = ("experience", "strategy")
+) -> tuple[Path, dict] | None:
     """The newest checkpoint that verifies and reads, warning about every newer one that does not.
 
     Args:

@@ -167,9 +167,18 @@ def _sweep(args) -> int:
     out = args.out or f"runs/sweep-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [*(args.set or []), *([f"seeds={parse_seeds(args.seeds)}"] if args.seeds else [])]
     engine_kwargs = {"device": args.device, "force": False, "deterministic": args.deterministic}
-    summary = run_sweep(args.config, grid, out, engine_kwargs, overrides=overrides, metric=args.metric,
-                        tune_set=args.tune_set, eval_set=args.eval_set, resume=args.resume,
-                        on_point=lambda name, s: print(f"{name}: {args.metric} = {s['mean']:.4f}"))
+    summary = run_sweep(
+        args.config,
+        grid,
+        out,
+        engine_kwargs,
+        overrides=overrides,
+        metric=args.metric,
+        tune_set=args.tune_set,
+        eval_set=args.eval_set,
+        resume=args.resume,
+        on_point=lambda name, s: print(f"{name}: {args.metric} = {s['mean']:.4f}"),
+    )
     print(f"\n{format_sweep(summary)}\n\nsweep directory: {out}")
     return 0
 
@@ -204,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--seed", type=int, help="shorthand for --set seed=N (one run, even if the config lists seeds)")
     run.add_argument("--seeds", metavar="0,1,2", help="one run per seed in OUT/seed_<n>/, then mean ± std in OUT/seeds_summary.json")
-    run.add_argument("--deterministic", action="store_true",
-                     help="only deterministic algorithms (bitwise-repeatable runs; some CUDA ops then raise)")
+    run.add_argument(
+        "--deterministic", action="store_true", help="only deterministic algorithms (bitwise-repeatable runs; some CUDA ops then raise)"
+    )
     run.set_defaults(func=_run)
 
     bench = sub.add_parser("bench", help="time a config's training step and evaluation here, and estimate the full run")
@@ -220,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check configs without training: values, data, weights, strategy")
     validate.add_argument("config", nargs="+")
     validate.add_argument("--set", action="append", metavar="KEY=VALUE")
-    validate.add_argument("--config-only", action="store_true",
-                          help="check the YAML alone (types, names, values), not its data, weights and strategy")
+    validate.add_argument(
+        "--config-only", action="store_true", help="check the YAML alone (types, names, values), not its data, weights and strategy"
+    )
     validate.set_defaults(func=_validate)
 
     lst = sub.add_parser("list", help="registered strategies, scenarios, backbones and offline weights")
@@ -247,8 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every point")
     sweep.add_argument("--seeds", metavar="0,1,2", help="run every point with these seeds (ranked by the mean)")
     sweep.add_argument("--metric", default=DEFAULT_METRIC, help=f"scalar metric that picks the best point (default {DEFAULT_METRIC})")
-    sweep.add_argument("--tune-set", action="append", metavar="KEY=VALUE", help="override for the tuning stream, e.g. scenario.class_order=1993")
-    sweep.add_argument("--eval-set", action="append", metavar="KEY=VALUE", help="override for the evaluation stream, e.g. scenario.class_order=0")
+    sweep.add_argument(
+        "--tune-set", action="append", metavar="KEY=VALUE", help="override for the tuning stream, e.g. scenario.class_order=1993"
+    )
+    sweep.add_argument(
+        "--eval-set", action="append", metavar="KEY=VALUE", help="override for the evaluation stream, e.g. scenario.class_order=0"
+    )
     sweep.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<timestamp>)")
     sweep.add_argument("--resume", action="store_true", help="keep finished points, resume started ones")
     sweep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -256,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_sweep)
 
     reproduce = sub.add_parser("reproduce", help="run published setups and print the papers' numbers beside clpeft's")
-    reproduce.add_argument("names", nargs="*", default=["all"], help="setups (e.g. l2p/cifar100_10t, or l2p for all of L2P's); all by default")
+    reproduce.add_argument(
+        "names", nargs="*", default=["all"], help="setups (e.g. l2p/cifar100_10t, or l2p for all of L2P's); all by default"
+    )
     reproduce.add_argument("--data-root", default="~/data", help="where the datasets are (becomes scenario.root; default ~/data)")
     reproduce.add_argument("--out", default="runs/reproduce", help="run directories, one per setup (resumed if present)")
     reproduce.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

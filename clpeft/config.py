@@ -50,20 +50,27 @@ class _Section(BaseModel):
 class TrainConfig(_Section):
     """How every experience is trained (strategies may add their own keys)."""
 
-    epochs: int = Field(1, ge=1, description="passes over each experience's training data (the defaults are for "
-                        "quick checks; published configs set the papers' values, and a run with under 10 optimizer "
-                        "steps in an experience says so)")
+    epochs: int = Field(
+        1,
+        ge=1,
+        description="passes over each experience's training data (the defaults are for "
+        "quick checks; published configs set the papers' values, and a run with under 10 optimizer "
+        "steps in an experience says so)",
+    )
     batch_size: int = Field(64, ge=1, description="training mini-batch size")
     lr: float = Field(0.01, gt=0, description="learning rate of the default optimizer")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer, rebuilt at each experience")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="SGD with Nesterov momentum (CEC's FSCIL training; needs momentum > 0)")
     weight_decay: float = Field(0.0, ge=0, le=1e6, description="L2 weight decay")
-    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: auto = on CUDA, off on CPU; bf16 = required (CUDA only)")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast: auto = on CUDA, off on CPU; bf16 = required (CUDA only)"
+    )
     compile: bool = Field(False, description="torch.compile the backbone (CUDA only)")
     num_workers: int = Field(0, ge=0, description="DataLoader workers for datasets decoded from files")
-    drop_last: bool = Field(False, description="skip each epoch's last, smaller batch (as the official loaders of "
-                            "CODA-Prompt and PILOT's coda_prompt do)")
+    drop_last: bool = Field(
+        False, description="skip each epoch's last, smaller batch (as the official loaders of CODA-Prompt and PILOT's coda_prompt do)"
+    )
     feature_cache: Literal["disk", "memory", "off"] = Field(
         "disk", description="cache frozen-backbone features: on disk (shared by runs), in memory, or off"
     )
@@ -148,17 +155,14 @@ class WandbConfig(_Section):
     entity: str | None = Field(None, description="the W&B team or user (default: yours)")
     name: str | None = Field(None, description="the run's name (default: the run directory's name)")
     tags: list[str] = Field([], description="tags of the run")
-    mode: Literal["online", "offline", "disabled"] = Field(
-        "online", description="offline writes under <out>/wandb for `wandb sync` later")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline writes under <out>/wandb for `wandb sync` later")
 
 
 class LoggingConfig(_Section):
     """Where and how a run reports."""
 
     tensorboard: bool = Field(True, description="write TensorBoard event files to <out>/tb")
-    progress: Literal["auto", "always", "never"] = Field(
-        "auto", description="progress bars; auto = only when stderr is a terminal"
-    )
+    progress: Literal["auto", "always", "never"] = Field("auto", description="progress bars; auto = only when stderr is a terminal")
     keep_checkpoints: int = Field(2, ge=1, description="how many per-experience checkpoints to keep")
     wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases: {project: ..., mode: offline}")
 
@@ -271,8 +275,7 @@ def read_text(path: Path, what: str) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                        f"is it {what}?") from None
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); is it {what}?") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -373,8 +376,11 @@ def _drop_keys_of(old_name: str, reg, schema: type[BaseModel], params: dict, sec
         return params
     dropped = [k for k in params if k in old_fields and k not in schema.model_fields]
     if dropped:
-        print(f"clpeft: note: {section}.name changed from {old_name}: dropped its keys {', '.join(dropped)} "
-              f"(set the whole section to keep control: --set '{section}={{name: ...}}')", file=sys.stderr)
+        print(
+            f"clpeft: note: {section}.name changed from {old_name}: dropped its keys {', '.join(dropped)} "
+            f"(set the whole section to keep control: --set '{section}={{name: ...}}')",
+            file=sys.stderr,
+        )
     return {k: v for k, v in params.items() if k not in dropped}
 
 
@@ -417,6 +423,9 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     data = read_yaml(path)
     before = {s: data[s].get("name") for s in NAMED_SECTIONS if isinstance(data.get(s), dict)}
     data = apply_overrides(data, overrides or [])
-    switched = {s: old for s, old in before.items() if isinstance(data.get(s), dict) and data[s].get("name") != old
-                and any(o.strip().startswith(f"{s}.name=") for o in overrides or [])}
+    switched = {
+        s: old
+        for s, old in before.items()
+        if isinstance(data.get(s), dict) and data[s].get("name") != old and any(o.strip().startswith(f"{s}.name=") for o in overrides or [])
+    }
     return resolve(data, source=path, switched=switched)

@@ -28,8 +28,17 @@ class DataAccess:
         world: this process's rank in a data-parallel run (:mod:`clpeft.distributed`).
     """
 
-    def __init__(self, device, cache: FeatureCache | None, backbone, batch_size: int, num_workers: int = 0, autocast=None,
-                 cache_factory: Callable[[], FeatureCache] | None = None, world: World | None = None):
+    def __init__(
+        self,
+        device,
+        cache: FeatureCache | None,
+        backbone,
+        batch_size: int,
+        num_workers: int = 0,
+        autocast=None,
+        cache_factory: Callable[[], FeatureCache] | None = None,
+        world: World | None = None,
+    ):
         self.device = device
         self.world = world or World()
         self.cache = cache
@@ -55,10 +64,17 @@ class DataAccess:
         elif rekey:
             self.cache.refresh_identity()
 
-    def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False,
-                uses_features: bool = False, with_query: bool = False,
-                generator: torch.Generator | None = None, shard: bool = False,
-                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Batch]:
+    def batches(
+        self,
+        view: DataView,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        uses_features: bool = False,
+        with_query: bool = False,
+        generator: torch.Generator | None = None,
+        shard: bool = False,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[Batch]:
         """Mini-batches of ``view``: cached features (``uses_features``), or raw inputs, plus the
         cached features as ``batch.features`` when ``with_query``.
 
@@ -99,8 +115,7 @@ class DataAccess:
             if uses_features or with_query:
                 with torch.no_grad(), self.autocast():
                     features = self.backbone(x).float()
-            yield Batch(features if uses_features else x, y.to(self.device, non_blocking=True),
-                        features if with_query else None, index=pos)
+            yield Batch(features if uses_features else x, y.to(self.device, non_blocking=True), features if with_query else None, index=pos)
 
     def _cached(self, view: DataView, chunks: list[torch.Tensor]) -> torch.Tensor:
         """Cached features of ``view`` on the device; rows outside ``chunks`` stay zero when the
@@ -130,7 +145,9 @@ class DataAccess:
                 yield view.load(pos)
             return
         loader = torch.utils.data.DataLoader(
-            _ViewItems(view), batch_sampler=[c.tolist() for c in chunks], num_workers=self.num_workers,
+            _ViewItems(view),
+            batch_sampler=[c.tolist() for c in chunks],
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
         try:

@@ -121,8 +121,10 @@ def init_from_env(device: str) -> tuple[World, str]:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if torch.cuda.device_count() <= local_rank:
-            raise UserError(f"rank {os.environ.get('RANK')} wants cuda:{local_rank} but this node has "
-                            f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node")
+            raise UserError(
+                f"rank {os.environ.get('RANK')} wants cuda:{local_rank} but this node has "
+                f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node"
+            )
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     elif device == "auto":
@@ -160,8 +162,10 @@ def check_consistent(world: World, module: torch.nn.Module, where: str) -> None:
     flag = world.all_reduce_sum(torch.tensor([float(bool(differing))]))
     if flag.item() > 0:
         detail = f"rank {world.rank} differs from rank 0 in {differing[:3]}" if differing else "another rank differs from rank 0"
-        raise RunError(f"the ranks' states diverged after {where} ({detail}); a component updated state from its "
-                       f"local batches without synchronising it (see clpeft.distributed)")
+        raise RunError(
+            f"the ranks' states diverged after {where} ({detail}); a component updated state from its "
+            f"local batches without synchronising it (see clpeft.distributed)"
+        )
 
 
 def broadcast_buffers(world: World, module: torch.nn.Module) -> None:

@@ -106,8 +106,15 @@ class Engine:
             deterministic implementation then raise instead of silently varying.
     """
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, device: str = "auto", resume: bool = False,
-                 force: bool = False, deterministic: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        device: str = "auto",
+        resume: bool = False,
+        force: bool = False,
+        deterministic: bool = False,
+    ):
         self.cfg = cfg
         if not str(out_dir).strip():
             raise UserError("--out is empty; name the run directory (an empty name would write into the current one)")
@@ -149,8 +156,7 @@ class Engine:
         forced = self._prepared.forced
         if not forced or not self.world.is_main:
             return
-        log.event("config_forced", changes=[{"key": k, "stored": a, "now": b} for k, a, b in forced],
-                  previous=self._prepared.stored)
+        log.event("config_forced", changes=[{"key": k, "stored": a, "now": b} for k, a, b in forced], previous=self._prepared.stored)
         log.print(f"resumed with a changed config (--force): {format_changes(forced)}")
         write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self._resolved_config(), sort_keys=False))
 
@@ -167,16 +173,23 @@ class Engine:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         try:
-            self._prepared = prepare(self.out_dir, self._resolved_config(), self.world, resume=self.resume,
-                                     force=self.force)
+            self._prepared = prepare(self.out_dir, self._resolved_config(), self.world, resume=self.resume, force=self.force)
             self.built = built or self.build()
             if self.world.is_main:
                 self.built.scenario.save_artifacts(self.out_dir)
-            log = RunLogger(self.out_dir, self.cfg.logging.tensorboard, self.cfg.logging.progress, enabled=self.world.is_main,
-                            wandb=self.cfg.logging.wandb, config=self._resolved_config())
+            log = RunLogger(
+                self.out_dir,
+                self.cfg.logging.tensorboard,
+                self.cfg.logging.progress,
+                enabled=self.world.is_main,
+                wandb=self.cfg.logging.wandb,
+                config=self._resolved_config(),
+            )
             if self.built.augment is not None and self.built.strategy.backbone.frozen:
-                log.print(f"train.augment: {self.cfg.train.augment}; augmented training batches compute their features "
-                          f"every step (the feature cache serves evaluation only)")
+                log.print(
+                    f"train.augment: {self.cfg.train.augment}; augmented training batches compute their features "
+                    f"every step (the feature cache serves evaluation only)"
+                )
             try:
                 if self.built.scenario.kind == "test_time_adaptation":
                     return self._run_tta(self.built, log)
@@ -202,16 +215,19 @@ class Engine:
             if found is not None:
                 path, state = found
                 if state["experience"] >= T or len(state["rows"]) != state["experience"] + 1:
-                    raise UserError(f"{path} was taken after experience {state['experience']} of a stream with "
-                                    f"{len(state['rows'][-1]) if state['rows'] else '?'} experiences; this one has {T}")
+                    raise UserError(
+                        f"{path} was taken after experience {state['experience']} of a stream with "
+                        f"{len(state['rows'][-1]) if state['rows'] else '?'} experiences; this one has {T}"
+                    )
                 run.load_strategy(state["strategy"], source=path)
                 rows, timing, baseline = state["rows"], state["timing"], state["baseline"]
                 start = state["experience"] + 1
                 log.event("resumed", checkpoint=path.name, next_experience=start)
                 log.print(f"resumed from {path.name}: continuing at experience {start}/{T}")
             self._accept_forced_config(log)
-        log.event("run_start", experiences=T, device=str(self.device), strategy=self.cfg.strategy.name,
-                  parameters=strategy.count_parameters())
+        log.event(
+            "run_start", experiences=T, device=str(self.device), strategy=self.cfg.strategy.name, parameters=strategy.count_parameters()
+        )
         cache_mark = run.cache_seconds()  # the baseline's feature-cache fill counts with experience 0's
         if start == 0 and self.cfg.eval.baseline:
             baseline = run.baseline()
@@ -230,21 +246,35 @@ class Engine:
             strategy.after_evaluation(exp, row)
             eval_s = time.perf_counter() - t0 - (run.cache_seconds() - before)
             rows.append(row)
-            timing.append({
-                "experience": exp.index, "train_s": train_s, "eval_s": eval_s, "cache_s": run.cache_seconds() - cache_mark,
-                "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
-                "peak_memory_mb": peak_memory_mb(self.device),
-            })
+            timing.append(
+                {
+                    "experience": exp.index,
+                    "train_s": train_s,
+                    "eval_s": eval_s,
+                    "cache_s": run.cache_seconds() - cache_mark,
+                    "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
+                    "peak_memory_mb": peak_memory_mb(self.device),
+                }
+            )
             cache_mark = run.cache_seconds()
             seen = float(np.average(row[: exp.index + 1], weights=[len(e.test) for e in stream[: exp.index + 1]]))
             log.event("experience_end", step=exp.index, acc_seen=seen, row=row, **{f"acc_exp{j}": a for j, a in enumerate(row)})
             log.print(f"experience {exp.index + 1}/{T}: acc on seen = {seen:.4f}  row = [{', '.join(f'{a:.3f}' for a in row)}]")
             distributed.check_consistent(self.world, strategy, f"experience {exp.index}")
             if self.world.is_main:
-                checkpoint.save(self.out_dir / "checkpoints", exp.index, {
-                    "experience": exp.index, "strategy": strategy.state_dict(), "rows": rows,
-                    "timing": timing, "baseline": baseline, "config": self._resolved_config(),
-                }, keep=self.cfg.logging.keep_checkpoints)
+                checkpoint.save(
+                    self.out_dir / "checkpoints",
+                    exp.index,
+                    {
+                        "experience": exp.index,
+                        "strategy": strategy.state_dict(),
+                        "rows": rows,
+                        "timing": timing,
+                        "baseline": baseline,
+                        "config": self._resolved_config(),
+                    },
+                    keep=self.cfg.logging.keep_checkpoints,
+                )
         return self._finish(run, rows, timing, baseline, log, confusion=confusion)
 
     # ------------------------------------------------------------------ online streams
@@ -259,16 +289,22 @@ class Engine:
             if found is not None:
                 path, state = found
                 if state["experience"] >= len(plan.units):
-                    raise UserError(f"{path} was taken after training unit {state['experience']}; this online stream "
-                                    f"has {len(plan.units)}")
+                    raise UserError(f"{path} was taken after training unit {state['experience']}; this online stream has {len(plan.units)}")
                 run.load_strategy(state["strategy"], source=path)
                 rows, curve, timing, baseline = state["rows"], state["curve"], state["timing"], state["baseline"]
                 start = state["experience"] + 1
                 log.event("resumed", checkpoint=path.name, next_experience=start)
                 log.print(f"resumed from {path.name}: continuing at training unit {start}/{len(plan.units)}")
             self._accept_forced_config(log)
-        log.event("run_start", experiences=len(run.stream), units=len(plan.units), stream_samples=plan.n_samples,
-                  device=str(self.device), strategy=self.cfg.strategy.name, parameters=strategy.count_parameters())
+        log.event(
+            "run_start",
+            experiences=len(run.stream),
+            units=len(plan.units),
+            stream_samples=plan.n_samples,
+            device=str(self.device),
+            strategy=self.cfg.strategy.name,
+            parameters=strategy.count_parameters(),
+        )
         cache_mark = run.cache_seconds()  # the baseline's feature-cache fill counts with the first unit's
         if start == 0 and self.cfg.eval.baseline:
             baseline = run.baseline()
@@ -299,23 +335,41 @@ class Engine:
             run.conclude(unit)
             train_s = time.perf_counter() - t0 - eval_s - (run.cache_seconds() - before)
             evaluate_until(b)
-            timing.append({"experience": unit.index, "stream_samples": b - a, "train_s": train_s, "eval_s": eval_s,
-                           "cache_s": run.cache_seconds() - cache_mark,
-                           "train_samples_per_s": (b - a) / train_s if train_s > 0 else None,
-                           "peak_memory_mb": peak_memory_mb(self.device)})
+            timing.append(
+                {
+                    "experience": unit.index,
+                    "stream_samples": b - a,
+                    "train_s": train_s,
+                    "eval_s": eval_s,
+                    "cache_s": run.cache_seconds() - cache_mark,
+                    "train_samples_per_s": (b - a) / train_s if train_s > 0 else None,
+                    "peak_memory_mb": peak_memory_mb(self.device),
+                }
+            )
             cache_mark = run.cache_seconds()
             if self.world.is_main:
-                checkpoint.save(self.out_dir / "checkpoints", unit.index, {
-                    "experience": unit.index, "strategy": strategy.state_dict(), "rows": rows, "curve": curve,
-                    "timing": timing, "baseline": baseline, "config": self._resolved_config(),
-                }, keep=self.cfg.logging.keep_checkpoints)
+                checkpoint.save(
+                    self.out_dir / "checkpoints",
+                    unit.index,
+                    {
+                        "experience": unit.index,
+                        "strategy": strategy.state_dict(),
+                        "rows": rows,
+                        "curve": curve,
+                        "timing": timing,
+                        "baseline": baseline,
+                        "config": self._resolved_config(),
+                    },
+                    keep=self.cfg.logging.keep_checkpoints,
+                )
         online = metrics.anytime_summary(curve, plan.n_samples, sum(t["train_s"] for t in timing))
-        log.print(f"online: A_auc = {online['a_auc'] if online['a_auc'] is None else round(online['a_auc'], 4)} over "
-                  f"{len(curve)} evaluation points, {plan.n_samples} stream samples")
+        log.print(
+            f"online: A_auc = {online['a_auc'] if online['a_auc'] is None else round(online['a_auc'], 4)} over "
+            f"{len(curve)} evaluation points, {plan.n_samples} stream samples"
+        )
         return self._finish(run, rows, timing, baseline, log, extra_metrics=online)
 
-    def _online_point(self, run: Run, plan: OnlinePlan, position: int, unit: Experience, rows: list, curve: list,
-                      log: RunLogger) -> None:
+    def _online_point(self, run: Run, plan: OnlinePlan, position: int, unit: Experience, rows: list, curve: list, log: RunLogger) -> None:
         """Evaluate at stream ``position``: the anytime accuracy and/or, at an experience's end, its matrix row."""
         if position in plan.eval_points:
             accuracy = run.accuracy(plan.seen_test(position))
@@ -331,10 +385,18 @@ class Engine:
                 run.strategy.after_evaluation(unit, row)
             rows.append(row)
             seen = float(np.average(row[: exp.index + 1], weights=[len(e.test) for e in run.stream[: exp.index + 1]]))
-            log.event("experience_end", step=exp.index, acc_seen=seen, row=row, samples=position,
-                      **{f"acc_exp{j}": acc for j, acc in enumerate(row)})
-            log.print(f"experience {exp.index + 1}/{len(run.stream)} (after {position} stream samples): acc on seen = "
-                      f"{seen:.4f}  row = [{', '.join(f'{acc:.3f}' for acc in row)}]")
+            log.event(
+                "experience_end",
+                step=exp.index,
+                acc_seen=seen,
+                row=row,
+                samples=position,
+                **{f"acc_exp{j}": acc for j, acc in enumerate(row)},
+            )
+            log.print(
+                f"experience {exp.index + 1}/{len(run.stream)} (after {position} stream samples): acc on seen = "
+                f"{seen:.4f}  row = [{', '.join(f'{acc:.3f}' for acc in row)}]"
+            )
 
     # ------------------------------------------------------------------ test-time adaptation
 
@@ -347,8 +409,13 @@ class Engine:
         for exp in stream:
             facing.append(dataclasses.replace(exp, test=None, past=tuple(facing)))
         ckpt_dir, source_dir = self.out_dir / "checkpoints", self.out_dir / "source"
-        log.event("run_start", experiences=len(stream), device=str(self.device), strategy=self.cfg.strategy.name,
-                  parameters=strategy.count_parameters())
+        log.event(
+            "run_start",
+            experiences=len(stream),
+            device=str(self.device),
+            strategy=self.cfg.strategy.name,
+            parameters=strategy.count_parameters(),
+        )
         found = self._load_latest(ckpt_dir, log, _TTA_KEYS) if self.resume else None
         needs_source = found is None or scenario.reset_each_domain
         source = self._load_latest(source_dir, log, _SOURCE_KEYS) if self.resume and needs_source else None
@@ -367,30 +434,50 @@ class Engine:
         else:
             correct, counts, start = [], [], 1
             timing = self._source_phase(run, source_exp, log)
-            checkpoint.save(source_dir, 0, {"experience": 0, "strategy": strategy.state_dict(), "timing": timing,
-                                            "config": self._resolved_config()}, keep=1)
+            checkpoint.save(
+                source_dir,
+                0,
+                {"experience": 0, "strategy": strategy.state_dict(), "timing": timing, "config": self._resolved_config()},
+                keep=1,
+            )
         if self.resume:
             self._accept_forced_config(log)
         source_state = None
         if scenario.reset_each_domain:  # the saved source state, read once (a copy the adaptation cannot touch)
             source_state = (source or self._load_latest(source_dir, log, _SOURCE_KEYS))[1]["strategy"]
-        for exp, scored in zip(facing[start:], stream[start - 1:]):
+        for exp, scored in zip(facing[start:], stream[start - 1 :]):
             seed_everything(derive_seed(self.cfg.seed, exp.index))
             if source_state is not None:
                 run.load_strategy(source_state)
             scorer, seconds, n_batches = run.adapt_domain(exp, scored.test)
             correct.append(scorer.correct)
             counts.append(scorer.count)
-            timing.append({"experience": exp.index, "domain": exp.domain, "adapt_s": seconds, "batches": n_batches,
-                           "samples_per_s": scorer.count / seconds if seconds > 0 else None,
-                           "peak_memory_mb": peak_memory_mb(self.device)})
+            timing.append(
+                {
+                    "experience": exp.index,
+                    "domain": exp.domain,
+                    "adapt_s": seconds,
+                    "batches": n_batches,
+                    "samples_per_s": scorer.count / seconds if seconds > 0 else None,
+                    "peak_memory_mb": peak_memory_mb(self.device),
+                }
+            )
             error = 1.0 - scorer.correct / scorer.count
             log.event("domain_end", step=exp.index, domain=exp.domain, error=error, accuracy=1.0 - error)
             log.print(f"domain {exp.index}/{len(stream)} ({exp.domain}): online error = {error:.4f}")
-            checkpoint.save(ckpt_dir, exp.index, {
-                "experience": exp.index, "strategy": strategy.state_dict(), "correct": correct, "counts": counts,
-                "timing": timing, "config": self._resolved_config(),
-            }, keep=self.cfg.logging.keep_checkpoints)
+            checkpoint.save(
+                ckpt_dir,
+                exp.index,
+                {
+                    "experience": exp.index,
+                    "strategy": strategy.state_dict(),
+                    "correct": correct,
+                    "counts": counts,
+                    "timing": timing,
+                    "config": self._resolved_config(),
+                },
+                keep=self.cfg.logging.keep_checkpoints,
+            )
         return self._finish_tta(run, correct, counts, timing, log)
 
     @staticmethod
@@ -413,9 +500,15 @@ class Engine:
         seed_everything(derive_seed(self.cfg.seed, 0))
         train_s, n_samples = run.train_experience(source_exp, log)
         log.event("source_trained", step=0, train_s=train_s)
-        return [{"experience": 0, "domain": "source", "train_s": train_s,
-                 "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
-                 "peak_memory_mb": peak_memory_mb(self.device)}]
+        return [
+            {
+                "experience": 0,
+                "domain": "source",
+                "train_s": train_s,
+                "train_samples_per_s": n_samples / train_s if train_s > 0 else None,
+                "peak_memory_mb": peak_memory_mb(self.device),
+            }
+        ]
 
     def _finish_tta(self, run: Run, correct, counts, timing, log: RunLogger) -> dict:
         summary = metrics.tta_summary(correct, counts)
@@ -450,8 +543,9 @@ class Engine:
         log.event("metrics", **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         log.hparams(self.cfg.to_dict(), result["metrics"])
 
-    def _finish(self, run: Run, rows, timing, baseline, log: RunLogger, extra_metrics: dict | None = None,
-                confusion: torch.Tensor | None = None) -> dict:
+    def _finish(
+        self, run: Run, rows, timing, baseline, log: RunLogger, extra_metrics: dict | None = None, confusion: torch.Tensor | None = None
+    ) -> dict:
         stream = run.stream
         sizes = [len(e.test) for e in stream]
         measurable = metrics.transfer_is_measurable([e.classes_in_this_experience for e in stream])

@@ -49,8 +49,7 @@ def _mapped(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
             raise _Damaged(f"{path.name} has an unreadable header: {exc}") from None
         offset = f.tell()
     if found != (shape, False, dtype):
-        raise _Damaged(f"{path.name} holds {found[2]} {found[0]}{' (Fortran order)' if found[1] else ''}, "
-                       f"expected {dtype} {shape}")
+        raise _Damaged(f"{path.name} holds {found[2]} {found[0]}{' (Fortran order)' if found[1] else ''}, expected {dtype} {shape}")
     size, expected = path.stat().st_size, offset + int(np.prod(shape)) * dtype.itemsize
     if size != expected:
         raise _Damaged(f"{path.name} is {size} bytes, expected {expected}")
@@ -84,8 +83,10 @@ class _Store:
             self.values = np.lib.format.open_memmap(fpath, mode="w+", dtype=np.float32, shape=(n, dim))
         except OSError as exc:
             where = exc.filename or directory
-            raise UserError(f"cannot use the feature cache at {where} ({exc.strerror or exc}); delete it, point "
-                            f"CLPEFT_CACHE at a writable folder, or set train.feature_cache: memory") from None
+            raise UserError(
+                f"cannot use the feature cache at {where} ({exc.strerror or exc}); delete it, point "
+                f"CLPEFT_CACHE at a writable folder, or set train.feature_cache: memory"
+            ) from None
 
     def flush(self) -> None:
         for arr in (self.values, self.done):
@@ -104,8 +105,7 @@ class FeatureCache:
         autocast: a context-manager factory for mixed precision (or None).
     """
 
-    def __init__(self, backbone: Backbone, device: torch.device, batch_size: int = 256,
-                 directory: Path | None = None, autocast=None):
+    def __init__(self, backbone: Backbone, device: torch.device, batch_size: int = 256, directory: Path | None = None, autocast=None):
         self.backbone = backbone
         self.device = device
         self.batch_size = batch_size

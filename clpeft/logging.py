@@ -31,8 +31,9 @@ class RunLogger:
         enabled: ``False`` on non-zero ranks of a distributed run: nothing is written.
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True, progress: str = "auto", enabled: bool = True,
-                 wandb=None, config: dict | None = None):
+    def __init__(
+        self, out_dir: Path, tensorboard: bool = True, progress: str = "auto", enabled: bool = True, wandb=None, config: dict | None = None
+    ):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.show_progress = enabled and (progress == "always" or (progress == "auto" and sys.stderr.isatty()))
@@ -88,8 +89,11 @@ class RunLogger:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        scalars = {f"hparams/{k}": float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        scalars = {
+            f"hparams/{k}": float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         experiment, start, end = hparams(flatten_config(config), scalars)
         writer = self._tb._get_file_writer()
         for summary in (experiment, start, end):

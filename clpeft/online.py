@@ -96,12 +96,17 @@ def plan_online(stream: list[Experience], protocol: OnlineProtocol, batch_size: 
         spans = _chunks(labels, eval_points, batch_size)
         units = []
         for u, (a, b) in enumerate(spans):
-            units.append(Experience(
-                index=u, train=whole.take(torch.arange(a, b)), test=None,
-                classes_in_this_experience=sorted(set(labels[a:b])),
-                classes_seen_so_far=sorted(c for c, p in first_seen.items() if p < b),
-                past=tuple(units), stream_length=len(spans),
-            ))
+            units.append(
+                Experience(
+                    index=u,
+                    train=whole.take(torch.arange(a, b)),
+                    test=None,
+                    classes_in_this_experience=sorted(set(labels[a:b])),
+                    classes_seen_so_far=sorted(c for c, p in first_seen.items() if p < b),
+                    past=tuple(units),
+                    stream_length=len(spans),
+                )
+            )
     return OnlinePlan(units, spans, task_ends, eval_points, first_seen, test)
 
 

@@ -37,8 +37,7 @@ def accuracy_matrix_figure(rows, title: str | None = None):
     return fig
 
 
-def curves_figure(curves: dict[str, list[list[float]]], ylabel: str, first_step: int = 0,
-                  xlabel: str = "after training experience i"):
+def curves_figure(curves: dict[str, list[list[float]]], ylabel: str, first_step: int = 0, xlabel: str = "after training experience i"):
     """One line per run (mean over its seeds, band of ± one sample std) against the experience index."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -110,8 +109,14 @@ def per_class_figure(accuracy: dict[str, list[float | None]], class_names: list[
     n = max(len(a) for a in accuracy.values())
     fig, ax = plt.subplots(figsize=(max(5.5, 0.25 * n + 1.5), 3.6))
     for label, values in accuracy.items():
-        ax.plot(range(len(values)), [np.nan if v is None else v for v in values], marker="o", markersize=3,
-                linestyle="none" if n > 1 else "-", label=label)
+        ax.plot(
+            range(len(values)),
+            [np.nan if v is None else v for v in values],
+            marker="o",
+            markersize=3,
+            linestyle="none" if n > 1 else "-",
+            label=label,
+        )
     if n <= max_ticks:
         ax.set_xticks(range(n))
         ax.set_xticklabels(class_names if class_names and len(class_names) == n else range(n), rotation=90, fontsize=7)
@@ -146,4 +151,3 @@ def anytime_figure(curves: dict[str, list[list[list[float]]]]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-

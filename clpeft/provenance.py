@@ -30,14 +30,13 @@ def _version(package: str) -> str | None:
 
 def _git(directory: Path) -> dict | None:
     """``{"commit", "dirty", "root"}`` of the repository holding ``directory``; None outside one."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
 
     try:
         root = git("rev-parse", "--show-toplevel")
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-                "root": root}
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "root": root}
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -88,9 +88,7 @@ class Registry(Generic[T]):
         def decorator(cls: T) -> T:
             known = self._classes.get(name)
             if known is not None and known is not cls and _qualified(known) != _qualified(cls):
-                raise ValueError(
-                    f"{self.kind} name '{name}' is already registered by {_qualified(known)}"
-                )
+                raise ValueError(f"{self.kind} name '{name}' is already registered by {_qualified(known)}")
             self._classes[name] = cls
             cls.registered_name = name
             return cls
@@ -217,8 +215,7 @@ def _raised_at(exc: BaseException, path: Path) -> str:
 
 def _plugin_failure(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
-        return (f"it called sys.exit({exc.code!r}) while being imported; a plug-in module defines classes, "
-                f"it does not run a program")
+        return f"it called sys.exit({exc.code!r}) while being imported; a plug-in module defines classes, it does not run a program"
     return f"{type(exc).__name__} while importing it: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 

@@ -38,8 +38,7 @@ def zero_padded(state: torch.Tensor | None, like: torch.Tensor, dtype: torch.dty
 
 
 @torch.no_grad()
-def replace_parameters(optimizer: torch.optim.Optimizer, before: Mapping[str, nn.Parameter],
-                       after: Mapping[str, nn.Parameter]) -> int:
+def replace_parameters(optimizer: torch.optim.Optimizer, before: Mapping[str, nn.Parameter], after: Mapping[str, nn.Parameter]) -> int:
     """Put the parameters that replaced others (same name, new object) into ``optimizer``.
 
     Each takes its predecessor's place in its parameter group (so its learning rate and schedule)
@@ -62,6 +61,5 @@ def replace_parameters(optimizer: torch.optim.Optimizer, before: Mapping[str, nn
             group["params"][i] = new
             state = optimizer.state.pop(param, None)
             if state:
-                optimizer.state[new] = {k: zero_padded(v, new) if torch.is_tensor(v) and v.dim() else v
-                                        for k, v in state.items()}
+                optimizer.state[new] = {k: zero_padded(v, new) if torch.is_tensor(v) and v.dim() else v for k, v in state.items()}
     return len(replaced)

@@ -84,8 +84,10 @@ class OnlineScorer:
         """Add one batch's predictions (``argmax`` of the logits)."""
         labels = self.labels[self.count : self.count + len(logits)]
         if logits.dim() != 2 or len(labels) != len(logits):
-            raise RunError(f"adapt returned logits of shape {tuple(logits.shape)} for a batch of {len(labels)} inputs; "
-                           f"it must return (batch, classes) logits, one row per input, in order")
+            raise RunError(
+                f"adapt returned logits of shape {tuple(logits.shape)} for a batch of {len(labels)} inputs; "
+                f"it must return (batch, classes) logits, one row per input, in order"
+            )
         self.correct += int((logits.argmax(dim=1) == labels).sum())
         self.count += len(labels)
 
@@ -123,9 +125,17 @@ class Run:
         strategy.to(self.device)  # what before_experience added
         return strategy.train_data(exp)
 
-    def fit(self, exp: Experience, data: DataView, log: RunLogger, *, max_steps: int | None = None,
-            on_step: Callable[[float, int], None] | None = None,
-            after_step: Callable[[int], None] | None = None, warn_few_steps: bool = True) -> int:
+    def fit(
+        self,
+        exp: Experience,
+        data: DataView,
+        log: RunLogger,
+        *,
+        max_steps: int | None = None,
+        on_step: Callable[[float, int], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
+        warn_few_steps: bool = True,
+    ) -> int:
         """The epochs of optimizer steps on ``data``; returns the training samples seen.
 
         ``max_steps`` stops early and ``on_step(seconds, samples)`` is told each step's duration
@@ -149,9 +159,11 @@ class Run:
         scheduler = make_scheduler(optimizer, train, steps_per_epoch)
         if n_steps < FEW_STEPS and warn_few_steps:
             log.event("few_steps", step=exp.index, steps=n_steps)
-            log.print(f"warning: experience {exp.index} trains for only {n_steps} optimizer steps ({train.epochs} epoch(s) "
-                      f"x {steps_per_epoch} batches of {train.batch_size}); its numbers may be those of a barely trained "
-                      f"model: raise train.epochs or lower train.batch_size")
+            log.print(
+                f"warning: experience {exp.index} trains for only {n_steps} optimizer steps ({train.epochs} epoch(s) "
+                f"x {steps_per_epoch} batches of {train.batch_size}); its numbers may be those of a barely trained "
+                f"model: raise train.epochs or lower train.batch_size"
+            )
         bar = log.progress(n_steps, f"experience {exp.index + 1}")
         step = trained = 0
         with out_of_memory_hint(f"training on experience {exp.index}", "train.batch_size", train.batch_size):
@@ -161,9 +173,16 @@ class Run:
                 strategy.before_epoch(exp, epoch)
                 total, count = 0.0, 0
                 global_sizes = torch.arange(len(data)).split(train.batch_size)[:steps_per_epoch]
-                batches = self.data.batches(data, train.batch_size, shuffle=True, generator=order, shard=True,
-                                            uses_features=strategy.uses_features, with_query=strategy.needs_query,
-                                            augment=self.augment)
+                batches = self.data.batches(
+                    data,
+                    train.batch_size,
+                    shuffle=True,
+                    generator=order,
+                    shard=True,
+                    uses_features=strategy.uses_features,
+                    with_query=strategy.needs_query,
+                    augment=self.augment,
+                )
                 for chunk, batch in zip(global_sizes, batches):  # global_sizes first: a dropped batch is never loaded
                     t0 = self._clock() if on_step else 0.0
                     with self.autocast():
@@ -189,8 +208,9 @@ class Run:
                     bar.update(1)
                     if step == max_steps:
                         break
-                log.event("train_epoch", step=exp.index * train.epochs + epoch, experience=exp.index, epoch=epoch,
-                          loss=total / max(count, 1))
+                log.event(
+                    "train_epoch", step=exp.index * train.epochs + epoch, experience=exp.index, epoch=epoch, loss=total / max(count, 1)
+                )
                 strategy.after_epoch(exp, epoch)
                 if step == max_steps:
                     break
@@ -278,8 +298,9 @@ class Run:
         strategy = strategy or self.strategy
         scorer = getattr(strategy, "score", None)
         correct = 0
-        for batch in self.data.batches(view, self.cfg.eval.batch_size, uses_features=strategy.uses_features,
-                                       with_query=strategy.needs_query, shard=True):
+        for batch in self.data.batches(
+            view, self.cfg.eval.batch_size, uses_features=strategy.uses_features, with_query=strategy.needs_query, shard=True
+        ):
             if len(batch.y) == 0:
                 continue
             if callable(scorer):
@@ -353,19 +374,25 @@ class Run:
                 raise UserError(f"it does not fit this backbone ({str(exc).splitlines()[1].strip()})", key=key) from None
             needed = [k for k in missing if k.startswith(("backbone.", "head."))]
             if needed:
-                raise UserError(f"it lacks {needed[:3]}{'...' if len(needed) > 3 else ''}; it must come from a run with "
-                                f"the same backbone", key=key)
+                raise UserError(
+                    f"it lacks {needed[:3]}{'...' if len(needed) > 3 else ''}; it must come from a run with the same backbone", key=key
+                )
             foreign = [k for k in unused if k.startswith("backbone.")]
             if foreign:  # e.g. a LoRA source's adapters: the backbone would run without them
-                raise UserError(f"its backbone holds {foreign[:3]}{'...' if len(foreign) > 3 else ''}, which this backbone "
-                                f"has no place for; it must come from a run with the same backbone settings", key=key)
+                raise UserError(
+                    f"its backbone holds {foreign[:3]}{'...' if len(foreign) > 3 else ''}, which this backbone "
+                    f"has no place for; it must come from a run with the same backbone settings",
+                    key=key,
+                )
         else:
             try:
                 strategy.load_state_dict(state)
             except (RuntimeError, KeyError, TypeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-                raise UserError(f"{source or 'the saved state'} does not fit the configured strategy ({first[:300]}); "
-                                f"resume with the config the run was started with") from None
+                raise UserError(
+                    f"{source or 'the saved state'} does not fit the configured strategy ({first[:300]}); "
+                    f"resume with the config the run was started with"
+                ) from None
         strategy.refresh_input_mode()
         strategy.to(self.device)
 
@@ -389,24 +416,33 @@ def build_run(cfg: RunConfig, device: torch.device, world: distributed.World, au
     for exp in stream:
         exp.stream_length = len(stream)
     if world.active and scenario.kind == "test_time_adaptation":
-        raise UserError("test-time adaptation adapts online, batch after batch, in one process; "
-                        "run it without torchrun", key="scenario.name")
+        raise UserError(
+            "test-time adaptation adapts online, batch after batch, in one process; run it without torchrun", key="scenario.name"
+        )
     if scenario.online is not None:
         _check_online(cfg, world)
     backbone = cfg.backbone.build(input_shape=scenario.input_shape)
     strategy = cfg.strategy.build(backbone=backbone)
     supported = strategy.supported_scenarios
     if supported is not None and scenario.kind not in supported:
-        raise UserError(f"strategy '{cfg.strategy.name}' supports {list(supported)} scenarios, not '{scenario.kind}'",
-                        key="strategy.name")
+        raise UserError(f"strategy '{cfg.strategy.name}' supports {list(supported)} scenarios, not '{scenario.kind}'", key="strategy.name")
     strategy.to(device)
     if cfg.train.compile and device.type == "cuda":
         backbone.forward_features = torch.compile(backbone.forward_features)
     if strategy.needs_query and not backbone.frozen:
-        raise UserError(f"strategy '{cfg.strategy.name}' keys on the frozen backbone's features; set backbone.freeze: true",
-                        key="backbone.freeze")
-    data = DataAccess(device, None, backbone, cfg.train.batch_size, cfg.train.num_workers, autocast,
-                      cache_factory=_cache_factory(cfg, backbone, device, world, autocast), world=world)
+        raise UserError(
+            f"strategy '{cfg.strategy.name}' keys on the frozen backbone's features; set backbone.freeze: true", key="backbone.freeze"
+        )
+    data = DataAccess(
+        device,
+        None,
+        backbone,
+        cfg.train.batch_size,
+        cfg.train.num_workers,
+        autocast,
+        cache_factory=_cache_factory(cfg, backbone, device, world, autocast),
+        world=world,
+    )
     strategy.attach(data)
     return Run(cfg, device, world, scenario, stream, strategy, data, _augment(cfg, scenario, backbone), autocast)
 
@@ -414,13 +450,11 @@ def build_run(cfg: RunConfig, device: torch.device, world: distributed.World, au
 def _check_online(cfg: RunConfig, world: distributed.World) -> None:
     """An online stream is learned in one pass, in one process."""
     if cfg.train.epochs != 1:
-        raise UserError(f"scenario.online learns each sample once: set train.epochs: 1 (got {cfg.train.epochs})",
-                        key="train.epochs")
+        raise UserError(f"scenario.online learns each sample once: set train.epochs: 1 (got {cfg.train.epochs})", key="train.epochs")
     if cfg.train.drop_last:
         raise UserError("scenario.online learns every sample: set train.drop_last: false", key="train.drop_last")
     if world.active:
-        raise UserError("online streams evaluate between optimizer steps in one process; run them without torchrun",
-                        key="scenario.online")
+        raise UserError("online streams evaluate between optimizer steps in one process; run them without torchrun", key="scenario.online")
 
 
 def _cache_factory(cfg: RunConfig, backbone, device: torch.device, world: distributed.World, autocast):
@@ -440,8 +474,9 @@ def _augment(cfg: RunConfig, scenario: Scenario, backbone):
         return None
     shape = tuple(scenario.input_shape)
     if len(shape) < 2:
-        raise UserError(f"train.augment transforms images, but this scenario's inputs have shape {shape}; "
-                        f"use augment: none", key="train.augment")
+        raise UserError(
+            f"train.augment transforms images, but this scenario's inputs have shape {shape}; use augment: none", key="train.augment"
+        )
     size = getattr(getattr(backbone, "preprocess", None), "size", None) or shape[-1]
     return build_augment(spec, size)
 

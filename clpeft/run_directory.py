@@ -27,8 +27,19 @@ from clpeft import checkpoint
 from clpeft.config import read_yaml
 from clpeft.errors import UserError
 
-__all__ = ["RUN_FILES", "Prepared", "RunLock", "config_changes", "export_weights", "fixed_changes", "format_changes",
-           "prepare", "read_source_checkpoint", "run_files", "write_atomic"]
+__all__ = [
+    "RUN_FILES",
+    "Prepared",
+    "RunLock",
+    "config_changes",
+    "export_weights",
+    "fixed_changes",
+    "format_changes",
+    "prepare",
+    "read_source_checkpoint",
+    "run_files",
+    "write_atomic",
+]
 
 # Everything a run writes at the top of its directory.
 RUN_FILES = ("config.yaml", "metrics.json", "events.jsonl", "model.safetensors", "checkpoints", "source", "tb")
@@ -52,8 +63,9 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(f"{directory} is in use by another clpeft run (pid {holder}); wait for it to end "
-                            f"or choose another --out") from None
+            raise UserError(
+                f"{directory} is in use by another clpeft run (pid {holder}); wait for it to end or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd
@@ -137,18 +149,18 @@ def _check(out: Path, resolved: dict, found: Prepared, *, resume: bool, force: b
         found.stored = read_yaml(cfg_path)
         changes = config_changes(found.stored, resolved)
         if changes and not force:
-            raise UserError(f"--resume: the config differs from the stored run ({format_changes(changes)}); "
-                            f"pass --force to resume anyway")
+            raise UserError(f"--resume: the config differs from the stored run ({format_changes(changes)}); pass --force to resume anyway")
         fixed = fixed_changes(changes)
         if fixed:
-            raise UserError(f"--resume: the stored checkpoints belong to another stream ({format_changes(fixed)}); "
-                            f"not even --force changes that: start a new run with another --out")
+            raise UserError(
+                f"--resume: the stored checkpoints belong to another stream ({format_changes(fixed)}); "
+                f"not even --force changes that: start a new run with another --out"
+            )
         found.forced = changes
     else:
         existing = run_files(out)
         if existing:
-            raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
-                            f"or choose another --out")
+            raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it or choose another --out")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -167,8 +179,7 @@ def export_weights(strategy, path: Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in strategy.state_dict().items()
-               if isinstance(v, torch.Tensor)}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in strategy.state_dict().items() if isinstance(v, torch.Tensor)}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "clpeft"})
     tmp.replace(path)

@@ -38,9 +38,9 @@ class _Loader(yaml.SafeLoader):
                 key = self.construct_object(key_node)
                 if key in first:
                     raise yaml.constructor.ConstructorError(
-                        None, None,
-                        f"duplicate key {key!r} (first given on line {first[key].line + 1}); the later value would "
-                        f"silently win: keep one",
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first given on line {first[key].line + 1}); the later value would silently win: keep one",
                         key_node.start_mark,
                     )
                 first[key] = key_node.start_mark
@@ -99,8 +99,9 @@ def load_yaml(text: str, source: str):
     except yaml.YAMLError as exc:
         raise MalformedYAML(f"{source}: malformed YAML: {exc}") from None
     except RecursionError:
-        raise UserError(f"{source}: nested too deeply to read (more levels of lists or mappings than Python's stack "
-                        f"allows); flatten it") from None
+        raise UserError(
+            f"{source}: nested too deeply to read (more levels of lists or mappings than Python's stack allows); flatten it"
+        ) from None
     finally:
         loader.dispose()
 

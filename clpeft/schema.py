@@ -73,8 +73,7 @@ def flat_options(init: Callable) -> Callable:
             flat.append(p.replace(annotation=hints.get(p.name, p.annotation)))
             continue
         if not isinstance(p.default, options):
-            raise TypeError(f"{init.__qualname__}: '{p.name}' needs a default {options.__name__}(...) "
-                            f"holding this class's values")
+            raise TypeError(f"{init.__qualname__}: '{p.name}' needs a default {options.__name__}(...) holding this class's values")
         blocks[p.name] = options
         for name, info in options.model_fields.items():
             annotation = typing.Annotated[(info.annotation, *info.metadata, Field(description=info.description))]
@@ -104,8 +103,9 @@ def flat_options(init: Callable) -> Callable:
 # ----------------------------------------------------------------------------- building
 
 
-def model_from_signature(name: str, fn: Callable, *, skip: Container[str] = (), keyword_only: bool = False,
-                         owner: str | None = None) -> type[BaseModel]:
+def model_from_signature(
+    name: str, fn: Callable, *, skip: Container[str] = (), keyword_only: bool = False, owner: str | None = None
+) -> type[BaseModel]:
     """The pydantic model of ``fn``'s parameters (each parameter a field, required without a default).
 
     Args:
@@ -161,8 +161,7 @@ def unknown_key(path: str, name: str, known: list[str]) -> str:
     return f"{path}: unknown key{close_matches(name, known)}; known keys: {', '.join(known)}"
 
 
-def validate(model: type[BaseModel], data: dict, prefix: str,
-             unknown: Callable[[str, str, list[str]], str] = unknown_key) -> BaseModel:
+def validate(model: type[BaseModel], data: dict, prefix: str, unknown: Callable[[str, str, list[str]], str] = unknown_key) -> BaseModel:
     """``data`` validated by ``model``; every mistake a line naming its key under ``prefix``.
 
     Raises:

@@ -49,8 +49,18 @@ if TYPE_CHECKING:
 
 # The before_/after_ hooks: events around the engine's loop. The work methods (training_step,
 # predict, adapt, ...) are not in it; a before_/after_ method outside it is refused.
-EVENT_HOOKS = frozenset({"before_experience", "before_epoch", "after_backward", "after_training_step", "after_epoch",
-                         "after_experience", "before_evaluation", "after_evaluation"})
+EVENT_HOOKS = frozenset(
+    {
+        "before_experience",
+        "before_epoch",
+        "after_backward",
+        "after_training_step",
+        "after_epoch",
+        "after_experience",
+        "before_evaluation",
+        "after_evaluation",
+    }
+)
 
 
 class Strategy(nn.Module):
@@ -78,23 +88,17 @@ class Strategy(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        unknown = [
-            name
-            for name in vars(cls)
-            if (name.startswith("before_") or name.startswith("after_")) and name not in EVENT_HOOKS
-        ]
+        unknown = [name for name in vars(cls) if (name.startswith("before_") or name.startswith("after_")) and name not in EVENT_HOOKS]
         if unknown:
-            raise TypeError(
-                f"{cls.__name__} defines {unknown}, which the engine never calls; "
-                f"the hooks are {sorted(EVENT_HOOKS)}"
-            )
+            raise TypeError(f"{cls.__name__} defines {unknown}, which the engine never calls; the hooks are {sorted(EVENT_HOOKS)}")
         if "frozen_features" in vars(cls):  # the attribute's former name
             raise TypeError(f"{cls.__name__} sets frozen_features, which is now called cache_features; rename it")
         if cls.needs_query and cls.cache_features:
             raise TypeError(f"{cls.__name__} sets needs_query, so its batches hold raw inputs; drop cache_features = True")
         if cls.needs_query and "query" not in inspect.signature(cls.predict).parameters:
-            raise TypeError(f"{cls.__name__} sets needs_query, so the engine calls predict(x, query=...); "
-                            f"give its predict a query argument")
+            raise TypeError(
+                f"{cls.__name__} sets needs_query, so the engine calls predict(x, query=...); give its predict a query argument"
+            )
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -136,8 +140,7 @@ class Strategy(nn.Module):
         """Called by the engine: gives the strategy access to batched (cached) data."""
         self._data = data
 
-    def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False,
-                shard: bool = False) -> Iterator[Batch]:
+    def batches(self, view: DataView, batch_size: int | None = None, shuffle: bool = False, shard: bool = False) -> Iterator[Batch]:
         """Iterate over ``view`` as the engine does (features or raw inputs, on the device).
 
         Use it for passes a method makes on its own: prototypes, Fisher information, statistics.
@@ -148,7 +151,11 @@ class Strategy(nn.Module):
         if self._data is None:
             raise RuntimeError("the strategy is not attached to an engine yet")
         batches = self._data.batches(
-            view, batch_size=batch_size, shuffle=shuffle, uses_features=self.uses_features, with_query=self.needs_query,
+            view,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            uses_features=self.uses_features,
+            with_query=self.needs_query,
             shard=shard,
         )
         return (batch for batch in batches if len(batch.y))

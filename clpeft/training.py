@@ -21,8 +21,7 @@ from clpeft.errors import RunError
 from clpeft.resizing import replace_parameters
 from clpeft.strategy import Strategy
 
-__all__ = ["FEW_STEPS", "carry_over", "make_optimizer", "make_scheduler", "optimizer_step", "out_of_memory_hint",
-           "training_step_fn"]
+__all__ = ["FEW_STEPS", "carry_over", "make_optimizer", "make_scheduler", "optimizer_step", "out_of_memory_hint", "training_step_fn"]
 
 _DDP_ARGS = inspect.signature(nn.parallel.DistributedDataParallel).parameters  # init_sync: torch >= 2.4
 # Fewer optimizer steps than this in an experience that trains draw a one-line warning.
@@ -42,8 +41,7 @@ def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer | None:
     if not groups:
         return None
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-                               nesterov=train.nesterov)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, nesterov=train.nesterov)
     cls = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=train.lr, weight_decay=train.weight_decay)
 
@@ -64,16 +62,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int
     if train.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs * steps_per_epoch)
     if train.schedule == "cosine_epoch":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            functools.partial(_cosine_epoch, base=group["lr"], floor=train.min_lr, epochs=train.epochs,
-                              steps_per_epoch=steps_per_epoch) for group in optimizer.param_groups])
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [
+                functools.partial(_cosine_epoch, base=group["lr"], floor=train.min_lr, epochs=train.epochs, steps_per_epoch=steps_per_epoch)
+                for group in optimizer.param_groups
+            ],
+        )
     if train.schedule == "quarter_cosine":
         last = max(train.epochs - 1, 1)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: math.cos(99 * math.pi * max(t // steps_per_epoch - 1, 0) / (200 * last)))
+            optimizer, lambda t: math.cos(99 * math.pi * max(t // steps_per_epoch - 1, 0) / (200 * last))
+        )
     if train.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[m * steps_per_epoch for m in train.milestones], gamma=train.gamma)
+            optimizer, milestones=[m * steps_per_epoch for m in train.milestones], gamma=train.gamma
+        )
     return None
 
 
@@ -83,8 +87,9 @@ def _cosine_epoch(t: int, base: float, floor: float, epochs: int, steps_per_epoc
     return lr / base
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None,
-                   after_backward: Callable[[], None] | None = None) -> None:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float | None, after_backward: Callable[[], None] | None = None
+) -> None:
     """Backward, ``after_backward`` (the strategy's hook: gradients in place), optional gradient-norm
     clipping, one optimizer step."""
     optimizer.zero_grad(set_to_none=True)
@@ -136,6 +141,7 @@ def training_step_fn(strategy: Strategy, world: distributed.World):
         def step(batch, n_global):
             loss = strategy.training_step(batch)
             return loss, loss.item(), len(batch.y)  # one device sync per step: the NaN check and the log
+
         return step
     # a strategy may train a different subset of its parameters at each step (the selected
     # prompts; LAE's frozen first epochs), hence the search for unused parameters
@@ -147,11 +153,11 @@ def training_step_fn(strategy: Strategy, world: distributed.World):
         weighted = loss.detach().double() * n_global / world.size  # = local mean loss * n_local
         totals = world.all_reduce_sum(torch.stack([weighted.cpu(), torch.tensor(float(n_local), dtype=torch.float64)]))
         return loss, float(totals[0] / totals[1]), n_global
+
     return step
 
 
-def carry_over(strategy: Strategy, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter],
-               world: distributed.World):
+def carry_over(strategy: Strategy, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], world: distributed.World):
     """After ``after_training_step`` replaced parameters: hand them to ``optimizer`` with their
     predecessors' state and rebuild the step function (DDP's buckets follow the new parameters).
 
@@ -161,5 +167,3 @@ def carry_over(strategy: Strategy, optimizer: torch.optim.Optimizer, named: dict
     current = dict(strategy.named_parameters())
     replace_parameters(optimizer, named, current)
     return current, training_step_fn(strategy, world)
-
-

@@ -31,12 +31,20 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise UserError("needs the wandb package: pip install 'clpeft[wandb]' (or drop logging.wandb)",
-                            key="logging.wandb") from None
+            raise UserError("needs the wandb package: pip install 'clpeft[wandb]' (or drop logging.wandb)", key="logging.wandb") from None
         run_id = hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
-        self._run = wandb.init(project=settings.project, entity=settings.entity, name=settings.name or Path(out_dir).name,
-                               tags=list(settings.tags), mode=settings.mode, dir=str(out_dir), config=config,
-                               id=run_id, resume="allow", reinit="create_new")
+        self._run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name or Path(out_dir).name,
+            tags=list(settings.tags),
+            mode=settings.mode,
+            dir=str(out_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+            reinit="create_new",
+        )
 
     def log(self, kind: str, step: int | None, fields: dict) -> None:
         values = {f"{kind}/{name}": value for name, value in fields.items() if _is_number(value)}

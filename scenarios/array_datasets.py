@@ -44,8 +44,11 @@ def _read_npz(path: Path, inputs_key: str, labels_key: str) -> _Split:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in (inputs_key, labels_key) if k not in data.files]
             if missing:
-                raise UserError(f"{path} has no array '{missing[0]}' (it has {', '.join(data.files) or 'none'}); "
-                                f"set scenario.dataset_options.inputs_key / labels_key", key=KEY)
+                raise UserError(
+                    f"{path} has no array '{missing[0]}' (it has {', '.join(data.files) or 'none'}); "
+                    f"set scenario.dataset_options.inputs_key / labels_key",
+                    key=KEY,
+                )
             names = [str(n) for n in np.asarray(data["class_names"]).ravel()] if "class_names" in data.files else None
             return _Split(data[inputs_key], data[labels_key], str(path), names)
     except _UNREADABLE as exc:
@@ -94,8 +97,9 @@ def _as_inputs(part: _Split) -> torch.Tensor:
     return features
 
 
-def labels_to_ids(values: np.ndarray, source: str, known: list[str] | None = None,
-                  known_from: str = "the training split") -> tuple[np.ndarray, list[str]]:
+def labels_to_ids(
+    values: np.ndarray, source: str, known: list[str] | None = None, known_from: str = "the training split"
+) -> tuple[np.ndarray, list[str]]:
     """Label values (from :func:`~clpeft.scenarios.data_checks.label_values`) -> ids ``0..C-1`` and names.
 
     Classes are the sorted values (numeric order for numbers); with ``known`` (the names of
@@ -130,16 +134,18 @@ def _ids(part: _Split, train: _Split | None = None, train_names: list[str] | Non
         return _stored_ids(values, part.class_names, part.source), part.class_names
     if (part.class_names is None) != (train.class_names is None):
         has, lacks = (train, part) if part.class_names is None else (part, train)
-        raise UserError(f"{lacks.source}: no class_names array, but {has.source} has one; store the same "
-                        f"class_names in both files", key=KEY)
+        raise UserError(
+            f"{lacks.source}: no class_names array, but {has.source} has one; store the same class_names in both files", key=KEY
+        )
     if part.class_names is None:
         return labels_to_ids(values, part.source, train_names)
     ids = _stored_ids(values, part.class_names, part.source)
     index = {n: i for i, n in enumerate(train_names)}
     extra = [n for n in part.class_names if n not in index]
     if extra:
-        raise UserError(f"{part.source}: class_names {data_checks.listed(extra)} do not occur in the class_names "
-                        f"of {train.source}", key=KEY)
+        raise UserError(
+            f"{part.source}: class_names {data_checks.listed(extra)} do not occur in the class_names of {train.source}", key=KEY
+        )
     return np.asarray([index[n] for n in part.class_names], dtype=np.int64)[ids], train_names
 
 
@@ -171,14 +177,19 @@ def load_arrays(
     require_dir(root, "set scenario.root to a .npz file or a folder of train/test arrays")
     train, test = (_read_split(root, split, inputs_key, labels_key) for split in ("train", "test"))
     if train is None or test is None:
-        raise UserError(f"{root}: expected train.npz and test.npz (or train_{inputs_key}.npy, train_{labels_key}.npy, "
-                        f"test_{inputs_key}.npy, test_{labels_key}.npy)", key=KEY)
+        raise UserError(
+            f"{root}: expected train.npz and test.npz (or train_{inputs_key}.npy, train_{labels_key}.npy, "
+            f"test_{inputs_key}.npy, test_{labels_key}.npy)",
+            key=KEY,
+        )
     inputs = [_as_inputs(part) for part in (train, test)]
     train_ids, names = _ids(train)
     test_ids, _ = _ids(test, train, names)
     data_checks.every_class_in_both(train_ids, test_ids, names, train.source, test.source)
-    return tuple(ArrayDataset(x, torch.from_numpy(ids), f"npz:{root}/{split}", list(names))
-                 for split, x, ids in (("train", inputs[0], train_ids), ("test", inputs[1], test_ids)))
+    return tuple(
+        ArrayDataset(x, torch.from_numpy(ids), f"npz:{root}/{split}", list(names))
+        for split, x, ids in (("train", inputs[0], train_ids), ("test", inputs[1], test_ids))
+    )
 
 
 def _split_arrays(inputs: torch.Tensor, ids: np.ndarray, names: list[str], test_fraction, seed, name):

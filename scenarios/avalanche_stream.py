@@ -96,7 +96,9 @@ class AvalancheStream(Scenario):
         if not (hasattr(bm, "train_stream") and hasattr(bm, "test_stream")):
             raise UserError(
                 f"'{self.benchmark}' returned {type(bm).__name__}, not an Avalanche benchmark "
-                "(an object with train_stream and test_stream)", key="scenario.benchmark")
+                "(an object with train_stream and test_stream)",
+                key="scenario.benchmark",
+            )
         return bm
 
     def experiences(self) -> list[Experience]:

@@ -58,8 +58,9 @@ def line_key(dataset: str, line: str) -> str:
     return "/".join(line.split("/")[-2:])
 
 
-def plan(dataset: str, train_targets: np.ndarray, test_targets: np.ndarray, keys: list[str] | None,
-         n_sessions: int) -> tuple[list[int], list[dict], list[int]]:
+def plan(
+    dataset: str, train_targets: np.ndarray, test_targets: np.ndarray, keys: list[str] | None, n_sessions: int
+) -> tuple[list[int], list[dict], list[int]]:
     """Class order, sessions (classes, ``k_shot``, training indices) and test indices of the
     first ``n_sessions`` incremental sessions, checked against the data.
 
@@ -71,16 +72,18 @@ def plan(dataset: str, train_targets: np.ndarray, test_targets: np.ndarray, keys
     n_classes = n_base + n_sessions * n_way
     position = None if keys is None else {k: i for i, k in enumerate(keys)}
     if keys is not None and len(keys) != len(train_targets):
-        raise UserError(f"the training split has {len(train_targets)} samples, CEC's {len(keys)}; "
-                        f"check scenario.root and dataset_options", key=_KEY)
+        raise UserError(
+            f"the training split has {len(train_targets)} samples, CEC's {len(keys)}; check scenario.root and dataset_options", key=_KEY
+        )
 
     def indices(session: int) -> np.ndarray:
         lines = session_lines(dataset, session)
         try:
             idx = [int(line) for line in lines] if position is None else [position[line_key(dataset, line)] for line in lines]
         except KeyError as exc:
-            raise UserError(f"session_{session}.txt names {exc.args[0]}, which is not in this dataset's training "
-                            f"split; check scenario.root", key=_KEY) from None
+            raise UserError(
+                f"session_{session}.txt names {exc.args[0]}, which is not in this dataset's training split; check scenario.root", key=_KEY
+            ) from None
         idx = np.asarray(idx, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(train_targets)):
             raise UserError(f"session_{session}.txt indexes beyond the {len(train_targets)} training samples", key=_KEY)
@@ -89,15 +92,19 @@ def plan(dataset: str, train_targets: np.ndarray, test_targets: np.ndarray, keys
     base = np.arange(n_base)
     base_idx = np.concatenate([np.flatnonzero(train_targets == c) for c in base])  # CEC's SelectfromDefault order
     if set(indices(1).tolist()) != set(base_idx.tolist()):
-        raise UserError(f"the training samples of the first {n_base} classes are not those of CEC's session_1.txt; "
-                        f"check scenario.root", key=_KEY)
+        raise UserError(
+            f"the training samples of the first {n_base} classes are not those of CEC's session_1.txt; check scenario.root", key=_KEY
+        )
     sessions = [{"session": 0, "classes": base.tolist(), "k_shot": None, "train_indices": base_idx.tolist()}]
     for s in range(1, n_sessions + 1):
         classes = np.arange(n_base + (s - 1) * n_way, n_base + s * n_way)
         idx = indices(s + 1)
         if sorted(train_targets[idx].tolist()) != sorted(np.repeat(classes, k_shot).tolist()):
-            raise UserError(f"the samples of CEC's session_{s + 1}.txt are not {k_shot} of each class "
-                            f"{classes.min()}..{classes.max()} in this dataset; check scenario.root", key=_KEY)
+            raise UserError(
+                f"the samples of CEC's session_{s + 1}.txt are not {k_shot} of each class "
+                f"{classes.min()}..{classes.max()} in this dataset; check scenario.root",
+                key=_KEY,
+            )
         sessions.append({"session": s, "classes": classes.tolist(), "k_shot": k_shot, "train_indices": idx.tolist()})
     test_idx = np.flatnonzero(test_targets < n_classes)
     return list(range(n_classes)), sessions, test_idx.tolist()

@@ -41,8 +41,11 @@ def require_samples(stream: list[Experience], class_names: list[str]) -> None:
         for part, view in (("training", e.train), ("test", e.test)):
             if view is not None and len(view) == 0:
                 classes = ", ".join(class_names[c] for c in e.classes_in_this_experience)
-                raise UserError(f"experience {e.index} (classes {classes}) has no {part} samples; every class needs "
-                                f"training and test samples: check the data's splits", key="scenario.dataset")
+                raise UserError(
+                    f"experience {e.index} (classes {classes}) has no {part} samples; every class needs "
+                    f"training and test samples: check the data's splits",
+                    key="scenario.dataset",
+                )
 
 
 @register_scenario("class_incremental")
@@ -193,14 +196,28 @@ class ClassIncremental(Scenario):
         groups = [list(range(a, a + n)) for a, n in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes)]
         if self.online is not None:
             return self._online_stream(train, test, train_idx, test_idx, groups, rng)
-        stream = [Experience(index=i, train=self._view(train, train_idx, classes), test=self._view(test, test_idx, classes),
-                             classes_in_this_experience=classes, classes_seen_so_far=list(range(classes[-1] + 1)))
-                  for i, classes in enumerate(groups)]
+        stream = [
+            Experience(
+                index=i,
+                train=self._view(train, train_idx, classes),
+                test=self._view(test, test_idx, classes),
+                classes_in_this_experience=classes,
+                classes_seen_so_far=list(range(classes[-1] + 1)),
+            )
+            for i, classes in enumerate(groups)
+        ]
         require_samples(stream, self.class_names)
         return self.link(stream)
 
-    def _online_stream(self, train: ArrayDataset, test: ArrayDataset, train_idx: np.ndarray, test_idx: np.ndarray,
-                       groups: list[list[int]], rng: np.random.Generator) -> list[Experience]:
+    def _online_stream(
+        self,
+        train: ArrayDataset,
+        test: ArrayDataset,
+        train_idx: np.ndarray,
+        test_idx: np.ndarray,
+        groups: list[list[int]],
+        rng: np.random.Generator,
+    ) -> list[Experience]:
         """The online stream: the (blurry) split in stream order, labels renumbered by first appearance."""
         positions = blurry_split(train.targets.numpy()[train_idx], groups, self.blurry, rng)
         order = [train_idx[p] for p in positions]
@@ -214,9 +231,15 @@ class ClassIncremental(Scenario):
         for i, (idx, group) in enumerate(zip(order, groups)):
             present = sorted(set(train.targets[torch.as_tensor(idx, dtype=torch.long)].tolist()))
             seen.update(present)
-            stream.append(Experience(index=i, train=DataView.of(train, idx),
-                                     test=self._view(test, test_idx, mapping[group].tolist()),
-                                     classes_in_this_experience=present, classes_seen_so_far=sorted(seen)))
+            stream.append(
+                Experience(
+                    index=i,
+                    train=DataView.of(train, idx),
+                    test=self._view(test, test_idx, mapping[group].tolist()),
+                    classes_in_this_experience=present,
+                    classes_seen_so_far=sorted(seen),
+                )
+            )
         require_samples(stream, names)
         return self.link(stream)
 

@@ -58,9 +58,9 @@ def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
     _, h, w, _ = x.shape
     ch, cw = int(np.ceil(h / float(factor))), int(np.ceil(w / float(factor)))
     top, left = (h - ch) // 2, (w - cw) // 2
-    zoomed = zoom_linear(x[:, top: top + ch, left: left + cw], factor)
+    zoomed = zoom_linear(x[:, top : top + ch, left : left + cw], factor)
     trim_top, trim_left = (zoomed.shape[1] - h) // 2, (zoomed.shape[2] - w) // 2
-    return zoomed[:, trim_top: trim_top + h, trim_left: trim_left + w]
+    return zoomed[:, trim_top : trim_top + h, trim_left : trim_left + w]
 
 
 def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
@@ -138,7 +138,7 @@ def motion_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray) 
     n, h, w, _ = x.shape
     width = int(radius * 2 + 1)
     taps = np.arange(width)
-    kernel = np.exp(-taps**2 / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
+    kernel = np.exp(-(taps**2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
     kernel = kernel / np.sum(kernel)
     padded = np.pad(x, ((0, 0), (width, width), (width, width), (0, 0)), mode="edge")
     out = np.empty(x.shape)
@@ -150,7 +150,7 @@ def motion_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray) 
             dy, dx = -math.ceil(i * point_y / hypot - 0.5), -math.ceil(i * point_x / hypot - 0.5)
             if abs(dy) >= h or abs(dx) >= w:
                 break
-            blurred = blurred + kernel[i] * padded[k, width - dy: width - dy + h, width - dx: width - dx + w]
+            blurred = blurred + kernel[i] * padded[k, width - dy : width - dy + h, width - dx : width - dx + w]
         out[k] = blurred
     return out
 
@@ -174,9 +174,11 @@ def plasma_fractal(state: np.random.RandomState, mapsize: int, decay: float) -> 
         centres = height[half:mapsize:step, half:mapsize:step]
         corners = height[0:mapsize:step, 0:mapsize:step]
         height[0:mapsize:step, half:mapsize:step] = wibbled(
-            (centres + np.roll(centres, 1, axis=0)) + (corners + np.roll(corners, -1, axis=1)))
+            (centres + np.roll(centres, 1, axis=0)) + (corners + np.roll(corners, -1, axis=1))
+        )
         height[half:mapsize:step, 0:mapsize:step] = wibbled(
-            (centres + np.roll(centres, 1, axis=1)) + (corners + np.roll(corners, -1, axis=0)))
+            (centres + np.roll(centres, 1, axis=1)) + (corners + np.roll(corners, -1, axis=0))
+        )
         step //= 2
         wibble /= decay
     height -= height.min()
@@ -208,8 +210,9 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     q = v * (1 - f * s)
     t = v * (1 - (1 - f) * s)
     sector = sector.astype(np.uint8) % 6
-    return np.stack([np.choose(sector, (v, q, p, p, t, v)), np.choose(sector, (t, v, v, q, p, p)),
-                     np.choose(sector, (p, p, t, v, v, q))], axis=-1)
+    return np.stack(
+        [np.choose(sector, (v, q, p, p, t, v)), np.choose(sector, (t, v, v, q, p, p)), np.choose(sector, (p, p, t, v, v, q))], axis=-1
+    )
 
 
 def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
@@ -225,8 +228,8 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     g = (g / g.sum()).astype(np.float32)
     pad = ksize // 2
     padded = np.pad(disk, pad, mode="reflect")  # BORDER_REFLECT_101
-    rows = sum(g[k] * padded[:, k: k + disk.shape[1]] for k in range(ksize))
-    return sum(g[k] * rows[k: k + disk.shape[0], :] for k in range(ksize)).astype(np.float32)
+    rows = sum(g[k] * padded[:, k : k + disk.shape[1]] for k in range(ksize))
+    return sum(g[k] * rows[k : k + disk.shape[0], :] for k in range(ksize)).astype(np.float32)
 
 
 def filter2d(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -248,6 +251,5 @@ def filter2d(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     flipped = torch.from_numpy(kernel[::-1, ::-1].astype(np.float64).copy())
     product = torch.fft.rfft2(padded, s=size) * torch.fft.rfft2(flipped, s=size)
     full = torch.fft.irfft2(product, s=size)
-    out = full[..., kh - 1: kh - 1 + h, kw - 1: kw - 1 + w]
+    out = full[..., kh - 1 : kh - 1 + h, kw - 1 : kw - 1 + w]
     return out.permute(0, 2, 3, 1).numpy()
-

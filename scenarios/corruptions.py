@@ -63,8 +63,21 @@ from clpeft.scenarios.corruption_constants import CONSTANTS, ELASTIC_SIZE_FACTOR
 #: The 15 corruptions of ImageNet-C / CIFAR-10-C in the order of the continual TTA benchmarks
 #: (Wang et al., CoTTA, CVPR 2022; ``CORRUPTION.TYPE`` of mariodoebler/test-time-adaptation).
 IMAGENET_C = [
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 ]
 
 FROST_DIR = Path(__file__).resolve().parent / "frost"
@@ -84,19 +97,19 @@ def _to_255(x: np.ndarray) -> np.ndarray:
 
 
 def gaussian_noise(u, c, states, constants):
-    x = u / 255.
+    x = u / 255.0
     return _to_255(x + np.stack([s.normal(size=x.shape[1:], scale=c) for s in states]))
 
 
 def shot_noise(u, c, states, constants):
-    x = u / 255.
+    x = u / 255.0
     return _to_255(np.stack([s.poisson(xi * c) for xi, s in zip(x, states)]) / float(c))
 
 
 def impulse_noise(u, c, states, constants):
     """scikit-image 0.14's ``random_noise(x, mode='s&p', amount=c)``: a value flips with
     probability ``c``, to 1 or 0 with equal odds (two ``np.random.choice`` draws, in this order)."""
-    x = u / 255.
+    x = u / 255.0
     for xi, s in zip(x, states):
         flipped = s.choice([True, False], size=xi.shape, p=[c, 1 - c])
         salted = s.choice([True, False], size=xi.shape, p=[0.5, 0.5])
@@ -106,7 +119,7 @@ def impulse_noise(u, c, states, constants):
 
 
 def speckle_noise(u, c, states, constants):
-    x = u / 255.
+    x = u / 255.0
     return _to_255(x + x * np.stack([s.normal(size=x.shape[1:], scale=c) for s in states]))
 
 
@@ -114,12 +127,12 @@ def speckle_noise(u, c, states, constants):
 
 
 def gaussian_blur(u, c, states, constants):
-    return _to_255(ops.gaussian_filter(u / 255., c))
+    return _to_255(ops.gaussian_filter(u / 255.0, c))
 
 
 def defocus_blur(u, c, states, constants):
     radius, alias_blur = c
-    return _to_255(ops.filter2d(u / 255., ops.disk_kernel(radius, alias_blur)))
+    return _to_255(ops.filter2d(u / 255.0, ops.disk_kernel(radius, alias_blur)))
 
 
 def glass_blur(u, c, states, constants):
@@ -135,7 +148,7 @@ def glass_blur(u, c, states, constants):
     already overwritten, follow the chain of copies by pointer jumping).
     """
     sigma, delta, iterations = c
-    x = (ops.gaussian_filter(u / 255., sigma) * 255).astype(np.uint8)
+    x = (ops.gaussian_filter(u / 255.0, sigma) * 255).astype(np.uint8)
     n, h, w, _ = x.shape
     rows, cols = np.arange(h - delta, delta, -1), np.arange(w - delta, delta, -1)
     draws = np.stack([s.randint(-delta, delta, size=(iterations * len(rows), len(cols), 2)) for s in states])
@@ -152,7 +165,7 @@ def glass_blur(u, c, states, constants):
             pointer = np.take_along_axis(pointer, pointer, axis=1)
         source[:, row, cols] = np.take_along_axis(moved, pointer, axis=1)
     moved = np.take_along_axis(x.reshape(n, h * w, -1), source.reshape(n, h * w, 1), axis=1).reshape(x.shape)
-    return _to_255(ops.gaussian_filter(moved / 255., sigma))
+    return _to_255(ops.gaussian_filter(moved / 255.0, sigma))
 
 
 def motion_blur(u, c, states, constants):
@@ -162,7 +175,7 @@ def motion_blur(u, c, states, constants):
 
 
 def zoom_blur(u, c, states, constants):
-    x = (u / 255.).astype(np.float32)
+    x = (u / 255.0).astype(np.float32)
     factors = np.arange(*c)
     out = np.zeros_like(x)
     for factor in factors:
@@ -183,12 +196,12 @@ def _grey(x: np.ndarray) -> np.ndarray:
 def snow(u, c, states, constants):
     loc, scale, zoom, threshold, radius, sigma, mix = c
     n, h, w, _ = u.shape
-    x = u.astype(np.float32) / 255.
+    x = u.astype(np.float32) / 255.0
     layer = ops.clipped_zoom(np.stack([s.normal(size=(h, w), loc=loc, scale=scale) for s in states])[..., None], zoom)
     layer[layer < threshold] = 0
     layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # the reference's greyscale PNG for ImageMagick
     angles = np.array([s.uniform(-135, -45) for s in states])
-    layer = np.floor(np.clip(ops.motion_blur(layer, radius, sigma, angles), 0, 255) + 0.5) / 255.
+    layer = np.floor(np.clip(ops.motion_blur(layer, radius, sigma, angles), 0, 255) + 0.5) / 255.0
     x = mix * x + (1 - mix) * np.maximum(x, _grey(x) * 1.5 + 0.5)
     return _to_255(x + layer + layer[:, ::-1, ::-1])
 
@@ -208,7 +221,7 @@ def _frost_crop(photo: np.ndarray, h: int, w: int, state: np.random.RandomState)
         size = (int(np.ceil(photo.shape[1] * factor)), int(np.ceil(photo.shape[0] * factor)))
         photo = np.asarray(Image.fromarray(photo).resize(size, Image.BICUBIC))
     top, left = state.randint(0, photo.shape[0] - h), state.randint(0, photo.shape[1] - w)
-    return photo[top: top + h, left: left + w]
+    return photo[top : top + h, left : left + w]
 
 
 def frost(u, c, states, constants):
@@ -228,7 +241,7 @@ def frost(u, c, states, constants):
 def fog(u, c, states, constants):
     strength, decay = c
     n, h, w, _ = u.shape
-    x = u / 255.
+    x = u / 255.0
     peak = x.max(axis=(1, 2, 3), keepdims=True)
     mapsize = 1 << (max(h, w) - 1).bit_length()
     x = x + strength * np.stack([ops.plasma_fractal(s, mapsize, decay)[:h, :w] for s in states])[..., None]
@@ -236,7 +249,7 @@ def fog(u, c, states, constants):
 
 
 def brightness(u, c, states, constants):
-    x = u / 255.
+    x = u / 255.0
     if x.shape[-1] != 3:
         return _to_255(x + c)
     hsv = ops.rgb_to_hsv(x)
@@ -248,7 +261,7 @@ def brightness(u, c, states, constants):
 
 
 def contrast(u, c, states, constants):
-    x = u / 255.
+    x = u / 255.0
     means = np.stack([xi.mean(axis=(0, 1), keepdims=True) for xi in x])  # numpy's own summation order
     return _to_255((x - means) * c + means)
 
@@ -259,7 +272,7 @@ def elastic_transform(u, c, states, constants):
     numerator, denominator = ELASTIC_SIZE_FACTOR[constants]
     size = max(h, w) * numerator / denominator
     alpha, sigma, shift = (size * k for k in c)
-    x = u.astype(np.float32) / 255.
+    x = u.astype(np.float32) / 255.0
     centre = np.float32((h, w)) // 2
     square = min(h, w) // 3
     src = np.float32([centre + square, [centre[0] + square, centre[1] - square], centre - square])
@@ -269,7 +282,7 @@ def elastic_transform(u, c, states, constants):
         fields.append([s.uniform(-1, 1, size=(h, w)), s.uniform(-1, 1, size=(h, w))])
     x = ops.warp_affine(x, np.stack(maps))
     fields = np.array(fields)  # (N, 2, H, W): dx, dy
-    fields = (ops.gaussian_filter(fields.transpose(0, 2, 3, 1), sigma, mode="reflect", truncate=3) * alpha)
+    fields = ops.gaussian_filter(fields.transpose(0, 2, 3, 1), sigma, mode="reflect", truncate=3) * alpha
     fields = fields.astype(np.float32)
     rows = np.arange(h)[None, :, None] + fields[..., 1]
     cols = np.arange(w)[None, None, :] + fields[..., 0]
@@ -290,12 +303,14 @@ def _from_pil(parts: list) -> np.ndarray:
 def pixelate(u, c, states, constants):
     """PIL's BOX shrink to ``int(side * c)`` and BOX enlarge back."""
     n, h, w, _ = u.shape
-    return np.stack([_from_pil([p.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX) for p in parts])
-                     for parts in _pil_images(u)])
+    return np.stack(
+        [_from_pil([p.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX) for p in parts]) for parts in _pil_images(u)]
+    )
 
 
 def jpeg_compression(u, c, states, constants):
     """PIL's JPEG round trip at quality ``c``."""
+
     def round_trip(image):
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=c)
@@ -306,12 +321,28 @@ def jpeg_compression(u, c, states, constants):
 
 Corruption = Callable[[np.ndarray, object, States, str], np.ndarray]
 
-CORRUPTIONS: dict[str, Corruption] = {f.__name__: f for f in (
-    gaussian_noise, shot_noise, impulse_noise, speckle_noise,
-    defocus_blur, glass_blur, motion_blur, zoom_blur, gaussian_blur,
-    snow, frost, fog, brightness,
-    contrast, elastic_transform, pixelate, jpeg_compression,
-)}
+CORRUPTIONS: dict[str, Corruption] = {
+    f.__name__: f
+    for f in (
+        gaussian_noise,
+        shot_noise,
+        impulse_noise,
+        speckle_noise,
+        defocus_blur,
+        glass_blur,
+        motion_blur,
+        zoom_blur,
+        gaussian_blur,
+        snow,
+        frost,
+        fog,
+        brightness,
+        contrast,
+        elastic_transform,
+        pixelate,
+        jpeg_compression,
+    )
+}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -323,8 +354,7 @@ def sample_seed(seed: int, name: str, severity: int, index: int) -> list[int]:
     return [int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")]
 
 
-def corrupt(images: torch.Tensor, name: str, severity: int, seed: int, indices,
-            constants: ConstantChoice = "auto") -> torch.Tensor:
+def corrupt(images: torch.Tensor, name: str, severity: int, seed: int, indices, constants: ConstantChoice = "auto") -> torch.Tensor:
     """``uint8`` images ``(N, C, H, W)`` (or ``(N, H, W)``) corrupted as sample ``indices[n]``.
 
     Args:
@@ -375,8 +405,7 @@ class TransformedDataset(torch.utils.data.Dataset):
             when not given.
     """
 
-    def __init__(self, base, transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str,
-                 key: str | None = None):
+    def __init__(self, base, transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str, key: str | None = None):
         self.base = base
         self.transform = transform
         self.name = f"{base.name}|{name}"
@@ -422,5 +451,9 @@ class CorruptedDataset(TransformedDataset):
         self.seed = seed
         self.constants = constants
         # "robustness": the reference-equal implementation; features cached from an earlier one are not reused
-        super().__init__(base, lambda x, indices: corrupt(x, corruption, severity, seed, indices, constants),
-                         f"{corruption}@{severity}", key=f"{corruption}|{severity}|{seed}|{constants}|robustness")
+        super().__init__(
+            base,
+            lambda x, indices: corrupt(x, corruption, severity, seed, indices, constants),
+            f"{corruption}@{severity}",
+            key=f"{corruption}|{severity}|{seed}|{constants}|robustness",
+        )

@@ -39,13 +39,12 @@ def read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}", key=KEY) from None
-    body = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    body = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = body[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{body[exc.start]:02x}); save the file as UTF-8",
-                        key=KEY) from None
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{body[exc.start]:02x}); save the file as UTF-8", key=KEY) from None
 
 
 def csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -63,8 +62,9 @@ def csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 rows.append((start, {c: fields[i] if i < len(fields) else None for i, c in enumerate(header)}))
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise UserError(f"{path}:{start}: not valid CSV ({exc}); fix that line, or store the data as JSONL "
-                        f"(no field-size limit)", key=KEY) from None
+        raise UserError(
+            f"{path}:{start}: not valid CSV ({exc}); fix that line, or store the data as JSONL (no field-size limit)", key=KEY
+        ) from None
     return header, rows
 
 
@@ -78,8 +78,11 @@ def finite_rows(x: torch.Tensor, source: str) -> None:
     bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     count = int(bad.sum())
     if count:
-        raise UserError(f"{source}: {count} of {len(x)} rows hold NaN, inf or a value past float32's range "
-                        f"(first: row {int(bad.nonzero()[0])}, counting from 0); remove or fix those rows", key=KEY)
+        raise UserError(
+            f"{source}: {count} of {len(x)} rows hold NaN, inf or a value past float32's range "
+            f"(first: row {int(bad.nonzero()[0])}, counting from 0); remove or fix those rows",
+            key=KEY,
+        )
 
 
 def label_values(labels, source: str, key: str = KEY) -> np.ndarray:
@@ -98,8 +101,11 @@ def label_values(labels, source: str, key: str = KEY) -> np.ndarray:
     count = int(bad.sum())
     if count:
         first = int(np.flatnonzero(bad)[0])
-        raise UserError(f"{source}: {count} of {len(values)} labels are not whole numbers (first: {values[first]} "
-                        f"at row {first}); labels must be integers or strings", key=key)
+        raise UserError(
+            f"{source}: {count} of {len(values)} labels are not whole numbers (first: {values[first]} "
+            f"at row {first}); labels must be integers or strings",
+            key=key,
+        )
     return values.astype(np.int64)
 
 
@@ -109,9 +115,11 @@ def ids_in_range(ids: np.ndarray, n_classes: int, source: str) -> None:
     count = int(bad.sum())
     if count:
         first = int(np.flatnonzero(bad)[0])
-        raise UserError(f"{source}: {count} of {len(ids)} labels lie outside 0..{n_classes - 1}, the ids of its "
-                        f"{n_classes} class_names (first: {ids[first]} at row {first}); fix the labels or class_names",
-                        key=KEY)
+        raise UserError(
+            f"{source}: {count} of {len(ids)} labels lie outside 0..{n_classes - 1}, the ids of its "
+            f"{n_classes} class_names (first: {ids[first]} at row {first}); fix the labels or class_names",
+            key=KEY,
+        )
 
 
 def unique_names(names: Sequence[str], source: str) -> None:
@@ -129,8 +137,11 @@ def every_class_in_both(train_ids, test_ids, names: Sequence[str], train_source:
         counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(names))
         missing = [names[c] for c in np.flatnonzero(counts == 0)]
         if missing:
-            raise UserError(f"{source}: no samples of classes {listed(missing)}; every class needs samples in both "
-                            f"{train_source} and {test_source}: add some, or remove the class", key=KEY)
+            raise UserError(
+                f"{source}: no samples of classes {listed(missing)}; every class needs samples in both "
+                f"{train_source} and {test_source}: add some, or remove the class",
+                key=KEY,
+            )
 
 
 # ------------------------------------------------------------------ paths from list files

@@ -53,8 +53,10 @@ def _digits(root: Path, download: bool):
     targets = torch.from_numpy(d.target)
     tr, te = train_test_split(np.arange(len(targets)), test_size=0.3, random_state=0, stratify=d.target)
     names = [str(c) for c in range(10)]
-    return (ArrayDataset(images[tr], targets[tr], "sklearn_digits/train", names),
-            ArrayDataset(images[te], targets[te], "sklearn_digits/test", names))
+    return (
+        ArrayDataset(images[tr], targets[tr], "sklearn_digits/train", names),
+        ArrayDataset(images[te], targets[te], "sklearn_digits/test", names),
+    )
 
 
 def _stage_debian_fashion_mnist(raw: Path) -> None:
@@ -136,8 +138,11 @@ def option_types(name: str) -> dict[str, tuple[typing.Any, typing.Any]]:
     """``{option: (type, default)}``: the keyword-only parameters of a dataset's loader."""
     loader = _loader(name)
     hints = typing.get_type_hints(loader)
-    return {p.name: (hints.get(p.name, typing.Any), p.default)
-            for p in inspect.signature(loader).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    return {
+        p.name: (hints.get(p.name, typing.Any), p.default)
+        for p in inspect.signature(loader).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
 
 
 def check_options(name: str, options: dict | None) -> dict:

@@ -172,8 +172,10 @@ class DomainIncremental(Scenario):
             raise UserError("expected at least one domain", key="scenario.domains")
         for i, d in enumerate(domains):
             if d.dataset is None and p.get("dataset") is None:
-                raise UserError("this domain transforms the scenario's dataset: set scenario.dataset, or give the "
-                                "domain a dataset of its own", key=f"scenario.domains[{i}]")
+                raise UserError(
+                    "this domain transforms the scenario's dataset: set scenario.dataset, or give the domain a dataset of its own",
+                    key=f"scenario.domains[{i}]",
+                )
             if d.dataset is not None:
                 datasets.check_options(d.dataset, d.dataset_options)
         if p.get("dataset") is not None:
@@ -196,8 +198,16 @@ class DomainIncremental(Scenario):
             test_view = DataView.of(test, per_class_subset(test.targets, self.test_per_class, rng))
             present = sorted(int(c) for c in train_view.targets.unique())
             seen |= set(present)
-            stream.append(Experience(index=i, train=train_view, test=test_view, classes_in_this_experience=present,
-                                     classes_seen_so_far=sorted(seen), domain=domain.label(i)))
+            stream.append(
+                Experience(
+                    index=i,
+                    train=train_view,
+                    test=test_view,
+                    classes_in_this_experience=present,
+                    classes_seen_so_far=sorted(seen),
+                    domain=domain.label(i),
+                )
+            )
         self.input_shape = tuple(stream[0].train.load([0])[0].shape[1:])
         return self.link(stream)
 
@@ -209,11 +219,14 @@ class DomainIncremental(Scenario):
             return train, test
         sample = train[0][0]
         if not (isinstance(sample, torch.Tensor) and sample.dtype == torch.uint8 and sample.dim() in (2, 3)):
-            raise UserError(f"'{self.dataset}' is not an image dataset; rotations, permutations and corruptions need images",
-                            key=f"scenario.domains[{i}]")
+            raise UserError(
+                f"'{self.dataset}' is not an image dataset; rotations, permutations and corruptions need images",
+                key=f"scenario.domains[{i}]",
+            )
         if domain.corruption is not None:
-            return tuple(CorruptedDataset(ds, domain.corruption, domain.severity, self.seed, self.corruption_constants)
-                         for ds in (train, test))
+            return tuple(
+                CorruptedDataset(ds, domain.corruption, domain.severity, self.seed, self.corruption_constants) for ds in (train, test)
+            )
         if domain.rotation is not None:
             fn = _rotate(domain.rotation)
         else:
@@ -225,5 +238,8 @@ class DomainIncremental(Scenario):
         if not self.class_names:
             self.class_names = names or [str(c) for c in range(int(train.targets.max()) + 1)]
         elif names and names != self.class_names:
-            raise UserError(f"domain {domain.label(i)} has classes {names[:5]}..., the first domain {self.class_names[:5]}...; "
-                            f"every domain must share one label space", key=f"scenario.domains[{i}]")
+            raise UserError(
+                f"domain {domain.label(i)} has classes {names[:5]}..., the first domain {self.class_names[:5]}...; "
+                f"every domain must share one label space",
+                key=f"scenario.domains[{i}]",
+            )

@@ -117,11 +117,14 @@ class FewShotClassIncremental(Scenario):
             return lists
         key = "scenario.session_lists"
         if dataset not in cec_sessions.PROTOCOLS:
-            raise UserError(f"CEC has session lists for {', '.join(cec_sessions.PROTOCOLS)} only, not '{dataset}'; "
-                            f"set session_lists: random", key=key)
+            raise UserError(
+                f"CEC has session lists for {', '.join(cec_sessions.PROTOCOLS)} only, not '{dataset}'; set session_lists: random", key=key
+            )
         n_base, n_way, k_shot, n_sessions = cec_sessions.PROTOCOLS[dataset]
-        why = (f"(CEC's lists for {dataset}: {n_base} base classes, then {n_sessions} sessions of {n_way}-way {k_shot}-shot; "
-               f"session_lists: cec is the default for {dataset}); set session_lists: random to draw other sessions")
+        why = (
+            f"(CEC's lists for {dataset}: {n_base} base classes, then {n_sessions} sessions of {n_way}-way {k_shot}-shot; "
+            f"session_lists: cec is the default for {dataset}); set session_lists: random to draw other sessions"
+        )
         for name, value in (("n_base", n_base), ("n_way", n_way), ("k_shot", k_shot)):
             if p[name] != value:
                 raise UserError(f"must be {value} with CEC's session lists {why}", key=f"scenario.{name}")
@@ -145,8 +148,9 @@ class FewShotClassIncremental(Scenario):
         if sessions is None:
             sessions = rest // p["n_way"]
         elif p["n_base"] + sessions * p["n_way"] > C:
-            raise UserError(f"{p['n_base']} base + {sessions} x {p['n_way']} classes exceed the {C} classes of the dataset",
-                            key="scenario.n_sessions")
+            raise UserError(
+                f"{p['n_base']} base + {sessions} x {p['n_way']} classes exceed the {C} classes of the dataset", key="scenario.n_sessions"
+            )
         order = p.get("class_order")
         if isinstance(order, list) and sorted(order) != list(range(C)):
             raise UserError(f"must be a permutation of 0..{C - 1}, got {order}", key="scenario.class_order")
@@ -179,11 +183,17 @@ class FewShotClassIncremental(Scenario):
             classes = list(range(first, first + len(s["classes"])))
             first += len(classes)
             test_view = test_idx[np.isin(test.targets.numpy()[test_idx], classes)]
-            stream.append(Experience(
-                index=s["session"], train=DataView.of(train, s["train_indices"]), test=DataView.of(test, test_view),
-                classes_in_this_experience=classes, classes_seen_so_far=list(range(first)),
-                n_way=len(classes), k_shot=s["k_shot"],
-            ))
+            stream.append(
+                Experience(
+                    index=s["session"],
+                    train=DataView.of(train, s["train_indices"]),
+                    test=DataView.of(test, test_view),
+                    classes_in_this_experience=classes,
+                    classes_seen_so_far=list(range(first)),
+                    n_way=len(classes),
+                    k_shot=s["k_shot"],
+                )
+            )
         require_samples(stream, names)
         return self.link(stream)
 
@@ -192,8 +202,15 @@ class FewShotClassIncremental(Scenario):
         n_sessions = self.n_sessions if self.n_sessions is not None else cec_sessions.PROTOCOLS[self.dataset][3]
         keys = cec_sessions.training_keys(self.dataset, Path(self.root).expanduser())
         order, sessions, test_idx = cec_sessions.plan(self.dataset, train.targets.numpy(), test.targets.numpy(), keys, n_sessions)
-        return {"format": FORMAT, "dataset": self.dataset, "seed": self.seed, "session_lists": "cec",
-                "class_order": order, "sessions": sessions, "test_indices": test_idx}
+        return {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "session_lists": "cec",
+            "class_order": order,
+            "sessions": sessions,
+            "test_indices": test_idx,
+        }
 
     def _draw_plan(self, train: ArrayDataset, test: ArrayDataset, C: int) -> dict:
         """Classes, shots and test subset, drawn once from the seed."""
@@ -209,23 +226,28 @@ class FewShotClassIncremental(Scenario):
         y = train.targets.numpy()
         base = order[: self.n_base]
         keep = per_class_subset(train.targets, self.base_per_class, rng)
-        plan = [{"session": 0, "classes": base.tolist(), "k_shot": None,
-                 "train_indices": keep[np.isin(y[keep], base)].tolist()}]
+        plan = [{"session": 0, "classes": base.tolist(), "k_shot": None, "train_indices": keep[np.isin(y[keep], base)].tolist()}]
         for s in range(sessions):
-            classes = order[self.n_base + s * self.n_way: self.n_base + (s + 1) * self.n_way]
+            classes = order[self.n_base + s * self.n_way : self.n_base + (s + 1) * self.n_way]
             shots = []
             for c in classes:
                 pool = np.flatnonzero(y == c)
                 if len(pool) < self.k_shot:
-                    raise UserError(f"class {c} has {len(pool)} training samples, fewer than k_shot={self.k_shot}",
-                                    key="scenario.k_shot")
+                    raise UserError(f"class {c} has {len(pool)} training samples, fewer than k_shot={self.k_shot}", key="scenario.k_shot")
                 shots.append(np.sort(rng.choice(pool, self.k_shot, replace=False)))
-            plan.append({"session": s + 1, "classes": classes.tolist(), "k_shot": self.k_shot,
-                         "train_indices": np.concatenate(shots).tolist()})
+            plan.append(
+                {"session": s + 1, "classes": classes.tolist(), "k_shot": self.k_shot, "train_indices": np.concatenate(shots).tolist()}
+            )
         test_keep = per_class_subset(test.targets, self.test_per_class, rng)
         test_keep = test_keep[np.isin(test.targets.numpy()[test_keep], order)]
-        return {"format": FORMAT, "dataset": self.dataset, "seed": self.seed, "class_order": order.tolist(),
-                "sessions": plan, "test_indices": test_keep.tolist()}
+        return {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "class_order": order.tolist(),
+            "sessions": plan,
+            "test_indices": test_keep.tolist(),
+        }
 
     def _read_plan(self, train: ArrayDataset, test: ArrayDataset, C: int) -> dict:
         """A saved plan, checked against this scenario's shape and the data."""
@@ -237,12 +259,15 @@ class FewShotClassIncremental(Scenario):
             raise UserError(f"cannot read {path} ({exc})", key=key) from None
         plan = plan if isinstance(plan, dict) else {}
         if plan.get("format") != FORMAT or plan.get("dataset") != self.dataset:
-            raise UserError(f"{path} is a plan for dataset '{plan.get('dataset')}' (format {plan.get('format')}), "
-                            f"not '{self.dataset}' (format {FORMAT})", key=key)
-        if plan.get("session_lists") == "cec" and self.dataset == "mini_imagenet" and \
-                (self.dataset_options or {}).get("split") != "cec":
-            raise UserError(f"{path} holds CEC's sessions, which index CEC's train/test split; "
-                            f"set dataset_options: {{split: cec}}", key=key)
+            raise UserError(
+                f"{path} is a plan for dataset '{plan.get('dataset')}' (format {plan.get('format')}), "
+                f"not '{self.dataset}' (format {FORMAT})",
+                key=key,
+            )
+        if plan.get("session_lists") == "cec" and self.dataset == "mini_imagenet" and (self.dataset_options or {}).get("split") != "cec":
+            raise UserError(
+                f"{path} holds CEC's sessions, which index CEC's train/test split; set dataset_options: {{split: cec}}", key=key
+            )
         try:
             sessions = plan["sessions"]
             shape = (len(sessions[0]["classes"]), [len(s["classes"]) for s in sessions[1:]], [s["k_shot"] for s in sessions[1:]])
@@ -250,12 +275,16 @@ class FewShotClassIncremental(Scenario):
             test_idx = np.asarray(plan["test_indices"], dtype=np.int64)
             train_idx = [np.asarray(s["train_indices"], dtype=np.int64) for s in sessions]
         except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise UserError(f"{path} is not a complete sessions plan ({type(exc).__name__}: {exc}); "
-                            f"use the {SESSIONS_FILE} a run wrote", key=key) from None
+            raise UserError(
+                f"{path} is not a complete sessions plan ({type(exc).__name__}: {exc}); use the {SESSIONS_FILE} a run wrote", key=key
+            ) from None
         wanted = (self.n_base, [self.n_way] * (len(sessions) - 1), [self.k_shot] * (len(sessions) - 1))
         if shape != wanted or (self.n_sessions is not None and self.n_sessions != len(sessions) - 1):
-            raise UserError(f"{path} holds {shape[0]} base classes and sessions of {shape[1]} classes x {shape[2]} shots; "
-                            f"set n_base, n_way, k_shot and n_sessions to match", key=key)
+            raise UserError(
+                f"{path} holds {shape[0]} base classes and sessions of {shape[1]} classes x {shape[2]} shots; "
+                f"set n_base, n_way, k_shot and n_sessions to match",
+                key=key,
+            )
         if order.ndim != 1 or len(np.unique(order)) != len(order) or not ((order >= 0) & (order < C)).all():
             raise UserError(f"{path}: class_order must list distinct class ids of 0..{C - 1}", key=key)
         if test_idx.ndim != 1 or not ((test_idx >= 0) & (test_idx < len(test))).all():
@@ -263,8 +292,9 @@ class FewShotClassIncremental(Scenario):
         y = train.targets.numpy()
         for s, idx in zip(sessions, train_idx):
             if len(idx) and (idx.min() < 0 or idx.max() >= len(y) or not np.isin(y[idx], s["classes"]).all()):
-                raise UserError(f"{path}: the indices of session {s['session']} do not match the classes of this "
-                                f"dataset's training split", key=key)
+                raise UserError(
+                    f"{path}: the indices of session {s['session']} do not match the classes of this dataset's training split", key=key
+                )
         return plan
 
     def save_artifacts(self, out_dir: Path) -> None:

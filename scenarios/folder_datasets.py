@@ -136,8 +136,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         mode: ``RGB`` (3 channels) or ``L`` (grayscale, 1 channel).
     """
 
-    def __init__(self, paths: Sequence[str], targets, name: str, class_names: list[str] | None,
-                 image_size: int, mode: str = "RGB"):
+    def __init__(self, paths: Sequence[str], targets, name: str, class_names: list[str] | None, image_size: int, mode: str = "RGB"):
         self.paths = [str(p) for p in paths]
         self.targets = torch.as_tensor(targets, dtype=torch.long)
         self.name = name
@@ -171,8 +170,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return self._fingerprint
 
 
-def image_dataset(paths: Sequence[str], targets: Sequence[int], name: str, class_names: list[str],
-                  image_size: int, mode: str, decode: str):
+def image_dataset(paths: Sequence[str], targets: Sequence[int], name: str, class_names: list[str], image_size: int, mode: str, decode: str):
     """An :class:`ArrayDataset` of decoded pixels or an :class:`ImageFileDataset` (``decode``)."""
     channels = 1 if mode == "L" else 3
     eager = decode == "eager" or (decode == "auto" and len(paths) * channels * image_size**2 <= EAGER_LIMIT_BYTES)
@@ -224,14 +222,14 @@ def _class_folders(root: Path) -> dict[str, list[str]]:
     for folder in folders:
         files = sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not files:
-            raise UserError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                            f"add images or remove the folder", key=_KEY)
+            raise UserError(
+                f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder", key=_KEY
+            )
         out[folder.name] = files
     return out
 
 
-def _from_folders(root: Path, name: str, image_size: int, test_fraction: float, split_seed: int,
-                  decode: str, mode: str):
+def _from_folders(root: Path, name: str, image_size: int, test_fraction: float, split_seed: int, decode: str, mode: str):
     """``root/{train,test}/<class>/`` when both exist, else ``root/<class>/`` split per class."""
     train_dir, test_dir = root / "train", root / "test"
     if train_dir.is_dir() and test_dir.is_dir():
@@ -251,8 +249,7 @@ def _from_folders(root: Path, name: str, image_size: int, test_fraction: float, 
     return _build_images({"train": train, "test": test}, classes, name, image_size, mode, decode)
 
 
-def _build_images(splits: dict[str, list[tuple[str, int]]], classes: list[str], name: str,
-                  image_size: int, mode: str, decode: str):
+def _build_images(splits: dict[str, list[tuple[str, int]]], classes: list[str], name: str, image_size: int, mode: str, decode: str):
     return tuple(
         image_dataset([p for p, _ in items], [y for _, y in items], f"{name}/{part}", list(classes), image_size, mode, decode)
         for part, items in splits.items()
@@ -296,8 +293,11 @@ def _dataset_dir(root: Path, subdirs: Sequence[str], markers: Sequence[str], wha
             return root / sub
     if root.is_dir() and any(next(root.glob(m), None) is not None for m in ("train", *markers)):
         return root
-    raise UserError(f"{what} not found: neither {root / subdirs[0]} nor {root} holds it; it is not downloaded "
-                    f"automatically: get it from {url} and set scenario.root to the extracted folder", key=_KEY)
+    raise UserError(
+        f"{what} not found: neither {root / subdirs[0]} nor {root} holds it; it is not downloaded "
+        f"automatically: get it from {url} and set scenario.root to the extracted folder",
+        key=_KEY,
+    )
 
 
 def _expect_classes(datasets, preset: str, what: str, root: Path):
@@ -307,8 +307,9 @@ def _expect_classes(datasets, preset: str, what: str, root: Path):
     return datasets
 
 
-def load_imagenet_r(root: Path, download: bool = False, *, image_size: int = 224, test_fraction: float = 0.2,
-                    split_seed: int = 0, decode: Decode = "auto"):
+def load_imagenet_r(
+    root: Path, download: bool = False, *, image_size: int = 224, test_fraction: float = 0.2, split_seed: int = 0, decode: Decode = "auto"
+):
     """ImageNet-R (Hendrycks et al., 2021): 200 WordNet-id folders, 30,000 renditions.
 
     The folder of the release tar (``imagenet-r/<wnid>/*.jpg``), split per class 80/20 with
@@ -316,12 +317,14 @@ def load_imagenet_r(root: Path, download: bool = False, *, image_size: int = 224
     """
     check_split_options(image_size, test_fraction)
     base = _dataset_dir(root, ["imagenet-r"], ["n[0-9]*"], "ImageNet-R", "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar")
-    return _expect_classes(_from_folders(base, "imagenet_r", image_size, test_fraction, split_seed, decode, "RGB"),
-                           "imagenet_r", "ImageNet-R", base)
+    return _expect_classes(
+        _from_folders(base, "imagenet_r", image_size, test_fraction, split_seed, decode, "RGB"), "imagenet_r", "ImageNet-R", base
+    )
 
 
-def load_cub200(root: Path, download: bool = False, *, image_size: int = 224, test_fraction: float = 0.2,
-                split_seed: int = 0, decode: Decode = "auto"):
+def load_cub200(
+    root: Path, download: bool = False, *, image_size: int = 224, test_fraction: float = 0.2, split_seed: int = 0, decode: Decode = "auto"
+):
     """CUB-200-2011 (Wah et al., 2011): 200 bird species, 11,788 images.
 
     The release layout (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
@@ -329,8 +332,13 @@ def load_cub200(root: Path, download: bool = False, *, image_size: int = 224, te
     ``test/``, or one folder per class split by ``test_fraction``).
     """
     check_split_options(image_size, test_fraction)
-    base = _dataset_dir(root, ["CUB_200_2011", "cub200"], ["images.txt", "[0-9][0-9][0-9].*"], "CUB-200-2011",
-                        "https://www.vision.caltech.edu/datasets/cub_200_2011/")
+    base = _dataset_dir(
+        root,
+        ["CUB_200_2011", "cub200"],
+        ["images.txt", "[0-9][0-9][0-9].*"],
+        "CUB-200-2011",
+        "https://www.vision.caltech.edu/datasets/cub_200_2011/",
+    )
     if (base / "images.txt").is_file() and (base / "train_test_split.txt").is_file():
         datasets = _cub_official(base, image_size, decode)
     else:
@@ -364,8 +372,9 @@ def _cub_release_split(base: Path) -> tuple[list[str], dict[str, list[tuple[str,
     image-id order (the order of CEC's and TOPIC's CUB loaders)."""
     images_dir, split_file = base / "images", base / "train_test_split.txt"
     split = _read_pairs(split_file)
-    files = {image_id: (data_checks.inside(images_dir, rel, where), where)
-             for image_id, (rel, where) in _read_pairs(base / "images.txt").items()}
+    files = {
+        image_id: (data_checks.inside(images_dir, rel, where), where) for image_id, (rel, where) in _read_pairs(base / "images.txt").items()
+    }
     class_of = {image_id: path.relative_to(images_dir).parts[0] for image_id, (path, _) in files.items()}
     classes = sorted(set(class_of.values()))
     index = {c: i for i, c in enumerate(classes)}
@@ -379,8 +388,13 @@ def _cub_release_split(base: Path) -> tuple[list[str], dict[str, list[tuple[str,
         if is_train not in ("0", "1"):
             raise UserError(f"{split_at}: expected 1 (train) or 0 (test) for image {image_id}, got '{is_train}'", key=_KEY)
         splits["train" if is_train == "1" else "test"].append((str(path), index[class_of[image_id]]))
-    data_checks.every_class_in_both([y for _, y in splits["train"]], [y for _, y in splits["test"]], classes,
-                                    f"the training images of {split_file}", f"the test images of {split_file}")
+    data_checks.every_class_in_both(
+        [y for _, y in splits["train"]],
+        [y for _, y in splits["test"]],
+        classes,
+        f"the training images of {split_file}",
+        f"the test images of {split_file}",
+    )
     return classes, splits
 
 
@@ -391,17 +405,33 @@ def cub200_training_files(root: Path) -> list[str]:
     Raises:
         UserError: ``root`` does not hold the release files (``images.txt``, ``train_test_split.txt``).
     """
-    base = _dataset_dir(root, ["CUB_200_2011", "cub200"], ["images.txt", "[0-9][0-9][0-9].*"], "CUB-200-2011",
-                        "https://www.vision.caltech.edu/datasets/cub_200_2011/")
+    base = _dataset_dir(
+        root,
+        ["CUB_200_2011", "cub200"],
+        ["images.txt", "[0-9][0-9][0-9].*"],
+        "CUB-200-2011",
+        "https://www.vision.caltech.edu/datasets/cub_200_2011/",
+    )
     if not ((base / "images.txt").is_file() and (base / "train_test_split.txt").is_file()):
-        raise UserError(f"{base} has no images.txt and train_test_split.txt: the CUB-200-2011 release files are "
-                        f"needed to place the fixed session lists in its split", key=_KEY)
+        raise UserError(
+            f"{base} has no images.txt and train_test_split.txt: the CUB-200-2011 release files are "
+            f"needed to place the fixed session lists in its split",
+            key=_KEY,
+        )
     _, splits = _cub_release_split(base)
     return ["/".join(Path(path).parts[-2:]) for path, _ in splits["train"]]
 
 
-def load_mini_imagenet(root: Path, download: bool = False, *, image_size: int = 84, test_fraction: float = 1 / 6,
-                       split_seed: int = 0, decode: Decode = "auto", split: Literal["pooled", "cec"] = "pooled"):
+def load_mini_imagenet(
+    root: Path,
+    download: bool = False,
+    *,
+    image_size: int = 84,
+    test_fraction: float = 1 / 6,
+    split_seed: int = 0,
+    decode: Decode = "auto",
+    split: Literal["pooled", "cec"] = "pooled",
+):
     """mini-ImageNet (Vinyals et al., 2016): 100 classes of 600 images, 84x84 by custom.
 
     ``split: pooled``: Ravi & Larochelle's split files (``train.csv``, ``val.csv``, ``test.csv``
@@ -415,8 +445,13 @@ def load_mini_imagenet(root: Path, download: bool = False, *, image_size: int = 
     ``miniimagenet/images``), classes in sorted WordNet-id order, every split in the CSV's row order.
     """
     check_split_options(image_size, test_fraction)
-    base = _dataset_dir(root, ["mini-imagenet", "miniImageNet", "mini_imagenet", "miniimagenet"], ["train.csv", "n[0-9]*", "images"],
-                        "mini-ImageNet", "https://github.com/twitter-research/meta-learning-lstm (split files) and the ImageNet images")
+    base = _dataset_dir(
+        root,
+        ["mini-imagenet", "miniImageNet", "mini_imagenet", "miniimagenet"],
+        ["train.csv", "n[0-9]*", "images"],
+        "mini-ImageNet",
+        "https://github.com/twitter-research/meta-learning-lstm (split files) and the ImageNet images",
+    )
     if split == "cec":
         datasets = _mini_imagenet_cec(base, image_size, decode)
         return _expect_classes(datasets, "mini_imagenet", "mini-ImageNet", base)
@@ -452,8 +487,10 @@ def _mini_imagenet_cec(base: Path, image_size: int, decode: str):
     rows = {part: mini_imagenet_cec_rows(part) for part in ("train", "test")}
     classes = sorted({wnid for _, wnid, _ in rows["train"]})
     index = {c: i for i, c in enumerate(classes)}
-    splits = {part: [(str(data_checks.inside(images, name, where)), index[wnid]) for name, wnid, where in part_rows]
-              for part, part_rows in rows.items()}
+    splits = {
+        part: [(str(data_checks.inside(images, name, where)), index[wnid]) for name, wnid, where in part_rows]
+        for part, part_rows in rows.items()
+    }
     missing = next((p for items in splits.values() for p, _ in items if not os.path.isfile(p)), None)
     if missing:
         raise UserError(f"{missing} (listed in CEC's mini-ImageNet split) is missing from {images}", key=_KEY)

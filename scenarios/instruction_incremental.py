@@ -51,7 +51,8 @@ class Task(BaseModel):
     train: Annotated[int, Field(ge=1)] | None = Field(None, description="training examples (built-in: 200; JSONL: all)")
     test: Annotated[int, Field(ge=1)] | None = Field(None, description="test examples (built-in: 50; JSONL: all)")
     metric: Literal["exact_match", "label_words", "rouge_l"] | None = Field(
-        None, description="how answers are scored (built-in tasks have their own; JSONL default: exact_match)")
+        None, description="how answers are scored (built-in tasks have their own; JSONL default: exact_match)"
+    )
     choices: list[str] = Field(default_factory=list, description="the label words of a label_words JSONL task")
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.2, description="test share when jsonl is one file")
     max_new_tokens: Annotated[int, Field(ge=1)] = Field(16, description="the most tokens generated per answer")
@@ -73,8 +74,7 @@ class Task(BaseModel):
 def read_jsonl(path: Path) -> list[tuple[str, str]]:
     """``(prompt, target)`` of every non-blank line; a bad line is a one-line error naming file and line."""
     if not path.is_file():
-        raise UserError(f"{path} does not exist; give a .jsonl file or a folder with train.jsonl and test.jsonl",
-                        key="scenario.tasks")
+        raise UserError(f"{path} does not exist; give a .jsonl file or a folder with train.jsonl and test.jsonl", key="scenario.tasks")
     pairs = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -83,12 +83,15 @@ def read_jsonl(path: Path) -> list[tuple[str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); each line is one "
-                                '{"prompt": "...", "target": "..."} object') from None
+                raise UserError(
+                    f'{path}:{number}: not valid JSON ({err.msg}); each line is one {{"prompt": "...", "target": "..."}} object'
+                ) from None
             bad = [k for k in ("prompt", "target") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
             if bad:
-                raise UserError(f"{path}:{number}: needs string fields {' and '.join(repr(k) for k in bad)}; each line is "
-                                'one {"prompt": "...", "target": "..."} object')
+                raise UserError(
+                    f"{path}:{number}: needs string fields {' and '.join(repr(k) for k in bad)}; each line is "
+                    'one {"prompt": "...", "target": "..."} object'
+                )
             pairs.append((row["prompt"], row["target"]))
     if not pairs:
         raise UserError(f"{path} holds no examples", key="scenario.tasks")
@@ -132,10 +135,18 @@ class InstructionIncremental(Scenario):
         stream = []
         for i, task in enumerate(self.tasks):
             train, test = self._examples(task)
-            views = [DataView.of(InstructionDataset(part, f"{task.label()}/{split}"))
-                     for part, split in ((train, "train"), (test, "test"))]
-            stream.append(Experience(index=i, train=views[0], test=views[1], classes_in_this_experience=[0],
-                                     classes_seen_so_far=[0], task_label=i, domain=task.label()))
+            views = [DataView.of(InstructionDataset(part, f"{task.label()}/{split}")) for part, split in ((train, "train"), (test, "test"))]
+            stream.append(
+                Experience(
+                    index=i,
+                    train=views[0],
+                    test=views[1],
+                    classes_in_this_experience=[0],
+                    classes_seen_so_far=[0],
+                    task_label=i,
+                    domain=task.label(),
+                )
+            )
         return self.link(stream)
 
     def _examples(self, task: Task) -> tuple[list[Instruction], list[Instruction]]:

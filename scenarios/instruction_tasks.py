@@ -74,7 +74,12 @@ def _caesar(rng):
 
 #: name -> one draw of (prompt, target); every generated task is scored by exact match.
 GENERATORS: dict[str, Callable[[np.random.Generator], tuple[str, str]]] = {
-    "add": _add, "reverse": _reverse, "sort": _sort, "count": _count, "date_format": _date_format, "caesar": _caesar,
+    "add": _add,
+    "reverse": _reverse,
+    "sort": _sort,
+    "count": _count,
+    "date_format": _date_format,
+    "caesar": _caesar,
 }
 SENTIMENT_WORDS = ("positive", "negative")
 BUILTIN_TASKS = (*GENERATORS, "rotten_tomatoes")
@@ -107,8 +112,7 @@ def rotten_tomatoes_task(n: int, seed: int, max_new_tokens: int) -> list[Instruc
     examples = [(pools[w][i], w) for w in SENTIMENT_WORDS for i in picks[w]]
     order = rng.permutation(len(examples))
     prompt = "Review: {}\nIs this review positive or negative?"
-    return [Instruction(prompt.format(examples[i][0]), examples[i][1], "label_words", SENTIMENT_WORDS, max_new_tokens)
-            for i in order]
+    return [Instruction(prompt.format(examples[i][0]), examples[i][1], "label_words", SENTIMENT_WORDS, max_new_tokens) for i in order]
 
 
 def builtin_task(name: str, n: int, seed: int, max_new_tokens: int) -> list[Instruction]:
@@ -116,6 +120,9 @@ def builtin_task(name: str, n: int, seed: int, max_new_tokens: int) -> list[Inst
     if name == "rotten_tomatoes":
         return rotten_tomatoes_task(n, seed, max_new_tokens)
     if name not in GENERATORS:
-        raise UserError(f"unknown task '{name}'{close_matches(name, BUILTIN_TASKS)} (built-in tasks: "
-                        f"{', '.join(BUILTIN_TASKS)}; or give your own as jsonl)", key="scenario.tasks")
+        raise UserError(
+            f"unknown task '{name}'{close_matches(name, BUILTIN_TASKS)} (built-in tasks: "
+            f"{', '.join(BUILTIN_TASKS)}; or give your own as jsonl)",
+            key="scenario.tasks",
+        )
     return generated_task(name, n, seed, max_new_tokens)

@@ -36,9 +36,11 @@ def dirichlet_order(labels: np.ndarray, concentration: float, rng: np.random.Ran
     labels = np.asarray(labels)
     n, classes = len(labels), int(labels.max()) + 1
     if n < MIN_CHUNK * classes:
-        raise UserError(f"label_shift: dirichlet needs at least {MIN_CHUNK} test samples per class on average "
-                        f"({MIN_CHUNK * classes} for {classes} classes), got {n}; raise test_per_class",
-                        key="scenario.label_shift")
+        raise UserError(
+            f"label_shift: dirichlet needs at least {MIN_CHUNK} test samples per class on average "
+            f"({MIN_CHUNK * classes} for {classes} classes), got {n}; raise test_per_class",
+            key="scenario.label_shift",
+        )
     for _ in range(MAX_DRAWS):
         chunks = [[] for _ in range(classes)]
         per_class = [[] for _ in range(classes)]
@@ -55,8 +57,11 @@ def dirichlet_order(labels: np.ndarray, concentration: float, rng: np.random.Ran
         if min(len(chunk) for chunk in chunks) >= MIN_CHUNK:
             break
     else:
-        raise UserError(f"no Dirichlet ordering with chunks of at least {MIN_CHUNK} samples in {MAX_DRAWS} draws at "
-                        f"concentration {concentration}; raise dirichlet_concentration", key="scenario.dirichlet_concentration")
+        raise UserError(
+            f"no Dirichlet ordering with chunks of at least {MIN_CHUNK} samples in {MAX_DRAWS} draws at "
+            f"concentration {concentration}; raise dirichlet_concentration",
+            key="scenario.dirichlet_concentration",
+        )
     order = []
     for groups in per_class:
         sequence = list(range(classes))

@@ -43,8 +43,7 @@ class Blurry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     disjoint: Annotated[int, Field(ge=0, le=100, description="N: percentage of classes that stay in one experience")] = 50
-    blurry: Annotated[int, Field(ge=0, le=100, description="M: percentage of a blurry class's samples moved to "
-                                                            "other experiences")] = 10
+    blurry: Annotated[int, Field(ge=0, le=100, description="M: percentage of a blurry class's samples moved to other experiences")] = 10
 
 
 def check_online(p: dict, blurry_allowed: bool = True) -> None:
@@ -60,16 +59,14 @@ def check_online(p: dict, blurry_allowed: bool = True) -> None:
         if not blurry_allowed:
             raise UserError("this scenario has no class groups to blur; remove it", key="scenario.blurry")
         if p.get("n_experiences", 2) < 2:
-            raise UserError("a blurry stream moves samples to other experiences: set scenario.n_experiences >= 2",
-                            key="scenario.blurry")
+            raise UserError("a blurry stream moves samples to other experiences: set scenario.n_experiences >= 2", key="scenario.blurry")
 
 
 def online_protocol(online: bool, eval_every: int, task_free: bool) -> OnlineProtocol | None:
     return OnlineProtocol(eval_every, task_free) if online else None
 
 
-def blurry_split(targets: np.ndarray, groups: list[list[int]], blurry: Blurry | None,
-                 rng: np.random.Generator) -> list[np.ndarray]:
+def blurry_split(targets: np.ndarray, groups: list[list[int]], blurry: Blurry | None, rng: np.random.Generator) -> list[np.ndarray]:
     """Positions into ``targets`` for each experience, in stream order (the i-Blurry split above).
 
     Args:

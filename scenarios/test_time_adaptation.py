@@ -218,14 +218,19 @@ class TestTimeAdaptation(Scenario):
         known = set(CORRUPTIONS)
         for i, name in enumerate(p.get("corruptions") or []):
             if name not in known:
-                raise UserError(f"unknown corruption '{name}'{close_matches(name, known)}; known: {', '.join(sorted(known))}",
-                                key=f"scenario.corruptions[{i}]")
+                raise UserError(
+                    f"unknown corruption '{name}'{close_matches(name, known)}; known: {', '.join(sorted(known))}",
+                    key=f"scenario.corruptions[{i}]",
+                )
         if p.get("corruptions") == []:
             raise UserError("expected at least one corruption", key="scenario.corruptions")
         if p.get("dataset") is None:
             if not (files and p.get("source_checkpoint")):
-                raise UserError("name the clean dataset (its training split trains the source model, its test split is "
-                                "corrupted), or give both corrupted_root and source_checkpoint", key="scenario.dataset")
+                raise UserError(
+                    "name the clean dataset (its training split trains the source model, its test split is "
+                    "corrupted), or give both corrupted_root and source_checkpoint",
+                    key="scenario.dataset",
+                )
         else:
             datasets.check_options(p["dataset"], p.get("dataset_options"))
 
@@ -250,10 +255,12 @@ class TestTimeAdaptation(Scenario):
         first = domains[0][1]
         self.input_shape = tuple(first.load([0])[0].shape[1:])
         seen = list(range(len(self.class_names)))
-        return self.link([
-            Experience(index=i + 1, train=None, test=view, classes_in_this_experience=[], classes_seen_so_far=seen, domain=name)
-            for i, (name, view) in enumerate(domains)
-        ])
+        return self.link(
+            [
+                Experience(index=i + 1, train=None, test=view, classes_in_this_experience=[], classes_seen_so_far=seen, domain=name)
+                for i, (name, view) in enumerate(domains)
+            ]
+        )
 
     def _schedule(self) -> list[tuple[str, int]]:
         severities = GRADUAL_SEVERITIES if self.mode == "gradual" else [self.severity]
@@ -262,11 +269,11 @@ class TestTimeAdaptation(Scenario):
     def _on_the_fly(self, test, rng) -> list[tuple[str, DataView]]:
         sample = test[0][0]
         if not (isinstance(sample, torch.Tensor) and sample.dtype == torch.uint8 and sample.dim() in (2, 3)):
-            raise UserError(f"'{self.dataset}' is not a dataset of uint8 images; corruptions apply to images only",
-                            key="scenario.dataset")
+            raise UserError(f"'{self.dataset}' is not a dataset of uint8 images; corruptions apply to images only", key="scenario.dataset")
         keep = torch.as_tensor(per_class_subset(test.targets, self.test_per_class, rng))
-        return [(f"{c}@{s}", DataView.of(CorruptedDataset(test, c, s, self.seed, self.corruption_constants), keep))
-                for c, s in self._schedule()]
+        return [
+            (f"{c}@{s}", DataView.of(CorruptedDataset(test, c, s, self.seed, self.corruption_constants), keep)) for c, s in self._schedule()
+        ]
 
     def _from_files(self, rng) -> list[tuple[str, DataView]]:
         root = Path(self.corrupted_root).expanduser()
@@ -275,8 +282,10 @@ class TestTimeAdaptation(Scenario):
         data = {key: read(root, *key) for key in dict.fromkeys(schedule)}
         first = data[schedule[0]]
         if self.class_names and int(first.targets.max()) >= len(self.class_names):
-            raise UserError(f"{root} has labels up to {int(first.targets.max())}, but '{self.dataset}' has "
-                            f"{len(self.class_names)} classes", key="scenario.corrupted_root")
+            raise UserError(
+                f"{root} has labels up to {int(first.targets.max())}, but '{self.dataset}' has {len(self.class_names)} classes",
+                key="scenario.corrupted_root",
+            )
         if not self.class_names:
             self.class_names = getattr(first, "class_names", None) or [str(c) for c in range(int(first.targets.max()) + 1)]
         keep = torch.as_tensor(per_class_subset(first.targets, self.test_per_class, rng))
@@ -287,19 +296,25 @@ class TestTimeAdaptation(Scenario):
         path, labels = root / f"{corruption}.npy", root / "labels.npy"
         for p in (path, labels):
             if not p.is_file():
-                raise UserError(f"{p} not found: the CIFAR-10-C layout is <root>/<corruption>.npy and <root>/labels.npy "
-                                f"(https://zenodo.org/record/2535967)", key="scenario.corrupted_root")
+                raise UserError(
+                    f"{p} not found: the CIFAR-10-C layout is <root>/<corruption>.npy and <root>/labels.npy "
+                    f"(https://zenodo.org/record/2535967)",
+                    key="scenario.corrupted_root",
+                )
         key = "scenario.corrupted_root"
         all_labels = data_checks.label_values(load_npy(labels, key=key), str(labels), key)
         if all_labels.dtype.kind != "i" or not len(all_labels) or (all_labels < 0).any():
             raise UserError(f"{labels}: expected one class id (0, 1, ...) per image", key=key)
         images = load_npy(path, mmap_mode="r", key=key)  # header only; a truncated file is refused here
         if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(all_labels):
-            raise UserError(f"{path}: expected uint8 images (N, H, W, C) with N = {len(all_labels)}, the length of "
-                            f"{labels}; got {images.dtype} {images.shape}", key=key)
+            raise UserError(
+                f"{path}: expected uint8 images (N, H, W, C) with N = {len(all_labels)}, the length of "
+                f"{labels}; got {images.dtype} {images.shape}",
+                key=key,
+            )
         block = len(all_labels) // 5  # 10,000: the CIFAR test set once per severity
         start = (severity - 1) * block
-        targets = torch.from_numpy(all_labels[start: start + block].astype(np.int64))
+        targets = torch.from_numpy(all_labels[start : start + block].astype(np.int64))
         return _NpyImages(path, start, block, targets, f"cifar_c/{corruption}@{severity}")
 
     @staticmethod
@@ -308,8 +323,11 @@ class TestTimeAdaptation(Scenario):
 
         folder = root / corruption / str(severity)
         if not folder.is_dir():
-            raise UserError(f"{folder} not found: the ImageNet-C layout is <root>/<corruption>/<severity>/<wnid>/*.JPEG "
-                            f"(https://zenodo.org/record/2235448)", key="scenario.corrupted_root")
+            raise UserError(
+                f"{folder} not found: the ImageNet-C layout is <root>/<corruption>/<severity>/<wnid>/*.JPEG "
+                f"(https://zenodo.org/record/2235448)",
+                key="scenario.corrupted_root",
+            )
         classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
         paths, targets = [], []
         for k, wnid in enumerate(classes):

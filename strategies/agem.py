@@ -52,12 +52,19 @@ class AGEM(Strategy):
 
     supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
-                 minibatch_size: Annotated[int, Field(ge=1)] = 32,
-                 policy: Literal["reservoir", "class_balanced"] = "reservoir"):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=0)] = 200,
+        minibatch_size: Annotated[int, Field(ge=1)] = 32,
+        policy: Literal["reservoir", "class_balanced"] = "reservoir",
+    ):
         if launched_size() > 1:
-            raise UserError("agem runs in one process: its reference gradient is computed after the backward pass, outside "
-                            "the ranks' gradient averaging; start it without torchrun", key="strategy.name")
+            raise UserError(
+                "agem runs in one process: its reference gradient is computed after the backward pass, outside "
+                "the ranks' gradient averaging; start it without torchrun",
+                key="strategy.name",
+            )
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, policy)
         self.minibatch_size = minibatch_size

@@ -60,10 +60,17 @@ class BiC(Strategy):
         distill_corrected: distil the previous model's corrected outputs (Mammoth's ``distill_after_bic``).
     """
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=1)] = 2000, policy: Policy = "herding",
-                 val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
-                 temperature: Annotated[float, Field(gt=0)] = 2.0, bias_epochs: Annotated[int, Field(ge=0)] = 250,
-                 bias_batch_size: Annotated[int, Field(ge=1)] = 32, distill_corrected: bool = True):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=1)] = 2000,
+        policy: Policy = "herding",
+        val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
+        temperature: Annotated[float, Field(gt=0)] = 2.0,
+        bias_epochs: Annotated[int, Field(ge=0)] = 250,
+        bias_batch_size: Annotated[int, Field(ge=1)] = 32,
+        distill_corrected: bool = True,
+    ):
         super().__init__(backbone)
         self.rehearsal = ExemplarDistillation(mem_size, policy)
         self.correction = BiasCorrection()
@@ -90,8 +97,9 @@ class BiC(Strategy):
         labels = data.targets
         old = self.rehearsal.memory.labels
         k = max(1, round(self.val_fraction * int(torch.bincount(old).masked_select(torch.bincount(old) > 0).min())))
-        held = torch.cat([idx[torch.randperm(len(idx))[:k]] for c in torch.unique(labels).tolist()
-                          for idx in [torch.nonzero(labels == c).flatten()]])
+        held = torch.cat(
+            [idx[torch.randperm(len(idx))[:k]] for c in torch.unique(labels).tolist() for idx in [torch.nonzero(labels == c).flatten()]]
+        )
         kept = torch.ones(len(labels), dtype=torch.bool)
         kept[held] = False
         self.validation = data.take(held.sort().values)
@@ -116,8 +124,7 @@ class BiC(Strategy):
     def _validation_batches(self):
         """Each call: one shuffled epoch of ``(uncorrected logits, labels)`` of the validation set."""
         with torch.no_grad():
-            logits, labels = labelled_features(self.batches(self.validation), lambda x: self.head(self.embed(x)),
-                                               self.head.n_classes)
+            logits, labels = labelled_features(self.batches(self.validation), lambda x: self.head(self.embed(x)), self.head.n_classes)
         logits, labels = logits.to(self.device), labels.to(self.device)
 
         def epoch():

@@ -48,8 +48,7 @@ class BNAdapt(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, statistics: Literal["batch", "alpha", "ema"] = "batch",
-                 alpha: Annotated[float, Field(ge=0, le=1)] = 0.1):
+    def __init__(self, backbone, statistics: Literal["batch", "alpha", "ema"] = "batch", alpha: Annotated[float, Field(ge=0, le=1)] = 0.1):
         super().__init__(backbone)
         self.statistics = statistics
         self.adaptation = OnlineAdaptation(None, batch_statistics=statistics == "batch")

@@ -77,8 +77,9 @@ class CodaPrompt(Strategy):
     @classmethod
     def check_config(cls, params: dict) -> None:
         if params["prompt_length"] % 2:
-            raise UserError(f"must be even (half prefix keys, half prefix values), got {params['prompt_length']}",
-                            key="strategy.prompt_length")
+            raise UserError(
+                f"must be even (half prefix keys, half prefix values), got {params['prompt_length']}", key="strategy.prompt_length"
+            )
 
     def _head_features(self, batch: Batch) -> torch.Tensor:
         return self._features(batch.x, batch.features)
@@ -89,8 +90,9 @@ class CodaPrompt(Strategy):
         try:
             self.prompt_components.add_task()
         except ValueError as err:
-            raise UserError(f"{err}; lower it so that experiences x components fit the feature width",
-                            key="strategy.components_per_task") from None
+            raise UserError(
+                f"{err}; lower it so that experiences x components fit the feature width", key="strategy.components_per_task"
+            ) from None
 
     def _features(self, x: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor:
         """The prefixed features the head reads; the plain frozen backbone's before the first experience."""

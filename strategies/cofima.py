@@ -90,9 +90,15 @@ class CoFiMA(Strategy):
         backbone.requires_grad_(True)
         self.backbone_lr_scale = backbone_lr_scale
         self.merge_weight, self.fisher_weighting, self.fisher_max = merge_weight, fisher_weighting, fisher_max
-        self.aligned = HeadTraining(backbone.feature_dim, head_options, samples_per_class=align_samples,
-                                    epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
-                                    mean_shrink=mean_shrink)
+        self.aligned = HeadTraining(
+            backbone.feature_dim,
+            head_options,
+            samples_per_class=align_samples,
+            epochs=align_epochs,
+            lr=align_lr,
+            temperature=align_temperature or None,
+            mean_shrink=mean_shrink,
+        )
         self.previous = TensorSnapshot()  # the previous task's averaged backbone
         self.previous_fisher = TensorSnapshot()  # its Fisher (taken before it was averaged)
         self.rows = SlowLearnerHead()
@@ -132,8 +138,9 @@ class CoFiMA(Strategy):
         current = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
         fisher = self.fisher(exp) if self.fisher_weighting else None
         if not self.previous.is_empty():
-            averaged = fisher_weighted_average(self.previous.tensors(), current, self.merge_weight,
-                                               self.previous_fisher.tensors() if fisher is not None else None, fisher)
+            averaged = fisher_weighted_average(
+                self.previous.tensors(), current, self.merge_weight, self.previous_fisher.tensors() if fisher is not None else None, fisher
+            )
             with torch.no_grad():
                 for name, p in current.items():
                     p.copy_(averaged[name])

@@ -64,12 +64,17 @@ class CoTTA(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(params="all"),
-                 ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
-                 restore_p: Annotated[float, Field(ge=0, le=1)] = 0.01,
-                 confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.92,
-                 n_augmentations: Annotated[int, Field(ge=1)] = 32, flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
-                 loss: Literal["cross_entropy", "symmetric"] = "cross_entropy"):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(params="all"),
+        ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
+        restore_p: Annotated[float, Field(ge=0, le=1)] = 0.01,
+        confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.92,
+        n_augmentations: Annotated[int, Field(ge=1)] = 32,
+        flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
+        loss: Literal["cross_entropy", "symmetric"] = "cross_entropy",
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "cotta")
         self.adaptation = OnlineAdaptation(online)

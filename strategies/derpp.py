@@ -46,12 +46,20 @@ class DERpp(Strategy):
 
     supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
-                 minibatch_size: Annotated[int, Field(ge=1)] = 32, alpha: Annotated[float, Field(ge=0)] = 0.1,
-                 beta: Annotated[float, Field(ge=0)] = 0.5):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=0)] = 200,
+        minibatch_size: Annotated[int, Field(ge=1)] = 32,
+        alpha: Annotated[float, Field(ge=0)] = 0.1,
+        beta: Annotated[float, Field(ge=0)] = 0.5,
+    ):
         if launched_size() > 1:
-            raise UserError("derpp runs in one process: each rank would offer its share of a batch to its own reservoir with "
-                            "its own draws, so the ranks' memories would differ; start it without torchrun", key="strategy.name")
+            raise UserError(
+                "derpp runs in one process: each rank would offer its share of a batch to its own reservoir with "
+                "its own draws, so the ranks' memories would differ; start it without torchrun",
+                key="strategy.name",
+            )
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, "reservoir")
         self.logits = LogitsStore(mem_size)

@@ -62,20 +62,34 @@ class DeYO(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
-                 margin_factor: Annotated[float, Field(gt=0)] = 0.5, entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
-                 plpd_threshold: float = 0.2, reweight_entropy: bool = True, reweight_plpd: bool = True,
-                 destruction: DestructionKind = "patch", patch_len: Annotated[int, Field(ge=1)] = 4,
-                 occlusion_size: Annotated[int, Field(ge=1)] = 112, occlusion_row: Annotated[int, Field(ge=0)] = 56,
-                 occlusion_column: Annotated[int, Field(ge=0)] = 56):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(),
+        margin_factor: Annotated[float, Field(gt=0)] = 0.5,
+        entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
+        plpd_threshold: float = 0.2,
+        reweight_entropy: bool = True,
+        reweight_plpd: bool = True,
+        destruction: DestructionKind = "patch",
+        patch_len: Annotated[int, Field(ge=1)] = 4,
+        occlusion_size: Annotated[int, Field(ge=1)] = 112,
+        occlusion_row: Annotated[int, Field(ge=0)] = 56,
+        occlusion_column: Annotated[int, Field(ge=0)] = 56,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "deyo")
         self.margin_factor = margin_factor
         self.entropy_factor = entropy_factor
         self.plpd_threshold = plpd_threshold
         self.reweight = (float(reweight_entropy), float(reweight_plpd))
-        self.destruction = {"kind": destruction, "patch_len": patch_len, "occlusion_size": occlusion_size,
-                            "occlusion_row": occlusion_row, "occlusion_column": occlusion_column}
+        self.destruction = {
+            "kind": destruction,
+            "patch_len": patch_len,
+            "occlusion_size": occlusion_size,
+            "occlusion_row": occlusion_row,
+            "occlusion_column": occlusion_column,
+        }
         self.adaptation = OnlineAdaptation(online)
 
     def before_experience(self, exp: Experience) -> None:
@@ -105,7 +119,6 @@ class DeYO(Strategy):
             return logits.detach()
         h, plpd = h[kept][shape_dependent], plpd[shape_dependent].detach()
         if any(self.reweight):
-            h = h * (self.reweight[0] / torch.exp(h.detach() - self.entropy_factor * log_classes)
-                     + self.reweight[1] / torch.exp(-plpd))
+            h = h * (self.reweight[0] / torch.exp(h.detach() - self.entropy_factor * log_classes) + self.reweight[1] / torch.exp(-plpd))
         self.adaptation.step(h.mean(0))
         return logits.detach()

@@ -59,11 +59,16 @@ class DualTeacherTTA(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
-                 ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99,
-                 period: Annotated[int, Field(ge=1)] = 50, n_teachers: Annotated[int, Field(ge=1)] = 2,
-                 confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.95,
-                 flip: Annotated[float, Field(ge=0, le=1)] = 0.5):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(),
+        ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99,
+        period: Annotated[int, Field(ge=1)] = 50,
+        n_teachers: Annotated[int, Field(ge=1)] = 2,
+        confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.95,
+        flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "dual_teacher")
         self.adaptation = OnlineAdaptation(online)
@@ -74,8 +79,9 @@ class DualTeacherTTA(Strategy):
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
         if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head),
-                                    on_start=lambda: self.teachers.reset(classifier(self.backbone, self.head)))
+            self.adaptation.prepare(
+                self, classifier(self.backbone, self.head), on_start=lambda: self.teachers.reset(classifier(self.backbone, self.head))
+            )
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

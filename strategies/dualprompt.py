@@ -95,8 +95,9 @@ class DualPrompt(Strategy):
         width = promptable_width(backbone, "dualprompt")
         check_layers(backbone, g_layers, "strategy.g_layers")
         check_layers(backbone, e_layers, "strategy.e_layers")
-        self.prompt_prefix = PrefixPrompt(width, pool_size, g_layers, e_layers, g_length, e_length,
-                                   backbone.feature_dim, batchwise_selection)
+        self.prompt_prefix = PrefixPrompt(
+            width, pool_size, g_layers, e_layers, g_length, e_length, backbone.feature_dim, batchwise_selection
+        )
         self.matching_weight = matching_weight
         self.copy_previous = copy_previous
         self.aligned = HeadTraining(backbone.feature_dim, head_options)
@@ -106,8 +107,7 @@ class DualPrompt(Strategy):
     def check_config(cls, params: dict) -> None:
         shared = sorted(set(params["g_layers"]) & set(params["e_layers"]))
         if shared:
-            raise UserError(f"layers {shared} would get both prompts; G- and E-prompt layers must differ",
-                            key="strategy.e_layers")
+            raise UserError(f"layers {shared} would get both prompts; G- and E-prompt layers must differ", key="strategy.e_layers")
 
     def _head_features(self, batch: Batch) -> torch.Tensor:
         """The prefixed features the head reads, the E-prompt key-selected as at test time."""
@@ -117,8 +117,11 @@ class DualPrompt(Strategy):
         self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         if exp.index >= self.prompt_prefix.pool_size:
-            raise UserError(f"experience {exp.index + 1} needs its own E-prompt but the pool holds "
-                            f"{self.prompt_prefix.pool_size}; set it to the number of experiences", key="strategy.pool_size")
+            raise UserError(
+                f"experience {exp.index + 1} needs its own E-prompt but the pool holds "
+                f"{self.prompt_prefix.pool_size}; set it to the number of experiences",
+                key="strategy.pool_size",
+            )
         self.task = exp.index
         self.prompt_prefix.start_task(exp.index, self.copy_previous)
 

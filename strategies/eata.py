@@ -62,10 +62,16 @@ class EATA(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
-                 entropy_factor: Annotated[float, Field(gt=0)] = 0.4, redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
-                 fisher_alpha: Annotated[float, Field(ge=0)] = 1.0, fisher_size: Annotated[int, Field(ge=1)] = 2000,
-                 fisher_batch_size: Annotated[int, Field(ge=1)] | None = None):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(),
+        entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
+        redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
+        fisher_alpha: Annotated[float, Field(ge=0)] = 1.0,
+        fisher_size: Annotated[int, Field(ge=1)] = 2000,
+        fisher_batch_size: Annotated[int, Field(ge=1)] | None = None,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "eata")
         self.entropy_factor = entropy_factor
@@ -90,8 +96,7 @@ class EATA(Strategy):
         subset = source.take(torch.randperm(len(source))[: self.fisher_size])
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         with torch.enable_grad():
-            importance = batch_gradient_importance(
-                self.predict, (b.x for b in self.batches(subset, self.fisher_batch_size)), params)
+            importance = batch_gradient_importance(self.predict, (b.x for b in self.batches(subset, self.fisher_batch_size)), params)
         self.penalty.terms = []
         self.penalty.add(params, importance)
 

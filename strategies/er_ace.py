@@ -46,12 +46,20 @@ class ERACE(Strategy):
 
     supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
-                 minibatch_size: Annotated[int, Field(ge=1)] = 32, task_free: bool = False,
-                 head: Literal["cosine", "linear"] = "cosine"):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=0)] = 200,
+        minibatch_size: Annotated[int, Field(ge=1)] = 32,
+        task_free: bool = False,
+        head: Literal["cosine", "linear"] = "cosine",
+    ):
         if launched_size() > 1:
-            raise UserError("er_ace runs in one process: each rank would offer its share of a batch to its own reservoir with "
-                            "its own draws, so the ranks' memories would differ; start it without torchrun", key="strategy.name")
+            raise UserError(
+                "er_ace runs in one process: each rank would offer its share of a batch to its own reservoir with "
+                "its own draws, so the ranks' memories would differ; start it without torchrun",
+                key="strategy.name",
+            )
         super().__init__(backbone)
         if head == "cosine":
             self.head = CosineHead(backbone.feature_dim, scale=COSINE_SCALE, learn_scale=False)
@@ -73,7 +81,7 @@ class ERACE(Strategy):
         if asymmetric:
             kept = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
             kept[present] = True
-            kept[int(self.largest_seen):] = True
+            kept[int(self.largest_seen) :] = True
             logits = logits.masked_fill(~kept, torch.finfo(logits.dtype).min)
         loss = F.cross_entropy(logits, batch.y)
         if asymmetric and len(self.memory):

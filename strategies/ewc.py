@@ -42,8 +42,14 @@ class EWC(Strategy):
         fisher_batch_size: samples per vectorised per-sample-gradient pass.
     """
 
-    def __init__(self, backbone, ewc_lambda: float = 100.0, mode: Literal["separate", "online"] = "separate",
-                 decay: float = 1.0, fisher_batch_size: int = 64):
+    def __init__(
+        self,
+        backbone,
+        ewc_lambda: float = 100.0,
+        mode: Literal["separate", "online"] = "separate",
+        decay: float = 1.0,
+        fisher_batch_size: int = 64,
+    ):
         super().__init__(backbone)
         self.ewc_lambda = ewc_lambda
         self.fisher_batch_size = fisher_batch_size

@@ -70,11 +70,17 @@ class FeCAM(FrozenFeatureClassifier):
         adapter_bottleneck: Annotated[int, Field(ge=1)] = 64,
     ):
         dim = backbone.feature_dim
-        head = MahalanobisHead(dim, diagonal=shrinkage_diagonal, off_diagonal=shrinkage_off_diagonal, ridge=ridge,
-                               normalisation=normalisation)
+        head = MahalanobisHead(
+            dim, diagonal=shrinkage_diagonal, off_diagonal=shrinkage_off_diagonal, ridge=ridge, normalisation=normalisation
+        )
         super().__init__(
-            backbone, head, ClassStatistics(dim, covariance="per_class"), adapt, adapt_blocks,
-            adapt_head=CosineHead(dim) if adapt != "none" else None, adapter_bottleneck=adapter_bottleneck,
+            backbone,
+            head,
+            ClassStatistics(dim, covariance="per_class"),
+            adapt,
+            adapt_blocks,
+            adapt_head=CosineHead(dim) if adapt != "none" else None,
+            adapter_bottleneck=adapter_bottleneck,
         )
 
     def fit_head(self) -> None:

@@ -60,8 +60,13 @@ class FSALDA(FrozenFeatureClassifier):
     ):
         dim = backbone.feature_dim
         super().__init__(
-            backbone, LDAHead(dim, shrinkage=shrinkage, ridge=ridge), ClassStatistics(dim, covariance="shared"),
-            adapt, adapt_blocks, adapt_head=LinearHead(dim) if adapt != "none" else None, dropout=dropout,
+            backbone,
+            LDAHead(dim, shrinkage=shrinkage, ridge=ridge),
+            ClassStatistics(dim, covariance="shared"),
+            adapt,
+            adapt_blocks,
+            adapt_head=LinearHead(dim) if adapt != "none" else None,
+            dropout=dropout,
         )
         self.covariance = covariance
 

@@ -49,12 +49,16 @@ class FSCILPrototypes(FrozenFeatureClassifier):
 
     supported_scenarios = ("few_shot_class_incremental",)
 
-    def __init__(self, backbone, scale: Annotated[float, Field(gt=0)] = 16.0,
-                 base_head: Literal["cosine", "linear"] = "cosine"):
+    def __init__(self, backbone, scale: Annotated[float, Field(gt=0)] = 16.0, base_head: Literal["cosine", "linear"] = "cosine"):
         dim = backbone.feature_dim
         head = CosineHead(dim, scale=scale, learn_scale=False) if base_head == "cosine" else LinearHead(dim)
-        super().__init__(backbone, PrototypeHead(dim, metric="cosine", scale=scale), ClassStatistics(dim, covariance="none"),
-                         adapt="full", adapt_head=head)
+        super().__init__(
+            backbone,
+            PrototypeHead(dim, metric="cosine", scale=scale),
+            ClassStatistics(dim, covariance="none"),
+            adapt="full",
+            adapt_head=head,
+        )
 
     @property
     def prototypes(self):

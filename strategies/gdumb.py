@@ -42,8 +42,9 @@ class GDumb(Strategy):
 
     supported_scenarios = ("class_incremental", "domain_incremental", "few_shot_class_incremental")
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
-                 policy: Literal["class_balanced", "reservoir"] = "class_balanced"):
+    def __init__(
+        self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200, policy: Literal["class_balanced", "reservoir"] = "class_balanced"
+    ):
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, policy)
         # a frozen backbone never changes; a trainable one is reset to these weights

@@ -55,8 +55,13 @@ class ICaRL(Strategy):
         temperature: distillation temperature ``T`` of the ``ce`` loss.
     """
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=1)] = 2000, loss: Literal["bce", "ce"] = "bce",
-                 temperature: Annotated[float, Field(gt=0)] = 2.0):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=1)] = 2000,
+        loss: Literal["bce", "ce"] = "bce",
+        temperature: Annotated[float, Field(gt=0)] = 2.0,
+    ):
         super().__init__(backbone)
         self.rehearsal = ExemplarDistillation(mem_size)
         self.means = NearestMeanOfExemplars(backbone.feature_dim)

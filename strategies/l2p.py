@@ -81,8 +81,7 @@ class L2P(Strategy):
         self.check_config({"pool_size": pool_size, "top_k": top_k})
         super().__init__(backbone)
         width = promptable_width(backbone, "l2p")
-        self.prompt_pool = PromptPool(pool_size, prompt_length, width, top_k, backbone.feature_dim,
-                               batchwise_selection, diversity)
+        self.prompt_pool = PromptPool(pool_size, prompt_length, width, top_k, backbone.feature_dim, batchwise_selection, diversity)
         self.matching_weight = matching_weight
         if prompt_position == "cls":
             try:
@@ -95,8 +94,7 @@ class L2P(Strategy):
     @classmethod
     def check_config(cls, params: dict) -> None:
         if params["top_k"] > params["pool_size"]:
-            raise UserError(f"cannot select {params['top_k']} prompts from a pool of {params['pool_size']}",
-                            key="strategy.top_k")
+            raise UserError(f"cannot select {params['top_k']} prompts from a pool of {params['pool_size']}", key="strategy.top_k")
 
     def _head_features(self, batch: Batch) -> torch.Tensor:
         """The prompted features the head reads, prompts selected as at test time."""
@@ -111,8 +109,7 @@ class L2P(Strategy):
         """The prompted features the head reads, and the key-matching loss."""
         selection = self.prompt_pool(query_of(self.backbone, x, query), train=train)
         pool = "prompt_mean" if selection.prompts.shape[1] else "default"
-        features = self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool,
-                                                  prompt_position=self.prompt_position)
+        features = self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool, prompt_position=self.prompt_position)
         return features, selection.matching_loss
 
     def training_step(self, batch: Batch) -> torch.Tensor:

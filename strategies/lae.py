@@ -98,8 +98,7 @@ class LAE(Strategy):
     ):
         check_adapter(adapter, learnable_scale=learnable_scale, key="strategy.adapter")
         super().__init__(backbone)
-        self.lora = inject_lora(backbone, targets, rank, alpha, learnable_scale=learnable_scale, kind=adapter,
-                                key="strategy.targets")
+        self.lora = inject_lora(backbone, targets, rank, alpha, learnable_scale=learnable_scale, kind=adapter, key="strategy.targets")
         self.offline = EMATeacher(LoRAFactors(self.lora), ema_momentum)
         self.register_buffer("has_offline", torch.zeros((), dtype=torch.bool))
         self.freeze_epochs = freeze_epochs

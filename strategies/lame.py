@@ -44,8 +44,14 @@ class LAME(Strategy):
     supported_scenarios = ("test_time_adaptation",)
     cache_features = False
 
-    def __init__(self, backbone, affinity: Literal["knn", "rbf", "linear"] = "rbf", knn: Annotated[int, Field(ge=1)] = 5,
-                 max_steps: Annotated[int, Field(ge=1)] = 100, batch_statistics: bool = False):
+    def __init__(
+        self,
+        backbone,
+        affinity: Literal["knn", "rbf", "linear"] = "rbf",
+        knn: Annotated[int, Field(ge=1)] = 5,
+        max_steps: Annotated[int, Field(ge=1)] = 100,
+        batch_statistics: bool = False,
+    ):
         super().__init__(backbone)
         self.affinity_kind = affinity
         self.knn = knn

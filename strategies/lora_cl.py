@@ -135,17 +135,38 @@ class LoRACL(Strategy):
         adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
     ):
-        self.check_config({"rank_schedule": rank_schedule, "max_rank": max_rank, "grow_every": grow_every,
-                           "rank_budget": rank_budget, "subspace": subspace, "adapter": adapter, "old_updates": old_updates})
+        self.check_config(
+            {
+                "rank_schedule": rank_schedule,
+                "max_rank": max_rank,
+                "grow_every": grow_every,
+                "rank_budget": rank_budget,
+                "subspace": subspace,
+                "adapter": adapter,
+                "old_updates": old_updates,
+            }
+        )
         super().__init__(backbone)
-        self.lora = inject_lora(backbone, targets, rank, alpha, rank_schedule=rank_schedule, max_rank=max_rank,
-                                dropout=dropout, kind=adapter, key="strategy.targets")
+        self.lora = inject_lora(
+            backbone,
+            targets,
+            rank,
+            alpha,
+            rank_schedule=rank_schedule,
+            max_rank=max_rank,
+            dropout=dropout,
+            kind=adapter,
+            key="strategy.targets",
+        )
         self.ranks = layer_ranks(list(self.lora), rank, rank_schedule, max_rank)
         self.alpha = alpha
         self.rank_budget = rank_budget
         if grow_every is not None and sum(self.ranks) >= rank_budget:
-            raise UserError(f"grow_every: the updates start at total rank {sum(self.ranks)} over {len(self.ranks)} layers, "
-                            f"already at rank_budget {rank_budget}; raise rank_budget or lower rank", key="strategy.rank_budget")
+            raise UserError(
+                f"grow_every: the updates start at total rank {sum(self.ranks)} over {len(self.ranks)} layers, "
+                f"already at rank_budget {rank_budget}; raise rank_budget or lower rank",
+                key="strategy.rank_budget",
+            )
         self.growth = dict(every=grow_every, warmup=grow_warmup, layers=grow_layers, rank=grow_rank)
         self.step = 0  # optimizer steps in this experience
         self.growth_rng: torch.Generator | None = None  # draws grown components, seeded per experience
@@ -164,14 +185,22 @@ class LoRACL(Strategy):
         if params.get("grow_every") is not None and params.get("rank_budget") is None:
             raise UserError("grow_every needs rank_budget (the total rank the updates grow to)", key="strategy.rank_budget")
         if params.get("grow_every") is not None and params.get("subspace", "none") != "none":
-            raise UserError("grow_every cannot grow InfLoRA updates (their A is designed before training); "
-                            "use subspace: none or drop grow_every", key="strategy.grow_every")
-        check_adapter(params.get("adapter", "lora"), key="strategy.adapter", grow=params.get("grow_every") is not None,
-                      prune=params.get("rank_budget") is not None, design_a=params.get("subspace", "none") != "none",
-                      freeze=params.get("old_updates", "freeze") == "freeze")
+            raise UserError(
+                "grow_every cannot grow InfLoRA updates (their A is designed before training); use subspace: none or drop grow_every",
+                key="strategy.grow_every",
+            )
+        check_adapter(
+            params.get("adapter", "lora"),
+            key="strategy.adapter",
+            grow=params.get("grow_every") is not None,
+            prune=params.get("rank_budget") is not None,
+            design_a=params.get("subspace", "none") != "none",
+            freeze=params.get("old_updates", "freeze") == "freeze",
+        )
 
     def _input_covariances(self, exp: Experience) -> list[torch.Tensor]:
         """Every adapted layer's mean ``x x^T`` over ``exp``'s training inputs (all ranks)."""
+
         def run() -> None:
             for b in self.batches(exp.train, shard=True):
                 self.embed(b.x)
@@ -191,8 +220,9 @@ class LoRACL(Strategy):
             self.growth_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         if self.rank_budget is not None:
             budget = self.rank_budget if self.growth["every"] else sum(layer.rank for layer in self.lora.values())
-            self.allocator = RankAllocator(self.lora, budget, top_k=self.growth["layers"], rank_step=self.growth["rank"],
-                                           beta1=self.beta, beta2=self.beta)
+            self.allocator = RankAllocator(
+                self.lora, budget, top_k=self.growth["layers"], rank_step=self.growth["rank"], beta1=self.beta, beta2=self.beta
+            )
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)

@@ -34,8 +34,7 @@ class LwF(Strategy):
         temperature: distillation temperature ``T``.
     """
 
-    def __init__(self, backbone, alpha: Annotated[float, Field(ge=0)] = 1.0,
-                 temperature: Annotated[float, Field(gt=0)] = 2.0):
+    def __init__(self, backbone, alpha: Annotated[float, Field(ge=0)] = 1.0, temperature: Annotated[float, Field(gt=0)] = 2.0):
         super().__init__(backbone)
         self.alpha = alpha
         self.temperature = temperature

@@ -47,9 +47,14 @@ class MAS(Strategy):
         importance_batch_size: samples per pass when computing the importance.
     """
 
-    def __init__(self, backbone, lambda_reg: Annotated[float, Field(ge=0)] = 1.0,
-                 alpha: Annotated[float, Field(ge=0, le=1)] = 0.5, per_sample: bool = True,
-                 importance_batch_size: Annotated[int, Field(ge=1)] = 64):
+    def __init__(
+        self,
+        backbone,
+        lambda_reg: Annotated[float, Field(ge=0)] = 1.0,
+        alpha: Annotated[float, Field(ge=0, le=1)] = 0.5,
+        per_sample: bool = True,
+        importance_batch_size: Annotated[int, Field(ge=1)] = 64,
+    ):
         super().__init__(backbone)
         self.lambda_reg = lambda_reg
         self.alpha = alpha

@@ -53,9 +53,15 @@ class MEMO(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(optimizer="sgd", lr=0.005, params="all"),
-                 n_augmentations: Annotated[int, Field(ge=1)] = 32, alpha: Annotated[float, Field(ge=0, le=1)] = 0.1,
-                 preaugment: PreAugment = "crop", severity: Annotated[float, Field(gt=0.1, le=10)] = 1.0):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(optimizer="sgd", lr=0.005, params="all"),
+        n_augmentations: Annotated[int, Field(ge=1)] = 32,
+        alpha: Annotated[float, Field(ge=0, le=1)] = 0.1,
+        preaugment: PreAugment = "crop",
+        severity: Annotated[float, Field(gt=0.1, le=10)] = 1.0,
+    ):
         super().__init__(backbone)
         self.n_augmentations = n_augmentations
         self.adaptation = OnlineAdaptation(online, batch_statistics=False)

@@ -101,8 +101,10 @@ class MergeCL(Strategy):
     def check_config(cls, params: dict) -> None:
         merge_params = params.get("merge_params") or {}
         if "weights" in merge_params:
-            raise UserError("per-model weights cannot be given: the number of task vectors grows with every experience",
-                            key="strategy.merge_params.weights")
+            raise UserError(
+                "per-model weights cannot be given: the number of task vectors grows with every experience",
+                key="strategy.merge_params.weights",
+            )
         get_method(params.get("method", "task_arithmetic")).validate(merge_params, key="strategy.merge_params")
         check_adapter(params.get("adapter", "lora"), low_rank=params.get("mode", "lora") == "lora", key="strategy.adapter")
 

@@ -77,8 +77,13 @@ class RanPAC(FrozenFeatureClassifier):
     ):
         dim = projection_dim or backbone.feature_dim
         super().__init__(
-            backbone, RidgeHead(dim, metric=head), ClassStatistics(dim, covariance="shared"), adapt, adapt_blocks,
-            adapt_head=CosineHead(backbone.feature_dim) if adapt != "none" else None, adapter_bottleneck=adapter_bottleneck,
+            backbone,
+            RidgeHead(dim, metric=head),
+            ClassStatistics(dim, covariance="shared"),
+            adapt,
+            adapt_blocks,
+            adapt_head=CosineHead(backbone.feature_dim) if adapt != "none" else None,
+            adapter_bottleneck=adapter_bottleneck,
         )
         self.ridge_candidates = list(ridge_candidates)
         self.holdout = holdout
@@ -99,7 +104,7 @@ class RanPAC(FrozenFeatureClassifier):
         order: fitted on the first ``1 - holdout``, scored on the rest."""
         n = len(exp.train)
         held_out = torch.zeros(n, dtype=torch.bool)
-        held_out[torch.randperm(n)[int(n * (1 - self.holdout)):]] = True
+        held_out[torch.randperm(n)[int(n * (1 - self.holdout)) :]] = True
         fit, held = (ClassStatistics(self.stats.dim, exp.n_classes_seen).to(self.stats.mean.device) for _ in range(2))
         start = 0
         for batch in self.batches(exp.train):
@@ -108,8 +113,11 @@ class RanPAC(FrozenFeatureClassifier):
             start += len(h)
             fit.update(h[~out], batch.y[~out])
             held.update(h[out], batch.y[out])
-        self.ridge.fill_(ridge_by_holdout(fit.gram(), fit.class_sums(), held.gram(), held.class_sums(),
-                                          float(held.counts.sum()), self.ridge_candidates)[0])
+        self.ridge.fill_(
+            ridge_by_holdout(fit.gram(), fit.class_sums(), held.gram(), held.class_sums(), float(held.counts.sum()), self.ridge_candidates)[
+                0
+            ]
+        )
         self.stats.merge(fit)
         self.stats.merge(held)
         self.stats.grow_to(exp.n_classes_seen)

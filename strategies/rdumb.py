@@ -50,9 +50,14 @@ class RDumb(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
-                 entropy_factor: Annotated[float, Field(gt=0)] = 0.4, redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
-                 reset_every: Annotated[int, Field(ge=1)] = 1000):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(),
+        entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
+        redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
+        reset_every: Annotated[int, Field(ge=1)] = 1000,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "rdumb")
         self.entropy_factor = entropy_factor

@@ -84,13 +84,20 @@ class RMT(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(params="all"),
-                 ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
-                 flip: Annotated[float, Field(ge=0, le=1)] = 0.5, lambda_ce_trg: Annotated[float, Field(ge=0)] = 1.0,
-                 lambda_cont: Annotated[float, Field(ge=0)] = 1.0, lambda_ce_src: Annotated[float, Field(ge=0)] = 1.0,
-                 warmup_samples: Annotated[int, Field(ge=0)] = 50000,
-                 source_batch_size: Annotated[int, Field(ge=1)] | None = None,
-                 temperature: Annotated[float, Field(gt=0)] = 0.1, projection_dim: Annotated[int, Field(ge=1)] = 128):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(params="all"),
+        ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.999,
+        flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
+        lambda_ce_trg: Annotated[float, Field(ge=0)] = 1.0,
+        lambda_cont: Annotated[float, Field(ge=0)] = 1.0,
+        lambda_ce_src: Annotated[float, Field(ge=0)] = 1.0,
+        warmup_samples: Annotated[int, Field(ge=0)] = 50000,
+        source_batch_size: Annotated[int, Field(ge=1)] | None = None,
+        temperature: Annotated[float, Field(gt=0)] = 0.1,
+        projection_dim: Annotated[int, Field(ge=1)] = 128,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "rmt")
         self.lambda_ce_trg = lambda_ce_trg
@@ -119,8 +126,12 @@ class RMT(Strategy):
         if source is not None:
             self.source_batches.batch_size = self.source_batch_size or self._data.batch_size
             self.source_batches.attach(source)
-        self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=lambda: self._start(source),
-                                extra=self.projector.parameters() if self.lambda_cont > 0 else ())
+        self.adaptation.prepare(
+            self,
+            classifier(self.backbone, self.head),
+            on_start=lambda: self._start(source),
+            extra=self.projector.parameters() if self.lambda_cont > 0 else (),
+        )
 
     def _start(self, source: DataView | None) -> None:
         """Teacher = source model; source prototypes; mean-teacher warm-up (sections 3.2-3.3)."""
@@ -157,8 +168,9 @@ class RMT(Strategy):
         logits, logits_aug = self.head(features), self.head(features_aug)
         with torch.no_grad():
             target = self.teacher(x)
-        loss = self.lambda_ce_trg * (0.5 * symmetric_cross_entropy(logits, target)
-                                     + 0.5 * symmetric_cross_entropy(logits_aug, target)).mean()
+        loss = (
+            self.lambda_ce_trg * (0.5 * symmetric_cross_entropy(logits, target) + 0.5 * symmetric_cross_entropy(logits_aug, target)).mean()
+        )
         if self.lambda_cont > 0:
             loss = loss + self.lambda_cont * self._contrastive(features, features_aug)
         if self.lambda_ce_src > 0:

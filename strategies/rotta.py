@@ -59,11 +59,18 @@ class RoTTA(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(),
-                 memory_size: Annotated[int, Field(ge=1)] = 64, update_frequency: Annotated[int, Field(ge=1)] = 64,
-                 nu: Annotated[float, Field(ge=0, le=1)] = 0.001, alpha: Annotated[float, Field(ge=0, le=1)] = 0.05,
-                 lambda_t: Annotated[float, Field(ge=0)] = 1.0, lambda_u: Annotated[float, Field(ge=0)] = 1.0,
-                 flip: Annotated[float, Field(ge=0, le=1)] = 0.5):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(),
+        memory_size: Annotated[int, Field(ge=1)] = 64,
+        update_frequency: Annotated[int, Field(ge=1)] = 64,
+        nu: Annotated[float, Field(ge=0, le=1)] = 0.001,
+        alpha: Annotated[float, Field(ge=0, le=1)] = 0.05,
+        lambda_t: Annotated[float, Field(ge=0)] = 1.0,
+        lambda_u: Annotated[float, Field(ge=0)] = 1.0,
+        flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "rotta")
         self.memory_size = memory_size

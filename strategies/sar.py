@@ -59,17 +59,21 @@ class SAR(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(optimizer="sgd"),
-                 entropy_factor: Annotated[float, Field(gt=0)] = 0.4, rho: Annotated[float, Field(ge=0)] = 0.05,
-                 reset_constant: Annotated[float, Field(ge=0)] = 0.2):
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(optimizer="sgd"),
+        entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
+        rho: Annotated[float, Field(ge=0)] = 0.05,
+        reset_constant: Annotated[float, Field(ge=0)] = 0.2,
+    ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "sar")
         self.entropy_factor = entropy_factor
         self.reset_constant = reset_constant
         self.margin = 0.0
         self.adaptation = OnlineAdaptation(online)
-        self.adaptation.optimizer = SharpnessAwareOptimizer(online.optimizer, online.lr, online.momentum,
-                                                            online.weight_decay, rho)
+        self.adaptation.optimizer = SharpnessAwareOptimizer(online.optimizer, online.lr, online.momentum, online.weight_decay, rho)
         self.recovery = SourceReset(classifier(backbone, self.head))
         self.register_buffer("loss_ema", torch.tensor(math.nan, dtype=torch.float64))  # e_m; nan: none yet
 

@@ -43,14 +43,20 @@ class SeqFinetune(Strategy):
     supported_scenarios = ("instruction_incremental",)
     cache_features = False
 
-    def __init__(self, backbone, targets: list[str] | None = None, rank: Annotated[int, Field(ge=1)] = 8,
-                 alpha: Annotated[float, Field(gt=0)] = 16.0, dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0):
+    def __init__(
+        self,
+        backbone,
+        targets: list[str] | None = None,
+        rank: Annotated[int, Field(ge=1)] = 8,
+        alpha: Annotated[float, Field(gt=0)] = 16.0,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+    ):
         if not isinstance(backbone, GenerativeLM):
-            raise UserError(f"seq_finetune generates answers; use backbone.name: generative_lm (got "
-                            f"{type(backbone).__name__})", key="backbone.name")
+            raise UserError(
+                f"seq_finetune generates answers; use backbone.name: generative_lm (got {type(backbone).__name__})", key="backbone.name"
+            )
         super().__init__(backbone)
-        self.lora = inject_lora(backbone.net, targets or ["q_proj", "v_proj"], rank, alpha, dropout=dropout,
-                                key="strategy.targets")
+        self.lora = inject_lora(backbone.net, targets or ["q_proj", "v_proj"], rank, alpha, dropout=dropout, key="strategy.targets")
 
     def before_experience(self, exp: Experience) -> None:
         """Nothing to grow: the language model's vocabulary is the output."""
@@ -62,6 +68,7 @@ class SeqFinetune(Strategy):
     def score(self, batch: Batch) -> torch.Tensor:
         """Each example's score in [0, 1] by its task's metric, on a greedy answer (the engine's scoring hook)."""
         examples = batch.x
-        answers = self.backbone.generate([e.prompt for e in examples], max(e.max_new_tokens for e in examples),
-                                         sorted({s for e in examples for s in e.stop}))
+        answers = self.backbone.generate(
+            [e.prompt for e in examples], max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop})
+        )
         return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])

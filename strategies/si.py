@@ -43,8 +43,13 @@ class SI(Strategy):
         clip_value: clip every gradient to ``[-clip_value, clip_value]`` before the step (Mammoth: 1).
     """
 
-    def __init__(self, backbone, c: Annotated[float, Field(ge=0)] = 0.5, xi: Annotated[float, Field(gt=0)] = 1.0,
-                 clip_value: Annotated[float, Field(gt=0)] | None = 1.0):
+    def __init__(
+        self,
+        backbone,
+        c: Annotated[float, Field(ge=0)] = 0.5,
+        xi: Annotated[float, Field(gt=0)] = 1.0,
+        clip_value: Annotated[float, Field(gt=0)] | None = 1.0,
+    ):
         super().__init__(backbone)
         self.c = c
         self.xi = xi

@@ -38,8 +38,7 @@ class SimpleCIL(FrozenFeatureClassifier):
         scale: logit scale (does not change predictions).
     """
 
-    def __init__(self, backbone, metric: Literal["cosine", "euclidean"] = "cosine",
-                 scale: Annotated[float, Field(gt=0)] = 1.0):
+    def __init__(self, backbone, metric: Literal["cosine", "euclidean"] = "cosine", scale: Annotated[float, Field(gt=0)] = 1.0):
         dim = backbone.feature_dim
         super().__init__(backbone, PrototypeHead(dim, metric=metric, scale=scale), ClassStatistics(dim, covariance="none"))
 

@@ -95,9 +95,15 @@ class SLCA(Strategy):
             backbone.requires_grad_(True)
         else:
             backbone.freeze()
-        self.aligned = HeadTraining(backbone.feature_dim, head_options, samples_per_class=align_samples,
-                                    epochs=align_epochs, lr=align_lr, temperature=align_temperature or None,
-                                    mean_shrink=mean_shrink)
+        self.aligned = HeadTraining(
+            backbone.feature_dim,
+            head_options,
+            samples_per_class=align_samples,
+            epochs=align_epochs,
+            lr=align_lr,
+            temperature=align_temperature or None,
+            mean_shrink=mean_shrink,
+        )
         self.rows = SlowLearnerHead()
 
     def _head_features(self, batch: Batch) -> torch.Tensor:

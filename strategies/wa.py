@@ -50,9 +50,14 @@ class WA(Strategy):
         clip: clip the head's weights to be non-negative after every step (Sec. 3.3).
     """
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 2000,
-                 temperature: Annotated[float, Field(gt=0)] = 2.0,
-                 kd_weight: Annotated[float, Field(ge=0)] | None = 2.0, clip: bool = True):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=0)] = 2000,
+        temperature: Annotated[float, Field(gt=0)] = 2.0,
+        kd_weight: Annotated[float, Field(ge=0)] | None = 2.0,
+        clip: bool = True,
+    ):
         super().__init__(backbone)
         self.rehearsal = ExemplarDistillation(mem_size)
         self.temperature = temperature

@@ -78,11 +78,14 @@ def test_an_augmented_run_repeats_and_resumes_bitwise(digits_run, tmp_path):
     assert Engine(cfg, tmp_path / "a", device="cpu", resume=True).run()["acc_matrix"] == a  # ... and redone exactly
 
 
-@pytest.mark.parametrize(("augment", "message"), [
-    ("crop_flp", "train.augment: value error, unknown recipe 'crop_flp'"),
-    ([{"name": "Normalize", "mean": [0.5], "std": [0.5]}], "is not a torchvision.transforms.v2 augmentation"),
-    ([{"name": "RandomCrop", "sise": 8}], "step 0 (RandomCrop): RandomCrop.__init__() got an unexpected keyword argument 'sise'"),
-])
+@pytest.mark.parametrize(
+    ("augment", "message"),
+    [
+        ("crop_flp", "train.augment: value error, unknown recipe 'crop_flp'"),
+        ([{"name": "Normalize", "mean": [0.5], "std": [0.5]}], "is not a torchvision.transforms.v2 augmentation"),
+        ([{"name": "RandomCrop", "sise": 8}], "step 0 (RandomCrop): RandomCrop.__init__() got an unexpected keyword argument 'sise'"),
+    ],
+)
 def test_bad_augment_configs_are_one_line(digits_run, tmp_path, capsys, augment, message):
     digits_run["train"]["augment"] = augment
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(digits_run))
@@ -96,9 +99,13 @@ def test_augmenting_non_images_is_refused_in_one_line(tmp_path, capsys):
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "f.npz", x=rng.normal(size=(40, 6)).astype("float32"), y=np.repeat(np.arange(4), 10))
-    run = {"scenario": {"name": "class_incremental", "dataset": "npz", "root": str(tmp_path / "f.npz"), "n_experiences": 2},
-           "backbone": {"name": "mlp", "scale": 1.0}, "strategy": {"name": "finetune"},
-           "train": {"augment": "crop_flip"}, "logging": {"tensorboard": False, "progress": "never"}}
+    run = {
+        "scenario": {"name": "class_incremental", "dataset": "npz", "root": str(tmp_path / "f.npz"), "n_experiences": 2},
+        "backbone": {"name": "mlp", "scale": 1.0},
+        "strategy": {"name": "finetune"},
+        "train": {"augment": "crop_flip"},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(run))
     assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "train.augment transforms images, but this scenario's inputs have shape (6,)" in capsys.readouterr().err

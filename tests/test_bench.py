@@ -75,8 +75,13 @@ def test_bench_times_online_adaptation_on_a_test_time_adaptation_config(digits_r
         return original(self, x)
 
     monkeypatch.setattr(Tent, "adapt", slow_adapt)
-    digits_run["scenario"] = {"name": "test_time_adaptation", "dataset": "sklearn_digits", "test_per_class": 20,
-                              "corruptions": ["gaussian_noise", "fog"], "severity": 5}
+    digits_run["scenario"] = {
+        "name": "test_time_adaptation",
+        "dataset": "sklearn_digits",
+        "test_per_class": 20,
+        "corruptions": ["gaussian_noise", "fog"],
+        "severity": 5,
+    }
     digits_run["backbone"] = {"name": "cnn"}
     digits_run["strategy"] = {"name": "tent"}
     digits_run["train"].update(batch_size=16)

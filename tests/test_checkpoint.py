@@ -122,8 +122,11 @@ def test_a_newer_format_version_is_refused_with_a_clear_message(tmp_path, monkey
     checkpoint.save(tmp_path, 1, _payload(1))
     monkeypatch.undo()
     # not skipped in favour of exp_000 (that would silently redo an experience): refused
-    with pytest.raises(UserError, match=rf"exp_001.pt has checkpoint format {checkpoint.FORMAT_VERSION + 1}, "
-                                        rf"newer than the format {checkpoint.FORMAT_VERSION} this clpeft reads"):
+    with pytest.raises(
+        UserError,
+        match=rf"exp_001.pt has checkpoint format {checkpoint.FORMAT_VERSION + 1}, "
+        rf"newer than the format {checkpoint.FORMAT_VERSION} this clpeft reads",
+    ):
         checkpoint.load_latest(tmp_path)
 
 
@@ -163,8 +166,10 @@ def test_skips_are_reported_to_the_caller_with_the_file(tmp_path):
         path, got = checkpoint.load_latest(tmp_path, on_skip=lambda p, why: skipped.append((p.name, why)))
     assert path.name == "exp_000.pt"
     _assert_payload_equal(got, 0)
-    assert skipped == [("exp_002.pt", "no checksum file (the write was interrupted)"),
-                       ("exp_001.pt", "checksum mismatch (truncated or corrupted)")]
+    assert skipped == [
+        ("exp_002.pt", "no checksum file (the write was interrupted)"),
+        ("exp_001.pt", "checksum mismatch (truncated or corrupted)"),
+    ]
     # each warning names the full path of its file, so the user can find it
     assert [str(w.message).endswith(f"({tmp_path / name})") for w, name in zip(record, ("exp_002.pt", "exp_001.pt"))] == [True, True]
 

@@ -121,7 +121,9 @@ def test_cli_error_has_no_traceback(tmp_path, digits_run):
     digits_run["strategy"]["name"] = "replya"
     proc = subprocess.run(
         [sys.executable, "-m", "clpeft", "validate", str(_write(tmp_path, digits_run))],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

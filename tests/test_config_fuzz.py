@@ -34,8 +34,7 @@ from clpeft.cli import main
 
 BASE = {
     "seed": 0,
-    "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2,
-                 "train_per_class": 6, "test_per_class": 3},
+    "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 6, "test_per_class": 3},
     "backbone": {"name": "mlp", "hidden": [16]},
     "strategy": {"name": "finetune"},
     "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "feature_cache": "off"},
@@ -51,16 +50,32 @@ def _identifiers():
 
 
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.text(max_size=6), _identifiers(),
-    st.integers(-5, 30), st.sampled_from([-(2**63) - 1, -1, 0, 2**31, 2**62, 2**63, 10**30]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300, -0.0]),
+    st.none(),
+    st.booleans(),
+    st.text(max_size=6),
+    _identifiers(),
+    st.integers(-5, 30),
+    st.sampled_from([-(2**63) - 1, -1, 0, 2**31, 2**62, 2**63, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300, -0.0]),
     st.lists(st.integers(-3, 12), max_size=11),
     st.dictionaries(_identifiers(), st.integers(-2, 5), max_size=2),
 )
 MISSPELT = ["replya", "finetun", "lwff", "class_incremntal", "mlpp", "tim", "", " ", "REPLAY"]
-MISSING_PLUGINS = ["no/such/dir/plug.py:Thing", "plug_missing.py:Thing", "no_such_module_qq:Thing",
-                   "clpeft.no_such_module:Thing", ":Thing", "x.py:", "a:b:c", "..rel:Thing", "os:path",
-                   "json:JSONDecoder", "clpeft.strategies.replay:NoSuchClass", "clpeft.strategy:Strategy.x"]
+MISSING_PLUGINS = [
+    "no/such/dir/plug.py:Thing",
+    "plug_missing.py:Thing",
+    "no_such_module_qq:Thing",
+    "clpeft.no_such_module:Thing",
+    ":Thing",
+    "x.py:",
+    "a:b:c",
+    "..rel:Thing",
+    "os:path",
+    "json:JSONDecoder",
+    "clpeft.strategies.replay:NoSuchClass",
+    "clpeft.strategy:Strategy.x",
+]
 
 
 def _names(reg) -> list[str]:
@@ -72,16 +87,20 @@ FEW_SHOT = "few_shot_class_incremental"
 
 def _few_shot(runnable: bool):
     """A whole few-shot scenario section with absurd counts (k_shot beyond the ~180 digits per class)."""
-    return st.fixed_dictionaries({
-        "name": st.just(FEW_SHOT), "dataset": st.sampled_from(["sklearn_digits", "sklearn_digitz"]),
-        "n_base": st.integers(-1, 12), "n_way": st.integers(-1, 12),
-        "k_shot": st.one_of(st.integers(-1, 6), st.sampled_from([150, 500, 10**6])),
-        "n_sessions": st.one_of(st.none(), st.integers(-1, 12)),
-        "base_per_class": st.one_of(st.none(), st.integers(-1, 6)) if runnable else st.one_of(st.none(), st.integers(-1, 10**4)),
-        "test_per_class": st.integers(-1, 3),
-        # an integer class_order seeds numpy, which takes 0..2**32-1 (see test_known_gaps below)
-        "class_order": st.one_of(st.none(), st.integers(0, 2**32 - 1), st.lists(st.integers(-1, 10), max_size=10)),
-    })
+    return st.fixed_dictionaries(
+        {
+            "name": st.just(FEW_SHOT),
+            "dataset": st.sampled_from(["sklearn_digits", "sklearn_digitz"]),
+            "n_base": st.integers(-1, 12),
+            "n_way": st.integers(-1, 12),
+            "k_shot": st.one_of(st.integers(-1, 6), st.sampled_from([150, 500, 10**6])),
+            "n_sessions": st.one_of(st.none(), st.integers(-1, 12)),
+            "base_per_class": st.one_of(st.none(), st.integers(-1, 6)) if runnable else st.one_of(st.none(), st.integers(-1, 10**4)),
+            "test_per_class": st.integers(-1, 3),
+            # an integer class_order seeds numpy, which takes 0..2**32-1 (see test_known_gaps below)
+            "class_order": st.one_of(st.none(), st.integers(0, 2**32 - 1), st.lists(st.integers(-1, 10), max_size=10)),
+        }
+    )
 
 
 def _absurd(runnable: bool):
@@ -92,17 +111,24 @@ def _absurd(runnable: bool):
         st.tuples(st.just("scenario.init_classes"), st.one_of(st.none(), st.integers(-3, 15))),
         st.tuples(st.just("scenario.train_per_class"), st.one_of(st.none(), st.integers(-3, 8))),
         st.tuples(st.just("scenario.test_per_class"), st.one_of(st.none(), st.integers(-3, 4))),
-        st.tuples(st.just("scenario.class_order"), st.one_of(
-            st.permutations(range(10)), st.lists(st.integers(-2, 12), max_size=12),
-            # an integer order seeds numpy, which takes 0..2**32-1 (see test_known_gaps below)
-            st.integers(0, 2**32 - 1),
-        )),
+        st.tuples(
+            st.just("scenario.class_order"),
+            st.one_of(
+                st.permutations(range(10)),
+                st.lists(st.integers(-2, 12), max_size=12),
+                # an integer order seeds numpy, which takes 0..2**32-1 (see test_known_gaps below)
+                st.integers(0, 2**32 - 1),
+            ),
+        ),
         st.tuples(st.just("scenario.dataset"), st.sampled_from(["sklearn_digits", "fashion_mnsit", "", "digits"])),
         st.tuples(st.just("train.batch_size"), st.sampled_from([0, -1, 1, 7, 10**9, 2**62, 2**63, 2**80])),
         st.tuples(st.just("eval.batch_size"), st.sampled_from([0, -4, 1, 10**9, 2**62, 2**64])),
-        st.tuples(st.just("train.lr"), st.one_of(
-            st.floats(allow_nan=True, allow_infinity=True),
-            st.sampled_from([0.0, -0.1, 1e-12, 1e30, 1e31, 1e300, "nan", "inf", "0.1"]))),
+        st.tuples(
+            st.just("train.lr"),
+            st.one_of(
+                st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.1, 1e-12, 1e30, 1e31, 1e300, "nan", "inf", "0.1"])
+            ),
+        ),
         st.tuples(st.just("train.momentum"), st.sampled_from([-0.1, 1.0, 0.99, float("nan")])),
         st.tuples(st.just("train.weight_decay"), st.sampled_from([-1.0, 1e7, float("inf"), 0.0])),
         st.tuples(st.just("train.epochs"), st.integers(-2, 2 if runnable else 10**12)),
@@ -115,8 +141,10 @@ def _absurd(runnable: bool):
         st.tuples(st.just("strategy.mem_size"), st.integers(-5, 10**6)),
         st.tuples(st.just("strategy.name"), st.sampled_from(_names(registry.strategies) + MISSPELT + MISSING_PLUGINS)),
         st.tuples(st.just("scenario.name"), st.sampled_from(["class_incremental", "avalanche"] + MISSPELT + MISSING_PLUGINS)),
-        st.tuples(st.just("backbone.name"), st.sampled_from(
-            ["mlp", "cnn", "text_encoder"] + MISSPELT + MISSING_PLUGINS + ([] if runnable else ["timm", "causal_lm"]))),
+        st.tuples(
+            st.just("backbone.name"),
+            st.sampled_from(["mlp", "cnn", "text_encoder"] + MISSPELT + MISSING_PLUGINS + ([] if runnable else ["timm", "causal_lm"])),
+        ),
         st.tuples(st.just("backbone.model"), st.sampled_from(["no_such_timm_model", 3])),
     ]
     choices.append(st.tuples(st.just("scenario"), _few_shot(runnable)))
@@ -128,9 +156,11 @@ def _known_paths() -> list[str]:
     paths = ["seed", "seeds", "out"]
     for section, model in config._FIXED.items():
         paths += [f"{section}.{f}" for f in model.model_fields]
-    for section, reg, name in (("scenario", registry.scenarios, "class_incremental"),
-                               ("backbone", registry.backbones, "mlp"),
-                               ("strategy", registry.strategies, "replay")):
+    for section, reg, name in (
+        ("scenario", registry.scenarios, "class_incremental"),
+        ("backbone", registry.backbones, "mlp"),
+        ("strategy", registry.strategies, "replay"),
+    ):
         paths += [f"{section}.{f}" for f in config.schema_of(reg.get(name), section).model_fields]
     return sorted(set(paths))
 
@@ -180,7 +210,9 @@ def _check_case(mode: str, mutations: list[tuple[str, object]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        args = ["validate", str(path), "--config-only"] if mode == "validate" else ["run", str(path), "--out", f"{tmp}/run", "--device", "cpu"]
+        args = (
+            ["validate", str(path), "--config-only"] if mode == "validate" else ["run", str(path), "--out", f"{tmp}/run", "--device", "cpu"]
+        )
         try:
             code, err = _cli(args)
         except BaseException as exc:  # what the user would see as a traceback
@@ -213,8 +245,11 @@ def _check_case(mode: str, mutations: list[tuple[str, object]]) -> None:
 
 def _report(mode: str) -> None:
     tally = TALLY[mode]
-    print(f"\nconfig fuzz ({mode}): {sum(tally.values())} cases tried: "
-          + ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) + "; no traceback, every problem one line naming its key")
+    print(
+        f"\nconfig fuzz ({mode}): {sum(tally.values())} cases tried: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(tally.items()))
+        + "; no traceback, every problem one line naming its key"
+    )
 
 
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], database=None)
@@ -280,7 +315,11 @@ ABSURD = [
     ("seed", -1, "seed: expected an integer from 0 to 2**63 - 1, got -1"),
     ("seed", 2**63, "seed: 9223372036854775808 does not fit in a 64-bit integer"),
     ("strategy.name", ":Thing", "strategy.name: expected 'package.module:Class' or 'path/file.py:Class', got ':Thing'"),
-    ("strategy.name", "json:JSONDecoder", "strategy.name: json:JSONDecoder is not a strategy: JSONDecoder must subclass clpeft.strategy.Strategy"),
+    (
+        "strategy.name",
+        "json:JSONDecoder",
+        "strategy.name: json:JSONDecoder is not a strategy: JSONDecoder must subclass clpeft.strategy.Strategy",
+    ),
     ("backbone.name", "clpeft.strategies.replay:Replay", "backbone.name: clpeft.strategies.replay:Replay is not a backbone"),
     ("strategy.name", "..rel:Thing", "strategy.name: cannot import module '..rel'"),
     ("train.bogus", 1, "train.bogus: unknown key"),
@@ -317,15 +356,27 @@ def test_values_at_the_edge_of_the_ranges_are_accepted_and_run():
     assert len(result["acc_matrix"]) == 2
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"k_shot": 500}, "scenario.k_shot: class"),  # digits have fewer than 500 images per class
-    ({"n_base": 11}, "scenario.n_base: the dataset has only 10 classes"),
-    ({"n_sessions": 4}, "scenario.n_sessions: 4 base + 4 x 2 classes exceed the 10 classes"),
-], ids=["k_shot>per-class", "n_base>classes", "sessions>classes"])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"k_shot": 500}, "scenario.k_shot: class"),  # digits have fewer than 500 images per class
+        ({"n_base": 11}, "scenario.n_base: the dataset has only 10 classes"),
+        ({"n_sessions": 4}, "scenario.n_sessions: 4 base + 4 x 2 classes exceed the 10 classes"),
+    ],
+    ids=["k_shot>per-class", "n_base>classes", "sessions>classes"],
+)
 def test_few_shot_counts_beyond_the_data_are_one_line(changes, message):
     cfg = copy.deepcopy(BASE)
-    cfg["scenario"] = {"name": FEW_SHOT, "dataset": "sklearn_digits", "n_base": 4, "n_way": 2, "k_shot": 5,
-                       "base_per_class": 5, "test_per_class": 3, **changes}
+    cfg["scenario"] = {
+        "name": FEW_SHOT,
+        "dataset": "sklearn_digits",
+        "n_base": 4,
+        "n_way": 2,
+        "k_shot": 5,
+        "base_per_class": 5,
+        "test_per_class": 3,
+        **changes,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "c.yaml").write_text(yaml.safe_dump(cfg))
         code, err = _cli(["run", f"{tmp}/c.yaml", "--out", f"{tmp}/run", "--device", "cpu"])
@@ -340,8 +391,10 @@ FOUND_BY_FUZZING = [
     # scenarios/class_incremental.py: an integer class_order seeds numpy's RandomState (0..2**32-1): ValueError
     ({"scenario.class_order": -1}, "scenario.class_order"),
     # scenarios/few_shot_class_incremental.py: the same for its integer class_order
-    ({"scenario": {"name": FEW_SHOT, "dataset": "sklearn_digits", "n_base": 4, "n_way": 2, "k_shot": 5, "class_order": -3}},
-     "scenario.class_order"),
+    (
+        {"scenario": {"name": FEW_SHOT, "dataset": "sklearn_digits", "n_base": 4, "n_way": 2, "k_shot": 5, "class_order": -3}},
+        "scenario.class_order",
+    ),
     # strategies/lwf.py: temperature divides the logits; 0 gives NaN (exit 1 'lower train.lr', misleading)
     ({"strategy.name": "lwf", "strategy.temperature": 0.0}, "strategy.temperature"),
     # clpeft/backbones/mlp.py: scale divides the inputs; 0 gives NaN (exit 1, misleading)

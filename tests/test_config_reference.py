@@ -12,8 +12,7 @@ def test_yaml_reference_matches_the_schemas():
     import subprocess
     import sys
 
-    page = subprocess.run([sys.executable, "-m", "clpeft", "list", "--markdown"], capture_output=True, text=True,
-                          check=True).stdout
+    page = subprocess.run([sys.executable, "-m", "clpeft", "list", "--markdown"], capture_output=True, text=True, check=True).stdout
     assert PAGE.read_text() == page, "regenerate with: clpeft list --markdown > docs/config_reference.md"
 
 

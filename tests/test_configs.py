@@ -39,15 +39,18 @@ def test_validate_builds_what_a_run_builds_and_says_what_is_missing(tmp_path, ca
     capsys.readouterr()
     run = yaml.safe_load((root / "baselines" / "digits_replay.yaml").read_text())
     cases = {
-        "no data": ({"name": "class_incremental", "dataset": "image_folder", "root": str(tmp_path / "absent"),
-                     "n_experiences": 2}, "scenario.root"),
-        "does not split": ({"name": "class_incremental", "dataset": "npz", "root": str(tmp_path / "three.npz"),
-                            "n_experiences": 2}, "do not split into 2 equal experiences"),
+        "no data": (
+            {"name": "class_incremental", "dataset": "image_folder", "root": str(tmp_path / "absent"), "n_experiences": 2},
+            "scenario.root",
+        ),
+        "does not split": (
+            {"name": "class_incremental", "dataset": "npz", "root": str(tmp_path / "three.npz"), "n_experiences": 2},
+            "do not split into 2 equal experiences",
+        ),
     }
     import numpy as np
 
-    np.savez(tmp_path / "three.npz", x=np.random.default_rng(0).normal(size=(30, 4)).astype("float32"),
-             y=np.repeat(np.arange(3), 10))
+    np.savez(tmp_path / "three.npz", x=np.random.default_rng(0).normal(size=(30, 4)).astype("float32"), y=np.repeat(np.arange(3), 10))
     for name, (scenario, message) in cases.items():
         path = tmp_path / f"{name.replace(' ', '_')}.yaml"
         path.write_text(yaml.safe_dump({**run, "scenario": scenario, "backbone": {"name": "mlp", "scale": 1.0}}))

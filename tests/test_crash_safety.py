@@ -90,9 +90,11 @@ def test_sigkill_inside_a_checkpoint_write_resumes_to_the_same_matrix(tmp_path, 
     reference = Engine(cfg, tmp_path / "ref", device="cpu").run()["acc_matrix"]
 
     killed = subprocess.run(
-        [sys.executable, "-m", "clpeft", "run", "run.yaml", "--out", "killed", "--device", "cpu",
-         "--set", f"strategy.kill_at={kill_at}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "clpeft", "run", "run.yaml", "--out", "killed", "--device", "cpu", "--set", f"strategy.kill_at={kill_at}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert killed.returncode == -9, killed.stderr  # SIGKILL
     ckpt = tmp_path / "killed" / "checkpoints"

@@ -33,16 +33,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 EXTRA = {  # lora_cl grows its ranks mid-experience (IncreLoRA): rank 1 -> 4 at steps 6, 12, 18 of 30
     # (adapting one layer of a frozen random MLP: it learns less than finetune)
     "replay": {"mem_size": 40},
-    "lora_cl": {"targets": ["net.0"], "rank": 1, "alpha": 1.0, "rank_budget": 4, "grow_every": 6,
-                "train_mask": False},
+    "lora_cl": {"targets": ["net.0"], "rank": 1, "alpha": 1.0, "rank_budget": 4, "grow_every": 6, "train_mask": False},
 }
 
 
 def _config(tmp_path: Path, strategy: str) -> Path:
     config = {
         "seed": 3,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": TRAIN_PER_CLASS, "test_per_class": TEST_PER_CLASS},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": TRAIN_PER_CLASS,
+            "test_per_class": TEST_PER_CLASS,
+        },
         "backbone": {"name": "mlp", "hidden": [64]},
         "strategy": {"name": strategy, **EXTRA.get(strategy, {})},
         "train": {"epochs": 15, "batch_size": BATCH, "lr": 0.1},
@@ -54,9 +58,12 @@ def _config(tmp_path: Path, strategy: str) -> Path:
 
 
 def _run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "clpeft", "run", *args, "--device", "cpu"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, "-m", "clpeft", "run", *args, "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=300
+    )
 
 
 def _matrix(run_dir: Path) -> np.ndarray:
@@ -98,11 +105,16 @@ def test_simplecil_matches_exactly_and_two_process_checkpoints_resume_in_one(tmp
 
 def test_test_time_adaptation_refuses_torchrun(tmp_path):
     config = tmp_path / "tta.yaml"
-    config.write_text(yaml.safe_dump({
-        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"]},
-        "backbone": {"name": "mlp"}, "strategy": {"name": "tent"},
-        "logging": {"tensorboard": False, "progress": "never"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"]},
+                "backbone": {"name": "mlp"},
+                "strategy": {"name": "tent"},
+                "logging": {"tensorboard": False, "progress": "never"},
+            }
+        )
+    )
     done = _run([str(config), "--out", str(tmp_path / "run")], nproc=2)
     assert done.returncode != 0
     # each rank exits 2 with the one-line error; the launcher's own summary follows it
@@ -158,7 +170,9 @@ def _divergence_is_named(world: World) -> None:
     check_consistent(world, model, "experience 0")  # equal: passes
     if world.rank == 1:
         model.bias.data[0] = 1.0
-    with pytest.raises(RunError, match=r"diverged after experience 1" + (r".*rank 1 differs from rank 0 in \['bias'\]" if world.rank else "")):
+    with pytest.raises(
+        RunError, match=r"diverged after experience 1" + (r".*rank 1 differs from rank 0 in \['bias'\]" if world.rank else "")
+    ):
         check_consistent(world, model, "experience 1")
 
 
@@ -189,8 +203,15 @@ def _input_covariances_and_drift_compensation_equal_the_whole(world: World) -> N
     torch.testing.assert_close(aligned.alignment.stats.means(), expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("fn", [_gathered_statistics_equal_the_whole, _prompt_counts_are_summed, _divergence_is_named,
-                                _input_covariances_and_drift_compensation_equal_the_whole])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _gathered_statistics_equal_the_whole,
+        _prompt_counts_are_summed,
+        _divergence_is_named,
+        _input_covariances_and_drift_compensation_equal_the_whole,
+    ],
+)
 def test_collectives_across_two_processes(tmp_path, fn):
     _in_two_processes(fn, tmp_path)
 

@@ -303,7 +303,7 @@ def test_nesterov_sgd_is_torchs(tmp_path):
     for _ in range(3):
         for p, opt in ((a, ours), (b, theirs), (c, plain)):
             opt.zero_grad()
-            (p ** 3).sum().backward()
+            (p**3).sum().backward()
             opt.step()
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match="Nesterov momentum needs train.momentum > 0"):
@@ -318,8 +318,13 @@ def test_cosine_epoch_is_cosine_annealing_stepped_per_epoch(epochs, steps, min_l
     from clpeft.training import make_optimizer, make_scheduler
 
     cfg = TrainConfig(epochs=epochs, lr=0.1, schedule="cosine_epoch", min_lr=min_lr)
-    groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},  # noqa: E731
-                      {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.001}]
+
+    def groups():
+        return [
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.001},
+        ]
+
     ours = make_optimizer(groups(), cfg)
     scheduler = make_scheduler(ours, cfg, steps)
     theirs = torch.optim.SGD(groups(), lr=0.1, momentum=0.9)

@@ -42,19 +42,21 @@ def _config(backbone: dict, strategy: str) -> dict:
         "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 3, "init_classes": 4},
         "backbone": dict(backbone),
         "strategy": {"name": strategy, **({"mem_size": 200} if strategy == "replay" else {})},
-        "train": {"epochs": 3, "batch_size": 32, "lr": 0.0005 if vit else 0.05,
-                  "optimizer": "adam" if vit else "sgd"},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.0005 if vit else 0.05, "optimizer": "adam" if vit else "sgd"},
         "logging": {"tensorboard": False, "progress": "never"},
     }
 
 
 @requires_cuda
-@pytest.mark.parametrize(("run", "amp", "compile", "tolerance"), [
-    ("mlp", "off", False, 0.02),   # fp32 on the GPU: float reordering only
-    ("vit", "off", False, 0.05),
-    ("vit", "bf16", False, 0.08),  # bf16 autocast
-    ("vit", "bf16", True, 0.08),   # and torch.compile of the backbone
-])
+@pytest.mark.parametrize(
+    ("run", "amp", "compile", "tolerance"),
+    [
+        ("mlp", "off", False, 0.02),  # fp32 on the GPU: float reordering only
+        ("vit", "off", False, 0.05),
+        ("vit", "bf16", False, 0.08),  # bf16 autocast
+        ("vit", "bf16", True, 0.08),  # and torch.compile of the backbone
+    ],
+)
 def test_cuda_run_matches_the_cpu_run(cpu_reference, tmp_path, run, amp, compile, tolerance):
     cfg, expected = cpu_reference[run]
     cfg = {**cfg, "train": {**cfg["train"], "amp": amp, "compile": compile}}

@@ -14,9 +14,7 @@ from clpeft.metrics import few_shot_summary, tta_summary
 
 def test_few_shot_metrics_equal_a_hand_worked_example():
     # 3 sessions; the base session's test set has 100 samples, the novel ones 10 and 20.
-    R = [[0.9, 0.0, 0.0],
-         [0.8, 0.5, 0.0],
-         [0.7, 0.4, 0.6]]
+    R = [[0.9, 0.0, 0.0], [0.8, 0.5, 0.0], [0.7, 0.4, 0.6]]
     out = few_shot_summary(R, [100, 10, 20])
     # session accuracy = correct answers on all seen test data / its size
     assert out["session_acc"] == pytest.approx([90 / 100, (80 + 5) / 110, (70 + 4 + 12) / 130])
@@ -44,8 +42,7 @@ def test_tta_summary_is_the_mean_of_per_domain_errors():
 
 
 def test_a_fscil_run_reports_session_metrics_and_records_its_sessions(tmp_path, digits_run):
-    digits_run["scenario"] = {"name": "few_shot_class_incremental", "dataset": "sklearn_digits",
-                              "n_base": 4, "n_way": 2, "k_shot": 5}
+    digits_run["scenario"] = {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 4, "n_way": 2, "k_shot": 5}
     digits_run["train"]["epochs"] = 2
     out = tmp_path / "run"
     result = Engine(config.resolve(digits_run), out, device="cpu").run()

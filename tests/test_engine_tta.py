@@ -95,8 +95,9 @@ class SentinelStream(Scenario):
             for name in ("gaussian_noise", "contrast")
         ]
         all_classes = list(range(10))
-        return self.link([Experience(i + 1, None, DataView.of(ds), [], all_classes, domain=ds.name)
-                          for i, ds in enumerate(SentinelStream.domains)])
+        return self.link(
+            [Experience(i + 1, None, DataView.of(ds), [], all_classes, domain=ds.name) for i, ds in enumerate(SentinelStream.domains)]
+        )
 
 
 def _probe_labels(exp: Experience) -> None:
@@ -149,8 +150,13 @@ class NosyAdapter(Strategy):
 @pytest.fixture
 def tta_run(digits_run, monkeypatch):
     monkeypatch.setitem(sys.modules, MODULE, sys.modules[__name__])
-    digits_run["scenario"] = {"name": "test_time_adaptation", "dataset": "sklearn_digits", "test_per_class": 20,
-                              "corruptions": ["gaussian_noise", "fog", "contrast"], "severity": 5}
+    digits_run["scenario"] = {
+        "name": "test_time_adaptation",
+        "dataset": "sklearn_digits",
+        "test_per_class": 20,
+        "corruptions": ["gaussian_noise", "fog", "contrast"],
+        "severity": 5,
+    }
     digits_run["strategy"] = {"name": f"{MODULE}:NosyAdapter"}
     digits_run["train"].update(epochs=2, batch_size=32)
     return digits_run
@@ -222,8 +228,11 @@ def test_a_killed_tta_run_resumes_to_the_same_result(tmp_path, tta_run, kill_at)
 
 
 def test_a_source_checkpoint_from_another_run_is_the_source_model(tmp_path, tta_run, digits_run):
-    source_run = {**digits_run, "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 1},
-                  "strategy": {"name": "finetune"}}
+    source_run = {
+        **digits_run,
+        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 1},
+        "strategy": {"name": "finetune"},
+    }
     _run(source_run, tmp_path / "clean")
     tta_run["scenario"]["source_checkpoint"] = str(tmp_path / "clean")
     _run(tta_run, tmp_path / "tta")
@@ -236,8 +245,11 @@ def test_a_source_checkpoint_from_another_run_is_the_source_model(tmp_path, tta_
         _run(tta_run, tmp_path / "missing")
     tta_run["backbone"]["hidden"] = [32]
     tta_run["scenario"]["source_checkpoint"] = str(tmp_path / "clean")
-    with pytest.raises(UserError, match=r"scenario.source_checkpoint: it does not fit this backbone \(size mismatch for "
-                                        r"backbone.net.0.weight"):
+    with pytest.raises(
+        UserError,
+        match=r"scenario.source_checkpoint: it does not fit this backbone \(size mismatch for "
+        r"backbone.net.0.weight",
+    ):
         _run(tta_run, tmp_path / "other_backbone")
 
 
@@ -252,16 +264,22 @@ def test_out_of_memory_in_training_names_the_training_batch_size(tmp_path, digit
     digits_run["scenario"]["n_experiences"] = 1
     monkeypatch.setattr(Strategy, "training_step", _out_of_memory)
     digits_run["eval"] = {"baseline": False}
-    with pytest.raises(RunError, match=r"CUDA out of memory while training on experience 0 with train.batch_size=32; "
-                                       r"lower train.batch_size \(e.g. --set train.batch_size=16\)"):
+    with pytest.raises(
+        RunError,
+        match=r"CUDA out of memory while training on experience 0 with train.batch_size=32; "
+        r"lower train.batch_size \(e.g. --set train.batch_size=16\)",
+    ):
         _run(digits_run, tmp_path / "run")
 
 
 def test_out_of_memory_in_evaluation_names_the_evaluation_batch_size(tmp_path, digits_run, monkeypatch):
     digits_run["scenario"]["n_experiences"] = 1
     monkeypatch.setattr(Strategy, "predict", _out_of_memory)
-    with pytest.raises(RunError, match=r"while evaluating with eval.batch_size=256; lower eval.batch_size \(e.g. --set "
-                                       r"eval.batch_size=128\)"):
+    with pytest.raises(
+        RunError,
+        match=r"while evaluating with eval.batch_size=256; lower eval.batch_size \(e.g. --set "
+        r"eval.batch_size=128\)",
+    ):
         _run(digits_run, tmp_path / "run")
 
 

@@ -85,8 +85,12 @@ def test_a_planted_source_checkpoint_never_runs_and_stops_in_one_line(tmp_path, 
     _plant(evil, {"format": 1, "experience": 0, "strategy": {"x": _RunsCode(marker)}})
     run = {
         "seed": 0,
-        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"],
-                     "source_checkpoint": str(evil)},
+        "scenario": {
+            "name": "test_time_adaptation",
+            "dataset": "sklearn_digits",
+            "corruptions": ["gaussian_noise"],
+            "source_checkpoint": str(evil),
+        },
         "backbone": {"name": "mlp", "hidden": [16]},
         "strategy": {"name": "source"},
         "logging": {"tensorboard": False, "progress": "never"},
@@ -138,8 +142,18 @@ def test_save_refuses_state_that_would_not_read_back_and_names_where(tmp_path, s
 
 def test_every_plain_type_save_accepts_reads_back_equal(tmp_path):
     state = OrderedDict(
-        w=torch.randn(2, 3), p=torch.nn.Parameter(torch.ones(2)), n=3, f=0.25, b=True, c=1 + 2j, s="x", raw=b"\x00",
-        none=None, size=torch.Size([2, 3]), dtype=torch.bfloat16, dev=torch.device("cpu"),
+        w=torch.randn(2, 3),
+        p=torch.nn.Parameter(torch.ones(2)),
+        n=3,
+        f=0.25,
+        b=True,
+        c=1 + 2j,
+        s="x",
+        raw=b"\x00",
+        none=None,
+        size=torch.Size([2, 3]),
+        dtype=torch.bfloat16,
+        dev=torch.device("cpu"),
         nested={"t": (1, [2.0, {3}]), 4: "int key"},
     )
     checkpoint.save(tmp_path, 0, {"experience": 0, "strategy": state})
@@ -156,12 +170,15 @@ def test_the_skip_warning_is_one_line_on_the_command_line(tmp_path, digits_run):
 
     out, _ = _finished_run(tmp_path, digits_run)
     _plant(out / "checkpoints" / "exp_002.pt", {"format": 1, "experience": 2, "strategy": {}, "x": _RunsCode(tmp_path / "P")})
-    done = subprocess.run([sys.executable, "-m", "clpeft", "run", str(out), "--resume", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "clpeft", "run", str(out), "--resume", "--device", "cpu"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     warned = [line for line in done.stderr.splitlines() if "exp_002.pt" in line]
-    assert warned == [f"clpeft: warning: skipping exp_002.pt: unreadable: it asks to load 'posix.system', and clpeft "
-                      f"never runs code from a checkpoint; falling back to an earlier checkpoint ({out / 'checkpoints' / 'exp_002.pt'})"]
+    assert warned == [
+        f"clpeft: warning: skipping exp_002.pt: unreadable: it asks to load 'posix.system', and clpeft "
+        f"never runs code from a checkpoint; falling back to an earlier checkpoint ({out / 'checkpoints' / 'exp_002.pt'})"
+    ]
     assert "warnings.warn" not in done.stderr and not (tmp_path / "P").exists()
 
 
@@ -169,8 +186,7 @@ def test_a_source_checkpoint_with_backbone_tensors_this_backbone_lacks_is_refuse
     """A LoRA source's adapters (here: one extra backbone tensor) were dropped silently before."""
     run = {
         "seed": 0,
-        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"],
-                     "test_per_class": 10},
+        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"], "test_per_class": 10},
         "backbone": {"name": "mlp", "hidden": [16]},
         "strategy": {"name": "source"},
         "train": {"epochs": 1},

@@ -45,10 +45,16 @@ def _bomb(levels: int = 9) -> str:
 @pytest.mark.parametrize("command", ["validate", "run", "merge"])
 def test_an_alias_bomb_is_refused_at_once_by_every_command(tmp_path, capsys, command):
     junk = "\n".join("    " + line for line in _bomb().splitlines())
-    text = (f"strategy:\n  name: finetune\n  junk:\n{junk}\n" if command != "merge" else f"method: mean\njunk:\n{junk}\n")
+    text = f"strategy:\n  name: finetune\n  junk:\n{junk}\n" if command != "merge" else f"method: mean\njunk:\n{junk}\n"
     path = tmp_path / "bomb.yaml"
-    path.write_text(text + ("scenario: {name: class_incremental, dataset: sklearn_digits, n_experiences: 2}\n"
-                            "backbone: {name: mlp}\n" if command != "merge" else ""))
+    path.write_text(
+        text
+        + (
+            "scenario: {name: class_incremental, dataset: sklearn_digits, n_experiences: 2}\nbackbone: {name: mlp}\n"
+            if command != "merge"
+            else ""
+        )
+    )
     argv = [command, str(path)] + (["--out", str(tmp_path / "o")] if command == "run" else [])
     start = time.perf_counter()
     err = _one_line_error(capsys, main(argv))
@@ -65,8 +71,10 @@ def test_aliases_within_the_bound_still_work():
     [
         ("[" * 3000 + "]" * 3000, "nested too deeply to read"),
         ("a: &x [1, *x]", "c.yaml:1: an anchor refers to itself"),
-        ("strategy: {name: finetune}\ntrain: {lr: 0.1}\ntrain: {lr: 0.2}\n",
-         "c.yaml:3:1: duplicate key 'train' (first given on line 2); the later value would silently win"),
+        (
+            "strategy: {name: finetune}\ntrain: {lr: 0.1}\ntrain: {lr: 0.2}\n",
+            "c.yaml:3:1: duplicate key 'train' (first given on line 2); the later value would silently win",
+        ),
         ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.3\n", "c.yaml:4:3: duplicate key 'lr' (first given on line 2)"),
     ],
 )
@@ -87,8 +95,12 @@ def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path, capsys, content):
 
 @pytest.mark.parametrize(
     ("override", "where"),
-    [("train.epochs=true", "train.epochs"), ("strategy={name: replay, mem_size: true}", "strategy.mem_size"),
-     ("backbone.hidden=[16, false]", "backbone.hidden[1]"), ("train.lr=true", "train.lr")],
+    [
+        ("train.epochs=true", "train.epochs"),
+        ("strategy={name: replay, mem_size: true}", "strategy.mem_size"),
+        ("backbone.hidden=[16, false]", "backbone.hidden[1]"),
+        ("train.lr=true", "train.lr"),
+    ],
 )
 def test_a_boolean_is_never_read_as_a_number(tmp_path, capsys, override, where):
     path = tmp_path / "c.yaml"
@@ -100,8 +112,9 @@ def test_a_boolean_is_never_read_as_a_number(tmp_path, capsys, override, where):
 def test_booleans_stay_accepted_where_the_field_takes_them(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(RUN))
-    assert main(["validate", str(path), "--set", "train.amp=off", "--set", "logging.tensorboard=true",
-                 "--set", "backbone.freeze=true"]) == 0
+    assert (
+        main(["validate", str(path), "--set", "train.amp=off", "--set", "logging.tensorboard=true", "--set", "backbone.freeze=true"]) == 0
+    )
 
 
 def test_an_empty_section_takes_set_overrides(tmp_path, capsys):
@@ -114,8 +127,10 @@ def test_an_empty_section_takes_set_overrides(tmp_path, capsys):
     ("source", "message"),
     [
         ("import sys\nsys.exit(0)\n", "plug.py:2: it called sys.exit(0) while being imported"),
-        ("from clpeft import Strategy\n\nclass Mine(Strategy):\n    def after_experiment(self, exp):\n        pass\n",
-         "plug.py:3: TypeError while importing it: Mine defines ['after_experiment'], which the engine never calls"),
+        (
+            "from clpeft import Strategy\n\nclass Mine(Strategy):\n    def after_experiment(self, exp):\n        pass\n",
+            "plug.py:3: TypeError while importing it: Mine defines ['after_experiment'], which the engine never calls",
+        ),
         ("raise RuntimeError('boom')\n", "plug.py:1: RuntimeError while importing it: boom"),
     ],
 )
@@ -130,8 +145,9 @@ def test_a_plug_in_that_exits_or_fails_on_import_is_one_line(tmp_path, capsys, s
 def test_a_sweep_metric_no_run_reports_is_refused_before_training(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(RUN))
-    err = _one_line_error(capsys, main(["sweep", str(path), "--grid", "train.lr=[0.1,0.2]", "--metric", "acc_lats",
-                                        "--out", str(tmp_path / "sw")]))
+    err = _one_line_error(
+        capsys, main(["sweep", str(path), "--grid", "train.lr=[0.1,0.2]", "--metric", "acc_lats", "--out", str(tmp_path / "sw")])
+    )
     assert "--metric acc_lats: not a scalar metric of a class_incremental run (acc_final, acc_last," in err
     assert err.endswith("; did you mean 'acc_last'?\n")
     assert not (tmp_path / "sw").exists()  # nothing trained
@@ -141,8 +157,9 @@ def test_a_sweep_over_online_runs_may_pick_a_auc_and_others_may_not(tmp_path, ca
     """A_auc exists only for online streams: the early check knows which runs report it."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(RUN))
-    err = _one_line_error(capsys, main(["sweep", str(path), "--grid", "train.lr=[0.1]", "--metric", "a_auc",
-                                        "--out", str(tmp_path / "sw")]))
+    err = _one_line_error(
+        capsys, main(["sweep", str(path), "--grid", "train.lr=[0.1]", "--metric", "a_auc", "--out", str(tmp_path / "sw")])
+    )
     assert "--metric a_auc: not a scalar metric of a class_incremental run" in err
     from clpeft import config
     from clpeft.tools.sweep import _check_metric
@@ -185,8 +202,9 @@ def test_compare_csv_into_a_directory_is_one_line(finished_run, tmp_path, capsys
 
 
 def test_a_closed_pipe_ends_compare_quietly(finished_run):
-    reader = subprocess.Popen([sys.executable, "-m", "clpeft", "compare", str(finished_run), str(finished_run)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "clpeft", "compare", str(finished_run), str(finished_run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     reader.stdout.close()  # what `| head -0` does
     err = reader.stderr.read().decode()
     assert reader.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
@@ -195,8 +213,7 @@ def test_a_closed_pipe_ends_compare_quietly(finished_run):
 def test_every_mistake_of_a_config_is_reported_in_one_run(tmp_path, capsys):
     """Issue 20: validate reported only the first problem and '(+1 more)'; now each on its own line."""
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**RUN, "backbone": {"name": "mlp", "widht": 3}, "train": {"lr": -1, "epochs": 0},
-                                    "evalu": {}}))
+    path.write_text(yaml.safe_dump({**RUN, "backbone": {"name": "mlp", "widht": 3}, "train": {"lr": -1, "epochs": 0}, "evalu": {}}))
     assert main(["validate", str(path)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
@@ -212,8 +229,10 @@ def test_switching_the_strategy_by_set_drops_the_old_strategys_keys_with_a_notic
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**RUN, "strategy": {"name": "replay", "mem_size": 20, "policy": "reservoir"}}))
     assert main(["validate", str(path), "--set", "strategy.name=finetune"]) == 0  # was: unknown key mem_size
-    assert ("clpeft: note: strategy.name changed from replay: dropped its keys mem_size, policy (set the whole section "
-            "to keep control: --set 'strategy={name: ...}')") in capsys.readouterr().err
+    assert (
+        "clpeft: note: strategy.name changed from replay: dropped its keys mem_size, policy (set the whole section "
+        "to keep control: --set 'strategy={name: ...}')"
+    ) in capsys.readouterr().err
     # a key that belongs to neither strategy is still an error, and without --set nothing is dropped
     path.write_text(yaml.safe_dump({**RUN, "strategy": {"name": "replay", "mem_sise": 20}}))
     assert main(["validate", str(path), "--set", "strategy.name=finetune"]) == 2

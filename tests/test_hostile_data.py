@@ -89,8 +89,7 @@ def test_a_nan_row_in_an_npz_file_is_refused_before_training(tmp_path, capsys):
     x, y = _features()
     x[3, 2] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=y)
-    _refused(capsys, tmp_path, {"dataset": "npz", "root": str(tmp_path / "nan.npz")},
-             str(tmp_path / "nan.npz"), "1 of 80 rows", "row 3")
+    _refused(capsys, tmp_path, {"dataset": "npz", "root": str(tmp_path / "nan.npz")}, str(tmp_path / "nan.npz"), "1 of 80 rows", "row 3")
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.pt"))
 
 
@@ -198,8 +197,7 @@ def test_a_test_id_past_the_class_names_is_refused_not_an_index_error(tmp_path, 
     yt = y[1::2].copy()
     yt[4] = 9
     _with_names(tmp_path / "test.npz", x[1::2], yt, CLASSES)
-    _refused(capsys, tmp_path, {"dataset": "npz", "root": str(tmp_path)},
-             str(tmp_path / "test.npz"), "first: 9 at row 4", "1 of 40 labels")
+    _refused(capsys, tmp_path, {"dataset": "npz", "root": str(tmp_path)}, str(tmp_path / "test.npz"), "first: 9 at row 4", "1 of 40 labels")
 
 
 @pytest.mark.parametrize("case", ["duplicate", "one_split", "two_dims"])
@@ -229,9 +227,13 @@ def test_an_empty_npz_is_refused(tmp_path):
 def test_an_image_test_folder_missing_classes_is_refused(tmp_path, capsys):
     _folder(tmp_path / "d" / "train")
     _folder(tmp_path / "d" / "test", classes=CLASSES[:2])
-    _refused(capsys, tmp_path, {"dataset": "image_folder", "root": str(tmp_path / "d"),
-                                "dataset_options": {"image_size": 8, "mode": "L"}},
-             str(tmp_path / "d" / "test"), "no samples of classes eel, fox;")
+    _refused(
+        capsys,
+        tmp_path,
+        {"dataset": "image_folder", "root": str(tmp_path / "d"), "dataset_options": {"image_size": 8, "mode": "L"}},
+        str(tmp_path / "d" / "test"),
+        "no samples of classes eel, fox;",
+    )
 
 
 def test_npz_and_text_test_splits_missing_a_class_are_refused(tmp_path):
@@ -244,10 +246,8 @@ def test_npz_and_text_test_splits_missing_a_class_are_refused(tmp_path):
 
     text = tmp_path / "text"
     text.mkdir()
-    (text / "train.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": lab}) + "\n"
-                                              for i, lab in enumerate("aabbcc")))
-    (text / "test.jsonl").write_text("".join(json.dumps({"text": f"u{i}", "label": lab}) + "\n"
-                                             for i, lab in enumerate("ab")))
+    (text / "train.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": lab}) + "\n" for i, lab in enumerate("aabbcc")))
+    (text / "test.jsonl").write_text("".join(json.dumps({"text": f"u{i}", "label": lab}) + "\n" for i, lab in enumerate("ab")))
     message = _load_error("jsonl", text)
     assert str(text / "test.jsonl") in message and "no samples of classes c;" in message
 
@@ -271,9 +271,13 @@ def test_a_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
     bomb = _png(root / "dog" / "bomb.png", size=(40, 40))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,600 pixels > 2 x 500: DecompressionBombError
     for decode in ("eager", "lazy"):
-        _refused(capsys, tmp_path, {"dataset": "image_folder", "root": str(root),
-                                    "dataset_options": {"image_size": 8, "decode": decode}},
-                 str(bomb), "decompression bomb")
+        _refused(
+            capsys,
+            tmp_path,
+            {"dataset": "image_folder", "root": str(root), "dataset_options": {"image_size": 8, "decode": decode}},
+            str(bomb),
+            "decompression bomb",
+        )
 
 
 def test_truncated_npz_and_npy_files_are_one_line(tmp_path, capsys):
@@ -300,7 +304,7 @@ def test_a_compressed_npz_with_a_damaged_member_is_one_line(tmp_path):
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
         info = z.getinfo("x.npy")
     start = info.header_offset + 30 + len(info.filename) + 40  # inside x's compressed bytes
-    data[start: start + 50] = bytes(50)
+    data[start : start + 50] = bytes(50)
     (tmp_path / "d.npz").write_bytes(bytes(data))
     assert str(tmp_path / "d.npz") in _load_error("npz", tmp_path / "d.npz")
 
@@ -312,11 +316,9 @@ def test_latin1_text_files_are_one_line_naming_the_line(tmp_path, capsys, fmt):
     if fmt == "csv":
         path.write_bytes(("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows)).encode("latin-1"))
     else:
-        path.write_bytes("".join(json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n"
-                                 for t, lab in rows).encode("latin-1"))
+        path.write_bytes("".join(json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n" for t, lab in rows).encode("latin-1"))
     line = 5 if fmt == "csv" else 4
-    _refused(capsys, tmp_path, {"dataset": fmt, "root": str(path), "n_experiences": 1},
-             f"{path}:{line}", "UTF-8")
+    _refused(capsys, tmp_path, {"dataset": fmt, "root": str(path), "n_experiences": 1}, f"{path}:{line}", "UTF-8")
 
 
 def test_a_csv_field_over_the_csv_module_limit_is_one_line(tmp_path, capsys):
@@ -343,8 +345,11 @@ def test_an_unusable_feature_cache_folder_is_one_line(tmp_path, capsys, monkeypa
     blocker = tmp_path / "plain-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("CLPEFT_CACHE", str(blocker / "cache") if how == "under_a_file" else str(blocker))
-    cfg = _config(tmp_path, {"dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 5},
-                  backbone={"name": "mlp", "hidden": [16], "freeze": True})
+    cfg = _config(
+        tmp_path,
+        {"dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 5},
+        backbone={"name": "mlp", "hidden": [16], "freeze": True},
+    )
     code = main(["run", cfg, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
@@ -357,8 +362,8 @@ def _broken_pixels(path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (7, 11, 3), dtype=np.uint8)).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
     at = data.find(b"IDAT")
-    size = struct.unpack(">I", data[at - 4: at])[0]
-    data[at + 6: at + 4 + size] = b"\xaa" * (size - 2)
+    size = struct.unpack(">I", data[at - 4 : at])[0]
+    data[at + 6 : at + 4 + size] = b"\xaa" * (size - 2)
     path.write_bytes(bytes(data))
     return path
 
@@ -366,9 +371,13 @@ def _broken_pixels(path):
 def test_a_decode_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     root = _folder(tmp_path / "imgs")
     bad = _broken_pixels(root / "eel" / "9.png")
-    _refused(capsys, tmp_path, {"dataset": "image_folder", "root": str(root),
-                                "dataset_options": {"image_size": 8, "decode": "lazy"}},
-             f"cannot read image {bad}", train={"num_workers": 2})
+    _refused(
+        capsys,
+        tmp_path,
+        {"dataset": "image_folder", "root": str(root), "dataset_options": {"image_size": 8, "decode": "lazy"}},
+        f"cannot read image {bad}",
+        train={"num_workers": 2},
+    )
 
 
 def test_lazy_decoding_checks_every_file_before_training(tmp_path):
@@ -386,12 +395,15 @@ def test_lazy_decoding_checks_every_file_before_training(tmp_path):
     assert isinstance(train, folder_datasets.ImageFileDataset)
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("truncated_images", "cannot read"),
-    ("fractional_label", "first: 0.5 at row 4"),
-    ("negative_label", "one class id"),
-    ("fewer_labels", "N = 29"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("truncated_images", "cannot read"),
+        ("fractional_label", "first: 0.5 at row 4"),
+        ("negative_label", "one class id"),
+        ("fewer_labels", "N = 29"),
+    ],
+)
 def test_damaged_cifar_c_files_are_refused_before_adapting(tmp_path, damage, expected):
     from clpeft.scenarios.test_time_adaptation import TestTimeAdaptation
 
@@ -407,19 +419,22 @@ def test_damaged_cifar_c_files_are_refused_before_adapting(tmp_path, damage, exp
     np.save(tmp_path / "labels.npy", labels)
     if damage == "truncated_images":
         _cut(tmp_path / "fog.npy", lambda n: n - 100)
-    scenario = TestTimeAdaptation(seed=0, corruptions=["fog"], severity=1, corrupted_root=str(tmp_path),
-                                  source_checkpoint="unused-here")
+    scenario = TestTimeAdaptation(seed=0, corruptions=["fog"], severity=1, corrupted_root=str(tmp_path), source_checkpoint="unused-here")
     with pytest.raises(UserError, match="scenario.corrupted_root") as info:
         scenario.experiences()
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda plan: plan["test_indices"].append(10**6), "test_indices must lie in 0.."),
-    (lambda plan: plan["class_order"].__setitem__(0, 12), "class_order must list distinct class ids of 0..9"),
-    (lambda plan: plan.pop("test_indices"), "not a complete sessions plan (KeyError"),
-    (lambda plan: plan["sessions"][2].pop("classes"), "not a complete sessions plan (KeyError"),
-], ids=["test_index", "class_order", "no_test_indices", "no_classes"])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda plan: plan["test_indices"].append(10**6), "test_indices must lie in 0.."),
+        (lambda plan: plan["class_order"].__setitem__(0, 12), "class_order must list distinct class ids of 0..9"),
+        (lambda plan: plan.pop("test_indices"), "not a complete sessions plan (KeyError"),
+        (lambda plan: plan["sessions"][2].pop("classes"), "not a complete sessions plan (KeyError"),
+    ],
+    ids=["test_index", "class_order", "no_test_indices", "no_classes"],
+)
 def test_a_damaged_sessions_file_is_refused(tmp_path, damage, expected):
     from clpeft.scenarios.few_shot_class_incremental import SESSIONS_FILE, FewShotClassIncremental
 
@@ -461,10 +476,13 @@ def test_cub_entries_outside_the_images_folder_are_refused(tmp_path, monkeypatch
     assert f"{cub / 'images.txt'}:4" in message and "points outside" in message
 
 
-@pytest.mark.parametrize("split, expected", [
-    ("1 1\n2 0\n3 1\n", "train_test_split.txt has no line for image 4"),
-    ("1 1\n2 0\n3 1\n4 2\n", "train_test_split.txt:4"),
-])
+@pytest.mark.parametrize(
+    "split, expected",
+    [
+        ("1 1\n2 0\n3 1\n", "train_test_split.txt has no line for image 4"),
+        ("1 1\n2 0\n3 1\n4 2\n", "train_test_split.txt:4"),
+    ],
+)
 def test_cub_split_file_must_cover_every_image_with_0_or_1(tmp_path, monkeypatch, split, expected):
     monkeypatch.setitem(folder_datasets.PRESET_CLASSES, "cub200", 2)
     _cub(tmp_path, GOOD_CUB, split)
@@ -512,7 +530,7 @@ def _cache_setup(tmp_path):
 
 def _cut(path, keep):
     data = path.read_bytes()
-    path.write_bytes(data[:keep(len(data))])
+    path.write_bytes(data[: keep(len(data))])
 
 
 DAMAGE = {
@@ -556,8 +574,11 @@ def test_a_cache_file_that_is_a_folder_is_one_line(tmp_path):
 
 def test_a_run_on_a_truncated_cache_equals_a_fresh_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CLPEFT_CACHE", str(tmp_path / "fc"))
-    cfg = _config(tmp_path, {"dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 20},
-                  backbone={"name": "mlp", "hidden": [16], "freeze": True})
+    cfg = _config(
+        tmp_path,
+        {"dataset": "sklearn_digits", "n_experiences": 2, "train_per_class": 20},
+        backbone={"name": "mlp", "hidden": [16], "freeze": True},
+    )
     results = []
     assert main(["run", cfg, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
     for path in (tmp_path / "fc").rglob("features.npy"):

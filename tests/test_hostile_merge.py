@@ -217,9 +217,11 @@ def test_an_output_inside_an_input_directory_is_refused(pair, capsys):
     shards.mkdir()
     save_file({"w": BASE}, shards / "model.safetensors")
     before = files(pair)
-    for base, out in [("b.safetensors", "run/merged.safetensors"),
-                      ("b.safetensors", "run/checkpoints/exp_999.safetensors"),
-                      ("shards", "shards/merged.safetensors")]:
+    for base, out in [
+        ("b.safetensors", "run/merged.safetensors"),
+        ("b.safetensors", "run/checkpoints/exp_999.safetensors"),
+        ("shards", "shards/merged.safetensors"),
+    ]:
         models = "run" if base == "b.safetensors" else "a.safetensors"
         err = fail(capsys, "--base", base, "--models", models, "--method", "mean", "--out", out)
         assert "inside the input directory" in err
@@ -253,8 +255,11 @@ HEADERS = {
     "overlap": ({"w": entry(0, 8), "v": entry(4, 12)}, 12, "overlap"),
     "gap": ({"w": entry(8, 16)}, 16, "bytes 0-8"),
     "trailing bytes": ({"w": entry(0, 8)}, 16, "bytes 8-16"),
-    "duplicate name": (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-                       b'"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', 16, "bytes 0-8"),
+    "duplicate name": (
+        b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}',
+        16,
+        "bytes 0-8",
+    ),
     "string metadata": ({"__metadata__": "x", "w": entry(0, 8)}, 8, "__metadata__"),
     "non-string metadata": ({"__metadata__": {"k": 1}, "w": entry(0, 8)}, 8, "__metadata__"),
     "deep nesting": (b"[" * 100_000 + b"]" * 100_000, 0, "nested"),
@@ -274,8 +279,7 @@ def test_malformed_headers_are_one_line_naming_the_file(pair, capsys, case):
     """Guards: malformed headers were read as weights, silently accepted or raised tracebacks."""
     header, size, problem = HEADERS[case]
     raw_file(pair / "bad.safetensors", header, b"\0" * size)
-    err = fail(capsys, "--base", "bad.safetensors", "--models", "a.safetensors", "--method", "mean",
-               "--out", "m.safetensors")
+    err = fail(capsys, "--base", "bad.safetensors", "--models", "a.safetensors", "--method", "mean", "--out", "m.safetensors")
     assert "bad.safetensors" in err and problem in err, err
     assert len(err) < 400  # the entry is quoted briefly, never whole
 
@@ -304,15 +308,20 @@ def test_malformed_shard_indexes_are_one_line(pair, capsys, index):
     """Guards (own case): a shard index whose weight_map is not name -> file gave tracebacks."""
     text = index if isinstance(index, str) else json.dumps(index)
     (pair / "model.safetensors.index.json").write_text(text)
-    err = fail(capsys, "--base", "model.safetensors.index.json", "--models", "a.safetensors", "--method", "mean",
-               "--out", "m.safetensors")
+    err = fail(capsys, "--base", "model.safetensors.index.json", "--models", "a.safetensors", "--method", "mean", "--out", "m.safetensors")
     assert "model.safetensors.index.json" in err
 
 
 @pytest.mark.parametrize(
     "config",
-    ["[1, 2]", "[" * 100_000, '{"r": "x", "lora_alpha": 8}', '{"r": 1, "lora_alpha": "x"}',
-     '{"r": 1, "lora_alpha": 8, "rank_pattern": [1]}', '{"r": 1, "lora_alpha": 8, "alpha_pattern": {"(": 2}}'],
+    [
+        "[1, 2]",
+        "[" * 100_000,
+        '{"r": "x", "lora_alpha": 8}',
+        '{"r": 1, "lora_alpha": "x"}',
+        '{"r": 1, "lora_alpha": 8, "rank_pattern": [1]}',
+        '{"r": 1, "lora_alpha": 8, "alpha_pattern": {"(": 2}}',
+    ],
     ids=["list", "deep", "string rank", "string alpha", "pattern list", "bad regex"],
 )
 def test_malformed_adapter_configs_are_one_line(pair, capsys, config):
@@ -331,10 +340,8 @@ def test_malformed_adapter_configs_are_one_line(pair, capsys, config):
 def test_a_rank_zero_adapter_is_one_line(pair, capsys):
     """Guards (own case): LoRA factors of rank 0 divided alpha by zero (a traceback)."""
     save_file({"x.weight": BASE}, pair / "b.safetensors")
-    save_file({"x.lora_A": torch.ones(0, 4), "x.lora_B": torch.ones(4, 0), "x.lora_alpha": torch.tensor(8.0)},
-              pair / "zero.safetensors")
-    err = fail(capsys, "--base", "b.safetensors", "--models", "zero.safetensors", "--method", "mean",
-               "--out", "m.safetensors")
+    save_file({"x.lora_A": torch.ones(0, 4), "x.lora_B": torch.ones(4, 0), "x.lora_alpha": torch.tensor(8.0)}, pair / "zero.safetensors")
+    err = fail(capsys, "--base", "b.safetensors", "--models", "zero.safetensors", "--method", "mean", "--out", "m.safetensors")
     assert "zero.safetensors" in err and "'x'" in err
 
 
@@ -359,8 +366,9 @@ sys.exit(main(["merge", "--base", "b.safetensors", "--models", "a.safetensors", 
 def interrupted(directory: Path, signum: int) -> subprocess.CompletedProcess:
     """Run a merge in a child process and send it ``signum`` while it writes the output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=directory, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], cwd=directory, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert child.stdout.readline() == "writing\n"
     assert [p.name for p in directory.glob(".m.safetensors.*")]  # a temp output exists now
     child.send_signal(signum)
@@ -404,19 +412,35 @@ def test_a_live_merges_temp_output_is_never_removed(pair):
 
 def batchnorm_models(var_a: float = 1.0, var_b: float = 2.0):
     """A conv + BatchNorm state dict (float num_batches_tracked, as some exports store it) and two fine-tunes."""
-    base = {"conv.weight": BASE.clone(), "bn.weight": torch.ones(4), "bn.running_mean": torch.zeros(4),
-            "bn.running_var": torch.full((4,), 100.0), "bn.num_batches_tracked": torch.tensor(7.0)}
+    base = {
+        "conv.weight": BASE.clone(),
+        "bn.weight": torch.ones(4),
+        "bn.running_mean": torch.zeros(4),
+        "bn.running_var": torch.full((4,), 100.0),
+        "bn.num_batches_tracked": torch.tensor(7.0),
+    }
     fine = [
-        {**base, "conv.weight": BASE + 0.1, "bn.running_mean": torch.full((4,), 1.0),
-         "bn.running_var": torch.full((4,), var_a), "bn.num_batches_tracked": torch.tensor(107.0)},
-        {**base, "conv.weight": BASE - 0.3, "bn.running_mean": torch.full((4,), 3.0),
-         "bn.running_var": torch.full((4,), var_b), "bn.num_batches_tracked": torch.tensor(207.0)},
+        {
+            **base,
+            "conv.weight": BASE + 0.1,
+            "bn.running_mean": torch.full((4,), 1.0),
+            "bn.running_var": torch.full((4,), var_a),
+            "bn.num_batches_tracked": torch.tensor(107.0),
+        },
+        {
+            **base,
+            "conv.weight": BASE - 0.3,
+            "bn.running_mean": torch.full((4,), 3.0),
+            "bn.running_var": torch.full((4,), var_b),
+            "bn.num_batches_tracked": torch.tensor(207.0),
+        },
     ]
     return base, fine
 
 
-@pytest.mark.parametrize(("method", "params"), [("task_arithmetic", {"scale": 1.0}), ("ties", {"density": 1.0}),
-                                                ("dare", {"drop_rate": 0.5})])
+@pytest.mark.parametrize(
+    ("method", "params"), [("task_arithmetic", {"scale": 1.0}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.5})]
+)
 def test_batchnorm_statistics_are_averaged_never_task_arithmetic(method, params):
     """Guards (issue 20): running_var merged as a task vector came out as -97 (a variance)."""
     base, fine = batchnorm_models()
@@ -444,8 +468,7 @@ def test_adamerging_averages_statistics_instead_of_learning_coefficients_for_the
     """Guards: AdaMerging is task arithmetic with learned coefficients; statistics follow the same rule."""
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    fine = [{**base, "0.weight": base["0.weight"] + 0.1 * (k + 1), "1.running_var": torch.full((4,), 1.0 + k)}
-            for k in range(2)]
+    fine = [{**base, "0.weight": base["0.weight"] + 0.1 * (k + 1), "1.running_var": torch.full((4,), 1.0 + k)} for k in range(2)]
     forward = functional_forward(model.requires_grad_(False), [nn.Identity(), nn.Identity()])
     result = adamerging(base, fine, forward=forward, loaders=[[torch.randn(8, 4)]] * 2, steps=1)
     assert result.state_dict["1.running_var"].eq(1.5).all() and "1.running_var" not in result.coefficients
@@ -462,9 +485,7 @@ def test_a_negative_merged_variance_is_an_error():
 # ---------------------------------------------------------------- write errors
 
 
-@pytest.mark.parametrize(
-    ("target", "code"), [("os.write", errno.ENOSPC), ("tempfile.mkstemp", errno.EROFS), ("os.replace", errno.EDQUOT)]
-)
+@pytest.mark.parametrize(("target", "code"), [("os.write", errno.ENOSPC), ("tempfile.mkstemp", errno.EROFS), ("os.replace", errno.EDQUOT)])
 def test_write_errors_are_one_line(pair, capsys, monkeypatch, target, code):
     """Guards: ENOSPC, EROFS (and, own case, EDQUOT at the rename) gave tracebacks."""
     module, name = target.split(".")
@@ -503,8 +524,9 @@ def test_a_tensor_name_with_a_newline_stays_one_line(pair, capsys):
     assert "evil\\nname" in err
 
 
-@pytest.mark.parametrize("setting", ["seed=[" + ",".join(["1"] * 20000) + "]",
-                                     "scale=[" + ",".join(["1"] * 20000) + "]"], ids=["config", "parameter"])
+@pytest.mark.parametrize(
+    "setting", ["seed=[" + ",".join(["1"] * 20000) + "]", "scale=[" + ",".join(["1"] * 20000) + "]"], ids=["config", "parameter"]
+)
 def test_huge_values_are_quoted_briefly(pair, capsys, setting):
     """Guards: config and parameter errors printed the whole offending value (an aliased YAML
     structure can be enormous)."""

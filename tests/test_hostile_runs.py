@@ -69,9 +69,16 @@ def test_a_run_directory_in_use_is_refused_naming_its_process(tmp_path, capsys):
 
 def test_two_runs_started_together_on_one_directory_never_mix(tmp_path):
     base = _config(tmp_path)
-    runs = [subprocess.Popen([sys.executable, "-m", "clpeft", "run", base, "--out", "same", *extra],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for extra in ([], ["--set", "train.lr=0.2", "--seed", "7"])]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "clpeft", "run", base, "--out", "same", *extra],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for extra in ([], ["--set", "train.lr=0.2", "--seed", "7"])
+    ]
     results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results  # was: both 0, config of one run beside metrics of the other
@@ -132,10 +139,10 @@ def _interrupted(tmp_path, capsys):
 def test_force_cannot_resume_checkpoints_of_another_stream(tmp_path, capsys, reference):
     out = _interrupted(tmp_path, capsys)
     stored = (out / "config.yaml").read_text()
-    err = _one_line_error(capsys, main(["run", str(out), "--resume", "--force", "--set", "scenario.n_experiences=2",
-                                        "--set", "scenario.init_classes=null"]))
-    assert "the stored checkpoints belong to another stream (scenario.init_classes: 4 -> None; " \
-           "scenario.n_experiences: 3 -> 2)" in err
+    err = _one_line_error(
+        capsys, main(["run", str(out), "--resume", "--force", "--set", "scenario.n_experiences=2", "--set", "scenario.init_classes=null"])
+    )
+    assert "the stored checkpoints belong to another stream (scenario.init_classes: 4 -> None; scenario.n_experiences: 3 -> 2)" in err
     assert (out / "config.yaml").read_text() == stored  # was: overwritten before the traceback
     assert main(["run", str(out), "--resume"]) == 0  # and a plain resume still finishes the run
     assert _matrix(out) == reference
@@ -204,8 +211,10 @@ def test_a_multi_seed_directory_is_locked_and_never_written_over(tmp_path, capsy
         lock.release()
     assert f"is in use by another clpeft run (pid {os.getpid()})" in err
     single = tmp_path / "single"
-    assert main(["run", _config(tmp_path), "--out", str(single), "--set", "scenario.n_experiences=1",
-                 "--set", "scenario.init_classes=null"]) == 0
+    assert (
+        main(["run", _config(tmp_path), "--out", str(single), "--set", "scenario.n_experiences=1", "--set", "scenario.init_classes=null"])
+        == 0
+    )
     stored = (single / "config.yaml").read_text()
     capsys.readouterr()
     err = _one_line_error(capsys, main(["run", _config(tmp_path), "--seeds", "0,1", "--out", str(single)]))

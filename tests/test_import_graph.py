@@ -71,7 +71,6 @@ RULES = [
 ]
 
 
-
 def within(name: str, packages: tuple[str, ...]) -> bool:
     """``name`` is one of ``packages`` or inside one.
 
@@ -153,5 +152,4 @@ def test_relative_and_aliased_imports_resolve(tmp_path):
         "def later():\n    import importlib\n    importlib.import_module('clpeft.tools.compare')\n"
     )
     targets = {e.target for e in imports_of("clpeft.components.pool", source)}
-    assert targets == {"clpeft.components.heads", "clpeft.engine.Engine", "clpeft.strategies.l2p", "importlib",
-                       "clpeft.tools.compare"}
+    assert targets == {"clpeft.components.heads", "clpeft.engine.Engine", "clpeft.strategies.l2p", "importlib", "clpeft.tools.compare"}

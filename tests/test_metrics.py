@@ -443,9 +443,7 @@ def test_avalanche_accuracies_match_the_right_clpeft_keys(avalanche_run):
 
     for i in range(T_AVL):
         assert out["acc_seen"][i] == pytest.approx(after[i][_TRAINED_ACC], abs=1e-12)
-    assert out["acc_avg_incremental"] == pytest.approx(
-        float(np.mean([after[i][_TRAINED_ACC] for i in range(T_AVL)])), abs=1e-12
-    )
+    assert out["acc_avg_incremental"] == pytest.approx(float(np.mean([after[i][_TRAINED_ACC] for i in range(T_AVL)])), abs=1e-12)
     # Without test sizes clpeft weights experiences equally, so acc_last == acc_final.
     unweighted = summarize(R)
     assert unweighted["acc_last"] == pytest.approx(unweighted["acc_final"], abs=1e-12)
@@ -495,13 +493,9 @@ def _reference(R, sizes=None, baseline=None):
     }
     if T > 1:
         ref["bwt"] = sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
-        ref["forgetting"] = sum(
-            max(R[i][j] for i in range(T - 1)) - R[T - 1][j] for j in range(T - 1)
-        ) / (T - 1)
+        ref["forgetting"] = sum(max(R[i][j] for i in range(T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
     if baseline is not None:
-        ref["fwt"] = (
-            sum(R[j - 1][j] - baseline[j] for j in range(1, T)) / (T - 1) if T > 1 else None
-        )
+        ref["fwt"] = sum(R[j - 1][j] - baseline[j] for j in range(1, T)) / (T - 1) if T > 1 else None
     return ref
 
 

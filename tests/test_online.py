@@ -153,8 +153,9 @@ def test_more_than_one_epoch_and_orphan_online_keys_are_refused(tmp_path, digits
 # ----------------------------------------------------------------------------- one pass, task-free
 
 
-@pytest.mark.parametrize("scenario", [{}, {"task_free": True, "blurry": {"disjoint": 50, "blurry": 10}}],
-                         ids=["task-aware", "task-free-blurry"])
+@pytest.mark.parametrize(
+    "scenario", [{}, {"task_free": True, "blurry": {"disjoint": 50, "blurry": 10}}], ids=["task-aware", "task-free-blurry"]
+)
 def test_every_stream_sample_is_trained_on_exactly_once(tmp_path, digits_run, spy_file, scenario):
     digits_run["strategy"] = {"name": "spy.py:Spy"}
     built, _ = _run_spy(_online(digits_run, **scenario), tmp_path)
@@ -199,8 +200,14 @@ def test_documented_plug_ins_run_on_a_task_free_blurry_stream(tmp_path, digits_r
 
 
 def test_domain_incremental_streams_run_online(tmp_path, digits_run):
-    digits_run["scenario"] = {"name": "domain_incremental", "dataset": "sklearn_digits", "domains": [{}, {"rotation": 90}],
-                              "online": True, "eval_every": 200, "task_free": True}
+    digits_run["scenario"] = {
+        "name": "domain_incremental",
+        "dataset": "sklearn_digits",
+        "domains": [{}, {"rotation": 90}],
+        "online": True,
+        "eval_every": 200,
+        "task_free": True,
+    }
     digits_run["train"].update(epochs=1, batch_size=10)
     result = _engine(digits_run, tmp_path / "run").run()
     samples = [n for n, _ in result["metrics"]["anytime_curve"]]
@@ -255,8 +262,9 @@ def test_resume_mid_stream_gives_the_same_results(tmp_path, digits_run, spy_file
     resumed = _engine(cfg, tmp_path / "killed", resume=True, force=True).run()
     assert resumed["acc_matrix"] == reference["acc_matrix"]
     drop = ("samples_per_s",)
-    assert {k: v for k, v in resumed["metrics"].items() if k not in drop} == \
-        {k: v for k, v in reference["metrics"].items() if k not in drop}
+    assert {k: v for k, v in resumed["metrics"].items() if k not in drop} == {
+        k: v for k, v in reference["metrics"].items() if k not in drop
+    }
 
 
 @pytest.mark.parametrize("name,floor", [("er_ace", 0.5), ("derpp", 0.4), ("gdumb", 0.4)])

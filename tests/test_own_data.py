@@ -98,8 +98,7 @@ def test_train_and_test_subfolders_are_used_as_given(tmp_path):
 
 def test_image_folder_runs_end_to_end_and_lazy_equals_eager(tmp_path, capsys):
     root = _write_folder(tmp_path / "imgs")
-    cfg = _config(tmp_path, {"dataset": "image_folder", "root": str(root), "n_experiences": 2,
-                             "dataset_options": {"image_size": 6}})
+    cfg = _config(tmp_path, {"dataset": "image_folder", "root": str(root), "n_experiences": 2, "dataset_options": {"image_size": 6}})
     results = {}
     for decode in ("eager", "lazy"):
         code, text = _run(capsys, "run", cfg, "--out", str(tmp_path / decode), "--set", f"scenario.dataset_options.decode={decode}")
@@ -135,8 +134,11 @@ def test_npz_images_channels_last_and_string_labels(tmp_path):
     assert tuple(train.inputs.shape[1:]) == (3, 5, 4)
     # every sample is one of the stored images with its label, and the splits partition them
     lookup = {x[i].tobytes(): y[i] for i in range(30)}
-    pairs = [(ds.inputs[k].permute(1, 2, 0).numpy().tobytes(), ds.class_names[int(ds.targets[k])])
-             for ds in (train, test) for k in range(len(ds))]
+    pairs = [
+        (ds.inputs[k].permute(1, 2, 0).numpy().tobytes(), ds.class_names[int(ds.targets[k])])
+        for ds in (train, test)
+        for k in range(len(ds))
+    ]
     assert sorted(lookup[b] == name for b, name in pairs) == [True] * 30
     assert len({b for b, _ in pairs}) == 30 and len(test) == 6
 
@@ -152,8 +154,9 @@ def test_npz_features_train_and_test_files_run_end_to_end(tmp_path, capsys):
     train, test = datasets.load_dataset("npz", tmp_path)
     assert train.inputs.dtype == torch.float32 and np.allclose(train.inputs.numpy(), x[::2])
     assert len(test) == len(y[1::2]) and train.class_names == [str(c) for c in range(10)]
-    cfg = _config(tmp_path, {"dataset": "npz", "root": str(tmp_path), "n_experiences": 5},
-                  backbone={"name": "mlp", "hidden": [64], "scale": 1.0})
+    cfg = _config(
+        tmp_path, {"dataset": "npz", "root": str(tmp_path), "n_experiences": 5}, backbone={"name": "mlp", "hidden": [64], "scale": 1.0}
+    )
     code, text = _run(capsys, "run", cfg, "--out", str(tmp_path / "run"), "--set", "train.epochs=3")
     assert code == 0, text
     R = np.asarray(json.loads((tmp_path / "run" / "metrics.json").read_text())["acc_matrix"])
@@ -232,8 +235,10 @@ def _bad_truncated_image_lazy(tmp_path):
     root = _write_folder(tmp_path / "imgs", per_class=3)
     good = (root / "cat" / "0.png").read_bytes()
     (root / "cat" / "0.png").write_bytes(good[: len(good) // 2])
-    return ({"dataset": "image_folder", "root": str(root), "n_experiences": 2, "dataset_options": {"decode": "lazy"}},
-            str(root / "cat" / "0.png"))
+    return (
+        {"dataset": "image_folder", "root": str(root), "n_experiences": 2, "dataset_options": {"decode": "lazy"}},
+        str(root / "cat" / "0.png"),
+    )
 
 
 def _bad_missing_label_column(tmp_path):
@@ -259,27 +264,40 @@ def _bad_npz_key(tmp_path):
 
 
 def _bad_option(tmp_path):
-    return ({"dataset": "image_folder", "root": str(tmp_path), "n_experiences": 1, "dataset_options": {"imgsize": 3}},
-            "scenario.dataset_options.imgsize")
+    return (
+        {"dataset": "image_folder", "root": str(tmp_path), "n_experiences": 1, "dataset_options": {"imgsize": 3}},
+        "scenario.dataset_options.imgsize",
+    )
 
 
 def _bad_preset_class_count(tmp_path):
     root = _write_folder(tmp_path / "imagenet-r", classes=["n1", "n2"], per_class=3)
-    return ({"dataset": "imagenet_r", "root": str(tmp_path), "n_experiences": 10},
-            f"{root}: found 2 classes, ImageNet-R has 200")
+    return ({"dataset": "imagenet_r", "root": str(tmp_path), "n_experiences": 10}, f"{root}: found 2 classes, ImageNet-R has 200")
 
 
 def _bad_preset_missing(tmp_path):
     (tmp_path / "data" / "FashionMNIST").mkdir(parents=True)  # a cache folder holding other datasets
-    return ({"dataset": "mini_imagenet", "root": str(tmp_path / "data"), "n_experiences": 10},
-            f"mini-ImageNet not found: neither {tmp_path / 'data' / 'mini-imagenet'} nor {tmp_path / 'data'} holds it")
+    return (
+        {"dataset": "mini_imagenet", "root": str(tmp_path / "data"), "n_experiences": 10},
+        f"mini-ImageNet not found: neither {tmp_path / 'data' / 'mini-imagenet'} nor {tmp_path / 'data'} holds it",
+    )
 
 
-@pytest.mark.parametrize("case", [
-    _bad_empty_class, _bad_unreadable_image, _bad_truncated_image_lazy, _bad_missing_label_column,
-    _bad_missing_text_column, _bad_too_few_classes, _bad_npz_key, _bad_option, _bad_preset_class_count,
-    _bad_preset_missing,
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        _bad_empty_class,
+        _bad_unreadable_image,
+        _bad_truncated_image_lazy,
+        _bad_missing_label_column,
+        _bad_missing_text_column,
+        _bad_too_few_classes,
+        _bad_npz_key,
+        _bad_option,
+        _bad_preset_class_count,
+        _bad_preset_missing,
+    ],
+)
 def test_bad_data_exits_2_naming_the_file_or_column(tmp_path, capsys, case):
     scenario, expected = case(tmp_path)
     code, text = _run(capsys, "run", _config(tmp_path, scenario), "--out", str(tmp_path / "run"))
@@ -300,9 +318,13 @@ def test_domains_from_several_image_folders(tmp_path, capsys):
     options = {"image_size": 6, "test_fraction": 0.5}
     cfg = _config(tmp_path, {})
     data = yaml.safe_load(open(cfg))
-    data["scenario"] = {"name": "domain_incremental", "domains": [
-        {"dataset": "image_folder", "root": str(first), "dataset_options": options},
-        {"dataset": "image_folder", "root": str(second), "dataset_options": options}]}
+    data["scenario"] = {
+        "name": "domain_incremental",
+        "domains": [
+            {"dataset": "image_folder", "root": str(first), "dataset_options": options},
+            {"dataset": "image_folder", "root": str(second), "dataset_options": options},
+        ],
+    }
     open(cfg, "w").write(yaml.safe_dump(data))
     code, text = _run(capsys, "run", cfg, "--out", str(tmp_path / "run"))
     assert code == 0, text

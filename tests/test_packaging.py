@@ -31,7 +31,9 @@ def test_every_package_directory_is_listed_in_pyproject():
 def test_python_dash_m_and_installed_subpackages():
     proc = subprocess.run(
         [sys.executable, "-c", "import clpeft.scenarios.class_incremental, clpeft.strategies.replay, clpeft.cli; print('ok')"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.stdout.strip() == "ok", proc.stderr
     proc = subprocess.run([sys.executable, "-m", "clpeft", "list"], capture_output=True, text=True, timeout=180)
@@ -89,8 +91,12 @@ def test_a_built_wheel_holds_the_frost_photographs(tmp_path):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("clpeft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"clpeft/scenarios/frost/{p.name}" for p in (ROOT / "scenarios" / "frost").iterdir()}
@@ -117,8 +123,12 @@ def test_the_fscil_session_lists_and_their_licence_are_package_data():
 def test_a_built_wheel_holds_the_fscil_session_lists(tmp_path):
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("clpeft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     folder = ROOT / "scenarios" / "fscil_sessions"

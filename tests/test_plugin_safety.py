@@ -67,12 +67,17 @@ def test_file_plugin_importing_a_sibling_fails_cleanly_without_running_it(tmp_pa
     d = tmp_path / "plugins"
     _probe(d / "helper_zz91.py", tmp_path / "helper.ran")
     (d / "uses_helper.py").write_text("import helper_zz91\n" + STRATEGY.format(name="Mine"))
-    with pytest.raises(UserError, match=r"strategy.name: plug-in file .*uses_helper.py: No module named 'helper_zz91'; "
-                                        r"only the named file is executed"):
+    with pytest.raises(
+        UserError,
+        match=r"strategy.name: plug-in file .*uses_helper.py: No module named 'helper_zz91'; "
+        r"only the named file is executed",
+    ):
         _fresh().get(f"{d / 'uses_helper.py'}:Mine")
     assert not (tmp_path / "helper.ran").exists()
-    assert not any(name.startswith("clpeft_plugin_") and getattr(m, "__file__", "") == str(d / "uses_helper.py")
-                   for name, m in list(sys.modules.items()))  # no half-initialised module is left behind
+    assert not any(
+        name.startswith("clpeft_plugin_") and getattr(m, "__file__", "") == str(d / "uses_helper.py")
+        for name, m in list(sys.modules.items())
+    )  # no half-initialised module is left behind
 
 
 def test_file_plugin_with_a_syntax_error_names_file_and_line(tmp_path):
@@ -104,8 +109,11 @@ def module_in_cwd(tmp_path, monkeypatch):
 def test_module_plugin_ignores_the_empty_path_entry_of_python_c(module_in_cwd, monkeypatch):
     monkeypatch.setattr(sys, "path", ["", *sys.path])  # what `python -c` / the REPL put first
     before = list(sys.path)
-    with pytest.raises(UserError, match=r"cannot import module 'cwd_probe_mod_q7' .*not in the current directory; "
-                                        r"or name a file: cwd_probe_mod_q7.py:Class"):
+    with pytest.raises(
+        UserError,
+        match=r"cannot import module 'cwd_probe_mod_q7' .*not in the current directory; "
+        r"or name a file: cwd_probe_mod_q7.py:Class",
+    ):
         _fresh().get("cwd_probe_mod_q7:Mine")
     assert not module_in_cwd.exists()
     assert sys.path == before  # restored exactly
@@ -138,8 +146,9 @@ def test_python_m_clpeft_does_not_import_a_module_from_the_current_directory(tmp
     digits_run["strategy"] = {"name": "sneaky_mod_k3:Mine"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(digits_run))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "clpeft", "validate", "run.yaml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpeft", "validate", "run.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("clpeft: error: strategy.name: cannot import module 'sneaky_mod_k3'")
     assert not marker.exists()
@@ -159,12 +168,13 @@ def installed(tmp_path, monkeypatch):
     for name in ("ep_pkg_w4", "ep_pkg_w4.alpha", "ep_pkg_w4.beta"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     group = "clpeft.test_safety"
-    eps = [importlib.metadata.EntryPoint("alpha_ep", "ep_pkg_w4.alpha:Alpha", group),
-           importlib.metadata.EntryPoint("beta_ep", "ep_pkg_w4.beta:Beta", group),
-           importlib.metadata.EntryPoint("broken_ep", "ep_pkg_w4.missing:Gone", group)]
+    eps = [
+        importlib.metadata.EntryPoint("alpha_ep", "ep_pkg_w4.alpha:Alpha", group),
+        importlib.metadata.EntryPoint("beta_ep", "ep_pkg_w4.beta:Beta", group),
+        importlib.metadata.EntryPoint("broken_ep", "ep_pkg_w4.missing:Gone", group),
+    ]
     real = importlib.metadata.entry_points
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: eps if group == "clpeft.test_safety" else real(group=group))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: eps if group == "clpeft.test_safety" else real(group=group))
     reg = registry.Registry("strategy", "clpeft.strategies", group, "clpeft.strategy:Strategy")
     return reg, {n: tmp_path / f"{n}.ran" for n in ("pkg", "alpha", "beta")}
 

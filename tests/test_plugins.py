@@ -22,9 +22,7 @@ def test_builtins_are_registered_with_descriptions():
 def test_module_colon_class(tmp_path, monkeypatch):
     (tmp_path / "my_pkg_x1").mkdir()
     (tmp_path / "my_pkg_x1" / "__init__.py").write_text("")
-    (tmp_path / "my_pkg_x1" / "methods.py").write_text(
-        "from clpeft import Strategy\nclass Probe(Strategy):\n    '''A probe.'''\n"
-    )
+    (tmp_path / "my_pkg_x1" / "methods.py").write_text("from clpeft import Strategy\nclass Probe(Strategy):\n    '''A probe.'''\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cls = registry.strategies.get("my_pkg_x1.methods:Probe")
     assert cls.__name__ == "Probe" and issubclass(cls, Strategy)
@@ -35,8 +33,10 @@ def test_module_colon_class(tmp_path, monkeypatch):
 def test_file_plugin_is_executed_once_and_relative_to_the_config_dir(tmp_path, monkeypatch):
     plugin = tmp_path / "configs" / "plug.py"
     plugin.parent.mkdir()
-    plugin.write_text("import clpeft\nclpeft.LOADS = getattr(clpeft, 'LOADS', 0) + 1\n"
-                      "from clpeft import Strategy\nclass Mine(Strategy):\n    '''Mine.'''\n")
+    plugin.write_text(
+        "import clpeft\nclpeft.LOADS = getattr(clpeft, 'LOADS', 0) + 1\n"
+        "from clpeft import Strategy\nclass Mine(Strategy):\n    '''Mine.'''\n"
+    )
     monkeypatch.chdir(tmp_path)
     import clpeft
 
@@ -74,10 +74,12 @@ def test_scenario_compatibility_is_checked(tmp_path, digits_run, monkeypatch):
     from clpeft.engine import Engine
 
     (tmp_path / "tta_only.py").write_text(
-        "from clpeft import Strategy\nclass TTAOnly(Strategy):\n    '''Only TTA.'''\n"
-        "    supported_scenarios = ('test_time_adaptation',)\n"
+        "from clpeft import Strategy\nclass TTAOnly(Strategy):\n    '''Only TTA.'''\n    supported_scenarios = ('test_time_adaptation',)\n"
     )
     monkeypatch.chdir(tmp_path)
     digits_run["strategy"] = {"name": "tta_only.py:TTAOnly"}
-    with pytest.raises(UserError, match="strategy.name: strategy 'tta_only.py:TTAOnly' supports \\['test_time_adaptation'\\] scenarios, not 'class_incremental'"):
+    with pytest.raises(
+        UserError,
+        match="strategy.name: strategy 'tta_only.py:TTAOnly' supports \\['test_time_adaptation'\\] scenarios, not 'class_incremental'",
+    ):
         Engine(config.resolve(digits_run), tmp_path / "run", device="cpu").run()

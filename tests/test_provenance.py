@@ -34,9 +34,13 @@ def test_metrics_record_versions_commit_device_and_threads(tmp_path, monkeypatch
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]
     assert record["versions"]["clpeft"] == importlib.metadata.version("clpeft")
     assert record["versions"]["torch"] == importlib.metadata.version("torch") and torch.__version__.startswith(
-        record["versions"]["torch"].split("+")[0])
-    assert record["git"]["working_directory"] == {"commit": _git(tmp_path, "rev-parse", "HEAD"), "dirty": True,
-                                                  "root": str(tmp_path.resolve())}
+        record["versions"]["torch"].split("+")[0]
+    )
+    assert record["git"]["working_directory"] == {
+        "commit": _git(tmp_path, "rev-parse", "HEAD"),
+        "dirty": True,
+        "root": str(tmp_path.resolve()),
+    }
     assert record["device"] == "cpu" and record["torch_threads"] == torch.get_num_threads()
 
 

@@ -37,14 +37,38 @@ CNN = {"name": "cnn", "widths": [8, 16]}
 LORA_TARGETS = ["net.0"]  # the MLP's first linear layer
 
 TINY_LLAMA = {"name": "generative_lm", "weights": "tiny-llama"}  # _config writes the tiny Llama under the run's root
-INSTRUCTIONS = {"name": "instruction_incremental", "tasks": [{"task": "reverse", "train": 16, "test": 8, "max_new_tokens": 4},
-                                                             {"task": "caesar", "train": 16, "test": 8, "max_new_tokens": 4}]}
-CLASS_INCREMENTAL = {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2,
-                     "train_per_class": 16, "test_per_class": 8}
-FEW_SHOT = {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 5, "n_way": 5, "k_shot": 5,
-            "n_sessions": 1, "base_per_class": 16, "test_per_class": 8}
-TEST_TIME = {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise", "brightness"],
-             "severity": 3, "train_per_class": 24, "test_per_class": 8}
+INSTRUCTIONS = {
+    "name": "instruction_incremental",
+    "tasks": [
+        {"task": "reverse", "train": 16, "test": 8, "max_new_tokens": 4},
+        {"task": "caesar", "train": 16, "test": 8, "max_new_tokens": 4},
+    ],
+}
+CLASS_INCREMENTAL = {
+    "name": "class_incremental",
+    "dataset": "sklearn_digits",
+    "n_experiences": 2,
+    "train_per_class": 16,
+    "test_per_class": 8,
+}
+FEW_SHOT = {
+    "name": "few_shot_class_incremental",
+    "dataset": "sklearn_digits",
+    "n_base": 5,
+    "n_way": 5,
+    "k_shot": 5,
+    "n_sessions": 1,
+    "base_per_class": 16,
+    "test_per_class": 8,
+}
+TEST_TIME = {
+    "name": "test_time_adaptation",
+    "dataset": "sklearn_digits",
+    "corruptions": ["gaussian_noise", "brightness"],
+    "severity": 3,
+    "train_per_class": 24,
+    "test_per_class": 8,
+}
 
 Change = Literal["trained", "state", "adapted", "outputs", "none"]
 
@@ -103,11 +127,13 @@ STRATEGIES: dict[str, Smoke] = {
     "fsa_lda": Smoke({"name": "fsa_lda"}),
     "aper": Smoke({"name": "aper", "adapter_bottleneck": 4}, VIT),
     "ease": Smoke({"name": "ease", "adapter_bottleneck": 4}, VIT, change="state"),
-    "l2p": Smoke({"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2}, VIT,
-                 learns="L2P's head reads the prompt tokens' mean, which a random-init test_vit leaves nearly "
-                        "constant across inputs (relative std ~0.05): chance accuracy at any lr/epochs tried"),
-    "dualprompt": Smoke({"name": "dualprompt", "pool_size": 4, "g_length": 2, "g_layers": [0], "e_length": 2,
-                         "e_layers": [1]}, VIT),
+    "l2p": Smoke(
+        {"name": "l2p", "pool_size": 4, "prompt_length": 2, "top_k": 2},
+        VIT,
+        learns="L2P's head reads the prompt tokens' mean, which a random-init test_vit leaves nearly "
+        "constant across inputs (relative std ~0.05): chance accuracy at any lr/epochs tried",
+    ),
+    "dualprompt": Smoke({"name": "dualprompt", "pool_size": 4, "g_length": 2, "g_layers": [0], "e_length": 2, "e_layers": [1]}, VIT),
     "coda_prompt": Smoke({"name": "coda_prompt", "components_per_task": 2, "prompt_length": 2, "layers": [0, 1]}, VIT),
     "lora_cl": Smoke({"name": "lora_cl", "targets": LORA_TARGETS, "rank": 2}),
     "lae": Smoke({"name": "lae", "targets": LORA_TARGETS, "rank": 2, "freeze_epochs": 0}),
@@ -126,9 +152,13 @@ STRATEGIES: dict[str, Smoke] = {
     "deyo": _tta({"name": "deyo", "patch_len": 2}),
     "memo": _tta({"name": "memo", "n_augmentations": 2}),
     "rotta": _tta({"name": "rotta", "memory_size": 8, "update_frequency": 8, "flip": 0.0}),
-    "seq_finetune": Smoke({"name": "seq_finetune", "rank": 2}, TINY_LLAMA, INSTRUCTIONS,
-                          learns="answers are scored by exact match, where chance is not 1/classes; "
-                                 "tests/llm/test_seq_finetune.py shows a task learnt and forgotten"),
+    "seq_finetune": Smoke(
+        {"name": "seq_finetune", "rank": 2},
+        TINY_LLAMA,
+        INSTRUCTIONS,
+        learns="answers are scored by exact match, where chance is not 1/classes; "
+        "tests/llm/test_seq_finetune.py shows a task learnt and forgotten",
+    ),
 }
 
 
@@ -189,8 +219,7 @@ def test_strategy_runs_a_two_experience_stream(name, tmp_path):
     if name not in STRATEGIES:
         pytest.fail(f"strategy '{name}' is registered but has no smoke config: add it to STRATEGIES in {__file__}")
     smoke = STRATEGIES[name]
-    engine = clpeft.engine.Engine(clpeft.config.resolve(_config(smoke, tmp_path / "data")), tmp_path / "run",
-                                  device="cpu")
+    engine = clpeft.engine.Engine(clpeft.config.resolve(_config(smoke, tmp_path / "data")), tmp_path / "run", device="cpu")
     built = engine.build()
     strategy = built.strategy
     snapshots: dict[str, dict] = {}
@@ -248,7 +277,7 @@ def test_strategy_runs_a_two_experience_stream(name, tmp_path):
 
 # ------------------------------------------------------------------ scenarios
 
-AVALANCHE_BENCH = textwrap.dedent('''
+AVALANCHE_BENCH = textwrap.dedent("""
     import numpy as np, torch
     from sklearn.datasets import load_digits
     from torch.utils.data import TensorDataset
@@ -261,14 +290,22 @@ AVALANCHE_BENCH = textwrap.dedent('''
         tr = TensorDataset(x[::4], y[::4]); tr.targets = y[::4].tolist()
         te = TensorDataset(x[1::8], y[1::8]); te.targets = y[1::8].tolist()
         return nc_benchmark(tr, te, n_experiences=n_experiences, task_labels=False, seed=seed)
-''')
+""")
 
 # scenario name -> (its section, the number of experiences it must yield)
 SCENARIOS: dict[str, tuple[dict, int]] = {
     "class_incremental": (CLASS_INCREMENTAL, 2),
     "few_shot_class_incremental": (FEW_SHOT, 2),
-    "domain_incremental": ({"name": "domain_incremental", "dataset": "sklearn_digits", "train_per_class": 16,
-                            "test_per_class": 8, "domains": [{}, {"rotation": 90}]}, 2),
+    "domain_incremental": (
+        {
+            "name": "domain_incremental",
+            "dataset": "sklearn_digits",
+            "train_per_class": 16,
+            "test_per_class": 8,
+            "domains": [{}, {"rotation": 90}],
+        },
+        2,
+    ),
     "test_time_adaptation": (TEST_TIME, 2),
     "avalanche": ({"name": "avalanche", "benchmark": "smoke_digits_bench:make", "kwargs": {"n_experiences": 2}}, 2),
     "instruction_incremental": (INSTRUCTIONS, 2),
@@ -290,15 +327,14 @@ def test_scenario_yields_its_stream_and_runs(name, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     section, n_experiences = SCENARIOS[name]
     run = SCENARIO_RUNS.get(name)
-    smoke = Smoke(run.strategy if run else {"name": "finetune"}, run.backbone if run else CNN if section is TEST_TIME else MLP,
-                  section, epochs=1)
-    engine = clpeft.engine.Engine(clpeft.config.resolve(_config(smoke, tmp_path / "data")), tmp_path / "run",
-                                  device="cpu")
+    smoke = Smoke(
+        run.strategy if run else {"name": "finetune"}, run.backbone if run else CNN if section is TEST_TIME else MLP, section, epochs=1
+    )
+    engine = clpeft.engine.Engine(clpeft.config.resolve(_config(smoke, tmp_path / "data")), tmp_path / "run", device="cpu")
     built = engine.build()
     stream, kind = built.stream, built.scenario.kind
     assert len(stream) == n_experiences
-    assert [e.index for e in stream] == list(range(1, n_experiences + 1) if kind == "test_time_adaptation"
-                                                else range(n_experiences))
+    assert [e.index for e in stream] == list(range(1, n_experiences + 1) if kind == "test_time_adaptation" else range(n_experiences))
     n_classes = len(built.scenario.class_names)
     for exp in stream:
         if exp.train is None:  # a test-time domain: unlabeled to the strategy, every class in its test data
@@ -365,8 +401,8 @@ def _adamerging_is_task_arithmetic_with_its_coefficients(base, tuned):
     g = torch.Generator().manual_seed(1)
     loaders = [[torch.randn(8, 5, generator=g)] for _ in tuned]
     result = get_method("adamerging").fn(
-        base, tuned, forward=lambda sd, task, x: x @ sd["w"].T + sd["b"], loaders=loaders, steps=3, lr=0.1,
-        batches=1)
+        base, tuned, forward=lambda sd, task, x: x @ sd["w"].T + sd["b"], loaders=loaders, steps=3, lr=0.1, batches=1
+    )
     for k in base:
         c = result.coefficients[k]
         if not all(0 <= ck <= 1 for ck in c):

@@ -76,10 +76,18 @@ def test_html_report_renders_with_every_image_loaded(runs, tmp_path):
     out = tmp_path / "rep"
     assert main(["report", str(runs / "ft"), str(runs / "ms"), "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
-    assert "src=\"data:image/png;base64," in page and "<link" not in page and "src=\"http" not in page
+    assert 'src="data:image/png;base64,' in page and "<link" not in page and 'src="http' not in page
     pngs = {p.name: Image.open(p).size for p in out.glob("*.png")}
-    assert set(pngs) == {"acc_matrix_ft.png", "acc_matrix_ms.png", "acc_seen.png", "forgetting.png", "old_new.png",
-                         "confusion_ft.png", "confusion_ms.png", "per_class.png"}
+    assert set(pngs) == {
+        "acc_matrix_ft.png",
+        "acc_matrix_ms.png",
+        "acc_seen.png",
+        "forgetting.png",
+        "old_new.png",
+        "confusion_ft.png",
+        "confusion_ms.png",
+        "per_class.png",
+    }
     _assert_every_image_decodes(page, pngs, tmp_path)
     # the comparison table holds both runs with their numbers
     ms = [json.loads((runs / "ms" / f"seed_{s}" / "metrics.json").read_text())["metrics"]["acc_final"] for s in (0, 1)]
@@ -91,9 +99,20 @@ def _assert_every_image_decodes(page: str, pngs: dict, tmp_path) -> None:
     probe_page = tmp_path / "probe.html"  # the page as it is, plus one broken image: the probe must tell them apart
     probe_page.write_text(page.replace("</body>", BROKEN_IMAGE + PROBE + "</body>"))
     dom = subprocess.run(
-        [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=5000", "--dump-dom", probe_page.as_uri()],
-        capture_output=True, text=True, timeout=60, check=False,  # the probe, not the exit code, says what loaded
+        [
+            BROWSER,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe_page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # the probe, not the exit code, says what loaded
     ).stdout
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom)
     assert found, dom[-2000:]
@@ -105,20 +124,33 @@ def _assert_every_image_decodes(page: str, pngs: dict, tmp_path) -> None:
 
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium: apt-get install chromium (Debian package) to run this test")
 def test_tta_and_fscil_reports_render_with_every_image_loaded(tmp_path):
-    tta = {**DIGITS, "backbone": {"name": "cnn", "widths": [8, 16]}, "strategy": {"name": "tent"},
-           "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["fog", "contrast"],
-                        "severity": 3, "train_per_class": 16, "test_per_class": 8}}
-    fscil = {**DIGITS, "scenario": {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 4,
-                                    "n_way": 3, "k_shot": 5}}
+    tta = {
+        **DIGITS,
+        "backbone": {"name": "cnn", "widths": [8, 16]},
+        "strategy": {"name": "tent"},
+        "scenario": {
+            "name": "test_time_adaptation",
+            "dataset": "sklearn_digits",
+            "corruptions": ["fog", "contrast"],
+            "severity": 3,
+            "train_per_class": 16,
+            "test_per_class": 8,
+        },
+    }
+    fscil = {
+        **DIGITS,
+        "scenario": {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 4, "n_way": 3, "k_shot": 5},
+    }
     for name, cfg in (("tta", tta), ("fscil", fscil)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         assert main(["run", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
         assert main(["report", str(tmp_path / name)]) == 0
         page = (tmp_path / name / "report.html").read_text()
         pngs = {p.name: Image.open(p).size for p in (tmp_path / name).glob("*.png")}
-        expected = {"tta": {"domain_errors.png"},
-                    "fscil": {"acc_matrix.png", "forgetting.png", "sessions.png", "base_novel.png", "confusion.png",
-                              "per_class.png"}}[name]
+        expected = {
+            "tta": {"domain_errors.png"},
+            "fscil": {"acc_matrix.png", "forgetting.png", "sessions.png", "base_novel.png", "confusion.png", "per_class.png"},
+        }[name]
         assert set(pngs) == expected
         _assert_every_image_decodes(page, pngs, tmp_path)
         section = {"tta": "Online error per domain (%)", "fscil": "Few-shot sessions (%)"}[name]

@@ -24,17 +24,27 @@ from clpeft.tools.breakdowns import (
     per_class_accuracy,
 )
 
-BASE = {"seed": 0, "backbone": {"name": "mlp", "hidden": [32]}, "strategy": {"name": "finetune"},
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}, "logging": {"tensorboard": False, "progress": "never"}}
+BASE = {
+    "seed": 0,
+    "backbone": {"name": "mlp", "hidden": [32]},
+    "strategy": {"name": "finetune"},
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+    "logging": {"tensorboard": False, "progress": "never"},
+}
 CIL = {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 3, "init_classes": 4}
 FSCIL = {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 4, "n_way": 2, "k_shot": 5}
-TTA = {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise", "fog", "contrast"],
-       "severity": 5, "train_per_class": 24, "test_per_class": 8}
+TTA = {
+    "name": "test_time_adaptation",
+    "dataset": "sklearn_digits",
+    "corruptions": ["gaussian_noise", "fog", "contrast"],
+    "severity": 5,
+    "train_per_class": 24,
+    "test_per_class": 8,
+}
 
 
 def _run(tmp, name, scenario, strategy=None, backbone=None, extra=()):
-    cfg = {**BASE, "scenario": scenario, **({"strategy": strategy} if strategy else {}),
-           **({"backbone": backbone} if backbone else {})}
+    cfg = {**BASE, "scenario": scenario, **({"strategy": strategy} if strategy else {}), **({"backbone": backbone} if backbone else {})}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--out", str(tmp / name), "--device", "cpu", *extra]) == 0
@@ -46,6 +56,7 @@ def _metrics(run_dir):
 
 
 # ---------------------------------------------------------------- hand computations
+
 
 def test_old_new_accuracy_by_hand():
     R = [[0.9, 0.0, 0.0], [0.8, 0.5, 0.0], [0.7, 0.4, 0.6]]
@@ -70,6 +81,7 @@ def test_per_class_accuracy_by_hand():
 
 
 # ---------------------------------------------------------------- test-time adaptation
+
 
 @pytest.fixture(scope="module")
 def tta_runs(tmp_path_factory):
@@ -118,6 +130,7 @@ def test_report_plots_the_error_per_domain_with_the_corruption_names(tta_runs, t
 
 # ---------------------------------------------------------------- few-shot class-incremental
 
+
 @pytest.fixture(scope="module")
 def fscil_run(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("fscil"), "fs", FSCIL, extra=["--set", "train.epochs=2"])
@@ -139,8 +152,17 @@ def test_compare_shows_sessions_and_derives_them_for_older_files(fscil_run, tmp_
     old = tmp_path / "old"
     shutil.copytree(fscil_run, old)
     data = _metrics(old)
-    for key in ("session_acc", "session_acc_mean", "performance_drop", "base_acc", "novel_acc", "harmonic_mean",
-                "base_acc_last", "novel_acc_last", "harmonic_mean_last"):
+    for key in (
+        "session_acc",
+        "session_acc_mean",
+        "performance_drop",
+        "base_acc",
+        "novel_acc",
+        "harmonic_mean",
+        "base_acc_last",
+        "novel_acc_last",
+        "harmonic_mean_last",
+    ):
         del data["metrics"][key]
     (old / "metrics.json").write_text(json.dumps(data))
     assert main(["compare", str(fscil_run), str(old)]) == 0
@@ -151,8 +173,10 @@ def test_compare_shows_sessions_and_derives_them_for_older_files(fscil_run, tmp_
     sessions = text.split("Accuracy per session (%):\n")[1].split("\n\n")[0].splitlines()
     assert sessions[0] == "| method | session | acc (seen) | base | novel | harmonic mean |"
     assert sessions[2] == f"| finetune, seed 0 [fs] | 0 | {100 * m['session_acc'][0]:.2f} | – | – | – |"
-    assert sessions[3] == (f"| finetune, seed 0 [fs] | 1 | {100 * m['session_acc'][1]:.2f} | {100 * m['base_acc'][0]:.2f} | "
-                           f"{100 * m['novel_acc'][0]:.2f} | {100 * m['harmonic_mean'][0]:.2f} |")
+    assert sessions[3] == (
+        f"| finetune, seed 0 [fs] | 1 | {100 * m['session_acc'][1]:.2f} | {100 * m['base_acc'][0]:.2f} | "
+        f"{100 * m['novel_acc'][0]:.2f} | {100 * m['harmonic_mean'][0]:.2f} |"
+    )
     assert sessions[3].split("|")[3:] == sessions[3 + len(m["session_acc"])].split("|")[3:]  # the derived copy
 
 
@@ -165,6 +189,7 @@ def test_report_has_session_plots_and_section(fscil_run):
 
 
 # ---------------------------------------------------------------- class-incremental
+
 
 @pytest.fixture(scope="module")
 def cil_runs(tmp_path_factory):
@@ -218,10 +243,13 @@ def test_a_file_without_final_confusion_still_reports(cil_runs, tmp_path, capsys
 
 # ---------------------------------------------------------------- timing
 
+
 def test_compare_shows_the_cache_fill_apart_from_the_wall_time(cil_runs, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
-    for src, dst, timing in ((cil_runs[0], first, {"train_s": 0.9, "eval_s": 0.3, "cache_s": 71.2}),
-                             (cil_runs[1], second, {"train_s": 0.9, "eval_s": 0.3})):  # a file from before cache_s
+    for src, dst, timing in (
+        (cil_runs[0], first, {"train_s": 0.9, "eval_s": 0.3, "cache_s": 71.2}),
+        (cil_runs[1], second, {"train_s": 0.9, "eval_s": 0.3}),
+    ):  # a file from before cache_s
         shutil.copytree(src, dst)
         data = _metrics(dst)
         data["timing"] = {**{k: v for k, v in data["timing"].items() if k != "cache_s"}, **timing}
@@ -231,20 +259,26 @@ def test_compare_shows_the_cache_fill_apart_from_the_wall_time(cil_runs, tmp_pat
     header = next(line for line in text.splitlines() if line.startswith("| run "))
     cells = [c.strip() for c in header.strip("|").split("|")]
     wall, cache = cells.index("wall time (s)"), cells.index("cache fill (s)")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if line.startswith(("| first ", "| second "))}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(("| first ", "| second "))
+    }
     assert (rows["first"][wall], rows["first"][cache]) == ("1.2", "71.2")
     assert (rows["second"][wall], rows["second"][cache]) == ("1.2", "–")
 
 
 # ---------------------------------------------------------------- online streams
 
+
 @pytest.fixture(scope="module")
 def online_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("online")
     scenario = {**CIL, "n_experiences": 2, "init_classes": None, "online": True, "eval_every": 150}
-    return [_run(tmp, name, scenario, {"name": name, **({"mem_size": 100} if name == "replay" else {})},
-                 extra=("--set", "train.batch_size=10")) for name in ("finetune", "replay")]
+    return [
+        _run(tmp, name, scenario, {"name": name, **({"mem_size": 100} if name == "replay" else {})}, extra=("--set", "train.batch_size=10"))
+        for name in ("finetune", "replay")
+    ]
 
 
 def test_compare_and_report_show_the_online_metrics_and_the_anytime_curve(online_runs, tmp_path, monkeypatch, capsys):

@@ -17,8 +17,9 @@ CONFIGS = ROOT / "configs"
 
 
 def test_the_docs_page_is_rendered_from_the_registry():
-    assert (ROOT / "docs" / "published_setups.md").read_text() == render_markdown(load_setups(CONFIGS)), \
+    assert (ROOT / "docs" / "published_setups.md").read_text() == render_markdown(load_setups(CONFIGS)), (
         "regenerate with: clpeft reproduce --markdown > docs/published_setups.md"
+    )
 
 
 def test_every_setup_names_a_valid_config_and_existing_tests():
@@ -34,10 +35,13 @@ def test_every_setup_names_a_valid_config_and_existing_tests():
             assert 0 < setup.reported.value <= 1 and setup.reported.source
 
 
-@pytest.mark.parametrize(("argv", "reason"), [
-    (["reproduce", "l2p"], "needs a GPU (none here)"),
-    (["reproduce", "l2p", "--device", "cpu"], "are not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
-])
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["reproduce", "l2p"], "needs a GPU (none here)"),
+        (["reproduce", "l2p", "--device", "cpu"], "are not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+    ],
+)
 def test_a_setup_that_cannot_run_here_says_what_is_missing_in_one_line(tmp_path, capsys, monkeypatch, argv, reason):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -52,16 +56,26 @@ def test_a_setup_that_cannot_run_here_says_what_is_missing_in_one_line(tmp_path,
 def test_a_runnable_setup_runs_and_prints_paper_beside_clpeft(tmp_path, capsys):
     configs = tmp_path / "configs"
     (configs / "tiny").mkdir(parents=True)
-    run = {"scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2},
-           "backbone": {"name": "mlp", "hidden": [16]}, "strategy": {"name": "finetune"},
-           "logging": {"tensorboard": False, "progress": "never"}}
+    run = {
+        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2},
+        "backbone": {"name": "mlp", "hidden": [16]},
+        "strategy": {"name": "finetune"},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
     (configs / "tiny" / "digits.yaml").write_text(yaml.safe_dump(run))
-    registry = {"setups": [{"config": "tiny/digits.yaml", "paper": "a tiny paper",
-                            "reported": {"metric": "acc_final", "value": 0.5, "source": "its table 1"},
-                            "official": {"repository": "x/y", "command": "python main.py"}, "status": "test"}]}
+    registry = {
+        "setups": [
+            {
+                "config": "tiny/digits.yaml",
+                "paper": "a tiny paper",
+                "reported": {"metric": "acc_final", "value": 0.5, "source": "its table 1"},
+                "official": {"repository": "x/y", "command": "python main.py"},
+                "status": "test",
+            }
+        ]
+    }
     (configs / "published_setups.yaml").write_text(yaml.safe_dump(registry))
-    argv = ["reproduce", "--configs", str(configs), "--out", str(tmp_path / "runs"), "--device", "cpu",
-            "--data-root", str(tmp_path)]
+    argv = ["reproduce", "--configs", str(configs), "--out", str(tmp_path / "runs"), "--device", "cpu", "--data-root", str(tmp_path)]
     assert main(argv) == 0
     ours = json.loads((tmp_path / "runs" / "tiny" / "digits" / "metrics.json").read_text())["metrics"]["acc_final"]
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny/digits"))

@@ -94,11 +94,14 @@ def test_single_seed_has_no_std():
     assert mean_std([[0.1, 0.2], [0.3, 0.6]])["std"] == pytest.approx([np.std([0.1, 0.3], ddof=1), np.std([0.2, 0.6], ddof=1)])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seeds", "0,x"], "--seeds expects comma-separated integers"),
-    (["--seeds", "0,0"], "seeds: 0 appears more than once"),
-    (["--seeds", "1", "--seed", "2"], "not both"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0,x"], "--seeds expects comma-separated integers"),
+        (["--seeds", "0,0"], "seeds: 0 appears more than once"),
+        (["--seeds", "1", "--seed", "2"], "not both"),
+    ],
+)
 def test_bad_seed_arguments_exit_2(tmp_path, digits_run, capsys, argv, message):
     cfg = _config(tmp_path, digits_run)
     assert main(["run", cfg, "--out", str(tmp_path / "o"), *argv]) == 2

@@ -20,7 +20,7 @@ DIGITS = {
     "logging": {"tensorboard": False, "progress": "never"},
 }
 
-RECORDER = '''
+RECORDER = """
 from clpeft import Strategy
 
 CALLS = []
@@ -49,13 +49,12 @@ class Recorder(Strategy):
         CALLS.append(("before_evaluation", exp.index))
     def after_evaluation(self, exp, row):
         CALLS.append(("after_evaluation", exp.index, len(row)))
-'''
+"""
 
 
 def _run(tmp_path, name, strategy, eval=None, **train) -> dict:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**DIGITS, "strategy": strategy, "train": {**DIGITS["train"], **train},
-                                    "eval": eval or {}}))
+    path.write_text(yaml.safe_dump({**DIGITS, "strategy": strategy, "train": {**DIGITS["train"], **train}, "eval": eval or {}}))
     assert main(["run", str(path), "--out", str(tmp_path / name), "--device", "cpu"]) == 0
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
@@ -64,8 +63,9 @@ def test_hooks_run_in_the_documented_order(tmp_path):
     import sys
 
     (tmp_path / "recorder.py").write_text(RECORDER)
-    _run(tmp_path, "rec", {"name": str(tmp_path / "recorder.py") + ":Recorder"}, eval={"baseline": False},
-         epochs=2, batch_size=200)  # no baseline: its copy of the strategy would record too
+    _run(
+        tmp_path, "rec", {"name": str(tmp_path / "recorder.py") + ":Recorder"}, eval={"baseline": False}, epochs=2, batch_size=200
+    )  # no baseline: its copy of the strategy would record too
     module = next(m for m in sys.modules.values() if getattr(m, "__file__", None) == str(tmp_path / "recorder.py"))
     calls = module.CALLS
     first = calls[: calls.index(("before_experience", 1))]
@@ -76,8 +76,11 @@ def test_hooks_run_in_the_documented_order(tmp_path):
     assert steps == names.count("after_backward") == names.count("after_training_step") > 0
     assert all(c[1] for c in first if c[0] == "after_backward")  # gradients are there
     body = names[4:-4]
-    assert body == (["training_step", "after_backward", "after_training_step"] * (steps // 2)
-                    + ["after_epoch", "before_epoch"] + ["training_step", "after_backward", "after_training_step"] * (steps // 2))
+    assert body == (
+        ["training_step", "after_backward", "after_training_step"] * (steps // 2)
+        + ["after_epoch", "before_epoch"]
+        + ["training_step", "after_backward", "after_training_step"] * (steps // 2)
+    )
     indices = [i for c in first if c[0] == "training_step" for i in c[1]]
     n_train = len(indices) // 2
     assert sorted(indices[:n_train]) == list(range(n_train))  # batch.index: every position of train_data once per epoch
@@ -107,12 +110,20 @@ def test_gdumb_example_trains_on_its_memory_alone_from_the_initial_weights(tmp_p
 
     def spy(self, batch):
         sizes.append(len(batch.y))
-        starts.setdefault(self.head, [p.detach().clone() for p in self.backbone.parameters()])  # each head's first step (the key keeps it alive: no reused id)
+        starts.setdefault(
+            self.head, [p.detach().clone() for p in self.backbone.parameters()]
+        )  # each head's first step (the key keeps it alive: no reused id)
         return original(self, batch)
 
     monkeypatch.setattr(Strategy, "training_step", spy)
-    result = _run(tmp_path, "gdumb", {"name": str(ROOT / "docs/examples/gdumb.py") + ":GDumb", "mem_size": 100},
-                  eval={"baseline": False}, epochs=20, batch_size=50)
+    result = _run(
+        tmp_path,
+        "gdumb",
+        {"name": str(ROOT / "docs/examples/gdumb.py") + ":GDumb", "mem_size": 100},
+        eval={"baseline": False},
+        epochs=20,
+        batch_size=50,
+    )
     assert sizes == [50] * (2 * 20 * 5)  # every experience: the 100 stored samples, never the experience's own data
     first, *later = starts.values()
     assert len(later) == 4 and all(all(a.equal(b) for a, b in zip(first, w)) for w in later)  # the initial weights
@@ -124,6 +135,7 @@ def test_a_query_strategy_without_a_query_argument_is_refused_at_definition():
     from clpeft import Strategy
 
     with pytest.raises(TypeError, match="sets needs_query, so the engine calls predict"):
+
         class Forgetful(Strategy):  # noqa: F841
             needs_query = True
 
@@ -144,6 +156,7 @@ def test_the_former_name_of_cache_features_is_refused_naming_the_new_one():
     from clpeft import Strategy
 
     with pytest.raises(TypeError, match=r"^Old sets frozen_features, which is now called cache_features; rename it$"):
+
         class Old(Strategy):  # noqa: F841
             frozen_features = False
 
@@ -168,6 +181,7 @@ def test_a_query_strategy_reads_raw_inputs_even_on_a_frozen_backbone():
     backbone.freeze()
     assert not Prompted(backbone).uses_features and Strategy(backbone).uses_features
     with pytest.raises(TypeError, match="sets needs_query, so its batches hold raw inputs; drop cache_features = True"):
+
         class Contradictory(Strategy):  # noqa: F841
             needs_query = True
             cache_features = True

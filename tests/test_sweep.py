@@ -35,16 +35,34 @@ def config(tmp_path):
 def test_grid_is_the_cartesian_product_in_order():
     grid = parse_grid(["train.lr=[0.1, 0.01]", "strategy.name=[finetune, replay]"])
     assert grid_points(grid) == [
-        {"train.lr": 0.1, "strategy.name": "finetune"}, {"train.lr": 0.1, "strategy.name": "replay"},
-        {"train.lr": 0.01, "strategy.name": "finetune"}, {"train.lr": 0.01, "strategy.name": "replay"},
+        {"train.lr": 0.1, "strategy.name": "finetune"},
+        {"train.lr": 0.1, "strategy.name": "replay"},
+        {"train.lr": 0.01, "strategy.name": "finetune"},
+        {"train.lr": 0.01, "strategy.name": "replay"},
     ]
 
 
 def test_tune_on_one_stream_and_evaluate_the_best_point_on_another(tmp_path, config, capsys):
     out = tmp_path / "sw"
-    assert main(["sweep", config, "--grid", "train.lr=[0.2,0.05,0.0001]", "--metric", "acc_avg_incremental",
-                 "--tune-set", "scenario.class_order=1993", "--eval-set", "scenario.class_order=null",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                config,
+                "--grid",
+                "train.lr=[0.2,0.05,0.0001]",
+                "--metric",
+                "acc_avg_incremental",
+                "--tune-set",
+                "scenario.class_order=1993",
+                "--eval-set",
+                "scenario.class_order=null",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "sweep_summary.json").read_text())
     points = sorted((out / "tune").iterdir())
     assert len(points) == 3
@@ -79,12 +97,15 @@ def test_sweep_without_a_tuning_stream_says_so_and_resume_keeps_points(tmp_path,
     assert {p.name: (p / "metrics.json").stat().st_mtime_ns for p in out.iterdir() if p.is_dir()} == stamp
 
 
-@pytest.mark.parametrize("grid, message", [
-    ("train.lr=0.1", "expected a non-empty list"),
-    ("train.lr=[]", "expected a non-empty list"),
-    ("train.lrr=[0.1]", "train.lrr: unknown key"),
-    ("train.lr=[0.1,-1]", "train.lr: input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("train.lr=0.1", "expected a non-empty list"),
+        ("train.lr=[]", "expected a non-empty list"),
+        ("train.lrr=[0.1]", "train.lrr: unknown key"),
+        ("train.lr=[0.1,-1]", "train.lr: input should be greater than 0"),
+    ],
+)
 def test_bad_grids_exit_2_before_anything_runs(tmp_path, config, capsys, grid, message):
     assert main(["sweep", config, "--grid", grid, "--out", str(tmp_path / "sw")]) == 2
     assert message in capsys.readouterr().err
@@ -98,8 +119,10 @@ def test_hparams_summary_holds_the_flattened_config_and_final_metrics(tmp_path):
     from clpeft.logging import RunLogger
 
     log = RunLogger(tmp_path, tensorboard=True, progress="never")
-    log.hparams({"train": {"lr": 0.05, "optimizer": "sgd"}, "scenario": {"class_order": [2, 0, 1], "root": None}},
-                {"acc_final": 0.75, "acc_seen": [0.9, 0.75], "bwt": -0.125})
+    log.hparams(
+        {"train": {"lr": 0.05, "optimizer": "sgd"}, "scenario": {"class_order": [2, 0, 1], "root": None}},
+        {"acc_final": 0.75, "acc_seen": [0.9, 0.75], "bwt": -0.125},
+    )
     log.close()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()

@@ -18,8 +18,7 @@ from clpeft.cli import main
 
 DOMAINS = {
     "seed": 3,
-    "scenario": {"name": "domain_incremental", "dataset": "sklearn_digits",
-                 "domains": [{}, {"rotation": 30}, {"rotation": 60}]},
+    "scenario": {"name": "domain_incremental", "dataset": "sklearn_digits", "domains": [{}, {"rotation": 30}, {"rotation": 60}]},
     "backbone": {"name": "mlp", "hidden": [16]},
     "train": {"epochs": 1, "batch_size": 64},
     "logging": {"tensorboard": False, "progress": "never"},
@@ -33,13 +32,16 @@ def _run(tmp_path, name, data, *extra) -> dict:
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize(("classes", "measurable"), [
-    ([[0, 1], [0, 1], [0, 1]], True),   # domain-incremental: one label space
-    ([[0, 1], [2, 3], [4, 5]], False),  # class-incremental: nothing to predict before training
-    ([[0, 1], [1, 2], [3]], False),     # one experience of new classes only is enough to lose it
-    ([[0, 1], [1, 2], [2, 3]], True),   # blurry boundaries: each shares a class with the past
-    ([[0]], True),
-])
+@pytest.mark.parametrize(
+    ("classes", "measurable"),
+    [
+        ([[0, 1], [0, 1], [0, 1]], True),  # domain-incremental: one label space
+        ([[0, 1], [2, 3], [4, 5]], False),  # class-incremental: nothing to predict before training
+        ([[0, 1], [1, 2], [3]], False),  # one experience of new classes only is enough to lose it
+        ([[0, 1], [1, 2], [2, 3]], True),  # blurry boundaries: each shares a class with the past
+        ([[0]], True),
+    ],
+)
 def test_transfer_is_measurable_only_when_each_experience_shares_a_class(classes, measurable):
     assert metrics.transfer_is_measurable(classes) is measurable
 
@@ -69,8 +71,11 @@ def test_two_methods_with_one_seed_share_one_baseline_and_fwt_uses_it(tmp_path):
 
 
 def test_class_incremental_fwt_is_na_and_the_baseline_row_is_kept(tmp_path, capsys):
-    data = {**DOMAINS, "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2},
-            "strategy": {"name": "finetune"}}
+    data = {
+        **DOMAINS,
+        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2},
+        "strategy": {"name": "finetune"},
+    }
     result = _run(tmp_path, "cil", data)
     assert result["metrics"]["fwt"] is None and len(result["baseline"]) == 2
     assert main(["report", str(tmp_path / "cil")]) == 0
@@ -79,8 +84,11 @@ def test_class_incremental_fwt_is_na_and_the_baseline_row_is_kept(tmp_path, caps
 
 
 def test_one_experience_reports_na_not_zero(tmp_path, capsys):
-    data = {**DOMAINS, "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 1},
-            "strategy": {"name": "finetune"}}
+    data = {
+        **DOMAINS,
+        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 1},
+        "strategy": {"name": "finetune"},
+    }
     result = _run(tmp_path, "one", data)
     assert [result["metrics"][k] for k in ("bwt", "forgetting", "fwt")] == [None, None, None]
     out = capsys.readouterr().out

@@ -16,8 +16,7 @@ RUN = {
     "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 2},
     "backbone": {"name": "mlp", "hidden": [16]},
     "strategy": {"name": "finetune"},
-    "logging": {"tensorboard": False, "progress": "never",
-                "wandb": {"project": "clpeft-test", "mode": "offline", "tags": ["ci"]}},
+    "logging": {"tensorboard": False, "progress": "never", "wandb": {"project": "clpeft-test", "mode": "offline", "tags": ["ci"]}},
 }
 
 

@@ -53,23 +53,29 @@ class CNNBackbone(Backbone):
             a file of this backbone's ``state_dict()``; loaded strictly (every tensor must fit).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], widths: list[int] = [16, 32, 64],
-                 blocks: Annotated[int, Field(ge=1)] = 1, freeze: bool = False,
-                 scale: Annotated[float, Field(gt=0)] = 255.0, weights: str | None = None):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        widths: list[int] = [16, 32, 64],
+        blocks: Annotated[int, Field(ge=1)] = 1,
+        freeze: bool = False,
+        scale: Annotated[float, Field(gt=0)] = 255.0,
+        weights: str | None = None,
+    ):
         super().__init__()
         if not widths or any(w <= 0 for w in widths):
             raise UserError("expected a non-empty list of positive widths", key="backbone.widths")
         if blocks < 1:
             raise UserError("expected at least one block per stage", key="backbone.blocks")
         if len(input_shape) not in (2, 3):
-            raise UserError(f"the cnn backbone takes images (C, H, W) or (H, W), not inputs of shape {tuple(input_shape)}",
-                            key="backbone.name")
+            raise UserError(
+                f"the cnn backbone takes images (C, H, W) or (H, W), not inputs of shape {tuple(input_shape)}", key="backbone.name"
+            )
         self.in_channels = input_shape[0] if len(input_shape) == 3 else 1
         self.scale = float(scale)
         self._widths = list(widths)
         self._blocks = blocks
-        self.stem = nn.Sequential(nn.Conv2d(self.in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(self.in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         stages, c_in = [], widths[0]
         for i, w in enumerate(widths):
             for j in range(blocks):
@@ -92,5 +98,11 @@ class CNNBackbone(Backbone):
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
     def describe(self) -> dict:
-        return {"class": "cnn", "widths": self._widths, "blocks": self._blocks, "scale": self.scale,
-                "in_channels": self.in_channels, **({"weights": self._weights} if self._weights else {})}
+        return {
+            "class": "cnn",
+            "widths": self._widths,
+            "blocks": self._blocks,
+            "scale": self.scale,
+            "in_channels": self.in_channels,
+            **({"weights": self._weights} if self._weights else {}),
+        }

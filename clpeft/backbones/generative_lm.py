@@ -63,8 +63,11 @@ def load_causal_lm(weights: str, cache_dir: str | Path | None = None):
         raise UserError(f"cannot load '{weights}' ({str(err).splitlines()[0]}); {hint}", key=_KEY) from None
     unfilled = sorted(info["missing_keys"]) + sorted(f"{k} (shape)" for k, *_ in info["mismatched_keys"])
     if unfilled:
-        raise UserError(f"'{weights}' leaves {len(unfilled)} tensors of the model unfilled ({', '.join(unfilled[:3])}); "
-                        f"give a complete transformers model directory", key=_KEY)
+        raise UserError(
+            f"'{weights}' leaves {len(unfilled)} tensors of the model unfilled ({', '.join(unfilled[:3])}); "
+            f"give a complete transformers model directory",
+            key=_KEY,
+        )
     return model.float().eval(), tokenizer
 
 
@@ -80,12 +83,21 @@ class GenerativeLM(Backbone):
         cache_dir: where converted GGUF weights are cached (default ``$CLPEFT_CACHE/weights``).
     """
 
-    def __init__(self, input_shape: tuple[int, ...] = (), weights: str = "smollm2-135m", chat_template: bool = True,
-                 max_length: Annotated[int, Field(ge=2)] = 256, cache_dir: str | None = None):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (),
+        weights: str = "smollm2-135m",
+        chat_template: bool = True,
+        max_length: Annotated[int, Field(ge=2)] = 256,
+        cache_dir: str | None = None,
+    ):
         super().__init__()
         if tuple(input_shape) != ():
-            raise UserError(f"generative_lm takes instruction examples, but the dataset gives inputs of shape "
-                            f"{tuple(input_shape)}; use scenario.name: instruction_incremental", key="backbone.name")
+            raise UserError(
+                f"generative_lm takes instruction examples, but the dataset gives inputs of shape "
+                f"{tuple(input_shape)}; use scenario.name: instruction_incremental",
+                key="backbone.name",
+            )
         self.net, self.tokenizer = load_causal_lm(weights, cache_dir)
         self.weights = weights
         self.chat_template = chat_template and bool(getattr(self.tokenizer, "chat_template", None))
@@ -105,8 +117,7 @@ class GenerativeLM(Backbone):
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens, ending where the answer begins."""
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(prompt + "\n")["input_ids"])
 
@@ -122,7 +133,7 @@ class GenerativeLM(Backbone):
         rows = []
         for example in examples:
             answer = self.answer_ids(example.target)[: self.max_length - 1]
-            prompt = self.prompt_ids(example.prompt)[-(self.max_length - len(answer)):]
+            prompt = self.prompt_ids(example.prompt)[-(self.max_length - len(answer)) :]
             rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -141,8 +152,8 @@ class GenerativeLM(Backbone):
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     @property
@@ -160,7 +171,7 @@ class GenerativeLM(Backbone):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         """Greedy answers to ``prompts``, decoded as one batch with the KV cache (see the module docstring)."""
-        ids, mask = self.left_padded([self.prompt_ids(p)[-self.max_length:] for p in prompts])
+        ids, mask = self.left_padded([self.prompt_ids(p)[-self.max_length :] for p in prompts])
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_logits)
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -181,21 +192,26 @@ class GenerativeLM(Backbone):
                 break
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.net(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                           **{self._cache_arg: getattr(out, self._cache_arg)})
+            out = self.net(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: getattr(out, self._cache_arg)},
+            )
         return [_cut(text, stop) for text in texts]
 
     def forward_features(self, examples: Sequence[Instruction | str]) -> torch.Tensor:
         """The last hidden state at each prompt's last token (for methods that need features)."""
         prompts = [e.prompt if isinstance(e, Instruction) else str(e) for e in examples]
         ids, mask = self.left_padded([self.prompt_ids(p) for p in prompts])
-        hidden = self.net(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                          output_hidden_states=True, use_cache=False).hidden_states[-1]
+        hidden = self.net(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), output_hidden_states=True, use_cache=False
+        ).hidden_states[-1]
         return pool(hidden, mask, "last")
 
     def describe(self) -> dict:
-        return {"class": "generative_lm", "weights": self.weights, "chat_template": self.chat_template,
-                "max_length": self.max_length}
+        return {"class": "generative_lm", "weights": self.weights, "chat_template": self.chat_template, "max_length": self.max_length}
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:

@@ -30,8 +30,14 @@ class MLPBackbone(Backbone):
             a file of this backbone's ``state_dict()``; loaded strictly (every tensor must fit).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], hidden: list[int] = [128], freeze: bool = False,
-                 scale: Annotated[float, Field(gt=0)] = 255.0, weights: str | None = None):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        hidden: list[int] = [128],
+        freeze: bool = False,
+        scale: Annotated[float, Field(gt=0)] = 255.0,
+        weights: str | None = None,
+    ):
         super().__init__()
         if not hidden or any(h <= 0 for h in hidden):
             raise UserError("expected a non-empty list of positive widths", key="backbone.hidden")
@@ -40,8 +46,9 @@ class MLPBackbone(Backbone):
         dims = [math.prod(input_shape), *hidden]
         n_weights = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
         if n_weights > MAX_WEIGHTS:
-            raise UserError(f"widths {hidden} need {n_weights:.3g} weights (limit {MAX_WEIGHTS:.0e}); use smaller widths",
-                            key="backbone.hidden")
+            raise UserError(
+                f"widths {hidden} need {n_weights:.3g} weights (limit {MAX_WEIGHTS:.0e}); use smaller widths", key="backbone.hidden"
+            )
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -60,5 +67,4 @@ class MLPBackbone(Backbone):
         return self.net(x)
 
     def describe(self) -> dict:
-        return {"class": "mlp", "hidden": self._hidden, "scale": self.scale,
-                **({"weights": self._weights} if self._weights else {})}
+        return {"class": "mlp", "hidden": self._hidden, "scale": self.scale, **({"weights": self._weights} if self._weights else {})}

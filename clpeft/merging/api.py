@@ -81,8 +81,7 @@ def merge(
     models = [m if isinstance(m, LoraAdapter) else StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
     merged: dict[str, torch.Tensor] = {}
     resident = device.type != "cpu" and all(t.device == device for t in base.values())
-    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident,
-                         fused=fused)
+    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident, fused=fused)
     engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor.clone()))
     return merged
 
@@ -126,8 +125,7 @@ def merge_files(
     spec = get_method(method)
     if spec.scope != "tensor":
         raise UserError(
-            f"'{method}' learns from the model's predictions, so it needs the model and data: "
-            f"call clpeft.merging.{method}() from Python",
+            f"'{method}' learns from the model's predictions, so it needs the model and data: call clpeft.merging.{method}() from Python",
             key="method",
         )
     params = spec.validate(params)
@@ -150,8 +148,15 @@ def merge_files(
         metadata = {**base_source.metadata(), "clpeft_merge": json.dumps({"method": method, "parameters": params})}
         start = time.perf_counter()
         show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
-        bar = tqdm(total=sum(job.info.nbytes for job in jobs), desc=f"{method} merge", unit="B", unit_scale=True,
-                   disable=not show, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=sum(job.info.nbytes for job in jobs),
+            desc=f"{method} merge",
+            unit="B",
+            unit_scale=True,
+            disable=not show,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         stack.callback(bar.close)
 
         def write(job: TensorJob, tensor: torch.Tensor) -> None:
@@ -179,9 +184,7 @@ def _rules(rules: MergeRules | Mapping[str, Any] | None) -> MergeRules:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
-        raise UserError(
-            f"{error['msg'].lower()} (rules: {', '.join(MergeRules.model_fields)})", key=f"rules.{where}"
-        ) from None
+        raise UserError(f"{error['msg'].lower()} (rules: {', '.join(MergeRules.model_fields)})", key=f"rules.{where}") from None
 
 
 def _device(device: str | torch.device) -> torch.device:

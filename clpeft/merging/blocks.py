@@ -59,7 +59,10 @@ def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torc
 
 
 def combine_linear(
-    base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor,
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    coefficients: torch.Tensor,
+    out: torch.Tensor,
     scratch: torch.Tensor,
 ) -> torch.Tensor:
     """Write ``base + sum_k coefficients[k] (sources[k] - base)`` into ``out``, block by block.

@@ -83,8 +83,6 @@ def resolve_config(data: dict[str, Any]) -> MergeConfig:
             raise UserError("missing required value (in the YAML file or as a flag)", key=where) from None
         if error["type"] == "extra_forbidden":
             fields = list(MergeRules.model_fields)
-            raise UserError(
-                f"unknown key{close_matches(where.split('.')[-1], fields)} (known: {', '.join(fields)})", key=where
-            ) from None
+            raise UserError(f"unknown key{close_matches(where.split('.')[-1], fields)} (known: {', '.join(fields)})", key=where) from None
         got = reprlib.repr(error.get("input"))  # bounded: a YAML alias can make the value enormous
         raise UserError(f"{error['msg'].lower()}, got {got}", key=where) from None

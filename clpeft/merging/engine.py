@@ -305,8 +305,10 @@ class MergeEngine:
                     row[m_off : m_off + raw.numel()].copy_(raw)
         self._release(staged.jobs)
         base, models = base.to(self.device, non_blocking=True), models.to(self.device, non_blocking=True)
-        return ([base[o : o + job.info.nbytes] for job, o in zip(staged.jobs, base_offsets)],
-                [None if o is None else models[:, o:] for o in model_offsets])
+        return (
+            [base[o : o + job.info.nbytes] for job, o in zip(staged.jobs, base_offsets)],
+            [None if o is None else models[:, o:] for o in model_offsets],
+        )
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -359,9 +361,7 @@ class MergeEngine:
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
 
-    def _combine_in_blocks(
-        self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _combine_in_blocks(self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the host, one cached block of columns at a time
         (:func:`~clpeft.merging.blocks.combine_linear`)."""
         sources = self._sources(job, rows)
@@ -372,9 +372,7 @@ class MergeEngine:
         sums = combine_linear(base, sources, coefficients, merged.view(-1), scratch)
         return merged, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
 
-    def _merge_fused(
-        self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merge_fused(self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the GPU in one pass (:mod:`~clpeft.merging.fused`)."""
         if self._device_coefficients is None:
             self._device_coefficients = torch.tensor(self._coefficients(torch.float32), device=self.device)
@@ -492,8 +490,7 @@ class MergeEngine:
             )
         delta = merged - base  # float64 statistics (of the rounded output) where float32 ones overflowed
         density = torch.count_nonzero(delta).item() / max(delta.numel(), 1)
-        return [torch.linalg.vector_norm(base).item(), values[1], torch.linalg.vector_norm(delta).item(), density,
-                *norms]
+        return [torch.linalg.vector_norm(base).item(), values[1], torch.linalg.vector_norm(delta).item(), density, *norms]
 
     def _non_finite_input(self, name: str, culprit: str) -> NoReturn:
         raise UserError(

@@ -44,9 +44,7 @@ def supports(device: torch.device, base: torch.Tensor, sources: Sequence[torch.T
     )
 
 
-def linear_merge(
-    base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
+def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``base + sum_k coefficients[k] (sources[k] - base)`` into ``out`` (computed in float32).
 
     Args:
@@ -64,9 +62,7 @@ def linear_merge(
     pointers = torch.tensor([s.data_ptr() for s in sources], dtype=torch.int64, pin_memory=base.is_cuda)
     pointers = pointers.to(base.device, non_blocking=True)
     grid = (triton.cdiv(n, _BLOCK),)
-    _linear_merge_kernel[grid](
-        base, pointers, coefficients, out, sums, n, K=k, SOURCE_DTYPE=_TRITON_DTYPES[sources[0].dtype], BLOCK=_BLOCK
-    )
+    _linear_merge_kernel[grid](base, pointers, coefficients, out, sums, n, K=k, SOURCE_DTYPE=_TRITON_DTYPES[sources[0].dtype], BLOCK=_BLOCK)
     return sums
 
 
@@ -75,8 +71,15 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n"])  # one compiled variant for every tensor length
     def _linear_merge_kernel(
-        base_ptr, sources_ptr, coefficients_ptr, out_ptr, sums_ptr, n,
-        K: tl.constexpr, SOURCE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+        base_ptr,
+        sources_ptr,
+        coefficients_ptr,
+        out_ptr,
+        sums_ptr,
+        n,
+        K: tl.constexpr,
+        SOURCE_DTYPE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n

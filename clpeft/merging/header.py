@@ -63,9 +63,7 @@ def _entry(path: Path, name: str, spec: Any) -> tuple[torch.dtype, tuple[int, ..
     if not _naturals(shape):
         raise UserError(f"{where}: shape must be a list of non-negative integers, not {_BRIEF.repr(shape)}")
     if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
-        raise UserError(
-            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, not {_BRIEF.repr(offsets)}"
-        )
+        raise UserError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, not {_BRIEF.repr(offsets)}")
     declared = offsets[1] - offsets[0]
     nbytes = 0 if 0 in shape else DTYPES[dtype].itemsize
     for dim in shape:

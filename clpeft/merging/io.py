@@ -178,9 +178,7 @@ class SafetensorsSource:
             raise UserError(f"{path} is not a safetensors file (only {size} bytes); re-save or re-download it")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise UserError(
-                f"{path} is not a safetensors file or is truncated (header of {header_len} bytes in a {size}-byte file)"
-            )
+            raise UserError(f"{path} is not a safetensors file or is truncated (header of {header_len} bytes in a {size}-byte file)")
         data_start = 8 + header_len
         metadata, entries = parse_header(path, f.read(header_len), size - data_start)
         self._metadata.update(metadata)
@@ -299,9 +297,7 @@ class SafetensorsWriter:
         metadata: string -> string ``__metadata__`` entries.
     """
 
-    def __init__(
-        self, file: BinaryIO | OutputFile, tensors: Sequence[tuple[str, TensorInfo]], metadata: Mapping[str, str]
-    ):
+    def __init__(self, file: BinaryIO | OutputFile, tensors: Sequence[tuple[str, TensorInfo]], metadata: Mapping[str, str]):
         self._file = file
         self._expected = list(tensors)
         self._written = 0
@@ -323,9 +319,7 @@ class SafetensorsWriter:
         """Append the next tensor; its name, dtype and shape must match the declared ones."""
         expected_name, info = self._expected[self._written]
         if name != expected_name or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
-            raise RuntimeError(
-                f"writer expected {expected_name} {info}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
+            raise RuntimeError(f"writer expected {expected_name} {info}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._written += 1
@@ -334,6 +328,4 @@ class SafetensorsWriter:
         """Check that every declared tensor was written."""
         if self._written != len(self._expected):
             missing = self._expected[self._written][0]
-            raise RuntimeError(
-                f"writer closed after {self._written} of {len(self._expected)} tensors (next: {missing})"
-            )
+            raise RuntimeError(f"writer closed after {self._written} of {len(self._expected)} tensors (next: {missing})")

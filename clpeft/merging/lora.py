@@ -105,9 +105,7 @@ class LoraAdapter:
         self.description = source.description
 
     @classmethod
-    def from_source(
-        cls, source: TensorSource, *, config: Mapping[str, Any] | None = None, alpha: float | None = None
-    ) -> LoraAdapter:
+    def from_source(cls, source: TensorSource, *, config: Mapping[str, Any] | None = None, alpha: float | None = None) -> LoraAdapter:
         """Parse an adapter's tensors.
 
         Args:
@@ -116,8 +114,10 @@ class LoraAdapter:
             alpha: ``alpha`` for clpeft adapters without per-module ``lora_alpha`` tensors.
         """
         if config is not None and config.get("peft_type", "LORA") != "LORA":
-            raise UserError(f"{source.description} is a peft {reprlib.repr(config['peft_type'])} adapter; merging reads LoRA "
-                            "adapters (clpeft's save_adapters stores VeRA layers as LoRA factors)")
+            raise UserError(
+                f"{source.description} is a peft {reprlib.repr(config['peft_type'])} adapter; merging reads LoRA "
+                "adapters (clpeft's save_adapters stores VeRA layers as LoRA factors)"
+            )
         factors: dict[str, dict[str, str]] = {}
         alphas: dict[str, str] = {}
         other: dict[str, str] = {}
@@ -168,9 +168,7 @@ class LoraAdapter:
         a_shape, b_shape = self.source.info(layer.a_key).shape, self.source.info(layer.b_key).shape
         return (b_shape[0], *a_shape[1:])
 
-    def factors(
-        self, name: str, *, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def factors(self, name: str, *, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(B as (out, r), A as (r, N/out), s)`` for base tensor ``name``."""
         layer = self.layers[name]
         a = self.source.read(layer.a_key).to(device=device, dtype=dtype)
@@ -244,17 +242,11 @@ def _peft_scaling(config: Mapping[str, Any], module: str, rank: int, description
     except KeyError as exc:
         raise UserError(f"{description}: adapter_config.json lacks {exc}") from None
     except (AttributeError, re.error) as exc:  # a pattern table that is not an object, or not a regex
-        raise UserError(
-            f"{description}: adapter_config.json has an unusable rank_pattern/alpha_pattern ({exc})"
-        ) from None
+        raise UserError(f"{description}: adapter_config.json has an unusable rank_pattern/alpha_pattern ({exc})") from None
     if r != rank:
-        raise UserError(
-            f"{description}: lora_A of '{module}' has rank {rank} but adapter_config.json says r={reprlib.repr(r)}"
-        )
+        raise UserError(f"{description}: lora_A of '{module}' has rank {rank} but adapter_config.json says r={reprlib.repr(r)}")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise UserError(
-            f"{description}: adapter_config.json gives '{module}' lora_alpha={reprlib.repr(alpha)}, not a finite number"
-        )
+        raise UserError(f"{description}: adapter_config.json gives '{module}' lora_alpha={reprlib.repr(alpha)}, not a finite number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 

@@ -65,14 +65,12 @@ def check_outputs(outputs: Mapping[str, Path], inputs: Sequence[Path]) -> None:
         for source in inputs:
             if _same_file(path, source):
                 raise UserError(
-                    f"{path} is the same file as the input {source}; writing it would destroy that input: "
-                    "choose another path",
+                    f"{path} is the same file as the input {source}; writing it would destroy that input: choose another path",
                     key=key,
                 )
             if source.is_dir() and target.is_relative_to(source.resolve()):
                 raise UserError(
-                    f"{path} is inside the input directory {source}, where it would become part of that "
-                    "checkpoint: write it elsewhere",
+                    f"{path} is inside the input directory {source}, where it would become part of that checkpoint: write it elsewhere",
                     key=key,
                 )
         for other_key, other in written.items():

@@ -136,12 +136,12 @@ class MergeMethod:
         return {name: getattr(validated, name) for name in self.schema.model_fields}
 
     def _unknown(self, path: str, name: str, known: list[str]) -> str:
-        return (f"{path}: unknown parameter of merge method '{self.name}'{close_matches(name, known)} "
-                f"(its parameters: {', '.join(known) or 'none'})")
+        return (
+            f"{path}: unknown parameter of merge method '{self.name}'{close_matches(name, known)} "
+            f"(its parameters: {', '.join(known) or 'none'})"
+        )
 
-    def coefficients(
-        self, num_tasks: int, params: Mapping[str, Any], dtype: torch.dtype = torch.float64
-    ) -> list[float]:
+    def coefficients(self, num_tasks: int, params: Mapping[str, Any], dtype: torch.dtype = torch.float64) -> list[float]:
         """The ``c_k`` of a linear method: the method applied to the identity matrix, in ``dtype``
         (the values the method itself uses on task vectors of that dtype)."""
         if not self.linear:
@@ -174,8 +174,9 @@ def merge_method(
             engine_supplied.add("model_statistic")
         keywords = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
         uses_generator = scope == "tensor" and "generator" in keywords
-        schema_model = schema.model_from_signature(f"{name}_parameters", fn, skip=engine_supplied, keyword_only=True,
-                                                   owner=f"merge method '{name}'")
+        schema_model = schema.model_from_signature(
+            f"{name}_parameters", fn, skip=engine_supplied, keyword_only=True, owner=f"merge method '{name}'"
+        )
         _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema_model, model_statistic)
         return fn
 

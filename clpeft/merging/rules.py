@@ -54,9 +54,7 @@ class MergeRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    skip: list[str] = Field(
-        default_factory=list, description="globs of tensors left out of the output (e.g. task-specific heads)"
-    )
+    skip: list[str] = Field(default_factory=list, description="globs of tensors left out of the output (e.g. task-specific heads)")
     keep_base: list[str] = Field(default_factory=list, description="globs of tensors copied unmerged from the base")
 
     def action(self, name: str, info: TensorInfo) -> Action:
@@ -123,9 +121,7 @@ def plan(base: TensorSource, models: Sequence[TensorSource | LoraAdapter], rules
     return jobs
 
 
-def _check_full(
-    model: TensorSource, base: TensorSource, actions: dict[str, Action], rules: MergeRules, base_keys: set[str]
-) -> None:
+def _check_full(model: TensorSource, base: TensorSource, actions: dict[str, Action], rules: MergeRules, base_keys: set[str]) -> None:
     model_keys = set(model.keys())
     for name in model.keys():
         if name not in base_keys and rules.action(name, model.info(name)) != "skip":
@@ -150,8 +146,7 @@ def _check_full(
             )
         if not theirs.dtype.is_floating_point:
             raise UserError(
-                f"tensor '{name}' is {theirs.dtype} in {model.description} but floating-point in the base; "
-                "add it to keep_base or skip"
+                f"tensor '{name}' is {theirs.dtype} in {model.description} but floating-point in the base; add it to keep_base or skip"
             )
 
 

@@ -79,8 +79,7 @@ def parse_search(text: str) -> tuple[str, list[float]]:
         else:
             values = [float(Decimal(v.strip())) for v in spec.split(",")]
     except InvalidOperation:
-        raise UserError(f"expects KEY=START:STOP:STEP or KEY=V1,V2,... with numbers, got {text!r}",
-                        key="--search") from None
+        raise UserError(f"expects KEY=START:STOP:STEP or KEY=V1,V2,... with numbers, got {text!r}", key="--search") from None
     if not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
         raise UserError(f"values must be finite and distinct, got {spec!r}", key="--search")
     return key, values
@@ -126,8 +125,7 @@ def search_merge(
     """
     spec = get_method(method)
     if parameter not in spec.parameters:
-        raise UserError(f"'{method}' has no parameter '{parameter}' (its parameters: {', '.join(spec.parameters)})",
-                        key="--search")
+        raise UserError(f"'{method}' has no parameter '{parameter}' (its parameters: {', '.join(spec.parameters)})", key="--search")
     if parameter in params:
         raise UserError(f"'{parameter}' is both set ({params[parameter]!r}) and searched; give it once", key="--search")
     for value in values:

@@ -96,9 +96,17 @@ def bench(cfg: RunConfig, device: str = "auto", steps: int = 20, warmup: int = 3
     if cache_s and len(data):
         estimated_train += cache_s * total_train / len(data)
     return BenchResult(
-        device=str(dev), strategy=cfg.strategy.name, batch_size=train.batch_size, steps=len(timed), step_s=step_s,
-        train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=eval_rate,
-        peak_memory_mb=peak_memory_mb(dev), estimated_train_s=estimated_train,
+        device=str(dev),
+        strategy=cfg.strategy.name,
+        batch_size=train.batch_size,
+        steps=len(timed),
+        step_s=step_s,
+        train_samples_per_s=train_rate,
+        cache_s=cache_s,
+        after_experience_s=after_s,
+        eval_samples_per_s=eval_rate,
+        peak_memory_mb=peak_memory_mb(dev),
+        estimated_train_s=estimated_train,
         estimated_eval_s=rows * sum(len(e.test) for e in stream) / eval_rate,
     )
 
@@ -133,10 +141,19 @@ def _bench_adaptation(run: Run, log: RunLogger, steps: int, warmup: int) -> Benc
     step_s, train_rate = _rates(timed)
     estimated_train = (cfg.train.epochs * len(scenario.source) / train_rate + after_s) if train_rate else after_s
     return BenchResult(
-        device=str(dev), strategy=cfg.strategy.name, batch_size=cfg.train.batch_size, steps=len(timed), step_s=step_s,
-        train_samples_per_s=train_rate, cache_s=cache_s, after_experience_s=after_s, eval_samples_per_s=adapt_rate,
-        peak_memory_mb=peak_memory_mb(dev), estimated_train_s=estimated_train,
-        estimated_eval_s=sum(len(e.test) for e in run.stream) / adapt_rate, adapts_online=True,
+        device=str(dev),
+        strategy=cfg.strategy.name,
+        batch_size=cfg.train.batch_size,
+        steps=len(timed),
+        step_s=step_s,
+        train_samples_per_s=train_rate,
+        cache_s=cache_s,
+        after_experience_s=after_s,
+        eval_samples_per_s=adapt_rate,
+        peak_memory_mb=peak_memory_mb(dev),
+        estimated_train_s=estimated_train,
+        estimated_eval_s=sum(len(e.test) for e in run.stream) / adapt_rate,
+        adapts_online=True,
     )
 
 
@@ -173,8 +190,10 @@ def format_bench(result: BenchResult) -> str:
     if result.step_s is None:
         lines.append("training step         none (the method takes no gradient steps)")
     else:
-        lines.append(f"training step         {result.step_s * 1e3:.1f} ms median over {result.steps} steps "
-                     f"({result.train_samples_per_s:.0f} samples/s)")
+        lines.append(
+            f"training step         {result.step_s * 1e3:.1f} ms median over {result.steps} steps "
+            f"({result.train_samples_per_s:.0f} samples/s)"
+        )
     if result.cache_s is not None:
         lines.append(f"feature cache         {result.cache_s:.2f} s for the first experience (once per sample)")
     scored = "adaptation (online)" if result.adapts_online else "evaluation         "

@@ -63,8 +63,7 @@ def few_shot_sessions(run: dict) -> dict:
     entries.
     """
     s = few_shot_summary(run["acc_matrix"], run["test_sizes"])
-    return {"session_acc": s["session_acc"],
-            **{k: [None, *s[k]] for k in ("base_acc", "novel_acc", "harmonic_mean")}}
+    return {"session_acc": s["session_acc"], **{k: [None, *s[k]] for k in ("base_acc", "novel_acc", "harmonic_mean")}}
 
 
 def domain_errors(run: dict) -> tuple[list[str], list[float]]:

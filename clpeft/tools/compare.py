@@ -24,9 +24,22 @@ from clpeft.tools.results import METRIC_NOTES, RunResult, legends, load_result
 from clpeft.tools.seed_summary import DDOF, mean_std
 
 #: Scalar metrics in table order; a column appears when some run has it.
-METRIC_COLUMNS = ("acc_final", "acc_last", "acc_avg_incremental", "bwt", "forgetting", "fwt", "session_acc_mean",
-                  "base_acc_last", "novel_acc_last", "harmonic_mean_last", "error_mean", "a_auc",
-                  "acc_anytime_last", "samples_per_s")
+METRIC_COLUMNS = (
+    "acc_final",
+    "acc_last",
+    "acc_avg_incremental",
+    "bwt",
+    "forgetting",
+    "fwt",
+    "session_acc_mean",
+    "base_acc_last",
+    "novel_acc_last",
+    "harmonic_mean_last",
+    "error_mean",
+    "a_auc",
+    "acc_anytime_last",
+    "samples_per_s",
+)
 PERCENT_METRICS = set(METRIC_COLUMNS) - {"samples_per_s"}
 REFERENCES = (
     "Lopez-Paz & Ranzato, Gradient Episodic Memory, NeurIPS 2017 (ACC, BWT, FWT)",
@@ -90,10 +103,8 @@ def domain_table(results: list[RunResult], percent: bool = True) -> tuple[list[s
     scale, digits = (100.0, 2) if percent else (1.0, 4)
     errors = [[dict(zip(run["domains"], run["metrics"]["error_per_domain"])) for run in r.runs.values()] for r in tta]
     domains = list(dict.fromkeys(d for r in tta for run in r.runs.values() for d in run["domains"]))
-    rows = [[d, *[_fmt(_seed_stat([e[d] * scale if d in e else None for e in per_seed]), digits)
-                  for per_seed in errors]] for d in domains]
-    rows.append(["mean", *[_fmt(_seed_stat([run["metrics"]["error_mean"] * scale for run in r.runs.values()]), digits)
-                           for r in tta]])
+    rows = [[d, *[_fmt(_seed_stat([e[d] * scale if d in e else None for e in per_seed]), digits) for per_seed in errors]] for d in domains]
+    rows.append(["mean", *[_fmt(_seed_stat([run["metrics"]["error_mean"] * scale for run in r.runs.values()]), digits) for r in tta]])
     return ["domain", *legends(tta)], rows
 
 
@@ -121,14 +132,29 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def to_markdown(metrics: list[str], rows: list[dict], percent: bool = True) -> str:
     unit = " (%)" if percent else ""
-    header = ["run", "method", "seeds", *[f"{m}{unit}" for m in metrics], "wall time (s)", "cache fill (s)",
-              "trainable params", "peak memory (MB)"]
+    header = [
+        "run",
+        "method",
+        "seeds",
+        *[f"{m}{unit}" for m in metrics],
+        "wall time (s)",
+        "cache fill (s)",
+        "trainable params",
+        "peak memory (MB)",
+    ]
     digits = 2 if percent else 4
     table = []
     for row in rows:
-        cells = [row["run"], row["method"], str(row["seeds"]), *[_fmt(row[m], digits) for m in metrics],
-                 _fmt(row["wall_s"], 1), _fmt(row["cache_s"], 1), _count(row["trainable_params"]),
-                 _fmt(row["peak_memory_mb"], 0)]
+        cells = [
+            row["run"],
+            row["method"],
+            str(row["seeds"]),
+            *[_fmt(row[m], digits) for m in metrics],
+            _fmt(row["wall_s"], 1),
+            _fmt(row["cache_s"], 1),
+            _count(row["trainable_params"]),
+            _fmt(row["peak_memory_mb"], 0),
+        ]
         table.append(cells)
     return markdown_table(header, table)
 
@@ -155,17 +181,23 @@ def definitions(metrics: list[str], percent: bool = True) -> list[str]:
     """The definition of each metric shown, the std convention and the references."""
     lines = [f"{m}: {METRIC_NOTES.get(m, 'see clpeft.metrics')}" for m in metrics]
     if "error_mean" in metrics:
-        lines.append("continual: one model adapts through the domains in order; reset: each domain starts from the "
-                     "source model (scenario.reset_each_domain)")
+        lines.append(
+            "continual: one model adapts through the domains in order; reset: each domain starts from the "
+            "source model (scenario.reset_each_domain)"
+        )
     if "harmonic_mean_last" in metrics:
-        lines.append("per session i: base = R[i, 0] (the classes of session 0), novel = the classes added in sessions "
-                     "1..i (weighted by test size), harmonic mean = 2 base novel / (base + novel) (Peng et al. 2022)")
+        lines.append(
+            "per session i: base = R[i, 0] (the classes of session 0), novel = the classes added in sessions "
+            "1..i (weighted by test size), harmonic mean = 2 base novel / (base + novel) (Peng et al. 2022)"
+        )
     lines.append(f"mean ± sample std over seeds (numpy ddof={DDOF}); one seed: mean only")
     if percent:
         lines.append("accuracy, transfer and forgetting columns in percent points (metrics.json stores fractions)")
-    lines.append("wall time = train + eval seconds, without the feature-cache fill (cache fill: computing the frozen "
-                 "backbone's features once; – in files written before it was timed apart); peak memory = CUDA max "
-                 "allocated, or the process's max RSS on CPU")
+    lines.append(
+        "wall time = train + eval seconds, without the feature-cache fill (cache fill: computing the frozen "
+        "backbone's features once; – in files written before it was timed apart); peak memory = CUDA max "
+        "allocated, or the process's max RSS on CPU"
+    )
     lines.append("R[i, j] = accuracy on experience j's test data after training experience i; " + "; ".join(REFERENCES))
     return lines
 
@@ -176,8 +208,10 @@ def compare(run_dirs: list[str | Path], percent: bool = True) -> tuple[str, str]
     metrics, rows = comparison_rows(results, percent)
     unit = " (%)" if percent else ""
     parts = [to_markdown(metrics, rows, percent)]
-    for title, table in ((f"Online error per domain{unit}", domain_table(results, percent)),
-                         (f"Accuracy per session{unit}", session_table(results, percent))):
+    for title, table in (
+        (f"Online error per domain{unit}", domain_table(results, percent)),
+        (f"Accuracy per session{unit}", session_table(results, percent)),
+    ):
         if table is not None:
             parts.append(f"{title}:\n{markdown_table(*table)}")
     notes = "\n".join(f"- {line}" for line in definitions(metrics, percent))

@@ -88,8 +88,7 @@ def config_reference() -> str:
     head = "| key | type | default | meaning |\n|---|---|---|---|"
     parts = [
         _INTRO,
-        "Top level: `seed` (int, default 0), `out` (run directory, default `runs/<config>-<strategy>-<time>`), "
-        "and the sections below."
+        "Top level: `seed` (int, default 0), `out` (run directory, default `runs/<config>-<strategy>-<time>`), and the sections below.",
     ]
     for section, model in (("train", config.TrainConfig), ("eval", config.EvalConfig), ("logging", config.LoggingConfig)):
         parts.append(f"#### `{section}`\n\n{head}\n" + "\n".join(_rows(model, {})))

@@ -44,9 +44,11 @@ def data_uri(path: Path) -> str:
 def _table(header: list[str], rows: list[list[str]], label_columns: int = 1) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(
-            f'<td class="label">{html.escape(c)}</td>' if k < label_columns else f"<td>{html.escape(c)}</td>"
-            for k, c in enumerate(row)) + "</tr>"
+        "<tr>"
+        + "".join(
+            f'<td class="label">{html.escape(c)}</td>' if k < label_columns else f"<td>{html.escape(c)}</td>" for k, c in enumerate(row)
+        )
+        + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -59,8 +61,7 @@ def _markdown_table(markdown: str) -> tuple[list[str], list[list[str]]]:
 
 
 def _figure(path: Path, caption: str) -> str:
-    return (f'<figure><img src="{data_uri(path)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return f'<figure><img src="{data_uri(path)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def _matrix_section(result) -> str:
@@ -71,8 +72,11 @@ def _matrix_section(result) -> str:
     what = f"mean over {len(matrices)} seeds" if len(matrices) > 1 else "one run"
     names = next(iter(result.runs.values())).get("class_names")
     classes = f"<p class='note'>classes in stream order: {html.escape(', '.join(map(str, names)))}</p>" if names else ""
-    return (f"<h3>{html.escape(result.label)} ({html.escape(result.legend)}, {what})</h3>"
-            + _table(["after \\ on", *[f"exp{j}" for j in range(T)]], rows) + classes)
+    return (
+        f"<h3>{html.escape(result.label)} ({html.escape(result.legend)}, {what})</h3>"
+        + _table(["after \\ on", *[f"exp{j}" for j in range(T)]], rows)
+        + classes
+    )
 
 
 def _tables_section(title: str, table, label_columns: int = 1) -> str:
@@ -105,12 +109,20 @@ def _per_class_section(results, images: dict[str, Path]) -> str:
     n = max(len(c) for _, _, c in with_counts)
     names = next(iter(with_counts[0][0].runs.values())).get("class_names") or list(range(n))
     accuracy = [per_class_accuracy(c) for _, _, c in with_counts]
-    rows = [[str(names[k]) if k < len(names) else str(k),
-             *[("–" if k >= len(a) or a[k] is None else f"{a[k]:.3f}") for a in accuracy]] for k in range(n)]
-    figures = "".join(_figure(path, f"confusion matrix, rows normalised: {name[len('confusion_'):] or 'this run'}")
-                      for name, path in images.items() if name.startswith("confusion"))
-    return ("<h2>Per-class accuracy and confusion after the last step</h2>"
-            + _table(["class", *[name for _, name, _ in with_counts]], rows) + figures)
+    rows = [
+        [str(names[k]) if k < len(names) else str(k), *[("–" if k >= len(a) or a[k] is None else f"{a[k]:.3f}") for a in accuracy]]
+        for k in range(n)
+    ]
+    figures = "".join(
+        _figure(path, f"confusion matrix, rows normalised: {name[len('confusion_') :] or 'this run'}")
+        for name, path in images.items()
+        if name.startswith("confusion")
+    )
+    return (
+        "<h2>Per-class accuracy and confusion after the last step</h2>"
+        + _table(["class", *[name for _, name, _ in with_counts]], rows)
+        + figures
+    )
 
 
 def render(results, images: dict[str, Path], title: str = "clpeft report") -> str:
@@ -118,14 +130,23 @@ def render(results, images: dict[str, Path], title: str = "clpeft report") -> st
     metrics, rows = compare.comparison_rows(results)
     header, body = _markdown_table(compare.to_markdown(metrics, rows))
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in compare.definitions(metrics))
-    plots = "".join(_figure(path, CAPTIONS.get(name, name.replace("_", " "))) for name, path in images.items()
-                    if not name.startswith(("acc_matrix", "confusion")))
-    heatmaps = "".join(_figure(path, f"accuracy matrix {name[len('acc_matrix_'):]}".strip())
-                       for name, path in images.items() if name.startswith("acc_matrix"))
+    plots = "".join(
+        _figure(path, CAPTIONS.get(name, name.replace("_", " ")))
+        for name, path in images.items()
+        if not name.startswith(("acc_matrix", "confusion"))
+    )
+    heatmaps = "".join(
+        _figure(path, f"accuracy matrix {name[len('acc_matrix_') :]}".strip())
+        for name, path in images.items()
+        if name.startswith("acc_matrix")
+    )
     matrices = "".join(_matrix_section(r) for r in results if r.kind != TTA)
-    scenario = (_tables_section("Online error per domain (%)", compare.domain_table(results))
-                + _tables_section("Few-shot sessions (%)", compare.session_table(results), label_columns=2)
-                + _old_new_section(results) + _per_class_section(results, images))
+    scenario = (
+        _tables_section("Online error per domain (%)", compare.domain_table(results))
+        + _tables_section("Few-shot sessions (%)", compare.session_table(results), label_columns=2)
+        + _old_new_section(results)
+        + _per_class_section(results, images)
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>

@@ -30,21 +30,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = "Merge fine-tuned checkpoints or LoRA adapters into their base, streaming tensor by tensor."
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "methods:\n" + "\n".join(
-        f"  {m.name:<16} {', '.join(m.parameters) or '-'}  ({m.reference_url})"
-        for m in list_methods()
-        if m.scope == "tensor"
+        f"  {m.name:<16} {', '.join(m.parameters) or '-'}  ({m.reference_url})" for m in list_methods() if m.scope == "tensor"
     )
     parser.add_argument("config", nargs="?", help="YAML file with base, models, method, parameters, out, device")
     parser.add_argument("--base", help="the pretrained checkpoint")
-    parser.add_argument(
-        "--models", nargs="+", metavar="PATH", help="fine-tuned checkpoints, adapters or run directories"
-    )
+    parser.add_argument("--models", nargs="+", metavar="PATH", help="fine-tuned checkpoints, adapters or run directories")
     parser.add_argument("--method", help="merge method (listed below)")
     parser.add_argument("--out", help="the merged .safetensors file")
     parser.add_argument("--device", help="cpu or cuda")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a value, e.g. density=0.2"
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value, e.g. density=0.2")
     parser.add_argument(
         "--search",
         metavar="KEY=START:STOP:STEP",
@@ -82,8 +76,18 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--search and --on go together: --search KEY=START:STOP:STEP --on CONFIG")
 
     def merge(out: Path, report: Path | None, **parameters):
-        return merge_files(config.base, config.models, out, config.method, rules=config.rules, device=config.device,
-                           seed=config.seed, report=report, progress=config.progress, **parameters)
+        return merge_files(
+            config.base,
+            config.models,
+            out,
+            config.method,
+            rules=config.rules,
+            device=config.device,
+            seed=config.seed,
+            report=report,
+            progress=config.progress,
+            **parameters,
+        )
 
     if args.search is None:
         report = merge(config.out, config.report, **get_method(config.method).validate(config.parameters))
@@ -126,6 +130,11 @@ def _score(on: Path, weights: Path, out: Path, device: str) -> dict:
     from clpeft.config import load  # (the engine only for --search: a plain merge never loads it)
     from clpeft.engine import Engine
 
-    overrides = [f"backbone.weights={json.dumps(str(weights))}", "seeds=null", "eval.baseline=false",
-                 "logging.tensorboard=false", "logging.progress=never"]
+    overrides = [
+        f"backbone.weights={json.dumps(str(weights))}",
+        "seeds=null",
+        "eval.baseline=false",
+        "logging.tensorboard=false",
+        "logging.progress=never",
+    ]
     return Engine(load(on, overrides), out, device=device).run()

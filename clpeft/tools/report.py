@@ -115,8 +115,10 @@ def format_sessions(result: dict) -> str:
     s = few_shot_sessions(result)
     keys = ("session_acc", "base_acc", "novel_acc", "harmonic_mean")
     lines = ["session  acc (seen)    base   novel  harmonic mean"]
-    lines += [f"{i:>7}  {_pct(s[keys[0]][i]):>10}  {_pct(s[keys[1]][i])}  {_pct(s[keys[2]][i])}  {_pct(s[keys[3]][i]):>13}"
-              for i in range(len(s["session_acc"]))]
+    lines += [
+        f"{i:>7}  {_pct(s[keys[0]][i]):>10}  {_pct(s[keys[1]][i])}  {_pct(s[keys[2]][i])}  {_pct(s[keys[3]][i]):>13}"
+        for i in range(len(s["session_acc"]))
+    ]
     return "\n".join(lines)
 
 
@@ -146,8 +148,10 @@ def format_run(result: dict, config: dict | None = None) -> str:
     kind = scenario_kind(result, config)
     if kind == TTA:
         return format_domains(result)
-    parts = [f"accuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}",
-             format_metrics(result["metrics"])]
+    parts = [
+        f"accuracy matrix R[i, j] (after experience i, on experience j):\n{format_matrix(result['acc_matrix'])}",
+        format_metrics(result["metrics"]),
+    ]
     if len(result["acc_matrix"]) > 1:
         parts.append(format_sessions(result) if kind == FEW_SHOT else format_old_new(result))
     parts.append(format_per_class(result))
@@ -177,15 +181,17 @@ def write_plots(results, out: Path) -> dict[str, Path]:
         matrices = r.accuracy_matrices()
         title = f"{names[id(r)]}: mean of {len(matrices)} seeds" if len(matrices) > 1 else names[id(r)]
         paths[name] = _save(accuracy_matrix_figure(matrices.mean(axis=0), title), out / f"{name}.png")
-    seen = {names[id(r)]: [run["metrics"]["acc_seen"] for run in r.runs.values()] for r in incremental
-            if _has(r, "acc_seen") and r.kind != FEW_SHOT}
+    seen = {
+        names[id(r)]: [run["metrics"]["acc_seen"] for run in r.runs.values()]
+        for r in incremental
+        if _has(r, "acc_seen") and r.kind != FEW_SHOT
+    }
     if seen:
         paths["acc_seen"] = _save(curves_figure(seen, "accuracy on seen classes"), out / "acc_seen.png")
     forget = {names[id(r)]: [forgetting_curve(run["acc_matrix"]) for run in r.runs.values()] for r in incremental}
     if any(np.size(c) for c in forget.values()):
         paths["forgetting"] = _save(curves_figure(forget, "average forgetting F_i", first_step=1), out / "forgetting.png")
-    anytime = {names[id(r)]: [run["metrics"]["anytime_curve"] for run in r.runs.values()] for r in incremental
-               if _has(r, "anytime_curve")}
+    anytime = {names[id(r)]: [run["metrics"]["anytime_curve"] for run in r.runs.values()] for r in incremental if _has(r, "anytime_curve")}
     if anytime:
         paths["anytime"] = _save(anytime_figure(anytime), out / "anytime.png")
     paths.update(_old_new_plots(incremental, names, out))
@@ -215,13 +221,10 @@ def _old_new_plots(results, names: dict, out: Path) -> dict[str, Path]:
             old_new[f"{name}: old"] = [old[1:] for old, _ in split]
             old_new[f"{name}: new"] = [new[1:] for _, new in split]
     if old_new:
-        paths["old_new"] = _save(curves_figure(old_new, "accuracy (old: j < i, new: j = i)", first_step=1),
-                                 out / "old_new.png")
+        paths["old_new"] = _save(curves_figure(old_new, "accuracy (old: j < i, new: j = i)", first_step=1), out / "old_new.png")
     if sessions:
-        paths["sessions"] = _save(curves_figure(sessions, "accuracy on all seen classes", xlabel="after session i"),
-                                  out / "sessions.png")
-        paths["base_novel"] = _save(curves_figure(base_novel, "accuracy", first_step=1, xlabel="after session i"),
-                                    out / "base_novel.png")
+        paths["sessions"] = _save(curves_figure(sessions, "accuracy on all seen classes", xlabel="after session i"), out / "sessions.png")
+        paths["base_novel"] = _save(curves_figure(base_novel, "accuracy", first_step=1, xlabel="after session i"), out / "base_novel.png")
     return paths
 
 
@@ -235,8 +238,7 @@ def _end_of_run_plots(results, names: dict, out: Path) -> dict[str, Path]:
             continue
         class_names = _class_names(next(iter(r.runs.values())), len(counts))
         key = "confusion" if len(results) == 1 else f"confusion_{_safe(r.label)}"
-        paths[key] = _save(confusion_figure(counts, class_names, f"{names[id(r)]}: after the last step"),
-                           out / f"{key}.png")
+        paths[key] = _save(confusion_figure(counts, class_names, f"{names[id(r)]}: after the last step"), out / f"{key}.png")
         per_class[names[id(r)]] = (per_class_accuracy(counts), class_names)
     if per_class:
         class_names = next(iter(per_class.values()))[1]

@@ -70,8 +70,10 @@ def configs_dir(explicit: str | Path | None = None) -> Path:
     for candidate in candidates:
         if (candidate / REGISTRY).is_file():
             return candidate
-    raise UserError(f"no {REGISTRY} under {' or '.join(str(c) for c in candidates)}; run clpeft reproduce from a "
-                    f"clone of the repository or pass --configs DIR")
+    raise UserError(
+        f"no {REGISTRY} under {' or '.join(str(c) for c in candidates)}; run clpeft reproduce from a "
+        f"clone of the repository or pass --configs DIR"
+    )
 
 
 def load_setups(directory: Path) -> list[PublishedSetup]:
@@ -121,8 +123,7 @@ def _missing_weights(backbone: dict) -> str | None:
     return f"weights {backbone['model']} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
 
 
-def reproduce(setups: list[PublishedSetup], directory: Path, data_root: Path, out: Path,
-              device: str = "auto") -> list[Outcome]:
+def reproduce(setups: list[PublishedSetup], directory: Path, data_root: Path, out: Path, device: str = "auto") -> list[Outcome]:
     """Check each setup, run those that can run here, and read off the metric each paper reports."""
     from clpeft.engine import Engine
 
@@ -174,8 +175,7 @@ def render_markdown(setups: list[PublishedSetup]) -> str:
         "weights needed) and prints paper and clpeft side by side; without them it says what is missing.\n",
     ]
     for s in setups:
-        reported = (f"{s.reported.metric} = {100 * s.reported.value:.2f}% ({s.reported.source})" if s.reported
-                    else "not transcribed here")
+        reported = f"{s.reported.metric} = {100 * s.reported.value:.2f}% ({s.reported.source})" if s.reported else "not transcribed here"
         parts += [
             f"## `{s.name}`\n",
             f"- **Paper:** {s.paper}",
@@ -199,6 +199,5 @@ def select(setups: list[PublishedSetup], names: list[str]) -> list[PublishedSetu
         from clpeft.registry import close_matches
 
         known = sorted({s.name for s in setups} | {s.name.partition("/")[0] for s in setups})
-        raise UserError(f"no published setup {unknown[0]!r}{close_matches(unknown[0], known)}; "
-                        f"clpeft reproduce --list shows them")
+        raise UserError(f"no published setup {unknown[0]!r}{close_matches(unknown[0], known)}; clpeft reproduce --list shows them")
     return chosen

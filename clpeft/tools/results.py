@@ -115,8 +115,7 @@ def load_result(run_dir: str | Path) -> RunResult:
         seeds = sorted(int(p.name[5:]) for p in path.glob("seed_*") if p.name[5:].isdigit() and (p / "metrics.json").is_file())
     if not seeds:
         raise UserError(f"{path}: no metrics.json and no finished seed_<n>/ runs (is it a finished run directory?)")
-    return RunResult(path, {s: _derived(read_results_file(seed_dir(path, s) / "metrics.json"), config) for s in seeds},
-                     config)
+    return RunResult(path, {s: _derived(read_results_file(seed_dir(path, s) / "metrics.json"), config) for s in seeds}, config)
 
 
 def _derived(run: dict, config: dict) -> dict:
@@ -138,8 +137,9 @@ def read_results_file(path: Path, *required: str) -> dict:
     try:
         data = json.loads(read_text(path, "a clpeft results file"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-                        f"re-run or --resume the run that wrote it") from None
+        raise UserError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); re-run or --resume the run that wrote it"
+        ) from None
     missing = [key for key in required if not isinstance(data, dict) or key not in data]
     if missing:
         raise UserError(f"{path}: not a clpeft results file (no {', '.join(missing)})")

@@ -52,8 +52,7 @@ def summarize_runs(runs: dict[int, dict]) -> dict:
         if isinstance(values[0], list) and len({len(v) for v in values}) > 1:
             raise UserError(f"metric '{key}' has different lengths across seeds {seeds}; the seeds ran different streams")
         metrics[key] = mean_std(values)
-    timing = {k: mean_std([r["timing"][k] for r in results]) for k in TIMING_KEYS
-              if all(k in r.get("timing", {}) for r in results)}
+    timing = {k: mean_std([r["timing"][k] for r in results]) for k in TIMING_KEYS if all(k in r.get("timing", {}) for r in results)}
     out = {
         "seeds": seeds,
         "runs": [seed_dir(".", s).name for s in seeds],

@@ -80,17 +80,26 @@ def _score(run_dir: Path, metric: str) -> dict:
 
 def _check_metric(metric: str, cfg: config.RunConfig) -> None:
     """Refuse, before anything trains, a ``--metric`` the configured runs will not report."""
-    known = scalar_metric_names(cfg.scenario.cls.kind, baseline=cfg.eval.baseline,
-                                online=bool(cfg.scenario.params.get("online", False)))
+    known = scalar_metric_names(cfg.scenario.cls.kind, baseline=cfg.eval.baseline, online=bool(cfg.scenario.params.get("online", False)))
     if metric not in known:
-        raise UserError(f"--metric {metric}: not a scalar metric of a {cfg.scenario.cls.kind} run "
-                        f"({', '.join(known)}){config.close(metric, known)}")
+        raise UserError(
+            f"--metric {metric}: not a scalar metric of a {cfg.scenario.cls.kind} run ({', '.join(known)}){config.close(metric, known)}"
+        )
 
 
-def run_sweep(config_path: str | Path, grid: dict[str, list], out: str | Path, engine_kwargs: dict, *,
-              overrides: list[str] | None = None, metric: str = DEFAULT_METRIC,
-              tune_set: list[str] | None = None, eval_set: list[str] | None = None,
-              resume: bool = False, on_point=None) -> dict:
+def run_sweep(
+    config_path: str | Path,
+    grid: dict[str, list],
+    out: str | Path,
+    engine_kwargs: dict,
+    *,
+    overrides: list[str] | None = None,
+    metric: str = DEFAULT_METRIC,
+    tune_set: list[str] | None = None,
+    eval_set: list[str] | None = None,
+    resume: bool = False,
+    on_point=None,
+) -> dict:
     """Run the grid (on the tuning stream when given), pick the best point, evaluate it.
 
     Every config is validated before anything runs. ``on_point(name, score)`` is called after
@@ -159,11 +168,15 @@ def format_sweep(summary: dict) -> str:
     direction = "highest" if summary["higher_is_better"] else "lowest"
     lines.append(f"\nbest by {direction} {metric}: {summary['best']} {json.dumps(summary['best_values'])}")
     if summary["tuned_on_evaluation_stream"]:
-        lines.append("note: chosen on the same stream it is scored on, so this number overstates what the settings "
-                     "give on new data (Cha et al. 2024, arXiv:2403.09066); use --tune-set/--eval-set for a number to report")
+        lines.append(
+            "note: chosen on the same stream it is scored on, so this number overstates what the settings "
+            "give on new data (Cha et al. 2024, arXiv:2403.09066); use --tune-set/--eval-set for a number to report"
+        )
     else:
         ev = summary["evaluation"]
-        lines.append(f"tuned with {summary['tune_set'] or 'the config as given'}; evaluated with "
-                     f"{summary['eval_set'] or 'the config as given'}: {metric} = {_fmt(ev['mean'], ev['std'])} "
-                     f"({ev['dir']}) <- the number to report")
+        lines.append(
+            f"tuned with {summary['tune_set'] or 'the config as given'}; evaluated with "
+            f"{summary['eval_set'] or 'the config as given'}: {metric} = {_fmt(ev['mean'], ev['std'])} "
+            f"({ev['dir']}) <- the number to report"
+        )
     return "\n".join(lines)

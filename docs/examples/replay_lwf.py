@@ -32,8 +32,13 @@ class ReplayLwF(Strategy):
         temperature: distillation temperature ``T``.
     """
 
-    def __init__(self, backbone, mem_size: Annotated[int, Field(ge=0)] = 200,
-                 alpha: Annotated[float, Field(ge=0)] = 1.0, temperature: Annotated[float, Field(gt=0)] = 2.0):
+    def __init__(
+        self,
+        backbone,
+        mem_size: Annotated[int, Field(ge=0)] = 200,
+        alpha: Annotated[float, Field(ge=0)] = 1.0,
+        temperature: Annotated[float, Field(gt=0)] = 2.0,
+    ):
         super().__init__(backbone)
         self.check_config({"alpha": alpha, "mem_size": mem_size})  # the same rule when built from Python
         self.memory = ReplayBuffer(mem_size, "class_balanced")
@@ -45,8 +50,7 @@ class ReplayLwF(Strategy):
     def check_config(cls, params: dict) -> None:
         """A rule spanning two keys, checked when a config is resolved (and by ``__init__``)."""
         if params["alpha"] > 0 and params["mem_size"] == 0:
-            raise UserError("distillation without a memory is LwF: set mem_size > 0 or use strategy: lwf",
-                            key="strategy.mem_size")
+            raise UserError("distillation without a memory is LwF: set mem_size > 0 or use strategy: lwf", key="strategy.mem_size")
 
     def before_experience(self, exp):
         self.teacher = frozen_copy(self.head) if self.head.n_classes else None  # before the head grows

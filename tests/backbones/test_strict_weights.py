@@ -120,8 +120,20 @@ def _planted_pickle(tmp_path):
     return tmp_path / "w.pth", ["asks to load 'io.open'", "never runs code"]
 
 
-@pytest.mark.parametrize("make", [_foreign_prefix, _missing_key, _extra_key, _wrong_shape, _run_file_missing_key,
-                                  _run_of_another_backbone, _text_file, _truncated, _planted_pickle])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _foreign_prefix,
+        _missing_key,
+        _extra_key,
+        _wrong_shape,
+        _run_file_missing_key,
+        _run_of_another_backbone,
+        _text_file,
+        _truncated,
+        _planted_pickle,
+    ],
+)
 def test_a_file_that_does_not_fit_is_one_line_and_exit_2(make, tmp_path, capsys):
     file, fragments = make(tmp_path)
     cfg = {**copy.deepcopy(DIGITS), "backbone": {"name": "timm", **VIT}, "strategy": {"name": "simplecil"}}
@@ -136,7 +148,7 @@ def test_a_file_that_does_not_fit_is_one_line_and_exit_2(make, tmp_path, capsys)
 
 def _equal(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     own = module.state_dict()
-    assert own.keys() == {k[len(prefix):] for k in tensors if k.startswith(prefix)}
+    assert own.keys() == {k[len(prefix) :] for k in tensors if k.startswith(prefix)}
     for name, value in own.items():
         assert torch.equal(value, tensors[prefix + name]), name
 
@@ -145,11 +157,15 @@ def test_timm_checkpoint_loads_without_its_classifier_and_unwrapped(tmp_path):
     state = _vit_state(num_classes=10)
     assert "head.weight" in state
     save_file(state, tmp_path / "w.safetensors")
-    _equal(TimmBackbone((1, 8, 8), **VIT, weights=str(tmp_path / "w.safetensors")).net,
-           {k: v for k, v in state.items() if not k.startswith("head.")})
+    _equal(
+        TimmBackbone((1, 8, 8), **VIT, weights=str(tmp_path / "w.safetensors")).net,
+        {k: v for k, v in state.items() if not k.startswith("head.")},
+    )
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "train.pth")
-    _equal(TimmBackbone((1, 8, 8), **VIT, weights=str(tmp_path / "train.pth")).net,
-           {k: v for k, v in state.items() if not k.startswith("head.")})
+    _equal(
+        TimmBackbone((1, 8, 8), **VIT, weights=str(tmp_path / "train.pth")).net,
+        {k: v for k, v in state.items() if not k.startswith("head.")},
+    )
 
 
 def test_timm_checkpoint_position_embedding_follows_img_size(tmp_path):
@@ -168,8 +184,7 @@ def test_run_file_and_directory_load_bitwise(split_qkv, tmp_path):
         for p in trained.parameters():
             p.add_(torch.randn_like(p))
     run = {f"backbone.{k}": v for k, v in trained.state_dict().items()}
-    save_file({**run, "head.weight": torch.ones(10, 64), "prompt_pool.keys": torch.ones(4, 64)},
-              tmp_path / "model.safetensors")
+    save_file({**run, "head.weight": torch.ones(10, 64), "prompt_pool.keys": torch.ones(4, 64)}, tmp_path / "model.safetensors")
     for weights in (tmp_path / "model.safetensors", tmp_path):
         loaded = TimmBackbone((1, 8, 8), **VIT, split_qkv=split_qkv, weights=str(weights))
         _equal(loaded, run, "backbone.")
@@ -219,12 +234,18 @@ def _tiny_bert_dir(tmp_path, cls_name: str = "BertModel"):
     return directory
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ("missing", r"1 of BertModel's tensors are not in it \(encoder.layer.0.attention.self.query.weight\)"),
-    ("extra", r"1 of its tensors belong to no parameter \(encoder.layer.0.extra\)"),
-    ("shape", r"1 of its tensors have another shape than the model's "
-              r"\(encoder.layer.0.attention.self.query.weight \(16, 8\) vs \(16, 16\)\)"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ("missing", r"1 of BertModel's tensors are not in it \(encoder.layer.0.attention.self.query.weight\)"),
+        ("extra", r"1 of its tensors belong to no parameter \(encoder.layer.0.extra\)"),
+        (
+            "shape",
+            r"1 of its tensors have another shape than the model's "
+            r"\(encoder.layer.0.attention.self.query.weight \(16, 8\) vs \(16, 16\)\)",
+        ),
+    ],
+)
 def test_text_directory_that_leaves_a_parameter_random_is_refused(change, fragment, tmp_path):
     directory = _tiny_bert_dir(tmp_path)
     state = load_file(directory / "model.safetensors")
@@ -274,13 +295,23 @@ def _prototype_accuracy(weight: torch.Tensor, bias: torch.Tensor) -> float:
 def test_evaluate_a_merged_model(tmp_path, capsys):
     """Two fine-tunes merged over their base, then evaluated as the README says: exact weights, exact accuracy."""
     runs = {}
-    for name, change in [("base", {"strategy": {"name": "simplecil"}}),  # untrained: the fine-tunes' start
-                         ("a", {}), ("b", {"train": {**DIGITS["train"], "lr": 0.1}})]:
+    for name, change in [
+        ("base", {"strategy": {"name": "simplecil"}}),  # untrained: the fine-tunes' start
+        ("a", {}),
+        ("b", {"train": {**DIGITS["train"], "lr": 0.1}}),
+    ]:
         runs[name] = tmp_path / name
         Engine(config.resolve({**copy.deepcopy(DIGITS), **change}), runs[name], device="cpu").run()
     merged_file = tmp_path / "merged.safetensors"
-    merge_files(runs["base"], [runs["a"], runs["b"]], merged_file, "task_arithmetic", scale=0.5,
-                rules={"skip": ["head.*", "stats.*"]}, progress="never")
+    merge_files(
+        runs["base"],
+        [runs["a"], runs["b"]],
+        merged_file,
+        "task_arithmetic",
+        scale=0.5,
+        rules={"skip": ["head.*", "stats.*"]},
+        progress="never",
+    )
     merged = load_file(merged_file)
     assert merged.keys() == {"backbone.net.0.weight", "backbone.net.0.bias"}
     start, a = load_file(runs["base"] / "model.safetensors"), load_file(runs["a"] / "model.safetensors")
@@ -288,8 +319,7 @@ def test_evaluate_a_merged_model(tmp_path, capsys):
     assert not torch.equal(merged["backbone.net.0.weight"], a["backbone.net.0.weight"])
 
     _equal(MLPBackbone((1, 8, 8), hidden=[32], weights=str(merged_file)), merged, "backbone.")
-    cfg = {**copy.deepcopy(DIGITS), "scenario": {**DIGITS["scenario"], "n_experiences": 1},
-           "strategy": {"name": "simplecil"}}
+    cfg = {**copy.deepcopy(DIGITS), "scenario": {**DIGITS["scenario"], "n_experiences": 1}, "strategy": {"name": "simplecil"}}
     code, out = _run_cli(tmp_path, cfg, f"backbone.weights={merged_file}")
     assert code == 0, capsys.readouterr().err
     exported = load_file(out / "model.safetensors")
@@ -301,8 +331,12 @@ def test_evaluate_a_merged_model(tmp_path, capsys):
 
 
 def test_a_lora_run_is_refused_with_the_reason(tmp_path):
-    lora = {"backbone.net.0.base_layer.weight": torch.zeros(8, 64), "backbone.net.0.base_layer.bias": torch.zeros(8),
-            "backbone.net.0.lora_A": torch.zeros(2, 64), "backbone.net.0.lora_B": torch.zeros(8, 2)}
+    lora = {
+        "backbone.net.0.base_layer.weight": torch.zeros(8, 64),
+        "backbone.net.0.base_layer.bias": torch.zeros(8),
+        "backbone.net.0.lora_A": torch.zeros(2, 64),
+        "backbone.net.0.lora_B": torch.zeros(8, 2),
+    }
     save_file(lora, tmp_path / "model.safetensors")
     with pytest.raises(UserError, match=r"4 of its 4 tensors belong to no backbone tensor .*LoRA tensors"):
         MLPBackbone((1, 8, 8), hidden=[8], weights=str(tmp_path))

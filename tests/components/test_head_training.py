@@ -34,8 +34,7 @@ def test_a_strategy_built_from_python_refuses_what_yaml_refuses(name):
 def test_the_options_are_flat_keys_of_the_strategy_with_its_defaults(name):
     fields = config.schema_of(registry.strategies.get(name), "strategy").model_fields
     align_default = name == "slca"  # SLCA is the method whose alignment this is
-    assert (fields["train_mask"].default, fields["align"].default, fields["drift_compensation"].default) == (
-        True, align_default, False)
+    assert (fields["train_mask"].default, fields["align"].default, fields["drift_compensation"].default) == (True, align_default, False)
     assert fields["align"].description == HeadOptions.model_fields["align"].description
     assert "head_options" not in fields
 
@@ -48,8 +47,14 @@ def test_giving_the_block_and_its_keys_together_is_refused():
 def _experience(x: torch.Tensor, y: torch.Tensor, index: int) -> Experience:
     classes = sorted(set(y.tolist()))
     view = DataView.of(ArrayDataset(x, y, name="synthetic"))
-    return Experience(index=index, train=view, test=None, classes_in_this_experience=classes,
-                      classes_seen_so_far=list(range(max(classes) + 1)), task_label=0)
+    return Experience(
+        index=index,
+        train=view,
+        test=None,
+        classes_in_this_experience=classes,
+        classes_seen_so_far=list(range(max(classes) + 1)),
+        task_label=0,
+    )
 
 
 class _Batches:
@@ -62,7 +67,7 @@ class _Batches:
         assert shard  # a data-parallel run reads this rank's share
         self.calls += 1
         x, y = view.load()
-        return (Batch(x[i:i + 2], y[i:i + 2]) for i in range(0, len(y), 2))
+        return (Batch(x[i : i + 2], y[i : i + 2]) for i in range(0, len(y), 2))
 
 
 def test_the_pass_over_the_experience_is_made_only_when_alignment_reads_it():

@@ -68,9 +68,7 @@ def _pair(peft, rank=4, alpha=8.0, dropout=0.0):
 def _vit(seed: int = 0) -> nn.Module:
     timm = pytest.importorskip("timm")
     torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4, num_classes=5
-    ).eval()
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4, num_classes=5).eval()
 
 
 # ---------------------------------------------------------------------- agreement with peft
@@ -277,9 +275,7 @@ def test_layer_depths_use_block_index_else_module_order():
 
 def test_inject_into_transformers_bert_by_name_suffix():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=20
-    )
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=20)
     model = transformers.BertModel(config)
     layers = inject_lora(model, ["query", "value"], rank=2, alpha=4, rank_schedule="linear", max_rank=6)
     assert {name: layer.rank for name, layer in layers.items()} == {

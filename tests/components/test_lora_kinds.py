@@ -115,16 +115,25 @@ def _compare(ours: nn.Module, theirs: nn.Module, pairs: dict[str, str], train: b
 
 # ---------------------------------------------------------------------- equal to peft
 
-_DORA = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
-         "lora_magnitude_vector": "lora_magnitude_vector.default.weight"}
+_DORA = {
+    "lora_A": "lora_A.default.weight",
+    "lora_B": "lora_B.default.weight",
+    "lora_magnitude_vector": "lora_magnitude_vector.default.weight",
+}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("init", ["default", "pissa"])
 def test_dora_equals_peft_forward_gradients_and_merge(peft, dropout, init):
     base, ours = _adapted("dora", dropout=dropout, init=init, train=False)
-    config = peft.LoraConfig(r=3, lora_alpha=6.0, lora_dropout=dropout, target_modules=["a", "b"], use_dora=True,
-                             init_lora_weights=True if init == "default" else "pissa")
+    config = peft.LoraConfig(
+        r=3,
+        lora_alpha=6.0,
+        lora_dropout=dropout,
+        target_modules=["a", "b"],
+        use_dora=True,
+        init_lora_weights=True if init == "default" else "pissa",
+    )
     theirs = _peft_copy(peft, base, config)
     if init == "pissa":  # the starting factors are peft's
         torch.testing.assert_close(ours.a.lora_A, theirs.base_model.model.a.lora_A["default"].weight, **TOL)
@@ -197,8 +206,7 @@ def test_vera_equals_peft_projections_forward_gradients_and_merge(peft, dropout)
     base = _base()
     ours = copy.deepcopy(base)
     inject_lora(ours, ["a", "b"], 3, 1.0, kind="vera", dropout=dropout, projection_seed=7)
-    theirs = _peft_copy(peft, base, peft.VeraConfig(r=3, target_modules=["a", "b"], projection_prng_key=7,
-                                                    vera_dropout=dropout))
+    theirs = _peft_copy(peft, base, peft.VeraConfig(r=3, target_modules=["a", "b"], projection_prng_key=7, vera_dropout=dropout))
     for path, layer in lora_layers(ours).items():
         module = theirs.base_model.model.get_submodule(path)
         assert torch.equal(layer.lora_A, module.vera_A["default"][:, : layer.lora_A.shape[1]])
@@ -242,8 +250,9 @@ _ADALORA = {"lora_A": "lora_A.default", "lora_E": "lora_E.default", "lora_B": "l
 
 def _adalora_pair(peft, **config):
     base, ours = _adapted("adalora", dropout=config.get("lora_dropout", 0.0))
-    theirs = _peft_copy(peft, base, peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6.0, target_modules=["a", "b"],
-                                                        **{"total_step": 10, **config}))
+    theirs = _peft_copy(
+        peft, base, peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6.0, target_modules=["a", "b"], **{"total_step": 10, **config})
+    )
     _copy_into_peft(ours, theirs, _ADALORA)
     return base, ours, theirs
 
@@ -279,8 +288,11 @@ def test_adalora_orthogonal_penalty_equals_peft(peft):
     from clpeft.components.lora.adalora import orthogonal_penalty
 
     base, ours = _adapted("adalora")
-    theirs = _peft_copy(peft, _WithLoss(base), peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6.0, orth_reg_weight=0.7,
-                                                                 target_modules=["a", "b"], total_step=10))
+    theirs = _peft_copy(
+        peft,
+        _WithLoss(base),
+        peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6.0, orth_reg_weight=0.7, target_modules=["a", "b"], total_step=10),
+    )
     _copy_into_peft(ours, theirs, _ADALORA)
     expected = theirs.base_model(torch.randn(2, 16)).loss / 0.7  # AdaLoraModel.forward adds it
     torch.testing.assert_close(orthogonal_penalty(lora_layers(ours)), expected, **TOL)
@@ -324,11 +336,18 @@ def test_eva_equals_peft_components_ranks_and_scaling(peft, whiten):
     base, x = _base(), _two_dimensional_inputs()
     with torch.no_grad():  # a saturating first layer: b's inputs spread over more directions than a's
         base.a.weight.mul_(5)
-    config = peft.LoraConfig(r=3, lora_alpha=6.0, target_modules=["a", "b"], init_lora_weights="eva",
-                             eva_config=peft.EvaConfig(rho=2.0, whiten=whiten))
+    config = peft.LoraConfig(
+        r=3, lora_alpha=6.0, target_modules=["a", "b"], init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0, whiten=whiten)
+    )
     theirs = _peft_copy(peft, base, config)
-    peft.initialize_lora_eva_weights(theirs, dataloader=[x], forward_fn=lambda model, inputs: model(inputs),
-                                     prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False)
+    peft.initialize_lora_eva_weights(
+        theirs,
+        dataloader=[x],
+        forward_fn=lambda model, inputs: model(inputs),
+        prepare_model_inputs_fn=None,
+        prepare_layer_inputs_fn=None,
+        show_progress_bar=False,
+    )
     ours = copy.deepcopy(base)
     layers = inject_lora(ours, ["a", "b"], 3, 6.0)
     ranks = eva_init(layers, lambda: ours(x), whiten=whiten)
@@ -371,8 +390,14 @@ def test_parameter_counts_per_kind():
         _, model = _adapted(kind, rank=3)
         counts[kind] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = 3 * (16 + 12) + 3 * (12 + 20)
-    assert counts == {"lora": lora, "pissa": lora, "dora": lora + 12 + 20, "vera": (3 + 12) + (3 + 20), "lora_xs": 2 * 9,
-                      "adalora": lora + 2 * 3}
+    assert counts == {
+        "lora": lora,
+        "pissa": lora,
+        "dora": lora + 12 + 20,
+        "vera": (3 + 12) + (3 + 20),
+        "lora_xs": 2 * 9,
+        "adalora": lora + 2 * 3,
+    }
 
 
 # ---------------------------------------------------------------------- adapter files

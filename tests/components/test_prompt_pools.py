@@ -98,8 +98,7 @@ def test_diversity_weights_training_distances_by_past_frequencies():
 
 def _prefix_prompt(**kw) -> PrefixPrompt:
     torch.manual_seed(2)
-    prompt = PrefixPrompt(embed_dim=6, pool_size=4, g_layers=[0, 1], e_layers=[2, 3], g_length=2, e_length=3,
-                          key_dim=5, **kw)
+    prompt = PrefixPrompt(embed_dim=6, pool_size=4, g_layers=[0, 1], e_layers=[2, 3], g_length=2, e_length=3, key_dim=5, **kw)
     with torch.no_grad():
         prompt.e_keys.copy_(torch.eye(5)[:4] + 0.05)
     for task in range(3):

@@ -129,8 +129,9 @@ def test_ridge_head_and_holdout_choice_equal_numpy(data):
     onehot = np.eye(C)[y]
     stats_fit, stats_held = (_fed(x[m], y[m], "shared") for m in (fit, held))
     candidates = [10.0**k for k in range(-4, 5)]
-    ridge, losses = ridge_by_holdout(stats_fit.gram(), stats_fit.class_sums(), stats_held.gram(),
-                                     stats_held.class_sums(), float(held.sum()), candidates)
+    ridge, losses = ridge_by_holdout(
+        stats_fit.gram(), stats_fit.class_sums(), stats_held.gram(), stats_held.class_sums(), float(held.sum()), candidates
+    )
     expected = []
     for lam in candidates:  # the authors' loop: solve on the fit split, MSE on the held-out split
         w = np.linalg.solve(x[fit].T @ x[fit] + lam * np.eye(D), x[fit].T @ onehot[fit])
@@ -174,8 +175,14 @@ def test_statistics_and_closed_form_heads_under_bf16_autocast_equal_float32(data
             heads = [PrototypeHead(D), LDAHead(D, ridge=1.0), RidgeHead(D), RidgeHead(D, metric="cosine")]
             heads[0].fit(stats["none"])
             heads[1].fit(stats["shared"].means(), stats["shared"].total_covariance())
-            ridge, _ = ridge_by_holdout(stats["shared"].gram(), stats["shared"].class_sums(), stats["per_class"].gram(),
-                                        stats["per_class"].class_sums(), float(N), [0.1, 1.0, 10.0])
+            ridge, _ = ridge_by_holdout(
+                stats["shared"].gram(),
+                stats["shared"].class_sums(),
+                stats["per_class"].gram(),
+                stats["per_class"].class_sums(),
+                float(N),
+                [0.1, 1.0, 10.0],
+            )
             for head in heads[2:]:
                 head.fit(stats["shared"].gram(), stats["shared"].class_sums(), ridge)
             logits = [head(features) for head in heads]
@@ -190,9 +197,15 @@ def test_statistics_and_closed_form_heads_under_bf16_autocast_equal_float32(data
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: CosineHead(D, C), lambda: PrototypeHead(D, C), lambda: LDAHead(D, C, ridge=1.0), lambda: RidgeHead(D, C),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CosineHead(D, C),
+        lambda: PrototypeHead(D, C),
+        lambda: LDAHead(D, C, ridge=1.0),
+        lambda: RidgeHead(D, C),
+    ],
+)
 def test_heads_round_trip_into_a_fresh_instance(data, make):
     x, y = data
     head = make()

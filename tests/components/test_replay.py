@@ -36,7 +36,7 @@ def _stream(sizes, labels_of=None, seed=0):
     exps, start = [], 0
     for k, n in enumerate(sizes):
         idx = start + rng.permutation(n)
-        classes = sorted(set(labels[start:start + n].tolist()))
+        classes = sorted(set(labels[start : start + n].tolist()))
         exps.append(Experience(k, DataView.of(ds, idx), None, classes, []))
         start += n
     return Scenario.link(exps), ds

@@ -108,8 +108,18 @@ def test_stacked_augmentation_average_equals_the_python_loop_with_batch_statisti
 
 def test_augment_returns_floats_in_range_and_is_identity_with_trivial_ranges():
     x = _images(4)
-    trivial = dict(rotate=0, translate=0, scale=(1, 1), brightness=(1, 1), contrast=(1, 1), saturation=(1, 1),
-                   hue=(0, 0), gamma=(1, 1), blur_sigma=(1e-3, 1e-3), noise_std=0.0)
+    trivial = dict(
+        rotate=0,
+        translate=0,
+        scale=(1, 1),
+        brightness=(1, 1),
+        contrast=(1, 1),
+        saturation=(1, 1),
+        hue=(0, 0),
+        gamma=(1, 1),
+        blur_sigma=(1e-3, 1e-3),
+        noise_std=0.0,
+    )
     out = TTAugment(flip=0.0, **trivial)(x, torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32  # never re-quantised to uint8
     torch.testing.assert_close(out, x.float() / 255, rtol=0, atol=1e-5)
@@ -229,8 +239,9 @@ def test_adaptation_options_configure_the_optimizer_once_for_every_method():
     assert set(frozen.state_dict()) == set(adam.state_dict())  # one checkpoint layout for every TTA method
 
 
-@pytest.mark.parametrize("field, value", [("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1e-4),
-                                          ("optimizer", "adamw"), ("params", "none")])
+@pytest.mark.parametrize(
+    "field, value", [("lr", 0.0), ("momentum", 1.0), ("weight_decay", -1e-4), ("optimizer", "adamw"), ("params", "none")]
+)
 def test_adaptation_options_refuse_values_the_optimizer_cannot_take(field, value):
     with pytest.raises(ValueError, match=field):
         AdaptationOptions(**{field: value})
@@ -315,13 +326,15 @@ def test_source_training_data_comes_from_the_past_and_its_absence_names_the_fix(
 def test_eata_filter_selects_exactly_the_reliable_non_redundant_samples():
     C = 4
     e0 = 0.4 * math.log(C)  # 0.5545
-    probs = np.array([
-        [0.97, 0.01, 0.01, 0.01],  # H = 0.168: reliable, points at class 0
-        [0.01, 0.97, 0.01, 0.01],  # H = 0.168: reliable, class 1
-        [0.40, 0.20, 0.20, 0.20],  # H = 1.33: unreliable
-        [0.01, 0.01, 0.01, 0.97],  # reliable, class 3
-        [0.90, 0.04, 0.03, 0.03],  # H = 0.42: reliable, class 0
-    ])
+    probs = np.array(
+        [
+            [0.97, 0.01, 0.01, 0.01],  # H = 0.168: reliable, points at class 0
+            [0.01, 0.97, 0.01, 0.01],  # H = 0.168: reliable, class 1
+            [0.40, 0.20, 0.20, 0.20],  # H = 1.33: unreliable
+            [0.01, 0.01, 0.01, 0.97],  # reliable, class 3
+            [0.90, 0.04, 0.03, 0.03],  # H = 0.42: reliable, class 0
+        ]
+    )
     logits = torch.tensor(np.log(probs), dtype=torch.float32)
     ent = -(probs * np.log(probs)).sum(1)
     f = EATASampleFilter(entropy_margin=e0, redundancy_margin=0.5)

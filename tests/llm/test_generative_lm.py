@@ -27,7 +27,7 @@ def test_training_batch_and_loss_cover_the_answer_tokens_only(lm):
     first = _ids(lm, "q ab\n") + _ids(lm, "xy") + [lm.eos_id]
     second = _ids(lm, "Sort: 3 1\n") + _ids(lm, "1 3") + [lm.eos_id]
     assert ids[0, : len(first)].tolist() == first and ids[1].tolist() == second
-    assert (ids[0, len(first):] == lm.pad_id).all() and mask[0].tolist() == [1] * len(first) + [0] * (len(second) - len(first))
+    assert (ids[0, len(first) :] == lm.pad_id).all() and mask[0].tolist() == [1] * len(first) + [0] * (len(second) - len(first))
     assert labels[0].tolist() == [IGNORE] * 5 + _ids(lm, "xy") + [lm.eos_id] + [IGNORE] * (len(second) - len(first))
     assert labels[1].tolist() == [IGNORE] * 10 + _ids(lm, "1 3") + [lm.eos_id]
     # by hand: each sequence alone, the cross-entropy of predicting its answer tokens, averaged over all 7

@@ -53,8 +53,7 @@ def test_rotten_tomatoes_is_sentiment_as_label_words():
     (exp,), ((train, test),) = _examples([{"task": "rotten_tomatoes", "train": 40, "test": 11, "max_new_tokens": 3}])
     targets = [e.target for e in train + test]
     assert abs(targets.count("positive") - targets.count("negative")) <= 1
-    assert all(e.metric == "label_words" and e.choices == ("positive", "negative") and e.max_new_tokens == 3
-               for e in train + test)
+    assert all(e.metric == "label_words" and e.choices == ("positive", "negative") and e.max_new_tokens == 3 for e in train + test)
     assert all(e.prompt.startswith("Review: ") and e.prompt.endswith("positive or negative?") for e in train)
 
 
@@ -66,8 +65,9 @@ def test_jsonl_folder_and_single_file(tmp_path):
         (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n\n")
     single = tmp_path / "summaries.jsonl"
     single.write_text("".join(json.dumps({"prompt": f"p{i}", "target": f"t {i}"}) + "\n" for i in range(10)))
-    stream, data = _examples([{"jsonl": str(folder), "train": 4},
-                              {"jsonl": str(single), "metric": "rouge_l", "test_fraction": 0.3, "max_new_tokens": 32}])
+    stream, data = _examples(
+        [{"jsonl": str(folder), "train": 4}, {"jsonl": str(single), "metric": "rouge_l", "test_fraction": 0.3, "max_new_tokens": 32}]
+    )
     (train, test), (train2, test2) = data
     assert [e.domain for e in stream] == ["qa", "summaries"]
     assert len(train) == 4 and {e.prompt for e in train} < {f"train {i}" for i in range(5)}
@@ -76,12 +76,15 @@ def test_jsonl_folder_and_single_file(tmp_path):
     assert all(e.metric == "rouge_l" and e.max_new_tokens == 32 for e in train2 + test2)
 
 
-@pytest.mark.parametrize("line, problem", [
-    ('{"prompt": "a", "target": "b"', "not valid JSON"),
-    ('{"prompt": "a"}', "needs string fields 'target'"),
-    ('["a", "b"]', "needs string fields 'prompt' and 'target'"),
-    ('{"prompt": "a", "target": 3}', "needs string fields 'target'"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"prompt": "a", "target": "b"', "not valid JSON"),
+        ('{"prompt": "a"}', "needs string fields 'target'"),
+        ('["a", "b"]', "needs string fields 'prompt' and 'target'"),
+        ('{"prompt": "a", "target": 3}', "needs string fields 'target'"),
+    ],
+)
 def test_a_bad_jsonl_line_is_one_line_naming_file_and_line(tmp_path, line, problem):
     path = tmp_path / "task.jsonl"
     path.write_text('{"prompt": "x", "target": "y"}\n\n' + line + "\n")
@@ -91,15 +94,22 @@ def test_a_bad_jsonl_line_is_one_line_naming_file_and_line(tmp_path, line, probl
     assert message.startswith(f"{path}:3: {problem}") and "\n" not in message
 
 
-@pytest.mark.parametrize("task, problem", [
-    ({"task": "add", "jsonl": "x.jsonl"}, "exactly one"),
-    ({}, "exactly one"),
-    ({"task": "add", "metric": "rouge_l"}, "has its own metric"),
-    ({"jsonl": "x.jsonl", "metric": "label_words"}, "needs choices"),
-    ({"task": "ad"}, "did you mean 'add'"),
-])
+@pytest.mark.parametrize(
+    "task, problem",
+    [
+        ({"task": "add", "jsonl": "x.jsonl"}, "exactly one"),
+        ({}, "exactly one"),
+        ({"task": "add", "metric": "rouge_l"}, "has its own metric"),
+        ({"jsonl": "x.jsonl", "metric": "label_words"}, "needs choices"),
+        ({"task": "ad"}, "did you mean 'add'"),
+    ],
+)
 def test_config_mistakes_are_one_line(task, problem):
-    raw = {"seed": 0, "scenario": {"name": "instruction_incremental", "tasks": [task]},
-           "backbone": {"name": "mlp"}, "strategy": {"name": "finetune"}}
+    raw = {
+        "seed": 0,
+        "scenario": {"name": "instruction_incremental", "tasks": [task]},
+        "backbone": {"name": "mlp"},
+        "strategy": {"name": "finetune"},
+    }
     with pytest.raises(UserError, match=problem):
         clpeft.config.resolve(raw).scenario.build(seed=0).experiences()

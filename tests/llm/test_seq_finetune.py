@@ -16,15 +16,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
 def _config(tasks, weights, epochs=8, **strategy):
-    return clpeft.config.resolve({
-        "seed": 0,
-        "scenario": {"name": "instruction_incremental", "tasks": tasks},
-        "backbone": {"name": "generative_lm", "weights": str(weights)},
-        "strategy": {"name": "seq_finetune", "targets": TARGETS, "rank": 4, **strategy},
-        "train": {"epochs": epochs, "batch_size": 8, "lr": 0.01, "optimizer": "adam"},
-        "eval": {"batch_size": 32, "baseline": True},
-        "logging": {"tensorboard": False, "progress": "never"},
-    })
+    return clpeft.config.resolve(
+        {
+            "seed": 0,
+            "scenario": {"name": "instruction_incremental", "tasks": tasks},
+            "backbone": {"name": "generative_lm", "weights": str(weights)},
+            "strategy": {"name": "seq_finetune", "targets": TARGETS, "rank": 4, **strategy},
+            "train": {"epochs": epochs, "batch_size": 8, "lr": 0.01, "optimizer": "adam"},
+            "eval": {"batch_size": 32, "baseline": True},
+            "logging": {"tensorboard": False, "progress": "never"},
+        }
+    )
 
 
 def test_two_tasks_fill_the_matrix_learn_forget_and_resume(tiny_lm, two_tasks, tmp_path):
@@ -58,8 +60,11 @@ def test_score_applies_each_examples_metric(tiny_lm, monkeypatch):
     from clpeft.strategies.seq_finetune import SeqFinetune
 
     strategy = SeqFinetune(GenerativeLM(weights=str(tiny_lm)), targets=["q_proj"], rank=2)
-    examples = [Instruction("a", "85", "exact_match"), Instruction("b", "the cat sat", "rouge_l"),
-                Instruction("c", "negative", "label_words", ("positive", "negative"))]
+    examples = [
+        Instruction("a", "85", "exact_match"),
+        Instruction("b", "the cat sat", "rouge_l"),
+        Instruction("c", "negative", "label_words", ("positive", "negative")),
+    ]
     calls = []
 
     def generate(prompts, max_new_tokens, stop):
@@ -76,11 +81,16 @@ def test_score_applies_each_examples_metric(tiny_lm, monkeypatch):
 def test_the_offline_smollm2_config_learns_its_first_task(tmp_path):
     config = Path(__file__).resolve().parents[2] / "configs" / "llm" / "offline_smollm2_seq_finetune.yaml"
     cache = Path.home() / ".cache" / "clpeft" / "weights"  # the converted GGUF, shared with the user's runs
-    cfg = clpeft.config.load(config, [
-        "scenario.tasks=[{task: date_format, train: 16, test: 8, max_new_tokens: 12}, "
-        "{task: add, train: 16, test: 8, max_new_tokens: 6}]",
-        f"backbone.cache_dir={cache}", "logging.tensorboard=false", "logging.progress=never",
-    ])
+    cfg = clpeft.config.load(
+        config,
+        [
+            "scenario.tasks=[{task: date_format, train: 16, test: 8, max_new_tokens: 12}, "
+            "{task: add, train: 16, test: 8, max_new_tokens: 6}]",
+            f"backbone.cache_dir={cache}",
+            "logging.tensorboard=false",
+            "logging.progress=never",
+        ],
+    )
     result = Engine(cfg, tmp_path / "run", device="cpu").run()
     R = np.asarray(result["acc_matrix"])
     assert R.shape == (2, 2) and result["baseline"][0] == 0.0  # ISO dates zero-shot: no exact match

@@ -36,10 +36,7 @@ def tiny_vit(generator: torch.Generator, classes: int = 10) -> dict[str, torch.T
 
 def finetune(base: dict[str, torch.Tensor], generator: torch.Generator, scale: float = 0.1) -> dict[str, torch.Tensor]:
     """``base`` plus Gaussian noise on every float tensor; integer buffers change too."""
-    return {
-        name: t + scale * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t + 1
-        for name, t in base.items()
-    }
+    return {name: t + scale * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t + 1 for name, t in base.items()}
 
 
 @pytest.fixture

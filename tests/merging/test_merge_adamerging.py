@@ -26,9 +26,7 @@ TASKS, BLOCK, HIDDEN, CLASSES, TRAIN = 3, 4, 8, 3, 1000
 def problem():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    backbone = nn.Sequential(
-        nn.Linear(TASKS * BLOCK, TASKS * HIDDEN, bias=False), nn.ReLU(), nn.Linear(TASKS * HIDDEN, 16), nn.ReLU()
-    )
+    backbone = nn.Sequential(nn.Linear(TASKS * BLOCK, TASKS * HIDDEN, bias=False), nn.ReLU(), nn.Linear(TASKS * HIDDEN, 16), nn.ReLU())
     with torch.no_grad():
         backbone[0].weight.mul_(torch.block_diag(*[torch.ones(HIDDEN, BLOCK)] * TASKS))
     base = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
@@ -56,9 +54,7 @@ def problem():
 
 
 def accuracy(forward, state_dict, tasks) -> float:
-    correct = [
-        (forward(state_dict, t, x[TRAIN:]).argmax(1) == y[TRAIN:]).float().mean() for t, (x, y) in enumerate(tasks)
-    ]
+    correct = [(forward(state_dict, t, x[TRAIN:]).argmax(1) == y[TRAIN:]).float().mean() for t, (x, y) in enumerate(tasks)]
     return float(sum(correct) / len(correct))
 
 
@@ -81,9 +77,7 @@ def test_task_wise_coefficients_and_merge_entry_point(problem):
     base, finetuned, forward, loaders, _ = problem
     result = adamerging(base, finetuned, forward=forward, loaders=loaders, steps=5, lr=0.05, granularity="task")
     assert len({tuple(c) for c in result.coefficients.values()}) == 1  # one lambda_k per task, shared by all tensors
-    via_merge = merge(
-        base, finetuned, "adamerging", forward=forward, loaders=loaders, steps=5, lr=0.05, granularity="task"
-    )
+    via_merge = merge(base, finetuned, "adamerging", forward=forward, loaders=loaders, steps=5, lr=0.05, granularity="task")
     assert all(torch.equal(via_merge[n], result.state_dict[n]) for n in base)
     name = "2.weight"
     lam = torch.tensor(result.coefficients[name])

@@ -28,9 +28,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("method", "params"), CASES)
-def test_streaming_equals_in_memory_bitwise_and_reads_back_with_safe_open(
-    tmp_path, models, model_files, method, params
-):
+def test_streaming_equals_in_memory_bitwise_and_reads_back_with_safe_open(tmp_path, models, model_files, method, params):
     base, finetuned = models
     expected = merge(base, finetuned, method, seed=1, **params)
     base_path, paths = model_files
@@ -48,9 +46,7 @@ def test_merged_tensors_are_base_plus_merged_task_vector(models):
     base, finetuned = models
     merged = merge(base, finetuned, "task_arithmetic", scale=0.5)
     name = "blocks.1.mlp.fc2.weight"
-    torch.testing.assert_close(
-        merged[name], base[name] + 0.5 * sum(m[name] - base[name] for m in finetuned), rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(merged[name], base[name] + 0.5 * sum(m[name] - base[name] for m in finetuned), rtol=0, atol=1e-6)
     assert torch.equal(merged["bn.num_batches_tracked"], base["bn.num_batches_tracked"])  # integer buffer: the base's
 
 
@@ -119,10 +115,7 @@ def test_linear_methods_in_column_blocks_equal_the_whole_tensor_path(method, par
     generator = torch.Generator().manual_seed(0)
     n = 2 * _BLOCK_COLUMNS + 12345
     base = {"w": torch.randn(n, generator=generator), "b": torch.randn(7, generator=generator)}
-    finetuned = [
-        {k: (v + 0.01 * torch.randn(v.shape, generator=generator)).to(torch.bfloat16) for k, v in base.items()}
-        for _ in range(3)
-    ]
+    finetuned = [{k: (v + 0.01 * torch.randn(v.shape, generator=generator)).to(torch.bfloat16) for k, v in base.items()} for _ in range(3)]
     spec = get_method(method)
     params = spec.validate(params)
     base_source = StateDictSource(base, "base")

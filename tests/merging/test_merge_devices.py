@@ -36,8 +36,9 @@ def test_task_arithmetic_on_the_device_equals_a_float64_computation(device, mode
 def test_ties_on_the_device_equals_peft_on_the_cpu(device, trim, models):
     base, finetuned = models
     weights = torch.tensor([0.5, 1.0, 1.5])
-    merged = merge(base, finetuned, "ties", device=device, density=0.3, weights=weights.tolist(), trim=trim,
-                   trim_scope="tensor")  # peft trims each tensor apart
+    merged = merge(
+        base, finetuned, "ties", device=device, density=0.3, weights=weights.tolist(), trim=trim, trim_scope="tensor"
+    )  # peft trims each tensor apart
     for name, b in _floating(base).items():
         expected = b + merge_utils.ties([m[name] - b for m in finetuned], weights, density=0.3)
         torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
@@ -57,8 +58,7 @@ def test_ties_over_the_whole_model_on_the_device_equals_a_float64_computation(de
     agree = trimmed * (torch.sign(trimmed) == sign)
     delta = (0.5 * agree.sum(0) / (agree != 0).sum(0).clamp(min=1)).split([base[n].numel() for n in names])
     for name, d in zip(names, delta):
-        torch.testing.assert_close(merged[name].double(), base[name].double() + d.view(base[name].shape),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[name].double(), base[name].double() + d.view(base[name].shape), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", [CUDA])  # the CPU's: test_merge_api.py, streaming equals in-memory
@@ -103,8 +103,10 @@ def test_state_dicts_on_the_gpu_merge_there_and_stay_unchanged(models):
         return {name: t.cuda() for name, t in state.items()}
 
     gpu_base, gpu_finetuned = on_gpu(base), [on_gpu(m) for m in finetuned]
-    for device, reference in [("cuda", merge(base, finetuned, "ties", device="cuda", density=0.3)),
-                              ("cpu", merge(base, finetuned, "ties", density=0.3))]:
+    for device, reference in [
+        ("cuda", merge(base, finetuned, "ties", device="cuda", density=0.3)),
+        ("cpu", merge(base, finetuned, "ties", density=0.3)),
+    ]:
         merged = merge(gpu_base, gpu_finetuned, "ties", device=device, density=0.3)
         for name, expected in reference.items():
             assert merged[name].device.type == device, name

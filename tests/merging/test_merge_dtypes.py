@@ -35,15 +35,15 @@ def checkpoints(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[dict[
     return cast(base), [cast(m) for m in models]
 
 
-def reference_merge(method: str, params: dict, base: dict, models: list[dict], masks: list[torch.Tensor],
-                    work: torch.dtype = torch.float64) -> dict:
+def reference_merge(
+    method: str, params: dict, base: dict, models: list[dict], masks: list[torch.Tensor], work: torch.dtype = torch.float64
+) -> dict:
     """The merge computed op by op in ``work`` from the same inputs, with the masks DARE drew:
     whole task vectors, the registered function, ``theta_0 + tau_m`` (in ``work``)."""
     spec = get_method(method)
     params = spec.validate(params)
     names = [n for n, t in base.items() if t.is_floating_point()]
-    task_vectors = {n: torch.stack([m[n].to(work).reshape(-1) - base[n].to(work).reshape(-1) for m in models])
-                    for n in names}
+    task_vectors = {n: torch.stack([m[n].to(work).reshape(-1) - base[n].to(work).reshape(-1) for m in models]) for n in names}
     extra = {}
     if params.get("trim_scope") == "model":  # one cut-off per task over the flattened model
         flat = torch.cat([task_vectors[n] for n in names], dim=1).abs()
@@ -71,8 +71,9 @@ def recorded_masks(monkeypatch) -> list[torch.Tensor]:
     return masks
 
 
-def error_bound(method: str, params: dict, base: torch.Tensor, models: list[torch.Tensor],
-                reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def error_bound(
+    method: str, params: dict, base: torch.Tensor, models: list[torch.Tensor], reference: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Half an ulp of ``dtype`` at the float64 result (the output's one rounding), plus the
     float32 work's error: a few float32 epsilons of ``|theta_0| + sum_k |c_k tau_k|``."""
     exponent = torch.frexp(reference).exponent.clamp(min=math.frexp(torch.finfo(dtype).tiny)[1])  # subnormals
@@ -133,8 +134,27 @@ class ConversionSpy(TorchDispatchMode):
     """Counts entries converted out of half precision, and half-precision tensors that reach
     anything but a copy, a conversion or a view (arithmetic on them would run in bf16)."""
 
-    MOVES = {"copy_", "_to_copy", "clone", "view", "slice", "select", "as_strided", "alias", "detach", "_unsafe_view",
-             "unsqueeze", "reshape", "unfold", "t", "expand", "lift_fresh", "empty_like", "unbind", "split"}
+    MOVES = {
+        "copy_",
+        "_to_copy",
+        "clone",
+        "view",
+        "slice",
+        "select",
+        "as_strided",
+        "alias",
+        "detach",
+        "_unsafe_view",
+        "unsqueeze",
+        "reshape",
+        "unfold",
+        "t",
+        "expand",
+        "lift_fresh",
+        "empty_like",
+        "unbind",
+        "split",
+    }
 
     def __init__(self):
         super().__init__()
@@ -161,9 +181,14 @@ def sampled(base: dict[str, torch.Tensor]) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("method", "params", "sweeps"), [
-    ("task_arithmetic", {}, 1), ("ties", {"trim_scope": "tensor"}, 1), ("ties", {"trim_scope": "model"}, 3),
-])
+@pytest.mark.parametrize(
+    ("method", "params", "sweeps"),
+    [
+        ("task_arithmetic", {}, 1),
+        ("ties", {"trim_scope": "tensor"}, 1),
+        ("ties", {"trim_scope": "model"}, 3),
+    ],
+)
 def test_half_precision_is_converted_once_per_block_and_never_computed_on(dtype, method, params, sweeps):
     """Each input entry is converted to float32 exactly once per sweep over the model (the merge,
     plus TIES' two threshold sweeps), besides the samples of linear methods' sign-conflict

@@ -34,9 +34,7 @@ TENSORS = {
 def test_writer_output_reads_back_bit_identical_with_safe_open(tmp_path):
     path = tmp_path / "out.safetensors"
     with atomic_output(path) as f:
-        writer = SafetensorsWriter(
-            f, [(n, TensorInfo(t.dtype, tuple(t.shape))) for n, t in TENSORS.items()], {"note": "x"}
-        )
+        writer = SafetensorsWriter(f, [(n, TensorInfo(t.dtype, tuple(t.shape))) for n, t in TENSORS.items()], {"note": "x"})
         for name, tensor in TENSORS.items():
             writer.write(name, tensor)
         writer.finish()
@@ -86,9 +84,7 @@ def test_truncated_file_is_reported_with_its_name(tmp_path):
         open_checkpoint(path)
 
 
-@pytest.mark.parametrize(
-    "content", [b"", b"not a safetensors file at all", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "]
-)
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "])
 def test_garbage_is_reported_with_the_file_name(tmp_path, content):
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(content)

@@ -33,9 +33,7 @@ def clpeft_adapter(base: dict[str, torch.Tensor], rank: int, seed: int, alpha: f
 @pytest.fixture
 def adapters(models):
     base, _ = models
-    return base, [
-        LoraAdapter.from_state_dict(clpeft_adapter(base, r, seed), alpha=4.0) for seed, r in enumerate((2, 4, 3))
-    ]
+    return base, [LoraAdapter.from_state_dict(clpeft_adapter(base, r, seed), alpha=4.0) for seed, r in enumerate((2, 4, 3))]
 
 
 def dense(base, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
@@ -55,9 +53,7 @@ def test_scaling_per_layer(adapters):
 @pytest.mark.parametrize("method", ["task_arithmetic", "mean"])
 def test_linear_merge_from_factors_equals_merging_the_dense_deltas(adapters, method, monkeypatch):
     base, loras = adapters
-    expected = merge(
-        base, [dense(base, a) for a in loras], method, **({"scale": 0.7} if method == "task_arithmetic" else {})
-    )
+    expected = merge(base, [dense(base, a) for a in loras], method, **({"scale": 0.7} if method == "task_arithmetic" else {}))
     monkeypatch.setattr(LoraAdapter, "delta", lambda *a, **k: pytest.fail("formed a dense delta per adapter"))
     merged = merge(base, loras, method, **({"scale": 0.7} if method == "task_arithmetic" else {}))
     assert merged.keys() == expected.keys()
@@ -74,10 +70,7 @@ def test_ties_and_dare_on_adapters_use_each_layers_dense_deltas(adapters, method
     merged = merge(base, loras, method, seed=5, **params)
     name = "blocks.1.mlp.fc1.weight"
     deltas = torch.stack(
-        [
-            a.delta(name, device=torch.device("cpu"), dtype=torch.float32) if name in a.layers else torch.zeros(64 * 16)
-            for a in loras
-        ]
+        [a.delta(name, device=torch.device("cpu"), dtype=torch.float32) if name in a.layers else torch.zeros(64 * 16) for a in loras]
     )
     spec = get_method(method)
     generator = {"generator": torch.Generator().manual_seed(_tensor_seed(5, name))} if spec.uses_generator else {}
@@ -114,9 +107,7 @@ def test_peft_adapter_equals_peft_merge_and_unload(tmp_path, use_rslora):
     torch.manual_seed(0)
     model = Tiny()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["fc1", "fc2", "conv"], rank_pattern={"fc2": 2}, use_rslora=use_rslora
-    )
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "conv"], rank_pattern={"fc2": 2}, use_rslora=use_rslora)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -126,8 +117,9 @@ def test_peft_adapter_equals_peft_merge_and_unload(tmp_path, use_rslora):
     expected = peft_model.merge_and_unload().state_dict()
     save_file(base, tmp_path / "base.safetensors")
 
-    merge_files(tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", "task_arithmetic",
-                scale=1.0)  # one adapter, added whole: merge_and_unload
+    merge_files(
+        tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", "task_arithmetic", scale=1.0
+    )  # one adapter, added whole: merge_and_unload
     merged = load_file(tmp_path / "out.safetensors")
     assert merged.keys() == expected.keys()
     for name in expected:

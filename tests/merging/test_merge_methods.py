@@ -51,9 +51,7 @@ def test_magnitude_prune_equals_peft(shape):
     assert_close(ours, merge_utils.magnitude_prune(tvs, weights, density=0.25))
 
 
-@pytest.mark.parametrize(
-    ("consensus", "reference"), [("sum", merge_utils.dare_linear), ("ties", merge_utils.dare_ties)]
-)
+@pytest.mark.parametrize(("consensus", "reference"), [("sum", merge_utils.dare_linear), ("ties", merge_utils.dare_ties)])
 def test_dare_equals_peft_given_the_same_drop_mask(monkeypatch, consensus, reference):
     shape, drop_rate, weights = (40, 30), 0.6, torch.tensor([0.5, 1.0, 1.5, 2.0])
     tvs = task_vectors(shape, seed=3)
@@ -104,9 +102,7 @@ def test_dare_keeps_the_expected_task_vector():
     standard_error = ratio.std() / tau.numel() ** 0.5
     assert abs(float(ratio.mean()) - 1.0) < 5 * standard_error
     assert abs(float((dropped == 0).float().mean()) - drop_rate) < 0.002
-    plain = get_method("dare").fn(
-        tau.clone(), drop_rate=drop_rate, rescale=False, generator=torch.Generator().manual_seed(1)
-    )
+    plain = get_method("dare").fn(tau.clone(), drop_rate=drop_rate, rescale=False, generator=torch.Generator().manual_seed(1))
     assert abs(float((plain / tau[0]).mean()) - (1 - drop_rate)) < 5 * standard_error * (1 - drop_rate)
 
 
@@ -115,9 +111,7 @@ def test_mean_is_the_average_of_the_models(models):
     merged = merge(base, finetuned, "mean")
     for name, tensor in base.items():
         if tensor.is_floating_point():
-            torch.testing.assert_close(
-                merged[name], torch.stack([m[name] for m in finetuned]).mean(0), rtol=0, atol=1e-6
-            )
+            torch.testing.assert_close(merged[name], torch.stack([m[name] for m in finetuned]).mean(0), rtol=0, atol=1e-6)
         else:
             assert torch.equal(merged[name], tensor)
 

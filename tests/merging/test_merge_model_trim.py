@@ -64,9 +64,9 @@ def test_float32_takes_two_sweeps_float64_four_and_extremes_none():
 
     assert (sweeps(3, torch.float32), sweeps(3, torch.float64)) == (2, 4)
     assert sweeps(0, torch.float32) == sweeps(10, torch.float32) == 0
-    assert KthLargestMagnitude(0, ModelShape(10, 2, torch.float32, torch.device("cpu"))).result().tolist() == [
-        float("inf")
-    ] * 2  # keep nothing
+    assert (
+        KthLargestMagnitude(0, ModelShape(10, 2, torch.float32, torch.device("cpu"))).result().tolist() == [float("inf")] * 2
+    )  # keep nothing
     assert KthLargestMagnitude(10, ModelShape(10, 2, torch.float32, torch.device("cpu"))).result().tolist() == [0.0] * 2
 
 

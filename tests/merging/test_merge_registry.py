@@ -72,7 +72,6 @@ def test_parameters_are_checked_as_run_config_keys_are(median_method):
         median_method.validate({"scale": -1.0, "scael": 2.0}, key="merge.parameters")
     assert info.value.messages == [
         "merge.parameters.scale: input should be greater than 0, got -1.0",
-        "merge.parameters.scael: unknown parameter of merge method 'test_median'; did you mean 'scale'? "
-        "(its parameters: scale)",
+        "merge.parameters.scael: unknown parameter of merge method 'test_median'; did you mean 'scale'? (its parameters: scale)",
     ]
     assert median_method.validate({"scale": "2"}) == {"scale": 2.0}  # YAML text coerced as a config's

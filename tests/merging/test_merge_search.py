@@ -43,9 +43,7 @@ def prototype_accuracy(weight: torch.Tensor, bias: torch.Tensor, root) -> float:
 
     f = features(train.inputs)
     prototypes = torch.stack([f[train.targets == c].mean(0) for c in range(10)])
-    similarity = torch.nn.functional.normalize(features(test.inputs), dim=1) @ torch.nn.functional.normalize(
-        prototypes, dim=1
-    ).t()
+    similarity = torch.nn.functional.normalize(features(test.inputs), dim=1) @ torch.nn.functional.normalize(prototypes, dim=1).t()
     return (similarity.argmax(1) == test.targets).double().mean().item()
 
 
@@ -54,8 +52,7 @@ def runs(tmp_path_factory):
     """An untrained start and two fine-tunes of it, as run directories."""
     root = tmp_path_factory.mktemp("runs")
     paths = {}
-    for name, change in [("base", {"strategy": {"name": "simplecil"}}), ("a", {}),
-                         ("b", {"train": {**DIGITS["train"], "lr": 0.2}})]:
+    for name, change in [("base", {"strategy": {"name": "simplecil"}}), ("a", {}), ("b", {"train": {**DIGITS["train"], "lr": 0.2}})]:
         paths[name] = root / name
         Engine(config.resolve({**copy.deepcopy(DIGITS), **change}), paths[name], device="cpu").run()
     return paths
@@ -65,9 +62,26 @@ def test_search_picks_the_value_with_the_best_validation_accuracy(tmp_path, runs
     score_config = tmp_path / "score.yaml"
     score_config.write_text(yaml.safe_dump(SCORE))
     out = tmp_path / "merged.safetensors"
-    code = main(["merge", "--base", str(runs["base"]), "--models", str(runs["a"]), str(runs["b"]),
-                 "--method", "task_arithmetic", "--set", 'rules={skip: ["head.*", "stats.*"]}',
-                 "--out", str(out), "--search", "scale=0.05:0.3:0.05", "--on", str(score_config)])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(runs["base"]),
+            "--models",
+            str(runs["a"]),
+            str(runs["b"]),
+            "--method",
+            "task_arithmetic",
+            "--set",
+            'rules={skip: ["head.*", "stats.*"]}',
+            "--out",
+            str(out),
+            "--search",
+            "scale=0.05:0.3:0.05",
+            "--on",
+            str(score_config),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "best scale = " in capsys.readouterr().out
 
@@ -87,8 +101,7 @@ def test_search_picks_the_value_with_the_best_validation_accuracy(tmp_path, runs
         assert row["acc_last"] == pytest.approx(expected[row["scale"]], abs=1e-12)
     merged = load_file(out)
     for n in names:
-        torch.testing.assert_close(merged[n], start[n] + best * ((a[n] - start[n]) + (b[n] - start[n])),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[n], start[n] + best * ((a[n] - start[n]) + (b[n] - start[n])), rtol=0, atol=1e-6)
     report = json.loads((tmp_path / "merged.report.json").read_text())
     assert report["parameters"]["scale"] == best
     left = {p.name for p in tmp_path.iterdir()} - {"data"}
@@ -97,9 +110,11 @@ def test_search_picks_the_value_with_the_best_validation_accuracy(tmp_path, runs
 
 @pytest.mark.parametrize(
     ("text", "parsed"),
-    [("scale=0.3:1.5:0.1", ("scale", [round(0.3 + 0.1 * i, 1) for i in range(13)])),
-     ("density=0.1, 0.2,0.5", ("density", [0.1, 0.2, 0.5])),
-     ("scale=0.8:2.5:0.1", ("scale", [round(0.8 + 0.1 * i, 1) for i in range(18)]))],
+    [
+        ("scale=0.3:1.5:0.1", ("scale", [round(0.3 + 0.1 * i, 1) for i in range(13)])),
+        ("density=0.1, 0.2,0.5", ("density", [0.1, 0.2, 0.5])),
+        ("scale=0.8:2.5:0.1", ("scale", [round(0.8 + 0.1 * i, 1) for i in range(18)])),
+    ],
 )
 def test_grids_include_stop_and_are_the_decimals_given(text, parsed):
     assert parse_search(text) == parsed
@@ -107,17 +122,18 @@ def test_grids_include_stop_and_are_the_decimals_given(text, parsed):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--search", "scale=0.3:1.5:0.1"], "--search and --on go together"),
-     (["--search", "scale=1:0:0.1", "--on", "x.yaml"], "^--search: needs STEP > 0 and STOP >= START"),
-     (["--search", "scale=a:b", "--on", "x.yaml"], "^--search: expects KEY=START:STOP:STEP"),
-     (["--search", "sclae=0.1,0.2", "--on", "x.yaml"], "^--search: 'task_arithmetic' has no parameter 'sclae'"),
-     (["--search", "scale=0.1,0.2", "--on", "x.yaml", "--set", "scale=0.5"], "'scale' is both set"),
-     (["--method", "ties", "--search", "density=0.5,2", "--on", "x.yaml"], "^--search.density: input should be")],
+    [
+        (["--search", "scale=0.3:1.5:0.1"], "--search and --on go together"),
+        (["--search", "scale=1:0:0.1", "--on", "x.yaml"], "^--search: needs STEP > 0 and STOP >= START"),
+        (["--search", "scale=a:b", "--on", "x.yaml"], "^--search: expects KEY=START:STOP:STEP"),
+        (["--search", "sclae=0.1,0.2", "--on", "x.yaml"], "^--search: 'task_arithmetic' has no parameter 'sclae'"),
+        (["--search", "scale=0.1,0.2", "--on", "x.yaml", "--set", "scale=0.5"], "'scale' is both set"),
+        (["--method", "ties", "--search", "density=0.5,2", "--on", "x.yaml"], "^--search.density: input should be"),
+    ],
 )
 def test_search_mistakes_are_one_line(tmp_path, model_files, capsys, args, message):
     base, paths = model_files
-    flags = ["--base", str(base), "--models", *map(str, paths), "--method", "task_arithmetic",
-             "--out", str(tmp_path / "m.safetensors")]
+    flags = ["--base", str(base), "--models", *map(str, paths), "--method", "task_arithmetic", "--out", str(tmp_path / "m.safetensors")]
     assert main(["merge", *flags, *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err.removeprefix("clpeft: error: ")), err

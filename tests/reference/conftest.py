@@ -71,8 +71,9 @@ def stub_module(name: str, **attributes) -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def load_reference(folder: str, module: str, subdir: str = "",
-                   stubs: Mapping[str, types.ModuleType] | None = None) -> Iterator[types.ModuleType]:
+def load_reference(
+    folder: str, module: str, subdir: str = "", stubs: Mapping[str, types.ModuleType] | None = None
+) -> Iterator[types.ModuleType]:
     """Import ``module`` from ``shared/refs/<folder>/<subdir>`` for the duration of the block.
 
     ``stubs`` (module name -> module) stand in for imports the reference needs only elsewhere.
@@ -81,8 +82,7 @@ def load_reference(folder: str, module: str, subdir: str = "",
     """
     path = ref_dir(folder) / subdir
     top = module.partition(".")[0]
-    shadowed = {name: mod for name, mod in sys.modules.items()
-                if name in (stubs or {}) or name == top or name.startswith(top + ".")}
+    shadowed = {name: mod for name, mod in sys.modules.items() if name in (stubs or {}) or name == top or name.startswith(top + ".")}
     for name in shadowed:  # a loaded module of the same name would hide the reference's
         del sys.modules[name]
     before = set(sys.modules)

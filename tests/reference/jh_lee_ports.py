@@ -91,15 +91,23 @@ def port_stubs() -> dict[str, types.ModuleType]:
     MetricLogger.made = []
     return {
         "timm.models.layers": _module(
-            "timm.models.layers", PatchEmbed=timm.layers.PatchEmbed, Mlp=timm.layers.Mlp, DropPath=timm.layers.DropPath,
-            trunc_normal_=timm.layers.trunc_normal_, lecun_normal_=timm.layers.lecun_normal_),
+            "timm.models.layers",
+            PatchEmbed=timm.layers.PatchEmbed,
+            Mlp=timm.layers.Mlp,
+            DropPath=timm.layers.DropPath,
+            trunc_normal_=timm.layers.trunc_normal_,
+            lecun_normal_=timm.layers.lecun_normal_,
+        ),
         "timm.models.helpers": _module(
-            "timm.models.helpers", build_model_with_cfg=_builder.build_model_with_cfg,
-            resolve_pretrained_cfg=_builder.resolve_pretrained_cfg, named_apply=_manipulate.named_apply,
-            adapt_input_conv=_manipulate.adapt_input_conv, checkpoint_seq=_manipulate.checkpoint_seq),
+            "timm.models.helpers",
+            build_model_with_cfg=_builder.build_model_with_cfg,
+            resolve_pretrained_cfg=_builder.resolve_pretrained_cfg,
+            named_apply=_manipulate.named_apply,
+            adapt_input_conv=_manipulate.adapt_input_conv,
+            checkpoint_seq=_manipulate.checkpoint_seq,
+        ),
         "timm.models.registry": _module("timm.models.registry", register_model=lambda fn: fn),
-        "utils": _module("utils", MetricLogger=MetricLogger, SmoothedValue=_Meter, get_world_size=lambda: 1,
-                         is_main_process=lambda: True),
+        "utils": _module("utils", MetricLogger=MetricLogger, SmoothedValue=_Meter, get_world_size=lambda: 1, is_main_process=lambda: True),
         "continual_datasets": _module("continual_datasets", __path__=[]),
         "continual_datasets.continual_datasets": _module("continual_datasets.continual_datasets"),
     }
@@ -122,21 +130,39 @@ def scale_lr(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def official_model(vision_transformer: types.ModuleType, timm_vit, args: argparse.Namespace, prompted: bool,
-                   **extra) -> torch.nn.Module:
+def official_model(vision_transformer: types.ModuleType, timm_vit, args: argparse.Namespace, prompted: bool, **extra) -> torch.nn.Module:
     """The port's ``VisionTransformer`` as ``main.py`` creates it (``model`` or ``original_model``),
     with ``timm_vit``'s weights. A position embedding of another length goes through the port's
     ``resize_pos_embed`` as its pretrained loader does (L2P: [CLS]'s position repeated over the
     prompt positions)."""
     grid = timm_vit.patch_embed.grid_size
-    shape = dict(img_size=grid[0] * timm_vit.patch_embed.patch_size[0], patch_size=timm_vit.patch_embed.patch_size[0],
-                 embed_dim=timm_vit.embed_dim, depth=len(timm_vit.blocks), num_heads=timm_vit.blocks[0].attn.num_heads,
-                 mlp_ratio=timm_vit.blocks[0].mlp.fc1.out_features / timm_vit.embed_dim, num_classes=args.nb_classes)
-    prompt_args = dict(
-        prompt_length=args.length, embedding_key=args.embedding_key, prompt_init=args.prompt_key_init,
-        prompt_pool=args.prompt_pool, prompt_key=args.prompt_key, pool_size=args.size, top_k=args.top_k,
-        batchwise_prompt=args.batchwise_prompt, prompt_key_init=args.prompt_key_init, head_type=args.head_type,
-        use_prompt_mask=args.use_prompt_mask, **extra) if prompted else {}
+    shape = dict(
+        img_size=grid[0] * timm_vit.patch_embed.patch_size[0],
+        patch_size=timm_vit.patch_embed.patch_size[0],
+        embed_dim=timm_vit.embed_dim,
+        depth=len(timm_vit.blocks),
+        num_heads=timm_vit.blocks[0].attn.num_heads,
+        mlp_ratio=timm_vit.blocks[0].mlp.fc1.out_features / timm_vit.embed_dim,
+        num_classes=args.nb_classes,
+    )
+    prompt_args = (
+        dict(
+            prompt_length=args.length,
+            embedding_key=args.embedding_key,
+            prompt_init=args.prompt_key_init,
+            prompt_pool=args.prompt_pool,
+            prompt_key=args.prompt_key,
+            pool_size=args.size,
+            top_k=args.top_k,
+            batchwise_prompt=args.batchwise_prompt,
+            prompt_key_init=args.prompt_key_init,
+            head_type=args.head_type,
+            use_prompt_mask=args.use_prompt_mask,
+            **extra,
+        )
+        if prompted
+        else {}
+    )
     model = vision_transformer.VisionTransformer(**shape, **prompt_args)
     weights = {k: v for k, v in timm_vit.state_dict().items()}
     if weights["pos_embed"].shape != model.pos_embed.shape:  # as the port's _load_weights
@@ -200,5 +226,4 @@ def official_losses() -> list[float]:
 
 def official_accuracies() -> list[tuple[str, float]]:
     """``(header, Acc@1)`` of every ``evaluate`` call so far."""
-    return [(logger.header, logger.meters["Acc@1"].global_avg) for logger in MetricLogger.made
-            if logger.header.startswith("Test")]
+    return [(logger.header, logger.meters["Acc@1"].global_avg) for logger in MetricLogger.made if logger.header.startswith("Test")]

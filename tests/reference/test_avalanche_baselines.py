@@ -68,8 +68,10 @@ from clpeft.strategies.lwf import LwF
 from clpeft.strategies.replay import Replay
 
 avalanche_training = pytest.importorskip("avalanche.training")
-pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"),
-              pytest.mark.filterwarnings("ignore:Using a non-tuple sequence for multidimensional indexing")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No loggers specified"),
+    pytest.mark.filterwarnings("ignore:Using a non-tuple sequence for multidimensional indexing"),
+]
 
 TRAIN_PER_CLASS, EPOCHS, BATCH, LR = 12, 2, 8, 0.1
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -144,8 +146,14 @@ def run_clpeft(tmp_path, monkeypatch, cls, strategy: dict, momentum: float = 0.0
     monkeypatch.setattr(cls, "after_experience", spy_after)
     cfg = {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": TRAIN_PER_CLASS, "test_per_class": 4, "root": str(tmp_path / "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": TRAIN_PER_CLASS,
+            "test_per_class": 4,
+            "root": str(tmp_path / "data"),
+        },
         "backbone": {"name": "mlp", "hidden": [16]},
         "strategy": strategy,
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "momentum": momentum, "weight_decay": 0.0},
@@ -191,11 +199,12 @@ def _same_start_and_batches(record: Record, head):
             i = strategy.clock.train_exp_counter
             weight, bias = record.new_rows[i]
             with torch.no_grad():
-                head.classifier.weight[-len(bias):].copy_(weight)
-                head.classifier.bias[-len(bias):].copy_(bias)
+                head.classifier.weight[-len(bias) :].copy_(weight)
+                head.classifier.bias[-len(bias) :].copy_(bias)
             data = strategy.adapted_dataset
-            own = _sample_keys(torch.stack([data[j][0] for j in range(len(data))]),
-                               torch.tensor([int(data[j][1]) for j in range(len(data))]))
+            own = _sample_keys(
+                torch.stack([data[j][0] for j in range(len(data))]), torch.tensor([int(data[j][1]) for j in range(len(data))])
+            )
             for epoch in record.batches[i]:
                 assert _sample_keys(torch.cat([x for x, _ in epoch]), torch.cat([y for _, y in epoch])) == own
             strategy.dataloader = _RecordedEpochs(record.batches[i])
@@ -203,8 +212,7 @@ def _same_start_and_batches(record: Record, head):
     return SameStartAndBatches()
 
 
-def run_avalanche(record: Record, template: str = "Naive", plugins=(), momentum: float = 0.0, train_data=None,
-                  **train_kwargs):
+def run_avalanche(record: Record, template: str = "Naive", plugins=(), momentum: float = 0.0, train_data=None, **train_kwargs):
     """Avalanche's ``template`` on clpeft's start and batches (its experiences: ``train_data``,
     default each experience's own training data); the parameters after each experience."""
     from avalanche.benchmarks import tensors_benchmark
@@ -214,12 +222,22 @@ def run_avalanche(record: Record, template: str = "Naive", plugins=(), momentum:
     backbone = copy.deepcopy(record.initial_backbone)
     head = IncrementalClassifier(backbone.feature_dim, initial_out_features=len(record.new_rows[0][1]), masking=False)
     model = nn.Sequential(backbone, head)
-    bench = tensors_benchmark(train_tensors=[list(t) for t in (train_data or record.train)],
-                              test_tensors=[list(t) for t in record.test], task_labels=[0] * len(record.train))
+    bench = tensors_benchmark(
+        train_tensors=[list(t) for t in (train_data or record.train)],
+        test_tensors=[list(t) for t in record.test],
+        task_labels=[0] * len(record.train),
+    )
     strategy = getattr(avalanche_training, template)(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum),
-        criterion=nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=EPOCHS, eval_mb_size=64, device="cpu",
-        plugins=[*plugins, _same_start_and_batches(record, head)], evaluator=EvaluationPlugin(loggers=[]), eval_every=-1,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=BATCH,
+        train_epochs=EPOCHS,
+        eval_mb_size=64,
+        device="cpu",
+        plugins=[*plugins, _same_start_and_batches(record, head)],
+        evaluator=EvaluationPlugin(loggers=[]),
+        eval_every=-1,
     )
     after = []
     with contextlib.redirect_stdout(io.StringIO()):
@@ -234,8 +252,9 @@ def assert_same_parameters(clpeft_after, avalanche_after, **tolerance):
     for i, (ours, theirs) in enumerate(zip(clpeft_after, avalanche_after)):
         assert ours.keys() == theirs.keys()
         for name in ours:
-            torch.testing.assert_close(ours[name], theirs[name], **(tolerance or TOLERANCE),
-                                       msg=lambda m, i=i, name=name: f"experience {i}, {name}: {m}")
+            torch.testing.assert_close(
+                ours[name], theirs[name], **(tolerance or TOLERANCE), msg=lambda m, i=i, name=name: f"experience {i}, {name}: {m}"
+            )
 
 
 def _differs(clpeft_after, avalanche_after) -> float:
@@ -340,15 +359,15 @@ def test_momentum_is_reset_per_experience_as_avalanche_with_reset_optimizer_stat
 # --------------------------------------------------------------------------------------------
 
 
-def test_replay_memory_sizes_equal_avalanche_class_balanced_buffer_and_training_equals_naive_on_the_union(
-        tmp_path, monkeypatch):
+def test_replay_memory_sizes_equal_avalanche_class_balanced_buffer_and_training_equals_naive_on_the_union(tmp_path, monkeypatch):
     from avalanche.benchmarks import tensors_benchmark
     from avalanche.training.storage_policy import ClassBalancedBuffer
 
     mem = 15  # not a multiple of the class counts: the remainder goes to the lowest class ids on both sides
     record = run_clpeft(tmp_path, monkeypatch, Replay, {"name": "replay", "mem_size": mem, "policy": "class_balanced"})
-    bench = tensors_benchmark(train_tensors=[list(t) for t in record.train], test_tensors=[list(t) for t in record.test],
-                              task_labels=[0] * len(record.train))
+    bench = tensors_benchmark(
+        train_tensors=[list(t) for t in record.train], test_tensors=[list(t) for t in record.test], task_labels=[0] * len(record.train)
+    )
     theirs = ClassBalancedBuffer(mem, adaptive_size=True)
     for i, exp in enumerate(bench.train_stream):
         theirs.update_from_dataset(exp.dataset)
@@ -356,8 +375,9 @@ def test_replay_memory_sizes_equal_avalanche_class_balanced_buffer_and_training_
         assert Counter(record.memory_labels[i]) == sizes
         # what clpeft trained on: the experience plus the memory of the experiences before it
         memory = _sample_keys(*record.trained_on[i]) - _sample_keys(*record.train[i])
-        assert sum(memory.values()) == len(record.trained_on[i][1]) - len(record.train[i][1]) == (
-            len(record.memory_labels[i - 1]) if i else 0)
+        assert (
+            sum(memory.values()) == len(record.trained_on[i][1]) - len(record.train[i][1]) == (len(record.memory_labels[i - 1]) if i else 0)
+        )
         past = sum((_sample_keys(*record.train[j]) for j in range(i)), Counter())
         assert not memory - past
     # the training itself: Avalanche's Naive on the same union, same batches
@@ -376,8 +396,9 @@ def test_avalanche_replay_pairs_each_batch_with_a_memory_batch():
     bench = tensors_benchmark(train_tensors=[[x, y], [x[:10], y[:10] + 2]], test_tensors=[[x, y], [x, y]], task_labels=[0, 0])
     data, memory = bench.train_stream[0].dataset, bench.train_stream[1].dataset
     # the arguments ReplayPlugin.before_training_exp passes
-    loader = ReplayDataLoader(data, memory, oversample_small_tasks=True, batch_size=BATCH, batch_size_mem=BATCH,
-                              task_balanced_dataloader=False, shuffle=True)
+    loader = ReplayDataLoader(
+        data, memory, oversample_small_tasks=True, batch_size=BATCH, batch_size_mem=BATCH, task_balanced_dataloader=False, shuffle=True
+    )
     sizes = [len(batch[1]) for batch in loader]
     assert len(sizes) == 3 and all(s > BATCH for s in sizes)  # clpeft: ceil(34 / 8) = 5 batches of at most 8
     assert sum(sizes) - len(data) > len(memory)  # memory samples drawn more than once per epoch

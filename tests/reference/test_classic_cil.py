@@ -151,10 +151,8 @@ def _mammoth_stubs() -> dict:
     root = ref_dir("mammoth")
     return {
         "datasets": stub_module("datasets", get_dataset=None),
-        "utils": stub_module("utils", __path__=[str(root / "utils")],
-                             binary_to_boolean_type=lambda v: str(v).lower() in ("1", "true")),
-        "utils.args": stub_module("utils.args", ArgumentParser=argparse.ArgumentParser,
-                                  add_rehearsal_args=lambda parser: None),
+        "utils": stub_module("utils", __path__=[str(root / "utils")], binary_to_boolean_type=lambda v: str(v).lower() in ("1", "true")),
+        "utils.args": stub_module("utils.args", ArgumentParser=argparse.ArgumentParser, add_rehearsal_args=lambda parser: None),
         "utils.batch_norm": stub_module("utils.batch_norm", bn_track_stats=None),
         "utils.buffer": stub_module("utils.buffer", Buffer=None, icarl_replay=None, fill_buffer=None),
         "models.utils": stub_module("models.utils", __path__=[str(root / "models" / "utils")]),
@@ -238,8 +236,7 @@ def test_icarl_exemplars_means_and_nme_predictions_equal_pilot(monkeypatch):
     inputs, labels = dataset.inputs, dataset.targets
     strategy = _strategy(ICaRL, mem_size=10, loss="ce")
     with load_reference("pilot", "models.base") as base:
-        monkeypatch.setattr(base, "DataLoader",
-                            lambda *a, **k: torch.utils.data.DataLoader(*a, **{**k, "num_workers": 0}))
+        monkeypatch.setattr(base, "DataLoader", lambda *a, **k: torch.utils.data.DataLoader(*a, **{**k, "num_workers": 0}))
         learner = base.BaseLearner({"memory_size": 10, "device": ["cpu"]})
         manager = _PilotDataManager(labels)
         for exp in stream:
@@ -253,8 +250,7 @@ def test_icarl_exemplars_means_and_nme_predictions_equal_pilot(monkeypatch):
             mine = {c: ids[strategy.rehearsal.memory.labels == c].tolist() for c in range(learner._total_classes)}
             theirs_ids, theirs_y = learner._data_memory.astype(int), learner._targets_memory.astype(int)
             assert mine == {c: theirs_ids[theirs_y == c].tolist() for c in range(learner._total_classes)}
-            torch.testing.assert_close(strategy.means.prototypes, torch.from_numpy(learner._class_means),
-                                       atol=1e-6, rtol=0.0)
+            torch.testing.assert_close(strategy.means.prototypes, torch.from_numpy(learner._class_means), atol=1e-6, rtol=0.0)
             test_ids = torch.arange(len(labels))
             loader = torch.utils.data.DataLoader(_IdDataset(test_ids, labels), batch_size=16)
             predicted, _ = learner._eval_nme(loader, learner._class_means)
@@ -289,8 +285,15 @@ def test_bic_training_equals_mammoth():
     old_net = nn.Sequential(copy.deepcopy(teacher.backbone.net), _copy_net(strategy, teacher.head)[1])
     with load_reference("mammoth", "models.bic", stubs=_mammoth_stubs()) as ref:
         observer = types.SimpleNamespace(
-            net=net, old_net=old_net, opt=torch.optim.SGD(net.parameters(), lr=LR), loss=_mammoth_loss, current_task=1,
-            cpt=2, lamda=1 / 2, args=types.SimpleNamespace(temp=3.0, wd_reg=None, distill_after_bic=True))
+            net=net,
+            old_net=old_net,
+            opt=torch.optim.SGD(net.parameters(), lr=LR),
+            loss=_mammoth_loss,
+            current_task=1,
+            cpt=2,
+            lamda=1 / 2,
+            args=types.SimpleNamespace(temp=3.0, wd_reg=None, distill_after_bic=True),
+        )
         optimizer = torch.optim.SGD(_trainable(strategy), lr=LR)
         for positions, x, y in _batches(stream[1]):
             _step(strategy, optimizer, positions, x, y)
@@ -308,9 +311,18 @@ def test_bic_bias_correction_equals_mammoth():
         mine.fit(lambda: [(net(x), y) for x, y in val], 2, N_CLASSES, epochs)
     with load_reference("mammoth", "models.bic", stubs=_mammoth_stubs()) as ref:
         observer = types.SimpleNamespace(
-            net=net, current_task=1, n_past_classes=2, n_seen_classes=N_CLASSES, loss=F.cross_entropy,
-            device=torch.device("cpu"), val_loader=val, args=types.SimpleNamespace(bic_epochs=epochs),
-            forward=lambda x: net(x).clone(), evaluate_bias=lambda prefix: None, build_buffer=lambda dataset: None)
+            net=net,
+            current_task=1,
+            n_past_classes=2,
+            n_seen_classes=N_CLASSES,
+            loss=F.cross_entropy,
+            device=torch.device("cpu"),
+            val_loader=val,
+            args=types.SimpleNamespace(bic_epochs=epochs),
+            forward=lambda x: net(x).clone(),
+            evaluate_bias=lambda prefix: None,
+            build_buffer=lambda dataset: None,
+        )
         ref.BiC.end_task(observer, types.SimpleNamespace(evaluate=lambda model, dataset: None))
     beta, alpha = observer.corr_factors.detach()
     assert (float(alpha), float(beta)) != (1.0, 0.0)
@@ -338,7 +350,7 @@ class _FlatNet(nn.Sequential):
     def set_grads(self, grads):
         start = 0
         for p in self.parameters():
-            p.grad = grads[start: start + p.numel()].view_as(p).clone()
+            p.grad = grads[start : start + p.numel()].view_as(p).clone()
             start += p.numel()
 
 
@@ -351,9 +363,16 @@ def test_si_equals_mammoth(clip_value):
     net = _FlatNet(*_copy_net(strategy))
     with load_reference("mammoth", "models.si", stubs=_mammoth_stubs()) as ref:
         observer = types.SimpleNamespace(
-            net=net, opt=torch.optim.SGD(net.parameters(), lr=LR), loss=F.cross_entropy, device=torch.device("cpu"),
-            args=types.SimpleNamespace(c=c, xi=xi), checkpoint=net.get_params().data.clone(), big_omega=None,
-            small_omega=0, get_parameters=net.parameters)
+            net=net,
+            opt=torch.optim.SGD(net.parameters(), lr=LR),
+            loss=F.cross_entropy,
+            device=torch.device("cpu"),
+            args=types.SimpleNamespace(c=c, xi=xi),
+            checkpoint=net.get_params().data.clone(),
+            big_omega=None,
+            small_omega=0,
+            get_parameters=net.parameters,
+        )
         observer.get_penalty_grads = lambda: ref.SI.get_penalty_grads(observer)
         clipped = []
         if clip_value is None:  # the reference always clips: hand it a stand-in parameter to clip
@@ -389,14 +408,14 @@ def _avalanche_mas_side(strategy, stream, lambda_reg, alpha, batch_size):
     net = _copy_net(strategy)
     plugin = avalanche_plugins.MASPlugin(lambda_reg=lambda_reg, alpha=alpha)
     optimizer = torch.optim.SGD(net.parameters(), lr=LR)
-    runner = types.SimpleNamespace(model=net, optimizer=optimizer, train_mb_size=batch_size, device="cpu",
-                                   clock=types.SimpleNamespace(train_exp_counter=0), loss=None)
+    runner = types.SimpleNamespace(
+        model=net, optimizer=optimizer, train_mb_size=batch_size, device="cpu", clock=types.SimpleNamespace(train_exp_counter=0), loss=None
+    )
     importances = []
     for exp in stream:
         runner.clock.train_exp_counter = exp.index
         x_all, y_all = exp.train.load()
-        runner.experience = types.SimpleNamespace(
-            dataset=torch.utils.data.TensorDataset(x_all, y_all, torch.zeros_like(y_all)))
+        runner.experience = types.SimpleNamespace(dataset=torch.utils.data.TensorDataset(x_all, y_all, torch.zeros_like(y_all)))
         for _, x, y in _batches(exp):
             runner.loss = F.cross_entropy(net(x), y)
             plugin.before_backward(runner)
@@ -431,8 +450,12 @@ def test_mas_per_sample_importance_is_avalanches_with_batches_of_one():
     net = _copy_net(strategy)
     x_all, y_all = stream[0].train.load()
     runner = types.SimpleNamespace(
-        model=net, optimizer=torch.optim.SGD(net.parameters(), lr=LR), train_mb_size=1, device="cpu",
-        experience=types.SimpleNamespace(dataset=torch.utils.data.TensorDataset(x_all, y_all, torch.zeros_like(y_all))))
+        model=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        train_mb_size=1,
+        device="cpu",
+        experience=types.SimpleNamespace(dataset=torch.utils.data.TensorDataset(x_all, y_all, torch.zeros_like(y_all))),
+    )
     theirs = plugin._get_importance(runner)
     strategy.after_experience(stream[0])
     (term,) = strategy.penalty.terms

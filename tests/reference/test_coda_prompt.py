@@ -58,9 +58,12 @@ def ref(load_reference, stub_module, monkeypatch):
     with warnings.catch_warnings():  # its timm.models.layers / helpers imports are deprecated
         warnings.simplefilter("ignore", FutureWarning)
         with load_reference("coda-prompt", "learners.prompt", stubs={"utils.metric": metric}) as prompt:
-            yield types.SimpleNamespace(prompt=prompt, zoo=importlib.import_module("models.zoo"),
-                                        vit=importlib.import_module("models.vit"),
-                                        root=Path(prompt.__file__).parents[1])
+            yield types.SimpleNamespace(
+                prompt=prompt,
+                zoo=importlib.import_module("models.zoo"),
+                vit=importlib.import_module("models.vit"),
+                root=Path(prompt.__file__).parents[1],
+            )
 
 
 def _backbone() -> TimmBackbone:
@@ -223,8 +226,7 @@ def test_after_training_new_components_are_exactly_orthogonal_unlike_the_officia
             assert (ours @ old.T).abs().max() < 1e-5
             torch.testing.assert_close(ours @ ours.T, torch.eye(PER_TASK), rtol=0, atol=1e-5)
             worst_official = max(worst_official, float((theirs @ old.T).abs().max()))
-            torch.testing.assert_close(
-                ours, _reference_rows(with_basis, name, layer, slice(PER_TASK, POOL)).flatten(1), rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours, _reference_rows(with_basis, name, layer, slice(PER_TASK, POOL)).flatten(1), rtol=0, atol=1e-5)
     assert worst_official > 1e-2
 
 
@@ -374,8 +376,9 @@ def test_training_equals_the_official_learner_across_a_task_switch(ref, mu):
         for i, layer in enumerate(LAYERS):
             for name in ("prompts", "keys", "attention"):
                 seen = slice(0, (task + 1) * PER_TASK)
-                torch.testing.assert_close(_stacked(strategy.prompt_components, name, i),
-                                           _reference_rows(model.prompt, name, layer, seen), rtol=0, atol=1e-9)
+                torch.testing.assert_close(
+                    _stacked(strategy.prompt_components, name, i), _reference_rows(model.prompt, name, layer, seen), rtol=0, atol=1e-9
+                )
                 if task:  # the official gradient of past rows is zero (detached); clpeft's are frozen
                     assert torch.all(getattr(model.prompt, f"e_{SHORT[name]}_{layer}").grad[:PER_TASK] == 0)
         torch.testing.assert_close(strategy.head.weight, model.last.weight[: 2 * task + 2], rtol=0, atol=1e-9)
@@ -397,10 +400,13 @@ def _official_coda_args(root: Path, script: str) -> list[float]:
     return [float(v) for v in command.group(1).split()]
 
 
-@pytest.mark.parametrize(("ours", "config", "script", "n_classes"), [
-    ("cifar100_10t.yaml", "cifar-100_prompt.yaml", "cifar-100.sh", 100),
-    ("imagenet_r_10t.yaml", "imnet-r_prompt.yaml", "imagenet-r.sh", 200),
-])
+@pytest.mark.parametrize(
+    ("ours", "config", "script", "n_classes"),
+    [
+        ("cifar100_10t.yaml", "cifar-100_prompt.yaml", "cifar-100.sh", 100),
+        ("imagenet_r_10t.yaml", "imnet-r_prompt.yaml", "imagenet-r.sh", 200),
+    ],
+)
 def test_published_configs_are_the_official_setup(ref, ours, config, script, n_classes):
     """``configs/coda_prompt/{cifar100,imagenet_r}_10t.yaml`` hold what the official scripts run.
 
@@ -439,4 +445,5 @@ def test_published_configs_are_the_official_setup(ref, ours, config, script, n_c
     assert backbone["model"] == "vit_base_patch16_224.augreg_in21k_ft_in1k" and backbone["pretrained"]
     assert timm.models.get_pretrained_cfg(backbone["model"]).url == (
         "https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
-        "--imagenet2012-steps_20k-lr_0.01-res_224.npz")  # timm 0.4.12's vit_base_patch16_224 url
+        "--imagenet2012-steps_20k-lr_0.01-res_224.npz"
+    )  # timm 0.4.12's vit_base_patch16_224 url

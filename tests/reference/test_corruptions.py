@@ -134,8 +134,7 @@ def _stubs():
         "wand.image": stub_module("wand.image", Image=_WandImage),
         "wand.api": stub_module("wand.api", library=types.SimpleNamespace(MagickMotionBlurImage=_MagickMotionBlurImage())),
         "wand.color": stub_module("wand.color"),
-        "skimage": stub_module("skimage", util=types.SimpleNamespace(random_noise=_skimage014_random_noise),
-                               color=_SKIMAGE_COLOR),
+        "skimage": stub_module("skimage", util=types.SimpleNamespace(random_noise=_skimage014_random_noise), color=_SKIMAGE_COLOR),
         "skimage.filters": stub_module("skimage.filters", gaussian=_gaussian),
         "pkg_resources": stub_module("pkg_resources", resource_filename=_resource_filename),
     }
@@ -148,7 +147,8 @@ def _old_numpy():
     had_float_ = hasattr(np, "float_")
     np.float_ = np.float64
     np.fromstring = lambda data, dtype=float, *a, **k: (
-        np.frombuffer(data, dtype).copy() if isinstance(data, bytes) else fromstring(data, dtype, *a, **k))
+        np.frombuffer(data, dtype).copy() if isinstance(data, bytes) else fromstring(data, dtype, *a, **k)
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -165,8 +165,11 @@ def load_installed(module: str):
     if importlib.util.find_spec(module.partition(".")[0]) is None:
         pytest.skip(f"{module.partition('.')[0]} is not installed (pip install -e '.[dev]')")
     stubs = _stubs()
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules)
-             if name in stubs or name == module.partition(".")[0] or name.startswith(module.partition(".")[0] + ".")}
+    saved = {
+        name: sys.modules.pop(name)
+        for name in list(sys.modules)
+        if name in stubs or name == module.partition(".")[0] or name.startswith(module.partition(".")[0] + ".")
+    }
     before = set(sys.modules)
     sys.modules.update(stubs)
     try:
@@ -217,15 +220,18 @@ def natural_images(n: int, size: int, seed: int = 0) -> np.ndarray:
         smooth = (smooth - smooth.min()) / (np.ptp(smooth) + 1e-12)
         edges = (ndi.gaussian_filter(rng.random((size, size)), size / 10) > 0.5)[..., None] * rng.random(3)
         image = 0.6 * smooth + 0.3 * edges + 0.1 * rng.random((size, size, 3))
-        image[size // 8: size // 3, size // 8: size // 3] = rng.random(3)
+        image[size // 8 : size // 3, size // 8 : size // 3] = rng.random(3)
         out.append(np.clip(image * 255, 0, 255).astype(np.uint8))
     return np.stack(out)
 
 
 def run_both(ref_functions, name: str, severity: int, constants: str, images: np.ndarray, indices):
     """clpeft's and the reference's corruption of ``images`` (``(N, H, W, 3)``), as ``int`` arrays."""
-    ours = C.corrupt(torch.from_numpy(images).permute(0, 3, 1, 2), name, severity, SEED, torch.as_tensor(indices),
-                     constants=constants).permute(0, 2, 3, 1).numpy()
+    ours = (
+        C.corrupt(torch.from_numpy(images).permute(0, 3, 1, 2), name, severity, SEED, torch.as_tensor(indices), constants=constants)
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     theirs = []
     for image, index in zip(images, indices):
         np.random.seed(C.sample_seed(SEED, name, severity, index))
@@ -285,8 +291,14 @@ def test_motion_blur_is_imagecorruptions_rounded():
     images = natural_images(2, 224, seed=3)
     with load_installed("imagecorruptions") as package:
         for severity in (1, 5):
-            ours = C.corrupt(torch.from_numpy(images).permute(0, 3, 1, 2), "motion_blur", severity, SEED,
-                             torch.tensor([0, 1]), constants="imagenet").permute(0, 2, 3, 1).numpy().astype(int)
+            ours = (
+                C.corrupt(
+                    torch.from_numpy(images).permute(0, 3, 1, 2), "motion_blur", severity, SEED, torch.tensor([0, 1]), constants="imagenet"
+                )
+                .permute(0, 2, 3, 1)
+                .numpy()
+                .astype(int)
+            )
             theirs = []
             for index, image in enumerate(images):
                 np.random.seed(C.sample_seed(SEED, "motion_blur", severity, index))
@@ -336,6 +348,5 @@ def test_filter2d_reflects_borders_wider_than_the_image_as_opencv(size):
     torch's reflect pad refuses; clpeft's filter equals ``cv2.filter2D`` there too."""
     x = np.random.default_rng(0).random((2, *size, 3))
     kernel = C.ops.disk_kernel(10, 0.5)
-    expected = np.stack([np.stack([cv2.filter2D(image[..., c], -1, kernel.astype(np.float64)) for c in range(3)], -1)
-                         for image in x])
+    expected = np.stack([np.stack([cv2.filter2D(image[..., c], -1, kernel.astype(np.float64)) for c in range(3)], -1) for image in x])
     np.testing.assert_allclose(C.ops.filter2d(x, kernel), expected, rtol=0, atol=1e-12)

@@ -62,10 +62,12 @@ def port(load_reference, monkeypatch):
     """The port's modules and its CIFAR-100 config for two tasks of three classes (two E-prompts: one per task)."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # train_one_epoch's, on a CPU
     with load_reference("dualprompt-pytorch", "vision_transformer", stubs=port_stubs()) as vision_transformer:
-        args = official_args("cifar100_dualprompt", nb_classes=2 * CLASSES_PER_TASK, num_tasks=2, epochs=1, size=2,
-                             distributed=False, output_dir="")
-        yield types.SimpleNamespace(vt=vision_transformer, engine=importlib.import_module("engine"),
-                                    prompt=importlib.import_module("prompt"), args=args)
+        args = official_args(
+            "cifar100_dualprompt", nb_classes=2 * CLASSES_PER_TASK, num_tasks=2, epochs=1, size=2, distributed=False, output_dir=""
+        )
+        yield types.SimpleNamespace(
+            vt=vision_transformer, engine=importlib.import_module("engine"), prompt=importlib.import_module("prompt"), args=args
+        )
 
 
 def _config(name: str = "cifar100_10t.yaml"):
@@ -104,10 +106,19 @@ def _official_prompted(port, net):
     """The port's prompted ``model`` as ``main.py`` creates it, with ``net``'s backbone weights."""
     args = port.args
     return official_model(
-        port.vt, net, args, prompted=True, use_g_prompt=args.use_g_prompt, g_prompt_length=args.g_prompt_length,
-        g_prompt_layer_idx=args.g_prompt_layer_idx, use_prefix_tune_for_g_prompt=args.use_prefix_tune_for_g_prompt,
-        use_e_prompt=args.use_e_prompt, e_prompt_layer_idx=args.e_prompt_layer_idx,
-        use_prefix_tune_for_e_prompt=args.use_prefix_tune_for_e_prompt, same_key_value=args.same_key_value)
+        port.vt,
+        net,
+        args,
+        prompted=True,
+        use_g_prompt=args.use_g_prompt,
+        g_prompt_length=args.g_prompt_length,
+        g_prompt_layer_idx=args.g_prompt_layer_idx,
+        use_prefix_tune_for_g_prompt=args.use_prefix_tune_for_g_prompt,
+        use_e_prompt=args.use_e_prompt,
+        e_prompt_layer_idx=args.e_prompt_layer_idx,
+        use_prefix_tune_for_e_prompt=args.use_prefix_tune_for_e_prompt,
+        same_key_value=args.same_key_value,
+    )
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -130,9 +141,14 @@ def test_published_configs_are_the_ports_setups(load_reference, yaml):
         loaders, _ = datasets.build_continual_dataloader(official_args(PORT_CONFIG[yaml], distributed=False, num_workers=0))
         assert {loader["val"].batch_size for loader in loaders} == {cfg.eval.batch_size} == {args.batch_size}
         import vision_transformer
+
         assert "imagenet21k/ViT-B_16.npz" in vision_transformer.default_cfgs[args.model]["url"]
     assert (s["g_length"], s["g_layers"], s["e_length"], s["e_layers"]) == (
-        args.g_prompt_length, args.g_prompt_layer_idx, args.length, args.e_prompt_layer_idx)
+        args.g_prompt_length,
+        args.g_prompt_layer_idx,
+        args.length,
+        args.e_prompt_layer_idx,
+    )
     assert s["pool_size"] == args.size and args.top_k == 1 and s["matching_weight"] == args.pull_constraint_coeff
     assert s.get("batchwise_selection", False) == args.batchwise_prompt
     assert s.get("copy_previous", True) == args.shared_prompt_pool and not args.shared_prompt_key
@@ -140,14 +156,18 @@ def test_published_configs_are_the_ports_setups(load_reference, yaml):
     assert args.use_prefix_tune_for_g_prompt and args.use_prefix_tune_for_e_prompt and not args.same_key_value
     assert (args.embedding_key, args.head_type, args.prompt_key, args.prompt_key_init) == ("cls", "token", True, "uniform")
     assert (t.optimizer, t.epochs, t.batch_size, t.weight_decay, t.clip_grad) == (
-        args.opt, args.epochs, args.batch_size, args.weight_decay, args.clip_grad)
+        args.opt,
+        args.epochs,
+        args.batch_size,
+        args.weight_decay,
+        args.clip_grad,
+    )
     assert tuple(args.opt_betas) == (0.9, 0.999) and args.opt_eps == 1e-8 and args.sched == "constant"
     assert t.lr == pytest.approx(scale_lr(args).lr, rel=1e-12)
     assert t.schedule == "constant" and t.amp == "off" and t.augment == "crop_flip"
     assert cfg.scenario.params.get("class_order") is None and not args.shuffle
     b = cfg.backbone.params
-    assert (b["model"], b["mean"], b["std"], b["crop_pct"]) == ("vit_base_patch16_224.orig_in21k", [0, 0, 0], [1, 1, 1],
-                                                                 224 / 256)
+    assert (b["model"], b["mean"], b["std"], b["crop_pct"]) == ("vit_base_patch16_224.orig_in21k", [0, 0, 0], [1, 1, 1], 224 / 256)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -195,9 +215,19 @@ def test_e_prompt_selection_and_pull_constraint_equal(port, batchwise):
     M, D, B = 5, 16, 24
     for seed in range(100):
         torch.manual_seed(seed)
-        official = port.prompt.EPrompt(length=3, embed_dim=D, embedding_key="cls", prompt_pool=True, prompt_key=True,
-                                       pool_size=M, top_k=1, batchwise_prompt=batchwise, num_layers=2,
-                                       use_prefix_tune_for_e_prompt=True, num_heads=2)
+        official = port.prompt.EPrompt(
+            length=3,
+            embed_dim=D,
+            embedding_key="cls",
+            prompt_pool=True,
+            prompt_key=True,
+            pool_size=M,
+            top_k=1,
+            batchwise_prompt=batchwise,
+            num_layers=2,
+            use_prefix_tune_for_e_prompt=True,
+            num_heads=2,
+        )
         ours = _prefix_like(official, batchwise)
         query = torch.randn(B, D)
         x_embed = torch.randn(B, 4, D)
@@ -221,8 +251,7 @@ def _prefix_like(official, batchwise: bool):
     from clpeft.components.prompts.prefix_prompt import PrefixPrompt
 
     layers, _, pool, length, heads, head_dim = official.prompt.shape
-    ours = PrefixPrompt(heads * head_dim, pool, g_layers=[], e_layers=list(range(layers)), e_length=length,
-                        batchwise=batchwise)
+    ours = PrefixPrompt(heads * head_dim, pool, g_layers=[], e_layers=list(range(layers)), e_length=length, batchwise=batchwise)
     with torch.no_grad():
         ours.e_prompts.copy_(official.prompt.flatten(-2).permute(2, 0, 1, 3, 4))
         ours.e_keys.copy_(official.prompt_key)
@@ -251,8 +280,7 @@ def test_the_ports_e_prompt_reshape_mixes_prefixes_across_the_batch(port):
     for b in range(4):
         for kv in range(2):
             which, sample = divmod(2 * b + kv, 4)
-            torch.testing.assert_close(out["batched_prompt"][:, b, kv], P[:, which, int(chosen[sample])].flatten(1, 1),
-                                       atol=0, rtol=0)
+            torch.testing.assert_close(out["batched_prompt"][:, b, kv], P[:, which, int(chosen[sample])].flatten(1, 1), atol=0, rtol=0)
     x = _images(4, seed=5)
     strategy.eval()
     model.e_prompt.batchwise_prompt = False  # per-sample selection (the port's ImageNet-R setting)
@@ -284,21 +312,29 @@ def test_two_tasks_of_one_sample_batches_equal_the_ports_engine(port):
     loaders = [_task_loaders(classes, seed=20 + t) for t, classes in enumerate(class_mask)]
     logits = capture_logits(model)
     before = [t.detach().clone() for t in (model.g_prompt, model.e_prompt.prompt, model.e_prompt.prompt_key, model.head.weight)]
-    port.engine.train_and_evaluate(model, model, original, torch.nn.CrossEntropyLoss(), loaders,
-                                   port.engine.create_optimizer(args, model), None, torch.device("cpu"), class_mask, args)
+    port.engine.train_and_evaluate(
+        model,
+        model,
+        original,
+        torch.nn.CrossEntropyLoss(),
+        loaders,
+        port.engine.create_optimizer(args, model),
+        None,
+        torch.device("cpu"),
+        class_mask,
+        args,
+    )
     losses = train_clpeft(strategy, task_stream(class_mask), loaders, cfg.train, epochs=1)
 
     after = (model.g_prompt, model.e_prompt.prompt, model.e_prompt.prompt_key, model.head.weight)
     assert all((t - b).abs().max() > 1e-3 for t, b in zip(after, before))
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(official_losses()) + strategy.matching_weight,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(official_losses()) + strategy.matching_weight, atol=1e-5, rtol=0)
     p, heads = strategy.prompt_prefix, strategy.backbone.net.blocks[0].attn.num_heads
     torch.testing.assert_close(p.g_prompt.unflatten(-1, (heads, -1)), model.g_prompt, atol=1e-6, rtol=0)
-    torch.testing.assert_close(p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5), model.e_prompt.prompt,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5), model.e_prompt.prompt, atol=1e-6, rtol=0)
     torch.testing.assert_close(p.e_keys, model.e_prompt.prompt_key, atol=1e-6, rtol=0)
     torch.testing.assert_close(strategy.head.weight, model.head.weight, atol=1e-6, rtol=0)
-    final_eval = torch.cat(logits[-sum(len(loader["val"]) for loader in loaders):])
+    final_eval = torch.cat(logits[-sum(len(loader["val"]) for loader in loaders) :])
     with torch.no_grad():
         ours = torch.cat([strategy.predict(x, strategy.backbone(x)) for loader in loaders for x, _ in loader["val"]])
     torch.testing.assert_close(ours, final_eval, atol=1e-5, rtol=0)
@@ -328,7 +364,6 @@ def test_inference_chooses_among_trained_keys_only(port):
         assert strategy.prompt_prefix(query).tasks.tolist() == [0]
 
 
-
 def test_prompt_and_key_initialisation_is_the_ports(port):
     """The port's G-prompt, E-prompts and keys and PrefixPrompt's are drawn alike: uniform on [-1, 1]. Two-sample
     Kolmogorov-Smirnov test per tensor (thousands of values), fixed seeds, p > 0.01.
@@ -342,9 +377,11 @@ def test_prompt_and_key_initialisation_is_the_ports(port):
     torch.manual_seed(2)
     official = _official_prompted(port, ours.backbone.net)
     p, heads = ours.prompt_prefix, ours.backbone.net.blocks[0].attn.num_heads
-    pairs = ((official.g_prompt, p.g_prompt.unflatten(-1, (heads, -1))),
-             (official.e_prompt.prompt, p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5)),
-             (official.e_prompt.prompt_key, p.e_keys))
+    pairs = (
+        (official.g_prompt, p.g_prompt.unflatten(-1, (heads, -1))),
+        (official.e_prompt.prompt, p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5)),
+        (official.e_prompt.prompt_key, p.e_keys),
+    )
     for theirs, mine in pairs:
         assert theirs.shape == mine.shape and mine.abs().max() <= 1
         assert ks_2samp(theirs.detach().flatten().numpy(), mine.detach().flatten().numpy()).pvalue > 0.01

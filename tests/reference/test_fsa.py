@@ -46,14 +46,21 @@ def fsa(load_reference, stub_module, monkeypatch):
     """The official ``methods.cil_trainer`` and ``utils`` (``src/``)."""
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     stubs = {
-        "loguru": stub_module("loguru", logger=None), "loguru._logger": stub_module("loguru._logger", Logger=object),
-        "dataloader": stub_module("dataloader"), "dataloader.data_utils": stub_module("dataloader.data_utils"),
-        "cnn": stub_module("cnn"), "cnn.features": stub_module("cnn.features", create_feature_extractor=None, create_film_adapter=None),
+        "loguru": stub_module("loguru", logger=None),
+        "loguru._logger": stub_module("loguru._logger", Logger=object),
+        "dataloader": stub_module("dataloader"),
+        "dataloader.data_utils": stub_module("dataloader.data_utils"),
+        "cnn": stub_module("cnn"),
+        "cnn.features": stub_module("cnn.features", create_feature_extractor=None, create_film_adapter=None),
         "cnn.efficientnet": stub_module("cnn.efficientnet", efficientnet=None),
     }
     with load_reference("fsa", "methods.cil_trainer", subdir="src", stubs=stubs) as trainer:
-        yield types.SimpleNamespace(trainer=trainer, utils=importlib.import_module("utils"),
-                                    train_eval=importlib.import_module("train_eval"), root=Path(trainer.__file__).parents[1])
+        yield types.SimpleNamespace(
+            trainer=trainer,
+            utils=importlib.import_module("utils"),
+            train_eval=importlib.import_module("train_eval"),
+            root=Path(trainer.__file__).parents[1],
+        )
 
 
 def _backbone(freeze: bool) -> TimmBackbone:
@@ -72,8 +79,13 @@ def _task_data(task: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _experience(task: int) -> Experience:
     x, y = _task_data(task)
-    return Experience(task, DataView.of(ArrayDataset(x, y, f"toy{task}")), None,
-                      list(range(task * TASK_SIZE, (task + 1) * TASK_SIZE)), list(range((task + 1) * TASK_SIZE)))
+    return Experience(
+        task,
+        DataView.of(ArrayDataset(x, y, f"toy{task}")),
+        None,
+        list(range(task * TASK_SIZE, (task + 1) * TASK_SIZE)),
+        list(range((task + 1) * TASK_SIZE)),
+    )
 
 
 def _trainer(fsa, body: nn.Module, head: nn.Linear):

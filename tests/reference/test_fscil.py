@@ -62,7 +62,7 @@ def _lines(folder: Path, dataset: str, session: int) -> list[str]:
 
 
 def _indices(exp) -> list[int]:
-    (_, idx), = exp.train.parts
+    ((_, idx),) = exp.train.parts
     return idx.tolist()
 
 
@@ -81,7 +81,8 @@ def test_the_shipped_lists_are_cecs_files_with_its_licence(cec):
         # CEC's {train,test}.txt (not shipped) say the same as the CSVs: MINI-ImageNet/<part>/<wnid>/<file>
         rows = list(csv.DictReader((cec / "mini_imagenet" / f"{part}.csv").open()))
         assert (cec / "mini_imagenet" / f"{part}.txt").read_text().splitlines() == [
-            f"MINI-ImageNet/{part}/{r['label']}/{r['filename']}" for r in rows]
+            f"MINI-ImageNet/{part}/{r['label']}/{r['filename']}" for r in rows
+        ]
     assert filecmp.cmp(cec.parents[1] / "LICENSE", PACKAGED / "LICENSE", shallow=False)
     notice = (PACKAGED / "NOTICE").read_text()
     assert "icoz69/CEC-CVPR2021" in notice and "MIT" in notice
@@ -116,8 +117,10 @@ def _stand_in(monkeypatch, train_y, test_y, expect_options=None):
 
     def load(name, root, download=False, options=None):
         calls.append(options)
-        return (ArrayDataset(torch.arange(len(train_y)), torch.as_tensor(train_y), f"{name}/train"),
-                ArrayDataset(torch.arange(len(test_y)), torch.as_tensor(test_y), f"{name}/test"))
+        return (
+            ArrayDataset(torch.arange(len(train_y)), torch.as_tensor(train_y), f"{name}/train"),
+            ArrayDataset(torch.arange(len(test_y)), torch.as_tensor(test_y), f"{name}/test"),
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", load)
     return calls
@@ -136,7 +139,7 @@ def _check_stream(stream, train_y, test_y, n_base, n_way, expected_sessions):
         assert _indices(exp) == expected_sessions[s]  # CEC's list, in its order
         assert sorted(set(train_y[_indices(exp)].tolist())) == classes
     for s, exp in enumerate(stream):
-        (_, idx), = exp.test.parts
+        ((_, idx),) = exp.test.parts
         seen = n_base + s * n_way
         # session s tests on everything seen so far: the union of its and the earlier test views
         union = sorted(i for e in stream[: s + 1] for i in e.test.parts[0][1].tolist())
@@ -222,8 +225,7 @@ def test_mini_imagenet_split_and_sessions_are_cecs(cec, monkeypatch, tmp_path):
 
 def test_mini_imagenet_pooled_split_cannot_take_cecs_lists():
     with pytest.raises(UserError, match="scenario.dataset_options.split"):
-        FewShotClassIncremental(seed=0, dataset="mini_imagenet", n_base=60, n_way=5, k_shot=5,
-                                dataset_options={"split": "pooled"})
+        FewShotClassIncremental(seed=0, dataset="mini_imagenet", n_base=60, n_way=5, k_shot=5, dataset_options={"split": "pooled"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,12 +308,24 @@ def test_fscil_proto_is_cecs_cosine_baseline(tmp_path, monkeypatch):
     monkeypatch.setattr(FSCILPrototypes, "before_experience", spy_before)
     monkeypatch.setattr(FSCILPrototypes, "training_step", spy_step)
     monkeypatch.setattr(FSCILPrototypes, "after_experience", spy_after)
-    cfg = {"seed": 0,
-           "scenario": {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 4, "n_way": 2,
-                        "k_shot": 5, "base_per_class": 20, "test_per_class": 10, "root": str(tmp_path / "data")},
-           "backbone": {"name": "mlp", "hidden": [16]}, "strategy": {"name": "fscil_proto"},
-           "train": {"epochs": 2, "batch_size": 16, "lr": 0.1, "momentum": 0.0},
-           "eval": {"batch_size": 64, "baseline": False}, "logging": {"tensorboard": False, "progress": "never"}}
+    cfg = {
+        "seed": 0,
+        "scenario": {
+            "name": "few_shot_class_incremental",
+            "dataset": "sklearn_digits",
+            "n_base": 4,
+            "n_way": 2,
+            "k_shot": 5,
+            "base_per_class": 20,
+            "test_per_class": 10,
+            "root": str(tmp_path / "data"),
+        },
+        "backbone": {"name": "mlp", "hidden": [16]},
+        "strategy": {"name": "fscil_proto"},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 0.1, "momentum": 0.0},
+        "eval": {"batch_size": 64, "baseline": False},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
     clpeft.engine.Engine(clpeft.config.resolve(cfg), tmp_path / "run", device="cpu").run()
 
     # CEC's base_train on the same batches: cross-entropy of forward_metric over the base classes, SGD

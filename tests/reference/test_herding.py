@@ -170,8 +170,12 @@ def _mammoth_memory(buffer_module, labels, tables) -> dict[int, list[int]]:
     for t in range(2):
         ids = torch.nonzero((labels // CLASSES_PER_TASK) == t).flatten()
         loader = torch.utils.data.DataLoader(_MammothTrainSet(ids, labels[ids]), batch_size=16, shuffle=False)
-        dataset = SimpleNamespace(N_CLASSES_PER_TASK=CLASSES_PER_TASK, train_loader=loader,
-                                  args=SimpleNamespace(buffer_size=MEMORY), get_normalization_transform=lambda: None)
+        dataset = SimpleNamespace(
+            N_CLASSES_PER_TASK=CLASSES_PER_TASK,
+            train_loader=loader,
+            args=SimpleNamespace(buffer_size=MEMORY),
+            get_normalization_transform=lambda: None,
+        )
         buffer_module.fill_buffer(buffer, dataset, t, net=_MammothNet(tables[t]), use_herding=True, normalize_features=True)
     ids, targets = buffer.examples[: len(buffer)].long(), buffer.labels[: len(buffer)]
     return {c: ids[targets == c].tolist() for c in range(4)}

@@ -75,6 +75,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lora_cl"
 def _numpy_1(stub_module) -> types.ModuleType:
     """numpy as the official environment had it: ``np.linalg.svd`` of a torch tensor returns arrays
     (numpy 2 hands the results to the tensor's ``__array_wrap__``, which makes them tensors)."""
+
     def svd(a, *args, **kwargs):
         return np.linalg.svd(np.asarray(a), *args, **kwargs)
 
@@ -100,8 +101,9 @@ def ref(load_reference, stub_module):
         }
         with load_reference("inflora", "methods.inflora", stubs=stubs) as inflora:
             inflora.np = _numpy_1(stub_module)  # the module object is dropped with the reference
-            yield types.SimpleNamespace(inflora=inflora, sinet=importlib.import_module("models.sinet_inflora"),
-                                        vit=importlib.import_module("models.vit_inflora"))
+            yield types.SimpleNamespace(
+                inflora=inflora, sinet=importlib.import_module("models.sinet_inflora"), vit=importlib.import_module("models.vit_inflora")
+            )
 
 
 # ------------------------------------------------------------------------------------ both sides
@@ -126,8 +128,9 @@ def _official_network(ref, backbone: TimmBackbone):
     ``InfLoRA.__init__``'s ``init_param`` without the download)."""
     net = ref.sinet.SiNet.__new__(ref.sinet.SiNet)
     nn.Module.__init__(net)
-    net.image_encoder = ref.sinet.ViT_lora_co(img_size=32, patch_size=16, embed_dim=WIDTH, depth=DEPTH, num_heads=2,
-                                              mlp_ratio=3, n_tasks=TASKS, rank=RANK)
+    net.image_encoder = ref.sinet.ViT_lora_co(
+        img_size=32, patch_size=16, embed_dim=WIDTH, depth=DEPTH, num_heads=2, mlp_ratio=3, n_tasks=TASKS, rank=RANK
+    )
     missing, unexpected = net.image_encoder.load_state_dict(_fused_state(backbone), strict=False)
     assert not unexpected and all("lora_" in k or "_grow" in k or k.startswith("head.") for k in missing)
     net.class_num = CLASSES
@@ -144,17 +147,35 @@ def _official_learner(ref, network, lamb: float, lame: float):
     learner = ref.inflora.InfLoRA.__new__(ref.inflora.InfLoRA)
     cpu = torch.device("cpu")
     learner.__dict__.update(
-        _cur_task=-1, _known_classes=0, _total_classes=0, _network=network, _device=cpu, _multiple_gpus=[cpu],
-        _data_memory=np.array([]), _targets_memory=np.array([]), optim="adam", init_epoch=EPOCHS, epochs=EPOCHS,
-        init_lr=LR, lrate=LR, init_weight_decay=0.0, weight_decay=0.0, lamb=lamb, lame=lame, total_sessions=TASKS,
-        feature_list=[], project_type=[], debug=False,
+        _cur_task=-1,
+        _known_classes=0,
+        _total_classes=0,
+        _network=network,
+        _device=cpu,
+        _multiple_gpus=[cpu],
+        _data_memory=np.array([]),
+        _targets_memory=np.array([]),
+        optim="adam",
+        init_epoch=EPOCHS,
+        epochs=EPOCHS,
+        init_lr=LR,
+        lrate=LR,
+        init_weight_decay=0.0,
+        weight_decay=0.0,
+        lamb=lamb,
+        lame=lame,
+        total_sessions=TASKS,
+        feature_list=[],
+        project_type=[],
+        debug=False,
     )
     return learner
 
 
 def _clpeft_strategy(backbone: TimmBackbone, lamb: float, lame: float) -> LoRACL:
-    strategy = LoRACL(backbone, targets=TARGETS, rank=RANK, alpha=float(RANK), old_updates="freeze",
-                      subspace="inflora", subspace_threshold=(lamb, lame))
+    strategy = LoRACL(
+        backbone, targets=TARGETS, rank=RANK, alpha=float(RANK), old_updates="freeze", subspace="inflora", subspace_threshold=(lamb, lame)
+    )
     strategy.attach(DataAccess("cpu", None, backbone, batch_size=BATCH))
     return strategy
 
@@ -208,9 +229,14 @@ def _run_both(ref, lamb: float, lame: float):
     data = _stream()
     for t, (x, y) in enumerate(data):
         classes = list(range(t * CLASSES, (t + 1) * CLASSES))
-        exp = Experience(index=t, train=DataView.of(ArrayDataset(x, y, f"task{t}")), test=None,
-                         classes_in_this_experience=classes, classes_seen_so_far=list(range((t + 1) * CLASSES)),
-                         stream_length=TASKS)
+        exp = Experience(
+            index=t,
+            train=DataView.of(ArrayDataset(x, y, f"task{t}")),
+            test=None,
+            classes_in_this_experience=classes,
+            classes_seen_so_far=list(range((t + 1) * CLASSES)),
+            stream_length=TASKS,
+        )
         strategy.eval()
         strategy.before_experience(exp)
         trainable = {id(p) for g in strategy.param_groups(LR) for p in g["params"]}
@@ -273,8 +299,9 @@ def test_three_tasks_equal_the_official_train_loop(ref, lamb, lame):
         torch.testing.assert_close(strategy.head.weight[classes], network.classifier_pool[t].weight, rtol=0, atol=1e-5)
         torch.testing.assert_close(strategy.head.bias[classes], network.classifier_pool[t].bias, rtol=0, atol=1e-5)
         with torch.no_grad():
-            torch.testing.assert_close(strategy.predict(held_out), network.interface(strategy.backbone.preprocess(held_out)),
-                                       rtol=0, atol=1e-4)
+            torch.testing.assert_close(
+                strategy.predict(held_out), network.interface(strategy.backbone.preprocess(held_out)), rtol=0, atol=1e-4
+            )
     assert retained == (lamb > 0.99)
 
 

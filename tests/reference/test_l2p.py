@@ -71,8 +71,7 @@ def port(load_reference, monkeypatch):
     with load_reference("l2p-pytorch", "vision_transformer", stubs=port_stubs()) as vision_transformer:
         importlib.import_module("prompt").torch = _stable_topk_torch()
         engine = importlib.import_module("engine")
-        args = official_args("cifar100_l2p", nb_classes=2 * CLASSES_PER_TASK, num_tasks=2, epochs=1,
-                             distributed=False, output_dir="")
+        args = official_args("cifar100_l2p", nb_classes=2 * CLASSES_PER_TASK, num_tasks=2, epochs=1, distributed=False, output_dir="")
         yield types.SimpleNamespace(vt=vision_transformer, engine=engine, args=args)
 
 
@@ -110,6 +109,7 @@ def _images(n: int, seed: int) -> torch.Tensor:
 
 def _stable_topk_torch() -> types.ModuleType:
     """``torch`` for the port's prompt.py, whose ``topk`` breaks ties towards the lower index (clpeft's rule)."""
+
     def topk(input, k, dim=-1, largest=True, sorted=True):
         order = torch.sort(input, dim=dim, descending=largest, stable=True).indices.narrow(dim, 0, k)
         return torch.gather(input, dim, order), order
@@ -133,7 +133,12 @@ def test_published_config_is_the_ports_cifar100_setup(port):
     assert s.get("train_mask", True) == args.train_mask and not args.use_prompt_mask and not args.shared_prompt_pool
     assert (args.embedding_key, args.head_type, args.prompt_key, args.prompt_key_init) == ("cls", "prompt", True, "uniform")
     assert (t.optimizer, t.epochs, t.batch_size, t.weight_decay, t.clip_grad) == (
-        args.opt, args.epochs, args.batch_size, args.weight_decay, args.clip_grad)
+        args.opt,
+        args.epochs,
+        args.batch_size,
+        args.weight_decay,
+        args.clip_grad,
+    )
     assert tuple(args.opt_betas) == (0.9, 0.999) and args.opt_eps == 1e-8 and args.sched == "constant"
     assert t.lr == pytest.approx(scale_lr(official_args("cifar100_l2p")).lr, rel=1e-12)
     assert t.schedule == "constant" and t.amp == "off" and t.augment == "crop_flip"
@@ -158,9 +163,20 @@ def test_imagenet_r_config_is_pilots_l2p_setup():
     cfg = clpeft.config.load(CONFIG.with_name("imagenet_r_10t.yaml"))
     s, t = cfg.strategy.params, cfg.train
     assert (s["pool_size"], s["prompt_length"], s["top_k"], s["matching_weight"], s["batchwise_selection"]) == (
-        exp["size"], exp["length"], exp["top_k"], exp["pull_constraint_coeff"], exp["batchwise_prompt"])
+        exp["size"],
+        exp["length"],
+        exp["top_k"],
+        exp["pull_constraint_coeff"],
+        exp["batchwise_prompt"],
+    )
     assert (t.epochs, t.batch_size, t.lr, t.optimizer, t.weight_decay, t.clip_grad) == (
-        exp["tuned_epoch"], exp["batch_size"], exp["init_lr"], exp["optimizer"], exp["weight_decay"], None)
+        exp["tuned_epoch"],
+        exp["batch_size"],
+        exp["init_lr"],
+        exp["optimizer"],
+        exp["weight_decay"],
+        None,
+    )
     assert cfg.eval.batch_size == exp["batch_size"]  # PILOT's test loader
     assert cfg.scenario.params["class_order"] == exp["seed"][0] and exp["shuffle"]
     assert cfg.backbone.params["model"] == "vit_base_patch16_224.augreg_in21k_ft_in1k"
@@ -230,8 +246,17 @@ def test_prompt_selection_and_pull_constraint_equal(load_reference, batchwise):
     with load_reference("l2p-pytorch", "prompt") as ref:
         for seed in range(100):
             torch.manual_seed(seed)
-            official = ref.Prompt(length=L, embed_dim=D, embedding_key="cls", prompt_init="uniform", prompt_pool=True,
-                                  prompt_key=True, pool_size=M, top_k=N, batchwise_prompt=batchwise)
+            official = ref.Prompt(
+                length=L,
+                embed_dim=D,
+                embedding_key="cls",
+                prompt_init="uniform",
+                prompt_pool=True,
+                prompt_key=True,
+                pool_size=M,
+                top_k=N,
+                batchwise_prompt=batchwise,
+            )
             pool = _pool_like(official, batchwise)
             query = torch.randn(B, D)
             out = official(torch.randn(B, 3, D), cls_features=query)
@@ -241,8 +266,11 @@ def test_prompt_selection_and_pull_constraint_equal(load_reference, batchwise):
                 assert torch.equal(ours.indices, out["prompt_idx"])
                 assert ours.matching_loss.item() == pytest.approx(N - out["reduce_sim"].item(), abs=1e-5)
                 continue
-            counts = torch.bincount(torch.topk(query @ torch.nn.functional.normalize(pool.keys, dim=1).T, N).indices.flatten(),
-                                    minlength=M).sort(descending=True).values
+            counts = (
+                torch.bincount(torch.topk(query @ torch.nn.functional.normalize(pool.keys, dim=1).T, N).indices.flatten(), minlength=M)
+                .sort(descending=True)
+                .values
+            )
             if counts[N - 1] == counts[N]:  # a tie at the N-th place: the port's choice is torch's
                 ties += 1
                 assert torch.equal(ours.indices[0], _smallest_among_ties(query, pool.keys, N))
@@ -265,9 +293,10 @@ def _pool_like(official, batchwise: bool):
 
 def _smallest_among_ties(query: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
     """The ``n`` most voted prompt ids, ties to the smaller id, most voted first (clpeft's documented rule)."""
-    votes = torch.bincount(torch.topk(torch.nn.functional.normalize(query, dim=1)
-                                      @ torch.nn.functional.normalize(keys, dim=1).T, n).indices.flatten(),
-                           minlength=keys.shape[0])
+    votes = torch.bincount(
+        torch.topk(torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T, n).indices.flatten(),
+        minlength=keys.shape[0],
+    )
     return torch.tensor(sorted(range(len(votes)), key=lambda i: (-int(votes[i]), i))[:n])
 
 
@@ -315,8 +344,9 @@ def test_two_tasks_of_training_equal_the_ports_engine(port):
     logits = capture_logits(model)
     before = [t.detach().clone() for t in (model.prompt.prompt, model.prompt.prompt_key, model.head.weight)]
     optimizer = port.engine.create_optimizer(args, model)
-    port.engine.train_and_evaluate(model, model, original, torch.nn.CrossEntropyLoss(), loaders, optimizer, None,
-                                   torch.device("cpu"), class_mask, args)
+    port.engine.train_and_evaluate(
+        model, model, original, torch.nn.CrossEntropyLoss(), loaders, optimizer, None, torch.device("cpu"), class_mask, args
+    )
     losses = train_clpeft(strategy, task_stream(class_mask), loaders, cfg.train, epochs=1)
 
     assert all((t - b).abs().max() > 1e-3 for t, b in zip((model.prompt.prompt, model.prompt.prompt_key, model.head.weight), before))
@@ -326,7 +356,7 @@ def test_two_tasks_of_training_equal_the_ports_engine(port):
     torch.testing.assert_close(strategy.prompt_pool.keys, model.prompt.prompt_key, atol=1e-6, rtol=0)
     torch.testing.assert_close(strategy.head.weight, model.head.weight, atol=1e-6, rtol=0)
     # the port's last evaluate_till_now: task 0's then task 1's test batches
-    final_eval = torch.cat(logits[-sum(len(loader["val"]) for loader in loaders):])
+    final_eval = torch.cat(logits[-sum(len(loader["val"]) for loader in loaders) :])
     with torch.no_grad():
         ours = torch.cat([strategy.predict(x, strategy.backbone(x)) for loader in loaders for x, _ in loader["val"]])
     torch.testing.assert_close(ours, final_eval, atol=1e-5, rtol=0)
@@ -342,8 +372,10 @@ def _task_loaders(classes: list[int], train_batch: int, eval_batch: int, seed: i
     y = torch.tensor(classes).repeat_interleave(11)[torch.randperm(33, generator=g)]
     x = torch.rand(len(y), 3, IMG, IMG, generator=g)
     split = lambda t, n: list(t.split(n))  # noqa: E731
-    return {"train": list(zip(split(x[:32], train_batch), split(y[:32], train_batch))),
-            "val": list(zip(split(x[:eval_batch + 4], eval_batch), split(y[:eval_batch + 4], eval_batch)))}
+    return {
+        "train": list(zip(split(x[:32], train_batch), split(y[:32], train_batch))),
+        "val": list(zip(split(x[: eval_batch + 4], eval_batch), split(y[: eval_batch + 4], eval_batch))),
+    }
 
 
 def test_batchwise_selection_shares_a_test_batchs_task_evidence(port):
@@ -379,8 +411,17 @@ def test_prompt_and_key_initialisation_is_the_ports(load_reference):
 
     torch.manual_seed(0)
     with load_reference("l2p-pytorch", "prompt") as ref:
-        official = ref.Prompt(length=5, embed_dim=256, embedding_key="cls", prompt_init="uniform", prompt_pool=True,
-                              prompt_key=True, pool_size=20, top_k=5, prompt_key_init="uniform")
+        official = ref.Prompt(
+            length=5,
+            embed_dim=256,
+            embedding_key="cls",
+            prompt_init="uniform",
+            prompt_pool=True,
+            prompt_key=True,
+            pool_size=20,
+            top_k=5,
+            prompt_key_init="uniform",
+        )
     torch.manual_seed(1)
     ours = PromptPool(20, 5, 256, 5)
     for theirs, mine in ((official.prompt, ours.prompts), (official.prompt_key, ours.keys)):

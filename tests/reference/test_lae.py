@@ -113,13 +113,21 @@ def ref(load_reference, stub_module):
     """The official ``main`` (``MyModule``), ``libml.model`` and its ViT (shims above), imported once."""
     empty_conf = dataclasses.dataclass(type("Conf", (), {}))
     stubs = {
-        "libml.core": stub_module("libml.core", App=None, Conf=empty_conf, DataModule=object, Module=_Module,
-                                  ModuleConf=dataclasses.dataclass(type("ModuleConf", (), {}))),
+        "libml.core": stub_module(
+            "libml.core",
+            App=None,
+            Conf=empty_conf,
+            DataModule=object,
+            Module=_Module,
+            ModuleConf=dataclasses.dataclass(type("ModuleConf", (), {})),
+        ),
         "libml.data": stub_module("libml.data", build_imagenet_transform=None),
         "libml.model.backbone.swin": stub_module(
-            "libml.model.backbone.swin", SwinTransformer=type("SwinTransformer", (), {}), swin_base_patch4_window7_224_in22k=None),
-        "libml.model.backbone.convnext": stub_module("libml.model.backbone.convnext", ConvNeXt=type("ConvNeXt", (), {}),
-                                                     convnext_base_in22k=None),
+            "libml.model.backbone.swin", SwinTransformer=type("SwinTransformer", (), {}), swin_base_patch4_window7_224_in22k=None
+        ),
+        "libml.model.backbone.convnext": stub_module(
+            "libml.model.backbone.convnext", ConvNeXt=type("ConvNeXt", (), {}), convnext_base_in22k=None
+        ),
         "timm.models.layers.helpers": stub_module("timm.models.layers.helpers", to_2tuple=timm.layers.to_2tuple),
         "torchmetrics": stub_module("torchmetrics", Accuracy=_Accuracy),
         "dataclasses": stub_module("dataclasses", **{**vars(dataclasses), "dataclass": _hashable_dataclass}),
@@ -128,8 +136,9 @@ def ref(load_reference, stub_module):
         warnings.simplefilter("ignore", FutureWarning)  # the reference imports timm's deprecated module paths
         patch.setattr(nn.Parameter, "__format__", _format_scalar, raising=False)
         with load_reference("lae", "main", stubs=stubs) as main:
-            yield types.SimpleNamespace(main=main, model=importlib.import_module("libml.model"),
-                                        vit=importlib.import_module("libml.model.backbone.vit"))
+            yield types.SimpleNamespace(
+                main=main, model=importlib.import_module("libml.model"), vit=importlib.import_module("libml.model.backbone.vit")
+            )
 
 
 # ------------------------------------------------------------------------------------ both sides
@@ -161,8 +170,15 @@ def _official_learner(ref, backbone: TimmBackbone):
     model.head = model.create_head()
     learner = ref.main.MyModule.__new__(ref.main.MyModule)
     nn.Module.__init__(learner)
-    learner.cfg = types.SimpleNamespace(adapt_blocks=BLOCKS, pet_cls="LoRA", pet_kwargs={"rank": RANK, "scale": None},
-                                        num_emas=1, ema_decay=MOMENTUM, num_freeze_epochs=FREEZE, eval_only_emas=False)
+    learner.cfg = types.SimpleNamespace(
+        adapt_blocks=BLOCKS,
+        pet_cls="LoRA",
+        pet_kwargs={"rank": RANK, "scale": None},
+        num_emas=1,
+        ema_decay=MOMENTUM,
+        num_freeze_epochs=FREEZE,
+        eval_only_emas=False,
+    )
     learner.model = model
     learner.datamodule = types.SimpleNamespace(num_old_classes=0, num_new_classes=CLASSES, num_classes_of=lambda t: CLASSES)
     learner.current_task = learner.current_epoch = 0
@@ -170,8 +186,9 @@ def _official_learner(ref, backbone: TimmBackbone):
 
 
 def _clpeft_strategy(backbone: TimmBackbone) -> LAE:
-    strategy = LAE(backbone, targets=TARGETS, rank=RANK, alpha=float(RANK), learnable_scale=True,
-                   ema_momentum=MOMENTUM, freeze_epochs=FREEZE)
+    strategy = LAE(
+        backbone, targets=TARGETS, rank=RANK, alpha=float(RANK), learnable_scale=True, ema_momentum=MOMENTUM, freeze_epochs=FREEZE
+    )
     strategy.attach(DataAccess("cpu", None, backbone, batch_size=BATCH))
     return strategy
 
@@ -247,9 +264,14 @@ def _run_both(ref):
     strategy = _clpeft_strategy(backbone)
     for t, (x, y) in enumerate(_stream()):
         classes = list(range(t * CLASSES, (t + 1) * CLASSES))
-        exp = Experience(index=t, train=DataView.of(ArrayDataset(x, y, f"task{t}")), test=None,
-                         classes_in_this_experience=classes, classes_seen_so_far=list(range((t + 1) * CLASSES)),
-                         stream_length=TASKS)
+        exp = Experience(
+            index=t,
+            train=DataView.of(ArrayDataset(x, y, f"task{t}")),
+            test=None,
+            classes_in_this_experience=classes,
+            classes_seen_so_far=list(range((t + 1) * CLASSES)),
+            stream_length=TASKS,
+        )
         strategy.eval()
         strategy.before_experience(exp)
         # the official Module.setup_model's part for a new task, then MyModule's own, then clpeft's head rows
@@ -282,8 +304,9 @@ def test_three_tasks_equal_the_official_learner(ref):
     """
     held_out = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     for learner, strategy, t in _run_both(ref):
-        online = {f"{name}.{f}": getattr(layer, f).detach() for name, layer in strategy.lora.items()
-                  for f in ("lora_A", "lora_B", "lora_scale")}
+        online = {
+            f"{name}.{f}": getattr(layer, f).detach() for name, layer in strategy.lora.items() for f in ("lora_A", "lora_B", "lora_scale")
+        }
         official = _pet_values(learner.pets)
         assert online.keys() == official.keys()
         for key, value in official.items():
@@ -345,8 +368,11 @@ def test_new_head_rows_start_as_the_official_classifier(ref):
     """
     torch.manual_seed(5)
     strategy = _clpeft_strategy(_backbone())
-    strategy.before_experience(Experience(index=0, train=None, test=None, classes_in_this_experience=list(range(20)),
-                                          classes_seen_so_far=list(range(20)), stream_length=1))
+    strategy.before_experience(
+        Experience(
+            index=0, train=None, test=None, classes_in_this_experience=list(range(20)), classes_seen_so_far=list(range(20)), stream_length=1
+        )
+    )
     head = ref.model.DynamicSimpleHead(num_features=WIDTH)
     head.append(20)
     for weight, bias in ((strategy.head.weight, strategy.head.bias), (head.classifiers[0].weight, head.classifiers[0].bias)):
@@ -355,10 +381,13 @@ def test_new_head_rows_start_as_the_official_classifier(ref):
         assert abs(float(weight.mean())) < 1e-4 and abs(float(weight.std()) - 0.001) < 1e-4
 
 
-@pytest.mark.parametrize(("ours", "base", "n_classes"), [
-    ("cifar100_10t.yaml", "cifar100_order1.yaml", 100),
-    ("imagenet_r_10t.yaml", "imagenet-r_order1.yaml", 200),
-])
+@pytest.mark.parametrize(
+    ("ours", "base", "n_classes"),
+    [
+        ("cifar100_10t.yaml", "cifar100_order1.yaml", 100),
+        ("imagenet_r_10t.yaml", "imagenet-r_order1.yaml", 200),
+    ],
+)
 def test_published_configs_are_the_official_setup(ref, ours, base, n_classes):
     """``configs/lae/{cifar100,imagenet_r}_10t.yaml`` hold what ``make [BASE=...] vit_lora`` runs.
 
@@ -382,8 +411,7 @@ def test_published_configs_are_the_official_setup(ref, ours, base, n_classes):
     assert strategy["targets"] == [f"blocks.{b}.attn.qkv.{p}" for b in lora["adapt_blocks"] for p in "kv"]
     assert backbone["split_qkv"] and strategy["rank"] == lora["pet_kwargs"]["rank"] == strategy["alpha"]
     assert lora["pet_kwargs"]["scale"] is None and strategy.get("learnable_scale", True)
-    assert (train.epochs, train.batch_size, train.lr) == (module["num_epochs"], data["dataloader"]["batch_size"],
-                                                          module["optimizer"]["lr"])
+    assert (train.epochs, train.batch_size, train.lr) == (module["num_epochs"], data["dataloader"]["batch_size"], module["optimizer"]["lr"])
     assert train.drop_last == data["dataloader"]["drop_last"] is True
     assert (train.optimizer, module["optimizer"]["algo"], train.weight_decay) == ("adam", "Adam", module["optimizer"]["weight_decay"])
     assert module["schedule_unit"] == "none" and train.schedule == "constant"

@@ -122,14 +122,14 @@ def _mammoth(model: str):
     """Mammoth's ``models.<model>`` and its ``utils.buffer`` (numpy's draws from a torch generator seeded with SEED)."""
     root = ref_dir("mammoth")
     stubs = {
-        "utils": stub_module("utils", __path__=[str(root / "utils")], smart_joint=None,
-                             binary_to_boolean_type=lambda v: str(v).lower() in ("1", "true")),
-        "utils.args": stub_module("utils.args", ArgumentParser=argparse.ArgumentParser,
-                                  add_rehearsal_args=lambda parser: None),
-        "utils.conf": stub_module("utils.conf", get_device=lambda: torch.device("cpu"), warn_once=lambda *a: None,
-                                  create_seeded_dataloader=None),
-        "utils.augmentations": stub_module("utils.augmentations", cutmix_data=None,
-                                           apply_transform=lambda x, transform=None: transform(x)),
+        "utils": stub_module(
+            "utils", __path__=[str(root / "utils")], smart_joint=None, binary_to_boolean_type=lambda v: str(v).lower() in ("1", "true")
+        ),
+        "utils.args": stub_module("utils.args", ArgumentParser=argparse.ArgumentParser, add_rehearsal_args=lambda parser: None),
+        "utils.conf": stub_module(
+            "utils.conf", get_device=lambda: torch.device("cpu"), warn_once=lambda *a: None, create_seeded_dataloader=None
+        ),
+        "utils.augmentations": stub_module("utils.augmentations", cutmix_data=None, apply_transform=lambda x, transform=None: transform(x)),
         "utils.status": stub_module("utils.status", progress_bar=lambda *a, **k: None),
         "models.utils": stub_module("models.utils", __path__=[str(root / "models" / "utils")]),
         "models.utils.continual_model": stub_module("models.utils.continual_model", ContinualModel=nn.Module),
@@ -144,8 +144,14 @@ def _mammoth(model: str):
 def _observer(module_cls, net, buffer, current_task: int, **args):
     """What Mammoth's ``observe`` reads of ``self``."""
     return types.SimpleNamespace(
-        net=net, opt=torch.optim.SGD(net.parameters(), lr=LR), loss=F.cross_entropy, buffer=buffer, transform=None,
-        device=torch.device("cpu"), current_task=current_task, args=types.SimpleNamespace(minibatch_size=MINIBATCH, **args),
+        net=net,
+        opt=torch.optim.SGD(net.parameters(), lr=LR),
+        loss=F.cross_entropy,
+        buffer=buffer,
+        transform=None,
+        device=torch.device("cpu"),
+        current_task=current_task,
+        args=types.SimpleNamespace(minibatch_size=MINIBATCH, **args),
     )
 
 
@@ -324,7 +330,7 @@ def test_agem_equals_mammoth_given_the_same_memory():
     torch.testing.assert_close(_stored_inputs(strategy.memory, stream), buffer.examples, rtol=0, atol=0)
     _assert_same_parameters(strategy, net, atol=1e-6)
     # the test saw both branches: steps whose gradient was projected and steps left alone
-    second = projected[len(projected) // 2:]
+    second = projected[len(projected) // 2 :]
     assert any(second) and not all(second)
 
 
@@ -371,12 +377,27 @@ def test_gdumb_memory_and_fit_equal_mammoth(monkeypatch):
                 ref.GDumb.observe(types.SimpleNamespace(buffer=buffer), x, y, x)
         assert next(replayed, None) is None and len(draws) == 2 * PER_CLASS * 2 - MEMORY
         buffer_module.np = _TorchDrawnNumpy(torch.Generator().manual_seed(SEED + 1))
-        args = types.SimpleNamespace(maxlr=maxlr, minlr=5e-4, optim_mom=momentum, optim_wd=0.0, optim_nesterov=False,
-                                     batch_size=batch, cutmix_alpha=None, debug_mode=False)
+        args = types.SimpleNamespace(
+            maxlr=maxlr,
+            minlr=5e-4,
+            optim_mom=momentum,
+            optim_wd=0.0,
+            optim_nesterov=False,
+            batch_size=batch,
+            cutmix_alpha=None,
+            debug_mode=False,
+        )
         theirs: list[float] = []
-        fitter = types.SimpleNamespace(args=args, buffer=buffer, transform=None, device=torch.device("cpu"), net=net,
-                                       get_parameters=net.parameters, get_debug_iters=lambda: 0,
-                                       loss=lambda out, y: _recorded(theirs, F.cross_entropy(out, y)))
+        fitter = types.SimpleNamespace(
+            args=args,
+            buffer=buffer,
+            transform=None,
+            device=torch.device("cpu"),
+            net=net,
+            get_parameters=net.parameters,
+            get_debug_iters=lambda: 0,
+            loss=lambda out, y: _recorded(theirs, F.cross_entropy(out, y)),
+        )
         ref.fit_buffer(fitter, 1)
     torch.testing.assert_close(_stored_inputs(strategy.memory, stream), buffer.examples, rtol=0, atol=0)
     assert sorted(strategy.train_data(stream[1]).targets.tolist()) == sorted(buffer.labels.tolist())

@@ -71,8 +71,9 @@ def state_dicts() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]
     finetuned = []
     for _ in range(TASKS):
         sizes = torch.rand(len(base), generator=generator, dtype=torch.float64) * 0.1 + 1e-3
-        finetuned.append({k: v + s * torch.randn(v.shape, generator=generator, dtype=torch.float64)
-                          for (k, v), s in zip(base.items(), sizes)})
+        finetuned.append(
+            {k: v + s * torch.randn(v.shape, generator=generator, dtype=torch.float64) for (k, v), s in zip(base.items(), sizes)}
+        )
     flat = torch.stack([torch.cat([(m[k] - base[k]).reshape(-1) for k in base]) for m in finetuned])
     assert all(row.abs().unique().numel() == row.numel() for row in flat), "magnitude ties"
     return base, finetuned
@@ -217,17 +218,14 @@ def test_adamerging_ties_baseline_is_disjoint_sum_at_lambda_0_3(load_reference, 
 # -------------------------------------------------------------------------------- task arithmetic
 
 
-def test_task_arithmetic_equals_both_references_and_defaults_to_their_0_3(
-    load_reference, stub_module, state_dicts, monkeypatch
-):
+def test_task_arithmetic_equals_both_references_and_defaults_to_their_0_3(load_reference, stub_module, state_dicts, monkeypatch):
     """``tv_merging`` (ties-merging) and ``sum(TaskVector).apply_to(scaling_coef=0.3)`` (AdaMerging's
     ``main_task_arithmetic.py``, whose constant is read from the file) equal ``task_arithmetic`` with
     its default scale."""
     base, finetuned = state_dicts
     with _ties_reference(load_reference, stub_module) as ref:
         flat_ptm, task_vectors = _flat(ref, base, finetuned)
-        flat_expected = {lam: dict(ref.vector_to_state_dict(flat_ptm + lam * ref.tv_merging(task_vectors), base))
-                         for lam in (0.3, 0.7)}
+        flat_expected = {lam: dict(ref.vector_to_state_dict(flat_ptm + lam * ref.tv_merging(task_vectors), base)) for lam in (0.3, 0.7)}
     for lam, expected in flat_expected.items():
         _assert_state_close(merge(base, finetuned, "task_arithmetic", scale=lam), expected)
 
@@ -266,8 +264,7 @@ def test_dare_preserves_the_expected_task_vector(rescale):
     tau = torch.randn(1, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     total = torch.zeros(n, dtype=torch.float64)
     for seed in range(draws):
-        total += get_method("dare").fn(tau.clone(), drop_rate=p, rescale=rescale,
-                                       generator=torch.Generator().manual_seed(seed))
+        total += get_method("dare").fn(tau.clone(), drop_rate=p, rescale=rescale, generator=torch.Generator().manual_seed(seed))
     factor = 1 / (1 - p) if rescale else 1.0
     expected = tau[0] * factor * (1 - p)
     sd = tau[0].abs() * factor * (p * (1 - p) / draws) ** 0.5
@@ -307,10 +304,12 @@ def _run_reference_loop(tree: ast.Module, namespace: dict, steps: int) -> None:
     """Execute the script's functions and classes, then its statements from the model set-up to the
     training loop (imports, evaluation loops and the checkpoint load left out), with ``epochs = steps``."""
     body = tree.body
-    start = next(i for i, node in enumerate(body) if isinstance(node, ast.Assign)
-                 and ast.unparse(node) == "pretrained_model = torch.load(pretrained_checkpoint)")
-    definitions = [n for n in body[:start]
-                   if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name != "create_log_dir"]
+    start = next(
+        i
+        for i, node in enumerate(body)
+        if isinstance(node, ast.Assign) and ast.unparse(node) == "pretrained_model = torch.load(pretrained_checkpoint)"
+    )
+    definitions = [n for n in body[:start] if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name != "create_log_dir"]
     exec(compile(ast.Module(definitions, []), "<reference definitions>", "exec"), namespace)
     for node in body[start + 1 :]:
         if isinstance(node, ast.Import | ast.ImportFrom):
@@ -328,19 +327,15 @@ def _adamerging_problem():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8)).double()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(2)
-    finetuned = [{k: v + 0.3 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in base.items()}
-                 for _ in range(3)]
+    finetuned = [{k: v + 0.3 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in base.items()} for _ in range(3)]
     heads = {name: nn.Linear(8, classes).double() for name, classes in zip("ABC", (3, 4, 5))}
     inputs = {name: torch.randn(40, 6, generator=generator, dtype=torch.float64) for name in heads}
     return model, base, finetuned, heads, inputs
 
 
 @pytest.mark.parametrize("lr", [None, 0.1], ids=["official-lr", "lr-0.1-reaches-the-clamp"])
-@pytest.mark.parametrize(("script", "granularity"), [("main_task_wise_adamerging", "task"),
-                                                     ("main_layer_wise_adamerging", "layer")])
-def test_adamerging_coefficients_equal_the_reference_training_loop(
-    load_reference, stub_module, monkeypatch, script, granularity, lr
-):
+@pytest.mark.parametrize(("script", "granularity"), [("main_task_wise_adamerging", "task"), ("main_layer_wise_adamerging", "layer")])
+def test_adamerging_coefficients_equal_the_reference_training_loop(load_reference, stub_module, monkeypatch, script, granularity, lr):
     """The reference's own classes and loop, 6 steps (10 at lr 0.1): same initial coefficients (its prior 0.3),
     same batches (two per task and step from a fresh shuffled pass), same loss (summed mean
     entropies), Adam; the learned coefficients and merged weights equal clpeft's (float64, 1e-12;
@@ -374,9 +369,15 @@ def test_adamerging_coefficients_equal_the_reference_training_loop(
         _run_reference_loop(tree, namespace, steps)
         reference = namespace["adamerging_mtl_model"].lambdas().detach()[:, 1:]
         raw = namespace["adamerging_mtl_model"].lambdas_raw.detach()
-        ours = adamerging(base, finetuned, forward=functional_forward(model, list(heads.values())),
-                          loaders=[ShuffledBatches(x, 16, seed) for seed, x in enumerate(inputs.values())],
-                          granularity=granularity, steps=steps, **({} if lr is None else {"lr": lr}))
+        ours = adamerging(
+            base,
+            finetuned,
+            forward=functional_forward(model, list(heads.values())),
+            loaders=[ShuffledBatches(x, 16, seed) for seed, x in enumerate(inputs.values())],
+            granularity=granularity,
+            steps=steps,
+            **({} if lr is None else {"lr": lr}),
+        )
     finally:
         torch.set_default_dtype(previous)
     assert namespace["epochs"] == steps and raw.shape == reference.shape

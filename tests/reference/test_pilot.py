@@ -68,14 +68,18 @@ def pilot_modules(load_reference, anchor: str, others: tuple[str, ...]):
             yield types.SimpleNamespace(
                 **{anchor.rpartition(".")[2]: first},
                 **{name.rpartition(".")[2]: importlib.import_module(name) for name in others},
-                root=Path(first.__file__).parents[1])
+                root=Path(first.__file__).parents[1],
+            )
 
 
 @pytest.fixture
 def pilot(load_reference):
     """PILOT's ``models.{simplecil,aper_adapter,ranpac}``, ``utils.inc_net``, ``backbone.{vit_adapter,vpt}``."""
-    with pilot_modules(load_reference, "models.ranpac", ("models.simplecil", "models.aper_adapter", "utils.inc_net",
-                                                          "backbone.vit_adapter", "backbone.vpt")) as modules:
+    with pilot_modules(
+        load_reference,
+        "models.ranpac",
+        ("models.simplecil", "models.aper_adapter", "utils.inc_net", "backbone.vit_adapter", "backbone.vpt"),
+    ) as modules:
         yield modules
 
 
@@ -140,13 +144,31 @@ def _pilot_keys(state: dict) -> dict:
 
 def _pilot_adapter_vit(pilot, backbone: TimmBackbone) -> nn.Module:
     """PILOT's ``vit_adapter.VisionTransformer`` with ``backbone``'s weights (its adapters included)."""
-    config = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
-                                   ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=BOTTLENECK,
-                                   d_model=WIDTH, vpt_on=False, vpt_num=0)
+    config = types.SimpleNamespace(
+        ffn_adapt=True,
+        ffn_option="parallel",
+        ffn_adapter_layernorm_option="none",
+        ffn_adapter_init_option="lora",
+        ffn_adapter_scalar="0.1",
+        ffn_num=BOTTLENECK,
+        d_model=WIDTH,
+        vpt_on=False,
+        vpt_num=0,
+    )
     net = pilot.vit_adapter.VisionTransformer(
-        img_size=32, patch_size=16, embed_dim=WIDTH, depth=6, num_heads=2, mlp_ratio=3, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0, global_pool=False, drop_path_rate=0.0,
-        tuning_config=config)
+        img_size=32,
+        patch_size=16,
+        embed_dim=WIDTH,
+        depth=6,
+        num_heads=2,
+        mlp_ratio=3,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+        global_pool=False,
+        drop_path_rate=0.0,
+        tuning_config=config,
+    )
     net.load_state_dict(_pilot_keys(backbone.net.state_dict()), strict=True)
     for name, p in net.named_parameters():  # the factory's "freeze all but the adapter"
         p.requires_grad = "adaptmlp" in name
@@ -258,8 +280,11 @@ def test_aper_adapter_session_prototypes_and_logits_equal_pilots(pilot, monkeypa
 
     monkeypatch.setattr(learner, "construct_dual_branch_network", dual_branch)
     _train_steps(strategy, exp0)
-    trained = {"adaptmlp": _pilot_keys(strategy.adapted.net.state_dict()), "fc": strategy.adapt_head.weight.detach().clone(),
-               "sigma": strategy.adapt_head.scale.detach().clone()}
+    trained = {
+        "adaptmlp": _pilot_keys(strategy.adapted.net.state_dict()),
+        "fc": strategy.adapt_head.weight.detach().clone(),
+        "sigma": strategy.adapt_head.scale.detach().clone(),
+    }
     torch.manual_seed(5)
     _set_task(learner, 0)
     x0, y0 = _task_data(0)
@@ -351,7 +376,7 @@ def test_ranpac_adapter_statistics_ridge_and_logits_equal_pilots(pilot, monkeypa
         assert len(ours) == len(theirs) == len(candidates)
         seen = 2 * (task + 1)  # the mean runs over the classes seen (clpeft) or all nb_classes = 4 (PILOT)
         np.testing.assert_allclose(np.array(ours)[candidates >= 1e-4] * seen / 4, theirs[candidates >= 1e-4], rtol=1e-3)
-    assert float(strategy.ridge) == candidates[int(np.argmin(pilot_losses[-len(candidates):]))]
+    assert float(strategy.ridge) == candidates[int(np.argmin(pilot_losses[-len(candidates) :]))]
     _close(strategy.head.weight, network.fc.weight, rtol=1e-3, atol=1e-5)
     x = _test_inputs()
     with torch.no_grad():
@@ -371,8 +396,9 @@ def test_aper_vpt_features_equal_pilots_prompted_vit(pilot, vpt_type):
     """
     backbone = _backbone()
     strategy = APER(backbone, peft="vpt", vpt_type=vpt_type, prompt_length=3)
-    net = pilot.vpt.VPT_ViT(img_size=32, patch_size=16, embed_dim=WIDTH, depth=6, num_heads=2, mlp_ratio=3,
-                            Prompt_Token_num=3, VPT_type=vpt_type.capitalize())
+    net = pilot.vpt.VPT_ViT(
+        img_size=32, patch_size=16, embed_dim=WIDTH, depth=6, num_heads=2, mlp_ratio=3, Prompt_Token_num=3, VPT_type=vpt_type.capitalize()
+    )
     assert not net.Prompt_Tokens.any() and not strategy.prompt_tokens.any()
     net.load_state_dict(backbone.net.state_dict(), strict=False)
     torch.manual_seed(3)
@@ -382,11 +408,17 @@ def test_aper_vpt_features_equal_pilots_prompted_vit(pilot, vpt_type):
     _close(strategy.adapted_features(x), net.eval()(backbone.preprocess(x)))
 
 
-@pytest.mark.parametrize("method, dataset, exps", [
-    ("simplecil", "cifar100", "simplecil.json"), ("simplecil", "imagenet_r", "simplecil_inr.json"),
-    ("aper", "cifar100", "aper_aperpter.json"), ("aper", "imagenet_r", "aper_aperpter_inr.json"),
-    ("ranpac", "cifar100", "ranpac.json"), ("ranpac", "imagenet_r", "ranpac_inr.json"),
-])
+@pytest.mark.parametrize(
+    "method, dataset, exps",
+    [
+        ("simplecil", "cifar100", "simplecil.json"),
+        ("simplecil", "imagenet_r", "simplecil_inr.json"),
+        ("aper", "cifar100", "aper_aperpter.json"),
+        ("aper", "imagenet_r", "aper_aperpter_inr.json"),
+        ("ranpac", "cifar100", "ranpac.json"),
+        ("ranpac", "imagenet_r", "ranpac_inr.json"),
+    ],
+)
 def test_published_configs_are_pilots_setup(pilot, method, dataset, exps):
     """``configs/<method>/{cifar100,imagenet_r}_10t.yaml`` hold what ``python main.py --config ./exps/<json>`` runs.
 
@@ -408,7 +440,8 @@ def test_published_configs_are_pilots_setup(pilot, method, dataset, exps):
     assert official["backbone_type"].startswith("pretrained_vit_b16_224") and "in21k" not in official["backbone_type"]
     assert backbone["model"] == "vit_base_patch16_224.augreg_in21k_ft_in1k" and backbone["pretrained"]
     assert timm.models.get_pretrained_cfg(backbone["model"]).url.endswith(
-        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz")
+        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz"
+    )
     assert (backbone["mean"], backbone["std"], backbone["crop_pct"]) == ([0, 0, 0], [1, 1, 1], 0.875)
     assert train.amp == "off"
     if method == "simplecil":

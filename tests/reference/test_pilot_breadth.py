@@ -62,8 +62,9 @@ from .test_pilot import (
 @pytest.fixture
 def pilot(load_reference):
     """PILOT's ``models.{fecam,ease,cofima}``, ``utils.inc_net``, ``backbone.{vit_adapter,vit_ease}``."""
-    with pilot_modules(load_reference, "models.fecam", ("models.ease", "models.cofima", "utils.inc_net",
-                                                         "backbone.vit_adapter", "backbone.vit_ease")) as modules:
+    with pilot_modules(
+        load_reference, "models.fecam", ("models.ease", "models.cofima", "utils.inc_net", "backbone.vit_adapter", "backbone.vit_ease")
+    ) as modules:
         yield modules
 
 
@@ -157,19 +158,46 @@ def test_fecam_published_configs_are_pilots_setup(pilot, dataset, exps):
 
 # ---------------------------------------------------------------------------------- EASE
 
-PILOT_EASE = {"use_init_ptm": False, "use_diagonal": False, "use_old_data": False, "moni_adam": False, "use_reweight": True,
-              "recalc_sim": True, "alpha": 0.1, "beta": 0}
+PILOT_EASE = {
+    "use_init_ptm": False,
+    "use_diagonal": False,
+    "use_old_data": False,
+    "moni_adam": False,
+    "use_reweight": True,
+    "recalc_sim": True,
+    "alpha": 0.1,
+    "beta": 0,
+}
 
 
 def _pilot_ease_vit(pilot, backbone) -> nn.Module:
     """PILOT's ``vit_ease.VisionTransformer`` with ``backbone``'s (pre-trained) weights, frozen but its adapters."""
-    config = types.SimpleNamespace(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
-                                   ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=BOTTLENECK,
-                                   d_model=WIDTH, vpt_on=False, vpt_num=0, _device="cpu")
+    config = types.SimpleNamespace(
+        ffn_adapt=True,
+        ffn_option="parallel",
+        ffn_adapter_layernorm_option="none",
+        ffn_adapter_init_option="lora",
+        ffn_adapter_scalar="0.1",
+        ffn_num=BOTTLENECK,
+        d_model=WIDTH,
+        vpt_on=False,
+        vpt_num=0,
+        _device="cpu",
+    )
     net = pilot.vit_ease.VisionTransformer(
-        img_size=32, patch_size=16, embed_dim=WIDTH, depth=6, num_heads=2, mlp_ratio=3, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0, global_pool=False, drop_path_rate=0.0,
-        tuning_config=config)
+        img_size=32,
+        patch_size=16,
+        embed_dim=WIDTH,
+        depth=6,
+        num_heads=2,
+        mlp_ratio=3,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+        global_pool=False,
+        drop_path_rate=0.0,
+        tuning_config=config,
+    )
     missing, unexpected = net.load_state_dict(_pilot_keys(backbone.net.state_dict()), strict=False)
     assert not unexpected and all(k.startswith("cur_adapter.") for k in missing)
     for name, p in net.named_parameters():  # the factory's "freeze all but the adapter"
@@ -182,8 +210,16 @@ def _ease_learner(pilot, vit: nn.Module):
     """PILOT's EASE ``Learner`` and ``EaseNet`` around ``vit``, without their ``__init__``: ease.json's settings."""
     net = pilot.inc_net.EaseNet.__new__(pilot.inc_net.EaseNet)
     nn.Module.__init__(net)
-    args = {"optimizer": "sgd", "scheduler": "cosine", "init_epochs": 1, "later_epochs": 1, "init_lr": LR, "later_lr": LR,
-            "adapter_num": -1, **PILOT_EASE}
+    args = {
+        "optimizer": "sgd",
+        "scheduler": "cosine",
+        "init_epochs": 1,
+        "later_epochs": 1,
+        "init_lr": LR,
+        "later_lr": LR,
+        "adapter_num": -1,
+        **PILOT_EASE,
+    }
     net.backbone, net.args, net.fc, net._device, net._cur_task, net.out_dim = vit, args, None, "cpu", -1, WIDTH
     net.inc = net.init_cls = len(TASKS[0])
     net.use_init_ptm, net.alpha, net.beta = False, args["alpha"], args["beta"]
@@ -271,8 +307,9 @@ def test_ease_adapters_prototypes_complements_and_logits_equal_pilots_in_fewer_p
             assert ours.take() == (1, n * len(x))
 
 
-@pytest.mark.parametrize("dataset, exps, tasks", [("cifar100", "ease.json", 20), ("cifar100", "ease.json", 10),
-                                                  ("imagenet_r", "ease_inr.json", 10)])
+@pytest.mark.parametrize(
+    "dataset, exps, tasks", [("cifar100", "ease.json", 20), ("cifar100", "ease.json", 10), ("imagenet_r", "ease_inr.json", 10)]
+)
 def test_ease_published_configs_are_pilots_setup(pilot, dataset, exps, tasks):
     """``configs/ease/{cifar100_20t,cifar100_10t,imagenet_r_10t}.yaml`` hold what ``exps/ease*.json`` runs.
 
@@ -354,8 +391,8 @@ def test_cofima_slow_learner_fishers_and_averaged_backbone_equal_pilots(pilot):
         learner._cur_task, learner._total_classes = task, 2 * (task + 1)
         network.update_fc(len(TASKS[task]))
         with torch.no_grad():
-            network.fc.heads[-1][0].weight.copy_(strategy.head.weight[2 * task:])
-            network.fc.heads[-1][0].bias.copy_(strategy.head.bias[2 * task:])
+            network.fc.heads[-1][0].weight.copy_(strategy.head.weight[2 * task :])
+            network.fc.heads[-1][0].bias.copy_(strategy.head.bias[2 * task :])
         loader = _loader(backbone, *_task_data(task))
         _train_steps(strategy, exp)
         learner._stage1_training(loader, None)
@@ -367,8 +404,9 @@ def test_cofima_slow_learner_fishers_and_averaged_backbone_equal_pilots(pilot):
         network.fc.backup()
         learner.fisher_mat.append(learner.getFisherDiagonal(loader, learner.optimizer))
         if task:
-            theta = pilot.cofima.interpolate_weights(learner.prev_nets[-1], network.state_dict(), alpha=0.4, fisher=True,
-                                                     fisher_mat=learner.fisher_mat[-2:])
+            theta = pilot.cofima.interpolate_weights(
+                learner.prev_nets[-1], network.state_dict(), alpha=0.4, fisher=True, fisher_mat=learner.fisher_mat[-2:]
+            )
             network.load_state_dict(theta, strict=True)
         strategy.after_experience(exp)
         fisher = strategy.previous_fisher.tensors()  # kept for the next task's average
@@ -397,7 +435,7 @@ def test_cofima_published_configs_are_pilots_setup(pilot, dataset, exps):
     source = inspect.getsource(pilot.cofima)
     assert pilot.cofima.fishermax == 1e-4 and "self.bcb_lrscale = 1.0/100" in source
     assert "num_sampled_pcls = 256" in source and "decay = (t_id+1)/(self._cur_task+1)*0.1" in source
-    assert "'lr': self.lrate" in source[source.index("def _stage2_compact_classifier"):]
+    assert "'lr': self.lrate" in source[source.index("def _stage2_compact_classifier") :]
     cfg = clpeft.config.load(CONFIGS / "cofima" / f"{dataset}_10t.yaml")
     train, strategy, scenario, backbone = cfg.train, cfg.strategy.params, cfg.scenario.params, cfg.backbone.params
     assert official["init_cls"] == official["increment"] == {"cifar100": 100, "imagenet_r": 200}[dataset] // scenario["n_experiences"]
@@ -408,11 +446,23 @@ def test_cofima_published_configs_are_pilots_setup(pilot, dataset, exps):
     assert (backbone["mean"], backbone["std"], backbone["crop_pct"]) == ([0, 0, 0], [1, 1, 1], 0.875)
     assert train.amp == "off" and train.augment == "crop_flip"
     assert (train.epochs, train.lr, train.batch_size, train.weight_decay) == (
-        official["epochs"], official["lrate"], official["batch_size"], official["weight_decay"])
+        official["epochs"],
+        official["lrate"],
+        official["batch_size"],
+        official["weight_decay"],
+    )
     assert (train.optimizer, train.momentum) == ("sgd", 0.9)
     assert (train.schedule, train.milestones, train.gamma) == ("multistep", official["milestones"], official["lrate_decay"])
-    params = {"backbone_lr_scale": 0.01, "merge_weight": official["wt_lambda"], "fisher_weighting": official["fisher_weighting"],
-              "fisher_max": 1e-4, "align_epochs": official["ca_epochs"], "align_lr": official["lrate"],
-              "align_temperature": official["ca_with_logit_norm"], "align_samples": 256, "mean_shrink": 0.1}
+    params = {
+        "backbone_lr_scale": 0.01,
+        "merge_weight": official["wt_lambda"],
+        "fisher_weighting": official["fisher_weighting"],
+        "fisher_max": 1e-4,
+        "align_epochs": official["ca_epochs"],
+        "align_lr": official["lrate"],
+        "align_temperature": official["ca_with_logit_norm"],
+        "align_samples": 256,
+        "mean_shrink": 0.1,
+    }
     defaults = {k: v.default for k, v in inspect.signature(CoFiMA).parameters.items() if k in params}
     assert {k: strategy.get(k, defaults[k]) for k in params} == params

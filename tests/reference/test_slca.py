@@ -58,9 +58,17 @@ def slca(load_reference, stub_module, monkeypatch):
         "timm.models.layers.weight_init": stub_module("timm.models.layers.weight_init", trunc_normal_=timm.layers.trunc_normal_),
         "convs.cifar_resnet": stub_module("convs.cifar_resnet", resnet32=None),
         "convs.resnet": stub_module("convs.resnet", resnet18=None, resnet34=None, resnet50=None),
-        "convs.vits": stub_module("convs.vits", **dict.fromkeys(
-            ["vit_base_patch16_224_in21k", "vit_base_patch16_224_mocov3", "vit_base_lora_patch16_224_in21k",
-             "vit_base_lora_patch16_224_mocov3"])),
+        "convs.vits": stub_module(
+            "convs.vits",
+            **dict.fromkeys(
+                [
+                    "vit_base_patch16_224_in21k",
+                    "vit_base_patch16_224_mocov3",
+                    "vit_base_lora_patch16_224_in21k",
+                    "vit_base_lora_patch16_224_mocov3",
+                ]
+            ),
+        ),
     }
     with warnings.catch_warnings():  # its timm.models.layers imports are deprecated
         warnings.simplefilter("ignore", FutureWarning)
@@ -93,8 +101,13 @@ def _task_data(task: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _experience(task: int) -> Experience:
     x, y = _task_data(task)
-    return Experience(task, DataView.of(ArrayDataset(x, y, f"toy{task}")), None,
-                      list(range(task * TASK_SIZE, (task + 1) * TASK_SIZE)), list(range((task + 1) * TASK_SIZE)))
+    return Experience(
+        task,
+        DataView.of(ArrayDataset(x, y, f"toy{task}")),
+        None,
+        list(range(task * TASK_SIZE, (task + 1) * TASK_SIZE)),
+        list(range((task + 1) * TASK_SIZE)),
+    )
 
 
 def _sides(slca):
@@ -109,8 +122,19 @@ def _sides(slca):
     net.convnet, net.fc, net.old_fc, net.fc_with_ln, net.fc_scale_mu = _Features(official_net), None, None, False, -1
     learner = slca.slca.SLCA.__new__(slca.slca.SLCA)
     learner.__dict__.update(
-        _network=net, _cur_task=-1, _known_classes=0, _total_classes=0, _device="cpu", _multiple_gpus=["cpu"],
-        bcb_lrscale=1.0 / 100, fix_bcb=False, logit_norm=0.1, task_sizes=[], log_path="logs/slca_test", test_loader=[])
+        _network=net,
+        _cur_task=-1,
+        _known_classes=0,
+        _total_classes=0,
+        _device="cpu",
+        _multiple_gpus=["cpu"],
+        bcb_lrscale=1.0 / 100,
+        fix_bcb=False,
+        logit_norm=0.1,
+        task_sizes=[],
+        log_path="logs/slca_test",
+        test_loader=[],
+    )
     learner._compute_accuracy = lambda *a: 0.0  # per-epoch test accuracy (a log line)
     return strategy, learner
 
@@ -122,8 +146,8 @@ def _official_task(learner, backbone: TimmBackbone, task: int, strategy) -> None
     learner._total_classes = learner._known_classes + TASK_SIZE
     learner._network.update_fc(TASK_SIZE)
     with torch.no_grad():  # clpeft's freshly drawn rows (truncated normal, std 0.02, bias 0) in the new head
-        learner._network.fc.heads[-1][0].weight.copy_(strategy.head.weight[learner._known_classes:])
-        learner._network.fc.heads[-1][0].bias.copy_(strategy.head.bias[learner._known_classes:])
+        learner._network.fc.heads[-1][0].weight.copy_(strategy.head.weight[learner._known_classes :])
+        learner._network.fc.heads[-1][0].bias.copy_(strategy.head.bias[learner._known_classes :])
     x, y = _task_data(task)
     batches = [(None, backbone.preprocess(x[i]), y[i]) for i in torch.arange(len(y)).split(BATCH)]
     learner._stage1_training(batches, [])
@@ -177,8 +201,9 @@ def test_slow_learner_alignment_and_recall_equal_the_official_learner(slca, monk
     monkeypatch.setattr(torch.optim, "SGD", lambda params, **kw: groups.append(sgd(params, **kw)) or groups[-1])
     draws, orders = [], []
     normal, randperm = torch.distributions.multivariate_normal._standard_normal, torch.randperm
-    monkeypatch.setattr(torch.distributions.multivariate_normal, "_standard_normal",
-                        lambda *a, **k: draws.append(normal(*a, **k)) or draws[-1])
+    monkeypatch.setattr(
+        torch.distributions.multivariate_normal, "_standard_normal", lambda *a, **k: draws.append(normal(*a, **k)) or draws[-1]
+    )
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: orders.append(randperm(*a, **k)) or orders[-1])
     for task in range(TASKS):
         exp = _experience(task)
@@ -231,8 +256,10 @@ def test_published_configs_are_the_official_setup(slca, config, exps):
     features per class, the 0.1 mean shrinkage; from ``convs/vits.py``: IN-21k augreg weights with
     a fresh final LayerNorm; float32. Mutation checked: ``align_epochs: 3`` in the YAML fails it.
     """
-    official = {"slca_cifar.json": {"epochs": 20, "ca_epochs": 5, "ca_with_logit_norm": 0.1, "milestones": [18], "init_cls": 10},
-                "slca_imgnetr.json": {"epochs": 50, "ca_epochs": 5, "ca_with_logit_norm": 0.1, "milestones": [40], "init_cls": 20}}[exps]
+    official = {
+        "slca_cifar.json": {"epochs": 20, "ca_epochs": 5, "ca_with_logit_norm": 0.1, "milestones": [18], "init_cls": 10},
+        "slca_imgnetr.json": {"epochs": 50, "ca_epochs": 5, "ca_with_logit_norm": 0.1, "milestones": [40], "init_cls": 20},
+    }[exps]
     module = slca.slca
     cfg = clpeft.config.load(CONFIGS / config)
     train, strategy, scenario, backbone = cfg.train, cfg.strategy.params, cfg.scenario.params, cfg.backbone.params

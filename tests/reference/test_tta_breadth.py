@@ -116,33 +116,73 @@ def test_defaults_are_the_cifar10_c_configs(bench):
     """SAR, RDumb, DeYO, MEMO and RoTTA's defaults are ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py`` (SAR's
     optimizer: its code's SGD with ``OPTIM.MOMENTUM``, whatever ``OPTIM.METHOD`` says)."""
     sar, rdumb, deyo = (_cfg(bench, m) for m in ("sar", "rdumb", "deyo"))
-    assert _defaults("sar") == {"optimizer": "sgd", "lr": sar.OPTIM.LR, "momentum": sar.OPTIM.MOMENTUM, "weight_decay": 0.0,
-                                "params": "norm", "entropy_factor": sar.EATA.MARGIN_E0,
-                                "reset_constant": sar.SAR.RESET_CONSTANT_EM, "rho": 0.05}
+    assert _defaults("sar") == {
+        "optimizer": "sgd",
+        "lr": sar.OPTIM.LR,
+        "momentum": sar.OPTIM.MOMENTUM,
+        "weight_decay": 0.0,
+        "params": "norm",
+        "entropy_factor": sar.EATA.MARGIN_E0,
+        "reset_constant": sar.SAR.RESET_CONSTANT_EM,
+        "rho": 0.05,
+    }
     assert inspect.signature(bench.sar.SAM.__init__).parameters["rho"].default == 0.05
     assert rdumb.MODEL.ADAPTATION == "eata" and rdumb.EATA.FISHER_ALPHA == 0.0
-    assert _defaults("rdumb") == {"optimizer": "adam", "lr": rdumb.OPTIM.LR, "momentum": rdumb.OPTIM.BETA,
-                                  "weight_decay": rdumb.OPTIM.WD, "params": "norm", "entropy_factor": rdumb.EATA.MARGIN_E0,
-                                  "redundancy_margin": rdumb.EATA.D_MARGIN,
-                                  "reset_every": rdumb.MODEL.RESET_AFTER_NUM_UPDATES}
-    assert _defaults("deyo") == {"optimizer": "adam", "lr": deyo.OPTIM.LR, "momentum": deyo.OPTIM.BETA,
-                                 "weight_decay": deyo.OPTIM.WD, "params": "norm", "margin_factor": deyo.DEYO.MARGIN,
-                                 "entropy_factor": deyo.EATA.MARGIN_E0, "plpd_threshold": deyo.DEYO.PLPD,
-                                 "reweight_entropy": deyo.DEYO.REWEIGHT_ENT, "reweight_plpd": deyo.DEYO.REWEIGHT_PLPD,
-                                 "destruction": "patch", "patch_len": deyo.DEYO.PATCH_LEN,
-                                 "occlusion_size": deyo.DEYO.OCCLUSION_SIZE, "occlusion_row": deyo.DEYO.ROW_START,
-                                 "occlusion_column": deyo.DEYO.COLUMN_START}
+    assert _defaults("rdumb") == {
+        "optimizer": "adam",
+        "lr": rdumb.OPTIM.LR,
+        "momentum": rdumb.OPTIM.BETA,
+        "weight_decay": rdumb.OPTIM.WD,
+        "params": "norm",
+        "entropy_factor": rdumb.EATA.MARGIN_E0,
+        "redundancy_margin": rdumb.EATA.D_MARGIN,
+        "reset_every": rdumb.MODEL.RESET_AFTER_NUM_UPDATES,
+    }
+    assert _defaults("deyo") == {
+        "optimizer": "adam",
+        "lr": deyo.OPTIM.LR,
+        "momentum": deyo.OPTIM.BETA,
+        "weight_decay": deyo.OPTIM.WD,
+        "params": "norm",
+        "margin_factor": deyo.DEYO.MARGIN,
+        "entropy_factor": deyo.EATA.MARGIN_E0,
+        "plpd_threshold": deyo.DEYO.PLPD,
+        "reweight_entropy": deyo.DEYO.REWEIGHT_ENT,
+        "reweight_plpd": deyo.DEYO.REWEIGHT_PLPD,
+        "destruction": "patch",
+        "patch_len": deyo.DEYO.PATCH_LEN,
+        "occlusion_size": deyo.DEYO.OCCLUSION_SIZE,
+        "occlusion_row": deyo.DEYO.ROW_START,
+        "occlusion_column": deyo.DEYO.COLUMN_START,
+    }
     assert deyo.DEYO.AUG_TYPE == "patch"
     memo, rotta = _cfg(bench, "memo"), _cfg(bench, "rotta")
-    assert _defaults("memo") == {"optimizer": memo.OPTIM.METHOD.lower(), "lr": memo.OPTIM.LR, "momentum": memo.OPTIM.MOMENTUM,
-                                 "weight_decay": memo.OPTIM.WD, "params": "all", "n_augmentations": memo.TEST.N_AUGMENTATIONS,
-                                 "alpha": memo.BN.ALPHA, "preaugment": "crop", "severity": 1.0}
+    assert _defaults("memo") == {
+        "optimizer": memo.OPTIM.METHOD.lower(),
+        "lr": memo.OPTIM.LR,
+        "momentum": memo.OPTIM.MOMENTUM,
+        "weight_decay": memo.OPTIM.WD,
+        "params": "all",
+        "n_augmentations": memo.TEST.N_AUGMENTATIONS,
+        "alpha": memo.BN.ALPHA,
+        "preaugment": "crop",
+        "severity": 1.0,
+    }
     assert memo.MODEL.EPISODIC and memo.OPTIM.NESTEROV and memo.OPTIM.DAMPENING == 0.0
-    assert _defaults("rotta") == {"optimizer": "adam", "lr": rotta.OPTIM.LR, "momentum": rotta.OPTIM.BETA,
-                                  "weight_decay": rotta.OPTIM.WD, "params": "norm", "memory_size": rotta.ROTTA.MEMORY_SIZE,
-                                  "update_frequency": rotta.ROTTA.UPDATE_FREQUENCY, "nu": rotta.ROTTA.NU,
-                                  "alpha": rotta.ROTTA.ALPHA, "lambda_t": rotta.ROTTA.LAMBDA_T, "lambda_u": rotta.ROTTA.LAMBDA_U,
-                                  "flip": 0.5}
+    assert _defaults("rotta") == {
+        "optimizer": "adam",
+        "lr": rotta.OPTIM.LR,
+        "momentum": rotta.OPTIM.BETA,
+        "weight_decay": rotta.OPTIM.WD,
+        "params": "norm",
+        "memory_size": rotta.ROTTA.MEMORY_SIZE,
+        "update_frequency": rotta.ROTTA.UPDATE_FREQUENCY,
+        "nu": rotta.ROTTA.NU,
+        "alpha": rotta.ROTTA.ALPHA,
+        "lambda_t": rotta.ROTTA.LAMBDA_T,
+        "lambda_u": rotta.ROTTA.LAMBDA_U,
+        "flip": 0.5,
+    }
     for cfg in (sar, rdumb, deyo, rotta):
         assert cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
 
@@ -237,17 +277,17 @@ def test_object_destruction_equals_the_references_transformations(bench):
         if kind == "occ":
             mean = x.view(x.shape[0], x.shape[1], -1).mean(dim=2).unsqueeze(-1).unsqueeze(-1)
             x = x.clone()
-            x[:, :, row:row + size, column:column + size] = mean.expand(-1, -1, size, size)
+            x[:, :, row : row + size, column : column + size] = mean.expand(-1, -1, size, size)
             return x
         if kind == "pixel":
-            x = rearrange(x, 'b c h w -> b c (h w)')[:, :, torch.randperm(x.shape[-1] * x.shape[-2])]
-            return rearrange(x, 'b c (ps1 ps2) -> b c ps1 ps2', ps1=x.shape[-1] and int(math.sqrt(x.shape[-1])))
+            x = rearrange(x, "b c h w -> b c (h w)")[:, :, torch.randperm(x.shape[-1] * x.shape[-2])]
+            return rearrange(x, "b c (ps1 ps2) -> b c ps1 ps2", ps1=x.shape[-1] and int(math.sqrt(x.shape[-1])))
         side = (x.shape[-1] // patch_len) * patch_len
         x = torchvision.transforms.Resize((side, side))(x)
-        x = rearrange(x, 'b c (ps1 h) (ps2 w) -> b (ps1 ps2) c h w', ps1=patch_len, ps2=patch_len)
+        x = rearrange(x, "b c (ps1 h) (ps2 w) -> b (ps1 ps2) c h w", ps1=patch_len, ps2=patch_len)
         perm = torch.argsort(torch.rand(x.shape[0], x.shape[1]), dim=-1)
         x = x[torch.arange(x.shape[0]).unsqueeze(-1), perm]
-        x = rearrange(x, 'b (ps1 ps2) c h w -> b c (ps1 h) (ps2 w)', ps1=patch_len, ps2=patch_len)
+        x = rearrange(x, "b (ps1 ps2) c h w -> b c (ps1 h) (ps2 w)", ps1=patch_len, ps2=patch_len)
         return torchvision.transforms.Resize((x.shape[-1] * 0 + original, original))(x)
 
     source = inspect.getsource(bench.deyo.DeYO.loss_calculation)
@@ -267,13 +307,18 @@ def test_object_destruction_equals_the_references_transformations(bench):
     torch.testing.assert_close(got, reference(x, "occ"), rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize(("kind", "options"), [
-    ("cnn", {}),
-    ("vit", {}),
-    ("cnn", {"DEYO.AUG_TYPE": "pixel", "DEYO.REWEIGHT_ENT": False}),
-    ("cnn", {"DEYO.AUG_TYPE": "occ", "DEYO.OCCLUSION_SIZE": 16, "DEYO.ROW_START": 8, "DEYO.COLUMN_START": 4,
-             "DEYO.REWEIGHT_PLPD": False}),
-])
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("cnn", {}),
+        ("vit", {}),
+        ("cnn", {"DEYO.AUG_TYPE": "pixel", "DEYO.REWEIGHT_ENT": False}),
+        (
+            "cnn",
+            {"DEYO.AUG_TYPE": "occ", "DEYO.OCCLUSION_SIZE": 16, "DEYO.ROW_START": 8, "DEYO.COLUMN_START": 4, "DEYO.REWEIGHT_PLPD": False},
+        ),
+    ],
+)
 def test_deyo_equals_the_reference(bench, monkeypatch, kind, options):
     """Four batches with the CIFAR-10-C config (and the pixel and occlusion transformations, each
     weight switched off once): predictions, parameters and Adam's state; some samples, not all,
@@ -284,15 +329,21 @@ def test_deyo_equals_the_reference(bench, monkeypatch, kind, options):
         pytest.skip("the reference's DeYO needs einops")
     aug = {"patch": "patch", "pixel": "pixel", "occ": "occlusion"}
     cfg = _cfg(bench, "deyo", **options)
-    params = {"destruction": aug[cfg.DEYO.AUG_TYPE], "reweight_entropy": cfg.DEYO.REWEIGHT_ENT,
-              "reweight_plpd": cfg.DEYO.REWEIGHT_PLPD, "occlusion_size": cfg.DEYO.OCCLUSION_SIZE,
-              "occlusion_row": cfg.DEYO.ROW_START, "occlusion_column": cfg.DEYO.COLUMN_START}
+    params = {
+        "destruction": aug[cfg.DEYO.AUG_TYPE],
+        "reweight_entropy": cfg.DEYO.REWEIGHT_ENT,
+        "reweight_plpd": cfg.DEYO.REWEIGHT_PLPD,
+        "occlusion_size": cfg.DEYO.OCCLUSION_SIZE,
+        "occlusion_row": cfg.DEYO.ROW_START,
+        "occlusion_column": cfg.DEYO.COLUMN_START,
+    }
     model = _source_model(kind, head_scale=16.0, centred=True) if kind == "cnn" else _source_model(kind, head_scale=8.0)
     strategy = _clpeft("deyo", kind, model, **params)
     ref = bench.deyo.DeYO(cfg, _reference_model(model), CLASSES)
     kept = []  # samples past the entropy filter, per batch
-    monkeypatch.setitem(type(strategy).adapt.__globals__, "destroy_objects",
-                        lambda x, **kw: (kept.append(len(x)), destroy_objects(x, **kw))[1])
+    monkeypatch.setitem(
+        type(strategy).adapt.__globals__, "destroy_objects", lambda x, **kw: (kept.append(len(x)), destroy_objects(x, **kw))[1]
+    )
     for ours, theirs in _run(strategy, ref, range(130, 134), [_images(BATCH, 130 + i) for i in range(4)]):
         torch.testing.assert_close(ours, theirs, **CLOSE)
     assert len(kept) == 4 and 0 < sum(kept) < 4 * BATCH, kept
@@ -308,9 +359,16 @@ def _pil(image: torch.Tensor):
     return functional.to_pil_image(image)
 
 
-@pytest.mark.parametrize(("channels", "size", "preaugment", "severity"), [
-    (3, 32, "crop", 1), (1, 32, "crop", 1), (1, 28, "resized_crop", 1), (3, 24, "resized_crop", 1), (3, 32, "crop", 3),
-])
+@pytest.mark.parametrize(
+    ("channels", "size", "preaugment", "severity"),
+    [
+        (3, 32, "crop", 1),
+        (1, 32, "crop", 1),
+        (1, 28, "resized_crop", 1),
+        (3, 24, "resized_crop", 1),
+        (3, 32, "crop", 3),
+    ],
+)
 def test_augmix_views_equal_the_references_augmenter(bench, channels, size, preaugment, severity):
     """Seeded alike (torch's generator for the pre-augmentation, numpy's for the chains), the views
     of ``AugMix`` equal ``AugMixAugmenter``'s (``cifar10_c`` at 32 pixels: pad-and-crop; other
@@ -323,8 +381,7 @@ def test_augmix_views_equal_the_references_augmenter(bench, channels, size, prea
     g = torch.Generator().manual_seed(size)
     image = (torch.rand(channels, size, size, generator=g) * 255).round().to(torch.uint8)
     name = "cifar10_c" if preaugment == "crop" and size == 32 else "imagenet_c"
-    augmenter = bench.augmix.AugMixAugmenter(None, transforms.ToTensor(), name, n_views=6, use_augmix=True,
-                                             severity=severity)
+    augmenter = bench.augmix.AugMixAugmenter(None, transforms.ToTensor(), name, n_views=6, use_augmix=True, severity=severity)
     augmenter.img_size = size
     torch.manual_seed(4)
     np.random.seed(4)
@@ -397,8 +454,9 @@ def test_memo_equals_the_reference(bench, kind):
     theirs = {re.sub(r"\.layer\.(weight|bias)$", r".\1", n): p for n, p in ref.model.named_parameters()}
     _assert_same_parameters(ours, theirs, _params(model))
     names = {id(p): re.sub(r"\.layer\.(weight|bias)$", r".\1", n) for n, p in ref.model.named_parameters()}
-    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer,
-                                 {names[id(p)]: p for p in ref.model.parameters()})
+    _assert_same_optimizer_state(
+        strategy.adaptation.optimizer._optimizer, ours, ref.optimizer, {names[id(p)]: p for p in ref.model.parameters()}
+    )
 
 
 # ------------------------------------------------------------------ bn_adapt statistics

@@ -84,8 +84,7 @@ def _original_cotta(original, model: torch.nn.Module):
     model = cotta.configure_model(model)
     params, _ = cotta.collect_params(model)
     optimizer = torch.optim.Adam(params, lr=cfg["LR"], betas=(cfg["BETA"], 0.999), weight_decay=cfg["WD"])
-    return cotta.CoTTA(model, optimizer, steps=cfg["STEPS"], episodic=False, mt_alpha=cfg["MT"], rst_m=cfg["RST"],
-                       ap=cfg["AP"])
+    return cotta.CoTTA(model, optimizer, steps=cfg["STEPS"], episodic=False, mt_alpha=cfg["MT"], rst_m=cfg["RST"], ap=cfg["AP"])
 
 
 def test_defaults_are_the_original_config(original):

@@ -96,8 +96,11 @@ def bench(load_reference):
         "utils": _package("utils", root / "utils"),
         "augmentations": _package("augmentations", root / "augmentations"),
         "models": _package("models"),
-        "models.model": stub_module("models.model", split_up_model=lambda model, arch, dataset: (model[0], model[1]),
-                                    ResNetDomainNet126=type("ResNetDomainNet126", (), {})),
+        "models.model": stub_module(
+            "models.model",
+            split_up_model=lambda model, arch, dataset: (model[0], model[1]),
+            ResNetDomainNet126=type("ResNetDomainNet126", (), {}),
+        ),
         "datasets": _package("datasets"),
         "datasets.data_loading": stub_module("datasets.data_loading", get_source_loader=get_source_loader),
         "iopath": _package("iopath"),
@@ -220,8 +223,8 @@ def _assert_same_parameters(ours: dict, theirs: dict, source: dict | None = None
         p, q = p.detach(), theirs[name].detach()
         if name.endswith("attn.qkv.bias"):  # keys' bias: zero gradient, Adam steps on float noise
             d = p.shape[0] // 3
-            assert (p[d:2 * d] - q[d:2 * d]).abs().max() <= NOISE, name
-            p, q = torch.cat([p[:d], p[2 * d:]]), torch.cat([q[:d], q[2 * d:]])
+            assert (p[d : 2 * d] - q[d : 2 * d]).abs().max() <= NOISE, name
+            p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([q[:d], q[2 * d :]])
         off = (p - q).abs() > CLOSE["atol"] + CLOSE["rtol"] * q.abs()
         assert int(off.sum()) <= max(4, p.numel() // 200) and (p - q).abs().max() <= NOISE, (name, int(off.sum()))
     if source is not None:
@@ -231,8 +234,7 @@ def _assert_same_parameters(ours: dict, theirs: dict, source: dict | None = None
 
 def _optimizer_state(optimizer, named: dict[str, torch.Tensor]) -> dict[str, dict]:
     names = {id(p): n for n, p in named.items()}
-    return {names[id(p)]: optimizer.state[p] for group in optimizer.param_groups for p in group["params"]
-            if optimizer.state.get(p)}
+    return {names[id(p)]: optimizer.state[p] for group in optimizer.param_groups for p in group["params"] if optimizer.state.get(p)}
 
 
 def _assert_same_optimizer_state(ours, ours_named, theirs, theirs_named) -> None:
@@ -271,15 +273,40 @@ def test_defaults_are_the_cifar10_c_configs(bench):
 
     expected = {
         "tent": {**optim, "optimizer": "adam", "params": "norm"},
-        "eata": {**optim, "optimizer": "adam", "entropy_factor": "EATA.MARGIN_E0", "redundancy_margin": "EATA.D_MARGIN",
-                 "fisher_alpha": "EATA.FISHER_ALPHA", "fisher_size": "SOURCE.NUM_SAMPLES", "fisher_batch_size": None},
-        "cotta": {**optim, "optimizer": "adam", "params": "all", "ema_momentum": "M_TEACHER.MOMENTUM",
-                  "restore_p": "COTTA.RST", "confidence_threshold": "COTTA.AP",
-                  "n_augmentations": "TEST.N_AUGMENTATIONS", "loss": "cross_entropy", "flip": 0.5},
-        "rmt": {**optim, "optimizer": "adam", "params": "all", "ema_momentum": "M_TEACHER.MOMENTUM",
-                "lambda_ce_src": "RMT.LAMBDA_CE_SRC", "lambda_ce_trg": "RMT.LAMBDA_CE_TRG", "lambda_cont": "RMT.LAMBDA_CONT",
-                "warmup_samples": "RMT.NUM_SAMPLES_WARM_UP", "temperature": "CONTRAST.TEMPERATURE",
-                "projection_dim": "CONTRAST.PROJECTION_DIM", "source_batch_size": None, "flip": 0.5},
+        "eata": {
+            **optim,
+            "optimizer": "adam",
+            "entropy_factor": "EATA.MARGIN_E0",
+            "redundancy_margin": "EATA.D_MARGIN",
+            "fisher_alpha": "EATA.FISHER_ALPHA",
+            "fisher_size": "SOURCE.NUM_SAMPLES",
+            "fisher_batch_size": None,
+        },
+        "cotta": {
+            **optim,
+            "optimizer": "adam",
+            "params": "all",
+            "ema_momentum": "M_TEACHER.MOMENTUM",
+            "restore_p": "COTTA.RST",
+            "confidence_threshold": "COTTA.AP",
+            "n_augmentations": "TEST.N_AUGMENTATIONS",
+            "loss": "cross_entropy",
+            "flip": 0.5,
+        },
+        "rmt": {
+            **optim,
+            "optimizer": "adam",
+            "params": "all",
+            "ema_momentum": "M_TEACHER.MOMENTUM",
+            "lambda_ce_src": "RMT.LAMBDA_CE_SRC",
+            "lambda_ce_trg": "RMT.LAMBDA_CE_TRG",
+            "lambda_cont": "RMT.LAMBDA_CONT",
+            "warmup_samples": "RMT.NUM_SAMPLES_WARM_UP",
+            "temperature": "CONTRAST.TEMPERATURE",
+            "projection_dim": "CONTRAST.PROJECTION_DIM",
+            "source_batch_size": None,
+            "flip": 0.5,
+        },
         "lame": {"affinity": "LAME.AFFINITY", "knn": "LAME.KNN", "batch_statistics": False},
     }
     for method, fields in expected.items():
@@ -362,8 +389,7 @@ def test_losses_equal_utils_losses_and_the_contrastive_loss(bench):
     torch.manual_seed(1)
     projector = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12))
     views = torch.randn(8, 3, 6, generator=g)
-    owner = types.SimpleNamespace(device="cpu", projector=projector, contrast_mode="all", temperature=0.1,
-                                  base_temperature=0.1)
+    owner = types.SimpleNamespace(device="cpu", projector=projector, contrast_mode="all", temperature=0.1, base_temperature=0.1)
     expected = bench.rmt.RMT.contrastive_loss(owner, views)
     got = multi_view_contrastive_loss(nn.functional.normalize(projector(views), dim=-1), 0.1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -439,11 +465,14 @@ def _recording_batches(strategy, log: list) -> None:
     strategy.batches = recording
 
 
-@pytest.mark.parametrize(("dataset", "options"), [
-    ("cifar10_c", {}),
-    ("cifar10_c", {"EATA.FISHER_ALPHA": 1e5}),  # a regulariser that matters on this tiny net
-    ("imagenet_c", {}),  # SGD 2.5e-4, epsilon 0.05, beta 2000
-])
+@pytest.mark.parametrize(
+    ("dataset", "options"),
+    [
+        ("cifar10_c", {}),
+        ("cifar10_c", {"EATA.FISHER_ALPHA": 1e5}),  # a regulariser that matters on this tiny net
+        ("imagenet_c", {}),  # SGD 2.5e-4, epsilon 0.05, beta 2000
+    ],
+)
 def test_eata_equals_the_reference(bench, dataset, options):
     """Fisher weights and anchors from the same 48 source samples in batches of the test batch size
     (the reference asks its loader for exactly that), the entropy margin ``0.4 ln C``, the
@@ -453,8 +482,13 @@ def test_eata_equals_the_reference(bench, dataset, options):
     entropy factor 0.4 -> 0.5, Fisher divided by samples instead of mini-batches, Fisher batches of
     64, the moving average's decay 0.9 -> 0.8."""
     cfg = _cfg(bench, "eata", dataset, **{"SOURCE.NUM_SAMPLES": 48, **options})
-    params = {"fisher_size": 48, "fisher_alpha": cfg.EATA.FISHER_ALPHA, "redundancy_margin": cfg.EATA.D_MARGIN,
-              "lr": cfg.OPTIM.LR, "optimizer": cfg.OPTIM.METHOD.lower()}
+    params = {
+        "fisher_size": 48,
+        "fisher_alpha": cfg.EATA.FISHER_ALPHA,
+        "redundancy_margin": cfg.EATA.D_MARGIN,
+        "lr": cfg.OPTIM.LR,
+        "optimizer": cfg.OPTIM.METHOD.lower(),
+    }
     model = _source_model("cnn", head_scale=60.0, centred=True)
     log = []
     strategy = _clpeft("eata", "cnn", model, _stream(64), start=lambda s: _recording_batches(s, log), **params)
@@ -552,8 +586,16 @@ def test_cotta_imagenet_config_symmetric_loss_and_sgd(bench):
     Mutation checked: the loss options swapped."""
     model = _source_model("cnn", head_scale=3.0)
     cfg = _cfg(bench, "cotta", "imagenet_c")
-    strategy = _clpeft("cotta", "cnn", model, loss="symmetric", optimizer="sgd", lr=cfg.OPTIM.LR,
-                       restore_p=cfg.COTTA.RST, confidence_threshold=cfg.COTTA.AP)
+    strategy = _clpeft(
+        "cotta",
+        "cnn",
+        model,
+        loss="symmetric",
+        optimizer="sgd",
+        lr=cfg.OPTIM.LR,
+        restore_p=cfg.COTTA.RST,
+        confidence_threshold=cfg.COTTA.AP,
+    )
     ref = bench.cotta.CoTTA(cfg, _reference_model(model), CLASSES)
     for i in range(3):
         x = _images(BATCH, 60 + i)

@@ -13,7 +13,7 @@ from clpeft.engine import Engine
 from clpeft.errors import UserError
 from clpeft.registry import scenarios
 
-BENCH = textwrap.dedent('''
+BENCH = textwrap.dedent("""
     import numpy as np, torch
     from sklearn.datasets import load_digits
     from torch.utils.data import TensorDataset
@@ -27,7 +27,7 @@ BENCH = textwrap.dedent('''
         te = TensorDataset(x[1::2], y[1::2]); te.targets = y[1::2].tolist()
         return nc_benchmark(tr, te, n_experiences=n_experiences, task_labels=False, seed=seed,
                             fixed_class_order=fixed_class_order)
-''')
+""")
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_class_order_relabels_in_stream_order(tmp_path, raw, order):
         assert len(set(seen)) == len(seen)
     assert scn.class_names == [str(c) for c in perm]
     # the relabelled datasets share the raw images
-    (ds, idx), = exps[0].train.parts
+    ((ds, idx),) = exps[0].train.parts
     assert np.array_equal(ds.inputs[idx].numpy(), raw[0].inputs[idx].numpy())
 
 

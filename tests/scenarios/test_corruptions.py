@@ -22,12 +22,35 @@ from clpeft.scenarios import corruptions as C
 from clpeft.scenarios.corruption_constants import CONSTANTS, constant_set
 from clpeft.scenarios.datasets import load_dataset
 
-RANDOM = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow", "frost",
-          "fog", "elastic_transform"]
+RANDOM = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic_transform",
+]
 # The reference's constants grow with severity for these (glass blur and elastic transform do not
 # give a monotone distortion in the reference either).
-MONOTONE = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "motion_blur", "zoom_blur",
-            "gaussian_blur", "fog", "brightness", "contrast", "pixelate", "jpeg_compression"]
+MONOTONE = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "defocus_blur",
+    "motion_blur",
+    "zoom_blur",
+    "gaussian_blur",
+    "fog",
+    "brightness",
+    "contrast",
+    "pixelate",
+    "jpeg_compression",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +94,22 @@ def test_distortion_grows_with_severity(images, channels):
         assert all(a < b for a, b in zip(mse, mse[1:])), (name, mse)
 
 
-@pytest.mark.parametrize("side,expected", [(28, "cifar"), (32, "cifar"), (45, "cifar"), (46, "tinyimagenet"),
-                                           (64, "tinyimagenet"), (98, "tinyimagenet"), (112, "tinyimagenet"),
-                                           (119, "tinyimagenet"), (120, "imagenet"), (224, "imagenet"), (384, "imagenet")])
+@pytest.mark.parametrize(
+    "side,expected",
+    [
+        (28, "cifar"),
+        (32, "cifar"),
+        (45, "cifar"),
+        (46, "tinyimagenet"),
+        (64, "tinyimagenet"),
+        (98, "tinyimagenet"),
+        (112, "tinyimagenet"),
+        (119, "tinyimagenet"),
+        (120, "imagenet"),
+        (224, "imagenet"),
+        (384, "imagenet"),
+    ],
+)
 def test_auto_takes_the_constants_of_the_nearest_native_size(side, expected):
     """Mutation checked: deciding by the shorter side fails."""
     assert constant_set("auto", side, side // 2) == expected
@@ -85,8 +121,9 @@ def test_unknown_constants_are_refused():
         constant_set("cifar10", 32, 32)
 
 
-@pytest.mark.parametrize("size,constants,sigma", [(32, "auto", 0.10), (64, "auto", 0.18), (224, "auto", 0.38),
-                                                  (224, "cifar", 0.10), (32, "imagenet", 0.38)])
+@pytest.mark.parametrize(
+    "size,constants,sigma", [(32, "auto", 0.10), (64, "auto", 0.18), (224, "auto", 0.38), (224, "cifar", 0.10), (32, "imagenet", 0.38)]
+)
 def test_gaussian_noise_has_the_sigma_of_its_constants(size, constants, sigma):
     """Severity 5: CIFAR-10-C's 0.10, Tiny-ImageNet-C's 0.18, ImageNet-C's 0.38 (the issue: 224 px
     images got CIFAR's 0.10). Mid-grey, so nothing clips at 3 sigma of 0.10 (the wider ones clip:
@@ -155,13 +192,13 @@ def test_glass_blur_copies_pixels_one_after_another():
     expected = []
     for image, seed in zip(u, seeds):
         state = np.random.RandomState(seed)
-        x = (ops.gaussian_filter(image[None] / 255., sigma)[0] * 255).astype(np.uint8)
+        x = (ops.gaussian_filter(image[None] / 255.0, sigma)[0] * 255).astype(np.uint8)
         for _ in range(iterations):
             for h in range(56 - delta, delta, -1):
                 for w in range(52 - delta, delta, -1):
                     dx, dy = state.randint(-delta, delta, size=(2,))
                     x[h, w] = x[h + dy, w + dx]
-        expected.append(np.clip(ops.gaussian_filter(x[None] / 255., sigma)[0], 0, 1) * 255)
+        expected.append(np.clip(ops.gaussian_filter(x[None] / 255.0, sigma)[0], 0, 1) * 255)
     assert np.array_equal(ours, np.stack(expected))
 
 
@@ -176,10 +213,14 @@ def test_zoom_and_sampling_equal_scipy_bit_for_bit():
     x = rng.random((2, 19, 23, 3)).astype(np.float32)
     rows = rng.uniform(-3, 22, size=(2, 19, 23))
     cols = rng.uniform(-3, 26, size=(2, 19, 23))
-    expected = np.stack([
-        ndi.map_coordinates(image, (np.repeat(r.ravel(), 3), np.repeat(c.ravel(), 3), np.tile(np.arange(3), r.size)),
-                            order=1, mode="reflect").reshape(19, 23, 3)
-        for image, r, c in zip(x, rows, cols)])
+    expected = np.stack(
+        [
+            ndi.map_coordinates(
+                image, (np.repeat(r.ravel(), 3), np.repeat(c.ravel(), 3), np.tile(np.arange(3), r.size)), order=1, mode="reflect"
+            ).reshape(19, 23, 3)
+            for image, r, c in zip(x, rows, cols)
+        ]
+    )
     assert np.array_equal(ops.sample_linear(x, rows, cols), expected)
 
 
@@ -193,7 +234,7 @@ def test_frost_blends_a_shipped_photograph_crop():
     state = np.random.RandomState(seed)
     photo = C.frost_photo(C.FROST_PHOTOS[state.randint(5)], "020")
     top, left = state.randint(0, photo.shape[0] - 32), state.randint(0, photo.shape[1] - 32)
-    expected = (0.2 * photo[top: top + 32, left: left + 32]).astype(np.uint8)
+    expected = (0.2 * photo[top : top + 32, left : left + 32]).astype(np.uint8)
     assert np.array_equal(out[2].permute(1, 2, 0).numpy(), expected)
     big = C.corrupt(torch.zeros((1, 3, 300, 300), dtype=torch.uint8), "frost", 5, 0, torch.arange(1))
     assert big.shape == (1, 3, 300, 300) and big.float().mean() > 20
@@ -209,8 +250,18 @@ def test_corrupted_dataset_gathers_corrupted_batches_with_clean_labels(images):
     assert torch.equal(ds[7][0], x[2])
     same = C.CorruptedDataset(base, "fog", 2, seed=3).fingerprint
     assert ds.fingerprint == same
-    assert len({same, C.CorruptedDataset(base, "fog", 3, 3).fingerprint, C.CorruptedDataset(base, "fog", 2, 4).fingerprint,
-                C.CorruptedDataset(base, "fog", 2, 3, "imagenet").fingerprint, base.fingerprint}) == 5
+    assert (
+        len(
+            {
+                same,
+                C.CorruptedDataset(base, "fog", 3, 3).fingerprint,
+                C.CorruptedDataset(base, "fog", 2, 4).fingerprint,
+                C.CorruptedDataset(base, "fog", 2, 3, "imagenet").fingerprint,
+                base.fingerprint,
+            }
+        )
+        == 5
+    )
     imagenet = C.CorruptedDataset(base, "fog", 2, 3, "imagenet").gather(idx)[0]
     assert torch.equal(imagenet, C.corrupt(images["grey"][idx], "fog", 2, 3, idx, constants="imagenet"))
     assert not torch.equal(imagenet, x)

@@ -21,9 +21,17 @@ def digits():
 
 def test_transform_domains_are_rotations_permutations_and_corruptions_of_one_dataset(digits):
     train, test = digits
-    scenario = DomainIncremental(seed=0, dataset="sklearn_digits", domains=[
-        {}, {"rotation": 90}, {"permutation": True}, {"permutation": True}, {"corruption": "shot_noise", "severity": 2},
-    ])
+    scenario = DomainIncremental(
+        seed=0,
+        dataset="sklearn_digits",
+        domains=[
+            {},
+            {"rotation": 90},
+            {"permutation": True},
+            {"permutation": True},
+            {"corruption": "shot_noise", "severity": 2},
+        ],
+    )
     stream = scenario.experiences()
     assert [e.domain for e in stream] == ["clean", "rotation90", "permutation2", "permutation3", "shot_noise@2"]
     assert all(e.classes_in_this_experience == list(range(10)) == e.classes_seen_so_far for e in stream)
@@ -67,15 +75,24 @@ def test_dataset_domains_must_share_the_label_space(tmp_path):
         DomainIncremental(seed=0, domains=[domains[0], {"dataset": "npz", "root": str(tmp_path / "c")}]).experiences()
 
 
-@pytest.mark.parametrize("domains,message", [
-    ([{"rotation": 10, "corruption": "fog"}], "scenario.domains\\[0\\]: value error, a domain is one of dataset, rotation, "
-                                              "permutation or corruption, not rotation and corruption"),
-    ([{"corruption": "fgo"}], "unknown corruption 'fgo'; did you mean 'fog'"),
-    ([], "scenario.domains: expected at least one domain"),
-])
+@pytest.mark.parametrize(
+    "domains,message",
+    [
+        (
+            [{"rotation": 10, "corruption": "fog"}],
+            "scenario.domains\\[0\\]: value error, a domain is one of dataset, rotation, "
+            "permutation or corruption, not rotation and corruption",
+        ),
+        ([{"corruption": "fgo"}], "unknown corruption 'fgo'; did you mean 'fog'"),
+        ([], "scenario.domains: expected at least one domain"),
+    ],
+)
 def test_config_mistakes_name_the_key(domains, message):
-    cfg = {"scenario": {"name": "domain_incremental", "dataset": "sklearn_digits", "domains": domains},
-           "backbone": {"name": "mlp"}, "strategy": {"name": "finetune"}}
+    cfg = {
+        "scenario": {"name": "domain_incremental", "dataset": "sklearn_digits", "domains": domains},
+        "backbone": {"name": "mlp"},
+        "strategy": {"name": "finetune"},
+    }
     with pytest.raises(UserError, match=message):
         config.resolve(cfg)
     cfg["scenario"] = {"name": "domain_incremental", "domains": [{"rotation": 10}]}
@@ -84,8 +101,7 @@ def test_config_mistakes_name_the_key(domains, message):
 
 
 def test_finetune_forgets_the_first_domain_after_a_rotated_one(tmp_path, digits_run):
-    digits_run["scenario"] = {"name": "domain_incremental", "dataset": "sklearn_digits",
-                              "domains": [{}, {"rotation": 180}]}
+    digits_run["scenario"] = {"name": "domain_incremental", "dataset": "sklearn_digits", "domains": [{}, {"rotation": 180}]}
     result = Engine(config.resolve(digits_run), tmp_path / "run", device="cpu").run()
     R = np.array(result["acc_matrix"])
     assert R.shape == (2, 2) and R[0, 0] > 0.85 and R[1, 1] > 0.85

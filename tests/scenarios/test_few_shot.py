@@ -17,7 +17,7 @@ DIGITS = {"dataset": "sklearn_digits", "n_base": 4, "n_way": 2, "k_shot": 5}
 
 
 def _indices(exp) -> np.ndarray:
-    (ds, idx), = exp.train.parts
+    ((ds, idx),) = exp.train.parts
     return idx.numpy()
 
 
@@ -43,7 +43,7 @@ def test_every_session_has_exactly_k_shots_of_its_new_classes_and_no_overlap(cla
         assert seen_indices.isdisjoint(_indices(exp))
         seen_indices |= set(_indices(exp))
         # the test data of a session: every test sample of its classes
-        assert len(exp.test) == int(np.isin(test.targets.numpy(), order[4 + 2 * (s - 1): 4 + 2 * s]).sum())
+        assert len(exp.test) == int(np.isin(test.targets.numpy(), order[4 + 2 * (s - 1) : 4 + 2 * s]).sum())
     assert [c for e in stream for c in e.classes_in_this_experience] == list(range(10))
 
 
@@ -77,14 +77,20 @@ def test_base_per_class_and_n_sessions_limit_the_stream():
     assert stream[-1].classes_seen_so_far == list(range(8))
 
 
-@pytest.mark.parametrize("scenario,message", [
-    ({"n_base": 11}, "scenario.n_base: the dataset has only 10 classes"),
-    ({"n_sessions": 4}, "scenario.n_sessions: 4 base \\+ 4 x 2 classes exceed the 10 classes"),
-    ({"k_shot": 0}, "scenario.k_shot"),
-])
+@pytest.mark.parametrize(
+    "scenario,message",
+    [
+        ({"n_base": 11}, "scenario.n_base: the dataset has only 10 classes"),
+        ({"n_sessions": 4}, "scenario.n_sessions: 4 base \\+ 4 x 2 classes exceed the 10 classes"),
+        ({"k_shot": 0}, "scenario.k_shot"),
+    ],
+)
 def test_config_mistakes_name_the_key(scenario, message):
-    cfg = {"scenario": {"name": "few_shot_class_incremental", **DIGITS, **scenario},
-           "backbone": {"name": "mlp"}, "strategy": {"name": "finetune"}}
+    cfg = {
+        "scenario": {"name": "few_shot_class_incremental", **DIGITS, **scenario},
+        "backbone": {"name": "mlp"},
+        "strategy": {"name": "finetune"},
+    }
     with pytest.raises(UserError, match=message):
         config.resolve(cfg)
 
@@ -111,10 +117,17 @@ def test_cec_lists_on_another_dataset_name_the_option():
     assert "cifar100, mini_imagenet, cub200 only" in str(info.value) and "session_lists: random" in str(info.value)
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"n_base": 50}, "n_base"), ({"n_way": 10}, "n_way"), ({"k_shot": 1}, "k_shot"), ({"class_order": 1993}, "class_order"),
-    ({"base_per_class": 100}, "base_per_class"), ({"test_per_class": 10}, "test_per_class"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"n_base": 50}, "n_base"),
+        ({"n_way": 10}, "n_way"),
+        ({"k_shot": 1}, "k_shot"),
+        ({"class_order": 1993}, "class_order"),
+        ({"base_per_class": 100}, "base_per_class"),
+        ({"test_per_class": 10}, "test_per_class"),
+    ],
+)
 def test_settings_the_cec_lists_fix_are_refused_with_them_and_taken_when_drawing(change, key):
     with pytest.raises(UserError, match=f"scenario.{key}") as info:
         FewShotClassIncremental(seed=0, **{**CIFAR, **change})
@@ -123,8 +136,11 @@ def test_settings_the_cec_lists_fix_are_refused_with_them_and_taken_when_drawing
 
 
 def test_the_yaml_config_reports_a_cec_conflict_in_one_line():
-    cfg = {"scenario": {"name": "few_shot_class_incremental", **CIFAR, "n_base": 50},
-           "backbone": {"name": "mlp"}, "strategy": {"name": "fscil_proto"}}
+    cfg = {
+        "scenario": {"name": "few_shot_class_incremental", **CIFAR, "n_base": 50},
+        "backbone": {"name": "mlp"},
+        "strategy": {"name": "fscil_proto"},
+    }
     with pytest.raises(UserError, match="scenario.n_base") as info:
         config.resolve(cfg)
     assert "\n" not in str(info.value)

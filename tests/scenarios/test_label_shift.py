@@ -65,11 +65,27 @@ def test_mixed_mode_orders_the_mixture_by_dirichlet():
 def test_too_short_a_stream_is_refused_and_the_default_is_unchanged():
     with pytest.raises(UserError, match="at least 10 test samples per class"):
         _scenario(test_per_class=5, label_shift="dirichlet").experiences()
-    spec = config.resolve({"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"}, "backbone": {"name": "cnn"},
-                           "strategy": {"name": "tent"}}).scenario
+    spec = config.resolve(
+        {
+            "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"},
+            "backbone": {"name": "cnn"},
+            "strategy": {"name": "tent"},
+        }
+    ).scenario
     assert spec.params.get("label_shift", "none") == "none"
-    assert [e.test.parts[0][1].tolist() for e in _scenario(label_shift="none").experiences()] == \
-        [e.test.parts[0][1].tolist() for e in _scenario().experiences()]
+    assert [e.test.parts[0][1].tolist() for e in _scenario(label_shift="none").experiences()] == [
+        e.test.parts[0][1].tolist() for e in _scenario().experiences()
+    ]
     with pytest.raises(UserError, match="dirichlet_concentration"):
-        config.resolve({"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "label_shift": "dirichlet",
-                                     "dirichlet_concentration": 0}, "backbone": {"name": "cnn"}, "strategy": {"name": "tent"}})
+        config.resolve(
+            {
+                "scenario": {
+                    "name": "test_time_adaptation",
+                    "dataset": "sklearn_digits",
+                    "label_shift": "dirichlet",
+                    "dirichlet_concentration": 0,
+                },
+                "backbone": {"name": "cnn"},
+                "strategy": {"name": "tent"},
+            }
+        )

@@ -72,12 +72,11 @@ def test_cifar_c_files_are_read_by_severity_block(tmp_path):
     labels = np.tile(np.arange(n) % 3, 5).astype(np.uint8)
     np.save(tmp_path / "fog.npy", images)
     np.save(tmp_path / "labels.npy", labels)
-    scenario = TTAScenario(seed=0, corruptions=["fog"], severity=3, corrupted_root=str(tmp_path),
-                                  source_checkpoint="unused-here")
+    scenario = TTAScenario(seed=0, corruptions=["fog"], severity=3, corrupted_root=str(tmp_path), source_checkpoint="unused-here")
     (exp,) = scenario.experiences()
     x, y = exp.test.load()
-    assert torch.equal(x, torch.from_numpy(images[2 * n: 3 * n]).permute(0, 3, 1, 2))
-    assert y.tolist() == labels[2 * n: 3 * n].tolist() and scenario.source is None
+    assert torch.equal(x, torch.from_numpy(images[2 * n : 3 * n]).permute(0, 3, 1, 2))
+    assert y.tolist() == labels[2 * n : 3 * n].tolist() and scenario.source is None
     assert exp.domain == "fog@3" and scenario.class_names == ["0", "1", "2"]
 
 
@@ -86,22 +85,34 @@ def test_imagenet_c_folders_are_read_with_sorted_class_folders(tmp_path):
         folder = tmp_path / "snow" / "2" / wnid
         folder.mkdir(parents=True)
         Image.fromarray(np.full((224, 224, 3), 40 * (k + 1), dtype=np.uint8)).save(folder / "a.JPEG")
-    scenario = TTAScenario(seed=0, corruptions=["snow"], severity=2, corrupted_root=str(tmp_path),
-                                  corrupted_layout="imagenet_c", source_checkpoint="unused-here")
+    scenario = TTAScenario(
+        seed=0,
+        corruptions=["snow"],
+        severity=2,
+        corrupted_root=str(tmp_path),
+        corrupted_layout="imagenet_c",
+        source_checkpoint="unused-here",
+    )
     (exp,) = scenario.experiences()
     x, y = exp.test.load()
     assert scenario.class_names == ["n01", "n02"] and y.tolist() == [0, 1]
     assert x.shape == (2, 3, 224, 224) and abs(int(x[0].float().mean()) - 80) <= 2  # n01 holds the 80-grey image
 
 
-@pytest.mark.parametrize("scenario,message", [
-    ({"corruptions": ["fgo"]}, "scenario.corruptions\\[0\\]: unknown corruption 'fgo'; did you mean 'fog'"),
-    ({"corruption_constants": "cifar10"}, "scenario.corruption_constants"),  # frost, refused before, is now on the fly
-    ({"dataset": None}, "scenario.dataset: name the clean dataset"),
-    ({"severity": 6}, "scenario.severity"),
-])
+@pytest.mark.parametrize(
+    "scenario,message",
+    [
+        ({"corruptions": ["fgo"]}, "scenario.corruptions\\[0\\]: unknown corruption 'fgo'; did you mean 'fog'"),
+        ({"corruption_constants": "cifar10"}, "scenario.corruption_constants"),  # frost, refused before, is now on the fly
+        ({"dataset": None}, "scenario.dataset: name the clean dataset"),
+        ({"severity": 6}, "scenario.severity"),
+    ],
+)
 def test_config_mistakes_name_the_key(scenario, message):
-    cfg = {"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", **scenario},
-           "backbone": {"name": "mlp"}, "strategy": {"name": "finetune"}}
+    cfg = {
+        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", **scenario},
+        "backbone": {"name": "mlp"},
+        "strategy": {"name": "finetune"},
+    }
     with pytest.raises(UserError, match=message):
         config.resolve(cfg)

@@ -53,8 +53,12 @@ def test_fingerprint_hashes_name_and_every_text_but_not_labels():
     assert base.fingerprint == td.TextDataset(["a b", "c"], [1, 1], "toy").fingerprint
     assert base.fingerprint == base.relabel(torch.tensor([1, 0])).fingerprint
     assert base.relabel(torch.tensor([1, 0])).targets.tolist() == [1, 0]
-    for changed in (td.TextDataset(["a b", "d"], [0, 1], "toy"), td.TextDataset(["a", "b c"], [0, 1], "toy"),
-                    td.TextDataset(["a b", "c"], [0, 1], "toy2"), td.TextDataset(["a b", "c", ""], [0, 1, 0], "toy")):
+    for changed in (
+        td.TextDataset(["a b", "d"], [0, 1], "toy"),
+        td.TextDataset(["a", "b c"], [0, 1], "toy"),
+        td.TextDataset(["a b", "c"], [0, 1], "toy2"),
+        td.TextDataset(["a b", "c", ""], [0, 1, 0], "toy"),
+    ):
         assert changed.fingerprint != base.fingerprint
 
 

@@ -31,16 +31,25 @@ LAE = ({"targets": MLP_TARGETS, "ema_momentum": 0.8, "freeze_epochs": 1}, MLP)
 
 def _run(tmp_path, run_keeping, name: str, align: bool, per_class: int = 8, epochs: int = 2, **extra):
     params, backbone = LAE if name == "lae" else METHODS[name]
-    return run_keeping({
-        "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": per_class, "test_per_class": 10, "root": str(tmp_path / "data")},
-        "backbone": backbone,
-        "strategy": {"name": name, **params, "align": align, **extra},
-        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "optimizer": "adam", "feature_cache": "memory"},
-        "eval": {"batch_size": 64, "baseline": False},
-        "logging": {"tensorboard": False, "progress": "never"},
-    }, tmp_path / f"{name}-{align}-{len(extra)}")
+    return run_keeping(
+        {
+            "seed": 0,
+            "scenario": {
+                "name": "class_incremental",
+                "dataset": "sklearn_digits",
+                "n_experiences": 5,
+                "train_per_class": per_class,
+                "test_per_class": 10,
+                "root": str(tmp_path / "data"),
+            },
+            "backbone": backbone,
+            "strategy": {"name": name, **params, "align": align, **extra},
+            "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "optimizer": "adam", "feature_cache": "memory"},
+            "eval": {"batch_size": 64, "baseline": False},
+            "logging": {"tensorboard": False, "progress": "never"},
+        },
+        tmp_path / f"{name}-{align}-{len(extra)}",
+    )
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -111,8 +120,10 @@ def test_lae_aligns_one_head_copy_per_expert_and_ensembles_them(tmp_path, run_ke
 def test_drift_compensation_without_align_is_refused_naming_the_key(tmp_path, name):
     params, backbone = LAE if name == "lae" else METHODS.get(name, ({}, MLP))
     with pytest.raises(UserError, match=r"^strategy\.drift_compensation: needs align: true"):
-        clpeft.config.resolve({
-            "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5},
-            "backbone": backbone,
-            "strategy": {"name": name, **params, "align": False, "drift_compensation": True},
-        })
+        clpeft.config.resolve(
+            {
+                "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5},
+                "backbone": backbone,
+                "strategy": {"name": name, **params, "align": False, "drift_compensation": True},
+            }
+        )

@@ -40,8 +40,12 @@ def _run(tmp_path, strategy: dict, frozen: bool = False, **train) -> dict:
     cfg = {
         "seed": 0,
         "scenario": {
-            "name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-            "train_per_class": TRAIN_PER_CLASS, "test_per_class": 4, "root": str(tmp_path / "data"),
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": TRAIN_PER_CLASS,
+            "test_per_class": 4,
+            "root": str(tmp_path / "data"),
         },
         "backbone": {"name": "mlp", "hidden": [16], "freeze": frozen},
         "strategy": strategy,
@@ -110,8 +114,16 @@ def test_lwf_loss_is_ce_plus_alpha_distillation_from_a_teacher_copy(tmp_path, mo
             if t_head.n_classes:
                 t_feats = feats if self.uses_features else _np(t_backbone(batch.x))
                 distill = _distillation(_linear(feats, self.head), _linear(t_feats, t_head), T)
-        steps.append({"exp": exp, "loss": loss.item(), "ce": ce, "distill": distill,
-                      "expected": ce + alpha * distill, "uses_features": self.uses_features})
+        steps.append(
+            {
+                "exp": exp,
+                "loss": loss.item(),
+                "ce": ce,
+                "distill": distill,
+                "expected": ce + alpha * distill,
+                "uses_features": self.uses_features,
+            }
+        )
         return loss
 
     monkeypatch.setattr(LwF, "before_experience", spy_before)
@@ -218,16 +230,14 @@ def test_ewc_fisher_anchors_and_penalty_through_the_engine(tmp_path, monkeypatch
         newest = FisherPenalty()
         newest.terms = [term]
         with torch.no_grad():
-            events.append({"exp": exp.index, "kind": "after", "penalty": newest(params).item(),
-                           "total": self.penalty(params).item()})
+            events.append({"exp": exp.index, "kind": "after", "penalty": newest(params).item(), "total": self.penalty(params).item()})
 
     def spy_step(self, batch):
         loss = step(self, batch)
         with torch.no_grad():
             ce = _cross_entropy(_np(self.predict(batch.x)), batch.y.numpy())
             pen = _penalty_np(self)
-        events.append({"exp": max(current["exp"], 0), "kind": "step", "penalty": pen, "loss": loss.item(),
-                       "expected": ce + lam / 2 * pen})
+        events.append({"exp": max(current["exp"], 0), "kind": "step", "penalty": pen, "loss": loss.item(), "expected": ce + lam / 2 * pen})
         return loss
 
     monkeypatch.setattr(EWC, "after_experience", spy_after)
@@ -267,8 +277,7 @@ def test_ewc_state_dict_round_trip_keeps_the_penalty(tmp_path, monkeypatch):
             p.add_(0.01)
         for p in src.parameters():
             p.add_(0.01)
-    assert dst.penalty(dict(dst.named_parameters())).item() == pytest.approx(
-        src.penalty(dict(src.named_parameters())).item(), rel=1e-6)
+    assert dst.penalty(dict(dst.named_parameters())).item() == pytest.approx(src.penalty(dict(src.named_parameters())).item(), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

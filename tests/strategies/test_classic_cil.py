@@ -29,18 +29,31 @@ import numpy as np
 import pytest
 import torch
 
-CLASS_INCREMENTAL = {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": 30, "test_per_class": 10}
-DOMAIN_INCREMENTAL = {"name": "domain_incremental", "dataset": "sklearn_digits", "train_per_class": 30,
-                      "test_per_class": 10, "domains": [{"rotation": 0}, {"rotation": 60}, {"rotation": 120}]}
+CLASS_INCREMENTAL = {
+    "name": "class_incremental",
+    "dataset": "sklearn_digits",
+    "n_experiences": 5,
+    "train_per_class": 30,
+    "test_per_class": 10,
+}
+DOMAIN_INCREMENTAL = {
+    "name": "domain_incremental",
+    "dataset": "sklearn_digits",
+    "train_per_class": 30,
+    "test_per_class": 10,
+    "domains": [{"rotation": 0}, {"rotation": 60}, {"rotation": 120}],
+}
 METHODS = {  # name -> (strategy section, stream it is compared on)
     "icarl_bce": ({"name": "icarl", "mem_size": 100}, CLASS_INCREMENTAL),
     "icarl_ce": ({"name": "icarl", "mem_size": 100, "loss": "ce"}, CLASS_INCREMENTAL),
     "si": ({"name": "si", "c": 10.0}, DOMAIN_INCREMENTAL),
     "mas": ({"name": "mas", "lambda_reg": 1.0}, DOMAIN_INCREMENTAL),
 }
-RESUMED = {**METHODS, "wa": ({"name": "wa", "mem_size": 40}, CLASS_INCREMENTAL),
-           "bic": ({"name": "bic", "mem_size": 40, "bias_epochs": 5}, CLASS_INCREMENTAL)}
+RESUMED = {
+    **METHODS,
+    "wa": ({"name": "wa", "mem_size": 40}, CLASS_INCREMENTAL),
+    "bic": ({"name": "bic", "mem_size": 40, "bias_epochs": 5}, CLASS_INCREMENTAL),
+}
 BACKBONES = {"trainable": False, "frozen": True}
 
 
@@ -74,6 +87,7 @@ def test_forgets_less_than_finetune(method, backbone, tmp_path, run_keeping):
 
 def _nme_predictions(features: np.ndarray, exemplar_features: np.ndarray, exemplar_labels: np.ndarray, n_classes: int):
     """iCaRL's Alg. 1 in numpy: the nearest unit-length mean of the normalised exemplar features."""
+
     def unit(x):
         return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 
@@ -159,8 +173,9 @@ def test_wa_aligns_new_norms_to_old_clips_and_weighs_its_loss(backbone, tmp_path
     monkeypatch.setattr(WA, "after_experience", spy_after)
     monkeypatch.setattr(WA, "training_step", spy_step)
     monkeypatch.setattr(WA, "after_training_step", spy_after_step)
-    config = _config({"name": "wa", "mem_size": 40, "temperature": T, "kd_weight": None}, CLASS_INCREMENTAL, BACKBONES[backbone],
-                     tmp_path / "data")
+    config = _config(
+        {"name": "wa", "mem_size": 40, "temperature": T, "kd_weight": None}, CLASS_INCREMENTAL, BACKBONES[backbone], tmp_path / "data"
+    )
     run_keeping(config, tmp_path / "run")
     assert len(aligned) == 5 and losses and clipped and all(clipped)
     np.testing.assert_allclose(*zip(*losses), rtol=1e-5)
@@ -201,8 +216,10 @@ def test_wa_forgets_less_than_finetune(tmp_path, run_keeping):
     corrects). On frozen random features a linear head clipped to non-negative weights cannot keep
     the old classes apart: WA stays near fine-tuning there (the alignment test above covers it)."""
     scenario = {**CLASS_INCREMENTAL, "train_per_class": 60}
-    configs = {name: _config(strategy, scenario, False, tmp_path / "data")
-               for name, strategy in {"wa": {"name": "wa", "mem_size": 40}, "finetune": {"name": "finetune"}}.items()}
+    configs = {
+        name: _config(strategy, scenario, False, tmp_path / "data")
+        for name, strategy in {"wa": {"name": "wa", "mem_size": 40}, "finetune": {"name": "finetune"}}.items()
+    }
     for config in configs.values():
         config["train"]["epochs"] = 15
     wa, _, _ = run_keeping(configs["wa"], tmp_path / "wa")
@@ -243,8 +260,7 @@ def test_bic_corrects_only_the_new_classes_from_a_held_out_balanced_set(backbone
 
     monkeypatch.setattr(BiC, "train_data", spy_train_data)
     monkeypatch.setattr(BiC, "after_experience", spy_after)
-    config = _config({"name": "bic", "mem_size": 60, "bias_epochs": 20}, CLASS_INCREMENTAL, BACKBONES[backbone],
-                     tmp_path / "data")
+    config = _config({"name": "bic", "mem_size": 60, "bias_epochs": 20}, CLASS_INCREMENTAL, BACKBONES[backbone], tmp_path / "data")
     run_keeping(config, tmp_path / "run")
     assert len(seen) == 5
     for n_old, n_seen, alpha, beta, raw, predicted in seen:
@@ -260,7 +276,8 @@ def test_bic_forgets_less_than_finetune(tmp_path, run_keeping):
     """Trainable MLP. On frozen random features BiC's linear head, whose cross-entropy weighs 1 - n/(n+m),
     keeps little of the old classes (the correction test above runs it there)."""
     scenario = CLASS_INCREMENTAL
-    bic, _, _ = run_keeping(_config({"name": "bic", "mem_size": 100, "bias_epochs": 50}, scenario, False,
-                                    tmp_path / "data"), tmp_path / "bic")
+    bic, _, _ = run_keeping(
+        _config({"name": "bic", "mem_size": 100, "bias_epochs": 50}, scenario, False, tmp_path / "data"), tmp_path / "bic"
+    )
     finetune, _, _ = run_keeping(_config({"name": "finetune"}, scenario, False, tmp_path / "data"), tmp_path / "finetune")
     assert bic["metrics"]["forgetting"] < finetune["metrics"]["forgetting"] - 0.3, (bic["metrics"], finetune["metrics"])

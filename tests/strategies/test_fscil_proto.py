@@ -41,8 +41,17 @@ def sessions():
     exps, seen = [], []
     for i, classes in enumerate(groups):
         seen = seen + classes
-        exps.append(Experience(i, view(train, ytr, classes, None if i == 0 else K_SHOT), view(test, yte, classes),
-                               classes, list(seen), n_way=None if i == 0 else 2, k_shot=None if i == 0 else K_SHOT))
+        exps.append(
+            Experience(
+                i,
+                view(train, ytr, classes, None if i == 0 else K_SHOT),
+                view(test, yte, classes),
+                classes,
+                list(seen),
+                n_way=None if i == 0 else 2,
+                k_shot=None if i == 0 else K_SHOT,
+            )
+        )
     return exps
 
 
@@ -60,7 +69,7 @@ def _train_base(s, exp, epochs: int = 5):
         s.train()
         perm = torch.randperm(len(y))
         for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = s.training_step(Batch(x[idx], y[idx]))
             opt.zero_grad()
             loss.backward()
@@ -109,8 +118,7 @@ def test_base_training_then_frozen_prototypes_for_k_shot_sessions(sessions):
     feats, y = _np_features(s, test)
     with torch.no_grad():
         logits = s.predict(s.backbone(test.load()[0]))
-    np.testing.assert_allclose(logits.double().numpy(), _np_cosine_logits(feats, s.prototypes.double().numpy()),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits.double().numpy(), _np_cosine_logits(feats, s.prototypes.double().numpy()), rtol=1e-4, atol=1e-4)
     pred = logits.argmax(1).numpy()
     novel = y >= 6
     assert (pred[~novel] == y[~novel]).mean() > 0.8
@@ -138,12 +146,22 @@ def test_through_the_engine_base_classes_survive_the_few_shot_sessions(tmp_path)
     import clpeft.config
     import clpeft.engine
 
-    cfg = {"seed": 0,
-           "scenario": {"name": "few_shot_class_incremental", "dataset": "sklearn_digits", "n_base": 6, "n_way": 2,
-                        "k_shot": K_SHOT, "root": str(tmp_path / "data")},
-           "backbone": {"name": "cnn", "widths": [16, 32]}, "strategy": {"name": "fscil_proto"},
-           "train": {"epochs": 5, "batch_size": 64, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9},
-           "eval": {"baseline": False}, "logging": {"tensorboard": False, "progress": "never"}}
+    cfg = {
+        "seed": 0,
+        "scenario": {
+            "name": "few_shot_class_incremental",
+            "dataset": "sklearn_digits",
+            "n_base": 6,
+            "n_way": 2,
+            "k_shot": K_SHOT,
+            "root": str(tmp_path / "data"),
+        },
+        "backbone": {"name": "cnn", "widths": [16, 32]},
+        "strategy": {"name": "fscil_proto"},
+        "train": {"epochs": 5, "batch_size": 64, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9},
+        "eval": {"baseline": False},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
     R = np.asarray(clpeft.engine.Engine(clpeft.config.resolve(cfg), tmp_path / "run", device="cpu").run()["acc_matrix"])
     assert R.shape == (3, 3)
     assert R[0, 0] > 0.9 and R[2, 0] > R[0, 0] - 0.1  # base accuracy barely moves

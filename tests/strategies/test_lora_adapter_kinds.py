@@ -24,15 +24,28 @@ from clpeft.strategies.lora_cl import LoRACL
 from clpeft.strategies.merge_cl import MergeCL
 
 TARGETS = ["net.0", "net.2"]
-CLASSES = {"lora": "LoRALinear", "pissa": "LoRALinear", "dora": "DoRALinear", "vera": "VeRALinear", "lora_xs": "LoRAXSLinear",
-           "adalora": "AdaLoRALinear"}
+CLASSES = {
+    "lora": "LoRALinear",
+    "pissa": "LoRALinear",
+    "dora": "DoRALinear",
+    "vera": "VeRALinear",
+    "lora_xs": "LoRAXSLinear",
+    "adalora": "AdaLoRALinear",
+}
 
 
 def _config(tmp_path, strategy: dict) -> dict:
     return {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 3, "init_classes": 4,
-                     "train_per_class": 16, "test_per_class": 6, "root": str(tmp_path / "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 3,
+            "init_classes": 4,
+            "train_per_class": 16,
+            "test_per_class": 6,
+            "root": str(tmp_path / "data"),
+        },
         "backbone": {"name": "mlp", "hidden": [32, 16]},
         "strategy": strategy,
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "optimizer": "adam"},
@@ -57,8 +70,14 @@ def _round_trip_predicts_the_same(tmp_path, strategy_cfg, strategy, stream) -> N
 
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)
 def test_lora_cl_trains_each_kinds_tensors_and_resumes_from_its_state(tmp_path, kind, run_keeping):
-    cfg = {"name": "lora_cl", "targets": TARGETS, "rank": 2, "alpha": 4.0, "adapter": kind,
-           "old_updates": "merge" if kind == "dora" else "freeze"}
+    cfg = {
+        "name": "lora_cl",
+        "targets": TARGETS,
+        "rank": 2,
+        "alpha": 4.0,
+        "adapter": kind,
+        "old_updates": "merge" if kind == "dora" else "freeze",
+    }
     result, strategy, stream = run_keeping(_config(tmp_path, cfg), tmp_path / "run")
     assert {type(layer).__name__ for layer in strategy.lora.values()} == {CLASSES[kind]}
     trained = {n for n, p in strategy.backbone.named_parameters() if p.requires_grad}
@@ -91,8 +110,16 @@ def test_merge_cl_stores_each_layers_whole_update_as_its_task_vector(tmp_path, k
 
 @pytest.mark.parametrize("kind", ["dora", "vera"])
 def test_lae_keeps_an_ema_of_each_kinds_tensors(tmp_path, kind, run_keeping):
-    cfg = {"name": "lae", "targets": TARGETS, "rank": 2, "alpha": 2.0, "adapter": kind, "learnable_scale": False,
-           "freeze_epochs": 0, "ema_momentum": 0.5}
+    cfg = {
+        "name": "lae",
+        "targets": TARGETS,
+        "rank": 2,
+        "alpha": 2.0,
+        "adapter": kind,
+        "learnable_scale": False,
+        "freeze_epochs": 0,
+        "ema_momentum": 0.5,
+    }
     _, strategy, stream = run_keeping(_config(tmp_path, cfg), tmp_path / "run")
     online = LoRAFactors(strategy.lora).overrides()
     offline = strategy.offline.model.overrides()

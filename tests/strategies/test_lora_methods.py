@@ -33,8 +33,12 @@ def _config(tmp_path, strategy: dict, epochs: int = 2, hidden: tuple[int, ...] =
     return {
         "seed": 0,
         "scenario": {
-            "name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-            "train_per_class": 24, "test_per_class": 10, "root": str(tmp_path / "data"),
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": 24,
+            "test_per_class": 10,
+            "root": str(tmp_path / "data"),
         },
         "backbone": {"name": "mlp", "hidden": list(hidden)},
         "strategy": strategy,
@@ -116,9 +120,13 @@ def test_lora_cl_inflora_trains_only_b_and_spares_earlier_inputs(tmp_path, monke
     monkeypatch.setattr(LoRACL, "param_groups", spy_groups)
     interference = {}
     for subspace, threshold in (("none", 0.99), ("gpm", 0.99), ("inflora", 0.999)):
-        _, strategy, stream = _run(tmp_path / subspace, run_keeping, {
-            "name": "lora_cl", "targets": ["net.0"], "rank": 3, "subspace": subspace, "subspace_threshold": threshold},
-            epochs=3, hidden=(64,))
+        _, strategy, stream = _run(
+            tmp_path / subspace,
+            run_keeping,
+            {"name": "lora_cl", "targets": ["net.0"], "rank": 3, "subspace": subspace, "subspace_threshold": threshold},
+            epochs=3,
+            hidden=(64,),
+        )
         layer = strategy.lora["net.0"]
         seen = []
         handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double()))
@@ -146,8 +154,12 @@ def test_lora_cl_inflora_threshold_schedule_runs_over_the_stream(tmp_path, monke
         return extend(self, covariances, progress_)
 
     monkeypatch.setattr(InputSubspace, "extend", spy_extend)
-    _run(tmp_path, run_keeping, {"name": "lora_cl", "targets": ["net.0"], "rank": 2, "subspace": "inflora",
-                                 "subspace_threshold": [0.9, 1.0]}, epochs=1)
+    _run(
+        tmp_path,
+        run_keeping,
+        {"name": "lora_cl", "targets": ["net.0"], "rank": 2, "subspace": "inflora", "subspace_threshold": [0.9, 1.0]},
+        epochs=1,
+    )
     assert progress == [0.0, 0.2, 0.4, 0.6, 0.8]
 
 
@@ -163,8 +175,7 @@ def test_lora_cl_merge_mode_equals_base_plus_the_sum_of_the_updates(tmp_path, mo
         assert all(m.frozen_rank == 0 for m in self.lora.values())
 
     monkeypatch.setattr(LoRACL, "after_experience", spy_after)
-    _, strategy, _ = _run(tmp_path, run_keeping,
-                          {"name": "lora_cl", "targets": TARGETS, "rank": 3, "old_updates": "merge"})
+    _, strategy, _ = _run(tmp_path, run_keeping, {"name": "lora_cl", "targets": TARGETS, "rank": 3, "old_updates": "merge"})
 
     for name, layer in strategy.lora.items():
         expected = base[name] + sum(d[name] for d in deltas)
@@ -197,19 +208,28 @@ def test_lora_cl_ranks_follow_the_schedule_and_the_budget_allocation(tmp_path, m
         starts.append([m.rank for m in self.lora.values()])
 
     def spy_split(self, b):
-        state = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.input_sq_mean.clone(), m.frozen_rank)
-                 for n, m in self.layers.items()}
+        state = {
+            n: (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.input_sq_mean.clone(), m.frozen_rank)
+            for n, m in self.layers.items()
+        }
         out = split(self, b)
-        records.append({"scores": self.scores(), "caps": {n: m.rank for n, m in self.layers.items()},
-                        "state": state, "split": out})
+        records.append({"scores": self.scores(), "caps": {n: m.rank for n, m in self.layers.items()}, "state": state, "split": out})
         return out
 
     monkeypatch.setattr(RankAllocator, "split", spy_split)
     monkeypatch.setattr(LoRACL, "before_experience", spy_before)
-    _, strategy, _ = _run(tmp_path, run_keeping, {
-        "name": "lora_cl", "targets": TARGETS, "rank": 2, "max_rank": 6, "rank_schedule": "linear",
-        "rank_budget": budget,
-    })
+    _, strategy, _ = _run(
+        tmp_path,
+        run_keeping,
+        {
+            "name": "lora_cl",
+            "targets": TARGETS,
+            "rank": 2,
+            "max_rank": 6,
+            "rank_schedule": "linear",
+            "rank_budget": budget,
+        },
+    )
 
     assert starts == [[2, 6]] * 5  # PRILoRA: rank grows linearly with depth (net.0 -> 2, net.2 -> 6)
     assert len(records) == 5
@@ -218,7 +238,8 @@ def test_lora_cl_ranks_follow_the_schedule_and_the_budget_allocation(tmp_path, m
         expected = _dhondt(rec["scores"], rec["caps"], budget)
         assert rec["split"] == expected and sum(expected.values()) == budget
     assert any(rec["split"]["net.0"] not in (0, 2) for rec in records) or any(
-        rec["split"]["net.2"] not in (0, 6) for rec in records)  # a real split, not all-or-nothing
+        rec["split"]["net.2"] not in (0, 6) for rec in records
+    )  # a real split, not all-or-nothing
     for name, layer in strategy.lora.items():
         offset = 0
         for rec in records:  # each experience froze its kept components: the most important ones
@@ -269,15 +290,24 @@ def test_lora_cl_grows_the_highest_scoring_layer_on_increloras_schedule(tmp_path
     monkeypatch.setattr(RankAllocator, "allocate", spy_allocate)
     monkeypatch.setattr(LoRACL, "__init__", spy_init)
     monkeypatch.setattr(LoRACL, "after_training_step", spy_hook)
-    _, strategy, _ = _run(tmp_path, run_keeping, {
-        "name": "lora_cl", "targets": TARGETS, "rank": 1, "rank_budget": budget,
-        "grow_every": every, "grow_warmup": warmup,
-    }, epochs=4)
+    _, strategy, _ = _run(
+        tmp_path,
+        run_keeping,
+        {
+            "name": "lora_cl",
+            "targets": TARGETS,
+            "rank": 1,
+            "rank_budget": budget,
+            "grow_every": every,
+            "grow_warmup": warmup,
+        },
+        epochs=4,
+    )
 
     per_experience = 4 * 3  # 48 samples in batches of 16, 4 epochs
     assert len(steps_seen) == 5 * per_experience
     for i in range(5):
-        exp_steps = steps_seen[i * per_experience:(i + 1) * per_experience]
+        exp_steps = steps_seen[i * per_experience : (i + 1) * per_experience]
         assert [s for s, _, _ in exp_steps] == list(range(1, per_experience + 1))
         grew_at = [s for s, changed, _ in exp_steps if changed]
         assert grew_at == [4, 6, 8]  # step > warmup, step % every == 0, until the budget (2 + 3 = 5)
@@ -317,8 +347,12 @@ def test_lora_cl_config_errors_name_the_key():
 
 def _online(self) -> dict[str, torch.Tensor]:
     """The online module: every adapted layer's factors and learnable scale."""
-    return {f"{n}.{f}": getattr(m, f).detach().double().clone() for n, m in self.lora.items()
-            for f in ("lora_A", "lora_B", "lora_scale") if getattr(m, f) is not None}
+    return {
+        f"{n}.{f}": getattr(m, f).detach().double().clone()
+        for n, m in self.lora.items()
+        for f in ("lora_A", "lora_B", "lora_scale")
+        if getattr(m, f) is not None
+    }
 
 
 def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkeypatch, run_keeping):
@@ -342,9 +376,18 @@ def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkey
     monkeypatch.setattr(LAE, "before_experience", spy_before)
     monkeypatch.setattr(LAE, "training_step", spy_step)
     monkeypatch.setattr(LAE, "after_experience", spy_after)
-    _, strategy, _ = _run(tmp_path, run_keeping, {
-        "name": "lae", "targets": TARGETS, "rank": 3, "alpha": 3.0, "ema_momentum": m, "freeze_epochs": freeze_epochs,
-    })
+    _, strategy, _ = _run(
+        tmp_path,
+        run_keeping,
+        {
+            "name": "lae",
+            "targets": TARGETS,
+            "rank": 3,
+            "alpha": 3.0,
+            "ema_momentum": m,
+            "freeze_epochs": freeze_epochs,
+        },
+    )
 
     # theta_off = theta_on at the end of experience 0, then theta_off <- m theta_off + (1 - m) theta_on
     # after every optimizer step (the online factors at the start of the next step, or at the end)
@@ -369,8 +412,7 @@ def test_lae_offline_module_is_the_ema_of_the_online_trajectory(tmp_path, monkey
 
 
 def test_lae_prediction_is_the_max_of_the_two_softmaxes(tmp_path, run_keeping):
-    _, strategy, stream = _run(tmp_path, run_keeping,
-                               {"name": "lae", "targets": TARGETS, "ema_momentum": 0.8, "freeze_epochs": 1})
+    _, strategy, stream = _run(tmp_path, run_keeping, {"name": "lae", "targets": TARGETS, "ema_momentum": 0.8, "freeze_epochs": 1})
     x = _test_inputs(stream)
     with torch.no_grad():
         online = strategy.head(strategy.backbone(x))
@@ -390,16 +432,30 @@ def test_lae_prediction_is_the_max_of_the_two_softmaxes(tmp_path, run_keeping):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,method,params,start_from", [
-    ("lora", "task_arithmetic", {"scale": 0.7}, "base"),
-    ("lora", "ties", {"density": 0.5}, "merged"),
-    ("full", "dare", {"drop_rate": 0.3}, "base"),
-], ids=["lora-ta", "lora-ties-from-merged", "full-dare"])
+@pytest.mark.parametrize(
+    "mode,method,params,start_from",
+    [
+        ("lora", "task_arithmetic", {"scale": 0.7}, "base"),
+        ("lora", "ties", {"density": 0.5}, "merged"),
+        ("full", "dare", {"drop_rate": 0.3}, "base"),
+    ],
+    ids=["lora-ta", "lora-ties-from-merged", "full-dare"],
+)
 def test_merge_cl_evaluates_the_merge_of_its_stored_task_vectors(tmp_path, mode, method, params, start_from, run_keeping):
-    _, strategy, stream = _run(tmp_path, run_keeping, {
-        "name": "merge_cl", "mode": mode, "method": method, "merge_params": params, "start_from": start_from,
-        "targets": TARGETS, "rank": 3, "merge_seed": 5,
-    })
+    _, strategy, stream = _run(
+        tmp_path,
+        run_keeping,
+        {
+            "name": "merge_cl",
+            "mode": mode,
+            "method": method,
+            "merge_params": params,
+            "start_from": start_from,
+            "targets": TARGETS,
+            "rank": 3,
+            "merge_seed": 5,
+        },
+    )
     assert len(strategy.finetuned) == 5
     models = [LoraAdapter.from_state_dict(v) for v in strategy.finetuned] if mode == "lora" else strategy.finetuned
     merged = merge(strategy.base, models, method, seed=5, **params)  # an independent call
@@ -421,12 +477,21 @@ def test_merge_cl_evaluates_the_merge_of_its_stored_task_vectors(tmp_path, mode,
 
 def test_merge_cl_task_arithmetic_of_lora_factors_by_hand(tmp_path, run_keeping):
     scale = 0.7
-    _, strategy, _ = _run(tmp_path, run_keeping, {
-        "name": "merge_cl", "mode": "lora", "merge_params": {"scale": scale}, "targets": TARGETS, "rank": 3,
-    })
+    _, strategy, _ = _run(
+        tmp_path,
+        run_keeping,
+        {
+            "name": "merge_cl",
+            "mode": "lora",
+            "merge_params": {"scale": scale},
+            "targets": TARGETS,
+            "rank": 3,
+        },
+    )
     for name, layer in strategy.lora.items():
-        deltas = [(v[f"{name}.lora_alpha"].item() / 3) * (v[f"{name}.lora_B"].double() @ v[f"{name}.lora_A"].double())
-                  for v in strategy.finetuned]
+        deltas = [
+            (v[f"{name}.lora_alpha"].item() / 3) * (v[f"{name}.lora_B"].double() @ v[f"{name}.lora_A"].double()) for v in strategy.finetuned
+        ]
         expected = strategy.base[f"{name}.weight"].double() + scale * sum(deltas)
         torch.testing.assert_close(layer.base_layer.weight.double(), expected, rtol=0, atol=1e-6)
 
@@ -476,10 +541,14 @@ def test_state_dict_round_trip_into_a_fresh_strategy_gives_identical_predictions
         assert torch.equal(fresh.predict(x), strategy.predict(x))
 
 
-@pytest.mark.parametrize("strategy", [
-    {"name": "lora_cl", "targets": TARGETS, "rank": 1, "rank_budget": 5, "grow_every": 2},
-    {"name": "lora_cl", "targets": TARGETS, "rank": 2, "subspace": "inflora", "subspace_threshold": [0.9, 1.0]},
-], ids=["increlora-growth", "inflora-schedule"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"name": "lora_cl", "targets": TARGETS, "rank": 1, "rank_budget": 5, "grow_every": 2},
+        {"name": "lora_cl", "targets": TARGETS, "rank": 2, "subspace": "inflora", "subspace_threshold": [0.9, 1.0]},
+    ],
+    ids=["increlora-growth", "inflora-schedule"],
+)
 def test_lora_cl_interrupted_run_resumes_to_the_same_matrix(tmp_path, strategy, interrupted_then_resumed):
     """Grown frozen updates and GPM bases change shape from experience to experience; a resumed
     run must rebuild them from the checkpoint and continue exactly."""

@@ -18,12 +18,17 @@ FROZEN_MLP = {"name": "mlp", "hidden": [64, 32], "freeze": True}
 VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 
 
-def _config(tmp_path, strategy: dict, backbone: dict = FROZEN_MLP, epochs: int = 2, n_experiences: int = 5,
-            per_class: int = 60) -> dict:
+def _config(tmp_path, strategy: dict, backbone: dict = FROZEN_MLP, epochs: int = 2, n_experiences: int = 5, per_class: int = 60) -> dict:
     return {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": n_experiences,
-                     "train_per_class": per_class, "test_per_class": 20, "root": str(tmp_path / "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": n_experiences,
+            "train_per_class": per_class,
+            "test_per_class": 20,
+            "root": str(tmp_path / "data"),
+        },
         "backbone": backbone,
         "strategy": strategy,
         "train": {"epochs": epochs, "batch_size": 16, "lr": 0.05, "feature_cache": "memory"},
@@ -161,10 +166,13 @@ def test_ease_beats_the_one_adapter_and_no_adapter_prototypes_and_forgets_far_le
     pre-trained prototypes, all three far above finetune. (3 epochs at lr 0.05; at lr 0.1 a task's
     adapters collapse to a near-constant feature on this random ViT, and that task's classes then
     win the ensemble: EASE has no guard against it, in PILOT's code either.)"""
-    runs = {"ease": EASE, "aper": {"name": "aper", "adapter_bottleneck": 8}, "simplecil": {"name": "simplecil"},
-            "finetune": {"name": "finetune"}}
-    metrics = {name: run_keeping(_config(tmp_path, cfg, VIT, epochs=3), tmp_path / name)[0]["metrics"]
-               for name, cfg in runs.items()}
+    runs = {
+        "ease": EASE,
+        "aper": {"name": "aper", "adapter_bottleneck": 8},
+        "simplecil": {"name": "simplecil"},
+        "finetune": {"name": "finetune"},
+    }
+    metrics = {name: run_keeping(_config(tmp_path, cfg, VIT, epochs=3), tmp_path / name)[0]["metrics"] for name, cfg in runs.items()}
     acc = {name: m["acc_last"] for name, m in metrics.items()}
     assert acc["ease"] > acc["aper"] and acc["ease"] > acc["simplecil"], acc
     assert acc["ease"] > acc["finetune"] + 0.3, acc

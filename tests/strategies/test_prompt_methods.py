@@ -37,8 +37,14 @@ BATCH, EPOCHS, PER_CLASS = 8, 2, 8
 def _config(tmp_path, strategy: dict, feature_cache: str = "memory") -> dict:
     return {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": PER_CLASS, "test_per_class": 4, "root": str(tmp_path / "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": PER_CLASS,
+            "test_per_class": 4,
+            "root": str(tmp_path / "data"),
+        },
         "backbone": {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True},
         "strategy": strategy,
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": 0.01, "optimizer": "adam", "feature_cache": feature_cache},
@@ -171,8 +177,16 @@ def test_dualprompt_trains_the_true_tasks_e_prompt_and_infers_with_the_nearest_k
 
     def spy(self, query, task=None):
         out = forward(self, query, task)
-        calls.append({"task": task, "chosen": out.tasks.tolist(), "training": strategy.training,
-                      "exp": strategy.task, "query": _np(query), "keys": _np(self.e_keys[: int(self.n_tasks)])})
+        calls.append(
+            {
+                "task": task,
+                "chosen": out.tasks.tolist(),
+                "training": strategy.training,
+                "exp": strategy.task,
+                "query": _np(query),
+                "keys": _np(self.e_keys[: int(self.n_tasks)]),
+            }
+        )
         return out
 
     monkeypatch.setattr(PrefixPrompt, "forward", spy)
@@ -257,8 +271,7 @@ def test_l2p_loss_is_masked_cross_entropy_plus_lambda_times_one_minus_cosine():
 
 
 def test_dualprompt_loss_uses_the_current_tasks_prefixes_and_key():
-    strategy = DualPrompt(_backbone(), pool_size=3, g_length=2, g_layers=[0], e_length=3, e_layers=[1, 2],
-                          matching_weight=0.5)
+    strategy = DualPrompt(_backbone(), pool_size=3, g_length=2, g_layers=[0], e_length=3, e_layers=[1, 2], matching_weight=0.5)
     strategy.before_experience(Experience(0, None, None, [0, 1], [0, 1]))
     y = _ready(strategy)
     assert strategy.task == 1
@@ -267,8 +280,11 @@ def test_dualprompt_loss_uses_the_current_tasks_prefixes_and_key():
         query = strategy.backbone(x)
     loss = strategy.training_step(Batch(x, y, query))
     p = strategy.prompt_prefix
-    prefixes = {0: (p.g_prompt[0, 0], p.g_prompt[0, 1]), 1: (p.e_prompts[1, 0, 0], p.e_prompts[1, 0, 1]),
-                2: (p.e_prompts[1, 1, 0], p.e_prompts[1, 1, 1])}
+    prefixes = {
+        0: (p.g_prompt[0, 0], p.g_prompt[0, 1]),
+        1: (p.e_prompts[1, 0, 0], p.e_prompts[1, 0, 1]),
+        2: (p.e_prompts[1, 1, 0], p.e_prompts[1, 1, 1]),
+    }
     with torch.no_grad():
         logits = _np(strategy.head(strategy.backbone.forward_prompted(x, prefixes=prefixes)))
     matching = np.mean(1 - _cos(_np(query), _np(p.e_keys))[:, 1])
@@ -306,8 +322,7 @@ def test_coda_loss_is_masked_cross_entropy_plus_mu_times_orthogonality():
 
 def test_no_prompts_is_the_plain_backbone():
     x = _digits()
-    for strategy in (L2P(_backbone(), prompt_length=0, top_k=1, pool_size=2),
-                     DualPrompt(_backbone(), g_length=0, e_length=0, pool_size=2)):
+    for strategy in (L2P(_backbone(), prompt_length=0, top_k=1, pool_size=2), DualPrompt(_backbone(), g_length=0, e_length=0, pool_size=2)):
         strategy.before_experience(Experience(0, None, None, [0, 1], [0, 1]))
         strategy.eval()
         with torch.no_grad():
@@ -319,9 +334,11 @@ def test_prompt_methods_refuse_backbones_and_settings_they_cannot_use(tmp_path):
     for cls in (L2P, DualPrompt, CodaPrompt):
         with pytest.raises(UserError, match="backbone.name: .* injects prompts into a vision transformer"):
             cls(mlp)
-    bad = [({"name": "l2p", "pool_size": 3, "top_k": 4}, "strategy.top_k"),
-           ({"name": "coda_prompt", "prompt_length": 5}, "strategy.prompt_length"),
-           ({"name": "dualprompt", "g_layers": [0, 1], "e_layers": [1, 2]}, "strategy.e_layers")]
+    bad = [
+        ({"name": "l2p", "pool_size": 3, "top_k": 4}, "strategy.top_k"),
+        ({"name": "coda_prompt", "prompt_length": 5}, "strategy.prompt_length"),
+        ({"name": "dualprompt", "g_layers": [0, 1], "e_layers": [1, 2]}, "strategy.e_layers"),
+    ]
     for strategy, key in bad:
         with pytest.raises(UserError, match=key):
             clpeft.config.resolve(_config(tmp_path, strategy))

@@ -34,16 +34,24 @@ VIT = {"name": "timm", "model": "test_vit", "img_size": 32, "freeze": True}
 
 
 def _config(tmp_path, strategy: dict, backbone: dict = MLP, **logging) -> clpeft.config.RunConfig:
-    return clpeft.config.resolve({
-        "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": 60, "test_per_class": 20, "root": str(tmp_path / "data")},
-        "backbone": backbone,
-        "strategy": strategy,
-        "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "feature_cache": "memory"},
-        "eval": {"batch_size": 256, "baseline": False},
-        "logging": {"tensorboard": False, "progress": "never", **logging},
-    })
+    return clpeft.config.resolve(
+        {
+            "seed": 0,
+            "scenario": {
+                "name": "class_incremental",
+                "dataset": "sklearn_digits",
+                "n_experiences": 5,
+                "train_per_class": 60,
+                "test_per_class": 20,
+                "root": str(tmp_path / "data"),
+            },
+            "backbone": backbone,
+            "strategy": strategy,
+            "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "feature_cache": "memory"},
+            "eval": {"batch_size": 256, "baseline": False},
+            "logging": {"tensorboard": False, "progress": "never", **logging},
+        }
+    )
 
 
 @pytest.fixture
@@ -62,7 +70,9 @@ def spy(monkeypatch):
         record["steps"] += 1
         return step(self, batch)
 
-    monkeypatch.setattr(clpeft.run, "make_optimizer", lambda *a: record["optimizers"].append(make_optimizer(*a)) or record["optimizers"][-1])
+    monkeypatch.setattr(
+        clpeft.run, "make_optimizer", lambda *a: record["optimizers"].append(make_optimizer(*a)) or record["optimizers"][-1]
+    )
     monkeypatch.setattr(FrozenFeatureClassifier, "after_experience", spy_after)
     monkeypatch.setattr(FrozenFeatureClassifier, "training_step", spy_step)
 
@@ -71,8 +81,9 @@ def spy(monkeypatch):
         cfg = _config(tmp_path, strategy, backbone, **kw)
         engine = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu")
         built = engine.build()
-        record.update(stream=built.stream, strategy=built.strategy, input_shape=built.scenario.input_shape,
-                      initial=_backbone_state(built.strategy))
+        record.update(
+            stream=built.stream, strategy=built.strategy, input_shape=built.scenario.input_shape, initial=_backbone_state(built.strategy)
+        )
         record["result"] = engine.run(built)
         return record
 
@@ -198,7 +209,6 @@ def test_resume_gives_the_same_accuracy_matrix(tmp_path, spy, name):
     assert resumed["acc_matrix"] == reference
 
 
-
 def test_ranpac_adapter_phase_trains_only_the_adapters_in_the_first_experience(tmp_path, spy):
     """RanPAC's headline phase 1 (``adapt: adapter``): AdaptFormer adapters in every block of the
     ViT train during the first experience only; no other backbone weight ever moves; afterwards
@@ -239,14 +249,16 @@ def test_statistics_passes_under_bf16_autocast_equal_those_without(name):
     for task in range(2):
         y = torch.arange(2 * task, 2 * task + 2).repeat_interleave(30)
         x = torch.randn(len(y), 16, generator=g) + y[:, None].float()
-        stream.append(Experience(task, DataView.of(ArrayDataset(x, y, f"t{task}")), None, [2 * task, 2 * task + 1],
-                                 list(range(2 * task + 2))))
+        stream.append(
+            Experience(task, DataView.of(ArrayDataset(x, y, f"t{task}")), None, [2 * task, 2 * task + 1], list(range(2 * task + 2)))
+        )
     runs = []
     for autocast in (False, True):
         torch.manual_seed(0)
         params = {**METHODS[name], "adapt": "none"} if name == "fsa_lda" else METHODS[name]
-        strategy = clpeft.registry.strategies.get(name)(MLPBackbone((16,), hidden=[32], freeze=True),
-                                                        **{k: v for k, v in params.items() if k != "name"})
+        strategy = clpeft.registry.strategies.get(name)(
+            MLPBackbone((16,), hidden=[32], freeze=True), **{k: v for k, v in params.items() if k != "name"}
+        )
         cache = FeatureCache(strategy.backbone, torch.device("cpu"), 64)
         strategy.attach(DataAccess(torch.device("cpu"), cache, strategy.backbone, 16))
         for exp in stream:

@@ -46,8 +46,14 @@ METHODS = ["er_ace", "derpp", "gdumb"]
 def _class_incremental(tmp_path, strategy: dict, backbone: dict, **train) -> dict:
     return {
         "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": 60, "test_per_class": 20, "root": str(tmp_path / "data")},
+        "scenario": {
+            "name": "class_incremental",
+            "dataset": "sklearn_digits",
+            "n_experiences": 5,
+            "train_per_class": 60,
+            "test_per_class": 20,
+            "root": str(tmp_path / "data"),
+        },
         "backbone": backbone,
         "strategy": strategy,
         "train": {"epochs": 4, "batch_size": 16, "lr": 0.05, "feature_cache": "memory", **train},
@@ -98,9 +104,14 @@ def test_forgets_less_than_finetune(tmp_path, run_keeping, finetune_results, met
 def _rotated_digits(tmp_path, strategy: dict, frozen: bool) -> dict:
     return {
         "seed": 0,
-        "scenario": {"name": "domain_incremental", "dataset": "sklearn_digits", "train_per_class": 100,
-                     "test_per_class": 10, "root": str(tmp_path / "data"),
-                     "domains": [{"rotation": 0}, {"rotation": 60}, {"rotation": 120}, {"rotation": 180}]},
+        "scenario": {
+            "name": "domain_incremental",
+            "dataset": "sklearn_digits",
+            "train_per_class": 100,
+            "test_per_class": 10,
+            "root": str(tmp_path / "data"),
+            "domains": [{"rotation": 0}, {"rotation": 60}, {"rotation": 120}, {"rotation": 180}],
+        },
         "backbone": {"name": "mlp", "hidden": [64], "freeze": frozen},
         "strategy": strategy,
         "train": {"epochs": 3, "batch_size": 16, "lr": 0.1, "feature_cache": "memory"},
@@ -189,8 +200,13 @@ def test_gdumb_trains_on_its_memory_alone_from_the_initial_weights(tmp_path, run
             initial.update(copy.deepcopy(self.backbone.state_dict()))
         before(self, exp)
         memory = self.memory.view((*exp.past, exp))
-        seen[exp.index] = {"memory": memory, "samples": set(), "backbone": copy.deepcopy(self.backbone.state_dict()),
-                           "head": self.head.weight.detach().clone(), "n_classes": len(exp.classes_seen_so_far)}
+        seen[exp.index] = {
+            "memory": memory,
+            "samples": set(),
+            "backbone": copy.deepcopy(self.backbone.state_dict()),
+            "head": self.head.weight.detach().clone(),
+            "n_classes": len(exp.classes_seen_so_far),
+        }
 
     def spy_step(self, batch):
         exp = max(seen)
@@ -259,10 +275,16 @@ def test_er_ace_under_torchrun_exits_2_with_the_reason_on_every_rank(tmp_path):
 
 
 def _cli_run(config: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "clpeft", "run", str(config), "--out", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, "-m", "clpeft", "run", str(config), "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @pytest.mark.slow
@@ -270,8 +292,7 @@ def test_gdumb_in_two_processes_matches_one_process(tmp_path):
     """GDumb's memory is filled before training from the per-experience seed every rank shares, so
     data-parallel training on it gives one process's accuracy matrix."""
     config = tmp_path / "gdumb.yaml"
-    cfg = _class_incremental(tmp_path, {"name": "gdumb", "mem_size": 40}, {"name": "mlp", "hidden": [64]},
-                             epochs=15, batch_size=49, lr=0.1)
+    cfg = _class_incremental(tmp_path, {"name": "gdumb", "mem_size": 40}, {"name": "mlp", "hidden": [64]}, epochs=15, batch_size=49, lr=0.1)
     config.write_text(yaml.safe_dump(cfg))
     matrices = []
     for nproc in (1, 2):

@@ -27,16 +27,24 @@ MLP = {"name": "mlp", "hidden": [64], "freeze": False}
 
 
 def _config(tmp_path, strategy: dict, backbone: dict, per_class: int, epochs: int, lr: float, **logging):
-    return clpeft.config.resolve({
-        "seed": 0,
-        "scenario": {"name": "class_incremental", "dataset": "sklearn_digits", "n_experiences": 5,
-                     "train_per_class": per_class, "test_per_class": 20, "root": str(tmp_path / "data")},
-        "backbone": backbone,
-        "strategy": strategy,
-        "train": {"epochs": epochs, "batch_size": 16, "lr": lr, "optimizer": "sgd", "feature_cache": "memory"},
-        "eval": {"batch_size": 256, "baseline": False},
-        "logging": {"tensorboard": False, "progress": "never", **logging},
-    })
+    return clpeft.config.resolve(
+        {
+            "seed": 0,
+            "scenario": {
+                "name": "class_incremental",
+                "dataset": "sklearn_digits",
+                "n_experiences": 5,
+                "train_per_class": per_class,
+                "test_per_class": 20,
+                "root": str(tmp_path / "data"),
+            },
+            "backbone": backbone,
+            "strategy": strategy,
+            "train": {"epochs": epochs, "batch_size": 16, "lr": lr, "optimizer": "sgd", "feature_cache": "memory"},
+            "eval": {"batch_size": 256, "baseline": False},
+            "logging": {"tensorboard": False, "progress": "never", **logging},
+        }
+    )
 
 
 def slca_config(tmp_path, **params):
@@ -65,8 +73,7 @@ def spy(monkeypatch):
         engine = clpeft.engine.Engine(cfg, tmp_path / out, device="cpu")
         built = engine.build()
         strategy = built.strategy
-        record.update(stream=built.stream, strategy=strategy, input_shape=built.scenario.input_shape,
-                      initial=_snapshot(strategy))
+        record.update(stream=built.stream, strategy=strategy, input_shape=built.scenario.input_shape, initial=_snapshot(strategy))
         after = strategy.after_experience
 
         def spy_after(exp):
@@ -199,7 +206,8 @@ def test_aper_adapts_only_in_the_first_experience_and_never_moves_the_backbone(t
     optimizers = record["optimizers"]
     assert optimizers[0] is not None and optimizers[1:] == [None] * 4  # no gradient step after the first experience
     assert {id(p) for g in optimizers[0].param_groups for p in g["params"]} == {
-        id(p) for p in [*strategy.peft_parameters(), *strategy.adapt_head.parameters()]}
+        id(p) for p in [*strategy.peft_parameters(), *strategy.adapt_head.parameters()]
+    }
     backbone = {k for k in initial if k.startswith("backbone.")}
     for state in states:
         assert all(torch.equal(state[k], initial[k]) for k in backbone)
@@ -217,8 +225,7 @@ def test_aper_runs_the_pretrained_model_once_per_sample_and_the_adapted_one_only
     counters = {}
 
     def count(built):
-        counters.update(pretrained=ForwardPassCounter(built.strategy.backbone.net),
-                        adapted=ForwardPassCounter(built.strategy.adapted.net))
+        counters.update(pretrained=ForwardPassCounter(built.strategy.backbone.net), adapted=ForwardPassCounter(built.strategy.adapted.net))
 
     record = spy(tmp_path, aper_config(tmp_path, peft="adapter"), on_build=count)
     stream = record["stream"]

@@ -70,8 +70,9 @@ def test_adaptation_lowers_the_error_of_the_source_model_on_the_noisy_stream(sou
     errors = {}
     for method in ["source", name]:
         s = _make(method, source)
-        errors[method] = sum(int((_adapt(s, x).argmax(1) != source["y"][i * 64:(i + 1) * 64]).sum())
-                             for i, x in enumerate(_batches(source, 6))) / (6 * 64)
+        errors[method] = sum(
+            int((_adapt(s, x).argmax(1) != source["y"][i * 64 : (i + 1) * 64]).sum()) for i, x in enumerate(_batches(source, 6))
+        ) / (6 * 64)
     assert errors[name] < errors["source"], errors
 
 
@@ -216,7 +217,7 @@ def test_memo_predicts_each_point_alone_from_the_source_model(source):
     torch.manual_seed(7)
     batch = _adapt(together, x)
     torch.manual_seed(7)
-    points = torch.cat([_adapt(alone, x[i:i + 1]) for i in range(len(x))])
+    points = torch.cat([_adapt(alone, x[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(batch, points, rtol=1e-5, atol=1e-6)
     assert not _at_source(together, source)
     for name, buffer in together.backbone.named_buffers():
@@ -256,7 +257,7 @@ def test_rotta_keeps_its_accuracy_on_a_stream_sorted_by_label(source):
     errors = {}
     for name in ["source", "bn_adapt", "rotta"]:
         s = _make(name, source)
-        errors[name] = sum(int((_adapt(s, x[i:i + 64]).argmax(1) != y[i:i + 64]).sum()) for i in range(0, len(x), 64)) / len(x)
+        errors[name] = sum(int((_adapt(s, x[i : i + 64]).argmax(1) != y[i : i + 64]).sum()) for i in range(0, len(x), 64)) / len(x)
     assert errors["rotta"] < errors["source"] < errors["bn_adapt"], errors
 
 
@@ -300,11 +301,16 @@ def test_bn_adapt_alpha_spans_source_and_batch_statistics_and_ema_moves_the_runn
     statistics (up to the unbiased variance); ``ema`` changes the running statistics a little
     per batch (momentum 0.1 from the source's) and a loaded source state undoes it; every
     variant makes fewer mistakes than the source model on the noisy digits."""
-    y = source["y"][:6 * 64]
+    y = source["y"][: 6 * 64]
     errors = {}
-    for name, params in [("source", {}), ("batch", {}), ("alpha_0", {"statistics": "alpha", "alpha": 0.0}),
-                         ("alpha_1", {"statistics": "alpha", "alpha": 1.0}), ("alpha", {"statistics": "alpha"}),
-                         ("ema", {"statistics": "ema"})]:
+    for name, params in [
+        ("source", {}),
+        ("batch", {}),
+        ("alpha_0", {"statistics": "alpha", "alpha": 0.0}),
+        ("alpha_1", {"statistics": "alpha", "alpha": 1.0}),
+        ("alpha", {"statistics": "alpha"}),
+        ("ema", {"statistics": "ema"}),
+    ]:
         s = _make("source" if name == "source" else "bn_adapt", source, **params)
         out = _predictions(s, source)
         errors[name] = float((out.argmax(1) != y).float().mean())
@@ -334,9 +340,16 @@ def test_bn_adapt_alpha_spans_source_and_batch_statistics_and_ema_moves_the_runn
 # ------------------------------------------------------------------ state
 
 
-@pytest.mark.parametrize(("name", "params"), [("sar", {"lr": 0.05}), ("rdumb", {"reset_every": 3}), ("deyo", {}),
-                                              ("memo", {"n_augmentations": 4}),
-                                              ("rotta", {"memory_size": 16, "update_frequency": 40})])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("sar", {"lr": 0.05}),
+        ("rdumb", {"reset_every": 3}),
+        ("deyo", {}),
+        ("memo", {"n_augmentations": 4}),
+        ("rotta", {"memory_size": 16, "update_frequency": 40}),
+    ],
+)
 def test_state_dict_round_trip_continues_identically(source, name, params):
     """Saved after two batches and loaded into a fresh strategy: the third and fourth batches
     give the same predictions and states (RDumb's reset after step 3 and SAR's recovery included)."""

@@ -48,7 +48,7 @@ def source():
         model.train()
         perm = torch.randperm(1400)
         for i in range(0, 1400, 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -61,8 +61,12 @@ def source():
     tta_exp = Experience(1, None, test, [], list(range(10)))
     tta_exp.past = (source_exp,)  # as the engine links a stream
     return {
-        "backbone": backbone.state_dict(), "head": model[1].state_dict(), "noisy": noisy, "y": y[1400:],
-        "source_exp": source_exp, "tta_exp": tta_exp,
+        "backbone": backbone.state_dict(),
+        "head": model[1].state_dict(),
+        "noisy": noisy,
+        "y": y[1400:],
+        "source_exp": source_exp,
+        "tta_exp": tta_exp,
     }
 
 
@@ -82,7 +86,7 @@ def _make(name: str, source, start: bool = True, **params):
 
 
 def _batches(source, n: int = 3, size: int = 64):
-    return [source["noisy"][i * size:(i + 1) * size] for i in range(n)]
+    return [source["noisy"][i * size : (i + 1) * size] for i in range(n)]
 
 
 def _adapt(strategy, x):
@@ -135,15 +139,25 @@ def test_shared_optimizer_options_are_flat_keys_built_into_one_options_object(na
     fields = clpeft.config.schema_of(cls, "strategy").model_fields
     assert {"optimizer", "lr", "momentum", "weight_decay", "params"} <= set(fields)
     assert fields["params"].default == GRADIENT_METHODS[name]
-    spec = clpeft.config.resolve({"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"}, "backbone": {"name": "cnn"},
-                                  "strategy": {"name": name, "optimizer": "sgd", "lr": 0.02, "weight_decay": 1e-4}}).strategy
+    spec = clpeft.config.resolve(
+        {
+            "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"},
+            "backbone": {"name": "cnn"},
+            "strategy": {"name": name, "optimizer": "sgd", "lr": 0.02, "weight_decay": 1e-4},
+        }
+    ).strategy
     strategy = spec.build(backbone=CNNBackbone((1, 8, 8), widths=WIDTHS))
     optimizer = strategy.adaptation.optimizer
     assert (optimizer.kind, optimizer.lr, optimizer.momentum, optimizer.weight_decay) == ("sgd", 0.02, 0.9, 1e-4)
     assert strategy.adaptation.params == GRADIENT_METHODS[name]
     with pytest.raises(UserError, match="strategy.momentum: input should be less than 1"):
-        clpeft.config.resolve({"scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"}, "backbone": {"name": "cnn"},
-                               "strategy": {"name": name, "momentum": 1.5}})
+        clpeft.config.resolve(
+            {
+                "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits"},
+                "backbone": {"name": "cnn"},
+                "strategy": {"name": name, "momentum": 1.5},
+            }
+        )
     with pytest.raises(UserError, match="^lr: input should be greater than 0"):
         cls(CNNBackbone((1, 8, 8), widths=WIDTHS), lr=-1.0)
 
@@ -262,8 +276,7 @@ def test_eata_loss_is_weighted_entropy_of_selected_samples_plus_fisher_term(sour
         if moving is not None:
             cos = probs @ moving / (np.linalg.norm(probs, axis=1) * np.linalg.norm(moving))
             keep &= np.abs(cos) < 0.9
-        penalty = sum(float((f.double().numpy() * (params[n] - a.double().numpy()) ** 2).sum())
-                      for n, (a, f) in s.penalty.terms[0].items())
+        penalty = sum(float((f.double().numpy() * (params[n] - a.double().numpy()) ** 2).sum()) for n, (a, f) in s.penalty.terms[0].items())
         if keep.any():
             expected.append(float((np.exp(e0 - ent[keep]) * ent[keep]).mean()) + alpha * penalty)
             penalties.append(alpha * penalty)
@@ -284,8 +297,7 @@ def test_eata_takes_no_step_when_no_sample_is_reliable(source):
 
 def test_eata_fisher_term_keeps_parameters_closer_to_the_source(source):
     def drift(alpha):
-        s = _make("eata", source, fisher_alpha=alpha, fisher_size=256, optimizer="sgd", lr=0.05,
-                  redundancy_margin=1.0)
+        s = _make("eata", source, fisher_alpha=alpha, fisher_size=256, optimizer="sgd", lr=0.05, redundancy_margin=1.0)
         for _ in range(3):
             for x in _batches(source, 3):
                 _adapt(s, x)
@@ -330,8 +342,9 @@ def test_cotta_restore_one_returns_the_student_to_the_source_bitwise(source):
     # the teacher learned from the student before the restore (same as without restore)
     for (_, a), (_, b) in zip(s.teacher.named_parameters(), free.teacher.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
-    assert any(not torch.equal(p, source["backbone"][n[len("model.0."):]])
-               for n, p in s.teacher.named_parameters() if n.startswith("model.0."))
+    assert any(
+        not torch.equal(p, source["backbone"][n[len("model.0.") :]]) for n, p in s.teacher.named_parameters() if n.startswith("model.0.")
+    )
     assert any(not torch.equal(p, source["backbone"][n]) for n, p in free.backbone.named_parameters())
 
 
@@ -521,8 +534,7 @@ def test_adaptation_lowers_error_on_the_noisy_stream(source):
     errors = {}
     for name in ["source", "bn_adapt", "tent"]:
         s = _make(name, source)
-        wrong = sum(int((_adapt(s, x).argmax(1) != source["y"][i * 64:(i + 1) * 64]).sum())
-                    for i, x in enumerate(_batches(source, 6)))
+        wrong = sum(int((_adapt(s, x).argmax(1) != source["y"][i * 64 : (i + 1) * 64]).sum()) for i, x in enumerate(_batches(source, 6)))
         errors[name] = wrong / (6 * 64)
     assert errors["bn_adapt"] < errors["source"] and errors["tent"] < errors["source"]
 
@@ -536,8 +548,14 @@ def _tta_run(tmp_path, name: str, strategy: dict, **scenario) -> dict:
 
     cfg = {
         "seed": 0,
-        "scenario": {"name": "test_time_adaptation", "dataset": "sklearn_digits", "corruptions": ["gaussian_noise"],
-                     "severity": 5, "root": str(tmp_path / "data"), **scenario},
+        "scenario": {
+            "name": "test_time_adaptation",
+            "dataset": "sklearn_digits",
+            "corruptions": ["gaussian_noise"],
+            "severity": 5,
+            "root": str(tmp_path / "data"),
+            **scenario,
+        },
         "backbone": {"name": "cnn", "widths": WIDTHS},
         "strategy": strategy,
         "train": {"epochs": 6, "batch_size": 64, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9},

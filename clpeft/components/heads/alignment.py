@@ -70,9 +70,18 @@ class ClassifierAlignment(nn.Module):
     and ``task_of_class`` (the task index in which each class was seen, -1 if never).
     """
 
-    def __init__(self, dim: int, samples_per_class: int = 256, epochs: int = 5, lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, temperature: float | None = 0.1,
-                 mean_shrink: float = 0.1, ridge: float = 1e-4):
+    def __init__(
+        self,
+        dim: int,
+        samples_per_class: int = 256,
+        epochs: int = 5,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        temperature: float | None = 0.1,
+        mean_shrink: float = 0.1,
+        ridge: float = 1e-4,
+    ):
         super().__init__()
         self.stats = ClassStatistics(dim, covariance="per_class")
         self.register_buffer("task_of_class", torch.zeros(0, dtype=torch.long))
@@ -119,8 +128,9 @@ class ClassifierAlignment(nn.Module):
         return torch.stack([self.stats.covariance(c) + self.ridge * eye for c in range(self.n_classes)])
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None,
-               factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, factors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` features of every class (float32, class by class) and their labels.
 
         Args:
@@ -184,8 +194,10 @@ class ClassifierAlignment(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"samples_per_class={self.samples_per_class}, epochs={self.epochs}, lr={self.lr}, "
-                f"temperature={self.temperature}, mean_shrink={self.mean_shrink}, ridge={self.ridge}")
+        return (
+            f"samples_per_class={self.samples_per_class}, epochs={self.epochs}, lr={self.lr}, "
+            f"temperature={self.temperature}, mean_shrink={self.mean_shrink}, ridge={self.ridge}"
+        )
 
 
 class AlignedHead(nn.Module):
@@ -208,8 +220,7 @@ class AlignedHead(nn.Module):
         **alignment: arguments of :class:`ClassifierAlignment` (SLCA's defaults otherwise).
     """
 
-    def __init__(self, dim: int, enabled: bool = True, drift_compensation: bool = False, drift_sigma: float = 0.3,
-                 **alignment):
+    def __init__(self, dim: int, enabled: bool = True, drift_compensation: bool = False, drift_sigma: float = 0.3, **alignment):
         super().__init__()
         self.enabled = enabled
         self.drift_compensation = drift_compensation
@@ -256,8 +267,10 @@ class AlignedHead(nn.Module):
         if self._before is not None:
             after = _gathered_rows(after)
             if after.shape != self._before.shape:
-                raise RuntimeError(f"drift compensation saw {len(self._before)} samples before training and "
-                                   f"{len(after)} after: track() and update() need the same batches")
+                raise RuntimeError(
+                    f"drift compensation saw {len(self._before)} samples before training and "
+                    f"{len(after)} after: track() and update() need the same batches"
+                )
             seen = stats.seen()
             stats.mean[seen] += self.drift(self._before, after)[seen]
             self._before = None

@@ -28,12 +28,13 @@ class BiasCorrection(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """The corrected logits (a new tensor; columns outside ``start:end`` unchanged)."""
         corrected = logits.clone()
-        new = corrected[:, self.start: self.end]
-        corrected[:, self.start: self.end] = self.alpha.to(new.dtype) * new + self.beta.to(new.dtype)
+        new = corrected[:, self.start : self.end]
+        corrected[:, self.start : self.end] = self.alpha.to(new.dtype) * new + self.beta.to(new.dtype)
         return corrected
 
-    def fit(self, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], start: int, end: int,
-            epochs: int, lr: float = 1e-3) -> None:
+    def fit(
+        self, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], start: int, end: int, epochs: int, lr: float = 1e-3
+    ) -> None:
         """Fit ``alpha, beta`` for the logits ``start:end`` on ``epochs`` passes over ``batches()``.
 
         Args:

@@ -316,8 +316,9 @@ class RidgeHead(_ClosedFormHead):
         return f"{super().extra_repr()}, metric={self.metric!r}"
 
 
-def ridge_by_holdout(fit_gram: torch.Tensor, fit_sums: torch.Tensor, val_gram: torch.Tensor, val_sums: torch.Tensor,
-                     val_count: float, candidates) -> tuple[float, list[float]]:
+def ridge_by_holdout(
+    fit_gram: torch.Tensor, fit_sums: torch.Tensor, val_gram: torch.Tensor, val_sums: torch.Tensor, val_count: float, candidates
+) -> tuple[float, list[float]]:
     """RanPAC's choice of ``lambda``: the candidate whose ridge solution on a fit split has the
     lowest mean squared error to the one-hot targets of a held-out split.
 

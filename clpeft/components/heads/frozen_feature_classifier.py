@@ -59,9 +59,17 @@ class FrozenFeatureClassifier(Strategy):
         adapter_bottleneck: the adapters' hidden width for ``'adapter'`` (PILOT's ``ffn_num``).
     """
 
-    def __init__(self, backbone, head: nn.Module, stats: ClassStatistics, adapt: AdaptPart = "none",
-                 adapt_blocks: int = 1, adapt_head: nn.Module | None = None, dropout: float = 0.0,
-                 adapter_bottleneck: int = 64):
+    def __init__(
+        self,
+        backbone,
+        head: nn.Module,
+        stats: ClassStatistics,
+        adapt: AdaptPart = "none",
+        adapt_blocks: int = 1,
+        adapt_head: nn.Module | None = None,
+        dropout: float = 0.0,
+        adapter_bottleneck: int = 64,
+    ):
         super().__init__(backbone)
         self.head = head
         self.stats = stats
@@ -86,9 +94,11 @@ class FrozenFeatureClassifier(Strategy):
         if self.adapt == "full":
             return params
         blocks = getattr(getattr(self.backbone, "net", None), "blocks", None)
-        units = list(blocks) if blocks is not None else [
-            m for m in self.backbone.modules() if next(m.parameters(recurse=False), None) is not None
-        ]
+        units = (
+            list(blocks)
+            if blocks is not None
+            else [m for m in self.backbone.modules() if next(m.parameters(recurse=False), None) is not None]
+        )
         if not 1 <= self.adapt_blocks <= len(units):
             raise UserError(f"adapt_blocks must be between 1 and {len(units)} for this backbone", key="strategy.adapt_blocks")
         first = next(units[-self.adapt_blocks].parameters())

@@ -44,20 +44,30 @@ Features = Callable[[Batch], torch.Tensor]  # a batch -> the features the head r
 class HeadOptions(Options):
     """How a strategy's head trains and predicts: the class mask, SLCA's alignment, SDC."""
 
-    train_mask: bool = Field(True, description="restrict the cross-entropy to the current experience's classes "
-                             "(the official prompt-method code's train_mask; SLCA also keeps the older classes' rows "
-                             "fixed).")
-    align: bool = Field(False, description="predict with a copy of the head re-trained after every experience on "
-                        "sampled class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``; LAE aligns "
-                        "one copy per expert).")
-    drift_compensation: bool = Field(False, description="with ``align``, move the stored class means by the drift "
-                                     "of the current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).")
+    train_mask: bool = Field(
+        True,
+        description="restrict the cross-entropy to the current experience's classes "
+        "(the official prompt-method code's train_mask; SLCA also keeps the older classes' rows "
+        "fixed).",
+    )
+    align: bool = Field(
+        False,
+        description="predict with a copy of the head re-trained after every experience on "
+        "sampled class-Gaussian features (SLCA's classifier alignment, ``AlignedHead``; LAE aligns "
+        "one copy per expert).",
+    )
+    drift_compensation: bool = Field(
+        False,
+        description="with ``align``, move the stored class means by the drift "
+        "of the current experience's features (SDC, Yu et al. 2020; ``AlignedHead``).",
+    )
 
     @model_validator(mode="after")
     def _drift_compensation_needs_alignment(self) -> HeadOptions:
         if self.drift_compensation and not self.align:
-            raise UserError("needs align: true (it moves the class statistics that the alignment samples from)",
-                            key="strategy.drift_compensation")
+            raise UserError(
+                "needs align: true (it moves the class statistics that the alignment samples from)", key="strategy.drift_compensation"
+            )
         return self
 
 

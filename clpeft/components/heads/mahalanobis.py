@@ -25,8 +25,7 @@ from clpeft.components.heads.classifiers import _ClosedFormHead, regularised_cov
 Normalisation = Literal["correlation", "corrcoef", "none"]
 
 
-def fecam_shrinkage(covariance: torch.Tensor, diagonal: float = 1.0, off_diagonal: float = 1.0,
-                    ridge: float = 0.0) -> torch.Tensor:
+def fecam_shrinkage(covariance: torch.Tensor, diagonal: float = 1.0, off_diagonal: float = 1.0, ridge: float = 0.0) -> torch.Tensor:
     """``Sigma + g1 V1 I + g2 V2 (1 - I) + r I`` (FeCAM eq. 6, plus a ridge ``r``).
 
     ``V1`` is the mean of the diagonal (the mean variance), ``V2`` the mean of the off-diagonal
@@ -71,8 +70,16 @@ class MahalanobisHead(_ClosedFormHead):
 
     _class_buffers = ("means", "precision", "counts")
 
-    def __init__(self, in_features: int, n_classes: int = 0, diagonal: float = 1.0, off_diagonal: float = 1.0,
-                 ridge: float = 0.0, normalisation: Normalisation = "correlation", unit_features: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        n_classes: int = 0,
+        diagonal: float = 1.0,
+        off_diagonal: float = 1.0,
+        ridge: float = 0.0,
+        normalisation: Normalisation = "correlation",
+        unit_features: bool = True,
+    ):
         super().__init__(in_features)
         self.precision = torch.zeros(0, in_features, in_features, dtype=torch.float64)
         self.counts = torch.zeros(0, dtype=torch.float64)
@@ -102,5 +109,7 @@ class MahalanobisHead(_ClosedFormHead):
         return torch.where(self.counts > 0, -distance, torch.full_like(distance, float("-inf")))
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, diagonal={self.diagonal}, off_diagonal={self.off_diagonal}, ridge={self.ridge}, "
-                f"normalisation={self.normalisation!r}")
+        return (
+            f"{super().extra_repr()}, diagonal={self.diagonal}, off_diagonal={self.off_diagonal}, ridge={self.ridge}, "
+            f"normalisation={self.normalisation!r}"
+        )

@@ -27,8 +27,9 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def labelled_features(batches: Iterable[Batch], embed: Callable[[torch.Tensor], torch.Tensor],
-                      dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_features(
+    batches: Iterable[Batch], embed: Callable[[torch.Tensor], torch.Tensor], dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 CPU features (``embed(batch.x)``) and labels of every batch, in order: what herding and
     the exemplar means are computed on (a strategy passes ``self.batches(view)`` and ``self.embed``)."""
     pairs = [(embed(b.x).float().cpu(), b.y.cpu()) for b in batches]

@@ -16,8 +16,10 @@ from clpeft.components.heads.classifiers import LinearHead
 
 def slow_learner_groups(backbone: nn.Module, head: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
     """Optimizer groups: the trainable backbone at ``lr * backbone_lr_scale``, the head at ``lr``."""
-    return [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": lr * backbone_lr_scale},
-            {"params": list(head.parameters()), "lr": lr}]
+    return [
+        {"params": [p for p in backbone.parameters() if p.requires_grad], "lr": lr * backbone_lr_scale},
+        {"params": list(head.parameters()), "lr": lr},
+    ]
 
 
 @torch.no_grad()
@@ -55,4 +57,3 @@ class SlowLearnerHead:
     def finish(self) -> None:
         """The task is trained: stop holding rows."""
         self.old_rows = None
-

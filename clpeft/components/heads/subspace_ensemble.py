@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def complement_prototypes(prototypes: torch.Tensor, task_of_class: torch.Tensor, n_tasks: int,
-                          recompute: bool = True) -> None:
+def complement_prototypes(prototypes: torch.Tensor, task_of_class: torch.Tensor, n_tasks: int, recompute: bool = True) -> None:
     """Fill old classes' prototypes in the subspaces of later tasks, in place (EASE eq. 7-8).
 
     For an old task ``i`` and a later subspace ``j``: the classes of tasks ``>= j`` have real
@@ -42,8 +41,7 @@ def complement_prototypes(prototypes: torch.Tensor, task_of_class: torch.Tensor,
             prototypes[own, j] = similarity @ prototypes[known, j]
 
 
-def subspace_ensemble_logits(features: torch.Tensor, prototypes: torch.Tensor, task_of_class: torch.Tensor,
-                             alpha: float) -> torch.Tensor:
+def subspace_ensemble_logits(features: torch.Tensor, prototypes: torch.Tensor, task_of_class: torch.Tensor, alpha: float) -> torch.Tensor:
     """``logit_c = cos(f_i, P[c, i]) + alpha / (n - 1) sum_{j != i} cos(f_j, P[c, j])`` for a class of task ``i``.
 
     The ensemble of subspaces of eq. 9, as PILOT's ``forward_reweight`` (whose divisor is the

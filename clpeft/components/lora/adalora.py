@@ -65,8 +65,10 @@ class AdaLoRALinear(LoRALinear):
     def _start_update(self, rank: int, alpha: float) -> None:
         """``A``, ``B`` from ``N(0, 0.02^2)``, ``E = 0``, scaling ``alpha / (rank + 1e-5)``."""
         like = self.lora_A
-        self._set_factors(torch.randn(rank, like.shape[1], device=like.device, dtype=like.dtype) * _STD,
-                          torch.randn(self.lora_B.shape[0], rank, device=like.device, dtype=like.dtype) * _STD)
+        self._set_factors(
+            torch.randn(rank, like.shape[1], device=like.device, dtype=like.dtype) * _STD,
+            torch.randn(self.lora_B.shape[0], rank, device=like.device, dtype=like.dtype) * _STD,
+        )
         self._replace("lora_E", self.lora_E.new_zeros(rank, 1))
         self.scaling = alpha / (rank + 1e-5)
 
@@ -126,8 +128,18 @@ class AdaLoRAAllocator:
         beta2: ``beta_2`` of the uncertainty smoothing.
     """
 
-    def __init__(self, layers: Mapping[str, AdaLoRALinear], target_rank: int, total_step: int, *, tinit: int = 0,
-                 tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85):
+    def __init__(
+        self,
+        layers: Mapping[str, AdaLoRALinear],
+        target_rank: int,
+        total_step: int,
+        *,
+        tinit: int = 0,
+        tfinal: int = 0,
+        delta_t: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+    ):
         if any(not isinstance(layer, AdaLoRALinear) for layer in layers.values()):
             raise UserError("AdaLoRAAllocator needs adalora layers (inject_lora(..., kind='adalora'))")
         if total_step - tfinal <= tinit:

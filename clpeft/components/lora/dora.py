@@ -39,8 +39,15 @@ class DoRALinear(LoRALinear):
 
     kind = "dora"
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, learnable_scale: bool = False,
-                 init: Literal["default", "pissa"] = "default"):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        learnable_scale: bool = False,
+        init: Literal["default", "pissa"] = "default",
+    ):
         super().__init__(base, rank, alpha, dropout, learnable_scale, init)
         self.lora_magnitude_vector = nn.Parameter(self._weight_norm())
         self.merged_norm: torch.Tensor | None = None
@@ -79,14 +86,20 @@ class DoRALinear(LoRALinear):
 
     def combined_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Refused: a DoRA update is not a low-rank change of the weight."""
-        raise UserError("a DoRA layer's update is not low-rank (its magnitude rescales whole weight rows); "
-                        "save it with save_adapters or merge() it into the base weight")
+        raise UserError(
+            "a DoRA layer's update is not low-rank (its magnitude rescales whole weight rows); "
+            "save it with save_adapters or merge() it into the base weight"
+        )
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """peft's DoRA tensors: the low-rank factors (a PiSSA start included) and ``lora_magnitude_vector``."""
         a, b, alpha = super().combined_factors()
-        return {"lora_A": a, "lora_B": b, "lora_alpha": torch.tensor(alpha, dtype=torch.float64),
-                "lora_magnitude_vector": self.lora_magnitude_vector.detach()}
+        return {
+            "lora_A": a,
+            "lora_B": b,
+            "lora_alpha": torch.tensor(alpha, dtype=torch.float64),
+            "lora_magnitude_vector": self.lora_magnitude_vector.detach(),
+        }
 
     @torch.no_grad()
     def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -116,8 +129,10 @@ class DoRALinear(LoRALinear):
 
     def _retire(self, old: str) -> None:
         if old == "freeze":
-            raise UserError("a DoRA update cannot be frozen beside the base weight (its magnitude rescales the whole "
-                            "weight); use old_updates: merge or discard")
+            raise UserError(
+                "a DoRA update cannot be frozen beside the base weight (its magnitude rescales the whole "
+                "weight); use old_updates: merge or discard"
+            )
         if old == "merge":
             weight = self.base_layer.weight
             weight += self._whole_delta().to(weight.dtype)  # the start components (all frozen ones) included

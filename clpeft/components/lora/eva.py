@@ -39,8 +39,11 @@ def _input_moments(layers: Mapping[str, LoRALinear], run: Callable[[], None]) ->
     for name, layer in layers.items():
         n = layer.base_layer.in_features
         device = layer.base_layer.weight.device
-        moments[name] = [torch.zeros(n, dtype=torch.float64, device=device),
-                         torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64)]
+        moments[name] = [
+            torch.zeros(n, dtype=torch.float64, device=device),
+            torch.zeros(n, n, dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.float64),
+        ]
 
     def hook(name: str):
         def accumulate(_module, args):
@@ -49,6 +52,7 @@ def _input_moments(layers: Mapping[str, LoRALinear], run: Callable[[], None]) ->
             total += x.sum(0)
             outer.addmm_(x.T, x)
             count += x.shape[0]
+
         return accumulate
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]

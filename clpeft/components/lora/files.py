@@ -31,6 +31,7 @@ from clpeft.errors import UserError
 
 _FORMAT = "clpeft.lora"
 
+
 def save_adapters(model: nn.Module, path: str | Path) -> None:
     """Save every LoRA layer's ``A``, ``B`` and ``alpha`` (not the base model) as safetensors.
 
@@ -93,9 +94,18 @@ def _peft_lora_config(layers: dict[str, LoRALinear], use_dora: bool) -> dict:
         a, _, alpha = LoRALinear.combined_factors(layer)  # DoRA's low-rank part, as peft stores it
         ranks[re.escape(name)], alphas[re.escape(name)] = a.shape[0], alpha
     first = next(iter(ranks))
-    return {"peft_type": "LORA", "r": ranks[first], "lora_alpha": alphas[first], "rank_pattern": ranks,
-            "alpha_pattern": alphas, "target_modules": list(layers), "use_dora": use_dora, "lora_dropout": 0.0,
-            "bias": "none", "init_lora_weights": True}
+    return {
+        "peft_type": "LORA",
+        "r": ranks[first],
+        "lora_alpha": alphas[first],
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "target_modules": list(layers),
+        "use_dora": use_dora,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+    }
 
 
 def _peft_vera(layers: dict[str, LoRALinear]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -111,8 +121,15 @@ def _peft_vera(layers: dict[str, LoRALinear]) -> tuple[dict[str, torch.Tensor], 
         tensors[f"{_PEFT_PREFIX}{name}.vera_lambda_d"] = layer.lora_lambda_d.detach().cpu().contiguous()
     tensors["base_model.vera_A"] = shared_a.cpu().contiguous()
     tensors["base_model.vera_B"] = shared_b.cpu().contiguous()
-    config = {"peft_type": "VERA", "r": first.rank, "target_modules": list(layers), "save_projection": True,
-              "d_initial": first.d_initial, "vera_dropout": 0.0, "bias": "none"}
+    config = {
+        "peft_type": "VERA",
+        "r": first.rank,
+        "target_modules": list(layers),
+        "save_projection": True,
+        "d_initial": first.d_initial,
+        "vera_dropout": 0.0,
+        "bias": "none",
+    }
     return tensors, config
 
 
@@ -138,5 +155,5 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict[str, LoRALinear]:
         keys = set(f.keys())
         for name, layer in layers.items():
             prefix = f"{name}."
-            layer.load_adapter_tensors({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
+            layer.load_adapter_tensors({k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
     return layers

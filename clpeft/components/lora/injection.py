@@ -141,12 +141,19 @@ def inject_lora(
     """
     names = find_linear_targets(model, targets, key=key)
     ranks = layer_ranks(names, rank, rank_schedule, max_rank)
-    layers = adapter_layers(kind, {name: model.get_submodule(name) for name in names}, ranks, alpha, dropout=dropout,
-                            learnable_scale=learnable_scale, init=init, projection_seed=projection_seed, key=key)
+    layers = adapter_layers(
+        kind,
+        {name: model.get_submodule(name) for name in names},
+        ranks,
+        alpha,
+        dropout=dropout,
+        learnable_scale=learnable_scale,
+        init=init,
+        projection_seed=projection_seed,
+        key=key,
+    )
     for name, layer in layers.items():
         replace_module(model, name, layer)
     for name, param in model.named_parameters():
         param.requires_grad_(name.rpartition(".")[2].startswith("lora_"))
     return layers
-
-

@@ -68,8 +68,7 @@ class InputSubspace(nn.Module):
     (loading resizes them).
     """
 
-    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float | tuple[float, float] = 0.97,
-                 criterion: Criterion = "inflora"):
+    def __init__(self, layers: Mapping[str, LoRALinear], threshold: float | tuple[float, float] = 0.97, criterion: Criterion = "inflora"):
         super().__init__()
         self.paths = list(layers)
         self.threshold = threshold
@@ -85,8 +84,10 @@ class InputSubspace(nn.Module):
     def covariances(layers: Mapping[str, LoRALinear], run: Callable[[], None]) -> list[torch.Tensor]:
         """``C = mean x x^T`` of every layer's inputs (float64) over what ``run()`` feeds the model;
         summed over the ranks of a data-parallel run."""
-        sums = [torch.zeros(layer.base_layer.in_features, layer.base_layer.in_features, dtype=torch.float64,
-                            device=layer.lora_B.device) for layer in layers.values()]
+        sums = [
+            torch.zeros(layer.base_layer.in_features, layer.base_layer.in_features, dtype=torch.float64, device=layer.lora_B.device)
+            for layer in layers.values()
+        ]
         counts = torch.zeros(len(sums), dtype=torch.float64)
 
         def hook(i: int):
@@ -94,6 +95,7 @@ class InputSubspace(nn.Module):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 sums[i].addmm_(x.T, x)
                 counts[i] += x.shape[0]
+
             return accumulate
 
         handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers.values())]

@@ -34,23 +34,35 @@ ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 # what each operation needs, and the kinds that lack it (with the reason)
 _UNDEFINED = {
     "grow": {"vera": "every layer uses the rank of the shared projections"},
-    "prune": {"pissa": "a PiSSA update starts at the weight's principal components, not at zero",
-              "vera": "every layer uses the rank of the shared projections",
-              "lora_xs": "its r x r matrix R mixes the components"},
-    "design_a": {"pissa": "PiSSA sets A to the weight's principal components",
-                 "vera": "A is VeRA's shared random projection",
-                 "lora_xs": "A comes from the weight's SVD",
-                 "adalora": "A is the trained right factor of its SVD form"},
-    "learnable_scale": {"vera": "the scaling vectors already scale the update",
-                        "lora_xs": "R already scales the update",
-                        "adalora": "its singular values already scale the update"},
+    "prune": {
+        "pissa": "a PiSSA update starts at the weight's principal components, not at zero",
+        "vera": "every layer uses the rank of the shared projections",
+        "lora_xs": "its r x r matrix R mixes the components",
+    },
+    "design_a": {
+        "pissa": "PiSSA sets A to the weight's principal components",
+        "vera": "A is VeRA's shared random projection",
+        "lora_xs": "A comes from the weight's SVD",
+        "adalora": "A is the trained right factor of its SVD form",
+    },
+    "learnable_scale": {
+        "vera": "the scaling vectors already scale the update",
+        "lora_xs": "R already scales the update",
+        "adalora": "its singular values already scale the update",
+    },
     "layer_ranks": {"vera": "every layer uses the rank of the shared projections"},
     "freeze": {"dora": "its magnitude rescales the whole weight; use old_updates: merge"},
     "low_rank": {"dora": "its magnitude rescales whole weight rows, so its update is not low-rank"},
 }
-_WHAT = {"grow": "rank growth", "prune": "rank pruning", "design_a": "a designed A (InfLoRA/GPM subspaces)",
-         "learnable_scale": "learnable_scale", "layer_ranks": "a rank per layer",
-         "freeze": "freezing an update beside the base weight", "low_rank": "a low-rank task vector"}
+_WHAT = {
+    "grow": "rank growth",
+    "prune": "rank pruning",
+    "design_a": "a designed A (InfLoRA/GPM subspaces)",
+    "learnable_scale": "learnable_scale",
+    "layer_ranks": "a rank per layer",
+    "freeze": "freezing an update beside the base weight",
+    "low_rank": "a low-rank task vector",
+}
 
 
 def check_adapter(kind: str, *, key: str | None = None, **uses: bool) -> None:

@@ -114,8 +114,15 @@ class LoRALinear(nn.Module):
     Loading a state dict resizes them (and the frozen buffers) to the stored sizes.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, learnable_scale: bool = False,
-                 init: Literal["default", "pissa"] = "default"):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        learnable_scale: bool = False,
+        init: Literal["default", "pissa"] = "default",
+    ):
         super().__init__()
         if rank < 1:
             raise UserError(f"LoRA rank must be >= 1, got {rank}")
@@ -511,7 +518,5 @@ class LoRAFactors(nn.Module):
     def overrides(self) -> dict[str, torch.Tensor]:
         """``{"<path>.lora_A": tensor, "<path>.lora_B": tensor, ...}`` for every layer."""
         return {
-            f"{path}.{name}": param
-            for i, path in enumerate(self.paths)
-            for name, param in self.get_submodule(str(i)).named_parameters()
+            f"{path}.{name}": param for i, path in enumerate(self.paths) for name, param in self.get_submodule(str(i)).named_parameters()
         }

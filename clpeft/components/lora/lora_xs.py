@@ -31,8 +31,10 @@ __all__ = ["LoRAXSLinear", "singular_factors"]
 def singular_factors(weight: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S V^T, U)`` of singular components ``start..stop-1`` of ``weight`` ``(out, in)``, float32."""
     if stop > min(weight.shape):
-        raise UserError(f"LoRA-XS rank {stop} exceeds the {weight.shape[0]} x {weight.shape[1]} weight's "
-                        f"{min(weight.shape)} singular values; lower the rank")
+        raise UserError(
+            f"LoRA-XS rank {stop} exceeds the {weight.shape[0]} x {weight.shape[1]} weight's "
+            f"{min(weight.shape)} singular values; lower the rank"
+        )
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     return s[start:stop, None] * vh[start:stop], u[:, start:stop]
 

@@ -27,8 +27,10 @@ def principal_factors(weight: torch.Tensor, rank: int, scaling: float) -> tuple[
         scaling: the LoRA scaling ``s`` of the update.
     """
     if rank > min(weight.shape):
-        raise UserError(f"PiSSA rank {rank} exceeds the {weight.shape[0]} x {weight.shape[1]} weight's "
-                        f"{min(weight.shape)} singular values; lower the rank")
+        raise UserError(
+            f"PiSSA rank {rank} exceeds the {weight.shape[0]} x {weight.shape[1]} weight's "
+            f"{min(weight.shape)} singular values; lower the rank"
+        )
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     root = (s[:rank] / scaling).sqrt()
     return root[:, None] * vh[:rank], u[:, :rank] * root

@@ -61,13 +61,14 @@ class VeRALinear(LoRALinear):
 
     kind = "vera"
 
-    def __init__(self, base: nn.Linear, projections: tuple[torch.Tensor, torch.Tensor], d_initial: float = 0.1,
-                 dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, projections: tuple[torch.Tensor, torch.Tensor], d_initial: float = 0.1, dropout: float = 0.0):
         shared_a, shared_b = projections
         rank = shared_a.shape[0]
         if shared_a.shape[1] < base.in_features or shared_b.shape[0] < base.out_features or shared_b.shape[1] != rank:
-            raise UserError(f"VeRA projections A {list(shared_a.shape)}, B {list(shared_b.shape)} are too small for a "
-                            f"{base.in_features} -> {base.out_features} layer")
+            raise UserError(
+                f"VeRA projections A {list(shared_a.shape)}, B {list(shared_b.shape)} are too small for a "
+                f"{base.in_features} -> {base.out_features} layer"
+            )
         super().__init__(base, rank, alpha=rank, dropout=dropout)
         device = base.weight.device
         del self.lora_A, self.lora_B

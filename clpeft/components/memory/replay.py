@@ -98,8 +98,7 @@ class ReplayBuffer(nn.Module):
     def __len__(self) -> int:
         return len(self.items)
 
-    def update(self, exp: Experience, generator: torch.Generator | None = None,
-               features: torch.Tensor | None = None) -> None:
+    def update(self, exp: Experience, generator: torch.Generator | None = None, features: torch.Tensor | None = None) -> None:
         """Offer every training sample of ``exp`` to the buffer.
 
         Args:
@@ -119,8 +118,7 @@ class ReplayBuffer(nn.Module):
                 raise ValueError(f"herding needs the features of the experience's {len(labels)} training samples")
             self._herding(items, labels, features.cpu())
 
-    def add(self, exp: Experience, positions: torch.Tensor, labels: torch.Tensor,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+    def add(self, exp: Experience, positions: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Offer one batch of ``exp``'s training samples (``batch.index``, ``batch.y``) by reservoir sampling.
 
         Every sample offered so far stays in the memory with probability ``capacity / n_seen``
@@ -137,8 +135,7 @@ class ReplayBuffer(nn.Module):
         items = torch.stack([torch.full_like(positions, exp.index), positions], dim=1)
         return self._reservoir(items, labels, generator)
 
-    def sample(self, n: int, past: tuple[Experience, ...] | list[Experience],
-               generator: torch.Generator | None = None) -> DataView:
+    def sample(self, n: int, past: tuple[Experience, ...] | list[Experience], generator: torch.Generator | None = None) -> DataView:
         """``min(n, len(self))`` stored samples drawn uniformly without replacement, as a view over
         the training data of ``past`` (include the current experience when it may hold them)."""
         return self._view_of(self.items[self.draw(n, generator)], past)

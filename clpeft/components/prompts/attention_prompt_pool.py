@@ -94,8 +94,7 @@ class AttentionPromptPool(nn.Module):
         key_dim: width of keys, attention vectors and queries (``D`` by default).
     """
 
-    def __init__(self, layers: Sequence[int], embed_dim: int, length: int, components_per_task: int,
-                 key_dim: int | None = None):
+    def __init__(self, layers: Sequence[int], embed_dim: int, length: int, components_per_task: int, key_dim: int | None = None):
         super().__init__()
         if length % 2:
             raise ValueError(f"prompt length must be even (half keys, half values), got {length}")
@@ -109,8 +108,7 @@ class AttentionPromptPool(nn.Module):
     def _new_task(self) -> _TaskComponents:
         """A zero block on the device and in the dtype of the earlier ones."""
         like = self.tasks[0].prompts if len(self.tasks) else None
-        return _TaskComponents(len(self.layers), self.components_per_task, self.length, self.embed_dim,
-                               self.key_dim, like)
+        return _TaskComponents(len(self.layers), self.components_per_task, self.length, self.embed_dim, self.key_dim, like)
 
     @torch.no_grad()
     def add_task(self) -> None:
@@ -161,7 +159,7 @@ class AttentionPromptPool(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint taken after task t holds t + 1 blocks: build them before loading
-        stored = {key[len(prefix):].split(".")[1] for key in state_dict if key.startswith(prefix + "tasks.")}
+        stored = {key[len(prefix) :].split(".")[1] for key in state_dict if key.startswith(prefix + "tasks.")}
         while len(self.tasks) < len(stored):
             self.tasks.append(self._new_task())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

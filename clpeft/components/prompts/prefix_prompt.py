@@ -69,9 +69,17 @@ class PrefixPrompt(nn.Module):
             (official code's ``batchwise_prompt``).
     """
 
-    def __init__(self, embed_dim: int, pool_size: int, g_layers: Sequence[int] = (0, 1),
-                 e_layers: Sequence[int] = (2, 3, 4), g_length: int = 5, e_length: int = 5,
-                 key_dim: int | None = None, batchwise: bool = False):
+    def __init__(
+        self,
+        embed_dim: int,
+        pool_size: int,
+        g_layers: Sequence[int] = (0, 1),
+        e_layers: Sequence[int] = (2, 3, 4),
+        g_length: int = 5,
+        e_length: int = 5,
+        key_dim: int | None = None,
+        batchwise: bool = False,
+    ):
         super().__init__()
         if set(g_layers) & set(e_layers):
             raise ValueError(f"G-prompt layers {list(g_layers)} and E-prompt layers {list(e_layers)} overlap")

@@ -90,8 +90,16 @@ class PromptPool(nn.Module):
             frequencies over previous tasks (eq. 4).
     """
 
-    def __init__(self, pool_size: int, length: int, embed_dim: int, top_k: int, key_dim: int | None = None,
-                 batchwise: bool = False, diversity: bool = False):
+    def __init__(
+        self,
+        pool_size: int,
+        length: int,
+        embed_dim: int,
+        top_k: int,
+        key_dim: int | None = None,
+        batchwise: bool = False,
+        diversity: bool = False,
+    ):
         super().__init__()
         if not 1 <= top_k <= pool_size:
             raise ValueError(f"top_k must be between 1 and pool_size={pool_size}, got {top_k}")

@@ -42,8 +42,7 @@ class EMATeacher(nn.Module):
     ``num_updates`` (the ``t`` of the ramp) is a buffer, so it is part of the ``state_dict``.
     """
 
-    def __init__(self, model: nn.Module, momentum: float = 0.999, warmup: bool = False,
-                 buffers: Literal["copy", "ema", "keep"] = "copy"):
+    def __init__(self, model: nn.Module, momentum: float = 0.999, warmup: bool = False, buffers: Literal["copy", "ema", "keep"] = "copy"):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
@@ -69,8 +68,10 @@ class EMATeacher(nn.Module):
         teacher_params = dict(self.model.named_parameters())
         names = [n for n, _ in student.named_parameters()]
         if set(names) != set(teacher_params):
-            raise ValueError("the student's parameters differ from the teacher's; build a new EMATeacher "
-                             f"(or call reset) after changing the model: {sorted(set(names) ^ set(teacher_params))[:5]}")
+            raise ValueError(
+                "the student's parameters differ from the teacher's; build a new EMATeacher "
+                f"(or call reset) after changing the model: {sorted(set(names) ^ set(teacher_params))[:5]}"
+            )
         pairs = [(teacher_params[n], p) for n, p in student.named_parameters()]
         for t, s in pairs:
             if t.shape != s.shape:

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 
-def batch_fisher(params: Mapping[str, nn.Parameter], losses: Iterable[torch.Tensor],
-                 max_value: float = 1e-4) -> dict[str, torch.Tensor]:
+def batch_fisher(params: Mapping[str, nn.Parameter], losses: Iterable[torch.Tensor], max_value: float = 1e-4) -> dict[str, torch.Tensor]:
     """``min(mean_b (d L_b / d theta)^2, max_value)`` over the batches' losses ``L_b`` (CoFiMA's
     ``getFisherDiagonal``); a parameter no loss reaches gets 0."""
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -35,9 +34,13 @@ def batch_fisher(params: Mapping[str, nn.Parameter], losses: Iterable[torch.Tens
     return {n: (f / max(count, 1)).clamp_max(max_value) for n, f in fisher.items()}
 
 
-def fisher_weighted_average(previous: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], weight: float,
-                            previous_fisher: Mapping[str, torch.Tensor] | None = None,
-                            current_fisher: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def fisher_weighted_average(
+    previous: Mapping[str, torch.Tensor],
+    current: Mapping[str, torch.Tensor],
+    weight: float,
+    previous_fisher: Mapping[str, torch.Tensor] | None = None,
+    current_fisher: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Eq. 4-5 for every tensor of ``current`` (``weight`` = ``lambda``), or the plain weighted
     average without Fishers. Where both Fishers are 0 (no gradient reached the parameter in either
     task) the plain average is taken, where the official code divides 0 by 0."""
@@ -74,7 +77,7 @@ class TensorSnapshot(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key, value in state_dict.items():
-            name = key[len(prefix):]
+            name = key[len(prefix) :]
             if key.startswith(prefix) and "." not in name:
                 self.register_buffer(name, torch.empty_like(value))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

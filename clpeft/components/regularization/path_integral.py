@@ -40,8 +40,9 @@ class PathIntegral(nn.Module):
     @torch.no_grad()
     def before_step(self, named_parameters: dict[str, torch.Tensor]) -> None:
         """Record the loss gradients and the parameters about to be updated."""
-        self._step = {n: (p.grad.detach().clone(), p.detach().clone())
-                      for n, p in named_parameters.items() if n in self.omega and p.grad is not None}
+        self._step = {
+            n: (p.grad.detach().clone(), p.detach().clone()) for n, p in named_parameters.items() if n in self.omega and p.grad is not None
+        }
 
     @torch.no_grad()
     def after_step(self, named_parameters: dict[str, torch.Tensor]) -> None:
@@ -53,8 +54,7 @@ class PathIntegral(nn.Module):
     @torch.no_grad()
     def importance(self, named_parameters: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
         """``Omega = omega / ((theta - theta_start)^2 + xi)`` with ``xi`` = ``damping``."""
-        return {n: w / ((named_parameters[n].detach() - self.start_point[n]).pow(2) + damping)
-                for n, w in self.omega.items()}
+        return {n: w / ((named_parameters[n].detach() - self.start_point[n]).pow(2) + damping) for n, w in self.omega.items()}
 
     def get_extra_state(self) -> dict:
         return {"start_point": dict(self.start_point), "omega": dict(self.omega)}

@@ -63,11 +63,20 @@ class TTAugment:
     (to ``n`` copies of a batch, in one call); calling the object draws and applies one.
     """
 
-    def __init__(self, rotate: float = 15.0, translate: float = 1 / 16, scale: tuple[float, float] = (0.9, 1.1),
-                 brightness: tuple[float, float] = (0.6, 1.4), contrast: tuple[float, float] = (0.7, 1.3),
-                 saturation: tuple[float, float] = (0.5, 1.5), hue: tuple[float, float] = (-0.06, 0.06),
-                 gamma: tuple[float, float] = (0.7, 1.3), blur_sigma: tuple[float, float] = (0.001, 0.5),
-                 flip: float = 0.5, noise_std: float = 0.005):
+    def __init__(
+        self,
+        rotate: float = 15.0,
+        translate: float = 1 / 16,
+        scale: tuple[float, float] = (0.9, 1.1),
+        brightness: tuple[float, float] = (0.6, 1.4),
+        contrast: tuple[float, float] = (0.7, 1.3),
+        saturation: tuple[float, float] = (0.5, 1.5),
+        hue: tuple[float, float] = (-0.06, 0.06),
+        gamma: tuple[float, float] = (0.7, 1.3),
+        blur_sigma: tuple[float, float] = (0.001, 0.5),
+        flip: float = 0.5,
+        noise_std: float = 0.005,
+    ):
         self.rotate = rotate
         self.translate = translate
         self.scale = scale
@@ -76,8 +85,9 @@ class TTAugment:
         self.flip = flip
         self.noise_std = noise_std
 
-    def sample(self, n: int, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def sample(
+        self, n: int, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Parameters of ``n >= 1`` augmentations of a batch of ``shape`` ``(B, C, H, W)``: one row
         per augmentation (``noise``: ``(n, B, C, H, W)``)."""
         h, w = shape[-2:]

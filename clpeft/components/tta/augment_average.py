@@ -29,8 +29,14 @@ from clpeft.components.tta.augment import TTAugment
 STACK_ON_CPU = 32  # images (n * B) up to which one stacked forward beats per-augmentation forwards on a CPU
 
 
-def augmentation_average(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, augment: TTAugment,
-                         n: int, generator: torch.Generator | None = None, stacked: bool | None = None) -> torch.Tensor:
+def augmentation_average(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    augment: TTAugment,
+    n: int,
+    generator: torch.Generator | None = None,
+    stacked: bool | None = None,
+) -> torch.Tensor:
     """Mean of ``model``'s logits over ``n`` augmentations of ``x``.
 
     ``stacked=True``: one augment call and one forward over all ``n * B`` images, vmapped over
@@ -55,10 +61,11 @@ def augmentation_average(model: Callable[[torch.Tensor], torch.Tensor], x: torch
     return torch.stack([model(images[i]) for i in range(n)]).mean(0)
 
 
-def augmentation_average_loop(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, augment: TTAugment,
-                              n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def augmentation_average_loop(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, augment: TTAugment, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The reference: a Python loop of ``n`` augment + forward calls (CoTTA's code), drawing the
     same parameters as :func:`augmentation_average`."""
     params = augment.sample(n, x.shape, generator, x.device)
-    outputs = [model(augment.apply(x, {k: v[i:i + 1] for k, v in params.items()})) for i in range(n)]
+    outputs = [model(augment.apply(x, {k: v[i : i + 1] for k, v in params.items()})) for i in range(n)]
     return torch.stack(outputs).mean(0)

@@ -75,8 +75,15 @@ def _translate_y(img, rng, severity, size):
 
 
 OPERATIONS = (
-    lambda img, *_: ImageOps.autocontrast(img), lambda img, *_: ImageOps.equalize(img), _posterize, _rotate, _solarize,
-    _shear_x, _shear_y, _translate_x, _translate_y,
+    lambda img, *_: ImageOps.autocontrast(img),
+    lambda img, *_: ImageOps.equalize(img),
+    _posterize,
+    _rotate,
+    _solarize,
+    _shear_x,
+    _shear_y,
+    _translate_x,
+    _translate_y,
 )
 
 

@@ -38,7 +38,7 @@ def affinity(features: torch.Tensor, kind: Literal["knn", "rbf", "linear"] = "kn
         return torch.zeros(n, n, device=x.device).scatter_(1, neighbours, 1.0)
     kth = dist.topk(min(knn, n), dim=1, largest=False).values[:, -1]
     sigma = kth.mean()
-    return torch.exp(-dist**2 / (2 * sigma**2))
+    return torch.exp(-(dist**2) / (2 * sigma**2))
 
 
 def laplacian_adjustment(probs: torch.Tensor, kernel: torch.Tensor, max_steps: int = 100, tol: float = 1e-8) -> torch.Tensor:

@@ -22,5 +22,8 @@ TOP_LAYER_NAMES = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
 
 def lower_norm_layers(model: nn.Module) -> nn.ModuleList:
     """``model``'s BatchNorm/LayerNorm/GroupNorm layers outside its top layers, in module order."""
-    return nn.ModuleList(m for name, m in model.named_modules()
-                         if isinstance(m, NORM_TYPES) and name != "norm" and not any(t in name for t in TOP_LAYER_NAMES))
+    return nn.ModuleList(
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, NORM_TYPES) and name != "norm" and not any(t in name for t in TOP_LAYER_NAMES)
+    )

@@ -27,14 +27,20 @@ import torch.nn.functional as F
 DestructionKind = Literal["patch", "pixel", "occlusion"]
 
 
-def destroy_objects(x: torch.Tensor, kind: DestructionKind = "patch", patch_len: int = 4, occlusion_size: int = 112,
-                    occlusion_row: int = 56, occlusion_column: int = 56) -> torch.Tensor:
+def destroy_objects(
+    x: torch.Tensor,
+    kind: DestructionKind = "patch",
+    patch_len: int = 4,
+    occlusion_size: int = 112,
+    occlusion_row: int = 56,
+    occlusion_column: int = 56,
+) -> torch.Tensor:
     """The transformed copy of the float image batch ``x`` ``(B, C, H, W)`` (random draws from torch's generator)."""
     b, c, h, w = x.shape
     if kind == "occlusion":
         out = x.clone()
         mean = x.reshape(b, c, -1).mean(2)[..., None, None]
-        window = out[:, :, occlusion_row:occlusion_row + occlusion_size, occlusion_column:occlusion_column + occlusion_size]
+        window = out[:, :, occlusion_row : occlusion_row + occlusion_size, occlusion_column : occlusion_column + occlusion_size]
         window.copy_(mean.expand_as(window))
         return out
     if kind == "pixel":

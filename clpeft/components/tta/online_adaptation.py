@@ -83,8 +83,7 @@ def adapted_parameters(model: nn.Module, which: Literal["norm", "all"]) -> list[
 
 def check_adaptable(backbone: nn.Module, params: str, strategy: str) -> None:
     """Refuse, at construction, a backbone that the method cannot adapt (a user error)."""
-    if params == "norm" and not any(isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None
-                                    for m in backbone.modules()):
+    if params == "norm" and not any(isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None for m in backbone.modules()):
         raise UserError(
             f"strategy '{strategy}' adapts normalisation layers, and this backbone has none with affine "
             f"parameters; use a backbone with BatchNorm/LayerNorm (e.g. name: cnn, or a timm model)",
@@ -107,8 +106,7 @@ class AdaptationOptimizer(nn.Module):
     source model's) clears the moment estimates, as Tent's ``reset`` does.
     """
 
-    def __init__(self, optimizer: Literal["adam", "sgd"] = "adam", lr: float = 1e-3, momentum: float = 0.9,
-                 weight_decay: float = 0.0):
+    def __init__(self, optimizer: Literal["adam", "sgd"] = "adam", lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0):
         super().__init__()
         self.kind = optimizer
         self.lr = lr
@@ -126,8 +124,9 @@ class AdaptationOptimizer(nn.Module):
         if self._optimizer is not None and [id(p) for p in self._optimizer.param_groups[0]["params"]] == [id(p) for p in params]:
             return
         if self.kind == "sgd":
-            self._optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                              nesterov=self.momentum > 0)
+            self._optimizer = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.momentum > 0
+            )
         else:
             self._optimizer = torch.optim.Adam(params, lr=self.lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay)
         if self._pending is not None:
@@ -184,8 +183,9 @@ class OnlineAdaptation(nn.Module):
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
         self._norms: list[_BatchNorm] = []
 
-    def prepare(self, owner: nn.Module, model: nn.Module, on_start: Callable[[], None] | None = None,
-                extra: Iterable[nn.Parameter] = ()) -> None:
+    def prepare(
+        self, owner: nn.Module, model: nn.Module, on_start: Callable[[], None] | None = None, extra: Iterable[nn.Parameter] = ()
+    ) -> None:
         """Configure ``model`` (owned by ``owner``, all of whose BatchNorm layers switch) for
         adaptation; ``extra`` parameters outside ``model`` (RMT's projection head) are optimised
         too. The first time (``model`` is still the source model) ``on_start`` runs after the

@@ -22,11 +22,14 @@ class AdaptationOptions(Options):
     """The test-time optimizer of a TTA method and the parameters it updates."""
 
     optimizer: Literal["adam", "sgd"] = Field(
-        "adam", description="``adam`` (the benchmark's CIFAR settings) or ``sgd`` (its ImageNet settings; Nesterov "
-        "momentum when ``momentum > 0``)")
+        "adam",
+        description="``adam`` (the benchmark's CIFAR settings) or ``sgd`` (its ImageNet settings; Nesterov momentum when ``momentum > 0``)",
+    )
     lr: float = Field(1e-3, gt=0, description="learning rate of the test-time optimizer")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1 (beta2 is 0.999)")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty of the test-time optimizer")
     params: Literal["norm", "all"] = Field(
-        "norm", description="what adapts: ``norm``, the normalisation layers' affine ``gamma``, ``beta`` (Tent), or "
-        "``all``, every layer's weight and bias (CoTTA, RMT)")
+        "norm",
+        description="what adapts: ``norm``, the normalisation layers' affine ``gamma``, ``beta`` (Tent), or "
+        "``all``, every layer's weight and bias (CoTTA, RMT)",
+    )

@@ -31,8 +31,7 @@ class SharpnessAwareOptimizer(AdaptationOptimizer):
         rho: radius ``rho`` of the weight perturbation (0.05 in SAR).
     """
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
-                 rho: float = 0.05):
+    def __init__(self, optimizer: str = "sgd", lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, rho: float = 0.05):
         super().__init__(optimizer, lr, momentum, weight_decay)
         self.rho = rho
 

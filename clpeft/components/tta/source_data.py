@@ -27,8 +27,10 @@ def source_training_data(exp: Experience, strategy: str, without: str) -> DataVi
     """
     source = exp.train if exp.train is not None else next((e.train for e in reversed(exp.past) if e.train is not None), None)
     if source is None:
-        raise UserError(f"{strategy} uses the source training data, and this run has none (the source model was "
-                        f"loaded, not trained); set {without}", key="strategy")
+        raise UserError(
+            f"{strategy} uses the source training data, and this run has none (the source model was loaded, not trained); set {without}",
+            key="strategy",
+        )
     return source
 
 
@@ -74,6 +76,6 @@ class SourceBatches(nn.Module):
         if self._order is None or self._order[0] != key:
             generator = torch.Generator().manual_seed(key[0] + epoch)
             self._order = (key, torch.randperm(len(self._data), generator=generator))
-        positions = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+        positions = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
         self.drawn += 1
         return next(iter(owner.batches(self._data.take(positions), self.batch_size)))

@@ -29,8 +29,7 @@ class StochasticRestore:
         self.p = float(p)
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, source: nn.Module | dict[str, torch.Tensor],
-                 generator: torch.Generator | None = None) -> int:
+    def __call__(self, model: nn.Module, source: nn.Module | dict[str, torch.Tensor], generator: torch.Generator | None = None) -> int:
         """Restore elements of ``model``'s trainable parameters from ``source`` (a module with
         the same parameter names, or a name -> tensor dict). Returns how many were restored."""
         if self.p == 0.0:

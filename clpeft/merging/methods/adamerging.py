@@ -120,9 +120,7 @@ def adamerging(
     if not isinstance(batches, int) or batches < 1:
         raise UserError(f"should be a whole number of batches >= 1, got {batches!r}", key="batches")
     if len(loaders) != len(finetuned):
-        raise UserError(
-            f"got {len(loaders)} data loaders for {len(finetuned)} models; give one per model", key="loaders"
-        )
+        raise UserError(f"got {len(loaders)} data loaders for {len(finetuned)} models; give one per model", key="loaders")
     base_source = StateDictSource(base, "the base state dict")
     jobs = plan(base_source, [StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)], rules or MergeRules())
     names = [job.name for job in jobs if job.merge and not job.average]
@@ -132,9 +130,7 @@ def adamerging(
             fixed[job.name] = torch.stack([m[job.name].to(base[job.name].dtype) for m in finetuned]).mean(dim=0)
     task_vectors = {name: _task_vectors(name, base, finetuned) for name in names}
     device = next(iter(base.values())).device
-    raw = torch.full(
-        (len(names) if granularity == "layer" else 1, len(finetuned)), float(init), device=device, requires_grad=True
-    )
+    raw = torch.full((len(names) if granularity == "layer" else 1, len(finetuned)), float(init), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999))
 
     def merged(coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -148,9 +144,7 @@ def adamerging(
     history = []
     for _ in range(steps):
         state = merged(raw.clamp(0.0, 1.0))
-        loss = sum(
-            entropy(forward(state, task, inputs)).mean() for task, draw in enumerate(draws) for inputs in draw.next()
-        )
+        loss = sum(entropy(forward(state, task, inputs)).mean() for task, draw in enumerate(draws) for inputs in draw.next())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -163,9 +157,7 @@ def adamerging(
     return AdaMergingResult(state, coefficients, history)
 
 
-def _task_vectors(
-    name: str, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]
-) -> torch.Tensor:
+def _task_vectors(name: str, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     stacked = torch.stack([m[name].detach().to(base[name].dtype) for m in finetuned]) - base[name].detach()
     finite = torch.isfinite(stacked.flatten(1)).all(dim=1)
     if not finite.all():

@@ -44,9 +44,7 @@ def task_coefficients(task_vectors: torch.Tensor, scale: float, weights: list[fl
     return torch.tensor(weights, dtype=task_vectors.dtype).mul_(scale).to(task_vectors.device, non_blocking=True)
 
 
-def combine(
-    task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: Consensus, disjoint: Disjoint = "mean"
-) -> torch.Tensor:
+def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: Consensus, disjoint: Disjoint = "mean") -> torch.Tensor:
     """Combine ``(K, N)`` task vectors into one ``(N,)`` merged task vector.
 
     ``"sum"`` is task arithmetic (Ilharco et al., ICLR 2023, Section 2;

@@ -135,16 +135,12 @@ def _rounded_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(below, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
 
 
-def random_keep_mask(
-    task_vectors: torch.Tensor, keep_probability: float, generator: torch.Generator | None
-) -> torch.Tensor:
+def random_keep_mask(task_vectors: torch.Tensor, keep_probability: float, generator: torch.Generator | None) -> torch.Tensor:
     """A 0/1 mask shaped like ``task_vectors``: each entry is 1 with ``keep_probability``."""
     return torch.empty_like(task_vectors).bernoulli_(keep_probability, generator=generator)
 
 
-def drop_and_rescale_(
-    task_vectors: torch.Tensor, drop_rate: float, rescale: bool, generator: torch.Generator | None
-) -> torch.Tensor:
+def drop_and_rescale_(task_vectors: torch.Tensor, drop_rate: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
     """DARE in place: drop each entry with probability ``p = drop_rate``, rescale by ``1/(1-p)``.
 
     Args:
