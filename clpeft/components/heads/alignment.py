@@ -43,7 +43,7 @@ any scale. Covariances are not moved (as in the paper).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -162,25 +162,18 @@ class ClassifierAlignment(nn.Module):
         Runs in float32 with autocast off, also when called under a bf16 autocast (as the
         official code trains it)."""
         self._require_all_seen()
-        params = [p for p in head.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
         factors = torch.linalg.cholesky(self.sampling_covariances())
-        losses = []
-        with torch.enable_grad(), torch.autocast(self.stats.mean.device.type, enabled=False):
-            for _ in range(self.epochs):
-                x, y = self.sample(self.samples_per_class, generator, factors)
-                batches = torch.randperm(len(y), generator=generator, device=y.device).split(self.samples_per_class)
-                total = 0.0
-                for batch in batches:
-                    loss = F.cross_entropy(self.normalised_logits(head(x[batch])), y[batch])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.item()
-                schedule.step()
-                losses.append(total / len(batches))
-        return losses
+        return train_on_samples(
+            head,
+            lambda: self.sample(self.samples_per_class, generator, factors),
+            self.epochs,
+            self.samples_per_class,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            generator=generator,
+            logits=self.normalised_logits,
+        )
 
     def _require_all_seen(self) -> None:
         if not bool(self.stats.seen().all()):
@@ -198,6 +191,47 @@ class ClassifierAlignment(nn.Module):
             f"samples_per_class={self.samples_per_class}, epochs={self.epochs}, lr={self.lr}, "
             f"temperature={self.temperature}, mean_shrink={self.mean_shrink}, ridge={self.ridge}"
         )
+
+
+def train_on_samples(
+    head: nn.Module,
+    draw: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+    steps: int | None = None,
+    logits: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
+) -> list[float]:
+    """Train ``head``'s trainable parameters (in place) on sampled features; the mean loss of each epoch.
+
+    Each epoch ``draw()`` gives fresh ``(features, labels)``, shuffled by ``randperm`` (from
+    ``generator``) and cut into mini-batches of ``batch_size``, of which the first ``steps`` are
+    used (all: ``None``); cross-entropy of ``logits(head(x))``, SGD with cosine annealing over
+    ``epochs``. Runs in float32 with autocast off, also under a bf16 autocast. SLCA's classifier
+    alignment (:meth:`ClassifierAlignment.align`) and HiDe-Prompt's task-adaptive prediction
+    (:mod:`~clpeft.components.heads.centroid_statistics`) are this loop with their own sampler.
+    """
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    losses = []
+    with torch.enable_grad(), torch.autocast(params[0].device.type, enabled=False):
+        for _ in range(epochs):
+            x, y = draw()
+            batches = torch.randperm(len(y), generator=generator, device=y.device).split(batch_size)[:steps]
+            total = 0.0
+            for batch in batches:
+                loss = F.cross_entropy(logits(head(x[batch])), y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            schedule.step()
+            losses.append(total / max(len(batches), 1))
+    return losses
 
 
 class AlignedHead(nn.Module):
