@@ -420,6 +420,9 @@ MERGE_METHODS = {
     "ties": _ties_dense_is_the_sign_elected_disjoint_mean,
     "dare": _dare_drops_or_rescales_each_entry,
     "adamerging": _adamerging_is_task_arithmetic_with_its_coefficients,
+    "linear": lambda base, tuned: all(
+        torch.allclose(merge(base, tuned, "linear", weights=[1.0, 3.0])[k], (tuned[0][k] + 3 * tuned[1][k]) / 4, atol=1e-6) for k in base
+    ),
 }
 
 

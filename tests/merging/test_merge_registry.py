@@ -56,6 +56,7 @@ def test_builtins_cite_their_papers():
     assert urls == {
         "adamerging": "https://arxiv.org/abs/2310.02575",
         "dare": "https://arxiv.org/abs/2311.03099",
+        "linear": "https://arxiv.org/abs/2203.05482",
         "mean": "https://arxiv.org/abs/2203.05482",
         "task_arithmetic": "https://arxiv.org/abs/2212.04089",
         "ties": "https://arxiv.org/abs/2306.01708",

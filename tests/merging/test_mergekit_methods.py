@@ -1,0 +1,46 @@
+"""The methods mergekit users know (linear, SLERP, Model Stock, ...) against their papers' formulas.
+
+Their equality with mergekit's own implementation is in tests/reference/test_mergekit_methods.py;
+these tests need no mergekit: each checks a method against an independent float64 computation
+of its formula, its edge cases and its one-line errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clpeft.errors import UserError
+from clpeft.merging import get_method, merge
+
+
+@pytest.fixture
+def models():
+    """A float64 base of two tensors and three fine-tunes of it."""
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=generator, dtype=torch.float64), "b": torch.randn(6, generator=generator, dtype=torch.float64)}
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in base.items()} for _ in range(3)]
+    return base, tuned
+
+
+def test_linear_is_the_weighted_average_of_the_models(models):
+    base, tuned = models
+    merged = merge(base, tuned, "linear", weights=[1.0, 2.0, 3.0], base_weight=2.0)
+    for k in base:
+        expected = (2 * base[k] + 1 * tuned[0][k] + 2 * tuned[1][k] + 3 * tuned[2][k]) / 8
+        torch.testing.assert_close(merged[k], expected, rtol=0, atol=1e-12)
+
+
+def test_linear_weights_are_relative_and_its_coefficients_known():
+    method = get_method("linear")
+    assert method.linear
+    assert method.coefficients(2, method.validate({"weights": [2.0, 6.0]})) == [0.25, 0.75]
+    assert method.coefficients(2, method.validate({"weights": [2.0, 6.0], "base_weight": 8.0})) == [0.125, 0.375]
+
+
+def test_linear_refuses_weights_that_cannot_be_averaged(models):
+    base, tuned = models
+    with pytest.raises(UserError, match="sum to 0"):
+        merge(base, tuned[:2], "linear", weights=[1.0, -1.0])
+    with pytest.raises(UserError, match="normalize: false with weights summing to 3"):
+        merge(base, tuned, "linear", normalize=False)

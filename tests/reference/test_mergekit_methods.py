@@ -1,0 +1,85 @@
+"""mergekit's merge methods against clpeft's, tensor by tensor, on random state dicts.
+
+mergekit (arcee-ai/mergekit, ``pip install "mergekit>=0.1.5"``) is imported at test time and
+called through its own method objects (``mergekit.merge_methods.registry.get(name)`` on a
+``TensorGroup``), the path ``mergekit-yaml`` takes; without it every test here skips with one
+line. Inputs: a float64 base state dict of four shapes (a Linear weight, a bias, a conv kernel,
+a LayerNorm weight) and fine-tunes that move each tensor by its own amount. Tolerance 1e-12
+absolute on float64 weights (the same arithmetic in another order) unless a test says otherwise.
+
+Deliberate differences, each shown by a test here and explained in docs/merging.md:
+``linear``'s ``normalize: false`` is refused where it would scale the base.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clpeft.errors import UserError
+from clpeft.merging import merge
+
+pytest.importorskip("mergekit", reason="mergekit is not installed: pip install 'mergekit>=0.1.5'")
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+from mergekit.merge_methods.registry import get as mergekit_method  # noqa: E402
+
+ATOL = 1e-12
+SHAPES = {"linear.weight": (12, 7), "linear.bias": (12,), "conv.weight": (5, 3, 2, 2), "norm.weight": (9,)}
+
+
+def state_dicts(tasks: int, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A base and ``tasks`` fine-tunes; each fine-tune moves each tensor by its own amount."""
+    generator = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=generator, dtype=torch.float64) for k, s in SHAPES.items()}
+    finetuned = []
+    for _ in range(tasks):
+        sizes = torch.rand(len(base), generator=generator, dtype=torch.float64) * 0.1 + 1e-2
+        finetuned.append(
+            {k: v + s * torch.randn(v.shape, generator=generator, dtype=torch.float64) for (k, v), s in zip(base.items(), sizes)}
+        )
+    return {k: v.to(dtype) for k, v in base.items()}, [{k: v.to(dtype) for k, v in m.items()} for m in finetuned]
+
+
+def reference(name: str, base, finetuned, *, with_base: bool = True, **parameters) -> dict[str, torch.Tensor]:
+    """mergekit's method ``name`` on every tensor; the base is input 0 when ``with_base``."""
+    out = {}
+    for key in base:
+        tensors = ([base[key]] if with_base else []) + [m[key] for m in finetuned]
+        group = TensorGroup.from_tensors(tensors, base_index=0 if with_base else None)
+        out[key] = mergekit_method(name)([group], parameters=parameters)[0]
+    return out
+
+
+def assert_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], atol: float = ATOL) -> None:
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key].to(ours[key].dtype), rtol=0, atol=atol, msg=key)
+
+
+# ------------------------------------------------------------------ linear
+
+
+@pytest.mark.parametrize(("weights", "base_weight"), [([1.0, 1.0, 1.0], 0.0), ([0.5, 2.0, 1.5], 0.0), ([0.2, 0.3, 0.1], 0.4)])
+def test_linear_equals_mergekit(weights, base_weight):
+    base, finetuned = state_dicts(3)
+    ours = merge(base, finetuned, "linear", weights=weights, base_weight=base_weight)
+    if base_weight:  # the base listed among mergekit's models with its own weight
+        theirs = reference("linear", base, finetuned, weight=[base_weight, *weights])
+    else:
+        theirs = reference("linear", base, finetuned, with_base=False, weight=weights)
+    assert_equal(ours, theirs)
+
+
+def test_linear_without_normalisation_equals_mergekit_where_the_weights_sum_to_one():
+    base, finetuned = state_dicts(2)
+    ours = merge(base, finetuned, "linear", weights=[0.3, 0.5], base_weight=0.2, normalize=False)
+    assert_equal(ours, reference("linear", base, finetuned, weight=[0.2, 0.3, 0.5], normalize=False))
+
+
+def test_linear_without_normalisation_refuses_what_mergekit_does_with_other_sums():
+    """mergekit sums 2 theta_1 + 2 theta_2 (a model twice as large as either); clpeft refuses."""
+    base, finetuned = state_dicts(2)
+    theirs = reference("linear", base, finetuned, with_base=False, weight=[2.0, 2.0], normalize=False)
+    torch.testing.assert_close(theirs["linear.bias"], 2 * finetuned[0]["linear.bias"] + 2 * finetuned[1]["linear.bias"])
+    with pytest.raises(UserError, match="normalize: false with weights summing to 4"):
+        merge(base, finetuned, "linear", weights=[2.0, 2.0], normalize=False)
