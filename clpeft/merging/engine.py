@@ -357,7 +357,9 @@ class MergeEngine:
             if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
                 delta = task_vectors.mean(dim=0)
             else:
-                delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic)
+                inputs = {"base": base, "shape": job.info.shape}
+                inputs = {name: inputs[name] for name in self.method.tensor_inputs}
+                delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic, **inputs)
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
 

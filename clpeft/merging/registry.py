@@ -14,6 +14,10 @@ Two scopes exist:
   per tensor, on the merge device. They own ``task_vectors`` and may overwrite it (it is the
   engine's read buffer: working in place saves a copy of K tensors); a keyword-only
   ``generator: torch.Generator`` receives a generator seeded per tensor from the merge seed.
+  Methods defined on the weights rather than the task vectors (SLERP, Karcher mean) or on the
+  tensor's rows (DELLA's per-row ranks) declare a keyword-only ``base: torch.Tensor`` (the flat
+  base tensor ``theta_0`` in the task vectors' dtype, read-only) and/or ``shape: torch.Size``
+  (the tensor's shape); the engine passes them.
   A method that needs a statistic of the whole model before it can merge any tensor (TIES'
   trim over the flattened model) registers a ``model_statistic`` factory: the engine first
   streams every merged tensor's task vectors through the :class:`ModelStatistic` it returns
@@ -44,6 +48,7 @@ Scope = Literal["tensor", "model"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _METHODS: dict[str, MergeMethod] = {}
+_TENSOR_INPUTS = frozenset({"base", "shape"})  # what the engine passes to tensor methods that ask for it
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class MergeMethod:
         schema: pydantic model of the parameters (``extra="forbid"``).
         model_statistic: ``(params, shape) -> ModelStatistic | None`` for methods that need a
             whole-model pass first (see the module docstring); None for the others.
+        tensor_inputs: which of ``base`` and ``shape`` the function takes (tensor scope).
     """
 
     name: str
@@ -109,6 +115,7 @@ class MergeMethod:
     uses_generator: bool
     schema: type[BaseModel]
     model_statistic: StatisticFactory | None = None
+    tensor_inputs: frozenset[str] = frozenset()
 
     @property
     def description(self) -> str:
@@ -161,23 +168,24 @@ def merge_method(
 
     Every keyword-only argument is a parameter and must be annotated (use
     ``Annotated[float, Field(ge=0, description=...)]`` for ranges and help text naming the
-    paper's symbol); NaN and infinity are refused for every float. ``generator`` and
-    ``model_statistic`` are filled in by the engine, not parameters. A duplicate name or an
+    paper's symbol); NaN and infinity are refused for every float. ``generator``, ``base``,
+    ``shape`` and ``model_statistic`` are filled in by the engine, not parameters. A duplicate name or an
     unannotated parameter fails at import time.
     """
 
     def decorator(fn: F) -> F:
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"merge method '{name}' is already registered by {_METHODS[name].fn.__module__}")
-        engine_supplied = {"rules"} if scope == "model" else {"generator"}
+        engine_supplied = {"rules"} if scope == "model" else {"generator", *_TENSOR_INPUTS}
         if model_statistic is not None:
             engine_supplied.add("model_statistic")
         keywords = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
         uses_generator = scope == "tensor" and "generator" in keywords
+        tensor_inputs = frozenset(keywords & _TENSOR_INPUTS) if scope == "tensor" else frozenset()
         schema_model = schema.model_from_signature(
             f"{name}_parameters", fn, skip=engine_supplied, keyword_only=True, owner=f"merge method '{name}'"
         )
-        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema_model, model_statistic)
+        _METHODS[name] = MergeMethod(name, fn, reference_url, scope, linear, uses_generator, schema_model, model_statistic, tensor_inputs)
         return fn
 
     return decorator

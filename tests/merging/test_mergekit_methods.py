@@ -7,6 +7,8 @@ of its formula, its edge cases and its one-line errors.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -44,3 +46,19 @@ def test_linear_refuses_weights_that_cannot_be_averaged(models):
         merge(base, tuned[:2], "linear", weights=[1.0, -1.0])
     with pytest.raises(UserError, match="normalize: false with weights summing to 3"):
         merge(base, tuned, "linear", normalize=False)
+
+
+def test_slerp_follows_the_great_circle_between_the_base_and_the_model():
+    """Orthogonal tensors of norms 1 and 2: at t the result is cos/sin of t * pi/2, scaled as SLERP scales."""
+    base = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    tuned = [{"w": torch.tensor([0.0, 2.0], dtype=torch.float64)}]
+    for t in (0.0, 0.25, 0.5, 1.0):
+        expected = torch.tensor([math.cos(t * math.pi / 2), 2 * math.sin(t * math.pi / 2)], dtype=torch.float64)
+        torch.testing.assert_close(merge(base, tuned, "slerp", t=t)["w"], expected, rtol=0, atol=1e-12)
+
+
+def test_slerp_takes_one_model(models):
+    base, tuned = models
+    with pytest.raises(UserError, match="exactly one fine-tuned model, got 3"):
+        merge(base, tuned, "slerp")
+    assert get_method("slerp").tensor_inputs == {"base"} and "base" not in get_method("slerp").parameters

@@ -83,3 +83,18 @@ def test_linear_without_normalisation_refuses_what_mergekit_does_with_other_sums
     torch.testing.assert_close(theirs["linear.bias"], 2 * finetuned[0]["linear.bias"] + 2 * finetuned[1]["linear.bias"])
     with pytest.raises(UserError, match="normalize: false with weights summing to 4"):
         merge(base, finetuned, "linear", weights=[2.0, 2.0], normalize=False)
+
+
+# ------------------------------------------------------------------ slerp
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0, 1.4])
+def test_slerp_equals_mergekit(t):
+    base, finetuned = state_dicts(1)
+    assert_equal(merge(base, finetuned, "slerp", t=t), reference("slerp", base, finetuned, t=t))
+
+
+def test_slerp_on_parallel_tensors_interpolates_linearly_as_mergekit_does():
+    base, _ = state_dicts(1)
+    finetuned = [{k: 1.5 * v for k, v in base.items()}]  # cos Omega = 1: the linear fall-back
+    assert_equal(merge(base, finetuned, "slerp", t=0.3), reference("slerp", base, finetuned, t=0.3))
