@@ -23,11 +23,18 @@ cached as in :mod:`clpeft.backbones.text`), a local transformers directory, or a
 (internet). The model is loaded whole (``AutoModelForCausalLM``, language-model head included)
 in float32; every parameter must come from the weights. Parameters start frozen; a strategy
 injects LoRA (:func:`clpeft.components.lora.inject_lora`) into :attr:`GenerativeLM.net`.
+
+**State and checkpoints.** The backbone's state dict leaves out the pretrained tensors training
+has not changed (:mod:`clpeft.backbones.pretrained_weights`): a checkpoint holds the adapters and
+what else changed, plus each left-out tensor's SHA-256, and loading rebuilds the rest from
+``weights``, refusing other weights in one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.backbones.base import Backbone
+from clpeft.backbones.pretrained_weights import PretrainedWeights, tensor_digest
 from clpeft.backbones.text import TEXT_WEIGHTS, pool, text_weights_source
 from clpeft.errors import UserError
 from clpeft.instructions import Instruction
@@ -111,6 +119,7 @@ class GenerativeLM(Backbone):
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"  # transformers >= 5.2x: cache
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
         self.freeze()
+        self.pretrained = PretrainedWeights(self, rebuild=lambda: GenerativeLM(input_shape, weights, chat_template, max_length, cache_dir))
 
     # ------------------------------------------------------------------ tokens
 
@@ -212,6 +221,14 @@ class GenerativeLM(Backbone):
 
     def describe(self) -> dict:
         return {"class": "generative_lm", "weights": self.weights, "chat_template": self.chat_template, "max_length": self.max_length}
+
+    def identity(self) -> str:
+        """A digest of :meth:`describe` and the state dict, whose unchanged pretrained tensors are
+        named by their digests (they come from ``weights``)."""
+        h = hashlib.sha1(json.dumps(self.describe(), sort_keys=True).encode())
+        for name, value in self.state_dict().items():
+            h.update(f"{name} {tensor_digest(value) if isinstance(value, torch.Tensor) else sorted(value.items())}".encode())
+        return h.hexdigest()[:16]
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
