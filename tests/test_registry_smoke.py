@@ -152,6 +152,7 @@ STRATEGIES: dict[str, Smoke] = {
     "deyo": _tta({"name": "deyo", "patch_len": 2}),
     "memo": _tta({"name": "memo", "n_augmentations": 2}),
     "rotta": _tta({"name": "rotta", "memory_size": 8, "update_frequency": 8, "flip": 0.0}),
+    "roid": _tta({"name": "roid", "flip": 0.0}),
     "seq_finetune": Smoke(
         {"name": "seq_finetune", "rank": 2},
         TINY_LLAMA,
@@ -426,6 +427,7 @@ MERGE_METHODS = {
     "slerp": lambda base, tuned: all(
         torch.allclose(merge(base, tuned[:1], "slerp", t=t)[k], (base, tuned[0])[int(t)][k], atol=1e-6) for k in base for t in (0.0, 1.0)
     ),
+    "multislerp": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "multislerp")[k], tuned[0][k]) for k in base),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

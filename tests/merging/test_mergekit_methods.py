@@ -62,3 +62,18 @@ def test_slerp_takes_one_model(models):
     with pytest.raises(UserError, match="exactly one fine-tuned model, got 3"):
         merge(base, tuned, "slerp")
     assert get_method("slerp").tensor_inputs == {"base"} and "base" not in get_method("slerp").parameters
+
+
+def test_multislerp_of_orthogonal_unit_vectors_is_their_spherical_midpoint():
+    """Two orthonormal task vectors, equal weights: the point at 45 degrees, of norm 1."""
+    base = {"w": torch.zeros(3, dtype=torch.float64)}
+    tuned = [{"w": torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)}, {"w": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)}]
+    expected = torch.tensor([math.sqrt(0.5), math.sqrt(0.5), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(merge(base, tuned, "multislerp", eps=0.0)["w"], expected, rtol=0, atol=1e-12)
+
+
+def test_multislerp_refuses_a_vanishing_mean_direction():
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    tuned = [{"w": torch.tensor(v, dtype=torch.float64)} for v in ([1.0, 0.0], [-1.0, 0.0], [0.0, 0.0])]
+    with pytest.raises(UserError, match="weighted mean direction of the models is zero"):
+        merge(base, tuned, "multislerp", weights=[1.0, 1.0, 0.0])

@@ -98,3 +98,27 @@ def test_slerp_on_parallel_tensors_interpolates_linearly_as_mergekit_does():
     base, _ = state_dicts(1)
     finetuned = [{k: 1.5 * v for k, v in base.items()}]  # cos Omega = 1: the linear fall-back
     assert_equal(merge(base, finetuned, "slerp", t=0.3), reference("slerp", base, finetuned, t=0.3))
+
+
+# ------------------------------------------------------------------ multislerp
+
+
+@pytest.mark.parametrize("origin", ["base", "zero"])
+@pytest.mark.parametrize(("weights", "normalize"), [([1.0, 1.0, 1.0], True), ([0.2, 0.5, 0.9], True), ([0.2, 0.5, 0.6], False)])
+def test_multislerp_equals_mergekit(origin, weights, normalize):
+    base, finetuned = state_dicts(3)
+    ours = merge(base, finetuned, "multislerp", weights=weights, normalize_weights=normalize, origin=origin)
+    theirs = reference("multislerp", base, finetuned, with_base=origin == "base", weight=weights, normalize_weights=normalize)
+    assert_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("origin", ["base", "zero"])
+def test_multislerp_of_one_model_or_two_antipodal_ones_equals_mergekit(origin):
+    base, finetuned = state_dicts(1)
+    with_base = origin == "base"
+    assert_equal(
+        merge(base, finetuned, "multislerp", origin=origin), reference("multislerp", base, finetuned, with_base=with_base, weight=[1.0])
+    )
+    antipodal = [finetuned[0], {k: 2 * base[k] - v if with_base else -v for k, v in finetuned[0].items()}]  # x_2 = -x_1
+    ours = merge(base, antipodal, "multislerp", weights=[1.0, 1.0], origin=origin)
+    assert_equal(ours, reference("multislerp", base, antipodal, with_base=with_base, weight=[1.0, 1.0]))
