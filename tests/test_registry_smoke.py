@@ -428,6 +428,7 @@ MERGE_METHODS = {
         torch.allclose(merge(base, tuned[:1], "slerp", t=t)[k], (base, tuned[0])[int(t)][k], atol=1e-6) for k in base for t in (0.0, 1.0)
     ),
     "multislerp": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "multislerp")[k], tuned[0][k]) for k in base),
+    "nuslerp": lambda base, tuned: all(torch.allclose(merge(base, tuned, "nuslerp", weights=[0.0, 1.0])[k], tuned[1][k]) for k in base),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

@@ -59,6 +59,7 @@ def test_builtins_cite_their_papers():
         "linear": "https://arxiv.org/abs/2203.05482",
         "mean": "https://arxiv.org/abs/2203.05482",
         "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        "nuslerp": "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
         "slerp": "https://doi.org/10.1145/325165.325242",
         "task_arithmetic": "https://arxiv.org/abs/2212.04089",
         "ties": "https://arxiv.org/abs/2306.01708",

@@ -77,3 +77,17 @@ def test_multislerp_refuses_a_vanishing_mean_direction():
     tuned = [{"w": torch.tensor(v, dtype=torch.float64)} for v in ([1.0, 0.0], [-1.0, 0.0], [0.0, 0.0])]
     with pytest.raises(UserError, match="weighted mean direction of the models is zero"):
         merge(base, tuned, "multislerp", weights=[1.0, 1.0, 0.0])
+
+
+def test_nuslerp_interpolates_each_row_on_its_own_circle():
+    """Rows [1, 0] -> [0, 1] and [2, 0] -> [0, -2]: each moves along its own quarter circle."""
+    base = {"w": torch.zeros(2, 2, dtype=torch.float64)}
+    tuned = [
+        {"w": torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)},
+        {"w": torch.tensor([[0.0, 1.0], [0.0, -2.0]], dtype=torch.float64)},
+    ]
+    merged = merge(base, tuned, "nuslerp", weights=[2.0, 1.0], flatten=False)["w"]  # t = 1/3: 30 degrees
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    torch.testing.assert_close(merged, torch.tensor([[c, s], [2 * c, -2 * s]], dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(UserError, match="exactly two fine-tuned models, got 1"):
+        merge(base, tuned[:1], "nuslerp")

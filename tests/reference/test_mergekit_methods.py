@@ -122,3 +122,23 @@ def test_multislerp_of_one_model_or_two_antipodal_ones_equals_mergekit(origin):
     antipodal = [finetuned[0], {k: 2 * base[k] - v if with_base else -v for k, v in finetuned[0].items()}]  # x_2 = -x_1
     ours = merge(base, antipodal, "multislerp", weights=[1.0, 1.0], origin=origin)
     assert_equal(ours, reference("multislerp", base, antipodal, with_base=with_base, weight=[1.0, 1.0]))
+
+
+# ------------------------------------------------------------------ nuslerp
+
+
+@pytest.mark.parametrize("origin", ["base", "zero"])
+@pytest.mark.parametrize(("flatten", "row_wise"), [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [0.3, 0.9], [1.0, -1.0]])
+def test_nuslerp_equals_mergekit(origin, flatten, row_wise, weights):
+    base, finetuned = state_dicts(2)
+    ours = merge(base, finetuned, "nuslerp", weights=weights, flatten=flatten, row_wise=row_wise, origin=origin)
+    parameters = {"weight": weights, "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    assert_equal(ours, reference("nuslerp", base, finetuned, with_base=origin == "base", **parameters))
+
+
+def test_nuslerp_of_parallel_rows_interpolates_them_linearly_as_mergekit_does():
+    base, finetuned = state_dicts(2)
+    finetuned[1] = {k: base[k] + 3 * (v - base[k]) for k, v in finetuned[0].items()}  # tau_2 = 3 tau_1
+    ours = merge(base, finetuned, "nuslerp", weights=[1.0, 2.0], flatten=False)
+    assert_equal(ours, reference("nuslerp", base, finetuned, weight=[1.0, 2.0], nuslerp_flatten=False))
