@@ -22,6 +22,11 @@ draws **one** set of parameters for the whole batch and applies, to images in [0
 5. the centre crop back to the input size; a horizontal flip with probability 0.5;
 6. Gaussian noise of standard deviation 0.005, then clip to [0, 1].
 
+ROID and CMF (Marsden et al., WACV 2024; Lee et al., ICLR 2024) use the benchmark's variant
+``get_tta_transforms(padding_mode="reflect", cotta_augs=False)``: reflect padding (the image
+mirrored about its border pixels, torch's ``reflect``), and neither blur nor noise, whose
+parameters are then not drawn (``blur_sigma=None``, ``noise_std=None``); the final clip stays.
+
 Only the crop (plus the blur's 2-pixel margin) of the padded image is ever computed: for images
 of at least 4 pixels the blur's reflection at the padded border never reaches the crop, so the
 result is the reference's. The reference pads and crops both axes by the height; here each
@@ -37,6 +42,7 @@ draws exactly the reference's augmentations (on a CPU; on a GPU the noise image 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +61,12 @@ class TTAugment:
         scale: range of the zoom factor.
         brightness, contrast, saturation, gamma: ranges of the multiplicative colour factors.
         hue: range of the hue shift (fraction of a turn).
-        blur_sigma: range of the Gaussian blur's standard deviation (pixels, 5 x 5 kernel).
+        blur_sigma: range of the Gaussian blur's standard deviation (pixels, 5 x 5 kernel);
+            ``None``: no blur (and no draw of ``sigma``).
         flip: probability of a horizontal flip (use 0 for digits and text-like images).
-        noise_std: standard deviation of the additive Gaussian noise (in [0, 1] units).
+        noise_std: standard deviation of the additive Gaussian noise (in [0, 1] units);
+            ``None``: no noise (and no draw of the noise image).
+        padding: how the image is padded before the affine map: ``edge`` (CoTTA) or ``reflect`` (ROID).
 
     :meth:`sample` draws the parameters of ``n`` augmentations and :meth:`apply` applies them
     (to ``n`` copies of a batch, in one call); calling the object draws and applies one.
@@ -73,9 +82,10 @@ class TTAugment:
         saturation: tuple[float, float] = (0.5, 1.5),
         hue: tuple[float, float] = (-0.06, 0.06),
         gamma: tuple[float, float] = (0.7, 1.3),
-        blur_sigma: tuple[float, float] = (0.001, 0.5),
+        blur_sigma: tuple[float, float] | None = (0.001, 0.5),
         flip: float = 0.5,
-        noise_std: float = 0.005,
+        noise_std: float | None = 0.005,
+        padding: Literal["edge", "reflect"] = "edge",
     ):
         self.rotate = rotate
         self.translate = translate
@@ -84,12 +94,13 @@ class TTAugment:
         self.blur_sigma = blur_sigma
         self.flip = flip
         self.noise_std = noise_std
+        self.padding = padding
 
     def sample(
         self, n: int, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:
         """Parameters of ``n >= 1`` augmentations of a batch of ``shape`` ``(B, C, H, W)``: one row
-        per augmentation (``noise``: ``(n, B, C, H, W)``)."""
+        per augmentation (``noise``: ``(n, B, C, H, W)``; ``sigma`` and ``noise`` only when blur and noise are on)."""
         h, w = shape[-2:]
         padded_h, padded_w = h + 2 * (h // 2), w + 2 * (w // 2)
 
@@ -110,20 +121,24 @@ class TTAugment:
             max_x, max_y = self.translate * padded_w, self.translate * padded_h
             rows["shift"].append([round(uniform(-max_x, max_x)), round(uniform(-max_y, max_y))])
             rows["zoom"].append(uniform(*self.scale))
-            rows["sigma"].append(uniform(*self.blur_sigma))
+            if self.blur_sigma is not None:
+                rows["sigma"].append(uniform(*self.blur_sigma))
             rows["flip"].append(bool(torch.rand(1, generator=generator) < self.flip))
-            noise.append(torch.randn(tuple(shape), generator=generator if on_cpu else None, device=device))
+            if self.noise_std is not None:
+                noise.append(torch.randn(tuple(shape), generator=generator if on_cpu else None, device=device))
         params = {
             "order": torch.stack(rows["order"]),
             "colour": torch.tensor(rows["colour"], dtype=torch.float32).view(n, len(COLOUR_OPERATIONS)),
             "angle": torch.tensor(rows["angle"], dtype=torch.float64),
             "shift": torch.tensor(rows["shift"], dtype=torch.float64).view(n, 2),
             "zoom": torch.tensor(rows["zoom"], dtype=torch.float64),
-            "sigma": torch.tensor(rows["sigma"], dtype=torch.float32),
             "flip": torch.tensor(rows["flip"], dtype=torch.bool),
         }
+        if self.blur_sigma is not None:
+            params["sigma"] = torch.tensor(rows["sigma"], dtype=torch.float32)
         params = {k: v.to(device) for k, v in params.items()}
-        params["noise"] = torch.stack(noise) * self.noise_std
+        if self.noise_std is not None:
+            params["noise"] = torch.stack(noise) * self.noise_std
         return params
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,10 +153,15 @@ class TTAugment:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         x = x.clamp(0, 1).unsqueeze(0).repeat(n, 1, 1, 1, 1)  # (n, B, C, H, W)
         x = _jitter(x, params["order"], params["colour"])
-        x = _affine_crop(x.view(n * b, c, h, w), params, n)
-        x = _blur(x.view(n, b, c, h + 2 * BLUR_RADIUS, w + 2 * BLUR_RADIUS), params["sigma"])
+        margin = BLUR_RADIUS if "sigma" in params else 0
+        x = _affine_crop(x.view(n * b, c, h, w), params, n, margin, self.padding)
+        x = x.view(n, b, c, h + 2 * margin, w + 2 * margin)
+        if "sigma" in params:
+            x = _blur(x, params["sigma"])
         x = torch.where(params["flip"].view(n, 1, 1, 1, 1), x.flip(-1), x)
-        return (x + params["noise"]).clamp(0, 1).reshape(n * b, c, h, w)
+        if "noise" in params:
+            x = x + params["noise"]
+        return x.clamp(0, 1).reshape(n * b, c, h, w)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One augmentation of ``images`` (one draw for the whole batch)."""
@@ -210,17 +230,19 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, dim=-3)
 
 
-def _affine_crop(x: torch.Tensor, params: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-    """Edge padding by half the size, the drawn affine maps about the centre (torchvision's
-    bilinear ``RandomAffine`` with zero fill), evaluated only on the centre crop plus the blur's
-    margin: ``(n * B, C, H + 4, W + 4)``."""
+def _affine_crop(
+    x: torch.Tensor, params: dict[str, torch.Tensor], n: int, margin: int = BLUR_RADIUS, padding: str = "edge"
+) -> torch.Tensor:
+    """Padding by half the size (``edge`` or ``reflect``), the drawn affine maps about the centre
+    (torchvision's bilinear ``RandomAffine`` with zero fill), evaluated only on the centre crop
+    plus ``margin`` pixels (the blur's): ``(n * B, C, H + 2 margin, W + 2 margin)``."""
     rows, c, h, w = x.shape
     pad_h, pad_w = h // 2, w // 2
     padded_h, padded_w = h + 2 * pad_h, w + 2 * pad_w
     dtype, device = torch.float64, x.device
     # output pixel centres of the needed region, relative to the padded image's centre
-    ys = torch.arange(pad_h - BLUR_RADIUS, pad_h + h + BLUR_RADIUS, dtype=dtype, device=device) + 0.5 - padded_h / 2
-    xs = torch.arange(pad_w - BLUR_RADIUS, pad_w + w + BLUR_RADIUS, dtype=dtype, device=device) + 0.5 - padded_w / 2
+    ys = torch.arange(pad_h - margin, pad_h + h + margin, dtype=dtype, device=device) + 0.5 - padded_h / 2
+    xs = torch.arange(pad_w - margin, pad_w + w + margin, dtype=dtype, device=device) + 0.5 - padded_w / 2
     angle = params["angle"] * (math.pi / 180)
     cos, sin = (torch.cos(angle) / params["zoom"]).view(-1, 1, 1), (torch.sin(angle) / params["zoom"]).view(-1, 1, 1)
     dx = xs.view(1, 1, -1) - params["shift"][:, 0].view(-1, 1, 1)
@@ -229,10 +251,20 @@ def _affine_crop(x: torch.Tensor, params: dict[str, torch.Tensor], n: int) -> to
     src_x = cos * dx + sin * dy + padded_w / 2 - 0.5  # pixel index in the padded image
     src_y = -sin * dx + cos * dy + padded_h / 2 - 0.5
     coverage = _inside(src_x, padded_w) * _inside(src_y, padded_h)  # bilinear weight on the padded image
-    grid = torch.stack([(2 * (src_x - pad_w) + 1) / w - 1, (2 * (src_y - pad_h) + 1) / h - 1], dim=-1)
+    if padding == "reflect":
+        # the padded image mirrors the input about its border pixels (torch's "reflect"), which is
+        # grid_sample's reflection with align_corners=True; beyond the padded image, its border
+        # value (the zero fill's partial weight is ``coverage`` below)
+        u = (src_x - pad_w).clamp(-pad_w, w - 1 + pad_w)
+        v = (src_y - pad_h).clamp(-pad_h, h - 1 + pad_h)
+        grid = torch.stack([2 * u / max(w - 1, 1) - 1, 2 * v / max(h - 1, 1) - 1], dim=-1)
+        mode, corners = "reflection", True
+    else:  # the padded image repeats the border pixels: the input's border value
+        grid = torch.stack([(2 * (src_x - pad_w) + 1) / w - 1, (2 * (src_y - pad_h) + 1) / h - 1], dim=-1)
+        mode, corners = "border", False
     b = rows // n
     grid = grid.to(x.dtype).repeat_interleave(b, dim=0)
-    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode=mode, align_corners=corners)
     return sampled * (coverage.to(x.dtype) ** 2).repeat_interleave(b, dim=0).unsqueeze(1)
 
 

@@ -1,0 +1,91 @@
+"""ROID: weight ensembling, diversity and certainty weighting, prior correction.
+
+Marsden et al., "Universal Test-time Adaptation through Weight Ensembling, Diversity Weighting,
+and Prior Correction", WACV 2024 (https://arxiv.org/abs/2306.00650). On every test batch:
+
+1. the prediction ``z`` and one optimizer step on the diversity- and certainty-weighted soft
+   likelihood ratio plus the weighted consistency with an augmentation (eq. 3-7,
+   :class:`CertaintyDiversityLoss`);
+2. weight ensembling (eq. 9, :func:`blend_`): the adapted weights move towards the source's,
+   ``theta <- alpha theta + (1 - alpha) theta_0``;
+3. the returned prediction is ``z`` (before the step) corrected by the smoothed batch prior
+   (eq. 8, :func:`prior_correction`).
+
+Adapted: the norm layers' affine parameters; BatchNorm normalises with test-batch statistics.
+Defaults are the CIFAR-10-C settings of Döbler et al.'s benchmark (``cfgs/cifar10_c/roid.yaml``
+over ``conf.py``: Adam lr 1e-3, ``alpha`` 0.99, ``p_bar`` momentum 0.9, ``T = 1/3``); the loss
+divides by the test batch size (``train.batch_size``) as there.
+
+Paper symbols: ``alpha`` -> ``momentum_src``, ``T`` -> ``temperature``.
+"""
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, prior_correction
+from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.source_reset import SourceReset
+from clpeft.components.tta.weight_ensembling import adapted_names, blend_
+from clpeft.experience import Experience
+from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
+from clpeft.strategy import Strategy
+
+
+@register_strategy("roid")
+class ROID(Strategy):
+    """ROID: weighted soft-likelihood-ratio self-training, weight ensembling and prior correction (Marsden et al. 2024).
+
+    Args:
+        backbone: a feature extractor with normalisation layers.
+        online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
+        use_weighting: diversity and certainty weighting (and selection) of the samples.
+        use_prior_correction: multiply the returned logits by the smoothed batch prior.
+        use_consistency: the consistency term on an augmentation.
+        momentum_src: ``alpha`` of the weight ensembling with the source (1: none).
+        momentum_probs: momentum of the moving mean probability vector of the diversity weight.
+        temperature: ``T`` of the weights.
+        flip: horizontal-flip probability of the augmentation (0 for digits-like data).
+    """
+
+    supported_scenarios = ("test_time_adaptation",)
+    cache_features = False
+
+    @flat_options
+    def __init__(
+        self,
+        backbone,
+        online: AdaptationOptions = AdaptationOptions(),
+        use_weighting: bool = True,
+        use_prior_correction: bool = True,
+        use_consistency: bool = True,
+        momentum_src: Annotated[float, Field(ge=0, le=1)] = 0.99,
+        momentum_probs: Annotated[float, Field(ge=0, le=1)] = 0.9,
+        temperature: Annotated[float, Field(gt=0)] = 1 / 3,
+        flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    ):
+        super().__init__(backbone)
+        check_adaptable(backbone, online.params, "roid")
+        self.use_prior_correction = use_prior_correction
+        self.momentum_src = momentum_src
+        self.adaptation = OnlineAdaptation(online)
+        self.loss = CertaintyDiversityLoss(use_weighting, use_consistency, momentum_probs, temperature, flip)
+        self.source = SourceReset(classifier(backbone, self.head))
+
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        if exp.train is None:
+            net = classifier(self.backbone, self.head)
+            self.adaptation.prepare(self, net, on_start=lambda: self.source.capture(net))
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        self.adaptation.begin_batch(self)
+        net = classifier(self.backbone, self.head)
+        logits = net(x)
+        self.adaptation.step(self.loss(net, x, logits, self._data.batch_size))
+        blend_(net, self.source.source, self.momentum_src, adapted_names(net))
+        logits = logits.detach()
+        return prior_correction(logits) if self.use_prior_correction else logits

@@ -1,0 +1,198 @@
+"""clpeft's ROID, RPL, CMF and SANTA against Döbler et al.'s benchmark (mariodoebler/test-time-adaptation).
+
+The benchmark's ``classification/methods/{roid,rpl,cmf,santa}.py`` and its ROID augmentation
+(``augmentations/transforms_cotta.py``: ``get_tta_transforms(padding_mode="reflect",
+cotta_augs=False)``) run next to clpeft's strategies on the tiny networks, weights, batches and
+configs of ``test_tta_methods.py`` (whose helpers this file uses): a BatchNorm CNN and timm's
+``test_vit`` with LayerNorm, 3 x 32 x 32 images, ``cfgs/cifar10_c/<method>.yaml`` over
+``conf.py``. Random draws (the augmentations) are made identical by seeding torch's generator
+before each batch on both sides.
+
+Compared after every batch: the prediction and the method's state (ROID's and CMF's moving class
+prior, CMF's hidden variance and ``beta``); after the last batch every parameter (and CMF's
+hidden model, SANTA's projection head) and the optimizer state. Tolerances are those of
+``test_tta_methods.py`` (``CLOSE``, Adam's float noise bounded by ``NOISE``). Mutations checked
+once are named in each test's docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+
+import pytest
+import torch
+
+from clpeft.components.tta.certainty_diversity import roid_augmentation
+from clpeft.registry import strategies
+
+from .conftest import ref_dir, stub_module
+from .test_tta_methods import (
+    BATCH,
+    CLASSES,
+    CLOSE,
+    SUBDIR,
+    _adapt,
+    _assert_same_optimizer_state,
+    _assert_same_parameters,
+    _cfg,
+    _clpeft,
+    _float,
+    _images,
+    _named,
+    _package,
+    _params,
+    _reference_model,
+    _source_model,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+
+@pytest.fixture
+def bench(load_reference):
+    """The benchmark's ``conf``, the methods ``roid``, ``rpl``, ``cmf``, ``santa`` and its CoTTA
+    transforms (stubs as in ``test_tta_methods.py``: ``get_source_loader`` serves ``bench.source``)."""
+    root = ref_dir("test-time-adaptation") / SUBDIR
+    pytest.importorskip("yacs", reason="the benchmark's configs need yacs (pip install -e .[dev])")
+    ns = types.SimpleNamespace(root=root, source=None, request=None)
+
+    def get_source_loader(**request):
+        ns.request = request
+        return None, ns.source
+
+    stubs = {
+        "methods": _package("methods", root / "methods"),
+        "utils": _package("utils", root / "utils"),
+        "augmentations": _package("augmentations", root / "augmentations"),
+        "models": _package("models"),
+        "models.model": stub_module(
+            "models.model",
+            split_up_model=lambda model, arch, dataset: (model[0], model[1]),
+            ResNetDomainNet126=type("ResNetDomainNet126", (), {}),
+        ),
+        "datasets": _package("datasets"),
+        "datasets.data_loading": stub_module("datasets.data_loading", get_source_loader=get_source_loader),
+        "iopath": _package("iopath"),
+        "iopath.common": _package("iopath.common"),
+        "iopath.common.file_io": stub_module("iopath.common.file_io", g_pathmgr=None),
+    }
+    with load_reference("test-time-adaptation", "conf", SUBDIR, stubs=stubs) as conf:
+        ns.conf = conf
+        for name in ("roid", "rpl", "cmf", "santa"):
+            setattr(ns, name, importlib.import_module(f"methods.{name}"))
+        ns.transforms = importlib.import_module("augmentations.transforms_cotta")
+        yield ns
+
+
+def _defaults(name: str) -> dict:
+    signature = inspect.signature(strategies.get(name).__init__)
+    return {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _optimizer_defaults(cfg) -> dict:
+    return {"optimizer": "adam", "lr": cfg.OPTIM.LR, "momentum": cfg.OPTIM.BETA, "weight_decay": cfg.OPTIM.WD, "params": "norm"}
+
+
+def _run(strategy, ref, images, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Both sides on the same batches, torch's generator seeded alike before each."""
+    outputs = []
+    for i, x in enumerate(images):
+        torch.manual_seed(seed + i)
+        ours = _adapt(strategy, x)
+        torch.manual_seed(seed + i)
+        outputs.append((ours, ref(_float(x))))
+    return outputs
+
+
+def _assert_same_end_state(strategy, ref, model) -> None:
+    ours, theirs = _named(strategy), dict(ref.model.named_parameters())
+    _assert_same_parameters(ours, theirs, _params(model))
+    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer, theirs)
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_defaults_are_the_cifar10_c_configs(bench):
+    """ROID's, RPL's, CMF's and SANTA's defaults are ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py``."""
+    roid, rpl, cmf, santa = (_cfg(bench, m) for m in ("roid", "rpl", "cmf", "santa"))
+    assert _defaults("roid") == {
+        **_optimizer_defaults(roid),
+        "use_weighting": roid.ROID.USE_WEIGHTING,
+        "use_prior_correction": roid.ROID.USE_PRIOR_CORRECTION,
+        "use_consistency": roid.ROID.USE_CONSISTENCY,
+        "momentum_src": roid.ROID.MOMENTUM_SRC,
+        "momentum_probs": roid.ROID.MOMENTUM_PROBS,
+        "temperature": roid.ROID.TEMPERATURE,
+        "flip": 0.5,
+    }
+    for cfg in (roid, rpl, cmf, santa):
+        assert cfg.OPTIM.METHOD == "Adam" and cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
+        assert cfg.MODEL.RESET_AFTER_NUM_UPDATES == 0
+
+
+# ------------------------------------------------------------------ augmentation
+
+
+@pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 28), (3, 8), (3, 5)])
+def test_roid_augmentation_equals_the_reflect_transform_without_blur_and_noise(bench, channels, size):
+    """Seeded alike, ``roid_augmentation()`` draws and applies ``get_tta_transforms(padding_mode=
+    "reflect", cotta_augs=False)``: reflect padding, no blur, no noise, and neither's random draw
+    (the generator ends in the same state); on tiny images the zero fill reaches the crop.
+    Mutations checked: ``symmetric`` reflection (grid_sample without ``align_corners``), the blur's
+    ``sigma`` still drawn, edge padding."""
+    x = torch.rand(5, channels, size, size, generator=torch.Generator().manual_seed(0))
+    transform = bench.transforms.get_tta_transforms((size, size), padding_mode="reflect", cotta_augs=False)
+    torch.manual_seed(3)
+    expected = [transform(x) for _ in range(6)]
+    after_reference = torch.rand(3)
+    torch.manual_seed(3)
+    augment = roid_augmentation()
+    got = augment.apply(x, augment.sample(6, x.shape)).view(6, *x.shape)
+    assert torch.equal(torch.rand(3), after_reference)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+# ------------------------------------------------------------------ roid
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("cnn", {}),
+        ("vit", {}),
+        ("cnn", {"ROID.USE_PRIOR_CORRECTION": False, "ROID.MOMENTUM_SRC": 0.9}),
+        ("cnn", {"ROID.USE_CONSISTENCY": False, "ROID.TEMPERATURE": 0.5}),
+    ],
+)
+def test_roid_equals_the_reference(bench, kind, options):
+    """Four batches with the CIFAR-10-C config (and with each option changed once): the
+    prior-corrected pre-update predictions, the moving class prior after each batch, every
+    parameter (ensembled with the source) and Adam's state. clpeft augments with its own
+    ``roid_augmentation()`` here (equal to the reference's transform to 1e-5 per pixel). Mutations
+    checked: the consistency loss averaged over the kept samples instead of divided by the batch
+    size, the prior added to the logits instead of multiplying them, the diversity measured
+    against the batch's mean prediction instead of the moving prior."""
+    cfg = _cfg(bench, "roid", **options)
+    model = _source_model(kind, head_scale=3.0)
+    strategy = _clpeft(
+        "roid",
+        kind,
+        model,
+        use_prior_correction=cfg.ROID.USE_PRIOR_CORRECTION,
+        use_consistency=cfg.ROID.USE_CONSISTENCY,
+        momentum_src=cfg.ROID.MOMENTUM_SRC,
+        temperature=cfg.ROID.TEMPERATURE,
+    )
+    ref = bench.roid.ROID(cfg, _reference_model(model), CLASSES)
+    for i in range(4):
+        x = _images(BATCH, 400 + i)
+        torch.manual_seed(410 + i)
+        ours = _adapt(strategy, x)
+        torch.manual_seed(410 + i)
+        torch.testing.assert_close(ours, ref(_float(x)), **CLOSE, msg=lambda m: f"batch {i}: {m}")
+        torch.testing.assert_close(strategy.loss.class_probs, ref.class_probs_ema, **CLOSE)
+    _assert_same_end_state(strategy, ref, model)

@@ -1,0 +1,229 @@
+"""ROID, RPL, CMF and SANTA driven through their hooks on the digits source model of ``test_tta_methods.py``,
+and through the engine on every stream of the ``test_time_adaptation`` scenario.
+
+The source model (a small BatchNorm CNN trained on clean scikit-learn digits) and the noisy test
+stream are that file's fixture. Checked against independent computations (the loss written out
+from its formula, the weight ensembling and the prior correction by hand) and behaviours: a saved
+state resumes identically, a loaded source state starts over, and each method runs the
+continual, gradual, mixed-domain and Dirichlet label-shift streams end to end.
+"""
+# ruff: noqa: F811  (the tests request the imported module fixture ``source`` by name)
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_tta_methods import _adapt, _batches, _make, source  # noqa: F401  (source: that module's fixture)
+
+import clpeft.config
+import clpeft.engine
+from clpeft.backbones.mlp import MLPBackbone
+from clpeft.components.tta.certainty_diversity import prior_correction, soft_likelihood_ratio
+from clpeft.components.tta.online_adaptation import classifier
+from clpeft.errors import UserError
+from clpeft.registry import strategies
+
+METHODS = ["roid"]
+DIGITS = {"flip": 0.0}  # no horizontal flips of digits
+OPTIONS = {"roid": DIGITS}
+
+
+def _params(strategy) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in classifier(strategy.backbone, strategy.head).named_parameters()}
+
+
+def _source_params(source) -> dict[str, torch.Tensor]:
+    return {**{f"0.{k}": v for k, v in source["backbone"].items()}, **{f"1.{k}": v for k, v in source["head"].items()}}
+
+
+# ------------------------------------------------------------------ contract
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declares_tta_and_cites_the_paper(name):
+    cls = strategies.get(name)
+    assert cls.supported_scenarios == ("test_time_adaptation",)
+    first = cls.__doc__.strip().splitlines()[0]
+    assert any(ch.isdigit() for ch in first) and "(" in first
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_refuses_a_backbone_without_norm_layers(name):
+    with pytest.raises(UserError, match="normalisation layers"):
+        strategies.get(name)(MLPBackbone((1, 8, 8), hidden=[8]))
+
+
+# ------------------------------------------------------------------ roid
+
+
+def test_roid_loss_is_the_weighted_soft_likelihood_ratio_and_consistency(source, monkeypatch):
+    """The first batch's loss, written out from the paper's formulas (min-max normalised
+    diversity against the uniform prior and certainty, ``exp(w_div w_cert / T)``, samples below
+    the mean diversity left out, SLR and the symmetric cross-entropy to the augmented view, over
+    the batch size), equals the strategy's; some samples, not all, are left out."""
+    s = _make("roid", source, **DIGITS)
+    losses = []
+    step = s.adaptation.step
+    monkeypatch.setattr(s.adaptation, "step", lambda loss: (losses.append(loss.detach()), step(loss)))
+    x = _batches(source, 1)[0]
+    net = copy.deepcopy(classifier(s.backbone, s.head))
+    with torch.no_grad():
+        logits = net(x)
+    p = logits.softmax(1).double()
+    diversity = 1 - (p @ torch.full((10,), 0.1, dtype=torch.float64)) / (p.norm(dim=1) * np.sqrt(0.1**2 * 10))
+    diversity = (diversity - diversity.min()) / (diversity.max() - diversity.min())
+    h = -(p * p.log()).sum(1)
+    certainty = (h.max() - h) / (h.max() - h.min())
+    kept = diversity >= diversity.mean()
+    w = torch.exp(diversity * certainty * 3) * kept
+    q = p.clamp(max=0.99)
+    slr = -(q * torch.log(q / (1 - q) + 1e-5)).sum(1)
+    assert 0 < int(kept.sum()) < len(x)
+    with torch.no_grad():  # one augmentation of the kept samples (their own batch statistics)
+        torch.manual_seed(5)
+        pa = net(s.loss.augment(x[kept])).softmax(1).double()
+    sce = -0.5 * (p[kept] * pa.log()).sum(1) - 0.5 * (pa * p[kept].log()).sum(1)
+    torch.manual_seed(5)
+    out = _adapt(s, x)
+    expected = ((slr * w)[kept].sum() + (sce * w[kept]).sum()) / 64
+    torch.testing.assert_close(losses[0].double(), expected, rtol=1e-4, atol=1e-6)
+    prior = p.mean(0)
+    smooth = max(1 / 64, 1 / 10) / prior.max()
+    torch.testing.assert_close(out.double(), logits.double() * (prior + smooth) / (1 + 10 * smooth), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.loss.class_probs.double(), 0.9 * 0.1 + 0.1 * prior, rtol=1e-5, atol=1e-7)
+
+
+def test_roid_weight_ensembling_pulls_the_adapted_weights_to_the_source(source):
+    """``momentum_src: 0`` puts the source weights back after every step (bitwise); 1 leaves the
+    step alone; the default 0.99 lands 1 % of the way back to the source from the stepped weights."""
+    x = _batches(source, 1)[0]
+    expected = _source_params(source)
+    back = _make("roid", source, momentum_src=0.0, **DIGITS)
+    torch.manual_seed(0)
+    _adapt(back, x)
+    assert all(torch.equal(p, expected[n]) for n, p in _params(back).items())
+    free, blended = _make("roid", source, momentum_src=1.0, **DIGITS), _make("roid", source, **DIGITS)
+    for s in (free, blended):
+        torch.manual_seed(0)
+        _adapt(s, x)
+    stepped, after = _params(free), _params(blended)
+    moved = [n for n in stepped if not torch.equal(stepped[n], expected[n])]
+    assert moved and all(".bn" in n or "stem.1" in n or "shortcut.1" in n for n in moved)
+    for n in moved:
+        torch.testing.assert_close(after[n], 0.99 * stepped[n] + 0.01 * expected[n], rtol=1e-6, atol=1e-7)
+
+
+def test_soft_likelihood_ratio_and_prior_correction_formulas():
+    """SLR clips probabilities at 0.99; the prior correction leaves a batch with a uniform prior's
+    argmax unchanged and scales each class by ``(pi_c + s) / (1 + s C)``."""
+    logits = torch.tensor([[8.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
+    p = logits.softmax(1).clamp(max=0.99)
+    torch.testing.assert_close(soft_likelihood_ratio(logits), -(p * torch.log(p / (1 - p) + 1e-5)).sum(1))
+    prior = logits.softmax(1).mean(0)
+    s = 0.5 / prior.max()
+    torch.testing.assert_close(prior_correction(logits), logits * (prior + s) / (1 + 3 * s))
+
+
+# ------------------------------------------------------------------ state
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_continues_identically(source, name):
+    """Saved after two batches and loaded into a fresh strategy: the third and fourth batches
+    give the same predictions and states (moving priors and optimizer state included)."""
+    s = _make(name, source, **OPTIONS[name])
+    batches = _batches(source, 4)
+    for x in batches[:2]:
+        _adapt(s, x)
+    restored = _make(name, source, start=False, **OPTIONS[name])
+    restored.load_state_dict(copy.deepcopy(s.state_dict()))
+    restored.before_experience(source["tta_exp"])
+    for i, x in enumerate(batches[2:]):
+        torch.manual_seed(i)
+        a = _adapt(s, x)
+        torch.manual_seed(i)
+        assert torch.equal(a, _adapt(restored, x))
+    assert s.state_dict().keys() == restored.state_dict().keys()
+    for (n, p), (_, q) in zip(s.state_dict().items(), restored.state_dict().items()):
+        if isinstance(p, torch.Tensor):
+            assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loading_the_source_state_restarts_from_the_source(source, name):
+    """What ``reset_each_domain`` does between domains: the source state loaded gives a fresh
+    start (moving priors cleared), identical to a new strategy's."""
+    s = _make(name, source, start=False, **OPTIONS[name])
+    source_state = copy.deepcopy(s.state_dict())
+    s.before_experience(source["tta_exp"])
+    batches = _batches(source, 3)
+    for x in batches[:2]:
+        _adapt(s, x)
+    s.load_state_dict(source_state)
+    s.before_experience(source["tta_exp"])
+    fresh = _make(name, source, **OPTIONS[name])
+    for i, x in enumerate(batches[1:]):
+        torch.manual_seed(i)
+        a = _adapt(s, x)
+        torch.manual_seed(i)
+        assert torch.equal(a, _adapt(fresh, x))
+
+
+# ------------------------------------------------------------------ streams
+
+
+STREAMS = {
+    "continual": {"corruptions": ["gaussian_noise", "brightness"]},
+    "gradual": {"corruptions": ["gaussian_noise"], "mode": "gradual"},
+    "mixed": {"corruptions": ["gaussian_noise", "brightness"], "mode": "mixed", "chunk_size": 50},
+    "dirichlet": {
+        "corruptions": ["gaussian_noise", "brightness"],
+        "label_shift": "dirichlet",
+        "dirichlet_concentration": 1.0,
+        "test_per_class": 20,
+    },
+}
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+@pytest.mark.parametrize("name", METHODS)
+def test_runs_every_test_time_stream(name, stream, tmp_path):
+    """Through the engine on a tiny CNN: the stream's domains are all scored, errors are finite
+    and below chance, and the method adapted (its parameters left the source model's)."""
+    cfg = {
+        "seed": 0,
+        "scenario": {
+            "name": "test_time_adaptation",
+            "dataset": "sklearn_digits",
+            "root": str(tmp_path / "data"),
+            "severity": 3,
+            "train_per_class": 24,
+            "test_per_class": 10,
+            **STREAMS[stream],
+        },
+        "backbone": {"name": "cnn", "widths": [8, 16]},
+        "strategy": {"name": name, **OPTIONS[name]},
+        "train": {"epochs": 5, "batch_size": 16, "lr": 0.01, "optimizer": "adam"},
+        "eval": {"batch_size": 128, "baseline": False},
+        "logging": {"tensorboard": False, "progress": "never"},
+    }
+    engine = clpeft.engine.Engine(clpeft.config.resolve(cfg), tmp_path / "run", device="cpu")
+    built = engine.build()
+    snapshot = {}
+    hook = built.strategy.before_experience
+
+    def spied(exp):
+        hook(exp)
+        if exp.train is None and not snapshot:
+            snapshot.update(_params(built.strategy))
+
+    built.strategy.before_experience = spied
+    result = engine.run(built)
+    errors = result["metrics"]["error_per_domain"]
+    domains = {"continual": 2, "gradual": 9, "mixed": 4, "dirichlet": 2}[stream]
+    assert len(errors) == domains and np.all(np.isfinite(errors)) and np.mean(errors) < 0.8, errors
+    after = _params(built.strategy)
+    assert any(not torch.equal(after[n], snapshot[n]) for n in snapshot)
