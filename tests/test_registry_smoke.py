@@ -154,7 +154,7 @@ STRATEGIES: dict[str, Smoke] = {
     "rotta": _tta({"name": "rotta", "memory_size": 8, "update_frequency": 8, "flip": 0.0}),
     "roid": _tta({"name": "roid", "flip": 0.0}),
     "seq_finetune": Smoke(
-        {"name": "seq_finetune", "rank": 2},
+        {"name": "seq_finetune", "lora_rank": 2},
         TINY_LLAMA,
         INSTRUCTIONS,
         learns="answers are scored by exact match, where chance is not 1/classes; "
@@ -429,6 +429,7 @@ MERGE_METHODS = {
     ),
     "multislerp": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "multislerp")[k], tuned[0][k]) for k in base),
     "nuslerp": lambda base, tuned: all(torch.allclose(merge(base, tuned, "nuslerp", weights=[0.0, 1.0])[k], tuned[1][k]) for k in base),
+    "karcher": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "karcher")[k], tuned[0][k], atol=1e-6) for k in base),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

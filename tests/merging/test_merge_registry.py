@@ -56,6 +56,7 @@ def test_builtins_cite_their_papers():
     assert urls == {
         "adamerging": "https://arxiv.org/abs/2310.02575",
         "dare": "https://arxiv.org/abs/2311.03099",
+        "karcher": "https://arxiv.org/abs/2603.04972",
         "linear": "https://arxiv.org/abs/2203.05482",
         "mean": "https://arxiv.org/abs/2203.05482",
         "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",

@@ -91,3 +91,20 @@ def test_nuslerp_interpolates_each_row_on_its_own_circle():
     torch.testing.assert_close(merged, torch.tensor([[c, s], [2 * c, -2 * s]], dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(UserError, match="exactly two fine-tuned models, got 1"):
         merge(base, tuned[:1], "nuslerp")
+
+
+def test_karcher_mean_of_three_directions_is_their_spherical_centre():
+    """Unit vectors at -60, 0 and +60 degrees (norms 1, 2, 3): the centre is 0 degrees, scaled by the mean norm 2."""
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    angles = (-math.pi / 3, 0.0, math.pi / 3)
+    tuned = [{"w": n * torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)} for n, a in zip((1.0, 2.0, 3.0), angles)]
+    torch.testing.assert_close(merge(base, tuned, "karcher")["w"], torch.tensor([2.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_karcher_mean_minimises_the_sum_of_squared_angles():
+    """Asymmetric directions: the Karcher mean's angle is the mean of the angles (on a great circle)."""
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    angles = (0.1, 0.3, 1.1)
+    tuned = [{"w": torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)} for a in angles]
+    merged = merge(base, tuned, "karcher", max_iter=100, tol=1e-12)["w"]
+    assert math.atan2(merged[1], merged[0]) == pytest.approx(sum(angles) / 3, abs=1e-10)

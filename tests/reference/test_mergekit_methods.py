@@ -142,3 +142,20 @@ def test_nuslerp_of_parallel_rows_interpolates_them_linearly_as_mergekit_does():
     finetuned[1] = {k: base[k] + 3 * (v - base[k]) for k, v in finetuned[0].items()}  # tau_2 = 3 tau_1
     ours = merge(base, finetuned, "nuslerp", weights=[1.0, 2.0], flatten=False)
     assert_equal(ours, reference("nuslerp", base, finetuned, weight=[1.0, 2.0], nuslerp_flatten=False))
+
+
+# ------------------------------------------------------------------ karcher
+
+
+@pytest.mark.parametrize("include_base", [False, True])
+@pytest.mark.parametrize(("tasks", "max_iter", "tol"), [(3, 10, 1e-5), (2, 1, 1e-5), (4, 50, 1e-9)])
+def test_karcher_equals_mergekit(include_base, tasks, max_iter, tol):
+    base, finetuned = state_dicts(tasks)
+    ours = merge(base, finetuned, "karcher", max_iter=max_iter, tol=tol, include_base=include_base)
+    assert_equal(ours, reference("karcher", base, finetuned, with_base=include_base, max_iter=max_iter, tol=tol))
+
+
+def test_karcher_leaves_out_zero_models_as_mergekit_does():
+    base, finetuned = state_dicts(2)
+    finetuned.append({k: torch.zeros_like(v) for k, v in base.items()})
+    assert_equal(merge(base, finetuned, "karcher"), reference("karcher", base, finetuned, with_base=False))
