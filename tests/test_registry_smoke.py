@@ -430,6 +430,9 @@ MERGE_METHODS = {
     "multislerp": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "multislerp")[k], tuned[0][k]) for k in base),
     "nuslerp": lambda base, tuned: all(torch.allclose(merge(base, tuned, "nuslerp", weights=[0.0, 1.0])[k], tuned[1][k]) for k in base),
     "karcher": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "karcher")[k], tuned[0][k], atol=1e-6) for k in base),
+    "model_stock": lambda base, tuned: all(
+        torch.allclose(merge(base, [tuned[0]] * 2, "model_stock")[k], tuned[0][k], atol=1e-6) for k in base
+    ),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

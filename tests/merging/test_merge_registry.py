@@ -59,6 +59,7 @@ def test_builtins_cite_their_papers():
         "karcher": "https://arxiv.org/abs/2603.04972",
         "linear": "https://arxiv.org/abs/2203.05482",
         "mean": "https://arxiv.org/abs/2203.05482",
+        "model_stock": "https://arxiv.org/abs/2403.19522",
         "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         "nuslerp": "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
         "slerp": "https://doi.org/10.1145/325165.325242",

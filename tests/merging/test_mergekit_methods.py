@@ -108,3 +108,22 @@ def test_karcher_mean_minimises_the_sum_of_squared_angles():
     tuned = [{"w": torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)} for a in angles]
     merged = merge(base, tuned, "karcher", max_iter=100, tol=1e-12)["w"]
     assert math.atan2(merged[1], merged[0]) == pytest.approx(sum(angles) / 3, abs=1e-10)
+
+
+def test_model_stock_ratio_follows_the_angle(models):
+    """Eq. 2 of the paper computed by hand in float64 for one tensor, per tensor and per output row."""
+    base, tuned = models
+    merged = merge(base, tuned, "model_stock")
+    merged_rows = merge(base, tuned, "model_stock", filter_wise=True)
+    taus = torch.stack([m["w"] - base["w"] for m in tuned])  # (3, 6, 5)
+
+    def ratio(vectors):  # vectors: (3, n)
+        unit = vectors / vectors.norm(dim=1, keepdim=True)
+        cos = (unit @ unit.T)[torch.triu_indices(3, 3, 1).unbind()].mean()
+        return 3 * cos / (1 + 2 * cos)
+
+    torch.testing.assert_close(merged["w"], base["w"] + ratio(taus.reshape(3, -1)) * taus.mean(0), rtol=0, atol=1e-12)
+    expected_rows = torch.stack([base["w"][r] + ratio(taus[:, r]) * taus[:, r].mean(0) for r in range(6)])
+    torch.testing.assert_close(merged_rows["w"], expected_rows, rtol=0, atol=1e-12)
+    with pytest.raises(UserError, match="needs at least two, got 1"):
+        merge(base, tuned[:1], "model_stock")

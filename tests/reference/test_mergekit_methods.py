@@ -159,3 +159,26 @@ def test_karcher_leaves_out_zero_models_as_mergekit_does():
     base, finetuned = state_dicts(2)
     finetuned.append({k: torch.zeros_like(v) for k, v in base.items()})
     assert_equal(merge(base, finetuned, "karcher"), reference("karcher", base, finetuned, with_base=False))
+
+
+# ------------------------------------------------------------------ model_stock
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_equals_mergekit(tasks, filter_wise):
+    base, finetuned = state_dicts(tasks)
+    ours = merge(base, finetuned, "model_stock", filter_wise=filter_wise)
+    theirs = reference("model_stock", base, finetuned, filter_wise=filter_wise)
+    if filter_wise:  # a filter of a conv kernel: clpeft's is an output channel, mergekit's a slice along the last axis
+        assert not torch.allclose(ours.pop("conv.weight"), theirs.pop("conv.weight"), rtol=0, atol=1e-6)
+    assert_equal(ours, theirs)
+
+
+def test_model_stock_keeps_the_base_where_mergekit_does():
+    """Two opposite task vectors: cos = -1, 1 + (k - 1) cos = 0, the singular case: the base."""
+    base, finetuned = state_dicts(1)
+    finetuned.append({k: 2 * base[k] - v for k, v in finetuned[0].items()})
+    ours = merge(base, finetuned, "model_stock")
+    assert_equal(ours, reference("model_stock", base, finetuned))
+    assert_equal(ours, base)
