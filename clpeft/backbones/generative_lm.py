@@ -171,11 +171,27 @@ class GenerativeLM(Backbone):
 
     # ------------------------------------------------------------------ training and generation
 
+    def answer_logits(
+        self, examples: Sequence[Instruction], params: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, targets, rows)`` at the answers' tokens: the next-token logits ``(N, vocab)``
+        that predict them, the tokens, and each one's example index.
+
+        ``params`` replaces parameters of :attr:`net` by name for this pass
+        (``torch.func.functional_call``), e.g. an earlier model's adapters.
+        """
+        ids, mask, labels = self.training_batch(examples)
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        out = self.net(**inputs) if params is None else torch.func.functional_call(self.net, params, (), inputs)
+        labels = labels[:, 1:]
+        at = labels != IGNORE
+        rows = torch.arange(len(examples), device=ids.device)[:, None].expand_as(labels)
+        return out.logits[:, :-1][at], labels[at], rows[at]
+
     def loss(self, examples: Sequence[Instruction]) -> torch.Tensor:
         """Mean next-token cross-entropy over the answers' tokens (prompts and padding excluded)."""
-        ids, mask, labels = self.training_batch(examples)
-        logits = self.net(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        logits, targets, _ = self.answer_logits(examples)
+        return F.cross_entropy(logits.float(), targets)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:

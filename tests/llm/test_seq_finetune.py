@@ -15,13 +15,13 @@ from clpeft.instructions import Instruction
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def _config(tasks, weights, epochs=8, **strategy):
+def _config(tasks, weights, epochs=8, name="seq_finetune", **strategy):
     return clpeft.config.resolve(
         {
             "seed": 0,
             "scenario": {"name": "instruction_incremental", "tasks": tasks},
             "backbone": {"name": "generative_lm", "weights": str(weights)},
-            "strategy": {"name": "seq_finetune", "targets": TARGETS, "rank": 4, **strategy},
+            "strategy": {"name": name, "lora_targets": TARGETS, "lora_rank": 4, **strategy},
             "train": {"epochs": epochs, "batch_size": 8, "lr": 0.01, "optimizer": "adam"},
             "eval": {"batch_size": 32, "baseline": True},
             "logging": {"tensorboard": False, "progress": "never"},
@@ -59,7 +59,7 @@ def test_score_applies_each_examples_metric(tiny_lm, monkeypatch):
     from clpeft.backbones.generative_lm import GenerativeLM
     from clpeft.strategies.seq_finetune import SeqFinetune
 
-    strategy = SeqFinetune(GenerativeLM(weights=str(tiny_lm)), targets=["q_proj"], rank=2)
+    strategy = SeqFinetune(GenerativeLM(weights=str(tiny_lm)), lora_targets=["q_proj"], lora_rank=2)
     examples = [
         Instruction("a", "85", "exact_match"),
         Instruction("b", "the cat sat", "rouge_l"),
@@ -105,9 +105,9 @@ def test_the_trained_lora_loads_in_peft_on_the_plain_model(tiny_lm, tmp_path):
     from clpeft.components.lora import save_peft_adapter
     from clpeft.strategies.seq_finetune import SeqFinetune
 
-    strategy = SeqFinetune(GenerativeLM(weights=str(tiny_lm)), targets=TARGETS, rank=4).eval()
+    strategy = SeqFinetune(GenerativeLM(weights=str(tiny_lm)), lora_targets=TARGETS, lora_rank=4).eval()
     torch.manual_seed(0)
-    for layer in strategy.lora.values():  # as if trained: B no longer zero
+    for layer in strategy.generative.lora.values():  # as if trained: B no longer zero
         torch.nn.init.normal_(layer.lora_B, std=0.5)
     save_peft_adapter(strategy.backbone.net, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter").eval()

@@ -1,0 +1,133 @@
+"""The generative path of a strategy: LoRA on a decoder LLM, the answer-token loss, scored answers.
+
+Continual instruction tuning (O-LoRA, Wang et al., EMNLP 2023 Findings,
+https://arxiv.org/abs/2310.14152) trains a LoRA (Hu et al., ICLR 2022,
+https://arxiv.org/abs/2106.09685) on the attention projections of a
+:class:`~clpeft.backbones.generative_lm.GenerativeLM`, task after task, and scores the greedy
+answers with each task's metric. Replay, EWC, LwF and joint training do the same on this path and
+keep their own idea: :class:`InstructionTuning` holds what they share, built by
+:meth:`InstructionTuning.of` only when the backbone is generative, so the classification path of
+those strategies is untouched. Its options are one typed block, :class:`GenerativeOptions`, whose
+fields a strategy's YAML gives as flat keys (``lora_rank: 8``).
+
+* :meth:`InstructionTuning.loss`: the mean next-token cross-entropy over the answers' tokens.
+* :meth:`InstructionTuning.score`: each example's score in [0, 1] by its task's metric on a
+  greedy answer (the engine's ``score`` hook).
+* :meth:`InstructionTuning.fisher`: EWC's diagonal empirical Fisher of the adapters, from
+  per-example gradients of the answer's log-likelihood ``log p(y|x) = sum_t log p(y_t|x, y_<t)``.
+* :meth:`InstructionTuning.snapshot` and :meth:`InstructionTuning.distillation`: LwF's old model
+  on this path, the adapters' values at the start of the task (the pretrained weights are shared,
+  so no copy of the model), and the distillation of its token distributions at the answers'
+  tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from clpeft.backbones.generative_lm import GenerativeLM
+from clpeft.components.lora import inject_lora
+from clpeft.components.regularization.distillation import distillation_loss
+from clpeft.data import Batch
+from clpeft.errors import UserError
+from clpeft.instructions import Instruction
+from clpeft.schema import Options
+from clpeft.text_metrics import score
+
+
+class GenerativeOptions(Options):
+    """The LoRA a strategy trains on a ``generative_lm`` backbone (only there)."""
+
+    lora_targets: list[str] = Field(
+        ["q_proj", "v_proj"], description="name suffixes of the linear layers LoRA adapts (O-LoRA: the attention's query and value)"
+    )
+    lora_rank: Annotated[int, Field(ge=1)] = Field(8, description="LoRA rank r")
+    lora_alpha: Annotated[float, Field(gt=0)] = Field(16.0, description="LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="dropout on the LoRA input")
+
+
+class InstructionTuning:
+    """LoRA on a :class:`GenerativeLM` and what a strategy does with it (see the module docstring).
+
+    Not a module: the adapters live in the backbone, which the strategy already holds.
+
+    Args:
+        backbone: the generative backbone; LoRA is injected into its ``net``.
+        options: the LoRA's targets, rank, alpha and dropout.
+    """
+
+    def __init__(self, backbone: GenerativeLM, options: GenerativeOptions):
+        self.backbone = backbone
+        self.lora = inject_lora(
+            backbone.net,
+            options.lora_targets,
+            options.lora_rank,
+            options.lora_alpha,
+            dropout=options.lora_dropout,
+            key="strategy.lora_targets",
+        )
+
+    @classmethod
+    def of(cls, backbone, options: GenerativeOptions) -> InstructionTuning | None:
+        """The generative path on a :class:`GenerativeLM`, else ``None`` (LoRA options given there are refused)."""
+        if isinstance(backbone, GenerativeLM):
+            return cls(backbone, options)
+        if options.model_fields_set:
+            raise UserError(
+                f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it",
+                key=f"strategy.{sorted(options.model_fields_set)[0]}",
+            )
+        return None
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters of the backbone's ``net`` (the adapters), by name."""
+        return {n: p for n, p in self.backbone.net.named_parameters() if p.requires_grad}
+
+    def loss(self, examples: Sequence[Instruction]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answers' tokens."""
+        return self.backbone.loss(examples)
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Each example's score in [0, 1] by its task's metric, on a greedy answer."""
+        examples = batch.x
+        answers = self.backbone.generate(
+            [e.prompt for e in examples], max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop})
+        )
+        return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])
+
+    def fisher(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher ``E[(d log p(y|x) / d theta)^2]`` of :meth:`trainable`, one
+        backward per example (``log p(y|x)`` sums the answer tokens' log-probabilities)."""
+        params = self.trainable()
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        count = 0
+        for batch in batches:
+            for example in batch.x:
+                logits, targets, _ = self.backbone.answer_logits([example])
+                nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+                for f, g in zip(fisher.values(), torch.autograd.grad(nll, list(params.values()), allow_unused=True)):
+                    if g is not None:
+                        f += g.detach().pow(2)
+                count += 1
+        return {n: f / max(count, 1) for n, f in fisher.items()}
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the adapters' current values: the old model of :meth:`distillation`."""
+        return {n: p.detach().clone() for n, p in self.trainable().items()}
+
+    def distillation(
+        self, examples: Sequence[Instruction], old: dict[str, torch.Tensor], temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, distillation)``: the answer-token loss and LwF's ``L_old`` against the model with
+        the adapters ``old``, a temperature-``T`` KL between the two models' next-token
+        distributions at the answers' tokens, averaged over the tokens."""
+        logits, targets, _ = self.backbone.answer_logits(examples)
+        with torch.no_grad():
+            teacher, _, _ = self.backbone.answer_logits(examples, params=old)
+        return F.cross_entropy(logits.float(), targets), distillation_loss(logits, teacher, temperature)
