@@ -153,6 +153,7 @@ STRATEGIES: dict[str, Smoke] = {
     "memo": _tta({"name": "memo", "n_augmentations": 2}),
     "rotta": _tta({"name": "rotta", "memory_size": 8, "update_frequency": 8, "flip": 0.0}),
     "roid": _tta({"name": "roid", "flip": 0.0}),
+    "rpl": _tta({"name": "rpl"}),
     "seq_finetune": Smoke(
         {"name": "seq_finetune", "lora_rank": 2},
         TINY_LLAMA,

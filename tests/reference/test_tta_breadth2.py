@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from clpeft.components.tta.certainty_diversity import roid_augmentation
+from clpeft.components.tta.generalized_cross_entropy import generalized_cross_entropy
 from clpeft.registry import strategies
 
 from .conftest import ref_dir, stub_module
@@ -128,6 +129,7 @@ def test_defaults_are_the_cifar10_c_configs(bench):
         "temperature": roid.ROID.TEMPERATURE,
         "flip": 0.5,
     }
+    assert _defaults("rpl") == {**_optimizer_defaults(rpl), "q": rpl.RPL.Q}
     for cfg in (roid, rpl, cmf, santa):
         assert cfg.OPTIM.METHOD == "Adam" and cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
         assert cfg.MODEL.RESET_AFTER_NUM_UPDATES == 0
@@ -195,4 +197,32 @@ def test_roid_equals_the_reference(bench, kind, options):
         torch.manual_seed(410 + i)
         torch.testing.assert_close(ours, ref(_float(x)), **CLOSE, msg=lambda m: f"batch {i}: {m}")
         torch.testing.assert_close(strategy.loss.class_probs, ref.class_probs_ema, **CLOSE)
+    _assert_same_end_state(strategy, ref, model)
+
+
+# ------------------------------------------------------------------ rpl
+
+
+def test_generalized_cross_entropy_equals_utils_losses(bench):
+    """Pseudo-labels (no targets) and given targets, ``q`` 0.8 and 0.3. Mutation checked: ``p_y^q``
+    of the softmax's maximum instead of the target's probability."""
+    losses = importlib.import_module("utils.losses")
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(8, CLASSES, generator=g), torch.randint(0, CLASSES, (8,), generator=g)
+    for q in (0.8, 0.3):
+        reference = losses.GeneralizedCrossEntropy(q=q)
+        torch.testing.assert_close(generalized_cross_entropy(logits, q=q), reference(logits))
+        torch.testing.assert_close(generalized_cross_entropy(logits, targets, q), reference(logits, targets))
+
+
+@pytest.mark.parametrize(("kind", "q"), [("cnn", 0.8), ("vit", 0.8), ("cnn", 0.3)])
+def test_rpl_equals_the_reference(bench, kind, q):
+    """Three batches with the CIFAR-10-C config (and ``q`` 0.3): the pre-update predictions, every
+    parameter and Adam's state. Mutations checked: the post-update prediction, the loss summed
+    instead of averaged, ``q`` read as ``1 - q``."""
+    model = _source_model(kind, head_scale=3.0)
+    strategy = _clpeft("rpl", kind, model, q=q)
+    ref = bench.rpl.RPL(_cfg(bench, "rpl", **{"RPL.Q": q}), _reference_model(model), CLASSES)
+    for ours, theirs in _run(strategy, ref, [_images(BATCH, 420 + i) for i in range(3)], 430):
+        torch.testing.assert_close(ours, theirs, **CLOSE)
     _assert_same_end_state(strategy, ref, model)

@@ -26,9 +26,9 @@ from clpeft.components.tta.online_adaptation import classifier
 from clpeft.errors import UserError
 from clpeft.registry import strategies
 
-METHODS = ["roid"]
+METHODS = ["roid", "rpl"]
 DIGITS = {"flip": 0.0}  # no horizontal flips of digits
-OPTIONS = {"roid": DIGITS}
+OPTIONS = {"roid": DIGITS, "rpl": {}}
 
 
 def _params(strategy) -> dict[str, torch.Tensor]:
@@ -125,6 +125,29 @@ def test_soft_likelihood_ratio_and_prior_correction_formulas():
     prior = logits.softmax(1).mean(0)
     s = 0.5 / prior.max()
     torch.testing.assert_close(prior_correction(logits), logits * (prior + s) / (1 + 3 * s))
+
+
+# ------------------------------------------------------------------ rpl
+
+
+def test_rpl_loss_is_the_generalized_cross_entropy_of_the_hard_pseudo_labels(source, monkeypatch):
+    """Each batch's loss is ``mean (1 - max_c p_c^q) / q`` written out (``q`` 0.8 and 0.5); the
+    returned prediction is the one before the step, and only the BatchNorm affine parameters move."""
+    for q in (0.8, 0.5):
+        s = _make("rpl", source, q=q, lr=1e-2)
+        losses = []
+        step = s.adaptation.step
+        monkeypatch.setattr(s.adaptation, "step", lambda loss: (losses.append(loss.detach()), step(loss)))
+        before = _params(s)
+        for x in _batches(source, 2):
+            with torch.no_grad():
+                expected_out = classifier(s.backbone, s.head)(x)
+            out = _adapt(s, x)
+            torch.testing.assert_close(out, expected_out)
+            p_max = expected_out.double().softmax(1).max(1).values
+            torch.testing.assert_close(losses[-1].double(), ((1 - p_max**q) / q).mean(), rtol=1e-5, atol=1e-7)
+        moved = [n for n, p in _params(s).items() if not torch.equal(p, before[n])]
+        assert moved and all(".bn" in n or "stem.1" in n or "shortcut.1" in n for n in moved)
 
 
 # ------------------------------------------------------------------ state
