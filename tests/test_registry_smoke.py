@@ -434,6 +434,9 @@ MERGE_METHODS = {
     "model_stock": lambda base, tuned: all(
         torch.allclose(merge(base, [tuned[0]] * 2, "model_stock")[k], tuned[0][k], atol=1e-6) for k in base
     ),
+    "breadcrumbs": lambda base, tuned: all(
+        torch.allclose(merge(base, tuned, "breadcrumbs", density=1.0)[k], tuned[0][k] + tuned[1][k] - base[k], atol=1e-5) for k in base
+    ),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

@@ -55,6 +55,7 @@ def test_builtins_cite_their_papers():
     urls = {m.name: m.reference_url for m in list_methods()}
     assert urls == {
         "adamerging": "https://arxiv.org/abs/2310.02575",
+        "breadcrumbs": "https://arxiv.org/abs/2312.06795",
         "dare": "https://arxiv.org/abs/2311.03099",
         "karcher": "https://arxiv.org/abs/2603.04972",
         "linear": "https://arxiv.org/abs/2203.05482",

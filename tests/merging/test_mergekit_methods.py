@@ -127,3 +127,19 @@ def test_model_stock_ratio_follows_the_angle(models):
     torch.testing.assert_close(merged_rows["w"], expected_rows, rtol=0, atol=1e-12)
     with pytest.raises(UserError, match="needs at least two, got 1"):
         merge(base, tuned[:1], "model_stock")
+
+
+def test_breadcrumbs_keeps_the_band_below_the_outliers():
+    """Magnitudes 1..10: gamma 0.2 drops 10 and 9, density 0.5 keeps 8..4, the rest (3..1) goes."""
+    values = torch.tensor([[3.0, -10.0, 1.0, 7.0, -5.0, 9.0, 2.0, -8.0, 4.0, 6.0]], dtype=torch.float64)
+    kept = get_method("breadcrumbs").fn(values.clone(), density=0.5, gamma=0.2)
+    torch.testing.assert_close(kept, torch.tensor([0.0, 0.0, 0.0, 7.0, -5.0, 0.0, 0.0, -8.0, 4.0, 6.0], dtype=torch.float64))
+    rescaled = get_method("breadcrumbs").fn(values.clone(), density=0.5, gamma=0.2, rescale=True)
+    torch.testing.assert_close(rescaled, kept * 55 / 30)  # L1 norm 55 before, 30 after
+
+
+def test_breadcrumbs_ranks_equal_magnitudes_by_position():
+    """Eight equal magnitudes, keep four below the top two: always positions 2..5 (a stable sort)."""
+    values = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0]])
+    kept = get_method("breadcrumbs").fn(values.clone(), density=0.5, gamma=0.25)
+    torch.testing.assert_close(kept, torch.tensor([0.0, 0.0, 1.0, 1.0, -1.0, 1.0, 0.0, 0.0]))

@@ -18,6 +18,7 @@ import torch
 
 from clpeft.errors import UserError
 from clpeft.merging import merge
+from clpeft.merging.methods.breadcrumbs import keep_magnitude_band_
 
 pytest.importorskip("mergekit", reason="mergekit is not installed: pip install 'mergekit>=0.1.5'")
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
@@ -182,3 +183,41 @@ def test_model_stock_keeps_the_base_where_mergekit_does():
     ours = merge(base, finetuned, "model_stock")
     assert_equal(ours, reference("model_stock", base, finetuned))
     assert_equal(ours, base)
+
+
+# ------------------------------------------------------------------ breadcrumbs
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.1), (0.3, 0.8), (1.0, 0.1)])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_breadcrumbs_equals_mergekit(density, gamma, rescale):
+    base, finetuned = state_dicts(3)
+    weights = [0.5, 1.0, 2.0]
+    ours = merge(base, finetuned, "breadcrumbs", density=density, gamma=gamma, rescale=rescale, weights=weights, scale=0.7)
+    theirs = reference("breadcrumbs", base, finetuned, density=density, gamma=gamma, rescale=rescale, weight=weights, **{"lambda": 0.7})
+    assert_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(("disjoint", "normalize"), [("sum", False), ("mean", True)])
+def test_breadcrumbs_ties_equals_mergekit_with_equal_weights(disjoint, normalize):
+    base, finetuned = state_dicts(3)
+    ours = merge(base, finetuned, "breadcrumbs", density=0.5, gamma=0.1, consensus="ties", disjoint=disjoint, scale=0.7)
+    parameters = {"density": 0.5, "gamma": 0.1, "weight": [1.0] * 3, "normalize": normalize, "lambda": 0.7}
+    assert_equal(ours, reference("breadcrumbs_ties", base, finetuned, **parameters))
+
+
+def test_breadcrumbs_ties_elects_signs_on_the_unweighted_mass_where_mergekit_weighs_it():
+    """clpeft elects sign(sum_k tau_k) (TIES' paper, peft, the official code); mergekit sign(sum_k w_k tau_k).
+    With unequal weights the results differ exactly where the two elections differ."""
+    base, finetuned = state_dicts(3)
+    weights = [0.2, 1.0, 3.0]
+    ours = merge(base, finetuned, "breadcrumbs", density=0.5, gamma=0.1, consensus="ties", weights=weights)
+    theirs = reference("breadcrumbs_ties", base, finetuned, density=0.5, gamma=0.1, weight=weights)
+    elections_differ = 0
+    for k in base:
+        kept = keep_magnitude_band_(torch.stack([(m[k] - base[k]).reshape(-1) for m in finetuned]), 0.5, 0.1)
+        unweighted, weighted = kept.sum(0) >= 0, torch.tensor(weights, dtype=kept.dtype) @ kept >= 0
+        differs = (ours[k] - theirs[k]).abs().reshape(-1) > 1e-9
+        assert torch.equal(differs, unweighted != weighted), k
+        elections_differ += int(differs.sum())
+    assert elections_differ > 0

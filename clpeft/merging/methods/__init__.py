@@ -1,3 +1,31 @@
 """Built-in merge methods; importing this package registers them (one module per method)."""
 
-from clpeft.merging.methods import adamerging, dare, karcher, linear, mean, model_stock, multislerp, nuslerp, slerp, task_arithmetic, ties  # noqa: F401
+from clpeft.merging.methods import (
+    adamerging,
+    breadcrumbs,
+    dare,
+    karcher,
+    linear,
+    mean,
+    model_stock,
+    multislerp,
+    nuslerp,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+
+__all__ = [
+    "adamerging",
+    "breadcrumbs",
+    "dare",
+    "karcher",
+    "linear",
+    "mean",
+    "model_stock",
+    "multislerp",
+    "nuslerp",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+]
