@@ -119,6 +119,8 @@ STRATEGIES: dict[str, Smoke] = {
     "mas": Smoke({"name": "mas", "lambda_reg": 0.1}),
     "wa": Smoke({"name": "wa", "mem_size": 20}),
     "bic": Smoke({"name": "bic", "mem_size": 20, "bias_epochs": 5}),
+    "lucir": Smoke({"name": "lucir", "mem_size": 20, "finetune_epochs": 2}),
+    "x_der": Smoke({"name": "x_der", "mem_size": 20}),
     "slca": Smoke({"name": "slca", "align_epochs": 1, "align_samples": 16}),
     "cofima": Smoke({"name": "cofima", "align_epochs": 1, "align_samples": 16}),
     "simplecil": Smoke({"name": "simplecil"}, FROZEN_MLP, change="state"),
