@@ -439,6 +439,10 @@ MERGE_METHODS = {
     "breadcrumbs": lambda base, tuned: all(
         torch.allclose(merge(base, tuned, "breadcrumbs", density=1.0)[k], tuned[0][k] + tuned[1][k] - base[k], atol=1e-5) for k in base
     ),
+    "della": lambda base, tuned: all(
+        torch.allclose(merge(base, tuned, "della", density=1.0, consensus="sum")[k], tuned[0][k] + tuned[1][k] - base[k], atol=1e-5)
+        for k in base
+    ),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

@@ -57,6 +57,7 @@ def test_builtins_cite_their_papers():
         "adamerging": "https://arxiv.org/abs/2310.02575",
         "breadcrumbs": "https://arxiv.org/abs/2312.06795",
         "dare": "https://arxiv.org/abs/2311.03099",
+        "della": "https://arxiv.org/abs/2406.11617",
         "karcher": "https://arxiv.org/abs/2603.04972",
         "linear": "https://arxiv.org/abs/2203.05482",
         "mean": "https://arxiv.org/abs/2203.05482",

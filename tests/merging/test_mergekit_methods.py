@@ -14,6 +14,7 @@ import torch
 
 from clpeft.errors import UserError
 from clpeft.merging import get_method, merge
+from clpeft.merging.methods.della import keep_probabilities
 
 
 @pytest.fixture
@@ -143,3 +144,30 @@ def test_breadcrumbs_ranks_equal_magnitudes_by_position():
     values = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0]])
     kept = get_method("breadcrumbs").fn(values.clone(), density=0.5, gamma=0.25)
     torch.testing.assert_close(kept, torch.tensor([0.0, 0.0, 1.0, 1.0, -1.0, 1.0, 0.0, 0.0]))
+
+
+def test_della_keep_probabilities_grow_linearly_with_the_magnitude_rank():
+    magnitudes = torch.tensor([[0.3, 0.1, 0.5, 0.2, 0.4]])
+    expected = torch.tensor([[0.6, 0.4, 0.8, 0.5, 0.7]])  # density 0.6 +- 0.2 by rank 2, 0, 4, 1, 3
+    torch.testing.assert_close(keep_probabilities(magnitudes, 0.6, 0.2), expected)
+
+
+def test_della_probability_rescale_keeps_the_expected_task_vector():
+    """Each entry is kept with p_i and divided by p_i: the mean over many draws is the task vector (the paper)."""
+    tau = torch.linspace(-1.0, 1.0, 50, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack(
+        [
+            get_method("della").fn(tau[None].clone(), density=0.5, epsilon=0.3, rescale="probability", generator=generator, shape=(50,))
+            for _ in range(4000)
+        ]
+    )
+    frequency = (draws != 0).double().mean(0)[tau.abs().argsort()]  # by rising magnitude: p from 0.2 to 0.8
+    assert frequency[:10].mean() < 0.3 and frequency[-10:].mean() > 0.7 and 0.45 < frequency.mean() < 0.55
+    torch.testing.assert_close(draws.mean(0), tau, rtol=0, atol=0.08)
+
+
+def test_della_refuses_probabilities_outside_zero_one(models):
+    base, tuned = models
+    with pytest.raises(UserError, match=r"density \+- epsilon must lie inside \(0, 1\), got 0.9 \+- 0.15"):
+        merge(base, tuned, "della", density=0.9)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clpeft.errors import UserError
-from clpeft.merging import merge
+from clpeft.merging import get_method, merge
 from clpeft.merging.methods.breadcrumbs import keep_magnitude_band_
 
 pytest.importorskip("mergekit", reason="mergekit is not installed: pip install 'mergekit>=0.1.5'")
@@ -221,3 +221,47 @@ def test_breadcrumbs_ties_elects_signs_on_the_unweighted_mass_where_mergekit_wei
         assert torch.equal(differs, unweighted != weighted), k
         elections_differ += int(differs.sum())
     assert elections_differ > 0
+
+
+# ------------------------------------------------------------------ della
+
+
+def della_pair(name: str, base, finetuned, seed: int, ours: dict, theirs: dict):
+    """clpeft's della (called per tensor with a generator seeded ``seed``) and mergekit's ``name`` with
+    its ``torch.bernoulli`` drawing from a generator seeded the same: the same masks on both sides."""
+    method, draw = get_method("della"), torch.bernoulli
+    merged_ours, merged_theirs = {}, {}
+    for key in SHAPES:
+        taus = torch.stack([(m[key] - base[key]).reshape(-1) for m in finetuned])
+        generator = torch.Generator().manual_seed(seed)
+        delta = method.fn(taus, **method.validate(ours), generator=generator, shape=SHAPES[key])
+        merged_ours[key] = base[key] + delta.view(SHAPES[key])
+        generator = torch.Generator().manual_seed(seed)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "bernoulli", lambda p: draw(p, generator=generator))
+            merged_theirs[key] = reference(name, {key: base[key]}, [{key: m[key]} for m in finetuned], **theirs)[key]
+    return merged_ours, merged_theirs
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.7, 0.15), (0.4, 0.3), (0.9, 0.05)])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_della_equals_mergekit_with_the_same_draws(density, epsilon, rescale):
+    """float32 inputs (mergekit computes DELLA's masks and rescale in float32 on the CPU): 2e-6 absolute."""
+    base, finetuned = state_dicts(3, dtype=torch.float32)
+    ours = {"density": density, "epsilon": epsilon, "rescale": "l1" if rescale else "none", "scale": 0.8}
+    theirs = {"density": density, "epsilon": epsilon, "rescale": rescale, "weight": [1.0] * 3, "lambda": 0.8}
+    merged_ours, merged_theirs = della_pair("della", base, finetuned, 5, ours, theirs)
+    conv = "conv.weight"  # mergekit ranks a conv kernel along its second axis, clpeft along its output rows
+    assert not torch.allclose(merged_ours.pop(conv), merged_theirs.pop(conv), rtol=0, atol=1e-4)
+    assert_equal(merged_ours, merged_theirs, atol=2e-6)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_della_linear_equals_mergekit_with_the_same_draws(rescale):
+    base, finetuned = state_dicts(3, dtype=torch.float32)
+    weights = [0.5, 1.0, 2.0]
+    ours = {"density": 0.6, "epsilon": 0.2, "rescale": "l1" if rescale else "none", "consensus": "sum", "weights": weights}
+    theirs = {"density": 0.6, "epsilon": 0.2, "rescale": rescale, "weight": weights}
+    merged_ours, merged_theirs = della_pair("della_linear", base, finetuned, 9, ours, theirs)
+    merged_ours.pop("conv.weight"), merged_theirs.pop("conv.weight")
+    assert_equal(merged_ours, merged_theirs, atol=2e-6)
