@@ -6,22 +6,26 @@ is imported from its module: it subclasses :class:`clpeft.Strategy`, whose modul
 
 from clpeft.components.heads.alignment import AlignedHead, ClassifierAlignment
 from clpeft.components.heads.bias_correction import BiasCorrection
+from clpeft.components.heads.centroid_statistics import CentroidStatistics, contrastive_regularisation
 from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.heads.mahalanobis import MahalanobisHead
 from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
+from clpeft.components.heads.task_identity import TaskIdentityInference
 from clpeft.components.heads.weight_aligning import align_weights, clip_weights
 
 __all__ = [
     "align_weights",
     "AlignedHead",
     "BiasCorrection",
+    "CentroidStatistics",
     "ClassifierAlignment",
     "ClassMask",
     "ClassStatistics",
     "clip_weights",
+    "contrastive_regularisation",
     "CosineHead",
     "HeadOptions",
     "HeadTraining",
@@ -32,4 +36,5 @@ __all__ = [
     "PrototypeHead",
     "ridge_by_holdout",
     "RidgeHead",
+    "TaskIdentityInference",
 ]

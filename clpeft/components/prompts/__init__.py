@@ -4,6 +4,7 @@ from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
 from clpeft.components.prompts.prefix_prompt import PrefixPrompt, PrefixSelection
 from clpeft.components.prompts.prompt_pool import PromptPool, PromptSelection
 from clpeft.components.prompts.prompted import promptable_width, query_of
+from clpeft.components.prompts.task_prompts import TaskPrefixPrompts
 
 __all__ = [
     "AttentionPromptPool",
@@ -13,4 +14,5 @@ __all__ = [
     "PromptPool",
     "PromptSelection",
     "query_of",
+    "TaskPrefixPrompts",
 ]
