@@ -457,6 +457,7 @@ MERGE_METHODS = {
         torch.allclose(merge(base, tuned, "della", density=1.0, consensus="sum")[k], tuned[0][k] + tuned[1][k] - base[k], atol=1e-5)
         for k in base
     ),
+    "sce": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "sce")[k], tuned[0][k], atol=1e-6) for k in base),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

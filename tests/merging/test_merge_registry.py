@@ -64,6 +64,7 @@ def test_builtins_cite_their_papers():
         "model_stock": "https://arxiv.org/abs/2403.19522",
         "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         "nuslerp": "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        "sce": "https://arxiv.org/abs/2408.07990",
         "slerp": "https://doi.org/10.1145/325165.325242",
         "task_arithmetic": "https://arxiv.org/abs/2212.04089",
         "ties": "https://arxiv.org/abs/2306.01708",

@@ -171,3 +171,17 @@ def test_della_refuses_probabilities_outside_zero_one(models):
     base, tuned = models
     with pytest.raises(UserError, match=r"density \+- epsilon must lie inside \(0, 1\), got 0.9 \+- 0.15"):
         merge(base, tuned, "della", density=0.9)
+
+
+def test_sce_selects_by_variance_and_weights_by_mass():
+    """Variances 0, 4, 4, 1/16, 1: entry 0 is not counted, 3/4 of the other four keeps entries 1, 2 and 4.
+    Masses of the selected rows 6/5 and 22/5; entry 1 sums to 0 (+ elected), entry 4 agrees: (6 + 66) / 28."""
+    taus = torch.tensor([[1.0, 2.0, -1.0, 0.5, 1.0], [1.0, -2.0, 3.0, 0.0, 3.0]], dtype=torch.float64)
+    merged = get_method("sce").fn(taus.clone(), select_topk=0.75)
+    torch.testing.assert_close(merged, torch.tensor([0.0, 2.0, 3.0, 0.0, 18 / 7], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_sce_keeps_every_entry_tied_at_the_cut_unless_asked_for_exactly_k():
+    taus = torch.tensor([[1.0, -1.0, 1.0, 2.0], [-1.0, 1.0, -1.0, 0.0]])  # variances 1, 1, 1, 1
+    assert int(get_method("sce").fn(taus.clone(), select_topk=0.5).count_nonzero()) == 4
+    assert int(get_method("sce").fn(taus.clone(), select_topk=0.5, trim="topk").count_nonzero()) <= 2

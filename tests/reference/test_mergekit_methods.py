@@ -265,3 +265,29 @@ def test_della_linear_equals_mergekit_with_the_same_draws(rescale):
     merged_ours, merged_theirs = della_pair("della_linear", base, finetuned, 9, ours, theirs)
     merged_ours.pop("conv.weight"), merged_theirs.pop("conv.weight")
     assert_equal(merged_ours, merged_theirs, atol=2e-6)
+
+
+# ------------------------------------------------------------------ sce
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("trim", ["threshold", "topk"])
+def test_sce_equals_mergekit(select_topk, trim):
+    base, finetuned = state_dicts(3)
+    ours = merge(base, finetuned, "sce", select_topk=select_topk, trim=trim)
+    assert_equal(ours, reference("sce", base, finetuned, select_topk=select_topk))
+
+
+def test_sce_weights_small_task_vectors_by_their_mass_where_mergekit_weighs_them_equally():
+    """Task vectors of mean square ~1e-8 (their sum under mergekit's absolute 1e-6): mergekit falls back to
+    equal weights, clpeft keeps the paper's w_k = mean(tau_k^2) / sum_j mean(tau_j^2)."""
+    base, finetuned = state_dicts(3)
+    small = [{k: base[k] + 1e-3 * (m[k] - base[k]) * (i + 1) for k in base} for i, m in enumerate(finetuned)]
+    ours, theirs = merge(base, small, "sce"), reference("sce", base, small)
+    assert not torch.allclose(ours["linear.weight"], theirs["linear.weight"], rtol=0, atol=1e-9)
+    for key in base:  # by hand: the paper's weights over the agreeing task vectors
+        taus = torch.stack([(m[key] - base[key]).reshape(-1) for m in small])
+        mass = taus.square().mean(1)
+        agree = (taus * torch.where(taus.sum(0) >= 0, 1.0, -1.0) > 0).double() * (mass / mass.sum())[:, None]
+        expected = base[key] + ((agree * taus).sum(0) / agree.sum(0)).view(base[key].shape)
+        torch.testing.assert_close(ours[key], expected, rtol=0, atol=ATOL)
