@@ -24,7 +24,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, prior_correction
+from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, CertaintyDiversityOptions
 from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.source_reset import SourceReset
@@ -42,13 +42,8 @@ class ROID(Strategy):
     Args:
         backbone: a feature extractor with normalisation layers.
         online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
-        use_weighting: diversity and certainty weighting (and selection) of the samples.
-        use_prior_correction: multiply the returned logits by the smoothed batch prior.
-        use_consistency: the consistency term on an augmentation.
+        roid: loss and output options, written flat (``use_weighting``, ``temperature``, ``flip``, ...).
         momentum_src: ``alpha`` of the weight ensembling with the source (1: none).
-        momentum_probs: momentum of the moving mean probability vector of the diversity weight.
-        temperature: ``T`` of the weights.
-        flip: horizontal-flip probability of the augmentation (0 for digits-like data).
     """
 
     supported_scenarios = ("test_time_adaptation",)
@@ -59,20 +54,14 @@ class ROID(Strategy):
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        use_weighting: bool = True,
-        use_prior_correction: bool = True,
-        use_consistency: bool = True,
+        roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),  # noqa: B008 (frozen options)
         momentum_src: Annotated[float, Field(ge=0, le=1)] = 0.99,
-        momentum_probs: Annotated[float, Field(ge=0, le=1)] = 0.9,
-        temperature: Annotated[float, Field(gt=0)] = 1 / 3,
-        flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
     ):
         super().__init__(backbone)
         check_adaptable(backbone, online.params, "roid")
-        self.use_prior_correction = use_prior_correction
         self.momentum_src = momentum_src
         self.adaptation = OnlineAdaptation(online)
-        self.loss = CertaintyDiversityLoss(use_weighting, use_consistency, momentum_probs, temperature, flip)
+        self.loss = CertaintyDiversityLoss(roid)
         self.source = SourceReset(classifier(backbone, self.head))
 
     def before_experience(self, exp: Experience) -> None:
@@ -87,5 +76,4 @@ class ROID(Strategy):
         logits = net(x)
         self.adaptation.step(self.loss(net, x, logits, self._data.batch_size))
         blend_(net, self.source.source, self.momentum_src, adapted_names(net))
-        logits = logits.detach()
-        return prior_correction(logits) if self.use_prior_correction else logits
+        return self.loss.output(logits)

@@ -170,6 +170,7 @@ STRATEGIES: dict[str, Smoke] = {
     "rotta": _tta({"name": "rotta", "memory_size": 8, "update_frequency": 8, "flip": 0.0}),
     "roid": _tta({"name": "roid", "flip": 0.0}),
     "rpl": _tta({"name": "rpl"}),
+    "cmf": _tta({"name": "cmf", "flip": 0.0}),
     "seq_finetune": Smoke(
         {"name": "seq_finetune", "lora_rank": 2},
         TINY_LLAMA,

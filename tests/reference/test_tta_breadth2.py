@@ -130,6 +130,14 @@ def test_defaults_are_the_cifar10_c_configs(bench):
         "flip": 0.5,
     }
     assert _defaults("rpl") == {**_optimizer_defaults(rpl), "q": rpl.RPL.Q}
+    assert _defaults("cmf") == {
+        **_optimizer_defaults(cmf),
+        **{k: v for k, v in _defaults("roid").items() if k not in ("momentum_src", *_optimizer_defaults(roid))},
+        "alpha": cmf.CMF.ALPHA,
+        "gamma": cmf.CMF.GAMMA,
+        "q": cmf.CMF.Q,
+    }
+    assert cmf.CMF.TYPE == "lp"  # "op" computes the same in the code (clpeft's ModelFusion docstring)
     for cfg in (roid, rpl, cmf, santa):
         assert cfg.OPTIM.METHOD == "Adam" and cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
         assert cfg.MODEL.RESET_AFTER_NUM_UPDATES == 0
@@ -226,3 +234,44 @@ def test_rpl_equals_the_reference(bench, kind, q):
     for ours, theirs in _run(strategy, ref, [_images(BATCH, 420 + i) for i in range(3)], 430):
         torch.testing.assert_close(ours, theirs, **CLOSE)
     _assert_same_end_state(strategy, ref, model)
+
+
+# ------------------------------------------------------------------ cmf
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [("cnn", {}), ("vit", {}), ("cnn", {"CMF.Q": 40.0, "CMF.ALPHA": 0.9, "CMF.GAMMA": 0.8, "ROID.USE_CONSISTENCY": False})],
+)
+def test_cmf_equals_the_reference(bench, monkeypatch, kind, options):
+    """Four batches with the CIFAR-10-C config (and with a large process noise, so that the gain
+    ``beta`` falls to its floor 0.89 and the filter blends the adapted model in; on the ViT the
+    default noise already lowers it below 1): the prior-corrected
+    predictions, the moving class prior, the hidden variance and ``beta`` after each batch; the
+    adapted parameters, the hidden model's and Adam's state after the last. The reference puts its
+    class prior on the GPU with ``.cuda()``: the identity on this CPU. Mutations checked: ``q`` not
+    scaled by the adapted weights over 38,400, the gain's floor 0.89 left out, the fusion before the
+    filter's update."""
+    cfg = _cfg(bench, "cmf", **options)
+    model = _source_model(kind, head_scale=3.0)
+    strategy = _clpeft("cmf", kind, model, alpha=cfg.CMF.ALPHA, gamma=cfg.CMF.GAMMA, q=cfg.CMF.Q, use_consistency=cfg.ROID.USE_CONSISTENCY)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        ref = bench.cmf.CMF(cfg, _reference_model(model), CLASSES)
+    betas = []
+    for i in range(4):
+        x = _images(BATCH, 440 + i)
+        torch.manual_seed(450 + i)
+        ours = _adapt(strategy, x)
+        torch.manual_seed(450 + i)
+        torch.testing.assert_close(ours, ref(_float(x)), **CLOSE, msg=lambda m: f"batch {i}: {m}")
+        torch.testing.assert_close(strategy.loss.class_probs, ref.class_probs_ema, **CLOSE)
+        assert strategy.fusion.beta == pytest.approx(ref.beta, rel=1e-9)
+        assert float(strategy.fusion.variance) == pytest.approx(ref.hidden_var, rel=1e-9)
+        betas.append(ref.beta)
+    assert min(betas) == (0.89 if options else 1.0) or kind == "vit", betas  # the floor; the tiny CNN's default q keeps beta at 1
+    assert kind == "cnn" or min(betas) < 1.0, betas
+    _assert_same_end_state(strategy, ref, model)
+    hidden = dict(ref.hidden_model.named_parameters())
+    adapted = [n for n, p in ref.model.named_parameters() if p.requires_grad]
+    _assert_same_parameters({n: p for n, p in strategy.fusion.hidden.named_parameters() if n in adapted}, {n: hidden[n] for n in adapted})

@@ -17,18 +17,20 @@ import numpy as np
 import pytest
 import torch
 from test_tta_methods import _adapt, _batches, _make, source  # noqa: F401  (source: that module's fixture)
+from torch import nn
 
 import clpeft.config
 import clpeft.engine
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.components.tta.certainty_diversity import prior_correction, soft_likelihood_ratio
+from clpeft.components.tta.model_fusion import ModelFusion
 from clpeft.components.tta.online_adaptation import classifier
 from clpeft.errors import UserError
 from clpeft.registry import strategies
 
-METHODS = ["roid", "rpl"]
+METHODS = ["roid", "rpl", "cmf"]
 DIGITS = {"flip": 0.0}  # no horizontal flips of digits
-OPTIONS = {"roid": DIGITS, "rpl": {}}
+OPTIONS = {"roid": DIGITS, "rpl": {}, "cmf": DIGITS}
 
 
 def _params(strategy) -> dict[str, torch.Tensor]:
@@ -148,6 +150,57 @@ def test_rpl_loss_is_the_generalized_cross_entropy_of_the_hard_pseudo_labels(sou
             torch.testing.assert_close(losses[-1].double(), ((1 - p_max**q) / q).mean(), rtol=1e-5, atol=1e-7)
         moved = [n for n, p in _params(s).items() if not torch.equal(p, before[n])]
         assert moved and all(".bn" in n or "stem.1" in n or "shortcut.1" in n for n in moved)
+
+
+# ------------------------------------------------------------------ cmf
+
+
+def test_model_fusion_is_the_filter_written_out():
+    """Three fusions of a linear layer (200 adapted weights, ``q`` 10 per 38,400: the gain falls
+    below 1 and is clipped at 0.89 on the third), against the filter computed by hand in float64: hidden
+    ``h <- beta (alpha h + (1 - alpha) theta_0) + (1 - beta) theta``, ``theta <- gamma theta + (1 - gamma) h``."""
+    torch.manual_seed(0)
+    model = nn.Linear(10, 20, bias=False)
+    fusion = ModelFusion(model, alpha=0.9, gamma=0.8, q=10.0)
+    fusion.capture(model)
+    theta_0 = model.weight.detach().double().clone()
+    h, v = theta_0.clone(), 0.0
+    q = 10.0 * 200 / 38400
+    betas = []
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(20, 10) * 0.1)  # an optimizer step
+        theta = model.weight.detach().double()
+        v = 0.81 * v + q
+        beta = max((1 - q) / (v + 1 - q), 0.89)
+        v *= beta
+        h = beta * (0.9 * h + 0.1 * theta_0) + (1 - beta) * theta
+        expected = 0.8 * theta + 0.2 * h
+        fusion.fuse(model, ["weight"])
+        betas.append(beta)
+        torch.testing.assert_close(model.weight.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fusion.hidden.weight.double(), h, rtol=1e-5, atol=1e-6)
+        assert float(fusion.variance) == pytest.approx(v) and fusion.beta == pytest.approx(beta)
+    assert betas[0] > betas[1] > 0.89 == betas[2], betas
+
+
+def test_cmf_without_fusion_is_roid_without_ensembling(source):
+    """``gamma: 1`` keeps the adapted weights out of the fusion: CMF then takes ROID's steps (with
+    ``momentum_src: 1``) exactly, batch after batch; the default ``gamma`` moves them."""
+    batches = _batches(source, 3)
+    roid, cmf, fused = (
+        _make("roid", source, momentum_src=1.0, **DIGITS),
+        _make("cmf", source, gamma=1.0, **DIGITS),
+        _make("cmf", source, q=50.0, **DIGITS),
+    )
+    for i, x in enumerate(batches):
+        outputs = []
+        for s in (roid, cmf, fused):
+            torch.manual_seed(i)
+            outputs.append(_adapt(s, x))
+        assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(p, q) for p, q in zip(_params(roid).values(), _params(cmf).values()))
+    assert not all(torch.equal(p, q) for p, q in zip(_params(roid).values(), _params(fused).values()))
 
 
 # ------------------------------------------------------------------ state

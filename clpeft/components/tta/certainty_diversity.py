@@ -31,10 +31,23 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.losses import entropy, symmetric_cross_entropy
+from clpeft.schema import Options
+
+
+class CertaintyDiversityOptions(Options):
+    """ROID's loss and output options (ROID and CMF; defaults: the benchmark's ``conf.py`` ``ROID.*``)."""
+
+    use_weighting: bool = Field(True, description="diversity and certainty weighting (and selection) of the samples")
+    use_prior_correction: bool = Field(True, description="multiply the returned logits by the smoothed batch prior")
+    use_consistency: bool = Field(True, description="the consistency term on an augmentation of the kept samples")
+    momentum_probs: float = Field(0.9, ge=0, le=1, description="momentum of the moving mean probability vector of the diversity weight")
+    temperature: float = Field(1 / 3, gt=0, description="``T`` of the weights ``exp(w_div w_cert / T)``")
+    flip: float = Field(0.5, ge=0, le=1, description="horizontal-flip probability of the augmentation (0 for digits-like data)")
 
 
 def roid_augmentation(flip: float = 0.5) -> TTAugment:
@@ -65,24 +78,22 @@ class CertaintyDiversityLoss(nn.Module):
     """ROID's weighted soft-likelihood-ratio and consistency loss with its moving class prior.
 
     Args:
-        weighting: weigh and select samples by diversity and certainty (off: every sample, weight 1).
-        consistency: add the consistency term on one augmentation of the kept samples.
-        momentum_probs: momentum of the moving mean probability vector ``p_bar``.
-        temperature: ``T`` of the weights.
-        flip: horizontal-flip probability of the augmentation.
+        options: the weighting (off: every sample, weight 1), the consistency term, ``p_bar``'s
+            momentum, ``T``, the augmentation's flips (``use_prior_correction`` is read by
+            :meth:`output`).
 
     ``p_bar`` (``None``: uniform) is part of the ``state_dict``.
     """
 
-    def __init__(
-        self, weighting: bool = True, consistency: bool = True, momentum_probs: float = 0.9, temperature: float = 1 / 3, flip: float = 0.5
-    ):
+    def __init__(self, options: CertaintyDiversityOptions | None = None):
         super().__init__()
-        self.weighting = weighting
-        self.consistency = consistency
-        self.momentum_probs = momentum_probs
-        self.temperature = temperature
-        self.augment = roid_augmentation(flip)
+        options = options or CertaintyDiversityOptions()
+        self.weighting = options.use_weighting
+        self.consistency = options.use_consistency
+        self.prior_correction = options.use_prior_correction
+        self.momentum_probs = options.momentum_probs
+        self.temperature = options.temperature
+        self.augment = roid_augmentation(options.flip)
         self.class_probs: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -109,6 +120,11 @@ class CertaintyDiversityLoss(nn.Module):
             augmented = net(self.augment(x[kept]))
             loss = loss + (symmetric_cross_entropy(augmented, logits[kept]) * weights[kept]).sum() / batch_size
         return loss
+
+    def output(self, logits: torch.Tensor) -> torch.Tensor:
+        """The prediction returned for ``logits``: prior-corrected when that option is on."""
+        logits = logits.detach()
+        return prior_correction(logits) if self.prior_correction else logits
 
     def get_extra_state(self) -> dict:
         return {"class_probs": None if self.class_probs is None else self.class_probs.clone()}
