@@ -9,8 +9,9 @@ Step-by-step equality with Mammoth is ``tests/reference/test_mammoth_lucir_xder.
   LUCIR's cosine scale ``sigma`` was learnt;
 * a run interrupted and resumed gives the uninterrupted run's accuracy matrix (memories, logits,
   cosine head and scale travel in the checkpoint);
-* under ``torchrun`` X-DER refuses in one line with the reason; LUCIR, whose memory, imprinting and
-  finetuning are computed alike on every rank, does not.
+* under ``torchrun`` both refuse in one line with the reason (X-DER's memories would differ between
+  ranks; LUCIR's margin ranking loss averages over a rank's old-class samples, so two processes
+  would not train as one: seen in a two-process run, whose matrix differed).
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ def test_interrupted_and_resumed_run_gives_the_same_matrix(tmp_path, interrupted
     assert resumed == full
 
 
-def test_x_der_refuses_torchrun_in_one_line_and_lucir_does_not(monkeypatch):
+@pytest.mark.parametrize("cls, reason", [(XDER, "rewrite the memory's logits"), (LUCIR, "margin ranking loss")])
+def test_refuses_torchrun_in_one_line(monkeypatch, cls, reason):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError) as refused:
-        XDER(MLPBackbone(input_shape=(4,), hidden=[4]))
+        cls(MLPBackbone(input_shape=(4,), hidden=[4]))
     message = str(refused.value)
-    assert message.startswith("strategy.name: x_der runs in one process") and "rewrite the memory's logits" in message
+    assert message.startswith(f"strategy.name: {cls.registered_name} runs in one process") and reason in message
     assert "without torchrun" in message and "\n" not in message and refused.value.exit_code == 2
-    LUCIR(MLPBackbone(input_shape=(4,), hidden=[4]))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cls(MLPBackbone(input_shape=(4,), hidden=[4]))
