@@ -20,6 +20,10 @@ its validation set as about ``valset_split`` of the memory plus as many new samp
 it per class, as the paper describes. The memory is iCaRL's herding by default (PyCIL), Mammoth's
 is ``class_balanced``-like (the first samples of each experience).
 
+Rank-consistent under ``torchrun`` (``tests/strategies/test_classic_cil_ddp.py``): the validation split and the
+fitting's shuffles draw from the random state the engine re-seeds identically on every rank after
+training, and the fit reads the whole validation set on each rank.
+
 Paper symbols: ``T`` -> ``temperature``; memory size -> ``mem_size``.
 """
 

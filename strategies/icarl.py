@@ -24,6 +24,9 @@ Mammoth adds ``opt_wd * sum theta^2`` to the loss (weight decay ``2 opt_wd`` of 
 (an image-only addition, left out). ``tests/reference/test_classic_cil.py`` checks both losses,
 the parameters after training and the exemplar means and predictions against the references.
 
+Rank-consistent under ``torchrun`` (``tests/strategies/test_classic_cil_ddp.py``): herding and the class means are
+passes over the whole experience or memory with the synchronised model, identical on every rank.
+
 Paper symbols: memory size ``K`` -> ``mem_size``; PILOT's ``T`` -> ``temperature``.
 """
 

@@ -16,6 +16,9 @@ at the latest parameters. ``per_sample: false`` estimates the gradient per batch
 Avalanche computes the importance in train mode, clpeft in eval mode (BatchNorm statistics
 untouched, no dropout): the same on networks without either.
 
+Rank-consistent under ``torchrun`` (``tests/strategies/test_classic_cil_ddp.py``): every rank computes the
+importance over the whole experience with the synchronised model.
+
 Paper symbols: ``lambda`` -> ``lambda_reg``; Avalanche's ``alpha`` -> ``alpha``.
 """
 

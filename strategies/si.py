@@ -15,6 +15,9 @@ every gradient is then clipped to ``[-1, 1]`` (``clip_value``; ``null`` turns it
 to 0.001, its ``c`` fixed to 1). Mammoth requires ``c`` and ``xi`` (no defaults); the defaults here
 are a starting point, not tuned values.
 
+Rank-consistent under ``torchrun`` (``tests/strategies/test_classic_cil_ddp.py``): the path integral reads the
+gradients in ``after_backward``, after DDP has averaged them, and the parameter moves, which DDP keeps equal.
+
 Paper symbols: ``c`` -> ``c``, ``xi`` -> ``xi``.
 """
 

@@ -15,6 +15,9 @@ new classes keep winning). ``clip: false`` gives PyCIL's unclipped weights (0.65
 is a KL divergence without ``T^2`` (PyCIL's soft cross-entropy minus the teacher's entropy, a
 constant: the same gradients).
 
+Rank-consistent under ``torchrun`` (``tests/strategies/test_classic_cil_ddp.py``): the herding memory, the clipping
+and the aligning act on the synchronised model alike on every rank.
+
 Paper symbols: ``T`` -> ``temperature``; memory size -> ``mem_size``.
 """
 
