@@ -14,6 +14,12 @@ Avalanche's (Avalanche and Mammoth's ``ewc_on`` drop the paper's 1/2), and Avala
 mini-batch gradients, an estimate that shrinks with the batch size; with those two accounted
 for, training is identical in both modes.
 
+**On a generative LLM** (``backbone.name: generative_lm``, :mod:`clpeft.components.generative`)
+the trained parameters are a LoRA's (flat keys ``lora_*``): the loss is the answer-token
+cross-entropy, the Fisher that of the adapters under the answer's log-likelihood
+``log p(y|x)`` (the sum over its tokens), one backward per example, and the penalty anchors the
+adapters at their values after each task.
+
 Paper symbols: ``lambda`` -> ``ewc_lambda``, ``gamma`` -> ``decay``.
 """
 
@@ -22,11 +28,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from clpeft.components.generative import GenerativeOptions, InstructionTuning
 from clpeft.components.regularization.fisher import empirical_fisher
 from clpeft.components.regularization.quadratic_penalty import QuadraticPenalty
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -40,8 +48,11 @@ class EWC(Strategy):
         mode: ``separate`` (one term per experience) or ``online`` (one decayed term).
         decay: online EWC's ``gamma``.
         fisher_batch_size: samples per vectorised per-sample-gradient pass.
+        generative: flat keys ``lora_*`` of the LoRA trained on a ``generative_lm`` backbone
+            (:class:`~clpeft.components.generative.GenerativeOptions`).
     """
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -49,19 +60,30 @@ class EWC(Strategy):
         mode: Literal["separate", "online"] = "separate",
         decay: float = 1.0,
         fisher_batch_size: int = 64,
+        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
     ):
         super().__init__(backbone)
         self.ewc_lambda = ewc_lambda
         self.fisher_batch_size = fisher_batch_size
         self.penalty = QuadraticPenalty(mode, decay)
+        self.generative = InstructionTuning.of(backbone, generative)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        loss = F.cross_entropy(self.predict(batch.x), batch.y)
+        loss = self.generative.loss(batch.x) if self.generative else F.cross_entropy(self.predict(batch.x), batch.y)
         if self.penalty.terms:
             loss = loss + self.ewc_lambda / 2 * self.penalty(dict(self.named_parameters()))
         return loss
 
     def after_experience(self, exp: Experience) -> None:
-        batches = ((b.x, b.y) for b in self.batches(exp.train, self.fisher_batch_size))
-        fisher = empirical_fisher(self, batches, F.cross_entropy)
+        if self.generative:
+            trained = {n: p for n, p in self.named_parameters() if p.requires_grad}
+            fisher = self.generative.fisher(self.batches(exp.train, self.fisher_batch_size), trained)
+        else:
+            batches = ((b.x, b.y) for b in self.batches(exp.train, self.fisher_batch_size))
+            fisher = empirical_fisher(self, batches, F.cross_entropy)
         self.penalty.add({n: p for n, p in self.named_parameters() if n in fisher}, fisher)
+
+    @property
+    def score(self):
+        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
+        return self.generative.score if self.generative else None

@@ -8,6 +8,13 @@ outputs on the old classes, to the cross-entropy on the new data (eq. 2 of the p
 Avalanche's ``LwFPlugin`` with the same ``alpha`` and ``temperature``
 (``tests/reference/test_avalanche_baselines.py``).
 
+**On a generative LLM** (``backbone.name: generative_lm``, :mod:`clpeft.components.generative`)
+the outputs are next-token distributions: the old model is the pretrained LLM with the LoRA
+(flat keys ``lora_*``) as it was before the task (its adapters' values; no copy of the model),
+and ``L_old`` is the temperature-``T`` KL between its and the current model's next-token
+distributions at the new task's answer tokens, averaged over the tokens, added to the
+answer-token cross-entropy.
+
 Paper symbols: ``lambda_o`` -> ``alpha``, ``T`` -> ``temperature``.
 """
 
@@ -17,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from clpeft.components.generative import GenerativeOptions, InstructionTuning
 from clpeft.components.regularization.distillation import distillation_loss, frozen_copy
 from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -32,23 +41,41 @@ class LwF(Strategy):
         backbone: the feature extractor.
         alpha: weight ``lambda_o`` of the distillation loss.
         temperature: distillation temperature ``T``.
+        generative: flat keys ``lora_*`` of the LoRA trained on a ``generative_lm`` backbone
+            (:class:`~clpeft.components.generative.GenerativeOptions`).
     """
 
-    def __init__(self, backbone, alpha: Annotated[float, Field(ge=0)] = 1.0, temperature: Annotated[float, Field(gt=0)] = 2.0):
+    @flat_options
+    def __init__(
+        self,
+        backbone,
+        alpha: Annotated[float, Field(ge=0)] = 1.0,
+        temperature: Annotated[float, Field(gt=0)] = 2.0,
+        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
+    ):
         super().__init__(backbone)
         self.alpha = alpha
         self.temperature = temperature
         self.teacher_head = None
         self.teacher_backbone = None
+        self.generative = InstructionTuning.of(backbone, generative)
+        self.old_adapters = None  # the generative path's old model
 
     def before_experience(self, exp: Experience) -> None:
-        if self.head.n_classes > 0:
+        if self.generative:
+            self.old_adapters = self.generative.snapshot() if exp.index > 0 else None
+        elif self.head.n_classes > 0:
             self.teacher_head = frozen_copy(self.head)
             if not self.uses_features and not self.backbone.frozen:
                 self.teacher_backbone = frozen_copy(self.backbone)
         super().before_experience(exp)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
+        if self.generative:
+            if self.old_adapters is None:
+                return self.generative.loss(batch.x)
+            loss, old = self.generative.distillation(batch.x, self.old_adapters, self.temperature)
+            return loss + self.alpha * old
         logits = self.predict(batch.x)
         loss = F.cross_entropy(logits, batch.y)
         if self.teacher_head is not None:
@@ -61,3 +88,9 @@ class LwF(Strategy):
     def after_experience(self, exp: Experience) -> None:
         self.teacher_head = None
         self.teacher_backbone = None
+        self.old_adapters = None
+
+    @property
+    def score(self):
+        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
+        return self.generative.score if self.generative else None

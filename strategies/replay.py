@@ -13,6 +13,15 @@ sizes equal Avalanche's ``ClassBalancedBuffer``). ``herding`` selects on the
 backbone's features of the experience's training data, computed once after training (eval mode,
 no augmentation), as iCaRL does.
 
+``ratio`` mixes in a fixed share of the memory instead of all of it: each experience draws
+``round(ratio * |train|)`` stored samples (all when fewer are stored), the "replay ratio" of
+continual instruction tuning (e.g. TRACE, Wang et al. 2023, https://arxiv.org/abs/2310.06762).
+
+**On a generative LLM** (``backbone.name: generative_lm``, :mod:`clpeft.components.generative`)
+the memory stores past tasks' (prompt, target) examples (as indices into their datasets), the
+loss is the answer-token cross-entropy of a LoRA (flat keys ``lora_*``) on the new task's examples
+and the replayed ones, and answers are generated and scored by each task's metric.
+
 Paper symbols: memory size ``M`` (iCaRL's ``K``) -> ``mem_size``.
 """
 
@@ -22,10 +31,12 @@ import torch
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
+from clpeft.components.generative import GenerativeOptions, InstructionTuning
 from clpeft.components.memory.replay import Policy
-from clpeft.data import DataView
+from clpeft.data import Batch, DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -38,19 +49,38 @@ class Replay(Strategy):
         mem_size: memory capacity ``M`` in samples.
         policy: ``reservoir`` sampling, a ``class_balanced`` random memory, or iCaRL's
             ``herding`` (``M // classes seen`` exemplars per class, chosen on the features).
+        ratio: replayed samples per new training sample (``None``: the whole memory).
+        generative: flat keys ``lora_*`` of the LoRA trained on a ``generative_lm`` backbone
+            (:class:`~clpeft.components.generative.GenerativeOptions`).
     """
 
+    @flat_options
     def __init__(
         self,
         backbone,
         mem_size: Annotated[int, Field(ge=0)] = 200,
         policy: Policy = "reservoir",
+        ratio: Annotated[float, Field(gt=0)] | None = None,
+        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
     ):
         super().__init__(backbone)
         self.buffer = ReplayBuffer(mem_size, policy)
+        self.ratio = ratio
+        self.generative = InstructionTuning.of(backbone, generative)
 
     def train_data(self, exp: Experience) -> DataView:
-        return exp.train + self.buffer.view(exp.past)
+        memory = self.buffer.view(exp.past)
+        if self.ratio is not None and len(memory) > round(self.ratio * len(exp.train)):
+            memory = memory.take(torch.randperm(len(memory))[: round(self.ratio * len(exp.train))])  # the engine seeds each experience
+        return exp.train + memory
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        return self.generative.loss(batch.x) if self.generative else super().training_step(batch)
+
+    @property
+    def score(self):
+        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
+        return self.generative.score if self.generative else None
 
     def after_experience(self, exp: Experience) -> None:
         features = self._features(exp.train) if self.buffer.policy == "herding" else None

@@ -74,13 +74,13 @@ class InstructionTuning:
 
     @classmethod
     def of(cls, backbone, options: GenerativeOptions) -> InstructionTuning | None:
-        """The generative path on a :class:`GenerativeLM`, else ``None`` (LoRA options given there are refused)."""
+        """The generative path on a :class:`GenerativeLM`, else ``None`` (LoRA options other than the defaults are refused there)."""
         if isinstance(backbone, GenerativeLM):
             return cls(backbone, options)
-        if options.model_fields_set:
+        changed = [k for k, v in options.model_dump().items() if v != getattr(GenerativeOptions(), k)]
+        if changed:
             raise UserError(
-                f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it",
-                key=f"strategy.{sorted(options.model_fields_set)[0]}",
+                f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it", key=f"strategy.{changed[0]}"
             )
         return None
 
@@ -101,10 +101,10 @@ class InstructionTuning:
         )
         return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])
 
-    def fisher(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        """Diagonal empirical Fisher ``E[(d log p(y|x) / d theta)^2]`` of :meth:`trainable`, one
-        backward per example (``log p(y|x)`` sums the answer tokens' log-probabilities)."""
-        params = self.trainable()
+    def fisher(self, batches: Iterable[Batch], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher ``E[(d log p(y|x) / d theta)^2]`` of ``params`` (by the caller's
+        names; zero for a parameter the answers do not depend on), one backward per example
+        (``log p(y|x)`` sums the answer tokens' log-probabilities)."""
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         count = 0
         for batch in batches:
