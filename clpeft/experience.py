@@ -76,7 +76,7 @@ class Scenario(ABC):
     sets ``source`` (the clean labelled training data of the source model, or None when
     ``source_checkpoint`` names a checkpoint to load) and ``reset_each_domain``; its experiences
     are the domains ``1..D`` (``train`` None, ``test`` the domain's data, ``domain`` its name),
-    experience 0 being the source phase the engine runs (see :mod:`clpeft.engine`).
+    experience 0 being the source phase the engine runs (see :mod:`clpeft.loops.test_time`).
 
     :attr:`online` is set (an :class:`OnlineProtocol`) when the stream is to be learned online:
     each training sample once, in the order the experiences' ``train`` views list them (the

@@ -2,7 +2,7 @@
 
 A scenario with ``online: true`` (:class:`~clpeft.experience.OnlineProtocol`) makes its
 experiences' ``train`` views, concatenated in order, **the stream**: ``N`` samples, position
-``p`` counting the samples before it. The engine (:meth:`clpeft.engine.Engine._run_online`)
+``p`` counting the samples before it. The engine (:func:`clpeft.loops.run_online`)
 trains on it once:
 
 * **Training units.** The strategy is handed *units*, each an :class:`Experience` it trains on

@@ -27,7 +27,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = "clpeft.tools"
 ENTRY_POINTS = ("clpeft.cli", "clpeft.__main__")  # the commands: they wire the tools to the core
-ENGINE = ("clpeft.engine", "clpeft.run", "clpeft.training")
+ENGINE = ("clpeft.engine", "clpeft.loops", "clpeft.run", "clpeft.training")
 STRATEGIES = "clpeft.strategies"
 # Import names that resolve to an installed package: strategies/ and scenarios/ import as these too.
 ALIASES = {"strategies": STRATEGIES, "scenarios": "clpeft.scenarios"}
