@@ -15,7 +15,10 @@ Protocol (issue 4, "Verification"):
 * merging with :mod:`clpeft.merging` on the adapted ``qkv.weight`` tensors, every task keeping
   its own head: task arithmetic (Ilharco et al., 2023; lambda 0.3), TIES (Yadav et al., 2023;
   density 0.2, lambda 1; trimmed over the whole model as the official code does, and per tensor
-  as peft does), DARE + task arithmetic (Yu et al., 2024; p 0.9, lambda 0.3) and
+  as peft does), DARE + task arithmetic (Yu et al., 2024; p 0.9, lambda 0.3), the mergekit
+  methods that take four models at their defaults (linear, Multi-SLERP, Karcher mean, Model
+  Stock, Breadcrumbs, DELLA, SCE; the summing variants at task arithmetic's lambda 0.3, the
+  TIES-style ones at TIES' lambda 1; SLERP and NuSLERP take one and two models) and
   layer-wise AdaMerging (Yang et al., 2024; coefficients from 0.3, Adam on the entropy of
   the merged model's predictions on *unlabeled* held-out training images of every task --
   the paper uses the unlabeled test images; each step takes the first two batches of a fresh
@@ -159,6 +162,16 @@ def main() -> None:
         ("TIES (density 0.2, lambda 1)", "ties", {"density": 0.2, "scale": 1.0}),
         ("TIES per tensor (peft's trim)", "ties", {"density": 0.2, "scale": 1.0, "trim_scope": "tensor"}),
         ("DARE + TA (p 0.9, lambda 0.3)", "dare", {"drop_rate": 0.9, "scale": 0.3}),
+        ("linear (uniform soup)", "linear", {}),
+        ("Multi-SLERP (task vectors)", "multislerp", {}),
+        ("Karcher mean (weights)", "karcher", {}),
+        ("Model Stock", "model_stock", {}),
+        ("Breadcrumbs (density 0.9, gamma 0.01, lambda 0.3)", "breadcrumbs", {"scale": 0.3}),
+        ("Breadcrumbs + TIES (density 0.9, gamma 0.01, lambda 1)", "breadcrumbs", {"consensus": "ties", "disjoint": "mean"}),
+        ("DELLA (density 0.7, epsilon 0.15, lambda 1)", "della", {}),
+        ("DELLA linear (density 0.7, epsilon 0.15, lambda 0.3)", "della", {"consensus": "sum", "scale": 0.3}),
+        ("SCE (select_topk 1)", "sce", {}),
+        ("SCE (select_topk 0.1)", "sce", {"select_topk": 0.1}),
     ]:
         merged = merge(base, finetuned, method, seed=args.seed, **params)
         models[label] = {n: merged for n in TASKS}
