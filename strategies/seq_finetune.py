@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from clpeft.backbones.generative_lm import GenerativeLM
 from clpeft.components.generative import GenerativeOptions, InstructionTuning
 from clpeft.data import Batch
-from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
@@ -42,10 +40,6 @@ class SeqFinetune(Strategy):
 
     @flat_options
     def __init__(self, backbone, generative: GenerativeOptions = GenerativeOptions()):  # noqa: B008 (frozen options)
-        if not isinstance(backbone, GenerativeLM):
-            raise UserError(
-                f"seq_finetune generates answers; use backbone.name: generative_lm (got {type(backbone).__name__})", key="backbone.name"
-            )
         super().__init__(backbone)
         self.generative = InstructionTuning(backbone, generative)
 

@@ -172,12 +172,19 @@ STRATEGIES: dict[str, Smoke] = {
     "roid": _tta({"name": "roid", "flip": 0.0}),
     "rpl": _tta({"name": "rpl"}),
     "cmf": _tta({"name": "cmf", "flip": 0.0}),
+    "santa": _tta({"name": "santa", "projection_dim": 16, "flip": 0.0}),
     "seq_finetune": Smoke(
         {"name": "seq_finetune", "lora_rank": 2},
         TINY_LLAMA,
         INSTRUCTIONS,
         learns="answers are scored by exact match, where chance is not 1/classes; "
         "tests/llm/test_seq_finetune.py shows a task learnt and forgotten",
+    ),
+    "o_lora": Smoke(
+        {"name": "o_lora", "lora_rank": 2},
+        TINY_LLAMA,
+        INSTRUCTIONS,
+        learns="answers are scored by exact match, where chance is not 1/classes; tests/llm/test_o_lora.py shows both tasks learnt",
     ),
 }
 

@@ -57,11 +57,16 @@ class InstructionTuning:
     Not a module: the adapters live in the backbone, which the strategy already holds.
 
     Args:
-        backbone: the generative backbone; LoRA is injected into its ``net``.
+        backbone: the generative backbone (another is refused in one line); LoRA is injected into its ``net``.
         options: the LoRA's targets, rank, alpha and dropout.
     """
 
     def __init__(self, backbone: GenerativeLM, options: GenerativeOptions):
+        if not isinstance(backbone, GenerativeLM):
+            raise UserError(
+                f"this strategy trains and scores generated answers; use backbone.name: generative_lm (got {type(backbone).__name__})",
+                key="backbone.name",
+            )
         self.backbone = backbone
         self.lora = inject_lora(
             backbone.net,
