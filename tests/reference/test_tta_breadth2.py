@@ -17,6 +17,7 @@ once are named in each test's docstring.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import types
@@ -34,6 +35,7 @@ from .test_tta_methods import (
     CLASSES,
     CLOSE,
     SUBDIR,
+    SourceLoader,
     _adapt,
     _assert_same_optimizer_state,
     _assert_same_parameters,
@@ -44,6 +46,7 @@ from .test_tta_methods import (
     _named,
     _package,
     _params,
+    _recording_batches,
     _reference_model,
     _source_model,
 )
@@ -137,6 +140,15 @@ def test_defaults_are_the_cifar10_c_configs(bench):
         "gamma": cmf.CMF.GAMMA,
         "q": cmf.CMF.Q,
     }
+    assert _defaults("santa") == {
+        **_optimizer_defaults(santa),
+        "lambda_ce_trg": santa.SANTA.LAMBDA_CE_TRG,
+        "lambda_cont": santa.SANTA.LAMBDA_CONT,
+        "temperature": santa.CONTRAST.TEMPERATURE,
+        "projection_dim": santa.CONTRAST.PROJECTION_DIM,
+        "flip": 0.5,
+    }
+    assert santa.CONTRAST.MODE == "all" and santa.SOURCE.NUM_SAMPLES == -1 and santa.SOURCE.PERCENTAGE == 1.0
     assert cmf.CMF.TYPE == "lp"  # "op" computes the same in the code (clpeft's ModelFusion docstring)
     for cfg in (roid, rpl, cmf, santa):
         assert cfg.OPTIM.METHOD == "Adam" and cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
@@ -275,3 +287,46 @@ def test_cmf_equals_the_reference(bench, monkeypatch, kind, options):
     hidden = dict(ref.hidden_model.named_parameters())
     adapted = [n for n, p in ref.model.named_parameters() if p.requires_grad]
     _assert_same_parameters({n: p for n, p in strategy.fusion.hidden.named_parameters() if n in adapted}, {n: hidden[n] for n in adapted})
+
+
+# ------------------------------------------------------------------ santa
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"), [("cnn", {}), ("vit", {}), ("cnn", {"SANTA.LAMBDA_CE_TRG": 0.5, "CONTRAST.TEMPERATURE": 0.2})]
+)
+def test_santa_equals_the_reference(bench, tmp_path, kind, options):
+    """40 source samples (one shuffled pass in 3 batches of the test batch size, served to the
+    reference's ``get_source_loader``), then three test batches: the prototypes, the pre-update
+    predictions, every parameter (model and projection head) and Adam's state. The projection
+    heads are drawn at random on both sides at different times: the reference's is loaded with
+    clpeft's. clpeft augments with its own ``TTAugment()`` (the reference's transform to 1e-5 per
+    pixel). Mutations checked: the anchoring cross-entropy the other way round (the anchor's
+    probabilities), the nearest prototype by Euclidean distance."""
+    cfg = _cfg(bench, "santa", **{"CKPT_DIR": str(tmp_path), **options})
+    model = _source_model(kind, head_scale=3.0)
+    log = []
+    strategy = _clpeft(
+        "santa",
+        kind,
+        model,
+        start=lambda s: _recording_batches(s, log),
+        lambda_ce_trg=cfg.SANTA.LAMBDA_CE_TRG,
+        temperature=cfg.CONTRAST.TEMPERATURE,
+    )
+    prototype_pass = [(b.x, b.y) for shuffled, b in log if shuffled]
+    assert len(prototype_pass) == 3 and len(log) == 3
+    bench.source = SourceLoader([prototype_pass], BATCH)
+    ref = bench.santa.SANTA(cfg, _reference_model(model), CLASSES)
+    assert bench.request["batch_size"] == BATCH and bench.request["num_samples"] == -1
+    torch.testing.assert_close(strategy.contrast.prototypes.means().float(), ref.prototypes_src.squeeze(1), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ref.projector.load_state_dict(copy.deepcopy(strategy.contrast.projector.state_dict()))
+    for ours, theirs in _run(strategy, ref, [_images(BATCH, 460 + i) for i in range(3)], 470):
+        torch.testing.assert_close(ours, theirs, **CLOSE)
+    ours, theirs = _named(strategy), dict(ref.model.named_parameters())
+    _assert_same_parameters(ours, theirs, _params(model))
+    _assert_same_parameters(dict(strategy.contrast.projector.named_parameters()), dict(ref.projector.named_parameters()))
+    ours.update({f"projector.{n}": p for n, p in strategy.contrast.projector.named_parameters()})
+    theirs.update({f"projector.{n}": p for n, p in ref.projector.named_parameters()})
+    _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer, theirs)

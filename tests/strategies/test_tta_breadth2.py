@@ -23,14 +23,17 @@ import clpeft.config
 import clpeft.engine
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.components.tta.certainty_diversity import prior_correction, soft_likelihood_ratio
+from clpeft.components.tta.losses import multi_view_contrastive_loss
 from clpeft.components.tta.model_fusion import ModelFusion
 from clpeft.components.tta.online_adaptation import classifier
+from clpeft.components.tta.prototype_contrast import PrototypeContrast
 from clpeft.errors import UserError
+from clpeft.experience import Experience
 from clpeft.registry import strategies
 
-METHODS = ["roid", "rpl", "cmf"]
+METHODS = ["roid", "rpl", "cmf", "santa"]
 DIGITS = {"flip": 0.0}  # no horizontal flips of digits
-OPTIONS = {"roid": DIGITS, "rpl": {}, "cmf": DIGITS}
+OPTIONS = {"roid": DIGITS, "rpl": {}, "cmf": DIGITS, "santa": {**DIGITS, "projection_dim": 16}}
 
 
 def _params(strategy) -> dict[str, torch.Tensor]:
@@ -203,6 +206,64 @@ def test_cmf_without_fusion_is_roid_without_ensembling(source):
     assert not all(torch.equal(p, q) for p, q in zip(_params(roid).values(), _params(fused).values()))
 
 
+# ------------------------------------------------------------------ santa
+
+
+def test_prototype_contrast_is_the_multi_view_loss_of_the_nearest_prototype():
+    """Prototypes are the class means (the pass stops after the batch that passes ``limit``);
+    the loss is the multi-view contrastive loss of (nearest prototype by cosine, features,
+    augmented features) through the head, written out here."""
+    torch.manual_seed(0)
+    contrast = PrototypeContrast(6, projection_dim=8, temperature=0.2)
+    features, labels = torch.randn(30, 6), torch.arange(30) % 3
+    contrast.compute_prototypes([(features[:10], labels[:10]), (features[10:], labels[10:])], 3)
+    means = torch.stack([features[labels == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(contrast.prototypes.means().float(), means)
+    contrast.compute_prototypes([(features[:10], labels[:10]), (features[10:], labels[10:])], 3, limit=5)
+    assert int(contrast.prototypes.counts.sum()) == 10
+    contrast.compute_prototypes([(features, labels)], 3)
+    x, x_aug = torch.randn(4, 6), torch.randn(4, 6)
+    cosine = torch.stack([torch.nn.functional.cosine_similarity(x, m.expand_as(x), dim=1) for m in means], dim=1)
+    views = torch.stack([means[cosine.argmax(1)], x, x_aug], dim=1)
+    z = torch.nn.functional.normalize(contrast.projector(views), dim=-1)
+    torch.testing.assert_close(contrast(x, x_aug), multi_view_contrastive_loss(z, 0.2))
+
+
+def test_santa_loss_anchors_the_predictions_to_the_source_model(source, monkeypatch):
+    """With ``lambda_cont: 0`` the loss is ``mean 1/2 CE(q(x), p(x)) + 1/2 CE(q(x), p(aug x))``,
+    written out with the source model as the anchor (before and after adaptation moved the model);
+    the prediction is ``p(x)`` before the step."""
+    s = _make("santa", source, lambda_cont=0.0, lr=1e-2, **DIGITS)
+    losses = []
+    step = s.adaptation.step
+    monkeypatch.setattr(s.adaptation, "step", lambda loss: (losses.append(loss.detach()), step(loss)))
+    anchor = copy.deepcopy(classifier(s.backbone, s.head))
+    for i, x in enumerate(_batches(source, 2)):
+        net = copy.deepcopy(classifier(s.backbone, s.head))
+        with torch.no_grad():
+            p, q = net(x).double(), anchor(x).double()
+            torch.manual_seed(i)
+            p_aug = net(s.augment(x)).double()
+        torch.manual_seed(i)
+        out = _adapt(s, x)
+        torch.testing.assert_close(out.double(), p, rtol=1e-5, atol=1e-6)
+        expected = -(0.5 * (p.softmax(1) * q.log_softmax(1)).sum(1) + 0.5 * (p_aug.softmax(1) * q.log_softmax(1)).sum(1)).mean()
+        torch.testing.assert_close(losses[-1].double(), expected, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(anchor.parameters(), classifier(s.backbone, s.head).parameters()))
+
+
+def test_santa_needs_source_data_only_for_the_contrast(source):
+    """A stream without source training data (a loaded source model): refused in one line naming
+    ``lambda_cont``, and with ``lambda_cont: 0`` adaptation runs."""
+    lone = Experience(1, None, source["tta_exp"].test, [], list(range(10)))
+    lone.past = ()
+    with pytest.raises(UserError, match="lambda_cont: 0"):
+        _make("santa", source, start=False, **DIGITS).before_experience(lone)
+    s = _make("santa", source, start=False, lambda_cont=0.0, **DIGITS)
+    s.before_experience(lone)
+    assert _adapt(s, _batches(source, 1)[0]).shape == (64, 10)
+
+
 # ------------------------------------------------------------------ state
 
 
@@ -239,8 +300,11 @@ def test_loading_the_source_state_restarts_from_the_source(source, name):
     for x in batches[:2]:
         _adapt(s, x)
     s.load_state_dict(source_state)
+    torch.manual_seed(7)  # SANTA's prototype pass is shuffled
     s.before_experience(source["tta_exp"])
-    fresh = _make(name, source, **OPTIONS[name])
+    fresh = _make(name, source, start=False, **OPTIONS[name])
+    torch.manual_seed(7)
+    fresh.before_experience(source["tta_exp"])
     for i, x in enumerate(batches[1:]):
         torch.manual_seed(i)
         a = _adapt(s, x)
