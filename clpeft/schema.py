@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from clpeft.errors import UserError, UserErrors
 from clpeft.registry import close_matches
 
-__all__ = ["Options", "flat_options", "model_from_signature", "validate", "unknown_key"]
+__all__ = ["Options", "flat_options", "flat_params", "model_from_signature", "validate", "unknown_key"]
 
 # extra keys are errors; NaN and infinity are refused for every float
 STRICT = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
@@ -98,6 +98,18 @@ def flat_options(init: Callable) -> Callable:
     wrapper.__flat_options__ = blocks
     del wrapper.__wrapped__  # inspect and typing read the flat signature, not the wrapped one
     return wrapper
+
+
+def flat_params(params: dict) -> dict:
+    """``params`` with each :class:`Options` value replaced by its fields: the flat keys a config has.
+
+    For a ``check_config(params)`` that reads a config's flat keys, called from an ``__init__``
+    with its ``locals()``.
+    """
+    flat: dict = {}
+    for name, value in params.items():
+        flat.update(value.model_dump() if isinstance(value, Options) else {name: value})
+    return flat
 
 
 # ----------------------------------------------------------------------------- building

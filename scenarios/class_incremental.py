@@ -9,7 +9,7 @@ those of experience ``i-1`` and a growing head needs no bookkeeping.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -20,16 +20,9 @@ from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import register_scenario
 from clpeft.scenarios import datasets
+from clpeft.scenarios.data_source import DataSource, Subsample
 from clpeft.scenarios.online import Blurry, blurry_split, check_online, first_appearance_order, online_protocol
-
-
-def per_class_subset(targets: torch.Tensor, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
-    """Indices of at most ``per_class`` samples of every class, sorted."""
-    if per_class is None:
-        return np.arange(len(targets))
-    y = targets.numpy()
-    keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]
-    return np.sort(np.concatenate(keep))
+from clpeft.schema import flat_options, flat_params
 
 
 def require_samples(stream: list[Experience], class_names: list[str]) -> None:
@@ -80,6 +73,7 @@ class ClassIncremental(Scenario):
 
     kind = "class_incremental"
 
+    @flat_options
     def __init__(
         self,
         seed: int,
@@ -87,17 +81,14 @@ class ClassIncremental(Scenario):
         n_experiences: int,
         init_classes: int | None = None,
         class_order: list[int] | Annotated[int, Field(ge=0, le=2**32 - 1)] | Literal["random"] | None = None,
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        root: str = "~/.cache/clpeft/data",
-        download: bool = False,
-        dataset_options: dict[str, Any] | None = None,
+        subsample: Subsample = Subsample(),
+        data_source: DataSource = DataSource(),
         online: bool = False,
         eval_every: int = 100,
         task_free: bool = False,
         blurry: Blurry | None = None,
     ):
-        self.check_config(locals())
+        self.check_config(flat_params(locals()))
         self.online = online_protocol(online, eval_every, task_free)
         self.blurry = Blurry.model_validate(blurry) if isinstance(blurry, dict) else blurry
         self.seed = seed
@@ -105,11 +96,8 @@ class ClassIncremental(Scenario):
         self.n_experiences = n_experiences
         self.init_classes = init_classes
         self.class_order = class_order
-        self.train_per_class = train_per_class
-        self.test_per_class = test_per_class
-        self.root = root
-        self.download = download
-        self.dataset_options = dataset_options
+        self.subsample = subsample
+        self.data_source = data_source
         self.input_shape = ()
         self.class_names = []
 
@@ -148,9 +136,6 @@ class ClassIncremental(Scenario):
         T = p["n_experiences"]
         if T < 1:
             raise UserError(f"expected at least 1 experience, got {T}", key="scenario.n_experiences")
-        for key in ("train_per_class", "test_per_class"):
-            if p.get(key) is not None and p[key] < 1:
-                raise UserError(f"must be at least 1, got {p[key]}", key=f"scenario.{key}")
         C = datasets.n_classes(p["dataset"])
         if C is not None:
             cls.check_counts(C, p, p["dataset"])
@@ -178,10 +163,10 @@ class ClassIncremental(Scenario):
         return np.arange(n_classes)
 
     def experiences(self) -> list[Experience]:
-        train, test = datasets.load_dataset(self.dataset, self.root, self.download, self.dataset_options)
+        train, test = self.data_source.load(self.dataset)
         C = datasets.n_classes(self.dataset) or len(train.class_names)
         if datasets.n_classes(self.dataset) is None:
-            self.check_counts(C, vars(self), self.root)
+            self.check_counts(C, vars(self), self.data_source.root)
         order = self._order(C)
         mapping = torch.empty(C, dtype=torch.long)
         mapping[torch.from_numpy(order)] = torch.arange(C)
@@ -190,8 +175,8 @@ class ClassIncremental(Scenario):
         self.input_shape = tuple(train.inputs.shape[1:])
         self.class_names = names
         rng = np.random.default_rng(self.seed)
-        train_idx = per_class_subset(train.targets, self.train_per_class, rng)
-        test_idx = per_class_subset(test.targets, self.test_per_class, rng)
+        train_idx = self.subsample.train(train.targets, rng)
+        test_idx = self.subsample.test(test.targets, rng)
         sizes = self.group_sizes(C, self.n_experiences, self.init_classes)
         groups = [list(range(a, a + n)) for a, n in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes)]
         if self.online is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +34,11 @@ from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import close_matches, register_scenario
 from clpeft.scenarios import datasets
-from clpeft.scenarios.class_incremental import per_class_subset
 from clpeft.scenarios.corruption_constants import ConstantChoice
 from clpeft.scenarios.corruptions import CORRUPTIONS, CorruptedDataset, TransformedDataset
+from clpeft.scenarios.data_source import DataSource, Subsample
 from clpeft.scenarios.online import check_online, online_protocol
+from clpeft.schema import flat_options, flat_params
 
 
 class Domain(BaseModel):
@@ -136,32 +137,27 @@ class DomainIncremental(Scenario):
 
     kind = "domain_incremental"
 
+    @flat_options
     def __init__(
         self,
         seed: int,
         domains: list[Domain],
         dataset: str | None = None,
-        train_per_class: Annotated[int, Field(ge=1)] | None = None,
-        test_per_class: Annotated[int, Field(ge=1)] | None = None,
-        root: str = "~/.cache/clpeft/data",
-        download: bool = False,
-        dataset_options: dict[str, Any] | None = None,
+        subsample: Subsample = Subsample(),
+        data_source: DataSource = DataSource(),
         corruption_constants: ConstantChoice = "auto",
         online: bool = False,
         eval_every: int = 100,
         task_free: bool = False,
     ):
-        self.check_config(locals())
+        self.check_config(flat_params(locals()))
         self.online = online_protocol(online, eval_every, task_free)
         self.seed = seed
         self.corruption_constants = corruption_constants
         self.domains = [Domain.model_validate(d) for d in domains]
         self.dataset = dataset
-        self.train_per_class = train_per_class
-        self.test_per_class = test_per_class
-        self.root = root
-        self.download = download
-        self.dataset_options = dataset_options
+        self.subsample = subsample
+        self.data_source = data_source
         self.input_shape = ()
         self.class_names = []
 
@@ -185,17 +181,17 @@ class DomainIncremental(Scenario):
     def experiences(self) -> list[Experience]:
         base = None
         if self.dataset is not None:
-            base = datasets.load_dataset(self.dataset, self.root, self.download, self.dataset_options)
+            base = self.data_source.load(self.dataset)
         rng = np.random.default_rng(self.seed)
         stream, seen = [], set()
         for i, domain in enumerate(self.domains):
             train, test = self._domain_data(i, domain, base)
             self._check_label_space(i, domain, train)
-            train_idx = per_class_subset(train.targets, self.train_per_class, rng)
+            train_idx = self.subsample.train(train.targets, rng)
             if self.online is not None:  # the stream's order within the domain
                 train_idx = rng.permutation(train_idx)
             train_view = DataView.of(train, train_idx)
-            test_view = DataView.of(test, per_class_subset(test.targets, self.test_per_class, rng))
+            test_view = DataView.of(test, self.subsample.test(test.targets, rng))
             present = sorted(int(c) for c in train_view.targets.unique())
             seen |= set(present)
             stream.append(
@@ -213,7 +209,8 @@ class DomainIncremental(Scenario):
 
     def _domain_data(self, i: int, domain: Domain, base):
         if domain.dataset is not None:
-            return datasets.load_dataset(domain.dataset, domain.root or self.root, self.download, domain.dataset_options)
+            source = self.data_source
+            return datasets.load_dataset(domain.dataset, domain.root or source.root, source.download, domain.dataset_options)
         train, test = base
         if domain.corruption is None and domain.rotation is None and not domain.permutation:
             return train, test

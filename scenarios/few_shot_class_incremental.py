@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ from clpeft.errors import UserError
 from clpeft.experience import Experience, Scenario
 from clpeft.registry import register_scenario
 from clpeft.scenarios import cec_sessions, datasets
-from clpeft.scenarios.class_incremental import per_class_subset, require_samples
+from clpeft.scenarios.class_incremental import require_samples
+from clpeft.scenarios.data_source import DataSource, per_class_subset
+from clpeft.schema import flat_options, flat_params
 
 SESSIONS_FILE = "fscil_sessions.json"
 FORMAT = 1
@@ -66,6 +68,7 @@ class FewShotClassIncremental(Scenario):
 
     kind = "few_shot_class_incremental"
 
+    @flat_options
     def __init__(
         self,
         seed: int,
@@ -79,11 +82,9 @@ class FewShotClassIncremental(Scenario):
         test_per_class: Annotated[int, Field(ge=1)] | None = None,
         sessions_file: str | None = None,
         session_lists: Literal["cec", "random"] | None = None,
-        root: str = "~/.cache/clpeft/data",
-        download: bool = False,
-        dataset_options: dict[str, Any] | None = None,
+        data_source: DataSource = DataSource(),
     ):
-        self.check_config(locals())
+        self.check_config(flat_params(locals()))
         self.seed = seed
         self.dataset = dataset
         self.n_base, self.n_way, self.k_shot, self.n_sessions = n_base, n_way, k_shot, n_sessions
@@ -91,10 +92,8 @@ class FewShotClassIncremental(Scenario):
         self.base_per_class = base_per_class
         self.test_per_class = test_per_class
         self.sessions_file = sessions_file
-        self.session_lists = self.resolve_session_lists(locals())
-        self.root = root
-        self.download = download
-        self.dataset_options = dataset_options
+        self.session_lists = self.resolve_session_lists(flat_params(locals()))
+        self.data_source = data_source
         self.input_shape = ()
         self.class_names = []
         self.plan: dict | None = None
@@ -159,10 +158,10 @@ class FewShotClassIncremental(Scenario):
     # ------------------------------------------------------------------ the stream
 
     def experiences(self) -> list[Experience]:
-        options = self.dataset_options
+        options = self.data_source.dataset_options
         if self.session_lists == "cec" and self.dataset == "mini_imagenet":
             options = {**(options or {}), "split": "cec"}
-        train, test = datasets.load_dataset(self.dataset, self.root, self.download, options)
+        train, test = self.data_source.load(self.dataset, options)
         C = datasets.n_classes(self.dataset) or len(train.class_names)
         if self.sessions_file:
             self.plan = self._read_plan(train, test, C)
@@ -200,7 +199,7 @@ class FewShotClassIncremental(Scenario):
     def _cec_plan(self, train: ArrayDataset, test: ArrayDataset) -> dict:
         """CEC's sessions (:mod:`~clpeft.scenarios.cec_sessions`), checked against the data."""
         n_sessions = self.n_sessions if self.n_sessions is not None else cec_sessions.PROTOCOLS[self.dataset][3]
-        keys = cec_sessions.training_keys(self.dataset, Path(self.root).expanduser())
+        keys = cec_sessions.training_keys(self.dataset, Path(self.data_source.root).expanduser())
         order, sessions, test_idx = cec_sessions.plan(self.dataset, train.targets.numpy(), test.targets.numpy(), keys, n_sessions)
         return {
             "format": FORMAT,
@@ -264,7 +263,11 @@ class FewShotClassIncremental(Scenario):
                 f"not '{self.dataset}' (format {FORMAT})",
                 key=key,
             )
-        if plan.get("session_lists") == "cec" and self.dataset == "mini_imagenet" and (self.dataset_options or {}).get("split") != "cec":
+        if (
+            plan.get("session_lists") == "cec"
+            and self.dataset == "mini_imagenet"
+            and (self.data_source.dataset_options or {}).get("split") != "cec"
+        ):
             raise UserError(
                 f"{path} holds CEC's sessions, which index CEC's train/test split; set dataset_options: {{split: cec}}", key=key
             )

@@ -7,7 +7,7 @@ corruptions one after another, no reset) and Döbler et al., "Robust Mean Teache
 and Gradual Test-Time Adaptation", CVPR 2023 (https://arxiv.org/abs/2211.13081; gradual
 severities, mixed domains).
 
-The stream, as the engine runs it (see :mod:`clpeft.engine`):
+The stream, as the engine runs it (see :mod:`clpeft.loops.test_time`):
 
 * experience 0 is the **source** phase: the strategy trains on :attr:`source` (the clean
   training split) with the ordinary loop, or its state is loaded from ``source_checkpoint``;
@@ -53,10 +53,11 @@ from clpeft.experience import Experience, Scenario
 from clpeft.registry import close_matches, register_scenario
 from clpeft.scenarios import data_checks, datasets
 from clpeft.scenarios.array_datasets import load_npy
-from clpeft.scenarios.class_incremental import per_class_subset
 from clpeft.scenarios.corruption_constants import ConstantChoice
 from clpeft.scenarios.corruptions import CORRUPTIONS, IMAGENET_C, CorruptedDataset, gather
+from clpeft.scenarios.data_source import DataSource, Subsample
 from clpeft.scenarios.label_shift import dirichlet_order
+from clpeft.schema import flat_options, flat_params
 
 GRADUAL_SEVERITIES = [1, 2, 3, 4, 5, 4, 3, 2, 1]
 
@@ -168,6 +169,7 @@ class TestTimeAdaptation(Scenario):
 
     kind = "test_time_adaptation"
 
+    @flat_options
     def __init__(
         self,
         seed: int,
@@ -178,18 +180,15 @@ class TestTimeAdaptation(Scenario):
         reset_each_domain: bool = False,
         source_checkpoint: str | None = None,
         chunk_size: Annotated[int, Field(ge=1)] = 1000,
-        train_per_class: Annotated[int, Field(ge=1)] | None = None,
-        test_per_class: Annotated[int, Field(ge=1)] | None = None,
+        subsample: Subsample = Subsample(),
         corrupted_root: str | None = None,
         corrupted_layout: Literal["cifar_c", "imagenet_c"] = "cifar_c",
         corruption_constants: ConstantChoice = "auto",
-        root: str = "~/.cache/clpeft/data",
-        download: bool = False,
-        dataset_options: dict[str, Any] | None = None,
+        data_source: DataSource = DataSource(),
         label_shift: Literal["none", "dirichlet"] = "none",
         dirichlet_concentration: Annotated[float, Field(gt=0)] = 0.1,
     ):
-        self.check_config(locals())
+        self.check_config(flat_params(locals()))
         self.seed = seed
         self.dataset = dataset
         self.corruptions = corruptions or list(IMAGENET_C)
@@ -198,14 +197,11 @@ class TestTimeAdaptation(Scenario):
         self.reset_each_domain = reset_each_domain
         self.source_checkpoint = source_checkpoint
         self.chunk_size = chunk_size
-        self.train_per_class = train_per_class
-        self.test_per_class = test_per_class
+        self.subsample = subsample
         self.corrupted_root = corrupted_root
         self.corrupted_layout = corrupted_layout
         self.corruption_constants = corruption_constants
-        self.root = root
-        self.download = download
-        self.dataset_options = dataset_options
+        self.data_source = data_source
         self.label_shift = label_shift
         self.dirichlet_concentration = dirichlet_concentration
         self.source: DataView | None = None
@@ -239,11 +235,11 @@ class TestTimeAdaptation(Scenario):
     def experiences(self) -> list[Experience]:
         train = test = None
         if self.dataset is not None:
-            train, test = datasets.load_dataset(self.dataset, self.root, self.download, self.dataset_options)
+            train, test = self.data_source.load(self.dataset)
             self.class_names = list(train.class_names or [str(c) for c in range(int(train.targets.max()) + 1)])
         rng = np.random.default_rng(self.seed)
         if train is not None:  # also with a source_checkpoint: EATA's Fisher needs source-like data
-            self.source = DataView.of(train, per_class_subset(train.targets, self.train_per_class, rng))
+            self.source = DataView.of(train, self.subsample.train(train.targets, rng))
         if self.corrupted_root is None:
             domains = self._on_the_fly(test, rng)
         else:
@@ -270,7 +266,7 @@ class TestTimeAdaptation(Scenario):
         sample = test[0][0]
         if not (isinstance(sample, torch.Tensor) and sample.dtype == torch.uint8 and sample.dim() in (2, 3)):
             raise UserError(f"'{self.dataset}' is not a dataset of uint8 images; corruptions apply to images only", key="scenario.dataset")
-        keep = torch.as_tensor(per_class_subset(test.targets, self.test_per_class, rng))
+        keep = torch.as_tensor(self.subsample.test(test.targets, rng))
         return [
             (f"{c}@{s}", DataView.of(CorruptedDataset(test, c, s, self.seed, self.corruption_constants), keep)) for c, s in self._schedule()
         ]
@@ -288,7 +284,7 @@ class TestTimeAdaptation(Scenario):
             )
         if not self.class_names:
             self.class_names = getattr(first, "class_names", None) or [str(c) for c in range(int(first.targets.max()) + 1)]
-        keep = torch.as_tensor(per_class_subset(first.targets, self.test_per_class, rng))
+        keep = torch.as_tensor(self.subsample.test(first.targets, rng))
         return [(f"{c}@{s}", DataView.of(data[(c, s)], keep)) for c, s in schedule]
 
     @staticmethod

@@ -302,7 +302,7 @@ ABSURD = [
     ("scenario.n_experiences", -2, "scenario.n_experiences: expected at least 1 experience"),
     ("scenario.n_experiences", 11, "scenario.n_experiences: 11 experiences but 'sklearn_digits' has only 10 classes"),
     ("scenario.init_classes", 12, "scenario.init_classes: must be between 1 and 10"),
-    ("scenario.train_per_class", -1, "scenario.train_per_class: must be at least 1"),
+    ("scenario.train_per_class", -1, "scenario.train_per_class: input should be greater than or equal to 1"),
     ("train.batch_size", -3, "train.batch_size: input should be greater than or equal to 1"),
     ("train.batch_size", 2**64, "train.batch_size: 18446744073709551616 does not fit in a 64-bit integer"),
     ("train.lr", float("nan"), "train.lr: expected a finite number"),

@@ -196,7 +196,7 @@ def test_valid_config_resolves():
         ({"n_experiences": 2, "init_classes": 10}, "scenario.init_classes", ""),
         ({"init_classes": 0}, "scenario.init_classes", "between 1 and 10"),
         ({"init_classes": 11}, "scenario.init_classes", "between 1 and 10"),
-        ({"train_per_class": 0}, "scenario.train_per_class", "at least 1"),
+        ({"train_per_class": 0}, "scenario.train_per_class", "greater than or equal to 1, got 0"),
         ({"n_experiences": _DROP}, "scenario.n_experiences", "missing"),
         ({"n_experience": 5}, "scenario.n_experience", "n_experiences"),
     ],
