@@ -138,6 +138,7 @@ STRATEGIES: dict[str, Smoke] = {
     "dualprompt": Smoke({"name": "dualprompt", "pool_size": 4, "g_length": 2, "g_layers": [0], "e_length": 2, "e_layers": [1]}, VIT),
     "coda_prompt": Smoke({"name": "coda_prompt", "components_per_task": 2, "prompt_length": 2, "layers": [0, 1]}, VIT),
     "ovor": Smoke({"name": "ovor", "g_length": 2, "e_length": 2, "regular_epochs": 3, "offsets": 20, "boundary_points": 4}, VIT),
+    "mos": Smoke({"name": "mos", "adapter_bottleneck": 4, "align_epochs": 1, "align_samples": 8}, VIT, change="state"),
     "hide_prompt": Smoke(
         {
             "name": "hide_prompt",
