@@ -82,6 +82,10 @@ class Replay(Strategy):
         """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
         return self.generative.score if self.generative else None
 
+    def final_metrics(self) -> dict[str, float]:
+        """On a generative backbone, the general text's perplexity before and after the stream."""
+        return self.generative.final_metrics() if self.generative else {}
+
     def after_experience(self, exp: Experience) -> None:
         features = self._features(exp.train) if self.buffer.policy == "herding" else None
         self.buffer.update(exp, features=features)

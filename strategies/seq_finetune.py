@@ -52,3 +52,7 @@ class SeqFinetune(Strategy):
     def score(self, batch: Batch) -> torch.Tensor:
         """Each example's score in [0, 1] by its task's metric, on a greedy answer (the engine's scoring hook)."""
         return self.generative.score(batch)
+
+    def final_metrics(self) -> dict[str, float]:
+        """The general text's perplexity before and after the stream (``perplexity_before/after/ratio``)."""
+        return self.generative.final_metrics()

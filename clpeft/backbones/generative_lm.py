@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -192,6 +193,20 @@ class GenerativeLM(Backbone):
         """Mean next-token cross-entropy over the answers' tokens (prompts and padding excluded)."""
         logits, targets, _ = self.answer_logits(examples)
         return F.cross_entropy(logits.float(), targets)
+
+    @torch.no_grad()
+    def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
+        """``exp`` of the mean next-token cross-entropy over every token of ``texts`` (plain text, no
+        chat template; each text cut to ``max_length`` tokens, batches padded on the right)."""
+        total, count = 0.0, 0
+        for start in range(0, len(texts), batch_size):
+            rows = [list(self.tokenizer(t)["input_ids"])[: self.max_length] for t in texts[start : start + batch_size]]
+            ids, mask = self.left_padded(rows)  # left padding with position ids counting real tokens
+            logits = self.net(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False).logits
+            labels = ids[:, 1:].masked_fill((mask[:, :-1] * mask[:, 1:]) == 0, IGNORE)  # real token predicted from a real one
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"))
+            count += int((labels != IGNORE).sum())
+        return math.exp(total / max(count, 1))
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:

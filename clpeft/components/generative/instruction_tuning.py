@@ -15,6 +15,8 @@ fields a strategy's YAML gives as flat keys (``lora_rank: 8``).
   greedy answer (the engine's ``score`` hook).
 * :meth:`InstructionTuning.fisher`: EWC's diagonal empirical Fisher of the adapters, from
   per-example gradients of the answer's log-likelihood ``log p(y|x) = sum_t log p(y_t|x, y_<t)``.
+* :meth:`InstructionTuning.final_metrics`: the perplexity of held-out general text before and after
+  the stream (:mod:`~clpeft.components.generative.perplexity_retention`).
 * :meth:`InstructionTuning.snapshot` and :meth:`InstructionTuning.distillation`: LwF's old model
   on this path, the adapters' values at the start of the task (the pretrained weights are shared,
   so no copy of the model), and the distillation of its token distributions at the answers'
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.backbones.generative_lm import GenerativeLM
+from clpeft.components.generative.perplexity_retention import PerplexityRetention
 from clpeft.components.lora import inject_lora
 from clpeft.components.regularization.distillation import distillation_loss
 from clpeft.data import Batch
@@ -41,7 +44,7 @@ from clpeft.text_metrics import score
 
 
 class GenerativeOptions(Options):
-    """The LoRA a strategy trains on a ``generative_lm`` backbone (only there)."""
+    """The LoRA a strategy trains on a ``generative_lm`` backbone (only there), and the general text it is checked on."""
 
     lora_targets: list[str] = Field(
         ["q_proj", "v_proj"], description="name suffixes of the linear layers LoRA adapts (O-LoRA: the attention's query and value)"
@@ -49,6 +52,11 @@ class GenerativeOptions(Options):
     lora_rank: Annotated[int, Field(ge=1)] = Field(8, description="LoRA rank r")
     lora_alpha: Annotated[float, Field(gt=0)] = Field(16.0, description="LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="dropout on the LoRA input")
+    general_text_samples: Annotated[int, Field(ge=0)] = Field(
+        64,
+        description="plot summaries of held-out general text whose perplexity is measured before and after the stream "
+        "(perplexity_before/after/ratio; 0: not measured)",
+    )
 
 
 class InstructionTuning:
@@ -68,6 +76,7 @@ class InstructionTuning:
                 key="backbone.name",
             )
         self.backbone = backbone
+        self.retention = PerplexityRetention(backbone, options.general_text_samples) if options.general_text_samples else None
         self.lora = inject_lora(
             backbone.net,
             options.lora_targets,
@@ -88,6 +97,10 @@ class InstructionTuning:
                 f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it", key=f"strategy.{changed[0]}"
             )
         return None
+
+    def final_metrics(self) -> dict[str, float]:
+        """The general text's perplexity before and after the stream (:mod:`~clpeft.components.generative.perplexity_retention`)."""
+        return self.retention.metrics() if self.retention is not None else {}
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The trained parameters of the backbone's ``net`` (the adapters), by name."""
