@@ -11,6 +11,9 @@ seeded tensors on both sides. Compared:
   the classes for every test sample, with the merge at test time off on PILOT's side (its
   ``reweight_adapter`` would otherwise move the stored adapters on every call: the difference
   ``strategies/mos.py`` documents);
+* the strategy over two tasks against PILOT's learner and ``vit_mos`` ViT on the tiny random ViT of
+  ``test_pilot.py`` (``beta = 0``, no alignment): SGD steps, class statistics, prototypes, the
+  predictions' rankings, and the passes through the blocks each side makes;
 * the published configs against ``exps/mos*.json``.
 
 DUCT is not here yet (see the session report).
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import json
 import types
+from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -31,8 +36,28 @@ from clpeft.components.lora.adapter_bank import AdapterBank
 from clpeft.components.lora.adapter_merging import merge_towards_mean, start_from_last
 from clpeft.components.lora.parallel_adapter import Adapter
 from clpeft.components.regularization.prototype_contrast import prototype_contrast
+from clpeft.strategies.mos import MOS
 
-from .test_pilot import CONFIGS, pilot_modules
+from .test_pilot import (
+    BATCH,
+    CONFIGS,
+    LR,
+    TASKS,
+    WEIGHT_DECAY,
+    _attached,
+    _backbone,
+    _close,
+    _experience,
+    _loader,
+    _pilot_keys,
+    _predict,
+    _task_data,
+    _test_inputs,
+    _train_steps,
+    pilot_modules,
+)
+from .test_pilot import WIDTH as VIT_WIDTH
+from .test_pilot_breadth import _BlockPasses
 
 WIDTH, BOTTLENECK, BLOCKS = 16, 4, 2
 
@@ -170,6 +195,131 @@ def test_self_refined_retrieval_and_ensemble_equal_eval_cnn(pilot, with_ensemble
     start = task_of_class[first_guess.argmax(1)]
     moved = (task_of_class[head(features)[torch.arange(n), start].argmax(1)] != start).sum()
     assert moved >= 5
+
+
+# ---------------------------------------------------------------------------------- the strategy against PILOT's learner
+
+
+def _pilot_mos_learner(pilot, backbone):
+    """PILOT's MOS ``Learner`` and ``MOSNet`` around its ``vit_mos.VisionTransformer`` with ``backbone``'s
+    weights (adapters bottleneck 8, ``adapter_momentum`` 0), without their ``__init__``s."""
+    config = types.SimpleNamespace(
+        ffn_adapt=True,
+        ffn_option="parallel",
+        ffn_adapter_layernorm_option="none",
+        ffn_adapter_init_option="lora",
+        ffn_adapter_scalar="0.1",
+        ffn_num=8,
+        d_model=VIT_WIDTH,
+        adapter_momentum=0.0,
+        vpt_on=False,
+        vpt_num=0,
+        _device="cpu",
+    )
+    vit = pilot.vit_mos.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=VIT_WIDTH, depth=6, num_heads=2, mlp_ratio=3, qkv_bias=True, num_classes=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), global_pool=False, drop_path_rate=0.0, tuning_config=config,
+    )  # fmt: skip
+    state = {k.replace(".adaptmlp.", "."): v for k, v in _pilot_keys(backbone.net.state_dict()).items()}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("cur_adapter.", "head.")) for k in missing)
+    for name, p in vit.named_parameters():  # the factory's "freeze all but the adapter and head"
+        p.requires_grad = "head" in name or "adapter" in name
+    vit.out_dim = VIT_WIDTH
+    net = pilot.mos.MOSNet.__new__(pilot.mos.MOSNet)
+    nn.Module.__init__(net)
+    net.backbone, net.fc, net._device = vit, None, "cpu"
+    learner = pilot.mos.Learner.__new__(pilot.mos.Learner)
+    learner._network, learner._device, learner._multiple_gpus = net, "cpu", []
+    learner.cls_mean, learner.cls_cov, learner.cls2task = {}, {}, {}
+    learner.batch_size, learner.init_lr, learner.weight_decay, learner.min_lr = BATCH, LR, WEIGHT_DECAY, 0.0
+    learner.ensemble, learner.topk, learner._known_classes = True, 4, 0
+    learner.args = {"optimizer": "sgd", "scheduler": "cosine", "tuned_epoch": 1, "reg": 0.1, "adapter_momentum": 0.0}
+    learner.args["ca_storage_efficient_method"] = "covariance"
+    return learner
+
+
+class _DataManager:
+    """``get_dataset`` of PILOT's data manager over clpeft-preprocessed images: ``(index, input, label)`` items."""
+
+    def __init__(self, backbone, x: torch.Tensor, y: torch.Tensor):
+        self.items = [(i, backbone.preprocess(x[i : i + 1])[0], y[i]) for i in range(len(y))]
+
+    def get_dataset(self, classes, source, mode, ret_data=False):
+        items = [item for item in self.items if int(item[2]) in set(np.asarray(classes).tolist())]
+        return (None, None, items) if ret_data else items
+
+
+def test_mos_training_statistics_and_predictions_equal_pilots_in_fewer_passes(pilot, monkeypatch):
+    """MOS over two tasks with ``beta = 0`` (PILOT merges inside every forward, see ``strategies/mos.py``;
+    eq. 5's merge is compared on its own above) and no alignment (PILOT samples with its own
+    ``MultivariateNormal`` draws; the alignment is SLCA's, tested in ``test_slca.py``).
+
+    Each task: PILOT's ``get_optimizer`` (adapters at lr, head at lr / 10, SGD, weight decay) and
+    ``_init_train`` for one epoch against the engine's step (same dropout draws): cross-entropy over
+    the task's classes plus ``0.1 x`` the prototype contrast with the stored class means (task 1);
+    task 1's adapters start from task 0's on both sides. Then ``adapter_update``, ``_compute_mean``
+    (class means and covariances + 1e-4 I of the new adapter's features) and ``replace_fc`` (the
+    first adapter's class means) against ``after_experience``; finally ``_eval_cnn``'s ranking of the
+    four classes for every test input (self-refined retrieval + ensemble) against ``predict``.
+    Passes through the blocks, counted on the last block: one per training step on both sides;
+    after a task PILOT makes one per class (``_compute_mean``) plus one per batch (``replace_fc``),
+    clpeft one per batch over every adapter at once; a test batch costs PILOT ``t + 2`` passes and
+    clpeft one. Tolerances: 1e-4 relative, 2e-5 absolute. Mutations checked: the head at the
+    adapters' lr, the contrast weight 0.1 -> 0.2, and a fresh adapter per task each fail it."""
+    loader = pilot.mos.DataLoader
+    monkeypatch.setattr(pilot.mos, "DataLoader", lambda data, **kwargs: loader(data, **{**kwargs, "num_workers": 0}))
+    backbone = _backbone()
+    strategy = _attached(MOS(backbone, adapter_bottleneck=8, merge_beta=0.0, align_epochs=0))
+    learner = _pilot_mos_learner(pilot, backbone)
+    network, vit = learner._network, learner._network.backbone
+    theirs, ours = _BlockPasses(vit.blocks[-1]), _BlockPasses(strategy.adapted.net.blocks[-1])
+    for task in range(len(TASKS)):
+        exp = _experience(task)
+        strategy.before_experience(exp)
+        xt, yt = _task_data(task)
+        learner._cur_task, learner._total_classes = task, 2 * (task + 1)
+        learner._known_classes = 2 * task
+        learner.cls2task |= {c: task for c in TASKS[task]}
+        network.update_fc(learner._total_classes)
+        with torch.no_grad():
+            if not task:
+                for adapter, bank in zip(vit.cur_adapter, strategy.banks, strict=True):
+                    adapter.load_state_dict(bank.current.state_dict())
+            vit.head.weight[TASKS[task]] = strategy.head.weight[TASKS[task]]
+            vit.head.bias[TASKS[task]] = strategy.head.bias[TASKS[task]]
+        _train_steps(strategy, exp)
+        optimizer = learner.get_optimizer(vit)
+        torch.manual_seed(5)
+        learner._init_train(_loader(backbone, xt, yt), None, optimizer, learner.get_scheduler(optimizer))
+        steps = -(-len(yt) // BATCH)
+        assert theirs.take() == ours.take() == (steps, len(yt))
+        for adapter, bank in zip(vit.cur_adapter, strategy.banks, strict=True):
+            for key, value in adapter.state_dict().items():
+                _close(bank.current.state_dict()[key], value)
+        _close(strategy.head.weight, vit.head.weight[: 2 * task + 2])
+
+        strategy.after_experience(exp)
+        vit.adapter_update()
+        learner.data_manager = _DataManager(backbone, xt, yt)
+        learner._compute_mean(vit)
+        learner.train_dataset = types.SimpleNamespace(labels=yt.numpy())
+        learner.train_loader_for_protonet = _loader(backbone, xt, yt)
+        learner.replace_fc()
+        assert theirs.take() == (len(TASKS[task]) + steps, 2 * len(yt)) and ours.take() == (steps, (task + 1) * len(yt))
+        stats = strategy.alignment.stats
+        for c in TASKS[task]:
+            _close(stats.means()[c], learner.cls_mean[c])
+            _close(stats.covariance(c) + 1e-4 * torch.eye(VIT_WIDTH, dtype=torch.float64), learner.cls_cov[c])
+        _close(strategy.prototypes, network.fc.weight)
+    x = _test_inputs()
+    test_loader = [(None, backbone.preprocess(x), torch.zeros(len(x), dtype=torch.long))]
+    with torch.no_grad():
+        expected, _ = learner._eval_cnn(test_loader)
+        assert theirs.take() == (len(TASKS) + 1, (len(TASKS) + 1) * len(x))
+        got = _predict(strategy, x)
+        assert ours.take() == (1, len(TASKS) * len(x))
+    assert (got.argsort(dim=1, descending=True).numpy() == expected).all()
 
 
 # ---------------------------------------------------------------------------------- published setups
