@@ -19,8 +19,10 @@ Learning", AAAI 2025 (https://arxiv.org/abs/2412.09441; code: LAMDA-PILOT ``mode
 
 Costs: one backbone pass per training step (PILOT too). A test batch is one batched pass over all
 ``t + 1`` adapters (:func:`~clpeft.components.lora.adapter_bank.every_adapter`); PILOT makes ``t + 2``
-(the first adapter for the guess, then one per adapter). After a task, one batched pass over its
-training data gives both the adapter-``t`` statistics and the adapter-0 means; PILOT makes two.
+(the first adapter for the guess, then one per adapter). After a task, one batched pass per batch of
+its training data gives both the adapter-``t`` statistics and the adapter-0 means; PILOT makes one
+per class plus one per batch, but through two adapters where the batched pass carries all ``t + 1``
+(``tests/reference/test_pilot_mos_duct.py`` counts both).
 Stored: ``(t + 1) L (2 r D + r + D)`` adapter weights, ``C`` means and covariances ``D x D``, ``C D``
 prototypes.
 
