@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from clpeft.merging.output import atomic_output, check_outputs
 from clpeft.merging.registry import get_method
 from clpeft.merging.report import MergeReport
 from clpeft.merging.rules import MergeRules, TensorJob, plan
+from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, fingerprint, parse_size, write_sharded
 
 __all__ = ["merge", "merge_files"]
 
@@ -98,9 +100,14 @@ def merge_files(
     report: str | os.PathLike | None = None,
     progress: Literal["auto", "always", "never"] = "auto",
     fused: bool = True,
+    shard_size: int | str = "5G",
+    resume: bool = False,
+    dtype: str | torch.dtype | None = None,
+    tensor_parameters: Callable[[str], Mapping[str, Any]] | None = None,
+    on_shard: Callable[[ShardRecord], None] | None = None,
     **params: Any,
 ) -> MergeReport:
-    """Merge checkpoints on disk into one safetensors file, streaming tensor by tensor.
+    """Merge checkpoints on disk into one safetensors file or a sharded directory, streaming.
 
     Peak memory stays near ``K + 2`` times the largest tensor, not ``K`` models: inputs are
     read one tensor at a time with positioned reads, and the output is written as it is
@@ -108,16 +115,29 @@ def merge_files(
     never replace an input or land inside an input directory
     (:func:`~clpeft.merging.output.check_outputs`).
 
+    A directory ``out`` (any path not ending in ``.safetensors``) receives a transformers-style
+    sharded checkpoint, written shard by shard, with its index, and can be resumed after a kill
+    (:mod:`~clpeft.merging.sharded`: memory bound, progress file, what a resume checks).
+
     Args:
         base: the base checkpoint (file, shard index, directory or run directory).
         models: fine-tuned checkpoints or LoRA adapters (peft adapter directories, or clpeft
             adapter files); see :func:`~clpeft.merging.lora.open_model`.
-        out: the merged ``.safetensors`` file.
+        out: the merged ``.safetensors`` file, or a directory for a sharded checkpoint.
         method: a merge method with tensor scope (``adamerging`` needs the model and data;
             call :func:`clpeft.merging.adamerging` instead).
         rules, device, seed, fused, **params: as in :func:`merge`.
-        report: where to write the JSON merge report (default ``<out stem>.report.json``).
+        report: where to write the JSON merge report (default ``<out stem>.report.json``, or
+            ``clpeft_merge_report.json`` in a directory ``out``).
         progress: a progress bar in bytes written, on stderr: ``auto`` when it is a terminal.
+        shard_size: (directory ``out``) the largest shard, in bytes or as ``"5G"``, ``"500MB"``.
+        resume: (directory ``out``) keep the verified shards of an interrupted merge into ``out``
+            and merge the rest; a changed input or setting is an error.
+        dtype: (directory ``out``) cast floating outputs to this dtype (``"bfloat16"``, ...);
+            default the base's. Merging computes in float32 and rounds to the base's dtype first.
+        tensor_parameters: (directory ``out``) tensor name -> parameters that override
+            ``params`` for that tensor (mergekit's filters and layer gradients).
+        on_shard: (directory ``out``) called with each shard's record once it is in place.
 
     Returns:
         The :class:`MergeReport` that was written.
@@ -132,7 +152,11 @@ def merge_files(
     rules = _rules(rules)
     device = _device(device)
     out = Path(out)
-    report_path = Path(report) if report is not None else out.with_name(f"{out.stem}.report.json")
+    sharded = out.suffix != ".safetensors"
+    if not sharded and (resume or dtype is not None or tensor_parameters is not None or on_shard is not None):
+        raise UserError(f"resume, dtype and per-tensor parameters need a directory as out, not the file {out}", key="out")
+    default_report = out / "clpeft_merge_report.json" if sharded else out.with_name(f"{out.stem}.report.json")
+    report_path = Path(report) if report is not None else default_report
     with ExitStack() as stack:
         base_source = stack.enter_context(open_checkpoint(base))
         sources = []
@@ -142,7 +166,12 @@ def merge_files(
             sources.append(model)
         read = [Path(base), *map(Path, models), *base_source.paths]
         read += [path for m in sources for path in (m.source if isinstance(m, LoraAdapter) else m).paths]
-        check_outputs({"out": out, "report": report_path}, read)
+        if sharded:
+            if out.exists() and not out.is_dir():
+                raise UserError(f"{out} is a file; give a directory for a sharded checkpoint, or a .safetensors file", key="out")
+            check_outputs({"out": out / INDEX_NAME, "progress": out / PROGRESS_NAME, "report": report_path}, read)
+        else:
+            check_outputs({"out": out, "report": report_path}, read)
         jobs = plan(base_source, sources, rules)
         result = MergeReport(method, params, str(base), [str(m) for m in models], str(device), seed)
         metadata = {**base_source.metadata(), "clpeft_merge": json.dumps({"method": method, "parameters": params})}
@@ -163,6 +192,44 @@ def merge_files(
             writer.write(job.name, tensor)
             bar.update(job.info.nbytes)
 
+        if sharded:
+            shard_bytes = parse_size(shard_size)
+            per_tensor = _per_tensor_parameters(spec, params, tensor_parameters)
+            settings = {
+                "method": method,
+                "parameters": params,
+                "tensor_parameters": hashlib.sha256(json.dumps([per_tensor(j) for j in jobs], default=str).encode()).hexdigest(),
+                "rules": rules.model_dump(),
+                "seed": seed,
+                "device": device.type,
+                "dtype": str(_dtype(dtype)),
+                "shard_size": shard_bytes,
+            }
+            inputs = {f"the base {base}": base_source.paths}
+            for i, (path, model) in enumerate(zip(models, sources)):
+                inputs[f"model {i} ({path})"] = (model.source if isinstance(model, LoraAdapter) else model).paths
+            out.mkdir(parents=True, exist_ok=True)
+
+            def engine_for(parameters: Mapping[str, Any]) -> MergeEngine:
+                return MergeEngine(spec, parameters, base_source, sources, device=device, seed=seed, fused=fused)
+
+            result.tensors, result_kept = write_sharded(
+                out,
+                jobs,
+                engine_for,
+                per_tensor,
+                dtype=_dtype(dtype),
+                shard_bytes=shard_bytes,
+                metadata={**metadata, "format": "pt"},
+                print_=fingerprint(inputs, settings),
+                resume=resume,
+                on_shard=on_shard,
+                on_tensor=lambda job: bar.update(job.info.nbytes),
+            )
+            result.seconds = time.perf_counter() - start
+            with atomic_output(report_path) as r:
+                r.write(json.dumps({**result.to_dict(), "resumed_shards": result_kept}, indent=1).encode())
+            return result
         with atomic_output(out) as f:
             writer = SafetensorsWriter(f, [(job.name, job.info) for job in jobs], metadata)
             engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed, fused=fused)
@@ -172,6 +239,31 @@ def merge_files(
             with atomic_output(report_path) as r:
                 r.write(result.to_json().encode())
     return result
+
+
+def _per_tensor_parameters(spec, params: dict[str, Any], overrides: Callable[[str], Mapping[str, Any]] | None):
+    """job -> the validated parameters of its tensor (``params`` updated by ``overrides``)."""
+    cache: dict[str, dict[str, Any]] = {}
+
+    def of(job: TensorJob) -> dict[str, Any]:
+        extra = dict(overrides(job.name)) if overrides is not None else {}
+        if not extra:
+            return params
+        key = json.dumps(extra, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = spec.validate({**params, **extra})
+        return cache[key]
+
+    return of
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserError(f"not a floating dtype: {dtype!r} (e.g. float32, bfloat16, float16)", key="dtype")
+    return value
 
 
 def _rules(rules: MergeRules | Mapping[str, Any] | None) -> MergeRules:

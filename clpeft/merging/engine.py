@@ -180,8 +180,11 @@ class MergeEngine:
 
     # ------------------------------------------------------------------ driver
 
-    def run(self, jobs: Sequence[TensorJob], sink: Sink) -> list[TensorReport]:
+    def run(self, jobs: Sequence[TensorJob], sink: Sink, *, start: int = 0) -> list[TensorReport]:
         """Merge every job and pass each output to ``sink`` in order; return the statistics.
+
+        ``start`` skips the first jobs (a resumed merge, :mod:`~clpeft.merging.sharded`); a
+        whole-model statistic still sees every job.
 
         Raises:
             UserError: when a base or fine-tuned tensor holds NaN or infinity, when finite ones
@@ -191,7 +194,7 @@ class MergeEngine:
         reports: list[TensorReport] = []
         in_flight: deque[_InFlight] = deque()
         lookahead = 1 if self._transfer else 0  # read batch i+1 while the device computes batch i
-        for batch in self._batches(jobs):
+        for batch in self._batches(jobs[start:]):
             in_flight.append(self._compute(self._stage(batch)))
             while len(in_flight) > lookahead:
                 reports += self._finish(in_flight.popleft(), sink)
@@ -207,7 +210,8 @@ class MergeEngine:
             return {}
         merged = [job for job in jobs if job.merge and not job.average]
         dtype = max((compute_dtype(job.info.dtype) for job in merged), key=lambda d: d.itemsize, default=torch.float32)
-        shape = ModelShape(sum(job.info.numel for job in merged), len(self.models), dtype, self.device)
+        names = tuple(job.name for job in merged)
+        shape = ModelShape(sum(job.info.numel for job in merged), len(self.models), dtype, self.device, names)
         statistic = factory(self.params, shape)
         if statistic is None:
             return {"model_statistic": None}
@@ -357,7 +361,7 @@ class MergeEngine:
             if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
                 delta = task_vectors.mean(dim=0)
             else:
-                inputs = {"base": base, "shape": job.info.shape}
+                inputs = {"base": base, "shape": job.info.shape, "name": job.name}
                 inputs = {name: inputs[name] for name in self.method.tensor_inputs}
                 delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic, **inputs)
         merged = (base + delta).to(job.info.dtype).view(job.info.shape)
