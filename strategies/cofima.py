@@ -40,18 +40,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.heads.head_training import HeadOptions, HeadTraining
-from clpeft.components.heads.slow_learner import SlowLearnerHead, slow_learner_groups
+from clpeft.components.heads.head_training import HeadOptions
+from clpeft.components.heads.slow_learner_classifier import AlignmentOptions, SlowLearnerClassifier
 from clpeft.components.regularization.fisher_averaging import TensorSnapshot, batch_fisher, fisher_weighted_average
-from clpeft.data import Batch
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("cofima")
-class CoFiMA(Strategy):
+class CoFiMA(SlowLearnerClassifier):
     """CoFiMA: SLCA plus Fisher-weighted averaging of consecutive tasks' backbones (Marouf et al. 2024).
 
     Args:
@@ -60,11 +58,9 @@ class CoFiMA(Strategy):
         merge_weight: ``lambda``, the weight of the new task's model (``wt_lambda``).
         fisher_weighting: weight the average by the Fisher (``fisher_weighting``); off: plain average.
         fisher_max: the Fisher's clipping value (PILOT's ``fishermax``).
-        align_epochs: alignment epochs (``ca_epochs``).
-        align_samples: features sampled per class and epoch.
-        align_lr: SGD learning rate of the alignment (PILOT: ``lrate``).
-        align_temperature: ``tau`` of the logit normalisation (``ca_with_logit_norm``); 0 turns it off.
-        mean_shrink: shrinkage of older tasks' sampling means (SLCA's code; 0: none).
+        alignment: SLCA's alignment, ``align_epochs``, ``align_samples``, ``align_lr`` (PILOT:
+            ``lrate``), ``align_temperature``, ``mean_shrink``, as flat keys
+            (:class:`~clpeft.components.heads.slow_learner_classifier.AlignmentOptions`).
         head_options: ``train_mask``, ``align``, ``drift_compensation`` as flat keys
             (:class:`~clpeft.components.heads.HeadOptions`).
     """
@@ -79,48 +75,13 @@ class CoFiMA(Strategy):
         merge_weight: Annotated[float, Field(ge=0, le=1)] = 0.4,
         fisher_weighting: bool = True,
         fisher_max: Annotated[float, Field(gt=0)] = 1e-4,
-        align_epochs: Annotated[int, Field(ge=1)] = 3,
-        align_samples: Annotated[int, Field(ge=1)] = 256,
-        align_lr: Annotated[float, Field(gt=0)] = 0.01,
-        align_temperature: Annotated[float, Field(ge=0)] = 0.1,
-        mean_shrink: Annotated[float, Field(ge=0, le=1)] = 0.1,
+        alignment: AlignmentOptions = AlignmentOptions(align_epochs=3),  # noqa: B008 (immutable: pyproject should list it)
         head_options: HeadOptions = HeadOptions(align=True),
     ):
-        super().__init__(backbone)
-        backbone.requires_grad_(True)
-        self.backbone_lr_scale = backbone_lr_scale
+        super().__init__(backbone, backbone_lr_scale, head_options, alignment)
         self.merge_weight, self.fisher_weighting, self.fisher_max = merge_weight, fisher_weighting, fisher_max
-        self.aligned = HeadTraining(
-            backbone.feature_dim,
-            head_options,
-            samples_per_class=align_samples,
-            epochs=align_epochs,
-            lr=align_lr,
-            temperature=align_temperature or None,
-            mean_shrink=mean_shrink,
-        )
         self.previous = TensorSnapshot()  # the previous task's averaged backbone
         self.previous_fisher = TensorSnapshot()  # its Fisher (taken before it was averaged)
-        self.rows = SlowLearnerHead()
-
-    def _head_features(self, batch: Batch) -> torch.Tensor:
-        return self.embed(batch.x)
-
-    def before_experience(self, exp: Experience) -> None:
-        self.aligned.start(exp, self.batches, self._head_features)
-        self.rows.start(self.head, exp.n_classes_seen, hold_old_rows=self.aligned.mask.enabled)
-
-    def param_groups(self, lr: float) -> list[dict]:
-        """The slow learner: backbone at ``lr * backbone_lr_scale``, head at ``lr``."""
-        return slow_learner_groups(self.backbone, self.head, lr, self.backbone_lr_scale)
-
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
-
-    def after_training_step(self) -> bool:
-        """Put the older classes' rows back: the step's weight decay (and momentum) moved them."""
-        self.rows.restore(self.head)
-        return False
 
     def fisher(self, exp: Experience) -> dict[str, torch.Tensor]:
         """``F_t`` of the backbone: cross-entropy over every seen class, the model in training mode."""
@@ -133,8 +94,8 @@ class CoFiMA(Strategy):
         self.train(was_training)
         return fisher
 
-    def after_experience(self, exp: Experience) -> None:
-        self.rows.finish()
+    def consolidate(self, exp: Experience) -> None:
+        """Average the trained backbone with the previous task's (eq. 4-5), then keep both for the next task."""
         current = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
         fisher = self.fisher(exp) if self.fisher_weighting else None
         if not self.previous.is_empty():
@@ -147,8 +108,3 @@ class CoFiMA(Strategy):
         self.previous.store(current)
         if fisher is not None:
             self.previous_fisher.store(fisher)
-        self.aligned.finish(self.head, exp, self.batches, self._head_features)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the aligned head once it covers every class seen, else of the trained head."""
-        return self.aligned(self.embed(x), self.head)
