@@ -29,19 +29,18 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.head_training import HeadOptions
 from clpeft.components.prompts.attention_prompt_pool import AttentionPromptPool
-from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
-from clpeft.data import Batch
+from clpeft.components.prompts.prompted import check_layers, query_of
+from clpeft.components.prompts.prompted_classifier import PromptedClassifier
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("coda_prompt")
-class CodaPrompt(Strategy):
+class CodaPrompt(PromptedClassifier):
     """CODA-Prompt: attention-weighted sums of prompt components, grown per task (Smith et al. 2023).
 
     Args:
@@ -54,8 +53,6 @@ class CodaPrompt(Strategy):
             the same set), ``align`` and ``drift_compensation``: :class:`~clpeft.components.heads.HeadOptions`.
     """
 
-    needs_query = True
-
     @flat_options
     def __init__(
         self,
@@ -67,12 +64,10 @@ class CodaPrompt(Strategy):
         head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"prompt_length": prompt_length})
-        super().__init__(backbone)
-        width = promptable_width(backbone, "coda_prompt")
+        super().__init__(backbone, "coda_prompt", head_options)
         check_layers(backbone, layers, "strategy.layers")
-        self.prompt_components = AttentionPromptPool(layers, width, prompt_length, components_per_task, backbone.feature_dim)
+        self.prompt_components = AttentionPromptPool(layers, self.width, prompt_length, components_per_task, backbone.feature_dim)
         self.ortho_weight = ortho_weight
-        self.aligned = HeadTraining(backbone.feature_dim, head_options)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
@@ -81,11 +76,7 @@ class CodaPrompt(Strategy):
                 f"must be even (half prefix keys, half prefix values), got {params['prompt_length']}", key="strategy.prompt_length"
             )
 
-    def _head_features(self, batch: Batch) -> torch.Tensor:
-        return self._features(batch.x, batch.features)
-
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         try:
             self.prompt_components.add_task()
@@ -94,21 +85,13 @@ class CodaPrompt(Strategy):
                 f"{err}; lower it so that experiences x components fit the feature width", key="strategy.components_per_task"
             ) from None
 
-    def _features(self, x: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor:
-        """The prefixed features the head reads; the plain frozen backbone's before the first experience."""
+    def _features(self, x: torch.Tensor, query: torch.Tensor | None, train: bool) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """The prefixed features the head reads (the plain frozen backbone's before the first
+        experience) and, in training, ``mu`` times the orthogonality loss."""
         if not len(self.prompt_components.tasks):
-            return self.backbone(x)
-        return self.backbone.forward_prompted(x, prefixes=self.prompt_components(query_of(self.backbone, x, query)))
-
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        loss = self.aligned.loss(self.head(self._features(batch.x, batch.features)), batch.y)
-        if self.ortho_weight > 0:
-            loss = loss + self.ortho_weight * self.prompt_components.orthogonality_loss()
-        return loss
-
-    def after_experience(self, exp: Experience) -> None:
-        self.aligned.finish(self.head, exp, self.batches, self._head_features)
-
-    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""
-        return self.aligned(self._features(x, query), self.head)
+            features = self.backbone(x)
+        else:
+            features = self.backbone.forward_prompted(x, prefixes=self.prompt_components(query_of(self.backbone, x, query)))
+        if train and self.ortho_weight > 0:
+            return features, self.ortho_weight * self.prompt_components.orthogonality_loss()
+        return features, 0.0

@@ -42,19 +42,18 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.head_training import HeadOptions
 from clpeft.components.prompts.prefix_prompt import PrefixPrompt
-from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
-from clpeft.data import Batch
+from clpeft.components.prompts.prompted import check_layers, query_of
+from clpeft.components.prompts.prompted_classifier import PromptedClassifier
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("dualprompt")
-class DualPrompt(Strategy):
+class DualPrompt(PromptedClassifier):
     """DualPrompt: shared G-prompt plus key-selected task E-prompts as prefixes of a frozen ViT (Wang et al. 2022).
 
     Args:
@@ -74,8 +73,6 @@ class DualPrompt(Strategy):
             :class:`~clpeft.components.heads.HeadOptions`.
     """
 
-    needs_query = True
-
     @flat_options
     def __init__(
         self,
@@ -91,16 +88,14 @@ class DualPrompt(Strategy):
         head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"g_layers": g_layers, "e_layers": e_layers})
-        super().__init__(backbone)
-        width = promptable_width(backbone, "dualprompt")
+        super().__init__(backbone, "dualprompt", head_options)
         check_layers(backbone, g_layers, "strategy.g_layers")
         check_layers(backbone, e_layers, "strategy.e_layers")
         self.prompt_prefix = PrefixPrompt(
-            width, pool_size, g_layers, e_layers, g_length, e_length, backbone.feature_dim, batchwise_selection
+            self.width, pool_size, g_layers, e_layers, g_length, e_length, backbone.feature_dim, batchwise_selection
         )
         self.matching_weight = matching_weight
         self.copy_previous = copy_previous
-        self.aligned = HeadTraining(backbone.feature_dim, head_options)
         self.task = 0
 
     @classmethod
@@ -109,12 +104,7 @@ class DualPrompt(Strategy):
         if shared:
             raise UserError(f"layers {shared} would get both prompts; G- and E-prompt layers must differ", key="strategy.e_layers")
 
-    def _head_features(self, batch: Batch) -> torch.Tensor:
-        """The prefixed features the head reads, the E-prompt key-selected as at test time."""
-        return self._features(batch.x, batch.features, None)[0]
-
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         if exp.index >= self.prompt_prefix.pool_size:
             raise UserError(
@@ -125,18 +115,8 @@ class DualPrompt(Strategy):
         self.task = exp.index
         self.prompt_prefix.start_task(exp.index, self.copy_previous)
 
-    def _features(self, x: torch.Tensor, query: torch.Tensor | None, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefixed features the head reads (E-prompt of ``task``, key-selected when ``None``) and the matching loss."""
-        selection = self.prompt_prefix(query_of(self.backbone, x, query), task)
-        return self.backbone.forward_prompted(x, prefixes=selection.prefixes), selection.matching_loss
-
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        features, matching = self._features(batch.x, batch.features, self.task)
-        return self.aligned.loss(self.head(features), batch.y) + self.matching_weight * matching
-
-    def after_experience(self, exp: Experience) -> None:
-        self.aligned.finish(self.head, exp, self.batches, self._head_features)
-
-    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the classes seen so far, with the key-selected E-prompt; ``query`` is the cached feature."""
-        return self.aligned(self._features(x, query, None)[0], self.head)
+    def _features(self, x: torch.Tensor, query: torch.Tensor | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefixed features the head reads and ``lambda`` times the matching loss: the current
+        task's E-prompt in training, else the key-selected one."""
+        selection = self.prompt_prefix(query_of(self.backbone, x, query), self.task if train else None)
+        return self.backbone.forward_prompted(x, prefixes=selection.prefixes), self.matching_weight * selection.matching_loss

@@ -32,19 +32,18 @@ import torch
 from pydantic import Field
 
 from clpeft.backbones.vit import class_token_position
-from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.head_training import HeadOptions
 from clpeft.components.prompts.prompt_pool import PromptPool
-from clpeft.components.prompts.prompted import promptable_width, query_of
-from clpeft.data import Batch
+from clpeft.components.prompts.prompted import query_of
+from clpeft.components.prompts.prompted_classifier import PromptedClassifier
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("l2p")
-class L2P(Strategy):
+class L2P(PromptedClassifier):
     """L2P: a key-matched prompt pool instructs a frozen ViT (Wang et al. 2022).
 
     Args:
@@ -63,8 +62,6 @@ class L2P(Strategy):
             ``drift_compensation`` (additions to the paper): :class:`~clpeft.components.heads.HeadOptions`.
     """
 
-    needs_query = True
-
     @flat_options
     def __init__(
         self,
@@ -79,9 +76,8 @@ class L2P(Strategy):
         head_options: HeadOptions = HeadOptions(),
     ):
         self.check_config({"pool_size": pool_size, "top_k": top_k})
-        super().__init__(backbone)
-        width = promptable_width(backbone, "l2p")
-        self.prompt_pool = PromptPool(pool_size, prompt_length, width, top_k, backbone.feature_dim, batchwise_selection, diversity)
+        super().__init__(backbone, "l2p", head_options)
+        self.prompt_pool = PromptPool(pool_size, prompt_length, self.width, top_k, backbone.feature_dim, batchwise_selection, diversity)
         self.matching_weight = matching_weight
         if prompt_position == "cls":
             try:
@@ -89,36 +85,19 @@ class L2P(Strategy):
             except ValueError as error:
                 raise UserError(f"{error}; set prompt_position: none", key="strategy.prompt_position") from None
         self.prompt_position = prompt_position
-        self.aligned = HeadTraining(backbone.feature_dim, head_options)
 
     @classmethod
     def check_config(cls, params: dict) -> None:
         if params["top_k"] > params["pool_size"]:
             raise UserError(f"cannot select {params['top_k']} prompts from a pool of {params['pool_size']}", key="strategy.top_k")
 
-    def _head_features(self, batch: Batch) -> torch.Tensor:
-        """The prompted features the head reads, prompts selected as at test time."""
-        return self._features(batch.x, batch.features, train=False)[0]
-
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         self.prompt_pool.start_task()
 
     def _features(self, x: torch.Tensor, query: torch.Tensor | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompted features the head reads, and the key-matching loss."""
+        """The prompted features the head reads, and ``lambda`` times the key-matching loss."""
         selection = self.prompt_pool(query_of(self.backbone, x, query), train=train)
         pool = "prompt_mean" if selection.prompts.shape[1] else "default"
         features = self.backbone.forward_prompted(x, prompts=selection.prompts, pool=pool, prompt_position=self.prompt_position)
-        return features, selection.matching_loss
-
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        features, matching = self._features(batch.x, batch.features, train=True)
-        return self.aligned.loss(self.head(features), batch.y) + self.matching_weight * matching
-
-    def after_experience(self, exp: Experience) -> None:
-        self.aligned.finish(self.head, exp, self.batches, self._head_features)
-
-    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the classes seen so far; ``query`` is the cached frozen feature of ``x``."""
-        return self.aligned(self._features(x, query, train=False)[0], self.head)
+        return features, self.matching_weight * selection.matching_loss
