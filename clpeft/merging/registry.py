@@ -14,10 +14,11 @@ Two scopes exist:
   per tensor, on the merge device. They own ``task_vectors`` and may overwrite it (it is the
   engine's read buffer: working in place saves a copy of K tensors); a keyword-only
   ``generator: torch.Generator`` receives a generator seeded per tensor from the merge seed.
-  Methods defined on the weights rather than the task vectors (SLERP, Karcher mean) or on the
-  tensor's rows (DELLA's per-row ranks) declare a keyword-only ``base: torch.Tensor`` (the flat
-  base tensor ``theta_0`` in the task vectors' dtype, read-only) and/or ``shape: torch.Size``
-  (the tensor's shape); the engine passes them.
+  Methods defined on the weights rather than the task vectors (SLERP, Karcher mean), on the
+  tensor's rows (DELLA's per-row ranks) or on its place in the network (LiNeS' depth) declare a
+  keyword-only ``base: torch.Tensor`` (the flat base tensor ``theta_0`` in the task vectors'
+  dtype, read-only), ``shape: torch.Size`` (the tensor's shape) and/or ``name: str`` (the
+  tensor's name); the engine passes them.
   A method that needs a statistic of the whole model before it can merge any tensor (TIES'
   trim over the flattened model) registers a ``model_statistic`` factory: the engine first
   streams every merged tensor's task vectors through the :class:`ModelStatistic` it returns
@@ -48,7 +49,7 @@ Scope = Literal["tensor", "model"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _METHODS: dict[str, MergeMethod] = {}
-_TENSOR_INPUTS = frozenset({"base", "shape"})  # what the engine passes to tensor methods that ask for it
+_TENSOR_INPUTS = frozenset({"base", "shape", "name"})  # what the engine passes to tensor methods that ask for it
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class ModelShape:
         num_tasks: ``K``, the number of task vectors.
         dtype: the task vectors' working dtype (float64 if any merged tensor is, else float32).
         device: where the task vectors are formed.
+        names: the merged tensors' names, in merge order.
     """
 
     numel: int
     num_tasks: int
     dtype: torch.dtype
     device: torch.device
+    names: tuple[str, ...] = ()
 
 
 class ModelStatistic(Protocol):
@@ -104,7 +107,7 @@ class MergeMethod:
         schema: pydantic model of the parameters (``extra="forbid"``).
         model_statistic: ``(params, shape) -> ModelStatistic | None`` for methods that need a
             whole-model pass first (see the module docstring); None for the others.
-        tensor_inputs: which of ``base`` and ``shape`` the function takes (tensor scope).
+        tensor_inputs: which of ``base``, ``shape`` and ``name`` the function takes (tensor scope).
     """
 
     name: str
@@ -169,7 +172,7 @@ def merge_method(
     Every keyword-only argument is a parameter and must be annotated (use
     ``Annotated[float, Field(ge=0, description=...)]`` for ranges and help text naming the
     paper's symbol); NaN and infinity are refused for every float. ``generator``, ``base``,
-    ``shape`` and ``model_statistic`` are filled in by the engine, not parameters. A duplicate name or an
+    ``shape``, ``name`` and ``model_statistic`` are filled in by the engine, not parameters. A duplicate name or an
     unannotated parameter fails at import time.
     """
 
