@@ -468,6 +468,21 @@ MERGE_METHODS = {
         for k in base
     ),
     "sce": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "sce")[k], tuned[0][k], atol=1e-6) for k in base),
+    "consensus": lambda base, tuned: all(
+        torch.allclose(merge(base, tuned, "consensus", min_tasks=0, scale=1.0)[k], tuned[0][k] + tuned[1][k] - base[k], atol=1e-5)
+        for k in base
+    ),
+    "emr": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "emr", task=0)[k], tuned[0][k], atol=1e-6) for k in base),
+    "iso_c": lambda base, tuned: torch.allclose(
+        s := torch.linalg.svdvals(merge(base, tuned, "iso_c")["w"] - base["w"]), s.mean().expand_as(s), atol=1e-5
+    ),
+    "iso_cts": lambda base, tuned: torch.allclose(
+        merge(base, tuned, "iso_cts", common_space_fraction=1.0)["w"], merge(base, tuned, "iso_c")["w"], atol=1e-5
+    ),
+    "lines": lambda base, tuned: all(
+        torch.allclose(merge(base, tuned, "lines", beta=0.0)[k], (tuned[0][k] + tuned[1][k]) / 2, atol=1e-6) for k in base
+    ),
+    "tsv": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "tsv")[k], tuned[0][k], atol=1e-5) for k in base),
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

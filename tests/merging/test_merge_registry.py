@@ -56,10 +56,15 @@ def test_builtins_cite_their_papers():
     assert urls == {
         "adamerging": "https://arxiv.org/abs/2310.02575",
         "breadcrumbs": "https://arxiv.org/abs/2312.06795",
+        "consensus": "https://arxiv.org/abs/2405.07813",
         "dare": "https://arxiv.org/abs/2311.03099",
         "della": "https://arxiv.org/abs/2406.11617",
+        "emr": "https://arxiv.org/abs/2405.17461",
+        "iso_c": "https://arxiv.org/abs/2502.04959",
+        "iso_cts": "https://arxiv.org/abs/2502.04959",
         "karcher": "https://arxiv.org/abs/2603.04972",
         "linear": "https://arxiv.org/abs/2203.05482",
+        "lines": "https://arxiv.org/abs/2410.17146",
         "mean": "https://arxiv.org/abs/2203.05482",
         "model_stock": "https://arxiv.org/abs/2403.19522",
         "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
@@ -68,6 +73,7 @@ def test_builtins_cite_their_papers():
         "slerp": "https://doi.org/10.1145/325165.325242",
         "task_arithmetic": "https://arxiv.org/abs/2212.04089",
         "ties": "https://arxiv.org/abs/2306.01708",
+        "tsv": "https://arxiv.org/abs/2412.00081",
     }
 
 

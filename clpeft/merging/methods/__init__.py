@@ -3,10 +3,15 @@
 from clpeft.merging.methods import (
     adamerging,
     breadcrumbs,
+    consensus,
     dare,
     della,
+    emr,
+    iso_c,
+    iso_cts,
     karcher,
     linear,
+    lines,
     mean,
     model_stock,
     multislerp,
@@ -15,15 +20,21 @@ from clpeft.merging.methods import (
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 
 __all__ = [
     "adamerging",
     "breadcrumbs",
+    "consensus",
     "dare",
     "della",
+    "emr",
+    "iso_c",
+    "iso_cts",
     "karcher",
     "linear",
+    "lines",
     "mean",
     "model_stock",
     "multislerp",
@@ -32,4 +43,5 @@ __all__ = [
     "slerp",
     "task_arithmetic",
     "ties",
+    "tsv",
 ]

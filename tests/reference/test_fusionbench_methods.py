@@ -1,0 +1,108 @@
+"""FusionBench's merge methods against clpeft's, on random state dicts.
+
+FusionBench (tanganke/fusion_bench, ``pip install fusion-bench``) is imported at test time and
+its own merging functions are called on the task vectors (the functions its algorithm classes
+call, on the CPU); without it every test here skips with one line. Inputs: a float64 base of a
+tall and a wide Linear weight, a bias and a conv kernel (merged as a non-matrix), and fine-tunes
+that move each tensor by its own amount. Tolerance 1e-10 absolute on float64 weights (SVDs of
+the same matrices computed in another order) unless a test says otherwise.
+
+Deliberate differences, each shown here and explained in docs/merging.md: EMR's rescaler of a
+task whose mask is empty is 0 (FusionBench divides by zero); TSV keeps ``r // T`` singular
+vectors per task (FusionBench ``int(r * (1 / T))``, one fewer where the float rounds down).
+FusionBench's ``TallMaskTaskArithmeticAlgorithm`` compares ``|theta_0 - tau_t|`` (pretrained
+weights minus a task vector) where the paper and the official code compare ``|tau_t|``; clpeft
+follows the paper and is tested against FusionBench's ``tall_mask.utils.generate_task_masks``,
+which does too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clpeft.merging import merge
+
+pytest.importorskip("fusion_bench", reason="fusion-bench is not installed: pip install fusion-bench")
+from fusion_bench.method.emr_merging.utils import emr_merge  # noqa: E402
+from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts  # noqa: E402
+from fusion_bench.method.tall_mask.utils import generate_task_masks  # noqa: E402
+from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction  # noqa: E402
+
+ATOL = 1e-10
+SHAPES = {"blocks.0.weight": (12, 8), "blocks.1.weight": (8, 12), "blocks.1.bias": (8,), "conv.weight": (4, 3, 2, 2)}
+
+
+def state_dicts(tasks: int, seed: int = 0):
+    """A float64 base and ``tasks`` fine-tunes; each fine-tune moves each tensor by its own amount."""
+    generator = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=generator, dtype=torch.float64) for k, s in SHAPES.items()}
+    finetuned = []
+    for _ in range(tasks):
+        sizes = torch.rand(len(base), generator=generator, dtype=torch.float64) * 0.1 + 1e-2
+        finetuned.append(
+            {k: v + s * torch.randn(v.shape, generator=generator, dtype=torch.float64) for (k, v), s in zip(base.items(), sizes)}
+        )
+    return base, finetuned
+
+
+def task_vectors(base, finetuned):
+    return [{k: m[k] - base[k] for k in base} for m in finetuned]
+
+
+def assert_merged(merged, base, delta, atol=ATOL, rtol=0.0):
+    assert set(merged) == set(base)
+    for k in base:
+        torch.testing.assert_close(merged[k] - base[k], delta[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 4])
+def test_tsv_equals_fusionbench(tasks):
+    base, finetuned = state_dicts(tasks)
+    reference = compute_and_sum_svd_mem_reduction(task_vectors(base, finetuned), accelerator="cpu")
+    assert_merged(merge(base, finetuned, "tsv", scale=0.7), base, {k: 0.7 * v for k, v in reference.items()})
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+def test_iso_c_equals_fusionbench(tasks):
+    base, finetuned = state_dicts(tasks, seed=1)
+    reference = iso_c(task_vectors(base, finetuned), accelerator="cpu")
+    assert_merged(merge(base, finetuned, "iso_c", scale=1.3), base, {k: 1.3 * v for k, v in reference.items()})
+
+
+@pytest.mark.parametrize(("tasks", "fraction"), [(2, 0.8), (3, 0.8), (4, 0.5), (3, 0.5), (2, 0.0)])
+def test_iso_cts_equals_fusionbench(tasks, fraction):
+    base, finetuned = state_dicts(tasks, seed=2)
+    reference = iso_cts(task_vectors(base, finetuned), common_space_fraction=fraction, accelerator="cpu")
+    merged = merge(base, finetuned, "iso_cts", common_space_fraction=fraction, scale=1.1)
+    assert_merged(merged, base, {k: 1.1 * v for k, v in reference.items()})
+
+
+@pytest.mark.parametrize("tasks", [2, 4])
+def test_emr_unified_and_per_task_models_equal_fusionbench(tasks):
+    """FusionBench sums the rescalers in float32 (``torch.zeros(num_tasks)``), clpeft in float64: rtol 1e-6."""
+    base, finetuned = state_dicts(tasks, seed=3)
+    unified, masks, rescalers = emr_merge(task_vectors(base, finetuned))
+    assert_merged(merge(base, finetuned, "emr"), base, unified, atol=1e-15)
+    for t in range(tasks):
+        expected = {k: unified[k] * masks[k][t] * rescalers[t].item() for k in base}
+        assert_merged(merge(base, finetuned, "emr", task=t), base, expected, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("tall_mask_lambda", "min_tasks"), [(0.4, 2), (0.2, 1), (0.6, 3)])
+def test_consensus_masks_equal_fusionbench(tall_mask_lambda, min_tasks):
+    """TALL masks from FusionBench's flat-vector ``generate_task_masks``; the consensus count as the official code's."""
+    base, finetuned = state_dicts(4, seed=4)
+    flat_base = torch.cat([v.flatten() for v in base.values()])
+    flat_tuned = torch.stack([torch.cat([m[k].flatten() for k in base]) for m in finetuned])
+    masks = generate_task_masks(flat_tuned - flat_base, flat_tuned, flat_base, tall_mask_lambda=tall_mask_lambda)
+    total = (flat_tuned - flat_base).sum(dim=0)
+    assert 0 < masks.sum() < masks.numel()
+    expected_consensus = 0.3 * total * (masks.sum(dim=0) >= min_tasks)
+    merged = merge(base, finetuned, "consensus", tall_mask_lambda=tall_mask_lambda, min_tasks=min_tasks, scale=0.3)
+    delta = torch.cat([(merged[k] - base[k]).flatten() for k in base])
+    torch.testing.assert_close(delta, expected_consensus, rtol=0, atol=1e-12)
+    for t in range(4):
+        merged = merge(base, finetuned, "consensus", tall_mask_lambda=tall_mask_lambda, task=t, scale=1.0)
+        delta = torch.cat([(merged[k] - base[k]).flatten() for k in base])
+        torch.testing.assert_close(delta, total * masks[t], rtol=0, atol=1e-12)
