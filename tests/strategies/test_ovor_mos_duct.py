@@ -91,6 +91,13 @@ def test_ovor_outlier_epochs_train_only_the_head_and_lower_the_energy_margin(tmp
     assert min(within) > 0.6 and np.mean(within) > 0.75 and result["metrics"]["acc_last"] > 0.2, (within, result["metrics"])
 
 
+def test_ovor_warns_when_no_outlier_epoch_runs(tmp_path, run_keeping):
+    """``train.epochs`` not above ``regular_epochs``: every experience ends with a warning naming both keys."""
+    with pytest.warns(UserWarning, match="strategy.regular_epochs") as caught:
+        run_keeping(_config(tmp_path, {**OVOR, "regular_epochs": 2}, epochs=2, n_experiences=2, per_class=4), tmp_path / "run")
+    assert sum("no outlier epoch ran" in str(w.message) for w in caught) == 2
+
+
 def test_ovor_interrupted_run_resumes_to_the_same_matrix(tmp_path, interrupted_then_resumed):
     """The prompt and head are restored from the checkpoint; the outlier epochs draw from the engine's seeds."""
     full, resumed = interrupted_then_resumed(_config(tmp_path, {**OVOR, "regular_epochs": 1}, epochs=2, per_class=10), tmp_path)
