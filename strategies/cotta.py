@@ -33,20 +33,20 @@ from pydantic import Field
 
 from clpeft.components.regularization.distillation import frozen_copy
 from clpeft.components.regularization.ema import EMATeacher
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.augment_average import augmentation_average
 from clpeft.components.tta.losses import soft_cross_entropy, symmetric_cross_entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.stochastic_restore import StochasticRestore
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("cotta")
-class CoTTA(Strategy):
+class CoTTA(AdaptingStrategy):
     """CoTTA: EMA teacher, augmentation-averaged pseudo-labels and stochastic restore (Wang et al. 2022).
 
     Args:
@@ -60,9 +60,6 @@ class CoTTA(Strategy):
         loss: ``cross_entropy`` to the teacher (CIFAR code) or ``symmetric`` (ImageNet code).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -75,9 +72,7 @@ class CoTTA(Strategy):
         flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
         loss: Literal["cross_entropy", "symmetric"] = "cross_entropy",
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "cotta")
-        self.adaptation = OnlineAdaptation(online)
+        super().__init__(backbone, online)
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.anchor = frozen_copy(classifier(backbone, self.head))
         self.restore = StochasticRestore(restore_p)
@@ -86,10 +81,8 @@ class CoTTA(Strategy):
         self.augment = TTAugment(flip=flip)
         self.loss = loss
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=self._copy_source)
+    def prepare_adaptation(self, exp: Experience) -> None:
+        self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=self._copy_source)
 
     def _copy_source(self) -> None:
         source = classifier(self.backbone, self.head)

@@ -29,19 +29,19 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.losses import entropy
 from clpeft.components.tta.lower_norm_layers import lower_norm_layers
 from clpeft.components.tta.object_destruction import DestructionKind, destroy_objects
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("deyo")
-class DeYO(Strategy):
+class DeYO(AdaptingStrategy):
     """DeYO: entropy minimisation on samples filtered and weighted by entropy and PLPD (Lee et al. 2024).
 
     Args:
@@ -57,9 +57,6 @@ class DeYO(Strategy):
         patch_len: patches per side for ``patch``.
         occlusion_size, occlusion_row, occlusion_column: the window of ``occlusion`` (pixels).
     """
-
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
 
     @flat_options
     def __init__(
@@ -77,8 +74,7 @@ class DeYO(Strategy):
         occlusion_row: Annotated[int, Field(ge=0)] = 56,
         occlusion_column: Annotated[int, Field(ge=0)] = 56,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "deyo")
+        super().__init__(backbone, online)
         self.margin_factor = margin_factor
         self.entropy_factor = entropy_factor
         self.plpd_threshold = plpd_threshold
@@ -90,14 +86,11 @@ class DeYO(Strategy):
             "occlusion_row": occlusion_row,
             "occlusion_column": occlusion_column,
         }
-        self.adaptation = OnlineAdaptation(online)
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            net = classifier(self.backbone, self.head)
-            net.requires_grad_(False)
-            self.adaptation.prepare(self, net if self.adaptation.params == "all" else lower_norm_layers(net))
+    def prepare_adaptation(self, exp: Experience) -> None:
+        net = classifier(self.backbone, self.head)
+        net.requires_grad_(False)
+        self.adaptation.prepare(self, net if self.adaptation.params == "all" else lower_norm_layers(net))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

@@ -27,66 +27,61 @@ Paper symbols: ``E_0 / ln C`` -> ``entropy_factor``, ``epsilon`` -> ``redundancy
 ``beta`` -> ``fisher_alpha``, ``|Q|`` -> ``fisher_size``.
 """
 
-import math
 from typing import Annotated
 
 import torch
 from pydantic import Field
 
 from clpeft.components.regularization.fisher import FisherPenalty
-from clpeft.components.tta.losses import EATASampleFilter, batch_gradient_importance, entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
+from clpeft.components.tta.losses import batch_gradient_importance
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.reliable_entropy import ReliableEntropy, ReliableEntropyOptions
 from clpeft.components.tta.source_data import source_training_data
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("eata")
-class EATA(Strategy):
+class EATA(AdaptingStrategy):
     """EATA: entropy minimisation on reliable, non-redundant samples with a Fisher anti-forgetting term (Niu et al. 2022).
 
     Args:
         backbone: a feature extractor with normalisation layers.
         online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
-        entropy_factor: ``E_0 = entropy_factor * ln C``.
-        redundancy_margin: ``epsilon`` of the cosine-similarity filter.
+        reliable: ETA's filter, ``entropy_factor`` (``E_0 = entropy_factor * ln C``) and
+            ``redundancy_margin`` (``epsilon``), written flat
+            (:class:`~clpeft.components.tta.reliable_entropy.ReliableEntropyOptions`).
         fisher_alpha: ``beta``, weight of the Fisher regulariser (0: ETA).
         fisher_size: source samples used to weigh the parameters.
         fisher_batch_size: mini-batch size of that pass (default: the test batch size, as the reference).
     """
-
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
 
     @flat_options
     def __init__(
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
-        redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
+        reliable: ReliableEntropyOptions = ReliableEntropyOptions(),  # noqa: B008 (immutable: pyproject should list it)
         fisher_alpha: Annotated[float, Field(ge=0)] = 1.0,
         fisher_size: Annotated[int, Field(ge=1)] = 2000,
         fisher_batch_size: Annotated[int, Field(ge=1)] | None = None,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "eata")
-        self.entropy_factor = entropy_factor
+        super().__init__(backbone, online)
         self.fisher_alpha = fisher_alpha
         self.fisher_size = fisher_size
         self.fisher_batch_size = fisher_batch_size
-        self.adaptation = OnlineAdaptation(online)
-        self.filter = EATASampleFilter(0.0, redundancy_margin)
+        self.filter = ReliableEntropy(reliable)
         self.penalty = FisherPenalty()
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        self.filter.entropy_margin = self.entropy_factor * math.log(max(self.head.n_classes, 2))
-        if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=lambda: self._weigh(exp))
+        self.filter.start(self.head.n_classes)
+
+    def prepare_adaptation(self, exp: Experience) -> None:
+        self.adaptation.prepare(self, classifier(self.backbone, self.head), on_start=lambda: self._weigh(exp))
 
     def _weigh(self, exp: Experience) -> None:
         """Record the source parameters and their importance ``w`` (eq. 9)."""
@@ -103,9 +98,8 @@ class EATA(Strategy):
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)
         logits = self.predict(x)
-        selected, weights = self.filter.select(logits.detach())
-        if selected.any():
-            loss = (entropy(logits[selected]) * weights[selected]).mean()
+        loss = self.filter.loss(logits)
+        if loss is not None:
             if self.penalty.terms:
                 loss = loss + self.fisher_alpha * self.penalty(dict(self.named_parameters()))
             self.adaptation.step(loss)

@@ -22,15 +22,13 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.laplacian_adjustment import affinity, laplacian_adjustment
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, classifier
-from clpeft.experience import Experience
 from clpeft.registry import register_strategy
-from clpeft.strategy import Strategy
 
 
 @register_strategy("lame")
-class LAME(Strategy):
+class LAME(AdaptingStrategy):
     """LAME: Laplacian-adjusted maximum-likelihood on the outputs, no parameter update (Boudiaf et al. 2022).
 
     Args:
@@ -41,9 +39,6 @@ class LAME(Strategy):
         batch_statistics: normalise with test-batch BatchNorm statistics (not in the paper).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     def __init__(
         self,
         backbone,
@@ -52,16 +47,10 @@ class LAME(Strategy):
         max_steps: Annotated[int, Field(ge=1)] = 100,
         batch_statistics: bool = False,
     ):
-        super().__init__(backbone)
+        super().__init__(backbone, None, batch_statistics)
         self.affinity_kind = affinity
         self.knn = knn
         self.max_steps = max_steps
-        self.adaptation = OnlineAdaptation(None, batch_statistics)
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

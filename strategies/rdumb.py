@@ -18,69 +18,63 @@ Paper symbols: ``T`` -> ``reset_every``; EATA's ``E_0 / ln C`` -> ``entropy_fact
 -> ``redundancy_margin``.
 """
 
-import math
 from typing import Annotated
 
 import torch
 from pydantic import Field
 
-from clpeft.components.tta.losses import EATASampleFilter, entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.reliable_entropy import ReliableEntropy, ReliableEntropyOptions
 from clpeft.components.tta.source_reset import SourceReset
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("rdumb")
-class RDumb(Strategy):
+class RDumb(AdaptingStrategy):
     """RDumb: ETA reset to the source model every T steps (Press et al. 2023).
 
     Args:
         backbone: a feature extractor with normalisation layers.
         online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
-        entropy_factor: ``E_0 = entropy_factor * ln C``.
-        redundancy_margin: ``epsilon`` of the cosine-similarity filter.
+        reliable: ETA's filter, ``entropy_factor`` (``E_0 = entropy_factor * ln C``) and
+            ``redundancy_margin`` (``epsilon``), written flat
+            (:class:`~clpeft.components.tta.reliable_entropy.ReliableEntropyOptions`).
         reset_every: ``T``, adaptation steps between two resets.
     """
-
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
 
     @flat_options
     def __init__(
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        entropy_factor: Annotated[float, Field(gt=0)] = 0.4,
-        redundancy_margin: Annotated[float, Field(ge=0)] = 0.4,
+        reliable: ReliableEntropyOptions = ReliableEntropyOptions(),  # noqa: B008 (immutable: pyproject should list it)
         reset_every: Annotated[int, Field(ge=1)] = 1000,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "rdumb")
-        self.entropy_factor = entropy_factor
+        super().__init__(backbone, online)
         self.reset_every = reset_every
-        self.adaptation = OnlineAdaptation(online)
-        self.filter = EATASampleFilter(0.0, redundancy_margin)
+        self.filter = ReliableEntropy(reliable)
         self.reset = SourceReset(classifier(backbone, self.head))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        self.filter.entropy_margin = self.entropy_factor * math.log(max(self.head.n_classes, 2))
-        if exp.train is None:
-            net = classifier(self.backbone, self.head)
-            self.adaptation.prepare(self, net, on_start=lambda: self.reset.capture(net))
+        self.filter.start(self.head.n_classes)
+
+    def prepare_adaptation(self, exp: Experience) -> None:
+        net = classifier(self.backbone, self.head)
+        self.adaptation.prepare(self, net, on_start=lambda: self.reset.capture(net))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)
         net = classifier(self.backbone, self.head)
         logits = net(x)
-        selected, weights = self.filter.select(logits.detach())
-        if selected.any():
-            self.adaptation.step((entropy(logits[selected]) * weights[selected]).mean())
+        loss = self.filter.loss(logits)
+        if loss is not None:
+            self.adaptation.step(loss)
         self.steps += 1
         if int(self.steps) % self.reset_every == 0:
             self.reset.restore(net, self.adaptation.optimizer)

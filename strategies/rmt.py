@@ -42,28 +42,22 @@ from torch import nn
 
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.regularization.ema import EMATeacher
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.losses import multi_view_contrastive_loss, symmetric_cross_entropy
-from clpeft.components.tta.online_adaptation import (
-    OnlineAdaptation,
-    batch_norm_layers,
-    check_adaptable,
-    classifier,
-    use_batch_statistics,
-)
+from clpeft.components.tta.online_adaptation import batch_norm_layers, classifier, use_batch_statistics
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.source_data import SourceBatches, source_training_data
 from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 NO_SOURCE_DATA = "strategy.lambda_cont: 0, strategy.lambda_ce_src: 0 and strategy.warmup_samples: 0"
 
 
 @register_strategy("rmt")
-class RMT(Strategy):
+class RMT(AdaptingStrategy):
     """Robust Mean Teacher: self-training, prototype contrast and source replay (Döbler et al. 2023).
 
     Args:
@@ -80,9 +74,6 @@ class RMT(Strategy):
         projection_dim: width of the projection head.
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -98,14 +89,12 @@ class RMT(Strategy):
         temperature: Annotated[float, Field(gt=0)] = 0.1,
         projection_dim: Annotated[int, Field(ge=1)] = 128,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "rmt")
+        super().__init__(backbone, online)
         self.lambda_ce_trg = lambda_ce_trg
         self.lambda_cont = lambda_cont
         self.lambda_ce_src = lambda_ce_src
         self.warmup_samples = warmup_samples
         self.temperature = temperature
-        self.adaptation = OnlineAdaptation(online)
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.augment = TTAugment(flip=flip)
         self.source_batch_size = source_batch_size
@@ -118,10 +107,7 @@ class RMT(Strategy):
     def uses_source_data(self) -> bool:
         return self.lambda_cont > 0 or self.lambda_ce_src > 0 or self.warmup_samples > 0
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is not None:
-            return
+    def prepare_adaptation(self, exp: Experience) -> None:
         source = source_training_data(exp, "rmt", NO_SOURCE_DATA) if self.uses_source_data else None
         if source is not None:
             self.source_batches.batch_size = self.source_batch_size or self._data.batch_size

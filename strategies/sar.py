@@ -28,22 +28,23 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.losses import entropy
 from clpeft.components.tta.lower_norm_layers import lower_norm_layers
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.reliable_entropy import entropy_margin
 from clpeft.components.tta.sharpness_aware import SharpnessAwareOptimizer
 from clpeft.components.tta.source_reset import SourceReset
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 EMA_DECAY = 0.9  # of the recovery criterion e_m (the authors' code)
 
 
 @register_strategy("sar")
-class SAR(Strategy):
+class SAR(AdaptingStrategy):
     """SAR: sharpness-aware entropy minimisation on reliable samples with model recovery (Niu et al. 2023).
 
     Args:
@@ -55,9 +56,6 @@ class SAR(Strategy):
         reset_constant: ``e_0``; the model recovers when the moving average of the loss falls below it.
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -67,24 +65,23 @@ class SAR(Strategy):
         rho: Annotated[float, Field(ge=0)] = 0.05,
         reset_constant: Annotated[float, Field(ge=0)] = 0.2,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "sar")
+        super().__init__(backbone, online)
         self.entropy_factor = entropy_factor
         self.reset_constant = reset_constant
         self.margin = 0.0
-        self.adaptation = OnlineAdaptation(online)
         self.adaptation.optimizer = SharpnessAwareOptimizer(online.optimizer, online.lr, online.momentum, online.weight_decay, rho)
         self.recovery = SourceReset(classifier(backbone, self.head))
         self.register_buffer("loss_ema", torch.tensor(math.nan, dtype=torch.float64))  # e_m; nan: none yet
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        self.margin = self.entropy_factor * math.log(max(self.head.n_classes, 2))
-        if exp.train is None:
-            net = classifier(self.backbone, self.head)
-            net.requires_grad_(False)
-            adapted = net if self.adaptation.params == "all" else lower_norm_layers(net)
-            self.adaptation.prepare(self, adapted, on_start=lambda: self.recovery.capture(net))
+        self.margin = entropy_margin(self.entropy_factor, self.head.n_classes)
+
+    def prepare_adaptation(self, exp: Experience) -> None:
+        net = classifier(self.backbone, self.head)
+        net.requires_grad_(False)
+        adapted = net if self.adaptation.params == "all" else lower_norm_layers(net)
+        self.adaptation.prepare(self, adapted, on_start=lambda: self.recovery.capture(net))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

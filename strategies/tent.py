@@ -16,17 +16,15 @@ Paper symbols: ``gamma, beta`` -> the adapted parameters (``params: norm``).
 
 import torch
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.losses import entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.options import AdaptationOptions
-from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("tent")
-class Tent(Strategy):
+class Tent(AdaptingStrategy):
     """Tent: entropy minimisation of norm-layer affine parameters at test time (Wang et al. 2021).
 
     Args:
@@ -34,19 +32,9 @@ class Tent(Strategy):
         online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions()):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "tent")
-        self.adaptation = OnlineAdaptation(online)
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head))
+        super().__init__(backbone, online)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)
