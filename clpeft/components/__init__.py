@@ -19,6 +19,7 @@ from clpeft.components.heads import (
     CosineHead,
     HeadOptions,
     HeadTraining,
+    HeldRows,
     LDAHead,
     LinearHead,
     MahalanobisHead,
@@ -27,6 +28,7 @@ from clpeft.components.heads import (
     RidgeHead,
     align_weights,
     clip_weights,
+    imprint_rows,
     ridge_by_holdout,
 )
 from clpeft.components.lora import (
@@ -60,8 +62,10 @@ from clpeft.components.lora import (
     shared_weights_copy,
 )
 from clpeft.components.memory import (
+    ExtendedLogitsMemory,
     LogitsStore,
     ReplayBuffer,
+    update_logits,
 )
 from clpeft.components.prompts import (
     AttentionPromptPool,
@@ -80,6 +84,7 @@ from clpeft.components.regularization import (
     PreviousModel,
     QuadraticPenalty,
     fisher_weighted_average,
+    margin_ranking_loss,
     output_sensitivity,
 )
 from clpeft.components.tta import (
@@ -126,8 +131,10 @@ __all__ = [
     "EATASampleFilter",
     "EMATeacher",
     "ExemplarDistillation",
+    "ExtendedLogitsMemory",
     "HeadOptions",
     "HeadTraining",
+    "HeldRows",
     "InputSubspace",
     "LDAHead",
     "LinearHead",
@@ -167,6 +174,7 @@ __all__ = [
     "eva_init",
     "find_linear_targets",
     "fisher_weighted_average",
+    "imprint_rows",
     "inject_adapters",
     "inject_lora",
     "inject_multi_lora",
@@ -175,6 +183,7 @@ __all__ = [
     "layer_ranks",
     "load_adapters",
     "lora_layers",
+    "margin_ranking_loss",
     "multi_view_contrastive_loss",
     "output_sensitivity",
     "promptable_width",
@@ -186,4 +195,5 @@ __all__ = [
     "shared_weights_copy",
     "source_training_data",
     "symmetric_cross_entropy",
+    "update_logits",
 ]

@@ -11,6 +11,7 @@ from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.imprinting import HeldRows, imprint_rows
 from clpeft.components.heads.mahalanobis import MahalanobisHead
 from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
 from clpeft.components.heads.task_identity import TaskIdentityInference
@@ -29,6 +30,8 @@ __all__ = [
     "CosineHead",
     "HeadOptions",
     "HeadTraining",
+    "HeldRows",
+    "imprint_rows",
     "LDAHead",
     "LinearHead",
     "MahalanobisHead",

@@ -3,6 +3,7 @@
 from clpeft.components.regularization.ema import DualTeacher, EMATeacher
 from clpeft.components.regularization.exemplar_distillation import ExemplarDistillation
 from clpeft.components.regularization.fisher_averaging import fisher_weighted_average
+from clpeft.components.regularization.margin_ranking import margin_ranking_loss
 from clpeft.components.regularization.output_sensitivity import output_sensitivity
 from clpeft.components.regularization.path_integral import PathIntegral
 from clpeft.components.regularization.previous_model import PreviousModel
@@ -13,6 +14,7 @@ __all__ = [
     "EMATeacher",
     "ExemplarDistillation",
     "fisher_weighted_average",
+    "margin_ranking_loss",
     "output_sensitivity",
     "PathIntegral",
     "PreviousModel",
