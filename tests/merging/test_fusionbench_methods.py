@@ -69,6 +69,14 @@ def test_tsv_with_more_tasks_than_rank_keeps_nothing_of_a_matrix():
     assert torch.equal(merge(base, tuned, "tsv")["w"], base["w"])
 
 
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_excluded_matrices_are_averaged(method):
+    base, tuned = random_models({"proj.w": (5, 4), "blocks.0.w": (5, 4)}, tasks=2)
+    merged = deltas(merge(base, tuned, method, exclude=["proj.*"], scale=2.0), base)
+    torch.testing.assert_close(merged["proj.w"], (tuned[0]["proj.w"] + tuned[1]["proj.w"] - 2 * base["proj.w"]), rtol=0, atol=1e-12)
+    assert not torch.allclose(merged["blocks.0.w"], (tuned[0]["blocks.0.w"] + tuned[1]["blocks.0.w"] - 2 * base["blocks.0.w"]))
+
+
 # ------------------------------------------------------------------ ISO-C / ISO-CTS
 
 

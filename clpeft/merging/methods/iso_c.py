@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 
 from clpeft.merging.methods.generalized import Scale
-from clpeft.merging.methods.singular import as_matrices
+from clpeft.merging.methods.singular import Exclude, as_matrices
 from clpeft.merging.registry import merge_method
 
 
 @merge_method("iso_c", reference_url="https://arxiv.org/abs/2502.04959")
-def iso_c(task_vectors: torch.Tensor, *, scale: Scale = 1.0, shape: tuple[int, ...]) -> torch.Tensor:
+def iso_c(task_vectors: torch.Tensor, *, scale: Scale = 1.0, exclude: Exclude = (), shape: tuple[int, ...], name: str) -> torch.Tensor:
     """ISO-C: the summed task matrix with its singular values flattened to their mean (Marczak et al., ICML 2025)."""
-    matrices = as_matrices(task_vectors, shape)
+    matrices = as_matrices(task_vectors, shape, name, exclude)
     if matrices is None:
         return task_vectors.mean(dim=0).mul_(scale)
     left, values, right = torch.linalg.svd(matrices.sum(dim=0), full_matrices=False)

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from clpeft.merging.methods.generalized import Scale
-from clpeft.merging.methods.singular import as_matrices, orthogonal_factor
+from clpeft.merging.methods.singular import Exclude, as_matrices, orthogonal_factor
 from clpeft.merging.registry import merge_method
 
 CommonSpaceFraction = Annotated[
@@ -52,10 +52,12 @@ def iso_cts(
     *,
     common_space_fraction: CommonSpaceFraction = 0.8,
     scale: Scale = 1.0,
+    exclude: Exclude = (),
     shape: tuple[int, ...],
+    name: str,
 ) -> torch.Tensor:
     """ISO-CTS: the common subspace of the summed matrix plus each task's own, with a flat spectrum (Marczak et al., ICML 2025)."""
-    matrices = as_matrices(task_vectors, shape)
+    matrices = as_matrices(task_vectors, shape, name, exclude)
     if matrices is None:
         return task_vectors.mean(dim=0).mul_(scale)
     num_tasks, rows, columns = matrices.shape

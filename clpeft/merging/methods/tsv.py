@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 
 from clpeft.merging.methods.generalized import Scale
-from clpeft.merging.methods.singular import as_matrices, orthogonal_factor
+from clpeft.merging.methods.singular import Exclude, as_matrices, orthogonal_factor
 from clpeft.merging.registry import merge_method
 
 
 @merge_method("tsv", reference_url="https://arxiv.org/abs/2412.00081")
-def tsv(task_vectors: torch.Tensor, *, scale: Scale = 1.0, shape: tuple[int, ...]) -> torch.Tensor:
+def tsv(task_vectors: torch.Tensor, *, scale: Scale = 1.0, exclude: Exclude = (), shape: tuple[int, ...], name: str) -> torch.Tensor:
     """TSV-Merge: per matrix, stack each task's top r/T singular vectors, orthogonalise, recombine (Gargiulo et al., CVPR 2025)."""
-    matrices = as_matrices(task_vectors, shape)
+    matrices = as_matrices(task_vectors, shape, name, exclude)
     if matrices is None:
         return task_vectors.mean(dim=0).mul_(scale)
     num_tasks, rows, columns = matrices.shape
