@@ -66,7 +66,7 @@ class InstructionTuning:
 
     Args:
         backbone: the generative backbone (another is refused in one line); LoRA is injected into its ``net``.
-        options: the LoRA's targets, rank, alpha and dropout.
+        options: the LoRA's targets, rank, alpha and dropout, and how much general text measures retention.
     """
 
     def __init__(self, backbone: GenerativeLM, options: GenerativeOptions):
