@@ -11,7 +11,9 @@ A method named ``<method>+align`` runs the same config with ``strategy.align: tr
 classifier alignment added to a prompt or LoRA method), ``<method>+sdc`` adds semantic drift
 compensation of the aligned statistics as well, ``lora_cl+nosubspace`` lora_cl without InfLoRA's
 interference-free updates, which its config turns on (variants combine: ``lora_cl+nosubspace+sdc``),
-and ``<method>+dora`` (``pissa``, ``vera``, ``lora_xs``, ``adalora``) a LoRA method with that adapter kind.
+``+merge`` merges each finished experience's update into the weights, and ``<method>+dora`` (``pissa``,
+``vera``, ``lora_xs``, ``adalora``) a LoRA method with that adapter kind; the kinds compare on
+``lora_cl+nosubspace+merge+<kind>`` (a designed ``A`` and frozen old updates are not defined for all of them).
 
     OMP_NUM_THREADS=2 python benchmarks/ptm_table.py --out /tmp/ptm_table
     python benchmarks/ptm_table.py --methods simplecil,ranpac --train-per-class 10 --out /tmp/t  # a smoke run
@@ -36,7 +38,12 @@ METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", 
 METHODS += [f"{m}+{v}" for v in ("align", "sdc") for m in ("l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl")]
 METHODS += ["lora_cl+nosubspace", "lora_cl+nosubspace+align", "lora_cl+nosubspace+sdc"]
 METHODS += ["fecam", "ease", "cofima", "hide_prompt", "ovor", "mos", "duct"]  # issue 22's pretrained-model methods
-VARIANTS = {"align": {"align": True}, "sdc": {"align": True, "drift_compensation": True}, "nosubspace": {"subspace": "none"}}
+VARIANTS = {
+    "align": {"align": True},
+    "sdc": {"align": True, "drift_compensation": True},
+    "nosubspace": {"subspace": "none"},
+    "merge": {"old_updates": "merge"},
+}
 VARIANTS.update({kind: {"adapter": kind} for kind in ("dora", "pissa", "vera", "lora_xs", "adalora")})  # LoRA kinds (issue 23)
 
 
