@@ -69,6 +69,7 @@ from clpeft.components.memory import (
 )
 from clpeft.components.prompts import (
     AttentionPromptPool,
+    OnePrompt,
     PrefixPrompt,
     PrefixSelection,
     PromptPool,
@@ -145,6 +146,7 @@ __all__ = [
     "MahalanobisHead",
     "MultiLoRALinear",
     "NearestMeanOfExemplars",
+    "OnePrompt",
     "OnlineAdaptation",
     "ParallelAdapterBlock",
     "PathIntegral",
