@@ -108,24 +108,18 @@ class DoRALinear(LoRALinear):
         super().load_adapter_tensors(tensors)
         self._replace("lora_magnitude_vector", tensors["lora_magnitude_vector"].to(self.lora_magnitude_vector))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Replace the base weight by ``W' = m (W + s B A) / ||W + s B A||`` (a no-op when merged)."""
-        if not self.merged:
-            self.merged_norm = self._weight_norm()
-            weight = self.base_layer.weight
-            weight += self._whole_delta().to(weight.dtype)
-            self.merged = True
+    def _fold_into_base(self) -> None:
+        """Replace the base weight by ``W' = m (W + s B A) / ||W + s B A||``, keeping the row norms for :meth:`unmerge`."""
+        self.merged_norm = self._weight_norm()
+        super()._fold_into_base()
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight: ``W = W' ||W + s B A|| / m - s B A - frozen`` (a no-op when not merged)."""
-        if self.merged:
-            weight = self.base_layer.weight
-            ratio = (self.merged_norm / self.lora_magnitude_vector).to(weight)
-            low_rank = self.delta_weight() + (self.frozen_delta_weight() if self.frozen_rank else 0)
-            weight.copy_(weight * ratio[:, None] - low_rank.to(weight))
-            self.merged, self.merged_norm = False, None
+    def _unfold_from_base(self) -> None:
+        """Restore the base weight: ``W = W' ||W + s B A|| / m - s B A - frozen``."""
+        weight = self.base_layer.weight
+        ratio = (self.merged_norm / self.lora_magnitude_vector).to(weight)
+        low_rank = self.delta_weight() + (self.frozen_delta_weight() if self.frozen_rank else 0)
+        weight.copy_(weight * ratio[:, None] - low_rank.to(weight))
+        self.merged_norm = None
 
     def _retire(self, old: str) -> None:
         if old == "freeze":

@@ -239,17 +239,25 @@ class LoRALinear(nn.Module):
         A no-op when already merged. Gradients no longer reach ``A`` and ``B`` while merged.
         """
         if not self.merged:
-            weight = self.base_layer.weight
-            weight += self._whole_delta().to(weight.dtype)
+            self._fold_into_base()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` (a no-op when not merged)."""
         if self.merged:
-            weight = self.base_layer.weight
-            weight -= self._whole_delta().to(weight.dtype)
+            self._unfold_from_base()
             self.merged = False
+
+    def _fold_into_base(self) -> None:
+        """What :meth:`merge` does to the base weight: add :meth:`_whole_delta` (kinds that rescale the weight override it)."""
+        weight = self.base_layer.weight
+        weight += self._whole_delta().to(weight.dtype)
+
+    def _unfold_from_base(self) -> None:
+        """What :meth:`unmerge` does to the base weight: subtract :meth:`_whole_delta`."""
+        weight = self.base_layer.weight
+        weight -= self._whole_delta().to(weight.dtype)
 
     def _whole_delta(self) -> torch.Tensor:
         delta = self.delta_weight()
