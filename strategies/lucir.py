@@ -146,14 +146,13 @@ class LUCIR(Strategy):
 
     def _loss(self, features: torch.Tensor, batch: Batch, less_forget: float) -> torch.Tensor:
         """Eq. 9 on a batch whose current features are ``features``."""
-        logits = self.head(features)
-        loss = F.cross_entropy(logits, batch.y)
+        cosines = self.head.cosines(features)  # eq. 8 ranks the unscaled cosines
+        loss = F.cross_entropy(self.head.scale.to(cosines.dtype) * cosines, batch.y)
         if not self.n_past:
             return loss
         if less_forget:
             old = self.rehearsal.teacher.features(batch.x, features)
             loss = loss + less_forget * F.cosine_embedding_loss(features, old, torch.ones(len(features), device=features.device))
-        cosines = logits / self.head.scale  # eq. 8 ranks the unscaled cosines
         return loss + self.lambda_mr * margin_ranking_loss(cosines, batch.y, self.n_past, self.k, self.margin)
 
     def _finetune(self, memory: DataView) -> None:

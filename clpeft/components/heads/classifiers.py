@@ -18,7 +18,49 @@ def _resized_parameter(param: nn.Parameter, n_rows: int) -> nn.Parameter:
     return nn.Parameter(param.data.new_empty((n_rows, *param.shape[1:])), requires_grad=param.requires_grad)
 
 
-class LinearHead(nn.Module):
+class _GrowingHead(nn.Module):
+    """A head whose per-class parameters (``_row_parameters``, first dimension = class) grow with new classes.
+
+    Old rows are kept exactly; a subclass draws the new ones in :meth:`_new_rows`. Loading a
+    state dict resizes the parameters to the stored size, so a checkpoint taken after any
+    experience loads into a freshly built head.
+    """
+
+    _row_parameters: tuple[str, ...] = ("weight",)
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(0, in_features))
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def grow_to(self, n_classes: int) -> None:
+        """Add outputs up to ``n_classes``; a no-op when the head is already that large."""
+        extra = n_classes - self.n_classes
+        if extra <= 0:
+            return
+        for name, rows in zip(self._row_parameters, self._new_rows(extra), strict=True):
+            setattr(self, name, _grown_parameter(getattr(self, name), rows))
+
+    def _new_rows(self, extra: int) -> tuple[torch.Tensor, ...]:
+        """Initial values of ``extra`` new rows, one tensor per name in ``_row_parameters``."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = state_dict.get(prefix + "weight")
+        if stored is not None and stored.shape[0] != self.n_classes:
+            for name in self._row_parameters:
+                setattr(self, name, _resized_parameter(getattr(self, name), stored.shape[0]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, n_classes={self.n_classes}"
+
+
+class LinearHead(_GrowingHead):
     """A linear classifier whose output grows as new classes arrive.
 
     Old rows are kept exactly when the head grows; new rows get PyTorch's default
@@ -30,44 +72,26 @@ class LinearHead(nn.Module):
         n_classes: initial number of outputs (usually 0: the first experience grows it).
     """
 
+    _row_parameters = ("weight", "bias")
+
     def __init__(self, in_features: int, n_classes: int = 0):
-        super().__init__()
-        self.in_features = in_features
-        self.weight = nn.Parameter(torch.empty(0, in_features))
+        super().__init__(in_features)
         self.bias = nn.Parameter(torch.empty(0))
         self.grow_to(n_classes)
 
-    @property
-    def n_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def grow_to(self, n_classes: int) -> None:
-        """Add outputs up to ``n_classes``; a no-op when the head is already that large."""
-        extra = n_classes - self.n_classes
-        if extra <= 0:
-            return
+    def _new_rows(self, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``nn.Linear``'s initialisation, drawn on the head's device in its dtype."""
         new_w = torch.empty(extra, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
         nn.init.kaiming_uniform_(new_w, a=math.sqrt(5))
         bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
         new_b = torch.empty(extra, device=self.bias.device, dtype=self.bias.dtype).uniform_(-bound, bound)
-        self.weight = _grown_parameter(self.weight, new_w)
-        self.bias = _grown_parameter(self.bias, new_b)
+        return new_w, new_b
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(features, self.weight.to(features.dtype), self.bias.to(features.dtype))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        stored = state_dict.get(prefix + "weight")
-        if stored is not None and stored.shape[0] != self.n_classes:
-            self.weight = _resized_parameter(self.weight, stored.shape[0])
-            self.bias = _resized_parameter(self.bias, stored.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, n_classes={self.n_classes}"
-
-
-class CosineHead(nn.Module):
+class CosineHead(_GrowingHead):
     """Cosine classifier ``logit_c = s * cos(x, w_c)`` whose output grows with new classes.
 
     The cosine-normalised linear layer of Hou et al., "Learning a Unified Classifier
@@ -83,39 +107,25 @@ class CosineHead(nn.Module):
     """
 
     def __init__(self, in_features: int, n_classes: int = 0, scale: float = 1.0, learn_scale: bool = True):
-        super().__init__()
-        self.in_features = in_features
-        self.weight = nn.Parameter(torch.empty(0, in_features))
+        super().__init__(in_features)
         if learn_scale:
             self.scale = nn.Parameter(torch.tensor(float(scale)))
         else:
             self.register_buffer("scale", torch.tensor(float(scale)))
         self.grow_to(n_classes)
 
-    @property
-    def n_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def grow_to(self, n_classes: int) -> None:
-        """Add outputs up to ``n_classes``; a no-op when the head is already that large."""
-        extra = n_classes - self.n_classes
-        if extra <= 0:
-            return
+    def _new_rows(self, extra: int) -> tuple[torch.Tensor]:
+        """U(-1/sqrt(D), 1/sqrt(D)), drawn on the CPU in float32."""
         bound = 1.0 / math.sqrt(self.in_features)
-        self.weight = _grown_parameter(self.weight, torch.empty(extra, self.in_features).uniform_(-bound, bound))
+        return (torch.empty(extra, self.in_features).uniform_(-bound, bound),)
+
+    def cosines(self, features: torch.Tensor) -> torch.Tensor:
+        """``cos(x, w_c)`` of every class, unscaled (LUCIR's margin ranking loss, eq. 8, ranks them)."""
+        w = nn.functional.normalize(self.weight.to(features.dtype), dim=1)
+        return nn.functional.linear(nn.functional.normalize(features, dim=1), w)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        w = nn.functional.normalize(self.weight.to(features.dtype), dim=1)
-        return self.scale.to(features.dtype) * nn.functional.linear(nn.functional.normalize(features, dim=1), w)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        stored = state_dict.get(prefix + "weight")
-        if stored is not None and stored.shape[0] != self.n_classes:
-            self.weight = _resized_parameter(self.weight, stored.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, n_classes={self.n_classes}"
+        return self.scale.to(features.dtype) * self.cosines(features)
 
 
 class _ClosedFormHead(nn.Module):
