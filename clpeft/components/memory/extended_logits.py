@@ -66,7 +66,7 @@ class ExtendedLogitsMemory(nn.Module):
         labels = self.buffer.labels
         kept = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in torch.unique(labels).tolist()])
         values, widths = self.logits.values[kept].clone(), self.logits.widths[kept].clone()
-        self.buffer.items, self.buffer.labels, self.buffer.n_seen = self.buffer.items[kept], labels[kept], len(kept)
+        self.buffer.keep(kept)
         self.logits.values[: len(kept)], self.logits.widths[: len(kept)] = values, widths
         self.logits.widths[len(kept) :] = 0
 

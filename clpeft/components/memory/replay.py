@@ -51,7 +51,9 @@ def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
     exemplar ``k`` is ``argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||`` over the samples
     not chosen yet (the first one on ties). Normalisation ``phi / (||phi|| + 1e-8)`` and the
     un-renormalised class mean follow LAMDA-PILOT's ``_construct_exemplar`` (PyCIL); Mammoth's
-    ``fill_buffer`` makes the same choices. Computed in float64.
+    ``fill_buffer`` makes the same choices when it normalises the features
+    (``normalize_features=True``, as its iCaRL calls it), not as its LUCIR calls it (herding on
+    un-normalised features). Computed in float64.
 
     Args:
         features: ``(N, D)`` features of one class's samples.
@@ -202,6 +204,11 @@ class ReplayBuffer(nn.Module):
                 chosen = torch.nonzero(self.labels == c).flatten()[:m]
                 keep.append((self.items[chosen], self.labels[chosen]))
         self._set([r for rows, _ in keep for r in rows], [y for _, ys in keep for y in ys])
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only the samples at ``slots``, in that order, and count only them as seen (so
+        reservoir sampling fills the freed slots before it replaces any)."""
+        self.items, self.labels, self.n_seen = self.items[slots], self.labels[slots], len(slots)
 
     def _set(self, items, labels) -> None:
         self.items = torch.stack(items) if items else torch.empty(0, 2, dtype=torch.long)
