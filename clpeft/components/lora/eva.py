@@ -25,47 +25,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from clpeft.components.lora.input_moments import input_moments
 from clpeft.components.lora.layer import LoRALinear
-from clpeft.distributed import current
 from clpeft.errors import UserError
 
 __all__ = ["eva_init", "principal_components", "redistribute_ranks"]
-
-
-@torch.no_grad()
-def _input_moments(layers: Mapping[str, LoRALinear], run: Callable[[], None]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``(sum x, sum x x^T, count)`` of every layer's inputs (float64) over what ``run()`` feeds the model."""
-    moments = {}
-    for name, layer in layers.items():
-        n = layer.base_layer.in_features
-        device = layer.base_layer.weight.device
-        moments[name] = [
-            torch.zeros(n, dtype=torch.float64, device=device),
-            torch.zeros(n, n, dtype=torch.float64, device=device),
-            torch.zeros((), dtype=torch.float64),
-        ]
-
-    def hook(name: str):
-        def accumulate(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            total, outer, count = moments[name]
-            total += x.sum(0)
-            outer.addmm_(x.T, x)
-            count += x.shape[0]
-
-        return accumulate
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    world = current()
-    for parts in moments.values():
-        for t in parts:
-            world.all_reduce_sum(t)
-    return {name: (total, outer, float(count)) for name, (total, outer, count) in moments.items()}
 
 
 def principal_components(total: torch.Tensor, outer: torch.Tensor, count: float, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +78,7 @@ def eva_init(
     """
     if rho < 1:
         raise UserError(f"EVA's rho must be >= 1, got {rho}")
-    moments = _input_moments(layers, run)
+    moments = input_moments(layers, run)
     found = {}
     for name, layer in layers.items():
         total, outer, count = moments[name]

@@ -46,8 +46,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from clpeft.components.lora.input_moments import input_moments
 from clpeft.components.lora.layer import LoRALinear
-from clpeft.distributed import current
 
 Criterion = Literal["inflora", "gpm"]
 
@@ -84,31 +84,7 @@ class InputSubspace(nn.Module):
     def covariances(layers: Mapping[str, LoRALinear], run: Callable[[], None]) -> list[torch.Tensor]:
         """``C = mean x x^T`` of every layer's inputs (float64) over what ``run()`` feeds the model;
         summed over the ranks of a data-parallel run."""
-        sums = [
-            torch.zeros(layer.base_layer.in_features, layer.base_layer.in_features, dtype=torch.float64, device=layer.lora_B.device)
-            for layer in layers.values()
-        ]
-        counts = torch.zeros(len(sums), dtype=torch.float64)
-
-        def hook(i: int):
-            def accumulate(_module, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[i].addmm_(x.T, x)
-                counts[i] += x.shape[0]
-
-            return accumulate
-
-        handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers.values())]
-        try:
-            run()
-        finally:
-            for handle in handles:
-                handle.remove()
-        world = current()
-        for s in sums:
-            world.all_reduce_sum(s)
-        world.all_reduce_sum(counts)
-        return [s / max(float(n), 1.0) for s, n in zip(sums, counts.tolist())]
+        return [outer / max(count, 1.0) for _, outer, count in input_moments(layers, run).values()]
 
     @torch.no_grad()
     def design(self, layers: Mapping[str, LoRALinear], covariances: list[torch.Tensor]) -> None:
