@@ -16,8 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clpeft.backbones import weights_file
-from clpeft.backbones.base import Backbone
+from clpeft.backbones.random_init import RandomInitBackbone
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
 
@@ -39,7 +38,7 @@ class _BasicBlock(nn.Module):
 
 
 @register_backbone("cnn")
-class CNNBackbone(Backbone):
+class CNNBackbone(RandomInitBackbone):
     """Small BatchNorm ResNet on raw images (random init; a TTA source model, not pretrained).
 
     Args:
@@ -83,11 +82,7 @@ class CNNBackbone(Backbone):
                 c_in = w
         self.stages = nn.Sequential(*stages)
         self.feature_dim = widths[-1]
-        self._weights = weights
-        if weights:
-            weights_file.load(self, weights)
-        if freeze:
-            self.freeze()
+        self.load_weights(weights, freeze)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
@@ -98,11 +93,6 @@ class CNNBackbone(Backbone):
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
     def describe(self) -> dict:
-        return {
-            "class": "cnn",
-            "widths": self._widths,
-            "blocks": self._blocks,
-            "scale": self.scale,
-            "in_channels": self.in_channels,
-            **({"weights": self._weights} if self._weights else {}),
-        }
+        return self.with_weights(
+            {"class": "cnn", "widths": self._widths, "blocks": self._blocks, "scale": self.scale, "in_channels": self.in_channels}
+        )

