@@ -10,12 +10,16 @@ is a finished merge.
 Memory. Inputs are memory-mapped and each batch's pages leave the resident set once written;
 the engine reuses one work buffer sized for the largest tensor; shards are written with
 unbuffered ``write`` calls straight from the merged tensor (no shard buffer). Peak resident
-memory above the process's baseline (Python, torch) is therefore independent of the model's
-size, about ``(K + 1) x L`` of mapped input pages plus ``(K + 4) x L32`` of float32 work memory
-for a method that forms whole task vectors (TIES, DARE, SLERP, ...), with ``K`` the number of
-fine-tuned models, ``L`` the largest tensor's bytes in its dtype and ``L32`` its bytes in
-float32; linear methods on the CPU work in cached blocks and need only ``(K + 2) x L`` (inputs and
-output). :func:`rss_bound` states it; tests/merging/test_sharded_merge.py measures it.
+memory above the process's baseline (Python, torch: about 0.6 GiB) is therefore independent of
+the model's size and of the number of shards: about ``(K + 1) x max(L, 8 MiB)`` of mapped input
+pages plus ``L`` for the output tensor plus ``(K + 6) x L32`` of float32 work memory for a method
+that forms whole task vectors (TIES, DARE, SLERP, ...), with ``K`` the number of fine-tuned
+models, ``L`` the largest tensor's bytes in its dtype and ``L32`` its bytes in float32; linear
+methods on the CPU work in cached blocks of ``2^18`` columns instead. :func:`rss_bound` states it
+(with 32 MiB of slack); a slow test in tests/merging/test_sharded_merge.py measures it (Llama-7B's
+layout at 1/4 width, K = 2: TIES peaks 283 MB above the baseline for a bound of 361 MB, task
+arithmetic 81 MB for 103 MB, for 2.35 GiB of inputs). For Llama-2-7B itself (``L`` = 262 MB in
+bf16, the embedding) and K = 2 that is about 1.1 GB (task arithmetic) and 5.3 GB (TIES).
 
 Resume. After each shard is renamed into place, a progress file (``.clpeft-merge-progress.json``,
 written atomically) records its size and BLAKE2b hash, the tensors' report statistics and a
@@ -43,6 +47,7 @@ from typing import Any
 import torch
 
 from clpeft.errors import UserError
+from clpeft.merging.blocks import BLOCK_COLUMNS
 from clpeft.merging.engine import MergeEngine
 from clpeft.merging.io import SafetensorsWriter, TensorInfo
 from clpeft.merging.output import atomic_output
@@ -65,6 +70,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20}
 _UNITS["gib"] = 1 << 30
 _HASH_CHUNK = 16 << 20
+_SLACK = 32 << 20  # allocator and interpreter growth during a merge (rss_bound)
 
 Fingerprint = dict[str, Any]
 
@@ -98,13 +104,25 @@ def plan_shards(infos: Sequence[tuple[str, TensorInfo]], shard_bytes: int) -> li
     return shards
 
 
-def rss_bound(infos: Sequence[TensorInfo], num_models: int, *, linear: bool) -> int:
-    """The resident memory a streaming merge adds to its process (see the module docstring)."""
+def rss_bound(infos: Sequence[TensorInfo], num_models: int, *, linear: bool, batch_bytes: int = 8 << 20) -> int:
+    """The resident memory a streaming merge adds to its process (see the module docstring).
+
+    With ``K = num_models``, ``L`` the largest tensor's bytes, ``L32`` its bytes in float32 and
+    ``B = batch_bytes`` (the engine reads small tensors together up to ``B`` per input):
+    ``(K + 1) max(L, B)`` mapped input pages + ``L`` for the output tensor + work memory +
+    32 MiB of allocator and interpreter slack. Work memory is ``(K + 2)`` float32 rows of
+    ``min(N, 2^18)`` entries for a linear method on the CPU (cached blocks), else ``(K + 6) L32``:
+    the task vectors, the float32 base, the merged task vector, their sum and the method's
+    temporaries (measured for TIES, the most demanding of the tested methods).
+    """
     largest = max((info.nbytes for info in infos), default=0)
     largest32 = max((info.numel * 4 for info in infos), default=0)
+    inputs = (num_models + 1) * max(largest, batch_bytes) + largest
     if linear:
-        return (num_models + 2) * largest
-    return (num_models + 1) * largest + (num_models + 4) * largest32
+        work = (num_models + 2) * min(largest32, BLOCK_COLUMNS * 4)
+    else:
+        work = (num_models + 6) * largest32
+    return inputs + work + _SLACK
 
 
 @dataclass(frozen=True)
