@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from clpeft.errors import UserError
-from clpeft.merging import merge
+from clpeft.merging import get_method, merge
 from clpeft.merging.mergekit_yaml import METHODS, plan_mergekit, run_mergekit
 from clpeft.tools import merge_cli as cli
 
@@ -286,3 +286,20 @@ def test_equals_mergekit_run_merge(tmp_path, request, method, dtype):
     for name in ours:
         assert ours[name].dtype == theirs[name].dtype, name
         torch.testing.assert_close(ours[name].float(), theirs[name].float(), **tolerance, msg=f"{method} {name}")
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "configs" / "merge").glob("*.yml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_translate(tmp_path, llamas, monkeypatch, path):
+    """configs/merge/*.yml name models/base, models/finetune_a, models/finetune_b relative to the
+    working directory (as mergekit does); here they are the tiny Llamas."""
+    for name, target in {"base": "base", "finetune_a": "ft0", "finetune_b": "ft1"}.items():
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / name).symlink_to(llamas / target)
+    monkeypatch.chdir(tmp_path)
+    plan = plan_mergekit(yaml.safe_load(path.read_text()))
+    method = get_method(plan.method)
+    for tensor in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        method.validate(plan.parameters_of(tensor))
