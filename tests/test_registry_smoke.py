@@ -174,6 +174,7 @@ STRATEGIES: dict[str, Smoke] = {
     "rpl": _tta({"name": "rpl"}),
     "cmf": _tta({"name": "cmf", "flip": 0.0}),
     "santa": _tta({"name": "santa", "projection_dim": 16, "flip": 0.0}),
+    "adacontrast": _tta({"name": "adacontrast", "queue_size": 64}),
     "seq_finetune": Smoke(
         {"name": "seq_finetune", "lora_rank": 2},
         TINY_LLAMA,
@@ -441,6 +442,21 @@ def _adamerging_is_task_arithmetic_with_its_coefficients(base, tuned):
     return len(result.entropy) == 3 and result.entropy[-1] <= result.entropy[0]
 
 
+def _fisher_is_an_entrywise_convex_combination(base, tuned):
+    loaders = [[torch.randn(8, 5, generator=torch.Generator().manual_seed(i))] for i in range(2)]
+    merged = merge(base, tuned, "fisher", forward=lambda sd, task, x: x @ sd["w"].T + sd["b"], loaders=loaders)
+    low, high = ({k: f(tuned[0][k], tuned[1][k]) for k in base} for f in (torch.minimum, torch.maximum))
+    return all(bool(((merged[k] >= low[k] - 1e-6) & (merged[k] <= high[k] + 1e-6)).all()) for k in base)
+
+
+def _regmean_with_shared_inputs_is_the_average(base, tuned):
+    layer = torch.nn.Linear(5, 6)
+    rename = [{"weight": m["w"], "bias": m["b"]} for m in (base, *tuned)]
+    inputs = [torch.randn(16, 5, generator=torch.Generator().manual_seed(0))]
+    merged = merge(rename[0], rename[1:], "regmean", model=layer, loaders=[inputs, inputs])
+    return all(torch.allclose(merged[k], (rename[1][k] + rename[2][k]) / 2, atol=1e-5) for k in merged)
+
+
 # merge method -> a property its merge of the tiny state dicts must have
 MERGE_METHODS = {
     "task_arithmetic": _task_arithmetic_one_vector_is_the_fine_tune,
@@ -483,6 +499,8 @@ MERGE_METHODS = {
         torch.allclose(merge(base, tuned, "lines", beta=0.0)[k], (tuned[0][k] + tuned[1][k]) / 2, atol=1e-6) for k in base
     ),
     "tsv": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "tsv")[k], tuned[0][k], atol=1e-5) for k in base),
+    "fisher": _fisher_is_an_entrywise_convex_combination,
+    "regmean": _regmean_with_shared_inputs_is_the_average,
 }
 
 MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clpeft.errors import UserError
-from clpeft.merging import get_method, merge, merge_files
+from clpeft.merging import MergeRules, functional_forward, get_method, merge, merge_files
 from clpeft.merging.methods.iso_cts import subspace_sizes
 from clpeft.merging.methods.lines import block_index
 
@@ -227,3 +227,82 @@ def test_model_statistic_methods_stream_as_they_merge_in_memory(tmp_path):
         streamed, in_memory = load_file(out), merge(base, tuned, method, **params)
         for k in base:
             torch.testing.assert_close(streamed[k], in_memory[k], rtol=0, atol=0, msg=f"{method} {k}")
+
+
+# ------------------------------------------------------------------ Fisher merging and RegMean (need data)
+
+
+def tiny_classifiers(tasks: int, seed: int = 0):
+    """A 4-5-3 MLP classifier, its base state dict and ``tasks`` fine-tunes, float64."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    tuned = [{k: v + 0.3 * torch.randn(v.shape, generator=generator, dtype=F64) for k, v in base.items()} for _ in range(tasks)]
+    return net, base, tuned
+
+
+def test_fisher_is_the_expected_squared_score_per_example_and_weights_the_average():
+    net, base, tuned = tiny_classifiers(2)
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randn(7, 4, generator=generator, dtype=F64) for _ in tuned]
+    loaders = [[x[:3], x[3:6], x[6:]] for x in data]
+    result = get_method("fisher").fn(base, tuned, forward=functional_forward(net, [lambda h: h] * 2), loaders=loaders, examples=5)
+    for k, model in enumerate(tuned):
+        expected = {name: torch.zeros_like(v) for name, v in model.items()}
+        for x in data[k][:5]:  # examples=5: the first five, one at a time
+            net.load_state_dict(model)
+            log_p = net(x[None])[0].log_softmax(dim=-1)
+            for label in range(3):
+                grads = torch.autograd.grad(log_p[label], list(net.parameters()), retain_graph=True)
+                for (name, _), grad in zip(net.named_parameters(), grads):
+                    expected[name] += log_p[label].exp().detach() * grad.square() / 5
+        for name in model:
+            torch.testing.assert_close(result.fishers[k][name], expected[name], rtol=1e-10, atol=1e-14)
+    for name in base:
+        weights = [f[name] + 1e-6 for f in result.fishers]
+        expected = (weights[0] * tuned[0][name] + weights[1] * tuned[1][name]) / (weights[0] + weights[1])
+        torch.testing.assert_close(result.state_dict[name], expected, rtol=0, atol=1e-12)
+    lopsided = get_method("fisher").fn(base, tuned, forward=functional_forward(net, [lambda h: h] * 2), loaders=loaders, weights=[1e9, 1.0])
+    torch.testing.assert_close(lopsided.state_dict["2.bias"], tuned[0]["2.bias"], rtol=0, atol=1e-6)
+
+
+def test_fisher_one_line_errors():
+    net, base, tuned = tiny_classifiers(2)
+    forward = functional_forward(net, [lambda h: h] * 2)
+    with pytest.raises(UserError, match="got 1 data loaders for 2 models"):
+        get_method("fisher").fn(base, tuned, forward=forward, loaders=[[torch.zeros(1, 4, dtype=F64)]])
+    with pytest.raises(UserError, match="yields no examples"):
+        get_method("fisher").fn(base, tuned, forward=forward, loaders=[[], []])
+
+
+def test_regmean_solves_each_linear_layer_from_its_input_grams_and_averages_the_rest():
+    net, base, tuned = tiny_classifiers(2, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(6, 2, 4, generator=generator, dtype=F64) for _ in tuned]  # two tokens per example
+    alpha = 0.8
+    result = get_method("regmean").fn(base, tuned, model=net, loaders=[[x[:4], x[4:]] for x in data], alpha=alpha)
+    grams = {"0.weight": [], "2.weight": []}
+    for model, x in zip(tuned, data):
+        first = x.reshape(-1, 4)
+        second = torch.tanh(first @ model["0.weight"].T + model["0.bias"])
+        for name, inputs in (("0.weight", first), ("2.weight", second)):
+            gram = inputs.T @ inputs / len(inputs)
+            torch.testing.assert_close(result.grams[len(grams[name])][name], gram, rtol=0, atol=1e-12)
+            grams[name].append(alpha * gram + (1 - alpha) * torch.diag(gram.diagonal()))
+    for name, shrunk in grams.items():
+        expected = torch.linalg.inv(sum(shrunk)) @ sum(g @ m[name].T for g, m in zip(shrunk, tuned))
+        torch.testing.assert_close(result.state_dict[name], expected.T, rtol=0, atol=1e-10)
+    for name in ("0.bias", "2.bias"):
+        torch.testing.assert_close(result.state_dict[name], (tuned[0][name] + tuned[1][name]) / 2, rtol=0, atol=1e-15)
+
+
+def test_regmean_with_one_task_s_data_for_both_is_the_average_and_a_singular_gram_is_one_line():
+    net, base, tuned = tiny_classifiers(2, seed=4)
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    result = get_method("regmean").fn(base, tuned, model=net, loaders=[[x], [x]], rules=MergeRules(skip=["2.*"]))
+    torch.testing.assert_close(result.state_dict["0.weight"], (tuned[0]["0.weight"] + tuned[1]["0.weight"]) / 2, rtol=0, atol=1e-12)
+    assert "2.weight" not in result.state_dict and set(result.grams[0]) == {"0.weight"}
+    x[:, 0] = 0.0  # an input feature no example uses: G has a zero row
+    with pytest.raises(UserError, match="summed input Gram matrix of '0.weight' is singular"):
+        merge(base, tuned, "regmean", model=net, loaders=[[x], [x]], rules={"skip": ["2.*"]})

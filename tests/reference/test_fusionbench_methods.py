@@ -7,6 +7,11 @@ tall and a wide Linear weight, a bias and a conv kernel (merged as a non-matrix)
 that move each tensor by its own amount. Tolerance 1e-10 absolute on float64 weights (SVDs of
 the same matrices computed in another order) unless a test says otherwise.
 
+Fisher merging and RegMean need data: their statistics (diagonal Fishers, input Gram matrices)
+are checked against independent autograd and hand computations in
+tests/merging/test_fusionbench_methods.py, and here their merge of given statistics against
+FusionBench's ``merging_with_fisher_weights`` and ``merging_with_regmean_weights``.
+
 Deliberate differences, each shown here and explained in docs/merging.md: EMR's rescaler of a
 task whose mask is empty is 0 (FusionBench divides by zero); TSV keeps ``r // T`` singular
 vectors per task (FusionBench ``int(r * (1 / T))``, one fewer where the float rounds down).
@@ -21,11 +26,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clpeft.merging import merge
+from clpeft.merging import functional_forward, get_method, merge
 
 pytest.importorskip("fusion_bench", reason="fusion-bench is not installed: pip install fusion-bench")
 from fusion_bench.method.emr_merging.utils import emr_merge  # noqa: E402
+from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights  # noqa: E402
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts  # noqa: E402
+from fusion_bench.method.regmean.regmean import merging_with_regmean_weights  # noqa: E402
 from fusion_bench.method.tall_mask.utils import generate_task_masks  # noqa: E402
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction  # noqa: E402
 
@@ -113,3 +120,41 @@ def test_consensus_masks_equal_fusionbench(tall_mask_lambda, min_tasks):
         merged = merge(base, finetuned, "consensus", tall_mask_lambda=tall_mask_lambda, task=t, scale=1.0)
         delta = torch.cat([(merged[k] - base[k]).flatten() for k in base])
         torch.testing.assert_close(delta, total * masks[t], rtol=0, atol=1e-12)
+
+
+def data_models(tasks: int):
+    """A 4-6-3 MLP, its base state dict, ``tasks`` fine-tunes and two batches of inputs per task, float64."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    tuned = [{k: v + 0.3 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in base.items()} for _ in range(tasks)]
+    loaders = [[torch.randn(5, 4, generator=generator, dtype=torch.float64) for _ in range(2)] for _ in range(tasks)]
+    return net, base, tuned, loaders
+
+
+def test_fisher_merge_of_its_fishers_equals_fusionbench():
+    """FusionBench without its (non-paper) Fisher-norm rescaling, uniform coefficients 1/K, floor 1e-6."""
+    net, base, tuned, loaders = data_models(3)
+    result = get_method("fisher").fn(base, tuned, forward=functional_forward(net, [lambda h: h] * 3), loaders=loaders)
+    reference = merging_with_fisher_weights(
+        {k: [m[k] for m in tuned] for k in base},
+        result.fishers,
+        torch.ones(3) / 3,
+        normalize_fisher_weight=False,
+        minimal_fisher_weight=1e-6,
+    )
+    for k in base:
+        torch.testing.assert_close(result.state_dict[k], reference[k], rtol=0, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_regmean_merge_of_its_grams_equals_fusionbench(alpha):
+    """FusionBench keys the Gram matrices by module name and inverts their sum; clpeft solves. FusionBench forms
+    the shrinking factors in float32 (``torch.ones(n) - ratio``), so below alpha 1 they differ by ~1e-8: rtol 1e-6."""
+    net, base, tuned, loaders = data_models(2)
+    result = get_method("regmean").fn(base, tuned, model=net, loaders=loaders, alpha=alpha)
+    grams = [{name.removesuffix(".weight"): g for name, g in gs.items()} for gs in result.grams]
+    reference = merging_with_regmean_weights({k: [m[k] for m in tuned] for k in base}, grams, reduce_non_diagonal_ratio=alpha)
+    for k in base:
+        torch.testing.assert_close(result.state_dict[k], reference[k], rtol=0 if alpha == 1.0 else 1e-6, atol=1e-10, msg=k)
