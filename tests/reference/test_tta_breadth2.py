@@ -27,6 +27,7 @@ import torch
 
 from clpeft.components.tta.certainty_diversity import roid_augmentation
 from clpeft.components.tta.generalized_cross_entropy import generalized_cross_entropy
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.registry import strategies
 
 from .conftest import ref_dir, stub_module
@@ -66,6 +67,9 @@ def bench(load_reference):
         ns.request = request
         return None, ns.source
 
+    def split_up_model(model, arch_name, dataset_name):  # the reference's signature: (features, classifier)
+        return model[0], model[1]
+
     stubs = {
         "methods": _package("methods", root / "methods"),
         "utils": _package("utils", root / "utils"),
@@ -73,8 +77,9 @@ def bench(load_reference):
         "models": _package("models"),
         "models.model": stub_module(
             "models.model",
-            split_up_model=lambda model, arch, dataset: (model[0], model[1]),
+            split_up_model=split_up_model,
             ResNetDomainNet126=type("ResNetDomainNet126", (), {}),
+            BaseModel=_reference_class(root / "models" / "model.py", "BaseModel", split_up_model=split_up_model),
         ),
         "datasets": _package("datasets"),
         "datasets.data_loading": stub_module("datasets.data_loading", get_source_loader=get_source_loader),
@@ -84,10 +89,22 @@ def bench(load_reference):
     }
     with load_reference("test-time-adaptation", "conf", SUBDIR, stubs=stubs) as conf:
         ns.conf = conf
-        for name in ("roid", "rpl", "cmf", "santa"):
+        for name in ("roid", "rpl", "cmf", "santa", "adacontrast"):
             setattr(ns, name, importlib.import_module(f"methods.{name}"))
         ns.transforms = importlib.import_module("augmentations.transforms_cotta")
         yield ns
+
+
+def _reference_class(path, name: str, **namespace):
+    """One class of a reference file, compiled alone (``models/model.py`` imports every model
+    family of the benchmark; AdaContrast's ``BaseModel`` needs only torch and ``split_up_model``)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    scope = {"torch": torch, "nn": torch.nn, **namespace}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    return scope[name]
 
 
 def _defaults(name: str) -> dict:
@@ -149,9 +166,29 @@ def test_defaults_are_the_cifar10_c_configs(bench):
         "flip": 0.5,
     }
     assert santa.CONTRAST.MODE == "all" and santa.SOURCE.NUM_SAMPLES == -1 and santa.SOURCE.PERCENTAGE == 1.0
+    ada = _cfg(bench, "adacontrast")
+    assert _defaults("adacontrast") == {
+        "optimizer": ada.OPTIM.METHOD.lower(),
+        "lr": ada.OPTIM.LR,
+        "momentum": ada.OPTIM.MOMENTUM,
+        "weight_decay": ada.OPTIM.WD,
+        "params": "all",
+        "ema_momentum": ada.M_TEACHER.MOMENTUM,
+        "temperature": ada.CONTRAST.TEMPERATURE,
+        "queue_size": ada.ADACONTRAST.QUEUE_SIZE,
+        "num_neighbors": ada.ADACONTRAST.NUM_NEIGHBORS,
+        "distance": ada.ADACONTRAST.DIST_TYPE,
+        "class_aware": ada.ADACONTRAST.CONTRAST_TYPE == "class_aware",
+        "alpha": ada.ADACONTRAST.ALPHA,
+        "beta": ada.ADACONTRAST.BETA,
+        "eta": ada.ADACONTRAST.ETA,
+        "supervision": ada.ADACONTRAST.CE_SUP_TYPE,
+    }
+    assert ada.OPTIM.NESTEROV and ada.OPTIM.DAMPENING == 0.0 and ada.ADACONTRAST.CE_TYPE == "standard"
+    assert ada.ADACONTRAST.REFINE_METHOD == "nearest_neighbors"
     assert cmf.CMF.TYPE == "lp"  # "op" computes the same in the code (clpeft's ModelFusion docstring)
-    for cfg in (roid, rpl, cmf, santa):
-        assert cfg.OPTIM.METHOD == "Adam" and cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
+    for cfg in (roid, rpl, cmf, santa, ada):
+        assert cfg.OPTIM.METHOD in ("Adam", "SGD") and cfg.OPTIM.STEPS == 1 and not cfg.MODEL.EPISODIC and cfg.TEST.WINDOW_LENGTH == 1
         assert cfg.MODEL.RESET_AFTER_NUM_UPDATES == 0
 
 
@@ -330,3 +367,86 @@ def test_santa_equals_the_reference(bench, tmp_path, kind, options):
     ours.update({f"projector.{n}": p for n, p in strategy.contrast.projector.named_parameters()})
     theirs.update({f"projector.{n}": p for n, p in ref.projector.named_parameters()})
     _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer, theirs)
+
+
+# ------------------------------------------------------------------ adacontrast
+
+SEED = 0  # of the random initial queue
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "batch", "batches"),
+    [
+        ("cnn", {}, 32, 3),
+        pytest.param("cnn", {}, 128, 10, marks=pytest.mark.slow),
+        pytest.param("vit", {}, 128, 10, marks=pytest.mark.slow),
+        pytest.param(
+            "cnn", {"ADACONTRAST.DIST_TYPE": "euclidean", "ADACONTRAST.CE_SUP_TYPE": "weak_weak"}, 128, 10, marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_adacontrast_equals_the_reference(bench, monkeypatch, kind, options, batch, batches):
+    """Ten batches of 128 (slow; the nearest-neighbour refinement starts after 1,024 samples:
+    batches 9 and 10) with the CIFAR-10-C config and a queue of 256 (so queue and bank wrap
+    around), on the CNN and the ViT, and once with Euclidean neighbours and weak-view supervision;
+    by default three batches of 32 with a queue of 64 (the queue wraps, no refinement yet). The reference's loader builds the
+    views; here it is given the views clpeft drew (:class:`ContrastiveViews`), and its random
+    initial queue is loaded with clpeft's. Compared after every batch: the post-update prediction
+    (evaluation mode), the queue's keys and labels, the bank; after the last: every parameter of
+    the model and the momentum model, the BatchNorm running statistics and SGD's momentum (to
+    ``atol 1e-4``: sums of ten gradients of order 1, float noise up to 6e-5 in the first layers). The
+    reference's ``BaseModel`` wants an ``nn.Linear`` head: its model has one holding clpeft's
+    head weights; its momentum model's backbone is switched by ``nn.Module.train``. Mutations checked: the momentum model updated after the step, the queue written
+    before the class-aware mask is taken, the refinement from the first batch, the diversity term's
+    sign."""
+    import clpeft.strategies.adacontrast as module
+
+    queue = 256 if batch * batches > 1024 else 64
+    cfg = _cfg(bench, "adacontrast", **{"ADACONTRAST.QUEUE_SIZE": queue, "TEST.BATCH_SIZE": batch, **options})
+    model = _source_model(kind, head_scale=3.0)
+    torch.manual_seed(SEED)  # the random initial queue
+    strategy = _clpeft(
+        "adacontrast",
+        kind,
+        model,
+        queue_size=queue,
+        distance=cfg.ADACONTRAST.DIST_TYPE,
+        supervision=cfg.ADACONTRAST.CE_SUP_TYPE,
+    )
+    head = torch.nn.Linear(model[1].weight.shape[1], CLASSES)
+    head.load_state_dict(model[1].state_dict())
+    reference_model = torch.nn.Sequential(copy.deepcopy(model[0]), head)
+    reference_model.model_preprocess = None
+    # as in test_tta_breadth.py's RoTTA test: the benchmark's momentum model is a plain module that
+    # train() switches (clpeft's Backbone.train keeps a backbone without trainable parameters in eval mode)
+    reference_model[0].train = types.MethodType(torch.nn.Module.train, reference_model[0])
+    ref = bench.adacontrast.AdaContrast(cfg, reference_model, CLASSES)
+    with torch.no_grad():
+        ref.model.mem_feat.copy_(strategy.memory.keys)
+        ref.model.mem_labels.copy_(strategy.memory.key_labels)
+    views = []
+    draw = module.ContrastiveViews.__call__
+    monkeypatch.setattr(module.ContrastiveViews, "__call__", lambda self, x: (lambda v: (views.append(v), v)[1])(draw(self, x)))
+    for i in range(batches):
+        x = _images(batch, 480 + i)
+        torch.manual_seed(490 + i)
+        ours = _adapt(strategy, x)
+        theirs = ref([_float(x), *views[-1]])
+        torch.testing.assert_close(ours, theirs, **CLOSE, msg=lambda m: f"batch {i}: {m}")
+        assert torch.equal(strategy.memory.key_labels, ref.model.mem_labels), i
+        torch.testing.assert_close(strategy.memory.keys, ref.model.mem_feat, **CLOSE)
+        torch.testing.assert_close(strategy.memory.bank["features"], ref.banks["features"], **CLOSE)
+        torch.testing.assert_close(strategy.memory.bank["probs"], ref.banks["probs"], **CLOSE)
+    assert ref.first_X_samples == int(strategy.memory.labelled) == min(batch * batches, 1024)
+    ours, theirs = _named(strategy), dict(reference_model.named_parameters())
+    _assert_same_parameters(ours, theirs, _params(model))
+    teacher = {n.replace("encoder.", "0.", 1).replace("fc.", "1.", 1): p for n, p in ref.momentum_model.named_parameters()}
+    _assert_same_parameters(dict(strategy.teacher.model.named_parameters()), teacher)
+    for name, b in classifier(strategy.backbone, strategy.head).named_buffers():
+        torch.testing.assert_close(b.float(), dict(reference_model.named_buffers())[name].float(), **CLOSE)
+    names = {id(p): n for n, p in theirs.items()}
+    expected = {names[id(p)]: state["momentum_buffer"] for p, state in ref.optimizer.state.items()}
+    got = {n: strategy.adaptation.optimizer._optimizer.state[p]["momentum_buffer"] for n, p in ours.items() if p.requires_grad}
+    assert got.keys() == expected.keys()
+    for name, buffer in got.items():  # sums of ten gradients of order 1: float noise up to 6e-5 in the first layers
+        torch.testing.assert_close(buffer, expected[name], rtol=1e-4, atol=1e-4, msg=name)

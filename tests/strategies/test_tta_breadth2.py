@@ -23,6 +23,7 @@ import clpeft.config
 import clpeft.engine
 from clpeft.backbones.mlp import MLPBackbone
 from clpeft.components.tta.certainty_diversity import prior_correction, soft_likelihood_ratio
+from clpeft.components.tta.contrastive_memory import ContrastiveMemory
 from clpeft.components.tta.losses import multi_view_contrastive_loss
 from clpeft.components.tta.model_fusion import ModelFusion
 from clpeft.components.tta.online_adaptation import classifier
@@ -31,9 +32,9 @@ from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import strategies
 
-METHODS = ["roid", "rpl", "cmf", "santa"]
+METHODS = ["roid", "rpl", "cmf", "santa", "adacontrast"]
 DIGITS = {"flip": 0.0}  # no horizontal flips of digits
-OPTIONS = {"roid": DIGITS, "rpl": {}, "cmf": DIGITS, "santa": {**DIGITS, "projection_dim": 16}}
+OPTIONS = {"roid": DIGITS, "rpl": {}, "cmf": DIGITS, "santa": {**DIGITS, "projection_dim": 16}, "adacontrast": {"queue_size": 256}}
 
 
 def _params(strategy) -> dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ def test_declares_tta_and_cites_the_paper(name):
     assert any(ch.isdigit() for ch in first) and "(" in first
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "adacontrast"])  # AdaContrast adapts every layer
 def test_refuses_a_backbone_without_norm_layers(name):
     with pytest.raises(UserError, match="normalisation layers"):
         strategies.get(name)(MLPBackbone((1, 8, 8), hidden=[8]))
@@ -262,6 +263,67 @@ def test_santa_needs_source_data_only_for_the_contrast(source):
     s = _make("santa", source, start=False, lambda_cont=0.0, **DIGITS)
     s.before_experience(lone)
     assert _adapt(s, _batches(source, 1)[0]).shape == (64, 10)
+
+
+# ------------------------------------------------------------------ adacontrast
+
+
+def test_contrastive_memory_queue_mask_and_refinement_written_out():
+    """The queue is a ring of unit keys with labels; the class-aware instance loss is the
+    cross-entropy with the positive over the entries of other labels, written out; the first
+    1,024 samples keep their argmax, then the label is the argmax of the mean probability of the
+    ``k`` nearest bank features (cosine), the bank a ring of the last ``K`` entries."""
+    torch.manual_seed(0)
+    memory = ContrastiveMemory(4, queue_size=6, num_neighbors=3)
+    memory.start(3)
+    assert torch.allclose(memory.keys.norm(dim=0), torch.ones(6)) and memory.key_labels.max() < 3
+    keys = torch.nn.functional.normalize(torch.randn(4, 4), dim=1)
+    memory.enqueue(keys, torch.tensor([0, 1, 2, 0]))
+    memory.enqueue(keys[:3], torch.tensor([2, 2, 1]))
+    assert int(memory.key_position) == 1 and torch.equal(memory.key_labels[[0, 4, 5]], torch.tensor([1, 2, 2]))
+    torch.testing.assert_close(memory.keys[:, 0], keys[2])
+    q, k = torch.nn.functional.normalize(torch.randn(2, 4), dim=1), torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
+    labels = torch.tensor([2, 0])
+    logits = memory.instance_logits(q, k, 0.5)
+    expected = []
+    for i in range(2):
+        negatives = (q[i] @ memory.keys)[memory.key_labels != labels[i]] / 0.5
+        positive = (q[i] @ k[i]) / 0.5
+        expected.append(-positive + torch.logsumexp(torch.cat([positive.view(1), negatives]), 0))
+    torch.testing.assert_close(memory.instance_loss(logits, labels), torch.stack(expected).mean())
+    features, probs = torch.randn(1000, 4), torch.randn(1000, 3).softmax(1)
+    assert torch.equal(memory.pseudo_labels(features, probs), probs.argmax(1))  # 1,000 labelled
+    memory.update_bank(features[:8], probs[:8].log())
+    assert torch.equal(memory.pseudo_labels(features[8:40], probs[8:40]), probs[8:40].argmax(1))  # 1,032 now
+    query = features[40:42]
+    similarity = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(features[:8], dim=1).T
+    nearest = similarity.topk(3, dim=1).indices
+    assert torch.equal(memory.pseudo_labels(query, probs[40:42]), probs[:8][nearest].mean(1).argmax(1))
+    memory.queue_size = 8
+    memory.update_bank(features[100:103], probs[100:103].log())  # full: overwrites entries 0 .. 2
+    torch.testing.assert_close(memory.bank["features"][:3], features[100:103])
+    assert memory.bank["position"] == 3
+
+
+def test_adacontrast_predicts_after_the_step_with_running_statistics(source):
+    """The returned prediction is the adapted model's in evaluation mode (BatchNorm on running
+    statistics, which the training-mode passes moved); every weight and bias adapted; the
+    momentum model moved towards the model by ``1 - m``."""
+    s = _make("adacontrast", source, queue_size=256, lr=0.01)
+    x = _batches(source, 1)[0]
+    running = s.backbone.stem[1].running_mean.clone()
+    teacher_before = {n: p.clone() for n, p in s.teacher.model.named_parameters()}
+    before = _params(s)
+    torch.manual_seed(0)
+    out = _adapt(s, x)
+    net = classifier(s.backbone, s.head)
+    assert not s.backbone.stem[1].training and not torch.equal(running, s.backbone.stem[1].running_mean)
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x))
+    after = _params(s)
+    assert all(not torch.equal(after[n], before[n]) for n in before)
+    for n, p in s.teacher.model.named_parameters():  # the EMA step saw the weights before the step
+        torch.testing.assert_close(p, 0.999 * teacher_before[n] + 0.001 * before[n], rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ state
