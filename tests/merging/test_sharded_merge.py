@@ -288,3 +288,27 @@ def test_rss_bound_counts_the_largest_tensor():
     assert rss_bound(infos, 2, linear=True, batch_bytes=0) - slack == 3 * 20_000 + 20_000 + 4 * 40_000
     assert rss_bound(infos, 2, linear=False, batch_bytes=0) - slack == 3 * 20_000 + 20_000 + 8 * 40_000
     assert rss_bound(infos, 2, linear=True) - slack == 3 * (8 << 20) + 20_000 + 4 * 40_000  # small tensors read in 8 MiB batches
+
+
+def run_cli(*argv: str) -> int:
+    import argparse
+
+    from clpeft.tools import merge_cli
+
+    parser = argparse.ArgumentParser()
+    merge_cli.configure_parser(parser)
+    return merge_cli.run(parser.parse_args(list(argv)))
+
+
+def test_cli_writes_a_directory_and_resumes(tmp_path, llama, capsys):
+    base, models = llama
+    flags = ["--base", str(base), "--models", *map(str, models), "--method", "task_arithmetic", "--shard-size", "100KB"]
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        merge_files(base, models, out, "task_arithmetic", scale=0.5, shard_size="100KB", on_shard=interrupt_after(2))
+    assert run_cli(*flags, "--out", str(out), "--set", "scale=0.5", "--resume") == 0
+    assert json.loads((out / "clpeft_merge_report.json").read_text())["resumed_shards"] == 2
+    assert run_cli(*flags, "--out", str(tmp_path / "whole"), "--set", "scale=0.5") == 0
+    assert_same(read_directory(out), read_directory(tmp_path / "whole"))
+    with pytest.raises(UserError, match="need a directory as out"):
+        run_cli(*flags, "--out", str(tmp_path / "one.safetensors"), "--resume")
