@@ -40,9 +40,8 @@ class RDumb(AdaptingStrategy):
     Args:
         backbone: a feature extractor with normalisation layers.
         online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...).
-        reliable: ETA's filter, ``entropy_factor`` (``E_0 = entropy_factor * ln C``) and
-            ``redundancy_margin`` (``epsilon``), written flat
-            (:class:`~clpeft.components.tta.reliable_entropy.ReliableEntropyOptions`).
+        reliable: the ETA loss minimised between resets, flat keys ``entropy_factor`` and
+            ``redundancy_margin`` (:class:`~clpeft.components.tta.reliable_entropy.ReliableEntropyOptions`).
         reset_every: ``T``, adaptation steps between two resets.
     """
 

@@ -61,9 +61,9 @@ class RMT(AdaptingStrategy):
     """Robust Mean Teacher: self-training, prototype contrast and source replay (Döbler et al. 2023).
 
     Args:
-        backbone: the source feature extractor.
+        backbone: the source model's feature extractor.
         online: the test-time optimizer and the adapted parameters, written flat (``lr``, ``params``, ...); RMT adapts every weight and bias (``params: all``).
-        ema_momentum: teacher momentum ``alpha``.
+        ema_momentum: the mean teacher's momentum ``alpha``.
         flip: horizontal-flip probability of the augmentation (0 for digits-like data).
         lambda_ce_trg: weight of the self-training loss.
         lambda_cont: weight of the contrastive loss (0: no prototypes; the projection head stays unused).
