@@ -225,6 +225,7 @@ def merge_files(
                 resume=resume,
                 on_shard=on_shard,
                 on_tensor=lambda job: bar.update(job.info.nbytes),
+                inputs=read,
             )
             result.seconds = time.perf_counter() - start
             with atomic_output(report_path) as r:

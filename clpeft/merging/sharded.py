@@ -50,7 +50,7 @@ from clpeft.errors import UserError
 from clpeft.merging.blocks import BLOCK_COLUMNS
 from clpeft.merging.engine import MergeEngine
 from clpeft.merging.io import SafetensorsWriter, TensorInfo
-from clpeft.merging.output import atomic_output
+from clpeft.merging.output import atomic_output, check_outputs
 from clpeft.merging.report import TensorReport
 from clpeft.merging.rules import TensorJob
 
@@ -290,6 +290,7 @@ def write_sharded(
     resume: bool,
     on_shard: Callable[[ShardRecord], None] | None = None,
     on_tensor: Callable[[TensorJob], None] | None = None,
+    inputs: Sequence[Path] = (),
 ) -> tuple[list[TensorReport], int]:
     """Merge ``jobs`` into shards under ``out`` (see the module docstring).
 
@@ -306,6 +307,8 @@ def write_sharded(
         resume: keep the intact shards an interrupted merge recorded.
         on_shard: called with each shard once it is in place and recorded.
         on_tensor: called after each tensor is written (a progress bar).
+        inputs: every file and directory the merge reads; no shard may replace one
+            (:func:`~clpeft.merging.output.check_outputs`).
 
     Returns:
         The statistics of the tensors merged by this call (a kept shard's tensors are listed by
@@ -314,6 +317,7 @@ def write_sharded(
     infos = [(job.name, _out_info(job.info, dtype)) for job in jobs]
     shards = plan_shards(infos, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    check_outputs({f"shard {name}": out / name for name in names}, inputs)
     progress = out / PROGRESS_NAME
     records = _kept_shards(out, progress, print_, names) if resume else []
     kept = len(records)

@@ -128,10 +128,15 @@ def test_dtype_casts_the_output(tmp_path, llama):
         merge_files(base, models, tmp_path / "bad", "task_arithmetic", dtype="int8")
 
 
-def test_refuses_an_input_directory_as_output(llama):
+def test_refuses_to_write_over_an_input(tmp_path, llama):
     base, models = llama
     with pytest.raises(UserError, match="inside the input directory"):
         merge_files(base, models, models[0], "task_arithmetic")
+    shard = tmp_path / "model-00001-of-00001.safetensors"  # an input file where the output's shard would go
+    save_file(read_directory(models[0]), shard)
+    with pytest.raises(UserError, match="is the same file as the input"):
+        merge_files(base, [models[1], shard], tmp_path, "task_arithmetic", shard_size="1G")
+    assert read_directory(models[0]).keys() == load_file(shard).keys()  # untouched
 
 
 # ------------------------------------------------------------------ resume
