@@ -221,7 +221,7 @@ def merge_files(
                 dtype=_dtype(dtype),
                 shard_bytes=shard_bytes,
                 metadata={**metadata, "format": "pt"},
-                print_=fingerprint(inputs, settings),
+                stamp=fingerprint(inputs, settings),
                 resume=resume,
                 on_shard=on_shard,
                 on_tensor=lambda job: bar.update(job.info.nbytes),

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "INDEX_NAME",
     "PROGRESS_NAME",
     "ShardRecord",
+    "fingerprint",
     "parse_size",
     "plan_shards",
     "rss_bound",
@@ -186,7 +188,7 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
             return f"{name} changed (its files' paths, sizes or modification times)"
     for key, value in new["settings"].items():
         if old.get("settings", {}).get(key) != value:
-            return f"the setting '{key}' changed ({old.get('settings', {}).get(key)!r} -> {value!r})"
+            return f"the setting '{key}' changed ({reprlib.repr(old.get('settings', {}).get(key))} -> {reprlib.repr(value)})"
     if old.get("settings", {}).keys() != new["settings"].keys():
         return "the merge settings changed"
     return None
@@ -197,7 +199,7 @@ def _write_json(path: Path, data: Any) -> None:
         f.write(json.dumps(data, indent=1).encode())
 
 
-def _kept_shards(out: Path, progress: Path, print_: Fingerprint, names: Sequence[str]) -> list[ShardRecord]:
+def _kept_shards(out: Path, progress: Path, stamp: Fingerprint, names: Sequence[str]) -> list[ShardRecord]:
     """The recorded shards of an interrupted merge that are still intact (see the module docstring).
 
     Raises:
@@ -210,7 +212,7 @@ def _kept_shards(out: Path, progress: Path, print_: Fingerprint, names: Sequence
         old_print, shards = recorded["fingerprint"], [ShardRecord(**s) for s in recorded["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot resume into {out}: {progress.name} is unreadable ({exc}); merge again without --resume") from None
-    change = _changed(old_print, print_)
+    change = _changed(old_print, stamp)
     if change is not None:
         raise UserError(f"cannot resume into {out}: {change} since the interrupted merge; merge again without --resume")
     kept = []
@@ -286,7 +288,7 @@ def write_sharded(
     dtype: torch.dtype | None,
     shard_bytes: int,
     metadata: Mapping[str, str],
-    print_: Fingerprint,
+    stamp: Fingerprint,
     resume: bool,
     on_shard: Callable[[ShardRecord], None] | None = None,
     on_tensor: Callable[[TensorJob], None] | None = None,
@@ -303,7 +305,7 @@ def write_sharded(
         dtype: cast floating outputs to this dtype (None: the base's).
         shard_bytes: the largest shard (a larger tensor gets a shard of its own).
         metadata: each shard's ``__metadata__``.
-        print_: the merge's :func:`fingerprint`.
+        stamp: the merge's :func:`fingerprint`.
         resume: keep the intact shards an interrupted merge recorded.
         on_shard: called with each shard once it is in place and recorded.
         on_tensor: called after each tensor is written (a progress bar).
@@ -319,20 +321,20 @@ def write_sharded(
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     check_outputs({f"shard {name}": out / name for name in names}, inputs)
     progress = out / PROGRESS_NAME
-    records = _kept_shards(out, progress, print_, names) if resume else []
+    records = _kept_shards(out, progress, stamp, names) if resume else []
     kept = len(records)
     done = sum(len(shards[i]) for i in range(kept))
     reports = [TensorReport(job.name, list(job.info.shape), job.merge) for job in jobs[:done]]
 
     def finished(record: ShardRecord) -> None:
         records.append(record)
-        _write_json(progress, {"fingerprint": print_, "shards": [asdict(r) for r in records]})
+        _write_json(progress, {"fingerprint": stamp, "shards": [asdict(r) for r in records]})
         if on_shard is not None:
             on_shard(record)
 
     sink = _ShardSink(out, names, infos, shards, metadata, finished, kept, on_tensor)
     if not kept:
-        _write_json(progress, {"fingerprint": print_, "shards": []})
+        _write_json(progress, {"fingerprint": stamp, "shards": []})
     with ExitStack() as stack:
         stack.push(sink.abort)
         offset = 0
