@@ -17,7 +17,10 @@ hooks on the ``nn.Linear`` modules of ``model`` (run with each fine-tune's weigh
 its ``reduce_non_diagonal_ratio``; equal to its ``merging_with_regmean_weights`` given the same
 Gram matrices (tests/reference/test_fusionbench_methods.py). clpeft solves the linear system
 instead of forming the inverse. Default ``alpha`` 1, the exact regression (FusionBench's and
-MergeLM's default); lower it when ``sum_k G_k`` is singular (fewer rows than input features).
+MergeLM's default). A summed Gram matrix that is numerically singular (``matrix_rank`` below its
+size: fewer rows than input features, or inputs confined to a subspace, as after a LayerNorm
+without bias) is a one-line error asking for ``alpha < 1``, where FusionBench's inverse returns
+whatever the round-off gives.
 """
 
 from __future__ import annotations
@@ -117,12 +120,14 @@ def regmean(
             state[name] = stacked.mean(dim=0)
             continue
         shrunk = [alpha * g + (1.0 - alpha) * torch.diag(g.diagonal()) for g in (gs[name] for gs in grams)]
-        right = sum(g @ w.T.to(g.dtype) for g, w in zip(shrunk, stacked))
-        try:
-            solved = torch.linalg.solve(sum(shrunk), right)
-        except torch.linalg.LinAlgError:
+        total = sum(shrunk)
+        if int(torch.linalg.matrix_rank(total, hermitian=True)) < total.shape[0]:
             raise UserError(
-                f"the summed input Gram matrix of '{name}' is singular; give more examples or lower alpha below 1", key="alpha"
-            ) from None
+                f"the summed input Gram matrix of '{name}' is singular (its inputs span fewer than {total.shape[0]} "
+                "directions, e.g. a LayerNorm without bias before it, or fewer rows than features); lower alpha below 1 "
+                "or give more examples",
+                key="alpha",
+            )
+        solved = torch.linalg.solve(total, sum(g @ w.T.to(g.dtype) for g, w in zip(shrunk, stacked)))
         state[name] = solved.T.to(base[name].dtype).contiguous()
     return RegMeanResult(state, grams)
