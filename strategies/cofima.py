@@ -75,7 +75,7 @@ class CoFiMA(SlowLearnerClassifier):
         merge_weight: Annotated[float, Field(ge=0, le=1)] = 0.4,
         fisher_weighting: bool = True,
         fisher_max: Annotated[float, Field(gt=0)] = 1e-4,
-        alignment: AlignmentOptions = AlignmentOptions(align_epochs=3),  # noqa: B008 (immutable: pyproject should list it)
+        alignment: AlignmentOptions = AlignmentOptions(align_epochs=3),
         head_options: HeadOptions = HeadOptions(align=True),
     ):
         super().__init__(backbone, backbone_lr_scale, head_options, alignment)

@@ -64,7 +64,7 @@ class EATA(AdaptingStrategy):
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        reliable: ReliableEntropyOptions = ReliableEntropyOptions(),  # noqa: B008 (immutable: pyproject should list it)
+        reliable: ReliableEntropyOptions = ReliableEntropyOptions(),
         fisher_alpha: Annotated[float, Field(ge=0)] = 1.0,
         fisher_size: Annotated[int, Field(ge=1)] = 2000,
         fisher_batch_size: Annotated[int, Field(ge=1)] | None = None,

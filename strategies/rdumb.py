@@ -50,7 +50,7 @@ class RDumb(AdaptingStrategy):
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        reliable: ReliableEntropyOptions = ReliableEntropyOptions(),  # noqa: B008 (immutable: pyproject should list it)
+        reliable: ReliableEntropyOptions = ReliableEntropyOptions(),
         reset_every: Annotated[int, Field(ge=1)] = 1000,
     ):
         super().__init__(backbone, online)
