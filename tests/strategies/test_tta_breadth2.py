@@ -379,7 +379,7 @@ def test_loading_the_source_state_restarts_from_the_source(source, name):
 
 STREAMS = {
     "continual": {"corruptions": ["gaussian_noise", "brightness"]},
-    "gradual": {"corruptions": ["gaussian_noise"], "mode": "gradual"},
+    "gradual": {"corruptions": ["gaussian_noise"], "mode": "gradual", "test_per_class": 5},
     "mixed": {"corruptions": ["gaussian_noise", "brightness"], "mode": "mixed", "chunk_size": 50},
     "dirichlet": {
         "corruptions": ["gaussian_noise", "brightness"],
