@@ -108,6 +108,16 @@ def launched_size() -> int:
         raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; start the run with torchrun") from None
 
 
+def require_one_process(method: str, reason: str) -> None:
+    """Refuse a ``torchrun`` launch of ``method`` in one line; ``reason`` says what would differ across ranks.
+
+    Strategies call it in ``__init__`` (they are built before training starts) when their state
+    cannot be kept equal on every rank: e.g. a reservoir each rank fills with its own draws.
+    """
+    if launched_size() > 1:
+        raise UserError(f"{method} runs in one process: {reason}; start it without torchrun", key="strategy.name")
+
+
 def init_from_env(device: str) -> tuple[World, str]:
     """Join the process group ``torchrun`` describes (if any, and not joined yet).
 

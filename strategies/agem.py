@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
-from clpeft.distributed import launched_size
-from clpeft.errors import UserError
+from clpeft.distributed import require_one_process
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -59,12 +58,7 @@ class AGEM(Strategy):
         minibatch_size: Annotated[int, Field(ge=1)] = 32,
         policy: Literal["reservoir", "class_balanced"] = "reservoir",
     ):
-        if launched_size() > 1:
-            raise UserError(
-                "agem runs in one process: its reference gradient is computed after the backward pass, outside "
-                "the ranks' gradient averaging; start it without torchrun",
-                key="strategy.name",
-            )
+        require_one_process("agem", "its reference gradient is computed after the backward pass, outside the ranks' gradient averaging")
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, policy)
         self.minibatch_size = minibatch_size

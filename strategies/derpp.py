@@ -25,8 +25,7 @@ from pydantic import Field
 from clpeft.components import ReplayBuffer
 from clpeft.components.memory.logits import LogitsStore
 from clpeft.data import Batch
-from clpeft.distributed import launched_size
-from clpeft.errors import UserError
+from clpeft.distributed import require_one_process
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -54,12 +53,10 @@ class DERpp(Strategy):
         alpha: Annotated[float, Field(ge=0)] = 0.1,
         beta: Annotated[float, Field(ge=0)] = 0.5,
     ):
-        if launched_size() > 1:
-            raise UserError(
-                "derpp runs in one process: each rank would offer its share of a batch to its own reservoir with "
-                "its own draws, so the ranks' memories would differ; start it without torchrun",
-                key="strategy.name",
-            )
+        require_one_process(
+            "derpp",
+            "each rank would offer its share of a batch to its own reservoir with its own draws, so the ranks' memories would differ",
+        )
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, "reservoir")
         self.logits = LogitsStore(mem_size)

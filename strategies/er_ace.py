@@ -22,8 +22,7 @@ from pydantic import Field
 
 from clpeft.components import CosineHead, ReplayBuffer
 from clpeft.data import Batch
-from clpeft.distributed import launched_size
-from clpeft.errors import UserError
+from clpeft.distributed import require_one_process
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
@@ -54,12 +53,10 @@ class ERACE(Strategy):
         task_free: bool = False,
         head: Literal["cosine", "linear"] = "cosine",
     ):
-        if launched_size() > 1:
-            raise UserError(
-                "er_ace runs in one process: each rank would offer its share of a batch to its own reservoir with "
-                "its own draws, so the ranks' memories would differ; start it without torchrun",
-                key="strategy.name",
-            )
+        require_one_process(
+            "er_ace",
+            "each rank would offer its share of a batch to its own reservoir with its own draws, so the ranks' memories would differ",
+        )
         super().__init__(backbone)
         if head == "cosine":
             self.head = CosineHead(backbone.feature_dim, scale=COSINE_SCALE, learn_scale=False)

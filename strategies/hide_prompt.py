@@ -53,7 +53,7 @@ from clpeft.components.heads.task_identity import TaskIdentityInference
 from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.components.prompts.task_prompts import TaskPrefixPrompts
 from clpeft.data import Batch
-from clpeft.distributed import launched_size
+from clpeft.distributed import require_one_process
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -114,12 +114,10 @@ class HiDePrompt(Strategy):
         tii_tap_samples: Annotated[int, Field(ge=1)] = 24,
         tii_mlp_ratios: list[Annotated[int, Field(ge=1)]] = [2],
     ):
-        if launched_size() > 1:
-            raise UserError(
-                "hide_prompt runs in one process: its task-identity classifier and its heads' re-training run their own "
-                "optimizer loops after each experience, outside the ranks' gradient averaging; start it without torchrun",
-                key="strategy.name",
-            )
+        require_one_process(
+            "hide_prompt",
+            "its task-identity classifier and its heads' re-training run their own optimizer loops after each experience, outside the ranks' gradient averaging",
+        )
         super().__init__(backbone)
         width = promptable_width(backbone, "hide_prompt")
         check_layers(backbone, prompt_layers, "strategy.prompt_layers")

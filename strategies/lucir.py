@@ -53,7 +53,7 @@ from clpeft.components.heads.nearest_mean_of_exemplars import labelled_features
 from clpeft.components.regularization.exemplar_distillation import ExemplarDistillation
 from clpeft.components.regularization.margin_ranking import margin_ranking_loss
 from clpeft.data import Batch, DataView
-from clpeft.distributed import launched_size
+from clpeft.distributed import require_one_process
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -93,12 +93,10 @@ class LUCIR(Strategy):
         finetune_lr: Annotated[float, Field(gt=0)] = 0.01,
         imprint: bool = True,
     ):
-        if launched_size() > 1:
-            raise UserError(
-                "lucir runs in one process: its margin ranking loss averages over the old-class samples of a batch, which "
-                "each rank's share holds in different numbers, so two processes would not train as one; start it without torchrun",
-                key="strategy.name",
-            )
+        require_one_process(
+            "lucir",
+            "its margin ranking loss averages over the old-class samples of a batch, which each rank's share holds in different numbers, so two processes would not train as one",
+        )
         super().__init__(backbone)
         self.head = CosineHead(backbone.feature_dim, scale=1.0, learn_scale=True)
         self.rehearsal = ExemplarDistillation(mem_size)

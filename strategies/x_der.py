@@ -37,7 +37,7 @@ from pydantic import Field
 
 from clpeft.components.memory.extended_logits import ExtendedLogitsMemory, update_logits
 from clpeft.data import Batch
-from clpeft.distributed import launched_size
+from clpeft.distributed import require_one_process
 from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
@@ -68,12 +68,10 @@ class XDER(Strategy):
         beta: Annotated[float, Field(ge=0)] = 0.5,
         gamma: Annotated[float, Field(gt=0)] = 0.85,
     ):
-        if launched_size() > 1:
-            raise UserError(
-                "x_der runs in one process: each rank would rewrite the memory's logits from its own replayed batches "
-                "with its own draws, so the ranks' memories would differ; start it without torchrun",
-                key="strategy.name",
-            )
+        require_one_process(
+            "x_der",
+            "each rank would rewrite the memory's logits from its own replayed batches with its own draws, so the ranks' memories would differ",
+        )
         super().__init__(backbone)
         self.memory = ExtendedLogitsMemory(mem_size)
         self.minibatch_size = minibatch_size
