@@ -123,6 +123,7 @@ STRATEGIES: dict[str, Smoke] = {
     "x_der": Smoke({"name": "x_der", "mem_size": 20}),
     "slca": Smoke({"name": "slca", "align_epochs": 1, "align_samples": 16}),
     "cofima": Smoke({"name": "cofima", "align_epochs": 1, "align_samples": 16}),
+    "duct": Smoke({"name": "duct", "retrain_epochs": 2}),
     "simplecil": Smoke({"name": "simplecil"}, FROZEN_MLP, change="state"),
     "ranpac": Smoke({"name": "ranpac", "projection_dim": 64}, FROZEN_MLP, change="state"),
     "fecam": Smoke({"name": "fecam"}, FROZEN_MLP, change="state"),
