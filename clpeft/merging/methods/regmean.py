@@ -15,8 +15,9 @@ As FusionBench's ``regmean_merging`` (after MergeLM), the Gram matrices are coll
 hooks on the ``nn.Linear`` modules of ``model`` (run with each fine-tune's weights by
 ``torch.func.functional_call``) and averaged over the rows they saw (``n_k``), and ``alpha`` is
 its ``reduce_non_diagonal_ratio``; equal to its ``merging_with_regmean_weights`` given the same
-Gram matrices (tests/reference/test_fusionbench_methods.py). clpeft solves the linear system
-instead of forming the inverse. Default ``alpha`` 1, the exact regression (FusionBench's and
+Gram matrices (tests/reference/test_fusionbench_methods.py). clpeft accumulates the Gram
+matrices and solves the linear system in float64 (a Gram matrix squares its inputs' condition
+number) instead of inverting in the inputs' dtype. Default ``alpha`` 1, the exact regression (FusionBench's and
 MergeLM's default). A summed Gram matrix that is numerically singular (``matrix_rank`` below its
 size: fewer rows than input features, or inputs confined to a subspace, as after a LayerNorm
 without bias) is a one-line error asking for ``alpha < 1``, where FusionBench's inverse returns
@@ -56,14 +57,14 @@ class RegMeanResult:
 def input_grams(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], weights: Sequence[str], batches: Iterable[Any]
 ) -> dict[str, torch.Tensor]:
-    """``G = X^T X / n`` of the inputs of every ``nn.Linear`` of ``model`` whose weight is in ``weights``,
-    over the batches, with ``model`` running ``state_dict``'s tensors."""
+    """``G = X^T X / n`` (float64) of the inputs of every ``nn.Linear`` of ``model`` whose weight is in
+    ``weights``, over the batches, with ``model`` running ``state_dict``'s tensors."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             gram = x.T @ x
             sums[name] = sums[name] + gram if name in sums else gram
             rows[name] = rows.get(name, 0) + x.shape[0]
