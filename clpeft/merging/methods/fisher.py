@@ -1,7 +1,7 @@
 """Fisher merging: a per-parameter average of the models weighted by their diagonal Fisher.
 
 Matena and Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022,
-https://arxiv.org/abs/2111.09832, Eq. 3 with the diagonal Fisher of Eq. 4:
+https://arxiv.org/abs/2111.09832: the Fisher-weighted average with the diagonal Fisher,
 
     theta*_j = sum_k lambda_k F_k,j theta_k,j / sum_k lambda_k F_k,j,
     F_k = (1 / N) sum_{n=1..N} E_{y ~ p(y | x_n; theta_k)} (grad_theta log p(y | x_n; theta_k))^2,

@@ -1,7 +1,7 @@
 """RegMean: merge each linear layer by the regression that fits every model's outputs on its data.
 
 Jin, Ren, Preotiuc-Pietro and Cheng, "Dataless Knowledge Fusion by Merging Weights of Language
-Models", ICLR 2023, https://arxiv.org/abs/2212.09849, Section 3. A linear layer ``y = W x`` of
+Models", ICLR 2023, https://arxiv.org/abs/2212.09849. A linear layer ``y = W x`` of
 model ``k`` sees inputs ``X_k`` (one row per token) on task ``k``'s data; the weight that
 minimises ``sum_k ||X_k W^T - X_k W_k^T||^2`` is
 
