@@ -18,13 +18,18 @@ Protocol (issue 4, "Verification"):
   as peft does), DARE + task arithmetic (Yu et al., 2024; p 0.9, lambda 0.3), the mergekit
   methods that take four models at their defaults (linear, Multi-SLERP, Karcher mean, Model
   Stock, Breadcrumbs, DELLA, SCE; the summing variants at task arithmetic's lambda 0.3, the
-  TIES-style ones at TIES' lambda 1; SLERP and NuSLERP take one and two models) and
+  TIES-style ones at TIES' lambda 1; SLERP and NuSLERP take one and two models), the
+  FusionBench methods (TSV-Merge, ISO-C, ISO-CTS, consensus task arithmetic, LiNeS on task
+  arithmetic, whose depth counts the three adapted blocks as 0-2; and the per-task models of TALL
+  masks and EMR-Merging, which give each task its own masked copy of one stored vector) and
   layer-wise AdaMerging (Yang et al., 2024; coefficients from 0.3, Adam on the entropy of
   the merged model's predictions on *unlabeled* held-out training images of every task --
   the paper uses the unlabeled test images; each step takes the first two batches of a fresh
   shuffled pass per task, as the official loop does, but to fit 2 CPU cores we take 100 steps
   of batches of 8 at lr 1e-2 instead of the official 500 steps of batches of 16 at lr 1e-3,
-  the same total distance Adam may move a coefficient);
+  the same total distance Adam may move a coefficient), and Fisher merging (Matena and Raffel,
+  2022) and RegMean (Jin et al., 2023) with their statistics from the same unlabelled images
+  (the Fisher's labels are drawn from each model; RegMean's Gram matrices need no labels);
 * evaluation: per-task accuracy on Fashion-MNIST test images of the task's classes.
 
 Run (about 6-10 minutes on 2 shared CPU threads)::
@@ -172,9 +177,19 @@ def main() -> None:
         ("DELLA linear (density 0.7, epsilon 0.15, lambda 0.3)", "della", {"consensus": "sum", "scale": 0.3}),
         ("SCE (select_topk 1)", "sce", {}),
         ("SCE (select_topk 0.1)", "sce", {"select_topk": 0.1}),
+        ("TSV-Merge (alpha 1)", "tsv", {}),
+        ("ISO-C (alpha 1)", "iso_c", {}),
+        ("ISO-CTS (common 0.8, alpha 1)", "iso_cts", {}),
+        ("Consensus TA (lambda 0.4, k 2, alpha 0.3)", "consensus", {}),
+        ("LiNeS on TA (alpha 1/4, beta 0.5, depth among the adapted blocks)", "lines", {}),
     ]:
         merged = merge(base, finetuned, method, seed=args.seed, **params)
         models[label] = {n: merged for n in TASKS}
+    for label, method, params in [  # one model per task from one stored task vector
+        ("TALL masks (one model per task, lambda 0.4)", "consensus", {"scale": 1.0}),
+        ("EMR-Merging (one model per task)", "emr", {}),
+    ]:
+        models[label] = {n: merge(base, finetuned, method, task=t, **params) for t, n in enumerate(TASKS)}
     clock["merge"] = time.perf_counter()
 
     head_list = [heads[n] for n in TASKS]
@@ -196,6 +211,13 @@ def main() -> None:
     )
     models["AdaMerging (layer-wise)"] = {n: ada.state_dict for n in TASKS}
     clock["adamerging"] = time.perf_counter()
+
+    unlabeled = [list(torch.split(data[n]["unlabeled"][0], 24)) for n in TASKS]  # the images AdaMerging sees
+    fisher = merge(base, finetuned, "fisher", forward=functional_forward(top, head_list), loaders=unlabeled)
+    models["Fisher merging (exact diagonal Fisher)"] = {n: fisher for n in TASKS}
+    regmean = merge(base, finetuned, "regmean", model=top, loaders=unlabeled)
+    models["RegMean (alpha 1)"] = {n: regmean for n in TASKS}
+    clock["fisher_regmean"] = time.perf_counter()
 
     scores = {label: {n: evaluate(top, states[n], heads[n], *data[n]["test"]) for n in TASKS} for label, states in models.items()}
     table = {label: {n: acc for n, (acc, _) in per_task.items()} for label, per_task in scores.items()}
