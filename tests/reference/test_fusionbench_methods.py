@@ -33,6 +33,7 @@ from fusion_bench.method.emr_merging.utils import emr_merge  # noqa: E402
 from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights  # noqa: E402
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts  # noqa: E402
 from fusion_bench.method.regmean.regmean import merging_with_regmean_weights  # noqa: E402
+from fusion_bench.method.tall_mask.task_arithmetic import generate_task_masks as algorithm_task_masks  # noqa: E402
 from fusion_bench.method.tall_mask.utils import generate_task_masks  # noqa: E402
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction  # noqa: E402
 
@@ -158,3 +159,29 @@ def test_regmean_merge_of_its_grams_equals_fusionbench(alpha):
     reference = merging_with_regmean_weights({k: [m[k] for m in tuned] for k in base}, grams, reduce_non_diagonal_ratio=alpha)
     for k in base:
         torch.testing.assert_close(result.state_dict[k], reference[k], rtol=0 if alpha == 1.0 else 1e-6, atol=1e-10, msg=k)
+
+
+def test_differences_from_fusionbench():
+    """Each deliberate difference of the module docstring, shown on FusionBench's own functions."""
+    # TSV, r = T = 49: FusionBench's int(49 * (1 / 49)) = 0 keeps no singular vector, clpeft's 49 // 49 = 1 keeps one each
+    generator = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(49, 60, generator=generator, dtype=torch.float64)}
+    tuned = [{"w": base["w"] + 0.1 * torch.randn(49, 60, generator=generator, dtype=torch.float64)} for _ in range(49)]
+    assert torch.equal(
+        compute_and_sum_svd_mem_reduction(task_vectors(base, tuned), accelerator="cpu")["w"], torch.zeros(49, 60, dtype=torch.float64)
+    )
+    assert torch.linalg.matrix_rank(merge(base, tuned, "tsv")["w"] - base["w"]) == 49
+    # EMR, a task whose mask is empty: FusionBench's rescaler divides by zero (inf, and 0 * inf = NaN weights), clpeft's is 0
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    tuned = [{"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}, {"w": torch.tensor([-0.5, 0.0], dtype=torch.float64)}]
+    _, _, rescalers = emr_merge(task_vectors(base, tuned))
+    assert not rescalers[1].isfinite() and torch.equal(merge(base, tuned, "emr", task=1)["w"], base["w"])
+    # TALL masks: FusionBench's TallMaskTaskArithmeticAlgorithm passes the pretrained weights where theta_0 - theta_t belongs
+    base, finetuned = state_dicts(3, seed=7)
+    taus = task_vectors(base, finetuned)
+    total = {k: sum(t[k] for t in taus) for k in base}
+    algorithm = algorithm_task_masks(total, taus[0], base, tall_mask_lambda=0.4)
+    paper = {k: taus[0][k].abs() > 0.4 * (total[k] - taus[0][k]).abs() for k in base}
+    clpeft = {k: merge(base, finetuned, "consensus", task=0, scale=1.0, tall_mask_lambda=0.4)[k] != base[k] for k in base}
+    assert all(torch.equal(clpeft[k], paper[k]) for k in base)
+    assert not all(torch.equal(algorithm[k].bool(), paper[k]) for k in base)
