@@ -208,6 +208,7 @@ class Engine:
                 novel = {} if i == 0 else {k: summary[k][i - 1] for k in ("base_acc", "novel_acc", "harmonic_mean")}
                 log.event("session", step=i, acc=acc, **novel)
         summary.update(extra_metrics or {})
+        summary.update(run.strategy.final_metrics())
         result = {
             "acc_matrix": rows,
             "test_sizes": sizes,

@@ -240,6 +240,11 @@ class Strategy(nn.Module):
 
     # ------------------------------------------------------------------ reporting
 
+    def final_metrics(self) -> dict[str, float]:
+        """Metrics the method measures once the stream is over, added to ``metrics.json``'s ``metrics``
+        (e.g. a generative model's perplexity on general text before and after the stream). Default: none."""
+        return {}
+
     def count_parameters(self) -> dict[str, int]:
         """Trainable and total parameter counts."""
         params = list(self.parameters())

@@ -56,7 +56,7 @@ class CMF(Strategy):
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),  # noqa: B008 (frozen options)
+        roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),
         alpha: Annotated[float, Field(ge=0, le=1)] = 0.99,
         gamma: Annotated[float, Field(ge=0, le=1)] = 0.99,
         q: Annotated[float, Field(ge=0)] = 0.005,

@@ -31,7 +31,7 @@ class Joint(Strategy):
     """
 
     @flat_options
-    def __init__(self, backbone, generative: GenerativeOptions = GenerativeOptions()):  # noqa: B008 (frozen options)
+    def __init__(self, backbone, generative: GenerativeOptions = GenerativeOptions()):
         super().__init__(backbone)
         self.generative = InstructionTuning.of(backbone, generative)
 

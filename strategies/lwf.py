@@ -51,7 +51,7 @@ class LwF(Strategy):
         backbone,
         alpha: Annotated[float, Field(ge=0)] = 1.0,
         temperature: Annotated[float, Field(gt=0)] = 2.0,
-        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
+        generative: GenerativeOptions = GenerativeOptions(),
     ):
         super().__init__(backbone)
         self.alpha = alpha

@@ -61,7 +61,7 @@ class OLoRA(Strategy):
         orthogonal_weight: Annotated[float, Field(ge=0)] = 0.5,
         l2_weight: Annotated[float, Field(ge=0)] = 0.0,
         squared: bool = False,
-        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
+        generative: GenerativeOptions = GenerativeOptions(),
     ):
         super().__init__(backbone)
         self.generative = InstructionTuning(backbone, generative)

@@ -61,7 +61,7 @@ class Replay(Strategy):
         mem_size: Annotated[int, Field(ge=0)] = 200,
         policy: Policy = "reservoir",
         ratio: Annotated[float, Field(gt=0)] | None = None,
-        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
+        generative: GenerativeOptions = GenerativeOptions(),
     ):
         super().__init__(backbone)
         self.buffer = ReplayBuffer(mem_size, policy)

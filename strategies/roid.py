@@ -54,7 +54,7 @@ class ROID(Strategy):
         self,
         backbone,
         online: AdaptationOptions = AdaptationOptions(),
-        roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),  # noqa: B008 (frozen options)
+        roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),
         momentum_src: Annotated[float, Field(ge=0, le=1)] = 0.99,
     ):
         super().__init__(backbone)

@@ -39,7 +39,7 @@ class SeqFinetune(Strategy):
     cache_features = False
 
     @flat_options
-    def __init__(self, backbone, generative: GenerativeOptions = GenerativeOptions()):  # noqa: B008 (frozen options)
+    def __init__(self, backbone, generative: GenerativeOptions = GenerativeOptions()):
         super().__init__(backbone)
         self.generative = InstructionTuning(backbone, generative)
 

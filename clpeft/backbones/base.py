@@ -56,9 +56,12 @@ class Backbone(nn.Module):
     def identity(self) -> str:
         """A digest of :meth:`describe` and the current weights; it changes when they change."""
         h = hashlib.sha1(json.dumps(self.describe(), sort_keys=True, default=str).encode())
-        for name, t in self.state_dict().items():
+        for name, value in self.state_dict().items():
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            if torch.is_tensor(value):
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:  # extra state (e.g. the digests of pretrained tensors a state dict leaves out)
+                h.update(repr(value).encode())
         return h.hexdigest()[:16]
 
 
