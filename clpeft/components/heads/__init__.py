@@ -10,10 +10,12 @@ from clpeft.components.heads.centroid_statistics import CentroidStatistics, cont
 from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
+from clpeft.components.heads.head_retraining import retrain_head
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.heads.imprinting import HeldRows, imprint_rows
 from clpeft.components.heads.mahalanobis import MahalanobisHead
 from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
+from clpeft.components.heads.optimal_transport import sinkhorn, transport_old_heads
 from clpeft.components.heads.task_identity import TaskIdentityInference
 from clpeft.components.heads.weight_aligning import align_weights, clip_weights
 
@@ -37,7 +39,10 @@ __all__ = [
     "MahalanobisHead",
     "NearestMeanOfExemplars",
     "PrototypeHead",
+    "retrain_head",
     "ridge_by_holdout",
     "RidgeHead",
+    "sinkhorn",
     "TaskIdentityInference",
+    "transport_old_heads",
 ]

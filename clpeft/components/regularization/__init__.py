@@ -8,6 +8,7 @@ from clpeft.components.regularization.output_sensitivity import output_sensitivi
 from clpeft.components.regularization.path_integral import PathIntegral
 from clpeft.components.regularization.previous_model import PreviousModel
 from clpeft.components.regularization.quadratic_penalty import QuadraticPenalty
+from clpeft.components.regularization.representation_consolidation import TaskVectorSum
 
 __all__ = [
     "DualTeacher",
@@ -19,4 +20,5 @@ __all__ = [
     "PathIntegral",
     "PreviousModel",
     "QuadraticPenalty",
+    "TaskVectorSum",
 ]
