@@ -1,6 +1,7 @@
 """Perplexity retention: the general text's perplexity against transformers' own loss, measured on the
 pretrained model before the stream and on the trained one after it."""
 
+import json
 import math
 
 import pytest
@@ -36,9 +37,12 @@ def test_perplexity_equals_transformers_loss_one_text_at_a_time(tiny_lm):
 def test_final_metrics_hold_the_perplexity_before_and_after_the_stream(tiny_lm, distinct_tasks, tmp_path):
     tasks = [{"jsonl": str(p), "max_new_tokens": 4} for p in distinct_tasks]
     engine = Engine(_config(tasks, tiny_lm, epochs=2, general_text_samples=8), tmp_path / "run", device="cpu")
-    engine.run()
+    written = engine.run()["metrics"]
     strategy = engine.built.strategy
     metrics = strategy.final_metrics()
+    for key in ("perplexity_before", "perplexity_after", "perplexity_ratio"):  # the engine puts them into metrics.json
+        assert written[key] == pytest.approx(metrics[key], rel=1e-6)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["perplexity_ratio"] == written["perplexity_ratio"]
     texts = general_texts(8)
     pretrained = GenerativeLM(weights=str(tiny_lm))
     assert metrics["perplexity_before"] == pytest.approx(pretrained.perplexity(texts), rel=1e-6)
