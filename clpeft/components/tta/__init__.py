@@ -13,6 +13,7 @@ from clpeft.components.tta.losses import EATASampleFilter, entropy, multi_view_c
 from clpeft.components.tta.lower_norm_layers import lower_norm_layers
 from clpeft.components.tta.marginal_entropy import marginal_entropy
 from clpeft.components.tta.model_fusion import ModelFusion
+from clpeft.components.tta.neighbour_memory import NeighbourMemory
 from clpeft.components.tta.object_destruction import destroy_objects
 from clpeft.components.tta.online_adaptation import AdaptationOptimizer, OnlineAdaptation
 from clpeft.components.tta.options import AdaptationOptions
@@ -47,6 +48,7 @@ __all__ = [
     "marginal_entropy",
     "ModelFusion",
     "multi_view_contrastive_loss",
+    "NeighbourMemory",
     "OnlineAdaptation",
     "PriorBatchNorm",
     "PrototypeContrast",
