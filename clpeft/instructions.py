@@ -22,12 +22,15 @@ class Instruction:
     """One example of a task.
 
     Attributes:
-        prompt: what the model is asked (formatted with the tokenizer's chat template, if any).
+        prompt: what the model is asked: the user turn the answer replies to (formatted with the
+            tokenizer's chat template, if any).
         target: the reference answer; training puts the loss on its tokens only.
         metric: ``exact_match``, ``label_words`` or ``rouge_l`` (:data:`clpeft.text_metrics.METRICS`).
         choices: the label words of a ``label_words`` task (empty otherwise).
         max_new_tokens: the most tokens generated for an answer.
         stop: strings that end an answer (the text from the first one on is cut).
+        context: the chat before the prompt's user turn, ``(role, content)`` pairs (``system``,
+            ``user``, ``assistant``) of an example given as chat messages; empty for a plain pair.
     """
 
     prompt: str
@@ -36,6 +39,7 @@ class Instruction:
     choices: tuple[str, ...] = ()
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
+    context: tuple[tuple[str, str], ...] = ()
 
 
 class InstructionDataset(torch.utils.data.Dataset):

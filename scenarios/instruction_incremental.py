@@ -15,8 +15,13 @@ Each entry of ``tasks`` is one experience, either
   seed, and ``rotten_tomatoes`` sentiment as label words), or
 * ``{jsonl: path, metric: rouge_l}``: your own data. ``path`` is a folder holding
   ``train.jsonl`` and ``test.jsonl``, or one ``.jsonl`` file split with ``test_fraction``. Every
-  line is a JSON object ``{"prompt": "...", "target": "..."}`` (other keys are ignored); blank
-  lines are skipped. A ``label_words`` task lists its words in ``choices``.
+  line is a JSON object ``{"prompt": "...", "target": "..."}`` (other keys are ignored), or chat
+  messages in the OpenAI/Hugging Face format, ``{"messages": [{"role": "system"|"user"|"assistant",
+  "content": "..."}, ...]}``: the last message is the assistant's answer (the target), the user
+  message before it the prompt, and the earlier ones its context, all rendered by the backbone's
+  chat template. Blank lines are skipped. A ``label_words`` task lists its words in ``choices``.
+  Relative paths are read from ``root`` (default: the working directory); a run whose files are
+  missing stops before training with one line naming them.
 
 The strategy sees batches of :class:`~clpeft.instructions.Instruction` records (labels are all
 0: the answer is the text) and must score them itself (a generative strategy's ``score``).
@@ -71,11 +76,38 @@ class Task(BaseModel):
         return self.name or self.task or Path(self.jsonl).stem
 
 
-def read_jsonl(path: Path) -> list[tuple[str, str]]:
-    """``(prompt, target)`` of every non-blank line; a bad line is a one-line error naming file and line."""
+ROLES = ("system", "user", "assistant")
+_FORMAT = 'each line is one {"prompt": "...", "target": "..."} or {"messages": [{"role": ..., "content": ...}, ...]} object'
+
+#: One line's example: ``(prompt, target, context)``, context being the chat before the prompt's user turn.
+Row = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+def _chat_row(messages, where: str) -> Row:
+    """The example of a ``messages`` line: the last (assistant) message is the target, the one
+    before it (a user message) the prompt, and the earlier ones its context."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list; {_FORMAT}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise UserError(f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise UserError(f"{where}: message {i} ({m['role']}) has no content; give every message a non-empty string 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message is {messages[-1]['role']!r}; it must be the assistant's answer (the target)")
+    if len(messages) < 2 or messages[-2]["role"] != "user":
+        raise UserError(
+            f"{where}: the answer must follow a user message (the prompt); put the user's question before the last assistant message"
+        )
+    return messages[-2]["content"], messages[-1]["content"], tuple((m["role"], m["content"]) for m in messages[:-2])
+
+
+def read_jsonl(path: Path) -> list[Row]:
+    """``(prompt, target, context)`` of every non-blank line; a bad line is a one-line error naming file and line."""
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a .jsonl file or a folder with train.jsonl and test.jsonl", key="scenario.tasks")
-    pairs = []
+    rows = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -83,30 +115,27 @@ def read_jsonl(path: Path) -> list[tuple[str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(
-                    f'{path}:{number}: not valid JSON ({err.msg}); each line is one {{"prompt": "...", "target": "..."}} object'
-                ) from None
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); {_FORMAT}") from None
+            if isinstance(row, dict) and "messages" in row:
+                rows.append(_chat_row(row["messages"], f"{path}:{number}"))
+                continue
             bad = [k for k in ("prompt", "target") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
             if bad:
-                raise UserError(
-                    f"{path}:{number}: needs string fields {' and '.join(repr(k) for k in bad)}; each line is "
-                    'one {"prompt": "...", "target": "..."} object'
-                )
-            pairs.append((row["prompt"], row["target"]))
-    if not pairs:
+                raise UserError(f"{path}:{number}: needs string fields {' and '.join(repr(k) for k in bad)}; {_FORMAT}")
+            rows.append((row["prompt"], row["target"], ()))
+    if not rows:
         raise UserError(f"{path} holds no examples", key="scenario.tasks")
-    return pairs
+    return rows
 
 
-def _jsonl_splits(task: Task, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    path = Path(task.jsonl).expanduser()
+def _jsonl_splits(path: Path, task: Task, seed: int) -> tuple[list[Row], list[Row]]:
     if path.is_dir():
         return read_jsonl(path / "train.jsonl"), read_jsonl(path / "test.jsonl")
-    pairs = read_jsonl(path)
-    if len(pairs) < 2:
+    rows = read_jsonl(path)
+    if len(rows) < 2:
         raise UserError(f"{path} has one example; a single file is split into train and test", key="scenario.tasks")
-    train, test = split_positions(len(pairs), task.test_fraction, seed, str(path))
-    return [pairs[i] for i in train], [pairs[i] for i in test]
+    train, test = split_positions(len(rows), task.test_fraction, seed, str(path))
+    return [rows[i] for i in train], [rows[i] for i in test]
 
 
 @register_scenario("instruction_incremental")
@@ -116,12 +145,14 @@ class InstructionIncremental(Scenario):
     Args:
         seed: run seed (generated tasks and JSONL splits draw from it).
         tasks: one entry per experience, a built-in ``task`` or a ``jsonl`` source (see the module docs).
+        root: the folder relative ``jsonl`` paths are read from (default: the working directory).
     """
 
     kind = "instruction_incremental"
 
-    def __init__(self, seed: int, tasks: list[Task]):
+    def __init__(self, seed: int, tasks: list[Task], root: str | None = None):
         self.seed = seed
+        self.root = Path(root).expanduser() if root is not None else None
         self.tasks = [Task.model_validate(t) for t in tasks]
         if not self.tasks:
             raise UserError("expected at least one task", key="scenario.tasks")
@@ -132,6 +163,7 @@ class InstructionIncremental(Scenario):
         self.class_names = ["text"]
 
     def experiences(self) -> list[Experience]:
+        self._check_data()
         stream = []
         for i, task in enumerate(self.tasks):
             train, test = self._examples(task)
@@ -149,14 +181,35 @@ class InstructionIncremental(Scenario):
             )
         return self.link(stream)
 
+    def _path(self, task: Task) -> Path:
+        path = Path(task.jsonl).expanduser()
+        return self.root / path if self.root is not None else path
+
+    def _check_data(self) -> None:
+        """Every JSONL source is there, or one line says which are missing and where they go."""
+        missing = []
+        for task in self.tasks:
+            if task.jsonl is None:
+                continue
+            path = self._path(task)
+            lacking = [path / f for f in ("train.jsonl", "test.jsonl") if not (path / f).is_file()] if path.is_dir() else [path]
+            missing += [str(p) for p in lacking if not p.is_file()]
+        if missing:
+            where = f"scenario.root is {self.root}" if self.root is not None else "relative paths are read from the working directory"
+            raise UserError(
+                f"missing data: {', '.join(missing)} (each task: a folder with train.jsonl and test.jsonl, or one .jsonl file); "
+                f"put it there or point scenario.root at the folder that holds it ({where}; a benchmark config's comments say how to make it)",
+                key="scenario.root",
+            )
+
     def _examples(self, task: Task) -> tuple[list[Instruction], list[Instruction]]:
         if task.task is not None:
             n_train, n_test = task.train or 200, task.test or 50
             examples = builtin_task(task.task, n_train + n_test, self.seed, task.max_new_tokens)
             return examples[:n_train], examples[n_train:]
-        splits = _jsonl_splits(task, self.seed)
+        splits = _jsonl_splits(self._path(task), task, self.seed)
         metric, choices = task.metric or "exact_match", tuple(task.choices)
-        train, test = ([Instruction(p, t, metric, choices, task.max_new_tokens) for p, t in pairs] for pairs in splits)
+        train, test = ([Instruction(p, t, metric, choices, task.max_new_tokens, context=c) for p, t, c in rows] for rows in splits)
         rng = np.random.default_rng(self.seed)
         if task.train is not None and task.train < len(train):
             train = [train[i] for i in sorted(rng.choice(len(train), task.train, replace=False))]

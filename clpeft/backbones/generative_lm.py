@@ -6,8 +6,9 @@ uses it (Ouyang et al., "Training language models to follow instructions with hu
 NeurIPS 2022, https://arxiv.org/abs/2203.02155): the model writes the answer.
 
 * **Prompt format.** With ``chat_template: true`` and a tokenizer that has a chat template, the
-  prompt is the user turn and the template's generation prompt opens the assistant turn
-  (SmolLM2-Instruct's ``<|im_start|>assistant\\n``); otherwise ``prompt + "\\n"``. The answer is
+  prompt is the user turn, after the example's earlier chat messages if it has any, and the
+  template's generation prompt opens the assistant turn (SmolLM2-Instruct's
+  ``<|im_start|>assistant\\n``); otherwise ``prompt + "\\n"``, after a line per earlier message. The answer is
   the target's tokens followed by the end-of-sequence token, so the model learns to stop.
 * **Loss** (:meth:`GenerativeLM.loss`): the mean next-token cross-entropy over the answer's
   tokens only; prompt and padding positions are label ``-100``. Training batches are padded on
@@ -124,12 +125,20 @@ class GenerativeLM(Backbone):
 
     # ------------------------------------------------------------------ tokens
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's tokens, ending where the answer begins."""
+    def prompt_ids(self, prompt: str | Instruction, context: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The prompt's tokens, ending where the answer begins.
+
+        ``context`` (an :class:`~clpeft.instructions.Instruction`'s own when one is given) holds the
+        ``(role, content)`` messages before the prompt's user turn: the chat template renders them
+        all; without one, each message's content takes a line of its own before the prompt's.
+        """
+        if isinstance(prompt, Instruction):
+            prompt, context = prompt.prompt, prompt.context
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            messages = [*({"role": role, "content": content} for role, content in context), {"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt + "\n")["input_ids"])
+        return list(self.tokenizer("".join(f"{content}\n" for _, content in context) + prompt + "\n")["input_ids"])
 
     def answer_ids(self, target: str) -> list[int]:
         """The target's tokens and end-of-sequence."""
@@ -143,7 +152,7 @@ class GenerativeLM(Backbone):
         rows = []
         for example in examples:
             answer = self.answer_ids(example.target)[: self.max_length - 1]
-            prompt = self.prompt_ids(example.prompt)[-(self.max_length - len(answer)) :]
+            prompt = self.prompt_ids(example)[-(self.max_length - len(answer)) :]
             rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -209,8 +218,9 @@ class GenerativeLM(Backbone):
         return math.exp(total / max(count, 1))
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
-        """Greedy answers to ``prompts``, decoded as one batch with the KV cache (see the module docstring)."""
+    def generate(self, prompts: Sequence[str | Instruction], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy answers to ``prompts`` (texts, or examples with their chat context), decoded as one
+        batch with the KV cache (see the module docstring)."""
         ids, mask = self.left_padded([self.prompt_ids(p)[-self.max_length :] for p in prompts])
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_logits)
@@ -243,8 +253,7 @@ class GenerativeLM(Backbone):
 
     def forward_features(self, examples: Sequence[Instruction | str]) -> torch.Tensor:
         """The last hidden state at each prompt's last token (for methods that need features)."""
-        prompts = [e.prompt if isinstance(e, Instruction) else str(e) for e in examples]
-        ids, mask = self.left_padded([self.prompt_ids(p) for p in prompts])
+        ids, mask = self.left_padded([self.prompt_ids(e if isinstance(e, Instruction) else str(e)) for e in examples])
         hidden = self.net(
             input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), output_hidden_states=True, use_cache=False
         ).hidden_states[-1]
