@@ -176,6 +176,7 @@ STRATEGIES: dict[str, Smoke] = {
     "cmf": _tta({"name": "cmf", "flip": 0.0}),
     "santa": _tta({"name": "santa", "projection_dim": 16, "flip": 0.0}),
     "adacontrast": _tta({"name": "adacontrast", "queue_size": 64}),
+    "adanpc": _tta({"name": "adanpc"}, change="outputs"),
     "seq_finetune": Smoke(
         {"name": "seq_finetune", "lora_rank": 2},
         TINY_LLAMA,
