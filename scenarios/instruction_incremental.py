@@ -193,12 +193,13 @@ class InstructionIncremental(Scenario):
                 continue
             path = self._path(task)
             lacking = [path / f for f in ("train.jsonl", "test.jsonl") if not (path / f).is_file()] if path.is_dir() else [path]
-            missing += [str(p) for p in lacking if not p.is_file()]
+            missing += [p for p in lacking if not p.is_file()]
         if missing:
-            where = f"scenario.root is {self.root}" if self.root is not None else "relative paths are read from the working directory"
+            where = f" under {self.root.absolute()}" if self.root is not None else ""
+            names = [str(p.relative_to(self.root)) if self.root is not None and p.is_relative_to(self.root) else str(p) for p in missing]
             raise UserError(
-                f"missing data: {', '.join(missing)} (each task: a folder with train.jsonl and test.jsonl, or one .jsonl file); "
-                f"put it there or point scenario.root at the folder that holds it ({where}; a benchmark config's comments say how to make it)",
+                f"missing data{where}: {', '.join(names)} (each task: a folder with train.jsonl and test.jsonl, or one .jsonl "
+                f"file); put it there, or set scenario.root to the folder that holds it (a benchmark config's comments say how to make it)",
                 key="scenario.root",
             )
 
