@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from clpeft.backbones.generative_lm import IGNORE, GenerativeLM
+from clpeft.components.generative import GenerativeOptions, InstructionTuning
+from clpeft.data import Batch
 from clpeft.errors import UserError
 from clpeft.instructions import Instruction
 from clpeft.scenarios.instruction_incremental import InstructionIncremental
+from clpeft.text_metrics import score
 
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
@@ -99,3 +102,18 @@ def test_a_bad_messages_line_is_one_line_naming_file_and_line(tmp_path, messages
         _stream(tmp_path, [{"messages": MESSAGES}, {"messages": messages}])
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'chat.jsonl'}:2: {problem}") and "\n" not in message
+
+
+def test_scoring_answers_the_whole_chat(tiny_chat_lm):
+    """The engine's score hook generates from the whole chat, as training reads it (not the last user turn alone)."""
+    chat_lm = GenerativeLM(weights=str(tiny_chat_lm))  # its own copy: InstructionTuning adds LoRA layers
+    tuning = InstructionTuning(chat_lm, GenerativeOptions())
+    with_context = chat_lm.generate([CHAT], CHAT.max_new_tokens)[0]
+    expected = score(CHAT.metric, with_context, CHAT.target, CHAT.choices)
+    scored = tuning.score(Batch([CHAT], torch.zeros(1, dtype=torch.long)))
+    assert scored.tolist() == [expected]
+    # a chat whose answer is what the model writes from the whole chat, but not from its last user turn alone
+    alone = chat_lm.generate([CHAT.prompt], CHAT.max_new_tokens)[0]
+    assert alone != with_context
+    answered = Instruction(CHAT.prompt, with_context, context=CHAT.context, metric="exact_match")
+    assert tuning.score(Batch([answered], torch.zeros(1, dtype=torch.long))).tolist() == [1.0]

@@ -115,7 +115,7 @@ class InstructionTuning:
         """Each example's score in [0, 1] by its task's metric, on a greedy answer."""
         examples = batch.x
         answers = self.backbone.generate(
-            [e.prompt for e in examples], max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop})
+            list(examples), max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop})
         )
         return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])
 
