@@ -24,19 +24,19 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, CertaintyDiversityOptions
 from clpeft.components.tta.model_fusion import ModelFusion
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.weight_ensembling import adapted_names
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("cmf")
-class CMF(Strategy):
+class CMF(AdaptingStrategy):
     """CMF: ROID's loss with continual fusion of a source-filtered hidden model (Lee et al. 2024).
 
     Args:
@@ -48,9 +48,6 @@ class CMF(Strategy):
         q: process noise of the filter, per 38,400 adapted weights.
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -61,17 +58,13 @@ class CMF(Strategy):
         gamma: Annotated[float, Field(ge=0, le=1)] = 0.99,
         q: Annotated[float, Field(ge=0)] = 0.005,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "cmf")
-        self.adaptation = OnlineAdaptation(online)
+        super().__init__(backbone, online)
         self.loss = CertaintyDiversityLoss(roid)
         self.fusion = ModelFusion(classifier(backbone, self.head), alpha, gamma, q)
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            net = classifier(self.backbone, self.head)
-            self.adaptation.prepare(self, net, on_start=lambda: self.fusion.capture(net))
+    def prepare_adaptation(self, exp: Experience) -> None:
+        net = classifier(self.backbone, self.head)
+        self.adaptation.prepare(self, net, on_start=lambda: self.fusion.capture(net))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

@@ -24,19 +24,19 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, CertaintyDiversityOptions
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.source_reset import SourceReset
 from clpeft.components.tta.weight_ensembling import adapted_names, blend_
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("roid")
-class ROID(Strategy):
+class ROID(AdaptingStrategy):
     """ROID: weighted soft-likelihood-ratio self-training, weight ensembling and prior correction (Marsden et al. 2024).
 
     Args:
@@ -46,9 +46,6 @@ class ROID(Strategy):
         momentum_src: ``alpha`` of the weight ensembling with the source (1: none).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -57,18 +54,14 @@ class ROID(Strategy):
         roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),
         momentum_src: Annotated[float, Field(ge=0, le=1)] = 0.99,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "roid")
+        super().__init__(backbone, online)
         self.momentum_src = momentum_src
-        self.adaptation = OnlineAdaptation(online)
         self.loss = CertaintyDiversityLoss(roid)
         self.source = SourceReset(classifier(backbone, self.head))
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            net = classifier(self.backbone, self.head)
-            self.adaptation.prepare(self, net, on_start=lambda: self.source.capture(net))
+    def prepare_adaptation(self, exp: Experience) -> None:
+        net = classifier(self.backbone, self.head)
+        self.adaptation.prepare(self, net, on_start=lambda: self.source.capture(net))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

@@ -20,17 +20,15 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.generalized_cross_entropy import generalized_cross_entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
 from clpeft.components.tta.options import AdaptationOptions
-from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("rpl")
-class RPL(Strategy):
+class RPL(AdaptingStrategy):
     """RPL: generalized cross-entropy to the model's own pseudo-labels at test time (Rusak et al. 2022).
 
     Args:
@@ -39,20 +37,10 @@ class RPL(Strategy):
         q: ``q`` of the generalized cross-entropy (0: cross-entropy, 1: mean absolute error).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(self, backbone, online: AdaptationOptions = AdaptationOptions(), q: Annotated[float, Field(gt=0, le=1)] = 0.8):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "rpl")
+        super().__init__(backbone, online)
         self.q = q
-        self.adaptation = OnlineAdaptation(online)
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            self.adaptation.prepare(self, classifier(self.backbone, self.head))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)
