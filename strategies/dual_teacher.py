@@ -32,17 +32,17 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clpeft.components.regularization.ema import DualTeacher
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.augment import TTAugment
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("dual_teacher")
-class DualTeacherTTA(Strategy):
+class DualTeacherTTA(AdaptingStrategy):
     """Dual Teacher: temporary EMA teachers switched on a schedule give pseudo-labels (Na et al. 2023).
 
     Args:
@@ -55,9 +55,6 @@ class DualTeacherTTA(Strategy):
         flip: horizontal-flip probability of the strong augmentation.
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -69,19 +66,15 @@ class DualTeacherTTA(Strategy):
         confidence_threshold: Annotated[float, Field(ge=0, le=1)] = 0.95,
         flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "dual_teacher")
-        self.adaptation = OnlineAdaptation(online)
+        super().__init__(backbone, online)
         self.teachers = DualTeacher(classifier(backbone, self.head), ema_momentum, period, n_teachers)
         self.confidence_threshold = confidence_threshold
         self.augment = TTAugment(flip=flip)
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            self.adaptation.prepare(
-                self, classifier(self.backbone, self.head), on_start=lambda: self.teachers.reset(classifier(self.backbone, self.head))
-            )
+    def prepare_adaptation(self, exp: Experience) -> None:
+        self.adaptation.prepare(
+            self, classifier(self.backbone, self.head), on_start=lambda: self.teachers.reset(classifier(self.backbone, self.head))
+        )
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)

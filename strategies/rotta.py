@@ -27,20 +27,20 @@ import torch
 from pydantic import Field
 
 from clpeft.components.regularization.ema import EMATeacher
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.category_balanced_memory import CategoryBalancedMemory, timeliness_weight
 from clpeft.components.tta.losses import soft_cross_entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.robust_batch_norm import RobustBatchNorm, batch_norm_layers_of
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("rotta")
-class RoTTA(Strategy):
+class RoTTA(AdaptingStrategy):
     """RoTTA: robust BatchNorm, category-balanced memory and a timeliness-weighted mean teacher (Yuan et al. 2023).
 
     Args:
@@ -55,9 +55,6 @@ class RoTTA(Strategy):
         flip: horizontal-flip probability of the strong augmentation (0 for digits-like data).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -71,24 +68,20 @@ class RoTTA(Strategy):
         lambda_u: Annotated[float, Field(ge=0)] = 1.0,
         flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "rotta")
+        super().__init__(backbone, online, batch_statistics=False)
         self.memory_size = memory_size
         self.update_frequency = update_frequency
         self.lambdas = (lambda_t, lambda_u)
-        self.adaptation = OnlineAdaptation(online, batch_statistics=False)
         self.teacher = EMATeacher(classifier(backbone, self.head), 1 - nu, buffers="keep")
         self.memory = CategoryBalancedMemory(memory_size, 1, lambda_t, lambda_u)
         self.robust = RobustBatchNorm(alpha)
         self.augment = TTAugment(flip=flip)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            net = classifier(self.backbone, self.head)
-            self.adaptation.prepare(self, net, on_start=lambda: self._start(net))
-            self.robust.attach(batch_norm_layers_of(net) + batch_norm_layers_of(self.teacher.model))
+    def prepare_adaptation(self, exp: Experience) -> None:
+        net = classifier(self.backbone, self.head)
+        self.adaptation.prepare(self, net, on_start=lambda: self._start(net))
+        self.robust.attach(batch_norm_layers_of(net) + batch_norm_layers_of(self.teacher.model))
 
     def _start(self, net) -> None:
         self.teacher.reset(net)

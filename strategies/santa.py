@@ -30,9 +30,10 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.augment import TTAugment
 from clpeft.components.tta.losses import soft_cross_entropy
-from clpeft.components.tta.online_adaptation import OnlineAdaptation, check_adaptable, classifier
+from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
 from clpeft.components.tta.prototype_contrast import PrototypeContrast
 from clpeft.components.tta.source_data import source_training_data
@@ -41,13 +42,12 @@ from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 PROTOTYPE_SAMPLES = 100000  # the code stops its source pass after the batch that passes this many
 
 
 @register_strategy("santa")
-class SANTA(Strategy):
+class SANTA(AdaptingStrategy):
     """SANTA: anchoring to the source model's predictions and prototype contrast (Chakrabarty et al. 2023).
 
     Args:
@@ -60,9 +60,6 @@ class SANTA(Strategy):
         flip: horizontal-flip probability of the augmentation (0 for digits-like data).
     """
 
-    supported_scenarios = ("test_time_adaptation",)
-    cache_features = False
-
     @flat_options
     def __init__(
         self,
@@ -74,22 +71,18 @@ class SANTA(Strategy):
         projection_dim: Annotated[int, Field(ge=1)] = 128,
         flip: Annotated[float, Field(ge=0, le=1)] = 0.5,
     ):
-        super().__init__(backbone)
-        check_adaptable(backbone, online.params, "santa")
+        super().__init__(backbone, online)
         self.lambda_ce_trg = lambda_ce_trg
         self.lambda_cont = lambda_cont
-        self.adaptation = OnlineAdaptation(online)
         self.anchor = SourceReset(classifier(backbone, self.head))
         self.contrast = PrototypeContrast(backbone.feature_dim, projection_dim, temperature)
         self.augment = TTAugment(flip=flip)
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        if exp.train is None:
-            source = source_training_data(exp, "santa", "strategy.lambda_cont: 0") if self.lambda_cont > 0 else None
-            net = classifier(self.backbone, self.head)
-            extra = self.contrast.projector.parameters() if source is not None else ()
-            self.adaptation.prepare(self, net, on_start=lambda: self._start(net, source), extra=extra)
+    def prepare_adaptation(self, exp: Experience) -> None:
+        source = source_training_data(exp, "santa", "strategy.lambda_cont: 0") if self.lambda_cont > 0 else None
+        net = classifier(self.backbone, self.head)
+        extra = self.contrast.projector.parameters() if source is not None else ()
+        self.adaptation.prepare(self, net, on_start=lambda: self._start(net, source), extra=extra)
 
     def _start(self, net, source: DataView | None) -> None:
         """Anchor = the source model; source prototypes from one shuffled pass."""
