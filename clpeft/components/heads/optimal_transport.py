@@ -9,7 +9,7 @@ Learning", CVPR 2025 (https://arxiv.org/abs/2410.00911), Sec. 4.3; code: LAMDA-P
     W_o <- (1 - r) W_o + r T^T W_n
 
 (``T^T W_n`` is not divided by the marginals: a row of it is ``1/|o|`` times a weighted mean of
-the new rows, as in PILOT). :func:`sinkhorn` is the Sinkhorn-Knopp scaling (Cuturi, "Sinkhorn
+the new rows, as in PILOT; the paper's cost is the squared distance, PILOT's code the distance). :func:`sinkhorn` is the Sinkhorn-Knopp scaling (Cuturi, "Sinkhorn
 Distances: Lightspeed Computation of Optimal Transport", NeurIPS 2013, https://arxiv.org/abs/1306.0895)
 as POT's ``ot.sinkhorn`` (method ``sinkhorn``) runs it, written here so that clpeft does not
 depend on POT.
