@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from clpeft.components.generative import GenerativeOptions, InstructionTuning
+from clpeft.components.generative import GenerativeHooks, GenerativeOptions, InstructionTuning
 from clpeft.components.regularization.fisher import empirical_fisher
 from clpeft.components.regularization.quadratic_penalty import QuadraticPenalty
 from clpeft.data import Batch
@@ -39,7 +39,7 @@ from clpeft.strategy import Strategy
 
 
 @register_strategy("ewc")
-class EWC(Strategy):
+class EWC(GenerativeHooks, Strategy):
     """Elastic Weight Consolidation: Fisher-weighted quadratic penalty towards past parameters (Kirkpatrick et al. 2017).
 
     Args:
@@ -60,7 +60,7 @@ class EWC(Strategy):
         mode: Literal["separate", "online"] = "separate",
         decay: float = 1.0,
         fisher_batch_size: int = 64,
-        generative: GenerativeOptions = GenerativeOptions(),  # noqa: B008 (frozen options)
+        generative: GenerativeOptions = GenerativeOptions(),
     ):
         super().__init__(backbone)
         self.ewc_lambda = ewc_lambda
@@ -82,12 +82,3 @@ class EWC(Strategy):
             batches = ((b.x, b.y) for b in self.batches(exp.train, self.fisher_batch_size))
             fisher = empirical_fisher(self, batches, F.cross_entropy)
         self.penalty.add({n: p for n, p in self.named_parameters() if n in fisher}, fisher)
-
-    @property
-    def score(self):
-        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
-        return self.generative.score if self.generative else None
-
-    def final_metrics(self) -> dict[str, float]:
-        """On a generative backbone, the general text's perplexity before and after the stream."""
-        return self.generative.final_metrics() if self.generative else {}

@@ -10,10 +10,8 @@ a LoRA (flat keys ``lora_*``) trains on every task's examples seen so far with t
 loss (the multi-task upper bound of O-LoRA's tables, "MTL", there trained once on all tasks).
 """
 
-import torch
-
-from clpeft.components.generative import GenerativeOptions, InstructionTuning
-from clpeft.data import Batch, DataView
+from clpeft.components.generative import GenerativeHooks, GenerativeOptions, InstructionTuning
+from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
@@ -21,7 +19,7 @@ from clpeft.strategy import Strategy
 
 
 @register_strategy("joint")
-class Joint(Strategy):
+class Joint(GenerativeHooks, Strategy):
     """Train on the union of all experiences seen so far (upper bound, not continual).
 
     Args:
@@ -40,15 +38,3 @@ class Joint(Strategy):
         for e in (*exp.past, exp):
             view = view + e.train
         return view
-
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.generative.loss(batch.x) if self.generative else super().training_step(batch)
-
-    @property
-    def score(self):
-        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
-        return self.generative.score if self.generative else None
-
-    def final_metrics(self) -> dict[str, float]:
-        """On a generative backbone, the general text's perplexity before and after the stream."""
-        return self.generative.final_metrics() if self.generative else {}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from clpeft.components.generative import GenerativeOptions, InstructionTuning
+from clpeft.components.generative import GenerativeHooks, GenerativeOptions, InstructionTuning
 from clpeft.components.regularization.distillation import distillation_loss, frozen_copy
 from clpeft.data import Batch
 from clpeft.experience import Experience
@@ -34,7 +34,7 @@ from clpeft.strategy import Strategy
 
 
 @register_strategy("lwf")
-class LwF(Strategy):
+class LwF(GenerativeHooks, Strategy):
     """Learning without Forgetting: distil the previous model's outputs on old classes (Li & Hoiem 2016).
 
     Args:
@@ -89,12 +89,3 @@ class LwF(Strategy):
         self.teacher_head = None
         self.teacher_backbone = None
         self.old_adapters = None
-
-    @property
-    def score(self):
-        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
-        return self.generative.score if self.generative else None
-
-    def final_metrics(self) -> dict[str, float]:
-        """On a generative backbone, the general text's perplexity before and after the stream."""
-        return self.generative.final_metrics() if self.generative else {}

@@ -31,9 +31,9 @@ import torch
 from pydantic import Field
 
 from clpeft.components import ReplayBuffer
-from clpeft.components.generative import GenerativeOptions, InstructionTuning
+from clpeft.components.generative import GenerativeHooks, GenerativeOptions, InstructionTuning
 from clpeft.components.memory.replay import Policy
-from clpeft.data import Batch, DataView
+from clpeft.data import DataView
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
@@ -41,7 +41,7 @@ from clpeft.strategy import Strategy
 
 
 @register_strategy("replay")
-class Replay(Strategy):
+class Replay(GenerativeHooks, Strategy):
     """Experience replay: train on new data plus a fixed-size memory of past samples (Chaudhry et al. 2019).
 
     Args:
@@ -73,18 +73,6 @@ class Replay(Strategy):
         if self.ratio is not None and len(memory) > round(self.ratio * len(exp.train)):
             memory = memory.take(torch.randperm(len(memory))[: round(self.ratio * len(exp.train))])  # the engine seeds each experience
         return exp.train + memory
-
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        return self.generative.loss(batch.x) if self.generative else super().training_step(batch)
-
-    @property
-    def score(self):
-        """The engine's scoring hook on a generative backbone (greedy answers scored by each task's metric), else ``None``."""
-        return self.generative.score if self.generative else None
-
-    def final_metrics(self) -> dict[str, float]:
-        """On a generative backbone, the general text's perplexity before and after the stream."""
-        return self.generative.final_metrics() if self.generative else {}
 
     def after_experience(self, exp: Experience) -> None:
         features = self._features(exp.train) if self.buffer.policy == "herding" else None

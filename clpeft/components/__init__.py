@@ -12,6 +12,7 @@ Every public name is importable from here (``from clpeft.components import LoRAL
 """
 
 from clpeft.components.generative import (
+    GenerativeHooks,
     GenerativeOptions,
     InstructionTuning,
     PerplexityRetention,
@@ -175,6 +176,7 @@ __all__ = [
     "EMATeacher",
     "ExemplarDistillation",
     "ExtendedLogitsMemory",
+    "GenerativeHooks",
     "GenerativeOptions",
     "HeadOptions",
     "HeadTraining",
