@@ -187,14 +187,22 @@ def test_out_equal_to_the_report_is_refused(pair, capsys):
     assert not (pair / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("flag", ["--out", "report"])
-def test_an_existing_directory_as_output_is_refused(pair, capsys, flag):
-    """Guards: --out naming a directory gave an IsADirectoryError traceback after the whole merge."""
+def test_an_existing_directory_as_report_is_refused(pair, capsys):
+    """Guards: a directory named as an output file gave an IsADirectoryError traceback after the whole merge."""
     (pair / "d").mkdir()
-    out = ("--out", "d") if flag == "--out" else ("--out", "m.safetensors", "--set", "report=d")
-    err = fail(capsys, *ARGS, *out)
+    err = fail(capsys, *ARGS, "--out", "m.safetensors", "--set", "report=d")
     assert "is a directory" in err
     assert list((pair / "d").iterdir()) == [] and not (pair / "m.safetensors").exists()
+
+
+def test_an_existing_directory_as_out_gets_a_sharded_checkpoint(pair, capsys):
+    """Was the same traceback for --out; a directory --out now means a sharded checkpoint written into it
+    (docs/merging_llm.md), so it must hold one, with its index, and no stray merged file beside it."""
+    (pair / "d").mkdir()
+    assert main(["merge", *ARGS, "--out", "d"]) == 0
+    index = json.loads((pair / "d" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) and all((pair / "d" / shard).is_file() for shard in index["weight_map"].values())
+    assert not (pair / "m.safetensors").exists()
 
 
 def test_an_output_that_is_a_device_or_pipe_is_refused(pair, capsys):

@@ -168,7 +168,8 @@ def merge_files(
         read += [path for m in sources for path in (m.source if isinstance(m, LoraAdapter) else m).paths]
         if sharded:
             if out.exists() and not out.is_dir():
-                raise UserError(f"{out} is a file; give a directory for a sharded checkpoint, or a .safetensors file", key="out")
+                kind = "a file" if out.is_file() else "not a regular file (a device, pipe or socket)"
+                raise UserError(f"{out} is {kind}; give a directory for a sharded checkpoint, or a .safetensors file", key="out")
             check_outputs({"out": out / INDEX_NAME, "progress": out / PROGRESS_NAME, "report": report_path}, read)
         else:
             check_outputs({"out": out, "report": report_path}, read)

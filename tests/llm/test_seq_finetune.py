@@ -74,7 +74,7 @@ def test_score_applies_each_examples_metric(tiny_lm, monkeypatch):
     monkeypatch.setattr(strategy.backbone, "generate", generate)
     scores = strategy.score(Batch(examples, torch.zeros(3, dtype=torch.long)))
     assert scores.tolist() == pytest.approx([1.0, 0.4, 1.0])
-    assert calls == [(["a", "b", "c"], 16, ["\n"])]
+    assert calls == [(examples, 16, ["\n"])]  # the examples themselves: a chat example's context reaches generation
 
 
 @pytest.mark.slow
