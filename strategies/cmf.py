@@ -21,22 +21,19 @@ Paper symbols: ``alpha``, ``gamma``, ``q`` -> ``alpha``, ``gamma``, ``q``; ROID'
 
 from typing import Annotated
 
-import torch
 from pydantic import Field
 
-from clpeft.components.tta.adapting_strategy import AdaptingStrategy
-from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, CertaintyDiversityOptions
+from clpeft.components.tta.certainty_diversity import CertaintyDiversityOptions
+from clpeft.components.tta.certainty_diversity_adaptation import CertaintyDiversityAdaptation
 from clpeft.components.tta.model_fusion import ModelFusion
 from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
-from clpeft.components.tta.weight_ensembling import adapted_names
-from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
 
 
 @register_strategy("cmf")
-class CMF(AdaptingStrategy):
+class CMF(CertaintyDiversityAdaptation):
     """CMF: ROID's loss with continual fusion of a source-filtered hidden model (Lee et al. 2024).
 
     Args:
@@ -58,18 +55,9 @@ class CMF(AdaptingStrategy):
         gamma: Annotated[float, Field(ge=0, le=1)] = 0.99,
         q: Annotated[float, Field(ge=0)] = 0.005,
     ):
-        super().__init__(backbone, online)
-        self.loss = CertaintyDiversityLoss(roid)
+        super().__init__(backbone, online, roid)
         self.fusion = ModelFusion(classifier(backbone, self.head), alpha, gamma, q)
 
-    def prepare_adaptation(self, exp: Experience) -> None:
-        net = classifier(self.backbone, self.head)
-        self.adaptation.prepare(self, net, on_start=lambda: self.fusion.capture(net))
-
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        self.adaptation.begin_batch(self)
-        net = classifier(self.backbone, self.head)
-        logits = net(x)
-        self.adaptation.step(self.loss(net, x, logits, self._data.batch_size))
-        self.fusion.fuse(net, adapted_names(net))
-        return self.loss.output(logits)
+    @property
+    def anchor(self) -> ModelFusion:
+        return self.fusion

@@ -6,7 +6,7 @@ and Prior Correction", WACV 2024 (https://arxiv.org/abs/2306.00650). On every te
 1. the prediction ``z`` and one optimizer step on the diversity- and certainty-weighted soft
    likelihood ratio plus the weighted consistency with an augmentation (eq. 3-7,
    :class:`CertaintyDiversityLoss`);
-2. weight ensembling (eq. 9, :func:`blend_`): the adapted weights move towards the source's,
+2. weight ensembling (eq. 9, :class:`SourceEnsemble`): the adapted weights move towards the source's,
    ``theta <- alpha theta + (1 - alpha) theta_0``;
 3. the returned prediction is ``z`` (before the step) corrected by the smoothed batch prior
    (eq. 8, :func:`prior_correction`).
@@ -21,22 +21,19 @@ Paper symbols: ``alpha`` -> ``momentum_src``, ``T`` -> ``temperature``.
 
 from typing import Annotated
 
-import torch
 from pydantic import Field
 
-from clpeft.components.tta.adapting_strategy import AdaptingStrategy
-from clpeft.components.tta.certainty_diversity import CertaintyDiversityLoss, CertaintyDiversityOptions
+from clpeft.components.tta.certainty_diversity import CertaintyDiversityOptions
+from clpeft.components.tta.certainty_diversity_adaptation import CertaintyDiversityAdaptation
 from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.options import AdaptationOptions
-from clpeft.components.tta.source_reset import SourceReset
-from clpeft.components.tta.weight_ensembling import adapted_names, blend_
-from clpeft.experience import Experience
+from clpeft.components.tta.weight_ensembling import SourceEnsemble
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
 
 
 @register_strategy("roid")
-class ROID(AdaptingStrategy):
+class ROID(CertaintyDiversityAdaptation):
     """ROID: weighted soft-likelihood-ratio self-training, weight ensembling and prior correction (Marsden et al. 2024).
 
     Args:
@@ -54,19 +51,9 @@ class ROID(AdaptingStrategy):
         roid: CertaintyDiversityOptions = CertaintyDiversityOptions(),
         momentum_src: Annotated[float, Field(ge=0, le=1)] = 0.99,
     ):
-        super().__init__(backbone, online)
-        self.momentum_src = momentum_src
-        self.loss = CertaintyDiversityLoss(roid)
-        self.source = SourceReset(classifier(backbone, self.head))
+        super().__init__(backbone, online, roid)
+        self.source = SourceEnsemble(classifier(backbone, self.head), momentum_src)
 
-    def prepare_adaptation(self, exp: Experience) -> None:
-        net = classifier(self.backbone, self.head)
-        self.adaptation.prepare(self, net, on_start=lambda: self.source.capture(net))
-
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        self.adaptation.begin_batch(self)
-        net = classifier(self.backbone, self.head)
-        logits = net(x)
-        self.adaptation.step(self.loss(net, x, logits, self._data.batch_size))
-        blend_(net, self.source.source, self.momentum_src, adapted_names(net))
-        return self.loss.output(logits)
+    @property
+    def anchor(self) -> SourceEnsemble:
+        return self.source

@@ -25,7 +25,7 @@ from clpeft.components.tta.sharpness_aware import SharpnessAwareOptimizer
 from clpeft.components.tta.source_data import SourceBatches, source_training_data
 from clpeft.components.tta.source_reset import SourceReset
 from clpeft.components.tta.stochastic_restore import StochasticRestore
-from clpeft.components.tta.weight_ensembling import blend_
+from clpeft.components.tta.weight_ensembling import SourceEnsemble, blend_
 
 __all__ = [
     "AdaptationOptimizer",
@@ -58,6 +58,7 @@ __all__ = [
     "SharpnessAwareOptimizer",
     "source_training_data",
     "SourceBatches",
+    "SourceEnsemble",
     "SourceReset",
     "StochasticRestore",
     "symmetric_cross_entropy",

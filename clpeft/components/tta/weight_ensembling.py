@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clpeft.components.tta.source_reset import SourceReset
+
 
 def adapted_names(model: nn.Module) -> list[str]:
     """Names of ``model``'s parameters that adapt (require gradients), in order."""
@@ -29,3 +31,21 @@ def blend_(target: nn.Module, other: nn.Module, momentum: float, names: list[str
     for name in names:
         p = mine[name]
         p.copy_(momentum * p + (1 - momentum) * theirs[name].to(p.device))
+
+
+class SourceEnsemble(SourceReset):
+    """ROID's weight ensembling (eq. 9): after every step the adapted weights move towards the
+    source's, ``theta <- alpha theta + (1 - alpha) theta_0``.
+
+    Args:
+        model: the network that adapts; :meth:`capture` records the source when adaptation starts.
+        momentum: ``alpha`` (1: no ensembling).
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.99):
+        super().__init__(model)
+        self.momentum = momentum
+
+    def fuse(self, model: nn.Module, names: list[str]) -> None:
+        """Blend ``model``'s parameters ``names`` with the source's."""
+        blend_(model, self.source, self.momentum, names)
