@@ -38,15 +38,14 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.regularization.ema import EMATeacher
 from clpeft.components.tta.adapting_strategy import AdaptingStrategy
 from clpeft.components.tta.augment import TTAugment
-from clpeft.components.tta.losses import multi_view_contrastive_loss, symmetric_cross_entropy
+from clpeft.components.tta.losses import symmetric_cross_entropy
 from clpeft.components.tta.online_adaptation import batch_norm_layers, classifier, use_batch_statistics
 from clpeft.components.tta.options import AdaptationOptions
+from clpeft.components.tta.prototype_contrast import PrototypeContrast
 from clpeft.components.tta.source_data import SourceBatches, source_training_data
 from clpeft.data import DataView
 from clpeft.experience import Experience
@@ -94,14 +93,11 @@ class RMT(AdaptingStrategy):
         self.lambda_cont = lambda_cont
         self.lambda_ce_src = lambda_ce_src
         self.warmup_samples = warmup_samples
-        self.temperature = temperature
         self.teacher = EMATeacher(classifier(backbone, self.head), ema_momentum)
         self.augment = TTAugment(flip=flip)
         self.source_batch_size = source_batch_size
         self.source_batches = SourceBatches(source_batch_size)
-        self.prototypes = ClassStatistics(backbone.feature_dim, covariance="none")
-        d = backbone.feature_dim
-        self.projector = nn.Sequential(nn.Linear(d, projection_dim), nn.ReLU(), nn.Linear(projection_dim, projection_dim))
+        self.contrast = PrototypeContrast(backbone.feature_dim, projection_dim, temperature)
 
     @property
     def uses_source_data(self) -> bool:
@@ -116,7 +112,7 @@ class RMT(AdaptingStrategy):
             self,
             classifier(self.backbone, self.head),
             on_start=lambda: self._start(source),
-            extra=self.projector.parameters() if self.lambda_cont > 0 else (),
+            extra=self.contrast.projector.parameters() if self.lambda_cont > 0 else (),
         )
 
     def _start(self, source: DataView | None) -> None:
@@ -127,10 +123,8 @@ class RMT(AdaptingStrategy):
             return
         self.source_batches.start(source)
         if self.lambda_cont > 0:
-            self.prototypes = ClassStatistics(self.backbone.feature_dim, self.head.n_classes, "none").to(self.device)
-            with torch.no_grad():
-                for batch in self.batches(source, self.source_batches.batch_size, shuffle=True):
-                    self.prototypes.update(self.backbone(batch.x), batch.y)
+            batches = self.batches(source, self.source_batches.batch_size, shuffle=True)
+            self.contrast.compute_prototypes(((self.backbone(b.x), b.y) for b in batches), self.head.n_classes)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -158,7 +152,7 @@ class RMT(AdaptingStrategy):
             self.lambda_ce_trg * (0.5 * symmetric_cross_entropy(logits, target) + 0.5 * symmetric_cross_entropy(logits_aug, target)).mean()
         )
         if self.lambda_cont > 0:
-            loss = loss + self.lambda_cont * self._contrastive(features, features_aug)
+            loss = loss + self.lambda_cont * self.contrast(features, features_aug)
         if self.lambda_ce_src > 0:
             batch = self.source_batches.next(self)
             loss = loss + self.lambda_ce_src * F.cross_entropy(self.head(self.backbone(batch.x)), batch.y)
@@ -166,11 +160,8 @@ class RMT(AdaptingStrategy):
         self.teacher.update(classifier(self.backbone, self.head))
         return logits.detach() + target
 
-    def _contrastive(self, features: torch.Tensor, features_aug: torch.Tensor) -> torch.Tensor:
-        """Eq. 4: nearest source prototype, test features and augmented features as three views."""
-        prototypes = self.prototypes.means().to(features.dtype)
-        with torch.no_grad():
-            nearest = (F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).T).argmax(1)
-        views = torch.stack([prototypes[nearest], features, features_aug], dim=1)
-        z = F.normalize(self.projector(views), dim=-1)
-        return multi_view_contrastive_loss(z, self.temperature)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the prototypes and projection head moved into ``contrast``
+        for key in [k for k in state_dict if k.startswith((f"{prefix}prototypes.", f"{prefix}projector."))]:
+            state_dict[f"{prefix}contrast.{key[len(prefix) :]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -634,7 +634,7 @@ def test_rmt_equals_the_reference(bench, monkeypatch, tmp_path, kind):
     strategy.augment = lambda x: transform(_float(x))
     warmed = {"student": _named(strategy), "teacher": dict(strategy.teacher.model.named_parameters())}
     warmed = {k: {n: p.detach().clone() for n, p in v.items()} for k, v in warmed.items()}
-    projector = copy.deepcopy(strategy.projector.state_dict())
+    projector = copy.deepcopy(strategy.contrast.projector.state_dict())
     losses = []
     step = strategy.adaptation.step
     monkeypatch.setattr(strategy.adaptation, "step", lambda loss: (losses.append(loss.detach()), step(loss)))
@@ -649,7 +649,7 @@ def test_rmt_equals_the_reference(bench, monkeypatch, tmp_path, kind):
 
     ref = bench.rmt.RMT(cfg, _reference_model(model), CLASSES)
     assert bench.request["batch_size"] == BATCH and bench.request["num_samples"] == -1
-    torch.testing.assert_close(strategy.prototypes.means().float(), ref.prototypes_src.squeeze(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(strategy.contrast.prototypes.means().float(), ref.prototypes_src.squeeze(1), rtol=1e-5, atol=1e-6)
     _assert_same_parameters(warmed["student"], dict(ref.model.named_parameters()))
     _assert_same_parameters(warmed["teacher"], dict(ref.model_ema.named_parameters()))
     with torch.no_grad():
@@ -664,8 +664,8 @@ def test_rmt_equals_the_reference(bench, monkeypatch, tmp_path, kind):
     ours, theirs = _named(strategy), dict(ref.model.named_parameters())
     _assert_same_parameters(ours, theirs, _params(model))
     _assert_same_parameters(dict(strategy.teacher.model.named_parameters()), dict(ref.model_ema.named_parameters()))
-    _assert_same_parameters(dict(strategy.projector.named_parameters()), dict(ref.projector.named_parameters()))
-    ours.update({f"projector.{n}": p for n, p in strategy.projector.named_parameters()})
+    _assert_same_parameters(dict(strategy.contrast.projector.named_parameters()), dict(ref.projector.named_parameters()))
+    ours.update({f"projector.{n}": p for n, p in strategy.contrast.projector.named_parameters()})
     theirs.update({f"projector.{n}": p for n, p in ref.projector.named_parameters()})
     _assert_same_optimizer_state(strategy.adaptation.optimizer._optimizer, ours, ref.optimizer, theirs)
 

@@ -403,7 +403,7 @@ def test_rmt_prototypes_are_the_source_models_class_means_and_warm_up_ramps_the_
     with torch.no_grad():
         feats = torch.cat([model[0](b.x) for b in passes]).double()
     expected = torch.stack([feats[y == c].mean(0) for c in range(10)])
-    torch.testing.assert_close(s.prototypes.means(), expected)
+    torch.testing.assert_close(s.contrast.prototypes.means(), expected)
     assert int(s.teacher.num_updates) == 5 and int(s.source_batches.drawn) == 5
     assert s.adaptation.optimizer._optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     moved = [not torch.equal(p, source["backbone"][n]) for n, p in s.backbone.named_parameters()]
@@ -428,9 +428,9 @@ def test_rmt_loss_is_weighted_self_training_contrastive_and_source_cross_entropy
         f, f_aug = r.backbone(x), r.backbone(x.flip(-1))
         q = r.teacher(x)
         self_training = (0.5 * _sce(r.head(f), q) + 0.5 * _sce(r.head(f_aug), q)).mean()
-        protos = r.prototypes.means().float()
+        protos = r.contrast.prototypes.means().float()
         nearest = torch.stack([F.cosine_similarity(protos, fi[None], dim=1).argmax() for fi in f])
-        z = F.normalize(r.projector(torch.stack([protos[nearest], f, f_aug], 1)), dim=-1)
+        z = F.normalize(r.contrast.projector(torch.stack([protos[nearest], f, f_aug], 1)), dim=-1)
         contrastive = multi_view_contrastive_loss(z, 0.1)
         source_ce = F.cross_entropy(r.head(r.backbone(src.x)), src.y)
     torch.testing.assert_close(losses[0], 1.5 * self_training + 0.7 * contrastive + 0.3 * source_ce)
@@ -439,11 +439,22 @@ def test_rmt_loss_is_weighted_self_training_contrastive_and_source_cross_entropy
 
 def test_rmt_optimises_the_projection_head_with_the_model(source):
     s = _make("rmt", source, warmup_samples=0)
-    head_before = copy.deepcopy(s.projector.state_dict())
+    head_before = copy.deepcopy(s.contrast.projector.state_dict())
     _adapt(s, _batches(source, 1)[0])
-    assert all(not torch.equal(v, head_before[k]) for k, v in s.projector.state_dict().items())
+    assert all(not torch.equal(v, head_before[k]) for k, v in s.contrast.projector.state_dict().items())
     core = _make("rmt", source, warmup_samples=0, lambda_cont=0.0, lambda_ce_src=0.0)
-    assert core.prototypes.n_classes == 0 and int(core.source_batches.drawn) == 0
+    assert core.contrast.prototypes.n_classes == 0 and int(core.source_batches.drawn) == 0
+
+
+def test_rmt_loads_checkpoints_written_before_its_prototype_contrast_moved_into_a_component(source):
+    s = _make("rmt", source, warmup_samples=0)
+    _adapt(s, _batches(source, 1)[0])
+    old = {k.replace("contrast.", "", 1) if k.startswith("contrast.") else k: v for k, v in s.state_dict().items()}
+    assert "prototypes.counts" in old and "projector.0.weight" in old
+    fresh = _make("rmt", source, warmup_samples=0)
+    fresh.load_state_dict(old)
+    for key, value in s.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
 
 
 def test_lame_adjusts_source_outputs_without_updates(source):
