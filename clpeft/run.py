@@ -483,9 +483,10 @@ def _augment(cfg: RunConfig, scenario: Scenario, backbone):
 
 def _copy_strategy(strategy: Strategy) -> Strategy:
     data, strategy._data = strategy._data, None
+    experience, strategy.experience = strategy.experience, None  # the stream's data is not copied
     try:
         fresh = copy.deepcopy(strategy)
     finally:
-        strategy._data = data
+        strategy._data, strategy.experience = data, experience
     fresh.attach(data)
     return fresh

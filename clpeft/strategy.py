@@ -107,6 +107,7 @@ class Strategy(nn.Module):
         self._data: DataAccess | None = None
         self._uses_features: bool | None = None
         self.epoch = 0  # the engine sets the current training epoch (0-based) before each epoch
+        self.experience: Experience | None = None  # the experience under way (set by the base before_experience)
 
     # ------------------------------------------------------------------ engine services
 
@@ -167,7 +168,8 @@ class Strategy(nn.Module):
     # ------------------------------------------------------------------ hooks
 
     def before_experience(self, exp: Experience) -> None:
-        """New classes / a new domain are known here. Default: grow the head."""
+        """New classes / a new domain are known here. Default: record ``exp`` as :attr:`experience`, grow the head."""
+        self.experience = exp
         self.head.grow_to(exp.n_classes_seen)
 
     def train_data(self, exp: Experience) -> DataView:

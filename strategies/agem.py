@@ -62,11 +62,6 @@ class AGEM(Strategy):
         super().__init__(backbone)
         self.memory = ReplayBuffer(mem_size, policy)
         self.minibatch_size = minibatch_size
-        self.current: Experience | None = None
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        self.current = exp
 
     def after_backward(self) -> None:
         if not len(self.memory):
@@ -75,7 +70,7 @@ class AGEM(Strategy):
         gradient = _flat_grad(params)
         for p in params:
             p.grad = None
-        view = self.memory.sample(self.minibatch_size, self.current.past)
+        view = self.memory.sample(self.minibatch_size, self.experience.past)
         replayed = next(iter(self.batches(view, batch_size=len(view))))
         F.cross_entropy(self.predict(replayed.x), replayed.y).backward()
         direction = project(gradient, _flat_grad(params))

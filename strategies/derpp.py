@@ -26,7 +26,6 @@ from clpeft.components import ReplayBuffer
 from clpeft.components.memory.logits import LogitsStore
 from clpeft.data import Batch
 from clpeft.distributed import require_one_process
-from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
 
@@ -63,11 +62,6 @@ class DERpp(Strategy):
         self.minibatch_size = minibatch_size
         self.alpha = alpha
         self.beta = beta
-        self.current: Experience | None = None
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        self.current = exp
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         outputs = self.predict(batch.x)
@@ -78,10 +72,10 @@ class DERpp(Strategy):
             if self.beta:
                 replayed = self._replayed(self.memory.draw(self.minibatch_size))
                 loss = loss + self.beta * F.cross_entropy(self.predict(replayed.x), replayed.y)
-        self.logits.write(self.memory.add(self.current, batch.index, batch.y), outputs)
+        self.logits.write(self.memory.add(self.experience, batch.index, batch.y), outputs)
         return loss
 
     def _replayed(self, slots: torch.Tensor) -> Batch:
         """The samples in ``slots`` as one batch, in that order."""
-        view = self.memory.at(slots, (*self.current.past, self.current))
+        view = self.memory.at(slots, (*self.experience.past, self.experience))
         return next(iter(self.batches(view, batch_size=len(view))))

@@ -23,7 +23,6 @@ from pydantic import Field
 from clpeft.components import CosineHead, ReplayBuffer
 from clpeft.data import Batch
 from clpeft.distributed import require_one_process
-from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
 
@@ -64,17 +63,12 @@ class ERACE(Strategy):
         self.minibatch_size = minibatch_size
         self.task_free = task_free
         self.register_buffer("largest_seen", torch.tensor(-1))  # the largest label of an incoming batch so far
-        self.current: Experience | None = None
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        self.current = exp
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         logits = self.predict(batch.x)
         present = batch.y.unique()
         self.largest_seen.fill_(max(int(self.largest_seen), int(present.max())))
-        asymmetric = self.task_free or self.current.index > 0
+        asymmetric = self.task_free or self.experience.index > 0
         if asymmetric:
             kept = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
             kept[present] = True
@@ -82,8 +76,8 @@ class ERACE(Strategy):
             logits = logits.masked_fill(~kept, torch.finfo(logits.dtype).min)
         loss = F.cross_entropy(logits, batch.y)
         if asymmetric and len(self.memory):
-            view = self.memory.sample(self.minibatch_size, (*self.current.past, self.current))
+            view = self.memory.sample(self.minibatch_size, (*self.experience.past, self.experience))
             replayed = next(iter(self.batches(view, batch_size=len(view))))
             loss = loss + F.cross_entropy(self.predict(replayed.x), replayed.y)
-        self.memory.add(self.current, batch.index, batch.y)
+        self.memory.add(self.experience, batch.index, batch.y)
         return loss

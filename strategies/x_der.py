@@ -78,12 +78,10 @@ class XDER(Strategy):
         self.alpha = alpha
         self.beta = beta
         self.gamma = gamma
-        self.current: Experience | None = None
         self.n_past = 0
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        self.current = exp
         self.n_past = exp.past[-1].n_classes_seen if exp.past else 0
         if sorted(exp.classes_in_this_experience) != list(range(self.n_past, exp.n_classes_seen)):
             raise UserError(
@@ -95,7 +93,7 @@ class XDER(Strategy):
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         outputs = self.predict(batch.x)
-        loss = F.cross_entropy(outputs[:, self.n_past : self.current.n_classes_seen], batch.y - self.n_past)
+        loss = F.cross_entropy(outputs[:, self.n_past : self.experience.n_classes_seen], batch.y - self.n_past)
         if len(self.memory):
             first = self.memory.buffer.draw(self.minibatch_size)
             first_outputs = self.predict(self._replayed(first).x)
@@ -134,7 +132,7 @@ class XDER(Strategy):
 
     def _replayed(self, slots: torch.Tensor) -> Batch:
         """The samples in ``slots`` as one batch, in that order."""
-        view = self.memory.buffer.at(slots, (*self.current.past, self.current))
+        view = self.memory.buffer.at(slots, (*self.experience.past, self.experience))
         return next(iter(self.batches(view, batch_size=len(view))))
 
 
