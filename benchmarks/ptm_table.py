@@ -43,6 +43,7 @@ VARIANTS = {
     "sdc": {"align": True, "drift_compensation": True},
     "nosubspace": {"subspace": "none"},
     "merge": {"old_updates": "merge"},
+    "noclspos": {"prompt_position": "none"},  # L2P's prompts without [CLS]'s position embedding (before 45bda6b)
 }
 VARIANTS.update({kind: {"adapter": kind} for kind in ("dora", "pissa", "vera", "lora_xs", "adalora")})  # LoRA kinds (issue 23)
 
