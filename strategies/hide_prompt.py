@@ -42,27 +42,26 @@ prompt momentum -> ``prompt_momentum``, contrastive weight ``lambda`` -> ``contr
 
 from typing import Annotated
 
-import numpy as np
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.centroid_statistics import CentroidStatistics, contrastive_regularisation
+from clpeft.components.heads.centroid_statistics import CentroidStatistics
 from clpeft.components.heads.class_mask import ClassMask
-from clpeft.components.heads.slow_learner import new_rows_truncated_normal
+from clpeft.components.heads.hierarchical_decomposition import (
+    learn_task_adaptive_prediction,
+    learn_task_identity,
+    start_task,
+    within_task_loss,
+)
+from clpeft.components.heads.hierarchical_decomposition import seeded_from_torch as _seeded_from_torch
 from clpeft.components.heads.task_identity import TaskIdentityInference
 from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.components.prompts.task_prompts import TaskPrefixPrompts
 from clpeft.data import Batch
 from clpeft.distributed import require_one_process
-from clpeft.errors import UserError
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.strategy import Strategy
-
-
-def _seeded_from_torch() -> int:
-    """A seed drawn from torch's global generator (which the engine seeds per experience)."""
-    return int(torch.randint(2**31 - 1, ()))
 
 
 @register_strategy("hide_prompt")
@@ -132,15 +131,7 @@ class HiDePrompt(Strategy):
         self.task = 0
 
     def before_experience(self, exp: Experience) -> None:
-        if exp.index >= self.prompt_tasks.pool_size:
-            raise UserError(
-                f"experience {exp.index + 1} needs its own prompt but the pool holds {self.prompt_tasks.pool_size}; "
-                "set it to the number of experiences",
-                key="strategy.pool_size",
-            )
-        new_rows_truncated_normal(self.head, exp.n_classes_seen)
-        self.task_identity.grow_to(exp.n_classes_seen)
-        self.mask.start(exp.classes_in_this_experience)
+        start_task(exp, self.prompt_tasks.pool_size, self.head, self.task_identity, self.mask, "prompt")
         self.task = exp.index
         self.prompt_tasks.start_task(exp.index)
 
@@ -151,33 +142,13 @@ class HiDePrompt(Strategy):
     def training_step(self, batch: Batch) -> torch.Tensor:
         prefixes = self.prompt_tasks.training_prefixes(self.task, self.prompt_momentum)
         features = self.backbone.forward_prompted(batch.x, prefixes=prefixes)
-        loss = self.mask.loss(self.head(features), batch.y)
-        return loss + self.contrastive_weight * contrastive_regularisation(features, self.statistics.centroids())
-
-    def _labelled(self, exp: Experience, features, batch_size: int | None = None, shuffle: bool = False):
-        """``(features(batch), labels)`` of ``exp``'s training data (read when consumed)."""
-        return ((features(batch), batch.y) for batch in self.batches(exp.train, batch_size=batch_size, shuffle=shuffle))
-
-    def _replay_statistics(self, statistics: CentroidStatistics, features, exp: Experience, head, tap: dict) -> None:
-        """Store ``exp``'s class statistics of ``features``, then (after the first task) task-adaptive prediction of ``head``."""
-        rows, labels = zip(*self._labelled(exp, features))
-        statistics.add(
-            torch.cat(rows), torch.cat(labels), exp.classes_in_this_experience, exp.index, np.random.RandomState(_seeded_from_torch())
-        )
-        if exp.index > 0:
-            statistics.adapt(head, tap["n"], tap["epochs"], tap["lr"], generator=torch.Generator().manual_seed(_seeded_from_torch()))
+        return within_task_loss(self.head, self.mask, features, batch.y, self.statistics, self.contrastive_weight)
 
     def after_experience(self, exp: Experience) -> None:
-        frozen = lambda batch: query_of(self.backbone, batch.x, batch.features)  # noqa: E731
-        tii = self.tii
-        epoch = lambda: self._labelled(exp, frozen, tii["batch_size"], shuffle=True)  # noqa: E731
-        self.task_identity.fit(epoch, tii["n_epochs"], exp.classes_in_this_experience, tii["lr"], train_mask=tii["train_mask"])
-        self.task_identity.eval()
-        self._replay_statistics(self.task_identity.statistics, frozen, exp, self.task_identity, self.tii_tap)
+        learn_task_identity(self.task_identity, self.batches, self.backbone, exp, self.tii, self.tii_tap, _seeded_from_torch)
         self.prompt_tasks.consolidate(exp.index, self.prompt_momentum)
         prompted = lambda batch: self.backbone.forward_prompted(batch.x, prefixes=self.prompt_tasks.training_prefixes(exp.index))  # noqa: E731
-        with torch.no_grad():
-            self._replay_statistics(self.statistics, prompted, exp, self.head, self.tap)
+        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, prompted, exp, self.tap, _seeded_from_torch)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far, with the prompt of the task TII infers from ``query`` (the cached frozen feature)."""

@@ -1,0 +1,171 @@
+"""HiDe-LoRA.
+
+Wang, Xie, Zhang, Su & Zhu, "HiDe-PET: Continual Learning via Hierarchical Decomposition of
+Parameter-Efficient Tuning", TPAMI 2025 (https://arxiv.org/abs/2407.05229; code: thu-ml/HiDe-Prompt,
+``hidelora``). HiDe-Prompt's hierarchical decomposition (:mod:`clpeft.strategies.hide_prompt`) with
+task-specific LoRA in place of the task prompts, on a frozen ViT:
+
+* **within-task prediction (WTP)**: one LoRA per task on the key and value projections of the first
+  blocks (:class:`~clpeft.components.lora.task_lora.TaskLoRA`, the official ``HideLoraPool``:
+  ``delta W_t = (alpha / r) B_t A_t``, ``alpha = 1``); a new task's LoRA starts as a copy of the
+  previous one's, and after the task it becomes ``(1 - m) (A_t, B_t) + m mean_{i<t} (A_i, B_i)``
+  (LoRA momentum ``m``). Loss: the cross-entropy over the current task's classes plus the
+  contrastive regularisation against the stored centroids (temperature 0.8, weight ``lambda``)::
+
+      L = CE(f(x; theta_t), y) + lambda * CE([C; h_theta(x)] [C; h_theta(x)]^T / 0.8, identity)
+
+* **task-identity inference (TII)**: HiDe-Prompt's classifier on the frozen model's features
+  (:class:`~clpeft.components.heads.task_identity.TaskIdentityInference`), trained after each task;
+  each test sample gets the LoRA of its predicted class's task;
+* **task-adaptive prediction (TAP)**: after each task from the second on, the output layer is
+  re-trained on features replayed from every class's k-means cluster Gaussians of the LoRA
+  representations (:class:`~clpeft.components.heads.centroid_statistics.CentroidStatistics`).
+
+The three stages around the LoRA are HiDe-Prompt's
+(:mod:`clpeft.components.heads.hierarchical_decomposition`).
+
+**Backbone passes.** All tasks' LoRAs sit in one
+:class:`~clpeft.components.lora.batched.MultiLoRALinear` per layer: a test batch whose samples are
+assigned different tasks takes one backbone pass (the official code too: per-sample ``bmm``).
+Outside routing those layers are the frozen ones, so the frozen features come from the feature
+cache (``needs_query``): one pass per training step and per test batch, none for TII training
+(the official code: two, two and one; ``tests/strategies/test_hide_lora.py`` counts them). The
+LoRA factors are trainable only while their task trains; between tasks the whole backbone is frozen.
+
+Differences from the official code, by design: TII is trained inside the same run (the official
+code loads the checkpoints of a separate HiDe-Prompt TII run); the output layer covers the classes
+seen so far; k-means and replay draw from seeded generators; the LoRA factors get no weight decay
+(the official runs use none; decay would move the finished tasks' factors, whose gradients are zero).
+``tests/reference/test_hide_lora.py`` checks the rest against the official code.
+
+Paper symbols -> parameters: LoRA rank ``r`` -> ``rank``, LoRA blocks -> ``lora_layers`` (official
+``lora_depth``), adapted projections -> ``projections``, LoRA momentum ``m`` -> ``lora_momentum``,
+contrastive weight ``lambda`` -> ``contrastive_weight`` (official ``reg``), clusters per class ``K`` ->
+``n_centroids``.
+"""
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from clpeft.backbones.split_qkv import split_qkv
+from clpeft.components.heads.centroid_statistics import CentroidStatistics
+from clpeft.components.heads.class_mask import ClassMask
+from clpeft.components.heads.hierarchical_decomposition import (
+    learn_task_adaptive_prediction,
+    learn_task_identity,
+    seeded_from_torch,
+    start_task,
+    within_task_loss,
+)
+from clpeft.components.heads.task_identity import TaskIdentityInference
+from clpeft.components.lora.task_lora import TaskLoRA
+from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
+from clpeft.data import Batch
+from clpeft.distributed import require_one_process
+from clpeft.experience import Experience
+from clpeft.registry import register_strategy
+from clpeft.strategy import Strategy
+
+
+@register_strategy("hide_lora")
+class HiDeLoRA(Strategy):
+    """HiDe-LoRA: task LoRAs chosen by a frozen-feature task classifier, heads re-trained on replayed statistics (Wang et al. 2025).
+
+    Args:
+        backbone: a frozen timm ViT (its fused ``qkv`` projections are split in place).
+        pool_size: number of task LoRAs: the most experiences the stream may have.
+        rank: ``r``, rank of every LoRA (official ``lora_rank``).
+        alpha: LoRA ``alpha``; the scaling is ``alpha / r`` (official ``lora_alpha``, 1).
+        lora_layers: the adapted blocks (official: the first ``lora_depth`` = 5).
+        projections: the adapted attention projections (official: key and value).
+        lora_momentum: ``m``, weight of the earlier LoRAs' mean in a finished task's LoRA (official ``lora_momentum``).
+        contrastive_weight: ``lambda``, weight of the contrastive regularisation (official ``reg``).
+        train_mask: cross-entropy over the current experience's classes only (official ``train_mask``).
+        n_centroids: ``K``, k-means clusters per class kept for replay and as contrastive anchors.
+        tap_epochs: task-adaptive prediction epochs (official ``crct_epochs``), for both heads.
+        tap_lr: SGD learning rate of the output layer's task-adaptive prediction (official ``ca_lr``).
+        tap_samples: features drawn per cluster and epoch, also the batch size (official ``5 * batch_size``).
+        tii_epochs: epochs of the task-identity classifier on each experience (official TII run's ``epochs``).
+        tii_lr: its Adam learning rate (official TII run's scaled ``lr``).
+        tii_batch_size: its batch size.
+        tii_tap_lr: SGD learning rate of its task-adaptive prediction (official TII run's scaled ``ca_lr``).
+        tii_tap_samples: features drawn per cluster and epoch for it (official ``batch_size``).
+        tii_mlp_ratios: hidden widths of its MLP as multiples of the feature width (official ``[2]``).
+    """
+
+    needs_query = True
+
+    def __init__(
+        self,
+        backbone,
+        pool_size: Annotated[int, Field(ge=1)] = 10,
+        rank: Annotated[int, Field(ge=1)] = 4,
+        alpha: Annotated[float, Field(gt=0)] = 1.0,
+        lora_layers: list[Annotated[int, Field(ge=0)]] = [0, 1, 2, 3, 4],
+        projections: list[Literal["q", "k", "v"]] = ["k", "v"],
+        lora_momentum: Annotated[float, Field(ge=0, le=1)] = 0.1,
+        contrastive_weight: Annotated[float, Field(ge=0)] = 0.01,
+        train_mask: bool = True,
+        n_centroids: Annotated[int, Field(ge=1)] = 10,
+        tap_epochs: Annotated[int, Field(ge=0)] = 30,
+        tap_lr: Annotated[float, Field(gt=0)] = 0.005,
+        tap_samples: Annotated[int, Field(ge=1)] = 120,
+        tii_epochs: Annotated[int, Field(ge=1)] = 20,
+        tii_lr: Annotated[float, Field(gt=0)] = 0.0005 * 24 / 256,
+        tii_batch_size: Annotated[int, Field(ge=1)] = 24,
+        tii_tap_lr: Annotated[float, Field(gt=0)] = 0.005 * 24 / 256,
+        tii_tap_samples: Annotated[int, Field(ge=1)] = 24,
+        tii_mlp_ratios: list[Annotated[int, Field(ge=1)]] = [2],
+    ):
+        require_one_process(
+            "hide_lora",
+            "its task-identity classifier and its heads' re-training run their own optimizer loops after each experience, outside the ranks' gradient averaging",
+        )
+        super().__init__(backbone)
+        promptable_width(backbone, "hide_lora")
+        check_layers(backbone, lora_layers, "strategy.lora_layers")
+        split_qkv(backbone.net)
+        targets = [f"blocks.{i}.attn.qkv.{p}" for i in lora_layers for p in projections]
+        self.task_lora = TaskLoRA(backbone.net, targets, pool_size, rank, alpha, key="strategy.projections")
+        self.task_identity = TaskIdentityInference(backbone.feature_dim, tii_mlp_ratios, n_centroids)
+        self.statistics = CentroidStatistics(backbone.feature_dim, n_centroids)
+        self.mask = ClassMask(train_mask)
+        self.lora_momentum, self.contrastive_weight = lora_momentum, contrastive_weight
+        self.tap = {"n": tap_samples, "epochs": tap_epochs, "lr": tap_lr}
+        self.tii_tap = {"n": tii_tap_samples, "epochs": tap_epochs, "lr": tii_tap_lr}
+        self.tii = {"n_epochs": tii_epochs, "lr": tii_lr, "batch_size": tii_batch_size, "train_mask": train_mask}
+        self.task = 0
+
+    def before_experience(self, exp: Experience) -> None:
+        start_task(exp, self.task_lora.pool_size, self.head, self.task_identity, self.mask, "LoRA")
+        self.task = exp.index
+        self.task_lora.start_task(exp.index)
+        self.task_lora.requires_grad_(True)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The LoRAs (no weight decay: the finished tasks' factors stay as they are) and the output layer, both at ``lr``."""
+        return [{"params": self.task_lora.parameters(), "lr": lr, "weight_decay": 0.0}, {"params": list(self.head.parameters()), "lr": lr}]
+
+    def features(self, x: torch.Tensor, tasks: torch.Tensor | int) -> torch.Tensor:
+        """The representations of ``x`` with each sample's task LoRA (``tasks``: one task for all, or ``(B,)``)."""
+        ids = torch.full((len(x),), tasks, dtype=torch.long) if isinstance(tasks, int) else tasks
+        with self.task_lora.routed(ids):
+            return self.backbone(x)
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        features = self.features(batch.x, self.task)
+        return within_task_loss(self.head, self.mask, features, batch.y, self.statistics, self.contrastive_weight)
+
+    def after_experience(self, exp: Experience) -> None:
+        self.task_lora.requires_grad_(False)
+        learn_task_identity(self.task_identity, self.batches, self.backbone, exp, self.tii, self.tii_tap, seeded_from_torch)
+        self.task_lora.consolidate(exp.index, self.lora_momentum)
+        instructed = lambda batch: self.features(batch.x, exp.index)  # noqa: E731
+        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, instructed, exp, self.tap, seeded_from_torch)
+
+    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the classes seen so far, each sample with the LoRA of the task TII infers from ``query`` (the cached frozen feature)."""
+        tasks = self.task_identity.infer(query_of(self.backbone, x, query))
+        return self.head(self.features(x, tasks))
