@@ -165,6 +165,13 @@ class LoggingConfig(_Section):
     progress: Literal["auto", "always", "never"] = Field("auto", description="progress bars; auto = only when stderr is a terminal")
     keep_checkpoints: int = Field(2, ge=1, description="how many per-experience checkpoints to keep")
     wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases: {project: ..., mode: offline}")
+    export: list[Literal["adapters", "merged"]] = Field(
+        [],
+        description="generative_lm runs: adapters = after each task k, <out>/adapters/task_<k>/, a peft adapter directory of the "
+        "whole LoRA update so far (PeftModel.from_pretrained(base, dir); a few MB); merged = at the end, <out>/merged/, the final "
+        "model with its LoRA folded in and the tokenizer (AutoModelForCausalLM / AutoTokenizer.from_pretrained(dir); a full copy "
+        "of the model, hence off by default)",
+    )
 
 
 _FIXED = {"train": TrainConfig, "eval": EvalConfig, "logging": LoggingConfig}

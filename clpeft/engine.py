@@ -43,6 +43,7 @@ import torch
 import yaml
 
 from clpeft import checkpoint, distributed, metrics
+from clpeft.components.generative.export import RunExports
 from clpeft.config import RunConfig
 from clpeft.errors import UserError
 from clpeft.logging import RunLogger
@@ -128,6 +129,7 @@ class Engine:
         try:
             self._prepared = prepare(self.out_dir, self._resolved_config(), self.world, resume=self.resume, force=self.force)
             self.built = built or self.build()
+            self.exports = RunExports(self.cfg.logging.export, self.built.strategy, self.out_dir)
             if self.world.is_main:
                 self.built.scenario.save_artifacts(self.out_dir)
             log = RunLogger(
@@ -183,11 +185,12 @@ class Engine:
         checkpoint.save(directory, index, {**state, "config": self._resolved_config()}, keep=keep)
 
     def write_result(self, result: dict, strategy, log: RunLogger) -> None:
-        """``metrics.json`` (atomically), the final weights, and the scalar metrics as an event (rank 0)."""
+        """``metrics.json`` (atomically), the final weights (and ``logging.export``'s), and the scalar metrics as an event (rank 0)."""
         if not self.world.is_main:
             return
         write_atomic(self.out_dir / "metrics.json", json.dumps(result, indent=2))
         export_weights(strategy, self.out_dir / "model.safetensors")
+        self.exports.after_stream()
         log.event("metrics", **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         log.hparams(self.cfg.to_dict(), result["metrics"])
 

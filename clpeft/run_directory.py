@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Everything a run writes at the top of its directory.
-RUN_FILES = ("config.yaml", "metrics.json", "events.jsonl", "model.safetensors", "checkpoints", "source", "tb")
+RUN_FILES = ("config.yaml", "metrics.json", "events.jsonl", "model.safetensors", "checkpoints", "source", "tb", "adapters", "merged")
 # Scenario keys that locate the data without changing the stream it gives.
 _RELOCATING = {"scenario.root", "scenario.download"}
 

@@ -90,6 +90,7 @@ def run_experiences(engine: Engine, run: Run, log: RunLogger) -> dict:
         log.print(f"experience {exp.index + 1}/{T}: acc on seen = {seen:.4f}  row = [{', '.join(f'{a:.3f}' for a in row)}]")
         distributed.check_consistent(engine.world, strategy, f"experience {exp.index}")
         if engine.world.is_main:
+            engine.exports.after_experience(exp.index)  # before the checkpoint: a run resumed after it has this export
             engine.save_checkpoint(
                 engine.out_dir / "checkpoints",
                 exp.index,

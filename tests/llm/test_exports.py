@@ -1,0 +1,149 @@
+"""``logging.export`` on a generative run through the engine: each task's adapter loads in peft with the
+outputs the run's model had after that task, the merged model and its tokenizer load in transformers
+with the final model's outputs, a run stopped mid-stream and resumed writes the same files, and
+directories are replaced whole."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clpeft.config
+from clpeft.components.generative.export import RunExports, replace_directory
+from clpeft.engine import Engine
+from clpeft.errors import UserError
+
+PROMPTS = ["q abcd", "q hgfe", "r bbca"]
+
+
+def _config(tasks, weights, name, export=("adapters", "merged")):
+    return clpeft.config.resolve(
+        {
+            "seed": 0,
+            "scenario": {"name": "instruction_incremental", "tasks": [{"jsonl": str(p), "max_new_tokens": 4} for p in tasks]},
+            "backbone": {"name": "generative_lm", "weights": str(weights)},
+            "strategy": {"name": name, "lora_targets": ["q_proj", "v_proj", "down_proj"], "lora_rank": 4},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "optimizer": "adam"},
+            "eval": {"batch_size": 32, "baseline": False},
+            "logging": {"tensorboard": False, "progress": "never", "export": list(export)},
+        }
+    )
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ids(backbone) -> torch.Tensor:
+    rows = [backbone.prompt_ids(p) for p in PROMPTS]
+    assert len({len(r) for r in rows}) == 1  # one length: no padding to get right
+    return torch.tensor(rows)
+
+
+def test_o_lora_adapters_per_task_and_the_merged_model_load_with_the_runs_outputs(tiny_lm, two_tasks, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = Engine(_config(two_tasks, tiny_lm, "o_lora"), tmp_path / "run", device="cpu")
+    run = engine.build()
+    backbone = run.strategy.backbone
+    ids, after_task = _ids(backbone), []
+    evaluated = run.strategy.after_evaluation
+
+    def record(exp, row):  # the run's model as it is after each task
+        after_task.append(_logits(backbone.net, ids))
+        evaluated(exp, row)
+
+    run.strategy.after_evaluation = record
+    engine.run(run)
+
+    plain = _logits(AutoModelForCausalLM.from_pretrained(tiny_lm), ids)
+    assert not torch.allclose(after_task[0], plain, atol=1e-3) and not torch.allclose(after_task[1], after_task[0], atol=1e-3)
+    adapters = tmp_path / "run" / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == ["task_0", "task_1"]
+    for k in (0, 1):
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), adapters / f"task_{k}").eval()
+        torch.testing.assert_close(_logits(peft_model, ids), after_task[k], atol=1e-5, rtol=1e-5)
+
+    # task 1's adapter is O-LoRA's sum: task 0's LoRA, unchanged, then task 1's own (rank 4 each)
+    first, second = (load_file(adapters / f"task_{k}" / "adapter_model.safetensors") for k in (0, 1))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert first[key].shape == (4, 32) and second[key].shape == (8, 32)
+    torch.testing.assert_close(second[key][:4], first[key], atol=0, rtol=0)
+
+    merged = tmp_path / "run" / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    torch.testing.assert_close(_logits(model, ids), after_task[1], atol=1e-5, rtol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer("q abcd\n")["input_ids"] == backbone.tokenizer("q abcd\n")["input_ids"]
+    assert tokenizer.eos_token == backbone.tokenizer.eos_token and tokenizer.pad_token == backbone.tokenizer.pad_token
+
+
+class Stop(Exception):
+    """Raised in place of the second task: the run is killed after the first."""
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_run_stopped_mid_stream_resumes_to_the_same_exports(tiny_lm, two_tasks, tmp_path):
+    cfg = _config(two_tasks, tiny_lm, "seq_finetune")
+    Engine(cfg, tmp_path / "whole", device="cpu").run()
+
+    engine = Engine(cfg, tmp_path / "stopped", device="cpu")
+    run = engine.build()
+    begin = run.strategy.before_experience
+
+    def stop_at_the_second(exp):
+        if exp.index == 1:
+            raise Stop
+        begin(exp)
+
+    run.strategy.before_experience = stop_at_the_second
+    with pytest.raises(Stop):
+        engine.run(run)
+    stopped = tmp_path / "stopped"
+    assert [p.name for p in (stopped / "adapters").iterdir()] == ["task_0"] and not (stopped / "merged").exists()
+    Engine(cfg, stopped, device="cpu", resume=True).run()
+
+    for sub in ("adapters", "merged"):
+        whole, resumed = _files(tmp_path / "whole" / sub), _files(stopped / sub)
+        assert sorted(resumed) == sorted(whole) and "task_1/adapter_model.safetensors" in _files(tmp_path / "whole" / "adapters")
+        assert [name for name in whole if whole[name] != resumed[name]] == []  # byte for byte: the same tensors and configs
+    assert not list(stopped.rglob(".*.tmp")) and not list(stopped.rglob(".*.old"))
+
+
+def test_exports_are_refused_without_a_generative_model_and_nothing_is_written_when_off(tmp_path):
+    not_generative = SimpleNamespace(backbone=torch.nn.Linear(2, 2))
+    with pytest.raises(UserError, match=r"logging\.export: exports a generative_lm run's model \(this backbone is Linear\)"):
+        RunExports(["merged"], not_generative, tmp_path)
+    off = RunExports([], not_generative, tmp_path)
+    off.after_experience(0)
+    off.after_stream()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "adapters" / "task_0"
+
+    def write(content: str, fail: bool = False):
+        def writer(directory: Path) -> None:
+            directory.mkdir()
+            (directory / "a.txt").write_text(content)
+            if fail:
+                raise OSError("disk full")
+
+        return writer
+
+    replace_directory(target, write("first"))
+    with pytest.raises(OSError, match="disk full"):
+        replace_directory(target, write("partial", fail=True))
+    assert (target / "a.txt").read_text() == "first"  # the interrupted write left the old directory as it was
+    replace_directory(target, write("second"))
+    assert (target / "a.txt").read_text() == "second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["task_0"]  # the stale .task_0.tmp went with the next write
