@@ -90,6 +90,10 @@ class GenerativeLM(Backbone):
         weights: packaged name (``smollm2-135m``), a local model directory, or a hub id (internet).
         chat_template: wrap prompts in the tokenizer's chat template when it has one.
         max_length: longest prompt + answer in tokens; longer prompts lose their start.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass
+            instead of storing them (transformers' non-reentrant checkpointing; Chen et al.,
+            "Training Deep Nets with Sublinear Memory Cost", 2016): less activation memory for
+            about one more forward pass per step; training only, the same loss and gradients.
         cache_dir: where converted GGUF weights are cached (default ``$CLPEFT_CACHE/weights``).
     """
 
@@ -99,6 +103,7 @@ class GenerativeLM(Backbone):
         weights: str = "smollm2-135m",
         chat_template: bool = True,
         max_length: Annotated[int, Field(ge=2)] = 256,
+        gradient_checkpointing: bool = False,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -112,6 +117,8 @@ class GenerativeLM(Backbone):
         self.weights = weights
         self.chat_template = chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         self.max_length = max_length
+        if gradient_checkpointing:
+            _enable_checkpointing(self.net)
         self.feature_dim = int(self.net.config.hidden_size)
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
@@ -121,7 +128,9 @@ class GenerativeLM(Backbone):
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"  # transformers >= 5.2x: cache
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
         self.freeze()
-        self.pretrained = PretrainedWeights(self, rebuild=lambda: GenerativeLM(input_shape, weights, chat_template, max_length, cache_dir))
+        self.pretrained = PretrainedWeights(
+            self, rebuild=lambda: GenerativeLM(input_shape, weights, chat_template, max_length, gradient_checkpointing, cache_dir)
+        )
 
     # ------------------------------------------------------------------ tokens
 
@@ -269,6 +278,14 @@ class GenerativeLM(Backbone):
         for name, value in self.state_dict().items():
             h.update(f"{name} {tensor_digest(value) if isinstance(value, torch.Tensor) else sorted(value.items())}".encode())
         return h.hexdigest()[:16]
+
+
+def _enable_checkpointing(net) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers >= 5.2x renamed the call)."""
+    if hasattr(net, "activation_checkpointing_enable"):
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:

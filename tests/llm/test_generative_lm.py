@@ -95,3 +95,24 @@ def test_a_packaged_model_of_another_kind_is_refused_by_name():
 
     with pytest.raises(UserError, match="'minilm-l6' is a text_encoder model; generative_lm needs a decoder LLM"):
         load_causal_lm("minilm-l6")
+
+
+def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients(tiny_lm):
+    examples = [Instruction("q ab", "xy"), Instruction("Sort: 3 1", "1 3")]
+    results = []
+    for checkpointing in (False, True):
+        lm = GenerativeLM(weights=str(tiny_lm), gradient_checkpointing=checkpointing)
+        for p in lm.net.model.layers.parameters():
+            p.requires_grad_(True)
+        lm.train()  # a backbone with trainable parameters trains (a frozen one stays in eval mode)
+        calls = []
+        lm.net.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))  # inside the checkpointed layer
+        loss = lm.loss(examples)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lm.net.model.layers.named_parameters()}
+        results.append((loss.detach(), grads, len(calls)))
+    (plain_loss, plain_grads, plain_calls), (ckpt_loss, ckpt_grads, ckpt_calls) = results
+    assert (plain_calls, ckpt_calls) == (1, 2)  # the layer runs again in the backward pass
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6)
