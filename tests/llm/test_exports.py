@@ -3,6 +3,8 @@ outputs the run's model had after that task, the merged model and its tokenizer 
 with the final model's outputs, a run stopped mid-stream and resumed writes the same files, and
 directories are replaced whole."""
 
+import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +75,10 @@ def test_o_lora_adapters_per_task_and_the_merged_model_load_with_the_runs_output
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert first[key].shape == (4, 32) and second[key].shape == (8, 32)
     torch.testing.assert_close(second[key][:4], first[key], atol=0, rtol=0)
+    own = run.strategy.generative.lora["model.layers.0.self_attn.q_proj"]  # task 1's LoRA alone: the last 4 rows, half the alpha
+    torch.testing.assert_close(second[key][4:], own.lora_A.detach(), atol=0, rtol=0)
+    alphas = json.loads((adapters / "task_1" / "adapter_config.json").read_text())["alpha_pattern"]
+    assert alphas[re.escape("model.layers.0.self_attn.q_proj")] == pytest.approx(2 * own.alpha)
 
     merged = tmp_path / "run" / "merged"
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
