@@ -33,7 +33,6 @@ import copy
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -43,10 +42,8 @@ from clpeft.components.lora.files import save_peft_adapter
 from clpeft.components.lora.injection import lora_layers
 from clpeft.errors import UserError
 
-__all__ = ["EXPORTS", "RunExports", "merged_state_dict", "replace_directory", "save_merged_model"]
+__all__ = ["RunExports", "merged_state_dict", "replace_directory", "save_merged_model"]
 
-#: What ``logging.export`` may list.
-EXPORTS = Literal["adapters", "merged"]
 _KEY = "logging.export"
 
 
