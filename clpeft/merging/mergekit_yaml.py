@@ -18,10 +18,12 @@ none, applies). Each mergekit method runs as a configuration of a clpeft method
 from mergekit's (weighted sign election, ties' divisor with unequal weights, bf16 arithmetic)
 docs/merging.md says how; docs/merging_llm.md maps every key.
 
-``slices`` are accepted when they describe a merge of whole models by layer ranges: each slice
-lists the same models with one ``layer_range`` for all of them, and the slices cover layers
-``0..L`` in order (per-slice parameters and gradients then apply to their layers). Slices that
-repeat, reorder or mix layers (layer stacking, "frankenmerges") are refused.
+``slices`` build the output layer by layer as mergekit does (:mod:`~clpeft.merging.slices`):
+layer stacking ("frankenmerges") with ``merge_method: passthrough`` (one source per slice, its
+``scale`` parameter included), or a per-slice merge of sources whose ``layer_range`` s hold the
+same number of layers, with any method above; a slice may name its own ``base_model``.
+``config.json`` then gets the new ``num_hidden_layers``. ``passthrough`` with ``models:`` copies
+its one model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from clpeft.merging.io import open_checkpoint
 from clpeft.merging.output import atomic_output
 from clpeft.merging.report import MergeReport
 from clpeft.merging.sharded import ShardRecord
+from clpeft.merging.slices import OutputSlice, SliceLayout, SliceSource, merge_slices, plan_slices
 
 __all__ = ["METHODS", "MergekitPlan", "is_mergekit_config", "plan_mergekit", "run_mergekit"]
 
@@ -266,6 +269,8 @@ class MergekitPlan:
     dtype: str | None
     tokenizer_source: Path
     config_source: Path
+    layout: SliceLayout | None = None
+    input_dtype: str | None = None
 
 
 def _model_path(reference: Any, where: str) -> Path:
@@ -303,8 +308,8 @@ def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> 
             raise UserError(f"mergekit key '{key}' is not supported by clpeft (supported here: {', '.join(allowed)})", key=where + key)
 
 
-def _sources(data: Mapping[str, Any]) -> tuple[list[_Source], list[tuple[int, int, Mapping[str, Any], list[Mapping]]]]:
-    """The models and, for ``slices``, per slice ``(start, stop, slice parameters, per-model parameters)``."""
+def _sources(data: Mapping[str, Any]) -> tuple[list[_Source], list[OutputSlice]]:
+    """The models of ``models:``, or the slices of ``slices:``."""
     if ("models" in data) == ("slices" in data):
         raise UserError("a mergekit config needs exactly one of models and slices", key="models")
     if "models" in data:
@@ -319,30 +324,25 @@ def _sources(data: Mapping[str, Any]) -> tuple[list[_Source], list[tuple[int, in
     slices = data["slices"]
     if not isinstance(slices, list) or not slices:
         raise UserError("slices must be a non-empty list of {sources: [...]}", key="slices")
-    layout, sources = [], None
-    position = 0
+    top_base = _model_path(data["base_model"], "base_model") if data.get("base_model") else None
+    layout = []
     for s, entry in enumerate(slices):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("sources"), list):
+            raise UserError("a slice is {sources: [{model, layer_range}, ...], parameters, base_model}", key=f"slices[{s}]")
         _check_keys(entry, ("sources", "parameters", "base_model"), f"slices[{s}].")
-        if "base_model" in entry and entry["base_model"] != data.get("base_model"):
-            raise UserError("a per-slice base_model is not supported; give one top-level base_model", key=f"slices[{s}].base_model")
-        paths, ranges, params = [], set(), []
-        for m, source in enumerate(entry.get("sources") or []):
-            _check_keys(source, ("model", "layer_range", "parameters"), f"slices[{s}].sources[{m}].")
-            paths.append(_model_path(source.get("model"), f"slices[{s}].sources[{m}].model"))
-            ranges.add(tuple(source.get("layer_range") or ()))
-            params.append(source.get("parameters") or {})
-        if sources is None:
-            sources = [_Source(path, {}) for path in paths]
-        layer_range = ranges.pop() if len(ranges) == 1 else None
-        if paths != [src.path for src in sources] or layer_range is None or len(layer_range) != 2 or layer_range[0] != position:
-            raise UserError(
-                "slices that stack, repeat, reorder or mix layers (frankenmerges) are not supported: every slice must list "
-                f"the same models with one layer_range, the slices covering layers 0..L in order (slice {s} does not)",
-                key=f"slices[{s}]",
-            )
-        layout.append((layer_range[0], layer_range[1], entry.get("parameters") or {}, params))
-        position = layer_range[1]
-    return sources, layout
+        own_base = entry.get("base_model")
+        base = _model_path(own_base, f"slices[{s}].base_model") if own_base else top_base
+        parts = []
+        for m, source in enumerate(entry["sources"]):
+            where = f"slices[{s}].sources[{m}]"
+            _check_keys(source, ("model", "layer_range", "parameters"), where + ".")
+            layer_range = source.get("layer_range")
+            if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(type(v) is int for v in layer_range)):
+                raise UserError(f"layer_range is [first, end) as two integers, got {layer_range!r}", key=f"{where}.layer_range")
+            path = _model_path(source.get("model"), f"{where}.model")
+            parts.append(SliceSource(path, *layer_range, source.get("parameters") or {}))
+        layout.append(OutputSlice(tuple(parts), entry.get("parameters") or {}, base))
+    return [], layout
 
 
 def plan_mergekit(data: Mapping[str, Any]) -> MergekitPlan:
@@ -353,11 +353,39 @@ def plan_mergekit(data: Mapping[str, Any]) -> MergekitPlan:
     """
     _check_keys(data, _TOP_KEYS, "")
     name = data["merge_method"]
-    if name not in METHODS:
-        raise UserError(f"mergekit merge_method '{name}' is not supported by clpeft (supported: {', '.join(METHODS)})", key="merge_method")
-    method = METHODS[name]
-    sources, layout = _sources(data)
+    if name not in METHODS and name != "passthrough":
+        supported = ", ".join([*METHODS, "passthrough"])
+        raise UserError(f"mergekit merge_method '{name}' is not supported by clpeft (supported: {supported})", key="merge_method")
+    sources, slices = _sources(data)
     base_path = _model_path(data["base_model"], "base_model") if data.get("base_model") else None
+    shared_top = dict(data.get("parameters") or {})
+    if name == "passthrough" and sources:  # models: with one model is one slice of all its layers
+        if len(sources) != 1 or (base_path is not None and base_path.resolve() != sources[0].path.resolve()):
+            count = len(sources) + (base_path is not None and all(s.path.resolve() != base_path.resolve() for s in sources))
+            raise UserError(
+                f"merge_method 'passthrough' is not supported with {count} models: it copies one model per slice; "
+                "give slices: with one source each",
+                key="models",
+            )
+        slices = [OutputSlice((SliceSource(sources[0].path, 0, _layer_count(sources[0].path), sources[0].parameters),))]
+    method = METHODS.get(name)
+    allowed = {"scale"} if method is None else set(method.shared) | set(method.per_model)
+    scopes = [("parameters", shared_top), *((f"models[{i}].parameters", s.parameters) for i, s in enumerate(sources))]
+    for i, out_slice in enumerate(slices):
+        scopes += [(f"slices[{i}].parameters", out_slice.parameters)]
+        scopes += [(f"slices[{i}].sources[{m}].parameters", p.parameters) for m, p in enumerate(out_slice.sources)]
+    for where, params in scopes:
+        for key in params:
+            if key not in allowed:
+                raise UserError(
+                    f"mergekit parameter '{key}' is not supported for merge_method {name} (supported: {', '.join(sorted(allowed)) or 'none'})",
+                    key=f"{where}.{key}",
+                )
+    missing = [k for k, v in (method.shared if method else {}).items() if v is None and k not in shared_top]
+    if missing and not (slices and all(missing[0] in sl.parameters for sl in slices)):
+        raise UserError(f"mergekit's {name} needs the parameter {missing[0]}", key=f"parameters.{missing[0]}")
+    if slices:
+        return _plan_sliced(data, name, slices, base_path, shared_top)
     if base_path is None and method.base == "required":
         raise UserError(f"mergekit's {name} needs a base_model", key="base_model")
     listed_base = next((s for s in sources if base_path is not None and s.path.resolve() == base_path.resolve()), None)
@@ -369,75 +397,85 @@ def plan_mergekit(data: Mapping[str, Any]) -> MergekitPlan:
             base_source, others = sources[0], sources[1:]
     if not others:
         raise UserError(f"mergekit's {name} needs at least one model besides the base", key="models")
-    shared_top = dict(data.get("parameters") or {})
-    allowed = set(method.shared) | set(method.per_model)
-    scopes = [("parameters", shared_top), *((f"models[{i}].parameters", s.parameters) for i, s in enumerate(sources))]
-    for i, (_, _, slice_params, source_params) in enumerate(layout):
-        scopes += [(f"slices[{i}].parameters", slice_params)]
-        scopes += [(f"slices[{i}].sources[{m}].parameters", p) for m, p in enumerate(source_params)]
-    for where, params in scopes:
-        for key in params:
-            if key not in allowed:
-                raise UserError(
-                    f"mergekit parameter '{key}' is not supported for merge_method {name} (supported: {', '.join(sorted(allowed)) or 'none'})",
-                    key=f"{where}.{key}",
-                )
-    if any(v is None for v in method.shared.values()) and not all(k in shared_top for k, v in method.shared.items() if v is None):
-        missing = [k for k, v in method.shared.items() if v is None and k not in shared_top]
-        if not (layout and all(all(k in sl[2] for k in missing) for sl in layout)):
-            raise UserError(f"mergekit's {name} needs the parameter {missing[0]}", key=f"parameters.{missing[0]}")
-    out_dtype = data.get("out_dtype") or data.get("dtype")
-    if out_dtype is not None and out_dtype not in _DTYPES:
-        raise UserError(
-            f"dtype must be one of {', '.join(_DTYPES)}, got {out_dtype!r}", key="out_dtype" if data.get("out_dtype") else "dtype"
-        )
-    tokenizer = data.get("tokenizer_source")
-    if tokenizer == "union":
-        raise UserError("tokenizer_source: union (a merged vocabulary) is not supported; use base or a model", key="tokenizer_source")
-    tokenizer_path = base_path if tokenizer in (None, "base") else _model_path(tokenizer, "tokenizer_source")
+    out_dtype, tokenizer_path = _outputs(data, base_path)
     layers = _layer_count(base_path)
-    if layout and layout[-1][1] != layers:
-        raise UserError(f"the slices cover layers 0..{layout[-1][1]} but the base has {layers}", key="slices")
 
     def parameters_of(tensor: str) -> Settings:
         match = _LAYER.search(tensor)
         layer = int(match.group(1)) if match else None
-        slice_, t = _position(layout, layer, layers)
-        scopes_shared = [slice_[2], shared_top] if slice_ else [shared_top]
-        shared = {k: _resolve(k, d, scopes_shared, tensor, t) for k, d in method.shared.items()}
+        t = 0.0 if layer is None else layer / (layers - 1) if layers > 1 else 1.0
+        shared = {k: _resolve(k, d, [shared_top], tensor, t) for k, d in method.shared.items()}
 
         def model_settings(source: _Source) -> Settings:
-            own = (slice_[3][sources.index(source)] if source in sources else {}) if slice_ else source.parameters
-            return {k: _resolve(k, d, [own, *scopes_shared], tensor, t) for k, d in method.per_model.items()}
+            return {k: _resolve(k, d, [source.parameters, shared_top], tensor, t) for k, d in method.per_model.items()}
 
         base_settings = model_settings(base_source) if base_source is not None else None
         return method.translate(shared, [model_settings(s) for s in others], base_settings)
 
     models = [s.path for s in others]
-    return MergekitPlan(method.clpeft, base_path, models, parameters_of, _DTYPES.get(out_dtype), tokenizer_path, base_path)
+    return MergekitPlan(method.clpeft, base_path, models, parameters_of, out_dtype, tokenizer_path, base_path)
 
 
-def _resolve(key: str, default: Any, scopes: Sequence[Mapping[str, Any]], tensor: str, t: float) -> Any:
+def _plan_sliced(
+    data: Mapping[str, Any], name: str, slices: list[OutputSlice], base_path: Path | None, shared_top: Settings
+) -> MergekitPlan:
+    """A ``slices:`` config (or passthrough): the layout and its per-tensor parameters, mergekit's
+    precedence (the source's, the slice's, the top-level parameters) at the slice's ``t``."""
+    method = METHODS.get(name)
+    if method is not None and method.base == "required" and any(sl.base is None for sl in slices):
+        raise UserError(f"mergekit's {name} needs a base_model", key="base_model")
+    layout = plan_slices(slices, "single" if method is None else method.base)
+    config_path = base_path or slices[0].sources[0].path  # mergekit: the base, else a referenced model
+    out_dtype, tokenizer_path = _outputs(data, config_path)
+
+    def parameters_of(tensor: str) -> Settings:
+        index, t = layout.place(tensor)
+        scopes = [layout.slices[index].parameters, shared_top]
+        base, others = layout.roles[index]
+        if method is None:
+            return {"scale": _first("scale", [base.parameters, *scopes], tensor, t)}
+        shared = {k: _resolve(k, d, scopes, tensor, t) for k, d in method.shared.items()}
+
+        def settings(source: SliceSource) -> Settings:
+            return {k: _resolve(k, d, [source.parameters, *scopes], tensor, t) for k, d in method.per_model.items()}
+
+        return method.translate(shared, [settings(s) for s in others], settings(base) if base is not None else None)
+
+    clpeft = "passthrough" if method is None else method.clpeft
+    input_dtype = _DTYPES.get(data.get("dtype"))
+    return MergekitPlan(clpeft, config_path, layout.models, parameters_of, out_dtype, tokenizer_path, config_path, layout, input_dtype)
+
+
+def _outputs(data: Mapping[str, Any], base_path: Path) -> tuple[str | None, Path]:
+    """The output dtype (``out_dtype``, else ``dtype``) and the tokenizer's directory."""
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in _DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got {data[key]!r}", key=key)
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer == "union":
+        raise UserError("tokenizer_source: union (a merged vocabulary) is not supported; use base or a model", key="tokenizer_source")
+    tokenizer_path = base_path if tokenizer in (None, "base") else _model_path(tokenizer, "tokenizer_source")
+    return _DTYPES.get(out_dtype), tokenizer_path
+
+
+def _first(key: str, scopes: Sequence[Mapping[str, Any]], tensor: str, t: float) -> Any:
+    """The first value of ``key`` that applies to ``tensor`` (None: none does)."""
     for scope in scopes:
         if key in scope:
             value = _evaluate(scope[key], tensor, t, f"parameters.{key}")
             if value is not None:
                 return value
+    return None
+
+
+def _resolve(key: str, default: Any, scopes: Sequence[Mapping[str, Any]], tensor: str, t: float) -> Any:
+    value = _first(key, scopes, tensor, t)
+    if value is not None:
+        return value
     if default is None:
         raise UserError(f"no value of the parameter {key} applies to tensor '{tensor}' (add one without a filter)", key=f"parameters.{key}")
     return default
-
-
-def _position(layout, layer: int | None, layers: int):
-    """The slice of a layer (None without slices) and mergekit's gradient position ``t``."""
-    if layer is None:
-        return (layout[0] if layout else None), 0.0
-    if not layout:
-        return None, layer / (layers - 1) if layers > 1 else 1.0
-    for start, stop, *rest in layout:
-        if start <= layer < stop:
-            return (start, stop, *rest), (layer - start) / (stop - start - 1) if stop - start > 1 else 1.0
-    return layout[-1], 0.0
 
 
 def _layer_count(directory: Path) -> int:
@@ -480,23 +518,22 @@ def run_mergekit(
     config, out = Path(config), Path(out)
     data = read_yaml(config) if data is None else data
     plan = plan_mergekit(data)
-    first = _first_tensor(plan.base)
-    report = merge_files(
-        plan.base,
-        plan.models,
-        out,
-        plan.method,
-        device=device,
-        seed=seed,
-        progress=progress,
-        shard_size=shard_size,
-        resume=resume,
-        dtype=plan.dtype,
-        tensor_parameters=plan.parameters_of,
-        on_shard=on_shard,
-        **plan.parameters_of(first),
-    )
-    _copy_config(plan.config_source / "config.json", out / "config.json", plan.dtype)
+    common = {"device": device, "seed": seed, "progress": progress, "shard_size": shard_size, "resume": resume, "on_shard": on_shard}
+    if plan.layout is not None:
+        report = merge_slices(plan.layout, out, plan.method, plan.parameters_of, dtype=plan.input_dtype, out_dtype=plan.dtype, **common)
+    else:
+        first = _first_tensor(plan.base)
+        report = merge_files(
+            plan.base,
+            plan.models,
+            out,
+            plan.method,
+            dtype=plan.dtype,
+            tensor_parameters=plan.parameters_of,
+            **common,
+            **plan.parameters_of(first),
+        )
+    _copy_config(plan.config_source / "config.json", out / "config.json", plan.dtype, plan.layout.layers if plan.layout else None)
     if (plan.config_source / "generation_config.json").is_file():
         _copy(plan.config_source / "generation_config.json", out / "generation_config.json")
     for name in TOKENIZER_FILES:
@@ -516,10 +553,13 @@ def _copy(source: Path, target: Path) -> None:
         f.write(source.read_bytes())
 
 
-def _copy_config(source: Path, target: Path, dtype: str | None) -> None:
+def _copy_config(source: Path, target: Path, dtype: str | None, layers: int | None) -> None:
+    """The base's config.json with the output dtype and, for slices, the output's number of layers."""
     if not source.is_file():
         raise UserError(f"the base {source.parent} has no config.json; a transformers directory needs one")
     config = json.loads(source.read_text())
+    if layers is not None:
+        config["num_hidden_layers"] = layers
     if dtype is not None:  # transformers 5 reads "dtype", earlier versions "torch_dtype"
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
             config[key] = dtype

@@ -128,7 +128,8 @@ def test_filters_and_gradients_resolve_per_tensor(tmp_path, llamas):
 
 
 def test_slices_over_layer_ranges_equal_the_models_form(tmp_path, llamas):
-    """Two slices [0, 1) and [1, 2) with per-slice t equal one models: config with those t per layer."""
+    """Two slices [0, 1) and [1, 2) with per-slice t equal one models: config with those t per layer
+    (the final norm and lm_head take the last slice's t, the embeddings the first's, as in mergekit)."""
     sources = [{"model": str(llamas / "base")}, {"model": str(llamas / "ft0")}]
     sliced = {
         "merge_method": "slerp",
@@ -142,7 +143,15 @@ def test_slices_over_layer_ranges_equal_the_models_form(tmp_path, llamas):
         "merge_method": "slerp",
         "base_model": str(llamas / "base"),
         "models": sources,
-        "parameters": {"t": [{"filter": "layers.0.", "value": 0.2}, {"filter": "layers.1.", "value": 0.9}, {"value": 0.2}]},
+        "parameters": {
+            "t": [
+                {"filter": "layers.0.", "value": 0.2},
+                {"filter": "layers.1.", "value": 0.9},
+                {"filter": "model.norm", "value": 0.9},
+                {"filter": "lm_head", "value": 0.9},
+                {"value": 0.2},
+            ]
+        },
     }
     run_mergekit(write_yaml(tmp_path / "sliced.yml", sliced), tmp_path / "sliced", progress="never")
     run_mergekit(write_yaml(tmp_path / "layers.yml", per_layer), tmp_path / "layers", progress="never")
@@ -193,22 +202,11 @@ def test_unsupported_keys_are_one_line_errors(tmp_path, llamas, change, message)
     assert "\n" not in str(error.value)
 
 
-def test_per_model_density_must_agree_and_slices_must_not_stack(tmp_path, llamas):
+def test_per_model_density_must_agree(tmp_path, llamas):
     config = ties_config(llamas)
     config["models"][2]["parameters"]["density"] = 0.7
     with pytest.raises(UserError, match=r"one density to every model, got \[0.5, 0.7\]"):
         run_mergekit(write_yaml(tmp_path / "a.yml", config), tmp_path / "a")
-    stacked = {
-        "merge_method": "slerp",
-        "base_model": str(llamas / "base"),
-        "parameters": {"t": 0.5},
-        "slices": [
-            {"sources": [{"model": str(llamas / "base"), "layer_range": [0, 2]}, {"model": str(llamas / "ft0"), "layer_range": [0, 2]}]},
-            {"sources": [{"model": str(llamas / "base"), "layer_range": [1, 2]}, {"model": str(llamas / "ft0"), "layer_range": [1, 2]}]},
-        ],
-    }
-    with pytest.raises(UserError, match="frankenmerges"):
-        run_mergekit(write_yaml(tmp_path / "b.yml", stacked), tmp_path / "b")
     with pytest.raises(UserError, match="--method does not apply to a mergekit YAML"):
         run_cli(str(write_yaml(tmp_path / "c.yml", ties_config(llamas))), "--out", str(tmp_path / "c"), "--method", "ties")
 
@@ -288,7 +286,10 @@ def test_equals_mergekit_run_merge(tmp_path, request, method, dtype):
         torch.testing.assert_close(ours[name].float(), theirs[name].float(), **tolerance, msg=f"{method} {name}")
 
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "configs" / "merge").glob("*.yml"))
+# frankenmerge_*.yml slice 32-layer models: tests/merging/test_mergekit_slices.py runs them against mergekit
+EXAMPLES = sorted(
+    p for p in (Path(__file__).resolve().parents[2] / "configs" / "merge").glob("*.yml") if not p.name.startswith("frankenmerge_")
+)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
