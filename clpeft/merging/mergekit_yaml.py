@@ -42,7 +42,7 @@ from clpeft.merging.io import open_checkpoint
 from clpeft.merging.output import atomic_output
 from clpeft.merging.report import MergeReport
 from clpeft.merging.sharded import ShardRecord
-from clpeft.merging.slices import OutputSlice, SliceLayout, SliceSource, merge_slices, plan_slices
+from clpeft.merging.slices import OutputSlice, SliceLayout, SliceSource, merge_slices, plan_slices, sliced_config
 
 __all__ = ["METHODS", "MergekitPlan", "is_mergekit_config", "plan_mergekit", "run_mergekit"]
 
@@ -533,7 +533,7 @@ def run_mergekit(
             **common,
             **plan.parameters_of(first),
         )
-    _copy_config(plan.config_source / "config.json", out / "config.json", plan.dtype, plan.layout.layers if plan.layout else None)
+    _copy_config(plan.config_source / "config.json", out / "config.json", plan.dtype, plan.layout)
     if (plan.config_source / "generation_config.json").is_file():
         _copy(plan.config_source / "generation_config.json", out / "generation_config.json")
     for name in TOKENIZER_FILES:
@@ -553,13 +553,13 @@ def _copy(source: Path, target: Path) -> None:
         f.write(source.read_bytes())
 
 
-def _copy_config(source: Path, target: Path, dtype: str | None, layers: int | None) -> None:
-    """The base's config.json with the output dtype and, for slices, the output's number of layers."""
+def _copy_config(source: Path, target: Path, dtype: str | None, layout: SliceLayout | None) -> None:
+    """The base's config.json with the output dtype and, for slices, the output's layers (:func:`sliced_config`)."""
     if not source.is_file():
         raise UserError(f"the base {source.parent} has no config.json; a transformers directory needs one")
     config = json.loads(source.read_text())
-    if layers is not None:
-        config["num_hidden_layers"] = layers
+    if layout is not None:
+        config = sliced_config(config, layout)
     if dtype is not None:  # transformers 5 reads "dtype", earlier versions "torch_dtype"
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
             config[key] = dtype

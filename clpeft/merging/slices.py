@@ -55,7 +55,7 @@ from clpeft.merging.report import MergeReport, TensorReport
 from clpeft.merging.rules import MergeRules, TensorJob, plan
 from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, fingerprint, parse_size, write_sharded
 
-__all__ = ["ComposedSource", "OutputSlice", "SliceLayout", "SliceSource", "merge_slices", "plan_slices"]
+__all__ = ["ComposedSource", "OutputSlice", "SliceLayout", "SliceSource", "merge_slices", "plan_slices", "sliced_config"]
 
 Policy = Literal["single", "required", "optional", "weighted"]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -90,6 +90,7 @@ class SliceLayout:
         roles: per slice, its base source (None: a base-free method, whose reference point is
             the first source) and the sources merged onto it, in order (empty for passthrough).
         layers: the output's number of layers.
+        origins: per output layer, the model and layer its first input comes from.
         tensors: output name -> (slice index, ``t``, per input ``(model, input name)``: the base
             view's first, then each merged model's).
     """
@@ -97,6 +98,7 @@ class SliceLayout:
     slices: list[OutputSlice]
     roles: list[tuple[SliceSource | None, list[SliceSource]]]
     layers: int
+    origins: list[tuple[Path, int]]
     tensors: dict[str, tuple[int, float, list[tuple[Path, str]]]]
 
     def place(self, name: str) -> tuple[int, float]:
@@ -184,7 +186,7 @@ def plan_slices(slices: Sequence[OutputSlice], policy: Policy) -> SliceLayout:
     outside = [(i, n) for i in (0, len(slices) - 1) for n in header(inputs[i][0].path) if not _LAYER.search(n)]
     for name in (n for i, n in outside if i == 0 and _INPUT_SIDE.search(n)):
         add(name, 0, 0.0, [name] * len(inputs[0]))
-    layer = 0
+    origins: list[tuple[Path, int]] = []
     for index, sources in enumerate(inputs):
         first = sources[0]
         length = first.stop - first.start
@@ -192,11 +194,34 @@ def plan_slices(slices: Sequence[OutputSlice], policy: Policy) -> SliceLayout:
             t = offset / (length - 1) if length > 1 else 1.0
             own = [n for n in header(first.path) if (m := _LAYER.search(n)) and int(m.group(1)) == first.start + offset]
             for name in own:
-                add(_renumber(name, layer), index, t, [_renumber(name, s.start + offset) for s in sources])
-            layer += 1
+                add(_renumber(name, len(origins)), index, t, [_renumber(name, s.start + offset) for s in sources])
+            origins.append((first.path, first.start + offset))
     for name in (n for i, n in outside if i == len(slices) - 1 and not _INPUT_SIDE.search(n)):
         add(name, len(slices) - 1, 0.0, [name] * len(inputs[-1]))
-    return SliceLayout(list(slices), roles, layer, tensors)
+    return SliceLayout(list(slices), roles, len(origins), origins, tensors)
+
+
+def sliced_config(config: Mapping[str, Any], layout: SliceLayout) -> dict[str, Any]:
+    """A transformers config for the output: ``num_hidden_layers`` is the output's (as mergekit
+    sets it), and a per-layer ``layer_types`` list (Gemma 3, Qwen 3: sliding or full attention)
+    follows the layers, each output layer taking its origin layer's type from that model's
+    config.json. mergekit leaves ``layer_types`` as it was, which transformers then refuses
+    (``num_hidden_layers`` must equal the number of ``layer_types``).
+
+    Raises:
+        UserError: a source model's config.json lacks the type of a layer it contributes.
+    """
+    config = {**config, "num_hidden_layers": layout.layers}
+    if isinstance(config.get("layer_types"), list):
+        types = {}
+        for path, layer in layout.origins:
+            if path not in types:
+                own = path / "config.json"
+                types[path] = json.loads(own.read_text()).get("layer_types") if own.is_file() else None
+            if not isinstance(types[path], list) or layer >= len(types[path]):
+                raise UserError(f"{path}/config.json gives no layer_types entry for its layer {layer}, which the output takes")
+        config["layer_types"] = [types[path][layer] for path, layer in layout.origins]
+    return config
 
 
 def _check_ranges(out_slice: OutputSlice, index: int, header: Callable[[Path], dict[str, TensorInfo]]) -> None:

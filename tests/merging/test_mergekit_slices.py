@@ -315,6 +315,44 @@ def test_layout_renumbers_and_places_tensors(llamas):
     assert layout.tensors["model.layers.1.mlp.up_proj.weight"][2] == [(b, "model.layers.1.mlp.up_proj.weight")]
     assert layout.tensors["model.layers.0.mlp.up_proj.weight"][:2] == (0, 1.0)  # a one-layer slice: t = 1
     assert layout.place("model.norm.weight") == (1, 0.0) and layout.place("model.embed_tokens.weight") == (0, 0.0)
+    assert layout.origins == [(a, 0), (b, 1), (b, 2), (b, 3)]
+
+
+def test_per_layer_layer_types_follow_the_stacked_layers(tmp_path):
+    """Qwen 3 (as Gemma 3) lists each layer's attention in ``layer_types``; the output's list takes
+    each layer's type from its origin, so transformers loads it. (mergekit 0.1.5 keeps the old list,
+    and transformers refuses its config: num_hidden_layers must equal the number of layer_types.)"""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    for seed, (name, full_layers) in enumerate((("a", 1), ("b", 3))):
+        config = Qwen3Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=99,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=full_layers,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        Qwen3ForCausalLM(config).save_pretrained(tmp_path / name)
+    config = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(tmp_path / m), "layer_range": r}]} for m, r in (("a", [0, 3]), ("b", [1, 4]))],
+    }
+    (tmp_path / "q.yml").write_text(yaml.safe_dump(config))
+    run_mergekit(tmp_path / "q.yml", tmp_path / "out", progress="never")
+    types = json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"]
+    full, sliding = "full_attention", "sliding_attention"
+    assert types == [full, sliding, sliding, full, full, sliding]
+    ours, b = weights(tmp_path / "out"), weights(tmp_path / "b")
+    assert torch.equal(ours["model.layers.3.self_attn.q_proj.weight"], b["model.layers.1.self_attn.q_proj.weight"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.layer_types == types and torch.isfinite(model(TOKENS).logits).all()
 
 
 # ------------------------------------------------------------------ the shipped examples
