@@ -21,15 +21,23 @@ backbone parameter (one backbone copy per experience); ``mode: lora`` keeps the 
 factors ``A_t``, ``B_t`` and ``alpha`` only, merged from the factors by the LoRA-aware path of
 :mod:`clpeft.merging`. Buffers (e.g. BatchNorm statistics) are not merged.
 
+**On a generative LLM** (``backbone.name: generative_lm``): each task trains a fresh LoRA on the
+answer tokens (:class:`~clpeft.components.generative.InstructionTuning`, flat keys ``lora_targets``,
+``lora_rank``, ``lora_alpha``, ``lora_dropout``), its factors are the task vector, and the merged
+projections answer every task (scored by each task's metric); ``mode: lora`` only, no head.
+
 Paper symbols -> parameters: ``lambda`` -> ``merge_params.scale``; TIES' ``k`` ->
 ``merge_params.density``; DARE's ``p`` -> ``merge_params.drop_rate``.
 """
 
+import inspect
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 
+from clpeft.backbones.generative_lm import GenerativeLM
+from clpeft.components.generative import GenerativeHooks, GenerativeOptions, InstructionTuning
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora
 from clpeft.components.lora.kinds import AdapterKind, check_adapter
@@ -43,7 +51,7 @@ from clpeft.strategy import Strategy
 
 
 @register_strategy("merge_cl")
-class MergeCL(Strategy):
+class MergeCL(GenerativeHooks, Strategy):
     """Continual merging: fine-tune a task vector per experience, evaluate their merge (Ilharco et al. 2023).
 
     Args:
@@ -61,6 +69,8 @@ class MergeCL(Strategy):
             (:mod:`clpeft.components.lora.kinds`); each task vector is its update as LoRA factors.
         head_options: flat keys ``train_mask``, ``align`` (re-aligned on the merged model's
             features) and ``drift_compensation``: :class:`~clpeft.components.heads.HeadOptions`.
+        generative: flat keys ``lora_*`` of each task's LoRA on a ``generative_lm`` backbone
+            (:class:`~clpeft.components.generative.GenerativeOptions`), in place of ``targets``, ``rank`` and ``alpha``.
     """
 
     cache_features = False  # the backbone is fine-tuned
@@ -79,6 +89,7 @@ class MergeCL(Strategy):
         alpha: Annotated[float, Field(gt=0)] = 16.0,
         adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
+        generative: GenerativeOptions = GenerativeOptions(),
     ):
         self.check_config({"method": method, "merge_params": merge_params, "mode": mode, "adapter": adapter})
         super().__init__(backbone)
@@ -89,7 +100,13 @@ class MergeCL(Strategy):
         self.start_from = start_from
         self.rank, self.alpha = rank, alpha
         self.aligned = HeadTraining(backbone.feature_dim, head_options)
-        if mode == "lora":
+        if isinstance(backbone, GenerativeLM):
+            _check_generative(mode, adapter, targets, rank, alpha)
+        self.generative = InstructionTuning.of(backbone, generative)
+        if self.generative is not None:
+            self.lora = self.generative.lora
+            self.rank, self.alpha = generative.lora_rank, generative.lora_alpha
+        elif mode == "lora":
             self.lora = inject_lora(backbone, targets, rank, alpha, kind=adapter, key="strategy.targets")
         else:
             backbone.requires_grad_(True)
@@ -123,7 +140,8 @@ class MergeCL(Strategy):
         return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.start(exp, self.batches, self._head_features)
+        if self.generative is None:
+            self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         if self.start_from == "base":
             self._load(self.base)
@@ -131,6 +149,8 @@ class MergeCL(Strategy):
             self._start = {name: t.detach().clone() for name, t in self._weights().items()}
 
     def training_step(self, batch: Batch) -> torch.Tensor:
+        if self.generative is not None:
+            return self.generative.loss(batch.x)
         return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
     @torch.no_grad()
@@ -148,7 +168,8 @@ class MergeCL(Strategy):
         self.finetuned.append(vector)
         self._start = {}
         self._load(self.merged())
-        self.aligned.finish(self.head, exp, self.batches, self._head_features)
+        if self.generative is None:
+            self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head copy (with ``align``), else of the trained head."""
@@ -165,3 +186,14 @@ class MergeCL(Strategy):
     def set_extra_state(self, state: dict) -> None:
         self.base = state["base"]
         self.finetuned = state["finetuned"]
+
+
+def _check_generative(mode: str, adapter: str, targets: list[str], rank: int, alpha: float) -> None:
+    """On a generative LLM the task vectors are LoRAs given by the ``lora_*`` keys: refuse the classifier path's own."""
+    if mode != "lora" or adapter != "lora":
+        key = "strategy.mode" if mode != "lora" else "strategy.adapter"
+        raise UserError("on a generative_lm backbone merge_cl merges one plain LoRA per task: use mode: lora, adapter: lora", key=key)
+    defaults = inspect.signature(MergeCL.__init__).parameters
+    for name, value in {"targets": targets, "rank": rank, "alpha": alpha}.items():
+        if value != defaults[name].default:
+            raise UserError(f"on a generative_lm backbone the LoRA is set by lora_{name}; drop {name}", key=f"strategy.{name}")
