@@ -10,6 +10,9 @@ that pass, then the features in eval mode. Float32 on both sides, the same opera
 each tensor's largest). Mutations checked to fail here: the stem without its
 BatchNorm, a max-pool after it, the normalisation left out or with swapped mean and std.
 
+The Seq-CIFAR-10 configs' ``train.augment`` and the backbone's normalisation are checked against the transforms of
+Mammoth's ``datasets/seq_cifar10.py``, built by its own lines: the same images pixel for pixel under the same seed.
+
 Without the reference files the comparisons skip in one line (fail with ``CI=true``), as ``tests/reference`` does;
 the rest runs anywhere.
 """
@@ -18,21 +21,28 @@ from __future__ import annotations
 
 import ast
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as transforms
+import yaml
+from PIL import Image
 from reference.conftest import load_reference, ref_dir, stub_module
 from torch import nn
 from torchvision.transforms import Normalize
 
 import clpeft.config
+from clpeft.augment import build_augment
 from clpeft.backbones.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, ResNet18CIFAR
 from clpeft.errors import UserError
 from clpeft.registry import backbones
 
 TOLERANCE = {"atol": 1e-5, "rtol": 0.0}
 SHAPE = (3, 32, 32)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "baselines"
 
 
 def _mammoth_file(relative: str):
@@ -106,16 +116,39 @@ def test_mammoth_state_dict_loads_as_weights_file(tmp_path):
         ResNet18CIFAR(SHAPE, weights=str(tmp_path / "with_classifier.pt"))
 
 
-def test_default_normalisation_is_mammoths_seq_cifar10():
-    """The defaults are ``MEAN, STD = ...`` of Mammoth's ``datasets/seq_cifar10.py`` (read, not imported: it needs torchvision data)."""
+def _seq_cifar10() -> dict:
+    """``MEAN, STD``, ``TRANSFORM`` and ``TEST_TRANSFORM`` of Mammoth's ``SequentialCIFAR10``, built by its own lines
+    (only those assignments run, with torchvision's ``transforms``: the module itself needs Mammoth's data utilities)."""
     tree = ast.parse(_mammoth_file("datasets/seq_cifar10.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "(MEAN, STD)":
-            mean, std = ast.literal_eval(node.value)
-            break
-    else:
-        pytest.fail("MEAN, STD not found in Mammoth's seq_cifar10.py")
-    assert (list(mean), list(std)) == (CIFAR10_MEAN, CIFAR10_STD)
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SequentialCIFAR10"]
+    wanted = {"(MEAN, STD)", "TRANSFORM", "TEST_TRANSFORM"}
+    lines = [n for n in cls.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) in wanted]
+    assert len(lines) == len(wanted)
+    namespace = {"transforms": transforms}
+    exec(compile(ast.Module(lines, type_ignores=[]), "seq_cifar10.py", "exec"), namespace)
+    return namespace
+
+
+def test_defaults_configs_and_augmentation_equal_mammoths_seq_cifar10_transforms():
+    """The backbone's normalisation defaults are Mammoth's ``MEAN, STD``; the configs' ``train.augment`` followed by the
+    backbone's normalisation gives, pixel for pixel, Mammoth's ``TRANSFORM`` of the same image under the same seed
+    (torch draws the crop offsets and the flip in the same order), and raw images Mammoth's ``TEST_TRANSFORM``."""
+    ref = _seq_cifar10()
+    assert (list(ref["MEAN"]), list(ref["STD"])) == (CIFAR10_MEAN, CIFAR10_STD)
+    recipes = {path.name: yaml.safe_load(path.read_text())["train"].get("augment") for path in sorted(CONFIGS.glob("cifar10_*.yaml"))}
+    recipe = recipes["cifar10_derpp_buf200.yaml"]
+    assert recipe == [{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}]
+    assert {n for n, r in recipes.items() if r != recipe} == {"cifar10_er_ace_buf200.yaml"}  # Mammoth's online setup: none
+    augment, net = build_augment(recipe, 32), ResNet18CIFAR(SHAPE, num_filters=2)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    images[:, :, :16] //= 3  # a left-right asymmetry, so a flip shows
+    for k, image in enumerate(images):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        torch.manual_seed(k)
+        theirs = ref["TRANSFORM"](Image.fromarray(image))
+        torch.manual_seed(k)
+        torch.testing.assert_close(net.preprocess(augment(x))[0], theirs, atol=1e-6, rtol=0)
+        torch.testing.assert_close(net.preprocess(x)[0], ref["TEST_TRANSFORM"](Image.fromarray(image)), atol=1e-6, rtol=0)
 
 
 def test_registered_resolvable_and_shapes(digits_run):
