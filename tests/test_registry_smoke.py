@@ -204,6 +204,9 @@ STRATEGIES: dict[str, Smoke] = {
         INSTRUCTIONS,
         learns="answers are scored by exact match, where chance is not 1/classes; tests/llm/test_o_lora.py shows both tasks learnt",
     ),
+    "task_lora": Smoke(
+        {"name": "task_lora", "lora_rank": 2}, TINY_LLAMA, INSTRUCTIONS, learns="exact match; tests/llm/test_task_adapters.py"
+    ),
 }
 
 
