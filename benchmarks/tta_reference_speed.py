@@ -16,28 +16,36 @@ method's ``forward`` side by side in one process on
   call), torch's generator seeded alike before each batch so random draws match;
 * the reference configs ``cfgs/cifar10_c/<method>.yaml`` over ``conf.py`` (clpeft's defaults).
 
-Timing: one untimed warm-up round, then ``--repeats`` rounds alternating which side goes first;
-each side keeps adapting across rounds (the same stream on both). The table gives images per
-second from the median CPU time of a round (``time.process_time``: all threads of this process,
-which other processes on a loaded shared machine disturb far less than wall time) and the ratio
-of the wall-time medians as well. On CUDA both use wall time after ``torch.cuda.synchronize``.
+Timing: one untimed warm-up round (both sides batch by batch), then ``--repeats`` rounds
+alternating which side goes first; each side keeps adapting across rounds (the same stream on
+both). The table gives images per second from the median CPU time of a round
+(``time.process_time``: all threads of this process, which other processes on a loaded shared
+machine disturb far less than wall time) and the ratio of the wall-time medians as well. On CUDA
+both use wall time after ``torch.cuda.synchronize``.
 
-Agreement: after the last round every parameter of the two sides is compared with the reference
-tests' rule (at most 4 or 0.5 % of a tensor's elements beyond ``rtol 1e-4, atol 1e-5`` and none
-beyond 1e-2, Adam's float noise on near-zero gradients; the ViT's attention-key bias, whose
-gradient is zero, only bounded); methods without parameter updates (``source``, ``bn_adapt``,
-``lame``) compare the last batch's predictions. So the timings compare the same computation.
+Agreement: after the reference tests' length of run (3 batches, in the warm-up round) every
+parameter of the two sides must pass those tests' rule (at most 4 or 0.5 % of a tensor's elements
+beyond ``rtol 1e-4, atol 1e-5``, none beyond 1e-2: Adam's float noise on near-zero gradients; the
+ViT's attention-key bias, whose gradient is zero, only bounded), and after the last round no
+element may differ by more than 1e-2. The end's largest difference is printed too: float noise
+grows with every step where every parameter adapts (CoTTA, RMT: ~2e-4 after 20 batches, also
+with the reference's own augmentation in clpeft), while a wrong setting moves elements by whole
+steps (~1e-3) from the first batch on. Methods without parameter updates (``source``,
+``bn_adapt``, ``lame``) compare the predictions of the 3rd and the last batch. So the timings
+compare the same computation.
 
-Peak memory (CPU): after the model and batches are built, the process forks one child per side
-(the parent's pages are already resident and counted); the child writes ``5`` to
-``/proc/self/clear_refs``, which resets the kernel's peak resident set size (``VmHWM``) to the
-current one, builds its side, runs one round and reports ``VmHWM`` minus its ``VmRSS`` before
-building. That is the peak of everything the side allocates (tensors, autograd graph, optimizer
-state, model copies, Python objects, allocator slack), from the same baseline for both sides.
-``ru_maxrss`` cannot be reset (it would report the parent's import peak) and torch's CPU
-allocator keeps no peak statistic. Children run on one thread (GNU OpenMP is not fork-safe).
-On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
-allocation before building, in-process.
+Peak memory (after the method's timing, in the same process, one side at a time): the model,
+batches and, for the reference, clpeft's strategy that serves it its source data are built; then
+``malloc_trim(0)`` hands the allocator's free pages back to the kernel (so no freed page is reused
+unseen), ``5`` written to ``/proc/self/clear_refs`` resets the kernel's peak resident set size
+(``VmHWM``) to the current one, and the side is built and runs one round: its peak is ``VmHWM``
+minus the resident size before building. That counts everything the side allocates (tensors,
+autograd graph, optimizer state, model copies, Python objects, allocator slack) from the same
+baseline for both sides; library code is already paged in by the timing (a fresh process would
+count the pages of torch's code it touches first). ``ru_maxrss`` cannot be reset and torch's CPU
+allocator keeps no peak statistic. On CUDA: ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, minus the allocation before building. Repeated runs spread by a few
+MB.
 
 Setup differences that do not touch the timed per-batch work: source-data methods get a source
 set of ``--source-samples`` images (EATA's Fisher samples, RMT's and SANTA's prototype pass, RMT's
@@ -96,6 +104,7 @@ SHAPE = (3, 32, 32)
 CLASSES = 10
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}  # the reference tests' tolerance
 NOISE = 1e-2  # their bound of Adam's float-noise steps
+CHECKED_BATCHES = 3  # their length of run
 REFERENCE = "test-time-adaptation"
 SUBDIR = "classification"
 REFERENCE_MODULES = ("tent", "eata", "cotta", "rmt", "lame", "source", "norm", "sar", "deyo", "memo", "rotta", "roid", "rpl", "cmf")
@@ -503,31 +512,39 @@ def _round(side: Side, batches: list[torch.Tensor], first_seed: int, device) -> 
     return cpu1 - cpu0, wall1 - wall0, out
 
 
+def _difference(case: Case, pair: dict[str, Side], last: dict[str, torch.Tensor]) -> tuple[float, bool]:
+    if case.updates:
+        return parameter_difference(pair["clpeft"].parameters(), pair["reference"].parameters())
+    return output_difference(case, last["clpeft"], last["reference"])
+
+
 def time_case(name: str, kind: str, n_batches: int, batch_size: int, repeats: int, n_source: int, device) -> dict:
-    """Images per second (median of ``repeats`` alternating rounds after a warm-up) and agreement."""
+    """Images per second (median of ``repeats`` alternating rounds after a warm-up) and agreement:
+    by the reference tests' rule after their length of run (3 batches, in the warm-up round), and
+    at the end no element beyond their noise bound (float noise grows with every Adam step)."""
     case = CASES[name]
     pair = build_pair(case, kind, batch_size, n_source, device)
     batches = [images(case.batch_size or batch_size, 1000 + i).to(device) for i in range(n_batches)]
-    times = {side: {"cpu": [], "wall": []} for side in pair}
     last = {}
-    for r in range(repeats + 1):
-        order = ["clpeft", "reference"] if r % 2 == 0 else ["reference", "clpeft"]
-        for side in order:
+    for i, x in enumerate(batches):  # the warm-up round, batch by batch on both sides
+        last = {side: pair[side].step(100 + i, x) for side in pair}
+        if i + 1 == min(CHECKED_BATCHES, n_batches):
+            early = _difference(case, pair, last)
+    times = {side: {"cpu": [], "wall": []} for side in pair}
+    for r in range(1, repeats + 1):
+        for side in ["reference", "clpeft"] if r % 2 else ["clpeft", "reference"]:
             cpu, wall, last[side] = _round(pair[side], batches, 100 * (r + 1), device)
-            if r > 0:
-                times[side]["cpu"].append(cpu)
-                times[side]["wall"].append(wall)
-    row = {"method": name}
+            times[side]["cpu"].append(cpu)
+            times[side]["wall"].append(wall)
+    row = {"method": name, "compared": "parameters" if case.updates else "outputs"}
     for side in pair:
         for clock in ("cpu", "wall"):
             row[f"{side}_{clock}_ips"] = n_batches * len(batches[0]) / statistics.median(times[side][clock])
     row["ratio"] = row["clpeft_cpu_ips"] / row["reference_cpu_ips"]
     row["wall_ratio"] = row["clpeft_wall_ips"] / row["reference_wall_ips"]
-    if case.updates:
-        row["difference"], row["agree"] = parameter_difference(pair["clpeft"].parameters(), pair["reference"].parameters())
-    else:
-        row["difference"], row["agree"] = output_difference(case, last["clpeft"], last["reference"])
-    row["compared"] = "parameters" if case.updates else "outputs"
+    row["early_difference"], early_agree = early
+    row["difference"], end_agree = _difference(case, pair, last)
+    row["agree"] = early_agree and (row["difference"] <= NOISE if case.updates else end_agree)
     return row
 
 
@@ -570,7 +587,7 @@ def measure(
     kind: str = "cnn",
     n_batches: int = 5,
     batch_size: int = 64,
-    repeats: int = 3,
+    repeats: int = 5,
     n_source: int = 256,
     memory: bool = True,
     device: str = "cpu",
@@ -598,7 +615,8 @@ def measure(
 def table(rows: list[dict]) -> str:
     """The Markdown table of :func:`measure`'s rows."""
     lines = [
-        "| method | clpeft img/s | reference img/s | ratio (CPU) | ratio (wall) | clpeft peak MB | reference peak MB | max difference |",
+        "| method | clpeft img/s | reference img/s | ratio (CPU) | ratio (wall) | clpeft peak MB | reference peak MB"
+        f" | max difference after {CHECKED_BATCHES} batches / at the end |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -606,7 +624,7 @@ def table(rows: list[dict]) -> str:
         agree = "agree" if r["agree"] else "DIFFER"
         lines.append(
             f"| {r['method']} | {r['clpeft_cpu_ips']:.0f} | {r['reference_cpu_ips']:.0f} | {r['ratio']:.2f} | {r['wall_ratio']:.2f}"
-            f" | {peaks[0]} | {peaks[1]} | {r['difference']:.1e} {r['compared']}, {agree} |"
+            f" | {peaks[0]} | {peaks[1]} | {r['early_difference']:.1e} / {r['difference']:.1e} ({r['compared']}), {agree} |"
         )
     return "\n".join(lines)
 
@@ -617,7 +635,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["cnn", "vit"], default="cnn")
     parser.add_argument("--batches", type=int, default=5, help="batches per round")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
     parser.add_argument("--source-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
