@@ -24,6 +24,30 @@ def test_every_method_folder_has_a_config_that_runs_offline():
         assert any(any(w in p.stem for w in offline) for p in CONFIGS if p.parent.name == folder), folder
 
 
+OFFLINE = [p for p in CONFIGS if any(w in p.stem for w in ("offline", "digits", "fmnist", "chatterbot", "rotten"))]
+
+
+def test_offline_configs_name_packaged_weights_that_exist():
+    """--config-only does not build backbones, so a misspelt offline weights name (``img - focus``)
+    passed it; every timm backbone of an offline config must name a packaged weight file."""
+    import yaml
+
+    from clpeft.backbones.offline_weights import OFFLINE_WEIGHTS
+
+    named = {p: yaml.safe_load(p.read_text()).get("backbone", {}) for p in OFFLINE}
+    timm = {p: b["weights"] for p, b in named.items() if b.get("name") == "timm" and isinstance(b.get("weights"), str)}
+    assert len(timm) >= 10
+    assert {p.name: w for p, w in timm.items() if w not in OFFLINE_WEIGHTS} == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", OFFLINE, ids=[str(p.relative_to(p.parents[1])) for p in OFFLINE])
+def test_offline_config_builds_here(path, capsys, monkeypatch):
+    """The full check (data, backbone, strategy built, no training) of every config said to run offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
 def test_shipped_config_validates(path, capsys):
     assert main(["validate", str(path), "--config-only"]) == 0, capsys.readouterr().err
