@@ -170,3 +170,22 @@ def test_one_line_errors(tiny_lm, distinct_tasks, tmp_path):
     strategy = TaskLoRAServing(GenerativeLM(weights=str(tiny_lm)), max_tasks=1)
     strategy.before_experience(first)
     assert strategy.training_step(Batch(first.train.load()[0][:2], None)).requires_grad
+
+
+def test_gradient_checkpointing_recomputes_with_the_task_in_training(tiny_lm, distinct_tasks):
+    # the backward pass re-runs each decoder layer outside training_step: it must see the same adapter
+    _, second = InstructionIncremental(0, _tasks(distinct_tasks)).experiences()
+    examples = second.train.load()[0][:4]
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        strategy = TaskLoRAServing(GenerativeLM(weights=str(tiny_lm), gradient_checkpointing=checkpointing), max_tasks=2).train()
+        with torch.no_grad():
+            for layer in _layers(strategy).values():
+                layer.lora_B.normal_(std=0.3)
+        strategy.before_experience(second)
+        strategy.training_step(Batch(examples, None)).backward()
+        grads.append([p.grad for p in strategy.adapters.parameters()])
+    for plain, recomputed in zip(*grads):
+        assert plain[1].any() and not plain[[0, 2]].any()  # only task 1's slice gets a gradient
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
