@@ -103,6 +103,24 @@ def test_features_gradients_and_statistics_equal_mammoths(factory, num_filters):
         torch.testing.assert_close(mine(x.float() / 255.0), mine(x), **TOLERANCE)
 
 
+def test_features_equal_torchvisions_resnet18_with_mammoths_cifar_stem():
+    """Runs without shared/refs: Mammoth's ResNet-18 is torchvision's with a 3x3 stride-1 stem and no
+    max-pool (its shortcut is torchvision's ``downsample``); the weights map one to one in order."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    reference.conv1, reference.maxpool, reference.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    mine = ResNet18CIFAR(SHAPE)
+    theirs = list(reference.state_dict().values())
+    mine.load_state_dict(dict(zip(mine.state_dict(), theirs, strict=True)))
+    x = torch.randint(0, 256, (4, *SHAPE), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    for mode in (True, False):
+        reference.train(mode), mine.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(mine(x), reference(_mammoth_input(x)), **TOLERANCE)
+
+
 def test_mammoth_state_dict_loads_as_weights_file(tmp_path):
     theirs, _ = _pair("resnet18", 64)
     backbone = {k: v for k, v in theirs.state_dict().items() if not k.startswith("classifier.")}
