@@ -29,6 +29,9 @@ class Experience:
             stored (replay buffers keep positions into them, not copies).
         stream_length: the number of experiences in the stream (set by the engine; ``None``
             when unknown), for schedules over tasks such as InfLoRA's threshold.
+        classes_in_stream: every label id the stream's experiences bring (set by the engine;
+            ``None`` when unknown), for a method whose network has every class's output from
+            the start (DER's, as in Mammoth).
     """
 
     index: int
@@ -42,6 +45,7 @@ class Experience:
     domain: str | None = None
     past: tuple[Experience, ...] = field(default=(), repr=False)
     stream_length: int | None = None
+    classes_in_stream: list[int] | None = None
 
     @property
     def n_classes_seen(self) -> int:

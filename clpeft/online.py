@@ -105,6 +105,7 @@ def plan_online(stream: list[Experience], protocol: OnlineProtocol, batch_size: 
                     classes_seen_so_far=sorted(c for c, p in first_seen.items() if p < b),
                     past=tuple(units),
                     stream_length=len(spans),
+                    classes_in_stream=sorted(first_seen),
                 )
             )
     return OnlinePlan(units, spans, task_ends, eval_points, first_seen, test)

@@ -413,8 +413,9 @@ def build_run(cfg: RunConfig, device: torch.device, world: distributed.World, au
     stream = scenario.experiences()
     if not stream:
         raise UserError("the scenario produced no experiences", key="scenario")
+    classes = sorted({c for exp in stream for c in exp.classes_in_this_experience})
     for exp in stream:
-        exp.stream_length = len(stream)
+        exp.stream_length, exp.classes_in_stream = len(stream), classes
     if world.active and scenario.kind == "test_time_adaptation":
         raise UserError(
             "test-time adaptation adapts online, batch after batch, in one process; run it without torchrun", key="scenario.name"
