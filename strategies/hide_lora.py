@@ -53,6 +53,7 @@ from clpeft.backbones.split_qkv import split_qkv
 from clpeft.components.heads.centroid_statistics import CentroidStatistics
 from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.heads.hierarchical_decomposition import (
+    HierarchicalOptions,
     learn_task_adaptive_prediction,
     learn_task_identity,
     seeded_from_torch,
@@ -66,6 +67,7 @@ from clpeft.data import Batch
 from clpeft.distributed import require_one_process
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -82,21 +84,13 @@ class HiDeLoRA(Strategy):
         projections: the adapted attention projections (official: key and value).
         lora_momentum: ``m``, weight of the earlier LoRAs' mean in a finished task's LoRA (official ``lora_momentum``).
         contrastive_weight: ``lambda``, weight of the contrastive regularisation (official ``reg``).
-        train_mask: cross-entropy over the current experience's classes only (official ``train_mask``).
-        n_centroids: ``K``, k-means clusters per class kept for replay and as contrastive anchors.
-        tap_epochs: task-adaptive prediction epochs (official ``crct_epochs``), for both heads.
-        tap_lr: SGD learning rate of the output layer's task-adaptive prediction (official ``ca_lr``).
-        tap_samples: features drawn per cluster and epoch, also the batch size (official ``5 * batch_size``).
-        tii_epochs: epochs of the task-identity classifier on each experience (official TII run's ``epochs``).
-        tii_lr: its Adam learning rate (official TII run's scaled ``lr``).
-        tii_batch_size: its batch size.
-        tii_tap_lr: SGD learning rate of its task-adaptive prediction (official TII run's scaled ``ca_lr``).
-        tii_tap_samples: features drawn per cluster and epoch for it (official ``batch_size``).
-        tii_mlp_ratios: hidden widths of its MLP as multiples of the feature width (official ``[2]``).
+        hierarchy: flat keys ``train_mask``, ``n_centroids``, ``tap_*`` and ``tii_*`` of the TII and TAP stages
+            (:class:`~clpeft.components.heads.hierarchical_decomposition.HierarchicalOptions`).
     """
 
     needs_query = True
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -107,17 +101,7 @@ class HiDeLoRA(Strategy):
         projections: list[Literal["q", "k", "v"]] = ["k", "v"],
         lora_momentum: Annotated[float, Field(ge=0, le=1)] = 0.1,
         contrastive_weight: Annotated[float, Field(ge=0)] = 0.01,
-        train_mask: bool = True,
-        n_centroids: Annotated[int, Field(ge=1)] = 10,
-        tap_epochs: Annotated[int, Field(ge=0)] = 30,
-        tap_lr: Annotated[float, Field(gt=0)] = 0.005,
-        tap_samples: Annotated[int, Field(ge=1)] = 120,
-        tii_epochs: Annotated[int, Field(ge=1)] = 20,
-        tii_lr: Annotated[float, Field(gt=0)] = 0.0005 * 24 / 256,
-        tii_batch_size: Annotated[int, Field(ge=1)] = 24,
-        tii_tap_lr: Annotated[float, Field(gt=0)] = 0.005 * 24 / 256,
-        tii_tap_samples: Annotated[int, Field(ge=1)] = 24,
-        tii_mlp_ratios: list[Annotated[int, Field(ge=1)]] = [2],
+        hierarchy: HierarchicalOptions = HierarchicalOptions(),
     ):
         require_one_process(
             "hide_lora",
@@ -129,13 +113,11 @@ class HiDeLoRA(Strategy):
         split_qkv(backbone.net)
         targets = [f"blocks.{i}.attn.qkv.{p}" for i in lora_layers for p in projections]
         self.task_lora = TaskLoRA(backbone.net, targets, pool_size, rank, alpha, key="strategy.projections")
-        self.task_identity = TaskIdentityInference(backbone.feature_dim, tii_mlp_ratios, n_centroids)
-        self.statistics = CentroidStatistics(backbone.feature_dim, n_centroids)
-        self.mask = ClassMask(train_mask)
+        self.task_identity = TaskIdentityInference(backbone.feature_dim, hierarchy.tii_mlp_ratios, hierarchy.n_centroids)
+        self.statistics = CentroidStatistics(backbone.feature_dim, hierarchy.n_centroids)
+        self.mask = ClassMask(hierarchy.train_mask)
+        self.hierarchy = hierarchy
         self.lora_momentum, self.contrastive_weight = lora_momentum, contrastive_weight
-        self.tap = {"n": tap_samples, "epochs": tap_epochs, "lr": tap_lr}
-        self.tii_tap = {"n": tii_tap_samples, "epochs": tap_epochs, "lr": tii_tap_lr}
-        self.tii = {"n_epochs": tii_epochs, "lr": tii_lr, "batch_size": tii_batch_size, "train_mask": train_mask}
         self.task = 0
 
     def before_experience(self, exp: Experience) -> None:
@@ -160,10 +142,12 @@ class HiDeLoRA(Strategy):
 
     def after_experience(self, exp: Experience) -> None:
         self.task_lora.requires_grad_(False)
-        learn_task_identity(self.task_identity, self.batches, self.backbone, exp, self.tii, self.tii_tap, seeded_from_torch)
+        learn_task_identity(
+            self.task_identity, self.batches, self.backbone, exp, self.hierarchy.tii(), self.hierarchy.tii_tap(), seeded_from_torch
+        )
         self.task_lora.consolidate(exp.index, self.lora_momentum)
         instructed = lambda batch: self.features(batch.x, exp.index)  # noqa: E731
-        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, instructed, exp, self.tap, seeded_from_torch)
+        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, instructed, exp, self.hierarchy.tap(), seeded_from_torch)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far, each sample with the LoRA of the task TII infers from ``query`` (the cached frozen feature)."""

@@ -48,12 +48,13 @@ from pydantic import Field
 from clpeft.components.heads.centroid_statistics import CentroidStatistics
 from clpeft.components.heads.class_mask import ClassMask
 from clpeft.components.heads.hierarchical_decomposition import (
+    HierarchicalOptions,
     learn_task_adaptive_prediction,
     learn_task_identity,
+    seeded_from_torch,
     start_task,
     within_task_loss,
 )
-from clpeft.components.heads.hierarchical_decomposition import seeded_from_torch as _seeded_from_torch
 from clpeft.components.heads.task_identity import TaskIdentityInference
 from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
 from clpeft.components.prompts.task_prompts import TaskPrefixPrompts
@@ -61,6 +62,7 @@ from clpeft.data import Batch
 from clpeft.distributed import require_one_process
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
+from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 
@@ -77,21 +79,13 @@ class HiDePrompt(Strategy):
         contrastive_weight: ``lambda``, weight of the contrastive regularisation (official ``reg``).
         head_lr_scale: the output layer's learning rate as a fraction of ``train.lr`` (the official
             ``larger_prompt_lr`` trains it at 0.1; 1: one learning rate).
-        train_mask: cross-entropy over the current experience's classes only (official ``train_mask``).
-        n_centroids: ``K``, k-means clusters per class kept for replay and as contrastive anchors.
-        tap_epochs: task-adaptive prediction epochs (official ``crct_epochs``), for both heads.
-        tap_lr: SGD learning rate of the output layer's task-adaptive prediction (official ``ca_lr``).
-        tap_samples: features drawn per cluster and epoch, also the batch size (official ``5 * batch_size``).
-        tii_epochs: epochs of the task-identity classifier on each experience (official first run's ``epochs``).
-        tii_lr: its Adam learning rate (official first run's scaled ``lr``).
-        tii_batch_size: its batch size.
-        tii_tap_lr: SGD learning rate of its task-adaptive prediction (official first run's scaled ``ca_lr``).
-        tii_tap_samples: features drawn per cluster and epoch for it (official ``batch_size``).
-        tii_mlp_ratios: hidden widths of its MLP as multiples of the feature width (official ``[2]``).
+        hierarchy: flat keys ``train_mask``, ``n_centroids``, ``tap_*`` and ``tii_*`` of the TII and TAP stages
+            (:class:`~clpeft.components.heads.hierarchical_decomposition.HierarchicalOptions`).
     """
 
     needs_query = True
 
+    @flat_options
     def __init__(
         self,
         backbone,
@@ -101,17 +95,7 @@ class HiDePrompt(Strategy):
         prompt_momentum: Annotated[float, Field(ge=0, le=1)] = 0.01,
         contrastive_weight: Annotated[float, Field(ge=0)] = 0.1,
         head_lr_scale: Annotated[float, Field(gt=0)] = 0.1,
-        train_mask: bool = True,
-        n_centroids: Annotated[int, Field(ge=1)] = 10,
-        tap_epochs: Annotated[int, Field(ge=0)] = 30,
-        tap_lr: Annotated[float, Field(gt=0)] = 0.005,
-        tap_samples: Annotated[int, Field(ge=1)] = 120,
-        tii_epochs: Annotated[int, Field(ge=1)] = 20,
-        tii_lr: Annotated[float, Field(gt=0)] = 0.0005 * 24 / 256,
-        tii_batch_size: Annotated[int, Field(ge=1)] = 24,
-        tii_tap_lr: Annotated[float, Field(gt=0)] = 0.005 * 24 / 256,
-        tii_tap_samples: Annotated[int, Field(ge=1)] = 24,
-        tii_mlp_ratios: list[Annotated[int, Field(ge=1)]] = [2],
+        hierarchy: HierarchicalOptions = HierarchicalOptions(),
     ):
         require_one_process(
             "hide_prompt",
@@ -121,13 +105,11 @@ class HiDePrompt(Strategy):
         width = promptable_width(backbone, "hide_prompt")
         check_layers(backbone, prompt_layers, "strategy.prompt_layers")
         self.prompt_tasks = TaskPrefixPrompts(width, pool_size, prompt_layers, prompt_length)
-        self.task_identity = TaskIdentityInference(backbone.feature_dim, tii_mlp_ratios, n_centroids)
-        self.statistics = CentroidStatistics(backbone.feature_dim, n_centroids)
-        self.mask = ClassMask(train_mask)
+        self.task_identity = TaskIdentityInference(backbone.feature_dim, hierarchy.tii_mlp_ratios, hierarchy.n_centroids)
+        self.statistics = CentroidStatistics(backbone.feature_dim, hierarchy.n_centroids)
+        self.mask = ClassMask(hierarchy.train_mask)
+        self.hierarchy = hierarchy
         self.prompt_momentum, self.contrastive_weight, self.head_lr_scale = prompt_momentum, contrastive_weight, head_lr_scale
-        self.tap = {"n": tap_samples, "epochs": tap_epochs, "lr": tap_lr}
-        self.tii_tap = {"n": tii_tap_samples, "epochs": tap_epochs, "lr": tii_tap_lr}
-        self.tii = {"n_epochs": tii_epochs, "lr": tii_lr, "batch_size": tii_batch_size, "train_mask": train_mask}
         self.task = 0
 
     def before_experience(self, exp: Experience) -> None:
@@ -145,10 +127,12 @@ class HiDePrompt(Strategy):
         return within_task_loss(self.head, self.mask, features, batch.y, self.statistics, self.contrastive_weight)
 
     def after_experience(self, exp: Experience) -> None:
-        learn_task_identity(self.task_identity, self.batches, self.backbone, exp, self.tii, self.tii_tap, _seeded_from_torch)
+        learn_task_identity(
+            self.task_identity, self.batches, self.backbone, exp, self.hierarchy.tii(), self.hierarchy.tii_tap(), seeded_from_torch
+        )
         self.prompt_tasks.consolidate(exp.index, self.prompt_momentum)
         prompted = lambda batch: self.backbone.forward_prompted(batch.x, prefixes=self.prompt_tasks.training_prefixes(exp.index))  # noqa: E731
-        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, prompted, exp, self.tap, _seeded_from_torch)
+        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, prompted, exp, self.hierarchy.tap(), seeded_from_torch)
 
     def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the classes seen so far, with the prompt of the task TII infers from ``query`` (the cached frozen feature)."""

@@ -238,7 +238,7 @@ def test_two_tasks_of_both_stages_equal_the_official_engines(ref, monkeypatch):
     monkeypatch.undo()
 
     # clpeft: the strategy's hooks, the engine's optimizer and step; its k-means seeded as the official one was
-    monkeypatch.setattr(hide_module, "_seeded_from_torch", lambda: SEED)
+    monkeypatch.setattr(hide_module, "seeded_from_torch", lambda: SEED)
     train = TrainConfig(lr=wtp_args.lr, optimizer="adam", clip_grad=1.0)
     ours_wtp_losses, ours_tii_losses = [], []
     fit = strategy.task_identity.fit

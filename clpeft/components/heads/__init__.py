@@ -12,6 +12,12 @@ from clpeft.components.heads.class_statistics import ClassStatistics
 from clpeft.components.heads.classifiers import CosineHead, LDAHead, LinearHead, PrototypeHead, RidgeHead, ridge_by_holdout
 from clpeft.components.heads.head_retraining import retrain_head
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
+from clpeft.components.heads.hierarchical_decomposition import (
+    HierarchicalOptions,
+    learn_task_adaptive_prediction,
+    learn_task_identity,
+    within_task_loss,
+)
 from clpeft.components.heads.imprinting import HeldRows, imprint_rows
 from clpeft.components.heads.mahalanobis import MahalanobisHead
 from clpeft.components.heads.nearest_mean_of_exemplars import NearestMeanOfExemplars
@@ -33,8 +39,11 @@ __all__ = [
     "HeadOptions",
     "HeadTraining",
     "HeldRows",
+    "HierarchicalOptions",
     "imprint_rows",
     "LDAHead",
+    "learn_task_adaptive_prediction",
+    "learn_task_identity",
     "LinearHead",
     "MahalanobisHead",
     "NearestMeanOfExemplars",
@@ -45,4 +54,5 @@ __all__ = [
     "sinkhorn",
     "TaskIdentityInference",
     "transport_old_heads",
+    "within_task_loss",
 ]

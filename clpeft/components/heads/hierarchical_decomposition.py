@@ -26,9 +26,11 @@ engine seeds per experience), so a run is reproducible and resumable.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from clpeft.components.heads.centroid_statistics import CentroidStatistics, contrastive_regularisation
 from clpeft.components.heads.class_mask import ClassMask
@@ -37,10 +39,59 @@ from clpeft.components.heads.task_identity import TaskIdentityInference
 from clpeft.components.prompts.prompted import query_of
 from clpeft.errors import UserError
 from clpeft.experience import Experience
+from clpeft.schema import Options
 
-__all__ = ["learn_task_adaptive_prediction", "learn_task_identity", "seeded_from_torch", "start_task", "within_task_loss"]
+__all__ = [
+    "HierarchicalOptions",
+    "learn_task_adaptive_prediction",
+    "learn_task_identity",
+    "seeded_from_torch",
+    "start_task",
+    "within_task_loss",
+]
 
 Features = Callable[[object], torch.Tensor]  # a batch -> its (B, D) features
+
+
+class HierarchicalOptions(Options):
+    """The settings of the stages around the task-specific parameters, the same for HiDe-Prompt and HiDe-LoRA
+    (defaults: the official CIFAR-100 runs)."""
+
+    train_mask: bool = Field(True, description="cross-entropy over the current experience's classes only (official train_mask)")
+    n_centroids: Annotated[int, Field(ge=1)] = Field(
+        10, description="K, k-means clusters per class kept for replay and as contrastive anchors"
+    )
+    tap_epochs: Annotated[int, Field(ge=0)] = Field(
+        30, description="task-adaptive prediction epochs (official crct_epochs), for both heads"
+    )
+    tap_lr: Annotated[float, Field(gt=0)] = Field(
+        0.005, description="SGD learning rate of the output layer's task-adaptive prediction (official ca_lr)"
+    )
+    tap_samples: Annotated[int, Field(ge=1)] = Field(
+        120, description="features drawn per cluster and epoch, also the batch size (official 5 * batch_size)"
+    )
+    tii_epochs: Annotated[int, Field(ge=1)] = Field(20, description="epochs of the task-identity classifier on each experience")
+    tii_lr: Annotated[float, Field(gt=0)] = Field(0.0005 * 24 / 256, description="its Adam learning rate (official TII run's scaled lr)")
+    tii_batch_size: Annotated[int, Field(ge=1)] = Field(24, description="its batch size")
+    tii_tap_lr: Annotated[float, Field(gt=0)] = Field(
+        0.005 * 24 / 256, description="SGD learning rate of its task-adaptive prediction (official TII run's scaled ca_lr)"
+    )
+    tii_tap_samples: Annotated[int, Field(ge=1)] = Field(
+        24, description="features drawn per cluster and epoch for it (official batch_size)"
+    )
+    tii_mlp_ratios: list[Annotated[int, Field(ge=1)]] = Field([2], description="hidden widths of its MLP as multiples of the feature width")
+
+    def tap(self) -> dict:
+        """The output layer's task-adaptive prediction: ``n``, ``epochs``, ``lr``."""
+        return {"n": self.tap_samples, "epochs": self.tap_epochs, "lr": self.tap_lr}
+
+    def tii_tap(self) -> dict:
+        """The task-identity classifier's task-adaptive prediction: ``n``, ``epochs``, ``lr``."""
+        return {"n": self.tii_tap_samples, "epochs": self.tap_epochs, "lr": self.tii_tap_lr}
+
+    def tii(self) -> dict:
+        """The task-identity classifier's training: ``n_epochs``, ``lr``, ``batch_size``, ``train_mask``."""
+        return {"n_epochs": self.tii_epochs, "lr": self.tii_lr, "batch_size": self.tii_batch_size, "train_mask": self.train_mask}
 
 
 def seeded_from_torch() -> int:
