@@ -53,6 +53,7 @@ smoothing) -> ``beta``, IncreLoRA's ``incre_interval``, ``init_warmup``, ``top_h
 ``lamb``, ``lame`` -> ``subspace_threshold: [lamb, lame]``.
 """
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import torch
@@ -60,6 +61,7 @@ from pydantic import Field
 
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora, layer_ranks
+from clpeft.components.lora.eva import eva_init
 from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora.kinds import AdapterKind, check_adapter
 from clpeft.components.lora.rank_allocation import RankAllocator
@@ -103,6 +105,12 @@ class LoRACL(Strategy):
         subspace_threshold: ``epsilon`` for ``inflora``/``gpm``: the share of an experience's input
             energy the subspace keeps; or ``[lamb, lame]``, InfLoRA's schedule from ``lamb`` to
             ``lame`` over the stream (``lamb + (lame - lamb) t / T`` after experience ``t``).
+        init: how each experience's update starts: ``default`` (the adapter kind's own start) or
+            ``eva`` (Paischer et al., "One Initialization to Rule them All: Fine-tuning via Explained
+            Variance Adaptation", 2024, https://arxiv.org/abs/2410.07170: ``A`` = the top right-singular
+            vectors of the layer's inputs over the experience's training data, ranks redistributed by
+            explained variance up to ``round(eva_rho * r)`` per layer, ``B = 0``; ``lora`` and ``dora`` updates).
+        eva_rho: EVA's ``rho`` (>= 1), how far one layer's rank may grow above ``rank``.
         adapter: the adapter kind of every update: ``lora``, ``dora``, ``pissa``, ``vera``,
             ``lora_xs`` or ``adalora`` (SVD-form updates; the rank options above allocate their
             ranks) (:mod:`clpeft.components.lora.kinds`).
@@ -132,6 +140,8 @@ class LoRACL(Strategy):
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
         subspace: Literal["none", "inflora", "gpm"] = "none",
         subspace_threshold: Fraction | tuple[Fraction, Fraction] = 0.97,
+        init: Literal["default", "eva"] = "default",
+        eva_rho: Annotated[float, Field(ge=1)] = 2.0,
         adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
     ):
@@ -144,6 +154,7 @@ class LoRACL(Strategy):
                 "subspace": subspace,
                 "adapter": adapter,
                 "old_updates": old_updates,
+                "init": init,
             }
         )
         super().__init__(backbone)
@@ -175,6 +186,7 @@ class LoRACL(Strategy):
         self.aligned = HeadTraining(backbone.feature_dim, head_options)
         self.allocator: RankAllocator | None = None
         self.subspace = None if subspace == "none" else InputSubspace(self.lora, subspace_threshold, criterion=subspace)
+        self.init, self.eva_rho = init, eva_rho
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
 
@@ -189,6 +201,14 @@ class LoRACL(Strategy):
                 "grow_every cannot grow InfLoRA updates (their A is designed before training); use subspace: none or drop grow_every",
                 key="strategy.grow_every",
             )
+        if params.get("init", "default") == "eva":
+            if params.get("subspace", "none") != "none" or params.get("grow_every") is not None:
+                reason = "InfLoRA designs A itself" if params.get("subspace", "none") != "none" else "grow_every grows the ranks EVA sets"
+                raise UserError(
+                    f"init: eva starts A from the inputs' singular vectors, but {reason}; drop one of them", key="strategy.init"
+                )
+            if params.get("adapter", "lora") not in ("lora", "dora"):
+                raise UserError(f"init: eva starts lora and dora updates, not {params['adapter']}; use adapter: lora", key="strategy.init")
         check_adapter(
             params.get("adapter", "lora"),
             key="strategy.adapter",
@@ -198,14 +218,18 @@ class LoRACL(Strategy):
             freeze=params.get("old_updates", "freeze") == "freeze",
         )
 
-    def _input_covariances(self, exp: Experience) -> list[torch.Tensor]:
-        """Every adapted layer's mean ``x x^T`` over ``exp``'s training inputs (all ranks)."""
+    def _feed(self, exp: Experience) -> Callable[[], None]:
+        """A pass of ``exp``'s training inputs through the backbone (each rank its shard)."""
 
         def run() -> None:
             for b in self.batches(exp.train, shard=True):
                 self.embed(b.x)
 
-        return self.subspace.covariances(self.lora, run)
+        return run
+
+    def _input_covariances(self, exp: Experience) -> list[torch.Tensor]:
+        """Every adapted layer's mean ``x x^T`` over ``exp``'s training inputs (all ranks)."""
+        return self.subspace.covariances(self.lora, self._feed(exp))
 
     def _head_features(self, batch: Batch) -> torch.Tensor:
         return self.embed(batch.x)
@@ -215,6 +239,9 @@ class LoRACL(Strategy):
         super().before_experience(exp)
         if self.subspace is not None:
             self.subspace.design(self.lora, self._input_covariances(exp))
+        if self.init == "eva":
+            with torch.no_grad():
+                eva_init(self.lora, self._feed(exp), rho=self.eva_rho)
         self.step = 0
         if self.growth["every"]:  # drawn from the state the engine set for this experience: the same on every rank
             self.growth_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))

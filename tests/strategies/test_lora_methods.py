@@ -323,6 +323,54 @@ def test_lora_cl_grows_the_highest_scoring_layer_on_increloras_schedule(tmp_path
         assert (layer.frozen_B.abs().sum(0) > 0).all()
 
 
+def test_lora_cl_eva_starts_every_update_at_the_experiences_input_components(tmp_path, monkeypatch, run_keeping):
+    """``init: eva``: before each experience's training, every update's ``A`` is the top right-singular
+    vectors of its layer's centred inputs over that experience's training data (signed so the largest
+    entry is positive), ``B = 0``, the ranks redistributed by explained variance over the layers with
+    their total kept; computed here by hand from hooked inputs."""
+    starts, inputs = [], []
+    before = LoRACL.before_experience
+
+    def spy_before(self, exp):
+        seen = {name: [] for name in self.lora}
+        hooks = [layer.register_forward_pre_hook(lambda _, a, n=name: seen[n].append(a[0].detach())) for name, layer in self.lora.items()]
+        try:
+            before(self, exp)  # EVA's pass feeds the training data through the adapted layers
+        finally:
+            for hook in hooks:
+                hook.remove()
+        inputs.append({n: torch.cat(x).reshape(-1, x[0].shape[-1]).double() for n, x in seen.items()})
+        starts.append({n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in self.lora.items()})
+
+    monkeypatch.setattr(LoRACL, "before_experience", spy_before)
+    _, strategy, _ = _run(tmp_path, run_keeping, {"name": "lora_cl", "targets": TARGETS, "rank": 3, "alpha": 6.0, "init": "eva"})
+    assert len(starts) == 5
+    for t in range(5):
+        ratios, components = {}, {}
+        for name, x in inputs[t].items():
+            centred = x - x.mean(0)
+            _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+            vh = vh * torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
+            components[name], ratios[name] = vh[:6], (s[:6] ** 2) / (s**2).sum()  # rho 2: up to 2 r per layer
+        order = sorted(((r, n) for n, rs in ratios.items() for r in rs.tolist()), reverse=True)[:6]  # total rank 2 x 3
+        ranks = {n: sum(1 for _, m in order if m == n) for n in ratios}
+        for name, (a, b) in starts[t].items():
+            assert a.shape[0] == ranks[name] and torch.count_nonzero(b) == 0
+            torch.testing.assert_close(a.double(), components[name][: ranks[name]], rtol=1e-4, atol=1e-4)
+    assert sum(m.frozen_rank for m in strategy.lora.values()) == 5 * 6  # each experience kept the total rank
+
+
+def test_lora_cl_eva_refuses_what_it_cannot_start():
+    from clpeft.backbones.mlp import MLPBackbone
+
+    with pytest.raises(
+        UserError, match=r"strategy.init: init: eva starts A from the inputs' singular vectors, but InfLoRA designs A itself"
+    ):
+        LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], init="eva", subspace="inflora")
+    with pytest.raises(UserError, match=r"strategy.init: init: eva starts lora and dora updates, not vera"):
+        LoRACL(MLPBackbone((8, 8), hidden=[16]), targets=["net.0"], init="eva", adapter="vera")
+
+
 def test_lora_cl_config_errors_name_the_key():
     from clpeft.backbones.mlp import MLPBackbone
 
@@ -546,8 +594,9 @@ def test_state_dict_round_trip_into_a_fresh_strategy_gives_identical_predictions
     [
         {"name": "lora_cl", "targets": TARGETS, "rank": 1, "rank_budget": 5, "grow_every": 2},
         {"name": "lora_cl", "targets": TARGETS, "rank": 2, "subspace": "inflora", "subspace_threshold": [0.9, 1.0]},
+        {"name": "lora_cl", "targets": TARGETS, "rank": 2, "init": "eva"},
     ],
-    ids=["increlora-growth", "inflora-schedule"],
+    ids=["increlora-growth", "inflora-schedule", "eva-init"],
 )
 def test_lora_cl_interrupted_run_resumes_to_the_same_matrix(tmp_path, strategy, interrupted_then_resumed):
     """Grown frozen updates and GPM bases change shape from experience to experience; a resumed
