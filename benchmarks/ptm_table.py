@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ["finetune", "simplecil", "ranpac", "fsa_lda", "aper", "slca", "l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl"]
 METHODS += [f"{m}+{v}" for v in ("align", "sdc") for m in ("l2p", "dualprompt", "coda_prompt", "lora_cl", "lae", "merge_cl")]
 METHODS += ["lora_cl+nosubspace", "lora_cl+nosubspace+align", "lora_cl+nosubspace+sdc"]
-METHODS += ["fecam", "ease", "cofima", "hide_prompt", "ovor", "mos", "duct"]  # issue 22's pretrained-model methods
+METHODS += ["fecam", "ease", "cofima", "hide_prompt", "hide_lora", "ovor", "mos", "duct"]  # issue 22's pretrained-model methods
 VARIANTS = {
     "align": {"align": True},
     "sdc": {"align": True, "drift_compensation": True},
