@@ -27,6 +27,11 @@ sides once, the order alternating between rounds, so a shared machine's load hit
 Medians of wall time (``time.perf_counter``) and of CPU time (``time.process_time``, all threads
 of this process: on a loaded machine it does not count the time other processes hold the cores,
 so it is the steadier of the two; tokens per CPU-second then read as the work a step needs).
+With more threads than free cores, though, OpenMP's workers spin while they wait for each other
+and both times grow several-fold, the small ops of one-token decoding most: on the 2-core
+sandbox at load 5 a SmolLM2 step took 3.2 CPU-s at ``--threads 1`` and 14-19 at ``--threads 2``,
+and the per-sample generation loop 15 and 210. Ratios stay fair (both sides share every round's
+load) but swing; on a loaded machine compare at ``--threads 1``.
 
 **Peak memory (CPU).** Each side runs in a fresh subprocess of this script (``--probe``): it
 notes its resident set (``VmRSS``, torch and transformers imported), loads the model, injects the
@@ -39,8 +44,9 @@ second (activations, gradients, allocator slack). ``ru_maxrss`` cannot be reset 
 the loading peak (state dict and model at once) whenever that is higher; a fresh process per side
 keeps one side's freed heap from being reused unseen by the other.
 
-    OMP_NUM_THREADS=2 python benchmarks/llm_bench.py --threads 2               # SmolLM2, ~5 min
-    OMP_NUM_THREADS=2 python benchmarks/llm_bench.py --steps 20 --repeats 7    # steadier medians
+    OMP_NUM_THREADS=2 python benchmarks/llm_bench.py --threads 2    # SmolLM2: 21.5 min on the sandbox at load 5
+    OMP_NUM_THREADS=1 python benchmarks/llm_bench.py --threads 1    # 3.5 min there: the steadier choice
+    python benchmarks/llm_bench.py --steps 20 --repeats 7 --new-tokens 48   # steadier medians, longer answers
 """
 
 from __future__ import annotations
