@@ -141,6 +141,17 @@ def test_two_tasks_equal_the_official_engine(ref, monkeypatch, tmp_path):
     copy-forward (``TaskLoRA.start_task``); no LoRA momentum (``TaskLoRA.consolidate``); scaling ``alpha / r`` -> 1;
     the query projection adapted too; every test sample routed to the last task.
     """
+    # one thread: the TII classifier trained here on a random tiny ViT's features must split the test samples
+    # between both tasks (so both LoRAs serve one batch); at 2 threads its float sums send them all to task 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _two_tasks(ref, monkeypatch, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _two_tasks(ref, monkeypatch, tmp_path):
     loaders, per_class = _loaders()
     tap = {"epochs": 5, "lr": 0.05, "n": 5 * 4}
     args = _args(
