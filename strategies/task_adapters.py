@@ -46,6 +46,7 @@ from pydantic import Field
 
 from clpeft.backbones.generative_lm import GenerativeLM
 from clpeft.components.generative import GenerativeOptions
+from clpeft.components.generative.instruction_tuning import score_answers
 from clpeft.components.generative.perplexity_retention import PerplexityRetention
 from clpeft.components.generative.task_adapters import TaskAdapters
 from clpeft.components.generative.task_router import TaskRouter, prompt_embeddings
@@ -56,7 +57,6 @@ from clpeft.instructions import Instruction
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
-from clpeft.text_metrics import score
 
 
 @register_strategy("task_lora")
@@ -143,10 +143,7 @@ class TaskLoRAServing(Strategy):
         """Each example's score in [0, 1] by its task's metric, on a greedy answer of its adapter (one batched decoding)."""
         examples = list(batch.x)
         with self.adapters.routed(self.adapter_of(examples)):
-            answers = self.backbone.generate(
-                examples, max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop})
-            )
-        return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])
+            return score_answers(self.backbone, examples)
 
     def final_metrics(self) -> dict:
         """``router_accuracy`` and ``router_task_accuracy`` on the seen tasks' test prompts; the general text's perplexity."""

@@ -113,11 +113,7 @@ class InstructionTuning:
     @torch.no_grad()
     def score(self, batch: Batch) -> torch.Tensor:
         """Each example's score in [0, 1] by its task's metric, on a greedy answer."""
-        examples = batch.x
-        answers = self.backbone.generate(
-            list(examples), max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop})
-        )
-        return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])
+        return score_answers(self.backbone, list(batch.x))
 
     def fisher(self, batches: Iterable[Batch], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher ``E[(d log p(y|x) / d theta)^2]`` of ``params`` (by the caller's
@@ -149,3 +145,11 @@ class InstructionTuning:
         with torch.no_grad():
             teacher, _, _ = self.backbone.answer_logits(examples, params=old)
         return F.cross_entropy(logits.float(), targets), distillation_loss(logits, teacher, temperature)
+
+
+@torch.no_grad()
+def score_answers(backbone: GenerativeLM, examples: Sequence[Instruction]) -> torch.Tensor:
+    """Each example's score in [0, 1] by its task's metric, on ``backbone``'s greedy answer (one batched decoding,
+    each example's ``max_new_tokens`` and stop strings)."""
+    answers = backbone.generate(list(examples), max(e.max_new_tokens for e in examples), sorted({s for e in examples for s in e.stop}))
+    return torch.tensor([score(e.metric, a, e.target, e.choices) for e, a in zip(examples, answers)])
