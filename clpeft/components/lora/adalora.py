@@ -201,8 +201,7 @@ class AdaLoRAAllocator:
             self.update()
             budget, masking = self.budget(step)
             return self.mask(budget) if masking else None
-        if step == final_step or self.final_mask is None:
-            self.update()
+        if step == final_step or self.final_mask is None:  # masked by the scores of the steps before, as peft does
             self.final_mask = self.mask(self.target_budget)
             return self.final_mask
         with torch.no_grad():
