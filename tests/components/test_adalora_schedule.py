@@ -205,6 +205,6 @@ def test_incomplete_options_are_refused(options, match):
 )
 def test_clashing_options_are_refused_in_one_line(params, key):
     with pytest.raises(UserError) as error:
-        check_schedule({"target_rank": 2, **params})
+        check_schedule({"target_rank": 2, "total_step": 10, **params})
     assert error.value.key == key and "\n" not in str(error.value)
-    check_schedule({"adapter": "lora", **{k: v for k, v in params.items() if k != "adapter"}})  # no schedule: not refused here
+    check_schedule({"target_rank": None, "total_step": None, "tinit": 0, **params})  # no schedule: not refused here

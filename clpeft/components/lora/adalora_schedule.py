@@ -57,7 +57,7 @@ class AdaLoRAOptions(Options):
     @model_validator(mode="after")
     def _complete(self) -> AdaLoRAOptions:
         if self.target_rank is None:
-            given = sorted(self.model_fields_set - {"target_rank"})
+            given = sorted(name for name, info in type(self).model_fields.items() if getattr(self, name) != info.default)
             if given:
                 raise UserError(f"{', '.join(given)} belong to AdaLoRA's schedule; set target_rank too", key=f"strategy.{given[0]}")
             return self
@@ -75,8 +75,11 @@ class AdaLoRAOptions(Options):
 
 
 def check_schedule(params: Mapping) -> None:
-    """Refuse, in one line, a ``target_rank`` that the other options of a LoRA learner cannot follow."""
-    if params.get("target_rank") is None:
+    """Refuse, in one line, schedule options that are incomplete or that the other options of a LoRA learner cannot follow.
+
+    ``params``: the learner's flat options (those of :class:`AdaLoRAOptions` among them).
+    """
+    if AdaLoRAOptions(**{name: params[name] for name in AdaLoRAOptions.model_fields if name in params}).target_rank is None:
         return
     clashes = {
         "adapter": (params.get("adapter", "lora") != "adalora", "masks singular values, so it needs adapter: adalora"),
