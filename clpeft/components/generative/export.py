@@ -21,6 +21,18 @@ https://arxiv.org/abs/2106.09685) that users serve with peft or fold into the we
   model with every LoRA layer folded into its weight (:func:`merged_state_dict`; the run's model is
   left as it is) and the run's tokenizer. As large as the pretrained model.
 
+``task_lora`` keeps one LoRA per task in multi-adapter layers
+(:mod:`~clpeft.components.generative.task_adapters`) and answers each prompt with one of them; its
+model is a separate model per task (O-LoRA's "PerTaskFT"), never one model. So it exports per task,
+after task ``k`` (its adapter never changes after that; :func:`~clpeft.components.generative.task_adapters.task_lora`):
+
+* ``adapters``: ``adapters/task_<k>/``, task ``k``'s own LoRA (rank ``r``, ``lora_alpha``), the
+  run's model routed to task ``k``;
+* ``merged``: ``merged/task_<k>/``, the pretrained model with task ``k``'s LoRA folded in, and the
+  tokenizer: the model that answers task ``k``'s prompts, as a user who asks for merged weights
+  serves it without peft (one pretrained model's size per task). The router is not in it: a
+  prompt of unknown task needs the run itself, or the adapters and a router of one's own.
+
 Each directory is written beside its place and renamed into it (:func:`replace_directory`), so an
 interrupted run leaves whole directories; written before the experience's checkpoint, so a run
 resumed from a checkpoint has the exports up to it and writes the later ones, the same tensors as
@@ -31,15 +43,17 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from clpeft.backbones.generative_lm import GenerativeLM
+from clpeft.components.generative.task_adapters import TaskAdapterLinear, task_lora
 from clpeft.components.lora.files import save_peft_adapter
 from clpeft.components.lora.injection import lora_layers
+from clpeft.components.lora.layer import LoRALinear
 from clpeft.errors import UserError
 
 __all__ = ["RunExports", "merged_state_dict", "replace_directory", "save_merged_model"]
@@ -52,7 +66,8 @@ class RunExports:
 
     Args:
         kinds: ``adapters`` and/or ``merged`` (none: nothing is written).
-        strategy: the run's strategy; its backbone must be a ``generative_lm`` (with LoRA layers for ``adapters``).
+        strategy: the run's strategy; its backbone must be a ``generative_lm`` (with LoRA layers, or
+            ``task_lora``'s per-task adapters, for ``adapters``).
         directory: the run directory.
 
     Raises:
@@ -63,21 +78,30 @@ class RunExports:
         self.kinds = frozenset(kinds)
         self.directory = Path(directory)
         self.backbone = strategy.backbone
+        self.per_task = False
         if not self.kinds:
             return
         if not isinstance(self.backbone, GenerativeLM):
             raise UserError(f"exports a generative_lm run's model (this backbone is {type(self.backbone).__name__}); drop it", key=_KEY)
-        if "adapters" in self.kinds and not lora_layers(self.backbone.net):
+        self.per_task = any(isinstance(m, TaskAdapterLinear) for m in self.backbone.net.modules())
+        if "adapters" in self.kinds and not (self.per_task or lora_layers(self.backbone.net)):
             raise UserError("adapters: this strategy trains no LoRA layers to export; list merged only", key=_KEY)
 
     def after_experience(self, index: int) -> None:
-        """``adapters/task_<index>/``: the LoRA as it is after experience ``index``."""
+        """``adapters/task_<index>/``: the LoRA as it is after experience ``index`` (per-task LoRAs:
+        task ``index``'s, and ``merged/task_<index>/`` with it folded in)."""
+        if not self.kinds:
+            return
+        net, tokenizer = self.backbone.net, self.backbone.tokenizer
+        layers = task_lora(net, index) if self.per_task else None
         if "adapters" in self.kinds:
-            replace_directory(self.directory / "adapters" / f"task_{index}", lambda d: save_peft_adapter(self.backbone.net, d))
+            replace_directory(self.directory / "adapters" / f"task_{index}", lambda d: save_peft_adapter(net, d, layers))
+        if "merged" in self.kinds and self.per_task:
+            replace_directory(self.directory / "merged" / f"task_{index}", lambda d: save_merged_model(net, tokenizer, d, layers))
 
     def after_stream(self) -> None:
-        """``merged/``: the final model with its LoRA folded in, and the tokenizer."""
-        if "merged" in self.kinds:
+        """``merged/``: the final model with its LoRA folded in, and the tokenizer (per-task LoRAs: written per task already)."""
+        if "merged" in self.kinds and not self.per_task:
             replace_directory(self.directory / "merged", lambda d: save_merged_model(self.backbone.net, self.backbone.tokenizer, d))
 
 
@@ -99,14 +123,15 @@ def replace_directory(directory: Path, write: Callable[[Path], None]) -> None:
 
 
 @torch.no_grad()
-def merged_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(net: nn.Module, layers: Mapping[str, LoRALinear] | None = None) -> dict[str, torch.Tensor]:
     """``net``'s state dict under the plain model's names, each LoRA layer's updates folded into its weight.
 
     A copy of each LoRA layer is merged (:meth:`LoRALinear.merge
     <clpeft.components.lora.LoRALinear.merge>`, every adapter kind's own folding), so ``net`` is
-    unchanged; the other tensors are ``net``'s own.
+    unchanged; the other tensors are ``net``'s own. ``layers`` (by module path) stand for the
+    modules at their paths instead of ``net``'s LoRA layers (e.g. one task's adapter, :func:`task_lora`).
     """
-    layers = lora_layers(net)
+    layers = lora_layers(net) if layers is None else layers
     prefixes = tuple(f"{path}." for path in layers)
     state = {k: v for k, v in net.state_dict().items() if not k.startswith(prefixes)}
     for path, layer in layers.items():
@@ -116,8 +141,8 @@ def merged_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_merged_model(net, tokenizer, directory: Path) -> None:
-    """Save ``net`` with its LoRA folded in (:func:`merged_state_dict`) and ``tokenizer`` as a transformers directory.
+def save_merged_model(net, tokenizer, directory: Path, layers: Mapping[str, LoRALinear] | None = None) -> None:
+    """Save ``net`` with its LoRA (or ``layers``) folded in (:func:`merged_state_dict`) and ``tokenizer`` as a transformers directory.
 
     The weights go into a model of ``net``'s class built without memory (``meta`` device) that
     takes the merged tensors as they are; its generation config is ``net``'s.
@@ -128,7 +153,7 @@ def save_merged_model(net, tokenizer, directory: Path) -> None:
     with torch.device("meta"):
         plain = type(net)(net.config)
     try:
-        plain.load_state_dict(merged_state_dict(net), assign=True)
+        plain.load_state_dict(merged_state_dict(net, layers), assign=True)
     except RuntimeError as err:
         raise UserError(
             f"merged: the model does not fold into a plain {type(net).__name__} ({str(err).splitlines()[1].strip()})", key=_KEY

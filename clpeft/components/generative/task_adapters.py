@@ -15,6 +15,9 @@ layer, ``W x + (alpha / r) B_t A_t x``, all of a layer's adapters stacked in one
   whole batch, so gradient checkpointing's recomputation in the backward pass sees the same
   model; only that adapter's slices of the stacked factors receive (nonzero) gradients;
 * otherwise: the frozen layer (the pretrained model, e.g. for a router's prompt embeddings).
+
+:func:`task_lora` gives task ``t``'s adapter alone as LoRA layers, to save as a peft adapter or fold
+into a plain model (:mod:`clpeft.components.generative.export`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clpeft.components.lora.batched import route
+from clpeft.components.lora.files import single_adapters
 from clpeft.components.lora.injection import find_linear_targets, replace_module
+from clpeft.components.lora.layer import LoRALinear
 from clpeft.components.lora.task_lora import TaskLoRALinear
 
-__all__ = ["TaskAdapterLinear", "TaskAdapters"]
+__all__ = ["TaskAdapterLinear", "TaskAdapters", "task_lora"]
 
 
 class TaskAdapterLinear(TaskLoRALinear):
@@ -83,3 +88,10 @@ class TaskAdapters:
     def routed(self, adapter_ids: torch.Tensor) -> AbstractContextManager[None]:
         """Inside the block sample ``b`` gets adapter ``adapter_ids[b]`` (one forward for the batch)."""
         return route(self.net, adapter_ids)
+
+
+def task_lora(net: nn.Module, task: int) -> dict[str, LoRALinear]:
+    """Adapter ``task`` of every :class:`TaskAdapterLinear` of ``net``, by module path, as LoRA layers
+    (:func:`~clpeft.components.lora.files.single_adapters`); ``{}`` when ``net`` has none."""
+    layers = {name: m for name, m in net.named_modules() if isinstance(m, TaskAdapterLinear)}
+    return single_adapters(layers, task) if layers else {}

@@ -10,12 +10,14 @@ LoRA-XS's updates as their equivalent LoRA factors); DoRA adds ``<module>.lora_m
 ``peft.PeftModel.from_pretrained(base_model, directory)`` loads onto the original base model with
 the same outputs: a LoRA adapter (per-layer ``rank_pattern``/``alpha_pattern``), with
 ``use_dora`` for DoRA layers, or peft's VeRA adapter for VeRA layers without frozen updates.
+:func:`single_adapters` gives one adapter of a multi-adapter model's layers to save that way.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from clpeft.components.lora.batched import MultiLoRALinear
 from clpeft.components.lora.dora import DoRALinear
 from clpeft.components.lora.injection import lora_layers
 from clpeft.components.lora.layer import LoRALinear
@@ -60,13 +63,15 @@ def _layers(model: nn.Module) -> dict[str, LoRALinear]:
     return layers
 
 
-def save_peft_adapter(model: nn.Module, directory: str | Path) -> None:
+def save_peft_adapter(model: nn.Module, directory: str | Path, layers: Mapping[str, LoRALinear] | None = None) -> None:
     """Save the LoRA layers of ``model`` as a peft adapter directory (see the module docs).
 
     Layers of one kind only: DoRA layers cannot be mixed with others (peft's ``use_dora`` is
     per adapter). Module paths are the ``target_modules`` (peft matches them on the plain model).
+    ``layers`` (by module path) replaces ``model``'s own, e.g. one adapter of its multi-adapter
+    layers (:func:`single_adapters`).
     """
-    layers = _layers(model)
+    layers = _layers(model) if layers is None else layers
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dora = [isinstance(layer, DoRALinear) for layer in layers.values()]
@@ -86,6 +91,26 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> None:
 
 
 _PEFT_PREFIX = "base_model.model."
+
+
+@torch.no_grad()
+def single_adapters(layers: Mapping[str, MultiLoRALinear], k: int) -> dict[str, LoRALinear]:
+    """Adapter ``k`` of each layer as a :class:`LoRALinear` on the layer's own base layer (shared, not copied).
+
+    Each holds a copy of ``A_k``, ``B_k`` with ``alpha = scaling[k] r``, so its update is adapter
+    ``k``'s, ``scaling[k] B_k A_k``. Building them leaves the random generators as they were (the
+    fresh layers' own draw of ``A`` is replaced at once), so a run that saves them trains as one
+    that does not.
+    """
+    device = next(iter(layers.values())).lora_A.device
+    singles = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for name, layer in layers.items():
+            alpha = layer.scaling[k].item() * layer.lora_A.shape[1]
+            single = LoRALinear(layer.base_layer, layer.lora_A.shape[1], alpha)
+            single.load_factors(layer.lora_A[k].clone(), layer.lora_B[k].clone(), alpha)
+            singles[name] = single
+    return singles
 
 
 def _peft_lora_config(layers: dict[str, LoRALinear], use_dora: bool) -> dict:
