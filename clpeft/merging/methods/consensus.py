@@ -20,6 +20,17 @@ With ``task: t`` the result is instead the TALL-mask compression's reconstructio
 model per ``task`` value rather than a mask file, and every mask is recomputed from the
 fine-tunes on the fly.
 
+Consensus TIES. With ``merge: ties``, ``tau_MTL`` is TIES' merged task vector
+(:func:`~clpeft.merging.methods.ties.multi_task_vector`) for both the masks and the merge,
+while ``tau_t`` in the masks stays each untrimmed task vector: the official code's
+``use_ties: true`` (``ties_merging(tv_flat_checks, reset_thresh=20, merge_func="dis-sum")`` in
+``src/eval/aggregation.py``, whose result feeds ``construct_tall_mask`` and the consensus
+mask), the paper's "Consensus TIES" rows. TIES' keys (``density``, ``trim``, ``trim_scope``,
+``disjoint``) mean what they mean for :mod:`~clpeft.merging.methods.ties`; the defaults are that
+call's: density 0.2 over the whole model, disjoint sum. Equal to the official code on random
+state dicts (tests/reference/test_ties_variants.py), up to TIES' deliberate differences (one
+entry per task fewer kept, the sign of an exactly cancelling entry).
+
 Defaults. ``k`` 2 is the paper's; ``lambda`` is chosen per task on validation data from
 {0.2, 0.3, 0.4, 0.5, 0.6} in the official code, clpeft's default 0.4 is that grid's middle
 (a list gives one per task); ``alpha`` 0.3 is task arithmetic's default, searched on
@@ -29,14 +40,18 @@ validation data in the paper (``--search scale=...``). The masks equal FusionBen
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
 
 from clpeft.errors import UserError
-from clpeft.merging.methods.generalized import Scale
-from clpeft.merging.registry import merge_method
+from clpeft.merging.methods.generalized import Disjoint, Scale
+from clpeft.merging.methods.model_trim import KthLargestMagnitude
+from clpeft.merging.methods.sparsify import Trim
+from clpeft.merging.methods.ties import Density, MultiTask, TrimScope, model_thresholds, multi_task_vector
+from clpeft.merging.registry import ModelShape, merge_method
 
 Lambda = Annotated[
     float | list[float],
@@ -59,7 +74,12 @@ def tall_masks(task_vectors: torch.Tensor, total: torch.Tensor, tall_mask_lambda
     return task_vectors.abs() > (total - task_vectors).abs_().mul_(lambdas)
 
 
-@merge_method("consensus", reference_url="https://arxiv.org/abs/2405.07813")
+def _ties_thresholds(params: Mapping[str, Any], shape: ModelShape) -> KthLargestMagnitude | None:
+    """TIES' whole-model trim thresholds (``merge: ties``, ``trim_scope: model``)."""
+    return model_thresholds(params, shape) if params["merge"] == "ties" else None
+
+
+@merge_method("consensus", reference_url="https://arxiv.org/abs/2405.07813", model_statistic=_ties_thresholds)
 def consensus(
     task_vectors: torch.Tensor,
     *,
@@ -67,11 +87,18 @@ def consensus(
     min_tasks: MinTasks = 2,
     scale: Scale = 0.3,
     task: Task = None,
+    merge: MultiTask = "task_arithmetic",
+    density: Density = 0.2,
+    trim: Trim = "threshold",
+    trim_scope: TrimScope = "model",
+    disjoint: Disjoint = "sum",
+    model_statistic: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Consensus merging: task arithmetic on the entries that at least k tasks' TALL masks keep (Wang et al., ICML 2024)."""
+    """Consensus merging: task arithmetic (or TIES) on the entries that at least k tasks' TALL masks keep (Wang et al., ICML 2024)."""
     if task is not None and task >= task_vectors.shape[0]:
         raise UserError(f"task {task} is out of range for {task_vectors.shape[0]} models (0-based)", key="parameters.task")
-    total = task_vectors.sum(dim=0)
+    merged = task_vectors.clone() if merge == "ties" else task_vectors  # TIES trims its input; the masks need every tau_t
+    total = multi_task_vector(merged, merge, density=density, trim=trim, disjoint=disjoint, thresholds=model_statistic)
     masks = tall_masks(task_vectors, total, tall_mask_lambda)
     keep = masks[task] if task is not None else masks.sum(dim=0) >= min_tasks
     return total.mul_(keep).mul_(scale)

@@ -24,6 +24,10 @@ the official command searches lambda in 0.8-2.5 on validation data (``linear+0.8
 TIES README): ``clpeft merge --search scale=0.8:2.5:0.1 --on CONFIG`` does the same.
 AdaMerging's TIES baseline instead sums the agreeing entries (``disjoint: sum``) at lambda 0.3.
 The zero-mass sign convention is documented in :func:`~clpeft.merging.methods.generalized.combine`.
+
+Methods built on task arithmetic's multi-task vector ``tau_MTL = sum_t tau_t`` (consensus
+merging, LiNeS) take TIES' merged vector instead with ``merge: ties`` and TIES' keys
+(:func:`multi_task_vector`, :func:`model_thresholds`), as their papers' official code does.
 """
 
 from __future__ import annotations
@@ -45,9 +49,13 @@ TrimScope = Annotated[
     Literal["model", "tensor"],
     Field(description="trim each task vector over the whole model (the official code) or each tensor apart (peft)"),
 ]
+MultiTask = Annotated[
+    Literal["task_arithmetic", "ties"],
+    Field(description="tau_MTL: task arithmetic's sum, or TIES' merged vector (density, trim, trim_scope, disjoint)"),
+]
 
 
-def _model_thresholds(params: Mapping[str, Any], shape: ModelShape) -> KthLargestMagnitude | None:
+def model_thresholds(params: Mapping[str, Any], shape: ModelShape) -> KthLargestMagnitude | None:
     """Pass 1 of ``trim_scope: model``: each task's k-th largest magnitude over the whole model."""
     if params["trim_scope"] == "tensor":
         return None
@@ -60,7 +68,7 @@ def _model_thresholds(params: Mapping[str, Any], shape: ModelShape) -> KthLarges
     return KthLargestMagnitude(int(params["density"] * shape.numel), shape)
 
 
-@merge_method("ties", reference_url="https://arxiv.org/abs/2306.01708", model_statistic=_model_thresholds)
+@merge_method("ties", reference_url="https://arxiv.org/abs/2306.01708", model_statistic=model_thresholds)
 def ties(
     task_vectors: torch.Tensor,
     *,
@@ -83,3 +91,19 @@ def ties(
     else:
         trim_below_(task_vectors, model_statistic)
     return combine(task_vectors, task_coefficients(task_vectors, scale, weights), "ties", disjoint)
+
+
+def multi_task_vector(
+    task_vectors: torch.Tensor,
+    merge: MultiTask,
+    *,
+    density: float,
+    trim: Trim,
+    disjoint: Disjoint,
+    thresholds: torch.Tensor | None,
+) -> torch.Tensor:
+    """``tau_MTL``: ``sum_t tau_t`` (``merge: task_arithmetic``) or TIES' merged vector at lambda 1
+    (``merge: ties``; ``thresholds`` from :func:`model_thresholds`, None to trim this tensor alone)."""
+    if merge == "task_arithmetic":
+        return task_vectors.sum(dim=0)
+    return ties(task_vectors, density=density, trim=trim, disjoint=disjoint, model_statistic=thresholds)
