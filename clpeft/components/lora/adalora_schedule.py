@@ -41,17 +41,21 @@ class AdaLoRAOptions(Options):
 
     target_rank: Annotated[int, Field(ge=1)] | None = Field(
         None,
-        description="AdaLoRA's target_r: mask each experience's update during training down to this average rank per layer "
-        "(null: no schedule); needs adapter: adalora and total_step",
+        description="AdaLoRA's ``target_r``: each experience's update is masked while it trains down to this average rank "
+        "per layer (``null``: no schedule); needs ``adapter: adalora`` and ``total_step``.",
     )
     total_step: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="AdaLoRA's T: the optimizer steps of each experience (train.epochs x batches per epoch)"
+        None, description="AdaLoRA's ``T``: the optimizer steps of each experience (``train.epochs`` x batches per epoch)."
     )
-    tinit: Annotated[int, Field(ge=0)] = Field(0, description="AdaLoRA's t_i: warm-up steps of each experience at the initial budget")
-    tfinal: Annotated[int, Field(ge=0)] = Field(0, description="AdaLoRA's t_f: last steps of each experience trained with the final mask")
-    delta_t: Annotated[int, Field(ge=1)] = Field(1, description="AdaLoRA's Delta T (peft's deltaT): steps between two maskings")
+    tinit: Annotated[int, Field(ge=0)] = Field(0, description="AdaLoRA's ``t_i``: warm-up steps of each experience at the starting budget.")
+    tfinal: Annotated[int, Field(ge=0)] = Field(
+        0, description="AdaLoRA's ``t_f``: the last steps of each experience, trained with the final mask."
+    )
+    delta_t: Annotated[int, Field(ge=1)] = Field(
+        1, description="AdaLoRA's ``Delta T`` (peft's ``deltaT``): steps between two maskings while the budget falls."
+    )
     orth_reg_weight: Annotated[float, Field(ge=0)] = Field(
-        0.5, description="AdaLoRA's gamma: weight of the orthogonal regulariser R(P, Q) added to the loss"
+        0.5, description="AdaLoRA's ``gamma``: weight of the orthogonal regulariser ``R(P, Q)`` added to the loss."
     )
 
     @model_validator(mode="after")
