@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -14,7 +13,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
-from tqdm.auto import tqdm
 
 from clpeft.errors import UserError
 from clpeft.merging.engine import MergeEngine
@@ -24,7 +22,7 @@ from clpeft.merging.output import atomic_output, check_outputs
 from clpeft.merging.registry import get_method
 from clpeft.merging.report import MergeReport
 from clpeft.merging.rules import MergeRules, TensorJob, plan
-from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, fingerprint, parse_size, write_sharded
+from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, fingerprint, parse_size, progress_bar, write_sharded_report
 
 __all__ = ["merge", "merge_files"]
 
@@ -177,16 +175,7 @@ def merge_files(
         result = MergeReport(method, params, str(base), [str(m) for m in models], str(device), seed)
         metadata = {**base_source.metadata(), "clpeft_merge": json.dumps({"method": method, "parameters": params})}
         start = time.perf_counter()
-        show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
-        bar = tqdm(
-            total=sum(job.info.nbytes for job in jobs),
-            desc=f"{method} merge",
-            unit="B",
-            unit_scale=True,
-            disable=not show,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        bar = progress_bar(jobs, f"{method} merge", progress)
         stack.callback(bar.close)
 
         def write(job: TensorJob, tensor: torch.Tensor) -> None:
@@ -209,29 +198,27 @@ def merge_files(
             inputs = {f"the base {base}": base_source.paths}
             for i, (path, model) in enumerate(zip(models, sources)):
                 inputs[f"model {i} ({path})"] = (model.source if isinstance(model, LoraAdapter) else model).paths
-            out.mkdir(parents=True, exist_ok=True)
 
             def engine_for(parameters: Mapping[str, Any]) -> MergeEngine:
                 return MergeEngine(spec, parameters, base_source, sources, device=device, seed=seed, fused=fused)
 
-            result.tensors, result_kept = write_sharded(
+            return write_sharded_report(
                 out,
                 jobs,
                 engine_for,
                 per_tensor,
+                report=result,
+                report_path=report_path,
+                bar=bar,
+                start=start,
                 dtype=_dtype(dtype),
                 shard_bytes=shard_bytes,
                 metadata={**metadata, "format": "pt"},
                 stamp=fingerprint(inputs, settings),
                 resume=resume,
                 on_shard=on_shard,
-                on_tensor=lambda job: bar.update(job.info.nbytes),
                 inputs=read,
             )
-            result.seconds = time.perf_counter() - start
-            with atomic_output(report_path) as r:
-                r.write(json.dumps({**result.to_dict(), "resumed_shards": result_kept}, indent=1).encode())
-            return result
         with atomic_output(out) as f:
             writer = SafetensorsWriter(f, [(job.name, job.info) for job in jobs], metadata)
             engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed, fused=fused)

@@ -34,15 +34,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clpeft.errors import UserError
 from clpeft.merging.api import merge_files
 from clpeft.merging.io import open_checkpoint
 from clpeft.merging.output import atomic_output
 from clpeft.merging.report import MergeReport
-from clpeft.merging.sharded import ShardRecord
+from clpeft.merging.sharded import ShardedOptions
 from clpeft.merging.slices import OutputSlice, SliceLayout, SliceSource, merge_slices, plan_slices, sliced_config
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["METHODS", "MergekitPlan", "is_mergekit_config", "plan_mergekit", "run_mergekit"]
 
@@ -494,33 +497,31 @@ def run_mergekit(
     config: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    device: str = "cpu",
-    seed: int = 0,
-    shard_size: int | str = "5G",
-    resume: bool = False,
-    progress: str = "auto",
-    on_shard: Callable[[ShardRecord], None] | None = None,
     data: Mapping[str, Any] | None = None,
+    **options: Unpack[ShardedOptions],
 ) -> MergeReport:
     """Run a mergekit YAML into the transformers directory ``out`` (see the module docstring).
 
     Args:
         config: the YAML file (read with clpeft's safe loader unless ``data`` is given).
         out: the output directory.
-        device, seed, shard_size, resume, progress, on_shard: as in :func:`~clpeft.merging.merge_files`.
         data: the YAML's mapping, when the caller has read it already.
+        **options: ``device``, ``seed``, ``shard_size``, ``resume``, ``progress``, ``on_shard``, as in
+            :func:`~clpeft.merging.merge_files` (:class:`~clpeft.merging.sharded.ShardedOptions`).
 
     Returns:
         The merge report (also written as ``clpeft_merge_report.json`` in ``out``).
     """
     from clpeft.config import read_yaml
 
+    unknown = sorted(set(options) - set(ShardedOptions.__annotations__))
+    if unknown:  # a typo would otherwise reach merge_files as a method parameter
+        raise TypeError(f"run_mergekit() got unexpected keyword arguments: {', '.join(unknown)}")
     config, out = Path(config), Path(out)
     data = read_yaml(config) if data is None else data
     plan = plan_mergekit(data)
-    common = {"device": device, "seed": seed, "progress": progress, "shard_size": shard_size, "resume": resume, "on_shard": on_shard}
     if plan.layout is not None:
-        report = merge_slices(plan.layout, out, plan.method, plan.parameters_of, dtype=plan.input_dtype, out_dtype=plan.dtype, **common)
+        report = merge_slices(plan.layout, out, plan.method, plan.parameters_of, dtype=plan.input_dtype, out_dtype=plan.dtype, **options)
     else:
         first = _first_tensor(plan.base)
         report = merge_files(
@@ -530,7 +531,7 @@ def run_mergekit(
             plan.method,
             dtype=plan.dtype,
             tensor_parameters=plan.parameters_of,
-            **common,
+            **options,
             **plan.parameters_of(first),
         )
     _copy_config(plan.config_source / "config.json", out / "config.json", plan.dtype, plan.layout)

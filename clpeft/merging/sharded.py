@@ -39,31 +39,37 @@ import json
 import os
 import re
 import reprlib
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
+from tqdm.auto import tqdm
 
 from clpeft.errors import UserError
 from clpeft.merging.blocks import BLOCK_COLUMNS
 from clpeft.merging.engine import MergeEngine
 from clpeft.merging.io import SafetensorsWriter, TensorInfo
 from clpeft.merging.output import atomic_output, check_outputs
-from clpeft.merging.report import TensorReport
+from clpeft.merging.report import MergeReport, TensorReport
 from clpeft.merging.rules import TensorJob
 
 __all__ = [
     "INDEX_NAME",
     "PROGRESS_NAME",
     "ShardRecord",
+    "ShardedOptions",
     "fingerprint",
     "parse_size",
     "plan_shards",
+    "progress_bar",
     "rss_bound",
     "write_sharded",
+    "write_sharded_report",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -279,6 +285,31 @@ class _ShardSink:
         return False
 
 
+class ShardedOptions(TypedDict, total=False):
+    """The keywords that :func:`~clpeft.merging.merge_files` and :func:`~clpeft.merging.slices.merge_slices`
+    share for a sharded merge (their defaults apply to those left out)."""
+
+    device: str
+    seed: int
+    shard_size: int | str
+    resume: bool
+    progress: str
+    on_shard: Callable[[ShardRecord], None] | None
+
+
+def progress_bar(jobs: Sequence[TensorJob], desc: str, progress: str) -> tqdm:
+    """A bar of the bytes written, on stderr: ``progress`` ``always``, ``never``, or ``auto`` (on a terminal)."""
+    return tqdm(
+        total=sum(job.info.nbytes for job in jobs),
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        disable=not (progress == "always" or (progress == "auto" and sys.stderr.isatty())),
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
 def write_sharded(
     out: Path,
     jobs: Sequence[TensorJob],
@@ -368,3 +399,26 @@ def _index(infos: Sequence[tuple[str, TensorInfo]], shards: Sequence[Sequence[in
     """The Hugging Face shard index: total bytes and tensor name -> shard file."""
     weight_map = {infos[i][0]: name for shard, name in zip(shards, names) for i in shard}
     return {"metadata": {"total_size": sum(info.nbytes for _, info in infos)}, "weight_map": weight_map}
+
+
+def write_sharded_report(
+    out: Path,
+    jobs: Sequence[TensorJob],
+    engine_for: Callable[[Mapping[str, Any]], MergeEngine],
+    parameters_of: Callable[[TensorJob], Mapping[str, Any]],
+    *,
+    report: MergeReport,
+    report_path: Path,
+    bar: tqdm,
+    start: float,
+    **options: Any,
+) -> MergeReport:
+    """:func:`write_sharded` into ``out`` (created), advancing ``bar``; then ``report`` with its
+    statistics, the seconds since ``start`` (``time.perf_counter``) and the shards kept by a resume,
+    written to ``report_path``. ``options``: the other keywords of :func:`write_sharded`."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.tensors, kept = write_sharded(out, jobs, engine_for, parameters_of, on_tensor=lambda job: bar.update(job.info.nbytes), **options)
+    report.seconds = time.perf_counter() - start
+    with atomic_output(report_path) as r:
+        r.write(json.dumps({**report.to_dict(), "resumed_shards": kept}, indent=1).encode())
+    return report

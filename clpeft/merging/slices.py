@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -44,16 +43,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from clpeft.errors import UserError
 from clpeft.merging.engine import MergeEngine
 from clpeft.merging.io import TensorInfo, TensorSource, open_checkpoint
-from clpeft.merging.output import atomic_output, check_outputs
+from clpeft.merging.output import check_outputs
 from clpeft.merging.registry import get_method
 from clpeft.merging.report import MergeReport, TensorReport
 from clpeft.merging.rules import MergeRules, TensorJob, plan
-from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, fingerprint, parse_size, write_sharded
+from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, fingerprint, parse_size, progress_bar, write_sharded_report
 
 __all__ = ["ComposedSource", "OutputSlice", "SliceLayout", "SliceSource", "merge_slices", "plan_slices", "sliced_config"]
 
@@ -404,32 +402,22 @@ def merge_slices(
         }
         first = parameters_of(jobs[0].name)
         result = MergeReport(method, dict(first), str(layout.models[0]), [str(p) for p in layout.models], str(device), seed)
-        bar = tqdm(
-            total=sum(job.info.nbytes for job in jobs),
-            desc=f"{method} slices",
-            unit="B",
-            unit_scale=True,
-            disable=not (progress == "always" or (progress == "auto" and sys.stderr.isatty())),
-            file=sys.stderr,
-        )
+        bar = progress_bar(jobs, f"{method} slices", progress)
         stack.callback(bar.close)
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        result.tensors, kept = write_sharded(
+        return write_sharded_report(
             out,
             jobs,
             engine_for,
             validated,
+            report=result,
+            report_path=report_path,
+            bar=bar,
+            start=time.perf_counter(),
             dtype=getattr(torch, out_dtype) if out_dtype else None,
             shard_bytes=shard_bytes,
             metadata={"format": "pt", "clpeft_merge": json.dumps({"method": method, "slices": len(layout.slices)})},
             stamp=fingerprint({str(path): source.paths for path, source in opened.items()}, settings),
             resume=resume,
             on_shard=on_shard,
-            on_tensor=lambda job: bar.update(job.info.nbytes),
             inputs=read,
         )
-        result.seconds = time.perf_counter() - start
-        with atomic_output(report_path) as r:
-            r.write(json.dumps({**result.to_dict(), "resumed_shards": kept}, indent=1).encode())
-    return result
