@@ -50,30 +50,20 @@ import torch
 from pydantic import Field
 
 from clpeft.backbones.split_qkv import split_qkv
-from clpeft.components.heads.centroid_statistics import CentroidStatistics
-from clpeft.components.heads.class_mask import ClassMask
-from clpeft.components.heads.hierarchical_decomposition import (
-    HierarchicalOptions,
-    learn_task_adaptive_prediction,
-    learn_task_identity,
-    seeded_from_torch,
-    start_task,
-    within_task_loss,
-)
-from clpeft.components.heads.task_identity import TaskIdentityInference
+from clpeft.components.heads.hierarchical_decomposition import HierarchicalOptions, learn_task_adaptive_prediction, seeded_from_torch
+from clpeft.components.heads.hierarchical_strategy import HierarchicalDecomposition
 from clpeft.components.lora.task_lora import TaskLoRA
-from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
-from clpeft.data import Batch
-from clpeft.distributed import require_one_process
+from clpeft.components.prompts.prompted import check_layers, promptable_width
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("hide_lora")
-class HiDeLoRA(Strategy):
+class HiDeLoRA(HierarchicalDecomposition):
     """HiDe-LoRA: task LoRAs chosen by a frozen-feature task classifier, heads re-trained on replayed statistics (Wang et al. 2025).
+
+    The experience around the LoRAs is :class:`~clpeft.components.heads.hierarchical_strategy.HierarchicalDecomposition`'s.
 
     Args:
         backbone: a frozen timm ViT (its fused ``qkv`` projections are split in place).
@@ -88,7 +78,7 @@ class HiDeLoRA(Strategy):
             (:class:`~clpeft.components.heads.hierarchical_decomposition.HierarchicalOptions`).
     """
 
-    needs_query = True
+    what = "LoRA"
 
     @flat_options
     def __init__(
@@ -103,27 +93,21 @@ class HiDeLoRA(Strategy):
         contrastive_weight: Annotated[float, Field(ge=0)] = 0.01,
         hierarchy: HierarchicalOptions = HierarchicalOptions(),
     ):
-        require_one_process(
-            "hide_lora",
-            "its task-identity classifier and its heads' re-training run their own optimizer loops after each experience, outside the ranks' gradient averaging",
-        )
-        super().__init__(backbone)
+        super().__init__(backbone, "hide_lora")
         promptable_width(backbone, "hide_lora")
         check_layers(backbone, lora_layers, "strategy.lora_layers")
         split_qkv(backbone.net)
         targets = [f"blocks.{i}.attn.qkv.{p}" for i in lora_layers for p in projections]
         self.task_lora = TaskLoRA(backbone.net, targets, pool_size, rank, alpha, key="strategy.projections")
-        self.task_identity = TaskIdentityInference(backbone.feature_dim, hierarchy.tii_mlp_ratios, hierarchy.n_centroids)
-        self.statistics = CentroidStatistics(backbone.feature_dim, hierarchy.n_centroids)
-        self.mask = ClassMask(hierarchy.train_mask)
-        self.hierarchy = hierarchy
-        self.lora_momentum, self.contrastive_weight = lora_momentum, contrastive_weight
-        self.task = 0
+        self.add_stages(hierarchy, lora_momentum, contrastive_weight)
+
+    @property
+    def pool(self) -> TaskLoRA:
+        return self.task_lora
 
     def before_experience(self, exp: Experience) -> None:
-        start_task(exp, self.task_lora.pool_size, self.head, self.task_identity, self.mask, "LoRA")
-        self.task = exp.index
-        self.task_lora.start_task(exp.index)
+        """Start the task's LoRA from the previous one's and make the factors trainable."""
+        super().before_experience(exp)
         self.task_lora.requires_grad_(True)
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -136,20 +120,7 @@ class HiDeLoRA(Strategy):
         with self.task_lora.routed(ids):
             return self.backbone(x)
 
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        features = self.features(batch.x, self.task)
-        return within_task_loss(self.head, self.mask, features, batch.y, self.statistics, self.contrastive_weight)
-
     def after_experience(self, exp: Experience) -> None:
+        """Freeze the factors, then TII, the LoRA momentum and TAP."""
         self.task_lora.requires_grad_(False)
-        learn_task_identity(
-            self.task_identity, self.batches, self.backbone, exp, self.hierarchy.tii(), self.hierarchy.tii_tap(), seeded_from_torch
-        )
-        self.task_lora.consolidate(exp.index, self.lora_momentum)
-        instructed = lambda batch: self.features(batch.x, exp.index)  # noqa: E731
-        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, instructed, exp, self.hierarchy.tap(), seeded_from_torch)
-
-    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the classes seen so far, each sample with the LoRA of the task TII infers from ``query`` (the cached frozen feature)."""
-        tasks = self.task_identity.infer(query_of(self.backbone, x, query))
-        return self.head(self.features(x, tasks))
+        self.learn_stages(exp, seeded_from_torch, learn_task_adaptive_prediction)

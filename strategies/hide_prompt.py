@@ -45,30 +45,20 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.components.heads.centroid_statistics import CentroidStatistics
-from clpeft.components.heads.class_mask import ClassMask
-from clpeft.components.heads.hierarchical_decomposition import (
-    HierarchicalOptions,
-    learn_task_adaptive_prediction,
-    learn_task_identity,
-    seeded_from_torch,
-    start_task,
-    within_task_loss,
-)
-from clpeft.components.heads.task_identity import TaskIdentityInference
-from clpeft.components.prompts.prompted import check_layers, promptable_width, query_of
+from clpeft.components.heads.hierarchical_decomposition import HierarchicalOptions, learn_task_adaptive_prediction, seeded_from_torch
+from clpeft.components.heads.hierarchical_strategy import HierarchicalDecomposition
+from clpeft.components.prompts.prompted import check_layers, promptable_width
 from clpeft.components.prompts.task_prompts import TaskPrefixPrompts
-from clpeft.data import Batch
-from clpeft.distributed import require_one_process
 from clpeft.experience import Experience
 from clpeft.registry import register_strategy
 from clpeft.schema import flat_options
-from clpeft.strategy import Strategy
 
 
 @register_strategy("hide_prompt")
-class HiDePrompt(Strategy):
+class HiDePrompt(HierarchicalDecomposition):
     """HiDe-Prompt: task prompts chosen by a frozen-feature task classifier, heads re-trained on replayed statistics (Wang et al. 2023).
+
+    The experience around the prompts is :class:`~clpeft.components.heads.hierarchical_strategy.HierarchicalDecomposition`'s.
 
     Args:
         backbone: a frozen timm ViT.
@@ -83,7 +73,7 @@ class HiDePrompt(Strategy):
             (:class:`~clpeft.components.heads.hierarchical_decomposition.HierarchicalOptions`).
     """
 
-    needs_query = True
+    what = "prompt"
 
     @flat_options
     def __init__(
@@ -97,44 +87,30 @@ class HiDePrompt(Strategy):
         head_lr_scale: Annotated[float, Field(gt=0)] = 0.1,
         hierarchy: HierarchicalOptions = HierarchicalOptions(),
     ):
-        require_one_process(
-            "hide_prompt",
-            "its task-identity classifier and its heads' re-training run their own optimizer loops after each experience, outside the ranks' gradient averaging",
-        )
-        super().__init__(backbone)
+        super().__init__(backbone, "hide_prompt")
         width = promptable_width(backbone, "hide_prompt")
         check_layers(backbone, prompt_layers, "strategy.prompt_layers")
         self.prompt_tasks = TaskPrefixPrompts(width, pool_size, prompt_layers, prompt_length)
-        self.task_identity = TaskIdentityInference(backbone.feature_dim, hierarchy.tii_mlp_ratios, hierarchy.n_centroids)
-        self.statistics = CentroidStatistics(backbone.feature_dim, hierarchy.n_centroids)
-        self.mask = ClassMask(hierarchy.train_mask)
-        self.hierarchy = hierarchy
-        self.prompt_momentum, self.contrastive_weight, self.head_lr_scale = prompt_momentum, contrastive_weight, head_lr_scale
-        self.task = 0
+        self.add_stages(hierarchy, prompt_momentum, contrastive_weight)
+        self.head_lr_scale = head_lr_scale
 
-    def before_experience(self, exp: Experience) -> None:
-        start_task(exp, self.prompt_tasks.pool_size, self.head, self.task_identity, self.mask, "prompt")
-        self.task = exp.index
-        self.prompt_tasks.start_task(exp.index)
+    @property
+    def pool(self) -> TaskPrefixPrompts:
+        return self.prompt_tasks
 
     def param_groups(self, lr: float) -> list[dict]:
         """Prompts at ``lr``, the output layer at ``lr * head_lr_scale`` (the official ``larger_prompt_lr``)."""
         return [{"params": [self.prompt_tasks.prompts], "lr": lr}, {"params": list(self.head.parameters()), "lr": lr * self.head_lr_scale}]
 
-    def training_step(self, batch: Batch) -> torch.Tensor:
-        prefixes = self.prompt_tasks.training_prefixes(self.task, self.prompt_momentum)
-        features = self.backbone.forward_prompted(batch.x, prefixes=prefixes)
-        return within_task_loss(self.head, self.mask, features, batch.y, self.statistics, self.contrastive_weight)
+    def features(self, x: torch.Tensor, tasks: torch.Tensor | int) -> torch.Tensor:
+        """The representations of ``x`` prompted with task ``tasks``'s prompt (one task for all) or each sample's (``(B,)``)."""
+        prefixes = self.prompt_tasks.training_prefixes(tasks) if isinstance(tasks, int) else self.prompt_tasks.prefixes(tasks)
+        return self.backbone.forward_prompted(x, prefixes=prefixes)
+
+    def training_features(self, x: torch.Tensor) -> torch.Tensor:
+        """With the current task's prompt mixed with the earlier prompts' mean (prompt momentum ``m``)."""
+        return self.backbone.forward_prompted(x, prefixes=self.prompt_tasks.training_prefixes(self.task, self.momentum))
 
     def after_experience(self, exp: Experience) -> None:
-        learn_task_identity(
-            self.task_identity, self.batches, self.backbone, exp, self.hierarchy.tii(), self.hierarchy.tii_tap(), seeded_from_torch
-        )
-        self.prompt_tasks.consolidate(exp.index, self.prompt_momentum)
-        prompted = lambda batch: self.backbone.forward_prompted(batch.x, prefixes=self.prompt_tasks.training_prefixes(exp.index))  # noqa: E731
-        learn_task_adaptive_prediction(self.statistics, self.head, self.batches, prompted, exp, self.hierarchy.tap(), seeded_from_torch)
-
-    def predict(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the classes seen so far, with the prompt of the task TII infers from ``query`` (the cached frozen feature)."""
-        tasks = self.task_identity.infer(query_of(self.backbone, x, query))
-        return self.head(self.backbone.forward_prompted(x, prefixes=self.prompt_tasks.prefixes(tasks)))
+        """TII, the prompt momentum and TAP."""
+        self.learn_stages(exp, seeded_from_torch, learn_task_adaptive_prediction)

@@ -19,6 +19,9 @@ do line for line:
   statistics of the instructed representations (the task's own parameters), then the output layer
   re-trained on features replayed from every class's statistics.
 
+:class:`~clpeft.components.heads.hierarchical_strategy.HierarchicalDecomposition` runs the three
+around a strategy's task-specific parameters.
+
 The k-means and replay generators are seeded from torch's global generator (``seed()``, which the
 engine seeds per experience), so a run is reproducible and resumable.
 """
