@@ -140,7 +140,11 @@ def lines(
     name: str,
     model_statistic: LinesInputs | None = None,
 ) -> torch.Tensor:
-    """LiNeS: the summed (or TIES-merged) task vectors scaled by alpha + beta * l / (L - 1) for block l (Wang et al., ICLR 2025)."""
+    """LiNeS: the summed (or TIES-merged) task vectors scaled by alpha + beta * l / (L - 1) for block l (Wang et al., ICLR 2025).
+
+    ``model_statistic`` is the engine's whole-model pass (:class:`LinesStatistic`); a direct call
+    without it has no ``L`` but ``num_blocks``, trims this tensor alone and takes ``alpha`` 1 / T.
+    """
     inputs = model_statistic or LinesInputs()
     first = inputs.norm_ratio / task_vectors.shape[0] if alpha is None else alpha
     count = num_blocks or inputs.count
