@@ -19,9 +19,10 @@ Protocol (issue 4, "Verification"):
   methods that take four models at their defaults (linear, Multi-SLERP, Karcher mean, Model
   Stock, Breadcrumbs, DELLA, SCE; the summing variants at task arithmetic's lambda 0.3, the
   TIES-style ones at TIES' lambda 1; SLERP and NuSLERP take one and two models), the
-  FusionBench methods (TSV-Merge, ISO-C, ISO-CTS, consensus task arithmetic, LiNeS on task
-  arithmetic, whose depth counts the three adapted blocks as 0-2; and the per-task models of TALL
-  masks and EMR-Merging, which give each task its own masked copy of one stored vector) and
+  FusionBench methods (TSV-Merge, ISO-C, ISO-CTS, consensus task arithmetic and consensus TIES,
+  LiNeS on task arithmetic and on TIES, whose depth counts the three adapted blocks as 0-2; and the
+  per-task models of TALL masks (on task arithmetic and on TIES) and EMR-Merging, which give each
+  task its own masked copy of one stored vector) and
   layer-wise AdaMerging (Yang et al., 2024; coefficients from 0.3, Adam on the entropy of
   the merged model's predictions on *unlabeled* held-out training images of every task --
   the paper uses the unlabeled test images; each step takes the first two batches of a fresh
@@ -182,11 +183,14 @@ def main() -> None:
         ("ISO-CTS (common 0.8, alpha 1)", "iso_cts", {}),
         ("Consensus TA (lambda 0.4, k 2, alpha 0.3)", "consensus", {}),
         ("LiNeS on TA (alpha 1/4, beta 0.5, depth among the adapted blocks)", "lines", {}),
+        ("Consensus TIES (lambda 0.4, k 2, density 0.2, disjoint sum, alpha 0.3)", "consensus", {"merge": "ties"}),
+        ("LiNeS on TIES (alpha L1 ratio / 4, beta 0.5, density 0.2)", "lines", {"merge": "ties"}),
     ]:
         merged = merge(base, finetuned, method, seed=args.seed, **params)
         models[label] = {n: merged for n in TASKS}
     for label, method, params in [  # one model per task from one stored task vector
         ("TALL masks (one model per task, lambda 0.4)", "consensus", {"scale": 1.0}),
+        ("TALL masks on TIES (one model per task, lambda 0.4)", "consensus", {"scale": 1.0, "merge": "ties"}),
         ("EMR-Merging (one model per task)", "emr", {}),
     ]:
         models[label] = {n: merge(base, finetuned, method, task=t, **params) for t, n in enumerate(TASKS)}
