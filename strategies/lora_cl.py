@@ -46,6 +46,18 @@ threshold. ``tests/reference/test_inflora.py`` runs the official ``_train`` besi
 The cross-entropy covers the current experience's classes only (``train_mask``, as in the
 prompt-pool methods' official code), so old classes' head rows are not pushed down.
 
+**On a generative LLM** (``backbone.name: generative_lm``, scenario ``instruction_incremental``):
+the updates go into the decoder's linears (``targets`` left at the ViT default adapt ``q_proj`` and
+``v_proj``, the other generative strategies' choice), there is no head (the vocabulary is the
+output, so ``train_mask``/``align``/``drift_compensation`` are refused), and the loss, the greedy
+answers scored by each task's metric and the general text's perplexity are
+:class:`~clpeft.components.generative.instruction_tuning.AnswerTraining`'s. InfLoRA's and EVA's
+input statistics count every real token of the experience's training examples, prompt and
+answer (with end-of-sequence) as training feeds them, run one example at a time so that no padding
+enters (:meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.run_alone`): the
+official code (vision only) counts every token its ViT is trained on, all patch tokens and the
+class token of each training image.
+
 Paper symbols -> parameters: ``r`` -> ``rank`` (``max_rank`` for PRILoRA's deepest layer),
 ``alpha`` -> ``alpha``, total rank budget ``b`` -> ``rank_budget``, ``beta_1, beta_2`` (AdaLoRA
 smoothing) -> ``beta``, IncreLoRA's ``incre_interval``, ``init_warmup``, ``top_h`` and
@@ -59,6 +71,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from clpeft.backbones.generative_lm import GenerativeLM
+from clpeft.components.generative import GenerativeHooks
+from clpeft.components.generative.instruction_tuning import AnswerTraining, GenerativeOptions
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora, layer_ranks
 from clpeft.components.lora.eva import eva_init
@@ -73,17 +88,22 @@ from clpeft.schema import flat_options
 from clpeft.strategy import Strategy
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
+VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+LLM_TARGETS = GenerativeOptions.model_fields["lora_targets"].default  # the attention's query and value
+GENERAL_TEXTS = GenerativeOptions.model_fields["general_text_samples"].default
 
 
 @register_strategy("lora_cl")
-class LoRACL(Strategy):
+class LoRACL(GenerativeHooks, Strategy):
     """One new low-rank update per experience, rank set by importance (Hyder et al. 2022; PRILoRA, Benedek & Wolf 2024; IncreLoRA, Zhang et al. 2023).
 
     Args:
-        backbone: a backbone with ``nn.Linear`` layers (timm ViT, text encoder, MLP).
+        backbone: a backbone with ``nn.Linear`` layers (timm ViT, text encoder, MLP), or a
+            ``generative_lm`` (see the module docs).
         targets: module-name suffixes of the adapted linears (``qkv``, ``proj``, ``fc1``,
             ``fc2`` for timm ViTs, ``qkv.q``/``qkv.k``/``qkv.v`` with ``backbone.split_qkv``;
-            ``query``, ``value`` for BERT-like encoders).
+            ``query``, ``value`` for BERT-like encoders; ``q_proj``, ``v_proj`` for decoder LLMs,
+            where the default stands for these two).
         rank: ``r`` of every update (the shallowest layers' with ``rank_schedule: linear``).
         max_rank: the deepest layers' rank with ``rank_schedule: linear``.
         rank_schedule: ``constant`` or PRILoRA's ``linear`` increase with depth.
@@ -116,7 +136,9 @@ class LoRACL(Strategy):
             ranks) (:mod:`clpeft.components.lora.kinds`).
         head_options: flat keys ``train_mask``, ``align`` (with ``subspace: inflora``: InfLoRA + CA,
             the authors' ``cifar100_infloraca.json``) and ``drift_compensation``:
-            :class:`~clpeft.components.heads.HeadOptions`.
+            :class:`~clpeft.components.heads.HeadOptions`; classifier backbones only.
+        general_text_samples: on a ``generative_lm``, how many held-out general texts measure the
+            perplexity before and after the stream (``perplexity_before/after/ratio``; 0: not measured).
     """
 
     cache_features = False  # the backbone's output changes with every update
@@ -125,7 +147,7 @@ class LoRACL(Strategy):
     def __init__(
         self,
         backbone,
-        targets: list[str] = ["qkv", "proj", "fc1", "fc2"],
+        targets: list[str] = VIT_TARGETS,
         rank: Annotated[int, Field(ge=1)] = 4,
         max_rank: Annotated[int, Field(ge=1)] | None = None,
         rank_schedule: Literal["constant", "linear"] = "constant",
@@ -144,6 +166,7 @@ class LoRACL(Strategy):
         eva_rho: Annotated[float, Field(ge=1)] = 2.0,
         adapter: AdapterKind = "lora",
         head_options: HeadOptions = HeadOptions(),
+        general_text_samples: Annotated[int, Field(ge=0)] = GENERAL_TEXTS,
     ):
         self.check_config(
             {
@@ -157,10 +180,13 @@ class LoRACL(Strategy):
                 "init": init,
             }
         )
+        generative = isinstance(backbone, GenerativeLM)
+        _check_path(generative, head_options, general_text_samples)
         super().__init__(backbone)
+        self.generative = AnswerTraining(backbone, general_text_samples) if generative else None  # before the adapters
         self.lora = inject_lora(
-            backbone,
-            targets,
+            backbone.net if generative else backbone,
+            LLM_TARGETS if generative and targets == VIT_TARGETS else targets,
             rank,
             alpha,
             rank_schedule=rank_schedule,
@@ -219,11 +245,14 @@ class LoRACL(Strategy):
         )
 
     def _feed(self, exp: Experience) -> Callable[[], None]:
-        """A pass of ``exp``'s training inputs through the backbone (each rank its shard)."""
+        """A pass of ``exp``'s training inputs through the backbone (each rank its shard; an LLM's one example at a time)."""
 
         def run() -> None:
             for b in self.batches(exp.train, shard=True):
-                self.embed(b.x)
+                if self.generative is not None:
+                    self.generative.run_alone(b.x)  # real tokens only
+                else:
+                    self.embed(b.x)
 
         return run
 
@@ -235,7 +264,8 @@ class LoRACL(Strategy):
         return self.embed(batch.x)
 
     def before_experience(self, exp: Experience) -> None:
-        self.aligned.start(exp, self.batches, self._head_features)
+        if self.generative is None:
+            self.aligned.start(exp, self.batches, self._head_features)
         super().before_experience(exp)
         if self.subspace is not None:
             self.subspace.design(self.lora, self._input_covariances(exp))
@@ -252,6 +282,8 @@ class LoRACL(Strategy):
             )
 
     def training_step(self, batch: Batch) -> torch.Tensor:
+        if self.generative is not None:
+            return self.generative.loss(batch.x)  # the answer tokens' cross-entropy
         return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
     def after_training_step(self) -> bool:
@@ -276,8 +308,24 @@ class LoRACL(Strategy):
             self.subspace.extend(self._input_covariances(exp), progress)
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
-        self.aligned.finish(self.head, exp, self.batches, self._head_features)
+        if self.generative is None:
+            self.aligned.finish(self.head, exp, self.batches, self._head_features)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the aligned head copy (with ``align``), else of the trained head."""
         return self.aligned(self.embed(x), self.head)
+
+
+def _check_path(generative: bool, head_options: HeadOptions, general_text_samples: int) -> None:
+    """Refuse the head's keys on a generative LLM (no head there), and the perplexity's on a classifier."""
+    if generative:
+        changed = [k for k, v in head_options.model_dump().items() if v != getattr(HeadOptions(), k)]
+        if changed:
+            raise UserError(
+                f"on a generative_lm backbone lora_cl trains no head (the vocabulary is the output); drop {changed[0]}",
+                key=f"strategy.{changed[0]}",
+            )
+    elif general_text_samples != GENERAL_TEXTS:
+        raise UserError(
+            "applies to a generative_lm backbone only (the perplexity of general text); drop it", key="strategy.general_text_samples"
+        )

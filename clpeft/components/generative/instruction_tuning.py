@@ -8,11 +8,15 @@ answers with each task's metric. Replay, EWC, LwF and joint training do the same
 keep their own idea: :class:`InstructionTuning` holds what they share, built by
 :meth:`InstructionTuning.of` only when the backbone is generative, so the classification path of
 those strategies is untouched. Its options are one typed block, :class:`GenerativeOptions`, whose
-fields a strategy's YAML gives as flat keys (``lora_rank: 8``).
+fields a strategy's YAML gives as flat keys (``lora_rank: 8``). :class:`AnswerTraining` is all of it
+but the LoRA: a strategy that puts its own adapters into the model (``lora_cl``, with its rank
+schedules, adapter kinds and designed ``A``) trains and answers through it.
 
 * :meth:`InstructionTuning.loss`: the mean next-token cross-entropy over the answers' tokens.
 * :meth:`InstructionTuning.score`: each example's score in [0, 1] by its task's metric on a
   greedy answer (the engine's ``score`` hook).
+* :meth:`InstructionTuning.run_alone`: the training examples' real tokens through the model one
+  example at a time, for statistics of the adapted layers' inputs that padding must not enter.
 * :meth:`InstructionTuning.fisher`: EWC's diagonal empirical Fisher of the adapters, from
   per-example gradients of the answer's log-likelihood ``log p(y|x) = sum_t log p(y_t|x, y_<t)``.
 * :meth:`InstructionTuning.final_metrics`: the perplexity of held-out general text before and after
@@ -59,44 +63,26 @@ class GenerativeOptions(Options):
     )
 
 
-class InstructionTuning:
-    """LoRA on a :class:`GenerativeLM` and what a strategy does with it (see the module docstring).
+class AnswerTraining:
+    """The answer-token loss, scored answers and general-ability retention on a :class:`GenerativeLM`,
+    whatever adapters the strategy put into its ``net`` (see the module docstring).
 
     Not a module: the adapters live in the backbone, which the strategy already holds.
 
     Args:
-        backbone: the generative backbone (another is refused in one line); LoRA is injected into its ``net``.
-        options: the LoRA's targets, rank, alpha and dropout, and how much general text measures retention.
+        backbone: the generative backbone (another is refused in one line).
+        general_text_samples: how many general texts measure retention (0: not measured); the
+            ``before`` perplexity is measured here, so build this before the adapters change the model.
     """
 
-    def __init__(self, backbone: GenerativeLM, options: GenerativeOptions):
+    def __init__(self, backbone: GenerativeLM, general_text_samples: int):
         if not isinstance(backbone, GenerativeLM):
             raise UserError(
                 f"this strategy trains and scores generated answers; use backbone.name: generative_lm (got {type(backbone).__name__})",
                 key="backbone.name",
             )
         self.backbone = backbone
-        self.retention = PerplexityRetention(backbone, options.general_text_samples) if options.general_text_samples else None
-        self.lora = inject_lora(
-            backbone.net,
-            options.lora_targets,
-            options.lora_rank,
-            options.lora_alpha,
-            dropout=options.lora_dropout,
-            key="strategy.lora_targets",
-        )
-
-    @classmethod
-    def of(cls, backbone, options: GenerativeOptions) -> InstructionTuning | None:
-        """The generative path on a :class:`GenerativeLM`, else ``None`` (LoRA options other than the defaults are refused there)."""
-        if isinstance(backbone, GenerativeLM):
-            return cls(backbone, options)
-        changed = [k for k, v in options.model_dump().items() if v != getattr(GenerativeOptions(), k)]
-        if changed:
-            raise UserError(
-                f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it", key=f"strategy.{changed[0]}"
-            )
-        return None
+        self.retention = PerplexityRetention(backbone, general_text_samples) if general_text_samples else None
 
     def final_metrics(self) -> dict[str, float]:
         """The general text's perplexity before and after the stream (:mod:`~clpeft.components.generative.perplexity_retention`)."""
@@ -109,6 +95,15 @@ class InstructionTuning:
     def loss(self, examples: Sequence[Instruction]) -> torch.Tensor:
         """Mean next-token cross-entropy over the answers' tokens."""
         return self.backbone.loss(examples)
+
+    @torch.no_grad()
+    def run_alone(self, examples: Iterable[Instruction]) -> None:
+        """Each example's prompt and answer tokens, as training feeds them, through the ``net`` on their
+        own (no padding; no loss): forward hooks on the adapted layers see every real token of the
+        examples and nothing else (the inputs InfLoRA's and EVA's statistics count)."""
+        for example in examples:
+            ids, mask, _ = self.backbone.training_batch([example])
+            self.backbone.net(input_ids=ids, attention_mask=mask, use_cache=False)
 
     @torch.no_grad()
     def score(self, batch: Batch) -> torch.Tensor:
@@ -145,6 +140,38 @@ class InstructionTuning:
         with torch.no_grad():
             teacher, _, _ = self.backbone.answer_logits(examples, params=old)
         return F.cross_entropy(logits.float(), targets), distillation_loss(logits, teacher, temperature)
+
+
+class InstructionTuning(AnswerTraining):
+    """:class:`AnswerTraining` with one LoRA on the backbone's ``net`` (see the module docstring).
+
+    Args:
+        backbone: the generative backbone (another is refused in one line); LoRA is injected into its ``net``.
+        options: the LoRA's targets, rank, alpha and dropout, and how much general text measures retention.
+    """
+
+    def __init__(self, backbone: GenerativeLM, options: GenerativeOptions):
+        super().__init__(backbone, options.general_text_samples)
+        self.lora = inject_lora(
+            backbone.net,
+            options.lora_targets,
+            options.lora_rank,
+            options.lora_alpha,
+            dropout=options.lora_dropout,
+            key="strategy.lora_targets",
+        )
+
+    @classmethod
+    def of(cls, backbone, options: GenerativeOptions) -> InstructionTuning | None:
+        """The generative path on a :class:`GenerativeLM`, else ``None`` (LoRA options other than the defaults are refused there)."""
+        if isinstance(backbone, GenerativeLM):
+            return cls(backbone, options)
+        changed = [k for k, v in options.model_dump().items() if v != getattr(GenerativeOptions(), k)]
+        if changed:
+            raise UserError(
+                f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it", key=f"strategy.{changed[0]}"
+            )
+        return None
 
 
 @torch.no_grad()
