@@ -43,6 +43,20 @@ the input covariance); ``subspace: gpm`` designs ``A_t`` the same way but grows 
 GPM's definition (the eigenvalues themselves), which keeps far more directions at the same
 threshold. ``tests/reference/test_inflora.py`` runs the official ``_train`` beside this strategy.
 
+With ``adapter: adalora`` and a ``target_rank``, each experience's update follows AdaLoRA's
+schedule while it trains (Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient
+Fine-Tuning", ICLR 2023, https://arxiv.org/abs/2303.10512; peft's ``AdaLoraModel``): the loss
+gains ``orth_reg_weight * R(P, Q)`` (eq. 4-5, peft's mean of the Frobenius norms), and after every
+optimizer step the smoothed sensitivity x uncertainty of each triplet ``(P_i, lambda_i, Q_i)``
+(eq. 8-12) is updated and, every ``delta_t`` steps, the singular values of the weakest triplets
+across all layers are zeroed (eq. 6-7) to a budget that stays at the starting total rank for
+``tinit`` steps, falls cubically to ``target_rank`` per layer by step ``total_step - tfinal`` and
+keeps that final mask after (Section 3.3). ``total_step`` is each experience's number of optimizer
+steps; every experience runs its own schedule on its new update, and the masked triplets are
+dropped before it is frozen or merged (:class:`~clpeft.components.lora.adalora_schedule.AdaLoRASchedule`).
+Without ``target_rank`` an ``adalora`` update trains at its full rank and the rank options above
+(``rank_budget``, ``grow_every``) allocate its ranks, as for the other kinds.
+
 The cross-entropy covers the current experience's classes only (``train_mask``, as in the
 prompt-pool methods' official code), so old classes' head rows are not pushed down.
 
@@ -62,7 +76,9 @@ Paper symbols -> parameters: ``r`` -> ``rank`` (``max_rank`` for PRILoRA's deepe
 ``alpha`` -> ``alpha``, total rank budget ``b`` -> ``rank_budget``, ``beta_1, beta_2`` (AdaLoRA
 smoothing) -> ``beta``, IncreLoRA's ``incre_interval``, ``init_warmup``, ``top_h`` and
 ``incre_rank_num`` -> ``grow_every``, ``grow_warmup``, ``grow_layers``, ``grow_rank``; InfLoRA's
-``lamb``, ``lame`` -> ``subspace_threshold: [lamb, lame]``.
+``lamb``, ``lame`` -> ``subspace_threshold: [lamb, lame]``; AdaLoRA's ``b^(T)/n``, ``T``, ``t_i``,
+``t_f``, ``Delta T``, ``gamma`` -> ``target_rank``, ``total_step``, ``tinit``, ``tfinal``, ``delta_t``,
+``orth_reg_weight`` (peft's ``target_r``, ``total_step``, ``tinit``, ``tfinal``, ``deltaT``, ``orth_reg_weight``).
 """
 
 from collections.abc import Callable
@@ -76,6 +92,7 @@ from clpeft.components.generative import GenerativeHooks
 from clpeft.components.generative.instruction_tuning import AnswerTraining, GenerativeOptions
 from clpeft.components.heads.head_training import HeadOptions, HeadTraining
 from clpeft.components.lora import inject_lora, layer_ranks
+from clpeft.components.lora.adalora_schedule import AdaLoRAOptions, AdaLoRASchedule, check_schedule
 from clpeft.components.lora.eva import eva_init
 from clpeft.components.lora.input_subspace import InputSubspace
 from clpeft.components.lora.kinds import AdapterKind, check_adapter
@@ -134,6 +151,9 @@ class LoRACL(GenerativeHooks, Strategy):
         adapter: the adapter kind of every update: ``lora``, ``dora``, ``pissa``, ``vera``,
             ``lora_xs`` or ``adalora`` (SVD-form updates; the rank options above allocate their
             ranks) (:mod:`clpeft.components.lora.kinds`).
+        adalora: flat keys ``target_rank`` (set: AdaLoRA's schedule within each experience, ``adapter:
+            adalora`` only), ``total_step``, ``tinit``, ``tfinal``, ``delta_t``, ``orth_reg_weight`` (see the
+            module docs): :class:`~clpeft.components.lora.adalora_schedule.AdaLoRAOptions`.
         head_options: flat keys ``train_mask``, ``align`` (with ``subspace: inflora``: InfLoRA + CA,
             the authors' ``cifar100_infloraca.json``) and ``drift_compensation``:
             :class:`~clpeft.components.heads.HeadOptions`; classifier backbones only.
@@ -165,6 +185,7 @@ class LoRACL(GenerativeHooks, Strategy):
         init: Literal["default", "eva"] = "default",
         eva_rho: Annotated[float, Field(ge=1)] = 2.0,
         adapter: AdapterKind = "lora",
+        adalora: AdaLoRAOptions = AdaLoRAOptions(),
         head_options: HeadOptions = HeadOptions(),
         general_text_samples: Annotated[int, Field(ge=0)] = GENERAL_TEXTS,
     ):
@@ -178,6 +199,7 @@ class LoRACL(GenerativeHooks, Strategy):
                 "adapter": adapter,
                 "old_updates": old_updates,
                 "init": init,
+                **adalora.model_dump(),
             }
         )
         generative = isinstance(backbone, GenerativeLM)
@@ -213,6 +235,7 @@ class LoRACL(GenerativeHooks, Strategy):
         self.allocator: RankAllocator | None = None
         self.subspace = None if subspace == "none" else InputSubspace(self.lora, subspace_threshold, criterion=subspace)
         self.init, self.eva_rho = init, eva_rho
+        self.schedule = None if adalora.target_rank is None else AdaLoRASchedule(adalora, beta)
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
 
@@ -235,6 +258,7 @@ class LoRACL(GenerativeHooks, Strategy):
                 )
             if params.get("adapter", "lora") not in ("lora", "dora"):
                 raise UserError(f"init: eva starts lora and dora updates, not {params['adapter']}; use adapter: lora", key="strategy.init")
+        check_schedule(params)
         check_adapter(
             params.get("adapter", "lora"),
             key="strategy.adapter",
@@ -280,14 +304,23 @@ class LoRACL(GenerativeHooks, Strategy):
             self.allocator = RankAllocator(
                 self.lora, budget, top_k=self.growth["layers"], rank_step=self.growth["rank"], beta1=self.beta, beta2=self.beta
             )
+        if self.schedule is not None:
+            self.schedule.start(self.lora)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
+        loss = self._task_loss(batch)
+        return loss if self.schedule is None else loss + self.schedule.penalty()  # AdaLoRA's gamma R(P, Q)
+
+    def _task_loss(self, batch: Batch) -> torch.Tensor:
+        """The learner's own loss, before AdaLoRA's regulariser."""
         if self.generative is not None:
             return self.generative.loss(batch.x)  # the answer tokens' cross-entropy
         return self.aligned.loss(self.head(self.embed(batch.x)), batch.y)
 
     def after_training_step(self) -> bool:
-        """Fold the step's gradients into the layer scores; grow on IncreLoRA's schedule."""
+        """Fold the step's gradients into the layer scores; mask on AdaLoRA's schedule or grow on IncreLoRA's."""
+        if self.schedule is not None:
+            self.schedule.after_step()
         if self.allocator is None:
             return False
         self.allocator.update()
@@ -306,6 +339,8 @@ class LoRACL(GenerativeHooks, Strategy):
         if self.subspace is not None:
             progress = exp.index / exp.stream_length if exp.stream_length else 0.0
             self.subspace.extend(self._input_covariances(exp), progress)
+        if self.schedule is not None:
+            self.schedule.finish()
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)
         if self.generative is None:
