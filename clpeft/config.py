@@ -93,6 +93,13 @@ class TrainConfig(_Section):
     )
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor applied at each milestone")
     min_lr: float = Field(0.0, ge=0, description="cosine_epoch: the learning rate the cosine ends at (eta_min)")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="under torchrun with several ranks: none = DistributedDataParallel (every rank holds the whole model); "
+        "fsdp = a generative_lm backbone's parameters, gradients and optimizer state sharded across the ranks while "
+        "training (FSDP2, per decoder layer), the whole model gathered for evaluation and checkpoints; seq_finetune, "
+        "replay and joint, with eval.baseline: false (clpeft.fsdp)",
+    )
 
     @field_validator("lr")
     @classmethod

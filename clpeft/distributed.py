@@ -11,7 +11,9 @@ order of floating-point sums:
 - **gradients**: :class:`~torch.nn.parallel.DistributedDataParallel` averages them over ranks.
   Each rank's loss is weighted by ``n_rank * N / n_batch`` first, so the average is the mean
   over the global batch even when its last batch does not split evenly (also exact for
-  regularisers added once per batch, e.g. EWC's penalty).
+  regularisers added once per batch, e.g. EWC's penalty). With ``train.sharding: fsdp`` a
+  generative LLM's parameters, gradients and optimizer state are sharded instead, and FSDP2
+  reduce-scatters the gradients (:mod:`clpeft.fsdp`).
 - **training loss** (logged, and checked for NaN/inf on every rank): all-reduced sum of
   ``loss * n_rank`` and ``n_rank``.
 - **evaluation**: each rank scores its share of every test set; correct counts are all-reduced.

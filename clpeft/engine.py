@@ -27,7 +27,8 @@ A CUDA out-of-memory error becomes a :class:`~clpeft.errors.RunError` naming the
 use and the setting to lower.
 
 **Several processes** (``torchrun --nproc_per_node N -m clpeft run ...``): training is
-data-parallel (DistributedDataParallel over each rank's share of every global batch),
+data-parallel (DistributedDataParallel over each rank's share of every global batch, or FSDP2
+with ``train.sharding: fsdp``: :mod:`clpeft.fsdp`),
 evaluation is sharded with all-reduced counts, only rank 0 writes, and every rank resumes from
 the same checkpoint; :mod:`clpeft.distributed` lists what is synchronised.
 """
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from clpeft import checkpoint, distributed, metrics
+from clpeft import checkpoint, distributed, fsdp, metrics
 from clpeft.components.generative.export import RunExports
 from clpeft.config import RunConfig
 from clpeft.errors import UserError
@@ -104,7 +105,9 @@ class Engine:
         Raises:
             UserError: what ``run`` would stop on before training (data, weights, cross-section checks).
         """
-        return build_run(self.cfg, self.device, self.world, self.autocast)
+        run = build_run(self.cfg, self.device, self.world, self.autocast)
+        fsdp.shard(run.strategy, self.world, self.cfg, self.device)
+        return run
 
     def check(self) -> None:
         """Build everything a run needs without training or writing anything: what ``clpeft validate`` does."""

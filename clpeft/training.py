@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from clpeft import distributed
+from clpeft import distributed, fsdp
 from clpeft.errors import RunError
 from clpeft.resizing import replace_parameters
 from clpeft.strategy import Strategy
@@ -145,7 +145,9 @@ def training_step_fn(strategy: Strategy, world: distributed.World):
         return step
     # a strategy may train a different subset of its parameters at each step (the selected
     # prompts; LAE's frozen first epochs), hence the search for unused parameters
-    ddp = nn.parallel.DistributedDataParallel(_StepModule(strategy), find_unused_parameters=True, **_ddp_options())
+    ddp = fsdp.sharded_step(strategy) or nn.parallel.DistributedDataParallel(
+        _StepModule(strategy), find_unused_parameters=True, **_ddp_options()
+    )
 
     def step(batch, n_global):
         n_local = len(batch.y)
