@@ -68,9 +68,10 @@ answers scored by each task's metric and the general text's perplexity are
 :class:`~clpeft.components.generative.instruction_tuning.AnswerTraining`'s. InfLoRA's and EVA's
 input statistics count every real token of the experience's training examples, prompt and
 answer (with end-of-sequence) as training feeds them, run one example at a time so that no padding
-enters (:meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.run_alone`): the
-official code (vision only) counts every token its ViT is trained on, all patch tokens and the
-class token of each training image.
+enters (:meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.run_alone`). This
+follows the official code, which has no language-model path (github.com/liangyanshuo/InfLoRA at
+e08b00e: image models only) and counts every token its ViT is trained on, all patch tokens and
+the class token of each training image (``Attention_LoRA.forward`` with ``get_cur_feat``).
 
 Paper symbols -> parameters: ``r`` -> ``rank`` (``max_rank`` for PRILoRA's deepest layer),
 ``alpha`` -> ``alpha``, total rank budget ``b`` -> ``rank_budget``, ``beta_1, beta_2`` (AdaLoRA
