@@ -151,6 +151,7 @@ class Run:
         full, partial = divmod(len(data), train.batch_size) if optimizer else (0, 0)
         steps_per_epoch = full + (1 if partial and not train.drop_last else 0)
         n_steps = train.epochs * steps_per_epoch
+        strategy.planned_steps = n_steps
         if not n_steps:
             return 0
         step_fn = training_step_fn(strategy, self.world)

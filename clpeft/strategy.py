@@ -24,7 +24,8 @@ hook (in the order called) default
 
 When the backbone is frozen the engine hands the strategy cached backbone *features* instead
 of raw inputs (``uses_features``), so call :meth:`embed`, not ``self.backbone``, to turn a
-batch into features. During training ``self.epoch`` is the current epoch (0-based); under
+batch into features. During training ``self.epoch`` is the current epoch (0-based) and
+``self.planned_steps`` the optimizer steps the engine plans for the experience; under
 ``torchrun`` a batch holds only this rank's share of the global batch, so count epochs or steps,
 never samples.
 """
@@ -108,6 +109,7 @@ class Strategy(nn.Module):
         self._data: DataAccess | None = None
         self._uses_features: bool | None = None
         self.epoch = 0  # the engine sets the current training epoch (0-based) before each epoch
+        self.planned_steps: int | None = None  # the engine sets the experience's optimizer steps before its first epoch
         self.experience: Experience | None = None  # the experience under way (set by the base before_experience)
 
     # ------------------------------------------------------------------ engine services

@@ -52,7 +52,7 @@ optimizer step the smoothed sensitivity x uncertainty of each triplet ``(P_i, la
 across all layers are zeroed (eq. 6-7) to a budget that stays at the starting total rank for
 ``tinit`` steps, falls cubically to ``target_rank`` per layer by step ``total_step - tfinal`` and
 keeps that final mask after (Section 3.3). ``total_step`` is each experience's number of optimizer
-steps; every experience runs its own schedule on its new update, and the masked triplets are
+steps (left out: the steps the engine plans for the experience, ``train.epochs`` x its batches); every experience runs its own schedule on its new update, and the masked triplets are
 dropped before it is frozen or merged (:class:`~clpeft.components.lora.adalora_schedule.AdaLoRASchedule`).
 Without ``target_rank`` an ``adalora`` update trains at its full rank and the rank options above
 (``rank_budget``, ``grow_every``) allocate its ranks, as for the other kinds.
@@ -305,8 +305,11 @@ class LoRACL(GenerativeHooks, Strategy):
             self.allocator = RankAllocator(
                 self.lora, budget, top_k=self.growth["layers"], rank_step=self.growth["rank"], beta1=self.beta, beta2=self.beta
             )
-        if self.schedule is not None:
-            self.schedule.start(self.lora)
+
+    def before_epoch(self, exp: Experience, epoch: int) -> None:
+        """Start AdaLoRA's schedule on the experience's new update with its first epoch, when its step count is known."""
+        if self.schedule is not None and self.schedule.allocator is None:
+            self.schedule.start(self.lora, self.planned_steps)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         loss = self._task_loss(batch)
@@ -340,7 +343,7 @@ class LoRACL(GenerativeHooks, Strategy):
         if self.subspace is not None:
             progress = exp.index / exp.stream_length if exp.stream_length else 0.0
             self.subspace.extend(self._input_covariances(exp), progress)
-        if self.schedule is not None:
+        if self.schedule is not None and self.schedule.allocator is not None:
             self.schedule.finish()
         for layer, rank in zip(self.lora.values(), self.ranks, strict=True):
             layer.new_update(rank, self.alpha, old=self.old_updates)

@@ -185,7 +185,6 @@ def test_budget_follows_the_cubic_schedule_by_hand():
     "options, match",
     [
         (dict(tinit=3), "tinit belong to AdaLoRA's schedule; set target_rank too"),
-        (dict(target_rank=2), "target_rank .* needs total_step"),
         (dict(target_rank=2, total_step=10, tinit=6, tfinal=4), "needs tinit < total_step - tfinal"),
     ],
 )
@@ -208,3 +207,14 @@ def test_clashing_options_are_refused_in_one_line(params, key):
         check_schedule({"target_rank": 2, "total_step": 10, **params})
     assert error.value.key == key and "\n" not in str(error.value)
     check_schedule({"target_rank": None, "total_step": None, "tinit": 0, **params})  # no schedule: not refused here
+
+
+def test_start_takes_the_planned_steps_when_total_step_is_left_out():
+    layers = inject_lora(_Two(), ["a", "b"], 4, 8.0, kind="adalora")
+    plan = AdaLoRASchedule(AdaLoRAOptions(target_rank=1, tinit=1, tfinal=2, delta_t=2), beta=0.85)
+    with pytest.raises(UserError, match="needs total_step here"):
+        plan.start(layers)
+    plan.start(layers, planned_steps=10)  # the by-hand schedule of test_budget_follows_the_cubic_schedule_by_hand
+    assert [plan.allocator.budget(t)[0] for t in range(1, 11)] == [8, 5, 4, 3, 2, 2, 2, 2, 2, 2]
+    with pytest.raises(UserError, match="got tinit=1, tfinal=2, total_step=3"):
+        plan.start(layers, planned_steps=3)

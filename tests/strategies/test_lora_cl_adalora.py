@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 import clpeft.config
 from clpeft.components.lora.adalora import orthogonal_penalty
@@ -93,7 +94,7 @@ def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, interrupted_then_r
         ({"rank_budget": 4, "grow_every": 2}, "strategy.grow_every"),
         ({"rank_budget": 4}, "strategy.rank_budget"),
         ({"subspace": "inflora"}, "strategy.subspace"),
-        ({"total_step": None}, "strategy.total_step"),
+        ({"tinit": 8}, "strategy.tinit"),
         ({"target_rank": None}, "strategy.delta_t"),
     ],
 )
@@ -101,3 +102,25 @@ def test_options_the_schedule_cannot_follow_are_refused_naming_the_key(tmp_path,
     with pytest.raises(UserError) as error:
         clpeft.config.resolve(_config(tmp_path, {**STRATEGY, **change}))
     assert error.value.key == key and "\n" not in str(error.value)
+
+
+def test_total_step_left_out_is_the_experience_planned_steps(tmp_path, run_keeping):
+    """Without ``total_step`` each experience's schedule runs over the steps the engine plans (2 epochs x 5
+    batches = 10 here): the same run, bit for bit, as ``total_step: 10`` given."""
+    given, explicit, _ = run_keeping(_config(tmp_path, STRATEGY), tmp_path / "given")
+    planned, strategy, _ = run_keeping(_config(tmp_path, {k: v for k, v in STRATEGY.items() if k != "total_step"}), tmp_path / "planned")
+    assert strategy.planned_steps == 10 and strategy.schedule.total_step == 10
+    assert planned["acc_matrix"] == given["acc_matrix"]
+    mine, theirs = strategy.state_dict(), explicit.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) if isinstance(mine[k], torch.Tensor) else mine[k] == theirs[k] for k in mine)
+
+
+def test_a_schedule_too_long_for_the_planned_steps_is_refused(tmp_path):
+    """``tinit + tfinal`` at or over the experience's 10 planned steps: refused in one line at its first epoch."""
+    from clpeft.engine import Engine
+
+    strategy = {**{k: v for k, v in STRATEGY.items() if k != "total_step"}, "tinit": 6, "tfinal": 4}
+    with pytest.raises(UserError, match="tinit < total_step - tfinal, got tinit=6, tfinal=4, total_step=10") as error:
+        Engine(clpeft.config.resolve(_config(tmp_path, strategy)), tmp_path / "run", device="cpu").run()
+    assert error.value.key == "strategy.tinit"

@@ -42,10 +42,12 @@ class AdaLoRAOptions(Options):
     target_rank: Annotated[int, Field(ge=1)] | None = Field(
         None,
         description="AdaLoRA's ``target_r``: each experience's update is masked while it trains down to this average rank "
-        "per layer (``null``: no schedule); needs ``adapter: adalora`` and ``total_step``.",
+        "per layer (``null``: no schedule); needs ``adapter: adalora``.",
     )
     total_step: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="AdaLoRA's ``T``: the optimizer steps of each experience (``train.epochs`` x batches per epoch)."
+        None,
+        description="AdaLoRA's ``T``: the optimizer steps of each experience's schedule (``null``: the steps the engine "
+        "plans for the experience, ``train.epochs`` x its batches per epoch).",
     )
     tinit: Annotated[int, Field(ge=0)] = Field(0, description="AdaLoRA's ``t_i``: warm-up steps of each experience at the starting budget.")
     tfinal: Annotated[int, Field(ge=0)] = Field(
@@ -65,17 +67,18 @@ class AdaLoRAOptions(Options):
             if given:
                 raise UserError(f"{', '.join(given)} belong to AdaLoRA's schedule; set target_rank too", key=f"strategy.{given[0]}")
             return self
-        if self.total_step is None:
+        if self.total_step is not None:
+            self.check_steps(self.total_step)
+        return self
+
+    def check_steps(self, total_step: int) -> None:
+        """Refuse a schedule whose warm-up and final phase leave no step for the budget to fall."""
+        if self.tinit >= total_step - self.tfinal:
             raise UserError(
-                "target_rank (AdaLoRA's schedule) needs total_step, each experience's optimizer steps (train.epochs x batches per epoch)",
-                key="strategy.total_step",
-            )
-        if self.tinit >= self.total_step - self.tfinal:
-            raise UserError(
-                f"AdaLoRA needs tinit < total_step - tfinal, got tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step}",
+                f"AdaLoRA needs tinit < total_step - tfinal, got tinit={self.tinit}, tfinal={self.tfinal}, total_step={total_step}; "
+                "lower tinit or tfinal, or train longer",
                 key="strategy.tinit",
             )
-        return self
 
 
 def check_schedule(params: Mapping) -> None:
@@ -108,12 +111,21 @@ class AdaLoRASchedule:
         self.options, self.beta = options, beta
         self.allocator: AdaLoRAAllocator | None = None
         self.step = 0  # optimizer steps of the experience under way
+        self.total_step = options.total_step  # T of the experience under way
 
-    def start(self, layers: Mapping[str, AdaLoRALinear]) -> None:
-        """Begin an experience: a fresh allocator over the layers' new updates, the step count at 0."""
+    def start(self, layers: Mapping[str, AdaLoRALinear], planned_steps: int | None = None) -> None:
+        """Begin an experience: a fresh allocator over the layers' new updates, the step count at 0.
+
+        ``planned_steps``: the experience's optimizer steps as the engine plans them, ``T`` when
+        ``total_step`` is not given.
+        """
         o = self.options
+        self.total_step = o.total_step or planned_steps
+        if self.total_step is None:
+            raise UserError("AdaLoRA's schedule needs total_step here (no planned step count to take it from)", key="strategy.total_step")
+        o.check_steps(self.total_step)
         self.allocator = AdaLoRAAllocator(
-            layers, o.target_rank, o.total_step, tinit=o.tinit, tfinal=o.tfinal, delta_t=o.delta_t, beta1=self.beta, beta2=self.beta
+            layers, o.target_rank, self.total_step, tinit=o.tinit, tfinal=o.tfinal, delta_t=o.delta_t, beta1=self.beta, beta2=self.beta
         )
         self.step = 0
 
@@ -136,7 +148,7 @@ class AdaLoRASchedule:
 
         Warns when the experience ended before step ``T - t_f``: its budget never reached the target.
         """
-        final = self.options.total_step - self.options.tfinal
+        final = self.total_step - self.options.tfinal
         if self.step < final:
             budget = self.allocator.budget(self.step)[0]
             warnings.warn(
