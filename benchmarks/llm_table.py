@@ -16,7 +16,9 @@ Strategies and their settings (everything else at its default):
 * ``replay``: stored examples, ``mem_size`` 48 (a quarter of the stream's 192 training examples);
 * ``ewc``, ``lwf``: their defaults on the LoRA;
 * ``o_lora``: a LoRA per task, orthogonal to the past ones (``lambda_1`` 0.5);
-* ``lora_cl``: InfLoRA subspaces (``subspace: inflora``) on ``q_proj``/``v_proj``;
+* ``lora_cl``: InfLoRA subspaces (``subspace: inflora``) on ``q_proj``/``v_proj`` at threshold 0.999, as
+  ``configs/llm/offline_smollm2_lora_cl.yaml`` (at the ViT's 0.97 the squared-eigenvalue rule keeps only 1-4
+  of SmolLM2's 576 directions per layer);
 * ``merge_cl``: a fresh LoRA per task from the pretrained weights, task vectors merged by task
   arithmetic;
 * ``task_lora``: a LoRA per task served together, prompts routed to the nearest task centroid
@@ -58,7 +60,14 @@ STRATEGIES: dict[str, dict] = {
     "ewc": {"name": "ewc", **LORA},
     "lwf": {"name": "lwf", **LORA},
     "o_lora": {"name": "o_lora", **LORA},
-    "lora_cl": {"name": "lora_cl", "targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 16, "subspace": "inflora"},
+    "lora_cl": {
+        "name": "lora_cl",
+        "targets": ["q_proj", "v_proj"],
+        "rank": 8,
+        "alpha": 16,
+        "subspace": "inflora",
+        "subspace_threshold": 0.999,
+    },
     "merge_cl": {"name": "merge_cl", **LORA},
     "task_lora": {"name": "task_lora", "routing": "router", "max_tasks": len(TASKS), **LORA},
     "task_lora+task_id": {"name": "task_lora", "routing": "task_id", "max_tasks": len(TASKS), **LORA},
