@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+from test_lora_kinds import _Two
 from torch import nn
 
 from clpeft.components.lora import inject_lora, lora_layers
@@ -23,21 +24,6 @@ from clpeft.errors import UserError
 
 TOL = dict(rtol=0, atol=1e-5)
 _NAMES = ("lora_A", "lora_E", "lora_B")
-
-
-@pytest.fixture(scope="module")
-def peft():
-    return pytest.importorskip("peft")
-
-
-class _Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(16, 12)
-        self.b = nn.Linear(12, 20)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
 
 
 class _WithLoss(nn.Module):

@@ -29,11 +29,6 @@ from clpeft.errors import UserError
 VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
 
 
-@pytest.fixture(scope="module")
-def peft():
-    return pytest.importorskip("peft")
-
-
 class _OneLinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()

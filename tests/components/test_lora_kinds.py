@@ -38,11 +38,6 @@ from clpeft.errors import UserError
 TOL = dict(rtol=0, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def peft():
-    return pytest.importorskip("peft")
-
-
 class _Two(nn.Module):
     """Two linears of different shapes (VeRA slices its shared projections per layer)."""
 

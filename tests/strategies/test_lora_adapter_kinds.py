@@ -13,6 +13,7 @@ import io
 
 import pytest
 import torch
+from digits_configs import digits_mlp_config
 
 import clpeft.config
 from clpeft.backbones.mlp import MLPBackbone
@@ -35,23 +36,7 @@ CLASSES = {
 
 
 def _config(tmp_path, strategy: dict) -> dict:
-    return {
-        "seed": 0,
-        "scenario": {
-            "name": "class_incremental",
-            "dataset": "sklearn_digits",
-            "n_experiences": 3,
-            "init_classes": 4,
-            "train_per_class": 16,
-            "test_per_class": 6,
-            "root": str(tmp_path / "data"),
-        },
-        "backbone": {"name": "mlp", "hidden": [32, 16]},
-        "strategy": strategy,
-        "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "optimizer": "adam"},
-        "eval": {"batch_size": 256, "baseline": False},
-        "logging": {"tensorboard": False, "progress": "never"},
-    }
+    return digits_mlp_config(tmp_path, strategy, n_experiences=3, init_classes=4)
 
 
 def _round_trip_predicts_the_same(tmp_path, strategy_cfg, strategy, stream) -> None:

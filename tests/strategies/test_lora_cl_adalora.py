@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from digits_configs import digits_mlp_config
 
 import clpeft.config
 from clpeft.components.lora.adalora import orthogonal_penalty
@@ -27,22 +28,7 @@ STRATEGY = {"name": "lora_cl", "targets": TARGETS, "rank": 3, "adapter": "adalor
 
 
 def _config(tmp_path, strategy: dict) -> dict:
-    return {
-        "seed": 0,
-        "scenario": {
-            "name": "class_incremental",
-            "dataset": "sklearn_digits",
-            "n_experiences": 2,
-            "train_per_class": 16,
-            "test_per_class": 8,
-            "root": str(tmp_path / "data"),
-        },
-        "backbone": {"name": "mlp", "hidden": [32, 16]},
-        "strategy": strategy,
-        "train": {"epochs": 2, "batch_size": 16, "lr": 0.01, "optimizer": "adam"},
-        "eval": {"batch_size": 256, "baseline": False},
-        "logging": {"tensorboard": False, "progress": "never"},
-    }
+    return digits_mlp_config(tmp_path, strategy, epochs=2, test_per_class=8)
 
 
 def test_each_experience_runs_its_own_schedule(tmp_path, monkeypatch, run_keeping):
