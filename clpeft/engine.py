@@ -105,9 +105,7 @@ class Engine:
         Raises:
             UserError: what ``run`` would stop on before training (data, weights, cross-section checks).
         """
-        run = build_run(self.cfg, self.device, self.world, self.autocast)
-        fsdp.shard(run.strategy, self.world, self.cfg, self.device)
-        return run
+        return build_run(self.cfg, self.device, self.world, self.autocast)
 
     def check(self) -> None:
         """Build everything a run needs without training or writing anything: what ``clpeft validate`` does."""
@@ -132,7 +130,7 @@ class Engine:
         try:
             self._prepared = prepare(self.out_dir, self._resolved_config(), self.world, resume=self.resume, force=self.force)
             self.built = built or self.build()
-            self.exports = RunExports(self.cfg.logging.export, self.built.strategy, self.out_dir)
+            self.exports = fsdp.WholeCalls(RunExports(self.cfg.logging.export, self.built.strategy, self.out_dir), self.built.strategy)
             if self.world.is_main:
                 self.built.scenario.save_artifacts(self.out_dir)
             log = RunLogger(
@@ -214,7 +212,8 @@ class Engine:
                 novel = {} if i == 0 else {k: summary[k][i - 1] for k in ("base_acc", "novel_acc", "harmonic_mean")}
                 log.event("session", step=i, acc=acc, **novel)
         summary.update(extra_metrics or {})
-        summary.update(run.strategy.final_metrics())
+        with fsdp.lockstep(run.strategy):
+            summary.update(run.strategy.final_metrics())
         result = {
             "acc_matrix": rows,
             "test_sizes": sizes,

@@ -1,4 +1,4 @@
-"""``train.sharding: fsdp``: a generative LLM's parameters, gradients and optimizer state sharded across ranks while it trains.
+"""``train.sharding: fsdp``: a generative LLM's parameters, gradients and optimizer state sharded across ranks.
 
 Fully sharded data parallelism (Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded
 Data Parallel", VLDB 2023, https://arxiv.org/abs/2304.11277) with PyTorch's FSDP2
@@ -7,35 +7,44 @@ applies it to a ``generative_lm`` backbone's ``net``, to each decoder layer and 
 instead of DistributedDataParallel. Every parameter (the frozen pretrained weights and the
 trainable LoRA factors alike) is split along its first dimension, rank ``r`` keeping chunk ``r``.
 
-**Training** (the strategy in train mode): the registered parameters are the shards. A layer's
-weights are all-gathered before its forward and freed after it (again in backward), gradients are
-reduce-scattered (averaged over the ranks, each rank keeping the gradient of its own chunk), and
-the optimizer, built from :func:`training_parameters`, holds and updates only the shards and their
-state. The step (:func:`sharded_step`) weighs each rank's loss by ``n_rank * N / n_batch`` as the
-DDP step does, so the average is the global batch's mean; a rank whose share of the last global
-batch is empty still runs one forward (of a single padding token, weighted 0), since every rank
-must take part in each layer's all-gather and reduce-scatter.
+**Built sharded.** :func:`shard` runs before the strategy is moved to the device
+(:func:`~clpeft.run.build_run`): FSDP moves one unit (a decoder layer, then the root's own
+weights) to the device at a time, keeps this rank's chunk there and frees the rest, so a GPU
+never holds more than ``1 / N`` of the model plus one unit. The modules hold the shards from then
+on, in training and in evaluation alike.
 
-**Outside training** (the strategy in eval mode, :func:`follow_mode`; ``Strategy.train`` calls
-it): every rank all-gathers the whole model into the module's own ``nn.Parameter`` objects (empty
-while training) and keeps it there, so generation, perplexity, checkpoints, exports and the
-cross-rank consistency check see the plain full tensors of an unsharded run: the ranks' evaluation
-shares need different numbers of forward passes (a batch stops decoding when its answers are
-done), which collectives inside the forward could not serve. FSDP's state-dict hooks (which would
-give local shards) are removed, so a checkpoint is the full state dict in the one-process format
-(the unchanged pretrained tensors left out by
+**Training.** A layer's weights are all-gathered before its forward and freed after it (again in
+backward), gradients are reduce-scattered (averaged over the ranks, each rank keeping the gradient
+of its own chunk), and the optimizer holds and updates only the shards and their state. The step
+(:func:`sharded_step`) weighs each rank's loss by ``n_rank * N / n_batch`` as the DDP step does, so
+the average is the global batch's mean; a rank whose share of the last global batch is empty
+still runs one forward (of a single padding token, weighted 0), since every rank must take part
+in each layer's all-gather and reduce-scatter.
+
+**Evaluation in lockstep** (:func:`lockstep`). The ranks' shares of a test set need different
+numbers of forwards (uneven shares, an empty last batch, a batch whose answers end early in
+greedy decoding), and every forward all-gathers each layer. Inside :func:`lockstep` each forward
+of the net is preceded by an all-reduce of "I run one"; a rank whose share is done answers
+"none" and, while another rank still runs, runs a forward of one padding token whose output is
+dropped. Every rank thus runs as many forwards as the busiest one, and the model stays sharded:
+answers are the unsharded model's (each forward computes what one process computes).
+
+**The whole state** (checkpoints, the cross-rank consistency check, exports). Each rank keeps the
+module's own ``nn.Parameter`` objects, as built, off the device (where the pretrained weights were
+loaded: host memory) and refreshes them from the shards (an all-gather per parameter, moved off
+the device at once) when the strategy goes from training to evaluation (:func:`follow_mode`;
+``Strategy.train`` calls it; every rank switches at the same points). ``state_dict`` and
+``load_state_dict`` of the backbone or its ``net`` swap them in for the call (:class:`_Sharding`'s
+hooks; FSDP's own state-dict hooks, which give local shards, are removed), and :func:`whole` for
+rank 0's exports (:class:`WholeCalls`): a checkpoint is the
+full state dict in the one-process format (the unchanged pretrained tensors left out by
 :class:`~clpeft.backbones.pretrained_weights.PretrainedWeights`, which knows these objects),
-written by rank 0 alone; a sharded run resumes from a one-process checkpoint and the other way
-round. Values loaded or changed while gathered are copied into the shards when training starts
-again (:meth:`_Sharding.scatter`); ``nn.Module.to`` moves the shards (``Strategy._apply`` uses
-:func:`scattered`).
+written by rank 0 alone with no collective; a sharded run resumes from a one-process checkpoint and
+the other way round; a loaded state is copied into every rank's chunks at once. Reading the state
+while training (the host copies are stale then) is a ``RuntimeError``.
 
-**Memory.** The whole model is on each device when it is built (before :func:`shard`) and while it
-is evaluated; sharding lowers what training holds (the parameters, their gradients and the
-optimizer state to ``1 / N``, plus one gathered layer at a time). ``eval.baseline`` is refused:
-it evaluates a deep copy of the strategy, which FSDP refuses to make.
-
-Only the strategies in :data:`SUPPORTED` are sharded; the others (those that call the net
+``eval.baseline`` is refused: it evaluates a deep copy of the strategy, which FSDP refuses to
+make. Only the strategies in :data:`SUPPORTED` are sharded; the others (those that call the net
 functionally, as LwF's teacher pass with ``params=``, replace parameters, build their own
 optimizer groups or compute statistics from each rank's own batches) are refused in one line.
 """
@@ -51,7 +60,7 @@ from torch import nn
 from clpeft import distributed
 from clpeft.errors import UserError
 
-__all__ = ["SUPPORTED", "follow_mode", "shard", "sharded_step", "scattered", "training_parameters"]
+__all__ = ["SUPPORTED", "WholeCalls", "follow_mode", "lockstep", "shard", "sharded_step", "whole"]
 
 _KEY = "train.sharding"
 #: Strategies checked to train sharded as in one process: one forward of the net per step, their
@@ -60,7 +69,7 @@ SUPPORTED = ("seq_finetune", "replay", "joint")
 
 
 def shard(strategy: nn.Module, world: distributed.World, cfg, device: torch.device) -> None:
-    """Apply FSDP2 to ``strategy.backbone.net`` (``cfg.train.sharding: fsdp`` with several ranks); leave it gathered (eval mode).
+    """Apply FSDP2 to ``strategy.backbone.net`` (``cfg.train.sharding: fsdp`` with several ranks), moving it to ``device`` unit by unit.
 
     Raises:
         UserError: the backbone is not ``generative_lm``, the strategy cannot train sharded, or
@@ -81,75 +90,91 @@ def shard(strategy: nn.Module, world: distributed.World, cfg, device: torch.devi
         raise UserError(
             "the untrained model's evaluation copies the model, which FSDP cannot; set eval.baseline: false", key="eval.baseline"
         )
-    strategy.backbone.net.clpeft_sharding = _Sharding(strategy.backbone.net, world, device)
-    strategy.eval()
+    strategy.backbone.net.clpeft_sharding = _Sharding(strategy.backbone, world, device)
 
 
 class _Sharding:
     """One sharded net: its FSDP units (the root first, then the decoder layers) and, for every
-    parameter, the module's own ``nn.Parameter``, which holds the gathered values outside training."""
+    parameter, the module's own ``nn.Parameter``, which holds the whole value off the device."""
 
-    def __init__(self, net: nn.Module, world: distributed.World, device: torch.device):
+    def __init__(self, backbone: nn.Module, world: distributed.World, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard  # imported here: 1.5 s, for sharded runs only
 
+        net = backbone.net
         layers = getattr(getattr(net, "model", None), "layers", None)
         if not isinstance(layers, nn.ModuleList) or not len(layers):
             raise UserError(f"fsdp finds no decoder layers (model.layers) in {type(net).__name__}; use none", key=_KEY)
         originals = {(id(m), n): p for m in net.modules() for n, p in m.named_parameters(recurse=False)}
+        host = {id(p): p.data for p in originals.values()}
         mesh = init_device_mesh(device.type, (world.size,))
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(net, mesh=mesh)
-        self.world = world
+        for unit in (*layers, net):  # FSDP moves the unit to the device, then keeps this rank's chunk
+            fully_shard(unit, mesh=mesh, reshard_after_forward=unit is not net)  # the root keeps its weights for backward
+            for p in originals.values():  # the whole unit leaves the device at once
+                p.data = host[id(p)]
+        self.net, self.world = net, world
         self.units = [net, *layers]
         self.pairs = [(r, originals[id(r._module_info.module), r._module_info.param_name]) for r in self._records()]
-        self.originals = {id(record): original for record, original in self.pairs}
-        for record, original in self.pairs:  # memory: the whole model lives in the shards until gathered
-            original.data = original.data.new_empty(0)
-            record._post_load_hook_handle.remove()  # loads happen while gathered; scatter() reaches the shards
-        self.gathered = False
+        for record, _ in self.pairs:
+            record._post_load_hook_handle.remove()  # loads reach the whole tensors; _leave() copies them into the chunks
+        for unit in self.units:
+            for group in unit._get_fsdp_state()._fsdp_param_groups:
+                for handle in (  # state dicts of the whole tensors, not of the shards
+                    *group._module_to_pre_save_state_dict_hook_handle.values(),
+                    *group._module_to_pre_load_state_dict_hook_handle.values(),
+                ):
+                    handle.remove()
+        self.stale = False  # the whole tensors are the shards' values
+        self.depth = 0  # nested state-dict calls (the backbone's, then its net's)
+        for module in (backbone, net):
+            module.register_state_dict_pre_hook(lambda *_: self._enter())
+            module.register_state_dict_post_hook(lambda *_: self._leave(loaded=False))  # after PretrainedWeights' on the backbone
+            handle = module.register_load_state_dict_pre_hook(lambda *_: self._enter())
+            module._load_state_dict_pre_hooks.move_to_end(handle.id, last=False)  # before PretrainedWeights' restore
+            module.register_load_state_dict_post_hook(lambda *_: self._leave(loaded=True))
 
     def _records(self) -> Iterator:
         for unit in self.units:
             for group in unit._get_fsdp_state()._fsdp_param_groups:
                 yield from group.fsdp_params
 
-    def gather(self) -> None:
-        """Every rank all-gathers the whole model, unit by unit, into the module's own parameters (plain tensors)."""
-        if self.gathered:
-            return
-        for unit in self.units:
-            unit.set_reshard_after_forward(False, recurse=False)  # forwards while gathered: no collectives
-            unit.unshard()
-            for group in unit._get_fsdp_state()._fsdp_param_groups:
-                for handle in (  # state dicts of the gathered tensors, not of the shards
-                    *group._module_to_pre_save_state_dict_hook_handle.values(),
-                    *group._module_to_pre_load_state_dict_hook_handle.values(),
-                ):
-                    handle.remove()
-                with torch.no_grad():
-                    for record in group.fsdp_params:
-                        original = self.originals[id(record)]
-                        original.data = record._unsharded_param.detach().clone()
-                        record._setattr_on_modules(original)
-                        record.free_unsharded_param()  # one copy of the unit at a time
-        self.gathered = True
+    def _enter(self) -> None:
+        """A state dict is read or loaded: the whole tensors registered in the modules for the call."""
+        if self.stale:
+            raise RuntimeError("the sharded model's whole state is read after evaluation starts (strategy.eval()), not while training")
+        self.depth += 1
+        if self.depth == 1:
+            for record, original in self.pairs:
+                record._setattr_on_modules(original)
 
-    def scatter(self) -> None:
-        """Copy the gathered values (changed by a load or a hook) into this rank's chunks; register the shards again."""
-        if not self.gathered:
+    def _leave(self, loaded: bool) -> None:
+        """The call is over: a loaded state copied into this rank's chunks, the shards registered again."""
+        self.depth -= 1
+        if self.depth:
             return
         with torch.no_grad():
             for record, original in self.pairs:
-                local = record.sharded_param._local_tensor
-                if local.numel():
-                    local.copy_(torch.chunk(original.detach(), self.world.size, dim=0)[self.world.rank][: local.shape[0]])
-                original.data = original.data.new_empty(0)
+                if loaded:
+                    local = record.sharded_param._local_tensor
+                    if local.numel():
+                        chunk = torch.chunk(original.detach(), self.world.size, dim=0)[self.world.rank][: local.shape[0]]
+                        local.copy_(chunk)
+                record._setattr_on_modules(record.sharded_param)
+
+    def reshard(self) -> None:
+        """Free every gathered unit (the root keeps its weights after a forward): a local step, no collective."""
         for unit in self.units:
             unit.reshard()
-            unit.set_reshard_after_forward(unit is not self.units[0], recurse=False)  # the root keeps its weights for backward
-        self.gathered = False
+
+    def refresh(self) -> None:
+        """The whole tensors from the shards, one parameter at a time (an all-gather each, moved off the device at once)."""
+        if not self.stale:
+            return
+        self.reshard()
+        with torch.no_grad():
+            for record, original in self.pairs:
+                original.data = record.sharded_param.detach().full_tensor().to(original.device)
+        self.stale = False
 
 
 def _of(strategy: nn.Module) -> _Sharding | None:
@@ -158,34 +183,71 @@ def _of(strategy: nn.Module) -> _Sharding | None:
 
 
 def follow_mode(strategy: nn.Module, training: bool) -> None:
-    """Shards in train mode, the whole model gathered in eval mode (no-op when not sharded).
-
-    Every rank switches mode at the same points of the run, so the all-gathers match.
-    """
+    """Training makes the whole tensors stale; evaluation refreshes them (every rank switches at the same points)."""
     sharding = _of(strategy)
-    if sharding is not None:
-        sharding.scatter() if training else sharding.gather()
+    if sharding is None:
+        return
+    if training:
+        sharding.reshard()
+        sharding.stale = True
+    else:
+        sharding.refresh()
 
 
 @contextmanager
-def scattered(strategy: nn.Module):
-    """The shards registered for the block (``nn.Module.to`` and the like move them), then gathered again if they were."""
+def lockstep(strategy: nn.Module):
+    """Every rank runs as many forwards of the sharded net in the block as the busiest one (see the module docstring); no-op when not sharded."""
     sharding = _of(strategy)
-    was = sharding is not None and sharding.gathered
-    if was:
-        sharding.scatter()
+    if sharding is None:
+        yield
+        return
+    backbone, world = strategy.backbone, sharding.world
+
+    def running(*_) -> None:  # before FSDP's own hook: this all-reduce comes before the forward's all-gathers
+        world.all_reduce_sum(torch.ones(1, device=backbone.device))
+
+    handle = sharding.net.register_forward_pre_hook(running, prepend=True)
     try:
         yield
     finally:
-        if was:
-            sharding.gather()
+        handle.remove()
+        token = torch.full((1, 1), backbone.pad_id, dtype=torch.long, device=backbone.device)
+        with torch.no_grad():
+            while world.all_reduce_sum(torch.zeros(1, device=backbone.device)).item() > 0:
+                sharding.net(input_ids=token, use_cache=False)  # another rank's forward: its all-gathers, the output dropped
+        sharding.reshard()
 
 
-def training_parameters(strategy: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer updates: a sharded net's shards (whatever the mode), else the registered ones."""
+@contextmanager
+def whole(strategy: nn.Module):
+    """The whole tensors (the host copies) registered in the modules for the block, with no collective; no-op when not sharded."""
     sharding = _of(strategy)
-    shards = {id(original): record.sharded_param for record, original in sharding.pairs} if sharding is not None else {}
-    return [shards.get(id(p), p) for p in strategy.parameters()]
+    if sharding is None:
+        yield
+        return
+    sharding._enter()
+    try:
+        yield
+    finally:
+        sharding._leave(loaded=False)
+
+
+class WholeCalls:
+    """``target`` (rank 0's exports, which read the modules' tensors) with each method called inside :func:`whole`."""
+
+    def __init__(self, target, strategy: nn.Module):
+        self._target, self._strategy = target, strategy
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._target, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with whole(self._strategy):
+                return attribute(*args, **kwargs)
+
+        return call
 
 
 def sharded_step(strategy: nn.Module):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from clpeft import distributed
+from clpeft import distributed, fsdp
 from clpeft.augment import build_augment
 from clpeft.config import RunConfig
 from clpeft.data import DataView
@@ -298,10 +298,16 @@ class Run:
         """
         strategy = strategy or self.strategy
         scorer = getattr(strategy, "score", None)
-        correct = 0
-        for batch in self.data.batches(
+        batches = self.data.batches(
             view, self.cfg.eval.batch_size, uses_features=strategy.uses_features, with_query=strategy.needs_query, shard=True
-        ):
+        )
+        with fsdp.lockstep(strategy):  # a sharded net: every rank runs as many forwards as the busiest
+            return self._correct(batches, strategy, scorer, confusion)
+
+    def _correct(self, batches, strategy: Strategy, scorer, confusion: torch.Tensor | None) -> float:
+        """:meth:`correct` over this rank's ``batches``."""
+        correct = 0
+        for batch in batches:
             if len(batch.y) == 0:
                 continue
             if callable(scorer):
@@ -428,6 +434,7 @@ def build_run(cfg: RunConfig, device: torch.device, world: distributed.World, au
     supported = strategy.supported_scenarios
     if supported is not None and scenario.kind not in supported:
         raise UserError(f"strategy '{cfg.strategy.name}' supports {list(supported)} scenarios, not '{scenario.kind}'", key="strategy.name")
+    fsdp.shard(strategy, world, cfg, device)  # before the move: each GPU receives its shards alone
     strategy.to(device)
     if cfg.train.compile and device.type == "cuda":
         backbone.forward_features = torch.compile(backbone.forward_features)

@@ -241,17 +241,13 @@ class Strategy(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer parameter groups; override for per-module learning rates."""
-        return [{"params": [p for p in fsdp.training_parameters(self) if p.requires_grad], "lr": lr}]
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
     def train(self, mode: bool = True) -> Strategy:
-        """``nn.Module.train``; a net sharded by ``train.sharding: fsdp`` is gathered whole outside training (:mod:`clpeft.fsdp`)."""
+        """``nn.Module.train``; a net sharded by ``train.sharding: fsdp`` refreshes its whole state for evaluation (:mod:`clpeft.fsdp`)."""
         super().train(mode)
         fsdp.follow_mode(self, mode)
         return self
-
-    def _apply(self, fn, *args, **kwargs):
-        with fsdp.scattered(self):  # FSDP moves and casts its shards
-            return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ reporting
 
