@@ -11,7 +11,8 @@ trainable LoRA factors alike) is split along its first dimension, rank ``r`` kee
 (:func:`~clpeft.run.build_run`): FSDP moves one unit (a decoder layer, then the root's own
 weights) to the device at a time, keeps this rank's chunk there and frees the rest, so a GPU
 never holds more than ``1 / N`` of the model plus one unit. The modules hold the shards from then
-on, in training and in evaluation alike.
+on, in training and in evaluation alike (the root's own weights, embeddings, final norm and output
+layer, stay gathered from a forward until the backward, or the end of :func:`lockstep`).
 
 **Training.** A layer's weights are all-gathered before its forward and freed after it (again in
 backward), gradients are reduce-scattered (averaged over the ranks, each rank keeping the gradient
