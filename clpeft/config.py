@@ -96,9 +96,9 @@ class TrainConfig(_Section):
     sharding: Literal["none", "fsdp"] = Field(
         "none",
         description="under torchrun with several ranks: none = DistributedDataParallel (every rank holds the whole model); "
-        "fsdp = a generative_lm backbone's parameters, gradients and optimizer state sharded across the ranks while "
-        "training (FSDP2, per decoder layer), the whole model gathered for evaluation and checkpoints; seq_finetune, "
-        "replay and joint, with eval.baseline: false (clpeft.fsdp)",
+        "fsdp = a generative_lm backbone's parameters, gradients and optimizer state sharded across the ranks from the "
+        "build on (FSDP2, per decoder layer); evaluation and generation run sharded in lockstep, checkpoints read each "
+        "rank's host copy of the whole weights; seq_finetune, replay and joint, with eval.baseline: false (clpeft.fsdp)",
     )
 
     @field_validator("lr")
