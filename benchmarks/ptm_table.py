@@ -43,10 +43,8 @@ VARIANTS = {
     "sdc": {"align": True, "drift_compensation": True},
     "nosubspace": {"subspace": "none"},
     "merge": {"old_updates": "merge"},
-    "noclspos": {"prompt_position": "none"},
-    "eva": {
-        "init": "eva"
-    },  # lora_cl's updates started at EVA's input components (issue 23)  # L2P's prompts without [CLS]'s position embedding (before 45bda6b)
+    "noclspos": {"prompt_position": "none"},  # L2P's prompts without [CLS]'s position embedding (before 45bda6b)
+    "eva": {"init": "eva"},  # lora_cl's updates started at EVA's input components (issue 23)
 }
 VARIANTS.update({kind: {"adapter": kind} for kind in ("dora", "pissa", "vera", "lora_xs", "adalora")})  # LoRA kinds (issue 23)
 
