@@ -375,7 +375,14 @@ def interrupted(directory: Path, signum: int) -> subprocess.CompletedProcess:
     """Run a merge in a child process and send it ``signum`` while it writes the output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD], cwd=directory, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", CHILD],
+        cwd=directory,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # as from a shell: a suite started in the background (`nohup pytest &`) ignores SIGINT, and a child inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert child.stdout.readline() == "writing\n"
     assert [p.name for p in directory.glob(".m.safetensors.*")]  # a temp output exists now
