@@ -212,10 +212,9 @@ def lockstep(strategy: nn.Module):
         yield
     finally:
         handle.remove()
-        token = torch.full((1, 1), backbone.pad_id, dtype=torch.long, device=backbone.device)
         with torch.no_grad():
             while world.all_reduce_sum(torch.zeros(1, device=backbone.device)).item() > 0:
-                sharding.net(input_ids=token, use_cache=False)  # another rank's forward: its all-gathers, the output dropped
+                _idle_forward(backbone)  # another rank's forward: its all-gathers, the output dropped
         sharding.reshard()
 
 
@@ -259,8 +258,13 @@ def sharded_step(strategy: nn.Module):
 
     def step(batch, weight: float) -> torch.Tensor:
         if len(batch.y) == 0:  # an empty share: the same collectives as the other ranks, zero gradients
-            token = torch.full((1, 1), backbone.pad_id, dtype=torch.long, device=backbone.device)
-            return backbone.net(input_ids=token, use_cache=False).logits.sum() * 0.0
+            return _idle_forward(backbone).logits.sum() * 0.0
         return strategy.training_step(batch) * weight
 
     return step
+
+
+def _idle_forward(backbone: nn.Module):
+    """A forward of one padding token: this rank's part in the others' collectives, its output of no use."""
+    token = torch.full((1, 1), backbone.pad_id, dtype=torch.long, device=backbone.device)
+    return backbone.net(input_ids=token, use_cache=False)

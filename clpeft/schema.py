@@ -45,6 +45,10 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    def changed(self) -> list[str]:
+        """The fields whose values differ from the class's defaults, in declaration order."""
+        return [name for name, info in type(self).model_fields.items() if getattr(self, name) != info.default]
+
 
 # ----------------------------------------------------------------------------- flat options
 

@@ -358,7 +358,7 @@ class LoRACL(GenerativeHooks, Strategy):
 def _check_path(generative: bool, head_options: HeadOptions, general_text_samples: int) -> None:
     """Refuse the head's keys on a generative LLM (no head there), and the perplexity's on a classifier."""
     if generative:
-        changed = [k for k, v in head_options.model_dump().items() if v != getattr(HeadOptions(), k)]
+        changed = head_options.changed()
         if changed:
             raise UserError(
                 f"on a generative_lm backbone lora_cl trains no head (the vocabulary is the output); drop {changed[0]}",

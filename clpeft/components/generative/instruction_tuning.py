@@ -166,7 +166,7 @@ class InstructionTuning(AnswerTraining):
         """The generative path on a :class:`GenerativeLM`, else ``None`` (LoRA options other than the defaults are refused there)."""
         if isinstance(backbone, GenerativeLM):
             return cls(backbone, options)
-        changed = [k for k, v in options.model_dump().items() if v != getattr(GenerativeOptions(), k)]
+        changed = options.changed()
         if changed:
             raise UserError(
                 f"applies to a generative_lm backbone only (this one is {type(backbone).__name__}); drop it", key=f"strategy.{changed[0]}"

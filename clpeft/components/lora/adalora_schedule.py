@@ -63,7 +63,7 @@ class AdaLoRAOptions(Options):
     @model_validator(mode="after")
     def _complete(self) -> AdaLoRAOptions:
         if self.target_rank is None:
-            given = sorted(name for name, info in type(self).model_fields.items() if getattr(self, name) != info.default)
+            given = sorted(self.changed())
             if given:
                 raise UserError(f"{', '.join(given)} belong to AdaLoRA's schedule; set target_rank too", key=f"strategy.{given[0]}")
             return self
