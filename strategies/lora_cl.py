@@ -68,7 +68,10 @@ answers scored by each task's metric and the general text's perplexity are
 :class:`~clpeft.components.generative.instruction_tuning.AnswerTraining`'s. InfLoRA's and EVA's
 input statistics count every real token of the experience's training examples, prompt and
 answer (with end-of-sequence) as training feeds them, run one example at a time so that no padding
-enters (:meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.run_alone`). This
+enters (:meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.run_alone`); PRILoRA's
+input statistics for ``rank_budget``, gathered on the right-padded training batches themselves, skip the
+padding by each batch's attention mask
+(:meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.mark_real_tokens`). This
 follows the official code, which has no language-model path (github.com/liangyanshuo/InfLoRA at
 e08b00e: image models only) and counts every token its ViT is trained on, all patch tokens and
 the class token of each training image (``Attention_LoRA.forward`` with ``get_cur_feat``).
@@ -239,6 +242,8 @@ class LoRACL(GenerativeHooks, Strategy):
         self.schedule = None if adalora.target_rank is None else AdaLoRASchedule(adalora, beta)
         for layer in self.lora.values():
             layer.track_importance = rank_budget is not None
+        if self.generative is not None and rank_budget is not None:
+            self.generative.mark_real_tokens(self.lora)  # PRILoRA's input statistics: the batches' real tokens only
 
     @classmethod
     def check_config(cls, params: dict) -> None:

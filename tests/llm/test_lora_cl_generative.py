@@ -12,6 +12,7 @@ import torch
 
 import clpeft.config
 from clpeft.backbones.generative_lm import GenerativeLM
+from clpeft.components.lora.input_moments import input_moments
 from clpeft.data import Batch
 from clpeft.data_access import DataAccess
 from clpeft.engine import Engine
@@ -104,6 +105,52 @@ def test_the_covariances_count_the_real_prompt_and_answer_tokens_only(tiny_lm, t
         torch.testing.assert_close(covariance, x.T @ x / len(x), rtol=1e-5, atol=1e-7)
         padded = seen[name][0].flatten(0, 1)
         assert not torch.allclose(covariance, padded.T @ padded / len(padded), rtol=1e-3, atol=1e-5)  # padding would show
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_rank_budget_statistics_count_the_real_tokens_of_a_padded_batch_only(tiny_lm, tmp_path, checkpointing):
+    """PRILoRA's input statistics, gathered while training on a right-padded batch, equal the mean square of the
+    examples' real tokens run one at a time (also where checkpointing recomputes the forward in the backward
+    pass); garbage tokens in the padding give the same scores as the pad token there."""
+    (exp,) = _stream(_tasks(tmp_path, [("q", "abcdefgh", "ab")], train=12))
+    strategy = LoRACL(GenerativeLM(weights=str(tiny_lm), gradient_checkpointing=checkpointing), general_text_samples=0, rank_budget=3)
+    strategy.attach(DataAccess(torch.device("cpu"), None, strategy.backbone, batch_size=8))
+    examples = exp.train.load()[0]
+    ids, mask, _ = strategy.backbone.training_batch(examples)
+    assert (mask == 0).any()
+    strategy.eval()  # evaluation passes never count
+    moments = input_moments(strategy.lora, lambda: strategy.generative.run_alone(examples))
+    assert all(int(layer.input_count) == 0 for layer in strategy.lora.values())
+
+    strategy.train()
+    strategy.training_step(Batch(examples, torch.zeros(len(examples), dtype=torch.long))).backward()
+    padded_means = []
+    for name, layer in strategy.lora.items():
+        _, outer, count = moments[name]
+        torch.testing.assert_close(layer.input_sq_mean.double(), outer.diagonal() / count, rtol=1e-5, atol=1e-8)
+        assert count == int(mask.sum()) and int(layer.input_count) == count * (
+            2 if checkpointing else 1
+        )  # a recomputed forward counts again
+        padded_means.append(layer.input_sq_mean.clone())
+        layer.reset_importance()
+
+    garbage = ids.masked_scatter(mask == 0, torch.randint(3, 40, (int((mask == 0).sum()),)))
+    scores = {}
+    for tokens in (ids, garbage):
+        with torch.no_grad():
+            strategy.backbone.net(input_ids=tokens, attention_mask=mask, use_cache=False)
+        scores[len(scores)] = [layer.importance() for layer in strategy.lora.values()]
+        for layer in strategy.lora.values():
+            layer.reset_importance()
+    for clean, dirty in zip(scores[0], scores[1], strict=True):
+        torch.testing.assert_close(clean, dirty, rtol=1e-6, atol=0)
+    # what the statistics were before the mask: every position of the padded batch, plainly different
+    unmasked = []
+    for layer in strategy.lora.values():
+        layer.register_forward_pre_hook(lambda _m, args: unmasked.append(args[0].detach().flatten(0, 1).square().mean(0)))
+    with torch.no_grad():
+        strategy.backbone.net(input_ids=garbage, attention_mask=mask, use_cache=False)
+    assert all(not torch.allclose(u, m, rtol=0.05) for u, m in zip(unmasked, padded_means, strict=True))
 
 
 @pytest.mark.parametrize("criterion", ["inflora", "gpm"])

@@ -17,6 +17,8 @@ schedules, adapter kinds and designed ``A``) trains and answers through it.
   greedy answer (the engine's ``score`` hook).
 * :meth:`InstructionTuning.run_alone`: the training examples' real tokens through the model one
   example at a time, for statistics of the adapted layers' inputs that padding must not enter.
+* :meth:`InstructionTuning.mark_real_tokens`: tells the adapted layers which positions of each batch
+  are real tokens, so that padding does not enter the input statistics they gather while training.
 * :meth:`InstructionTuning.fisher`: EWC's diagonal empirical Fisher of the adapters, from
   per-example gradients of the answer's log-likelihood ``log p(y|x) = sum_t log p(y_t|x, y_<t)``.
 * :meth:`InstructionTuning.final_metrics`: the perplexity of held-out general text before and after
@@ -29,7 +31,7 @@ schedules, adapter kinds and designed ``A``) trains and answers through it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated
 
 import torch
@@ -38,7 +40,7 @@ from pydantic import Field
 
 from clpeft.backbones.generative_lm import GenerativeLM
 from clpeft.components.generative.perplexity_retention import PerplexityRetention
-from clpeft.components.lora import inject_lora
+from clpeft.components.lora import LoRALinear, inject_lora
 from clpeft.components.regularization.distillation import distillation_loss
 from clpeft.data import Batch
 from clpeft.errors import UserError
@@ -104,6 +106,20 @@ class AnswerTraining:
         for example in examples:
             ids, mask, _ = self.backbone.training_batch([example])
             self.backbone.net(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def mark_real_tokens(self, layers: Mapping[str, LoRALinear]) -> torch.utils.hooks.RemovableHandle:
+        """From now on every forward of the ``net`` sets ``layers``' :attr:`~clpeft.components.lora.LoRALinear.token_mask`
+        to the call's ``attention_mask`` (``None`` without one): PRILoRA's input statistics then count the real
+        tokens of a right-padded training batch and not its padding. The mask stays until the next forward, so the
+        forward that gradient checkpointing recomputes in the backward pass sees its own batch's. Returns the
+        hook's handle (``remove()`` stops it)."""
+        layers = list(layers.values())
+
+        def mark(_net, _args, kwargs):
+            for layer in layers:
+                layer.token_mask = kwargs.get("attention_mask")
+
+        return self.backbone.net.register_forward_pre_hook(mark, with_kwargs=True)
 
     @torch.no_grad()
     def score(self, batch: Batch) -> torch.Tensor:

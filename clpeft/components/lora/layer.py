@@ -86,7 +86,12 @@ class LoRALinear(nn.Module):
     Importance tracking (PRILoRA): while :attr:`track_importance` is on, every forward in
     training mode adds the input's per-feature mean square to a running mean
     (``input_sq_mean``, over all tokens seen since the last :meth:`reset_importance`);
-    evaluation passes never count. :meth:`importance` scores component ``i`` as
+    evaluation passes never count. Where the inputs are padded token sequences, :attr:`token_mask`
+    (set by whoever feeds the batch, e.g.
+    :meth:`~clpeft.components.generative.instruction_tuning.AnswerTraining.mark_real_tokens`) names the
+    real positions: ``(...)``, the input's shape without its last dimension, nonzero where real;
+    only those count. ``None`` (the default, and on image inputs) counts every position.
+    :meth:`importance` scores component ``i`` as
     ``||B[:, i]|| * ||A[i, :] * rms(x)||``, the root mean square of the component's contribution
     to the output when input features are uncorrelated. PRILoRA scores single entries of ``A``
     by ``|A_ij|`` times input feature ``j``'s (exponentially averaged) statistic and masks the
@@ -137,6 +142,7 @@ class LoRALinear(nn.Module):
         self.lora_scale = nn.Parameter(torch.ones((), device=weight.device)) if learnable_scale else None
         self.merged = False
         self.track_importance = False
+        self.token_mask: torch.Tensor | None = None  # the real positions of the next inputs (see the class docs)
         self.register_buffer("input_sq_mean", torch.zeros(base.in_features, device=weight.device))
         self.register_buffer("input_count", torch.zeros((), dtype=torch.long, device=weight.device))
         self.register_buffer("frozen_A", torch.zeros(0, base.in_features, device=weight.device))
@@ -267,8 +273,16 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, x: torch.Tensor) -> None:
+        """Fold the input's per-feature mean square into ``input_sq_mean``, over :attr:`token_mask`'s real positions only."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
+        mask = self.token_mask
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise RuntimeError(f"token_mask of shape {list(mask.shape)} does not fit inputs of shape {list(x.shape)}")
+            flat = flat[mask.reshape(-1).to(flat.device) != 0]
         n = flat.shape[0]
+        if not n:
+            return
         total = self.input_count + n
         batch_mean = flat.square().mean(0)
         self.input_sq_mean += (batch_mean - self.input_sq_mean) * (n / total)
