@@ -323,12 +323,13 @@ class MergeEngine:
             bases, models = staged.bases, staged.models
         outputs: list[torch.Tensor] = []
         stats: list[torch.Tensor | None] = []
-        for job, staged_base, base, rows in zip(staged.jobs, staged.bases, bases, models):
+        destinations = self._destinations(staged.jobs)
+        for job, staged_base, base, rows, out in zip(staged.jobs, staged.bases, bases, models, destinations):
             if not job.merge:  # the base's tensor, from where it was read
                 outputs.append(self._output(_typed(staged_base, 0, job.info)))
                 stats.append(None)
                 continue
-            merged, packed = self._merge(job, _typed(base, 0, job.info), rows)
+            merged, packed = self._merge(job, _typed(base, 0, job.info), rows, out)
             outputs.append(self._output(merged))
             stats.append(self._to_host(packed))
         done = None
@@ -337,10 +338,24 @@ class MergeEngine:
             done.record()
         return _InFlight(staged.jobs, outputs, stats, done)
 
-    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """The merged tensor and its packed report statistics, by the first path that applies:
-        one kernel (linear method on CUDA), the LoRA factors (linear method, adapters), cached
-        blocks (linear method on the CPU), whole task vectors (any method)."""
+    def _destinations(self, jobs: list[TensorJob]) -> list[torch.Tensor | None]:
+        """On the CPU, where each merged tensor of a batch is written: its slice of one host
+        buffer reused from batch to batch (sinks consume an output during their call), so large
+        outputs do not page-fault fresh memory every time. Off the CPU outputs are allocated where
+        they are computed (``None``)."""
+        if self._transfer:
+            return [None] * len(jobs)
+        offsets, size = [], 0
+        for job in jobs:
+            offsets.append(size)
+            size += _aligned(job.info.nbytes) if job.merge else 0
+        buffer = self._host_buffer("out", size)
+        return [_typed(buffer, offset, job.info) if job.merge else None for job, offset in zip(jobs, offsets)]
+
+    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged tensor (in ``out`` when given) and its packed report statistics, by the first
+        path that applies: one kernel (linear method on CUDA), the LoRA factors (linear method,
+        adapters), cached blocks (linear method on the CPU), whole task vectors (any method)."""
         linear = self.method.linear and not job.average
         if linear and self._full and self._transfer:
             sources = self._sources(job, rows)
@@ -348,7 +363,7 @@ class MergeEngine:
                 return self._merge_fused(job, base_raw.reshape(-1), sources)
         dtype = compute_dtype(base_raw.dtype)
         if linear and self._full and not self._transfer:
-            return self._combine_in_blocks(job, base_raw.reshape(-1), rows)
+            return self._combine_in_blocks(job, base_raw.reshape(-1), rows, out)
         base = base_raw.reshape(-1).to(dtype)
         if linear and self._adapters:
             coefficients = self._coefficients(dtype)
@@ -356,6 +371,9 @@ class MergeEngine:
             conflict = base.new_tensor(math.nan)
         else:
             task_vectors = self._task_vectors(job, base, rows)
+            if not self._transfer:  # the fine-tuned pages are read: they leave the resident set now
+                for model in self._full:
+                    model.release(job.name)
             norms = torch.linalg.vector_norm(task_vectors, dim=1)
             conflict = sign_conflict(task_vectors)
             if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
@@ -364,19 +382,25 @@ class MergeEngine:
                 inputs = {"base": base, "shape": job.info.shape, "name": job.name}
                 inputs = {name: inputs[name] for name in self.method.tensor_inputs}
                 delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic, **inputs)
-        merged = (base + delta).to(job.info.dtype).view(job.info.shape)
+        if out is None:
+            merged = (base + delta).to(job.info.dtype).view(job.info.shape)
+        elif out.dtype == dtype:
+            merged = torch.add(base, delta, out=out.view(-1)).view(job.info.shape)
+        else:
+            merged = out.view(-1).copy_(base + delta).view(job.info.shape)
         return merged, pack_stats(base, norms, conflict, delta)
 
-    def _combine_in_blocks(self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _combine_in_blocks(
+        self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor], out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the host, one cached block of columns at a time
-        (:func:`~clpeft.merging.blocks.combine_linear`)."""
+        (:func:`~clpeft.merging.blocks.combine_linear`), written into ``out``."""
         sources = self._sources(job, rows)
         dtype = compute_dtype(base.dtype)
         coefficients = torch.tensor(self._coefficients(dtype), dtype=dtype)
         scratch = self._scratch(len(sources) + 2, min(base.numel(), BLOCK_COLUMNS), dtype)
-        merged = torch.empty(job.info.shape, dtype=job.info.dtype)
-        sums = combine_linear(base, sources, coefficients, merged.view(-1), scratch)
-        return merged, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
+        sums = combine_linear(base, sources, coefficients, out.view(-1), scratch)
+        return out, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
 
     def _merge_fused(self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the GPU in one pass (:mod:`~clpeft.merging.fused`)."""

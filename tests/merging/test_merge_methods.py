@@ -7,7 +7,7 @@ import torch
 from peft.utils import merge_utils
 
 from clpeft.merging import get_method, merge
-from clpeft.merging.methods.generalized import combine
+from clpeft.merging.methods.generalized import ELECTION_COLUMNS, combine
 from clpeft.merging.methods.sparsify import random_keep_mask, trim_by_magnitude_
 
 SHAPES = [(64, 48), (1000,), (3, 4, 5, 6)]
@@ -85,6 +85,27 @@ def test_ties_by_hand():
 def test_ties_zero_total_mass_elects_plus():
     merged = get_method("ties").fn(torch.tensor([[2.0, -1.0], [-2.0, -3.0]]), density=1.0)
     assert merged.tolist() == [2.0, -2.0]  # column 0 sums to 0: "+" wins, only the +2 is kept
+
+
+@pytest.mark.parametrize("disjoint", ["mean", "sum"])
+def test_ties_election_over_column_blocks_equals_the_masked_formula(disjoint):
+    """A tensor longer than ELECTION_COLUMNS is elected block by block on the CPU; every entry
+    must still be the paper's masked disjoint merge, computed here in float64 over the whole
+    tensor (sign of the column sum, mean/sum of the agreeing non-zero entries)."""
+    n = 2 * ELECTION_COLUMNS + 1234  # two full blocks and a ragged one
+    generator = torch.Generator().manual_seed(5)
+    tvs = torch.randn(3, n, generator=generator)
+    tvs[tvs.abs() < 0.6] = 0  # trimmed entries, and columns where every task is zero
+    coefficients = torch.tensor([0.5, 1.0, 2.0])
+    wide = tvs.double()
+    sign = torch.where(wide.sum(dim=0) >= 0, 1.0, -1.0).double()
+    agree = (wide * sign > 0).double()
+    total = (coefficients.double()[:, None] * wide * agree).sum(dim=0)
+    expected = total / agree.sum(dim=0).clamp(min=1) if disjoint == "mean" else total
+    merged = combine(tvs.clone(), coefficients, "ties", disjoint)
+    torch.testing.assert_close(merged.double(), expected, rtol=0, atol=4e-6)
+    whole_block = combine(tvs[:, :ELECTION_COLUMNS].clone(), coefficients, "ties", disjoint)  # one block: not split
+    assert torch.equal(merged[:ELECTION_COLUMNS], whole_block)
 
 
 def test_threshold_trim_keeps_ties_and_topk_keeps_exactly_k():

@@ -23,6 +23,7 @@ from clpeft.errors import UserError
 __all__ = ["Consensus", "Disjoint", "Scale", "Weights", "combine", "task_coefficients"]
 
 Consensus = Literal["sum", "ties"]
+ELECTION_COLUMNS = 1 << 18  # columns elected at once on the CPU (the temporaries' size)
 Disjoint = Annotated[
     Literal["mean", "sum"],
     Field(description="TIES' disjoint merge of the entries that agree with the elected sign: mean (the paper) or sum"),
@@ -65,9 +66,23 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
     The TIES path overwrites ``task_vectors``. It flips every entry to the elected sign and
     clamps the disagreeing ones to zero; a product with ``+-1`` is exact, so this equals the
     masked formula bit for bit, without a K x N float temporary (only a byte mask to count |A|).
+    On the CPU the election runs over blocks of columns (every step is entrywise), so its
+    temporaries stay the size of a block, not of the tensor.
     """
     if consensus == "sum":
         return coefficients @ task_vectors
+    n = task_vectors.shape[1]
+    if task_vectors.device.type != "cpu" or n <= ELECTION_COLUMNS:
+        return _elect(task_vectors, coefficients, disjoint)
+    merged = task_vectors.new_empty(n)
+    for start in range(0, n, ELECTION_COLUMNS):
+        block = slice(start, start + ELECTION_COLUMNS)
+        merged[block] = _elect(task_vectors[:, block], coefficients, disjoint)
+    return merged
+
+
+def _elect(task_vectors: torch.Tensor, coefficients: torch.Tensor, disjoint: Disjoint) -> torch.Tensor:
+    """TIES' election and disjoint merge of ``(K, n)`` task vectors (:func:`combine`), in place."""
     sign = torch.where(task_vectors.sum(dim=0) >= 0, 1.0, -1.0).to(task_vectors.dtype)
     agreeing = task_vectors.mul_(sign).clamp_(min=0)
     if disjoint == "sum":
