@@ -365,15 +365,14 @@ class MergeEngine:
         if linear and self._full and not self._transfer:
             return self._combine_in_blocks(job, base_raw.reshape(-1), rows, out)
         base = base_raw.reshape(-1).to(dtype)
+        if not self._transfer and base.data_ptr() != base_raw.data_ptr():  # converted: the read pages can go
+            self.base.release(job.name)
         if linear and self._adapters:
             coefficients = self._coefficients(dtype)
             delta, norms = merge_factors(self._adapters, job.name, coefficients, device=self.device, dtype=dtype)
             conflict = base.new_tensor(math.nan)
         else:
             task_vectors = self._task_vectors(job, base, rows)
-            if not self._transfer:  # the fine-tuned pages are read: they leave the resident set now
-                for model in self._full:
-                    model.release(job.name)
             norms = torch.linalg.vector_norm(task_vectors, dim=1)
             conflict = sign_conflict(task_vectors)
             if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
@@ -386,8 +385,12 @@ class MergeEngine:
             merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         elif out.dtype == dtype:
             merged = torch.add(base, delta, out=out.view(-1)).view(job.info.shape)
-        else:
-            merged = out.view(-1).copy_(base + delta).view(job.info.shape)
+        else:  # rounded to the output dtype a block at a time (no whole-tensor float32 temporary)
+            flat = out.view(-1)
+            for start in range(0, flat.numel(), BLOCK_COLUMNS):
+                block = slice(start, start + BLOCK_COLUMNS)
+                flat[block].copy_(base[block] + delta[block])
+            merged = out
         return merged, pack_stats(base, norms, conflict, delta)
 
     def _combine_in_blocks(
@@ -440,7 +443,10 @@ class MergeEngine:
             return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
         task_vectors = self._scratch(len(sources), base.numel(), base.dtype)
         if not self._transfer:  # the host converts each block once (a GPU converts as it subtracts)
-            return subtract_rows(task_vectors, sources, base)
+            for row, model, source in zip(task_vectors, self._full, sources):
+                subtract_rows(row[None], [source], base)
+                model.release(job.name)  # this model's pages are read: they leave the resident set now
+            return task_vectors
         for row, source in zip(task_vectors, sources):
             torch.sub(source, base, out=row)
         return task_vectors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clpeft.merging.methods.sparsify import _SAMPLE, drop_and_rescale_, kth_largest, trim_by_magnitude_
+from clpeft.merging.methods.sparsify import _SAMPLE, drop_and_rescale_, kth_largest, kth_largest_magnitude, trim_by_magnitude_
 
 LONG = 40 * _SAMPLE  # long enough for the sampled bracket
 
@@ -31,11 +31,25 @@ def test_kth_largest_is_exact(make, fraction):
     assert float(kth_largest(values, k)) == reference(values, k)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.2, 0.9, 1.0])
+def test_kth_largest_magnitude_is_exact_on_signed_values(fraction):
+    """Magnitudes formed block by block: negative values, exact zeros, -0.0 and equal magnitudes
+    of both signs must select what kthvalue on the whole abs() selects."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(-40, 41, (LONG + 17,), generator=g).float() / 8  # +-a pairs, many ties
+    values[::7] = -0.0
+    k = min(max(1, int(fraction * values.numel())), values.numel())
+    assert float(kth_largest_magnitude(values, k)) == reference(values.abs(), k)
+    short = values[:999]
+    assert float(kth_largest_magnitude(short, 10)) == reference(short.abs(), 10)
+
+
 def test_kth_largest_falls_back_when_the_sample_misleads():
     values = torch.zeros(LONG)
     values[:: LONG // _SAMPLE] = 1.0  # the strided sample sees only ones; the tensor is mostly zeros
     for k in (1, 5 * _SAMPLE // 4, LONG // 2):
         assert float(kth_largest(values, k)) == reference(values, k)
+        assert float(kth_largest_magnitude(-values, k)) == reference(values, k)
 
 
 def test_threshold_trim_equals_masking_below_the_kth_largest_magnitude():

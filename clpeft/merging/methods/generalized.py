@@ -67,14 +67,16 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
     clamps the disagreeing ones to zero; a product with ``+-1`` is exact, so this equals the
     masked formula bit for bit, without a K x N float temporary (only a byte mask to count |A|).
     On the CPU the election runs over blocks of columns (every step is entrywise), so its
-    temporaries stay the size of a block, not of the tensor.
+    temporaries stay the size of a block, not of the tensor; a tensor longer than one block
+    gets its merged vector back in ``task_vectors[0]`` (each block is written there once
+    elected).
     """
     if consensus == "sum":
         return coefficients @ task_vectors
     n = task_vectors.shape[1]
     if task_vectors.device.type != "cpu" or n <= ELECTION_COLUMNS:
         return _elect(task_vectors, coefficients, disjoint)
-    merged = task_vectors.new_empty(n)
+    merged = task_vectors[0]
     for start in range(0, n, ELECTION_COLUMNS):
         block = slice(start, start + ELECTION_COLUMNS)
         merged[block] = _elect(task_vectors[:, block], coefficients, disjoint)
