@@ -134,3 +134,52 @@ def test_a_higher_threshold_keeps_more_directions(threshold):
     subspace = InputSubspace(_layers(8), threshold=threshold, criterion="gpm")
     k = subspace.extend([torch.from_numpy(x.T @ x / 100)])[0]
     assert (k <= 4) if threshold == 0.5 else (k >= 7)
+
+
+def _with_basis(d: int, columns: list[int], rank: int) -> tuple[dict[str, LoRALinear], InputSubspace]:
+    layers = _layers(d, rank=rank)
+    subspace = InputSubspace(layers)
+    subspace.basis_0 = torch.eye(d, dtype=torch.float64)[:, columns]
+    return layers, subspace
+
+
+def test_fewer_directions_than_the_rank_outside_the_basis_leave_zero_rows_hand_worked():
+    """Basis e1, e2, e3 of R^4 and rank 3: one direction, e4, is left. The official design takes three singular
+    vectors of ``(I - M M^T) C = diag(0, 0, 0, 1)``; the two after e4 complete it inside span(M). Here they are zero."""
+    layers, subspace = _with_basis(4, [0, 1, 2], rank=3)
+    cov = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    official = torch.linalg.svd(cov - subspace.basis(0) @ (subspace.basis(0).T @ cov))[0][:, :3].T
+    assert float((official[1:] @ subspace.basis(0)).norm()) > 0.99  # the completion lies inside the old subspace
+    assert subspace.design(layers, [cov]) == [1]
+    a = layers["l0"].lora_A.detach().double()
+    np.testing.assert_allclose(a.abs().numpy(), [[0, 0, 0, 1 / math.sqrt(3)], [0] * 4, [0] * 4], atol=1e-12)
+    # a task whose inputs have one direction outside a one-dimensional basis: the same, the basis far from full
+    layers, subspace = _with_basis(4, [0], rank=3)
+    assert subspace.design(layers, [torch.diag(torch.tensor([4.0, 3.0, 0.0, 0.0], dtype=torch.float64))]) == [1]
+    np.testing.assert_allclose(layers["l0"].lora_A.detach().double().abs().numpy(), [[0, 1 / math.sqrt(3), 0, 0], [0] * 4, [0] * 4])
+
+
+def test_a_full_basis_designs_a_zero_update_that_trains_nothing():
+    layers, subspace = _with_basis(4, [2, 0, 3, 1], rank=2)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(50, 4)))
+    assert subspace.design(layers, [x.T @ x / 50]) == [0]
+    layer = layers["l0"]
+    assert not layer.lora_A.any()
+    layer(x.float()).square().sum().backward()
+    assert not layer.lora_B.grad.any()  # B's columns get no gradient from zero rows
+
+
+def test_enough_directions_outside_the_basis_keep_the_official_design():
+    """The usual case: the top ``r`` singular values are far above rounding, and ``A`` is the official ``U_r^T / sqrt(3)``
+    (also when an LLM-like outlier feature makes the covariance's norm 1e6 times its other eigenvalues)."""
+    rng = np.random.default_rng(4)
+    d, rank = 12, 4
+    layers, subspace = _with_basis(d, list(range(d - rank)), rank=rank)
+    x = rng.normal(size=(200, d))
+    x[:, 0] *= 1e3
+    cov = torch.from_numpy(x.T @ x / 200)
+    assert subspace.design(layers, [cov]) == [rank]
+    m = subspace.basis(0)
+    u = torch.linalg.svd(cov - m @ (m.T @ cov))[0][:, :rank]
+    torch.testing.assert_close(layers["l0"].lora_A.detach().double(), (u.T / math.sqrt(3)).float().double())

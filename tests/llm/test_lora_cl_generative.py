@@ -5,6 +5,7 @@ LoRA layers, an engine run fills the matrix and resumes exactly, and the classif
 in one line."""
 
 import json
+import string
 
 import numpy as np
 import pytest
@@ -180,6 +181,34 @@ def test_a_designed_update_leaves_earlier_training_inputs_outputs_unchanged(tiny
         assert first_kept < 2e-6  # GPM's rule keeps all of the first task's directions too
     else:
         assert first_kept > 1e-4  # the official update_DualGPM keeps one fewer after the first task
+
+
+def test_a_nearly_full_subspace_designs_only_the_directions_left_and_keeps_earlier_outputs(tiny_lm, tmp_path):
+    # the first task's prompts draw from 36 characters (over 40 distinct tokens with the answers' and specials):
+    # its subspace fills the hidden size (32), or all but fewer directions than the rank, and the official design
+    # would complete the second task's A with directions inside it
+    alphabet = string.ascii_lowercase + string.digits
+    first, second = _stream(_tasks(tmp_path, [("q", alphabet, "ab"), ("r", "ijklmnop", "ij")], train=24))
+    rank = 4
+    strategy = _strategy(tiny_lm, targets=["q_proj", "v_proj"], rank=rank, subspace="gpm", subspace_threshold=ALMOST_ALL)
+    _train(strategy, first)
+    kept = _logits(strategy, first)
+    strategy.before_experience(second)
+    covariances = strategy._input_covariances(second)
+    completed = 0
+    for i, (layer, cov) in enumerate(zip(strategy.lora.values(), covariances, strict=True)):
+        basis = strategy.subspace.basis(i)
+        left = basis.shape[0] - basis.shape[1]
+        assert left < rank
+        a = layer.lora_A.detach().double()
+        rows = int(a.abs().sum(1).gt(0).sum())
+        assert rows <= left and not a[rows:].any()  # the directions left, then zero rows
+        assert float((a @ basis).abs().max()) < 1e-6
+        official = torch.linalg.svd(cov - basis @ (basis.T @ cov))[0][:, :rank].T
+        completed += float((official[rows:] @ basis).norm()) > 0.5  # the official rows past them: inside the subspace
+    assert completed == len(strategy.lora)
+    _train(strategy, second)
+    assert _relative_change(kept, _logits(strategy, first)) < 2e-6
 
 
 @pytest.mark.parametrize(

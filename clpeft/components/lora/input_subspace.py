@@ -10,7 +10,12 @@ Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021, eq. 
 
 * :meth:`design`, before training task ``t``: with ``C_t`` the mean of ``x x^T`` over the task's
   inputs, the top-``r`` left singular vectors ``U_r`` of ``(I - M M^T) C_t`` give
-  ``A_t = U_r^T / sqrt(3)`` (the official scale); ``A_t`` is frozen, ``B_t`` starts at zero;
+  ``A_t = U_r^T / sqrt(3)`` (the official scale); ``A_t`` is frozen, ``B_t`` starts at zero.
+  Where fewer than ``r`` singular values are above rounding (``M`` spans all or nearly all of
+  ``d``, or the task's inputs have fewer than ``r`` directions outside it), the official code
+  still takes ``r`` vectors, and the extra ones are an arbitrary completion that may lie inside
+  ``span(M)``: its update would change earlier tasks' outputs. Here those rows of ``A_t`` are
+  zero (see :meth:`InputSubspace.design`), so the update cannot touch the old subspace;
 * :meth:`extend`, after training task ``t``: GPM's criterion with a representation matrix ``R``
   adds the leading left singular vectors of ``(I - M M^T) R`` to ``M`` until the energy of ``R``
   inside ``span(M)`` reaches ``threshold`` of ``||R||_F^2``. Two representations:
@@ -87,13 +92,29 @@ class InputSubspace(nn.Module):
         return [outer / max(count, 1.0) for _, outer, count in input_moments(layers, run).values()]
 
     @torch.no_grad()
-    def design(self, layers: Mapping[str, LoRALinear], covariances: list[torch.Tensor]) -> None:
-        """Set and freeze every layer's current ``A`` to InfLoRA's design (``B`` is left as is)."""
+    def design(self, layers: Mapping[str, LoRALinear], covariances: list[torch.Tensor]) -> list[int]:
+        """Set and freeze every layer's current ``A`` to InfLoRA's design (``B`` is left as is); returns
+        how many rows of each layer's ``A`` are directions, the rest being zero.
+
+        Row ``j`` is the ``j``-th left singular vector of ``(I - M M^T) C`` over ``sqrt(3)`` (the
+        official design) where its singular value exceeds ``sqrt(eps) ||C||_2`` (float64's ``eps``;
+        below that it is rounding: ``M``'s orthonormality holds to about ``1e-13``), and zero
+        otherwise: a zero row adds nothing to the output and its column of ``B`` gets no gradient,
+        so a layer whose subspace leaves fewer than ``r`` directions trains only on those (none
+        where ``M`` spans everything) and leaves earlier tasks' inputs untouched.
+        """
+        designed = []
         for i, (layer, cov) in enumerate(zip(layers.values(), covariances, strict=True)):
             basis = self.basis(i).to(cov.device)
             projected = cov - basis @ (basis.T @ cov)
-            u = torch.linalg.svd(projected)[0][:, : layer.rank]
-            layer.lora_A = nn.Parameter((u.T / math.sqrt(3)).to(layer.lora_A), requires_grad=False)
+            u, values, _ = torch.linalg.svd(projected)
+            a = u[:, : layer.rank].T / math.sqrt(3)
+            floor = math.sqrt(torch.finfo(cov.dtype).eps) * float(torch.linalg.matrix_norm(cov, 2))
+            k = int((values[: layer.rank] > floor).sum())
+            a[k:] = 0
+            layer.lora_A = nn.Parameter(a.to(layer.lora_A), requires_grad=False)
+            designed.append(k)
+        return designed
 
     @torch.no_grad()
     def extend(self, covariances: list[torch.Tensor], progress: float = 0.0) -> list[int]:
