@@ -81,8 +81,11 @@ def merge(
     models = [m if isinstance(m, LoraAdapter) else StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
     merged: dict[str, torch.Tensor] = {}
     resident = device.type != "cpu" and all(t.device == device for t in base.values())
-    engine = MergeEngine(spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident, fused=fused)
-    engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor.clone()))
+    engine = MergeEngine(
+        spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident, keep_outputs=True, fused=fused
+    )
+    # merged tensors are the engine's fresh outputs; copied ones view the caller's base and are cloned
+    engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor if job.merge else tensor.clone()))
     return merged
 
 

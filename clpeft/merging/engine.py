@@ -142,6 +142,8 @@ class MergeEngine:
         batch_bytes: consecutive tensors are read and copied together up to this many bytes
             per input; a larger tensor forms a batch of its own.
         keep_on_device: hand the sink the merged tensors on ``device`` instead of host copies.
+        keep_outputs: the sink keeps the merged tensors it receives (an in-memory merge): each
+            is allocated for it, instead of written into a host buffer reused from batch to batch.
         fused: merge linear methods on CUDA with the one-pass kernel (:mod:`clpeft.merging.fused`);
             ``False`` forms them op by op (for side-by-side timings).
     """
@@ -157,6 +159,7 @@ class MergeEngine:
         seed: int = 0,
         batch_bytes: int = 8 << 20,
         keep_on_device: bool = False,
+        keep_outputs: bool = False,
         fused: bool = True,
     ):
         self.method = method
@@ -167,6 +170,7 @@ class MergeEngine:
         self.seed = seed
         self.batch_bytes = batch_bytes
         self.keep_on_device = keep_on_device
+        self.keep_outputs = keep_outputs
         self.fused = fused
         self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
         self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
@@ -341,10 +345,12 @@ class MergeEngine:
     def _destinations(self, jobs: list[TensorJob]) -> list[torch.Tensor | None]:
         """On the CPU, where each merged tensor of a batch is written: its slice of one host
         buffer reused from batch to batch (sinks consume an output during their call), so large
-        outputs do not page-fault fresh memory every time. Off the CPU outputs are allocated where
-        they are computed (``None``)."""
+        outputs do not page-fault fresh memory every time; with ``keep_outputs`` a tensor of its
+        own. Off the CPU outputs are allocated where they are computed (``None``)."""
         if self._transfer:
             return [None] * len(jobs)
+        if self.keep_outputs:
+            return [torch.empty(job.info.shape, dtype=job.info.dtype) if job.merge else None for job in jobs]
         offsets, size = [], 0
         for job in jobs:
             offsets.append(size)
