@@ -320,7 +320,7 @@ def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, 
         "GB/s",
         "peak RSS GiB",
         "load",
-        "vs mergekit (clpeft: vs clpeft-other): wall / CPU speed-up, RSS ratio",
+        "vs mergekit (clpeft: vs clpeft-other when run): wall / CPU speed-up, RSS ratio",
         "layer-0 entries off float64 ref",
     ]
     print("| " + " | ".join(columns) + " |")
@@ -329,7 +329,8 @@ def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, 
         wall, cpu = min(r["wall_s"] for r in rs), min(r["cpu_s"] for r in rs)
         rss = max(r["peak_rss_gib"] for r in rs)
         traffic = (args.models + 2) * numel * DTYPES[dtype].itemsize
-        other = runs.get(("clpeft-other" if tool == "clpeft" else "mergekit", method, dtype))
+        compared = "clpeft-other" if tool == "clpeft" and ("clpeft-other", method, dtype) in runs else "mergekit"
+        other = runs.get((compared, method, dtype))
         versus = "-"
         if other and tool not in ("mergekit", "clpeft-other"):
             versus = (
