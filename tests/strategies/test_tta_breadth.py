@@ -24,6 +24,7 @@ from clpeft.components.tta.category_balanced_memory import CategoryBalancedMemor
 from clpeft.components.tta.losses import entropy
 from clpeft.components.tta.object_destruction import destroy_objects
 from clpeft.components.tta.online_adaptation import classifier
+from clpeft.components.tta.prior_batch_norm import PriorBatchNorm
 from clpeft.errors import UserError
 from clpeft.registry import strategies
 
@@ -335,6 +336,39 @@ def test_bn_adapt_alpha_spans_source_and_batch_statistics_and_ema_moves_the_runn
     assert 0 < moved < 0.2 * before.abs().max() + 0.1
     s.load_state_dict(source_state)
     assert torch.equal(s.backbone.stem[1].running_mean, before)
+
+
+def test_prior_batch_norm_replaces_the_forward_once_survives_a_copy_and_detaches():
+    """``PriorBatchNorm`` on a layer: the output is BatchNorm with ``(1 - alpha)`` source plus
+    ``alpha`` batch statistics (unbiased variance from ``var_mean``), also after a second
+    ``attach`` (not applied twice) and in a deep copy (a teacher, a saved source); ``detach``
+    gives the layer its own eval-mode output back; the ``state_dict`` keys never change."""
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    keys = list(layer.state_dict())
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=True)
+    mixed = torch.nn.functional.batch_norm(
+        x, 0.7 * layer.running_mean + 0.3 * mean, 0.7 * layer.running_var + 0.3 * var, layer.weight, layer.bias, False, 0.0, layer.eps
+    )
+    own = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+    prior = PriorBatchNorm(0.3)
+    prior.attach([layer])
+    torch.testing.assert_close(layer(x), mixed)
+    prior.attach([layer])
+    torch.testing.assert_close(layer(x), mixed)
+    torch.testing.assert_close(copy.deepcopy(layer)(x), mixed)
+    assert list(layer.state_dict()) == keys
+    prior.detach()
+    torch.testing.assert_close(layer(x), own)
+    prior.attach([layer])
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(x[0])
 
 
 # ------------------------------------------------------------------ state

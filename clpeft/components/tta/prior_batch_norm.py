@@ -12,11 +12,16 @@ benchmark's ``AlphaBatchNorm`` (Döbler et al., ``methods/bn.py``, from the auth
 code): the batch variance is the unbiased one (a BatchNorm's running variance after one update
 with momentum 1), and the mixed statistics are constants for the gradient.
 
-The layers keep their modules and ``state_dict``: a forward hook on each (in eval mode)
-replaces its output, so a reset to the source is a plain ``load_state_dict``.
+The layers keep their modules and ``state_dict`` (a reset to the source is a plain
+``load_state_dict``): each one's ``forward`` is replaced on the instance, not wrapped by a hook,
+so its own normalisation with the source statistics is never computed and thrown away. The
+batch statistics come from ``torch.batch_norm_update_stats`` (BatchNorm's statistics kernel
+without the normalised output; bit-identical to a BatchNorm update with momentum 1).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,27 +41,34 @@ class PriorBatchNorm:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.alpha = float(alpha)
-        self._handles: list = []
+        self._layers: list[_BatchNorm] = []
 
     def attach(self, layers: list[_BatchNorm]) -> None:
         """Apply to ``layers`` (from now on; replaces a previous :meth:`attach`). The layers are
         put in eval mode; each must have running statistics."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.detach()
         for layer in layers:
             if layer.running_mean is None:
                 raise ValueError("prior BatchNorm needs the layers' source running statistics")
+        for layer in layers:
             layer.eval()
-            self._handles.append(layer.register_forward_hook(self._normalise))
+            layer.forward = functools.partial(self._normalise, layer)
+            self._layers.append(layer)
 
-    def _normalise(self, layer: _BatchNorm, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
+    def detach(self) -> None:
+        """Give the layers of the last :meth:`attach` their own ``forward`` back."""
+        for layer in self._layers:
+            if getattr(layer.__dict__.get("forward"), "func", None) == self._normalise:
+                del layer.forward
+        self._layers = []
+
+    def _normalise(self, layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        layer._check_input_dim(x)
         with torch.no_grad():
-            # the batch's mean and unbiased variance from BatchNorm's kernel (momentum 1), as AlphaBatchNorm:
-            # on a CPU ~5x faster than Tensor.var's reduction, ~2x faster than mean and sum of squares
+            # the batch's mean and unbiased variance: the running statistics after one update with momentum 1
+            # (on a CPU ~3x faster than Tensor.var_mean, ~10% faster than F.batch_norm, which also normalises)
             mean, var = torch.zeros_like(layer.running_mean), torch.ones_like(layer.running_var)
-            F.batch_norm(x, mean, var, None, None, True, 1.0, layer.eps)
+            torch.batch_norm_update_stats(x, mean, var, 1.0)
             mixed_mean = (1 - self.alpha) * layer.running_mean + self.alpha * mean
             mixed_var = (1 - self.alpha) * layer.running_var + self.alpha * var
         return F.batch_norm(x, mixed_mean, mixed_var, layer.weight, layer.bias, False, 0.0, layer.eps)
