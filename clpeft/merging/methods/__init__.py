@@ -2,6 +2,7 @@
 
 from clpeft.merging.methods import (
     adamerging,
+    arcee_fusion,
     breadcrumbs,
     consensus,
     dare,
@@ -16,7 +17,10 @@ from clpeft.merging.methods import (
     mean,
     model_stock,
     multislerp,
+    nearswap,
     nuslerp,
+    ram,
+    ramplus_tl,
     regmean,
     sce,
     slerp,
@@ -27,6 +31,7 @@ from clpeft.merging.methods import (
 
 __all__ = [
     "adamerging",
+    "arcee_fusion",
     "breadcrumbs",
     "consensus",
     "dare",
@@ -41,7 +46,10 @@ __all__ = [
     "mean",
     "model_stock",
     "multislerp",
+    "nearswap",
     "nuslerp",
+    "ram",
+    "ramplus_tl",
     "regmean",
     "sce",
     "slerp",
