@@ -518,11 +518,20 @@ MERGE_METHODS = {
         torch.allclose(merge(base, tuned, "lines", beta=0.0)[k], (tuned[0][k] + tuned[1][k]) / 2, atol=1e-6) for k in base
     ),
     "tsv": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "tsv")[k], tuned[0][k], atol=1e-5) for k in base),
+    "nearswap": lambda base, tuned: all(torch.allclose(merge(base, tuned[:1], "nearswap", t=1e3)[k], tuned[0][k], atol=1e-6) for k in base),
+    "ram": lambda base, tuned: all(torch.allclose(merge(base, tuned, "ram")[k], (tuned[0][k] + tuned[1][k]) / 2, atol=1e-6) for k in base),
+    "ramplus_tl": lambda base, tuned: all(
+        torch.allclose(merge(base, tuned, "ramplus_tl")[k], (tuned[0][k] + tuned[1][k]) / 2, atol=1e-6) for k in base
+    ),
+    "arcee_fusion": lambda base, tuned: all(
+        bool(((m := merge(base, tuned[:1], "arcee_fusion")[k]) == base[k]).logical_or(torch.isclose(m, tuned[0][k], atol=1e-6)).all())
+        for k in base
+    ),
     "fisher": _fisher_is_an_entrywise_convex_combination,
     "regmean": _regmean_with_shared_inputs_is_the_average,
 }
 
-MERGE_MODELS = {"slerp": 1}  # fine-tunes a method merges when it is defined for another count than two
+MERGE_MODELS = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1}  # fine-tunes a method merges when it is defined for another count than two
 
 
 def test_every_merge_method_has_a_smoke_check():

@@ -55,6 +55,7 @@ def test_builtins_cite_their_papers():
     urls = {m.name: m.reference_url for m in list_methods()}
     assert urls == {
         "adamerging": "https://arxiv.org/abs/2310.02575",
+        "arcee_fusion": "https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
         "breadcrumbs": "https://arxiv.org/abs/2312.06795",
         "consensus": "https://arxiv.org/abs/2405.07813",
         "dare": "https://arxiv.org/abs/2311.03099",
@@ -69,7 +70,10 @@ def test_builtins_cite_their_papers():
         "mean": "https://arxiv.org/abs/2203.05482",
         "model_stock": "https://arxiv.org/abs/2403.19522",
         "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        "nearswap": "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
         "nuslerp": "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        "ram": "https://arxiv.org/abs/2601.13572",
+        "ramplus_tl": "https://arxiv.org/abs/2601.13572",
         "regmean": "https://arxiv.org/abs/2212.09849",
         "sce": "https://arxiv.org/abs/2408.07990",
         "slerp": "https://doi.org/10.1145/325165.325242",
