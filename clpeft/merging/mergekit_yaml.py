@@ -217,6 +217,16 @@ METHODS: dict[str, _Method] = {
     ),
     "model_stock": _Method("model_stock", {"filter_wise": False}, {}, "required", _renamed({"filter_wise": "filter_wise"})),
     "sce": _Method("sce", {"select_topk": 1.0}, {}, "required", _renamed({"select_topk": "select_topk"})),
+    "nearswap": _Method("nearswap", {"t": None}, {}, "required", _renamed({"t": "t"})),
+    "ram": _Method("ram", {"epsilon": 1e-5}, {}, "required", _renamed({"epsilon": "epsilon"})),
+    "ramplus_tl": _Method(
+        "ramplus_tl",
+        {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        {},
+        "required",
+        _renamed({"r": "r", "alpha": "alpha", "epsilon": "epsilon"}),
+    ),
+    "arcee_fusion": _Method("arcee_fusion", {}, {}, "required", _renamed({})),
 }
 """mergekit method -> how clpeft runs it (docs/merging_llm.md has the table)."""
 
