@@ -203,7 +203,7 @@ def merge_files(
                 inputs[f"model {i} ({path})"] = (model.source if isinstance(model, LoraAdapter) else model).paths
 
             def engine_for(parameters: Mapping[str, Any]) -> MergeEngine:
-                return MergeEngine(spec, parameters, base_source, sources, device=device, seed=seed, fused=fused)
+                return MergeEngine(spec, parameters, base_source, sources, device=device, seed=seed, overlap_writes=True, fused=fused)
 
             return write_sharded_report(
                 out,
@@ -224,7 +224,7 @@ def merge_files(
             )
         with atomic_output(out) as f:
             writer = SafetensorsWriter(f, [(job.name, job.info) for job in jobs], metadata)
-            engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed, fused=fused)
+            engine = MergeEngine(spec, params, base_source, sources, device=device, seed=seed, overlap_writes=True, fused=fused)
             result.tensors = engine.run(jobs, write)
             writer.finish()
             result.seconds = time.perf_counter() - start

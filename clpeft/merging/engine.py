@@ -54,6 +54,7 @@ import math
 import reprlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -144,6 +145,8 @@ class MergeEngine:
         keep_on_device: hand the sink the merged tensors on ``device`` instead of host copies.
         keep_outputs: the sink keeps the merged tensors it receives (an in-memory merge): each
             is allocated for it, instead of written into a host buffer reused from batch to batch.
+        overlap_writes: on the CPU, compute the next batch in a worker thread while the sink
+            writes the current one (for sinks that write files).
         fused: merge linear methods on CUDA with the one-pass kernel (:mod:`clpeft.merging.fused`);
             ``False`` forms them op by op (for side-by-side timings).
     """
@@ -160,6 +163,7 @@ class MergeEngine:
         batch_bytes: int = 8 << 20,
         keep_on_device: bool = False,
         keep_outputs: bool = False,
+        overlap_writes: bool = False,
         fused: bool = True,
     ):
         self.method = method
@@ -171,6 +175,7 @@ class MergeEngine:
         self.batch_bytes = batch_bytes
         self.keep_on_device = keep_on_device
         self.keep_outputs = keep_outputs
+        self.overlap_writes = overlap_writes
         self.fused = fused
         self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
         self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
@@ -195,6 +200,8 @@ class MergeEngine:
                 merge into NaN or infinity, or when a merged variance statistic is negative.
         """
         self._model_statistic = self._whole_model_pass(jobs)
+        if self.overlap_writes and not self._transfer:
+            return self._run_overlapped(jobs[start:], sink)
         reports: list[TensorReport] = []
         in_flight: deque[_InFlight] = deque()
         lookahead = 1 if self._transfer else 0  # read batch i+1 while the device computes batch i
@@ -204,6 +211,24 @@ class MergeEngine:
                 reports += self._finish(in_flight.popleft(), sink)
         while in_flight:
             reports += self._finish(in_flight.popleft(), sink)
+        return reports
+
+    def _run_overlapped(self, jobs: Sequence[TensorJob], sink: Sink) -> list[TensorReport]:
+        """The host's pipeline: one worker thread computes batch ``i + 1`` while this thread hands
+        batch ``i`` to the sink (writing a file is kernel time that would otherwise wait for the
+        arithmetic). Batches alternate between two output buffers, so the one being written is
+        never the one being filled. The sink runs here, in the main thread, so a signal stops a
+        merge at once: only the batch being computed is waited for."""
+        reports: list[TensorReport] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="clpeft-merge") as worker:
+            computing: Future[_InFlight] | None = None
+            for i, batch in enumerate(self._batches(jobs)):
+                following = worker.submit(self._compute, self._stage(batch), f"out/{i % 2}")
+                if computing is not None:
+                    reports += self._finish(computing.result(), sink)
+                computing = following
+            if computing is not None:
+                reports += self._finish(computing.result(), sink)
         return reports
 
     def _whole_model_pass(self, jobs: Sequence[TensorJob]) -> dict[str, Any]:
@@ -320,20 +345,22 @@ class MergeEngine:
 
     # ------------------------------------------------------------------ arithmetic
 
-    def _compute(self, staged: _Staged) -> _InFlight:
+    def _compute(self, staged: _Staged, out_role: str = "out") -> _InFlight:
         if self._transfer and not self._on_device(staged):
             bases, models = self._to_device(staged)
         else:
             bases, models = staged.bases, staged.models
         outputs: list[torch.Tensor] = []
         stats: list[torch.Tensor | None] = []
-        destinations = self._destinations(staged.jobs)
+        destinations = self._destinations(staged.jobs, out_role)
         for job, staged_base, base, rows, out in zip(staged.jobs, staged.bases, bases, models, destinations):
             if not job.merge:  # the base's tensor, from where it was read
                 outputs.append(self._output(_typed(staged_base, 0, job.info)))
                 stats.append(None)
                 continue
             merged, packed = self._merge(job, _typed(base, 0, job.info), rows, out)
+            if not self._transfer:  # its inputs are read: their pages leave while earlier outputs are written
+                self._release([job])
             outputs.append(self._output(merged))
             stats.append(self._to_host(packed))
         done = None
@@ -342,7 +369,7 @@ class MergeEngine:
             done.record()
         return _InFlight(staged.jobs, outputs, stats, done)
 
-    def _destinations(self, jobs: list[TensorJob]) -> list[torch.Tensor | None]:
+    def _destinations(self, jobs: list[TensorJob], role: str) -> list[torch.Tensor | None]:
         """On the CPU, where each merged tensor of a batch is written: its slice of one host
         buffer reused from batch to batch (sinks consume an output during their call), so large
         outputs do not page-fault fresh memory every time; with ``keep_outputs`` a tensor of its
@@ -355,7 +382,7 @@ class MergeEngine:
         for job in jobs:
             offsets.append(size)
             size += _aligned(job.info.nbytes) if job.merge else 0
-        buffer = self._host_buffer("out", size)
+        buffer = self._host_buffer(role, size)
         return [_typed(buffer, offset, job.info) if job.merge else None for job, offset in zip(jobs, offsets)]
 
     def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

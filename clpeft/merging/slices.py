@@ -388,7 +388,7 @@ def merge_slices(
         def engine_for(parameters: Mapping[str, Any]):
             if passthrough:
                 return _Copy(base)
-            return MergeEngine(spec, parameters, base, models, device=torch.device(device), seed=seed)
+            return MergeEngine(spec, parameters, base, models, device=torch.device(device), seed=seed, overlap_writes=True)
 
         table = [[name, index, t, [[str(p), n] for p, n in inputs]] for name, (index, t, inputs) in layout.tensors.items()]
         settings = {
