@@ -36,6 +36,10 @@ disk while the device computes the current one. Batches whose tensors already li
 merge device (in-memory state dicts on the GPU) are not copied at all, and with
 ``keep_on_device`` the merged tensors stay there too.
 
+On the CPU, merges that write files (``overlap_writes``) compute batch ``i + 1`` in a worker
+thread while the main thread hands batch ``i`` to the writer, the two alternating between two
+output buffers; writing, kernel time, then hides behind the arithmetic.
+
 In-memory and streaming merges run this same code on the same batches, so their results are
 equal bit for bit.
 
