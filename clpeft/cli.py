@@ -128,10 +128,15 @@ def _list(args) -> int:
 
         print(config_reference(), end="")
         return 0
+    from clpeft.merging.registry import list_methods
+
     for reg in (registry.strategies, registry.scenarios, registry.backbones):
         print(f"{reg.kind} names:")
         for name, cls in reg.items():
             print(f"  {name:<24} {registry.describe(cls)}")
+    print("merge methods (clpeft merge --method; parameters: clpeft merge --help):")
+    for method in list_methods():
+        print(f"  {method.name:<24} {method.description}")
     print("offline weights (backbone.weights):")
     for w in list_offline_weights():
         print(f"  {w.name:<24} {w.model}: {w.description}")

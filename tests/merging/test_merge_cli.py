@@ -113,3 +113,14 @@ def test_main_cli_prints_one_line_and_exits_2(tmp_path, model_files, capsys):
     )
     assert status == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_clpeft_list_names_every_merge_method_with_its_description(capsys):
+    from clpeft.cli import main
+    from clpeft.merging.registry import list_methods
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    section = out.split("merge methods", 1)[1].split("offline weights", 1)[0]
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in section.splitlines()[1:] if line.strip()}
+    assert listed == {m.name: m.description for m in list_methods()}
