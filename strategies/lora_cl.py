@@ -76,6 +76,15 @@ follows the official code, which has no language-model path (github.com/liangyan
 e08b00e: image models only) and counts every token its ViT is trained on, all patch tokens and
 the class token of each training image (``Attention_LoRA.forward`` with ``get_cur_feat``).
 
+InfLoRA's step size on an LLM: the designed ``A`` holds the top principal directions of each layer's
+inputs, where an LLM's inputs put most of any text's energy. On SmolLM2-135M the first task's designed
+``A`` passes a median 62 times the input energy ``E|A x|^2`` of a peft-initialised ``A`` (same row
+norms); Adam's steps in ``B`` do not shrink with it, so each moves the outputs further than a LoRA's
+at the same learning rate. One task (``date_format``, 12 steps) raised the perplexity of 32 plot
+summaries from 50.3 to 145.3 at lr 0.003 (a LoRA, or ``subspace: none``: 61.9) and to 56.4 at lr
+0.001, learning the task as fully: give ``subspace: inflora`` a lower learning rate than a LoRA there
+(the official ViT setup: lr 5e-4, scaling 1).
+
 Paper symbols -> parameters: ``r`` -> ``rank`` (``max_rank`` for PRILoRA's deepest layer),
 ``alpha`` -> ``alpha``, total rank budget ``b`` -> ``rank_budget``, ``beta_1, beta_2`` (AdaLoRA
 smoothing) -> ``beta``, IncreLoRA's ``incre_interval``, ``init_warmup``, ``top_h`` and
