@@ -88,16 +88,20 @@ def run_config(strategy: dict, seed: int) -> dict:
     }
 
 
-def run(method: str, seed: int, out: Path) -> dict:
-    """Run one strategy (or read its earlier result from ``out``)."""
-    done = out / f"{method}.json"
+def run(method: str, seed: int, out: Path, lr: float | None = None) -> dict:
+    """Run one strategy (or read its earlier result from ``out``); ``lr`` replaces the shared 0.003."""
+    name = method if lr is None else f"{method} (lr {lr:g})"
+    done = out / f"{name.replace(' ', '_')}.json"
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    result = Engine(config.resolve(run_config(STRATEGIES[method], seed)), out / "runs" / method, device="cpu").run()
+    cfg = run_config(STRATEGIES[method], seed)
+    if lr is not None:
+        cfg["train"]["lr"] = lr
+    result = Engine(config.resolve(cfg), out / "runs" / name.replace(" ", "_"), device="cpu").run()
     metrics = result["metrics"]
     row = {
-        "method": method,
+        "method": name,
         "acc_matrix": result["acc_matrix"],
         **{k: metrics[k] for k in METRICS if k in metrics},
         "wall_s": time.perf_counter() - t0,
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for each strategy's JSON and run directory")
     parser.add_argument("--methods", default=",".join(STRATEGIES), help="comma-separated, from: " + ", ".join(STRATEGIES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, help="learning rate of every listed strategy instead of the shared 0.003")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(STRATEGIES))
@@ -147,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for method in methods:
-        rows.append(run(method, args.seed, args.out))
-        print(f"{method}: acc_last {rows[-1].get('acc_last'):.3f}, {rows[-1]['wall_s'] / 60:.1f} min", flush=True)
+        rows.append(run(method, args.seed, args.out, args.lr))
+        print(f"{rows[-1]['method']}: acc_last {rows[-1].get('acc_last'):.3f}, {rows[-1]['wall_s'] / 60:.1f} min", flush=True)
     print(table(rows))
 
 
