@@ -85,20 +85,28 @@ class SAR(AdaptingStrategy):
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.adaptation.begin_batch(self)
-        net = classifier(self.backbone, self.head)
-        logits = net(x)
+        z = self.backbone.preprocess(x)  # once for both passes
+        prediction, reliable = self._ascend(z)
+        h2 = entropy(self._logits(z))[reliable]
+        loss = float(self.adaptation.optimizer.descend(h2[h2 < self.margin].mean(0)))  # L(w + e); nan: no sample left
+        ema = float(self.loss_ema)
+        if not math.isnan(loss):
+            ema = loss if math.isnan(ema) else EMA_DECAY * ema + (1 - EMA_DECAY) * loss
+        if ema < self.reset_constant:
+            self.recovery.restore(classifier(self.backbone, self.head))  # SGD's momentum survives, as in the authors' code
+            ema = math.nan
+        self.loss_ema.fill_(ema)
+        return prediction
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The classifier on preprocessed inputs (a backbone's forward is ``forward_features(preprocess(x))``)."""
+        return self.head(self.backbone.forward_features(z))
+
+    def _ascend(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass at ``w``: SAM's ascent on the reliable samples' mean entropy (eq. 2, 4); returns
+        the prediction and the reliable samples. Its graph and tensors end here, before the pass at ``w + e``."""
+        logits = self._logits(z)
         h = entropy(logits)
         reliable = h < self.margin
-
-        def perturbed_loss() -> torch.Tensor:
-            h2 = entropy(net(x))[reliable]
-            return h2[h2 < self.margin].mean(0)
-
-        loss = self.adaptation.optimizer.sharpness_aware_step(h[reliable].mean(0), perturbed_loss)
-        if not torch.isnan(loss):
-            first = torch.isnan(self.loss_ema)
-            self.loss_ema.copy_(loss if first else EMA_DECAY * self.loss_ema + (1 - EMA_DECAY) * loss.double())
-        if self.loss_ema < self.reset_constant:
-            self.recovery.restore(net)  # SGD's momentum survives, as in the authors' code
-            self.loss_ema.fill_(math.nan)
-        return logits.detach()
+        self.adaptation.optimizer.ascend(h[reliable].mean(0))
+        return logits.detach(), reliable
