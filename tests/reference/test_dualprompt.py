@@ -330,10 +330,12 @@ def test_two_tasks_of_one_sample_batches_equal_the_ports_engine(port):
     assert all((t - b).abs().max() > 1e-3 for t, b in zip(after, before))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(official_losses()) + strategy.matching_weight, atol=1e-5, rtol=0)
     p, heads = strategy.prompt_prefix, strategy.backbone.net.blocks[0].attn.num_heads
-    torch.testing.assert_close(p.g_prompt.unflatten(-1, (heads, -1)), model.g_prompt, atol=1e-6, rtol=0)
-    torch.testing.assert_close(p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5), model.e_prompt.prompt, atol=1e-6, rtol=0)
-    torch.testing.assert_close(p.e_keys, model.e_prompt.prompt_key, atol=1e-6, rtol=0)
-    torch.testing.assert_close(strategy.head.weight, model.head.weight, atol=1e-6, rtol=0)
+    # the parameters after training, to float32 noise: 1.6e-6 was seen on an AMD EPYC (MKL, 2 threads) where an
+    # Intel machine stayed under 1e-6; a changed constant moves them by ~1e-3 (the check above)
+    torch.testing.assert_close(p.g_prompt.unflatten(-1, (heads, -1)), model.g_prompt, atol=5e-6, rtol=0)
+    torch.testing.assert_close(p.e_prompts.unflatten(-1, (heads, -1)).permute(1, 2, 0, 3, 4, 5), model.e_prompt.prompt, atol=5e-6, rtol=0)
+    torch.testing.assert_close(p.e_keys, model.e_prompt.prompt_key, atol=5e-6, rtol=0)
+    torch.testing.assert_close(strategy.head.weight, model.head.weight, atol=5e-6, rtol=0)
     final_eval = torch.cat(logits[-sum(len(loader["val"]) for loader in loaders) :])
     with torch.no_grad():
         ours = torch.cat([strategy.predict(x, strategy.backbone(x)) for loader in loaders for x, _ in loader["val"]])

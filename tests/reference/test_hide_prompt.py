@@ -274,9 +274,9 @@ def test_two_tasks_of_both_stages_equal_the_official_engines(ref, monkeypatch):
         (tii.statistics, tii_stats, [0, 1, 2, 3]),
         (strategy.statistics, (ref.wtp.cls_mean, ref.wtp.cls_cov), [0, 1, 2, 3]),
     ):
-        for c in classes:
-            _close(stats.means[c], torch.stack(means[c]))
-            _close(stats.variances[c], torch.stack(variances[c]))
+        for c in classes:  # features of trained prompts: 1.9e-5 apart seen on an AMD EPYC (MKL), < 1e-5 on Intel
+            _close(stats.means[c], torch.stack(means[c]), atol=5e-5)
+            _close(stats.variances[c], torch.stack(variances[c]), atol=5e-5)
     # TII after TAP: MLP and head; WTP: prompts (momentum-consolidated) and the head after TAP
     _close(tii.head.weight, original.head.weight, atol=1e-5)
     _close(tii.head.bias, original.head.bias, atol=1e-5)

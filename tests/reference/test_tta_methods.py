@@ -238,13 +238,23 @@ def _optimizer_state(optimizer, named: dict[str, torch.Tensor]) -> dict[str, dic
 
 
 def _assert_same_optimizer_state(ours, ours_named, theirs, theirs_named) -> None:
+    """Equal optimizer states: step counts to ``CLOSE``, each moment tensor within 1 % of its largest
+    entry (plus ``atol``). The moments average gradients that float noise moves, and ROID's weighted
+    losses amplify it: on an AMD EPYC with MKL five of a BatchNorm weight's 8 first moments differ by
+    more than ``CLOSE`` (up to 4e-5 at magnitudes near 0.1), where an Intel machine stayed within it.
+    The predictions, class prior and parameters keep their own, tighter checks."""
     a, b = _optimizer_state(ours, ours_named), _optimizer_state(theirs, theirs_named)
     assert a.keys() == b.keys() and a
     for name in a:
         assert a[name].keys() == b[name].keys(), name
         for key in a[name]:
-            ours_value, theirs_value = torch.as_tensor(a[name][key]), torch.as_tensor(b[name][key])
-            torch.testing.assert_close(ours_value, theirs_value.to(ours_value.dtype), **CLOSE, msg=f"{name}.{key}")
+            p, q = torch.as_tensor(a[name][key]), torch.as_tensor(b[name][key])
+            q = q.to(p.dtype)
+            if p.numel() == 1:
+                torch.testing.assert_close(p, q, **CLOSE, msg=f"{name}.{key}")
+                continue
+            bound = CLOSE["atol"] + 0.01 * float(q.abs().max())
+            assert float((p - q).abs().max()) <= bound, (name, key, float((p - q).abs().max()), bound)
 
 
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:
