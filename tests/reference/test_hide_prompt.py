@@ -277,15 +277,16 @@ def test_two_tasks_of_both_stages_equal_the_official_engines(ref, monkeypatch):
         for c in classes:  # features of trained prompts: 1.9e-5 apart seen on an AMD EPYC (MKL), < 1e-5 on Intel
             _close(stats.means[c], torch.stack(means[c]), atol=5e-5)
             _close(stats.variances[c], torch.stack(variances[c]), atol=5e-5)
-    # TII after TAP: MLP and head; WTP: prompts (momentum-consolidated) and the head after TAP
-    _close(tii.head.weight, original.head.weight, atol=1e-5)
-    _close(tii.head.bias, original.head.bias, atol=1e-5)
+    # TII after TAP: MLP and head; WTP: prompts (momentum-consolidated) and the head after TAP. Trained float32
+    # parameters: up to 2.1e-5 apart seen on an AMD EPYC (MKL, 2 threads), < 1e-5 on Intel; 5e-5 covers both
+    _close(tii.head.weight, original.head.weight, atol=5e-5)
+    _close(tii.head.bias, original.head.bias, atol=5e-5)
     # a few hidden units sit where GELU' ~ 0: Adam turns their near-zero gradients' float noise into full steps
     _close(tii.mlp.net[0].weight, original.mlp.net[0][0].weight, atol=3e-3)
     _close(tii.mlp.net[2].weight, original.mlp.net[1][0].weight, atol=3e-3)
-    _close(strategy.prompt_tasks.prompts, _ours_prompts(model.e_prompt.prompt), atol=1e-5)
-    _close(strategy.head.weight, model.head.weight, atol=1e-5)
-    _close(strategy.head.bias, model.head.bias, atol=1e-5)
+    _close(strategy.prompt_tasks.prompts, _ours_prompts(model.e_prompt.prompt), atol=5e-5)
+    _close(strategy.head.weight, model.head.weight, atol=5e-5)
+    _close(strategy.head.bias, model.head.bias, atol=5e-5)
     # the final evaluation: TII's task ids and the logits with the inferred task's prompt
     x = torch.cat([x for loader in loaders for x, _ in loader["val"]])
     with torch.no_grad():
