@@ -515,19 +515,22 @@ class MergeEngine:
         if flight.done is not None:
             flight.done.synchronize()
         reports = []
+        mapped = []  # jobs whose input pages are in use again: copied base tensors, inputs read to recheck
         for job, output, packed in zip(flight.jobs, flight.outputs, flight.stats):
             if packed is None:
                 reports.append(TensorReport(job.name, list(job.info.shape), merged=False))
+                mapped.append(job)
             else:
                 values = packed.tolist()
                 if not _surely_finite(values, job.info.dtype):
                     values = self._recheck(job, output, values)
+                    mapped.append(job)
                 if job.variance and bool((output < 0).any()):
                     self._negative_variance(job)
                 reports.append(unpack_stats(job.name, job.info.shape, values))
             sink(job, output)
-        if not self._transfer:  # off the CPU the views were released once copied
-            self._release(flight.jobs)
+        if not self._transfer:  # merged jobs' pages left in _compute; off the CPU the views were released once copied
+            self._release(mapped)
         return reports
 
     def _recheck(self, job: TensorJob, output: torch.Tensor, values: list[float]) -> list[float]:
