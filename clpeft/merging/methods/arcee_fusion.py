@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from clpeft.errors import UserError
+from clpeft.merging.methods.one_model import single_task_vector
 from clpeft.merging.methods.sparsify import kth_largest
 from clpeft.merging.registry import merge_method
 
@@ -64,13 +64,9 @@ def fence(importance: torch.Tensor) -> torch.Tensor:
 )
 def arcee_fusion(task_vectors: torch.Tensor, *, base: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Arcee Fusion: keep the changes whose |b - a| KL(softmax(b) || softmax(a)) is above median + 1.5 IQR (Arcee AI, 2025)."""
-    if task_vectors.shape[0] != 1:
-        raise UserError(
-            f"arcee_fusion fuses exactly one fine-tuned model into the base, got {task_vectors.shape[0]}; "
-            "merge them in sequence or use ram",
-            key="models",
-        )
-    tau = task_vectors[0]
+    tau = single_task_vector(
+        task_vectors, "arcee_fusion fuses exactly one fine-tuned model into the base, got {count}; merge them in sequence or use ram"
+    )
     if tau.numel() == 0:
         return tau
     columns = shape[-1] if len(shape) else 1

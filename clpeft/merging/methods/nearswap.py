@@ -21,7 +21,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.errors import UserError
+from clpeft.merging.methods.one_model import single_task_vector
 from clpeft.merging.registry import merge_method
 
 Threshold = Annotated[float, Field(ge=0.0, description="t: entries this close to the base are swapped to the fine-tuned model")]
@@ -32,11 +32,8 @@ _MIN_DISTANCE = 1e-6  # mergekit's floor on |a - b|
 @merge_method("nearswap", reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001")
 def nearswap(task_vectors: torch.Tensor, *, t: Threshold = 1e-4) -> torch.Tensor:
     """NearSwap: theta = w b + (1 - w) a with w = clamp(t / |a - b|, 0, 1) per entry (alchemonaut, 2024)."""
-    if task_vectors.shape[0] != 1:
-        raise UserError(
-            f"nearswap moves the base towards exactly one fine-tuned model, got {task_vectors.shape[0]}; merge them first or use ram",
-            key="models",
-        )
-    tau = task_vectors[0]
+    tau = single_task_vector(
+        task_vectors, "nearswap moves the base towards exactly one fine-tuned model, got {count}; merge them first or use ram"
+    )
     weight = tau.abs().clamp_(min=_MIN_DISTANCE).reciprocal_().mul_(t).clamp_(max=1.0)
     return tau.mul_(weight)

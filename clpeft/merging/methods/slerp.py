@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from clpeft.errors import UserError
+from clpeft.merging.methods.one_model import single_task_vector
 from clpeft.merging.registry import merge_method
 
 InterpolationFactor = Annotated[float, Field(description="t: position between the base (0) and the fine-tuned model (1)")]
@@ -55,11 +55,9 @@ def slerp(
     base: torch.Tensor,
 ) -> torch.Tensor:
     """SLERP between the base and one fine-tuned model by t (Shoemake, SIGGRAPH 1985)."""
-    if task_vectors.shape[0] != 1:
-        raise UserError(
-            f"slerp interpolates between the base and exactly one fine-tuned model, got {task_vectors.shape[0]}; "
-            "use multislerp or karcher for more",
-            key="models",
-        )
-    finetuned = task_vectors[0].add_(base)
+    tau = single_task_vector(
+        task_vectors,
+        "slerp interpolates between the base and exactly one fine-tuned model, got {count}; use multislerp or karcher for more",
+    )
+    finetuned = tau.add_(base)
     return spherical_interpolation(t, base, finetuned, dot_threshold, eps).sub_(base)
