@@ -101,6 +101,7 @@ def test_a_built_wheel_holds_the_frost_photographs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"clpeft/scenarios/frost/{p.name}" for p in (ROOT / "scenarios" / "frost").iterdir()}
     assert expected <= names and "clpeft/scenarios/frost/NOTICE" in names
+    assert "clpeft/merging/linear_merge.c" in names  # the CPU merge kernel compiles from it on first use
 
 
 def test_the_fscil_session_lists_and_their_licence_are_package_data():

@@ -57,8 +57,8 @@ def merge(
         device: where the arithmetic of tensor methods runs (``"cuda"`` keeps it on the GPU);
             AdaMerging runs where the tensors and the forward function are.
         seed: seed of random methods (DARE's drop masks).
-        fused: on CUDA, merge linear methods with the one-pass Triton kernel (``False``: op by op,
-            for side-by-side timings); no effect elsewhere.
+        fused: merge linear methods with the one-pass kernels: Triton on CUDA, a compiled C loop
+            on the CPU (``False``: op by op, for side-by-side timings; the bits are the same on the CPU).
         **params: the method's parameters, e.g. ``scale=0.3`` or ``density=0.2``.
 
     Returns:

@@ -6,11 +6,12 @@ statistics of the merge report, calls the method, adds the base back and hands t
 to a sink (a state dict, or the streaming safetensors writer). LoRA adapters supply their
 task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 
-Linear methods (task arithmetic, mean) never form a whole tensor's task vectors. On the CPU
-they are formed, measured and combined one block of columns at a time while the block is in
-the caches, so main memory sees the inputs once instead of the ``(K, N)`` buffer three times
-(a K = 8 ViT-B task arithmetic ran 1.1-1.4x faster side by side, benchmarks/RESULTS.md); on
-CUDA one Triton kernel per tensor does the same in registers (:mod:`~clpeft.merging.fused`).
+Linear methods (task arithmetic, mean) never form a whole tensor's task vectors. On the CPU a
+compiled loop reads each input entry once and keeps everything else in registers
+(:mod:`~clpeft.merging.fused_cpu`); without a C compiler the task vectors are formed, measured
+and combined one block of columns at a time while the block is in the caches, so main memory
+sees the inputs once instead of the ``(K, N)`` buffer three times. On CUDA one Triton kernel
+per tensor does the same in registers (:mod:`~clpeft.merging.fused`).
 TIES' trim and DARE's masks need whole task vectors and use the buffer. On the CPU, bf16 and
 fp16 inputs are converted to float32 once per block and never computed on in their own dtype
 (:mod:`~clpeft.merging.blocks`).
@@ -65,7 +66,7 @@ from typing import Any, NoReturn
 import torch
 
 from clpeft.errors import UserError
-from clpeft.merging import fused
+from clpeft.merging import fused, fused_cpu
 from clpeft.merging.blocks import BLOCK_COLUMNS, combine_linear, compute_dtype, subtract_rows
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
@@ -151,8 +152,9 @@ class MergeEngine:
             is allocated for it, instead of written into a host buffer reused from batch to batch.
         overlap_writes: on the CPU, compute the next batch in a worker thread while the sink
             writes the current one (for sinks that write files).
-        fused: merge linear methods on CUDA with the one-pass kernel (:mod:`clpeft.merging.fused`);
-            ``False`` forms them op by op (for side-by-side timings).
+        fused: merge linear methods with the one-pass kernels (:mod:`clpeft.merging.fused` on
+            CUDA, :mod:`clpeft.merging.fused_cpu` on the CPU); ``False`` forms them op by op
+            (for side-by-side timings).
     """
 
     def __init__(
@@ -433,13 +435,18 @@ class MergeEngine:
     def _combine_in_blocks(
         self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor], out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A linear method on the host, one cached block of columns at a time
-        (:func:`~clpeft.merging.blocks.combine_linear`), written into ``out``."""
+        """A linear method on the host, written into ``out``: in one pass by the compiled kernel
+        (:mod:`~clpeft.merging.fused_cpu`), else one cached block of columns at a time
+        (:func:`~clpeft.merging.blocks.combine_linear`)."""
         sources = self._sources(job, rows)
         dtype = compute_dtype(base.dtype)
+        flat_out = out.view(-1)
+        if self.fused and fused_cpu.supports(base, sources, flat_out):
+            sums = fused_cpu.linear_merge(base, sources, self._coefficients(dtype), flat_out)
+            return out, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
         coefficients = torch.tensor(self._coefficients(dtype), dtype=dtype)
         scratch = self._scratch(len(sources) + 2, min(base.numel(), BLOCK_COLUMNS), dtype)
-        sums = combine_linear(base, sources, coefficients, out.view(-1), scratch)
+        sums = combine_linear(base, sources, coefficients, flat_out, scratch)
         return out, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
 
     def _merge_fused(self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,264 @@
+/* One-pass linear merge on the CPU (clpeft/merging/fused_cpu.py builds and calls this file).
+ *
+ * Task arithmetic and the mean give theta_0 + sum_k c_k (theta_k - theta_0) (Ilharco et al.,
+ * ICLR 2023, Section 2). Formed with ATen ops, each cached block of a tensor takes about ten
+ * passes (conversions, subtractions, norms, a matrix-vector product, the add); this loop reads
+ * every input entry once, converts bf16 / fp16 entries to float32 in registers, and accumulates
+ * the merge report's statistics on the way.
+ *
+ * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
+ * machine): every operation is an IEEE float32 operation rounded on its own (compiled with
+ * -ffp-contract=off: no fused multiply-adds), in this order
+ *     tau_k = float(theta_k) - float(theta_0)
+ *     delta = c_1 tau_1; delta = delta + c_k tau_k for k = 2..K
+ *     merged = round_to_output(float(theta_0) + delta)
+ * bf16 and fp16 entries widen exactly; the output rounds to nearest, ties to even. The sums of
+ * squares and the non-zero count are float32 within a chunk and float64 across chunks
+ * (statistics for the report; their last bits depend on the vector width).
+ *
+ * Written with GCC / Clang vector extensions (8 float32 lanes), so it compiles for any target
+ * those compilers support; F16C converts fp16 where the CPU has it.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define LANES 8
+#define CHUNK 4096 /* entries per chunk (a multiple of 2 LANES) */
+#define GROUP 8    /* fine-tuned models per pass over a chunk (more are taken in groups) */
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
+
+#if defined(__F16C__) || defined(__FLT16_MAX__)
+#define HAVE_FLOAT16 1
+#endif
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+/* ------------------------------------------------------------------ conversions */
+
+static inline float bits_to_float(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint32_t float_to_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* bf16 -> float32 is exact: the 16 bits become the high half of the float32. */
+static inline float scalar_load(int dtype, const void *p, int64_t i) {
+    if (dtype == DTYPE_FLOAT32) return ((const float *)p)[i];
+    if (dtype == DTYPE_BFLOAT16) return bits_to_float((uint32_t)((const uint16_t *)p)[i] << 16);
+#if defined(__FLT16_MAX__)
+    return (float)((const _Float16 *)p)[i];
+#elif defined(__F16C__)
+    return _cvtsh_ss(((const uint16_t *)p)[i]);
+#else
+    return 0.f; /* not reached: clpeft_supports_dtype refuses fp16 */
+#endif
+}
+
+/* float32 -> bf16, to nearest, ties to even; NaN stays a quiet NaN. */
+static inline uint16_t round_to_bfloat16(float value) {
+    const uint32_t x = float_to_bits(value);
+    if (value != value) return (uint16_t)((x >> 16) | 0x0040u);
+    return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+static inline void scalar_store(int dtype, void *p, int64_t i, float value) {
+    if (dtype == DTYPE_FLOAT32) ((float *)p)[i] = value;
+    else if (dtype == DTYPE_BFLOAT16) ((uint16_t *)p)[i] = round_to_bfloat16(value);
+#if defined(__FLT16_MAX__)
+    else ((_Float16 *)p)[i] = (_Float16)value;
+#elif defined(__F16C__)
+    else ((uint16_t *)p)[i] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+#endif
+}
+
+/* Sixteen entries as two vectors. bf16 entries go to the lanes in the order in-lane unpacking
+ * gives (an AVX2 / NEON zip without a cross-lane shuffle); pair_store puts them back in the
+ * same order, and all arithmetic is lane by lane, so the order never shows. */
+static inline void pair_load(int dtype, const void *p, int64_t i, f32x8 v[2]) {
+    if (dtype == DTYPE_FLOAT32) {
+        for (int h = 0; h < 2; h++) memcpy(&v[h], (const float *)p + i + LANES * h, sizeof v[h]);
+    } else if (dtype == DTYPE_BFLOAT16) {
+        u16x16 half;
+        const u16x16 zero = {0};
+        memcpy(&half, (const uint16_t *)p + i, sizeof half);
+        v[0] = (f32x8)__builtin_shufflevector(zero, half, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+        v[1] = (f32x8)__builtin_shufflevector(zero, half, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+    } else {
+        for (int h = 0; h < 2; h++) {
+#if defined(__F16C__)
+            v[h] = (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i + LANES * h)));
+#else
+            for (int lane = 0; lane < LANES; lane++) v[h][lane] = scalar_load(dtype, p, i + LANES * h + lane);
+#endif
+        }
+    }
+}
+
+static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2]) {
+    if (dtype == DTYPE_FLOAT32) {
+        for (int h = 0; h < 2; h++) memcpy((float *)p + i + LANES * h, &v[h], sizeof v[h]);
+    } else if (dtype == DTYPE_BFLOAT16) {
+        u16x16 rounded[2];
+        for (int h = 0; h < 2; h++) {
+            const u32x8 x = (u32x8)v[h], nan = (u32x8)(v[h] != v[h]);
+            rounded[h] = (u16x16)(((x + 0x7FFFu + ((x >> 16) & 1u)) & ~nan) | ((x | 0x00400000u) & nan));
+        }
+        const u16x16 half = __builtin_shufflevector(rounded[0], rounded[1], 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
+        memcpy((uint16_t *)p + i, &half, sizeof half);
+    } else {
+        for (int h = 0; h < 2; h++) {
+#if defined(__F16C__)
+            _mm_storeu_si128((__m128i *)((uint16_t *)p + i + LANES * h), _mm256_cvtps_ph((__m256)v[h], _MM_FROUND_TO_NEAREST_INT));
+#else
+            for (int lane = 0; lane < LANES; lane++) scalar_store(dtype, p, i + LANES * h + lane, v[h][lane]);
+#endif
+        }
+    }
+}
+
+static inline float horizontal_sum(f32x8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* ------------------------------------------------------------------ the merge */
+
+/* One group of KK (1..GROUP) models over entries [start, start + m) of a chunk: the task
+ * vectors, their sums of squares (added to acc), and delta, started when FIRST and continued
+ * from d otherwise. When LAST, the merged values go to out and the base's, delta's and non-zero
+ * sums to chunk_sums. DTYPE, KK, FIRST and LAST are constants in each inlined copy. */
+static inline __attribute__((always_inline)) void
+merge_group(const int DTYPE, const int KK, const int FIRST, const int LAST, int64_t start, int64_t m,
+            const void *base, const void *const *sources, const float *c, float *restrict d, void *out,
+            float *restrict acc, float *restrict chunk_sums) {
+    f32x8 a[GROUP][2] = {{{0}}}, base_sq[2] = {{0}}, delta_sq[2] = {{0}};
+    i32x8 nonzero[2] = {{0}};
+    int64_t i = 0;
+    for (; i + 2 * LANES <= m; i += 2 * LANES) {
+        const int64_t at = start + i;
+        f32x8 theta0[2], theta[2], delta[2], merged[2];
+        pair_load(DTYPE, base, at, theta0);
+        for (int j = 0; j < KK; j++) {
+            pair_load(DTYPE, sources[j], at, theta);
+            for (int h = 0; h < 2; h++) {
+                const f32x8 t = theta[h] - theta0[h];
+                a[j][h] += t * t;
+                if (j == 0 && FIRST) delta[h] = c[0] * t;
+                else if (j == 0) delta[h] = *(const f32x8 *)(d + i + LANES * h) + c[0] * t;
+                else delta[h] = delta[h] + c[j] * t;
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            if (LAST) {
+                base_sq[h] += theta0[h] * theta0[h];
+                delta_sq[h] += delta[h] * delta[h];
+                nonzero[h] -= (i32x8)(delta[h] != 0.f);
+                merged[h] = theta0[h] + delta[h];
+            } else {
+                *(f32x8 *)(d + i + LANES * h) = delta[h];
+            }
+        }
+        if (LAST) pair_store(DTYPE, out, at, merged);
+    }
+    float tail[GROUP + 3] = {0};
+    for (; i < m; i++) { /* the tensor's last entries (fewer than 2 LANES): the same operations */
+        const int64_t at = start + i;
+        const float theta0 = scalar_load(DTYPE, base, at);
+        float delta = 0.f;
+        for (int j = 0; j < KK; j++) {
+            const float t = scalar_load(DTYPE, sources[j], at) - theta0;
+            tail[3 + j] += t * t;
+            delta = j == 0 ? (FIRST ? c[0] * t : d[i] + c[0] * t) : delta + c[j] * t;
+        }
+        if (LAST) {
+            tail[0] += theta0 * theta0;
+            tail[1] += delta * delta;
+            tail[2] += delta != 0.f;
+            scalar_store(DTYPE, out, at, theta0 + delta);
+        } else {
+            d[i] = delta;
+        }
+    }
+    for (int j = 0; j < KK; j++) acc[j] += horizontal_sum(a[j][0] + a[j][1]) + tail[3 + j];
+    if (LAST) {
+        chunk_sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[0];
+        chunk_sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[1];
+        for (int lane = 0; lane < LANES; lane++) chunk_sums[2] += (float)(nonzero[0][lane] + nonzero[1][lane]);
+        chunk_sums[2] += tail[2];
+    }
+}
+
+#define GROUP_CALL(DTYPE, KK, FIRST, LAST) \
+    merge_group(DTYPE, KK, FIRST, LAST, start, m, base, sources, c, d, out, acc, chunk_sums)
+#define GROUP_CASE(DTYPE, KK)                                                               \
+    case KK:                                                                                \
+        if (first) last ? GROUP_CALL(DTYPE, KK, 1, 1) : GROUP_CALL(DTYPE, KK, 1, 0);         \
+        else last ? GROUP_CALL(DTYPE, KK, 0, 1) : GROUP_CALL(DTYPE, KK, 0, 0);               \
+        break;
+#define GROUP_FUNCTION(NAME, DTYPE)                                                         \
+    static void NAME(int kk, int first, int last, int64_t start, int64_t m, const void *base, \
+                     const void *const *sources, const float *c, float *d, void *out, float *acc, \
+                     float *chunk_sums) {                                                    \
+        switch (kk) {                                                                        \
+            GROUP_CASE(DTYPE, 1) GROUP_CASE(DTYPE, 2) GROUP_CASE(DTYPE, 3) GROUP_CASE(DTYPE, 4) \
+            GROUP_CASE(DTYPE, 5) GROUP_CASE(DTYPE, 6) GROUP_CASE(DTYPE, 7) GROUP_CASE(DTYPE, 8) \
+        }                                                                                    \
+    }
+
+GROUP_FUNCTION(group_float32, DTYPE_FLOAT32)
+GROUP_FUNCTION(group_bfloat16, DTYPE_BFLOAT16)
+#if HAVE_FLOAT16
+GROUP_FUNCTION(group_float16, DTYPE_FLOAT16)
+#endif
+
+/* Whether dtype (DTYPE_*) is compiled in. */
+int clpeft_supports_dtype(int dtype) {
+#if HAVE_FLOAT16
+    return dtype == DTYPE_FLOAT32 || dtype == DTYPE_BFLOAT16 || dtype == DTYPE_FLOAT16;
+#else
+    return dtype == DTYPE_FLOAT32 || dtype == DTYPE_BFLOAT16;
+#endif
+}
+
+/* out = base + sum_k coefficients[k] (sources[k] - base) over n entries, all of one dtype.
+ * sums (3 + k float64, added to): [sum theta_0^2, sum tau_m^2, count(tau_m != 0),
+ * sum tau_1^2, ..., sum tau_k^2]. Returns 0, or 1 for a dtype not compiled in. */
+int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const void *const *sources,
+                        const float *coefficients, void *out, double *sums) {
+    if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
+    float d[CHUNK] __attribute__((aligned(32))); /* delta between groups of models (k > GROUP) */
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t m = n - start < CHUNK ? n - start : CHUNK;
+        float chunk_sums[3] = {0.f, 0.f, 0.f};
+        for (int g = 0; g < k; g += GROUP) {
+            const int kk = k - g < GROUP ? k - g : GROUP;
+            float acc[GROUP] = {0};
+            const int first = g == 0, last = g + kk == k;
+            const void *const *group_sources = sources + g;
+            const float *c = coefficients + g;
+            if (dtype == DTYPE_FLOAT32)
+                group_float32(kk, first, last, start, m, base, group_sources, c, d, out, acc, chunk_sums);
+            else if (dtype == DTYPE_BFLOAT16)
+                group_bfloat16(kk, first, last, start, m, base, group_sources, c, d, out, acc, chunk_sums);
+#if HAVE_FLOAT16
+            else
+                group_float16(kk, first, last, start, m, base, group_sources, c, d, out, acc, chunk_sums);
+#endif
+            for (int j = 0; j < kk; j++) sums[3 + g + j] += acc[j];
+        }
+        for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
+    }
+    return 0;
+}

@@ -1,0 +1,201 @@
+"""The one-pass CPU kernel for linear merges (clpeft/merging/fused_cpu.py, linear_merge.c).
+
+The kernel promises the ATen path's bits: IEEE float32 operations rounded one by one, in the
+order ``tau_k = theta_k - theta_0``, ``delta = c_1 tau_1 + c_2 tau_2 + ...`` (left to right),
+``theta_0 + delta`` rounded once to the output dtype. The references below form exactly that
+with torch's own float32 ops and conversions, and the statistics in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import finetune, tiny_vit
+from safetensors.torch import load_file, save_file
+
+from clpeft.merging import fused_cpu, merge, merge_files
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="no C compiler: the kernel is not built")
+
+HALF_STEP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # c = 1 + HALF_STEP: exact ties when rounding
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base spanning six decades and K fine-tunes near it; some entries unchanged, one model
+    equal to the base (exact zeros in tau), one opposite to another (exact cancellation)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator) * torch.logspace(-4, 2, n)[torch.randperm(n, generator=generator)]
+    sources = [base + torch.randn(n, generator=generator) * base.abs() * 0.05 for _ in range(k)]
+    sources[0][::5] = base[::5]
+    if k > 2:
+        sources[2] = 2 * base - sources[1]
+    if k > 3:
+        sources[3] = base.clone()
+    return base.to(dtype), [s.to(dtype) for s in sources]
+
+
+def reference(base: torch.Tensor, sources: list[torch.Tensor], coefficients: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged tensor by torch float32 ops in the kernel's order, and float64 statistics."""
+    theta0 = base.float()
+    task_vectors = [s.float() - theta0 for s in sources]
+    weights = torch.tensor(coefficients, dtype=torch.float32)
+    delta = weights[0] * task_vectors[0]
+    for weight, task_vector in zip(weights[1:], task_vectors[1:]):
+        delta = delta + weight * task_vector
+    merged = (theta0 + delta).to(base.dtype)
+    wide = [theta0.double(), delta.double()]
+    sums = [wide[0].square().sum(), wide[1].square().sum(), (delta != 0).sum().double()]
+    sums += [t.double().square().sum() for t in task_vectors]
+    return merged, torch.stack(sums)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    integer = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(integer), b.view(integer))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 4, 8, 11])  # 11: a group of eight models, then three
+def test_kernel_equals_float32_ops_in_order_across_chunks_and_tails(dtype, k):
+    n = 3 * 4096 + 16 * 5 + 7  # three chunks of the C loop, then pairs of vectors, then 7 single entries
+    base, sources = inputs(n, k, dtype)
+    coefficients = [0.3, -0.7, 1.0 + HALF_STEP.get(dtype, 2.0**-24), 0.25, 1.7, -0.05, 0.4, 2.5, -1.1, 0.6, 0.01][:k]
+    out = torch.empty_like(base)
+    sums = fused_cpu.linear_merge(base, sources, coefficients, out)
+    expected, expected_sums = reference(base, sources, coefficients)
+    assert same_bits(out, expected)
+    assert sums[2] == expected_sums[2]  # the non-zero count is exact
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_to_half_precision_is_torchs(dtype):
+    """Ties to even, subnormals, overflow to infinity and signed zeros round as torch rounds:
+    with a zero base the merge is ``c * theta_1`` rounded once."""
+    generator = torch.Generator().manual_seed(1)
+    info = torch.finfo(dtype)
+    magnitudes = torch.cat([torch.logspace(-45 if dtype == torch.bfloat16 else -8, 0, 400), torch.linspace(1, float(info.max), 400)])
+    source = (magnitudes * torch.where(torch.rand(800, generator=generator) < 0.5, -1.0, 1.0)).to(dtype)
+    source[:3] = torch.tensor([0.0, -0.0, float(info.smallest_normal)])
+    base = torch.zeros_like(source)
+    for c in [1.0 + HALF_STEP[dtype], 1.0 - HALF_STEP[dtype] / 2, 0.3, 3.0, -1.7]:
+        out = torch.empty_like(source)
+        fused_cpu.linear_merge(base, [source], [c], out)
+        assert same_bits(out, reference(base, [source], [c])[0]), c
+
+
+def test_results_do_not_depend_on_how_a_tensor_is_split_over_threads(monkeypatch):
+    base, sources = inputs(5 * 4096 + 77, 3, torch.bfloat16)
+    one = torch.empty_like(base)
+    fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], one)
+    monkeypatch.setattr(fused_cpu, "_MIN_ENTRIES_PER_THREAD", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    split = torch.empty_like(base)
+    sums = fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], split)
+    assert same_bits(split, one)
+    torch.testing.assert_close(sums, reference(base, sources, [0.5, 0.5, -0.3])[1], rtol=1e-6, atol=0)
+
+
+def test_supports_only_flat_inputs_of_one_kernel_dtype():
+    base, sources = inputs(64, 2, torch.float32)
+    out = torch.empty_like(base)
+    assert fused_cpu.supports(base, sources, out)
+    assert not fused_cpu.supports(base, [sources[0], sources[1].half()], out)  # mixed dtypes: ATen
+    assert not fused_cpu.supports(base.double(), [s.double() for s in sources], out.double())  # float64: ATen
+    assert not fused_cpu.supports(base[:32], [sources[0][:32], sources[1][::2]], out[:32])  # strided
+    assert not fused_cpu.supports(base, sources, out[:63])  # output too short
+    assert not fused_cpu.supports(base, [], out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("method", "params"), [("task_arithmetic", {"scale": 0.3, "weights": [1.0, -0.5, 2.0]}), ("mean", {})])
+def test_engine_merges_through_the_kernel_with_the_aten_paths_bits(monkeypatch, tmp_path, dtype, method, params):
+    generator = torch.Generator().manual_seed(0)
+    cast = lambda state: {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # noqa: E731
+    base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
+    models = [cast(finetune(base, generator)) for _ in range(3)]
+    base = cast(base)
+    calls = []
+    linear_merge = fused_cpu.linear_merge
+    monkeypatch.setattr(fused_cpu, "linear_merge", lambda *args: calls.append(args[0].numel()) or linear_merge(*args))
+    fused = merge(base, models, method, **params)
+    floating = [name for name, t in base.items() if t.is_floating_point()]
+    assert sum(calls) == sum(base[name].numel() for name in floating)  # every float tensor went through the kernel
+    aten = merge(base, models, method, fused=False, **params)
+    assert len(calls) == len(floating)  # fused=False kept to ATen
+    for name in floating:
+        assert same_bits(fused[name], aten[name]), name
+
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path, state in zip(paths, [base, *models]):
+        save_file(state, str(path))
+    reports = [merge_files(paths[0], paths[1:], tmp_path / f"{f}.out.safetensors", method, fused=f, **params) for f in (True, False)]
+    on_disk = [load_file(str(tmp_path / f"{f}.out.safetensors")) for f in (True, False)]
+    for name in floating:
+        assert same_bits(on_disk[0][name], fused[name]) and same_bits(on_disk[1][name], fused[name]), name
+    for kernel, ops in zip(reports[0].tensors, reports[1].tensors):
+        assert kernel.name == ops.name
+        if not kernel.merged:
+            continue
+        theta0 = base[kernel.name].double().reshape(-1)
+        truth = [(m[kernel.name].double().reshape(-1) - theta0).norm().item() for m in models]
+        # the kernel's float32 sums within a chunk are closer to float64 than ATen's vector_norm
+        # (bf16 "big.weight": 2e-8 against 4e-5 relative error)
+        torch.testing.assert_close(kernel.task_vector_norms, truth, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ops.task_vector_norms, truth, rtol=1e-4, atol=0)
+        torch.testing.assert_close(kernel.merged_norm, ops.merged_norm, rtol=1e-4, atol=1e-12)
+        assert (kernel.density, kernel.sign_conflict) == (ops.density, ops.sign_conflict)  # exact count, same sample
+
+
+def test_without_a_compiler_merges_use_aten_and_say_so(monkeypatch, caplog):
+    monkeypatch.setattr(fused_cpu, "_compiler", lambda: None)
+    fused_cpu._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="clpeft.merging.fused_cpu"):
+            assert not fused_cpu.available()
+        assert "no C compiler found (set CC)" in caplog.text
+        base, sources = inputs(1000, 2, torch.bfloat16)
+        state = merge({"w": base}, [{"w": s} for s in sources], "task_arithmetic", scale=0.5)
+        assert same_bits(state["w"], reference(base, sources, [0.5, 0.5])[0])
+    finally:
+        fused_cpu._library.cache_clear()
+
+
+def test_the_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
+    assert not fused_cpu.available()
+    base, sources = inputs(64, 2, torch.float32)
+    assert not fused_cpu.supports(base, sources, torch.empty_like(base))
+
+
+def test_a_failing_compiler_is_reported_and_the_library_is_built_once(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CLPEFT_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'error: no backend' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    fused_cpu._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="clpeft.merging.fused_cpu"):
+            assert not fused_cpu.available()
+        assert "did not compile (error: no backend)" in caplog.text
+        assert not (tmp_path / "cache" / "kernels").exists() or not list((tmp_path / "cache" / "kernels").glob("*.so"))
+
+        monkeypatch.delenv("CC")
+        fused_cpu._library.cache_clear()
+        assert fused_cpu.available()
+        built = list((tmp_path / "cache" / "kernels").glob("linear_merge-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        compiles = []
+        run = fused_cpu.subprocess.run
+        monkeypatch.setattr(fused_cpu.subprocess, "run", lambda args, **kw: compiles.append(args) or run(args, **kw))
+        fused_cpu._library.cache_clear()
+        assert fused_cpu.available()
+        assert all("--version" in args for args in compiles)  # found in the cache: nothing compiled
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        fused_cpu._library.cache_clear()
