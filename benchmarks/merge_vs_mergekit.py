@@ -15,14 +15,17 @@ shared machine's load hits all of them alike:
 * ``clpeft-memory`` (task arithmetic only): :func:`clpeft.merging.merge` on checkpoints loaded
   before the clock starts: the merge's own speed, compared with the copy bandwidth below;
 * ``clpeft-other``: ``clpeft`` run from another checkout (``--other-clpeft DIR``, e.g. a
-  ``git archive`` of an older commit), for before/after timings in the same run.
+  ``git archive`` of an older commit), for before/after timings in the same run;
+* ``clpeft-aten``, ``clpeft-memory-aten``: ``clpeft`` and ``clpeft-memory`` with the compiled
+  CPU kernel for linear merges switched off (``CLPEFT_CPU_KERNEL=0``: ATen ops in cached
+  blocks), for the kernel's gain in the same run.
 
 Methods: task arithmetic (``lambda = 0.3``: mergekit ``weight: 0.3`` per model) and TIES
 (density 0.2, ``lambda = 1``; mergekit ``weight: 1``, its default ``normalize: true``, i.e.
 the disjoint mean; clpeft ``trim_scope: tensor``, mergekit's per-tensor trim).
 
-Printed in the same run: the machine's copy bandwidth (one thread, ``torch`` copy of a 512 MiB
-buffer, bytes read plus written per second, best of 5), the 1-minute load average before each
+Printed in the same run: the machine's copy bandwidth (``torch`` copy of a 512 MiB buffer with
+the merges' thread count, ``OMP_NUM_THREADS``; bytes read plus written per second, best of 5), the 1-minute load average before each
 measured run, and, per method and dtype, the entries of layer 0 that differ from a float64
 computation on the same inputs rounded once to the output dtype (TIES' float64 reference trims
 with clpeft's threshold convention, so mergekit's ``topk`` convention shows up there as well).
@@ -65,7 +68,7 @@ METHODS = {  # name -> (clpeft method and parameters, mergekit method, per-model
         ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True}),
     ),
 }
-TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-other"]
+TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-other", "clpeft-aten", "clpeft-memory-aten"]
 
 
 def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -156,7 +159,7 @@ def worker(tool: str, method: str, dtype: str, out: str, base: str, paths: list[
         import mergekit.merge  # noqa: F401
 
         run = run_mergekit
-    elif tool in ("clpeft", "clpeft-other"):
+    elif tool in ("clpeft", "clpeft-other", "clpeft-aten"):
         import clpeft.merging  # noqa: F401
 
         run = run_clpeft
@@ -196,9 +199,7 @@ def _report(wall: float, cpu: float) -> None:
 
 
 def copy_bandwidth(nbytes: int = 512 << 20) -> float:
-    """GB/s of a one-thread memory copy (bytes read plus written), best of 5 after a warm-up."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """GB/s of a memory copy with torch's thread count (bytes read plus written), best of 5 after a warm-up."""
     source, target = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
     target.copy_(source)
     best = float("inf")
@@ -206,7 +207,6 @@ def copy_bandwidth(nbytes: int = 512 << 20) -> float:
         start = time.perf_counter()
         target.copy_(source)
         best = min(best, time.perf_counter() - start)
-    torch.set_num_threads(threads)
     return 2 * nbytes / best / 1e9
 
 
@@ -271,7 +271,7 @@ def main() -> None:
             for method in args.methods.split(",")
             for dtype in args.dtypes.split(",")
             for tool in tools
-            if tool != "clpeft-memory" or method == "task_arithmetic"
+            if not tool.startswith("clpeft-memory") or method == "task_arithmetic"
         ]
         runs: dict[tuple, list[dict]] = {case: [] for case in cases}
         for repeat in range(args.repeats):
@@ -284,6 +284,8 @@ def main() -> None:
                 command = [python, __file__, "--worker", tool, method, dtype, str(out), str(base), *map(str, paths)]
                 root = args.other_clpeft if tool == "clpeft-other" else Path(__file__).resolve().parents[1]
                 env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+                if tool.endswith("-aten"):
+                    env["CLPEFT_CPU_KERNEL"] = "0"
                 os.sync()  # no case runs during the previous case's writeback
                 load = os.getloadavg()[0]
                 done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -301,7 +303,10 @@ def main() -> None:
 
 def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, bandwidth: list[float]) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    print(f"copy bandwidth (1 thread, read + written): {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after")
+    print(
+        f"copy bandwidth ({torch.get_num_threads()} thread(s), read + written): {bandwidth[0]:.1f} GB/s before, "
+        f"{bandwidth[1]:.1f} GB/s after"
+    )
     other = f" --other-clpeft {args.other_clpeft}" if args.other_clpeft else ""
     print(
         f"command: python benchmarks/merge_vs_mergekit.py --size {args.size} --models {args.models} "
@@ -352,21 +357,20 @@ def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, 
             f"{wrong:,} of {total:,}",
         ]
         print("| " + " | ".join(row) + " |")
-    for method in sorted({m for _, m, _ in runs}):
-        cases = {d: runs[("clpeft", method, d)] for d in DTYPES if ("clpeft", method, d) in runs}
-        if len(cases) == 2:
-            ratio = {
-                key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2 for key in ("wall_s", "cpu_s")
-            }  # bf16 moves half the bytes
-            print(
-                f"\n{method}: clpeft bfloat16 / float32 speed per byte (file to file): "
-                f"{ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU"
-            )
-    for dtype in DTYPES:
-        memory = runs.get(("clpeft-memory", "task_arithmetic", dtype))
-        if memory:
-            gbs = (args.models + 2) * numel * DTYPES[dtype].itemsize / min(r["wall_s"] for r in memory) / 1e9
-            print(f"task arithmetic in memory, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth")
+    for tool in ("clpeft", "clpeft-aten", "clpeft-memory", "clpeft-memory-aten"):
+        for method in sorted({m for _, m, _ in runs}):
+            cases = {d: runs[(tool, method, d)] for d in DTYPES if (tool, method, d) in runs}
+            if len(cases) == 2:
+                ratio = {
+                    key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2 for key in ("wall_s", "cpu_s")
+                }  # bf16 moves half the bytes
+                print(f"{tool} {method}: bfloat16 / float32 speed per byte {ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
+    for tool in ("clpeft-memory", "clpeft-memory-aten"):
+        for dtype in DTYPES:
+            memory = runs.get((tool, "task_arithmetic", dtype))
+            if memory:
+                gbs = (args.models + 2) * numel * DTYPES[dtype].itemsize / min(r["wall_s"] for r in memory) / 1e9
+                print(f"{tool} task arithmetic, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth")
 
 
 if __name__ == "__main__":

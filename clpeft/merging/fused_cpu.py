@@ -157,7 +157,7 @@ def _compiler() -> list[str] | None:
 def _build(source: bytes, compiler: list[str]) -> Path:
     """Compile ``source`` unless a library built from the same source, compiler and CPU is cached."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, check=True, timeout=60).stdout
-    identity = hashlib.sha256(b"\0".join([source, version, " ".join(compiler).encode(), _cpu_identity()])).hexdigest()[:16]
+    identity = hashlib.sha256(b"\0".join([source, version, " ".join([*compiler, *_MODE_FLAGS]).encode(), _cpu_identity()])).hexdigest()[:16]
     directory = kernels_cache_dir()
     path = directory / f"linear_merge-{identity}.so"
     if path.is_file():
