@@ -13,7 +13,9 @@ The file is compiled once per machine with the system C compiler (``$CC``, else 
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
 of the source, the compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL;
 large tensors are split over ``torch.get_num_threads()`` threads). Without a compiler, or with
-``CLPEFT_CPU_KERNEL=0``, the engine keeps the ATen path; ``merge(..., fused=False)`` too.
+``CLPEFT_CPU_KERNEL=0``, the engine keeps the ATen path; ``merge(..., fused=False)`` too. A
+cached library that another user could have written (not owned by this user, or writable by
+group or others, or in such a folder) is never loaded.
 """
 
 from __future__ import annotations
@@ -127,6 +129,13 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as error:
         _log.warning("the CPU merge kernel did not compile (%s): linear merges use ATen ops, ~3x slower", error)
         return None
+    if not _private(path):
+        _log.warning(
+            "not loading %s: it or its folder is writable by other users or not owned by you (a planted library "
+            "would run as you); linear merges use ATen ops, ~3x slower. Remove it, or fix the permissions",
+            path,
+        )
+        return None
     library = ctypes.CDLL(str(path))
     library.clpeft_supports_dtype.argtypes = [ctypes.c_int]
     library.clpeft_supports_dtype.restype = ctypes.c_int
@@ -171,10 +180,20 @@ def _build(source: bytes, compiler: list[str]) -> Path:
         for arch in _ARCH_FLAGS:
             result = subprocess.run([*compiler, *_MODE_FLAGS, *arch, str(source_path), "-o", str(built)], capture_output=True, timeout=300)
             if result.returncode == 0:
+                built.chmod(0o755)  # whatever the umask: _private() loads only what others cannot write
                 os.replace(built, path)  # atomic: a concurrent build leaves one whole library
                 return path
             errors = result.stderr
         raise subprocess.SubprocessError(errors.decode(errors="replace").strip().splitlines()[-1] if errors.strip() else "compiler failed")
+
+
+def _private(path: Path) -> bool:
+    """Whether ``path`` and its folder belong to this user and nobody else can write them."""
+    for item in (path, path.parent):
+        info = item.stat()
+        if (hasattr(os, "getuid") and info.st_uid != os.getuid()) or info.st_mode & 0o022:
+            return False
+    return True
 
 
 def _cpu_identity() -> bytes:

@@ -199,3 +199,25 @@ def test_a_failing_compiler_is_reported_and_the_library_is_built_once(monkeypatc
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         fused_cpu._library.cache_clear()
+
+
+def test_a_library_others_could_have_written_is_not_loaded(monkeypatch, tmp_path, caplog):
+    """A shared cache folder must not let another user plant code that a merge would run."""
+    monkeypatch.setenv("CLPEFT_CACHE", str(tmp_path / "cache"))
+    fused_cpu._library.cache_clear()
+    try:
+        assert fused_cpu.available()
+        (built,) = (tmp_path / "cache" / "kernels").glob("linear_merge-*.so")
+        for target, mode in ((built, 0o777), (built.parent, 0o777)):
+            original = target.stat().st_mode
+            target.chmod(mode)
+            fused_cpu._library.cache_clear()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="clpeft.merging.fused_cpu"):
+                assert not fused_cpu.available()
+            assert f"not loading {built}" in caplog.text and "writable by other users" in caplog.text
+            target.chmod(original)
+        fused_cpu._library.cache_clear()
+        assert fused_cpu.available()
+    finally:
+        fused_cpu._library.cache_clear()
