@@ -64,10 +64,21 @@ def _bounds(meta) -> str:
     return out
 
 
+def _shown(value) -> str:
+    """``repr(value)`` with floats to 15 significant digits: a default computed at import (RanPAC's
+    ``10.0 ** np.arange(-8, 9)``) differs in its last bit between CPUs, the page must not."""
+    if isinstance(value, float):
+        return repr(float(f"{value:.15g}"))
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(_shown(v) for v in value)
+        return f"[{shown}]" if isinstance(value, list) else f"({shown}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
 def _rows(model: type[BaseModel], help_text: dict[str, str]) -> list[str]:
     rows = []
     for name, info in model.model_fields.items():
-        default = "required" if info.is_required() else f"`{info.default!r}`"
+        default = "required" if info.is_required() else f"`{_shown(info.default)}`"
         text = info.description or help_text.get(name, "")
         kind = _type_name(info.annotation) + "".join(_bounds(m) for m in info.metadata)
         rows.append(f"| `{name}` | {kind} | {default} | {text} |")
