@@ -284,7 +284,10 @@ def test_two_tasks_of_both_stages_equal_the_official_engines(ref, monkeypatch):
     # a few hidden units sit where GELU' ~ 0: Adam turns their near-zero gradients' float noise into full steps
     _close(tii.mlp.net[0].weight, original.mlp.net[0][0].weight, atol=3e-3)
     _close(tii.mlp.net[2].weight, original.mlp.net[1][0].weight, atol=3e-3)
-    _close(strategy.prompt_tasks.prompts, _ours_prompts(model.e_prompt.prompt), atol=5e-5)
+    # the prompts: all but a few entries to 1e-5; Adam turns an entry's near-zero gradient noise into a larger step
+    # (one of 2,304 entries 5.2e-5 apart on an AMD Zen 3, 2.1e-5 on a Zen 4, < 1e-5 on Intel), hence 1e-4 at most
+    prompts_apart = (strategy.prompt_tasks.prompts - _ours_prompts(model.e_prompt.prompt)).abs()
+    assert int((prompts_apart > 1e-5).sum()) <= 4 and float(prompts_apart.max()) < 1e-4, float(prompts_apart.max())
     _close(strategy.head.weight, model.head.weight, atol=5e-5)
     _close(strategy.head.bias, model.head.bias, atol=5e-5)
     # the final evaluation: TII's task ids and the logits with the inferred task's prompt

@@ -122,7 +122,10 @@ def test_sar_recovers_the_source_model_after_a_collapse(source):
     """After two batches (``e_m`` about 0.19, above ``e_0 = 0.15``) the model collapses to
     overconfident predictions (its head scaled by 50: entropies near 0); ``e_m`` decays below
     ``e_0`` within a few batches and the whole model, head included, is the source model again,
-    ``e_m`` starting over. With ``e_0 = 0`` the same stream never recovers."""
+    ``e_m`` starting over. With ``e_0 = 0`` the same stream never recovers: ``e_m`` falls at every
+    batch after the collapse, below the ``e_0 = 0.15`` that reset the first run, and nothing resets.
+    (How far it falls in ten batches depends on the CPU's float32 trajectory: 0.113 on an AMD Zen 3, below 0.1 on
+    the machines before.)"""
 
     def run(reset_constant):
         s = _make("sar", source, lr=0.05, reset_constant=reset_constant)
@@ -141,7 +144,8 @@ def test_sar_recovers_the_source_model_after_a_collapse(source):
     s, emas = run(0.15)
     assert math.isnan(emas[-1]) and 3 < len(emas) < 10 and _at_source(s, source), emas
     never, emas = run(0.0)
-    assert len(emas) == 10 and emas[-1] < 0.1 and not _at_source(never, source), emas
+    assert len(emas) == 10 and emas[-1] < 0.15 and not _at_source(never, source), emas
+    assert all(later < earlier for earlier, later in zip(emas[2:], emas[3:])), emas
 
 
 # ------------------------------------------------------------------ rdumb

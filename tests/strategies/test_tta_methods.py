@@ -296,15 +296,23 @@ def test_eata_takes_no_step_when_no_sample_is_reliable(source):
 
 
 def test_eata_fisher_term_keeps_parameters_closer_to_the_source(source):
+    """The anchored run drifts less, and ever less relative to the free one as adaptation goes on
+    (the penalty holds it near the source while the free run keeps moving). Six rounds: the
+    ratio after three was 0.44-0.59 depending on the CPU's float32 trajectory, after six ~0.39."""
+
     def drift(alpha):
         s = _make("eata", source, fisher_alpha=alpha, fisher_size=256, optimizer="sgd", lr=0.05, redundancy_margin=1.0)
-        for _ in range(3):
+        per_round = []
+        for _ in range(6):
             for x in _batches(source, 3):
                 _adapt(s, x)
-        return sum(float((p.detach() - source["backbone"][n]).pow(2).sum()) for n, p in s.backbone.named_parameters())
+            per_round.append(sum(float((p.detach() - source["backbone"][n]).pow(2).sum()) for n, p in s.backbone.named_parameters()))
+        return per_round
 
     free, anchored = drift(0.0), drift(1e6)  # importances here are ~1e-6
-    assert free > 0 and anchored < 0.5 * free
+    ratios = [a / f for a, f in zip(anchored, free)]
+    assert free[-1] > 0 and ratios[-1] < 0.5, ratios
+    assert all(later < earlier for earlier, later in zip(ratios, ratios[1:])), ratios
 
 
 # ------------------------------------------------------------------ cotta
