@@ -40,7 +40,7 @@ import torch
 
 from clpeft.paths import kernels_cache_dir
 
-__all__ = ["available", "linear_merge", "supports"]
+__all__ = ["available", "kth_largest_magnitude", "linear_merge", "supports", "supports_selection"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +111,23 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
     return sums.sum(dim=0)
 
 
+def supports_selection(values: torch.Tensor) -> bool:
+    """Whether :func:`kth_largest_magnitude` applies: a contiguous float32 CPU tensor and a compiled kernel."""
+    return values.dtype == torch.float32 and values.device.type == "cpu" and values.is_contiguous() and available()
+
+
+def kth_largest_magnitude(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest ``|values|`` (``1 <= k <= numel``, finite values), as a 0-d tensor:
+    a radix selection over the magnitudes' bits in two read-only passes (``linear_merge.c``)."""
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}], got {k}")
+    result = _library().clpeft_kth_largest_magnitude(values.data_ptr(), n, k)
+    if result < 0:
+        raise MemoryError("the CPU selection kernel could not allocate its 768 KiB of counts")
+    return values.new_tensor(result)
+
+
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="clpeft-merge")
@@ -150,6 +167,8 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # sums (float64)
     ]
     library.clpeft_linear_merge.restype = ctypes.c_int
+    library.clpeft_kth_largest_magnitude.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    library.clpeft_kth_largest_magnitude.restype = ctypes.c_float
     return library
 
 

@@ -221,3 +221,32 @@ def test_a_library_others_could_have_written_is_not_loaded(monkeypatch, tmp_path
         assert fused_cpu.available()
     finally:
         fused_cpu._library.cache_clear()
+
+
+def test_kth_largest_magnitude_is_kthvalues_exactly():
+    """Radix selection over the magnitudes' bits: ties, both zeros, subnormals and huge values,
+    k at both ends; the value ``abs().kthvalue`` gives, bit for bit."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(200_003, generator=generator) * torch.logspace(-40, 30, 200_003)
+    values[::7] = 0.0
+    values[1::7] = -0.0
+    values[2::11] = values[3::11]  # repeated magnitudes
+    values[5::13] = -values[5::13]
+    n = values.numel()
+    for k in [1, 2, 17, n // 5, n // 2, n - 1, n]:
+        expected = values.abs().kthvalue(n - k + 1).values
+        assert same_bits(fused_cpu.kth_largest_magnitude(values, k), expected), k
+    with pytest.raises(ValueError, match="k must lie in"):
+        fused_cpu.kth_largest_magnitude(values, 0)
+
+
+def test_ties_trims_through_the_selection_kernel_for_float32_only(monkeypatch):
+    from clpeft.merging.methods import sparsify
+
+    calls = []
+    select = fused_cpu.kth_largest_magnitude
+    monkeypatch.setattr(fused_cpu, "kth_largest_magnitude", lambda v, k: calls.append(v.dtype) or select(v, k))
+    values = torch.randn(50_000, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(sparsify.kth_largest_magnitude(values, 9_000), values.abs().kthvalue(50_000 - 9_000 + 1).values)
+    assert torch.equal(sparsify.kth_largest_magnitude(values.double(), 9_000), values.double().abs().kthvalue(41_001).values)
+    assert calls == [torch.float32]  # float64 keeps the bracketed selection

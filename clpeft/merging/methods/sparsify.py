@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from clpeft.merging import fused_cpu
+
 __all__ = [
     "Trim",
     "drop_and_rescale_",
@@ -57,8 +59,11 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kth_largest_magnitude(values: torch.Tensor, k: int) -> torch.Tensor:
-    """``kth_largest(values.abs(), k)`` without a whole copy of the magnitudes: the bracket's
-    counts and band take the magnitudes of one block of ``_BLOCK`` entries at a time."""
+    """``kth_largest(values.abs(), k)`` without a whole copy of the magnitudes: a radix selection
+    in the compiled CPU kernel for float32 (:func:`clpeft.merging.fused_cpu.kth_largest_magnitude`,
+    ~10x faster), else the bracket's counts and band over one block of ``_BLOCK`` magnitudes at a time."""
+    if fused_cpu.supports_selection(values):
+        return fused_cpu.kth_largest_magnitude(values, k)
     return _bracketed_kth_largest(values, k, torch.abs)
 
 
