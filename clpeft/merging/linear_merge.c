@@ -21,6 +21,9 @@
  *
  * Written with GCC / Clang vector extensions (8 float32 lanes), so it compiles for any target
  * those compilers support; F16C converts fp16 where the CPU has it.
+ *
+ * The same library holds TIES' trim threshold, the k-th largest magnitude of a float32 row by a
+ * radix selection (clpeft_kth_largest_magnitude, at the end).
  */
 #include <stdint.h>
 #include <stdlib.h>
