@@ -1,4 +1,4 @@
-"""Linear merges on the CPU in one pass: a small C loop, compiled on first use.
+"""Linear merges on the CPU in one pass, and TIES' trim threshold: a small C library, compiled on first use.
 
 Task arithmetic and the mean give ``theta_0 + sum_k c_k (theta_k - theta_0)`` (Ilharco et al.,
 ICLR 2023, Section 2). With ATen ops each cached block takes about ten passes (conversion,
@@ -6,8 +6,10 @@ subtraction, norms, ``mv``, the add: :func:`~clpeft.merging.blocks.combine_linea
 in ``linear_merge.c`` reads each input entry once, converts bf16 / fp16 in registers and
 accumulates the report's statistics on the way. Its merged tensors equal the ATen path's bit for
 bit (same float32 operations in the same order, no fused multiply-adds); only the statistics'
-last bits differ. Side by side (``benchmarks/merge_vs_mergekit.py``, benchmarks/RESULTS.md) it
-merges in-memory float32 ~3x and bf16 ~3.5x faster than the ATen blocks.
+last bits differ. Side by side (``benchmarks/merge_cpu_kernel.py``, benchmarks/RESULTS.md) its
+arithmetic is 3-6x faster than the ATen blocks. The same library finds the k-th largest
+magnitude of a float32 row by a radix selection (:func:`kth_largest_magnitude`, TIES' trim
+threshold, exactly ``abs().kthvalue``'s value).
 
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
@@ -31,6 +33,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -49,6 +52,8 @@ _MODE_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]  # -ffp-contract=
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # the first the compiler accepts
 _MIN_ENTRIES_PER_THREAD = 1 << 20  # smaller tensors merge on the calling thread
 _ALIGN = 16  # thread ranges start on a multiple of the kernel's 16-entry step
+_SELECTION_COUNTS = (1 << 15) + (1 << 16)  # the radix selection's counts: high 15 bits, then low 16
+_selection_counts = threading.local()
 
 
 def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
@@ -122,10 +127,10 @@ def kth_largest_magnitude(values: torch.Tensor, k: int) -> torch.Tensor:
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, {n}], got {k}")
-    result = _library().clpeft_kth_largest_magnitude(values.data_ptr(), n, k)
-    if result < 0:
-        raise MemoryError("the CPU selection kernel could not allocate its 768 KiB of counts")
-    return values.new_tensor(result)
+    counts = getattr(_selection_counts, "tensor", None)
+    if counts is None:  # one scratch per thread, reused by its calls and freed with the thread
+        counts = _selection_counts.tensor = torch.empty(_SELECTION_COUNTS, dtype=torch.int64)
+    return values.new_tensor(_library().clpeft_kth_largest_magnitude(values.data_ptr(), n, k, counts.data_ptr()))
 
 
 @functools.cache
@@ -167,7 +172,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # sums (float64)
     ]
     library.clpeft_linear_merge.restype = ctypes.c_int
-    library.clpeft_kth_largest_magnitude.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    library.clpeft_kth_largest_magnitude.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     library.clpeft_kth_largest_magnitude.restype = ctypes.c_float
     return library
 

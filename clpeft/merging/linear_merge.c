@@ -26,7 +26,6 @@
  * radix selection (clpeft_kth_largest_magnitude, at the end).
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -264,43 +263,36 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
  * bits (sign cleared) order like the magnitudes, so a radix selection on the high 15 bits, then
  * on the low 16 bits inside the chosen bucket, finds the k-th largest bit pattern in two
  * read-only passes (TIES' trim threshold, Yadav et al., NeurIPS 2023, Algorithm 1, "Trim").
- * Returns -1 (as a float) if the counts cannot be allocated or k is out of range. */
-float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k) {
-    /* the counts live as long as the calling thread: fresh pages for every call cost more than the counting */
-    static _Thread_local int64_t *high = NULL, *low = NULL;
+ * counts: 2^15 + 2^16 int64 of scratch, owned by the caller (reused: fresh pages for every call
+ * cost more than the counting). Returns -1 (as a float) if k is out of range. */
+float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, int64_t *counts) {
     if (k < 1 || k > n) return -1.f;
-    if (!high) high = malloc((1 << 15) * sizeof *high);
-    if (!low) low = malloc((1 << 16) * sizeof *low);
-    float result = -1.f;
-    if (high && low) {
-        memset(high, 0, (1 << 15) * sizeof *high);
-        memset(low, 0, (1 << 16) * sizeof *low);
-        const uint32_t *bits = (const uint32_t *)values;
-        for (int64_t i = 0; i < n; i++) high[(bits[i] & 0x7FFFFFFFu) >> 16]++;
-        int64_t above = 0; /* entries in higher buckets */
-        int bucket = (1 << 15) - 1;
-        while (above + high[bucket] < k) above += high[bucket--];
-        /* few entries fall in the bucket: test eight at a time and count only where one does */
-        const u32x8 in_bucket = (u32x8){0} + (uint32_t)bucket;
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            u32x8 keys;
-            memcpy(&keys, bits + i, sizeof keys);
-            keys &= 0x7FFFFFFFu;
-            const u32x8 hit = (u32x8)((keys >> 16) == in_bucket);
-            uint64_t any[4];
-            memcpy(any, &hit, sizeof any);
-            if ((any[0] | any[1] | any[2] | any[3]) == 0) continue;
-            for (int lane = 0; lane < LANES; lane++)
-                if (hit[lane]) low[keys[lane] & 0xFFFFu]++;
-        }
-        for (; i < n; i++) {
-            const uint32_t key = bits[i] & 0x7FFFFFFFu;
-            if ((int)(key >> 16) == bucket) low[key & 0xFFFFu]++;
-        }
-        int offset = (1 << 16) - 1;
-        while (above + low[offset] < k) above += low[offset--];
-        result = bits_to_float(((uint32_t)bucket << 16) | (uint32_t)offset);
+    int64_t *high = counts, *low = counts + (1 << 15);
+    memset(counts, 0, ((1 << 15) + (1 << 16)) * sizeof *counts);
+    const uint32_t *bits = (const uint32_t *)values;
+    for (int64_t i = 0; i < n; i++) high[(bits[i] & 0x7FFFFFFFu) >> 16]++;
+    int64_t above = 0; /* entries in higher buckets */
+    int bucket = (1 << 15) - 1;
+    while (above + high[bucket] < k) above += high[bucket--];
+    /* few entries fall in the bucket: test eight at a time and count only where one does */
+    const u32x8 in_bucket = (u32x8){0} + (uint32_t)bucket;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        u32x8 keys;
+        memcpy(&keys, bits + i, sizeof keys);
+        keys &= 0x7FFFFFFFu;
+        const u32x8 hit = (u32x8)((keys >> 16) == in_bucket);
+        uint64_t any[4];
+        memcpy(any, &hit, sizeof any);
+        if ((any[0] | any[1] | any[2] | any[3]) == 0) continue;
+        for (int lane = 0; lane < LANES; lane++)
+            if (hit[lane]) low[keys[lane] & 0xFFFFu]++;
     }
-    return result;
+    for (; i < n; i++) {
+        const uint32_t key = bits[i] & 0x7FFFFFFFu;
+        if ((int)(key >> 16) == bucket) low[key & 0xFFFFu]++;
+    }
+    int offset = (1 << 16) - 1;
+    while (above + low[offset] < k) above += low[offset--];
+    return bits_to_float(((uint32_t)bucket << 16) | (uint32_t)offset);
 }
