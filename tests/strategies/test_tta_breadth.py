@@ -25,6 +25,7 @@ from clpeft.components.tta.losses import entropy
 from clpeft.components.tta.object_destruction import destroy_objects
 from clpeft.components.tta.online_adaptation import classifier
 from clpeft.components.tta.prior_batch_norm import PriorBatchNorm
+from clpeft.components.tta.robust_batch_norm import RobustBatchNorm
 from clpeft.errors import UserError
 from clpeft.registry import strategies
 
@@ -373,6 +374,53 @@ def test_prior_batch_norm_replaces_the_forward_once_survives_a_copy_and_detaches
     prior.attach([layer])
     with pytest.raises(ValueError, match="expected 4D input"):
         layer(x[0])
+
+
+def test_robust_batch_norm_replaces_the_forward_and_copies_share_the_updates():
+    """``RobustBatchNorm`` on a layer: outside ``updating()`` the eval-mode BatchNorm of the stored
+    statistics, without the layer's own forward running (its ``F.batch_norm`` is called once);
+    inside, the statistics move by ``alpha`` towards the batch's (biased variance), the output
+    uses the moved ones and carries their gradient; a deep copy of the layer (a teacher) follows
+    the same ``updating()`` blocks; ``detach`` gives the layer its own forward back."""
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    keys = list(layer.state_dict())
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    stored = (layer.running_mean.clone(), layer.running_var.clone())
+    robust = RobustBatchNorm(0.25)
+    robust.attach([layer])
+    layer.train()  # attach put it in eval mode; a stray train() must not matter either
+    calls = []
+    real = torch.nn.functional.batch_norm
+    with pytest.MonkeyPatch.context() as spy:
+        spy.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = layer(x)
+        assert len(calls) == 1
+        torch.testing.assert_close(out, real(x, *stored, layer.weight, layer.bias, False, 0.0, layer.eps))
+        teacher = copy.deepcopy(layer)
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        moved = (0.75 * stored[0] + 0.25 * mean, 0.75 * stored[1] + 0.25 * var)
+        x.requires_grad_(True)
+        with robust.updating():
+            out = layer(x)
+            teacher(x.detach())
+    assert len(calls) == 1  # updating forwards normalise once each, by hand (a hook ran BatchNorm first)
+    expected = real(x, *moved, layer.weight, layer.bias, False, 0.0, layer.eps)
+    torch.testing.assert_close(out, expected)
+    for net in (layer, teacher):
+        torch.testing.assert_close(net.running_mean, moved[0])
+        torch.testing.assert_close(net.running_var, moved[1])
+    (grad,) = torch.autograd.grad(out.square().sum(), x)  # through the batch statistics: not eval BatchNorm's
+    (frozen,) = torch.autograd.grad(expected.square().sum(), x)
+    assert not torch.allclose(grad, frozen)
+    assert list(layer.state_dict()) == keys
+    robust.detach()
+    layer.eval()
+    torch.testing.assert_close(layer(x), real(x, *moved, layer.weight, layer.bias, False, 0.0, layer.eps))
+    assert "forward" not in layer.__dict__ and "forward" in teacher.__dict__
 
 
 # ------------------------------------------------------------------ state

@@ -9,22 +9,29 @@ statistics that start at the source's and follow the batches the method trains o
 (biased batch variance), normalising those batches with the updated values (the gradient flows
 through ``mu_B, sigma_B^2``) and every other batch (predictions) with the stored ones. As the
 authors' code (``RobustBN2d`` in Döbler et al.'s benchmark, ``methods/rotta.py``) the statistics
-live in the layers' running buffers here, so the ``state_dict`` keys are the source model's;
-a forward hook replaces each (eval-mode) layer's output, and :meth:`RobustBatchNorm.updating`
-marks the forwards that update.
+live in the layers' running buffers here, so the ``state_dict`` keys are the source model's.
+Each (eval-mode) layer's ``forward`` is replaced on the instance, not wrapped by a hook, so its
+own normalisation is never computed and thrown away; :meth:`RobustBatchNorm.updating` marks
+the forwards that update.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class RobustBatchNorm:
     """RoTTA's moving-average BatchNorm on the layers given to :meth:`attach`.
+
+    A copy of an attached layer (``copy.deepcopy`` of its model, e.g. a teacher made from the
+    student) stays robust and follows the same :meth:`updating` blocks: the copy shares this
+    object instead of carrying a copy of it.
 
     Args:
         alpha: momentum of the statistics (0.05 in RoTTA).
@@ -35,20 +42,25 @@ class RobustBatchNorm:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.alpha = float(alpha)
         self._updating = False
-        self._handles: list = []
+        self._layers: list[_BatchNorm] = []
+
+    def __deepcopy__(self, memo: dict) -> RobustBatchNorm:
+        return self
 
     def attach(self, layers: list[_BatchNorm]) -> None:
-        """Apply to ``layers`` (eval mode; replaces a previous :meth:`attach`, and any hook of
-        this kind a layer carries from being copied)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Apply to ``layers`` (eval mode; replaces a previous :meth:`attach`)."""
+        self.detach()
         for layer in layers:
-            for key, hook in list(layer._forward_hooks.items()):
-                if isinstance(getattr(hook, "__self__", None), RobustBatchNorm):
-                    del layer._forward_hooks[key]
             layer.eval()
-            self._handles.append(layer.register_forward_hook(self._normalise))
+            layer.forward = functools.partial(self._normalise, layer)
+            self._layers.append(layer)
+
+    def detach(self) -> None:
+        """Give the layers of the last :meth:`attach` their own ``forward`` back."""
+        for layer in self._layers:
+            if getattr(layer.__dict__.get("forward"), "func", None) == self._normalise:
+                del layer.forward
+        self._layers = []
 
     @contextlib.contextmanager
     def updating(self):
@@ -59,20 +71,21 @@ class RobustBatchNorm:
         finally:
             self._updating = False
 
-    def _normalise(self, layer: _BatchNorm, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
+    def _normalise(self, layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        layer._check_input_dim(x)
+        if not self._updating:
+            return F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        if self._updating:
-            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
-            mean = (1 - self.alpha) * layer.running_mean + self.alpha * mean
-            var = (1 - self.alpha) * layer.running_var + self.alpha * var
-            with torch.no_grad():
-                layer.running_mean.copy_(mean)
-                layer.running_var.copy_(var)
-        else:
-            mean, var = layer.running_mean, layer.running_var
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
+        mean = (1 - self.alpha) * layer.running_mean + self.alpha * mean
+        var = (1 - self.alpha) * layer.running_var + self.alpha * var
+        with torch.no_grad():
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
         out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + layer.eps)
-        return out * layer.weight.view(shape) + layer.bias.view(shape)
+        if layer.affine:
+            out = out * layer.weight.view(shape) + layer.bias.view(shape)
+        return out
 
 
 def batch_norm_layers_of(model: nn.Module) -> list[_BatchNorm]:
