@@ -265,6 +265,7 @@ def sharded_step(strategy: nn.Module):
 
 
 def _idle_forward(backbone: nn.Module):
-    """A forward of one padding token: this rank's part in the others' collectives, its output of no use."""
+    """A forward of one padding token: this rank's part in the others' collectives, its output of no use.
+    The token is masked out, so statistics of real tokens (PRILoRA's, under ``mark_real_tokens``) skip it."""
     token = torch.full((1, 1), backbone.pad_id, dtype=torch.long, device=backbone.device)
-    return backbone.net(input_ids=token, use_cache=False)
+    return backbone.net(input_ids=token, attention_mask=torch.zeros_like(token), use_cache=False)

@@ -108,6 +108,19 @@ def test_the_covariances_count_the_real_prompt_and_answer_tokens_only(tiny_lm, t
         assert not torch.allclose(covariance, padded.T @ padded / len(padded), rtol=1e-3, atol=1e-5)  # padding would show
 
 
+def test_a_sharded_ranks_idle_forward_counts_no_token_and_gives_finite_zero_gradients(tiny_lm):
+    """An FSDP rank with an empty share runs one masked pad token (:func:`clpeft.fsdp._idle_forward`): in
+    training mode PRILoRA's input statistics stay empty, and ``logits.sum() * 0`` backpropagates zeros, not NaN."""
+    from clpeft.fsdp import _idle_forward
+
+    strategy = LoRACL(GenerativeLM(weights=str(tiny_lm)), general_text_samples=0, rank_budget=3)
+    strategy.train()
+    _idle_forward(strategy.backbone).logits.sum().mul(0.0).backward()
+    assert all(int(layer.input_count) == 0 for layer in strategy.lora.values())
+    grads = [p.grad for p in strategy.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
 def test_rank_budget_statistics_count_the_real_tokens_of_a_padded_batch_only(tiny_lm, tmp_path, checkpointing):
     """PRILoRA's input statistics, gathered while training on a right-padded batch, equal the mean square of the
