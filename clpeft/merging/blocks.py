@@ -92,7 +92,12 @@ def combine_linear(
             base_block.copy_(base[start:stop])
         subtract_rows(task_vectors, [s[start:stop] for s in sources], base_block)
         torch.linalg.vector_norm(task_vectors, dim=1, out=block_norms[3:])
-        torch.mv(task_vectors.T, coefficients, out=delta)
+        # c_0 tau_0 + c_1 tau_1 + ... added in order, each product rounded: the compiled kernel's
+        # operations (torch.mv would leave the order and fused multiply-adds to the BLAS)
+        task_vectors.mul_(coefficients[:, None])
+        delta.copy_(task_vectors[0])
+        for scaled in task_vectors[1:]:
+            delta.add_(scaled)
         torch.linalg.vector_norm(base_block, out=block_norms[0])
         torch.linalg.vector_norm(delta, out=block_norms[1])
         nonzero += int(torch.count_nonzero(delta))

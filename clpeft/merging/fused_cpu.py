@@ -2,7 +2,7 @@
 
 Task arithmetic and the mean give ``theta_0 + sum_k c_k (theta_k - theta_0)`` (Ilharco et al.,
 ICLR 2023, Section 2). With ATen ops each cached block takes about ten passes (conversion,
-subtraction, norms, ``mv``, the add: :func:`~clpeft.merging.blocks.combine_linear`); the loop
+subtraction, norms, scaling, the sums: :func:`~clpeft.merging.blocks.combine_linear`); the loop
 in ``linear_merge.c`` reads each input entry once, converts bf16 / fp16 in registers and
 accumulates the report's statistics on the way. Its merged tensors equal the ATen path's bit for
 bit (same float32 operations in the same order, no fused multiply-adds); only the statistics'
