@@ -23,6 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
+from clpeft.merging import fused_cpu
+from clpeft.merging.report import count_nonzero
+
 __all__ = ["BLOCK_COLUMNS", "combine_linear", "compute_dtype", "subtract_rows"]
 
 # Columns per block: K x 2^18 float32 (8 MiB at K = 8) stays cached between the subtraction,
@@ -36,7 +39,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """``out[k] = sources[k] - base`` in ``out``'s dtype, each source converted once per block.
+    """``out[k] = sources[k] - base`` in ``out``'s dtype, each source converted once per block (bf16 / fp16
+    sources into float32 rows on the CPU: converted and subtracted in one compiled pass,
+    :func:`~clpeft.merging.fused_cpu.subtract`).
 
     Args:
         out: ``(K, n)`` rows in the compute dtype (``base``'s).
@@ -47,10 +52,14 @@ def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torc
         ``out``.
     """
     n = out.shape[1]
+    converted = []
     for row, source in zip(out, sources):
         if source.dtype == out.dtype:
             torch.sub(source[:n], base, out=row)
-    converted = [(row, source) for row, source in zip(out, sources) if source.dtype != out.dtype]
+        elif fused_cpu.supports_subtraction(source[:n], base, row):  # bf16 / fp16 in one compiled pass
+            fused_cpu.subtract(source[:n], base, row)
+        else:
+            converted.append((row, source))
     for start in range(0, n if converted else 0, BLOCK_COLUMNS):
         stop = min(n, start + BLOCK_COLUMNS)
         for row, source in converted:
@@ -100,7 +109,7 @@ def combine_linear(
             delta.add_(scaled)
         torch.linalg.vector_norm(base_block, out=block_norms[0])
         torch.linalg.vector_norm(delta, out=block_norms[1])
-        nonzero += int(torch.count_nonzero(delta))
+        nonzero += int(count_nonzero(delta))
         if out.dtype == scratch.dtype:
             torch.add(base_block, delta, out=out[start:stop])
         else:

@@ -1,4 +1,4 @@
-"""Linear merges on the CPU in one pass, and TIES' trim threshold: a small C library, compiled on first use.
+"""Merges on the CPU in compiled loops: linear merges in one pass, TIES' trim and election, half-precision task vectors.
 
 Task arithmetic and the mean give ``theta_0 + sum_k c_k (theta_k - theta_0)`` (Ilharco et al.,
 ICLR 2023, Section 2). With ATen ops each cached block takes about ten passes (conversion,
@@ -7,15 +7,21 @@ in ``linear_merge.c`` reads each input entry once, converts bf16 / fp16 in regis
 accumulates the report's statistics on the way. Its merged tensors equal the ATen path's bit for
 bit (same float32 operations in the same order, no fused multiply-adds); only the statistics'
 last bits differ. Side by side (``benchmarks/merge_cpu_kernel.py``, benchmarks/RESULTS.md) its
-arithmetic is 3-6x faster than the ATen blocks. The same library finds the k-th largest
-magnitude of a float32 row by a radix selection (:func:`kth_largest_magnitude`, TIES' trim
-threshold, exactly ``abs().kthvalue``'s value).
+arithmetic is 3-6x faster than the ATen blocks. The same library serves the methods that need
+whole task vectors, each loop with the ATen path's bits or exact counts:
+
+* :func:`subtract`: a bf16 / fp16 model's task vector in float32, converted and subtracted in one pass;
+* :func:`kth_largest_magnitude`: TIES' per-tensor trim threshold by a radix selection, exactly
+  ``abs().kthvalue``'s value; :func:`count_magnitude_digits`: one sweep of the model-scope trim's
+  radix selection (:mod:`~clpeft.merging.methods.model_trim`);
+* :func:`ties_elect`: TIES' sign election and disjoint merge, the model-scope trim fused in.
 
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
 of the source, the compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL;
 large tensors are split over ``torch.get_num_threads()`` threads). Without a compiler, or with
-``CLPEFT_CPU_KERNEL=0``, the engine keeps the ATen path; ``merge(..., fused=False)`` too. A
+``CLPEFT_CPU_KERNEL=0``, everything keeps the ATen path; ``merge(..., fused=False)`` keeps linear
+merges on it. A
 cached library that another user could have written (not owned by this user, or writable by
 group or others, or in such a folder) is never loaded.
 """
@@ -43,7 +49,18 @@ import torch
 
 from clpeft.paths import kernels_cache_dir
 
-__all__ = ["available", "kth_largest_magnitude", "linear_merge", "supports", "supports_selection"]
+__all__ = [
+    "available",
+    "count_magnitude_digits",
+    "kth_largest_magnitude",
+    "linear_merge",
+    "subtract",
+    "supports",
+    "supports_election",
+    "supports_selection",
+    "supports_subtraction",
+    "ties_elect",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -116,6 +133,40 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
     return sums.sum(dim=0)
 
 
+def supports_subtraction(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether :func:`subtract` applies: a flat bf16 / fp16 ``source`` (at least ``base``'s length), float32
+    ``base`` and ``out`` of one length, all contiguous on the CPU, and a compiled kernel."""
+    return (
+        source.dtype in (torch.bfloat16, torch.float16)
+        and base.dtype == out.dtype == torch.float32
+        and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (source, base, out))
+        and source.data_ptr() % 2 == 0
+        and source.numel() >= base.numel() == out.numel()
+        and available()
+        and bool(_library().clpeft_supports_dtype(_DTYPE_CODES[source.dtype]))
+    )
+
+
+def subtract(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = source.float() - base`` in one pass (the conversion exact, one rounding: ATen's bits);
+    the tensor is split over the torch threads."""
+    n, code, size = out.numel(), _DTYPE_CODES[source.dtype], source.element_size()
+    parts = max(1, min(torch.get_num_threads(), n // _MIN_ENTRIES_PER_THREAD))
+    step = -(-n // parts // _ALIGN) * _ALIGN
+
+    def run(start: int) -> None:
+        stop = min(n, start + step)
+        _library().clpeft_subtract(
+            code, stop - start, source.data_ptr() + start * size, base.data_ptr() + start * 4, out.data_ptr() + start * 4
+        )
+
+    if parts == 1:
+        run(0)
+    else:
+        list(_pool(parts).map(run, range(0, n, step)))
+    return out
+
+
 def supports_selection(values: torch.Tensor) -> bool:
     """Whether :func:`kth_largest_magnitude` applies: a contiguous float32 CPU tensor and a compiled kernel."""
     return values.dtype == torch.float32 and values.device.type == "cpu" and values.is_contiguous() and available()
@@ -131,6 +182,61 @@ def kth_largest_magnitude(values: torch.Tensor, k: int) -> torch.Tensor:
     if counts is None:  # one scratch per thread, reused by its calls and freed with the thread
         counts = _selection_counts.tensor = torch.empty(_SELECTION_COUNTS, dtype=torch.int64)
     return values.new_tensor(_library().clpeft_kth_largest_magnitude(values.data_ptr(), n, k, counts.data_ptr()))
+
+
+def supports_election(task_vectors: torch.Tensor) -> bool:
+    """Whether :func:`ties_elect` applies: contiguous float32 ``(K, n)`` rows on the CPU and a compiled kernel."""
+    return task_vectors.dim() == 2 and task_vectors.shape[0] > 0 and supports_selection(task_vectors)
+
+
+def ties_elect(
+    task_vectors: torch.Tensor, coefficients: Sequence[float], mean: bool, lambdas: Sequence[float] | None = None
+) -> torch.Tensor:
+    """TIES' election and disjoint merge of float32 ``(K, n)`` task vectors in one pass per chunk, the
+    merged vector written into ``task_vectors[0]`` and returned; the other rows are left as they are.
+
+    The same float32 operations in the same order as ATen's :func:`~clpeft.merging.methods.generalized.combine`
+    (bit for bit); with ``lambdas`` each row is first trimmed as ``torch.hardshrink(row, lambdas[t])`` would
+    (TIES' trim fused in). Columns are split over the torch threads."""
+    k, n = task_vectors.shape
+    rows = (ctypes.c_void_p * k)(*[row.data_ptr() for row in task_vectors])
+    weights = (ctypes.c_float * k)(*coefficients)
+    shrink = None if lambdas is None else (ctypes.c_float * k)(*lambdas)
+    parts = max(1, min(torch.get_num_threads(), n * k // _MIN_ENTRIES_PER_THREAD))
+    step = -(-n // parts // _ALIGN) * _ALIGN
+    starts = list(range(0, n, step))
+
+    def run(start: int) -> None:
+        stop = min(n, start + step)
+        offset = start * task_vectors.element_size()
+        part = (ctypes.c_void_p * k)(*[pointer + offset for pointer in rows])
+        _library().clpeft_ties_elect(stop - start, k, part, shrink, weights, int(mean), rows[0] + offset)
+
+    if len(starts) == 1:
+        run(0)
+    else:
+        list(_pool(len(starts)).map(run, starts))
+    return task_vectors[0]
+
+
+def count_magnitude_digits(rows: torch.Tensor, shift: int, prefixes: Sequence[int], counts: torch.Tensor) -> None:
+    """One sweep of the model-scope trim's radix selection (:mod:`~clpeft.merging.methods.model_trim`):
+    for each row ``t`` of the contiguous float32 ``(K, n)`` ``rows``, add to ``counts[t, d]`` the number of
+    ``|rows[t]|`` whose 16-bit digit at ``shift`` (16 or 0) is ``d`` and whose higher bits equal ``prefixes[t]``.
+    ``counts``: int64 ``(K, 2^16)``, each row contiguous. Rows run on the torch threads, one row each at a time."""
+    if shift not in (0, 16) or counts.dtype != torch.int64 or counts.stride(1) != 1 or counts.shape != (rows.shape[0], 1 << 16):
+        raise ValueError("count_magnitude_digits needs shift 0 or 16 and int64 counts of shape (K, 2^16), rows contiguous")
+    n, library = rows.shape[1], _library()
+
+    def run(t: int) -> None:
+        library.clpeft_count_magnitude_digits(rows[t].data_ptr(), n, shift, prefixes[t], counts[t].data_ptr())
+
+    workers = max(1, min(torch.get_num_threads(), rows.shape[0], n * rows.shape[0] // _MIN_ENTRIES_PER_THREAD))
+    if workers == 1:
+        for t in range(rows.shape[0]):
+            run(t)
+    else:
+        list(_pool(workers).map(run, range(rows.shape[0])))
 
 
 @functools.cache
@@ -174,6 +280,20 @@ def _library() -> ctypes.CDLL | None:
     library.clpeft_linear_merge.restype = ctypes.c_int
     library.clpeft_kth_largest_magnitude.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     library.clpeft_kth_largest_magnitude.restype = ctypes.c_float
+    library.clpeft_count_magnitude_digits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
+    library.clpeft_count_magnitude_digits.restype = None
+    library.clpeft_ties_elect.argtypes = [
+        ctypes.c_int64,  # n
+        ctypes.c_int,  # k
+        ctypes.POINTER(ctypes.c_void_p),  # rows
+        ctypes.POINTER(ctypes.c_float),  # lambdas (NULL: no trim)
+        ctypes.POINTER(ctypes.c_float),  # coefficients
+        ctypes.c_int,  # mean
+        ctypes.c_void_p,  # out
+    ]
+    library.clpeft_ties_elect.restype = None
+    library.clpeft_subtract.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    library.clpeft_subtract.restype = ctypes.c_int
     return library
 
 

@@ -22,8 +22,11 @@
  * Written with GCC / Clang vector extensions (8 float32 lanes), so it compiles for any target
  * those compilers support; F16C converts fp16 where the CPU has it.
  *
- * The same library holds TIES' trim threshold, the k-th largest magnitude of a float32 row by a
- * radix selection (clpeft_kth_largest_magnitude, at the end).
+ * The same library holds the loops of methods that need whole task vectors (each with the ATen
+ * path's bits or exact counts): a half-precision task vector formed in one pass (clpeft_subtract),
+ * TIES' trim threshold per tensor (clpeft_kth_largest_magnitude, a radix selection) and over the
+ * whole model (clpeft_count_magnitude_digits, one sweep of it), and TIES' election and disjoint
+ * merge with the trim fused in (clpeft_ties_elect).
  */
 #include <stdint.h>
 #include <string.h>
@@ -257,6 +260,37 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
     return 0;
 }
 
+/* ------------------------------------------------------------------ task vectors */
+
+/* out = float(source) - base over n entries (source in dtype, base and out float32): a task
+ * vector formed in one pass, the conversion exact and the subtraction rounded once, as ATen's
+ * copy_ then sub_ (blocks.subtract_rows). Returns -1 for a dtype this build lacks. */
+int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base, float *out) {
+    if (!clpeft_supports_dtype(dtype)) return -1;
+    int64_t i = 0;
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {
+        f32x8 x[2], b[2];
+        pair_load(dtype, source, i, x);
+        pair_load(DTYPE_FLOAT32, base, i, b);
+        if (dtype == DTYPE_BFLOAT16) { /* x's lanes are in unpacking order: put base's the same way */
+            const f32x8 lo = __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11);
+            const f32x8 hi = __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+            b[0] = lo;
+            b[1] = hi;
+        }
+        f32x8 d[2] = {x[0] - b[0], x[1] - b[1]};
+        if (dtype == DTYPE_BFLOAT16) {
+            const f32x8 lo = __builtin_shufflevector(d[0], d[1], 0, 1, 2, 3, 8, 9, 10, 11);
+            const f32x8 hi = __builtin_shufflevector(d[0], d[1], 4, 5, 6, 7, 12, 13, 14, 15);
+            d[0] = lo;
+            d[1] = hi;
+        }
+        pair_store(DTYPE_FLOAT32, out, i, d);
+    }
+    for (; i < n; i++) out[i] = scalar_load(dtype, source, i) - base[i];
+    return 0;
+}
+
 /* ------------------------------------------------------------------ TIES' cut-off */
 
 /* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly: a magnitude's
@@ -295,4 +329,117 @@ float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, in
     int offset = (1 << 16) - 1;
     while (above + low[offset] < k) above += low[offset--];
     return bits_to_float(((uint32_t)bucket << 16) | (uint32_t)offset);
+}
+
+/* One sweep of TIES' trim over the whole model (clpeft/merging/methods/model_trim.py): among the
+ * float32 magnitudes |values[i]| whose bits above bit shift + 16 equal prefix, count each 16-bit
+ * digit (bits shift .. shift + 15) into counts[digit]; the others are not counted. shift is 16
+ * (the first sweep: every entry, prefix 0) or 0. Integer counts, so the same as any order of
+ * counting. */
+void clpeft_count_magnitude_digits(const float *values, int64_t n, int shift, uint32_t prefix, int64_t *counts) {
+    const uint32_t *bits = (const uint32_t *)values;
+    if (shift == 16) {
+        for (int64_t i = 0; i < n; i++) counts[(bits[i] & 0x7FFFFFFFu) >> 16]++;
+        return;
+    }
+    const u32x8 wanted = (u32x8){0} + prefix; /* few entries share the prefix: test eight at a time */
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        u32x8 keys;
+        memcpy(&keys, bits + i, sizeof keys);
+        keys &= 0x7FFFFFFFu;
+        const u32x8 hit = (u32x8)((keys >> 16) == wanted);
+        uint64_t any[4];
+        memcpy(any, &hit, sizeof any);
+        if ((any[0] | any[1] | any[2] | any[3]) == 0) continue;
+        for (int lane = 0; lane < LANES; lane++)
+            if (hit[lane]) counts[keys[lane] & 0xFFFFu]++;
+    }
+    for (; i < n; i++) {
+        const uint32_t key = bits[i] & 0x7FFFFFFFu;
+        if ((key >> 16) == prefix) counts[key & 0xFFFFu]++;
+    }
+}
+
+/* ------------------------------------------------------------------ TIES' election */
+
+#define ELECT_CHUNK 2048 /* entries per chunk: its sums, merged values and counts (24 KiB) stay in L1 */
+
+/* Eight entries of a row from entry i of m (lanes past m read as 0). */
+static inline f32x8 row_load(const float *row, int64_t i, int64_t m) {
+    f32x8 v = {0};
+    memcpy(&v, row + i, (size_t)(i + LANES <= m ? LANES : m - i) * sizeof(float));
+    return v;
+}
+
+/* The entries TIES' trim keeps: those with |x| > lambda, as torch.hardshrink(x, lambda) (zeros
+ * become +0, NaN stays); lambda < 0 keeps every entry as it is. */
+static inline f32x8 trimmed(f32x8 x, float lambda) {
+    if (lambda < 0.f) return x;
+    const f32x8 magnitude = (f32x8)((u32x8)x & 0x7FFFFFFFu);
+    return (f32x8)((i32x8)x & ~(i32x8)(magnitude <= lambda));
+}
+
+/* TIES' election and disjoint merge of K float32 rows of n entries (Yadav et al., NeurIPS 2023,
+ * Algorithm 1, "Elect" and "Disjoint Merge"; clpeft/merging/methods/generalized.py), with the
+ * trim of each row fused in when lambdas is given (row t keeps |x| > lambdas[t]). Per entry, as
+ * generalized._elect, every operation a float32 operation rounded on its own:
+ *     total = x_1 + x_2 + ... + x_K (in order);  s = total >= 0 ? 1 : -1
+ *     a_k = max(s x_k, 0) (torch.clamp: -0 and NaN stay);  m = c_1 a_1 + c_2 a_2 + ... (in order)
+ *     out = m s, divided by max(#{k : a_k > 0}, 1) when mean is set.
+ * out may be rows[0] (each chunk is written after it is read). */
+void clpeft_ties_elect(int64_t n, int k, const float *const *rows, const float *lambdas, const float *coefficients, int mean, float *out) {
+    float total[ELECT_CHUNK] __attribute__((aligned(32)));
+    float merged[ELECT_CHUNK] __attribute__((aligned(32)));
+    float count[ELECT_CHUNK] __attribute__((aligned(32)));
+    const f32x8 one = (f32x8){0} + 1.f, minus_one = (f32x8){0} - 1.f;
+    for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
+        const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
+        for (int t = 0; t < k; t++) {
+            const float *row = rows[t] + start;
+            const float lambda = lambdas ? lambdas[t] : -1.f;
+            for (int64_t i = 0; i < m; i += LANES) {
+                f32x8 x = trimmed(row_load(row, i, m), lambda), sum;
+                if (t > 0) {
+                    memcpy(&sum, total + i, sizeof sum);
+                    x = sum + x;
+                }
+                memcpy(total + i, &x, sizeof x);
+            }
+        }
+        for (int t = 0; t < k; t++) {
+            const float *row = rows[t] + start;
+            const float lambda = lambdas ? lambdas[t] : -1.f;
+            const f32x8 c = (f32x8){0} + coefficients[t];
+            for (int64_t i = 0; i < m; i += LANES) {
+                f32x8 sum, a, value, counted;
+                memcpy(&sum, total + i, sizeof sum);
+                const i32x8 positive = (i32x8)(sum >= 0.f);
+                const f32x8 s = (f32x8)((positive & (i32x8)one) | (~positive & (i32x8)minus_one));
+                a = trimmed(row_load(row, i, m), lambda) * s;
+                a = (f32x8)((i32x8)a & ~(i32x8)(a < 0.f));
+                value = c * a;
+                counted = (f32x8)((i32x8)(a > 0.f) & (i32x8)one);
+                if (t > 0) {
+                    f32x8 before, seen;
+                    memcpy(&before, merged + i, sizeof before);
+                    memcpy(&seen, count + i, sizeof seen);
+                    value = before + value;
+                    counted = seen + counted;
+                }
+                memcpy(merged + i, &value, sizeof value);
+                memcpy(count + i, &counted, sizeof counted);
+            }
+        }
+        for (int64_t i = 0; i < m; i += LANES) {
+            f32x8 sum, value, counted;
+            memcpy(&sum, total + i, sizeof sum);
+            memcpy(&value, merged + i, sizeof value);
+            memcpy(&counted, count + i, sizeof counted);
+            const i32x8 positive = (i32x8)(sum >= 0.f);
+            value = value * (f32x8)((positive & (i32x8)one) | (~positive & (i32x8)minus_one));
+            if (mean) value = value / (counted + (f32x8)((i32x8)(counted == 0.f) & (i32x8)one));
+            memcpy(out + start + i, &value, (size_t)(i + LANES <= m ? LANES : m - i) * sizeof(float));
+        }
+    }
 }

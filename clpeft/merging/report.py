@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergeReport", "TensorReport", "pack_stats", "pack_sums", "sample_entries", "sign_conflict"]
+__all__ = ["MergeReport", "TensorReport", "count_nonzero", "pack_stats", "pack_sums", "sample_entries", "sign_conflict"]
 
 # Sampled entries over all rows: below torch's parallel grain size (32768), so the statistic
 # never starts a parallel region (each costs milliseconds on a busy machine).
@@ -101,6 +101,13 @@ def sign_conflict(task_vectors: torch.Tensor) -> torch.Tensor:
     return ((sample.amax(dim=0) > 0) & (sample.amin(dim=0) < 0)).to(sample.dtype).mean()
 
 
+def count_nonzero(values: torch.Tensor) -> torch.Tensor:
+    """``torch.count_nonzero(values)`` as a sum of bytes: the same count (NaN counts), branch-free
+    (``count_nonzero`` slows to ~5 ns per entry on a random pattern of zeros, this ~1.3 ns)."""
+    total_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
+    return (values != 0).view(torch.uint8).sum(dtype=total_dtype)
+
+
 def pack_stats(base: torch.Tensor, norms: torch.Tensor, conflict: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``[||theta_0||, sign_conflict, ||tau_m||, density, ||tau_1||, ..., ||tau_K||]`` as one tensor."""
     head = torch.stack(
@@ -108,7 +115,7 @@ def pack_stats(base: torch.Tensor, norms: torch.Tensor, conflict: torch.Tensor, 
             torch.linalg.vector_norm(base).to(norms.dtype),
             conflict.to(norms.dtype),
             torch.linalg.vector_norm(delta).to(norms.dtype),
-            torch.count_nonzero(delta).to(norms.dtype) / max(delta.numel(), 1),
+            count_nonzero(delta).to(norms.dtype) / max(delta.numel(), 1),
         ]
     )
     return torch.cat([head, norms])

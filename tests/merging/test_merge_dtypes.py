@@ -189,12 +189,13 @@ def sampled(base: dict[str, torch.Tensor]) -> int:
         ("ties", {"trim_scope": "model"}, 3),
     ],
 )
-def test_half_precision_is_converted_once_per_block_and_never_computed_on(dtype, method, params, sweeps):
+def test_half_precision_is_converted_once_per_block_and_never_computed_on(monkeypatch, dtype, method, params, sweeps):
     """Each input entry is converted to float32 exactly once per sweep over the model (the merge,
     plus TIES' two threshold sweeps), besides the samples of linear methods' sign-conflict
     statistic, and no arithmetic op ever receives a bf16 or fp16 tensor. On the ATen path
-    (``fused=False``); the compiled CPU kernel converts in registers
+    (``CLPEFT_CPU_KERNEL=0``); the compiled CPU kernel converts in registers
     (tests/merging/test_merge_fused_cpu.py)."""
+    monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
     base, models = checkpoints(dtype)
     numel = sum(t.numel() for t in base.values() if t.is_floating_point())
     spy = ConversionSpy()

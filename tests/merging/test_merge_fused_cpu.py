@@ -250,3 +250,89 @@ def test_ties_trims_through_the_selection_kernel_for_float32_only(monkeypatch):
     assert torch.equal(sparsify.kth_largest_magnitude(values, 9_000), values.abs().kthvalue(50_000 - 9_000 + 1).values)
     assert torch.equal(sparsify.kth_largest_magnitude(values.double(), 9_000), values.double().abs().kthvalue(41_001).values)
     assert calls == [torch.float32]  # float64 keeps the bracketed selection
+
+
+def election_rows(k: int, n: int, seed: int) -> torch.Tensor:
+    """``(k, n)`` sparse task vectors over six decades with exact zeros, negative zeros, rows that
+    cancel another exactly, repeated magnitudes (trim ties) and sums that cancel to a last bit."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(k, n, generator=generator) * torch.logspace(-4, 2, n)[torch.randperm(n, generator=generator)]
+    rows[:, ::5] = 0.0
+    rows[0, 1::9] = -0.0
+    rows[:, 2::11] = rows[:, 3::11]
+    if k > 2:
+        rows[2] = -rows[1]
+    if k > 3:
+        rows[3, ::3] = -(rows[0, ::3] + rows[1, ::3])  # totals of about one rounding error, either sign
+    return rows
+
+
+@pytest.mark.parametrize("disjoint", ["mean", "sum"])
+@pytest.mark.parametrize("k", [1, 3, 4, 11])
+@pytest.mark.parametrize("fused_trim", [False, True], ids=["rows_trimmed_before", "trim_fused"])
+def test_ties_election_equals_the_aten_election_bit_for_bit(monkeypatch, disjoint, k, fused_trim):
+    """``ties_elect`` (with TIES' trim fused in, or on rows already trimmed) against ATen's
+    ``generalized._elect`` after ``trim_below_``: 3 chunks of 2,048 and a tail of 13, and 700,000
+    columns split over two threads; coefficients negative, zero and not representable in binary."""
+    from clpeft.merging.methods.generalized import _elect
+    from clpeft.merging.methods.sparsify import shrink_lambdas, trim_below_
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    coefficients = torch.tensor([0.3, -0.7, 1.0, 0.0, 2.5, 0.1, -1.1, 0.6, 1.7, 0.01, 3.0][:k])
+    for n in (3 * 2048 + 13, 700_000):
+        rows = election_rows(k, n, seed=k)
+        thresholds = rows.abs().kthvalue(n - n // 4 + 1, dim=1).values  # keep the top quarter and ties
+        thresholds[0] = 0.0  # row 0 kept whole, zeros dropped
+        trimmed = trim_below_(rows.clone(), thresholds)
+        expected = _elect(trimmed.clone(), coefficients, disjoint)
+        given = rows.clone() if fused_trim else trimmed.clone()
+        lambdas = shrink_lambdas(thresholds, torch.float32) if fused_trim else None
+        merged = fused_cpu.ties_elect(given, coefficients.tolist(), disjoint == "mean", lambdas)
+        assert merged.data_ptr() == given.data_ptr()  # written into row 0
+        assert same_bits(merged, expected), n
+        assert torch.equal(given[1:], (rows if fused_trim else trimmed)[1:])  # other rows untouched
+        assert expected.abs().max() > 0 and (expected == 0).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch, dtype):
+    """A whole TIES merge (model-scope trim fused into the election; tensor scope elects trimmed rows;
+    bf16 / fp16 task vectors formed by the subtraction kernel) gives the bits of the same merge with
+    ``CLPEFT_CPU_KERNEL=0``, and uses the election kernel once per tensor."""
+    generator = torch.Generator().manual_seed(5)
+    cast = lambda state: {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # noqa: E731
+    base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
+    models = [cast(finetune(base, generator)) for _ in range(3)]
+    base = cast(base)
+    calls = []
+    elect = fused_cpu.ties_elect
+    monkeypatch.setattr(fused_cpu, "ties_elect", lambda *a: calls.append(len(a) > 3) or elect(*a))
+    floating = [name for name, t in base.items() if t.is_floating_point()]
+    for scope in ("model", "tensor"):
+        calls.clear()
+        params = {"density": 0.3, "weights": [1.0, -0.5, 2.0], "trim_scope": scope}
+        fused = merge(base, models, "ties", **params)
+        assert calls == [scope == "model"] * len(floating)
+        monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
+        aten = merge(base, models, "ties", **params)
+        monkeypatch.delenv("CLPEFT_CPU_KERNEL")
+        assert len(calls) == len(floating)
+        for name in floating:
+            assert same_bits(fused[name], aten[name]), (scope, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_subtraction_kernel_forms_task_vectors_with_atens_bits(monkeypatch, dtype):
+    """``subtract``: ``source.float() - base`` for half-precision sources (16-entry steps and a tail
+    of 7; 2,500,007 entries split over two threads), including subnormals, infinities and
+    exact zeros, bit for bit."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for n in (16 * 5 + 7, 2_500_007):
+        base_half, sources = inputs(n, 2, dtype, seed=n)
+        source = sources[1]
+        source[:4] = torch.tensor([float("inf"), -float("inf"), 1e-7, -0.0], dtype=dtype)
+        base = base_half.float()
+        assert fused_cpu.supports_subtraction(source, base, torch.empty_like(base))
+        out = fused_cpu.subtract(source, base, torch.empty_like(base))
+        assert same_bits(out, source.float() - base), n
+    assert not fused_cpu.supports_subtraction(base, base, out)  # float32 sources subtract with ATen

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clpeft.errors import UserError
-from clpeft.merging import LoraAdapter, merge
+from clpeft.merging import LoraAdapter, fused_cpu, merge
 from clpeft.merging.methods.model_trim import KthLargestMagnitude
 from clpeft.merging.registry import ModelShape
 
@@ -50,6 +50,34 @@ def test_kth_largest_magnitude_is_exact(make, fraction):
     found = select(blocks, k, blocks[0].dtype)
     assert found.dtype == blocks[0].dtype
     assert torch.equal(found.double(), kth_largest_by_sorting(blocks, k))
+
+
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["compiled", "aten"])
+def test_float32_sweeps_count_in_the_compiled_loop_or_aten_with_the_same_result(monkeypatch, kernel):
+    """Float32 rows on the CPU are counted by ``fused_cpu.count_magnitude_digits`` (rows over the
+    torch threads: 3 x 700,001 entries, a tail of 1), or by ATen with ``CLPEFT_CPU_KERNEL=0``; the
+    same exact cut-off either way, the input rows untouched by the compiled loop."""
+    if kernel == "1" and not fused_cpu.available():
+        pytest.skip("no C compiler: the kernel is not built")
+    monkeypatch.setenv("CLPEFT_CPU_KERNEL", kernel)
+    calls = []
+    count = fused_cpu.count_magnitude_digits
+    monkeypatch.setattr(fused_cpu, "count_magnitude_digits", lambda *a: calls.append(a[1]) or count(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(1)
+    blocks = [torch.randn(3, 700_001, generator=g) * torch.tensor([[1e-3], [1.0], [1e5]]), torch.randn(3, 9, generator=g)]
+    blocks[0][:, ::7] = 0.0
+    kept = [b.clone() for b in blocks]
+    shape = ModelShape(sum(b.shape[1] for b in blocks), 3, torch.float32, torch.device("cpu"))
+    for k in (1, 123_457, 700_009):  # the last one among the zeros
+        statistic = KthLargestMagnitude(k, shape)
+        while statistic.wants_sweep():
+            for block in blocks:
+                statistic.observe(block if kernel == "1" else block.clone())
+            statistic.end_sweep()
+        assert torch.equal(statistic.result().double(), kth_largest_by_sorting(blocks, k)), k
+    assert calls == ([16, 16, 0, 0] * 3 if kernel == "1" else [])
+    assert all(torch.equal(b, c) for b, c in zip(blocks, kept))
 
 
 def test_float32_takes_two_sweeps_float64_four_and_extremes_none():

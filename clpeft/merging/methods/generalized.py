@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from clpeft.errors import UserError
+from clpeft.merging import fused_cpu
 
 __all__ = ["Consensus", "Disjoint", "Scale", "Weights", "combine", "task_coefficients"]
 
@@ -66,13 +67,17 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
     The TIES path overwrites ``task_vectors``. It flips every entry to the elected sign and
     clamps the disagreeing ones to zero; a product with ``+-1`` is exact, so this equals the
     masked formula bit for bit, without a K x N float temporary (only a byte mask to count |A|).
-    On the CPU the election runs over blocks of columns (every step is entrywise), so its
-    temporaries stay the size of a block, not of the tensor; a tensor longer than one block
-    gets its merged vector back in ``task_vectors[0]`` (each block is written there once
-    elected).
+    On the CPU float32 rows go through the compiled kernel
+    (:func:`~clpeft.merging.fused_cpu.ties_elect`: the same operations, one pass per chunk, no
+    temporaries), which writes the merged vector into ``task_vectors[0]``; otherwise the election
+    runs over blocks of columns (every step is entrywise), so its temporaries stay the size of a
+    block, not of the tensor, and a tensor longer than one block also gets its merged vector back
+    in ``task_vectors[0]``.
     """
     if consensus == "sum":
         return coefficients @ task_vectors
+    if fused_cpu.supports_election(task_vectors):
+        return fused_cpu.ties_elect(task_vectors, coefficients.tolist(), disjoint == "mean")
     n = task_vectors.shape[1]
     if task_vectors.device.type != "cpu" or n <= ELECTION_COLUMNS:
         return _elect(task_vectors, coefficients, disjoint)
@@ -84,12 +89,22 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
 
 
 def _elect(task_vectors: torch.Tensor, coefficients: torch.Tensor, disjoint: Disjoint) -> torch.Tensor:
-    """TIES' election and disjoint merge of ``(K, n)`` task vectors (:func:`combine`), in place."""
-    sign = torch.where(task_vectors.sum(dim=0) >= 0, 1.0, -1.0).to(task_vectors.dtype)
+    """TIES' election and disjoint merge of ``(K, n)`` task vectors (:func:`combine`), in place.
+
+    Sums run over the rows in order (``tau_1 + tau_2 + ...``, each product and sum rounded on its
+    own), as the compiled kernel does (:func:`~clpeft.merging.fused_cpu.ties_elect`); a matrix
+    product would leave the order and fused multiply-adds to the BLAS."""
+    total = task_vectors[0].clone()
+    for row in task_vectors[1:]:
+        total += row
+    sign = torch.where(total >= 0, 1.0, -1.0).to(task_vectors.dtype)
     agreeing = task_vectors.mul_(sign).clamp_(min=0)
-    if disjoint == "sum":
-        return (coefficients @ agreeing).mul_(sign)
-    # |A| per entry; summing bytes is ~7x faster than count_nonzero(dim=0) on the CPU
-    count_dtype = torch.uint8 if task_vectors.shape[0] < 256 else torch.int32
-    count = (agreeing > 0).view(torch.uint8).sum(dim=0, dtype=count_dtype).clamp_(min=1)
-    return (coefficients @ agreeing).mul_(sign).div_(count)
+    if disjoint == "mean":  # |A| per entry; summing bytes is ~7x faster than count_nonzero(dim=0) on the CPU
+        count_dtype = torch.uint8 if task_vectors.shape[0] < 256 else torch.int32
+        count = (agreeing > 0).view(torch.uint8).sum(dim=0, dtype=count_dtype).clamp_(min=1)
+    agreeing.mul_(coefficients[:, None])
+    merged = total.copy_(agreeing[0])
+    for row in agreeing[1:]:
+        merged += row
+    merged.mul_(sign)
+    return merged.div_(count) if disjoint == "mean" else merged

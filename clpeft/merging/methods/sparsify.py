@@ -154,6 +154,13 @@ def trim_below_(task_vectors: torch.Tensor, thresholds: torch.Tensor) -> torch.T
     return task_vectors
 
 
+def shrink_lambdas(thresholds: torch.Tensor, dtype: torch.dtype) -> list[float]:
+    """The ``torch.hardshrink`` ``lambda`` of each row whose shrink is :func:`trim_below_` with ``thresholds``
+    on rows of ``dtype``: the float just below each threshold rounded up to ``dtype`` (0 for a 0 threshold)."""
+    thresholds = _rounded_up(thresholds.cpu(), dtype)
+    return torch.nextafter(thresholds, torch.zeros_like(thresholds)).tolist()
+
+
 def _hardshrink_below_(row: torch.Tensor, threshold: torch.Tensor) -> None:
     """``row[|row| < threshold] = 0`` as ``hardshrink`` (zero where ``|x| <= lambda``) with ``lambda``
     the float just below the threshold: exact, and ~7x faster than a masked fill on the CPU."""
