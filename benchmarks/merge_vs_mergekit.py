@@ -198,14 +198,21 @@ def _report(wall: float, cpu: float) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def copy_bandwidth(nbytes: int = 512 << 20) -> float:
-    """GB/s of a memory copy with torch's thread count (bytes read plus written), best of 5 after a warm-up."""
+def copy_bandwidth(nbytes: int = 512 << 20, fresh: bool = False) -> float:
+    """GB/s of a memory copy with torch's thread count (bytes read plus written), best of 5 after a warm-up;
+    ``fresh``: into a newly allocated tensor each time (``clone``: the kernel supplies zeroed pages on first
+    write, as for the tensors an in-memory merge returns)."""
     source, target = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
     target.copy_(source)
     best = float("inf")
     for _ in range(5):
+        if fresh:
+            del target
         start = time.perf_counter()
-        target.copy_(source)
+        if fresh:
+            target = source.clone()
+        else:
+            target.copy_(source)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best / 1e9
 
@@ -266,13 +273,8 @@ def main() -> None:
             f"in {time.perf_counter() - t:.0f} s"
         )
         bandwidth = [copy_bandwidth()]
-        cases = [
-            (tool, method, dtype)
-            for method in args.methods.split(",")
-            for dtype in args.dtypes.split(",")
-            for tool in tools
-            if not tool.startswith("clpeft-memory") or method == "task_arithmetic"
-        ]
+        clone_bandwidth = [copy_bandwidth(fresh=True)]
+        cases = [(tool, method, dtype) for method in args.methods.split(",") for dtype in args.dtypes.split(",") for tool in tools]
         runs: dict[tuple, list[dict]] = {case: [] for case in cases}
         for repeat in range(args.repeats):
             for case in cases:
@@ -296,16 +298,19 @@ def main() -> None:
                 if repeat < args.repeats - 1:
                     shutil.rmtree(out)
         bandwidth.append(copy_bandwidth())
-        print_table(runs, models, args, numel, bandwidth)
+        clone_bandwidth.append(copy_bandwidth(fresh=True))
+        print_table(runs, models, args, numel, bandwidth, clone_bandwidth)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, bandwidth: list[float]) -> None:
+def print_table(
+    runs: dict, models: dict, args: argparse.Namespace, numel: int, bandwidth: list[float], clone_bandwidth: list[float]
+) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(
         f"copy bandwidth ({torch.get_num_threads()} thread(s), read + written): {bandwidth[0]:.1f} GB/s before, "
-        f"{bandwidth[1]:.1f} GB/s after"
+        f"{bandwidth[1]:.1f} GB/s after; into fresh tensors (clone): {clone_bandwidth[0]:.1f} / {clone_bandwidth[1]:.1f} GB/s"
     )
     other = f" --other-clpeft {args.other_clpeft}" if args.other_clpeft else ""
     print(
@@ -370,7 +375,10 @@ def print_table(runs: dict, models: dict, args: argparse.Namespace, numel: int, 
             memory = runs.get((tool, "task_arithmetic", dtype))
             if memory:
                 gbs = (args.models + 2) * numel * DTYPES[dtype].itemsize / min(r["wall_s"] for r in memory) / 1e9
-                print(f"{tool} task arithmetic, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth")
+                print(
+                    f"{tool} task arithmetic, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth, "
+                    f"{gbs / max(clone_bandwidth):.0%} of the clone bandwidth (fresh outputs, as merge() returns)"
+                )
 
 
 if __name__ == "__main__":

@@ -296,9 +296,10 @@ def test_ties_election_equals_the_aten_election_bit_for_bit(monkeypatch, disjoin
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch, dtype):
-    """A whole TIES merge (model-scope trim fused into the election; tensor scope elects trimmed rows;
-    bf16 / fp16 task vectors formed by the subtraction kernel) gives the bits of the same merge with
-    ``CLPEFT_CPU_KERNEL=0``, and uses the election kernel once per tensor."""
+    """A whole TIES merge (the model's or each tensor's trim fused into the election; bf16 / fp16 task
+    vectors formed by the subtraction kernel) gives the bits of the same merge with
+    ``CLPEFT_CPU_KERNEL=0``, and uses the election kernel once per tensor; ``trim: topk`` trims
+    with ATen first (exactly k entries), then elects in the kernel."""
     generator = torch.Generator().manual_seed(5)
     cast = lambda state: {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # noqa: E731
     base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
@@ -312,13 +313,20 @@ def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch,
         calls.clear()
         params = {"density": 0.3, "weights": [1.0, -0.5, 2.0], "trim_scope": scope}
         fused = merge(base, models, "ties", **params)
-        assert calls == [scope == "model"] * len(floating)
+        assert calls == [True] * len(floating)  # trims fused in: the whole model's cut-offs, or each tensor's
         monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
         aten = merge(base, models, "ties", **params)
         monkeypatch.delenv("CLPEFT_CPU_KERNEL")
         assert len(calls) == len(floating)
         for name in floating:
             assert same_bits(fused[name], aten[name]), (scope, name)
+    calls.clear()
+    params = {"density": 0.3, "trim_scope": "tensor", "trim": "topk"}
+    fused = merge(base, models, "ties", **params)
+    assert calls == [False] * len(floating)
+    monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
+    aten = merge(base, models, "ties", **params)
+    assert all(same_bits(fused[name], aten[name]) for name in floating)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

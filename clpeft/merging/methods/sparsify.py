@@ -36,6 +36,8 @@ __all__ = [
     "kth_largest",
     "kth_largest_magnitude",
     "random_keep_mask",
+    "row_thresholds",
+    "shrink_lambdas",
     "trim_below_",
     "trim_by_magnitude_",
 ]
@@ -152,6 +154,16 @@ def trim_below_(task_vectors: torch.Tensor, thresholds: torch.Tensor) -> torch.T
     for row, threshold in zip(task_vectors, thresholds):
         _hardshrink_below_(row, threshold)
     return task_vectors
+
+
+def row_thresholds(task_vectors: torch.Tensor, density: float, trim: Trim) -> torch.Tensor | None:
+    """The ``(K,)`` cut-offs :func:`trim_by_magnitude_` keeps ``|tau| >=`` at (``trim: threshold``), or
+    ``None`` where it trims otherwise (``topk``) or not by a cut-off (``k = 0`` or ``k >= N``)."""
+    n = task_vectors.shape[1]
+    k = int(density * n)
+    if trim != "threshold" or not 0 < k < n:
+        return None
+    return torch.stack([kth_largest_magnitude(row, k) for row in task_vectors])
 
 
 def shrink_lambdas(thresholds: torch.Tensor, dtype: torch.dtype) -> list[float]:

@@ -42,7 +42,7 @@ from clpeft.errors import UserError
 from clpeft.merging import fused_cpu
 from clpeft.merging.methods.generalized import Disjoint, Scale, Weights, combine, task_coefficients
 from clpeft.merging.methods.model_trim import KthLargestMagnitude
-from clpeft.merging.methods.sparsify import Trim, shrink_lambdas, trim_below_, trim_by_magnitude_
+from clpeft.merging.methods.sparsify import Trim, row_thresholds, shrink_lambdas, trim_below_, trim_by_magnitude_
 from clpeft.merging.registry import ModelShape, merge_method
 
 Density = Annotated[float, Field(ge=0.0, le=1.0, description="k: fraction of each task vector kept by magnitude")]
@@ -88,11 +88,13 @@ def ties(
     treats that tensor as the whole model).
     """
     coefficients = task_coefficients(task_vectors, scale, weights)
+    if fused_cpu.supports_election(task_vectors):  # trim, elect and merge in one compiled pass
+        thresholds = row_thresholds(task_vectors, density, trim) if model_statistic is None else model_statistic
+        if thresholds is not None:
+            lambdas = shrink_lambdas(thresholds, task_vectors.dtype)
+            return fused_cpu.ties_elect(task_vectors, coefficients.tolist(), disjoint == "mean", lambdas)
     if model_statistic is None:
         trim_by_magnitude_(task_vectors, density, trim)
-    elif fused_cpu.supports_election(task_vectors):  # trim, elect and merge in one compiled pass
-        lambdas = shrink_lambdas(model_statistic, task_vectors.dtype)
-        return fused_cpu.ties_elect(task_vectors, coefficients.tolist(), disjoint == "mean", lambdas)
     else:
         trim_below_(task_vectors, model_statistic)
     return combine(task_vectors, coefficients, "ties", disjoint)
