@@ -101,11 +101,21 @@ def sign_conflict(task_vectors: torch.Tensor) -> torch.Tensor:
     return ((sample.amax(dim=0) > 0) & (sample.amin(dim=0) < 0)).to(sample.dtype).mean()
 
 
+_COUNT_BLOCK = 1 << 20  # entries whose non-zero mask is formed at once
+
+
 def count_nonzero(values: torch.Tensor) -> torch.Tensor:
-    """``torch.count_nonzero(values)`` as a sum of bytes: the same count (NaN counts), branch-free
-    (``count_nonzero`` slows to ~5 ns per entry on a random pattern of zeros, this ~1.3 ns)."""
-    total_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
-    return (values != 0).view(torch.uint8).sum(dtype=total_dtype)
+    """``torch.count_nonzero(values)`` (NaN counts). On the CPU as byte sums over blocks of 2^20 entries:
+    branch-free (``count_nonzero`` slows to ~5 ns per entry on a random pattern of zeros, this ~1.3 ns)
+    and with temporaries of a block (a whole-tensor mask summed in int32 allocates 5 bytes per entry)."""
+    if values.device.type != "cpu":
+        return torch.count_nonzero(values)
+    flat = values.reshape(-1)
+    total = sum(
+        int((flat[start : start + _COUNT_BLOCK] != 0).view(torch.uint8).sum(dtype=torch.int32))
+        for start in range(0, flat.numel(), _COUNT_BLOCK)
+    )
+    return torch.tensor(total)
 
 
 def pack_stats(base: torch.Tensor, norms: torch.Tensor, conflict: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

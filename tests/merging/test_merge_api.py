@@ -263,3 +263,16 @@ def test_fused_false_keeps_linear_merges_off_the_one_pass_kernel(monkeypatch):
     with pytest.raises(RuntimeError, match="kernel"):
         merge(base, finetuned, "task_arithmetic", scale=0.5, fused=True)
     assert calls == [1]
+
+
+def test_the_reports_non_zero_count_equals_torchs_across_blocks():
+    """The density's count (byte sums over blocks of 2^20 entries on the CPU) is ``torch.count_nonzero``'s:
+    NaN and infinities count, both zeros do not, blocks and a tail of 5 add up, shapes are flattened."""
+    from clpeft.merging.report import count_nonzero
+
+    values = torch.randn(2 * (1 << 20) + 5, generator=torch.Generator().manual_seed(0))
+    values[torch.rand(values.shape, generator=torch.Generator().manual_seed(1)) < 0.4] = 0.0
+    values[1::97] = -0.0
+    values[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for tensor in (values, values[:-5].view(2, -1), values[:7], values[:0]):
+        assert int(count_nonzero(tensor)) == int(torch.count_nonzero(tensor))
