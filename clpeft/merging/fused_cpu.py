@@ -111,9 +111,7 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
     n, k = base.numel(), len(sources)
     code = _DTYPE_CODES[base.dtype]
     weights = (ctypes.c_float * k)(*coefficients)
-    parts = max(1, min(torch.get_num_threads(), n // _MIN_ENTRIES_PER_THREAD))
-    step = -(-n // parts // _ALIGN) * _ALIGN
-    ranges = [(start, min(n, start + step)) for start in range(0, n, step)]
+    ranges = _column_ranges(n, n)
     sums = torch.zeros(len(ranges), 3 + k, dtype=torch.float64)
     size = base.element_size()
 
@@ -126,10 +124,7 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
         if status != 0:  # supports() was not asked: a bug in the caller, not in the input
             raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
 
-    if len(ranges) == 1:
-        run(0)
-    else:
-        list(_pool(len(ranges)).map(run, range(len(ranges))))
+    _run_all(run, range(len(ranges)))
     return sums.sum(dim=0)
 
 
@@ -151,19 +146,14 @@ def subtract(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> tor
     """``out = source.float() - base`` in one pass (the conversion exact, one rounding: ATen's bits);
     the tensor is split over the torch threads."""
     n, code, size = out.numel(), _DTYPE_CODES[source.dtype], source.element_size()
-    parts = max(1, min(torch.get_num_threads(), n // _MIN_ENTRIES_PER_THREAD))
-    step = -(-n // parts // _ALIGN) * _ALIGN
 
-    def run(start: int) -> None:
-        stop = min(n, start + step)
+    def run(columns: tuple[int, int]) -> None:
+        start, stop = columns
         _library().clpeft_subtract(
             code, stop - start, source.data_ptr() + start * size, base.data_ptr() + start * 4, out.data_ptr() + start * 4
         )
 
-    if parts == 1:
-        run(0)
-    else:
-        list(_pool(parts).map(run, range(0, n, step)))
+    _run_all(run, _column_ranges(n, n))
     return out
 
 
@@ -202,20 +192,14 @@ def ties_elect(
     rows = (ctypes.c_void_p * k)(*[row.data_ptr() for row in task_vectors])
     weights = (ctypes.c_float * k)(*coefficients)
     shrink = None if lambdas is None else (ctypes.c_float * k)(*lambdas)
-    parts = max(1, min(torch.get_num_threads(), n * k // _MIN_ENTRIES_PER_THREAD))
-    step = -(-n // parts // _ALIGN) * _ALIGN
-    starts = list(range(0, n, step))
 
-    def run(start: int) -> None:
-        stop = min(n, start + step)
+    def run(columns: tuple[int, int]) -> None:
+        start, stop = columns
         offset = start * task_vectors.element_size()
         part = (ctypes.c_void_p * k)(*[pointer + offset for pointer in rows])
         _library().clpeft_ties_elect(stop - start, k, part, shrink, weights, int(mean), rows[0] + offset)
 
-    if len(starts) == 1:
-        run(0)
-    else:
-        list(_pool(len(starts)).map(run, starts))
+    _run_all(run, _column_ranges(n, n * k))
     return task_vectors[0]
 
 
@@ -231,12 +215,29 @@ def count_magnitude_digits(rows: torch.Tensor, shift: int, prefixes: Sequence[in
     def run(t: int) -> None:
         library.clpeft_count_magnitude_digits(rows[t].data_ptr(), n, shift, prefixes[t], counts[t].data_ptr())
 
-    workers = max(1, min(torch.get_num_threads(), rows.shape[0], n * rows.shape[0] // _MIN_ENTRIES_PER_THREAD))
-    if workers == 1:
-        for t in range(rows.shape[0]):
-            run(t)
+    _run_all(run, range(rows.shape[0]), workers=_threads_for(n * rows.shape[0]))
+
+
+def _threads_for(entries: int) -> int:
+    """Threads for ``entries`` of work: the torch threads, at most one per ``_MIN_ENTRIES_PER_THREAD``."""
+    return max(1, min(torch.get_num_threads(), entries // _MIN_ENTRIES_PER_THREAD))
+
+
+def _column_ranges(n: int, entries: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``n`` columns, one per thread for ``entries`` of work; starts aligned."""
+    step = max(_ALIGN, -(-n // _threads_for(entries) // _ALIGN) * _ALIGN)
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _run_all(run, items, workers: int | None = None) -> None:
+    """``run(item)`` for every item: on this thread for one worker, else on the pool."""
+    items = list(items)
+    workers = min(len(items), workers or len(items))
+    if workers <= 1:
+        for item in items:
+            run(item)
     else:
-        list(_pool(workers).map(run, range(rows.shape[0])))
+        list(_pool(workers).map(run, items))
 
 
 @functools.cache

@@ -293,45 +293,8 @@ int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base,
 
 /* ------------------------------------------------------------------ TIES' cut-off */
 
-/* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly: a magnitude's
- * bits (sign cleared) order like the magnitudes, so a radix selection on the high 15 bits, then
- * on the low 16 bits inside the chosen bucket, finds the k-th largest bit pattern in two
- * read-only passes (TIES' trim threshold, Yadav et al., NeurIPS 2023, Algorithm 1, "Trim").
- * counts: 2^15 + 2^16 int64 of scratch, owned by the caller (reused: fresh pages for every call
- * cost more than the counting). Returns -1 (as a float) if k is out of range. */
-float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, int64_t *counts) {
-    if (k < 1 || k > n) return -1.f;
-    int64_t *high = counts, *low = counts + (1 << 15);
-    memset(counts, 0, ((1 << 15) + (1 << 16)) * sizeof *counts);
-    const uint32_t *bits = (const uint32_t *)values;
-    for (int64_t i = 0; i < n; i++) high[(bits[i] & 0x7FFFFFFFu) >> 16]++;
-    int64_t above = 0; /* entries in higher buckets */
-    int bucket = (1 << 15) - 1;
-    while (above + high[bucket] < k) above += high[bucket--];
-    /* few entries fall in the bucket: test eight at a time and count only where one does */
-    const u32x8 in_bucket = (u32x8){0} + (uint32_t)bucket;
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        u32x8 keys;
-        memcpy(&keys, bits + i, sizeof keys);
-        keys &= 0x7FFFFFFFu;
-        const u32x8 hit = (u32x8)((keys >> 16) == in_bucket);
-        uint64_t any[4];
-        memcpy(any, &hit, sizeof any);
-        if ((any[0] | any[1] | any[2] | any[3]) == 0) continue;
-        for (int lane = 0; lane < LANES; lane++)
-            if (hit[lane]) low[keys[lane] & 0xFFFFu]++;
-    }
-    for (; i < n; i++) {
-        const uint32_t key = bits[i] & 0x7FFFFFFFu;
-        if ((int)(key >> 16) == bucket) low[key & 0xFFFFu]++;
-    }
-    int offset = (1 << 16) - 1;
-    while (above + low[offset] < k) above += low[offset--];
-    return bits_to_float(((uint32_t)bucket << 16) | (uint32_t)offset);
-}
-
-/* One sweep of TIES' trim over the whole model (clpeft/merging/methods/model_trim.py): among the
+/* One sweep of a radix selection on magnitudes (TIES' trim over the whole model,
+ * clpeft/merging/methods/model_trim.py, and clpeft_kth_largest_magnitude below): among the
  * float32 magnitudes |values[i]| whose bits above bit shift + 16 equal prefix, count each 16-bit
  * digit (bits shift .. shift + 15) into counts[digit]; the others are not counted. shift is 16
  * (the first sweep: every entry, prefix 0) or 0. Integer counts, so the same as any order of
@@ -359,6 +322,26 @@ void clpeft_count_magnitude_digits(const float *values, int64_t n, int shift, ui
         const uint32_t key = bits[i] & 0x7FFFFFFFu;
         if ((key >> 16) == prefix) counts[key & 0xFFFFu]++;
     }
+}
+
+/* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly: a magnitude's
+ * bits (sign cleared) order like the magnitudes, so a radix selection on the high 15 bits, then
+ * on the low 16 bits inside the chosen bucket, finds the k-th largest bit pattern in two
+ * read-only passes (TIES' trim threshold, Yadav et al., NeurIPS 2023, Algorithm 1, "Trim").
+ * counts: 2^15 + 2^16 int64 of scratch, owned by the caller (reused: fresh pages for every call
+ * cost more than the counting). Returns -1 (as a float) if k is out of range. */
+float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, int64_t *counts) {
+    if (k < 1 || k > n) return -1.f;
+    int64_t *high = counts, *low = counts + (1 << 15);
+    memset(counts, 0, ((1 << 15) + (1 << 16)) * sizeof *counts);
+    clpeft_count_magnitude_digits(values, n, 16, 0, high);
+    int64_t above = 0; /* entries in higher buckets */
+    int bucket = (1 << 15) - 1;
+    while (above + high[bucket] < k) above += high[bucket--];
+    clpeft_count_magnitude_digits(values, n, 0, (uint32_t)bucket, low);
+    int offset = (1 << 16) - 1;
+    while (above + low[offset] < k) above += low[offset--];
+    return bits_to_float(((uint32_t)bucket << 16) | (uint32_t)offset);
 }
 
 /* ------------------------------------------------------------------ TIES' election */

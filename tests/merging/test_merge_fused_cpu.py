@@ -344,3 +344,13 @@ def test_subtraction_kernel_forms_task_vectors_with_atens_bits(monkeypatch, dtyp
         out = fused_cpu.subtract(source, base, torch.empty_like(base))
         assert same_bits(out, source.float() - base), n
     assert not fused_cpu.supports_subtraction(base, base, out)  # float32 sources subtract with ATen
+
+
+def test_empty_tensors_pass_through_every_loop():
+    """Zero-size tensors (a model may hold one): no work, no thread range, no error."""
+    empty = torch.zeros(0)
+    assert fused_cpu.ties_elect(torch.zeros(2, 0), [1.0, 1.0], True).numel() == 0
+    assert fused_cpu.subtract(torch.zeros(0, dtype=torch.bfloat16), empty, empty.clone()).numel() == 0
+    counts = torch.zeros(2, 1 << 16, dtype=torch.int64)
+    fused_cpu.count_magnitude_digits(torch.zeros(2, 0), 16, [0, 0], counts)
+    assert counts.sum() == 0

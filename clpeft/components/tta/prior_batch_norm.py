@@ -12,24 +12,22 @@ benchmark's ``AlphaBatchNorm`` (Döbler et al., ``methods/bn.py``, from the auth
 code): the batch variance is the unbiased one (a BatchNorm's running variance after one update
 with momentum 1), and the mixed statistics are constants for the gradient.
 
-The layers keep their modules and ``state_dict`` (a reset to the source is a plain
-``load_state_dict``): each one's ``forward`` is replaced on the instance, not wrapped by a hook,
-so its own normalisation with the source statistics is never computed and thrown away. The
-batch statistics come from ``torch.batch_norm_update_stats`` (BatchNorm's statistics kernel
+Each layer's ``forward`` is replaced on the instance
+(:class:`~clpeft.components.tta.replaced_batch_norm.ReplacedBatchNorm`). The batch statistics come from ``torch.batch_norm_update_stats`` (BatchNorm's statistics kernel
 without the normalised output; bit-identical to a BatchNorm update with momentum 1).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from clpeft.components.tta.replaced_batch_norm import ReplacedBatchNorm
 
-class PriorBatchNorm:
+
+class PriorBatchNorm(ReplacedBatchNorm):
     """Mix each BatchNorm layer's source statistics with the batch's (weight ``alpha`` on the batch).
 
     Args:
@@ -40,27 +38,13 @@ class PriorBatchNorm:
     def __init__(self, alpha: float):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        super().__init__()
         self.alpha = float(alpha)
-        self._layers: list[_BatchNorm] = []
 
-    def attach(self, layers: list[_BatchNorm]) -> None:
-        """Apply to ``layers`` (from now on; replaces a previous :meth:`attach`). The layers are
-        put in eval mode; each must have running statistics."""
-        self.detach()
+    def _check(self, layers: list[_BatchNorm]) -> None:
         for layer in layers:
             if layer.running_mean is None:
                 raise ValueError("prior BatchNorm needs the layers' source running statistics")
-        for layer in layers:
-            layer.eval()
-            layer.forward = functools.partial(self._normalise, layer)
-            self._layers.append(layer)
-
-    def detach(self) -> None:
-        """Give the layers of the last :meth:`attach` their own ``forward`` back."""
-        for layer in self._layers:
-            if getattr(layer.__dict__.get("forward"), "func", None) == self._normalise:
-                del layer.forward
-        self._layers = []
 
     def _normalise(self, layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         layer._check_input_dim(x)

@@ -10,23 +10,24 @@ statistics that start at the source's and follow the batches the method trains o
 through ``mu_B, sigma_B^2``) and every other batch (predictions) with the stored ones. As the
 authors' code (``RobustBN2d`` in Döbler et al.'s benchmark, ``methods/rotta.py``) the statistics
 live in the layers' running buffers here, so the ``state_dict`` keys are the source model's.
-Each (eval-mode) layer's ``forward`` is replaced on the instance, not wrapped by a hook, so its
-own normalisation is never computed and thrown away; :meth:`RobustBatchNorm.updating` marks
-the forwards that update.
+Each (eval-mode) layer's ``forward`` is replaced on the instance
+(:class:`~clpeft.components.tta.replaced_batch_norm.ReplacedBatchNorm`);
+:meth:`RobustBatchNorm.updating` marks the forwards that update.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from clpeft.components.tta.replaced_batch_norm import ReplacedBatchNorm
 
-class RobustBatchNorm:
+
+class RobustBatchNorm(ReplacedBatchNorm):
     """RoTTA's moving-average BatchNorm on the layers given to :meth:`attach`.
 
     A copy of an attached layer (``copy.deepcopy`` of its model, e.g. a teacher made from the
@@ -40,27 +41,12 @@ class RobustBatchNorm:
     def __init__(self, alpha: float):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        super().__init__()
         self.alpha = float(alpha)
         self._updating = False
-        self._layers: list[_BatchNorm] = []
 
     def __deepcopy__(self, memo: dict) -> RobustBatchNorm:
         return self
-
-    def attach(self, layers: list[_BatchNorm]) -> None:
-        """Apply to ``layers`` (eval mode; replaces a previous :meth:`attach`)."""
-        self.detach()
-        for layer in layers:
-            layer.eval()
-            layer.forward = functools.partial(self._normalise, layer)
-            self._layers.append(layer)
-
-    def detach(self) -> None:
-        """Give the layers of the last :meth:`attach` their own ``forward`` back."""
-        for layer in self._layers:
-            if getattr(layer.__dict__.get("forward"), "func", None) == self._normalise:
-                del layer.forward
-        self._layers = []
 
     @contextlib.contextmanager
     def updating(self):
