@@ -251,14 +251,15 @@ class MergeEngine:
         if statistic is None:
             return {"model_statistic": None}
         while statistic.wants_sweep():
-            for task_vectors in self._each_task_vectors(merged):
-                statistic.observe(task_vectors)
+            for job, base, rows in self._each_input(merged):
+                if not self._observe_inputs(statistic, job, base, rows):
+                    statistic.observe(self._task_vectors(job, base, rows))
             statistic.end_sweep()
         return {"model_statistic": statistic.result()}
 
-    def _each_task_vectors(self, jobs: Sequence[TensorJob]) -> Iterator[torch.Tensor]:
-        """Each job's ``(K, N)`` task vectors in turn, read as the merge reads them (the buffer is
-        reused: each is valid until the next is requested)."""
+    def _each_input(self, jobs: Sequence[TensorJob]) -> Iterator[tuple[TensorJob, torch.Tensor, Any]]:
+        """Each job with its flat base in the compute dtype and its fine-tuned rows, read as the merge
+        reads them (the buffers are reused: each is valid until the next is requested)."""
         for batch in self._batches(jobs):
             staged = self._stage(batch)
             if self._transfer and not self._on_device(staged):
@@ -266,10 +267,19 @@ class MergeEngine:
             else:
                 bases, models = staged.bases, staged.models
             for job, base, rows in zip(batch, bases, models):
-                base = _typed(base, 0, job.info).reshape(-1).to(compute_dtype(job.info.dtype))
-                yield self._task_vectors(job, base, rows)
+                yield job, _typed(base, 0, job.info).reshape(-1).to(compute_dtype(job.info.dtype)), rows
             if not self._transfer:  # off the CPU the views were released once copied
                 self._release(batch)
+
+    def _observe_inputs(self, statistic: Any, job: TensorJob, base: torch.Tensor, rows) -> bool:
+        """Give a statistic that can count task vectors without forming them the inputs themselves
+        (full models on the host); ``False`` where it did not."""
+        observe = getattr(statistic, "observe_differences", None)
+        if observe is None or self._adapters or self._transfer or not observe(self._sources(job, rows), base):
+            return False
+        for model in self._full:  # their pages are read: they leave the resident set now
+            model.release(job.name)
+        return True
 
     def _batches(self, jobs: Sequence[TensorJob]) -> Iterator[list[TensorJob]]:
         batch: list[TensorJob] = []

@@ -13,7 +13,8 @@ whole task vectors, each loop with the ATen path's bits or exact counts:
 * :func:`subtract`: a bf16 / fp16 model's task vector in float32, converted and subtracted in one pass;
 * :func:`kth_largest_magnitude`: TIES' per-tensor trim threshold by a radix selection, exactly
   ``abs().kthvalue``'s value; :func:`count_magnitude_digits`: one sweep of the model-scope trim's
-  radix selection (:mod:`~clpeft.merging.methods.model_trim`);
+  radix selection (:mod:`~clpeft.merging.methods.model_trim`), and :func:`count_difference_digits`
+  the same sweep straight from the inputs, the task vectors never written;
 * :func:`ties_elect`: TIES' sign election and disjoint merge, the model-scope trim fused in.
 
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
@@ -51,11 +52,13 @@ from clpeft.paths import kernels_cache_dir
 
 __all__ = [
     "available",
+    "count_difference_digits",
     "count_magnitude_digits",
     "kth_largest_magnitude",
     "linear_merge",
     "subtract",
     "supports",
+    "supports_difference_counts",
     "supports_election",
     "supports_selection",
     "supports_subtraction",
@@ -208,14 +211,49 @@ def count_magnitude_digits(rows: torch.Tensor, shift: int, prefixes: Sequence[in
     for each row ``t`` of the contiguous float32 ``(K, n)`` ``rows``, add to ``counts[t, d]`` the number of
     ``|rows[t]|`` whose 16-bit digit at ``shift`` (16 or 0) is ``d`` and whose higher bits equal ``prefixes[t]``.
     ``counts``: int64 ``(K, 2^16)``, each row contiguous. Rows run on the torch threads, one row each at a time."""
-    if shift not in (0, 16) or counts.dtype != torch.int64 or counts.stride(1) != 1 or counts.shape != (rows.shape[0], 1 << 16):
-        raise ValueError("count_magnitude_digits needs shift 0 or 16 and int64 counts of shape (K, 2^16), rows contiguous")
+    _check_digit_counts(shift, counts, rows.shape[0])
     n, library = rows.shape[1], _library()
 
     def run(t: int) -> None:
         library.clpeft_count_magnitude_digits(rows[t].data_ptr(), n, shift, prefixes[t], counts[t].data_ptr())
 
     _run_all(run, range(rows.shape[0]), workers=_threads_for(n * rows.shape[0]))
+
+
+def supports_difference_counts(sources: Sequence[torch.Tensor], base: torch.Tensor) -> bool:
+    """Whether :func:`count_difference_digits` applies: a flat contiguous float32 ``base`` and flat contiguous
+    ``sources`` of the kernel's dtypes (at least ``base``'s length, aligned) on the CPU, and a compiled kernel."""
+    return (
+        base.dtype == torch.float32
+        and all(
+            t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.data_ptr() % t.element_size() == 0 for t in (base, *sources)
+        )
+        and all(s.dtype in _DTYPE_CODES and s.numel() >= base.numel() for s in sources)
+        and available()
+        and all(_library().clpeft_supports_dtype(_DTYPE_CODES[s.dtype]) for s in sources)
+    )
+
+
+def count_difference_digits(
+    sources: Sequence[torch.Tensor], base: torch.Tensor, shift: int, prefixes: Sequence[int], counts: torch.Tensor
+) -> None:
+    """:func:`count_magnitude_digits` of the task vectors ``sources[t].float() - base`` without forming them:
+    each is computed a 2,048-entry chunk at a time in a cached row (the same values as
+    :func:`~clpeft.merging.blocks.subtract_rows`), so a sweep reads each input once and writes nothing."""
+    _check_digit_counts(shift, counts, len(sources))
+    n, library = base.numel(), _library()
+
+    def run(t: int) -> None:
+        source = sources[t]
+        code = _DTYPE_CODES[source.dtype]
+        library.clpeft_count_difference_digits(code, n, source.data_ptr(), base.data_ptr(), shift, prefixes[t], counts[t].data_ptr())
+
+    _run_all(run, range(len(sources)), workers=_threads_for(n * len(sources)))
+
+
+def _check_digit_counts(shift: int, counts: torch.Tensor, rows: int) -> None:
+    if shift not in (0, 16) or counts.dtype != torch.int64 or counts.stride(1) != 1 or counts.shape != (rows, 1 << 16):
+        raise ValueError("digit counts need shift 0 or 16 and int64 counts of shape (K, 2^16), each row contiguous")
 
 
 def _threads_for(entries: int) -> int:
@@ -295,6 +333,16 @@ def _library() -> ctypes.CDLL | None:
     library.clpeft_ties_elect.restype = None
     library.clpeft_subtract.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.clpeft_subtract.restype = ctypes.c_int
+    library.clpeft_count_difference_digits.argtypes = [
+        ctypes.c_int,  # dtype
+        ctypes.c_int64,  # n
+        ctypes.c_void_p,  # source
+        ctypes.c_void_p,  # base (float32)
+        ctypes.c_int,  # shift
+        ctypes.c_uint32,  # prefix
+        ctypes.c_void_p,  # counts (int64)
+    ]
+    library.clpeft_count_difference_digits.restype = ctypes.c_int
     return library
 
 

@@ -36,6 +36,7 @@
 
 #define LANES 8
 #define CHUNK 16384 /* entries per chunk (a multiple of 2 LANES): the float32 delta row stays in L2 */
+#define ELECT_CHUNK 2048 /* entries per chunk of the TIES loops: their float32 rows (8 KiB each) stay in L1 */
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
 
@@ -324,6 +325,22 @@ void clpeft_count_magnitude_digits(const float *values, int64_t n, int shift, ui
     }
 }
 
+/* clpeft_count_magnitude_digits of the task vector float(source) - base (source in dtype, base
+ * float32), formed a chunk at a time in a cached row instead of in memory: one read of each input
+ * per sweep of the model-scope trim. The same counts as forming it first (clpeft_subtract's
+ * values). Returns -1 for a dtype this build lacks. */
+int clpeft_count_difference_digits(int dtype, int64_t n, const void *source, const float *base, int shift, uint32_t prefix, int64_t *counts) {
+    if (!clpeft_supports_dtype(dtype)) return -1;
+    float row[ELECT_CHUNK] __attribute__((aligned(32)));
+    const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
+        const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
+        clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row);
+        clpeft_count_magnitude_digits(row, m, shift, prefix, counts);
+    }
+    return 0;
+}
+
 /* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly: a magnitude's
  * bits (sign cleared) order like the magnitudes, so a radix selection on the high 15 bits, then
  * on the low 16 bits inside the chosen bucket, finds the k-th largest bit pattern in two
@@ -346,7 +363,6 @@ float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, in
 
 /* ------------------------------------------------------------------ TIES' election */
 
-#define ELECT_CHUNK 2048 /* entries per chunk: its sums, merged values and counts (24 KiB) stay in L1 */
 
 /* Eight entries of a row from entry i of m (lanes past m read as 0). */
 static inline f32x8 row_load(const float *row, int64_t i, int64_t m) {

@@ -73,7 +73,13 @@ class ModelShape:
 
 
 class ModelStatistic(Protocol):
-    """A whole-model statistic computed by streaming every merged tensor's task vectors (pass 1)."""
+    """A whole-model statistic computed by streaming every merged tensor's task vectors (pass 1).
+
+    A statistic may also offer ``observe_differences(sources, base) -> bool``: the same as
+    ``observe`` of the task vectors ``sources[k] - base`` (flat fine-tuned tensors, flat base in
+    the compute dtype) without forming them; it returns ``False``, having counted nothing, where it
+    cannot (the engine then forms the task vectors and calls ``observe``).
+    """
 
     def wants_sweep(self) -> bool:
         """Whether another sweep over all merged tensors is needed."""

@@ -296,8 +296,8 @@ def test_ties_election_equals_the_aten_election_bit_for_bit(monkeypatch, disjoin
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch, dtype):
-    """A whole TIES merge (the model's or each tensor's trim fused into the election; bf16 / fp16 task
-    vectors formed by the subtraction kernel) gives the bits of the same merge with
+    """A whole TIES merge (the model's or each tensor's trim fused into the election; the model's
+    sweeps counted from the inputs; bf16 / fp16 task vectors formed by the subtraction kernel) gives the bits of the same merge with
     ``CLPEFT_CPU_KERNEL=0``, and uses the election kernel once per tensor; ``trim: topk`` trims
     with ATen first (exactly k entries), then elects in the kernel."""
     generator = torch.Generator().manual_seed(5)
@@ -305,15 +305,19 @@ def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch,
     base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
     models = [cast(finetune(base, generator)) for _ in range(3)]
     base = cast(base)
-    calls = []
-    elect = fused_cpu.ties_elect
+    calls, sweeps = [], []
+    elect, count = fused_cpu.ties_elect, fused_cpu.count_difference_digits
     monkeypatch.setattr(fused_cpu, "ties_elect", lambda *a: calls.append(len(a) > 3) or elect(*a))
+    monkeypatch.setattr(fused_cpu, "count_difference_digits", lambda *a: sweeps.append(a[2]) or count(*a))
     floating = [name for name, t in base.items() if t.is_floating_point()]
     for scope in ("model", "tensor"):
         calls.clear()
+        sweeps.clear()
         params = {"density": 0.3, "weights": [1.0, -0.5, 2.0], "trim_scope": scope}
         fused = merge(base, models, "ties", **params)
         assert calls == [True] * len(floating)  # trims fused in: the whole model's cut-offs, or each tensor's
+        # the model's two radix sweeps count straight from the inputs, one call per tensor each
+        assert sweeps == ([16] * len(floating) + [0] * len(floating) if scope == "model" else [])
         monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
         aten = merge(base, models, "ties", **params)
         monkeypatch.delenv("CLPEFT_CPU_KERNEL")
@@ -354,3 +358,22 @@ def test_empty_tensors_pass_through_every_loop():
     counts = torch.zeros(2, 1 << 16, dtype=torch.int64)
     fused_cpu.count_magnitude_digits(torch.zeros(2, 0), 16, [0, 0], counts)
     assert counts.sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sweeps_from_the_inputs_count_what_the_formed_task_vectors_count(monkeypatch, dtype):
+    """``count_difference_digits`` (task vectors formed a chunk at a time in a cached row) against
+    ``count_magnitude_digits`` of ``subtract_rows``' task vectors, both sweeps: chunks of 2,048 and a
+    tail of 5, 3 x 400,005 entries over two threads, exact zeros and cancellations included."""
+    from clpeft.merging.blocks import subtract_rows
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for n in (2 * 2048 + 5, 400_005):
+        base_half, sources = inputs(n, 3, dtype, seed=7)
+        base = base_half.float()
+        task_vectors = subtract_rows(torch.empty(3, n), sources, base)
+        for shift, prefixes in ((16, [0, 0, 0]), (0, [int(v) for v in (task_vectors.abs()[:, 77].view(torch.int32) >> 16)])):
+            expected, counts = (torch.zeros(3, 1 << 16, dtype=torch.int64) for _ in range(2))
+            fused_cpu.count_magnitude_digits(task_vectors, shift, prefixes, expected)
+            fused_cpu.count_difference_digits(sources, base, shift, prefixes, counts)
+            assert torch.equal(counts, expected) and expected.sum() > 0, (n, shift)

@@ -14,7 +14,9 @@ entry whose higher bits equal the digits chosen so far (``2^16 + 2`` counters pe
 digit holding the k-th largest entry is then read off the histogram. Two sweeps settle a
 float32 model, four a float64 one; memory is the counters, whatever the model's size, and the
 result is exact. On the CPU a float32 sweep counts in the compiled library
-(:func:`~clpeft.merging.fused_cpu.count_magnitude_digits`: one read-only pass, ~1 ns per entry).
+(:func:`~clpeft.merging.fused_cpu.count_magnitude_digits`: one read-only pass, ~1 ns per entry),
+straight from the fine-tuned and base tensors where the engine offers them
+(:meth:`KthLargestMagnitude.observe_differences`: the task vectors are never written).
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ class KthLargestMagnitude:
         # the digit where the higher bits equal the prefix chosen so far; -1 below it, 2^16 above
         bits.sub_((self._prefix << _DIGIT_BITS).to(self._int)[:, None]).clamp_(-1, _DIGITS).add_(self._offsets)
         self._counts += torch.bincount(bits.reshape(-1), minlength=self._counts.numel())
+
+    def observe_differences(self, sources: list[torch.Tensor], base: torch.Tensor) -> bool:
+        """:meth:`observe` of the task vectors ``sources[t] - base`` without forming them, where the compiled
+        loop applies (float32 counts on the CPU); ``False``, nothing counted, elsewhere."""
+        if self._float != torch.float32 or not fused_cpu.supports_difference_counts(sources, base):
+            return False
+        digits = self._counts.view(-1, _BINS)[:, 1 : _DIGITS + 1]
+        fused_cpu.count_difference_digits(sources, base, self._shifts[self._level], self._prefix.tolist(), digits)
+        return True
 
     def end_sweep(self) -> None:
         """Choose each task's digit: the one holding the remaining rank, counted from the top."""
