@@ -84,7 +84,7 @@ def _lora_b(strategy) -> None:
 
 
 class _Forwards:
-    """Counts the net's forwards (``real``: those with an attention mask, not lockstep's padding token) and checks,
+    """Counts the net's forwards (``real``: those with a real token, not lockstep's masked padding token) and checks,
     at each, that the other decoder layers hold half of each weight (the model is not gathered)."""
 
     def __init__(self, net):
@@ -97,7 +97,8 @@ class _Forwards:
 
     def count(self, module, args, kwargs) -> None:
         self.total += 1
-        self.real += "attention_mask" in kwargs
+        mask = kwargs.get("attention_mask")
+        self.real += mask is not None and bool(mask.any())
 
     def sharded_elsewhere(self, layer, args) -> None:
         for other in self.layers:
