@@ -376,12 +376,12 @@ def test_prior_batch_norm_replaces_the_forward_once_survives_a_copy_and_detaches
         layer(x[0])
 
 
-def test_robust_batch_norm_replaces_the_forward_and_copies_share_the_updates():
+def test_robust_batch_norm_replaces_the_forward_and_updates_every_attached_layer():
     """``RobustBatchNorm`` on a layer: outside ``updating()`` the eval-mode BatchNorm of the stored
     statistics, without the layer's own forward running (its ``F.batch_norm`` is called once);
     inside, the statistics move by ``alpha`` towards the batch's (biased variance), the output
-    uses the moved ones and carries their gradient; a deep copy of the layer (a teacher) follows
-    the same ``updating()`` blocks; ``detach`` gives the layer its own forward back."""
+    uses the moved ones and carries their gradient; a deep copy (a teacher) attached with the
+    layer, as RoTTA does, updates in the same block; ``detach`` gives the layers their own forward back."""
     torch.manual_seed(0)
     layer = torch.nn.BatchNorm2d(3)
     with torch.no_grad():
@@ -401,6 +401,7 @@ def test_robust_batch_norm_replaces_the_forward_and_copies_share_the_updates():
         assert len(calls) == 1
         torch.testing.assert_close(out, real(x, *stored, layer.weight, layer.bias, False, 0.0, layer.eps))
         teacher = copy.deepcopy(layer)
+        robust.attach([layer, teacher])
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         moved = (0.75 * stored[0] + 0.25 * mean, 0.75 * stored[1] + 0.25 * var)
         x.requires_grad_(True)
@@ -420,7 +421,11 @@ def test_robust_batch_norm_replaces_the_forward_and_copies_share_the_updates():
     robust.detach()
     layer.eval()
     torch.testing.assert_close(layer(x), real(x, *moved, layer.weight, layer.bias, False, 0.0, layer.eps))
-    assert "forward" not in layer.__dict__ and "forward" in teacher.__dict__
+    assert "forward" not in layer.__dict__ and "forward" not in teacher.__dict__
+    robust.attach([layer])
+    copied_robust, copied_layer = copy.deepcopy((robust, layer))  # a strategy copied whole: its own controller
+    assert copied_robust is not robust and copied_layer.forward.func.__self__ is copied_robust
+    assert copied_robust._layers == [copied_layer]
 
 
 # ------------------------------------------------------------------ state

@@ -30,9 +30,9 @@ from clpeft.components.tta.replaced_batch_norm import ReplacedBatchNorm
 class RobustBatchNorm(ReplacedBatchNorm):
     """RoTTA's moving-average BatchNorm on the layers given to :meth:`attach`.
 
-    A copy of an attached layer (``copy.deepcopy`` of its model, e.g. a teacher made from the
-    student) stays robust and follows the same :meth:`updating` blocks: the copy shares this
-    object instead of carrying a copy of it.
+    A deep copy of a model with attached layers (a strategy copied whole) carries its own copy of
+    this object: it updates inside its copy's :meth:`updating` blocks, not this one's. RoTTA
+    attaches the student's and the teacher's layers together after any copy.
 
     Args:
         alpha: momentum of the statistics (0.05 in RoTTA).
@@ -44,9 +44,6 @@ class RobustBatchNorm(ReplacedBatchNorm):
         super().__init__()
         self.alpha = float(alpha)
         self._updating = False
-
-    def __deepcopy__(self, memo: dict) -> RobustBatchNorm:
-        return self
 
     @contextlib.contextmanager
     def updating(self):
