@@ -241,6 +241,7 @@ def test_a_nearly_full_subspace_designs_only_the_directions_left_and_keeps_earli
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
 def test_the_other_options_train_and_start_each_update_at_zero_on_the_llm(tiny_lm, distinct_tasks, options):
+    torch.manual_seed(0)  # the new updates' random initialisation, whatever ran before (passes for seeds 0-5)
     first, second = _stream([str(d) for d in distinct_tasks])
     strategy = _strategy(tiny_lm, targets=["q_proj", "v_proj"], rank=2, alpha=4.0, **options)
     losses = _train(strategy, first)
