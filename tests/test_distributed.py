@@ -79,7 +79,11 @@ def _pair(tmp_path: Path, strategy: str) -> tuple[np.ndarray, np.ndarray, Path]:
     return _matrix(single), _matrix(double), double
 
 
-@pytest.mark.parametrize("strategy", ["finetune", "replay", "lora_cl"])
+@pytest.mark.parametrize(
+    "strategy",
+    # plain fine-tuning is replay without its buffer: in the slow suite only (~30 s of two-process runs)
+    [pytest.param("finetune", marks=pytest.mark.slow), "replay", "lora_cl"],
+)
 def test_two_processes_match_one_process(tmp_path, strategy):
     one, two, run_dir = _pair(tmp_path, strategy)
     assert one.shape == two.shape == (5, 5)
