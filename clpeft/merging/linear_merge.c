@@ -263,6 +263,15 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
 
 /* ------------------------------------------------------------------ task vectors */
 
+/* Sixteen float32 entries in natural order <-> the lane order pair_load gives bf16 entries
+ * (0-3, 8-11 | 4-7, 12-15): swapping the middle quarters, its own inverse. */
+static inline void swap_middle_quarters(f32x8 v[2]) {
+    const f32x8 lo = __builtin_shufflevector(v[0], v[1], 0, 1, 2, 3, 8, 9, 10, 11);
+    const f32x8 hi = __builtin_shufflevector(v[0], v[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    v[0] = lo;
+    v[1] = hi;
+}
+
 /* out = float(source) - base over n entries (source in dtype, base and out float32): a task
  * vector formed in one pass, the conversion exact and the subtraction rounded once, as ATen's
  * copy_ then sub_ (blocks.subtract_rows). Returns -1 for a dtype this build lacks. */
@@ -273,19 +282,9 @@ int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base,
         f32x8 x[2], b[2];
         pair_load(dtype, source, i, x);
         pair_load(DTYPE_FLOAT32, base, i, b);
-        if (dtype == DTYPE_BFLOAT16) { /* x's lanes are in unpacking order: put base's the same way */
-            const f32x8 lo = __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11);
-            const f32x8 hi = __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
-            b[0] = lo;
-            b[1] = hi;
-        }
+        if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(b); /* into x's unpacking order */
         f32x8 d[2] = {x[0] - b[0], x[1] - b[1]};
-        if (dtype == DTYPE_BFLOAT16) {
-            const f32x8 lo = __builtin_shufflevector(d[0], d[1], 0, 1, 2, 3, 8, 9, 10, 11);
-            const f32x8 hi = __builtin_shufflevector(d[0], d[1], 4, 5, 6, 7, 12, 13, 14, 15);
-            d[0] = lo;
-            d[1] = hi;
-        }
+        if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(d); /* and back */
         pair_store(DTYPE_FLOAT32, out, i, d);
     }
     for (; i < n; i++) out[i] = scalar_load(dtype, source, i) - base[i];

@@ -70,8 +70,7 @@ class KthLargestMagnitude:
         """Count this tensor's entries by their current digit; ``task_vectors`` is overwritten."""
         values = task_vectors if task_vectors.dtype == self._float else task_vectors.to(self._float)
         if fused_cpu.supports_selection(values):  # float32 on the CPU: the compiled counting loop, read-only
-            digits = self._counts.view(-1, _BINS)[:, 1 : _DIGITS + 1]
-            fused_cpu.count_magnitude_digits(values, self._shifts[self._level], self._prefix.tolist(), digits)
+            fused_cpu.count_magnitude_digits(values, self._shifts[self._level], self._prefix.tolist(), self._digit_counts())
             return
         bits = values.abs_().view(self._int)  # non-negative floats order like their bit patterns
         bits.bitwise_right_shift_(self._shifts[self._level])
@@ -84,13 +83,16 @@ class KthLargestMagnitude:
         loop applies (float32 counts on the CPU); ``False``, nothing counted, elsewhere."""
         if self._float != torch.float32 or not fused_cpu.supports_difference_counts(sources, base):
             return False
-        digits = self._counts.view(-1, _BINS)[:, 1 : _DIGITS + 1]
-        fused_cpu.count_difference_digits(sources, base, self._shifts[self._level], self._prefix.tolist(), digits)
+        fused_cpu.count_difference_digits(sources, base, self._shifts[self._level], self._prefix.tolist(), self._digit_counts())
         return True
+
+    def _digit_counts(self) -> torch.Tensor:
+        """``(K, 2^16)`` view of each task's counters for digits 0 .. 2^16 - 1 (the compiled loops' layout)."""
+        return self._counts.view(-1, _BINS)[:, 1 : _DIGITS + 1]
 
     def end_sweep(self) -> None:
         """Choose each task's digit: the one holding the remaining rank, counted from the top."""
-        counts = self._counts.view(-1, _BINS)[:, 1 : _DIGITS + 1].flip(1)  # digit 2^16 - 1 first
+        counts = self._digit_counts().flip(1)  # digit 2^16 - 1 first
         from_top = counts.cumsum(1)
         index = torch.searchsorted(from_top, self._rank[:, None])  # first digit reaching the rank
         self._rank -= (from_top.gather(1, index) - counts.gather(1, index)).squeeze(1)

@@ -175,8 +175,10 @@ def shrink_lambdas(thresholds: torch.Tensor, dtype: torch.dtype) -> list[float]:
 
 def _hardshrink_below_(row: torch.Tensor, threshold: torch.Tensor) -> None:
     """``row[|row| < threshold] = 0`` as ``hardshrink`` (zero where ``|x| <= lambda``) with ``lambda``
-    the float just below the threshold: exact, and ~7x faster than a masked fill on the CPU."""
-    torch.hardshrink(row, torch.nextafter(threshold, torch.zeros_like(threshold)).item(), out=row)
+    the float just below the threshold (:func:`shrink_lambdas`, which the compiled election uses too):
+    exact, and ~7x faster than a masked fill on the CPU."""
+    (shrink,) = shrink_lambdas(threshold.reshape(1), row.dtype)
+    torch.hardshrink(row, shrink, out=row)
 
 
 def _rounded_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
