@@ -38,10 +38,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """``out[k] = sources[k] - base`` in ``out``'s dtype, each source converted once per block (bf16 / fp16
-    sources into float32 rows on the CPU: converted and subtracted in one compiled pass,
-    :func:`~clpeft.merging.fused_cpu.subtract`).
+def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor | None:
+    """``out[k] = sources[k] - base`` in ``out``'s dtype, each source converted once per block (on the CPU
+    in one compiled pass per row that also sums its squares, :func:`~clpeft.merging.fused_cpu.subtract`).
 
     Args:
         out: ``(K, n)`` rows in the compute dtype (``base``'s).
@@ -49,22 +48,22 @@ def subtract_rows(out: torch.Tensor, sources: Sequence[torch.Tensor], base: torc
         base: flat, ``n`` entries, in ``out``'s dtype.
 
     Returns:
-        ``out``.
+        float64 ``(K,)`` sums of squares of the rows when the compiled pass formed every row, else None.
     """
     n = out.shape[1]
-    converted = []
+    converted, squares = [], []
     for row, source in zip(out, sources):
-        if source.dtype == out.dtype:
+        if fused_cpu.supports_subtraction(source[:n], base, row):
+            squares.append(fused_cpu.subtract(source[:n], base, row))
+        elif source.dtype == out.dtype:
             torch.sub(source[:n], base, out=row)
-        elif fused_cpu.supports_subtraction(source[:n], base, row):  # bf16 / fp16 in one compiled pass
-            fused_cpu.subtract(source[:n], base, row)
         else:
             converted.append((row, source))
     for start in range(0, n if converted else 0, BLOCK_COLUMNS):
         stop = min(n, start + BLOCK_COLUMNS)
         for row, source in converted:
             row[start:stop].copy_(source[start:stop]).sub_(base[start:stop])
-    return out
+    return torch.tensor(squares, dtype=torch.float64) if len(squares) == len(out) else None
 
 
 def combine_linear(

@@ -253,7 +253,7 @@ class MergeEngine:
         while statistic.wants_sweep():
             for job, base, rows in self._each_input(merged):
                 if not self._observe_inputs(statistic, job, base, rows):
-                    statistic.observe(self._task_vectors(job, base, rows))
+                    statistic.observe(self._task_vectors(job, base, rows)[0])
             statistic.end_sweep()
         return {"model_statistic": statistic.result()}
 
@@ -267,7 +267,7 @@ class MergeEngine:
             else:
                 bases, models = staged.bases, staged.models
             for job, base, rows in zip(batch, bases, models):
-                yield job, _typed(base, 0, job.info).reshape(-1).to(compute_dtype(job.info.dtype)), rows
+                yield job, self._in_compute_dtype(_typed(base, 0, job.info)), rows
             if not self._transfer:  # off the CPU the views were released once copied
                 self._release(batch)
 
@@ -413,7 +413,7 @@ class MergeEngine:
         dtype = compute_dtype(base_raw.dtype)
         if linear and self._full and not self._transfer:
             return self._combine_in_blocks(job, base_raw.reshape(-1), rows, out)
-        base = base_raw.reshape(-1).to(dtype)
+        base = self._in_compute_dtype(base_raw)
         if not self._transfer and base.data_ptr() != base_raw.data_ptr():  # converted: the read pages can go
             self.base.release(job.name)
         if linear and self._adapters:
@@ -421,8 +421,8 @@ class MergeEngine:
             delta, norms = merge_factors(self._adapters, job.name, coefficients, device=self.device, dtype=dtype)
             conflict = base.new_tensor(math.nan)
         else:
-            task_vectors = self._task_vectors(job, base, rows)
-            norms = torch.linalg.vector_norm(task_vectors, dim=1)
+            task_vectors, squares = self._task_vectors(job, base, rows)
+            norms = torch.linalg.vector_norm(task_vectors, dim=1) if squares is None else squares.sqrt()
             conflict = sign_conflict(task_vectors)
             if job.average:  # a normalisation statistic: the fine-tunes' mean, whatever the method (rules)
                 delta = task_vectors.mean(dim=0)
@@ -430,6 +430,9 @@ class MergeEngine:
                 inputs = {"base": base, "shape": job.info.shape, "name": job.name}
                 inputs = {name: inputs[name] for name in self.method.tensor_inputs}
                 delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic, **inputs)
+        if self.fused and out is not None and fused_cpu.supports_finish(base, delta, out.view(-1)):  # add and sums in one pass
+            sums = fused_cpu.finish(base, delta, out.view(-1))
+            return out, torch.cat([pack_sums(sums, conflict, base.numel()), norms.to(sums.dtype)])
         if out is None:
             merged = (base + delta).to(job.info.dtype).view(job.info.shape)
         elif out.dtype == dtype:
@@ -478,8 +481,9 @@ class MergeEngine:
             self._coefficients_by_dtype[dtype] = self.method.coefficients(len(self.models), self.params, dtype)
         return self._coefficients_by_dtype[dtype]
 
-    def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows) -> torch.Tensor:
-        """``(K, N)`` task vectors in ``base``'s dtype, owned by the method (may be overwritten).
+    def _task_vectors(self, job: TensorJob, base: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(K, N)`` task vectors in ``base``'s dtype, owned by the method (may be overwritten), and their
+        float64 sums of squares when the compiled subtraction formed them on the way (else None).
 
         ``rows`` holds the fine-tuned tensors' bytes, one per model: read-only source views
         (a list), or a ``(K, bytes)`` device copy (a tensor) that may be overwritten in place.
@@ -491,19 +495,29 @@ class MergeEngine:
                     row.copy_(adapter.delta(job.name, device=self.device, dtype=base.dtype))
                 else:
                     row.zero_()
-            return task_vectors
+            return task_vectors, None
         sources = self._sources(job, rows)
         if isinstance(rows, torch.Tensor) and all(s.dtype == base.dtype for s in sources):  # in place in the copy
-            return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base)
+            return rows[:, : base.numel() * base.dtype.itemsize].view(base.dtype).sub_(base), None
         task_vectors = self._scratch(len(sources), base.numel(), base.dtype)
         if not self._transfer:  # the host converts each block once (a GPU converts as it subtracts)
+            squares = []
             for row, model, source in zip(task_vectors, self._full, sources):
-                subtract_rows(row[None], [source], base)
+                squares.append(subtract_rows(row[None], [source], base))
                 model.release(job.name)  # this model's pages are read: they leave the resident set now
-            return task_vectors
+            return task_vectors, None if any(s is None for s in squares) else torch.cat(squares)
         for row, source in zip(task_vectors, sources):
             torch.sub(source, base, out=row)
-        return task_vectors
+        return task_vectors, None
+
+    def _in_compute_dtype(self, base: torch.Tensor) -> torch.Tensor:
+        """A flat base tensor in its compute dtype: itself, or on the host converted into a buffer reused
+        from tensor to tensor (valid until the next call; a fresh float32 copy of each bf16 tensor spent
+        more time faulting in new pages than converting)."""
+        dtype, flat = compute_dtype(base.dtype), base.reshape(-1)
+        if flat.dtype == dtype or self._transfer:
+            return flat.to(dtype)
+        return self._host_buffer(f"base/{dtype}", flat.numel() * dtype.itemsize).view(dtype).copy_(flat)
 
     def _scratch(self, rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A ``(rows, numel)`` work buffer, reused on the CPU like the read buffers."""

@@ -10,7 +10,10 @@ last bits differ. Side by side (``benchmarks/merge_cpu_kernel.py``, benchmarks/R
 arithmetic is 3-6x faster than the ATen blocks. The same library serves the methods that need
 whole task vectors, each loop with the ATen path's bits or exact counts:
 
-* :func:`subtract`: a bf16 / fp16 model's task vector in float32, converted and subtracted in one pass;
+* :func:`subtract`: a model's task vector in float32 (bf16 / fp16 converted on the way) and its sum of
+  squares, in one pass;
+* :func:`finish`: the merged tensor ``theta_0 + delta`` rounded to its dtype and the report's sums, in
+  one pass (every method that forms a whole delta);
 * :func:`kth_largest_magnitude`: TIES' per-tensor trim threshold by a radix selection, exactly
   ``abs().kthvalue``'s value; :func:`count_magnitude_digits`: one sweep of the model-scope trim's
   radix selection (:mod:`~clpeft.merging.methods.model_trim`), and :func:`count_difference_digits`
@@ -54,12 +57,14 @@ __all__ = [
     "available",
     "count_difference_digits",
     "count_magnitude_digits",
+    "finish",
     "kth_largest_magnitude",
     "linear_merge",
     "subtract",
     "supports",
     "supports_difference_counts",
     "supports_election",
+    "supports_finish",
     "supports_selection",
     "supports_subtraction",
     "ties_elect",
@@ -73,7 +78,8 @@ _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # the first the compile
 _MIN_ENTRIES_PER_THREAD = 1 << 20  # smaller tensors merge on the calling thread
 _ALIGN = 16  # thread ranges start on a multiple of the kernel's 16-entry step
 _SELECTION_COUNTS = (1 << 15) + (1 << 16)  # the radix selection's counts: high 15 bits, then low 16
-_selection_counts = threading.local()
+_BAND_FRACTION = 16  # the bracketed selection's band may hold 1/16 of a tensor (at most ~5% expected; pages touched as used)
+_selection_scratch = threading.local()
 
 
 def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
@@ -132,32 +138,85 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
 
 
 def supports_subtraction(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether :func:`subtract` applies: a flat bf16 / fp16 ``source`` (at least ``base``'s length), float32
-    ``base`` and ``out`` of one length, all contiguous on the CPU, and a compiled kernel."""
+    """Whether :func:`subtract` applies: a flat ``source`` of the kernel's dtypes (at least ``base``'s length),
+    float32 ``base`` and ``out`` of one length, all contiguous on the CPU, and a compiled kernel."""
     return (
-        source.dtype in (torch.bfloat16, torch.float16)
+        source.dtype in _DTYPE_CODES
         and base.dtype == out.dtype == torch.float32
         and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (source, base, out))
-        and source.data_ptr() % 2 == 0
+        and all(t.data_ptr() % t.element_size() == 0 for t in (source, base, out))
         and source.numel() >= base.numel() == out.numel()
         and available()
         and bool(_library().clpeft_supports_dtype(_DTYPE_CODES[source.dtype]))
     )
 
 
-def subtract(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def subtract(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> float:
     """``out = source.float() - base`` in one pass (the conversion exact, one rounding: ATen's bits);
-    the tensor is split over the torch threads."""
-    n, code, size = out.numel(), _DTYPE_CODES[source.dtype], source.element_size()
+    the tensor is split over the torch threads.
 
-    def run(columns: tuple[int, int]) -> None:
-        start, stop = columns
+    Returns:
+        ``sum(out ** 2)`` taken on the way (float32 within 16,384 entries, float64 across them),
+        the report's task-vector norm squared.
+    """
+    n, code, size = out.numel(), _DTYPE_CODES[source.dtype], source.element_size()
+    ranges = _column_ranges(n, n)
+    squares = torch.zeros(len(ranges), dtype=torch.float64)
+
+    def run(part: int) -> None:
+        start, stop = ranges[part]
         _library().clpeft_subtract(
-            code, stop - start, source.data_ptr() + start * size, base.data_ptr() + start * 4, out.data_ptr() + start * 4
+            code,
+            stop - start,
+            source.data_ptr() + start * size,
+            base.data_ptr() + start * 4,
+            out.data_ptr() + start * 4,
+            squares[part].data_ptr(),
         )
 
-    _run_all(run, _column_ranges(n, n))
-    return out
+    _run_all(run, range(len(ranges)))
+    return float(squares.sum())
+
+
+def supports_finish(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether :func:`finish` applies: flat contiguous float32 ``base`` and ``delta`` and an ``out`` of the
+    kernel's dtypes, one length, on the CPU, and a compiled kernel."""
+    return (
+        base.dtype == delta.dtype == torch.float32
+        and out.dtype in _DTYPE_CODES
+        and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (base, delta, out))
+        and all(t.data_ptr() % t.element_size() == 0 for t in (base, delta, out))
+        and base.numel() == delta.numel() == out.numel()
+        and available()
+        and bool(_library().clpeft_supports_dtype(_DTYPE_CODES[out.dtype]))
+    )
+
+
+def finish(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = (base + delta).to(out.dtype)`` in one pass, ATen's bits (one float32 add, rounded to
+    nearest even), split over the torch threads: the last step of a merge that forms a whole delta.
+
+    Returns:
+        float64 ``[sum theta_0^2, sum delta^2, count(delta != 0)]`` taken on the way
+        (:func:`~clpeft.merging.report.pack_sums`' head; float32 within 16,384 entries).
+    """
+    n, code, size = out.numel(), _DTYPE_CODES[out.dtype], out.element_size()
+    ranges = _column_ranges(n, n)
+    sums = torch.zeros(len(ranges), 3, dtype=torch.float64)
+
+    def run(part: int) -> None:
+        start, stop = ranges[part]
+        _library().clpeft_finish(
+            code,
+            stop - start,
+            base.data_ptr() + start * 4,
+            delta.data_ptr() + start * 4,
+            out.data_ptr() + start * size,
+            sums[part].data_ptr(),
+        )
+
+    _run_all(run, range(len(ranges)))
+    return sums.sum(dim=0)
 
 
 def supports_selection(values: torch.Tensor) -> bool:
@@ -166,15 +225,20 @@ def supports_selection(values: torch.Tensor) -> bool:
 
 
 def kth_largest_magnitude(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest ``|values|`` (``1 <= k <= numel``, finite values), as a 0-d tensor:
-    a radix selection over the magnitudes' bits in two read-only passes (``linear_merge.c``)."""
+    """The exact k-th largest ``|values|`` (``1 <= k <= numel``, finite values), as a 0-d tensor
+    (``linear_merge.c``): a large tensor bracketed from a sample in one read-only pass, then a radix
+    selection over the magnitudes' bits inside the bracket (or, if the bracket missed, over all)."""
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, {n}], got {k}")
-    counts = getattr(_selection_counts, "tensor", None)
-    if counts is None:  # one scratch per thread, reused by its calls and freed with the thread
-        counts = _selection_counts.tensor = torch.empty(_SELECTION_COUNTS, dtype=torch.int64)
-    return values.new_tensor(_library().clpeft_kth_largest_magnitude(values.data_ptr(), n, k, counts.data_ptr()))
+    counts = getattr(_selection_scratch, "counts", None)
+    if counts is None:  # scratch per thread, reused by its calls and freed with the thread
+        counts = _selection_scratch.counts = torch.empty(_SELECTION_COUNTS, dtype=torch.int64)
+    band = getattr(_selection_scratch, "band", torch.empty(0))
+    if band.numel() < n // _BAND_FRACTION:
+        band = _selection_scratch.band = torch.empty(max(n // _BAND_FRACTION, 2 * band.numel()))
+    threshold = _library().clpeft_kth_largest_magnitude(values.data_ptr(), n, k, counts.data_ptr(), band.data_ptr(), band.numel())
+    return values.new_tensor(threshold)
 
 
 def supports_election(task_vectors: torch.Tensor) -> bool:
@@ -317,7 +381,14 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # sums (float64)
     ]
     library.clpeft_linear_merge.restype = ctypes.c_int
-    library.clpeft_kth_largest_magnitude.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    library.clpeft_kth_largest_magnitude.argtypes = [
+        ctypes.c_void_p,  # values
+        ctypes.c_int64,  # n
+        ctypes.c_int64,  # k
+        ctypes.c_void_p,  # counts (int64 scratch)
+        ctypes.c_void_p,  # band (float32 scratch)
+        ctypes.c_int64,  # band capacity
+    ]
     library.clpeft_kth_largest_magnitude.restype = ctypes.c_float
     library.clpeft_count_magnitude_digits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
     library.clpeft_count_magnitude_digits.restype = None
@@ -331,8 +402,17 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # out
     ]
     library.clpeft_ties_elect.restype = None
-    library.clpeft_subtract.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    library.clpeft_subtract.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.clpeft_subtract.restype = ctypes.c_int
+    library.clpeft_finish.argtypes = [
+        ctypes.c_int,  # dtype of out
+        ctypes.c_int64,  # n
+        ctypes.c_void_p,  # base (float32)
+        ctypes.c_void_p,  # delta (float32)
+        ctypes.c_void_p,  # out
+        ctypes.c_void_p,  # sums (3 float64)
+    ]
+    library.clpeft_finish.restype = ctypes.c_int
     library.clpeft_count_difference_digits.argtypes = [
         ctypes.c_int,  # dtype
         ctypes.c_int64,  # n

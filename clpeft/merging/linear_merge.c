@@ -23,10 +23,11 @@
  * those compilers support; F16C converts fp16 where the CPU has it.
  *
  * The same library holds the loops of methods that need whole task vectors (each with the ATen
- * path's bits or exact counts): a half-precision task vector formed in one pass (clpeft_subtract),
- * TIES' trim threshold per tensor (clpeft_kth_largest_magnitude, a radix selection) and over the
- * whole model (clpeft_count_magnitude_digits, one sweep of it), and TIES' election and disjoint
- * merge with the trim fused in (clpeft_ties_elect).
+ * path's bits or exact counts): a task vector and its norm formed in one pass (clpeft_subtract),
+ * TIES' trim threshold per tensor (clpeft_kth_largest_magnitude, a bracketed radix selection) and
+ * over the whole model (clpeft_count_magnitude_digits, one sweep of it), TIES' election and
+ * disjoint merge with the trim fused in (clpeft_ties_elect), and the merged tensor rounded to its
+ * dtype with the report's sums (clpeft_finish).
  */
 #include <stdint.h>
 #include <string.h>
@@ -274,20 +275,85 @@ static inline void swap_middle_quarters(f32x8 v[2]) {
 
 /* out = float(source) - base over n entries (source in dtype, base and out float32): a task
  * vector formed in one pass, the conversion exact and the subtraction rounded once, as ATen's
- * copy_ then sub_ (blocks.subtract_rows). Returns -1 for a dtype this build lacks. */
-int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base, float *out) {
+ * copy_ then sub_ (blocks.subtract_rows). When squares is given, the task vector's sum of squares
+ * is added to it (float32 within a CHUNK, float64 across: the report's norm). Returns -1 for a
+ * dtype this build lacks. */
+int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base, float *out, double *squares) {
     if (!clpeft_supports_dtype(dtype)) return -1;
-    int64_t i = 0;
-    for (; i + 2 * LANES <= n; i += 2 * LANES) {
-        f32x8 x[2], b[2];
-        pair_load(dtype, source, i, x);
-        pair_load(DTYPE_FLOAT32, base, i, b);
-        if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(b); /* into x's unpacking order */
-        f32x8 d[2] = {x[0] - b[0], x[1] - b[1]};
-        if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(d); /* and back */
-        pair_store(DTYPE_FLOAT32, out, i, d);
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t stop = n - start < CHUNK ? n : start + CHUNK;
+        f32x8 square[2] = {{0}};
+        float tail = 0.f;
+        int64_t i = start;
+        for (; i + 2 * LANES <= stop; i += 2 * LANES) {
+            f32x8 x[2], b[2];
+            pair_load(dtype, source, i, x);
+            pair_load(DTYPE_FLOAT32, base, i, b);
+            if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(b); /* into x's unpacking order */
+            f32x8 d[2] = {x[0] - b[0], x[1] - b[1]};
+            square[0] += d[0] * d[0];
+            square[1] += d[1] * d[1];
+            if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(d); /* and back */
+            pair_store(DTYPE_FLOAT32, out, i, d);
+        }
+        for (; i < stop; i++) {
+            out[i] = scalar_load(dtype, source, i) - base[i];
+            tail += out[i] * out[i];
+        }
+        if (squares) *squares += horizontal_sum(square[0] + square[1]) + tail;
     }
-    for (; i < n; i++) out[i] = scalar_load(dtype, source, i) - base[i];
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the merged tensor */
+
+/* Entries [start, stop) of clpeft_finish for one DTYPE (a constant in each inlined copy). */
+static inline __attribute__((always_inline)) void
+finish_range(const int DTYPE, int64_t start, int64_t stop, const float *base, const float *delta, void *out, double *sums) {
+    f32x8 base_sq[2] = {{0}}, delta_sq[2] = {{0}};
+    i32x8 nonzero[2] = {{0}};
+    float tail[3] = {0.f, 0.f, 0.f};
+    int64_t i = start;
+    for (; i + 2 * LANES <= stop; i += 2 * LANES) {
+        f32x8 theta0[2], d[2], merged[2];
+        pair_load(DTYPE_FLOAT32, base, i, theta0);
+        pair_load(DTYPE_FLOAT32, delta, i, d);
+        for (int h = 0; h < 2; h++) {
+            base_sq[h] += theta0[h] * theta0[h];
+            delta_sq[h] += d[h] * d[h];
+            nonzero[h] -= (i32x8)(d[h] != 0.f);
+            merged[h] = theta0[h] + d[h];
+        }
+        if (DTYPE == DTYPE_BFLOAT16) swap_middle_quarters(merged); /* into the order pair_store takes */
+        pair_store(DTYPE, out, i, merged);
+    }
+    for (; i < stop; i++) {
+        tail[0] += base[i] * base[i];
+        tail[1] += delta[i] * delta[i];
+        tail[2] += delta[i] != 0.f;
+        scalar_store(DTYPE, out, i, base[i] + delta[i]);
+    }
+    sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[0];
+    sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[1];
+    for (int lane = 0; lane < LANES; lane++) sums[2] += nonzero[0][lane] + nonzero[1][lane];
+    sums[2] += tail[2];
+}
+
+/* out = round_to_output(base + delta) over n entries (base and delta float32, out in dtype): the
+ * last step of every merge that forms a whole delta (the engine's tau_m), one float32 add rounded
+ * as ATen's add then copy_ round it. sums (3 float64, added to): [sum theta_0^2, sum delta^2,
+ * count(delta != 0)] (NaN counts as non-zero, as torch.count_nonzero), float32 within a CHUNK.
+ * Returns -1 for a dtype this build lacks. */
+int clpeft_finish(int dtype, int64_t n, const float *base, const float *delta, void *out, double *sums) {
+    if (!clpeft_supports_dtype(dtype)) return -1;
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t stop = n - start < CHUNK ? n : start + CHUNK;
+        if (dtype == DTYPE_FLOAT32) finish_range(DTYPE_FLOAT32, start, stop, base, delta, out, sums);
+        else if (dtype == DTYPE_BFLOAT16) finish_range(DTYPE_BFLOAT16, start, stop, base, delta, out, sums);
+#if HAVE_FLOAT16
+        else finish_range(DTYPE_FLOAT16, start, stop, base, delta, out, sums);
+#endif
+    }
     return 0;
 }
 
@@ -334,20 +400,17 @@ int clpeft_count_difference_digits(int dtype, int64_t n, const void *source, con
     const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
     for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
         const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
-        clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row);
+        clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row, NULL);
         clpeft_count_magnitude_digits(row, m, shift, prefix, counts);
     }
     return 0;
 }
 
-/* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly: a magnitude's
- * bits (sign cleared) order like the magnitudes, so a radix selection on the high 15 bits, then
- * on the low 16 bits inside the chosen bucket, finds the k-th largest bit pattern in two
- * read-only passes (TIES' trim threshold, Yadav et al., NeurIPS 2023, Algorithm 1, "Trim").
- * counts: 2^15 + 2^16 int64 of scratch, owned by the caller (reused: fresh pages for every call
- * cost more than the counting). Returns -1 (as a float) if k is out of range. */
-float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, int64_t *counts) {
-    if (k < 1 || k > n) return -1.f;
+/* The k-th largest |values[i]| (1 <= k <= n), exactly: a magnitude's bits (sign cleared) order
+ * like the magnitudes, so a radix selection on the high 15 bits, then on the low 16 bits inside
+ * the chosen bucket, finds the k-th largest bit pattern in two read-only passes. counts: 2^15 +
+ * 2^16 int64 of scratch. */
+static float radix_kth_largest_magnitude(const float *values, int64_t n, int64_t k, int64_t *counts) {
     int64_t *high = counts, *low = counts + (1 << 15);
     memset(counts, 0, ((1 << 15) + (1 << 16)) * sizeof *counts);
     clpeft_count_magnitude_digits(values, n, 16, 0, high);
@@ -358,6 +421,98 @@ float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, in
     int offset = (1 << 16) - 1;
     while (above + low[offset] < k) above += low[offset--];
     return bits_to_float(((uint32_t)bucket << 16) | (uint32_t)offset);
+}
+
+#define BRACKET_SAMPLE 16384 /* the fewest entries sampled to bracket the k-th largest magnitude */
+#define SAMPLE_RUN 16 /* consecutive entries per sampled run (a strided entry each was a TLB miss each) */
+#define BRACKET_BLOCK (1 << 24) /* entries whose count above the bracket is kept in int32 lanes */
+
+/* Over n float32 values, by magnitude bit patterns (sign cleared): into tally, how many lie above
+ * upper, at upper and at lower; the magnitudes strictly between lower and upper copied into band
+ * while they fit in capacity. Returns how many lie strictly between (more than capacity: band
+ * holds only some). Ties at the bracket's ends are counted, not copied: half-precision task
+ * vectors take few distinct values, and the k-th largest is often one of many equal ones. */
+static int64_t band_magnitudes(const float *values, int64_t n, uint32_t lower, uint32_t upper, float *band, int64_t capacity, int64_t tally[3]) {
+    const uint32_t *bits = (const uint32_t *)values;
+    const i32x8 low = (i32x8){0} + (int32_t)lower, high = (i32x8){0} + (int32_t)upper; /* < 2^31: signed compares */
+    int64_t found = 0, i = 0;
+    tally[0] = tally[1] = tally[2] = 0;
+    while (i + LANES <= n) {
+        const int64_t stop = n - i < BRACKET_BLOCK ? n : i + BRACKET_BLOCK;
+        i32x8 over = {0}, at_upper = {0}, at_lower = {0};
+        for (; i + LANES <= stop; i += LANES) {
+            i32x8 keys;
+            memcpy(&keys, bits + i, sizeof keys);
+            keys &= 0x7FFFFFFF;
+            const i32x8 inside = (keys > low) & (keys < high);
+            over -= keys > high;
+            at_upper -= keys == high;
+            at_lower -= keys == low;
+            uint64_t any[4];
+            memcpy(any, &inside, sizeof any);
+            if ((any[0] | any[1] | any[2] | any[3]) == 0) continue; /* most vectors: none strictly inside */
+            if (found + LANES > capacity) { /* too many to keep: count them (the caller falls back) */
+                for (int lane = 0; lane < LANES; lane++) found -= inside[lane];
+                continue;
+            }
+            for (int lane = 0; lane < LANES; lane++) { /* written always, kept when inside: no branch to miss */
+                band[found] = bits_to_float((uint32_t)keys[lane]);
+                found -= inside[lane];
+            }
+        }
+        for (int lane = 0; lane < LANES; lane++) {
+            tally[0] += over[lane];
+            tally[1] += at_upper[lane];
+            tally[2] += at_lower[lane];
+        }
+    }
+    for (; i < n; i++) {
+        const uint32_t key = bits[i] & 0x7FFFFFFFu;
+        tally[0] += key > upper;
+        tally[1] += key == upper;
+        tally[2] += key == lower;
+        if (key > lower && key < upper) {
+            if (found < capacity) band[found] = bits_to_float(key);
+            found++;
+        }
+    }
+    return found;
+}
+
+/* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly (TIES' trim
+ * threshold, Yadav et al., NeurIPS 2023, Algorithm 1, "Trim"). A large tensor is first bracketed
+ * (Floyd and Rivest's selection, CACM 1975): a sample of n / 512 magnitudes (16,384 to 2^20, in evenly
+ * spaced runs of 16) gives
+ * bounds six standard deviations either side of the answer's expected rank, one read-only pass
+ * counts the magnitudes above the bracket and at its ends and copies those inside it into band,
+ * and the answer is an end of the bracket or the radix selection's on the band alone; when the answer falls outside the bracket (or the band
+ * exceeds capacity) the radix selection runs on the whole tensor: the same value either way, the
+ * sample changes only the time. counts: 2^15 + 2^16 int64 of scratch, band:
+ * capacity float32 (at least the sample's size for the bracket to be tried); both owned by the
+ * caller (reused: fresh pages for every call cost more than the counting). Returns -1 (as a
+ * float) if k is out of range. */
+float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, int64_t *counts, float *band, int64_t capacity) {
+    if (k < 1 || k > n) return -1.f;
+    int64_t m = n / 512; /* a larger sample for a larger tensor: the band is ~12 sqrt(q (1 - q) / m) of it */
+    m = m < BRACKET_SAMPLE ? BRACKET_SAMPLE : m > (1 << 20) ? (1 << 20) : m;
+    if (n < 32 * BRACKET_SAMPLE || capacity < m) return radix_kth_largest_magnitude(values, n, k, counts);
+    const int64_t stride = n / (m / SAMPLE_RUN) / SAMPLE_RUN * SAMPLE_RUN; /* runs of SAMPLE_RUN entries: one cache line each */
+    for (int64_t j = 0; j < m; j++) band[j] = bits_to_float(float_to_bits(values[j / SAMPLE_RUN * stride + j % SAMPLE_RUN]) & 0x7FFFFFFFu);
+    const double expected = (double)k * m / n, margin = 6.0 * __builtin_sqrt(expected * (1.0 - (double)k / n)) + 2.0;
+    const int64_t upper_rank = (int64_t)(expected - margin), lower_rank = (int64_t)(expected + margin); /* 0-based */
+    const uint32_t upper = upper_rank >= 0 ? float_to_bits(radix_kth_largest_magnitude(band, m, upper_rank + 1, counts)) : 0x7FFFFFFFu;
+    const uint32_t lower = lower_rank < m ? float_to_bits(radix_kth_largest_magnitude(band, m, lower_rank + 1, counts)) : 0u;
+    int64_t tally[3]; /* above upper, at upper, at lower */
+    const int64_t found = band_magnitudes(values, n, lower, upper, band, capacity, tally);
+    int64_t rank = k - tally[0]; /* the answer's rank from the top of the bracket */
+    if (rank >= 1) {
+        if (rank <= tally[1]) return bits_to_float(upper);
+        rank -= tally[1];
+        if (rank <= found && found <= capacity) return radix_kth_largest_magnitude(band, found, rank, counts);
+        rank -= found;
+        if (lower != upper && rank <= tally[2]) return bits_to_float(lower);
+    }
+    return radix_kth_largest_magnitude(values, n, k, counts); /* outside the bracket: select over all */
 }
 
 /* ------------------------------------------------------------------ TIES' election */
@@ -378,6 +533,32 @@ static inline f32x8 trimmed(f32x8 x, float lambda) {
     return (f32x8)((i32x8)x & ~(i32x8)(magnitude <= lambda));
 }
 
+/* The sign TIES elects from a column total: +1 where total >= 0 (zero mass included), else -1. */
+static inline f32x8 elected_sign(f32x8 total) {
+    const i32x8 positive = (i32x8)(total >= 0.f);
+    return (f32x8)((positive & (i32x8)((f32x8){0} + 1.f)) | (~positive & (i32x8)((f32x8){0} - 1.f)));
+}
+
+/* Eight columns (entries i .. i + 7 of every row, those at or past m read as 0) of the election,
+ * the merged values, the division by the count included when mean is set. */
+static inline __attribute__((always_inline)) f32x8 elect_columns(int k, const float *const *rows, int64_t i, int64_t m, const float *lambdas,
+                                  const float *coefficients, int mean) {
+    const f32x8 one = (f32x8){0} + 1.f;
+    f32x8 total = trimmed(row_load(rows[0], i, m), lambdas ? lambdas[0] : -1.f);
+    for (int t = 1; t < k; t++) total = total + trimmed(row_load(rows[t], i, m), lambdas ? lambdas[t] : -1.f);
+    const f32x8 s = elected_sign(total);
+    f32x8 merged = {0}, counted = {0};
+    for (int t = 0; t < k; t++) { /* the rows are in L1: read again rather than kept */
+        f32x8 a = trimmed(row_load(rows[t], i, m), lambdas ? lambdas[t] : -1.f) * s;
+        a = (f32x8)((i32x8)a & ~(i32x8)(a < 0.f));
+        const f32x8 value = coefficients[t] * a;
+        merged = t == 0 ? value : merged + value;
+        counted = counted + (f32x8)((i32x8)(a > 0.f) & (i32x8)one);
+    }
+    merged = merged * s;
+    return mean ? merged / (counted + (f32x8)((i32x8)(counted == 0.f) & (i32x8)one)) : merged;
+}
+
 /* TIES' election and disjoint merge of K float32 rows of n entries (Yadav et al., NeurIPS 2023,
  * Algorithm 1, "Elect" and "Disjoint Merge"; clpeft/merging/methods/generalized.py), with the
  * trim of each row fused in when lambdas is given (row t keeps |x| > lambdas[t]). Per entry, as
@@ -385,59 +566,16 @@ static inline f32x8 trimmed(f32x8 x, float lambda) {
  *     total = x_1 + x_2 + ... + x_K (in order);  s = total >= 0 ? 1 : -1
  *     a_k = max(s x_k, 0) (torch.clamp: -0 and NaN stay);  m = c_1 a_1 + c_2 a_2 + ... (in order)
  *     out = m s, divided by max(#{k : a_k > 0}, 1) when mean is set.
- * out may be rows[0] (each chunk is written after it is read). */
+ * Eight columns at a time with every row's entries in registers (the K + 1 streams read once
+ * each); out may be rows[0] (each column is written after it is read). */
 void clpeft_ties_elect(int64_t n, int k, const float *const *rows, const float *lambdas, const float *coefficients, int mean, float *out) {
-    float total[ELECT_CHUNK] __attribute__((aligned(32)));
-    float merged[ELECT_CHUNK] __attribute__((aligned(32)));
-    float count[ELECT_CHUNK] __attribute__((aligned(32)));
-    const f32x8 one = (f32x8){0} + 1.f, minus_one = (f32x8){0} - 1.f;
-    for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
-        const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
-        for (int t = 0; t < k; t++) {
-            const float *row = rows[t] + start;
-            const float lambda = lambdas ? lambdas[t] : -1.f;
-            for (int64_t i = 0; i < m; i += LANES) {
-                f32x8 x = trimmed(row_load(row, i, m), lambda), sum;
-                if (t > 0) {
-                    memcpy(&sum, total + i, sizeof sum);
-                    x = sum + x;
-                }
-                memcpy(total + i, &x, sizeof x);
-            }
-        }
-        for (int t = 0; t < k; t++) {
-            const float *row = rows[t] + start;
-            const float lambda = lambdas ? lambdas[t] : -1.f;
-            const f32x8 c = (f32x8){0} + coefficients[t];
-            for (int64_t i = 0; i < m; i += LANES) {
-                f32x8 sum, a, value, counted;
-                memcpy(&sum, total + i, sizeof sum);
-                const i32x8 positive = (i32x8)(sum >= 0.f);
-                const f32x8 s = (f32x8)((positive & (i32x8)one) | (~positive & (i32x8)minus_one));
-                a = trimmed(row_load(row, i, m), lambda) * s;
-                a = (f32x8)((i32x8)a & ~(i32x8)(a < 0.f));
-                value = c * a;
-                counted = (f32x8)((i32x8)(a > 0.f) & (i32x8)one);
-                if (t > 0) {
-                    f32x8 before, seen;
-                    memcpy(&before, merged + i, sizeof before);
-                    memcpy(&seen, count + i, sizeof seen);
-                    value = before + value;
-                    counted = seen + counted;
-                }
-                memcpy(merged + i, &value, sizeof value);
-                memcpy(count + i, &counted, sizeof counted);
-            }
-        }
-        for (int64_t i = 0; i < m; i += LANES) {
-            f32x8 sum, value, counted;
-            memcpy(&sum, total + i, sizeof sum);
-            memcpy(&value, merged + i, sizeof value);
-            memcpy(&counted, count + i, sizeof counted);
-            const i32x8 positive = (i32x8)(sum >= 0.f);
-            value = value * (f32x8)((positive & (i32x8)one) | (~positive & (i32x8)minus_one));
-            if (mean) value = value / (counted + (f32x8)((i32x8)(counted == 0.f) & (i32x8)one));
-            memcpy(out + start + i, &value, (size_t)(i + LANES <= m ? LANES : m - i) * sizeof(float));
-        }
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const f32x8 merged = elect_columns(k, rows, i, i + LANES, lambdas, coefficients, mean); /* whole loads */
+        memcpy(out + i, &merged, sizeof merged);
+    }
+    if (i < n) {
+        const f32x8 merged = elect_columns(k, rows, i, n, lambdas, coefficients, mean);
+        memcpy(out + i, &merged, (size_t)(n - i) * sizeof(float));
     }
 }

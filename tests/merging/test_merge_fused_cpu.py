@@ -9,6 +9,7 @@ with torch's own float32 ops and conversions, and the statistics in float64.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -240,6 +241,31 @@ def test_kth_largest_magnitude_is_kthvalues_exactly():
         fused_cpu.kth_largest_magnitude(values, 0)
 
 
+@pytest.mark.parametrize("n", [600_001, 2_000_003])
+def test_kth_largest_magnitude_of_a_large_tensor_is_exact_whether_or_not_the_bracket_holds(n):
+    """Tensors of 2^19 entries and more are bracketed from a strided sample first; the value is
+    ``abs().kthvalue``'s whether the answer lies in the bracket (random values), at one of its ends
+    (many equal magnitudes: a bf16 task vector), outside it (a sample that sees only planted
+    outliers) or in a band too large to keep (one repeated value)."""
+    generator = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=generator) * torch.logspace(-3, 3, n)[torch.randperm(n, generator=generator)]
+    values[::7] = 0.0
+    values[2::11] = -values[3::11]
+    m = max(16_384, n // 512)  # the kernel's sample: m entries in runs of 16, one run every `stride`
+    stride = n // (m // 16) // 16 * 16
+    planted = values.clone()
+    planted[(torch.arange(m) // 16) * stride + torch.arange(m) % 16] = 1e6
+    repeated = torch.full((n,), -0.25)
+    repeated[::3] = 0.5
+    halves = values.bfloat16().float() - values.mul(1.01).bfloat16().float()  # a bf16 task vector: many ties
+    for case in (values, planted, repeated, halves):
+        # n // 3 + 100: just below the third of entries tied at 0.5 (repeated); m + 100: just below
+        # the planted outliers, which alone make the bracket's upper and lower ends
+        for k in [1, 1_000, n // 5, n // 3 + 100, n // 2, (9 * n) // 10, m + 100, n]:
+            expected = case.abs().kthvalue(n - k + 1).values
+            assert same_bits(fused_cpu.kth_largest_magnitude(case, k), expected), k
+
+
 def test_ties_trims_through_the_selection_kernel_for_float32_only(monkeypatch):
     from clpeft.merging.methods import sparsify
 
@@ -333,28 +359,89 @@ def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch,
     assert all(same_bits(fused[name], aten[name]) for name in floating)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_reports_the_same_statistics_through_the_kernels(monkeypatch, tmp_path, dtype):
+    """The report of a TIES merge whose task vectors, trim, election and output all ran in the compiled
+    loops (norms summed on the way) against ``CLPEFT_CPU_KERNEL=0``'s ATen statistics: the same
+    density (an exact count) and sign conflict, the norms within float32 summation error."""
+    generator = torch.Generator().manual_seed(6)
+    cast = lambda state: {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # noqa: E731
+    base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path, state in zip(paths, [base, *[finetune(base, generator) for _ in range(3)]]):
+        save_file(cast(state), str(path))
+    kernel = merge_files(paths[0], paths[1:], tmp_path / "kernel.safetensors", "ties", density=0.3)
+    monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
+    aten = merge_files(paths[0], paths[1:], tmp_path / "aten.safetensors", "ties", density=0.3)
+    merged = [t for t in kernel.tensors if t.merged]
+    assert len(merged) > 10 and any(t.density < 1 for t in merged)
+    for fast, ops in zip(kernel.tensors, aten.tensors):
+        assert (fast.name, fast.sign_conflict) == (ops.name, ops.sign_conflict)
+        if fast.merged:  # the same count (ATen's density is a float32 ratio, the kernel's float64)
+            numel = math.prod(fast.shape)
+            assert round(fast.density * numel) == round(ops.density * numel)
+            torch.testing.assert_close(fast.task_vector_norms, ops.task_vector_norms, rtol=1e-4, atol=1e-12)
+            torch.testing.assert_close(fast.merged_norm, ops.merged_norm, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_subtraction_kernel_forms_task_vectors_with_atens_bits(monkeypatch, dtype):
-    """``subtract``: ``source.float() - base`` for half-precision sources (16-entry steps and a tail
-    of 7; 2,500,007 entries split over two threads), including subnormals, infinities and
-    exact zeros, bit for bit."""
+    """``subtract``: ``source.float() - base`` (16-entry steps and a tail of 7; 2,500,007 entries split
+    over two threads), including subnormals, infinities and exact zeros, bit for bit; its sum of
+    squares is the float64 one to float32-within-a-chunk accuracy."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for n in (16 * 5 + 7, 2_500_007):
         base_half, sources = inputs(n, 2, dtype, seed=n)
-        source = sources[1]
-        source[:4] = torch.tensor([float("inf"), -float("inf"), 1e-7, -0.0], dtype=dtype)
-        base = base_half.float()
+        source, base = sources[1], base_half.float()
         assert fused_cpu.supports_subtraction(source, base, torch.empty_like(base))
-        out = fused_cpu.subtract(source, base, torch.empty_like(base))
+        out = torch.empty_like(base)
+        squares = fused_cpu.subtract(source, base, out)
         assert same_bits(out, source.float() - base), n
-    assert not fused_cpu.supports_subtraction(base, base, out)  # float32 sources subtract with ATen
+        assert squares == pytest.approx((source.double() - base.double()).square().sum().item(), rel=1e-6)
+        source[:4] = torch.tensor([float("inf"), -float("inf"), 1e-7, -0.0], dtype=dtype)
+        assert fused_cpu.subtract(source, base, out) == float("inf")
+        assert same_bits(out, source.float() - base), n
+    assert not fused_cpu.supports_subtraction(base.double(), base, out)  # float64: ATen
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finish_kernel_rounds_the_merged_tensor_as_aten_and_sums_the_report(monkeypatch, dtype):
+    """``finish``: ``(base + delta).to(dtype)`` bit for bit (ties to even, overflow, NaN) over chunks,
+    tails and two threads; the report's sums of squares near float64's and the non-zero count exact
+    (NaN counts, -0.0 does not: ``torch.count_nonzero``'s convention)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    step = HALF_STEP.get(dtype, 2.0**-24)
+    for n in (16 * 5 + 7, 2_500_007):
+        generator = torch.Generator().manual_seed(n)
+        base = torch.randn(n, generator=generator) * torch.logspace(-4, 2, n)
+        delta = torch.randn(n, generator=generator) * 1e-2
+        delta[::3] = 0.0
+        delta[1::7] = -0.0
+        base[:6] = torch.tensor([1.0, 1.0, 3e38, 0.0, 1.0, 2.0])
+        delta[:6] = torch.tensor([step, -step / 2, 3e38, float("nan"), 3 * step, -0.0])
+        out = torch.empty(n, dtype=dtype)
+        assert fused_cpu.supports_finish(base, delta, out)
+        sums = fused_cpu.finish(base, delta, out)
+        expected = (base + delta).to(dtype)
+        assert out[3].isnan() and expected[3].isnan()
+        out[3], expected[3] = 0, 0  # NaN payloads: any quiet NaN
+        assert same_bits(out, expected), n
+        assert sums[2] == torch.count_nonzero(delta)
+        assert sums[0].isinf() and sums[1].isnan()  # 3e38 squared overflows float32; the NaN's square
+        base[2] = delta[2] = delta[3] = 0.0
+        sums = fused_cpu.finish(base, delta, out)
+        assert sums[0] == pytest.approx(base.double().square().sum().item(), rel=1e-6)
+        assert sums[1] == pytest.approx(delta.double().square().sum().item(), rel=1e-6)
+    assert not fused_cpu.supports_finish(base.double(), delta.double(), out)  # float64: ATen
+    assert not fused_cpu.supports_finish(base, delta[:-1], out[:-1])  # lengths differ
 
 
 def test_empty_tensors_pass_through_every_loop():
     """Zero-size tensors (a model may hold one): no work, no thread range, no error."""
     empty = torch.zeros(0)
     assert fused_cpu.ties_elect(torch.zeros(2, 0), [1.0, 1.0], True).numel() == 0
-    assert fused_cpu.subtract(torch.zeros(0, dtype=torch.bfloat16), empty, empty.clone()).numel() == 0
+    assert fused_cpu.subtract(torch.zeros(0, dtype=torch.bfloat16), empty, empty.clone()) == 0.0
+    assert fused_cpu.finish(empty, empty, torch.zeros(0, dtype=torch.bfloat16)).tolist() == [0.0, 0.0, 0.0]
     counts = torch.zeros(2, 1 << 16, dtype=torch.int64)
     fused_cpu.count_magnitude_digits(torch.zeros(2, 0), 16, [0, 0], counts)
     assert counts.sum() == 0
@@ -371,7 +458,8 @@ def test_sweeps_from_the_inputs_count_what_the_formed_task_vectors_count(monkeyp
     for n in (2 * 2048 + 5, 400_005):
         base_half, sources = inputs(n, 3, dtype, seed=7)
         base = base_half.float()
-        task_vectors = subtract_rows(torch.empty(3, n), sources, base)
+        task_vectors = torch.empty(3, n)
+        subtract_rows(task_vectors, sources, base)
         for shift, prefixes in ((16, [0, 0, 0]), (0, [int(v) for v in (task_vectors.abs()[:, 77].view(torch.int32) >> 16)])):
             expected, counts = (torch.zeros(3, 1 << 16, dtype=torch.int64) for _ in range(2))
             fused_cpu.count_magnitude_digits(task_vectors, shift, prefixes, expected)
