@@ -16,7 +16,8 @@ Inputs: a tiny model's float64 state dict (Linear, Conv2d and LayerNorm tensors 
 shapes) and four fine-tunes whose per-tensor change sizes differ, so trimming per tensor and over
 the whole model disagree; the magnitudes of each task vector are all distinct (checked), so
 "the top k" needs no tie convention. Tolerances: 1e-12 absolute on float64 weights and
-coefficients (the same arithmetic in another order), unless a test says otherwise.
+coefficients (the same arithmetic in another order), unless a test says otherwise. One TIES test
+casts them to float32, where clpeft's CPU merge runs in its compiled loops.
 
 Deliberate differences, each shown by a test: the official ``topk_values_mask`` keeps
 ``floor(k N) + 1`` entries per task where clpeft keeps ``floor(k N)`` (peft's count; one entry
@@ -27,7 +28,7 @@ Mutations checked once (each made a test here fail, then was restored): ``trim_s
 ``tensor``; skipping pass 1 in ``MergeEngine._whole_model_pass``; TIES ``disjoint`` sum <-> mean;
 ``task_arithmetic`` scale 0.3 -> 1.0; AdaMerging ``batches`` 2 -> 1, ``fresh_pass`` default
 False, ``init`` 0.3 -> 0.31, Adam betas (0.9, 0.99), ``raw.clamp`` removed; DARE dividing by
-``1 - p`` removed.
+``1 - p`` removed; the compiled election's count ``a > 0`` -> ``a >= 0`` (the float32 TIES test).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import pytest
 import torch
 from torch import nn
 
-from clpeft.merging import adamerging, functional_forward, get_method, merge
+from clpeft.merging import adamerging, functional_forward, fused_cpu, get_method, merge
 from clpeft.merging.methods.generalized import combine
 from clpeft.merging.methods.model_trim import KthLargestMagnitude
 from clpeft.merging.registry import ModelShape
@@ -147,6 +148,36 @@ def test_ties_equals_the_official_flattened_model_code(load_reference, stub_modu
     density = _one_more(0.2, task_vectors.shape[1])
     for lam, state in expected.items():
         _assert_state_close(merge(base, finetuned, "ties", density=density, scale=lam), state)
+
+
+def test_ties_in_float32_through_the_compiled_loops_equals_the_official_code(load_reference, stub_module, state_dicts, monkeypatch):
+    """The same comparison in float32, where a CPU merge runs every step in the compiled loops
+    (``clpeft.merging.fused_cpu``: task vectors and their norms, the whole model's trim sweeps, the
+    election with the trim fused in, the output and its statistics): at lambda 1 the official code's
+    bits; at 0.8 and 2.5 within a float32 rounding (clpeft scales each task vector by lambda before
+    the disjoint mean, the official code the merged vector after it)."""
+    if not fused_cpu.available():
+        pytest.skip("no C compiler: the compiled loops are not built")
+    base = {k: v.float() for k, v in state_dicts[0].items()}
+    finetuned = [{k: v.float() for k, v in m.items()} for m in state_dicts[1]]
+    calls = []
+    for name in ("ties_elect", "finish", "count_difference_digits"):
+        kernel = getattr(fused_cpu, name)
+        monkeypatch.setattr(fused_cpu, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    with _ties_reference(load_reference, stub_module) as ref:
+        flat_ptm, task_vectors = _flat(ref, base, finetuned)
+        assert all(row.abs().unique().numel() == row.numel() for row in task_vectors), "magnitude ties"
+        merged_tv = _official_ties(ref, task_vectors)
+        expected = {lam: dict(ref.vector_to_state_dict(flat_ptm + lam * merged_tv, base)) for lam in (0.8, 1.0, 2.5)}
+    density = _one_more(0.2, task_vectors.shape[1])
+    for lam, state in expected.items():
+        calls.clear()
+        ours = merge(base, finetuned, "ties", density=density, scale=lam)
+        assert sorted(set(calls)) == ["count_difference_digits", "finish", "ties_elect"] and calls.count("finish") == len(base)
+        if lam == 1.0:
+            assert all(torch.equal(ours[name].view(torch.int32), state[name].view(torch.int32)) for name in state)
+        else:
+            _assert_state_close(ours, state, atol=4e-7)
 
 
 def test_ties_keeps_floor_k_n_entries_the_reference_one_more(load_reference, stub_module, state_dicts):
