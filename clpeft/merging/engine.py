@@ -430,7 +430,7 @@ class MergeEngine:
                 inputs = {"base": base, "shape": job.info.shape, "name": job.name}
                 inputs = {name: inputs[name] for name in self.method.tensor_inputs}
                 delta = self.method.fn(task_vectors, **self.params, **self._randomness(job), **self._model_statistic, **inputs)
-        if self.fused and out is not None and fused_cpu.supports_finish(base, delta, out.view(-1)):  # add and sums in one pass
+        if out is not None and fused_cpu.supports_finish(base, delta, out.view(-1)):  # the add and the sums in one pass
             sums = fused_cpu.finish(base, delta, out.view(-1))
             return out, torch.cat([pack_sums(sums, conflict, base.numel()), norms.to(sums.dtype)])
         if out is None:
