@@ -12,8 +12,10 @@ shared machine's load hits all of them alike:
 * ``mergekit``: ``mergekit.merge.run_merge`` with ``lazy_unpickle`` (``mergekit-yaml
   --lazy-unpickle``) on the CPU, output dtype = input dtype;
 * ``clpeft``: :func:`clpeft.merging.merge_files`, file to file;
-* ``clpeft-memory`` (task arithmetic only): :func:`clpeft.merging.merge` on checkpoints loaded
-  before the clock starts: the merge's own speed, compared with the copy bandwidth below;
+* ``clpeft-memory``: :func:`clpeft.merging.merge` on checkpoints loaded before the clock starts:
+  the merge's own speed, into fresh tensors (compared with the clone bandwidth below);
+* ``clpeft-memory-out``: the same into existing tensors (``merge(..., out=...)``, clones of the
+  base made before the clock starts), compared with the copy bandwidth below;
 * ``clpeft-other``: ``clpeft`` run from another checkout (``--other-clpeft DIR``, e.g. a
   ``git archive`` of an older commit), for before/after timings in the same run;
 * ``clpeft-aten``, ``clpeft-memory-aten``: ``clpeft`` and ``clpeft-memory`` with the compiled
@@ -73,7 +75,7 @@ METHODS = {  # name -> (clpeft method and parameters, mergekit method, per-model
     # the official code's trim over the whole model (clpeft's default); mergekit has no such trim
     "ties_model": (("ties", {"density": 0.2, "scale": 1.0, "trim_scope": "model"}), None),
 }
-TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-other", "clpeft-aten", "clpeft-memory-aten"]
+TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-memory-out", "clpeft-other", "clpeft-aten", "clpeft-memory-aten"]
 
 
 def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -169,14 +171,15 @@ def worker(tool: str, method: str, dtype: str, out: str, base: str, paths: list[
 
         run = run_clpeft
     else:
-        return _memory_worker(method, base_path, model_paths, out_path)
+        return _memory_worker(method, base_path, model_paths, out_path, into_existing=tool == "clpeft-memory-out")
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     run(base_path, model_paths, out_path, method, dtype)
     _report(time.perf_counter() - start_wall, time.process_time() - start_cpu)
 
 
-def _memory_worker(method: str, base: Path, paths: list[Path], out: Path) -> None:
-    """clpeft's in-memory merge of checkpoints loaded before the clock starts; saved untimed."""
+def _memory_worker(method: str, base: Path, paths: list[Path], out: Path, into_existing: bool) -> None:
+    """clpeft's in-memory merge of checkpoints loaded before the clock starts, into fresh tensors or
+    (``into_existing``) into clones of the base made before it; saved untimed."""
     from safetensors.torch import load_file, save_file
 
     from clpeft.merging import merge
@@ -186,8 +189,9 @@ def _memory_worker(method: str, base: Path, paths: list[Path], out: Path) -> Non
     for state in loaded:  # fault the pages in: the clock measures the merge, not the first touch
         for t in state.values():
             t.view(-1)[::1024].sum()
+    destinations = {n: t.clone() for n, t in loaded[0].items()} if into_existing else None
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    merged = merge(loaded[0], loaded[1:], name, **params)
+    merged = merge(loaded[0], loaded[1:], name, out=destinations, **params)
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     out.mkdir()
     save_file(merged, out / "model.safetensors")
@@ -373,7 +377,7 @@ def print_table(
             "-" if errors is None else f"{errors[0]:,} of {errors[1]:,}",
         ]
         print("| " + " | ".join(row) + " |")
-    for tool in ("clpeft", "clpeft-aten", "clpeft-memory", "clpeft-memory-aten"):
+    for tool in ("clpeft", "clpeft-aten", "clpeft-memory", "clpeft-memory-out", "clpeft-memory-aten"):
         for method in sorted({m for _, m, _ in runs}):
             cases = {d: runs[(tool, method, d)] for d in DTYPES if (tool, method, d) in runs}
             if len(cases) == 2:
@@ -381,14 +385,15 @@ def print_table(
                     key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2 for key in ("wall_s", "cpu_s")
                 }  # bf16 moves half the bytes
                 print(f"{tool} {method}: bfloat16 / float32 speed per byte {ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
-    for tool in ("clpeft-memory", "clpeft-memory-aten"):
+    for tool in ("clpeft-memory", "clpeft-memory-out", "clpeft-memory-aten"):
         for dtype in DTYPES:
             memory = runs.get((tool, "task_arithmetic", dtype))
             if memory:
                 gbs = (args.models + 2) * numel * DTYPES[dtype].itemsize / min(r["wall_s"] for r in memory) / 1e9
                 print(
                     f"{tool} task arithmetic, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth, "
-                    f"{gbs / max(clone_bandwidth):.0%} of the clone bandwidth (fresh outputs, as merge() returns)"
+                    f"{gbs / max(clone_bandwidth):.0%} of the clone bandwidth"
+                    + (" (into existing tensors, merge(out=...))" if tool == "clpeft-memory-out" else " (fresh outputs)")
                 )
 
 

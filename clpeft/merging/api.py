@@ -38,6 +38,7 @@ def merge(
     device: str | torch.device = "cpu",
     seed: int = 0,
     fused: bool = True,
+    out: Mapping[str, torch.Tensor] | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts (or LoRA adapters) into their base, in memory.
@@ -59,10 +60,16 @@ def merge(
         seed: seed of random methods (DARE's drop masks).
         fused: merge linear methods with the one-pass kernels: Triton on CUDA, a compiled C loop
             on the CPU (``False``: op by op, for side-by-side timings; the bits are the same on the CPU).
+        out: CPU tensors to write the result into, by name (e.g. an earlier merge's result, to
+            search a coefficient): each of the output's shape and dtype, contiguous, sharing no
+            memory with the inputs. New tensors cost the kernel's zeroing of their pages on
+            first write, often more than the merge itself; with ``out`` a linear merge runs at
+            the machine's copy bandwidth (benchmarks/RESULTS.md).
         **params: the method's parameters, e.g. ``scale=0.3`` or ``density=0.2``.
 
     Returns:
-        The merged state dict. Tensors matched by ``rules.skip`` are left out.
+        The merged state dict (``out``'s tensors when given). Tensors matched by ``rules.skip``
+        are left out.
 
     Raises:
         UserError: for an unknown method or parameter, mismatched or missing tensors,
@@ -81,12 +88,48 @@ def merge(
     models = [m if isinstance(m, LoraAdapter) else StateDictSource(m, f"model {i}") for i, m in enumerate(finetuned)]
     merged: dict[str, torch.Tensor] = {}
     resident = device.type != "cpu" and all(t.device == device for t in base.values())
+    jobs = plan(base_source, models, rules)
+    if out is not None:
+        _check_destinations(out, jobs, device, [base, *[m for m in finetuned if not isinstance(m, LoraAdapter)]])
     engine = MergeEngine(
-        spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident, keep_outputs=True, fused=fused
+        spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident, keep_outputs=True, fused=fused, outputs=out
     )
-    # merged tensors are the engine's fresh outputs; copied ones view the caller's base and are cloned
-    engine.run(plan(base_source, models, rules), lambda job, tensor: merged.__setitem__(job.name, tensor if job.merge else tensor.clone()))
+
+    def keep(job: TensorJob, tensor: torch.Tensor) -> None:
+        """Merged tensors are the engine's outputs (``out``'s own); copied ones view the caller's base."""
+        if job.merge:
+            merged[job.name] = tensor
+        else:
+            merged[job.name] = tensor.clone() if out is None else out[job.name].copy_(tensor)
+
+    engine.run(jobs, keep)
     return merged
+
+
+def _check_destinations(
+    out: Mapping[str, torch.Tensor], jobs: Sequence[TensorJob], device: torch.device, inputs: Sequence[Mapping]
+) -> None:
+    """``merge(out=...)``: a contiguous CPU tensor of each output's shape and dtype, apart from the inputs."""
+    if device.type != "cpu":
+        raise UserError(f"out= takes CPU tensors and this merge runs on {device}: leave out= unset", key="out")
+    taken = {t.untyped_storage().data_ptr() for state in inputs for t in state.values() if isinstance(t, torch.Tensor) and t.numel()}
+    for job in jobs:
+        tensor = out.get(job.name)
+        expected = f"a contiguous CPU tensor of shape {tuple(job.info.shape)} and dtype {job.info.dtype}"
+        if tensor is None:
+            raise UserError(f"has no tensor {job.name!r}: give {expected} for every output (e.g. an earlier merge's result)", key="out")
+        if (
+            tuple(tensor.shape) != tuple(job.info.shape)
+            or tensor.dtype != job.info.dtype
+            or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+        ):
+            raise UserError(
+                f"{job.name!r} is a {tensor.device.type} tensor of shape {tuple(tensor.shape)} and dtype {tensor.dtype}: give {expected}",
+                key="out",
+            )
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in taken:
+            raise UserError(f"{job.name!r} shares memory with an input of the merge: give tensors of their own (e.g. clones)", key="out")
 
 
 def merge_files(

@@ -149,7 +149,10 @@ class MergeEngine:
             per input; a larger tensor forms a batch of its own.
         keep_on_device: hand the sink the merged tensors on ``device`` instead of host copies.
         keep_outputs: the sink keeps the merged tensors it receives (an in-memory merge): each
-            is allocated for it, instead of written into a host buffer reused from batch to batch.
+            is allocated for it (or is ``outputs[name]``), instead of written into a host buffer
+            reused from batch to batch.
+        outputs: with ``keep_outputs`` on the CPU, the tensors to write the merged tensors into, by
+            name (checked by the caller: shapes, dtypes, contiguous, apart from the inputs).
         overlap_writes: on the CPU, compute the next batch in a worker thread while the sink
             writes the current one (for sinks that write files).
         fused: merge linear methods with the one-pass kernels (:mod:`clpeft.merging.fused` on
@@ -171,6 +174,7 @@ class MergeEngine:
         keep_outputs: bool = False,
         overlap_writes: bool = False,
         fused: bool = True,
+        outputs: Mapping[str, torch.Tensor] | None = None,
     ):
         self.method = method
         self.params = dict(params)
@@ -183,6 +187,7 @@ class MergeEngine:
         self.keep_outputs = keep_outputs
         self.overlap_writes = overlap_writes
         self.fused = fused
+        self.outputs = outputs
         self._adapters = [m for m in self.models if isinstance(m, LoraAdapter)]
         self._full = [m for m in self.models if not isinstance(m, LoraAdapter)]
         # Off the CPU each batch is copied to the device from fresh host buffers, pinned for CUDA.
@@ -392,6 +397,8 @@ class MergeEngine:
         own. Off the CPU outputs are allocated where they are computed (``None``)."""
         if self._transfer:
             return [None] * len(jobs)
+        if self.keep_outputs and self.outputs is not None:
+            return [self.outputs[job.name] if job.merge else None for job in jobs]
         if self.keep_outputs:
             return [torch.empty(job.info.shape, dtype=job.info.dtype) if job.merge else None for job in jobs]
         offsets, size = [], 0

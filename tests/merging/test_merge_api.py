@@ -43,6 +43,41 @@ def test_streaming_equals_in_memory_bitwise_and_reads_back_with_safe_open(tmp_pa
     assert len(report.tensors) == len(expected)
 
 
+@pytest.mark.parametrize(("method", "params"), [CASES[0], CASES[1], CASES[5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_into_given_tensors_writes_the_same_bits_there(models, method, params, dtype):
+    """``merge(out=...)`` writes into the given tensors (no new output memory; copied tensors too)
+    the bits a merge into fresh tensors gives, for linear and non-linear methods and bf16."""
+    base = {n: t.to(dtype) if t.is_floating_point() else t for n, t in models[0].items()}
+    finetuned = [{n: t.to(dtype) if t.is_floating_point() else t for n, t in m.items()} for m in models[1]]
+    rules = {"keep_base": ["head.*"]}
+    expected = merge(base, finetuned, method, rules=rules, **params)
+    out = {name: torch.full_like(t, 7) for name, t in expected.items()}  # a stale earlier result
+    addresses = {name: t.data_ptr() for name, t in out.items()}
+    merged = merge(base, finetuned, method, rules=rules, out=out, **params)
+    assert set(merged) == set(expected) and {n: t.data_ptr() for n, t in merged.items()} == addresses
+    for name, tensor in expected.items():
+        assert torch.equal(out[name].view(-1).view(torch.uint8), tensor.view(-1).view(torch.uint8)), name
+    assert torch.equal(out["head.weight"], base["head.weight"])  # copied from the base into out
+
+
+def test_merging_into_given_tensors_checks_them(models):
+    base, finetuned = models
+    out = {name: t.clone() for name, t in base.items()}
+    merge(base, finetuned, "mean", out=out)
+    wrong = [
+        ({**out, "pos_embed": out["pos_embed"].double()}, r"out: 'pos_embed' is a cpu tensor of shape .* and dtype torch.float64"),
+        ({**out, "pos_embed": out["pos_embed"][..., :3]}, r"out: 'pos_embed' is a cpu tensor of shape"),
+        ({**out, "head.weight": out["head.weight"].t()}, r"out: 'head.weight' is a cpu tensor .*: give a contiguous CPU tensor"),
+        ({n: t for n, t in out.items() if n != "head.bias"}, r"out: has no tensor 'head.bias'"),
+        ({**out, "head.bias": base["head.bias"]}, r"out: 'head.bias' shares memory with an input"),
+        ({**out, "head.bias": finetuned[2]["head.bias"][:]}, r"out: 'head.bias' shares memory with an input"),
+    ]
+    for bad, message in wrong:
+        with pytest.raises(UserError, match=message):
+            merge(base, finetuned, "mean", out=bad)
+
+
 def test_merged_tensors_are_base_plus_merged_task_vector(models):
     base, finetuned = models
     merged = merge(base, finetuned, "task_arithmetic", scale=0.5)
