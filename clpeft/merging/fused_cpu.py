@@ -249,8 +249,9 @@ def supports_election(task_vectors: torch.Tensor) -> bool:
 def ties_elect(
     task_vectors: torch.Tensor, coefficients: Sequence[float], mean: bool, lambdas: Sequence[float] | None = None
 ) -> torch.Tensor:
-    """TIES' election and disjoint merge of float32 ``(K, n)`` task vectors in one pass per chunk, the
-    merged vector written into ``task_vectors[0]`` and returned; the other rows are left as they are.
+    """TIES' election and disjoint merge of float32 ``(K, n)`` task vectors in one pass (eight columns at a
+    time, every row's entries in registers), the merged vector written into ``task_vectors[0]`` and
+    returned; the other rows are left as they are.
 
     The same float32 operations in the same order as ATen's :func:`~clpeft.merging.methods.generalized.combine`
     (bit for bit); with ``lambdas`` each row is first trimmed as ``torch.hardshrink(row, lambdas[t])`` would

@@ -37,7 +37,7 @@
 
 #define LANES 8
 #define CHUNK 16384 /* entries per chunk (a multiple of 2 LANES): the float32 delta row stays in L2 */
-#define ELECT_CHUNK 2048 /* entries per chunk of the TIES loops: their float32 rows (8 KiB each) stay in L1 */
+#define ELECT_CHUNK 2048 /* entries per chunk of the sweeps from the inputs: the float32 row (8 KiB) stays in L1 */
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
 

@@ -68,7 +68,7 @@ def combine(task_vectors: torch.Tensor, coefficients: torch.Tensor, consensus: C
     clamps the disagreeing ones to zero; a product with ``+-1`` is exact, so this equals the
     masked formula bit for bit, without a K x N float temporary (only a byte mask to count |A|).
     On the CPU float32 rows go through the compiled kernel
-    (:func:`~clpeft.merging.fused_cpu.ties_elect`: the same operations, one pass per chunk, no
+    (:func:`~clpeft.merging.fused_cpu.ties_elect`: the same operations in one pass, no
     temporaries), which writes the merged vector into ``task_vectors[0]``; otherwise the election
     runs over blocks of columns (every step is entrywise), so its temporaries stay the size of a
     block, not of the tensor, and a tensor longer than one block also gets its merged vector back
