@@ -82,6 +82,8 @@ def merge(
     params = spec.validate(params)
     rules = _rules(rules)
     if spec.scope == "model":
+        if out is not None:
+            raise UserError(f"{method} merges the whole model and returns new tensors: leave out= unset", key="out")
         return spec.fn(base, finetuned, rules=rules, **params).state_dict
     device = _device(device)
     base_source = StateDictSource(base, "the base state dict")

@@ -76,6 +76,8 @@ def test_merging_into_given_tensors_checks_them(models):
     for bad, message in wrong:
         with pytest.raises(UserError, match=message):
             merge(base, finetuned, "mean", out=bad)
+    with pytest.raises(UserError, match="out: adamerging merges the whole model and returns new tensors"):
+        merge(base, finetuned, "adamerging", out=out)
 
 
 def test_merged_tensors_are_base_plus_merged_task_vector(models):
