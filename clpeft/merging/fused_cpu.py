@@ -55,6 +55,8 @@ from clpeft.paths import kernels_cache_dir
 
 __all__ = [
     "available",
+    "band_differences",
+    "band_magnitudes",
     "count_difference_digits",
     "count_magnitude_digits",
     "finish",
@@ -316,6 +318,60 @@ def count_difference_digits(
     _run_all(run, range(len(sources)), workers=_threads_for(n * len(sources)))
 
 
+def band_magnitudes(
+    rows: torch.Tensor,
+    lowers: Sequence[int],
+    uppers: Sequence[int],
+    bands: Sequence[torch.Tensor],
+    found: torch.Tensor,
+    tally: torch.Tensor,
+) -> None:
+    """One tensor of the whole-model trim's bracketed sweep (:mod:`~clpeft.merging.methods.model_trim`): for
+    each row ``t`` of the contiguous float32 ``(K, n)`` ``rows``, add to ``tally[t]`` how many magnitudes lie
+    above ``uppers[t]``, at it and at ``lowers[t]`` (IEEE bit patterns, sign cleared), and append those
+    strictly between to ``bands[t]`` from ``found[t]`` on, while they fit; ``found[t]`` counts them all.
+    ``found``: int64 ``(K,)``; ``tally``: int64 ``(K, 3)``, contiguous. Rows run on the torch threads."""
+    n, library = rows.shape[1], _library()
+
+    def run(t: int) -> None:
+        library.clpeft_band_magnitudes(
+            rows[t].data_ptr(), n, lowers[t], uppers[t], bands[t].data_ptr(), bands[t].numel(), found[t:].data_ptr(), tally[t].data_ptr()
+        )
+
+    _run_all(run, range(rows.shape[0]), workers=_threads_for(n * rows.shape[0]))
+
+
+def band_differences(
+    sources: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    lowers: Sequence[int],
+    uppers: Sequence[int],
+    bands: Sequence[torch.Tensor],
+    found: torch.Tensor,
+    tally: torch.Tensor,
+) -> None:
+    """:func:`band_magnitudes` of the task vectors ``sources[t].float() - base`` without forming them (each
+    a 2,048-entry chunk at a time in a cached row; :func:`supports_difference_counts` says where it applies)."""
+    n, library = base.numel(), _library()
+
+    def run(t: int) -> None:
+        source, band = sources[t], bands[t]
+        library.clpeft_band_differences(
+            _DTYPE_CODES[source.dtype],
+            n,
+            source.data_ptr(),
+            base.data_ptr(),
+            lowers[t],
+            uppers[t],
+            band.data_ptr(),
+            band.numel(),
+            found[t:].data_ptr(),
+            tally[t].data_ptr(),
+        )
+
+    _run_all(run, range(len(sources)), workers=_threads_for(n * len(sources)))
+
+
 def _check_digit_counts(shift: int, counts: torch.Tensor, rows: int) -> None:
     if shift not in (0, 16) or counts.dtype != torch.int64 or counts.stride(1) != 1 or counts.shape != (rows, 1 << 16):
         raise ValueError("digit counts need shift 0 or 16 and int64 counts of shape (K, 2^16), each row contiguous")
@@ -424,6 +480,18 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # counts (int64)
     ]
     library.clpeft_count_difference_digits.restype = ctypes.c_int
+    band = [
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]  # bracket, band, found, tally
+    library.clpeft_band_magnitudes.argtypes = [ctypes.c_void_p, ctypes.c_int64, *band]
+    library.clpeft_band_magnitudes.restype = None
+    library.clpeft_band_differences.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, *band]
+    library.clpeft_band_differences.restype = ctypes.c_int
     return library
 
 

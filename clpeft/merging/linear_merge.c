@@ -479,6 +479,34 @@ static int64_t band_magnitudes(const float *values, int64_t n, uint32_t lower, u
     return found;
 }
 
+/* band_magnitudes over a whole model, one tensor at a time (the whole-model trim's bracket,
+ * clpeft/merging/methods/model_trim.py): the counts are added to tally[0..2] and the magnitudes
+ * strictly inside the bracket appended to band from band[*found], while they fit in capacity;
+ * *found counts them all. clpeft_band_magnitudes takes formed values; clpeft_band_differences the
+ * task vector float(source) - base (source in dtype, base float32), formed a chunk at a time in a
+ * cached row (clpeft_subtract's values), nothing written but the band. The latter returns -1 for
+ * a dtype this build lacks. */
+void clpeft_band_magnitudes(const float *values, int64_t n, uint32_t lower, uint32_t upper, float *band, int64_t capacity, int64_t *found,
+                            int64_t *tally) {
+    int64_t counted[3];
+    const int64_t room = capacity > *found ? capacity - *found : 0;
+    *found += band_magnitudes(values, n, lower, upper, band + (room ? *found : 0), room, counted);
+    for (int j = 0; j < 3; j++) tally[j] += counted[j];
+}
+
+int clpeft_band_differences(int dtype, int64_t n, const void *source, const float *base, uint32_t lower, uint32_t upper, float *band,
+                            int64_t capacity, int64_t *found, int64_t *tally) {
+    if (!clpeft_supports_dtype(dtype)) return -1;
+    float row[ELECT_CHUNK] __attribute__((aligned(32)));
+    const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
+        const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
+        clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row, NULL);
+        clpeft_band_magnitudes(row, m, lower, upper, band, capacity, found, tally);
+    }
+    return 0;
+}
+
 /* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly (TIES' trim
  * threshold, Yadav et al., NeurIPS 2023, Algorithm 1, "Trim"). A large tensor is first bracketed
  * (Floyd and Rivest's selection, CACM 1975): a sample of n / 512 magnitudes (16,384 to 2^20, in evenly

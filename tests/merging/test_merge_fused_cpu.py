@@ -359,6 +359,29 @@ def test_ties_merges_through_the_election_kernel_with_the_aten_bits(monkeypatch,
     assert all(same_bits(fused[name], aten[name]) for name in floating)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_whole_model_trim_of_a_large_model_bracketed_from_the_inputs_keeps_the_aten_bits(monkeypatch, dtype):
+    """A model of 2^19 entries or more: the whole-model trim's cut-offs from a sample sweep and a band
+    sweep straight from the inputs (one band call per tensor, no radix sweep), and the merge's bits those
+    of ``CLPEFT_CPU_KERNEL=0`` (ATen's radix sweeps)."""
+    generator = torch.Generator().manual_seed(8)
+    cast = lambda state: {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # noqa: E731
+    base = tiny_vit(generator) | {"big.weight": torch.randn(700, 1000, generator=generator)}
+    models = [cast(finetune(base, generator)) for _ in range(3)]
+    base = cast(base)
+    bands, sweeps = [], []
+    band, count = fused_cpu.band_differences, fused_cpu.count_difference_digits
+    monkeypatch.setattr(fused_cpu, "band_differences", lambda *a: bands.append(a[1].numel()) or band(*a))
+    monkeypatch.setattr(fused_cpu, "count_difference_digits", lambda *a: sweeps.append(a[2]) or count(*a))
+    fused = merge(base, models, "ties", density=0.2)
+    floating = [name for name, t in base.items() if t.is_floating_point()]
+    assert sorted(bands) == sorted(base[name].numel() for name in floating) and sweeps == []
+    monkeypatch.setenv("CLPEFT_CPU_KERNEL", "0")
+    aten = merge(base, models, "ties", density=0.2)
+    for name in floating:
+        assert same_bits(fused[name], aten[name]), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ties_reports_the_same_statistics_through_the_kernels(monkeypatch, tmp_path, dtype):
     """The report of a TIES merge whose task vectors, trim, election and output all ran in the compiled

@@ -76,8 +76,73 @@ def test_float32_sweeps_count_in_the_compiled_loop_or_aten_with_the_same_result(
                 statistic.observe(block if kernel == "1" else block.clone())
             statistic.end_sweep()
         assert torch.equal(statistic.result().double(), kth_largest_by_sorting(blocks, k)), k
-    assert calls == ([16, 16, 0, 0] * 3 if kernel == "1" else [])
+    assert calls == []  # compiled: the bracket settled each k without radix sweeps (ATen: bincount)
     assert all(torch.equal(b, c) for b, c in zip(blocks, kept))
+
+
+def sampled_positions(n: int) -> torch.Tensor:
+    """The whole-model bracket's sample (model_bracket.py): runs of 16 entries, one every stride."""
+    runs = min(max(n // 512, 1 << 14), 1 << 20) // 16
+    return ((torch.arange(runs) * (n // runs))[:, None] + torch.arange(16)).reshape(-1)
+
+
+def bracket_cases(g: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    gaussian = [torch.randn(3, 400_003, generator=g) * torch.tensor([[1e-3], [1.0], [1e5]]), torch.randn(3, 9, generator=g)]
+    gaussian.append(torch.randn(3, 300_000, generator=g) * 1e-2)
+    gaussian[0][:, ::7] = 0.0
+    halves = [b.bfloat16().float() - (b * 1.01).bfloat16().float() for b in gaussian]  # bf16 task vectors: many ties
+    flat = torch.cat(gaussian, dim=1)
+    flat[:, sampled_positions(flat.shape[1])] = 1e6  # the sample sees only these: the bracket misses
+    planted = list(flat.split([b.shape[1] for b in gaussian], dim=1))
+    repeated = [torch.full((3, b.shape[1]), -0.25) for b in gaussian]
+    for block in repeated:
+        block[:, ::3] = 0.5
+    return {"gaussian": gaussian, "bf16 ties": halves, "planted": planted, "repeated": repeated}
+
+
+@pytest.mark.parametrize("inputs", ["task vectors", "differences"])
+def test_the_bracket_settles_large_float32_models_in_two_sweeps_or_falls_back_to_the_radix_sweeps(monkeypatch, inputs):
+    """On the CPU in float32 a model of 2^19 entries or more is bracketed from a sample: the exact
+    thresholds after a sample sweep and a band sweep (the answer inside the bracket or at one of its
+    ends: many equal bf16 magnitudes, two repeated values), or after the two radix sweeps as well when the sample misled
+    (planted outliers at the sampled positions), from formed task vectors or from the inputs."""
+    if not fused_cpu.available():
+        pytest.skip("no C compiler: the kernel is not built")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for name, blocks in bracket_cases(torch.Generator().manual_seed(2)).items():
+        n = sum(b.shape[1] for b in blocks)
+        shape = ModelShape(n, 3, torch.float32, torch.device("cpu"))
+        halves_at = sum(-(-b.shape[1] // 3) for b in blocks)  # "repeated": the last of the 0.5s, the bracket's upper end
+        for k in (1, 1_000, 20_000, n // 5, halves_at, n // 2, n - 1):
+            statistic, sweeps = KthLargestMagnitude(k, shape), 0
+            while statistic.wants_sweep():
+                for block in blocks:
+                    if inputs == "differences":  # theta_t = tau_t exactly when theta_0 = 0
+                        assert statistic.observe_differences(list(block), torch.zeros(block.shape[1]))
+                    else:
+                        statistic.observe(block.clone())
+                statistic.end_sweep()
+                sweeps += 1
+            assert torch.equal(statistic.result().double(), kth_largest_by_sorting(blocks, k)), (name, k)
+            # planted: the outliers answer the first ranks (the sample's size); below them the bracket, the
+            # outliers' value at both ends, has missed, until the lower end drops to 0 (k = n - 1: a band
+            # of the whole model, which fits)
+            missed = name == "planted" and sampled_positions(n).numel() < k <= n // 2
+            assert sweeps == (4 if missed else 2), (name, k)
+
+
+def test_rows_the_bracket_cannot_read_drop_it_and_the_radix_sweeps_count_everything():
+    """A tensor of float64 rows in the sample sweep: that sweep counts nothing, then the radix sweeps."""
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(2, 600_000, generator=g), torch.randn(2, 50, generator=g)]
+    shape = ModelShape(600_050, 2, torch.float32, torch.device("cpu"))
+    statistic, sweeps = KthLargestMagnitude(120_000, shape), 0
+    while statistic.wants_sweep():
+        statistic.observe(blocks[0].clone())
+        statistic.observe(blocks[1].double() if sweeps == 0 else blocks[1].clone())
+        statistic.end_sweep()
+        sweeps += 1
+    assert sweeps == 3 and torch.equal(statistic.result().double(), kth_largest_by_sorting(blocks, 120_000))
 
 
 def test_float32_takes_two_sweeps_float64_four_and_extremes_none():

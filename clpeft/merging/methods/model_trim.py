@@ -16,7 +16,9 @@ float32 model, four a float64 one; memory is the counters, whatever the model's 
 result is exact. On the CPU a float32 sweep counts in the compiled library
 (:func:`~clpeft.merging.fused_cpu.count_magnitude_digits`: one read-only pass, ~1 ns per entry),
 straight from the fine-tuned and base tensors where the engine offers them
-(:meth:`KthLargestMagnitude.observe_differences`: the task vectors are never written).
+(:meth:`KthLargestMagnitude.observe_differences`: the task vectors are never written). There a
+sample sweep and a band sweep usually settle it first, with the same result
+(:mod:`~clpeft.merging.methods.model_bracket`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import torch
 
 from clpeft.merging import fused_cpu
+from clpeft.merging.methods.model_bracket import ModelBracket
 from clpeft.merging.registry import ModelShape
 
 __all__ = ["KthLargestMagnitude"]
@@ -62,12 +65,19 @@ class KthLargestMagnitude:
         self._prefix = torch.zeros(tasks, dtype=torch.int64, device=device)
         self._offsets = (torch.arange(tasks, device=device) * _BINS + 1).to(self._int)[:, None]
         self._counts = torch.zeros(tasks * _BINS, dtype=torch.int64, device=device)
+        # float32 on the CPU: a sample sweep and a band sweep settle it where the bracket holds
+        self._bracket = ModelBracket(k, shape) if self._constant is None and ModelBracket.applies(k, shape) else None
+        self._wasted = False  # a sweep the bracket gave up midway: nothing of it counts
 
     def wants_sweep(self) -> bool:
-        return self._level < len(self._shifts)
+        return self._bracket is not None or self._wasted or self._level < len(self._shifts)
 
     def observe(self, task_vectors: torch.Tensor) -> None:
         """Count this tensor's entries by their current digit; ``task_vectors`` is overwritten."""
+        if self._bracket is not None and not self._bracket.observe(task_vectors):
+            self._bracket, self._wasted = None, True  # rows it cannot read: radix sweeps from the next sweep on
+        if self._bracket is not None or self._wasted:
+            return
         values = task_vectors if task_vectors.dtype == self._float else task_vectors.to(self._float)
         if fused_cpu.supports_selection(values):  # float32 on the CPU: the compiled counting loop, read-only
             fused_cpu.count_magnitude_digits(values, self._shifts[self._level], self._prefix.tolist(), self._digit_counts())
@@ -83,7 +93,10 @@ class KthLargestMagnitude:
         loop applies (float32 counts on the CPU); ``False``, nothing counted, elsewhere."""
         if self._float != torch.float32 or not fused_cpu.supports_difference_counts(sources, base):
             return False
-        fused_cpu.count_difference_digits(sources, base, self._shifts[self._level], self._prefix.tolist(), self._digit_counts())
+        if self._bracket is not None:
+            self._bracket.observe_differences(sources, base)
+        elif not self._wasted:
+            fused_cpu.count_difference_digits(sources, base, self._shifts[self._level], self._prefix.tolist(), self._digit_counts())
         return True
 
     def _digit_counts(self) -> torch.Tensor:
@@ -91,7 +104,21 @@ class KthLargestMagnitude:
         return self._counts.view(-1, _BINS)[:, 1 : _DIGITS + 1]
 
     def end_sweep(self) -> None:
-        """Choose each task's digit: the one holding the remaining rank, counted from the top."""
+        """Choose each task's digit: the one holding the remaining rank, counted from the top (or end
+        the bracket's sample sweep, or take its answer after the band sweep)."""
+        if self._wasted:  # the bracket gave up during this sweep, which counted nothing
+            self._wasted = False
+            return
+        if self._bracket is not None:
+            if self._bracket.sampling:
+                self._bracket.end_sample()
+                return
+            thresholds = self._bracket.resolve()
+            self._bracket = None
+            if thresholds is not None:  # exact: no radix sweep needed
+                self._prefix = thresholds.view(torch.int32).to(torch.int64)
+                self._level = len(self._shifts)
+            return
         counts = self._digit_counts().flip(1)  # digit 2^16 - 1 first
         from_top = counts.cumsum(1)
         index = torch.searchsorted(from_top, self._rank[:, None])  # first digit reaching the rank
