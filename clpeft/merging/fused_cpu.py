@@ -55,7 +55,6 @@ from clpeft.paths import kernels_cache_dir
 
 __all__ = [
     "available",
-    "band_differences",
     "band_magnitudes",
     "count_difference_digits",
     "count_magnitude_digits",
@@ -319,57 +318,37 @@ def count_difference_digits(
 
 
 def band_magnitudes(
-    rows: torch.Tensor,
+    values: torch.Tensor | Sequence[torch.Tensor],
     lowers: Sequence[int],
     uppers: Sequence[int],
     bands: Sequence[torch.Tensor],
     found: torch.Tensor,
     tally: torch.Tensor,
+    base: torch.Tensor | None = None,
 ) -> None:
-    """One tensor of the whole-model trim's bracketed sweep (:mod:`~clpeft.merging.methods.model_trim`): for
-    each row ``t`` of the contiguous float32 ``(K, n)`` ``rows``, add to ``tally[t]`` how many magnitudes lie
-    above ``uppers[t]``, at it and at ``lowers[t]`` (IEEE bit patterns, sign cleared), and append those
-    strictly between to ``bands[t]`` from ``found[t]`` on, while they fit; ``found[t]`` counts them all.
-    ``found``: int64 ``(K,)``; ``tally``: int64 ``(K, 3)``, contiguous. Rows run on the torch threads."""
-    n, library = rows.shape[1], _library()
+    """One tensor of the whole-model trim's bracketed sweep (:mod:`~clpeft.merging.methods.model_bracket`):
+    for each task ``t``, add to ``tally[t]`` how many magnitudes lie above ``uppers[t]``, at it and at
+    ``lowers[t]`` (IEEE bit patterns, sign cleared), and append those strictly between to ``bands[t]`` from
+    ``found[t]`` on, while they fit; ``found[t]`` counts them all.
+
+    Args:
+        values: contiguous float32 ``(K, n)`` task vectors; or, with ``base``, the K flat fine-tuned
+            tensors, whose task vectors ``values[t].float() - base`` are formed a 2,048-entry chunk at a
+            time in a cached row, never written (:func:`supports_difference_counts` says where).
+        found: int64 ``(K,)``; tally: int64 ``(K, 3)``, contiguous.
+        base: the flat float32 base, for fine-tuned ``values``.
+    """
+    n, library = (values.shape[1] if base is None else base.numel()), _library()
 
     def run(t: int) -> None:
-        library.clpeft_band_magnitudes(
-            rows[t].data_ptr(), n, lowers[t], uppers[t], bands[t].data_ptr(), bands[t].numel(), found[t:].data_ptr(), tally[t].data_ptr()
-        )
+        bracket = (lowers[t], uppers[t], bands[t].data_ptr(), bands[t].numel(), found[t:].data_ptr(), tally[t].data_ptr())
+        if base is None:
+            library.clpeft_band_magnitudes(values[t].data_ptr(), n, *bracket)
+        else:
+            source = values[t]
+            library.clpeft_band_differences(_DTYPE_CODES[source.dtype], n, source.data_ptr(), base.data_ptr(), *bracket)
 
-    _run_all(run, range(rows.shape[0]), workers=_threads_for(n * rows.shape[0]))
-
-
-def band_differences(
-    sources: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    lowers: Sequence[int],
-    uppers: Sequence[int],
-    bands: Sequence[torch.Tensor],
-    found: torch.Tensor,
-    tally: torch.Tensor,
-) -> None:
-    """:func:`band_magnitudes` of the task vectors ``sources[t].float() - base`` without forming them (each
-    a 2,048-entry chunk at a time in a cached row; :func:`supports_difference_counts` says where it applies)."""
-    n, library = base.numel(), _library()
-
-    def run(t: int) -> None:
-        source, band = sources[t], bands[t]
-        library.clpeft_band_differences(
-            _DTYPE_CODES[source.dtype],
-            n,
-            source.data_ptr(),
-            base.data_ptr(),
-            lowers[t],
-            uppers[t],
-            band.data_ptr(),
-            band.numel(),
-            found[t:].data_ptr(),
-            tally[t].data_ptr(),
-        )
-
-    _run_all(run, range(len(sources)), workers=_threads_for(n * len(sources)))
+    _run_all(run, range(len(values)), workers=_threads_for(n * len(values)))
 
 
 def _check_digit_counts(shift: int, counts: torch.Tensor, rows: int) -> None:

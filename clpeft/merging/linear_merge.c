@@ -390,20 +390,39 @@ void clpeft_count_magnitude_digits(const float *values, int64_t n, int shift, ui
     }
 }
 
-/* clpeft_count_magnitude_digits of the task vector float(source) - base (source in dtype, base
- * float32), formed a chunk at a time in a cached row instead of in memory: one read of each input
- * per sweep of the model-scope trim. The same counts as forming it first (clpeft_subtract's
- * values). Returns -1 for a dtype this build lacks. */
-int clpeft_count_difference_digits(int dtype, int64_t n, const void *source, const float *base, int shift, uint32_t prefix, int64_t *counts) {
+/* visit(row, m, context) over the task vector float(source) - base (source in dtype, base
+ * float32), formed ELECT_CHUNK entries at a time in a cached row instead of in memory
+ * (clpeft_subtract's values): one read of each input, nothing written. The sweeps of the
+ * model-scope trim run on it. Returns -1 for a dtype this build lacks. */
+static int each_difference_chunk(int dtype, int64_t n, const void *source, const float *base,
+                                 void (*visit)(const float *row, int64_t m, void *context), void *context) {
     if (!clpeft_supports_dtype(dtype)) return -1;
     float row[ELECT_CHUNK] __attribute__((aligned(32)));
     const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
     for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
         const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
         clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row, NULL);
-        clpeft_count_magnitude_digits(row, m, shift, prefix, counts);
+        visit(row, m, context);
     }
     return 0;
+}
+
+struct digit_count {
+    int shift;
+    uint32_t prefix;
+    int64_t *counts;
+};
+
+static void count_digits_of(const float *row, int64_t m, void *context) {
+    const struct digit_count *c = context;
+    clpeft_count_magnitude_digits(row, m, c->shift, c->prefix, c->counts);
+}
+
+/* clpeft_count_magnitude_digits of the task vector float(source) - base, never formed (each_difference_chunk):
+ * the same counts as forming it first. Returns -1 for a dtype this build lacks. */
+int clpeft_count_difference_digits(int dtype, int64_t n, const void *source, const float *base, int shift, uint32_t prefix, int64_t *counts) {
+    struct digit_count context = {shift, prefix, counts};
+    return each_difference_chunk(dtype, n, source, base, count_digits_of, &context);
 }
 
 /* The k-th largest |values[i]| (1 <= k <= n), exactly: a magnitude's bits (sign cleared) order
@@ -483,9 +502,8 @@ static int64_t band_magnitudes(const float *values, int64_t n, uint32_t lower, u
  * clpeft/merging/methods/model_trim.py): the counts are added to tally[0..2] and the magnitudes
  * strictly inside the bracket appended to band from band[*found], while they fit in capacity;
  * *found counts them all. clpeft_band_magnitudes takes formed values; clpeft_band_differences the
- * task vector float(source) - base (source in dtype, base float32), formed a chunk at a time in a
- * cached row (clpeft_subtract's values), nothing written but the band. The latter returns -1 for
- * a dtype this build lacks. */
+ * task vector float(source) - base, never formed (each_difference_chunk; -1 for a dtype this build
+ * lacks). */
 void clpeft_band_magnitudes(const float *values, int64_t n, uint32_t lower, uint32_t upper, float *band, int64_t capacity, int64_t *found,
                             int64_t *tally) {
     int64_t counted[3];
@@ -494,17 +512,21 @@ void clpeft_band_magnitudes(const float *values, int64_t n, uint32_t lower, uint
     for (int j = 0; j < 3; j++) tally[j] += counted[j];
 }
 
+struct band_sweep {
+    uint32_t lower, upper;
+    float *band;
+    int64_t capacity, *found, *tally;
+};
+
+static void band_of(const float *row, int64_t m, void *context) {
+    const struct band_sweep *b = context;
+    clpeft_band_magnitudes(row, m, b->lower, b->upper, b->band, b->capacity, b->found, b->tally);
+}
+
 int clpeft_band_differences(int dtype, int64_t n, const void *source, const float *base, uint32_t lower, uint32_t upper, float *band,
                             int64_t capacity, int64_t *found, int64_t *tally) {
-    if (!clpeft_supports_dtype(dtype)) return -1;
-    float row[ELECT_CHUNK] __attribute__((aligned(32)));
-    const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
-    for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
-        const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
-        clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row, NULL);
-        clpeft_band_magnitudes(row, m, lower, upper, band, capacity, found, tally);
-    }
-    return 0;
+    struct band_sweep context = {lower, upper, band, capacity, found, tally};
+    return each_difference_chunk(dtype, n, source, base, band_of, &context);
 }
 
 /* The k-th largest |values[i]| (1 <= k <= n) of finite float32 values, exactly (TIES' trim

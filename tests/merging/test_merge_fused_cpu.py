@@ -370,8 +370,10 @@ def test_ties_whole_model_trim_of_a_large_model_bracketed_from_the_inputs_keeps_
     models = [cast(finetune(base, generator)) for _ in range(3)]
     base = cast(base)
     bands, sweeps = [], []
-    band, count = fused_cpu.band_differences, fused_cpu.count_difference_digits
-    monkeypatch.setattr(fused_cpu, "band_differences", lambda *a: bands.append(a[1].numel()) or band(*a))
+    band, count = fused_cpu.band_magnitudes, fused_cpu.count_difference_digits
+    monkeypatch.setattr(
+        fused_cpu, "band_magnitudes", lambda *a, base=None: bands.append(None if base is None else base.numel()) or band(*a, base=base)
+    )
     monkeypatch.setattr(fused_cpu, "count_difference_digits", lambda *a: sweeps.append(a[2]) or count(*a))
     fused = merge(base, models, "ties", density=0.2)
     floating = [name for name, t in base.items() if t.is_floating_point()]

@@ -10,7 +10,7 @@ selection (CACM 1975, "Algorithm 489"), as the per-tensor trim does
    six standard deviations either side of its expected rank in the sample;
 2. a band sweep counts, per task, the magnitudes above the bracket and at its two ends, and copies
    those strictly inside it (a few percent of the model, held in memory;
-   :func:`~clpeft.merging.fused_cpu.band_differences`: straight from the inputs);
+   :func:`~clpeft.merging.fused_cpu.band_magnitudes`: straight from the inputs);
 3. the answer is an end of the bracket or the radix selection's over the band.
 
 When a task's answer falls outside its bracket, or a band would not fit, :meth:`resolve` returns
@@ -95,7 +95,7 @@ class ModelBracket:
             for samples, source in zip(self._samples, sources):
                 samples.append((source[local].float() - picked).abs())  # the compiled subtraction's values
         else:
-            fused_cpu.band_differences(sources, base, self._lowers, self._uppers, self._bands, self._found, self._tally)
+            fused_cpu.band_magnitudes(sources, self._lowers, self._uppers, self._bands, self._found, self._tally, base=base)
 
     def _sampled(self, n: int) -> torch.Tensor:
         """This tensor's entries of the model's sample: those whose position in the concatenated model
