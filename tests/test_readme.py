@@ -57,6 +57,10 @@ def test_merging_example_runs_on_real_files(tmp_path, monkeypatch):
     exec(code, namespace)
 
     assert namespace["merged"].keys() == base.keys()
+    from clpeft.merging import merge
+
+    again = merge(base, tuned, "ties", density=0.2, scale=1.5)  # what out= received: the second merge's result
+    assert all(torch.equal(namespace["merged"][name], again[name]) for name in base)
     report = json.loads((tmp_path / "merged.report.json").read_text())
     assert [t["name"] for t in report["tensors"]] == ["blocks.0.weight"]  # the head is skipped
     expected = base["blocks.0.weight"] + 0.3 * sum(t["blocks.0.weight"] - base["blocks.0.weight"] for t in tuned)
