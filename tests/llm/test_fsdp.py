@@ -9,8 +9,9 @@
   the engine's evaluation run sharded in lockstep: at every forward the other decoder layers hold
   half of each weight (a hook), the ranks decode different numbers of prompts and tokens, or score
   uneven shares of the test sets (batches of 3 from 10: 2, 2, 2, 1 and 1, 1, 1, 0), yet run the
-  same number of forwards (the less busy one pads with one-token forwards), and the answers and
-  accuracies are the unsharded model's.
+  same number of forwards in each lockstep block (the less busy one pads with one-token forwards;
+  which one is busier can change from block to block), and the answers and accuracies are the
+  unsharded model's.
 * Through ``torchrun`` and the real engine: a 2-task ``seq_finetune`` stream (the ``distinct_tasks``
   files: a fixed train/test split) whose global batches of 37 and 1 split into 19 + 18 and 1 + 0
   (rank 1's empty share still joins the collectives) gives the one-process accuracy matrix exactly
@@ -26,6 +27,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -185,12 +187,29 @@ def _sharded_worker(rank: int, port: int, weights: str, tasks: list[str], out: s
     assert any(answers)
     assert counts[0][0] == counts[1][0] and counts[1][1] == 1 < counts[0][1], counts  # padded to the busiest rank's forwards
 
-    # the engine's evaluation, sharded: uneven shares, as many forwards on both ranks, the one-process accuracies
+    # the engine's evaluation, sharded: uneven shares; in each lockstep block (an experience's test set, the final
+    # metrics) as many forwards on both ranks as the busier one's real ones (which rank is busier may change from block
+    # to block: greedy answers stop at different lengths); the one-process accuracies
     assert [len(e.test) for e in sharded.stream] == [10, 10]
-    forwards = _Forwards(strategy.backbone.net)
-    accuracies = sharded.evaluate()
-    (total, real), (other_total, other_real) = world.all_gather_object(forwards.remove())
-    assert total == other_total == max(real, other_real) and real != other_real, (total, real, other_total, other_real)
+    forwards, blocks, lockstep = _Forwards(strategy.backbone.net), [], fsdp.lockstep
+
+    @contextlib.contextmanager
+    def counted(block_strategy):
+        before = (forwards.total, forwards.real)
+        with lockstep(block_strategy):
+            yield
+        blocks.append((forwards.total - before[0], forwards.real - before[1]))
+
+    fsdp.lockstep = counted
+    try:
+        accuracies = sharded.evaluate()
+    finally:
+        fsdp.lockstep = lockstep
+    forwards.remove()
+    ours, others = world.all_gather_object(blocks)
+    assert len(ours) == len(others) >= 2 and sum(r for _, r in ours) != sum(r for _, r in others), (ours, others)
+    for (total, real), (other_total, other_real) in zip(ours, others):
+        assert total == other_total == max(real, other_real), (ours, others)
     assert accuracies == plain.evaluate()
 
     # .to() moves the shards, the host copies stay
