@@ -548,6 +548,7 @@ float clpeft_kth_largest_magnitude(const float *values, int64_t n, int64_t k, in
     if (n < 32 * BRACKET_SAMPLE || capacity < m) return radix_kth_largest_magnitude(values, n, k, counts);
     const int64_t stride = n / (m / SAMPLE_RUN) / SAMPLE_RUN * SAMPLE_RUN; /* runs of SAMPLE_RUN entries: one cache line each */
     for (int64_t j = 0; j < m; j++) band[j] = bits_to_float(float_to_bits(values[j / SAMPLE_RUN * stride + j % SAMPLE_RUN]) & 0x7FFFFFFFu);
+    /* the bracket of sparsify.bracket_ranks (its Python twin, for the ATen and whole-model selections) */
     const double expected = (double)k * m / n, margin = 6.0 * __builtin_sqrt(expected * (1.0 - (double)k / n)) + 2.0;
     const int64_t upper_rank = (int64_t)(expected - margin), lower_rank = (int64_t)(expected + margin); /* 0-based */
     const uint32_t upper = upper_rank >= 0 ? float_to_bits(radix_kth_largest_magnitude(band, m, upper_rank + 1, counts)) : 0x7FFFFFFFu;

@@ -19,11 +19,10 @@ When a task's answer falls outside its bracket, or a band would not fit, :meth:`
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from clpeft.merging import fused_cpu
+from clpeft.merging.methods.sparsify import bracket_ranks
 from clpeft.merging.registry import ModelShape
 
 __all__ = ["ModelBracket"]
@@ -31,7 +30,6 @@ __all__ = ["ModelBracket"]
 _RUN = 16  # consecutive entries per sampled run (one cache line of float32)
 _MIN_SAMPLE, _MAX_SAMPLE = 1 << 14, 1 << 20
 _BAND_BYTES = 256 << 20  # every task's band together
-_WIDTH = 6.0  # standard deviations either side of the answer's expected rank in the sample
 
 
 class ModelBracket:
@@ -44,7 +42,7 @@ class ModelBracket:
 
     def __init__(self, k: int, shape: ModelShape):
         self.k, self.shape = k, shape
-        runs = min(max(shape.numel // 512, _MIN_SAMPLE), _MAX_SAMPLE) // _RUN
+        runs = _sample_size(shape.numel) // _RUN
         self._stride = shape.numel // runs
         self._runs = runs
         self._sampling = True
@@ -64,9 +62,9 @@ class ModelBracket:
         and an expected band well inside the memory the bands may take."""
         if shape.dtype != torch.float32 or shape.device.type != "cpu" or not fused_cpu.available() or shape.numel < 32 * _MIN_SAMPLE:
             return False
-        sample = min(max(shape.numel // 512, _MIN_SAMPLE), _MAX_SAMPLE)
-        expected = k * sample / shape.numel
-        band = 2 * (_WIDTH * math.sqrt(expected * (1 - k / shape.numel)) + 2) * shape.numel / sample
+        sample = _sample_size(shape.numel)
+        upper, lower = bracket_ranks(k, sample, shape.numel)
+        band = (lower - upper) * shape.numel / sample  # entries expected inside the bracket
         return 4 * band <= _BAND_BYTES // 4 // shape.num_tasks
 
     @property
@@ -111,9 +109,7 @@ class ModelBracket:
         for samples in self._samples:
             magnitudes = torch.cat(samples)
             m = magnitudes.numel()
-            expected = self.k * m / self.shape.numel
-            margin = _WIDTH * math.sqrt(expected * (1 - self.k / self.shape.numel)) + 2
-            upper, lower = int(expected - margin), int(expected + margin)  # 0-based ranks from the largest
+            upper, lower = bracket_ranks(self.k, m, self.shape.numel)
             self._uppers.append(_bits(magnitudes.kthvalue(m - upper).values) if upper >= 0 else 0x7FFFFFFF)
             self._lowers.append(_bits(magnitudes.kthvalue(m - lower).values) if lower < m else 0)
         self._samples = []
@@ -150,3 +146,8 @@ def _bits(magnitude: torch.Tensor) -> int:
 
 def _float(bits: int) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
+def _sample_size(numel: int) -> int:
+    """Entries in the sample of a model of ``numel``: ``numel / 512``, within 2^14 and 2^20 (as the per-tensor C bracket)."""
+    return min(max(numel // 512, _MIN_SAMPLE), _MAX_SAMPLE)

@@ -32,6 +32,7 @@ from clpeft.merging import fused_cpu
 
 __all__ = [
     "Trim",
+    "bracket_ranks",
     "drop_and_rescale_",
     "kth_largest",
     "kth_largest_magnitude",
@@ -73,6 +74,16 @@ def _unchanged(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def bracket_ranks(k: int, m: int, n: int) -> tuple[int, int]:
+    """The 0-based ranks from the largest, in a sample of ``m`` of ``n`` entries, that bracket the k-th
+    largest of all: its expected rank in the sample, ``k m / n``, six binomial standard deviations plus
+    two either side (Floyd and Rivest, CACM 1975, "Algorithm 489"). ``clpeft_kth_largest_magnitude``
+    in ``linear_merge.c`` computes the same in C."""
+    expected = k * m / n
+    margin = 6.0 * math.sqrt(expected * (1.0 - k / n)) + 2.0
+    return int(expected - margin), int(expected + margin)
+
+
 def _bracketed_kth_largest(values: torch.Tensor, k: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The k-th largest entry of ``transform(values)`` (an entrywise map), formed block by block."""
     n = values.numel()
@@ -80,9 +91,7 @@ def _bracketed_kth_largest(values: torch.Tensor, k: int, transform: Callable[[to
         return transform(values).kthvalue(n - k + 1).values
     sample = transform(values[:: n // _SAMPLE]).sort(descending=True).values
     m = sample.numel()
-    expected = k * m / n  # sample entries expected at or above the answer
-    margin = 6.0 * math.sqrt(expected * (1.0 - k / n)) + 2.0
-    upper_rank, lower_rank = int(expected - margin), int(expected + margin)
+    upper_rank, lower_rank = bracket_ranks(k, m, n)
     upper = sample[upper_rank] if upper_rank >= 0 else values.new_tensor(math.inf)
     lower = sample[lower_rank] if lower_rank < m else values.new_tensor(-math.inf)
     above, band = 0, []
