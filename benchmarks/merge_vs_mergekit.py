@@ -1,8 +1,9 @@
 """clpeft vs mergekit on Llama-shaped checkpoints: wall time, peak RSS, accuracy, copy bandwidth.
 
 K synthetic fine-tunes of a Llama-shaped model (``--size full``: 134M parameters, hidden 768,
-12 layers, intermediate 2048, vocabulary 32000, untied head) are written once in float32 and
-once in bfloat16 as transformers-style directories (``config.json`` + ``model.safetensors``).
+12 layers, intermediate 2048, vocabulary 32000, untied head) are written once per dtype asked
+for (float32, bfloat16, float16) as transformers-style directories (``config.json`` +
+``model.safetensors``).
 Fine-tune ``k`` is ``base + N(0, 1e-3)`` over a ``N(0, 0.02)`` base, rounded to the dtype.
 
 Cases, each in its own subprocess so that its peak resident memory (``VmHWM``) is its own, and
@@ -65,7 +66,8 @@ SIZES = {  # Llama shapes; "full" is 134M parameters
     "full": {"hidden": 768, "layers": 12, "intermediate": 2048, "vocab": 32000},
     "small": {"hidden": 128, "layers": 2, "intermediate": 344, "vocab": 1000},
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF = ("bfloat16", "float16")  # compared per byte with float32
 METHODS = {  # name -> (clpeft method and parameters, mergekit method, per-model and global parameters)
     "task_arithmetic": (("task_arithmetic", {"scale": 0.3}), ("task_arithmetic", {"weight": 0.3}, {})),
     "ties": (
@@ -94,8 +96,8 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dic
     return shapes | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
 
 
-def write_models(directory: Path, size: str, k: int) -> dict[str, tuple[Path, list[Path]]]:
-    """Base and K fine-tunes per dtype, each a directory with config.json and model.safetensors."""
+def write_models(directory: Path, size: str, k: int, dtypes: list[str]) -> dict[str, tuple[Path, list[Path]]]:
+    """Base and K fine-tunes in each of ``dtypes``, each a directory with config.json and model.safetensors."""
     from safetensors.torch import save_file
 
     dims = SIZES[size]
@@ -117,8 +119,8 @@ def write_models(directory: Path, size: str, k: int) -> dict[str, tuple[Path, li
     base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in llama_shapes(**dims).items()}
     states = [base] + [{n: t + torch.randn(t.shape, generator=generator) * 1e-3 for n, t in base.items()} for _ in range(k)]
     models = {}
-    for dtype_name, dtype in DTYPES.items():
-        paths = []
+    for dtype_name in dtypes:
+        dtype, paths = DTYPES[dtype_name], []
         for i, state in enumerate(states):
             path = directory / dtype_name / ("base" if i == 0 else f"finetuned_{i - 1}")
             path.mkdir(parents=True)
@@ -259,7 +261,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=4, help="K, the number of fine-tunes")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per case; the table shows the best")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {', '.join(DTYPES)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated subset of {', '.join(DTYPES)}")
     parser.add_argument("--tools", default="mergekit,clpeft,clpeft-memory", help=f"comma-separated subset of {', '.join(TOOLS)}")
     parser.add_argument("--mergekit-python", default=sys.executable, help="interpreter that can import mergekit")
     parser.add_argument("--other-clpeft", type=Path, help="checkout whose clpeft the clpeft-other tool runs")
@@ -275,10 +277,11 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="merge_vs_mergekit_", dir=args.dir))
     try:
         t = time.perf_counter()
-        models = write_models(directory, args.size, args.models)
+        dtypes = args.dtypes.split(",")
+        models = write_models(directory, args.size, args.models, dtypes)
         numel = sum(torch.Size(s).numel() for s in llama_shapes(**SIZES[args.size]).values())
         print(
-            f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in float32 and bfloat16 "
+            f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in {', '.join(dtypes)} "
             f"in {time.perf_counter() - t:.0f} s"
         )
         bandwidth = [copy_bandwidth()]
@@ -286,7 +289,7 @@ def main() -> None:
         cases = [
             (tool, method, dtype)
             for method in args.methods.split(",")
-            for dtype in args.dtypes.split(",")
+            for dtype in dtypes
             for tool in tools
             if tool != "mergekit" or METHODS[method][1] is not None
         ]
@@ -379,12 +382,14 @@ def print_table(
         print("| " + " | ".join(row) + " |")
     for tool in ("clpeft", "clpeft-aten", "clpeft-memory", "clpeft-memory-out", "clpeft-memory-aten"):
         for method in sorted({m for _, m, _ in runs}):
-            cases = {d: runs[(tool, method, d)] for d in DTYPES if (tool, method, d) in runs}
-            if len(cases) == 2:
-                ratio = {
-                    key: min(r[key] for r in cases["float32"]) / min(r[key] for r in cases["bfloat16"]) / 2 for key in ("wall_s", "cpu_s")
-                }  # bf16 moves half the bytes
-                print(f"{tool} {method}: bfloat16 / float32 speed per byte {ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
+            full = runs.get((tool, method, "float32"))
+            for half in HALF:
+                cases = runs.get((tool, method, half))
+                if full and cases:
+                    ratio = {
+                        key: min(r[key] for r in full) / min(r[key] for r in cases) / 2 for key in ("wall_s", "cpu_s")
+                    }  # half the bytes
+                    print(f"{tool} {method}: {half} / float32 speed per byte {ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
     for tool in ("clpeft-memory", "clpeft-memory-out", "clpeft-memory-aten"):
         for dtype in DTYPES:
             memory = runs.get((tool, "task_arithmetic", dtype))
