@@ -93,7 +93,9 @@ def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
 
 def _sampled_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
     """The report's sign conflict of the task vectors ``sources[k] - base``, from samples only
-    (converted to the compute dtype before any arithmetic)."""
+    (converted to the compute dtype before any arithmetic); counted in the compiled loop where it applies."""
+    if base.device.type == "cpu" and fused_cpu.supports(base, sources, base):
+        return fused_cpu.sign_conflict(base, sources)
     k, dtype = len(sources), compute_dtype(base.dtype)
     sample = torch.stack([sample_entries(s, k).to(dtype) for s in sources]) - sample_entries(base, k).to(dtype)
     return sign_conflict(sample)

@@ -18,7 +18,8 @@ whole task vectors, each loop with the ATen path's bits or exact counts:
   ``abs().kthvalue``'s value; :func:`count_magnitude_digits`: one sweep of the model-scope trim's
   radix selection (:mod:`~clpeft.merging.methods.model_trim`), and :func:`count_difference_digits`
   the same sweep straight from the inputs, the task vectors never written;
-* :func:`ties_elect`: TIES' sign election and disjoint merge, the model-scope trim fused in.
+* :func:`ties_elect`: TIES' sign election and disjoint merge, the model-scope trim fused in;
+* :func:`sign_conflict`: the report's sampled sign conflict of a linear merge, counted in one loop.
 
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from clpeft.merging.report import SAMPLE_RUN, sample_runs
 from clpeft.paths import kernels_cache_dir
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "finish",
     "kth_largest_magnitude",
     "linear_merge",
+    "sign_conflict",
     "subtract",
     "supports",
     "supports_difference_counts",
@@ -86,17 +89,23 @@ _selection_scratch = threading.local()
 def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
     """Whether :func:`linear_merge` applies: CPU tensors of one dtype the kernel has, flat and
     contiguous, aligned to their element size, and a compiled kernel."""
-    tensors = [base, out, *sources]
-    return (
-        base.dtype in _DTYPE_CODES
-        and all(t.dtype == base.dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-        and all(t.data_ptr() % t.element_size() == 0 for t in tensors)
-        and base.numel() > 0
-        and all(t.numel() >= base.numel() for t in tensors)
-        and len(sources) > 0
-        and available()
-        and bool(_library().clpeft_supports_dtype(_DTYPE_CODES[base.dtype]))
+    dtype, n = base.dtype, base.numel()
+    if n == 0 or not sources or not _compiled(dtype):
+        return False
+    return all(
+        t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.data_ptr() % t.element_size() == 0 and t.numel() >= n
+        for t in (base, out, *sources)
     )
+
+
+def _compiled(dtype: torch.dtype) -> bool:
+    """Whether the kernel is :func:`available` and has ``dtype``."""
+    return dtype in _DTYPE_CODES and available() and _compiled_dtype(_DTYPE_CODES[dtype])
+
+
+@functools.cache
+def _compiled_dtype(code: int) -> bool:
+    return bool(_library().clpeft_supports_dtype(code))
 
 
 def available() -> bool:
@@ -135,7 +144,19 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
             raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
 
     _run_all(run, range(len(ranges)))
-    return sums.sum(dim=0)
+    return sums[0] if len(ranges) == 1 else sums.sum(dim=0)
+
+
+def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The report's sign conflict of the task vectors ``sources[k] - base`` over
+    :func:`~clpeft.merging.report.sample_entries`' sample, counted in one compiled loop: the value of
+    :func:`~clpeft.merging.report.sign_conflict` on the sampled task vectors (float32, 0-d) without its
+    dozen ATen calls, most of a small tensor's merge. Takes what :func:`supports` takes."""
+    n, k = base.numel(), len(sources)
+    count, step = sample_runs(n, k) or (0, 1)
+    pointers = (ctypes.c_void_p * k)(*[s.data_ptr() for s in sources])
+    conflicts = _library().clpeft_sign_conflicts(_DTYPE_CODES[base.dtype], n, k, base.data_ptr(), pointers, SAMPLE_RUN, count, step)
+    return torch.tensor(conflicts / (count * SAMPLE_RUN if count else n), dtype=torch.float32)
 
 
 def supports_subtraction(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
@@ -147,8 +168,7 @@ def supports_subtraction(source: torch.Tensor, base: torch.Tensor, out: torch.Te
         and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (source, base, out))
         and all(t.data_ptr() % t.element_size() == 0 for t in (source, base, out))
         and source.numel() >= base.numel() == out.numel()
-        and available()
-        and bool(_library().clpeft_supports_dtype(_DTYPE_CODES[source.dtype]))
+        and _compiled(source.dtype)
     )
 
 
@@ -188,8 +208,7 @@ def supports_finish(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) 
         and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (base, delta, out))
         and all(t.data_ptr() % t.element_size() == 0 for t in (base, delta, out))
         and base.numel() == delta.numel() == out.numel()
-        and available()
-        and bool(_library().clpeft_supports_dtype(_DTYPE_CODES[out.dtype]))
+        and _compiled(out.dtype)
     )
 
 
@@ -294,9 +313,7 @@ def supports_difference_counts(sources: Sequence[torch.Tensor], base: torch.Tens
         and all(
             t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.data_ptr() % t.element_size() == 0 for t in (base, *sources)
         )
-        and all(s.dtype in _DTYPE_CODES and s.numel() >= base.numel() for s in sources)
-        and available()
-        and all(_library().clpeft_supports_dtype(_DTYPE_CODES[s.dtype]) for s in sources)
+        and all(_compiled(s.dtype) and s.numel() >= base.numel() for s in sources)
     )
 
 
@@ -438,6 +455,17 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # out
     ]
     library.clpeft_ties_elect.restype = None
+    library.clpeft_sign_conflicts.argtypes = [
+        ctypes.c_int,  # dtype
+        ctypes.c_int64,  # n
+        ctypes.c_int,  # k
+        ctypes.c_void_p,  # base
+        ctypes.POINTER(ctypes.c_void_p),  # sources
+        ctypes.c_int64,  # run
+        ctypes.c_int64,  # count
+        ctypes.c_int64,  # step
+    ]
+    library.clpeft_sign_conflicts.restype = ctypes.c_int64
     library.clpeft_subtract.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.clpeft_subtract.restype = ctypes.c_int
     library.clpeft_finish.argtypes = [

@@ -26,8 +26,9 @@
  * path's bits or exact counts): a task vector and its norm formed in one pass (clpeft_subtract),
  * TIES' trim threshold per tensor (clpeft_kth_largest_magnitude, a bracketed radix selection) and
  * over the whole model (clpeft_count_magnitude_digits, one sweep of it), TIES' election and
- * disjoint merge with the trim fused in (clpeft_ties_elect), and the merged tensor rounded to its
- * dtype with the report's sums (clpeft_finish).
+ * disjoint merge with the trim fused in (clpeft_ties_elect), the merged tensor rounded to its
+ * dtype with the report's sums (clpeft_finish), and the report's sampled sign conflict of a
+ * linear merge (clpeft_sign_conflicts).
  */
 #include <stdint.h>
 #include <string.h>
@@ -260,6 +261,63 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
         for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
     }
     return 0;
+}
+
+/* Entries [first, stop) of the sign conflict below: sixteen at a time in vectors (the lane order of
+ * pair_load does not matter to a count), the last few one by one. */
+static inline __attribute__((always_inline)) int64_t
+conflicts_in(const int DTYPE, int k, const void *base, const void *const *sources, int64_t first, int64_t stop) {
+    i32x8 counted = {0};
+    int64_t i = first, conflicts = 0;
+    for (; i + 2 * LANES <= stop; i += 2 * LANES) {
+        f32x8 theta0[2], theta[2];
+        i32x8 positive[2] = {{0}}, negative[2] = {{0}}, nan[2] = {{0}};
+        pair_load(DTYPE, base, i, theta0);
+        for (int j = 0; j < k; j++) {
+            pair_load(DTYPE, sources[j], i, theta);
+            for (int h = 0; h < 2; h++) {
+                const f32x8 t = theta[h] - theta0[h];
+                positive[h] |= (i32x8)(t > 0.f);
+                negative[h] |= (i32x8)(t < 0.f);
+                nan[h] |= (i32x8)(t != t);
+            }
+        }
+        for (int h = 0; h < 2; h++) counted -= positive[h] & negative[h] & ~nan[h];
+    }
+    for (; i < stop; i++) {
+        const float theta0 = scalar_load(DTYPE, base, i);
+        int positive = 0, negative = 0, nan = 0;
+        for (int j = 0; j < k; j++) {
+            const float t = scalar_load(DTYPE, sources[j], i) - theta0;
+            positive |= t > 0.f;
+            negative |= t < 0.f;
+            nan |= t != t;
+        }
+        conflicts += positive & negative & !nan;
+    }
+    for (int lane = 0; lane < LANES; lane++) conflicts += counted[lane];
+    return conflicts;
+}
+
+static inline __attribute__((always_inline)) int64_t sign_conflicts(const int DTYPE, int64_t n, int k, const void *base,
+                                                                    const void *const *sources, int64_t run, int64_t count,
+                                                                    int64_t step) {
+    const int64_t runs = count ? count : 1, length = count ? run : n;
+    int64_t conflicts = 0;
+    for (int64_t r = 0; r < runs; r++) conflicts += conflicts_in(DTYPE, k, base, sources, r * step * run, r * step * run + length);
+    return conflicts;
+}
+
+/* The report's sign conflict from a sample of the task vectors theta_k - theta_0 over n entries
+ * (report.sample_runs' layout: count runs of run entries, one every step runs; every entry when
+ * count is 0): how many sampled entries have a positive and a negative task-vector entry, in the
+ * float32 of ATen's report.sign_conflict. An entry with a NaN among its differences does not count
+ * (ATen's amax and amin propagate it). */
+int64_t clpeft_sign_conflicts(int dtype, int64_t n, int k, const void *base, const void *const *sources, int64_t run,
+                              int64_t count, int64_t step) {
+    if (dtype == DTYPE_FLOAT32) return sign_conflicts(DTYPE_FLOAT32, n, k, base, sources, run, count, step);
+    if (dtype == DTYPE_BFLOAT16) return sign_conflicts(DTYPE_BFLOAT16, n, k, base, sources, run, count, step);
+    return sign_conflicts(DTYPE_FLOAT16, n, k, base, sources, run, count, step);
 }
 
 /* ------------------------------------------------------------------ task vectors */

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergeReport", "TensorReport", "count_nonzero", "pack_stats", "pack_sums", "sample_entries", "sign_conflict"]
+__all__ = ["MergeReport", "TensorReport", "count_nonzero", "pack_stats", "pack_sums", "sample_entries", "sample_runs", "sign_conflict"]
 
 # Sampled entries over all rows: below torch's parallel grain size (32768), so the statistic
 # never starts a parallel region (each costs milliseconds on a busy machine).
 _SAMPLE = 1 << 15
-_RUN = 64
+SAMPLE_RUN = 64  # entries per sampled run (:func:`sample_runs`)
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,22 @@ def sample_entries(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     task vectors looks at: ``32768 / rows`` of them in evenly spaced runs of 64 (cache-friendly),
     or all of a smaller tensor. Sampling commutes with subtraction, so the sample of the task
     vectors is the samples of the fine-tuned tensors minus the base's."""
-    n = tensor.shape[-1]
-    per_row = max(_RUN, _SAMPLE // rows // _RUN * _RUN)
-    if n <= per_row:
+    layout = sample_runs(tensor.shape[-1], rows)
+    if layout is None:
         return tensor
-    usable = n - n % _RUN
-    runs = tensor[..., :usable].unflatten(-1, (usable // _RUN, _RUN))
-    return runs[..., :: max(1, usable // per_row), :][..., : per_row // _RUN, :].flatten(-2)
+    count, step = layout
+    usable = tensor.shape[-1] // SAMPLE_RUN * SAMPLE_RUN
+    runs = tensor[..., :usable].unflatten(-1, (usable // SAMPLE_RUN, SAMPLE_RUN))
+    return runs[..., ::step, :][..., :count, :].flatten(-2)
+
+
+def sample_runs(n: int, rows: int) -> tuple[int, int] | None:
+    """:func:`sample_entries`' layout for ``n`` entries: ``(count, step)``, the sample being ``count`` runs
+    of ``SAMPLE_RUN`` entries, one every ``step`` runs from the first; ``None`` when every entry is sampled."""
+    per_row = max(SAMPLE_RUN, _SAMPLE // rows // SAMPLE_RUN * SAMPLE_RUN)
+    if n <= per_row:
+        return None
+    return per_row // SAMPLE_RUN, max(1, n // SAMPLE_RUN * SAMPLE_RUN // per_row)
 
 
 def sign_conflict(task_vectors: torch.Tensor) -> torch.Tensor:
@@ -134,6 +143,10 @@ def pack_stats(base: torch.Tensor, norms: torch.Tensor, conflict: torch.Tensor, 
 def pack_sums(sums: torch.Tensor, conflict: torch.Tensor, numel: int) -> torch.Tensor:
     """:func:`pack_stats`' layout from the sums :func:`~clpeft.merging.fused.linear_merge` returns:
     ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]``."""
+    if sums.device.type == "cpu" and conflict.device.type == "cpu":  # the same values in Python floats, no ATen call each
+        base, delta, nonzero, *tasks = sums.tolist()
+        packed = [math.sqrt(base), float(conflict), math.sqrt(delta), nonzero / max(numel, 1), *map(math.sqrt, tasks)]
+        return torch.tensor(packed, dtype=sums.dtype)
     head = torch.stack([sums[0].sqrt(), conflict.to(sums.dtype), sums[1].sqrt(), sums[2] / max(numel, 1)])
     return torch.cat([head, sums[3:].sqrt()])
 

@@ -490,3 +490,59 @@ def test_sweeps_from_the_inputs_count_what_the_formed_task_vectors_count(monkeyp
             fused_cpu.count_magnitude_digits(task_vectors, shift, prefixes, expected)
             fused_cpu.count_difference_digits(sources, base, shift, prefixes, counts)
             assert torch.equal(counts, expected) and expected.sum() > 0, (n, shift)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_conflict_counts_report_sign_conflicts_sample_exactly(dtype):
+    """``fused_cpu.sign_conflict`` (one compiled loop over the sample) against ATen's
+    ``report.sign_conflict`` of ``sample_entries``' sampled task vectors: the same float32 value for every
+    sample layout (the whole tensor up to 32768 / K entries; runs of 64 with a step, a partial last run
+    left out, a step of 1), exact zeros, and NaN / inf differences (a column holding a NaN is no
+    conflict: ATen's amax / amin propagate it)."""
+    from clpeft.merging.report import sample_entries, sign_conflict
+
+    for n in (1, 63, 8192, 8193, 16_447, 100_003, 1_000_000):
+        for k in (1, 2, 4, 7):
+            base, sources = inputs(n, k, dtype, seed=n + k)
+            if n > 100:
+                sources[-1][3] = math.nan
+                sources[0][9] = -math.inf
+                base[11] = math.inf  # inf - inf: NaN for every model
+            if k >= 3:  # the last entry (of a whole-tensor sample's tail past the last 16) a conflict but for a NaN
+                sources[0][-1], sources[1][-1], sources[2][-1] = base[-1] + 1, base[-1] - 1, math.nan
+            sample = torch.stack([sample_entries(s, k).float() for s in sources]) - sample_entries(base, k).float()
+            expected = sign_conflict(sample)
+            assert torch.equal(fused_cpu.sign_conflict(base, sources), expected), (n, k)
+            assert expected.dtype == torch.float32 and (k == 1 or n < 64 or 0 < expected < 1)
+
+
+def test_linear_merge_reports_the_aten_sign_conflict(monkeypatch, tmp_path):
+    """A task-arithmetic merge reports, through the compiled loops, the sign conflict of
+    ``CLPEFT_CPU_KERNEL=0`` (ATen's sample and arithmetic), for large and small tensors of each dtype."""
+    generator = torch.Generator().manual_seed(3)
+    base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
+    states = [base, *[finetune(base, generator) for _ in range(3)]]
+    for dtype in DTYPES:
+        paths = [tmp_path / f"{dtype}_{i}.safetensors" for i in range(4)]
+        for path, state in zip(paths, states):
+            save_file({n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}, str(path))
+        reports = []
+        for kernel in ("1", "0"):
+            monkeypatch.setenv("CLPEFT_CPU_KERNEL", kernel)
+            reports.append(merge_files(paths[0], paths[1:], tmp_path / f"{dtype}_{kernel}.out", "task_arithmetic", scale=0.4))
+        conflicts = [[(t.name, t.sign_conflict) for t in report.tensors if t.merged] for report in reports]
+        assert len(conflicts[0]) > 10 and conflicts[0] == conflicts[1], dtype
+        assert any(c > 0 for _, c in conflicts[0])
+
+
+def test_pack_sums_on_the_host_gives_the_tensor_formulas_values():
+    """``report.pack_sums`` of host sums (Python floats, no ATen call each): a hand-worked example, and
+    the values of the formulas in ATen float64 ops on awkward sums."""
+    from clpeft.merging.report import pack_sums
+
+    packed = pack_sums(torch.tensor([4.0, 9.0, 3.0, 16.0, 25.0], dtype=torch.float64), torch.tensor(0.25), 6)
+    assert packed.dtype == torch.float64 and packed.tolist() == [2.0, 0.25, 3.0, 0.5, 4.0, 5.0]
+    sums = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e7 + 1e-3
+    conflict = torch.tensor(1 / 3, dtype=torch.float32)
+    expected = torch.cat([torch.stack([sums[0].sqrt(), conflict.double(), sums[1].sqrt(), sums[2] / 123_457]), sums[3:].sqrt()])
+    assert torch.equal(pack_sums(sums, conflict, 123_457), expected)
