@@ -465,7 +465,7 @@ class MergeEngine:
         flat_out = out.view(-1)
         if self.fused and fused_cpu.supports(base, sources, flat_out):
             sums = fused_cpu.linear_merge(base, sources, self._coefficients(dtype), flat_out)
-            return out, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
+            return out, pack_sums(sums, fused_cpu.sign_conflict(base, sources), base.numel())
         coefficients = torch.tensor(self._coefficients(dtype), dtype=dtype)
         scratch = self._scratch(len(sources) + 2, min(base.numel(), BLOCK_COLUMNS), dtype)
         sums = combine_linear(base, sources, coefficients, flat_out, scratch)
