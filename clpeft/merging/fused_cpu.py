@@ -400,6 +400,33 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="clpeft-merge")
 
 
+# C signatures of linear_merge.c's entry points: name -> (return type, argument types)
+_i32, _i64, _u32, _f32, _ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
+_ptrs, _floats = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float)
+_BRACKET = [_u32, _u32, _ptr, _i64, _ptr, _ptr]  # lower, upper, band, its capacity, found, tally
+_SIGNATURES = {
+    "clpeft_supports_dtype": (_i32, [_i32]),
+    # dtype, n, k, base, sources, coefficients, out, sums (float64)
+    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr]),
+    # dtype, n, k, base, sources, run, count, step
+    "clpeft_sign_conflicts": (_i64, [_i32, _i64, _i32, _ptr, _ptrs, _i64, _i64, _i64]),
+    # dtype, n, source, base (float32), out (float32), squares (float64)
+    "clpeft_subtract": (_i32, [_i32, _i64, _ptr, _ptr, _ptr, _ptr]),
+    # dtype of out, n, base (float32), delta (float32), out, sums (3 float64)
+    "clpeft_finish": (_i32, [_i32, _i64, _ptr, _ptr, _ptr, _ptr]),
+    # values, n, k, counts (int64 scratch), band (float32 scratch), band capacity
+    "clpeft_kth_largest_magnitude": (_f32, [_ptr, _i64, _i64, _ptr, _ptr, _i64]),
+    # values, n, shift, prefix, counts (int64)
+    "clpeft_count_magnitude_digits": (None, [_ptr, _i64, _i32, _u32, _ptr]),
+    # dtype, n, source, base (float32), shift, prefix, counts (int64)
+    "clpeft_count_difference_digits": (_i32, [_i32, _i64, _ptr, _ptr, _i32, _u32, _ptr]),
+    # n, k, rows, lambdas (NULL: no trim), coefficients, mean, out
+    "clpeft_ties_elect": (None, [_i64, _i32, _ptrs, _floats, _floats, _i32, _ptr]),
+    "clpeft_band_magnitudes": (None, [_ptr, _i64, *_BRACKET]),  # values, n, bracket
+    "clpeft_band_differences": (_i32, [_i32, _i64, _ptr, _ptr, *_BRACKET]),  # dtype, n, source, base (float32), bracket
+}
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, built into the cache on first use; ``None`` when it cannot be built."""
@@ -421,84 +448,9 @@ def _library() -> ctypes.CDLL | None:
         )
         return None
     library = ctypes.CDLL(str(path))
-    library.clpeft_supports_dtype.argtypes = [ctypes.c_int]
-    library.clpeft_supports_dtype.restype = ctypes.c_int
-    library.clpeft_linear_merge.argtypes = [
-        ctypes.c_int,  # dtype
-        ctypes.c_int64,  # n
-        ctypes.c_int,  # k
-        ctypes.c_void_p,  # base
-        ctypes.POINTER(ctypes.c_void_p),  # sources
-        ctypes.POINTER(ctypes.c_float),  # coefficients
-        ctypes.c_void_p,  # out
-        ctypes.c_void_p,  # sums (float64)
-    ]
-    library.clpeft_linear_merge.restype = ctypes.c_int
-    library.clpeft_kth_largest_magnitude.argtypes = [
-        ctypes.c_void_p,  # values
-        ctypes.c_int64,  # n
-        ctypes.c_int64,  # k
-        ctypes.c_void_p,  # counts (int64 scratch)
-        ctypes.c_void_p,  # band (float32 scratch)
-        ctypes.c_int64,  # band capacity
-    ]
-    library.clpeft_kth_largest_magnitude.restype = ctypes.c_float
-    library.clpeft_count_magnitude_digits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
-    library.clpeft_count_magnitude_digits.restype = None
-    library.clpeft_ties_elect.argtypes = [
-        ctypes.c_int64,  # n
-        ctypes.c_int,  # k
-        ctypes.POINTER(ctypes.c_void_p),  # rows
-        ctypes.POINTER(ctypes.c_float),  # lambdas (NULL: no trim)
-        ctypes.POINTER(ctypes.c_float),  # coefficients
-        ctypes.c_int,  # mean
-        ctypes.c_void_p,  # out
-    ]
-    library.clpeft_ties_elect.restype = None
-    library.clpeft_sign_conflicts.argtypes = [
-        ctypes.c_int,  # dtype
-        ctypes.c_int64,  # n
-        ctypes.c_int,  # k
-        ctypes.c_void_p,  # base
-        ctypes.POINTER(ctypes.c_void_p),  # sources
-        ctypes.c_int64,  # run
-        ctypes.c_int64,  # count
-        ctypes.c_int64,  # step
-    ]
-    library.clpeft_sign_conflicts.restype = ctypes.c_int64
-    library.clpeft_subtract.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    library.clpeft_subtract.restype = ctypes.c_int
-    library.clpeft_finish.argtypes = [
-        ctypes.c_int,  # dtype of out
-        ctypes.c_int64,  # n
-        ctypes.c_void_p,  # base (float32)
-        ctypes.c_void_p,  # delta (float32)
-        ctypes.c_void_p,  # out
-        ctypes.c_void_p,  # sums (3 float64)
-    ]
-    library.clpeft_finish.restype = ctypes.c_int
-    library.clpeft_count_difference_digits.argtypes = [
-        ctypes.c_int,  # dtype
-        ctypes.c_int64,  # n
-        ctypes.c_void_p,  # source
-        ctypes.c_void_p,  # base (float32)
-        ctypes.c_int,  # shift
-        ctypes.c_uint32,  # prefix
-        ctypes.c_void_p,  # counts (int64)
-    ]
-    library.clpeft_count_difference_digits.restype = ctypes.c_int
-    band = [
-        ctypes.c_uint32,
-        ctypes.c_uint32,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-    ]  # bracket, band, found, tally
-    library.clpeft_band_magnitudes.argtypes = [ctypes.c_void_p, ctypes.c_int64, *band]
-    library.clpeft_band_magnitudes.restype = None
-    library.clpeft_band_differences.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, *band]
-    library.clpeft_band_differences.restype = ctypes.c_int
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
     return library
 
 
