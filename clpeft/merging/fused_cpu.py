@@ -156,6 +156,8 @@ def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.
     count, step = sample_runs(n, k) or (0, 1)
     pointers = (ctypes.c_void_p * k)(*[s.data_ptr() for s in sources])
     conflicts = _library().clpeft_sign_conflicts(_DTYPE_CODES[base.dtype], n, k, base.data_ptr(), pointers, SAMPLE_RUN, count, step)
+    if conflicts < 0:  # supports() was not asked: a bug in the caller, not in the input
+        raise RuntimeError(f"the CPU merge kernel has no dtype {base.dtype}")
     return torch.tensor(conflicts / (count * SAMPLE_RUN if count else n), dtype=torch.float32)
 
 

@@ -312,9 +312,10 @@ static inline __attribute__((always_inline)) int64_t sign_conflicts(const int DT
  * (report.sample_runs' layout: count runs of run entries, one every step runs; every entry when
  * count is 0): how many sampled entries have a positive and a negative task-vector entry, in the
  * float32 of ATen's report.sign_conflict. An entry with a NaN among its differences does not count
- * (ATen's amax and amin propagate it). */
+ * (ATen's amax and amin propagate it). Returns -1 for a dtype this build lacks. */
 int64_t clpeft_sign_conflicts(int dtype, int64_t n, int k, const void *base, const void *const *sources, int64_t run,
                               int64_t count, int64_t step) {
+    if (!clpeft_supports_dtype(dtype)) return -1;
     if (dtype == DTYPE_FLOAT32) return sign_conflicts(DTYPE_FLOAT32, n, k, base, sources, run, count, step);
     if (dtype == DTYPE_BFLOAT16) return sign_conflicts(DTYPE_BFLOAT16, n, k, base, sources, run, count, step);
     return sign_conflicts(DTYPE_FLOAT16, n, k, base, sources, run, count, step);

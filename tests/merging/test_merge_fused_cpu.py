@@ -546,3 +546,14 @@ def test_pack_sums_on_the_host_gives_the_tensor_formulas_values():
     conflict = torch.tensor(1 / 3, dtype=torch.float32)
     expected = torch.cat([torch.stack([sums[0].sqrt(), conflict.double(), sums[1].sqrt(), sums[2] / 123_457]), sums[3:].sqrt()])
     assert torch.equal(pack_sums(sums, conflict, 123_457), expected)
+
+
+def test_sign_conflicts_refuses_a_dtype_the_build_lacks():
+    """The C entry point answers -1 for a dtype code it was not built with (no count from garbage);
+    ``fused_cpu.sign_conflict`` would raise on it."""
+    import ctypes
+
+    base, sources = inputs(64, 2, torch.float32)
+    pointers = (ctypes.c_void_p * 2)(*[s.data_ptr() for s in sources])
+    assert fused_cpu._library().clpeft_sign_conflicts(7, 64, 2, base.data_ptr(), pointers, 64, 0, 1) == -1
+    assert fused_cpu._library().clpeft_sign_conflicts(0, 64, 2, base.data_ptr(), pointers, 64, 0, 1) >= 0
