@@ -17,8 +17,9 @@ shared machine's load hits all of them alike:
   the merge's own speed, into fresh tensors (compared with the clone bandwidth below);
 * ``clpeft-memory-out``: the same into existing tensors (``merge(..., out=...)``, clones of the
   base made before the clock starts), compared with the copy bandwidth below;
-* ``clpeft-other``: ``clpeft`` run from another checkout (``--other-clpeft DIR``, e.g. a
-  ``git archive`` of an older commit), for before/after timings in the same run;
+* ``clpeft-other``, ``clpeft-other-memory-out``: ``clpeft`` and ``clpeft-memory-out`` run from
+  another checkout (``--other-clpeft DIR``, e.g. a ``git archive`` of an older commit), for
+  before/after timings in the same run;
 * ``clpeft-aten``, ``clpeft-memory-aten``: ``clpeft`` and ``clpeft-memory`` with the compiled
   CPU kernel for linear merges switched off (``CLPEFT_CPU_KERNEL=0``: ATen ops in cached
   blocks), for the kernel's gain in the same run.
@@ -77,7 +78,17 @@ METHODS = {  # name -> (clpeft method and parameters, mergekit method, per-model
     # the official code's trim over the whole model (clpeft's default); mergekit has no such trim
     "ties_model": (("ties", {"density": 0.2, "scale": 1.0, "trim_scope": "model"}), None),
 }
-TOOLS = ["mergekit", "clpeft", "clpeft-memory", "clpeft-memory-out", "clpeft-other", "clpeft-aten", "clpeft-memory-aten"]
+TOOLS = [
+    "mergekit",
+    "clpeft",
+    "clpeft-memory",
+    "clpeft-memory-out",
+    "clpeft-other",
+    "clpeft-other-memory-out",
+    "clpeft-aten",
+    "clpeft-memory-aten",
+]
+OTHER = {"clpeft": "clpeft-other", "clpeft-memory-out": "clpeft-other-memory-out"}  # tool -> its other-checkout twin
 
 
 def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -173,7 +184,7 @@ def worker(tool: str, method: str, dtype: str, out: str, base: str, paths: list[
 
         run = run_clpeft
     else:
-        return _memory_worker(method, base_path, model_paths, out_path, into_existing=tool == "clpeft-memory-out")
+        return _memory_worker(method, base_path, model_paths, out_path, into_existing=tool.endswith("memory-out"))
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     run(base_path, model_paths, out_path, method, dtype)
     _report(time.perf_counter() - start_wall, time.process_time() - start_cpu)
@@ -272,8 +283,8 @@ def main() -> None:
     if "mergekit" in tools and subprocess.run([args.mergekit_python, "-c", "import mergekit"]).returncode:
         print("mergekit is not importable: its cases are skipped (pip install -e .[bench], or --mergekit-python)")
         tools.remove("mergekit")
-    if "clpeft-other" in tools and args.other_clpeft is None:
-        parser.error("the clpeft-other tool needs --other-clpeft DIR")
+    if any(tool.startswith("clpeft-other") for tool in tools) and args.other_clpeft is None:
+        parser.error("the clpeft-other tools need --other-clpeft DIR")
     directory = Path(tempfile.mkdtemp(prefix="merge_vs_mergekit_", dir=args.dir))
     try:
         t = time.perf_counter()
@@ -302,7 +313,7 @@ def main() -> None:
                 out.parent.mkdir(exist_ok=True)
                 python = args.mergekit_python if tool == "mergekit" else sys.executable
                 command = [python, __file__, "--worker", tool, method, dtype, str(out), str(base), *map(str, paths)]
-                root = args.other_clpeft if tool == "clpeft-other" else Path(__file__).resolve().parents[1]
+                root = args.other_clpeft if tool.startswith("clpeft-other") else Path(__file__).resolve().parents[1]
                 env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
                 if tool.endswith("-aten"):
                     env["CLPEFT_CPU_KERNEL"] = "0"
@@ -348,7 +359,7 @@ def print_table(
         "GB/s",
         "peak RSS GiB",
         "load",
-        "vs mergekit (clpeft: vs clpeft-other when run): wall / CPU speed-up, RSS ratio",
+        "vs mergekit (clpeft, clpeft-memory-out: vs their clpeft-other twin when run): wall / CPU speed-up, RSS ratio",
         "layer-0 entries off float64 ref",
     ]
     print("| " + " | ".join(columns) + " |")
@@ -357,10 +368,10 @@ def print_table(
         wall, cpu = min(r["wall_s"] for r in rs), min(r["cpu_s"] for r in rs)
         rss = max(r["peak_rss_gib"] for r in rs)
         traffic = (args.models + 2) * numel * DTYPES[dtype].itemsize
-        compared = "clpeft-other" if tool == "clpeft" and ("clpeft-other", method, dtype) in runs else "mergekit"
+        compared = OTHER[tool] if (OTHER.get(tool), method, dtype) in runs else "mergekit"
         other = runs.get((compared, method, dtype))
         versus = "-"
-        if other and tool not in ("mergekit", "clpeft-other"):
+        if other and tool != "mergekit" and not tool.startswith("clpeft-other"):
             versus = (
                 f"{min(r['wall_s'] for r in other) / wall:.2f}x / {min(r['cpu_s'] for r in other) / cpu:.2f}x / "
                 f"{rss / max(r['peak_rss_gib'] for r in other):.2f}x"
@@ -380,7 +391,7 @@ def print_table(
             "-" if errors is None else f"{errors[0]:,} of {errors[1]:,}",
         ]
         print("| " + " | ".join(row) + " |")
-    for tool in ("clpeft", "clpeft-aten", "clpeft-memory", "clpeft-memory-out", "clpeft-memory-aten"):
+    for tool in TOOLS[1:]:
         for method in sorted({m for _, m, _ in runs}):
             full = runs.get((tool, method, "float32"))
             for half in HALF:
@@ -390,7 +401,7 @@ def print_table(
                         key: min(r[key] for r in full) / min(r[key] for r in cases) / 2 for key in ("wall_s", "cpu_s")
                     }  # half the bytes
                     print(f"{tool} {method}: {half} / float32 speed per byte {ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU")
-    for tool in ("clpeft-memory", "clpeft-memory-out", "clpeft-memory-aten"):
+    for tool in (t for t in TOOLS if "memory" in t):
         for dtype in DTYPES:
             memory = runs.get((tool, "task_arithmetic", dtype))
             if memory:
@@ -398,7 +409,7 @@ def print_table(
                 print(
                     f"{tool} task arithmetic, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth, "
                     f"{gbs / max(clone_bandwidth):.0%} of the clone bandwidth"
-                    + (" (into existing tensors, merge(out=...))" if tool == "clpeft-memory-out" else " (fresh outputs)")
+                    + (" (into existing tensors, merge(out=...))" if tool.endswith("memory-out") else " (fresh outputs)")
                 )
 
 

@@ -7,7 +7,10 @@
  * one after the other over it (one input stream at a time, which the hardware prefetcher
  * follows even through the scattered 4 KiB pages of memory-mapped files; reading all K + 1
  * streams at once ran up to 2x slower there), the running delta kept in a cached float32
- * row, bf16 / fp16 entries converted in registers, the report's statistics taken on the way.
+ * row, the base widened into another by the first model's pass (read again for every model,
+ * it ran up to 1.8x slower in bf16 from checkpoints whose page cache is in 2 MiB pages: each
+ * file's chunk then falls in the same L2 sets as the others'), bf16 / fp16 entries converted
+ * in registers, the report's statistics taken on the way.
  *
  * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
  * machine): every operation is an IEEE float32 operation rounded on its own (compiled with
@@ -17,7 +20,9 @@
  *     merged = round_to_output(float(theta_0) + delta)
  * bf16 and fp16 entries widen exactly; the output rounds to nearest, ties to even. The sums of
  * squares and the non-zero count are float32 within a chunk and float64 across chunks
- * (statistics for the report; their last bits depend on the vector width).
+ * (statistics for the report; their last bits depend on the vector width and on FMA). bf16
+ * outputs round without NaN masks, and a chunk whose base or delta is not finite is written
+ * again with them.
  *
  * Written with GCC / Clang vector extensions (8 float32 lanes), so it compiles for any target
  * those compilers support; F16C converts fp16 where the CPU has it.
@@ -32,7 +37,7 @@
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -118,14 +123,22 @@ static inline void pair_load(int dtype, const void *p, int64_t i, f32x8 v[2]) {
     }
 }
 
-static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2]) {
+/* no_nan: the caller has ruled out NaN in v (the bf16 rounding then skips its NaN masks, which
+ * would otherwise cost as much as the rounding itself; without them a NaN could round to an
+ * infinity or a zero). */
+static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2], const int no_nan) {
     if (dtype == DTYPE_FLOAT32) {
         for (int h = 0; h < 2; h++) memcpy((float *)p + i + LANES * h, &v[h], sizeof v[h]);
     } else if (dtype == DTYPE_BFLOAT16) {
         u16x16 rounded[2];
         for (int h = 0; h < 2; h++) {
-            const u32x8 x = (u32x8)v[h], nan = (u32x8)(v[h] != v[h]);
-            rounded[h] = (u16x16)(((x + 0x7FFFu + ((x >> 16) & 1u)) & ~nan) | ((x | 0x00400000u) & nan));
+            const u32x8 x = (u32x8)v[h], to_nearest_even = x + 0x7FFFu + ((x >> 16) & 1u);
+            if (no_nan) {
+                rounded[h] = (u16x16)to_nearest_even;
+            } else {
+                const u32x8 nan = (u32x8)(v[h] != v[h]);
+                rounded[h] = (u16x16)((to_nearest_even & ~nan) | ((x | 0x00400000u) & nan));
+            }
         }
         const u16x16 half = __builtin_shufflevector(rounded[0], rounded[1], 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
         memcpy((uint16_t *)p + i, &half, sizeof half);
@@ -147,6 +160,16 @@ static inline void prefetch(int dtype, const void *p, int64_t i) {
     __builtin_prefetch((const char *)p + i * (dtype == DTYPE_FLOAT32 ? 4 : 2) + PREFETCH_BYTES, 0, 0);
 }
 
+/* a + x * y for the report's statistics: fused where the CPU has FMA (one instruction instead of
+ * two in the merge's busiest loop). The merge itself stays unfused. */
+static inline f32x8 add_product(f32x8 a, f32x8 x, f32x8 y) {
+#if defined(__FMA__)
+    return (f32x8)_mm256_fmadd_ps((__m256)x, (__m256)y, (__m256)a);
+#else
+    return a + x * y;
+#endif
+}
+
 static inline float horizontal_sum(f32x8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -154,12 +177,14 @@ static inline float horizontal_sum(f32x8 v) {
 /* ------------------------------------------------------------------ the merge */
 
 /* Model theta_k over entries [start, start + m) of a chunk: its task vector's sum of squares
- * (into *acc) and delta, started when FIRST and continued from d otherwise. When LAST, the
- * merged values go to out and the base's, delta's and non-zero sums to chunk_sums. DTYPE, FIRST
- * and LAST are constants in each inlined copy. */
+ * (into *acc) and delta, started when FIRST and continued from d otherwise. The FIRST pass reads
+ * the base, widens it into the float32 row b and adds its sum of squares to chunk_sums; the others
+ * read b. When LAST, the merged values go to out (NO_NAN: pair_store's) and the delta's and
+ * non-zero sums to chunk_sums. DTYPE, FIRST, LAST and NO_NAN are constants in each inlined copy. */
 static inline __attribute__((always_inline)) void
-merge_model(const int DTYPE, const int FIRST, const int LAST, int64_t start, int64_t m, const void *base,
-            const void *theta_k, float c, float *restrict d, void *out, float *restrict acc, float *restrict chunk_sums) {
+merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, int64_t start, int64_t m, const void *base,
+            float *restrict b, const void *theta_k, float c, float *restrict d, void *out, float *restrict acc,
+            float *restrict chunk_sums) {
     f32x8 task_sq[2] = {{0}}, base_sq[2] = {{0}}, delta_sq[2] = {{0}};
     i32x8 nonzero[2] = {{0}};
     int64_t i = 0;
@@ -167,34 +192,39 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, int64_t start, int
         const int64_t at = start + i;
         f32x8 theta0[2], theta[2], merged[2];
         prefetch(DTYPE, theta_k, at);
-        prefetch(DTYPE, base, at);
-        pair_load(DTYPE, base, at, theta0);
+        if (FIRST) {
+            prefetch(DTYPE, base, at);
+            pair_load(DTYPE, base, at, theta0);
+            memcpy(b + i, theta0, sizeof theta0);
+            for (int h = 0; h < 2; h++) base_sq[h] = add_product(base_sq[h], theta0[h], theta0[h]);
+        } else {
+            memcpy(theta0, b + i, sizeof theta0);
+        }
         pair_load(DTYPE, theta_k, at, theta);
         for (int h = 0; h < 2; h++) {
             f32x8 *row = (f32x8 *)(d + i + LANES * h);
             const f32x8 t = theta[h] - theta0[h];
-            task_sq[h] += t * t;
+            task_sq[h] = add_product(task_sq[h], t, t);
             const f32x8 delta = FIRST ? c * t : *row + c * t;
             if (LAST) {
-                base_sq[h] += theta0[h] * theta0[h];
-                delta_sq[h] += delta * delta;
+                delta_sq[h] = add_product(delta_sq[h], delta, delta);
                 nonzero[h] -= (i32x8)(delta != 0.f);
                 merged[h] = theta0[h] + delta;
             } else {
                 *row = delta;
             }
         }
-        if (LAST) pair_store(DTYPE, out, at, merged);
+        if (LAST) pair_store(DTYPE, out, at, merged, NO_NAN);
     }
     float tail[4] = {0.f, 0.f, 0.f, 0.f}; /* task, base, delta, non-zero */
     for (; i < m; i++) { /* the tensor's last entries (fewer than 2 LANES): the same operations */
         const int64_t at = start + i;
-        const float theta0 = scalar_load(DTYPE, base, at);
+        const float theta0 = FIRST ? (b[i] = scalar_load(DTYPE, base, at)) : b[i];
         const float t = scalar_load(DTYPE, theta_k, at) - theta0;
         const float delta = FIRST ? c * t : d[i] + c * t;
         tail[0] += t * t;
+        if (FIRST) tail[1] += theta0 * theta0;
         if (LAST) {
-            tail[1] += theta0 * theta0;
             tail[2] += delta * delta;
             tail[3] += delta != 0.f;
             scalar_store(DTYPE, out, at, theta0 + delta);
@@ -203,21 +233,23 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, int64_t start, int
         }
     }
     *acc += horizontal_sum(task_sq[0] + task_sq[1]) + tail[0];
+    if (FIRST) chunk_sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[1];
     if (LAST) {
-        chunk_sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[1];
         chunk_sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[2];
         for (int lane = 0; lane < LANES; lane++) chunk_sums[2] += (float)(nonzero[0][lane] + nonzero[1][lane]);
         chunk_sums[2] += tail[3];
     }
 }
 
-#define MODEL_FUNCTION(NAME, DTYPE)                                                                     \
-    static void NAME(int first, int last, int64_t start, int64_t m, const void *base, const void *theta_k, \
-                     float c, float *d, void *out, float *acc, float *chunk_sums) {                      \
-        if (first && last) merge_model(DTYPE, 1, 1, start, m, base, theta_k, c, d, out, acc, chunk_sums);   \
-        else if (first) merge_model(DTYPE, 1, 0, start, m, base, theta_k, c, d, out, acc, chunk_sums);      \
-        else if (last) merge_model(DTYPE, 0, 1, start, m, base, theta_k, c, d, out, acc, chunk_sums);       \
-        else merge_model(DTYPE, 0, 0, start, m, base, theta_k, c, d, out, acc, chunk_sums);                 \
+#define MODEL_FUNCTION(NAME, DTYPE)                                                                            \
+    static void NAME(int first, int last, int no_nan, int64_t start, int64_t m, const void *base, float *b,     \
+                     const void *theta_k, float c, float *d, void *out, float *acc, float *chunk_sums) {        \
+        if (first && last && no_nan) merge_model(DTYPE, 1, 1, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums); \
+        else if (first && last) merge_model(DTYPE, 1, 1, 0, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);      \
+        else if (first) merge_model(DTYPE, 1, 0, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);              \
+        else if (last && no_nan) merge_model(DTYPE, 0, 1, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);     \
+        else if (last) merge_model(DTYPE, 0, 1, 0, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);               \
+        else merge_model(DTYPE, 0, 0, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);                         \
     }
 
 MODEL_FUNCTION(model_float32, DTYPE_FLOAT32)
@@ -225,6 +257,16 @@ MODEL_FUNCTION(model_bfloat16, DTYPE_BFLOAT16)
 #if HAVE_FLOAT16
 MODEL_FUNCTION(model_float16, DTYPE_FLOAT16)
 #endif
+
+/* MODEL_FUNCTION's copy for dtype (compiled in: clpeft_supports_dtype). */
+static void merge_chunk(int dtype, int first, int last, int no_nan, int64_t start, int64_t m, const void *base, float *b,
+                        const void *theta_k, float c, float *d, void *out, float *acc, float *chunk_sums) {
+    if (dtype == DTYPE_FLOAT32) model_float32(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
+    else if (dtype == DTYPE_BFLOAT16) model_bfloat16(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
+#if HAVE_FLOAT16
+    else model_float16(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
+#endif
+}
 
 /* Whether dtype (DTYPE_*) is compiled in. */
 int clpeft_supports_dtype(int dtype) {
@@ -242,21 +284,20 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
                         const float *coefficients, void *out, double *sums) {
     if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
     float d[CHUNK] __attribute__((aligned(32))); /* the running delta of a chunk: 64 KiB of stack */
+    float b[CHUNK] __attribute__((aligned(32))); /* the chunk's base in float32, read once per chunk */
     for (int64_t start = 0; start < n; start += CHUNK) {
         const int64_t m = n - start < CHUNK ? n - start : CHUNK;
         float chunk_sums[3] = {0.f, 0.f, 0.f};
         for (int j = 0; j < k; j++) {
             float acc = 0.f;
-            const int first = j == 0, last = j == k - 1;
-            if (dtype == DTYPE_FLOAT32)
-                model_float32(first, last, start, m, base, sources[j], coefficients[j], d, out, &acc, chunk_sums);
-            else if (dtype == DTYPE_BFLOAT16)
-                model_bfloat16(first, last, start, m, base, sources[j], coefficients[j], d, out, &acc, chunk_sums);
-#if HAVE_FLOAT16
-            else
-                model_float16(first, last, start, m, base, sources[j], coefficients[j], d, out, &acc, chunk_sums);
-#endif
+            merge_chunk(dtype, j == 0, j == k - 1, 1, start, m, base, b, sources[j], coefficients[j], d, out, &acc, chunk_sums);
             sums[3 + j] += acc;
+        }
+        /* A NaN among the merged values needs a NaN in the base or the delta, hence a sum of squares
+         * that is not finite: such a chunk's output is written again with the NaN masks. */
+        if (dtype == DTYPE_BFLOAT16 && !(__builtin_isfinite(chunk_sums[0]) && __builtin_isfinite(chunk_sums[1]))) {
+            float unused_acc = 0.f, unused_sums[3] = {0.f, 0.f, 0.f};
+            merge_chunk(dtype, k == 1, 1, 0, start, m, base, b, sources[k - 1], coefficients[k - 1], d, out, &unused_acc, unused_sums);
         }
         for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
     }
@@ -353,7 +394,7 @@ int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base,
             square[0] += d[0] * d[0];
             square[1] += d[1] * d[1];
             if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(d); /* and back */
-            pair_store(DTYPE_FLOAT32, out, i, d);
+            pair_store(DTYPE_FLOAT32, out, i, d, 0);
         }
         for (; i < stop; i++) {
             out[i] = scalar_load(dtype, source, i) - base[i];
@@ -384,7 +425,7 @@ finish_range(const int DTYPE, int64_t start, int64_t stop, const float *base, co
             merged[h] = theta0[h] + d[h];
         }
         if (DTYPE == DTYPE_BFLOAT16) swap_middle_quarters(merged); /* into the order pair_store takes */
-        pair_store(DTYPE, out, i, merged);
+        pair_store(DTYPE, out, i, merged, 0);
     }
     for (; i < stop; i++) {
         tail[0] += base[i] * base[i];

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="no C compiler
 
 HALF_STEP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # c = 1 + HALF_STEP: exact ties when rounding
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CHUNK = 16384  # entries per chunk of clpeft_linear_merge (linear_merge.c)
 
 
 def inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -61,7 +63,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 4, 8, 11])  # 11: a group of eight models, then three
 def test_kernel_equals_float32_ops_in_order_across_chunks_and_tails(dtype, k):
-    n = 3 * 4096 + 16 * 5 + 7  # three chunks of the C loop, then pairs of vectors, then 7 single entries
+    n = 2 * CHUNK + 16 * 5 + 7  # two whole chunks of the C loop, then pairs of vectors, then 7 single entries
     base, sources = inputs(n, k, dtype)
     coefficients = [0.3, -0.7, 1.0 + HALF_STEP.get(dtype, 2.0**-24), 0.25, 1.7, -0.05, 0.4, 2.5, -1.1, 0.6, 0.01][:k]
     out = torch.empty_like(base)
@@ -86,6 +88,24 @@ def test_rounding_to_half_precision_is_torchs(dtype):
         out = torch.empty_like(source)
         fused_cpu.linear_merge(base, [source], [c], out)
         assert same_bits(out, reference(base, [source], [c])[0]), c
+
+
+def test_bfloat16_nan_and_infinity_round_as_torch_rounds_in_every_chunk():
+    """bf16 outputs round without NaN masks unless a chunk's base or delta is not finite; such a
+    chunk is written again with them. NaN and inf in one chunk (vector body and scalar tail), a
+    finite neighbour chunk, and a NaN coefficient whose payload the unmasked rounding would carry
+    into the sign bit (0x7FFFFFFF -> -0.0)."""
+    n = 2 * CHUNK + 9
+    base, sources = inputs(n, 3, torch.bfloat16)
+    base[5], sources[0][7], sources[1][CHUNK + 3], base[-2] = math.nan, math.inf, -math.inf, math.nan
+    for coefficients in ([0.3, -0.7, 1.2], [0.3, -0.7, struct.unpack("<f", struct.pack("<I", 0x7FFFFFFF))[0]]):
+        out = torch.empty_like(base)
+        fused_cpu.linear_merge(base, sources, coefficients, out)
+        expected = reference(base, sources, coefficients)[0]
+        nan = expected.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert same_bits(out[~nan], expected[~nan])
+    assert nan.all()  # the NaN coefficient reaches every entry
 
 
 def test_results_do_not_depend_on_how_a_tensor_is_split_over_threads(monkeypatch):
