@@ -92,9 +92,9 @@ def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Ten
     dtype, n = base.dtype, base.numel()
     if n == 0 or not sources or not _compiled(dtype):
         return False
+    size = dtype.itemsize
     return all(
-        t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.data_ptr() % t.element_size() == 0 and t.numel() >= n
-        for t in (base, out, *sources)
+        t.dtype == dtype and t.is_cpu and t.is_contiguous() and t.data_ptr() % size == 0 and t.numel() >= n for t in (base, out, *sources)
     )
 
 

@@ -107,13 +107,17 @@ class StateDictSource:
     def __init__(self, tensors: Mapping[str, torch.Tensor], description: str):
         self._tensors = tensors
         self.description = description
+        self._infos: dict[str, TensorInfo] = {}  # asked about a dozen times per tensor by a merge
 
     def keys(self) -> list[str]:
         return list(self._tensors)
 
     def info(self, key: str) -> TensorInfo:
-        t = self._tensors[key]
-        return TensorInfo(t.dtype, tuple(t.shape))
+        info = self._infos.get(key)
+        if info is None:
+            t = self._tensors[key]
+            info = self._infos[key] = TensorInfo(t.dtype, tuple(t.shape))
+        return info
 
     def view(self, key: str) -> torch.Tensor:
         return self._tensors[key].detach().contiguous().reshape(-1).view(torch.uint8)
