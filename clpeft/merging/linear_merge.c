@@ -8,9 +8,9 @@
  * follows even through the scattered 4 KiB pages of memory-mapped files; reading all K + 1
  * streams at once ran up to 2x slower there), the running delta kept in a cached float32
  * row, the base widened into another by the first model's pass (read again for every model,
- * it ran up to 1.8x slower in bf16 from checkpoints whose page cache is in 2 MiB pages: each
- * file's chunk then falls in the same L2 sets as the others'), bf16 / fp16 entries converted
- * in registers, the report's statistics taken on the way.
+ * bf16 ran up to 1.8x slower on the file mappings of whole checkpoints, though not on anonymous
+ * memory; the cause was not pinned down), bf16 / fp16 entries converted in registers, the
+ * report's statistics taken on the way.
  *
  * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
  * machine): every operation is an IEEE float32 operation rounded on its own (compiled with
