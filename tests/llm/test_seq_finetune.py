@@ -1,6 +1,7 @@
 """seq_finetune on a tiny random Llama through the real engine: the matrix is each task's mean score,
 the first task is learnt and then forgotten, resume repeats the matrix; the offline SmolLM2 config (slow)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,15 @@ def test_two_tasks_fill_the_matrix_learn_forget_and_resume(tiny_lm, two_tasks, t
     engine = Engine(cfg, tmp_path / "run", device="cpu")
     result = engine.run()
     R, baseline = np.asarray(result["acc_matrix"]), result["baseline"]
-    assert R.shape == (2, 2) and baseline == [0.0, 0.0]  # the random model answers neither task
-    assert R[0, 0] == 1.0 and R[1, 1] >= 0.5  # each task is learnt ...
+    strategy = engine.built.strategy
+    tests = [exp.test.load()[0] for exp in engine.built.stream]
+    answers = [strategy.backbone.generate([e.prompt for e in examples], 4, ["\n"]) for examples in tests]
+    # what to look at when the rows below are wrong (seen intermittently in full CI runs: row 2 = [0, 0])
+    events = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    losses = [round(e["loss"], 4) for e in map(json.loads, events) if e["event"] == "train_epoch"]
+    context = f"R = {R.tolist()}, first answers per task {[a[:3] for a in answers]}, epoch losses {losses}"
+    assert R.shape == (2, 2) and baseline == [0.0, 0.0], context  # the random model answers neither task
+    assert R[0, 0] == 1.0 and R[1, 1] >= 0.5, context  # each task is learnt ...
     assert R[1, 0] <= 0.2  # ... and plain fine-tuning on "ba" forgets "ab"
     metrics = result["metrics"]
     assert metrics["forgetting"] == pytest.approx(R[0, 0] - R[1, 0]) and metrics["bwt"] == pytest.approx(R[1, 0] - R[0, 0])
@@ -43,11 +51,8 @@ def test_two_tasks_fill_the_matrix_learn_forget_and_resume(tiny_lm, two_tasks, t
     assert "final_confusion" not in result  # no classes are predicted
 
     # the last row is the exact-match rate of the trained model's greedy answers, recomputed here
-    strategy = engine.built.strategy
-    for j, exp in enumerate(engine.built.stream):
-        examples = exp.test.load()[0]
-        answers = strategy.backbone.generate([e.prompt for e in examples], 4, ["\n"])
-        assert np.mean([a == e.target for a, e in zip(answers, examples)]) == pytest.approx(R[1, j])
+    for j, examples in enumerate(tests):
+        assert np.mean([a == e.target for a, e in zip(answers[j], examples)]) == pytest.approx(R[1, j])
 
     for lost in (tmp_path / "run" / "checkpoints").glob("exp_001.pt*"):  # killed during the second task
         lost.unlink()
