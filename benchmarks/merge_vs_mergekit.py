@@ -17,11 +17,8 @@ shared machine's load hits all of them alike:
   the merge's own speed, into fresh tensors (compared with the clone bandwidth below);
 * ``clpeft-memory-out``: the same into existing tensors (``merge(..., out=...)``, clones of the
   base made before the clock starts), compared with the copy bandwidth below;
-* ``clpeft-memory-clone-out``: ``clpeft-memory-out`` on clones of the loaded checkpoints
-  (anonymous memory, as tensors trained in the process are, where the compiled loop reads two
-  fine-tunes per pass; ``load_file``'s tensors are file mappings, read one fine-tune per pass);
-* ``clpeft-other``, ``clpeft-other-memory-out``, ``clpeft-other-memory-clone-out``: those three run
-  from another checkout (``--other-clpeft DIR``, e.g. a ``git archive`` of an older commit), for
+* ``clpeft-other``, ``clpeft-other-memory-out``: ``clpeft`` and ``clpeft-memory-out`` run from
+  another checkout (``--other-clpeft DIR``, e.g. a ``git archive`` of an older commit), for
   before/after timings in the same run;
 * ``clpeft-aten``, ``clpeft-memory-aten``: ``clpeft`` and ``clpeft-memory`` with the compiled
   CPU kernel for linear merges switched off (``CLPEFT_CPU_KERNEL=0``: ATen ops in cached
@@ -86,14 +83,12 @@ TOOLS = [
     "clpeft",
     "clpeft-memory",
     "clpeft-memory-out",
-    "clpeft-memory-clone-out",
     "clpeft-other",
     "clpeft-other-memory-out",
-    "clpeft-other-memory-clone-out",
     "clpeft-aten",
     "clpeft-memory-aten",
 ]
-OTHER = {tool: tool.replace("clpeft", "clpeft-other", 1) for tool in ("clpeft", "clpeft-memory-out", "clpeft-memory-clone-out")}
+OTHER = {"clpeft": "clpeft-other", "clpeft-memory-out": "clpeft-other-memory-out"}  # tool -> its other-checkout twin
 
 
 def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -189,24 +184,21 @@ def worker(tool: str, method: str, dtype: str, out: str, base: str, paths: list[
 
         run = run_clpeft
     else:
-        return _memory_worker(method, base_path, model_paths, out_path, into_existing=tool.endswith("-out"), clone="-clone" in tool)
+        return _memory_worker(method, base_path, model_paths, out_path, into_existing=tool.endswith("memory-out"))
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     run(base_path, model_paths, out_path, method, dtype)
     _report(time.perf_counter() - start_wall, time.process_time() - start_cpu)
 
 
-def _memory_worker(method: str, base: Path, paths: list[Path], out: Path, into_existing: bool, clone: bool = False) -> None:
-    """clpeft's in-memory merge of checkpoints loaded before the clock starts (``clone``: copied into
-    anonymous memory), into fresh tensors or (``into_existing``) into clones of the base made
-    before it; saved untimed."""
+def _memory_worker(method: str, base: Path, paths: list[Path], out: Path, into_existing: bool) -> None:
+    """clpeft's in-memory merge of checkpoints loaded before the clock starts, into fresh tensors or
+    (``into_existing``) into clones of the base made before it; saved untimed."""
     from safetensors.torch import load_file, save_file
 
     from clpeft.merging import merge
 
     name, params = METHODS[method][0]
     loaded = [load_file(p / "model.safetensors") for p in [base, *paths]]
-    if clone:
-        loaded = [{n: t.clone() for n, t in state.items()} for state in loaded]
     for state in loaded:  # fault the pages in: the clock measures the merge, not the first touch
         for t in state.values():
             t.view(-1)[::1024].sum()
@@ -367,7 +359,7 @@ def print_table(
         "GB/s",
         "peak RSS GiB",
         "load",
-        "vs mergekit (clpeft tools: vs their clpeft-other twin when run): wall / CPU speed-up, RSS ratio",
+        "vs mergekit (clpeft, clpeft-memory-out: vs their clpeft-other twin when run): wall / CPU speed-up, RSS ratio",
         "layer-0 entries off float64 ref",
     ]
     print("| " + " | ".join(columns) + " |")
@@ -417,7 +409,7 @@ def print_table(
                 print(
                     f"{tool} task arithmetic, {dtype}: {gbs:.2f} GB/s = {gbs / max(bandwidth):.0%} of the copy bandwidth, "
                     f"{gbs / max(clone_bandwidth):.0%} of the clone bandwidth"
-                    + (" (into existing tensors, merge(out=...))" if tool.endswith("-out") else " (fresh outputs)")
+                    + (" (into existing tensors, merge(out=...))" if tool.endswith("memory-out") else " (fresh outputs)")
                 )
 
 

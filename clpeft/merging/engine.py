@@ -70,7 +70,6 @@ from clpeft.merging import fused, fused_cpu
 from clpeft.merging.blocks import BLOCK_COLUMNS, combine_linear, compute_dtype, subtract_rows
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
-from clpeft.merging.mappings import MemoryMap
 from clpeft.merging.registry import MergeMethod, ModelShape
 from clpeft.merging.report import TensorReport, pack_stats, pack_sums, sample_entries, sign_conflict, unpack_stats
 from clpeft.merging.rules import TensorJob
@@ -200,7 +199,6 @@ class MergeEngine:
         self._coefficients_by_dtype: dict[torch.dtype, list[float]] = {}
         self._device_coefficients: torch.Tensor | None = None
         self._model_statistic: dict[str, Any] = {}  # pass 1's result, for the method's model_statistic
-        self._memory_map: MemoryMap | None = None  # read on the first linear merge in compiled loops
 
     # ------------------------------------------------------------------ driver
 
@@ -466,20 +464,12 @@ class MergeEngine:
         dtype = compute_dtype(base.dtype)
         flat_out = out.view(-1)
         if self.fused and fused_cpu.supports(base, sources, flat_out):
-            pairs = self._anonymous(base, *sources)
-            sums = fused_cpu.linear_merge(base, sources, self._coefficients(dtype), flat_out, pairs=pairs)
+            sums = fused_cpu.linear_merge(base, sources, self._coefficients(dtype), flat_out)
             return out, pack_sums(sums, fused_cpu.sign_conflict(base, sources), base.numel())
         coefficients = torch.tensor(self._coefficients(dtype), dtype=dtype)
         scratch = self._scratch(len(sources) + 2, min(base.numel(), BLOCK_COLUMNS), dtype)
         sums = combine_linear(base, sources, coefficients, flat_out, scratch)
         return out, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
-
-    def _anonymous(self, *tensors: torch.Tensor) -> bool:
-        """Whether the tensors lie in anonymous memory, where the compiled linear merge reads two
-        fine-tunes per pass (:mod:`~clpeft.merging.mappings`). A stale answer costs speed, never bits."""
-        if self._memory_map is None:
-            self._memory_map = MemoryMap.read()
-        return self._memory_map.anonymous(*tensors)
 
     def _merge_fused(self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the GPU in one pass (:mod:`~clpeft.merging.fused`)."""

@@ -113,9 +113,7 @@ def available() -> bool:
     return os.environ.get("CLPEFT_CPU_KERNEL", "1") != "0" and _library() is not None
 
 
-def linear_merge(
-    base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor, *, pairs: bool = False
-) -> torch.Tensor:
+def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor) -> torch.Tensor:
     """Write ``base + sum_k coefficients[k] (sources[k] - base)`` into ``out`` (float32 arithmetic).
 
     Args:
@@ -123,8 +121,6 @@ def linear_merge(
         sources: the K flat fine-tuned tensors ``theta_k``, ``base``'s dtype and at least its length.
         coefficients: the K ``c_k`` (rounded to float32).
         out: flat output, ``base``'s dtype and length.
-        pairs: read two fine-tunes per pass over a chunk instead of one: faster on anonymous memory,
-            slower on some file mappings (:mod:`~clpeft.merging.mappings`); the same bits either way.
 
     Returns:
         float64 ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]``
@@ -142,15 +138,7 @@ def linear_merge(
         start, stop = ranges[part]
         pointers = (ctypes.c_void_p * k)(*[s.data_ptr() + start * size for s in sources])
         status = _library().clpeft_linear_merge(
-            code,
-            stop - start,
-            k,
-            base.data_ptr() + start * size,
-            pointers,
-            weights,
-            out.data_ptr() + start * size,
-            sums[part].data_ptr(),
-            pairs,
+            code, stop - start, k, base.data_ptr() + start * size, pointers, weights, out.data_ptr() + start * size, sums[part].data_ptr()
         )
         if status != 0:  # supports() was not asked: a bug in the caller, not in the input
             raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
@@ -420,8 +408,8 @@ _ptrs, _floats = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float)
 _BRACKET = [_u32, _u32, _ptr, _i64, _ptr, _ptr]  # lower, upper, band, its capacity, found, tally
 _SIGNATURES = {
     "clpeft_supports_dtype": (_i32, [_i32]),
-    # dtype, n, k, base, sources, coefficients, out, sums (float64), pairs
-    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr, _i32]),
+    # dtype, n, k, base, sources, coefficients, out, sums (float64)
+    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr]),
     # dtype, n, k, base, sources, run, count, step
     "clpeft_sign_conflicts": (_i64, [_i32, _i64, _i32, _ptr, _ptrs, _i64, _i64, _i64]),
     # dtype, n, source, base (float32), out (float32), squares (float64)

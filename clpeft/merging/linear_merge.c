@@ -178,23 +178,22 @@ static inline float horizontal_sum(f32x8 v) {
 
 /* ------------------------------------------------------------------ the merge */
 
-/* MODELS (1 or 2) fine-tunes theta[u] over entries [start, start + m) of a chunk: each task vector's
- * sum of squares (into acc[u]) and the delta, started when FIRST and continued from d otherwise
- * (c[0] tau_0 then + c[1] tau_1: the order of one model per pass). The FIRST pass reads the base,
- * widens it into the float32 row b and adds its sum of squares to chunk_sums; the others read b.
- * When LAST, the merged values go to out (NO_NAN: pair_store's) and the delta's and non-zero sums
- * to chunk_sums. DTYPE, FIRST, LAST, NO_NAN and MODELS are constants in each inlined copy. */
+/* Model theta_k over entries [start, start + m) of a chunk: its task vector's sum of squares
+ * (into *acc) and delta, started when FIRST and continued from d otherwise. The FIRST pass reads
+ * the base, widens it into the float32 row b and adds its sum of squares to chunk_sums; the others
+ * read b. When LAST, the merged values go to out (NO_NAN: pair_store's) and the delta's and
+ * non-zero sums to chunk_sums. DTYPE, FIRST, LAST and NO_NAN are constants in each inlined copy. */
 static inline __attribute__((always_inline)) void
-merge_models(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, const int MODELS, int64_t start, int64_t m,
-             const void *base, float *restrict b, const void *const *theta, const float *c, float *restrict d, void *out,
-             float *restrict acc, float *restrict chunk_sums) {
-    f32x8 task_sq[2][2] = {{{0}}}, base_sq[2] = {{0}}, delta_sq[2] = {{0}};
+merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, int64_t start, int64_t m, const void *base,
+            float *restrict b, const void *theta_k, float c, float *restrict d, void *out, float *restrict acc,
+            float *restrict chunk_sums) {
+    f32x8 task_sq[2] = {{0}}, base_sq[2] = {{0}}, delta_sq[2] = {{0}};
     i32x8 nonzero[2] = {{0}};
     int64_t i = 0;
     for (; i + 2 * LANES <= m; i += 2 * LANES) {
         const int64_t at = start + i;
-        f32x8 theta0[2], thetas[2][2], merged[2];
-        for (int u = 0; u < MODELS; u++) prefetch(DTYPE, theta[u], at);
+        f32x8 theta0[2], theta[2], merged[2];
+        prefetch(DTYPE, theta_k, at);
         if (FIRST) {
             prefetch(DTYPE, base, at);
             pair_load(DTYPE, base, at, theta0);
@@ -203,15 +202,12 @@ merge_models(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN,
         } else {
             memcpy(theta0, b + i, sizeof theta0);
         }
-        for (int u = 0; u < MODELS; u++) pair_load(DTYPE, theta[u], at, thetas[u]);
+        pair_load(DTYPE, theta_k, at, theta);
         for (int h = 0; h < 2; h++) {
             f32x8 *row = (f32x8 *)(d + i + LANES * h);
-            f32x8 delta;
-            for (int u = 0; u < MODELS; u++) {
-                const f32x8 t = thetas[u][h] - theta0[h];
-                task_sq[u][h] = add_product(task_sq[u][h], t, t);
-                delta = u > 0 ? delta + c[u] * t : FIRST ? c[0] * t : *row + c[0] * t;
-            }
+            const f32x8 t = theta[h] - theta0[h];
+            task_sq[h] = add_product(task_sq[h], t, t);
+            const f32x8 delta = FIRST ? c * t : *row + c * t;
             if (LAST) {
                 delta_sq[h] = add_product(delta_sq[h], delta, delta);
                 nonzero[h] -= (i32x8)(delta != 0.f);
@@ -222,70 +218,55 @@ merge_models(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN,
         }
         if (LAST) pair_store(DTYPE, out, at, merged, NO_NAN);
     }
-    float tail[5] = {0.f, 0.f, 0.f, 0.f, 0.f}; /* base, delta, non-zero, task 0, task 1 */
+    float tail[4] = {0.f, 0.f, 0.f, 0.f}; /* task, base, delta, non-zero */
     for (; i < m; i++) { /* the tensor's last entries (fewer than 2 LANES): the same operations */
         const int64_t at = start + i;
         const float theta0 = FIRST ? (b[i] = scalar_load(DTYPE, base, at)) : b[i];
-        float delta = 0.f;
-        for (int u = 0; u < MODELS; u++) {
-            const float t = scalar_load(DTYPE, theta[u], at) - theta0;
-            tail[3 + u] += t * t;
-            delta = u > 0 ? delta + c[u] * t : FIRST ? c[0] * t : d[i] + c[0] * t;
-        }
-        if (FIRST) tail[0] += theta0 * theta0;
+        const float t = scalar_load(DTYPE, theta_k, at) - theta0;
+        const float delta = FIRST ? c * t : d[i] + c * t;
+        tail[0] += t * t;
+        if (FIRST) tail[1] += theta0 * theta0;
         if (LAST) {
-            tail[1] += delta * delta;
-            tail[2] += delta != 0.f;
+            tail[2] += delta * delta;
+            tail[3] += delta != 0.f;
             scalar_store(DTYPE, out, at, theta0 + delta);
         } else {
             d[i] = delta;
         }
     }
-    for (int u = 0; u < MODELS; u++) acc[u] += horizontal_sum(task_sq[u][0] + task_sq[u][1]) + tail[3 + u];
-    if (FIRST) chunk_sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[0];
+    *acc += horizontal_sum(task_sq[0] + task_sq[1]) + tail[0];
+    if (FIRST) chunk_sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[1];
     if (LAST) {
-        chunk_sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[1];
+        chunk_sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[2];
         for (int lane = 0; lane < LANES; lane++) chunk_sums[2] += (float)(nonzero[0][lane] + nonzero[1][lane]);
-        chunk_sums[2] += tail[2];
+        chunk_sums[2] += tail[3];
     }
 }
 
-/* merge_models' copies for one DTYPE and MODELS, chosen by the flags at run time. */
-#define PASS(DTYPE, FIRST, LAST, NO_NAN, MODELS) \
-    merge_models(DTYPE, FIRST, LAST, NO_NAN, MODELS, start, m, base, b, theta, c, d, out, acc, chunk_sums)
-#define PASSES(DTYPE, MODELS)                                                     \
-    if (first && last) {                                                          \
-        if (no_nan) PASS(DTYPE, 1, 1, 1, MODELS); else PASS(DTYPE, 1, 1, 0, MODELS); \
-    } else if (first) {                                                           \
-        PASS(DTYPE, 1, 0, 1, MODELS);                                             \
-    } else if (last) {                                                            \
-        if (no_nan) PASS(DTYPE, 0, 1, 1, MODELS); else PASS(DTYPE, 0, 1, 0, MODELS); \
-    } else {                                                                      \
-        PASS(DTYPE, 0, 0, 1, MODELS);                                             \
-    }
-#define MODELS_FUNCTION(NAME, DTYPE)                                                                                  \
-    static void NAME(int first, int last, int no_nan, int models, int64_t start, int64_t m, const void *base, float *b, \
-                     const void *const *theta, const float *c, float *d, void *out, float *acc, float *chunk_sums) {   \
-        if (models == 2) {                                                                                            \
-            PASSES(DTYPE, 2)                                                                                          \
-        } else {                                                                                                      \
-            PASSES(DTYPE, 1)                                                                                          \
-        }                                                                                                             \
+#define MODEL_FUNCTION(NAME, DTYPE)                                                                            \
+    static void NAME(int first, int last, int no_nan, int64_t start, int64_t m, const void *base, float *b,     \
+                     const void *theta_k, float c, float *d, void *out, float *acc, float *chunk_sums) {        \
+        if (first && last && no_nan) merge_model(DTYPE, 1, 1, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums); \
+        else if (first && last) merge_model(DTYPE, 1, 1, 0, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);      \
+        else if (first) merge_model(DTYPE, 1, 0, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);              \
+        else if (last && no_nan) merge_model(DTYPE, 0, 1, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);     \
+        else if (last) merge_model(DTYPE, 0, 1, 0, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);               \
+        else merge_model(DTYPE, 0, 0, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);                         \
     }
 
-MODELS_FUNCTION(models_float32, DTYPE_FLOAT32)
-MODELS_FUNCTION(models_bfloat16, DTYPE_BFLOAT16)
+MODEL_FUNCTION(model_float32, DTYPE_FLOAT32)
+MODEL_FUNCTION(model_bfloat16, DTYPE_BFLOAT16)
 #if HAVE_FLOAT16
-MODELS_FUNCTION(models_float16, DTYPE_FLOAT16)
+MODEL_FUNCTION(model_float16, DTYPE_FLOAT16)
 #endif
 
-/* MODELS_FUNCTION's copy for dtype (compiled in: clpeft_supports_dtype). */
-static void merge_chunk(int dtype, int first, int last, int no_nan, int models, int64_t start, int64_t m, const void *base,
-                        float *b, const void *const *theta, const float *c, float *d, void *out, float *acc, float *chunk_sums) {
-    if (dtype == DTYPE_FLOAT32) models_float32(first, last, no_nan, models, start, m, base, b, theta, c, d, out, acc, chunk_sums);
-    else if (dtype == DTYPE_BFLOAT16) models_bfloat16(first, last, no_nan, models, start, m, base, b, theta, c, d, out, acc, chunk_sums);
+/* MODEL_FUNCTION's copy for dtype (compiled in: clpeft_supports_dtype). */
+static void merge_chunk(int dtype, int first, int last, int no_nan, int64_t start, int64_t m, const void *base, float *b,
+                        const void *theta_k, float c, float *d, void *out, float *acc, float *chunk_sums) {
+    if (dtype == DTYPE_FLOAT32) model_float32(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
+    else if (dtype == DTYPE_BFLOAT16) model_bfloat16(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
 #if HAVE_FLOAT16
-    else models_float16(first, last, no_nan, models, start, m, base, b, theta, c, d, out, acc, chunk_sums);
+    else model_float16(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
 #endif
 }
 
@@ -300,33 +281,27 @@ int clpeft_supports_dtype(int dtype) {
 
 /* out = base + sum_k coefficients[k] (sources[k] - base) over n entries, all of one dtype.
  * sums (3 + k float64, added to): [sum theta_0^2, sum tau_m^2, count(tau_m != 0),
- * sum tau_1^2, ..., sum tau_k^2]. pairs: read two fine-tunes per pass over a chunk instead of one
- * (half the delta row's traffic: faster on anonymous memory, slower on file mappings whose page
- * cache is in 2 MiB folios; the same bits either way). Returns 0, or 1 for a dtype not compiled in. */
+ * sum tau_1^2, ..., sum tau_k^2]. Returns 0, or 1 for a dtype not compiled in. */
 int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const void *const *sources,
-                        const float *coefficients, void *out, double *sums, int pairs) {
+                        const float *coefficients, void *out, double *sums) {
     if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
     float d[CHUNK] __attribute__((aligned(32))); /* the running delta of a chunk: 64 KiB of stack */
     float b[CHUNK] __attribute__((aligned(32))); /* the chunk's base in float32, read once per chunk */
-    const int step = pairs ? 2 : 1;
     for (int64_t start = 0; start < n; start += CHUNK) {
         const int64_t m = n - start < CHUNK ? n - start : CHUNK;
         float chunk_sums[3] = {0.f, 0.f, 0.f};
-        int j = 0, models = 1;
-        for (; j < k; j += models) {
-            float acc[2] = {0.f, 0.f};
-            models = k - j < step ? k - j : step;
-            merge_chunk(dtype, j == 0, j + models == k, 1, models, start, m, base, b, sources + j, coefficients + j, d, out, acc, chunk_sums);
-            for (int u = 0; u < models; u++) sums[3 + j + u] += acc[u];
+        for (int j = 0; j < k; j++) {
+            float acc = 0.f;
+            merge_chunk(dtype, j == 0, j == k - 1, 1, start, m, base, b, sources[j], coefficients[j], d, out, &acc, chunk_sums);
+            sums[3 + j] += acc;
         }
         /* A NaN among the merged values needs a NaN in the base or the delta, hence a sum of squares
-         * that is not finite: such a chunk's last pass is run again with the NaN masks. */
+         * that is not finite: such a chunk's output is written again with the NaN masks. */
         if (dtype == DTYPE_BFLOAT16 && !(__builtin_isfinite(chunk_sums[0]) && __builtin_isfinite(chunk_sums[1]))) {
-            float unused_acc[2] = {0.f, 0.f}, unused_sums[3] = {0.f, 0.f, 0.f};
-            j -= models;
-            merge_chunk(dtype, j == 0, 1, 0, models, start, m, base, b, sources + j, coefficients + j, d, out, unused_acc, unused_sums);
+            float unused_acc = 0.f, unused_sums[3] = {0.f, 0.f, 0.f};
+            merge_chunk(dtype, k == 1, 1, 0, start, m, base, b, sources[k - 1], coefficients[k - 1], d, out, &unused_acc, unused_sums);
         }
-        for (int i = 0; i < 3; i++) sums[i] += chunk_sums[i];
+        for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
     }
     return 0;
 }
