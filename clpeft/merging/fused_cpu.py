@@ -92,10 +92,12 @@ def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Ten
     dtype, n = base.dtype, base.numel()
     if n == 0 or not sources or not _compiled(dtype):
         return False
-    size = dtype.itemsize
-    return all(
-        t.dtype == dtype and t.is_cpu and t.is_contiguous() and t.data_ptr() % size == 0 and t.numel() >= n for t in (base, out, *sources)
-    )
+    return all(t.dtype == dtype and _readable(t) and t.numel() >= n for t in (base, out, *sources))
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether the compiled loops can take ``t`` as a flat array: on the CPU, contiguous, aligned to its element size."""
+    return t.is_cpu and t.is_contiguous() and t.data_ptr() % t.element_size() == 0
 
 
 def _compiled(dtype: torch.dtype) -> bool:
@@ -167,8 +169,7 @@ def supports_subtraction(source: torch.Tensor, base: torch.Tensor, out: torch.Te
     return (
         source.dtype in _DTYPE_CODES
         and base.dtype == out.dtype == torch.float32
-        and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (source, base, out))
-        and all(t.data_ptr() % t.element_size() == 0 for t in (source, base, out))
+        and all(_readable(t) and t.dim() == 1 for t in (source, base, out))
         and source.numel() >= base.numel() == out.numel()
         and _compiled(source.dtype)
     )
@@ -207,8 +208,7 @@ def supports_finish(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) 
     return (
         base.dtype == delta.dtype == torch.float32
         and out.dtype in _DTYPE_CODES
-        and all(t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1 for t in (base, delta, out))
-        and all(t.data_ptr() % t.element_size() == 0 for t in (base, delta, out))
+        and all(_readable(t) and t.dim() == 1 for t in (base, delta, out))
         and base.numel() == delta.numel() == out.numel()
         and _compiled(out.dtype)
     )
@@ -312,9 +312,7 @@ def supports_difference_counts(sources: Sequence[torch.Tensor], base: torch.Tens
     ``sources`` of the kernel's dtypes (at least ``base``'s length, aligned) on the CPU, and a compiled kernel."""
     return (
         base.dtype == torch.float32
-        and all(
-            t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.data_ptr() % t.element_size() == 0 for t in (base, *sources)
-        )
+        and all(_readable(t) and t.dim() == 1 for t in (base, *sources))
         and all(_compiled(s.dtype) and s.numel() >= base.numel() for s in sources)
     )
 

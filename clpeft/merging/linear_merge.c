@@ -10,8 +10,8 @@
  * row, the base widened into another by the first model's pass (read again for every model,
  * bf16 ran up to 1.8x slower on the file mappings of whole checkpoints whose page cache is in
  * 2 MiB folios, though not on anonymous memory nor on 4 KiB-page files: two streams at equal
- * offsets of physically contiguous pages, likely conflicting in a cache or DRAM bank; for the
- * same reason two models per pass, 1.3x faster on anonymous memory, is 1.5x slower there),
+ * offsets of physically contiguous pages, likely conflicting in a cache or DRAM bank; two models
+ * per pass, tried, was 1.5x slower there and gained nothing in whole merges of anonymous tensors),
  * bf16 / fp16 entries converted in registers, the report's statistics taken on the way.
  *
  * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
