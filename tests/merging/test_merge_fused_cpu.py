@@ -95,7 +95,7 @@ def test_bfloat16_nan_and_infinity_round_as_torch_rounds_in_every_chunk():
     chunk is written again with them. NaN and inf in one chunk (vector body and scalar tail), a
     finite neighbour chunk, and a NaN coefficient whose payload the unmasked rounding would carry
     into the sign bit (0x7FFFFFFF -> -0.0)."""
-    n = 2 * CHUNK + 9
+    n = 3 * CHUNK + 9  # chunks 0 and 1 hold NaN / inf, chunk 2 is finite, the 9-entry tail holds a NaN
     base, sources = inputs(n, 3, torch.bfloat16)
     base[5], sources[0][7], sources[1][CHUNK + 3], base[-2] = math.nan, math.inf, -math.inf, math.nan
     for coefficients in ([0.3, -0.7, 1.2], [0.3, -0.7, struct.unpack("<f", struct.pack("<I", 0x7FFFFFFF))[0]]):
