@@ -26,6 +26,11 @@ from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, finge
 
 __all__ = ["merge", "merge_files"]
 
+# An in-memory merge on the CPU copies nothing into batches: a batch is only the group of tensors
+# the torch threads share (fused_cpu.share), and larger groups balance better (benchmarks/RESULTS.md:
+# task arithmetic of a 134M Llama at two threads, 1.2-1.4x faster than with the 8 MiB read batches).
+_HOST_BATCH_BYTES = 64 << 20
+
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -94,7 +99,17 @@ def merge(
     if out is not None:
         _check_destinations(out, jobs, device, [base, *[m for m in finetuned if not isinstance(m, LoraAdapter)]])
     engine = MergeEngine(
-        spec, params, base_source, models, device=device, seed=seed, keep_on_device=resident, keep_outputs=True, fused=fused, outputs=out
+        spec,
+        params,
+        base_source,
+        models,
+        device=device,
+        seed=seed,
+        keep_on_device=resident,
+        keep_outputs=True,
+        fused=fused,
+        outputs=out,
+        **({"batch_bytes": _HOST_BATCH_BYTES} if device.type == "cpu" else {}),
     )
 
     def keep(job: TensorJob, tensor: torch.Tensor) -> None:

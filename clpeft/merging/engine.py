@@ -8,7 +8,8 @@ task vectors from their factors instead (:mod:`~clpeft.merging.lora`).
 
 Linear methods (task arithmetic, mean) never form a whole tensor's task vectors. On the CPU a
 compiled loop reads each input entry once and keeps everything else in registers
-(:mod:`~clpeft.merging.fused_cpu`); without a C compiler the task vectors are formed, measured
+(:mod:`~clpeft.merging.fused_cpu`; with several torch threads a batch's tensors are shared whole
+between them, the largest split across them); without a C compiler the task vectors are formed, measured
 and combined one block of columns at a time while the block is in the caches, so main memory
 sees the inputs once instead of the ``(K, N)`` buffer three times. On CUDA one Triton kernel
 per tensor does the same in registers (:mod:`~clpeft.merging.fused`).
@@ -54,6 +55,7 @@ float32 (sums of squares past 3.4e38, e.g. entries of 1e20) are recomputed in fl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import reprlib
@@ -376,12 +378,16 @@ class MergeEngine:
         outputs: list[torch.Tensor] = []
         stats: list[torch.Tensor | None] = []
         destinations = self._destinations(staged.jobs, out_role)
-        for job, staged_base, base, rows, out in zip(staged.jobs, staged.bases, bases, models, destinations):
+        merged_by_kernel = self._kernel_merges(staged.jobs, bases, models, destinations)
+        for index, (job, staged_base, base, rows, out) in enumerate(zip(staged.jobs, staged.bases, bases, models, destinations)):
             if not job.merge:  # the base's tensor, from where it was read
                 outputs.append(self._output(_typed(staged_base, 0, job.info)))
                 stats.append(None)
                 continue
-            merged, packed = self._merge(job, _typed(base, 0, job.info), rows, out)
+            if index in merged_by_kernel:
+                merged, packed = merged_by_kernel[index]
+            else:
+                merged, packed = self._merge(job, _typed(base, 0, job.info), rows, out)
             if not self._transfer:  # its inputs are read: their pages leave while earlier outputs are written
                 self._release([job])
             outputs.append(self._output(merged))
@@ -454,6 +460,29 @@ class MergeEngine:
             merged = out
         return merged, pack_stats(base, norms, conflict, delta)
 
+    def _kernel_merges(
+        self, jobs: list[TensorJob], bases: list[torch.Tensor], models: list, destinations: list[torch.Tensor | None]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """A batch's linear merges that the compiled kernel takes, by index in the batch, computed with
+        whole tensors shared between the torch threads (:func:`~clpeft.merging.fused_cpu.share`: one
+        hand-off per thread and batch instead of one per tensor); ``{}`` where that does not apply."""
+        if self._transfer or not (self.fused and self.method.linear and self._full) or torch.get_num_threads() < 2:
+            return {}
+        tasks = {}
+        for index, (job, base, rows, out) in enumerate(zip(jobs, bases, models, destinations)):
+            if not job.merge or job.average or out is None:
+                continue
+            flat, sources = _typed(base, 0, job.info).reshape(-1), self._sources(job, rows)
+            if fused_cpu.supports(flat, sources, out.view(-1)):
+                self._coefficients(compute_dtype(flat.dtype))  # cached here, read by the threads
+                tasks[index] = (job.info.numel, functools.partial(self._kernel_merge, flat, sources, out))
+        return dict(zip(tasks, fused_cpu.share(list(tasks.values())))) if len(tasks) > 1 else {}
+
+    def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear method on the host in one pass of the compiled kernel, written into ``out``."""
+        sums = fused_cpu.linear_merge(base, sources, self._coefficients(compute_dtype(base.dtype)), out.view(-1))
+        return out, pack_sums(sums, fused_cpu.sign_conflict(base, sources), base.numel())
+
     def _combine_in_blocks(
         self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor], out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,13 +491,11 @@ class MergeEngine:
         (:func:`~clpeft.merging.blocks.combine_linear`)."""
         sources = self._sources(job, rows)
         dtype = compute_dtype(base.dtype)
-        flat_out = out.view(-1)
-        if self.fused and fused_cpu.supports(base, sources, flat_out):
-            sums = fused_cpu.linear_merge(base, sources, self._coefficients(dtype), flat_out)
-            return out, pack_sums(sums, fused_cpu.sign_conflict(base, sources), base.numel())
+        if self.fused and fused_cpu.supports(base, sources, out.view(-1)):
+            return self._kernel_merge(base, sources, out)
         coefficients = torch.tensor(self._coefficients(dtype), dtype=dtype)
         scratch = self._scratch(len(sources) + 2, min(base.numel(), BLOCK_COLUMNS), dtype)
-        sums = combine_linear(base, sources, coefficients, flat_out, scratch)
+        sums = combine_linear(base, sources, coefficients, out.view(-1), scratch)
         return out, pack_sums(sums, _sampled_conflict(base, sources), base.numel())
 
     def _merge_fused(self, job: TensorJob, base: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ whole task vectors, each loop with the ATen path's bits or exact counts:
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
 of the source, the compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL;
-large tensors are split over ``torch.get_num_threads()`` threads). Without a compiler, or with
+large tensors are split over ``torch.get_num_threads()`` threads, and the engine hands a batch's
+smaller tensors whole to those threads, :func:`share`). Without a compiler, or with
 ``CLPEFT_CPU_KERNEL=0``, everything keeps the ATen path; ``merge(..., fused=False)`` keeps linear
 merges on it. A
 cached library that another user could have written (not owned by this user, or writable by
@@ -45,10 +46,11 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -63,6 +65,7 @@ __all__ = [
     "finish",
     "kth_largest_magnitude",
     "linear_merge",
+    "share",
     "sign_conflict",
     "subtract",
     "supports",
@@ -75,6 +78,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # linear_merge.c's DTYPE_*
 _MODE_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]  # -ffp-contract=off: bits equal ATen's
@@ -84,6 +88,7 @@ _ALIGN = 16  # thread ranges start on a multiple of the kernel's 16-entry step
 _SELECTION_COUNTS = (1 << 15) + (1 << 16)  # the radix selection's counts: high 15 bits, then low 16
 _BAND_FRACTION = 16  # the bracketed selection's band may hold 1/16 of a tensor (at most ~5% expected; pages touched as used)
 _selection_scratch = threading.local()
+_whole_tensors = threading.local()  # set on the threads of share(): calls there do not split their tensor
 
 
 def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
@@ -375,6 +380,8 @@ def _check_digit_counts(shift: int, counts: torch.Tensor, rows: int) -> None:
 
 def _threads_for(entries: int) -> int:
     """Threads for ``entries`` of work: the torch threads, at most one per ``_MIN_ENTRIES_PER_THREAD``."""
+    if getattr(_whole_tensors, "active", False):
+        return 1
     return max(1, min(torch.get_num_threads(), entries // _MIN_ENTRIES_PER_THREAD))
 
 
@@ -385,14 +392,52 @@ def _column_ranges(n: int, entries: int) -> list[tuple[int, int]]:
 
 
 def _run_all(run, items, workers: int | None = None) -> None:
-    """``run(item)`` for every item: on this thread for one worker, else on the pool."""
+    """``run(item)`` for every item: on this thread for one worker, else the first item here and the
+    others on the pool (a hand-off fewer: waking a thread costs ~0.1 ms on a VM)."""
     items = list(items)
     workers = min(len(items), workers or len(items))
     if workers <= 1:
         for item in items:
             run(item)
-    else:
-        list(_pool(workers).map(run, items))
+        return
+    pending = [_pool(workers - 1).submit(run, item) for item in items[1:]]
+    run(items[0])
+    for future in pending:
+        future.result()
+
+
+def share(tasks: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
+    """Run ``tasks`` (each its entries of work and a call) over the torch threads, whole tasks to each
+    thread, and return their results in order.
+
+    Each thread takes a share of the tasks (largest first, to the least loaded) and runs the compiled
+    loops of its calls on its own, so a batch of tensors costs one hand-off per thread where
+    splitting every tensor costs one per tensor. A task of at least ``1 / threads`` of the work runs
+    first, here, split over the threads as usual. The calls must not share buffers.
+    """
+    threads = min(torch.get_num_threads(), len(tasks))
+    total = sum(entries for entries, _ in tasks)
+    results: list = [None] * len(tasks)
+    alone = [i for i, (entries, _) in enumerate(tasks) if threads < 2 or entries * threads > total]
+    for i in alone:
+        results[i] = tasks[i][1]()
+    shares: list[list[int]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for i in sorted(set(range(len(tasks))) - set(alone), key=lambda i: -tasks[i][0]):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(i)
+        loads[lightest] += tasks[i][0]
+
+    def run(indices: list[int]) -> None:
+        _whole_tensors.active = True
+        try:
+            for i in indices:
+                results[i] = tasks[i][1]()
+        finally:
+            _whole_tensors.active = False
+
+    _run_all(run, [indices for indices in shares if indices])
+    return results
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import threading
 
 import pytest
 import torch
@@ -118,6 +119,55 @@ def test_results_do_not_depend_on_how_a_tensor_is_split_over_threads(monkeypatch
     sums = fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], split)
     assert same_bits(split, one)
     torch.testing.assert_close(sums, reference(base, sources, [0.5, 0.5, -0.3])[1], rtol=1e-6, atol=0)
+
+
+def test_share_runs_whole_tasks_concurrently_and_returns_their_results_in_order(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    together = threading.Barrier(3, timeout=30)  # broken (an error) unless three shares run at once
+    seen = []
+
+    def task(i: int, wait: bool):
+        def call():
+            if wait:
+                together.wait()
+            seen.append((i, threading.get_ident(), fused_cpu._threads_for(1 << 30)))
+            return i * i
+
+        return call
+
+    sizes = [900, 10, 20, 30, 40, 50, 60]  # 900 >= total / 3: split over the threads, run first, alone
+    results = fused_cpu.share([(size, task(i, wait=i in (4, 5, 6))) for i, size in enumerate(sizes)])
+    assert results == [i * i for i in range(len(sizes))]
+    assert seen[0] == (0, threading.get_ident(), 3)  # the large task: here, free to split
+    shared = {i: (thread, threads) for i, thread, threads in seen[1:]}
+    assert {threads for _, threads in shared.values()} == {1}  # the others never split their tensor
+    assert len({shared[i][0] for i in (4, 5, 6)}) == 3  # the three largest went to three threads
+    assert shared[3][0] == shared[4][0] and shared[2][0] == shared[5][0]  # largest first, each to the lightest share
+    assert fused_cpu._threads_for(1 << 30) == 3  # the flag ends with the call
+
+
+def test_batches_shared_between_threads_keep_the_bits_and_statistics_of_one_thread(monkeypatch, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(3000 + 16 * i, generator=generator).to(torch.bfloat16) for i in range(12)}
+    models = [{n: (t.float() + 0.01 * torch.randn(t.shape, generator=generator)).to(t.dtype) for n, t in base.items()} for _ in range(3)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path, state in zip(paths, [base, *models]):
+        save_file(state, str(path))
+    shared = []
+    share = fused_cpu.share
+    monkeypatch.setattr(fused_cpu, "share", lambda tasks: shared.append(len(tasks)) or share(tasks))
+    merged, reports = {}, {}
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        merged[threads] = merge(base, models, "task_arithmetic", scale=0.4)
+        out = tmp_path / f"{threads}.out.safetensors"
+        reports[threads] = merge_files(paths[0], paths[1:], out, "task_arithmetic", scale=0.4).tensors
+        assert all(same_bits(t, merged[threads][name]) for name, t in load_file(str(out)).items())
+    assert shared == [len(base), len(base)]  # with two threads each merge's one batch was shared, with one not
+    aten = merge(base, models, "task_arithmetic", scale=0.4, fused=False)
+    for name in base:
+        assert same_bits(merged[2][name], merged[1][name]) and same_bits(merged[2][name], aten[name]), name
+    assert reports[2] == reports[1]  # whole tensors per thread: the same sums, bit for bit
 
 
 def test_supports_only_flat_inputs_of_one_kernel_dtype():
