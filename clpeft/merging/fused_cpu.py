@@ -84,6 +84,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # linear
 _MODE_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]  # -ffp-contract=off: bits equal ATen's
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # the first the compiler accepts
 _MIN_ENTRIES_PER_THREAD = 1 << 20  # smaller tensors merge on the calling thread
+_MIN_SHARED_ENTRIES = 1 << 16  # share() runs smaller tasks here: their Python costs what their loop does
 _ALIGN = 16  # thread ranges start on a multiple of the kernel's 16-entry step
 _SELECTION_COUNTS = (1 << 15) + (1 << 16)  # the radix selection's counts: high 15 bits, then low 16
 _BAND_FRACTION = 16  # the bracketed selection's band may hold 1/16 of a tensor (at most ~5% expected; pages touched as used)
@@ -412,13 +413,15 @@ def share(tasks: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
 
     Each thread takes a share of the tasks (largest first, to the least loaded) and runs the compiled
     loops of its calls on its own, so a batch of tensors costs one hand-off per thread where
-    splitting every tensor costs one per tensor. A task of at least ``1 / threads`` of the work runs
-    first, here, split over the threads as usual. The calls must not share buffers.
+    splitting every tensor costs one per tensor. A task of more than ``1 / threads`` of the work runs
+    first, here, split over the threads as usual; so does a task under ``_MIN_SHARED_ENTRIES`` (threads
+    taking turns at the GIL for the Python around small loops lose more than they share). The calls
+    must not share buffers.
     """
     threads = min(torch.get_num_threads(), len(tasks))
     total = sum(entries for entries, _ in tasks)
     results: list = [None] * len(tasks)
-    alone = [i for i, (entries, _) in enumerate(tasks) if threads < 2 or entries * threads > total]
+    alone = [i for i, (entries, _) in enumerate(tasks) if threads < 2 or entries * threads > total or entries < _MIN_SHARED_ENTRIES]
     for i in alone:
         results[i] = tasks[i][1]()
     shares: list[list[int]] = [[] for _ in range(threads)]

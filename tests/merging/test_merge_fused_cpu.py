@@ -135,11 +135,13 @@ def test_share_runs_whole_tasks_concurrently_and_returns_their_results_in_order(
 
         return call
 
-    sizes = [900, 10, 20, 30, 40, 50, 60]  # 900 >= total / 3: split over the threads, run first, alone
+    unit = fused_cpu._MIN_SHARED_ENTRIES
+    sizes = [900 * unit, 10 * unit, 20 * unit, 30 * unit, 40 * unit, 50 * unit, 60 * unit, unit - 1]
     results = fused_cpu.share([(size, task(i, wait=i in (4, 5, 6))) for i, size in enumerate(sizes)])
     assert results == [i * i for i in range(len(sizes))]
-    assert seen[0] == (0, threading.get_ident(), 3)  # the large task: here, free to split
-    shared = {i: (thread, threads) for i, thread, threads in seen[1:]}
+    # more than a third of the work, and too small to share: here, first, free to split
+    assert seen[:2] == [(0, threading.get_ident(), 3), (7, threading.get_ident(), 3)]
+    shared = {i: (thread, threads) for i, thread, threads in seen[2:]}
     assert {threads for _, threads in shared.values()} == {1}  # the others never split their tensor
     assert len({shared[i][0] for i in (4, 5, 6)}) == 3  # the three largest went to three threads
     assert shared[3][0] == shared[4][0] and shared[2][0] == shared[5][0]  # largest first, each to the lightest share
@@ -148,7 +150,8 @@ def test_share_runs_whole_tasks_concurrently_and_returns_their_results_in_order(
 
 def test_batches_shared_between_threads_keep_the_bits_and_statistics_of_one_thread(monkeypatch, tmp_path):
     generator = torch.Generator().manual_seed(0)
-    base = {f"layer{i}.weight": torch.randn(3000 + 16 * i, generator=generator).to(torch.bfloat16) for i in range(12)}
+    size = fused_cpu._MIN_SHARED_ENTRIES
+    base = {f"layer{i}.weight": torch.randn(size + 16 * i, generator=generator).to(torch.bfloat16) for i in range(6)}
     models = [{n: (t.float() + 0.01 * torch.randn(t.shape, generator=generator)).to(t.dtype) for n, t in base.items()} for _ in range(3)]
     paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
     for path, state in zip(paths, [base, *models]):
