@@ -14,7 +14,8 @@ Each entry of ``tasks`` is one experience, either
   ``add``, ``reverse``, ``sort``, ``count``, ``date_format``, ``caesar`` generated from the run
   seed, and ``rotten_tomatoes`` sentiment as label words), or
 * ``{jsonl: path, metric: rouge_l}``: your own data. ``path`` is a folder holding
-  ``train.jsonl`` and ``test.jsonl``, or one ``.jsonl`` file split with ``test_fraction``. Every
+  ``train.jsonl`` and ``test.jsonl``, or one ``.jsonl`` file split with ``test_fraction`` (drawn
+  from the run seed and the file's name, so the same wherever the file lives). Every
   line is a JSON object ``{"prompt": "...", "target": "..."}`` (other keys are ignored), or chat
   messages in the OpenAI/Hugging Face format, ``{"messages": [{"role": "system"|"user"|"assistant",
   "content": "..."}, ...]}``: the last message is the assistant's answer (the target), the user
@@ -134,7 +135,8 @@ def _jsonl_splits(path: Path, task: Task, seed: int) -> tuple[list[Row], list[Ro
     rows = read_jsonl(path)
     if len(rows) < 2:
         raise UserError(f"{path} has one example; a single file is split into train and test", key="scenario.tasks")
-    train, test = split_positions(len(rows), task.test_fraction, seed, str(path))
+    # keyed by the file's name, not its path: the same file split alike wherever it lives and however it is written
+    train, test = split_positions(len(rows), task.test_fraction, seed, path.name)
     return [rows[i] for i in train], [rows[i] for i in test]
 
 

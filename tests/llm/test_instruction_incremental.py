@@ -76,6 +76,25 @@ def test_jsonl_folder_and_single_file(tmp_path):
     assert all(e.metric == "rouge_l" and e.max_new_tokens == 32 for e in train2 + test2)
 
 
+def test_a_single_files_split_depends_on_the_seed_and_its_name_not_on_where_it_lives(tmp_path, monkeypatch):
+    lines = "".join(json.dumps({"prompt": f"p{i}", "target": f"t{i}"}) + "\n" for i in range(40))
+    for folder in ("a", "b/c"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "task.jsonl").write_text(lines)
+    monkeypatch.chdir(tmp_path)
+
+    def test_prompts(path, seed=0, **where):
+        stream = InstructionIncremental(seed, [{"jsonl": path}], **where).experiences()
+        return [e.prompt for e in stream[0].test.load()[0]]
+
+    split = test_prompts(str(tmp_path / "a" / "task.jsonl"))
+    # moved, written relative or through ".", or found under scenario.root: the same 8 test examples
+    assert test_prompts(str(tmp_path / "b" / "c" / "task.jsonl")) == split
+    assert test_prompts("a/task.jsonl") == split and test_prompts("./a/../a/task.jsonl") == split
+    assert test_prompts("task.jsonl", root=str(tmp_path / "b" / "c")) == split
+    assert len(split) == 8 and test_prompts("a/task.jsonl", seed=1) != split  # the seed still draws it
+
+
 @pytest.mark.parametrize(
     "line, problem",
     [
