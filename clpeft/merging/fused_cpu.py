@@ -47,7 +47,7 @@ import sysconfig
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from importlib import resources
 from pathlib import Path
 from typing import TypeVar
@@ -402,7 +402,10 @@ def _run_all(run, items, workers: int | None = None) -> None:
             run(item)
         return
     pending = [_pool(workers - 1).submit(run, item) for item in items[1:]]
-    run(items[0])
+    try:
+        run(items[0])
+    finally:  # an error or an interrupt here returns only once no thread writes any more
+        wait(pending)
     for future in pending:
         future.result()
 

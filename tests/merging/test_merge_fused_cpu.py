@@ -12,6 +12,7 @@ import logging
 import math
 import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -146,6 +147,24 @@ def test_share_runs_whole_tasks_concurrently_and_returns_their_results_in_order(
     assert len({shared[i][0] for i in (4, 5, 6)}) == 3  # the three largest went to three threads
     assert shared[3][0] == shared[4][0] and shared[2][0] == shared[5][0]  # largest first, each to the lightest share
     assert fused_cpu._threads_for(1 << 30) == 3  # the flag ends with the call
+
+
+def test_an_error_on_the_calling_thread_returns_after_the_other_threads_are_done(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    done = []
+
+    def fail():
+        raise ValueError("a bad tensor")
+
+    def slow():
+        time.sleep(0.3)
+        done.append(True)
+        return 1
+
+    unit = fused_cpu._MIN_SHARED_ENTRIES
+    with pytest.raises(ValueError, match="a bad tensor"):
+        fused_cpu.share([(unit, fail), (unit, slow)])  # the first share runs on the calling thread, the second on the pool
+    assert done == [True]  # nothing writes after the error reaches the caller
 
 
 def test_batches_shared_between_threads_keep_the_bits_and_statistics_of_one_thread(monkeypatch, tmp_path):
