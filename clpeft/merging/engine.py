@@ -476,7 +476,7 @@ class MergeEngine:
             if fused_cpu.supports(flat, sources, out.view(-1)):
                 self._coefficients(compute_dtype(flat.dtype))  # cached here, read by the threads
                 tasks[index] = (job.info.numel, functools.partial(self._kernel_merge, flat, sources, out))
-        return dict(zip(tasks, fused_cpu.share(list(tasks.values())))) if len(tasks) > 1 else {}
+        return dict(zip(tasks, fused_cpu.share(list(tasks.values()))))
 
     def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the host in one pass of the compiled kernel, written into ``out``."""

@@ -429,7 +429,7 @@ def share(tasks: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
         results[i] = tasks[i][1]()
     shares: list[list[int]] = [[] for _ in range(threads)]
     loads = [0] * threads
-    for i in sorted(set(range(len(tasks))) - set(alone), key=lambda i: -tasks[i][0]):
+    for i in sorted(set(range(len(tasks))).difference(alone), key=lambda i: (-tasks[i][0], i)):  # largest first, then in order
         lightest = loads.index(min(loads))
         shares[lightest].append(i)
         loads[lightest] += tasks[i][0]
