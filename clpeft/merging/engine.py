@@ -480,8 +480,8 @@ class MergeEngine:
 
     def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A linear method on the host in one pass of the compiled kernel, written into ``out``."""
-        sums = fused_cpu.linear_merge(base, sources, self._coefficients(compute_dtype(base.dtype)), out.view(-1))
-        return out, pack_sums(sums, fused_cpu.sign_conflict(base, sources), base.numel())
+        sums, conflict = fused_cpu.linear_merge(base, sources, self._coefficients(compute_dtype(base.dtype)), out.view(-1))
+        return out, pack_sums(sums, conflict, base.numel())
 
     def _combine_in_blocks(
         self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor], out: torch.Tensor

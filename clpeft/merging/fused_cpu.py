@@ -19,7 +19,8 @@ whole task vectors, each loop with the ATen path's bits or exact counts:
   radix selection (:mod:`~clpeft.merging.methods.model_trim`), and :func:`count_difference_digits`
   the same sweep straight from the inputs, the task vectors never written;
 * :func:`ties_elect`: TIES' sign election and disjoint merge, the model-scope trim fused in;
-* :func:`sign_conflict`: the report's sampled sign conflict of a linear merge, counted in one loop.
+* :func:`sign_conflict`: the report's sampled sign conflict of a linear merge, counted in one loop
+  (:func:`linear_merge` counts it as it merges).
 
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
@@ -121,7 +122,9 @@ def available() -> bool:
     return os.environ.get("CLPEFT_CPU_KERNEL", "1") != "0" and _library() is not None
 
 
-def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor) -> torch.Tensor:
+def linear_merge(
+    base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``base + sum_k coefficients[k] (sources[k] - base)`` into ``out`` (float32 arithmetic).
 
     Args:
@@ -133,26 +136,41 @@ def linear_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], coefficien
     Returns:
         float64 ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]``
         (:func:`~clpeft.merging.report.pack_sums`' input, like
-        :func:`~clpeft.merging.blocks.combine_linear`).
+        :func:`~clpeft.merging.blocks.combine_linear`), and the report's sign conflict, the value of
+        :func:`sign_conflict` counted as each chunk is merged (its sample read again from cache).
     """
     n, k = base.numel(), len(sources)
     code = _DTYPE_CODES[base.dtype]
     weights = (ctypes.c_float * k)(*coefficients)
     ranges = _column_ranges(n, n)
     sums = torch.zeros(len(ranges), 3 + k, dtype=torch.float64)
+    conflicts = (ctypes.c_int64 * len(ranges))()
+    count, step = sample_runs(n, k) or (0, 1)
     size = base.element_size()
 
     def run(part: int) -> None:
         start, stop = ranges[part]
         pointers = (ctypes.c_void_p * k)(*[s.data_ptr() + start * size for s in sources])
         status = _library().clpeft_linear_merge(
-            code, stop - start, k, base.data_ptr() + start * size, pointers, weights, out.data_ptr() + start * size, sums[part].data_ptr()
+            code,
+            stop - start,
+            k,
+            base.data_ptr() + start * size,
+            pointers,
+            weights,
+            out.data_ptr() + start * size,
+            sums[part].data_ptr(),
+            start,
+            SAMPLE_RUN,
+            count,
+            step,
+            ctypes.byref(conflicts, part * ctypes.sizeof(ctypes.c_int64)),
         )
         if status != 0:  # supports() was not asked: a bug in the caller, not in the input
             raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
 
     _run_all(run, range(len(ranges)))
-    return sums[0] if len(ranges) == 1 else sums.sum(dim=0)
+    return sums[0] if len(ranges) == 1 else sums.sum(dim=0), _conflict_share(sum(conflicts), count, n)
 
 
 def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -166,6 +184,11 @@ def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.
     conflicts = _library().clpeft_sign_conflicts(_DTYPE_CODES[base.dtype], n, k, base.data_ptr(), pointers, SAMPLE_RUN, count, step)
     if conflicts < 0:  # supports() was not asked: a bug in the caller, not in the input
         raise RuntimeError(f"the CPU merge kernel has no dtype {base.dtype}")
+    return _conflict_share(conflicts, count, n)
+
+
+def _conflict_share(conflicts: int, count: int, n: int) -> torch.Tensor:
+    """The sign conflict (float32, 0-d) from the conflicts counted in ``sample_runs``' sample (``count`` runs, or all ``n``)."""
     return torch.tensor(conflicts / (count * SAMPLE_RUN if count else n), dtype=torch.float32)
 
 
@@ -457,8 +480,8 @@ _ptrs, _floats = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float)
 _BRACKET = [_u32, _u32, _ptr, _i64, _ptr, _ptr]  # lower, upper, band, its capacity, found, tally
 _SIGNATURES = {
     "clpeft_supports_dtype": (_i32, [_i32]),
-    # dtype, n, k, base, sources, coefficients, out, sums (float64)
-    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr]),
+    # dtype, n, k, base, sources, coefficients, out, sums (float64), origin, run, count, step, conflicts (int64)
+    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
     # dtype, n, k, base, sources, run, count, step
     "clpeft_sign_conflicts": (_i64, [_i32, _i64, _i32, _ptr, _ptrs, _i64, _i64, _i64]),
     # dtype, n, source, base (float32), out (float32), squares (float64)

@@ -12,7 +12,8 @@
  * 2 MiB folios, though not on anonymous memory nor on 4 KiB-page files: two streams at equal
  * offsets of physically contiguous pages, likely conflicting in a cache or DRAM bank; two models
  * per pass, tried, was 1.5x slower there and gained nothing in whole merges of anonymous tensors),
- * bf16 / fp16 entries converted in registers, the report's statistics taken on the way.
+ * bf16 / fp16 entries converted in registers, the report's statistics taken on the way (its sign
+ * conflict on a sample of the chunk, read again while in cache).
  *
  * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
  * machine): every operation is an IEEE float32 operation rounded on its own (compiled with
@@ -35,7 +36,7 @@
  * over the whole model (clpeft_count_magnitude_digits, one sweep of it), TIES' election and
  * disjoint merge with the trim fused in (clpeft_ties_elect), the merged tensor rounded to its
  * dtype with the report's sums (clpeft_finish), and the report's sampled sign conflict of a
- * linear merge (clpeft_sign_conflicts).
+ * linear merge (clpeft_sign_conflicts; clpeft_linear_merge counts it as it goes).
  */
 #include <stdint.h>
 #include <string.h>
@@ -279,35 +280,9 @@ int clpeft_supports_dtype(int dtype) {
 #endif
 }
 
-/* out = base + sum_k coefficients[k] (sources[k] - base) over n entries, all of one dtype.
- * sums (3 + k float64, added to): [sum theta_0^2, sum tau_m^2, count(tau_m != 0),
- * sum tau_1^2, ..., sum tau_k^2]. Returns 0, or 1 for a dtype not compiled in. */
-int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const void *const *sources,
-                        const float *coefficients, void *out, double *sums) {
-    if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
-    float d[CHUNK] __attribute__((aligned(32))); /* the running delta of a chunk: 64 KiB of stack */
-    float b[CHUNK] __attribute__((aligned(32))); /* the chunk's base in float32, read once per chunk */
-    for (int64_t start = 0; start < n; start += CHUNK) {
-        const int64_t m = n - start < CHUNK ? n - start : CHUNK;
-        float chunk_sums[3] = {0.f, 0.f, 0.f};
-        for (int j = 0; j < k; j++) {
-            float acc = 0.f;
-            merge_chunk(dtype, j == 0, j == k - 1, 1, start, m, base, b, sources[j], coefficients[j], d, out, &acc, chunk_sums);
-            sums[3 + j] += acc;
-        }
-        /* A NaN among the merged values needs a NaN in the base or the delta, hence a sum of squares
-         * that is not finite: such a chunk's output is written again with the NaN masks. */
-        if (dtype == DTYPE_BFLOAT16 && !(__builtin_isfinite(chunk_sums[0]) && __builtin_isfinite(chunk_sums[1]))) {
-            float unused_acc = 0.f, unused_sums[3] = {0.f, 0.f, 0.f};
-            merge_chunk(dtype, k == 1, 1, 0, start, m, base, b, sources[k - 1], coefficients[k - 1], d, out, &unused_acc, unused_sums);
-        }
-        for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
-    }
-    return 0;
-}
-
-/* Entries [first, stop) of the sign conflict below: sixteen at a time in vectors (the lane order of
- * pair_load does not matter to a count), the last few one by one. */
+/* The report's sign conflict over entries [first, stop): how many have a positive and a negative task-vector
+ * entry theta_k - theta_0 and no NaN among them (ATen's amax and amin propagate it); sixteen at a time in
+ * vectors (the lane order of pair_load does not matter to a count), the last few one by one. */
 static inline __attribute__((always_inline)) int64_t
 conflicts_in(const int DTYPE, int k, const void *base, const void *const *sources, int64_t first, int64_t stop) {
     i32x8 counted = {0};
@@ -342,13 +317,59 @@ conflicts_in(const int DTYPE, int k, const void *base, const void *const *source
     return conflicts;
 }
 
-static inline __attribute__((always_inline)) int64_t sign_conflicts(const int DTYPE, int64_t n, int k, const void *base,
-                                                                    const void *const *sources, int64_t run, int64_t count,
-                                                                    int64_t step) {
-    const int64_t runs = count ? count : 1, length = count ? run : n;
+static int64_t conflicts_between(int dtype, int k, const void *base, const void *const *sources, int64_t first, int64_t stop) {
+    if (dtype == DTYPE_FLOAT32) return conflicts_in(DTYPE_FLOAT32, k, base, sources, first, stop);
+    if (dtype == DTYPE_BFLOAT16) return conflicts_in(DTYPE_BFLOAT16, k, base, sources, first, stop);
+#if HAVE_FLOAT16
+    return conflicts_in(DTYPE_FLOAT16, k, base, sources, first, stop);
+#else
+    return 0; /* not reached: clpeft_supports_dtype refuses fp16 */
+#endif
+}
+
+/* The sign conflicts of the sampled runs that start in the chunk [start, start + m) just merged, its
+ * inputs still in cache (a pass of its own would wait for memory at every run). The sample
+ * (report.sample_runs): count runs of run entries, one every step runs of the whole tensor, whose
+ * entry origin is this call's entry 0; every entry when count is 0. */
+static int64_t chunk_conflicts(int dtype, int k, const void *base, const void *const *sources, int64_t start, int64_t m,
+                               int64_t origin, int64_t run, int64_t count, int64_t step) {
+    if (!count) return conflicts_between(dtype, k, base, sources, start, start + m);
+    const int64_t spacing = step * run, stop = origin + start + m;
     int64_t conflicts = 0;
-    for (int64_t r = 0; r < runs; r++) conflicts += conflicts_in(DTYPE, k, base, sources, r * step * run, r * step * run + length);
+    for (int64_t r = (origin + start + spacing - 1) / spacing; r < count && r * spacing < stop; r++)
+        conflicts += conflicts_between(dtype, k, base, sources, r * spacing - origin, r * spacing - origin + run);
     return conflicts;
+}
+
+/* out = base + sum_k coefficients[k] (sources[k] - base) over n entries, all of one dtype.
+ * sums (3 + k float64, added to): [sum theta_0^2, sum tau_m^2, count(tau_m != 0),
+ * sum tau_1^2, ..., sum tau_k^2]; conflicts (added to): the sign conflicts of the sample
+ * (origin, run, count, step: chunk_conflicts) among these n entries. Returns 0, or 1 for a dtype
+ * not compiled in. */
+int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const void *const *sources,
+                        const float *coefficients, void *out, double *sums, int64_t origin, int64_t run,
+                        int64_t count, int64_t step, int64_t *conflicts) {
+    if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
+    float d[CHUNK] __attribute__((aligned(32))); /* the running delta of a chunk: 64 KiB of stack */
+    float b[CHUNK] __attribute__((aligned(32))); /* the chunk's base in float32, read once per chunk */
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t m = n - start < CHUNK ? n - start : CHUNK;
+        float chunk_sums[3] = {0.f, 0.f, 0.f};
+        for (int j = 0; j < k; j++) {
+            float acc = 0.f;
+            merge_chunk(dtype, j == 0, j == k - 1, 1, start, m, base, b, sources[j], coefficients[j], d, out, &acc, chunk_sums);
+            sums[3 + j] += acc;
+        }
+        /* A NaN among the merged values needs a NaN in the base or the delta, hence a sum of squares
+         * that is not finite: such a chunk's output is written again with the NaN masks. */
+        if (dtype == DTYPE_BFLOAT16 && !(__builtin_isfinite(chunk_sums[0]) && __builtin_isfinite(chunk_sums[1]))) {
+            float unused_acc = 0.f, unused_sums[3] = {0.f, 0.f, 0.f};
+            merge_chunk(dtype, k == 1, 1, 0, start, m, base, b, sources[k - 1], coefficients[k - 1], d, out, &unused_acc, unused_sums);
+        }
+        for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
+        *conflicts += chunk_conflicts(dtype, k, base, sources, start, m, origin, run, count, step);
+    }
+    return 0;
 }
 
 /* The report's sign conflict from a sample of the task vectors theta_k - theta_0 over n entries
@@ -359,9 +380,7 @@ static inline __attribute__((always_inline)) int64_t sign_conflicts(const int DT
 int64_t clpeft_sign_conflicts(int dtype, int64_t n, int k, const void *base, const void *const *sources, int64_t run,
                               int64_t count, int64_t step) {
     if (!clpeft_supports_dtype(dtype)) return -1;
-    if (dtype == DTYPE_FLOAT32) return sign_conflicts(DTYPE_FLOAT32, n, k, base, sources, run, count, step);
-    if (dtype == DTYPE_BFLOAT16) return sign_conflicts(DTYPE_BFLOAT16, n, k, base, sources, run, count, step);
-    return sign_conflicts(DTYPE_FLOAT16, n, k, base, sources, run, count, step);
+    return chunk_conflicts(dtype, k, base, sources, 0, n, 0, run, count, step);
 }
 
 /* ------------------------------------------------------------------ task vectors */

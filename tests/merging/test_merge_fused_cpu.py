@@ -69,9 +69,10 @@ def test_kernel_equals_float32_ops_in_order_across_chunks_and_tails(dtype, k):
     base, sources = inputs(n, k, dtype)
     coefficients = [0.3, -0.7, 1.0 + HALF_STEP.get(dtype, 2.0**-24), 0.25, 1.7, -0.05, 0.4, 2.5, -1.1, 0.6, 0.01][:k]
     out = torch.empty_like(base)
-    sums = fused_cpu.linear_merge(base, sources, coefficients, out)
+    sums, conflict = fused_cpu.linear_merge(base, sources, coefficients, out)
     expected, expected_sums = reference(base, sources, coefficients)
     assert same_bits(out, expected)
+    assert torch.equal(conflict, fused_cpu.sign_conflict(base, sources))
     assert sums[2] == expected_sums[2]  # the non-zero count is exact
     torch.testing.assert_close(sums, expected_sums, rtol=1e-6, atol=0)
 
@@ -113,12 +114,14 @@ def test_bfloat16_nan_and_infinity_round_as_torch_rounds_in_every_chunk():
 def test_results_do_not_depend_on_how_a_tensor_is_split_over_threads(monkeypatch):
     base, sources = inputs(5 * 4096 + 77, 3, torch.bfloat16)
     one = torch.empty_like(base)
-    fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], one)
+    _, one_conflict = fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], one)
     monkeypatch.setattr(fused_cpu, "_MIN_ENTRIES_PER_THREAD", 1000)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert len(fused_cpu._column_ranges(base.numel(), base.numel())) == 7  # parts of 2944 entries: sampled runs straddle them
     split = torch.empty_like(base)
-    sums = fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], split)
+    sums, conflict = fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], split)
     assert same_bits(split, one)
+    assert 0 < conflict == one_conflict  # each sampled run counted once, by the part it starts in
     torch.testing.assert_close(sums, reference(base, sources, [0.5, 0.5, -0.3])[1], rtol=1e-6, atol=0)
 
 
@@ -586,7 +589,8 @@ def test_sweeps_from_the_inputs_count_what_the_formed_task_vectors_count(monkeyp
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sign_conflict_counts_report_sign_conflicts_sample_exactly(dtype):
-    """``fused_cpu.sign_conflict`` (one compiled loop over the sample) against ATen's
+    """``fused_cpu.sign_conflict`` (one compiled loop over the sample) and ``linear_merge``'s count (the
+    sampled runs of each chunk as it is merged; 1,000,000 entries span many chunks) against ATen's
     ``report.sign_conflict`` of ``sample_entries``' sampled task vectors: the same float32 value for every
     sample layout (the whole tensor up to 32768 / K entries; runs of 64 with a step, a partial last run
     left out, a step of 1), exact zeros, and NaN / inf differences (a column holding a NaN is no
@@ -605,6 +609,8 @@ def test_sign_conflict_counts_report_sign_conflicts_sample_exactly(dtype):
             sample = torch.stack([sample_entries(s, k).float() for s in sources]) - sample_entries(base, k).float()
             expected = sign_conflict(sample)
             assert torch.equal(fused_cpu.sign_conflict(base, sources), expected), (n, k)
+            _, counted_while_merging = fused_cpu.linear_merge(base, sources, [0.5] * k, torch.empty_like(base))
+            assert torch.equal(counted_while_merging, expected), (n, k)
             assert expected.dtype == torch.float32 and (k == 1 or n < 64 or 0 < expected < 1)
 
 
