@@ -73,7 +73,7 @@ from clpeft.merging.blocks import BLOCK_COLUMNS, combine_linear, compute_dtype, 
 from clpeft.merging.io import TensorInfo, TensorSource
 from clpeft.merging.lora import LoraAdapter, merge_factors
 from clpeft.merging.registry import MergeMethod, ModelShape
-from clpeft.merging.report import TensorReport, pack_stats, pack_sums, sample_entries, sign_conflict, unpack_stats
+from clpeft.merging.report import TensorReport, pack_host_sums, pack_stats, pack_sums, sample_entries, sign_conflict, unpack_stats
 from clpeft.merging.rules import TensorJob
 
 __all__ = ["MergeEngine", "Sink"]
@@ -81,6 +81,7 @@ __all__ = ["MergeEngine", "Sink"]
 Sink = Callable[[TensorJob, torch.Tensor], None]
 """Receives each output tensor in job order; the tensor is only valid during the call."""
 
+Packed = torch.Tensor | list[float]  # pack_stats' values; the host kernel's in Python floats
 _ALIGN = 64  # byte alignment of each tensor inside a packed transfer buffer
 
 
@@ -90,6 +91,8 @@ def _aligned(nbytes: int) -> int:
 
 def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
     """The tensor stored at ``offset`` of a uint8 buffer."""
+    if offset == 0 and buffer.numel() == info.nbytes:  # a source's own bytes: no slice
+        return buffer.view(info.dtype).view(info.shape)
     return buffer[offset : offset + info.nbytes].view(info.dtype).view(info.shape)
 
 
@@ -135,7 +138,7 @@ class _InFlight:
 
     jobs: list[TensorJob]
     outputs: list[torch.Tensor]
-    stats: list[torch.Tensor | None]
+    stats: list[Packed | None]  # None: not merged
     done: torch.cuda.Event | None
 
 
@@ -391,7 +394,7 @@ class MergeEngine:
             if not self._transfer:  # its inputs are read: their pages leave while earlier outputs are written
                 self._release([job])
             outputs.append(self._output(merged))
-            stats.append(self._to_host(packed))
+            stats.append(packed if isinstance(packed, list) else self._to_host(packed))
         done = None
         if self._pin:
             done = torch.cuda.Event()
@@ -416,7 +419,7 @@ class MergeEngine:
         buffer = self._host_buffer(role, size)
         return [_typed(buffer, offset, job.info) if job.merge else None for job, offset in zip(jobs, offsets)]
 
-    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merge(self, job: TensorJob, base_raw: torch.Tensor, rows, out: torch.Tensor | None) -> tuple[torch.Tensor, Packed]:
         """The merged tensor (in ``out`` when given) and its packed report statistics, by the first
         path that applies: one kernel (linear method on CUDA), the LoRA factors (linear method,
         adapters), cached blocks (linear method on the CPU), whole task vectors (any method)."""
@@ -462,7 +465,7 @@ class MergeEngine:
 
     def _kernel_merges(
         self, jobs: list[TensorJob], bases: list[torch.Tensor], models: list, destinations: list[torch.Tensor | None]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> dict[int, tuple[torch.Tensor, Packed]]:
         """A batch's linear merges that the compiled kernel takes, by index in the batch, computed with
         whole tensors shared between the torch threads (:func:`~clpeft.merging.fused_cpu.share`: one
         hand-off per thread and batch instead of one per tensor); ``{}`` where that does not apply."""
@@ -478,14 +481,14 @@ class MergeEngine:
                 tasks[index] = (job.info.numel, functools.partial(self._kernel_merge, flat, sources, out))
         return dict(zip(tasks, fused_cpu.share(list(tasks.values()))))
 
-    def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         """A linear method on the host in one pass of the compiled kernel, written into ``out``."""
         sums, conflict = fused_cpu.linear_merge(base, sources, self._coefficients(compute_dtype(base.dtype)), out.view(-1))
-        return out, pack_sums(sums, conflict, base.numel())
+        return out, pack_host_sums(sums, conflict, base.numel())
 
     def _combine_in_blocks(
         self, job: TensorJob, base: torch.Tensor, rows: list[torch.Tensor], out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, Packed]:
         """A linear method on the host, written into ``out``: in one pass by the compiled kernel
         (:mod:`~clpeft.merging.fused_cpu`), else one cached block of columns at a time
         (:func:`~clpeft.merging.blocks.combine_linear`)."""
@@ -509,7 +512,7 @@ class MergeEngine:
     def _sources(self, job: TensorJob, rows) -> list[torch.Tensor]:
         """The fine-tuned tensors of ``job``, flat and typed, from their bytes (views, no copy)."""
         infos = [m.info(job.name) for m in self._full]
-        return [raw[: info.nbytes].view(info.dtype) for raw, info in zip(rows, infos)]
+        return [(raw if raw.numel() == info.nbytes else raw[: info.nbytes]).view(info.dtype) for raw, info in zip(rows, infos)]
 
     def _coefficients(self, dtype: torch.dtype) -> list[float]:
         """A linear method's ``c_k`` for task vectors of ``dtype``."""
@@ -588,7 +591,7 @@ class MergeEngine:
                 reports.append(TensorReport(job.name, list(job.info.shape), merged=False))
                 mapped.append(job)
             else:
-                values = packed.tolist()
+                values = packed if isinstance(packed, list) else packed.tolist()
                 if not _surely_finite(values, job.info.dtype):
                     values = self._recheck(job, output, values)
                     mapped.append(job)

@@ -39,10 +39,12 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shlex
 import shutil
+import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -91,6 +93,7 @@ _SELECTION_COUNTS = (1 << 15) + (1 << 16)  # the radix selection's counts: high 
 _BAND_FRACTION = 16  # the bracketed selection's band may hold 1/16 of a tensor (at most ~5% expected; pages touched as used)
 _selection_scratch = threading.local()
 _whole_tensors = threading.local()  # set on the threads of share(): calls there do not split their tensor
+_FLOAT32 = struct.Struct("f")
 
 
 def supports(base: torch.Tensor, sources: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
@@ -124,7 +127,7 @@ def available() -> bool:
 
 def linear_merge(
     base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[list[float], float]:
     """Write ``base + sum_k coefficients[k] (sources[k] - base)`` into ``out`` (float32 arithmetic).
 
     Args:
@@ -134,16 +137,17 @@ def linear_merge(
         out: flat output, ``base``'s dtype and length.
 
     Returns:
-        float64 ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]``
-        (:func:`~clpeft.merging.report.pack_sums`' input, like
-        :func:`~clpeft.merging.blocks.combine_linear`), and the report's sign conflict, the value of
-        :func:`sign_conflict` counted as each chunk is merged (its sample read again from cache).
+        ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]`` in Python
+        floats (:func:`~clpeft.merging.report.pack_host_sums`' input, the values of
+        :func:`~clpeft.merging.blocks.combine_linear`'s sums), and the report's sign conflict, the value
+        of :func:`sign_conflict` counted as each chunk is merged (its sample read again from cache).
+        Python numbers, not tensors: a small tensor's merge costs about as much as a few ATen calls.
     """
     n, k = base.numel(), len(sources)
     code = _DTYPE_CODES[base.dtype]
     weights = (ctypes.c_float * k)(*coefficients)
     ranges = _column_ranges(n, n)
-    sums = torch.zeros(len(ranges), 3 + k, dtype=torch.float64)
+    sums = (ctypes.c_double * ((3 + k) * len(ranges)))()
     conflicts = (ctypes.c_int64 * len(ranges))()
     count, step = sample_runs(n, k) or (0, 1)
     size = base.element_size()
@@ -159,7 +163,7 @@ def linear_merge(
             pointers,
             weights,
             out.data_ptr() + start * size,
-            sums[part].data_ptr(),
+            ctypes.byref(sums, part * (3 + k) * ctypes.sizeof(ctypes.c_double)),
             start,
             SAMPLE_RUN,
             count,
@@ -170,7 +174,8 @@ def linear_merge(
             raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
 
     _run_all(run, range(len(ranges)))
-    return sums[0] if len(ranges) == 1 else sums.sum(dim=0), _conflict_share(sum(conflicts), count, n)
+    totals = [math.fsum(sums[j :: 3 + k]) for j in range(3 + k)] if len(ranges) > 1 else sums[:]
+    return totals, _conflict_share(sum(conflicts), count, n)
 
 
 def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -184,12 +189,13 @@ def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.
     conflicts = _library().clpeft_sign_conflicts(_DTYPE_CODES[base.dtype], n, k, base.data_ptr(), pointers, SAMPLE_RUN, count, step)
     if conflicts < 0:  # supports() was not asked: a bug in the caller, not in the input
         raise RuntimeError(f"the CPU merge kernel has no dtype {base.dtype}")
-    return _conflict_share(conflicts, count, n)
+    return torch.tensor(_conflict_share(conflicts, count, n), dtype=torch.float32)
 
 
-def _conflict_share(conflicts: int, count: int, n: int) -> torch.Tensor:
-    """The sign conflict (float32, 0-d) from the conflicts counted in ``sample_runs``' sample (``count`` runs, or all ``n``)."""
-    return torch.tensor(conflicts / (count * SAMPLE_RUN if count else n), dtype=torch.float32)
+def _conflict_share(conflicts: int, count: int, n: int) -> float:
+    """The sign conflict from the conflicts counted in ``sample_runs``' sample (``count`` runs, or all ``n``),
+    rounded to float32 as ATen's statistic is."""
+    return _FLOAT32.unpack(_FLOAT32.pack(conflicts / (count * SAMPLE_RUN if count else n)))[0]
 
 
 def supports_subtraction(source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
@@ -404,7 +410,7 @@ def _check_digit_counts(shift: int, counts: torch.Tensor, rows: int) -> None:
 
 def _threads_for(entries: int) -> int:
     """Threads for ``entries`` of work: the torch threads, at most one per ``_MIN_ENTRIES_PER_THREAD``."""
-    if getattr(_whole_tensors, "active", False):
+    if entries < 2 * _MIN_ENTRIES_PER_THREAD or getattr(_whole_tensors, "active", False):
         return 1
     return max(1, min(torch.get_num_threads(), entries // _MIN_ENTRIES_PER_THREAD))
 

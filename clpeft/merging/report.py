@@ -11,7 +11,8 @@ For each merged tensor, with task vectors ``tau_k`` and merged task vector ``tau
 * ``task_vector_norms``: ``||tau_k||_2`` per model; ``merged_norm``: ``||tau_m||_2``.
 
 The statistics are computed on the merge device and packed into one small tensor per merged
-tensor, so a GPU merge copies a few numbers back per tensor and never synchronises early.
+tensor, so a GPU merge copies a few numbers back per tensor and never synchronises early (the
+CPU kernel's are Python floats from the start).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MergeReport", "TensorReport", "count_nonzero", "pack_stats", "pack_sums", "sample_entries", "sample_runs", "sign_conflict"]
+__all__ = [
+    "MergeReport",
+    "TensorReport",
+    "count_nonzero",
+    "pack_host_sums",
+    "pack_stats",
+    "pack_sums",
+    "sample_entries",
+    "sample_runs",
+    "sign_conflict",
+]
 
 # Sampled entries over all rows: below torch's parallel grain size (32768), so the statistic
 # never starts a parallel region (each costs milliseconds on a busy machine).
@@ -144,11 +155,15 @@ def pack_sums(sums: torch.Tensor, conflict: torch.Tensor, numel: int) -> torch.T
     """:func:`pack_stats`' layout from the sums :func:`~clpeft.merging.fused.linear_merge` returns:
     ``[sum theta_0^2, sum tau_m^2, count(tau_m != 0), sum tau_1^2, ..., sum tau_K^2]``."""
     if sums.device.type == "cpu" and conflict.device.type == "cpu":  # the same values in Python floats, no ATen call each
-        base, delta, nonzero, *tasks = sums.tolist()
-        packed = [math.sqrt(base), float(conflict), math.sqrt(delta), nonzero / max(numel, 1), *map(math.sqrt, tasks)]
-        return torch.tensor(packed, dtype=sums.dtype)
+        return torch.tensor(pack_host_sums(sums.tolist(), float(conflict), numel), dtype=sums.dtype)
     head = torch.stack([sums[0].sqrt(), conflict.to(sums.dtype), sums[1].sqrt(), sums[2] / max(numel, 1)])
     return torch.cat([head, sums[3:].sqrt()])
+
+
+def pack_host_sums(sums: Sequence[float], conflict: float, numel: int) -> list[float]:
+    """:func:`pack_sums` in Python floats, for sums already on the host (the CPU kernel's)."""
+    base, delta, nonzero, *tasks = sums
+    return [math.sqrt(base), conflict, math.sqrt(delta), nonzero / max(numel, 1), *map(math.sqrt, tasks)]
 
 
 def unpack_stats(name: str, shape: Sequence[int], packed: Sequence[float]) -> TensorReport:

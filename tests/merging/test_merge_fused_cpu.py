@@ -72,9 +72,9 @@ def test_kernel_equals_float32_ops_in_order_across_chunks_and_tails(dtype, k):
     sums, conflict = fused_cpu.linear_merge(base, sources, coefficients, out)
     expected, expected_sums = reference(base, sources, coefficients)
     assert same_bits(out, expected)
-    assert torch.equal(conflict, fused_cpu.sign_conflict(base, sources))
+    assert conflict == fused_cpu.sign_conflict(base, sources).item()
     assert sums[2] == expected_sums[2]  # the non-zero count is exact
-    torch.testing.assert_close(sums, expected_sums, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64), expected_sums, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -122,7 +122,7 @@ def test_results_do_not_depend_on_how_a_tensor_is_split_over_threads(monkeypatch
     sums, conflict = fused_cpu.linear_merge(base, sources, [0.5, 0.5, -0.3], split)
     assert same_bits(split, one)
     assert 0 < conflict == one_conflict  # each sampled run counted once, by the part it starts in
-    torch.testing.assert_close(sums, reference(base, sources, [0.5, 0.5, -0.3])[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64), reference(base, sources, [0.5, 0.5, -0.3])[1], rtol=1e-6, atol=0)
 
 
 def test_share_runs_whole_tasks_concurrently_and_returns_their_results_in_order(monkeypatch):
@@ -610,7 +610,7 @@ def test_sign_conflict_counts_report_sign_conflicts_sample_exactly(dtype):
             expected = sign_conflict(sample)
             assert torch.equal(fused_cpu.sign_conflict(base, sources), expected), (n, k)
             _, counted_while_merging = fused_cpu.linear_merge(base, sources, [0.5] * k, torch.empty_like(base))
-            assert torch.equal(counted_while_merging, expected), (n, k)
+            assert counted_while_merging == expected.item(), (n, k)
             assert expected.dtype == torch.float32 and (k == 1 or n < 64 or 0 < expected < 1)
 
 
@@ -634,16 +634,18 @@ def test_linear_merge_reports_the_aten_sign_conflict(monkeypatch, tmp_path):
 
 
 def test_pack_sums_on_the_host_gives_the_tensor_formulas_values():
-    """``report.pack_sums`` of host sums (Python floats, no ATen call each): a hand-worked example, and
+    """``report.pack_sums`` of host sums and ``pack_host_sums`` (Python floats, no ATen call each): a hand-worked example, and
     the values of the formulas in ATen float64 ops on awkward sums."""
-    from clpeft.merging.report import pack_sums
+    from clpeft.merging.report import pack_host_sums, pack_sums
 
     packed = pack_sums(torch.tensor([4.0, 9.0, 3.0, 16.0, 25.0], dtype=torch.float64), torch.tensor(0.25), 6)
     assert packed.dtype == torch.float64 and packed.tolist() == [2.0, 0.25, 3.0, 0.5, 4.0, 5.0]
+    assert pack_host_sums([4.0, 9.0, 3.0, 16.0, 25.0], 0.25, 6) == [2.0, 0.25, 3.0, 0.5, 4.0, 5.0]  # the CPU kernel's floats
     sums = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e7 + 1e-3
     conflict = torch.tensor(1 / 3, dtype=torch.float32)
     expected = torch.cat([torch.stack([sums[0].sqrt(), conflict.double(), sums[1].sqrt(), sums[2] / 123_457]), sums[3:].sqrt()])
     assert torch.equal(pack_sums(sums, conflict, 123_457), expected)
+    assert pack_host_sums(sums.tolist(), conflict.item(), 123_457) == expected.tolist()
 
 
 def test_sign_conflicts_refuses_a_dtype_the_build_lacks():
