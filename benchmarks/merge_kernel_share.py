@@ -44,6 +44,26 @@ def load(directory: Path, models: int) -> list[dict[str, torch.Tensor]]:
     return states
 
 
+def measure(directory: Path, models: int, repeats: int) -> tuple[int, float, dict[str, float]]:
+    """One dtype's checkpoints: (tensors, GB moved per merge, best seconds of the kernel alone and of the merge)."""
+    base, *tuned = load(directory, models)
+    out = {n: t.clone() for n, t in base.items()}
+    coefficients = [SCALE] * models
+    tasks = [
+        (t.numel(), functools.partial(fused_cpu.linear_merge, t.view(-1), [m[n].view(-1) for m in tuned], coefficients, out[n].view(-1)))
+        for n, t in base.items()
+    ]
+    runs = {"kernel": lambda: fused_cpu.share(tasks), "merge": lambda: merge(base, tuned, "task_arithmetic", out=out, scale=SCALE)}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[label] = min(best[label], time.perf_counter() - start)
+    moved = (models + 2) * sum(t.numel() * t.element_size() for t in base.values()) / 1e9
+    return len(base), moved, best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="merge_vs_mergekit.py's --dir")
@@ -55,33 +75,22 @@ def main() -> None:
         raise SystemExit("the C kernel is not available (no C compiler, or CLPEFT_CPU_KERNEL=0)")
     missing = [name for name in args.dtypes.split(",") if not (args.dir / name / "base" / "model.safetensors").is_file()]
     if missing:
-        raise SystemExit(f"no {', '.join(missing)} checkpoints under {args.dir}: write them with merge_vs_mergekit.py --dir {args.dir} --dtypes ...")
-    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); K = {args.models}, best of {args.repeats}")
+        raise SystemExit(
+            f"no {', '.join(missing)} checkpoints under {args.dir}: write them with merge_vs_mergekit.py --dir {args.dir} --dtypes ..."
+        )
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); K = {args.models}, best of {args.repeats}"
+    )
     print("| dtype | tensors | kernel s (GB/s) | merge s (GB/s) | engine's share of the merge |\n|---|---|---|---|---|")
     rates: dict[str, tuple[float, float]] = {}
     for name in args.dtypes.split(","):
-        base, *tuned = load(args.dir / name, args.models)
-        out = {n: t.clone() for n, t in base.items()}
-        coefficients = [SCALE] * args.models
-        tasks = [
-            (t.numel(), functools.partial(fused_cpu.linear_merge, t.view(-1), [m[n].view(-1) for m in tuned], coefficients, out[n].view(-1)))
-            for n, t in base.items()
-        ]
-        runs = {"kernel": lambda: fused_cpu.share(tasks), "merge": lambda: merge(base, tuned, "task_arithmetic", out=out, scale=SCALE)}
-        best = dict.fromkeys(runs, float("inf"))
-        for _ in range(args.repeats):
-            for label, run in runs.items():
-                start = time.perf_counter()
-                run()
-                best[label] = min(best[label], time.perf_counter() - start)
-        moved = (args.models + 2) * sum(t.numel() * t.element_size() for t in base.values()) / 1e9
+        tensors, moved, best = measure(args.dir / name, args.models, args.repeats)
         rates[name] = (moved / best["kernel"], moved / best["merge"])
         print(
-            f"| {name} | {len(base)} | {best['kernel']:.4f} ({rates[name][0]:.1f}) | {best['merge']:.4f} ({rates[name][1]:.1f}) "
+            f"| {name} | {tensors} | {best['kernel']:.4f} ({rates[name][0]:.1f}) | {best['merge']:.4f} ({rates[name][1]:.1f}) "
             f"| {1 - best['kernel'] / best['merge']:.0%} |",
             flush=True,
         )
-        del base, tuned, out, tasks
     for name in rates:
         if name != "float32" and "float32" in rates:
             kernel, whole = (rates[name][i] / rates["float32"][i] for i in range(2))
