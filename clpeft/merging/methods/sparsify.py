@@ -22,6 +22,7 @@ and the survivors are rescaled by ``1 / (1 - p)``, so the expected task vector i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -138,8 +139,8 @@ def trim_by_magnitude_(task_vectors: torch.Tensor, density: float, trim: Trim = 
     if task_vectors.device.type != "cpu":
         magnitudes = task_vectors.abs()
         return task_vectors.masked_fill_(magnitudes < magnitudes.kthvalue(n - k + 1, dim=1, keepdim=True).values, 0)
-    for row in task_vectors:
-        _hardshrink_below_(row, kth_largest_magnitude(row, k))
+    for row, threshold in zip(task_vectors, _each_kth_largest_magnitude(task_vectors, k)):
+        _hardshrink_below_(row, threshold)
     return task_vectors
 
 
@@ -172,7 +173,16 @@ def row_thresholds(task_vectors: torch.Tensor, density: float, trim: Trim) -> to
     k = int(density * n)
     if trim != "threshold" or not 0 < k < n:
         return None
-    return torch.stack([kth_largest_magnitude(row, k) for row in task_vectors])
+    return torch.stack(_each_kth_largest_magnitude(task_vectors, k))
+
+
+def _each_kth_largest_magnitude(task_vectors: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """:func:`kth_largest_magnitude` of each row; in the compiled kernel the rows' selections are shared
+    between the torch threads, each selection on one thread (1.7x on two threads where OpenMP's idle
+    threads do not spin on the second core: docs/merging.md, "Threads")."""
+    if fused_cpu.supports_selection(task_vectors):
+        return fused_cpu.share([(row.numel(), functools.partial(fused_cpu.kth_largest_magnitude, row, k)) for row in task_vectors])
+    return [kth_largest_magnitude(row, k) for row in task_vectors]
 
 
 def shrink_lambdas(thresholds: torch.Tensor, dtype: torch.dtype) -> list[float]:
