@@ -89,11 +89,16 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
-    """The tensor stored at ``offset`` of a uint8 buffer."""
+def _flat(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
+    """The tensor stored at ``offset`` of a uint8 buffer, flat."""
     if offset == 0 and buffer.numel() == info.nbytes:  # a source's own bytes: no slice
-        return buffer.view(info.dtype).view(info.shape)
-    return buffer[offset : offset + info.nbytes].view(info.dtype).view(info.shape)
+        return buffer.view(info.dtype)
+    return buffer[offset : offset + info.nbytes].view(info.dtype)
+
+
+def _typed(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
+    """The tensor stored at ``offset`` of a uint8 buffer, in its shape."""
+    return _flat(buffer, offset, info).view(info.shape)
 
 
 def _sampled_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -475,7 +480,7 @@ class MergeEngine:
         for index, (job, base, rows, out) in enumerate(zip(jobs, bases, models, destinations)):
             if not job.merge or job.average or out is None:
                 continue
-            flat, sources = _typed(base, 0, job.info).reshape(-1), self._sources(job, rows)
+            flat, sources = _flat(base, 0, job.info), self._sources(job, rows)
             if fused_cpu.supports(flat, sources, out.view(-1)):
                 self._coefficients(compute_dtype(flat.dtype))  # cached here, read by the threads
                 tasks[index] = (job.info.numel, functools.partial(self._kernel_merge, flat, sources, out))
@@ -512,7 +517,7 @@ class MergeEngine:
     def _sources(self, job: TensorJob, rows) -> list[torch.Tensor]:
         """The fine-tuned tensors of ``job``, flat and typed, from their bytes (views, no copy)."""
         infos = [m.info(job.name) for m in self._full]
-        return [(raw if raw.numel() == info.nbytes else raw[: info.nbytes]).view(info.dtype) for raw, info in zip(rows, infos)]
+        return [_flat(raw, 0, info) for raw, info in zip(rows, infos)]
 
     def _coefficients(self, dtype: torch.dtype) -> list[float]:
         """A linear method's ``c_k`` for task vectors of ``dtype``."""
