@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from clpeft.merging.methods.sparsify import _SAMPLE, drop_and_rescale_, kth_largest, kth_largest_magnitude, trim_by_magnitude_
+from clpeft.merging import fused_cpu
+from clpeft.merging.methods.sparsify import (
+    _SAMPLE,
+    drop_and_rescale_,
+    kth_largest,
+    kth_largest_magnitude,
+    row_thresholds,
+    trim_by_magnitude_,
+)
 
 LONG = 40 * _SAMPLE  # long enough for the sampled bracket
 
@@ -58,6 +68,29 @@ def test_threshold_trim_equals_masking_below_the_kth_largest_magnitude():
     magnitudes = task_vectors.abs()
     expected = task_vectors.masked_fill(magnitudes < magnitudes.kthvalue(LONG - k + 1, dim=1, keepdim=True).values, 0)
     assert torch.equal(trim_by_magnitude_(task_vectors.clone(), 0.2), expected)
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="needs the compiled CPU kernel")
+def test_row_thresholds_shared_between_threads_equal_each_rows_own(monkeypatch):
+    """Each row's selection runs whole on one of the torch threads (both threads take rows) and gives that
+    row's own k-th largest magnitude, for the trim and for TIES' thresholds."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threads = set()
+    select = fused_cpu.kth_largest_magnitude
+
+    def recorded(values, k):
+        threads.add(threading.get_ident())
+        return select(values, k)
+
+    monkeypatch.setattr(fused_cpu, "kth_largest_magnitude", recorded)
+    rows = max(LONG, fused_cpu._MIN_SHARED_ENTRIES)
+    task_vectors = torch.randn(4, rows, generator=torch.Generator().manual_seed(2)).round_(decimals=2)  # many ties
+    k = int(0.2 * rows)
+    magnitudes = task_vectors.abs()
+    expected = magnitudes.kthvalue(rows - k + 1, dim=1).values
+    assert torch.equal(row_thresholds(task_vectors, 0.2, "threshold"), expected)
+    assert len(threads) == 2
+    assert torch.equal(trim_by_magnitude_(task_vectors.clone(), 0.2), task_vectors.masked_fill(magnitudes < expected[:, None], 0))
 
 
 @pytest.mark.parametrize("trim", ["threshold", "topk"])
