@@ -108,7 +108,9 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dic
 
 
 def write_models(directory: Path, size: str, k: int, dtypes: list[str]) -> dict[str, tuple[Path, list[Path]]]:
-    """Base and K fine-tunes in each of ``dtypes``, each a directory with config.json and model.safetensors."""
+    """Base and K fine-tunes in each of ``dtypes``, each a directory with config.json and model.safetensors
+    (``directory/<dtype>/base``, ``finetuned_<i>``). A dtype whose folder a run with the same size and K
+    completed (``written.json``) is kept as it is, not written again."""
     from safetensors.torch import save_file
 
     dims = SIZES[size]
@@ -131,14 +133,18 @@ def write_models(directory: Path, size: str, k: int, dtypes: list[str]) -> dict[
     states = [base] + [{n: t + torch.randn(t.shape, generator=generator) * 1e-3 for n, t in base.items()} for _ in range(k)]
     models = {}
     for dtype_name in dtypes:
-        dtype, paths = DTYPES[dtype_name], []
-        for i, state in enumerate(states):
-            path = directory / dtype_name / ("base" if i == 0 else f"finetuned_{i - 1}")
+        dtype, folder = DTYPES[dtype_name], directory / dtype_name
+        paths = [folder / ("base" if i == 0 else f"finetuned_{i - 1}") for i in range(k + 1)]
+        models[dtype_name] = (paths[0], paths[1:])
+        marker, written = folder / "written.json", {"size": size, "models": k}
+        if marker.is_file() and json.loads(marker.read_text()) == written:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        for path, state in zip(paths, states, strict=True):
             path.mkdir(parents=True)
             (path / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}))
             save_file({n: t.to(dtype).contiguous() for n, t in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
-            paths.append(path)
-        models[dtype_name] = (paths[0], paths[1:])
+        marker.write_text(json.dumps(written))
     return models
 
 
@@ -276,7 +282,9 @@ def main() -> None:
     parser.add_argument("--tools", default="mergekit,clpeft,clpeft-memory", help=f"comma-separated subset of {', '.join(TOOLS)}")
     parser.add_argument("--mergekit-python", default=sys.executable, help="interpreter that can import mergekit")
     parser.add_argument("--other-clpeft", type=Path, help="checkout whose clpeft the clpeft-other tool runs")
-    parser.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary directory)")
+    parser.add_argument(
+        "--dir", type=Path, help="where to write the checkpoints and keep them for later runs (default: a temporary directory)"
+    )
     args = parser.parse_args()
 
     tools = args.tools.split(",")
@@ -285,14 +293,16 @@ def main() -> None:
         tools.remove("mergekit")
     if any(tool.startswith("clpeft-other") for tool in tools) and args.other_clpeft is None:
         parser.error("the clpeft-other tools need --other-clpeft DIR")
-    directory = Path(tempfile.mkdtemp(prefix="merge_vs_mergekit_", dir=args.dir))
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="merge_vs_mergekit_", dir=args.dir))  # the merged outputs; removed at the end
     try:
         t = time.perf_counter()
         dtypes = args.dtypes.split(",")
-        models = write_models(directory, args.size, args.models, dtypes)
+        models = write_models(args.dir or directory, args.size, args.models, dtypes)
         numel = sum(torch.Size(s).numel() for s in llama_shapes(**SIZES[args.size]).values())
         print(
-            f"wrote base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in {', '.join(dtypes)} "
+            f"wrote (or kept) base + {args.models} fine-tunes of {numel / 1e6:.1f}M parameters in {', '.join(dtypes)} "
             f"in {time.perf_counter() - t:.0f} s"
         )
         bandwidth = [copy_bandwidth()]
