@@ -92,6 +92,7 @@ _ALIGN = 16  # thread ranges start on a multiple of the kernel's 16-entry step
 _SELECTION_COUNTS = (1 << 15) + (1 << 16)  # the radix selection's counts: high 15 bits, then low 16
 _BAND_FRACTION = 16  # the bracketed selection's band may hold 1/16 of a tensor (at most ~5% expected; pages touched as used)
 _selection_scratch = threading.local()
+_merge_rows = threading.local()
 _whole_tensors = threading.local()  # set on the threads of share(): calls there do not split their tensor
 _FLOAT32 = struct.Struct("f")
 
@@ -169,6 +170,7 @@ def linear_merge(
             count,
             step,
             ctypes.byref(conflicts, part * ctypes.sizeof(ctypes.c_int64)),
+            _merge_scratch(),
         )
         if status != 0:  # supports() was not asked: a bug in the caller, not in the input
             raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
@@ -176,6 +178,15 @@ def linear_merge(
     _run_all(run, range(len(ranges)))
     totals = [math.fsum(sums[j :: 3 + k]) for j in range(3 + k)] if len(ranges) > 1 else sums[:]
     return totals, _conflict_share(sum(conflicts), count, n)
+
+
+def _merge_scratch() -> int:
+    """The address of this thread's rows for :func:`linear_merge` (a chunk's delta and base: 1.5 MiB,
+    allocated once per thread and freed with it; pages are touched only as a call uses them)."""
+    scratch = getattr(_merge_rows, "scratch", None)
+    if scratch is None:
+        scratch = _merge_rows.scratch = torch.empty(_library().clpeft_linear_merge_scratch() + 8)  # + 8: room to align
+    return -(-scratch.data_ptr() // 32) * 32
 
 
 def sign_conflict(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -487,7 +498,8 @@ _BRACKET = [_u32, _u32, _ptr, _i64, _ptr, _ptr]  # lower, upper, band, its capac
 _SIGNATURES = {
     "clpeft_supports_dtype": (_i32, [_i32]),
     # dtype, n, k, base, sources, coefficients, out, sums (float64), origin, run, count, step, conflicts (int64)
-    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]),
+    "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]),
+    "clpeft_linear_merge_scratch": (_i64, []),
     # dtype, n, k, base, sources, run, count, step
     "clpeft_sign_conflicts": (_i64, [_i32, _i64, _i32, _ptr, _ptrs, _i64, _i64, _i64]),
     # dtype, n, source, base (float32), out (float32), squares (float64)

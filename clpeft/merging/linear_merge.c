@@ -3,17 +3,18 @@
  * Task arithmetic and the mean give theta_0 + sum_k c_k (theta_k - theta_0) (Ilharco et al.,
  * ICLR 2023, Section 2). Formed with ATen ops, each cached block of a tensor takes about ten
  * passes (conversions, subtractions, norms, a matrix-vector product, the add); here main memory
- * sees each input entry once and the output once: a chunk of the tensor at a time, the models
- * one after the other over it (one input stream at a time, which the hardware prefetcher
- * follows even through the scattered 4 KiB pages of memory-mapped files; reading all K + 1
- * streams at once ran up to 2x slower there), the running delta kept in a cached float32
- * row, the base widened into another by the first model's pass (read again for every model,
- * bf16 ran up to 1.8x slower on the file mappings of whole checkpoints whose page cache is in
- * 2 MiB folios, though not on anonymous memory nor on 4 KiB-page files: two streams at equal
+ * sees each input entry once and the output once: a chunk of the tensor at a time (512 KiB of
+ * each input), the models one after the other over it (one input stream at a time, which the
+ * hardware prefetcher follows even through the scattered 4 KiB pages of memory-mapped files;
+ * reading all K + 1 streams at once ran up to 2x slower there), the running delta kept in a
+ * float32 row, the base copied into another by the first model's pass (in its own dtype: bf16 /
+ * fp16 rows are half as many bytes to read again; reading the base from its checkpoint for every
+ * model ran bf16 up to 1.8x slower on the file mappings of whole checkpoints whose page cache is
+ * in 2 MiB folios, though not on anonymous memory nor on 4 KiB-page files: two streams at equal
  * offsets of physically contiguous pages, likely conflicting in a cache or DRAM bank; two models
  * per pass, tried, was 1.5x slower there and gained nothing in whole merges of anonymous tensors),
- * bf16 / fp16 entries converted in registers, the report's statistics taken on the way (its sign
- * conflict on a sample of the chunk, read again while in cache).
+ * bf16 / fp16 entries converted in registers, the output written past the caches, the report's
+ * statistics taken on the way (its sign conflict on a sample of the chunk, read again after it).
  *
  * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
  * machine): every operation is an IEEE float32 operation rounded on its own (compiled with
@@ -22,7 +23,7 @@
  *     delta = c_1 tau_1; delta = delta + c_k tau_k for k = 2..K
  *     merged = round_to_output(float(theta_0) + delta)
  * bf16 and fp16 entries widen exactly; the output rounds to nearest, ties to even. The sums of
- * squares and the non-zero count are float32 within a chunk and float64 across chunks
+ * squares and the non-zero count are float32 within 16,384 entries and float64 across them
  * (statistics for the report; their last bits depend on the vector width and on FMA). bf16
  * outputs round without NaN masks, and a chunk whose base or delta is not finite is written
  * again with them.
@@ -45,7 +46,8 @@
 #endif
 
 #define LANES 8
-#define CHUNK 16384 /* entries per chunk (a multiple of 2 LANES): the float32 delta row stays in L2 */
+#define SEGMENT_BYTES (1 << 19) /* of one input per pass over a chunk: a stream long enough for the prefetchers */
+#define SUM_BLOCK 16384 /* entries whose statistics add up in float32 (then in float64; a multiple of 2 LANES) */
 #define ELECT_CHUNK 2048 /* entries per chunk of the sweeps from the inputs: the float32 row (8 KiB) stays in L1 */
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
@@ -126,12 +128,29 @@ static inline void pair_load(int dtype, const void *p, int64_t i, f32x8 v[2]) {
     }
 }
 
+/* Non-temporal stores (x86 with AVX): the line goes to memory without being read first, and
+ * without evicting cached inputs. The address must be 32-byte aligned; an sfence after the loop. */
+#if defined(__AVX__)
+#define HAVE_STREAM 1
+#define STREAM_STORE_32(p, v) _mm256_stream_si256((__m256i *)(p), (__m256i)(v))
+#define STREAM_STORE_16(p, v) _mm_stream_si128((__m128i *)(p), (v))
+#define STREAM_FENCE() _mm_sfence()
+#else
+#define HAVE_STREAM 0
+#define STREAM_STORE_32(p, v) memcpy((p), &(v), 32)
+#define STREAM_STORE_16(p, v) memcpy((p), &(v), 16)
+#define STREAM_FENCE() ((void)0)
+#endif
+
 /* no_nan: the caller has ruled out NaN in v (the bf16 rounding then skips its NaN masks, which
  * would otherwise cost as much as the rounding itself; without them a NaN could round to an
- * infinity or a zero). */
-static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2], const int no_nan) {
+ * infinity or a zero). stream: non-temporal stores (p + i 32-byte aligned). */
+static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2], const int no_nan, const int stream) {
     if (dtype == DTYPE_FLOAT32) {
-        for (int h = 0; h < 2; h++) memcpy((float *)p + i + LANES * h, &v[h], sizeof v[h]);
+        for (int h = 0; h < 2; h++) {
+            if (stream) STREAM_STORE_32((float *)p + i + LANES * h, v[h]);
+            else memcpy((float *)p + i + LANES * h, &v[h], sizeof v[h]);
+        }
     } else if (dtype == DTYPE_BFLOAT16) {
         u16x16 rounded[2];
         for (int h = 0; h < 2; h++) {
@@ -144,11 +163,14 @@ static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2], c
             }
         }
         const u16x16 half = __builtin_shufflevector(rounded[0], rounded[1], 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
-        memcpy((uint16_t *)p + i, &half, sizeof half);
+        if (stream) STREAM_STORE_32((uint16_t *)p + i, half);
+        else memcpy((uint16_t *)p + i, &half, sizeof half);
     } else {
         for (int h = 0; h < 2; h++) {
 #if defined(__F16C__)
-            _mm_storeu_si128((__m128i *)((uint16_t *)p + i + LANES * h), _mm256_cvtps_ph((__m256)v[h], _MM_FROUND_TO_NEAREST_INT));
+            const __m128i rounded = _mm256_cvtps_ph((__m256)v[h], _MM_FROUND_TO_NEAREST_INT);
+            if (stream) STREAM_STORE_16((uint16_t *)p + i + LANES * h, rounded);
+            else _mm_storeu_si128((__m128i *)((uint16_t *)p + i + LANES * h), rounded);
 #else
             for (int lane = 0; lane < LANES; lane++) scalar_store(dtype, p, i + LANES * h + lane, v[h][lane]);
 #endif
@@ -179,15 +201,17 @@ static inline float horizontal_sum(f32x8 v) {
 
 /* ------------------------------------------------------------------ the merge */
 
-/* Model theta_k over entries [start, start + m) of a chunk: its task vector's sum of squares
- * (into *acc) and delta, started when FIRST and continued from d otherwise. The FIRST pass reads
- * the base, widens it into the float32 row b and adds its sum of squares to chunk_sums; the others
- * read b. When LAST, the merged values go to out (NO_NAN: pair_store's) and the delta's and
- * non-zero sums to chunk_sums. DTYPE, FIRST, LAST and NO_NAN are constants in each inlined copy. */
+/* Model theta_k over entries [start, start + m) of a chunk (m <= SUM_BLOCK): its task vector's sum
+ * of squares (into *acc) and delta, started when FIRST and continued from d otherwise. The FIRST
+ * pass reads the base, copies it into the row b (float32 stays float32, bf16 / fp16 stay 16-bit:
+ * half the bytes to read again, widened in registers) and adds its sum of squares to sums; the
+ * others read b. When LAST, the merged values go to out (NO_NAN and stream: pair_store's) and the
+ * delta's and non-zero sums to sums. DTYPE, FIRST, LAST and NO_NAN are constants in each inlined
+ * copy. */
 static inline __attribute__((always_inline)) void
-merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, int64_t start, int64_t m, const void *base,
-            float *restrict b, const void *theta_k, float c, float *restrict d, void *out, float *restrict acc,
-            float *restrict chunk_sums) {
+merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, int stream, int64_t start, int64_t m,
+            const void *base, void *restrict b, const void *theta_k, float c, float *restrict d, void *out,
+            float *restrict acc, float *restrict sums) {
     f32x8 task_sq[2] = {{0}}, base_sq[2] = {{0}}, delta_sq[2] = {{0}};
     i32x8 nonzero[2] = {{0}};
     int64_t i = 0;
@@ -197,12 +221,12 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, 
         prefetch(DTYPE, theta_k, at);
         if (FIRST) {
             prefetch(DTYPE, base, at);
-            pair_load(DTYPE, base, at, theta0);
-            memcpy(b + i, theta0, sizeof theta0);
-            for (int h = 0; h < 2; h++) base_sq[h] = add_product(base_sq[h], theta0[h], theta0[h]);
-        } else {
-            memcpy(theta0, b + i, sizeof theta0);
+            const int64_t size = DTYPE == DTYPE_FLOAT32 ? 4 : 2;
+            memcpy((char *)b + i * size, (const char *)base + at * size, 2 * LANES * size);
         }
+        pair_load(DTYPE, b, i, theta0);
+        if (FIRST)
+            for (int h = 0; h < 2; h++) base_sq[h] = add_product(base_sq[h], theta0[h], theta0[h]);
         pair_load(DTYPE, theta_k, at, theta);
         for (int h = 0; h < 2; h++) {
             f32x8 *row = (f32x8 *)(d + i + LANES * h);
@@ -217,12 +241,13 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, 
                 *row = delta;
             }
         }
-        if (LAST) pair_store(DTYPE, out, at, merged, NO_NAN);
+        if (LAST) pair_store(DTYPE, out, at, merged, NO_NAN, stream);
     }
     float tail[4] = {0.f, 0.f, 0.f, 0.f}; /* task, base, delta, non-zero */
     for (; i < m; i++) { /* the tensor's last entries (fewer than 2 LANES): the same operations */
         const int64_t at = start + i;
-        const float theta0 = FIRST ? (b[i] = scalar_load(DTYPE, base, at)) : b[i];
+        if (FIRST) memcpy((char *)b + i * (DTYPE == DTYPE_FLOAT32 ? 4 : 2), (const char *)base + at * (DTYPE == DTYPE_FLOAT32 ? 4 : 2), DTYPE == DTYPE_FLOAT32 ? 4 : 2);
+        const float theta0 = scalar_load(DTYPE, b, i);
         const float t = scalar_load(DTYPE, theta_k, at) - theta0;
         const float delta = FIRST ? c * t : d[i] + c * t;
         tail[0] += t * t;
@@ -236,23 +261,23 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, 
         }
     }
     *acc += horizontal_sum(task_sq[0] + task_sq[1]) + tail[0];
-    if (FIRST) chunk_sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[1];
+    if (FIRST) sums[0] += horizontal_sum(base_sq[0] + base_sq[1]) + tail[1];
     if (LAST) {
-        chunk_sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[2];
-        for (int lane = 0; lane < LANES; lane++) chunk_sums[2] += (float)(nonzero[0][lane] + nonzero[1][lane]);
-        chunk_sums[2] += tail[3];
+        sums[1] += horizontal_sum(delta_sq[0] + delta_sq[1]) + tail[2];
+        for (int lane = 0; lane < LANES; lane++) sums[2] += (float)(nonzero[0][lane] + nonzero[1][lane]);
+        sums[2] += tail[3];
     }
 }
 
-#define MODEL_FUNCTION(NAME, DTYPE)                                                                            \
-    static void NAME(int first, int last, int no_nan, int64_t start, int64_t m, const void *base, float *b,     \
-                     const void *theta_k, float c, float *d, void *out, float *acc, float *chunk_sums) {        \
-        if (first && last && no_nan) merge_model(DTYPE, 1, 1, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums); \
-        else if (first && last) merge_model(DTYPE, 1, 1, 0, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);      \
-        else if (first) merge_model(DTYPE, 1, 0, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);              \
-        else if (last && no_nan) merge_model(DTYPE, 0, 1, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);     \
-        else if (last) merge_model(DTYPE, 0, 1, 0, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);               \
-        else merge_model(DTYPE, 0, 0, 1, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);                         \
+#define MODEL_FUNCTION(NAME, DTYPE)                                                                                      \
+    static void NAME(int first, int last, int no_nan, int stream, int64_t start, int64_t m, const void *base, void *b,     \
+                     const void *theta_k, float c, float *d, void *out, float *acc, float *sums) {                        \
+        if (first && last && no_nan) merge_model(DTYPE, 1, 1, 1, stream, start, m, base, b, theta_k, c, d, out, acc, sums); \
+        else if (first && last) merge_model(DTYPE, 1, 1, 0, stream, start, m, base, b, theta_k, c, d, out, acc, sums);      \
+        else if (first) merge_model(DTYPE, 1, 0, 1, stream, start, m, base, b, theta_k, c, d, out, acc, sums);              \
+        else if (last && no_nan) merge_model(DTYPE, 0, 1, 1, stream, start, m, base, b, theta_k, c, d, out, acc, sums);     \
+        else if (last) merge_model(DTYPE, 0, 1, 0, stream, start, m, base, b, theta_k, c, d, out, acc, sums);               \
+        else merge_model(DTYPE, 0, 0, 1, stream, start, m, base, b, theta_k, c, d, out, acc, sums);                         \
     }
 
 MODEL_FUNCTION(model_float32, DTYPE_FLOAT32)
@@ -262,13 +287,27 @@ MODEL_FUNCTION(model_float16, DTYPE_FLOAT16)
 #endif
 
 /* MODEL_FUNCTION's copy for dtype (compiled in: clpeft_supports_dtype). */
-static void merge_chunk(int dtype, int first, int last, int no_nan, int64_t start, int64_t m, const void *base, float *b,
-                        const void *theta_k, float c, float *d, void *out, float *acc, float *chunk_sums) {
-    if (dtype == DTYPE_FLOAT32) model_float32(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
-    else if (dtype == DTYPE_BFLOAT16) model_bfloat16(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
+static void merge_block(int dtype, int first, int last, int no_nan, int stream, int64_t start, int64_t m, const void *base, void *b,
+                        const void *theta_k, float c, float *d, void *out, float *acc, float *sums) {
+    if (dtype == DTYPE_FLOAT32) model_float32(first, last, no_nan, stream, start, m, base, b, theta_k, c, d, out, acc, sums);
+    else if (dtype == DTYPE_BFLOAT16) model_bfloat16(first, last, no_nan, stream, start, m, base, b, theta_k, c, d, out, acc, sums);
 #if HAVE_FLOAT16
-    else model_float16(first, last, no_nan, start, m, base, b, theta_k, c, d, out, acc, chunk_sums);
+    else model_float16(first, last, no_nan, stream, start, m, base, b, theta_k, c, d, out, acc, sums);
 #endif
+}
+
+/* Model theta_k over entries [start, start + m) of a chunk, SUM_BLOCK entries per merge_model (its
+ * float32 statistics then added in float64: model_sum and chunk_sums). b and d: the chunk's rows. */
+static void merge_chunk(int dtype, int first, int last, int no_nan, int stream, int64_t start, int64_t m, const void *base, void *b,
+                        const void *theta_k, float c, float *d, void *out, double *model_sum, double chunk_sums[3]) {
+    const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    for (int64_t i = 0; i < m; i += SUM_BLOCK) {
+        float acc = 0.f, sums[3] = {0.f, 0.f, 0.f};
+        merge_block(dtype, first, last, no_nan, stream, start + i, m - i < SUM_BLOCK ? m - i : SUM_BLOCK, base, (char *)b + i * size,
+                    theta_k, c, d + i, out, &acc, sums);
+        *model_sum += acc;
+        for (int j = 0; j < 3; j++) chunk_sums[j] += sums[j];
+    }
 }
 
 /* Whether dtype (DTYPE_*) is compiled in. */
@@ -328,7 +367,7 @@ static int64_t conflicts_between(int dtype, int k, const void *base, const void 
 }
 
 /* The sign conflicts of the sampled runs that start in the chunk [start, start + m) just merged, its
- * inputs still in cache (a pass of its own would wait for memory at every run). The sample
+ * inputs still in the last-level cache (a pass of its own would wait for memory at every run). The sample
  * (report.sample_runs): count runs of run entries, one every step runs of the whole tensor, whose
  * entry origin is this call's entry 0; every entry when count is 0. */
 static int64_t chunk_conflicts(int dtype, int k, const void *base, const void *const *sources, int64_t start, int64_t m,
@@ -341,34 +380,44 @@ static int64_t chunk_conflicts(int dtype, int k, const void *base, const void *c
     return conflicts;
 }
 
+/* float32 entries of scratch clpeft_linear_merge needs: the delta row of a chunk (SEGMENT_BYTES /
+ * element size entries) and its base row (SEGMENT_BYTES), for the dtype with the most entries. */
+int64_t clpeft_linear_merge_scratch(void) {
+    return (SEGMENT_BYTES / 2 + SEGMENT_BYTES / 4);
+}
+
 /* out = base + sum_k coefficients[k] (sources[k] - base) over n entries, all of one dtype.
  * sums (3 + k float64, added to): [sum theta_0^2, sum tau_m^2, count(tau_m != 0),
  * sum tau_1^2, ..., sum tau_k^2]; conflicts (added to): the sign conflicts of the sample
- * (origin, run, count, step: chunk_conflicts) among these n entries. Returns 0, or 1 for a dtype
+ * (origin, run, count, step: chunk_conflicts) among these n entries. scratch: clpeft_linear_merge_scratch()
+ * float32 entries, 32-byte aligned (the caller's, reused across calls). A chunk holds SEGMENT_BYTES of
+ * each input: short segments restart the prefetchers too often (512 KiB segments ran 1.2-1.5x faster
+ * than 64 KiB ones that kept the delta row in L2). An output of a chunk or more on a 32-byte boundary is
+ * written with non-temporal stores (never read for ownership, nor kept in cache). Returns 0, or 1 for a dtype
  * not compiled in. */
 int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const void *const *sources,
                         const float *coefficients, void *out, double *sums, int64_t origin, int64_t run,
-                        int64_t count, int64_t step, int64_t *conflicts) {
+                        int64_t count, int64_t step, int64_t *conflicts, float *scratch) {
     if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
-    float d[CHUNK] __attribute__((aligned(32))); /* the running delta of a chunk: 64 KiB of stack */
-    float b[CHUNK] __attribute__((aligned(32))); /* the chunk's base in float32, read once per chunk */
-    for (int64_t start = 0; start < n; start += CHUNK) {
-        const int64_t m = n - start < CHUNK ? n - start : CHUNK;
-        float chunk_sums[3] = {0.f, 0.f, 0.f};
-        for (int j = 0; j < k; j++) {
-            float acc = 0.f;
-            merge_chunk(dtype, j == 0, j == k - 1, 1, start, m, base, b, sources[j], coefficients[j], d, out, &acc, chunk_sums);
-            sums[3 + j] += acc;
-        }
+    const int64_t chunk = SEGMENT_BYTES / (dtype == DTYPE_FLOAT32 ? 4 : 2);
+    float *d = scratch; /* the running delta of a chunk */
+    void *b = scratch + chunk; /* the chunk's base, in its dtype, read once per chunk */
+    const int stream = HAVE_STREAM && (uintptr_t)out % 32 == 0 && n >= chunk; /* a small output stays in cache for its reader */
+    for (int64_t start = 0; start < n; start += chunk) {
+        const int64_t m = n - start < chunk ? n - start : chunk;
+        double chunk_sums[3] = {0.0, 0.0, 0.0};
+        for (int j = 0; j < k; j++)
+            merge_chunk(dtype, j == 0, j == k - 1, 1, stream, start, m, base, b, sources[j], coefficients[j], d, out, &sums[3 + j], chunk_sums);
         /* A NaN among the merged values needs a NaN in the base or the delta, hence a sum of squares
          * that is not finite: such a chunk's output is written again with the NaN masks. */
         if (dtype == DTYPE_BFLOAT16 && !(__builtin_isfinite(chunk_sums[0]) && __builtin_isfinite(chunk_sums[1]))) {
-            float unused_acc = 0.f, unused_sums[3] = {0.f, 0.f, 0.f};
-            merge_chunk(dtype, k == 1, 1, 0, start, m, base, b, sources[k - 1], coefficients[k - 1], d, out, &unused_acc, unused_sums);
+            double unused_sum = 0.0, unused_sums[3] = {0.0, 0.0, 0.0};
+            merge_chunk(dtype, k == 1, 1, 0, stream, start, m, base, b, sources[k - 1], coefficients[k - 1], d, out, &unused_sum, unused_sums);
         }
         for (int j = 0; j < 3; j++) sums[j] += chunk_sums[j];
         *conflicts += chunk_conflicts(dtype, k, base, sources, start, m, origin, run, count, step);
     }
+    if (stream) STREAM_FENCE();
     return 0;
 }
 
@@ -397,12 +446,12 @@ static inline void swap_middle_quarters(f32x8 v[2]) {
 /* out = float(source) - base over n entries (source in dtype, base and out float32): a task
  * vector formed in one pass, the conversion exact and the subtraction rounded once, as ATen's
  * copy_ then sub_ (blocks.subtract_rows). When squares is given, the task vector's sum of squares
- * is added to it (float32 within a CHUNK, float64 across: the report's norm). Returns -1 for a
+ * is added to it (float32 within a SUM_BLOCK, float64 across: the report's norm). Returns -1 for a
  * dtype this build lacks. */
 int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base, float *out, double *squares) {
     if (!clpeft_supports_dtype(dtype)) return -1;
-    for (int64_t start = 0; start < n; start += CHUNK) {
-        const int64_t stop = n - start < CHUNK ? n : start + CHUNK;
+    for (int64_t start = 0; start < n; start += SUM_BLOCK) {
+        const int64_t stop = n - start < SUM_BLOCK ? n : start + SUM_BLOCK;
         f32x8 square[2] = {{0}};
         float tail = 0.f;
         int64_t i = start;
@@ -415,7 +464,7 @@ int clpeft_subtract(int dtype, int64_t n, const void *source, const float *base,
             square[0] += d[0] * d[0];
             square[1] += d[1] * d[1];
             if (dtype == DTYPE_BFLOAT16) swap_middle_quarters(d); /* and back */
-            pair_store(DTYPE_FLOAT32, out, i, d, 0);
+            pair_store(DTYPE_FLOAT32, out, i, d, 0, 0);
         }
         for (; i < stop; i++) {
             out[i] = scalar_load(dtype, source, i) - base[i];
@@ -446,7 +495,7 @@ finish_range(const int DTYPE, int64_t start, int64_t stop, const float *base, co
             merged[h] = theta0[h] + d[h];
         }
         if (DTYPE == DTYPE_BFLOAT16) swap_middle_quarters(merged); /* into the order pair_store takes */
-        pair_store(DTYPE, out, i, merged, 0);
+        pair_store(DTYPE, out, i, merged, 0, 0);
     }
     for (; i < stop; i++) {
         tail[0] += base[i] * base[i];
@@ -463,12 +512,12 @@ finish_range(const int DTYPE, int64_t start, int64_t stop, const float *base, co
 /* out = round_to_output(base + delta) over n entries (base and delta float32, out in dtype): the
  * last step of every merge that forms a whole delta (the engine's tau_m), one float32 add rounded
  * as ATen's add then copy_ round it. sums (3 float64, added to): [sum theta_0^2, sum delta^2,
- * count(delta != 0)] (NaN counts as non-zero, as torch.count_nonzero), float32 within a CHUNK.
+ * count(delta != 0)] (NaN counts as non-zero, as torch.count_nonzero), float32 within a SUM_BLOCK.
  * Returns -1 for a dtype this build lacks. */
 int clpeft_finish(int dtype, int64_t n, const float *base, const float *delta, void *out, double *sums) {
     if (!clpeft_supports_dtype(dtype)) return -1;
-    for (int64_t start = 0; start < n; start += CHUNK) {
-        const int64_t stop = n - start < CHUNK ? n : start + CHUNK;
+    for (int64_t start = 0; start < n; start += SUM_BLOCK) {
+        const int64_t stop = n - start < SUM_BLOCK ? n : start + SUM_BLOCK;
         if (dtype == DTYPE_FLOAT32) finish_range(DTYPE_FLOAT32, start, stop, base, delta, out, sums);
         else if (dtype == DTYPE_BFLOAT16) finish_range(DTYPE_BFLOAT16, start, stop, base, delta, out, sums);
 #if HAVE_FLOAT16

@@ -25,7 +25,13 @@ pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="no C compiler
 
 HALF_STEP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # c = 1 + HALF_STEP: exact ties when rounding
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CHUNK = 16384  # entries per chunk of clpeft_linear_merge (linear_merge.c)
+SEGMENT_BYTES = 1 << 19  # of each input per chunk of clpeft_linear_merge (linear_merge.c)
+SUM_BLOCK = 16384  # entries whose statistics the kernel adds in float32
+
+
+def chunk(dtype: torch.dtype) -> int:
+    """Entries per chunk of clpeft_linear_merge for ``dtype``."""
+    return SEGMENT_BYTES // dtype.itemsize
 
 
 def inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -65,7 +71,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 4, 8, 11])  # 11: a group of eight models, then three
 def test_kernel_equals_float32_ops_in_order_across_chunks_and_tails(dtype, k):
-    n = 2 * CHUNK + 16 * 5 + 7  # two whole chunks of the C loop, then pairs of vectors, then 7 single entries
+    n = 2 * chunk(dtype) + 16 * 5 + 7  # two whole chunks of the C loop, then pairs of vectors, then 7 single entries
     base, sources = inputs(n, k, dtype)
     coefficients = [0.3, -0.7, 1.0 + HALF_STEP.get(dtype, 2.0**-24), 0.25, 1.7, -0.05, 0.4, 2.5, -1.1, 0.6, 0.01][:k]
     out = torch.empty_like(base)
@@ -98,9 +104,10 @@ def test_bfloat16_nan_and_infinity_round_as_torch_rounds_in_every_chunk():
     chunk is written again with them. NaN and inf in one chunk (vector body and scalar tail), a
     finite neighbour chunk, and a NaN coefficient whose payload the unmasked rounding would carry
     into the sign bit (0x7FFFFFFF -> -0.0)."""
-    n = 3 * CHUNK + 9  # chunks 0 and 1 hold NaN / inf, chunk 2 is finite, the 9-entry tail holds a NaN
+    size = chunk(torch.bfloat16)
+    n = 3 * size + 9  # chunks 0 and 1 hold NaN / inf, chunk 2 is finite, the 9-entry tail holds a NaN
     base, sources = inputs(n, 3, torch.bfloat16)
-    base[5], sources[0][7], sources[1][CHUNK + 3], base[-2] = math.nan, math.inf, -math.inf, math.nan
+    base[5], sources[0][7], sources[1][size + 3], base[-2] = math.nan, math.inf, -math.inf, math.nan
     for coefficients in ([0.3, -0.7, 1.2], [0.3, -0.7, struct.unpack("<f", struct.pack("<I", 0x7FFFFFFF))[0]]):
         out = torch.empty_like(base)
         fused_cpu.linear_merge(base, sources, coefficients, out)
@@ -109,6 +116,28 @@ def test_bfloat16_nan_and_infinity_round_as_torch_rounds_in_every_chunk():
         assert torch.equal(out.isnan(), nan)
         assert same_bits(out[~nan], expected[~nan])
     assert nan.all()  # the NaN coefficient reaches every entry
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [SUM_BLOCK + 37, SEGMENT_BYTES + 21])  # under a chunk of any dtype; over two of each
+def test_output_off_a_32_byte_boundary_gets_the_same_bits(dtype, n):
+    """An output of a chunk or more on a 32-byte boundary is written with non-temporal stores, any
+    other with plain ones: the same bits and sums either way."""
+    base, sources = inputs(n, 3, dtype, seed=2)
+    coefficients = [0.4, -0.3, 1.1]
+    aligned = torch.empty(n + 32, dtype=dtype)
+    offset = -aligned.data_ptr() % 32 // dtype.itemsize
+    results = {}
+    for label, start in [("aligned", offset), ("off", offset + 1)]:
+        out = aligned[start : start + n]
+        assert (out.data_ptr() % 32 == 0) == (label == "aligned")
+        results[label] = (*fused_cpu.linear_merge(base, sources, coefficients, out), out.clone())
+    expected, expected_sums = reference(base, sources, coefficients)
+    for sums, conflict, out in results.values():
+        assert same_bits(out, expected)
+        assert conflict == fused_cpu.sign_conflict(base, sources).item()
+        torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64), expected_sums, rtol=1e-6, atol=0)
+    assert results["aligned"][:2] == results["off"][:2]
 
 
 def test_results_do_not_depend_on_how_a_tensor_is_split_over_threads(monkeypatch):
