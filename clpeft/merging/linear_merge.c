@@ -14,7 +14,8 @@
  * offsets of physically contiguous pages, likely conflicting in a cache or DRAM bank; two models
  * per pass, tried, was 1.5x slower there and gained nothing in whole merges of anonymous tensors),
  * bf16 / fp16 entries converted in registers, the output written past the caches, the report's
- * statistics taken on the way (its sign conflict on a sample of the chunk, read again after it).
+ * statistics taken on the way (its sign conflict on a sample of the chunk, whose lines are asked for
+ * before the chunk's passes and read after them).
  *
  * Arithmetic (what keeps the result equal to clpeft's ATen path, blocks.combine_linear, on any
  * machine): every operation is an IEEE float32 operation rounded on its own (compiled with
@@ -380,6 +381,21 @@ static int64_t chunk_conflicts(int dtype, int k, const void *base, const void *c
     return conflicts;
 }
 
+/* Asks for every cache line that chunk_conflicts will read (the same arguments), into L2, before the
+ * chunk's passes: the misses then overlap the passes instead of stalling the count after them (most
+ * sampled lines are gone from the caches by then). Nothing when every entry is sampled. */
+static void prefetch_chunk_sample(int dtype, int k, const void *base, const void *const *sources, int64_t start, int64_t m,
+                                  int64_t origin, int64_t run, int64_t count, int64_t step) {
+    if (!count) return;
+    const int64_t spacing = step * run, stop = origin + start + m, size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    for (int64_t r = (origin + start + spacing - 1) / spacing; r < count && r * spacing < stop; r++)
+        for (int64_t byte = 0; byte < run * size; byte += 64) {
+            const int64_t at = (r * spacing - origin) * size + byte;
+            __builtin_prefetch((const char *)base + at, 0, 2);
+            for (int j = 0; j < k; j++) __builtin_prefetch((const char *)sources[j] + at, 0, 2);
+        }
+}
+
 /* float32 entries of scratch clpeft_linear_merge needs: the delta row of a chunk (SEGMENT_BYTES /
  * element size entries) and its base row (SEGMENT_BYTES), for the dtype with the most entries. */
 int64_t clpeft_linear_merge_scratch(void) {
@@ -406,6 +422,7 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
     for (int64_t start = 0; start < n; start += chunk) {
         const int64_t m = n - start < chunk ? n - start : chunk;
         double chunk_sums[3] = {0.0, 0.0, 0.0};
+        prefetch_chunk_sample(dtype, k, base, sources, start, m, origin, run, count, step);
         for (int j = 0; j < k; j++)
             merge_chunk(dtype, j == 0, j == k - 1, 1, stream, start, m, base, b, sources[j], coefficients[j], d, out, &sums[3 + j], chunk_sums);
         /* A NaN among the merged values needs a NaN in the base or the delta, hence a sum of squares
