@@ -11,13 +11,19 @@ memory-mapped by ``load_file`` as a user's merge reads them):
   their thin Python wrapper, nothing else);
 * ``merge``: the whole ``merge(..., out=...)`` into existing tensors.
 
+* ``float32 kernel on these bytes`` (bf16 / fp16 only): the float32 loop over the same memory, each
+  tensor's bytes read as float32 (meaningless values, the same traffic): equal times mean the half-precision
+  loop waits for memory, not for its conversions.
+
 Printed per dtype: best wall seconds of ``--repeats`` and GB/s (the K + 2 tensors read and
 written), the engine's share of the merge's time, and bf16 / fp16 speed per byte relative to
-float32 for both (the issue-24 goal: at least 1.0x).
+float32 for both (the issue-24 goal: at least 1.0x). ``--anonymous`` copies the checkpoints into
+anonymous memory first: each file's pages sit where the page cache put them, which alone moved a
+dtype's speed per byte by 5-10% in one session.
 
 Usage:
     python benchmarks/merge_vs_mergekit.py --size full --models 4 --repeats 1 --tools clpeft-memory-out --dir /tmp/mm
-    OMP_NUM_THREADS=2 python benchmarks/merge_kernel_share.py --dir /tmp/mm --repeats 9
+    OMP_NUM_THREADS=2 python benchmarks/merge_kernel_share.py --dir /tmp/mm --repeats 9 [--anonymous]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,33 +42,42 @@ from clpeft.merging import fused_cpu, merge
 SCALE = 0.3
 
 
-def load(directory: Path, models: int) -> list[dict[str, torch.Tensor]]:
-    """Base and fine-tunes, memory-mapped, every page faulted in (the clock measures merges, not first touches)."""
+def load(directory: Path, models: int, anonymous: bool) -> list[dict[str, torch.Tensor]]:
+    """Base and fine-tunes, memory-mapped with every page faulted in (the clock measures merges, not first
+    touches), or copied into anonymous memory."""
     states = [load_file(directory / name / "model.safetensors") for name in ["base", *[f"finetuned_{i}" for i in range(models)]]]
     for state in states:
         for tensor in state.values():
             tensor.view(-1)[::1024].sum()
-    return states
+    return [{n: t.clone() for n, t in state.items()} for state in states] if anonymous else states
 
 
-def measure(directory: Path, models: int, repeats: int) -> tuple[int, float, dict[str, float]]:
-    """One dtype's checkpoints: (tensors, GB moved per merge, best seconds of the kernel alone and of the merge)."""
-    base, *tuned = load(directory, models)
-    out = {n: t.clone() for n, t in base.items()}
-    coefficients = [SCALE] * models
-    tasks = [
-        (t.numel(), functools.partial(fused_cpu.linear_merge, t.view(-1), [m[n].view(-1) for m in tuned], coefficients, out[n].view(-1)))
+def kernel_tasks(base: dict, tuned: list[dict], out: dict, dtype: torch.dtype | None = None) -> list:
+    """share()'s tasks: linear_merge on every tensor, flat; with ``dtype``, each tensor's bytes read as that dtype
+    (its even-length prefix): the same memory traffic with another dtype's arithmetic."""
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        t = t.view(-1)
+        return t if dtype is None else t[: t.numel() // 2 * 2].view(dtype)
+
+    coefficients = [SCALE] * len(tuned)
+    return [
+        (t.numel(), functools.partial(fused_cpu.linear_merge, flat(t), [flat(m[n]) for m in tuned], coefficients, flat(out[n])))
         for n, t in base.items()
     ]
+
+
+def cases(directory: Path, models: int, anonymous: bool) -> tuple[int, float, dict[str, Callable[[], object]]]:
+    """One dtype's checkpoints: its tensors, GB moved per merge, and its timed calls: the kernel alone, the
+    merge, and for bf16 / fp16 the float32 kernel over the same bytes."""
+    base, *tuned = load(directory, models, anonymous)
+    out = {n: t.clone() for n, t in base.items()}
+    tasks = kernel_tasks(base, tuned, out)
     runs = {"kernel": lambda: fused_cpu.share(tasks), "merge": lambda: merge(base, tuned, "task_arithmetic", out=out, scale=SCALE)}
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for label, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[label] = min(best[label], time.perf_counter() - start)
-    moved = (models + 2) * sum(t.numel() * t.element_size() for t in base.values()) / 1e9
-    return len(base), moved, best
+    if next(iter(base.values())).dtype != torch.float32:
+        as_float32 = kernel_tasks(base, tuned, out, torch.float32)
+        runs["same bytes"] = lambda: fused_cpu.share(as_float32)
+    return len(base), (models + 2) * sum(t.numel() * t.element_size() for t in base.values()) / 1e9, runs
 
 
 def main() -> None:
@@ -70,6 +86,11 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=4, help="K, the number of fine-tunes")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--anonymous",
+        action="store_true",
+        help="copy the checkpoints into anonymous memory (the page cache's layout of each file left out)",
+    )
     args = parser.parse_args()
     if not fused_cpu.available():
         raise SystemExit("the C kernel is not available (no C compiler, or CLPEFT_CPU_KERNEL=0)")
@@ -79,17 +100,32 @@ def main() -> None:
             f"no {', '.join(missing)} checkpoints under {args.dir}: write them with merge_vs_mergekit.py --dir {args.dir} --dtypes ..."
         )
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); K = {args.models}, best of {args.repeats}"
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); K = {args.models}, "
+        f"best of {args.repeats}; inputs {'in anonymous memory' if args.anonymous else 'memory-mapped'}"
     )
-    print("| dtype | tensors | kernel s (GB/s) | merge s (GB/s) | engine's share of the merge |\n|---|---|---|---|---|")
+    print(
+        "| dtype | tensors | kernel s (GB/s) | merge s (GB/s) | engine's share of the merge | float32 kernel on the same bytes s (GB/s) |\n"
+        "|---|---|---|---|---|---|"
+    )
+    names = args.dtypes.split(",")
+    tensors, moved, runs = {}, {}, {}
+    for name in names:
+        tensors[name], moved[name], runs[name] = cases(args.dir / name, args.models, args.anonymous)
+    best = {name: dict.fromkeys(runs[name], float("inf")) for name in names}
+    for _ in range(args.repeats):  # every dtype's runs in each round: a change in the machine's bandwidth hits all alike
+        for name in names:
+            for label, run in runs[name].items():
+                start = time.perf_counter()
+                run()
+                best[name][label] = min(best[name][label], time.perf_counter() - start)
     rates: dict[str, tuple[float, float]] = {}
-    for name in args.dtypes.split(","):
-        tensors, moved, best = measure(args.dir / name, args.models, args.repeats)
-        rates[name] = (moved / best["kernel"], moved / best["merge"])
+    for name in names:
+        seconds, gb = best[name], moved[name]
+        rates[name] = (gb / seconds["kernel"], gb / seconds["merge"])
+        same_bytes = f"{seconds['same bytes']:.4f} ({gb / seconds['same bytes']:.1f})" if "same bytes" in seconds else "-"
         print(
-            f"| {name} | {tensors} | {best['kernel']:.4f} ({rates[name][0]:.1f}) | {best['merge']:.4f} ({rates[name][1]:.1f}) "
-            f"| {1 - best['kernel'] / best['merge']:.0%} |",
-            flush=True,
+            f"| {name} | {tensors[name]} | {seconds['kernel']:.4f} ({rates[name][0]:.1f}) | {seconds['merge']:.4f} "
+            f"({rates[name][1]:.1f}) | {1 - seconds['kernel'] / seconds['merge']:.0%} | {same_bytes} |"
         )
     for name in rates:
         if name != "float32" and "float32" in rates:
