@@ -181,6 +181,31 @@ def test_share_runs_whole_tasks_concurrently_and_returns_their_results_in_order(
     assert fused_cpu._threads_for(1 << 30) == 3  # the flag ends with the call
 
 
+def test_merges_running_at_once_on_two_threads_keep_their_own_rows(monkeypatch):
+    """Each thread's calls have their own chunk rows (delta and base): two merges of several chunks
+    each, started together, give the bits and sums each gives alone."""
+    n, coefficients = 8 * chunk(torch.bfloat16) + 5, [0.5, -0.25, 1.5]
+    cases = [inputs(n, 3, torch.bfloat16, seed=seed) for seed in (3, 4)]
+    alone = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # whole, as share() runs them: the same sums
+    for base, sources in cases:
+        out = torch.empty_like(base)
+        alone.append((fused_cpu.linear_merge(base, sources, coefficients, out), out))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    together = threading.Barrier(2, timeout=30)
+
+    def merge_case(base: torch.Tensor, sources: list[torch.Tensor]):
+        out = torch.empty_like(base)
+        together.wait()
+        return fused_cpu.linear_merge(base, sources, coefficients, out), out
+
+    for _ in range(3):  # a thread's first call also sets up torch on it: the later ones overlap in their loops
+        results = fused_cpu.share([(n, lambda case=case: merge_case(*case)) for case in cases])
+        for (result, out), (expected, expected_out) in zip(results, alone):
+            assert same_bits(out, expected_out)
+            assert result == expected
+
+
 def test_an_error_on_the_calling_thread_returns_after_the_other_threads_are_done(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     done = []
