@@ -497,7 +497,7 @@ _ptrs, _floats = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float)
 _BRACKET = [_u32, _u32, _ptr, _i64, _ptr, _ptr]  # lower, upper, band, its capacity, found, tally
 _SIGNATURES = {
     "clpeft_supports_dtype": (_i32, [_i32]),
-    # dtype, n, k, base, sources, coefficients, out, sums (float64), origin, run, count, step, conflicts (int64)
+    # dtype, n, k, base, sources, coefficients, out, sums (float64), origin, run, count, step, conflicts (int64), scratch
     "clpeft_linear_merge": (_i32, [_i32, _i64, _i32, _ptr, _ptrs, _floats, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]),
     "clpeft_linear_merge_scratch": (_i64, []),
     # dtype, n, k, base, sources, run, count, step

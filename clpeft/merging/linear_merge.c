@@ -396,10 +396,10 @@ static void prefetch_chunk_sample(int dtype, int k, const void *base, const void
         }
 }
 
-/* float32 entries of scratch clpeft_linear_merge needs: the delta row of a chunk (SEGMENT_BYTES /
- * element size entries) and its base row (SEGMENT_BYTES), for the dtype with the most entries. */
+/* float32 entries of scratch clpeft_linear_merge needs: a chunk's delta row (one float32 per entry) and its
+ * base row (SEGMENT_BYTES), for bf16 / fp16, whose chunks have the most entries (SEGMENT_BYTES / 2). */
 int64_t clpeft_linear_merge_scratch(void) {
-    return (SEGMENT_BYTES / 2 + SEGMENT_BYTES / 4);
+    return SEGMENT_BYTES / 2 + SEGMENT_BYTES / 4;
 }
 
 /* out = base + sum_k coefficients[k] (sources[k] - base) over n entries, all of one dtype.
