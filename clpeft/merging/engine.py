@@ -90,7 +90,9 @@ def _aligned(nbytes: int) -> int:
 
 
 def _flat(buffer: torch.Tensor, offset: int, info: TensorInfo) -> torch.Tensor:
-    """The tensor stored at ``offset`` of a uint8 buffer, flat."""
+    """The tensor stored at ``offset`` of a uint8 buffer, flat (a source's typed flat view as it is)."""
+    if offset == 0 and buffer.dtype == info.dtype and buffer.numel() == info.numel:  # TensorSource.flat's
+        return buffer
     if offset == 0 and buffer.numel() == info.nbytes:  # a source's own bytes: no slice
         return buffer.view(info.dtype)
     return buffer[offset : offset + info.nbytes].view(info.dtype)
@@ -130,11 +132,12 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 @dataclass
 class _Staged:
-    """One batch of jobs and their bytes on the host (memory-mapped views, not copies)."""
+    """One batch of jobs and their inputs on the host (views, not copies): uint8 bytes to pack for a
+    device, or for a host merge flat tensors of their own dtype (:meth:`TensorSource.flat`)."""
 
     jobs: list[TensorJob]
-    bases: list[torch.Tensor]  # per job: the base tensor's bytes, uint8
-    models: list[list[torch.Tensor] | None]  # per job: each fine-tuned tensor's bytes (None: not read)
+    bases: list[torch.Tensor]  # per job: the base tensor
+    models: list[list[torch.Tensor] | None]  # per job: each fine-tuned tensor (None: not read)
 
 
 @dataclass
@@ -325,7 +328,7 @@ class MergeEngine:
         return buffer[:nbytes]
 
     def _stage(self, jobs: list[TensorJob]) -> _Staged:
-        """A batch's bytes: views of the sources (memory maps or in-memory tensors), no copy
+        """A batch's inputs: views of the sources (memory maps or in-memory tensors), no copy
         (except in-memory tensors on an accelerator for a CPU merge, which come to the host)."""
         return _Staged(
             jobs,
@@ -334,8 +337,11 @@ class MergeEngine:
         )
 
     def _view(self, source: TensorSource, job: TensorJob) -> torch.Tensor:
-        view = source.view(job.name)
-        return view.cpu() if not self._transfer and view.device.type != "cpu" else view
+        """A tensor's bytes to pack for the device, or on the host its flat typed view."""
+        if self._transfer:
+            return source.view(job.name)
+        view = source.flat(job.name)
+        return view.cpu() if view.device.type != "cpu" else view
 
     def _on_device(self, staged: _Staged) -> bool:
         """Every tensor of the batch already lives on the merge device (so none is copied)."""

@@ -84,6 +84,10 @@ class TensorSource(Protocol):
         (memory-mapped files, in-memory tensors), on the device the tensor lives on (the CPU
         for files). Read it, never write to it."""
 
+    def flat(self, key: str) -> torch.Tensor:
+        """``key`` as a flat tensor of its own dtype: :meth:`view`'s bytes reinterpreted, without the
+        round trip through uint8 where the source holds typed tensors. Read it, never write to it."""
+
     def release(self, key: str) -> None:
         """Done with :meth:`view` of ``key``: a memory-mapped source drops its pages from this
         process's resident memory (they stay in the page cache)."""
@@ -124,6 +128,12 @@ class StateDictSource:
         if tensor.requires_grad or not tensor.is_contiguous():  # two ATen calls fewer for the usual tensor
             tensor = tensor.detach().contiguous()
         return tensor.view(-1).view(torch.uint8)
+
+    def flat(self, key: str) -> torch.Tensor:
+        tensor = self._tensors[key]
+        if tensor.requires_grad or not tensor.is_contiguous():
+            tensor = tensor.detach().contiguous()
+        return tensor.view(-1)
 
     def release(self, key: str) -> None:
         """Nothing to release."""
@@ -213,6 +223,9 @@ class SafetensorsSource:
         if entry.info.nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self._map(entry.file), dtype=torch.uint8, count=entry.info.nbytes, offset=entry.offset)
+
+    def flat(self, key: str) -> torch.Tensor:
+        return self.view(key).view(self.info(key).dtype)
 
     def release(self, key: str) -> None:
         entry = self._entries[key]

@@ -290,6 +290,9 @@ class ComposedSource:
         self._held[key] = (tensor if scale is None else tensor * scale).reshape(-1).view(torch.uint8)
         return self._held[key]
 
+    def flat(self, key: str) -> torch.Tensor:
+        return self.view(key).view(self.info(key).dtype)
+
     def release(self, key: str) -> None:
         self._held.pop(key, None)
         source, name = self._entries[key]

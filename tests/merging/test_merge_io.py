@@ -13,6 +13,7 @@ from clpeft.errors import UserError
 from clpeft.merging.io import (
     SafetensorsSource,
     SafetensorsWriter,
+    StateDictSource,
     TensorInfo,
     checkpoint_files,
     open_checkpoint,
@@ -55,6 +56,20 @@ def test_source_reads_what_safetensors_wrote(tmp_path):
         for name, tensor in TENSORS.items():
             assert source.info(name) == TensorInfo(tensor.dtype, tuple(tensor.shape))
             assert torch.equal(source.read(name), tensor)
+
+
+def test_flat_is_the_view_typed_without_a_copy(tmp_path):
+    """``flat``: each tensor flat in its own dtype, at the address of ``view``'s bytes, for files and
+    state dicts alike (what the engine reads on the host)."""
+    save_file(TENSORS, tmp_path / "model.safetensors")
+    with SafetensorsSource([tmp_path / "model.safetensors"]) as files:
+        for source in (files, StateDictSource(TENSORS, "a state dict")):
+            for name, tensor in TENSORS.items():
+                flat, raw = source.flat(name), source.view(name)
+                assert flat.dtype == tensor.dtype and flat.shape == (tensor.numel(),)
+                assert torch.equal(flat.view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+                assert flat.numel() == 0 or flat.data_ptr() == raw.data_ptr()
+    assert StateDictSource(TENSORS, "a state dict").flat("f32").data_ptr() == TENSORS["f32"].data_ptr()
 
 
 def test_shards_through_an_index_and_a_directory(tmp_path):
