@@ -9,9 +9,8 @@ memory-mapped by ``load_file`` as a user's merge reads them):
 * ``kernel``: :func:`clpeft.merging.fused_cpu.linear_merge` on every tensor, the tensors shared
   between the torch threads by :func:`~clpeft.merging.fused_cpu.share` in one batch (the loops and
   their thin Python wrapper, nothing else);
-* ``merge``: the whole ``merge(..., out=...)`` into existing tensors.
-
-* ``float32 kernel on these bytes`` (bf16 / fp16 only): the float32 loop over the same memory, each
+* ``merge``: the whole ``merge(..., out=...)`` into existing tensors;
+* ``float32 kernel on the same bytes`` (bf16 / fp16 only): the float32 loop over the same memory, each
   tensor's bytes read as float32 (meaningless values, the same traffic): equal times mean the half-precision
   loop waits for memory, not for its conversions.
 

@@ -124,14 +124,11 @@ class StateDictSource:
         return info
 
     def view(self, key: str) -> torch.Tensor:
-        tensor = self._tensors[key]
-        if tensor.requires_grad or not tensor.is_contiguous():  # two ATen calls fewer for the usual tensor
-            tensor = tensor.detach().contiguous()
-        return tensor.view(-1).view(torch.uint8)
+        return self.flat(key).view(torch.uint8)
 
     def flat(self, key: str) -> torch.Tensor:
         tensor = self._tensors[key]
-        if tensor.requires_grad or not tensor.is_contiguous():
+        if tensor.requires_grad or not tensor.is_contiguous():  # two ATen calls fewer for the usual tensor
             tensor = tensor.detach().contiguous()
         return tensor.view(-1)
 

@@ -64,6 +64,11 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 /* ------------------------------------------------------------------ conversions */
 
+/* Bytes per entry of dtype (DTYPE_*). */
+static inline int64_t element_size(int dtype) {
+    return dtype == DTYPE_FLOAT32 ? 4 : 2;
+}
+
 static inline float bits_to_float(uint32_t bits) {
     float value;
     memcpy(&value, &bits, sizeof value);
@@ -183,7 +188,7 @@ static inline void pair_store(int dtype, void *p, int64_t i, const f32x8 v[2], c
  * checkpoints) and this keeps the next page's lines coming (bf16 from a mapped file: ~15% faster). */
 #define PREFETCH_BYTES 1024
 static inline void prefetch(int dtype, const void *p, int64_t i) {
-    __builtin_prefetch((const char *)p + i * (dtype == DTYPE_FLOAT32 ? 4 : 2) + PREFETCH_BYTES, 0, 0);
+    __builtin_prefetch((const char *)p + i * element_size(dtype) + PREFETCH_BYTES, 0, 0);
 }
 
 /* a + x * y for the report's statistics: fused where the CPU has FMA (one instruction instead of
@@ -215,6 +220,7 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, 
             float *restrict acc, float *restrict sums) {
     f32x8 task_sq[2] = {{0}}, base_sq[2] = {{0}}, delta_sq[2] = {{0}};
     i32x8 nonzero[2] = {{0}};
+    const int64_t size = element_size(DTYPE);
     int64_t i = 0;
     for (; i + 2 * LANES <= m; i += 2 * LANES) {
         const int64_t at = start + i;
@@ -222,7 +228,6 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, 
         prefetch(DTYPE, theta_k, at);
         if (FIRST) {
             prefetch(DTYPE, base, at);
-            const int64_t size = DTYPE == DTYPE_FLOAT32 ? 4 : 2;
             memcpy((char *)b + i * size, (const char *)base + at * size, 2 * LANES * size);
         }
         pair_load(DTYPE, b, i, theta0);
@@ -247,7 +252,7 @@ merge_model(const int DTYPE, const int FIRST, const int LAST, const int NO_NAN, 
     float tail[4] = {0.f, 0.f, 0.f, 0.f}; /* task, base, delta, non-zero */
     for (; i < m; i++) { /* the tensor's last entries (fewer than 2 LANES): the same operations */
         const int64_t at = start + i;
-        if (FIRST) memcpy((char *)b + i * (DTYPE == DTYPE_FLOAT32 ? 4 : 2), (const char *)base + at * (DTYPE == DTYPE_FLOAT32 ? 4 : 2), DTYPE == DTYPE_FLOAT32 ? 4 : 2);
+        if (FIRST) memcpy((char *)b + i * size, (const char *)base + at * size, size);
         const float theta0 = scalar_load(DTYPE, b, i);
         const float t = scalar_load(DTYPE, theta_k, at) - theta0;
         const float delta = FIRST ? c * t : d[i] + c * t;
@@ -301,10 +306,9 @@ static void merge_block(int dtype, int first, int last, int no_nan, int stream, 
  * float32 statistics then added in float64: model_sum and chunk_sums). b and d: the chunk's rows. */
 static void merge_chunk(int dtype, int first, int last, int no_nan, int stream, int64_t start, int64_t m, const void *base, void *b,
                         const void *theta_k, float c, float *d, void *out, double *model_sum, double chunk_sums[3]) {
-    const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
     for (int64_t i = 0; i < m; i += SUM_BLOCK) {
         float acc = 0.f, sums[3] = {0.f, 0.f, 0.f};
-        merge_block(dtype, first, last, no_nan, stream, start + i, m - i < SUM_BLOCK ? m - i : SUM_BLOCK, base, (char *)b + i * size,
+        merge_block(dtype, first, last, no_nan, stream, start + i, m - i < SUM_BLOCK ? m - i : SUM_BLOCK, base, (char *)b + i * element_size(dtype),
                     theta_k, c, d + i, out, &acc, sums);
         *model_sum += acc;
         for (int j = 0; j < 3; j++) chunk_sums[j] += sums[j];
@@ -367,8 +371,9 @@ static int64_t conflicts_between(int dtype, int k, const void *base, const void 
 #endif
 }
 
-/* The sign conflicts of the sampled runs that start in the chunk [start, start + m) just merged, its
- * inputs still in the last-level cache (a pass of its own would wait for memory at every run). The sample
+/* The sign conflicts of the sampled runs that start in the chunk [start, start + m) just merged, their
+ * lines asked for before its passes (prefetch_chunk_sample; a pass of its own would wait for memory at
+ * every run). The sample
  * (report.sample_runs): count runs of run entries, one every step runs of the whole tensor, whose
  * entry origin is this call's entry 0; every entry when count is 0. */
 static int64_t chunk_conflicts(int dtype, int k, const void *base, const void *const *sources, int64_t start, int64_t m,
@@ -387,7 +392,7 @@ static int64_t chunk_conflicts(int dtype, int k, const void *base, const void *c
 static void prefetch_chunk_sample(int dtype, int k, const void *base, const void *const *sources, int64_t start, int64_t m,
                                   int64_t origin, int64_t run, int64_t count, int64_t step) {
     if (!count) return;
-    const int64_t spacing = step * run, stop = origin + start + m, size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t spacing = step * run, stop = origin + start + m, size = element_size(dtype);
     for (int64_t r = (origin + start + spacing - 1) / spacing; r < count && r * spacing < stop; r++)
         for (int64_t byte = 0; byte < run * size; byte += 64) {
             const int64_t at = (r * spacing - origin) * size + byte;
@@ -407,7 +412,7 @@ int64_t clpeft_linear_merge_scratch(void) {
  * sum tau_1^2, ..., sum tau_k^2]; conflicts (added to): the sign conflicts of the sample
  * (origin, run, count, step: chunk_conflicts) among these n entries. scratch: clpeft_linear_merge_scratch()
  * float32 entries, 32-byte aligned (the caller's, reused across calls). A chunk holds SEGMENT_BYTES of
- * each input: short segments restart the prefetchers too often (512 KiB segments ran 1.2-1.5x faster
+ * each input: short segments restart the prefetchers too often (512 KiB segments ran 1.2-1.4x faster
  * than 64 KiB ones that kept the delta row in L2). An output of a chunk or more on a 32-byte boundary is
  * written with non-temporal stores (never read for ownership, nor kept in cache). Returns 0, or 1 for a dtype
  * not compiled in. */
@@ -415,7 +420,7 @@ int clpeft_linear_merge(int dtype, int64_t n, int k, const void *base, const voi
                         const float *coefficients, void *out, double *sums, int64_t origin, int64_t run,
                         int64_t count, int64_t step, int64_t *conflicts, float *scratch) {
     if (!clpeft_supports_dtype(dtype) || k < 1) return 1;
-    const int64_t chunk = SEGMENT_BYTES / (dtype == DTYPE_FLOAT32 ? 4 : 2);
+    const int64_t chunk = SEGMENT_BYTES / element_size(dtype);
     float *d = scratch; /* the running delta of a chunk */
     void *b = scratch + chunk; /* the chunk's base, in its dtype, read once per chunk */
     const int stream = HAVE_STREAM && (uintptr_t)out % 32 == 0 && n >= chunk; /* a small output stays in cache for its reader */
@@ -585,7 +590,7 @@ static int each_difference_chunk(int dtype, int64_t n, const void *source, const
                                  void (*visit)(const float *row, int64_t m, void *context), void *context) {
     if (!clpeft_supports_dtype(dtype)) return -1;
     float row[ELECT_CHUNK] __attribute__((aligned(32)));
-    const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t size = element_size(dtype);
     for (int64_t start = 0; start < n; start += ELECT_CHUNK) {
         const int64_t m = n - start < ELECT_CHUNK ? n - start : ELECT_CHUNK;
         clpeft_subtract(dtype, m, (const char *)source + start * size, base + start, row, NULL);
