@@ -539,6 +539,11 @@ def _library() -> ctypes.CDLL | None:
             path,
         )
         return None
+    return _load(path)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """A built kernel library with the argument and return types of its entry points declared."""
     library = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(library, name)
