@@ -5,9 +5,8 @@ speed by a few percent, less than this VM's memory bandwidth drifts in a minute:
 cannot tell it. This script builds the file as each git revision (or the working tree) has it,
 with the flags :mod:`clpeft.merging.fused_cpu` uses, and times every build in turn each round on
 the same memory: the checkpoints ``benchmarks/merge_vs_mergekit.py --dir DIR`` writes, merged by
-:func:`clpeft.merging.fused_cpu.linear_merge` with whole tensors shared between the torch threads
-(``merge_kernel_share.py``'s "kernel" column). It checks that every build writes the first one's
-bits.
+:func:`clpeft.merging.fused_cpu.linear_merges` (``merge_kernel_share.py``'s "kernel" column). It
+checks that every build writes the first one's bits.
 
 Printed per revision and dtype: median and best GB/s (the K + 2 tensors read and written), and the
 median over rounds of each round's speed ratio against the first revision (the paired ratio: a
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from merge_kernel_share import SCALE, kernel_tasks, load
+from merge_kernel_share import SCALE, kernel_merges, load
 
 from clpeft.merging import fused_cpu
 
@@ -80,14 +79,14 @@ def main() -> None:
         base, *tuned = load(args.dir / name, args.models, args.anonymous)
         out = {n: torch.empty_like(t) for n, t in base.items()}
         gigabytes = (args.models + 2) * sum(t.numel() * t.element_size() for t in base.values()) / 1e9
-        cases[name] = (kernel_tasks(base, tuned, out), out, gigabytes)
+        cases[name] = (kernel_merges(base, tuned, out), out, gigabytes)
     seconds = {(revision, name): [] for revision in revisions for name in names}
     for round_ in range(args.rounds):
         for revision, build in builds.items():
             fused_cpu._library = lambda build=build: build
-            for name, (tasks, out, _) in cases.items():
+            for name, (merges, out, _) in cases.items():
                 start = time.perf_counter()
-                fused_cpu.share(tasks)
+                fused_cpu.linear_merges(merges)
                 seconds[revision, name].append(time.perf_counter() - start)
                 if round_ == 0:
                     outputs[revision, name] = {n: t.clone() for n, t in out.items()}

@@ -6,9 +6,9 @@ tensor, the report. This script times, in one process and interleaved, on the ch
 ``benchmarks/merge_vs_mergekit.py --dir DIR`` writes (``DIR/<dtype>/base``, ``finetuned_<i>``,
 memory-mapped by ``load_file`` as a user's merge reads them):
 
-* ``kernel``: :func:`clpeft.merging.fused_cpu.linear_merge` on every tensor, the tensors shared
-  between the torch threads by :func:`~clpeft.merging.fused_cpu.share` in one batch (the loops and
-  their thin Python wrapper, nothing else);
+* ``kernel``: :func:`clpeft.merging.fused_cpu.linear_merges` on every tensor in one batch, the
+  entries cut into one even span per torch thread (the loops and their thin Python wrapper,
+  nothing else);
 * ``merge``: the whole ``merge(..., out=...)`` into existing tensors;
 * ``float32 kernel on the same bytes`` (bf16 / fp16 only): the float32 loop over the same memory, each
   tensor's bytes read as float32 (meaningless values, the same traffic): equal times mean the half-precision
@@ -28,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,8 +50,8 @@ def load(directory: Path, models: int, anonymous: bool) -> list[dict[str, torch.
     return [{n: t.clone() for n, t in state.items()} for state in states] if anonymous else states
 
 
-def kernel_tasks(base: dict, tuned: list[dict], out: dict, dtype: torch.dtype | None = None) -> list:
-    """share()'s tasks: linear_merge on every tensor, flat; with ``dtype``, each tensor's bytes read as that dtype
+def kernel_merges(base: dict, tuned: list[dict], out: dict, dtype: torch.dtype | None = None) -> list:
+    """linear_merges()' merges: every tensor, flat; with ``dtype``, each tensor's bytes read as that dtype
     (its even-length prefix): the same memory traffic with another dtype's arithmetic."""
 
     def flat(t: torch.Tensor) -> torch.Tensor:
@@ -60,10 +59,7 @@ def kernel_tasks(base: dict, tuned: list[dict], out: dict, dtype: torch.dtype | 
         return t if dtype is None else t[: t.numel() // 2 * 2].view(dtype)
 
     coefficients = [SCALE] * len(tuned)
-    return [
-        (t.numel(), functools.partial(fused_cpu.linear_merge, flat(t), [flat(m[n]) for m in tuned], coefficients, flat(out[n])))
-        for n, t in base.items()
-    ]
+    return [(flat(t), [flat(m[n]) for m in tuned], coefficients, flat(out[n])) for n, t in base.items()]
 
 
 def cases(directory: Path, models: int, anonymous: bool) -> tuple[int, float, dict[str, Callable[[], object]]]:
@@ -71,11 +67,11 @@ def cases(directory: Path, models: int, anonymous: bool) -> tuple[int, float, di
     merge, and for bf16 / fp16 the float32 kernel over the same bytes."""
     base, *tuned = load(directory, models, anonymous)
     out = {n: t.clone() for n, t in base.items()}
-    tasks = kernel_tasks(base, tuned, out)
-    runs = {"kernel": lambda: fused_cpu.share(tasks), "merge": lambda: merge(base, tuned, "task_arithmetic", out=out, scale=SCALE)}
+    merges = kernel_merges(base, tuned, out)
+    runs = {"kernel": lambda: fused_cpu.linear_merges(merges), "merge": lambda: merge(base, tuned, "task_arithmetic", out=out, scale=SCALE)}
     if next(iter(base.values())).dtype != torch.float32:
-        as_float32 = kernel_tasks(base, tuned, out, torch.float32)
-        runs["same bytes"] = lambda: fused_cpu.share(as_float32)
+        as_float32 = kernel_merges(base, tuned, out, torch.float32)
+        runs["same bytes"] = lambda: fused_cpu.linear_merges(as_float32)
     return len(base), (models + 2) * sum(t.numel() * t.element_size() for t in base.values()) / 1e9, runs
 
 

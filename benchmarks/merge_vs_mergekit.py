@@ -1,9 +1,10 @@
 """clpeft vs mergekit on Llama-shaped checkpoints: wall time, peak RSS, accuracy, copy bandwidth.
 
 K synthetic fine-tunes of a Llama-shaped model (``--size full``: 134M parameters, hidden 768,
-12 layers, intermediate 2048, vocabulary 32000, untied head) are written once per dtype asked
-for (float32, bfloat16, float16) as transformers-style directories (``config.json`` +
-``model.safetensors``).
+12 layers, intermediate 2048, vocabulary 32000, untied head; ``--size 7b-layer``: the tensor
+shapes of a 7B Llama, hidden 4096 and intermediate 11008, one layer and an 8,000-entry
+vocabulary, 267M parameters) are written once per dtype asked for (float32, bfloat16, float16)
+as transformers-style directories (``config.json`` + ``model.safetensors``).
 Fine-tune ``k`` is ``base + N(0, 1e-3)`` over a ``N(0, 0.02)`` base, rounded to the dtype.
 
 Cases, each in its own subprocess so that its peak resident memory (``VmHWM``) is its own, and
@@ -63,8 +64,9 @@ from pathlib import Path
 
 import torch
 
-SIZES = {  # Llama shapes; "full" is 134M parameters
+SIZES = {  # Llama shapes; "full" is 134M parameters, "7b-layer" one Llama-2-7B decoder layer (267M with an 8,000-entry vocabulary)
     "full": {"hidden": 768, "layers": 12, "intermediate": 2048, "vocab": 32000},
+    "7b-layer": {"hidden": 4096, "layers": 1, "intermediate": 11008, "vocab": 8000},
     "small": {"hidden": 128, "layers": 2, "intermediate": 344, "vocab": 1000},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -27,9 +27,9 @@ from clpeft.merging.sharded import INDEX_NAME, PROGRESS_NAME, ShardRecord, finge
 __all__ = ["merge", "merge_files"]
 
 # An in-memory merge on the CPU copies nothing into batches (CPU tensors): a batch is only the group
-# of tensors the torch threads share (fused_cpu.share), and larger groups balance better and wait for
-# the threads less often (benchmarks/RESULTS.md: task arithmetic of a 134M Llama at two threads,
-# 1.2-1.4x faster than with the 8 MiB read batches, and 3-5% faster again than with 64 MiB).
+# of tensors the torch threads share (fused_cpu.linear_merges: one even span each), and larger groups
+# wait for the threads less often (benchmarks/RESULTS.md: task arithmetic of a 134M Llama at two
+# threads, 1.2-1.4x faster than with the 8 MiB read batches, and 3-5% faster again than with 64 MiB).
 _HOST_BATCH_BYTES = 256 << 20
 
 StateDict = Mapping[str, torch.Tensor]

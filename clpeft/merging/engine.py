@@ -55,7 +55,6 @@ float32 (sums of squares past 3.4e38, e.g. entries of 1e20) are recomputed in fl
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import reprlib
@@ -477,22 +476,26 @@ class MergeEngine:
     def _kernel_merges(
         self, jobs: list[TensorJob], bases: list[torch.Tensor], models: list, destinations: list[torch.Tensor | None]
     ) -> dict[int, tuple[torch.Tensor, Packed]]:
-        """A batch's linear merges that the compiled kernel takes, by index in the batch, computed with
-        whole tensors shared between the torch threads (:func:`~clpeft.merging.fused_cpu.share`: one
-        hand-off per thread and batch instead of one per tensor); ``{}`` where that does not apply."""
+        """A batch's linear merges that the compiled kernel takes, by index in the batch, computed
+        together, the torch threads sharing their entries evenly
+        (:func:`~clpeft.merging.fused_cpu.linear_merges`: one hand-off per thread and batch instead of
+        one per tensor); ``{}`` where that does not apply."""
         if self._transfer or not (self.fused and self.method.linear and self._full) or torch.get_num_threads() < 2:
             return {}
-        tasks = {}
+        merges = {}
         for index, (job, base, rows, out) in enumerate(zip(jobs, bases, models, destinations)):
             if not job.merge or job.average or out is None:
                 continue
             flat, sources = _flat(base, 0, job.info), self._sources(job, rows)
             if fused_cpu.supports(flat, sources, out.view(-1)):
-                self._coefficients(compute_dtype(flat.dtype))  # cached here, read by the threads
-                tasks[index] = (job.info.numel, functools.partial(self._kernel_merge, flat, sources, out))
-        return dict(zip(tasks, fused_cpu.share(list(tasks.values()))))
+                merges[index] = (flat, sources, self._coefficients(compute_dtype(flat.dtype)), out.view(-1))
+        results = fused_cpu.linear_merges(list(merges.values()))
+        return {
+            index: (destinations[index], pack_host_sums(sums, conflict, flat.numel()))
+            for (index, (flat, *_)), (sums, conflict) in zip(merges.items(), results)
+        }
 
-    def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    def _kernel_merge(self, base: torch.Tensor, sources: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, Packed]:
         """A linear method on the host in one pass of the compiled kernel, written into ``out``."""
         sums, conflict = fused_cpu.linear_merge(base, sources, self._coefficients(compute_dtype(base.dtype)), out.view(-1))
         return out, pack_host_sums(sums, conflict, base.numel())

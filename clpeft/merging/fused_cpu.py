@@ -25,8 +25,9 @@ whole task vectors, each loop with the ATen path's bits or exact counts:
 The file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; GCC or
 Clang) into ``<cache root>/kernels`` (:func:`~clpeft.paths.kernels_cache_dir`), named by a hash
 of the source, the compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL;
-large tensors are split over ``torch.get_num_threads()`` threads, and the engine hands a batch's
-smaller tensors whole to those threads, :func:`share`). Without a compiler, or with
+large tensors are split over ``torch.get_num_threads()`` threads; the engine's linear merges of a
+batch are cut into one even span per thread, :func:`linear_merges`, and TIES' selections hand
+whole rows to the threads, :func:`share`). Without a compiler, or with
 ``CLPEFT_CPU_KERNEL=0``, everything keeps the ATen path; ``merge(..., fused=False)`` keeps linear
 merges on it. A
 cached library that another user could have written (not owned by this user, or writable by
@@ -68,6 +69,7 @@ __all__ = [
     "finish",
     "kth_largest_magnitude",
     "linear_merge",
+    "linear_merges",
     "share",
     "sign_conflict",
     "subtract",
@@ -144,40 +146,69 @@ def linear_merge(
         of :func:`sign_conflict` counted as each chunk is merged (its sample read again from cache).
         Python numbers, not tensors: a small tensor's merge costs about as much as a few ATen calls.
     """
-    n, k = base.numel(), len(sources)
-    code = _DTYPE_CODES[base.dtype]
-    weights = (ctypes.c_float * k)(*coefficients)
-    ranges = _column_ranges(n, n)
-    sums = (ctypes.c_double * ((3 + k) * len(ranges)))()
-    conflicts = (ctypes.c_int64 * len(ranges))()
-    count, step = sample_runs(n, k) or (0, 1)
-    size = base.element_size()
+    return linear_merges([(base, sources, coefficients, out)])[0]
 
-    def run(part: int) -> None:
-        start, stop = ranges[part]
-        pointers = (ctypes.c_void_p * k)(*[s.data_ptr() + start * size for s in sources])
+
+def linear_merges(
+    merges: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[float], torch.Tensor]],
+) -> list[tuple[list[float], float]]:
+    """:func:`linear_merge` of each ``(base, sources, coefficients, out)``, the torch threads sharing the work evenly.
+
+    The tensors' entries, end to end, are cut into one span per thread (:func:`_spans`): a thread
+    merges the tensors inside its span whole and those at its ends in part, so every thread has the
+    same number of entries however unequal the tensors (handed out whole, three equal tensors left
+    one of two threads twice the other's work). One hand-off per thread for the whole batch.
+    """
+    calls = [_LinearCall(*merge) for merge in merges]
+    spans = _spans([call.n for call in calls], _threads_for(sum(call.n for call in calls)))
+
+    def run(span: list[tuple[int, int, int]]) -> None:
+        for index, start, stop in span:
+            calls[index].run(start, stop)
+
+    _run_all(run, spans)
+    return [call.result() for call in calls]
+
+
+class _LinearCall:
+    """One linear merge's arguments to ``clpeft_linear_merge``, and the sums and sign conflicts of the parts merged."""
+
+    def __init__(self, base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor):
+        self.n, self.k, self.size = base.numel(), len(sources), base.element_size()
+        self.code = _DTYPE_CODES[base.dtype]
+        self.weights = (ctypes.c_float * self.k)(*coefficients)
+        self.base, self.out, self.sources = base.data_ptr(), out.data_ptr(), [s.data_ptr() for s in sources]
+        self.count, self.step = sample_runs(self.n, self.k) or (0, 1)
+        self.parts: list[tuple[ctypes.Array, int]] = []  # appended from several threads (atomic under the GIL)
+
+    def run(self, start: int, stop: int) -> None:
+        """Merge entries ``[start, stop)``."""
+        shift = start * self.size
+        sums, conflicts = (ctypes.c_double * (3 + self.k))(), ctypes.c_int64()
         status = _library().clpeft_linear_merge(
-            code,
+            self.code,
             stop - start,
-            k,
-            base.data_ptr() + start * size,
-            pointers,
-            weights,
-            out.data_ptr() + start * size,
-            ctypes.byref(sums, part * (3 + k) * ctypes.sizeof(ctypes.c_double)),
+            self.k,
+            self.base + shift,
+            (ctypes.c_void_p * self.k)(*[source + shift for source in self.sources]),
+            self.weights,
+            self.out + shift,
+            sums,
             start,
             SAMPLE_RUN,
-            count,
-            step,
-            ctypes.byref(conflicts, part * ctypes.sizeof(ctypes.c_int64)),
+            self.count,
+            self.step,
+            ctypes.byref(conflicts),
             _merge_scratch(),
         )
         if status != 0:  # supports() was not asked: a bug in the caller, not in the input
-            raise RuntimeError(f"the CPU merge kernel refused dtype {base.dtype} with {k} models")
+            raise RuntimeError(f"the CPU merge kernel refused dtype code {self.code} with {self.k} models")
+        self.parts.append((sums, conflicts.value))
 
-    _run_all(run, range(len(ranges)))
-    totals = [math.fsum(sums[j :: 3 + k]) for j in range(3 + k)] if len(ranges) > 1 else sums[:]
-    return totals, _conflict_share(sum(conflicts), count, n)
+    def result(self) -> tuple[list[float], float]:
+        """The merge's sums (added over its parts in float64, exactly rounded) and sign conflict."""
+        sums = [math.fsum(part[j] for part, _ in self.parts) for j in range(3 + self.k)] if len(self.parts) > 1 else self.parts[0][0][:]
+        return sums, _conflict_share(sum(conflicts for _, conflicts in self.parts), self.count, self.n)
 
 
 def _merge_scratch() -> int:
@@ -430,6 +461,25 @@ def _column_ranges(n: int, entries: int) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges covering ``n`` columns, one per thread for ``entries`` of work; starts aligned."""
     step = max(_ALIGN, -(-n // _threads_for(entries) // _ALIGN) * _ALIGN)
     return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _spans(lengths: Sequence[int], threads: int) -> list[list[tuple[int, int, int]]]:
+    """Tensors of ``lengths`` entries, end to end, cut into ``threads`` spans of equal length: per span, its
+    ``(tensor, start, stop)`` pieces. Each tensor takes its length rounded up to ``_ALIGN`` entries, so cuts
+    inside a tensor fall on a multiple of ``_ALIGN``."""
+    places = [-(-n // _ALIGN) * _ALIGN for n in lengths]
+    step = max(_ALIGN, -(-sum(places) // threads // _ALIGN) * _ALIGN)
+    spans: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
+    offset = 0
+    for index, (n, place) in enumerate(zip(lengths, places)):
+        start = 0
+        while start < n:
+            span = (offset + start) // step
+            stop = min(n, (span + 1) * step - offset)
+            spans[span].append((index, start, stop))
+            start = stop
+        offset += place
+    return [span for span in spans if span]
 
 
 def _run_all(run, items, workers: int | None = None) -> None:

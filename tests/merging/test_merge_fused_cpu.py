@@ -224,29 +224,68 @@ def test_an_error_on_the_calling_thread_returns_after_the_other_threads_are_done
     assert done == [True]  # nothing writes after the error reaches the caller
 
 
-def test_batches_shared_between_threads_keep_the_bits_and_statistics_of_one_thread(monkeypatch, tmp_path):
+def test_batches_split_evenly_between_threads_keep_the_bits_and_statistics_of_one_thread(monkeypatch, tmp_path):
+    """A batch's tensors, end to end, are cut into one even span per thread: the merged bits are one
+    thread's, a tensor merged whole by one thread has one thread's statistics bit for bit, and the
+    tensor cut between the threads has them to the kernel's float32 block sums."""
     generator = torch.Generator().manual_seed(0)
-    size = fused_cpu._MIN_SHARED_ENTRIES
-    base = {f"layer{i}.weight": torch.randn(size + 16 * i, generator=generator).to(torch.bfloat16) for i in range(6)}
+    sizes = [900_001, 65_536, 700_003, 17, 500_000, 300_011]  # 2.47M entries: two threads, the cut inside the third
+    base = {f"layer{i}.weight": torch.randn(n, generator=generator).to(torch.bfloat16) for i, n in enumerate(sizes)}
     models = [{n: (t.float() + 0.01 * torch.randn(t.shape, generator=generator)).to(t.dtype) for n, t in base.items()} for _ in range(3)]
     paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
     for path, state in zip(paths, [base, *models]):
         save_file(state, str(path))
-    shared = []
-    share = fused_cpu.share
-    monkeypatch.setattr(fused_cpu, "share", lambda tasks: shared.append(len(tasks)) or share(tasks))
-    merged, reports = {}, {}
+    pieces = []  # (thread, tensor's numel, start, stop) of every call of the C loop
+    run = fused_cpu._LinearCall.run
+    monkeypatch.setattr(
+        fused_cpu._LinearCall, "run", lambda self, a, b: pieces.append((threading.get_ident(), self.n, a, b)) or run(self, a, b)
+    )
+    merged, reports, split = {}, {}, []
     for threads in (1, 2):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        pieces.clear()
         merged[threads] = merge(base, models, "task_arithmetic", scale=0.4)
+        split.append(list(pieces))
+        pieces.clear()
         out = tmp_path / f"{threads}.out.safetensors"
-        reports[threads] = merge_files(paths[0], paths[1:], out, "task_arithmetic", scale=0.4).tensors
+        reports[threads] = {t.name: t for t in merge_files(paths[0], paths[1:], out, "task_arithmetic", scale=0.4).tensors}
+        split.append(list(pieces))
         assert all(same_bits(t, merged[threads][name]) for name, t in load_file(str(out)).items())
-    assert shared == [len(base), len(base)]  # with two threads each merge's one batch was shared, with one not
+    for calls in split[2:]:  # merge's and merge_files' pieces on two threads
+        entries: dict[int, int] = {}
+        for thread, _, start, stop in calls:
+            entries[thread] = entries.get(thread, 0) + stop - start
+        assert len(entries) == 2
+        assert abs(entries.popitem()[1] - entries.popitem()[1]) <= 16 * len(sizes)  # even, to the 16-entry steps
+        assert sorted({n for _, n, _, _ in calls if sum(size == n for _, size, _, _ in calls) > 1}) == [700_003]  # one tensor cut
     aten = merge(base, models, "task_arithmetic", scale=0.4, fused=False)
     for name in base:
         assert same_bits(merged[2][name], merged[1][name]) and same_bits(merged[2][name], aten[name]), name
-    assert reports[2] == reports[1]  # whole tensors per thread: the same sums, bit for bit
+    for name, report in reports[2].items():
+        if name != "layer2.weight":
+            assert report == reports[1][name], name  # merged whole by one thread: the same sums, bit for bit
+            continue
+        one = reports[1][name]
+        assert (report.density, report.sign_conflict) == (one.density, one.sign_conflict)  # exact counts
+        # float32 sums within 16,384 entries (SUM_BLOCK), whose ends move with the cut, then float64
+        torch.testing.assert_close(report.task_vector_norms, one.task_vector_norms, rtol=1e-6, atol=0)
+        torch.testing.assert_close(report.merged_norm, one.merged_norm, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_spans_cover_every_entry_once_in_even_aligned_spans(threads):
+    lengths = [5, 1 << 20, 17, 300_001, 16, 1, 2_000_003]
+    spans = fused_cpu._spans(lengths, threads)
+    covered = [[] for _ in lengths]
+    for span in spans:
+        for index, start, stop in span:
+            assert start % 16 == 0 and start < stop <= lengths[index]
+            covered[index].append((start, stop))
+    for n, pieces in zip(lengths, covered):
+        pieces.sort()
+        assert pieces[0][0] == 0 and pieces[-1][1] == n and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    loads = [sum(stop - start for _, start, stop in span) for span in spans]
+    assert len(spans) == threads and max(loads) - min(loads) <= 16 * len(lengths)
 
 
 def test_supports_only_flat_inputs_of_one_kernel_dtype():
@@ -268,9 +307,9 @@ def test_engine_merges_through_the_kernel_with_the_aten_paths_bits(monkeypatch, 
     base = tiny_vit(generator) | {"big.weight": torch.randn(300_001, generator=generator)}
     models = [cast(finetune(base, generator)) for _ in range(3)]
     base = cast(base)
-    calls = []
-    linear_merge = fused_cpu.linear_merge
-    monkeypatch.setattr(fused_cpu, "linear_merge", lambda *args: calls.append(args[0].numel()) or linear_merge(*args))
+    calls = []  # the numel of every tensor merged by the kernel
+    start = fused_cpu._LinearCall.__init__
+    monkeypatch.setattr(fused_cpu._LinearCall, "__init__", lambda self, base, *rest: calls.append(base.numel()) or start(self, base, *rest))
     fused = merge(base, models, method, **params)
     floating = [name for name, t in base.items() if t.is_floating_point()]
     assert sum(calls) == sum(base[name].numel() for name in floating)  # every float tensor went through the kernel
