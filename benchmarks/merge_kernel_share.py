@@ -16,7 +16,9 @@ memory-mapped by ``load_file`` as a user's merge reads them):
 
 Printed per dtype: best wall seconds of ``--repeats`` and GB/s (the K + 2 tensors read and
 written), the engine's share of the merge's time, and bf16 / fp16 speed per byte relative to
-float32 for both (the issue-24 goal: at least 1.0x). ``--anonymous`` copies the checkpoints into
+float32 for both (the issue-24 goal: at least 1.0x): best time to best time, and the median and
+quartiles of each round's own ratio (the bandwidth of this VM drifts by more than the gap between
+the dtypes: best-of figures taken minutes apart moved the ratio by +-5%). ``--anonymous`` copies the checkpoints into
 anonymous memory first: each file's pages sit where the page cache put them, which alone moved a
 dtype's speed per byte by 5-10% in one session.
 
@@ -28,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,26 +109,32 @@ def main() -> None:
     tensors, moved, runs = {}, {}, {}
     for name in names:
         tensors[name], moved[name], runs[name] = cases(args.dir / name, args.models, args.anonymous)
-    best = {name: dict.fromkeys(runs[name], float("inf")) for name in names}
+    times = {name: {label: [] for label in runs[name]} for name in names}
     for _ in range(args.repeats):  # every dtype's runs in each round: a change in the machine's bandwidth hits all alike
         for name in names:
             for label, run in runs[name].items():
                 start = time.perf_counter()
                 run()
-                best[name][label] = min(best[name][label], time.perf_counter() - start)
-    rates: dict[str, tuple[float, float]] = {}
+                times[name][label].append(time.perf_counter() - start)
     for name in names:
-        seconds, gb = best[name], moved[name]
-        rates[name] = (gb / seconds["kernel"], gb / seconds["merge"])
+        seconds, gb = {label: min(t) for label, t in times[name].items()}, moved[name]
         same_bytes = f"{seconds['same bytes']:.4f} ({gb / seconds['same bytes']:.1f})" if "same bytes" in seconds else "-"
         print(
-            f"| {name} | {tensors[name]} | {seconds['kernel']:.4f} ({rates[name][0]:.1f}) | {seconds['merge']:.4f} "
-            f"({rates[name][1]:.1f}) | {1 - seconds['kernel'] / seconds['merge']:.0%} | {same_bytes} |"
+            f"| {name} | {tensors[name]} | {seconds['kernel']:.4f} ({gb / seconds['kernel']:.1f}) | {seconds['merge']:.4f} "
+            f"({gb / seconds['merge']:.1f}) | {1 - seconds['kernel'] / seconds['merge']:.0%} | {same_bytes} |"
         )
-    for name in rates:
-        if name != "float32" and "float32" in rates:
-            kernel, whole = (rates[name][i] / rates["float32"][i] for i in range(2))
-            print(f"{name} / float32 speed per byte: kernel {kernel:.2f}x, merge {whole:.2f}x")
+    for name in names:
+        if name != "float32" and "float32" in names:
+            print(f"{name} / float32 speed per byte: " + ", ".join(per_byte(times, moved, name, label) for label in ("kernel", "merge")))
+
+
+def per_byte(times: dict, moved: dict, name: str, label: str) -> str:
+    """``name``'s speed per byte over float32's for ``label``: the ratio of the best times, and the median and
+    quartiles of the rounds' own ratios (each round's two runs a few tenths of a second apart)."""
+    best = (moved[name] / min(times[name][label])) / (moved["float32"] / min(times["float32"][label]))
+    rounds = [(moved[name] / t) / (moved["float32"] / f) for t, f in zip(times[name][label], times["float32"][label])]
+    low, middle, high = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
+    return f"{label} {best:.2f}x best to best, {middle:.3f}x median of rounds [quartiles {low:.3f}-{high:.3f}]"
 
 
 if __name__ == "__main__":
