@@ -458,9 +458,9 @@ def _threads_for(entries: int) -> int:
 
 
 def _column_ranges(n: int, entries: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges covering ``n`` columns, one per thread for ``entries`` of work; starts aligned."""
-    step = max(_ALIGN, -(-n // _threads_for(entries) // _ALIGN) * _ALIGN)
-    return [(start, min(n, start + step)) for start in range(0, n, step)]
+    """``[start, stop)`` ranges covering ``n`` columns, one per thread for ``entries`` of work: :func:`_spans`
+    of one tensor."""
+    return [(start, stop) for span in _spans([n], _threads_for(entries)) for _, start, stop in span]
 
 
 def _spans(lengths: Sequence[int], threads: int) -> list[list[tuple[int, int, int]]]:
